@@ -1,0 +1,20 @@
+"""One exception type for every user-facing failure.
+
+A ``MechscopeError`` carries one sentence that says what is wrong and how to fix it. The CLI
+prints that sentence to stderr and exits with code 2 (no traceback unless ``--debug``);
+notebook users see the same sentence as the exception message.
+"""
+
+from __future__ import annotations
+
+
+class MechscopeError(Exception):
+    """A problem with the user's input or environment, explained in one sentence."""
+
+
+def near_matches(name: str, candidates: list[str], n: int = 3) -> str:
+    """Return ' Did you mean: a, b?' for the closest candidates, or '' when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(close)}?" if close else ""

