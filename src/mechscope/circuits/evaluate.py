@@ -1,0 +1,161 @@
+"""Circuit evaluation: faithfulness, faithfulness curves, random baselines, CPR/CMD, ROC AUC.
+
+Faithfulness of a circuit C (normalised metric recovered) on pairs not used for scoring:
+
+    f(C) = (m(C) - m(corrupt)) / (m(clean) - m(corrupt))
+
+where m(C) is the metric when every edge *outside* C is patched from the source run.
+
+CPR and CMD follow MIB (Mueller et al. 2025): over circuit sizes given as fractions of all
+edges, CPR = area under f (higher is better) and CMD = area under |1 - f| (lower is better),
+both by the trapezoid rule on the fraction axis from the smallest evaluated size to 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechscope.circuits.select import prune, top_k
+from mechscope.graph import Graph
+from mechscope.patching.engine import Ablation, run_with_edge_mask, source_activations
+from mechscope.tasks.base import TaskBatch
+
+CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Evaluator:
+    """Caches the clean/corrupt baselines and source activations of one evaluation set."""
+
+    model: object
+    graph: Graph
+    batch: TaskBatch
+    ablation: Ablation = "patching"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        dev = self.model.device
+        self._chunks = []
+        for i in range(0, len(self.batch), self.batch_size):
+            sub = self.batch.subset(slice(i, min(len(self.batch), i + self.batch_size))).to(dev)
+            with torch.no_grad():
+                src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
+            self._chunks.append((sub, src))
+        empty = self.graph.empty_mask()
+        self.clean = self.metric(empty[None])[0]
+        self.corrupt = self.metric(self.graph.full_mask()[None])[0]
+
+    @torch.no_grad()
+    def metric(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
+        """Mean metric [K] for K patch masks [K, S, R] (1 = patched)."""
+        out = torch.zeros(masks.shape[0])
+        n = len(self.batch)
+        for sub, src in self._chunks:
+            for j in range(0, masks.shape[0], k_batch):
+                logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[j : j + k_batch])
+                vals = torch.stack([sub.per_example_metric(lg).sum() for lg in logits]).cpu()
+                out[j : j + k_batch] += vals
+        return out / n
+
+    def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor:
+        """Faithfulness [K] of K circuits [K, S, R] (bool, True = kept)."""
+        masks = (~circuits.bool() & self.graph.allowed).float()
+        vals = self.metric(masks)
+        denom = self.clean - self.corrupt
+        return (vals - self.corrupt) / (denom if abs(denom) > 1e-9 else 1e-9)
+
+
+def curve_sizes(graph: Graph, fractions=CURVE_FRACTIONS) -> list[int]:
+    return sorted({max(1, int(round(f * graph.n_edges))) for f in fractions})
+
+
+def faithfulness_curve(
+    ev: Evaluator, scores: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
+) -> list[dict]:
+    """Faithfulness of the top-k circuit (and of random circuits) for each k in ``sizes``."""
+    g = ev.graph
+    circuits = [prune(g, top_k(g, scores, k)) if do_prune else top_k(g, scores, k) for k in sizes]
+    faith = ev.faithfulness(torch.stack(circuits))
+    rand = random_baseline(ev, sizes, random_seeds)
+    return [
+        {
+            "n_edges": int(k),
+            "n_edges_after_pruning": int(c.sum()),
+            "fraction": k / g.n_edges,
+            "faithfulness": float(f),
+            "random": float(r),
+        }
+        for k, c, f, r in zip(sizes, circuits, faith, rand)
+    ]
+
+
+def random_baseline(ev: Evaluator, sizes: list[int], seeds: int = 2) -> list[float]:
+    """Mean faithfulness of circuits of k uniformly random edges (no pruning)."""
+    g = ev.graph
+    out = []
+    for k in sizes:
+        cs = []
+        for s in range(seeds):
+            gen = torch.Generator().manual_seed(1000 + s)
+            rnd = torch.rand(g.n_senders, g.n_receivers, generator=gen)
+            cs.append(top_k(g, rnd, k, absolute=False))
+        out.append(float(ev.faithfulness(torch.stack(cs)).mean()))
+    return out
+
+
+def cpr_cmd(curve: list[dict]) -> tuple[float, float]:
+    """(CPR, CMD) by the trapezoid rule over the curve's fraction axis."""
+    xs = torch.tensor([c["fraction"] for c in curve], dtype=torch.float64)
+    fs = torch.tensor([c["faithfulness"] for c in curve], dtype=torch.float64)
+    if len(xs) < 2:
+        return float(fs[0]) if len(fs) else 0.0, float((1 - fs).abs()[0]) if len(fs) else 1.0
+    cpr = torch.trapezoid(fs, xs) / (xs[-1] - xs[0])
+    cmd = torch.trapezoid((1 - fs).abs(), xs) / (xs[-1] - xs[0])
+    return float(cpr), float(cmd)
+
+
+def smallest_faithful(
+    ev: Evaluator, scores: torch.Tensor, target: float = 0.8, max_iters: int = 12
+) -> tuple[int, float]:
+    """Smallest top-k (pruned) circuit whose faithfulness on ``ev`` reaches ``target``.
+
+    Bisection over k on a log scale; faithfulness need not be monotone in k, so the answer is
+    the smallest k found, not a guaranteed global minimum. Returns (k, faithfulness).
+    """
+    g = ev.graph
+    lo, hi = 0, g.n_edges
+    f_hi = float(ev.faithfulness(prune(g, top_k(g, scores, hi))[None])[0])
+    best = (hi, f_hi)
+    for _ in range(max_iters):
+        if hi - lo <= max(1, hi // 50):
+            break
+        mid = int(round((max(lo, 1) * hi) ** 0.5)) if lo > 0 else max(1, hi // 8)
+        mid = min(max(mid, lo + 1), hi - 1)
+        f = float(ev.faithfulness(prune(g, top_k(g, scores, mid))[None])[0])
+        if f >= target:
+            hi, best = mid, (mid, f)
+        else:
+            lo = mid
+    return best
+
+
+def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor) -> float:
+    """ROC AUC of |scores| for recovering ``positives`` among ``allowed`` entries (ties: half)."""
+    s = scores.detach().cpu().float().abs()[allowed]
+    y = positives.bool().cpu()[allowed]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(s)
+    ranks = torch.empty_like(s)
+    sorted_s = s[order]
+    # average ranks for ties
+    r = torch.arange(1, len(s) + 1, dtype=torch.float32)
+    uniq, inv, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).float()
+    avg = ends - (counts.float() - 1) / 2
+    ranks[order] = avg[inv]
+    del r, uniq
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,145 @@
+"""The circuit result object: ``circuit.json`` (schema-versioned) + ``scores.safetensors``."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.graph import Graph
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class CircuitResult:
+    """Edge scores, the chosen circuit and its evaluation."""
+
+    model: dict[str, Any]
+    task: str
+    method: str
+    settings: dict[str, Any]
+    graph: Graph
+    scores: torch.Tensor  # [n_senders, n_receivers]
+    circuit: torch.Tensor  # bool [n_senders, n_receivers]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)
+    cpr: float | None = None
+    cmd: float | None = None
+    example: dict[str, Any] | None = None
+
+    def node_scores(self) -> dict[str, float]:
+        s = (self.scores.cpu() * self.graph.allowed).sum(1)
+        return {n: float(v) for n, v in zip(self.graph.senders, s)}
+
+    def circuit_nodes(self) -> set[str]:
+        keep = self.circuit.cpu()
+        from mechscope.circuits.select import receiver_owner
+
+        nodes = {self.graph.senders[s] for s in keep.any(1).nonzero()[:, 0].tolist()}
+        owners = receiver_owner(self.graph)
+        for r in keep.any(0).nonzero()[:, 0].tolist():
+            nodes |= {self.graph.senders[s] for s in owners[r]} or {"logits"}
+        return nodes
+
+    def top_components(self, k: int = 20) -> list[dict]:
+        ns = self.node_scores()
+        ranked = sorted((n for n in ns if n != "input"), key=lambda n: -abs(ns[n]))[:k]
+        return [{"name": n, "score": ns[n]} for n in ranked]
+
+    def to_dict(self) -> dict[str, Any]:
+        g = self.graph
+        sc, keep = self.scores.cpu(), self.circuit.cpu()
+        ns = self.node_scores()
+        in_nodes = self.circuit_nodes()
+        nodes = [_node(n, g, ns.get(n, 0.0), n in in_nodes) for n in g.senders + ["logits"]]
+        ei = g.edge_index
+        vals, kept = sc[ei[:, 0], ei[:, 1]].tolist(), keep[ei[:, 0], ei[:, 1]].tolist()
+        edges = [
+            {"src": g.senders[s], "dst": g.receivers[r], "score": v, "in_circuit": k}
+            for (s, r), v, k in zip(ei.tolist(), vals, kept)
+        ]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "task": self.task,
+            "method": self.method,
+            "settings": self.settings,
+            "versions": _versions(),
+            "nodes": nodes,
+            "edges": edges,
+            "metrics": self.metrics,
+            "curve": self.curve,
+            "cpr": self.cpr,
+            "cmd": self.cmd,
+            "example": self.example,
+            "top_components": self.top_components(),
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "circuit.json").write_text(json.dumps(self.to_dict(), indent=1))
+        save_file({"scores": self.scores.cpu().contiguous(), "circuit": self.circuit.cpu().to(torch.uint8)},
+                  str(out / "scores.safetensors"))
+        return out / "circuit.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CircuitResult":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "circuit.json"
+        if not p.is_file():
+            raise MechscopeError(f"No circuit.json at '{path}'; pass the folder `mechscope discover` wrote.")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise MechscopeError(f"'{p}' is not valid JSON (line {exc.lineno}).") from exc
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        m = d["model"]
+        g = Graph(n_layers=m["n_layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"])
+        st = p.parent / "scores.safetensors"
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            t = load_file(str(st))
+            scores, circuit = t["scores"], t["circuit"].bool()
+        else:  # rebuild from the JSON edge list
+            scores, circuit = torch.zeros(g.n_senders, g.n_receivers), torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
+            for e in d["edges"]:
+                s, r = g.sender_index(e["src"]), g.receiver_index(e["dst"])
+                scores[s, r], circuit[s, r] = e["score"], e["in_circuit"]
+        return cls(model=m, task=d["task"], method=d["method"], settings=d["settings"], graph=g,
+                   scores=scores, circuit=circuit, metrics=d.get("metrics", {}), curve=d.get("curve", []),
+                   cpr=d.get("cpr"), cmd=d.get("cmd"), example=d.get("example"))
+
+
+def _node(name: str, g: Graph, score: float, in_circuit: bool) -> dict[str, Any]:
+    if name == "input":
+        return {"name": name, "layer": -1, "head": None, "type": "input", "score": score, "in_circuit": True}
+    if name == "logits":
+        return {"name": name, "layer": g.n_layers, "head": None, "type": "logits", "score": 0.0, "in_circuit": True}
+    if name.startswith("m"):
+        return {"name": name, "layer": int(name[1:]), "head": None, "type": "mlp", "score": score, "in_circuit": in_circuit}
+    l, h = name[1:].split(".h")
+    return {"name": name, "layer": int(l), "head": int(h), "type": "head", "score": score, "in_circuit": in_circuit}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mechscope", "torch", "transformers", "transformer-lens"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,89 @@
+"""Turning edge scores into a circuit: top-K, threshold, and pruning to input->logits paths.
+
+A circuit is a bool mask [n_senders, n_receivers] of kept edges. Edges that cannot carry
+signal from ``input`` to ``logits`` inside the circuit are dropped by ``prune``:
+
+1. forward: a node is *reached* if it is ``input`` or some kept edge from a reached sender
+   enters one of its receivers (a head's receivers are its q and its KV group's k and v);
+2. backward: a node is *useful* if a kept edge leads from it to ``logits`` or to a useful
+   node's receiver;
+3. keep an edge iff its sender is reached and useful and its receiver's node is useful
+   (reached then follows).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.graph import Graph
+
+
+def receiver_owner(graph: Graph) -> list[list[int]]:
+    """For each receiver, the sender indices of the node(s) it feeds (logits: [])."""
+    owners: list[list[int]] = []
+    group = graph.n_heads // graph.n_kv_heads
+    for l in range(graph.n_layers):
+        heads = graph.head_senders(l)
+        owners += [[heads.start + h] for h in range(graph.n_heads)]
+        for _ in ("k", "v"):
+            owners += [[heads.start + g * group + j for j in range(group)] for g in range(graph.n_kv_heads)]
+        owners.append([graph.mlp_sender(l)])
+    owners.append([])
+    return owners
+
+
+def prune(graph: Graph, keep: torch.Tensor) -> torch.Tensor:
+    """Drop kept edges that do not lie on an input -> logits path within the circuit."""
+    keep = keep.bool().cpu() & graph.allowed
+    owners = receiver_owner(graph)
+    S, R = keep.shape
+    # Receiver -> owning senders as a dense [R, S] matrix for vectorised propagation.
+    own = torch.zeros(R, S, dtype=torch.bool)
+    for r, ss in enumerate(owners):
+        own[r, ss] = True
+    reached = torch.zeros(S, dtype=torch.bool)
+    reached[0] = True
+    for _ in range(S):  # fixed point; converges in at most n_layers * 2 sweeps
+        fed = keep[reached].any(0)  # receivers fed by a reached sender [R]
+        new = reached | (own[fed].any(0))
+        if torch.equal(new, reached):
+            break
+        reached = new
+    useful = keep[:, graph.logits_receiver].clone()
+    for _ in range(S):
+        useful_recv = own[:, useful].any(1)  # receivers owned by useful nodes [R]
+        useful_recv[graph.logits_receiver] = True
+        new = useful | (keep & useful_recv[None]).any(1)
+        if torch.equal(new, useful):
+            break
+        useful = new
+    useful_recv = own[:, useful].any(1)
+    useful_recv[graph.logits_receiver] = True
+    return keep & (reached & useful)[:, None] & useful_recv[None]
+
+
+def top_k(graph: Graph, scores: torch.Tensor, k: int, absolute: bool = True) -> torch.Tensor:
+    """Keep the k highest-scoring edges (by |score| unless ``absolute`` is False)."""
+    if k < 0 or k > graph.n_edges:
+        raise MechscopeError(f"Cannot keep {k} edges: the graph has {graph.n_edges:,} edges.")
+    s = scores.detach().cpu().float()
+    s = s.abs() if absolute else s
+    s = torch.where(graph.allowed, s, torch.tensor(float("-inf")))
+    keep = torch.zeros_like(graph.allowed)
+    if k:
+        idx = s.flatten().topk(k).indices
+        keep.view(-1)[idx] = True
+    return keep
+
+
+def threshold(graph: Graph, scores: torch.Tensor, tau: float, absolute: bool = True) -> torch.Tensor:
+    s = scores.detach().cpu().float()
+    s = s.abs() if absolute else s
+    return (s >= tau) & graph.allowed
+
+
+def edge_ranking(graph: Graph, scores: torch.Tensor) -> torch.Tensor:
+    """Indices into ``graph.edge_index`` sorted by |score| descending."""
+    s = scores.detach().cpu().float().abs()[graph.edge_index[:, 0], graph.edge_index[:, 1]]
+    return torch.argsort(s, descending=True)

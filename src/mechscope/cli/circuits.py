@@ -1,0 +1,156 @@
+"""Circuit commands: discover (the main job) and evaluate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+
+
+def register(app: typer.Typer) -> None:
+    app.command("discover")(discover)
+    app.command("evaluate")(evaluate)
+
+
+def _fresh_dir(task: str, method: str) -> Path:
+    stem = f"mechscope-{Path(task).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p, i = Path(stem), 1
+    while p.exists():
+        p, i = Path(f"{stem}-{i}"), i + 1
+    return p
+
+
+@handles_errors
+def discover(
+    task: str = typer.Option("ioi", "--task", "-t", help="Task name or .jsonl file of pairs."),
+    method: str = typer.Option("eap-ig", "--method", help="eap, eap-ig or acdc."),
+    model: Optional[str] = ModelOpt,
+    n: int = typer.Option(50, "--n", help="Pairs in all; half score, half are held out."),
+    ablation: str = typer.Option("patching", "--ablation", help="patching (from corrupt), mean or zero."),
+    level: str = typer.Option("edge", "--level", help="edge or node (heads and MLPs as units)."),
+    edges: Optional[int] = typer.Option(None, "--edges", help="Keep this many edges (nodes at node level)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
+    target: float = typer.Option(0.8, "--target", help="Faithfulness the smallest circuit must reach."),
+    ig_steps: int = typer.Option(5, "--ig-steps"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Find the circuit for a task; writes circuit.json and report.html."""
+    from mechscope.circuits import DiscoverConfig
+    from mechscope.circuits import discover as run
+    from mechscope.errors import MechscopeError
+    from mechscope.report import write_circuit_report
+    from mechscope.tasks import get_task
+
+    if method not in ("eap", "eap-ig", "acdc"):
+        raise MechscopeError(f"Unknown method '{method}'; choose eap, eap-ig or acdc.")
+    if ablation not in ("patching", "mean", "zero"):
+        raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
+    if level not in ("edge", "node"):
+        raise MechscopeError(f"Unknown level '{level}'; choose edge or node.")
+    if n < 4:
+        raise MechscopeError(f"--n {n} is too small: at least 4 pairs are needed (half are held out).")
+    get_task(task)  # fail fast on an unknown task, before loading the model
+    cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
+                         threshold=threshold, target=target, ig_steps=ig_steps, seed=seed)
+    m = load(model, device)
+    res = run(m, cfg, progress=not json)
+    out_dir = out or _fresh_dir(task, method)
+    res.save(out_dir)
+    report = write_circuit_report(res.to_dict(), Path(out_dir) / "report.html")
+    mt = res.metrics
+    summary = {
+        "task": res.task, "method": res.method, "model": m.summary.name,
+        "edges_kept": mt["n_edges_kept"], "edges_total": mt["n_edges"],
+        "faithfulness_held_out": mt["faithfulness"], "random_same_size": mt["random_same_size"],
+        "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"],
+        "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
+    }
+    if json:
+        return emit_json(summary)
+    console.print(
+        f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "
+        f"{mt['n_edges_kept']:,} of {mt['n_edges']:,} edges ({mt['fraction_kept']:.2%}), "
+        f"faithfulness {mt['faithfulness']:.2f} on {mt['n_held_out_pairs']} held-out pairs "
+        f"(random circuits of that size: {mt['random_same_size']:.2f}); CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; "
+        f"{mt['seconds']:.0f} s.",
+        highlight=False,
+    )
+    top = ", ".join(c["name"] for c in res.top_components(8))
+    console.print(f"top components: {top}", highlight=False)
+    console.print(f"report: {report}", highlight=False)
+
+
+@handles_errors
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="Folder written by `mechscope discover`."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Evaluate on another task's pairs."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference circuit JSON (or gpt2-ioi, gpt2-greater-than)."),
+    model: Optional[str] = ModelOpt,
+    n: Optional[int] = typer.Option(None, "--n"),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Re-evaluate a saved circuit: held-out faithfulness, curve, random baseline, ROC AUC."""
+    from mechscope.circuits import CircuitResult, Evaluator, load_reference, roc_auc
+    from mechscope.circuits.evaluate import cpr_cmd, curve_sizes, faithfulness_curve
+    from mechscope.graph import build_graph
+    from mechscope.errors import MechscopeError
+    from mechscope.tasks import get_task
+
+    res = CircuitResult.load(run_dir)
+    ref = load_reference(reference) if reference else None
+    if ref is not None:  # check names before loading any model
+        ref.node_mask(res.graph)
+    out: dict = {"run": str(run_dir), "task": task or res.task, "method": res.method}
+    if ref is not None:
+        nodes = ref.node_mask(res.graph)
+        ns = (res.scores * res.graph.allowed).sum(1)
+        sel = torch_ones_except_input(res.graph)
+        out["reference"] = {"source": ref.source, "n_nodes": int(nodes.sum()),
+                            "node_roc_auc": roc_auc(ns, nodes, sel)}
+        em = ref.edge_mask(res.graph)
+        if em is not None:
+            out["reference"]["edge_roc_auc"] = roc_auc(res.scores, em, res.graph.allowed)
+    m = load(model or res.model.get("source"), device)
+    g = build_graph(m)
+    if g.summary() != res.graph.summary():
+        raise MechscopeError(f"The model {m.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
+    st = res.settings
+    batch = get_task(task or st.get("task", res.task)).build(m.tokenizer, n=n or st.get("n", 50), seed=st.get("seed", 0))
+    _, test = batch.split(st.get("held_out", 0.5), seed=st.get("seed", 0))
+    ev = Evaluator(m, g, test, st.get("ablation", "patching"))
+    curve = faithfulness_curve(ev, res.scores, curve_sizes(g))
+    cpr, cmd = cpr_cmd(curve)
+    out.update({"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
+                "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve})
+    if json:
+        return emit_json(out)
+    t = Table(title=f"{out['task']} circuit ({res.method}), {len(test)} held-out pairs")
+    t.add_column("edges kept", justify="right")
+    t.add_column("fraction", justify="right")
+    t.add_column("faithfulness", justify="right")
+    t.add_column("random", justify="right")
+    for c in curve:
+        t.add_row(f"{c['n_edges']:,}", f"{c['fraction']:.3%}", f"{c['faithfulness']:.3f}", f"{c['random']:.3f}")
+    console.print(t)
+    console.print(f"chosen circuit: {out['edges_kept']:,} edges, faithfulness {out['faithfulness']:.3f}; CPR {cpr:.3f}, CMD {cmd:.3f}")
+    if "reference" in out:
+        r = out["reference"]
+        console.print(f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
+                      + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else ""))
+
+
+def torch_ones_except_input(graph):
+    import torch
+
+    sel = torch.ones(graph.n_senders, dtype=torch.bool)
+    sel[0] = False
+    return sel

@@ -1,0 +1,80 @@
+"""Shared CLI plumbing: clear one-sentence errors (exit 2), --json output, model loading."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from mechscope.errors import MechscopeError
+
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": bool(os.environ.get("MECHSCOPE_DEBUG"))}
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct).")
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+
+
+def fail(message: str) -> None:
+    """Print one sentence to stderr and exit with code 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn MechscopeError (and a few predictable OS errors) into one sentence + exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MechscopeError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(_escape(str(exc)))
+        except KeyboardInterrupt:
+            fail("interrupted.")
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(_escape(f"{exc.strerror or exc}: {exc.filename}"))
+
+    return wrapper
+
+
+def _escape(s: str) -> str:
+    return s.replace("[", "\\[")
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
+    sys.stdout.flush()
+
+
+def _default(o: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+def load(model: str | None, device: str | None = None):
+    from mechscope.models import load_model
+
+    return load_model(model, device=device)

@@ -1,0 +1,34 @@
+"""`mechscope` entry point: registers the command groups."""
+
+from __future__ import annotations
+
+import typer
+
+from mechscope.cli import basic, circuits
+from mechscope.cli.common import STATE
+
+app = typer.Typer(
+    name="mechscope",
+    help="mechscope: find how a transformer computes something (circuits, heads, recall, SAEs).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    if debug:
+        STATE["debug"] = True
+
+
+basic.register(app)
+circuits.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

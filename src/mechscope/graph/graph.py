@@ -1,0 +1,176 @@
+"""The model as a computational graph over the residual stream.
+
+Nodes (senders, in forward order): ``input`` (token + position embeddings), ``a{l}.h{h}``
+(each attention head's output, ``blocks.l.attn.hook_result``), ``m{l}`` (each MLP's output).
+
+Receivers (the places an edge ends, in forward order): per layer ``l`` the query input of
+every head ``a{l}.h{h}<q>`` (``blocks.l.hook_q_input``), the key and value inputs of every
+*KV head* ``a{l}.kv{g}<k>``/``<v>`` (``hook_k_input``/``hook_v_input``), the MLP input ``m{l}``
+(``hook_mlp_in``), and finally ``logits`` (``ln_final.hook_in``).
+
+Decision (see docs/decisions.md): attention receivers are always split into q/k/v, and k/v
+receivers are per KV head. Under grouped-query attention a key/value input is shared by the
+query heads of its group, so an edge into "head h's keys" is, physically, an edge into KV head
+g(h); naming it that way keeps the graph exact and spares the n_heads/n_kv_heads-fold
+ungrouping other tools pay. For multi-head models (n_kv_heads == n_heads) ``kv{g}`` is head g.
+
+An edge is (sender, receiver) with the sender strictly upstream of the receiver: a layer-l
+head feeds layer l's MLP and everything in later layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from mechscope.errors import MechscopeError, near_matches
+
+
+@dataclass
+class Graph:
+    """Senders, receivers and the edges between them for one architecture."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    senders: list[str] = field(init=False)
+    receivers: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        L, H, KV = self.n_layers, self.n_heads, self.n_kv_heads
+        if L < 1 or H < 1 or KV < 1 or H % KV:
+            raise MechscopeError(
+                f"Cannot build a graph for {L} layers, {H} heads and {KV} KV heads "
+                "(the bridge shows no attention heads, or heads are not a multiple of KV heads)."
+            )
+        self.senders = ["input"]
+        self.receivers = []
+        for l in range(L):
+            self.receivers += [f"a{l}.h{h}<q>" for h in range(H)]
+            self.receivers += [f"a{l}.kv{g}<k>" for g in range(KV)]
+            self.receivers += [f"a{l}.kv{g}<v>" for g in range(KV)]
+            self.receivers.append(f"m{l}")
+            self.senders += [f"a{l}.h{h}" for h in range(H)]
+            self.senders.append(f"m{l}")
+        self.receivers.append("logits")
+
+    # ---- layout --------------------------------------------------------------------------
+    @property
+    def n_senders(self) -> int:
+        return len(self.senders)
+
+    @property
+    def n_receivers(self) -> int:
+        return len(self.receivers)
+
+    def sender_slice_before(self, layer: int, mlp: bool = False) -> int:
+        """Number of senders upstream of layer ``layer``'s attention (or MLP if ``mlp``)."""
+        n = 1 + layer * (self.n_heads + 1)
+        return n + self.n_heads if mlp else n
+
+    def head_senders(self, layer: int) -> slice:
+        start = 1 + layer * (self.n_heads + 1)
+        return slice(start, start + self.n_heads)
+
+    def mlp_sender(self, layer: int) -> int:
+        return 1 + layer * (self.n_heads + 1) + self.n_heads
+
+    def receiver_slices(self, layer: int) -> dict[str, slice]:
+        """Receiver index ranges of layer ``layer``: q, k, v and mlp."""
+        H, KV = self.n_heads, self.n_kv_heads
+        start = layer * (H + 2 * KV + 1)
+        return {
+            "q": slice(start, start + H),
+            "k": slice(start + H, start + H + KV),
+            "v": slice(start + H + KV, start + H + 2 * KV),
+            "mlp": slice(start + H + 2 * KV, start + H + 2 * KV + 1),
+        }
+
+    @property
+    def logits_receiver(self) -> int:
+        return self.n_receivers - 1
+
+    @cached_property
+    def allowed(self) -> torch.Tensor:
+        """Bool [n_senders, n_receivers]: True where an edge exists."""
+        a = torch.zeros(self.n_senders, self.n_receivers, dtype=torch.bool)
+        for l in range(self.n_layers):
+            rs = self.receiver_slices(l)
+            a[: self.sender_slice_before(l), rs["q"].start : rs["v"].stop] = True
+            a[: self.sender_slice_before(l, mlp=True), rs["mlp"]] = True
+        a[:, self.logits_receiver] = True
+        return a
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.allowed.sum())
+
+    @cached_property
+    def edge_index(self) -> torch.Tensor:
+        """Long [n_edges, 2]: (sender, receiver) of every edge, in a fixed order."""
+        return self.allowed.nonzero()
+
+    def edge_name(self, s: int, r: int) -> str:
+        return f"{self.senders[s]}->{self.receivers[r]}"
+
+    @cached_property
+    def _sender_pos(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.senders)}
+
+    @cached_property
+    def _receiver_pos(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.receivers)}
+
+    def sender_index(self, name: str) -> int:
+        if name not in self._sender_pos:
+            raise MechscopeError(f"The graph has no node '{name}'.{near_matches(name, self.senders)}")
+        return self._sender_pos[name]
+
+    def receiver_index(self, name: str) -> int:
+        if name not in self._receiver_pos:
+            raise MechscopeError(f"The graph has no receiver '{name}'.{near_matches(name, self.receivers)}")
+        return self._receiver_pos[name]
+
+    # ---- masks ---------------------------------------------------------------------------
+    def empty_mask(self) -> torch.Tensor:
+        """Float [n_senders, n_receivers] of zeros (nothing patched)."""
+        return torch.zeros(self.n_senders, self.n_receivers)
+
+    def full_mask(self) -> torch.Tensor:
+        """Every edge patched."""
+        return self.allowed.float()
+
+    def mask_from_edges(self, edges: list[tuple[str, str]]) -> torch.Tensor:
+        m = self.empty_mask()
+        for s, r in edges:
+            si, ri = self.sender_index(s), self.receiver_index(r)
+            if not self.allowed[si, ri]:
+                raise MechscopeError(f"There is no edge {s} -> {r}: the sender is not upstream of the receiver.")
+            m[si, ri] = 1.0
+        return m
+
+    def node_mask(self, nodes: list[str]) -> torch.Tensor:
+        """Edge mask that patches every outgoing edge of the given sender nodes."""
+        m = self.empty_mask()
+        for n in nodes:
+            m[self.sender_index(n)] = 1.0
+        return m * self.allowed
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "n_nodes": self.n_senders + 1,  # + logits
+            "n_senders": self.n_senders,
+            "n_receivers": self.n_receivers,
+            "n_edges": self.n_edges,
+        }
+
+
+def build_graph(model) -> Graph:
+    """The computational graph of a loaded ``mechscope.models.Model``."""
+    s = model.summary
+    return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads)

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models saved to disk (the real loading path, no hub) and the
+embedded model, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _save_tiny(kind: str, path) -> str:
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=512, bos_token_id=0, eos_token_id=0, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128
+        )
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+    # Scale weights up a little so random models have non-trivial, distinguishable outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+_CORPUS = (
+    "When Mary and John went to the store, John gave a drink to Mary. "
+    "The war lasted from the year 1732 to the year 1789. The Eiffel Tower is in Paris. "
+    "Then, Alice and Bob went to the park. Bob gave a ball to Alice. 0123456789 "
+)
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained here, so tiny models need no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> str:
+    return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    from mechscope.models import load_model
+
+    return load_model(tiny_gpt2_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from mechscope.models import load_model
+
+    return load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny_model(request):
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct, loaded once for the whole session."""
+    from mechscope.models import load_model
+
+    return load_model(device="cpu")

@@ -1,0 +1,102 @@
+"""EAP / EAP-IG / ACDC against independent computations through the patching engine."""
+
+import torch
+
+from mechscope.circuits import acdc, edge_scores, node_scores
+from mechscope.circuits.evaluate import Evaluator, cpr_cmd, faithfulness_curve, roc_auc
+from mechscope.graph import build_graph
+from mechscope.patching import run_with_edge_mask, source_activations
+from mechscope.tasks.base import TaskBatch
+
+
+def _batch(B=6, P=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randint(1, 512, s, generator=g)  # noqa: E731
+    return TaskBatch(task="random", clean=r(B, P), corrupt=r(B, P), positions=torch.full((B, 1), P - 1),
+                     answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
+
+
+def test_eap_equals_finite_difference_of_edge_mask(tiny_llama):
+    """EAP's score is exactly d metric / d mask[s, r] at mask = 0 (the patching engine's (1))."""
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch()
+    sc = edge_scores(m, g, b, method="eap")
+    src = source_activations(m, g, b.clean, b.corrupt, "patching")
+    eps = 1e-3
+    with torch.no_grad():
+        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
+        for j in torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:8].tolist():
+            s, r = g.edge_index[j].tolist()
+            mk = g.empty_mask()
+            mk[s, r] = eps
+            fd = (b.metric(run_with_edge_mask(m, g, b.clean, src, mk)) - base) / eps
+            assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), g.edge_name(s, r)
+
+
+def test_eap_ig_one_step_is_eap_and_batches_sum(tiny_gpt2):
+    m, g, b = tiny_gpt2, build_graph(tiny_gpt2), _batch(B=5)
+    eap = edge_scores(m, g, b, method="eap", batch_size=2)
+    assert torch.allclose(edge_scores(m, g, b, method="eap-ig", steps=1, batch_size=5), eap, atol=1e-5)
+    ig = edge_scores(m, g, b, method="eap-ig", steps=4)
+    assert not torch.allclose(ig, eap)
+    assert (ig[~g.allowed] == 0).all()
+    assert torch.allclose(node_scores(g, ig), ig.sum(1))
+
+
+def test_ig_scores_track_true_patching_effects(tiny_llama):
+    """Spearman-free check: the top-scored edges have larger true effects than random edges."""
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch(seed=3)
+    ig = edge_scores(m, g, b, method="eap-ig", steps=8)
+    src = source_activations(m, g, b.clean, b.corrupt, "patching")
+    order = ig.abs()[g.edge_index[:, 0], g.edge_index[:, 1]].argsort(descending=True)
+    with torch.no_grad():
+        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
+
+        def effect(j):
+            s, r = g.edge_index[j].tolist()
+            return abs(b.metric(run_with_edge_mask(m, g, b.clean, src, g.mask_from_edges([(g.senders[s], g.receivers[r])]))) - base)
+
+        top = sum(effect(j) for j in order[:5].tolist())
+        bottom = sum(effect(j) for j in order[-40:-35].tolist())
+    assert top > 5 * bottom
+
+
+def test_curve_ends_at_one_and_cpr(tiny_llama):
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch()
+    ev = Evaluator(m, g, b)
+    sc = edge_scores(m, g, b, method="eap")
+    curve = faithfulness_curve(ev, sc, [5, 50, g.n_edges])
+    assert abs(curve[-1]["faithfulness"] - 1) < 1e-4 and abs(curve[-1]["random"] - 1) < 1e-4
+    cpr, cmd = cpr_cmd(curve)
+    fs = [c["faithfulness"] for c in curve]
+    assert min(fs) - 1e-6 <= cpr <= max(fs) + 1e-6  # an average of the curve
+    if max(fs) <= 1 + 1e-6:
+        assert abs(cpr + cmd - 1) < 1e-5  # then |1 - f| = 1 - f
+    # independent trapezoid on the same points
+    xs = [c["fraction"] for c in curve]
+    area = sum((xs[i + 1] - xs[i]) * (fs[i] + fs[i + 1]) / 2 for i in range(len(xs) - 1))
+    assert abs(cpr - area / (xs[-1] - xs[0])) < 1e-6
+
+
+def test_acdc_full_tau_zero_keeps_everything_that_matters(tiny_gpt2):
+    m, g, b = tiny_gpt2, build_graph(tiny_gpt2), _batch(B=4, P=8)
+    res = acdc(m, g, b, tau=-1.0)  # nothing can be removed when every removal must lower KL by 1
+    assert res.circuit.sum() == g.n_edges
+    res_big = acdc(m, g, b, tau=1e9)  # everything removable
+    assert res_big.circuit.sum() == 0
+
+
+def test_acdc_batched_equals_sequential(tiny_llama):
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch(B=4, P=8)
+    a = acdc(m, g, b, tau=0.02, k_batch=1)
+    c = acdc(m, g, b, tau=0.02, k_batch=8)
+    assert torch.equal(a.circuit, c.circuit)
+    assert 0 < int(a.circuit.sum()) < g.n_edges
+
+
+def test_roc_auc_independent():
+    s = torch.tensor([0.9, 0.8, 0.1, 0.4, 0.3])
+    y = torch.tensor([1, 0, 1, 0, 0]).bool()
+    allowed = torch.ones(5, dtype=torch.bool)
+    # pairs (pos, neg): 0.9 beats all 3 negatives, 0.1 beats none -> 3/6
+    assert abs(roc_auc(s, y, allowed) - 0.5) < 1e-9
+    assert roc_auc(s, torch.tensor([1, 1, 0, 0, 0]).bool(), allowed) == 1.0
