@@ -1,0 +1,101 @@
+"""The circuit report in a real browser: headless Chromium driven by Selenium.
+
+Needs ``pip install selenium`` and Chromium + chromedriver (Debian: ``apt-get install chromium
+chromium-driver``). Without them the test is skipped locally but fails when ``CI`` is set, since
+CI installs them. Set ``MECHSCOPE_SCREENSHOT_DIR`` to keep a full-page screenshot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mechscope.report import write_circuit_report
+
+pytestmark = pytest.mark.browser
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{why} (CI must install selenium, chromium and chromium-driver)")
+    pytest.skip(why)
+
+
+def _synthetic_circuit() -> dict:
+    """The hostile synthetic circuit of the unit tests (one definition, loaded by path)."""
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_report.py"
+    spec = importlib.util.spec_from_file_location("_report_unit_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.synthetic_circuit()
+
+
+@pytest.fixture()
+def driver(tmp_path):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _unavailable("selenium is not installed")
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    chromedriver = shutil.which("chromedriver")
+    if not browser or not chromedriver:
+        _unavailable("chromium and chromedriver are not both on PATH")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def test_report_renders_in_chromium(driver, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    page = write_circuit_report(_synthetic_circuit(), tmp_path / "report.html")
+    driver.get(page.resolve().as_uri())
+
+    with pytest.raises(NoAlertPresentException):  # the alert(1) token must not have run
+        driver.switch_to.alert.text
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+
+    graph = driver.find_element(By.ID, "circuit-graph")
+    assert len(graph.find_elements(By.CSS_SELECTOR, "path, line")) > 20
+    assert graph.size["width"] > 200 and graph.size["height"] > 200
+    plot = driver.find_element(By.ID, "faithfulness-plot")
+    assert plot.find_elements(By.CSS_SELECTOR, "polyline.faith")
+    assert plot.find_elements(By.CSS_SELECTOR, "polyline.random")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "svg.heatmap")) == 2
+    # Hostile tokens are displayed as text.
+    assert "<script>alert(1)</script>" in driver.find_element(By.CSS_SELECTOR, ".prompt pre").text
+
+    # The JS tooltip: hovering a circuit node shows its name and highlights its edges.
+    node = graph.find_element(By.CSS_SELECTOR, ".node.head.on")
+    ActionChains(driver).move_to_element(node).perform()
+    tip = driver.find_element(By.ID, "tooltip")
+    assert tip.is_displayed() and node.get_attribute("data-n") in tip.text and "score" in tip.text
+    assert "focus" in graph.get_attribute("class")
+    ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
+    assert not tip.is_displayed()
+
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(int(height) + 40, 8000))
+    shot = tmp_path / "report.png"
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("MECHSCOPE_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["MECHSCOPE_SCREENSHOT_DIR"]) / "report.png")
+
+    severe = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+    assert not severe, severe
