@@ -1,0 +1,108 @@
+"""Task registry: built-in tasks by name, user tasks from ``.jsonl`` files, and evaluation.
+
+``get_task(name).build(tokenizer, n=..., seed=...)`` returns a ``TaskBatch``; builders are
+deterministic given ``seed``. ``evaluate_task(model, batch)`` scores clean and corrupt prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mechscope.errors import MechscopeError, near_matches
+from mechscope.tasks import facts, greater_than, induction, ioi, jsonl
+from mechscope.tasks.base import MetricName, Pair, TaskBatch, single_token, tokenize_pairs
+
+__all__ = [
+    "Pair", "Task", "TaskBatch", "TaskInfo", "evaluate_task", "get_task", "list_tasks",
+    "single_token", "tokenize_pairs",
+]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    description: str
+    metric: MetricName
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task; ``build`` makes its batch for a tokenizer."""
+
+    info: TaskInfo
+    builder: Callable[..., TaskBatch]  # (tokenizer, n=..., seed=...) -> TaskBatch
+    default_n: int | None = 50
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def build(self, tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
+        return self.builder(tokenizer, n=self.default_n if n is None else n, seed=seed)
+
+
+_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task(TaskInfo("ioi", "Indirect object identification (Wang et al. 2022): IO vs S name; "
+                      "ABC corruption.", "logit_diff"), ioi.build),
+        Task(TaskInfo("greater-than", "Greater-than (Hanna et al. 2023): P(next year digit > start) "
+                      "- P(<); '01' corruption.", "prob_diff"), greater_than.build),
+        Task(TaskInfo("induction", "Repeated random tokens (Olsson et al. 2022): log p of the "
+                      "repeated token; fresh-sequence corruption.", "logprob"), induction.build),
+        Task(TaskInfo("facts", "Factual recall (subject -> attribute, ~300 facts); "
+                      "subject-swap corruption.", "logit_diff"), facts.build, None),
+    ]
+}
+
+
+def list_tasks() -> list[TaskInfo]:
+    """The built-in tasks (a path to a ``.jsonl`` file is also accepted by ``get_task``)."""
+    return [t.info for t in _TASKS.values()]
+
+
+def get_task(name: str) -> Task:
+    """A built-in task by name, or a JSONL task from a path ending in ``.jsonl``."""
+    if name in _TASKS:
+        return _TASKS[name]
+    if name.endswith(".jsonl"):
+        if not Path(name).is_file():
+            raise MechscopeError(f"No task file at '{name}'; check the path.")
+        info = TaskInfo(Path(name).stem, f"User task from {name}", "logit_diff")
+        return Task(info, partial(jsonl.build, path=name), None)
+    raise MechscopeError(
+        f"Unknown task '{name}' (built-in: {', '.join(_TASKS)}; or a path to a .jsonl file)."
+        + near_matches(name, list(_TASKS))
+    )
+
+
+def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[str, Any]:
+    """Metric and accuracy of ``model`` on the clean and corrupt prompts of ``batch``.
+
+    ``model``: a ``mechscope.models.Model`` (its ``bridge`` is run) or any module mapping
+    tokens [batch, pos] to logits [batch, pos, d_vocab] (or to an output with ``.logits``).
+    """
+    net = getattr(model, "bridge", model)
+    device = next(net.parameters()).device
+    sums = {"clean_metric": 0.0, "corrupt_metric": 0.0, "clean_accuracy": 0.0, "corrupt_accuracy": 0.0}
+    with torch.no_grad():
+        for start in range(0, len(batch), batch_size):
+            part = batch.subset(slice(start, start + batch_size)).to(device)
+            for kind in ("clean", "corrupt"):
+                out = net(getattr(part, kind))
+                logits = getattr(out, "logits", out)  # [b, pos, d_vocab]
+                sums[f"{kind}_metric"] += part.per_example_metric(logits).sum().item()
+                sums[f"{kind}_accuracy"] += part.accuracy(logits) * len(part)
+    return {
+        "task": batch.task,
+        "n": len(batch),
+        **{k: v / len(batch) for k, v in sums.items()},
+        "chance_accuracy": batch.chance_accuracy,
+        "metric": batch.metric_name,
+        "dropped": dict(batch.dropped),
+    }

@@ -1,0 +1,58 @@
+"""User tasks from a JSONL file.
+
+Each non-blank line is one object ``{"clean": str, "corrupt": str, "answer": str, "wrong": str}``
+(extra keys are ignored). ``answer`` and ``wrong`` are the texts of single tokens, usually with
+a leading space (" Mary"); the metric is ``logit_diff`` (answer minus wrong) at the last
+position of each prompt. ``wrong`` is required: logit_diff has no meaning without a contrast
+token. A malformed line raises ``MechscopeError`` naming the file, the line and the problem;
+valid lines whose prompts differ in token length, or whose answer/wrong is not one token, are
+dropped and counted in ``TaskBatch.dropped``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import MechscopeError
+from mechscope.tasks.base import Pair, TaskBatch, tokenize_pairs
+
+KEYS = ("clean", "corrupt", "answer", "wrong")
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Parse and validate every line of ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MechscopeError(f"No task file at '{path}'; check the path.")
+    pairs: list[Pair] = []
+    text = path.read_text(encoding="utf-8")
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MechscopeError(f"{where}: not valid JSON ({exc.msg}).") from exc
+        if not isinstance(row, dict):
+            raise MechscopeError(f"{where}: expected an object with keys {', '.join(KEYS)}.")
+        missing = [k for k in KEYS if k not in row]
+        if missing:
+            raise MechscopeError(f"{where}: missing key(s) {', '.join(missing)}.")
+        bad = [k for k in KEYS if not isinstance(row[k], str) or not row[k]]
+        if bad:
+            raise MechscopeError(f"{where}: {', '.join(bad)} must be non-empty string(s).")
+        pairs.append(Pair(row["clean"], row["corrupt"], row["answer"], row["wrong"]))
+    if not pairs:
+        raise MechscopeError(f"The task file '{path}' holds no pairs.")
+    return pairs
+
+
+def build(tokenizer: Any, path: str | Path, n: int | None = None, seed: int = 0) -> TaskBatch:
+    """Batch of the file's pairs (the first ``n`` when given; ``seed`` is unused)."""
+    pairs = read_pairs(path)
+    if n is not None:
+        pairs = pairs[:n]
+    return tokenize_pairs(tokenizer, pairs, Path(path).stem, "logit_diff")
