@@ -15,14 +15,8 @@ pytestmark = pytest.mark.embedded
 
 
 @pytest.fixture(scope="module")
-def model():
-    from mechscope.errors import MechscopeError
-    from mechscope.models import load_model
-
-    try:
-        return load_model()
-    except MechscopeError as exc:
-        pytest.skip(str(exc))
+def model(embedded):
+    return embedded  # loaded once per session (tests/conftest.py)
 
 
 def run(model, name: str, n: int, **kw) -> dict:
