@@ -1,0 +1,71 @@
+"""ACDC wall time against one forward pass per edge (the naive implementation's cost), in one process.
+
+Runs mechscope's ACDC (speculative batching, cut-off receivers skipped) and times one plain
+patched forward pass of the same batch; the naive ACDC does one such pass per edge. Also
+counts the rows ACDC actually ran (``n_forward``, in units of the whole batch).
+
+Default model: the hand-built induction toy (its circuit is known, so ACDC's removal pattern
+is realistic). ``--model`` takes any model mechscope loads; ``--task`` any task name.
+
+    python bench/acdc.py [--model DIR] [--task induction] [--n 8] [--tau 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+
+from mechscope.circuits.acdc import acdc
+from mechscope.graph import build_graph
+from mechscope.models import load_model
+from mechscope.patching import run_with_edge_mask, source_activations
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the hand-built induction toy")
+    ap.add_argument("--task", default=None, help="default: the toy's induction task")
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--tau", type=float, default=0.05)
+    ap.add_argument("--ablation", default="zero")
+    ap.add_argument("--k-batch", type=int, default=8)
+    a = ap.parse_args()
+    if a.model is None:
+        from mechscope.circuits.toy import induction_task, save_induction_toy
+
+        model = load_model(save_induction_toy(tempfile.mkdtemp()), device="cpu")
+        batch = induction_task(model.tokenizer, n=a.n, seq_len=10, seed=0)
+        label = "induction toy (hand-built, 2 layers)"
+    else:
+        from mechscope.tasks import get_task
+
+        model = load_model(a.model, device="cpu")
+        batch = get_task(a.task or "ioi").build(model.tokenizer, n=a.n, seed=0)
+        label = model.summary.name
+    g = build_graph(model)
+    src = source_activations(model, g, batch.clean, batch.corrupt, a.ablation, batch.lengths)
+    mask = g.empty_mask()
+    mask[0, -1] = 1.0
+    with torch.no_grad():
+        run_with_edge_mask(model, g, batch.clean, src, mask)
+        t = time.perf_counter()
+        for _ in range(5):
+            run_with_edge_mask(model, g, batch.clean, src, mask)
+        t_fwd = (time.perf_counter() - t) / 5
+    t = time.perf_counter()
+    res = acdc(model, g, batch, tau=a.tau, ablation=a.ablation, k_batch=a.k_batch)
+    t_acdc = time.perf_counter() - t
+    naive = g.n_edges * t_fwd
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model: {label}; {g.n_edges:,} edges; {len(batch)} examples x {batch.n_pos} tokens; tau {a.tau}")
+    print(f"one patched forward pass: {t_fwd * 1000:.1f} ms -> naive ACDC (one pass per edge): {naive:.1f} s")
+    print(f"mechscope ACDC: {t_acdc:.1f} s, {res.n_forward} batch-rows of forward work, {int(res.circuit.sum())} edges kept")
+    print(f"ratio: {t_acdc / naive:.2f}x of one forward pass per edge")
+
+
+if __name__ == "__main__":
+    main()

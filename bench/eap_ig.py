@@ -1,0 +1,81 @@
+"""EAP-IG cost against its floor, in one process.
+
+Floor: (m + 1) forward passes and m backward passes of the plain Hugging Face model (no
+hooks, parameters frozen, gradient taken with respect to the input embeddings), on the same
+batch. mechscope's EAP-IG does exactly that much model work plus its hooks and the final
+score contraction, so the ratio is its overhead.
+
+    python bench/eap_ig.py [--model M] [--n 25] [--steps 5] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from mechscope.circuits.attribution import edge_scores
+from mechscope.graph import build_graph
+from mechscope.models import load_model
+from mechscope.tasks import get_task
+
+
+def floor(hf, batch, steps: int) -> None:
+    emb = hf.get_input_embeddings()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        hf(input_ids=batch.corrupt)  # the source run
+    for _ in range(steps):
+        x = emb(batch.clean).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=x).logits
+        metric = batch.per_example_metric(logits).sum()
+        torch.autograd.grad(metric, [x])
+
+
+def plain_hf(name):
+    """A separate, unhooked Hugging Face copy of the same weights (the bridge rewires its own)."""
+    from mechscope.models.load import _load_hf, _resolve
+
+    _, target, gguf, local = _resolve(name)
+    hf, _ = _load_hf(target, torch.float32, gguf, local)
+    return hf.eval()
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--task", default="ioi")
+    ap.add_argument("--n", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    model = load_model(a.model, device="cpu")
+    graph = build_graph(model)
+    batch = get_task(a.task).build(model.tokenizer, n=a.n, seed=0)
+    hf = plain_hf(a.model)
+    # warm-up both
+    floor(hf, batch.subset(slice(0, 2)), 1)
+    edge_scores(model, graph, batch.subset(slice(0, 2)), "eap-ig", steps=1, batch_size=a.n)
+    t_floor = best_of(lambda: floor(hf, batch, a.steps), a.repeats)
+    t_ours = best_of(lambda: edge_scores(model, graph, batch, "eap-ig", steps=a.steps, batch_size=a.n), a.repeats)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model {model.summary.name}: {graph.n_edges:,} edges; task {a.task}, {len(batch)} pairs x {batch.n_pos} tokens, {a.steps} IG steps")
+    print(f"floor ({a.steps + 1} fwd + {a.steps} bwd, plain HF): {t_floor:.2f} s")
+    print(f"mechscope EAP-IG (all edge scores):    {t_ours:.2f} s")
+    print(f"ratio: {t_ours / t_floor:.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
