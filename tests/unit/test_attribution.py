@@ -16,15 +16,19 @@ def _batch(B=6, P=10, seed=0):
                      answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
 
 
-def test_eap_equals_finite_difference_of_edge_mask(tiny_llama):
-    """EAP's score is exactly d metric / d mask[s, r] at mask = 0 (the patching engine's (1))."""
-    m, g, b = tiny_llama, build_graph(tiny_llama), _batch()
+def test_eap_equals_finite_difference_of_edge_mask(tiny_model):
+    """EAP's score is exactly d metric / d mask[s, r] at mask = 0 (the patching engine's (1)).
+
+    Both norms (LayerNorm, RMSNorm) and GQA: the per-head input gradients are rebuilt from
+    hook_q/k/v gradients through W and the norm's Jacobian, the patching runs use split inputs.
+    """
+    m, g, b = tiny_model, build_graph(tiny_model), _batch()
     sc = edge_scores(m, g, b, method="eap")
     src = source_activations(m, g, b.clean, b.corrupt, "patching")
     eps = 1e-3
     with torch.no_grad():
         base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
-        for j in torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:8].tolist():
+        for j in torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:12].tolist():
             s, r = g.edge_index[j].tolist()
             mk = g.empty_mask()
             mk[s, r] = eps

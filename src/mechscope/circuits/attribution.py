@@ -20,6 +20,17 @@ Node scores follow exactly: a sender feeds each downstream receiver with coeffic
 d metric / d out_s = sum_r d metric / d x_r and node_score[s] = sum_r score[s, r].
 
 Parameters are frozen during the backward passes (only activation gradients are computed).
+
+Speed: the passes run with the bridge's split q/k/v inputs and per-head results switched off
+(plain attention, as fast as plain transformers). The gradient with respect to head h's query
+input x_{q,h} (the residual stream as only that head's query sees it) is recovered exactly
+from the gradient at its query ``hook_q`` [batch, pos, heads, d_head]:
+
+    d metric / d x_{q,h} = J_norm(x)^T  W_Q[h] (d metric / d q_h)
+
+one batched matmul per layer and a vmapped vector-Jacobian product through the layer's own
+norm module (LayerNorm or RMSNorm alike); keys and values likewise per KV head. Head outputs
+are z_h @ W_O[h] from ``hook_z``.
 """
 
 from __future__ import annotations
@@ -31,12 +42,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mechscope.graph import Graph
+from mechscope.models import plain_attention
 from mechscope.patching.engine import (
     INPUT_HOOK,
+    LOGITS_HOOK,
     Ablation,
-    _as_heads,
-    receiver_hooks,
-    sender_hooks,
+    capture_hooks,
+    head_weights,
+    mlp_in_hook,
     source_activations,
 )
 from mechscope.tasks.base import TaskBatch
@@ -82,24 +95,46 @@ def edge_scores(
     n = len(batch)
     chunks = range(0, n, batch_size)
     it = tqdm(chunks, desc=f"{method} scores", disable=not progress, leave=False)
-    with frozen(model):
+    with frozen(model), plain_attention(model):
+        weights = [{k: v.detach() for k, v in head_weights(model, l).items()} for l in range(graph.n_layers)]
+        norms = [model.bridge.blocks[l].ln1.original_component for l in range(graph.n_layers)]
         for i in it:
             sub = batch.subset(slice(i, min(n, i + batch_size))).to(dev)
-            src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
-            _accumulate(model, graph, sub, src, m, scores)
+            with torch.no_grad():
+                src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
+            _accumulate(model, graph, sub, src, m, scores, weights, norms)
     return (scores / n) * graph.allowed.to(dev)
 
 
-def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor) -> None:
+def _head_input_grads(norm, x: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Per-head gradient at the residual input of a head projection.
+
+    x [b, p, d_model] (the norm's input), g [b, p, h, d_head] (gradient at the projection's
+    output), W [h, d_model, d_head] -> [b, p, h, d_model] = J_norm(x)^T (W[h] g_h).
+    """
+    b, p, h, e = g.shape
+    g_out = torch.bmm(g.permute(2, 0, 1, 3).reshape(h, b * p, e), W.transpose(1, 2))  # [h, b*p, d]
+    g_out = g_out.view(h, b, p, -1)
+    _, vjp = torch.func.vjp(norm, x)
+    return torch.func.vmap(vjp)(g_out)[0].permute(1, 2, 0, 3)  # [b, p, h, d]
+
+
+def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
+                weights: list[dict], norms: list) -> None:
     B, P = sub.clean.shape
     D = model.summary.d_model
+    L = graph.n_layers
     clean_acts = torch.empty(graph.n_senders, B, P, D, device=src.device)
-    rec_specs = receiver_hooks(graph)
-    grad_sums: list[torch.Tensor | None] = [None] * len(rec_specs)
+    # gradient sums per receiver group: q/k/v [B, P, heads, D] per layer, mlp [B, P, D], logits
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key: str, g: torch.Tensor) -> None:
+        sums[key] = g if key not in sums else sums[key] + g
 
     for k in range(1, m + 1):
         alpha = k / m
-        kept: list[torch.Tensor] = []
+        kept: dict[str, torch.Tensor] = {}
+        resid: list[torch.Tensor | None] = [None] * L
 
         def interp(x, hook, alpha=alpha):
             x = x.detach()
@@ -107,37 +142,53 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
                 x = src[0] + alpha * (x - src[0])
             return x.requires_grad_(True)
 
-        def keep(x, hook):
-            # A fresh node: the hooked tensor may also feed the residual skip path (hook_mlp_in
-            # does), and its gradient must only count the receiver's own use.
-            y = x.clone()
-            kept.append(y)
-            return y
+        def keep(key: str):
+            def hook(x, hook):
+                # A fresh node: the hooked tensor may also feed the residual skip path
+                # (hook_mlp_in does); its gradient must count only the receiver's own use.
+                y = x.clone()
+                kept[key] = y
+                return y
+
+            return hook
+
+        def store_resid(l: int):
+            def hook(x, hook):
+                resid[l] = x.detach()
+                return x
+
+            return hook
 
         hooks = [(INPUT_HOOK, interp)]
         if alpha == 1.0:
-            for name, sl in sender_hooks(graph):
-                hooks.append((name, _store(clean_acts, sl)))
-        hooks += [(name, keep) for name, _, _ in rec_specs]
+            hooks += capture_hooks(model, graph, clean_acts)
+        for l in range(L):
+            hooks.append((f"blocks.{l}.hook_resid_pre", store_resid(l)))
+            for t in "qkv":
+                hooks.append((f"blocks.{l}.attn.hook_{t}", keep(f"{t}{l}")))
+            hooks.append((mlp_in_hook(l), keep(f"m{l}")))
+        hooks.append((LOGITS_HOOK, keep("logits")))
         with torch.enable_grad():
             logits = model.bridge.run_with_hooks(sub.clean, fwd_hooks=hooks)
             metric = sub.per_example_metric(logits).sum()
-            grads = torch.autograd.grad(metric, kept)
-        for j, g in enumerate(grads):
-            grad_sums[j] = g if grad_sums[j] is None else grad_sums[j] + g
+            keys = list(kept)
+            grads = dict(zip(keys, torch.autograd.grad(metric, [kept[c] for c in keys])))
+        with torch.no_grad():
+            for l in range(L):
+                for t, w in (("q", "W_Q"), ("k", "W_K"), ("v", "W_V")):
+                    add(f"{t}{l}", _head_input_grads(norms[l], resid[l], grads[f"{t}{l}"], weights[l][w]))
+                add(f"m{l}", grads[f"m{l}"])
+            add("logits", grads["logits"])
 
     delta = src - clean_acts  # [S, B, P, D]
-    for j, (_, rs, n_up) in enumerate(rec_specs):
-        g = _as_heads(grad_sums[j]) / m  # [B, P, r, D]
-        scores[:n_up, rs] += torch.einsum("sbpd,bprd->sr", delta[:n_up], g)
-
-
-def _store(buf: torch.Tensor, sl: slice):
-    def hook(x, hook):
-        buf[sl] = _as_heads(x).detach().permute(2, 0, 1, 3)
-        return x
-
-    return hook
+    for l in range(L):
+        rs = graph.receiver_slices(l)
+        up = graph.sender_slice_before(l)
+        for t in "qkv":
+            scores[:up, rs[t]] += torch.einsum("sbpd,bprd->sr", delta[:up], sums[f"{t}{l}"] / m)
+        up_m = graph.sender_slice_before(l, mlp=True)
+        scores[:up_m, rs["mlp"]] += torch.einsum("sbpd,bpd->s", delta[:up_m], sums[f"m{l}"] / m)[:, None]
+    scores[:, graph.logits_receiver] += torch.einsum("sbpd,bpd->s", delta, sums["logits"] / m)
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:

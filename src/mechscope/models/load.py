@@ -98,6 +98,24 @@ class Model:
         return [self.tokenizer.decode([i]) for i in ids]
 
 
+@contextlib.contextmanager
+def plain_attention(model: "Model"):
+    """Temporarily switch off split q/k/v inputs and per-head results (restored on exit).
+
+    The split modes make each head's projection an einsum over per-head copies of its input,
+    about 2.5x slower on CPU than one linear layer; gradient methods can do without them (see
+    ``mechscope.circuits.attribution``).
+    """
+    b = model.bridge
+    b.set_use_split_qkv_input(False)
+    b.set_use_attn_result(False)
+    try:
+        yield model
+    finally:
+        b.set_use_split_qkv_input(True)
+        b.set_use_attn_result(True)
+
+
 def embedded_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF file, or a clear error saying how to install it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

@@ -85,22 +85,53 @@ def _as_heads(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 4 else x[:, :, None]
 
 
+def z_hook(l: int) -> str:
+    return f"blocks.{l}.attn.hook_z"
+
+
+def head_weights(model, layer: int) -> dict[str, torch.Tensor]:
+    """W_Q [h, d_model, d_head], W_K/W_V [kv, d_model, d_head], W_O [h, d_head, d_model]."""
+    a = model.bridge.blocks[layer].attn
+    return {"W_Q": a.W_Q, "W_K": a.W_K, "W_V": a.W_V, "W_O": a.W_O}
+
+
+def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Callable]]:
+    """Hooks that write every sender's output into ``out`` [n_senders, batch, pos, d_model].
+
+    Head outputs are computed from ``hook_z`` as z_h @ W_O[h] (the per-head result without
+    the layer's output bias, exactly what ``attn.hook_result`` holds), so capture works with
+    the bridge's per-head result mode on or off.
+    """
+    W_O = [head_weights(model, l)["W_O"].detach() for l in range(graph.n_layers)]
+
+    def store(sl: slice) -> Callable:
+        def hook(x, hook):
+            out[sl] = _as_heads(x).detach().permute(2, 0, 1, 3)
+            return x
+
+        return hook
+
+    def store_z(l: int, sl: slice) -> Callable:
+        def hook(z, hook):  # z [b, p, h, d_head]
+            out[sl] = torch.einsum("bphe,hed->hbpd", z.detach(), W_O[l])
+            return z
+
+        return hook
+
+    hooks = [(INPUT_HOOK, store(slice(0, 1)))]
+    for l in range(graph.n_layers):
+        hooks.append((z_hook(l), store_z(l, graph.head_senders(l))))
+        m = graph.mlp_sender(l)
+        hooks.append((mlp_out_hook(l), store(slice(m, m + 1))))
+    return hooks
+
+
 @torch.no_grad()
 def sender_activations(model, graph: Graph, tokens: torch.Tensor) -> torch.Tensor:
     """Every sender's output on ``tokens`` [batch, pos] -> [n_senders, batch, pos, d_model]."""
     B, P = tokens.shape
     out = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=model.device)
-
-    def store(sl: slice) -> Callable:
-        def hook(x, hook):
-            out[sl] = _as_heads(x).permute(2, 0, 1, 3)
-            return x
-
-        return hook
-
-    model.bridge.run_with_hooks(
-        tokens.to(model.device), fwd_hooks=[(n, store(sl)) for n, sl in sender_hooks(graph)]
-    )
+    model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=capture_hooks(model, graph, out))
     return out
 
 
