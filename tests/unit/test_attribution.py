@@ -104,3 +104,20 @@ def test_roc_auc_independent():
     # pairs (pos, neg): 0.9 beats all 3 negatives, 0.1 beats none -> 3/6
     assert abs(roc_auc(s, y, allowed) - 0.5) < 1e-9
     assert roc_auc(s, torch.tensor([1, 1, 0, 0, 0]).bool(), allowed) == 1.0
+
+
+def test_acdc_resumes_from_checkpoint(tiny_llama, tmp_path):
+    """A run stopped early and resumed from its checkpoint equals an uninterrupted run."""
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch(B=4, P=8)
+    full = acdc(m, g, b, tau=0.02)
+    ck = tmp_path / "acdc.safetensors"
+    part = acdc(m, g, b, tau=0.02, checkpoint=ck, max_seconds=0.0)
+    assert not part.complete and ck.is_file()
+    resumed = acdc(m, g, b, tau=0.02, checkpoint=ck)
+    assert resumed.complete and torch.equal(resumed.circuit, full.circuit)
+    import pytest
+
+    from mechscope.errors import MechscopeError
+
+    with pytest.raises(MechscopeError, match="other settings"):
+        acdc(m, g, b, tau=0.5, checkpoint=ck)

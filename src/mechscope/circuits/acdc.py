@@ -14,11 +14,18 @@ evaluated K at a time in one batched forward pass, candidate j with candidates 1
 removed, i.e. assuming the common outcome (removal). The scan accepts decisions up to and
 including the first kept edge; the candidates after it are re-evaluated from the true state.
 Each decision therefore compares exactly the two masks sequential ACDC compares.
+
+Long runs checkpoint: with ``checkpoint=PATH`` the state (mask, scores, next receiver) is
+written atomically to a safetensors file after each receiver, and a later call with the same
+path resumes from it (at most one receiver's work is lost to a kill, even SIGKILL).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -35,6 +42,7 @@ class ACDCResult:
     circuit: torch.Tensor  # bool [S, R], edges kept
     scores: torch.Tensor  # float [S, R], metric increase when the edge was tested
     n_forward: int  # number of (batched-row) forward passes of the whole batch
+    complete: bool = True  # False when max_seconds stopped it early (unvisited edges kept)
 
 
 class _Scorer:
@@ -75,16 +83,31 @@ def acdc(
     metric: Literal["kl", "task"] = "kl",
     k_batch: int = 8,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
+    max_seconds: float | None = None,
 ) -> ACDCResult:
-    """Run ACDC; returns the kept edges, per-edge metric increases and the forward count."""
+    """Run ACDC; returns the kept edges, per-edge metric increases and the forward count.
+
+    ``max_seconds`` stops after the receiver in progress once the budget is spent (the result
+    then covers only the receivers visited; resume with the same ``checkpoint``).
+    """
+    import time
+
+    t0 = time.perf_counter()
     S, R = graph.n_senders, graph.n_receivers
     score = _Scorer(model, graph, batch, ablation, metric)
     mask = torch.zeros(S, R)  # 1 = patched (removed)
     scores = torch.zeros(S, R)
     owners = receiver_owner(graph)
+    start = R - 1
+    settings = {"tau": tau, "metric": metric, "ablation": ablation, "S": S, "R": R}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        mask, scores, start, extra = _load_state(checkpoint, settings)
+        score.n_forward += extra
     current = float(score(mask[None])[0])
     bar = tqdm(total=graph.n_edges, desc="acdc", disable=not progress, leave=False)
-    for r in reversed(range(R)):
+    complete = True
+    for r in range(start, -1, -1):
         cands = [s for s in reversed(range(S)) if graph.allowed[s, r]]
         ow = owners[r]
         if ow and not any(((1 - mask[o]) * graph.allowed[o]).sum() > 0 for o in ow):
@@ -109,8 +132,39 @@ def acdc(
                 else:
                     break  # later evaluations assumed this edge removed: redo them
             current = prev
+        if checkpoint is not None:
+            _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings)
+        if max_seconds is not None and r > 0 and time.perf_counter() - t0 > max_seconds:
+            complete = False  # budget spent: receivers below r are unvisited (their edges kept)
+            break
     bar.close()
+
     keep = graph.allowed & (mask == 0)
     # Ranking for curves: kept edges score >= tau; a removal that lowered the metric is not
     # "important", so negative increases rank as zero.
-    return ACDCResult(circuit=keep, scores=scores.clamp(min=0) * graph.allowed, n_forward=score.n_forward)
+    return ACDCResult(circuit=keep, scores=scores.clamp(min=0) * graph.allowed, n_forward=score.n_forward,
+                      complete=complete)
+
+
+def _save_state(path, mask, scores, next_r, n_forward, settings) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"next_receiver": str(next_r), "n_forward": str(n_forward), "settings": json.dumps(settings)}
+    tmp = f"{path}.tmp"
+    save_file({"mask": mask.contiguous(), "scores": scores.contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: a kill leaves the old or the new state, never half
+
+
+def _load_state(path, settings):
+    from safetensors import safe_open
+
+    from mechscope.errors import MechscopeError
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        if json.loads(meta["settings"]) != settings:
+            raise MechscopeError(
+                f"The ACDC checkpoint '{path}' was made with other settings ({meta['settings']}); "
+                "delete it or pass the same settings to resume."
+            )
+        return f.get_tensor("mask"), f.get_tensor("scores"), int(meta["next_receiver"]), int(meta["n_forward"])

@@ -48,6 +48,8 @@ class DiscoverConfig:
     held_out: float = 0.5
     batch_size: int = 16
     random_seeds: int = 2
+    checkpoint: str | None = None
+    """ACDC state file: written after every receiver, resumed from when it exists."""
 
 
 def check_task_performance(model, batch: TaskBatch) -> dict:
@@ -124,7 +126,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         from mechscope.circuits.acdc import acdc
 
         ac = acdc(model, graph, score_set, tau=cfg.threshold if cfg.threshold is not None else 0.01,
-                  ablation=cfg.ablation, progress=progress)
+                  ablation=cfg.ablation, progress=progress, checkpoint=cfg.checkpoint)
         scores = ac.scores
     else:
         scores = edge_scores(model, graph, score_set, cfg.method, cfg.ig_steps, cfg.ablation,

@@ -60,9 +60,12 @@ def discover(
     get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed)
+    out_dir = Path(out or _fresh_dir(task, method))
+    if method == "acdc":  # a long job: re-running with the same --out resumes it
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
     m = load(model, device)
     res = run(m, cfg, progress=not json)
-    out_dir = out or _fresh_dir(task, method)
     res.save(out_dir)
     report = write_circuit_report(res.to_dict(), Path(out_dir) / "report.html")
     mt = res.metrics
