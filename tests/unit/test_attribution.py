@@ -121,3 +121,18 @@ def test_acdc_resumes_from_checkpoint(tiny_llama, tmp_path):
 
     with pytest.raises(MechscopeError, match="other settings"):
         acdc(m, g, b, tau=0.5, checkpoint=ck)
+
+
+def test_norm_vjp_closed_forms_match_autograd(tiny_model):
+    """The closed-form LayerNorm / RMSNorm VJPs equal torch.func's on the real norm modules."""
+    from mechscope.circuits.attribution import norm_vjp
+
+    import copy
+
+    norm = copy.deepcopy(tiny_model.bridge.blocks[0].ln1.original_component)  # leave the fixture alone
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn_like(norm.weight))
+    x, g = torch.randn(2, 3, 64), torch.randn(2, 3, 4, 64)
+    _, vjp = torch.func.vjp(norm, x)
+    ref = torch.stack([vjp(g[:, :, h])[0] for h in range(4)], 2)
+    assert torch.allclose(norm_vjp(norm, x, g), ref, atol=1e-5)

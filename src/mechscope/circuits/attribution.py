@@ -114,9 +114,31 @@ def _head_input_grads(norm, x: torch.Tensor, g: torch.Tensor, W: torch.Tensor) -
     """
     b, p, h, e = g.shape
     g_out = torch.bmm(g.permute(2, 0, 1, 3).reshape(h, b * p, e), W.transpose(1, 2))  # [h, b*p, d]
-    g_out = g_out.view(h, b, p, -1)
+    g_out = g_out.view(h, b, p, -1).permute(1, 2, 0, 3)  # [b, p, h, d]
+    return norm_vjp(norm, x, g_out)
+
+
+def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """J_norm(x)^T g for a batch of cotangents: x [b, p, d], g [b, p, h, d] -> [b, p, h, d].
+
+    Closed forms for LayerNorm and RMSNorm (the common cases, ~10x faster); any other norm
+    module goes through ``torch.func.vjp`` vmapped over heads.
+    """
+    w = getattr(norm, "weight", None)
+    u = g * w if w is not None else g
+    xx = x[:, :, None].float()
+    d = x.shape[-1]
+    if isinstance(norm, torch.nn.LayerNorm):
+        mu = xx.mean(-1, keepdim=True)
+        sigma = ((xx - mu).pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        xhat = (xx - mu) / sigma
+        return (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True)) / sigma
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is not None and type(norm).__name__.endswith("RMSNorm") and not hasattr(norm, "bias"):
+        r = (xx.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        return u / r - xx * (u * xx).sum(-1, keepdim=True) / (d * r.pow(3))
     _, vjp = torch.func.vjp(norm, x)
-    return torch.func.vmap(vjp)(g_out)[0].permute(1, 2, 0, 3)  # [b, p, h, d]
+    return torch.func.vmap(vjp, in_dims=2, out_dims=2)(g)[0]
 
 
 def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
@@ -180,15 +202,17 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
                 add(f"m{l}", grads[f"m{l}"])
             add("logits", grads["logits"])
 
-    delta = src - clean_acts  # [S, B, P, D]
+    # score[s, r] = sum_{b,p,d} delta[s, b, p, d] * grad_r[b, p, d]: one GEMM per layer over
+    # that layer's 2*n_kv + n_heads + 1 receivers; entries of senders that are not upstream
+    # (this layer's heads into its own q/k/v) are dropped by the final ``allowed`` mask.
+    delta = (src - clean_acts).reshape(graph.n_senders, -1)  # [S, B*P*D]
     for l in range(L):
         rs = graph.receiver_slices(l)
-        up = graph.sender_slice_before(l)
-        for t in "qkv":
-            scores[:up, rs[t]] += torch.einsum("sbpd,bprd->sr", delta[:up], sums[f"{t}{l}"] / m)
         up_m = graph.sender_slice_before(l, mlp=True)
-        scores[:up_m, rs["mlp"]] += torch.einsum("sbpd,bpd->s", delta[:up_m], sums[f"m{l}"] / m)[:, None]
-    scores[:, graph.logits_receiver] += torch.einsum("sbpd,bpd->s", delta, sums["logits"] / m)
+        G = torch.cat([sums[f"{t}{l}"].permute(2, 0, 1, 3).reshape(-1, delta.shape[1]) for t in "qkv"]
+                      + [sums[f"m{l}"].reshape(1, -1)])  # [H + 2KV + 1, B*P*D], in receiver order
+        scores[:up_m, rs["q"].start : rs["mlp"].stop] += delta[:up_m] @ G.T / m
+    scores[:, graph.logits_receiver] += delta @ sums["logits"].reshape(-1) / m
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:

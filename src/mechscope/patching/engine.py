@@ -113,7 +113,9 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
 
     def store_z(l: int, sl: slice) -> Callable:
         def hook(z, hook):  # z [b, p, h, d_head]
-            out[sl] = torch.einsum("bphe,hed->hbpd", z.detach(), W_O[l])
+            b, p, h, e = z.shape
+            zh = z.detach().permute(2, 0, 1, 3).reshape(h, b * p, e)
+            out[sl] = torch.bmm(zh, W_O[l]).view(h, b, p, -1)  # [h, b, p, d_model]
             return z
 
         return hook
