@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.05)
     ap.add_argument("--ablation", default="zero")
     ap.add_argument("--k-batch", type=int, default=8)
+    ap.add_argument("--max-seconds", type=float, default=None, help="stop early; rates are then per edge visited")
     a = ap.parse_args()
     if a.model is None:
         from mechscope.circuits.toy import induction_task, save_induction_toy
@@ -57,12 +58,15 @@ def main() -> None:
             run_with_edge_mask(model, g, batch.clean, src, mask)
         t_fwd = (time.perf_counter() - t) / 5
     t = time.perf_counter()
-    res = acdc(model, g, batch, tau=a.tau, ablation=a.ablation, k_batch=a.k_batch)
+    res = acdc(model, g, batch, tau=a.tau, ablation=a.ablation, k_batch=a.k_batch, max_seconds=a.max_seconds)
     t_acdc = time.perf_counter() - t
-    naive = g.n_edges * t_fwd
+    visited = int(res.visited)
+    naive = visited * t_fwd
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: {label}; {g.n_edges:,} edges; {len(batch)} examples x {batch.n_pos} tokens; tau {a.tau}")
-    print(f"one patched forward pass: {t_fwd * 1000:.1f} ms -> naive ACDC (one pass per edge): {naive:.1f} s")
+    if not res.complete:
+        print(f"stopped after {a.max_seconds:.0f} s: {visited:,} of {g.n_edges:,} edges visited")
+    print(f"one patched forward pass: {t_fwd * 1000:.1f} ms -> naive ACDC (one pass per edge visited): {naive:.1f} s")
     print(f"mechscope ACDC: {t_acdc:.1f} s, {res.n_forward} batch-rows of forward work, {int(res.circuit.sum())} edges kept")
     print(f"ratio: {t_acdc / naive:.2f}x of one forward pass per edge")
 

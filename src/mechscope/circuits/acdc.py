@@ -43,6 +43,7 @@ class ACDCResult:
     scores: torch.Tensor  # float [S, R], metric increase when the edge was tested
     n_forward: int  # number of (batched-row) forward passes of the whole batch
     complete: bool = True  # False when max_seconds stopped it early (unvisited edges kept)
+    visited: int = 0  # edges decided (removed or kept)
 
 
 class _Scorer:
@@ -107,12 +108,14 @@ def acdc(
     current = float(score(mask[None])[0])
     bar = tqdm(total=graph.n_edges, desc="acdc", disable=not progress, leave=False)
     complete = True
+    visited = 0
     for r in range(start, -1, -1):
         cands = [s for s in reversed(range(S)) if graph.allowed[s, r]]
         ow = owners[r]
         if ow and not any(((1 - mask[o]) * graph.allowed[o]).sum() > 0 for o in ow):
             mask[cands, r] = 1.0  # node cut off from the output: its inputs cannot matter
             bar.update(len(cands))
+            visited += len(cands)
             continue
         i = 0
         while i < len(cands):
@@ -126,6 +129,7 @@ def acdc(
                 scores[s, r] = float(vals[j]) - prev
                 i += 1
                 bar.update(1)
+                visited += 1
                 if vals[j] - prev < tau:
                     mask[s, r] = 1.0
                     prev = float(vals[j])
@@ -143,7 +147,7 @@ def acdc(
     # Ranking for curves: kept edges score >= tau; a removal that lowered the metric is not
     # "important", so negative increases rank as zero.
     return ACDCResult(circuit=keep, scores=scores.clamp(min=0) * graph.allowed, n_forward=score.n_forward,
-                      complete=complete)
+                      complete=complete, visited=visited)
 
 
 def _save_state(path, mask, scores, next_r, n_forward, settings) -> None:
