@@ -21,7 +21,7 @@ import torch
 from mechscope.circuits.attribution import edge_scores, node_scores
 from mechscope.circuits.evaluate import Evaluator, cpr_cmd, curve_sizes, faithfulness_curve, smallest_faithful
 from mechscope.circuits.result import CircuitResult
-from mechscope.circuits.select import prune, receiver_owner, threshold, top_k
+from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.tasks.base import TaskBatch
@@ -48,6 +48,8 @@ class DiscoverConfig:
     held_out: float = 0.5
     batch_size: int = 16
     random_seeds: int = 2
+    rank: Literal["signed", "abs"] = "signed"
+    """Edge order for selection and curves: signed (edges that carry the behaviour) or |score|."""
     checkpoint: str | None = None
     """ACDC state file: written after every receiver, resumed from when it exists."""
 
@@ -77,9 +79,9 @@ def node_circuit(graph: Graph, nodes: torch.Tensor) -> torch.Tensor:
     return graph.allowed & keep_nodes[:, None] & recv_ok[None]
 
 
-def _choose(cfg: DiscoverConfig, graph: Graph, scores: torch.Tensor, ev_score: Evaluator) -> torch.Tensor:
+def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: Evaluator) -> torch.Tensor:
     if cfg.level == "node":
-        ns = node_scores(graph, scores).abs().cpu()
+        ns = node_scores(graph, ranking).cpu()
         ns[0] = float("inf")
         n_nodes = graph.n_senders - 1
         if cfg.edges is not None:
@@ -100,11 +102,11 @@ def _choose(cfg: DiscoverConfig, graph: Graph, scores: torch.Tensor, ev_score: E
         keep[ns.topk(k + 1).indices] = True
         return node_circuit(graph, keep)
     if cfg.edges is not None:
-        return prune(graph, top_k(graph, scores, cfg.edges))
+        return prune(graph, top_k(graph, ranking, cfg.edges, absolute=False))
     if cfg.threshold is not None:
-        return prune(graph, threshold(graph, scores, cfg.threshold))
-    k, _ = smallest_faithful(ev_score, scores, cfg.target)
-    return prune(graph, top_k(graph, scores, k))
+        return prune(graph, threshold(graph, ranking, cfg.threshold, absolute=False))
+    k, _ = smallest_faithful(ev_score, ranking, cfg.target)
+    return prune(graph, top_k(graph, ranking, k, absolute=False))
 
 
 def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: bool = True) -> CircuitResult:
@@ -133,15 +135,16 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
                              cfg.batch_size, progress=progress)
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
+    ranking = importance(scores, cfg.method, cfg.rank)
     ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
     if cfg.method == "acdc" and cfg.edges is None and cfg.level == "edge":
         circuit = prune(graph, ac.circuit)
     else:
-        circuit = _choose(cfg, graph, scores, ev_score)
+        circuit = _choose(cfg, graph, ranking, ev_score)
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
     faith = float(ev.faithfulness(circuit[None])[0])
     rand = _random_same_size(ev, int(circuit.sum()), cfg.random_seeds)
-    curve = faithfulness_curve(ev, scores, curve_sizes(graph), cfg.random_seeds)
+    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds)
     cpr, cmd = cpr_cmd(curve)
     metrics = {
         "clean": float(ev.clean),

@@ -72,11 +72,14 @@ def curve_sizes(graph: Graph, fractions=CURVE_FRACTIONS) -> list[int]:
 
 
 def faithfulness_curve(
-    ev: Evaluator, scores: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
+    ev: Evaluator, ranking: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
 ) -> list[dict]:
-    """Faithfulness of the top-k circuit (and of random circuits) for each k in ``sizes``."""
+    """Faithfulness of the top-k circuit (and of random circuits) for each k in ``sizes``.
+
+    ``ranking``: edge importance, higher first (``select.importance``).
+    """
     g = ev.graph
-    circuits = [prune(g, top_k(g, scores, k)) if do_prune else top_k(g, scores, k) for k in sizes]
+    circuits = [prune(g, top_k(g, ranking, k, False)) if do_prune else top_k(g, ranking, k, False) for k in sizes]
     faith = ev.faithfulness(torch.stack(circuits))
     rand = random_baseline(ev, sizes, random_seeds)
     return [
@@ -117,7 +120,7 @@ def cpr_cmd(curve: list[dict]) -> tuple[float, float]:
 
 
 def smallest_faithful(
-    ev: Evaluator, scores: torch.Tensor, target: float = 0.8, max_iters: int = 12
+    ev: Evaluator, ranking: torch.Tensor, target: float = 0.8, max_iters: int = 12
 ) -> tuple[int, float]:
     """Smallest top-k (pruned) circuit whose faithfulness on ``ev`` reaches ``target``.
 
@@ -126,14 +129,14 @@ def smallest_faithful(
     """
     g = ev.graph
     lo, hi = 0, g.n_edges
-    f_hi = float(ev.faithfulness(prune(g, top_k(g, scores, hi))[None])[0])
+    f_hi = float(ev.faithfulness(prune(g, top_k(g, ranking, hi, False))[None])[0])
     best = (hi, f_hi)
     for _ in range(max_iters):
         if hi - lo <= max(1, hi // 50):
             break
         mid = int(round((max(lo, 1) * hi) ** 0.5)) if lo > 0 else max(1, hi // 8)
         mid = min(max(mid, lo + 1), hi - 1)
-        f = float(ev.faithfulness(prune(g, top_k(g, scores, mid))[None])[0])
+        f = float(ev.faithfulness(prune(g, top_k(g, ranking, mid, False))[None])[0])
         if f >= target:
             hi, best = mid, (mid, f)
         else:

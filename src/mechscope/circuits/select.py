@@ -63,6 +63,23 @@ def prune(graph: Graph, keep: torch.Tensor) -> torch.Tensor:
     return keep & (reached & useful)[:, None] & useful_recv[None]
 
 
+def importance(scores: torch.Tensor, method: str, rank: str = "signed") -> torch.Tensor:
+    """Edge importance for selection: higher = keep first.
+
+    ``signed`` (default): attribution scores estimate metric(edge patched) - metric(clean), so
+    the edges whose patching *lowers* the metric most carry the behaviour: importance = -score.
+    Edges that work against the behaviour (positive score) come last; ranking by |score| puts
+    them in the circuit and costs faithfulness (IOI on the embedded model, held-out
+    faithfulness at 2% / 5% of edges: |score| 0.44 / 0.55, signed 0.78 / 0.87). ACDC's scores
+    are increases of KL, positive = important. ``abs``: |score| (MIB's choice for CMD).
+    """
+    if rank == "abs":
+        return scores.abs()
+    if rank != "signed":
+        raise MechscopeError(f"Unknown ranking '{rank}'; choose signed or abs.")
+    return scores.clone() if method == "acdc" else -scores
+
+
 def top_k(graph: Graph, scores: torch.Tensor, k: int, absolute: bool = True) -> torch.Tensor:
     """Keep the k highest-scoring edges (by |score| unless ``absolute`` is False)."""
     if k < 0 or k > graph.n_edges:

@@ -36,6 +36,7 @@ def discover(
     edges: Optional[int] = typer.Option(None, "--edges", help="Keep this many edges (nodes at node level)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
     target: float = typer.Option(0.8, "--target", help="Faithfulness the smallest circuit must reach."),
+    rank: str = typer.Option("signed", "--rank", help="Edge order: signed (edges that carry the behaviour first) or abs."),
     ig_steps: int = typer.Option(5, "--ig-steps"),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
@@ -55,11 +56,13 @@ def discover(
         raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
     if level not in ("edge", "node"):
         raise MechscopeError(f"Unknown level '{level}'; choose edge or node.")
+    if rank not in ("signed", "abs"):
+        raise MechscopeError(f"Unknown ranking '{rank}'; choose signed or abs.")
     if n < 4:
         raise MechscopeError(f"--n {n} is too small: at least 4 pairs are needed (half are held out).")
     get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
-                         threshold=threshold, target=target, ig_steps=ig_steps, seed=seed)
+                         threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank)
     out_dir = Path(out or _fresh_dir(task, method))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +133,9 @@ def evaluate(
     batch = get_task(task or st.get("task", res.task)).build(m.tokenizer, n=n or st.get("n", 50), seed=st.get("seed", 0))
     _, test = batch.split(st.get("held_out", 0.5), seed=st.get("seed", 0))
     ev = Evaluator(m, g, test, st.get("ablation", "patching"))
-    curve = faithfulness_curve(ev, res.scores, curve_sizes(g))
+    from mechscope.circuits.select import importance
+
+    curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g))
     cpr, cmd = cpr_cmd(curve)
     out.update({"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
                 "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve})
