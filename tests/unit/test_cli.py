@@ -104,3 +104,50 @@ def test_task_eval_embedded_json():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["clean_accuracy"] >= 0.85 and d["chance_accuracy"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    from mechscope.circuits.toy import save_induction_toy
+
+    return save_induction_toy(tmp_path_factory.mktemp("toy"))
+
+
+def _toy_pairs(path, n=8):
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(n):
+        r = rng.sample(range(62), 8)
+        seq = " ".join(f"t{i}" for i in r[:4])
+        other = " ".join(f"t{i}" for i in r[4:8])
+        lines.append(json.dumps({"clean": f"<bos> {seq} {seq[:seq.rindex(' ')]}",
+                                 "corrupt": f"<bos> {seq} {other[:other.rindex(' ')]}",
+                                 "answer": f"t{r[3]}", "wrong": f"t{r[7]}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
+    """The main job end to end on the hand-built induction model, through the CLI."""
+    task = _toy_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "run"
+    r = run("discover", "--task", task, "--model", toy_dir, "--n", "8", "--method", "eap", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["faithfulness_held_out"] > 0.8 and d["edges_kept"] < d["edges_total"] / 4
+    assert (out / "circuit.json").is_file() and (out / "report.html").is_file()
+    r = run("evaluate", str(out), "--task", task, "--model", toy_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout)
+    assert abs(e["curve"][-1]["faithfulness"] - 1) < 1e-3 and e["edges_kept"] == d["edges_kept"]
+
+
+def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"clean": f"Mary and John {w}", "corrupt": f"Alice and Bob {w}",
+                                     "answer": " Mary", "wrong": " John"}) + "\n"
+                         for w in ["went", "gave", "saw", "met", "had", "was"]))
+    # the tiny random model (seed 0) prefers " John" or " Mary" regardless of the prompt
+    assert_clear_error(run("discover", "--task", str(f), "--model", tiny_gpt2_dir, "--n", "6"), "at chance")
