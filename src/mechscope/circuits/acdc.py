@@ -10,7 +10,9 @@
    edges go at once (their effect is exactly zero, so the greedy result is unchanged).
 
 Speed without changing the result (speculative batching): the candidates of one receiver are
-evaluated K at a time in one batched forward pass, candidate j with candidates 1..j-1 also
+evaluated up to K at a time in one batched forward pass (K doubles after a batch of removals,
+up to ``k_batch``, and drops to 1 after a kept edge, so few evaluations are wasted where ACDC
+keeps many edges), candidate j with candidates 1..j-1 also
 removed, i.e. assuming the common outcome (removal). The scan accepts decisions up to and
 including the first kept edge; the candidates after it are re-evaluated from the true state.
 Each decision therefore compares exactly the two masks sequential ACDC compares.
@@ -117,9 +119,9 @@ def acdc(
             bar.update(len(cands))
             visited += len(cands)
             continue
-        i = 0
+        i, k = 0, 1
         while i < len(cands):
-            chunk = cands[i : i + k_batch]
+            chunk = cands[i : i + k]
             trial = mask[None].repeat(len(chunk), 1, 1)
             for j in range(len(chunk)):
                 trial[j:, chunk[j], r] = 1.0
@@ -134,7 +136,10 @@ def acdc(
                     mask[s, r] = 1.0
                     prev = float(vals[j])
                 else:
+                    k = 1  # a kept edge: speculation failed, start small again
                     break  # later evaluations assumed this edge removed: redo them
+            else:
+                k = min(2 * k, k_batch)  # every candidate removed: speculate further
             current = prev
         if checkpoint is not None:
             _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings)
