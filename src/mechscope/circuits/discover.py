@@ -19,7 +19,14 @@ from typing import Literal
 import torch
 
 from mechscope.circuits.attribution import edge_scores, node_scores
-from mechscope.circuits.evaluate import Evaluator, cpr_cmd, curve_sizes, faithfulness_curve, smallest_faithful
+from mechscope.circuits.evaluate import (
+    Evaluator,
+    cpr_cmd,
+    curve_sizes,
+    faithfulness_curve,
+    random_baseline,
+    smallest_faithful,
+)
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
@@ -143,7 +150,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         circuit = _choose(cfg, graph, ranking, ev_score)
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
     faith = float(ev.faithfulness(circuit[None])[0])
-    rand = _random_same_size(ev, int(circuit.sum()), cfg.random_seeds)
+    rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds)[0]
     curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds)
     cpr, cmd = cpr_cmd(curve)
     metrics = {
@@ -166,12 +173,6 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
                         metrics=metrics, curve=curve, cpr=cpr, cmd=cmd)
     res.example = attention_example(model, graph, batch, res)
     return res
-
-
-def _random_same_size(ev: Evaluator, k: int, seeds: int) -> float:
-    from mechscope.circuits.evaluate import random_baseline
-
-    return random_baseline(ev, [max(1, k)], seeds)[0]
 
 
 @torch.no_grad()

@@ -153,12 +153,8 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
         return float("nan")
     order = torch.argsort(s)
     ranks = torch.empty_like(s)
-    sorted_s = s[order]
-    # average ranks for ties
-    r = torch.arange(1, len(s) + 1, dtype=torch.float32)
-    uniq, inv, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).float()
-    avg = ends - (counts.float() - 1) / 2
+    # tied scores share their average rank
+    _, inv, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
+    avg = torch.cumsum(counts, 0).float() - (counts.float() - 1) / 2
     ranks[order] = avg[inv]
-    del r, uniq
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -73,6 +73,7 @@ from typing import Any
 import torch
 
 from mechscope.tasks.base import TaskBatch
+from mechscope.tasks.induction import repeated_tokens_batch
 
 VOCAB = 64  # "<bos>" + t0..t62
 N_POS = 64
@@ -257,28 +258,5 @@ def induction_task(tokenizer: Any, n: int = 16, seq_len: int = 10, seed: int = 0
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     if seq_len < 2 or 2 * seq_len > len(vocab) or 2 * seq_len + 1 > N_POS:
         raise ValueError(f"seq_len must be in 2..{min(len(vocab), N_POS - 1) // 2} for the toy, got {seq_len}.")
-    g = torch.Generator().manual_seed(seed)
-    clean, corrupt = [], []
-    for _ in range(n):
-        draw = vocab[torch.randperm(len(vocab), generator=g)[: 2 * seq_len]]
-        r, r2 = draw[:seq_len], draw[seq_len:]
-        prefix = torch.tensor([bos])
-        clean.append(torch.cat([prefix, r, r]))
-        corrupt.append(torch.cat([prefix, r, r2]))
-    clean_t, corrupt_t = torch.stack(clean), torch.stack(corrupt)
-    positions = torch.arange(seq_len + 1, 2 * seq_len).expand(n, -1).clone()  # [n, seq_len-1]
-    answers = clean_t[:, seq_len + 2 :].clone()  # R[1..seq_len-1]
-    return TaskBatch(
-        task="induction_toy",
-        clean=clean_t,
-        corrupt=corrupt_t,
-        positions=positions,
-        answers=answers,
-        wrongs=answers.clone(),
-        lengths=torch.full((n,), 2 * seq_len + 1),
-        metric_name="logprob",
-        clean_text=tokenizer.batch_decode(clean_t.tolist()),
-        corrupt_text=tokenizer.batch_decode(corrupt_t.tolist()),
-        dropped={},
-        pad_id=int(tokenizer.pad_token_id),
-    )
+    prefix = torch.tensor([bos], dtype=torch.long)
+    return repeated_tokens_batch(tokenizer, vocab, prefix, n, seq_len, seed, task="induction_toy")

@@ -105,6 +105,8 @@ def evaluate(
     json: bool = JsonOpt,
 ) -> None:
     """Re-evaluate a saved circuit: held-out faithfulness, curve, random baseline, ROC AUC."""
+    import torch
+
     from mechscope.circuits import CircuitResult, Evaluator, load_reference, roc_auc
     from mechscope.circuits.evaluate import cpr_cmd, curve_sizes, faithfulness_curve
     from mechscope.graph import build_graph
@@ -112,14 +114,13 @@ def evaluate(
     from mechscope.tasks import get_task
 
     res = CircuitResult.load(run_dir)
-    ref = load_reference(reference) if reference else None
-    if ref is not None:  # check names before loading any model
-        ref.node_mask(res.graph)
     out: dict = {"run": str(run_dir), "task": task or res.task, "method": res.method}
-    if ref is not None:
+    if reference:  # before loading any model, so a wrong reference fails fast
+        ref = load_reference(reference)
         nodes = ref.node_mask(res.graph)
         ns = (res.scores * res.graph.allowed).sum(1)
-        sel = torch_ones_except_input(res.graph)
+        sel = torch.ones(res.graph.n_senders, dtype=torch.bool)
+        sel[0] = False  # the input is in every circuit: not ranked
         out["reference"] = {"source": ref.source, "n_nodes": int(nodes.sum()),
                             "node_roc_auc": roc_auc(ns, nodes, sel)}
         em = ref.edge_mask(res.graph)
@@ -154,11 +155,3 @@ def evaluate(
         r = out["reference"]
         console.print(f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
                       + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else ""))
-
-
-def torch_ones_except_input(graph):
-    import torch
-
-    sel = torch.ones(graph.n_senders, dtype=torch.bool)
-    sel[0] = False
-    return sel

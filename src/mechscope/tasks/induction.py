@@ -51,6 +51,17 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskB
         raise MechscopeError(f"The tokenizer has too few plain-word tokens ({len(vocab)}).")
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long)
+    return repeated_tokens_batch(tokenizer, vocab, prefix, n, length, seed, task="induction")
+
+
+def repeated_tokens_batch(
+    tokenizer: Any, vocab: torch.Tensor, prefix: torch.Tensor, n: int, length: int, seed: int, task: str
+) -> TaskBatch:
+    """``prefix + R + R`` (corrupt ``prefix + R + R'``) with R, R' disjoint draws from ``vocab``.
+
+    Scores the positions of the second copy whose next token is predictable (see module
+    docstring); shared by the built-in task and the hand-built toy's task.
+    """
     p = len(prefix)
     g = torch.Generator().manual_seed(seed)
     clean, corrupt = [], []
@@ -65,7 +76,7 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskB
     answers = clean_t[:, p + length + 1 :].clone()  # [n, L-1]: R[1..L-1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return TaskBatch(
-        task="induction",
+        task=task,
         clean=clean_t,
         corrupt=corrupt_t,
         positions=positions,
