@@ -1,0 +1,143 @@
+"""The sparse autoencoder (and transcoder) module: one class for every architecture.
+
+    f = act(x' @ W_enc + b_enc)          x' = x - b_dec (SAE) or x (transcoder)
+    x_hat = f @ W_dec + b_dec
+
+Shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``,
+``threshold [d_sae]`` (JumpReLU and BatchTopK at inference), with ``d_out == d_in`` for an
+SAE. These are SAELens's names and layouts, so saving is a rename-free dump (see ``io.py``).
+
+Activations by architecture (SAELens semantics, so both libraries reconstruct the same):
+- ``relu``: ReLU(pre).
+- ``topk``: keep the k largest pre-activations per token, then ReLU.
+- ``batchtopk``: while training, the k * batch largest over the whole batch; at inference a
+  JumpReLU whose threshold is the running mean of the smallest kept activation (Bussmann et
+  al. 2024), which is also how SAELens stores it.
+- ``jumprelu``: pre * (pre > threshold), thresholds trained with a straight-through estimator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is: its widths, activation and where in which model it reads."""
+
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: int | None = None  # topk / batchtopk
+    hook_name: str = ""
+    model_name: str = ""
+    d_out: int | None = None  # transcoders: output width (None = reconstruct the input)
+    hook_name_out: str | None = None  # transcoders: the hook whose activation is predicted
+    dtype: str = "float32"
+    apply_b_dec_to_input: bool = True  # SAEs subtract b_dec before encoding; transcoders never do
+    metadata: dict[str, Any] = field(default_factory=dict)  # training provenance, free-form
+
+    def __post_init__(self) -> None:
+        from mechscope.errors import MechscopeError
+
+        if self.architecture not in ARCHITECTURES:
+            raise MechscopeError(
+                f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}."
+            )
+        if self.architecture in ("topk", "batchtopk") and not self.k:
+            raise MechscopeError(f"a {self.architecture} SAE needs k (the number of active features per token).")
+        if self.k is not None and not 0 < self.k <= self.d_sae:
+            raise MechscopeError(f"k={self.k} must lie between 1 and d_sae={self.d_sae}.")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise MechscopeError(f"SAE widths must be positive (d_in={self.d_in}, d_sae={self.d_sae}).")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.d_out is not None and self.hook_name_out is not None
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_out if self.d_out is not None else self.d_in
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder or transcoder; ``sae(x)`` reconstructs, ``encode``/``decode`` split it."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
+        dtype = getattr(torch, cfg.dtype)
+        g = torch.Generator().manual_seed(int(cfg.metadata.get("seed", 0)))
+        w_dec = torch.randn(d_sae, d_out, generator=g, dtype=torch.float32)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        # Encoder initialised to the decoder's transpose (tied init: fewer dead latents early on).
+        w_enc = w_dec.T.clone() if d_out == d_in else torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+        self.W_enc = nn.Parameter(w_enc.to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype), requires_grad=cfg.architecture == "jumprelu")
+
+    # ------------------------------------------------------------------ forward pieces
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """[..., d_in] -> [..., d_sae] pre-activations."""
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Inference activation of pre-activations [..., d_sae]."""
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return torch.relu(pre)
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+        # jumprelu, and batchtopk at inference
+        return pre * (pre > self.threshold)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Feature activations [..., d_sae] of inputs [..., d_in]."""
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        """[..., d_sae] -> [..., d_out]."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def set_decoder_unit_norm(self) -> None:
+        """Training constraint: decoder rows back to unit norm (the optimiser step's drift
+        is removed, not compensated; see ``remove_parallel_grad``)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the gradient component along each decoder row, so a step moves rows
+        along the unit sphere (the usual companion of the unit-norm constraint)."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec
+            self.W_dec.grad.sub_((self.W_dec.grad * w).sum(1, keepdim=True) * w)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        kind = "transcoder" if c.is_transcoder else "SAE"
+        return f"{kind} {c.architecture} d_in={c.d_in} d_sae={c.d_sae}" + (f" k={c.k}" if c.k else "") + f" hook={c.hook_name}"
