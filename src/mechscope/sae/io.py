@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mechscope.errors import MechscopeError
@@ -151,7 +151,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise MechscopeError(f"{path} has no {WEIGHTS_FILE}{hint}.")
     try:
         tensors = load_file(str(wfile))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise MechscopeError(f"{wfile} is not a readable safetensors file ({exc}); re-save the SAE.") from None
     sae = SAE(cfg)
     want = {
