@@ -1,0 +1,49 @@
+"""Batch sources for the trainer beyond the activation store: in-memory tensors (tests,
+notebooks) with a resumable position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+
+
+class TensorSource:
+    """Rows of ``x`` [n, d_in] (and ``y`` [n, d_out] for transcoders) in a seeded random order,
+    epoch after epoch; ``state_dict`` records the position so a resumed run sees the same rows."""
+
+    def __init__(self, x: Tensor, y: Tensor | None = None, seed: int = 0):
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise MechscopeError(f"activations must be a non-empty [n, d] matrix, got shape {list(x.shape)}.")
+        if y is not None and y.shape[0] != x.shape[0]:
+            raise MechscopeError(f"input and output activations have {x.shape[0]} and {y.shape[0]} rows; they must align.")
+        self.x, self.y, self.seed = x, y, seed
+        self.epoch, self.offset = 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.x.shape[0], generator=g)
+
+    def next_batch(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
+        idx = []
+        while n > 0:
+            take = self._perm[self.offset : self.offset + n]
+            idx.append(take)
+            n -= take.numel()
+            self.offset += take.numel()
+            if self.offset >= self.x.shape[0]:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._perm = self._make_perm()
+        i = torch.cat(idx)
+        return (self.x[i], self.y[i]) if self.y is not None else self.x[i]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._perm = self._make_perm()

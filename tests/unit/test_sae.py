@@ -1,0 +1,160 @@
+"""SAE module, SAELens-layout IO and the trainer, on synthetic data with a planted dictionary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
+from mechscope.sae.sources import TensorSource
+from mechscope.sae.train import CKPT_DIR, Trainer, TrainConfig
+
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+
+
+def _planted(n=20_000, d=32, m=128, active=4, seed=0):
+    """x = sparse codes @ D + offset, with m unit-norm true directions D [m, d]."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = (torch.rand(n, m, generator=g) < active / m).float() * (0.5 + 2.5 * torch.rand(n, m, generator=g))
+    return codes @ D + 0.3, D
+
+
+def _cfg(arch, **kw):
+    base = dict(architecture=arch, d_sae=128, k=4, tokens=60_000, batch_tokens=500, lr=3e-3,
+                checkpoint_every=10_000, dead_tokens=10_000, l1=0.5, l0=0.05, log_every=10)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_in_saelens_layout(tmp_path, arch):
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture=arch, k=3 if "topk" in arch else None,
+                        hook_name="blocks.1.hook_resid_post", model_name="tiny"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_sae(sae, tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["d_in"] == 8 and cfg["d_sae"] == 16
+    back = load_sae(tmp_path)
+    x = torch.randn(5, 8)
+    assert back.cfg.architecture == arch
+    assert torch.equal(back(x), sae(x))
+
+
+def test_topk_and_jumprelu_activations_follow_their_definitions():
+    torch.manual_seed(0)
+    topk = SAE(SAEConfig(d_in=6, d_sae=10, architecture="topk", k=3))
+    x = torch.randn(4, 6)
+    f, pre = topk.encode(x), topk.pre_acts(x)
+    assert ((f > 0).sum(-1) <= 3).all()
+    kept = pre.topk(3, dim=-1).values.relu()
+    assert torch.allclose(f.sort(-1, descending=True).values[:, :3], kept)
+    jr = SAE(SAEConfig(d_in=6, d_sae=10, architecture="jumprelu"))
+    with torch.no_grad():
+        jr.threshold.fill_(0.3)
+    pre = jr.pre_acts(x)
+    assert torch.equal(jr.encode(x), pre * (pre > 0.3))
+
+
+def test_bad_sae_files_get_one_clear_sentence(tmp_path):
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
+    save_sae(sae, tmp_path / "ok")
+    with pytest.raises(MechscopeError, match="no cfg.json"):
+        load_sae(tmp_path)
+    bad = tmp_path / "ok" / "cfg.json"
+    cfg = json.loads(bad.read_text())
+    cfg["d_in"] = 9
+    bad.write_text(json.dumps(cfg))
+    with pytest.raises(MechscopeError, match="W_enc has shape \\[8, 16\\]"):
+        load_sae(tmp_path / "ok")
+    bad.write_text("{not json")
+    with pytest.raises(MechscopeError, match="not valid JSON"):
+        load_sae(tmp_path / "ok")
+    (tmp_path / "pk").mkdir()
+    (tmp_path / "pk" / "cfg.json").write_text(json.dumps({"d_in": 8, "d_sae": 16, "architecture": "standard"}))
+    (tmp_path / "pk" / "sae_weights.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(MechscopeError, match="never loads"):
+        load_sae(tmp_path / "pk")
+    cfg = {"d_in": 8, "d_sae": 16, "architecture": "jumprelu"}
+    (tmp_path / "jr").mkdir()
+    (tmp_path / "jr" / "cfg.json").write_text(json.dumps(cfg))
+    save_sae(SAE(SAEConfig(d_in=8, d_sae=16, architecture="relu")), tmp_path / "relu")
+    (tmp_path / "jr" / "sae_weights.safetensors").write_bytes((tmp_path / "relu" / "sae_weights.safetensors").read_bytes())
+    with pytest.raises(MechscopeError, match="lacks the tensor 'threshold'"):
+        load_sae(tmp_path / "jr")
+    with pytest.raises(MechscopeError, match="unknown SAE architecture"):
+        SAEConfig(d_in=8, d_sae=16, architecture="gated")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainer_recovers_a_planted_dictionary(tmp_path, arch):
+    """A wrong encoder, decoder constraint or sparsity mechanism fails to find the directions."""
+    torch.manual_seed(0)
+    x, D = _planted()
+    sae = Trainer(TensorSource(x), _cfg(arch), tmp_path, d_in=32, hook_name="h", model_name="m").run()
+    with torch.no_grad():
+        f = sae.encode(x[:4000])
+        fvu = ((sae.decode(f) - x[:4000]) ** 2).sum() / ((x[:4000] - x[:4000].mean(0)) ** 2).sum()
+        w = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+        recovered = ((D @ w.T).max(1).values > 0.9).float().mean()
+    assert recovered >= 0.9, (arch, float(recovered))
+    assert fvu < 0.35, (arch, float(fvu))
+    assert (tmp_path / "cfg.json").exists() and not (tmp_path / CKPT_DIR).exists()
+
+
+def test_saved_sae_reads_raw_activations_with_the_scale_folded_in(tmp_path):
+    x, _ = _planted(n=4000)
+    x = x * 37.0  # far from the normalised scale
+    tr = Trainer(TensorSource(x), _cfg("topk", tokens=5000), tmp_path, d_in=32, hook_name="h", model_name="m")
+    saved = tr.run()
+    s = tr.scale_in
+    assert abs(s - 32**0.5 / x.norm(dim=1).mean()) / s < 0.05
+    with torch.no_grad():
+        assert torch.allclose(saved(x[:50]), tr.sae(x[:50] * s) / s, atol=1e-4)
+        assert torch.allclose(saved.encode(x[:50]), tr.sae.encode(x[:50] * s), atol=1e-5)
+    assert torch.allclose(load_sae(tmp_path)(x[:50]), saved(x[:50]))
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, arch):
+    x, _ = _planted(n=6000)
+    kw = dict(d_in=32, hook_name="h", model_name="m")
+    full = Trainer(TensorSource(x, seed=1), _cfg(arch, tokens=30_000), tmp_path / "a", **kw).run()
+    first = Trainer(TensorSource(x, seed=1), _cfg(arch, tokens=30_000), tmp_path / "b", **kw)
+    first.run(stop_after_steps=35)  # dies after the checkpoint at 10,000 tokens (step 20) and 15 more steps
+    assert (tmp_path / "b" / CKPT_DIR).exists()
+    second = Trainer(TensorSource(x, seed=1), _cfg(arch, tokens=30_000), tmp_path / "b", **kw)
+    resumed = second.run(resume=True)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.allclose(getattr(full, name), getattr(resumed, name), atol=1e-5), name
+    with pytest.raises(MechscopeError, match="nothing to resume"):
+        Trainer(TensorSource(x), _cfg(arch, tokens=30_000), tmp_path / "b", **kw).run(resume=True)
+
+
+def test_transcoder_learns_a_sparse_map_between_two_spaces(tmp_path):
+    x, D = _planted(n=20_000)
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(32, 24, generator=g) / 32**0.5
+    y = torch.relu(x) @ M
+    sae = Trainer(TensorSource(x, y), _cfg("topk", d_sae=256, k=16, tokens=80_000), tmp_path, d_in=32,
+                  hook_name="blocks.0.ln2.hook_normalized", model_name="m", d_out=24,
+                  hook_name_out="blocks.0.hook_mlp_out").run()
+    assert sae.cfg.is_transcoder and sae.W_dec.shape == (256, 24)
+    with torch.no_grad():
+        fvu = ((sae(x[:4000]) - y[:4000]) ** 2).sum() / ((y[:4000] - y[:4000].mean(0)) ** 2).sum()
+    assert fvu < 0.3, float(fvu)
+    assert load_sae(tmp_path).cfg.hook_name_out == "blocks.0.hook_mlp_out"
+
+
+def test_train_config_refuses_nonsense():
+    with pytest.raises(MechscopeError, match="less than one batch"):
+        TrainConfig(tokens=10, batch_tokens=4096)
+    with pytest.raises(MechscopeError, match="k=99"):
+        SAEConfig(d_in=8, d_sae=16, architecture="topk", k=99)
