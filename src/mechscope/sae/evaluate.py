@@ -1,0 +1,158 @@
+"""Evaluate an SAE (or transcoder) on held-out text: reconstruction, sparsity, downstream loss.
+
+Metrics (SAELens / the field's usual definitions; positions before ``skip_first`` are left
+clean and out of the statistics, as in training, because the first position of a context is
+an attention sink with an outlying norm):
+- ``l0``: mean number of active features per token;
+- ``mse``: mean over tokens of the summed squared error; ``fvu``: that over the summed
+  variance of the activations (1 - explained variance); ``cos``: mean cosine similarity;
+- ``ce_clean``, ``ce_sae`` (reconstruction spliced in at the hook), ``ce_zero`` (the hook's
+  activation replaced by zeros) and ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``;
+- ``kl``: mean KL(clean || spliced) of the next-token distributions;
+- feature density (fraction of tokens a feature fires on): ``dead`` (never fired here) and
+  ``dense`` (> 10%) fractions, and a log10-density histogram.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mechscope.sae.io import check_sae_fits
+from mechscope.sae.model import SAE
+
+SCHEMA_VERSION = 1
+DENSE = 0.1
+
+
+@dataclass
+class SAEEval:
+    """The numbers of one evaluation, plus the feature densities for the histogram."""
+
+    tokens: int
+    l0: float
+    mse: float
+    fvu: float
+    cos: float
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_recovered: float
+    kl: float
+    dead_frac: float
+    dense_frac: float
+    density_hist: dict[str, list[float]] = field(default_factory=dict)  # edges (log10), counts
+    sae: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+
+def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-token next-token loss [b, pos-1]."""
+    lp = logits[:, :-1].float().log_softmax(-1)
+    return -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1, progress: Any = None) -> SAEEval:
+    """Evaluate ``sae`` on ``tokens`` [n_contexts, ctx_len] (held-out text)."""
+    check_sae_fits(sae, model)
+    cfg = sae.cfg
+    bridge = model.bridge
+    dev = model.device
+    sae = sae.to(dev)
+    hook_in, hook_out = cfg.hook_name, (cfg.hook_name_out if cfg.is_transcoder else cfg.hook_name)
+    sums = dict(n=0, l0=0.0, mse=0.0, cos=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, ce_n=0)
+    fired = torch.zeros(cfg.d_sae, dtype=torch.float64, device=dev)
+    y_sum = torch.zeros(cfg.out_dim, dtype=torch.float64, device=dev)
+    y_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for start in range(0, tokens.shape[0], batch_size):
+        toks = tokens[start : start + batch_size].to(dev)
+        store: dict[str, Tensor] = {}
+
+        def grab_in(t, hook):  # noqa: ANN001
+            store["x"] = t.detach()
+
+        def grab_out(t, hook):  # noqa: ANN001
+            store["y"] = t.detach()
+
+        clean_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_in, grab_in), (hook_out, grab_out)])
+        x, y = store["x"][:, skip_first:], store["y"][:, skip_first:]
+        f = sae.encode(x)
+        y_hat = sae.decode(f)
+
+        def splice(t, hook):  # noqa: ANN001
+            t = t.clone()
+            t[:, skip_first:] = y_hat.to(t.dtype)
+            return t
+
+        def zero(t, hook):  # noqa: ANN001
+            t = t.clone()
+            t[:, skip_first:] = 0
+            return t
+
+        sae_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, splice)])
+        zero_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, zero)])
+        # Statistics over positions >= skip_first; losses over the predictions made there.
+        lo = max(skip_first, 1) - 1
+        ce_c, ce_s, ce_z = (_ce(l, toks)[:, lo:] for l in (clean_logits, sae_logits, zero_logits))
+        lp_c = clean_logits[:, skip_first:].float().log_softmax(-1)
+        lp_s = sae_logits[:, skip_first:].float().log_softmax(-1)
+        kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)
+        err = (y - y_hat).float()
+        n = x.shape[0] * x.shape[1]
+        sums["n"] += n
+        sums["l0"] += float((f > 0).sum())
+        sums["mse"] += float(err.pow(2).sum())
+        sums["cos"] += float(torch.nn.functional.cosine_similarity(y_hat.float(), y.float(), dim=-1).sum())
+        sums["ce_clean"] += float(ce_c.sum())
+        sums["ce_sae"] += float(ce_s.sum())
+        sums["ce_zero"] += float(ce_z.sum())
+        sums["ce_n"] += ce_c.numel()
+        sums["kl"] += float(kl.sum())
+        fired += (f > 0).flatten(0, 1).sum(0).double()
+        yf = y.flatten(0, 1).double()
+        y_sum += yf.sum(0)
+        y_sq += yf.pow(2).sum()
+        if progress is not None:
+            progress(n)
+    n, m = sums["n"], sums["ce_n"]
+    var = float(y_sq / n - (y_sum / n).pow(2).sum())  # summed per-dimension variance
+    density = (fired / n).cpu()
+    ce_clean, ce_sae, ce_zero = sums["ce_clean"] / m, sums["ce_sae"] / m, sums["ce_zero"] / m
+    logd = torch.log10(density.clamp_min(1e-10))
+    edges = [-10.0] + [e / 2 for e in range(-14, 1)]  # "never" bin, then 10^-7 .. 1 in half-decades
+    counts = [float(((logd >= edges[i]) & (logd < edges[i + 1])).sum()) for i in range(len(edges) - 1)]
+    counts[-1] += float((logd >= edges[-1]).sum())
+    return SAEEval(
+        tokens=n,
+        l0=sums["l0"] / n,
+        mse=sums["mse"] / n,
+        fvu=(sums["mse"] / n) / var if var > 0 else math.nan,
+        cos=sums["cos"] / n,
+        ce_clean=ce_clean,
+        ce_sae=ce_sae,
+        ce_zero=ce_zero,
+        ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
+        kl=sums["kl"] / n,
+        dead_frac=float((density == 0).float().mean()),
+        dense_frac=float((density > DENSE).float().mean()),
+        density_hist={"log10_edges": edges, "counts": counts},
+        sae={"architecture": cfg.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k,
+             "hook_name": cfg.hook_name, "hook_name_out": cfg.hook_name_out, "model_name": cfg.model_name},
+        settings={"skip_first": skip_first, "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1])},
+    )
