@@ -1,0 +1,213 @@
+"""Text corpora as sequences of documents: the embedded one, or the user's.
+
+``get_corpus(spec)`` accepts:
+
+- ``None`` / ``"embedded"``: Austen's six novels and *Moby-Dick*, one document per chapter
+  (see ``mechscope.activations.embedded``);
+- a ``.txt`` file: consecutive passages of about ``passage_chars`` characters, cut at blank
+  lines (one long book still gives many documents, so a held-out split is possible);
+- a ``.jsonl`` file: one document per line, from the field ``text`` (a malformed line is a
+  ``MechscopeError`` naming the file and line);
+- a folder: every ``.txt`` and ``.jsonl`` file under it, in sorted path order;
+- ``"hf:NAME[:SPLIT]"``: a Hugging Face dataset's ``text`` column, where ``datasets`` is
+  installed and the dataset is reachable.
+
+Documents are indexed in a first pass (file, byte range), so a corpus holds offsets, never
+texts: memory stays small for big corpora and any order can be read back. The order is
+deterministic; ``seed`` shuffles documents. ``split="train"`` / ``"heldout"`` partitions them:
+every ``heldout_every``-th document (5% by default) is held out, spread over the whole corpus,
+so SAE evaluation can use text the SAE was not trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from mechscope.errors import MechscopeError
+
+Split = Literal["all", "train", "heldout"]
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Where one document lives: a byte range of a file (txt passage or JSONL line) or a row index."""
+
+    path: str
+    start: int
+    end: int
+    kind: Literal["txt", "jsonl", "hf"]
+
+
+@dataclass
+class Corpus:
+    """An indexed, ordered collection of documents; iterate it for the texts (str)."""
+
+    spec: str
+    refs: list[_Ref]
+    licence: str = "unknown (user corpus)"
+    description: str = ""
+    split: Split = "all"
+    seed: int | None = None
+    _hf: Any = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __iter__(self) -> Iterator[str]:
+        handles: dict[str, Any] = {}
+        try:
+            for ref in self.refs:
+                yield self._read(ref, handles)
+        finally:
+            for h in handles.values():
+                h.close()
+
+    def __getitem__(self, i: int) -> str:
+        return self._read(self.refs[i], {})
+
+    def _read(self, ref: _Ref, handles: dict[str, Any]) -> str:
+        if ref.kind == "hf":
+            return self._hf[ref.start]["text"]
+        f = handles.get(ref.path)
+        if f is None:
+            f = handles[ref.path] = open(ref.path, "rb")
+        f.seek(ref.start)
+        raw = f.read(ref.end - ref.start).decode("utf-8", errors="replace")
+        return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
+
+    def info(self) -> dict[str, Any]:
+        return {"spec": self.spec, "split": self.split, "seed": self.seed, "documents": len(self),
+                "licence": self.licence, "description": self.description}
+
+
+def get_corpus(
+    spec: str | Path | None = None,
+    split: Split = "all",
+    seed: int | None = None,
+    heldout_every: int = 20,
+    passage_chars: int = 8000,
+) -> Corpus:
+    """Open a corpus (see the module docstring for ``spec``), optionally split and shuffled."""
+    if split not in ("all", "train", "heldout"):
+        raise MechscopeError(f"Unknown split '{split}'; use all, train or heldout.")
+    licence, description, hf = "unknown (user corpus)", "", None
+    if spec is None or str(spec) == "embedded":
+        from mechscope.activations import embedded
+
+        path = embedded.embedded_path()
+        refs = _index_jsonl(path)
+        meta = embedded.manifest()
+        licence, description = meta.get("licence", embedded.LICENCE), meta.get("description", "")
+        spec = "embedded"
+    elif str(spec).startswith("hf:"):
+        hf, refs = _open_hf(str(spec))
+        description = "Hugging Face dataset"
+    else:
+        refs = _index_path(Path(spec).expanduser(), passage_chars)
+    if not refs:
+        raise MechscopeError(f"The corpus '{spec}' holds no documents (empty files or no .txt/.jsonl files).")
+    if split != "all":
+        if heldout_every < 2:
+            raise MechscopeError("heldout_every must be at least 2.")
+        held = [r for i, r in enumerate(refs) if i % heldout_every == heldout_every - 1]
+        refs = held if split == "heldout" else [r for i, r in enumerate(refs) if i % heldout_every != heldout_every - 1]
+        if not refs:
+            raise MechscopeError(
+                f"The corpus '{spec}' has too few documents ({len(held)}) for a held-out split of 1 in "
+                f"{heldout_every}; add text or use split='all'."
+            )
+    if seed is not None:
+        refs = list(refs)
+        random.Random(seed).shuffle(refs)
+    return Corpus(str(spec), refs, licence, description, split, seed, hf)
+
+
+def _index_path(path: Path, passage_chars: int) -> list[_Ref]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
+        if not files:
+            raise MechscopeError(f"The folder '{path}' holds no .txt or .jsonl files.")
+        return [r for f in files for r in _index_file(f, passage_chars)]
+    if not path.exists():
+        raise MechscopeError(
+            f"No corpus at '{path}'; pass 'embedded', a .txt or .jsonl file, a folder, or hf:NAME[:SPLIT]."
+        )
+    return _index_file(path, passage_chars)
+
+
+def _index_file(path: Path, passage_chars: int) -> list[_Ref]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _index_jsonl(path)
+    if suffix == ".txt":
+        return _index_txt(path, passage_chars)
+    raise MechscopeError(f"Cannot read '{path}' as a corpus: use a .txt or .jsonl file (or a folder of them).")
+
+
+def _index_jsonl(path: Path) -> list[_Ref]:
+    """One ref per non-blank line; every line is parsed once here so errors surface early."""
+    refs, pos = [], 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            start, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            where = f"{path}, line {i}"
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise MechscopeError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}).") from exc
+            if not isinstance(row, dict) or "text" not in row:
+                raise MechscopeError(f'{where}: expected an object with a "text" field.')
+            if not isinstance(row["text"], str):
+                raise MechscopeError(f'{where}: the "text" field must be a string.')
+            if row["text"].strip():
+                refs.append(_Ref(str(path), start, pos, "jsonl"))
+    return refs
+
+
+def _index_txt(path: Path, passage_chars: int) -> list[_Ref]:
+    """Passages of about ``passage_chars`` characters (bytes, for UTF-8 text), cut at blank lines."""
+    refs, start, pos, size = [], 0, 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            pos += len(line)
+            size += len(line)
+            if size >= passage_chars and not line.strip():
+                refs.append(_Ref(str(path), start, pos, "txt"))
+                start, size = pos, 0
+    if pos > start:
+        refs.append(_Ref(str(path), start, pos, "txt"))
+    # drop whitespace-only passages
+    out = []
+    with open(path, "rb") as f:
+        for r in refs:
+            f.seek(r.start)
+            if f.read(r.end - r.start).strip():
+                out.append(r)
+    return out
+
+
+def _open_hf(spec: str) -> tuple[Any, list[_Ref]]:
+    parts = spec[3:].split(":")
+    name, hf_split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else "train")
+    try:
+        import datasets  # noqa: F401
+    except ImportError as exc:
+        raise MechscopeError(
+            f"'{spec}' needs the `datasets` package (pip install datasets); or pass a local .txt/.jsonl file or folder."
+        ) from exc
+    try:
+        ds = datasets.load_dataset(name, split=hf_split)
+    except Exception as exc:  # network, missing dataset, bad split: all one message
+        raise MechscopeError(
+            f"Could not load the Hugging Face dataset '{name}' (split '{hf_split}'): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; offline machines need a local corpus."
+        ) from exc
+    if "text" not in ds.column_names:
+        raise MechscopeError(f"The dataset '{name}' has no 'text' column (columns: {', '.join(ds.column_names)}).")
+    return ds, [_Ref(name, i, i + 1, "hf") for i in range(len(ds))]

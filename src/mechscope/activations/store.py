@@ -1,0 +1,309 @@
+"""Stream activations from a text corpus: pack, run the model only as far as needed, shuffle.
+
+1. Tokenise documents in order and pack them into fixed-length contexts, documents separated
+   by one separator token (``<|endoftext|>`` where the vocabulary has it, else EOS); no padding.
+2. Run the bridge on ``batch_size`` contexts with a capturing hook on every requested hook
+   point; the hook that completes the set raises a private exception, so the forward stops
+   there and no layer above the last hooked one is computed (a test counts hook calls).
+   Split q/k/v inputs and per-head results are switched off unless a hook needs them.
+3. Drop the first ``skip_first`` positions of each context (the attention sink) and append
+   the rows [batch * (context_len - skip_first), d] to a fixed-size buffer.
+4. With ``shuffle``: when the buffer is full, permute it and serve half of it, then refill
+   that half (the usual SAE-training buffer: served rows mix old and new contexts). Without
+   it rows come out in token order. Rows of different hooks always share one permutation,
+   so paired hooks (a transcoder's ``ln2.hook_normalized`` -> ``hook_mlp_out``) stay aligned.
+
+Memory is the buffer, ``buffer_tokens * sum(d) * itemsize``, whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.models.hooks import check_hook_name
+
+_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StoreConfig:
+    """How activations are harvested. The same dataclass is saved in shard manifests."""
+
+    hooks: list[str]
+    """TransformerLens hook names, e.g. ``["blocks.6.hook_resid_post"]``; several are aligned row by row."""
+    context_len: int = 128
+    """Tokens per packed context."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    buffer_tokens: int = 32768
+    """Rows held in the shuffling buffer (per hook)."""
+    shuffle: bool = True
+    seed: int = 0
+    skip_first: int = 1
+    """Leading positions of each context whose activations are dropped (position 0 is an attention sink)."""
+    dtype: str = "float32"
+    """Storage dtype of activations: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Where served activations live (default: the model's device)."""
+    repeat: bool = True
+    """Start the corpus again when it runs out (``corpus_passes`` counts passes)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hooks, str):
+            self.hooks = [self.hooks]
+        if not self.hooks:
+            raise MechscopeError("StoreConfig needs at least one hook name, e.g. blocks.6.hook_resid_post.")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise MechscopeError(f"Hook names repeat in {self.hooks}; give each once.")
+        if self.context_len < 2 or self.batch_size < 1:
+            raise MechscopeError("context_len must be at least 2 and batch_size at least 1.")
+        if not 0 <= self.skip_first < self.context_len:
+            raise MechscopeError(f"skip_first must be in [0, context_len) = [0, {self.context_len}).")
+        if self.dtype not in DTYPES:
+            raise MechscopeError(f"Unknown dtype '{self.dtype}'; use one of {', '.join(DTYPES)}.")
+        if self.buffer_tokens < 2 * self.rows_per_context:
+            raise MechscopeError(f"buffer_tokens must be at least two contexts' rows ({2 * self.rows_per_context}).")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_len - self.skip_first
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def separator_id(tokenizer) -> int:
+    """The document separator: ``<|endoftext|>`` if the vocabulary has it, else EOS, else BOS."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    for tid in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise MechscopeError("The tokenizer has no EOS or BOS token to separate documents with.")
+
+
+def pack_contexts(tokenizer, documents: Iterable[str], context_len: int, docs_per_call: int = 16) -> Iterator[list[int]]:
+    """Token ids of consecutive contexts: documents tokenised, each followed by the separator,
+    concatenated and cut every ``context_len`` tokens (a final partial context is dropped)."""
+    sep = separator_id(tokenizer)
+    buf: list[int] = []
+    for docs in _chunks(documents, docs_per_call):
+        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+            buf.extend(ids)
+            buf.append(sep)
+        while len(buf) >= context_len:
+            yield buf[:context_len]
+            del buf[:context_len]
+
+
+def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for d in documents:
+        chunk.append(d)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Stop(Exception):
+    """Raised by the last capturing hook to end the forward pass early."""
+
+
+class Harvester:
+    """Runs the model on token contexts and returns the hooked activations as rows."""
+
+    def __init__(self, model, cfg: StoreConfig):
+        for h in cfg.hooks:
+            check_hook_name(model, h)
+        self.model, self.cfg = model, cfg
+        self.needs_split = any(s in h for s in _SPLIT_HOOKS for h in cfg.hooks)
+        self.dtype = DTYPES[cfg.dtype]
+        self.device = torch.device(cfg.device) if cfg.device else model.device
+        self.hook_calls = 0  # capturing-hook calls, for tests
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor, skip_first: int | None = None) -> dict[str, torch.Tensor]:
+        """Activations for ``tokens`` [batch, pos] -> {hook: [batch * (pos - skip_first), d]}."""
+        got: dict[str, torch.Tensor] = {}
+        n = len(self.cfg.hooks)
+
+        def make(name: str):
+            def capture(t: torch.Tensor, hook=None):
+                self.hook_calls += 1
+                got[name] = t
+                if len(got) == n:
+                    raise _Stop
+                return None
+
+            return capture
+
+        mode = contextlib.nullcontext() if self.needs_split else _plain(self.model)
+        with mode:
+            try:
+                self.model.bridge.run_with_hooks(
+                    tokens.to(self.model.device), fwd_hooks=[(h, make(h)) for h in self.cfg.hooks]
+                )
+            except _Stop:
+                pass
+        missing = [h for h in self.cfg.hooks if h not in got]
+        if missing:
+            raise MechscopeError(
+                f"The hook(s) {', '.join(missing)} did not fire in a forward pass; pick hook points the "
+                "model computes (see `mechscope hooks`)."
+            )
+        k = self.cfg.skip_first if skip_first is None else skip_first
+        out = {}
+        for h in self.cfg.hooks:
+            t = got[h][:, k:]  # [batch, pos - k, ...]
+            out[h] = t.reshape(t.shape[0] * t.shape[1], -1).to(self.device, self.dtype)  # [rows, d]
+        return out
+
+    def dims(self) -> dict[str, int]:
+        """Width of each hook's rows, from a two-token probe."""
+        probe = torch.full((1, 2), separator_id(self.model.tokenizer), dtype=torch.long)
+        return {h: int(t.shape[1]) for h, t in self.run(probe, skip_first=0).items()}
+
+
+@contextlib.contextmanager
+def _plain(model):
+    from mechscope.models import plain_attention
+
+    b = model.bridge
+    was = (getattr(b.cfg, "use_split_qkv_input", True), getattr(b.cfg, "use_attn_result", True))
+    with plain_attention(model):
+        yield
+    b.set_use_split_qkv_input(was[0])
+    b.set_use_attn_result(was[1])
+
+
+class ActivationStore:
+    """Shuffled activations streamed from a corpus: ``next_batch(n) -> {hook: [n, d]}``."""
+
+    def __init__(self, model, corpus: Iterable[str], cfg: StoreConfig, progress: bool = False):
+        self.cfg = cfg
+        self.harvester = Harvester(model, cfg)
+        self.corpus = corpus
+        self._contexts = pack_contexts(model.tokenizer, self._documents(), cfg.context_len)
+        self.corpus_passes = 0
+        self.tokens_seen = 0  # tokens run through the model (skipped positions included)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self._buf: dict[str, torch.Tensor] | None = None  # {hook: [buffer_tokens + slack, d]}
+        self._n = 0  # valid rows in the buffer
+        self._out: dict[str, torch.Tensor] | None = None
+        self._out_pos = 0
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(unit="tok", unit_scale=True, desc="harvesting", smoothing=0.1)
+
+    def _documents(self) -> Iterator[str]:
+        while True:
+            n = 0
+            for doc in self.corpus:
+                n += 1
+                yield doc
+            if n == 0:
+                raise MechscopeError("The corpus holds no documents; pass a corpus with text.")
+            self.corpus_passes += 1
+            if not self.cfg.repeat:
+                return
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return self.harvester.dims()
+
+    def _forward_batch(self) -> dict[str, torch.Tensor] | None:
+        ctx = []
+        for c in self._contexts:
+            ctx.append(c)
+            if len(ctx) == self.cfg.batch_size:
+                break
+        if not ctx:
+            return None
+        tokens = torch.tensor(ctx, dtype=torch.long)
+        self.tokens_seen += tokens.numel()
+        if self._bar is not None:
+            self._bar.update(tokens.numel())
+        return self.harvester.run(tokens)
+
+    def _fill(self) -> bool:
+        """Fill the buffer to ``buffer_tokens`` rows; False when the corpus is exhausted first."""
+        cap = self.cfg.buffer_tokens
+        while self._n < cap:
+            rows = self._forward_batch()
+            if rows is None:
+                return False
+            m = next(iter(rows.values())).shape[0]
+            if self._buf is None:
+                slack = self.cfg.batch_size * self.cfg.rows_per_context
+                self._buf = {h: torch.empty(cap + slack, t.shape[1], dtype=t.dtype, device=t.device) for h, t in rows.items()}
+            for h, t in rows.items():
+                self._buf[h][self._n : self._n + m] = t
+            self._n += m
+        return True
+
+    def _next_out(self) -> bool:
+        """Move the next served chunk out of the buffer; False when nothing is left."""
+        full = self._fill()
+        if self._n == 0:
+            return False
+        if not self.cfg.shuffle:
+            k = min(self._n, self.cfg.buffer_tokens)
+            self._out = {h: b[:k].clone() for h, b in self._buf.items()}
+            for h, b in self._buf.items():  # keep the overflow (in order) at the front
+                b[: self._n - k] = b[k : self._n].clone()
+            self._n -= k
+        else:
+            perm = torch.randperm(self._n, generator=self._gen).to(next(iter(self._buf.values())).device)
+            for h, b in self._buf.items():
+                b[: self._n] = b[perm]
+            k = self._n // 2 if full else self._n  # serve half; at the corpus's end, all
+            k = max(k, 1)
+            self._out = {h: b[self._n - k : self._n].clone() for h, b in self._buf.items()}
+            self._n -= k
+        self._out_pos = 0
+        return True
+
+    def next_batch(self, n_tokens: int) -> dict[str, torch.Tensor]:
+        """The next ``n_tokens`` rows of every hook, {hook: [n_tokens, d]} (fewer only at the
+        end of a non-repeating corpus; an exhausted one raises StopIteration)."""
+        parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.cfg.hooks}
+        need = n_tokens
+        while need > 0:
+            if self._out is None or self._out_pos >= next(iter(self._out.values())).shape[0]:
+                if not self._next_out():
+                    break
+            avail = next(iter(self._out.values())).shape[0] - self._out_pos
+            k = min(avail, need)
+            for h in self.cfg.hooks:
+                parts[h].append(self._out[h][self._out_pos : self._out_pos + k])
+            self._out_pos += k
+            need -= k
+        if need == n_tokens:
+            raise StopIteration("the corpus is exhausted")
+        return {h: torch.cat(p) if len(p) > 1 else p[0] for h, p in parts.items()}
+
+    def batches(self, n_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Iterate ``next_batch(n_tokens)`` until a non-repeating corpus runs out."""
+        while True:
+            try:
+                yield self.next_batch(n_tokens)
+            except StopIteration:
+                return
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.batches(4096)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
