@@ -1,0 +1,344 @@
+"""Feature dashboards: what makes each SAE feature fire and what it writes, from one pass.
+
+Algorithm (Bricken et al. 2023, "Towards Monosemanticity", feature visualisations; the layout of
+SAE dashboards since):
+
+1. Cut a text corpus into contexts of ``ctx_len`` tokens (texts joined by the tokenizer's EOS).
+2. For each batch of contexts, run the model only up to the SAE's hook (a hook captures the
+   activation and stops the forward pass), encode with the SAE and keep the selected features'
+   activations f [batch, pos, F].
+3. Update streaming statistics for all F features at once (``FeatureStats``): top-k contexts
+   with a token window around each maximum, uniform samples per histogram bin (for quantile
+   groups), a log-spaced histogram and the firing density. Memory does not grow with the corpus.
+4. Output logits per feature: the decoder direction read straight through the unembedding,
+   ``(d * gamma) @ W_U`` with ``d = W_dec[f]`` (centred first when the final norm is a
+   LayerNorm) and ``gamma`` the final norm's weight. This is the feature's direct effect on the
+   logits up to the norm's input-dependent scale: the convention of SAE dashboards, where
+   TransformerLens folds gamma into W_U. Top positive and negative tokens.
+
+The first ``skip_first`` positions of each context are left out of the statistics: they have
+no left context and often an outlying residual norm (attention sink).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+from mechscope.sae.feature_stats import FeatureStats, StatsConfig
+from mechscope.sae.io import check_sae_fits
+
+SCHEMA_VERSION = 1
+_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
+
+
+@dataclass
+class DashboardConfig:
+    """What to compute; also the saved ``settings``."""
+
+    features: list[int] | None = None
+    """Feature indices (default: the first 100)."""
+    n_tokens: int = 32_768
+    """Corpus tokens to read (rounded up to whole contexts)."""
+    ctx_len: int = 64
+    batch_size: int = 16
+    skip_first: int = 1
+    n_top: int = 10
+    n_quantiles: int = 5
+    """Quantile groups of firing tokens, each with a uniform sample."""
+    n_samples: int = 5
+    window_left: int = 12
+    window_right: int = 4
+    n_logits: int = 10
+    hist_min: float = 1e-3
+    hist_max: float = 1e3
+    hist_bins: int = 48
+    seed: int = 0
+    corpus: str = "embedded"
+    """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
+
+    def stats_config(self) -> StatsConfig:
+        return StatsConfig(n_top=self.n_top, n_samples=self.n_samples, window_left=self.window_left,
+                           window_right=self.window_right, hist_min=self.hist_min, hist_max=self.hist_max,
+                           hist_bins=self.hist_bins, seed=self.seed)
+
+
+@dataclass
+class FeatureDashboard:
+    """One feature's dashboard data. Examples are dicts ``{value, context, position, tokens,
+    acts, centre}``: a token window, per-token activations, and the index of the token whose
+    activation is ``value``."""
+
+    feature: int
+    density: float
+    n_firing: int
+    max_act: float
+    mean_act: float
+    """Mean activation over firing tokens."""
+    hist: list[int]
+    """Counts per bin: [zero, underflow, log bins..., overflow] (see ``DashboardResult.hist_bins``)."""
+    top: list[dict]
+    quantiles: list[dict]
+    """Groups ``{lo, hi, n_tokens, samples}`` from low to high activation."""
+    logits_pos: list[tuple[str, float]] = field(default_factory=list)
+    logits_neg: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class DashboardResult:
+    model: dict[str, Any]
+    sae: dict[str, Any]
+    settings: dict[str, Any]
+    n_tokens: int
+    n_contexts: int
+    hist_bins: list[tuple[float, float]]
+    """(lo, hi) of every histogram bin; bin 0 counts activations <= 0."""
+    features: list[FeatureDashboard]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schema_version"] = SCHEMA_VERSION
+        d["hist_bins"] = [[lo, hi if math.isfinite(hi) else None] for lo, hi in self.hist_bins]
+        return d
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "dashboard.json"
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DashboardResult":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "dashboard.json"
+        d = json.loads(p.read_text())
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}; this mechscope reads {SCHEMA_VERSION}.")
+        d.pop("schema_version")
+        d["hist_bins"] = [(lo, math.inf if hi is None else hi) for lo, hi in d["hist_bins"]]
+        d["features"] = [FeatureDashboard(**{**f, "logits_pos": [tuple(x) for x in f["logits_pos"]],
+                                              "logits_neg": [tuple(x) for x in f["logits_neg"]]}) for f in d["features"]]
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------ corpus and model
+def corpus_contexts(tokenizer, texts: Iterable[str], n_tokens: int, ctx_len: int) -> Tensor:
+    """Token ids [n_contexts, ctx_len]: texts joined with the EOS token and cut into contexts,
+    enough to cover ``n_tokens``; raises when the corpus is too short for one context."""
+    n_ctx = max(1, math.ceil(n_tokens / ctx_len))
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for t in texts:
+        ids += tokenizer(t, verbose=False)["input_ids"] + sep
+        if len(ids) >= n_ctx * ctx_len:
+            break
+    n = min(n_ctx, len(ids) // ctx_len)
+    if n == 0:
+        raise MechscopeError(f"The corpus has {len(ids)} tokens, fewer than one context of {ctx_len}; use a smaller context length.")
+    return torch.tensor(ids[: n * ctx_len]).view(n, ctx_len)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def acts_at_hook(model, hook_name: str, tokens: Tensor) -> Tensor:
+    """Activations [batch, pos, d] at ``hook_name`` (per-head hooks flattened), running the model
+    only up to that hook."""
+    box: list[Tensor] = []
+
+    def grab(t, hook):
+        box.append(t.detach())
+        raise _Stop
+
+    try:
+        model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(hook_name, grab)])
+    except _Stop:
+        pass
+    if not box:
+        raise MechscopeError(f"The hook '{hook_name}' did not fire in a forward pass; choose a hook inside the model's blocks.")
+    a = box[0]
+    return a.reshape(*a.shape[:2], -1)
+
+
+def output_logits(model, directions: Tensor) -> Tensor:
+    """Direct logit effect [F, d_vocab] of residual directions [F, d_model]: ``(d * gamma) @ W_U``,
+    centring d first under a LayerNorm (see the module docstring)."""
+    b = model.bridge
+    W_U = b.W_U.detach()  # [d_model, d_vocab]
+    d = directions.to(W_U.dtype).to(W_U.device)
+    norm = getattr(b.ln_final, "original_component", None)
+    if norm is not None and isinstance(norm, torch.nn.LayerNorm):
+        d = d - d.mean(-1, keepdim=True)
+    w = getattr(norm, "weight", None)
+    if w is not None:
+        w = w.detach().to(W_U.dtype)
+        if "gemma" in type(norm).__name__.lower():  # Gemma's RMSNorm scales by (1 + weight)
+            w = 1 + w
+        d = d * w
+    return d @ W_U
+
+
+def parse_features(spec: str, d_sae: int) -> list[int]:
+    """'0-99', '3,17,40-45' -> sorted unique indices, each checked against d_sae."""
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise MechscopeError(f"Cannot read the feature list '{spec}'; write indices and ranges like '0-99' or '3,17,40-45'.") from None
+    bad = [f for f in out if not 0 <= f < d_sae]
+    if bad or not out:
+        raise MechscopeError(f"Feature indices must lie in 0..{d_sae - 1} (got '{spec}').")
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------ the pass
+@torch.no_grad()
+def feature_dashboards(model, sae, cfg: DashboardConfig | None = None, tokens: Tensor | None = None,
+                       texts: Iterable[str] | None = None, progress: bool = False) -> DashboardResult:
+    """Dashboards for ``cfg.features`` of ``sae`` on ``model``, from one pass over ``tokens``
+    [n_contexts, ctx_len] (or the contexts cut from ``texts``, or from the corpus ``cfg.corpus``)."""
+    cfg = cfg or DashboardConfig()
+    t0 = time.perf_counter()
+    sc = sae.cfg
+    feats = cfg.features if cfg.features is not None else list(range(min(100, sc.d_sae)))
+    if not feats or min(feats) < 0 or max(feats) >= sc.d_sae:
+        raise MechscopeError(f"Feature indices must lie in 0..{sc.d_sae - 1}.")
+    if cfg.skip_first >= cfg.ctx_len:
+        raise MechscopeError(f"skip_first={cfg.skip_first} leaves nothing of a {cfg.ctx_len}-token context.")
+    if tokens is None:
+        if texts is None:
+            texts = _corpus(cfg.corpus, cfg.seed)
+        tokens = corpus_contexts(model.tokenizer, texts, cfg.n_tokens, cfg.ctx_len)
+    tokens = tokens.long()
+    hook = sc.hook_name
+    check_sae_fits(sae, model)
+    sel = torch.tensor(feats, device=sae.device)
+    stats = FeatureStats(len(feats), cfg.stats_config(), device=sae.device)
+    split = any(hook.endswith(s) for s in _SPLIT_HOOKS)
+    ctx = contextlib.nullcontext() if split else _plain(model)
+    bar = _progress(progress, len(tokens))
+    with ctx:
+        for i in range(0, len(tokens), cfg.batch_size):
+            tb = tokens[i: i + cfg.batch_size]
+            x = acts_at_hook(model, hook, tb)  # [B, L, d_in]
+            if x.shape[-1] != sc.d_in:
+                raise MechscopeError(f"The SAE expects width {sc.d_in} at '{hook}' but the model gives {x.shape[-1]}; is it the SAE's model?")
+            f = sae.encode(x.to(sae.device))[..., sel]  # [B, L, F]
+            s = cfg.skip_first
+            stats.update(tb[:, s:].to(sae.device), f[:, s:])
+            bar(len(tb))
+    bar(None)
+    logits = _logits(model, sae, sel, cfg.n_logits)
+    vocab = _decoder(model.tokenizer)
+    out = []
+    for j, feat in enumerate(feats):
+        n_fire = int(stats.n_firing[j])
+        out.append(FeatureDashboard(
+            feature=feat,
+            density=n_fire / max(stats.n_tokens, 1),
+            n_firing=n_fire,
+            max_act=float(stats.max_act[j]),
+            mean_act=float(stats.sum_act[j]) / n_fire if n_fire else 0.0,
+            hist=stats.hist[j].tolist(),
+            top=[_example(e, cfg, vocab) for e in stats.top(j)],
+            quantiles=[{**g, "samples": [_example(e, cfg, vocab) for e in g["samples"]]}
+                       for g in stats.quantile_groups(j, cfg.n_quantiles)],
+            logits_pos=[(vocab(t), v) for t, v in logits[0][j]] if logits else [],
+            logits_neg=[(vocab(t), v) for t, v in logits[1][j]] if logits else [],
+        ))
+    settings = {**asdict(cfg), "features": feats}
+    return DashboardResult(model=model.summary.to_dict(), sae=_sae_meta(sae), settings=settings,
+                           n_tokens=stats.n_tokens, n_contexts=stats.n_contexts, hist_bins=stats.bin_edges(),
+                           features=out, seconds=time.perf_counter() - t0)
+
+
+def _logits(model, sae, sel: Tensor, n: int):
+    """Top-n positive and negative (token id, value) per selected feature, or None when the
+    decoder does not write into the residual stream's width."""
+    W_dec = sae.W_dec.detach()[sel]  # [F, d_out]
+    if W_dec.shape[-1] != model.summary.d_model or n <= 0:
+        return None
+    lg = output_logits(model, W_dec)  # [F, d_vocab]
+    pv, pi = lg.topk(n, dim=-1)
+    nv, ni = (-lg).topk(n, dim=-1)
+    pos = [list(zip(i.tolist(), v.tolist())) for i, v in zip(pi, pv)]
+    neg = [list(zip(i.tolist(), (-v).tolist())) for i, v in zip(ni, nv)]
+    return pos, neg
+
+
+def _example(e: dict, cfg: DashboardConfig, vocab) -> dict:
+    ids, acts = e["token_ids"], e["acts"]
+    keep = [i for i, t in enumerate(ids) if t >= 0]
+    return {"value": e["value"], "context": e["context"], "position": e["position"] + cfg.skip_first,
+            "tokens": [vocab(ids[i]) for i in keep], "acts": [acts[i] for i in keep],
+            "centre": cfg.window_left - keep[0]}
+
+
+def _decoder(tokenizer):
+    cache: dict[int, str] = {}
+
+    def vocab(i: int) -> str:
+        if i not in cache:
+            cache[i] = tokenizer.decode([i])
+        return cache[i]
+
+    return vocab
+
+
+def _sae_meta(sae) -> dict[str, Any]:
+    c = sae.cfg
+    return c.to_dict() if hasattr(c, "to_dict") else dict(vars(c))
+
+
+def _corpus(spec: str, seed: int) -> Iterable[str]:
+    from mechscope.activations.corpus import get_corpus
+
+    return get_corpus(None if spec == "embedded" else spec, seed=seed)
+
+
+def _plain(model):
+    from mechscope.models import plain_attention
+
+    return plain_attention(model)
+
+
+def _progress(on: bool, total: int):
+    if not on:
+        return lambda n: None
+    from rich.progress import Progress
+
+    p = Progress(transient=True)
+    task = p.add_task("dashboard pass", total=total)
+    p.start()
+
+    def step(n):
+        if n is None:
+            p.stop()
+        else:
+            p.advance(task, n)
+
+    return step
