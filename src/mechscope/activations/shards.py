@@ -74,6 +74,7 @@ def harvest(
             )
         manifest["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
     done = {s["file"] for s in manifest["shards"]}
+    _write_manifest(out, manifest)
 
     bar = None
     if progress:

@@ -1,0 +1,303 @@
+"""Corpora, the streaming activation store and harvested shards, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+
+from conftest import _CORPUS
+from mechscope.activations import (
+    ActivationStore, ShardStore, StoreConfig, get_corpus, harvest, pack_contexts, separator_id,
+)
+from mechscope.activations.store import Harvester
+from mechscope.errors import MechscopeError
+
+DOCS = [_CORPUS[i:] + _CORPUS[: i // 2] for i in range(0, 210, 7)]  # 30 documents of varying length
+PAIR = ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"]  # a transcoder's input and target
+
+
+def _contexts(model, n, context_len, docs=DOCS):
+    it = pack_contexts(model.tokenizer, docs, context_len)
+    return torch.tensor([next(it) for _ in range(n)])
+
+
+def _reference(model, contexts, hook, skip):
+    """Rows of a full run_with_cache at positions >= skip, in token order."""
+    _, cache = model.bridge.run_with_cache(contexts, names_filter=lambda n: n == hook)
+    t = cache[hook][:, skip:]
+    return t.reshape(t.shape[0] * t.shape[1], -1)
+
+
+# --- packing -------------------------------------------------------------------------------
+
+def test_pack_contexts_is_the_separated_concatenation(tiny_gpt2):
+    tok = tiny_gpt2.tokenizer
+    sep = separator_id(tok)
+    flat = []
+    for d in DOCS:
+        flat += tok(d, add_special_tokens=False)["input_ids"] + [sep]
+    ctx = list(pack_contexts(tok, DOCS, 24, docs_per_call=7))
+    assert all(len(c) == 24 for c in ctx)
+    assert len(ctx) == len(flat) // 24
+    assert sum(ctx, []) == flat[: 24 * len(ctx)]
+
+
+# --- the store -----------------------------------------------------------------------------
+
+def test_store_rows_equal_run_with_cache(tiny_model):
+    hooks = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", *PAIR]
+    cfg = StoreConfig(hooks=hooks, context_len=16, batch_size=3, buffer_tokens=60, shuffle=False, skip_first=2)
+    store = ActivationStore(tiny_model, DOCS, cfg)
+    got = [store.next_batch(50) for _ in range(3)]  # 150 rows, across buffer refills
+    ctx = _contexts(tiny_model, 11, 16)  # 11 * 14 = 154 rows
+    for h in hooks:
+        rows = torch.cat([g[h] for g in got])
+        ref = _reference(tiny_model, ctx, h, skip=2)[:150]
+        assert rows.shape == ref.shape
+        torch.testing.assert_close(rows, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_per_head_hook_with_split_inputs(tiny_llama):
+    """hook_q_input needs the split-input mode: the store keeps it on and flattens heads."""
+    h = "blocks.1.hook_q_input"
+    cfg = StoreConfig(hooks=[h], context_len=12, batch_size=2, buffer_tokens=40, shuffle=False, skip_first=0)
+    rows = ActivationStore(tiny_llama, DOCS, cfg).next_batch(24)[h]
+    ref = _reference(tiny_llama, _contexts(tiny_llama, 2, 12), h, skip=0)
+    assert rows.shape == (24, 4 * 64)
+    torch.testing.assert_close(rows, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_stops_at_the_last_hooked_layer(tiny_llama):
+    """Nothing above the last hooked point runs: later hook points never fire."""
+    calls = []
+
+    def spy(name):
+        return lambda t, hook: calls.append(name)
+
+    watch = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre", "ln_final.hook_normalized"]
+    h = Harvester(tiny_llama, StoreConfig(hooks=["blocks.0.hook_mlp_out"], context_len=8, buffer_tokens=64))
+    tokens = _contexts(tiny_llama, 2, 8)
+    with tiny_llama.bridge.hooks(fwd_hooks=[(w, spy(w)) for w in watch]):
+        h.run(tokens)
+    assert calls == ["blocks.0.hook_resid_pre"]
+    # the capturing hooks are gone afterwards and the model is unchanged
+    logits = tiny_llama.bridge(tokens)
+    torch.testing.assert_close(logits, tiny_llama.bridge.original_model(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_shuffled_store_serves_the_same_aligned_rows(tiny_gpt2):
+    base = dict(hooks=PAIR, context_len=16, batch_size=2, buffer_tokens=64, skip_first=1, repeat=False)
+    plain = list(ActivationStore(tiny_gpt2, DOCS, StoreConfig(**base, shuffle=False)).batches(40))
+    mixed = list(ActivationStore(tiny_gpt2, DOCS, StoreConfig(**base, shuffle=True, seed=3)).batches(40))
+
+    def pairs(batches):  # each row of hook 1 glued to its row of hook 2
+        return torch.cat([torch.cat([b[PAIR[0]], b[PAIR[1]]], 1) for b in batches])
+
+    a, b = pairs(plain), pairs(mixed)
+    assert a.shape == b.shape and a.shape[0] > 200
+    assert not torch.equal(a, b)  # the order changed...
+    key = lambda x: x[torch.argsort(x[:, 0] * 1e3 + x[:, 1])]  # noqa: E731
+    torch.testing.assert_close(key(a), key(b), atol=0, rtol=0)  # ...but not the (input, output) pairs
+    first = mixed[0][PAIR[0]]
+    assert not torch.equal(first, a[:40, :64])  # the first batch is not simply the first tokens
+
+
+def test_store_streams_with_a_fixed_buffer(tiny_gpt2):
+    cfg = StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=16, batch_size=2, buffer_tokens=64)
+    store = ActivationStore(tiny_gpt2, DOCS, cfg)
+    store.next_batch(10)
+    size = {h: b.shape for h, b in store._buf.items()}
+    served = 10
+    for _ in range(30):
+        served += store.next_batch(32)["blocks.0.hook_resid_post"].shape[0]
+    assert {h: b.shape for h, b in store._buf.items()} == size  # buffer never grows
+    # contexts are pulled lazily: the model ran on at most the served rows plus one buffer
+    rows_run = store.tokens_seen // 16 * 15
+    assert served <= rows_run <= served + 64 + 2 * 2 * 15
+    assert store.corpus_passes >= 1  # the small corpus repeated instead of ending
+
+
+def test_exhausted_corpus_ends_iteration(tiny_gpt2):
+    cfg = StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=16, batch_size=4, buffer_tokens=64, repeat=False)
+    store = ActivationStore(tiny_gpt2, DOCS[:3], cfg)
+    total = sum(b["blocks.0.hook_resid_post"].shape[0] for b in store.batches(25))
+    n_ctx = len(list(pack_contexts(tiny_gpt2.tokenizer, DOCS[:3], 16)))
+    assert total == n_ctx * 15
+    with pytest.raises(StopIteration):
+        store.next_batch(1)
+
+
+# --- shards --------------------------------------------------------------------------------
+
+def test_harvest_round_trips_and_resumes(tiny_llama, tmp_path):
+    cfg = StoreConfig(hooks=PAIR, context_len=16, batch_size=3, buffer_tokens=64, shuffle=False, skip_first=1)
+    man = harvest(tiny_llama, DOCS, cfg, tmp_path / "a", n_tokens=400, shard_tokens=90, progress=False)
+    assert man["complete"] and man["n_tokens"] >= 400 and len(man["shards"]) == 5
+    assert man["d"] == {PAIR[0]: 64, PAIR[1]: 64} and man["model"] == tiny_llama.summary.name
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk["hooks"] == PAIR and on_disk["schema_version"] == 1
+
+    back = ShardStore(tmp_path / "a", shuffle=False).next_batch(man["n_tokens"], with_tokens=True)
+    live = ActivationStore(tiny_llama, DOCS, cfg).next_batch(man["n_tokens"])
+    for h in PAIR:
+        torch.testing.assert_close(back[h], live[h], atol=0, rtol=0)
+    ctx = _contexts(tiny_llama, man["n_tokens"] // 15, 16)
+    assert back["tokens"].tolist() == ctx[:, 1:].reshape(-1).tolist()
+
+    # a harvest killed in its 6th forward pass (2 contexts per shard... 3 per forward: shards 0-1 done)
+    class Killed(Exception):
+        pass
+
+    seen = []
+
+    def killer(t, hook):
+        seen.append(1)
+        if len(seen) == 6:
+            raise Killed
+
+    with pytest.raises(Killed), tiny_llama.bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", killer)]):
+        harvest(tiny_llama, DOCS, cfg, tmp_path / "b", n_tokens=400, shard_tokens=90, progress=False)
+    partial = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert len(partial["shards"]) == 2 and not partial["complete"]
+    forwards = []
+    with tiny_llama.bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: forwards.append(t.shape[0]))]):
+        man_b = harvest(tiny_llama, DOCS, cfg, tmp_path / "b", n_tokens=400, shard_tokens=90, progress=False)
+    assert sum(forwards) == 1 + (5 - 2) * 6  # the width probe + 6 contexts per missing shard; done shards skipped
+    for s in man["shards"]:
+        from safetensors.torch import load_file
+
+        x, y = load_file(str(tmp_path / "a" / s["file"])), load_file(str(tmp_path / "b" / s["file"]))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert man_b["complete"]
+
+    with pytest.raises(MechscopeError, match="different settings"):
+        harvest(tiny_llama, DOCS, StoreConfig(hooks=PAIR[:1], context_len=16), tmp_path / "b", n_tokens=10, progress=False)
+
+
+def test_shard_store_shuffles_across_shards_and_epochs(tiny_gpt2, tmp_path):
+    cfg = StoreConfig(hooks=["blocks.1.hook_resid_post"], context_len=16, batch_size=4, buffer_tokens=64, shuffle=False)
+    man = harvest(tiny_gpt2, DOCS, cfg, tmp_path, n_tokens=300, shard_tokens=60, progress=False)
+    n = man["n_tokens"]
+    ordered = ShardStore(tmp_path, shuffle=False).next_batch(n)["blocks.1.hook_resid_post"]
+    ss = ShardStore(tmp_path, seed=1, buffer_shards=2)
+    epoch1 = ss.next_batch(n)["blocks.1.hook_resid_post"]
+    epoch2 = ss.next_batch(n)["blocks.1.hook_resid_post"]
+    assert ss.epoch == 1 and ss.dims == {"blocks.1.hook_resid_post": 64}
+    key = lambda x: x[torch.argsort(x[:, 0])]  # noqa: E731
+    for e in (epoch1, epoch2):
+        torch.testing.assert_close(key(e), key(ordered), atol=0, rtol=0)
+    assert not torch.equal(epoch1, ordered) and not torch.equal(epoch1, epoch2)
+
+
+# --- corpora -------------------------------------------------------------------------------
+
+def test_txt_jsonl_and_folder_corpora(tmp_path):
+    text = "\n\n".join(f"Paragraph {i}. " + "word " * 40 for i in range(60))
+    (tmp_path / "b.txt").write_text(text, encoding="utf-8")
+    c = get_corpus(tmp_path / "b.txt", passage_chars=500)
+    assert len(c) > 5 and "".join(c) == text  # passages tile the file exactly
+    rows = [{"text": f"doc {i}", "id": i} for i in range(4)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert list(get_corpus(tmp_path / "a.jsonl")) == [r["text"] for r in rows]
+    folder = get_corpus(tmp_path, passage_chars=500)
+    assert list(folder) == [r["text"] for r in rows] + list(c)  # sorted paths: a.jsonl, b.txt
+    assert folder[2] == "doc 2"
+
+
+def test_heldout_split_and_seeded_order(tmp_path):
+    rows = [{"text": f"document number {i}"} for i in range(100)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    train, held = get_corpus(tmp_path / "d.jsonl", split="train"), get_corpus(tmp_path / "d.jsonl", split="heldout")
+    assert len(held) == 5 and len(train) == 95
+    assert set(train) | set(held) == {r["text"] for r in rows} and not set(train) & set(held)
+    s1, s2 = list(get_corpus(tmp_path / "d.jsonl", seed=4)), list(get_corpus(tmp_path / "d.jsonl", seed=4))
+    assert s1 == s2 and sorted(s1) == sorted(r["text"] for r in rows) and s1 != [r["text"] for r in rows]
+    assert list(get_corpus(tmp_path / "d.jsonl", split="heldout", seed=9)) != list(held) or len(held) < 3
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"text": "ok"}\n{"text": "broken"\n', "line 2: not valid JSON"),
+        ('{"text": "ok"}\n{"body": "no text"}\n', 'line 2: expected an object with a "text" field'),
+        ('{"text": 3}\n', 'line 1: the "text" field must be a string'),
+        ("", "holds no documents"),
+    ],
+)
+def test_bad_jsonl_is_a_clear_error(tmp_path, content, needle):
+    p = tmp_path / "c.jsonl"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(MechscopeError, match=needle):
+        get_corpus(p)
+
+
+def test_bad_corpus_specs(tmp_path):
+    with pytest.raises(MechscopeError, match="No corpus at"):
+        get_corpus(tmp_path / "missing.txt")
+    with pytest.raises(MechscopeError, match="no .txt or .jsonl"):
+        get_corpus(tmp_path)
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(MechscopeError, match="use a .txt or .jsonl"):
+        get_corpus(tmp_path / "x.csv")
+    (tmp_path / "e.txt").write_text("\n\n  \n")
+    with pytest.raises(MechscopeError, match="holds no documents"):
+        get_corpus(tmp_path / "e.txt")
+    with pytest.raises(MechscopeError, match="too few documents"):
+        (tmp_path / "one.jsonl").write_text('{"text": "a"}\n')
+        get_corpus(tmp_path / "one.jsonl", split="heldout")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(MechscopeError, match="needs the `datasets` package"):
+            get_corpus("hf:wikitext")
+
+
+def test_bad_store_settings(tiny_gpt2):
+    with pytest.raises(MechscopeError, match="Did you mean"):
+        ActivationStore(tiny_gpt2, DOCS, StoreConfig(hooks=["blocks.0.hook_resid_pots"]))
+    with pytest.raises(MechscopeError, match="skip_first"):
+        StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=8, skip_first=8)
+    with pytest.raises(MechscopeError, match="dtype"):
+        StoreConfig(hooks=["blocks.0.hook_resid_post"], dtype="int8")
+    with pytest.raises(MechscopeError, match="no documents"):
+        ActivationStore(tiny_gpt2, [], StoreConfig(hooks=["blocks.0.hook_resid_post"], buffer_tokens=300)).next_batch(4)
+    with pytest.raises(MechscopeError, match="no manifest.json|No activation shards"):
+        ShardStore("/nonexistent/shards")
+
+
+def test_bfloat16_storage(tiny_gpt2):
+    cfg = StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=16, buffer_tokens=64, dtype="bfloat16", shuffle=False)
+    rows = ActivationStore(tiny_gpt2, DOCS, cfg).next_batch(30)["blocks.0.hook_resid_post"]
+    ref = _reference(tiny_gpt2, _contexts(tiny_gpt2, 2, 16), "blocks.0.hook_resid_post", 1)[:30]
+    assert rows.dtype == torch.bfloat16
+    torch.testing.assert_close(rows.float(), ref, atol=0.05, rtol=0.02)
+
+
+# --- the R data reader behind the embedded corpus -------------------------------------------
+
+def test_rdata_reader_reads_a_character_vector(tmp_path):
+    from mechscope.activations.rdata import read_character_vectors
+
+    def i32(*v):
+        return struct.pack(f">{len(v)}i", *v)
+
+    def charsxp(s):
+        b = s.encode()
+        return i32(0x00040009 | (1 << 15), len(b)) + b
+
+    header = b"X\n" + i32(3, 0x040201, 0x030500, 5) + b"UTF-8"
+    strs = header + i32(16, 3) + charsxp("It is a truth") + i32(9, -1) + charsxp("universally acknowledged")
+    rdb = i32(len(strs)) + zlib.compress(strs)
+    # index: list(variables = list(words = c(0L, len)), ...) with names attributes
+    names_attr = i32(0x402, 1) + i32(0x40009 | (1 << 15), 5) + b"names"
+    index = (header + i32(0x213, 1) + i32(0x213, 1) + i32(13, 2, 0, len(rdb)) + names_attr
+             + i32(16, 1) + charsxp("words") + i32(254) + names_attr + i32(16, 1) + charsxp("variables") + i32(254))
+    import gzip
+
+    (tmp_path / "Rdata.rdb").write_bytes(rdb)
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
+    assert read_character_vectors(tmp_path) == {"words": ["It is a truth", "", "universally acknowledged"]}
