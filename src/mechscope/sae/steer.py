@@ -1,0 +1,268 @@
+"""Steering: generate with a direction added to the model's activations, side by side with the
+unsteered text from the same prompt and the same seed.
+
+Three interventions, each a forward hook at one hook point:
+
+1. **Feature addition**: ``x += scale * W_dec[f] / ||W_dec[f]||`` at every position (the
+   feature's unit decoder direction times ``scale``, in the units of the residual stream;
+   ``SteerResult.resid_norm`` gives the typical norm there for comparison).
+2. **Clamping** (Templeton et al. 2024, "Scaling Monosemanticity"): encode ``x``, set feature f
+   to ``value`` and decode the change, ``x += (value - f(x)) * W_dec[f]``. Since
+   ``x = SAE(x) + error``, this is the SAE's reconstruction with feature f clamped plus the
+   untouched error term. For a transcoder the feature is read at its input hook and the change
+   written at its output hook.
+3. **Activation addition** (Turner et al. 2023, "ActAdd"): the steering vector is
+   ``h_l(plus) - h_l(minus)``, the two prompts' activations at ``blocks.l.hook_resid_pre``
+   (the shorter prompt right-padded with space tokens to equal length), added times ``coef``
+   to the first positions of the prompt being continued.
+
+Generation recomputes the whole sequence each step (no KV cache), so the hooks act on the
+prompt and on every generated token alike. The unsteered and the steered continuation run as the
+two rows of one batch (the hook touches row 1 only), and each row samples with its own
+generator seeded identically, so a zero intervention reproduces the unsteered text exactly.
+``temperature=0`` is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+from mechscope.sae.io import check_sae_fits
+
+SCHEMA_VERSION = 1
+_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
+
+Hook = tuple[str, Callable]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 40
+    temperature: float = 0.0
+    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
+    top_k: int | None = None
+    """Sample only among the top_k tokens (None = all)."""
+    seed: int = 0
+    stop_at_eos: bool = True
+
+
+@dataclass
+class SteerResult:
+    """Unsteered and steered continuations of one prompt."""
+
+    mode: str  # "add" | "clamp" | "actadd"
+    prompt: str
+    unsteered: str
+    steered: str
+    settings: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    unsteered_ids: list[int] = field(default_factory=list)
+    steered_ids: list[int] = field(default_factory=list)
+    next_token: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    """Top-5 (token, probability) of the first generated position, per row."""
+    resid_norm: float = 0.0
+    """Mean L2 norm of the unsteered activation at the steering hook over the prompt."""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        p = out / "steer.json"
+        p.write_text(json.dumps(self.to_dict(), indent=1))
+        return p
+
+
+# ------------------------------------------------------------------------ hooks
+def _add_at(vec: Tensor, row: int = 1, front: bool = False) -> Callable:
+    """Hook adding ``vec`` ([d] at every position, or [n, d] at the first n positions when
+    ``front``) to batch row ``row``; per-head activations are treated as flattened."""
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        a = act.reshape(*act.shape[:2], -1)  # [B, P, d]
+        v = vec.to(a.dtype).to(a.device)
+        add = torch.zeros_like(a)  # out of place: the hooked tensor may be shared elsewhere
+        if front:
+            n = min(len(v), a.shape[1])
+            add[row, :n] = v[:n]
+        else:
+            add[row] = v
+        return (a + add).view(act.shape)
+
+    return hook
+
+
+def feature_direction(sae, feature: int) -> Tensor:
+    """Unit decoder direction [d_out] of one feature."""
+    _check_feature(sae, feature)
+    d = sae.W_dec.detach()[feature]
+    n = d.norm()
+    if not n > 0:
+        raise MechscopeError(f"Feature {feature} has a zero decoder direction; steer another feature.")
+    return d / n
+
+
+def add_hooks(hook_name: str, direction: Tensor, scale: float) -> list[Hook]:
+    """Hooks adding ``scale * direction`` at every position of ``hook_name`` (steered row)."""
+    return [(hook_name, _add_at(scale * direction))]
+
+
+def clamp_hooks(sae, feature: int, value: float) -> list[Hook]:
+    """Hooks clamping SAE feature ``feature`` to ``value`` while keeping the SAE error term."""
+    _check_feature(sae, feature)
+    c = sae.cfg
+    read = c.hook_name
+    write = getattr(c, "hook_name_out", None) or read
+    w = sae.W_dec.detach()[feature]  # [d_out]
+    box: dict[str, Tensor] = {}
+
+    def read_hook(act: Tensor, hook=None):
+        x = act.reshape(*act.shape[:2], -1)[1]  # [P, d_in], the steered row
+        box["delta"] = (value - sae.encode(x.to(sae.device))[..., feature])  # [P]
+        return None
+
+    def write_hook(act: Tensor, hook=None) -> Tensor:
+        if read == write:
+            read_hook(act)
+        a = act.reshape(*act.shape[:2], -1)
+        add = torch.zeros_like(a)
+        add[1] = box.pop("delta").to(a.dtype).to(a.device)[:, None] * w.to(a.dtype).to(a.device)  # [P, d_out]
+        return (a + add).view(act.shape)
+
+    return ([] if read == write else [(read, read_hook)]) + [(write, write_hook)]
+
+
+@torch.no_grad()
+def actadd_vector(model, plus: str, minus: str, hook_name: str) -> Tensor:
+    """ActAdd steering vector [n, d]: activations of ``plus`` minus those of ``minus`` at
+    ``hook_name``, the shorter prompt right-padded with space tokens (Turner et al. 2023)."""
+    from mechscope.sae.dashboard import acts_at_hook
+
+    a, b = model.to_tokens(plus), model.to_tokens(minus)
+    if not a or not b:
+        raise MechscopeError("ActAdd needs two non-empty prompts (--plus and --minus).")
+    space = model.tokenizer(" ", add_special_tokens=False)["input_ids"]
+    pad = space[-1] if space else (model.tokenizer.pad_token_id or 0)
+    n = max(len(a), len(b))
+    a, b = a + [pad] * (n - len(a)), b + [pad] * (n - len(b))
+    acts = acts_at_hook(model, hook_name, torch.tensor([a, b]))  # [2, n, d]
+    return acts[0] - acts[1]
+
+
+def actadd_hooks(vector: Tensor, hook_name: str, coef: float) -> list[Hook]:
+    return [(hook_name, _add_at(coef * vector, front=True))]
+
+
+# ------------------------------------------------------------------------ generation
+@torch.no_grad()
+def generate_pair(model, prompt: str, hooks: list[Hook], gen: GenerationConfig | None = None) -> tuple[list[int], list[int], Tensor]:
+    """Continue ``prompt`` twice in one batch: row 0 plain, row 1 with ``hooks`` (which touch
+    row 1 only). Returns the new token ids of each row and the first step's next-token
+    probabilities [2, d_vocab]."""
+    gen = gen or GenerationConfig()
+    ids = model.to_tokens(prompt)
+    if not ids:
+        raise MechscopeError("The prompt is empty; give some text to continue.")
+    n_ctx = model.summary.n_ctx
+    if len(ids) + gen.max_new_tokens > n_ctx:
+        raise MechscopeError(f"Prompt ({len(ids)} tokens) plus {gen.max_new_tokens} new tokens exceeds the model's context of {n_ctx}; shorten one.")
+    gens = [torch.Generator().manual_seed(gen.seed) for _ in range(2)]
+    seq = torch.tensor([ids, ids], device=model.device)
+    first = None
+    split = any(name.endswith(s) for name, _ in hooks for s in _SPLIT_HOOKS)
+    ctx = contextlib.nullcontext() if split else _plain(model)
+    with ctx:
+        for _ in range(gen.max_new_tokens):
+            logits = model.bridge.run_with_hooks(seq, fwd_hooks=hooks)[:, -1].float()  # [2, V]
+            if first is None:
+                first = logits.softmax(-1)
+            nxt = torch.stack([_pick(logits[r], gen, gens[r]) for r in range(2)])
+            seq = torch.cat([seq, nxt[:, None].to(seq.device)], dim=1)
+    new = seq[:, len(ids):].tolist()
+    eos = model.tokenizer.eos_token_id
+    if gen.stop_at_eos and eos is not None:
+        new = [r[: r.index(eos)] if eos in r else r for r in new]
+    return new[0], new[1], first
+
+
+def _pick(logits: Tensor, gen: GenerationConfig, g: torch.Generator) -> Tensor:
+    if gen.temperature <= 0:
+        return logits.argmax()
+    lg = logits / gen.temperature
+    if gen.top_k:
+        kth = lg.topk(min(gen.top_k, len(lg))).values[-1]
+        lg = lg.masked_fill(lg < kth, float("-inf"))
+    return torch.multinomial(lg.softmax(-1).cpu(), 1, generator=g)[0]
+
+
+def _plain(model):
+    from mechscope.models import plain_attention
+
+    return plain_attention(model)
+
+
+def _run(model, prompt: str, hooks: list[Hook], hook_name: str, mode: str, settings: dict, gen: GenerationConfig) -> SteerResult:
+    from mechscope.sae.dashboard import acts_at_hook
+
+    t0 = time.perf_counter()
+    if hook_name not in model.bridge.hook_dict:
+        raise MechscopeError(f"The model has no hook '{hook_name}'; is this the SAE's model?")
+    a, b, first = generate_pair(model, prompt, hooks, gen)
+    x = acts_at_hook(model, hook_name, torch.tensor([model.to_tokens(prompt)]))
+    dec = model.tokenizer.decode
+    top = {}
+    for r, name in enumerate(("unsteered", "steered")):
+        pv, pi = first[r].topk(5)
+        top[name] = [(dec([i]), float(p)) for i, p in zip(pi.tolist(), pv.tolist())]
+    return SteerResult(mode=mode, prompt=prompt, unsteered=dec(a), steered=dec(b),
+                       settings={**settings, **asdict(gen)}, model=model.summary.to_dict(),
+                       unsteered_ids=a, steered_ids=b, next_token=top,
+                       resid_norm=float(x[0].norm(dim=-1).mean()), seconds=time.perf_counter() - t0)
+
+
+def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = None, clamp: float | None = None,
+                  gen: GenerationConfig | None = None) -> SteerResult:
+    """Generate with SAE feature ``feature`` added (``scale``) or clamped (``clamp``), beside the
+    unsteered text."""
+    gen = gen or GenerationConfig()
+    if (scale is None) == (clamp is None):
+        raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
+    c = sae.cfg
+    write = getattr(c, "hook_name_out", None) or c.hook_name
+    check_sae_fits(sae, model)
+    if scale is not None:
+        hooks, mode, settings = add_hooks(write, feature_direction(sae, feature), scale), "add", {"scale": scale}
+    else:
+        hooks, mode, settings = clamp_hooks(sae, feature, clamp), "clamp", {"value": clamp}
+    settings = {"feature": feature, "hook": write, "sae": c.to_dict() if hasattr(c, "to_dict") else {}, **settings}
+    return _run(model, prompt, hooks, write, mode, settings, gen)
+
+
+def steer_actadd(model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
+                 gen: GenerationConfig | None = None) -> SteerResult:
+    """Generate with the ActAdd vector ``h(plus) - h(minus)`` at ``blocks.layer.hook_resid_pre``
+    added ``coef`` times to the prompt's first positions, beside the unsteered text."""
+    gen = gen or GenerationConfig()
+    n_layers = model.summary.n_layers
+    if not 0 <= layer < n_layers:
+        raise MechscopeError(f"Layer {layer} is out of range; the model has layers 0..{n_layers - 1}.")
+    hook = f"blocks.{layer}.hook_resid_pre"
+    vec = actadd_vector(model, plus, minus, hook)
+    settings = {"plus": plus, "minus": minus, "layer": layer, "hook": hook, "coef": coef, "n_positions": len(vec)}
+    return _run(model, prompt, actadd_hooks(vec, hook, coef), hook, "actadd", settings, gen)
+
+
+def _check_feature(sae, feature: int) -> None:
+    if not 0 <= feature < sae.cfg.d_sae:
+        raise MechscopeError(f"Feature {feature} is out of range; this SAE has features 0..{sae.cfg.d_sae - 1}.")
