@@ -3,10 +3,11 @@
 Algorithm (Bricken et al. 2023, "Towards Monosemanticity", feature visualisations; the layout of
 SAE dashboards since):
 
-1. Cut a text corpus into contexts of ``ctx_len`` tokens (texts joined by the tokenizer's EOS).
-2. For each batch of contexts, run the model only up to the SAE's hook (a hook captures the
-   activation and stops the forward pass), encode with the SAE and keep the selected features'
-   activations f [batch, pos, F].
+1. Pack a text corpus into contexts of ``ctx_len`` tokens, as the activation store does
+   (``mechscope.activations.pack_contexts``).
+2. For each batch of contexts, run the model only up to the SAE's hook (the store's
+   ``Harvester``: a hook captures the activation and stops the forward pass), encode with the
+   SAE and keep the selected features' activations f [batch, pos, F].
 3. Update streaming statistics for all F features at once (``FeatureStats``): top-k contexts
    with a token window around each maximum, uniform samples per histogram bin (for quantile
    groups), a log-spaced histogram and the firing density. Memory does not grow with the corpus.
@@ -22,7 +23,7 @@ no left context and often an outlying residual norm (attention sink).
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import math
 import time
@@ -38,7 +39,6 @@ from mechscope.sae.feature_stats import FeatureStats, StatsConfig
 from mechscope.sae.io import check_sae_fits
 
 SCHEMA_VERSION = 1
-_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
 
 
 @dataclass
@@ -135,43 +135,35 @@ class DashboardResult:
 
 # ------------------------------------------------------------------------ corpus and model
 def corpus_contexts(tokenizer, texts: Iterable[str], n_tokens: int, ctx_len: int) -> Tensor:
-    """Token ids [n_contexts, ctx_len]: texts joined with the EOS token and cut into contexts,
-    enough to cover ``n_tokens``; raises when the corpus is too short for one context."""
+    """Token ids [n_contexts, ctx_len] covering ``n_tokens``, packed as the activation store packs
+    them (documents separated by ``<|endoftext|>``/EOS, no padding); raises when the corpus is
+    too short for one context."""
+    from mechscope.activations import pack_contexts
+
     n_ctx = max(1, math.ceil(n_tokens / ctx_len))
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for t in texts:
-        ids += tokenizer(t, verbose=False)["input_ids"] + sep
-        if len(ids) >= n_ctx * ctx_len:
-            break
-    n = min(n_ctx, len(ids) // ctx_len)
-    if n == 0:
-        raise MechscopeError(f"The corpus has {len(ids)} tokens, fewer than one context of {ctx_len}; use a smaller context length.")
-    return torch.tensor(ids[: n * ctx_len]).view(n, ctx_len)
+    ctxs = list(itertools.islice(pack_contexts(tokenizer, texts, ctx_len), n_ctx))
+    if not ctxs:
+        raise MechscopeError(f"The corpus holds fewer tokens than one context of {ctx_len}; use a smaller context length or more text.")
+    return torch.tensor(ctxs)
 
 
-class _Stop(Exception):
-    pass
+def _harvester(model, hook_name: str, batch: int, ctx_len: int):
+    """The activation store's runner: stops the forward pass at the hook, plain attention unless
+    the hook needs the split modes."""
+    from mechscope.activations import Harvester, StoreConfig
+
+    ctx_len = max(ctx_len, 2)
+    cfg = StoreConfig(hooks=[hook_name], context_len=ctx_len, batch_size=batch, skip_first=0,
+                      buffer_tokens=max(32768, 2 * ctx_len), shuffle=False)
+    return Harvester(model, cfg)
 
 
-@torch.no_grad()
-def acts_at_hook(model, hook_name: str, tokens: Tensor) -> Tensor:
+def acts_at_hook(model, hook_name: str, tokens: Tensor, harvester=None) -> Tensor:
     """Activations [batch, pos, d] at ``hook_name`` (per-head hooks flattened), running the model
     only up to that hook."""
-    box: list[Tensor] = []
-
-    def grab(t, hook):
-        box.append(t.detach())
-        raise _Stop
-
-    try:
-        model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(hook_name, grab)])
-    except _Stop:
-        pass
-    if not box:
-        raise MechscopeError(f"The hook '{hook_name}' did not fire in a forward pass; choose a hook inside the model's blocks.")
-    a = box[0]
-    return a.reshape(*a.shape[:2], -1)
+    B, L = tokens.shape
+    h = harvester or _harvester(model, hook_name, B, L)
+    return h.run(tokens, skip_first=0)[hook_name].view(B, L, -1)
 
 
 def output_logits(model, directions: Tensor) -> Tensor:
@@ -238,19 +230,15 @@ def feature_dashboards(model, sae, cfg: DashboardConfig | None = None, tokens: T
     check_sae_fits(sae, model)
     sel = torch.tensor(feats, device=sae.device)
     stats = FeatureStats(len(feats), cfg.stats_config(), device=sae.device)
-    split = any(hook.endswith(s) for s in _SPLIT_HOOKS)
-    ctx = contextlib.nullcontext() if split else _plain(model)
+    harvester = _harvester(model, hook, cfg.batch_size, cfg.ctx_len)
     bar = _progress(progress, len(tokens))
-    with ctx:
-        for i in range(0, len(tokens), cfg.batch_size):
-            tb = tokens[i: i + cfg.batch_size]
-            x = acts_at_hook(model, hook, tb)  # [B, L, d_in]
-            if x.shape[-1] != sc.d_in:
-                raise MechscopeError(f"The SAE expects width {sc.d_in} at '{hook}' but the model gives {x.shape[-1]}; is it the SAE's model?")
-            f = sae.encode(x.to(sae.device))[..., sel]  # [B, L, F]
-            s = cfg.skip_first
-            stats.update(tb[:, s:].to(sae.device), f[:, s:])
-            bar(len(tb))
+    for i in range(0, len(tokens), cfg.batch_size):
+        tb = tokens[i: i + cfg.batch_size]
+        x = acts_at_hook(model, hook, tb, harvester)  # [B, L, d_in]
+        f = sae.encode(x.to(sae.device))[..., sel]  # [B, L, F]
+        s = cfg.skip_first
+        stats.update(tb[:, s:].to(sae.device), f[:, s:])
+        bar(len(tb))
     bar(None)
     logits = _logits(model, sae, sel, cfg.n_logits)
     vocab = _decoder(model.tokenizer)
@@ -318,12 +306,6 @@ def _corpus(spec: str, seed: int) -> Iterable[str]:
     from mechscope.activations.corpus import get_corpus
 
     return get_corpus(None if spec == "embedded" else spec, seed=seed)
-
-
-def _plain(model):
-    from mechscope.models import plain_attention
-
-    return plain_attention(model)
 
 
 def _progress(on: bool, total: int):
