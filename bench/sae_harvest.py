@@ -4,7 +4,8 @@ Baseline: a separate, unhooked Hugging Face copy of the model with its decoder l
 the first L + 1 (exactly the work needed for a hook in block L), run on the same packed
 contexts, tokenised beforehand. Measured against it: ``ActivationStore.next_batch`` (which
 also tokenises, packs, stops the bridge after block L, copies rows into its buffer and
-shuffles), and the bridge's full forward (all layers) to show what the early stop saves.
+shuffles), the bridge stopped by the capturing hook alone (pre-tokenised, no buffer), and
+the bridge's full forward (all layers, split-input modes on) to show what the early stop saves.
 Each measurement is the median of ``--repeats`` interleaved rounds (the machine is shared).
 
     python bench/sae_harvest.py [--model M] [--layer 6] [--contexts 32] [--context-len 128]
@@ -78,6 +79,15 @@ def main() -> None:
         store.next_batch(rows_per_round)
         return time.perf_counter() - t
 
+    harvester = store.harvester
+
+    def stop_only():
+        toks = torch.tensor([next(contexts) for _ in range(n_ctx)])
+        t = time.perf_counter()
+        for i in range(0, n_ctx, B):
+            harvester.run(toks[i : i + B])
+        return time.perf_counter() - t
+
     def full_bridge():
         toks = torch.tensor([next(contexts) for _ in range(n_ctx)])
         t = time.perf_counter()
@@ -87,10 +97,11 @@ def main() -> None:
         return time.perf_counter() - t
 
     baseline(), ours()  # warm-up (the store's first call also fills its buffer)
-    times: dict[str, list[float]] = {"baseline": [], "store": [], "full": []}
+    times: dict[str, list[float]] = {"baseline": [], "store": [], "stop": [], "full": []}
     for _ in range(a.repeats):
         times["baseline"].append(baseline())
         times["store"].append(ours())
+        times["stop"].append(stop_only())
         times["full"].append(full_bridge())
     tok = n_ctx * P
     tps = {k: tok / statistics.median(v) for k, v in times.items()}
@@ -99,6 +110,7 @@ def main() -> None:
           f"{n_ctx} contexts x {P} tokens per round, batch {B}, median of {a.repeats}")
     print(f"plain HF forward, layers 0..{a.layer} only:     {tps['baseline']:8.0f} tokens/s")
     print(f"ActivationStore.next_batch (tokenise+stop+buffer): {tps['store']:8.0f} tokens/s")
+    print(f"bridge stopped after block {a.layer} (no tokenising/buffer): {tps['stop']:8.0f} tokens/s")
     print(f"bridge full forward (all {model.summary.n_layers} layers, no store):  {tps['full']:8.0f} tokens/s")
     print(f"ratio store / plain forward to layer {a.layer}: {tps['store'] / tps['baseline']:.2f}x (target >= 0.9x)")
 

@@ -301,3 +301,24 @@ def test_rdata_reader_reads_a_character_vector(tmp_path):
     (tmp_path / "Rdata.rdb").write_bytes(rdb)
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
     assert read_character_vectors(tmp_path) == {"words": ["It is a truth", "", "universally acknowledged"]}
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+def test_cli_corpus_json_and_errors(tmp_path, tiny_gpt2_dir, tiny_gpt2):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join(json.dumps({"text": d}) for d in DOCS[:25]), encoding="utf-8")
+    r = CliRunner().invoke(app, ["corpus", "--corpus", str(p), "--split", "train", "--tokens", "--model", tiny_gpt2_dir, "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    train = DOCS[:19] + DOCS[20:25]  # document 19 of 0..24 is held out (1 in 20)
+    assert info["documents"] == len(train) == 24
+    assert info["characters"] == sum(map(len, train))
+    assert info["tokens"] == sum(len(tiny_gpt2.tokenizer(d)["input_ids"]) + 1 for d in train)
+    p.write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
+    r = CliRunner().invoke(app, ["corpus", "--corpus", str(p)])
+    assert r.exit_code == 2 and "line 2: not valid JSON" in r.output

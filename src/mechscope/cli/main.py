@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from mechscope.cli import basic, circuits
+from mechscope.cli import corpus as corpus_cli
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 basic.register(app)
 circuits.register(app)
+corpus_cli.register(app)
 
 
 def main() -> None:
