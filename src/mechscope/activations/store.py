@@ -139,9 +139,10 @@ class Harvester:
         def make(name: str):
             def capture(t: torch.Tensor, hook=None):
                 self.hook_calls += 1
-                got[name] = t
-                if len(got) == n:
+                if len(got) == n - 1:  # the last one: nothing runs after it
+                    got[name] = t
                     raise _Stop
+                got[name] = t.detach().clone()  # later layers must not see (or change) our copy
                 return None
 
             return capture
