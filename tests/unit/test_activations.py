@@ -249,11 +249,19 @@ def test_bad_corpus_specs(tmp_path):
     with pytest.raises(MechscopeError, match="too few documents"):
         (tmp_path / "one.jsonl").write_text('{"text": "a"}\n')
         get_corpus(tmp_path / "one.jsonl", split="heldout")
+
+
+def test_hf_corpus(tmp_path):
     try:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(MechscopeError, match="needs the `datasets` package"):
             get_corpus("hf:wikitext")
+        return
+    (tmp_path / "train.jsonl").write_text('{"text": "alpha one"}\n{"text": "beta two"}\n', encoding="utf-8")
+    assert list(get_corpus(f"hf:{tmp_path}")) == ["alpha one", "beta two"]  # a local dataset folder
+    with pytest.raises(MechscopeError, match="Could not load the Hugging Face dataset"):
+        get_corpus("hf:no-such-user/no-such-dataset")  # the tests run offline
 
 
 def test_bad_store_settings(tiny_gpt2):
@@ -322,3 +330,15 @@ def test_cli_corpus_json_and_errors(tmp_path, tiny_gpt2_dir, tiny_gpt2):
     p.write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
     r = CliRunner().invoke(app, ["corpus", "--corpus", str(p)])
     assert r.exit_code == 2 and "line 2: not valid JSON" in r.output
+
+
+def test_embedded_corpus_chapters_and_gutenberg_stripping():
+    from mechscope.activations.embedded import chapters, strip_gutenberg
+
+    book = "TITLE\n\nCHAPTER I\n\n" + "a" * 500 + "\n\nChapter 2\n\n" + "b" * 500 + "\n\nCHAPTER III\nshort"
+    parts = chapters(book, min_chars=100)
+    assert len(parts) == 2 and parts[0].startswith("TITLE") and parts[1].endswith("short")  # short tail joins
+    assert "".join(parts).replace("\n", "") == book.replace("\n", "")
+    pg = ("The Project Gutenberg EBook of X\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nBody text.\n"
+          "End of Project Gutenberg's X\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence")
+    assert strip_gutenberg(pg).strip() == "Body text."
