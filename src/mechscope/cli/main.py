@@ -6,6 +6,7 @@ import typer
 
 from mechscope.cli import basic, circuits
 from mechscope.cli import corpus as corpus_cli
+from mechscope.cli import recall as recall_cli
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 basic.register(app)
 circuits.register(app)
 corpus_cli.register(app)
+recall_cli.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,133 @@
+"""`mechscope lens` (logit lens + direct logit attribution) and `mechscope recall` (causal
+tracing, attention knockout, attribute extraction, subject enrichment)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, err_console, handles_errors, load
+from mechscope.errors import MechscopeError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lens")(lens)
+    app.command("recall")(recall)
+
+
+def _fresh_dir(stem: str) -> Path:
+    base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p, i = Path(base), 1
+    while p.exists():
+        p, i = Path(f"{base}-{i}"), i + 1
+    return p
+
+
+@handles_errors
+def lens(
+    prompt: str = typer.Argument(..., help="The prompt whose next token to explain."),
+    model: Optional[str] = ModelOpt,
+    target: Optional[str] = typer.Option(None, "--target", help="Token to follow (default: the model's top prediction)."),
+    distractor: Optional[str] = typer.Option(None, "--distractor", help="Contrast token for DLA (default: the runner-up)."),
+    k: int = typer.Option(5, "--k", help="Top tokens kept per site and position."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Logit lens at every layer (resid pre/mid/post) and direct logit attribution per head and MLP."""
+    from mechscope.lens import run_lens
+    from mechscope.report.lens import write_lens_report
+
+    if k < 1:
+        raise MechscopeError(f"--k {k} must be at least 1.")
+    m = load(model, device)
+    res = run_lens(m, prompt, target=target, distractor=distractor, k=k)
+    out_dir = Path(out or _fresh_dir("lens"))
+    res.save(out_dir)
+    d = res.to_dict()
+    report = write_lens_report(d, out_dir / "report.html")
+    if json:
+        return emit_json({**d, "report": str(report), "out": str(out_dir)})
+    rank_last = res.rank[:, -1].tolist()
+    console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
+                  f"first top-1 at {res.first_top1_site()}", highlight=False)
+    dd = res.dla
+    console.print(f"DLA logit({res.target!r}) - logit({res.distractor!r}) = {dd.actual:.3f}; sum of contributions "
+                  f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
+    console.print(f"report: {report}", highlight=False)
+
+
+@handles_errors
+def recall(
+    prompt: Optional[str] = typer.Argument(None, help="A prompt stating a fact up to its attribute (omit with --dataset)."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="The subject, exactly as written in the prompt."),
+    target: Optional[str] = typer.Option(None, "--target", help="The attribute token (default: the model's top prediction)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="'facts': run over the shipped facts list and aggregate."),
+    n: int = typer.Option(30, "--n", help="Facts drawn (from those the model gets top-1) with --dataset."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Noise draws per causal-tracing run (default 3; 1 with --dataset)."),
+    layer_stride: Optional[int] = typer.Option(None, "--layer-stride", help="Trace every k-th layer (default 1; 2 with --dataset)."),
+    seed: int = typer.Option(0, "--seed"),
+    model: Optional[str] = ModelOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Dissect the recall of a fact: causal tracing, attention knockout, attribute extraction, subject enrichment."""
+    from mechscope.recall import RecallConfig, recall as run_recall, recall_dataset
+    from mechscope.recall.dataset import dataset_config
+    from mechscope.report.recall import write_recall_report
+
+    if dataset is not None:
+        if dataset != "facts":
+            raise MechscopeError(f"Unknown dataset '{dataset}'; the only one is 'facts' (the shipped facts list).")
+        if prompt is not None or subject is not None:
+            raise MechscopeError("Pass either a PROMPT with --subject or --dataset facts, not both.")
+        if n < 2:
+            raise MechscopeError(f"--n {n} is too small: the aggregate needs at least 2 facts.")
+    elif prompt is None or subject is None:
+        raise MechscopeError("Pass a PROMPT and its --subject (or --dataset facts).")
+    kw = {"seed": seed}
+    if samples is not None:
+        kw["samples"] = samples
+    if layer_stride is not None:
+        kw["layer_stride"] = layer_stride
+    if kw.get("samples", 1) < 1 or kw.get("layer_stride", 1) < 1:
+        raise MechscopeError("--samples and --layer-stride must be at least 1.")
+    m = load(model, device)
+    if dataset is not None:
+        cfg = dataset_config(**kw)
+        res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False))
+    else:
+        res = run_recall(m, prompt, subject, target, RecallConfig(**kw))
+    out_dir = Path(out or _fresh_dir("recall"))
+    res.save(out_dir)
+    d = res.to_dict()
+    report = write_recall_report(d, out_dir / "report.html")
+    if json:
+        return emit_json({**d, "report": str(report), "out": str(out_dir)})
+    _print_summary(d)
+    console.print(f"report: {report}", highlight=False)
+
+
+def _print_summary(d: dict) -> None:
+    if d["kind"] == "recall-dataset":
+        h = d["aggregate"]["headline"]
+        console.print(f"{d['n_analysed']} facts (of {d['n_known_top1']} known top-1), {d['seconds']:.0f} s", highlight=False)
+        tp = h.get("tracing_peak_recovered", {})
+        for kind in tp:
+            row = ", ".join(f"{c} {v['all_layers']['value']:.2f}@L{v['all_layers']['layer']}" for c, v in tp[kind].items() if c != "before_subject")
+            console.print(f"tracing {kind}: peak recovered fraction: {row}", highlight=False)
+        for subset, groups in h.get("knockout", {}).items():
+            row = ", ".join(f"{g} {v['upper_half_mean']:+.2f}" for g, v in groups.items())
+            console.print(f"knockout ({subset}): mean relative change, upper-half windows: {row}", highlight=False)
+        return
+    console.print(f"{d['prompt']!r} -> {d['target']!r}, subject {d['subject']!r} at positions {d['subject_positions']}", highlight=False)
+    t = d.get("causal_tracing")
+    if t:
+        console.print(f"tracing: clean p {t['clean_prob']:.3f}, corrupted p {t['corrupt_prob']:.3f}", highlight=False)
+    e = d.get("attribute_extraction")
+    if e:
+        console.print(f"extraction: attention at layers {e['attn_layers']}, MLP at layers {e['mlp_layers']}", highlight=False)

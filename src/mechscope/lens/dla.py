@@ -1,0 +1,113 @@
+"""Direct logit attribution (DLA): each component's direct contribution to
+logit(target) - logit(distractor) at one position.
+
+The residual stream entering the final norm is a sum of component outputs (decisions.md:
+exact on the bridge):
+
+    x = embed (+ pos_embed) + sum_{l,h} head_{l,h} + sum_l b_O[l] + sum_l mlp_l
+
+Following the field's convention (e.g. TransformerLens's ``apply_ln_to_stack``), the final
+norm's scale s is *frozen* at its value on the clean run at that position, which makes the
+map x -> logits linear:
+
+    logit_diff = sum_c (w * centre(c) / s) . (W_U[:, t] - W_U[:, d])
+                 + b_norm . (W_U[:, t] - W_U[:, d]) + b_U[t] - b_U[d]
+
+(``centre`` subtracts the mean for LayerNorm, is the identity for RMSNorm). The contributions
+therefore sum to the real logit difference; ``DLA.error`` records how closely (float error).
+Head outputs are z_h @ W_O[h] from ``attn.hook_z``, which needs no per-head result mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mechscope.models.unembed import final_norm, unembed_weights
+
+
+@dataclass
+class DLA:
+    """Direct contributions to logit(target) - logit(distractor) at ``position``.
+
+    ``heads`` [n_layers, n_heads], ``mlps`` [n_layers]; ``other`` holds the embedding terms,
+    attention output biases and the constant (norm bias + unembedding bias) term.
+    """
+
+    position: int
+    heads: torch.Tensor
+    mlps: torch.Tensor
+    other: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0  # sum of every contribution
+    actual: float = 0.0  # the model's own logit difference
+    error: float = 0.0  # |total - actual|
+
+    def components(self) -> list[tuple[str, float]]:
+        """Every component as (name, contribution): a{l}.h{h}, m{l} and the other terms."""
+        L, H = self.heads.shape
+        out = [(f"a{l}.h{h}", float(self.heads[l, h])) for l in range(L) for h in range(H)]
+        out += [(f"m{l}", float(self.mlps[l])) for l in range(L)]
+        out += list(self.other.items())
+        return out
+
+    def top(self, k: int = 20) -> list[tuple[str, float]]:
+        """The k components with the largest |contribution|."""
+        return sorted(self.components(), key=lambda c: -abs(c[1]))[:k]
+
+
+def _component_hooks(L: int) -> set[str]:
+    names = {"hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "ln_final.hook_in"}
+    for l in range(L):
+        names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"}
+    return names
+
+
+@torch.no_grad()
+def direct_logit_attribution(model, tokens: torch.Tensor, target_id: int, distractor_id: int, position: int = -1) -> DLA:
+    """DLA of one prompt, tokens [1, pos], at ``position`` (default the last)."""
+    L = model.summary.n_layers
+    wanted = _component_hooks(L)
+    logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
+    p = position % tokens.shape[1]
+    norm = final_norm(model)
+    W_U, b_U = unembed_weights(model)
+    direction = W_U[:, target_id] - W_U[:, distractor_id]  # [d_model]
+    scale = norm.scale(cache["ln_final.hook_in"][0, p])  # [1], frozen
+
+    def contrib(x: torch.Tensor) -> torch.Tensor:  # x [..., d_model] -> [...]
+        return norm.linear(x, scale) @ direction
+
+    other: dict[str, float] = {}
+    resid0 = cache["blocks.0.hook_resid_pre"][0, p]
+    if "hook_embed" in cache and "hook_pos_embed" in cache and torch.allclose(
+        cache["hook_embed"][0, p] + cache["hook_pos_embed"][0, p], resid0, atol=1e-5
+    ):
+        other["embed"] = float(contrib(cache["hook_embed"][0, p]))
+        other["pos_embed"] = float(contrib(cache["hook_pos_embed"][0, p]))
+    else:
+        other["embed"] = float(contrib(resid0))
+    heads = torch.zeros(L, model.summary.n_heads)
+    mlps = torch.zeros(L)
+    bias_total = 0.0
+    for l in range(L):
+        attn = model.bridge.blocks[l].attn
+        z = cache[f"blocks.{l}.attn.hook_z"][0, p]  # [n_heads, d_head]
+        out = torch.einsum("he,hed->hd", z.float(), attn.W_O.detach().float())  # [n_heads, d_model]
+        heads[l] = contrib(out).cpu()
+        b_O = getattr(attn, "b_O", None)
+        if b_O is not None:
+            bias_total += float(contrib(b_O.detach().float()))
+        mlps[l] = float(contrib(cache[f"blocks.{l}.hook_mlp_out"][0, p]))
+    if bias_total:
+        other["attn_biases"] = bias_total
+    const = 0.0
+    if norm.bias is not None:
+        const += float(norm.bias @ direction)
+    if b_U is not None:
+        const += float(b_U[target_id] - b_U[distractor_id])
+    if const:
+        other["final_biases"] = const
+    total = float(heads.sum() + mlps.sum()) + sum(other.values())
+    actual = float(logits[0, p, target_id] - logits[0, p, distractor_id])
+    return DLA(position=p, heads=heads, mlps=mlps, other=other, total=total, actual=actual, error=abs(total - actual))

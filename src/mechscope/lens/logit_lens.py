@@ -1,0 +1,67 @@
+"""Logit lens (nostalgebraist 2020): read every intermediate residual stream as if it were the
+last one.
+
+1. Run the prompt once, caching ``blocks.L.hook_resid_pre``, ``hook_resid_mid`` and
+   ``hook_resid_post`` at every layer (3 * n_layers "sites").
+2. Project each site's hidden state at every position through the model's final norm (with
+   the state's own scale) and the unembedding: logits [site, pos, d_vocab].
+3. Record the target's rank (0 = top) and probability and the top-k tokens per site and
+   position. The last site (``resid_post`` of the last layer) reproduces the model's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechscope.models.unembed import check_matches, final_norm, project
+
+SITES = ("pre", "mid", "post")
+
+
+def site_names(n_layers: int) -> list[str]:
+    """['L0.pre', 'L0.mid', 'L0.post', 'L1.pre', ...]: rows of every lens table."""
+    return [f"L{l}.{s}" for l in range(n_layers) for s in SITES]
+
+
+def site_hooks(n_layers: int) -> list[str]:
+    return [f"blocks.{l}.hook_resid_{s}" for l in range(n_layers) for s in SITES]
+
+
+@dataclass
+class LensTable:
+    """Logit-lens readout. ``rank``/``prob`` [site, pos] for the target; ``top_ids``/
+    ``top_probs`` [site, pos, k]; ``logits`` [pos, d_vocab] of the model itself."""
+
+    rank: torch.Tensor
+    prob: torch.Tensor
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    logits: torch.Tensor
+    resid_final: torch.Tensor  # [pos, d_model], input of the final norm
+
+
+@torch.no_grad()
+def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5) -> LensTable:
+    """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``."""
+    L = model.summary.n_layers
+    hooks = site_hooks(L)
+    wanted = set(hooks) | {"ln_final.hook_in", "ln_final.hook_out"}
+    logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
+    norm = final_norm(model)
+    check_matches(norm, cache["ln_final.hook_in"][0], cache["ln_final.hook_out"][0])
+    ranks, probs, tids, tps = [], [], [], []
+    for h in hooks:  # one site at a time: [pos, d_vocab] stays small
+        lp = project(model, cache[h][0], norm).log_softmax(-1)  # [pos, d_vocab]
+        tgt = lp[:, target_id]
+        ranks.append((lp > tgt[:, None]).sum(-1))
+        probs.append(tgt.exp())
+        v, i = lp.topk(k, dim=-1)
+        tids.append(i)
+        tps.append(v.exp())
+    return LensTable(
+        rank=torch.stack(ranks).cpu(), prob=torch.stack(probs).cpu(), top_ids=torch.stack(tids).cpu(),
+        top_probs=torch.stack(tps).cpu(), logits=logits[0].detach().float().cpu(),
+        resid_final=cache["ln_final.hook_in"][0].detach().float().cpu(),
+    )

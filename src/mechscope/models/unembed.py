@@ -1,0 +1,94 @@
+"""The model's final norm and unembedding, applied to any residual-stream vector.
+
+Used by the logit lens (project a hidden state to the vocabulary through the final norm, with
+the vector's own scale) and by direct logit attribution (the final norm with a *frozen* scale,
+which makes the map from residual stream to logits linear, so component contributions sum
+exactly to the logits).
+
+Supported final norms: LayerNorm (GPT-2: ``w * (x - mean(x)) / s + b``, ``s = sqrt(var(x) +
+eps)``) and RMSNorm (Llama/SmolLM2: ``w * x / s``, ``s = sqrt(mean(x^2) + eps)``).
+``final_norm(model)`` reads the weights from the bridge and ``check_matches`` compares against
+the model's own ``ln_final.hook_out``, so an unsupported variant fails loudly, never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mechscope.errors import MechscopeError
+
+
+@dataclass
+class FinalNorm:
+    """Parameters of the final norm; ``weight``/``bias`` [d_model] (bias None for RMSNorm)."""
+
+    kind: Literal["layernorm", "rmsnorm"]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's scale s of x [..., d_model] -> [..., 1]."""
+        x = x.float()
+        if self.kind == "layernorm":
+            return (x.var(-1, keepdim=True, unbiased=False) + self.eps).sqrt()
+        return (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+
+    def linear(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The norm's linear part with a given (frozen) scale: no bias. x [..., d_model]."""
+        x = x.float()
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return self.weight * x / scale
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x [..., d_model], with its own scale unless ``scale`` is given."""
+        out = self.linear(x, self.scale(x) if scale is None else scale)
+        return out + self.bias if self.bias is not None else out
+
+
+def final_norm(model) -> FinalNorm:
+    """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms."""
+    mod = model.bridge.ln_final
+    orig = getattr(mod, "_original_component", mod)
+    name = type(orig).__name__
+    params = dict(orig.named_parameters())
+    weight = params.get("weight")
+    if weight is None:
+        raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
+    eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", 1e-5)
+    if "Gemma" in name:
+        raise MechscopeError(f"The final norm {name} (scaled by 1 + weight) is not supported by the lens; use a LayerNorm or RMSNorm model.")
+    kind = "rmsnorm" if "RMS" in name.upper() or "bias" not in params else "layernorm"
+    bias = params.get("bias")
+    return FinalNorm(kind=kind, weight=weight.detach().float(), bias=None if bias is None else bias.detach().float(), eps=float(eps))
+
+
+def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor, tol: float = 1e-3) -> None:
+    """Raise unless ``norm(resid)`` reproduces the model's own final-norm output."""
+    err = (norm(resid) - normalized.float()).abs().max().item()
+    ref = normalized.float().abs().max().item() or 1.0
+    if err > tol * max(1.0, ref):
+        raise MechscopeError(
+            f"mechscope's reading of the final norm ({norm.kind}) differs from the model's by {err:.2g}; "
+            "this norm variant is not supported by the lens."
+        )
+
+
+def unembed_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_U [d_model, d_vocab] and b_U [d_vocab] (None when the model has no unembedding bias)."""
+    W_U = model.bridge.W_U.detach().float()
+    b_U = getattr(model.bridge, "b_U", None)
+    return W_U, (None if b_U is None else b_U.detach().float())
+
+
+def project(model, x: torch.Tensor, norm: FinalNorm | None = None) -> torch.Tensor:
+    """Logits [..., d_vocab] of hidden states x [..., d_model] through the final norm (own
+    scale) and the unembedding: the logit lens."""
+    norm = norm or final_norm(model)
+    W_U, b_U = unembed_weights(model)
+    out = norm(x.to(W_U.device)) @ W_U
+    return out + b_U if b_U is not None else out

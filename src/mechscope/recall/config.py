@@ -1,0 +1,60 @@
+"""``RecallConfig``: every setting of the recall analyses (also saved with each result)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+TraceKind = Literal["resid", "mlp", "attn"]
+
+
+@dataclass
+class RecallConfig:
+    """Settings of ``recall`` / ``recall_dataset``.
+
+    Windows default to the papers' choices scaled by depth: ROME traced MLP/attention with a
+    window of 10 layers and Geva et al. knocked out attention in windows of 9 layers, both on
+    48-layer GPT-2 XL, so ``None`` means ``round(10 * n_layers / 48)`` and
+    ``round(9 * n_layers / 48)`` (6 and 6 on the 30-layer SmolLM2).
+    """
+
+    samples: int = 3
+    """noise samples per causal-tracing run (ROME used 10)"""
+    noise: float = 3.0
+    """noise std as a multiple of the embedding std of the facts list's subjects (ROME: 3)"""
+    trace_window: int | None = None
+    """layers restored together when tracing MLP / attention outputs (None: depth-scaled 10/48)"""
+    kinds: tuple[TraceKind, ...] = ("resid", "mlp", "attn")
+    """which states causal tracing restores"""
+    knockout_window: int | None = None
+    """layers whose last-position attention edges are blocked together (None: depth-scaled 9/48)"""
+    top_k: int = 50
+    """projected tokens per layer in the subject-enrichment measure (Geva: 50)"""
+    gen_tokens: int = 24
+    """tokens generated per prompt to build a subject's related-token set"""
+    layer_stride: int = 1
+    """trace and knock out at every ``layer_stride``-th layer only (the dataset run uses 2)"""
+    seed: int = 0
+    max_rows: int = 64
+    """forward-pass batch size (rows) for the batched tracing and knockout runs"""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def windows(self, n_layers: int) -> tuple[int, int]:
+        tw = self.trace_window or max(1, round(10 * n_layers / 48))
+        kw = self.knockout_window or max(1, round(9 * n_layers / 48))
+        return tw, kw
+
+    def layers(self, n_layers: int) -> list[int]:
+        """The layers (window centres) traced and knocked out."""
+        return list(range(0, n_layers, max(1, self.layer_stride)))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        return d
+
+
+def window_layers(center: int, width: int, n_layers: int) -> range:
+    """Layers of a window of ``width`` around ``center``, clipped to the model (ROME's
+    convention: [center - width // 2, center + ceil(width / 2)))."""
+    return range(max(0, center - width // 2), min(n_layers, center - (-width // 2)))

@@ -1,0 +1,49 @@
+"""Attribute extraction (Geva et al. 2023, section 6): at the last position, project each
+layer's attention output and MLP output (``hook_attn_out``, ``hook_mlp_out``) to the
+vocabulary (final norm with the vector's own scale, then the unembedding) and record where the
+attribute is the top token. Geva et al. found the attribute extracted mostly by upper-layer
+attention (MHSA), much less often by MLPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechscope.models.unembed import final_norm, project
+from mechscope.recall.engine import clean_states
+
+
+@dataclass
+class Extraction:
+    """Per layer [n_layers]: the attribute's rank in the projection of each sublayer output at
+    the last position, and the top token id."""
+
+    attn_rank: torch.Tensor
+    mlp_rank: torch.Tensor
+    attn_top: torch.Tensor
+    mlp_top: torch.Tensor
+    attn_top_tokens: list[str]
+    mlp_top_tokens: list[str]
+
+    def layers(self, which: str) -> list[int]:
+        """Layers where the attribute is the top token of ``which`` ('attn' or 'mlp')."""
+        r = self.attn_rank if which == "attn" else self.mlp_rank
+        return (r == 0).nonzero()[:, 0].tolist()
+
+
+@torch.no_grad()
+def attribute_extraction(model, tokens: torch.Tensor, target_id: int) -> Extraction:
+    """Extraction events of one prompt, tokens [1, pos]."""
+    L = model.summary.n_layers
+    hooks = [f"blocks.{l}.hook_{k}_out" for k in ("attn", "mlp") for l in range(L)]
+    st = clean_states(model, tokens, hooks)
+    norm = final_norm(model)
+    out = {}
+    for k in ("attn", "mlp"):
+        x = torch.stack([st[f"blocks.{l}.hook_{k}_out"][-1] for l in range(L)])  # [L, d_model]
+        logits = project(model, x, norm)  # [L, d_vocab]
+        out[k + "_rank"] = (logits > logits[:, target_id : target_id + 1]).sum(-1).cpu()
+        out[k + "_top"] = logits.argmax(-1).cpu()
+        out[k + "_top_tokens"] = [model.tokenizer.decode([i]) for i in out[k + "_top"].tolist()]
+    return Extraction(**out)

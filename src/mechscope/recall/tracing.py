@@ -1,0 +1,88 @@
+"""Causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", ROME).
+
+1. Clean run: p(target) at the last position; cache every layer's residual stream
+   (``hook_resid_post``), MLP output and attention output at every position.
+2. Corrupted runs: Gaussian noise N(0, (noise * sigma)^2) added to the token embeddings of the
+   subject, sigma = std of the embeddings of the facts list's subject tokens (ROME's
+   ``noise_level = 3 * std``); ``samples`` noise draws, shared by every restoration.
+3. Restored runs: the corrupted run with one clean state put back: the residual stream at
+   (layer, position), or the MLP / attention outputs of a window of layers around a layer at
+   one position. p(target) of each, averaged over the noise draws -> [n_layers, pos] per kind.
+   Positions before the subject are not run: the noise cannot reach them (causal attention),
+   so restoring them gives exactly the corrupted probability, which fills those columns.
+
+All runs are batched (one row per restoration x noise draw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechscope.recall.config import RecallConfig, window_layers
+from mechscope.recall.engine import Row, clean_states, run_rows
+
+KIND_HOOK = {"resid": "blocks.{l}.hook_resid_post", "mlp": "blocks.{l}.hook_mlp_out", "attn": "blocks.{l}.hook_attn_out"}
+
+
+@dataclass
+class Trace:
+    """p(target): clean, corrupted (mean over draws) and restored [len(layers), pos] per kind
+    (row i is layer ``layers[i]``: its residual stream, or the window of MLP / attention
+    outputs around it)."""
+
+    clean_prob: float
+    corrupt_prob: float
+    restored: dict[str, torch.Tensor]
+    noise_std: float
+    window: int
+    layers: list[int]
+
+    def indirect_effect(self, kind: str) -> torch.Tensor:
+        """Restored minus corrupted p(target) [len(layers), pos] (ROME's indirect effect)."""
+        return self.restored[kind] - self.corrupt_prob
+
+
+def embedding_std(model, subjects: list[str]) -> float:
+    """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME."""
+    W_E = model.bridge.W_E.detach()
+    ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
+    return float(W_E[torch.tensor(ids)].float().std())
+
+
+def noise_bank(n: int, n_pos: int, d_model: int, std: float, seed: int) -> torch.Tensor:
+    """[n, n_pos, d_model] Gaussian noise with the given std, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, n_pos, d_model, generator=g) * std
+
+
+@torch.no_grad()
+def causal_trace(model, tokens: torch.Tensor, subject_pos: list[int], target_id: int, noise_std: float,
+                 cfg: RecallConfig | None = None) -> Trace:
+    """Causal trace of one prompt, tokens [1, pos]; ``noise_std`` = noise * embedding std."""
+    cfg = cfg or RecallConfig()
+    L, P = model.summary.n_layers, tokens.shape[1]
+    window, _ = cfg.windows(L)
+    hooks = [KIND_HOOK[k].format(l=l) for k in cfg.kinds for l in range(L)]
+    clean = clean_states(model, tokens, hooks)
+    bank = noise_bank(cfg.samples, len(subject_pos), model.summary.d_model, noise_std, cfg.seed)
+    rows = [Row(noise=s) for s in range(cfg.samples)]  # corrupted baseline
+    layers_run = cfg.layers(L)
+    index = []  # (kind, row, pos) for each block of `samples` rows
+    for kind in cfg.kinds:
+        for i, l in enumerate(layers_run):
+            layers = [l] if kind == "resid" else list(window_layers(l, window, L))
+            for p in range(subject_pos[0], P):
+                index.append((kind, i, p))
+                for s in range(cfg.samples):
+                    rows.append(Row(noise=s, restore={KIND_HOOK[kind].format(l=j): [p] for j in layers}))
+    probs = run_rows(model, tokens, target_id, rows, noise_pos=subject_pos, noise_bank=bank, clean=clean, max_rows=cfg.max_rows)
+    clean_p = float(run_rows(model, tokens, target_id, [Row()])[0])
+    corrupt = float(probs[: cfg.samples].mean())
+    per = probs[cfg.samples:].view(len(index), cfg.samples).mean(1)
+    restored = {k: torch.full((len(layers_run), P), corrupt) for k in cfg.kinds}
+    for (kind, i, p), v in zip(index, per.tolist()):
+        restored[kind][i, p] = v
+    return Trace(clean_prob=clean_p, corrupt_prob=corrupt, restored=restored, noise_std=noise_std, window=window,
+                 layers=layers_run)

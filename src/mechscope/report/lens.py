@@ -1,0 +1,47 @@
+"""Self-contained HTML report of ``mechscope lens``: target-rank heatmap (site x position),
+the logit lens's top tokens at the last position, and the top direct-logit contributors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mechscope.report.svg import bar_chart, esc, fmt, heatmap, page, table
+
+
+def lens_html(d: dict[str, Any]) -> str:
+    """The page for a ``LensResult.to_dict()``."""
+    lens, dla = d["lens"], d["dla"]
+    sites, toks = lens["sites"], d["tokens"]
+    log_rank = [[math.log10(1 + r) for r in row] for row in lens["target_rank"]]
+    tips = [[f"{s}, position {p} {toks[p]!r}: rank {r}, p = {fmt(pr)}; top: {', '.join(map(repr, lens['top_tokens'][i][p][:3]))}"
+             for p, (r, pr) in enumerate(zip(lens["target_rank"][i], lens["target_prob"][i]))] for i, s in enumerate(sites)]
+    hm = heatmap(log_rank, sites, [f"{p}:{t}" for p, t in enumerate(toks)], title=f"log10(1 + rank) of {d['target']!r}",
+                 tips=tips, vmin=0.0, row_title="residual stream site", col_title="position", cell=16)
+    last_rows = [[s, lens["target_rank"][i][-1], lens["target_prob"][i][-1], "  ".join(repr(t) for t in lens["top_tokens"][i][-1])]
+                 for i, s in enumerate(sites)]
+    top = dla["top"]
+    bars = bar_chart([c["name"] for c in top], [c["value"] for c in top], width=620,
+                     title=f"Direct contribution to logit({d['target']!r}) - logit({d['distractor']!r})",
+                     value_label="frozen final-norm scale; contributions sum to the logit difference")
+    check = (f"Sum of all contributions {fmt(dla['total'], 6)} vs the model's logit difference {fmt(dla['actual'], 6)} "
+             f"(|error| {fmt(dla['error'], 2)}).")
+    body = (
+        f"<p>Prompt: <code>{esc(d['prompt'])}</code> &rarr; target <code>{esc(d['target'])}</code>, "
+        f"distractor <code>{esc(d['distractor'])}</code>. Model {esc(d['model'].get('name', ''))}.</p>"
+        f"<h2>Logit lens: rank of the target</h2><figure>{hm}</figure>"
+        f"<p class='muted small'>First site where the target is top-1 at the last position: "
+        f"{esc(lens['first_top1_site_last_position'])}.</p>"
+        f"<h2>Direct logit attribution (last position)</h2><figure>{bars}</figure><p>{esc(check)}</p>"
+        f"<h2>Logit lens at the last position</h2>"
+        + table(["site", "target rank", "target p", "top tokens"], last_rows, numeric=[False, True, True, False])
+    )
+    return page(f"Logit lens: {d['prompt']}", body, subtitle="mechscope lens")
+
+
+def write_lens_report(d: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(lens_html(d), encoding="utf-8")
+    return p
