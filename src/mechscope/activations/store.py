@@ -129,6 +129,7 @@ class Harvester:
         self.dtype = DTYPES[cfg.dtype]
         self.device = torch.device(cfg.device) if cfg.device else model.device
         self.hook_calls = 0  # capturing-hook calls, for tests
+        self._dims: dict[str, int] | None = None
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, skip_first: int | None = None) -> dict[str, torch.Tensor]:
@@ -169,9 +170,11 @@ class Harvester:
         return out
 
     def dims(self) -> dict[str, int]:
-        """Width of each hook's rows, from a two-token probe."""
-        probe = torch.full((1, 2), separator_id(self.model.tokenizer), dtype=torch.long)
-        return {h: int(t.shape[1]) for h, t in self.run(probe, skip_first=0).items()}
+        """Width of each hook's rows, from a two-token probe (run once)."""
+        if self._dims is None:
+            probe = torch.full((1, 2), separator_id(self.model.tokenizer), dtype=torch.long)
+            self._dims = {h: int(t.shape[1]) for h, t in self.run(probe, skip_first=0).items()}
+        return dict(self._dims)
 
 
 @contextlib.contextmanager
