@@ -270,9 +270,11 @@ def _logits(model, sae, sel: Tensor, n: int):
     W_dec = sae.W_dec.detach()[sel]  # [F, d_out]
     if W_dec.shape[-1] != model.summary.d_model or n <= 0:
         return None
-    lg = output_logits(model, W_dec)  # [F, d_vocab]
-    pv, pi = lg.topk(n, dim=-1)
-    nv, ni = (-lg).topk(n, dim=-1)
+    tops = []
+    for chunk in W_dec.split(256):  # [<=256, d_vocab] logits at a time: bounded memory
+        lg = output_logits(model, chunk)
+        tops.append((*lg.topk(n, dim=-1), *(-lg).topk(n, dim=-1)))
+    pv, pi, nv, ni = (torch.cat(x) for x in zip(*tops))
     pos = [list(zip(i.tolist(), v.tolist())) for i, v in zip(pi, pv)]
     neg = [list(zip(i.tolist(), (-v).tolist())) for i, v in zip(ni, nv)]
     return pos, neg

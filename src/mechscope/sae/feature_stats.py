@@ -114,14 +114,17 @@ class FeatureStats:
         offset = self.n_contexts
         self.n_tokens += B * L
         self.n_contexts += B
-        fire = acts > 0
-        self.n_firing += fire.sum((0, 1))
-        self.sum_act += torch.where(fire, acts, 0).sum((0, 1)).double()
-        hb = self.bins(acts)  # [B, L, F]
-        flat = (torch.arange(F, device=self.device) * self.NB + hb).reshape(-1)
-        self.hist += torch.bincount(flat, minlength=F * self.NB).view(F, self.NB)
+        # everything below the top-k works on the firing entries only (SAE codes are sparse)
+        b, pos, feat = (acts > 0).nonzero(as_tuple=True)  # [M] each
+        vals = acts[b, pos, feat]
+        fired = torch.bincount(feat, minlength=F)
+        self.n_firing += fired
+        self.sum_act.index_add_(0, feat, vals.double())
+        hb = self.bins(vals)  # [M], positive bins 1..NB-1
+        self.hist += torch.bincount(feat * self.NB + hb, minlength=F * self.NB).view(F, self.NB)
+        self.hist[:, 0] += B * L - fired  # the zero bin
         self._update_top(tokens, acts, offset)
-        self._update_samples(tokens, acts, hb, offset)
+        self._update_samples(tokens, acts, b, pos, feat, vals, hb, offset)
 
     def _update_top(self, tokens: Tensor, acts: Tensor, offset: int) -> None:
         B, L, F = acts.shape
@@ -147,12 +150,13 @@ class FeatureStats:
         top_win[fb, kb] = win
         self.top_val, self.top_ctx, self.top_pos, self.top_tok, self.top_win = new_val, top_ctx, top_pos, top_tok, top_win
 
-    def _update_samples(self, tokens: Tensor, acts: Tensor, hb: Tensor, offset: int) -> None:
+    def _update_samples(self, tokens: Tensor, acts: Tensor, b: Tensor, pos: Tensor, feat: Tensor,
+                        vals: Tensor, hb: Tensor, offset: int) -> None:
+        """Merge the firing entries (b, pos, feat) [M] into the per-(feature, bin) bottom-k."""
         s = self.cfg.n_samples
-        b, pos, feat = (acts > 0).nonzero(as_tuple=True)  # every firing token, [M]
         if len(b) == 0:
             return
-        seg_new = feat * self.NB + hb[b, pos, feat]
+        seg_new = feat * self.NB + hb
         key_new = torch.rand(len(b), generator=self.gen, device=self.device)
         seg = torch.cat([self.s_seg, seg_new])
         key = torch.cat([self.s_key, key_new])
@@ -168,52 +172,65 @@ class FeatureStats:
         tok, win = self._windows(tokens, acts, b[new], pos[new], feat[new])
         self.s_seg = torch.cat([self.s_seg[old], seg_new[new]])
         self.s_key = torch.cat([self.s_key[old], key_new[new]])
-        self.s_val = torch.cat([self.s_val[old], acts[b[new], pos[new], feat[new]].float()])
+        self.s_val = torch.cat([self.s_val[old], vals[new].float()])
         self.s_ctx = torch.cat([self.s_ctx[old], b[new] + offset])
         self.s_pos = torch.cat([self.s_pos[old], pos[new]])
         self.s_tok = torch.cat([self.s_tok[old], tok])
         self.s_win = torch.cat([self.s_win[old], win])
 
     # ---------------------------------------------------------------- results
+    # Read-out converts the buffers to Python lists once (cached until the next update), so
+    # asking for every feature of a wide SAE stays linear in the buffer size.
+    def _lists(self) -> dict:
+        if getattr(self, "_cache_at", None) != self.n_tokens:
+            order = torch.argsort(self.s_seg, stable=True)  # by feature, then bin
+            seg = self.s_seg[order]
+            bounds = torch.searchsorted(seg, torch.arange(self.F + 1, device=self.device) * self.NB)
+            self._cache = {
+                "top": (self.top_val.tolist(), self.top_ctx.tolist(), self.top_pos.tolist(),
+                        self.top_tok.tolist(), self.top_win.tolist()),
+                "s": (seg.tolist(), self.s_key[order].tolist(), self.s_val[order].tolist(), self.s_ctx[order].tolist(),
+                      self.s_pos[order].tolist(), self.s_tok[order].tolist(), self.s_win[order].tolist()),
+                "bounds": bounds.tolist(), "hist": self.hist.tolist(), "max": self.max_act.tolist(),
+                "edges": self.bin_edges(),
+            }
+            self._cache_at = self.n_tokens
+        return self._cache
+
     def top(self, j: int) -> list[dict]:
         """Feature j's top contexts (activation > 0 only), highest first."""
-        v = self.top_val[j]
-        out = []
-        for i in range(len(v)):
-            if not v[i] > 0:
-                continue
-            out.append({"value": float(v[i]), "context": int(self.top_ctx[j, i]), "position": int(self.top_pos[j, i]),
-                        "token_ids": self.top_tok[j, i].tolist(), "acts": self.top_win[j, i].tolist()})
-        return out
+        val, ctx, pos, tok, win = (x[j] for x in self._lists()["top"])
+        return [{"value": val[i], "context": ctx[i], "position": pos[i], "token_ids": tok[i], "acts": win[i]}
+                for i in range(len(val)) if val[i] > 0]
 
     def quantile_groups(self, j: int, n_groups: int) -> list[dict]:
         """Feature j's firing tokens split into up to ``n_groups`` groups at quantiles of the
         histogram (boundaries on bin edges, so a bin is never split), each with a uniform sample
         of ``n_samples`` of its tokens (highest activation first). Groups run from the lowest
         activations up; a bin holding more than 1/n_groups of the mass merges groups."""
-        counts = self.hist[j, 1:].tolist()  # positive bins only
+        c = self._lists()
+        counts = c["hist"][j][1:]  # positive bins only
         total = sum(counts)
         if total == 0:
             return []
-        edges = self.bin_edges()[1:]
-        groups: dict[int, list[int]] = {}
+        group_of: dict[int, int] = {}  # positive bin (1-based) -> group
         below = 0
-        for i, c in enumerate(counts):
-            if c:
-                groups.setdefault(min(n_groups - 1, n_groups * below // total), []).append(i + 1)
-            below += c
-        mine = self.s_seg // self.NB == j
-        seg, key = self.s_seg[mine] % self.NB, self.s_key[mine]
-        idx = mine.nonzero()[:, 0]
-        out = []
-        for g in sorted(groups):
-            bins = groups[g]
-            in_g = torch.isin(seg, torch.tensor(bins, device=seg.device))
-            cand = idx[in_g][key[in_g].argsort()[: self.cfg.n_samples]]
-            cand = cand[self.s_val[cand].argsort(descending=True)]
-            lo, hi = edges[bins[0] - 1][0], edges[bins[-1] - 1][1]
-            samples = [{"value": float(self.s_val[i]), "context": int(self.s_ctx[i]), "position": int(self.s_pos[i]),
-                        "token_ids": self.s_tok[i].tolist(), "acts": self.s_win[i].tolist()} for i in cand.tolist()]
-            out.append({"lo": lo, "hi": min(hi, float(self.max_act[j])), "n_tokens": int(sum(counts[b - 1] for b in bins)),
-                        "samples": samples})
+        for i, n in enumerate(counts):
+            if n:
+                group_of[i + 1] = min(n_groups - 1, n_groups * below // total)
+            below += n
+        seg, key, val, ctx, pos, tok, win = c["s"]
+        a, b = c["bounds"][j], c["bounds"][j + 1]
+        members: dict[int, list[int]] = {}
+        for i in range(a, b):
+            members.setdefault(group_of[seg[i] - j * self.NB], []).append(i)
+        edges, out = c["edges"], []
+        for g in sorted(set(group_of.values())):
+            bins = [k for k, v in group_of.items() if v == g]
+            chosen = sorted(members.get(g, []), key=lambda i: key[i])[: self.cfg.n_samples]  # bottom-k of the union
+            chosen.sort(key=lambda i: -val[i])
+            out.append({"lo": edges[bins[0]][0], "hi": min(edges[bins[-1]][1], c["max"][j]),
+                        "n_tokens": sum(counts[k - 1] for k in bins),
+                        "samples": [{"value": val[i], "context": ctx[i], "position": pos[i], "token_ids": tok[i],
+                                     "acts": win[i]} for i in chosen]})
         return out
