@@ -7,6 +7,7 @@ import typer
 from mechscope.cli import basic, circuits
 from mechscope.cli import corpus as corpus_cli
 from mechscope.cli import recall as recall_cli
+from mechscope.cli import sae as sae_cli
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ basic.register(app)
 circuits.register(app)
 corpus_cli.register(app)
 recall_cli.register(app)
+sae_cli.register(app)
 
 
 def main() -> None:

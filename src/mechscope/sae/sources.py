@@ -47,3 +47,50 @@ class TensorSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._perm = self._make_perm()
+
+
+class StoreSource:
+    """The trainer's view of an ``ActivationStore`` (streaming) or ``ShardStore`` (from disk):
+    rows of ``hook_in`` (and aligned rows of ``hook_out`` for a transcoder).
+
+    Resume: for shards, the position is restored exactly by replaying the same seeded order
+    (reading only, no model); for a streaming store, the corpus is re-tokenised and the contexts
+    already run are skipped without the model, so only the rows then waiting in the shuffle
+    buffer (at most ``buffer_tokens``) are not seen again."""
+
+    def __init__(self, store: Any, hook_in: str, hook_out: str | None = None):
+        self.store, self.hook_in, self.hook_out = store, hook_in, hook_out
+        self.served = 0
+
+    def next_batch(self, n: int) -> Tensor | tuple[Tensor, Tensor]:
+        try:
+            b = self.store.next_batch(n)
+        except StopIteration:
+            raise MechscopeError("the corpus ran out of text before training finished; use a larger corpus or fewer --tokens.") from None
+        self.served += n
+        return (b[self.hook_in], b[self.hook_out]) if self.hook_out else b[self.hook_in]
+
+    @property
+    def streaming(self) -> bool:
+        return hasattr(self.store, "_contexts")
+
+    def state_dict(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"served": self.served}
+        if self.streaming:
+            st["contexts"] = self.store.tokens_seen // self.store.cfg.context_len
+        return st
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.streaming:
+            n = int(state.get("contexts", 0))
+            for _ in range(n):  # tokenisation only: the model does not run for skipped contexts
+                if next(self.store._contexts, None) is None:
+                    break
+            self.store.tokens_seen = n * self.store.cfg.context_len
+        else:
+            left = int(state["served"])
+            while left > 0:
+                k = min(left, 65536)
+                self.store.next_batch(k)
+                left -= k
+        self.served = int(state["served"])

@@ -1,0 +1,111 @@
+"""`mechscope sae train / eval` end to end on a tiny model and a small text file, including a
+run killed with SIGKILL and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mechscope.cli.main import app
+
+HOOK = "blocks.1.hook_resid_pre"
+TEXT = (
+    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
+    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
+    "Bob gave a ball to Alice. 0123456789 "
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
+    # Documents of shuffled sentences, so they differ.
+    import random
+
+    rng = random.Random(0)
+    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
+    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
+    return str(p)
+
+
+def _train_args(model_dir, corpus, out, tokens=24_576, extra=()):
+    return ["sae", "train", "--model", model_dir, "--hook", HOOK, "--corpus", corpus, "--tokens", str(tokens),
+            "--batch-tokens", "512", "--expansion", "4", "--k", "8", "--lr", "2e-3", "--context-len", "32",
+            "--checkpoint-every", "4096", "--out", str(out), "--device", "cpu", *extra]
+
+
+def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, corpus, tmp_path):
+    r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "sae", extra=["--json"]))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["tokens"] == 24_576 and summary["sae"]["d_sae"] == 256
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["metadata"]["hook_name"] == HOOK
+    r = CliRunner().invoke(app, ["sae", "eval", str(tmp_path / "sae"), "--corpus", corpus, "--tokens", "2048",
+                                 "--context-len", "32", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert ev["l0"] <= 8 and 0 <= ev["fvu"] < 0.8 and ev["ce_recovered"] > 0.3
+    html = (tmp_path / "sae" / "eval.html").read_text()
+    assert "feature density" in html and "<script" not in html
+
+
+def test_transcoder_training_from_the_cli(tiny_llama_dir, corpus, tmp_path):
+    args = _train_args(tiny_llama_dir, corpus, tmp_path / "tc", tokens=8192, extra=["--transcoder", "--json"])
+    args[args.index("--hook") + 1] = "blocks.1.ln2.hook_normalized"
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out" and cfg["d_out"] == 64
+
+
+def test_bad_input_is_one_sentence(tiny_gpt2_dir, corpus, tmp_path):
+    r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "x") + ["--arch", "gated"])
+    assert r.exit_code == 2 and "unknown SAE architecture" in r.stderr
+    args = _train_args(tiny_gpt2_dir, corpus, tmp_path / "y")
+    args[args.index("--hook") + 1] = "blocks.1.hook_resid_psot"
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "no hook named" in r.stderr and "blocks.1.hook_resid_post" in r.stderr
+    r = CliRunner().invoke(app, ["sae", "eval", str(tmp_path), "--model", tiny_gpt2_dir])
+    assert r.exit_code == 2 and "no cfg.json" in r.stderr
+    r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, str(tmp_path / "missing.jsonl"), tmp_path / "z"))
+    assert r.exit_code == 2 and "missing.jsonl" in r.stderr
+
+
+def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mechscope.cli.main", *_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 240
+    state = out / "checkpoint" / "state.json"
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "cfg.json").exists()  # it really died before finishing
+    at = json.loads(state.read_text())["tokens"]
+    assert 0 < at < 65_536
+    r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, out, tokens=65_536, extra=["--resume", "--json"]))
+    assert r.exit_code == 0, r.output
+    resumed = json.loads(r.stdout)
+    assert resumed["tokens"] == 65_536 and not (out / "checkpoint").exists()
+    r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "straight", tokens=65_536, extra=["--json"]))
+    straight = json.loads(r.stdout)
+    ev = {}
+    for name in ("killed", "straight"):
+        r = CliRunner().invoke(app, ["sae", "eval", str(tmp_path / name), "--corpus", corpus, "--tokens", "4096",
+                                     "--context-len", "32", "--device", "cpu", "--json"])
+        ev[name] = json.loads(r.stdout)
+    # Equal in quality: the resumed SAE reconstructs held-out text as well as the uninterrupted one.
+    assert abs(ev["killed"]["fvu"] - ev["straight"]["fvu"]) < 0.1 * ev["straight"]["fvu"] + 0.02, (ev["killed"]["fvu"], ev["straight"]["fvu"])
+    assert straight["tokens"] == 65_536
