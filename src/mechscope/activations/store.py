@@ -140,7 +140,7 @@ class Harvester:
         def make(name: str):
             def capture(t: torch.Tensor, hook=None):
                 self.hook_calls += 1
-                if len(got) == n - 1:  # the last one: nothing runs after it
+                if name not in got and len(got) == n - 1:  # the last one: nothing runs after it
                     got[name] = t
                     raise _Stop
                 got[name] = t.detach().clone()  # later layers must not see (or change) our copy
@@ -183,10 +183,12 @@ def _plain(model):
 
     b = model.bridge
     was = (getattr(b.cfg, "use_split_qkv_input", True), getattr(b.cfg, "use_attn_result", True))
-    with plain_attention(model):
-        yield
-    b.set_use_split_qkv_input(was[0])
-    b.set_use_attn_result(was[1])
+    try:
+        with plain_attention(model):
+            yield
+    finally:
+        b.set_use_split_qkv_input(was[0])
+        b.set_use_attn_result(was[1])
 
 
 class ActivationStore:
