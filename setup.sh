@@ -26,6 +26,15 @@ if [[ $want_test == 1 ]]; then pipq -e ".[test]"; else pipq -e .; fi
 [[ -f .venv/share/mechscope/corpus/embedded.jsonl ]] || "$VPY" -m mechscope.activations.embedded || echo "setup: no embedded text corpus (needs Debian's apt-get); pass --corpus to SAE commands" >&2
 "$VPY" -c "import mechscope.cli.main" || { echo "setup: mechscope failed to import" >&2; exit 1; }
 
+# SAELens (the SAE client mechscope round-trips with) needs transformer-lens < 4, so the interop
+# test runs it from a second environment that also holds mechscope: proof the two install together.
+if [[ $want_test == 1 ]] && ! .venv-saelens/bin/python -c "import sae_lens, mechscope" 2>/dev/null; then
+  [[ -x .venv-saelens/bin/python ]] || "$PY" -m venv .venv-saelens
+  .venv-saelens/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC numpy 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv-saelens/bin/python -m pip install -q --disable-pip-version-check -e . sae-lens 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv-saelens/bin/python -c "import sae_lens, mechscope" || { echo "setup: SAELens failed to install in .venv-saelens" >&2; exit 1; }
+fi
+
 if [[ $want_test == 1 ]] && ! command -v chromedriver >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
