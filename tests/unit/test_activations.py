@@ -173,6 +173,10 @@ def test_harvest_round_trips_and_resumes(tiny_llama, tmp_path):
         x, y = load_file(str(tmp_path / "a" / s["file"])), load_file(str(tmp_path / "b" / s["file"]))
         assert all(torch.equal(x[k], y[k]) for k in x)
     assert man_b["complete"]
+    more = harvest(tiny_llama, DOCS, cfg, tmp_path / "b", n_tokens=600, progress=False)  # extend: 2 more shards
+    assert len(more["shards"]) == 7 and more["n_tokens"] == 7 * 90
+    longer = ActivationStore(tiny_llama, DOCS, cfg).next_batch(630)[PAIR[1]]
+    torch.testing.assert_close(ShardStore(tmp_path / "b", shuffle=False).next_batch(630)[PAIR[1]], longer, atol=0, rtol=0)
 
     with pytest.raises(MechscopeError, match="different settings"):
         harvest(tiny_llama, DOCS, StoreConfig(hooks=PAIR[:1], context_len=16), tmp_path / "b", n_tokens=10, progress=False)

@@ -6,7 +6,8 @@ unshuffled), runs the model only up to the last hooked layer, and writes every
 ``tokens`` [rows], the token id at each row). Each shard is written to a temporary name and
 renamed, and ``manifest.json`` (model, hooks, widths, dtype, token counts, corpus spec, store
 settings, finished shards) is rewritten after each, so a killed harvest resumes: shards already
-on disk are skipped (their contexts are re-tokenised, never re-run).
+on disk are skipped (their contexts are re-tokenised, never re-run). Asking the same folder for
+more tokens later extends the harvest with further shards.
 
 ``ShardStore(out_dir)`` serves ``next_batch(n) -> {hook: [n, d]}`` like ``ActivationStore``:
 each epoch visits the shards in a new random order, ``buffer_shards`` at a time, and serves the
@@ -32,7 +33,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENS_KEY = "tokens"
 # Settings that must match for a resumed harvest to continue the same stream.
-_SAME = ("model", "hooks", "context_len", "skip_first", "dtype", "corpus", "contexts_per_shard")
+_SAME = ("model", "hooks", "context_len", "skip_first", "dtype", "corpus")
 
 
 def _shard_name(i: int) -> str:
@@ -54,7 +55,9 @@ def harvest(
     out.mkdir(parents=True, exist_ok=True)
     harvester = Harvester(model, cfg)
     rpc = cfg.rows_per_context
-    cps = max(1, -(-shard_tokens // rpc))  # contexts per shard
+    old = _read_manifest(out) if (out / MANIFEST).is_file() else None
+    # contexts per shard; a resumed or extended harvest keeps the one it started with
+    cps = int(old["contexts_per_shard"]) if old else max(1, -(-min(shard_tokens, n_tokens) // rpc))
     n_shards = -(-n_tokens // (cps * rpc))
     spec = corpus_spec or getattr(corpus, "spec", None) or type(corpus).__name__
     if hasattr(corpus, "split") and getattr(corpus, "split", "all") != "all":
@@ -65,7 +68,6 @@ def harvest(
         "corpus": spec, "contexts_per_shard": cps, "rows_per_shard": cps * rpc, "n_tokens_requested": n_tokens,
         "store": cfg.to_dict(), "shards": [], "n_tokens": 0, "complete": False,
     }
-    old = _read_manifest(out) if (out / MANIFEST).is_file() else None
     if old is not None:
         diff = [k for k in _SAME if old.get(k) != manifest.get(k)]
         if diff:
