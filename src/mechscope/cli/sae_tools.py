@@ -136,7 +136,7 @@ def steer(
     what = {"add": f"feature {res.settings.get('feature')} x {res.settings.get('scale')}",
             "clamp": f"feature {res.settings.get('feature')} clamped to {res.settings.get('value')}",
             "actadd": f"ActAdd {res.settings.get('plus')!r} - {res.settings.get('minus')!r} x {res.settings.get('coef')} at layer {res.settings.get('layer')}"}[res.mode]
-    title = f"{m.summary.name}: {what} at {res.settings['hook']} (activation norm there {res.resid_norm:.1f})"
+    title = f"{m.summary.name}: {what} at {res.settings['hook']} (median activation norm there {res.resid_norm:.1f})"
     t = Table(title=Text(title), show_lines=True)
     t.add_column("unsteered", ratio=1)
     t.add_column("steered", ratio=1)

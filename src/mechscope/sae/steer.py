@@ -5,7 +5,7 @@ Three interventions, each a forward hook at one hook point:
 
 1. **Feature addition**: ``x += scale * W_dec[f] / ||W_dec[f]||`` at every position (the
    feature's unit decoder direction times ``scale``, in the units of the residual stream;
-   ``SteerResult.resid_norm`` gives the typical norm there for comparison).
+   ``SteerResult.resid_norm``, the median activation norm there, gives the scale to compare).
 2. **Clamping** (Templeton et al. 2024, "Scaling Monosemanticity"): encode ``x``, set feature f
    to ``value`` and decode the change, ``x += (value - f(x)) * W_dec[f]``. Since
    ``x = SAE(x) + error``, this is the SAE's reconstruction with feature f clamped plus the
@@ -70,7 +70,8 @@ class SteerResult:
     next_token: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     """Top-5 (token, probability) of the first generated position, per row."""
     resid_norm: float = 0.0
-    """Mean L2 norm of the unsteered activation at the steering hook over the prompt."""
+    """Median L2 norm of the unsteered activation at the steering hook over the prompt's
+    positions (the median: position 0 is often an attention sink with a far larger norm)."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,7 +229,7 @@ def _run(model, prompt: str, hooks: list[Hook], hook_name: str, mode: str, setti
     return SteerResult(mode=mode, prompt=prompt, unsteered=dec(a), steered=dec(b),
                        settings={**settings, **asdict(gen)}, model=model.summary.to_dict(),
                        unsteered_ids=a, steered_ids=b, next_token=top,
-                       resid_norm=float(x[0].norm(dim=-1).mean()), seconds=time.perf_counter() - t0)
+                       resid_norm=float(x[0].norm(dim=-1).median()), seconds=time.perf_counter() - t0)
 
 
 def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = None, clamp: float | None = None,
