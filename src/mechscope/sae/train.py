@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -233,18 +234,22 @@ class Trainer:
         arch = cfg.architecture
         pre = sae.pre_acts(x)
         aux = torch.zeros((), device=x.device)
+        bags: tuple[Tensor, Tensor, Tensor | None] | None = None  # sparse code: (vals, idx, offsets)
         if arch == "relu":
             f = torch.relu(pre)
             sparsity = self._l1_coef() * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
         elif arch == "topk":
             vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+            bags = (vals.relu(), idx, None)
             sparsity = aux
         elif arch == "batchtopk":
-            rel = pre.relu()
-            flat = rel.flatten()
-            vals, idx = flat.topk(cfg.k * x.shape[0], sorted=False)
-            f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+            flat = pre.relu().flatten()
+            vals, idx = flat.topk(cfg.k * x.shape[0], sorted=True)
+            rows, cols = idx // pre.shape[1], idx % pre.shape[1]
+            order = rows.argsort(stable=True)  # group the kept entries by token for embedding_bag
+            counts = torch.bincount(rows, minlength=x.shape[0])
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+            bags = (vals[order], cols[order], offsets)
             with torch.no_grad():  # inference threshold: running mean of the smallest kept value
                 pos = vals[vals > 0]
                 if pos.numel():
@@ -259,7 +264,14 @@ class Trainer:
             f = _JumpSTE.apply(pre, theta, cfg.jumprelu_bandwidth)
             l0 = _StepSTE.apply(pre, theta, cfg.jumprelu_bandwidth).sum(-1).mean()
             sparsity = self._warm() * cfg.l0 * l0
-        y_hat = sae.decode(f)
+        if bags is not None:
+            # TopK codes have k non-zeros per token: decoding by gathering the k decoder rows
+            # (embedding_bag) instead of a dense [batch, d_sae] @ [d_sae, d] product skips
+            # (1 - k/d_sae) of the decoder's forward and backward work.
+            v, i, off = bags
+            y_hat = F.embedding_bag(i.reshape(-1) if off is not None else i, sae.W_dec, off, mode="sum", per_sample_weights=v.reshape(-1) if off is not None else v) + sae.b_dec
+        else:
+            y_hat = sae.decode(f)
         err = y - y_hat
         mse = err.pow(2).sum(-1).mean()
         if arch in ("topk", "batchtopk"):
@@ -267,9 +279,8 @@ class Trainer:
             if dead.any():
                 k_aux = min(cfg.aux_k or x.shape[1] // 2, int(dead.sum()))
                 dpre = pre.masked_fill(~dead, float("-inf"))
-                v, i = dpre.topk(k_aux, dim=-1, sorted=False)
-                fa = torch.zeros_like(pre).scatter(-1, i, v.relu())
-                e_hat = fa @ sae.W_dec
+                va, ia = dpre.topk(k_aux, dim=-1, sorted=False)
+                e_hat = F.embedding_bag(ia, sae.W_dec, mode="sum", per_sample_weights=va.relu())
                 e = err.detach()
                 aux = cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
                 aux = torch.nan_to_num(aux)
@@ -287,12 +298,18 @@ class Trainer:
         n = x.shape[0]
         self.tokens += n
         with torch.no_grad():
-            fired = (f > 0).any(0)
-            self.last_fired[fired] = self.tokens
+            if bags is not None:
+                v, i, _ = bags
+                active = v.detach().reshape(-1) > 0
+                self.last_fired[i.reshape(-1)[active]] = self.tokens
+                l0 = float(active.sum()) / n
+            else:
+                self.last_fired[(f > 0).any(0)] = self.tokens
+                l0 = float((f > 0).sum(-1).float().mean())
             var = (y - y.mean(0)).pow(2).sum(-1).mean()
             return {
                 "loss": float(loss), "mse": float(mse), "fvu": float(mse / var.clamp_min(1e-8)),
-                "l0": float((f > 0).sum(-1).float().mean()), "aux": float(aux),
+                "l0": l0, "aux": float(aux),
                 "dead": float(self._dead_mask().float().mean()) if self.tokens >= cfg.dead_tokens else float("nan"),
                 "lr": self._lr(),
             }
