@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
 import time
 
@@ -97,12 +98,14 @@ def main() -> None:
         return time.perf_counter() - t
 
     baseline(), ours()  # warm-up (the store's first call also fills its buffer)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times: dict[str, list[float]] = {"baseline": [], "store": [], "stop": [], "full": []}
     for _ in range(a.repeats):
         times["baseline"].append(baseline())
         times["store"].append(ours())
         times["stop"].append(stop_only())
         times["full"].append(full_bridge())
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tok = n_ctx * P
     tps = {k: tok / statistics.median(v) for k, v in times.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
@@ -112,6 +115,7 @@ def main() -> None:
     print(f"ActivationStore.next_batch (tokenise+stop+buffer): {tps['store']:8.0f} tokens/s")
     print(f"bridge stopped after block {a.layer} (no tokenising/buffer): {tps['stop']:8.0f} tokens/s")
     print(f"bridge full forward (all {model.summary.n_layers} layers, no store):  {tps['full']:8.0f} tokens/s")
+    print(f"peak RSS after warm-up {rss0:.0f} MiB; after all rounds ({store.tokens_seen:,} tokens through the store) {rss1:.0f} MiB")
     print(f"ratio store / plain forward to layer {a.layer}: {tps['store'] / tps['baseline']:.2f}x (target >= 0.9x)")
 
 
