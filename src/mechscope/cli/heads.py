@@ -1,0 +1,171 @@
+"""Head commands: heads (taxonomy), train-toy (a small model on CPU), dynamics (per checkpoint)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, err_console, handles_errors, load
+
+
+def register(app: typer.Typer) -> None:
+    app.command("heads")(heads)
+    app.command("train-toy")(train_toy)
+    app.command("dynamics")(dynamics)
+
+
+def _fresh_dir(stem: str) -> Path:
+    base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p, i = Path(base), 1
+    while p.exists():
+        p, i = Path(f"{base}-{i}"), i + 1
+    return p
+
+
+@handles_errors
+def heads(
+    model: Optional[str] = ModelOpt,
+    n: int = typer.Option(50, "--n", help="Repeated random-token sequences."),
+    seq_len: int = typer.Option(20, "--seq-len", help="Length of the random segment R (sequences are BOS + R + R)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Real-text source: embedded (default when installed), pydoc, or a .txt/.jsonl file or folder."),
+    n_text: int = typer.Option(16, "--n-text", help="Real-text windows (pattern scores on text, ICL score)."),
+    text_len: Optional[int] = typer.Option(None, "--text-len", help="Tokens per text window (default min(520, context - 1))."),
+    ablate: int = typer.Option(10, "--ablate", help="Top induction heads mean-ablated one at a time (-1: all heads)."),
+    top_k: int = typer.Option(5, "--top-k", help="k for top-k induction heads ablated together vs k random heads."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Score every attention head: previous-token, duplicate, induction, copying, ablation, composition, ICL."""
+    from mechscope.heads import HeadsConfig, head_scores
+    from mechscope.report.heads import write_heads_report
+
+    cfg = HeadsConfig(n=n, seq_len=seq_len, text=text, n_text=n_text, text_len=text_len, ablate=ablate,
+                      top_k=top_k, seed=seed)
+    m = load(model, device)
+    t0 = time.perf_counter()
+    res = head_scores(m, cfg, progress=None if json else (lambda s: err_console.print(f"[dim]{s}...[/dim]")))
+    out_dir = Path(out or _fresh_dir("heads"))
+    res.save(out_dir)
+    report = write_heads_report(res, out_dir / "heads.html")
+    summary = {
+        "model": m.summary.name, "top_heads": res.top_by_category(), "top_k_composition": res.top_pairs("k", 5) if res.composition else [],
+        "icl": res.icl, "ablation": res.ablation, "seconds": time.perf_counter() - t0,
+        "heads_json": str(out_dir / "heads.json"), "report": str(report),
+    }
+    if json:
+        return emit_json(summary)
+    t = Table(title=f"Top heads of {m.summary.name}")
+    t.add_column("category")
+    t.add_column("heads (score)")
+    for cat, hs in summary["top_heads"].items():
+        t.add_row(cat, ", ".join(f"{x['head']} ({x['score']:.3f})" for x in hs))
+    if summary["top_k_composition"]:
+        t.add_row("K-composition pairs", ", ".join(f"{p['writer']}->{p['reader']} ({p['score']:.3f})" for p in summary["top_k_composition"]))
+    console.print(t)
+    ic, ab = res.icl, res.ablation
+    console.print(f"ICL score: {ic['icl_score']:+.3f} nats (loss at token {ic['late']} minus token {ic['early']}, "
+                  f"{ic['n_contexts']} contexts of {res.text_source})")
+    console.print(f"Mean-ablating the top {ab['k']} induction heads raises the repeated-half loss by {ab['top_k_increase']:+.3f} "
+                  f"nats; {ab['k']} random heads: {ab['random_mean_increase']:+.3f} (mean of {len(ab['random_increases'])}).")
+    console.print(f"heads.json and report: {report}")
+
+
+@handles_errors
+def train_toy(
+    layers: int = typer.Option(2, "--layers"),
+    attn_only: bool = typer.Option(True, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
+    d_model: int = typer.Option(128, "--d-model"),
+    n_heads: int = typer.Option(4, "--heads"),
+    steps: int = typer.Option(2000, "--steps"),
+    batch: int = typer.Option(32, "--batch"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    data: str = typer.Option("repeats", "--data", help="repeats (Markov text with copied spans) or meta (several chains: several phases)."),
+    vocab: int = typer.Option(64, "--vocab", help="Content tokens."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per training sequence (after BOS)."),
+    checkpoints: int = typer.Option(40, "--checkpoints", help="Checkpoints on a log-spaced schedule."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
+    json: bool = JsonOpt,
+) -> None:
+    """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
+    from mechscope.errors import MechscopeError
+    from mechscope.heads.toydata import DataConfig
+    from mechscope.heads.train import ToyConfig
+    from mechscope.heads.train import train_toy as run
+
+    if data not in ("repeats", "meta"):
+        raise MechscopeError(f"Unknown data '{data}'; choose repeats or meta.")
+    cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
+                    lr=lr, n_checkpoints=checkpoints, seed=seed,
+                    data=DataConfig(kind=data, vocab=vocab, seq_len=seq_len, seed=seed))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    if json:
+        run(cfg, out)
+    else:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="training", unit="step")
+        run(cfg, out, progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+        bar.close()
+    import json as _json
+
+    log = _json.loads((Path(out) / "train.json").read_text())
+    summary = {"out": str(out), "checkpoints": len(log["checkpoints"]), "final_eval_loss": log["checkpoints"][-1]["eval_loss"],
+               "seconds": time.perf_counter() - t0, "settings": log["settings"]}
+    if json:
+        return emit_json(summary)
+    console.print(f"{summary['checkpoints']} checkpoints in {out} ({summary['seconds']:.0f} s); final held-out loss "
+                  f"{summary['final_eval_loss']:.3f}. Next: mechscope dynamics {out}")
+
+
+@handles_errors
+def dynamics(
+    run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
+    n: int = typer.Option(32, "--n", help="Repeated random-token sequences per checkpoint."),
+    seq_len: int = typer.Option(24, "--seq-len", help="Length of the random segment R."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text source when the run has no train.json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
+    json: bool = JsonOpt,
+) -> None:
+    """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
+    from mechscope.heads.dynamics import DynamicsConfig, find_checkpoints
+    from mechscope.heads.dynamics import dynamics as run
+    from mechscope.report.heads import write_dynamics_report
+
+    n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
+    cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
+    if json:
+        res = run(run_dir, cfg)
+    else:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_ckpt, desc="checkpoints", unit="ckpt")
+        res = run(run_dir, cfg, progress=lambda i, k: bar.update(1))
+        bar.close()
+    out_dir = Path(out or run_dir)
+    res.save(out_dir)
+    html, svg = write_dynamics_report(res, out_dir)
+    f = res.formation
+    last = res.rows[-1]
+    summary = {"run": str(run_dir), "checkpoints": len(res.rows), "formation": f,
+               "final": {k: last[k] for k in ("step", "loss", "repeated_loss", "icl_score", "max_previous_token", "max_induction")},
+               "dynamics_json": str(out_dir / "dynamics.json"), "report": str(html), "plot": str(svg)}
+    if json:
+        return emit_json(summary)
+    t = Table(title=f"Training dynamics of {run_dir}")
+    for c in ("step", "loss", "repeated-half loss", "ICL score", "max prev-token", "max induction"):
+        t.add_column(c, justify="right")
+    for r in res.rows:
+        t.add_row(str(r["step"]), f"{r['loss']:.3f}", f"{r['repeated_loss']:.3f}", f"{r['icl_score']:+.3f}",
+                  f"{r['max_previous_token']:.3f}", f"{r['max_induction']:.3f}")
+    console.print(t)
+    console.print(f"previous-token head formed at step {f['previous_token_step']}, induction head at step {f['induction_step']}, "
+                  f"ICL score at step {f['icl_step']} (final heads: {f.get('final_top_previous_token_head')}, "
+                  f"{f.get('final_top_induction_head')}).")
+    console.print(f"report: {html}  plot: {svg}")

@@ -1,0 +1,199 @@
+"""Head scores, ICL score and loss for every checkpoint of a training run: when do induction
+heads form? (Olsson et al. 2022: the induction score rises suddenly, at the same time as a
+bump in the loss curve and a jump of the ICL score; Singh et al. 2024: the previous-token head
+forms before the induction head.)
+
+1. Find the checkpoints: sub-folders of ``run_dir`` that hold a ``config.json`` and weights,
+   ordered by the step in their name (``ckpt_000123``) or by ``train.json``.
+2. Evaluation data, fixed across checkpoints: ``n`` repeated random-token sequences
+   (previous-token, duplicate-token and induction scores; repeated-half loss) and held-out
+   sequences of the training distribution when ``train.json`` describes a toy run
+   (``heads.toydata``; else windows of real text): loss and ICL score.
+3. Per checkpoint: load it (``models.load_model``), compute the scores, and for 2+ layers the
+   highest K-composition score between heads.
+4. Formation step of a score: the first checkpoint where the score has covered half of the
+   way from its first value to its highest value (steps are log-spaced, so this is coarse).
+   The phase change is the formation step of the induction score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mechscope.errors import MechscopeError
+
+SCHEMA_VERSION = 1
+_STEP = re.compile(r"(\d+)$")
+
+
+@dataclass
+class DynamicsConfig:
+    n: int = 32
+    """repeated random-token sequences per checkpoint"""
+    seq_len: int = 24
+    """|R| of the repeated sequences (BOS + R + R)"""
+    n_eval: int = 64
+    """held-out sequences for loss and ICL score"""
+    text: str | None = None
+    """text source when the run has no train.json (see heads.sequences.text_source)"""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DynamicsResult:
+    run: str
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]]  # one per checkpoint, by step
+    formation: dict[str, Any] = field(default_factory=dict)
+    train_loss: list[list[float]] = field(default_factory=list)  # [step, loss] (subsampled)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        return [r["step"] for r in self.rows], [r[key] for r in self.rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "run": self.run, "settings": self.settings,
+                "formation": self.formation, "checkpoints": self.rows, "train_loss": self.train_loss}
+
+    def save(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dynamics.json").write_text(json.dumps(self.to_dict(), indent=1))
+        tensors = {}
+        for i, r in enumerate(self.rows):
+            for k in ("previous_token", "duplicate_token", "induction"):
+                tensors[f"{k}.{i}"] = torch.tensor(r["heads"][k])
+        save_file(tensors, str(out / "dynamics.safetensors"))
+        return out / "dynamics.json"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DynamicsResult":
+        p = Path(path)
+        p = p / "dynamics.json" if p.is_dir() else p
+        if not p.is_file():
+            raise MechscopeError(f"No dynamics.json at '{path}'; run `mechscope dynamics` first.")
+        d = json.loads(p.read_text())
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        return cls(d["run"], d["settings"], d["checkpoints"], d.get("formation", {}), d.get("train_loss", []))
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint under ``run_dir``, by step."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise MechscopeError(f"No folder at '{run_dir}'; pass the --out folder of `mechscope train-toy`.")
+    found = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+            m = _STEP.search(d.name)
+            found.append((int(m.group(1)) if m else len(found), d))
+    if not found:
+        raise MechscopeError(
+            f"The folder '{run_dir}' holds no checkpoints (sub-folders with config.json and .safetensors weights); "
+            "pass the --out folder of `mechscope train-toy`."
+        )
+    return sorted(found)
+
+
+def formation_step(steps: list[int], values: list[float]) -> int | None:
+    """First step where ``values`` covers half the way from its first value to its maximum."""
+    if not values:
+        return None
+    lo, hi = values[0], max(values)
+    if not math.isfinite(hi) or hi - lo < 1e-6:
+        return None
+    half = lo + 0.5 * (hi - lo)
+    return next(s for s, v in zip(steps, values) if v >= half)
+
+
+def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Tensor, int, str]:
+    """Held-out sequences [n, pos], their prefix length and a description."""
+    from mechscope.heads import sequences
+
+    tj = run_dir / "train.json"
+    if tj.is_file():
+        from mechscope.heads.toydata import DataConfig, ToyData
+
+        settings = json.loads(tj.read_text())["settings"]
+        data = ToyData(DataConfig(**settings["data"]))
+        toks = data.batch(cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
+        return toks, 1, f"held-out toy data ({settings['data']['kind']})"
+    name, docs = sequences.text_source(cfg.text)
+    p = len(sequences.prefix_ids(model.tokenizer))
+    length = min(520, model.summary.n_ctx - p)
+    return sequences.text_windows(model, docs, cfg.n_eval, length), p, f"text: {name}"
+
+
+def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
+             progress: Callable[[int, int], None] | None = None) -> DynamicsResult:
+    """Scores of every checkpoint under ``run_dir`` (see module docstring)."""
+    from mechscope.heads import ablation, composition, icl, patterns, sequences
+    from mechscope.heads.weights import head_weights
+    from mechscope.models import load_model
+
+    cfg = cfg or DynamicsConfig()
+    run = Path(run_dir)
+    ckpts = find_checkpoints(run)
+    rows: list[dict[str, Any]] = []
+    rep = evald = None
+    prefix = 1
+    source = ""
+    for i, (step, d) in enumerate(ckpts):
+        model = load_model(str(d), device="cpu")
+        if rep is None:
+            rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)
+            evald, prefix, source = _eval_data(run, model, cfg)
+        ps = patterns.pattern_scores(model, rep)
+        ic = icl.icl_score(model, evald, prefix)
+        loss = float(icl.per_token_loss(model, evald).mean())
+        with torch.no_grad():
+            rep_loss = float(ablation.repeated_half_loss(model.bridge(rep.to(model.device)), rep, cfg.seq_len))
+        kc = float("nan")
+        if model.summary.n_layers > 1:
+            kc = float(composition.composition_scores(head_weights(model))["k"].max())
+        rows.append({
+            "step": step, "dir": d.name, "loss": loss, "repeated_loss": rep_loss,
+            "icl_score": ic["icl_score"], "early_loss": ic["early_loss"], "late_loss": ic["late_loss"],
+            "max_previous_token": float(ps["previous_token"].max()),
+            "max_duplicate_token": float(ps["duplicate_token"].max()),
+            "max_induction": float(ps["induction"].max()),
+            "max_k_composition": kc,
+            "heads": {k: ps[k].tolist() for k in ("previous_token", "duplicate_token", "induction")},
+        })
+        if progress:
+            progress(i + 1, len(ckpts))
+    steps = [r["step"] for r in rows]
+    form = {
+        "previous_token_step": formation_step(steps, [r["max_previous_token"] for r in rows]),
+        "induction_step": formation_step(steps, [r["max_induction"] for r in rows]),
+        "icl_step": formation_step(steps, [-r["icl_score"] for r in rows]),
+    }
+    pt, ind = form["previous_token_step"], form["induction_step"]
+    form["previous_token_before_induction"] = None if pt is None or ind is None else pt <= ind
+    form["eval_data"] = source
+    if rows:
+        last = rows[-1]
+        H = len(last["heads"]["induction"][0])
+        for k in ("previous_token", "induction"):
+            flat = torch.tensor(last["heads"][k]).flatten()
+            j = int(flat.argmax())
+            form[f"final_top_{k}_head"] = f"a{j // H}.h{j % H}"
+    train_loss = []
+    tj = run / "train.json"
+    if tj.is_file():
+        tl = json.loads(tj.read_text()).get("train_loss", [])
+        stride = max(1, len(tl) // 400)
+        train_loss = tl[::stride]
+    return DynamicsResult(str(run), cfg.to_dict(), rows, form, train_loss)

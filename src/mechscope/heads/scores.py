@@ -1,0 +1,115 @@
+"""Every head score for one model: the head taxonomy behind ``mechscope heads``.
+
+1. ``n`` repeated random-token sequences ``BOS + R + R`` (|R| = ``seq_len``): previous-token,
+   duplicate-token and induction (prefix-matching) scores (``heads.patterns``), and the
+   repeated-half loss under mean ablation of the top induction heads one at a time and of the
+   top-k together vs random k-sets (``heads.ablation``).
+2. ``n_text`` windows of ``text_len`` tokens of real text (``heads.sequences.text_source``):
+   the same pattern scores on text, and the model's in-context-learning score (``heads.icl``).
+3. From the weights alone: copying scores of each OV circuit (``heads.copying``) and Q/K/V
+   composition between heads of different layers (``heads.composition``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.heads import ablation, composition, copying, icl, patterns, sequences
+from mechscope.heads.result import HeadsResult
+from mechscope.heads.weights import head_weights
+
+
+@dataclass
+class HeadsConfig:
+    """Settings of ``head_scores`` (saved in ``heads.json``)."""
+
+    n: int = 50
+    """repeated random-token sequences"""
+    seq_len: int = 20
+    """length of the random segment R (sequences are BOS + R + R)"""
+    n_text: int = 16
+    """real-text windows"""
+    text_len: int | None = None
+    """tokens per text window (default: min(520, context - 1))"""
+    text: str | None = None
+    """text source: None (embedded corpus, else Python docs), 'pydoc', a .txt/.jsonl file or folder"""
+    copy_tokens: int = 1000
+    """tokens sampled for the top-1 copying rate"""
+    ablate: int = 10
+    """top induction heads ablated one at a time (-1: every head)"""
+    top_k: int = 5
+    """k for top-k induction heads ablated together vs random k-sets"""
+    n_random: int = 5
+    seed: int = 0
+    composition: bool = True
+    example_len: int = 10
+    """|R| of the example sequence whose attention patterns are stored"""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
+    """Compute the head taxonomy of ``model`` (see module docstring)."""
+    cfg = cfg or HeadsConfig()
+    say = progress or (lambda _msg: None)
+    patterns.check_heads_visible(model)
+    if cfg.n < 1 or cfg.n_text < 1:
+        raise MechscopeError("--n and the number of text windows must be at least 1.")
+    s = model.summary
+    p = len(sequences.prefix_ids(model.tokenizer))
+    rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)  # [n, p + 2L]
+    text_len = cfg.text_len if cfg.text_len is not None else min(520, s.n_ctx - p)
+    sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})")
+
+    say("attention patterns on repeated random tokens")
+    scores: dict[str, torch.Tensor] = dict(patterns.pattern_scores(model, rep))
+
+    say("attention patterns and ICL score on real text")
+    source, docs = sequences.text_source(cfg.text)
+    text = sequences.text_windows(model, docs, cfg.n_text, text_len)
+    for k, v in patterns.pattern_scores(model, text, batch_size=4).items():
+        if k != "bos_mass":
+            scores[f"text_{k}"] = v
+    icl_res = icl.icl_score(model, text, p)
+    icl_res["n_contexts"] = len(text)
+
+    say("copying scores (OV circuits)")
+    w = head_weights(model)
+    scores["copying_eigen"] = copying.eigen_copying(w)
+    scores["copying_top1"] = copying.top1_copying(w, copying.copying_tokens(model, cfg.copy_tokens, cfg.seed))
+
+    say("mean ablation of induction heads")
+    ranking = _ranking(scores["induction"])
+    n_abl = len(ranking) if cfg.ablate < 0 else min(cfg.ablate, len(ranking))
+    eff = ablation.ablation_effects(model, rep, cfg.seq_len, ranking[:n_abl])
+    abl = torch.full((s.n_layers, s.n_heads), float("nan"))
+    for l, h in ranking[:n_abl]:
+        abl[l, h] = eff[f"a{l}.h{h}"]
+    scores["ablation"] = abl
+    k = min(cfg.top_k, len(ranking))
+    abl_summary = ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k, cfg.n_random, cfg.seed)
+
+    comp: dict[str, torch.Tensor] = {}
+    if cfg.composition and s.n_layers > 1:
+        say("composition scores")
+        comp = composition.composition_scores(w)
+
+    ex = sequences.repeated_random(model, 1, min(cfg.example_len, cfg.seq_len), cfg.seed + 1)[0]
+    pats = patterns.example_patterns(model, ex)
+    return HeadsResult(
+        model=s.to_dict(), settings=cfg.to_dict(), scores=scores, composition=comp, icl=icl_res,
+        ablation=abl_summary, example_tokens=model.to_str_tokens(ex), example_patterns=pats,
+        text_source=source, extra={"text_windows": {"n": len(text), "tokens": int(text.shape[1])}},
+    )
+
+
+def _ranking(score: torch.Tensor) -> list[tuple[int, int]]:
+    """All (layer, head) pairs, highest score first."""
+    H = score.shape[1]
+    order = torch.nan_to_num(score.flatten(), nan=-1.0).argsort(descending=True).tolist()
+    return [(i // H, i % H) for i in order]

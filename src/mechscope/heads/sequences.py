@@ -1,0 +1,98 @@
+"""The token sequences head scores are computed on.
+
+- Repeated random tokens: ``prefix + R + R`` with R ``length`` distinct tokens (the induction
+  task's construction, ``tasks.induction.repeated_tokens_batch``), prefix = BOS when the
+  tokenizer has one. Tokens are the tokenizer's plain-word tokens when it has enough of them,
+  else any non-special token the model's vocabulary holds (toy vocabularies).
+- Real text: consecutive windows of ``length`` tokens cut from a text source. The source is
+  ``text_source(spec)``: the embedded corpus of ``mechscope.activations`` (Austen and
+  Melville) when installed, a ``.txt``/``.jsonl`` file or folder, or ``"pydoc"``: the Python
+  reference documentation that ships with every Python (``pydoc_data.topics``), the fallback
+  when no corpus is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.tasks.induction import ordinary_tokens, repeated_tokens_batch
+
+
+def prefix_ids(tokenizer: Any) -> torch.Tensor:
+    """[BOS] if the tokenizer has a BOS token, else an empty tensor."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return torch.tensor([bos] if bos is not None else [], dtype=torch.long)
+
+
+def check_length(model: Any, total: int, what: str) -> None:
+    n_ctx = model.summary.n_ctx
+    if total > n_ctx:
+        raise MechscopeError(
+            f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller --seq-len."
+        )
+    if total < 3:
+        raise MechscopeError(f"{what} would be only {total} tokens; pass a --seq-len of at least 2.")
+
+
+def sampling_vocab(tokenizer: Any, d_vocab: int, need: int) -> torch.Tensor:
+    """Token ids to draw random sequences from (see module docstring)."""
+    ids = [i for i in ordinary_tokens(tokenizer) if i < d_vocab]
+    if len(ids) < need:
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(min(len(tokenizer), d_vocab)) if i not in special]
+    if len(ids) < need:
+        raise MechscopeError(f"The tokenizer has only {len(ids)} usable tokens; use a shorter --seq-len.")
+    return torch.tensor(ids)
+
+
+def repeated_random(model: Any, n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """[n, p + 2 * length] token ids ``prefix + R + R`` (p = 1 with a BOS token, else 0)."""
+    tok = model.tokenizer
+    prefix = prefix_ids(tok)
+    check_length(model, len(prefix) + 2 * length, f"A repeated sequence (prefix + 2 x {length})")
+    vocab = sampling_vocab(tok, model.summary.d_vocab, 2 * length)
+    return repeated_tokens_batch(tok, vocab, prefix, n, length, seed, task="heads").clean
+
+
+def text_source(spec: str | None = None) -> tuple[str, list[str]]:
+    """(name, documents) of a text source (see module docstring); ``None``: embedded corpus,
+    else the Python docs."""
+    if spec == "pydoc" or spec is None:
+        if spec is None:
+            try:
+                return _corpus("embedded")
+            except (MechscopeError, ImportError):
+                pass
+        import pydoc_data.topics as topics
+
+        return "pydoc", [topics.topics[k] for k in sorted(topics.topics)]
+    return _corpus(spec)
+
+
+def _corpus(spec: str) -> tuple[str, list[str]]:
+    from mechscope.activations.corpus import get_corpus
+
+    corpus = get_corpus(spec)
+    return corpus.spec, list(corpus)
+
+
+def text_windows(model: Any, docs: list[str], n: int, length: int) -> torch.Tensor:
+    """Up to ``n`` windows [n, p + length]: the prefix, then consecutive tokens of the
+    documents joined in order."""
+    tok = model.tokenizer
+    prefix = prefix_ids(tok).tolist()
+    check_length(model, len(prefix) + length, f"A text window (prefix + {length})")
+    ids: list[int] = []
+    for doc in docs:
+        t = tok(doc)["input_ids"]
+        ids += t[1:] if t and t[0] in prefix else t
+        if len(ids) >= n * length:
+            break
+    k = min(n, len(ids) // length)
+    if k == 0:
+        raise MechscopeError(f"The text source holds fewer than {length} tokens; pass more text or a smaller length.")
+    body = torch.tensor(ids[: k * length]).view(k, length)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(k, -1), body], dim=1)

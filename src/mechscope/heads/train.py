@@ -1,0 +1,198 @@
+"""Train a small (by default 2-layer, attention-only) transformer on CPU, with checkpoints at a
+log-spaced schedule, to watch induction heads form (Olsson et al. 2022, "In-context Learning
+and Induction Heads"; Singh et al. 2024, "What needs to go right for an induction head?").
+
+1. Data: ``heads.toydata`` (bigram Markov chains with copied spans; a held-out set of
+   ``n_eval`` sequences is drawn once from its own seed).
+2. Model: a Hugging Face ``GPT2LMHeadModel`` (learned positions, LayerNorm, untied
+   unembedding). ``attn_only`` zeroes every MLP's weights and biases and freezes them, so the
+   MLPs output exactly 0 and the model is attention-only while staying a standard
+   architecture that ``mechscope.models.load_model`` (and TransformerLens's bridge) loads.
+3. AdamW, linear warm-up then constant learning rate; each step one fresh batch.
+4. At every step of the log-spaced schedule (step 0 included) the model is saved to
+   ``out/ckpt_{step:06d}/`` (``config.json`` + ``model.safetensors`` + tokenizer), so
+   ``load_model(out/ckpt_000123)`` works, and its held-out loss is logged. ``out/train.json``
+   holds the settings, the checkpoint list and the per-step training loss.
+5. Resume: rerunning with the same ``out`` continues from ``out/last/`` (model + optimizer
+   state + data generator state) when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.heads.toydata import DataConfig, ToyData
+
+BOS = "<bos>"
+
+
+@dataclass
+class ToyConfig:
+    """Settings of a toy training run (saved as ``train.json``)."""
+
+    layers: int = 2
+    heads: int = 4
+    d_model: int = 128
+    attn_only: bool = True
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    n_checkpoints: int = 40
+    """checkpoints on a log-spaced schedule between step 1 and ``steps`` (plus step 0)"""
+    n_eval: int = 64
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ToyConfig":
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
+def schedule(steps: int, n: int) -> list[int]:
+    """Step 0 and ``n`` log-spaced steps from 1 to ``steps`` (duplicates merged)."""
+    if steps < 1:
+        return [0]
+    pts = {0, steps}
+    for i in range(n):
+        pts.add(int(round(math.exp(math.log(steps) * i / max(n - 1, 1)))))
+    return sorted(p for p in pts if p <= steps)
+
+
+def make_tokenizer(vocab: int):
+    """A word-level tokenizer: ``<bos>`` = 0, ``t1``..``t{vocab}`` = 1..vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words = {BOS: 0, **{f"t{i}": i for i in range(1, vocab + 1)}}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token=BOS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=BOS)
+
+
+def make_model(cfg: ToyConfig):
+    import transformers
+
+    torch.manual_seed(cfg.seed)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.data.vocab + 1, n_positions=cfg.data.seq_len + 1, n_embd=cfg.d_model,
+        n_layer=cfg.layers, n_head=cfg.heads, n_inner=(1 if cfg.attn_only else 4 * cfg.d_model),
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(hf_cfg)
+    if cfg.attn_only:
+        for block in model.transformer.h:
+            for p in list(block.mlp.parameters()) + list(block.ln_2.parameters()):
+                p.requires_grad_(False)
+            for p in block.mlp.parameters():
+                p.zero_()
+    return model
+
+
+def eval_loss(model, tokens: torch.Tensor, batch: int = 64) -> float:
+    """Mean next-token cross-entropy on ``tokens`` [n, pos]."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens), batch):
+            t = tokens[s : s + batch]
+            logits = model(t).logits[:, :-1]  # [b, pos-1, vocab]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum")
+            total += float(loss)
+            count += t[:, 1:].numel()
+    return total / count
+
+
+def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
+    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
+    out = Path(out)
+    if cfg.steps < 1 or cfg.layers < 1 or cfg.heads < 1 or cfg.d_model % cfg.heads:
+        raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+    out.mkdir(parents=True, exist_ok=True)
+    data = ToyData(cfg.data)
+    eval_tokens = data.batch(cfg.n_eval, torch.Generator().manual_seed(10_000 + cfg.seed))
+    tok = make_tokenizer(cfg.data.vocab)
+    model = make_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": [], "entropy_floor": data.entropy()}
+    start = 0
+    last = out / "last"
+    if (out / "train.json").is_file():
+        prev = json.loads((out / "train.json").read_text())
+        if prev.get("settings") != cfg.to_dict():
+            raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
+        if prev.get("done"):
+            return out  # already trained with these settings
+    if (last / "state.pt").is_file() and (out / "train.json").is_file():
+        prev = json.loads((out / "train.json").read_text())
+        state = torch.load(last / "state.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start, log = int(state["step"]), prev
+    sched = schedule(cfg.steps, cfg.n_checkpoints)
+    t0 = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        d = out / f"ckpt_{step:06d}"
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+        model.eval()
+        ev = eval_loss(model, eval_tokens)
+        model.train()
+        log["checkpoints"] = [c for c in log["checkpoints"] if c["step"] != step]
+        log["checkpoints"].append({"step": step, "dir": d.name, "eval_loss": ev, "seconds": time.perf_counter() - t0})
+
+    def lr_at(step: int) -> float:
+        return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+    model.train()
+    if start == 0:
+        checkpoint(0)
+    for step in range(start + 1, cfg.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        x = data.batch(cfg.batch, gen)  # [batch, 1 + seq_len]
+        logits = model(x).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log["train_loss"].append([step, loss.item()])
+        if progress:
+            progress(step, loss.item())
+        if step in sched:
+            checkpoint(step)
+            _save_state(model, opt, gen, step, last, out, log)
+    log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
+    log["done"] = True
+    (out / "train.json").write_text(json.dumps(log))
+    shutil.rmtree(last, ignore_errors=True)
+    return out
+
+
+def _save_state(model, opt, gen, step: int, last: Path, out: Path, log: dict) -> None:
+    last.mkdir(exist_ok=True)
+    tmp = last / "state.pt.tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step}, tmp)
+    tmp.replace(last / "state.pt")
+    (out / "train.json").write_text(json.dumps(log))
