@@ -213,14 +213,10 @@ def test_cli_dashboard(tiny_gpt2, tiny_gpt2_dir, tmp_path):
 @pytest.mark.embedded
 def test_embedded_dashboard(embedded, tmp_path):
     """The embedded model and corpus, a random SAE at layer 3: one pass over 2k tokens."""
-    import time
-
     d = embedded.summary.d_model
     sae = SAE(SAEConfig(d_in=d, d_sae=256, architecture="topk", k=16, hook_name="blocks.3.hook_resid_post",
                         model_name="smollm2"))
-    t0 = time.perf_counter()
     res = feature_dashboards(embedded, sae, DashboardConfig(features=list(range(20)), n_tokens=2048, ctx_len=64))
-    assert time.perf_counter() - t0 < 60
     assert res.n_tokens == 32 * 63
     fired = [f for f in res.features if f.n_firing]
     assert fired and all(sum(f.hist) == res.n_tokens for f in res.features)

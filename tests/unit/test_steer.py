@@ -143,10 +143,9 @@ def test_cli_steer(tiny_gpt2, tiny_gpt2_dir, tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_steering(embedded):
-    """SmolLM2: ActAdd ' weddings' - ' ' (Turner et al.'s example) changes the greedy text;
-    a zero ActAdd coefficient does not."""
-    gen = GenerationConfig(max_new_tokens=12)
-    r = steer_actadd(embedded, "I went up to my friend and said", " weddings", " ", layer=6, coef=0.0, gen=gen)
-    assert r.steered == r.unsteered and len(r.unsteered_ids) > 3
-    r = steer_actadd(embedded, "I went up to my friend and said", " weddings", " ", layer=6, coef=8.0, gen=gen)
-    assert r.steered != r.unsteered
+    """SmolLM2: ActAdd 'Love' - 'Hate' at layer 6 (Turner et al.'s example) turns the greedy
+    continuation (the zero-coefficient identity is tested on the tiny models)."""
+    r = steer_actadd(embedded, "I hate you because", "Love", "Hate", layer=6, coef=5.0,
+                     gen=GenerationConfig(max_new_tokens=6))
+    assert len(r.unsteered_ids) == 6 and r.steered != r.unsteered
+    assert r.settings["n_positions"] == len(embedded.to_tokens("Love"))
