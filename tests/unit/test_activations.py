@@ -49,7 +49,7 @@ def test_pack_contexts_is_the_separated_concatenation(tiny_gpt2):
 # --- the store -----------------------------------------------------------------------------
 
 def test_store_rows_equal_run_with_cache(tiny_model):
-    hooks = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", *PAIR]
+    hooks = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_in", *PAIR]
     cfg = StoreConfig(hooks=hooks, context_len=16, batch_size=3, buffer_tokens=60, shuffle=False, skip_first=2)
     store = ActivationStore(tiny_model, DOCS, cfg)
     got = [store.next_batch(50) for _ in range(3)]  # 150 rows, across buffer refills
