@@ -158,3 +158,29 @@ def test_train_config_refuses_nonsense():
         TrainConfig(tokens=10, batch_tokens=4096)
     with pytest.raises(MechscopeError, match="k=99"):
         SAEConfig(d_in=8, d_sae=16, architecture="topk", k=99)
+
+
+def test_sparse_topk_backward_equals_dense_autograd():
+    """The fused TopK encoder's hand-written backward (sparse W_enc gradient, AuxK included)
+    gives the gradients plain autograd gives through a dense encoder."""
+    from mechscope.sae.train import _TopKEncode
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    w = torch.randn(12, 40, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    bd = torch.randn(12, requires_grad=True)
+    dead = torch.rand(40) < 0.4
+    gv, ga = torch.randn(64, 5), torch.randn(64, 3)
+    v, i, av, ai = _TopKEncode.apply(x, bd, w, b, 5, dead, 3)
+    ((v * gv).sum() + (av * ga).sum()).backward()
+    fused = [t.grad.clone() for t in (w, b, bd)]
+    for t in (w, b, bd):
+        t.grad = None
+    pre = (x - bd) @ w + b
+    v2, i2 = pre.topk(5, dim=-1, sorted=False)
+    av2, ai2 = pre.masked_fill(~dead, float("-inf")).topk(3, dim=-1, sorted=False)
+    assert torch.equal(i, i2) and torch.equal(ai, ai2) and torch.allclose(v, v2)
+    ((v2 * gv).sum() + (av2 * ga).sum()).backward()
+    for got, want in zip(fused, (w.grad, b.grad, bd.grad)):
+        assert torch.allclose(got, want, atol=1e-5)
