@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mechscope.lens.dla import direct_logit_attribution
 from mechscope.lens.logit_lens import logit_lens, site_names
 from mechscope.lens.result import LensResult
@@ -15,7 +17,8 @@ def run_lens(model, prompt: str, target: str | None = None, distractor: str | No
     contrast token of the DLA (default: the highest-logit token other than the target).
     """
     tokens = encode_prompt(model, prompt)
-    logits = model(tokens)[0, -1].detach()
+    with torch.no_grad():
+        logits = model(tokens)[0, -1].float()
     tid = single_token(model, target) if target is not None else int(logits.argmax())
     if distractor is not None:
         did = single_token(model, distractor, "distractor")

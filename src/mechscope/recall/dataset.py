@@ -57,14 +57,16 @@ def dataset_config(**kw) -> RecallConfig:
 
 
 def recall_dataset(model, n: int = 30, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
-                   progress: Callable[[int, int, str], None] | None = None) -> RecallDatasetResult:
-    """Recall analyses of ``n`` known facts (seeded draw) and their aggregate."""
+                   progress: Callable[[int, int, str], None] | None = None,
+                   facts: list[Fact] | None = None) -> RecallDatasetResult:
+    """Recall analyses of ``n`` known facts (seeded draw) and their aggregate; ``facts``
+    defaults to the whole shipped list."""
     from mechscope.recall.run import PARTS
 
     cfg = cfg or dataset_config()
     parts = parts or PARTS
     t0 = time.time()
-    facts = load_facts()
+    facts = facts if facts is not None else load_facts()
     known = known_facts(model, facts)
     if len(known) < 2:
         raise MechscopeError(f"The model knows only {len(known)} of the {len(facts)} facts (top-1); there is nothing to aggregate.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from mechscope.models.prompt import encode_prompt, single_token, subject_positions
 from mechscope.recall.config import RecallConfig
 from mechscope.recall.enrichment import subject_enrichment
@@ -28,7 +30,11 @@ def recall(model, prompt: str, subject: str, target: str | None = None, cfg: Rec
     cfg = cfg or RecallConfig()
     tokens = encode_prompt(model, prompt)
     spos = subject_positions(model, prompt, subject)
-    tid = single_token(model, target) if target is not None else int(model(tokens)[0, -1].argmax())
+    if target is not None:
+        tid = single_token(model, target)
+    else:
+        with torch.no_grad():
+            tid = int(model(tokens)[0, -1].argmax())
     res = RecallResult(model=model.summary.to_dict(), settings=cfg.to_dict(), prompt=prompt, subject=subject,
                        tokens=model.to_str_tokens(tokens[0]), subject_pos=spos, target=model.tokenizer.decode([tid]),
                        target_id=tid)
