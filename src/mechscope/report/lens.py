@@ -14,11 +14,11 @@ def lens_html(d: dict[str, Any]) -> str:
     """The page for a ``LensResult.to_dict()``."""
     lens, dla = d["lens"], d["dla"]
     sites, toks = lens["sites"], d["tokens"]
-    log_rank = [[math.log10(1 + r) for r in row] for row in lens["target_rank"]]
+    score = [[-math.log10(1 + r) for r in row] for row in lens["target_rank"]]  # 0 = top-1
     tips = [[f"{s}, position {p} {toks[p]!r}: rank {r}, p = {fmt(pr)}; top: {', '.join(map(repr, lens['top_tokens'][i][p][:3]))}"
              for p, (r, pr) in enumerate(zip(lens["target_rank"][i], lens["target_prob"][i]))] for i, s in enumerate(sites)]
-    hm = heatmap(log_rank, sites, [f"{p}:{t}" for p, t in enumerate(toks)], title=f"log10(1 + rank) of {d['target']!r}",
-                 tips=tips, vmin=0.0, row_title="residual stream site", col_title="position", cell=16)
+    hm = heatmap(score, sites, [f"{p}:{t}" for p, t in enumerate(toks)], title="target rank", tips=tips, vmax=0.0,
+                 row_title="site", col_title="position", cell=16)
     last_rows = [[s, lens["target_rank"][i][-1], lens["target_prob"][i][-1], "  ".join(repr(t) for t in lens["top_tokens"][i][-1])]
                  for i, s in enumerate(sites)]
     top = dla["top"]
@@ -30,7 +30,9 @@ def lens_html(d: dict[str, Any]) -> str:
     body = (
         f"<p>Prompt: <code>{esc(d['prompt'])}</code> &rarr; target <code>{esc(d['target'])}</code>, "
         f"distractor <code>{esc(d['distractor'])}</code>. Model {esc(d['model'].get('name', ''))}.</p>"
-        f"<h2>Logit lens: rank of the target</h2><figure>{hm}</figure>"
+        f"<h2>Logit lens: rank of the target</h2><p class='muted small'>Colour: -log10(1 + rank) of the target at each "
+        f"residual-stream site (rows) and position (columns); darkest = top-1. Hover a cell for the rank, probability and "
+        f"top tokens.</p><figure>{hm}</figure>"
         f"<p class='muted small'>First site where the target is top-1 at the last position: "
         f"{esc(lens['first_top1_site_last_position'])}.</p>"
         f"<h2>Direct logit attribution (last position)</h2><figure>{bars}</figure><p>{esc(check)}</p>"
