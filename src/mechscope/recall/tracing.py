@@ -48,7 +48,7 @@ def embedding_std(model, subjects: list[str]) -> float:
     """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME."""
     W_E = model.bridge.W_E.detach()
     ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
-    return float(W_E[torch.tensor(ids)].float().std())
+    return float(W_E[torch.tensor(ids, device=W_E.device)].float().std())
 
 
 def noise_bank(n: int, n_pos: int, d_model: int, std: float, seed: int) -> torch.Tensor:
