@@ -148,4 +148,4 @@ def test_embedded_steering(embedded):
     r = steer_actadd(embedded, "I hate you because", "Love", "Hate", layer=6, coef=5.0,
                      gen=GenerationConfig(max_new_tokens=6))
     assert len(r.unsteered_ids) == 6 and r.steered != r.unsteered
-    assert r.settings["n_positions"] == len(embedded.to_tokens("Love"))
+    assert r.settings["n_positions"] == max(len(embedded.to_tokens("Love")), len(embedded.to_tokens("Hate")))
