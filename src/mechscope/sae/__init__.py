@@ -4,7 +4,7 @@
     sae = load_sae("runs/sae-l15")              # a mechscope or SAELens folder
     f = sae.encode(acts)                         # [..., d_sae] feature activations
     print(evaluate_sae(model, sae, tokens))      # L0, FVU, CE loss recovered, ...
-    feature_dashboards(model, sae, DashboardConfig(features=range(100)))
+    feature_dashboards(model, sae, DashboardConfig(features=list(range(100))))
 """
 
 from mechscope.sae.dashboard import DashboardConfig, DashboardResult, feature_dashboards
