@@ -14,7 +14,7 @@ from mechscope.heads.train import ToyConfig, schedule, train_toy
 
 
 def tiny_cfg(steps: int = 24) -> ToyConfig:
-    return ToyConfig(layers=2, heads=2, d_model=32, steps=steps, batch=8, n_checkpoints=5, n_eval=8, warmup=5,
+    return ToyConfig(layers=2, heads=2, d_model=32, steps=steps, batch=8, n_checkpoints=5, linear_checkpoints=2, n_eval=8, warmup=5,
                      data=DataConfig(vocab=16, seq_len=24, n_repeats=2, min_span=3, max_span=6))
 
 
@@ -30,6 +30,8 @@ def test_schedule_is_log_spaced():
     assert s[0] == 0 and s[-1] == 1000 and s == sorted(set(s))
     gaps = [b - a for a, b in zip(s[1:], s[2:])]
     assert gaps == sorted(gaps)  # spacing grows: log-spaced
+    both = schedule(1000, 10, 4)
+    assert set(s) | {250, 500, 750} == set(both)
 
 
 def test_toy_data_has_copied_spans():
@@ -47,7 +49,7 @@ def test_attn_only_checkpoints_load_and_scores_per_checkpoint(tiny_run):
 
     log = json.loads((tiny_run / "train.json").read_text())
     steps = [c["step"] for c in log["checkpoints"]]
-    assert steps == schedule(24, 5) and log["done"]
+    assert steps == schedule(24, 5, 2) and 12 in steps and log["done"]
     m = load_model(str(tiny_run / "ckpt_000024"), device="cpu")
     assert m.summary.n_layers == 2 and m.summary.n_heads == 2
     hf = m.bridge.original_model
@@ -103,13 +105,13 @@ def test_cli_train_toy_and_dynamics(tmp_path):
 
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["train-toy", "--layers", "2", "--attn-only", "--d-model", "32", "--heads", "2", "--steps", "8",
-                                 "--batch", "4", "--vocab", "16", "--seq-len", "16", "--checkpoints", "3", "--out", str(run), "--json"])
+                                 "--batch", "4", "--vocab", "16", "--seq-len", "16", "--checkpoints", "2", "--linear-checkpoints", "0", "--out", str(run), "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["checkpoints"] == len(schedule(8, 3))
+    assert json.loads(r.stdout)["checkpoints"] == len(schedule(8, 2))
     r = CliRunner().invoke(app, ["dynamics", str(run), "--n", "4", "--seq-len", "5", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["checkpoints"] == len(schedule(8, 3)) and "induction_step" in d["formation"]
+    assert d["checkpoints"] == len(schedule(8, 2)) and "induction_step" in d["formation"]
     html = (run / "dynamics.html").read_text()
     assert "<svg" in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert (run / "dynamics.svg").read_text().startswith("<svg")

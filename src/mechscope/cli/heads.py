@@ -32,7 +32,7 @@ def heads(
     n: int = typer.Option(50, "--n", help="Repeated random-token sequences."),
     seq_len: int = typer.Option(20, "--seq-len", help="Length of the random segment R (sequences are BOS + R + R)."),
     text: Optional[str] = typer.Option(None, "--text", help="Real-text source: embedded (default when installed), pydoc, or a .txt/.jsonl file or folder."),
-    n_text: int = typer.Option(16, "--n-text", help="Real-text windows (pattern scores on text, ICL score)."),
+    n_text: int = typer.Option(8, "--n-text", help="Real-text windows (pattern scores on text, ICL score)."),
     text_len: Optional[int] = typer.Option(None, "--text-len", help="Tokens per text window (default min(520, context - 1))."),
     ablate: int = typer.Option(10, "--ablate", help="Top induction heads mean-ablated one at a time (-1: all heads)."),
     top_k: int = typer.Option(5, "--top-k", help="k for top-k induction heads ablated together vs k random heads."),
@@ -73,7 +73,7 @@ def heads(
                   f"{ic['n_contexts']} contexts of {res.text_source})")
     console.print(f"Mean-ablating the top {ab['k']} induction heads raises the repeated-half loss by {ab['top_k_increase']:+.3f} "
                   f"nats; {ab['k']} random heads: {ab['random_mean_increase']:+.3f} (mean of {len(ab['random_increases'])}).")
-    console.print(f"heads.json and report: {report}")
+    console.print(f"results: {out_dir / 'heads.json'}  report: {report}")
 
 
 @handles_errors
@@ -82,28 +82,25 @@ def train_toy(
     attn_only: bool = typer.Option(True, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
     d_model: int = typer.Option(128, "--d-model"),
     n_heads: int = typer.Option(4, "--heads"),
-    steps: int = typer.Option(2000, "--steps"),
+    steps: int = typer.Option(3000, "--steps"),
     batch: int = typer.Option(32, "--batch"),
     lr: float = typer.Option(1e-3, "--lr"),
-    data: str = typer.Option("repeats", "--data", help="repeats (Markov text with copied spans) or meta (several chains: several phases)."),
     vocab: int = typer.Option(64, "--vocab", help="Content tokens."),
     seq_len: int = typer.Option(64, "--seq-len", help="Tokens per training sequence (after BOS)."),
     checkpoints: int = typer.Option(40, "--checkpoints", help="Checkpoints on a log-spaced schedule."),
+    linear: int = typer.Option(30, "--linear-checkpoints", help="Extra, evenly spaced checkpoints."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
     json: bool = JsonOpt,
 ) -> None:
     """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
-    from mechscope.errors import MechscopeError
     from mechscope.heads.toydata import DataConfig
     from mechscope.heads.train import ToyConfig
     from mechscope.heads.train import train_toy as run
 
-    if data not in ("repeats", "meta"):
-        raise MechscopeError(f"Unknown data '{data}'; choose repeats or meta.")
     cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
-                    lr=lr, n_checkpoints=checkpoints, seed=seed,
-                    data=DataConfig(kind=data, vocab=vocab, seq_len=seq_len, seed=seed))  # type: ignore[arg-type]
+                    lr=lr, n_checkpoints=checkpoints, linear_checkpoints=linear, seed=seed,
+                    data=DataConfig(vocab=vocab, seq_len=seq_len, seed=seed))
     t0 = time.perf_counter()
     if json:
         run(cfg, out)

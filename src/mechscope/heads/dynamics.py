@@ -10,7 +10,8 @@ forms before the induction head.)
    sequences of the training distribution when ``train.json`` describes a toy run
    (``heads.toydata``; else windows of real text): loss and ICL score.
 3. Per checkpoint: load it (``models.load_model``), compute the scores, and for 2+ layers the
-   highest K-composition score between heads.
+   highest K-composition score between heads and the K-composition of the pair (final
+   previous-token head -> final induction head).
 4. Formation step of a score: the first checkpoint where the score has covered half of the
    way from its first value to its highest value (steps are log-spaced, so this is coarse).
    The phase change is the formation step of the induction score.
@@ -127,7 +128,8 @@ def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Te
         from mechscope.heads.toydata import DataConfig, ToyData
 
         settings = json.loads(tj.read_text())["settings"]
-        data = ToyData(DataConfig(**settings["data"]))
+        fields = DataConfig.__dataclass_fields__
+        data = ToyData(DataConfig(**{k: v for k, v in settings["data"].items() if k in fields}))
         toks = data.batch(cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
         return toks, 1, f"held-out toy data ({settings['data']['kind']})"
     name, docs = sequences.text_source(cfg.text)
@@ -147,6 +149,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
     run = Path(run_dir)
     ckpts = find_checkpoints(run)
     rows: list[dict[str, Any]] = []
+    kcomps: list[torch.Tensor] = []
     rep = evald = None
     prefix = 1
     source = ""
@@ -162,7 +165,9 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             rep_loss = float(ablation.repeated_half_loss(model.bridge(rep.to(model.device)), rep, cfg.seq_len))
         kc = float("nan")
         if model.summary.n_layers > 1:
-            kc = float(composition.composition_scores(head_weights(model))["k"].max())
+            kcomp = composition.composition_scores(head_weights(model))["k"]  # [L, H, L, H]
+            kcomps.append(kcomp)
+            kc = float(kcomp.max())
         rows.append({
             "step": step, "dir": d.name, "loss": loss, "repeated_loss": rep_loss,
             "icl_score": ic["icl_score"], "early_loss": ic["early_loss"], "late_loss": ic["late_loss"],
@@ -186,10 +191,16 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
     if rows:
         last = rows[-1]
         H = len(last["heads"]["induction"][0])
+        top = {}
         for k in ("previous_token", "induction"):
             flat = torch.tensor(last["heads"][k]).flatten()
             j = int(flat.argmax())
+            top[k] = (j // H, j % H)
             form[f"final_top_{k}_head"] = f"a{j // H}.h{j % H}"
+        # K-composition of the final previous-token head into the final induction head, over time
+        (l1, h1), (l2, h2) = top["previous_token"], top["induction"]
+        for r, kcomp in zip(rows, kcomps):
+            r["k_composition_prev_to_induction"] = float(kcomp[l1, h1, l2, h2])
     train_loss = []
     tj = run / "train.json"
     if tj.is_file():

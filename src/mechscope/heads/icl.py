@@ -45,12 +45,18 @@ def per_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> tor
 def icl_score(model: Any, tokens: torch.Tensor, prefix_len: int, early: int | None = None,
               late: int | None = None, window: int = 5) -> dict[str, float]:
     """{'icl_score', 'early_loss', 'late_loss', 'early', 'late'} on ``tokens`` [n, prefix + content]."""
-    n_content = tokens.shape[1] - prefix_len
+    return icl_from_loss(per_token_loss(model, tokens), prefix_len, early, late, window)
+
+
+def icl_from_loss(loss: torch.Tensor, prefix_len: int, early: int | None = None, late: int | None = None,
+                  window: int = 5) -> dict[str, float]:
+    """The ICL score from mean per-position losses [pos - 1] (``per_token_loss``)."""
+    n_content = loss.shape[0] + 1 - prefix_len
     window = max(1, min(window, n_content // 4))
     e0, l0 = default_indices(n_content, window)
     early = e0 if early is None else early
     late = l0 if late is None else late
-    loss = per_token_loss(model, tokens)  # [pos - 1]; content token i is predicted at prefix_len + i - 1
+    # content token i is predicted at position prefix_len + i - 1
 
     def at(i: int) -> float:
         j = prefix_len + i - 1

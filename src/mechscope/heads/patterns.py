@@ -65,35 +65,47 @@ def target_masks(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def pattern_scores(model: Any, tokens: torch.Tensor, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def pattern_scores(model: Any, tokens: torch.Tensor, batch_size: int = 16, with_loss: bool = False) -> dict[str, torch.Tensor]:
     """Scores [n_layers, n_heads] for each kind in ``KINDS`` on ``tokens`` [n, pos], plus
-    ``bos_mass``: the mean attention on key 0 (context for the BOS-excluded scores)."""
+    ``bos_mass``: the mean attention on key 0 (context for the BOS-excluded scores), and with
+    ``with_loss`` the mean next-token loss per position ``token_loss`` [pos - 1] from the same
+    forward passes (entry j predicts token j + 1)."""
     check_heads_visible(model)
     L, H = model.summary.n_layers, model.summary.n_heads
     num = {k: torch.zeros(L, H, dtype=torch.float64) for k in KINDS}
     den = {k: torch.zeros(L, H, dtype=torch.float64) for k in KINDS}
     bos = torch.zeros(L, H, dtype=torch.float64)
     rows = 0
+    loss_sum = torch.zeros(tokens.shape[1] - 1, dtype=torch.float64)
     for s in range(0, len(tokens), batch_size):
         t = tokens[s : s + batch_size]
-        masks = {k: m.to(model.device) for k, m in target_masks(t).items()}
-        has = {k: m.any(-1) for k, m in masks.items()}  # [b, q]
+        masks = target_masks(t)
+        has = {k: m.any(-1).to(model.device) for k, m in masks.items()}  # [b, q]
+        where = {k: [i.to(model.device) for i in m.nonzero(as_tuple=True)] for k, m in masks.items()}  # sparse targets
 
         def hook(pattern, hook):  # pattern [b, h, q, k]
             l = int(hook.name.split(".")[1])
             a = pattern.detach().float()
             rest = a[..., 1:].sum(-1)  # [b, h, q]: mass off key 0
             for kind in KINDS:
-                num[kind][l] += (a * masks[kind][:, None]).sum((0, 2, 3)).double().cpu()
+                bi, qi, ki = where[kind]
+                num[kind][l] += a[bi, :, qi, ki].sum(0).double().cpu()  # [h]
                 den[kind][l] += (rest * has[kind][:, None]).sum((0, 2)).double().cpu()
             bos[l] += a[..., 0].sum((0, 2)).double().cpu()
             return pattern
 
         with plain_attention(model):
-            model.bridge.run_with_hooks(t.to(model.device), fwd_hooks=[(pattern_hook(l), hook) for l in range(L)])
+            logits = model.bridge.run_with_hooks(t.to(model.device), fwd_hooks=[(pattern_hook(l), hook) for l in range(L)])
+        if with_loss:
+            tt = t.to(logits.device)
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tt[:, 1:], reduction="none")  # [b, pos-1]
+            loss_sum += ce.sum(0).double().cpu()
+        del logits
         rows += t.shape[0] * t.shape[1]
     out = {k: (num[k] / den[k].clamp_min(1e-12)).float() for k in KINDS}
     out["bos_mass"] = (bos / max(rows, 1)).float()
+    if with_loss:
+        out["token_loss"] = (loss_sum / len(tokens)).float()
     return out
 
 

@@ -31,7 +31,7 @@ class HeadsConfig:
     """repeated random-token sequences"""
     seq_len: int = 20
     """length of the random segment R (sequences are BOS + R + R)"""
-    n_text: int = 16
+    n_text: int = 8
     """real-text windows"""
     text_len: int | None = None
     """tokens per text window (default: min(520, context - 1))"""
@@ -64,7 +64,7 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[
     p = len(sequences.prefix_ids(model.tokenizer))
     rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)  # [n, p + 2L]
     text_len = cfg.text_len if cfg.text_len is not None else min(520, s.n_ctx - p)
-    sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})")
+    sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})", "--text-len")
 
     say("attention patterns on repeated random tokens")
     scores: dict[str, torch.Tensor] = dict(patterns.pattern_scores(model, rep))
@@ -72,10 +72,10 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[
     say("attention patterns and ICL score on real text")
     source, docs = sequences.text_source(cfg.text)
     text = sequences.text_windows(model, docs, cfg.n_text, text_len)
-    for k, v in patterns.pattern_scores(model, text, batch_size=4).items():
-        if k != "bos_mass":
-            scores[f"text_{k}"] = v
-    icl_res = icl.icl_score(model, text, p)
+    text_scores = patterns.pattern_scores(model, text, batch_size=2, with_loss=True)
+    for k in patterns.KINDS:
+        scores[f"text_{k}"] = text_scores[k]
+    icl_res = icl.icl_from_loss(text_scores["token_loss"], p)
     icl_res["n_contexts"] = len(text)
 
     say("copying scores (OV circuits)")

@@ -27,14 +27,14 @@ def prefix_ids(tokenizer: Any) -> torch.Tensor:
     return torch.tensor([bos] if bos is not None else [], dtype=torch.long)
 
 
-def check_length(model: Any, total: int, what: str) -> None:
+def check_length(model: Any, total: int, what: str, option: str = "--seq-len") -> None:
     n_ctx = model.summary.n_ctx
     if total > n_ctx:
         raise MechscopeError(
-            f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller --seq-len."
+            f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller {option}."
         )
     if total < 3:
-        raise MechscopeError(f"{what} would be only {total} tokens; pass a --seq-len of at least 2.")
+        raise MechscopeError(f"{what} would be only {total} tokens; pass a {option} of at least 2.")
 
 
 def sampling_vocab(tokenizer: Any, d_vocab: int, need: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ def text_windows(model: Any, docs: list[str], n: int, length: int) -> torch.Tens
     documents joined in order."""
     tok = model.tokenizer
     prefix = prefix_ids(tok).tolist()
-    check_length(model, len(prefix) + length, f"A text window (prefix + {length})")
+    check_length(model, len(prefix) + length, f"A text window (prefix + {length})", "--text-len")
     ids: list[int] = []
     for doc in docs:
         t = tok(doc)["input_ids"]

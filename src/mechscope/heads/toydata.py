@@ -11,11 +11,6 @@ successor"), and nowhere else. A model first learns the bigram statistics (loss 
 log(vocab) to about the chain's entropy), then, if it forms an induction circuit, a second
 drop on the copied spans: Olsson et al.'s phase change.
 
-``meta`` (after Minegishi et al. 2025, in-context meta-learning, simplified): each sequence
-draws one of ``n_tasks`` bigram chains; a model can (1) learn the mixture's average bigram,
-(2) infer from context which chain is active, (3) copy repeated spans by induction: several
-phases.
-
 Token 0 is ``<bos>``; content tokens are ``1..vocab``, their strings ``t1``, ``t2``...
 """
 
@@ -26,7 +21,7 @@ from typing import Literal
 
 import torch
 
-DataKind = Literal["repeats", "meta"]
+DataKind = Literal["repeats"]
 
 
 @dataclass
@@ -41,8 +36,6 @@ class DataConfig:
     n_repeats: int = 4
     min_span: int = 4
     max_span: int = 12
-    n_tasks: int = 4
-    """number of bigram chains for kind='meta'"""
     seed: int = 0
     """seed of the Markov chains (the data's 'world'); batches have their own generator"""
 
@@ -53,24 +46,22 @@ class ToyData:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         g = torch.Generator().manual_seed(cfg.seed)
-        n = cfg.n_tasks if cfg.kind == "meta" else 1
-        conc = torch.full((cfg.vocab,), cfg.alpha)
-        gamma = torch._standard_gamma(conc.expand(n, cfg.vocab, cfg.vocab).contiguous(), generator=g)
-        self.trans = gamma / gamma.sum(-1, keepdim=True)  # [n_chains, vocab, vocab]
+        conc = torch.full((cfg.vocab, cfg.vocab), cfg.alpha)
+        gamma = torch._standard_gamma(conc, generator=g)
+        self.trans = gamma / gamma.sum(-1, keepdim=True)  # [vocab, vocab]: row = successor distribution
 
     def entropy(self) -> float:
         """Mean bigram entropy (nats) under a uniform token marginal: roughly the loss floor
-        without induction (for kind='repeats')."""
+        without induction."""
         p = self.trans.clamp_min(1e-12)
         return float(-(p * p.log()).sum(-1).mean())
 
     def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         c = self.cfg
-        chain = torch.randint(0, self.trans.shape[0], (n,), generator=generator)  # [n]
         x = torch.empty(n, c.seq_len, dtype=torch.long)
         x[:, 0] = torch.randint(0, c.vocab, (n,), generator=generator)
         for t in range(1, c.seq_len):
-            probs = self.trans[chain, x[:, t - 1]]  # [n, vocab]
+            probs = self.trans[x[:, t - 1]]  # [n, vocab]
             x[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         for i in range(n):
             for _ in range(c.n_repeats):

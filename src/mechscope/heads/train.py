@@ -9,7 +9,8 @@ and Induction Heads"; Singh et al. 2024, "What needs to go right for an inductio
    MLPs output exactly 0 and the model is attention-only while staying a standard
    architecture that ``mechscope.models.load_model`` (and TransformerLens's bridge) loads.
 3. AdamW, linear warm-up then constant learning rate; each step one fresh batch.
-4. At every step of the log-spaced schedule (step 0 included) the model is saved to
+4. At every step of the log-spaced schedule (step 0 included; plus evenly spaced steps, so a
+   late phase change is resolved too) the model is saved to
    ``out/ckpt_{step:06d}/`` (``config.json`` + ``model.safetensors`` + tokenizer), so
    ``load_model(out/ckpt_000123)`` works, and its held-out loss is logged. ``out/train.json``
    holds the settings, the checkpoint list and the per-step training loss.
@@ -19,6 +20,7 @@ and Induction Heads"; Singh et al. 2024, "What needs to go right for an inductio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -43,13 +45,15 @@ class ToyConfig:
     heads: int = 4
     d_model: int = 128
     attn_only: bool = True
-    steps: int = 2000
+    steps: int = 3000
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     n_checkpoints: int = 40
     """checkpoints on a log-spaced schedule between step 1 and ``steps`` (plus step 0)"""
+    linear_checkpoints: int = 30
+    """extra checkpoints every steps / linear_checkpoints steps (late phase changes need them)"""
     n_eval: int = 64
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -64,13 +68,16 @@ class ToyConfig:
         return cls(**d)
 
 
-def schedule(steps: int, n: int) -> list[int]:
-    """Step 0 and ``n`` log-spaced steps from 1 to ``steps`` (duplicates merged)."""
+def schedule(steps: int, n: int, n_linear: int = 0) -> list[int]:
+    """Step 0, ``n`` log-spaced steps from 1 to ``steps`` and ``n_linear`` evenly spaced ones
+    (duplicates merged)."""
     if steps < 1:
         return [0]
     pts = {0, steps}
     for i in range(n):
         pts.add(int(round(math.exp(math.log(steps) * i / max(n - 1, 1)))))
+    for i in range(1, n_linear + 1):
+        pts.add(int(round(steps * i / n_linear)))
     return sorted(p for p in pts if p <= steps)
 
 
@@ -93,7 +100,7 @@ def make_model(cfg: ToyConfig):
     hf_cfg = transformers.GPT2Config(
         vocab_size=cfg.data.vocab + 1, n_positions=cfg.data.seq_len + 1, n_embd=cfg.d_model,
         n_layer=cfg.layers, n_head=cfg.heads, n_inner=(1 if cfg.attn_only else 4 * cfg.d_model),
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=None, tie_word_embeddings=False,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     model = transformers.GPT2LMHeadModel(hf_cfg)
@@ -148,13 +155,14 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
         start, log = int(state["step"]), prev
-    sched = schedule(cfg.steps, cfg.n_checkpoints)
+    sched = schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints)
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
         d = out / f"ckpt_{step:06d}"
-        model.save_pretrained(d, safe_serialization=True)
-        tok.save_pretrained(d)
+        with _no_progress_bars():
+            model.save_pretrained(d, safe_serialization=True)
+            tok.save_pretrained(d)
         model.eval()
         ev = eval_loss(model, eval_tokens)
         model.train()
@@ -188,6 +196,20 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
     (out / "train.json").write_text(json.dumps(log))
     shutil.rmtree(last, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Silence transformers' per-save progress bar (restored on exit)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _save_state(model, opt, gen, step: int, last: Path, out: Path, log: dict) -> None:

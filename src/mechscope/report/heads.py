@@ -81,7 +81,9 @@ def render_heads_report(d: dict[str, Any], patterns: list | None = None) -> str:
         ], numeric=[False, True])
     )
     parts.append("<h2>Scores per head (layer x head)</h2><div class='grid'>")
-    for name, matrix in d["scores"].items():
+    order = [k for k in SCORE_INFO if k in d["scores"]] + [k for k in d["scores"] if k not in SCORE_INFO]
+    for name in order:
+        matrix = d["scores"][name]
         signed = name in ("copying_eigen", "ablation")
         parts.append(f"<figure>{_grid(matrix, name, diverging=signed)}<figcaption class='small muted'>{esc(SCORE_INFO.get(name, ''))}</figcaption></figure>")
     parts.append("</div>")
@@ -128,29 +130,25 @@ def _finite(xs: list[Any]) -> list[float]:
 
 
 def dynamics_charts(d: dict[str, Any]) -> list[str]:
-    """Two line charts (log steps): losses; head scores and ICL score, with formation markers."""
+    """Two line charts over training steps: losses; head scores and ICL score; a marker at the
+    induction head's formation step."""
     rows = [r for r in d["checkpoints"] if r["step"] > 0]
     steps = [r["step"] for r in rows]
     f = d.get("formation", {})
-    marks = []
-    if f.get("previous_token_step"):
-        marks.append((f["previous_token_step"], "prev-token"))
-    if f.get("induction_step"):
-        marks.append((f["induction_step"], "induction"))
+    marks = [(f["induction_step"], "induction head forms")] if f.get("induction_step") else []
     series1 = {"held-out loss": (steps, _finite([r["loss"] for r in rows])),
                "loss on repeated half": (steps, _finite([r["repeated_loss"] for r in rows]))}
     tl = [x for x in d.get("train_loss", []) if x[0] > 0]
     if tl:
         series1 = {"train loss": ([x[0] for x in tl], [x[1] for x in tl]), **series1}
-    c1 = line_chart(series1, title="Loss", xlabel="training step (log)", ylabel="nats", logx=True, width=620,
-                    vlines=marks, points=False)
+    c1 = line_chart(series1, title="Loss (nats)", xlabel="training step", width=700, vlines=marks, points=False)
     series2 = {
-        "max induction score": (steps, _finite([r["max_induction"] for r in rows])),
-        "max previous-token score": (steps, _finite([r["max_previous_token"] for r in rows])),
-        "ICL score (nats)": (steps, _finite([r["icl_score"] for r in rows])),
-        "max K-composition": (steps, _finite([r["max_k_composition"] for r in rows])),
+        "induction (max)": (steps, _finite([r["max_induction"] for r in rows])),
+        "prev-token (max)": (steps, _finite([r["max_previous_token"] for r in rows])),
+        "ICL score": (steps, _finite([r["icl_score"] for r in rows])),
+        "K-comp. prev->ind": (steps, _finite([r.get("k_composition_prev_to_induction", float("nan")) for r in rows])),
     }
-    c2 = line_chart(series2, title="Head scores and ICL score", xlabel="training step (log)", logx=True, width=620, vlines=marks)
+    c2 = line_chart(series2, title="Head scores and ICL score (nats)", xlabel="training step", width=700, vlines=marks)
     return [c1, c2]
 
 
@@ -163,7 +161,7 @@ def dynamics_svg(d: dict[str, Any]) -> str:
         height = int(c.split('height="', 1)[1].split('"', 1)[0])
         inner.append(c.replace("<svg ", f'<svg y="{h}" ', 1))
         h += height + 10
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="620" height="{h}" style="background:#fff"><rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>'
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="700" height="{h}" style="background:#fff"><rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>'
 
 
 def render_dynamics_report(d: dict[str, Any]) -> str:
