@@ -8,9 +8,13 @@ Five lines from a notebook::
     res = head_scores(ms.load_model(), HeadsConfig(n=50, seq_len=20))
     print(res.top_by_category())            # top heads per category
     res.save("heads-out")                   # heads.json + heads.safetensors
+
+and for training dynamics: ``train_toy(ToyConfig(), "run")`` then ``dynamics("run")``.
 """
 
+from mechscope.heads.dynamics import DynamicsConfig, DynamicsResult, dynamics
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.scores import HeadsConfig, head_scores
+from mechscope.heads.train import ToyConfig, train_toy
 
-__all__ = ["HeadsConfig", "HeadsResult", "head_scores"]
+__all__ = ["DynamicsConfig", "DynamicsResult", "HeadsConfig", "HeadsResult", "ToyConfig", "dynamics", "head_scores", "train_toy"]
