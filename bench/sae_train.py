@@ -100,6 +100,9 @@ def main() -> None:
     sae_l_inf = load_sae(out_l)
 
     q_m, q_l = held_out_quality(load_sae(out_m), held), held_out_quality(sae_l_inf, held)
+    with torch.no_grad():  # SAELens's own forward on the same rows, as a check of the conversion
+        own = (trained(held) - held).pow(2).sum(-1).mean() / (held - held.mean(0)).pow(2).sum(-1).mean()
+    print(f"SAELens FVU by its own forward: {float(own):.3f}")
     tps_m, tps_l = args.tokens / t_m, args.tokens / t_l
     print(f"{'':12}{'tokens/s':>10}{'seconds':>9}{'FVU':>8}{'L0':>7}")
     print(f"{'mechscope':12}{tps_m:>10,.0f}{t_m:>9.1f}{q_m['fvu']:>8.3f}{q_m['l0']:>7.1f}")
