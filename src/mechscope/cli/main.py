@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from mechscope.cli import basic, circuits
-from mechscope.cli import heads as heads_cli
 from mechscope.cli import corpus as corpus_cli
+from mechscope.cli import heads as heads_cli
 from mechscope.cli import recall as recall_cli
 from mechscope.cli import sae as sae_cli
 from mechscope.cli.common import STATE
@@ -28,8 +28,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 basic.register(app)
 circuits.register(app)
-heads_cli.register(app)
 corpus_cli.register(app)
+heads_cli.register(app)
 recall_cli.register(app)
 sae_cli.register(app)
 
