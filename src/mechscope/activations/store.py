@@ -19,7 +19,7 @@ Memory is the buffer, ``buffer_tokens * sum(d) * itemsize``, whatever the number
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import torch

@@ -7,7 +7,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    handles_errors,
+    load,
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+)
 
 
 def register(app: typer.Typer) -> None:
     app.command("discover")(discover)
     app.command("evaluate")(evaluate)
 
-
-def _fresh_dir(task: str, method: str) -> Path:
-    stem = f"mechscope-{Path(task).stem}-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    p, i = Path(stem), 1
-    while p.exists():
-        p, i = Path(f"{stem}-{i}"), i + 1
-    return p
 
 
 @handles_errors
@@ -63,7 +64,7 @@ def discover(
     get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank)
-    out_dir = Path(out or _fresh_dir(task, method))
+    out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
@@ -109,8 +110,8 @@ def evaluate(
 
     from mechscope.circuits import CircuitResult, Evaluator, load_reference, roc_auc
     from mechscope.circuits.evaluate import cpr_cmd, curve_sizes, faithfulness_curve
-    from mechscope.graph import build_graph
     from mechscope.errors import MechscopeError
+    from mechscope.graph import build_graph
     from mechscope.tasks import get_task
 
     res = CircuitResult.load(run_dir)

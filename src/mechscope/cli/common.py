@@ -6,7 +6,9 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -51,6 +53,15 @@ def handles_errors(fn: Callable) -> Callable:
             fail(f"{exc.strerror or exc}: {exc.filename}")
 
     return wrapper
+
+
+def fresh_dir(stem: str) -> Path:
+    """A new folder name under the current directory: mechscope-STEM-YYYYmmdd-HHMMSS[-i]."""
+    base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    p, i = Path(base), 1
+    while p.exists():
+        p, i = Path(f"{base}-{i}"), i + 1
+    return p
 
 
 def emit_json(obj: Any) -> None:

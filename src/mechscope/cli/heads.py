@@ -9,7 +9,17 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, err_console, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    err_console,
+    fresh_dir,
+    handles_errors,
+    load,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,13 +27,6 @@ def register(app: typer.Typer) -> None:
     app.command("train-toy")(train_toy)
     app.command("dynamics")(dynamics)
 
-
-def _fresh_dir(stem: str) -> Path:
-    base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    p, i = Path(base), 1
-    while p.exists():
-        p, i = Path(f"{base}-{i}"), i + 1
-    return p
 
 
 @handles_errors
@@ -50,7 +53,7 @@ def heads(
     m = load(model, device)
     t0 = time.perf_counter()
     res = head_scores(m, cfg, progress=None if json else (lambda s: err_console.print(f"[dim]{s}...[/dim]")))
-    out_dir = Path(out or _fresh_dir("heads"))
+    out_dir = Path(out or fresh_dir("heads"))
     res.save(out_dir)
     report = write_heads_report(res, out_dir / "heads.html")
     summary = {

@@ -3,13 +3,22 @@ tracing, attention knockout, attribute extraction, subject enrichment)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, err_console, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    err_console,
+    fresh_dir,
+    handles_errors,
+    load,
+)
 from mechscope.errors import MechscopeError
 
 
@@ -17,13 +26,6 @@ def register(app: typer.Typer) -> None:
     app.command("lens")(lens)
     app.command("recall")(recall)
 
-
-def _fresh_dir(stem: str) -> Path:
-    base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    p, i = Path(base), 1
-    while p.exists():
-        p, i = Path(f"{base}-{i}"), i + 1
-    return p
 
 
 @handles_errors
@@ -45,7 +47,7 @@ def lens(
         raise MechscopeError(f"--k {k} must be at least 1.")
     m = load(model, device)
     res = run_lens(m, prompt, target=target, distractor=distractor, k=k)
-    out_dir = Path(out or _fresh_dir("lens"))
+    out_dir = Path(out or fresh_dir("lens"))
     res.save(out_dir)
     d = res.to_dict()
     report = write_lens_report(d, out_dir / "report.html")
@@ -76,7 +78,8 @@ def recall(
     json: bool = JsonOpt,
 ) -> None:
     """Dissect the recall of a fact: causal tracing, attention knockout, attribute extraction, subject enrichment."""
-    from mechscope.recall import RecallConfig, recall as run_recall, recall_dataset
+    from mechscope.recall import RecallConfig, recall_dataset
+    from mechscope.recall import recall as run_recall
     from mechscope.recall.dataset import dataset_config
     from mechscope.report.recall import write_recall_report
 
@@ -102,7 +105,7 @@ def recall(
         res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False))
     else:
         res = run_recall(m, prompt, subject, target, RecallConfig(**kw))
-    out_dir = Path(out or _fresh_dir("recall"))
+    out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()
     report = write_recall_report(d, out_dir / "report.html")

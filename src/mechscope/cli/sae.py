@@ -11,7 +11,16 @@ from typing import List, Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+)
 
 sae_app = typer.Typer(help="Sparse autoencoders and transcoders: harvest, train, eval, dashboard.", no_args_is_help=True)
 
@@ -29,13 +38,6 @@ def register(app: typer.Typer) -> None:
 
 CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 
-
-def _fresh(stem: str) -> Path:
-    p = Path(f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    i = 1
-    while p.exists():
-        p, i = Path(f"{p}-{i}"), i + 1
-    return p
 
 
 def _mlp_out_of(hook: str) -> str:
@@ -119,13 +121,18 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train an SAE (or transcoder) on a hook's activations; checkpoints, resumable."""
-    from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
+    from mechscope.activations import (
+        ActivationStore,
+        ShardStore,
+        StoreConfig,
+        get_corpus,
+    )
     from mechscope.errors import MechscopeError
     from mechscope.models.hooks import check_hook_name
     from mechscope.sae.sources import StoreSource
-    from mechscope.sae.train import Trainer, TrainConfig
+    from mechscope.sae.train import TrainConfig, Trainer
 
-    out = out or _fresh("sae")
+    out = out or fresh_dir("sae")
     if resume and not out.exists():
         raise MechscopeError(f"--resume: {out} does not exist; pass the --out of the run to continue.")
     tout = (hook_out or _mlp_out_of(hook)) if transcoder else None

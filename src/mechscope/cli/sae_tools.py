@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,16 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+)
 
 
 def register_dashboard(sae_app: typer.Typer) -> None:
@@ -24,13 +32,6 @@ def register_dashboard(sae_app: typer.Typer) -> None:
 def register(app: typer.Typer) -> None:
     app.command("steer")(steer)
 
-
-def _fresh_dir(stem: str) -> Path:
-    stem = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    p, i = Path(stem), 1
-    while p.exists():
-        p, i = Path(f"{stem}-{i}"), i + 1
-    return p
 
 
 def _load_pair(sae_dir: Path, model: Optional[str], device: Optional[str]):
@@ -62,7 +63,11 @@ def dashboard(
     """Feature dashboards: top contexts, quantile samples, histogram, output logits, density."""
     from mechscope.errors import MechscopeError
     from mechscope.report.dashboard import write_dashboard
-    from mechscope.sae.dashboard import DashboardConfig, feature_dashboards, parse_features
+    from mechscope.sae.dashboard import (
+        DashboardConfig,
+        feature_dashboards,
+        parse_features,
+    )
 
     if tokens < 1 or ctx_len < 2 or batch_size < 1 or n_top < 1:
         raise MechscopeError("--tokens, --top and --batch-size must be positive and --ctx-len at least 2.")
@@ -70,7 +75,7 @@ def dashboard(
     feats = parse_features(features, sae.cfg.d_sae)
     cfg = DashboardConfig(features=feats, n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, n_top=n_top, seed=seed, corpus=corpus)
     res = feature_dashboards(m, sae, cfg, progress=not json)
-    out_dir = Path(out or _fresh_dir("dashboard"))
+    out_dir = Path(out or fresh_dir("dashboard"))
     data_path = res.save(out_dir)
     page = write_dashboard(res.to_dict(), out_dir / "dashboard.html")
     summary = {

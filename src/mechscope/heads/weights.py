@@ -78,6 +78,6 @@ def head_weights(model: Any) -> HeadWeights:
         Q.append(torch.einsum("de,hef->hdf", ln, a.W_Q.detach().float().cpu()))
         K.append(torch.einsum("de,hef->hdf", ln, a.W_K.detach().float().cpu()))
         V.append(torch.einsum("de,hef->hdf", ln, a.W_V.detach().float().cpu()))
-        O.append(a.W_O.detach().float().cpu())
+        O.append(a.W_O.detach().float().cpu().clone())  # a copy: callers may edit it, the model must not change
     W_U = ln_f @ b.W_U.detach().float().cpu()
-    return HeadWeights(Q, K, V, O, b.W_E.detach().float().cpu(), W_U, s.n_heads, s.n_kv_heads)
+    return HeadWeights(Q, K, V, O, b.W_E.detach().float().cpu().clone(), W_U, s.n_heads, s.n_kv_heads)

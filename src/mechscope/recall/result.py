@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from mechscope.recall.categories import position_categories
 from mechscope.recall.enrichment import Enrichment
