@@ -48,6 +48,8 @@ def fmt(x: Any, digits: int = 3) -> str:
         return esc(x)
     if math.isnan(v):
         return "nan"
+    if v == int(v) and 1 <= abs(v) < 1e7:
+        return f"{int(v):,}"  # whole numbers (steps, counts) in full: 3,000 rather than 3e+03
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 10 ** (-digits)):
         return f"{v:.{digits - 1}e}"
     return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
