@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.results import read_result_json
 from mechscope.graph import Graph
 
 SCHEMA_VERSION = 1
@@ -93,17 +93,7 @@ class CircuitResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitResult":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "circuit.json"
-        if not p.is_file():
-            raise MechscopeError(f"No circuit.json at '{path}'; pass the folder `mechscope discover` wrote.")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise MechscopeError(f"'{p}' is not valid JSON (line {exc.lineno}).") from exc
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        d, p = read_result_json(path, "circuit.json", SCHEMA_VERSION, "mechscope discover")
         m = d["model"]
         g = Graph(n_layers=m["n_layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"])
         st = p.parent / "scores.safetensors"

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
 _STEP = re.compile(r"(\d+)$")
@@ -80,13 +81,7 @@ class DynamicsResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "DynamicsResult":
-        p = Path(path)
-        p = p / "dynamics.json" if p.is_dir() else p
-        if not p.is_file():
-            raise MechscopeError(f"No dynamics.json at '{path}'; run `mechscope dynamics` first.")
-        d = json.loads(p.read_text())
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        d, _ = read_result_json(path, "dynamics.json", SCHEMA_VERSION, "mechscope dynamics")
         return cls(d["run"], d["settings"], d["checkpoints"], d.get("formation", {}), d.get("train_loss", []))
 
 

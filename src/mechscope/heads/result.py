@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
 
@@ -102,14 +102,7 @@ class HeadsResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadsResult":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "heads.json"
-        if not p.is_file():
-            raise MechscopeError(f"No heads.json at '{path}'; pass the folder `mechscope heads` wrote.")
-        d = json.loads(p.read_text())
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        d, p = read_result_json(path, "heads.json", SCHEMA_VERSION, "mechscope heads")
         from safetensors.torch import load_file
 
         t = load_file(str(p.parent / "heads.safetensors"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.results import read_result_json
 from mechscope.lens.dla import DLA
 
 SCHEMA_VERSION = 1
@@ -89,13 +89,7 @@ class LensResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "LensResult":
-        p = Path(path)
-        p = p / "lens.json" if p.is_dir() else p
-        if not p.is_file():
-            raise MechscopeError(f"No lens.json at '{path}'; pass the folder `mechscope lens` wrote.")
-        d = json.loads(p.read_text())
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}, this mechscope reads {SCHEMA_VERSION}.")
+        d, p = read_result_json(path, "lens.json", SCHEMA_VERSION, "mechscope lens")
         from safetensors.torch import load_file
 
         t = load_file(str(p.parent / "lens.safetensors"))

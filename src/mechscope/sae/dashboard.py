@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
+from mechscope.results import read_result_json
 from mechscope.sae.feature_stats import FeatureStats, StatsConfig
 from mechscope.sae.io import check_sae_fits
 
@@ -120,12 +121,7 @@ class DashboardResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "DashboardResult":
-        p = Path(path)
-        if p.is_dir():
-            p = p / "dashboard.json"
-        d = json.loads(p.read_text())
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise MechscopeError(f"'{p}' has schema_version {d.get('schema_version')}; this mechscope reads {SCHEMA_VERSION}.")
+        d, _ = read_result_json(path, "dashboard.json", SCHEMA_VERSION, "mechscope sae dashboard")
         d.pop("schema_version")
         d["hist_bins"] = [(lo, math.inf if hi is None else hi) for lo, hi in d["hist_bins"]]
         d["features"] = [FeatureDashboard(**{**f, "logits_pos": [tuple(x) for x in f["logits_pos"]],

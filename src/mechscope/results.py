@@ -1,0 +1,29 @@
+"""Reading saved result JSON files (circuit.json, heads.json, lens.json, dynamics.json,
+dashboard.json): one place for the folder-or-file lookup, the JSON check and the
+schema-version check, each failing with one sentence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import MechscopeError
+
+
+def read_result_json(path: str | Path, filename: str, schema_version: int, made_by: str) -> tuple[dict[str, Any], Path]:
+    """The parsed ``filename`` in folder ``path`` (or ``path`` itself if it is a file), and the
+    file's path. ``made_by`` names the command that writes it, for the error message."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / filename
+    if not p.is_file():
+        raise MechscopeError(f"No {filename} at '{path}'; pass the folder `{made_by}` wrote.")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise MechscopeError(f"'{p}' is not valid JSON (line {exc.lineno}).") from exc
+    if not isinstance(d, dict) or d.get("schema_version") != schema_version:
+        got = d.get("schema_version") if isinstance(d, dict) else None
+        raise MechscopeError(f"'{p}' has schema_version {got}, this mechscope reads {schema_version}.")
+    return d, p
