@@ -119,3 +119,13 @@ def test_cli_train_toy_and_dynamics(tmp_path):
     empty.mkdir()
     r = CliRunner().invoke(app, ["dynamics", str(empty)])
     assert r.exit_code == 2 and "holds no checkpoints" in r.output
+
+
+def test_cli_train_toy_bad_input_is_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    r = CliRunner().invoke(app, ["train-toy", "--layers", "2", "--attn-only", "--d-model", "30", "--heads", "4",
+                                 "--steps", "4", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "divisible by the number of heads" in r.output and "Traceback" not in r.output

@@ -109,3 +109,17 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_pa
     # Equal in quality: the resumed SAE reconstructs held-out text as well as the uninterrupted one.
     assert abs(ev["killed"]["fvu"] - ev["straight"]["fvu"]) < 0.1 * ev["straight"]["fvu"] + 0.02, (ev["killed"]["fvu"], ev["straight"]["fvu"])
     assert straight["tokens"] == 65_536
+
+
+def test_harvest_json_and_bad_input(tiny_gpt2_dir, corpus, tmp_path):
+    from mechscope.activations import ShardStore
+
+    args = ["sae", "harvest", "--model", tiny_gpt2_dir, "--hook", HOOK, "--corpus", corpus, "--tokens", "2000",
+            "--context-len", "32", "--out", str(tmp_path / "acts"), "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(r.stdout)
+    assert manifest["hooks"] == [HOOK] and manifest["n_tokens"] >= 2000
+    assert ShardStore(tmp_path / "acts").next_batch(100)[HOOK].shape == (100, 64)
+    r = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "b"), "--dtype", "float8"])
+    assert r.exit_code == 2 and "Unknown dtype" in r.stderr and "Traceback" not in r.output
