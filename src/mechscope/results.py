@@ -27,3 +27,17 @@ def read_result_json(path: str | Path, filename: str, schema_version: int, made_
         got = d.get("schema_version") if isinstance(d, dict) else None
         raise MechscopeError(f"'{p}' has schema_version {got}, this mechscope reads {schema_version}.")
     return d, p
+
+
+def library_versions() -> dict[str, str]:
+    """Python and the versions of the libraries a saved result depends on (for provenance)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for pkg in ("mechscope", "torch", "transformers", "transformer-lens"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

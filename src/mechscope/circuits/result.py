@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.results import read_result_json
+from mechscope.results import library_versions, read_result_json
 from mechscope.graph import Graph
 
 SCHEMA_VERSION = 1
@@ -70,7 +69,7 @@ class CircuitResult:
             "task": self.task,
             "method": self.method,
             "settings": self.settings,
-            "versions": _versions(),
+            "versions": library_versions(),
             "nodes": nodes,
             "edges": edges,
             "metrics": self.metrics,
@@ -122,14 +121,3 @@ def _node(name: str, g: Graph, score: float, in_circuit: bool) -> dict[str, Any]
     l, h = name[1:].split(".h")
     return {"name": name, "layer": int(l), "head": int(h), "type": "head", "score": score, "in_circuit": in_circuit}
 
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("mechscope", "torch", "transformers", "transformer-lens"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.results import read_result_json
+from mechscope.results import library_versions, read_result_json
 
 SCHEMA_VERSION = 1
 
@@ -76,7 +75,7 @@ class HeadsResult:
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "settings": self.settings,
-            "versions": _versions(),
+            "versions": library_versions(),
             "text_source": self.text_source,
             "score_definitions": {k: v for k, v in SCORE_INFO.items() if k in self.scores},
             "scores": {k: _nested(v) for k, v in self.scores.items()},
@@ -119,14 +118,3 @@ class HeadsResult:
 def _nested(t: torch.Tensor) -> list:
     return [[None if math.isnan(x) else x for x in row] for row in t.tolist()]
 
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("mechscope", "torch", "transformers", "transformer-lens"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
