@@ -98,3 +98,33 @@ def test_mean_and_zero_sources(tiny_gpt2):
     out = run_with_node_mask(m, g, clean, zero, torch.ones(g.n_senders))
     # every sender zeroed: the residual stream holds only constants (biases), same at every row
     assert torch.allclose(out[0], out[1], atol=1e-4)
+
+
+@torch.no_grad()
+def test_suffix_run_equals_full_run(tiny_model):
+    """Running blocks l.. from the cached clean residual equals the whole patched model, when
+    every patched edge ends at layer l or above (the ACDC situation), at every l."""
+    from mechscope.patching import SuffixRunner, run_suffix_with_edge_mask, sender_activations
+
+    m, g = tiny_model, build_graph(tiny_model)
+    clean, corrupt = _tokens(5)
+    src = source_activations(m, g, clean, corrupt, "patching")
+    keep = torch.tensor([2, 8])
+    runner = SuffixRunner(m, clean, keep)
+    assert runner.check(m.bridge(clean))
+    clean_delta = sender_activations(m, g, clean) - src
+    gen = torch.Generator().manual_seed(1)
+    for start in range(g.n_layers + 1):
+        masks = (torch.rand(2, g.n_senders, g.n_receivers, generator=gen) > 0.5).float()
+        first = g.receiver_slices(start)["q"].start if start < g.n_layers else g.logits_receiver
+        masks[:, :, :first] = 0
+        full = run_with_edge_mask(m, g, clean, src, masks)[:, :, keep]
+        suffix = run_suffix_with_edge_mask(m, g, runner, src, clean_delta, masks, start)
+        assert torch.allclose(suffix, full, atol=TOL), start
+    masks[:, 0, 0] = 1.0  # an edge into layer 0 cannot be evaluated from a later layer
+    import pytest
+
+    from mechscope.errors import MechscopeError
+
+    with pytest.raises(MechscopeError, match="below"):
+        run_suffix_with_edge_mask(m, g, runner, src, clean_delta, masks, 1)

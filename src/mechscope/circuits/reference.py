@@ -3,10 +3,20 @@
 File format (JSON)::
 
     {"model": "gpt2", "task": "ioi", "source": "citation", "nodes": ["a9.h6", "m0", ...],
-     "edges": [["a9.h6", "logits"], ...]}          # "edges" optional
+     "edges": [["a9.h6", "a10.h7<q>"], ["a9.h6", "logits"], ...],      # optional
+     "groups": {"name_mover": ["a9.h6", ...], ...},                        # optional
+     "connections": [{"from": ["s_inhibition"], "to": ["name_mover"], "via": "q"}, ...]}
+
+Edges are listed explicitly, or derived from group-to-group ``connections`` (how the papers
+state their circuits): every sender of a ``from`` group feeds every receiver of a ``to`` group
+that lies downstream of it (a later layer, or a head feeding its own layer's MLP), through the
+head inputs named in ``via`` (any of q, k, v; MLPs and logits have one input). Besides the
+file's groups, ``input`` (the embeddings), ``logits`` and ``mlps`` (every MLP) can be named.
+Receivers are written as in the graph (``a9.h6<q>``, ``a9.kv6<k>``: for GPT-2, KV head g is
+head g).
 
 Node-level AUC ranks heads and MLPs by their node score (sum of their edge scores); edge-level
-AUC (when the file lists edges) ranks edges by |score|.
+AUC (when the file has edges) ranks edges by their score.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class Reference:
         return m
 
     def edge_mask(self, graph: Graph) -> torch.Tensor | None:
+        """Bool [n_senders, n_receivers] of the reference's edges, or None if it has none."""
         if not self.edges:
             return None
         return graph.mask_from_edges(self.edges).bool()  # unknown names raise a clear error
@@ -63,7 +74,51 @@ def load_reference(path_or_name: str) -> Reference:
         text, where = p.read_text(), str(p)
     try:
         d = json.loads(text)
-        return Reference(model=d.get("model", "?"), task=d.get("task", "?"), source=d.get("source", ""),
-                         nodes=list(d["nodes"]), edges=[tuple(e) for e in d.get("edges", [])])
+        edges = [tuple(e) for e in d.get("edges", [])]
+        nodes = list(d["nodes"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise MechscopeError(f"'{where}' is not a reference circuit file (needs a JSON object with a 'nodes' list).") from exc
+    if d.get("connections"):
+        edges += expand_connections(d.get("groups", {}), d["connections"], where, d.get("n_layers"))
+    source = d.get("source", "")
+    if d.get("edge_source"):
+        source += " Edges: " + d["edge_source"]
+    return Reference(model=d.get("model", "?"), task=d.get("task", "?"), source=source, nodes=nodes,
+                     edges=list(dict.fromkeys(edges)))
+
+
+def _layer(node: str) -> int:
+    """Layer of a node name (``a3.h5`` -> 3, ``m2`` -> 2)."""
+    return int(node[1:].split(".")[0])
+
+
+def expand_connections(
+    groups: dict[str, list[str]], connections: list[dict], where: str = "the file", n_layers: int | None = None
+) -> list[tuple[str, str]]:
+    """Edges (sender, receiver name) from group-to-group connections (see the module docstring)."""
+    if n_layers is None:
+        n_layers = 1 + max((_layer(n) for g in groups.values() for n in g), default=0)
+    named = {**groups, "input": ["input"], "logits": ["logits"], "mlps": [f"m{l}" for l in range(n_layers)]}
+    out: list[tuple[str, str]] = []
+    for c in connections:
+        try:
+            src = [n for g in c["from"] for n in named[g]]
+            dst = [n for g in c["to"] for n in named[g]]
+        except (KeyError, TypeError) as exc:
+            raise MechscopeError(
+                f"A connection in {where} names an unknown group ({exc}); groups are {', '.join(named)}."
+            ) from exc
+        via = c.get("via", "qkv")
+        for s in src:
+            for r in dst:
+                if r == "logits":
+                    out.append((s, "logits"))
+                    continue
+                if s != "input" and not (_layer(s) < _layer(r) or (s[0] == "a" and r[0] == "m" and _layer(s) == _layer(r))):
+                    continue  # not downstream
+                if r[0] == "m":
+                    out.append((s, r))
+                else:
+                    l, h = r[1:].split(".h")
+                    out += [(s, f"a{l}.h{h}<q>" if t == "q" else f"a{l}.kv{h}<{t}>") for t in via]
+    return out

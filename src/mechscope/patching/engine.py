@@ -220,6 +220,23 @@ class _EdgePatch:
         self.delta: torch.Tensor | None = None  # [K, n_needed, N]
         self.total: torch.Tensor | None = None  # [K, N]
 
+    def prefill(self, n_below: int, clean_delta: torch.Tensor) -> None:
+        """Deltas of the senders ``0..n_below-1``, which do not run (see ``run_suffix_with_edge_mask``).
+
+        ``clean_delta`` [n_senders, B, P, D]: clean output minus source, exact for senders
+        below every patched receiver (nothing upstream of them is patched).
+        """
+        ids = self.active[:n_below].nonzero()[:, 0]
+        if not len(ids):
+            return
+        d = clean_delta[ids.to(clean_delta.device)].reshape(len(ids), -1)  # [n, N]
+        self._alloc(d, d.shape[1])
+        self.total += d.sum(0)
+        slots = self.slot[ids]
+        store = slots >= 0
+        if store.any():
+            self.delta[:, slots[store]] = d[store.to(d.device)]
+
     def _alloc(self, x: torch.Tensor, N: int) -> None:
         if self.total is None:
             self.delta = torch.empty(self.K, self.n_needed, N, device=x.device, dtype=x.dtype)
@@ -338,3 +355,40 @@ def run_with_node_mask(
 
         hooks.append((name, hook))
     return model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+
+
+def run_suffix_with_edge_mask(
+    model, graph: Graph, runner, source: torch.Tensor, clean_delta: torch.Tensor, mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """``run_with_edge_mask`` executing only blocks ``start..`` (a ``SuffixRunner``).
+
+    Exact when no patched edge ends below layer ``start``: the lower blocks then run as in the
+    clean batch, so their senders' deltas are ``clean_delta`` [n_senders, B, P, D] (clean
+    output minus source) and the residual entering block ``start`` is the clean one.
+
+    Returns logits [K, batch, len(runner.keep), d_vocab] (only the runner's kept positions).
+    """
+    masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
+    masks = masks * graph.allowed.to(masks.device)
+    first = graph.receiver_slices(start)["q"].start if start < graph.n_layers else graph.logits_receiver
+    if masks[:, :, :first].any():
+        raise MechscopeError(f"The mask patches edges into layers below {start}; run the suffix from a lower layer.")
+    K, (B, P) = masks.shape[0], runner.tokens.shape
+    state = _EdgePatch(graph, masks, source.to(model.device), K, B)
+    n_below = graph.sender_slice_before(start)  # all senders when start == n_layers
+    state.prefill(n_below, clean_delta)
+    hooks = []
+    for name, sl in sender_hooks(graph):
+        if sl.start < n_below:
+            continue  # runs below the suffix: prefilled
+        h = state.sender(sl)
+        if h is not None:
+            hooks.append((name, h))
+    for name, rs, n_up in receiver_hooks(graph):
+        if rs.start < first:
+            continue
+        h = state.receiver(rs, n_up)
+        if h is not None:
+            hooks.append((name, h))
+    logits = runner.run(start, K, hooks)
+    return logits.view(K, B, logits.shape[1], -1)

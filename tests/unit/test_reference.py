@@ -1,0 +1,48 @@
+"""The shipped reference circuits: their class-to-class connections expand to the edges the
+papers state, on GPT-2 small's graph."""
+
+import json
+
+import pytest
+
+from mechscope.circuits.reference import load_reference
+from mechscope.errors import MechscopeError
+from mechscope.graph import Graph
+
+GPT2 = Graph(12, 12, 12)
+
+
+def test_ioi_edges_follow_the_paper():
+    ref = load_reference("gpt2-ioi")
+    m = ref.edge_mask(GPT2)  # every edge must exist in GPT-2 small's graph
+    edges = set(ref.edges)
+    assert len(edges) == int(m.sum()) > 500
+    assert ("a7.h3", "a9.h9<q>") in edges  # S-inhibition -> name mover, through the query only
+    assert ("a7.h3", "a9.kv9<k>") not in edges and ("a7.h3", "a9.kv9<v>") not in edges
+    assert ("a2.h2", "a5.kv5<k>") in edges  # previous token -> induction key (K-composition)
+    assert ("a2.h2", "a5.h5<q>") not in edges
+    for h in ("a9.h9", "a10.h0", "a9.h6", "a10.h7", "a11.h10"):
+        assert (h, "logits") in edges
+    for h in ("a7.h3", "a7.h9", "a8.h6", "a8.h10", "a5.h5", "a2.h2"):
+        assert (h, "logits") not in edges
+    heads = {s for s, _ in edges if s.startswith("a")} | {r.split("<")[0] for _, r in edges if r.startswith("a") and ".h" in r}
+    assert heads <= set(ref.nodes)  # no edge touches a head outside the circuit
+    assert ("m3", "m7") in edges and ("input", "logits") in edges  # the MLP backbone stays
+
+
+def test_greater_than_edges_follow_the_paper():
+    ref = load_reference("gpt2-greater-than")
+    edges = set(ref.edges)
+    assert int(ref.edge_mask(GPT2).sum()) == len(edges) > 100
+    assert ("a9.h1", "logits") in edges and ("m10", "logits") in edges
+    assert ("m2", "a6.h9<q>") in edges and ("m6", "a7.h10<q>") in edges  # early MLPs -> mid heads' queries
+    assert ("m6", "a7.kv10<k>") not in edges
+    assert ("a0.h1", "m0") in edges and ("a6.h9", "m9") in edges
+    assert ("a6.h9", "a7.h10<q>") not in edges  # mid heads are not chained to each other
+
+
+def test_unknown_group_is_a_clear_error(tmp_path):
+    p = tmp_path / "ref.json"
+    p.write_text(json.dumps({"nodes": ["a0.h0"], "groups": {"g": ["a0.h0"]}, "connections": [{"from": ["nope"], "to": ["logits"]}]}))
+    with pytest.raises(MechscopeError, match="unknown group"):
+        load_reference(str(p))
