@@ -20,7 +20,7 @@ def toy(tmp_path_factory):
     return m, build_graph(m), induction_task(m.tokenizer, n=8, seq_len=10, seed=0)
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "eap-ig-act"])
 def test_attribution_recovers_planted_edges(toy, method):
     m, g, b = toy
     sc = edge_scores(m, g, b, method=method, steps=8, ablation="zero")

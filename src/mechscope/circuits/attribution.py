@@ -16,6 +16,14 @@ patched from the source (corrupted) run, to first order:
    receiver hook over only the senders upstream of it. Key/value receivers are per KV head,
    so grouped-query models pay no ungrouping.
 
+EAP-IG on activations (``eap-ig-act``, the variant Hanna et al. 2024 compare with): for each
+sender group (the embeddings, one layer's heads, one MLP) the group's own output is interpolated
+between source and clean while everything else runs on the clean prompts, and the edges out
+of that group are scored with the receiver gradients of those m runs. Each group thus gets an
+exact integrated-gradients path of its own (its summed edge scores converge to the effect of
+patching the whole group: a test), at (2 n_layers + 1) x m forward and backward passes. (The
+authors' code averages every run's gradients into every edge instead; we keep each group's.)
+
 Node scores follow exactly: a sender feeds each downstream receiver with coefficient 1, so
 d metric / d out_s = sum_r d metric / d x_r and node_score[s] = sum_r score[s, r].
 
@@ -50,11 +58,13 @@ from mechscope.patching.engine import (
     capture_hooks,
     head_weights,
     mlp_in_hook,
+    mlp_out_hook,
     source_activations,
+    z_hook,
 )
 from mechscope.tasks.base import TaskBatch
 
-Method = Literal["eap", "eap-ig"]
+Method = Literal["eap", "eap-ig", "eap-ig-act"]
 
 
 @contextlib.contextmanager
@@ -102,7 +112,10 @@ def edge_scores(
             sub = batch.subset(slice(i, min(n, i + batch_size))).to(dev)
             with torch.no_grad():
                 src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
-            _accumulate(model, graph, sub, src, m, scores, weights, norms)
+            if method == "eap-ig-act":
+                _accumulate_activations(model, graph, sub, src, m, scores, weights, norms, ablation)
+            else:
+                _accumulate(model, graph, sub, src, m, scores, weights, norms)
     return (scores / n) * graph.allowed.to(dev)
 
 
@@ -141,22 +154,96 @@ def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.func.vmap(vjp, in_dims=2, out_dims=2)(g)[0]
 
 
+def _receiver_grads(model, graph: Graph, sub: TaskBatch, weights: list[dict], norms: list,
+                    extra_hooks: list, capture: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One forward + backward pass on the clean prompts under ``extra_hooks``.
+
+    Returns d metric / d x_r for every receiver group, in residual-stream space: ``q{l}``,
+    ``k{l}``, ``v{l}`` [B, P, heads, D], ``m{l}`` [B, P, D], ``logits`` [B, P, D]; groups
+    upstream of every activation the hooks make differentiable are absent. With ``capture``
+    [n_senders, B, P, D], also stores every sender's output there.
+    """
+    L = graph.n_layers
+    kept: dict[str, torch.Tensor] = {}
+    resid: list[torch.Tensor | None] = [None] * L
+
+    def keep(key: str):
+        def hook(x, hook):
+            if not x.requires_grad:
+                return x  # upstream of every varied activation: its gradient is not needed
+            # A fresh node: the hooked tensor may also feed the residual skip path
+            # (hook_mlp_in does); its gradient must count only the receiver's own use.
+            y = x.clone()
+            kept[key] = y
+            return y
+
+        return hook
+
+    def store_resid(l: int):
+        def hook(x, hook):
+            resid[l] = x.detach()
+            return x
+
+        return hook
+
+    hooks = list(extra_hooks)
+    if capture is not None:
+        hooks += capture_hooks(model, graph, capture)
+    for l in range(L):
+        hooks.append((f"blocks.{l}.hook_resid_pre", store_resid(l)))
+        for t in "qkv":
+            hooks.append((f"blocks.{l}.attn.hook_{t}", keep(f"{t}{l}")))
+        hooks.append((mlp_in_hook(l), keep(f"m{l}")))
+    hooks.append((LOGITS_HOOK, keep("logits")))
+    with torch.enable_grad():
+        logits = model.bridge.run_with_hooks(sub.clean, fwd_hooks=hooks)
+        metric = sub.per_example_metric(logits).sum()
+        keys = list(kept)
+        grads = dict(zip(keys, torch.autograd.grad(metric, [kept[c] for c in keys])))
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, g in grads.items():
+            if key[0] in "qkv":
+                l = int(key[1:])
+                g = _head_input_grads(norms[l], resid[l], g, weights[l][f"W_{key[0].upper()}"])
+            out[key] = g
+    return out
+
+
+def _contract(graph: Graph, delta: torch.Tensor, sums: dict[str, torch.Tensor], scale: float,
+              scores: torch.Tensor, senders: slice | None = None) -> None:
+    """scores[s, r] += scale * sum_{b,p,d} delta[s, b, p, d] * grad_r[b, p, d].
+
+    One GEMM per layer over that layer's 2*n_kv + n_heads + 1 receivers; entries of senders that
+    are not upstream (a layer's heads into its own q/k/v) are dropped by the final ``allowed``
+    mask. ``senders`` restricts the rows (the others are left untouched); receivers without a
+    gradient (absent from ``sums``: upstream of every varied activation) get nothing.
+    """
+    senders = senders or slice(0, graph.n_senders)
+    d = delta[senders].reshape(senders.stop - senders.start, -1)  # [s, B*P*D]
+    counts = {"q": graph.n_heads, "k": graph.n_kv_heads, "v": graph.n_kv_heads}
+    for l in range(graph.n_layers):
+        if f"m{l}" not in sums:
+            continue
+        rs = graph.receiver_slices(l)
+        stop = min(senders.stop, graph.sender_slice_before(l, mlp=True))
+        if stop <= senders.start:
+            continue
+        parts = [sums[f"{t}{l}"].permute(2, 0, 1, 3).reshape(-1, d.shape[1]) if f"{t}{l}" in sums
+                 else d.new_zeros(counts[t], d.shape[1]) for t in "qkv"]
+        G = torch.cat(parts + [sums[f"m{l}"].reshape(1, -1)])  # [H + 2KV + 1, B*P*D], in receiver order
+        scores[senders.start : stop, rs["q"].start : rs["mlp"].stop] += scale * (d[: stop - senders.start] @ G.T)
+    scores[senders, graph.logits_receiver] += scale * (d @ sums["logits"].reshape(-1))
+
+
 def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
                 weights: list[dict], norms: list) -> None:
+    """EAP / EAP-IG on the input embeddings: m interpolation steps, alpha = 1 last (the clean run)."""
     B, P = sub.clean.shape
-    D = model.summary.d_model
-    L = graph.n_layers
-    clean_acts = torch.empty(graph.n_senders, B, P, D, device=src.device)
-    # gradient sums per receiver group: q/k/v [B, P, heads, D] per layer, mlp [B, P, D], logits
+    clean_acts = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=src.device)
     sums: dict[str, torch.Tensor] = {}
-
-    def add(key: str, g: torch.Tensor) -> None:
-        sums[key] = g if key not in sums else sums[key] + g
-
     for k in range(1, m + 1):
         alpha = k / m
-        kept: dict[str, torch.Tensor] = {}
-        resid: list[torch.Tensor | None] = [None] * L
 
         def interp(x, hook, alpha=alpha):
             x = x.detach()
@@ -164,55 +251,73 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
                 x = src[0] + alpha * (x - src[0])
             return x.requires_grad_(True)
 
-        def keep(key: str):
-            def hook(x, hook):
-                # A fresh node: the hooked tensor may also feed the residual skip path
-                # (hook_mlp_in does); its gradient must count only the receiver's own use.
-                y = x.clone()
-                kept[key] = y
-                return y
+        grads = _receiver_grads(model, graph, sub, weights, norms, [(INPUT_HOOK, interp)],
+                                capture=clean_acts if alpha == 1.0 else None)
+        for key, g in grads.items():
+            sums[key] = g if key not in sums else sums[key] + g
+    _contract(graph, src - clean_acts, sums, 1.0 / m, scores)
 
-            return hook
 
-        def store_resid(l: int):
-            def hook(x, hook):
-                resid[l] = x.detach()
-                return x
+def _sender_groups(graph: Graph) -> list[tuple[str, slice, int]]:
+    """(hook, sender range, layer) of every group of senders written by one hook."""
+    out = [(INPUT_HOOK, slice(0, 1), -1)]
+    for l in range(graph.n_layers):
+        out.append((z_hook(l), graph.head_senders(l), l))
+        m = graph.mlp_sender(l)
+        out.append((mlp_out_hook(l), slice(m, m + 1), l))
+    return out
 
-            return hook
 
-        hooks = [(INPUT_HOOK, interp)]
-        if alpha == 1.0:
-            hooks += capture_hooks(model, graph, clean_acts)
-        for l in range(L):
-            hooks.append((f"blocks.{l}.hook_resid_pre", store_resid(l)))
-            for t in "qkv":
-                hooks.append((f"blocks.{l}.attn.hook_{t}", keep(f"{t}{l}")))
-            hooks.append((mlp_in_hook(l), keep(f"m{l}")))
-        hooks.append((LOGITS_HOOK, keep("logits")))
-        with torch.enable_grad():
-            logits = model.bridge.run_with_hooks(sub.clean, fwd_hooks=hooks)
-            metric = sub.per_example_metric(logits).sum()
-            keys = list(kept)
-            grads = dict(zip(keys, torch.autograd.grad(metric, [kept[c] for c in keys])))
-        with torch.no_grad():
-            for l in range(L):
-                for t, w in (("q", "W_Q"), ("k", "W_K"), ("v", "W_V")):
-                    add(f"{t}{l}", _head_input_grads(norms[l], resid[l], grads[f"{t}{l}"], weights[l][w]))
-                add(f"m{l}", grads[f"m{l}"])
-            add("logits", grads["logits"])
+def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
+                            weights: list[dict], norms: list, ablation: Ablation) -> None:
+    """EAP-IG on activations: integrated gradients along each sender group's own path.
 
-    # score[s, r] = sum_{b,p,d} delta[s, b, p, d] * grad_r[b, p, d]: one GEMM per layer over
-    # that layer's 2*n_kv + n_heads + 1 receivers; entries of senders that are not upstream
-    # (this layer's heads into its own q/k/v) are dropped by the final ``allowed`` mask.
-    delta = (src - clean_acts).reshape(graph.n_senders, -1)  # [S, B*P*D]
-    for l in range(L):
-        rs = graph.receiver_slices(l)
-        up_m = graph.sender_slice_before(l, mlp=True)
-        G = torch.cat([sums[f"{t}{l}"].permute(2, 0, 1, 3).reshape(-1, delta.shape[1]) for t in "qkv"]
-                      + [sums[f"m{l}"].reshape(1, -1)])  # [H + 2KV + 1, B*P*D], in receiver order
-        scores[:up_m, rs["q"].start : rs["mlp"].stop] += delta[:up_m] @ G.T / m
-    scores[:, graph.logits_receiver] += delta @ sums["logits"].reshape(-1) / m
+    For each group (the embeddings, one layer's heads, one MLP) and alpha in {1/m, ..., 1},
+    the group's output is set to ``src + alpha * (clean - src)`` while the rest of the model
+    runs on the clean prompts; the edges *out of that group* are scored with the receiver
+    gradients of those m runs. Head outputs are interpolated through ``hook_z`` (a head's
+    output is linear in z), which needs the source and clean z of every layer.
+    """
+    B, P = sub.clean.shape
+    L = graph.n_layers
+    clean_acts = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=src.device)
+    names = [name for name, _, _ in _sender_groups(graph)]
+    z: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "src": {}}
+
+    def grab(which: str, name: str):
+        def hook(x, hook):
+            z[which][name] = x.detach().clone()
+            return x
+
+        return hook
+
+    with torch.no_grad():
+        model.bridge.run_with_hooks(sub.clean, fwd_hooks=[(n, grab("clean", n)) for n in names]
+                                    + capture_hooks(model, graph, clean_acts))
+        if ablation == "patching":
+            model.bridge.run_with_hooks(sub.corrupt, fwd_hooks=[(n, grab("src", n)) for n in names])
+        else:
+            w = torch.ones(B, P, device=src.device)
+            if sub.lengths is not None:
+                w = (torch.arange(P, device=src.device)[None] < sub.lengths.to(src.device)[:, None]).float()
+            w = w / w.sum(0, keepdim=True).clamp(min=1)
+            for n in names:
+                c = z["clean"][n]
+                mean = torch.einsum("bp...,bp->p...", c, w)[None].expand_as(c)
+                z["src"][n] = mean if ablation == "mean" else torch.zeros_like(c)
+    delta = src - clean_acts
+    for name, sl, _ in _sender_groups(graph):
+        clean, source = z["clean"][name], z["src"][name]
+        sums: dict[str, torch.Tensor] = {}
+        for k in range(1, m + 1):
+            alpha = k / m
+
+            def interp(x, hook, alpha=alpha, clean=clean, source=source):
+                return (source + alpha * (clean - source)).requires_grad_(True)
+
+            for key, g in _receiver_grads(model, graph, sub, weights, norms, [(name, interp)]).items():
+                sums[key] = g if key not in sums else sums[key] + g
+        _contract(graph, delta, sums, 1.0 / m, scores, senders=sl)
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:

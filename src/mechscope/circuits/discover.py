@@ -34,13 +34,18 @@ from mechscope.graph import Graph, build_graph
 from mechscope.tasks.base import TaskBatch
 
 
+METHODS = ("eap", "eap-ig", "eap-ig-act", "acdc")
+
+
 @dataclass
 class DiscoverConfig:
     """Settings of one circuit-discovery run (also the saved ``settings``)."""
 
     task: str = "ioi"
     """Task name or path to a JSONL file of pairs."""
-    method: Literal["eap", "eap-ig", "acdc"] = "eap-ig"
+    method: Literal["eap", "eap-ig", "eap-ig-act", "acdc"] = "eap-ig"
+    """eap, eap-ig (integrated gradients on the input embeddings), eap-ig-act (on each layer's
+    activations: slower, (2 n_layers + 1) x ig_steps passes) or acdc."""
     n: int = 50
     """Number of clean/corrupt pairs (half scores, half is held out)."""
     ablation: Literal["patching", "mean", "zero"] = "patching"
@@ -121,8 +126,8 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     from mechscope.tasks import get_task
 
     t0 = time.perf_counter()
-    if cfg.method not in ("eap", "eap-ig", "acdc"):
-        raise MechscopeError(f"Unknown method '{cfg.method}'; choose eap, eap-ig or acdc.")
+    if cfg.method not in METHODS:
+        raise MechscopeError(f"Unknown method '{cfg.method}'; choose {', '.join(METHODS)}.")
     graph = build_graph(model)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 @handles_errors
 def discover(
     task: str = typer.Option("ioi", "--task", "-t", help="Task name or .jsonl file of pairs."),
-    method: str = typer.Option("eap-ig", "--method", help="eap, eap-ig or acdc."),
+    method: str = typer.Option("eap-ig", "--method", help="eap, eap-ig (IG on inputs), eap-ig-act (IG on each layer's activations; slower) or acdc."),
     model: Optional[str] = ModelOpt,
     n: int = typer.Option(50, "--n", help="Pairs in all; half score, half are held out."),
     ablation: str = typer.Option("patching", "--ablation", help="patching (from corrupt), mean or zero."),
@@ -51,8 +51,10 @@ def discover(
     from mechscope.report import write_circuit_report
     from mechscope.tasks import get_task
 
-    if method not in ("eap", "eap-ig", "acdc"):
-        raise MechscopeError(f"Unknown method '{method}'; choose eap, eap-ig or acdc.")
+    from mechscope.circuits.discover import METHODS
+
+    if method not in METHODS:
+        raise MechscopeError(f"Unknown method '{method}'; choose {', '.join(METHODS)}.")
     if ablation not in ("patching", "mean", "zero"):
         raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
     if level not in ("edge", "node"):
