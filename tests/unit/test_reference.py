@@ -46,3 +46,27 @@ def test_unknown_group_is_a_clear_error(tmp_path):
     p.write_text(json.dumps({"nodes": ["a0.h0"], "groups": {"g": ["a0.h0"]}, "connections": [{"from": ["nope"], "to": ["logits"]}]}))
     with pytest.raises(MechscopeError, match="unknown group"):
         load_reference(str(p))
+
+
+def test_a_run_is_a_reference_and_overlap_counts_shared_edges(tmp_path):
+    """Another run's circuit.json (e.g. ACDC's) is a reference: its kept edges; edge_overlap is
+    the share of them in this ranking's top |ref|, and a random ranking gets about chance."""
+    import torch
+
+    from mechscope.circuits.reference import edge_overlap
+    from mechscope.circuits.result import CircuitResult
+
+    g = Graph(2, 4, 2)
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(g.n_senders, g.n_receivers, generator=gen) * g.allowed
+    circuit = (scores > 1.0) & g.allowed
+    CircuitResult(model={"name": "tiny", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "source": "x"},
+                  task="ioi", method="acdc", settings={}, graph=g, scores=scores, circuit=circuit).save(tmp_path)
+    ref = load_reference(str(tmp_path))
+    em = ref.edge_mask(g)
+    assert torch.equal(em, circuit) and "acdc" in ref.source
+    assert edge_overlap(scores, em, g.allowed) == 1.0  # its own ranking puts exactly its edges on top
+    assert edge_overlap(-scores, em, g.allowed) == 0.0
+    rnd = [edge_overlap(torch.rand(g.n_senders, g.n_receivers, generator=gen), em, g.allowed) for _ in range(200)]
+    chance = int(em.sum()) / g.n_edges
+    assert abs(sum(rnd) / len(rnd) - chance) < 0.05

@@ -61,7 +61,11 @@ class Reference:
 
 
 def load_reference(path_or_name: str) -> Reference:
-    """Load a reference circuit from a JSON file or a shipped name (gpt2-ioi, gpt2-greater-than)."""
+    """Load a reference circuit: a JSON file, a shipped name (gpt2-ioi, gpt2-greater-than), or
+    another mechscope run (its folder or ``circuit.json``: its kept edges and nodes), which
+    compares two methods' circuits."""
+    if Path(path_or_name).is_dir() and (Path(path_or_name) / "circuit.json").is_file():
+        path_or_name = str(Path(path_or_name) / "circuit.json")
     if path_or_name in SHIPPED:
         text = resources.files("mechscope.circuits").joinpath("data", SHIPPED[path_or_name]).read_text()
         where = path_or_name
@@ -74,6 +78,8 @@ def load_reference(path_or_name: str) -> Reference:
         text, where = p.read_text(), str(p)
     try:
         d = json.loads(text)
+        if isinstance(d, dict) and "schema_version" in d and "method" in d:
+            return _from_run(d, where)
         edges = [tuple(e) for e in d.get("edges", [])]
         nodes = list(d["nodes"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -85,6 +91,33 @@ def load_reference(path_or_name: str) -> Reference:
         source += " Edges: " + d["edge_source"]
     return Reference(model=d.get("model", "?"), task=d.get("task", "?"), source=source, nodes=nodes,
                      edges=list(dict.fromkeys(edges)))
+
+
+def _from_run(d: dict, where: str) -> Reference:
+    """A mechscope circuit.json as a reference: its kept edges and the nodes they touch."""
+    try:
+        edges = [(e["src"], e["dst"]) for e in d["edges"] if e["in_circuit"]]
+        nodes = [n["name"] for n in d["nodes"] if n["in_circuit"] and n["type"] in ("head", "mlp")]
+    except (KeyError, TypeError) as exc:
+        raise MechscopeError(f"'{where}' looks like a mechscope circuit but its edges or nodes are malformed ({exc}).") from exc
+    model = d.get("model", {}).get("name", "?") if isinstance(d.get("model"), dict) else str(d.get("model"))
+    return Reference(model=model, task=d.get("task", "?"), source=f"mechscope {d['method']} circuit ({where})",
+                     nodes=nodes, edges=edges)
+
+
+def edge_overlap(ranking: torch.Tensor, reference: torch.Tensor, allowed: torch.Tensor) -> float:
+    """Share of the reference's edges among the top-|reference| edges of ``ranking`` [S, R].
+
+    With two methods' circuits of different sizes, this compares the second method's ranking
+    at the first one's size (1.0: the same edges; a random ranking gets |ref| / n_edges).
+    """
+    k = int(reference.sum())
+    if k == 0:
+        return float("nan")
+    r = ranking.float().masked_fill(~allowed.bool(), float("-inf")).flatten()
+    top = torch.zeros_like(r, dtype=torch.bool)
+    top[r.topk(k).indices] = True
+    return float((top & reference.flatten().bool()).sum()) / k
 
 
 def _layer(node: str) -> int:

@@ -128,7 +128,18 @@ def evaluate(
                             "node_roc_auc": roc_auc(ns, nodes, sel)}
         em = ref.edge_mask(res.graph)
         if em is not None:
-            out["reference"]["edge_roc_auc"] = roc_auc(res.scores, em, res.graph.allowed)
+            from mechscope.circuits.reference import edge_overlap
+            from mechscope.circuits.select import importance
+
+            rk = importance(res.scores, res.method, res.settings.get("rank", "signed"))
+            kept = res.circuit.bool()
+            out["reference"].update({
+                "n_edges": int(em.sum()),
+                "edge_roc_auc": roc_auc(rk, em, res.graph.allowed),
+                "edge_overlap": edge_overlap(rk, em, res.graph.allowed),
+                "chance_overlap": int(em.sum()) / res.graph.n_edges,
+                "jaccard": float((kept & em).sum()) / max(1, int((kept | em).sum())),
+            })
     m = load(model or res.model.get("source"), device)
     g = build_graph(m)
     if g.summary() != res.graph.summary():
@@ -158,3 +169,6 @@ def evaluate(
         r = out["reference"]
         console.print(f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
                       + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else ""))
+        if "edge_overlap" in r:
+            console.print(f"reference edges: {r['n_edges']:,}; of them {r['edge_overlap']:.1%} are among this run's top "
+                          f"{r['n_edges']:,} (chance {r['chance_overlap']:.1%}); Jaccard of the two circuits {r['jaccard']:.3f}")
