@@ -125,19 +125,39 @@ def test_acdc_resumes_from_checkpoint(tiny_llama, tmp_path):
         acdc(m, g, b, tau=0.5, checkpoint=ck)
 
 
-def test_norm_vjp_closed_forms_match_autograd(tiny_model):
-    """The closed-form LayerNorm / RMSNorm VJPs equal torch.func's on the real norm modules."""
-    from mechscope.circuits.attribution import norm_vjp
-
+def test_head_input_grads_match_autograd(tiny_model):
+    """The fused per-head input gradients (norm scale folded into W, closed-form RMS / layer
+    norm Jacobian) equal autograd's through the real norm module, with random norm weights;
+    a norm of no known form falls back to torch.func and is still exact."""
     import copy
+
+    from mechscope.circuits.attribution import HeadInputGrads
+    from mechscope.patching.engine import head_weights
 
     norm = copy.deepcopy(tiny_model.bridge.blocks[0].ln1.original_component)  # leave the fixture alone
     with torch.no_grad():
         norm.weight.copy_(torch.randn_like(norm.weight))
-    x, g = torch.randn(2, 3, 64), torch.randn(2, 3, 4, 64)
-    _, vjp = torch.func.vjp(norm, x)
-    ref = torch.stack([vjp(g[:, :, h])[0] for h in range(4)], 2)
-    assert torch.allclose(norm_vjp(norm, x, g), ref, atol=1e-5)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn_like(norm.bias))
+    W = {k: v.detach().clone() for k, v in head_weights(tiny_model, 0).items()}
+
+    class Odd(torch.nn.Module):  # neither RMS nor layer norm
+        def forward(self, x):
+            return x / (x.abs().amax(-1, keepdim=True) + 1.0)
+
+    for module, kind in ((norm, {"rms", "ln"}), (Odd(), {"other"})):
+        hig = HeadInputGrads(module, W)
+        assert hig.kind in kind
+        x = torch.randn(2, 3, 64) * 2
+        gs = [torch.randn(2, 3, W[k].shape[0], W[k].shape[2]) for k in ("W_Q", "W_K", "W_V")]
+        got = hig(x, *gs)
+        i = 0
+        for k, g in zip(("W_Q", "W_K", "W_V"), gs):
+            for h in range(W[k].shape[0]):
+                xx = x.clone().requires_grad_(True)
+                ((module(xx) @ W[k][h]) * g[:, :, h]).sum().backward()
+                assert torch.allclose(got[i], xx.grad, atol=1e-5), (k, h)
+                i += 1
 
 
 def test_eap_ig_activations_completeness_per_sender_group(tiny_model):

@@ -121,7 +121,7 @@ def acdc(
     tau: float = 0.01,
     ablation: Ablation = "patching",
     metric: Literal["kl", "task"] = "kl",
-    k_batch: int = 8,
+    k_batch: int | None = None,
     progress: bool = False,
     checkpoint: str | Path | None = None,
     max_seconds: float | None = None,
@@ -137,6 +137,8 @@ def acdc(
     import time
 
     t0 = time.perf_counter()
+    if k_batch is None:
+        k_batch = default_k_batch(model, len(batch))
     S, R = graph.n_senders, graph.n_receivers
     score = _Scorer(model, graph, batch, ablation, metric, suffix=suffix)
     mask = torch.zeros(S, R)  # 1 = patched (removed)
@@ -193,6 +195,15 @@ def acdc(
     # "important", so negative increases rank as zero.
     return ACDCResult(circuit=keep, scores=scores.clamp(min=0) * graph.allowed, n_forward=score.n_forward,
                       complete=complete, visited=visited)
+
+
+def default_k_batch(model, n_examples: int) -> int:
+    """Largest speculative batch worth running: 8 masks on a GPU; on a CPU as many as keep a
+    pass at about 50 rows (SmolLM2-135M, 2 cores: 25 rows 1.10 s, 50 rows 1.73 s, 100 rows
+    4.56 s: past ~50 rows a batch costs more than the same rows run one after the other)."""
+    if model.device.type != "cpu":
+        return 8
+    return max(1, 50 // max(1, n_examples))
 
 
 def _save_state(path, mask, scores, next_r, n_forward, settings) -> None:

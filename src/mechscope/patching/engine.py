@@ -217,30 +217,42 @@ class _EdgePatch:
                 self.plans[key] = (use_comp, slice(0, n_prefix), full)
             else:
                 self.plans[key] = (use_comp, self.slot[ids], coef)
-        self.delta: torch.Tensor | None = None  # [K, n_needed, N]
+        self.delta: torch.Tensor | None = None  # [K, n_needed - n_static, N]
         self.total: torch.Tensor | None = None  # [K, N]
+        self.n_static = 0  # slots of senders prefilled from a cache (see ``prefill``)
+        self.static: torch.Tensor | None = None  # [n_static, N]
+        self.static_total: torch.Tensor | None = None  # [N]
 
-    def prefill(self, n_below: int, clean_delta: torch.Tensor) -> None:
+    def prefill(self, n_below: int, clean_delta: torch.Tensor, cache: dict | None = None) -> None:
         """Deltas of the senders ``0..n_below-1``, which do not run (see ``run_suffix_with_edge_mask``).
 
         ``clean_delta`` [n_senders, B, P, D]: clean output minus source, exact for senders
-        below every patched receiver (nothing upstream of them is patched).
+        below every patched receiver (nothing upstream of them is patched). These deltas are
+        the same for all K masks, so they are kept once (not K times): the static slots
+        ``0..n_static-1`` come first in slot order, and receivers multiply them with a
+        broadcast matmul.
         """
         ids = self.active[:n_below].nonzero()[:, 0]
+        self.n_static = int((self.slot[:n_below] >= 0).sum())
         if not len(ids):
             return
-        d = clean_delta[ids.to(clean_delta.device)].reshape(len(ids), -1)  # [n, N]
-        self._alloc(d, d.shape[1])
-        self.total += d.sum(0)
-        slots = self.slot[ids]
-        store = slots >= 0
-        if store.any():
-            self.delta[:, slots[store]] = d[store.to(d.device)]
+        flat = clean_delta.reshape(clean_delta.shape[0], -1)
+        key = (n_below, bytes(self.active[:n_below].numpy()))
+        if cache is not None and cache.get("key") == key:
+            self.static_total = cache["total"]  # successive ACDC evaluations share the active set
+        else:
+            self.static_total = flat[ids.to(flat.device)].sum(0)
+            if cache is not None:
+                cache.update(key=key, total=self.static_total)
+        needed = ids[self.slot[ids] >= 0]  # in slot order (ids are sorted)
+        self.static = flat[needed.to(flat.device)]  # [n_static, N]
 
     def _alloc(self, x: torch.Tensor, N: int) -> None:
         if self.total is None:
-            self.delta = torch.empty(self.K, self.n_needed, N, device=x.device, dtype=x.dtype)
+            self.delta = torch.empty(self.K, self.n_needed - self.n_static, N, device=x.device, dtype=x.dtype)
             self.total = torch.zeros(self.K, N, device=x.device, dtype=x.dtype)
+            if self.static_total is not None:
+                self.total += self.static_total
 
     def sender(self, sl: slice) -> Callable | None:
         idx = torch.arange(sl.start, sl.stop)
@@ -260,17 +272,27 @@ class _EdgePatch:
             live = live[:, :, local].reshape(K, B, P, len(local), D).permute(0, 3, 1, 2, 4)
             d = (live - self.source[src_idx][None]).reshape(K, len(local), -1)  # [K, n, N]
             if store.any():
-                self.delta[:, slots[store]] = d[:, store]
+                self.delta[:, slots[store] - self.n_static] = d[:, store]
             self.total += d.sum(1)
             return x
 
         return hook
 
+    def _split(self, slots, coef: torch.Tensor):
+        """(static coef [K, r, a], static rows, dynamic coef [K, r, b], dynamic rows) of a plan."""
+        ns = self.n_static
+        if isinstance(slots, slice):  # a prefix 0..n of the slots
+            a = min(slots.stop, ns)
+            return coef[:, :, :a], slice(0, a), coef[:, :, a:], slice(0, max(0, slots.stop - ns))
+        is_static = slots < ns
+        return (coef[:, :, is_static.to(coef.device)], slots[is_static],
+                coef[:, :, (~is_static).to(coef.device)], slots[~is_static] - ns)
+
     def receiver(self, rs: slice, n_up: int) -> Callable | None:
         if rs.start not in self.plans:
             return None
         use_comp, slots, coef = self.plans[rs.start]
-        n_rows = (slots.stop - slots.start) if isinstance(slots, slice) else len(slots)
+        parts = self._split(slots, coef)
 
         def hook(x, hook):
             heads = x.dim() == 4
@@ -278,11 +300,17 @@ class _EdgePatch:
             KB, P, h, D = xx.shape
             K, B = self.K, self.B
             self._alloc(x, B * P * D)
-            if use_comp:  # corr = T - coef @ delta, fused into one allocation
-                base = self.total[:, None].expand(K, h, -1)
-                corr = torch.baddbmm(base, coef, self.delta[:, slots], alpha=-1) if n_rows else base
-            else:
-                corr = torch.bmm(coef, self.delta[:, slots])  # [K, r, N]
+            c_s, rows_s, c_d, rows_d = parts
+            # sum_n coef[k, r, n] delta[n]: static rows shared by all K, dynamic rows per mask
+            corr = self.total[:, None].expand(K, h, -1).clone() if use_comp else None
+            if c_d.shape[-1]:
+                prod = torch.bmm(c_d, self.delta[:, rows_d])
+                corr = prod if corr is None else corr.sub_(prod)
+            if c_s.shape[-1]:
+                prod = torch.matmul(c_s, self.static[rows_s])  # [K, r, N]
+                corr = prod if corr is None else (corr.sub_(prod) if use_comp else corr.add_(prod))
+            if corr is None:
+                return x
             out = torch.empty(K, B * P, h, D, device=x.device, dtype=x.dtype)
             torch.sub(xx.reshape(K, B * P, h, D), corr.reshape(K, h, B * P, D).transpose(1, 2), out=out)
             out = out.view(KB, P, h, D)
@@ -376,7 +404,7 @@ def run_suffix_with_edge_mask(
     K, (B, P) = masks.shape[0], runner.tokens.shape
     state = _EdgePatch(graph, masks, source.to(model.device), K, B)
     n_below = graph.sender_slice_before(start)  # all senders when start == n_layers
-    state.prefill(n_below, clean_delta)
+    state.prefill(n_below, clean_delta, runner.cache)
     hooks = []
     for name, sl in sender_hooks(graph):
         if sl.start < n_below:

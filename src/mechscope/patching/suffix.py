@@ -63,6 +63,7 @@ class SuffixRunner:
         params = inspect.signature(self.hf.forward).parameters
         self.logits_to_keep = "logits_to_keep" in params
         self.resid: list[torch.Tensor] = []
+        self.cache: dict = {}  # for callers: state shared by successive runs (see engine.prefill)
         if self.ok:
             names = [resid_hook(model, l) for l in range(self.n_layers + 1)]
             cache: dict[str, torch.Tensor] = {}
