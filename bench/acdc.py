@@ -1,8 +1,9 @@
 """ACDC wall time against one forward pass per edge (the naive implementation's cost), in one process.
 
-Runs mechscope's ACDC (speculative batching, cut-off receivers skipped) and times one plain
-patched forward pass of the same batch; the naive ACDC does one such pass per edge. Also
-counts the rows ACDC actually ran (``n_forward``, in units of the whole batch).
+Runs mechscope's ACDC (speculative batching, cut-off receivers skipped, only the blocks above
+each receiver run) and times one plain patched forward pass of the same batch; the naive ACDC
+does one such pass per edge. Also counts the forward work ACDC actually did (``n_forward``, in
+whole-model passes of the batch: a suffix run counts its share of the blocks).
 
 Default model: the hand-built induction toy (its circuit is known, so ACDC's removal pattern
 is realistic). ``--model`` takes any model mechscope loads; ``--task`` any task name.
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--tau", type=float, default=0.05)
     ap.add_argument("--ablation", default="zero")
-    ap.add_argument("--k-batch", type=int, default=8)
+    ap.add_argument("--k-batch", type=int, default=None, help="default: ~50 rows per pass on CPU, 8 masks on GPU")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop early; rates are then per edge visited")
     a = ap.parse_args()
     if a.model is None:
@@ -67,7 +68,7 @@ def main() -> None:
     if not res.complete:
         print(f"stopped after {a.max_seconds:.0f} s: {visited:,} of {g.n_edges:,} edges visited")
     print(f"one patched forward pass: {t_fwd * 1000:.1f} ms -> naive ACDC (one pass per edge visited): {naive:.1f} s")
-    print(f"mechscope ACDC: {t_acdc:.1f} s, {res.n_forward} batch-rows of forward work, {int(res.circuit.sum())} edges kept")
+    print(f"mechscope ACDC: {t_acdc:.1f} s, {res.n_forward:.0f} whole-model passes of forward work, {int(res.circuit.sum())} edges kept")
     print(f"ratio: {t_acdc / naive:.2f}x of one forward pass per edge")
 
 
