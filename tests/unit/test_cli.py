@@ -142,6 +142,19 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)
     assert abs(e["curve"][-1]["faithfulness"] - 1) < 1e-3 and e["edges_kept"] == d["edges_kept"]
+    # another run as the reference: ACDC's circuit against EAP's ranking
+    acdc_out = tmp_path / "acdc"
+    r = run("discover", "--task", task, "--model", toy_dir, "--n", "8", "--method", "acdc", "--ablation", "zero",
+            "--threshold", "0.05", "--out", str(acdc_out), "--json")
+    assert r.returncode == 0, r.stderr
+    r = run("evaluate", str(out), "--task", task, "--model", toy_dir, "--reference", str(acdc_out), "--json")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout)["reference"]
+    assert ref["n_edges"] == json.loads((acdc_out / "circuit.json").read_text())["metrics"]["n_edges_kept"]
+    assert ref["edge_overlap"] > 10 * ref["chance_overlap"] and 0 < ref["jaccard"] <= 1
+    r = run("evaluate", str(acdc_out), "--task", task, "--model", toy_dir, "--reference", str(acdc_out), "--json")
+    same = json.loads(r.stdout)["reference"]
+    assert same["in_this_circuit"] == 1.0 and same["jaccard"] == 1.0
 
 
 def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):

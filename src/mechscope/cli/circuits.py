@@ -138,6 +138,7 @@ def evaluate(
                 "edge_roc_auc": roc_auc(rk, em, res.graph.allowed),
                 "edge_overlap": edge_overlap(rk, em, res.graph.allowed),
                 "chance_overlap": int(em.sum()) / res.graph.n_edges,
+                "in_this_circuit": float((kept & em).sum()) / max(1, int(em.sum())),
                 "jaccard": float((kept & em).sum()) / max(1, int((kept | em).sum())),
             })
     m = load(model or res.model.get("source"), device)
@@ -171,4 +172,5 @@ def evaluate(
                       + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else ""))
         if "edge_overlap" in r:
             console.print(f"reference edges: {r['n_edges']:,}; of them {r['edge_overlap']:.1%} are among this run's top "
-                          f"{r['n_edges']:,} (chance {r['chance_overlap']:.1%}); Jaccard of the two circuits {r['jaccard']:.3f}")
+                          f"{r['n_edges']:,} (chance {r['chance_overlap']:.1%}), {r['in_this_circuit']:.1%} are in this run's "
+                          f"circuit; Jaccard of the two circuits {r['jaccard']:.3f}")
