@@ -141,24 +141,34 @@ class HeadInputGrads:
 
     def __call__(self, x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
         """x [b, p, d] (the norm's input); g* [b, p, heads, e] -> [H + 2KV, b, p, d]."""
+        b, p, d = x.shape
+        out = torch.zeros(self.Wt.shape[0], b * p * d, device=x.device, dtype=torch.float32)
+        self.add_to(out, x, gq, gk, gv)
+        return out.view(-1, b, p, d)
+
+    def add_to(self, acc: torch.Tensor, x: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor) -> None:
+        """acc [H + 2KV, b*p*d] += the per-head input gradients, in place (fewer memory passes)."""
         b, p, _, e = gq.shape
         g = torch.cat([gq, gk, gv], 2).permute(2, 0, 1, 3).reshape(-1, b * p, e)  # [n, bp, e]
         u = torch.bmm(g, self.Wt)  # [n, bp, d]
         xx = x.reshape(1, b * p, -1).float()
         d = xx.shape[-1]
+        a = acc.view(-1, b * p, d)
         if self.kind == "rms":
             inv = torch.rsqrt(xx.pow(2).mean(-1, keepdim=True) + self.eps)  # [1, bp, 1]
-            c = (u * xx).sum(-1, keepdim=True) * inv.pow(3) / d  # [n, bp, 1]
-            out = torch.addcmul(u * inv, xx, c, value=-1.0)
+            c = torch.einsum("nbd,bd->nb", u, xx[0])[..., None] * (inv.pow(3) / d)  # [n, bp, 1]
+            a.addcmul_(u, inv)
+            a.addcmul_(xx, c, value=-1.0)
         elif self.kind == "ln":
             mu = xx.mean(-1, keepdim=True)
             inv = torch.rsqrt((xx - mu).pow(2).mean(-1, keepdim=True) + self.eps)
             xhat = (xx - mu) * inv
-            c = (u * xhat).mean(-1, keepdim=True)
-            out = torch.addcmul(u - u.mean(-1, keepdim=True), xhat, c, value=-1.0) * inv
+            c = torch.einsum("nbd,bd->nb", u, xhat[0])[..., None] * (inv / d)  # [n, bp, 1]
+            a.addcmul_(u, inv)
+            a.sub_(u.mean(-1, keepdim=True) * inv)
+            a.addcmul_(xhat, c, value=-1.0)
         else:
-            out = norm_vjp(self.norm, x, u.view(-1, b, p, d).permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
-        return out.reshape(-1, b, p, d)
+            a += norm_vjp(self.norm, x, u.view(-1, b, p, d).permute(1, 2, 0, 3)).permute(2, 0, 1, 3).reshape(a.shape)
 
 
 def fit_norm(norm, d: int, device) -> tuple[str, torch.Tensor, float]:
@@ -246,7 +256,7 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
             if key[0] == "q":  # q, k and v of a layer together, in receiver order
                 l = int(key[1:])
                 rs = graph.receiver_slices(l)
-                acc[rs["q"].start : rs["v"].stop] += heads[l](resid[l], g, grads[f"k{l}"], grads[f"v{l}"]).flatten(1)
+                heads[l].add_to(acc[rs["q"].start : rs["v"].stop], resid[l], g, grads[f"k{l}"], grads[f"v{l}"])
             elif key[0] == "m":
                 acc[graph.receiver_slices(int(key[1:]))["mlp"].start] += g.reshape(-1)
             elif key == "logits":
