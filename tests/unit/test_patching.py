@@ -116,8 +116,7 @@ def test_suffix_run_equals_full_run(tiny_model):
     gen = torch.Generator().manual_seed(1)
     for start in range(g.n_layers + 1):
         masks = (torch.rand(2, g.n_senders, g.n_receivers, generator=gen) > 0.5).float()
-        first = g.receiver_slices(start)["q"].start if start < g.n_layers else g.logits_receiver
-        masks[:, :, :first] = 0
+        masks[:, :, : g.first_receiver(start)] = 0
         full = run_with_edge_mask(m, g, clean, src, masks)[:, :, keep]
         suffix = run_suffix_with_edge_mask(m, g, runner, src, clean_delta, masks, start)
         assert torch.allclose(suffix, full, atol=TOL), start

@@ -86,11 +86,6 @@ class _Scorer:
         else:
             self.runner = None
 
-    def layer(self, r: int) -> int:
-        """Layer of receiver ``r`` (n_layers for the logits)."""
-        g = self.graph
-        return g.n_layers if r == g.logits_receiver else r // (g.n_heads + 2 * g.n_kv_heads + 1)
-
     @torch.no_grad()
     def __call__(self, masks: torch.Tensor, start: int = 0) -> torch.Tensor:
         b = self.compact
@@ -149,7 +144,7 @@ def acdc(
     if checkpoint is not None and Path(checkpoint).is_file():
         mask, scores, start, extra = _load_state(checkpoint, settings)
         score.n_forward += extra
-    current = float(score(mask[None], score.layer(start))[0])
+    current = float(score(mask[None], graph.receiver_layer(start))[0])
     bar = tqdm(total=graph.n_edges, desc="acdc", disable=not progress, leave=False)
     complete = True
     visited = 0
@@ -167,7 +162,7 @@ def acdc(
             trial = mask[None].repeat(len(chunk), 1, 1)
             for j in range(len(chunk)):
                 trial[j:, chunk[j], r] = 1.0
-            vals = score(trial, score.layer(r))
+            vals = score(trial, graph.receiver_layer(r))
             prev = current
             for j, s in enumerate(chunk):
                 scores[s, r] = float(vals[j]) - prev

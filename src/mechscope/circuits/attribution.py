@@ -57,8 +57,9 @@ from mechscope.patching.engine import (
     Ablation,
     capture_hooks,
     head_weights,
+    mean_weights,
     mlp_in_hook,
-    mlp_out_hook,
+    sender_hooks,
     source_activations,
     z_hook,
 )
@@ -298,14 +299,11 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
     _contract(graph, src - clean_acts, acc, 1.0 / m, scores)
 
 
-def _sender_groups(graph: Graph) -> list[tuple[str, slice, int]]:
-    """(hook, sender range, layer) of every group of senders written by one hook."""
-    out = [(INPUT_HOOK, slice(0, 1), -1)]
-    for l in range(graph.n_layers):
-        out.append((z_hook(l), graph.head_senders(l), l))
-        m = graph.mlp_sender(l)
-        out.append((mlp_out_hook(l), slice(m, m + 1), l))
-    return out
+def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
+    """(hook, sender range) of every group of senders one hook writes; heads through ``hook_z``
+    (their outputs are linear in z, and z exists in plain-attention mode)."""
+    return [(z_hook(int(name.split(".")[1])) if name.endswith("hook_result") else name, sl)
+            for name, sl in sender_hooks(graph)]
 
 
 def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
@@ -319,9 +317,8 @@ def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tens
     output is linear in z), which needs the source and clean z of every layer.
     """
     B, P = sub.clean.shape
-    L = graph.n_layers
     clean_acts = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=src.device)
-    names = [name for name, _, _ in _sender_groups(graph)]
+    names = [name for name, _ in _sender_groups(graph)]
     z: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "src": {}}
 
     def grab(which: str, name: str):
@@ -337,17 +334,14 @@ def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tens
         if ablation == "patching":
             model.bridge.run_with_hooks(sub.corrupt, fwd_hooks=[(n, grab("src", n)) for n in names])
         else:
-            w = torch.ones(B, P, device=src.device)
-            if sub.lengths is not None:
-                w = (torch.arange(P, device=src.device)[None] < sub.lengths.to(src.device)[:, None]).float()
-            w = w / w.sum(0, keepdim=True).clamp(min=1)
+            w = mean_weights((B, P), sub.lengths, src.device)
             for n in names:
                 c = z["clean"][n]
                 mean = torch.einsum("bp...,bp->p...", c, w)[None].expand_as(c)
                 z["src"][n] = mean if ablation == "mean" else torch.zeros_like(c)
     delta = src - clean_acts
     acc = torch.empty(graph.n_receivers, B * P * model.summary.d_model, device=src.device)
-    for name, sl, _ in _sender_groups(graph):
+    for name, sl in _sender_groups(graph):
         clean, source = z["clean"][name], z["src"][name]
         acc.zero_()
         for k in range(1, m + 1):

@@ -92,6 +92,14 @@ class Graph:
     def logits_receiver(self) -> int:
         return self.n_receivers - 1
 
+    def receiver_layer(self, r: int) -> int:
+        """Layer of receiver ``r`` (``n_layers`` for the logits)."""
+        return self.n_layers if r == self.logits_receiver else r // (self.n_heads + 2 * self.n_kv_heads + 1)
+
+    def first_receiver(self, layer: int) -> int:
+        """Index of the first receiver in ``layer`` (the logits for ``layer == n_layers``)."""
+        return self.receiver_slices(layer)["q"].start if layer < self.n_layers else self.logits_receiver
+
     @cached_property
     def allowed(self) -> torch.Tensor:
         """Bool [n_senders, n_receivers]: True where an edge exists."""

@@ -137,6 +137,16 @@ def sender_activations(model, graph: Graph, tokens: torch.Tensor) -> torch.Tenso
     return out
 
 
+def mean_weights(shape: tuple[int, int], lengths: torch.Tensor | None, device) -> torch.Tensor:
+    """[B, P] weights of a per-position mean over the batch, padding (past ``lengths``) excluded."""
+    B, P = shape
+    if lengths is None:
+        valid = torch.ones(B, P, device=device)
+    else:
+        valid = (torch.arange(P, device=device)[None] < lengths.to(device)[:, None]).float()
+    return valid / valid.sum(0, keepdim=True).clamp(min=1)
+
+
 def source_activations(
     model, graph: Graph, clean: torch.Tensor, corrupt: torch.Tensor | None, ablation: Ablation,
     lengths: torch.Tensor | None = None,
@@ -157,12 +167,7 @@ def source_activations(
         return sender_activations(model, graph, corrupt)
     if ablation == "mean":
         acts = sender_activations(model, graph, clean)  # [S, B, P, D]
-        B, P = clean.shape
-        if lengths is None:
-            valid = torch.ones(B, P, device=acts.device)
-        else:
-            valid = (torch.arange(P, device=acts.device)[None] < lengths.to(acts.device)[:, None]).float()
-        w = valid / valid.sum(0, keepdim=True).clamp(min=1)  # [B, P]
+        w = mean_weights(clean.shape, lengths, acts.device)
         return torch.einsum("sbpd,bp->spd", acts, w)[:, None]
     if ablation == "zero":
         return torch.zeros(graph.n_senders, 1, clean.shape[1], model.summary.d_model, device=model.device)
@@ -319,6 +324,31 @@ class _EdgePatch:
         return hook
 
 
+def _masks(model, graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+    """[K, S, R] float masks on the model's device, restricted to existing edges."""
+    masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
+    if masks.shape[1:] != (graph.n_senders, graph.n_receivers):
+        raise MechscopeError(
+            f"Edge mask has shape {tuple(masks.shape[1:])}, expected ({graph.n_senders}, {graph.n_receivers})."
+        )
+    return masks * graph.allowed.to(masks.device)
+
+
+def _patch_hooks(graph: Graph, state: "_EdgePatch", n_below: int = 0, first: int = 0) -> list:
+    """The sender and receiver hooks of ``state``, skipping senders below ``n_below`` and
+    receivers below ``first`` (blocks a suffix run does not execute)."""
+    hooks = []
+    for name, sl in sender_hooks(graph):
+        h = state.sender(sl) if sl.start >= n_below else None
+        if h is not None:
+            hooks.append((name, h))
+    for name, rs, n_up in receiver_hooks(graph):
+        h = state.receiver(rs, n_up) if rs.start >= first else None
+        if h is not None:
+            hooks.append((name, h))
+    return hooks
+
+
 def run_with_edge_mask(
     model,
     graph: Graph,
@@ -337,23 +367,10 @@ def run_with_edge_mask(
         logits [batch, pos, d_vocab], or [K, batch, pos, d_vocab] for a stacked mask.
     """
     single = mask.dim() == 2
-    masks = (mask[None] if single else mask).to(model.device, torch.float32)
-    if masks.shape[1:] != (graph.n_senders, graph.n_receivers):
-        raise MechscopeError(
-            f"Edge mask has shape {tuple(masks.shape[1:])}, expected ({graph.n_senders}, {graph.n_receivers})."
-        )
-    masks = masks * graph.allowed.to(masks.device)
+    masks = _masks(model, graph, mask)
     K, (B, P) = masks.shape[0], tokens.shape
     state = _EdgePatch(graph, masks, source.to(model.device), K, B)
-    hooks = []
-    for name, sl in sender_hooks(graph):
-        h = state.sender(sl)
-        if h is not None:
-            hooks.append((name, h))
-    for name, rs, n_up in receiver_hooks(graph):
-        h = state.receiver(rs, n_up)
-        if h is not None:
-            hooks.append((name, h))
+    hooks = _patch_hooks(graph, state)
     toks = tokens.to(model.device).repeat(K, 1)
     logits = model.bridge.run_with_hooks(toks, fwd_hooks=hooks + list(extra_hooks or []))
     logits = logits.view(K, B, P, -1)
@@ -396,27 +413,14 @@ def run_suffix_with_edge_mask(
 
     Returns logits [K, batch, len(runner.keep), d_vocab] (only the runner's kept positions).
     """
-    masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
-    masks = masks * graph.allowed.to(masks.device)
-    first = graph.receiver_slices(start)["q"].start if start < graph.n_layers else graph.logits_receiver
+    masks = _masks(model, graph, mask)
+    first = graph.first_receiver(start)
     if masks[:, :, :first].any():
         raise MechscopeError(f"The mask patches edges into layers below {start}; run the suffix from a lower layer.")
-    K, (B, P) = masks.shape[0], runner.tokens.shape
+    K, B = masks.shape[0], runner.tokens.shape[0]
     state = _EdgePatch(graph, masks, source.to(model.device), K, B)
     n_below = graph.sender_slice_before(start)  # all senders when start == n_layers
     state.prefill(n_below, clean_delta, runner.cache)
-    hooks = []
-    for name, sl in sender_hooks(graph):
-        if sl.start < n_below:
-            continue  # runs below the suffix: prefilled
-        h = state.sender(sl)
-        if h is not None:
-            hooks.append((name, h))
-    for name, rs, n_up in receiver_hooks(graph):
-        if rs.start < first:
-            continue
-        h = state.receiver(rs, n_up)
-        if h is not None:
-            hooks.append((name, h))
+    hooks = _patch_hooks(graph, state, n_below, first)  # lower blocks do not run: prefilled
     logits = runner.run(start, K, hooks)
     return logits.view(K, B, logits.shape[1], -1)
