@@ -70,3 +70,10 @@ def test_a_run_is_a_reference_and_overlap_counts_shared_edges(tmp_path):
     rnd = [edge_overlap(torch.rand(g.n_senders, g.n_receivers, generator=gen), em, g.allowed) for _ in range(200)]
     chance = int(em.sum()) / g.n_edges
     assert abs(sum(rnd) / len(rnd) - chance) < 0.05
+
+
+def test_malformed_run_reference_is_a_clear_error(tmp_path):
+    p = tmp_path / "circuit.json"
+    p.write_text(json.dumps({"schema_version": 1, "method": "acdc", "edges": [{"src": "a0.h0"}], "nodes": []}))
+    with pytest.raises(MechscopeError, match="malformed"):
+        load_reference(str(tmp_path))
