@@ -160,6 +160,48 @@ def test_head_input_grads_match_autograd(tiny_model):
                 i += 1
 
 
+def test_head_input_grads_sum_over_steps(tiny_model, tiny_llama):
+    """Several passes accumulated in head space and flushed once equal the sum of autograd's
+    per-pass gradients, for layer norm (GPT-2) and RMS norm (Llama), whether the projection
+    outputs passed in are affine in the normalised input (biases: the offset path) or not
+    (then they must be ignored)."""
+    import copy
+
+    from mechscope.circuits.attribution import HeadInputGrads
+    from mechscope.patching.engine import head_weights
+
+    torch.manual_seed(0)
+    for model in (tiny_model, tiny_llama):
+        norm = copy.deepcopy(model.bridge.blocks[0].ln1.original_component)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn_like(norm.weight))
+        W = {k: v.detach().clone() for k, v in head_weights(model, 0).items()}
+        d = W["W_Q"].shape[1]
+        bias = {k: torch.randn(W[k].shape[0], W[k].shape[2]) for k in ("W_Q", "W_K", "W_V")}
+        for affine in (True, False):
+            hig = HeadInputGrads(norm, W)
+            want = 0.0
+            for _ in range(3):
+                x = torch.randn(2, 3, d) * 2
+                gs = [torch.randn(2, 3, W[k].shape[0], W[k].shape[2]) for k in ("W_Q", "W_K", "W_V")]
+                with torch.no_grad():
+                    outs = [torch.einsum("bpd,hde->bphe", norm(x), W[k]) + bias[k] for k in ("W_Q", "W_K", "W_V")]
+                if not affine:
+                    outs = [o + torch.randn_like(o) for o in outs]
+                hig.step(x, *gs, outs=tuple(outs))
+                rows = []
+                for k, g in zip(("W_Q", "W_K", "W_V"), gs):
+                    for h in range(W[k].shape[0]):
+                        xx = x.clone().requires_grad_(True)
+                        ((norm(xx) @ W[k][h]) * g[:, :, h]).sum().backward()
+                        rows.append(xx.grad.reshape(-1))
+                want = want + torch.stack(rows)
+            got = torch.zeros_like(want)
+            hig.flush(got)
+            assert hig.offset is not None and (hig.offset is not False) == affine
+            assert torch.allclose(got, want, atol=1e-4), (model.summary.name, affine, (got - want).abs().max())
+
+
 def test_eap_ig_activations_completeness_per_sender_group(tiny_model):
     """IG on activations integrates along each sender group's own path, so a group's summed
     edge scores approach the effect of patching that whole group (integrated gradients'
