@@ -71,7 +71,7 @@ def main() -> None:
     out_m = tempfile.mkdtemp()
     tr = Trainer(TensorSource(train, seed=0), cfg, out_m, d_in=d_in, hook_name=hook, model_name=man["model"])
     t0 = time.perf_counter()
-    sae_m = tr.run()
+    tr.run()
     t_m = time.perf_counter() - t0
 
     # --- SAELens, same batches in the same order

@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from mechscope.circuits import DiscoverConfig, discover
-from mechscope.circuits.evaluate import Evaluator
-from mechscope.circuits.select import prune, top_k
 from mechscope.patching import run_with_node_mask, source_activations
 from mechscope.tasks import get_task
 

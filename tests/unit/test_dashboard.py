@@ -4,7 +4,6 @@ activations; output logits agree with the model's own final norm; the page escap
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

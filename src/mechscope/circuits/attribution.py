@@ -318,7 +318,6 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
         for key, g in grads.items():
             if key[0] == "q":  # q, k and v of a layer together, in receiver order
                 l = int(key[1:])
-                rs = graph.receiver_slices(l)
                 heads[l].step(resid[l], g, grads[f"k{l}"], grads[f"v{l}"],
                               outs=tuple(kept[f"{t}{l}"].detach() for t in "qkv"))
             elif key[0] == "m":
