@@ -334,17 +334,26 @@ def _flush(graph: Graph, heads: list[HeadInputGrads], acc: torch.Tensor) -> None
 
 
 def _contract(graph: Graph, delta: torch.Tensor, acc: torch.Tensor, scale: float,
-              scores: torch.Tensor, senders: slice | None = None) -> None:
-    """scores[s, r] += scale * sum_{b,p,d} delta[s, b, p, d] * acc[r, b*p*d]: one GEMM.
+              scores: torch.Tensor, senders: slice | None = None, chunks: int = 4) -> None:
+    """scores[s, r] += scale * sum_{b,p,d} delta[s, b, p, d] * acc[r, b*p*d], as GEMMs.
 
     Entries of senders that are not upstream of a receiver are dropped by the final
-    ``allowed`` mask; ``senders`` restricts the rows (the others are left untouched). One GEMM
-    over all receivers reads the deltas once (a GEMM per layer read them 30 times: 1.5 s -> 0.4 s
-    on 16 IOI pairs).
+    ``allowed`` mask; ``senders`` restricts the rows (the others are left untouched). The
+    senders are cut into ``chunks`` runs of layers, each multiplied only with the receivers
+    from its first downstream one on (receivers are in layer order), which skips most of the
+    zero triangle while reading every delta once (embedded model, IOI 25 pairs: 0.42 s as one
+    GEMM, 0.33 s in 4 chunks; a GEMM per layer read the deltas 30 times: 1.5 s).
     """
     senders = senders or slice(0, graph.n_senders)
-    d = delta[senders].reshape(senders.stop - senders.start, -1)  # [s, B*P*D]
-    scores[senders] += scale * (d @ acc.T)
+    allowed = graph.allowed
+    bounds = torch.linspace(senders.start, senders.stop, chunks + 1).long().tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cols = allowed[a:b].any(0).nonzero()
+        if b <= a or not len(cols):
+            continue
+        r0 = int(cols[0])
+        d = delta[a:b].reshape(b - a, -1)  # [s, B*P*D]
+        scores[a:b, r0:] += scale * (d @ acc[r0:].T)
 
 
 def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
@@ -366,7 +375,7 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
         _receiver_grads(model, graph, sub, heads, [(INPUT_HOOK, interp)], acc,
                         capture=clean_acts if alpha == 1.0 else None)
     _flush(graph, heads, acc)
-    _contract(graph, src - clean_acts, acc, 1.0 / m, scores)
+    _contract(graph, clean_acts.neg_().add_(src), acc, 1.0 / m, scores)  # src - clean, in place
 
 
 def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
@@ -422,7 +431,7 @@ def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tens
 
             _receiver_grads(model, graph, sub, heads, [(name, interp)], acc)
         _flush(graph, heads, acc)
-        _contract(graph, delta, acc, 1.0 / m, scores, senders=sl)
+        _contract(graph, delta, acc, 1.0 / m, scores, senders=sl, chunks=1)
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:
