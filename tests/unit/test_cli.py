@@ -54,6 +54,11 @@ def test_unknown_method():
     assert_clear_error(run("discover", "--method", "acdcx"), "Unknown method")
 
 
+def test_bad_acdc_metric():
+    assert_clear_error(run("discover", "--method", "acdc", "--metric", "kld"), "Unknown ACDC metric", "kl or task")
+    assert_clear_error(run("discover", "--method", "eap", "--metric", "task"), "ACDC only")
+
+
 def test_bad_hook_name(tiny_gpt2_dir):
     assert_clear_error(run("hooks", "--model", tiny_gpt2_dir, "--check", "blocks.0.hook_resid_pots"),
                        "Did you mean", "blocks.0.hook_resid_post")
@@ -155,6 +160,15 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     r = run("evaluate", str(acdc_out), "--task", task, "--model", toy_dir, "--reference", str(acdc_out), "--json")
     same = json.loads(r.stdout)["reference"]
     assert same["in_this_circuit"] == 1.0 and same["jaccard"] == 1.0
+    # ACDC pruning by the task metric (logit difference) reaches the planted circuit too
+    task_out = tmp_path / "acdc_task"
+    r = run("discover", "--task", task, "--model", toy_dir, "--n", "8", "--method", "acdc", "--ablation", "zero",
+            "--metric", "task", "--threshold", "0.05", "--out", str(task_out), "--json")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((task_out / "circuit.json").read_text())
+    assert saved["settings"]["acdc_metric"] == "task"
+    r = run("evaluate", str(task_out), "--task", task, "--model", toy_dir, "--reference", str(acdc_out), "--json")
+    assert json.loads(r.stdout)["reference"]["in_this_circuit"] > 0.5
 
 
 def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):

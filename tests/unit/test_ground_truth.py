@@ -29,9 +29,10 @@ def test_attribution_recovers_planted_edges(toy, method):
     assert auc >= 0.95, auc
 
 
-def test_acdc_recovers_planted_edges(toy):
+@pytest.mark.parametrize("metric", ["kl", "task"])
+def test_acdc_recovers_planted_edges(toy, metric):
     m, g, b = toy
-    res = acdc(m, g, b, tau=0.05, ablation="zero")
+    res = acdc(m, g, b, tau=0.05, ablation="zero", metric=metric)
     planted = g.mask_from_edges(planted_edges()).bool()
     assert roc_auc(res.scores, planted, g.allowed) >= 0.95
     # every planted edge kept, and the circuit is small

@@ -62,6 +62,9 @@ class DiscoverConfig:
     random_seeds: int = 2
     rank: Literal["signed", "abs"] = "signed"
     """Edge order for selection and curves: signed (edges that carry the behaviour) or |score|."""
+    acdc_metric: Literal["kl", "task"] = "kl"
+    """ACDC's pruning metric: KL divergence from the full model at the scored positions, or the
+    distance of the task metric (e.g. logit difference) from its full-model value."""
     checkpoint: str | None = None
     """ACDC state file: written after every receiver, resumed from when it exists."""
 
@@ -140,7 +143,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         from mechscope.circuits.acdc import acdc
 
         ac = acdc(model, graph, score_set, tau=cfg.threshold if cfg.threshold is not None else 0.01,
-                  ablation=cfg.ablation, progress=progress, checkpoint=cfg.checkpoint)
+                  ablation=cfg.ablation, metric=cfg.acdc_metric, progress=progress, checkpoint=cfg.checkpoint)
         scores = ac.scores
     else:
         scores = edge_scores(model, graph, score_set, cfg.method, cfg.ig_steps, cfg.ablation,

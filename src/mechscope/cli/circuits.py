@@ -39,6 +39,8 @@ def discover(
     target: float = typer.Option(0.8, "--target", help="Faithfulness the smallest circuit must reach."),
     rank: str = typer.Option("signed", "--rank", help="Edge order: signed (edges that carry the behaviour first) or abs."),
     ig_steps: int = typer.Option(5, "--ig-steps"),
+    metric: str = typer.Option("kl", "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
+                               "(distance of the task metric from its full-model value)."),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
@@ -61,11 +63,16 @@ def discover(
         raise MechscopeError(f"Unknown level '{level}'; choose edge or node.")
     if rank not in ("signed", "abs"):
         raise MechscopeError(f"Unknown ranking '{rank}'; choose signed or abs.")
+    if metric not in ("kl", "task"):
+        raise MechscopeError(f"Unknown ACDC metric '{metric}'; choose kl or task.")
+    if metric != "kl" and method != "acdc":
+        raise MechscopeError(f"--metric applies to ACDC only; {method} always attributes the task's own metric.")
     if n < 4:
         raise MechscopeError(f"--n {n} is too small: at least 4 pairs are needed (half are held out).")
     get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
-                         threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank)
+                         threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
+                         acdc_metric=metric)
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
