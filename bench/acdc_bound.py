@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from mechscope.circuits import DiscoverConfig
 from mechscope.circuits.acdc import _Scorer, acdc, default_k_batch
 from mechscope.circuits.select import receiver_owner
 from mechscope.graph import build_graph
@@ -32,9 +33,9 @@ from mechscope.models import load_model
 from mechscope.tasks import get_task
 
 
-def per_mask_seconds(model, graph, score_set, k: int) -> list[float]:
+def per_mask_seconds(model, graph, score_set, cfg, k: int) -> list[float]:
     """Seconds per mask of one speculative pass of k masks, for a receiver at each layer (and logits)."""
-    scorer = _Scorer(model, graph, score_set, "patching", "kl")
+    scorer = _Scorer(model, graph, score_set, cfg.ablation, cfg.acdc_metric)
     out = []
     for layer in range(graph.n_layers + 1):
         masks = graph.empty_mask()[None].repeat(k, 1, 1)
@@ -56,10 +57,12 @@ def main() -> None:
     a = ap.parse_args()
     model = load_model(a.model, device="cpu")
     graph = build_graph(model)
-    batch = get_task(a.task).build(model.tokenizer, n=a.n, seed=0)
-    score_set, _ = batch.split(0.5, seed=0)
+    cfg = DiscoverConfig(task=a.task, method="acdc", n=a.n)  # the pairs and split discover uses
+    batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
+    score_set, _ = batch.split(cfg.held_out, seed=cfg.seed)
     t0 = time.perf_counter()
-    res = acdc(model, graph, score_set, tau=a.tau, checkpoint=a.checkpoint, max_seconds=a.seconds, progress=True)
+    res = acdc(model, graph, score_set, tau=a.tau, ablation=cfg.ablation, metric=cfg.acdc_metric,
+               checkpoint=a.checkpoint, max_seconds=a.seconds, progress=True)
     spent = time.perf_counter() - t0
 
     from safetensors import safe_open
@@ -72,7 +75,7 @@ def main() -> None:
     visited[next_r + 1 :] = True
     alive_nodes = (kept & visited[None]).any(1)  # senders with a kept edge into a visited receiver
     k = default_k_batch(model, len(score_set))
-    cost = per_mask_seconds(model, graph, score_set, k)
+    cost = per_mask_seconds(model, graph, score_set, cfg, k)
     evals, bound = 0, 0.0
     for r in range(next_r + 1):
         if owners[r] and alive_nodes[owners[r]].any():

@@ -136,8 +136,8 @@ class HeadInputGrads:
     accumulated in head space ([heads, b*p, d_head], 9x smaller than the residual stream)
     and multiplied by W' once; the second is a rank-m sum formed once from the m steps'
     x_hat. ``step`` adds one pass, ``flush`` writes the sum into the score accumulator: two
-    passes over the [heads, b*p, d_model] block per layer instead of seven per step (measured:
-    EAP-IG's per-head gradient time on IOI, 25 pairs, 5 steps, 1.15 s -> see docs/decisions.md).
+    passes over the [heads, b*p, d_model] block per layer instead of seven per step (EAP-IG's
+    per-head gradient time on IOI, 25 pairs, 5 steps: 1.15 s -> 0.42 s; docs/decisions.md).
     y_h is read off the projection's forward value minus a constant offset (norm and
     projection biases), measured once against x_hat @ W' and used only if it matches.
 
@@ -339,21 +339,20 @@ def _contract(graph: Graph, delta: torch.Tensor, acc: torch.Tensor, scale: float
 
     Entries of senders that are not upstream of a receiver are dropped by the final
     ``allowed`` mask; ``senders`` restricts the rows (the others are left untouched). The
-    senders are cut into ``chunks`` runs of layers, each multiplied only with the receivers
-    from its first downstream one on (receivers are in layer order), which skips most of the
-    zero triangle while reading every delta once (embedded model, IOI 25 pairs: 0.42 s as one
-    GEMM, 0.33 s in 4 chunks; a GEMM per layer read the deltas 30 times: 1.5 s).
+    senders are cut into up to ``chunks`` runs, each multiplied only with the receivers from
+    its first downstream one on (receivers are in layer order), which skips most of the zero
+    triangle while reading every delta once; runs that start at the same receiver are one
+    GEMM (one sender group is always one). Embedded model, IOI 25 pairs: 0.42 s as one GEMM,
+    0.33 s in 4 runs; a GEMM per layer read the deltas 30 times: 1.5 s.
     """
     senders = senders or slice(0, graph.n_senders)
-    allowed = graph.allowed
-    bounds = torch.linspace(senders.start, senders.stop, chunks + 1).long().tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        cols = allowed[a:b].any(0).nonzero()
-        if b <= a or not len(cols):
-            continue
-        r0 = int(cols[0])
-        d = delta[a:b].reshape(b - a, -1)  # [s, B*P*D]
-        scores[a:b, r0:] += scale * (d @ acc[r0:].T)
+    first = graph.allowed[senders].float().argmax(1).tolist()  # first downstream receiver per sender
+    bounds = sorted(set(torch.linspace(0, len(first), chunks + 1).long().tolist()))
+    starts = [a for i, a in enumerate(bounds[:-1]) if i == 0 or first[a] != first[bounds[i - 1]]]
+    for a, b in zip(starts, starts[1:] + [len(first)]):
+        r0, rows = first[a], slice(senders.start + a, senders.start + b)
+        d = delta[rows].reshape(b - a, -1)  # [s, B*P*D]
+        scores[rows, r0:] += scale * (d @ acc[r0:].T)
 
 
 def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
@@ -431,7 +430,7 @@ def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tens
 
             _receiver_grads(model, graph, sub, heads, [(name, interp)], acc)
         _flush(graph, heads, acc)
-        _contract(graph, delta, acc, 1.0 / m, scores, senders=sl, chunks=1)
+        _contract(graph, delta, acc, 1.0 / m, scores, senders=sl)
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:
