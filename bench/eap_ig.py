@@ -5,7 +5,11 @@ hooks, parameters frozen, gradient taken with respect to the input embeddings), 
 batch. mechscope's EAP-IG does exactly that much model work plus its hooks and the final
 score contraction, so the ratio is its overhead.
 
-    python bench/eap_ig.py [--model M] [--n 25] [--steps 5] [--repeats 5]
+Query and key edges are scored through the attention softmax exactly by default
+(``circuits.qk``); ``--qk linear`` times the plain-gradient variant, ``--qk both`` times the
+floor, linear and exact in turns and prints what the exact q/k scoring costs.
+
+    python bench/eap_ig.py [--model M] [--n 25] [--steps 5] [--repeats 5] [--qk exact|linear|both]
 """
 
 from __future__ import annotations
@@ -50,16 +54,6 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def alternating(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
-    """Times of fa and fb, run in turns (a b a b ...), so drift in the machine's speed (a
-    shared VM's neighbours) hits both sides alike."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(timed(fa))
-        tb.append(timed(fb))
-    return ta, tb
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -67,6 +61,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=25)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--qk", choices=("exact", "linear", "both"), default="exact")
     a = ap.parse_args()
     model = load_model(a.model, device="cpu")
     graph = build_graph(model)
@@ -75,17 +70,24 @@ def main() -> None:
     # warm-up both
     floor(hf, batch.subset(slice(0, 2)), 1)
     edge_scores(model, graph, batch.subset(slice(0, 2)), "eap-ig", steps=1, batch_size=a.n)
-    floors, ours = alternating(lambda: floor(hf, batch, a.steps),
-                               lambda: edge_scores(model, graph, batch, "eap-ig", steps=a.steps, batch_size=a.n),
-                               a.repeats)
-    t_floor, t_ours = min(floors), min(ours)
-    rounds = sorted(o / f for o, f in zip(ours, floors))
+    modes = ("linear", "exact") if a.qk == "both" else (a.qk,)
+    fns = [lambda: floor(hf, batch, a.steps)] + [
+        (lambda q=q: edge_scores(model, graph, batch, "eap-ig", steps=a.steps, batch_size=a.n, qk=q)) for q in modes]
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(a.repeats):  # in turns, so drift in the machine's speed hits every side alike
+        for t, fn in zip(times, fns):
+            t.append(timed(fn))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model {model.summary.name}: {graph.n_edges:,} edges; task {a.task}, {len(batch)} pairs x {batch.n_pos} tokens, {a.steps} IG steps")
+    t_floor = min(times[0])
     print(f"floor ({a.steps + 1} fwd + {a.steps} bwd, plain HF): {t_floor:.2f} s")
-    print(f"mechscope EAP-IG (all edge scores):    {t_ours:.2f} s")
-    print(f"ratio: {t_ours / t_floor:.2f}x of the best times (target <= 1.3x); per round "
-          f"{', '.join(f'{r:.2f}' for r in rounds)} (median {rounds[len(rounds) // 2]:.2f}x)")
+    for q, t in zip(modes, times[1:]):
+        rounds = sorted(o / f for o, f in zip(t, times[0]))
+        print(f"mechscope EAP-IG, q/k edges {q:6s}: {min(t):.2f} s; ratio {min(t) / t_floor:.2f}x of the best times "
+              f"(target <= 1.3x); per round {', '.join(f'{r:.2f}' for r in rounds)} (median {rounds[len(rounds) // 2]:.2f}x)")
+    if len(modes) == 2:
+        print(f"exact q/k scoring costs {min(times[2]) - min(times[1]):.2f} s "
+              f"({min(times[2]) / min(times[1]):.2f}x the linear run)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def test_eap_equals_finite_difference_of_edge_mask(tiny_model):
     hook_q/k/v gradients through W and the norm's Jacobian, the patching runs use split inputs.
     """
     m, g, b = tiny_model, build_graph(tiny_model), _batch()
-    sc = edge_scores(m, g, b, method="eap")
+    sc = edge_scores(m, g, b, method="eap", qk="linear")  # the pure gradient, q/k edges included
     src = source_activations(m, g, b.clean, b.corrupt, "patching")
     eps = 1e-3
     with torch.no_grad():
@@ -220,6 +220,6 @@ def test_eap_ig_activations_completeness_per_sender_group(tiny_model):
             effect = float(b.metric(run_with_node_mask(m, g, b.clean, src, nodes)) - base)
             total = float(sc[sl].sum())
             assert abs(total - effect) < 0.02 + 0.03 * abs(effect), (sl, total, effect)
-    eap = edge_scores(m, g, b, method="eap")
+    eap = edge_scores(m, g, b, method="eap", qk="linear")  # eap-ig-act keeps gradients for q/k edges
     one = edge_scores(m, g, b, method="eap-ig-act", steps=1)
     assert torch.allclose(one, eap, atol=1e-4)  # alpha = 1 only: the clean run's gradient for every group

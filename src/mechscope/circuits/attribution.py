@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
 from mechscope.patching.engine import (
@@ -66,6 +67,7 @@ from mechscope.patching.engine import (
 from mechscope.tasks.base import TaskBatch
 
 Method = Literal["eap", "eap-ig", "eap-ig-act"]
+QKMode = Literal["exact", "linear"]
 
 
 @contextlib.contextmanager
@@ -91,32 +93,70 @@ def edge_scores(
     ablation: Ablation = "patching",
     batch_size: int = 16,
     progress: bool = False,
+    qk: QKMode = "exact",
 ) -> torch.Tensor:
     """Attribution score of every edge: float [n_senders, n_receivers] (0 where no edge).
 
-    Scores estimate metric(edge patched) - metric(clean), averaged over examples.
+    Scores estimate metric(edge patched) - metric(clean), averaged over examples. ``qk``:
+    ``exact`` (default for eap and eap-ig) computes query and key edges through the attention
+    softmax exactly (``circuits.qk``); ``linear`` keeps the plain gradient for them.
+    """
+    return edge_score_folds(model, graph, batch, None, method, steps, ablation, batch_size, progress, qk)[0]
+
+
+def edge_score_folds(
+    model,
+    graph: Graph,
+    batch: TaskBatch,
+    folds: list[int] | None = None,
+    method: Method = "eap-ig",
+    steps: int = 5,
+    ablation: Ablation = "patching",
+    batch_size: int = 16,
+    progress: bool = False,
+    qk: QKMode = "exact",
+) -> torch.Tensor:
+    """Edge scores summed per fold of examples, divided by the number of examples:
+    float [n_folds, n_senders, n_receivers], summing over folds to ``edge_scores``.
+
+    ``folds``: sizes of consecutive example ranges (None: one fold). Attribution scores are
+    sums over examples, so the scores without fold f (cross-validation) are the total minus
+    fold f, at no extra forward or backward pass.
     """
     m = 1 if method == "eap" else int(steps)
     if m < 1:
         from mechscope.errors import MechscopeError
 
         raise MechscopeError(f"--ig-steps must be at least 1, got {steps}.")
+    if qk not in ("exact", "linear"):
+        from mechscope.errors import MechscopeError
+
+        raise MechscopeError(f"Unknown q/k edge mode '{qk}'; choose exact or linear.")
     dev = model.device
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=dev)
     n = len(batch)
+    folds = list(folds) if folds else [n]
+    if sum(folds) != n or min(folds) < 1:
+        raise ValueError(f"fold sizes {folds} do not partition {n} examples")
+    bounds = torch.tensor([0] + folds).cumsum(0).tolist()
+    scores = torch.zeros(len(folds), graph.n_senders, graph.n_receivers, device=dev)
     chunks = range(0, n, batch_size)
     it = tqdm(chunks, desc=f"{method} scores", disable=not progress, leave=False)
     with frozen(model), plain_attention(model):
         heads = [HeadInputGrads(model.bridge.blocks[l].ln1.original_component,
                                 {k: v.detach() for k, v in head_weights(model, l).items()}) for l in range(graph.n_layers)]
+        exact = QKExact(graph.n_layers) if qk == "exact" and method != "eap-ig-act" else None
         for i in it:
-            sub = batch.subset(slice(i, min(n, i + batch_size))).to(dev)
+            j = min(n, i + batch_size)
+            sub = batch.subset(slice(i, j)).to(dev)
+            # (fold, first, last example of the fold inside this sub-batch), sub-batch indices
+            parts = [(f, max(a, i) - i, min(b, j) - i) for f, (a, b) in enumerate(zip(bounds, bounds[1:]))
+                     if a < j and b > i]
             with torch.no_grad():
                 src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
             if method == "eap-ig-act":
-                _accumulate_activations(model, graph, sub, src, m, scores, heads, ablation)
+                _accumulate_activations(model, graph, sub, src, m, scores, heads, ablation, parts)
             else:
-                _accumulate(model, graph, sub, src, m, scores, heads)
+                _accumulate(model, graph, sub, src, m, scores, heads, parts, exact)
     return (scores / n) * graph.allowed.to(dev)
 
 
@@ -267,14 +307,17 @@ def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGrads], extra_hooks: list,
-                    acc: torch.Tensor, capture: torch.Tensor | None = None) -> None:
+                    acc: torch.Tensor, capture: torch.Tensor | None = None, exact: QKExact | None = None
+                    ) -> list[torch.Tensor | None]:
     """One forward + backward pass on the clean prompts under ``extra_hooks``.
 
     Adds d metric / d x_r, in residual-stream space, to row r of ``acc`` [n_receivers,
     B*P*D] for every MLP and logits receiver, and gives each layer's ``HeadInputGrads`` its
     q/k/v pass (``_flush`` writes their sums into ``acc`` after the last pass); receivers
     upstream of every activation the hooks make differentiable get nothing. With ``capture``
-    [n_senders, B, P, D], also stores every sender's output there.
+    [n_senders, B, P, D], also stores every sender's output there. With ``exact``, adds the
+    gradient at each head's output z to it and, on the capturing (clean) pass, lets it keep
+    the attention tensors it needs. Returns each layer's residual input.
     """
     L = graph.n_layers
     kept: dict[str, torch.Tensor] = {}
@@ -303,10 +346,14 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
     hooks = list(extra_hooks)
     if capture is not None:
         hooks += capture_hooks(model, graph, capture)
+    if exact is not None:
+        hooks += exact.hooks(model, capture is not None)
     for l in range(L):
         hooks.append((f"blocks.{l}.hook_resid_pre", store_resid(l)))
         for t in "qkv":
             hooks.append((f"blocks.{l}.attn.hook_{t}", keep(f"{t}{l}", False)))
+        if exact is not None:
+            hooks.append((z_hook(l), keep(f"z{l}", False)))
         hooks.append((mlp_in_hook(l), keep(f"m{l}", True)))
     hooks.append((LOGITS_HOOK, keep("logits", True)))
     with torch.enable_grad():
@@ -324,6 +371,9 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
                 acc[graph.receiver_slices(int(key[1:]))["mlp"].start] += g.reshape(-1)
             elif key == "logits":
                 acc[graph.logits_receiver] += g.reshape(-1)
+            elif key[0] == "z" and exact is not None:
+                exact.add_gz(int(key[1:]), g)
+    return resid
 
 
 def _flush(graph: Graph, heads: list[HeadInputGrads], acc: torch.Tensor) -> None:
@@ -334,34 +384,47 @@ def _flush(graph: Graph, heads: list[HeadInputGrads], acc: torch.Tensor) -> None
 
 
 def _contract(graph: Graph, delta: torch.Tensor, acc: torch.Tensor, scale: float,
-              scores: torch.Tensor, senders: slice | None = None, chunks: int = 4) -> None:
-    """scores[s, r] += scale * sum_{b,p,d} delta[s, b, p, d] * acc[r, b*p*d], as GEMMs.
+              scores: torch.Tensor, parts: list[tuple[int, int, int]], senders: slice | None = None,
+              chunks: int = 4) -> None:
+    """scores[f, s, r] += scale * sum_{b in f, p, d} delta[s, b, p, d] * acc[r, b*p*d], as GEMMs.
 
-    Entries of senders that are not upstream of a receiver are dropped by the final
-    ``allowed`` mask; ``senders`` restricts the rows (the others are left untouched). The
-    senders are cut into up to ``chunks`` runs, each multiplied only with the receivers from
-    its first downstream one on (receivers are in layer order), which skips most of the zero
-    triangle while reading every delta once; runs that start at the same receiver are one
-    GEMM (one sender group is always one). Embedded model, IOI 25 pairs: 0.42 s as one GEMM,
-    0.33 s in 4 runs; a GEMM per layer read the deltas 30 times: 1.5 s.
+    ``parts``: (fold f, first, last example) ranges of the sub-batch; each fold's examples are
+    a contiguous range of columns. Entries of senders that are not upstream of a receiver are
+    dropped by the final ``allowed`` mask; ``senders`` restricts the rows (the others are left
+    untouched). The senders are cut into up to ``chunks`` runs, each multiplied only with the
+    receivers from its first downstream one on (receivers are in layer order), which skips most
+    of the zero triangle while reading every delta once; runs that start at the same receiver
+    are one GEMM (one sender group is always one). A GEMM per layer would read the deltas
+    once per layer (docs/decisions.md, "Edge scores are one GEMM").
     """
     senders = senders or slice(0, graph.n_senders)
     first = graph.allowed[senders].float().argmax(1).tolist()  # first downstream receiver per sender
     bounds = sorted(set(torch.linspace(0, len(first), chunks + 1).long().tolist()))
     starts = [a for i, a in enumerate(bounds[:-1]) if i == 0 or first[a] != first[bounds[i - 1]]]
+    width = acc.shape[1] // delta.shape[1]  # columns per example (P * D)
     for a, b in zip(starts, starts[1:] + [len(first)]):
         r0, rows = first[a], slice(senders.start + a, senders.start + b)
         d = delta[rows].reshape(b - a, -1)  # [s, B*P*D]
-        scores[rows, r0:] += scale * (d @ acc[r0:].T)
+        for f, e0, e1 in parts:
+            cols = slice(e0 * width, e1 * width)
+            scores[f, rows, r0:] += scale * (d[:, cols] @ acc[r0:, cols].T)
 
 
 def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
-                heads: list[HeadInputGrads]) -> None:
-    """EAP / EAP-IG on the input embeddings: m interpolation steps, alpha = 1 last (the clean run)."""
+                heads: list[HeadInputGrads], parts: list[tuple[int, int, int]], exact: QKExact | None) -> None:
+    """EAP / EAP-IG on the input embeddings: m interpolation steps, alpha = 1 last (the clean run).
+
+    With ``exact``, the edges into query and key receivers are scored through the softmax
+    (``circuits.qk``) on the layers where the model's attention was reproduced, instead of by
+    the gradient at their input.
+    """
     B, P = sub.clean.shape
     D = model.summary.d_model
     clean_acts = torch.empty(graph.n_senders, B, P, D, device=src.device)
     acc = torch.zeros(graph.n_receivers, B * P * D, device=src.device)
+    if exact is not None:
+        exact.reset()
+    resid: list = []
     for k in range(1, m + 1):
         alpha = k / m
 
@@ -371,10 +434,24 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
                 x = src[0] + alpha * (x - src[0])
             return x.requires_grad_(True)
 
-        _receiver_grads(model, graph, sub, heads, [(INPUT_HOOK, interp)], acc,
-                        capture=clean_acts if alpha == 1.0 else None)
+        resid = _receiver_grads(model, graph, sub, heads, [(INPUT_HOOK, interp)], acc,
+                                capture=clean_acts if alpha == 1.0 else None, exact=exact)
     _flush(graph, heads, acc)
-    _contract(graph, clean_acts.neg_().add_(src), acc, 1.0 / m, scores)  # src - clean, in place
+    delta = clean_acts.neg_().add_(src)  # src - clean, in place
+    exact_layers = []
+    if exact is not None:
+        for l in range(graph.n_layers):
+            if exact.layers[l].gz is not None and exact.verify(model, l, heads[l]):
+                rs = graph.receiver_slices(l)
+                acc[rs["q"].start : rs["k"].stop] = 0.0  # scored exactly below instead
+                exact_layers.append(l)
+    _contract(graph, delta, acc, 1.0 / m, scores, parts)
+    for l in exact_layers:
+        rs, up = graph.receiver_slices(l), graph.sender_slice_before(l)
+        eq, ek = exact.effects(l, heads[l], resid[l], delta[:up], m)  # [S, B, H], [S, B, KV]
+        for f, e0, e1 in parts:
+            scores[f, :up, rs["q"]] += eq[:, e0:e1].sum(1)
+            scores[f, :up, rs["k"]] += ek[:, e0:e1].sum(1)
 
 
 def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
@@ -385,7 +462,7 @@ def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
 
 
 def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
-                            heads: list[HeadInputGrads], ablation: Ablation) -> None:
+                            heads: list[HeadInputGrads], ablation: Ablation, parts: list[tuple[int, int, int]]) -> None:
     """EAP-IG on activations: integrated gradients along each sender group's own path.
 
     For each group (the embeddings, one layer's heads, one MLP) and alpha in {1/m, ..., 1},
@@ -430,7 +507,7 @@ def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tens
 
             _receiver_grads(model, graph, sub, heads, [(name, interp)], acc)
         _flush(graph, heads, acc)
-        _contract(graph, delta, acc, 1.0 / m, scores, senders=sl)
+        _contract(graph, delta, acc, 1.0 / m, scores, parts, senders=sl)
 
 
 def node_scores(graph: Graph, scores: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""Exact attention-softmax effects of query and key edges (AtP*'s QK fix, per edge).
+
+Gradient attribution goes blind where a softmax saturates: an induction head that puts
+weight 0.9999 on one key has almost zero gradient with respect to its keys and queries, yet
+patching the previous-token head's output into those keys moves the pattern completely.
+Kramar et al. 2024 (AtP*) compute the effect of a query or key change *through the softmax*
+exactly and linearise only downstream of the head. mechscope does that for every edge into a
+query or key receiver:
+
+1. From the clean pass: each layer's residual input x [B, P, D], rotated queries and keys,
+   values, the attention pattern A, and (over the IG passes) the averaged gradient of the
+   metric at the head's output z, g_z [B, P, H, e].
+2. For an edge s -> q of head h, the query input becomes x + d_s (d_s = src_s - clean_s).
+   With the layer's norm in its fitted form (y = scale * base(x) + bias; base = RMS or
+   layer normalisation, see ``attribution.fit_norm``) and W' the projection with the scale
+   folded in, the query moves *exactly* by
+
+       dq_s = (inv'_s - inv) x_c W' + inv'_s d_s W'_c,   inv'_s = 1 / rms(x_c + d_{s,c})
+
+   (x_c, d_c: centred for layer norm, W'_c: W' centred over d), where inv'_s needs only the
+   dot products x_c . d_s and |d_s|^2. Rotary embeddings are applied to dq_s (they are
+   linear per position) and the new scores are S + scale * rot(dq_s) . k. Keys likewise.
+3. The new pattern is softmax'd exactly; the edge's score is
+   sum_{b,i,j} g_z[b,i,h] . (A'_s - A)[b,h,i,j] v[b,j]: exact at the head, first order
+   downstream (IG-averaged for EAP-IG). A key edge enters a KV head: its score sums over the
+   query heads of the group.
+
+Cost: the products d_s . (W'_c rot^T k) are one batched GEMM per layer over (example,
+position) of [senders, d_model] x [d_model, heads * positions]; for short prompts (positions
+< d_head) that is cheaper than projecting every sender's delta through W_Q and W_K.
+
+Nothing is assumed about the attention module: the rotary formula, the score scale and the
+pattern are checked against the model's own hooks on the first batch (pattern and z
+reconstructed to 1e-4); a layer that does not match (sliding windows, soft-capping, ALiBi,
+partial rotary, a norm of unknown form) keeps the plain gradient score for its q/k edges, and
+``QKExact.fallback_layers`` says which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_ELEMS = 48_000_000  # per chunk of examples: [examples, P, P, heads, d_model] readout tensors
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's rotary helper: [x1, x2] -> [-x2, x1] on the last dimension."""
+    a, b = x.chunk(2, -1)
+    return torch.cat([-b, a], -1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding x * cos + rotate_half(x) * sin; cos/sin broadcast to x."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotate_t(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``rotate``: (rotate(q) . u) == (q . rotate_t(u))."""
+    return u * cos - rotate_half(u * sin)
+
+
+@dataclass
+class LayerCapture:
+    """What the clean pass leaves for one layer (filled by hooks, ``None`` until then)."""
+
+    q: torch.Tensor | None = None  # [B, P, H, e] before rotary
+    q_rot: torch.Tensor | None = None  # [B, P, H, e]
+    k_rot: torch.Tensor | None = None  # [B, P, KV, e]
+    v: torch.Tensor | None = None  # [B, P, KV, e]
+    pattern: torch.Tensor | None = None  # [B, H, P, P]
+    z: torch.Tensor | None = None  # [B, P, H, e]
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    gz: torch.Tensor | None = None  # summed over passes, [B, P, H, e]
+
+
+@dataclass
+class QKExact:
+    """Per-layer captures of one sub-batch and the exact q/k edge effects computed from them."""
+
+    n_layers: int
+    scale: list[float] = field(default_factory=list)
+    checked: dict[int, bool] = field(default_factory=dict)  # layer -> reconstruction matched
+
+    def __post_init__(self) -> None:
+        self.layers = [LayerCapture() for _ in range(self.n_layers)]
+
+    @property
+    def fallback_layers(self) -> list[int]:
+        return [l for l, ok in self.checked.items() if not ok]
+
+    def reset(self) -> None:
+        self.layers = [LayerCapture() for _ in range(self.n_layers)]
+
+    def hooks(self, model, capture_clean: bool) -> list[tuple[str, object]]:
+        """Forward hooks: the clean-pass tensors (when ``capture_clean``)."""
+        if not capture_clean:
+            return []
+        names = set(model.bridge.hook_dict)
+        hooks = []
+        for l in range(self.n_layers):
+            a = f"blocks.{l}.attn."
+            rot = f"{a}hook_rot_q" in names
+            want = {"q": f"{a}hook_q", "q_rot": f"{a}hook_rot_q" if rot else f"{a}hook_q",
+                    "k_rot": f"{a}hook_rot_k" if rot else f"{a}hook_k", "v": f"{a}hook_v",
+                    "pattern": f"{a}hook_pattern", "z": f"{a}hook_z"}
+            if rot:
+                want |= {"cos": f"{a}hook_cos", "sin": f"{a}hook_sin"}
+            for attr, name in want.items():
+                hooks.append((name, self._grab(l, attr)))
+        return hooks
+
+    def _grab(self, l: int, attr: str):
+        def hook(x, hook):
+            setattr(self.layers[l], attr, x.detach())
+            return x
+
+        return hook
+
+    def add_gz(self, l: int, g: torch.Tensor) -> None:
+        c = self.layers[l]
+        c.gz = g.detach().float().clone() if c.gz is None else c.gz.add_(g.detach().float())
+
+    def verify(self, model, l: int, heads) -> bool:
+        """Check rotary, score scale and pattern against the model's own values (once per layer)."""
+        if l in self.checked:
+            return self.checked[l]
+        c = self.layers[l]
+        ok = heads.kind in ("rms", "ln") and all(
+            t is not None for t in (c.q, c.q_rot, c.k_rot, c.v, c.pattern, c.z))
+        if ok and c.cos is not None:
+            e = c.q.shape[-1]
+            ok = c.cos.shape[-1] == e and _close(rotate(c.q.float(), c.cos.float()[:, :, None], c.sin.float()[:, :, None]), c.q_rot)
+        if ok:
+            attn = model.bridge.blocks[l].attn.original_component
+            e = c.q_rot.shape[-1]
+            cands = [getattr(attn, "scaling", None), getattr(attn, "scale", None), 1 / math.sqrt(e)]
+            ok = False
+            for sc in cands:
+                if not isinstance(sc, (int, float)):
+                    continue
+                A = torch.softmax(self._scores(c, float(sc)), -1)
+                if _close(A, c.pattern) and _close(_attend(A, c.v), c.z):
+                    self.scale += [0.0] * (self.n_layers - len(self.scale))
+                    self.scale[l] = float(sc)
+                    ok = True
+                    break
+        self.checked[l] = ok
+        return ok
+
+    @staticmethod
+    def _scores(c: LayerCapture, scale: float) -> torch.Tensor:
+        """Masked clean attention scores [B, H, P, P] from the rotated q and k."""
+        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
+        k = c.k_rot.float().repeat_interleave(H // KV, 2)
+        s = torch.einsum("bihe,bjhe->bhij", c.q_rot.float(), k) * scale
+        P = s.shape[-1]
+        causal = torch.ones(P, P, dtype=torch.bool, device=s.device).triu(1)
+        return s.masked_fill(causal, float("-inf"))
+
+    def effects(self, l: int, heads, x: torch.Tensor, delta: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact effects of every upstream sender's edge into layer ``l``'s queries and keys.
+
+        x [B, P, D] the layer's residual input; delta [S, B, P, D] = src - clean of the S
+        upstream senders. Returns per-example effects (q [S, B, H], k [S, B, KV]).
+        """
+        c = self.layers[l]
+        S, B, P, D = delta.shape
+        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
+        G = H // KV
+        scale = self.scale[l]
+        W = heads.W  # [H + 2KV, D, e], norm scale folded in
+        Wc = W - W.mean(1, keepdim=True) if heads.kind == "ln" else W
+        eq = torch.zeros(S, B, H, device=x.device)
+        ek = torch.zeros(S, B, KV, device=x.device)
+        per_ex = P * P * H * D
+        step = max(1, MAX_ELEMS // max(per_ex, 1))
+        gz = c.gz / steps
+        for b0 in range(0, B, step):
+            bs = slice(b0, min(B, b0 + step))
+            eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), delta[:, bs].float(), gz[bs], scale, G)
+        return eq, ek
+
+    def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G):
+        S, B, P, D = d.shape
+        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
+        e = c.q_rot.shape[-1]
+        if heads.kind == "ln":
+            x = x - x.mean(-1, keepdim=True)
+            dc = d - d.mean(-1, keepdim=True)
+        else:
+            dc = d
+        inv = torch.rsqrt(x.pow(2).mean(-1) + heads.eps)  # [B, P]
+        xd = torch.einsum("bpd,sbpd->sbp", x, d)  # x_c . d = x_c . d_c
+        inv2 = torch.rsqrt((x.pow(2).sum(-1)[None] + 2 * xd + dc.pow(2).sum(-1)) / D + heads.eps)  # [S, B, P]
+        dinv = inv2 - inv[None]
+        q_rot, k_rot = c.q_rot[bs].float(), c.k_rot[bs].float()  # [B, P, H, e], [B, P, KV, e]
+        v = c.v[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
+        if c.cos is not None:
+            cos = c.cos.float().expand(B if c.cos.shape[0] == 1 else -1, -1, -1)
+            cos = cos[bs] if c.cos.shape[0] != 1 else cos
+            sin = c.sin.float().expand(B if c.sin.shape[0] == 1 else -1, -1, -1)
+            sin = sin[bs] if c.sin.shape[0] != 1 else sin
+            ci, si = cos[:, :, None], sin[:, :, None]  # [B, P, 1, e]
+        else:
+            ci = si = None
+        Wq, Wk = Wc[:H], Wc[H : H + KV]  # [H, D, e], [KV, D, e]
+        y0q = torch.einsum("bpd,hde->bphe", x, Wq)  # x_c W' (= x_c W'_c: x_c has zero mean)
+        y0k = torch.einsum("bpd,gde->bpge", x, Wk)
+        k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
+        if ci is not None:
+            y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
+        # Query side. T[s,b,i,h,j] = d[s,b,i] . (Wq[h] rot_i^T k[b,j,h]).
+        u = k_h[:, None]  # [B, 1(i), P(j), H, e]
+        if ci is not None:
+            u = rotate_t(u, ci[:, :, None], si[:, :, None])  # rot_i^T applied: [B, P(i), P(j), H, e]
+        else:
+            u = u.expand(-1, P, -1, -1, -1)
+        RQ = torch.einsum("bijhe,hde->bidjh", u, Wq).reshape(B * P, D, P * H)
+        T = torch.bmm(d.permute(1, 2, 0, 3).reshape(B * P, S, D), RQ).view(B, P, S, P, H)
+        T = T.permute(2, 0, 4, 1, 3)  # [S, B, H, i, j]
+        Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)  # [B, H, i, j]
+        dS_q = scale * (dinv[:, :, None, :, None] * Y[None]
+                        + inv2[:, :, None, :, None] * T)
+        # Key side. T[s,b,j,h,i] = d[s,b,j] . (Wk[g(h)] rot_j^T q[b,i,h]).
+        w = q_rot[:, None]  # [B, 1(j), P(i), H, e]
+        if ci is not None:
+            w = rotate_t(w, ci[:, :, None], si[:, :, None])  # [B, P(j), P(i), H, e]
+        else:
+            w = w.expand(-1, P, -1, -1, -1)
+        Wk_h = Wk.repeat_interleave(G, 0)  # [H, D, e]
+        RK = torch.einsum("bjihe,hde->bjdih", w, Wk_h).reshape(B * P, D, P * H)
+        T = torch.bmm(d.permute(1, 2, 0, 3).reshape(B * P, S, D), RK).view(B, P, S, P, H)
+        T = T.permute(2, 0, 4, 3, 1)  # [S, B, H, i, j]
+        Yk = torch.einsum("bihe,bjhe->bhij", q_rot, y0k.repeat_interleave(G, 2))
+        dS_k = scale * (dinv[:, :, None, None, :] * Yk[None] + inv2[:, :, None, None, :] * T)
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j]
+        A0 = torch.softmax(S0, -1)
+        M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)  # [B, H, i, j]
+        out = []
+        for dS in (dS_q, dS_k):
+            dA = torch.softmax(S0[None] + dS, -1) - A0[None]
+            out.append(torch.einsum("sbhij,bhij->sbh", torch.nan_to_num(dA), M))
+        eq, ek_h = out
+        return eq, ek_h.view(S, B, KV, G).sum(-1)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    a, b = a.float(), b.float()
+    return a.shape == b.shape and bool((a - b).abs().max() <= tol * b.abs().max().clamp(min=1.0))
+
+
+def _attend(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """z [B, P, H, e] from pattern [B, H, P, P] and values [B, P, KV, e]."""
+    H, KV = A.shape[1], v.shape[2]
+    return torch.einsum("bhij,bjhe->bihe", A, v.float().repeat_interleave(H // KV, 2))
