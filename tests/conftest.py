@@ -4,11 +4,14 @@ embedded model, loaded once per test session."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Head-role caches (circuit labels) of this session's models go to a fresh folder, not ~/.cache.
+os.environ.setdefault("MECHSCOPE_CACHE", tempfile.mkdtemp(prefix="mechscope-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -120,3 +120,49 @@ def test_report_handles_sparse_data(tmp_path):
 def test_report_path_may_be_a_directory(tmp_path):
     out = write_circuit_report(synthetic_circuit(), tmp_path)
     assert out == tmp_path / "report.html" and out.exists()
+
+
+def labelled_circuit() -> dict:
+    """``synthetic_circuit`` with head labels (``circuits.labels``) whose tokens are hostile."""
+    d = synthetic_circuit()
+    d["labels"] = {
+        "a2.h1": {"role": "copying", "role_score": 0.95, "also": [{"role": "induction", "score": 0.4}],
+                  "scores": {"previous-token": 0.1, "duplicate-token": 0.05, "induction": 0.4, "copying": 0.95},
+                  "attends": [{"pos": 3, "token": EVIL, "weight": 0.91, "kind": "answer", "what": f"the answer token '{EVIL}'"}],
+                  "node_score": 0.91, "in_circuit": True,
+                  "text": f"a2.h1: copying head (0.95; also induction 0.40), attends to the answer token '{EVIL}' (0.91)"},
+        "a1.h3": {"role": None, "role_score": None, "also": [], "scores": {"previous-token": 0.1},
+                  "attends": [{"pos": 6, "token": PWN, "weight": 0.5, "kind": "token", "what": f"'{PWN}' at 6"}],
+                  "node_score": -0.2, "in_circuit": False, "text": f"a1.h3: no role, attends to '{PWN}' at 6 (0.50)"},
+        "a0.h0": {"role": "induction", "role_score": 0.6, "also": [], "scores": {}, "attends": [], "node_score": 0.3,
+                  "in_circuit": True, "text": "a0.h0: induction head (0.60)"},
+        "_meta": {"heads_source": IMG, "thresholds": {"copying": 0.9}, "query_position": 11, "query_token": IMG,
+                  "answer": EVIL, "distractor": PWN},
+    }
+    return d
+
+
+def test_report_labels_heads_and_links_heatmaps(tmp_path):
+    page = _write(tmp_path, labelled_circuit())
+    for hostile in (EVIL, PWN, IMG):
+        assert hostile not in page
+    assert page.count("<script") == 1 and "<img" not in page
+    sentence = "copying head (0.95; also induction 0.40), attends to the answer token &#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27; (0.91)"
+    graph = page[page.index('id="circuit-graph"'):page.index("</svg>", page.index('id="circuit-graph"'))]
+    assert f"a2.h1: {sentence}" in graph  # the node's tooltip
+    assert 'class="node head on role-copy tip"' in graph or 'role-copy tip"' in graph
+    assert 'role-ind' in graph and '>ind</text>' in graph and '>copy</text>' in graph
+    # each head with a heatmap links to it from the graph and from the tables; the heatmaps carry the anchors
+    for name in ("a2.h1", "a1.h3"):
+        assert f'id="att-{name}"' in page and f'href="#att-{name}"' in graph
+    assert 'href="#att-a0.h0"' not in page  # no heatmap, no link
+    start = page.index('<table class="components with-roles">')
+    table = page[start:page.index("</table>", start)]
+    assert 'href="#att-a2.h1"' in table
+    assert '<span class="role-name role-copy">copying head (0.95; also induction 0.40)</span>' + sentence.split(")", 1)[1] in table
+    assert "Head roles" in page and "3 heads" in page
+
+
+def test_report_without_labels_has_no_roles(tmp_path):
+    page = _write(tmp_path)
+    assert "Head roles" not in page and "role-" not in page.split("<main>")[1].split("<footer>")[0].replace("role-tag", "")

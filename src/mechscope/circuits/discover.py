@@ -4,10 +4,13 @@
    behaviour the model lacks is meaningless).
 2. Split the pairs: the scoring half feeds the method, the held-out half every reported figure.
 3. Score edges (EAP, EAP-IG) or prune them (ACDC); at node level, heads and MLPs are the units.
-4. Choose the circuit: top-K edges, a score threshold, or the smallest circuit reaching the
-   target faithfulness on the scoring half; then prune edges off input -> logits paths.
-5. Evaluate on held-out pairs: faithfulness, the curve over sizes with a random baseline,
-   CPR and CMD; attention patterns of the top heads on an example prompt for the report.
+4. Choose the circuit: top-K edges, a score threshold, or (the default) the smallest size
+   whose *cross-validated* faithfulness inside the scoring half reaches the target
+   (``circuits.crossval``: ranked without a fold, judged on it), then prune edges off
+   input -> logits paths. The held-out half is never looked at for any choice.
+5. Evaluate: faithfulness on the scoring pairs (in sample), the cross-validated estimate, and
+   on the held-out pairs with a bootstrap interval over pairs; the held-out curve over sizes
+   with a random baseline, CPR and CMD; attention patterns and roles of the circuit's heads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Literal
 
 import torch
 
-from mechscope.circuits.attribution import edge_scores, node_scores
+from mechscope.circuits.attribution import edge_score_folds, node_scores
+from mechscope.circuits.crossval import choose_size, cv_curve, fold_sizes, grid_sizes
 from mechscope.circuits.evaluate import (
     Evaluator,
     cpr_cmd,
@@ -67,6 +71,15 @@ class DiscoverConfig:
     distance of the task metric (e.g. logit difference) from its full-model value."""
     checkpoint: str | None = None
     """ACDC state file: written after every receiver, resumed from when it exists."""
+    folds: int = 5
+    """Cross-validation folds inside the scoring pairs for choosing the circuit's size."""
+    qk: Literal["exact", "linear"] = "exact"
+    """Edges into queries and keys: through the attention softmax exactly (``circuits.qk``) or
+    by the plain gradient (eap and eap-ig; eap-ig-act always integrates its own path)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the held-out pairs for the faithfulness interval."""
+    labels: bool = True
+    """Label the circuit's heads with their roles from ``mechscope heads`` (cached per model)."""
 
 
 def check_task_performance(model, batch: TaskBatch) -> dict:
@@ -94,7 +107,8 @@ def node_circuit(graph: Graph, nodes: torch.Tensor) -> torch.Tensor:
     return graph.allowed & keep_nodes[:, None] & recv_ok[None]
 
 
-def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: Evaluator) -> torch.Tensor:
+def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: Evaluator,
+            k_cv: int | None = None) -> torch.Tensor:
     if cfg.level == "node":
         ns = node_scores(graph, ranking).cpu()
         ns[0] = float("inf")
@@ -120,8 +134,9 @@ def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: 
         return prune(graph, top_k(graph, ranking, cfg.edges, absolute=False))
     if cfg.threshold is not None:
         return prune(graph, threshold(graph, ranking, cfg.threshold, absolute=False))
-    k, _ = smallest_faithful(ev_score, ranking, cfg.target)
-    return prune(graph, top_k(graph, ranking, k, absolute=False))
+    if k_cv is None:
+        k_cv, _ = smallest_faithful(ev_score, ranking, cfg.target)
+    return prune(graph, top_k(graph, ranking, k_cv, absolute=False))
 
 
 def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: bool = True) -> CircuitResult:
@@ -134,11 +149,17 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     graph = build_graph(model)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
+    if cfg.folds < 1:
+        raise MechscopeError(f"--folds must be at least 1, got {cfg.folds}.")
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     perf = check_task_performance(model, batch)
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
+    say = _Phases(progress)
     t_score = time.perf_counter()
+    use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
+    folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None
+    fold_scores = None
     if cfg.method == "acdc":
         from mechscope.circuits.acdc import acdc
 
@@ -146,19 +167,33 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
                   ablation=cfg.ablation, metric=cfg.acdc_metric, progress=progress, checkpoint=cfg.checkpoint)
         scores = ac.scores
     else:
-        scores = edge_scores(model, graph, score_set, cfg.method, cfg.ig_steps, cfg.ablation,
-                             cfg.batch_size, progress=progress)
+        fold_scores = edge_score_folds(model, graph, score_set, folds, cfg.method, cfg.ig_steps, cfg.ablation,
+                                       cfg.batch_size, progress=progress, qk=cfg.qk).cpu()
+        scores = fold_scores.sum(0)
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
     ranking = importance(scores, cfg.method, cfg.rank)
     ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
+    cv, k_cv, f_cv = None, None, None
+    if folds is not None and len(folds) > 1:
+        say("cross-validating the circuit size inside the scoring pairs")
+        cv = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, cfg.rank,
+                      cfg.ablation, cfg.batch_size, progress=progress)
+        k_cv, f_cv = choose_size(cv, cfg.target)
     if cfg.method == "acdc" and cfg.edges is None and cfg.level == "edge":
         circuit = prune(graph, ac.circuit)
     else:
-        circuit = _choose(cfg, graph, ranking, ev_score)
+        if cfg.level == "node" or k_cv is None:
+            say("choosing the circuit on the scoring pairs")
+        circuit = _choose(cfg, graph, ranking, ev_score, k_cv)
+    say("evaluating the circuit on the scoring and held-out pairs")
+    in_sample = float(ev_score.faithfulness(circuit[None])[0])
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
-    faith = float(ev.faithfulness(circuit[None])[0])
+    held = ev.faithfulness_interval(circuit, n_boot=cfg.bootstrap, seed=cfg.seed)
+    faith = held["faithfulness"]
+    say("random circuits of the same size")
     rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds)[0]
+    say("held-out faithfulness curve over circuit sizes")
     curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds)
     cpr, cmd = cpr_cmd(curve)
     metrics = {
@@ -166,33 +201,45 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         "corrupt": float(ev.corrupt),
         "circuit": float(ev.corrupt + faith * (ev.clean - ev.corrupt)),
         "faithfulness": faith,
+        "faithfulness_ci": [held["ci_low"], held["ci_high"]],
+        "faithfulness_ci_level": held["level"],
+        "faithfulness_scoring": in_sample,
+        "faithfulness_cv": f_cv,
+        "selection": ("cross-validation" if k_cv is not None else
+                      "acdc" if cfg.method == "acdc" and cfg.edges is None else
+                      "edges" if cfg.edges is not None else "threshold" if cfg.threshold is not None else "in-sample"),
         "random_same_size": rand,
         "n_edges": graph.n_edges,
         "n_edges_kept": int(circuit.sum()),
         "fraction_kept": int(circuit.sum()) / graph.n_edges,
         "n_scoring_pairs": len(score_set),
         "n_held_out_pairs": len(test_set),
+        "n_folds": len(folds) if folds else 1,
         "clean_accuracy": perf["clean_accuracy"],
         "scoring_seconds": round(t_score, 2),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
     res = CircuitResult(model=model.summary.to_dict(), task=batch.task, method=cfg.method,
                         settings=asdict(cfg), graph=graph, scores=scores, circuit=circuit,
-                        metrics=metrics, curve=curve, cpr=cpr, cmd=cmd)
-    res.example = attention_example(model, graph, batch, res)
+                        metrics=metrics, curve=curve, cpr=cpr, cmd=cmd, cv_curve=cv)
+    say("attention patterns and head roles")
+    from mechscope.circuits.labels import attention_patterns, circuit_heads, label_heads
+
+    res.example = attention_patterns(model, batch, circuit_heads(res), res.node_scores())
+    if cfg.labels:
+        res.labels = label_heads(model, res, batch, progress=progress)
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
 
-@torch.no_grad()
-def attention_example(model, graph: Graph, batch: TaskBatch, res: CircuitResult, n_heads: int = 4) -> dict:
-    """Attention patterns [q, k] of the top heads on the first clean prompt."""
-    heads = [c["name"] for c in res.top_components(50) if c["name"].startswith("a")][:n_heads]
-    L = int(batch.lengths[0])
-    toks = batch.clean[:1, :L].to(model.device)
-    names = {f"blocks.{h[1:].split('.h')[0]}.attn.hook_pattern" for h in heads}
-    _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
-    att = {}
-    for h in heads:
-        l, i = (int(x) for x in h[1:].split(".h"))
-        att[h] = [[round(float(v), 4) for v in row] for row in cache[f"blocks.{l}.attn.hook_pattern"][0, i]]
-    return {"prompt": batch.clean_text[0] if batch.clean_text else "", "tokens": model.to_str_tokens(toks[0]), "attention": att}
+class _Phases:
+    """One line on stderr per long phase (off when ``progress`` is False)."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        if self.progress:
+            import sys
+
+            print(f"[{time.perf_counter() - self.t0:6.1f} s] {what}", file=sys.stderr, flush=True)

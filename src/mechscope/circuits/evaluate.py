@@ -43,28 +43,68 @@ class Evaluator:
             with torch.no_grad():
                 src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
             self._chunks.append((sub, src))
-        empty = self.graph.empty_mask()
-        self.clean = self.metric(empty[None])[0]
-        self.corrupt = self.metric(self.graph.full_mask()[None])[0]
+        base = self.per_example(torch.stack([self.graph.empty_mask(), self.graph.full_mask()]))
+        self.clean_ex, self.corrupt_ex = base[0], base[1]  # per-example metric [n]
+        self.clean, self.corrupt = self.clean_ex.mean(), self.corrupt_ex.mean()
 
     @torch.no_grad()
-    def metric(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
-        """Mean metric [K] for K patch masks [K, S, R] (1 = patched)."""
-        out = torch.zeros(masks.shape[0])
-        n = len(self.batch)
+    def per_example(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
+        """Per-example metric [K, n] for K patch masks [K, S, R] (1 = patched)."""
+        out = torch.zeros(masks.shape[0], len(self.batch))
+        i = 0
         for sub, src in self._chunks:
             for j in range(0, masks.shape[0], k_batch):
                 logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[j : j + k_batch])
-                vals = torch.stack([sub.per_example_metric(lg).sum() for lg in logits]).cpu()
-                out[j : j + k_batch] += vals
-        return out / n
+                out[j : j + k_batch, i : i + len(sub)] = torch.stack([sub.per_example_metric(lg) for lg in logits]).cpu()
+            i += len(sub)
+        return out
+
+    def metric(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
+        """Mean metric [K] for K patch masks [K, S, R] (1 = patched)."""
+        return self.per_example(masks, k_batch).mean(1)
 
     def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor:
         """Faithfulness [K] of K circuits [K, S, R] (bool, True = kept)."""
-        masks = (~circuits.bool() & self.graph.allowed).float()
-        vals = self.metric(masks)
+        vals = self.metric(self.patch_masks(circuits))
         denom = self.clean - self.corrupt
         return (vals - self.corrupt) / (denom if abs(denom) > 1e-9 else 1e-9)
+
+    def patch_masks(self, circuits: torch.Tensor) -> torch.Tensor:
+        """Circuits (True = kept) -> patch masks (1 = patched) over the graph's edges."""
+        return (~circuits.bool() & self.graph.allowed).float()
+
+    def faithfulness_interval(self, circuit: torch.Tensor, n_boot: int = 1000, level: float = 0.95,
+                              seed: int = 0) -> dict:
+        """Faithfulness of one circuit with a bootstrap interval over this set's pairs.
+
+        Pairs are resampled with replacement; each resample's faithfulness is computed from its
+        own clean, corrupt and circuit means (ratio of means, as ``faithfulness``); the interval
+        is the percentile interval. Costs one patched evaluation (clean and corrupt are cached).
+        """
+        per = self.per_example(self.patch_masks(circuit[None]))[0]
+        return bootstrap_faithfulness(per, self.clean_ex, self.corrupt_ex, n_boot, level, seed)
+
+
+def bootstrap_faithfulness(circ: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor, n_boot: int = 1000,
+                           level: float = 0.95, seed: int = 0) -> dict:
+    """Faithfulness of per-example circuit metrics [n] against per-example clean/corrupt, with a
+    percentile bootstrap interval over examples (resamples whose clean-corrupt gap vanishes
+    are dropped)."""
+    n = circ.shape[0]
+
+    def faith(idx):
+        c, k, x = clean[idx].mean(-1), corrupt[idx].mean(-1), circ[idx].mean(-1)
+        gap = c - k
+        return (x - k) / torch.where(gap.abs() > 1e-9, gap, torch.full_like(gap, float("nan")))
+
+    point = float(faith(torch.arange(n)))
+    gen = torch.Generator().manual_seed(seed)
+    boots = faith(torch.randint(0, n, (n_boot, n), generator=gen))
+    boots = boots[~boots.isnan()]
+    a = (1 - level) / 2
+    lo, hi = (torch.quantile(boots, torch.tensor([a, 1 - a])).tolist() if len(boots) else (float("nan"),) * 2)
+    return {"faithfulness": point, "ci_low": float(lo), "ci_high": float(hi), "level": level, "n_pairs": n,
+            "n_boot": n_boot}
 
 
 def curve_sizes(graph: Graph, fractions=CURVE_FRACTIONS) -> list[int]:

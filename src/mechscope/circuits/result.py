@@ -31,6 +31,12 @@ class CircuitResult:
     cpr: float | None = None
     cmd: float | None = None
     example: dict[str, Any] | None = None
+    labels: dict[str, dict] | None = None
+    """Head roles and attention on the example (``circuits.labels.label_heads``); None: not labelled."""
+    cv_curve: list[dict] | None = None
+    """Cross-validated faithfulness by size inside the scoring pairs (``circuits.crossval``)."""
+    stability: dict[str, Any] | None = None
+    """Across-seed stability (``circuits.stability``): per-seed figures, overlaps, edge frequency."""
 
     def node_scores(self) -> dict[str, float]:
         s = (self.scores.cpu() * self.graph.allowed).sum(1)
@@ -77,6 +83,9 @@ class CircuitResult:
             "cpr": self.cpr,
             "cmd": self.cmd,
             "example": self.example,
+            "labels": self.labels,
+            "cv_curve": self.cv_curve,
+            "stability": self.stability,
             "top_components": self.top_components(),
         }
 
@@ -108,7 +117,8 @@ class CircuitResult:
                 scores[s, r], circuit[s, r] = e["score"], e["in_circuit"]
         return cls(model=m, task=d["task"], method=d["method"], settings=d["settings"], graph=g,
                    scores=scores, circuit=circuit, metrics=d.get("metrics", {}), curve=d.get("curve", []),
-                   cpr=d.get("cpr"), cmd=d.get("cmd"), example=d.get("example"))
+                   cpr=d.get("cpr"), cmd=d.get("cmd"), example=d.get("example"), labels=d.get("labels"),
+                   cv_curve=d.get("cv_curve"), stability=d.get("stability"))
 
 
 def _node(name: str, g: Graph, score: float, in_circuit: bool) -> dict[str, Any]:

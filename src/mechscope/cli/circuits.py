@@ -42,6 +42,11 @@ def discover(
     metric: str = typer.Option("kl", "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
                                "(distance of the task metric from its full-model value)."),
     seed: int = typer.Option(0, "--seed"),
+    seeds: int = typer.Option(1, "--seeds", help="Repeat with this many draws of pairs (seed, seed+1, ...): "
+                              "overlap of the circuits, spread of faithfulness, edges stable across draws."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds inside the scoring pairs that choose the size."),
+    qk: str = typer.Option("exact", "--qk", help="Query/key edges: exact (through the attention softmax) or linear (gradient)."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Label heads with their roles (mechscope heads; cached per model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -69,36 +74,66 @@ def discover(
         raise MechscopeError(f"--metric applies to ACDC only; {method} always attributes the task's own metric.")
     if n < 4:
         raise MechscopeError(f"--n {n} is too small: at least 4 pairs are needed (half are held out).")
+    if qk not in ("exact", "linear"):
+        raise MechscopeError(f"Unknown --qk '{qk}'; choose exact or linear.")
+    if not 1 <= seeds <= 50:
+        raise MechscopeError(f"--seeds {seeds} is out of range: choose 1 to 50 draws.")
+    if folds < 1:
+        raise MechscopeError(f"--folds must be at least 1, got {folds}.")
+    if seeds > 1 and method == "acdc":
+        raise MechscopeError("--seeds is for the attribution methods; ACDC runs are too long to repeat (run them one seed at a time).")
     get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
-                         acdc_metric=metric)
+                         acdc_metric=metric, folds=folds, qk=qk, labels=labels)
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
     m = load(model, device)
-    res = run(m, cfg, progress=not json)
+    if seeds > 1:
+        from mechscope.circuits.stability import discover_seeds
+
+        res = discover_seeds(m, cfg, seeds, progress=not json)
+    else:
+        res = run(m, cfg, progress=not json)
     res.save(out_dir)
     report = write_circuit_report(res.to_dict(), Path(out_dir) / "report.html")
     mt = res.metrics
     summary = {
         "task": res.task, "method": res.method, "model": m.summary.name,
         "edges_kept": mt["n_edges_kept"], "edges_total": mt["n_edges"],
-        "faithfulness_held_out": mt["faithfulness"], "random_same_size": mt["random_same_size"],
+        "faithfulness_held_out": mt["faithfulness"], "faithfulness_ci": mt["faithfulness_ci"],
+        "faithfulness_scoring": mt["faithfulness_scoring"], "faithfulness_cv": mt["faithfulness_cv"],
+        "selection": mt["selection"], "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"],
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
+    if res.stability:
+        summary["stability"] = {k: v for k, v in res.stability.items() if k not in ("edge_frequency", "stable_edges")}
+        summary["stability"]["n_stable_edges"] = len(res.stability["stable_edges"])
     if json:
         return emit_json(summary)
+    lo, hi = mt["faithfulness_ci"]
+    cv = f", cross-validated {mt['faithfulness_cv']:.2f}" if mt.get("faithfulness_cv") is not None else ""
     console.print(
         f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "
         f"{mt['n_edges_kept']:,} of {mt['n_edges']:,} edges ({mt['fraction_kept']:.2%}), "
         f"faithfulness {mt['faithfulness']:.2f} on {mt['n_held_out_pairs']} held-out pairs "
-        f"(random circuits of that size: {mt['random_same_size']:.2f}); CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; "
-        f"{mt['seconds']:.0f} s.",
+        f"({mt['faithfulness_ci_level']:.0%} interval {lo:.2f}-{hi:.2f}; {mt['faithfulness_scoring']:.2f} on the "
+        f"{mt['n_scoring_pairs']} scoring pairs{cv}; random circuits of that size: {mt['random_same_size']:.2f}); "
+        f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.",
         highlight=False,
     )
+    if res.stability:
+        st = res.stability
+        console.print(
+            f"across {st['n_seeds']} draws of pairs: held-out faithfulness {st['faithfulness_min']:.2f}-"
+            f"{st['faithfulness_max']:.2f} (mean {st['faithfulness_mean']:.2f}), circuit Jaccard "
+            f"{st['jaccard_circuit_mean']:.2f}, top-100 Jaccard {st['jaccard_top100_mean']:.2f}; "
+            f"{len(st['stable_edges'])} edges in >= {st['stable_threshold']:.0%} of the circuits (marked in the report).",
+            highlight=False,
+        )
     top = ", ".join(c["name"] for c in res.top_components(8))
     console.print(f"top components: {top}", highlight=False)
     console.print(f"report: {report}", highlight=False)

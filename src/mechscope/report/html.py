@@ -14,6 +14,12 @@ grouped-query attention a key/value input is shared by a group of query heads, s
 (dashed) and ``<v>`` (dotted) edges end at a bracket drawn under the heads of that KV group
 (k at its left third, v at its right third). Input and logits are bars spanning the row; their edges
 run straight up the lane (column gap) right of the node they connect, then turn in.
+
+Labelled circuits (``circuit.json`` ``labels``, from ``circuits.labels.label_heads``): a head with
+a role from the head taxonomy is filled in the role's colour and tagged (prev, dup, ind, copy);
+its tooltip, the components table and the head-roles table give the sentence "a23.h3: copying
+head (0.95), attends to the answer token ' Mary' (0.91)". Every head with an attention heatmap
+links to it (``#att-a23.h3``); the heatmaps show all heads the ``example`` holds.
 """
 
 from __future__ import annotations
@@ -196,10 +202,12 @@ def _select_edges(edges: list[dict]) -> tuple[list[dict], list[dict], int]:
     return kept, rest[:N_CONTEXT_EDGES], dropped
 
 
-def _graph_svg(data: dict, lay: _Layout, node_info: dict[str, dict]) -> tuple[str, int]:
+def _graph_svg(data: dict, lay: _Layout, node_info: dict[str, dict], labels: dict[str, dict] | None = None,
+               attention: set[str] | None = None) -> tuple[str, int]:
     """The circuit as inline SVG and the number of in-circuit edges left out of the drawing."""
     kept, context, dropped = _select_edges(list(data.get("edges") or []))
     scale = max([abs(_num(ed.get("score"))) for ed in kept + context] + [1e-12])
+    stable = _stable_edges(data)
     touched: set[str] = set()
     edge_svg: list[str] = []
     for cls, group in (("edge ctx", context), ("edge", kept)):
@@ -221,8 +229,12 @@ def _graph_svg(data: dict, lay: _Layout, node_info: dict[str, dict]) -> tuple[st
                 tip += f"\nshared by heads {', '.join(names)}"
             if cls != "edge":
                 tip += "\n(not in circuit)"
+            freq = stable.get((src, dst))
+            if freq is not None:
+                tip += f"\nstable: in {freq:.0%} of the circuits over the seeds"
+            st = " stable" if freq is not None and cls == "edge" else ""
             edge_svg.append(
-                f'<g class="{cls} k-{kind} tip" data-n="{e(" ".join([src, marker, *names]))}">'
+                f'<g class="{cls}{st} k-{kind} tip" data-n="{e(" ".join([src, marker, *names]))}">'
                 f"<title>{e(tip)}</title>"
                 f'<path class="hit" d="{d}"/>'
                 f'<path class="vis" d="{d}" stroke="{POS if score >= 0 else NEG}" '
@@ -237,9 +249,44 @@ def _graph_svg(data: dict, lay: _Layout, node_info: dict[str, dict]) -> tuple[st
     ]
     out.append(_graph_background(lay))
     out.append('<g class="edges">' + "".join(edge_svg) + "</g>")
-    out.append(_graph_nodes(lay, node_info, touched))
+    out.append(_graph_nodes(lay, node_info, touched, labels, attention))
     out.append("</svg>")
     return "".join(out), dropped
+
+
+def _stable_edges(data: dict) -> dict[tuple[str, str], float]:
+    """(src, dst) -> frequency of the edges stable across seeds (``stability.stable_edges``)."""
+    st = data.get("stability")
+    rows = st.get("stable_edges") if isinstance(st, dict) else None
+    out: dict[tuple[str, str], float] = {}
+    for row in rows or []:
+        if isinstance(row, (list, tuple)) and len(row) == 3:
+            out[(str(row[0]), str(row[1]))] = _num(row[2])
+    return out
+
+
+def _stability_section(data: dict) -> str:
+    """Across-seed figures and the stable edges, when the run has them."""
+    st = data.get("stability")
+    if not isinstance(st, dict):
+        return ""
+    rows = "".join(
+        f"<tr><td>{e(p.get('seed'))}</td><td>{e(fmt(p.get('n_edges_kept')))}</td><td>{e(fmt(p.get('faithfulness')))}</td>"
+        f"<td>{e(' – '.join(fmt(x, 2) for x in (p.get('faithfulness_ci') or [])))}</td>"
+        f"<td>{e(fmt(p.get('faithfulness_scoring')))}</td><td>{e(fmt(p.get('clean')))}</td></tr>"
+        for p in st.get("per_seed") or [] if isinstance(p, dict))
+    stable = _stable_edges(data)
+    listed = "".join(f"<li><code>{e(a)} → {e(b)}</code> {f:.0%}</li>" for (a, b), f in list(stable.items())[:60])
+    more = f"<p class='note'>… and {len(stable) - 60:,} more.</p>" if len(stable) > 60 else ""
+    return f"""<section id="stability"><h2>Stability across draws of pairs</h2>
+<p class="note">The same discovery on {e(st.get("n_seeds"))} draws of pairs (seeds {e(", ".join(str(x) for x in st.get("seeds") or []))}).
+Held-out faithfulness {e(fmt(st.get("faithfulness_min")))}–{e(fmt(st.get("faithfulness_max")))} (mean {e(fmt(st.get("faithfulness_mean")))});
+Jaccard overlap of the chosen circuits {e(fmt(st.get("jaccard_circuit_mean")))} (lowest pair {e(fmt(st.get("jaccard_circuit_min")))}),
+of their top-{e(st.get("top"))} edges {e(fmt(st.get("jaccard_top100_mean")))}. Edges in at least
+{e(f"{_num(st.get('stable_threshold')):.0%}")} of the circuits are <b>stable</b>: drawn with a dark outline above.</p>
+<table class="data"><thead><tr><th>seed</th><th>edges</th><th>held-out faithfulness</th><th>interval</th>
+<th>scoring pairs</th><th>clean metric</th></tr></thead><tbody>{rows}</tbody></table>
+<h3>{len(stable):,} stable edges</h3><ul class="stable-list">{listed}</ul>{more}</section>"""
 
 
 def _graph_background(lay: _Layout) -> str:
@@ -254,17 +301,65 @@ def _graph_background(lay: _Layout) -> str:
     return "".join(parts)
 
 
-def _node_tip(name: str, desc: str, node_info: dict[str, dict]) -> str:
+def _node_tip(name: str, desc: str, node_info: dict[str, dict], labels: dict[str, dict] | None = None,
+              linked: bool = False) -> str:
     info = node_info.get(name, {})
     tip = f"{name} · {desc}"
     if "score" in info:
         tip += f"\nscore {fmt(info.get('score'), 4)}"
     if info.get("in_circuit"):
         tip += " · in circuit"
+    lab = (labels or {}).get(name)
+    if lab:
+        tip += "\n" + _label_text(lab)
+    if linked:
+        tip += "\n(click: attention pattern)"
     return tip
 
 
-def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str]) -> str:
+# ---- head labels ----------------------------------------------------------------------------
+ROLE_TAGS = {"previous-token": "prev", "duplicate-token": "dup", "induction": "ind", "copying": "copy"}
+
+
+def _labels(data: dict) -> dict[str, dict]:
+    """Head name -> label, from ``circuit.json``'s ``labels`` (the ``_meta`` entry left out)."""
+    raw = data.get("labels")
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict) and _HEAD.match(str(k))}
+
+
+def _shown_text(s: Any) -> str:
+    return str(s).replace("\n", "↵").replace("\t", "⇥")
+
+
+def _label_text(lab: dict) -> str:
+    """The label sentence ("a23.h3: copying head (0.95), attends to ..."), control characters of
+    tokens made visible."""
+    return _shown_text(lab.get("text") or "")
+
+
+def _role_class(lab: dict | None) -> str:
+    role = (lab or {}).get("role")
+    return f" role-{ROLE_TAGS[role]}" if role in ROLE_TAGS else ""
+
+
+def _att_id(name: str) -> str:
+    return f"att-{name}"
+
+
+def _head_link(name: str, attention: set[str], inner: str) -> str:
+    """``inner`` wrapped in a link to the head's heatmap when the page has one."""
+    if name in attention:
+        return f'<a class="att-link" href="#{e(_att_id(name))}">{inner}</a>'
+    return inner
+
+
+def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str], labels: dict[str, dict] | None = None,
+                 attention: set[str] | None = None) -> str:
+    labels, attention = labels or {}, attention or set()
+    show_tag = lay.cw - 2 * lay.r >= 22  # room for a role tag beside the node
+
     def state(name: str) -> str:
         return "on" if name in touched else "off"
 
@@ -292,11 +387,16 @@ def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str]) ->
             x, y = lay.head(layer, h)
             name = f"a{layer}.h{h}"
             label = f'<text x="{_f(x)}" y="{_f(y + 3.2)}">{h}</text>' if lay.r >= 7 else ""
-            parts.append(
-                f'<g class="node head {state(name)} tip" data-n="{name}">'
-                f"<title>{e(_node_tip(name, f'attention head {h} of layer {layer}', node_info))}</title>"
+            lab = labels.get(name)
+            role = (lab or {}).get("role")
+            if show_tag and role in ROLE_TAGS:
+                label += f'<text class="role-tag" x="{_f(x + lay.r + 2)}" y="{_f(y - lay.r + 5)}">{ROLE_TAGS[role]}</text>'
+            tip = _node_tip(name, f"attention head {h} of layer {layer}", node_info, labels, name in attention)
+            parts.append(_head_link(name, attention,
+                f'<g class="node head {state(name)}{_role_class(lab)} tip" data-n="{name}">'
+                f"<title>{e(tip)}</title>"
                 f'<circle cx="{_f(x)}" cy="{_f(y)}" r="{_f(lay.r)}"/>{label}</g>'
-            )
+            ))
         x, y = lay.mlp(layer)
         name = f"m{layer}"
         parts.append(
@@ -467,8 +567,14 @@ def _stats(data: dict) -> str:
     pct = ""
     if isinstance(kept, (int, float)) and isinstance(total, (int, float)) and total:
         pct = f"{100 * kept / total:.2g}% of {fmt(total)}"
+    ci = m.get("faithfulness_ci")
+    held = f"on {fmt(m.get('n_held_out_pairs'))} held-out pairs"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        held += f", {_num(m.get('faithfulness_ci_level') or 0.95):.0%} interval {fmt(ci[0], 2)}–{fmt(ci[1], 2)}"
     cards = [
-        ("faithfulness", fmt(m.get("faithfulness")), "circuit / full-model effect", "primary"),
+        ("faithfulness", fmt(m.get("faithfulness")), held, "primary"),
+        ("on scoring pairs", fmt(m.get("faithfulness_scoring")),
+         "in sample" + (f"; cross-validated {fmt(m.get('faithfulness_cv'))}" if m.get("faithfulness_cv") is not None else ""), ""),
         ("edges kept", fmt(kept), pct or f"of {fmt(total)}", ""),
         ("CPR", fmt(data.get("cpr")), "area under faithfulness curve", ""),
         ("CMD", fmt(data.get("cmd")), "area between curve and 1 (lower is better)", ""),
@@ -482,6 +588,15 @@ def _stats(data: dict) -> str:
     ) + "</div>"
 
 
+def _selection_text(m: dict) -> str:
+    sel = m.get("selection")
+    if sel == "cross-validation":
+        return (f"by {fmt(m.get('n_folds'))}-fold cross-validation inside the scoring pairs (the smallest size whose "
+                f"cross-validated faithfulness reaches the target; estimate {fmt(m.get('faithfulness_cv'))})")
+    return {"acdc": "by ACDC's own pruning", "edges": "by the requested edge count",
+            "threshold": "by the score threshold"}.get(str(sel), "on the scoring pairs")
+
+
 def _kv_table(title: str, items: Iterable[tuple[Any, Any]]) -> str:
     rows = "".join(
         f"<tr><th>{e(k)}</th><td>{e(fmt(v, 4) if isinstance(v, (int, float)) else json.dumps(v, default=str))}</td></tr>"
@@ -490,11 +605,29 @@ def _kv_table(title: str, items: Iterable[tuple[Any, Any]]) -> str:
     return f"<details><summary>{e(title)}</summary><table class=\"kv\">{rows}</table></details>" if rows else ""
 
 
-def _components_table(data: dict, node_info: dict[str, dict]) -> str:
+def _role_cell(name: str, lab: dict | None) -> str:
+    """The label sentence without the leading head name, the role in its colour."""
+    if not lab:
+        return ""
+    text = _label_text(lab)
+    if text.startswith(f"{name}: "):
+        text = text[len(name) + 2:]
+    role = lab.get("role")
+    if role in ROLE_TAGS:
+        cut = text.find(")")
+        if cut > 0 and text.startswith(role):
+            return f'<span class="role-name{_role_class(lab)}">{e(text[:cut + 1])}</span>{e(text[cut + 1:])}'
+    return e(text)
+
+
+def _components_table(data: dict, node_info: dict[str, dict], labels: dict[str, dict] | None = None,
+                      attention: set[str] | None = None) -> str:
+    labels, attention = labels or {}, attention or set()
     comps = [c for c in (data.get("top_components") or []) if isinstance(c, dict)]
     if not comps:
         return '<p class="muted">No component scores recorded.</p>'
     top = max(abs(_num(c.get("score"))) for c in comps) or 1.0
+    with_roles = bool(labels)
     rows = []
     for i, c in enumerate(comps, 1):
         name, score = str(c.get("name")), _num(c.get("score"))
@@ -502,14 +635,57 @@ def _components_table(data: dict, node_info: dict[str, dict]) -> str:
         mark = "✓" if node_info.get(name, {}).get("in_circuit") else ""
         bar = (f'<span class="bar {"neg" if score < 0 else "pos"}" '
                f'style="width:{100 * abs(score) / top:.1f}%"></span>')
-        rows.append(f"<tr><td class=\"num\">{i}</td><td><code>{e(name)}</code></td><td>{e(kind)}</td>"
+        role = f'<td class="role">{_role_cell(name, labels.get(name))}</td>' if with_roles else ""
+        rows.append(f"<tr><td class=\"num\">{i}</td><td>{_head_link(name, attention, f'<code>{e(name)}</code>')}</td>"
+                    f"<td>{e(kind)}</td>"
                     f"<td class=\"num\">{e(layer)}</td><td class=\"num\">{e(fmt(c.get('score'), 4))}</td>"
-                    f"<td class=\"barcell\">{bar}</td><td class=\"c\">{mark}</td></tr>")
-    return ('<table class="components"><thead><tr><th>#</th><th>component</th><th>type</th><th>layer</th>'
-            '<th>score</th><th></th><th>circuit</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
+                    f"<td class=\"barcell\">{bar}</td><td class=\"c\">{mark}</td>{role}</tr>")
+    role_th = "<th>role, attention on the example</th>" if with_roles else ""
+    cls = "components with-roles" if with_roles else "components"
+    return (f'<table class="{cls}"><thead><tr><th>#</th><th>component</th><th>type</th><th>layer</th>'
+            f'<th>score</th><th></th><th>circuit</th>{role_th}</tr></thead><tbody>' + "".join(rows) + "</tbody></table>")
 
 
-def _attention_section(data: dict, node_info: dict[str, dict]) -> str:
+def _roles_section(data: dict, labels: dict[str, dict], attention: set[str]) -> str:
+    """Every labelled head: role, where it attends on the example, node score."""
+    if not labels:
+        return ""
+    meta = (data.get("labels") or {}).get("_meta") or {}
+    heads = sorted(labels, key=lambda n: -abs(_num(labels[n].get("node_score"))))
+    counts: dict[str, int] = {}
+    for n in heads:
+        role = labels[n].get("role") or "no role"
+        counts[role] = counts.get(role, 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    rows = []
+    for n in heads:
+        lab = labels[n]
+        sc = lab.get("scores") or {}
+        cells = "".join(f'<td class="num">{e(fmt(sc.get(c), 2))}</td>' for c in ROLE_TAGS)
+        rows.append(f"<tr><td>{_head_link(n, attention, f'<code>{e(n)}</code>')}</td>"
+                    f'<td class="num">{e(fmt(lab.get("node_score"), 3))}</td><td class="c">{"✓" if lab.get("in_circuit") else ""}</td>'
+                    f'<td class="role">{_role_cell(n, lab)}</td>{cells}</tr>')
+    th = meta.get("thresholds") or {}
+    thr = ", ".join(f"{k} ≥ {v:g}" for k, v in th.items() if isinstance(v, (int, float)))
+    q_tok, ans, dis = meta.get("query_token"), meta.get("answer"), meta.get("distractor")
+    where = ""
+    if q_tok is not None:
+        where = (f" Attention is read on the example prompt below, from the final scored position "
+                 f"(token {e(repr(_shown_text(q_tok)))}, position {e(meta.get('query_position'))}); the answer token is "
+                 f"{e(repr(_shown_text(ans)))}" + (f", the distractor {e(repr(_shown_text(dis)))}" if dis else "") + ".")
+    note = (f'<p class="note">{len(heads)} heads ({e(summary)}). Roles from the head taxonomy of '
+            f"<code>mechscope heads</code> (scores on repeated random tokens; copying: OV-circuit eigenvalues); "
+            f"a category counts at {e(thr)}, and the role is the category exceeded by the largest factor.{where}"
+            f' Scores from <code>{e(meta.get("heads_source", "?"))}</code>.</p>')
+    head_cells = "".join(f"<th>{e(t)}</th>" for t in ROLE_TAGS)
+    return (f"<section><h2>Head roles</h2>{note}"
+            '<table class="components roles"><thead><tr><th>head</th><th>score</th><th>circuit</th>'
+            f"<th>role, attention on the example</th>{head_cells}</tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table></section>")
+
+
+def _attention_section(data: dict, node_info: dict[str, dict], labels: dict[str, dict] | None = None) -> str:
+    labels = labels or {}
     ex = data.get("example")
     if not isinstance(ex, dict):
         return '<p class="muted">No example prompt recorded.</p>'
@@ -521,9 +697,15 @@ def _attention_section(data: dict, node_info: dict[str, dict]) -> str:
         if not isinstance(matrix, list):
             continue
         score = node_info.get(str(name), {}).get("score")
-        out.append(f'<figure><figcaption><code>{e(name)}</code><span class="muted"> score {e(fmt(score, 3))}'
-                   f"</span></figcaption>{_heatmap_svg(str(name), matrix, tokens)}</figure>")
-    out.append('</div><p class="note">Rows are query positions, columns key positions; darker = more attention.</p>')
+        lab = labels.get(str(name))
+        role = f'<div class="hm-label">{_role_cell(str(name), lab)}</div>' if lab else ""
+        out.append(f'<figure id="{e(_att_id(str(name)))}"><figcaption><code>{e(name)}</code><span class="muted"> score '
+                   f"{e(fmt(score, 3))}</span>{role}</figcaption>{_heatmap_svg(str(name), matrix, tokens)}</figure>")
+    n_all, n_shown = ex.get("n_heads"), len(ex.get("attention") or {})
+    more = (f" {n_shown} of the {n_all} heads, the largest |score| first." if isinstance(n_all, int) and n_all > n_shown
+            else "")
+    out.append('</div><p class="note">Rows are query positions, columns key positions; darker = more attention.'
+               f"{e(more)}</p>")
     return "".join(out)
 
 
@@ -540,6 +722,14 @@ _LEGEND = (
 )
 
 
+def _role_legend(labels: dict[str, dict]) -> str:
+    roles = {lab.get("role") for lab in labels.values()}
+    items = "".join(
+        f'<span><svg width="14" height="14"><circle class="lk-role role-{tag}" cx="7" cy="7" r="6"/></svg>'
+        f"{e(tag)}: {e(role)} head</span>" for role, tag in ROLE_TAGS.items() if role in roles)
+    return f'<div class="legend roles-legend">{items}<span>click a head: its attention pattern</span></div>' if items else ""
+
+
 def render_circuit_report(data: dict) -> str:
     """The report page for a parsed ``circuit.json`` as an HTML string."""
     model = data.get("model") or {}
@@ -549,7 +739,11 @@ def render_circuit_report(data: dict) -> str:
     n_heads = int(model.get("n_heads") or 1)
     n_kv = int(model.get("n_kv_heads") or n_heads)
     lay = _Layout(n_layers, n_heads, n_kv if n_kv and n_heads % n_kv == 0 else n_heads)
-    graph, dropped = _graph_svg(data, lay, node_info)
+    labels = _labels(data)
+    ex = data.get("example")
+    att = ex.get("attention") if isinstance(ex, dict) else None
+    attention = {str(k) for k, v in att.items() if isinstance(v, list)} if isinstance(att, dict) else set()
+    graph, dropped = _graph_svg(data, lay, node_info, labels, attention)
     m = data.get("metrics") or {}
     n_drawn = sum(1 for ed in (data.get("edges") or []) if ed.get("in_circuit")) - dropped
     title = f"{data.get('task', 'circuit')} circuit · {model.get('name', 'model')}"
@@ -578,16 +772,20 @@ def render_circuit_report(data: dict) -> str:
 <p class="note">{max(0, n_drawn):,} circuit edges drawn; hover an edge or node for its score, hover a node to
 highlight its edges.{note}</p>
 {_LEGEND}
+{_role_legend(labels)}
 <label class="toggle"><input type="checkbox" id="show-context"> also show the {N_CONTEXT_EDGES} strongest
 edges outside the circuit (faint)</label>
 <div class="graph-wrap">{graph}</div></section>
 <section><h2>Faithfulness curve</h2>
-<p class="note">Faithfulness of circuits made of the top-<i>n</i> edges by score, against circuits of
-<i>n</i> random edges. 1 = the full model's behaviour, 0 = the corrupted run's.</p>
+<p class="note">Faithfulness on the held-out pairs of circuits made of the top-<i>n</i> edges by score, against
+circuits of <i>n</i> random edges. 1 = the full model's behaviour, 0 = the corrupted run's. The circuit's size
+was chosen {e(_selection_text(m))}; the held-out pairs played no part in it.</p>
 <div class="plot-wrap">{_curve_svg(list(data.get("curve") or []), m.get("n_edges_kept"), m.get("faithfulness"))}</div>
 </section>
-<section><h2>Top components</h2>{_components_table(data, node_info)}</section>
-<section><h2>Attention of the top heads</h2>{_attention_section(data, node_info)}</section>
+<section><h2>Top components</h2>{_components_table(data, node_info, labels, attention)}</section>
+{_stability_section(data)}
+{_roles_section(data, labels, attention)}
+<section><h2>Attention of the circuit's heads</h2>{_attention_section(data, node_info, labels)}</section>
 </main>
 <footer>Generated by mechscope. Self-contained: no network access needed.</footer>
 <div id="tooltip" role="tooltip" hidden></div>

@@ -1,0 +1,117 @@
+"""Choosing the circuit without the held-out pairs: per-fold scores, cross-validated size,
+bootstrap intervals, and stability across draws (circuits/crossval.py, evaluate.py, stability.py)."""
+
+import torch
+
+from mechscope.circuits import DiscoverConfig, discover, edge_scores
+from mechscope.circuits.attribution import edge_score_folds
+from mechscope.circuits.crossval import choose_size, cv_curve, fold_sizes
+from mechscope.circuits.evaluate import Evaluator, bootstrap_faithfulness
+from mechscope.circuits.result import CircuitResult
+from mechscope.circuits.select import importance, prune, top_k
+from mechscope.circuits.stability import jaccard, stability_summary
+from mechscope.circuits.toy import induction_task, save_induction_toy
+from mechscope.graph import Graph, build_graph
+from mechscope.models import load_model
+from mechscope.tasks.base import TaskBatch
+
+
+def _batch(B=6, P=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randint(1, 512, s, generator=g)  # noqa: E731
+    return TaskBatch(task="random", clean=r(B, P), corrupt=r(B, P), positions=torch.full((B, 1), P - 1),
+                     answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
+
+
+def test_fold_sizes():
+    assert fold_sizes(25, 5) == [5] * 5
+    assert fold_sizes(7, 3) == [3, 2, 2]
+    assert fold_sizes(4, 5) == [2, 2]  # at least two pairs per fold
+    assert sum(fold_sizes(13, 4)) == 13
+
+
+def test_fold_scores_are_each_folds_own_scores(tiny_llama):
+    """Each fold's share equals the scores computed on that fold alone (times its weight), for
+    folds that straddle the attribution batches; the shares sum to the scores of all pairs."""
+    m, g, b = tiny_llama, build_graph(tiny_llama), _batch(B=6)
+    folds = [2, 3, 1]
+    fs = edge_score_folds(m, g, b, folds, "eap-ig", 2, batch_size=4)
+    assert torch.allclose(fs.sum(0), edge_scores(m, g, b, "eap-ig", 2, batch_size=4), atol=1e-5)
+    start = 0
+    for f, n_f in enumerate(folds):
+        own = edge_scores(m, g, b.subset(slice(start, start + n_f)), "eap-ig", 2)
+        assert torch.allclose(fs[f] * len(b) / n_f, own, atol=1e-5, rtol=1e-4), f
+        start += n_f
+
+
+def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
+    m, g, b = tiny_gpt2, build_graph(tiny_gpt2), _batch(B=6, seed=2)
+    folds = [3, 3]
+    fs = edge_score_folds(m, g, b, folds, "eap", 1)
+    sizes = [5, 40, g.n_edges]
+    cv = cv_curve(m, g, b, fs, sizes, "eap")
+    assert abs(cv[-1]["faithfulness"] - 1) < 1e-4  # every edge kept: the clean run
+    # fold 1's value at 40 edges, independently: ranked by fold 0's scores only
+    ranking = importance(fs[0], "eap")
+    ev = Evaluator(m, g, b.subset(slice(3, 6)))
+    want = float(ev.faithfulness(prune(g, top_k(g, ranking, 40, False))[None])[0])
+    assert abs(cv[1]["per_fold"][1] - want) < 1e-3
+    assert choose_size(cv, 0.999)[0] in sizes
+    assert choose_size([{"n_edges": 3, "faithfulness": 0.5}, {"n_edges": 9, "faithfulness": 0.9},
+                        {"n_edges": 20, "faithfulness": 0.95}], 0.8) == (9, 0.9)
+    assert choose_size([{"n_edges": 3, "faithfulness": 0.5}, {"n_edges": 9, "faithfulness": 0.7}], 0.8) == (9, 0.7)
+
+
+def test_discover_never_looks_at_the_held_out_pairs(tmp_path):
+    """Changing only the held-out pairs leaves the chosen circuit unchanged (and moves the
+    held-out figures)."""
+    m = load_model(save_induction_toy(tmp_path / "toy"), device="cpu")
+    b = induction_task(m.tokenizer, n=12, seq_len=8, seed=0)
+    cfg = DiscoverConfig(task="toy", n=12, method="eap", ablation="zero", labels=False, random_seeds=1)
+    a = discover(m, cfg, batch=b, progress=False)
+    held = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:6]  # the split's held-out rows
+    b2 = b.subset(list(range(12)))
+    b2.clean[held] = b2.clean[held].roll(1, dims=1)  # other held-out prompts
+    b2.clean[held, 0] = 0
+    c = discover(m, cfg, batch=b2, progress=False)
+    assert torch.equal(a.circuit, c.circuit)
+    assert a.metrics["faithfulness_scoring"] == c.metrics["faithfulness_scoring"]
+    assert a.metrics["selection"] == "cross-validation" and a.cv_curve
+
+
+def test_bootstrap_interval():
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = 5 + torch.randn(40, generator=g), torch.randn(40, generator=g)
+    same = bootstrap_faithfulness(clean.clone(), clean, corrupt)
+    assert same["faithfulness"] == 1.0 and abs(same["ci_low"] - 1) < 1e-6 and abs(same["ci_high"] - 1) < 1e-6
+    circ = corrupt + 0.6 * (clean - corrupt) + torch.randn(40, generator=g)
+    r = bootstrap_faithfulness(circ, clean, corrupt)
+    point = float((circ.mean() - corrupt.mean()) / (clean.mean() - corrupt.mean()))
+    assert abs(r["faithfulness"] - point) < 1e-6
+    assert r["ci_low"] < point < r["ci_high"] and r["ci_high"] - r["ci_low"] < 0.5
+    small = bootstrap_faithfulness(circ[:8], clean[:8], corrupt[:8])
+    assert small["ci_high"] - small["ci_low"] > r["ci_high"] - r["ci_low"]  # fewer pairs, wider
+
+
+def test_stability_summary():
+    g = Graph(n_layers=2, n_heads=2, n_kv_heads=2)
+    edges = g.edge_index.tolist()
+
+    def run(seed, kept):
+        c = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
+        sc = torch.zeros(g.n_senders, g.n_receivers)
+        for j in kept:
+            c[edges[j][0], edges[j][1]] = True
+            sc[edges[j][0], edges[j][1]] = -1.0 - j
+        return CircuitResult(model={}, task="t", method="eap", settings={"seed": seed, "rank": "signed"}, graph=g,
+                             scores=sc, circuit=c, metrics={"faithfulness": 0.5 + seed / 10, "n_edges_kept": len(kept),
+                                                            "clean": 1.0})
+
+    runs = [run(0, [0, 1, 2, 3]), run(1, [0, 1, 2, 4]), run(2, [0, 1, 5, 6, 7])]
+    st = stability_summary(runs, stable_threshold=0.6, top=3)
+    assert abs(st["jaccard_circuit_mean"] - (3 / 5 + 2 / 7 + 2 / 7) / 3) < 1e-9
+    names = {(a, b): f for a, b, f in st["stable_edges"]}
+    assert {k for k in names} == {(g.senders[edges[j][0]], g.receivers[edges[j][1]]) for j in (0, 1, 2)}
+    assert names[(g.senders[edges[0][0]], g.receivers[edges[0][1]])] == 1.0
+    assert abs(st["faithfulness_min"] - 0.5) < 1e-9 and abs(st["faithfulness_max"] - 0.7) < 1e-9
+    assert jaccard(runs[0].circuit, runs[0].circuit) == 1.0
