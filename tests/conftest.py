@@ -1,10 +1,16 @@
 """Shared fixtures: tiny random models saved to disk (the real loading path, no hub) and the
-embedded model, loaded once per test session."""
+embedded model, loaded once per test session. Also the rule for tests that need something
+outside .venv (markers ``saelens`` and ``browser``): skipped with the reason when it is missing,
+but a failure when ``CI`` is set, since CI installs everything (``./setup.sh --test``)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +20,43 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MECHSCOPE_CACHE", tempfile.mkdtemp(prefix="mechscope-cache-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+SAELENS_PY = Path(os.environ.get("MECHSCOPE_SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.cache
+def _saelens_missing() -> str | None:
+    if not SAELENS_PY.exists():
+        return f"{SAELENS_PY} is missing (./setup.sh --test installs SAELens into .venv-saelens)"
+    probe = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('sae_lens', 'mechscope')))"
+    if subprocess.run([str(SAELENS_PY), "-c", probe], capture_output=True, timeout=120).returncode:
+        return f"{SAELENS_PY} lacks sae_lens or mechscope (./setup.sh --test installs both)"
+    return None
+
+
+@functools.cache
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    if not any(map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))) or not shutil.which("chromedriver"):
+        return "chromium and chromedriver are not both on PATH (Debian: apt-get install chromium chromium-driver)"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    for marker, missing in (("saelens", _saelens_missing), ("browser", _browser_missing)):
+        if item.get_closest_marker(marker) and (why := missing()):
+            if in_ci():
+                pytest.fail(f"{why}; CI must have it", pytrace=False)
+            pytest.skip(why)
 
 
 def _save_tiny(kind: str, path) -> str:

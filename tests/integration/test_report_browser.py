@@ -1,8 +1,9 @@
 """The circuit report in a real browser: headless Chromium driven by Selenium.
 
 Needs ``pip install selenium`` and Chromium + chromedriver (Debian: ``apt-get install chromium
-chromium-driver``). Without them the test is skipped locally but fails when ``CI`` is set, since
-CI installs them. Set ``MECHSCOPE_SCREENSHOT_DIR`` to keep a full-page screenshot.
+chromium-driver``). Marked ``browser``: without them the test is skipped, with the reason, but
+fails when ``CI`` is set, since CI installs them (the check is in tests/conftest.py). Set
+``MECHSCOPE_SCREENSHOT_DIR`` to keep a full-page screenshot.
 """
 
 from __future__ import annotations
@@ -19,12 +20,6 @@ from mechscope.report import write_circuit_report
 pytestmark = pytest.mark.browser
 
 
-def _unavailable(why: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{why} (CI must install selenium, chromium and chromium-driver)")
-    pytest.skip(why)
-
-
 def _synthetic_circuit() -> dict:
     """The hostile synthetic circuit of the unit tests (one definition, loaded by path)."""
     path = Path(__file__).resolve().parents[1] / "unit" / "test_report.py"
@@ -36,15 +31,11 @@ def _synthetic_circuit() -> dict:
 
 @pytest.fixture()
 def driver(tmp_path):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _unavailable("selenium is not installed")
-    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser = next(p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p)
     chromedriver = shutil.which("chromedriver")
-    if not browser or not chromedriver:
-        _unavailable("chromium and chromedriver are not both on PATH")
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",

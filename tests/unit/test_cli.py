@@ -103,14 +103,6 @@ def test_evaluate_reference_names_missing_node(tmp_path):
     assert_clear_error(run("evaluate", str(tmp_path), "--reference", "gpt2-ioi"), "which this model does not have", "gpt2")
 
 
-@pytest.mark.embedded
-def test_task_eval_embedded_json():
-    r = run("task-eval", "--task", "ioi", "--n", "16", "--json")
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
-    assert d["clean_accuracy"] >= 0.85 and d["chance_accuracy"] == 0.5
-
-
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     from mechscope.circuits.toy import save_induction_toy

@@ -207,17 +207,3 @@ def test_cli_dashboard(tiny_gpt2, tiny_gpt2_dir, tmp_path):
     assert DashboardResult.load(out).settings["features"] == [0, 1, 2, 3, 4, 9]
     bad = CliRunner().invoke(app, ["sae", "dashboard", str(tmp_path / "sae"), "--features", "0-40", "--corpus", str(corpus)])
     assert bad.exit_code == 2 and "0..31" in bad.output
-
-
-@pytest.mark.embedded
-def test_embedded_dashboard(embedded, tmp_path):
-    """The embedded model and corpus, a random SAE at layer 3: one pass over 2k tokens."""
-    d = embedded.summary.d_model
-    sae = SAE(SAEConfig(d_in=d, d_sae=256, architecture="topk", k=16, hook_name="blocks.3.hook_resid_post",
-                        model_name="smollm2"))
-    res = feature_dashboards(embedded, sae, DashboardConfig(features=list(range(20)), n_tokens=2048, ctx_len=64))
-    assert res.n_tokens == 32 * 63
-    fired = [f for f in res.features if f.n_firing]
-    assert fired and all(sum(f.hist) == res.n_tokens for f in res.features)
-    assert all(f.logits_pos and f.logits_neg[0][1] < 0 < f.logits_pos[0][1] for f in fired)
-    assert all(any(c.isalpha() for c in "".join(e["tokens"])) for f in fired for e in f.top)  # real prose

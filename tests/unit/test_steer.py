@@ -139,13 +139,3 @@ def test_cli_steer(tiny_gpt2, tiny_gpt2_dir, tmp_path):
                      (["--plus", "a", "--layer", "1"], "needs --plus, --minus and --layer")):
         r = run(app, ["steer", PROMPT, *bad])
         assert r.exit_code == 2 and msg in r.output, r.output
-
-
-@pytest.mark.embedded
-def test_embedded_steering(embedded):
-    """SmolLM2: ActAdd 'Love' - 'Hate' at layer 6 (Turner et al.'s example) turns the greedy
-    continuation (the zero-coefficient identity is tested on the tiny models)."""
-    r = steer_actadd(embedded, "I hate you because", "Love", "Hate", layer=6, coef=5.0,
-                     gen=GenerationConfig(max_new_tokens=6))
-    assert len(r.unsteered_ids) == 6 and r.steered != r.unsteered
-    assert r.settings["n_positions"] == max(len(embedded.to_tokens("Love")), len(embedded.to_tokens("Hate")))
