@@ -60,6 +60,13 @@ def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
     assert choose_size([{"n_edges": 3, "faithfulness": 0.5}, {"n_edges": 9, "faithfulness": 0.9},
                         {"n_edges": 20, "faithfulness": 0.95}], 0.8) == (9, 0.9)
     assert choose_size([{"n_edges": 3, "faithfulness": 0.5}, {"n_edges": 9, "faithfulness": 0.7}], 0.8) == (9, 0.7)
+    # with confidence: the smallest size whose lower bound passes, else the point estimate's
+    conf = [{"n_edges": 3, "faithfulness": 0.85, "faithfulness_low": 0.6},
+            {"n_edges": 9, "faithfulness": 0.9, "faithfulness_low": 0.82}]
+    assert choose_size(conf, 0.8) == (9, 0.9)
+    assert choose_size(conf, 0.83) == (3, 0.85)
+    for c in cv:  # the bound is below the point estimate (or equal, when every pair agrees)
+        assert c["faithfulness_low"] <= c["faithfulness"] + 1e-6
 
 
 def test_discover_never_looks_at_the_held_out_pairs(tmp_path):

@@ -73,6 +73,9 @@ class DiscoverConfig:
     """ACDC state file: written after every receiver, resumed from when it exists."""
     folds: int = 5
     """Cross-validation folds inside the scoring pairs for choosing the circuit's size."""
+    cv_confidence: float = 0.9
+    """The chosen size reaches ``target`` at the lower bound of this one-sided bootstrap
+    interval of its cross-validated faithfulness (``circuits.crossval``)."""
     qk: Literal["exact", "linear"] = "exact"
     """Edges into queries and keys: through the attention softmax exactly (``circuits.qk``) or
     by the plain gradient (eap and eap-ig; eap-ig-act always integrates its own path)."""
@@ -178,7 +181,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     if folds is not None and len(folds) > 1:
         say("cross-validating the circuit size inside the scoring pairs")
         cv = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, cfg.rank,
-                      cfg.ablation, cfg.batch_size, progress=progress)
+                      cfg.ablation, cfg.batch_size, progress=progress, confidence=cfg.cv_confidence, seed=cfg.seed)
         k_cv, f_cv = choose_size(cv, cfg.target)
     if cfg.method == "acdc" and cfg.edges is None and cfg.level == "edge":
         circuit = prune(graph, ac.circuit)
