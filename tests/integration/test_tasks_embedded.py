@@ -52,3 +52,14 @@ def test_facts(model):
     assert r["clean_accuracy"] >= 0.75  # measured 0.96 on 23 kept (0.89 on all facts)
     assert r["clean_metric"] > 2.5  # measured 5.2 (5.7 on all facts)
     assert r["corrupt_metric"] < 0  # the swapped subject's attribute wins
+
+
+def test_docstring(model):
+    r = run(model, "docstring", 24)
+    assert r["dropped"] == {}
+    assert r["clean_accuracy"] >= 0.8  # measured 0.96 (0.96, 0.97, 1.00 at n=100, seeds 0-2)
+    assert r["clean_metric"] > 2.5  # measured 4.4 (3.7, 4.4, 4.4 at n=100)
+    # random_random corrupt: the answer is gone, the wrong argument stays. Measured accuracy
+    # 0.08, metric -2.9 (0.09 / -3.1 at n=100).
+    assert r["corrupt_accuracy"] <= 0.3 and r["corrupt_metric"] < 0
+    assert r["clean_metric"] - r["corrupt_metric"] > 4.0  # measured 7.3

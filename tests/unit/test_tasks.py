@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.tasks import evaluate_task, get_task, list_tasks
+from mechscope.tasks import docstring, evaluate_task, get_task, greater_than, induction, ioi, jsonl, list_tasks
 from mechscope.tasks import facts as facts_mod
-from mechscope.tasks import greater_than, induction, ioi, jsonl
 from mechscope.tasks.base import TaskBatch, single_token
 
 
@@ -40,7 +39,7 @@ def count_word(text: str, word: str) -> int:
 def test_registry_lists_builtin_tasks():
     names = {t.name: t.metric for t in list_tasks()}
     assert names == {"ioi": "logit_diff", "greater-than": "prob_diff", "induction": "logprob",
-                     "facts": "logit_diff"}
+                     "facts": "logit_diff", "docstring": "logit_diff"}
 
 
 def test_unknown_task_suggests_near_match():
@@ -50,7 +49,7 @@ def test_unknown_task_suggests_near_match():
         get_task("/nonexistent/tasks.jsonl")
 
 
-@pytest.mark.parametrize("name", ["ioi", "greater-than", "induction", "facts"])
+@pytest.mark.parametrize("name", ["ioi", "greater-than", "induction", "facts", "docstring"])
 def test_builders_are_deterministic(tok, name):
     a = get_task(name).build(tok, n=12, seed=3)
     b = get_task(name).build(tok, n=12, seed=3)
@@ -168,6 +167,78 @@ def test_facts_subject_swap(tok):
         assert other and other[0].subject != f.subject
         assert batch.wrongs[i, 0] == single_token(tok, other[0].attribute)
         assert n_tokens(tok, clean) == n_tokens(tok, corrupt)
+
+
+# ---- docstring --------------------------------------------------------------------------
+def test_docstring_names_single_token(tok):
+    names = docstring.single_token_names(tok)
+    nouns = docstring.single_token_names(tok, docstring.NOUNS)
+    assert len(names) >= 100 and len(nouns) >= 100
+    assert not set(docstring.NAMES) & set(docstring.NOUNS)
+    assert "self" not in docstring.NAMES
+
+
+def param_names(text: str) -> list[str]:
+    return re.findall(r":param (\w+):", text)
+
+
+def def_names(text: str) -> list[str]:
+    return re.match(r"def \w+\(self, ([\w, ]+)\):", text).group(1).split(", ")
+
+
+@pytest.mark.parametrize("layout", [{}, {"prefix_args": 2}, {"match_args": 4, "suffix_args": 2}])
+def test_docstring_structure(tok, layout):
+    pre, k, suf = (layout.get("prefix_args", 0), layout.get("match_args", 3),
+                   layout.get("suffix_args", 1))
+    examples = docstring.make_examples(tok, n=30, seed=1, **layout)
+    batch = docstring.build(tok, n=30, seed=1, **layout)
+    assert batch.dropped == {} and len(batch) == 30
+    for i, e in enumerate(examples):
+        assert e.clean == batch.clean_text[i] and e.corrupt == batch.corrupt_text[i]
+        assert e.clean.endswith("\n    :param") and e.corrupt.endswith("\n    :param")
+        assert def_names(e.clean) == e.def_args and param_names(e.clean) == e.doc_args
+        assert def_names(e.corrupt) == e.corrupt_def_args
+        assert param_names(e.corrupt) == e.corrupt_doc_args
+        # Clean: the docstring documents def args pre .. pre+k-2 in order; the answer is the
+        # next def arg and the wrong one the arg after it.
+        assert len(set(e.def_args + [e.method])) == len(e.def_args) + 1 == pre + k + suf + 1
+        assert e.doc_args == e.def_args[pre : pre + k - 1]
+        assert e.answer == e.def_args[pre + k - 1] and e.wrong == e.def_args[pre + k]
+        # Corrupt (random_random): the matching def args and the documented names are fresh
+        # and disjoint; prefix/suffix args, method and descriptions stay.
+        fresh_def, fresh_doc = e.corrupt_def_args[pre : pre + k], e.corrupt_doc_args
+        assert e.corrupt_def_args[:pre] == e.def_args[:pre]
+        assert e.corrupt_def_args[pre + k :] == e.def_args[pre + k :]
+        assert not (set(fresh_def) | set(fresh_doc)) & set(e.def_args + [e.method])
+        assert not set(fresh_def) & set(fresh_doc) and len(set(fresh_doc)) == k - 1
+        assert count_word(e.corrupt, e.answer) == 0 and count_word(e.clean, e.answer) == 1
+        assert count_word(e.corrupt, e.wrong) == 1
+        strip = lambda t, names: re.sub(rf"\b({'|'.join(names)})\b", "X", t)
+        assert strip(e.clean, e.def_args) == strip(e.corrupt, e.corrupt_def_args + fresh_doc)
+        assert n_tokens(tok, e.clean) == n_tokens(tok, e.corrupt)
+        assert batch.answers[i, 0] == single_token(tok, " " + e.answer)
+        assert batch.wrongs[i, 0] == single_token(tok, " " + e.wrong)
+        # Same positions for every name: the two prompts differ only at name tokens.
+        L = batch.lengths[i]
+        differ = (batch.clean[i, :L] != batch.corrupt[i, :L]).nonzero()[:, 0].tolist()
+        assert len(differ) == k + (k - 1)
+
+
+def test_docstring_deterministic_and_errors(tok):
+    a, b = docstring.make_examples(tok, 5, seed=7), docstring.make_examples(tok, 5, seed=7)
+    assert [e.clean for e in a] == [e.clean for e in b]
+    first = docstring.make_examples(tok, 1, seed=0)[0]
+    assert first.clean.startswith(f"def {first.method}(self, ")
+    assert '    """' in first.clean and "\n\n    :param " in first.clean
+    with pytest.raises(MechscopeError, match="match_args >= 2"):
+        docstring.make_examples(tok, 1, match_args=1)
+
+    class ByteTok:  # every name is several tokens
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(text.encode())}
+
+    with pytest.raises(MechscopeError, match="single tokens"):
+        docstring.build(ByteTok(), n=2)
 
 
 # ---- JSONL ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from mechscope.errors import MechscopeError, near_matches
-from mechscope.tasks import facts, greater_than, induction, ioi, jsonl
+from mechscope.tasks import docstring, facts, greater_than, induction, ioi, jsonl
 from mechscope.tasks.base import MetricName, Pair, TaskBatch, single_token, tokenize_pairs
 
 __all__ = [
@@ -57,6 +57,9 @@ _TASKS: dict[str, Task] = {
                       "repeated token; fresh-sequence corruption.", "logprob"), induction.build),
         Task(TaskInfo("facts", "Factual recall (subject -> attribute, ~300 facts); "
                       "subject-swap corruption.", "logit_diff"), facts.build, None),
+        Task(TaskInfo("docstring", "Docstring argument completion (Heimersheim & Janiak 2023): "
+                      "next :param name vs the def-line argument after it; random-names "
+                      "corruption.", "logit_diff"), docstring.build),
     ]
 }
 
