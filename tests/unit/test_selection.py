@@ -122,3 +122,17 @@ def test_stability_summary():
     assert names[(g.senders[edges[0][0]], g.receivers[edges[0][1]])] == 1.0
     assert abs(st["faithfulness_min"] - 0.5) < 1e-9 and abs(st["faithfulness_max"] - 0.7) < 1e-9
     assert jaccard(runs[0].circuit, runs[0].circuit) == 1.0
+
+
+def test_pick_rank():
+    from mechscope.circuits.discover import pick_rank
+
+    def found(k, f, low):
+        return ([{"n_edges": k, "faithfulness": f, "faithfulness_low": low}], k, f)
+
+    # reaching the target with confidence beats reaching it by the point estimate only
+    assert pick_rank({"signed": found(10, 0.85, 0.7), "abs": found(50, 0.9, 0.82)}, 0.8) == "abs"
+    # both with confidence: the smaller circuit
+    assert pick_rank({"signed": found(10, 0.85, 0.81), "abs": found(50, 0.9, 0.82)}, 0.8) == "signed"
+    # neither reaches it: the better faithfulness
+    assert pick_rank({"signed": found(100, 0.45, 0.3), "abs": found(100, 0.7, 0.6)}, 0.8) == "abs"

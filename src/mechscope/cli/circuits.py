@@ -37,7 +37,8 @@ def discover(
     edges: Optional[int] = typer.Option(None, "--edges", help="Keep this many edges (nodes at node level)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
     target: float = typer.Option(0.8, "--target", help="Faithfulness the smallest circuit must reach."),
-    rank: str = typer.Option("signed", "--rank", help="Edge order: signed (edges that carry the behaviour first) or abs."),
+    rank: str = typer.Option("auto", "--rank", help="Edge order: signed (edges that carry the behaviour first), abs, or "
+                             "auto (whichever cross-validates better inside the scoring pairs)."),
     ig_steps: int = typer.Option(5, "--ig-steps"),
     metric: str = typer.Option("kl", "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
                                "(distance of the task metric from its full-model value)."),
@@ -54,11 +55,10 @@ def discover(
     """Find the circuit for a task; writes circuit.json and report.html."""
     from mechscope.circuits import DiscoverConfig
     from mechscope.circuits import discover as run
+    from mechscope.circuits.discover import METHODS
     from mechscope.errors import MechscopeError
     from mechscope.report import write_circuit_report
     from mechscope.tasks import get_task
-
-    from mechscope.circuits.discover import METHODS
 
     if method not in METHODS:
         raise MechscopeError(f"Unknown method '{method}'; choose {', '.join(METHODS)}.")
@@ -66,8 +66,8 @@ def discover(
         raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
     if level not in ("edge", "node"):
         raise MechscopeError(f"Unknown level '{level}'; choose edge or node.")
-    if rank not in ("signed", "abs"):
-        raise MechscopeError(f"Unknown ranking '{rank}'; choose signed or abs.")
+    if rank not in ("auto", "signed", "abs"):
+        raise MechscopeError(f"Unknown ranking '{rank}'; choose auto, signed or abs.")
     if metric not in ("kl", "task"):
         raise MechscopeError(f"Unknown ACDC metric '{metric}'; choose kl or task.")
     if metric != "kl" and method != "acdc":

@@ -592,7 +592,8 @@ def _selection_text(m: dict) -> str:
     sel = m.get("selection")
     if sel == "cross-validation":
         return (f"by {fmt(m.get('n_folds'))}-fold cross-validation inside the scoring pairs (the smallest size whose "
-                f"cross-validated faithfulness reaches the target; estimate {fmt(m.get('faithfulness_cv'))})")
+                f"cross-validated faithfulness reaches the target at the lower bound of its bootstrap interval; "
+                f"estimate {fmt(m.get('faithfulness_cv'))})")
     return {"acdc": "by ACDC's own pruning", "edges": "by the requested edge count",
             "threshold": "by the score threshold"}.get(str(sel), "on the scoring pairs")
 
