@@ -52,8 +52,8 @@ def mechscope_model(vocab: int):
 
 
 def auto_circuit_model(vocab: int):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from auto_circuit.utils.graph_utils import patchable_model
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_ctx=128, d_head=64, n_heads=12,
                                   d_vocab=vocab, act_fn="gelu_new", normalization_type="LN", device="cpu")

@@ -50,7 +50,7 @@ def main() -> None:
 
     from mechscope.sae import load_sae
     from mechscope.sae.sources import TensorSource
-    from mechscope.sae.train import Trainer, TrainConfig
+    from mechscope.sae.train import TrainConfig, Trainer
 
     man = json.loads((Path(args.shards) / "manifest.json").read_text())
     hook = man["hooks"][0]

@@ -12,12 +12,18 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 from sae_lens.saes import (
-    JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig,
-    Transcoder, TranscoderConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+    Transcoder,
+    TranscoderConfig,
 )
+from safetensors.torch import load_file, save_file
 
 work = Path(sys.argv[1])
 x = load_file(str(work / "inputs.safetensors"))["x"]

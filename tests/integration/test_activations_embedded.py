@@ -14,7 +14,7 @@ def test_embedded_corpus_is_real_prose_of_over_a_million_tokens(embedded):
     corpus = get_corpus()
     assert len(corpus) >= 400 and "public domain" in corpus.licence
     tok = embedded.tokenizer
-    n_tokens, titles = 0, set()
+    n_tokens = 0
     for doc in corpus:
         assert "PROJECT GUTENBERG" not in doc.upper() or "Gutenberg's archives" in doc  # header/footer stripped
         n_tokens += len(tok(doc, add_special_tokens=False, verbose=False)["input_ids"])

@@ -8,10 +8,16 @@ import zlib
 
 import pytest
 import torch
-
 from conftest import _CORPUS
+
 from mechscope.activations import (
-    ActivationStore, ShardStore, StoreConfig, get_corpus, harvest, pack_contexts, separator_id,
+    ActivationStore,
+    ShardStore,
+    StoreConfig,
+    get_corpus,
+    harvest,
+    pack_contexts,
+    separator_id,
 )
 from mechscope.activations.store import Harvester
 from mechscope.errors import MechscopeError

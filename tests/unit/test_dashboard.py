@@ -11,8 +11,15 @@ import typer
 from typer.testing import CliRunner
 
 from mechscope.sae import SAE, SAEConfig, save_sae
-from mechscope.sae.dashboard import (DashboardConfig, DashboardResult, acts_at_hook, corpus_contexts,
-                                     feature_dashboards, output_logits, parse_features)
+from mechscope.sae.dashboard import (
+    DashboardConfig,
+    DashboardResult,
+    acts_at_hook,
+    corpus_contexts,
+    feature_dashboards,
+    output_logits,
+    parse_features,
+)
 from mechscope.sae.feature_stats import FeatureStats, StatsConfig
 
 HOOK = "blocks.1.hook_resid_pre"

@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads import HeadsConfig, HeadsResult, head_scores
-from mechscope.heads import ablation, composition, copying, icl, patterns, sequences
+from mechscope.heads import (
+    HeadsConfig,
+    HeadsResult,
+    ablation,
+    composition,
+    copying,
+    head_scores,
+    icl,
+    patterns,
+    sequences,
+)
 from mechscope.heads.weights import head_weights
 
 

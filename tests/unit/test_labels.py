@@ -13,8 +13,7 @@ from mechscope.circuits import labels as L
 from mechscope.circuits.result import CircuitResult
 from mechscope.errors import MechscopeError
 from mechscope.graph import build_graph
-from mechscope.heads import HeadsConfig, head_scores
-from mechscope.heads import copying, patterns, sequences
+from mechscope.heads import HeadsConfig, copying, head_scores, patterns, sequences
 from mechscope.heads.weights import head_weights
 from mechscope.tasks.base import Pair, tokenize_pairs
 
@@ -206,7 +205,7 @@ def test_labels_saved_loaded_and_escaped_in_report(tiny_gpt2, tmp_path):
     assert back.labels == json.loads(json.dumps(res.labels)) and back.example["attention"]
     page = write_circuit_report(json.loads((out / "circuit.json").read_text()), out).read_text()
     assert evil not in page and page.count("<script") == 1
-    assert f"copying head (0.99), attends to the answer token &#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27; (0.91)" in page
+    assert "copying head (0.99), attends to the answer token &#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27; (0.91)" in page
     for name in res.example["attention"]:
         assert f'id="att-{name}"' in page and page.count(f'href="#att-{name}"') >= 2  # graph node + a table
 

@@ -10,7 +10,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
 from mechscope.sae.sources import TensorSource
-from mechscope.sae.train import CKPT_DIR, Trainer, TrainConfig
+from mechscope.sae.train import CKPT_DIR, TrainConfig, Trainer
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 

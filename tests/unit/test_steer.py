@@ -12,8 +12,15 @@ from typer.testing import CliRunner
 
 from mechscope.errors import MechscopeError
 from mechscope.sae import SAE, SAEConfig, save_sae
-from mechscope.sae.steer import (GenerationConfig, actadd_vector, add_hooks, clamp_hooks, generate_pair,
-                                 steer_actadd, steer_feature)
+from mechscope.sae.steer import (
+    GenerationConfig,
+    actadd_vector,
+    add_hooks,
+    clamp_hooks,
+    generate_pair,
+    steer_actadd,
+    steer_feature,
+)
 
 PROMPT = "When Mary and John went to the store,"
 SAMPLE = GenerationConfig(max_new_tokens=10, temperature=1.0, seed=3, stop_at_eos=False)

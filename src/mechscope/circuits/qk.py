@@ -187,7 +187,6 @@ class QKExact:
     def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G):
         S, B, P, D = d.shape
         H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
-        e = c.q_rot.shape[-1]
         if heads.kind == "ln":
             x = x - x.mean(-1, keepdim=True)
             dc = d - d.mean(-1, keepdim=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from mechscope.results import library_versions, read_result_json
 from mechscope.graph import Graph
+from mechscope.results import library_versions, read_result_json
 
 SCHEMA_VERSION = 1
 

@@ -83,7 +83,7 @@ def schedule(steps: int, n: int, n_linear: int = 0) -> list[int]:
 
 def make_tokenizer(vocab: int):
     """A word-level tokenizer: ``<bos>`` = 0, ``t1``..``t{vocab}`` = 1..vocab."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {BOS: 0, **{f"t{i}": i for i in range(1, vocab + 1)}}

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from mechscope.results import read_result_json
 from mechscope.lens.dla import DLA
+from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
 

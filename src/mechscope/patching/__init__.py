@@ -3,8 +3,8 @@
 from mechscope.patching.engine import (
     Ablation,
     receiver_hooks,
-    run_with_edge_mask,
     run_suffix_with_edge_mask,
+    run_with_edge_mask,
     run_with_node_mask,
     sender_activations,
     sender_hooks,

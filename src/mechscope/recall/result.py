@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mechscope.recall.categories import position_categories
 from mechscope.recall.enrichment import Enrichment
 from mechscope.recall.extraction import Extraction

@@ -12,7 +12,7 @@ from mechscope.sae.evaluate import SAEEval, evaluate_sae
 from mechscope.sae.io import check_sae_fits, load_sae, save_sae
 from mechscope.sae.model import ARCHITECTURES, SAE, SAEConfig
 from mechscope.sae.steer import GenerationConfig, steer_actadd, steer_feature
-from mechscope.sae.train import Trainer, TrainConfig
+from mechscope.sae.train import TrainConfig, Trainer
 
 __all__ = [
     "ARCHITECTURES", "SAE", "SAEConfig", "SAEEval", "DashboardConfig", "DashboardResult", "GenerationConfig",
