@@ -1,0 +1,120 @@
+"""Generated bad input for the CLI (hypothesis): each case is one sentence on stderr, exit
+code 2, no traceback, and no output folder left half-written.
+
+The commands run in process (``typer.testing.CliRunner`` on the real app), so hundreds of
+cases fit in a few seconds; the models they need are the tiny ones from conftest. Strategies:
+numeric flags out of range, unknown names (tasks, methods, ablations, hooks), malformed JSONL
+task files, run folders whose JSON is corrupt or of another kind, and SAE folders with broken
+config or weights.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from mechscope.cli.main import app
+
+RUNNER = CliRunner()
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+COUNT = {"cases": 0}
+
+
+def check(args: list[str], out: Path | None = None) -> None:
+    res = RUNNER.invoke(app, args)
+    COUNT["cases"] += 1
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    assert res.exit_code == 2, (args, res.exit_code, res.output, err, res.exception)
+    assert "Traceback" not in err, (args, err)
+    assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), (args, err)
+    assert len([ln for ln in lines if ln.startswith("error: ")]) == 1, (args, err)
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir()), (args, sorted(p.name for p in out.iterdir()))
+
+
+words = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=1, max_size=20)
+
+
+@SETTINGS
+@given(n=st.integers(max_value=3), edges=st.integers(max_value=0), steps=st.integers(max_value=0),
+       which=st.sampled_from(["n", "edges", "ig", "folds", "seeds"]), seeds=st.integers(min_value=51, max_value=10**6))
+def test_discover_numeric_flags(n, edges, steps, which, seeds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "run"
+    flag = {"n": ["--n", str(n)], "edges": ["--edges", str(edges)], "ig": ["--ig-steps", str(steps)],
+            "folds": ["--folds", str(steps)], "seeds": ["--seeds", str(seeds)]}[which]
+    model = [] if which in ("n", "folds", "seeds") else ["--model", _TINY["gpt2"]]
+    check(["discover", "--task", "ioi", *model, *flag, "--out", str(out)], out)
+
+
+@SETTINGS
+@given(name=words, kind=st.sampled_from(["task", "method", "ablation", "level", "rank", "qk", "metric"]))
+def test_discover_unknown_names(name, kind):
+    valid = {"task": {"ioi", "greater-than", "induction", "facts", "docstring"},
+             "method": {"eap", "eap-ig", "eap-ig-act", "acdc"}, "ablation": {"patching", "mean", "zero"},
+             "level": {"edge", "node"}, "rank": {"auto", "signed", "abs"}, "qk": {"exact", "linear"},
+             "metric": {"kl", "task"}}[kind]
+    if name in valid or (kind == "task" and name.endswith(".jsonl")):
+        return
+    check(["discover", f"--{kind}", name])
+
+
+jsonl_line = st.one_of(
+    st.text(max_size=40),  # not JSON
+    st.builds(json.dumps, st.lists(st.integers(), max_size=3)),  # JSON, not an object
+    st.builds(json.dumps, st.fixed_dictionaries({"clean": st.text(max_size=10)})),  # keys missing
+    st.builds(json.dumps, st.fixed_dictionaries({"clean": st.integers(), "corrupt": st.none(),
+                                                 "answer": st.booleans(), "wrong": st.integers()})),  # wrong types
+    st.builds(json.dumps, st.fixed_dictionaries({"clean": st.just("When Mary and John went"),
+                                                 "corrupt": st.just("When Mary and John went to the store"),
+                                                 "answer": st.just(" Mary"), "wrong": st.just(" John")})),  # lengths differ
+)
+
+
+@SETTINGS
+@given(lines=st.lists(jsonl_line, min_size=1, max_size=4))
+def test_malformed_task_files(lines, tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    f = d / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    out = d / "run"
+    check(["discover", "--task", str(f), "--model", _TINY["gpt2"], "--n", "4", "--out", str(out)], out)
+
+
+@SETTINGS
+@given(content=st.one_of(st.binary(max_size=60).map(lambda b: b.decode("latin-1")),
+                         st.builds(json.dumps, st.dictionaries(words, st.integers(), max_size=3)),
+                         st.builds(lambda v: json.dumps({"schema_version": v}), st.integers(min_value=2))),
+       command=st.sampled_from(["evaluate", "dynamics", "sae-eval"]))
+def test_corrupt_run_folders(content, command, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    name = {"evaluate": "circuit.json", "dynamics": "dynamics.json", "sae-eval": "cfg.json"}[command]
+    (d / name).write_text(content)
+    args = {"evaluate": ["evaluate", str(d)], "dynamics": ["dynamics", str(d)], "sae-eval": ["sae", "eval", str(d)]}[command]
+    check(args)
+
+
+@SETTINGS
+@given(hook=words)
+def test_unknown_hook_names(hook):
+    check(["hooks", "--model", _TINY["llama"], "--check", f"blocks.{hook}"])
+
+
+_TINY: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, request):
+    _TINY.update(gpt2=tiny_gpt2_dir, llama=tiny_llama_dir)
+    yield
+    mine = [it for it in request.session.items if it.module is request.module]
+    if len(mine) == 5:  # the whole module ran (not a -k selection): five strategies x 50 examples
+        assert COUNT["cases"] >= 200, COUNT
