@@ -25,6 +25,16 @@ def test_circuit_is_faithful_and_random_is_not(ioi_run):
     curve = {c["n_edges"]: c for c in ioi_run.curve}
     full = curve[max(curve)]
     assert abs(full["faithfulness"] - 1) < 1e-3  # every edge kept == the model itself
+    lo, hi = m["faithfulness_ci"]
+    assert lo <= m["faithfulness"] <= hi and hi - lo < 1.0, m
+
+
+def test_heads_are_labelled_with_roles(ioi_run):
+    """The main job's report names head roles (computed from mechscope heads, cached)."""
+    labs = {k: v for k, v in (ioi_run.labels or {}).items() if not k.startswith("_")}
+    roles = {v["role"] for v in labs.values() if v.get("role")}
+    assert len(labs) >= 10 and {"induction", "previous-token"} & roles, roles
+    assert all(v["attends"] for v in labs.values())
 
 
 @torch.no_grad()
