@@ -39,8 +39,11 @@ from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import Graph
 from mechscope.tasks.base import TaskBatch
 
-CV_FRACTIONS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025,
-                0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+CV_FRACTIONS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                0.2, 0.3, 1.0)
+"""Grid of sizes (fractions of all edges). Dense circuits cost the most to evaluate (each receiver
+patches the smaller side of the mask), so the grid is fine where the targets lie (<= 5%) and
+coarse above."""
 
 
 def fold_sizes(n: int, folds: int) -> list[int]:
