@@ -171,3 +171,17 @@ def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):
                          for w in ["went", "gave", "saw", "met", "had", "was"]))
     # the tiny random model (seed 0) prefers " John" or " Mary" regardless of the prompt
     assert_clear_error(run("discover", "--task", str(f), "--model", tiny_gpt2_dir, "--n", "6"), "at chance")
+
+
+def test_discover_seeds_json_on_toy(toy_dir, tmp_path):
+    """--seeds: per-draw figures, overlaps and stable edges in --json and in circuit.json."""
+    task = _toy_pairs(tmp_path / "pairs.jsonl", n=12)
+    out = tmp_path / "run"
+    r = run("discover", "--task", task, "--model", toy_dir, "--n", "12", "--method", "eap", "--seeds", "2",
+            "--no-labels", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)["stability"]
+    assert st["n_seeds"] == 2 and 0 <= st["jaccard_circuit_mean"] <= 1 and st["n_stable_edges"] >= 1
+    saved = json.loads((out / "circuit.json").read_text())["stability"]
+    assert [p["seed"] for p in saved["per_seed"]] == [0, 1] and len(saved["stable_edges"]) == st["n_stable_edges"]
+    assert "stable" in (out / "report.html").read_text()

@@ -13,6 +13,7 @@
 """
 
 import torch
+from test_attribution import _batch
 
 import mechscope.circuits.toy as toy
 from mechscope.circuits import edge_scores, roc_auc
@@ -25,15 +26,8 @@ from mechscope.patching.engine import head_weights, sender_activations
 from mechscope.tasks.base import TaskBatch
 
 
-def _batch(B=3, P=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randint(1, 512, s, generator=g)  # noqa: E731
-    return TaskBatch(task="random", clean=r(B, P), corrupt=r(B, P), positions=torch.full((B, 1), P - 1),
-                     answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
-
-
 def test_exact_qk_effects_equal_patched_head_output(tiny_model):
-    m, g, b = tiny_model, build_graph(tiny_model), _batch()
+    m, g, b = tiny_model, build_graph(tiny_model), _batch(B=3, P=7)
     l = g.n_layers - 1
     resid = {}
 

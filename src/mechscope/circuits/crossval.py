@@ -60,12 +60,14 @@ def grid_sizes(graph: Graph, fractions=CV_FRACTIONS) -> list[int]:
 @torch.no_grad()
 def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, sizes: list[int],
              method: str, rank: str = "signed", ablation: str = "patching", batch_size: int = 16,
-             progress: bool = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+             progress: bool = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
+             evaluators: list[Evaluator] | None = None) -> list[dict]:
     """Cross-validated faithfulness of the top-k circuit for each k in ``sizes``.
 
     ``fold_scores`` [F, S, R]: each fold's share of the scores (``edge_score_folds``) over
     ``batch``'s examples in order. Returns [{n_edges, fraction, faithfulness,
     faithfulness_low (the one-sided ``confidence`` bootstrap bound), per_fold}].
+    ``evaluators``: the folds' ``Evaluator``s (``fold_evaluators``), to reuse across calls.
     """
     F = fold_scores.shape[0]
     n_f = fold_sizes(len(batch), F)
@@ -81,7 +83,8 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     for f in it:
         ranking = importance(total - fold_scores[f], method, rank)
         circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
-        ev = Evaluator(model, graph, batch.subset(slice(bounds[f], bounds[f + 1])), ablation, batch_size)
+        ev = (evaluators[f] if evaluators is not None else
+              Evaluator(model, graph, batch.subset(slice(bounds[f], bounds[f + 1])), ablation, batch_size))
         per = ev.per_example(ev.patch_masks(circuits))  # [K, n_f]
         circ_ex.append(per)
         clean_ex.append(ev.clean_ex)
@@ -110,6 +113,15 @@ def _lower_bounds(circ: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor
     gap = c - k
     f = (x - k) / torch.where(gap.abs() > 1e-9, gap, torch.full_like(gap, float("nan")))
     return torch.nanquantile(f, 1 - confidence, dim=1)
+
+
+def fold_evaluators(model, graph: Graph, batch: TaskBatch, folds: int, ablation: str = "patching",
+                    batch_size: int = 16) -> list[Evaluator]:
+    """One ``Evaluator`` per fold (its source run and clean/corrupt baselines computed once), so
+    several rankings can be cross-validated on the same folds."""
+    n_f = fold_sizes(len(batch), folds)
+    bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
+    return [Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
 
 
 def choose_size(curve: list[dict], target: float) -> tuple[int, float]:

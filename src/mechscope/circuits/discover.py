@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from mechscope.circuits.attribution import edge_score_folds, node_scores
-from mechscope.circuits.crossval import choose_size, cv_curve, fold_sizes, grid_sizes
+from mechscope.circuits.crossval import choose_size, cv_curve, fold_evaluators, fold_sizes, grid_sizes
 from mechscope.circuits.evaluate import (
     Evaluator,
     cpr_cmd,
@@ -180,10 +180,12 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     if folds is not None and len(folds) > 1:
         modes = ("signed", "abs") if rank == "auto" else (rank,)
         found = {}
+        evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)  # shared by both modes
         for mode in modes:
             say(f"cross-validating the circuit size inside the scoring pairs ({mode} ranking)")
             c = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, mode,
-                         cfg.ablation, cfg.batch_size, progress=progress, confidence=cfg.cv_confidence, seed=cfg.seed)
+                         cfg.ablation, cfg.batch_size, progress=progress, confidence=cfg.cv_confidence, seed=cfg.seed,
+                         evaluators=evs)
             found[mode] = (c, *choose_size(c, cfg.target))
         rank = pick_rank(found, cfg.target) if rank == "auto" else rank
         cv, k_cv, f_cv = found[rank]
