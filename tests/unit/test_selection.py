@@ -5,7 +5,7 @@ import torch
 
 from mechscope.circuits import DiscoverConfig, discover, edge_scores
 from mechscope.circuits.attribution import edge_score_folds
-from mechscope.circuits.crossval import choose_size, cv_curve, fold_sizes
+from mechscope.circuits.crossval import choose_size, cv_curve, fold_sizes, size_rule
 from mechscope.circuits.evaluate import Evaluator, bootstrap_faithfulness
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, top_k
@@ -65,6 +65,18 @@ def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
             {"n_edges": 9, "faithfulness": 0.9, "faithfulness_low": 0.82}]
     assert choose_size(conf, 0.8) == (9, 0.9)
     assert choose_size(conf, 0.83) == (3, 0.85)
+    # nothing below the full model reaches the target: the knee, never the full model
+    flat = [{"n_edges": 3, "fraction": 0.03, "faithfulness": 0.1}, {"n_edges": 9, "fraction": 0.09, "faithfulness": 0.42},
+            {"n_edges": 30, "fraction": 0.3, "faithfulness": 0.45}, {"n_edges": 100, "fraction": 1.0, "faithfulness": 1.0,
+                                                                     "faithfulness_low": 1.0}]
+    assert choose_size(flat, 0.8) == (9, 0.42)
+    assert size_rule(flat, 9, 0.8) == "plateau"
+    assert size_rule(flat, 100, 0.8) == "all-edges"
+    assert size_rule(conf, 9, 0.8) == "confidence-bound" and size_rule(conf, 3, 0.83) == "point-estimate"
+    flat[2].update(faithfulness=0.9, faithfulness_low=0.81)  # a partial circuit passes at its bound
+    assert choose_size(flat, 0.8) == (30, 0.9)
+    dead = [{"n_edges": 3, "fraction": 0.03, "faithfulness": -0.01}, {"n_edges": 100, "fraction": 1.0, "faithfulness": 1.0}]
+    assert choose_size(dead, 0.8) == (100, 1.0)  # no partial circuit carries anything
     for c in cv:  # the bound is below the point estimate (or equal, when every pair agrees)
         assert c["faithfulness_low"] <= c["faithfulness"] + 1e-6
 

@@ -21,7 +21,9 @@ honest estimate of the curve at no extra attribution cost:
    smallest passing size, where a new draw of pairs often falls short (IOI, seed 0: the
    point-estimate rule picked 1,060 edges with f_cv 0.84, which held 0.70 on the held-out
    pairs; docs/decisions.md). If no size's bound reaches the target, the smallest size whose
-   point estimate does; if none does, the size with the best f_cv. The final circuit is the
+   point estimate does; if none below the full model does, the knee of the curve (the
+   smallest size within ``PLATEAU`` of the best partial f_cv), never the full model while a
+   partial circuit carries anything (``choose_size``). The final circuit is the
    top k of the ranking from *all* scoring pairs, which ranks at least as well as each fold's
    (more data).
 
@@ -124,13 +126,44 @@ def fold_evaluators(model, graph: Graph, batch: TaskBatch, folds: int, ablation:
     return [Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
 
 
+PLATEAU = 0.9
+"""Fallback when no circuit below the full model reaches the target in cross-validation: the
+smallest size whose cross-validated faithfulness is at least this share of the best below the
+full model (the knee of the curve; ``choose_size``)."""
+
+
 def choose_size(curve: list[dict], target: float) -> tuple[int, float]:
-    """(k, f_cv): the smallest size whose cross-validated faithfulness reaches ``target`` with
-    confidence (``faithfulness_low``, where the curve has it); else the smallest whose point
-    estimate does; else the size with the best f_cv."""
+    """(k, f_cv) for the circuit's size (``size_rule`` says which rule chose it):
+
+    1. the smallest size below the full model whose cross-validated faithfulness reaches
+       ``target`` with confidence (``faithfulness_low``, where the curve has it);
+    2. else the smallest below the full model whose point estimate does;
+    3. else, when some size below the full model carries part of the behaviour (best f_cv
+       > 0), the smallest with f_cv >= ``PLATEAU`` x that best: a circuit that does not
+       reach the target but holds nearly all that any partial circuit on the grid holds;
+    4. else the largest size (all edges when the grid has them).
+
+    Rules 1-3 skip the full model: it reaches 1 by construction and is no circuit.
+    """
+    below = [c for c in curve if c.get("fraction", 0.0) < 1.0] or curve
     for key in ("faithfulness_low", "faithfulness"):
-        for c in curve:
+        for c in below:
             if c.get(key) is not None and c[key] >= target:
                 return c["n_edges"], c["faithfulness"]
-    best = max(curve, key=lambda c: c["faithfulness"])
-    return best["n_edges"], best["faithfulness"]
+    best = max(c["faithfulness"] for c in below)
+    if best > 0:
+        c = next(c for c in below if c["faithfulness"] >= PLATEAU * best)
+        return c["n_edges"], c["faithfulness"]
+    last = max(curve, key=lambda c: c["n_edges"])
+    return last["n_edges"], last["faithfulness"]
+
+
+def size_rule(curve: list[dict], k: int, target: float) -> str:
+    """Which rule of ``choose_size`` picked size k: "confidence-bound", "point-estimate",
+    "plateau" (target not reached below the full model) or "all-edges"."""
+    row = next(c for c in curve if c["n_edges"] == k)
+    if row.get("fraction", 0.0) >= 1.0:
+        return "all-edges"
+    if row.get("faithfulness_low") is not None and row["faithfulness_low"] >= target:
+        return "confidence-bound"
+    return "point-estimate" if row["faithfulness"] >= target else "plateau"

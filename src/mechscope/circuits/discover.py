@@ -22,7 +22,15 @@ from typing import Literal
 import torch
 
 from mechscope.circuits.attribution import edge_score_folds, node_scores
-from mechscope.circuits.crossval import choose_size, cv_curve, fold_evaluators, fold_sizes, grid_sizes
+from mechscope.circuits.crossval import (
+    PLATEAU,
+    choose_size,
+    cv_curve,
+    fold_evaluators,
+    fold_sizes,
+    grid_sizes,
+    size_rule,
+)
 from mechscope.circuits.evaluate import (
     Evaluator,
     cpr_cmd,
@@ -176,7 +184,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     scores = scores.cpu()
     rank = cfg.rank
     ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
-    cv, k_cv, f_cv = None, None, None
+    cv, k_cv, f_cv, rule = None, None, None, None
     if folds is not None and len(folds) > 1:
         modes = ("signed", "abs") if rank == "auto" else (rank,)
         found = {}
@@ -189,6 +197,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
             found[mode] = (c, *choose_size(c, cfg.target))
         rank = pick_rank(found, cfg.target) if rank == "auto" else rank
         cv, k_cv, f_cv = found[rank]
+        rule = size_rule(cv, k_cv, cfg.target)
     elif rank == "auto":
         rank = "signed"
     ranking = importance(scores, cfg.method, rank)
@@ -222,6 +231,9 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         "selection": ("cross-validation" if k_cv is not None else
                       "acdc" if cfg.method == "acdc" and cfg.edges is None else
                       "edges" if cfg.edges is not None else "threshold" if cfg.threshold is not None else "in-sample"),
+        "size_rule": rule,
+        "plateau": PLATEAU if rule == "plateau" else None,
+        "target": cfg.target,
         "random_same_size": rand,
         "n_edges": graph.n_edges,
         "n_edges_kept": int(circuit.sum()),

@@ -105,7 +105,7 @@ def discover(
         "edges_kept": mt["n_edges_kept"], "edges_total": mt["n_edges"],
         "faithfulness_held_out": mt["faithfulness"], "faithfulness_ci": mt["faithfulness_ci"],
         "faithfulness_scoring": mt["faithfulness_scoring"], "faithfulness_cv": mt["faithfulness_cv"],
-        "selection": mt["selection"], "random_same_size": mt["random_same_size"],
+        "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"],
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
@@ -125,6 +125,13 @@ def discover(
         f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.",
         highlight=False,
     )
+    if mt.get("size_rule") == "plateau":
+        console.print(
+            f"[yellow]no circuit below the full model reached faithfulness {mt['target']:.2f} in cross-validation"
+            f"[/]: this is the smallest circuit holding at least {mt.get('plateau') or 0.9:.0%} of the best partial circuit's "
+            f"cross-validated faithfulness (the knee of the curve in the report).",
+            highlight=False,
+        )
     if res.stability:
         st = res.stability
         console.print(

@@ -591,8 +591,16 @@ def _stats(data: dict) -> str:
 def _selection_text(m: dict) -> str:
     sel = m.get("selection")
     if sel == "cross-validation":
-        return (f"by {fmt(m.get('n_folds'))}-fold cross-validation inside the scoring pairs (the smallest size whose "
-                f"cross-validated faithfulness reaches the target at the lower bound of its bootstrap interval; "
+        how = {
+            "point-estimate": "the smallest size whose cross-validated faithfulness reaches the target (no size "
+                              "reached it at the lower bound of its bootstrap interval)",
+            "plateau": (f"no size below the full model reached the target {fmt(m.get('target'))}: the smallest size "
+                        f"holding {m.get('plateau') or 0.9:.0%} of the best cross-validated faithfulness of any partial circuit, the knee of "
+                        "the curve"),
+            "all-edges": "no partial circuit carried the behaviour: every edge",
+        }.get(str(m.get("size_rule")), "the smallest size whose cross-validated faithfulness reaches the target at "
+                                       "the lower bound of its bootstrap interval")
+        return (f"by {fmt(m.get('n_folds'))}-fold cross-validation inside the scoring pairs ({how}; "
                 f"estimate {fmt(m.get('faithfulness_cv'))})")
     return {"acdc": "by ACDC's own pruning", "edges": "by the requested edge count",
             "threshold": "by the score threshold"}.get(str(sel), "on the scoring pairs")

@@ -10,8 +10,15 @@ predictable and is not scored.
 - Scored positions (k = L - 1 per example): ``p + L + i - 1`` for i = 1..L-1 (p = prefix
   length), where the next token is ``R[i]``; ``answers`` = those ``R[i]``; metric ``logprob``
   (mean log p(answer) over the positions); ``wrongs`` = ``answers`` (unused).
-- Corrupt prompt: ``prefix + R + R'`` with ``R'`` another L random tokens, disjoint from R;
-  the same positions and answers are scored, which nothing in the corrupt prompt predicts.
+- Corrupt prompt: ``prefix + R' + R`` with ``R'`` another L random tokens, disjoint from R:
+  the *first* copy is replaced, so the scored positions read the same tokens in both runs and
+  only the earlier context differs (the repeat is there or not). The clean-corrupt difference
+  then flows only through attention to the earlier positions, the induction mechanism
+  (previous-token heads on the first copy, induction heads on the second). Corrupting the
+  second copy instead (``prefix + R + R'``, the hand-built toy's task) changes the current
+  token at every scored position, so every path from it (bigram statistics, the direct path)
+  joins the "behaviour": on the embedded model that left circuit discovery without a circuit
+  (no size up to 50% of edges above 0.46 faithfulness; docs/decisions.md).
 
 "Ordinary" tokens: non-special vocabulary entries that decode to an ASCII word of 2+ letters
 with an optional leading space, so the sequences contain no control bytes or fragments.
@@ -20,7 +27,7 @@ with an optional leading space, so the sequences contain no control bytes or fra
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -43,7 +50,7 @@ def ordinary_tokens(tokenizer: Any) -> list[int]:
 
 
 def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskBatch:
-    """Induction batch of ``n`` sequences ``prefix + R + R`` (corrupt ``prefix + R + R'``)."""
+    """Induction batch of ``n`` sequences ``prefix + R + R`` (corrupt ``prefix + R' + R``)."""
     if length < 2:
         raise MechscopeError("Induction needs a repeated sequence of at least 2 tokens.")
     vocab = torch.tensor(ordinary_tokens(tokenizer))
@@ -51,27 +58,32 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskB
         raise MechscopeError(f"The tokenizer has too few plain-word tokens ({len(vocab)}).")
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long)
-    return repeated_tokens_batch(tokenizer, vocab, prefix, n, length, seed, task="induction")
+    return repeated_tokens_batch(tokenizer, vocab, prefix, n, length, seed, task="induction", corrupt="first")
 
 
 def repeated_tokens_batch(
-    tokenizer: Any, vocab: torch.Tensor, prefix: torch.Tensor, n: int, length: int, seed: int, task: str
+    tokenizer: Any, vocab: torch.Tensor, prefix: torch.Tensor, n: int, length: int, seed: int, task: str,
+    corrupt: Literal["first", "second"] = "second",
 ) -> TaskBatch:
-    """``prefix + R + R`` (corrupt ``prefix + R + R'``) with R, R' disjoint draws from ``vocab``.
+    """``prefix + R + R`` with R, R' disjoint draws from ``vocab``; corrupt ``prefix + R' + R``
+    (``corrupt="first"``) or ``prefix + R + R'`` (``"second"``).
 
     Scores the positions of the second copy whose next token is predictable (see module
     docstring); shared by the built-in task and the hand-built toy's task.
     """
+    if corrupt not in ("first", "second"):
+        raise MechscopeError(f"corrupt must be 'first' or 'second', got {corrupt!r}.")
     p = len(prefix)
     g = torch.Generator().manual_seed(seed)
-    clean, corrupt = [], []
+    corrupt_first = corrupt == "first"
+    clean, corrupted = [], []
     for _ in range(n):
         draw = vocab[torch.randperm(len(vocab), generator=g)[: 2 * length]]  # distinct tokens
         r, r2 = draw[:length], draw[length:]
         clean.append(torch.cat([prefix, r, r]))
-        corrupt.append(torch.cat([prefix, r, r2]))
+        corrupted.append(torch.cat([prefix, r2, r] if corrupt_first else [prefix, r, r2]))
     clean_t = torch.stack(clean)  # [n, p + 2L]
-    corrupt_t = torch.stack(corrupt)  # [n, p + 2L]
+    corrupt_t = torch.stack(corrupted)  # [n, p + 2L]
     positions = torch.arange(p + length, p + 2 * length - 1).expand(n, -1).clone()  # [n, L-1]
     answers = clean_t[:, p + length + 1 :].clone()  # [n, L-1]: R[1..L-1]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
