@@ -132,14 +132,14 @@ def test_head_input_grads_match_autograd(tiny_model):
     import copy
 
     from mechscope.circuits.attribution import HeadInputGrads
-    from mechscope.patching.engine import head_weights
+    from mechscope.patching.engine import attn_weights
 
     norm = copy.deepcopy(tiny_model.bridge.blocks[0].ln1.original_component)  # leave the fixture alone
     with torch.no_grad():
         norm.weight.copy_(torch.randn_like(norm.weight))
         if getattr(norm, "bias", None) is not None:
             norm.bias.copy_(torch.randn_like(norm.bias))
-    W = {k: v.detach().clone() for k, v in head_weights(tiny_model, 0).items()}
+    W = {k: v.detach().clone() for k, v in attn_weights(tiny_model, 0).items()}
 
     class Odd(torch.nn.Module):  # neither RMS nor layer norm
         def forward(self, x):
@@ -168,14 +168,14 @@ def test_head_input_grads_sum_over_steps(tiny_model, tiny_llama):
     import copy
 
     from mechscope.circuits.attribution import HeadInputGrads
-    from mechscope.patching.engine import head_weights
+    from mechscope.patching.engine import attn_weights
 
     torch.manual_seed(0)
     for model in (tiny_model, tiny_llama):
         norm = copy.deepcopy(model.bridge.blocks[0].ln1.original_component)
         with torch.no_grad():
             norm.weight.copy_(torch.randn_like(norm.weight))
-        W = {k: v.detach().clone() for k, v in head_weights(model, 0).items()}
+        W = {k: v.detach().clone() for k, v in attn_weights(model, 0).items()}
         d = W["W_Q"].shape[1]
         bias = {k: torch.randn(W[k].shape[0], W[k].shape[2]) for k in ("W_Q", "W_K", "W_V")}
         for affine in (True, False):

@@ -63,3 +63,22 @@ def test_top_k_counts():
     assert int(top_k(g, s, 17).sum()) == 17
     with pytest.raises(MechscopeError, match="graph has"):
         top_k(g, s, g.n_edges + 1)
+
+
+def test_node_names_round_trip():
+    from mechscope.graph.names import Node, attn_receiver, kv_group, parse_node
+
+    g = Graph(3, 4, 2)
+    for name in g.senders + g.receivers:
+        n = parse_node(name)
+        assert n.kind in ("input", "head", "mlp", "kv", "logits"), name
+    assert parse_node("a12.h3") == Node("head", 12, 3, None)
+    assert parse_node("a5.h3<q>") == Node("head", 5, 3, "q")
+    assert parse_node("a5.kv1<k>") == Node("kv", 5, 1, "k")
+    assert parse_node("a5.kv1") == Node("kv", 5, 1, None) and kv_group(5, 1) == "a5.kv1"
+    assert parse_node("m7") == Node("mlp", 7) and parse_node("input") == Node("input")
+    assert parse_node("logits") == Node("logits")
+    assert [attn_receiver(2, 1, p) for p in "qkv"] == ["a2.h1<q>", "a2.kv1<k>", "a2.kv1<v>"]
+    for bad in ("a1.h2<k>", "a1.kv0<q>", "a1h2", "m", "x3", "a1.h2 ", "blocks.1.hook_z"):
+        with pytest.raises(MechscopeError, match="not a graph node name"):
+            parse_node(bad)

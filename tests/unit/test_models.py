@@ -57,3 +57,49 @@ def test_hook_name_suggestions(tiny_gpt2):
     assert check_hook_name(tiny_gpt2, "blocks.1.hook_resid_post") == "blocks.1.hook_resid_post"
     with pytest.raises(MechscopeError, match="Did you mean: blocks.1.hook_resid_post"):
         check_hook_name(tiny_gpt2, "blocks.1.hook_resid_pots")
+
+
+def test_hook_builders_give_transformer_lens_names_and_parse_back(tiny_llama):
+    from mechscope.models import hooks
+
+    built = {
+        hooks.resid_pre(2): "blocks.2.hook_resid_pre", hooks.resid_mid(2): "blocks.2.hook_resid_mid",
+        hooks.resid_post(2): "blocks.2.hook_resid_post", hooks.attn_out(1): "blocks.1.hook_attn_out",
+        hooks.mlp_in(0): "blocks.0.hook_mlp_in", hooks.mlp_out(0): "blocks.0.hook_mlp_out",
+        hooks.q_input(1): "blocks.1.hook_q_input", hooks.k_input(1): "blocks.1.hook_k_input",
+        hooks.v_input(1): "blocks.1.hook_v_input", hooks.attn_z(2): "blocks.2.attn.hook_z",
+        hooks.attn_result(2): "blocks.2.attn.hook_result", hooks.attn_pattern(0): "blocks.0.attn.hook_pattern",
+        hooks.attn_scores(0): "blocks.0.attn.hook_attn_scores", hooks.attn_hook(0, "rot_q"): "blocks.0.attn.hook_rot_q",
+        hooks.ln_normalized(1, 2): "blocks.1.ln2.hook_normalized", hooks.EMBED: "hook_embed",
+        hooks.FINAL_NORM_IN: "ln_final.hook_in", hooks.FINAL_NORM_OUT: "ln_final.hook_out",
+        hooks.resid_into(1, 3): "blocks.1.hook_resid_pre", hooks.resid_into(3, 3): "ln_final.hook_in",
+    }
+    for name, expected in built.items():
+        assert name == expected
+        assert name in tiny_llama.bridge.hook_dict, name
+    assert hooks.parse_hook("blocks.12.attn.hook_z") == (12, "attn.hook_z")
+    assert hooks.parse_hook("blocks.1.ln2.hook_normalized") == (1, "ln2.hook_normalized")
+    assert hooks.parse_hook("hook_embed") == (None, "hook_embed")
+    assert hooks.parse_hook("blocks.x.hook_z").layer is None
+    assert hooks.hook_layer("blocks.7.hook_mlp_out") == 7
+    with pytest.raises(MechscopeError, match="not a hook inside a block"):
+        hooks.hook_layer("ln_final.hook_in")
+    assert hooks.needs_split_attention("blocks.0.hook_q_input") and hooks.needs_split_attention("blocks.0.attn.hook_result")
+    assert not hooks.needs_split_attention("blocks.0.attn.hook_z")
+
+
+def test_plain_attention_restores_the_modes_it_found(tiny_gpt2):
+    from mechscope.models import plain_attention
+
+    cfg = tiny_gpt2.bridge.cfg
+    modes = lambda: (cfg.use_split_qkv_input, cfg.use_attn_result)  # noqa: E731
+    assert modes() == (True, True)
+    with plain_attention(tiny_gpt2):
+        assert modes() == (False, False)
+        with plain_attention(tiny_gpt2):  # nested: the inner exit must not switch the modes back on
+            assert modes() == (False, False)
+        assert modes() == (False, False)
+    assert modes() == (True, True)
+    with pytest.raises(RuntimeError), plain_attention(tiny_gpt2):
+        raise RuntimeError
+    assert modes() == (True, True)

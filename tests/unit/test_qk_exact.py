@@ -22,7 +22,7 @@ from mechscope.circuits.qk import QKExact
 from mechscope.graph import build_graph
 from mechscope.models import load_model, plain_attention
 from mechscope.patching import run_with_edge_mask, source_activations
-from mechscope.patching.engine import head_weights, sender_activations
+from mechscope.patching.engine import attn_weights, sender_activations
 from mechscope.tasks.base import TaskBatch
 
 
@@ -39,7 +39,7 @@ def test_exact_qk_effects_equal_patched_head_output(tiny_model):
     with torch.no_grad(), frozen(m), plain_attention(m):
         m.bridge.run_with_hooks(b.clean, fwd_hooks=ex.hooks(m, True) + [(f"blocks.{l}.hook_resid_pre", keep)])
         heads = HeadInputGrads(m.bridge.blocks[l].ln1.original_component,
-                               {k: v.detach() for k, v in head_weights(m, l).items()})
+                               {k: v.detach() for k, v in attn_weights(m, l).items()})
         assert ex.verify(m, l, heads)
         z0 = ex.layers[l].z.clone()
         gz = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))

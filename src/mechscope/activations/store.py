@@ -25,9 +25,9 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.models.hooks import check_hook_name
+from mechscope.models.hooks import check_hook_name, needs_split_attention
+from mechscope.models.load import plain_attention
 
-_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -125,7 +125,7 @@ class Harvester:
         for h in cfg.hooks:
             check_hook_name(model, h)
         self.model, self.cfg = model, cfg
-        self.needs_split = any(s in h for s in _SPLIT_HOOKS for h in cfg.hooks)
+        self.needs_split = any(needs_split_attention(h) for h in cfg.hooks)
         self.dtype = DTYPES[cfg.dtype]
         self.device = torch.device(cfg.device) if cfg.device else model.device
         self.hook_calls = 0  # capturing-hook calls, for tests
@@ -148,7 +148,7 @@ class Harvester:
 
             return capture
 
-        mode = contextlib.nullcontext() if self.needs_split else _plain(self.model)
+        mode = contextlib.nullcontext() if self.needs_split else plain_attention(self.model)
         with mode:
             try:
                 self.model.bridge.run_with_hooks(
@@ -175,20 +175,6 @@ class Harvester:
             probe = torch.full((1, 2), separator_id(self.model.tokenizer), dtype=torch.long)
             self._dims = {h: int(t.shape[1]) for h, t in self.run(probe, skip_first=0).items()}
         return dict(self._dims)
-
-
-@contextlib.contextmanager
-def _plain(model):
-    from mechscope.models import plain_attention
-
-    b = model.bridge
-    was = (getattr(b.cfg, "use_split_qkv_input", True), getattr(b.cfg, "use_attn_result", True))
-    try:
-        with plain_attention(model):
-            yield
-    finally:
-        b.set_use_split_qkv_input(was[0])
-        b.set_use_attn_result(was[1])
 
 
 class ActivationStore:

@@ -52,17 +52,16 @@ from tqdm.auto import tqdm
 from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
+from mechscope.models.hooks import attn_hook, attn_result, attn_z, mlp_in, parse_hook, resid_pre
 from mechscope.patching.engine import (
     INPUT_HOOK,
     LOGITS_HOOK,
     Ablation,
+    attn_weights,
     capture_hooks,
-    head_weights,
     mean_weights,
-    mlp_in_hook,
     sender_hooks,
     source_activations,
-    z_hook,
 )
 from mechscope.tasks.base import TaskBatch
 
@@ -143,7 +142,7 @@ def edge_score_folds(
     it = tqdm(chunks, desc=f"{method} scores", disable=not progress, leave=False)
     with frozen(model), plain_attention(model):
         heads = [HeadInputGrads(model.bridge.blocks[l].ln1.original_component,
-                                {k: v.detach() for k, v in head_weights(model, l).items()}) for l in range(graph.n_layers)]
+                                {k: v.detach() for k, v in attn_weights(model, l).items()}) for l in range(graph.n_layers)]
         exact = QKExact(graph.n_layers) if qk == "exact" and method != "eap-ig-act" else None
         for i in it:
             j = min(n, i + batch_size)
@@ -320,10 +319,10 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
     the attention tensors it needs. Returns each layer's residual input.
     """
     L = graph.n_layers
-    kept: dict[str, torch.Tensor] = {}
+    kept: dict[tuple[str, int], torch.Tensor] = {}  # (what, layer) -> the kept activation
     resid: list[torch.Tensor | None] = [None] * L
 
-    def keep(key: str, fresh: bool):
+    def keep(key: tuple[str, int], fresh: bool):
         def hook(x, hook):
             if not x.requires_grad:
                 return x  # upstream of every varied activation: its gradient is not needed
@@ -349,30 +348,29 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
     if exact is not None:
         hooks += exact.hooks(model, capture is not None)
     for l in range(L):
-        hooks.append((f"blocks.{l}.hook_resid_pre", store_resid(l)))
-        for t in "qkv":
-            hooks.append((f"blocks.{l}.attn.hook_{t}", keep(f"{t}{l}", False)))
+        hooks.append((resid_pre(l), store_resid(l)))
+        for t in ("q", "k", "v"):
+            hooks.append((attn_hook(l, t), keep((t, l), False)))
         if exact is not None:
-            hooks.append((z_hook(l), keep(f"z{l}", False)))
-        hooks.append((mlp_in_hook(l), keep(f"m{l}", True)))
-    hooks.append((LOGITS_HOOK, keep("logits", True)))
+            hooks.append((attn_z(l), keep(("z", l), False)))
+        hooks.append((mlp_in(l), keep(("mlp", l), True)))
+    hooks.append((LOGITS_HOOK, keep(("logits", L), True)))
     with torch.enable_grad():
         logits = model.bridge.run_with_hooks(sub.clean, fwd_hooks=hooks)
         metric = sub.per_example_metric(logits).sum()
         keys = list(kept)
         grads = dict(zip(keys, torch.autograd.grad(metric, [kept[c] for c in keys])))
     with torch.no_grad():
-        for key, g in grads.items():
-            if key[0] == "q":  # q, k and v of a layer together, in receiver order
-                l = int(key[1:])
-                heads[l].step(resid[l], g, grads[f"k{l}"], grads[f"v{l}"],
-                              outs=tuple(kept[f"{t}{l}"].detach() for t in "qkv"))
-            elif key[0] == "m":
-                acc[graph.receiver_slices(int(key[1:]))["mlp"].start] += g.reshape(-1)
-            elif key == "logits":
+        for (what, l), g in grads.items():
+            if what == "q":  # q, k and v of a layer together, in receiver order
+                heads[l].step(resid[l], g, grads[("k", l)], grads[("v", l)],
+                              outs=tuple(kept[(t, l)].detach() for t in ("q", "k", "v")))
+            elif what == "mlp":
+                acc[graph.receiver_slices(l)["mlp"].start] += g.reshape(-1)
+            elif what == "logits":
                 acc[graph.logits_receiver] += g.reshape(-1)
-            elif key[0] == "z" and exact is not None:
-                exact.add_gz(int(key[1:]), g)
+            elif what == "z" and exact is not None:
+                exact.add_gz(l, g)
     return resid
 
 
@@ -457,8 +455,11 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
 def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
     """(hook, sender range) of every group of senders one hook writes; heads through ``hook_z``
     (their outputs are linear in z, and z exists in plain-attention mode)."""
-    return [(z_hook(int(name.split(".")[1])) if name.endswith("hook_result") else name, sl)
-            for name, sl in sender_hooks(graph)]
+    out = []
+    for name, sl in sender_hooks(graph):
+        layer = parse_hook(name).layer
+        out.append((attn_z(layer) if layer is not None and name == attn_result(layer) else name, sl))
+    return out
 
 
 def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.graph.names import parse_node
 from mechscope.heads import HeadsConfig, HeadsResult, copying, patterns, sequences
 from mechscope.heads.result import CATEGORIES
 from mechscope.heads.weights import head_weights
@@ -242,16 +243,24 @@ def head_role(scores: dict[str, float], thresholds: dict[str, float] | None = No
     return {"role": role, "role_score": scores[role], "also": [{"role": c, "score": scores[c]} for _, c in counting[1:]]}
 
 
+def _is_head(name: str) -> bool:
+    n = parse_node(name)
+    return n.kind == "head" and n.port is None
+
+
 def _head_index(name: str) -> tuple[int, int]:
-    l, h = name[1:].split(".h")
-    return int(l), int(h)
+    """(layer, head) of a head name ``a{l}.h{h}``."""
+    n = parse_node(name)
+    if n.kind != "head" or n.port is not None:
+        raise MechscopeError(f"'{name}' is not an attention head (heads are named like a3.h1).")
+    return n.layer, n.head
 
 
 def circuit_heads(res: Any, extra_top: int = 20) -> list[str]:
     """The heads in the circuit and among the top ``extra_top`` components, by |node score|."""
     ns = res.node_scores()
-    heads = {n for n in res.circuit_nodes() if n.startswith("a")}
-    heads |= {c["name"] for c in res.top_components(extra_top) if c["name"].startswith("a")}
+    heads = {n for n in res.circuit_nodes() if _is_head(n)}
+    heads |= {c["name"] for c in res.top_components(extra_top) if _is_head(c["name"])}
     return sorted(heads, key=lambda n: (-abs(ns.get(n, 0.0)), _head_index(n)))
 
 

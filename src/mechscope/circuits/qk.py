@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mechscope.models.hooks import attn_hook, attn_pattern, attn_z
+
 MAX_ELEMS = 48_000_000  # per chunk of examples: [examples, P, P, heads, d_model] readout tensors
 
 
@@ -102,13 +104,12 @@ class QKExact:
         names = set(model.bridge.hook_dict)
         hooks = []
         for l in range(self.n_layers):
-            a = f"blocks.{l}.attn."
-            rot = f"{a}hook_rot_q" in names
-            want = {"q": f"{a}hook_q", "q_rot": f"{a}hook_rot_q" if rot else f"{a}hook_q",
-                    "k_rot": f"{a}hook_rot_k" if rot else f"{a}hook_k", "v": f"{a}hook_v",
-                    "pattern": f"{a}hook_pattern", "z": f"{a}hook_z"}
+            rot = attn_hook(l, "rot_q") in names
+            want = {"q": attn_hook(l, "q"), "q_rot": attn_hook(l, "rot_q" if rot else "q"),
+                    "k_rot": attn_hook(l, "rot_k" if rot else "k"), "v": attn_hook(l, "v"),
+                    "pattern": attn_pattern(l), "z": attn_z(l)}
             if rot:
-                want |= {"cos": f"{a}hook_cos", "sin": f"{a}hook_sin"}
+                want |= {"cos": attn_hook(l, "cos"), "sin": attn_hook(l, "sin")}
             for attr, name in want.items():
                 hooks.append((name, self._grab(l, attr)))
         return hooks

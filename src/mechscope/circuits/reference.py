@@ -30,6 +30,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
+from mechscope.graph.names import INPUT, LOGITS, attn_receiver, mlp_node, node_layer, parse_node
 
 SHIPPED = {"gpt2-ioi": "gpt2_ioi.json", "gpt2-greater-than": "gpt2_greater_than.json"}
 
@@ -120,18 +121,13 @@ def edge_overlap(ranking: torch.Tensor, reference: torch.Tensor, allowed: torch.
     return float((top & reference.flatten().bool()).sum()) / k
 
 
-def _layer(node: str) -> int:
-    """Layer of a node name (``a3.h5`` -> 3, ``m2`` -> 2)."""
-    return int(node[1:].split(".")[0])
-
-
 def expand_connections(
     groups: dict[str, list[str]], connections: list[dict], where: str = "the file", n_layers: int | None = None
 ) -> list[tuple[str, str]]:
     """Edges (sender, receiver name) from group-to-group connections (see the module docstring)."""
     if n_layers is None:
-        n_layers = 1 + max((_layer(n) for g in groups.values() for n in g), default=0)
-    named = {**groups, "input": ["input"], "logits": ["logits"], "mlps": [f"m{l}" for l in range(n_layers)]}
+        n_layers = 1 + max((l for g in groups.values() for n in g if (l := node_layer(n)) is not None), default=0)
+    named = {**groups, INPUT: [INPUT], LOGITS: [LOGITS], "mlps": [mlp_node(l) for l in range(n_layers)]}
     out: list[tuple[str, str]] = []
     for c in connections:
         try:
@@ -143,15 +139,19 @@ def expand_connections(
             ) from exc
         via = c.get("via", "qkv")
         for s in src:
+            sn = parse_node(s)
             for r in dst:
-                if r == "logits":
-                    out.append((s, "logits"))
+                if r == LOGITS:
+                    out.append((s, LOGITS))
                     continue
-                if s != "input" and not (_layer(s) < _layer(r) or (s[0] == "a" and r[0] == "m" and _layer(s) == _layer(r))):
+                rn = parse_node(r)
+                if rn.layer is None or sn.kind == "logits":
+                    raise MechscopeError(f"A connection in {where} runs from '{s}' to '{r}'; edges run from input, heads "
+                                         "or MLPs to heads, MLPs or logits.")
+                if sn.kind != "input" and not (sn.layer < rn.layer or (sn.kind == "head" and rn.kind == "mlp" and sn.layer == rn.layer)):
                     continue  # not downstream
-                if r[0] == "m":
+                if rn.kind == "mlp":
                     out.append((s, r))
                 else:
-                    l, h = r[1:].split(".h")
-                    out += [(s, f"a{l}.h{h}<q>" if t == "q" else f"a{l}.kv{h}<{t}>") for t in via]
+                    out += [(s, attn_receiver(rn.layer, rn.head, t)) for t in via]
     return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mechscope.graph import Graph
+from mechscope.graph.names import INPUT, LOGITS, parse_node
 from mechscope.results import library_versions, read_result_json
 
 SCHEMA_VERSION = 1
@@ -49,12 +50,12 @@ class CircuitResult:
         nodes = {self.graph.senders[s] for s in keep.any(1).nonzero()[:, 0].tolist()}
         owners = receiver_owner(self.graph)
         for r in keep.any(0).nonzero()[:, 0].tolist():
-            nodes |= {self.graph.senders[s] for s in owners[r]} or {"logits"}
+            nodes |= {self.graph.senders[s] for s in owners[r]} or {LOGITS}
         return nodes
 
     def top_components(self, k: int = 20) -> list[dict]:
         ns = self.node_scores()
-        ranked = sorted((n for n in ns if n != "input"), key=lambda n: -abs(ns[n]))[:k]
+        ranked = sorted((n for n in ns if n != INPUT), key=lambda n: -abs(ns[n]))[:k]
         return [{"name": n, "score": ns[n]} for n in ranked]
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +63,7 @@ class CircuitResult:
         sc, keep = self.scores.cpu(), self.circuit.cpu()
         ns = self.node_scores()
         in_nodes = self.circuit_nodes()
-        nodes = [_node(n, g, ns.get(n, 0.0), n in in_nodes) for n in g.senders + ["logits"]]
+        nodes = [_node(n, g, ns.get(n, 0.0), n in in_nodes) for n in g.senders + [LOGITS]]
         ei = g.edge_index
         vals, kept = sc[ei[:, 0], ei[:, 1]].tolist(), keep[ei[:, 0], ei[:, 1]].tolist()
         edges = [
@@ -122,12 +123,10 @@ class CircuitResult:
 
 
 def _node(name: str, g: Graph, score: float, in_circuit: bool) -> dict[str, Any]:
-    if name == "input":
+    n = parse_node(name)
+    if n.kind == "input":
         return {"name": name, "layer": -1, "head": None, "type": "input", "score": score, "in_circuit": True}
-    if name == "logits":
+    if n.kind == "logits":
         return {"name": name, "layer": g.n_layers, "head": None, "type": "logits", "score": 0.0, "in_circuit": True}
-    if name.startswith("m"):
-        return {"name": name, "layer": int(name[1:]), "head": None, "type": "mlp", "score": score, "in_circuit": in_circuit}
-    l, h = name[1:].split(".h")
-    return {"name": name, "layer": int(l), "head": int(h), "type": "head", "score": score, "in_circuit": in_circuit}
+    return {"name": name, "layer": n.layer, "head": n.head, "type": n.kind, "score": score, "in_circuit": in_circuit}
 

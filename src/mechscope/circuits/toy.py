@@ -72,6 +72,7 @@ from typing import Any
 
 import torch
 
+from mechscope.graph.names import INPUT, LOGITS, head_node, kv_receiver, q_receiver
 from mechscope.tasks.base import TaskBatch
 from mechscope.tasks.induction import repeated_tokens_batch
 
@@ -235,13 +236,13 @@ def planted_edges() -> list[tuple[str, str]]:
     ``input -> logits`` is left out: the unembedding reads no direction the embeddings write.
     """
     return [
-        ("input", "a0.h0<q>"),
-        ("input", "a0.kv0<k>"),
-        ("input", "a0.kv0<v>"),
-        ("input", "a1.h0<q>"),
-        ("a0.h0", "a1.kv0<k>"),
-        ("input", "a1.kv0<v>"),
-        ("a1.h0", "logits"),
+        (INPUT, q_receiver(0, 0)),  # input -> a0.h0<q>
+        (INPUT, kv_receiver(0, 0, "k")),
+        (INPUT, kv_receiver(0, 0, "v")),
+        (INPUT, q_receiver(1, 0)),
+        (head_node(0, 0), kv_receiver(1, 0, "k")),  # a0.h0 -> a1.kv0<k>: K-composition
+        (INPUT, kv_receiver(1, 0, "v")),
+        (head_node(1, 0), LOGITS),
     ]
 
 

@@ -1,5 +1,7 @@
 """The model as a computational graph over the residual stream.
 
+Node names are built and parsed by ``mechscope.graph.names``.
+
 Nodes (senders, in forward order): ``input`` (token + position embeddings), ``a{l}.h{h}``
 (each attention head's output, ``blocks.l.attn.hook_result``), ``m{l}`` (each MLP's output).
 
@@ -26,6 +28,7 @@ from functools import cached_property
 import torch
 
 from mechscope.errors import MechscopeError, near_matches
+from mechscope.graph.names import INPUT, LOGITS, head_node, kv_receiver, mlp_node, q_receiver
 
 
 @dataclass
@@ -45,16 +48,16 @@ class Graph:
                 f"Cannot build a graph for {L} layers, {H} heads and {KV} KV heads "
                 "(the bridge shows no attention heads, or heads are not a multiple of KV heads)."
             )
-        self.senders = ["input"]
+        self.senders = [INPUT]
         self.receivers = []
         for l in range(L):
-            self.receivers += [f"a{l}.h{h}<q>" for h in range(H)]
-            self.receivers += [f"a{l}.kv{g}<k>" for g in range(KV)]
-            self.receivers += [f"a{l}.kv{g}<v>" for g in range(KV)]
-            self.receivers.append(f"m{l}")
-            self.senders += [f"a{l}.h{h}" for h in range(H)]
-            self.senders.append(f"m{l}")
-        self.receivers.append("logits")
+            self.receivers += [q_receiver(l, h) for h in range(H)]
+            self.receivers += [kv_receiver(l, g, "k") for g in range(KV)]
+            self.receivers += [kv_receiver(l, g, "v") for g in range(KV)]
+            self.receivers.append(mlp_node(l))
+            self.senders += [head_node(l, h) for h in range(H)]
+            self.senders.append(mlp_node(l))
+        self.receivers.append(LOGITS)
 
     # ---- layout --------------------------------------------------------------------------
     @property

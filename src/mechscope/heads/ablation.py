@@ -18,13 +18,11 @@ from typing import Any, Iterable
 
 import torch
 
+from mechscope.graph.names import head_node
 from mechscope.models import plain_attention
+from mechscope.models.hooks import attn_z, hook_layer
 
 Head = tuple[int, int]
-
-
-def z_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
 
 
 def repeated_half_loss(logits: torch.Tensor, tokens: torch.Tensor, length: int) -> torch.Tensor:
@@ -42,11 +40,11 @@ def head_means(model: Any, tokens: torch.Tensor) -> list[torch.Tensor]:
     means: list[torch.Tensor] = [torch.empty(0)] * L
 
     def hook(z, hook):
-        means[int(hook.name.split(".")[1])] = z.detach().mean(0)
+        means[hook_layer(hook.name)] = z.detach().mean(0)
         return z
 
     with plain_attention(model):
-        model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(z_hook(l), hook) for l in range(L)])
+        model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=[(attn_z(l), hook) for l in range(L)])
     return means
 
 
@@ -69,7 +67,7 @@ def ablated_loss(model: Any, tokens: torch.Tensor, length: int, heads: Iterable[
 
     with plain_attention(model):
         logits = model.bridge.run_with_hooks(
-            tokens.to(model.device), fwd_hooks=[(z_hook(l), make(l)) for l in by_layer]
+            tokens.to(model.device), fwd_hooks=[(attn_z(l), make(l)) for l in by_layer]
         )
     return float(repeated_half_loss(logits, tokens, length))
 
@@ -80,7 +78,7 @@ def ablation_effects(model: Any, tokens: torch.Tensor, length: int, heads: list[
     clean = ablated_loss(model, tokens, length, [], means)
     out = {"clean_loss": clean}
     for l, h in heads:
-        out[f"a{l}.h{h}"] = ablated_loss(model, tokens, length, [(l, h)], means) - clean
+        out[head_node(l, h)] = ablated_loss(model, tokens, length, [(l, h)], means) - clean
     return out
 
 
@@ -97,6 +95,6 @@ def topk_vs_random(model: Any, tokens: torch.Tensor, length: int, ranking: list[
     for _ in range(n_random):
         pick = torch.randperm(L * H, generator=g)[:k].tolist()
         rand.append(ablated_loss(model, tokens, length, [(i // H, i % H) for i in pick], means) - clean)
-    return {"k": k, "clean_loss": clean, "top_heads": [f"a{l}.h{h}" for l, h in top],
+    return {"k": k, "clean_loss": clean, "top_heads": [head_node(l, h) for l, h in top],
             "top_k_increase": top_inc, "random_increases": rand,
             "random_mean_increase": sum(rand) / max(len(rand), 1)}

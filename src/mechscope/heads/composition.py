@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from mechscope.graph.names import head_node
 from mechscope.heads.weights import HeadWeights
 
 KINDS = ("q", "k", "v")
@@ -76,5 +77,5 @@ def top_pairs(comp: torch.Tensor, k: int = 20) -> list[dict]:
     pairs = []
     for v, i in zip(vals.tolist(), idx.tolist()):
         l1, h1, l2, h2 = i // (H * L * H), (i // (L * H)) % H, (i // H) % L, i % H
-        pairs.append({"writer": f"a{l1}.h{h1}", "reader": f"a{l2}.h{h2}", "score": v})
+        pairs.append({"writer": head_node(l1, h1), "reader": head_node(l2, h2), "score": v})
     return pairs

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.graph.names import head_node
 from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
@@ -191,7 +192,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             flat = torch.tensor(last["heads"][k]).flatten()
             j = int(flat.argmax())
             top[k] = (j // H, j % H)
-            form[f"final_top_{k}_head"] = f"a{j // H}.h{j % H}"
+            form[f"final_top_{k}_head"] = head_node(j // H, j % H)
         # K-composition of the final previous-token head into the final induction head, over time
         (l1, h1), (l2, h2) = top["previous_token"], top["induction"]
         for r, kcomp in zip(rows, kcomps):

@@ -29,19 +29,16 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
+from mechscope.models.hooks import attn_pattern, hook_layer
 
 KINDS = ("previous_token", "duplicate_token", "induction")
-
-
-def pattern_hook(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 def check_heads_visible(model: Any) -> None:
     """Raise unless the bridge exposes an attention pattern hook for every layer."""
     names = getattr(model.bridge, "hook_dict", {})
     n = model.summary.n_layers
-    if n < 1 or model.summary.n_heads < 1 or any(pattern_hook(l) not in names for l in range(n)):
+    if n < 1 or model.summary.n_heads < 1 or any(attn_pattern(l) not in names for l in range(n)):
         raise MechscopeError(
             f"The model '{model.summary.name}' has no attention heads TransformerLens's bridge can see "
             "(no blocks.L.attn.hook_pattern); head scores need a transformer with standard attention."
@@ -84,7 +81,7 @@ def pattern_scores(model: Any, tokens: torch.Tensor, batch_size: int = 16, with_
         where = {k: [i.to(model.device) for i in m.nonzero(as_tuple=True)] for k, m in masks.items()}  # sparse targets
 
         def hook(pattern, hook):  # pattern [b, h, q, k]
-            l = int(hook.name.split(".")[1])
+            l = hook_layer(hook.name)
             a = pattern.detach().float()
             rest = a[..., 1:].sum(-1)  # [b, h, q]: mass off key 0
             for kind in KINDS:
@@ -95,7 +92,7 @@ def pattern_scores(model: Any, tokens: torch.Tensor, batch_size: int = 16, with_
             return pattern
 
         with plain_attention(model):
-            logits = model.bridge.run_with_hooks(t.to(model.device), fwd_hooks=[(pattern_hook(l), hook) for l in range(L)])
+            logits = model.bridge.run_with_hooks(t.to(model.device), fwd_hooks=[(attn_pattern(l), hook) for l in range(L)])
         if with_loss:
             tt = t.to(logits.device)
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tt[:, 1:], reduction="none")  # [b, pos-1]
@@ -117,9 +114,9 @@ def example_patterns(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     out: list[torch.Tensor] = [torch.empty(0)] * L
 
     def hook(pattern, hook):
-        out[int(hook.name.split(".")[1])] = pattern[0].detach().float().cpu()
+        out[hook_layer(hook.name)] = pattern[0].detach().float().cpu()
         return pattern
 
     with plain_attention(model):
-        model.bridge.run_with_hooks(tokens[None].to(model.device), fwd_hooks=[(pattern_hook(l), hook) for l in range(L)])
+        model.bridge.run_with_hooks(tokens[None].to(model.device), fwd_hooks=[(attn_pattern(l), hook) for l in range(L)])
     return torch.stack(out)

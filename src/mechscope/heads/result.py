@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mechscope.graph.names import head_node
 from mechscope.results import library_versions, read_result_json
 
 SCHEMA_VERSION = 1
@@ -36,10 +37,6 @@ CATEGORIES = {
 }
 
 
-def head_name(l: int, h: int) -> str:
-    return f"a{l}.h{h}"
-
-
 @dataclass
 class HeadsResult:
     """Per-head scores [n_layers, n_heads], composition scores, ICL score and an example."""
@@ -60,7 +57,7 @@ class HeadsResult:
         flat = torch.nan_to_num(s.flatten(), nan=-math.inf)
         vals, idx = flat.topk(min(k, int(torch.isfinite(flat).sum())))
         H = s.shape[1]
-        return [{"head": head_name(i // H, i % H), "score": v} for v, i in zip(vals.tolist(), idx.tolist())]
+        return [{"head": head_node(i // H, i % H), "score": v} for v, i in zip(vals.tolist(), idx.tolist())]
 
     def top_by_category(self, k: int = 5) -> dict[str, list[dict]]:
         return {cat: self.top_heads(name, k) for cat, name in CATEGORIES.items() if name in self.scores}

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.graph.names import head_node
 from mechscope.heads import ablation, composition, copying, icl, patterns, sequences
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
@@ -89,7 +90,7 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[
     eff = ablation.ablation_effects(model, rep, cfg.seq_len, ranking[:n_abl])
     abl = torch.full((s.n_layers, s.n_heads), float("nan"))
     for l, h in ranking[:n_abl]:
-        abl[l, h] = eff[f"a{l}.h{h}"]
+        abl[l, h] = eff[head_node(l, h)]
     scores["ablation"] = abl
     k = min(cfg.top_k, len(ranking))
     abl_summary = ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k, cfg.n_random, cfg.seed)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mechscope.graph.names import head_node, mlp_node
+from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
 from mechscope.models.unembed import final_norm, unembed_weights
 
 
@@ -46,8 +48,8 @@ class DLA:
     def components(self) -> list[tuple[str, float]]:
         """Every component as (name, contribution): a{l}.h{h}, m{l} and the other terms."""
         L, H = self.heads.shape
-        out = [(f"a{l}.h{h}", float(self.heads[l, h])) for l in range(L) for h in range(H)]
-        out += [(f"m{l}", float(self.mlps[l])) for l in range(L)]
+        out = [(head_node(l, h), float(self.heads[l, h])) for l in range(L) for h in range(H)]
+        out += [(mlp_node(l), float(self.mlps[l])) for l in range(L)]
         out += list(self.other.items())
         return out
 
@@ -57,9 +59,9 @@ class DLA:
 
 
 def _component_hooks(L: int) -> set[str]:
-    names = {"hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "ln_final.hook_in"}
+    names = {EMBED, POS_EMBED, resid_pre(0), FINAL_NORM_IN}
     for l in range(L):
-        names |= {f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"}
+        names |= {attn_z(l), mlp_out(l)}
     return names
 
 
@@ -73,18 +75,18 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target_id: int, distra
     norm = final_norm(model)
     W_U, b_U = unembed_weights(model)
     direction = W_U[:, target_id] - W_U[:, distractor_id]  # [d_model]
-    scale = norm.scale(cache["ln_final.hook_in"][0, p])  # [1], frozen
+    scale = norm.scale(cache[FINAL_NORM_IN][0, p])  # [1], frozen
 
     def contrib(x: torch.Tensor) -> torch.Tensor:  # x [..., d_model] -> [...]
         return norm.linear(x, scale) @ direction
 
     other: dict[str, float] = {}
-    resid0 = cache["blocks.0.hook_resid_pre"][0, p]
-    if "hook_embed" in cache and "hook_pos_embed" in cache and torch.allclose(
-        cache["hook_embed"][0, p] + cache["hook_pos_embed"][0, p], resid0, atol=1e-5
+    resid0 = cache[resid_pre(0)][0, p]
+    if EMBED in cache and POS_EMBED in cache and torch.allclose(
+        cache[EMBED][0, p] + cache[POS_EMBED][0, p], resid0, atol=1e-5
     ):
-        other["embed"] = float(contrib(cache["hook_embed"][0, p]))
-        other["pos_embed"] = float(contrib(cache["hook_pos_embed"][0, p]))
+        other["embed"] = float(contrib(cache[EMBED][0, p]))
+        other["pos_embed"] = float(contrib(cache[POS_EMBED][0, p]))
     else:
         other["embed"] = float(contrib(resid0))
     heads = torch.zeros(L, model.summary.n_heads)
@@ -92,13 +94,13 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target_id: int, distra
     bias_total = 0.0
     for l in range(L):
         attn = model.bridge.blocks[l].attn
-        z = cache[f"blocks.{l}.attn.hook_z"][0, p]  # [n_heads, d_head]
+        z = cache[attn_z(l)][0, p]  # [n_heads, d_head]
         out = torch.einsum("he,hed->hd", z.float(), attn.W_O.detach().float())  # [n_heads, d_model]
         heads[l] = contrib(out).cpu()
         b_O = getattr(attn, "b_O", None)
         if b_O is not None:
             bias_total += float(contrib(b_O.detach().float()))
-        mlps[l] = float(contrib(cache[f"blocks.{l}.hook_mlp_out"][0, p]))
+        mlps[l] = float(contrib(cache[mlp_out(l)][0, p]))
     if bias_total:
         other["attn_biases"] = bias_total
     const = 0.0

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.models.hooks import FINAL_NORM_IN, FINAL_NORM_OUT, resid_mid, resid_post, resid_pre
 from mechscope.models.unembed import check_matches, final_norm, project
 
 SITES = ("pre", "mid", "post")
+_SITE_HOOK = {"pre": resid_pre, "mid": resid_mid, "post": resid_post}
 
 
 def site_names(n_layers: int) -> list[str]:
@@ -26,7 +28,8 @@ def site_names(n_layers: int) -> list[str]:
 
 
 def site_hooks(n_layers: int) -> list[str]:
-    return [f"blocks.{l}.hook_resid_{s}" for l in range(n_layers) for s in SITES]
+    """Hook names of the rows of ``site_names``, in the same order."""
+    return [_SITE_HOOK[s](l) for l in range(n_layers) for s in SITES]
 
 
 @dataclass
@@ -47,10 +50,10 @@ def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5) -> LensT
     """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``."""
     L = model.summary.n_layers
     hooks = site_hooks(L)
-    wanted = set(hooks) | {"ln_final.hook_in", "ln_final.hook_out"}
+    wanted = set(hooks) | {FINAL_NORM_IN, FINAL_NORM_OUT}
     logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
     norm = final_norm(model)
-    check_matches(norm, cache["ln_final.hook_in"][0], cache["ln_final.hook_out"][0])
+    check_matches(norm, cache[FINAL_NORM_IN][0], cache[FINAL_NORM_OUT][0])
     ranks, probs, tids, tps = [], [], [], []
     for h in hooks:  # one site at a time: [pos, d_vocab] stays small
         lp = project(model, cache[h][0], norm).log_softmax(-1)  # [pos, d_vocab]
@@ -63,5 +66,5 @@ def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5) -> LensT
     return LensTable(
         rank=torch.stack(ranks).cpu(), prob=torch.stack(probs).cpu(), top_ids=torch.stack(tids).cpu(),
         top_probs=torch.stack(tps).cpu(), logits=logits[0].detach().float().cpu(),
-        resid_final=cache["ln_final.hook_in"][0].detach().float().cpu(),
+        resid_final=cache[FINAL_NORM_IN][0].detach().float().cpu(),
     )

@@ -100,20 +100,23 @@ class Model:
 
 @contextlib.contextmanager
 def plain_attention(model: "Model"):
-    """Temporarily switch off split q/k/v inputs and per-head results (restored on exit).
+    """Switch off split q/k/v inputs and per-head results for the ``with`` block, then put
+    both modes back as they were on entry (so nested and repeated uses compose).
 
     The split modes make each head's projection an einsum over per-head copies of its input,
-    about 2.5x slower on CPU than one linear layer; gradient methods can do without them (see
-    ``mechscope.circuits.attribution``).
+    slower than one linear layer (measured in docs/decisions.md); gradient methods can do
+    without them (see ``mechscope.circuits.attribution``).
     """
     b = model.bridge
+    was_split = bool(getattr(b.cfg, "use_split_qkv_input", True))
+    was_result = bool(getattr(b.cfg, "use_attn_result", True))
     b.set_use_split_qkv_input(False)
     b.set_use_attn_result(False)
     try:
         yield model
     finally:
-        b.set_use_split_qkv_input(True)
-        b.set_use_attn_result(True)
+        b.set_use_split_qkv_input(was_split)
+        b.set_use_attn_result(was_result)
 
 
 def embedded_gguf_path() -> Path:

@@ -27,44 +27,33 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
+from mechscope.models.hooks import (
+    FINAL_NORM_IN,
+    attn_result,
+    attn_z,
+    k_input,
+    mlp_in,
+    mlp_out,
+    q_input,
+    resid_pre,
+    v_input,
+)
 
 Ablation = Literal["patching", "mean", "zero"]
 
-INPUT_HOOK = "blocks.0.hook_resid_pre"
-LOGITS_HOOK = "ln_final.hook_in"
-
-
-def q_hook(l: int) -> str:
-    return f"blocks.{l}.hook_q_input"
-
-
-def k_hook(l: int) -> str:
-    return f"blocks.{l}.hook_k_input"
-
-
-def v_hook(l: int) -> str:
-    return f"blocks.{l}.hook_v_input"
-
-
-def result_hook(l: int) -> str:
-    return f"blocks.{l}.attn.hook_result"
-
-
-def mlp_in_hook(l: int) -> str:
-    return f"blocks.{l}.hook_mlp_in"
-
-
-def mlp_out_hook(l: int) -> str:
-    return f"blocks.{l}.hook_mlp_out"
+INPUT_HOOK = resid_pre(0)
+"""Where the ``input`` sender (token + position embeddings) is read."""
+LOGITS_HOOK = FINAL_NORM_IN
+"""Where the ``logits`` receiver is patched."""
 
 
 def sender_hooks(graph: Graph) -> list[tuple[str, slice]]:
     """(hook name, sender index range) for every sender hook, in forward order."""
     out = [(INPUT_HOOK, slice(0, 1))]
     for l in range(graph.n_layers):
-        out.append((result_hook(l), graph.head_senders(l)))
+        out.append((attn_result(l), graph.head_senders(l)))
         m = graph.mlp_sender(l)
-        out.append((mlp_out_hook(l), slice(m, m + 1)))
+        out.append((mlp_out(l), slice(m, m + 1)))
     return out
 
 
@@ -74,8 +63,8 @@ def receiver_hooks(graph: Graph) -> list[tuple[str, slice, int]]:
     for l in range(graph.n_layers):
         rs = graph.receiver_slices(l)
         up = graph.sender_slice_before(l)
-        out += [(q_hook(l), rs["q"], up), (k_hook(l), rs["k"], up), (v_hook(l), rs["v"], up)]
-        out.append((mlp_in_hook(l), rs["mlp"], graph.sender_slice_before(l, mlp=True)))
+        out += [(q_input(l), rs["q"], up), (k_input(l), rs["k"], up), (v_input(l), rs["v"], up)]
+        out.append((mlp_in(l), rs["mlp"], graph.sender_slice_before(l, mlp=True)))
     out.append((LOGITS_HOOK, slice(graph.logits_receiver, graph.logits_receiver + 1), graph.n_senders))
     return out
 
@@ -85,12 +74,9 @@ def _as_heads(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 4 else x[:, :, None]
 
 
-def z_hook(l: int) -> str:
-    return f"blocks.{l}.attn.hook_z"
-
-
-def head_weights(model, layer: int) -> dict[str, torch.Tensor]:
-    """W_Q [h, d_model, d_head], W_K/W_V [kv, d_model, d_head], W_O [h, d_head, d_model]."""
+def attn_weights(model, layer: int) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s live attention weights (the model's own tensors, unfolded, not copied):
+    W_Q [h, d_model, d_head], W_K/W_V [kv, d_model, d_head], W_O [h, d_head, d_model]."""
     a = model.bridge.blocks[layer].attn
     return {"W_Q": a.W_Q, "W_K": a.W_K, "W_V": a.W_V, "W_O": a.W_O}
 
@@ -102,7 +88,7 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
     the layer's output bias, exactly what ``attn.hook_result`` holds), so capture works with
     the bridge's per-head result mode on or off.
     """
-    W_O = [head_weights(model, l)["W_O"].detach() for l in range(graph.n_layers)]
+    W_O = [attn_weights(model, l)["W_O"].detach() for l in range(graph.n_layers)]
 
     def store(sl: slice) -> Callable:
         def hook(x, hook):
@@ -122,9 +108,9 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
 
     hooks = [(INPUT_HOOK, store(slice(0, 1)))]
     for l in range(graph.n_layers):
-        hooks.append((z_hook(l), store_z(l, graph.head_senders(l))))
+        hooks.append((attn_z(l), store_z(l, graph.head_senders(l))))
         m = graph.mlp_sender(l)
-        hooks.append((mlp_out_hook(l), store(slice(m, m + 1))))
+        hooks.append((mlp_out(l), store(slice(m, m + 1))))
     return hooks
 
 

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mechscope.models.hooks import resid_into
+
 Hook = tuple[str, Callable]
 
 
@@ -37,11 +39,6 @@ def _layer_list(model) -> tuple[nn.Module, str] | None:
             parent = model.bridge.original_model.get_submodule(parent_name) if parent_name else model.bridge.original_model
             return parent, attr
     return None
-
-
-def resid_hook(model, layer: int) -> str:
-    """Hook of the residual stream entering block ``layer`` (``ln_final.hook_in`` past the last)."""
-    return "ln_final.hook_in" if layer >= model.summary.n_layers else f"blocks.{layer}.hook_resid_pre"
 
 
 class SuffixRunner:
@@ -65,7 +62,7 @@ class SuffixRunner:
         self.resid: list[torch.Tensor] = []
         self.cache: dict = {}  # for callers: state shared by successive runs (see engine.prefill)
         if self.ok:
-            names = [resid_hook(model, l) for l in range(self.n_layers + 1)]
+            names = [resid_into(l, self.n_layers) for l in range(self.n_layers + 1)]
             cache: dict[str, torch.Tensor] = {}
 
             def grab(name: str) -> Callable:
@@ -101,7 +98,7 @@ class SuffixRunner:
         own: list[Hook] = []
         if start > 0:
             r = self.resid[start].repeat(copies, 1, 1)
-            own.append((resid_hook(self.model, start), lambda x, hook: r))
+            own.append((resid_into(start, self.n_layers), lambda x, hook: r))
         kwargs = {"use_cache": False}
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = self.keep

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mechscope.models import plain_attention
+from mechscope.models.hooks import EMBED, FINAL_NORM_IN, attn_scores
 from mechscope.models.unembed import final_norm, project
 
 
@@ -84,7 +85,7 @@ def run_rows(
                 x[ri[:, None], pos[None, :]] += add.to(x.dtype)
                 return x
 
-            hooks.append(("hook_embed", embed_hook))
+            hooks.append((EMBED, embed_hook))
         for name, (ri, pi) in _index(chunk, "restore").items():
             src = clean[name][pi].to(dev)  # [n, d_model]
 
@@ -100,7 +101,7 @@ def run_rows(
                 s[ri, :, -1, pi] = float("-inf")
                 return s
 
-            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", block_hook))
+            hooks.append((attn_scores(layer), block_hook))
         batch = tokens.to(dev).expand(R, -1)
         logits = last_logits(model, batch, hooks, norm)  # [R, d_vocab]
         out.append(logits.softmax(-1)[:, target_id].cpu())
@@ -119,7 +120,7 @@ def last_logits(model, tokens: torch.Tensor, hooks: list | None = None, norm=Non
 
     with plain_attention(model):
         try:
-            model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=list(hooks or []) + [("ln_final.hook_in", stop)])
+            model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=list(hooks or []) + [(FINAL_NORM_IN, stop)])
         except _Stop:
             pass
     return project(model, final[0], norm or final_norm(model))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.models.hooks import resid_post
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states, greedy_continuations
 
@@ -59,7 +60,7 @@ def related_tokens(model, subjects: list[str], n_tokens: int = 24) -> list[set[s
 def subject_projections(model, tokens: torch.Tensor, subject_last: int, top_k: int = 50) -> list[list[str]]:
     """The top-k tokens (decoded) of the residual stream after each layer at ``subject_last``."""
     L = model.summary.n_layers
-    hooks = [f"blocks.{l}.hook_resid_post" for l in range(L)]
+    hooks = [resid_post(l) for l in range(L)]
     st = clean_states(model, tokens, hooks)
     x = torch.stack([st[h][subject_last] for h in hooks])  # [L, d_model]
     ids = project(model, x, final_norm(model)).topk(top_k, dim=-1).indices  # [L, k]

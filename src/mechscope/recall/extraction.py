@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.models.hooks import attn_out, mlp_out
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states
 
@@ -36,12 +37,13 @@ class Extraction:
 def attribute_extraction(model, tokens: torch.Tensor, target_id: int) -> Extraction:
     """Extraction events of one prompt, tokens [1, pos]."""
     L = model.summary.n_layers
-    hooks = [f"blocks.{l}.hook_{k}_out" for k in ("attn", "mlp") for l in range(L)]
+    hook_of = {"attn": attn_out, "mlp": mlp_out}
+    hooks = [hook_of[k](l) for k in ("attn", "mlp") for l in range(L)]
     st = clean_states(model, tokens, hooks)
     norm = final_norm(model)
     out = {}
     for k in ("attn", "mlp"):
-        x = torch.stack([st[f"blocks.{l}.hook_{k}_out"][-1] for l in range(L)])  # [L, d_model]
+        x = torch.stack([st[hook_of[k](l)][-1] for l in range(L)])  # [L, d_model]
         logits = project(model, x, norm)  # [L, d_vocab]
         out[k + "_rank"] = (logits > logits[:, target_id : target_id + 1]).sum(-1).cpu()
         out[k + "_top"] = logits.argmax(-1).cpu()

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.models.hooks import attn_out, mlp_out, resid_post
 from mechscope.recall.config import RecallConfig, window_layers
 from mechscope.recall.engine import Row, clean_states, run_rows
 
-KIND_HOOK = {"resid": "blocks.{l}.hook_resid_post", "mlp": "blocks.{l}.hook_mlp_out", "attn": "blocks.{l}.hook_attn_out"}
+KIND_HOOK = {"resid": resid_post, "mlp": mlp_out, "attn": attn_out}
+"""The hook (a function of the layer) each kind of state is restored at."""
 
 
 @dataclass
@@ -64,7 +66,7 @@ def causal_trace(model, tokens: torch.Tensor, subject_pos: list[int], target_id:
     cfg = cfg or RecallConfig()
     L, P = model.summary.n_layers, tokens.shape[1]
     window, _ = cfg.windows(L)
-    hooks = [KIND_HOOK[k].format(l=l) for k in cfg.kinds for l in range(L)]
+    hooks = [KIND_HOOK[k](l) for k in cfg.kinds for l in range(L)]
     clean = clean_states(model, tokens, hooks)
     bank = noise_bank(cfg.samples, len(subject_pos), model.summary.d_model, noise_std, cfg.seed)
     rows = [Row(noise=s) for s in range(cfg.samples)]  # corrupted baseline
@@ -76,7 +78,7 @@ def causal_trace(model, tokens: torch.Tensor, subject_pos: list[int], target_id:
             for p in range(subject_pos[0], P):
                 index.append((kind, i, p))
                 for s in range(cfg.samples):
-                    rows.append(Row(noise=s, restore={KIND_HOOK[kind].format(l=j): [p] for j in layers}))
+                    rows.append(Row(noise=s, restore={KIND_HOOK[kind](j): [p] for j in layers}))
     probs = run_rows(model, tokens, target_id, rows, noise_pos=subject_pos, noise_bank=bank, clean=clean, max_rows=cfg.max_rows)
     clean_p = float(run_rows(model, tokens, target_id, [Row()])[0])
     corrupt = float(probs[: cfg.samples].mean())

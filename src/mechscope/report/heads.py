@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mechscope.graph.names import head_node
 from mechscope.report.svg import bar_chart, esc, fmt, heatmap, line_chart, page, table
 
 __all__ = ["render_heads_report", "write_heads_report", "render_dynamics_report", "write_dynamics_report", "dynamics_svg"]
@@ -53,7 +54,7 @@ def _safe_json(obj: Any) -> str:
 def _grid(matrix: list[list[Any]], title: str, diverging: bool = False) -> str:
     L, H = len(matrix), len(matrix[0]) if matrix else 0
     vals = [[float("nan") if v is None else float(v) for v in row] for row in matrix]
-    tips = [[f"a{l}.h{h}: {fmt(vals[l][h])}" for h in range(H)] for l in range(L)]
+    tips = [[f"{head_node(l, h)}: {fmt(vals[l][h])}" for h in range(H)] for l in range(L)]
     return heatmap(vals, [f"L{l}" for l in range(L)], [f"h{h}" for h in range(H)], title=title,
                    diverging=diverging, tips=tips, row_title="layer", col_title="head", cell=16)
 
@@ -104,7 +105,7 @@ def render_heads_report(d: dict[str, Any], patterns: list | None = None) -> str:
         if ind:
             best = max(((l, h) for l in range(L) for h in range(H)), key=lambda x: ind[x[0]][x[1]] or 0)
         opts = "".join(
-            f'<option value="{l}.{h}"{" selected" if (l, h) == best else ""}>a{l}.h{h}</option>'
+            f'<option value="{l}.{h}"{" selected" if (l, h) == best else ""}>{head_node(l, h)}</option>'
             for l in range(L) for h in range(H)
         )
         data = {"tokens": d.get("example_tokens", []), "patterns": [[[[round(x, 3) for x in row] for row in hp] for hp in lp] for lp in patterns]}

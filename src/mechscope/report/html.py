@@ -27,22 +27,19 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
+
+from mechscope.errors import MechscopeError
+from mechscope.graph.names import INPUT, LOGITS, Node, head_node, kv_group, mlp_node, parse_node
 
 __all__ = ["render_circuit_report", "write_circuit_report"]
 
 MAX_CIRCUIT_EDGES = 3000  # draw at most this many in-circuit edges (the strongest)
 N_CONTEXT_EDGES = 200  # strongest out-of-circuit edges, drawn faint behind a toggle
 POS, NEG = "#2563eb", "#dc2626"
-
-_HEAD = re.compile(r"^a(\d+)\.h(\d+)$")
-_MLP = re.compile(r"^m(\d+)$")
-_Q = re.compile(r"^a(\d+)\.h(\d+)<q>$")
-_KV = re.compile(r"^a(\d+)\.kv(\d+)<([kv])>$")
 
 
 def e(value: Any) -> str:
@@ -70,6 +67,20 @@ def fmt(x: Any, digits: int = 3) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.{digits}g}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.{digits}f}".rstrip("0").rstrip(".") or "0"
+
+
+def _node(name: str) -> Node | None:
+    """The parsed node name, or None for a name that is not one (the data may hold anything)."""
+    try:
+        return parse_node(name)
+    except MechscopeError:
+        return None
+
+
+def _is_head(name: str) -> bool:
+    """Whether ``name`` names an attention head (``a{l}.h{h}``, no input port)."""
+    n = _node(name)
+    return n is not None and n.kind == "head" and n.port is None
 
 
 def _f(x: float) -> str:
@@ -116,28 +127,34 @@ class _Layout:
         return xa, xb, self.row_y(layer) + self.r + 7
 
     def sender(self, name: str) -> tuple[float, float] | None:
-        if name == "input":
+        n = _node(name)
+        if n is None or n.port is not None:
+            raise ValueError(name)
+        if n.kind == "input":
             return None  # resolved against the receiver (vertical edges out of the bar)
-        if mt := _HEAD.match(name):
-            x, y = self.head(int(mt[1]), int(mt[2]))
+        if n.kind == "head":
+            x, y = self.head(n.layer, n.head)
             return x, y - self.r
-        if mt := _MLP.match(name):
-            x, y = self.mlp(int(mt[1]))
+        if n.kind == "mlp":
+            x, y = self.mlp(n.layer)
             return x, y - self.m
         raise ValueError(name)
 
     def receiver(self, name: str) -> tuple[float, float] | None:
-        if name == "logits":
+        n = _node(name)
+        if n is None:
+            raise ValueError(name)
+        if n.kind == "logits":
             return None
-        if mt := _Q.match(name):
-            x, y = self.head(int(mt[1]), int(mt[2]))
+        if n.kind == "head" and n.port == "q":
+            x, y = self.head(n.layer, n.head)
             return x, y + self.r
-        if mt := _KV.match(name):
-            xa, xb, y = self.kv_span(int(mt[1]), int(mt[2]))
-            frac = 1 / 3 if mt[3] == "k" else 2 / 3
+        if n.kind == "kv" and n.port is not None:
+            xa, xb, y = self.kv_span(n.layer, n.head)
+            frac = 1 / 3 if n.port == "k" else 2 / 3
             return xa + (xb - xa) * frac, y
-        if mt := _MLP.match(name):
-            x, y = self.mlp(int(mt[1]))
+        if n.kind == "mlp":
+            x, y = self.mlp(n.layer)
             return x, y + self.m
         raise ValueError(name)
 
@@ -169,23 +186,20 @@ class _Layout:
 
 def _receiver_targets(dst: str, group: int) -> tuple[str, list[str]]:
     """(marker key the edge ends at, node names it touches) for a receiver name."""
-    if mt := _Q.match(dst):
-        name = f"a{mt[1]}.h{mt[2]}"
+    n = _node(dst)
+    if n is not None and n.kind == "head" and n.port == "q":
+        name = head_node(n.layer, n.head)
         return name, [name]
-    if mt := _KV.match(dst):
-        layer, g = int(mt[1]), int(mt[2])
-        return f"a{layer}.kv{g}", [f"a{layer}.h{h}" for h in range(g * group, (g + 1) * group)]
+    if n is not None and n.kind == "kv" and n.port is not None:
+        g = n.head
+        return kv_group(n.layer, g), [head_node(n.layer, h) for h in range(g * group, (g + 1) * group)]
     return dst, [dst]
 
 
 def _edge_kind(dst: str) -> str:
-    if dst.endswith("<q>"):
-        return "q"
-    if dst.endswith("<k>"):
-        return "k"
-    if dst.endswith("<v>"):
-        return "v"
-    return "r"  # residual reader: MLP or logits
+    """q, k or v for an attention-input receiver; r (residual reader: MLP or logits) otherwise."""
+    n = _node(dst)
+    return n.port if n is not None and n.port is not None else "r"
 
 
 _KIND_TEXT = {"q": "query input", "k": "key input", "v": "value input", "r": "input"}
@@ -326,7 +340,7 @@ def _labels(data: dict) -> dict[str, dict]:
     raw = data.get("labels")
     if not isinstance(raw, dict):
         return {}
-    return {str(k): v for k, v in raw.items() if isinstance(v, dict) and _HEAD.match(str(k))}
+    return {str(k): v for k, v in raw.items() if isinstance(v, dict) and _is_head(str(k))}
 
 
 def _shown_text(s: Any) -> str:
@@ -365,9 +379,9 @@ def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str], la
 
     parts = ['<g class="nodes">']
     lo, hi = lay.bus
-    for name, layer in (("input", -1), ("logits", lay.n_layers)):
+    for name, layer in ((INPUT, -1), (LOGITS, lay.n_layers)):
         y = lay.row_y(layer)
-        desc = "token + position embeddings" if name == "input" else "final residual stream → unembedding"
+        desc = "token + position embeddings" if name == INPUT else "final residual stream → unembedding"
         parts.append(
             f'<g class="node bus {state(name)} tip" data-n="{name}"><title>{e(_node_tip(name, desc, node_info))}'
             f'</title><rect x="{_f(lo)}" y="{_f(y - 9)}" width="{_f(hi - lo)}" height="18" rx="9"/>'
@@ -376,7 +390,7 @@ def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str], la
     for layer in range(lay.n_layers):
         for g in range(max(1, lay.n_kv_heads)):
             xa, xb, y = lay.kv_span(layer, g)
-            name = f"a{layer}.kv{g}"
+            name = kv_group(layer, g)
             heads = f"heads {g * lay.group}–{(g + 1) * lay.group - 1}" if lay.group > 1 else f"head {g}"
             parts.append(
                 f'<g class="kv {state(name)} tip" data-n="{name}"><title>{name} · key/value inputs of KV head '
@@ -385,7 +399,7 @@ def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str], la
             )
         for h in range(lay.n_heads):
             x, y = lay.head(layer, h)
-            name = f"a{layer}.h{h}"
+            name = head_node(layer, h)
             label = f'<text x="{_f(x)}" y="{_f(y + 3.2)}">{h}</text>' if lay.r >= 7 else ""
             lab = labels.get(name)
             role = (lab or {}).get("role")
@@ -398,7 +412,7 @@ def _graph_nodes(lay: _Layout, node_info: dict[str, dict], touched: set[str], la
                 f'<circle cx="{_f(x)}" cy="{_f(y)}" r="{_f(lay.r)}"/>{label}</g>'
             ))
         x, y = lay.mlp(layer)
-        name = f"m{layer}"
+        name = mlp_node(layer)
         parts.append(
             f'<g class="node mlp {state(name)} tip" data-n="{name}">'
             f"<title>{e(_node_tip(name, f'MLP of layer {layer}', node_info))}</title>"
@@ -552,13 +566,16 @@ def _asset(name: str) -> str:
 
 def _component_type(name: str) -> tuple[str, str]:
     """(type, layer) of a component name, for the table."""
-    if mt := _HEAD.match(name):
-        return "head", mt[1]
-    if mt := _MLP.match(name):
-        return "MLP", mt[1]
-    if mt := _Q.match(name) or _KV.match(name):
-        return "attn input", mt[1]
-    return name if name in ("input", "logits") else "—", ""
+    n = _node(name)
+    if n is None:
+        return "—", ""
+    if n.kind == "head" and n.port is None:
+        return "head", str(n.layer)
+    if n.kind == "mlp":
+        return "MLP", str(n.layer)
+    if n.port is not None:
+        return "attn input", str(n.layer)
+    return (name, "") if n.kind in ("input", "logits") else ("—", "")
 
 
 def _stats(data: dict) -> str:
