@@ -163,7 +163,7 @@ def test_train_config_refuses_nonsense():
 def test_sparse_topk_backward_equals_dense_autograd():
     """The fused TopK encoder's hand-written backward (sparse W_enc gradient, AuxK included)
     gives the gradients plain autograd gives through a dense encoder."""
-    from mechscope.sae.train import _TopKEncode
+    from mechscope.sae.archs.topk import _TopKEncode
 
     torch.manual_seed(0)
     x = torch.randn(64, 12)
@@ -184,3 +184,73 @@ def test_sparse_topk_backward_equals_dense_autograd():
     ((v2 * gv).sum() + (av2 * ga).sum()).backward()
     for got, want in zip(fused, (w.grad, b.grad, bd.grad)):
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_architectures_save_under_their_saelens_names_and_load_back():
+    """Each architecture's cfg.json name (SAE / transcoder) and the name it is read back from."""
+    from mechscope.sae.archs import ARCHITECTURES, from_saelens, get_architecture, saelens_names
+    from mechscope.sae.io import config_from_saelens, saelens_cfg
+
+    want = {"relu": ("standard", "transcoder"), "topk": ("topk", "topk_transcoder"),
+            "batchtopk": ("jumprelu", "jumprelu_transcoder"), "jumprelu": ("jumprelu", "jumprelu_transcoder")}
+    assert ARCHITECTURES == tuple(want)
+    assert saelens_names() == ["jumprelu", "jumprelu_transcoder", "standard", "topk", "topk_transcoder", "transcoder"]
+    for arch, names in want.items():
+        for tc, saelens in zip((False, True), names):
+            cfg = SAEConfig(d_in=8, d_sae=16, architecture=arch, k=3 if get_architecture(arch).uses_k else None,
+                            d_out=6 if tc else None, hook_name_out="blocks.0.hook_mlp_out" if tc else None)
+            raw = saelens_cfg(cfg)
+            assert raw["architecture"] == saelens and ("d_out" in raw) == tc
+            assert ("k" in raw, "k" in raw["metadata"]) == (arch == "topk", arch == "batchtopk")
+            back = config_from_saelens(json.loads(json.dumps(raw)))
+            assert (back.architecture, back.is_transcoder, back.k) == (arch, tc, cfg.k)
+    assert from_saelens("jumprelu")[0].name == "jumprelu" and from_saelens("gated") is None
+    with pytest.raises(MechscopeError, match="not supported; mechscope reads jumprelu, jumprelu_transcoder"):
+        config_from_saelens({"d_in": 8, "d_sae": 16, "architecture": "gated"})
+
+
+def test_a_new_architecture_is_one_class(tmp_path, monkeypatch):
+    """A skip transcoder (y_hat = ReLU code @ W_dec + b_dec + x @ W_skip), defined here and
+    registered, trains with the unchanged trainer, folds its scales, saves W_skip and loads back
+    (and a wrong-shaped W_skip in the file gets the usual one-sentence error)."""
+    from mechscope.sae import archs
+    from mechscope.sae.archs.relu import ReLU
+
+    class SkipTranscoder(ReLU):
+        name = "test_skip"
+        saelens_name = "test_skip_sae"
+        saelens_transcoder_name = "test_skip_transcoder"
+
+        def extra_parameters(self, cfg):
+            return {"W_skip": (cfg.d_in, cfg.out_dim)}
+
+        def decode(self, sae, f, x=None):
+            return super().decode(sae, f) + x.to(sae.W_skip.dtype) @ sae.W_skip
+
+        @torch.no_grad()
+        def fold_scales(self, sae, scale_in, scale_out):
+            super().fold_scales(sae, scale_in, scale_out)
+            sae.W_skip.mul_(scale_in / scale_out)
+
+    monkeypatch.setitem(archs._REGISTRY, SkipTranscoder.name, SkipTranscoder)
+    x, _ = _planted(n=8000)
+    g = torch.Generator().manual_seed(4)
+    lin = torch.randn(32, 24, generator=g) / 32**0.5
+    y = 5.0 * (x @ lin) + torch.relu(x) @ (torch.randn(32, 24, generator=g) / 32**0.5)  # mostly linear
+    tr = Trainer(TensorSource(x, y), _cfg("test_skip", tokens=20_000, l1=0.05, lr=1e-2), tmp_path, d_in=32,
+                 hook_name="h", model_name="m", d_out=24, hook_name_out="o")
+    sae = tr.run()
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "test_skip_transcoder"
+    back = load_sae(tmp_path)
+    assert isinstance(back.arch, SkipTranscoder) and back.W_skip.shape == (32, 24)
+    with torch.no_grad():
+        assert torch.equal(back(x[:100]), sae(x[:100]))
+        assert torch.allclose(sae(x[:50]), tr.sae(x[:50] * tr.scale_in) / tr.scale_out, atol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(sae.W_skip.flatten(), lin.flatten(), 0)
+    assert cos > 0.6, float(cos)  # W_skip (zeros at the start) learned the planted linear map
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(tmp_path / "sae_weights.safetensors"))
+    save_file({**w, "W_skip": torch.zeros(31, 24)}, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(MechscopeError, match="W_skip has shape \\[31, 24\\]"):
+        load_sae(tmp_path)

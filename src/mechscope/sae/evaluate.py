@@ -93,7 +93,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, s
         clean_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_in, grab_in), (hook_out, grab_out)])
         x, y = store["x"][:, skip_first:], store["y"][:, skip_first:]
         f = sae.encode(x)
-        y_hat = sae.decode(f)
+        y_hat = sae.decode(f, x)
 
         def splice(t, hook):  # noqa: ANN001
             t = t.clone()

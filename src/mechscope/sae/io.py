@@ -1,12 +1,14 @@
 """Save and load SAEs in SAELens's on-disk layout, so SAEs move both ways.
 
 A folder holds ``cfg.json`` and ``sae_weights.safetensors`` (``W_enc [d_in, d_sae]``,
-``W_dec [d_sae, d_out]``, ``b_enc``, ``b_dec``, and ``threshold`` for JumpReLU). Architecture
-names map as SAELens 6 registers them: relu -> ``standard`` (``transcoder`` for transcoders),
-topk -> ``topk``, jumprelu -> ``jumprelu`` (``jumprelu_transcoder``), and batchtopk -> ``jumprelu``
-with its learned threshold (what BatchTopK is at inference; SAELens stores it the same way),
-remembered as batchtopk in ``metadata.mechscope_architecture``. A TopK transcoder has no
-SAELens class; it is saved as ``topk_transcoder`` (mechscope only).
+``W_dec [d_sae, d_out]``, ``b_enc``, ``b_dec``, and ``threshold`` for JumpReLU; each
+architecture's ``tensor_shapes`` lists them). Architecture names map as SAELens 6 registers
+them (each architecture class in ``mechscope.sae.archs`` names its own): relu -> ``standard``
+(``transcoder`` for transcoders), topk -> ``topk``, jumprelu -> ``jumprelu``
+(``jumprelu_transcoder``), and batchtopk -> ``jumprelu`` with its learned threshold (what
+BatchTopK is at inference; SAELens stores it the same way), remembered as batchtopk in
+``metadata.mechscope_architecture``. A TopK transcoder has no SAELens class; it is saved as
+``topk_transcoder`` (mechscope only).
 
 Only safetensors is ever read: nothing is unpickled.
 """
@@ -22,37 +24,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mechscope.errors import MechscopeError
+from mechscope.sae.archs import from_saelens, get_architecture, saelens_names
 from mechscope.sae.model import SAE, SAEConfig
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
-_TO_SAELENS = {
-    ("relu", False): "standard", ("relu", True): "transcoder",
-    ("topk", False): "topk", ("topk", True): "topk_transcoder",
-    ("jumprelu", False): "jumprelu", ("jumprelu", True): "jumprelu_transcoder",
-    ("batchtopk", False): "jumprelu", ("batchtopk", True): "jumprelu_transcoder",
-}
-_FROM_SAELENS = {
-    "standard": ("relu", False), "transcoder": ("relu", True),
-    "topk": ("topk", False), "topk_transcoder": ("topk", True),
-    "jumprelu": ("jumprelu", False), "jumprelu_transcoder": ("jumprelu", True),
-}
-
 
 def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
     """The ``cfg.json`` dict SAELens's ``SAE.load_from_disk`` reads."""
-    arch = _TO_SAELENS[(cfg.architecture, cfg.is_transcoder)]
+    arch = get_architecture(cfg.architecture)()
     meta = {
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
         "mechscope_architecture": cfg.architecture,
         **({"hook_name_out": cfg.hook_name_out} if cfg.is_transcoder else {}),
-        **({"k": cfg.k} if cfg.architecture == "batchtopk" else {}),
+        **arch.saelens_metadata(cfg),
         **cfg.metadata,
     }
     out: dict[str, Any] = {
-        "architecture": arch,
+        "architecture": arch.saelens_architecture(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -62,9 +53,7 @@ def saelens_cfg(cfg: SAEConfig) -> dict[str, Any]:
         "reshape_activations": "none",
         "metadata": meta,
     }
-    if cfg.architecture == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
+    out.update(arch.saelens_keys(cfg))
     if cfg.is_transcoder:
         out["d_out"] = cfg.d_out
     return out
@@ -74,9 +63,7 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     """Write ``cfg.json`` + ``sae_weights.safetensors`` into ``path`` (created)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: getattr(sae, n).detach().to("cpu").contiguous() for n in ("W_enc", "W_dec", "b_enc", "b_dec")}
-    if sae.cfg.architecture in ("jumprelu", "batchtopk"):
-        tensors["threshold"] = sae.threshold.detach().to("cpu").contiguous()
+    tensors = {n: getattr(sae, n).detach().to("cpu").contiguous() for n in sae.arch.tensor_shapes(sae.cfg)}
     save_file(tensors, str(path / WEIGHTS_FILE))
     (path / CFG_FILE).write_text(json.dumps(saelens_cfg(sae.cfg), indent=2))
     return path
@@ -104,14 +91,13 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
         raise MechscopeError(f"{where} lacks {', '.join(missing)}; an SAE config needs d_in, d_sae and architecture.")
     meta = dict(raw.get("metadata") or {})
     arch_name = raw.get("architecture", "standard")
-    if arch_name not in _FROM_SAELENS:
+    found = from_saelens(arch_name, meta.get("mechscope_architecture")) if isinstance(arch_name, str) else None
+    if found is None:
         raise MechscopeError(
             f"{where}: SAE architecture {arch_name!r} is not supported; mechscope reads "
-            f"{', '.join(sorted(_FROM_SAELENS))}."
+            f"{', '.join(saelens_names())}."
         )
-    arch, transcoder = _FROM_SAELENS[arch_name]
-    if arch == "jumprelu" and meta.get("mechscope_architecture") == "batchtopk":
-        arch = "batchtopk"
+    arch_cls, transcoder = found
     norm = raw.get("normalize_activations", "none") or "none"
     if norm != "none":
         raise MechscopeError(
@@ -125,8 +111,8 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
     return SAEConfig(
         d_in=int(raw["d_in"]),
         d_sae=int(raw["d_sae"]),
-        architecture=arch,
-        k=int(k) if k is not None and arch in ("topk", "batchtopk") else None,
+        architecture=arch_cls.name,
+        k=int(k) if k is not None and arch_cls.uses_k else None,
         hook_name=str(meta.get("hook_name") or raw.get("hook_name") or ""),
         model_name=str(meta.get("model_name") or raw.get("model_name") or ""),
         d_out=int(raw["d_out"]) if transcoder else None,
@@ -154,12 +140,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     except (SafetensorError, OSError) as exc:
         raise MechscopeError(f"{wfile} is not a readable safetensors file ({exc}); re-save the SAE.") from None
     sae = SAE(cfg)
-    want = {
-        "W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.out_dim),
-        "b_enc": (cfg.d_sae,), "b_dec": (cfg.out_dim,),
-    }
-    if cfg.architecture in ("jumprelu", "batchtopk"):
-        want["threshold"] = (cfg.d_sae,)
+    want = sae.arch.tensor_shapes(cfg)
     for name, shape in want.items():
         if name not in tensors:
             raise MechscopeError(f"{wfile} lacks the tensor {name!r} (it has {', '.join(sorted(tensors)) or 'none'}); a {cfg.architecture} SAE needs {', '.join(want)}.")

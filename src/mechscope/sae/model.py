@@ -4,10 +4,15 @@
     x_hat = f @ W_dec + b_dec
 
 Shapes: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_out]``, ``b_dec [d_out]``,
-``threshold [d_sae]`` (JumpReLU and BatchTopK at inference), with ``d_out == d_in`` for an
-SAE. These are SAELens's names and layouts, so saving is a rename-free dump (see ``io.py``).
+``threshold [d_sae]`` (used by JumpReLU, and BatchTopK at inference), with ``d_out == d_in``
+for an SAE. These are SAELens's names and layouts, so saving is a rename-free dump (see
+``io.py``).
 
-Activations by architecture (SAELens semantics, so both libraries reconstruct the same):
+What differs between architectures (the pre-activation, the activation, the losses and
+training step, the saved tensors and ``cfg.json`` keys) is an ``Architecture`` object from
+``mechscope.sae.archs``, chosen by ``SAEConfig.architecture``; the module holds the
+parameters and calls it. Activations by architecture (SAELens semantics, so both libraries
+reconstruct the same):
 - ``relu``: ReLU(pre).
 - ``topk``: keep the k largest pre-activations per token, then ReLU.
 - ``batchtopk``: while training, the k * batch largest over the whole batch; at inference a
@@ -24,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+from mechscope.sae.archs import ARCHITECTURES, Architecture, get_architecture
+
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig"]
 
 
 @dataclass
@@ -46,11 +53,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         from mechscope.errors import MechscopeError
 
-        if self.architecture not in ARCHITECTURES:
-            raise MechscopeError(
-                f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}."
-            )
-        if self.architecture in ("topk", "batchtopk") and not self.k:
+        if get_architecture(self.architecture).uses_k and not self.k:
             raise MechscopeError(f"a {self.architecture} SAE needs k (the number of active features per token).")
         if self.k is not None and not 0 < self.k <= self.d_sae:
             raise MechscopeError(f"k={self.k} must lie between 1 and d_sae={self.d_sae}.")
@@ -70,11 +73,13 @@ class SAEConfig:
 
 
 class SAE(nn.Module):
-    """A sparse autoencoder or transcoder; ``sae(x)`` reconstructs, ``encode``/``decode`` split it."""
+    """A sparse autoencoder or transcoder; ``sae(x)`` reconstructs, ``encode``/``decode`` split it.
+    ``arch`` is its ``Architecture`` (``mechscope.sae.archs``)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.arch: Architecture = get_architecture(cfg.architecture)()
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
         dtype = getattr(torch, cfg.dtype)
         g = torch.Generator().manual_seed(int(cfg.metadata.get("seed", 0)))
@@ -86,37 +91,30 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w_enc.to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
-        self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype), requires_grad=cfg.architecture == "jumprelu")
+        self.threshold = nn.Parameter(torch.zeros(d_sae, dtype=dtype), requires_grad=self.arch.threshold_trained)
+        for name, shape in self.arch.extra_parameters(cfg).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)))
 
     # ------------------------------------------------------------------ forward pieces
     def pre_acts(self, x: Tensor) -> Tensor:
         """[..., d_in] -> [..., d_sae] pre-activations."""
-        x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return self.arch.pre_acts(self, x)
 
     def activate(self, pre: Tensor) -> Tensor:
         """Inference activation of pre-activations [..., d_sae]."""
-        arch = self.cfg.architecture
-        if arch == "relu":
-            return torch.relu(pre)
-        if arch == "topk":
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
-        # jumprelu, and batchtopk at inference
-        return pre * (pre > self.threshold)
+        return self.arch.activate(self, pre)
 
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations [..., d_sae] of inputs [..., d_in]."""
         return self.activate(self.pre_acts(x))
 
-    def decode(self, f: Tensor) -> Tensor:
-        """[..., d_sae] -> [..., d_out]."""
-        return f @ self.W_dec + self.b_dec
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """[..., d_sae] -> [..., d_out]. ``x`` [..., d_in], the input ``f`` was encoded from, is
+        read only by an architecture whose output also depends on the input directly."""
+        return self.arch.decode(self, f, x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x), x)
 
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()

@@ -6,10 +6,13 @@ What the trainer does (each a known good practice of the field's trainers):
 - decoder bias initialised at the geometric median of a sample (mean for transcoder outputs);
 - decoder rows kept at unit norm (gradient component along each row removed before a step);
 - Adam with linear learning-rate warm-up and linear decay over the last ``lr_decay`` fraction;
-- ReLU: L1 penalty (on |f| times decoder norms) warmed up linearly, dead features resampled
-  towards badly reconstructed inputs; TopK / BatchTopK: AuxK loss on dead latents (Gao et al.);
-  JumpReLU: L0 penalty through a straight-through estimator with a rectangle kernel
-  (Rajamanoharan et al.);
+- the architecture's own encoding, sparsity and auxiliary losses, from its class in
+  ``mechscope.sae.archs`` (ReLU: L1 penalty on |f| times decoder norms, warmed up linearly;
+  TopK / BatchTopK: AuxK loss on dead latents (Gao et al.); JumpReLU: L0 penalty through a
+  straight-through estimator with a rectangle kernel (Rajamanoharan et al.)); the trainer
+  calls its methods and does not branch on its name;
+- dead features resampled towards badly reconstructed inputs, for architectures that ask
+  (``resamples_dead``: ReLU);
 - checkpoints every ``checkpoint_every`` tokens (written to a temporary folder then renamed,
   so a SIGKILL mid-write leaves the previous checkpoint intact). ``resume=True`` restores
   weights, optimiser, counters, random state and the data source's position, so the resumed
@@ -28,13 +31,13 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
+from mechscope.sae.archs import StepState, get_architecture
 from mechscope.sae.io import save_sae
-from mechscope.sae.model import ARCHITECTURES, SAE, SAEConfig
+from mechscope.sae.model import SAE, SAEConfig
 
 CKPT_DIR = "checkpoint"
 
@@ -80,8 +83,7 @@ class TrainConfig:
     log_every: int = 20  # steps
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise MechscopeError(f"unknown SAE architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}.")
+        get_architecture(self.architecture)  # a one-sentence error for an unknown name
         if self.tokens < self.batch_tokens:
             raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
         if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
@@ -111,83 +113,6 @@ def _geometric_median(x: Tensor, iters: int = 30) -> Tensor:
     return y
 
 
-class _StepSTE(torch.autograd.Function):
-    """Heaviside H(pre - theta); gradient to theta through a rectangle kernel of width eps."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # noqa: ANN001
-        pre, theta = ctx.saved_tensors
-        k = ((pre - theta).abs() < ctx.eps / 2).to(pre.dtype) / ctx.eps
-        return None, -(k * g).sum(0), None
-
-
-class _JumpSTE(torch.autograd.Function):
-    """pre * H(pre - theta): exact gradient to pre where active; to theta via the kernel."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # noqa: ANN001
-        pre, theta = ctx.saved_tensors
-        active = (pre > theta).to(pre.dtype)
-        k = ((pre - theta).abs() < ctx.eps / 2).to(pre.dtype) / ctx.eps
-        return g * active, (-theta * k * g).sum(0), None
-
-
-def _sparse_weight_grad(idx: Tensor, g: Tensor, xc: Tensor, d_sae: int) -> Tensor:
-    """sum over tokens b and slots j of g[b, j] * xc[b], added into row idx[b, j]: [d_sae, d_in].
-    A sparse-dense product, ~5x faster than the dense [d_in, batch] @ [batch, d_sae] it replaces
-    (measured on this CPU at batch 4096, d_in 576, d_sae 4608, k 32)."""
-    b, k = idx.shape
-    rows = torch.arange(b, device=idx.device).repeat_interleave(k)
-    gt = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (d_sae, b), check_invariants=False)
-    return torch.sparse.mm(gt, xc)
-
-
-class _TopKEncode(torch.autograd.Function):
-    """TopK encoding of ``x - b_dec`` (b_dec None for a transcoder) that also returns, for
-    AuxK, the top ``k_aux`` pre-activations among dead latents. Its backward touches only the
-    selected entries: W_enc's gradient is a sparse product instead of a dense GEMM over all
-    d_sae columns, b_enc's an index_add, b_dec's ``-W_enc @ grad(b_enc)``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor | None, w_enc: Tensor, b_enc: Tensor, k: int, dead: Tensor | None, k_aux: int):  # noqa: ANN001
-        xc = x - b_dec if b_dec is not None else x
-        pre = torch.addmm(b_enc, xc, w_enc)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)
-        if dead is not None and k_aux > 0:
-            avals, aidx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        else:
-            avals, aidx = xc.new_zeros((xc.shape[0], 0)), idx.new_zeros((xc.shape[0], 0))
-        ctx.save_for_backward(xc, w_enc, idx, aidx)
-        ctx.has_b_dec = b_dec is not None
-        ctx.mark_non_differentiable(idx, aidx)
-        return vals, idx, avals, aidx
-
-    @staticmethod
-    def backward(ctx, g_vals: Tensor, _gi, g_avals: Tensor, _ga):  # noqa: ANN001
-        xc, w_enc, idx, aidx = ctx.saved_tensors
-        d_sae = w_enc.shape[1]
-        idx_all, g_all = idx, g_vals
-        if aidx.shape[1] and g_avals is not None:
-            idx_all, g_all = torch.cat([idx, aidx], 1), torch.cat([g_vals, g_avals], 1)
-        g_all = torch.nan_to_num(g_all, nan=0.0, posinf=0.0, neginf=0.0)
-        g_b = torch.zeros(d_sae, dtype=g_all.dtype, device=g_all.device).index_add_(0, idx_all.reshape(-1), g_all.reshape(-1))
-        g_w = _sparse_weight_grad(idx_all, g_all, xc, d_sae).T if ctx.needs_input_grad[2] else None
-        g_bdec = -(w_enc @ g_b) if ctx.has_b_dec and ctx.needs_input_grad[1] else None
-        return None, g_bdec, g_w, g_b, None, None, None
-
-
 class Trainer:
     """One training run; ``run()`` trains to ``cfg.tokens`` and returns the saved SAE."""
 
@@ -210,12 +135,13 @@ class Trainer:
         d_sae = cfg.d_sae or cfg.expansion * d_in
         self.sae_cfg = SAEConfig(
             d_in=d_in, d_sae=d_sae, architecture=cfg.architecture,
-            k=cfg.k if cfg.architecture in ("topk", "batchtopk") else None,
+            k=cfg.k if get_architecture(cfg.architecture).uses_k else None,
             hook_name=hook_name, model_name=model_name, d_out=d_out, hook_name_out=hook_name_out,
             metadata={"seed": cfg.seed, **(metadata or {})},
         )
         torch.manual_seed(cfg.seed)
         self.sae = SAE(self.sae_cfg).to(cfg.device)
+        self.arch = self.sae.arch
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.step = 0
         self.tokens = 0
@@ -247,8 +173,7 @@ class Trainer:
                 self.sae.b_dec.copy_(sample.mean(0))
             else:
                 self.sae.b_dec.copy_(_geometric_median(sample))
-            if cfg.architecture == "jumprelu":
-                self.sae.threshold.fill_(cfg.jumprelu_init_threshold)
+            self.arch.init_training(self.sae, cfg)
 
     # ----------------------------------------------------------------- schedule
     def _lr(self) -> float:
@@ -266,74 +191,18 @@ class Trainer:
         warm = max(1, int(self.cfg.l1_warmup * self.cfg.steps))
         return min(1.0, (self.step + 1) / warm)
 
-    def _l1_coef(self) -> float:
-        return self.cfg.l1 * self._warm()
-
     # ----------------------------------------------------------------- one step
     def _dead_mask(self) -> Tensor:
         return (self.tokens - self.last_fired) >= self.cfg.dead_tokens
 
     def _train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        cfg, sae = self.cfg, self.sae
-        arch = cfg.architecture
-        aux = torch.zeros((), device=x.device)
-        bags: tuple[Tensor, Tensor, Tensor | None] | None = None  # sparse code: (vals, idx, offsets)
-        aux_code: tuple[Tensor, Tensor] | None = None
-        pre = sae.pre_acts(x) if arch != "topk" else None
-        if arch == "relu":
-            f = torch.relu(pre)
-            sparsity = self._l1_coef() * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-        elif arch == "topk":
-            dead = self._dead_mask()
-            k_aux = min(cfg.aux_k or x.shape[1] // 2, int(dead.sum()))
-            b_dec = sae.b_dec if sae.cfg.apply_b_dec_to_input and not sae.cfg.is_transcoder else None
-            vals, idx, avals, aidx = _TopKEncode.apply(x, b_dec, sae.W_enc, sae.b_enc, cfg.k, dead if k_aux else None, k_aux)
-            bags = (vals.relu(), idx, None)
-            aux_code = (avals, aidx) if k_aux else None
-            sparsity = aux
-        elif arch == "batchtopk":
-            flat = pre.relu().flatten()
-            vals, idx = flat.topk(cfg.k * x.shape[0], sorted=True)
-            rows, cols = idx // pre.shape[1], idx % pre.shape[1]
-            order = rows.argsort(stable=True)  # group the kept entries by token for embedding_bag
-            counts = torch.bincount(rows, minlength=x.shape[0])
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
-            bags = (vals[order], cols[order], offsets)
-            with torch.no_grad():  # inference threshold: running mean of the smallest kept value
-                pos = vals[vals > 0]
-                if pos.numel():
-                    m = pos.min()
-                    if self.step == 0:
-                        sae.threshold.fill_(float(m))
-                    else:
-                        sae.threshold.mul_(0.99).add_(0.01 * m)
-            sparsity = aux
-        else:  # jumprelu
-            theta = sae.threshold
-            f = _JumpSTE.apply(pre, theta, cfg.jumprelu_bandwidth)
-            l0 = _StepSTE.apply(pre, theta, cfg.jumprelu_bandwidth).sum(-1).mean()
-            sparsity = self._warm() * cfg.l0 * l0
-        if bags is not None:
-            # TopK codes have k non-zeros per token: decoding by gathering the k decoder rows
-            # (embedding_bag) instead of a dense [batch, d_sae] @ [d_sae, d] product skips
-            # (1 - k/d_sae) of the decoder's forward and backward work.
-            v, i, off = bags
-            y_hat = F.embedding_bag(i.reshape(-1) if off is not None else i, sae.W_dec, off, mode="sum", per_sample_weights=v.reshape(-1) if off is not None else v) + sae.b_dec
-        else:
-            y_hat = sae.decode(f)
-        err = y - y_hat
+        cfg, sae, arch = self.cfg, self.sae, self.arch
+        st = StepState(cfg=cfg, step=self.step, warm=self._warm(), dead=self._dead_mask())
+        code = arch.train_forward(sae, x, st)
+        err = y - code.y_hat
         mse = err.pow(2).sum(-1).mean()
-        if arch == "batchtopk" and self._dead_mask().any():
-            dead = self._dead_mask()
-            k_aux = min(cfg.aux_k or x.shape[1] // 2, int(dead.sum()))
-            aux_code = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        if aux_code is not None:  # AuxK: dead latents reconstruct the main code's error
-            va, ia = aux_code
-            e_hat = F.embedding_bag(ia, sae.W_dec, mode="sum", per_sample_weights=va.relu())
-            e = err.detach()
-            aux = cfg.aux_coef * (e - e_hat).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean().clamp_min(1e-8)
-            aux = torch.nan_to_num(aux)
-        loss = mse + sparsity + aux
+        aux = arch.aux_loss(sae, code, err, st)
+        loss = mse + code.sparsity + aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -341,20 +210,11 @@ class Trainer:
             g["lr"] = self._lr()
         self.opt.step()
         sae.set_decoder_unit_norm()
-        if arch == "jumprelu":
-            with torch.no_grad():
-                sae.threshold.clamp_(min=1e-4)
-        n = x.shape[0]
-        self.tokens += n
+        arch.after_step(sae, cfg)
+        self.tokens += x.shape[0]
         with torch.no_grad():
-            if bags is not None:
-                v, i, _ = bags
-                active = v.detach().reshape(-1) > 0
-                self.last_fired[i.reshape(-1)[active]] = self.tokens
-                l0 = float(active.sum()) / n
-            else:
-                self.last_fired[(f > 0).any(0)] = self.tokens
-                l0 = float((f > 0).sum(-1).float().mean())
+            fired, l0 = code.fired()
+            self.last_fired[fired] = self.tokens
             var = (y - y.mean(0)).pow(2).sum(-1).mean()
             return {
                 "loss": float(loss), "mse": float(mse), "fvu": float(mse / var.clamp_min(1e-8)),
@@ -365,7 +225,8 @@ class Trainer:
 
     @torch.no_grad()
     def _resample(self, x: Tensor, y: Tensor) -> int:
-        """ReLU: point dead features at inputs the SAE reconstructs worst (Anthropic 2023)."""
+        """Point dead features at inputs the SAE reconstructs worst (Anthropic 2023); for
+        architectures with ``resamples_dead`` (ReLU)."""
         dead = self._dead_mask().nonzero().flatten()
         if dead.numel() == 0:
             return 0
@@ -484,7 +345,7 @@ class Trainer:
             stats = self._train_step(x, y)
             self.step += 1
             done_here += 1
-            if cfg.architecture == "relu" and self.step % resample_every == 0 and self.step < 0.8 * cfg.steps and self.tokens >= cfg.dead_tokens:
+            if self.arch.resamples_dead and self.step % resample_every == 0 and self.step < 0.8 * cfg.steps and self.tokens >= cfg.dead_tokens:
                 stats["resampled"] = self._resample(x, y)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 stats.update(step=self.step, tokens=self.tokens, tok_per_s=(self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
@@ -502,14 +363,7 @@ class Trainer:
         """A copy of the SAE that reads raw activations (input/output scales folded in)."""
         sae = SAE(self.sae_cfg).to(self.cfg.device)
         sae.load_state_dict(self.sae.state_dict())
-        with torch.no_grad():
-            sae.W_enc.mul_(self.scale_in)
-            if self.sae_cfg.is_transcoder:
-                sae.W_dec.div_(self.scale_out)
-                sae.b_dec.div_(self.scale_out)
-            else:
-                sae.W_dec.div_(self.scale_in)
-                sae.b_dec.div_(self.scale_in)
+        sae.arch.fold_scales(sae, self.scale_in, self.scale_out)  # an SAE's scale_out is its scale_in
         sae.cfg.metadata.update(
             {"trained_tokens": self.tokens, "input_scale_folded": self.scale_in, "train_config": asdict(self.cfg)}
         )
