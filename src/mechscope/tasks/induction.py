@@ -10,15 +10,13 @@ predictable and is not scored.
 - Scored positions (k = L - 1 per example): ``p + L + i - 1`` for i = 1..L-1 (p = prefix
   length), where the next token is ``R[i]``; ``answers`` = those ``R[i]``; metric ``logprob``
   (mean log p(answer) over the positions); ``wrongs`` = ``answers`` (unused).
-- Corrupt prompt: ``prefix + R' + R`` with ``R'`` another L random tokens, disjoint from R:
-  the *first* copy is replaced, so the scored positions read the same tokens in both runs and
-  only the earlier context differs (the repeat is there or not). The clean-corrupt difference
-  then flows only through attention to the earlier positions, the induction mechanism
-  (previous-token heads on the first copy, induction heads on the second). Corrupting the
-  second copy instead (``prefix + R + R'``, the hand-built toy's task) changes the current
-  token at every scored position, so every path from it (bigram statistics, the direct path)
-  joins the "behaviour": on the embedded model that left circuit discovery without a circuit
-  (no size up to 50% of edges above 0.46 faithfulness; docs/decisions.md).
+- Corrupt prompt: ``prefix + R + R'`` with ``R'`` another L random tokens, disjoint from R;
+  the same positions and answers are scored, which nothing in the corrupt prompt predicts.
+  Replacing the *first* copy instead (``prefix + R' + R``, ``corrupt="first"`` of
+  ``repeated_tokens_batch``) keeps the scored tokens and removes only the repeat, but then the
+  token identities of the first copy, which every component at those positions carries, are
+  the behaviour: on the embedded model its circuits were far less local (held-out
+  faithfulness 0.08 at 10% of edges against 0.44 with this corruption; docs/decisions.md).
 
 "Ordinary" tokens: non-special vocabulary entries that decode to an ASCII word of 2+ letters
 with an optional leading space, so the sequences contain no control bytes or fragments.
@@ -50,7 +48,7 @@ def ordinary_tokens(tokenizer: Any) -> list[int]:
 
 
 def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskBatch:
-    """Induction batch of ``n`` sequences ``prefix + R + R`` (corrupt ``prefix + R' + R``)."""
+    """Induction batch of ``n`` sequences ``prefix + R + R`` (corrupt ``prefix + R + R'``)."""
     if length < 2:
         raise MechscopeError("Induction needs a repeated sequence of at least 2 tokens.")
     vocab = torch.tensor(ordinary_tokens(tokenizer))
@@ -58,7 +56,7 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0, length: int = 20) -> TaskB
         raise MechscopeError(f"The tokenizer has too few plain-word tokens ({len(vocab)}).")
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long)
-    return repeated_tokens_batch(tokenizer, vocab, prefix, n, length, seed, task="induction", corrupt="first")
+    return repeated_tokens_batch(tokenizer, vocab, prefix, n, length, seed, task="induction", corrupt="second")
 
 
 def repeated_tokens_batch(
