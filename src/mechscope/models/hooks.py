@@ -128,6 +128,17 @@ def ln_normalized(layer: int, which: Literal[1, 2]) -> str:
     return f"{_BLOCKS}{layer}.ln{which}.hook_normalized"
 
 
+def ln_scale(layer: int, which: Literal[1, 2]) -> str:
+    """``blocks.{layer}.ln{which}.hook_scale``: the norm's per-position scale [batch, pos, 1]
+    (sqrt of the mean square, or of the variance for LayerNorm, plus eps); a hook that
+    replaces it changes the norm's output (outside the split-attention modes)."""
+    return f"{_BLOCKS}{layer}.ln{which}.hook_scale"
+
+
+FINAL_NORM_SCALE = "ln_final.hook_scale"
+"""The final norm's per-position scale [batch, pos, 1]."""
+
+
 class HookName(NamedTuple):
     """A hook name split into its block and the rest."""
 

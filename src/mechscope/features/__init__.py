@@ -1,0 +1,1 @@
+"""Feature circuits: transcoder sets, the frozen replacement model and attribution graphs."""

@@ -1,0 +1,279 @@
+"""Attribution graphs: the direct linear effect of every node on every feature and logit of
+one prompt, through the frozen replacement model (``mechscope.features.replacement``).
+
+Nodes, in this order: active features (layer, position, feature; layer-major), error nodes
+(layer, position), token nodes (position), logit nodes. ``adjacency[t, s]`` is the effect of
+source s's output vector on target t: on a feature's pre-activation (its encoder column
+applied to the transcoder input) or on a logit (its unembedding column minus the mean column,
+as in circuit-tracer, so a constant shift of all logits counts for nothing). Error and token
+rows are zero (nothing feeds them); a feature's row holds only earlier layers' sources.
+
+Algorithm (one row per target; all of a batch's rows from one backward pass):
+
+1. ``capture`` the clean pass: transcoder inputs, MLP outputs, active features, errors.
+2. One forward pass of B copies of the prompt through the frozen model with gradients
+   (``freeze_hooks``), kept for repeated backward passes.
+3. For each batch of up to B targets: inject each target's vector as the output gradient of
+   its copy at its (layer, position) (the transcoder input for a feature, the final norm's
+   output at the last position for a logit) and run one backward pass to the MLP outputs and
+   the token embeddings. Row b's gradient g at an MLP output (l, p) dotted with a source's
+   vector there (a_f W_dec[f], or e_l,p) is the edge weight; at the embedding, dotted with the
+   token's embedding.
+4. Which features get rows: all active ones when there are at most ``max_features``; else
+   the logits' rows first, then batches of the features of highest estimated influence on the
+   logits (``prune.influence`` over the rows so far), re-estimated after every batch. Features
+   that never get a row are dropped from the graph and their direct effects added to the
+   error node at their (layer, position), so every row still sums to the same total and the
+   graph never claims more than its features explain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+from mechscope.features.replacement import ReplacementRun, capture, freeze_hooks, quiet_norm_edits
+from mechscope.features.transcoder_set import TranscoderSet
+from mechscope.models.load import plain_attention
+from mechscope.models.unembed import unembed_weights
+
+
+@dataclass
+class AttributionGraph:
+    """One prompt's attribution graph.
+
+    Shapes: ``features`` [F, 3] (layer, pos, feature) with ``activations`` [F];
+    ``logit_tokens`` [K] with ``logit_probs`` [K]; ``adjacency`` [N, N] (N = F + E + T + K,
+    rows targets, columns sources; E = layers x positions error nodes, T = positions).
+    """
+
+    tokens: Tensor
+    token_text: list[str]
+    features: Tensor
+    activations: Tensor
+    logit_tokens: Tensor
+    logit_probs: Tensor
+    adjacency: Tensor
+    n_layers: int
+    first_pos: int
+    error_norms: Tensor
+    """[L, P] the error vectors' norms (0 at positions without error nodes)."""
+    n_active: int
+    """Active features before the ``max_features`` cap."""
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_errors(self) -> int:
+        return self.n_layers * self.n_pos
+
+    @property
+    def n_logits(self) -> int:
+        return self.logit_tokens.shape[0]
+
+    @property
+    def error_start(self) -> int:
+        return self.n_features
+
+    @property
+    def token_start(self) -> int:
+        return self.n_features + self.n_errors
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit_start + self.n_logits
+
+    def error_index(self, layer: int, pos: int) -> int:
+        return self.error_start + layer * self.n_pos + pos
+
+    def logit_weights(self) -> Tensor:
+        """[N]: each logit node's probability, 0 elsewhere (the weight of the influence)."""
+        w = torch.zeros(self.n_nodes)
+        w[self.logit_start:] = self.logit_probs
+        return w
+
+
+def logit_targets(logits_last: Tensor, targets: list[int] | None, max_logits: int = 10,
+                  cumulative: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Token ids and probabilities of the logit nodes: the given ``targets``, or the most likely
+    tokens at the last position until their probability sums to ``cumulative`` (at most
+    ``max_logits``)."""
+    probs = logits_last.float().softmax(-1)
+    if targets:
+        ids = torch.tensor(targets, dtype=torch.long)
+        return ids, probs[ids].cpu()
+    p, ids = probs.sort(descending=True)
+    k = int((p.cumsum(0) < cumulative).sum()) + 1
+    k = max(1, min(k, max_logits))
+    return ids[:k].cpu(), p[:k].cpu()
+
+
+def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
+              max_features: int = 4096, batch_size: int = 32, max_logits: int = 10,
+              progress: bool = False) -> AttributionGraph:
+    """The attribution graph of one prompt (module docstring). ``targets``: token ids of the
+    logit nodes (default: the top logits up to 95% probability, at most ``max_logits``)."""
+    t0 = time.perf_counter()
+    run = capture(model, tset, tokens)
+    L, P = run.n_layers, run.n_pos
+    lt, lp = logit_targets(run.logits[-1], targets, max_logits)
+    V = run.logits.shape[-1]
+    if targets and (min(targets) < 0 or max(targets) >= V):
+        raise MechscopeError(f"a target token id is outside the vocabulary (0..{V - 1}).")
+    n_act = run.active.shape[0]
+    feats, vals = run.active, run.values.cpu()
+    W_U, _ = unembed_weights(model)
+    dirs = (W_U[:, lt] - W_U.mean(1, keepdim=True)).T.float()  # [K, d]
+    B = max(1, batch_size)
+    engine = _Backward(model, tset, run, B)
+    dec = [tc.W_dec.detach().float() for tc in tset.layers]
+    enc = [tc.W_enc.detach().float() for tc in tset.layers]
+    # source vectors of the active features, by layer
+    by_layer = [torch.nonzero(feats[:, 0] == layer).flatten() for layer in range(L)]
+
+    def rows_for(kind: str, items: Tensor) -> Tensor:
+        """Rows [n, n_act + L*P + P] over all active features, errors, tokens."""
+        out = []
+        for i in range(0, len(items), B):
+            chunk = items[i:i + B]
+            inj: dict[tuple[str, int], list[tuple[int, int, Tensor]]] = {}
+            for b, it in enumerate(chunk.tolist()):
+                if kind == "logit":
+                    inj.setdefault(("final", 0), []).append((b, P - 1, dirs[it]))
+                else:
+                    layer, pos, f = feats[it].tolist()
+                    inj.setdefault(("x_in", layer), []).append((b, pos, enc[layer][:, f]))
+            g_mlp, g_emb = engine.backward(inj)
+            row = torch.zeros(len(chunk), n_act + L * P + P)
+            for layer in range(L):
+                if g_mlp[layer] is None:
+                    continue
+                g = g_mlp[layer][: len(chunk)]  # [n, P, d]
+                idx = by_layer[layer]
+                if len(idx):
+                    pos, f = feats[idx, 1], feats[idx, 2]
+                    src = dec[layer][f] * vals[idx, None].to(dec[layer])  # [m, d]
+                    row[:, idx] = torch.einsum("nmd,md->nm", g[:, pos].float(), src.to(g.device)).cpu()
+                row[:, n_act + layer * P: n_act + (layer + 1) * P] = (g.float().cpu() * run.errors[layer].cpu()[None]).sum(-1)
+            if g_emb is not None:
+                row[:, n_act + L * P:] = (g_emb[: len(chunk)].float().cpu() * run.embed.cpu()[None]).sum(-1)
+            out.append(row)
+        return torch.cat(out) if out else torch.zeros(0, n_act + L * P + P)
+
+    try:
+        logit_rows = rows_for("logit", torch.arange(len(lt)))
+        if n_act <= max_features:
+            chosen = torch.arange(n_act)
+            feat_rows = rows_for("feature", chosen)
+        else:
+            chosen, feat_rows = _visit_by_influence(rows_for, logit_rows, lp, feats, n_act, L, P, max_features, B)
+    finally:
+        engine.close()
+    # assemble the square adjacency over kept features + errors + tokens + logits
+    F = len(chosen)
+    N = F + L * P + P + len(lt)
+    A = torch.zeros(N, N)
+    keep_cols = chosen
+    dropped = torch.ones(n_act, dtype=torch.bool)
+    dropped[chosen] = False
+    drop_idx = torch.nonzero(dropped).flatten()
+
+    def squash(rows: Tensor) -> Tensor:
+        """Columns of all active features -> kept features, dropped ones folded into errors."""
+        out = torch.zeros(rows.shape[0], F + L * P + P)
+        out[:, :F] = rows[:, keep_cols]
+        out[:, F:] = rows[:, n_act:]
+        if len(drop_idx):
+            err_col = F + feats[drop_idx, 0] * P + feats[drop_idx, 1]
+            out.index_add_(1, err_col, rows[:, drop_idx])
+        return out
+
+    A[:F, : F + L * P + P] = squash(feat_rows)
+    A[F + L * P + P:, : F + L * P + P] = squash(logit_rows)
+    g = AttributionGraph(
+        tokens=run.tokens, token_text=[model.tokenizer.decode([t]) for t in run.tokens.tolist()],
+        features=feats[chosen].clone(), activations=vals[chosen].clone(), logit_tokens=lt, logit_probs=lp,
+        adjacency=A, n_layers=L, first_pos=run.first_pos, error_norms=run.errors.norm(dim=-1).cpu(), n_active=n_act,
+        settings={"max_features": max_features, "batch_size": B, "targets": targets, "seconds": 0.0},
+    )
+    g.settings["seconds"] = round(time.perf_counter() - t0, 3)
+    return g
+
+
+def _visit_by_influence(rows_for, logit_rows: Tensor, lp: Tensor, feats: Tensor, n_act: int, L: int, P: int,
+                        max_features: int, B: int) -> tuple[Tensor, Tensor]:
+    """Rows for the ``max_features`` features of highest estimated influence (module docstring 4)."""
+    from mechscope.features.prune import influence_from_rows
+
+    visited = torch.zeros(n_act, dtype=torch.bool)
+    order: list[int] = []
+    rows: list[Tensor] = []
+    while len(order) < max_features:
+        have = torch.cat(rows) if rows else torch.zeros(0, logit_rows.shape[1])
+        infl = influence_from_rows(torch.tensor(order, dtype=torch.long), have, logit_rows, lp, n_act)
+        infl[visited] = -1.0
+        step = min(B, max_features - len(order))
+        nxt = infl.topk(step).indices
+        nxt = nxt[infl[nxt] >= 0]
+        if len(nxt) == 0:
+            break
+        visited[nxt] = True
+        order += nxt.tolist()
+        rows.append(rows_for("feature", nxt))
+    chosen = torch.tensor(order, dtype=torch.long)
+    return chosen, (torch.cat(rows) if rows else torch.zeros(0, logit_rows.shape[1]))
+
+
+class _Backward:
+    """The kept forward pass of B prompt copies through the frozen model; ``backward`` runs one
+    backward pass for a set of injections and returns the gradients at every MLP output
+    [B, P, d] (None where no target lies above) and at the token embeddings [B, P, d]."""
+
+    def __init__(self, model, tset: TranscoderSet, run: ReplacementRun, B: int):
+        self.model, self.B = model, B
+        self.store: dict = {}
+        self._params = [p for p in model.bridge.parameters() if p.requires_grad]
+        for p in self._params:
+            p.requires_grad_(False)
+        hooks = freeze_hooks(model, tset, run, B, self.store)
+        tokens = run.tokens[None].expand(B, -1).to(model.device)
+        self._ctx = plain_attention(model)
+        self._ctx.__enter__()
+        with torch.enable_grad(), quiet_norm_edits():
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        self.P = run.n_pos
+
+    def backward(self, inj: dict[tuple[str, int], list[tuple[int, int, Tensor]]]):
+        outs, grads = [], []
+        for (what, layer), items in inj.items():
+            t = self.store["final"] if what == "final" else self.store["x_in"][layer]
+            g = torch.zeros_like(t)
+            for b, pos, vec in items:
+                g[b, pos] = vec.to(g)
+            outs.append(t)
+            grads.append(g)
+        ins = [self.store["embed"]] + [m for m in self.store["mlp_out"]]
+        with torch.enable_grad():
+            got = torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True)
+        return list(got[1:]), got[0]
+
+    def close(self) -> None:
+        self.store.clear()
+        self._ctx.__exit__(None, None, None)
+        for p in self._params:
+            p.requires_grad_(True)

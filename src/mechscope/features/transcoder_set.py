@@ -1,0 +1,222 @@
+"""A transcoder set: one transcoder per layer, MLP input -> MLP output (Dunefsky et al. 2024;
+the replacement model of Ge et al. 2024 and circuit tracing, Ameisen et al. 2025).
+
+Layer ``l``'s transcoder reads the MLP's input (the second norm's output,
+``blocks.l.ln2.hook_normalized``) and predicts its output (``blocks.l.hook_mlp_out``); every
+transcoder is an ``SAE`` with ``d_out`` set (``mechscope.sae.model``), so any architecture of
+``mechscope.sae.archs`` works, including one with a linear skip from input to output.
+
+On disk (``save_transcoders`` / ``load_transcoders``): one SAELens-layout folder per layer
+(``layer_{l}/cfg.json`` + ``sae_weights.safetensors``, what the SAE commands read) and, beside
+them, circuit-tracer's layout: ``config.yaml`` (``model_kind: transcoder_set``,
+``feature_input_hook``, ``feature_output_hook``, ``transcoders``: the per-layer files) and
+``layer_{l}.safetensors`` with its tensor names (``W_enc`` [d_sae, d_in], ``W_dec``
+[d_sae, d_out], ``b_enc``, ``b_dec``, optional ``W_skip`` [d_out, d_in] and
+``activation_function.threshold``). A folder holding only circuit-tracer's files loads too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.models.hooks import ln_normalized, mlp_out, parse_hook
+from mechscope.sae.model import SAE, SAEConfig
+
+CONFIG = "config.yaml"
+
+
+@dataclass
+class TranscoderSet:
+    """Per-layer transcoders of one model; ``layers[l]`` replaces block ``l``'s MLP."""
+
+    layers: list[SAE]
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise MechscopeError("a transcoder set needs at least one layer.")
+        for i, tc in enumerate(self.layers):
+            if not tc.cfg.is_transcoder:
+                raise MechscopeError(f"layer {i} of the set is an SAE, not a transcoder (it has no output hook).")
+            if parse_hook(tc.cfg.hook_name).layer != i or parse_hook(tc.cfg.hook_name_out or "").layer != i:
+                raise MechscopeError(
+                    f"layer {i}'s transcoder reads {tc.cfg.hook_name} -> {tc.cfg.hook_name_out}; a set needs "
+                    f"layer {i}'s MLP input and output there (the set's layers must be in order, none missing)."
+                )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_sae(self) -> list[int]:
+        return [tc.cfg.d_sae for tc in self.layers]
+
+    def skip(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The transcoder's output that reads its input directly (a linear skip), [..., d_out];
+        zero for architectures without one."""
+        tc = self.layers[layer]
+        f0 = torch.zeros(*x.shape[:-1], tc.cfg.d_sae, dtype=tc.W_dec.dtype, device=x.device)
+        return tc.decode(f0, x) - tc.decode(f0, torch.zeros_like(x))
+
+    def check_fits(self, model) -> None:
+        """One sentence when the set does not belong to ``model`` (layers, widths)."""
+        s = model.summary
+        if self.n_layers != s.n_layers:
+            raise MechscopeError(
+                f"the transcoder set has {self.n_layers} layers but {s.name} has {s.n_layers}; "
+                "use a set trained on this model (mechscope transcoders train)."
+            )
+        for i, tc in enumerate(self.layers):
+            if tc.cfg.d_in != s.d_model or tc.cfg.out_dim != s.d_model:
+                raise MechscopeError(
+                    f"layer {i}'s transcoder maps width {tc.cfg.d_in} -> {tc.cfg.out_dim} but {s.name}'s MLPs "
+                    f"read and write width {s.d_model}; use a set trained on this model."
+                )
+
+    def to(self, device) -> "TranscoderSet":
+        self.layers = [tc.to(device) for tc in self.layers]
+        return self
+
+
+def random_transcoders(model, d_sae: int, architecture: str = "topk", k: int | None = 8, seed: int = 0,
+                       skip: bool = False, scale: float = 1.0) -> TranscoderSet:
+    """Random transcoders for every layer of ``model`` (for tests and smoke runs): Gaussian
+    encoders and unit-norm decoders; ``skip`` adds a random linear skip (architecture
+    ``skip_<architecture>`` must be registered)."""
+    from mechscope.sae.archs import get_architecture
+
+    d = model.summary.d_model
+    g = torch.Generator().manual_seed(seed)
+    arch = architecture
+    layers = []
+    for layer in range(model.summary.n_layers):
+        cfg = SAEConfig(d_in=d, d_sae=d_sae, architecture=arch, k=k if get_architecture(arch).uses_k else None,
+                        hook_name=ln_normalized(layer, 2), hook_name_out=mlp_out(layer), d_out=d,
+                        model_name=model.summary.name, apply_b_dec_to_input=False, metadata={"seed": seed + layer})
+        tc = SAE(cfg)
+        with torch.no_grad():
+            tc.W_enc.copy_(torch.randn(d, d_sae, generator=g) * scale / d**0.5)
+            tc.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1 * scale)
+            tc.b_dec.copy_(torch.randn(d, generator=g) * 0.05)
+            if hasattr(tc, "W_skip"):
+                tc.W_skip.copy_(torch.randn(*tc.W_skip.shape, generator=g) * 0.1 / d**0.5 if skip else 0.0)
+        layers.append(tc.to(model.device))
+    return TranscoderSet(layers, model.summary.name)
+
+
+# ---------------------------------------------------------------------------------- disk
+
+
+def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
+    """Write the set in both layouts (module docstring); returns the folder."""
+    from safetensors.torch import save_file
+
+    from mechscope.sae.io import save_sae
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, tc in enumerate(tset.layers):
+        save_sae(tc, path / f"layer_{i}")
+        t = {"W_enc": tc.W_enc.detach().T.contiguous(), "W_dec": tc.W_dec.detach().contiguous(),
+             "b_enc": tc.b_enc.detach().contiguous(), "b_dec": tc.b_dec.detach().contiguous()}
+        if tc.arch.threshold_saved:
+            t["activation_function.threshold"] = tc.threshold.detach().contiguous()
+        if hasattr(tc, "W_skip"):
+            t["W_skip"] = tc.W_skip.detach().T.contiguous()  # circuit-tracer: [d_out, d_in]
+        save_file({k: v.float().cpu() for k, v in t.items()}, str(path / f"layer_{i}.safetensors"))
+        files.append(f"layer_{i}.safetensors")
+    arch = tset.layers[0].cfg.architecture
+    lines = [
+        "model_kind: transcoder_set",
+        f"model_name: {tset.model_name!r}",
+        "feature_input_hook: ln2.hook_normalized",
+        "feature_output_hook: hook_mlp_out",
+        "scan: mechscope",
+    ]
+    if arch == "topk":
+        lines += ["activation_function: topk", f"k: {tset.layers[0].cfg.k}"]
+    elif arch in ("jumprelu", "batchtopk"):
+        lines += ["activation_function: jump_relu"]
+    else:
+        lines += [f"activation_function: {arch}"]
+    lines += ["transcoders:"] + [f"  - {f}" for f in files]
+    (path / CONFIG).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> TranscoderSet:
+    """A set from a folder written by ``save_transcoders`` (the per-layer SAELens folders) or
+    one in circuit-tracer's layout (``config.yaml`` + safetensors); never unpickles."""
+    from mechscope.sae.io import load_sae
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MechscopeError(f"{path} is not a folder; pass a transcoder set folder (mechscope transcoders train --out DIR).")
+    folders = sorted((p for p in path.glob("layer_*") if p.is_dir()), key=lambda p: _layer_of(p.name))
+    if folders:
+        idx = [_layer_of(p.name) for p in folders]
+        if idx != list(range(len(idx))):
+            missing = sorted(set(range(max(idx) + 1)) - set(idx))
+            raise MechscopeError(f"{path} lacks layer_{missing[0]}: a transcoder set needs every layer from 0.")
+        layers = [load_sae(p, device) for p in folders]
+        return TranscoderSet(layers, layers[0].cfg.model_name)
+    if (path / CONFIG).is_file():
+        return _load_circuit_tracer(path, device)
+    raise MechscopeError(f"{path} holds neither layer_<l> folders nor a {CONFIG}; it is not a transcoder set.")
+
+
+def _layer_of(name: str) -> int:
+    try:
+        return int(name.split("_", 1)[1].split(".")[0])
+    except (IndexError, ValueError):
+        raise MechscopeError(f"cannot read a layer number from {name!r}; name per-layer files layer_<l>.") from None
+
+
+def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
+    import yaml
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        cfg = yaml.safe_load((path / CONFIG).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MechscopeError(f"{path / CONFIG} is not valid YAML ({exc}).") from None
+    if cfg.get("model_kind") != "transcoder_set":
+        raise MechscopeError(f"{path / CONFIG}: model_kind is {cfg.get('model_kind')!r}; only 'transcoder_set' is supported.")
+    files = cfg.get("transcoders") or sorted(p.name for p in path.glob("*.safetensors"))
+    act = str(cfg.get("activation_function", "relu")).lower()
+    arch = {"topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}.get(act, "relu")
+    layers = []
+    for i, f in enumerate(files):
+        fp = path / str(f)
+        try:
+            t = load_file(str(fp))
+        except (SafetensorError, OSError, FileNotFoundError) as exc:
+            raise MechscopeError(f"{fp} is not a readable safetensors file ({exc}).") from None
+        for need in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            if need not in t:
+                raise MechscopeError(f"{fp} lacks {need!r}; circuit-tracer transcoders have W_enc, W_dec, b_enc, b_dec.")
+        d_sae, d_in = t["W_enc"].shape
+        if t["W_dec"].shape[0] != d_sae:
+            raise MechscopeError(f"{fp}: W_dec has {t['W_dec'].shape[0]} rows but W_enc has {d_sae}; the file is inconsistent.")
+        if "W_skip" in t:
+            raise MechscopeError(f"{fp} has a skip (W_skip); load skip transcoder sets saved by mechscope (layer_<l> folders).")
+        sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=cfg.get("k") if arch == "topk" else None,
+                       hook_name=ln_normalized(i, 2), hook_name_out=mlp_out(i), d_out=int(t["W_dec"].shape[1]),
+                       model_name=str(cfg.get("model_name", "")), apply_b_dec_to_input=False)
+        tc = SAE(sc)
+        with torch.no_grad():
+            tc.W_enc.copy_(t["W_enc"].T)
+            tc.W_dec.copy_(t["W_dec"])
+            tc.b_enc.copy_(t["b_enc"])
+            tc.b_dec.copy_(t["b_dec"])
+            if "activation_function.threshold" in t:
+                tc.threshold.copy_(t["activation_function.threshold"])
+        layers.append(tc.to(device))
+    return TranscoderSet(layers, str(cfg.get("model_name", "")))

@@ -1,0 +1,139 @@
+"""Attribution graphs are exact: changing one node in the frozen replacement model moves every
+feature pre-activation and every (demeaned) logit by exactly that node's adjacency column.
+
+The reference is ``frozen_forward``, which *replaces* the patterns and norm scales by their
+clean values, while the graph comes from gradients with them detached: a missed norm scale, an
+unfrozen pattern, a wrong sign or a source read at the wrong layer or position breaks it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.features.attribute import attribute
+from mechscope.features.prune import influence, normalise_rows, prune, scores
+from mechscope.features.replacement import capture, frozen_forward
+from mechscope.features.transcoder_set import load_transcoders, random_transcoders, save_transcoders
+
+
+def _prompt(model, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, model.summary.d_vocab, (n,), generator=g)
+    toks[0] = model.tokenizer.bos_token_id
+    return toks
+
+
+def _column_check(model, tset, g, run, pre0, lg0, kind, idx):
+    """Predicted (adjacency column) vs measured change of every target for one source."""
+    mlp_delta = torch.zeros_like(run.mlp_out)
+    emb_delta = torch.zeros_like(run.embed)
+    if kind == "feature":
+        layer, pos, f = g.features[idx].tolist()
+        mlp_delta[layer, pos] = g.activations[idx] * tset.layers[layer].W_dec[f].detach().float()
+        col = idx
+    elif kind == "error":
+        layer, pos = idx
+        mlp_delta[layer, pos] = run.errors[layer, pos]
+        col = g.error_index(layer, pos)
+    else:
+        emb_delta[idx] = run.embed[idx]
+        col = g.token_start + idx
+    pre1, lg1 = frozen_forward(model, tset, run, mlp_delta, emb_delta)
+    fl, fp, ff = g.features.T
+    got_feat = (pre1 - pre0)[fl, fp, ff]
+    dm = lambda x: x[-1] - x[-1].mean()  # noqa: E731
+    got_logit = (dm(lg1) - dm(lg0))[g.logit_tokens]
+    want = g.adjacency[:, col]
+    return torch.cat([got_feat, got_logit]), torch.cat([want[: g.n_features], want[g.logit_start:]])
+
+
+@pytest.mark.parametrize("arch,k", [("topk", 6), ("relu", None)])
+def test_adjacency_columns_are_exact(tiny_model, arch, k):
+    torch.manual_seed(0)
+    tset = random_transcoders(tiny_model, d_sae=40, architecture=arch, k=k, seed=1)
+    toks = _prompt(tiny_model)
+    g = attribute(tiny_model, tset, toks, max_features=10_000, batch_size=16)
+    run = capture(tiny_model, tset, toks)
+    pre0, lg0 = frozen_forward(tiny_model, tset, run)
+    with torch.no_grad():
+        clean = tiny_model(toks[None])[0].float()
+    assert (lg0 - clean).abs().max() < 1e-4  # the frozen model at its clean point is the model
+    assert g.n_features == run.active.shape[0] > 10 and g.first_pos == 1
+    # sources: features in every layer but the last (the last has no feature targets above it)
+    picks = [("feature", int(torch.nonzero(g.features[:, 0] == layer)[j])) for layer in range(g.n_layers) for j in (0, -1)]
+    picks += [("error", (0, 3)), ("error", (g.n_layers - 1, g.n_pos - 1)), ("token", 2), ("token", g.n_pos - 1)]
+    moved = 0.0
+    for kind, idx in picks:
+        got, want = _column_check(tiny_model, tset, g, run, pre0, lg0, kind, idx)
+        scale = max(1.0, float(want.abs().max()))
+        assert (got - want).abs().max() < 1e-4 * scale, (kind, idx, float((got - want).abs().max()))
+        moved = max(moved, float(want.abs().max()))
+    assert moved > 0.1  # the checks compared real effects, not zeros
+    # causality: a feature row holds only sources at earlier layers and earlier-or-same positions
+    A = g.adjacency
+    for i in range(g.n_features):
+        layer, pos, _ = g.features[i].tolist()
+        src_layers, src_pos = g.features[:, 0], g.features[:, 1]
+        bad = (src_layers >= layer) | (src_pos > pos)
+        assert not A[i, : g.n_features][bad].any()
+
+
+def test_cap_folds_dropped_features_into_errors(tiny_llama):
+    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=2)
+    toks = _prompt(tiny_llama, seed=3)
+    full = attribute(tiny_llama, tset, toks, max_features=10_000, batch_size=16)
+    capped = attribute(tiny_llama, tset, toks, max_features=20, batch_size=8)
+    assert capped.n_features == 20 and capped.n_active == full.n_features
+    # every logit row sums to the same total: dropped features' effects moved to error nodes
+    fr, cr = full.adjacency[full.logit_start:], capped.adjacency[capped.logit_start:]
+    assert torch.allclose(fr.sum(1), cr.sum(1), atol=1e-4)
+    # kept features keep their exact logit edges
+    for i in range(capped.n_features):
+        j = int(((full.features == capped.features[i]).all(1)).nonzero())
+        assert torch.allclose(cr[:, i], fr[:, j], atol=1e-5)
+    # the visited features are the most influential ones (ranked by the full graph's influence)
+    infl = influence(normalise_rows(full.adjacency), full.logit_weights())[: full.n_features]
+    top = set(infl.topk(20).indices.tolist())
+    kept = {int(((full.features == capped.features[i]).all(1)).nonzero()) for i in range(20)}
+    assert len(top & kept) >= 10
+
+
+def test_prune_and_scores(tiny_gpt2):
+    tset = random_transcoders(tiny_gpt2, d_sae=40, k=6, seed=4)
+    g = attribute(tiny_gpt2, tset, _prompt(tiny_gpt2, seed=5), batch_size=16)
+    full = scores(g)
+    assert 0.0 <= full["replacement"] <= 1.0 and 0.0 <= full["completeness"] <= 1.0
+    pr = prune(g, 0.8, 0.98)
+    assert pr.node_mask[g.token_start:].all()
+    assert 0 < int(pr.node_mask[: g.n_features].sum()) < g.n_features
+    # no kept edge touches a dropped node
+    assert not pr.edge_mask[~pr.node_mask].any() and not pr.edge_mask[:, ~pr.node_mask].any()
+    # with every feature folded into the error nodes, only the logit rows carry influence: the
+    # replacement score is the probability-weighted share of |direct token edges| in them
+    g0 = attribute(tiny_gpt2, tset, _prompt(tiny_gpt2, seed=5), max_features=0, batch_size=16)
+    rows = g0.adjacency[g0.logit_start:].abs()
+    tok_share = rows[:, g0.token_start:g0.logit_start].sum(1) / rows.sum(1)
+    want = float((g0.logit_probs * tok_share).sum() / g0.logit_probs.sum())
+    assert g0.n_features == 0 and abs(scores(g0)["replacement"] - want) < 1e-5
+    assert scores(g0)["completeness"] < full["completeness"]
+    with pytest.raises(Exception, match="node_threshold"):
+        prune(g, 1.5)
+
+
+def test_transcoder_set_round_trip(tiny_llama, tmp_path):
+    tset = random_transcoders(tiny_llama, d_sae=24, k=4, seed=6)
+    save_transcoders(tset, tmp_path / "tc")
+    back = load_transcoders(tmp_path / "tc")
+    x = torch.randn(5, tiny_llama.summary.d_model)
+    for a, b in zip(tset.layers, back.layers):
+        assert torch.allclose(a(x), b(x), atol=1e-6)
+    # circuit-tracer's layout alone (config.yaml + layer_<l>.safetensors) loads the same set
+    for p in (tmp_path / "tc").glob("layer_*"):
+        if p.is_dir():
+            for f in p.iterdir():
+                f.unlink()
+            p.rmdir()
+    ct = load_transcoders(tmp_path / "tc")
+    for a, b in zip(tset.layers, ct.layers):
+        assert torch.allclose(a(x), b(x), atol=1e-6)
+    assert "model_kind: transcoder_set" in (tmp_path / "tc" / "config.yaml").read_text()
