@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mechscope.report import write_circuit_report
+from mechscope.report.circuit import write_circuit
 
 pytestmark = pytest.mark.browser
 
@@ -55,7 +55,7 @@ def test_report_renders_in_chromium(driver, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    page = write_circuit_report(_synthetic_circuit(), tmp_path / "report.html")
+    page = write_circuit(_synthetic_circuit(), tmp_path / "report.html")
     driver.get(page.resolve().as_uri())
 
     with pytest.raises(NoAlertPresentException):  # the alert(1) token must not have run

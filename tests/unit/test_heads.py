@@ -184,12 +184,12 @@ def test_head_scores_end_to_end_and_roundtrip(tiny_llama, tmp_path):
 
 
 def test_heads_report_escapes_tokens(tiny_gpt2, tmp_path):
-    from mechscope.report.heads import write_heads_report
+    from mechscope.report.heads import write_heads
 
     res = head_scores(tiny_gpt2, HeadsConfig(n=4, seq_len=6, n_text=2, text_len=30, text="pydoc", copy_tokens=30,
                                              ablate=2, top_k=2, n_random=1))
     res.example_tokens[1] = "<script>alert(1)</script>"
-    html = write_heads_report(res, tmp_path / "heads.html").read_text()
+    html = write_heads({**res.to_dict(), "example_patterns": res.example_patterns.tolist()}, tmp_path / "heads.html").read_text()
     assert "<script>alert(1)" not in html
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert html.count("<svg") >= len(res.scores)

@@ -187,7 +187,7 @@ def test_attention_patterns_caps_and_rounds(tiny_llama):
 
 
 def test_labels_saved_loaded_and_escaped_in_report(tiny_gpt2, tmp_path):
-    from mechscope.report import write_circuit_report
+    from mechscope.report.circuit import write_circuit
 
     model, batch = tiny_gpt2, _batch(tiny_gpt2)
     res = _circuit(model)
@@ -203,7 +203,7 @@ def test_labels_saved_loaded_and_escaped_in_report(tiny_gpt2, tmp_path):
     res.save(out)
     back = CircuitResult.load(out)
     assert back.labels == json.loads(json.dumps(res.labels)) and back.example["attention"]
-    page = write_circuit_report(json.loads((out / "circuit.json").read_text()), out).read_text()
+    page = write_circuit(json.loads((out / "circuit.json").read_text()), out).read_text()
     assert evil not in page and page.count("<script") == 1
     assert "copying head (0.99), attends to the answer token &#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27; (0.91)" in page
     for name in res.example["attention"]:

@@ -1,4 +1,4 @@
-"""The circuit report: one self-contained HTML file that escapes every string from the data."""
+"""The report pages: each one self-contained HTML file that escapes every string from the data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import random
 import re
 from pathlib import Path
 
-from mechscope.report import write_circuit_report
+import pytest
+
+from mechscope.report.circuit import write_circuit
 
 EVIL = "<script>alert(1)</script>"
 PWN = "<script>window.__pwned = 1</script>"
@@ -76,7 +78,7 @@ def synthetic_circuit(n_layers: int = 3, n_heads: int = 4, n_kv_heads: int = 2, 
 
 
 def _write(tmp_path: Path, data: dict | None = None) -> str:
-    out = write_circuit_report(data or synthetic_circuit(), tmp_path / "circuit.html")
+    out = write_circuit(data or synthetic_circuit(), tmp_path / "circuit.html")
     assert out.exists()
     return out.read_text(encoding="utf-8")
 
@@ -118,7 +120,7 @@ def test_report_handles_sparse_data(tmp_path):
 
 
 def test_report_path_may_be_a_directory(tmp_path):
-    out = write_circuit_report(synthetic_circuit(), tmp_path)
+    out = write_circuit(synthetic_circuit(), tmp_path)
     assert out == tmp_path / "report.html" and out.exists()
 
 
@@ -166,3 +168,176 @@ def test_report_labels_heads_and_links_heatmaps(tmp_path):
 def test_report_without_labels_has_no_roles(tmp_path):
     page = _write(tmp_path)
     assert "Head roles" not in page and "role-" not in page.split("<main>")[1].split("<footer>")[0].replace("role-tag", "")
+
+
+# ---- every page kind ------------------------------------------------------------------------
+def sample_heads(n_layers: int = 2, n_heads: int = 3) -> dict:
+    """A ``heads.json`` dict plus ``example_patterns`` [L][H][pos][pos], hostile example tokens."""
+    rng = random.Random(1)
+    tokens = ["<bos>", EVIL, " a", IMG, EVIL, " a", IMG]
+    n = len(tokens)
+
+    def grid() -> list[list[float]]:
+        return [[round(rng.uniform(-0.2, 1), 3) for _ in range(n_heads)] for _ in range(n_layers)]
+
+    pats = []
+    for _ in range(n_layers):
+        layer = []
+        for _ in range(n_heads):
+            rows = []
+            for i in range(n):
+                w = [rng.random() for _ in range(i + 1)]
+                rows.append([round(x / sum(w), 3) for x in w] + [0.0] * (n - i - 1))
+            layer.append(rows)
+        pats.append(layer)
+    return {
+        "schema_version": 1, "model": {"name": f"tiny {EVIL}", "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": 1},
+        "settings": {"n": 4, "note": PWN}, "text_source": IMG,
+        "scores": {"previous_token": grid(), "induction": grid(), "copying_eigen": grid(),
+                   "ablation": [[None if h else 0.5 for h in range(n_heads)] for _ in range(n_layers)]},
+        "top_heads": {"induction": [{"head": "a1.h2", "score": 0.91}, {"head": "a0.h1", "score": 0.5}]},
+        "top_composition_pairs": {"k": [{"writer": "a0.h1", "reader": "a1.h2", "score": 0.4}], "q": [], "v": []},
+        "icl": {"late": 500, "early": 50, "n_contexts": 8, "icl_score": -0.45},
+        "ablation": {"clean_loss": 2.5, "k": 2, "top_heads": ["a1.h2", "a0.h1"], "top_k_increase": 0.8,
+                     "random_increases": [0.1, 0.2], "random_mean_increase": 0.15},
+        "example_tokens": tokens, "example_patterns": pats,
+    }
+
+
+def sample_dynamics() -> dict:
+    rows = []
+    for i, step in enumerate((0, 10, 100, 1000, 3000)):
+        rows.append({"step": step, "loss": 4 - i * 0.5, "repeated_loss": 4 - i * 0.8, "icl_score": -0.1 * i,
+                     "max_previous_token": 0.1 + 0.2 * i, "max_induction": 0.05 + 0.2 * i, "max_k_composition": 0.1 * i,
+                     "k_composition_prev_to_induction": 0.05 * i})
+    return {"schema_version": 1, "run": f"runs/{EVIL}", "settings": {}, "checkpoints": rows,
+            "formation": {"induction_step": 1000, "note": EVIL}, "train_loss": [[1, 4.2], [500, 3.1], [3000, 1.5]]}
+
+
+def sample_lens() -> dict:
+    toks = ["When", EVIL, " gave", IMG]
+    sites = ["resid_pre 0", "resid_post 0", "resid_post 1"]
+    return {
+        "schema_version": 1, "kind": "lens", "model": {"name": f"tiny {EVIL}"}, "settings": {},
+        "prompt": "".join(toks), "tokens": toks, "target": EVIL, "target_id": 3, "distractor": PWN, "distractor_id": 4,
+        "lens": {"sites": sites, "target_rank": [[5, 3, 2, 1], [4, 2, 1, 0], [3, 1, 0, 0]],
+                 "target_prob": [[0.01, 0.02, 0.1, 0.2]] * 3, "top_tokens": [[[EVIL, IMG, " a"]] * 4] * 3,
+                 "top_probs": [[[0.5, 0.2, 0.1]] * 4] * 3, "first_top1_site_last_position": "resid_post 0"},
+        "dla": {"position": 3, "metric": "logit diff", "heads": [[0.1, -0.2]], "mlps": [0.3], "other": {"embed": 0.1},
+                "total": 1.5, "actual": 1.5000001, "error": 1e-7,
+                "top": [{"name": "a0.h1", "value": 0.8}, {"name": "m0", "value": -0.3}, {"name": IMG, "value": 0.1}]},
+    }
+
+
+def sample_recall() -> dict:
+    toks = ["The", " Eiffel", EVIL, " is", " in"]
+    layers = [0, 1, 2]
+    return {
+        "schema_version": 1, "kind": "recall", "model": {"name": f"tiny {EVIL}"}, "settings": {},
+        "prompt": "".join(toks), "subject": f"Eiffel{EVIL}", "subject_positions": [1, 2], "target": IMG, "tokens": toks,
+        "causal_tracing": {"clean_prob": 0.6, "corrupt_prob": 0.05, "noise_std": 0.3, "window": 2, "layers": layers,
+                           "restored_prob": {k: [[0.1 * (i + p) for p in range(len(toks))] for i in layers]
+                                             for k in ("resid", "mlp", "attn")}},
+        "attention_knockout": {"window": 2, "layers": layers, "key_positions": {"subject": [1, 2], "last": [4]},
+                               "relative_change": {"subject": [-0.5, -0.2, 0.0], "last": [0.0, -0.1, 0.1]}},
+        "attribute_extraction": {"attn_rank": [5, 0, 1], "attn_top_token": [EVIL, IMG, " Paris"], "mlp_rank": [3, 2, 0],
+                                 "mlp_top_token": [" a", PWN, " France"], "attn_layers": [1], "mlp_layers": [2]},
+        "subject_enrichment": {"rate": [0.0, 0.1, 0.3], "control_rate": [0.0, 0.0, 0.1], "control_subject": EVIL,
+                               "related_tokens": [EVIL, " paris"]},
+    }
+
+
+def sample_recall_dataset() -> dict:
+    layers = [0, 1, 2]
+    cats = {"last_subject": {"n": 3, "restored_prob": [0.2, 0.4, 0.3], "recovered": [0.1, 0.5, 0.4]},
+            "before_subject": {"n": 1, "restored_prob": [0.05, 0.05, 0.05], "recovered": [0.0, 0.0, 0.0]},
+            "further": None}
+    fact = {k: v for k, v in sample_recall().items() if k not in ("schema_version", "model", "settings")}
+    return {
+        "schema_version": 1, "kind": "recall-dataset", "model": {"name": f"tiny {EVIL}"}, "settings": {},
+        "n_facts_in_list": 301, "n_known_top1": 40, "n_analysed": 1, "seconds": 12.5,
+        "aggregate": {
+            "causal_tracing": {"layers": layers, "clean_prob": 0.6, "corrupt_prob": 0.05,
+                               "by_category": {"resid": cats, "mlp": cats}},
+            "attention_knockout": {"all": {"layers": layers, "subject": {"n": 3, "relative_change": [-0.4, -0.1, 0.0]},
+                                           "last": None}},
+            "attribute_extraction": {"attn_rate": [0.0, 0.5, 0.7], "mlp_rate": [0.1, 0.2, 0.3], "attn_any": 0.8, "mlp_any": 0.4},
+            "subject_enrichment": {"rate": [0.0, 0.2, 0.3], "control_rate": [0.0, 0.1, 0.1]},
+        },
+        "facts": [{**fact, "relation": PWN}],
+    }
+
+
+def sample_dashboard() -> dict:
+    ctx = {"tokens": [" a", EVIL, IMG], "acts": [0.0, 2.5, 0.5], "centre": 1, "value": 2.5}
+    bins = [[0.0, 0.0], [0.0, 0.001]] + [[10 ** (k / 2 - 3), 10 ** (k / 2 - 2.5)] for k in range(12)] + [[1000.0, None]]
+    hist = [90, 0] + [0, 0, 0, 1, 3, 5, 2, 1, 0, 0, 0, 0] + [0]
+    feat = {"feature": 7, "density": 0.12, "n_firing": 12, "max_act": 2.5, "mean_act": 1.1, "hist": hist, "top": [ctx],
+            "quantiles": [{"lo": 0.1, "hi": 1.0, "n_tokens": 8, "samples": [ctx]}, {"lo": 1.0, "hi": 2.5, "n_tokens": 4, "samples": [ctx]}],
+            "logits_pos": [[EVIL, 1.2], [" b", 0.5]], "logits_neg": [[IMG, -0.7]]}
+    dead = {**feat, "feature": 9, "density": 0.0, "n_firing": 0, "max_act": 0.0, "mean_act": 0.0, "hist": [100] + [0] * 14,
+            "top": [], "quantiles": [], "logits_pos": [], "logits_neg": []}
+    return {"schema_version": 1, "model": {"name": f"tiny {EVIL}"}, "sae": {"architecture": "topk", "d_sae": 16, "hook_name": PWN},
+            "settings": {"ctx_len": 3, "window_left": 1, "window_right": 1}, "n_tokens": 100, "n_contexts": 34,
+            "hist_bins": bins, "features": [feat, dead], "seconds": 0.5}
+
+
+def sample_sae_eval() -> dict:
+    return {"schema_version": 1, "tokens": 4096, "l0": 32.0, "mse": 0.5, "fvu": 0.12, "cos": 0.95, "ce_clean": 2.5,
+            "ce_sae": 2.7, "ce_zero": 6.0, "ce_recovered": 0.94, "kl": 0.2, "dead_frac": 0.01, "dense_frac": 0.0,
+            "density_hist": {"log10_edges": [-6, -5, -4, -3, -2, -1, 0], "counts": [3, 1, 4, 10, 5, 2]},
+            "sae": {"architecture": "topk", "d_in": 64, "d_sae": 256, "k": 32, "model_name": f"tiny {EVIL}", "hook_name": IMG},
+            "settings": {"corpus": EVIL}}
+
+
+def _pages() -> list[tuple[str, str, dict, int]]:
+    """(page module, render/write suffix, sample data, script elements the page has of its own)."""
+    return [
+        ("circuit", "circuit", labelled_circuit(), 1),
+        ("heads", "heads", sample_heads(), 2),  # the patterns' JSON block and patterns.js
+        ("dynamics", "dynamics", sample_dynamics(), 0),
+        ("lens", "lens", sample_lens(), 0),
+        ("recall", "recall", sample_recall(), 0),
+        ("recall", "recall", sample_recall_dataset(), 0),
+        ("dashboard", "dashboard", sample_dashboard(), 0),
+        ("sae_eval", "sae_eval", sample_sae_eval(), 0),
+    ]
+
+
+@pytest.mark.parametrize("module, name, data, n_scripts", _pages(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_page_escapes_tokens_and_is_self_contained(tmp_path, module, name, data, n_scripts):
+    import importlib
+
+    mod = importlib.import_module(f"mechscope.report.{module}")
+    page = getattr(mod, f"render_{name}")(data)
+    for hostile in (EVIL, PWN, IMG, "<img", "onerror=\"window"):
+        assert hostile not in page, hostile
+    assert "&lt;script&gt;" in page  # the hostile tokens are shown, as text
+    assert page.count("<script") == n_scripts and page.count("</script>") == n_scripts
+    assert page.startswith("<!DOCTYPE html>") and "<main>" in page and "<footer>" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I) and "@import" not in page
+    assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg"}
+    written = getattr(mod, f"write_{name}")(data, tmp_path / "page.html")
+    written = written[0] if isinstance(written, tuple) else written
+    assert written.read_text(encoding="utf-8") == page
+
+
+def test_dynamics_writes_the_standalone_svg_next_to_the_page(tmp_path):
+    from mechscope.report.dynamics import render_dynamics_svg, write_dynamics
+
+    html, svg = write_dynamics(sample_dynamics(), tmp_path / "dynamics.html")
+    assert svg == tmp_path / "dynamics.svg" and svg.read_text() == render_dynamics_svg(sample_dynamics())
+    assert svg.read_text().startswith("<svg") and EVIL not in svg.read_text() and html.is_file()
+
+
+def test_heads_pattern_viewer_draws_the_most_inductive_head():
+    from mechscope.report.heads import render_heads
+
+    d = sample_heads()
+    page = render_heads(d)
+    best = max(((l, h) for l in range(2) for h in range(3)), key=lambda x: d["scores"]["induction"][x[0]][x[1]])
+    assert f'<option value="{best[0] * 3 + best[1]}" selected>a{best[0]}.h{best[1]}</option>' in page
+    n = len(d["example_tokens"])
+    viewer = page[page.index("<div id='pattern'>"):page.index("</div>", page.index("<div id='pattern'>"))]
+    assert viewer.count("data-rc=") == n * (n + 1) // 2  # one cell per query and earlier key
+    assert "<select" not in render_heads({k: v for k, v in d.items() if k != "example_patterns"})

@@ -57,7 +57,7 @@ def discover(
     from mechscope.circuits import discover as run
     from mechscope.circuits.discover import METHODS
     from mechscope.errors import MechscopeError
-    from mechscope.report import write_circuit_report
+    from mechscope.report.circuit import write_circuit
     from mechscope.tasks import get_task
 
     if method not in METHODS:
@@ -98,7 +98,7 @@ def discover(
     else:
         res = run(m, cfg, progress=not json)
     res.save(out_dir)
-    report = write_circuit_report(res.to_dict(), Path(out_dir) / "report.html")
+    report = write_circuit(res.to_dict(), Path(out_dir) / "report.html")
     mt = res.metrics
     summary = {
         "task": res.task, "method": res.method, "model": m.summary.name,

@@ -46,7 +46,7 @@ def heads(
 ) -> None:
     """Score every attention head: previous-token, duplicate, induction, copying, ablation, composition, ICL."""
     from mechscope.heads import HeadsConfig, head_scores
-    from mechscope.report.heads import write_heads_report
+    from mechscope.report.heads import write_heads
 
     cfg = HeadsConfig(n=n, seq_len=seq_len, text=text, n_text=n_text, text_len=text_len, ablate=ablate,
                       top_k=top_k, seed=seed)
@@ -55,7 +55,7 @@ def heads(
     res = head_scores(m, cfg, progress=None if json else (lambda s: err_console.print(f"[dim]{s}...[/dim]")))
     out_dir = Path(out or fresh_dir("heads"))
     res.save(out_dir)
-    report = write_heads_report(res, out_dir / "heads.html")
+    report = write_heads({**res.to_dict(), "example_patterns": res.example_patterns.tolist()}, out_dir / "heads.html")
     summary = {
         "model": m.summary.name, "top_heads": res.top_by_category(), "top_k_composition": res.top_pairs("k", 5) if res.composition else [],
         "icl": res.icl, "ablation": res.ablation, "seconds": time.perf_counter() - t0,
@@ -136,7 +136,7 @@ def dynamics(
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
     from mechscope.heads.dynamics import DynamicsConfig, find_checkpoints
     from mechscope.heads.dynamics import dynamics as run
-    from mechscope.report.heads import write_dynamics_report
+    from mechscope.report.dynamics import write_dynamics
 
     n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
@@ -150,7 +150,7 @@ def dynamics(
         bar.close()
     out_dir = Path(out or run_dir)
     res.save(out_dir)
-    html, svg = write_dynamics_report(res, out_dir)
+    html, svg = write_dynamics(res.to_dict(), out_dir / "dynamics.html")
     f = res.formation
     last = res.rows[-1]
     summary = {"run": str(run_dir), "checkpoints": len(res.rows), "formation": f,

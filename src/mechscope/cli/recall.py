@@ -41,7 +41,7 @@ def lens(
 ) -> None:
     """Logit lens at every layer (resid pre/mid/post) and direct logit attribution per head and MLP."""
     from mechscope.lens import run_lens
-    from mechscope.report.lens import write_lens_report
+    from mechscope.report.lens import write_lens
 
     if k < 1:
         raise MechscopeError(f"--k {k} must be at least 1.")
@@ -50,7 +50,7 @@ def lens(
     out_dir = Path(out or fresh_dir("lens"))
     res.save(out_dir)
     d = res.to_dict()
-    report = write_lens_report(d, out_dir / "report.html")
+    report = write_lens(d, out_dir / "report.html")
     if json:
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     rank_last = res.rank[:, -1].tolist()
@@ -81,7 +81,7 @@ def recall(
     from mechscope.recall import RecallConfig, recall_dataset
     from mechscope.recall import recall as run_recall
     from mechscope.recall.dataset import dataset_config
-    from mechscope.report.recall import write_recall_report
+    from mechscope.report.recall import write_recall
 
     if dataset is not None:
         if dataset != "facts":
@@ -108,7 +108,7 @@ def recall(
     out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()
-    report = write_recall_report(d, out_dir / "report.html")
+    report = write_recall(d, out_dir / "report.html")
     if json:
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     _print_summary(d)

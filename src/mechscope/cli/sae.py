@@ -192,7 +192,7 @@ def eval_(
 
     from mechscope.activations import get_corpus, pack_contexts
     from mechscope.errors import MechscopeError
-    from mechscope.report.sae import write_eval_report
+    from mechscope.report.sae_eval import write_sae_eval
     from mechscope.sae import load_sae
     from mechscope.sae.evaluate import evaluate_sae
 
@@ -207,7 +207,7 @@ def eval_(
     r.settings["corpus"] = (corpus or "embedded") + " (held-out split)"
     dest = out or sae_dir
     r.save(Path(dest) / "eval.json")
-    html = write_eval_report(r, Path(dest) / "eval.html")
+    html = write_sae_eval(r.to_dict(), Path(dest) / "eval.html")
     if json:
         return emit_json(r.to_dict())
     from rich.table import Table

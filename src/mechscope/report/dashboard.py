@@ -3,8 +3,8 @@ self-contained HTML page: an index table, then one section per feature with its 
 contexts (per-token shading, the maximum outlined), quantile groups with uniform samples, the
 activation histogram, the top positive and negative output logits and the firing density.
 
-Everything is drawn with ``mechscope.report.svg``, which escapes every string it is given (model
-tokens can contain markup); the page loads nothing from the network and runs no script.
+Everything is drawn with the report toolkit (``toolkit``, ``charts``), which escapes every string it is
+given (model tokens can contain markup); the page loads nothing from the network and runs no script.
 """
 
 from __future__ import annotations
@@ -13,17 +13,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mechscope.report import svg
-from mechscope.report.svg import esc, fmt
+from mechscope.report.charts import bar_chart, histogram
+from mechscope.report.toolkit import esc, fmt, highlighted_tokens, page, pct, show_token, write_page
 
 __all__ = ["render_dashboard", "write_dashboard"]
-
-CSS = """
-.feat{border-top:2px solid #e5e7eb;margin-top:26px;padding-top:4px}
-.stat{display:inline-block;margin-right:18px} .val{font-family:ui-monospace,monospace;font-size:11px;color:#6b7280;display:inline-block;width:64px;text-align:right;margin-right:6px}
-details>summary{cursor:pointer;margin:6px 0} .row{display:flex;align-items:baseline}
-"""
-
 
 def render_dashboard(data: dict[str, Any]) -> str:
     """HTML for a parsed ``dashboard.json`` (``DashboardResult.to_dict()``)."""
@@ -34,14 +27,12 @@ def render_dashboard(data: dict[str, Any]) -> str:
            f"{st.get('ctx_len', '?')} · {len(feats)} features")
     parts = [_index(feats), _explain(data)]
     parts += [_feature(f, data["hist_bins"]) for f in feats]
-    return svg.page("Feature dashboards", "".join(parts), subtitle=sub, extra_css=CSS)
+    return page("Feature dashboards", "".join(parts), kind="SAE feature dashboards", subtitle=sub, css=["dashboard.css"])
 
 
 def write_dashboard(data: dict[str, Any], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_dashboard(data), encoding="utf-8")
-    return p
+    """Write the dashboard page (``render_dashboard``) to ``path``."""
+    return write_page(render_dashboard(data), path)
 
 
 def _index(feats: list[dict]) -> str:
@@ -50,8 +41,8 @@ def _index(feats: list[dict]) -> str:
         top = f["top"][0] if f["top"] else None
         tok = top["tokens"][top["centre"]] if top else ""
         rows.append(f'<tr><td><a href="#f{int(f["feature"])}">{int(f["feature"])}</a></td>'
-                    f'<td class="num">{_pct(f["density"])}</td><td class="num">{fmt(f["max_act"])}</td>'
-                    f'<td>{svg.show_token(tok, 24)}</td><td>{esc(", ".join(t for t, _ in f["logits_pos"][:3]))}</td></tr>')
+                    f'<td class="num">{pct(f["density"])}</td><td class="num">{esc(fmt(f["max_act"]))}</td>'
+                    f'<td>{show_token(tok, 24)}</td><td>{esc(", ".join(t for t, _ in f["logits_pos"][:3]))}</td></tr>')
     head = "<tr><th>feature</th><th>density</th><th>max act</th><th>top token</th><th>top output logits</th></tr>"
     return f'<h2>Index</h2><table class="data"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
@@ -68,29 +59,29 @@ def _explain(data: dict) -> str:
 def _feature(f: dict, hist_bins: list) -> str:
     fid = int(f["feature"])
     head = (f'<div class="feat" id="f{fid}"><h2>Feature {fid}</h2>'
-            f'<span class="stat">density <b>{_pct(f["density"])}</b> ({f["n_firing"]:,} tokens)</span>'
-            f'<span class="stat">max <b>{fmt(f["max_act"])}</b></span>'
-            f'<span class="stat">mean when firing <b>{fmt(f["mean_act"])}</b></span>')
+            f'<span class="stat">density <b>{pct(f["density"])}</b> ({f["n_firing"]:,} tokens)</span>'
+            f'<span class="stat">max <b>{esc(fmt(f["max_act"]))}</b></span>'
+            f'<span class="stat">mean when firing <b>{esc(fmt(f["mean_act"]))}</b></span>')
     if not f["n_firing"]:
         return head + '<p class="muted">This feature never fired on the corpus read.</p></div>'
     figs = [_histogram(f, hist_bins)]
     for name, rows in (("top positive logits", f["logits_pos"]), ("top negative logits", f["logits_neg"])):
         if rows:
-            figs.append(svg.bar_chart([t for t, _ in rows], [v for _, v in rows], title=name, width=300, bar=13))
+            figs.append(bar_chart([t for t, _ in rows], [v for _, v in rows], title=name, width=300, bar=13))
     body = [f'<div class="grid">{"".join(figs)}</div>', "<h3>Top activating contexts</h3>"]
     body += [_ctx(e, f["max_act"]) for e in f["top"]]
     body.append("<h3>Quantile groups</h3>")
     total = f["n_firing"] or 1
     for g in reversed(f["quantiles"]):
-        label = (f'[{fmt(g["lo"])}, {fmt(g["hi"])}]: {g["n_tokens"]:,} tokens ({_pct(g["n_tokens"] / total)} of firings), '
+        label = (f'[{fmt(g["lo"])}, {fmt(g["hi"])}]: {g["n_tokens"]:,} tokens ({pct(g["n_tokens"] / total)} of firings), '
                  f'{len(g["samples"])} sampled')
         body.append(f"<details><summary>{esc(label)}</summary>{''.join(_ctx(e, f['max_act']) for e in g['samples'])}</details>")
     return head + "".join(body) + "</div>"
 
 
 def _ctx(e: dict, vmax: float) -> str:
-    line = svg.highlighted_tokens(e["tokens"], e["acts"], vmax=vmax or None, mark=e["centre"])
-    return f'<div class="row"><span class="val">{fmt(e["value"])}</span>{line}</div>'
+    line = highlighted_tokens(e["tokens"], e["acts"], vmax=vmax or None, mark=e["centre"])
+    return f'<div class="row"><span class="val">{esc(fmt(e["value"]))}</span>{line}</div>'
 
 
 def _histogram(f: dict, hist_bins: list) -> str:
@@ -100,11 +91,4 @@ def _histogram(f: dict, hist_bins: list) -> str:
     bins = hist_bins[1:]
     edges = [bins[a][0]] + [(hi if hi is not None and math.isfinite(hi) else f["max_act"]) for _, hi in bins[a:b]]
     title = f"activation histogram (firing tokens; {f['hist'][0]:,} at zero)"
-    return svg.histogram(edges, counts[a:b], title=title, xlabel="activation (log-spaced bins)", width=380)
-
-
-def _pct(x: float) -> str:
-    x = float(x)
-    if x == 0:
-        return "0%"
-    return f"{100 * x:.3g}%" if x >= 1e-4 else f"{x:.1e}"
+    return histogram(edges, counts[a:b], title=title, xlabel="activation (log-spaced bins)", width=380)

@@ -1,5 +1,5 @@
-"""Self-contained HTML report of ``mechscope lens``: target-rank heatmap (site x position),
-the logit lens's top tokens at the last position, and the top direct-logit contributors."""
+"""The lens page of ``mechscope lens``: target-rank heatmap (site x position), the logit lens's
+top tokens at the last position, and the top direct-logit contributors."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mechscope.report.svg import bar_chart, esc, fmt, heatmap, page, table
+from mechscope.report.charts import bar_chart, heatmap
+from mechscope.report.toolkit import esc, fmt, page, table, write_page
+
+__all__ = ["render_lens", "write_lens"]
 
 
-def lens_html(d: dict[str, Any]) -> str:
-    """The page for a ``LensResult.to_dict()``."""
+def render_lens(d: dict[str, Any]) -> str:
+    """The page for a ``lens.json`` dict (``LensResult.to_dict()``)."""
     lens, dla = d["lens"], d["dla"]
     sites, toks = lens["sites"], d["tokens"]
     score = [[-math.log10(1 + r) for r in row] for row in lens["target_rank"]]  # 0 = top-1
@@ -39,11 +42,9 @@ def lens_html(d: dict[str, Any]) -> str:
         f"<h2>Logit lens at the last position</h2>"
         + table(["site", "target rank", "target p", "top tokens"], last_rows, numeric=[False, True, True, False])
     )
-    return page(f"Logit lens: {d['prompt']}", body, subtitle="mechscope lens")
+    return page(f"Logit lens: {d['prompt']}", body, kind="logit lens")
 
 
-def write_lens_report(d: dict[str, Any], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(lens_html(d), encoding="utf-8")
-    return p
+def write_lens(d: dict[str, Any], path: str | Path) -> Path:
+    """Write the lens page (``render_lens``) to ``path``."""
+    return write_page(render_lens(d), path)

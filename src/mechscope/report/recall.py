@@ -1,13 +1,16 @@
-"""Self-contained HTML reports of ``mechscope recall``: causal-tracing heatmaps, knockout
-curves, attribute-extraction and subject-enrichment curves, for one fact or aggregated over
-the facts list."""
+"""The recall page of ``mechscope recall``: causal-tracing heatmaps, knockout curves,
+attribute-extraction and subject-enrichment curves, for one fact (``kind`` "recall") or
+aggregated over the facts list (``kind`` "recall-dataset")."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from mechscope.report.svg import esc, fmt, heatmap, line_chart, page, table
+from mechscope.report.charts import heatmap, line_chart
+from mechscope.report.toolkit import esc, fmt, page, table, write_page
+
+__all__ = ["render_recall", "write_recall"]
 
 KIND_TITLE = {"resid": "residual stream", "mlp": "MLP outputs (window)", "attn": "attention outputs (window)"}
 
@@ -19,8 +22,8 @@ def _tracing_fact(t: dict[str, Any], tokens: list[str], subject_pos: list[int]) 
         rows = [[mat[i][p] for i in range(len(t["layers"]))] for p in range(len(tokens))]  # position x layer
         figs.append(heatmap(rows, cols, [str(l) for l in t["layers"]], title=f"restored p(target): {KIND_TITLE[kind]}",
                             vmin=0.0, row_title="position (* subject)", col_title="layer", cell=14))
-    return (f"<p>clean p = {fmt(t['clean_prob'])}, corrupted p = {fmt(t['corrupt_prob'])} (noise std {fmt(t['noise_std'])}, "
-            f"window {t['window']} layers).</p><div class='grid'>" + "".join(figs) + "</div>")
+    return (f"<p>clean p = {esc(fmt(t['clean_prob']))}, corrupted p = {esc(fmt(t['corrupt_prob']))} (noise std {esc(fmt(t['noise_std']))}, "
+            f"window {esc(t['window'])} layers).</p><div class='grid'>" + "".join(figs) + "</div>")
 
 
 def _curves(curves: dict[str, list[float]], layers: list[int], title: str, ylabel: str, ylim=None) -> str:
@@ -28,15 +31,15 @@ def _curves(curves: dict[str, list[float]], layers: list[int], title: str, ylabe
     return line_chart(series, title=title, xlabel="layer", ylabel=ylabel, ylim=ylim)
 
 
-def recall_fact_html(d: dict[str, Any]) -> str:
-    """The page for a ``RecallResult.to_dict()``."""
+def _fact_page(d: dict[str, Any]) -> str:
+    """The page for one fact (``RecallResult.to_dict()``)."""
     parts = [f"<p>Prompt <code>{esc(d['prompt'])}</code>, subject <code>{esc(d['subject'])}</code> "
              f"(positions {esc(d['subject_positions'])}), target <code>{esc(d['target'])}</code>.</p>"]
     if "causal_tracing" in d:
         parts.append("<h2>Causal tracing</h2>" + _tracing_fact(d["causal_tracing"], d["tokens"], d["subject_positions"]))
     if "attention_knockout" in d:
         k = d["attention_knockout"]
-        parts.append(f"<h2>Attention knockout (window {k['window']})</h2>"
+        parts.append(f"<h2>Attention knockout (window {esc(k['window'])})</h2>"
                      + _curves(k["relative_change"], k["layers"], "relative change of p(target)", "(p_ko - p) / p")
                      + table(["group", "key positions"], [[g, str(v)] for g, v in k["key_positions"].items()]))
     if "attribute_extraction" in d:
@@ -55,18 +58,18 @@ def recall_fact_html(d: dict[str, Any]) -> str:
                      + _curves({"subject": n["rate"], f"control ({n['control_subject']})": n["control_rate"]}, L,
                                "attribute rate of the top tokens at the last subject token", "rate")
                      + f"<p class='small muted'>related tokens: {esc(', '.join(n['related_tokens']))}</p>")
-    return page(f"Recall: {d['prompt']}", "".join(parts), subtitle=f"mechscope recall, {d['model'].get('name', '')}")
+    return page(f"Recall: {d['prompt']}", "".join(parts), kind="factual recall", subtitle=f"mechscope recall, {d['model'].get('name', '')}")
 
 
-def recall_dataset_html(d: dict[str, Any]) -> str:
-    """The page for a ``RecallDatasetResult.to_dict()``."""
+def _dataset_page(d: dict[str, Any]) -> str:
+    """The page for the facts list (``RecallDatasetResult.to_dict()``)."""
     a = d["aggregate"]
-    parts = [f"<p>{d['n_analysed']} facts drawn from the {d['n_known_top1']} of {d['n_facts_in_list']} facts the model "
-             f"gets top-1; {fmt(d['seconds'])} s.</p>"]
+    parts = [f"<p>{esc(d['n_analysed'])} facts drawn from the {esc(d['n_known_top1'])} of {esc(d['n_facts_in_list'])} facts the model "
+             f"gets top-1; {esc(fmt(d['seconds']))} s.</p>"]
     t = a.get("causal_tracing")
     if t:
-        parts.append(f"<h2>Causal tracing, averaged by position category</h2><p>mean clean p = {fmt(t['clean_prob'])}, "
-                     f"mean corrupted p = {fmt(t['corrupt_prob'])}.</p><div class='grid'>")
+        parts.append(f"<h2>Causal tracing, averaged by position category</h2><p>mean clean p = {esc(fmt(t['clean_prob']))}, "
+                     f"mean corrupted p = {esc(fmt(t['corrupt_prob']))}.</p><div class='grid'>")
         for kind, cats in t["by_category"].items():
             names = [c for c, v in cats.items() if v is not None]
             rows = [cats[c]["restored_prob"] for c in names]
@@ -88,7 +91,7 @@ def recall_dataset_html(d: dict[str, Any]) -> str:
         L = list(range(len(e["attn_rate"])))
         parts.append("<h2>Attribute extraction</h2>"
                      + _curves({"attention": e["attn_rate"], "MLP": e["mlp_rate"]}, L, "fraction of facts with the attribute top-1", "rate")
-                     + f"<p>facts with an extraction event: attention {fmt(e['attn_any'])}, MLP {fmt(e['mlp_any'])}.</p>")
+                     + f"<p>facts with an extraction event: attention {esc(fmt(e['attn_any']))}, MLP {esc(fmt(e['mlp_any']))}.</p>")
     n = a.get("subject_enrichment")
     if n:
         L = list(range(len(n["rate"])))
@@ -98,12 +101,14 @@ def recall_dataset_html(d: dict[str, Any]) -> str:
              f.get("causal_tracing", {}).get("corrupt_prob", float("nan"))] for f in d["facts"]]
     parts.append("<h2>Facts</h2>" + table(["subject", "target", "relation", "clean p", "corrupted p"], rows,
                                           numeric=[False, False, False, True, True]))
-    return page("Recall over the facts list", "".join(parts), subtitle=f"mechscope recall --dataset facts, {d['model'].get('name', '')}")
+    return page("Recall over the facts list", "".join(parts), kind="factual recall", subtitle=f"mechscope recall --dataset facts, {d['model'].get('name', '')}")
 
 
-def write_recall_report(d: dict[str, Any], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    html = recall_dataset_html(d) if d.get("kind") == "recall-dataset" else recall_fact_html(d)
-    p.write_text(html, encoding="utf-8")
-    return p
+def render_recall(d: dict[str, Any]) -> str:
+    """The page for a ``recall.json`` dict: one fact, or the facts list (``kind`` "recall-dataset")."""
+    return _dataset_page(d) if d.get("kind") == "recall-dataset" else _fact_page(d)
+
+
+def write_recall(d: dict[str, Any], path: str | Path) -> Path:
+    """Write the recall page (``render_recall``) to ``path``."""
+    return write_page(render_recall(d), path)

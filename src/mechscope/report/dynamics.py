@@ -1,0 +1,76 @@
+"""The training-dynamics page (``dynamics.html``) of ``mechscope dynamics``, and the same two
+charts stacked in one standalone SVG (``dynamics.svg``, for the README)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mechscope.report.charts import line_chart
+from mechscope.report.toolkit import page, table, write_page
+
+__all__ = ["render_dynamics", "render_dynamics_svg", "write_dynamics"]
+
+_WIDTH, _HEIGHT = 700, 300
+
+
+def _finite(xs: list[Any]) -> list[float]:
+    return [float("nan") if x is None or not math.isfinite(float(x)) else float(x) for x in xs]
+
+
+def _charts(d: dict[str, Any]) -> list[str]:
+    """Two line charts over training steps: losses; head scores and ICL score; a marker at the
+    induction head's formation step."""
+    rows = [r for r in d["checkpoints"] if r["step"] > 0]
+    steps = [r["step"] for r in rows]
+    f = d.get("formation", {})
+    marks = [(f["induction_step"], "induction head forms")] if f.get("induction_step") else []
+    series1 = {"held-out loss": (steps, _finite([r["loss"] for r in rows])),
+               "loss on repeated half": (steps, _finite([r["repeated_loss"] for r in rows]))}
+    tl = [x for x in d.get("train_loss", []) if x[0] > 0]
+    if tl:
+        series1 = {"train loss": ([x[0] for x in tl], [x[1] for x in tl]), **series1}
+    c1 = line_chart(series1, title="Loss (nats)", xlabel="training step", width=_WIDTH, height=_HEIGHT, vlines=marks,
+                    points=False)
+    series2 = {
+        "induction (max)": (steps, _finite([r["max_induction"] for r in rows])),
+        "prev-token (max)": (steps, _finite([r["max_previous_token"] for r in rows])),
+        "ICL score": (steps, _finite([r["icl_score"] for r in rows])),
+        "K-comp. prev->ind": (steps, _finite([r.get("k_composition_prev_to_induction", float("nan")) for r in rows])),
+    }
+    c2 = line_chart(series2, title="Head scores and ICL score (nats)", xlabel="training step", width=_WIDTH,
+                    height=_HEIGHT, vlines=marks)
+    return [c1, c2]
+
+
+def render_dynamics_svg(d: dict[str, Any]) -> str:
+    """Both charts stacked in one standalone SVG on a white background."""
+    inner = [c.replace("<svg ", f'<svg y="{i * (_HEIGHT + 10)}" ', 1) for i, c in enumerate(_charts(d))]
+    h = len(inner) * (_HEIGHT + 10)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{h}" style="background:#fff">'
+            f'<rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>')
+
+
+def render_dynamics(d: dict[str, Any]) -> str:
+    """The page for a ``dynamics.json`` dict (``DynamicsResult.to_dict()``)."""
+    f = d.get("formation", {})
+    rows = [[k, "" if v is None else v] for k, v in f.items()]
+    tab_rows = [[r["step"], r["loss"], r["repeated_loss"], r["icl_score"], r["max_previous_token"], r["max_induction"],
+                 r["max_k_composition"]] for r in d["checkpoints"]]
+    body = (
+        "<div class='grid'>" + "".join(f"<figure>{c}</figure>" for c in _charts(d)) + "</div>"
+        + "<h2>Formation</h2>" + table(["", "value"], rows)
+        + "<p class='small muted'>Formation step: first checkpoint where a score covers half the way from its first to its highest value.</p>"
+        + "<h2>Checkpoints</h2>"
+        + table(["step", "loss", "repeated-half loss", "ICL score", "max prev-token", "max induction", "max K-comp"], tab_rows,
+                numeric=[True] * 7)
+    )
+    return page("Training dynamics: induction heads", body, kind="training dynamics", subtitle=f"run: {d.get('run')}")
+
+
+def write_dynamics(d: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """Write the page to ``path`` (``dynamics.html``) and the standalone charts next to it, with
+    the suffix ``.svg``; returns both paths."""
+    html = write_page(render_dynamics(d), path)
+    return html, write_page(render_dynamics_svg(d), html.with_suffix(".svg"))
