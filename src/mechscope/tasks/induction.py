@@ -16,7 +16,7 @@ predictable and is not scored.
   ``repeated_tokens_batch``) keeps the scored tokens and removes only the repeat, but then the
   token identities of the first copy, which every component at those positions carries, are
   the behaviour: on the embedded model its circuits were far less local (held-out
-  faithfulness 0.08 at 10% of edges against 0.44 with this corruption; docs/decisions.md).
+  faithfulness 0.08 at 10% of edges against 0.37 with this corruption; docs/decisions.md).
 
 "Ordinary" tokens: non-special vocabulary entries that decode to an ASCII word of 2+ letters
 with an optional leading space, so the sequences contain no control bytes or fragments.
