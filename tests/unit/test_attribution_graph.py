@@ -137,3 +137,60 @@ def test_transcoder_set_round_trip(tiny_llama, tmp_path):
     for a, b in zip(tset.layers, ct.layers):
         assert torch.allclose(a(x), b(x), atol=1e-6)
     assert "model_kind: transcoder_set" in (tmp_path / "tc" / "config.yaml").read_text()
+
+
+def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mechscope.features.graph_files import load_graph
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=7)
+    save_transcoders(tset, tmp_path / "tc")
+    cli = [sys.executable, "-m", "mechscope.cli.main", "attribute"]
+
+    def run(*args):
+        return subprocess.run(cli + list(args), capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "g"
+    r = run("When Mary and John went to the store", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,
+            "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert 0 <= s["replacement_score"] <= 1 and s["nodes_kept"] > 0
+    doc = json.loads((out / "graph.json").read_text())
+    ids = {n["node_id"] for n in doc["nodes"]}
+    assert all(link["source"] in ids and link["target"] in ids for link in doc["links"])
+    assert {n["feature_type"] for n in doc["nodes"]} >= {"embedding", "logit"}
+    assert json.loads((out / "graph-metadata.json").read_text())["graphs"][0]["slug"] == "g"
+    back = load_graph(out)
+    assert back.adjacency.shape[0] == back.n_nodes and back.n_layers == 3
+    page = (out / "report.html").read_text()
+    assert 'id="graph-data"' in page and "attribution.js" not in page  # assets inlined, not linked
+    # bad inputs: one sentence, exit 2, nothing written
+    bad = [
+        (["--transcoders", str(tmp_path / "missing")], "not a folder"),
+        (["--target", " Mary and John"], "one token"),
+        (["--node-threshold", "1.5"], "between 0 and 1"),
+    ]
+    for extra, needle in bad:
+        args = ["When Mary went", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,
+                "--out", str(tmp_path / "bad")] + extra
+        r = run(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_report_escapes_tokens(tiny_llama, tmp_path):
+    from mechscope.features.graph_files import graph_json
+    from mechscope.report.attribution import render_attribution
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=8)
+    g = attribute(tiny_llama, tset, _prompt(tiny_llama, seed=9), batch_size=16)
+    g.token_text = ["</script><script>alert(1)</script>"] * g.n_pos
+    doc = graph_json(g, prune(g), tiny_llama.tokenizer, "x", "<b>prompt</b>", "scan", 0.8)
+    page = render_attribution(doc)
+    assert "<script>alert(1)" not in page and "<b>prompt</b>" not in page
+    assert page.count("<script") == 2  # the data element and the drawing script, nothing injected
+    assert "alert(1)" in page  # the hostile token is there, as escaped data
