@@ -90,3 +90,39 @@ def test_report_renders_in_chromium(driver, tmp_path):
 
     severe = [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
     assert not severe, severe
+
+
+def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
+    """The attribution graph page: drawn, a click selects a node and lists its links, the
+    hostile token stays text, and the console has no errors."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    from mechscope.features.attribute import attribute
+    from mechscope.features.graph_files import graph_json
+    from mechscope.features.prune import prune
+    from mechscope.features.transcoder_set import random_transcoders
+    from mechscope.report.attribution import write_attribution
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=3)
+    toks = [tiny_llama.tokenizer.bos_token_id] + tiny_llama.to_tokens("When Mary and John went")
+    g = attribute(tiny_llama, tset, toks, batch_size=16)
+    g.token_text = ["<img src=x onerror=window.__pwned=1>"] + g.token_text[1:]
+    doc = graph_json(g, prune(g), tiny_llama.tokenizer, "t", "<script>window.__pwned=1</script>", "scan", 0.8)
+    page = write_attribution(doc, tmp_path / "attribution.html")
+    driver.get(page.resolve().as_uri())
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+    assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+    svg = driver.find_element(By.CSS_SELECTOR, "#graph svg")
+    nodes = svg.find_elements(By.CSS_SELECTOR, ".node")
+    assert len(nodes) == len(doc["nodes"]) and len(svg.find_elements(By.CSS_SELECTOR, "path.edge")) == len(doc["links"])
+    logit = svg.find_element(By.CSS_SELECTOR, ".node.logit")
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", logit)
+    side = driver.find_element(By.ID, "side").text
+    assert "Output" in side and "strongest inputs" in side
+    assert "sel" in logit.get_attribute("class")
+    assert "<img src=x onerror=window.__pwned=1>" in svg.text
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors
