@@ -184,6 +184,7 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
             chosen, feat_rows = _visit_by_influence(rows_for, logit_rows, lp, feats, n_act, L, P, max_features, B)
     finally:
         engine.close()
+    passes = engine.calls
     # assemble the square adjacency over kept features + errors + tokens + logits
     F = len(chosen)
     N = F + L * P + P + len(lt)
@@ -209,7 +210,8 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
         tokens=run.tokens, token_text=[model.tokenizer.decode([t]) for t in run.tokens.tolist()],
         features=feats[chosen].clone(), activations=vals[chosen].clone(), logit_tokens=lt, logit_probs=lp,
         adjacency=A, n_layers=L, first_pos=run.first_pos, error_norms=run.errors.norm(dim=-1).cpu(), n_active=n_act,
-        settings={"max_features": max_features, "batch_size": B, "targets": targets, "seconds": 0.0},
+        settings={"max_features": max_features, "batch_size": B, "targets": targets, "backward_passes": passes,
+                  "seconds": 0.0},
     )
     g.settings["seconds"] = round(time.perf_counter() - t0, 3)
     return g
@@ -257,6 +259,7 @@ class _Backward:
         with torch.enable_grad(), quiet_norm_edits():
             model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         self.P = run.n_pos
+        self.calls = 0
 
     def backward(self, inj: dict[tuple[str, int], list[tuple[int, int, Tensor]]]):
         outs, grads = [], []
@@ -268,6 +271,7 @@ class _Backward:
             outs.append(t)
             grads.append(g)
         ins = [self.store["embed"]] + [m for m in self.store["mlp_out"]]
+        self.calls += 1
         with torch.enable_grad():
             got = torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True)
         return list(got[1:]), got[0]
