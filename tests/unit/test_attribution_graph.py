@@ -194,3 +194,32 @@ def test_report_escapes_tokens(tiny_llama, tmp_path):
     assert "<script>alert(1)" not in page and "<b>prompt</b>" not in page
     assert page.count("<script") == 2  # the data element and the drawing script, nothing injected
     assert "alert(1)" in page  # the hostile token is there, as escaped data
+
+
+def test_local_circuit_of_a_feature(tiny_llama):
+    """--target-feature: the sink is one feature; its row equals the full graph's row for it
+    (restricted to the sources that can feed it), and nothing after it is a node."""
+    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=10)
+    toks = _prompt(tiny_llama, seed=11)
+    full = attribute(tiny_llama, tset, toks, batch_size=16)
+    last = full.features[:, 0] == full.n_layers - 1
+    i = int(torch.nonzero(last & (full.features[:, 1] == full.n_pos - 1))[0])
+    layer, pos, f = full.features[i].tolist()
+    loc = attribute(tiny_llama, tset, toks, batch_size=16, target_feature=(layer, f, pos))
+    assert loc.n_logits == 0 and loc.target_feature == loc.n_features - 1
+    assert (loc.features[: -1, 0] < layer).all() and (loc.features[: -1, 1] <= pos).all()
+    for j in range(loc.n_features - 1):
+        k = int(((full.features == loc.features[j]).all(1)).nonzero())
+        assert abs(float(loc.adjacency[loc.target_feature, j] - full.adjacency[i, k])) < 1e-5
+    w = loc.logit_weights()
+    assert w.sum() == 1 and w[loc.target_feature] == 1
+    pr = prune(loc)
+    assert pr.node_mask[loc.target_feature]
+    assert 0 <= scores(loc)["replacement"] <= 1
+    with pytest.raises(Exception, match="not active"):
+        attribute(tiny_llama, tset, toks, target_feature=(layer, _inactive(full, layer, pos), pos))
+
+
+def _inactive(g, layer, pos) -> int:
+    on = set(g.features[(g.features[:, 0] == layer) & (g.features[:, 1] == pos), 2].tolist())
+    return next(f for f in range(40) if f not in on)

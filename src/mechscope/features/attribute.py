@@ -65,6 +65,9 @@ class AttributionGraph:
     n_active: int
     """Active features before the ``max_features`` cap."""
     settings: dict = field(default_factory=dict)
+    target_feature: int | None = None
+    """Index (into ``features``) of the feature attributed instead of the logits (a local
+    circuit, Ge et al. 2024); None for a graph of the logits."""
 
     @property
     def n_features(self) -> int:
@@ -102,9 +105,13 @@ class AttributionGraph:
         return self.error_start + layer * self.n_pos + pos
 
     def logit_weights(self) -> Tensor:
-        """[N]: each logit node's probability, 0 elsewhere (the weight of the influence)."""
+        """[N]: the weight of each sink in the influence: each logit node's probability, or 1 on
+        the target feature of a local circuit; 0 elsewhere."""
         w = torch.zeros(self.n_nodes)
-        w[self.logit_start:] = self.logit_probs
+        if self.target_feature is not None:
+            w[self.target_feature] = 1.0
+        else:
+            w[self.logit_start:] = self.logit_probs
         return w
 
 
@@ -125,18 +132,34 @@ def logit_targets(logits_last: Tensor, targets: list[int] | None, max_logits: in
 
 def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
               max_features: int = 4096, batch_size: int = 32, max_logits: int = 10,
-              progress: bool = False) -> AttributionGraph:
+              target_feature: tuple[int, int, int] | None = None, progress: bool = False) -> AttributionGraph:
     """The attribution graph of one prompt (module docstring). ``targets``: token ids of the
-    logit nodes (default: the top logits up to 95% probability, at most ``max_logits``)."""
+    logit nodes (default: the top logits up to 95% probability, at most ``max_logits``).
+    ``target_feature`` = (layer, feature, position): attribute that active feature's
+    pre-activation instead of the logits (a local circuit; no logit nodes; only features
+    below it in layer and not after it in position can feed it)."""
     t0 = time.perf_counter()
     run = capture(model, tset, tokens)
     L, P = run.n_layers, run.n_pos
-    lt, lp = logit_targets(run.logits[-1], targets, max_logits)
     V = run.logits.shape[-1]
     if targets and (min(targets) < 0 or max(targets) >= V):
         raise MechscopeError(f"a target token id is outside the vocabulary (0..{V - 1}).")
     n_act = run.active.shape[0]
     feats, vals = run.active, run.values.cpu()
+    tgt_idx = None
+    if target_feature is not None:
+        tl, tf, tp = target_feature
+        if not (0 <= tl < L and 0 <= tp < P and 0 <= tf < tset.layers[tl].cfg.d_sae):
+            raise MechscopeError(f"target feature {tl}:{tf}:{tp} is out of range ({L} layers, "
+                                 f"{tset.layers[min(max(tl, 0), L - 1)].cfg.d_sae} features, {P} positions).")
+        hit = ((feats[:, 0] == tl) & (feats[:, 1] == tp) & (feats[:, 2] == tf)).nonzero().flatten()
+        if len(hit) == 0:
+            raise MechscopeError(f"feature {tf} of layer {tl} is not active at position {tp} of this prompt; "
+                                 "attribute an active one (see graph.json's nodes).")
+        tgt_idx = int(hit[0])
+        lt, lp = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    else:
+        lt, lp = logit_targets(run.logits[-1], targets, max_logits)
     W_U, _ = unembed_weights(model)
     dirs = (W_U[:, lt] - W_U.mean(1, keepdim=True)).T.float()  # [K, d]
     B = max(1, batch_size)
@@ -176,12 +199,23 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
         return torch.cat(out) if out else torch.zeros(0, n_act + L * P + P)
 
     try:
-        logit_rows = rows_for("logit", torch.arange(len(lt)))
-        if n_act <= max_features:
-            chosen = torch.arange(n_act)
+        if tgt_idx is None:
+            logit_rows = rows_for("logit", torch.arange(len(lt)))
+            sink_rows, sink_w, cand = logit_rows, lp, torch.ones(n_act, dtype=torch.bool)
+        else:
+            logit_rows = torch.zeros(0, n_act + L * P + P)
+            sink_rows, sink_w = rows_for("feature", torch.tensor([tgt_idx])), torch.ones(1)
+            cand = (feats[:, 0] < feats[tgt_idx, 0]) & (feats[:, 1] <= feats[tgt_idx, 1])  # can feed the target
+        n_cand = int(cand.sum())
+        if n_cand <= max_features:
+            chosen = torch.nonzero(cand).flatten()
             feat_rows = rows_for("feature", chosen)
         else:
-            chosen, feat_rows = _visit_by_influence(rows_for, logit_rows, lp, feats, n_act, L, P, max_features, B)
+            chosen, feat_rows = _visit_by_influence(rows_for, sink_rows, sink_w, feats, n_act, L, P, max_features, B,
+                                                    allowed=cand)
+        if tgt_idx is not None:  # the target itself is a node, with its row
+            chosen = torch.cat([chosen, torch.tensor([tgt_idx])])
+            feat_rows = torch.cat([feat_rows, sink_rows])
     finally:
         engine.close()
     passes = engine.calls
@@ -211,18 +245,19 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
         features=feats[chosen].clone(), activations=vals[chosen].clone(), logit_tokens=lt, logit_probs=lp,
         adjacency=A, n_layers=L, first_pos=run.first_pos, error_norms=run.errors.norm(dim=-1).cpu(), n_active=n_act,
         settings={"max_features": max_features, "batch_size": B, "targets": targets, "backward_passes": passes,
-                  "seconds": 0.0},
+                  "target_feature": list(target_feature) if target_feature else None, "seconds": 0.0},
+        target_feature=None if tgt_idx is None else len(chosen) - 1,
     )
     g.settings["seconds"] = round(time.perf_counter() - t0, 3)
     return g
 
 
 def _visit_by_influence(rows_for, logit_rows: Tensor, lp: Tensor, feats: Tensor, n_act: int, L: int, P: int,
-                        max_features: int, B: int) -> tuple[Tensor, Tensor]:
+                        max_features: int, B: int, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rows for the ``max_features`` features of highest estimated influence (module docstring 4)."""
     from mechscope.features.prune import influence_from_rows
 
-    visited = torch.zeros(n_act, dtype=torch.bool)
+    visited = torch.zeros(n_act, dtype=torch.bool) if allowed is None else ~allowed
     order: list[int] = []
     rows: list[Tensor] = []
     while len(order) < max_features:

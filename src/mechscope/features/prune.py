@@ -92,6 +92,8 @@ def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: floa
     infl = influence(normalise_rows(A), w)
     always = torch.zeros(g.n_nodes, dtype=torch.bool)
     always[g.token_start:] = True
+    if g.target_feature is not None:  # a local circuit's sink is kept like a logit
+        always[g.target_feature] = True
     prunable = ~always
     node = always.clone()
     if prunable.any():
@@ -109,6 +111,7 @@ def prune(g: AttributionGraph, node_threshold: float = 0.8, edge_threshold: floa
         edge[:, ~node] = False
         node[: g.token_start] &= edge[:, : g.token_start].any(0)
         node[:F] &= edge[:F].any(1)
+        node |= always & (torch.arange(g.n_nodes) < g.token_start)  # the sink has no outgoing edges
         if torch.equal(old, node):
             break
     order = infl.sort(descending=True)
