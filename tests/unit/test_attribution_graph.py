@@ -223,3 +223,23 @@ def test_local_circuit_of_a_feature(tiny_llama):
 def _inactive(g, layer, pos) -> int:
     on = set(g.features[(g.features[:, 0] == layer) & (g.features[:, 1] == pos), 2].tolist())
     return next(f for f in range(40) if f not in on)
+
+
+def test_virtual_weights_match_the_direct_path(tiny_llama):
+    """A feature's strongest input is the earlier feature whose decoder row the encoder reads
+    most; the weight equals the dot product computed independently, and outputs mirror inputs."""
+    from mechscope.features.weights import norm_weights, virtual_weights
+
+    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=12)
+    gam = norm_weights(tiny_llama)
+    vw = virtual_weights(tset, 2, 5, top=3, gammas=gam)
+    assert len(vw["inputs"]) == 3 and all(r["layer"] < 2 for r in vw["inputs"])
+    want = max(((li, f, float((tset.layers[li].W_dec[f] * gam[2]) @ tset.layers[2].W_enc[:, 5]))
+                for li in range(2) for f in range(40)), key=lambda t: abs(t[2]))
+    got = vw["inputs"][0]
+    assert (got["layer"], got["feature"]) == want[:2] and abs(got["weight"] - want[2]) < 1e-5
+    src = vw["inputs"][0]
+    back = virtual_weights(tset, src["layer"], src["feature"], top=40 * 3, gammas=gam)["outputs"]
+    assert any(r["layer"] == 2 and r["feature"] == 5 and abs(r["weight"] - src["weight"]) < 1e-5 for r in back)
+    with pytest.raises(Exception, match="out of range"):
+        virtual_weights(tset, 3, 0)
