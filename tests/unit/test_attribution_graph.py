@@ -243,3 +243,33 @@ def test_virtual_weights_match_the_direct_path(tiny_llama):
     assert any(r["layer"] == 2 and r["feature"] == 5 and abs(r["weight"] - src["weight"]) < 1e-5 for r in back)
     with pytest.raises(Exception, match="out of range"):
         virtual_weights(tset, 3, 0)
+
+
+def test_interventions_in_the_replacement_model(tiny_model):
+    """Nothing set: the replacement model is the model. Frozen: the logit change of setting
+    features is exactly the graph's prediction. Unfrozen: features downstream respond, so the
+    change differs from the frozen one."""
+    from mechscope.features.intervene import intervene, replacement_forward
+
+    tset = random_transcoders(tiny_model, d_sae=40, k=6, seed=13)
+    toks = _prompt(tiny_model, seed=14)
+    run = capture(tiny_model, tset, toks)
+    with torch.no_grad():
+        clean = tiny_model(toks[None])[0].float()
+    assert (replacement_forward(tiny_model, tset, run, []) - clean).abs().max() < 1e-4
+    g = attribute(tiny_model, tset, toks, batch_size=16)
+    picks = [int(torch.nonzero(g.features[:, 0] == layer)[-1]) for layer in range(g.n_layers - 1)]
+    clamps = []
+    for i in picks:
+        layer, pos, f = g.features[i].tolist()
+        clamps.append((layer, f, pos, 3.0 * float(g.activations[i])))  # triple it: (3 - 1) x the column
+    res = intervene(tiny_model, tset, toks, clamps, frozen=True)
+    dm = lambda x: x - x.mean()  # noqa: E731
+    got = (dm(res["changed"]) - dm(res["base"]))[g.logit_tokens]
+    want = sum(2.0 * g.adjacency[g.logit_start:, i] for i in picks)
+    assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max())), (got, want)
+    free = intervene(tiny_model, tset, toks, clamps, frozen=False, generate=3)
+    assert (free["changed"] - res["changed"]).abs().max() > 1e-3
+    assert isinstance(free["changed_text"], str)
+    with pytest.raises(Exception, match="position"):
+        intervene(tiny_model, tset, toks, [(0, 0, 99, 1.0)])
