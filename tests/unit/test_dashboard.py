@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from mechscope.sae import SAE, SAEConfig, save_sae
@@ -193,11 +192,8 @@ def test_parse_features():
 
 
 def test_cli_dashboard(tiny_gpt2, tiny_gpt2_dir, tmp_path):
-    from mechscope.cli.sae_tools import register_dashboard
+    from mechscope.cli.main import app
 
-    app, sae_app = typer.Typer(), typer.Typer()
-    register_dashboard(sae_app)
-    app.add_typer(sae_app, name="sae")
     sae = random_sae(tiny_gpt2.summary.d_model, d_sae=32)
     sae.cfg.model_name = tiny_gpt2_dir
     save_sae(sae, tmp_path / "sae")

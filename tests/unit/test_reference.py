@@ -77,3 +77,30 @@ def test_malformed_run_reference_is_a_clear_error(tmp_path):
     p.write_text(json.dumps({"schema_version": 1, "method": "acdc", "edges": [{"src": "a0.h0"}], "nodes": []}))
     with pytest.raises(MechscopeError, match="malformed"):
         load_reference(str(tmp_path))
+
+
+def test_compare_with_reference_gives_the_evaluate_figures(tmp_path):
+    """``compare_with_reference``: what ``mechscope evaluate --reference`` prints, in one call."""
+    import math
+
+    import torch
+
+    from mechscope.circuits import compare_with_reference
+    from mechscope.circuits.reference import Reference
+    from mechscope.circuits.result import CircuitResult
+
+    g = Graph(2, 4, 2)
+    scores = torch.randn(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1)) * g.allowed
+    res = CircuitResult(model={"name": "tiny", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "source": "x"},
+                        task="ioi", method="acdc", settings={}, graph=g, scores=scores, circuit=(scores > 1.0) & g.allowed)
+    res.save(tmp_path)
+    same = compare_with_reference(res, str(tmp_path))  # the run against its own circuit
+    assert list(same) == ["source", "n_nodes", "node_roc_auc", "n_edges", "edge_roc_auc", "edge_overlap",
+                          "chance_overlap", "in_this_circuit", "jaccard"]
+    assert same["n_edges"] == int(res.circuit.sum()) and same["chance_overlap"] == same["n_edges"] / g.n_edges
+    assert same["edge_overlap"] == same["in_this_circuit"] == same["jaccard"] == 1.0
+    assert 0.0 <= same["node_roc_auc"] <= 1.0 and not math.isnan(same["edge_roc_auc"])
+    nodes_only = compare_with_reference(res, Reference(model="tiny", task="ioi", source="test", nodes=["a1.h0", "m0"]))
+    assert nodes_only["n_nodes"] == 2 and "n_edges" not in nodes_only
+    with pytest.raises(MechscopeError, match="which this model does not have"):
+        compare_with_reference(res, "gpt2-ioi")

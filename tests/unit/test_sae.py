@@ -254,3 +254,11 @@ def test_a_new_architecture_is_one_class(tmp_path, monkeypatch):
     save_file({**w, "W_skip": torch.zeros(31, 24)}, str(tmp_path / "sae_weights.safetensors"))
     with pytest.raises(MechscopeError, match="W_skip has shape \\[31, 24\\]"):
         load_sae(tmp_path)
+
+
+def test_transcoder_output_hook_is_the_blocks_mlp_output():
+    from mechscope.sae import transcoder_output_hook
+
+    assert transcoder_output_hook("blocks.6.ln2.hook_normalized") == "blocks.6.hook_mlp_out"
+    with pytest.raises(MechscopeError, match="cannot tell which layer 'hook_embed' belongs to"):
+        transcoder_output_hook("hook_embed")

@@ -124,7 +124,7 @@ def test_bad_input(tiny_gpt2):
 
 
 def test_cli_steer(tiny_gpt2, tiny_gpt2_dir, tmp_path):
-    from mechscope.cli.sae_tools import register
+    from mechscope.cli.steer import register
 
     app = typer.Typer()
     register(app)

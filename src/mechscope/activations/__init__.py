@@ -7,13 +7,21 @@ From a notebook::
     batch = store.next_batch(4096)            # {"blocks.6.hook_resid_post": [4096, 576]}
     harvest(model, get_corpus(), cfg, "acts", n_tokens=1_000_000)   # shards on disk, resumable
     batch = ShardStore("acts").next_batch(4096)                      # the same API, from disk
+
+``StoreConfig`` (``activations.config``, no torch) is imported with the package; the other
+names load on first use.
 """
 
-from mechscope.activations.corpus import Corpus, get_corpus
-from mechscope.activations.shards import ShardStore, harvest
-from mechscope.activations.store import ActivationStore, Harvester, StoreConfig, pack_contexts, separator_id
+from mechscope._lazy import lazy_exports
+from mechscope.activations.config import StoreConfig
 
 __all__ = [
-    "ActivationStore", "Corpus", "Harvester", "ShardStore", "StoreConfig", "get_corpus", "harvest",
+    "ActivationStore", "Corpus", "Harvester", "ShardStore", "StoreConfig", "describe_corpus", "get_corpus", "harvest",
     "pack_contexts", "separator_id",
 ]
+
+lazy_exports(__name__, {
+    "Corpus": "corpus", "describe_corpus": "corpus", "get_corpus": "corpus",
+    "ShardStore": "shards", "harvest": "shards",
+    "ActivationStore": "store", "Harvester": "store", "pack_contexts": "store", "separator_id": "store",
+})

@@ -16,7 +16,8 @@ Documents are indexed in a first pass (file, byte range), so a corpus holds offs
 texts: memory stays small for big corpora and any order can be read back. The order is
 deterministic; ``seed`` shuffles documents. ``split="train"`` / ``"heldout"`` partitions them:
 every ``heldout_every``-th document (5% by default) is held out, spread over the whole corpus,
-so SAE evaluation can use text the SAE was not trained on.
+so SAE evaluation can use text the SAE was not trained on. ``describe_corpus`` counts what a
+corpus holds (``mechscope corpus``).
 """
 
 from __future__ import annotations
@@ -124,6 +125,28 @@ def get_corpus(
         refs = list(refs)
         random.Random(seed).shuffle(refs)
     return Corpus(str(spec), refs, licence, description, split, seed, hf)
+
+
+def describe_corpus(spec: str | Path | None = None, split: Split = "all", tokenizer: Any = None) -> dict[str, Any]:
+    """What a corpus holds: ``Corpus.info()`` plus its ``characters`` (and, for the embedded
+    corpus, its ``path`` and ``sources``). With a Hugging Face ``tokenizer``, also ``tokens``:
+    every document tokenised without special tokens, plus one separator each (reads them all)."""
+    c = get_corpus(spec, split=split)
+    info = c.info()
+    if info["spec"] == "embedded":
+        from mechscope.activations.embedded import embedded_path, manifest
+
+        info["path"] = str(embedded_path())
+        info["sources"] = manifest().get("sources", [])
+    n_chars = n_tok = 0
+    for doc in c:
+        n_chars += len(doc)
+        if tokenizer is not None:
+            n_tok += len(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]) + 1  # + separator
+    info["characters"] = n_chars
+    if tokenizer is not None:
+        info["tokens"] = n_tok
+    return info
 
 
 def _index_path(path: Path, passage_chars: int) -> list[_Ref]:

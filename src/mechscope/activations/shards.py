@@ -51,8 +51,8 @@ def harvest(
 ) -> dict[str, Any]:
     """Write at least ``n_tokens`` rows per hook to ``out_dir`` (resuming); returns the manifest."""
     out = Path(out_dir)
+    harvester = Harvester(model, cfg)  # checks the hook names before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    harvester = Harvester(model, cfg)
     rpc = cfg.rows_per_context
     old = _read_manifest(out) if (out / MANIFEST).is_file() else None
     # contexts per shard; a resumed or extended harvest keeps the one it started with

@@ -16,12 +16,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 import torch
 
 from mechscope.circuits.attribution import edge_score_folds, node_scores
+from mechscope.circuits.config import METHODS as METHODS  # re-exported
+from mechscope.circuits.config import DiscoverConfig
 from mechscope.circuits.crossval import (
     PLATEAU,
     choose_size,
@@ -44,52 +45,6 @@ from mechscope.circuits.select import importance, prune, receiver_owner, thresho
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.tasks.base import TaskBatch
-
-METHODS = ("eap", "eap-ig", "eap-ig-act", "acdc")
-
-
-@dataclass
-class DiscoverConfig:
-    """Settings of one circuit-discovery run (also the saved ``settings``)."""
-
-    task: str = "ioi"
-    """Task name or path to a JSONL file of pairs."""
-    method: Literal["eap", "eap-ig", "eap-ig-act", "acdc"] = "eap-ig"
-    """eap, eap-ig (integrated gradients on the input embeddings), eap-ig-act (on each layer's
-    activations: slower, (2 n_layers + 1) x ig_steps passes) or acdc."""
-    n: int = 50
-    """Number of clean/corrupt pairs (half scores, half is held out)."""
-    ablation: Literal["patching", "mean", "zero"] = "patching"
-    level: Literal["edge", "node"] = "edge"
-    edges: int | None = None
-    """Keep this many edges (nodes at node level); default: smallest circuit reaching ``target``."""
-    threshold: float | None = None
-    """Keep edges with |score| >= threshold (ACDC: its pruning threshold tau)."""
-    target: float = 0.8
-    ig_steps: int = 5
-    seed: int = 0
-    held_out: float = 0.5
-    batch_size: int = 16
-    random_seeds: int = 2
-    rank: Literal["auto", "signed", "abs"] = "auto"
-    """Edge order for selection and curves: signed (edges that carry the behaviour) or |score|."""
-    acdc_metric: Literal["kl", "task"] = "kl"
-    """ACDC's pruning metric: KL divergence from the full model at the scored positions, or the
-    distance of the task metric (e.g. logit difference) from its full-model value."""
-    checkpoint: str | None = None
-    """ACDC state file: written after every receiver, resumed from when it exists."""
-    folds: int = 5
-    """Cross-validation folds inside the scoring pairs for choosing the circuit's size."""
-    cv_confidence: float = 0.9
-    """The chosen size reaches ``target`` at the lower bound of this one-sided bootstrap
-    interval of its cross-validated faithfulness (``circuits.crossval``)."""
-    qk: Literal["exact", "linear"] = "exact"
-    """Edges into queries and keys: through the attention softmax exactly (``circuits.qk``) or
-    by the plain gradient (eap and eap-ig; eap-ig-act always integrates its own path)."""
-    bootstrap: int = 1000
-    """Bootstrap resamples of the held-out pairs for the faithfulness interval."""
-    labels: bool = True
-    """Label the circuit's heads with their roles from ``mechscope heads`` (cached per model)."""
 
 
 def check_task_performance(model, batch: TaskBatch) -> dict:
@@ -154,13 +109,9 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
     from mechscope.tasks import get_task
 
     t0 = time.perf_counter()
-    if cfg.method not in METHODS:
-        raise MechscopeError(f"Unknown method '{cfg.method}'; choose {', '.join(METHODS)}.")
-    graph = build_graph(model)
+    graph = build_graph(model)  # the settings were checked when cfg was made (circuits.config)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
-    if cfg.folds < 1:
-        raise MechscopeError(f"--folds must be at least 1, got {cfg.folds}.")
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     perf = check_task_performance(model, batch)

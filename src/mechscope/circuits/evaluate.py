@@ -1,4 +1,5 @@
-"""Circuit evaluation: faithfulness, faithfulness curves, random baselines, CPR/CMD, ROC AUC.
+"""Circuit evaluation: faithfulness, faithfulness curves, random baselines, CPR/CMD, ROC AUC,
+and ``evaluate_saved`` (a saved circuit re-evaluated on its held-out pairs or another task's).
 
 Faithfulness of a circuit C (normalised metric recovered) on pairs not used for scoring:
 
@@ -14,13 +15,19 @@ both by the trapezoid rule on the fraction axis from the smallest evaluated size
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechscope.circuits.select import prune, top_k
-from mechscope.graph import Graph
+from mechscope.circuits.config import DiscoverConfig
+from mechscope.circuits.select import importance, prune, top_k
+from mechscope.errors import MechscopeError
+from mechscope.graph import Graph, build_graph
 from mechscope.patching.engine import Ablation, run_with_edge_mask, source_activations
 from mechscope.tasks.base import TaskBatch
+
+if TYPE_CHECKING:
+    from mechscope.circuits.result import CircuitResult
 
 CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -198,3 +205,29 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
     avg = torch.cumsum(counts, 0).float() - (counts.float() - 1) / 2
     ranks[order] = avg[inv]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate_saved(model, res: "CircuitResult", task: str | None = None, n: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a saved circuit on ``model``: the held-out half of the pairs drawn as the run
+    drew them (its task, ``n``, seed and split), or of ``task``'s pairs, with its ablation.
+
+    Returns ``faithfulness`` and ``edges_kept`` of the circuit, the ``clean`` and ``corrupt``
+    metrics, ``cpr``, ``cmd``, the faithfulness ``curve`` over sizes (with random circuits) and
+    ``n_held_out`` (pairs evaluated). Settings a run did not save take ``DiscoverConfig``'s
+    defaults; a run saved without ``rank`` ranked its edges signed.
+    """
+    from mechscope.tasks import get_task
+
+    g = build_graph(model)
+    if g.summary() != res.graph.summary():
+        raise MechscopeError(f"The model {model.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
+    st, d = res.settings, DiscoverConfig
+    seed = st.get("seed", d.seed)
+    batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n or st.get("n", d.n), seed=seed)
+    _, test = batch.split(st.get("held_out", d.held_out), seed=seed)
+    ev = Evaluator(model, g, test, st.get("ablation", d.ablation))
+    curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g))
+    cpr, cmd = cpr_cmd(curve)
+    return {"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
+            "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve,
+            "n_held_out": len(test)}

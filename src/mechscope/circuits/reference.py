@@ -16,7 +16,8 @@ Receivers are written as in the graph (``a9.h6<q>``, ``a9.kv6<k>``: for GPT-2, K
 head g).
 
 Node-level AUC ranks heads and MLPs by their node score (sum of their edge scores); edge-level
-AUC (when the file has edges) ranks edges by their score.
+AUC (when the file has edges) ranks edges by their score. ``compare_with_reference`` gives
+every figure ``mechscope evaluate --reference`` reports.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope.circuits.evaluate import roc_auc
+from mechscope.circuits.select import importance
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, attn_receiver, mlp_node, node_layer, parse_node
+
+if TYPE_CHECKING:
+    from mechscope.circuits.result import CircuitResult
 
 SHIPPED = {"gpt2-ioi": "gpt2_ioi.json", "gpt2-greater-than": "gpt2_greater_than.json"}
 
@@ -119,6 +126,36 @@ def edge_overlap(ranking: torch.Tensor, reference: torch.Tensor, allowed: torch.
     top = torch.zeros_like(r, dtype=torch.bool)
     top[r.topk(k).indices] = True
     return float((top & reference.flatten().bool()).sum()) / k
+
+
+def compare_with_reference(res: "CircuitResult", reference: Reference | str) -> dict[str, Any]:
+    """How a discovered circuit ``res`` matches a reference (a ``Reference`` or anything
+    ``load_reference`` takes): its source, node count and ``node_roc_auc`` (the run's node
+    scores against the reference's nodes; the input is in every circuit, so it is not ranked).
+    When the reference lists edges, also ``n_edges``, ``edge_roc_auc`` (the run's edge ranking),
+    ``edge_overlap`` (share of the reference's edges among the run's top |reference| edges),
+    ``chance_overlap`` (what a random ranking gets), ``in_this_circuit`` (share of the
+    reference's edges in the run's circuit) and ``jaccard`` (of the two circuits' edge sets)."""
+    ref = load_reference(reference) if isinstance(reference, str) else reference
+    g = res.graph
+    nodes = ref.node_mask(g)
+    ns = (res.scores * g.allowed).sum(1)
+    sel = torch.ones(g.n_senders, dtype=torch.bool)
+    sel[0] = False  # the input is in every circuit: not ranked
+    out: dict[str, Any] = {"source": ref.source, "n_nodes": int(nodes.sum()), "node_roc_auc": roc_auc(ns, nodes, sel)}
+    em = ref.edge_mask(g)
+    if em is not None:
+        rk = importance(res.scores, res.method, res.settings.get("rank", "signed"))
+        kept = res.circuit.bool()
+        out.update({
+            "n_edges": int(em.sum()),
+            "edge_roc_auc": roc_auc(rk, em, g.allowed),
+            "edge_overlap": edge_overlap(rk, em, g.allowed),
+            "chance_overlap": int(em.sum()) / g.n_edges,
+            "in_this_circuit": float((kept & em).sum()) / max(1, int(em.sum())),
+            "jaccard": float((kept & em).sum()) / max(1, int((kept | em).sum())),
+        })
+    return out
 
 
 def expand_connections(

@@ -19,7 +19,8 @@ from itertools import combinations
 
 import torch
 
-from mechscope.circuits.discover import DiscoverConfig, discover
+from mechscope.circuits.config import DiscoverConfig, check_seeds
+from mechscope.circuits.discover import discover
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance
 from mechscope.graph import Graph
@@ -77,6 +78,7 @@ def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: bool = Tr
                    stable_threshold: float = 0.8) -> CircuitResult:
     """Run ``discover`` for seeds cfg.seed .. cfg.seed + n_seeds - 1; the first run, with
     ``stability`` filled in. Head roles are labelled on the first run only."""
+    check_seeds(cfg, n_seeds)
     runs = []
     for i in range(n_seeds):
         c = replace(cfg, seed=cfg.seed + i, labels=cfg.labels and i == 0)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from mechscope.circuits.config import DiscoverConfig
 from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -25,78 +26,50 @@ def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate)
 
 
-
 @handles_errors
 def discover(
-    task: str = typer.Option("ioi", "--task", "-t", help="Task name or .jsonl file of pairs."),
-    method: str = typer.Option("eap-ig", "--method", help="eap, eap-ig (IG on inputs), eap-ig-act (IG on each layer's activations; slower) or acdc."),
+    task: str = typer.Option(DiscoverConfig.task, "--task", "-t", help="Task name or .jsonl file of pairs."),
+    method: str = typer.Option(DiscoverConfig.method, "--method", help="eap, eap-ig (IG on inputs), eap-ig-act (IG on each layer's activations; slower) or acdc."),
     model: Optional[str] = ModelOpt,
-    n: int = typer.Option(50, "--n", help="Pairs in all; half score, half are held out."),
-    ablation: str = typer.Option("patching", "--ablation", help="patching (from corrupt), mean or zero."),
-    level: str = typer.Option("edge", "--level", help="edge or node (heads and MLPs as units)."),
-    edges: Optional[int] = typer.Option(None, "--edges", help="Keep this many edges (nodes at node level)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
-    target: float = typer.Option(0.8, "--target", help="Faithfulness the smallest circuit must reach."),
-    rank: str = typer.Option("auto", "--rank", help="Edge order: signed (edges that carry the behaviour first), abs, or "
+    n: int = typer.Option(DiscoverConfig.n, "--n", help="Pairs in all; half score, half are held out."),
+    ablation: str = typer.Option(DiscoverConfig.ablation, "--ablation", help="patching (from corrupt), mean or zero."),
+    level: str = typer.Option(DiscoverConfig.level, "--level", help="edge or node (heads and MLPs as units)."),
+    edges: Optional[int] = typer.Option(DiscoverConfig.edges, "--edges", help="Keep this many edges (nodes at node level)."),
+    threshold: Optional[float] = typer.Option(DiscoverConfig.threshold, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
+    target: float = typer.Option(DiscoverConfig.target, "--target", help="Faithfulness the smallest circuit must reach."),
+    rank: str = typer.Option(DiscoverConfig.rank, "--rank", help="Edge order: signed (edges that carry the behaviour first), abs, or "
                              "auto (whichever cross-validates better inside the scoring pairs)."),
-    ig_steps: int = typer.Option(5, "--ig-steps"),
-    metric: str = typer.Option("kl", "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
+    ig_steps: int = typer.Option(DiscoverConfig.ig_steps, "--ig-steps"),
+    metric: str = typer.Option(DiscoverConfig.acdc_metric, "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
                                "(distance of the task metric from its full-model value)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(DiscoverConfig.seed, "--seed"),
     seeds: int = typer.Option(1, "--seeds", help="Repeat with this many draws of pairs (seed, seed+1, ...): "
                               "overlap of the circuits, spread of faithfulness, edges stable across draws."),
-    folds: int = typer.Option(5, "--folds", help="Cross-validation folds inside the scoring pairs that choose the size."),
-    qk: str = typer.Option("exact", "--qk", help="Query/key edges: exact (through the attention softmax) or linear (gradient)."),
-    labels: bool = typer.Option(True, "--labels/--no-labels", help="Label heads with their roles (mechscope heads; cached per model)."),
+    folds: int = typer.Option(DiscoverConfig.folds, "--folds", help="Cross-validation folds inside the scoring pairs that choose the size."),
+    qk: str = typer.Option(DiscoverConfig.qk, "--qk", help="Query/key edges: exact (through the attention softmax) or linear (gradient)."),
+    labels: bool = typer.Option(DiscoverConfig.labels, "--labels/--no-labels", help="Label heads with their roles (mechscope heads; cached per model)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Find the circuit for a task; writes circuit.json and report.html."""
-    from mechscope.circuits import DiscoverConfig
     from mechscope.circuits import discover as run
-    from mechscope.circuits.discover import METHODS
-    from mechscope.errors import MechscopeError
+    from mechscope.circuits.config import check_seeds
+    from mechscope.circuits.stability import discover_seeds
     from mechscope.report.circuit import write_circuit
     from mechscope.tasks import get_task
 
-    if method not in METHODS:
-        raise MechscopeError(f"Unknown method '{method}'; choose {', '.join(METHODS)}.")
-    if ablation not in ("patching", "mean", "zero"):
-        raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
-    if level not in ("edge", "node"):
-        raise MechscopeError(f"Unknown level '{level}'; choose edge or node.")
-    if rank not in ("auto", "signed", "abs"):
-        raise MechscopeError(f"Unknown ranking '{rank}'; choose auto, signed or abs.")
-    if metric not in ("kl", "task"):
-        raise MechscopeError(f"Unknown ACDC metric '{metric}'; choose kl or task.")
-    if metric != "kl" and method != "acdc":
-        raise MechscopeError(f"--metric applies to ACDC only; {method} always attributes the task's own metric.")
-    if n < 4:
-        raise MechscopeError(f"--n {n} is too small: at least 4 pairs are needed (half are held out).")
-    if qk not in ("exact", "linear"):
-        raise MechscopeError(f"Unknown --qk '{qk}'; choose exact or linear.")
-    if not 1 <= seeds <= 50:
-        raise MechscopeError(f"--seeds {seeds} is out of range: choose 1 to 50 draws.")
-    if folds < 1:
-        raise MechscopeError(f"--folds must be at least 1, got {folds}.")
-    if seeds > 1 and method == "acdc":
-        raise MechscopeError("--seeds is for the attribution methods; ACDC runs are too long to repeat (run them one seed at a time).")
-    get_task(task)  # fail fast on an unknown task, before loading the model
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
-                         acdc_metric=metric, folds=folds, qk=qk, labels=labels)
+                         acdc_metric=metric, folds=folds, qk=qk, labels=labels)  # checks the settings
+    check_seeds(cfg, seeds)
+    get_task(task)  # fail fast on an unknown task, before loading the model
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
     m = load(model, device)
-    if seeds > 1:
-        from mechscope.circuits.stability import discover_seeds
-
-        res = discover_seeds(m, cfg, seeds, progress=not json)
-    else:
-        res = run(m, cfg, progress=not json)
+    res = discover_seeds(m, cfg, seeds, progress=not json) if seeds > 1 else run(m, cfg, progress=not json)
     res.save(out_dir)
     report = write_circuit(res.to_dict(), Path(out_dir) / "report.html")
     mt = res.metrics
@@ -157,56 +130,20 @@ def evaluate(
     json: bool = JsonOpt,
 ) -> None:
     """Re-evaluate a saved circuit: held-out faithfulness, curve, random baseline, ROC AUC."""
-    import torch
-
-    from mechscope.circuits import CircuitResult, Evaluator, load_reference, roc_auc
-    from mechscope.circuits.evaluate import cpr_cmd, curve_sizes, faithfulness_curve
-    from mechscope.errors import MechscopeError
-    from mechscope.graph import build_graph
-    from mechscope.tasks import get_task
+    from mechscope.circuits import CircuitResult, compare_with_reference, evaluate_saved
 
     res = CircuitResult.load(run_dir)
     out: dict = {"run": str(run_dir), "task": task or res.task, "method": res.method}
     if reference:  # before loading any model, so a wrong reference fails fast
-        ref = load_reference(reference)
-        nodes = ref.node_mask(res.graph)
-        ns = (res.scores * res.graph.allowed).sum(1)
-        sel = torch.ones(res.graph.n_senders, dtype=torch.bool)
-        sel[0] = False  # the input is in every circuit: not ranked
-        out["reference"] = {"source": ref.source, "n_nodes": int(nodes.sum()),
-                            "node_roc_auc": roc_auc(ns, nodes, sel)}
-        em = ref.edge_mask(res.graph)
-        if em is not None:
-            from mechscope.circuits.reference import edge_overlap
-            from mechscope.circuits.select import importance
-
-            rk = importance(res.scores, res.method, res.settings.get("rank", "signed"))
-            kept = res.circuit.bool()
-            out["reference"].update({
-                "n_edges": int(em.sum()),
-                "edge_roc_auc": roc_auc(rk, em, res.graph.allowed),
-                "edge_overlap": edge_overlap(rk, em, res.graph.allowed),
-                "chance_overlap": int(em.sum()) / res.graph.n_edges,
-                "in_this_circuit": float((kept & em).sum()) / max(1, int(em.sum())),
-                "jaccard": float((kept & em).sum()) / max(1, int((kept | em).sum())),
-            })
+        out["reference"] = compare_with_reference(res, reference)
     m = load(model or res.model.get("source"), device)
-    g = build_graph(m)
-    if g.summary() != res.graph.summary():
-        raise MechscopeError(f"The model {m.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
-    st = res.settings
-    batch = get_task(task or st.get("task", res.task)).build(m.tokenizer, n=n or st.get("n", 50), seed=st.get("seed", 0))
-    _, test = batch.split(st.get("held_out", 0.5), seed=st.get("seed", 0))
-    ev = Evaluator(m, g, test, st.get("ablation", "patching"))
-    from mechscope.circuits.select import importance
-
-    curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g))
-    cpr, cmd = cpr_cmd(curve)
-    out.update({"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
-                "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve})
+    figures = evaluate_saved(m, res, task=task, n=n)
+    n_held_out = figures.pop("n_held_out")
+    out.update(figures)
+    curve, cpr, cmd = out["curve"], out["cpr"], out["cmd"]
     if json:
         return emit_json(out)
-    t = Table(title=f"{out['task']} circuit ({res.method}), {len(test)} held-out pairs")
+    t = Table(title=f"{out['task']} circuit ({res.method}), {n_held_out} held-out pairs")
     t.add_column("edges kept", justify="right")
     t.add_column("fraction", justify="right")
     t.add_column("faithfulness", justify="right")

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: clear one-sentence errors (exit 2), --json output, model loading."""
+"""Shared CLI plumbing: clear one-sentence errors (exit 2), --json output, model (and SAE) loading."""
 
 from __future__ import annotations
 
@@ -86,3 +86,14 @@ def load(model: str | None, device: str | None = None):
     from mechscope.models import load_model
 
     return load_model(model, device=device)
+
+
+def load_sae_and_model(sae_dir: Path, model: str | None, device: str | None):
+    """The SAE and its model (``--model``, else the SAE's own model_name), checked to fit."""
+    from mechscope.sae import check_sae_fits, load_sae
+
+    sae = load_sae(sae_dir)
+    m = load(model or sae.cfg.model_name or None, device)
+    sae = sae.to(m.device)
+    check_sae_fits(sae, m)
+    return sae, m

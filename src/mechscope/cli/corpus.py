@@ -14,18 +14,6 @@ def register(app: typer.Typer) -> None:
     app.command("corpus")(corpus)
 
 
-def _tokenizer(model: Optional[str]):
-    """The model's tokenizer alone (no weights are loaded)."""
-    from transformers import AutoTokenizer
-
-    from mechscope.models.load import _quiet, _resolve
-
-    _, target, gguf, local = _resolve(model)
-    kwargs = {"local_files_only": local} | ({"gguf_file": gguf} if gguf else {})
-    with _quiet():
-        return AutoTokenizer.from_pretrained(target, **kwargs)
-
-
 @handles_errors
 def corpus(
     corpus: Optional[str] = typer.Option(None, "--corpus", "-c", help="embedded (default), a .txt/.jsonl file, a folder, or hf:NAME[:SPLIT]."),
@@ -35,24 +23,15 @@ def corpus(
     json: bool = JsonOpt,
 ) -> None:
     """Describe a text corpus: documents, characters, licence; --tokens counts tokens too."""
-    from mechscope.activations import get_corpus
+    from mechscope.activations import describe_corpus
 
-    c = get_corpus(corpus, split=split)  # type: ignore[arg-type]
-    info = c.info()
-    if info["spec"] == "embedded":
-        from mechscope.activations.embedded import embedded_path, manifest
+    tok = None
+    if tokens:  # the tokenizer alone (no weights); torch only loads here
+        from mechscope.models import load_tokenizer
 
-        info["path"] = str(embedded_path())
-        info["sources"] = manifest().get("sources", [])
-    n_chars = n_tok = 0
-    tok = _tokenizer(model) if tokens else None
-    for doc in c:
-        n_chars += len(doc)
-        if tok is not None:
-            n_tok += len(tok(doc, add_special_tokens=False, verbose=False)["input_ids"]) + 1  # + separator
-    info["characters"] = n_chars
+        tok = load_tokenizer(model)
+    info = describe_corpus(corpus, split=split, tokenizer=tok)  # type: ignore[arg-type]
     if tok is not None:
-        info["tokens"] = n_tok
         info["tokenizer"] = model or "smollm2-135m"
     if json:
         return emit_json(info)

@@ -20,6 +20,7 @@ from mechscope.cli.common import (
     handles_errors,
     load,
 )
+from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -28,24 +29,23 @@ def register(app: typer.Typer) -> None:
     app.command("dynamics")(dynamics)
 
 
-
 @handles_errors
 def heads(
     model: Optional[str] = ModelOpt,
-    n: int = typer.Option(50, "--n", help="Repeated random-token sequences."),
-    seq_len: int = typer.Option(20, "--seq-len", help="Length of the random segment R (sequences are BOS + R + R)."),
-    text: Optional[str] = typer.Option(None, "--text", help="Real-text source: embedded (default when installed), pydoc, or a .txt/.jsonl file or folder."),
-    n_text: int = typer.Option(8, "--n-text", help="Real-text windows (pattern scores on text, ICL score)."),
-    text_len: Optional[int] = typer.Option(None, "--text-len", help="Tokens per text window (default min(520, context - 1))."),
-    ablate: int = typer.Option(10, "--ablate", help="Top induction heads mean-ablated one at a time (-1: all heads)."),
-    top_k: int = typer.Option(5, "--top-k", help="k for top-k induction heads ablated together vs k random heads."),
-    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(HeadsConfig.n, "--n", help="Repeated random-token sequences."),
+    seq_len: int = typer.Option(HeadsConfig.seq_len, "--seq-len", help="Length of the random segment R (sequences are BOS + R + R)."),
+    text: Optional[str] = typer.Option(HeadsConfig.text, "--text", help="Real-text source: embedded (default when installed), pydoc, or a .txt/.jsonl file or folder."),
+    n_text: int = typer.Option(HeadsConfig.n_text, "--n-text", help="Real-text windows (pattern scores on text, ICL score)."),
+    text_len: Optional[int] = typer.Option(HeadsConfig.text_len, "--text-len", help="Tokens per text window (default min(520, context - 1))."),
+    ablate: int = typer.Option(HeadsConfig.ablate, "--ablate", help="Top induction heads mean-ablated one at a time (-1: all heads)."),
+    top_k: int = typer.Option(HeadsConfig.top_k, "--top-k", help="k for top-k induction heads ablated together vs k random heads."),
+    seed: int = typer.Option(HeadsConfig.seed, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Score every attention head: previous-token, duplicate, induction, copying, ablation, composition, ICL."""
-    from mechscope.heads import HeadsConfig, head_scores
+    from mechscope.heads import head_scores
     from mechscope.report.heads import write_heads
 
     cfg = HeadsConfig(n=n, seq_len=seq_len, text=text, n_text=n_text, text_len=text_len, ablate=ablate,
@@ -81,24 +81,22 @@ def heads(
 
 @handles_errors
 def train_toy(
-    layers: int = typer.Option(2, "--layers"),
-    attn_only: bool = typer.Option(True, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
-    d_model: int = typer.Option(128, "--d-model"),
-    n_heads: int = typer.Option(4, "--heads"),
-    steps: int = typer.Option(3000, "--steps"),
-    batch: int = typer.Option(32, "--batch"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    vocab: int = typer.Option(64, "--vocab", help="Content tokens."),
-    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per training sequence (after BOS)."),
-    checkpoints: int = typer.Option(40, "--checkpoints", help="Checkpoints on a log-spaced schedule."),
-    linear: int = typer.Option(30, "--linear-checkpoints", help="Extra, evenly spaced checkpoints."),
-    seed: int = typer.Option(0, "--seed"),
+    layers: int = typer.Option(ToyConfig.layers, "--layers"),
+    attn_only: bool = typer.Option(ToyConfig.attn_only, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
+    d_model: int = typer.Option(ToyConfig.d_model, "--d-model"),
+    n_heads: int = typer.Option(ToyConfig.heads, "--heads"),
+    steps: int = typer.Option(ToyConfig.steps, "--steps"),
+    batch: int = typer.Option(ToyConfig.batch, "--batch"),
+    lr: float = typer.Option(ToyConfig.lr, "--lr"),
+    vocab: int = typer.Option(DataConfig.vocab, "--vocab", help="Content tokens."),
+    seq_len: int = typer.Option(DataConfig.seq_len, "--seq-len", help="Tokens per training sequence (after BOS)."),
+    checkpoints: int = typer.Option(ToyConfig.n_checkpoints, "--checkpoints", help="Checkpoints on a log-spaced schedule."),
+    linear: int = typer.Option(ToyConfig.linear_checkpoints, "--linear-checkpoints", help="Extra, evenly spaced checkpoints."),
+    seed: int = typer.Option(ToyConfig.seed, "--seed"),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
     json: bool = JsonOpt,
 ) -> None:
     """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
-    from mechscope.heads.toydata import DataConfig
-    from mechscope.heads.train import ToyConfig
     from mechscope.heads.train import train_toy as run
 
     cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
@@ -127,15 +125,15 @@ def train_toy(
 @handles_errors
 def dynamics(
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
-    n: int = typer.Option(32, "--n", help="Repeated random-token sequences per checkpoint."),
-    seq_len: int = typer.Option(24, "--seq-len", help="Length of the random segment R."),
-    text: Optional[str] = typer.Option(None, "--text", help="Text source when the run has no train.json."),
+    n: int = typer.Option(DynamicsConfig.n, "--n", help="Repeated random-token sequences per checkpoint."),
+    seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
+    text: Optional[str] = typer.Option(DynamicsConfig.text, "--text", help="Text source when the run has no train.json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     json: bool = JsonOpt,
 ) -> None:
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
-    from mechscope.heads.dynamics import DynamicsConfig, find_checkpoints
     from mechscope.heads.dynamics import dynamics as run
+    from mechscope.heads.dynamics import find_checkpoints
     from mechscope.report.dynamics import write_dynamics
 
     n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder

@@ -1,14 +1,21 @@
-"""`mechscope` entry point: registers the command groups."""
+"""`mechscope` entry point: registers the command groups, one module each.
+
+    model.py      info, graph, hooks            heads.py    heads, train-toy, dynamics
+    tasks.py      tasks, task-eval              lens.py     lens
+    circuits.py   discover, evaluate            recall.py   recall
+    corpus.py     corpus                        steer.py    steer
+    sae.py        sae harvest | train | eval | dashboard
+    features.py   attribute, transcoders train | eval
+
+Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose
+modules import no torch, so the CLI starts without it; a command imports what it runs.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from mechscope.cli import basic, circuits
-from mechscope.cli import corpus as corpus_cli
-from mechscope.cli import heads as heads_cli
-from mechscope.cli import recall as recall_cli
-from mechscope.cli import sae as sae_cli
+from mechscope.cli import circuits, corpus, features, heads, lens, model, recall, sae, steer, tasks
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -26,12 +33,9 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         STATE["debug"] = True
 
 
-basic.register(app)
-circuits.register(app)
-corpus_cli.register(app)
-heads_cli.register(app)
-recall_cli.register(app)
-sae_cli.register(app)
+# One module per command group, named after it; `mechscope --help` lists the commands in this order.
+for group in (model, tasks, circuits, corpus, heads, lens, recall, steer, sae, features):
+    group.register(app)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""`mechscope lens` (logit lens + direct logit attribution) and `mechscope recall` (causal
-tracing, attention knockout, attribute extraction, subject enrichment)."""
+"""`mechscope recall`: causal tracing, attention knockout, attribute extraction and subject
+enrichment of a fact (or of the shipped facts list)."""
 
 from __future__ import annotations
 
@@ -20,46 +20,11 @@ from mechscope.cli.common import (
     load,
 )
 from mechscope.errors import MechscopeError
+from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
 
 
 def register(app: typer.Typer) -> None:
-    app.command("lens")(lens)
     app.command("recall")(recall)
-
-
-
-@handles_errors
-def lens(
-    prompt: str = typer.Argument(..., help="The prompt whose next token to explain."),
-    model: Optional[str] = ModelOpt,
-    target: Optional[str] = typer.Option(None, "--target", help="Token to follow (default: the model's top prediction)."),
-    distractor: Optional[str] = typer.Option(None, "--distractor", help="Contrast token for DLA (default: the runner-up)."),
-    k: int = typer.Option(5, "--k", help="Top tokens kept per site and position."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
-    device: Optional[str] = DeviceOpt,
-    json: bool = JsonOpt,
-) -> None:
-    """Logit lens at every layer (resid pre/mid/post) and direct logit attribution per head and MLP."""
-    from mechscope.lens import run_lens
-    from mechscope.report.lens import write_lens
-
-    if k < 1:
-        raise MechscopeError(f"--k {k} must be at least 1.")
-    m = load(model, device)
-    res = run_lens(m, prompt, target=target, distractor=distractor, k=k)
-    out_dir = Path(out or fresh_dir("lens"))
-    res.save(out_dir)
-    d = res.to_dict()
-    report = write_lens(d, out_dir / "report.html")
-    if json:
-        return emit_json({**d, "report": str(report), "out": str(out_dir)})
-    rank_last = res.rank[:, -1].tolist()
-    console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
-                  f"first top-1 at {res.first_top1_site()}", highlight=False)
-    dd = res.dla
-    console.print(f"DLA logit({res.target!r}) - logit({res.distractor!r}) = {dd.actual:.3f}; sum of contributions "
-                  f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
-    console.print(f"report: {report}", highlight=False)
 
 
 @handles_errors
@@ -68,43 +33,39 @@ def recall(
     subject: Optional[str] = typer.Option(None, "--subject", help="The subject, exactly as written in the prompt."),
     target: Optional[str] = typer.Option(None, "--target", help="The attribute token (default: the model's top prediction)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="'facts': run over the shipped facts list and aggregate."),
-    n: int = typer.Option(30, "--n", help="Facts drawn (from those the model gets top-1) with --dataset."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Noise draws per causal-tracing run (default 3; 1 with --dataset)."),
-    layer_stride: Optional[int] = typer.Option(None, "--layer-stride", help="Trace every k-th layer (default 1; 2 with --dataset)."),
-    seed: int = typer.Option(0, "--seed"),
+    n: int = typer.Option(DATASET_N, "--n", help="Facts drawn (from those the model gets top-1) with --dataset."),
+    samples: Optional[int] = typer.Option(None, "--samples", help=f"Noise draws per causal-tracing run (default {RecallConfig.samples}; "
+                                          f"{dataset_config().samples} with --dataset)."),
+    layer_stride: Optional[int] = typer.Option(None, "--layer-stride", help=f"Trace every k-th layer (default {RecallConfig.layer_stride}; "
+                                               f"{dataset_config().layer_stride} with --dataset)."),
+    seed: int = typer.Option(RecallConfig.seed, "--seed"),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Dissect the recall of a fact: causal tracing, attention knockout, attribute extraction, subject enrichment."""
-    from mechscope.recall import RecallConfig, recall_dataset
     from mechscope.recall import recall as run_recall
-    from mechscope.recall.dataset import dataset_config
+    from mechscope.recall import recall_dataset
     from mechscope.report.recall import write_recall
 
     if dataset is not None:
-        if dataset != "facts":
-            raise MechscopeError(f"Unknown dataset '{dataset}'; the only one is 'facts' (the shipped facts list).")
+        check_dataset(dataset, n)
         if prompt is not None or subject is not None:
             raise MechscopeError("Pass either a PROMPT with --subject or --dataset facts, not both.")
-        if n < 2:
-            raise MechscopeError(f"--n {n} is too small: the aggregate needs at least 2 facts.")
     elif prompt is None or subject is None:
         raise MechscopeError("Pass a PROMPT and its --subject (or --dataset facts).")
-    kw = {"seed": seed}
+    kw = {"seed": seed}  # --samples and --layer-stride left out take the config's defaults
     if samples is not None:
         kw["samples"] = samples
     if layer_stride is not None:
         kw["layer_stride"] = layer_stride
-    if kw.get("samples", 1) < 1 or kw.get("layer_stride", 1) < 1:
-        raise MechscopeError("--samples and --layer-stride must be at least 1.")
+    cfg = dataset_config(**kw) if dataset is not None else RecallConfig(**kw)  # checks the settings
     m = load(model, device)
     if dataset is not None:
-        cfg = dataset_config(**kw)
         res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False))
     else:
-        res = run_recall(m, prompt, subject, target, RecallConfig(**kw))
+        res = run_recall(m, prompt, subject, target, cfg)
     out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()

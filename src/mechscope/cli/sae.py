@@ -1,9 +1,8 @@
-"""`mechscope sae ...`: harvest activations, train, evaluate (and dashboards, from sae_tools)."""
+"""`mechscope sae ...`: harvest activations, train, evaluate, feature dashboards."""
 
 from __future__ import annotations
 
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from mechscope.activations.config import StoreConfig
 from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
@@ -20,33 +20,23 @@ from mechscope.cli.common import (
     fresh_dir,
     handles_errors,
     load,
+    load_sae_and_model,
 )
+from mechscope.sae.config import DashboardConfig, TrainConfig
 
 sae_app = typer.Typer(help="Sparse autoencoders and transcoders: harvest, train, eval, dashboard.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
-    from mechscope.cli import sae_tools
-
     sae_app.command("harvest")(harvest)
     sae_app.command("train")(train)
     sae_app.command("eval")(eval_)
-    sae_tools.register_dashboard(sae_app)
+    sae_app.command("dashboard")(dashboard)
     app.add_typer(sae_app, name="sae")
-    sae_tools.register(app)
 
 
 CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
-
-
-
-def _mlp_out_of(hook: str) -> str:
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if not m:
-        from mechscope.errors import MechscopeError
-
-        raise MechscopeError(f"cannot tell which layer {hook!r} belongs to; pass --hook-out blocks.L.hook_mlp_out as well.")
-    return f"blocks.{m.group(1)}.hook_mlp_out"
+ContextLenOpt = typer.Option(StoreConfig.context_len, "--context-len")
 
 
 class _Progress:
@@ -74,21 +64,18 @@ def harvest(
     out: Path = typer.Option(..., "--out", help="Folder for the shards (a killed harvest resumes there)."),
     corpus: Optional[str] = CorpusOpt,
     model: Optional[str] = ModelOpt,
-    context_len: int = typer.Option(128, "--context-len"),
-    batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 on disk."),
+    context_len: int = ContextLenOpt,
+    batch_size: int = typer.Option(StoreConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
+    dtype: str = typer.Option(StoreConfig.dtype, "--dtype", help="float32, bfloat16 or float16 on disk."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Run the model over a corpus once and save activations as safetensors shards."""
-    from mechscope.activations import StoreConfig, get_corpus
+    from mechscope.activations import get_corpus
     from mechscope.activations import harvest as do_harvest
-    from mechscope.models.hooks import check_hook_name
 
+    cfg = StoreConfig(hooks=list(hook), context_len=context_len, batch_size=batch_size, dtype=dtype)  # checked when made
     m = load(model, device)
-    for h in hook:
-        check_hook_name(m, h)
-    cfg = StoreConfig(hooks=list(hook), context_len=context_len, batch_size=batch_size, dtype=dtype)
     manifest = do_harvest(m, get_corpus(corpus, split="train"), cfg, out, tokens, corpus_spec=corpus or "embedded", progress=not json)
     if json:
         return emit_json(manifest)
@@ -99,65 +86,38 @@ def harvest(
 def train(
     hook: str = typer.Option(..., "--hook", help="TransformerLens hook, e.g. blocks.15.hook_resid_post (transcoder: the MLP input, e.g. blocks.6.ln2.hook_normalized)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the SAE (cfg.json + sae_weights.safetensors) and checkpoints."),
-    arch: str = typer.Option("topk", "--arch", help="relu, topk, batchtopk or jumprelu."),
-    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Number of features (default: expansion x d_model)."),
-    expansion: int = typer.Option(8, "--expansion"),
-    k: int = typer.Option(32, "--k", help="Active features per token (topk, batchtopk)."),
-    l1: float = typer.Option(5.0, "--l1", help="L1 coefficient (relu)."),
-    l0: float = typer.Option(0.02, "--l0", help="L0 coefficient (jumprelu)."),
-    tokens: int = typer.Option(2_000_000, "--tokens", help="Training tokens."),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens"),
-    lr: float = typer.Option(4e-4, "--lr"),
+    arch: str = typer.Option(TrainConfig.architecture, "--arch", help="relu, topk, batchtopk or jumprelu."),
+    d_sae: Optional[int] = typer.Option(TrainConfig.d_sae, "--d-sae", help="Number of features (default: expansion x d_model)."),
+    expansion: int = typer.Option(TrainConfig.expansion, "--expansion"),
+    k: int = typer.Option(TrainConfig.k, "--k", help="Active features per token (topk, batchtopk)."),
+    l1: float = typer.Option(TrainConfig.l1, "--l1", help="L1 coefficient (relu)."),
+    l0: float = typer.Option(TrainConfig.l0, "--l0", help="L0 coefficient (jumprelu)."),
+    tokens: int = typer.Option(TrainConfig.tokens, "--tokens", help="Training tokens."),
+    batch_tokens: int = typer.Option(TrainConfig.batch_tokens, "--batch-tokens"),
+    lr: float = typer.Option(TrainConfig.lr, "--lr"),
     corpus: Optional[str] = CorpusOpt,
     shards: Optional[Path] = typer.Option(None, "--from-shards", help="Train from shards written by `mechscope sae harvest` instead of running the model."),
     transcoder: bool = typer.Option(False, "--transcoder", help="Train a transcoder: --hook (MLP input) -> --hook-out (default: that layer's hook_mlp_out)."),
     hook_out: Optional[str] = typer.Option(None, "--hook-out"),
-    context_len: int = typer.Option(128, "--context-len"),
-    checkpoint_every: int = typer.Option(250_000, "--checkpoint-every", help="Tokens between checkpoints."),
+    context_len: int = ContextLenOpt,
+    checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(TrainConfig.seed, "--seed"),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Train an SAE (or transcoder) on a hook's activations; checkpoints, resumable."""
-    from mechscope.activations import (
-        ActivationStore,
-        ShardStore,
-        StoreConfig,
-        get_corpus,
-    )
-    from mechscope.errors import MechscopeError
-    from mechscope.models.hooks import check_hook_name
-    from mechscope.sae.sources import StoreSource
-    from mechscope.sae.train import TrainConfig, Trainer
+    from mechscope.sae.train import sae_trainer, transcoder_output_hook
 
     out = out or fresh_dir("sae")
-    if resume and not out.exists():
-        raise MechscopeError(f"--resume: {out} does not exist; pass the --out of the run to continue.")
-    tout = (hook_out or _mlp_out_of(hook)) if transcoder else None
-    hooks = [hook] + ([tout] if tout else [])
+    tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
+    cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
+                      batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed)  # checked when made
     m = load(model, device)
-    for h in hooks:
-        check_hook_name(m, h)
-    tcfg = TrainConfig(
-        architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
-        batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed, device=str(m.device),
-    )
-    if shards is not None:
-        store = ShardStore(shards, hooks=hooks, seed=seed, device=str(m.device))
-        where = f"shards {shards}"
-    else:
-        scfg = StoreConfig(hooks=hooks, context_len=context_len, seed=seed)
-        store = ActivationStore(m, get_corpus(corpus, split="train"), scfg)
-        where = f"corpus {corpus or 'embedded'} (train split)"
-    dims = store.dims
-    source = StoreSource(store, hook, tout)
-    trainer = Trainer(
-        source, tcfg, out, d_in=dims[hook], d_out=dims[tout] if tout else None, hook_name=hook, hook_name_out=tout,
-        model_name=m.summary.name, metadata={"model_path": model or m.summary.name, "context_size": context_len, "dataset_path": corpus or "embedded"},
-        progress=_Progress(tcfg.steps, json),
-    )
+    trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
+                          metadata={"model_path": model or m.summary.name}, progress=_Progress(cfg.steps, json))
+    where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"
     if not json:
         console.print(f"training a {arch} {'transcoder' if tout else 'SAE'} with {trainer.sae_cfg.d_sae} features on {hook} from {where}; {tokens:,} tokens -> {out}")
     t0 = time.perf_counter()
@@ -179,32 +139,20 @@ def eval_(
     sae_dir: Path = typer.Argument(..., help="SAE folder (mechscope or SAELens layout)."),
     tokens: int = typer.Option(32_768, "--tokens", help="Held-out tokens to evaluate on."),
     corpus: Optional[str] = CorpusOpt,
-    context_len: int = typer.Option(128, "--context-len"),
+    context_len: int = ContextLenOpt,
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the SAE folder)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """L0, MSE, FVU, cosine, CE loss recovered, KL, dead/dense features on held-out text."""
-    import itertools
-
-    import torch
-
-    from mechscope.activations import get_corpus, pack_contexts
-    from mechscope.errors import MechscopeError
     from mechscope.report.sae_eval import write_sae_eval
-    from mechscope.sae import load_sae
-    from mechscope.sae.evaluate import evaluate_sae
+    from mechscope.sae import evaluate_on_corpus, load_sae
 
     sae = load_sae(sae_dir)
     spec = model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None
     m = load(spec, device)
-    n_ctx = max(1, tokens // context_len)
-    ctx = list(itertools.islice(pack_contexts(m.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
-    if not ctx:
-        raise MechscopeError("the held-out corpus yields no full context; use a larger corpus or a smaller --context-len.")
-    r = evaluate_sae(m, sae, torch.tensor(ctx), batch_size=8)
-    r.settings["corpus"] = (corpus or "embedded") + " (held-out split)"
+    r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len)
     dest = out or sae_dir
     r.save(Path(dest) / "eval.json")
     html = write_sae_eval(r.to_dict(), Path(dest) / "eval.html")
@@ -217,3 +165,42 @@ def eval_(
         t.add_row(key, f"{getattr(r, key):.4g}")
     console.print(t)
     console.print(f"report: {html}")
+
+
+@handles_errors
+def dashboard(
+    sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sae_weights.safetensors)."),
+    features: str = typer.Option("0-99", "--features", "-f", help="Features: ranges and lists, e.g. 0-99 or 3,17,40-45."),
+    tokens: int = typer.Option(DashboardConfig.n_tokens, "--tokens", help="Corpus tokens to read (one pass serves all features)."),
+    ctx_len: int = typer.Option(DashboardConfig.ctx_len, "--ctx-len", help="Tokens per context."),
+    n_top: int = typer.Option(DashboardConfig.n_top, "--top", help="Top activating contexts per feature."),
+    batch_size: int = typer.Option(DashboardConfig.batch_size, "--batch-size"),
+    corpus: str = typer.Option(DashboardConfig.corpus, "--corpus", help="embedded, a .txt/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."),
+    seed: int = typer.Option(DashboardConfig.seed, "--seed"),
+    model: Optional[str] = ModelOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Feature dashboards: top contexts, quantile samples, histogram, output logits, density."""
+    from mechscope.report.dashboard import write_dashboard
+    from mechscope.sae.dashboard import feature_dashboards, parse_features
+
+    cfg = DashboardConfig(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, n_top=n_top, seed=seed, corpus=corpus)  # checked when made
+    sae, m = load_sae_and_model(sae_dir, model, device)
+    cfg.features = feats = parse_features(features, sae.cfg.d_sae)
+    res = feature_dashboards(m, sae, cfg, progress=not json)
+    out_dir = Path(out or fresh_dir("dashboard"))
+    data_path = res.save(out_dir)
+    page = write_dashboard(res.to_dict(), out_dir / "dashboard.html")
+    summary = {
+        "model": m.summary.name, "sae": str(sae_dir), "hook": sae.cfg.hook_name, "features": len(feats),
+        "tokens": res.n_tokens, "seconds": res.seconds,
+        "dead": sum(1 for f in res.features if f.n_firing == 0),
+        "dashboard_json": str(data_path), "report": str(page),
+    }
+    if json:
+        return emit_json(summary)
+    console.print(f"{len(feats)} features of {sae.cfg.hook_name} on {res.n_tokens:,} tokens in {res.seconds:.1f} s "
+                  f"({summary['dead']} never fired)")
+    console.print(f"report: {page}\ndata:   {data_path}")

@@ -10,11 +10,16 @@ Five lines from a notebook::
     res.save("heads-out")                   # heads.json + heads.safetensors
 
 and for training dynamics: ``train_toy(ToyConfig(), "run")`` then ``dynamics("run")``.
+
+The configs (``heads.config``, no torch) are imported with the package; the other names load
+on first use.
 """
 
-from mechscope.heads.dynamics import DynamicsConfig, DynamicsResult, dynamics
-from mechscope.heads.result import HeadsResult
-from mechscope.heads.scores import HeadsConfig, head_scores
-from mechscope.heads.train import ToyConfig, train_toy
+from mechscope._lazy import lazy_exports
+from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
 
-__all__ = ["DynamicsConfig", "DynamicsResult", "HeadsConfig", "HeadsResult", "ToyConfig", "dynamics", "head_scores", "train_toy"]
+__all__ = ["DataConfig", "DynamicsConfig", "DynamicsResult", "HeadsConfig", "HeadsResult", "ToyConfig", "dynamics",
+           "head_scores", "train_toy"]
+
+lazy_exports(__name__, {"DynamicsResult": "dynamics", "dynamics": "dynamics", "HeadsResult": "result",
+                        "head_scores": "scores", "train_toy": "train"})

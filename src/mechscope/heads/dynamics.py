@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,26 +30,11 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.graph.names import head_node
+from mechscope.heads.config import DynamicsConfig
 from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
 _STEP = re.compile(r"(\d+)$")
-
-
-@dataclass
-class DynamicsConfig:
-    n: int = 32
-    """repeated random-token sequences per checkpoint"""
-    seq_len: int = 24
-    """|R| of the repeated sequences (BOS + R + R)"""
-    n_eval: int = 64
-    """held-out sequences for loss and ICL score"""
-    text: str | None = None
-    """text source when the run has no train.json (see heads.sequences.text_source)"""
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

@@ -12,46 +12,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from mechscope.errors import MechscopeError
 from mechscope.graph.names import head_node
 from mechscope.heads import ablation, composition, copying, icl, patterns, sequences
+from mechscope.heads.config import HeadsConfig
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
-
-
-@dataclass
-class HeadsConfig:
-    """Settings of ``head_scores`` (saved in ``heads.json``)."""
-
-    n: int = 50
-    """repeated random-token sequences"""
-    seq_len: int = 20
-    """length of the random segment R (sequences are BOS + R + R)"""
-    n_text: int = 8
-    """real-text windows"""
-    text_len: int | None = None
-    """tokens per text window (default: min(520, context - 1))"""
-    text: str | None = None
-    """text source: None (embedded corpus, else Python docs), 'pydoc', a .txt/.jsonl file or folder"""
-    copy_tokens: int = 1000
-    """tokens sampled for the top-1 copying rate"""
-    ablate: int = 10
-    """top induction heads ablated one at a time (-1: every head)"""
-    top_k: int = 5
-    """k for top-k induction heads ablated together vs random k-sets"""
-    n_random: int = 5
-    seed: int = 0
-    composition: bool = True
-    example_len: int = 10
-    """|R| of the example sequence whose attention patterns are stored"""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
@@ -59,8 +28,6 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[
     cfg = cfg or HeadsConfig()
     say = progress or (lambda _msg: None)
     patterns.check_heads_visible(model)
-    if cfg.n < 1 or cfg.n_text < 1:
-        raise MechscopeError("--n and the number of text windows must be at least 1.")
     s = model.summary
     p = len(sequences.prefix_ids(model.tokenizer))
     rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)  # [n, p + 2L]

@@ -16,28 +16,9 @@ Token 0 is ``<bos>``; content tokens are ``1..vocab``, their strings ``t1``, ``t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-DataKind = Literal["repeats"]
-
-
-@dataclass
-class DataConfig:
-    kind: DataKind = "repeats"
-    vocab: int = 64
-    """number of content tokens (the model's vocabulary is vocab + 1 with BOS)"""
-    seq_len: int = 64
-    """content tokens per sequence (after BOS)"""
-    alpha: float = 0.3
-    """Dirichlet concentration of each token's successor distribution (smaller = peakier)"""
-    n_repeats: int = 4
-    min_span: int = 4
-    max_span: int = 12
-    seed: int = 0
-    """seed of the Markov chains (the data's 'world'); batches have their own generator"""
+from mechscope.heads.config import DataConfig
 
 
 class ToyData:

@@ -25,47 +25,16 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.toydata import DataConfig, ToyData
+from mechscope.heads.config import ToyConfig
+from mechscope.heads.toydata import ToyData
 
 BOS = "<bos>"
-
-
-@dataclass
-class ToyConfig:
-    """Settings of a toy training run (saved as ``train.json``)."""
-
-    layers: int = 2
-    heads: int = 4
-    d_model: int = 128
-    attn_only: bool = True
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    n_checkpoints: int = 40
-    """checkpoints on a log-spaced schedule between step 1 and ``steps`` (plus step 0)"""
-    linear_checkpoints: int = 30
-    """extra checkpoints every steps / linear_checkpoints steps (late phase changes need them)"""
-    n_eval: int = 64
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ToyConfig":
-        d = dict(d)
-        d["data"] = DataConfig(**d.get("data", {}))
-        return cls(**d)
 
 
 def schedule(steps: int, n: int, n_linear: int = 0) -> list[int]:
@@ -129,8 +98,6 @@ def eval_loss(model, tokens: torch.Tensor, batch: int = 64) -> float:
 def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
     """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
     out = Path(out)
-    if cfg.steps < 1 or cfg.layers < 1 or cfg.heads < 1 or cfg.d_model % cfg.heads:
-        raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
     out.mkdir(parents=True, exist_ok=True)
     data = ToyData(cfg.data)
     eval_tokens = data.batch(cfg.n_eval, torch.Generator().manual_seed(10_000 + cfg.seed))

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.lens.dla import direct_logit_attribution
 from mechscope.lens.logit_lens import logit_lens, site_names
 from mechscope.lens.result import LensResult
 from mechscope.models.prompt import encode_prompt, single_token
+
+
+def check_k(k: int) -> None:
+    """Refuse a number of top tokens below 1."""
+    if k < 1:
+        raise MechscopeError(f"--k {k} must be at least 1.")
 
 
 def run_lens(model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5) -> LensResult:
@@ -16,6 +23,7 @@ def run_lens(model, prompt: str, target: str | None = None, distractor: str | No
     ``target``: the token to follow (default: the model's top prediction); ``distractor``: the
     contrast token of the DLA (default: the highest-logit token other than the target).
     """
+    check_k(k)
     tokens = encode_prompt(model, prompt)
     with torch.no_grad():
         logits = model(tokens)[0, -1].float()

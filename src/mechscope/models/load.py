@@ -242,6 +242,16 @@ def load_model(
     return Model(bridge=bridge, tokenizer=tokenizer, summary=summary)
 
 
+def load_tokenizer(name: str | None = None):
+    """The tokenizer of model ``name`` (as for ``load_model``) alone: no weights are loaded."""
+    from transformers import AutoTokenizer
+
+    _, target, gguf, local = _resolve(name)
+    kwargs = {"local_files_only": local} | ({"gguf_file": gguf} if gguf else {})
+    with _quiet():
+        return AutoTokenizer.from_pretrained(target, **kwargs)
+
+
 def _bridge(hf_model, tokenizer, target: str):
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -1,9 +1,15 @@
-"""``RecallConfig``: every setting of the recall analyses (also saved with each result)."""
+"""``RecallConfig``: every setting of the recall analyses (also saved with each result),
+checked when made; ``dataset_config`` and ``check_dataset`` for the run over the facts list.
+
+No torch here: the CLI reads the defaults when it starts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from mechscope.errors import MechscopeError
 
 TraceKind = Literal["resid", "mlp", "attn"]
 
@@ -39,6 +45,10 @@ class RecallConfig:
     """forward-pass batch size (rows) for the batched tracing and knockout runs"""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.layer_stride < 1:
+            raise MechscopeError("--samples and --layer-stride must be at least 1.")
+
     def windows(self, n_layers: int) -> tuple[int, int]:
         tw = self.trace_window or max(1, round(10 * n_layers / 48))
         kw = self.knockout_window or max(1, round(9 * n_layers / 48))
@@ -52,6 +62,26 @@ class RecallConfig:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
         return d
+
+
+DATASETS = ("facts",)
+"""Datasets ``recall_dataset`` runs over: the shipped facts list."""
+DATASET_N = 30
+"""Facts a dataset run draws by default."""
+
+
+def dataset_config(**kw) -> RecallConfig:
+    """The dataset run's defaults: one noise draw per fact (the aggregate averages over facts)
+    and every second layer, which keeps 30 facts to a few minutes on a CPU."""
+    return RecallConfig(**{"samples": 1, "layer_stride": 2, **kw})
+
+
+def check_dataset(name: str, n: int) -> None:
+    """Refuse an unknown dataset or too few facts to aggregate."""
+    if name not in DATASETS:
+        raise MechscopeError(f"Unknown dataset '{name}'; the only one is 'facts' (the shipped facts list).")
+    if n < 2:
+        raise MechscopeError(f"--n {n} is too small: the aggregate needs at least 2 facts.")
 
 
 def window_layers(center: int, width: int, n_layers: int) -> range:

@@ -23,7 +23,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.recall.aggregate import aggregate
-from mechscope.recall.config import RecallConfig
+from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
 from mechscope.recall.engine import last_logits
 from mechscope.recall.enrichment import related_tokens
 from mechscope.recall.result import RecallDatasetResult, RecallResult
@@ -50,19 +50,14 @@ def known_facts(model, facts: list[Fact]) -> list[Fact]:
     return [f for i, f in enumerate(facts) if i in keep]
 
 
-def dataset_config(**kw) -> RecallConfig:
-    """The dataset run's defaults: one noise draw per fact (the aggregate averages over facts)
-    and every second layer, which keeps 30 facts to a few minutes on a CPU."""
-    return RecallConfig(**{"samples": 1, "layer_stride": 2, **kw})
-
-
-def recall_dataset(model, n: int = 30, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
+def recall_dataset(model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
                    progress: Callable[[int, int, str], None] | None = None,
                    facts: list[Fact] | None = None) -> RecallDatasetResult:
     """Recall analyses of ``n`` known facts (seeded draw) and their aggregate; ``facts``
     defaults to the whole shipped list."""
     from mechscope.recall.run import PARTS
 
+    check_dataset("facts", n)
     cfg = cfg or dataset_config()
     parts = parts or PARTS
     t0 = time.time()

@@ -36,41 +36,11 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.results import read_result_json
-from mechscope.sae.feature_stats import FeatureStats, StatsConfig
+from mechscope.sae.config import DashboardConfig
+from mechscope.sae.feature_stats import FeatureStats
 from mechscope.sae.io import check_sae_fits
 
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class DashboardConfig:
-    """What to compute; also the saved ``settings``."""
-
-    features: list[int] | None = None
-    """Feature indices (default: the first 100)."""
-    n_tokens: int = 32_768
-    """Corpus tokens to read (rounded up to whole contexts)."""
-    ctx_len: int = 64
-    batch_size: int = 16
-    skip_first: int = 1
-    n_top: int = 10
-    n_quantiles: int = 5
-    """Quantile groups of firing tokens, each with a uniform sample."""
-    n_samples: int = 5
-    window_left: int = 12
-    window_right: int = 4
-    n_logits: int = 10
-    hist_min: float = 1e-3
-    hist_max: float = 1e3
-    hist_bins: int = 48
-    seed: int = 0
-    corpus: str = "embedded"
-    """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
-
-    def stats_config(self) -> StatsConfig:
-        return StatsConfig(n_top=self.n_top, n_samples=self.n_samples, window_left=self.window_left,
-                           window_right=self.window_right, hist_min=self.hist_min, hist_max=self.hist_max,
-                           hist_bins=self.hist_bins, seed=self.seed)
 
 
 @dataclass
@@ -215,8 +185,6 @@ def feature_dashboards(model, sae, cfg: DashboardConfig | None = None, tokens: T
     feats = cfg.features if cfg.features is not None else list(range(min(100, sc.d_sae)))
     if not feats or min(feats) < 0 or max(feats) >= sc.d_sae:
         raise MechscopeError(f"Feature indices must lie in 0..{sc.d_sae - 1}.")
-    if cfg.skip_first >= cfg.ctx_len:
-        raise MechscopeError(f"skip_first={cfg.skip_first} leaves nothing of a {cfg.ctx_len}-token context.")
     if tokens is None:
         if texts is None:
             texts = _corpus(cfg.corpus, cfg.seed)

@@ -15,6 +15,7 @@ an attention sink with an outlying norm):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mechscope.activations import StoreConfig, get_corpus, pack_contexts
+from mechscope.errors import MechscopeError
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -156,3 +159,17 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, s
              "hook_name": cfg.hook_name, "hook_name_out": cfg.hook_name_out, "model_name": cfg.model_name},
         settings={"skip_first": skip_first, "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1])},
     )
+
+
+def evaluate_on_corpus(model: Any, sae: SAE, corpus: str | None = None, *, n_tokens: int = 32_768,
+                       context_len: int = StoreConfig.context_len, batch_size: int = 8) -> SAEEval:
+    """Evaluate ``sae`` on the held-out split of ``corpus`` (``activations.get_corpus``; default
+    the embedded corpus, whose train split SAEs are trained on): ``n_tokens // context_len``
+    contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
+    n_ctx = max(1, n_tokens // context_len)
+    ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
+    if not ctx:
+        raise MechscopeError("the held-out corpus yields no full context; use a larger corpus or a smaller --context-len.")
+    r = evaluate_sae(model, sae, torch.tensor(ctx), batch_size=batch_size)
+    r.settings["corpus"] = (corpus or "embedded") + " (held-out split)"
+    return r

@@ -36,23 +36,14 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
+from mechscope.models.hooks import needs_split_attention, resid_pre
+from mechscope.models.load import plain_attention
+from mechscope.sae.config import GenerationConfig
 from mechscope.sae.io import check_sae_fits
 
 SCHEMA_VERSION = 1
-_SPLIT_HOOKS = ("hook_q_input", "hook_k_input", "hook_v_input", "attn.hook_result")
 
 Hook = tuple[str, Callable]
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 40
-    temperature: float = 0.0
-    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
-    top_k: int | None = None
-    """Sample only among the top_k tokens (None = all)."""
-    seed: int = 0
-    stop_at_eos: bool = True
 
 
 @dataclass
@@ -181,8 +172,8 @@ def generate_pair(model, prompt: str, hooks: list[Hook], gen: GenerationConfig |
     gens = [torch.Generator().manual_seed(gen.seed) for _ in range(2)]
     seq = torch.tensor([ids, ids], device=model.device)
     first = None
-    split = any(name.endswith(s) for name, _ in hooks for s in _SPLIT_HOOKS)
-    ctx = contextlib.nullcontext() if split else _plain(model)
+    split = any(needs_split_attention(name) for name, _ in hooks)
+    ctx = contextlib.nullcontext() if split else plain_attention(model)
     with ctx:
         for _ in range(gen.max_new_tokens):
             logits = model.bridge.run_with_hooks(seq, fwd_hooks=hooks)[:, -1].float()  # [2, V]
@@ -205,12 +196,6 @@ def _pick(logits: Tensor, gen: GenerationConfig, g: torch.Generator) -> Tensor:
         kth = lg.topk(min(gen.top_k, len(lg))).values[-1]
         lg = lg.masked_fill(lg < kth, float("-inf"))
     return torch.multinomial(lg.softmax(-1).cpu(), 1, generator=g)[0]
-
-
-def _plain(model):
-    from mechscope.models import plain_attention
-
-    return plain_attention(model)
 
 
 def _run(model, prompt: str, hooks: list[Hook], hook_name: str, mode: str, settings: dict, gen: GenerationConfig) -> SteerResult:
@@ -237,8 +222,7 @@ def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = N
     """Generate with SAE feature ``feature`` added (``scale``) or clamped (``clamp``), beside the
     unsteered text."""
     gen = gen or GenerationConfig()
-    if (scale is None) == (clamp is None):
-        raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
+    check_feature_mode(scale, clamp)
     c = sae.cfg
     write = getattr(c, "hook_name_out", None) or c.hook_name
     check_sae_fits(sae, model)
@@ -250,6 +234,12 @@ def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = N
     return _run(model, prompt, hooks, write, mode, settings, gen)
 
 
+def check_feature_mode(scale: float | None, clamp: float | None) -> None:
+    """Feature steering either adds the direction (``scale``) or clamps the feature (``clamp``)."""
+    if (scale is None) == (clamp is None):
+        raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
+
+
 def steer_actadd(model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
                  gen: GenerationConfig | None = None) -> SteerResult:
     """Generate with the ActAdd vector ``h(plus) - h(minus)`` at ``blocks.layer.hook_resid_pre``
@@ -258,7 +248,7 @@ def steer_actadd(model, prompt: str, plus: str, minus: str, layer: int, coef: fl
     n_layers = model.summary.n_layers
     if not 0 <= layer < n_layers:
         raise MechscopeError(f"Layer {layer} is out of range; the model has layers 0..{n_layers - 1}.")
-    hook = f"blocks.{layer}.hook_resid_pre"
+    hook = resid_pre(layer)
     vec = actadd_vector(model, plus, minus, hook)
     settings = {"plus": plus, "minus": minus, "layer": layer, "hook": hook, "coef": coef, "n_positions": len(vec)}
     return _run(model, prompt, actadd_hooks(vec, hook, coef), hook, "actadd", settings, gen)

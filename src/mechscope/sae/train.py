@@ -17,6 +17,10 @@ What the trainer does (each a known good practice of the field's trainers):
   so a SIGKILL mid-write leaves the previous checkpoint intact). ``resume=True`` restores
   weights, optimiser, counters, random state and the data source's position, so the resumed
   run continues exactly as an uninterrupted one would (tested).
+
+``Trainer`` reads any ``BatchSource``; ``sae_trainer`` / ``train_sae`` feed it a model's
+activations, streamed from a corpus or read from harvested shards (what ``mechscope sae
+train`` runs).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -34,10 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
 from mechscope.errors import MechscopeError
+from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.sae.archs import StepState, get_architecture
+from mechscope.sae.config import TrainConfig
 from mechscope.sae.io import save_sae
 from mechscope.sae.model import SAE, SAEConfig
+from mechscope.sae.sources import StoreSource
 
 CKPT_DIR = "checkpoint"
 
@@ -52,46 +60,6 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class TrainConfig:
-    """How to train. Widths: ``d_sae`` or ``expansion * d_in``."""
-
-    architecture: str = "topk"
-    d_sae: int | None = None
-    expansion: int = 8
-    k: int = 32
-    l1: float = 5.0  # relu: L1 coefficient (inputs normalised to norm sqrt(d_in))
-    l0: float = 0.02  # jumprelu: L0 coefficient
-    jumprelu_bandwidth: float = 0.05
-    jumprelu_init_threshold: float = 0.05
-    tokens: int = 2_000_000
-    batch_tokens: int = 4096
-    lr: float = 4e-4
-    lr_warmup: float = 0.02  # fraction of steps
-    lr_decay: float = 0.2  # fraction of steps at the end decayed linearly to 0
-    l1_warmup: float = 0.05  # fraction of steps
-    aux_k: int | None = None  # topk/batchtopk: latents in the AuxK loss (default d_in // 2)
-    aux_coef: float = 1 / 32
-    dead_tokens: int = 500_000  # a latent is dead if it has not fired in this many tokens
-    resample_every: int | None = None  # relu: steps between dead-feature resamplings (default ~ 1/5 run)
-    checkpoint_every: int = 250_000  # tokens
-    seed: int = 0
-    norm_batches: int = 8  # batches used to estimate the input scale
-    device: str = "cpu"
-    log_every: int = 20  # steps
-
-    def __post_init__(self) -> None:
-        get_architecture(self.architecture)  # a one-sentence error for an unknown name
-        if self.tokens < self.batch_tokens:
-            raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
-        if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
-            raise MechscopeError("batch size and checkpoint interval must be positive.")
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.batch_tokens
 
 
 @dataclass
@@ -328,6 +296,8 @@ class Trainer:
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> SAE:
         """Train to the end (or ``stop_after_steps`` steps, for tests) and save the SAE."""
         cfg = self.cfg
+        if resume and not self.out.exists():
+            raise MechscopeError(f"--resume: {self.out} does not exist; pass the --out of the run to continue.")
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.load_checkpoint()
         if resume and not resumed and (self.out / "cfg.json").exists():
@@ -375,3 +345,57 @@ class Trainer:
         (self.out / "training_log.json").write_text(json.dumps(self.log.rows))
         shutil.rmtree(self.out / CKPT_DIR, ignore_errors=True)
         return sae
+
+
+# --------------------------------------------------------------------- from a model
+def transcoder_output_hook(hook: str) -> str:
+    """A transcoder's default output for input ``hook`` (e.g. ``blocks.6.ln2.hook_normalized``):
+    the MLP output of the same block."""
+    layer = parse_hook(hook).layer
+    if layer is None:
+        raise MechscopeError(f"cannot tell which layer {hook!r} belongs to; pass --hook-out blocks.L.hook_mlp_out as well.")
+    return mlp_out(layer)
+
+
+def sae_trainer(
+    model: Any,
+    hook: str,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    hook_out: str | None = None,
+    corpus: str | None = None,
+    shards: str | Path | None = None,
+    context_len: int = StoreConfig.context_len,
+    metadata: dict[str, Any] | None = None,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> Trainer:
+    """A ``Trainer`` of an SAE on ``model``'s activations at ``hook`` (of a transcoder from
+    ``hook`` to ``hook_out`` when that is given; ``transcoder_output_hook`` names the usual one).
+
+    Activations stream from the train split of ``corpus`` (``activations.get_corpus``; default
+    the embedded corpus) in contexts of ``context_len`` tokens, or come from ``shards`` written
+    by ``activations.harvest``. Training runs on the model's device (``cfg.device`` is set to
+    it); ``cfg.seed`` also seeds the data order. ``metadata`` is added to the saved SAE's
+    metadata (``model_path``, ``context_size``, ``dataset_path``). Call ``.run()`` (with
+    ``resume=True`` to continue a checkpointed run in ``out``)."""
+    cfg = replace(cfg, device=str(model.device))
+    hooks = [hook] + ([hook_out] if hook_out else [])
+    for h in hooks:
+        check_hook_name(model, h)
+    if shards is not None:
+        store: Any = ShardStore(shards, hooks=hooks, seed=cfg.seed, device=cfg.device)
+    else:
+        store = ActivationStore(model, get_corpus(corpus, split="train"), StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
+    dims = store.dims
+    name = model.summary.name
+    meta = {"model_path": name, "context_size": context_len, "dataset_path": corpus or "embedded", **(metadata or {})}
+    return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
+                   hook_name=hook, hook_name_out=hook_out, model_name=name, metadata=meta, progress=progress)
+
+
+def train_sae(model: Any, hook: str, cfg: TrainConfig, out: str | Path, *, resume: bool = False, **kw: Any) -> SAE:
+    """Harvest ``model``'s activations at ``hook`` and train an SAE on them into ``out``
+    (``sae_trainer``'s keywords: ``hook_out``, ``corpus``, ``shards``, ``context_len``, ...);
+    returns the trained SAE, saved in SAELens layout."""
+    return sae_trainer(model, hook, cfg, out, **kw).run(resume=resume)

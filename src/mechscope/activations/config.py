@@ -1,0 +1,62 @@
+"""``StoreConfig``: how activations are harvested (also saved in shard manifests), checked
+when made.
+
+No torch here: the CLI reads the defaults when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mechscope.errors import MechscopeError
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""Storage dtypes of activations (``activations.store.DTYPES`` maps them to torch's)."""
+
+
+@dataclass
+class StoreConfig:
+    """How activations are harvested. The same dataclass is saved in shard manifests."""
+
+    hooks: list[str]
+    """TransformerLens hook names, e.g. ``["blocks.6.hook_resid_post"]``; several are aligned row by row."""
+    context_len: int = 128
+    """Tokens per packed context."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    buffer_tokens: int = 32768
+    """Rows held in the shuffling buffer (per hook)."""
+    shuffle: bool = True
+    seed: int = 0
+    skip_first: int = 1
+    """Leading positions of each context whose activations are dropped (position 0 is an attention sink)."""
+    dtype: str = "float32"
+    """Storage dtype of activations: float32, bfloat16 or float16."""
+    device: str | None = None
+    """Where served activations live (default: the model's device)."""
+    repeat: bool = True
+    """Start the corpus again when it runs out (``corpus_passes`` counts passes)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hooks, str):
+            self.hooks = [self.hooks]
+        if not self.hooks:
+            raise MechscopeError("StoreConfig needs at least one hook name, e.g. blocks.6.hook_resid_post.")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise MechscopeError(f"Hook names repeat in {self.hooks}; give each once.")
+        if self.context_len < 2 or self.batch_size < 1:
+            raise MechscopeError("context_len must be at least 2 and batch_size at least 1.")
+        if not 0 <= self.skip_first < self.context_len:
+            raise MechscopeError(f"skip_first must be in [0, context_len) = [0, {self.context_len}).")
+        if self.dtype not in DTYPE_NAMES:
+            raise MechscopeError(f"Unknown dtype '{self.dtype}'; use one of {', '.join(DTYPE_NAMES)}.")
+        if self.buffer_tokens < 2 * self.rows_per_context:
+            raise MechscopeError(f"buffer_tokens must be at least two contexts' rows ({2 * self.rows_per_context}).")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_len - self.skip_first
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

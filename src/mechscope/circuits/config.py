@@ -1,0 +1,104 @@
+"""``DiscoverConfig``: the settings of one circuit-discovery run, checked when it is made.
+
+No torch here: the CLI reads the defaults (``DiscoverConfig.n``) when it starts. Every value
+check of a run's settings is in ``DiscoverConfig.__post_init__`` or ``check_seeds``, each a
+``MechscopeError`` of one sentence; only checks that need the model's graph (``edges`` in
+range) wait for ``discover``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from mechscope.errors import MechscopeError
+
+Method = Literal["eap", "eap-ig", "eap-ig-act", "acdc"]
+Ablation = Literal["patching", "mean", "zero"]
+Level = Literal["edge", "node"]
+Rank = Literal["auto", "signed", "abs"]
+AcdcMetric = Literal["kl", "task"]
+QKMode = Literal["exact", "linear"]
+
+METHODS: tuple[str, ...] = get_args(Method)
+ABLATIONS: tuple[str, ...] = get_args(Ablation)
+LEVELS: tuple[str, ...] = get_args(Level)
+RANKS: tuple[str, ...] = get_args(Rank)
+ACDC_METRICS: tuple[str, ...] = get_args(AcdcMetric)
+QK_MODES: tuple[str, ...] = get_args(QKMode)
+MIN_PAIRS = 4
+"""Fewest pairs a run accepts: half score, half are held out."""
+MAX_SEEDS = 50
+"""Most draws of pairs ``discover_seeds`` repeats a run over."""
+
+
+@dataclass
+class DiscoverConfig:
+    """Settings of one circuit-discovery run (also the saved ``settings``)."""
+
+    task: str = "ioi"
+    """Task name or path to a JSONL file of pairs."""
+    method: Method = "eap-ig"
+    """eap, eap-ig (integrated gradients on the input embeddings), eap-ig-act (on each layer's
+    activations: slower, (2 n_layers + 1) x ig_steps passes) or acdc."""
+    n: int = 50
+    """Number of clean/corrupt pairs (half scores, half is held out)."""
+    ablation: Ablation = "patching"
+    level: Level = "edge"
+    edges: int | None = None
+    """Keep this many edges (nodes at node level); default: smallest circuit reaching ``target``."""
+    threshold: float | None = None
+    """Keep edges with |score| >= threshold (ACDC: its pruning threshold tau)."""
+    target: float = 0.8
+    ig_steps: int = 5
+    seed: int = 0
+    held_out: float = 0.5
+    batch_size: int = 16
+    random_seeds: int = 2
+    rank: Rank = "auto"
+    """Edge order for selection and curves: signed (edges that carry the behaviour) or |score|."""
+    acdc_metric: AcdcMetric = "kl"
+    """ACDC's pruning metric: KL divergence from the full model at the scored positions, or the
+    distance of the task metric (e.g. logit difference) from its full-model value."""
+    checkpoint: str | None = None
+    """ACDC state file: written after every receiver, resumed from when it exists."""
+    folds: int = 5
+    """Cross-validation folds inside the scoring pairs for choosing the circuit's size."""
+    cv_confidence: float = 0.9
+    """The chosen size reaches ``target`` at the lower bound of this one-sided bootstrap
+    interval of its cross-validated faithfulness (``circuits.crossval``)."""
+    qk: QKMode = "exact"
+    """Edges into queries and keys: through the attention softmax exactly (``circuits.qk``) or
+    by the plain gradient (eap and eap-ig; eap-ig-act always integrates its own path)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the held-out pairs for the faithfulness interval."""
+    labels: bool = True
+    """Label the circuit's heads with their roles from ``mechscope heads`` (cached per model)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MechscopeError(f"Unknown method '{self.method}'; choose {', '.join(METHODS)}.")
+        if self.ablation not in ABLATIONS:
+            raise MechscopeError(f"Unknown ablation '{self.ablation}'; choose patching, mean or zero.")
+        if self.level not in LEVELS:
+            raise MechscopeError(f"Unknown level '{self.level}'; choose edge or node.")
+        if self.rank not in RANKS:
+            raise MechscopeError(f"Unknown ranking '{self.rank}'; choose auto, signed or abs.")
+        if self.acdc_metric not in ACDC_METRICS:
+            raise MechscopeError(f"Unknown ACDC metric '{self.acdc_metric}'; choose kl or task.")
+        if self.acdc_metric != "kl" and self.method != "acdc":
+            raise MechscopeError(f"--metric applies to ACDC only; {self.method} always attributes the task's own metric.")
+        if self.n < MIN_PAIRS:
+            raise MechscopeError(f"--n {self.n} is too small: at least {MIN_PAIRS} pairs are needed (half are held out).")
+        if self.qk not in QK_MODES:
+            raise MechscopeError(f"Unknown --qk '{self.qk}'; choose exact or linear.")
+        if self.folds < 1:
+            raise MechscopeError(f"--folds must be at least 1, got {self.folds}.")
+
+
+def check_seeds(cfg: DiscoverConfig, n_seeds: int) -> None:
+    """Refuse a number of draws ``discover_seeds`` cannot run for ``cfg``."""
+    if not 1 <= n_seeds <= MAX_SEEDS:
+        raise MechscopeError(f"--seeds {n_seeds} is out of range: choose 1 to {MAX_SEEDS} draws.")
+    if n_seeds > 1 and cfg.method == "acdc":
+        raise MechscopeError("--seeds is for the attribution methods; ACDC runs are too long to repeat (run them one seed at a time).")

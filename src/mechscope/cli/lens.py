@@ -1,0 +1,57 @@
+"""`mechscope lens`: logit lens and direct logit attribution of one prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lens")(lens)
+
+
+@handles_errors
+def lens(
+    prompt: str = typer.Argument(..., help="The prompt whose next token to explain."),
+    model: Optional[str] = ModelOpt,
+    target: Optional[str] = typer.Option(None, "--target", help="Token to follow (default: the model's top prediction)."),
+    distractor: Optional[str] = typer.Option(None, "--distractor", help="Contrast token for DLA (default: the runner-up)."),
+    k: int = typer.Option(5, "--k", help="Top tokens kept per site and position."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Logit lens at every layer (resid pre/mid/post) and direct logit attribution per head and MLP."""
+    from mechscope.lens import run_lens
+    from mechscope.lens.run import check_k
+    from mechscope.report.lens import write_lens
+
+    check_k(k)  # before loading the model
+    m = load(model, device)
+    res = run_lens(m, prompt, target=target, distractor=distractor, k=k)
+    out_dir = Path(out or fresh_dir("lens"))
+    res.save(out_dir)
+    d = res.to_dict()
+    report = write_lens(d, out_dir / "report.html")
+    if json:
+        return emit_json({**d, "report": str(report), "out": str(out_dir)})
+    rank_last = res.rank[:, -1].tolist()
+    console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
+                  f"first top-1 at {res.first_top1_site()}", highlight=False)
+    dd = res.dla
+    console.print(f"DLA logit({res.target!r}) - logit({res.distractor!r}) = {dd.actual:.3f}; sum of contributions "
+                  f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
+    console.print(f"report: {report}", highlight=False)

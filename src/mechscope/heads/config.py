@@ -1,0 +1,119 @@
+"""Settings of the head methods: ``HeadsConfig`` (``head_scores``), ``ToyConfig`` and its
+``DataConfig`` (``train_toy``), ``DynamicsConfig`` (``dynamics``), each checked when made.
+
+No torch here: the CLI reads the defaults when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from mechscope.errors import MechscopeError
+
+DataKind = Literal["repeats"]
+
+
+@dataclass
+class HeadsConfig:
+    """Settings of ``head_scores`` (saved in ``heads.json``)."""
+
+    n: int = 50
+    """repeated random-token sequences"""
+    seq_len: int = 20
+    """length of the random segment R (sequences are BOS + R + R)"""
+    n_text: int = 8
+    """real-text windows"""
+    text_len: int | None = None
+    """tokens per text window (default: min(520, context - 1))"""
+    text: str | None = None
+    """text source: None (embedded corpus, else Python docs), 'pydoc', a .txt/.jsonl file or folder"""
+    copy_tokens: int = 1000
+    """tokens sampled for the top-1 copying rate"""
+    ablate: int = 10
+    """top induction heads ablated one at a time (-1: every head)"""
+    top_k: int = 5
+    """k for top-k induction heads ablated together vs random k-sets"""
+    n_random: int = 5
+    seed: int = 0
+    composition: bool = True
+    example_len: int = 10
+    """|R| of the example sequence whose attention patterns are stored"""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.n_text < 1:
+            raise MechscopeError("--n and the number of text windows must be at least 1.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DataConfig:
+    """The toy run's training data (``heads.toydata``)."""
+
+    kind: DataKind = "repeats"
+    vocab: int = 64
+    """number of content tokens (the model's vocabulary is vocab + 1 with BOS)"""
+    seq_len: int = 64
+    """content tokens per sequence (after BOS)"""
+    alpha: float = 0.3
+    """Dirichlet concentration of each token's successor distribution (smaller = peakier)"""
+    n_repeats: int = 4
+    min_span: int = 4
+    max_span: int = 12
+    seed: int = 0
+    """seed of the Markov chains (the data's 'world'); batches have their own generator"""
+
+
+@dataclass
+class ToyConfig:
+    """Settings of a toy training run (saved as ``train.json``)."""
+
+    layers: int = 2
+    heads: int = 4
+    d_model: int = 128
+    attn_only: bool = True
+    steps: int = 3000
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    n_checkpoints: int = 40
+    """checkpoints on a log-spaced schedule between step 1 and ``steps`` (plus step 0)"""
+    linear_checkpoints: int = 30
+    """extra checkpoints every steps / linear_checkpoints steps (late phase changes need them)"""
+    n_eval: int = 64
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model % self.heads:
+            raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ToyConfig":
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
+@dataclass
+class DynamicsConfig:
+    """Settings of ``dynamics`` (saved in ``dynamics.json``)."""
+
+    n: int = 32
+    """repeated random-token sequences per checkpoint"""
+    seq_len: int = 24
+    """|R| of the repeated sequences (BOS + R + R)"""
+    n_eval: int = 64
+    """held-out sequences for loss and ICL score"""
+    text: str | None = None
+    """text source when the run has no train.json (see heads.sequences.text_source)"""
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

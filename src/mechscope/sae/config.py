@@ -1,0 +1,110 @@
+"""Settings of the SAE tools, each checked when made: ``TrainConfig`` (training),
+``DashboardConfig`` (feature dashboards), ``GenerationConfig`` (steering).
+
+No torch here: the CLI reads the defaults when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mechscope.errors import MechscopeError
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Widths: ``d_sae`` or ``expansion * d_in``."""
+
+    architecture: str = "topk"
+    d_sae: int | None = None
+    expansion: int = 8
+    k: int = 32
+    l1: float = 5.0  # relu: L1 coefficient (inputs normalised to norm sqrt(d_in))
+    l0: float = 0.02  # jumprelu: L0 coefficient
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.05
+    tokens: int = 2_000_000
+    batch_tokens: int = 4096
+    lr: float = 4e-4
+    lr_warmup: float = 0.02  # fraction of steps
+    lr_decay: float = 0.2  # fraction of steps at the end decayed linearly to 0
+    l1_warmup: float = 0.05  # fraction of steps
+    aux_k: int | None = None  # topk/batchtopk: latents in the AuxK loss (default d_in // 2)
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 500_000  # a latent is dead if it has not fired in this many tokens
+    resample_every: int | None = None  # relu: steps between dead-feature resamplings (default ~ 1/5 run)
+    checkpoint_every: int = 250_000  # tokens
+    seed: int = 0
+    norm_batches: int = 8  # batches used to estimate the input scale
+    device: str = "cpu"
+    log_every: int = 20  # steps
+
+    def __post_init__(self) -> None:
+        from mechscope.sae.archs import get_architecture  # torch: only when a config is made
+
+        get_architecture(self.architecture)  # a one-sentence error for an unknown name
+        if self.tokens < self.batch_tokens:
+            raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
+        if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
+            raise MechscopeError("batch size and checkpoint interval must be positive.")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+
+@dataclass
+class DashboardConfig:
+    """What to compute; also the saved ``settings``."""
+
+    features: list[int] | None = None
+    """Feature indices (default: the first 100)."""
+    n_tokens: int = 32_768
+    """Corpus tokens to read (rounded up to whole contexts)."""
+    ctx_len: int = 64
+    batch_size: int = 16
+    skip_first: int = 1
+    n_top: int = 10
+    n_quantiles: int = 5
+    """Quantile groups of firing tokens, each with a uniform sample."""
+    n_samples: int = 5
+    window_left: int = 12
+    window_right: int = 4
+    n_logits: int = 10
+    hist_min: float = 1e-3
+    hist_max: float = 1e3
+    hist_bins: int = 48
+    seed: int = 0
+    corpus: str = "embedded"
+    """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1 or self.ctx_len < 2 or self.batch_size < 1 or self.n_top < 1:
+            raise MechscopeError("--tokens, --top and --batch-size must be positive and --ctx-len at least 2.")
+        if self.skip_first >= self.ctx_len:
+            raise MechscopeError(f"skip_first={self.skip_first} leaves nothing of a {self.ctx_len}-token context.")
+
+    def stats_config(self):
+        """The ``sae.feature_stats.StatsConfig`` of these settings."""
+        from mechscope.sae.feature_stats import StatsConfig
+
+        return StatsConfig(n_top=self.n_top, n_samples=self.n_samples, window_left=self.window_left,
+                           window_right=self.window_right, hist_min=self.hist_min, hist_max=self.hist_max,
+                           hist_bins=self.hist_bins, seed=self.seed)
+
+
+@dataclass
+class GenerationConfig:
+    """How ``steer_feature`` / ``steer_actadd`` continue the prompt (saved with the result)."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.0
+    """0 = greedy; otherwise sample from softmax(logits / temperature)."""
+    top_k: int | None = None
+    """Sample only among the top_k tokens (None = all)."""
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise MechscopeError("--max-new-tokens must be positive and --temperature at least 0.")

@@ -1,0 +1,104 @@
+"""Method settings: checked when a config is made (one sentence each), importable without
+torch (the CLI's option defaults come from them), and the lazy packages keep their names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mechscope.activations.config import StoreConfig
+from mechscope.circuits.config import METHODS, DiscoverConfig, check_seeds
+from mechscope.errors import MechscopeError
+from mechscope.heads.config import HeadsConfig, ToyConfig
+from mechscope.recall.config import RecallConfig, check_dataset, dataset_config
+from mechscope.sae.config import DashboardConfig, GenerationConfig, TrainConfig
+
+
+def _python(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"method": "acdcx"}, f"Unknown method 'acdcx'; choose {', '.join(METHODS)}."),
+    ({"ablation": "resample"}, "Unknown ablation 'resample'; choose patching, mean or zero."),
+    ({"level": "head"}, "Unknown level 'head'; choose edge or node."),
+    ({"rank": "up"}, "Unknown ranking 'up'; choose auto, signed or abs."),
+    ({"method": "acdc", "acdc_metric": "kld"}, "Unknown ACDC metric 'kld'; choose kl or task."),
+    ({"acdc_metric": "task"}, "--metric applies to ACDC only; eap-ig always attributes the task's own metric."),
+    ({"n": 3}, "--n 3 is too small: at least 4 pairs are needed (half are held out)."),
+    ({"qk": "fast"}, "Unknown --qk 'fast'; choose exact or linear."),
+    ({"folds": 0}, "--folds must be at least 1, got 0."),
+])
+def test_discover_config_refuses_bad_settings(kw, needle):
+    with pytest.raises(MechscopeError) as e:
+        DiscoverConfig(**kw)
+    assert str(e.value) == needle
+
+
+def test_seed_counts_and_other_configs_are_checked():
+    cfg = DiscoverConfig()
+    check_seeds(cfg, 1)
+    check_seeds(cfg, 50)
+    for bad in (0, 51):
+        with pytest.raises(MechscopeError, match="out of range"):
+            check_seeds(cfg, bad)
+    with pytest.raises(MechscopeError, match="ACDC runs are too long"):
+        check_seeds(DiscoverConfig(method="acdc"), 2)
+    bad = [(HeadsConfig, {"n": 0}, "text windows"), (ToyConfig, {"d_model": 30, "heads": 4}, "divisible"),
+           (RecallConfig, {"samples": 0}, "--samples and --layer-stride"), (dataset_config, {"layer_stride": 0}, "--layer-stride"),
+           (TrainConfig, {"architecture": "gated"}, "unknown SAE architecture"), (TrainConfig, {"tokens": 10}, "less than one batch"),
+           (DashboardConfig, {"ctx_len": 1}, "--ctx-len at least 2"), (DashboardConfig, {"skip_first": 64}, "leaves nothing"),
+           (GenerationConfig, {"temperature": -1.0}, "--temperature at least 0"), (StoreConfig, {"hooks": ["h"], "dtype": "int8"}, "Unknown dtype")]
+    for make, kw, needle in bad:
+        with pytest.raises(MechscopeError, match=needle):
+            make(**kw)
+    check_dataset("facts", 2)
+    for name, n, needle in (("wiki", 30, "Unknown dataset 'wiki'"), ("facts", 1, "--n 1 is too small")):
+        with pytest.raises(MechscopeError, match=needle):
+            check_dataset(name, n)
+
+
+def test_configs_and_the_cli_import_without_torch():
+    out = _python(
+        "import sys\n"
+        "import mechscope.cli.main\n"
+        "from mechscope.circuits import DiscoverConfig\n"
+        "from mechscope.heads import HeadsConfig, ToyConfig, DynamicsConfig\n"
+        "from mechscope.sae import TrainConfig, DashboardConfig, GenerationConfig\n"
+        "from mechscope.activations import StoreConfig\n"
+        "from mechscope.recall import RecallConfig\n"
+        "print('torch' in sys.modules)\n"
+    )
+    assert out.strip() == "False"
+
+
+def test_cli_option_defaults_are_the_config_defaults():
+    import typer.main
+
+    from mechscope.cli.main import app
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["discover"].params}
+    d = DiscoverConfig()
+    assert (params["n"], params["method"], params["metric"], params["folds"]) == (d.n, d.method, d.acdc_metric, d.folds)
+
+
+def test_lazy_packages_keep_functions_named_like_their_modules():
+    """``from mechscope.circuits import discover`` is the function, even when the submodule of
+    the same name was imported first (as an eager ``__init__`` gave)."""
+    out = _python(
+        "import json, types\n"
+        "import mechscope.circuits.discover, mechscope.circuits.acdc, mechscope.heads.dynamics\n"
+        "from mechscope.circuits import acdc, discover\n"
+        "from mechscope.heads import dynamics, head_scores\n"
+        "from mechscope.circuits.discover import pick_rank\n"
+        "from mechscope.activations import embedded\n"
+        "import mechscope.sae as sae\n"
+        "print(json.dumps([callable(f) and not isinstance(f, types.ModuleType) for f in (acdc, discover, dynamics, head_scores)]"
+        " + [isinstance(embedded, types.ModuleType), callable(pick_rank), 'train_sae' in dir(sae)]))\n"
+    )
+    assert json.loads(out) == [True] * 7
