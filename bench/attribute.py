@@ -3,7 +3,9 @@
 Floor: what any implementation of the graph must do on this model: one forward pass of B
 copies of the prompt through the plain Hugging Face model (no hooks, parameters frozen,
 gradient kept) and as many backward passes from it as the graph needed (one per batch of B
-targets), each with B different injected gradients at the last layer's output. mechscope
+targets), each from the same depth as mechscope's (the residual stream entering the highest
+layer a target of that batch sits at, or the last hidden state for logits), with B different
+injected gradients. mechscope
 adds the freezing hooks, the transcoders' encoders and the edge read-out (dot products of the
 gradients with the sources' vectors), and the influence ordering of the features it visits.
 
@@ -28,15 +30,15 @@ from mechscope.features.transcoder_set import load_transcoders, random_transcode
 from mechscope.models import load_model
 
 
-def floor(hf, tokens: torch.Tensor, B: int, passes: int) -> None:
+def floor(hf, tokens: torch.Tensor, B: int, depths: list[int]) -> None:
     for p in hf.parameters():
         p.requires_grad_(False)
     emb = hf.get_input_embeddings()
     x = emb(tokens[None].expand(B, -1)).detach().requires_grad_(True)
-    h = hf.model(inputs_embeds=x).last_hidden_state  # [B, P, d]
-    g = torch.randn_like(h)
-    for _ in range(passes):
-        torch.autograd.grad([h], [x], [g], retain_graph=True)
+    hs = hf.model(inputs_embeds=x, output_hidden_states=True).hidden_states  # L + 1 of [B, P, d]
+    for d in depths:
+        h = hs[min(d, len(hs) - 1)]
+        torch.autograd.grad([h], [x], [torch.randn_like(h)], retain_graph=True)
 
 
 def main() -> None:
@@ -61,12 +63,12 @@ def main() -> None:
     t0 = time.perf_counter()
     g = attribute(m, tset, ids, max_features=a.max_features, batch_size=a.batch)
     t_ms = time.perf_counter() - t0
-    passes = g.settings["backward_passes"]
+    passes, depths = g.settings["backward_passes"], g.settings["backward_depths"]
     from eap_ig import plain_hf  # the EAP-IG bench's unhooked copy of the same weights (bench/ is on sys.path)
 
     hf = plain_hf(a.model)
     t1 = time.perf_counter()
-    floor(hf, ids, a.batch, passes)
+    floor(hf, ids, a.batch, depths)
     t_floor = time.perf_counter() - t1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, torch {torch.__version__}")

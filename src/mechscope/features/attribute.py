@@ -218,7 +218,7 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
             feat_rows = torch.cat([feat_rows, sink_rows])
     finally:
         engine.close()
-    passes = engine.calls
+    passes, depths = engine.calls, engine.depths
     # assemble the square adjacency over kept features + errors + tokens + logits
     F = len(chosen)
     N = F + L * P + P + len(lt)
@@ -244,7 +244,7 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
         tokens=run.tokens, token_text=[model.tokenizer.decode([t]) for t in run.tokens.tolist()],
         features=feats[chosen].clone(), activations=vals[chosen].clone(), logit_tokens=lt, logit_probs=lp,
         adjacency=A, n_layers=L, first_pos=run.first_pos, error_norms=run.errors.norm(dim=-1).cpu(), n_active=n_act,
-        settings={"max_features": max_features, "batch_size": B, "targets": targets, "backward_passes": passes,
+        settings={"max_features": max_features, "batch_size": B, "targets": targets, "backward_passes": passes, "backward_depths": depths,
                   "target_feature": list(target_feature) if target_feature else None, "seconds": 0.0},
         target_feature=None if tgt_idx is None else len(chosen) - 1,
     )
@@ -295,6 +295,8 @@ class _Backward:
             model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         self.P = run.n_pos
         self.calls = 0
+        self.depths: list[int] = []
+        """Per backward pass, the highest layer a target was injected at (n_layers: the logits)."""
 
     def backward(self, inj: dict[tuple[str, int], list[tuple[int, int, Tensor]]]):
         outs, grads = [], []
@@ -307,6 +309,7 @@ class _Backward:
             grads.append(g)
         ins = [self.store["embed"]] + [m for m in self.store["mlp_out"]]
         self.calls += 1
+        self.depths.append(max(len(self.store["x_in"]) if what == "final" else layer for what, layer in inj))
         with torch.enable_grad():
             got = torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True)
         return list(got[1:]), got[0]
