@@ -194,7 +194,8 @@ def test_architectures_save_under_their_saelens_names_and_load_back():
     want = {"relu": ("standard", "transcoder"), "topk": ("topk", "topk_transcoder"),
             "batchtopk": ("jumprelu", "jumprelu_transcoder"), "jumprelu": ("jumprelu", "jumprelu_transcoder")}
     assert ARCHITECTURES == tuple(want)
-    assert saelens_names() == ["jumprelu", "jumprelu_transcoder", "standard", "topk", "topk_transcoder", "transcoder"]
+    assert saelens_names() == ["jumprelu", "jumprelu_skip_transcoder", "jumprelu_transcoder", "skip_transcoder", "standard",
+                               "topk", "topk_skip_transcoder", "topk_transcoder", "transcoder"]
     for arch, names in want.items():
         for tc, saelens in zip((False, True), names):
             cfg = SAEConfig(d_in=8, d_sae=16, architecture=arch, k=3 if get_architecture(arch).uses_k else None,
@@ -205,7 +206,7 @@ def test_architectures_save_under_their_saelens_names_and_load_back():
             back = config_from_saelens(json.loads(json.dumps(raw)))
             assert (back.architecture, back.is_transcoder, back.k) == (arch, tc, cfg.k)
     assert from_saelens("jumprelu")[0].name == "jumprelu" and from_saelens("gated") is None
-    with pytest.raises(MechscopeError, match="not supported; mechscope reads jumprelu, jumprelu_transcoder"):
+    with pytest.raises(MechscopeError, match="not supported; mechscope reads jumprelu, jumprelu_skip_transcoder, jumprelu_transcoder"):
         config_from_saelens({"d_in": 8, "d_sae": 16, "architecture": "gated"})
 
 

@@ -5,6 +5,7 @@
     circuits.py   discover, evaluate            recall.py   recall
     corpus.py     corpus                        steer.py    steer
     sae.py        sae harvest | train | eval | dashboard
+    features.py   attribute, transcoders train | eval
 
 Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose
 modules import no torch, so the CLI starts without it; a command imports what it runs.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.cli import circuits, corpus, heads, lens, model, recall, sae, steer, tasks
+from mechscope.cli import circuits, corpus, features, heads, lens, model, recall, sae, steer, tasks
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -33,7 +34,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, recall, steer, sae):
+for group in (model, tasks, circuits, corpus, heads, lens, recall, steer, sae, features):
     group.register(app)
 
 

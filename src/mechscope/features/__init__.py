@@ -1,1 +1,25 @@
-"""Feature circuits: transcoder sets, the frozen replacement model and attribution graphs."""
+"""Feature circuits: transcoder sets, the frozen replacement model and attribution graphs.
+
+    from mechscope.features import TranscoderTrainConfig, evaluate_transcoders_on_corpus, train_transcoders
+    tset = train_transcoders(model, TranscoderTrainConfig(tokens=300_000), "runs/tc")   # every layer, one harvest
+    report = evaluate_transcoders_on_corpus(model, tset)     # per-layer FVU, L0, CE recovered; all layers spliced
+    tset = load_transcoders("runs/tc")                        # mechscope or circuit-tracer layout
+
+The config (``features.config``, no torch) is imported with the package; the other names load
+on first use.
+"""
+
+from mechscope._lazy import lazy_exports
+from mechscope.features.config import TranscoderTrainConfig
+
+__all__ = [
+    "TranscoderSet", "TranscoderTrainConfig", "evaluate_transcoders", "evaluate_transcoders_on_corpus",
+    "load_transcoder_layers", "load_transcoders", "random_transcoders", "save_transcoders", "train_transcoders",
+]
+
+lazy_exports(__name__, {
+    "evaluate_transcoders": "evaluate", "evaluate_transcoders_on_corpus": "evaluate",
+    "train_transcoders": "train",
+    "TranscoderSet": "transcoder_set", "load_transcoder_layers": "transcoder_set", "load_transcoders": "transcoder_set",
+    "random_transcoders": "transcoder_set", "save_transcoders": "transcoder_set",
+})

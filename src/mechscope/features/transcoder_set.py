@@ -4,7 +4,8 @@ the replacement model of Ge et al. 2024 and circuit tracing, Ameisen et al. 2025
 Layer ``l``'s transcoder reads the MLP's input (the second norm's output,
 ``blocks.l.ln2.hook_normalized``) and predicts its output (``blocks.l.hook_mlp_out``); every
 transcoder is an ``SAE`` with ``d_out`` set (``mechscope.sae.model``), so any architecture of
-``mechscope.sae.archs`` works, including one with a linear skip from input to output.
+``mechscope.sae.archs`` works, including the ``skip_*`` ones with a linear skip from input to
+output (``W_skip [d_out, d_in]``, output ``+= x @ W_skip.T``, in both layouts and in memory).
 
 On disk (``save_transcoders`` / ``load_transcoders``): one SAELens-layout folder per layer
 (``layer_{l}/cfg.json`` + ``sae_weights.safetensors``, what the SAE commands read) and, beside
@@ -12,7 +13,11 @@ them, circuit-tracer's layout: ``config.yaml`` (``model_kind: transcoder_set``,
 ``feature_input_hook``, ``feature_output_hook``, ``transcoders``: the per-layer files) and
 ``layer_{l}.safetensors`` with its tensor names (``W_enc`` [d_sae, d_in], ``W_dec``
 [d_sae, d_out], ``b_enc``, ``b_dec``, optional ``W_skip`` [d_out, d_in] and
-``activation_function.threshold``). A folder holding only circuit-tracer's files loads too.
+``activation_function.threshold``). A folder holding only circuit-tracer's files loads too;
+one whose files have ``W_skip`` loads as the ``skip_*`` form of its activation.
+
+``mechscope.features.train.train_transcoders`` trains a set; a run over some layers only
+leaves a folder with those ``layer_<l>`` folders (``load_transcoder_layers`` reads it).
 """
 
 from __future__ import annotations
@@ -86,13 +91,13 @@ class TranscoderSet:
 def random_transcoders(model, d_sae: int, architecture: str = "topk", k: int | None = 8, seed: int = 0,
                        skip: bool = False, scale: float = 1.0) -> TranscoderSet:
     """Random transcoders for every layer of ``model`` (for tests and smoke runs): Gaussian
-    encoders and unit-norm decoders; ``skip`` adds a random linear skip (architecture
-    ``skip_<architecture>`` must be registered)."""
-    from mechscope.sae.archs import get_architecture
+    encoders and unit-norm decoders; ``skip`` uses the ``skip_<architecture>`` form with a
+    random linear skip."""
+    from mechscope.sae.archs import get_architecture, skip_variant
 
     d = model.summary.d_model
     g = torch.Generator().manual_seed(seed)
-    arch = architecture
+    arch = skip_variant(architecture) if skip else architecture
     layers = []
     for layer in range(model.summary.n_layers):
         cfg = SAEConfig(d_in=d, d_sae=d_sae, architecture=arch, k=k if get_architecture(arch).uses_k else None,
@@ -128,10 +133,12 @@ def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
         if tc.arch.threshold_saved:
             t["activation_function.threshold"] = tc.threshold.detach().contiguous()
         if hasattr(tc, "W_skip"):
-            t["W_skip"] = tc.W_skip.detach().T.contiguous()  # circuit-tracer: [d_out, d_in]
+            t["W_skip"] = tc.W_skip.detach().contiguous()  # [d_out, d_in] in memory and in circuit-tracer
         save_file({k: v.float().cpu() for k, v in t.items()}, str(path / f"layer_{i}.safetensors"))
         files.append(f"layer_{i}.safetensors")
-    arch = tset.layers[0].cfg.architecture
+    from mechscope.sae.archs import without_skip
+
+    arch = without_skip(tset.layers[0].cfg.architecture)
     lines = [
         "model_kind: transcoder_set",
         f"model_name: {tset.model_name!r}",
@@ -153,6 +160,19 @@ def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
 def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> TranscoderSet:
     """A set from a folder written by ``save_transcoders`` (the per-layer SAELens folders) or
     one in circuit-tracer's layout (``config.yaml`` + safetensors); never unpickles."""
+    path = Path(path)
+    found = load_transcoder_layers(path, device)
+    idx = sorted(found)
+    if idx != list(range(len(idx))):
+        missing = sorted(set(range(max(idx) + 1)) - set(idx))
+        raise MechscopeError(f"{path} lacks layer_{missing[0]}: a transcoder set needs every layer from 0.")
+    layers = [found[i] for i in idx]
+    return TranscoderSet(layers, layers[0].cfg.model_name)
+
+
+def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu") -> dict[int, SAE]:
+    """Every transcoder in a set folder, by layer, gaps allowed (what a training run over some
+    layers leaves); each checked to read its layer's MLP input and predict its output."""
     from mechscope.sae.io import load_sae
 
     path = Path(path)
@@ -160,15 +180,19 @@ def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> Tr
         raise MechscopeError(f"{path} is not a folder; pass a transcoder set folder (mechscope transcoders train --out DIR).")
     folders = sorted((p for p in path.glob("layer_*") if p.is_dir()), key=lambda p: _layer_of(p.name))
     if folders:
-        idx = [_layer_of(p.name) for p in folders]
-        if idx != list(range(len(idx))):
-            missing = sorted(set(range(max(idx) + 1)) - set(idx))
-            raise MechscopeError(f"{path} lacks layer_{missing[0]}: a transcoder set needs every layer from 0.")
-        layers = [load_sae(p, device) for p in folders]
-        return TranscoderSet(layers, layers[0].cfg.model_name)
-    if (path / CONFIG).is_file():
-        return _load_circuit_tracer(path, device)
-    raise MechscopeError(f"{path} holds neither layer_<l> folders nor a {CONFIG}; it is not a transcoder set.")
+        found = {_layer_of(p.name): load_sae(p, device) for p in folders}
+    elif (path / CONFIG).is_file():
+        found = dict(enumerate(_load_circuit_tracer(path, device).layers))
+    else:
+        raise MechscopeError(f"{path} holds neither layer_<l> folders nor a {CONFIG}; it is not a transcoder set.")
+    for i, tc in found.items():
+        if not tc.cfg.is_transcoder:
+            raise MechscopeError(f"{path}/layer_{i} is an SAE, not a transcoder (it has no output hook).")
+        if parse_hook(tc.cfg.hook_name).layer != i or parse_hook(tc.cfg.hook_name_out or "").layer != i:
+            raise MechscopeError(
+                f"{path}/layer_{i} reads {tc.cfg.hook_name} -> {tc.cfg.hook_name_out}, not layer {i}'s MLP input and output."
+            )
+    return found
 
 
 def _layer_of(name: str) -> int:
@@ -190,8 +214,10 @@ def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
     if cfg.get("model_kind") != "transcoder_set":
         raise MechscopeError(f"{path / CONFIG}: model_kind is {cfg.get('model_kind')!r}; only 'transcoder_set' is supported.")
     files = cfg.get("transcoders") or sorted(p.name for p in path.glob("*.safetensors"))
+    from mechscope.sae.archs import skip_variant
+
     act = str(cfg.get("activation_function", "relu")).lower()
-    arch = {"topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}.get(act, "relu")
+    plain = {"topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}.get(act, "relu")
     layers = []
     for i, f in enumerate(files):
         fp = path / str(f)
@@ -205,10 +231,15 @@ def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
         d_sae, d_in = t["W_enc"].shape
         if t["W_dec"].shape[0] != d_sae:
             raise MechscopeError(f"{fp}: W_dec has {t['W_dec'].shape[0]} rows but W_enc has {d_sae}; the file is inconsistent.")
-        if "W_skip" in t:
-            raise MechscopeError(f"{fp} has a skip (W_skip); load skip transcoder sets saved by mechscope (layer_<l> folders).")
-        sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=cfg.get("k") if arch == "topk" else None,
-                       hook_name=ln_normalized(i, 2), hook_name_out=mlp_out(i), d_out=int(t["W_dec"].shape[1]),
+        d_out = int(t["W_dec"].shape[1])
+        arch = skip_variant(plain) if "W_skip" in t else plain
+        if "W_skip" in t and tuple(t["W_skip"].shape) != (d_out, d_in):
+            raise MechscopeError(
+                f"{fp}: W_skip has shape {list(t['W_skip'].shape)} but W_enc and W_dec imply [{d_out}, {d_in}] (circuit-tracer's [d_out, d_in])."
+            )
+        k = cfg.get("k", int(t["k"]) if "k" in t and t["k"].numel() == 1 else None)  # circuit-tracer may store k as a tensor
+        sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k if plain == "topk" else None,
+                       hook_name=ln_normalized(i, 2), hook_name_out=mlp_out(i), d_out=d_out,
                        model_name=str(cfg.get("model_name", "")), apply_b_dec_to_input=False)
         tc = SAE(sc)
         with torch.no_grad():
@@ -218,5 +249,7 @@ def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
             tc.b_dec.copy_(t["b_dec"])
             if "activation_function.threshold" in t:
                 tc.threshold.copy_(t["activation_function.threshold"])
+            if "W_skip" in t:
+                tc.W_skip.copy_(t["W_skip"])
         layers.append(tc.to(device))
     return TranscoderSet(layers, str(cfg.get("model_name", "")))

@@ -5,6 +5,10 @@
     batchtopk   k * batch largest over the batch + AuxK; JumpReLU at inference (saved as ``jumprelu``)
     jumprelu    pre * H(pre - threshold) + L0 through a straight-through estimator (``jumprelu``)
 
+and, for transcoders, each of them with a linear skip from input to output (``skip_relu``,
+``skip_topk``, ``skip_batchtopk``, ``skip_jumprelu``; ``archs/skip.py``, one file for the
+shared skip).
+
 A new architecture is one file here with an ``Architecture`` subclass (``archs/base.py`` says
 what it defines), plus its class in ``_BUILTIN`` below. Training hyperparameters live in
 ``TrainConfig``; one the new architecture needs is a new field there.
@@ -17,6 +21,7 @@ from mechscope.sae.archs.base import Architecture, StepState, TrainCode
 from mechscope.sae.archs.batchtopk import BatchTopK
 from mechscope.sae.archs.jumprelu import JumpReLU
 from mechscope.sae.archs.relu import ReLU
+from mechscope.sae.archs.skip import SKIP_VARIANTS, skip_variant, without_skip
 from mechscope.sae.archs.topk import TopK
 
 _BUILTIN: tuple[type[Architecture], ...] = (ReLU, TopK, BatchTopK, JumpReLU)
@@ -32,11 +37,11 @@ def register(cls: type[Architecture]) -> type[Architecture]:
     return cls
 
 
-for _cls in _BUILTIN:
+for _cls in (*_BUILTIN, *SKIP_VARIANTS):
     register(_cls)
 
 ARCHITECTURES: tuple[str, ...] = tuple(c.name for c in _BUILTIN)
-"""The built-in architectures' names."""
+"""The built-in architectures' names (``skip_variant`` names each one's skip-transcoder form)."""
 
 
 def architecture_names() -> tuple[str, ...]:
@@ -56,7 +61,7 @@ def get_architecture(name: str) -> type[Architecture]:
 
 def saelens_names() -> list[str]:
     """The SAELens ``architecture`` names mechscope reads, sorted."""
-    return sorted({n for c in _REGISTRY.values() if c.owns_saelens_names for n in (c.saelens_name, c.saelens_transcoder_name)})
+    return sorted({n for c in _REGISTRY.values() if c.owns_saelens_names for n in (c.saelens_name, c.saelens_transcoder_name) if n})
 
 
 def from_saelens(name: str, mechscope_name: str | None = None) -> tuple[type[Architecture], bool] | None:
@@ -74,5 +79,5 @@ def from_saelens(name: str, mechscope_name: str | None = None) -> tuple[type[Arc
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BatchTopK", "JumpReLU", "ReLU", "StepState", "TopK", "TrainCode",
-    "architecture_names", "from_saelens", "get_architecture", "register", "saelens_names",
+    "architecture_names", "from_saelens", "get_architecture", "register", "saelens_names", "skip_variant", "without_skip",
 ]

@@ -1,0 +1,243 @@
+"""`mechscope attribute`: the attribution graph of one prompt through a transcoder set;
+`mechscope transcoders train | eval`: train a transcoder set (one per layer, one forward pass
+per batch for all layers), evaluate one."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
+from mechscope.features.config import TranscoderTrainConfig
+
+
+@handles_errors
+def attribute(
+    prompt: str = typer.Argument(..., help="The prompt (the model's BOS token is prepended when it has one)."),
+    transcoders: Path = typer.Option(..., "--transcoders", help="Transcoder set folder (mechscope transcoders train, or circuit-tracer's layout)."),
+    target: Optional[list[str]] = typer.Option(None, "--target", help="Logit node token text, e.g. ' Paris' (one token; repeatable). Default: the top logits up to 95% probability."),
+    target_feature: Optional[str] = typer.Option(None, "--target-feature", help="LAYER:FEATURE:POS: attribute that active feature instead of the logits (a local circuit)."),
+    max_features: int = typer.Option(4096, "--max-features", help="Features that get rows; beyond it, the most influential are visited first and the rest fold into the error nodes."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold", help="Cumulative influence kept by node pruning."),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Cumulative influence kept by edge pruning."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Targets per backward pass."),
+    max_links: int = typer.Option(50_000, "--max-links", help="Cap on links written to graph.json (strongest kept)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (written complete or not at all)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Attribution graph of a prompt: features, errors, tokens and logits with exact linear edges."""
+    from mechscope.features.attribute import attribute as run_attribute
+    from mechscope.features.graph_files import graph_json, save_graph_folder
+    from mechscope.features.prune import prune
+    from mechscope.features.transcoder_set import load_transcoders
+
+    if max_features < 0 or batch_size < 1 or max_links < 1:
+        fail("--max-features must be >= 0, --batch-size and --max-links >= 1.")
+    for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
+        if not 0.0 <= v <= 1.0:
+            fail(f"{name} must lie between 0 and 1, got {v}.")
+    m = load(model, device)
+    tset = load_transcoders(transcoders, m.device)
+    tset.check_fits(m)
+    ids = m.to_tokens(prompt)
+    bos = getattr(m.tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if len(ids) < 2:
+        fail("the prompt is empty; give some text.")
+    targets = None
+    if target:
+        targets = []
+        for t in target:
+            tid = m.to_tokens(t)
+            if bos is not None and tid and tid[0] == bos:
+                tid = tid[1:]
+            if len(tid) != 1:
+                fail(f"--target {t!r} is {len(tid)} tokens; give text that is one token (e.g. with its leading space).")
+            targets.append(tid[0])
+    tf = None
+    if target_feature is not None:
+        try:
+            tf = tuple(int(x) for x in target_feature.split(":"))
+        except ValueError:
+            tf = ()
+        if len(tf) != 3 or min(tf) < 0:
+            fail(f"--target-feature {target_feature!r} is not LAYER:FEATURE:POS (three non-negative integers, e.g. 12:345:7).")
+        if target:
+            fail("give either --target (logits) or --target-feature (a local circuit), not both.")
+    g = run_attribute(m, tset, ids, targets=targets, max_features=max_features, batch_size=batch_size, target_feature=tf)
+    pr = prune(g, node_threshold, edge_threshold)
+    doc = graph_json(g, pr, m.tokenizer, slug=out.name, prompt=prompt, scan=str(transcoders), node_threshold=node_threshold,
+                     max_links=max_links)
+    from mechscope.report.attribution import render_attribution
+
+    html = render_attribution(doc)
+    save_graph_folder(g, doc, out, {"report.html": html})
+    gen = doc["metadata"]["generator"]
+    summary = {
+        "out": str(out), "n_tokens": len(ids), "n_active_features": g.n_active, "n_features_with_rows": g.n_features,
+        "nodes_kept": len(doc["nodes"]), "links_written": gen["links_written"], "links_total": gen["links_total"],
+        "replacement_score": gen["replacement_score"], "completeness_score": gen["completeness_score"],
+        "pruned_replacement_score": gen["pruned_replacement_score"],
+        "pruned_completeness_score": gen["pruned_completeness_score"], "seconds": g.settings["seconds"],
+        "logits": [{"token": m.tokenizer.decode([int(t)]), "prob": float(p)} for t, p in zip(g.logit_tokens, g.logit_probs)],
+    }
+    if json:
+        return emit_json(summary)
+    console.print(
+        f"attribution graph of {len(ids)} tokens: {g.n_active:,} active features ({g.n_features:,} with rows), "
+        f"{len(doc['nodes']):,} nodes and {gen['links_written']:,} links kept; replacement score "
+        f"{gen['replacement_score']:.2f} (pruned {gen['pruned_replacement_score']:.2f}), completeness "
+        f"{gen['completeness_score']:.2f} (pruned {gen['pruned_completeness_score']:.2f}); {g.settings['seconds']:.0f} s.",
+        highlight=False,
+    )
+    if gen["links_written"] < gen["links_total"]:
+        console.print(f"graph.json holds the {gen['links_written']:,} strongest of {gen['links_total']:,} links (--max-links).", highlight=False)
+    console.print(f"report: {out / 'report.html'}", highlight=False)
+
+
+transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)
+CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
+
+
+class _TrainProgress:
+    """One live line on stderr: step, tokens, tokens/s, mean and worst training-batch FVU, mean L0."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, s: dict) -> None:
+        if self.quiet:
+            return
+        rows = list(s["layers"].values())
+        fvu = [r["fvu"] for r in rows if not math.isnan(r["fvu"])]
+        sys.stderr.write(
+            f"\rstep {s['step']}/{s['steps']} | {s['tokens'] / 1e6:.2f}M tok | {s['tok_per_s']:,.0f} tok/s | "
+            f"FVU mean {sum(fvu) / max(1, len(fvu)):.3f} max {max(fvu, default=float('nan')):.3f} | "
+            f"L0 {sum(r['l0'] for r in rows) / len(rows):.1f}   "
+        )
+        sys.stderr.flush()
+
+
+@handles_errors
+def transcoders_train(
+    out: Path = typer.Option(..., "--out", help="Folder for the set (both layouts), its training log and checkpoints."),
+    layers: str = typer.Option("all", "--layers", help="all, or layers and ranges such as 0,3,5-7."),
+    arch: str = typer.Option(TranscoderTrainConfig.architecture, "--arch", help="relu, topk, batchtopk or jumprelu."),
+    k: int = typer.Option(TranscoderTrainConfig.k, "--k", help="Active features per token (topk, batchtopk)."),
+    expansion: int = typer.Option(TranscoderTrainConfig.expansion, "--expansion", help="Features per model dimension."),
+    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Features per layer (overrides --expansion)."),
+    skip: bool = typer.Option(False, "--skip", help="Add a linear skip from MLP input to output (circuit-tracer's W_skip)."),
+    tokens: int = typer.Option(TranscoderTrainConfig.tokens, "--tokens", help="Training tokens per layer (all layers share them)."),
+    corpus: Optional[str] = CorpusOpt,
+    lr: float = typer.Option(TranscoderTrainConfig.lr, "--lr"),
+    context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
+    batch_contexts: int = typer.Option(TranscoderTrainConfig.batch_contexts, "--batch-contexts", help="Contexts whose tokens make one training batch."),
+    shuffle_contexts: Optional[int] = typer.Option(None, "--shuffle-contexts", help="Contexts per shuffled chunk of activations, held in memory for all layers (default: the multiple of --batch-contexts nearest 256)."),
+    checkpoint_every: int = typer.Option(TranscoderTrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
+    seed: int = typer.Option(TranscoderTrainConfig.seed, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Train one transcoder per layer (MLP input -> MLP output) from one forward pass per batch; resumable."""
+    from dataclasses import replace
+
+    from mechscope.features.config import parse_layers
+    from mechscope.features.train import train_transcoders
+
+    cfg = TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
+                                corpus=corpus, lr=lr, context_len=context_len, batch_contexts=batch_contexts,
+                                shuffle_contexts=shuffle_contexts if shuffle_contexts is not None else TranscoderTrainConfig.chunk_for(batch_contexts, TranscoderTrainConfig.forward_contexts),
+                                checkpoint_every=checkpoint_every, seed=seed)  # checked when made
+    m = load(model, device)
+    cfg = replace(cfg, layers=parse_layers(layers, m.summary.n_layers))
+    if not json:
+        console.print(f"training {len(cfg.layers)} {cfg.arch_name} transcoders of {m.summary.name} on {tokens:,} tokens of "
+                      f"{corpus or 'embedded'} (train split), one forward pass per batch for all layers -> {out}", highlight=False)
+    t0 = time.perf_counter()
+    res = train_transcoders(m, cfg, out, resume=resume, model_path=model or m.summary.name, progress=_TrainProgress(json))
+    secs = time.perf_counter() - t0
+    import json as _json
+
+    log = _json.loads((out / "training_log.json").read_text())
+    final = {layer: rows[-1] for layer, rows in log["training_log"].items() if rows}
+    summary = {"out": str(out), "seconds": round(secs, 1), "layers": cfg.layers, "complete_set": log["complete_set"],
+               "architecture": cfg.arch_name, "d_sae": [tc.cfg.d_sae for tc in (res.layers if log["complete_set"] else res.values())],
+               "tokens": log["harvest"]["tokens_trained_per_layer"], "harvest": log["harvest"], "final": final}
+    if json:
+        return emit_json(summary)
+    sys.stderr.write("\n")
+    fvu = [r["fvu"] for r in final.values()]
+    console.print(f"done in {secs:.0f} s: training-batch FVU mean {sum(fvu) / max(1, len(fvu)):.3f}, max {max(fvu, default=float('nan')):.3f}. "
+                  f"Saved to {out}; evaluate with: mechscope transcoders eval {out}", highlight=False)
+
+
+@handles_errors
+def transcoders_eval(
+    set_dir: Path = typer.Argument(..., help="Transcoder set folder (mechscope transcoders train, or circuit-tracer's layout)."),
+    tokens: int = typer.Option(16_384, "--tokens", help="Held-out tokens to evaluate on."),
+    corpus: Optional[str] = CorpusOpt,
+    context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the set's folder)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Per layer FVU, L0, dead features and CE loss recovered; CE loss recovered with all layers spliced at once."""
+    import os
+
+    from mechscope.features.evaluate import evaluate_transcoders_on_corpus, save_eval
+    from mechscope.features.transcoder_set import TranscoderSet, load_transcoder_layers
+    from mechscope.report.transcoders import render_transcoders_eval
+
+    if tokens <= 0 or batch_size <= 0 or context_len < 2:
+        fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
+    found = load_transcoder_layers(set_dir)
+    first = next(iter(found.values())).cfg
+    m = load(model or first.metadata.get("model_path") or first.model_name or None, device)
+    n = m.summary.n_layers
+    tset = TranscoderSet([found[i] for i in range(n)], first.model_name) if sorted(found) == list(range(n)) else found
+    if isinstance(tset, TranscoderSet):
+        tset.check_fits(m)
+    elif max(found) >= n:
+        fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
+    r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size)
+    dest = Path(out or set_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    html = render_transcoders_eval(r)
+    page = dest / "eval.html"
+    tmp = dest / f".eval.html.tmp{os.getpid()}"
+    tmp.write_text(html, encoding="utf-8")
+    save_eval(r, dest / "eval.json")
+    os.replace(tmp, page)
+    if json:
+        return emit_json(r)
+    from rich.table import Table
+
+    t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer")
+    for col in ("layer", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered"):
+        t.add_column(col, justify="right")
+    for row in r["layers"]:
+        t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "l0", "dead_frac", "ce_spliced", "ce_zero", "ce_recovered")))
+    console.print(t)
+    a = r["all_layers"]
+    console.print(f"all {len(a['layers'])} layers spliced at once: CE {a['ce_spliced']:.4g} (clean {r['ce_clean']:.4g}, all MLPs "
+                  f"zeroed {a['ce_zero']:.4g}), CE loss recovered {a['ce_recovered']:.4g}", highlight=False)
+    console.print(f"report: {page}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attribute")(attribute)
+    transcoders_app.command("train")(transcoders_train)
+    transcoders_app.command("eval")(transcoders_eval)
+    app.add_typer(transcoders_app, name="transcoders")

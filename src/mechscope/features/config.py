@@ -1,0 +1,154 @@
+"""``TranscoderTrainConfig``: how ``train_transcoders`` trains a transcoder set, checked when
+made; ``parse_layers`` reads a ``--layers`` value.
+
+No torch at import: the CLI reads the defaults when it starts (making a config imports the
+architecture registry, which does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mechscope.errors import MechscopeError
+from mechscope.sae.config import TrainConfig
+
+_OWN = ("architecture", "d_sae", "expansion", "k", "tokens", "batch_tokens", "lr", "checkpoint_every", "seed", "device")
+"""``TrainConfig`` fields this config sets itself (``train_options`` may not)."""
+
+
+@dataclass
+class TranscoderTrainConfig:
+    """How to train one transcoder per layer from one shared stream of activations.
+
+    Every selected layer ``l`` gets a transcoder from ``blocks.l.ln2.hook_normalized`` to
+    ``blocks.l.hook_mlp_out``; all of them train on the same ``tokens`` rows, harvested once.
+    Activations come in chunks of ``shuffle_contexts`` contexts (``context_len`` tokens each,
+    the first position of each dropped as in every mechscope harvest), shuffled within the
+    chunk and cut into training batches of ``batch_contexts`` contexts' rows
+    (``batch_contexts * (context_len - 1)`` rows); the chunks are what makes resume exact
+    (``mechscope.features.train``). Memory for the chunk: ``shuffle_contexts * (context_len - 1)
+    * 2 * sum(d_model of the layers) * 4`` bytes.
+    """
+
+    layers: list[int] | None = None
+    """Layers to train (None: all)."""
+    architecture: str = "topk"
+    """relu, topk, batchtopk or jumprelu (``mechscope.sae.archs``)."""
+    skip: bool = False
+    """Add a linear skip from input to output (the ``skip_<architecture>`` form)."""
+    k: int = TrainConfig.k
+    """Active features per token (topk, batchtopk)."""
+    expansion: int = TrainConfig.expansion
+    """Features per input dimension (``d_sae = expansion * d_model`` unless ``d_sae`` is set)."""
+    d_sae: int | None = None
+    tokens: int = 300_000
+    """Training rows per layer (every layer sees the same ones), rounded down to whole batches."""
+    lr: float = TrainConfig.lr
+    corpus: str | None = None
+    """Corpus spec (``activations.get_corpus``; default the embedded corpus), train split."""
+    context_len: int = 128
+    batch_contexts: int = 16
+    """Contexts whose rows make one training batch (2,032 rows at ``context_len`` 128)."""
+    forward_contexts: int = 8
+    """Contexts per forward pass of the model."""
+    shuffle_contexts: int = 256
+    """Contexts per shuffled chunk; a multiple of ``batch_contexts`` and of the forward passes' contexts."""
+    checkpoint_every: int = 100_000
+    """Tokens between checkpoints (taken at the first chunk boundary after each multiple)."""
+    seed: int = 0
+    """Seeds the chunk shuffles; layer ``l``'s trainer gets ``seed + l``."""
+    train_options: dict[str, Any] = field(default_factory=dict)
+    """Any other ``TrainConfig`` field (``l1``, ``l0``, ``aux_k``, ``dead_tokens``, ``log_every``, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if not self.layers:
+                raise MechscopeError("--layers names no layer; give 'all' or layer numbers such as 0,3,5.")
+            if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise MechscopeError(f"--layers {','.join(map(str, self.layers))} repeats a layer or has a negative one; give each layer once.")
+            self.layers = sorted(self.layers)
+        if self.tokens <= 0:
+            raise MechscopeError(f"--tokens must be positive, got {self.tokens}.")
+        if self.k <= 0 or self.expansion <= 0 or (self.d_sae is not None and self.d_sae <= 0):
+            raise MechscopeError("--k, --expansion and --d-sae must be positive.")
+        if self.context_len < 2 or min(self.batch_contexts, self.forward_contexts, self.shuffle_contexts, self.checkpoint_every) <= 0:
+            raise MechscopeError("context length must be at least 2 and batch, forward, chunk sizes and checkpoint interval positive.")
+        if self.shuffle_contexts % self.batch_contexts or self.shuffle_contexts % self.fill_contexts:
+            raise MechscopeError(
+                f"shuffle_contexts={self.shuffle_contexts} must be a multiple of batch_contexts={self.batch_contexts} "
+                f"and of the contexts per store fill ({self.fill_contexts})."
+            )
+        bad = sorted(set(self.train_options) & set(_OWN))
+        if bad:
+            raise MechscopeError(f"train_options may not set {', '.join(bad)}; they are fields of TranscoderTrainConfig.")
+        self.train_config()  # the architecture, the batch size against --tokens and the other options, checked now
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_len - 1  # the harvest drops each context's first position
+
+    @property
+    def batch_rows(self) -> int:
+        return self.batch_contexts * self.rows_per_context
+
+    @property
+    def fill_contexts(self) -> int:
+        """Contexts per fill of the activation store: whole forward passes, at least two contexts."""
+        return self.forward_contexts * max(1, -(-2 // self.forward_contexts))
+
+    @property
+    def arch_name(self) -> str:
+        """The architecture trained: ``architecture``, or its ``skip_`` form with ``skip``."""
+        from mechscope.sae.archs import get_architecture, skip_variant
+
+        get_architecture(self.architecture)  # one sentence for an unknown name
+        return skip_variant(self.architecture) if self.skip else self.architecture
+
+    def train_config(self, layer: int = 0, device: str = "cpu") -> TrainConfig:
+        """The ``TrainConfig`` of layer ``layer``'s trainer."""
+        try:
+            return TrainConfig(architecture=self.arch_name, d_sae=self.d_sae, expansion=self.expansion, k=self.k,
+                               tokens=self.tokens, batch_tokens=self.batch_rows, lr=self.lr,
+                               checkpoint_every=self.checkpoint_every, seed=self.seed + layer, device=device,
+                               **self.train_options)
+        except TypeError as exc:
+            raise MechscopeError(f"train_options has a key TrainConfig does not know ({exc}).") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def chunk_for(batch_contexts: int, forward_contexts: int = 8, target: int = 256) -> int:
+        """The valid ``shuffle_contexts`` nearest ``target`` (at least one multiple of both
+        ``batch_contexts`` and the store fill), for callers that set only the batch size."""
+        import math
+
+        fill = forward_contexts * max(1, -(-2 // forward_contexts)) if forward_contexts > 0 else 1
+        step = math.lcm(max(1, batch_contexts), fill)
+        return step * max(1, round(target / step))
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """``all`` (or empty/None) -> every layer; otherwise comma-separated layers and ranges
+    (``0,3,5-7``), each in ``[0, n_layers)``."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return list(range(n_layers))
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise MechscopeError(f"--layers {spec!r}: {part!r} is not a layer number or range; give 'all' or e.g. 0,3,5-7.") from None
+        if b < a:
+            raise MechscopeError(f"--layers {spec!r}: the range {part!r} runs backwards; write it low-high.")
+        out.extend(range(a, b + 1))
+    bad = [x for x in out if not 0 <= x < n_layers]
+    if bad:
+        raise MechscopeError(f"--layers {spec!r}: layer {bad[0]} does not exist; the model has layers 0-{n_layers - 1}.")
+    if len(set(out)) != len(out):
+        raise MechscopeError(f"--layers {spec!r} names a layer twice; give each layer once.")
+    return out

@@ -1,0 +1,384 @@
+"""Transcoder sets: the skip architecture, training every layer from one forward pass per
+batch (lockstep trainers, exact resume after SIGKILL), evaluation against independent
+computations, and the `mechscope transcoders` commands' bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mechscope.cli.main import app
+from mechscope.errors import MechscopeError
+from mechscope.features.config import TranscoderTrainConfig, parse_layers
+from mechscope.features.evaluate import evaluate_transcoders
+from mechscope.features.transcoder_set import TranscoderSet, load_transcoders, random_transcoders, save_transcoders
+from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
+from mechscope.sae.sources import TensorSource
+from mechscope.sae.train import TrainConfig, Trainer
+
+TEXT = (
+    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
+    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
+    "Bob gave a ball to Alice. 0123456789 "
+)
+# Small everything: 31 rows per context, 124-row batches, 4 batches per shuffled chunk.
+SMALL = dict(context_len=32, batch_contexts=4, forward_contexts=8, shuffle_contexts=16, expansion=4, k=8, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
+    rng = random.Random(0)
+    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
+    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
+    return str(p)
+
+
+def _heldout(model, corpus, n_ctx=8, ctx_len=32):
+    from mechscope.activations import get_corpus, pack_contexts
+
+    return torch.tensor(list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), ctx_len), n_ctx)))
+
+
+# ------------------------------------------------------------------------------ the architecture
+def test_skip_transcoder_trains_folds_and_saves_in_saelens_layout(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8000, 32, generator=g)
+    lin = torch.randn(24, 32, generator=g) / 32**0.5  # [d_out, d_in], as W_skip
+    y = 5.0 * (x @ lin.T) + torch.relu(x) @ (torch.randn(32, 24, generator=g) / 32**0.5) + 0.3
+    cfg = TrainConfig(architecture="skip_topk", d_sae=64, k=4, tokens=20_000, batch_tokens=500, lr=1e-2,
+                      checkpoint_every=10_000, log_every=10)
+    tr = Trainer(TensorSource(x, y), cfg, tmp_path, d_in=32, hook_name="blocks.0.ln2.hook_normalized", model_name="m",
+                 d_out=24, hook_name_out="blocks.0.hook_mlp_out")
+    sae = tr.run()
+    raw = json.loads((tmp_path / "cfg.json").read_text())
+    assert raw["architecture"] == "topk_skip_transcoder" and raw["k"] == 4
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "sae_weights.safetensors"))["W_skip"].shape == (24, 32)  # SAELens's [d_out, d_in]
+    back = load_sae(tmp_path)
+    with torch.no_grad():
+        assert back.cfg.architecture == "skip_topk" and torch.equal(back(x[:100]), sae(x[:100]))
+        assert torch.allclose(sae(x[:50]), tr.sae(x[:50] * tr.scale_in) / tr.scale_out, atol=1e-4)  # scales folded
+        assert torch.allclose(sae.decode(torch.zeros(5, 64), x[:5]) - sae.b_dec, x[:5] @ sae.W_skip.T, atol=1e-5)
+        cos = torch.nn.functional.cosine_similarity(sae.W_skip.flatten(), lin.flatten(), 0)
+    assert cos > 0.6, float(cos)  # W_skip (zeros at the start) learned the planted linear map
+    with pytest.raises(MechscopeError, match="pass x to decode"):
+        sae.decode(torch.zeros(2, 64))
+    with pytest.raises(MechscopeError, match="is a transcoder architecture"):
+        SAE(SAEConfig(d_in=8, d_sae=16, architecture="skip_relu"))  # an SAE with a skip could learn the identity
+
+
+@pytest.mark.parametrize("arch,saelens", [("skip_relu", "skip_transcoder"), ("skip_jumprelu", "jumprelu_skip_transcoder"),
+                                          ("skip_batchtopk", "jumprelu_skip_transcoder"), ("skip_topk", "topk_skip_transcoder")])
+def test_skip_architectures_round_trip_under_their_saelens_names(tmp_path, arch, saelens):
+    cfg = SAEConfig(d_in=8, d_sae=16, architecture=arch, k=3 if "topk" in arch else None, d_out=6,
+                    hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out", apply_b_dec_to_input=False)
+    sae = SAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_sae(sae, tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == saelens
+    back = load_sae(tmp_path)
+    x = torch.randn(5, 8)
+    assert back.cfg.architecture == arch and torch.equal(back(x), sae(x))
+
+
+def test_skip_set_round_trips_through_circuit_tracers_layout(tiny_llama, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=3, skip=True)
+    assert tset.layers[0].cfg.architecture == "skip_topk"
+    save_transcoders(tset, tmp_path)
+    assert "activation_function: topk" in (tmp_path / "config.yaml").read_text()
+    t = load_file(str(tmp_path / "layer_1.safetensors"))
+    assert torch.equal(t["W_skip"], tset.layers[1].W_skip.detach())  # [d_out, d_in], no transpose
+    for p in tmp_path.glob("layer_*"):
+        if p.is_dir():
+            shutil.rmtree(p)
+    back = load_transcoders(tmp_path)  # circuit-tracer's files only
+    x = torch.randn(2, 5, 64)
+    for a, b in zip(tset.layers, back.layers):
+        assert b.cfg.architecture == "skip_topk" and torch.allclose(a(x), b(x), atol=1e-6)
+    assert torch.allclose(back.skip(2, x), x @ back.layers[2].W_skip.T, atol=1e-5)
+    save_file({**t, "W_skip": t["W_skip"][:, :10].contiguous()}, str(tmp_path / "layer_1.safetensors"))
+    with pytest.raises(MechscopeError, match="W_skip has shape \\[64, 10\\]"):
+        load_transcoders(tmp_path)
+
+
+def test_attribution_through_real_skips_is_exact(tiny_llama):
+    """The attribution graph's exactness check (``test_attribution_graph``) with skip
+    transcoders: the skip path is linear and inside every edge, and it matters."""
+    from test_attribution_graph import _column_check, _prompt  # pytest puts tests/unit on sys.path
+
+    from mechscope.features.attribute import attribute
+    from mechscope.features.replacement import capture, frozen_forward
+
+    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=1, skip=True)
+    toks = _prompt(tiny_llama)
+    g = attribute(tiny_llama, tset, toks, max_features=10_000, batch_size=16)
+    run = capture(tiny_llama, tset, toks)
+    pre0, lg0 = frozen_forward(tiny_llama, tset, run)
+    picks = [("feature", int(torch.nonzero(g.features[:, 0] == layer)[0])) for layer in range(g.n_layers - 1)]
+    picks += [("error", (0, 3)), ("token", 2)]
+    for kind, idx in picks:
+        got, want = _column_check(tiny_llama, tset, g, run, pre0, lg0, kind, idx)
+        assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max())), (kind, idx)
+    for tc in tset.layers:
+        with torch.no_grad():
+            tc.W_skip.zero_()
+    g0 = attribute(tiny_llama, tset, toks, max_features=10_000, batch_size=16)
+    col = g.token_start + 2
+    assert (g.adjacency[:, col] - g0.adjacency[:, col]).abs().max() > 1e-2  # the skip carried part of the effect
+
+
+# ------------------------------------------------------------------------------ training
+def _count_forwards(model, monkeypatch):
+    calls = []
+    real = model.bridge.run_with_hooks
+
+    def counting(*a, **kw):
+        calls.append(len(kw.get("fwd_hooks") or []))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model.bridge, "run_with_hooks", counting)
+    return calls
+
+
+def test_a_set_trains_every_layer_from_one_forward_pass_per_batch(tiny_llama, corpus, tmp_path, monkeypatch):
+    """All three layers train from the same forward passes as one layer alone; each layer's
+    trainer is the unchanged ``Trainer`` (a one-layer set equals ``Trainer.run`` on the same
+    source, bit for bit, and equals that layer in the three-layer set); trained FVU is far
+    below the untrained transcoders'."""
+    from mechscope.features.train import transcoder_sources
+
+    torch.manual_seed(0)
+    cfg = TranscoderTrainConfig(tokens=4000, corpus=corpus, checkpoint_every=1000, **SMALL)
+    calls = _count_forwards(tiny_llama, monkeypatch)
+    from mechscope.features.train import train_transcoders
+
+    full = train_transcoders(tiny_llama, cfg, tmp_path / "all")
+    all_calls = list(calls)
+    calls.clear()
+    one = train_transcoders(tiny_llama, TranscoderTrainConfig(layers=[1], tokens=4000, corpus=corpus, checkpoint_every=1000, **SMALL),
+                            tmp_path / "one")
+    one_calls = list(calls)
+    # 32 steps of 4 contexts = 8 chunks of 16 contexts = 16 forward passes of 8 contexts (+ one width probe)
+    assert len(all_calls) == len(one_calls) == 16 + 1
+    assert all_calls[1:] == [6] * 16 and one_calls[1:] == [2] * 16  # every layer's in and out hooks in each pass
+    assert isinstance(full, TranscoderSet) and isinstance(one, dict) and list(one) == [1]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "config.yaml", "layer_0", "layer_0.safetensors", "layer_1", "layer_1.safetensors", "layer_2",
+        "layer_2.safetensors", "training_log.json"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["layer_1", "training_log.json"]
+    log = json.loads((tmp_path / "all" / "training_log.json").read_text())
+    assert log["harvest"]["forward_passes"] == 16 and log["harvest"]["tokens_trained_per_layer"] == 32 * 124
+    # The lockstep loop is Trainer.run: the reference trains layer 1 alone through Trainer.run.
+    calls.clear()
+    ref_cfg = TranscoderTrainConfig(layers=[1], tokens=4000, corpus=corpus, checkpoint_every=1000, **SMALL)
+    shared, (src,) = transcoder_sources(tiny_llama, ref_cfg)
+    dims = shared.store.dims
+    ref = Trainer(src, ref_cfg.train_config(1), tmp_path / "ref", d_in=dims["blocks.1.ln2.hook_normalized"],
+                  d_out=dims["blocks.1.hook_mlp_out"], hook_name="blocks.1.ln2.hook_normalized",
+                  hook_name_out="blocks.1.hook_mlp_out", model_name=tiny_llama.summary.name).run()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(ref, name), getattr(one[1], name)), name
+        assert torch.equal(getattr(full.layers[1], name), getattr(one[1], name)), name
+    toks = _heldout(tiny_llama, corpus)
+    trained = evaluate_transcoders(tiny_llama, full, toks)
+    untrained = evaluate_transcoders(tiny_llama, TranscoderSet([SAE(tc.cfg) for tc in full.layers]), toks)
+    for a, b in zip(trained["layers"], untrained["layers"]):
+        assert a["fvu"] < 0.85 and a["fvu"] < 0.1 * b["fvu"], (a["fvu"], b["fvu"])  # 32 steps: 0.47-0.77
+        assert a["l0"] <= 8
+
+
+def _cli_train(model_dir, corpus, out, tokens, extra=()):
+    return ["transcoders", "train", "--model", model_dir, "--corpus", corpus, "--tokens", str(tokens), "--context-len", "32",
+            "--batch-contexts", "4", "--shuffle-contexts", "16", "--expansion", "4", "--k", "8", "--lr", "1e-2", "--checkpoint-every", "1000",
+            "--out", str(out), "--device", "cpu", *extra]
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical runs need the same thread count in every process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpus, tmp_path, one_thread):
+    tokens = 12_000  # 96 steps, 24 chunks; checkpoints at chunk boundaries every ~1000 tokens
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mechscope.cli.main", *_cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = out / "checkpoint" / "latest.json"
+    deadline = time.time() + 300
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert latest.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.yaml").exists() and not (out / "training_log.json").exists()  # it died before finishing
+    gen = out / "checkpoint" / json.loads(latest.read_text())["generation"]
+    at = json.loads((gen / "set.json").read_text())["tokens"]
+    assert 0 < at < tokens
+    runner = CliRunner()
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]))  # no --resume: refused
+    assert r.exit_code == 2 and "add --resume" in r.stderr
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--k", "4", "--resume"]))
+    assert r.exit_code == 2 and "k=8, not 4" in r.stderr  # other settings: refused
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--resume", "--json"]))
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tokens"] == 96 * 124 and not (out / "checkpoint").exists()
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, tmp_path / "straight", tokens, ["--skip", "--json"]))
+    assert r.exit_code == 0, r.output
+    killed, straight = load_transcoders(out), load_transcoders(tmp_path / "straight")
+    assert killed.layers[0].cfg.architecture == "skip_topk"
+    for a, b in zip(killed.layers, straight.layers):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    logs = [json.loads((p / "training_log.json").read_text())["training_log"] for p in (out, tmp_path / "straight")]
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "tok_per_s"} for row in rows]  # noqa: E731
+    assert all(strip(logs[0][k]) == strip(logs[1][k]) for k in logs[1])
+    # A finished set: resuming or training into it again is refused, and it is left as it was.
+    before = (out / "layer_0.safetensors").read_bytes()
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--resume"]))
+    assert r.exit_code == 2 and "nothing to resume" in r.stderr
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]))
+    assert r.exit_code == 2 and "already holds transcoders" in r.stderr
+    assert (out / "layer_0.safetensors").read_bytes() == before
+    # And it evaluates from the command line: eval.json, eval.html.
+    r = runner.invoke(app, ["transcoders", "eval", str(out), "--model", tiny_llama_dir, "--corpus", corpus, "--tokens", "256",
+                            "--context-len", "32", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)
+    assert [row["layer"] for row in ev["layers"]] == [0, 1, 2] and ev["all_layers"]["layers"] == [0, 1, 2]
+    assert json.loads((out / "eval.json").read_text()) == ev
+    html = (out / "eval.html").read_text()
+    assert "CE recovered, all spliced" in html and "<script" not in html
+
+
+# ------------------------------------------------------------------------------ evaluation
+def test_eval_equals_independent_computations(tiny_llama, corpus):
+    """Each layer's numbers equal ``evaluate_sae`` of its transcoder (separate code); the
+    all-layers numbers equal a direct hooked computation; a one-layer dict's "all layers" is
+    that layer."""
+    from mechscope.features.evaluate import _ce
+    from mechscope.sae.evaluate import evaluate_sae
+
+    tset = random_transcoders(tiny_llama, d_sae=48, k=6, seed=5, skip=True, scale=2.0)
+    toks = _heldout(tiny_llama, corpus, n_ctx=6)
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4)  # two batches, the second short
+    assert r["tokens"] == 6 * 31
+    for row in r["layers"]:
+        e = evaluate_sae(tiny_llama, tset.layers[row["layer"]], toks, batch_size=4)
+        for mine, theirs in (("fvu", "fvu"), ("mse", "mse"), ("l0", "l0"), ("dead_frac", "dead_frac"), ("ce_spliced", "ce_sae"),
+                             ("ce_zero", "ce_zero"), ("ce_recovered", "ce_recovered")):
+            assert abs(row[mine] - getattr(e, theirs)) <= 1e-4 * max(1.0, abs(getattr(e, theirs))), (row["layer"], mine)
+        assert abs(r["ce_clean"] - e.ce_clean) < 1e-4
+    # All layers at once, by hand: layer by layer, each transcoder reads the spliced run's input.
+    with torch.no_grad():
+        ce_all, ce_zero = [], []
+        for t in toks.split(4):
+            x_seen = {}
+
+            def hooks(splice):
+                hs = []
+                for layer, tc in enumerate(tset.layers):
+                    def read(a, hook, layer=layer):
+                        x_seen[layer] = a
+
+                    def write(a, hook, layer=layer, tc=tc):
+                        b = a.clone()
+                        b[:, 1:] = tc(x_seen[layer][:, 1:]) if splice else 0.0
+                        return b
+                    hs += [(tc.cfg.hook_name, read), (tc.cfg.hook_name_out, write)]
+                return hs
+
+            ce_all.append(_ce(tiny_llama.bridge.run_with_hooks(t, fwd_hooks=hooks(True)), t))
+            ce_zero.append(_ce(tiny_llama.bridge.run_with_hooks(t, fwd_hooks=hooks(False)), t))
+        want_all, want_zero = float(torch.cat(ce_all).mean()), float(torch.cat(ce_zero).mean())
+    a = r["all_layers"]
+    assert abs(a["ce_spliced"] - want_all) < 1e-4 and abs(a["ce_zero"] - want_zero) < 1e-4
+    assert abs(a["ce_recovered"] - (want_zero - want_all) / (want_zero - r["ce_clean"])) < 1e-4
+    assert abs(a["ce_spliced"] - r["ce_clean"]) > 1e-3  # the splice changed something
+    one = evaluate_transcoders(tiny_llama, {1: tset.layers[1]}, toks, batch_size=4)
+    assert one["all_layers"]["layers"] == [1]
+    assert abs(one["all_layers"]["ce_spliced"] - r["layers"][1]["ce_spliced"]) < 1e-5
+    assert abs(one["all_layers"]["ce_zero"] - r["layers"][1]["ce_zero"]) < 1e-5
+
+
+def test_eval_page_escapes_model_text():
+    from mechscope.report.transcoders import render_transcoders_eval
+
+    row = {"layer": 0, "architecture": '<img src=x onerror="1">', "d_sae": 8, "fvu": 0.2, "l0": 3.0, "dead_frac": 0.1,
+           "ce_spliced": 2.0, "ce_zero": 3.0, "ce_recovered": 0.9}
+    d = {"model": "<script>alert(1)</script>", "tokens": 10, "layers": [row, {**row, "layer": 1}], "ce_clean": 1.9,
+         "all_layers": {"layers": [0, 1], "ce_spliced": 2.1, "ce_zero": 3.5, "ce_recovered": 0.875},
+         "summary": {"median_fvu": 0.2, "max_fvu": 0.2, "mean_l0": 3.0, "mean_dead_frac": 0.1},
+         "settings": {"corpus": "</p><b>x</b>", "n_layers_model": 2}}
+    html = render_transcoders_eval(d)
+    assert "<script" not in html and "<img" not in html and "<b>x" not in html
+    assert "&lt;script&gt;" in html and "0.875" in html and "<svg" in html
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_layers_parse_and_config_checks():
+    assert parse_layers("all", 4) == [0, 1, 2, 3] and parse_layers("0,2-3", 4) == [0, 2, 3]
+    for spec, msg in (("4", "layer 4 does not exist"), ("a", "not a layer number"), ("1,1", "names a layer twice"),
+                      ("3-1", "runs backwards"), ("-1", "not a layer number")):
+        with pytest.raises(MechscopeError, match=msg):
+            parse_layers(spec, 4)
+    for kw, msg in ((dict(tokens=-5), "--tokens must be positive"), (dict(architecture="gated"), "unknown SAE architecture"),
+                    (dict(shuffle_contexts=20, batch_contexts=8), "must be a multiple"), (dict(tokens=100), "less than one batch"),
+                    (dict(train_options={"lr": 1.0}), "may not set lr"), (dict(train_options={"nope": 1}), "does not know")):
+        with pytest.raises(MechscopeError, match=msg):
+            TranscoderTrainConfig(**kw)
+    assert TranscoderTrainConfig(architecture="relu", skip=True).arch_name == "skip_relu"
+
+
+def test_bad_input_is_one_sentence_and_writes_nothing(tiny_llama_dir, corpus, tmp_path):
+    runner = CliRunner()
+
+    def bad(args, *needles):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, r.output
+        lines = [line for line in r.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.stderr
+        err = lines[0]
+        for n in needles:
+            assert n in err, err
+
+    out = tmp_path / "out"
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--layers", "7"]), "layer 7 does not exist", "0-2")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--layers", "one,two"]), "not a layer number")
+    bad(_cli_train(tiny_llama_dir, corpus, out, -5), "--tokens must be positive")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--arch", "gated"]), "unknown SAE architecture")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--shuffle-contexts", "10"]), "must be a multiple of batch_contexts=4")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--resume"]), "does not exist")
+    bad(_cli_train(tiny_llama_dir, str(tmp_path / "missing.jsonl"), out, 4000), "missing.jsonl")
+    assert not out.exists()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("hello")
+    bad(["transcoders", "eval", str(junk), "--model", tiny_llama_dir], "not a transcoder set")
+    bad(["transcoders", "eval", str(tmp_path / "nowhere"), "--model", tiny_llama_dir], "is not a folder")
+    bad(["transcoders", "eval", str(junk), "--tokens", "-1", "--model", tiny_llama_dir], "--tokens")
+    sae_dir = junk / "layer_0"
+    save_sae(SAE(SAEConfig(d_in=64, d_sae=16, k=4, hook_name="blocks.0.hook_resid_post")), sae_dir)
+    bad(["transcoders", "eval", str(junk), "--model", tiny_llama_dir], "is an SAE, not a transcoder")
+    assert sorted(p.name for p in junk.iterdir()) == ["layer_0", "notes.txt"]  # no eval.json / eval.html
