@@ -273,3 +273,35 @@ def test_interventions_in_the_replacement_model(tiny_model):
     assert isinstance(free["changed_text"], str)
     with pytest.raises(Exception, match="position"):
         intervene(tiny_model, tset, toks, [(0, 0, 99, 1.0)])
+
+
+def test_cli_intervene_and_weights(tiny_llama, tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=15)
+    save_transcoders(tset, tmp_path / "tc")
+    toks = [tiny_llama.tokenizer.bos_token_id] + tiny_llama.to_tokens("When Mary went")
+    run = capture(tiny_llama, tset, toks)
+    layer, pos, f = run.active[0].tolist()
+    cli = [sys.executable, "-m", "mechscope.cli.main"]
+
+    def go(*args):
+        return subprocess.run(cli + list(args), capture_output=True, text=True, timeout=300)
+
+    common = ["--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir]
+    r = go("intervene", "When Mary went", "--set", f"{layer}:{f}:{pos}=0", "--frozen", "--json", *common)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["frozen"] and len(d["logits"]) == 10 and d["set"] == [[layer, f, pos, 0.0]]
+    r = go("transcoders", "weights", str(tmp_path / "tc"), "--feature", "2:3", "--top", "4", "--model", tiny_llama_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert len(d["inputs"]) == 4 and all(x["layer"] < 2 for x in d["inputs"])
+    for args, needle in ((["intervene", "When Mary went", "--set", "0:1=3", *common], "LAYER:FEATURE:POS"),
+                         (["intervene", "When Mary went", "--set", "0:1:99=3", *common], "position 99"),
+                         (["intervene", "When Mary went", "--set", "0:1:1=abc", *common], "=VALUE"),
+                         (["transcoders", "weights", str(tmp_path / "tc"), "--feature", "9:0", "--model", tiny_llama_dir], "out of range")):
+        r = go(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -236,8 +236,104 @@ def transcoders_eval(
     console.print(f"report: {page}", highlight=False)
 
 
+def _layer_feature(spec: str, flag: str, parts: int) -> tuple[int, ...]:
+    """``L:F`` or ``L:F:POS`` as non-negative integers, or one sentence saying what is wrong."""
+    try:
+        vals = tuple(int(x) for x in spec.split(":"))
+    except ValueError:
+        vals = ()
+    if len(vals) != parts or min(vals) < 0:
+        form = "LAYER:FEATURE" if parts == 2 else "LAYER:FEATURE:POS"
+        fail(f"{flag} {spec!r} is not {form} (non-negative integers, e.g. {'12:345' if parts == 2 else '12:345:7'}).")
+    return vals
+
+
+@handles_errors
+def transcoders_weights(
+    folder: Path = typer.Argument(..., help="Transcoder set folder."),
+    feature: str = typer.Option(..., "--feature", help="LAYER:FEATURE whose strongest input-independent inputs and outputs to list."),
+    top: int = typer.Option(20, "--top", help="How many inputs and outputs."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Global virtual weights of a feature: its strongest inputs from earlier layers' features and
+    outputs to later ones along the residual stream (second norm's weight included)."""
+    from mechscope.features.transcoder_set import load_transcoders
+    from mechscope.features.weights import norm_weights, virtual_weights
+
+    layer, f = _layer_feature(feature, "--feature", 2)
+    if top < 1:
+        fail(f"--top must be at least 1, got {top}.")
+    m = load(model, device)
+    tset = load_transcoders(folder, "cpu")
+    tset.check_fits(m)
+    vw = virtual_weights(tset, layer, f, top, norm_weights(m))
+    if json:
+        return emit_json({"layer": layer, "feature": f, **vw})
+    for title, rows in (("inputs", vw["inputs"]), ("outputs", vw["outputs"])):
+        console.print(f"[bold]{title}[/] of L{layer}:{f}: " + (", ".join(f"L{r['layer']}:{r['feature']} {r['weight']:+.3f}" for r in rows) or "none"),
+                      highlight=False)
+
+
+@handles_errors
+def intervene(
+    prompt: str = typer.Argument(..., help="The prompt (BOS prepended when the model has one)."),
+    transcoders: Path = typer.Option(..., "--transcoders", help="Transcoder set folder."),
+    set_: list[str] = typer.Option(..., "--set", help="LAYER:FEATURE:POS=VALUE (repeatable): set that feature's activation."),
+    frozen: bool = typer.Option(False, "--frozen", help="Keep attention patterns, norm scales and all other features at their clean values (the graph's linear model)."),
+    generate: int = typer.Option(0, "--generate", help="Greedy tokens to generate with the change held."),
+    top: int = typer.Option(10, "--top", help="Logits to list (largest changes)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Set feature activations in the replacement model (errors kept) and show the logit changes."""
+    from mechscope.features.intervene import intervene as run_intervene
+    from mechscope.features.transcoder_set import load_transcoders
+
+    clamps = []
+    for spec in set_:
+        where, _, value = spec.partition("=")
+        layer, f, pos = _layer_feature(where, "--set", 3)
+        try:
+            v = float(value)
+        except ValueError:
+            fail(f"--set {spec!r} needs =VALUE, a number (e.g. 12:345:7=0 to turn the feature off).")
+        if not math.isfinite(v):
+            fail(f"--set {spec!r}: the value must be a finite number.")
+        clamps.append((layer, f, pos, v))
+    if generate < 0 or top < 1:
+        fail("--generate must be >= 0 and --top >= 1.")
+    m = load(model, device)
+    tset = load_transcoders(transcoders, m.device)
+    tset.check_fits(m)
+    ids = m.to_tokens(prompt)
+    bos = getattr(m.tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    res = run_intervene(m, tset, ids, clamps, frozen=frozen, generate=generate)
+    dm = lambda x: x - x.mean()  # noqa: E731
+    delta = dm(res["changed"]) - dm(res["base"])
+    idx = delta.abs().topk(top).indices.tolist()
+    rows = [{"token": m.tokenizer.decode([i]), "id": i, "base": float(res["base"][i]), "changed": float(res["changed"][i]),
+             "delta_demeaned": float(delta[i])} for i in idx]
+    out = {"frozen": frozen, "set": [list(c) for c in clamps], "logits": rows}
+    if generate:
+        out.update(base_text=res["base_text"], changed_text=res["changed_text"])
+    if json:
+        return emit_json(out)
+    for r in rows:
+        console.print(f"{r['token']!r:>16} {r['base']:8.3f} -> {r['changed']:8.3f} ({r['delta_demeaned']:+.3f})", highlight=False, markup=False)
+    if generate:
+        console.print(f"without: {res['base_text']!r}", highlight=False, markup=False)
+        console.print(f"with:    {res['changed_text']!r}", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command("attribute")(attribute)
     transcoders_app.command("train")(transcoders_train)
     transcoders_app.command("eval")(transcoders_eval)
+    transcoders_app.command("weights")(transcoders_weights)
+    app.command("intervene")(intervene)
     app.add_typer(transcoders_app, name="transcoders")
