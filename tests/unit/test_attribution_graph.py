@@ -234,7 +234,7 @@ def test_virtual_weights_match_the_direct_path(tiny_llama):
     gam = norm_weights(tiny_llama)
     vw = virtual_weights(tset, 2, 5, top=3, gammas=gam)
     assert len(vw["inputs"]) == 3 and all(r["layer"] < 2 for r in vw["inputs"])
-    want = max(((li, f, float((tset.layers[li].W_dec[f] * gam[2]) @ tset.layers[2].W_enc[:, 5]))
+    want = max(((li, f, float((tset.layers[li].W_dec[f].detach() * gam[2]) @ tset.layers[2].W_enc[:, 5].detach()))
                 for li in range(2) for f in range(40)), key=lambda t: abs(t[2]))
     got = vw["inputs"][0]
     assert (got["layer"], got["feature"]) == want[:2] and abs(got["weight"] - want[2]) < 1e-5

@@ -16,6 +16,23 @@ from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_jso
 from mechscope.features.config import TranscoderTrainConfig
 
 
+def _model_set_prompt(model: str | None, device: str | None, transcoders: Path, prompt: str):
+    """The model, its transcoder set (checked against it) and the prompt's token ids with the
+    model's BOS token in front when it has one."""
+    from mechscope.features.transcoder_set import load_transcoders
+
+    m = load(model, device)
+    tset = load_transcoders(transcoders, m.device)
+    tset.check_fits(m)
+    ids = m.to_tokens(prompt)
+    bos = getattr(m.tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    if len(ids) < 2:
+        fail("the prompt is empty; give some text.")
+    return m, tset, ids
+
+
 @handles_errors
 def attribute(
     prompt: str = typer.Argument(..., help="The prompt (the model's BOS token is prepended when it has one)."),
@@ -36,22 +53,14 @@ def attribute(
     from mechscope.features.attribute import attribute as run_attribute
     from mechscope.features.graph_files import graph_json, save_graph_folder
     from mechscope.features.prune import prune
-    from mechscope.features.transcoder_set import load_transcoders
 
     if max_features < 0 or batch_size < 1 or max_links < 1:
         fail("--max-features must be >= 0, --batch-size and --max-links >= 1.")
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             fail(f"{name} must lie between 0 and 1, got {v}.")
-    m = load(model, device)
-    tset = load_transcoders(transcoders, m.device)
-    tset.check_fits(m)
-    ids = m.to_tokens(prompt)
+    m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     bos = getattr(m.tokenizer, "bos_token_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    if len(ids) < 2:
-        fail("the prompt is empty; give some text.")
     targets = None
     if target:
         targets = []
@@ -290,7 +299,6 @@ def intervene(
 ) -> None:
     """Set feature activations in the replacement model (errors kept) and show the logit changes."""
     from mechscope.features.intervene import intervene as run_intervene
-    from mechscope.features.transcoder_set import load_transcoders
 
     clamps = []
     for spec in set_:
@@ -305,13 +313,7 @@ def intervene(
         clamps.append((layer, f, pos, v))
     if generate < 0 or top < 1:
         fail("--generate must be >= 0 and --top >= 1.")
-    m = load(model, device)
-    tset = load_transcoders(transcoders, m.device)
-    tset.check_fits(m)
-    ids = m.to_tokens(prompt)
-    bos = getattr(m.tokenizer, "bos_token_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
+    m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     res = run_intervene(m, tset, ids, clamps, frozen=frozen, generate=generate)
     dm = lambda x: x - x.mean()  # noqa: E731
     delta = dm(res["changed"]) - dm(res["base"])
