@@ -79,13 +79,21 @@ def test_resume_gives_the_same_model(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_toy(tiny_cfg(12), broken, progress=crash)
-    assert (broken / "last" / "state.pt").is_file()
+    assert (broken / "last" / "state.safetensors").is_file()  # no pickle: safetensors + JSON metadata
+    assert not list(broken.rglob("*.pt"))
     train_toy(tiny_cfg(12), broken)
     a, b = load_file(str(whole / "ckpt_000012" / "model.safetensors")), load_file(str(broken / "ckpt_000012" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     with pytest.raises(MechscopeError, match="other settings"):
         train_toy(tiny_cfg(13), broken)
+    # a damaged resume state is one clear sentence, not a traceback
+    bad = tmp_path / "bad"
+    with pytest.raises(KeyboardInterrupt):
+        train_toy(tiny_cfg(12), bad, progress=crash)
+    (bad / "last" / "state.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(MechscopeError, match="not a readable resume state"):
+        train_toy(tiny_cfg(12), bad)
 
 
 def test_formation_step():

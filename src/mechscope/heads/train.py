@@ -115,13 +115,10 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
             raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
         if prev.get("done"):
             return out  # already trained with these settings
-    if (last / "state.pt").is_file() and (out / "train.json").is_file():
+    if (last / STATE_FILE).is_file() and (out / "train.json").is_file():
         prev = json.loads((out / "train.json").read_text())
-        state = torch.load(last / "state.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start, log = int(state["step"]), prev
+        start = _load_state(model, opt, gen, last / STATE_FILE)
+        log = prev
     sched = schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints)
     t0 = time.perf_counter()
 
@@ -179,9 +176,48 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+STATE_FILE = "state.safetensors"
+"""Resume state of a toy run: the model's and the optimiser's tensors and the data generator's
+state as safetensors, the optimiser's hyperparameters and the step in its JSON metadata (no
+pickle anywhere)."""
+
+
 def _save_state(model, opt, gen, step: int, last: Path, out: Path, log: dict) -> None:
+    from safetensors.torch import save_file
+
     last.mkdir(exist_ok=True)
-    tmp = last / "state.pt.tmp"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step}, tmp)
-    tmp.replace(last / "state.pt")
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    tensors["gen"] = gen.get_state()
+    meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"])}
+    tmp = last / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(last / STATE_FILE)
     (out / "train.json").write_text(json.dumps(log))
+
+
+def _load_state(model, opt, gen, path: Path) -> int:
+    """Restore what ``_save_state`` wrote; returns the step."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as h:
+            meta = h.metadata() or {}
+        groups = json.loads(meta["param_groups"])
+        step = int(meta["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
+    model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    gen.set_state(t["gen"])
+    return step
