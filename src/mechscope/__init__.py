@@ -13,20 +13,36 @@ __version__ = "0.1.0"
 
 from mechscope.errors import MechscopeError  # noqa: E402
 
-__all__ = ["MechscopeError", "__version__"]
+_LAZY = {
+    "load_model": "models", "Model": "models", "ModelSummary": "models",
+    "get_task": "tasks", "list_tasks": "tasks", "TaskBatch": "tasks", "evaluate_task": "tasks",
+    "build_graph": "graph", "Graph": "graph",
+    "discover": "circuits", "DiscoverConfig": "circuits", "CircuitResult": "circuits",
+    "head_scores": "heads", "HeadsConfig": "heads",
+    "run_lens": "lens", "recall": "recall",
+    "load_sae": "sae", "train_sae": "sae", "TrainConfig": "sae",
+    "load_transcoders": "features", "train_transcoders": "features", "attribute": "features",
+}
+"""Public names served from their subpackage on first use (``import mechscope`` stays fast:
+torch loads when a name that needs it is first touched)."""
+
+__all__ = [
+    "CircuitResult", "DiscoverConfig", "Graph", "HeadsConfig", "MechscopeError", "Model", "ModelSummary", "TaskBatch",
+    "TrainConfig", "__version__", "attribute", "build_graph", "discover", "evaluate_task", "get_task", "head_scores",
+    "list_tasks", "load_model", "load_sae", "load_transcoders", "recall", "run_lens", "train_sae", "train_transcoders",
+]
 
 
-def __getattr__(name):  # lazy: `import mechscope` stays fast, torch loads on first use
-    if name in ("load_model", "Model", "ModelSummary"):
-        from mechscope import models
+def __getattr__(name):
+    sub = _LAZY.get(name)
+    if sub is None:
+        raise AttributeError(f"module 'mechscope' has no attribute '{name}'")
+    import importlib
 
-        return getattr(models, name)
-    if name in ("get_task", "list_tasks", "TaskBatch", "evaluate_task"):
-        from mechscope import tasks
+    value = getattr(importlib.import_module(f"mechscope.{sub}"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(tasks, name)
-    if name in ("build_graph", "Graph"):
-        from mechscope import graph
 
-        return getattr(graph, name)
-    raise AttributeError(f"module 'mechscope' has no attribute '{name}'")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -102,3 +102,14 @@ def test_lazy_packages_keep_functions_named_like_their_modules():
         " + [isinstance(embedded, types.ModuleType), callable(pick_rank), 'train_sae' in dir(sae)]))\n"
     )
     assert json.loads(out) == [True] * 7
+
+
+def test_top_level_names_resolve_and_complete():
+    """Every name in ``mechscope.__all__`` resolves (lazily) and shows in ``dir()`` for
+    autocompletion; the lazy table and ``__all__`` list the same names."""
+    import mechscope as ms
+
+    assert set(ms.__all__) == {"MechscopeError", "__version__", *ms._LAZY}
+    assert set(ms.__all__) <= set(dir(ms))
+    for name in ms.__all__:
+        assert getattr(ms, name) is not None

@@ -13,8 +13,9 @@ from mechscope._lazy import lazy_exports
 from mechscope.features.config import TranscoderTrainConfig
 
 __all__ = [
-    "TranscoderSet", "TranscoderTrainConfig", "evaluate_transcoders", "evaluate_transcoders_on_corpus",
-    "load_transcoder_layers", "load_transcoders", "random_transcoders", "save_transcoders", "train_transcoders",
+    "AttributionGraph", "TranscoderSet", "TranscoderTrainConfig", "attribute", "evaluate_transcoders",
+    "evaluate_transcoders_on_corpus", "intervene", "load_graph", "load_transcoder_layers", "load_transcoders", "prune",
+    "random_transcoders", "save_transcoders", "scores", "train_transcoders", "virtual_weights",
 ]
 
 lazy_exports(__name__, {
@@ -22,4 +23,6 @@ lazy_exports(__name__, {
     "train_transcoders": "train",
     "TranscoderSet": "transcoder_set", "load_transcoder_layers": "transcoder_set", "load_transcoders": "transcoder_set",
     "random_transcoders": "transcoder_set", "save_transcoders": "transcoder_set",
+    "AttributionGraph": "attribute", "attribute": "attribute", "prune": "prune", "scores": "prune",
+    "intervene": "intervene", "load_graph": "graph_files", "virtual_weights": "weights",
 })
