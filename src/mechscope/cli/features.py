@@ -81,7 +81,8 @@ def attribute(
             fail(f"--target-feature {target_feature!r} is not LAYER:FEATURE:POS (three non-negative integers, e.g. 12:345:7).")
         if target:
             fail("give either --target (logits) or --target-feature (a local circuit), not both.")
-    g = run_attribute(m, tset, ids, targets=targets, max_features=max_features, batch_size=batch_size, target_feature=tf)
+    g = run_attribute(m, tset, ids, targets=targets, max_features=max_features, batch_size=batch_size, target_feature=tf,
+                      progress=not json)
     pr = prune(g, node_threshold, edge_threshold)
     doc = graph_json(g, pr, m.tokenizer, slug=out.name, prompt=prompt, scan=str(transcoders), node_threshold=node_threshold,
                      max_links=max_links)

@@ -164,6 +164,11 @@ def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: l
     dirs = (W_U[:, lt] - W_U.mean(1, keepdim=True)).T.float()  # [K, d]
     B = max(1, batch_size)
     engine = _Backward(model, tset, run, B)
+    if progress:
+        from tqdm.auto import tqdm
+
+        n_rows = (0 if target_feature else len(lt)) + min(n_act, max_features) + 1
+        engine.bar = tqdm(total=-(-n_rows // B), desc="attribution backward passes", unit="pass", leave=False)
     dec = [tc.W_dec.detach().float() for tc in tset.layers]
     enc = [tc.W_enc.detach().float() for tc in tset.layers]
     # source vectors of the active features, by layer
@@ -295,6 +300,7 @@ class _Backward:
             model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         self.P = run.n_pos
         self.calls = 0
+        self.bar = None  # a progress bar advanced once per backward pass (``attribute(progress=True)``)
         self.depths: list[int] = []
         """Per backward pass, the highest layer a target was injected at (n_layers: the logits)."""
 
@@ -309,12 +315,16 @@ class _Backward:
             grads.append(g)
         ins = [self.store["embed"]] + [m for m in self.store["mlp_out"]]
         self.calls += 1
+        if self.bar is not None:
+            self.bar.update(1)
         self.depths.append(max(len(self.store["x_in"]) if what == "final" else layer for what, layer in inj))
         with torch.enable_grad():
             got = torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True)
         return list(got[1:]), got[0]
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         self.store.clear()
         self._ctx.__exit__(None, None, None)
         for p in self._params:
