@@ -4,8 +4,10 @@
     tasks.py      tasks, task-eval              lens.py     lens
     circuits.py   discover, evaluate            recall.py   recall
     corpus.py     corpus                        steer.py    steer
+    probe.py      probe
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
+    serve.py      serve (the local web UI)
 
 Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose
 modules import no torch, so the CLI starts without it; a command imports what it runs.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.cli import circuits, corpus, features, heads, lens, model, recall, sae, steer, tasks
+from mechscope.cli import circuits, corpus, features, heads, lens, model, probe, recall, sae, serve, steer, tasks
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -34,7 +36,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, recall, steer, sae, features):
+for group in (model, tasks, circuits, corpus, heads, lens, probe, recall, steer, sae, features, serve):
     group.register(app)
 
 

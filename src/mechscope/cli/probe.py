@@ -1,0 +1,70 @@
+"""`mechscope probe`: linear probes with control tasks on any hook, layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fresh_dir, handles_errors, load
+from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
+
+_D = ProbeConfig()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("probe")(probe)
+
+
+def _layers(spec: Optional[str]) -> Optional[list[int]]:
+    from mechscope.errors import MechscopeError
+
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
+    except ValueError:
+        raise MechscopeError(f"--layers '{spec}' is not a list like 0,5,10-12.") from None
+    return out
+
+
+@handles_errors
+def probe(
+    labels: str = typer.Option(..., "--labels", help=f"A JSONL label file, or a built-in set: {', '.join(BUILTIN_LABELS)}."),
+    hook: str = typer.Option(_D.hook, "--hook", help="A site (resid_post, mlp_out, ...) probed at every layer, a template "
+                             "with {L}, or one full hook name."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers to probe, e.g. 0,5,10-12 (default: all)."),
+    control: bool = typer.Option(_D.control, "--control/--no-control", help="Fit the control task and report selectivity."),
+    max_items: int = typer.Option(_D.max_items, "--max-items", help="Labelled tokens kept."),
+    balance: bool = typer.Option(_D.balance, "--balance/--no-balance", help="Equal items per class."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus for the built-in label sets (default: embedded)."),
+    seed: int = typer.Option(_D.seed, "--seed"),
+    model: Optional[str] = ModelOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Linear probes per layer with Hewitt and Liang's control task: accuracy, control accuracy, selectivity."""
+    from mechscope.errors import MechscopeError
+    from mechscope.probes import builtin_labels, labels_from_file, run_probe
+    from mechscope.report.probe import write_probe
+
+    cfg = ProbeConfig(hook=hook, layers=_layers(layers), control=control, max_items=max_items, balance=balance, seed=seed)
+    if labels not in BUILTIN_LABELS and not Path(labels).is_file():
+        raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
+    m = load(model, device)
+    data = builtin_labels(m, labels, cfg, corpus) if labels in BUILTIN_LABELS else labels_from_file(m.tokenizer, labels)
+    res = run_probe(m, data, cfg, progress=not json)
+    out_dir = Path(out or fresh_dir("probe"))
+    res.save(out_dir)
+    d = res.to_dict()
+    report = write_probe(d, out_dir / "report.html")
+    if json:
+        return emit_json({**d, "report": str(report), "out": str(out_dir)})
+    console.print(res.table(), highlight=False)
+    console.print(f"majority baseline {res.majority:.3f}; {res.n_train} train / {res.n_test} held-out tokens; report: {report}",
+                  highlight=False)

@@ -1,0 +1,170 @@
+"""Label sets for probing: labelled token positions in token sequences, each with its word type.
+
+A ``LabelSet`` holds token sequences and items ``(sequence, position, label, word type)``. The
+word type is what Hewitt and Liang's control task ties its random labels to: a probe that does
+as well on the control task as on the real one has memorised word types, not read a property.
+
+Sources:
+
+- built-in, on the embedded corpus (no download): ``capitalised`` (a token that starts a word:
+  capitalised or not) and ``ioi-names`` (a word-start token: one of the IOI task's first names or
+  not). The word type is the token itself.
+- a JSONL file, one object per line, either ``{"text": ..., "label": ...}`` (the item is the
+  text's last token: sequence classification, e.g. the language of a prompt; the word type is
+  the last token) or ``{"words": [...], "labels": [...]}`` (the words joined by spaces; each word's
+  item is its last token; the word type is the word).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mechscope.errors import MechscopeError
+from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
+
+
+@dataclass
+class LabelSet:
+    """Token sequences and the labelled positions in them (parallel lists ``seq``/``pos``/``label``/``word``)."""
+
+    name: str
+    classes: list[str]
+    sequences: list[list[int]]
+    seq: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    word: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def add(self, seq: int, pos: int, label: str, word: str) -> None:
+        if label not in self.classes:
+            self.classes.append(label)
+        self.seq.append(seq)
+        self.pos.append(pos)
+        self.label.append(self.classes.index(label))
+        self.word.append(word)
+
+    def counts(self) -> dict[str, int]:
+        out = {c: 0 for c in self.classes}
+        for y in self.label:
+            out[self.classes[y]] += 1
+        return out
+
+    def check(self) -> "LabelSet":
+        """Raise a one-sentence error unless there are at least two classes with items."""
+        present = [c for c, n in self.counts().items() if n > 0]
+        if len(present) < 2:
+            raise MechscopeError(
+                f"The label set '{self.name}' has {len(self)} labelled tokens in {len(present)} class(es) "
+                f"({', '.join(present) or 'none'}); a probe needs at least two classes: give more, or more varied, data."
+            )
+        return self
+
+    def subset(self, keep: list[int]) -> "LabelSet":
+        """The items at indices ``keep`` (sequences are shared)."""
+        return LabelSet(self.name, list(self.classes), self.sequences, [self.seq[i] for i in keep],
+                        [self.pos[i] for i in keep], [self.label[i] for i in keep], [self.word[i] for i in keep])
+
+
+def _word_start(tok: str) -> str | None:
+    """The word a token starts (leading space then a letter), else None."""
+    if len(tok) >= 2 and tok[0] == " " and tok[1].isalpha():
+        return tok[1:]
+    return None
+
+
+def builtin_labels(model: Any, name: str, cfg: ProbeConfig | None = None, corpus: Any = None) -> LabelSet:
+    """A built-in label set (``capitalised`` or ``ioi-names``) from packed contexts of the corpus
+    (default: the embedded one), collected until the rarest class has enough items for ``cfg.max_items``
+    after balancing, or 4,000 contexts were read."""
+    from mechscope.activations.corpus import get_corpus
+    from mechscope.activations.store import pack_contexts
+    from mechscope.tasks.ioi import NAMES
+
+    cfg = cfg or ProbeConfig()
+    if name not in BUILTIN_LABELS:
+        raise MechscopeError(f"Unknown built-in label set '{name}'; use one of {', '.join(BUILTIN_LABELS)} or a JSONL file.")
+    names = set(NAMES)
+    classes = ["capitalised", "lowercase"] if name == "capitalised" else ["name", "other"]
+    data = LabelSet(name, classes, [])
+    tok = model.tokenizer
+    cache: dict[int, str] = {}
+    need = cfg.max_items // len(classes) + 1
+    docs = get_corpus(corpus, seed=cfg.seed) if not isinstance(corpus, list) else corpus
+    for ids in pack_contexts(tok, docs, cfg.context_len):
+        s = len(data.sequences)
+        data.sequences.append(ids)
+        for p in range(1, len(ids)):  # position 0 has no context (and is an attention sink)
+            t = cache.get(ids[p])
+            if t is None:
+                t = cache[ids[p]] = tok.decode([ids[p]])
+            w = _word_start(t)
+            if w is None:
+                continue
+            if name == "capitalised":
+                data.add(s, p, "capitalised" if w[0].isupper() else "lowercase", t)
+            else:
+                data.add(s, p, "name" if w in names else "other", t)
+        if min(data.counts().values()) >= need or len(data.sequences) >= 4000:
+            break
+    return data.check()
+
+
+def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
+    """A label set from a JSONL file (see the module docstring for the two line formats)."""
+    p = Path(path)
+    if not p.is_file():
+        raise MechscopeError(f"Label file '{p}' does not exist; give a JSONL file or one of {', '.join(BUILTIN_LABELS)}.")
+    data = LabelSet(p.name, [], [])
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MechscopeError(f"Line {where} is not valid JSON ({e.msg}); each line must be one JSON object.") from None
+        if not isinstance(obj, dict):
+            raise MechscopeError(f"Line {where} is not a JSON object; write {{\"text\": ..., \"label\": ...}} or {{\"words\": [...], \"labels\": [...]}}.")
+        if "text" in obj and "label" in obj:
+            text, label = obj["text"], obj["label"]
+            if not isinstance(text, str) or not text.strip():
+                raise MechscopeError(f"Line {where}: 'text' must be a non-empty string.")
+            ids = tokenizer(text)["input_ids"]
+            data.sequences.append(ids)
+            data.add(len(data.sequences) - 1, len(ids) - 1, str(label), tokenizer.decode([ids[-1]]))
+        elif "words" in obj and "labels" in obj:
+            words, labels = obj["words"], obj["labels"]
+            if (not isinstance(words, list) or not isinstance(labels, list) or len(words) != len(labels) or not words
+                    or not all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words)):
+                raise MechscopeError(f"Line {where}: 'words' and 'labels' must be lists of equal, non-zero length, "
+                                     "the words non-empty strings without spaces.")
+            _add_words(tokenizer, data, words, [str(x) for x in labels], where)
+        else:
+            raise MechscopeError(f"Line {where} has neither 'text' + 'label' nor 'words' + 'labels'; see `mechscope probe --help`.")
+    return data.check()
+
+
+def _add_words(tokenizer: Any, data: LabelSet, words: list[str], labels: list[str], where: str) -> None:
+    """Join the words with spaces and label each word's last token (character offsets map words to tokens)."""
+    text = " ".join(words)
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        raise MechscopeError("Word-level labels need a fast tokenizer (one that gives character offsets).") from None
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    s = len(data.sequences)
+    data.sequences.append(ids)
+    start = 0
+    for w, lab in zip(words, labels):
+        end = start + len(w)
+        last = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if not last:
+            raise MechscopeError(f"Line {where}: the word {w!r} maps to no token; check the text.")
+        data.add(s, last[-1], lab, w)
+        start = end + 1

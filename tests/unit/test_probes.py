@@ -1,0 +1,158 @@
+"""Linear probes with control tasks: a planted linear label is read, random labels and the
+control task are not, items sit at the right tokens, bad label files get one sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.probes import LabelSet, ProbeConfig, fit_logistic, labels_from_file, run_probe
+from mechscope.probes.run import control_labels, harvest
+
+
+def run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "mechscope.cli.main", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def assert_clear_error(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+def test_fit_logistic_separable_and_random():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1200, 16, generator=g) * 3 + 5
+    w = torch.randn(16, generator=g)
+    y = ((x - 5) @ w > 0).long()
+    p = fit_logistic(x[:1000], y[:1000], 2)
+    assert p.accuracy(x[1000:], y[1000:]) > 0.95
+    yr = torch.randint(0, 2, (1200,), generator=g)
+    pr = fit_logistic(x[:1000], yr[:1000], 2, l2=1e-2)
+    assert abs(pr.accuracy(x[1000:], yr[1000:]) - 0.5) < 0.12
+
+
+def _random_sequences(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def _planted(model, layer: int) -> LabelSet:
+    """Items at every position >= 1; label = the sign of layer ``layer``'s resid_post along a random
+    direction (split at the median), computed here independently; each item its own word type."""
+    seqs = _random_sequences(40, 24, 500, seed=1)
+    toks = torch.tensor(seqs)
+    _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n == f"blocks.{layer}.hook_resid_post")
+    a = cache[f"blocks.{layer}.hook_resid_post"]  # [40, 24, d]
+    d = torch.randn(a.shape[-1], generator=torch.Generator().manual_seed(3))
+    proj = (a @ d)[:, 1:]
+    med = proj.median()
+    data = LabelSet("planted", ["hi", "lo"], seqs)
+    for s in range(len(seqs)):
+        for p in range(1, 24):
+            data.add(s, p, "hi" if float(proj[s, p - 1]) > float(med) else "lo", f"{s}:{p}")
+    return data
+
+
+def test_harvest_matches_run_with_cache(tiny_model):
+    data = _planted(tiny_model, 1)
+    sub = data.subset(list(range(0, len(data), 7)))
+    got = harvest(tiny_model, sub, ["blocks.1.hook_resid_post"], batch_size=3)["blocks.1.hook_resid_post"]
+    _, cache = tiny_model.bridge.run_with_cache(torch.tensor(data.sequences), names_filter=lambda n: n == "blocks.1.hook_resid_post")
+    ref = cache["blocks.1.hook_resid_post"][torch.tensor(sub.seq), torch.tensor(sub.pos)]
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+def test_planted_label_is_read_and_control_is_not(tiny_model):
+    res = run_probe(tiny_model, _planted(tiny_model, 1), ProbeConfig(hook="resid_post", layers=[1], max_items=900, seed=0))
+    assert res.accuracy[0] > 0.9
+    assert res.control_accuracy[0] < 0.65  # every item its own type: nothing to memorise
+    assert res.selectivity[0] > 0.3
+    assert res.n_test > 0 and res.n_train > res.n_test
+
+
+def test_random_labels_have_selectivity_near_zero(tiny_model):
+    data = _planted(tiny_model, 1)
+    rng = random.Random(5)
+    data.label = [rng.randrange(2) for _ in data.label]
+    data.word = [str(data.sequences[s][p]) for s, p in zip(data.seq, data.pos)]  # word type = token
+    res = run_probe(tiny_model, data, ProbeConfig(hook="resid_post", max_items=900, l2=1e-2))
+    assert len(res.layers) == tiny_model.summary.n_layers
+    for a, s in zip(res.accuracy, res.selectivity):
+        assert abs(a - 0.5) < 0.12
+        assert abs(s) < 0.15
+
+
+def test_control_labels_are_tied_to_word_types():
+    words = [f"w{i % 50}" for i in range(1000)]
+    labels = [0] * 700 + [1] * 300
+    m = control_labels(words, labels, 2, seed=0)
+    assert set(m) == set(words)
+    ones = sum(m.values()) / len(m)
+    assert 0.1 < ones < 0.5  # drawn from the 70/30 training distribution
+    assert m == control_labels(words, labels, 2, seed=0)
+
+
+def test_words_file_puts_items_on_each_words_last_token(tmp_path, tiny_gpt2):
+    f = tmp_path / "pos.jsonl"
+    rows = [{"words": ["Mary", "went", "to", "the", "store"], "labels": ["N", "V", "P", "D", "N"]},
+            {"text": "John gave a drink", "label": "sentence"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = labels_from_file(tiny_gpt2.tokenizer, f)
+    assert data.classes == ["N", "V", "P", "D", "sentence"]
+    assert data.word[:5] == ["Mary", "went", "to", "the", "store"]
+    for i in range(5):
+        tok = tiny_gpt2.tokenizer.decode([data.sequences[0][data.pos[i]]])
+        assert data.word[i].endswith(tok.strip()) and tok.strip()
+    assert data.pos[5] == len(data.sequences[1]) - 1
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"words": ["a", "b"], "labels": ["x"]}', "equal"),
+    ('{"foo": 1}', "neither"),
+])
+def test_bad_label_lines(tmp_path, tiny_gpt2, line, needle):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "a b", "label": "x"}\n' + line + "\n")
+    with pytest.raises(MechscopeError, match=needle) as e:
+        labels_from_file(tiny_gpt2.tokenizer, f)
+    assert "bad.jsonl:2" in str(e.value)
+
+
+def test_one_class_is_refused(tmp_path, tiny_gpt2):
+    f = tmp_path / "one.jsonl"
+    f.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "x"}\n')
+    with pytest.raises(MechscopeError, match="at least two classes"):
+        labels_from_file(tiny_gpt2.tokenizer, f)
+
+
+def test_bad_hook_and_layer(tiny_gpt2):
+    data = _planted(tiny_gpt2, 1)
+    with pytest.raises(MechscopeError, match="out of range"):
+        run_probe(tiny_gpt2, data, ProbeConfig(layers=[7]))
+    with pytest.raises(MechscopeError, match="no hook named"):
+        run_probe(tiny_gpt2, data, ProbeConfig(hook="blocks.{L}.hook_resid_psot"))
+
+
+def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
+    f = tmp_path / "lab.jsonl"
+    rng = random.Random(0)
+    words = ["Mary", "John", "store", "drink", "park", "ball", "went", "gave"]
+    f.write_text("\n".join(json.dumps({"words": ws, "labels": ["cap" if w[0].isupper() else "low" for w in ws]})
+                           for ws in ([rng.choice(words) for _ in range(8)] for _ in range(60))) + "\n")
+    r = run("probe", "--labels", str(f), "--model", tiny_gpt2_dir, "--out", str(tmp_path / "out"), "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert len(d["accuracy"]) == 2 and (tmp_path / "out" / "report.html").is_file()
+    assert_clear_error(run("probe", "--labels", "nonsense", "--model", tiny_gpt2_dir), "neither a file nor a built-in")
+    assert_clear_error(run("probe", "--labels", str(f), "--layers", "x", "--model", tiny_gpt2_dir), "--layers")
