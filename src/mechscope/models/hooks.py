@@ -6,8 +6,8 @@ Every hook name mechscope uses comes from a function or constant here, so the st
 - per block ``L``: ``blocks.L.hook_{site}`` (``resid_pre``, ``resid_mid``, ``resid_post``,
   ``attn_out``, ``mlp_in``, ``mlp_out``, ``q_input``/``k_input``/``v_input``), the attention
   hooks ``blocks.L.attn.hook_{site}`` (``q``, ``k``, ``v``, ``rot_q``, ``rot_k``, ``cos``,
-  ``sin``, ``attn_scores``, ``pattern``, ``z``, ``result``) and the norms'
-  ``blocks.L.ln{1,2}.hook_normalized``;
+  ``sin``, ``attn_scores``, ``pattern``, ``z``, ``result``), the norms'
+  ``blocks.L.ln{1,2}.hook_normalized`` and the MLP neurons ``blocks.L.mlp.hook_post``;
 - outside the blocks: ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_in`` and
   ``ln_final.hook_out``.
 
@@ -86,6 +86,13 @@ def mlp_in(layer: int) -> str:
 def mlp_out(layer: int) -> str:
     """Block ``layer``'s MLP output [batch, pos, d_model]."""
     return block_hook(layer, "mlp_out")
+
+
+def mlp_post(layer: int) -> str:
+    """Block ``layer``'s MLP neurons [batch, pos, d_mlp]: the activation that multiplies the output
+    matrix W_out (``act(pre)``; ``act(gate) * up`` for gated MLPs), so ``mlp_post @ W_out + b_out``
+    equals ``hook_mlp_out`` (tested on GPT-2 and Llama shapes)."""
+    return f"{_BLOCKS}{layer}.mlp.hook_post"
 
 
 def q_input(layer: int) -> str:
