@@ -23,7 +23,7 @@ from mechscope.server.app import bind, create_app  # noqa: E402
 from mechscope.server.runs import find_runs, safe_path  # noqa: E402
 from mechscope.server.store import ReadOnlyUnitDB  # noqa: E402
 
-HOSTILE = ["<script>alert(1)</script>", "\"&'", "</textarea>", "<img src=x onerror=alert(2)>"]
+HOSTILE = ["<script>alert(1)</script>", "\"&'", "</textarea>", "<img src=x onerror=window.__pwned=1>"]
 CITY = UnitRef("mlp", 1, 3)
 TC = UnitRef("transcoder", 1, 2, "tc-set")
 
@@ -356,3 +356,30 @@ def test_port_in_use_is_one_sentence():
     sock = bind("127.0.0.1", port)  # free again
     assert sock.getsockname()[1] == port
     sock.close()
+
+
+def test_cli_refusals_are_one_sentence_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite " * 50)
+    good = tmp_path / "u.db"
+    synthetic_db(good).close()
+    runner = CliRunner()
+    try:
+        for args, words in (([str(tmp_path), "--db", str(good), "--port", str(port)], "already in use"),
+                            ([str(tmp_path), "--db", str(bad)], "not a readable SQLite"),
+                            ([str(tmp_path / "nope")], "does not exist"),
+                            ([str(tmp_path), "--port", "70000"], "--port must be")):
+            r = runner.invoke(app, ["serve", *args])
+            err = r.stderr if hasattr(r, "stderr") else r.output
+            assert r.exit_code == 2, (args, r.output)
+            assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    finally:
+        busy.close()

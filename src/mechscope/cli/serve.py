@@ -24,14 +24,16 @@ def serve(
     """A local web UI: search units by description, unit pages, run folders and their nodes (read-only)."""
     from mechscope.server.app import serve as run_server
 
-    if not 0 < port < 65536:
-        fail(f"--port must be between 1 and 65535, got {port}.")
+    if not 0 <= port < 65536:
+        fail(f"--port must be between 0 (any free port) and 65535, got {port}.")
     root = directory if directory is not None else Path(".")
     if not root.exists():
         fail(f"{root} does not exist; give the folder that holds your mechscope run folders.")
-    shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
-    if shown != "localhost":
+    if host not in ("127.0.0.1", "::1", "localhost"):
         console.print(f"[yellow]listening on {host}: other machines on the network can read this database and these runs.[/]")
-    console.print(f"mechscope serve: http://{shown if ':' not in shown else f'[{shown}]'}:{port}/  (runs under {root.resolve()}"
-                  f"{f', units from {db}' if db else ''}; Ctrl-C stops)", highlight=False, markup=False)
-    run_server(root, db, host=host, port=port)
+
+    def announce(url: str) -> None:
+        console.print(f"mechscope serve: {url}  (runs under {root.resolve()}{f', units from {db}' if db else ''}; Ctrl-C stops)",
+                      highlight=False, markup=False, soft_wrap=True)
+
+    run_server(root, db, host=host, port=port, announce=announce)

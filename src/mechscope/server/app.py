@@ -463,12 +463,17 @@ def bind(host: str, port: int):
 
 
 def serve(root: str | Path | None = None, db: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          embedder: Any = None, log_level: str = "warning") -> None:
-    """Run the app under uvicorn until interrupted (checks the folder, the database and the port first)."""
+          embedder: Any = None, log_level: str = "warning", announce: Any = None) -> None:
+    """Run the app under uvicorn until interrupted (checks the folder, the database and the port
+    first). ``port=0`` takes a free port; ``announce(url)`` is called once the socket listens."""
     import uvicorn
 
     app = create_app(root, db, embedder=embedder)
     sock = bind(host, port)
+    if announce is not None:
+        name = sock.getsockname()
+        shown = f"[{name[0]}]" if ":" in name[0] else name[0]
+        announce(f"http://{shown}:{name[1]}/")
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False))
     try:
         server.run(sockets=[sock])
