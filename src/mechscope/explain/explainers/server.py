@@ -1,0 +1,98 @@
+"""The server explainer: any OpenAI-compatible chat endpoint (``--server URL --model NAME``).
+
+The official ``openai`` client talks to it (``base_url=URL``; llama.cpp's server, vLLM,
+Ollama and hosted APIs all speak this protocol). Design:
+
+- One request per sample (``n`` is not supported by every server), sent from a thread pool of
+  ``concurrency`` workers across units and samples; the client retries connection errors,
+  timeouts and 5xx answers ``retries`` times with backoff, each attempt bounded by ``timeout``.
+- Samples after the first use ``temperature`` (the first is greedy, temperature 0), so one
+  sample is reproducible and several differ; ``describe`` keeps the best one by score.
+- A server that does not answer, answers with malformed JSON, an error status or empty
+  content raises ``MechscopeError`` (one sentence, exit 2 at the CLI). ``describe`` stores each
+  chunk of descriptions as soon as it is done, so an error loses nothing already stored.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mechscope.errors import MechscopeError
+from mechscope.explain.explainers.base import SYSTEM_PROMPT, Explainer, explain_prompt, parse_description
+from mechscope.explain.types import Exemplar, UnitRecord
+
+
+class ServerExplainer(Explainer):
+    """Descriptions from a chat-completions endpoint, ``concurrency`` requests at a time."""
+
+    name = "server"
+
+    def __init__(self, url: str, model: str, api_key: str | None = None, temperature: float = 0.7,
+                 max_tokens: int = 60, timeout: float = 60.0, retries: int = 2, concurrency: int = 8):
+        import openai
+
+        if not url.startswith(("http://", "https://")):
+            raise MechscopeError(f"--server {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8080/v1.")
+        if not model:
+            raise MechscopeError("The server explainer needs --model NAME (the model name the server serves).")
+        self.url, self.model, self.temperature, self.max_tokens = url, model, temperature, max_tokens
+        self.timeout, self.retries, self.concurrency = timeout, retries, max(1, concurrency)
+        self.client = openai.OpenAI(base_url=url, api_key=api_key or "not-needed", timeout=timeout, max_retries=retries)
+
+    @property
+    def model_name(self) -> str:
+        return self.model
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        # The URL is where the model runs, not what it writes: left out of the key on purpose.
+        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def _ask(self, user: str, sample: int) -> str:
+        import openai
+
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
+                temperature=0.0 if sample == 0 else self.temperature,
+                max_tokens=self.max_tokens,
+            )
+        except openai.APITimeoutError:
+            raise MechscopeError(f"The server at {self.url} did not answer within {self.timeout:g} s ({self.retries} retries); check that it runs, or raise the timeout.") from None
+        except openai.APIConnectionError:
+            raise MechscopeError(f"Could not connect to the server at {self.url}; check the URL and that the server runs.") from None
+        except openai.APIStatusError as exc:
+            raise MechscopeError(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}; check --model and the server's log.") from None
+        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError):
+            raise MechscopeError(f"The server at {self.url} answered something that is not a chat-completions JSON response; check that it is OpenAI-compatible.") from None
+        choices = getattr(reply, "choices", None)
+        if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+            raise MechscopeError(f"The server at {self.url} answered without any choice; check that it is OpenAI-compatible.")
+        text = parse_description(choices[0].message.content)
+        if not text:
+            raise MechscopeError(f"The server at {self.url} answered with empty content for model {self.model!r}; check the model and max_tokens.")
+        return text
+
+    def explain(self, unit: UnitRecord, train: list[Exemplar], n_samples: int = 1) -> list[str]:
+        return self.explain_many([(unit, train)], n_samples)[0]
+
+    def explain_many(self, items: list[tuple[UnitRecord, list[Exemplar]]], n_samples: int = 1) -> list[list[str]]:
+        prompts = [explain_prompt(u, ex) for u, ex in items]
+        jobs = [(i, s) for i in range(len(items)) for s in range(max(1, n_samples))]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs) or 1))
+        try:
+            futures = [pool.submit(self._ask, prompts[i], s) for i, s in jobs]
+            texts = [f.result() for f in futures]
+        finally:  # on the first error, drop the requests not yet sent instead of waiting for them
+            pool.shutdown(wait=True, cancel_futures=True)
+        out: list[list[str]] = [[] for _ in items]
+        for (i, _), text in zip(jobs, texts):
+            if text not in out[i]:
+                out[i].append(text)
+        return out
+
+    def close(self) -> None:
+        self.client.close()
