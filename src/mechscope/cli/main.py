@@ -7,6 +7,7 @@
     probe.py      probe
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
+    explain.py    search, export (unit descriptions)
     serve.py      serve (the local web UI)
 
 Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose
@@ -17,7 +18,21 @@ from __future__ import annotations
 
 import typer
 
-from mechscope.cli import circuits, corpus, features, heads, lens, model, probe, recall, sae, serve, steer, tasks
+from mechscope.cli import (
+    circuits,
+    corpus,
+    explain,
+    features,
+    heads,
+    lens,
+    model,
+    probe,
+    recall,
+    sae,
+    serve,
+    steer,
+    tasks,
+)
 from mechscope.cli.common import STATE
 
 app = typer.Typer(
@@ -36,7 +51,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, probe, recall, steer, sae, features, serve):
+for group in (model, tasks, circuits, corpus, heads, lens, probe, recall, steer, sae, features, explain, serve):
     group.register(app)
 
 
