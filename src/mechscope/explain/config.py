@@ -1,0 +1,84 @@
+"""Configs of the description pipeline (no torch here: the CLI reads the defaults when it starts)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mechscope.errors import MechscopeError
+
+
+@dataclass
+class ExemplarsConfig:
+    """The exemplars pass (``mechscope.explain.exemplars.harvest_exemplars``); saved in its checkpoint."""
+
+    units: str = "mlp"
+    """``mlp``, ``sae:DIR`` or ``transcoders:DIR``."""
+    layers: list[int] | None = None
+    """Layers to harvest (default: every layer the source has)."""
+    unit_range: tuple[int, int] | None = None
+    """Units ``a:b`` of every chosen layer (default: all); a shard of the units."""
+    corpus: str | None = None
+    """Corpus spec for ``mechscope.activations.corpus.get_corpus`` (default: the embedded corpus)."""
+    n_tokens: int = 65536
+    """Tokens of the pass (rounded down to whole contexts)."""
+    first_context: int = 0
+    """Index of the first packed context of the pass (a token-range shard starts further on)."""
+    context_len: int = 128
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    k: int = 20
+    """Top-k activating exemplars kept per unit."""
+    k_bottom: int = 10
+    """Bottom-k (most negative) exemplars kept per unit."""
+    quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)
+    """Edges of the quantile bins that random samples are drawn from (below 0.5, 0.5-0.9, ...)."""
+    per_quantile: int = 5
+    """Random exemplars per quantile bin."""
+    n_random: int = 10
+    """Uniformly random exemplars per unit (any activation)."""
+    before: int = 24
+    """Tokens of the window before the focus token (clipped at the context's start)."""
+    after: int = 8
+    """Tokens of the window after the focus token (clipped at the context's end)."""
+    n_bins: int = 64
+    """Histogram bins between the calibration slice's min and max (plus one overflow bin each side)."""
+    report_quantiles: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999)
+    """Activation quantiles stored in each unit's record."""
+    split: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    """Fractions of contexts whose exemplars go to train / valid / test (per unit, by seed)."""
+    seed: int = 0
+    checkpoint_every: int = 256
+    """Contexts between checkpoints (0: never)."""
+    n_logits: int = 10
+    """Top/bottom output tokens stored per unit."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.context_len < 2 or self.batch_size < 1:
+            raise MechscopeError("context_len must be at least 2 and batch_size at least 1.")
+        if self.n_tokens < self.context_len * self.batch_size:
+            raise MechscopeError(f"--tokens {self.n_tokens} is less than one batch ({self.batch_size} contexts of {self.context_len}); give more tokens.")
+        if self.k < 1 or self.k_bottom < 0 or self.per_quantile < 0 or self.n_random < 0:
+            raise MechscopeError("k must be at least 1 and k_bottom, per_quantile, n_random at least 0.")
+        if self.k > self.context_len * self.batch_size // 2:
+            raise MechscopeError(f"k={self.k} is more than half a batch's tokens; use a smaller --k or larger batches.")
+        if self.before < 0 or self.after < 0:
+            raise MechscopeError("before and after must be at least 0.")
+        if any(not 0 < q < 1 for q in self.quantiles) or list(self.quantiles) != sorted(self.quantiles):
+            raise MechscopeError(f"quantile edges {self.quantiles} must be increasing and inside (0, 1).")
+        if abs(sum(self.split) - 1) > 1e-6 or min(self.split) < 0:
+            raise MechscopeError(f"split fractions {self.split} must be at least 0 and sum to 1.")
+        if self.unit_range is not None and not 0 <= self.unit_range[0] < self.unit_range[1]:
+            raise MechscopeError(f"--units range {self.unit_range[0]}:{self.unit_range[1]} is empty; give a:b with a < b.")
+
+    @property
+    def n_contexts(self) -> int:
+        return self.n_tokens // self.context_len
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("quantiles", "report_quantiles", "split", "unit_range"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d

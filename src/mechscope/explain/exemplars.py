@@ -1,0 +1,535 @@
+"""The exemplars pass: one streaming pass over a corpus that keeps, for every unit of the chosen
+layers, what an explainer and a scorer need (Bills et al. 2023; Choi et al. 2024).
+
+    state = harvest_exemplars(model, ExemplarsConfig(units="mlp", n_tokens=65536), db=UnitDB(...))
+
+Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
+
+1. Pack the corpus into contexts as ``activations/store.py`` does (documents separated by one
+   separator token) and run the bridge only up to the last hooked layer (``Harvester``).
+   Position 0 of a context (the attention sink) and separator/BOS tokens are not candidates.
+2. Calibration: the first batch of the pass sets, per unit, the histogram range (its min and
+   max; ``n_bins`` equal bins between them and one overflow bin each side) and the quantile-bin
+   edges for random sampling (its ``quantiles``, default 0.5/0.9/0.99). A first slice, not a
+   streaming estimate: the edges must be fixed for the histogram counts and the samples of
+   later batches to mean the same thing, and a resumed run reads them from the checkpoint.
+3. Top-k and bottom-k: ``topk`` over the batch's tokens [N, U] -> [k, U], merged with the
+   running [k, U] by a second ``topk`` over the 2k candidates. Entries are (value, context,
+   position) plus the unit's activations over the window (``before`` tokens before, ``after``
+   after, clipped to the context), gathered from the batch's activations at the moment an entry
+   enters, only for the entries that enter (evicted slots are reused), so nothing else per token
+   is kept and no second forward pass is needed.
+4. Random samples: every token gets a key u ~ U[0, 1) from a generator seeded by (seed,
+   context) (so keys do not depend on batching, sharding or resuming). A unit keeps, per quantile
+   bin, the ``per_quantile`` tokens of smallest key in that bin (a uniform sample of the bin),
+   and ``n_random`` tokens of smallest second key among all tokens (a uniform sample). Only
+   tokens whose key beats the current m-th smallest of their bin are candidates, so after the
+   first batches the candidates are few.
+5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
+6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
+   where the rank falls inside the top-k or bottom-k lists, else linear inside the histogram
+   bin, so within one bin width of numpy's ``quantile``), the histogram (rebinned to at most 32
+   bins), the top/bottom output tokens of its direction; its exemplars with their split: each
+   (unit, context) pair goes to train/valid/test by a hash of (seed, unit, context), so an
+   explainer's train windows never overlap the windows a scorer reads.
+
+Memory is the state, O(units x (k + k_bottom + samples) x window), plus the token ids of the pass
+(4 bytes a token, needed to write the windows' tokens); nothing grows with the tokens otherwise.
+Resumable: every ``checkpoint_every`` contexts the state is saved as ``state.safetensors`` +
+``state.json`` (never pickle); a run with the same config continues after the last checkpoint
+and ends with exactly the state of an uninterrupted run (batches are the same, all updates are
+deterministic). Shardable by layers and unit ranges (disjoint units, idempotent DB writes);
+a token-range shard (``first_context``) harvests its own contexts: two token shards of the same
+units are not merged (the later write replaces the unit), merging states is not implemented.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from mechscope.activations.config import StoreConfig
+from mechscope.activations.store import Harvester, pack_contexts, separator_id
+from mechscope.errors import MechscopeError
+from mechscope.explain.config import ExemplarsConfig
+from mechscope.explain.types import Exemplar, UnitRecord, UnitRef
+from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
+
+STATE_SCHEMA = 1
+INF = float("inf")
+
+
+@dataclass
+class LayerState:
+    """The running state of one layer's units (all tensors [.., U] on the harvest device)."""
+
+    top_val: torch.Tensor  # [k, U] unsorted slots
+    top_row: torch.Tensor  # [k, U] int64 global row id = context * T + position (-1: empty)
+    top_win: torch.Tensor  # [k, U, W] activations over the window (NaN outside the context)
+    bot_val: torch.Tensor
+    bot_row: torch.Tensor
+    bot_win: torch.Tensor
+    q_key: torch.Tensor  # [U, nb, m] keys of the quantile-bin samples, sorted ascending (inf: empty)
+    q_val: torch.Tensor
+    q_row: torch.Tensor
+    q_win: torch.Tensor  # [U, nb, m, W]
+    r_key: torch.Tensor  # [U, 1, m_r] the uniform random samples
+    r_val: torch.Tensor
+    r_row: torch.Tensor
+    r_win: torch.Tensor
+    positive: torch.Tensor  # [U] int64 tokens > 0
+    hist: torch.Tensor  # [U, n_bins + 2] int64 (underflow, bins, overflow)
+    lo: torch.Tensor  # [U] histogram range start
+    inv: torch.Tensor  # [U] bins per unit of activation
+    q_edges: torch.Tensor  # [U, nq] quantile-bin edges
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.__dict__)
+
+
+def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor) -> LayerState:
+    """Empty state calibrated on the first batch's valid activations ``acts`` [N, U]."""
+    n, U = acts.shape
+    dev = acts.device
+    W = cfg.before + cfg.after + 1
+    nb, m, mr = len(cfg.quantiles) + 1, cfg.per_quantile, cfg.n_random
+    lo, hi = acts.min(0).values, acts.max(0).values
+    inv = cfg.n_bins / (hi - lo).clamp_min(1e-12)
+    q_edges = torch.quantile(acts, torch.tensor(cfg.quantiles, device=dev), dim=0).T.contiguous()  # [U, nq]
+
+    def empty(*shape, fill=math.nan, dtype=torch.float32):
+        return torch.full(shape, fill, dtype=dtype, device=dev)
+
+    return LayerState(
+        top_val=empty(cfg.k, U, fill=-INF), top_row=empty(cfg.k, U, fill=-1, dtype=torch.long), top_win=empty(cfg.k, U, W),
+        bot_val=empty(cfg.k_bottom, U, fill=INF), bot_row=empty(cfg.k_bottom, U, fill=-1, dtype=torch.long),
+        bot_win=empty(cfg.k_bottom, U, W),
+        q_key=empty(U, nb, m, fill=INF), q_val=empty(U, nb, m), q_row=empty(U, nb, m, fill=-1, dtype=torch.long),
+        q_win=empty(U, nb, m, W),
+        r_key=empty(U, 1, mr, fill=INF), r_val=empty(U, 1, mr), r_row=empty(U, 1, mr, fill=-1, dtype=torch.long),
+        r_win=empty(U, 1, mr, W),
+        positive=torch.zeros(U, dtype=torch.long, device=dev), hist=torch.zeros(U, cfg.n_bins + 2, dtype=torch.long, device=dev),
+        lo=lo.float(), inv=inv.float(), q_edges=q_edges.float(),
+    )
+
+
+class _Batch:
+    """One batch's activations of one layer and the maps between valid rows and windows."""
+
+    def __init__(self, acts: torch.Tensor, rows: torch.Tensor, first_row: int, cfg: ExemplarsConfig):
+        B, T, U = acts.shape
+        self.flat = acts.reshape(B * T, U)  # [B*T, U]
+        self.rows = rows  # [N] local row ids (b * T + p) of the valid tokens
+        self.first_row, self.T, self.cfg = first_row, T, cfg
+        self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=acts.device)  # [W]
+
+    def windows(self, local_rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]."""
+        pos = (local_rows % self.T)[:, None] + self.offsets  # [n, W]
+        ok = (pos >= 0) & (pos < self.T)
+        r = (local_rows - local_rows % self.T)[:, None] + pos.clamp(0, self.T - 1)
+        vals = self.flat[r, units[:, None].expand_as(r)]
+        return torch.where(ok, vals, torch.full_like(vals, math.nan))
+
+
+def _merge_topk(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch.Tensor, batch: _Batch,
+                largest: bool) -> None:
+    """Merge the batch's [N, U] activations ``x`` into the running top-k slots (in place)."""
+    k = val.shape[0]
+    if k == 0:
+        return
+    bv, bi = x.topk(min(k, x.shape[0]), dim=0, largest=largest)  # [k, U] batch candidates
+    both = torch.cat([val, bv])  # [2k, U]
+    _, sel = both.topk(k, dim=0, largest=largest)  # [k, U] indices into both
+    keep = torch.zeros_like(both, dtype=torch.bool).scatter_(0, sel, True)
+    evicted = (~keep[:k]).T.nonzero()  # (u, slot), grouped by u
+    entering = keep[k:].T.nonzero()  # (u, j): batch candidate j of unit u enters; same count per u
+    if entering.shape[0] == 0:
+        return
+    u, slot, j = evicted[:, 0], evicted[:, 1], entering[:, 1]
+    local = batch.rows[bi[j, u]]
+    val[slot, u] = bv[j, u]
+    row[slot, u] = local + batch.first_row
+    win[slot, u] = batch.windows(local, u)
+
+
+def _merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
+                   group: torch.Tensor | None, tok_key: torch.Tensor, x: torch.Tensor, batch: _Batch) -> None:
+    """Keep per (unit, group) the m tokens of smallest key (in place). ``key`` [U, G, m] sorted;
+    ``group`` [N, U] the group of each token (None: one group); ``tok_key`` [N] the tokens' keys."""
+    U, G, m = key.shape
+    if m == 0:
+        return
+    tau = key[:, :, -1]  # [U, G] the m-th smallest so far
+    tau_tok = tau.T[group.clamp(0, G - 1), torch.arange(U, device=x.device)] if group is not None else tau[:, 0][None, :]
+    cand = (tok_key[:, None] < tau_tok).nonzero()  # (n, u)
+    if cand.shape[0] == 0:
+        return
+    n_i, u_i = cand[:, 0], cand[:, 1]
+    g_i = group[n_i, u_i] if group is not None else torch.zeros_like(u_i)
+    # Old entries and candidates together, sorted by (unit, group, key); keep the first m of each group.
+    old = key.isfinite().nonzero()  # (u, g, slot)
+    all_u = torch.cat([old[:, 0], u_i])
+    all_g = torch.cat([old[:, 1], g_i])
+    all_k = torch.cat([key[old[:, 0], old[:, 1], old[:, 2]], tok_key[n_i]]).double()
+    order = torch.argsort((all_u * G + all_g).double() + all_k * 0.5, stable=True)
+    gid = (all_u * G + all_g)[order]
+    start = torch.searchsorted(gid, gid, right=False)
+    rank = torch.arange(gid.shape[0], device=x.device) - start
+    kept = order[rank < m]
+    rank = rank[rank < m]
+    n_old = old.shape[0]
+    is_old = kept < n_old
+    o = kept[is_old]
+    c = kept[~is_old] - n_old
+    ou, og, os_ = old[o, 0], old[o, 1], old[o, 2]
+    new = (
+        torch.cat([key[ou, og, os_], tok_key[n_i[c]]]),
+        torch.cat([val[ou, og, os_], x[n_i[c], u_i[c]]]),
+        torch.cat([row[ou, og, os_], batch.rows[n_i[c]] + batch.first_row]),
+        torch.cat([win[ou, og, os_], batch.windows(batch.rows[n_i[c]], u_i[c])]),
+    )
+    ku = torch.cat([ou, u_i[c]])
+    kg = torch.cat([og, g_i[c]])
+    kr = torch.cat([rank[is_old], rank[~is_old]])
+    key.fill_(INF)
+    val.fill_(math.nan)
+    row.fill_(-1)
+    win.fill_(math.nan)
+    key[ku, kg, kr], val[ku, kg, kr], row[ku, kg, kr], win[ku, kg, kr] = new
+
+
+def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two keys in [0, 1) for every token of ``contexts`` [n_ctx * T], from per-context generators."""
+    a, b = [], []
+    for c in contexts:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        k = torch.rand(2, T, generator=g)
+        a.append(k[0])
+        b.append(k[1])
+    return torch.cat(a), torch.cat(b)
+
+
+@torch.no_grad()
+def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row: int,
+           keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig) -> None:
+    """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``."""
+    B, T, U = acts.shape
+    rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
+    batch = _Batch(acts, rows, first_row, cfg)
+    x = batch.flat.index_select(0, rows)  # [N, U]
+    _merge_topk(state.top_val, state.top_row, state.top_win, x, batch, largest=True)
+    _merge_topk(state.bot_val, state.bot_row, state.bot_win, x, batch, largest=False)
+    state.positive += (x > 0).sum(0)
+    nb = cfg.n_bins
+    idx = ((x - state.lo) * state.inv).floor_().clamp_(-1, nb).long() + 1  # [N, U] in 0..nb+1
+    idx += torch.arange(U, device=x.device) * (nb + 2)
+    state.hist += torch.bincount(idx.view(-1), minlength=U * (nb + 2)).view(U, nb + 2)
+    group = torch.zeros_like(x, dtype=torch.long)
+    for j in range(state.q_edges.shape[1]):
+        group += x >= state.q_edges[:, j]
+    k1, k2 = (k.to(x.device)[rows] for k in keys)
+    _merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, group, k1, x, batch)
+    _merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, None, k2, x, batch)
+
+
+# ----------------------------------------------------------------------------------- the pass
+
+
+class Interrupted(Exception):
+    """Raised by an ``on_batch`` callback to stop a pass (tests); the last checkpoint stays."""
+
+
+@dataclass
+class HarvestState:
+    """Everything the pass has gathered: per-layer states, the token ids, where it stands."""
+
+    cfg: ExemplarsConfig
+    layers: dict[int, LayerState]
+    token_ids: torch.Tensor  # [contexts done, T] int32
+    contexts_done: int
+    unit_offset: int  # the first unit index (unit_range[0])
+    n_tokens: int  # valid tokens seen
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{layer}.{name}": t.detach().cpu().contiguous() for layer, st in self.layers.items()
+                   for name, t in st.tensors().items()}
+        tensors["token_ids"] = self.token_ids.cpu().contiguous()
+        save_file(tensors, str(folder / "state.safetensors.tmp"))
+        meta = {"schema_version": STATE_SCHEMA, "config": self.cfg.to_dict(), "contexts_done": self.contexts_done,
+                "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers)}
+        (folder / "state.json.tmp").write_text(json.dumps(meta, indent=1))
+        (folder / "state.safetensors.tmp").replace(folder / "state.safetensors")
+        (folder / "state.json.tmp").replace(folder / "state.json")
+
+    @classmethod
+    def load(cls, folder: str | Path, cfg: ExemplarsConfig, device) -> "HarvestState | None":
+        """The checkpoint in ``folder`` if there is one for the same config, else None."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "state.json").is_file():
+            return None
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+            tensors = load_file(str(folder / "state.safetensors"), device=str(device))
+        except Exception as e:  # noqa: BLE001 - any damage reads the same to the user
+            raise MechscopeError(f"the checkpoint in {folder} is damaged ({type(e).__name__}); delete the folder to start again.") from None
+        if meta.get("schema_version") != STATE_SCHEMA or meta.get("config") != cfg.to_dict():
+            raise MechscopeError(f"the checkpoint in {folder} was made with other settings; use the same options to resume or another --checkpoint folder.")
+        layers = {}
+        for layer in meta["layers"]:
+            fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
+            layers[int(layer)] = LayerState(**fields)
+        return cls(cfg, layers, tensors["token_ids"].cpu(), int(meta["contexts_done"]), int(meta["unit_offset"]),
+                   int(meta["n_tokens"]))
+
+
+def _contexts(model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
+    from mechscope.activations.corpus import get_corpus
+
+    corpus = get_corpus(cfg.corpus)
+    n = 0
+    for i, ctx in enumerate(pack_contexts(model.tokenizer, iter(corpus), cfg.context_len)):
+        if i < cfg.first_context:
+            continue
+        yield ctx
+        n += 1
+        if n == cfg.n_contexts:
+            return
+
+
+def harvest_exemplars(model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
+                      on_batch: Callable[[int], None] | None = None, progress: bool = False,
+                      source: UnitSource | None = None, contexts: list[list[int]] | None = None) -> HarvestState:
+    """Run the pass (resuming from ``checkpoint`` when it holds one) and, with ``db``, write every
+    unit's record and exemplars. ``on_batch(batches_done)`` runs after each batch.
+    ``contexts`` (token id lists) replaces the corpus (tests)."""
+    source = source or unit_source(model, cfg.units)
+    layers = cfg.layers if cfg.layers is not None else source.layers
+    bad = [layer for layer in layers if layer not in source.layers]
+    if bad:
+        raise MechscopeError(f"layer {bad[0]} is not among the layers of --units {cfg.units} ({_ranges(source.layers)}).")
+    a, b = cfg.unit_range or (0, None)
+    for layer in layers:
+        if a >= source.n_units(layer):
+            raise MechscopeError(f"--units range starts at {a} but layer {layer} has {source.n_units(layer)} units.")
+    hooks = list(dict.fromkeys(source.hook(layer) for layer in layers))
+    harvester = Harvester(model, StoreConfig(hooks=hooks, context_len=cfg.context_len, batch_size=cfg.batch_size,
+                                             skip_first=0, shuffle=False, buffer_tokens=2 * cfg.context_len))
+    dev = model.device
+    state = HarvestState.load(checkpoint, cfg, dev) if checkpoint else None
+    if state is None:
+        state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0)
+    special = {separator_id(model.tokenizer)} | {t for t in (model.tokenizer.bos_token_id,) if t is not None}
+    stream = iter(contexts) if contexts is not None else _contexts(model, cfg)
+    for _ in range(state.contexts_done):  # resume: skip what the checkpoint holds
+        next(stream, None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.n_contexts * cfg.context_len, initial=state.contexts_done * cfg.context_len,
+                   unit="tok", unit_scale=True, desc="exemplars")
+    batches = state.contexts_done // cfg.batch_size
+    T = cfg.context_len
+    since_ckpt = 0
+    while True:
+        ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
+        if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
+            break
+        tokens = torch.tensor(ctx, dtype=torch.long)  # [B, T]
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        valid[:, 0] = False
+        for t in special:
+            valid &= tokens != t
+        got = harvester.run(tokens, skip_first=0)  # {hook: [B*T, d]}
+        first = cfg.first_context + state.contexts_done
+        keys = _token_keys(cfg.seed, range(first, first + len(ctx)), T)
+        for layer in layers:
+            x = source.acts(layer, got[source.hook(layer)].view(len(ctx), T, -1))[..., a:b].float()  # [B, T, U]
+            if layer not in state.layers:
+                state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)])
+            update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg)
+        state.token_ids = torch.cat([state.token_ids, tokens.to(torch.int32)])
+        state.contexts_done += len(ctx)
+        state.n_tokens += int(valid.sum())
+        batches += 1
+        since_ckpt += len(ctx)
+        if bar is not None:
+            bar.update(tokens.numel())
+        if checkpoint and cfg.checkpoint_every and since_ckpt >= cfg.checkpoint_every:
+            state.save(checkpoint)
+            since_ckpt = 0
+        if on_batch is not None:
+            on_batch(batches)
+    if bar is not None:
+        bar.close()
+    if state.contexts_done == 0:
+        raise MechscopeError(f"the corpus gave fewer than {cfg.batch_size} contexts of {T} tokens; give a larger corpus or smaller --batch-size.")
+    if checkpoint:
+        state.save(checkpoint)
+    if db is not None:
+        write_db(model, source, state, db)
+    return state
+
+
+def _ranges(layers: list[int]) -> str:
+    return ", ".join(str(x) for x in layers) if len(layers) < 6 else f"{layers[0]}-{layers[-1]}"
+
+
+# ----------------------------------------------------------------------------------- results
+
+
+def quantiles(st: LayerState, n_tokens: int, qs, cfg: ExemplarsConfig) -> torch.Tensor:
+    """[U, len(qs)] activation quantiles (numpy's linear definition) from the top/bottom lists
+    and the histogram (see the module docstring)."""
+    U = st.hist.shape[0]
+    top = st.top_val.sort(0, descending=True).values.double()  # [k, U]: sorted[n-1-i] = top[i]
+    bot = st.bot_val.sort(0).values.double()  # [kb, U]: sorted[i] = bot[i]
+    cum = st.hist.cumsum(1).double()  # [U, nb+2]
+    width = 1.0 / st.inv.double()
+    max_v = top[0]
+    min_v = bot[0] if bot.shape[0] else st.lo.double()
+    hi_edge = st.lo.double() + cfg.n_bins * width
+    last = cum.shape[1] - 1
+
+    def exact(j: int) -> torch.Tensor | None:
+        """sorted[j] when the top or bottom list holds it."""
+        if 0 <= n_tokens - 1 - j < top.shape[0]:
+            return top[n_tokens - 1 - j]
+        if 0 <= j < bot.shape[0]:
+            return bot[j]
+        return None
+
+    out = torch.empty(U, len(qs), dtype=torch.float64)
+    for i, q in enumerate(qs):
+        t = q * (n_tokens - 1)  # position in the sorted activations
+        j0, frac = math.floor(t), t - math.floor(t)
+        a, b = exact(j0), exact(min(j0 + 1, n_tokens - 1))
+        if a is not None and b is not None:
+            out[:, i] = a * (1 - frac) + b * frac
+            continue
+        # Inside the histogram: the bin holding sorted position t, values spread evenly in the bin.
+        j = torch.searchsorted(cum, torch.full((U, 1), float(t), dtype=torch.float64), right=True)[:, 0].clamp(max=last)
+        prev = torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros(U, dtype=torch.float64))
+        cnt = st.hist.gather(1, j[:, None])[:, 0].double().clamp(min=1)
+        left = st.lo.double() + (j - 1).double() * width
+        right = left + width
+        left_pos, right_pos = prev - 0.5, prev + cnt - 0.5
+        # Overflow bins: between the last exact value of the bottom (top) list and the range's edge.
+        kb, kt = bot.shape[0], top.shape[0]
+        under, over = j == 0, j == last
+        left = torch.where(under, bot[-1] if kb else min_v, torch.where(over, hi_edge, left))
+        left_pos = torch.where(under, torch.full_like(prev, max(kb - 1, 0)), left_pos)
+        right = torch.where(under, st.lo.double(), torch.where(over, top[-1] if kt else max_v, right))
+        right_pos = torch.where(over, torch.full_like(prev, n_tokens - max(kt, 1)), right_pos)
+        pos = ((t - left_pos) / (right_pos - left_pos).clamp(min=1e-9)).clamp(0, 1)
+        out[:, i] = left + (right - left) * pos
+    return out
+
+
+def _split_of(seed: int, unit: torch.Tensor, context: torch.Tensor, fractions) -> list[str]:
+    """train/valid/test of each (unit, context) pair, by an integer hash of (seed, unit, context)."""
+    h = (unit.long() * 73856093) ^ (context.long() * 19349663) ^ (seed * 83492791 + 0x5BD1E995)
+    h = h & 0x7FFFFFFF
+    h = (h * 1103515245 + 12345) & 0x7FFFFFFF
+    h = ((h >> 13) ^ h) * 1664525 & 0x7FFFFFFF
+    u = h.double() / 2**31
+    tr, va = fractions[0], fractions[0] + fractions[1]
+    return ["train" if x < tr else "valid" if x < va else "test" for x in u.tolist()]
+
+
+def exemplars_of(state: HarvestState, layer: int, vocab: list[str]) -> list[list[Exemplar]]:
+    """Each unit's exemplars (top sorted by value, bottom, quantile bins, random)."""
+    cfg, st = state.cfg, state.layers[layer]
+    T, W, U = cfg.context_len, cfg.before + cfg.after + 1, st.top_val.shape[1]
+    out: list[list[Exemplar]] = [[] for _ in range(U)]
+    top_order = st.top_val.sort(0, descending=True).indices
+    bot_order = st.bot_val.sort(0).indices
+    groups = [
+        ("top", st.top_val.gather(0, top_order).T, st.top_row.gather(0, top_order).T,
+         st.top_win.gather(0, top_order[..., None].expand(-1, -1, W)).transpose(0, 1), None),
+        ("bottom", st.bot_val.gather(0, bot_order).T, st.bot_row.gather(0, bot_order).T,
+         st.bot_win.gather(0, bot_order[..., None].expand(-1, -1, W)).transpose(0, 1), None),
+    ]
+    nb = st.q_key.shape[1]
+    for g in range(nb):
+        groups.append(("quantile", st.q_val[:, g], st.q_row[:, g], st.q_win[:, g], g))
+    groups.append(("random", st.r_val[:, 0], st.r_row[:, 0], st.r_win[:, 0], None))
+    ids = state.token_ids
+    for kind, val, row, win, qbin in groups:  # val/row [U, m], win [U, m, W]
+        ok = (row >= 0).nonzero()
+        if ok.shape[0] == 0:
+            continue
+        u_i, m_i = ok[:, 0], ok[:, 1]
+        r = row[u_i, m_i].cpu()
+        ctx, pos = r // T, r % T
+        local = ctx - cfg.first_context
+        splits = _split_of(cfg.seed, u_i.cpu() + state.unit_offset, ctx, cfg.split)
+        wins = win[u_i, m_i].cpu()
+        for n, (u, c, p, lc) in enumerate(zip(u_i.tolist(), ctx.tolist(), pos.tolist(), local.tolist())):
+            p0, p1 = max(0, p - cfg.before), min(T, p + cfg.after + 1)
+            acts = wins[n, p0 - (p - cfg.before): p1 - (p - cfg.before)].tolist()
+            out[u].append(Exemplar(tokens=[vocab[t] for t in ids[lc, p0:p1].tolist()], acts=acts, focus=p - p0,
+                                   kind=kind, split=splits[n], quantile=qbin, context=c, position=p))
+    return out
+
+
+def records_of(model, source: UnitSource, state: HarvestState, layer: int, vocab: list[str]) -> list[UnitRecord]:
+    cfg, st = state.cfg, state.layers[layer]
+    U, off = st.top_val.shape[1], state.unit_offset
+    n = state.n_tokens
+    qv = quantiles(st, n, cfg.report_quantiles, cfg)
+    dirs = source.directions(layer)[off:off + U]
+    top_l, bot_l = output_logits(model, dirs, cfg.n_logits, vocab)
+    max_v = st.top_val.max(0).values.cpu()
+    min_v = (st.bot_val.min(0).values if st.bot_val.shape[0] else st.lo).cpu()
+    hist = st.hist.cpu()
+    group = cfg.n_bins // 32 if cfg.n_bins % 32 == 0 and cfg.n_bins > 32 else 1
+    counts = hist[:, 1:-1].reshape(U, -1, group).sum(2)  # [U, bins]
+    counts[:, 0] += hist[:, 0]
+    counts[:, -1] += hist[:, -1]
+    steps = torch.arange(counts.shape[1] + 1, dtype=torch.float64) * group
+    edges = st.lo.double().cpu()[:, None] + steps[None, :] / st.inv.double().cpu()[:, None]  # [U, bins+1]
+    edges[:, 0] = torch.minimum(edges[:, 0], min_v.double())
+    edges[:, -1] = torch.maximum(edges[:, -1], max_v.double())
+    counts_l, edges_l, qv_l = counts.tolist(), edges.tolist(), qv.tolist()
+    positive = st.positive.cpu().tolist()
+    recs = []
+    for u in range(U):
+        recs.append(UnitRecord(
+            unit=UnitRef(source.kind, layer, off + u, source.source),  # type: ignore[arg-type]
+            max_act=float(max_v[u]), min_act=float(min_v[u]), density=positive[u] / max(n, 1),
+            quantiles=[(q, round(v, 6)) for q, v in zip(cfg.report_quantiles, qv_l[u])],
+            histogram=([round(e, 6) for e in edges_l[u]], counts_l[u]),
+            top_logits=top_l[u], bottom_logits=bot_l[u], n_tokens=n))
+    return recs
+
+
+def write_db(model, source: UnitSource, state: HarvestState, db, chunk: int = 512) -> None:
+    """Every harvested unit's record and exemplars into ``db`` (idempotent: replaces)."""
+    vocab = token_strings(model.tokenizer, int(model.summary.d_vocab))
+    db.set_model_summary(_summary(model))
+    for layer in sorted(state.layers):
+        db.set_unit_count(source.kind, source.source, layer, source.n_units(layer))
+        recs = records_of(model, source, state, layer, vocab)
+        exs = exemplars_of(state, layer, vocab)
+        for i in range(0, len(recs), chunk):
+            db.put_units(recs[i:i + chunk])
+            db.put_exemplars_many([(r.unit, e) for r, e in zip(recs[i:i + chunk], exs[i:i + chunk])])
+
+
+def _summary(model) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(model.summary).items() if isinstance(v, (int, str, float))}

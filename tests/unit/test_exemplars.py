@@ -1,0 +1,194 @@
+"""The exemplars pass against brute force over every token, the MLP neuron hook, resume, sources."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechscope.activations.store import separator_id
+from mechscope.explain.config import ExemplarsConfig
+from mechscope.explain.db import UnitDB
+from mechscope.explain.exemplars import Interrupted, harvest_exemplars, quantiles
+from mechscope.explain.types import UnitRef
+from mechscope.explain.units import SaeFeatures, output_logits
+from mechscope.models.hooks import mlp_out, mlp_post
+
+C, T, B = 16, 32, 4
+
+
+def _cfg(**kw) -> ExemplarsConfig:
+    base = dict(n_tokens=C * T, context_len=T, batch_size=B, k=5, k_bottom=3, before=6, after=3,
+                per_quantile=2, n_random=3, n_bins=32, checkpoint_every=0)
+    base.update(kw)
+    return ExemplarsConfig(**base)
+
+
+def _contexts(model, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (C, T), generator=g)
+    ids[::3, 10] = separator_id(model.tokenizer)  # separators are never exemplars
+    return ids.tolist()
+
+
+@torch.no_grad()
+def _brute(model, contexts, hooks):
+    """Every token's activation at each hook, from one plain cached forward: {hook: [C, T, U]}."""
+    _, cache = model.bridge.run_with_cache(torch.tensor(contexts), names_filter=lambda n: n in hooks)
+    return {h: cache[h].float() for h in hooks}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mlp_post_times_w_out_is_mlp_out(arch, request):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    toks = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    for layer in range(model.summary.n_layers):
+        acts = _brute(model, toks.tolist(), [mlp_post(layer), mlp_out(layer)])
+        W_out = model.bridge.W_out[layer]
+        b_out = getattr(model.bridge, "b_out", None)
+        rebuilt = acts[mlp_post(layer)] @ W_out + (0 if b_out is None else b_out[layer])
+        assert acts[mlp_post(layer)].shape[-1] == model.summary.d_mlp
+        torch.testing.assert_close(rebuilt, acts[mlp_out(layer)], atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_pass_equals_brute_force(tiny_llama):
+    model = tiny_llama
+    ctxs = _contexts(model)
+    cfg = _cfg()
+    state = harvest_exemplars(model, cfg, contexts=ctxs)
+    ids = torch.tensor(ctxs)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[:, 0] = False
+    valid &= ids != separator_id(model.tokenizer)
+    acts = _brute(model, ctxs, [mlp_post(layer) for layer in range(3)])
+    for layer in range(3):
+        a = acts[mlp_post(layer)]  # [C, T, U]
+        flat = a[valid]  # [N, U]
+        rows = valid.reshape(-1).nonzero()[:, 0]
+        st = state.layers[layer]
+        assert state.n_tokens == flat.shape[0]
+        # Top-k and bottom-k: the same values at the same (context, position).
+        for val, row, k, largest in ((st.top_val, st.top_row, cfg.k, True), (st.bot_val, st.bot_row, cfg.k_bottom, False)):
+            ref_v, ref_i = flat.topk(k, dim=0, largest=largest)
+            order = val.sort(0, descending=largest).indices
+            torch.testing.assert_close(val.gather(0, order), ref_v, atol=1e-6, rtol=1e-6)
+            assert torch.equal(row.gather(0, order), rows[ref_i])
+        # Density exact; quantiles within a histogram bin (exact where the top/bottom lists hold them).
+        assert torch.equal(st.positive, (flat > 0).sum(0))
+        qs = (0.001, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999)
+        est = quantiles(st, flat.shape[0], qs, cfg).numpy()
+        ref = np.quantile(flat.double().numpy(), qs, axis=0).T  # [U, q]
+        width = (1 / st.inv.double()).numpy()[:, None]
+        exact_cols = [0, 6]  # positions 0.5 and 494.5 of 496: inside the bottom-3 / top-5 lists
+        np.testing.assert_allclose(est[:, exact_cols], ref[:, exact_cols], atol=1e-6)
+        # Where sorted[floor(t)] and sorted[floor(t) + 1] share a histogram bin, the estimate lies in that bin.
+        srt = np.sort(flat.double().numpy(), axis=0)
+        n = flat.shape[0]
+        lo, inv = st.lo.double().numpy(), st.inv.double().numpy()
+        width = 1 / inv
+        checked = 0
+        for i, q in enumerate(qs):
+            j0 = int(np.floor(q * (n - 1)))
+            b0 = np.floor((srt[j0] - lo) * inv)
+            b1 = np.floor((srt[min(j0 + 1, n - 1)] - lo) * inv)
+            same = (b0 == b1) & (b0 >= 0) & (b0 < cfg.n_bins)
+            checked += same.sum()
+            assert np.all(np.abs(est[same, i] - ref[same, i]) <= width[same] + 1e-6), q
+        assert checked > 2 * flat.shape[1]  # most units' central quantiles were checked
+        assert np.all(np.diff(est, axis=1) >= -1e-9)  # monotone everywhere, overflow bins included
+        # Histogram counts every valid token once.
+        assert torch.equal(st.hist.sum(1), torch.full_like(st.hist[:, 0], flat.shape[0]))
+
+
+def test_exemplars_windows_splits_and_samples(tiny_gpt2, tmp_path):
+    model = tiny_gpt2
+    ctxs = _contexts(model, seed=3)
+    cfg = _cfg(unit_range=(10, 40), layers=[1])
+    db = UnitDB(tmp_path / "u.db", model_id="tiny")
+    state = harvest_exemplars(model, cfg, db=db, contexts=ctxs)
+    a = _brute(model, ctxs, [mlp_post(1)])[mlp_post(1)]  # [C, T, U]
+    st = state.layers[1]
+    assert sorted(db.units()) == [UnitRef("mlp", 1, i) for i in range(10, 40)]
+    with pytest.raises(Exception, match="out of range"):
+        db.unit(UnitRef("mlp", 1, model.summary.d_mlp))
+    for u in range(10, 40):
+        ref = UnitRef("mlp", 1, u)
+        ex = db.exemplars(ref)
+        kinds = {e.kind for e in ex}
+        assert kinds == {"top", "bottom", "quantile", "random"}
+        assert sum(e.kind == "top" for e in ex) == cfg.k and sum(e.kind == "random" for e in ex) == cfg.n_random
+        splits_by_ctx: dict[int, set[str]] = {}
+        for e in ex:
+            # The stored window equals the unit's activations over that context, and its tokens too.
+            p0 = e.position - e.focus
+            np.testing.assert_allclose(e.acts, a[e.context, p0:p0 + len(e.acts), u].tolist(), atol=1e-5)
+            assert e.tokens == [model.tokenizer.decode([t]) for t in ctxs[e.context][p0:p0 + len(e.tokens)]]
+            assert len(e.acts) == min(T, e.position + cfg.after + 1) - max(0, e.position - cfg.before)
+            assert e.position > 0 and ctxs[e.context][e.position] != separator_id(model.tokenizer)
+            splits_by_ctx.setdefault(e.context, set()).add(e.split)
+            if e.kind == "quantile":  # in its bin, by the calibrated edges
+                edges = [-np.inf] + st.q_edges[u - 10].tolist() + [np.inf]
+                assert edges[e.quantile] <= e.act < edges[e.quantile + 1]
+        assert all(len(s) == 1 for s in splits_by_ctx.values())  # no context feeds two splits of a unit
+        rec = db.unit(ref)
+        ids = torch.tensor(ctxs)
+        ok = (ids != separator_id(model.tokenizer)) & (torch.arange(T) > 0)
+        assert rec.max_act == pytest.approx(a[..., u][ok].max().item(), abs=1e-5)
+        assert rec.min_act == pytest.approx(a[..., u][ok].min().item(), abs=1e-5)
+        assert rec.density == pytest.approx((a[..., u][ok] > 0).double().mean().item(), abs=1e-12)
+        assert sum(rec.histogram[1]) == state.n_tokens
+        assert db.exemplars(ref, kind="top")[0].act == pytest.approx(rec.max_act, abs=1e-4)
+    # Splits are a function of (seed, unit, context): all three occur over the units.
+    assert {e.split for u in range(10, 40) for e in db.exemplars(UnitRef("mlp", 1, u))} == {"train", "valid", "test"}
+    # Top logits are the unembedded W_out rows (through the final norm's weight).
+    top, _ = output_logits(model, model.bridge.W_out[1][10:11], k=3)
+    assert [t for t, _ in db.unit(UnitRef("mlp", 1, 10)).top_logits[:3]] == [t for t, _ in top[0]]
+
+
+def test_interrupted_pass_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
+    model = tiny_llama
+    ctxs = _contexts(model, seed=5)
+    cfg = _cfg(checkpoint_every=2 * B, layers=[0, 2])
+    full = harvest_exemplars(model, cfg, contexts=ctxs)
+
+    def stop_after_three(batches: int) -> None:
+        if batches == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        harvest_exemplars(model, cfg, checkpoint=tmp_path / "ck", contexts=ctxs, on_batch=stop_after_three)
+    assert (tmp_path / "ck" / "state.safetensors").is_file() and not list((tmp_path / "ck").glob("*.pt"))
+    resumed = harvest_exemplars(model, cfg, checkpoint=tmp_path / "ck", contexts=ctxs)
+    assert resumed.contexts_done == full.contexts_done and resumed.n_tokens == full.n_tokens
+    assert torch.equal(resumed.token_ids, full.token_ids)
+    for layer in (0, 2):
+        for name, t in full.layers[layer].tensors().items():
+            assert torch.equal(torch.nan_to_num(resumed.layers[layer].tensors()[name], nan=-7.0),
+                               torch.nan_to_num(t, nan=-7.0)), name
+    # Other settings with the same checkpoint folder: refused.
+    with pytest.raises(Exception, match="other settings"):
+        harvest_exemplars(model, _cfg(checkpoint_every=2 * B, layers=[0], k=4), checkpoint=tmp_path / "ck", contexts=ctxs)
+
+
+def test_sae_source_reads_encoded_features(tiny_llama, tmp_path):
+    from mechscope.models.hooks import resid_post
+    from mechscope.sae.io import save_sae
+    from mechscope.sae.model import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=64, d_sae=48, architecture="relu", hook_name=resid_post(1), model_name="tiny"))
+    with torch.no_grad():
+        sae.W_enc.normal_()
+        sae.b_enc.fill_(-1.0)
+    save_sae(sae, tmp_path / "sae-l1")
+    src = SaeFeatures(tiny_llama, tmp_path / "sae-l1")
+    assert src.layers == [1] and src.n_units(1) == 48 and src.kind == "sae"
+    ctxs = _contexts(tiny_llama, seed=7)
+    state = harvest_exemplars(tiny_llama, _cfg(units=f"sae:{tmp_path / 'sae-l1'}"), source=src, contexts=ctxs)
+    x = _brute(tiny_llama, ctxs, [resid_post(1)])[resid_post(1)]
+    f = sae.encode(x)  # [C, T, 48]
+    ids = torch.tensor(ctxs)
+    valid = (ids != separator_id(tiny_llama.tokenizer))
+    valid[:, 0] = False
+    torch.testing.assert_close(state.layers[1].top_val.max(0).values, f[valid].max(0).values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(state.layers[1].positive, (f[valid] > 0).sum(0))
