@@ -1,20 +1,25 @@
-"""The unit-description commands: `mechscope search` (full-text or semantic search of a unit
-database) and `mechscope export` (units as JSON lines, with Neuronpedia's explanation fields)."""
+"""The unit-description commands: `mechscope exemplars` (the exemplars pass into a unit
+database), `mechscope search` (full-text or semantic search of a unit database) and
+`mechscope export` (units as JSON lines, with Neuronpedia's explanation fields)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mechscope.cli.common import JsonOpt, console, emit_json, fail, handles_errors
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
+from mechscope.errors import MechscopeError
+from mechscope.explain.config import ExemplarsConfig
 
 DbOpt = typer.Option(..., "--db", help="Unit database file (mechscope exemplars / describe).")
 
 
 def register(app: typer.Typer) -> None:
+    app.command("exemplars")(exemplars)
     app.command("search")(search)
     app.command("export")(export)
 
@@ -116,3 +121,88 @@ def export(
     if json:
         return emit_json({"db": str(db), "out": str(out), "units": n})
     console.print(f"{n:,} unit(s) -> {out}", highlight=False)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``0,5,10-12`` -> [0, 5, 10, 11, 12]; None stays None."""
+    if spec is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, dash, b = part.strip().partition("-")
+            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
+    except ValueError:
+        raise MechscopeError(f"--layers {spec!r} is not a list of layers; write e.g. 0,5,10-12.") from None
+    if not out or min(out) < 0:
+        raise MechscopeError(f"--layers {spec!r} names no layer (layers count from 0).")
+    return sorted(set(out))
+
+
+def parse_range(spec: str | None, what: str) -> tuple[int, int] | None:
+    """``a:b`` -> (a, b) with 0 <= a < b."""
+    if spec is None:
+        return None
+    a, colon, b = spec.partition(":")
+    try:
+        lo, hi = int(a), int(b)
+    except ValueError:
+        raise MechscopeError(f"{what} {spec!r} is not a range; write a:b, e.g. 0:512.") from None
+    if not colon or not 0 <= lo < hi:
+        raise MechscopeError(f"{what} {spec!r} is empty or negative; write a:b with 0 <= a < b.")
+    return lo, hi
+
+
+@handles_errors
+def exemplars(
+    db: Path = typer.Option(..., "--db", help="Unit database file (SQLite; created when missing)."),
+    units: str = typer.Option(ExemplarsConfig.units, "--units", help="mlp, sae:DIR or transcoders:DIR."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, e.g. 0,5,10-12 (default: all of the source's)."),
+    unit_range: Optional[str] = typer.Option(None, "--unit-range", help="Units a:b of each layer (a shard; default: all)."),
+    tokens: int = typer.Option(ExemplarsConfig.n_tokens, "--tokens", help="Tokens of the pass."),
+    token_range: Optional[str] = typer.Option(None, "--token-range", help="Tokens a:b of the packed corpus (a token shard; overrides --tokens)."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="embedded (default), a .txt/.jsonl file, a folder, or hf:NAME[:SPLIT]."),
+    k: int = typer.Option(ExemplarsConfig.k, "--k", help="Top-activating exemplars per unit."),
+    k_bottom: int = typer.Option(ExemplarsConfig.k_bottom, "--k-bottom", help="Most negative exemplars per unit."),
+    per_quantile: int = typer.Option(ExemplarsConfig.per_quantile, "--per-quantile", help="Random exemplars per quantile bin."),
+    n_random: int = typer.Option(ExemplarsConfig.n_random, "--random", help="Uniformly random exemplars per unit."),
+    context_len: int = typer.Option(ExemplarsConfig.context_len, "--context-len"),
+    batch_size: int = typer.Option(ExemplarsConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
+    seed: int = typer.Option(ExemplarsConfig.seed, "--seed", help="Seed of the samples and of the train/valid/test split."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: DB.exemplars/<settings>); a killed run resumes from it."),
+    checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints."),
+    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the database is written."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """One pass over a corpus: top/bottom/quantile/random exemplars, quantiles, density of every unit, into --db."""
+    from mechscope.explain.db import UnitDB, settings_key
+    from mechscope.explain.exemplars import harvest_exemplars
+
+    first = 0
+    if token_range is not None:
+        a, b = parse_range(token_range, "--token-range")  # type: ignore[misc]
+        if a % context_len:
+            raise MechscopeError(f"--token-range must start at a multiple of --context-len ({context_len}); {a} is not.")
+        first, tokens = a // context_len, b - a
+    cfg = ExemplarsConfig(units=units, layers=parse_layers(layers), unit_range=parse_range(unit_range, "--unit-range"),
+                          corpus=corpus, n_tokens=tokens, first_context=first, context_len=context_len,
+                          batch_size=batch_size, k=k, k_bottom=k_bottom, per_quantile=per_quantile, n_random=n_random,
+                          seed=seed, checkpoint_every=checkpoint_every)  # checked when made
+    m = load(model, device)
+    store = UnitDB(db, model_id=m.summary.name)  # refuses another model's database before the pass
+    ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
+    state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json)
+    if not keep_checkpoint and checkpoint is None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        try:
+            ckpt.parent.rmdir()
+        except OSError:
+            pass
+    n_units = sum(st.top_val.shape[1] for st in state.layers.values())
+    info = {"db": str(db), "units": units, "layers": sorted(state.layers), "n_units": n_units,
+            "tokens": state.n_tokens, "contexts": state.contexts_done, "model": m.summary.name}
+    if json:
+        return emit_json(info)
+    console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")
