@@ -125,3 +125,28 @@ def test_minilm_pooling_ignores_padding_and_finds_paraphrases(minilm, tmp_path):
     embed_descriptions(p, minilm)
     assert semantic_search(db, "towns in France", minilm, limit=1)[0].description.text == "French cities"
     assert semantic_search(db, "parentheses that end an expression", minilm, limit=1)[0].description.text == "closing brackets"
+
+
+def test_residual_embedder_ignores_right_padding(tiny_llama, tmp_path):
+    """The embedded-model embedder pads on the right; causal attention keeps the real tokens'
+    states unchanged, so a text's vector does not depend on its batch. Searching centres on the
+    stored mean."""
+    import torch
+
+    from mechscope.explain.semantic import ResidualEmbedder
+    from mechscope.models.hooks import resid_post
+
+    emb = ResidualEmbedder(tiny_llama, batch_size=8)
+    assert emb.layer == tiny_llama.summary.n_layers // 2 and emb.name.endswith(f"resid_post{emb.layer}")
+    text = "French cities"
+    alone = emb.encode([text])[0]
+    batched = emb.encode(["a much longer description about closing brackets in source code", text])[1]
+    assert np.allclose(alone, batched, atol=1e-4)
+    ids = tiny_llama.to_tokens(text)
+    _, cache = tiny_llama.bridge.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == resid_post(emb.layer))
+    assert np.allclose(alone, cache[resid_post(emb.layer)][0, 1:].mean(0).numpy(), atol=1e-5)
+    p = tmp_path / "u.db"
+    db = _synthetic_db(p)
+    embed_descriptions(p, emb)
+    hits = semantic_search(db, "French cities", emb, limit=3)
+    assert hits[0].description.text == "French cities" and hits[0].relevance == pytest.approx(1.0, abs=1e-4)
