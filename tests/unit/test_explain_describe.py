@@ -337,3 +337,41 @@ def test_server_that_is_not_there():
         make_explainer("server")
     with pytest.raises(MechscopeError, match="Did you mean: baseline"):
         make_explainer("baseln")
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_cli_describe_baseline_then_bad_server_and_bad_units(tmp_path, tiny_llama_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    db = _db(tmp_path / "u.db")
+    db.close()
+    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), "--scorer", "none", "--limit", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert (out["described"], out["units"]) == (5, 5)
+    # Scoring with a (tiny, random) simulator model: every described unit gets its scores and controls.
+    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), "--limit", "2", "--layers", "0",
+                                 "--simulator", tiny_llama_dir, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["scored"] == 2
+    store = UnitDB(tmp_path / "u.db")
+    assert all({"simulation", "simulation_shuffled", "simulation_n"} <= set(store.descriptions(u)[0].scores) for u in store.units()[:2])
+    with FakeChatServer("garbage") as srv:
+        r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), "--scorer", "none", "--explainer", "server",
+                                     "--server", srv.url, "--model", "x"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "not a chat-completions JSON" in r.output
+    assert len(store.described("baseline", BaselineExplainer().settings_key)) == 5  # nothing stored was lost
+    for args, match in ((["--units", "sae:/x/set"], "has no sae:/x/set units; it holds mlp layer 0"),
+                        (["--layers", "7"], "has no mlp units in layers 7"),
+                        (["--explainer", "lokal"], "Did you mean: local"),
+                        (["--scorer", "simulation,detect"], "Unknown scorer 'detect'")):
+        r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), *args])
+        assert r.exit_code == 2 and match in r.output, (args, r.output)
+    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "missing.db")])
+    assert r.exit_code == 2 and "run mechscope exemplars" in r.output and not (tmp_path / "missing.db").exists()

@@ -1,5 +1,5 @@
 """The unit-description commands: `mechscope exemplars` (the exemplars pass into a unit
-database), `mechscope search` (full-text or semantic search of a unit database) and
+database), `mechscope describe` (explain and score the units of a database), `mechscope search` (full-text or semantic search of a unit database) and
 `mechscope export` (units as JSON lines, with Neuronpedia's explanation fields)."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import typer
 from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
+from mechscope.explain.describe import DescribeConfig
 
 DbOpt = typer.Option(..., "--db", help="Unit database file (mechscope exemplars / describe).")
 
 
 def register(app: typer.Typer) -> None:
     app.command("exemplars")(exemplars)
+    app.command("describe")(describe)
     app.command("search")(search)
     app.command("export")(export)
 
@@ -206,3 +208,90 @@ def exemplars(
     if json:
         return emit_json(info)
     console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")
+
+
+def _unit_selection(store, units: str, layers: Optional[str], unit_range: Optional[str]) -> list:
+    """The database's units named by ``--units``/``--layers``/``--unit-range``, or one sentence saying what it holds."""
+    kind, _, folder = units.partition(":")
+    kinds = {"mlp": "mlp", "sae": "sae", "transcoders": "transcoder", "transcoder": "transcoder"}
+    if kind not in kinds or (kind == "mlp") == bool(folder):
+        raise MechscopeError(f"--units {units!r}: write mlp, sae:DIR or transcoders:DIR.")
+    source = Path(folder).name if folder else ""  # the exemplars pass names a set by its folder's name
+    refs = store.units(kinds[kind], source=source)
+    if layers is not None:
+        chosen = set(parse_layers(layers) or [])
+        refs = [r for r in refs if r.layer in chosen]
+    rng = parse_range(unit_range, "--unit-range")
+    if rng is not None:
+        refs = [r for r in refs if rng[0] <= r.index < rng[1]]
+    if not refs:
+        held = sorted({(u.kind, u.source, u.layer) for u in store.units()})
+        what = ", ".join(f"{k}{':' + s if s else ''} layer {lay}" for k, s, lay in held[:8]) + (" ..." if len(held) > 8 else "")
+        raise MechscopeError(f"{store.path} has no {units} units" + (f" in layers {layers}" if layers else "")
+                             + (f" and range {unit_range}" if unit_range else "") + f"; it holds {what or 'no units (run mechscope exemplars first)'}.")
+    return refs
+
+
+@handles_errors
+def describe(
+    db: Path = typer.Option(..., "--db", help="Unit database written by mechscope exemplars."),
+    units: str = typer.Option("mlp", "--units", help="mlp, sae:DIR or transcoders:DIR."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Layers, e.g. 0,5,10-12 (default: all in the database)."),
+    unit_range: Optional[str] = typer.Option(None, "--unit-range", help="Units a:b of each layer (a shard; default: all)."),
+    explainer: str = typer.Option("baseline", "--explainer", help="baseline (no language model), server or local (the simulator model)."),
+    scorer: str = typer.Option(",".join(DescribeConfig.scorers), "--scorer", help="simulation, detection, fuzzing (comma-separated) or none."),
+    server: Optional[str] = typer.Option(None, "--server", help="OpenAI-compatible endpoint for --explainer server, e.g. http://127.0.0.1:8080/v1."),
+    server_model: Optional[str] = typer.Option(None, "--model", help="--explainer server: the model name the server serves."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OPENAI_API_KEY", help="--explainer server: API key, if the server wants one."),
+    timeout: float = typer.Option(60.0, "--timeout", help="--explainer server: seconds per request (each retried twice)."),
+    concurrency: int = typer.Option(8, "--concurrency", help="--explainer server: requests in flight."),
+    simulator: Optional[str] = typer.Option(None, "--simulator", help="Simulator and local-explainer model: alias, folder or .gguf (default: the database's model)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N units of the selection (a repeated run continues them)."),
+    samples: int = typer.Option(DescribeConfig.n_samples, "--samples", help="Candidate descriptions per unit; the best by train simulation score is kept."),
+    seed: int = typer.Option(DescribeConfig.seed, "--seed", help="Seed of the shuffled control and of the fuzzing marks."),
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Describe units of --db (explain from train exemplars, score on held-out ones against a
+    shuffled control); resumable: a repeated run skips what is done."""
+    from mechscope.explain.db import UnitDB
+    from mechscope.explain.describe import describe as run_describe
+    from mechscope.explain.explainers import EXPLAINERS, make_explainer
+
+    if not db.is_file():
+        raise MechscopeError(f"No unit database at {db}; run mechscope exemplars --db {db} first.")
+    scorers = () if scorer.strip().lower() == "none" else tuple(s.strip() for s in scorer.split(",") if s.strip())
+    cfg = DescribeConfig(scorers=scorers, n_samples=samples, limit=limit, seed=seed)  # checked when made
+    if explainer not in EXPLAINERS:
+        make_explainer(explainer)  # the one-sentence refusal, with near matches
+    store = UnitDB(db)
+    refs = _unit_selection(store, units, layers, unit_range)
+    m = sim = None
+    if cfg.scorers or explainer == "local":
+        from mechscope.explain.scoring import ModelSimulator
+
+        m = load(simulator or store.model_id or None, device)
+        sim = ModelSimulator(m) if cfg.scorers else None
+    kw = {"timeout": timeout, "concurrency": concurrency, "api_key": api_key} if explainer == "server" else {}
+    ex = make_explainer(explainer, server=server, server_model=server_model, model=m, **kw)
+    try:
+        res = run_describe(store, refs, ex, sim, cfg, progress=not json)
+    finally:
+        ex.close()
+        store.close()
+    if json:
+        return emit_json({"db": str(db), **res.to_dict()})
+    console.print(f"{res.described:,} unit(s) described ({res.already_described:,} already), {res.scored:,} scored, "
+                  f"{res.no_exemplars:,} without train exemplars; explainer {res.explainer} [{res.settings_key}], "
+                  f"{res.seconds_explain:.1f} s explaining, {res.seconds_score:.1f} s scoring -> {db}", highlight=False, markup=False)
+    rows = [s for s in res.summary.values() if s.get("n")]
+    if rows:
+        from rich.table import Table
+
+        t = Table(title=f"scores of the {res.units:,} selected unit(s) against the shuffled control", title_justify="left")
+        for col in ("score", "n", "mean", "median", "mean shuffled", "median shuffled", "above control"):
+            t.add_column(col, justify="left" if col == "score" else "right")
+        for s in rows:
+            t.add_row(s["score"], str(s["n"]), f"{s['mean']:.3f}", f"{s['median']:.3f}", f"{s['mean_shuffled']:.3f}",
+                      f"{s['median_shuffled']:.3f}", f"{100 * s['above_control']:.0f}%")
+        console.print(t)
