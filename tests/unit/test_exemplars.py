@@ -192,3 +192,33 @@ def test_sae_source_reads_encoded_features(tiny_llama, tmp_path):
     valid[:, 0] = False
     torch.testing.assert_close(state.layers[1].top_val.max(0).values, f[valid].max(0).values, atol=1e-5, rtol=1e-5)
     assert torch.equal(state.layers[1].positive, (f[valid] > 0).sum(0))
+
+
+def test_cli_exemplars_writes_db_and_refuses_bad_input(tiny_llama_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("The Eiffel Tower is in Paris. When Mary and John went to the store, John gave a drink "
+                       "to Mary. The war lasted from the year 1732 to the year 1789.\n\n") * 40)
+    db = tmp_path / "u.db"
+    common = ["exemplars", "--model", tiny_llama_dir, "--corpus", str(corpus), "--context-len", "32",
+              "--batch-size", "4", "--k", "4", "--k-bottom", "2", "--tokens", "512"]
+    r = CliRunner().invoke(app, [*common, "--db", str(db), "--layers", "1-2", "--unit-range", "0:16", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["layers"] == [1, 2] and out["n_units"] == 32
+    store = UnitDB(db)
+    assert len(store.units()) == 32 and len(store.exemplars(UnitRef("mlp", 2, 15), kind="top")) == 4
+    assert not (tmp_path / "u.db.exemplars").exists()  # checkpoint removed after the write
+    other = tmp_path / "other.db"
+    UnitDB(other, model_id="some/other-model").close()
+    for args, needle in ((["--db", str(db), "--layers", "7"], "layer 7"), (["--db", str(db), "--layers", "x"], "--layers"),
+                         (["--db", str(db), "--unit-range", "5:2"], "--unit-range"),
+                         (["--db", str(db), "--units", "nope"], "unknown --units"),
+                         (["--db", str(other)], "some/other-model")):
+        r = CliRunner().invoke(app, [*common, *args])
+        assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output
