@@ -60,7 +60,7 @@ from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.types import Exemplar, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
 
-STATE_SCHEMA = 1
+STATE_SCHEMA = 2
 INF = float("inf")
 
 
@@ -86,7 +86,8 @@ class LayerState:
     hist: torch.Tensor  # [U, n_bins + 2] int64 (underflow, bins, overflow)
     lo: torch.Tensor  # [U] histogram range start
     inv: torch.Tensor  # [U] bins per unit of activation
-    q_edges: torch.Tensor  # [U, nq] quantile-bin edges
+    q_edges: torch.Tensor  # [U, nq] quantile-bin edges (rounded to histogram bin edges)
+    q_table: torch.Tensor  # [U * (n_bins + 2)] int64: the quantile bin of each histogram bin
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.__dict__)
@@ -100,7 +101,12 @@ def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor) -> LayerState:
     nb, m, mr = len(cfg.quantiles) + 1, cfg.per_quantile, cfg.n_random
     lo, hi = acts.min(0).values, acts.max(0).values
     inv = cfg.n_bins / (hi - lo).clamp_min(1e-12)
-    q_edges = torch.quantile(acts, torch.tensor(cfg.quantiles, device=dev), dim=0).T.contiguous()  # [U, nq]
+    q_raw = torch.quantile(acts, torch.tensor(cfg.quantiles, device=dev), dim=0).T  # [U, nq]
+    # Quantile-bin edges on histogram bin edges, so one index gives a token's histogram bin and sample bin.
+    j = ((q_raw - lo[:, None]) * inv[:, None]).round().clamp(0, cfg.n_bins)  # [U, nq] edge numbers
+    q_edges = lo[:, None] + j / inv[:, None]
+    h = torch.arange(cfg.n_bins + 2, device=dev)  # 0: underflow, 1..n_bins, n_bins + 1: overflow
+    q_table = (h[None, :, None] >= j[:, None, :] + 1).sum(-1).reshape(-1)  # [U * (n_bins + 2)]
 
     def empty(*shape, fill=math.nan, dtype=torch.float32):
         return torch.full(shape, fill, dtype=dtype, device=dev)
@@ -114,7 +120,7 @@ def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor) -> LayerState:
         r_key=empty(U, 1, mr, fill=INF), r_val=empty(U, 1, mr), r_row=empty(U, 1, mr, fill=-1, dtype=torch.long),
         r_win=empty(U, 1, mr, W),
         positive=torch.zeros(U, dtype=torch.long, device=dev), hist=torch.zeros(U, cfg.n_bins + 2, dtype=torch.long, device=dev),
-        lo=lo.float(), inv=inv.float(), q_edges=q_edges.float(),
+        lo=lo.float(), inv=inv.float(), q_edges=q_edges.float(), q_table=q_table.long(),
     )
 
 
@@ -227,12 +233,11 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     _merge_topk(state.bot_val, state.bot_row, state.bot_win, x, batch, largest=False)
     state.positive += (x > 0).sum(0)
     nb = cfg.n_bins
-    idx = ((x - state.lo) * state.inv).floor_().clamp_(-1, nb).long() + 1  # [N, U] in 0..nb+1
-    idx += torch.arange(U, device=x.device) * (nb + 2)
+    # Histogram bin of every token, 0 (below lo) .. nb + 1 (above hi), offset by unit: (x - lo) * inv + 1.
+    idx = torch.addcmul(1 - state.lo * state.inv, x, state.inv).floor_().clamp_(0, nb + 1).long()
+    idx += torch.arange(U, device=x.device) * (nb + 2)  # [N, U]
     state.hist += torch.bincount(idx.view(-1), minlength=U * (nb + 2)).view(U, nb + 2)
-    group = torch.zeros_like(x, dtype=torch.long)
-    for j in range(state.q_edges.shape[1]):
-        group += x >= state.q_edges[:, j]
+    group = state.q_table[idx]  # [N, U] quantile bin
     k1, k2 = (k.to(x.device)[rows] for k in keys)
     _merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, group, k1, x, batch)
     _merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, None, k2, x, batch)
