@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
-from mechscope.features.config import TranscoderTrainConfig
+from mechscope.features.config import EVAL_TOKENS, TranscoderTrainConfig
 
 
 def _model_set_prompt(model: str | None, device: str | None, transcoders: Path, prompt: str):
@@ -194,7 +194,7 @@ def transcoders_train(
 @handles_errors
 def transcoders_eval(
     set_dir: Path = typer.Argument(..., help="Transcoder set folder (mechscope transcoders train, or circuit-tracer's layout)."),
-    tokens: int = typer.Option(16_384, "--tokens", help="Held-out tokens to evaluate on."),
+    tokens: int = typer.Option(EVAL_TOKENS, "--tokens", help="Held-out tokens to evaluate on (CE loss recovered comes with a 95% interval)."),
     corpus: Optional[str] = CorpusOpt,
     context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
@@ -221,7 +221,12 @@ def transcoders_eval(
         tset.check_fits(m)
     elif max(found) >= n:
         fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
-    r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size)
+    n_ctx = max(1, tokens // context_len)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_ctx, desc="evaluating", unit="ctx", file=sys.stderr, disable=json) as bar:
+        r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
+                                           progress=bar.update)
     dest = Path(out or set_dir)
     dest.mkdir(parents=True, exist_ok=True)
     html = render_transcoders_eval(r)
@@ -235,14 +240,16 @@ def transcoders_eval(
     from rich.table import Table
 
     t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer")
-    for col in ("layer", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered"):
+    for col in ("layer", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
         t.add_column(col, justify="right")
     for row in r["layers"]:
-        t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "l0", "dead_frac", "ce_spliced", "ce_zero", "ce_recovered")))
+        t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "l0", "dead_frac", "ce_spliced", "ce_zero", "ce_recovered",
+                                                                      "ce_recovered_ci95")))
     console.print(t)
     a = r["all_layers"]
     console.print(f"all {len(a['layers'])} layers spliced at once: CE {a['ce_spliced']:.4g} (clean {r['ce_clean']:.4g}, all MLPs "
-                  f"zeroed {a['ce_zero']:.4g}), CE loss recovered {a['ce_recovered']:.4g}", highlight=False)
+                  f"zeroed {a['ce_zero']:.4g}), CE loss recovered {a['ce_recovered']:.4g} ± {a['ce_recovered_ci95']:.2g} (95%)",
+                  highlight=False)
     console.print(f"report: {page}", highlight=False)
 
 

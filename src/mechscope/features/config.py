@@ -1,5 +1,5 @@
 """``TranscoderTrainConfig``: how ``train_transcoders`` trains a transcoder set, checked when
-made; ``parse_layers`` reads a ``--layers`` value.
+made; ``parse_layers`` reads a ``--layers`` value; ``EVAL_TOKENS``, the evaluation's default length.
 
 No torch at import: the CLI reads the defaults when it starts (making a config imports the
 architecture registry, which does).
@@ -12,6 +12,10 @@ from typing import Any
 
 from mechscope.errors import MechscopeError
 from mechscope.sae.config import TrainConfig
+
+EVAL_TOKENS = 4096
+"""Default held-out tokens of ``mechscope transcoders eval`` (32 contexts of 128; each CE loss
+recovered comes with its 95% interval, so a longer run is a choice made knowing the width)."""
 
 _OWN = ("architecture", "d_sae", "expansion", "k", "tokens", "batch_tokens", "lr", "checkpoint_every", "seed", "device")
 """``TrainConfig`` fields this config sets itself (``train_options`` may not)."""

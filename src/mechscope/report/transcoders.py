@@ -25,16 +25,17 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
            + (f" of {n_model}" if partial else "")
            + f" | {fmt(d.get('tokens', 0))} tokens of {settings.get('corpus', 'held-out text')}")
     head = cards([
-        ("CE recovered, all spliced", fmt(all_.get("ce_recovered")), "every layer's MLP replaced at once; baseline: all zeroed", "primary"),
+        ("CE recovered, all spliced", fmt(all_.get("ce_recovered")),
+         f"± {fmt(all_.get('ce_recovered_ci95'))} (95%); every layer's MLP replaced at once; baseline: all zeroed", "primary"),
         ("median FVU", fmt(summ.get("median_fvu")), f"max {fmt(summ.get('max_fvu'))}", ""),
         ("mean L0", fmt(summ.get("mean_l0")), "active features per token", ""),
         ("mean dead", fmt(summ.get("mean_dead_frac")), "features never firing here", ""),
     ])
     tab = table(
-        ["layer", "architecture", "d_sae", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered"],
+        ["layer", "architecture", "d_sae", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"],
         [[r.get("layer"), r.get("architecture", ""), r.get("d_sae"), r.get("fvu"), r.get("l0"), r.get("dead_frac"),
-          r.get("ce_spliced"), r.get("ce_zero"), r.get("ce_recovered")] for r in rows],
-        numeric=[True, False, True, True, True, True, True, True, True],
+          r.get("ce_spliced"), r.get("ce_zero"), r.get("ce_recovered"), r.get("ce_recovered_ci95")] for r in rows],
+        numeric=[True, False, True, True, True, True, True, True, True, True],
     )
     xs = [r.get("layer", i) for i, r in enumerate(rows)]
     plot = line_chart({"FVU": (xs, [r.get("fvu") for r in rows]), "CE recovered": (xs, [r.get("ce_recovered") for r in rows])},
