@@ -225,10 +225,14 @@ def test_expected_value_readout_equals_a_hand_computation(tiny_llama):
             e = [math.exp(x - m) for x in z]
             assert value == pytest.approx(sum(k * x for k, x in enumerate(e)) / sum(e), abs=1e-4)
             assert 0.0 <= value <= sim.top
-    # Batched and one-at-a-time (padding) agree.
-    one = ModelSimulator(tiny_llama, batch_size=1).simulate('the token "Paris"', windows)
+    assert sim._share_head  # the shared-head cache path ran (the hand computation above runs without it)
+    # Whole sequences, one at a time (no cache, no padding) agree with the cached, batched path.
+    whole = ModelSimulator(tiny_llama, batch_size=1, share_head=False)
+    one = whole.simulate('the token "Paris"', windows)
     assert all(a == pytest.approx(b, abs=1e-4) for ga, gb in zip(got, one) for a, b in zip(ga, gb))
-    p = sim.detect("x", windows) + sim.judge_marks("x", windows, [[True] + [False] * (len(w) - 1) for w in windows])
+    marks = [[True] + [False] * (len(w) - 1) for w in windows]
+    p = sim.detect("x", windows) + sim.judge_marks("x", windows, marks)
+    assert p == pytest.approx(whole.detect("x", windows) + whole.judge_marks("x", windows, marks), abs=1e-5)
     assert all(0.0 <= q <= 1.0 for q in p)
 
 

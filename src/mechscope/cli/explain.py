@@ -268,9 +268,10 @@ def describe(
     refs = _unit_selection(store, units, layers, unit_range)
     m = sim = None
     if cfg.scorers or explainer == "local":
+        from mechscope.explain.plain import plain_lm
         from mechscope.explain.scoring import ModelSimulator
 
-        m = load(simulator or store.model_id or None, device)
+        m = plain_lm(simulator or store.model_id or None, device)  # no bridge: describing needs no hooks
         sim = ModelSimulator(m) if cfg.scorers else None
     kw = {"timeout": timeout, "concurrency": concurrency, "api_key": api_key} if explainer == "server" else {}
     ex = make_explainer(explainer, server=server, server_model=server_model, model=m, **kw)

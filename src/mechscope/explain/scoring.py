@@ -37,7 +37,9 @@ and stored as ``<score>_shuffled``. A method counts only where it beats its cont
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import math
 import random
 import statistics
@@ -260,16 +262,19 @@ def control_summary(descriptions: Iterable[Description], score_name: str = "simu
 class ModelSimulator:
     """A causal language model as simulator, one forward pass per window (``batch_size`` windows per pass).
 
-    Runs the Hugging Face model under the bridge (``model.bridge.original_model``): no hooks
-    are needed, and the plain forward is faster.
+    ``model``: a loaded ``mechscope.models.Model``, a name as for ``load_model``, or a
+    ``mechscope.explain.plain.PlainLM``. It runs the plain Hugging Face model (see
+    ``mechscope.explain.plain``: the bridge's wrapped model keeps no key/value cache).
     """
 
-    def __init__(self, model: Any, batch_size: int = 8):
+    def __init__(self, model: Any, batch_size: int = 8, share_head: bool = True):
         import torch
 
-        self.model, self.batch_size = model, batch_size
-        self.hf = model.bridge.original_model
-        self.tok = model.tokenizer
+        from mechscope.explain.plain import plain_lm
+
+        self.model, self.batch_size = plain_lm(model), batch_size
+        self.hf = self.model.hf
+        self.tok = self.model.tokenizer
         self.torch = torch
         numbers: list[int] = []
         for k in range(11):
@@ -278,7 +283,7 @@ class ModelSimulator:
                 break
             numbers.append(ids[0])
         if len(numbers) < 2:
-            raise MechscopeError(f"The simulator's tokenizer ({model.summary.name}) has no single-token digits 0 and 1; use another simulator model.")
+            raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) has no single-token digits 0 and 1; use another simulator model.")
         self.number_ids = numbers  # "0".."top", each one token
         self.top = len(numbers) - 1
         for yes, no in ((" Yes", " No"), ("Yes", "No")):  # the first token of each answer must differ
@@ -286,12 +291,15 @@ class ModelSimulator:
             if self.yes != self.no:
                 break
         else:
-            raise MechscopeError(f"The simulator's tokenizer ({model.summary.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
+            raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
         self._cache: dict[str, list[int]] = {}
+        self._share_head = share_head
+        # transformers 5.x renames the forward's past_key_values to cache (the old name goes in 5.40).
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 
     @property
     def name(self) -> str:
-        return self.model.summary.name
+        return self.model.name
 
     def _enc(self, text: str) -> list[int]:
         ids = self._cache.get(text)
@@ -303,42 +311,70 @@ class ModelSimulator:
         """The prompt's beginning, with the tokenizer's own special tokens (BOS where it adds one)."""
         return self.tok(text)["input_ids"]
 
-    def sim_sequence(self, description: str, tokens: list[str]) -> tuple[list[int], list[int]]:
-        """Token ids of the simulation prompt for one window, and the positions (one per token) read."""
-        example = (f"{SIM_INSTRUCTIONS.format(top=self.top)}\n\nExample.\nExplanation: the word \"cat\"\n"
-                   f"Activations:\nThe\t0\n cat\t{self.top}\n sat\t0\n on\t0\n the\t0\n mat\t0\n\n"
-                   f"Explanation: {description.strip()}\nActivations:\n")
-        ids = list(self._head(example))
+    def _sim_parts(self, description: str, tokens: list[str]) -> tuple[list[int], list[int], list[int]]:
+        """(head ids, tail ids, read positions within the tail) of the simulation prompt for one window."""
+        head = (f"{SIM_INSTRUCTIONS.format(top=self.top)}\n\nExample.\nExplanation: the word \"cat\"\n"
+                f"Activations:\nThe\t0\n cat\t{self.top}\n sat\t0\n on\t0\n the\t0\n mat\t0\n\n"
+                f"Explanation: {description.strip()}\nActivations:\n")
         tab, unknown = self._enc("\t"), self._enc("unknown\n")
+        tail: list[int] = []
         slots = []
         for t in tokens:
-            ids += self._enc(clean_token(t)) + tab
-            slots.append(len(ids) - 1)  # the logits here predict the number after the tab
-            ids += unknown
-        return ids, slots
+            tail += self._enc(clean_token(t)) + tab
+            slots.append(len(tail) - 1)  # the logits here predict the number after the tab
+            tail += unknown
+        return list(self._head(head)), tail, slots
 
-    def _judge_sequence(self, description: str, text: str, question: str) -> list[int]:
-        prompt = f"{JUDGE_INSTRUCTIONS}\n\nExplanation: {description.strip()}\nText: {text}\n{question} Answer:"
-        return list(self._head(prompt))
+    def sim_sequence(self, description: str, tokens: list[str]) -> tuple[list[int], list[int]]:
+        """Token ids of the whole simulation prompt for one window, and the positions (one per token) read."""
+        head, tail, slots = self._sim_parts(description, tokens)
+        return head + tail, [len(head) + s for s in slots]
 
-    def _last_logits(self, seqs: list[list[int]], reads: list[list[int]]) -> list[Any]:
-        """Logits [len(read), d_vocab] at the read positions of each sequence, in batches of right-padded sequences."""
+    def _judge_parts(self, description: str, text: str, question: str) -> tuple[list[int], list[int]]:
+        head = f"{JUDGE_INSTRUCTIONS}\n\nExplanation: {description.strip()}\nText:"
+        return list(self._head(head)), self.tok.encode(f" {text}\n{question} Answer:", add_special_tokens=False)
+
+    def _logits(self, head: list[int], tails: list[list[int]], reads: list[list[int]]) -> list[Any]:
+        """Logits [len(read), d_vocab] at the read positions (within each tail) of ``head + tail``.
+
+        The head (instructions, example, description: the same for every window of a unit) runs
+        once and its key/value cache is shared by every batch of right-padded tails, which
+        halves the cost; where the model's cache cannot be shared that way, whole sequences run."""
         torch = self.torch
         out: list[Any] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         dev = self.model.device
-        for i in range(0, len(seqs), self.batch_size):
-            chunk, where = seqs[i:i + self.batch_size], reads[i:i + self.batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, s in enumerate(chunk):
-                ids[b, :len(s)] = torch.tensor(s)
+        cache = None
+        if self._share_head:
+            try:
+                with torch.no_grad():
+                    first = self.hf(input_ids=torch.tensor([head], device=dev), use_cache=True)
+                cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+                if not hasattr(cache, "batch_repeat_interleave"):
+                    cache = None
+            except (TypeError, ValueError, AttributeError, NotImplementedError):
+                cache = None
+            self._share_head = cache is not None
+        for i in range(0, len(tails), self.batch_size):
+            chunk, where = tails[i:i + self.batch_size], reads[i:i + self.batch_size]
+            rows = chunk if cache is not None else [head + t for t in chunk]
+            shift = 0 if cache is not None else len(head)
+            width = max(len(s) for s in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for b, s in enumerate(rows):
+                ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
                 mask[b, :len(s)] = 1
+            kw: dict[str, Any] = {}
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(rows))
+                mask = torch.cat([torch.ones((len(rows), len(head)), dtype=torch.long), mask], dim=1)  # [batch, head + width]
+                kw = {self._cache_arg: past, "use_cache": True}
             with torch.no_grad():
-                logits = self.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # [batch, pos, d_vocab]
+                logits = self.hf(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw).logits  # [batch, width, d_vocab]
             for b, pos in enumerate(where):
-                out.append(logits[b, pos].float().cpu())  # [len(pos), d_vocab]
+                out.append(logits[b, [shift + p for p in pos]].float().cpu())  # [len(pos), d_vocab]
         return out
 
     def expected_values(self, logits: Any) -> list[float]:
@@ -348,20 +384,25 @@ class ModelSimulator:
         return (p @ torch.arange(self.top + 1, dtype=p.dtype)).tolist()
 
     def simulate(self, description: str, windows: list[list[str]]) -> list[list[float]]:
-        built = [self.sim_sequence(description, w) for w in windows]
-        rows = self._last_logits([s for s, _ in built], [r for _, r in built])
+        parts = [self._sim_parts(description, w) for w in windows]
+        if not parts:
+            return []
+        rows = self._logits(parts[0][0], [t for _, t, _ in parts], [r for _, _, r in parts])
         return [self.expected_values(r) for r in rows]
 
-    def _yes(self, seqs: list[list[int]]) -> list[float]:
-        rows = self._last_logits(seqs, [[len(s) - 1] for s in seqs])
+    def _yes(self, description: str, texts: list[str], question: str) -> list[float]:
+        parts = [self._judge_parts(description, t, question) for t in texts]
+        if not parts:
+            return []
+        rows = self._logits(parts[0][0], [t for _, t in parts], [[len(t) - 1] for _, t in parts])
         torch = self.torch
         return [float(torch.softmax(r[0, [self.yes, self.no]], dim=-1)[0]) for r in rows]
 
     def detect(self, description: str, windows: list[list[str]]) -> list[float]:
         q = "Does the neuron fire anywhere in this text?"
-        return self._yes([self._judge_sequence(description, "".join(clean_token(t) for t in w), q) for w in windows])
+        return self._yes(description, ["".join(clean_token(t) for t in w) for w in windows], q)
 
     def judge_marks(self, description: str, windows: list[list[str]], marks: list[list[bool]]) -> list[float]:
         q = "Are the tokens marked <<like this>> the ones the explanation is about?"
         texts = ["".join(f"<<{clean_token(t)}>>" if m else clean_token(t) for t, m in zip(w, ms)) for w, ms in zip(windows, marks)]
-        return self._yes([self._judge_sequence(description, t, q) for t in texts])
+        return self._yes(description, texts, q)

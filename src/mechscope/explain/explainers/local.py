@@ -4,8 +4,8 @@ The prompt is the server explainer's (``base.SYSTEM_PROMPT`` + ``base.explain_pr
 through the tokenizer's chat template when it has one (the embedded SmolLM2-135M-Instruct
 does), else as plain ``system / user / "Explanation:"`` text. Sample 0 is greedy; further
 samples are drawn at ``temperature`` with a seeded generator, so a run is reproducible.
-Generation runs on the Hugging Face model under the bridge (``bridge.original_model``): no
-hooks are needed to write text, and the plain model is faster.
+Generation runs on the plain Hugging Face model (``mechscope.explain.plain``): the bridge's
+wrapped model keeps no key/value cache, so ``generate`` through it goes wrong.
 
 Quality: a 135M model writes weak descriptions (often a paraphrase of the instructions or one
 of the highlighted tokens); that is expected, and the scores with their shuffled control say
@@ -21,20 +21,22 @@ from mechscope.explain.types import Exemplar, UnitRecord
 
 
 class LocalExplainer(Explainer):
-    """Descriptions generated in process by ``model`` (a ``mechscope.models.Model``)."""
+    """Descriptions generated in process by ``model`` (a ``mechscope.models.Model``, a name, or a ``PlainLM``)."""
 
     name = "local"
 
     def __init__(self, model: Any, temperature: float = 0.7, max_new_tokens: int = 40, seed: int = 0):
-        self.model, self.temperature, self.max_new_tokens, self.seed = model, temperature, max_new_tokens, seed
+        from mechscope.explain.plain import plain_lm
+
+        self.model, self.temperature, self.max_new_tokens, self.seed = plain_lm(model), temperature, max_new_tokens, seed
 
     @property
     def model_name(self) -> str:
-        return self.model.summary.name
+        return self.model.name
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"model": self.model.summary.name, "temperature": self.temperature,
+        return {"model": self.model.name, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
     def prompt_ids(self, unit: UnitRecord, train: list[Exemplar]) -> list[int]:
@@ -51,7 +53,7 @@ class LocalExplainer(Explainer):
     def explain(self, unit: UnitRecord, train: list[Exemplar], n_samples: int = 1) -> list[str]:
         import torch
 
-        hf = self.model.bridge.original_model
+        hf = self.model.hf
         tok = self.model.tokenizer
         ids = torch.tensor([self.prompt_ids(unit, train)], device=self.model.device)  # [1, pos]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
