@@ -30,18 +30,24 @@ def lens(
     target: Optional[str] = typer.Option(None, "--target", help="Token to follow (default: the model's top prediction)."),
     distractor: Optional[str] = typer.Option(None, "--distractor", help="Contrast token for DLA (default: the runner-up)."),
     k: int = typer.Option(5, "--k", help="Top tokens kept per site and position."),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", help="Read through a tuned lens's translators (a `mechscope tuned-lens train` folder)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
-    """Logit lens at every layer (resid pre/mid/post) and direct logit attribution per head and MLP."""
+    """Logit lens at every layer (resid pre/mid/post; with --tuned, the tuned lens) and direct logit attribution per head and MLP."""
     from mechscope.lens import run_lens
     from mechscope.lens.run import check_k
     from mechscope.report.lens import write_lens
 
     check_k(k)  # before loading the model
+    lens_t = None
+    if tuned is not None:
+        from mechscope.lens.tuned import TunedLens
+
+        lens_t = TunedLens.load(tuned)  # a bad folder fails before the model loads
     m = load(model, device)
-    res = run_lens(m, prompt, target=target, distractor=distractor, k=k)
+    res = run_lens(m, prompt, target=target, distractor=distractor, k=k, tuned=lens_t)
     out_dir = Path(out or fresh_dir("lens"))
     res.save(out_dir)
     d = res.to_dict()
@@ -49,6 +55,10 @@ def lens(
     if json:
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     rank_last = res.rank[:, -1].tolist()
+    if lens_t is not None:
+        logit = res.settings["logit_rank_last_position"]
+        console.print("target rank at the last position, tuned lens (logit lens): " + ", ".join(
+            f"{s} {t} ({g})" for s, t, g in zip(res.sites, rank_last, logit)), highlight=False)
     console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
                   f"first top-1 at {res.first_top1_site()}", highlight=False)
     dd = res.dla

@@ -2,6 +2,7 @@
 
     model.py      info, graph, hooks            heads.py    heads, train-toy, dynamics
     tasks.py      tasks, task-eval              lens.py     lens
+    tuned_lens.py tuned-lens train | eval | convert
     circuits.py   discover, evaluate            recall.py   recall
     corpus.py     corpus                        steer.py    steer
     probe.py      probe
@@ -32,6 +33,7 @@ from mechscope.cli import (
     serve,
     steer,
     tasks,
+    tuned_lens,
 )
 from mechscope.cli.common import STATE
 
@@ -51,7 +53,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, probe, recall, steer, sae, features, explain, serve):
+for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, steer, sae, features, explain, serve):
     group.register(app)
 
 

@@ -39,6 +39,10 @@ def recall(
     layer_stride: Optional[int] = typer.Option(None, "--layer-stride", help=f"Trace every k-th layer (default {RecallConfig.layer_stride}; "
                                                f"{dataset_config().layer_stride} with --dataset)."),
     seed: int = typer.Option(RecallConfig.seed, "--seed"),
+    tuned: Optional[Path] = typer.Option(None, "--tuned", help="Tuned lens folder for subject enrichment (default: the one at "
+                                         "$MECHSCOPE_CACHE/tuned-lens/<model> or ~/.cache/mechscope/tuned-lens/<model> if "
+                                         "present, else the logit lens)."),
+    logit_lens: bool = typer.Option(False, "--logit-lens", help="Read subject enrichment with the logit lens even when translators exist."),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
@@ -60,12 +64,22 @@ def recall(
         kw["samples"] = samples
     if layer_stride is not None:
         kw["layer_stride"] = layer_stride
+    if tuned is not None and logit_lens:
+        raise MechscopeError("Pass --tuned DIR or --logit-lens, not both.")
     cfg = dataset_config(**kw) if dataset is not None else RecallConfig(**kw)  # checks the settings
+    lens_t = None
+    if tuned is not None:
+        from mechscope.lens.tuned import TunedLens
+
+        lens_t = TunedLens.load(tuned)  # a bad folder fails before the model loads
     m = load(model, device)
+    lens_t = _enrichment_lens(m, lens_t, logit_lens, json)
+    cfg.extra["enrichment_lens"] = "logit" if lens_t is None else f"tuned:{lens_t.info.get('path')}"
     if dataset is not None:
-        res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False))
+        res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False),
+                             tuned=lens_t)
     else:
-        res = run_recall(m, prompt, subject, target, cfg)
+        res = run_recall(m, prompt, subject, target, cfg, tuned=lens_t)
     out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()
@@ -74,6 +88,25 @@ def recall(
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     _print_summary(d)
     console.print(f"report: {report}", highlight=False)
+
+
+def _enrichment_lens(m, lens_t, logit_lens: bool, quiet: bool):
+    """The tuned lens subject enrichment reads with: ``--tuned``'s (checked against the model),
+    else translators at the default location (``lens.config.default_tuned_dir``), else None."""
+    from mechscope.lens.config import default_tuned_dir
+    from mechscope.lens.tuned import JSON_FILE, TunedLens
+
+    if lens_t is None and not logit_lens:
+        where = default_tuned_dir(m.summary.name)
+        if (where / JSON_FILE).is_file():
+            lens_t = TunedLens.load(where)
+            if not quiet:
+                err_console.print(f"subject enrichment reads the tuned lens at {where} (--logit-lens to use the logit lens)",
+                                  highlight=False)
+    if lens_t is not None:
+        lens_t.check_fits(m)
+        lens_t = lens_t.to(m.device)
+    return lens_t
 
 
 def _print_summary(d: dict) -> None:

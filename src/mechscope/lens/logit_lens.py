@@ -46,17 +46,20 @@ class LensTable:
 
 
 @torch.no_grad()
-def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5) -> LensTable:
-    """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``."""
+def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5, tuned=None) -> LensTable:
+    """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``. With ``tuned``
+    (a ``lens.tuned.TunedLens``), the tuned lens instead: the sites are the translators' hooks
+    (``tuned.hooks``) and each state goes through its layer's translator before the decoding."""
     L = model.summary.n_layers
-    hooks = site_hooks(L)
+    hooks = site_hooks(L) if tuned is None else tuned.hooks
     wanted = set(hooks) | {FINAL_NORM_IN, FINAL_NORM_OUT}
     logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
     norm = final_norm(model)
     check_matches(norm, cache[FINAL_NORM_IN][0], cache[FINAL_NORM_OUT][0])
     ranks, probs, tids, tps = [], [], [], []
     for h in hooks:  # one site at a time: [pos, d_vocab] stays small
-        lp = project(model, cache[h][0], norm).log_softmax(-1)  # [pos, d_vocab]
+        x = cache[h][0] if tuned is None else tuned.translate(cache[h][0], tuned.layer_of(h))
+        lp = project(model, x, norm).log_softmax(-1)  # [pos, d_vocab]
         tgt = lp[:, target_id]
         ranks.append((lp > tgt[:, None]).sum(-1))
         probs.append(tgt.exp())

@@ -6,7 +6,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.lens.dla import direct_logit_attribution
-from mechscope.lens.logit_lens import logit_lens, site_names
+from mechscope.lens.logit_lens import logit_lens, site_hooks, site_names
 from mechscope.lens.result import LensResult
 from mechscope.models.prompt import encode_prompt, single_token
 
@@ -17,11 +17,15 @@ def check_k(k: int) -> None:
         raise MechscopeError(f"--k {k} must be at least 1.")
 
 
-def run_lens(model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5) -> LensResult:
+def run_lens(model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5,
+             tuned=None) -> LensResult:
     """Logit lens and DLA for ``prompt``.
 
     ``target``: the token to follow (default: the model's top prediction); ``distractor``: the
     contrast token of the DLA (default: the highest-logit token other than the target).
+    ``tuned``: a ``TunedLens`` (checked against the model) read instead of the logit lens; its
+    sites are the translators' hooks, and ``settings["logit_rank_last_position"]`` keeps the
+    logit lens's rank of the target at the same sites for comparison.
     """
     check_k(k)
     tokens = encode_prompt(model, prompt)
@@ -34,13 +38,22 @@ def run_lens(model, prompt: str, target: str | None = None, distractor: str | No
         masked = logits.clone()
         masked[tid] = float("-inf")
         did = int(masked.argmax())
-    table = logit_lens(model, tokens, tid, k=k)
+    extra: dict = {}
+    if tuned is not None:
+        tuned.check_fits(model)
+        tuned = tuned.to(model.device)
+        plain = logit_lens(model, tokens, tid, k=1)
+        rows = {h: i for i, h in enumerate(site_hooks(model.summary.n_layers))}
+        extra = {"lens": "tuned", "tuned_lens": tuned.info.get("path"), "tuned_reads": tuned.reads,
+                 "logit_rank_last_position": [int(plain.rank[rows[h], -1]) for h in tuned.hooks]}
+    table = logit_lens(model, tokens, tid, k=k, tuned=tuned)
+    sites = site_names(model.summary.n_layers) if tuned is None else [f"L{l}.{tuned.reads[6:]}" for l in range(tuned.n_layers)]
     dla = direct_logit_attribution(model, tokens, tid, did)
     dec = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
     top_tokens = [[[dec(i) for i in pos] for pos in site] for site in table.top_ids.tolist()]
     return LensResult(
         model=model.summary.to_dict(), prompt=prompt, tokens=model.to_str_tokens(tokens[0]), target=dec(tid), target_id=tid,
-        distractor=dec(did), distractor_id=did, sites=site_names(model.summary.n_layers), rank=table.rank, prob=table.prob,
+        distractor=dec(did), distractor_id=did, sites=sites, rank=table.rank, prob=table.prob,
         top_ids=table.top_ids, top_probs=table.top_probs, top_tokens=top_tokens, dla=dla,
-        settings={"k": k, "target_given": target is not None, "distractor_given": distractor is not None},
+        settings={"k": k, "target_given": target is not None, "distractor_given": distractor is not None, **extra},
     )

@@ -52,9 +52,10 @@ def known_facts(model, facts: list[Fact]) -> list[Fact]:
 
 def recall_dataset(model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
                    progress: Callable[[int, int, str], None] | None = None,
-                   facts: list[Fact] | None = None) -> RecallDatasetResult:
+                   facts: list[Fact] | None = None, tuned=None) -> RecallDatasetResult:
     """Recall analyses of ``n`` known facts (seeded draw) and their aggregate; ``facts``
-    defaults to the whole shipped list."""
+    defaults to the whole shipped list; ``tuned``: a ``TunedLens`` for subject enrichment
+    (default: the logit lens)."""
     from mechscope.recall.run import PARTS
 
     check_dataset("facts", n)
@@ -75,7 +76,7 @@ def recall_dataset(model, n: int = DATASET_N, cfg: RecallConfig | None = None, p
         c = RecallConfig(**{**cfg.to_dict(), "kinds": tuple(cfg.kinds), "seed": cfg.seed + i})
         j = (i + 1) % len(chosen)
         r = recall(model, f.prompt, f.subject, f.attribute, c, parts=parts, noise_std=noise_std, related=rel[i],
-                   control=rel[j], control_subject=chosen[j].subject)
+                   control=rel[j], control_subject=chosen[j].subject, tuned=tuned)
         r.extras["relation"] = f.relation
         results.append(r)
     agg = aggregate(results, model.summary.n_layers)

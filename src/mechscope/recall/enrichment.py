@@ -7,7 +7,9 @@ representation of the subject's last token encodes at each layer.
    token, normalised (stripped, lower-cased), counts when it is alphabetic, at least 3
    letters long, not a stopword and not part of the subject's own name.
 2. Project the residual stream after each layer (``hook_resid_post``) at the subject's last
-   token to the vocabulary (final norm + unembedding) and take the ``top_k`` tokens.
+   token to the vocabulary (final norm + unembedding) and take the ``top_k`` tokens. With a
+   tuned lens (``tuned``, ``mechscope.lens.tuned``), each layer's state goes through that
+   layer's translator first (the logit lens reads only the last layers on SmolLM2).
 3. Attribute rate at a layer = the fraction of those top-k tokens whose normalised form is in
    the related set. The control rate uses another subject's related set: enrichment means the
    rate rises above the control.
@@ -57,12 +59,15 @@ def related_tokens(model, subjects: list[str], n_tokens: int = 24) -> list[set[s
 
 
 @torch.no_grad()
-def subject_projections(model, tokens: torch.Tensor, subject_last: int, top_k: int = 50) -> list[list[str]]:
-    """The top-k tokens (decoded) of the residual stream after each layer at ``subject_last``."""
+def subject_projections(model, tokens: torch.Tensor, subject_last: int, top_k: int = 50, tuned=None) -> list[list[str]]:
+    """The top-k tokens (decoded) of the residual stream after each layer at ``subject_last``,
+    read by the logit lens or, with ``tuned``, by that tuned lens."""
     L = model.summary.n_layers
     hooks = [resid_post(l) for l in range(L)]
     st = clean_states(model, tokens, hooks)
     x = torch.stack([st[h][subject_last] for h in hooks])  # [L, d_model]
+    if tuned is not None:
+        x = torch.stack([tuned.translate(x[l], tuned.layer_of(h)) for l, h in enumerate(hooks)])
     ids = project(model, x, final_norm(model)).topk(top_k, dim=-1).indices  # [L, k]
     return [[model.tokenizer.decode([i]) for i in row] for row in ids.tolist()]
 
@@ -85,10 +90,11 @@ class Enrichment:
 
 def subject_enrichment(model, tokens: torch.Tensor, subject: str, subject_last: int, control_subject: str,
                        top_k: int = 50, gen_tokens: int = 24, related: set[str] | None = None,
-                       control: set[str] | None = None) -> Enrichment:
-    """Enrichment of one prompt's subject; ``related``/``control`` sets are built when not given."""
+                       control: set[str] | None = None, tuned=None) -> Enrichment:
+    """Enrichment of one prompt's subject; ``related``/``control`` sets are built when not given;
+    ``tuned``: a tuned lens to read the layers with (default: the logit lens)."""
     if related is None or control is None:
         related, control = related_tokens(model, [subject, control_subject], gen_tokens)
-    top = subject_projections(model, tokens, subject_last, top_k)
+    top = subject_projections(model, tokens, subject_last, top_k, tuned)
     return Enrichment(rate=attribute_rate(top, related), control_rate=attribute_rate(top, control),
                       related=sorted(related), control_subject=control_subject, top_tokens=top)

@@ -25,8 +25,10 @@ def facts_noise_std(model, cfg: RecallConfig) -> float:
 
 def recall(model, prompt: str, subject: str, target: str | None = None, cfg: RecallConfig | None = None,
            parts: tuple[str, ...] = PARTS, noise_std: float | None = None, related=None, control=None,
-           control_subject: str | None = None) -> RecallResult:
-    """Dissect the recall of one fact. ``target`` defaults to the model's top prediction."""
+           control_subject: str | None = None, tuned=None) -> RecallResult:
+    """Dissect the recall of one fact. ``target`` defaults to the model's top prediction;
+    ``tuned``: a ``TunedLens`` that subject enrichment reads the layers with (default: the
+    logit lens)."""
     cfg = cfg or RecallConfig()
     tokens = encode_prompt(model, prompt)
     spos = subject_positions(model, prompt, subject)
@@ -49,5 +51,5 @@ def recall(model, prompt: str, subject: str, target: str | None = None, cfg: Rec
             pool = sorted({f.subject for f in load_facts()} - {subject})
             control_subject = random.Random(cfg.seed).choice(pool)
         res.enrichment = subject_enrichment(model, tokens, subject, spos[-1], control_subject, cfg.top_k, cfg.gen_tokens,
-                                            related=related, control=control)
+                                            related=related, control=control, tuned=tuned)
     return res

@@ -42,6 +42,9 @@ def render_lens(d: dict[str, Any]) -> str:
         f"<h2>Logit lens at the last position</h2>"
         + table(["site", "target rank", "target p", "top tokens"], last_rows, numeric=[False, True, True, False])
     )
+    if (d.get("settings") or {}).get("lens") == "tuned":
+        body = body.replace("<h2>Logit lens: rank", "<h2>Tuned lens: rank").replace("<h2>Logit lens at", "<h2>Tuned lens at")
+        return page(f"Tuned lens: {d['prompt']}", body, kind="tuned lens")
     return page(f"Logit lens: {d['prompt']}", body, kind="logit lens")
 
 

@@ -1,0 +1,139 @@
+"""`mechscope tuned-lens train | eval | convert`: train a tuned lens (one affine translator per
+layer), evaluate it against the logit lens on held-out text, convert the tuned-lens package's
+``params.pt`` into safetensors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
+
+tuned_app = typer.Typer(help="Tuned lens: train translators per layer, evaluate them against the logit lens, convert.",
+                        no_args_is_help=True)
+CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
+
+
+def register(app: typer.Typer) -> None:
+    tuned_app.command("train")(train)
+    tuned_app.command("eval")(evaluate)
+    tuned_app.command("convert")(convert)
+    app.add_typer(tuned_app, name="tuned-lens")
+
+
+def _progress(quiet: bool):
+    def show(p: dict) -> None:
+        if quiet:
+            return
+        if p["stage"] == "closed form":
+            msg = f"closed form: {p['tokens']:,}/{p['of']:,} tokens, {p['seconds']:.0f} s"
+        else:
+            msg = f"KL fine-tune: step {p['step']}/{p['steps']}, mean KL {p['kl_mean']:.4f} nats, {p['seconds']:.0f} s"
+        sys.stderr.write(f"\r{msg}   ")
+        sys.stderr.flush()
+
+    return show
+
+
+@handles_errors
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder for the translators (tuned_lens.json + .safetensors) and checkpoints."),
+    tokens: int = typer.Option(TunedLensTrainConfig.tokens, "--tokens", help="Train-split positions read for the closed-form start."),
+    corpus: Optional[str] = CorpusOpt,
+    kl_steps: int = typer.Option(TunedLensTrainConfig.kl_steps, "--kl-steps", help="Adam steps of the KL fine-tune (0: closed form only)."),
+    kl_batch: int = typer.Option(TunedLensTrainConfig.kl_batch, "--kl-batch", help="Positions per KL step."),
+    kl_tokens: int = typer.Option(TunedLensTrainConfig.kl_tokens, "--kl-tokens", help="Positions cached for the KL fine-tune."),
+    lr: float = typer.Option(TunedLensTrainConfig.lr, "--lr"),
+    reads: str = typer.Option(TunedLensTrainConfig.reads, "--reads", help="resid_post (after each block) or resid_pre (entering it)."),
+    matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="bfloat16 or float32 unembedding matmuls in the KL stage."),
+    checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
+    seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Train a tuned lens: a closed-form start streamed over the corpus, then a KL fine-tune; resumable."""
+    from mechscope.lens.tuned_train import train_tuned_lens
+
+    cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
+                               reads=reads, matmul_dtype=matmul_dtype, cache_dtype=matmul_dtype,
+                               checkpoint_every=checkpoint_every, seed=seed)  # checked before the model loads
+    m = load(model, device)
+    if not json:
+        console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "
+                      f"{tokens:,} tokens of {corpus or 'embedded'} (train split), {kl_steps} KL steps -> {out}", highlight=False)
+    t0 = time.perf_counter()
+    lens = train_tuned_lens(m, corpus, cfg, out, resume=resume, progress=_progress(json))
+    secs = time.perf_counter() - t0
+    tr = lens.info["training"]
+    last = tr["kl_log"][-1]["kl_mean"] if tr["kl_log"] else None
+    summary = {"out": str(out), "seconds": round(secs, 1), "stage_seconds": tr["seconds"], "final_train_kl_mean": last,
+               "n_layers": lens.n_layers, "reads": lens.reads}
+    if json:
+        return emit_json(summary)
+    sys.stderr.write("\n")
+    console.print(f"done in {secs:.0f} s (closed form {tr['seconds']['closed_form']:.0f} s, KL {tr['seconds']['kl']:.0f} s). "
+                  f"Saved to {out}; evaluate with: mechscope tuned-lens eval {out}", highlight=False)
+
+
+@handles_errors
+def evaluate(
+    lens_dir: Path = typer.Argument(..., help="Tuned lens folder (mechscope tuned-lens train or convert)."),
+    tokens: int = typer.Option(HELDOUT_TOKENS, "--tokens", help="Held-out positions scored."),
+    corpus: Optional[str] = CorpusOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: LENS_DIR)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Held-out KL to the final distribution per layer, tuned lens vs logit lens (JSON + HTML report)."""
+    import json as _json
+
+    from mechscope.errors import MechscopeError
+    from mechscope.lens.tuned import TunedLens
+    from mechscope.lens.tuned_eval import evaluate_tuned_lens
+    from mechscope.report.tuned_lens import write_tuned_lens_eval
+
+    if tokens < 1:
+        raise MechscopeError(f"--tokens {tokens} must be at least 1.")
+    lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
+    m = load(model or lens.model_info.get("name"), device)
+    res = evaluate_tuned_lens(m, lens, corpus, tokens)
+    out_dir = Path(out or lens_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(_json.dumps(res, indent=1))
+    report = write_tuned_lens_eval(res, out_dir / "eval.html")
+    if json:
+        return emit_json({**res, "report": str(report)})
+    for r in res["layers"]:
+        console.print(f"layer {r['layer']:>3}  KL logit {r['kl_logit']:8.4f}  tuned {r['kl_tuned']:8.4f}  "
+                      f"ratio {(r['ratio'] or float('nan')):7.2f}", highlight=False)
+    s = res["summary"]
+    console.print(f"tuned below the logit lens at every layer: {s['tuned_below_logit_every_layer']}; smallest ratio at layers "
+                  f"10-20: {s['min_ratio_layers_10_20']}; {res['seconds']:.0f} s. report: {report}", highlight=False)
+
+
+@handles_errors
+def convert(
+    params: Path = typer.Argument(..., help="params.pt saved by the tuned-lens package (TunedLens.save)."),
+    out: Path = typer.Option(..., "--out", help="Folder for tuned_lens.json + tuned_lens.safetensors."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The package's config.json (default: beside PARAMS)."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model the lens is for (default: the config's base_model_name_or_path)."),
+    json: bool = JsonOpt,
+) -> None:
+    """Convert tuned-lens package translators to safetensors, reading the pickle with torch.load(weights_only=True) only."""
+    from mechscope.lens.tuned import convert_tuned_lens
+
+    lens = convert_tuned_lens(params, out, config, model_name)
+    summary = {"out": str(out), "n_layers": lens.n_layers, "d_model": lens.d_model, "reads": lens.reads,
+               "model": lens.model_info.get("name")}
+    if json:
+        return emit_json(summary)
+    console.print(f"{lens.n_layers} translators of width {lens.d_model} (reading resid_pre, the package's layout) for "
+                  f"{lens.model_info.get('name')}, read with torch.load(weights_only=True) -> {out}", highlight=False)
