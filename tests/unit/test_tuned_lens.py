@@ -251,6 +251,15 @@ def test_cli_train_eval_and_lens_with_tuned(tiny_llama_dir, corpus, tmp_path):
         assert r.exit_code == 2 and msg in r.stderr and r.stderr.rsplit("error: ", 1)[1].count("\n") == 1, (bad, r.output)
 
 
+def test_recall_refuses_bad_tuned_lens_input(trained, tiny_gpt2_dir, tmp_path):
+    _, out = trained
+    runner = CliRunner()
+    for args, msg in (([], "not both"), (["--model", tiny_gpt2_dir, "--device", "cpu"], "these translators")):
+        r = runner.invoke(app, ["recall", PROMPT, "--subject", "Mary", "--tuned", str(out), *args,
+                                *(["--logit-lens"] if msg == "not both" else []), "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2 and r.stderr.rsplit("error: ", 1)[1].count("\n") == 1 and msg in r.stderr, r.output
+
+
 def test_subject_enrichment_reads_through_the_tuned_lens(tiny_llama, trained):
     from mechscope.recall.enrichment import subject_projections
 

@@ -51,7 +51,10 @@ class TunedLensTrainConfig:
     token_chunk: int = 64
     """Positions whose full-vocabulary logits are held at once (memory: ``token_chunk *
     n_layers * d_vocab * 4`` bytes, plus autograd's copies)."""
-    lr: float = 1e-3
+    lr: float = 1e-4
+    """Adam's learning rate of the KL fine-tune. Adam moves every entry of A_l by about lr per
+    step, so an output moves by up to lr * d_model: at 1e-3 on SmolLM2 (d_model 576) the
+    training-batch KL of layer 0 rose from 1.36 to ~4.2 nats in 40 steps of 16 positions."""
     matmul_dtype: MatmulDtype = "bfloat16"
     """dtype of the unembedding matmuls of the KL fine-tune (bfloat16 runs ~3.5x faster on
     CPUs with AMX; logits, softmax and the loss stay float32). Evaluation always uses float32."""
