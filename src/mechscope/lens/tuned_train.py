@@ -23,8 +23,10 @@ GPUs. Here:
    the logits instead, ``||(norm(...) - norm(y)) W_U||^2``, gives the same unpenalised solution:
    an affine map of shared regressors has one least-squares solution under any positive
    definite metric on its outputs, so the unembedding's metric drops out.
-   Measured on the embedded model (``mechscope tuned-lens eval``): the closed form alone already
-   lowers the held-out KL at every layer; the KL stage lowers it further.
+   Measured on the embedded model (8,000 train tokens, 512 held-out tokens, 2-core CPU under
+   load 15): the closed form alone lowers the held-out KL at every layer, 12.47 -> 1.44 nats on
+   average, 9.7-12.2x lower at layers 10-20; top-1 agreement with the model 0.14 -> 0.37 at
+   layer 15.
 3. **KL fine-tune.** ``kl_tokens`` positions of stage 1 (a seeded sample over everything read)
    keep their residuals at every hook; each Adam step draws ``kl_batch`` of them (seeded
    epochs) and minimises the sum over layers of the mean KL(p_final || q_l) over the full
