@@ -263,7 +263,7 @@ class _Run:
         stats = tr._train_step(x, y)
         tr.step += 1
         resample_every = cfg.resample_every or max(50, cfg.steps // 5)
-        if tr.arch.resamples_dead and tr.step % resample_every == 0 and tr.step < 0.8 * cfg.steps and tr.tokens >= cfg.dead_tokens:
+        if tr.arch.resamples_dead and tr.step % resample_every == 0 and tr.step < 0.8 * cfg.steps and tr.tokens >= cfg.dead_window:
             stats["resampled"] = tr._resample(x, y)
         if tr.step % cfg.log_every == 0 or tr.step == cfg.steps:
             stats.update(step=tr.step, tokens=tr.tokens, tok_per_s=(tr.tokens - tok0) / max(1e-9, time.perf_counter() - t0))

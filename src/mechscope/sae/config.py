@@ -31,7 +31,8 @@ class TrainConfig:
     l1_warmup: float = 0.05  # fraction of steps
     aux_k: int | None = None  # topk/batchtopk: latents in the AuxK loss (default d_in // 2)
     aux_coef: float = 1 / 32
-    dead_tokens: int = 500_000  # a latent is dead if it has not fired in this many tokens
+    dead_tokens: int | None = None  # a latent is dead if it has not fired in this many tokens (default: dead_window)
+    centre_init: bool = True  # transcoders: b_enc starts at -mean(x) @ W_enc, so pre-activations start centred
     resample_every: int | None = None  # relu: steps between dead-feature resamplings (default ~ 1/5 run)
     checkpoint_every: int = 250_000  # tokens
     seed: int = 0
@@ -51,6 +52,15 @@ class TrainConfig:
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_tokens
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens without firing after which a latent counts as dead (AuxK, resampling):
+        ``dead_tokens``, or a tenth of the run capped at 500,000 (at least one batch), so that
+        short runs detect dead latents too."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_tokens, min(500_000, self.tokens // 10))
 
 
 @dataclass

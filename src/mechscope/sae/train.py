@@ -139,6 +139,8 @@ class Trainer:
         with torch.no_grad():
             if self.sae_cfg.is_transcoder:
                 self.sae.b_dec.copy_(sample.mean(0))
+                if cfg.centre_init:  # the input is not centred (no b_dec on it): centre the pre-activations
+                    self.sae.b_enc.copy_(-(xs[:4096] * self.scale_in).to(cfg.device).mean(0) @ self.sae.W_enc)
             else:
                 self.sae.b_dec.copy_(_geometric_median(sample))
             self.arch.init_training(self.sae, cfg)
@@ -161,7 +163,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def _dead_mask(self) -> Tensor:
-        return (self.tokens - self.last_fired) >= self.cfg.dead_tokens
+        return (self.tokens - self.last_fired) >= self.cfg.dead_window
 
     def _train_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         cfg, sae, arch = self.cfg, self.sae, self.arch
@@ -187,7 +189,7 @@ class Trainer:
             return {
                 "loss": float(loss), "mse": float(mse), "fvu": float(mse / var.clamp_min(1e-8)),
                 "l0": l0, "aux": float(aux),
-                "dead": float(self._dead_mask().float().mean()) if self.tokens >= cfg.dead_tokens else float("nan"),
+                "dead": float(self._dead_mask().float().mean()) if self.tokens >= cfg.dead_window else float("nan"),
                 "lr": self._lr(),
             }
 
@@ -315,7 +317,7 @@ class Trainer:
             stats = self._train_step(x, y)
             self.step += 1
             done_here += 1
-            if self.arch.resamples_dead and self.step % resample_every == 0 and self.step < 0.8 * cfg.steps and self.tokens >= cfg.dead_tokens:
+            if self.arch.resamples_dead and self.step % resample_every == 0 and self.step < 0.8 * cfg.steps and self.tokens >= cfg.dead_window:
                 stats["resampled"] = self._resample(x, y)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 stats.update(step=self.step, tokens=self.tokens, tok_per_s=(self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
