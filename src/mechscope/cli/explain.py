@@ -261,7 +261,9 @@ def describe(
     if not db.is_file():
         raise MechscopeError(f"No unit database at {db}; run mechscope exemplars --db {db} first.")
     scorers = () if scorer.strip().lower() == "none" else tuple(s.strip() for s in scorer.split(",") if s.strip())
-    cfg = DescribeConfig(scorers=scorers, n_samples=samples, limit=limit, seed=seed)  # checked when made
+    # The in-process explainer writes one unit at a time: store each description as soon as it is written.
+    cfg = DescribeConfig(scorers=scorers, n_samples=samples, limit=limit, seed=seed,
+                         chunk=1 if explainer == "local" else DescribeConfig.chunk)  # checked when made
     if explainer not in EXPLAINERS:
         make_explainer(explainer)  # the one-sentence refusal, with near matches
     store = UnitDB(db)
