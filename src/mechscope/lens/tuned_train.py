@@ -26,7 +26,8 @@ GPUs. Here:
    Measured on the embedded model (8,000 train tokens, 512 held-out tokens, 2-core CPU under
    load 15): the closed form alone lowers the held-out KL at every layer, 12.47 -> 1.44 nats on
    average, 9.7-12.2x lower at layers 10-20; top-1 agreement with the model 0.14 -> 0.37 at
-   layer 15.
+   layer 15. 40 KL steps of 16 positions (lr 1e-4) on top lower it at every layer again, to
+   1.29 nats on average (11.1-13.7x lower than the logit lens at layers 10-20).
 3. **KL fine-tune.** ``kl_tokens`` positions of stage 1 (a seeded sample over everything read)
    keep their residuals at every hook; each Adam step draws ``kl_batch`` of them (seeded
    epochs) and minimises the sum over layers of the mean KL(p_final || q_l) over the full
