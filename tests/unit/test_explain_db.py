@@ -236,3 +236,14 @@ def test_export_jsonl_with_neuronpedia_fields(tmp_path):
                    "explanationModelName": "llm-x", "typeName": "mechscope-server",
                    "scores": [{"explanationScoreTypeName": "simulation", "value": 0.3}]}
     assert db.export_jsonl(tmp_path / "one.jsonl", units=[ref2]) == 1
+
+
+def test_paths_with_uri_characters_open_twice(tmp_path):
+    """The read-only check opens the file by URI: '?' and '#' in the path must not cut it short."""
+    from mechscope.explain.db import UnitDB
+
+    p = tmp_path / "odd?name#1.db"
+    UnitDB(p, model_id="m")
+    again = UnitDB(p, model_id="m")
+    assert again.model_id == "m" and p.is_file()
+    assert not (tmp_path / "odd").exists()

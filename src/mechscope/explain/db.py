@@ -219,7 +219,7 @@ class UnitDB:
     def _check_readable(self) -> None:
         """Read-only look at an existing file: SQLite at all, and a unit database (or empty)."""
         try:
-            ro = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=self.timeout_s)
+            ro = sqlite3.connect(Path(self.path).resolve().as_uri() + "?mode=ro", uri=True, timeout=self.timeout_s)
             try:
                 tables = {r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if tables:
