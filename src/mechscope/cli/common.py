@@ -97,3 +97,21 @@ def load_sae_and_model(sae_dir: Path, model: str | None, device: str | None):
     sae = sae.to(m.device)
     check_sae_fits(sae, m)
     return sae, m
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``--layers``: ``0,5,10-12`` -> [0, 5, 10, 11, 12] (sorted, unique); None stays None."""
+    from mechscope.errors import MechscopeError
+
+    if spec is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            a, dash, b = part.strip().partition("-")
+            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
+    except ValueError:
+        raise MechscopeError(f"--layers {spec!r} is not a list of layers; write e.g. 0,5,10-12.") from None
+    if not out or min(out) < 0:
+        raise MechscopeError(f"--layers {spec!r} names no layer (layers count from 0).")
+    return sorted(set(out))

@@ -11,7 +11,17 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fail,
+    handles_errors,
+    load,
+    parse_layers,
+)
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.describe import DescribeConfig
@@ -123,22 +133,6 @@ def export(
     if json:
         return emit_json({"db": str(db), "out": str(out), "units": n})
     console.print(f"{n:,} unit(s) -> {out}", highlight=False)
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``0,5,10-12`` -> [0, 5, 10, 11, 12]; None stays None."""
-    if spec is None:
-        return None
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            a, dash, b = part.strip().partition("-")
-            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
-    except ValueError:
-        raise MechscopeError(f"--layers {spec!r} is not a list of layers; write e.g. 0,5,10-12.") from None
-    if not out or min(out) < 0:
-        raise MechscopeError(f"--layers {spec!r} names no layer (layers count from 0).")
-    return sorted(set(out))
 
 
 def parse_range(spec: str | None, what: str) -> tuple[int, int] | None:

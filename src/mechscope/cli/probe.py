@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fresh_dir, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+    parse_layers,
+)
 from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
 
 _D = ProbeConfig()
@@ -15,21 +25,6 @@ _D = ProbeConfig()
 
 def register(app: typer.Typer) -> None:
     app.command("probe")(probe)
-
-
-def _layers(spec: Optional[str]) -> Optional[list[int]]:
-    from mechscope.errors import MechscopeError
-
-    if not spec:
-        return None
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            a, _, b = part.strip().partition("-")
-            out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    except ValueError:
-        raise MechscopeError(f"--layers '{spec}' is not a list like 0,5,10-12.") from None
-    return out
 
 
 @handles_errors
@@ -53,7 +48,7 @@ def probe(
     from mechscope.probes import builtin_labels, labels_from_file, run_probe
     from mechscope.report.probe import write_probe
 
-    cfg = ProbeConfig(hook=hook, layers=_layers(layers), control=control, max_items=max_items, balance=balance, seed=seed)
+    cfg = ProbeConfig(hook=hook, layers=parse_layers(layers), control=control, max_items=max_items, balance=balance, seed=seed)
     if labels not in BUILTIN_LABELS and not Path(labels).is_file():
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
     m = load(model, device)
