@@ -167,47 +167,58 @@ def _merge_topk(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torc
 def _merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
                    group: torch.Tensor | None, tok_key: torch.Tensor, x: torch.Tensor, batch: _Batch) -> None:
     """Keep per (unit, group) the m tokens of smallest key (in place). ``key`` [U, G, m] sorted;
-    ``group`` [N, U] the group of each token (None: one group); ``tok_key`` [N] the tokens' keys."""
+    ``group`` [N, U] the group of each token (None: one group); ``tok_key`` [N] the tokens' keys.
+
+    No sort: each key becomes one int64, (float bits of the key) << 32 | tie-break, where the
+    tie-break is the old slot (0..m-1) or m + the token's batch index, so old entries win ties and
+    then earlier tokens (a stable sort's order). Keys are in [0, 1), so their bits order as their
+    values. Per group, ``topk`` of the m smallest over the batch's masked tokens, then over those
+    and the m old slots, gives exactly the first m of a stable sort by (key, slot/token)."""
     U, G, m = key.shape
     if m == 0:
         return
+    dev = x.device
+    n_tok = tok_key.shape[0]
+    empty = torch.iinfo(torch.int64).max
     tau = key[:, :, -1]  # [U, G] the m-th smallest so far
-    tau_tok = tau.T[group.clamp(0, G - 1), torch.arange(U, device=x.device)] if group is not None else tau[:, 0][None, :]
-    cand = (tok_key[:, None] < tau_tok).nonzero()  # (n, u)
-    if cand.shape[0] == 0:
-        return
-    n_i, u_i = cand[:, 0], cand[:, 1]
-    g_i = group[n_i, u_i] if group is not None else torch.zeros_like(u_i)
-    # Old entries and candidates together, sorted by (unit, group, key); keep the first m of each group.
-    old = key.isfinite().nonzero()  # (u, g, slot)
-    all_u = torch.cat([old[:, 0], u_i])
-    all_g = torch.cat([old[:, 1], g_i])
-    all_k = torch.cat([key[old[:, 0], old[:, 1], old[:, 2]], tok_key[n_i]]).double()
-    order = torch.argsort((all_u * G + all_g).double() + all_k * 0.5, stable=True)
-    gid = (all_u * G + all_g)[order]
-    start = torch.searchsorted(gid, gid, right=False)
-    rank = torch.arange(gid.shape[0], device=x.device) - start
-    kept = order[rank < m]
-    rank = rank[rank < m]
-    n_old = old.shape[0]
-    is_old = kept < n_old
-    o = kept[is_old]
-    c = kept[~is_old] - n_old
-    ou, og, os_ = old[o, 0], old[o, 1], old[o, 2]
-    new = (
-        torch.cat([key[ou, og, os_], tok_key[n_i[c]]]),
-        torch.cat([val[ou, og, os_], x[n_i[c], u_i[c]]]),
-        torch.cat([row[ou, og, os_], batch.rows[n_i[c]] + batch.first_row]),
-        torch.cat([win[ou, og, os_], batch.windows(batch.rows[n_i[c]], u_i[c])]),
-    )
-    ku = torch.cat([ou, u_i[c]])
-    kg = torch.cat([og, g_i[c]])
-    kr = torch.cat([rank[is_old], rank[~is_old]])
-    key.fill_(INF)
-    val.fill_(math.nan)
-    row.fill_(-1)
-    win.fill_(math.nan)
-    key[ku, kg, kr], val[ku, kg, kr], row[ku, kg, kr], win[ku, kg, kr] = new
+    tok_c = (tok_key.view(torch.int32).long() << 32) | (torch.arange(n_tok, device=dev) + m)  # [N]
+    k_m = min(m, n_tok)
+    if group is None:
+        cand = tok_key[None, :] < tau[:, :1]  # [U, N]
+        if not bool(cand.any()):
+            return
+        new_c = tok_c.expand(U, n_tok).masked_fill(~cand, empty).topk(k_m, dim=1, largest=False).values[:, None]
+    else:
+        group_t = group.T.contiguous()  # [U, N] (group values are 0..G-1)
+        cand = tok_key[None, :] < tau.gather(1, group_t)
+        if not bool(cand.any()):
+            return
+        masked = tok_c.expand(U, n_tok).masked_fill(~cand, empty)  # [U, N]
+        new_c = torch.stack([masked.masked_fill(group_t != g, empty).topk(k_m, dim=1, largest=False).values
+                             for g in range(G)], 1)  # [U, G, k_m]
+    slots = torch.arange(m, device=dev)
+    old_c = torch.where(key.isfinite(), (key.view(torch.int32).long() << 32) | slots, empty)  # [U, G, m]
+    c = torch.cat([old_c, new_c], 2).topk(m, dim=2, largest=False).values  # [U, G, m] ascending
+    filled = c != empty
+    idx = c & 0xFFFFFFFF
+    is_new = filled & (idx >= m)
+    o = torch.where(filled & ~is_new, idx, 0)  # old slot (0 for empties and new ones, overwritten below)
+    new_key = torch.where(filled, (c >> 32).int().view(torch.float32), INF)
+    new_val = torch.where(filled, val.gather(2, o), math.nan)
+    new_row = torch.where(filled, row.gather(2, o), -1)
+    new_win = torch.where(filled[..., None], win.gather(2, o[..., None].expand(-1, -1, -1, win.shape[3])), math.nan)
+    nz = is_new.nonzero()  # (u, g, r) of the entering tokens
+    if nz.shape[0]:
+        u, g, r = nz[:, 0], nz[:, 1], nz[:, 2]
+        n = idx[u, g, r] - m
+        local = batch.rows[n]
+        new_val[u, g, r] = x[n, u]
+        new_row[u, g, r] = local + batch.first_row
+        new_win[u, g, r] = batch.windows(local, u)
+    key.copy_(new_key)
+    val.copy_(new_val)
+    row.copy_(new_row)
+    win.copy_(new_win)
 
 
 def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch.Tensor]:
