@@ -22,6 +22,7 @@ STATE = {"debug": bool(os.environ.get("MECHSCOPE_DEBUG"))}
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct).")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
+CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from mechscope.cli.common import (
+    CorpusOpt,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -157,7 +158,7 @@ def exemplars(
     unit_range: Optional[str] = typer.Option(None, "--unit-range", help="Units a:b of each layer (a shard; default: all)."),
     tokens: int = typer.Option(ExemplarsConfig.n_tokens, "--tokens", help="Tokens of the pass."),
     token_range: Optional[str] = typer.Option(None, "--token-range", help="Tokens a:b of the packed corpus (a token shard; overrides --tokens)."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="embedded (default), a .txt/.jsonl file, a folder, or hf:NAME[:SPLIT]."),
+    corpus: Optional[str] = CorpusOpt,
     k: int = typer.Option(ExemplarsConfig.k, "--k", help="Top-activating exemplars per unit."),
     k_bottom: int = typer.Option(ExemplarsConfig.k_bottom, "--k-bottom", help="Most negative exemplars per unit."),
     per_quantile: int = typer.Option(ExemplarsConfig.per_quantile, "--per-quantile", help="Random exemplars per quantile bin."),

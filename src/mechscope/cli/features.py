@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
+from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
 from mechscope.features.config import EVAL_TOKENS, TranscoderTrainConfig
 
 
@@ -114,7 +114,6 @@ def attribute(
 
 
 transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)
-CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 
 
 class _TrainProgress:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from mechscope.cli.common import (
+    CorpusOpt,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -36,7 +37,7 @@ def probe(
     control: bool = typer.Option(_D.control, "--control/--no-control", help="Fit the control task and report selectivity."),
     max_items: int = typer.Option(_D.max_items, "--max-items", help="Labelled tokens kept."),
     balance: bool = typer.Option(_D.balance, "--balance/--no-balance", help="Equal items per class."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="Corpus for the built-in label sets (default: embedded)."),
+    corpus: Optional[str] = CorpusOpt,
     seed: int = typer.Option(_D.seed, "--seed"),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),

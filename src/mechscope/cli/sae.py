@@ -12,6 +12,7 @@ import typer
 
 from mechscope.activations.config import StoreConfig
 from mechscope.cli.common import (
+    CorpusOpt,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
@@ -35,7 +36,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sae_app, name="sae")
 
 
-CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 ContextLenOpt = typer.Option(StoreConfig.context_len, "--context-len")
 
 

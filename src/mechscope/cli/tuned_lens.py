@@ -11,12 +11,11 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
 from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
 
 tuned_app = typer.Typer(help="Tuned lens: train translators per layer, evaluate them against the logit lens, convert.",
                         no_args_is_help=True)
-CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 
 
 def register(app: typer.Typer) -> None:

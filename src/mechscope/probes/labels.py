@@ -96,8 +96,9 @@ def builtin_labels(model: Any, name: str, cfg: ProbeConfig | None = None, corpus
     cache: dict[int, str] = {}
     need = cfg.max_items // len(classes) + 1
     docs = get_corpus(corpus, seed=cfg.seed) if not isinstance(corpus, list) else corpus
+    seen = [0] * len(classes)  # items per class so far, counted as they come (not recounted per context)
     for ids in pack_contexts(tok, docs, cfg.context_len):
-        s = len(data.sequences)
+        s, first = len(data.sequences), len(data)
         data.sequences.append(ids)
         for p in range(1, len(ids)):  # position 0 has no context (and is an attention sink)
             t = cache.get(ids[p])
@@ -110,7 +111,9 @@ def builtin_labels(model: Any, name: str, cfg: ProbeConfig | None = None, corpus
                 data.add(s, p, "capitalised" if w[0].isupper() else "lowercase", t)
             else:
                 data.add(s, p, "name" if w in names else "other", t)
-        if min(data.counts().values()) >= need or len(data.sequences) >= 4000:
+        for y in data.label[first:]:
+            seen[y] += 1
+        if min(seen) >= need or len(data.sequences) >= 4000:
             break
     return data.check()
 
