@@ -11,7 +11,20 @@ Five lines from a notebook::
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from mechscope.errors import MechscopeError  # noqa: E402
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy names (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.circuits import CircuitResult, DiscoverConfig, discover
+    from mechscope.features import attribute, load_transcoders, train_transcoders
+    from mechscope.graph import Graph, build_graph
+    from mechscope.heads import HeadsConfig, head_scores
+    from mechscope.lens import run_lens
+    from mechscope.models import Model, ModelSummary, load_model
+    from mechscope.recall import recall
+    from mechscope.sae import TrainConfig, load_sae, train_sae
+    from mechscope.tasks import TaskBatch, evaluate_task, get_task, list_tasks
 
 _LAZY = {
     "load_model": "models", "Model": "models", "ModelSummary": "models",

@@ -12,6 +12,8 @@ From a notebook::
 names load on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.activations.config import StoreConfig
 
@@ -19,6 +21,11 @@ __all__ = [
     "ActivationStore", "Corpus", "Harvester", "ShardStore", "StoreConfig", "describe_corpus", "get_corpus", "harvest",
     "pack_contexts", "separator_id",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.activations.corpus import Corpus, describe_corpus, get_corpus
+    from mechscope.activations.shards import ShardStore, harvest
+    from mechscope.activations.store import ActivationStore, Harvester, pack_contexts, separator_id
 
 lazy_exports(__name__, {
     "Corpus": "corpus", "describe_corpus": "corpus", "get_corpus": "corpus",

@@ -216,9 +216,11 @@ class ShardStore:
         while need > 0:
             if self._out is None or self._pos >= self._out[TOKENS_KEY].shape[0]:
                 self._load_group()
-            k = min(need, self._out[TOKENS_KEY].shape[0] - self._pos)
+            out = self._out
+            assert out is not None  # _load_group always loads a group (it cycles epochs)
+            k = min(need, out[TOKENS_KEY].shape[0] - self._pos)
             for h in keys:
-                parts[h].append(self._out[h][self._pos : self._pos + k])
+                parts[h].append(out[h][self._pos : self._pos + k])
             self._pos += k
             need -= k
         return {h: torch.cat(p) if len(p) > 1 else p[0] for h, p in parts.items()}

@@ -203,19 +203,21 @@ class ActivationStore:
         full = self._fill()
         if self._n == 0:
             return False
+        buf = self._buf
+        assert buf is not None  # rows in the buffer (_n > 0) mean _fill allocated it
         if not self.cfg.shuffle:
             k = min(self._n, self.cfg.buffer_tokens)
-            self._out = {h: b[:k].clone() for h, b in self._buf.items()}
-            for h, b in self._buf.items():  # keep the overflow (in order) at the front
+            self._out = {h: b[:k].clone() for h, b in buf.items()}
+            for h, b in buf.items():  # keep the overflow (in order) at the front
                 b[: self._n - k] = b[k : self._n].clone()
             self._n -= k
         else:
-            perm = torch.randperm(self._n, generator=self._gen).to(next(iter(self._buf.values())).device)
-            for h, b in self._buf.items():
+            perm = torch.randperm(self._n, generator=self._gen).to(next(iter(buf.values())).device)
+            for h, b in buf.items():
                 b[: self._n] = b[perm]
             k = self._n // 2 if full else self._n  # serve half; at the corpus's end, all
             k = max(k, 1)
-            self._out = {h: b[self._n - k : self._n].clone() for h, b in self._buf.items()}
+            self._out = {h: b[self._n - k : self._n].clone() for h, b in buf.items()}
             self._n -= k
         self._out_pos = 0
         return True
@@ -229,10 +231,12 @@ class ActivationStore:
             if self._out is None or self._out_pos >= next(iter(self._out.values())).shape[0]:
                 if not self._next_out():
                     break
-            avail = next(iter(self._out.values())).shape[0] - self._out_pos
+            out = self._out
+            assert out is not None  # _next_out returned True: a chunk is out
+            avail = next(iter(out.values())).shape[0] - self._out_pos
             k = min(avail, need)
             for h in self.cfg.hooks:
-                parts[h].append(self._out[h][self._out_pos : self._out_pos + k])
+                parts[h].append(out[h][self._out_pos : self._out_pos + k])
             self._out_pos += k
             need -= k
         if need == n_tokens:

@@ -12,6 +12,8 @@ Only ``DiscoverConfig`` (``circuits.config``, no torch) is imported with the pac
 names load on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.circuits.config import DiscoverConfig
 
@@ -20,6 +22,15 @@ __all__ = [
     "cpr_cmd", "discover", "edge_scores", "evaluate_saved", "faithfulness_curve", "load_reference", "node_scores",
     "prune", "roc_auc", "threshold", "top_k",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.circuits.acdc import ACDCResult, acdc
+    from mechscope.circuits.attribution import edge_scores, node_scores
+    from mechscope.circuits.discover import discover
+    from mechscope.circuits.evaluate import Evaluator, cpr_cmd, evaluate_saved, faithfulness_curve, roc_auc
+    from mechscope.circuits.reference import Reference, compare_with_reference, load_reference
+    from mechscope.circuits.result import CircuitResult
+    from mechscope.circuits.select import prune, threshold, top_k
 
 lazy_exports(__name__, {
     "ACDCResult": "acdc", "acdc": "acdc",

@@ -274,8 +274,8 @@ class HeadInputGrads:
 
 def fit_norm(norm, d: int, device) -> tuple[str, torch.Tensor, float]:
     """("rms" | "ln" | "other", per-dimension scale [d], eps) of a norm module, by fitting it."""
-    eps = getattr(norm, "variance_epsilon", None)
-    eps = getattr(norm, "eps", 1e-5) if eps is None else eps
+    found = getattr(norm, "variance_epsilon", None)
+    eps = float(getattr(norm, "eps", 1e-5) if found is None else found)
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(64, d, generator=gen) * 3 + torch.randn(64, 1, generator=gen)).to(device)
     with torch.no_grad():
@@ -301,7 +301,7 @@ def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     Any norm module, through ``torch.func.vjp`` vmapped over heads (``HeadInputGrads`` uses
     closed forms where the module fits one).
     """
-    _, vjp = torch.func.vjp(norm, x)
+    vjp = torch.func.vjp(norm, x)[1]
     return torch.func.vmap(vjp, in_dims=2, out_dims=2)(g)[0]
 
 
@@ -363,8 +363,10 @@ def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGr
     with torch.no_grad():
         for (what, l), g in grads.items():
             if what == "q":  # q, k and v of a layer together, in receiver order
-                heads[l].step(resid[l], g, grads[("k", l)], grads[("v", l)],
-                              outs=tuple(kept[(t, l)].detach() for t in ("q", "k", "v")))
+                x = resid[l]
+                assert x is not None  # stored by the resid_pre hook of this layer on the same pass
+                heads[l].step(x, g, grads[("k", l)], grads[("v", l)],
+                              outs=(kept[("q", l)].detach(), kept[("k", l)].detach(), kept[("v", l)].detach()))
             elif what == "mlp":
                 acc[graph.receiver_slices(l)["mlp"].start] += g.reshape(-1)
             elif what == "logits":
@@ -445,6 +447,7 @@ def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, 
                 exact_layers.append(l)
     _contract(graph, delta, acc, 1.0 / m, scores, parts)
     for l in exact_layers:
+        assert exact is not None  # exact_layers is only filled when it is given
         rs, up = graph.receiver_slices(l), graph.sender_slice_before(l)
         eq, ek = exact.effects(l, heads[l], resid[l], delta[:up], m)  # [S, B, H], [S, B, KV]
         for f, e0, e1 in parts:

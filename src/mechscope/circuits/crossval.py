@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from mechscope.circuits.evaluate import Evaluator
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import Graph
+from mechscope.patching.engine import Ablation
 from mechscope.tasks.base import TaskBatch
 
 CV_FRACTIONS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -61,7 +62,7 @@ def grid_sizes(graph: Graph, fractions=CV_FRACTIONS) -> list[int]:
 
 @torch.no_grad()
 def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, sizes: list[int],
-             method: str, rank: str = "signed", ablation: str = "patching", batch_size: int = 16,
+             method: str, rank: str = "signed", ablation: Ablation = "patching", batch_size: int = 16,
              progress: bool = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
              evaluators: list[Evaluator] | None = None) -> list[dict]:
     """Cross-validated faithfulness of the top-k circuit for each k in ``sizes``.
@@ -117,7 +118,7 @@ def _lower_bounds(circ: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor
     return torch.nanquantile(f, 1 - confidence, dim=1)
 
 
-def fold_evaluators(model, graph: Graph, batch: TaskBatch, folds: int, ablation: str = "patching",
+def fold_evaluators(model, graph: Graph, batch: TaskBatch, folds: int, ablation: Ablation = "patching",
                     batch_size: int = 16) -> list[Evaluator]:
     """One ``Evaluator`` per fold (its source run and clean/corrupt baselines computed once), so
     several rankings can be cross-validated on the same folds."""

@@ -133,7 +133,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         scores = fold_scores.sum(0)
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
-    rank = cfg.rank
+    rank: str = cfg.rank
     ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
     cv, k_cv, f_cv, rule = None, None, None, None
     if folds is not None and len(folds) > 1:
@@ -142,6 +142,7 @@ def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progres
         evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)  # shared by both modes
         for mode in modes:
             say(f"cross-validating the circuit size inside the scoring pairs ({mode} ranking)")
+            assert fold_scores is not None  # folds are only used with per-fold scores (not ACDC)
             c = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, mode,
                          cfg.ablation, cfg.batch_size, progress=progress, confidence=cfg.cv_confidence, seed=cfg.seed,
                          evaluators=evs)

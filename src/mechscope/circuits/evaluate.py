@@ -28,6 +28,7 @@ from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
     from mechscope.circuits.result import CircuitResult
+    from mechscope.models import Model
 
 CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -36,7 +37,7 @@ CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 class Evaluator:
     """Caches the clean/corrupt baselines and source activations of one evaluation set."""
 
-    model: object
+    model: Model
     graph: Graph
     batch: TaskBatch
     ablation: Ablation = "patching"

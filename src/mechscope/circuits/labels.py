@@ -253,6 +253,7 @@ def _head_index(name: str) -> tuple[int, int]:
     n = parse_node(name)
     if n.kind != "head" or n.port is not None:
         raise MechscopeError(f"'{name}' is not an attention head (heads are named like a3.h1).")
+    assert n.layer is not None and n.head is not None  # every head node has both
     return n.layer, n.head
 
 
@@ -373,6 +374,7 @@ def label_heads(model: Any, res: Any, batch: Any, cache_dir: str | Path | None =
     pats = _patterns(model, toks) if names else None
     out: dict[str, dict] = {}
     for name in names:
+        assert pats is not None  # computed whenever there are names
         l, h = _head_index(name)
         scores = {c: _finite(hr.scores[s][l, h]) for c, s in ROLES.items() if s in hr.scores}
         role = head_role({c: v for c, v in scores.items() if v is not None}, th)

@@ -64,6 +64,13 @@ def rotate_t(u: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return u * cos - rotate_half(u * sin)
 
 
+def _need(t: torch.Tensor | None) -> torch.Tensor:
+    """A captured tensor that the clean pass must have left (``verify`` checks before use)."""
+    if t is None:
+        raise RuntimeError("exact q/k scoring needs the clean pass's captures of this layer; they are missing")
+    return t
+
+
 @dataclass
 class LayerCapture:
     """What the clean pass leaves for one layer (filled by hooks, ``None`` until then)."""
@@ -130,21 +137,23 @@ class QKExact:
         if l in self.checked:
             return self.checked[l]
         c = self.layers[l]
-        ok = heads.kind in ("rms", "ln") and all(
-            t is not None for t in (c.q, c.q_rot, c.k_rot, c.v, c.pattern, c.z))
+        got = (c.q, c.q_rot, c.v, c.pattern, c.z)
+        ok = heads.kind in ("rms", "ln") and c.k_rot is not None and all(t is not None for t in got)
+        if ok:
+            q, q_rot, v, pattern, z = (_need(t) for t in got)
         if ok and c.cos is not None:
-            e = c.q.shape[-1]
-            ok = c.cos.shape[-1] == e and _close(rotate(c.q.float(), c.cos.float()[:, :, None], c.sin.float()[:, :, None]), c.q_rot)
+            e = q.shape[-1]
+            ok = c.cos.shape[-1] == e and _close(rotate(q.float(), c.cos.float()[:, :, None], _need(c.sin).float()[:, :, None]), q_rot)
         if ok:
             attn = model.bridge.blocks[l].attn.original_component
-            e = c.q_rot.shape[-1]
+            e = q_rot.shape[-1]
             cands = [getattr(attn, "scaling", None), getattr(attn, "scale", None), 1 / math.sqrt(e)]
             ok = False
             for sc in cands:
                 if not isinstance(sc, (int, float)):
                     continue
                 A = torch.softmax(self._scores(c, float(sc)), -1)
-                if _close(A, c.pattern) and _close(_attend(A, c.v), c.z):
+                if _close(A, pattern) and _close(_attend(A, v), z):
                     self.scale += [0.0] * (self.n_layers - len(self.scale))
                     self.scale[l] = float(sc)
                     ok = True
@@ -155,9 +164,10 @@ class QKExact:
     @staticmethod
     def _scores(c: LayerCapture, scale: float) -> torch.Tensor:
         """Masked clean attention scores [B, H, P, P] from the rotated q and k."""
-        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
-        k = c.k_rot.float().repeat_interleave(H // KV, 2)
-        s = torch.einsum("bihe,bjhe->bhij", c.q_rot.float(), k) * scale
+        q_rot, k_rot = _need(c.q_rot), _need(c.k_rot)
+        H, KV = q_rot.shape[2], k_rot.shape[2]
+        k = k_rot.float().repeat_interleave(H // KV, 2)
+        s = torch.einsum("bihe,bjhe->bhij", q_rot.float(), k) * scale
         P = s.shape[-1]
         causal = torch.ones(P, P, dtype=torch.bool, device=s.device).triu(1)
         return s.masked_fill(causal, float("-inf"))
@@ -170,7 +180,7 @@ class QKExact:
         """
         c = self.layers[l]
         S, B, P, D = delta.shape
-        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
+        H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         G = H // KV
         scale = self.scale[l]
         W = heads.W  # [H + 2KV, D, e], norm scale folded in
@@ -179,7 +189,7 @@ class QKExact:
         ek = torch.zeros(S, B, KV, device=x.device)
         per_ex = P * P * H * D
         step = max(1, MAX_ELEMS // max(per_ex, 1))
-        gz = c.gz / steps
+        gz = _need(c.gz) / steps
         for b0 in range(0, B, step):
             bs = slice(b0, min(B, b0 + step))
             eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), delta[:, bs].float(), gz[bs], scale, G)
@@ -187,7 +197,7 @@ class QKExact:
 
     def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G):
         S, B, P, D = d.shape
-        H, KV = c.q_rot.shape[2], c.k_rot.shape[2]
+        H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         if heads.kind == "ln":
             x = x - x.mean(-1, keepdim=True)
             dc = d - d.mean(-1, keepdim=True)
@@ -197,13 +207,16 @@ class QKExact:
         xd = torch.einsum("bpd,sbpd->sbp", x, d)  # x_c . d = x_c . d_c
         inv2 = torch.rsqrt((x.pow(2).sum(-1)[None] + 2 * xd + dc.pow(2).sum(-1)) / D + heads.eps)  # [S, B, P]
         dinv = inv2 - inv[None]
-        q_rot, k_rot = c.q_rot[bs].float(), c.k_rot[bs].float()  # [B, P, H, e], [B, P, KV, e]
-        v = c.v[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
+        q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
+        v = _need(c.v)[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
+        ci: torch.Tensor | None
+        si: torch.Tensor | None
         if c.cos is not None:
+            c_sin = _need(c.sin)
             cos = c.cos.float().expand(B if c.cos.shape[0] == 1 else -1, -1, -1)
             cos = cos[bs] if c.cos.shape[0] != 1 else cos
-            sin = c.sin.float().expand(B if c.sin.shape[0] == 1 else -1, -1, -1)
-            sin = sin[bs] if c.sin.shape[0] != 1 else sin
+            sin = c_sin.float().expand(B if c_sin.shape[0] == 1 else -1, -1, -1)
+            sin = sin[bs] if c_sin.shape[0] != 1 else sin
             ci, si = cos[:, :, None], sin[:, :, None]  # [B, P, 1, e]
         else:
             ci = si = None
@@ -211,11 +224,11 @@ class QKExact:
         y0q = torch.einsum("bpd,hde->bphe", x, Wq)  # x_c W' (= x_c W'_c: x_c has zero mean)
         y0k = torch.einsum("bpd,gde->bpge", x, Wk)
         k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
-        if ci is not None:
+        if ci is not None and si is not None:
             y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
         # Query side. T[s,b,i,h,j] = d[s,b,i] . (Wq[h] rot_i^T k[b,j,h]).
         u = k_h[:, None]  # [B, 1(i), P(j), H, e]
-        if ci is not None:
+        if ci is not None and si is not None:
             u = rotate_t(u, ci[:, :, None], si[:, :, None])  # rot_i^T applied: [B, P(i), P(j), H, e]
         else:
             u = u.expand(-1, P, -1, -1, -1)
@@ -227,7 +240,7 @@ class QKExact:
                         + inv2[:, :, None, :, None] * T)
         # Key side. T[s,b,j,h,i] = d[s,b,j] . (Wk[g(h)] rot_j^T q[b,i,h]).
         w = q_rot[:, None]  # [B, 1(j), P(i), H, e]
-        if ci is not None:
+        if ci is not None and si is not None:
             w = rotate_t(w, ci[:, :, None], si[:, :, None])  # [B, P(j), P(i), H, e]
         else:
             w = w.expand(-1, P, -1, -1, -1)

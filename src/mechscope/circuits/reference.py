@@ -75,7 +75,7 @@ def load_reference(path_or_name: str) -> Reference:
     if Path(path_or_name).is_dir() and (Path(path_or_name) / "circuit.json").is_file():
         path_or_name = str(Path(path_or_name) / "circuit.json")
     if path_or_name in SHIPPED:
-        text = resources.files("mechscope.circuits").joinpath("data", SHIPPED[path_or_name]).read_text()
+        text = resources.files("mechscope.circuits").joinpath("data").joinpath(SHIPPED[path_or_name]).read_text()
         where = path_or_name
     else:
         p = Path(path_or_name)
@@ -185,10 +185,11 @@ def expand_connections(
                 if rn.layer is None or sn.kind == "logits":
                     raise MechscopeError(f"A connection in {where} runs from '{s}' to '{r}'; edges run from input, heads "
                                          "or MLPs to heads, MLPs or logits.")
-                if sn.kind != "input" and not (sn.layer < rn.layer or (sn.kind == "head" and rn.kind == "mlp" and sn.layer == rn.layer)):
+                if sn.kind != "input" and sn.layer is not None and not (sn.layer < rn.layer or (sn.kind == "head" and rn.kind == "mlp" and sn.layer == rn.layer)):
                     continue  # not downstream
                 if rn.kind == "mlp":
                     out.append((s, r))
                 else:
+                    assert rn.head is not None  # a head or kv node (mlp handled above)
                     out += [(s, attn_receiver(rn.layer, rn.head, t)) for t in via]
     return out

@@ -30,7 +30,7 @@ def corpus(
         from mechscope.models import load_tokenizer
 
         tok = load_tokenizer(model)
-    info = describe_corpus(corpus, split=split, tokenizer=tok)  # type: ignore[arg-type]
+    info = describe_corpus(corpus, split=split, tokenizer=tok)
     if tok is not None:
         info["tokenizer"] = model or "smollm2-135m"
     if json:

@@ -162,6 +162,7 @@ def transcoders_train(
 
     from mechscope.features.config import parse_layers
     from mechscope.features.train import train_transcoders
+    from mechscope.features.transcoder_set import TranscoderSet
 
     cfg = TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
                                 corpus=corpus, lr=lr, context_len=context_len, batch_contexts=batch_contexts,
@@ -180,7 +181,7 @@ def transcoders_train(
     log = _json.loads((out / "training_log.json").read_text())
     final = {layer: rows[-1] for layer, rows in log["training_log"].items() if rows}
     summary = {"out": str(out), "seconds": round(secs, 1), "layers": cfg.layers, "complete_set": log["complete_set"],
-               "architecture": cfg.arch_name, "d_sae": [tc.cfg.d_sae for tc in (res.layers if log["complete_set"] else res.values())],
+               "architecture": cfg.arch_name, "d_sae": [tc.cfg.d_sae for tc in (res.layers if isinstance(res, TranscoderSet) else res.values())],
                "tokens": log["harvest"]["tokens_trained_per_layer"], "harvest": log["harvest"], "final": final}
     if json:
         return emit_json(summary)

@@ -4,7 +4,7 @@ enrichment of a fact (or of the shipped facts list)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
@@ -21,6 +21,9 @@ from mechscope.cli.common import (
 )
 from mechscope.errors import MechscopeError
 from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
+
+if TYPE_CHECKING:
+    from mechscope.recall.result import RecallDatasetResult, RecallResult
 
 
 def register(app: typer.Typer) -> None:
@@ -75,6 +78,7 @@ def recall(
     m = load(model, device)
     lens_t = _enrichment_lens(m, lens_t, logit_lens, json)
     cfg.extra["enrichment_lens"] = "logit" if lens_t is None else f"tuned:{lens_t.info.get('path')}"
+    res: RecallResult | RecallDatasetResult
     if dataset is not None:
         res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False),
                              tuned=lens_t)

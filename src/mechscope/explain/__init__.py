@@ -7,8 +7,16 @@
     res = describe(db, db.units("mlp", layer=5), make_explainer("baseline"), ModelSimulator(None))  # + scores
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.explain.types import Description, Exemplar, SearchHit, UnitRecord, UnitRef, UnitStore
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.explain.db import UnitDB, settings_key
+    from mechscope.explain.describe import DescribeConfig, DescribeResult, describe
+    from mechscope.explain.explainers import make_explainer
+    from mechscope.explain.scoring import ModelSimulator, control_summary
 
 lazy_exports(__name__, {"UnitDB": "db", "settings_key": "db",
                         "DescribeConfig": "describe", "DescribeResult": "describe", "describe": "describe",

@@ -446,7 +446,8 @@ class UnitDB:
             uid = self._unit_id(c, unit, create=False)
             if uid is None:
                 return []
-            sql, args = "SELECT kind, split, quantile, context, position, focus, tokens, acts FROM exemplars WHERE unit_id=?", [uid]
+            sql = "SELECT kind, split, quantile, context, position, focus, tokens, acts FROM exemplars WHERE unit_id=?"
+            args: list[Any] = [uid]
             if split is not None:
                 sql, args = sql + " AND split=?", args + [split]
             if kind is not None:
@@ -480,12 +481,14 @@ class UnitDB:
             version = 1 + c.execute(
                 "SELECT count(*) FROM descriptions WHERE unit_id=? AND explainer=? AND settings_key=? AND polarity=?",
                 (uid, d.explainer, key, d.polarity)).fetchone()[0]
-            return c.execute(
+            cur = c.execute(
                 "INSERT INTO descriptions (unit_id, text, explainer, explainer_model, settings, settings_key, scores,"
                 " provenance, polarity, version, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (uid, d.text, d.explainer, d.explainer_model, json.dumps(d.settings, sort_keys=True, default=str), key,
                  json.dumps({k: float(v) for k, v in d.scores.items()}), json.dumps(d.provenance, default=str),
-                 d.polarity, version, _now())).lastrowid
+                 d.polarity, version, _now()))
+            assert cur.lastrowid is not None  # an INSERT always sets it
+            return cur.lastrowid
 
         d.id = self._write(write)
         return d.id

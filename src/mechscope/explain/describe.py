@@ -36,10 +36,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import Description, Exemplar, UnitRef, UnitStore
+
+if TYPE_CHECKING:
+    from mechscope.explain.scoring import Simulator
 
 
 @dataclass
@@ -128,7 +131,7 @@ def _own_descriptions(store: UnitStore, units: Sequence[UnitRef], explainer: str
     return out
 
 
-def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulator: Any | None = None,
+def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulator: Simulator | None = None,
              cfg: DescribeConfig | None = None, progress: bool = False,
              on_chunk: Callable[[int], None] | None = None) -> DescribeResult:
     """Explain and score ``units`` (see the module docstring); ``simulator`` may be None only without scorers.
@@ -203,6 +206,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                 d = mine[u]
                 record = store.unit(u)
                 held = pick_heldout(store.exemplars(u), cfg.max_heldout)
+                assert simulator is not None  # scorers without a simulator were refused at the top
                 scores = score(simulator, d.text, record, held, cfg.scorers, cfg.seed)
                 if u in partners:
                     other = mine[partners[u]].text

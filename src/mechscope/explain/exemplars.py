@@ -49,7 +49,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, cast
 
 import torch
 
@@ -57,7 +57,7 @@ from mechscope.activations.config import StoreConfig
 from mechscope.activations.store import Harvester, pack_contexts, separator_id
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.types import Exemplar, UnitRecord, UnitRef
+from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
 
 STATE_SCHEMA = 2
@@ -472,7 +472,7 @@ def exemplars_of(state: HarvestState, layer: int, vocab: list[str]) -> list[list
     out: list[list[Exemplar]] = [[] for _ in range(U)]
     top_order = st.top_val.sort(0, descending=True).indices
     bot_order = st.bot_val.sort(0).indices
-    groups = [
+    groups: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int | None]] = [
         ("top", st.top_val.gather(0, top_order).T, st.top_row.gather(0, top_order).T,
          st.top_win.gather(0, top_order[..., None].expand(-1, -1, W)).transpose(0, 1), None),
         ("bottom", st.bot_val.gather(0, bot_order).T, st.bot_row.gather(0, bot_order).T,
@@ -497,7 +497,7 @@ def exemplars_of(state: HarvestState, layer: int, vocab: list[str]) -> list[list
             p0, p1 = max(0, p - cfg.before), min(T, p + cfg.after + 1)
             acts = wins[n, p0 - (p - cfg.before): p1 - (p - cfg.before)].tolist()
             out[u].append(Exemplar(tokens=[vocab[t] for t in ids[lc, p0:p1].tolist()], acts=acts, focus=p - p0,
-                                   kind=kind, split=splits[n], quantile=qbin, context=c, position=p))
+                                   kind=cast(ExemplarKind, kind), split=cast(ExemplarSplit, splits[n]), quantile=qbin, context=c, position=p))
     return out
 
 

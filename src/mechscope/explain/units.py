@@ -19,12 +19,16 @@ direction in the residual stream (``directions(layer)``: [n_units, d_model]), wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import mlp_post, parse_hook
 from mechscope.models.unembed import final_norm, unembed_weights
+
+if TYPE_CHECKING:
+    from mechscope.sae.model import SAE
 
 
 class UnitSource:
@@ -83,7 +87,7 @@ class SaeFeatures(UnitSource):
         folders = [path] if (path / "cfg.json").is_file() else sorted(p for p in path.iterdir() if (p / "cfg.json").is_file())
         if not folders:
             raise MechscopeError(f"{path} holds no SAE (no cfg.json in it or in its subfolders); pass a folder written by mechscope sae train.")
-        self.saes = {}
+        self.saes: dict[int, SAE] = {}
         for f in folders:
             sae = load_sae(f, device or model.device)
             check_sae_fits(sae, model)

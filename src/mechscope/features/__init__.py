@@ -9,6 +9,8 @@ The config (``features.config``, no torch) is imported with the package; the oth
 on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.features.config import TranscoderTrainConfig
 
@@ -17,6 +19,22 @@ __all__ = [
     "evaluate_transcoders_on_corpus", "intervene", "load_graph", "load_transcoder_layers", "load_transcoders", "prune",
     "random_transcoders", "save_transcoders", "scores", "train_transcoders", "virtual_weights",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.features.attribute import AttributionGraph, attribute
+    from mechscope.features.evaluate import evaluate_transcoders, evaluate_transcoders_on_corpus
+    from mechscope.features.graph_files import load_graph
+    from mechscope.features.intervene import intervene
+    from mechscope.features.prune import prune, scores
+    from mechscope.features.train import train_transcoders
+    from mechscope.features.transcoder_set import (
+        TranscoderSet,
+        load_transcoder_layers,
+        load_transcoders,
+        random_transcoders,
+        save_transcoders,
+    )
+    from mechscope.features.weights import virtual_weights
 
 lazy_exports(__name__, {
     "evaluate_transcoders": "evaluate", "evaluate_transcoders_on_corpus": "evaluate",

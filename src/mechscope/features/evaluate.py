@@ -149,11 +149,12 @@ class _BlockReplay:
             return self.bridge.unembed(self.bridge.ln_final(h))
 
 
-def _start_block(*hooks: str) -> int:
+def _start_block(*hooks: str | None) -> int:
     """The first block a run must recompute when these hooks change: the lowest layer among
-    them (0 when one is outside the blocks)."""
-    layers = [parse_hook(h).layer for h in hooks]
-    return 0 if any(x is None for x in layers) else min(layers)  # type: ignore[type-var]
+    them (0 when one is outside the blocks or not given)."""
+    layers = [parse_hook(h).layer if h is not None else None for h in hooks]
+    found = [x for x in layers if x is not None]
+    return min(found) if len(found) == len(layers) else 0
 
 
 @torch.no_grad()
@@ -187,17 +188,23 @@ def evaluate_transcoders(
     for tc in layers.values():
         check_sae_fits(tc, model)
     layers = {layer: tc.to(dev) for layer, tc in layers.items()}
+    out_hook: dict[int, str] = {}
+    for layer, tc in layers.items():
+        if tc.cfg.hook_name_out is None:
+            raise MechscopeError(f"layer {layer}'s module is an SAE, not a transcoder (its config names no hook_name_out); "
+                                 "evaluate it with `mechscope sae eval`.")
+        out_hook[layer] = tc.cfg.hook_name_out
     bridge = model.bridge
     s = skip_first
     lo = max(s, 1) - 1
-    acc = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],
+    acc: dict[int, dict[str, Any]] = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],
                    "fired": torch.zeros(tc.cfg.d_sae, dtype=torch.bool, device=dev),
                    "y_sum": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
                    "y_sq": torch.zeros((), dtype=torch.float64, device=dev)} for layer, tc in layers.items()}
     tot: dict[str, Any] = {"ce_clean": 0.0, "ce_all": 0.0, "ce_all_zero": 0.0, "ce_n": 0,
                            "ctx_clean": [], "ctx_all": [], "ctx_all_zero": []}
     replay = _BlockReplay(bridge) if fast and _BlockReplay.available(bridge) else None
-    starts = {layer: _start_block(tc.cfg.hook_name_out) for layer, tc in layers.items()}
+    starts = {layer: _start_block(out_hook[layer]) for layer in layers}
     start_all = min(_start_block(tc.cfg.hook_name, tc.cfg.hook_name_out) for tc in layers.values())
 
     def replace(rows: Tensor) -> Callable:
@@ -223,7 +230,7 @@ def evaluate_transcoders(
                     cache[name] = t.detach().clone()
                 return hook
 
-            names = [h for tc in layers.values() for h in (tc.cfg.hook_name, tc.cfg.hook_name_out)]
+            names = [h for layer, tc in layers.items() for h in (tc.cfg.hook_name, out_hook[layer])]
             with replay.record() if replay is not None else _nothing():
                 clean = bridge.run_with_hooks(toks, fwd_hooks=[(h, grab(h)) for h in names])
             if replay is not None and done == 0 and not _replay_matches(replay, clean):
@@ -247,7 +254,7 @@ def evaluate_transcoders(
             tot["ctx_clean"] += ctx
             for layer, tc in layers.items():
                 a = acc[layer]
-                x, y = cache[tc.cfg.hook_name][:, s:], cache[tc.cfg.hook_name_out][:, s:]
+                x, y = cache[tc.cfg.hook_name][:, s:], cache[out_hook[layer]][:, s:]
                 f = tc.encode(x)
                 y_hat = tc.decode(f, x)
                 yf = y.flatten(0, 1).double()
@@ -258,7 +265,7 @@ def evaluate_transcoders(
                 a["y_sum"] += yf.sum(0)
                 a["y_sq"] += yf.pow(2).sum()
                 for key, hook in (("spliced", replace(y_hat)), ("zero", zero)):
-                    total, ctx = ce(run(starts[layer], [(tc.cfg.hook_name_out, hook)]))
+                    total, ctx = ce(run(starts[layer], [(out_hook[layer], hook)]))
                     a[f"ce_{key}"] += total
                     a[f"ctx_{key}"] += ctx
             for key, hooks in (("all", _replaced_hooks(layers, s)), ("all_zero", [(tc.cfg.hook_name_out, zero) for tc in layers.values()])):

@@ -109,7 +109,7 @@ def random_transcoders(model, d_sae: int, architecture: str = "topk", k: int | N
             tc.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1 * scale)
             tc.b_dec.copy_(torch.randn(d, generator=g) * 0.05)
             if hasattr(tc, "W_skip"):
-                tc.W_skip.copy_(torch.randn(*tc.W_skip.shape, generator=g) * 0.1 / d**0.5 if skip else 0.0)
+                tc.W_skip.copy_(torch.randn(*tc.W_skip.shape, generator=g) * 0.1 / d**0.5 if skip else torch.zeros_like(tc.W_skip))
         layers.append(tc.to(model.device))
     return TranscoderSet(layers, model.summary.name)
 

@@ -10,7 +10,7 @@ scores (head taxonomy, direct logit attribution) use the same ``a{l}.h{h}`` / ``
 from __future__ import annotations
 
 import re
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 from mechscope.errors import MechscopeError
 
@@ -77,7 +77,7 @@ def parse_node(name: str) -> Node:
     ``parse_node("a5.kv1<k>") == Node("kv", 5, 1, "k")``, ``parse_node("m7") == Node("mlp", 7)``.
     """
     if name in (INPUT, LOGITS):
-        return Node(name)
+        return Node(cast(NodeKind, name))
     m = _NODE.fullmatch(name)
     if m is None:
         raise MechscopeError(
@@ -91,7 +91,7 @@ def parse_node(name: str) -> Node:
             f"'{name}' is not a graph node name: queries enter a head (a{layer}.h{index}<q>), "
             f"keys and values a KV head (a{layer}.kv{index}<k>)."
         )
-    return Node("head" if kind == "h" else "kv", layer, index, port)
+    return Node("head" if kind == "h" else "kv", layer, index, cast("Port | None", port))
 
 
 def node_layer(name: str) -> int | None:

@@ -15,11 +15,19 @@ The configs (``heads.config``, no torch) are imported with the package; the othe
 on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
 
 __all__ = ["DataConfig", "DynamicsConfig", "DynamicsResult", "HeadsConfig", "HeadsResult", "ToyConfig", "dynamics",
            "head_scores", "train_toy"]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.heads.dynamics import DynamicsResult, dynamics
+    from mechscope.heads.result import HeadsResult
+    from mechscope.heads.scores import head_scores
+    from mechscope.heads.train import train_toy
 
 lazy_exports(__name__, {"DynamicsResult": "dynamics", "dynamics": "dynamics", "HeadsResult": "result",
                         "head_scores": "scores", "train_toy": "train"})

@@ -76,7 +76,7 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(run_dir)
     if not root.is_dir():
         raise MechscopeError(f"No folder at '{run_dir}'; pass the --out folder of `mechscope train-toy`.")
-    found = []
+    found: list[tuple[int, Path]] = []
     for d in sorted(root.iterdir()):
         if d.is_dir() and (d / "config.json").is_file() and any(d.glob("*.safetensors")):
             m = _STEP.search(d.name)
@@ -139,6 +139,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
         if rep is None:
             rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)
             evald, prefix, source = _eval_data(run, model, cfg)
+        assert evald is not None  # drawn with rep on the first checkpoint
         ps = patterns.pattern_scores(model, rep)
         ic = icl.icl_score(model, evald, prefix)
         loss = float(icl.per_token_loss(model, evald).mean())
@@ -161,7 +162,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
         if progress:
             progress(i + 1, len(ckpts))
     steps = [r["step"] for r in rows]
-    form = {
+    form: dict[str, Any] = {
         "previous_token_step": formation_step(steps, [r["max_previous_token"] for r in rows]),
         "induction_step": formation_step(steps, [r["max_induction"] for r in rows]),
         "icl_step": formation_step(steps, [-r["icl_score"] for r in rows]),

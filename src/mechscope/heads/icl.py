@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
 
 
@@ -29,8 +30,10 @@ def default_indices(n_content: int, window: int = 1) -> tuple[int, int]:
 @torch.no_grad()
 def per_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean over contexts of the CE at each position [pos - 1] (entry j predicts token j + 1)."""
+    if len(tokens) == 0:
+        raise MechscopeError("per_token_loss needs at least one context; got none.")
     net = getattr(model, "bridge", model)
-    total = None
+    total: torch.Tensor | None = None
     with plain_attention(model) if hasattr(model, "bridge") else contextlib.nullcontext():
         for s in range(0, len(tokens), batch_size):
             t = tokens[s : s + batch_size].to(next(net.parameters()).device)
@@ -39,6 +42,7 @@ def per_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> tor
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none")  # [b, pos-1]
             part = ce.sum(0).float().cpu()
             total = part if total is None else total + part
+    assert total is not None  # at least one batch ran
     return total / len(tokens)
 
 

@@ -59,8 +59,8 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[
     for l, h in ranking[:n_abl]:
         abl[l, h] = eff[head_node(l, h)]
     scores["ablation"] = abl
-    k = min(cfg.top_k, len(ranking))
-    abl_summary = ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k, cfg.n_random, cfg.seed)
+    k_top = min(cfg.top_k, len(ranking))
+    abl_summary = ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k_top, cfg.n_random, cfg.seed)
 
     comp: dict[str, torch.Tensor] = {}
     if cfg.composition and s.n_layers > 1:

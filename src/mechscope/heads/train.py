@@ -75,9 +75,10 @@ def make_model(cfg: ToyConfig):
     model = transformers.GPT2LMHeadModel(hf_cfg)
     if cfg.attn_only:
         for block in model.transformer.h:
-            for p in list(block.mlp.parameters()) + list(block.ln_2.parameters()):
+            mlp, ln_2 = block.get_submodule("mlp"), block.get_submodule("ln_2")
+            for p in list(mlp.parameters()) + list(ln_2.parameters()):
                 p.requires_grad_(False)
-            for p in block.mlp.parameters():
+            for p in mlp.parameters():
                 p.zero_()
     return model
 

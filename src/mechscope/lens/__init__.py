@@ -13,6 +13,8 @@
 names load on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.lens.config import TunedLensTrainConfig
 
@@ -20,6 +22,15 @@ __all__ = [
     "DLA", "LensResult", "LensTable", "TunedLens", "TunedLensTrainConfig", "convert_tuned_lens", "direct_logit_attribution",
     "evaluate_tuned_lens", "load_tuned_lens", "logit_lens", "run_lens", "site_names", "train_tuned_lens",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.lens.dla import DLA, direct_logit_attribution
+    from mechscope.lens.logit_lens import LensTable, logit_lens, site_names
+    from mechscope.lens.result import LensResult
+    from mechscope.lens.run import run_lens
+    from mechscope.lens.tuned import TunedLens, convert_tuned_lens, load_tuned_lens
+    from mechscope.lens.tuned_eval import evaluate_tuned_lens
+    from mechscope.lens.tuned_train import train_tuned_lens
 
 lazy_exports(__name__, {
     "DLA": "dla", "direct_logit_attribution": "dla",

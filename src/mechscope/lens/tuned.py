@@ -143,7 +143,7 @@ class TunedLens(torch.nn.Module):
                 f"{mi['d_model']}), not {s.name} ({s.n_layers} layers of width {s.d_model}); train a tuned lens for this "
                 "model with `mechscope tuned-lens train`."
             )
-        if mi.get("name") and not _same_name(mi["name"], s.name):
+        if mi.get("name") and not _same_name(str(mi["name"]), s.name):
             raise MechscopeError(
                 f"these translators{where} were trained for {mi['name']}, not {s.name}; train a tuned lens for this model "
                 "with `mechscope tuned-lens train` (or pass the model they were trained for with --model)."

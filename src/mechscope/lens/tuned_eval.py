@@ -67,7 +67,7 @@ def evaluate_tuned_lens(model, lens: TunedLens, corpus=None, n_tokens: int = 102
         n += rows[FINAL_NORM_IN].shape[0]
         if progress:
             progress({"tokens": n, "of": n_tokens, "seconds": time.perf_counter() - t0})
-    layers = []
+    layers: list[dict[str, Any]] = []
     for l, hook in enumerate(lens.hooks):
         kl_l, kl_t = float(tot["kl_logit"][l] / n), float(tot["kl_tuned"][l] / n)
         layers.append({"layer": l, "hook": hook, "kl_logit": kl_l, "kl_tuned": kl_t,

@@ -55,7 +55,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -64,6 +64,9 @@ from mechscope.lens.config import TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import FinalNorm, final_norm, unembed_weights
+
+if TYPE_CHECKING:
+    from mechscope.activations.corpus import Split
 
 CKPT_DIR = "checkpoint"
 STAGE1 = "stage1.safetensors"
@@ -78,7 +81,7 @@ batches depend on the step only, so ``--resume --kl-steps N`` continues (or exte
 
 
 # ---------------------------------------------------------------------------------- stage 1
-def _contexts(model, corpus, context_len: int, forward_contexts: int, split: str, n_rows: int):
+def _contexts(model, corpus, context_len: int, forward_contexts: int, split: Split, n_rows: int):
     """Batches of token ids [forward_contexts, context_len] covering at least ``n_rows`` rows."""
     from mechscope.activations import get_corpus, pack_contexts
 
@@ -101,7 +104,7 @@ def _contexts(model, corpus, context_len: int, forward_contexts: int, split: str
                              f"than the {n_rows} asked for; lower --tokens or pass a bigger --corpus.")
 
 
-def harvest_residuals(model, corpus, hooks: list[str], n_rows: int, split: str = "train", context_len: int = 128,
+def harvest_residuals(model, corpus, hooks: list[str], n_rows: int, split: Split = "train", context_len: int = 128,
                       forward_contexts: int = 8):
     """Yield ({hook: [rows, d_model] float32}, rows served before) for ``hooks`` + the final
     residual, one forward pass per batch of contexts of the corpus's ``split``, until
@@ -215,7 +218,7 @@ def kl_step(lens: TunedLens, dec: _Decoder, h: torch.Tensor, y: torch.Tensor, ch
 
 
 # ---------------------------------------------------------------------------------- the run
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -252,6 +255,7 @@ class _Run:
         if self.out is None:
             return
         self.ckpt.mkdir(parents=True, exist_ok=True)
+        assert self.cache is not None  # stage 1 saves after closed_form filled it
         _atomic_save({"weight": self.lens.weight, "bias": self.lens.bias, **self.cache}, self.ckpt / STAGE1)
         _atomic_write(self.ckpt / "stage1.json", json.dumps({"settings": self.fingerprint(_STAGE1_KEYS), "seconds": self.seconds}))
 
@@ -326,10 +330,12 @@ class _Run:
         dec = _Decoder(self.model, _DTYPES[cfg.matmul_dtype], dev)
         t0, s0 = time.perf_counter(), self.seconds["kl"]
         layers = self.trained_layers()
+        cache = self.cache
+        assert cache is not None  # loaded or computed by stage 1 above
         while self.step < cfg.kl_steps and layers:
             idx = _batch_indices(self.step, cfg.kl_batch, cfg.kl_tokens, cfg.seed)
-            h = self.cache["inputs"][idx][:, layers].to(dev).float()
-            y = self.cache["final"][idx].to(dev).float()
+            h = cache["inputs"][idx][:, layers].to(dev).float()
+            y = cache["final"][idx].to(dev).float()
             self.opt.zero_grad(set_to_none=True)
             kl = kl_step(self.lens, dec, h, y, cfg.token_chunk, layers)
             self.opt.step()

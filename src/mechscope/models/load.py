@@ -216,7 +216,10 @@ def load_model(
         dtype: parameter dtype (default float32; GGUF weights are dequantised to it).
     """
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        found = getattr(torch, dtype, None)
+        if not isinstance(found, torch.dtype):
+            raise MechscopeError(f"dtype '{dtype}' is not a torch dtype; use float32, bfloat16 or float16.")
+        dtype = found
     device = device or _default_device()
     display, target, gguf_file, local = _resolve(name)
     from rich.console import Console

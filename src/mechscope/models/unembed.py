@@ -59,10 +59,10 @@ def final_norm(model) -> FinalNorm:
     weight = params.get("weight")
     if weight is None:
         raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
-    eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", 1e-5)
+    eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", None) or 1e-5
     if "Gemma" in name:
         raise MechscopeError(f"The final norm {name} (scaled by 1 + weight) is not supported by the lens; use a LayerNorm or RMSNorm model.")
-    kind = "rmsnorm" if "RMS" in name.upper() or "bias" not in params else "layernorm"
+    kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if "RMS" in name.upper() or "bias" not in params else "layernorm"
     bias = params.get("bias")
     return FinalNorm(kind=kind, weight=weight.detach().float(), bias=None if bias is None else bias.detach().float(), eps=float(eps))
 

@@ -123,7 +123,7 @@ def sender_activations(model, graph: Graph, tokens: torch.Tensor) -> torch.Tenso
     return out
 
 
-def mean_weights(shape: tuple[int, int], lengths: torch.Tensor | None, device) -> torch.Tensor:
+def mean_weights(shape: tuple[int, ...], lengths: torch.Tensor | None, device) -> torch.Tensor:
     """[B, P] weights of a per-position mean over the batch, padding (past ``lengths``) excluded."""
     B, P = shape
     if lengths is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -74,11 +74,12 @@ class SuffixRunner:
 
             with torch.no_grad():
                 model.bridge.run_with_hooks(self.tokens, fwd_hooks=[(n, grab(n)) for n in names])
-            self.resid = [cache.get(n) for n in names]
-            self.ok = all(r is not None for r in self.resid)
+            self.ok = all(n in cache for n in names)
+            self.resid = [cache[n] for n in names] if self.ok else []
 
     @contextmanager
     def _suffix(self, start: int):
+        assert self.layers is not None  # suffix runs happen only when self.ok
         parent, attr = self.layers
         full = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleList(list(full)[start:]))
@@ -99,7 +100,7 @@ class SuffixRunner:
         if start > 0:
             r = self.resid[start].repeat(copies, 1, 1)
             own.append((resid_into(start, self.n_layers), lambda x, hook: r))
-        kwargs = {"use_cache": False}
+        kwargs: dict[str, Any] = {"use_cache": False}
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = self.keep
         with self._suffix(start), self.model.bridge.hooks(fwd_hooks=own + hooks):

@@ -11,6 +11,8 @@ and subject enrichment (Geva et al. 2023).
 load on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.recall.config import RecallConfig, dataset_config
 
@@ -19,6 +21,15 @@ __all__ = [
     "attention_knockout", "attribute_extraction", "causal_trace", "dataset_config", "known_facts", "recall",
     "recall_dataset", "subject_enrichment",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.recall.dataset import known_facts, recall_dataset
+    from mechscope.recall.enrichment import Enrichment, subject_enrichment
+    from mechscope.recall.extraction import Extraction, attribute_extraction
+    from mechscope.recall.knockout import Knockout, attention_knockout
+    from mechscope.recall.result import RecallDatasetResult, RecallResult
+    from mechscope.recall.run import recall
+    from mechscope.recall.tracing import Trace, causal_trace
 
 lazy_exports(__name__, {
     "known_facts": "dataset", "recall_dataset": "dataset",

@@ -13,9 +13,11 @@ position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, attn_scores
 from mechscope.models.unembed import final_norm, project
@@ -66,15 +68,20 @@ def run_rows(
     tokens [1, pos]; ``noise_bank`` [n_noise, len(noise_pos), d_model] added to the token
     embeddings at ``noise_pos``; ``clean`` the states restored (see ``clean_states``).
     """
+    if any(row.noise is not None for row in rows) and (noise_bank is None or noise_pos is None):
+        raise MechscopeError("rows add noise but no noise_bank/noise_pos were given; pass both to run_rows.")
+    if any(row.restore for row in rows) and clean is None:
+        raise MechscopeError("rows restore clean states but no clean states were given; pass clean=clean_states(...).")
     dev = model.device
     norm = final_norm(model)
     out = []
     for start in range(0, len(rows), max_rows):
         chunk = rows[start:start + max_rows]
         R = len(chunk)
-        hooks = []
+        hooks: list[tuple[str, Callable]] = []
         noisy = [(r, row.noise) for r, row in enumerate(chunk) if row.noise is not None]
         if noisy:
+            assert noise_bank is not None  # checked above
             ri = torch.tensor([r for r, _ in noisy], device=dev)
             ni = torch.tensor([n for _, n in noisy])
             add = noise_bank[ni].to(dev)  # [n_noisy, n_subj, d_model]
@@ -87,6 +94,7 @@ def run_rows(
 
             hooks.append((EMBED, embed_hook))
         for name, (ri, pi) in _index(chunk, "restore").items():
+            assert clean is not None  # checked above
             src = clean[name][pi].to(dev)  # [n, d_model]
 
             def restore_hook(x, hook, ri=ri.to(dev), pi=pi.to(dev), src=src):

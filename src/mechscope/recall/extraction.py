@@ -7,6 +7,7 @@ attention (MHSA), much less often by MLPs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def attribute_extraction(model, tokens: torch.Tensor, target_id: int) -> Extract
     hooks = [hook_of[k](l) for k in ("attn", "mlp") for l in range(L)]
     st = clean_states(model, tokens, hooks)
     norm = final_norm(model)
-    out = {}
+    out: dict[str, Any] = {}
     for k in ("attn", "mlp"):
         x = torch.stack([st[hook_of[k](l)][-1] for l in range(L)])  # [L, d_model]
         logits = project(model, x, norm)  # [L, d_vocab]

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.recall.categories import position_categories
 from mechscope.recall.enrichment import Enrichment
 from mechscope.recall.extraction import Extraction
 from mechscope.recall.knockout import Knockout
 from mechscope.recall.tracing import Trace
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 
@@ -80,7 +83,7 @@ class RecallResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recall.json").write_text(json.dumps(self.to_dict(), indent=1))
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         if self.trace is not None:
             tensors |= {f"trace_{k}": v.contiguous() for k, v in self.trace.restored.items()}
         if self.knockout is not None:

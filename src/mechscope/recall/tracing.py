@@ -83,7 +83,7 @@ def causal_trace(model, tokens: torch.Tensor, subject_pos: list[int], target_id:
     clean_p = float(run_rows(model, tokens, target_id, [Row()])[0])
     corrupt = float(probs[: cfg.samples].mean())
     per = probs[cfg.samples:].view(len(index), cfg.samples).mean(1)
-    restored = {k: torch.full((len(layers_run), P), corrupt) for k in cfg.kinds}
+    restored: dict[str, torch.Tensor] = {k: torch.full((len(layers_run), P), corrupt) for k in cfg.kinds}
     for (kind, i, p), v in zip(index, per.tolist()):
         restored[kind][i, p] = v
     return Trace(clean_prob=clean_p, corrupt_prob=corrupt, restored=restored, noise_std=noise_std, window=window,

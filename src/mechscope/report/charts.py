@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeGuard
 
 from mechscope.report.toolkit import NEG, PALETTE, POS, color, esc, fmt, px, show_token, token_text
 
@@ -25,7 +25,7 @@ def _open(width: float, height: float, cls: str, element_id: str = "", label: st
             f'viewBox="0 0 {px(width)} {px(height)}"{aria}>')
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return v is not None and math.isfinite(float(v))
 
 
@@ -46,7 +46,8 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[float]]:
     plus 2x and 5x when the axis spans under 2.5 decades; every other m x 10^k unlabelled."""
     a, b = math.log10(lo), math.log10(hi)
     few = b - a < 2.5
-    major, minor = [], []
+    major: list[float] = []
+    minor: list[float] = []
     for k in range(math.floor(a), math.ceil(b) + 1):
         for m in range(1, 10):
             v = m * 10.0**k
@@ -300,9 +301,9 @@ def line_chart(
                    f'stroke-dasharray="4 3">{f"<title>{esc(text)}</title>" if text else ""}</line>')
         if text:
             out.append(f'<text x="{px(X(xv) + 3)}" y="{T + 10}" font-size="10" fill="#6b7280">{esc(text)}</text>')
-    legend_x = L
+    legend_x: float = L
     for i, (s, pts) in enumerate(zip(items, ok)):
-        col = s.color or PALETTE[i % len(PALETTE)]
+        colour = s.color or PALETTE[i % len(PALETTE)]
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
         cls = f" {esc(s.cls)}" if s.cls else ""
         segs: list[list[str]] = [[]]
@@ -314,17 +315,17 @@ def line_chart(
             segs[-1].append(f"{cx},{cy}")
             if s.points:
                 tip = s.tips[j] if s.tips is not None else f"{s.name}: x={fmt(x)}, y={fmt(y)}"
-                out.append(f'<circle class="pt{cls}" cx="{cx}" cy="{cy}" r="2.6" fill="{col}"><title>{esc(tip)}</title></circle>')
+                out.append(f'<circle class="pt{cls}" cx="{cx}" cy="{cy}" r="2.6" fill="{colour}"><title>{esc(tip)}</title></circle>')
         for seg in segs:
             if len(seg) > 1:
-                out.append(f'<polyline class="line{cls}" fill="none" stroke="{col}" stroke-width="{s.width}"{dash} '
+                out.append(f'<polyline class="line{cls}" fill="none" stroke="{colour}" stroke-width="{s.width}"{dash} '
                            f'points="{" ".join(seg)}"/>')
         if top_legend:
             x0, y0 = legend_x, (24 if title else 10) + 8
             legend_x += 46 + 6.4 * len(s.name)
         else:
             x0, y0 = L + pw + 8, T + 8 + i * 16
-        out.append(f'<line x1="{px(x0)}" x2="{px(x0 + 16)}" y1="{y0}" y2="{y0}" stroke="{col}" stroke-width="2"{dash}/>'
+        out.append(f'<line x1="{px(x0)}" x2="{px(x0 + 16)}" y1="{y0}" y2="{y0}" stroke="{colour}" stroke-width="2"{dash}/>'
                    f'<text x="{px(x0 + 20)}" y="{y0 + 4}" font-size="11">{esc(s.name)}</text>')
     if xlabel:
         out.append(f'<text x="{px(L + pw / 2)}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#374151">{esc(xlabel)}</text>')

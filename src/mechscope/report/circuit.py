@@ -115,10 +115,10 @@ class _Layout:
         if n.kind == "input":
             return None  # resolved against the receiver (vertical edges out of the bar)
         if n.kind == "head":
-            x, y = self.head(n.layer, n.head)
+            x, y = self.head(*_at(n))
             return x, y - self.r
         if n.kind == "mlp":
-            x, y = self.mlp(n.layer)
+            x, y = self.mlp(_at(n)[0])
             return x, y - self.m
         raise ValueError(name)
 
@@ -129,14 +129,14 @@ class _Layout:
         if n.kind == "logits":
             return None
         if n.kind == "head" and n.port == "q":
-            x, y = self.head(n.layer, n.head)
+            x, y = self.head(*_at(n))
             return x, y + self.r
         if n.kind == "kv" and n.port is not None:
-            xa, xb, y = self.kv_span(n.layer, n.head)
+            xa, xb, y = self.kv_span(*_at(n))
             frac = 1 / 3 if n.port == "k" else 2 / 3
             return xa + (xb - xa) * frac, y
         if n.kind == "mlp":
-            x, y = self.mlp(n.layer)
+            x, y = self.mlp(_at(n)[0])
             return x, y + self.m
         raise ValueError(name)
 
@@ -154,6 +154,7 @@ class _Layout:
         if s is None and d is None:
             return f"M{px(self.left)} {px(y_in)}V{px(y_out)}"
         if s is None:
+            assert d is not None  # both None was handled above
             x = self.lane(d[0])
             return (f"M{px(x)} {px(y_in)}V{px(d[1] + 24)}C{px(x)} {px(d[1] + 12)} {px(d[0])} {px(d[1] + 12)} "
                     f"{px(d[0])} {px(d[1])}")
@@ -166,15 +167,22 @@ class _Layout:
                 f"{px(d[0])} {px(d[1])}")
 
 
+def _at(n: Node) -> tuple[int, int]:
+    """(layer, head or KV group) of a head, kv or mlp node (head is -1 for an MLP)."""
+    if n.layer is None:
+        raise ValueError(f"{n.kind} node has no layer")
+    return n.layer, n.head if n.head is not None else -1
+
+
 def _receiver_targets(dst: str, group: int) -> tuple[str, list[str]]:
     """(marker key the edge ends at, node names it touches) for a receiver name."""
     n = _node(dst)
     if n is not None and n.kind == "head" and n.port == "q":
-        name = head_node(n.layer, n.head)
+        name = head_node(*_at(n))
         return name, [name]
     if n is not None and n.kind == "kv" and n.port is not None:
-        g = n.head
-        return kv_group(n.layer, g), [head_node(n.layer, h) for h in range(g * group, (g + 1) * group)]
+        layer, g = _at(n)
+        return kv_group(layer, g), [head_node(layer, h) for h in range(g * group, (g + 1) * group)]
     return dst, [dst]
 
 

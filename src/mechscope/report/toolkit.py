@@ -177,7 +177,7 @@ def json_script(element_id: str, obj: Any) -> str:
 # ---- page -----------------------------------------------------------------------------------
 def asset(name: str) -> str:
     """The text of ``report/assets/NAME`` (package data)."""
-    return resources.files("mechscope.report").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("mechscope.report").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def page(title: str, body: str, *, kind: str, heading: str | None = None, subtitle: str = "",

@@ -12,6 +12,8 @@ The configs (``sae.config``, no torch) are imported with the package; the other 
 first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.sae.config import DashboardConfig, GenerationConfig, TrainConfig
 
@@ -20,6 +22,14 @@ __all__ = [
     "Trainer", "TrainConfig", "check_sae_fits", "evaluate_on_corpus", "evaluate_sae", "feature_dashboards", "load_sae",
     "sae_trainer", "save_sae", "steer_actadd", "steer_feature", "train_sae", "transcoder_output_hook",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.sae.dashboard import DashboardResult, feature_dashboards
+    from mechscope.sae.evaluate import SAEEval, evaluate_on_corpus, evaluate_sae
+    from mechscope.sae.io import check_sae_fits, load_sae, save_sae
+    from mechscope.sae.model import ARCHITECTURES, SAE, SAEConfig
+    from mechscope.sae.steer import steer_actadd, steer_feature
+    from mechscope.sae.train import Trainer, sae_trainer, train_sae, transcoder_output_hook
 
 lazy_exports(__name__, {
     "DashboardResult": "dashboard", "feature_dashboards": "dashboard",

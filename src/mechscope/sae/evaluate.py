@@ -79,7 +79,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, s
     dev = model.device
     sae = sae.to(dev)
     hook_in, hook_out = cfg.hook_name, (cfg.hook_name_out if cfg.is_transcoder else cfg.hook_name)
-    sums = dict(n=0, l0=0.0, mse=0.0, cos=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, ce_n=0)
+    sums: dict[str, float] = dict(n=0, l0=0.0, mse=0.0, cos=0.0, ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, ce_n=0)
     fired = torch.zeros(cfg.d_sae, dtype=torch.float64, device=dev)
     y_sum = torch.zeros(cfg.out_dim, dtype=torch.float64, device=dev)
     y_sq = torch.zeros((), dtype=torch.float64, device=dev)
@@ -133,7 +133,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, s
         y_sq += yf.pow(2).sum()
         if progress is not None:
             progress(n)
-    n, m = sums["n"], sums["ce_n"]
+    n, m = int(sums["n"]), int(sums["ce_n"])
     var = float(y_sq / n - (y_sum / n).pow(2).sum())  # summed per-dimension variance
     density = (fired / n).cpu()
     ce_clean, ce_sae, ce_zero = sums["ce_clean"] / m, sums["ce_sae"] / m, sums["ce_zero"] / m

@@ -76,6 +76,10 @@ class SAE(nn.Module):
     """A sparse autoencoder or transcoder; ``sae(x)`` reconstructs, ``encode``/``decode`` split it.
     ``arch`` is its ``Architecture`` (``mechscope.sae.archs``)."""
 
+    W_skip: nn.Parameter
+    """Only where the architecture adds it (``arch.extra_parameters``: skip transcoders); test
+    with ``hasattr``. Declared for type checkers, not created here."""
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg

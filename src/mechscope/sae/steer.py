@@ -185,6 +185,8 @@ def generate_pair(model, prompt: str, hooks: list[Hook], gen: GenerationConfig |
     eos = model.tokenizer.eos_token_id
     if gen.stop_at_eos and eos is not None:
         new = [r[: r.index(eos)] if eos in r else r for r in new]
+    if first is None:
+        raise MechscopeError("generation needs max_new_tokens >= 1; got 0.")
     return new[0], new[1], first
 
 
@@ -229,6 +231,7 @@ def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = N
     if scale is not None:
         hooks, mode, settings = add_hooks(write, feature_direction(sae, feature), scale), "add", {"scale": scale}
     else:
+        assert clamp is not None  # check_feature_mode: exactly one of scale and clamp
         hooks, mode, settings = clamp_hooks(sae, feature, clamp), "clamp", {"value": clamp}
     settings = {"feature": feature, "hook": write, "sae": c.to_dict() if hasattr(c, "to_dict") else {}, **settings}
     return _run(model, prompt, hooks, write, mode, settings, gen)

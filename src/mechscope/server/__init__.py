@@ -8,7 +8,14 @@
 sits beside ``report`` and ``cli`` in the layering: it imports from everything below.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.server.app import create_app, serve
+    from mechscope.server.runs import find_runs
+    from mechscope.server.store import ReadOnlyUnitDB
 
 lazy_exports(__name__, {"create_app": "app", "serve": "app", "find_runs": "runs", "ReadOnlyUnitDB": "store"})
 

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, PackageLoader
@@ -49,7 +49,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from mechscope.errors import MechscopeError
-from mechscope.explain.types import Description, Exemplar, UnitRecord, UnitRef
+from mechscope.explain.types import Description, Exemplar, UnitKind, UnitRecord, UnitRef
 from mechscope.server import runs as runs_mod
 from mechscope.server.store import ReadOnlyUnitDB
 
@@ -100,6 +100,15 @@ def best_score(d: Description | None) -> float | None:
     if SCORE in d.scores:
         return d.scores[SCORE]
     return next((v for k, v in d.scores.items() if not k.endswith("_shuffled")), None)
+
+
+def best_description(descs: list[Description]) -> Description | None:
+    """The unit's description with the highest ``best_score`` (unscored ones last); None if none."""
+    def key(d: Description) -> float:
+        s = best_score(d)
+        return s if s is not None else -math.inf
+
+    return max(descs, key=key) if descs else None
 
 
 def unit_url(u: UnitRef) -> str:
@@ -175,7 +184,7 @@ def _css() -> str:
 
     from mechscope.report.toolkit import asset
 
-    return asset("base.css") + resources.files("mechscope.server").joinpath("templates", "serve.css").read_text(encoding="utf-8")
+    return asset("base.css") + resources.files("mechscope.server").joinpath("templates").joinpath("serve.css").read_text(encoding="utf-8")
 
 
 def _page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -213,19 +222,20 @@ def _float(request: Request, name: str) -> float | None:
     return x
 
 
-def _kind(request: Request) -> str | None:
+def _kind(request: Request) -> UnitKind | None:
     k = request.query_params.get("kind", "").strip() or None
     if k is not None and k not in ("mlp", "sae", "transcoder"):
         raise HTTPException(400, f"kind must be mlp, sae or transcoder, got {k!r}.")
-    return k
+    return cast(UnitKind, k) if k is not None else None
 
 
 def _search(request: Request) -> dict[str, Any]:
     """Run the query in the request's parameters: a dict of the hits and the parameters used."""
     st: _State = request.app.state.mechscope
     q = request.query_params.get("q", "").strip()
-    params = {"query": q, "kind": _kind(request), "layer": _int(request, "layer"), "min_score": _float(request, "min_score"),
-              "semantic": request.query_params.get("semantic", "") in ("1", "true", "on")}
+    kind, layer, min_score = _kind(request), _int(request, "layer"), _float(request, "min_score")
+    params: dict[str, Any] = {"query": q, "kind": kind, "layer": layer, "min_score": min_score,
+                              "semantic": request.query_params.get("semantic", "") in ("1", "true", "on")}
     limit = min(_int(request, "limit", lo=1, default=SEARCH_LIMIT) or SEARCH_LIMIT, MAX_LIMIT)
     db = st.db()
     hits = []
@@ -236,12 +246,11 @@ def _search(request: Request) -> dict[str, Any]:
             if st.embedder is None:
                 raise HTTPException(400, "This server answers full-text searches only; start it with --semantic for semantic search.")
             try:
-                hits = semantic_search(db, q, st.embedder, layer=params["layer"], kind=params["kind"],
-                                       min_score=params["min_score"], limit=limit)
+                hits = semantic_search(db, q, st.embedder, layer=layer, kind=kind, min_score=min_score, limit=limit)
             except MechscopeError as e:
                 raise HTTPException(400, str(e)) from None
         else:
-            hits = db.search(q, layer=params["layer"], kind=params["kind"], min_score=params["min_score"], limit=limit)
+            hits = db.search(q, layer=layer, kind=kind, min_score=min_score, limit=limit)
     return {**params, "hits": hits, "limit": limit}
 
 
@@ -336,7 +345,7 @@ def units_page(request: Request) -> Response:
         total = db.count(kind, layer, source)
         for u in db.units_page(kind, layer, source, offset, UNITS_PER_PAGE):
             descs = db.descriptions(u)
-            rows.append((u, max(descs, key=lambda d: best_score(d) if best_score(d) is not None else -math.inf) if descs else None))
+            rows.append((u, best_description(descs)))
     base = {k: v for k, v in (("kind", kind), ("layer", layer), ("source", source)) if v is not None}
 
     def page_url(off: int) -> str:
@@ -406,7 +415,7 @@ def nodes_page(request: Request) -> Response:
                         descs = db.descriptions(ref)
                     except (ValueError, MechscopeError):
                         continue
-                    known[n.unit_key] = max(descs, key=lambda d: best_score(d) if best_score(d) is not None else -math.inf) if descs else None
+                    known[n.unit_key] = best_description(descs)
     return _page(request, "nodes.html", run=run, nodes=nodes, known=known, layer_counts=layer_counts, source=source)
 
 

@@ -121,7 +121,7 @@ def find_run(root: str | Path, name: str) -> Run | None:
     """The run folder called ``name`` (as ``find_runs`` names it), or ``None``."""
     folder = safe_path(root, "." if name == ROOT_RUN else name, folder=True)
     found = _kind(folder) if folder is not None else None
-    if found is None:
+    if folder is None or found is None:
         return None
     data, kind, page = found
     prefix = "" if name == ROOT_RUN else name + "/"

@@ -113,6 +113,8 @@ class TaskBatch:
             lp = at.log_softmax(-1).gather(-1, self.answers[..., None])[..., 0]
             return lp.mean(-1)
         if self.metric_name == "prob_diff":
+            if self.candidates is None or self.signs is None:
+                raise MechscopeError("metric prob_diff needs candidate answers and their signs; this batch has none.")
             p = at[:, 0].softmax(-1).gather(-1, self.candidates)  # [batch, c]
             return (p * self.signs).sum(-1)
         raise MechscopeError(f"Unknown metric '{self.metric_name}'.")
@@ -171,10 +173,11 @@ def tokenize_pairs(
             continue
         w = -1
         if p.wrong is not None:
-            w = single_token(tokenizer, p.wrong)
-            if w is None:
+            found = single_token(tokenizer, p.wrong)
+            if found is None:
                 dropped["wrong answer is not a single token"] += 1
                 continue
+            w = found
         kept.append((c, r, a, w, p))
     if not kept:
         reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope._lazy import lazy_exports
 from mechscope.errors import MechscopeError, near_matches
@@ -41,5 +41,9 @@ def make_explainer(name: str, *, server: str | None = None, server_model: str | 
         return LocalExplainer(model, **kwargs)
     raise MechscopeError(f"Unknown explainer {name!r}; choose one of {', '.join(EXPLAINERS)}.{near_matches(name, list(EXPLAINERS))}")
 
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.explain.explainers.local import LocalExplainer
+    from mechscope.explain.explainers.server import ServerExplainer
 
 lazy_exports(__name__, {"LocalExplainer": "local", "ServerExplainer": "server"})  # they import openai / torch

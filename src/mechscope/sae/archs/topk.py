@@ -74,7 +74,9 @@ class TopK(Architecture):
     uses_k = True
 
     def activate(self, sae: SAE, pre: Tensor) -> Tensor:
-        vals, idx = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+        k = sae.cfg.k
+        assert k is not None  # SAEConfig requires k for architectures with uses_k
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
     def saelens_keys(self, cfg: SAEConfig) -> dict[str, Any]:
