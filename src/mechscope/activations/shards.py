@@ -20,13 +20,16 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mechscope.activations.store import Harvester, StoreConfig, pack_contexts
 from mechscope.errors import MechscopeError
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,7 +43,7 @@ def _shard_name(i: int) -> str:
 
 
 def harvest(
-    model,
+    model: Model,
     corpus: Iterable[str],
     cfg: StoreConfig,
     out_dir: str | Path,
@@ -61,7 +64,7 @@ def harvest(
     spec = corpus_spec or getattr(corpus, "spec", None) or type(corpus).__name__
     if hasattr(corpus, "split") and getattr(corpus, "split", "all") != "all":
         spec = f"{spec} [{corpus.split}]"
-    manifest = {
+    manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "model": model.summary.name, "hooks": list(cfg.hooks),
         "d": harvester.dims(), "dtype": cfg.dtype, "context_len": cfg.context_len, "skip_first": cfg.skip_first,
         "corpus": spec, "contexts_per_shard": cps, "rows_per_shard": cps * rpc, "n_tokens_requested": n_tokens,

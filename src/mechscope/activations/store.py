@@ -19,7 +19,7 @@ Memory is the buffer, ``buffer_tokens * sum(d) * itemsize``, whatever the number
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
@@ -27,6 +27,9 @@ from mechscope.activations.config import DTYPE_NAMES, StoreConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, needs_split_attention
 from mechscope.models.load import plain_attention
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 """Storage dtypes of activations by name."""
@@ -75,7 +78,7 @@ class _Stop(Exception):
 class Harvester:
     """Runs the model on token contexts and returns the hooked activations as rows."""
 
-    def __init__(self, model, cfg: StoreConfig):
+    def __init__(self, model: Model, cfg: StoreConfig):
         for h in cfg.hooks:
             check_hook_name(model, h)
         self.model, self.cfg = model, cfg
@@ -134,7 +137,7 @@ class Harvester:
 class ActivationStore:
     """Shuffled activations streamed from a corpus: ``next_batch(n) -> {hook: [n, d]}``."""
 
-    def __init__(self, model, corpus: Iterable[str], cfg: StoreConfig, progress: bool = False):
+    def __init__(self, model: Model, corpus: Iterable[str], cfg: StoreConfig, progress: bool = False):
         self.cfg = cfg
         self.harvester = Harvester(model, cfg)
         self.corpus = corpus

@@ -36,7 +36,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -53,6 +53,9 @@ from mechscope.patching.engine import (
 from mechscope.patching.suffix import SuffixRunner
 from mechscope.tasks.base import TaskBatch
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 
 @dataclass
 class ACDCResult:
@@ -66,7 +69,7 @@ class ACDCResult:
 class _Scorer:
     """The ACDC metric of K masks at once, running only the blocks above the receiver's layer."""
 
-    def __init__(self, model, graph, batch: TaskBatch, ablation: Ablation, metric: str, suffix: bool = True):
+    def __init__(self, model: Model, graph, batch: TaskBatch, ablation: Ablation, metric: str, suffix: bool = True):
         self.model, self.graph, self.batch, self.metric = model, graph, batch.to(model.device), metric
         b = self.batch
         with torch.no_grad():
@@ -192,7 +195,7 @@ def acdc(
                       complete=complete, visited=visited)
 
 
-def default_k_batch(model, n_examples: int) -> int:
+def default_k_batch(model: Model, n_examples: int) -> int:
     """Largest speculative batch worth running: 8 masks on a GPU; on a CPU as many as keep a
     pass at about 50 rows (SmolLM2-135M, 2 cores: 25 rows 1.10 s, 50 rows 1.73 s, 100 rows
     4.56 s: past ~50 rows a batch costs more than the same rows run one after the other)."""

@@ -44,7 +44,7 @@ are z_h @ W_O[h] from ``hook_z``.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -65,12 +65,15 @@ from mechscope.patching.engine import (
 )
 from mechscope.tasks.base import TaskBatch
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 Method = Literal["eap", "eap-ig", "eap-ig-act"]
 QKMode = Literal["exact", "linear"]
 
 
 @contextlib.contextmanager
-def frozen(model):
+def frozen(model: Model):
     """Temporarily set requires_grad=False on every parameter (restored on exit)."""
     params = list(model.bridge.parameters())
     before = [p.requires_grad for p in params]
@@ -104,7 +107,7 @@ def edge_scores(
 
 
 def edge_score_folds(
-    model,
+    model: Model,
     graph: Graph,
     batch: TaskBatch,
     folds: list[int] | None = None,
@@ -305,7 +308,7 @@ def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.func.vmap(vjp, in_dims=2, out_dims=2)(g)[0]
 
 
-def _receiver_grads(model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGrads], extra_hooks: list,
+def _receiver_grads(model: Model, graph: Graph, sub: TaskBatch, heads: list[HeadInputGrads], extra_hooks: list,
                     acc: torch.Tensor, capture: torch.Tensor | None = None, exact: QKExact | None = None
                     ) -> list[torch.Tensor | None]:
     """One forward + backward pass on the clean prompts under ``extra_hooks``.
@@ -410,7 +413,7 @@ def _contract(graph: Graph, delta: torch.Tensor, acc: torch.Tensor, scale: float
             scores[f, rows, r0:] += scale * (d[:, cols] @ acc[r0:, cols].T)
 
 
-def _accumulate(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
+def _accumulate(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
                 heads: list[HeadInputGrads], parts: list[tuple[int, int, int]], exact: QKExact | None) -> None:
     """EAP / EAP-IG on the input embeddings: m interpolation steps, alpha = 1 last (the clean run).
 
@@ -465,7 +468,7 @@ def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
     return out
 
 
-def _accumulate_activations(model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
+def _accumulate_activations(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
                             heads: list[HeadInputGrads], ablation: Ablation, parts: list[tuple[int, int, int]]) -> None:
     """EAP-IG on activations: integrated gradients along each sender group's own path.
 

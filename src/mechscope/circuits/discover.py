@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,8 +47,11 @@ from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.tasks.base import TaskBatch
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
-def check_task_performance(model, batch: TaskBatch) -> dict:
+
+def check_task_performance(model: Model, batch: TaskBatch) -> dict:
     """Evaluate the task and refuse when the model performs at chance."""
     from mechscope.tasks import evaluate_task
 
@@ -104,7 +108,7 @@ def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: 
     return prune(graph, top_k(graph, ranking, k_cv, absolute=False))
 
 
-def discover(model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: bool = True) -> CircuitResult:
+def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: bool = True) -> CircuitResult:
     """Run one circuit discovery (see module docstring) and return the result."""
     from mechscope.tasks import get_task
 

@@ -208,7 +208,7 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate_saved(model, res: "CircuitResult", task: str | None = None, n: int | None = None) -> dict[str, Any]:
+def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, n: int | None = None) -> dict[str, Any]:
     """Re-evaluate a saved circuit on ``model``: the held-out half of the pairs drawn as the run
     drew them (its task, ``n``, seed and split), or of ``task``'s pairs, with its ablation.
 

@@ -43,7 +43,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -52,6 +52,9 @@ from mechscope.graph.names import parse_node
 from mechscope.heads import HeadsConfig, HeadsResult, copying, patterns, sequences
 from mechscope.heads.result import CATEGORIES
 from mechscope.heads.weights import head_weights
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 CACHE_FORMAT = 1
 
@@ -76,7 +79,7 @@ ROLE_NAMES = {"previous-token": "previous-token head", "duplicate-token": "dupli
 
 
 # ---- head scores, cached ------------------------------------------------------------------
-def default_heads_config(model: Any) -> HeadsConfig:
+def default_heads_config(model: Model) -> HeadsConfig:
     """``HEADS_CONFIG``, with shorter sequences for models whose context is below 41 tokens."""
     n_ctx = int(model.summary.n_ctx)
     if n_ctx >= 2 * HEADS_CONFIG.seq_len + 1:
@@ -91,7 +94,7 @@ def role_settings(cfg: HeadsConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def role_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
+def role_scores(model: Model, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
     """The head scores the roles read, computed as ``heads.head_scores`` computes them (steps 1
     and 3 of its docstring): previous-token, duplicate-token and induction shares and the BOS mass
     on ``cfg.n`` repeated random-token sequences, the eigenvalue and top-1 copying scores, and
@@ -125,7 +128,7 @@ def cache_root() -> Path:
 
 
 @torch.no_grad()
-def weights_fingerprint(model: Any, n: int = 4096) -> str:
+def weights_fingerprint(model: Model, n: int = 4096) -> str:
     """A short hash of strided samples of the first, middle and last parameter tensors: two
     checkpoints with the same name and shape get different cache entries."""
     params = list(model.bridge.parameters())
@@ -138,7 +141,7 @@ def weights_fingerprint(model: Any, n: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def model_identity(model: Any) -> dict[str, Any]:
+def model_identity(model: Model) -> dict[str, Any]:
     """What makes two loaded models the same for head scores (the device is not part of it)."""
     s = model.summary.to_dict()
     s.pop("device", None)
@@ -154,7 +157,7 @@ def _slug(name: str) -> str:
     return keep.strip("-.")[:48] or "model"
 
 
-def cache_path(model: Any, cfg: HeadsConfig | None = None, cache_dir: str | Path | None = None) -> Path:
+def cache_path(model: Model, cfg: HeadsConfig | None = None, cache_dir: str | Path | None = None) -> Path:
     """The cache folder of ``model``'s head scores under settings ``cfg``."""
     cfg = cfg or default_heads_config(model)
     ident = _identity(model, cfg)
@@ -176,7 +179,7 @@ def _read_cached(folder: Path, ident: dict[str, Any]) -> HeadsResult | None:
         return None
 
 
-def cached_head_scores(model: Any, cfg: HeadsConfig | None = None, cache_dir: str | Path | None = None,
+def cached_head_scores(model: Model, cfg: HeadsConfig | None = None, cache_dir: str | Path | None = None,
                        progress: bool | Callable[[str], None] = False) -> tuple[HeadsResult, Path, bool]:
     """(head scores of ``model``, their cache folder, whether they came from the cache):
     read from the cache when its identity matches, else computed with ``role_scores`` and
@@ -215,7 +218,7 @@ def _say(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
     return lambda _s: None
 
 
-def _explicit_heads(heads: str | Path | HeadsResult, model: Any) -> tuple[HeadsResult, str]:
+def _explicit_heads(heads: str | Path | HeadsResult, model: Model) -> tuple[HeadsResult, str]:
     res = heads if isinstance(heads, HeadsResult) else HeadsResult.load(heads)
     want = (model.summary.n_layers, model.summary.n_heads)
     got = (int(res.model.get("n_layers", -1)), int(res.model.get("n_heads", -1)))
@@ -282,7 +285,7 @@ def _patterns(model: Any, toks: torch.Tensor) -> torch.Tensor:
     return example_patterns(model, toks)  # [L, H, pos, pos]
 
 
-def attention_patterns(model: Any, batch: Any, heads: Iterable[str], node_scores: dict[str, float] | None = None,
+def attention_patterns(model: Model, batch: Any, heads: Iterable[str], node_scores: dict[str, float] | None = None,
                        max_heads: int = 24, digits: int = 3) -> dict[str, Any]:
     """Attention patterns [q][k] of ``heads`` on the first clean prompt of ``batch`` (the
     report's ``example``): at most ``max_heads`` heads, the largest |node score| first when
@@ -337,7 +340,7 @@ def _text(name: str, role: dict[str, Any], scores: dict[str, float | None], atte
     return f"{name}: {what}"
 
 
-def label_heads(model: Any, res: Any, batch: Any, cache_dir: str | Path | None = None, progress: bool | Callable[[str], None] = True,
+def label_heads(model: Model, res: Any, batch: Any, cache_dir: str | Path | None = None, progress: bool | Callable[[str], None] = True,
                 heads: str | Path | HeadsResult | None = None, cfg: HeadsConfig | None = None,
                 thresholds: dict[str, float] | None = None, top_k: int = 2) -> dict[str, dict]:
     """Role and attention label of every head node of circuit ``res`` (see module docstring).

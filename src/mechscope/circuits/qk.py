@@ -40,10 +40,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.models.hooks import attn_hook, attn_pattern, attn_z
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 MAX_ELEMS = 48_000_000  # per chunk of examples: [examples, P, P, heads, d_model] readout tensors
 
@@ -104,7 +108,7 @@ class QKExact:
     def reset(self) -> None:
         self.layers = [LayerCapture() for _ in range(self.n_layers)]
 
-    def hooks(self, model, capture_clean: bool) -> list[tuple[str, object]]:
+    def hooks(self, model: Model, capture_clean: bool) -> list[tuple[str, object]]:
         """Forward hooks: the clean-pass tensors (when ``capture_clean``)."""
         if not capture_clean:
             return []
@@ -132,7 +136,7 @@ class QKExact:
         c = self.layers[l]
         c.gz = g.detach().float().clone() if c.gz is None else c.gz.add_(g.detach().float())
 
-    def verify(self, model, l: int, heads) -> bool:
+    def verify(self, model: Model, l: int, heads) -> bool:
         """Check rotary, score scale and pattern against the model's own values (once per layer)."""
         if l in self.checked:
             return self.checked[l]

@@ -49,7 +49,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, cast
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 import torch
 
@@ -59,6 +59,9 @@ from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 STATE_SCHEMA = 2
 INF = float("inf")
@@ -310,7 +313,7 @@ class HarvestState:
                    int(meta["n_tokens"]))
 
 
-def _contexts(model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
+def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
     from mechscope.activations.corpus import get_corpus
 
     corpus = get_corpus(cfg.corpus)
@@ -324,7 +327,7 @@ def _contexts(model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
             return
 
 
-def harvest_exemplars(model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
+def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
                       on_batch: Callable[[int], None] | None = None, progress: bool = False,
                       source: UnitSource | None = None, contexts: list[list[int]] | None = None) -> HarvestState:
     """Run the pass (resuming from ``checkpoint`` when it holds one) and, with ``db``, write every
@@ -532,7 +535,7 @@ def records_of(model, source: UnitSource, state: HarvestState, layer: int, vocab
     return recs
 
 
-def write_db(model, source: UnitSource, state: HarvestState, db, chunk: int = 512) -> None:
+def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: int = 512) -> None:
     """Every harvested unit's record and exemplars into ``db`` (idempotent: replaces)."""
     vocab = token_strings(model.tokenizer, int(model.summary.d_vocab))
     db.set_model_summary(_summary(model))
@@ -545,7 +548,7 @@ def write_db(model, source: UnitSource, state: HarvestState, db, chunk: int = 51
             db.put_exemplars_many([(r.unit, e) for r, e in zip(recs[i:i + chunk], exs[i:i + chunk])])
 
 
-def _summary(model) -> dict:
+def _summary(model: Model) -> dict:
     from dataclasses import asdict
 
     return {k: v for k, v in asdict(model.summary).items() if isinstance(v, (int, str, float))}

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import MechscopeError
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _load(source: str | None, device: str) -> PlainLM:
     return PlainLM(hf=hf, tokenizer=tok, name=display)
 
 
-def plain_lm(model: Any = None, device: str | None = None) -> PlainLM:
+def plain_lm(model: Model | None = None, device: str | None = None) -> PlainLM:
     """``model``: a ``PlainLM`` (returned as is), a loaded ``mechscope.models.Model`` (its source is
     loaded again, unwrapped, on its device) or a name as for ``load_model`` (None: embedded)."""
     if isinstance(model, PlainLM):

@@ -43,11 +43,14 @@ import inspect
 import math
 import random
 import statistics
-from typing import Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.explainers.base import clean_token
 from mechscope.explain.types import Description, Exemplar, UnitRecord, UnitRef
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCORERS = ("simulation", "detection", "fuzzing")
 ACTIVE_FRAC = 0.2
@@ -267,7 +270,7 @@ class ModelSimulator:
     ``mechscope.explain.plain``: the bridge's wrapped model keeps no key/value cache).
     """
 
-    def __init__(self, model: Any, batch_size: int = 8, share_head: bool = True):
+    def __init__(self, model: Model, batch_size: int = 8, share_head: bool = True):
         import torch
 
         from mechscope.explain.plain import plain_lm

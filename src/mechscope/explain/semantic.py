@@ -35,12 +35,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import SearchHit, UnitKind, UnitRef
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 TABLE = "description_embeddings"
 _DDL = (f"CREATE TABLE IF NOT EXISTS {TABLE} (description_id INTEGER NOT NULL, embedder TEXT NOT NULL,"
@@ -100,7 +103,7 @@ class ResidualEmbedder:
 
     center = True
 
-    def __init__(self, model: Any = None, layer: int | None = None, batch_size: int = 32):
+    def __init__(self, model: Model | None = None, layer: int | None = None, batch_size: int = 32):
         from mechscope.models.load import load_model
 
         self.model = model if model is not None else load_model(None, device="cpu")

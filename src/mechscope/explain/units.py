@@ -28,6 +28,7 @@ from mechscope.models.hooks import mlp_post, parse_hook
 from mechscope.models.unembed import final_norm, unembed_weights
 
 if TYPE_CHECKING:
+    from mechscope.models import Model
     from mechscope.sae.model import SAE
 
 
@@ -56,7 +57,7 @@ class UnitSource:
 class MlpNeurons(UnitSource):
     kind = "mlp"
 
-    def __init__(self, model):
+    def __init__(self, model: Model):
         self.model = model
         self.layers = list(range(model.summary.n_layers))
 
@@ -78,7 +79,7 @@ class SaeFeatures(UnitSource):
 
     kind = "sae"
 
-    def __init__(self, model, path: str | Path, device=None):
+    def __init__(self, model: Model, path: str | Path, device=None):
         from mechscope.sae.io import check_sae_fits, load_sae
 
         path = Path(path)
@@ -118,7 +119,7 @@ class SaeFeatures(UnitSource):
 class TranscoderFeatures(SaeFeatures):
     kind = "transcoder"
 
-    def __init__(self, model, path: str | Path, device=None):
+    def __init__(self, model: Model, path: str | Path, device=None):
         from mechscope.features.transcoder_set import load_transcoder_layers
 
         self.saes = {layer: tc.to(device or model.device) for layer, tc in load_transcoder_layers(path, "cpu").items()}
@@ -143,7 +144,7 @@ def unit_source(model, spec: str, device=None) -> UnitSource:
 
 
 @torch.no_grad()
-def output_logits(model, directions: torch.Tensor, k: int = 10, vocab: list[str] | None = None,
+def output_logits(model: Model, directions: torch.Tensor, k: int = 10, vocab: list[str] | None = None,
                   chunk: int = 512) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
     """Top and bottom ``k`` tokens each direction [n, d_model] promotes, read through the final
     norm's linear part with unit scale (the per-token scale only rescales) and the unembedding

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -40,6 +41,9 @@ from mechscope.features.replacement import ReplacementRun, capture, freeze_hooks
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.load import plain_attention
 from mechscope.models.unembed import unembed_weights
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -130,7 +134,7 @@ def logit_targets(logits_last: Tensor, targets: list[int] | None, max_logits: in
     return ids[:k].cpu(), p[:k].cpu()
 
 
-def attribute(model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
+def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
               max_features: int = 4096, batch_size: int = 32, max_logits: int = 10,
               target_feature: tuple[int, int, int] | None = None, progress: bool = False) -> AttributionGraph:
     """The attribution graph of one prompt (module docstring). ``targets``: token ids of the
@@ -286,7 +290,7 @@ class _Backward:
     backward pass for a set of injections and returns the gradients at every MLP output
     [B, P, d] (None where no target lies above) and at the token embeddings [B, P, d]."""
 
-    def __init__(self, model, tset: TranscoderSet, run: ReplacementRun, B: int):
+    def __init__(self, model: Model, tset: TranscoderSet, run: ReplacementRun, B: int):
         self.model, self.B = model, B
         self.store: dict = {}
         self._params = [p for p in model.bridge.parameters() if p.requires_grad]

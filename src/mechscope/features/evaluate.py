@@ -50,7 +50,7 @@ import os
 import statistics
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -63,6 +63,9 @@ from mechscope.models.hooks import parse_hook
 from mechscope.models.load import plain_attention
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 EVAL_JSON = "eval.json"
@@ -159,7 +162,7 @@ def _start_block(*hooks: str | None) -> int:
 
 @torch.no_grad()
 def evaluate_transcoders(
-    model: Any,
+    model: Model,
     tset: TranscoderSet | Mapping[int, SAE],
     tokens: Tensor,
     *,
@@ -345,7 +348,7 @@ def _replay_matches(replay: _BlockReplay, clean: Tensor) -> bool:
     return got.shape == clean.shape and bool(torch.allclose(got.float(), clean.float(), rtol=1e-4, atol=1e-4))
 
 
-def evaluate_transcoders_on_corpus(model: Any, tset: TranscoderSet | Mapping[int, SAE], corpus: str | None = None, *,
+def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[int, SAE], corpus: str | None = None, *,
                                    n_tokens: int = EVAL_TOKENS, context_len: int = StoreConfig.context_len,
                                    batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """``evaluate_transcoders`` on the held-out split of ``corpus`` (``activations.get_corpus``;

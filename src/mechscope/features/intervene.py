@@ -15,6 +15,8 @@ positions run the real MLPs: they have no clean error vector).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,9 @@ from mechscope.errors import MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture, frozen_forward
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.load import plain_attention
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 Clamp = tuple[int, int, int, float]
 """(layer, feature, position, value)."""
@@ -39,7 +44,7 @@ def check_clamps(tset: TranscoderSet, n_pos: int, clamps: list[Clamp]) -> None:
 
 
 @torch.no_grad()
-def replacement_forward(model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp],
+def replacement_forward(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp],
                         tokens: Tensor | None = None) -> Tensor:
     """Logits [P', V] of the replacement model with ``clamps`` applied (module docstring);
     ``tokens`` (default: the prompt) may extend the prompt: positions beyond it keep the real MLP."""
@@ -104,7 +109,7 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
     return out
 
 
-def _greedy(model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp], n: int) -> str:
+def _greedy(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp], n: int) -> str:
     toks = run.tokens.clone()
     limit = model.summary.n_ctx
     for _ in range(n):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -43,6 +44,9 @@ from mechscope.models.hooks import (
     ln_scale,
 )
 from mechscope.models.load import plain_attention
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -97,7 +101,7 @@ def _transcoder_hooks(tset: TranscoderSet) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def capture(model, tset: TranscoderSet, tokens: Tensor | list[int]) -> ReplacementRun:
+def capture(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]) -> ReplacementRun:
     """The clean pass: everything the frozen replacement model and the graph need."""
     tset.check_fits(model)
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
@@ -134,7 +138,7 @@ def capture(model, tset: TranscoderSet, tokens: Tensor | list[int]) -> Replaceme
 
 
 @torch.no_grad()
-def frozen_forward(model, tset: TranscoderSet, run: ReplacementRun, mlp_delta: Tensor | None = None,
+def frozen_forward(model: Model, tset: TranscoderSet, run: ReplacementRun, mlp_delta: Tensor | None = None,
                    embed_delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Evaluate the frozen replacement model with the node vectors changed.
 

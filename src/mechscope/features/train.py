@@ -44,7 +44,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -58,6 +58,9 @@ from mechscope.sae.io import save_sae
 from mechscope.sae.model import SAE
 from mechscope.sae.sources import StoreSource
 from mechscope.sae.train import CKPT_DIR, Trainer
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 LOG_FILE = "training_log.json"
@@ -183,7 +186,7 @@ def transcoder_sources(model: Any, cfg: TranscoderTrainConfig) -> tuple[SharedBa
     return shared, [LayerSource(shared, i, *layer_hooks(layer)) for i, layer in enumerate(layers)]
 
 
-def check_layers(model: Any, cfg: TranscoderTrainConfig) -> list[int]:
+def check_layers(model: Model, cfg: TranscoderTrainConfig) -> list[int]:
     """``cfg``'s layers, checked against ``model`` (all of them when None)."""
     n = model.summary.n_layers
     layers = list(range(n)) if cfg.layers is None else list(cfg.layers)
@@ -196,7 +199,7 @@ def check_layers(model: Any, cfg: TranscoderTrainConfig) -> list[int]:
 class _Run:
     """The lockstep loop over one ``Trainer`` per layer, its checkpoints and its output."""
 
-    def __init__(self, model: Any, cfg: TranscoderTrainConfig, out: Path, model_path: str | None,
+    def __init__(self, model: Model, cfg: TranscoderTrainConfig, out: Path, model_path: str | None,
                  progress: Callable[[dict[str, Any]], None] | None):
         self.model, self.cfg, self.out, self.progress = model, cfg, out, progress
         self.layers = check_layers(model, cfg)

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import ln_normalized, mlp_out, parse_hook
 from mechscope.sae.model import SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 CONFIG = "config.yaml"
 
@@ -68,7 +72,7 @@ class TranscoderSet:
         f0 = torch.zeros(*x.shape[:-1], tc.cfg.d_sae, dtype=tc.W_dec.dtype, device=x.device)
         return tc.decode(f0, x) - tc.decode(f0, torch.zeros_like(x))
 
-    def check_fits(self, model) -> None:
+    def check_fits(self, model: Model) -> None:
         """One sentence when the set does not belong to ``model`` (layers, widths)."""
         s = model.summary
         if self.n_layers != s.n_layers:
@@ -88,7 +92,7 @@ class TranscoderSet:
         return self
 
 
-def random_transcoders(model, d_sae: int, architecture: str = "topk", k: int | None = 8, seed: int = 0,
+def random_transcoders(model: Model, d_sae: int, architecture: str = "topk", k: int | None = 8, seed: int = 0,
                        skip: bool = False, scale: float = 1.0) -> TranscoderSet:
     """Random transcoders for every layer of ``model`` (for tests and smoke runs): Gaussian
     encoders and unit-norm decoders; ``skip`` uses the ``skip_<architecture>`` form with a

@@ -15,14 +15,19 @@ all earlier layers' features, its strongest outputs the largest over all later l
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.features.transcoder_set import TranscoderSet
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
-def norm_weights(model) -> list[Tensor]:
+
+def norm_weights(model: Model) -> list[Tensor]:
     """Each block's second norm's weight [d_model] (ones where the norm has none)."""
     out = []
     for block in model.bridge.blocks:

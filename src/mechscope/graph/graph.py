@@ -24,11 +24,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.errors import MechscopeError, near_matches
 from mechscope.graph.names import INPUT, LOGITS, head_node, kv_receiver, mlp_node, q_receiver
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -181,7 +185,7 @@ class Graph:
         }
 
 
-def build_graph(model) -> Graph:
+def build_graph(model: Model) -> Graph:
     """The computational graph of a loaded ``mechscope.models.Model``."""
     s = model.summary
     return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads)

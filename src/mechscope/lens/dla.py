@@ -21,12 +21,16 @@ Head outputs are z_h @ W_O[h] from ``attn.hook_z``, which needs no per-head resu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.graph.names import head_node, mlp_node
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
 from mechscope.models.unembed import final_norm, unembed_weights
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -66,7 +70,7 @@ def _component_hooks(L: int) -> set[str]:
 
 
 @torch.no_grad()
-def direct_logit_attribution(model, tokens: torch.Tensor, target_id: int, distractor_id: int, position: int = -1) -> DLA:
+def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int, distractor_id: int, position: int = -1) -> DLA:
     """DLA of one prompt, tokens [1, pos], at ``position`` (default the last)."""
     L = model.summary.n_layers
     wanted = _component_hooks(L)

@@ -12,11 +12,15 @@ last one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.models.hooks import FINAL_NORM_IN, FINAL_NORM_OUT, resid_mid, resid_post, resid_pre
 from mechscope.models.unembed import check_matches, final_norm, project
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SITES = ("pre", "mid", "post")
 _SITE_HOOK = {"pre": resid_pre, "mid": resid_mid, "post": resid_post}
@@ -46,7 +50,7 @@ class LensTable:
 
 
 @torch.no_grad()
-def logit_lens(model, tokens: torch.Tensor, target_id: int, k: int = 5, tuned=None) -> LensTable:
+def logit_lens(model: Model, tokens: torch.Tensor, target_id: int, k: int = 5, tuned=None) -> LensTable:
     """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``. With ``tuned``
     (a ``lens.tuned.TunedLens``), the tuned lens instead: the sites are the translators' hooks
     (``tuned.hooks``) and each state goes through its layer's translator before the decoding."""

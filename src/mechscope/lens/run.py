@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from mechscope.errors import MechscopeError
@@ -10,6 +12,9 @@ from mechscope.lens.logit_lens import logit_lens, site_hooks, site_names
 from mechscope.lens.result import LensResult
 from mechscope.models.prompt import encode_prompt, single_token
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 
 def check_k(k: int) -> None:
     """Refuse a number of top tokens below 1."""
@@ -17,7 +22,7 @@ def check_k(k: int) -> None:
         raise MechscopeError(f"--k {k} must be at least 1.")
 
 
-def run_lens(model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5,
+def run_lens(model: Model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5,
              tuned=None) -> LensResult:
     """Logit lens and DLA for ``prompt``.
 

@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import FINAL_NORM_IN, parse_hook, resid_post, resid_pre
 from mechscope.models.unembed import FinalNorm, final_norm, project
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 JSON_FILE = "tuned_lens.json"
@@ -75,7 +78,7 @@ class TunedLens(torch.nn.Module):
         self.info: dict[str, Any] = dict(info or {})
 
     @classmethod
-    def identity(cls, model, reads: str = "resid_post") -> "TunedLens":
+    def identity(cls, model: Model, reads: str = "resid_post") -> "TunedLens":
         """Zero translators for ``model`` (the logit lens)."""
         s = model.summary
         return cls(s.to_dict(), s.n_layers, s.d_model, reads).to(model.device)
@@ -132,7 +135,7 @@ class TunedLens(torch.nn.Module):
         return project(model, self.translate(h.to(self.weight.device), layer), norm or final_norm(model))
 
     # ------------------------------------------------------------------ model checks
-    def check_fits(self, model) -> None:
+    def check_fits(self, model: Model) -> None:
         """Raise one sentence unless these translators were made for ``model``."""
         s = model.summary
         mi = self.model_info
@@ -279,7 +282,7 @@ def convert_tuned_lens(params: str | Path, out: str | Path, config: str | Path |
     return lens
 
 
-def load_tuned_lens(path: str | Path, model=None) -> TunedLens:
+def load_tuned_lens(path: str | Path, model: Model | None = None) -> TunedLens:
     """``TunedLens.load(path)``, checked against ``model`` and moved to its device when given."""
     lens = TunedLens.load(path)
     if model is not None:

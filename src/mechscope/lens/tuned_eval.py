@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from mechscope.lens.tuned import TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import final_norm, project
 from mechscope.results import library_versions
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 EVAL_SCHEMA_VERSION = 1
 
@@ -48,7 +51,7 @@ def lens_kl(model, lens: TunedLens, rows: dict[str, torch.Tensor], chunk: int = 
     return out
 
 
-def evaluate_tuned_lens(model, lens: TunedLens, corpus=None, n_tokens: int = 1024, context_len: int = 128,
+def evaluate_tuned_lens(model: Model, lens: TunedLens, corpus=None, n_tokens: int = 1024, context_len: int = 128,
                         forward_contexts: int = 8, progress=None) -> dict[str, Any]:
     """Held-out KL to the final distribution per layer, tuned vs logit lens (module docstring),
     as a JSON-ready dict (``kind`` "tuned-lens-eval")."""

@@ -67,6 +67,7 @@ from mechscope.models.unembed import FinalNorm, final_norm, unembed_weights
 
 if TYPE_CHECKING:
     from mechscope.activations.corpus import Split
+    from mechscope.models import Model
 
 CKPT_DIR = "checkpoint"
 STAGE1 = "stage1.safetensors"
@@ -81,7 +82,7 @@ batches depend on the step only, so ``--resume --kl-steps N`` continues (or exte
 
 
 # ---------------------------------------------------------------------------------- stage 1
-def _contexts(model, corpus, context_len: int, forward_contexts: int, split: Split, n_rows: int):
+def _contexts(model: Model, corpus, context_len: int, forward_contexts: int, split: Split, n_rows: int):
     """Batches of token ids [forward_contexts, context_len] covering at least ``n_rows`` rows."""
     from mechscope.activations import get_corpus, pack_contexts
 

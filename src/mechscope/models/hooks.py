@@ -183,7 +183,7 @@ def needs_split_attention(name: str) -> bool:
     return name.endswith(_SPLIT_SITES)
 
 
-def check_hook_name(model: "Model", name: str) -> str:
+def check_hook_name(model: Model, name: str) -> str:
     """Return ``name`` if the model has a hook point of that name, else raise a clear error."""
     names = sorted(model.bridge.hook_dict.keys())
     if name in model.bridge.hook_dict:

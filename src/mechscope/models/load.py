@@ -99,7 +99,7 @@ class Model:
 
 
 @contextlib.contextmanager
-def plain_attention(model: "Model"):
+def plain_attention(model: Model):
     """Switch off split q/k/v inputs and per-head results for the ``with`` block, then put
     both modes back as they were on entry (so nested and repeated uses compose).
 

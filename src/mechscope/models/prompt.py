@@ -6,12 +6,17 @@ Each failure raises ``MechscopeError`` with one sentence (the CLI turns it into 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from mechscope.errors import MechscopeError
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
-def encode_prompt(model, prompt: str) -> torch.Tensor:
+
+def encode_prompt(model: Model, prompt: str) -> torch.Tensor:
     """Token ids [1, pos] of ``prompt`` (the tokenizer's default special tokens), checked
     against the model's context length."""
     if not prompt:
@@ -25,7 +30,7 @@ def encode_prompt(model, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def single_token(model, text: str, what: str = "target") -> int:
+def single_token(model: Model, text: str, what: str = "target") -> int:
     """The id of ``text`` as one token.
 
     A word follows a prompt after a space, so when ``text`` has no leading space, " " + text
@@ -43,7 +48,7 @@ def single_token(model, text: str, what: str = "target") -> int:
     raise MechscopeError(f"The {what} {candidates[0]!r} is not a single token: it splits into {pieces}; pass one of those tokens instead.")
 
 
-def subject_positions(model, prompt: str, subject: str) -> list[int]:
+def subject_positions(model: Model, prompt: str, subject: str) -> list[int]:
     """Positions of the tokens that overlap the first occurrence of ``subject`` in ``prompt``.
 
     Uses the tokenizer's character offsets (fast tokenizers); otherwise compares the token

@@ -14,11 +14,14 @@ the model's own ``ln_final.hook_out``, so an unsupported variant fails loudly, n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from mechscope.errors import MechscopeError
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -50,7 +53,7 @@ class FinalNorm:
         return out + self.bias if self.bias is not None else out
 
 
-def final_norm(model) -> FinalNorm:
+def final_norm(model: Model) -> FinalNorm:
     """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms."""
     mod = model.bridge.ln_final
     orig = getattr(mod, "_original_component", mod)
@@ -78,7 +81,7 @@ def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor
         )
 
 
-def unembed_weights(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unembed_weights(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W_U [d_model, d_vocab] and b_U [d_vocab] (None when the model has no unembedding bias)."""
     W_U = model.bridge.W_U.detach().float()
     b_U = getattr(model.bridge, "b_U", None)

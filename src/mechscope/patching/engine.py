@@ -21,7 +21,7 @@ mean over the clean batch (mean ablation), or zeros (zero ablation).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -38,6 +38,9 @@ from mechscope.models.hooks import (
     resid_pre,
     v_input,
 )
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 Ablation = Literal["patching", "mean", "zero"]
 
@@ -74,7 +77,7 @@ def _as_heads(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 4 else x[:, :, None]
 
 
-def attn_weights(model, layer: int) -> dict[str, torch.Tensor]:
+def attn_weights(model: Model, layer: int) -> dict[str, torch.Tensor]:
     """Layer ``layer``'s live attention weights (the model's own tensors, unfolded, not copied):
     W_Q [h, d_model, d_head], W_K/W_V [kv, d_model, d_head], W_O [h, d_head, d_model]."""
     a = model.bridge.blocks[layer].attn
@@ -115,7 +118,7 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
 
 
 @torch.no_grad()
-def sender_activations(model, graph: Graph, tokens: torch.Tensor) -> torch.Tensor:
+def sender_activations(model: Model, graph: Graph, tokens: torch.Tensor) -> torch.Tensor:
     """Every sender's output on ``tokens`` [batch, pos] -> [n_senders, batch, pos, d_model]."""
     B, P = tokens.shape
     out = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=model.device)
@@ -134,7 +137,7 @@ def mean_weights(shape: tuple[int, ...], lengths: torch.Tensor | None, device) -
 
 
 def source_activations(
-    model, graph: Graph, clean: torch.Tensor, corrupt: torch.Tensor | None, ablation: Ablation,
+    model: Model, graph: Graph, clean: torch.Tensor, corrupt: torch.Tensor | None, ablation: Ablation,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Source values for patching: [n_senders, batch or 1, pos, d_model].
@@ -310,7 +313,7 @@ class _EdgePatch:
         return hook
 
 
-def _masks(model, graph: Graph, mask: torch.Tensor) -> torch.Tensor:
+def _masks(model: Model, graph: Graph, mask: torch.Tensor) -> torch.Tensor:
     """[K, S, R] float masks on the model's device, restricted to existing edges."""
     masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
     if masks.shape[1:] != (graph.n_senders, graph.n_receivers):
@@ -336,7 +339,7 @@ def _patch_hooks(graph: Graph, state: "_EdgePatch", n_below: int = 0, first: int
 
 
 def run_with_edge_mask(
-    model,
+    model: Model,
     graph: Graph,
     tokens: torch.Tensor,
     source: torch.Tensor,
@@ -364,7 +367,7 @@ def run_with_edge_mask(
 
 
 def run_with_node_mask(
-    model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, nodes: torch.Tensor
+    model: Model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, nodes: torch.Tensor
 ) -> torch.Tensor:
     """Logits with sender outputs replaced by ``source`` where ``nodes`` [n_senders] is 1.
 
@@ -389,7 +392,7 @@ def run_with_node_mask(
 
 
 def run_suffix_with_edge_mask(
-    model, graph: Graph, runner, source: torch.Tensor, clean_delta: torch.Tensor, mask: torch.Tensor, start: int
+    model: Model, graph: Graph, runner, source: torch.Tensor, clean_delta: torch.Tensor, mask: torch.Tensor, start: int
 ) -> torch.Tensor:
     """``run_with_edge_mask`` executing only blocks ``start..`` (a ``SuffixRunner``).
 

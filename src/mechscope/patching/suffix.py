@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from mechscope.models.hooks import resid_into
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 Hook = tuple[str, Callable]
 
 
-def _layer_list(model) -> tuple[nn.Module, str] | None:
+def _layer_list(model: Model) -> tuple[nn.Module, str] | None:
     """(parent module, attribute) of the ModuleList holding the bridge's blocks, or None."""
     blocks = list(model.bridge.blocks)
     for name, mod in model.bridge.original_model.named_modules():
@@ -49,7 +52,7 @@ class SuffixRunner:
         keep: positions whose logits are returned (sorted, unique), [k].
     """
 
-    def __init__(self, model, tokens: torch.Tensor, keep: torch.Tensor):
+    def __init__(self, model: Model, tokens: torch.Tensor, keep: torch.Tensor):
         self.model = model
         self.tokens = tokens.to(model.device)
         self.keep = keep.to(model.device)

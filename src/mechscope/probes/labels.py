@@ -20,10 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import MechscopeError
 from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -78,7 +81,7 @@ def _word_start(tok: str) -> str | None:
     return None
 
 
-def builtin_labels(model: Any, name: str, cfg: ProbeConfig | None = None, corpus: Any = None) -> LabelSet:
+def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corpus: Any = None) -> LabelSet:
     """A built-in label set (``capitalised`` or ``ioi-names``) from packed contexts of the corpus
     (default: the embedded one), collected until the rarest class has enough items for ``cfg.max_items``
     after balancing, or 4,000 contexts were read."""

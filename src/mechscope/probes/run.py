@@ -15,7 +15,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,11 +26,14 @@ from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 SCHEMA_VERSION = 1
 _SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out")
 
 
-def layer_hooks(model: Any, hook: str, layers: list[int] | None) -> list[tuple[int, str]]:
+def layer_hooks(model: Model, hook: str, layers: list[int] | None) -> list[tuple[int, str]]:
     """(layer, hook name) pairs for a site name, a ``{L}`` template or one full hook name."""
     n = model.summary.n_layers
     if hook in _SITES or "{L}" in hook:
@@ -120,7 +123,7 @@ def select_items(data: LabelSet, cfg: ProbeConfig) -> LabelSet:
 
 
 @torch.no_grad()
-def harvest(model: Any, data: LabelSet, hooks: list[str], batch_size: int) -> dict[str, Tensor]:
+def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> dict[str, Tensor]:
     """Activations [n_items, d] at every hook for the items of ``data``: one forward per batch of
     sequences (right-padded: a causal model's earlier positions do not see the padding)."""
     from mechscope.activations.store import separator_id
@@ -166,7 +169,7 @@ def harvest(model: Any, data: LabelSet, hooks: list[str], batch_size: int) -> di
     return out
 
 
-def run_probe(model: Any, data: LabelSet, cfg: ProbeConfig | None = None, progress: bool = False) -> ProbeResult:
+def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, progress: bool = False) -> ProbeResult:
     """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``."""
     cfg = cfg or ProbeConfig()
     pairs = layer_hooks(model, cfg.hook, cfg.layers)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -30,9 +30,12 @@ from mechscope.recall.result import RecallDatasetResult, RecallResult
 from mechscope.recall.run import facts_noise_std, recall
 from mechscope.tasks.facts import Fact, load_facts
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 
 @torch.no_grad()
-def known_facts(model, facts: list[Fact]) -> list[Fact]:
+def known_facts(model: Model, facts: list[Fact]) -> list[Fact]:
     """The facts whose attribute is the model's top-1 next token (batched by token length)."""
     by_len: dict[int, list[int]] = {}
     enc = [model.to_tokens(f.prompt) for f in facts]
@@ -50,7 +53,7 @@ def known_facts(model, facts: list[Fact]) -> list[Fact]:
     return [f for i, f in enumerate(facts) if i in keep]
 
 
-def recall_dataset(model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
+def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
                    progress: Callable[[int, int, str], None] | None = None,
                    facts: list[Fact] | None = None, tuned=None) -> RecallDatasetResult:
     """Recall analyses of ``n`` known facts (seeded draw) and their aggregate; ``facts``

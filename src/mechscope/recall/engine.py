@@ -13,7 +13,7 @@ position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -21,6 +21,9 @@ from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, attn_scores
 from mechscope.models.unembed import final_norm, project
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 class _Stop(Exception):
@@ -39,7 +42,7 @@ class Row:
 
 
 @torch.no_grad()
-def clean_states(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+def clean_states(model: Model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """The clean run's activations at ``hooks``: {name: [pos, d_model]}."""
     wanted = set(hooks)
     with plain_attention(model):
@@ -60,7 +63,7 @@ def _index(rows: list[Row], attr: str) -> dict:
 
 @torch.no_grad()
 def run_rows(
-    model, tokens: torch.Tensor, target_id: int, rows: list[Row], *, noise_pos: list[int] | None = None,
+    model: Model, tokens: torch.Tensor, target_id: int, rows: list[Row], *, noise_pos: list[int] | None = None,
     noise_bank: torch.Tensor | None = None, clean: dict[str, torch.Tensor] | None = None, max_rows: int = 64,
 ) -> torch.Tensor:
     """p(target) at the last position for every row -> [len(rows)].
@@ -117,7 +120,7 @@ def run_rows(
 
 
 @torch.no_grad()
-def last_logits(model, tokens: torch.Tensor, hooks: list | None = None, norm=None) -> torch.Tensor:
+def last_logits(model: Model, tokens: torch.Tensor, hooks: list | None = None, norm=None) -> torch.Tensor:
     """Logits at the last position only, [batch, d_vocab], for tokens [batch, pos]: the
     forward pass stops at the final norm's input (plain attention, ``hooks`` applied)."""
     final: list[torch.Tensor] = []
@@ -135,7 +138,7 @@ def last_logits(model, tokens: torch.Tensor, hooks: list | None = None, norm=Non
 
 
 @torch.no_grad()
-def greedy_continuations(model, prompts: list[str], n_tokens: int, max_rows: int = 64) -> list[list[int]]:
+def greedy_continuations(model: Model, prompts: list[str], n_tokens: int, max_rows: int = 64) -> list[list[int]]:
     """Greedy continuations (token ids) of ``prompts``, batched over prompts of equal token
     length (so no padding is needed; no KV cache: each step reruns the prefix)."""
     enc = [model.to_tokens(p) for p in prompts]

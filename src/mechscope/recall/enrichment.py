@@ -18,12 +18,16 @@ representation of the subject's last token encodes at each layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.models.hooks import resid_post
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states, greedy_continuations
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 PROMPTS = ("{s} is", "{s} is known for", "Facts about {s}:")
 
@@ -43,7 +47,7 @@ def normalise(token: str) -> str:
     return t if len(t) >= 3 and t.isalpha() and t not in STOPWORDS else ""
 
 
-def related_tokens(model, subjects: list[str], n_tokens: int = 24) -> list[set[str]]:
+def related_tokens(model: Model, subjects: list[str], n_tokens: int = 24) -> list[set[str]]:
     """For each subject, the normalised tokens the model generates about it (greedy, batched;
     see the module docstring)."""
     tok = model.tokenizer
@@ -59,7 +63,7 @@ def related_tokens(model, subjects: list[str], n_tokens: int = 24) -> list[set[s
 
 
 @torch.no_grad()
-def subject_projections(model, tokens: torch.Tensor, subject_last: int, top_k: int = 50, tuned=None) -> list[list[str]]:
+def subject_projections(model: Model, tokens: torch.Tensor, subject_last: int, top_k: int = 50, tuned=None) -> list[list[str]]:
     """The top-k tokens (decoded) of the residual stream after each layer at ``subject_last``,
     read by the logit lens or, with ``tuned``, by that tuned lens."""
     L = model.summary.n_layers

@@ -7,13 +7,16 @@ attention (MHSA), much less often by MLPs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mechscope.models.hooks import attn_out, mlp_out
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Extraction:
 
 
 @torch.no_grad()
-def attribute_extraction(model, tokens: torch.Tensor, target_id: int) -> Extraction:
+def attribute_extraction(model: Model, tokens: torch.Tensor, target_id: int) -> Extraction:
     """Extraction events of one prompt, tokens [1, pos]."""
     L = model.summary.n_layers
     hook_of = {"attn": attn_out, "mlp": mlp_out}

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.recall.config import RecallConfig, window_layers
 from mechscope.recall.engine import Row, run_rows
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 GROUPS = ("subject", "non_subject", "non_subject_matched", "first", "last")
 
@@ -55,7 +59,7 @@ def key_groups(n_pos: int, subject_pos: list[int], seed: int = 0) -> dict[str, l
 
 
 @torch.no_grad()
-def attention_knockout(model, tokens: torch.Tensor, subject_pos: list[int], target_id: int,
+def attention_knockout(model: Model, tokens: torch.Tensor, subject_pos: list[int], target_id: int,
                        cfg: RecallConfig | None = None) -> Knockout:
     """Knockout curves of one prompt, tokens [1, pos]."""
     cfg = cfg or RecallConfig()

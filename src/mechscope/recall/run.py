@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from mechscope.recall.result import RecallResult
 from mechscope.recall.tracing import causal_trace, embedding_std
 from mechscope.tasks.facts import load_facts
 
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
 PARTS = ("trace", "knockout", "extraction", "enrichment")
 
 
@@ -23,7 +27,7 @@ def facts_noise_std(model, cfg: RecallConfig) -> float:
     return cfg.noise * embedding_std(model, sorted({f.subject for f in load_facts()}))
 
 
-def recall(model, prompt: str, subject: str, target: str | None = None, cfg: RecallConfig | None = None,
+def recall(model: Model, prompt: str, subject: str, target: str | None = None, cfg: RecallConfig | None = None,
            parts: tuple[str, ...] = PARTS, noise_std: float | None = None, related=None, control=None,
            control_subject: str | None = None, tuned=None) -> RecallResult:
     """Dissect the recall of one fact. ``target`` defaults to the model's top prediction;

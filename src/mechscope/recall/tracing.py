@@ -17,12 +17,16 @@ All runs are batched (one row per restoration x noise draw).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.models.hooks import attn_out, mlp_out, resid_post
 from mechscope.recall.config import RecallConfig, window_layers
 from mechscope.recall.engine import Row, clean_states, run_rows
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 KIND_HOOK = {"resid": resid_post, "mlp": mlp_out, "attn": attn_out}
 """The hook (a function of the layer) each kind of state is restored at."""
@@ -46,7 +50,7 @@ class Trace:
         return self.restored[kind] - self.corrupt_prob
 
 
-def embedding_std(model, subjects: list[str]) -> float:
+def embedding_std(model: Model, subjects: list[str]) -> float:
     """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME."""
     W_E = model.bridge.W_E.detach()
     ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
@@ -60,7 +64,7 @@ def noise_bank(n: int, n_pos: int, d_model: int, std: float, seed: int) -> torch
 
 
 @torch.no_grad()
-def causal_trace(model, tokens: torch.Tensor, subject_pos: list[int], target_id: int, noise_std: float,
+def causal_trace(model: Model, tokens: torch.Tensor, subject_pos: list[int], target_id: int, noise_std: float,
                  cfg: RecallConfig | None = None) -> Trace:
     """Causal trace of one prompt, tokens [1, pos]; ``noise_std`` = noise * embedding std."""
     cfg = cfg or RecallConfig()

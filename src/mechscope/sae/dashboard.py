@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
@@ -39,6 +39,9 @@ from mechscope.results import read_result_json
 from mechscope.sae.config import DashboardConfig
 from mechscope.sae.feature_stats import FeatureStats
 from mechscope.sae.io import check_sae_fits
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 
@@ -132,7 +135,7 @@ def acts_at_hook(model, hook_name: str, tokens: Tensor, harvester=None) -> Tenso
     return h.run(tokens, skip_first=0)[hook_name].view(B, L, -1)
 
 
-def output_logits(model, directions: Tensor) -> Tensor:
+def output_logits(model: Model, directions: Tensor) -> Tensor:
     """Direct logit effect [F, d_vocab] of residual directions [F, d_model]: ``(d * gamma) @ W_U``,
     centring d first under a LayerNorm (see the module docstring)."""
     b = model.bridge
@@ -175,7 +178,7 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 
 # ------------------------------------------------------------------------ the pass
 @torch.no_grad()
-def feature_dashboards(model, sae, cfg: DashboardConfig | None = None, tokens: Tensor | None = None,
+def feature_dashboards(model: Model, sae, cfg: DashboardConfig | None = None, tokens: Tensor | None = None,
                        texts: Iterable[str] | None = None, progress: bool = False) -> DashboardResult:
     """Dashboards for ``cfg.features`` of ``sae`` on ``model``, from one pass over ``tokens``
     [n_contexts, ctx_len] (or the contexts cut from ``texts``, or from the corpus ``cfg.corpus``)."""
@@ -228,7 +231,7 @@ def feature_dashboards(model, sae, cfg: DashboardConfig | None = None, tokens: T
                            features=out, seconds=time.perf_counter() - t0)
 
 
-def _logits(model, sae, sel: Tensor, n: int):
+def _logits(model: Model, sae, sel: Tensor, n: int):
     """Top-n positive and negative (token id, value) per selected feature, or None when the
     decoder does not write into the residual stream's width."""
     W_dec = sae.W_dec.detach()[sel]  # [F, d_out]

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ from mechscope.activations import StoreConfig, get_corpus, pack_contexts
 from mechscope.errors import MechscopeError
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 DENSE = 0.1
@@ -71,7 +74,7 @@ def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1, progress: Any = None) -> SAEEval:
+def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1, progress: Any = None) -> SAEEval:
     """Evaluate ``sae`` on ``tokens`` [n_contexts, ctx_len] (held-out text)."""
     check_sae_fits(sae, model)
     cfg = sae.cfg
@@ -161,7 +164,7 @@ def evaluate_sae(model: Any, sae: SAE, tokens: Tensor, *, batch_size: int = 8, s
     )
 
 
-def evaluate_on_corpus(model: Any, sae: SAE, corpus: str | None = None, *, n_tokens: int = 32_768,
+def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_tokens: int = 32_768,
                        context_len: int = StoreConfig.context_len, batch_size: int = 8) -> SAEEval:
     """Evaluate ``sae`` on the held-out split of ``corpus`` (``activations.get_corpus``; default
     the embedded corpus, whose train split SAEs are trained on): ``n_tokens // context_len``

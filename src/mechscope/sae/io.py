@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +26,9 @@ from safetensors.torch import load_file, save_file
 from mechscope.errors import MechscopeError
 from mechscope.sae.archs import from_saelens, get_architecture, saelens_names
 from mechscope.sae.model import SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -154,7 +157,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     return sae.to(device)
 
 
-def check_sae_fits(sae: SAE, model: Any) -> None:
+def check_sae_fits(sae: SAE, model: Model) -> None:
     """Clear error when the SAE's hook is not in the model or has another width."""
     from mechscope.models.hooks import check_hook_name
 
@@ -171,7 +174,7 @@ def check_sae_fits(sae: SAE, model: Any) -> None:
             )
 
 
-def _hook_width(model: Any, hook: str) -> int | None:
+def _hook_width(model: Model, hook: str) -> int | None:
     """Width of a hook's activation, read off one tiny forward pass (cached per model)."""
     cache = model.__dict__.setdefault("_hook_widths", {})
     if hook not in cache:

@@ -30,7 +30,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ from mechscope.models.hooks import needs_split_attention, resid_pre
 from mechscope.models.load import plain_attention
 from mechscope.sae.config import GenerationConfig
 from mechscope.sae.io import check_sae_fits
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 SCHEMA_VERSION = 1
 
@@ -136,7 +139,7 @@ def clamp_hooks(sae, feature: int, value: float) -> list[Hook]:
 
 
 @torch.no_grad()
-def actadd_vector(model, plus: str, minus: str, hook_name: str) -> Tensor:
+def actadd_vector(model: Model, plus: str, minus: str, hook_name: str) -> Tensor:
     """ActAdd steering vector [n, d]: activations of ``plus`` minus those of ``minus`` at
     ``hook_name``, the shorter prompt right-padded with space tokens (Turner et al. 2023)."""
     from mechscope.sae.dashboard import acts_at_hook
@@ -158,7 +161,7 @@ def actadd_hooks(vector: Tensor, hook_name: str, coef: float) -> list[Hook]:
 
 # ------------------------------------------------------------------------ generation
 @torch.no_grad()
-def generate_pair(model, prompt: str, hooks: list[Hook], gen: GenerationConfig | None = None) -> tuple[list[int], list[int], Tensor]:
+def generate_pair(model: Model, prompt: str, hooks: list[Hook], gen: GenerationConfig | None = None) -> tuple[list[int], list[int], Tensor]:
     """Continue ``prompt`` twice in one batch: row 0 plain, row 1 with ``hooks`` (which touch
     row 1 only). Returns the new token ids of each row and the first step's next-token
     probabilities [2, d_vocab]."""
@@ -200,7 +203,7 @@ def _pick(logits: Tensor, gen: GenerationConfig, g: torch.Generator) -> Tensor:
     return torch.multinomial(lg.softmax(-1).cpu(), 1, generator=g)[0]
 
 
-def _run(model, prompt: str, hooks: list[Hook], hook_name: str, mode: str, settings: dict, gen: GenerationConfig) -> SteerResult:
+def _run(model: Model, prompt: str, hooks: list[Hook], hook_name: str, mode: str, settings: dict, gen: GenerationConfig) -> SteerResult:
     from mechscope.sae.dashboard import acts_at_hook
 
     t0 = time.perf_counter()
@@ -243,7 +246,7 @@ def check_feature_mode(scale: float | None, clamp: float | None) -> None:
         raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
 
 
-def steer_actadd(model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
+def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
                  gen: GenerationConfig | None = None) -> SteerResult:
     """Generate with the ActAdd vector ``h(plus) - h(minus)`` at ``blocks.layer.hook_resid_pre``
     added ``coef`` times to the prompt's first positions, beside the unsteered text."""

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,6 +46,9 @@ from mechscope.sae.config import TrainConfig
 from mechscope.sae.io import save_sae
 from mechscope.sae.model import SAE, SAEConfig
 from mechscope.sae.sources import StoreSource
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
 
 CKPT_DIR = "checkpoint"
 
@@ -360,7 +363,7 @@ def transcoder_output_hook(hook: str) -> str:
 
 
 def sae_trainer(
-    model: Any,
+    model: Model,
     hook: str,
     cfg: TrainConfig,
     out: str | Path,
