@@ -40,6 +40,7 @@ def _reference(model, contexts, hook, skip):
 
 # --- packing -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_pack_contexts_is_the_separated_concatenation(tiny_gpt2):
     tok = tiny_gpt2.tokenizer
     sep = separator_id(tok)

@@ -1,5 +1,6 @@
 """EAP / EAP-IG / ACDC against independent computations through the patching engine."""
 
+import pytest
 import torch
 
 from mechscope.circuits import acdc, edge_scores, node_scores
@@ -46,6 +47,7 @@ def test_eap_ig_one_step_is_eap_and_batches_sum(tiny_gpt2):
     assert torch.allclose(node_scores(g, ig), ig.sum(1))
 
 
+@pytest.mark.slow
 def test_ig_scores_track_true_patching_effects(tiny_llama):
     """Spearman-free check: the top-scored edges have larger true effects than random edges."""
     m, g, b = tiny_llama, build_graph(tiny_llama), _batch(seed=3)
@@ -81,6 +83,7 @@ def test_curve_ends_at_one_and_cpr(tiny_llama):
     assert abs(cpr - area / (xs[-1] - xs[0])) < 1e-6
 
 
+@pytest.mark.slow
 def test_acdc_full_tau_zero_keeps_everything_that_matters(tiny_gpt2):
     m, g, b = tiny_gpt2, build_graph(tiny_gpt2), _batch(B=4, P=8)
     res = acdc(m, g, b, tau=-1.0)  # nothing can be removed when every removal must lower KL by 1
@@ -89,6 +92,7 @@ def test_acdc_full_tau_zero_keeps_everything_that_matters(tiny_gpt2):
     assert res_big.circuit.sum() == 0
 
 
+@pytest.mark.slow
 def test_acdc_batched_equals_sequential(tiny_llama):
     m, g, b = tiny_llama, build_graph(tiny_llama), _batch(B=4, P=8)
     a = acdc(m, g, b, tau=0.02, k_batch=1, suffix=False)
@@ -108,6 +112,7 @@ def test_roc_auc_independent():
     assert roc_auc(s, torch.tensor([1, 1, 0, 0, 0]).bool(), allowed) == 1.0
 
 
+@pytest.mark.slow
 def test_acdc_resumes_from_checkpoint(tiny_llama, tmp_path):
     """A run stopped early and resumed from its checkpoint equals an uninterrupted run."""
     m, g, b = tiny_llama, build_graph(tiny_llama), _batch(B=4, P=8)
@@ -202,6 +207,7 @@ def test_head_input_grads_sum_over_steps(tiny_model, tiny_llama):
             assert torch.allclose(got, want, atol=1e-4), (model.summary.name, affine, (got - want).abs().max())
 
 
+@pytest.mark.slow
 def test_eap_ig_activations_completeness_per_sender_group(tiny_model):
     """IG on activations integrates along each sender group's own path, so a group's summed
     edge scores approach the effect of patching that whole group (integrated gradients'

@@ -139,6 +139,7 @@ def test_transcoder_set_round_trip(tiny_llama, tmp_path):
     assert "model_kind: transcoder_set" in (tmp_path / "tc" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_path):
     import json
     import subprocess
@@ -275,6 +276,7 @@ def test_interventions_in_the_replacement_model(tiny_model):
         intervene(tiny_model, tset, toks, [(0, 0, 99, 1.0)])
 
 
+@pytest.mark.slow
 def test_cli_intervene_and_weights(tiny_llama, tiny_llama_dir, tmp_path):
     import json
     import subprocess

@@ -47,6 +47,7 @@ words = st.text(alphabet=string.ascii_letters + string.digits + "-_.", min_size=
 @SETTINGS
 @given(n=st.integers(max_value=3), edges=st.integers(max_value=0), steps=st.integers(max_value=0),
        which=st.sampled_from(["n", "edges", "ig", "folds", "seeds"]), seeds=st.integers(min_value=51, max_value=10**6))
+@pytest.mark.slow
 def test_discover_numeric_flags(n, edges, steps, which, seeds, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "run"
     flag = {"n": ["--n", str(n)], "edges": ["--edges", str(edges)], "ig": ["--ig-steps", str(steps)],
@@ -79,6 +80,7 @@ jsonl_line = st.one_of(
 )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(lines=st.lists(jsonl_line, min_size=1, max_size=4))
 def test_malformed_task_files(lines, tmp_path_factory):
@@ -102,6 +104,7 @@ def test_corrupt_run_folders(content, command, tmp_path_factory):
     check(args)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(hook=words)
 def test_unknown_hook_names(hook):

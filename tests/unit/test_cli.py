@@ -22,6 +22,7 @@ def assert_clear_error(r, *needles):
         assert n in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_info_json(tiny_llama_dir):
     r = run("info", "--model", tiny_llama_dir, "--json")
     assert r.returncode == 0, r.stderr
@@ -29,6 +30,7 @@ def test_info_json(tiny_llama_dir):
     assert (d["n_layers"], d["n_heads"], d["n_kv_heads"]) == (3, 4, 2)
 
 
+@pytest.mark.slow
 def test_graph_json(tiny_gpt2_dir):
     r = run("graph", "--model", tiny_gpt2_dir, "--json")
     assert r.returncode == 0, r.stderr
@@ -54,22 +56,26 @@ def test_unknown_method():
     assert_clear_error(run("discover", "--method", "acdcx"), "Unknown method")
 
 
+@pytest.mark.slow
 def test_bad_acdc_metric():
     assert_clear_error(run("discover", "--method", "acdc", "--metric", "kld"), "Unknown ACDC metric", "kl or task")
     assert_clear_error(run("discover", "--method", "eap", "--metric", "task"), "ACDC only")
 
 
+@pytest.mark.slow
 def test_bad_hook_name(tiny_gpt2_dir):
     assert_clear_error(run("hooks", "--model", tiny_gpt2_dir, "--check", "blocks.0.hook_resid_pots"),
                        "Did you mean", "blocks.0.hook_resid_post")
 
 
+@pytest.mark.slow
 def test_malformed_jsonl_line(tmp_path, tiny_gpt2_dir):
     f = tmp_path / "pairs.jsonl"
     f.write_text('{"clean": "a b", "corrupt": "a c", "answer": " b", "wrong": " c"}\n{"clean": oops}\n')
     assert_clear_error(run("task-eval", "--task", str(f), "--model", tiny_gpt2_dir), "line 2")
 
 
+@pytest.mark.slow
 def test_mismatched_lengths_report_dropped(tmp_path, tiny_gpt2_dir):
     f = tmp_path / "pairs.jsonl"
     f.write_text('{"clean": "When Mary and John went", "corrupt": "When", "answer": " Mary", "wrong": " John"}\n')
@@ -81,6 +87,7 @@ def test_debug_shows_traceback():
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow
 def test_discover_edges_too_many(tiny_gpt2_dir, tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join('{"clean": "Mary", "corrupt": "John", "answer": " Mary", "wrong": " John"}\n' for _ in range(4)))
@@ -126,6 +133,7 @@ def _toy_pairs(path, n=8):
     return str(path)
 
 
+@pytest.mark.slow
 def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     """The main job end to end on the hand-built induction model, through the CLI."""
     task = _toy_pairs(tmp_path / "pairs.jsonl")
@@ -164,6 +172,7 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     assert json.loads(r.stdout)["reference"]["in_this_circuit"] > 0.5
 
 
+@pytest.mark.slow
 def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps({"clean": f"Mary and John {w}", "corrupt": f"Alice and Bob {w}",
@@ -173,6 +182,7 @@ def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):
     assert_clear_error(run("discover", "--task", str(f), "--model", tiny_gpt2_dir, "--n", "6"), "at chance")
 
 
+@pytest.mark.slow
 def test_discover_seeds_json_on_toy(toy_dir, tmp_path):
     """--seeds: per-draw figures, overlaps and stable edges in --json and in circuit.json."""
     task = _toy_pairs(tmp_path / "pairs.jsonl", n=12)

@@ -44,6 +44,7 @@ def test_toy_data_has_copied_spans():
         assert len(set(grams)) < len(grams)
 
 
+@pytest.mark.slow
 def test_attn_only_checkpoints_load_and_scores_per_checkpoint(tiny_run):
     from mechscope.models import load_model
 
@@ -106,6 +107,7 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         find_checkpoints(tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_train_toy_and_dynamics(tmp_path):
     from typer.testing import CliRunner
 

@@ -346,6 +346,7 @@ def test_server_that_is_not_there():
 # ------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_cli_describe_baseline_then_bad_server_and_bad_units(tmp_path, tiny_llama_dir):
     import json
 

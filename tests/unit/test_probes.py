@@ -144,6 +144,7 @@ def test_bad_hook_and_layer(tiny_gpt2):
         run_probe(tiny_gpt2, data, ProbeConfig(hook="blocks.{L}.hook_resid_psot"))
 
 
+@pytest.mark.slow
 def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
     f = tmp_path / "lab.jsonl"
     rng = random.Random(0)

@@ -12,6 +12,7 @@
    has the wrong sign, though a large magnitude).
 """
 
+import pytest
 import torch
 from test_attribution import _batch
 
@@ -26,6 +27,7 @@ from mechscope.patching.engine import attn_weights, sender_activations
 from mechscope.tasks.base import TaskBatch
 
 
+@pytest.mark.slow
 def test_exact_qk_effects_equal_patched_head_output(tiny_model):
     m, g, b = tiny_model, build_graph(tiny_model), _batch(B=3, P=7)
     l = g.n_layers - 1

@@ -145,6 +145,7 @@ def test_recall_one_fact_and_aggregate(tiny_llama):
     assert agg["headline"]["knockout"]["all"]["subject"]["min"]["value"] <= 1
 
 
+@pytest.mark.slow
 def test_cli_recall_json_report_and_errors(tiny_gpt2_dir, tmp_path):
     out = tmp_path / "r"
     r = CliRunner().invoke(app, ["recall", f"{EVIL} {PROMPT}", "--subject", SUBJECT, "--model", tiny_gpt2_dir,

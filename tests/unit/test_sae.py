@@ -93,6 +93,7 @@ def test_bad_sae_files_get_one_clear_sentence(tmp_path):
         SAEConfig(d_in=8, d_sae=16, architecture="gated")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trainer_recovers_a_planted_dictionary(tmp_path, arch):
     """A wrong encoder, decoder constraint or sparsity mechanism fails to find the directions."""
@@ -122,6 +123,7 @@ def test_saved_sae_reads_raw_activations_with_the_scale_folded_in(tmp_path):
     assert torch.allclose(load_sae(tmp_path)(x[:50]), saved(x[:50]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["topk", "relu"])
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, arch):
     x, _ = _planted(n=6000)
@@ -138,6 +140,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, arch):
         Trainer(TensorSource(x), _cfg(arch, tokens=30_000), tmp_path / "b", **kw).run(resume=True)
 
 
+@pytest.mark.slow
 def test_transcoder_learns_a_sparse_map_between_two_spaces(tmp_path):
     x, D = _planted(n=20_000)
     g = torch.Generator().manual_seed(3)

@@ -41,6 +41,7 @@ def _train_args(model_dir, corpus, out, tokens=24_576, extra=()):
             "--checkpoint-every", "4096", "--out", str(out), "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, corpus, tmp_path):
     r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "sae", extra=["--json"]))
     assert r.exit_code == 0, r.output
@@ -57,6 +58,7 @@ def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, co
     assert "feature density" in html and "<script" not in html
 
 
+@pytest.mark.slow
 def test_transcoder_training_from_the_cli(tiny_llama_dir, corpus, tmp_path):
     args = _train_args(tiny_llama_dir, corpus, tmp_path / "tc", tokens=8192, extra=["--transcoder", "--json"])
     args[args.index("--hook") + 1] = "blocks.1.ln2.hook_normalized"
@@ -79,6 +81,7 @@ def test_bad_input_is_one_sentence(tiny_gpt2_dir, corpus, tmp_path):
     assert r.exit_code == 2 and "missing.jsonl" in r.stderr
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mechscope.cli.main", *_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536)]

@@ -1,6 +1,7 @@
 """Choosing the circuit without the held-out pairs: per-fold scores, cross-validated size,
 bootstrap intervals, and stability across draws (circuits/crossval.py, evaluate.py, stability.py)."""
 
+import pytest
 import torch
 
 from mechscope.circuits import DiscoverConfig, discover, edge_scores
@@ -30,6 +31,7 @@ def test_fold_sizes():
     assert sum(fold_sizes(13, 4)) == 13
 
 
+@pytest.mark.slow
 def test_fold_scores_are_each_folds_own_scores(tiny_llama):
     """Each fold's share equals the scores computed on that fold alone (times its weight), for
     folds that straddle the attribution batches; the shares sum to the scores of all pairs."""
@@ -81,6 +83,7 @@ def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
         assert c["faithfulness_low"] <= c["faithfulness"] + 1e-6
 
 
+@pytest.mark.slow
 def test_discover_never_looks_at_the_held_out_pairs(tmp_path):
     """Changing only the held-out pairs leaves the chosen circuit unchanged (and moves the
     held-out figures)."""

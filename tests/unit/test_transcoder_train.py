@@ -158,6 +158,7 @@ def _count_forwards(model, monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_a_set_trains_every_layer_from_one_forward_pass_per_batch(tiny_llama, corpus, tmp_path, monkeypatch):
     """All three layers train from the same forward passes as one layer alone; each layer's
     trainer is the unchanged ``Trainer`` (a one-layer set equals ``Trainer.run`` on the same
@@ -220,6 +221,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpus, tmp_path, one_thread):
     tokens = 12_000  # 96 steps, 24 chunks; checkpoints at chunk boundaries every ~1000 tokens
     out = tmp_path / "killed"

@@ -74,6 +74,7 @@ def test_layer_of_maps_residual_hooks_onto_translators(tiny_llama):
         post.layer_of("blocks.0.hook_mlp_out")
 
 
+@pytest.mark.slow
 def test_closed_form_equals_an_independent_least_squares_solve(tiny_llama, corpus):
     cfg = TunedLensTrainConfig(**{**SMALL, "kl_steps": 0, "ridge": 1e-3, "reads": "resid_pre"})
     lens = train_tuned_lens(tiny_llama, corpus, cfg)  # streamed over several forward batches
