@@ -38,7 +38,8 @@ def _layers(d: dict[str, Any]) -> str:
         kind = (d["model"].get("sites", {}).get(site) or {}).get("kind", "unit")
         cards_ = []
         for u in us:
-            imgs = "".join(f'<img alt="" src="{png_data_uri(pool[i])}">' for i in (d.get("top_images", {}).get(site, {}).get(str(u), []))
+            imgs = "".join(f'<svg {_SVG} width="32" height="32" viewBox="0 0 32 32"><image width="32" height="32" '
+                           f'preserveAspectRatio="none" href="{png_data_uri(pool[i])}"></image></svg>' for i in (d.get("top_images", {}).get(site, {}).get(str(u), []))
                            if 0 <= i < len(pool))
             cards_.append(f'<div class="vunit"><div class="name">{esc(site)}:{esc(u)}</div>'
                           f'<div class="score">{esc(kind)}, attribution {esc(fmt(sc[u]))}</div><div class="vimgs">{imgs}</div></div>')
