@@ -76,6 +76,19 @@ def test_edge_attributions_equal_finite_differences(arch):
         assert sel["units"][name] == torch.topk(scores, k).indices.tolist()
 
 
+def test_contrast_scores_subtract_the_contrast_images_attribution():
+    from mechscope.vision.circuit import edge_attributions
+
+    vm, x = tiny("cnn"), images()
+    same = edge_attributions(vm, x, 1, 2, contrast=x.clone())
+    assert all(v == 0.0 for sc in same["scores"].values() for v in sc)
+    plain, other = edge_attributions(vm, x, 1, 2), edge_attributions(vm, x, 1, 2, contrast=images(4) * 0.3)
+    top = {n: torch.tensor(e).sum(1) for n, e in other["edges"].items()}
+    assert other["edges"]["fc"] == plain["edges"]["fc"]  # the concept's own edges are unchanged
+    assert all(torch.all(torch.tensor(other["scores"][n]) <= top[n] + 1e-12) for n in top)
+    assert any(other["scores"][n] != top[n].tolist() for n in top)
+
+
 def test_attribution_to_the_logit_is_the_exact_effect_of_zeroing_a_dense_unit():
     """The CNN's last site feeds the logits linearly, so a * grad is exactly what zeroing the unit removes."""
     from mechscope.vision.causal import logits_with
@@ -102,6 +115,7 @@ def test_a_circuit_of_all_units_keeps_everything_and_of_none_keeps_nothing(arch)
     t = test_circuit(vm, everything, x, 0, ref, "mean", random_draws=2)
     assert t["circuit_kept"] == t["full"] and t["logit_share"]["circuit"] == 1.0
     assert t["circuit_pruned"] == t["all_ablated"]
+    assert all(v == 1.0 for v in t["logit_share_per_layer"].values())
     nothing = {n: [] for n in vm.sites}
     t0 = test_circuit(vm, nothing, x, 0, ref, "mean", random_draws=2)
     assert t0["circuit_kept"] == t0["all_ablated"] and t0["logit_share"]["circuit"] == 0.0

@@ -9,7 +9,8 @@ concept's held-out images, for its target class:
   the drop in class accuracy (share predicted as the target) and in the mean class logit;
   ``acc_ratio`` = circuit's accuracy drop / random circuits' mean accuracy drop.
 - keep: ablate every unit outside the circuit (at every site); ``logit_share`` = (kept -
-  all ablated) / (full - all ablated) of the mean class logit, so all units keep 1 and none 0.
+  all ablated) / (full - all ablated) of the mean class logit, so all units keep 1 and none 0;
+  ``logit_share_per_layer``: the same with one site's units ablated at a time.
 """
 
 from __future__ import annotations
@@ -118,4 +119,14 @@ def test_circuit(vm: VisionModel, units: Units, images: torch.Tensor, target: in
         "logit_drop": {"circuit": ldrop_c, "random": ldrop_r, "ratio": ldrop_c / ldrop_r if ldrop_r > 0 else None},
         "logit_share": {"circuit": keep_share(full["logit"], kept["logit"], none["logit"]),
                         "random": keep_share(full["logit"], mean_of(rand_kept, "logit"), none["logit"])},
+        "logit_share_per_layer": {name: _layer_share(vm, images, target, units, name, means) for name in vm.sites},
     }
+
+
+def _layer_share(vm: VisionModel, images: torch.Tensor, target: int, units: Units, name: str,
+                 means: dict[str, torch.Tensor] | None) -> float:
+    """The keep test at one site: only that site's non-circuit units ablated."""
+    full = float(logits_with(vm, images, {}, means)[:, target].mean())
+    none = float(logits_with(vm, images, {name: list(range(vm.sites[name].n_units))}, means)[:, target].mean())
+    kept = float(logits_with(vm, images, {name: complement(vm, units)[name]}, means)[:, target].mean())
+    return keep_share(full, kept, none)

@@ -56,31 +56,40 @@ def check_k(vm: VisionModel, k: int) -> None:
                              f"use --k {narrow[1].n_units} or less.")
 
 
-def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int) -> dict[str, Any]:
+def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int,
+                      contrast: torch.Tensor | None = None) -> dict[str, Any]:
     """Select k units per site from the output down; returns ``units`` (site -> chosen units,
     best first), ``scores`` (site -> every unit's score) and ``edges`` (site -> [n_units x
-    n_chosen_above] matrix, the columns in the order of the chosen units above)."""
+    n_chosen_above] matrix, the columns in the order of the chosen units above). With
+    ``contrast`` images, a unit's score is its summed edges on the concept's images minus
+    those on the contrast images (same chosen units above): units the concept uses and the
+    contrast does not."""
     check_k(vm, k)
     names = list(vm.sites)
-    x = images.clone().requires_grad_(False)
-    with capture(vm) as acts:
-        logits = vm.net(x)
-    above: list[torch.Tensor] = [logits[:, target]]  # per-image scalars of the chosen units one layer up
+    runs = []
+    for x in (images, contrast) if contrast is not None else (images,):
+        with capture(vm) as acts:
+            logits = vm.net(x)
+        runs.append((acts, [logits[:, target]]))
     units: dict[str, list[int]] = {}
     scores: dict[str, list[float]] = {}
     edges: dict[str, list[list[float]]] = {}
     for name in reversed(names):
-        site, a = vm.sites[name], acts[name]
-        cols = []
-        for s_v in above:
-            (g,) = torch.autograd.grad(s_v.sum(), a, retain_graph=True)
-            cols.append(site.unit_sum(a * g).abs().mean(0))  # (n_units,)
-        e = torch.stack(cols, 1).detach()  # (n_units, n_above)
-        score = e.sum(1)
+        site = vm.sites[name]
+        es = []
+        for acts, above in runs:
+            a = acts[name]
+            cols = []
+            for s_v in above:
+                (g,) = torch.autograd.grad(s_v.sum(), a, retain_graph=True)
+                cols.append(site.unit_sum(a * g).abs().mean(0))  # (n_units,)
+            es.append(torch.stack(cols, 1).detach())  # (n_units, n_above)
+        score = es[0].sum(1) - (es[1].sum(1) if len(es) > 1 else 0)
         chosen = torch.topk(score, k).indices.tolist()
-        units[name], scores[name], edges[name] = chosen, score.tolist(), e.tolist()
-        vals = site.unit_value(a)
-        above = [vals[:, u] for u in chosen]
+        units[name], scores[name], edges[name] = chosen, score.tolist(), es[0].tolist()
+        for acts, above in runs:
+            vals = site.unit_value(acts[name])
+            above[:] = [vals[:, u] for u in chosen]
     order = {n: i for i, n in enumerate(names)}
     return {"units": dict(sorted(units.items(), key=lambda kv: order[kv[0]])),
             "scores": dict(sorted(scores.items(), key=lambda kv: order[kv[0]])),
@@ -148,8 +157,10 @@ class VisionCircuit:
 
 def find_circuit(vm: VisionModel, concept: Concept, cfg: CircuitConfig, reference: torch.Tensor | None = None) -> VisionCircuit:
     """The k-per-layer circuit of ``concept`` (its first ``cfg.n_concept`` images); with
-    ``reference`` images, each chosen unit's ``cfg.top_images`` top-activating ones are kept."""
-    sel = edge_attributions(vm, concept.images[: cfg.n_concept], concept.target, cfg.k)
+    ``reference`` images, each chosen unit's ``cfg.top_images`` top-activating ones are kept,
+    and with ``cfg.contrast`` the first ``cfg.n_concept`` of them are the contrast set."""
+    contrast = reference[: cfg.n_concept] if cfg.contrast and reference is not None else None
+    sel = edge_attributions(vm, concept.images[: cfg.n_concept], concept.target, cfg.k, contrast)
     circ = VisionCircuit(concept=concept.describe(), model={"path": vm.path, "arch": vm.cfg.arch, "classes": vm.classes,
                                                            "sites": {n: {"kind": s.kind, "n_units": s.n_units} for n, s in vm.sites.items()}},
                          settings=cfg.to_dict(), **sel)

@@ -151,6 +151,9 @@ class CircuitConfig:
     """Reference images (clean test images of every class) whose mean replaces an ablated unit."""
     random_draws: int = 10
     """Random circuits (k units per layer each) the pruning test compares against."""
+    contrast: bool = False
+    """Score units by their attribution on the concept's images minus that on clean reference
+    images (``circuit.edge_attributions``): the units the concept uses that ordinary images do not."""
     top_images: int = 6
     """Top-activating images kept per unit for the report."""
     seed: int = 0
