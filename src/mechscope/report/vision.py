@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechscope.report.toolkit import Html, cards, esc, fmt, page, pct, px, table, write_page
+from mechscope.report.toolkit import Html, cards, esc, fmt, page, px, table, write_page
 
 __all__ = ["png_data_uri", "render_vision", "write_vision"]
 
@@ -72,6 +72,11 @@ def _edges(d: dict[str, Any]) -> str:
     return f'<svg {_SVG} class="vedges" width="{px(w)}" height="{px(h)}" viewBox="0 0 {px(w)} {px(h)}">{heads}{"".join(lines)}{"".join(labels)}</svg>'
 
 
+def pct(x: float | None) -> str:
+    """A signed share as a percentage with one decimal (shares here can be negative or above 1)."""
+    return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
 def _tests(t: dict[str, Any]) -> str:
     if not t or "full" not in t:
         return ""
@@ -86,6 +91,9 @@ def _tests(t: dict[str, Any]) -> str:
     ])
     return (f"<h2>Causal tests ({esc(t['ablation'])} ablation, {esc(t['n_images'])} held-out images)</h2>{head}"
             + table(["condition", "class accuracy", "mean class logit"], rows, numeric=[False, True, True])
+            + ("<p>Class logit kept with one layer's other units ablated at a time: "
+               + esc(", ".join(f"{s} {pct(v)}" for s, v in (t.get("logit_share_per_layer") or {}).items())) + ".</p>"
+               if t.get("logit_share_per_layer") else "")
             + "<p class='muted small'>Ablated units output their mean over the reference images (mean) or 0 (zero). "
               "Logit kept = (kept - all ablated) / (full - all ablated).</p>")
 
