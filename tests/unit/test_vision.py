@@ -260,7 +260,7 @@ def test_cli_train_circuit_attack_and_bad_input(tmp_path):
     from mechscope.vision.circuit import VisionCircuit
 
     assert VisionCircuit.load(tmp_path / "c").units == d["units"]
-    res = r.invoke(app, ["vision", "attack", "--model", str(out), "--k", "2", "--random-draws", "1", "--out", str(tmp_path / "a"), "--json"])
+    res = r.invoke(app, ["vision", "attack", "--model", str(out), "--k", "2", "--random-draws", "1", "--contrast", "--out", str(tmp_path / "a"), "--json"])
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["before"]) == {"attack_success", "clean_accuracy"}
     res = r.invoke(app, ["vision", "compose", "--model", str(out), "--k", "2", "--json"])

@@ -19,6 +19,8 @@ KOpt = typer.Option(CircuitConfig.k, "--k", help="Units kept per layer.")
 AblationOpt = typer.Option(CircuitConfig.ablation, "--ablation", help="mean (over held-out reference images) or zero.")
 DrawsOpt = typer.Option(CircuitConfig.random_draws, "--random-draws", help="Random circuits the tests compare with.")
 SeedOpt = typer.Option(CircuitConfig.seed, "--seed")
+ContrastOpt = typer.Option(CircuitConfig.contrast, "--contrast",
+                           help="Score units by attribution on the concept minus that on clean reference images.")
 
 
 def register(app: typer.Typer) -> None:
@@ -78,12 +80,13 @@ def circuit(
     k: int = KOpt,
     ablation: str = AblationOpt,
     random_draws: int = DrawsOpt,
+    contrast: bool = ContrastOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     json: bool = JsonOpt,
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, seed=seed)  # type: ignore[arg-type]
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_circuit
@@ -110,11 +113,12 @@ def circuit(
 def compose(
     model: Path = ModelDirOpt,
     k: int = KOpt,
+    contrast: bool = ContrastOpt,
     seed: int = SeedOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
-    cfg = CircuitConfig(k=k, seed=seed)
+    cfg = CircuitConfig(k=k, contrast=contrast, seed=seed)
     _threads()
     from mechscope.vision.run import run_composition
 
@@ -133,12 +137,13 @@ def attack(
     k: int = KOpt,
     ablation: str = AblationOpt,
     random_draws: int = DrawsOpt,
+    contrast: bool = ContrastOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     json: bool = JsonOpt,
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, seed=seed)  # type: ignore[arg-type]
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack
