@@ -39,9 +39,16 @@ def classes_summary(vm, k: int, contrast: bool) -> dict:
                                "logit_drop_circuit": t["logit_drop"]["circuit"], "logit_drop_random": t["logit_drop"]["random"],
                                "logit_share": t["logit_share"]["circuit"], "logit_share_random": t["logit_share"]["random"],
                                "logit_share_per_layer": t["logit_share_per_layer"]}
+        if "edges" in t:
+            rows[vm.classes[c]]["edge_acc_drop"] = t["edges"]["accuracy_drop"]
+            rows[vm.classes[c]]["edge_logit_drop"] = t["edges"]["logit_drop"]
     mean = lambda key: statistics.fmean(r[key] for r in rows.values())  # noqa: E731
     sites = list(next(iter(rows.values()))["logit_share_per_layer"])
-    return {"per_class": rows,
+    edges = {}
+    if all("edge_acc_drop" in r for r in rows.values()):
+        edges = {f"edge_{m}_drop_{w}": statistics.fmean(r[f"edge_{m}_drop"][w] for r in rows.values())
+                 for m in ("acc", "logit") for w in ("circuit", "random")}
+    return {"per_class": rows, **edges,
             "acc_drop_ratio_of_means": mean("acc_drop_circuit") / mean("acc_drop_random") if mean("acc_drop_random") > 0 else None,
             "logit_drop_ratio_of_means": mean("logit_drop_circuit") / mean("logit_drop_random"),
             "classes_with_acc_ratio_ge_3": sum(r["acc_drop_random"] > 0 and r["acc_drop_circuit"] >= 3 * r["acc_drop_random"] for r in rows.values()),
@@ -80,7 +87,7 @@ def main() -> None:
                     m["k"][key] = {"circuits": circ, "composition": comp, "attack": att,
                                    "wall_s": {"circuits_all_classes": t1 - t0, "composition": t2 - t1, "attack": t3 - t2}}
                     print(json.dumps({"model": arch, "setting": key, "acc_ratio": circ["acc_drop_ratio_of_means"],
-                                      "logit_share": circ["mean_logit_share"], "jaccard_union": comp["jaccard_union_of_parts"],
+                                      "logit_share": circ["mean_logit_share"], "edge": {k2: v for k2, v in circ.items() if k2.startswith("edge_")}, "jaccard_union": comp["jaccard_union_of_parts"],
                                       "jaccard_other_max": max(comp["jaccard_other_classes"].values()),
                                       "attack": [att["before"], att["after"]], "wall_s": m["k"][key]["wall_s"]}), flush=True)
             res["models"][arch] = m

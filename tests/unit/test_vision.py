@@ -301,3 +301,24 @@ def test_report_escapes_markup_and_embeds_the_images():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     idat = png[png.index(b"IDAT") + 4:png.index(b"IEND") - 8]
     assert zlib.decompress(idat) == bytes([0, 0, 255, 0, 128, 7])
+
+
+def test_cutting_every_edge_out_of_units_equals_ablating_them():
+    from mechscope.vision.causal import logits_with, site_means
+    from mechscope.vision.edges import circuit_edges, edge_test, edges_ablated, reader_means
+
+    vm, x, ref = tiny("cnn", torch.float32), images(6, dtype=torch.float32), images(12, dtype=torch.float32)
+    means, smeans = reader_means(vm, ref), site_means(vm, ref)
+    for site, nxt in (("conv0", vm.sites["conv1"].n_units), ("fc", vm.cfg.data.n_classes)):
+        edges = [(site, u, v) for u in (0, 2) for v in range(nxt)]
+        with torch.no_grad(), edges_ablated(vm, edges, means):
+            cut = vm.net(x)
+        torch.testing.assert_close(cut, logits_with(vm, x, {site: [0, 2]}, smeans))
+    with torch.no_grad(), edges_ablated(vm, [("fc", 1, 3)], means):
+        one = vm.net(x)
+    full = logits_with(vm, x, {}, None)
+    assert torch.equal(one[:, [0, 1, 2, 4]], full[:, [0, 1, 2, 4]]) and not torch.equal(one[:, 3], full[:, 3])
+    units = {n: [0, 1] for n in vm.sites}
+    assert len(circuit_edges(vm, units, 3)) == 2 * 2 * 3 + 2
+    t = edge_test(vm, units, x, 3, ref, random_draws=2)
+    assert t["n_edges"] == 14 and t["full"] == {"accuracy": t["full"]["accuracy"], "logit": t["full"]["logit"]}

@@ -91,6 +91,11 @@ def _tests(t: dict[str, Any]) -> str:
     ])
     return (f"<h2>Causal tests ({esc(t['ablation'])} ablation, {esc(t['n_images'])} held-out images)</h2>{head}"
             + table(["condition", "class accuracy", "mean class logit"], rows, numeric=[False, True, True])
+            + (f"<p>Edge pruning: cutting the circuit's {esc(t['edges']['n_edges'])} edges between chosen units "
+               f"(senders' input to the receiver set to its reference mean) drops class accuracy by "
+               f"{esc(pct(t['edges']['accuracy_drop']['circuit']))} and the logit by {esc(fmt(t['edges']['logit_drop']['circuit']))}; "
+               f"as many random edges: {esc(pct(t['edges']['accuracy_drop']['random']))} and {esc(fmt(t['edges']['logit_drop']['random']))}.</p>"
+               if t.get("edges") else "")
             + ("<p>Class logit kept with one layer's other units ablated at a time: "
                + esc(", ".join(f"{s} {pct(v)}" for s, v in (t.get("logit_share_per_layer") or {}).items())) + ".</p>"
                if t.get("logit_share_per_layer") else "")

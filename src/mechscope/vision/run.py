@@ -36,6 +36,10 @@ def circuit_of(vm: VisionModel, concept: Concept, cfg: CircuitConfig, ds: Datase
     if test:
         circ.tests = test_circuit(vm, circ.units, concept.eval_images, concept.target, ref, cfg.ablation,
                                   cfg.random_draws, cfg.seed)
+        if vm.cfg.arch == "cnn":
+            from mechscope.vision.edges import edge_test
+
+            circ.tests["edges"] = edge_test(vm, circ.units, concept.eval_images, concept.target, ref, cfg.random_draws, cfg.seed)
     return circ
 
 
