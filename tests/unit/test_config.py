@@ -98,7 +98,7 @@ def test_vision_cli_defaults_are_the_config_defaults():
     circ = {p.name: p.default for p in group.commands["circuit"].params}
     train = {p.name: p.default for p in group.commands["train"].params}
     c, t = CircuitConfig(), TrainConfig()
-    assert (circ["k"], circ["ablation"], circ["random_draws"], circ["contrast"]) == (c.k, c.ablation, c.random_draws, c.contrast)
+    assert (circ["k"], circ["ablation"], circ["random_draws"], circ["contrast"], circ["baseline"]) == (c.k, c.ablation, c.random_draws, c.contrast, c.baseline)
     assert (train["arch"], train["epochs"], train["width"], train["heads"]) == (t.arch, t.epochs, t.width, t.heads)
 
 

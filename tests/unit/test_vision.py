@@ -105,6 +105,20 @@ def test_attribution_to_the_logit_is_the_exact_effect_of_zeroing_a_dense_unit():
         assert sel["edges"]["fc"][u][0] == pytest.approx(drop.abs().mean().item(), rel=1e-9, abs=1e-12)
 
 
+def test_mean_baseline_attribution_is_the_exact_effect_of_mean_ablating_a_dense_unit():
+    from mechscope.vision.causal import logits_with, site_means
+    from mechscope.vision.circuit import edge_attributions
+
+    vm, x, t = tiny("cnn"), images(), 4
+    means = site_means(vm, images(10) * 0.7)
+    sel = edge_attributions(vm, x, t, 2, baseline=means)
+    full = logits_with(vm, x, {}, None)[:, t]
+    for u in range(vm.sites["fc"].n_units):
+        drop = (full - logits_with(vm, x, {"fc": [u]}, means)[:, t]).abs().mean().item()
+        assert sel["edges"]["fc"][u][0] == pytest.approx(drop, rel=1e-9, abs=1e-12)
+    assert sel["edges"]["fc"] != edge_attributions(vm, x, t, 2)["edges"]["fc"]
+
+
 @pytest.mark.parametrize("arch", ["cnn", "vit"])
 def test_a_circuit_of_all_units_keeps_everything_and_of_none_keeps_nothing(arch):
     from mechscope.vision.causal import all_units, logits_with, site_means, test_circuit

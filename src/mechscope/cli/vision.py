@@ -19,6 +19,8 @@ KOpt = typer.Option(CircuitConfig.k, "--k", help="Units kept per layer.")
 AblationOpt = typer.Option(CircuitConfig.ablation, "--ablation", help="mean (over held-out reference images) or zero.")
 DrawsOpt = typer.Option(CircuitConfig.random_draws, "--random-draws", help="Random circuits the tests compare with.")
 SeedOpt = typer.Option(CircuitConfig.seed, "--seed")
+BaselineOpt = typer.Option(CircuitConfig.baseline, "--baseline",
+                           help="zero: activation x gradient (the paper's); mean: (activation - reference mean) x gradient.")
 ContrastOpt = typer.Option(CircuitConfig.contrast, "--contrast",
                            help="Score units by attribution on the concept minus that on clean reference images.")
 
@@ -81,12 +83,13 @@ def circuit(
     ablation: str = AblationOpt,
     random_draws: int = DrawsOpt,
     contrast: bool = ContrastOpt,
+    baseline: str = BaselineOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     json: bool = JsonOpt,
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)  # type: ignore[arg-type]
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_circuit
@@ -114,11 +117,12 @@ def compose(
     model: Path = ModelDirOpt,
     k: int = KOpt,
     contrast: bool = ContrastOpt,
+    baseline: str = BaselineOpt,
     seed: int = SeedOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
-    cfg = CircuitConfig(k=k, contrast=contrast, seed=seed)
+    cfg = CircuitConfig(k=k, contrast=contrast, baseline=baseline, seed=seed)
     _threads()
     from mechscope.vision.run import run_composition
 
@@ -138,12 +142,13 @@ def attack(
     ablation: str = AblationOpt,
     random_draws: int = DrawsOpt,
     contrast: bool = ContrastOpt,
+    baseline: str = BaselineOpt,
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     json: bool = JsonOpt,
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)  # type: ignore[arg-type]
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack

@@ -57,13 +57,15 @@ def check_k(vm: VisionModel, k: int) -> None:
 
 
 def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int,
-                      contrast: torch.Tensor | None = None) -> dict[str, Any]:
+                      contrast: torch.Tensor | None = None, baseline: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Select k units per site from the output down; returns ``units`` (site -> chosen units,
     best first), ``scores`` (site -> every unit's score) and ``edges`` (site -> [n_units x
     n_chosen_above] matrix, the columns in the order of the chosen units above). With
     ``contrast`` images, a unit's score is its summed edges on the concept's images minus
     those on the contrast images (same chosen units above): units the concept uses and the
-    contrast does not."""
+    contrast does not. With ``baseline`` (site -> (1, ...) values, e.g. ``causal.site_means``),
+    the activation is taken relative to it, (a - baseline) * grad: the first-order effect of
+    replacing the unit by the baseline, i.e. of the mean ablation the tests make."""
     check_k(vm, k)
     names = list(vm.sites)
     runs = []
@@ -82,7 +84,8 @@ def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int
             cols = []
             for s_v in above:
                 (g,) = torch.autograd.grad(s_v.sum(), a, retain_graph=True)
-                cols.append(site.unit_sum(a * g).abs().mean(0))  # (n_units,)
+                d = a if baseline is None else a - baseline[name]
+                cols.append(site.unit_sum(d * g).abs().mean(0))  # (n_units,)
             es.append(torch.stack(cols, 1).detach())  # (n_units, n_above)
         score = es[0].sum(1) - (es[1].sum(1) if len(es) > 1 else 0)
         chosen = torch.topk(score, k).indices.tolist()
@@ -160,7 +163,14 @@ def find_circuit(vm: VisionModel, concept: Concept, cfg: CircuitConfig, referenc
     ``reference`` images, each chosen unit's ``cfg.top_images`` top-activating ones are kept,
     and with ``cfg.contrast`` the first ``cfg.n_concept`` of them are the contrast set."""
     contrast = reference[: cfg.n_concept] if cfg.contrast and reference is not None else None
-    sel = edge_attributions(vm, concept.images[: cfg.n_concept], concept.target, cfg.k, contrast)
+    baseline = None
+    if cfg.baseline == "mean":
+        from mechscope.vision.causal import site_means
+
+        if reference is None:
+            raise MechscopeError("baseline='mean' needs reference images to take the mean over.")
+        baseline = site_means(vm, reference)
+    sel = edge_attributions(vm, concept.images[: cfg.n_concept], concept.target, cfg.k, contrast, baseline)
     circ = VisionCircuit(concept=concept.describe(), model={"path": vm.path, "arch": vm.cfg.arch, "classes": vm.classes,
                                                            "sites": {n: {"kind": s.kind, "n_units": s.n_units} for n, s in vm.sites.items()}},
                          settings=cfg.to_dict(), **sel)

@@ -151,6 +151,10 @@ class CircuitConfig:
     """Reference images (clean test images of every class) whose mean replaces an ablated unit."""
     random_draws: int = 10
     """Random circuits (k units per layer each) the pruning test compares against."""
+    baseline: Literal["zero", "mean"] = "zero"
+    """Activation in the attribution: as it is (``zero``, the paper's activation x gradient) or
+    minus its mean over the reference images (``mean``: the first-order effect of the mean
+    ablation the tests make)."""
     contrast: bool = False
     """Score units by their attribution on the concept's images minus that on clean reference
     images (``circuit.edge_attributions``): the units the concept uses that ordinary images do not."""
@@ -163,6 +167,8 @@ class CircuitConfig:
             raise MechscopeError(f"--k {self.k} must be at least 1.")
         if self.ablation not in ("mean", "zero"):
             raise MechscopeError(f"--ablation {self.ablation!r} is not an ablation; use mean or zero.")
+        if self.baseline not in ("zero", "mean"):
+            raise MechscopeError(f"--baseline {self.baseline!r} is not a baseline; use zero or mean.")
         if self.n_concept < 1 or self.n_reference < 1 or self.random_draws < 1 or self.top_images < 1:
             raise MechscopeError("n_concept, n_reference, --random-draws and top_images must be at least 1.")
 
