@@ -1,7 +1,7 @@
 """The figures of issue 18 (visual circuits), measured end to end: trains the CNN and the ViT
 on digits with an overlay class and a mark, then for each k runs every class's circuit with
 its prune/keep tests, the composition test and the typographic attack (plain selection and
-``contrast=True``). Prints one JSON object (also written to ``--out``) with the wall times.
+``contrast=True`` and ``baseline="mean"``). Prints one JSON object (also written to ``--out``) with the wall times.
 
     python bench/vision_figures.py [--ks 3,5] [--threads 1] [--out /tmp/vision-figures.json]
 
@@ -31,10 +31,10 @@ from mechscope.vision import (
 )
 
 
-def classes_summary(vm, k: int, contrast: bool) -> dict:
+def classes_summary(vm, cfg: CircuitConfig) -> dict:
     rows = {}
     for c in range(len(vm.classes)):
-        t = run_circuit(vm, str(c), CircuitConfig(k=k, contrast=contrast)).tests
+        t = run_circuit(vm, str(c), cfg).tests
         rows[vm.classes[c]] = {"acc_drop_circuit": t["accuracy_drop"]["circuit"], "acc_drop_random": t["accuracy_drop"]["random"],
                                "logit_drop_circuit": t["logit_drop"]["circuit"], "logit_drop_random": t["logit_drop"]["random"],
                                "logit_share": t["logit_share"]["circuit"], "logit_share_random": t["logit_share"]["random"],
@@ -74,15 +74,16 @@ def main() -> None:
             vm = train_model(cfg, out=f"{tmp}/{arch}")
             m = {"train": vm.metrics, "train_wall_s": time.perf_counter() - t0, "sites": {n: s.n_units for n, s in vm.sites.items()}, "k": {}}
             for k in ks:
-                for contrast in (False, True):
-                    key = f"k={k}" + (" contrast" if contrast else "")
+                for variant in ("plain", "contrast", "baseline=mean"):
+                    key = f"k={k} {variant}"
+                    ccfg = CircuitConfig(k=k, contrast=variant == "contrast", baseline="mean" if variant == "baseline=mean" else "zero")
                     t0 = time.perf_counter()
-                    circ = classes_summary(vm, k, contrast)
+                    circ = classes_summary(vm, ccfg)
                     t1 = time.perf_counter()
-                    comp = run_composition(vm, CircuitConfig(k=k, contrast=contrast))
+                    comp = run_composition(vm, ccfg)
                     comp.pop("units")
                     t2 = time.perf_counter()
-                    _, att = run_attack(vm, CircuitConfig(k=k, contrast=contrast))
+                    _, att = run_attack(vm, ccfg)
                     t3 = time.perf_counter()
                     m["k"][key] = {"circuits": circ, "composition": comp, "attack": att,
                                    "wall_s": {"circuits_all_classes": t1 - t0, "composition": t2 - t1, "attack": t3 - t2}}
