@@ -126,3 +126,38 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_vision_page_in_chromium(driver, tmp_path):
+    """A real circuit of a tiny random CNN (hostile concept name): its inline PNGs decode, the edge view is drawn, nothing runs."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    from mechscope.report.vision import write_vision
+    from mechscope.vision.circuit import find_circuit
+    from mechscope.vision.concept import Concept
+    from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig
+    from mechscope.vision.data import build_dataset
+    from mechscope.vision.models import VisionModel, build_model
+
+    cfg = TrainConfig(arch="cnn", width=8, data=DataConfig(dataset="shapes", size=16, per_class=10))
+    vm = VisionModel(build_model(cfg, cfg.data.n_classes), cfg, cfg.data.class_names(), {})
+    ds = build_dataset(cfg.data)
+    evil = "<script>alert(1)</script>"
+    concept = Concept(evil, ds.train.of_class(1), 1, vm.classes[1], ds.test.of_class(1), evil)
+    circ = find_circuit(vm, concept, CircuitConfig(k=2, top_images=3), reference=ds.test.images[:40])
+    page = write_vision(circ.to_dict(), tmp_path / "vision.html")
+    driver.get(page.resolve().as_uri())
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert.text
+    assert evil in driver.find_element(By.TAG_NAME, "h1").text
+    images = driver.find_elements(By.CSS_SELECTOR, ".vimgs image")
+    assert len(images) == 4 * 2 * 3
+    sizes = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const uris = [...document.querySelectorAll('.vimgs image')].map(e => e.getAttribute('href'));"
+        "Promise.all(uris.map(u => new Promise(r => { const i = new Image(); i.onload = () => r([i.naturalWidth, i.naturalHeight]);"
+        " i.onerror = () => r([0, 0]); i.src = u; }))).then(done);")
+    assert sizes == [[16, 16]] * len(images)
+    edges = driver.find_element(By.CSS_SELECTOR, "svg.vedges")
+    assert len(edges.find_elements(By.TAG_NAME, "line")) > 0 and edges.size["width"] > 400

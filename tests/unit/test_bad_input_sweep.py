@@ -111,13 +111,54 @@ def test_unknown_hook_names(hook):
     check(["hooks", "--model", _TINY["llama"], "--check", f"blocks.{hook}"])
 
 
+@SETTINGS
+@given(shape=st.lists(st.integers(min_value=0, max_value=9), min_size=1, max_size=4),
+       k=st.integers(min_value=-2, max_value=40), concept=words, which=st.sampled_from(["array", "k", "concept", "config"]))
+def test_vision_bad_concepts_sizes_and_folders(shape, k, concept, which, tmp_path_factory):
+    d = tmp_path_factory.mktemp("vision")
+    out = d / "run"
+    args = ["vision", "circuit", "--model", _TINY["vision"], "--out", str(out)]
+    if which == "array":
+        if len(shape) >= 2 and shape[-2:] == [8, 8] and all(shape):
+            return  # a valid image array
+        import numpy as np
+
+        np.save(d / "c.npy", np.zeros(shape, dtype=np.float32))
+        check([*args, "--concept", str(d / "c.npy"), "--k", "2"], out)
+    elif which == "k":
+        if 1 <= k <= 4:
+            return
+        check([*args, "--concept", "dot", "--k", str(k)], out)
+    elif which == "concept":
+        if concept in ("hbar", "vbar", "box", "dot", "diag") or (concept.isdigit() and int(concept) < 5):
+            return
+        check([*args, "--concept", concept, "--k", "2"], out)
+    else:
+        bad = d / "model"
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes(concept.encode())
+        (bad / "config.json").write_text(json.dumps({"kind": "mechscope-vision-model", "train": {"arch": concept}}))
+        check(["vision", "circuit", "--model", str(bad), "--concept", "dot", "--k", "2", "--out", str(out)], out)
+
+
 _TINY: dict[str, str] = {}
 
 
+@pytest.fixture(scope="module")
+def tiny_vision_dir(tmp_path_factory):
+    from mechscope.vision.config import DataConfig, TrainConfig
+    from mechscope.vision.models import VisionModel, build_model
+
+    cfg = TrainConfig(arch="cnn", width=8, data=DataConfig(dataset="shapes", size=8, per_class=10))
+    d = tmp_path_factory.mktemp("vision-model") / "m"
+    VisionModel(build_model(cfg, cfg.data.n_classes), cfg, cfg.data.class_names(), {}).save(d)
+    return str(d)
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, request):
-    _TINY.update(gpt2=tiny_gpt2_dir, llama=tiny_llama_dir)
+def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, tiny_vision_dir, request):
+    _TINY.update(gpt2=tiny_gpt2_dir, llama=tiny_llama_dir, vision=tiny_vision_dir)
     yield
     mine = [it for it in request.session.items if it.module is request.module]
-    if len(mine) == 5:  # the whole module ran (not a -k selection): five strategies x 50 examples
+    if len(mine) == 6:  # the whole module ran (not a -k selection): six strategies x 50 examples
         assert COUNT["cases"] >= 200, COUNT

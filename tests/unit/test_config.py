@@ -72,6 +72,7 @@ def test_configs_and_the_cli_import_without_torch():
         "from mechscope.sae import TrainConfig, DashboardConfig, GenerationConfig\n"
         "from mechscope.activations import StoreConfig\n"
         "from mechscope.recall import RecallConfig\n"
+        "from mechscope.vision import CircuitConfig, DataConfig, TrainConfig as VisionTrainConfig\n"
         "print('torch' in sys.modules)\n"
     )
     assert out.strip() == "False"
@@ -85,6 +86,20 @@ def test_cli_option_defaults_are_the_config_defaults():
     params = {p.name: p.default for p in typer.main.get_command(app).commands["discover"].params}
     d = DiscoverConfig()
     assert (params["n"], params["method"], params["metric"], params["folds"]) == (d.n, d.method, d.acdc_metric, d.folds)
+
+
+def test_vision_cli_defaults_are_the_config_defaults():
+    import typer.main
+
+    from mechscope.cli.main import app
+    from mechscope.vision import CircuitConfig, TrainConfig
+
+    group = typer.main.get_command(app).commands["vision"]
+    circ = {p.name: p.default for p in group.commands["circuit"].params}
+    train = {p.name: p.default for p in group.commands["train"].params}
+    c, t = CircuitConfig(), TrainConfig()
+    assert (circ["k"], circ["ablation"], circ["random_draws"], circ["contrast"], circ["baseline"]) == (c.k, c.ablation, c.random_draws, c.contrast, c.baseline)
+    assert (train["arch"], train["epochs"], train["width"], train["heads"]) == (t.arch, t.epochs, t.width, t.heads)
 
 
 def test_lazy_packages_keep_functions_named_like_their_modules():

@@ -290,6 +290,18 @@ def sample_sae_eval() -> dict:
             "settings": {"corpus": EVIL}}
 
 
+def sample_vision() -> dict:
+    return {"schema_version": 1, "kind": "vision-circuit", "settings": {"k": 1},
+            "concept": {"name": EVIL, "target": 0, "target_name": IMG, "source": PWN},
+            "model": {"path": EVIL, "arch": "cnn", "classes": [EVIL], "sites": {"conv0": {"kind": PWN, "n_units": 2}}},
+            "units": {"conv0": [1]}, "scores": {"conv0": [0.1, 0.5]}, "edges": {"conv0": [[0.0], [0.5]]},
+            "top_images": {"conv0": {"1": [0]}}, "pool": [[[0, 255], [128, 7]]],
+            "tests": {"attack": {"mark_class": EVIL, "k": 1, "n_attack": 3, "clean_accuracy_drop_points": 1.0,
+                                 "before": {"attack_success": 0.9, "clean_accuracy": 0.9},
+                                 "after": {"attack_success": 0.1, "clean_accuracy": 0.8},
+                                 "random": {"attack_success": 0.8, "clean_accuracy": 0.7}}}}
+
+
 def _pages() -> list[tuple[str, str, dict, int]]:
     """(page module, render/write suffix, sample data, script elements the page has of its own)."""
     return [
@@ -301,6 +313,7 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("recall", "recall", sample_recall_dataset(), 0),
         ("dashboard", "dashboard", sample_dashboard(), 0),
         ("sae_eval", "sae_eval", sample_sae_eval(), 0),
+        ("vision", "vision", sample_vision(), 0),
     ]
 
 

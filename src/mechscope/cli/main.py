@@ -9,6 +9,7 @@
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
     explain.py    search, export (unit descriptions)
+    vision.py     vision train | circuit | compose | attack
     serve.py      serve (the local web UI)
 
 Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose
@@ -34,6 +35,7 @@ from mechscope.cli import (
     steer,
     tasks,
     tuned_lens,
+    vision,
 )
 from mechscope.cli.common import STATE
 
@@ -53,7 +55,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, steer, sae, features, explain, serve):
+for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, steer, sae, features, explain, vision, serve):
     group.register(app)
 
 

@@ -1,0 +1,102 @@
+"""A concept given by example images: a class of the model's data (``3``, ``hbar``, ``3+7``),
+``mark`` (the typographic mark alone), or a folder of ``.npy`` images (or one ``.npy`` file).
+
+A class's circuit is found on its training images and tested on its held-out test images; a
+folder's is found and tested on the folder's images, its target being ``--target`` or the
+class the model predicts most often for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechscope.errors import MechscopeError, near_matches
+from mechscope.vision.data import Dataset, build_dataset, check_images
+from mechscope.vision.models import VisionModel
+
+MARK_IMAGES = 64
+
+
+@dataclass
+class Concept:
+    """Example images (n, 1, s, s) of a concept, the class whose logit it drives, and held-out images to test on."""
+
+    name: str
+    images: torch.Tensor
+    target: int
+    target_name: str
+    eval_images: torch.Tensor
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "target": self.target, "target_name": self.target_name, "source": self.source,
+                "n_images": len(self.images), "n_eval": len(self.eval_images)}
+
+
+def class_index(vm: VisionModel, name: str) -> int:
+    """A class given by its index or its name, or one sentence listing the classes."""
+    if name in vm.classes:
+        return vm.classes.index(name)
+    if name.lstrip("-").isdigit() and 0 <= int(name) < len(vm.classes):
+        return int(name)
+    raise MechscopeError(f"{name!r} is not a class of this model (classes: {', '.join(vm.classes)})."
+                         + near_matches(name, vm.classes))
+
+
+def read_image_folder(path: Path, size: int) -> torch.Tensor:
+    """The images in ``path`` (a folder of ``.npy`` files, or one): each file (s, s), (n, s, s)
+    or (n, 1, s, s), in [0, 1] (values above 1 are read as 0-255)."""
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    if path.is_file() and path.suffix != ".npy":
+        raise MechscopeError(f"{path} is not a .npy file; give a folder of .npy images or one .npy array.")
+    arrays = []
+    for f in files:
+        try:
+            a = np.load(f, allow_pickle=False)
+        except (ValueError, OSError):
+            raise MechscopeError(f"{f} is not a readable .npy array (pickled arrays are refused); save it with numpy.save.") from None
+        a = np.asarray(a, dtype=np.float32)
+        if a.ndim == 2:
+            a = a[None]
+        if a.ndim == 3:
+            a = a[:, None]
+        if a.ndim != 4 or a.shape[1:] != (1, size, size):
+            raise MechscopeError(f"{f} holds images of shape {tuple(a.shape)}, but the model takes {size}x{size} grey "
+                                 f"images; resize them to {size}x{size} first.")
+        arrays.append(a / 255.0 if a.max(initial=0) > 1 else a)
+    if not arrays or sum(len(a) for a in arrays) == 0:
+        raise MechscopeError(f"the concept {path} holds no images; put .npy images of the concept in it.")
+    return check_images(torch.from_numpy(np.concatenate(arrays)), size, f"the images in {path}")
+
+
+def resolve_concept(vm: VisionModel, spec: str, target: str | None = None, ds: Dataset | None = None) -> Concept:
+    """The concept ``spec`` names for model ``vm`` (see the module docstring)."""
+    if not spec:
+        raise MechscopeError("--concept is empty; give a class (e.g. 3), 'mark' or a folder of .npy images.")
+    p = Path(spec)
+    if p.exists() and spec not in vm.classes:
+        imgs = read_image_folder(p, vm.size)
+        if target is not None:
+            t = class_index(vm, target)
+        else:
+            with torch.no_grad():
+                t = int(torch.bincount(vm.net(imgs).argmax(-1), minlength=len(vm.classes)).argmax())
+        return Concept(p.name, imgs, t, vm.classes[t], imgs, f"folder {p}")
+    ds = ds or build_dataset(vm.cfg.data)
+    if spec == "mark":
+        mc = vm.cfg.data.mark_class
+        if mc is None:
+            raise MechscopeError("this model was trained without a mark, so 'mark' has no images; retrain with --mark-class.")
+        att = ds.attack_images()
+        return Concept("mark", ds.mark_only(MARK_IMAGES), mc, vm.classes[mc], att.images, "mark-only images")
+    t = class_index(vm, spec) if target is None else class_index(vm, target)
+    c = class_index(vm, spec)
+    imgs, held = ds.train.of_class(c), ds.test.of_class(c)
+    if len(imgs) == 0 or len(held) == 0:
+        raise MechscopeError(f"class {vm.classes[c]!r} has no images in this model's data; pick another class.")
+    return Concept(vm.classes[c], imgs, t, vm.classes[t], held, f"class {vm.classes[c]} (train images; tested on held-out ones)")
