@@ -52,8 +52,8 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
-    cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,  # type: ignore[arg-type]
-                      data=DataConfig(dataset=data, overlay=parse_pair(overlay), mark_class=mark_class, seed=seed))  # type: ignore[arg-type]
+    cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
+                      data=DataConfig(dataset=data, overlay=parse_pair(overlay), mark_class=mark_class, seed=seed))
     _threads()
     from mechscope.vision.train import train_model
 
@@ -90,7 +90,7 @@ def circuit(
     json: bool = JsonOpt,
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_circuit
@@ -149,7 +149,7 @@ def attack(
     json: bool = JsonOpt,
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
-    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)  # type: ignore[arg-type]
+    cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack

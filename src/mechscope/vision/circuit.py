@@ -183,6 +183,6 @@ def find_circuit(vm: VisionModel, concept: Concept, cfg: CircuitConfig, referenc
                 idx = torch.topk(vals[name][:, u], min(cfg.top_images, len(reference))).indices.tolist()
                 tops[str(u)] = [used.setdefault(i, len(used)) for i in idx]
             circ.top_images[name] = tops
-        inv = sorted(used, key=used.get)
+        inv = sorted(used, key=lambda i: used[i])
         circ.pool = (reference[inv, 0].clamp(0, 1) * 255).round().to(torch.int64).tolist()
     return circ

@@ -54,9 +54,10 @@ class DataConfig:
             raise MechscopeError(f"image size {self.size} is not supported; use a multiple of 8 from 8 to 64.")
         n = self.n_base_classes
         if self.overlay is not None:
-            self.overlay = tuple(int(c) for c in self.overlay)  # type: ignore[assignment]
-            if len(self.overlay) != 2 or self.overlay[0] == self.overlay[1] or not all(0 <= c < n for c in self.overlay):
+            pair = tuple(int(c) for c in self.overlay)
+            if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= c < n for c in pair):
                 raise MechscopeError(f"--overlay {self.overlay} must name two different classes from 0 to {n - 1}, e.g. 3,7.")
+            self.overlay = (pair[0], pair[1])
         if self.mark_class is not None and not 0 <= self.mark_class < n:
             raise MechscopeError(f"--mark-class {self.mark_class} is not a class; use 0 to {n - 1}.")
         if not 0 < self.mark_rate <= 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ class SmallViT(nn.Module):
         self.ln, self.out = nn.LayerNorm(width), nn.Linear(width, n_classes)
         sites: dict[str, Site] = {"patches": Site(1, n_tok, "patch", "rms")}
         for i, blk in enumerate(self.blocks):
-            sites[f"b{i}.attn"], sites[f"b{i}.mlp"] = blk.attn, blk.mlp
+            sites[f"b{i}.attn"], sites[f"b{i}.mlp"] = cast(Block, blk).attn, cast(Block, blk).mlp
         self.site_map = sites
 
     @property
@@ -121,7 +121,7 @@ class SmallViT(nn.Module):
 
 def sites_of(model: nn.Module) -> dict[str, Site]:
     """The model's sites in forward order (name -> ``Site``)."""
-    return dict(model.sites.items())
+    return dict(cast("dict[str, Site]", model.sites).items())
 
 
 def build_model(cfg: TrainConfig, n_classes: int) -> nn.Module:

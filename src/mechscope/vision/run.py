@@ -73,7 +73,7 @@ def run_composition(vm: VisionModel, cfg: CircuitConfig) -> dict[str, Any]:
     parts = {vm.classes[c]: jaccard(ov, sets[c]) for c in pair}
     pairs = {f"{vm.classes[a]}|{vm.classes[b]}": jaccard(ov, sets[a] | sets[b])
              for a in range(n_base) for b in range(a + 1, n_base) if (a, b) != tuple(sorted(pair))}
-    best_pair = max(pairs, key=pairs.get)
+    best_pair = max(pairs, key=lambda p: pairs[p])
     return {"kind": "vision-composition", "overlay": vm.classes[n_base], "parts": [vm.classes[c] for c in pair], "k": cfg.k,
             "jaccard_union_of_parts": union, "jaccard_parts": parts, "jaccard_other_classes": others,
             "jaccard_other_pairs_max": {"pair": best_pair, "value": pairs[best_pair]},
@@ -105,7 +105,7 @@ def run_attack(vm: VisionModel, cfg: CircuitConfig) -> tuple[VisionCircuit, dict
 
     gen = torch.Generator().manual_seed(cfg.seed)
     rand = [measure(random_units(vm, cfg.k, gen)) for _ in range(cfg.random_draws)]
-    res = {"kind": "vision-attack", "mark_class": vm.classes[mc], "k": cfg.k, "ablation": cfg.ablation,
+    res: dict[str, Any] = {"kind": "vision-attack", "mark_class": vm.classes[mc], "k": cfg.k, "ablation": cfg.ablation,
            "n_attack": len(att), "n_clean": len(ds.test), "before": measure({}), "after": measure(circ.units),
            "random": {key: sum(r[key] for r in rand) / len(rand) for key in ("attack_success", "clean_accuracy")}}
     res["clean_accuracy_drop_points"] = 100 * (res["before"]["clean_accuracy"] - res["after"]["clean_accuracy"])
