@@ -12,6 +12,8 @@ CNN and ViT (``vision.models``), safetensors + JSON. The configs (``vision.confi
 are imported with the package; the other names load on first use.
 """
 
+from typing import TYPE_CHECKING
+
 from mechscope._lazy import lazy_exports
 from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig
 
@@ -20,6 +22,15 @@ __all__ = [
     "edge_attributions", "find_circuit", "load_vision_model", "resolve_concept", "run_attack", "run_circuit",
     "run_composition", "test_circuit", "train_model",
 ]
+
+if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.vision.causal import test_circuit
+    from mechscope.vision.circuit import VisionCircuit, edge_attributions, find_circuit
+    from mechscope.vision.concept import Concept, resolve_concept
+    from mechscope.vision.data import build_dataset
+    from mechscope.vision.models import VisionModel, load_vision_model
+    from mechscope.vision.run import run_attack, run_circuit, run_composition
+    from mechscope.vision.train import train_model
 
 lazy_exports(__name__, {
     "Concept": "concept", "resolve_concept": "concept",
