@@ -164,11 +164,12 @@ def test_summary_finds_the_phases():
     acc = [0.03, 0.03, 0.33, 0.34, 0.33, 0.6, 0.95, 0.97]
     rnd = [0.03, 0.03, 0.33, 0.33, 0.32, 0.35, 0.34, 0.33]
     self_ = [0.1, 0.1, 0.9, 0.5, 0.2, 0.1, 0.1, 0.1]
-    label = [0.1, 0.1, 0.2, 0.4, 0.8, 0.5, 0.3, 0.3]
+    label = [0.1, 0.99, 0.2, 0.4, 0.8, 0.5, 0.3, 0.3]  # the peak at step 10 is before the learning onset
     chunk = [0.1, 0.1, 0.1, 0.1, 0.2, 0.5, 0.8, 0.9]
     rows = [{"step": s, "accuracy": a, "random_label_accuracy": r, "self": x, "label": y, "chunk": z}
             for s, a, r, x, y, z in zip(steps, acc, rnd, self_, label, chunk)]
     ph = summarize(rows, 3, 32, MetaDynamicsConfig())
+    assert ph["learning_onset"] == 20
     assert ph["peaks"] == {"self": 20, "label": 80, "chunk": 640} and ph["peaks_in_order"] is True
     assert ph["phase2"]["step"] == 80 and ph["phase2"]["gap"] == pytest.approx(0.01)
     assert ph["plateau_nearest_one_over_tasks"]["start"] == 20 and ph["distance_to_one_over_tasks"] < 0.01
