@@ -103,7 +103,10 @@ def meta_dynamics(run_dir: str | Path, cfg: MetaDynamicsConfig | None = None,
     if not is_meta_run(run):
         raise MechscopeError(f"'{run}' is not a run of `mechscope train-toy --setting {SETTING}` (its train.json says otherwise).")
     settings = run_settings(run)
-    mc = MetaConfig.from_dict(settings)
+    try:
+        mc = MetaConfig.from_dict(settings)
+    except (TypeError, ValueError, AttributeError):
+        raise MechscopeError(f"The settings in '{run}/train.json' are damaged; train the run again with `mechscope train-toy --setting {SETTING}`.") from None
     ckpts = meta_checkpoints(run)
     data = MetaData(mc.data)
     gen = torch.Generator().manual_seed(20_000 + cfg.seed)
