@@ -15,8 +15,7 @@ from mechscope.report.toolkit import fmt, page, table, write_page
 __all__ = ["render_meta_dynamics", "render_meta_dynamics_svg", "write_meta_dynamics"]
 
 _WIDTH, _HEIGHT = 700, 300
-_LABELS = {"self": "self (query -> query, last layer)", "label": "label (query -> labels, last layer)",
-           "chunk": "chunk (label -> its example, first layer)"}
+_LABELS = {"self": "self", "label": "label", "chunk": "chunk"}
 
 
 def _num(x: Any) -> float:
@@ -37,12 +36,13 @@ def _charts(d: dict[str, Any]) -> list[str]:
     steps = [r["step"] for r in rows]
     ph = d.get("phases", {})
     acc = {"accuracy": (steps, [_num(r["accuracy"]) for r in rows]),
-           "random-label accuracy": (steps, [_num(r["random_label_accuracy"]) for r in rows])}
+           "random labels": (steps, [_num(r["random_label_accuracy"]) for r in rows])}
     hl = [v for v in (_num(ph.get("one_over_tasks")), _num(ph.get("chance"))) if v == v]
     c1 = line_chart(acc, title="Query accuracy (held out; reference lines at 1/T and chance)", xlabel="training step",
                     logx=True, width=_WIDTH, height=_HEIGHT, ylim=(0, 1), hlines=hl, vlines=_marks(d), points=False)
     att = {_LABELS[k]: (steps, [_num(r[k]) for r in rows]) for k in ("self", "label", "chunk")}
-    c2 = line_chart(att, title="Attention metrics", xlabel="training step", logx=True, width=_WIDTH, height=_HEIGHT,
+    c2 = line_chart(att, title="Attention: self (query->query, last layer), label (query->labels, last), chunk (label->its example, first)",
+                    xlabel="training step", logx=True, width=_WIDTH, height=_HEIGHT,
                     ylim=(0, 1), vlines=_marks(d), points=False)
     return [c1, c2]
 
