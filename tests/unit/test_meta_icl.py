@@ -78,11 +78,12 @@ def test_metrics_on_hand_set_patterns():
         p[0, 0, 0, 2 * i + 1, 2 * i] = 1.0
     m = attention_metrics(p, n)
     assert (m["self"], m["label"], m["chunk"]) == (1.0, 0.0, 1.0)
-    # the query spreads its attention evenly over the labels in the last layer
+    # in the last layer the query spreads its attention evenly over the labels
     p[1, 0, 0, 6] = 0
     p[1, 0, 0, 6, [1, 3, 5]] = 1 / 3
     m = attention_metrics(p, n)
-    assert m["self"] == 0.0 and m["label"] == pytest.approx(1.0)
+    assert m["per_layer"]["self"] == [1.0, 0.0] and m["per_layer"]["label"] == pytest.approx([0.0, 1.0])
+    assert m["self"] == 0.5 and m["label"] == pytest.approx(0.5)  # means over the layers
     # random causal patterns: equal to a loop over the definition, per layer
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(3, 4, 2, pos, pos, generator=g).masked_fill(~torch.ones(pos, pos).tril().bool(), float("-inf"))
@@ -91,7 +92,7 @@ def test_metrics_on_hand_set_patterns():
     s, lab, ch = _independent_metrics(p, n)
     assert m["per_layer"]["self"] == pytest.approx(s) and m["per_layer"]["label"] == pytest.approx(lab)
     assert m["per_layer"]["chunk"] == pytest.approx(ch)
-    assert (m["self"], m["label"], m["chunk"]) == pytest.approx((s[-1], lab[-1], ch[0]))
+    assert (m["self"], m["label"], m["chunk"]) == pytest.approx((sum(s) / 3, sum(lab) / 3, ch[0]))
 
 
 def test_model_patterns_are_causal_and_the_tokens_carry_positions():

@@ -9,9 +9,10 @@ averaged over sequences and heads:
 - ``chunk``: each label position's attention to its own example, averaged over the pairs
   (the full-context circuit binds an example to its label, a "chunk").
 
-The headline values read the layer where the paper reads them: ``self`` and ``label`` in the
-last layer (the query's read-out), ``chunk`` in the first (the binding happens before the query
-reads the pairs). ``per_layer`` keeps every layer.
+Headline values: ``self`` and ``label`` are the means over layers (the query may read in any
+layer; on the measured run the shift from self to labels shows in the first layer while the
+last layer's query keeps attending to itself), ``chunk`` is the first layer's (a binding in the
+last layer can no longer reach the query). ``per_layer`` keeps every layer.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def attention_metrics(patterns: torch.Tensor, n_context: int) -> dict[str, Any]:
         "label": p[:, :, :, q, lab].sum(-1).mean(dim=(1, 2)),
         "chunk": p[:, :, :, lab, ex].mean(dim=(1, 2, 3)),
     }
-    return {"self": float(per_layer["self"][-1]), "label": float(per_layer["label"][-1]),
+    return {"self": float(per_layer["self"].mean()), "label": float(per_layer["label"].mean()),
             "chunk": float(per_layer["chunk"][0]), "per_layer": {k: v.tolist() for k, v in per_layer.items()}}
 
 

@@ -41,7 +41,7 @@ def _charts(d: dict[str, Any]) -> list[str]:
     c1 = line_chart(acc, title="Query accuracy (held out; reference lines at 1/T and chance)", xlabel="training step",
                     logx=True, width=_WIDTH, height=_HEIGHT, ylim=(0, 1), hlines=hl, vlines=_marks(d), points=False)
     att = {_LABELS[k]: (steps, [_num(r[k]) for r in rows]) for k in ("self", "label", "chunk")}
-    c2 = line_chart(att, title="Attention: self (query->query, last layer), label (query->labels, last), chunk (label->its example, first)",
+    c2 = line_chart(att, title="Attention: self (query->query), label (query->labels), chunk (label->its example, layer 0)",
                     xlabel="training step", logx=True, width=_WIDTH, height=_HEIGHT,
                     ylim=(0, 1), vlines=_marks(d), points=False)
     return [c1, c2]
