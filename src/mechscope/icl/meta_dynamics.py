@@ -5,8 +5,8 @@ then the phases of Minegishi et al. 2025:
 - plateaus of the accuracy curve (``meta_metrics.plateaus``), and among them the one nearest
   1/T (the non-context circuit knows the base label but not the task) and the middle ones
   (above chance, below the final accuracy; with T = 1 there should be none);
-- the step where each metric peaks, from the learning onset (the first checkpoint whose accuracy
-  is ``band`` above chance) on, and whether they come in the order self -> label -> chunk;
+- the step where each metric peaks, from the learning onset (the first checkpoint half way from
+  chance to 1/T) on, and whether they come in the order self -> label -> chunk;
 - the phase-2 checkpoint: where the query's attention to the labels peaks (the semi-context
   circuit); its accuracy and random-label accuracy (the paper: equal, since that circuit does
   not use the example-label pairs).
@@ -155,9 +155,10 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
     final = acc[-1]
     middle = [p for p in plats if chance + cfg.band < p["mean"] < final - cfg.band]
     nearest = min(plats, key=lambda p: abs(p["mean"] - target)) if plats else None
-    # peaks are looked for from the learning onset: before it, the patterns are those of the
-    # random initialisation (the query's attention to 8 of its 17 keys starts near 0.5)
-    onset = next((r["step"] for r in rows if r["step"] > 0 and r["accuracy"] > chance + cfg.band), None)
+    # peaks are looked for from the learning onset, the first checkpoint half way from chance to
+    # 1/T (the non-context circuit half formed): before it the patterns drift away from those of
+    # the random initialisation (the query's attention to 8 of its 17 keys starts near 0.5)
+    onset = next((r["step"] for r in rows if r["step"] > 0 and r["accuracy"] >= (chance + target) / 2), None)
     live = [r for r in rows if onset is not None and r["step"] >= onset]
     ls = [r["step"] for r in live]
     peaks = {k: peak_step(ls, [r[k] for r in live]) for k in METRICS}
