@@ -83,7 +83,7 @@ def test_metrics_on_hand_set_patterns():
     p[1, 0, 0, 6, [1, 3, 5]] = 1 / 3
     m = attention_metrics(p, n)
     assert m["per_layer"]["self"] == [1.0, 0.0] and m["per_layer"]["label"] == pytest.approx([0.0, 1.0])
-    assert m["self"] == 0.5 and m["label"] == pytest.approx(0.5)  # means over the layers
+    assert (m["self"], m["label"], m["chunk"]) == (1.0, 0.0, 1.0)  # the first layer's
     # random causal patterns: equal to a loop over the definition, per layer
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(3, 4, 2, pos, pos, generator=g).masked_fill(~torch.ones(pos, pos).tril().bool(), float("-inf"))
@@ -92,7 +92,7 @@ def test_metrics_on_hand_set_patterns():
     s, lab, ch = _independent_metrics(p, n)
     assert m["per_layer"]["self"] == pytest.approx(s) and m["per_layer"]["label"] == pytest.approx(lab)
     assert m["per_layer"]["chunk"] == pytest.approx(ch)
-    assert (m["self"], m["label"], m["chunk"]) == pytest.approx((sum(s) / 3, sum(lab) / 3, ch[0]))
+    assert (m["self"], m["label"], m["chunk"]) == pytest.approx((s[0], lab[0], ch[0]))
 
 
 def test_model_patterns_are_causal_and_the_tokens_carry_positions():
@@ -167,11 +167,13 @@ def test_summary_finds_the_phases():
     self_ = [0.1, 0.1, 0.9, 0.5, 0.2, 0.1, 0.1, 0.1]
     label = [0.1, 0.99, 0.2, 0.4, 0.8, 0.5, 0.3, 0.3]  # the peak at step 10 is before the learning onset
     chunk = [0.1, 0.1, 0.1, 0.1, 0.2, 0.5, 0.8, 0.9]
-    rows = [{"step": s, "accuracy": a, "random_label_accuracy": r, "self": x, "label": y, "chunk": z}
+    rows = [{"step": s, "accuracy": a, "random_label_accuracy": r, "self": x, "label": y, "chunk": z,
+             "per_layer": {"self": [x, 1 - x], "label": [y, 0.5], "chunk": [z, z]}}
             for s, a, r, x, y, z in zip(steps, acc, rnd, self_, label, chunk)]
     ph = summarize(rows, 3, 32, MetaDynamicsConfig())
     assert ph["learning_onset"] == 20
     assert ph["peaks"] == {"self": 20, "label": 80, "chunk": 640} and ph["peaks_in_order"] is True
+    assert ph["peaks_per_layer"] == {"self": [20, 160], "label": [80, 20], "chunk": [640, 640]}
     assert ph["phase2"]["step"] == 80 and ph["phase2"]["gap"] == pytest.approx(0.01)
     assert ph["plateau_nearest_one_over_tasks"]["start"] == 20 and ph["distance_to_one_over_tasks"] < 0.01
     assert [p["start"] for p in ph["middle_plateaus"]] == [20]

@@ -163,6 +163,9 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
     ls = [r["step"] for r in live]
     peaks = {k: peak_step(ls, [r[k] for r in live]) for k in METRICS}
     in_order = None if None in peaks.values() else peaks["self"] < peaks["label"] < peaks["chunk"]
+    n_layers = len(live[0]["per_layer"]["self"]) if live and "per_layer" in live[0] else 0
+    peaks_per_layer = {k: [peak_step(ls, [r["per_layer"][k][layer] for r in live]) for layer in range(n_layers)]
+                       for k in METRICS}
     phase2 = None
     if peaks["label"] is not None:
         r = next(r for r in rows if r["step"] == peaks["label"])
@@ -173,5 +176,6 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
         "plateaus": plats, "middle_plateaus": middle,
         "plateau_nearest_one_over_tasks": nearest,
         "distance_to_one_over_tasks": None if nearest is None else abs(nearest["mean"] - target),
-        "learning_onset": onset, "peaks": peaks, "peaks_in_order": in_order, "phase2": phase2,
+        "learning_onset": onset, "peaks": peaks, "peaks_in_order": in_order, "peaks_per_layer": peaks_per_layer,
+        "phase2": phase2,
     }

@@ -9,10 +9,11 @@ averaged over sequences and heads:
 - ``chunk``: each label position's attention to its own example, averaged over the pairs
   (the full-context circuit binds an example to its label, a "chunk").
 
-Headline values: ``self`` and ``label`` are the means over layers (the query may read in any
-layer; on the measured run the shift from self to labels shows in the first layer while the
-last layer's query keeps attending to itself), ``chunk`` is the first layer's (a binding in the
-last layer can no longer reach the query). ``per_layer`` keeps every layer.
+Headline values are the first layer's, where all three circuits differ: the query reads itself
+(non-context) or the labels (semi-context) there, and a binding must happen there to reach the
+query through the next layer (full context). Chosen after looking at both layers of the measured
+run (docs/decisions.md): the last layer's query attends to itself until the full-context circuit
+forms and then to the labels. ``per_layer`` keeps every layer.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ def attention_metrics(patterns: torch.Tensor, n_context: int) -> dict[str, Any]:
         "label": p[:, :, :, q, lab].sum(-1).mean(dim=(1, 2)),
         "chunk": p[:, :, :, lab, ex].mean(dim=(1, 2, 3)),
     }
-    return {"self": float(per_layer["self"].mean()), "label": float(per_layer["label"].mean()),
-            "chunk": float(per_layer["chunk"][0]), "per_layer": {k: v.tolist() for k, v in per_layer.items()}}
+    return {**{k: float(v[0]) for k, v in per_layer.items()}, "per_layer": {k: v.tolist() for k, v in per_layer.items()}}
 
 
 def plateaus(steps: list[int], values: list[float], band: float = 0.05, min_span: float = 1.5) -> list[dict[str, Any]]:

@@ -41,10 +41,16 @@ def _charts(d: dict[str, Any]) -> list[str]:
     c1 = line_chart(acc, title="Query accuracy (held out; reference lines at 1/T and chance)", xlabel="training step",
                     logx=True, width=_WIDTH, height=_HEIGHT, ylim=(0, 1), hlines=hl, vlines=_marks(d), points=False)
     att = {_LABELS[k]: (steps, [_num(r[k]) for r in rows]) for k in ("self", "label", "chunk")}
-    c2 = line_chart(att, title="Attention: self (query->query), label (query->labels), chunk (label->its example, layer 0)",
+    c2 = line_chart(att, title="Layer-0 attention: self (query->query), label (query->labels), chunk (label->its example)",
                     xlabel="training step", logx=True, width=_WIDTH, height=_HEIGHT,
                     ylim=(0, 1), vlines=_marks(d), points=False)
-    return [c1, c2]
+    charts = [c1, c2]
+    n_layers = len(rows[0].get("per_layer", {}).get("self", [])) if rows else 0
+    if n_layers > 1:
+        last = {f"{k} (layer {n_layers - 1})": (steps, [_num(r["per_layer"][k][-1]) for r in rows]) for k in ("self", "label")}
+        charts.append(line_chart(last, title="Last-layer attention of the query", xlabel="training step", logx=True,
+                                 width=_WIDTH, height=_HEIGHT, ylim=(0, 1), vlines=_marks(d), points=False))
+    return charts
 
 
 def render_meta_dynamics_svg(d: dict[str, Any]) -> str:
