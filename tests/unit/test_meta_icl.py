@@ -130,6 +130,7 @@ def test_resume_is_exact(tmp_path, optimizer):
     with pytest.raises(KeyboardInterrupt):
         train_meta(cfg, broken, progress=crash)
     assert (broken / "last" / "state.safetensors").is_file() and not list(broken.rglob("*.pt"))
+    assert "seconds" in json.loads((broken / "train.json").read_text())  # saved with the state, so a resume adds to it
     train_meta(cfg, broken)
     a, b = (load_file(str(d / "ckpt_000012" / "model.safetensors")) for d in (whole, broken))
     assert a.keys() == b.keys()

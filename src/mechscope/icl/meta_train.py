@@ -95,7 +95,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
             start = _load_state(model, opt, gen, last / STATE_FILE)
             log = prev
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
-    t0 = time.perf_counter()
+    t0, before = time.perf_counter(), log.get("seconds", 0.0)  # seconds of training before this resume
 
     def checkpoint(step: int) -> None:
         d = out / f"ckpt_{step:06d}"
@@ -108,7 +108,8 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
         model.train()
         log["checkpoints"] = [c for c in log["checkpoints"] if c["step"] != step]
         log["checkpoints"].append({"step": step, "dir": d.name, "accuracy": acc, "random_label_accuracy": acc_random,
-                                   "eval_loss": loss, "seconds": log.get("seconds", 0.0) + time.perf_counter() - t0})
+                                   "eval_loss": loss, "seconds": before + time.perf_counter() - t0})
+        log["seconds"] = before + time.perf_counter() - t0
 
     model.train()
     if start == 0:
@@ -125,7 +126,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
         if step in sched:
             checkpoint(step)
             _save_state(model, opt, gen, step, last, out, log)
-    log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
+    log["seconds"] = before + time.perf_counter() - t0
     log["done"] = True
     tj.write_text(json.dumps(log))
     shutil.rmtree(last, ignore_errors=True)
