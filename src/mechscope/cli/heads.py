@@ -96,7 +96,7 @@ def train_toy(
     attn_only: bool = typer.Option(ToyConfig.attn_only, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
     d_model: int = typer.Option(ToyConfig.d_model, "--d-model"),
     n_heads: int = typer.Option(ToyConfig.heads, "--heads"),
-    steps: int = typer.Option(ToyConfig.steps, "--steps"),
+    steps: int = typer.Option(ToyConfig.steps, "--steps", help=f"Training steps (--setting icml: {MetaConfig.steps:,} when not given)."),
     batch: int = typer.Option(ToyConfig.batch, "--batch"),
     lr: float = typer.Option(ToyConfig.lr, "--lr"),
     vocab: int = typer.Option(DataConfig.vocab, "--vocab", help="Content tokens."),
