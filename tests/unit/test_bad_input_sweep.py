@@ -162,3 +162,21 @@ def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, tiny_vision_dir, request):
     mine = [it for it in request.session.items if it.module is request.module]
     if len(mine) == 6:  # the whole module ran (not a -k selection): six strategies x 50 examples
         assert COUNT["cases"] >= 200, COUNT
+
+
+@SETTINGS
+@given(flag=st.sampled_from(["--tasks", "--labels", "--classes", "--context", "--steps", "--batch"]),
+       value=st.integers(max_value=0), optimizer=st.one_of(st.none(), words.filter(lambda w: w not in ("adam", "sgd"))))
+def test_icml_training_flags(flag, value, optimizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("icml") / "run"
+    args = ["train-toy", "--setting", "icml", flag, str(value), "--out", str(out)]
+    check(args + (["--optimizer", optimizer] if optimizer else []), out)
+
+
+@SETTINGS
+@given(settings_=st.one_of(st.dictionaries(words, st.integers(), max_size=3), st.builds(lambda k, v: {k: v}, words, st.integers())),
+       checkpoints=st.one_of(st.just([]), st.lists(st.dictionaries(words, st.integers(), max_size=2), max_size=2)))
+def test_corrupt_icml_runs(settings_, checkpoints, tmp_path_factory):
+    d = tmp_path_factory.mktemp("icmlrun")
+    (d / "train.json").write_text(json.dumps({"settings": {**settings_, "setting": "icml"}, "checkpoints": checkpoints}))
+    check(["dynamics", str(d)])

@@ -20,7 +20,10 @@ from mechscope.cli.common import (
     handles_errors,
     load,
 )
+from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
+from mechscope.icl.meta_config import SETTING as META_SETTING
+from mechscope.icl.meta_config import MetaConfig, MetaDataConfig, MetaDynamicsConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -81,11 +84,19 @@ def heads(
 
 @handles_errors
 def train_toy(
+    ctx: typer.Context,
+    setting: str = typer.Option("induction", "--setting", help="induction (Markov data with repeats, a GPT-2) or icml "
+                                "(in-context meta-learning, Minegishi et al. 2025)."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help=f"icml: hidden tasks T (default {MetaDataConfig.tasks})."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"icml: adam or sgd (default {MetaConfig.optimizer})."),
+    labels: Optional[int] = typer.Option(None, "--labels", help=f"icml: labels N (default {MetaDataConfig.n_labels})."),
+    classes: Optional[int] = typer.Option(None, "--classes", help=f"icml: classes (default {MetaDataConfig.n_classes})."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"icml: (example, label) pairs before the query (default {MetaDataConfig.n_context})."),
     layers: int = typer.Option(ToyConfig.layers, "--layers"),
     attn_only: bool = typer.Option(ToyConfig.attn_only, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
     d_model: int = typer.Option(ToyConfig.d_model, "--d-model"),
     n_heads: int = typer.Option(ToyConfig.heads, "--heads"),
-    steps: int = typer.Option(ToyConfig.steps, "--steps"),
+    steps: int = typer.Option(ToyConfig.steps, "--steps", help=f"Training steps (--setting icml: {MetaConfig.steps:,} when not given)."),
     batch: int = typer.Option(ToyConfig.batch, "--batch"),
     lr: float = typer.Option(ToyConfig.lr, "--lr"),
     vocab: int = typer.Option(DataConfig.vocab, "--vocab", help="Content tokens."),
@@ -98,6 +109,15 @@ def train_toy(
 ) -> None:
     """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
     from mechscope.heads.train import train_toy as run
+
+    icml = {"tasks": tasks, "optimizer": optimizer, "labels": labels, "classes": classes, "context": context}
+    if setting == META_SETTING:
+        return _train_meta(ctx, icml, out, json)
+    if setting != "induction":
+        raise MechscopeError(f"Unknown --setting '{setting}'; use induction or {META_SETTING}.")
+    given = [f"--{k}" for k, v in icml.items() if v is not None]
+    if given:
+        raise MechscopeError(f"{', '.join(given)} only apply to --setting {META_SETTING}; drop them or pass --setting {META_SETTING}.")
 
     cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
                     lr=lr, n_checkpoints=checkpoints, linear_checkpoints=linear, seed=seed,
@@ -122,8 +142,60 @@ def train_toy(
                   f"{summary['final_eval_loss']:.3f}. Next: mechscope dynamics {out}")
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (not left at its default)."""
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
+    """``train-toy --setting icml``: the shared options default to ``MetaConfig``'s values
+    when not given; the induction data options do not apply."""
+    from mechscope.icl.meta_train import train_meta
+
+    def given(name: str) -> bool:
+        return _given(ctx, name)
+
+    wrong = [f"--{n.replace('_', '-')}" for n in ("vocab", "seq_len", "attn_only") if given(n)]
+    if wrong:
+        raise MechscopeError(f"{', '.join(wrong)} do not apply to --setting {META_SETTING}; drop them.")
+    p = ctx.params
+    shared = {"attn_layers": "layers", "heads": "n_heads", "d_model": "d_model", "steps": "steps", "batch": "batch",
+              "lr": "lr", "n_checkpoints": "checkpoints", "linear_checkpoints": "linear", "seed": "seed"}
+    kw = {field: p[name] for field, name in shared.items() if given(name)}
+    if icml["optimizer"] is not None:
+        kw["optimizer"] = icml["optimizer"]
+    data = {f: icml[k] for f, k in (("tasks", "tasks"), ("n_labels", "labels"), ("n_classes", "classes"),
+                                    ("n_context", "context")) if icml[k] is not None}
+    if given("seed"):
+        data["seed"] = p["seed"]
+    cfg = MetaConfig(**kw, data=MetaDataConfig(**data))
+    t0 = time.perf_counter()
+    if json:
+        train_meta(cfg, out)
+    else:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, desc="training", unit="step")
+        train_meta(cfg, out, progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+        bar.close()
+    import json as _json
+
+    log = _json.loads((Path(out) / "train.json").read_text())
+    final = log["checkpoints"][-1]
+    summary = {"out": str(out), "setting": META_SETTING, "checkpoints": len(log["checkpoints"]),
+               "final_accuracy": final["accuracy"], "final_random_label_accuracy": final["random_label_accuracy"],
+               "seconds": time.perf_counter() - t0, "settings": log["settings"]}
+    if json:
+        return emit_json(summary)
+    console.print(f"{summary['checkpoints']} checkpoints in {out} ({summary['seconds']:.0f} s); final held-out accuracy "
+                  f"{summary['final_accuracy']:.3f} (random context labels: {summary['final_random_label_accuracy']:.3f}). "
+                  f"Next: mechscope dynamics {out}")
+
+
 @handles_errors
 def dynamics(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
     n: int = typer.Option(DynamicsConfig.n, "--n", help="Repeated random-token sequences per checkpoint."),
     seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
@@ -134,8 +206,11 @@ def dynamics(
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
     from mechscope.heads.dynamics import dynamics as run
     from mechscope.heads.dynamics import find_checkpoints
+    from mechscope.icl.meta_dynamics import is_meta_run
     from mechscope.report.dynamics import write_dynamics
 
+    if is_meta_run(run_dir):
+        return _meta_dynamics(ctx, run_dir, out, json)
     n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     if json:
@@ -166,4 +241,49 @@ def dynamics(
     console.print(f"previous-token head formed at step {f['previous_token_step']}, induction head at step {f['induction_step']}, "
                   f"ICL score at step {f['icl_step']} (final heads: {f.get('final_top_previous_token_head')}, "
                   f"{f.get('final_top_induction_head')}).")
+    console.print(f"report: {html}  plot: {svg}")
+
+
+def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json: bool) -> None:
+    """``dynamics`` on a ``train-toy --setting icml`` run: accuracy, random-label accuracy and the
+    three attention metrics per checkpoint, the phases, the page and the SVG."""
+    from mechscope.icl.meta_dynamics import meta_checkpoints, meta_dynamics
+    from mechscope.report.meta_dynamics import write_meta_dynamics
+
+    p = ctx.params
+    wrong = [f"--{n.replace('_', '-')}" for n in ("seq_len", "text") if _given(ctx, n)]
+    if wrong:
+        raise MechscopeError(f"{', '.join(wrong)} do not apply to a --setting {META_SETTING} run; drop them.")
+    cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if _given(ctx, "n") else {}))
+    n_ckpt = len(meta_checkpoints(run_dir))
+    if json:
+        res = meta_dynamics(run_dir, cfg)
+    else:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_ckpt, desc="checkpoints", unit="ckpt")
+        res = meta_dynamics(run_dir, cfg, progress=lambda i, k: bar.update(1))
+        bar.close()
+    out_dir = Path(out or run_dir)
+    res.save(out_dir)
+    html, svg = write_meta_dynamics(res.to_dict(), out_dir / "dynamics.html")
+    ph = res.phases
+    last = res.rows[-1]
+    summary = {"run": str(run_dir), "setting": META_SETTING, "checkpoints": len(res.rows), "phases": ph,
+               "final": {k: last[k] for k in ("step", "accuracy", "random_label_accuracy", "loss", "self", "label", "chunk")},
+               "dynamics_json": str(out_dir / "dynamics.json"), "report": str(html), "plot": str(svg)}
+    if json:
+        return emit_json(summary)
+    t = Table(title=f"Training dynamics of {run_dir} (in-context meta-learning, T = {ph['tasks']})")
+    for c in ("step", "accuracy", "random-label acc.", "self", "label", "chunk"):
+        t.add_column(c, justify="right")
+    for r in res.rows:
+        t.add_row(str(r["step"]), f"{r['accuracy']:.3f}", f"{r['random_label_accuracy']:.3f}", f"{r['self']:.3f}",
+                  f"{r['label']:.3f}", f"{r['chunk']:.3f}")
+    console.print(t)
+    pk, p2 = ph["peaks"], ph["phase2"] or {}
+    console.print(f"peaks: self at step {pk['self']}, label at {pk['label']}, chunk at {pk['chunk']} "
+                  f"(in order: {ph['peaks_in_order']}); {len(ph['plateaus'])} accuracy plateaus, "
+                  f"{len(ph['middle_plateaus'])} in the middle; phase 2 (label peak, step {p2.get('step')}): accuracy "
+                  f"{p2.get('accuracy', float('nan')):.3f}, random labels {p2.get('random_label_accuracy', float('nan')):.3f}.")
     console.print(f"report: {html}  plot: {svg}")

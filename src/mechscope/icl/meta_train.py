@@ -1,0 +1,174 @@
+"""Train the meta-learning model (``icl.meta_model``) on its sequences (``icl.meta_data``)
+with checkpoints on the toy runs' log-spaced schedule (``heads.train.schedule``).
+
+1. Each step draws a fresh batch from a generator seeded by ``seed + 1``; the loss is the
+   cross-entropy of the query's label. Adam (default; minutes on a CPU) or plain SGD (the
+   paper's schedule: lr 0.01, batch 128, 4e5 steps, for a GPU).
+2. At every scheduled step the weights go to ``out/ckpt_{step:06d}/model.safetensors`` with
+   the settings in ``config.json``, and the held-out accuracy (fixed sequences from seed
+   ``10_000 + seed``; also with random context labels) is logged in ``out/train.json``.
+3. Resume: ``out/last/state.safetensors`` holds the model's and the optimiser's tensors and the
+   generator's state (the step and the optimiser's hyperparameters in its JSON metadata; no
+   pickle); rerunning with the same ``out`` and settings continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.heads.train import schedule
+from mechscope.icl.meta_config import MetaConfig
+from mechscope.icl.meta_data import MetaBatch, MetaData
+from mechscope.icl.meta_model import MetaModel
+
+STATE_FILE = "state.safetensors"
+WEIGHTS = "model.safetensors"
+
+
+def make_optimizer(model: MetaModel, cfg: MetaConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def accuracy(model: MetaModel, b: MetaBatch, chunk: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the query's label over the batch."""
+    hits, loss = 0, 0.0
+    with torch.no_grad():
+        for s in range(0, len(b.target), chunk):
+            logits = model(b.x[s : s + chunk], b.labels[s : s + chunk])
+            hits += int((logits.argmax(-1) == b.target[s : s + chunk]).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, b.target[s : s + chunk], reduction="sum"))
+    return hits / len(b.target), loss / len(b.target)
+
+
+def load_checkpoint(folder: str | Path) -> MetaModel:
+    """The model saved in a checkpoint folder (``config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    d = Path(folder)
+    try:
+        cfg = MetaConfig.from_dict(json.loads((d / "config.json").read_text()))
+        state = load_file(str(d / WEIGHTS))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise MechscopeError(f"'{d}' is not a checkpoint of `mechscope train-toy --setting icml` ({exc}).") from None
+    model = MetaModel(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
+    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = MetaData(cfg.data)
+    eval_gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    held_out = data.batch(cfg.n_eval, eval_gen)
+    held_out_random = data.batch(cfg.n_eval, eval_gen, random_labels=True)
+    torch.manual_seed(cfg.seed)
+    model = MetaModel(cfg)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": [], "chance": 1 / cfg.data.n_labels,
+                 "one_over_tasks": 1 / cfg.data.tasks}
+    start = 0
+    tj, last = out / "train.json", out / "last"
+    if tj.is_file():
+        try:
+            prev = json.loads(tj.read_text())
+        except ValueError:
+            raise MechscopeError(f"{tj} is not valid JSON; delete {out} to start over.") from None
+        if prev.get("settings") != cfg.to_dict():
+            raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
+        if prev.get("done"):
+            return out
+        if (last / STATE_FILE).is_file():
+            start = _load_state(model, opt, gen, last / STATE_FILE)
+            log = prev
+    sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
+    t0, before = time.perf_counter(), log.get("seconds", 0.0)  # seconds of training before this resume
+
+    def checkpoint(step: int) -> None:
+        d = out / f"ckpt_{step:06d}"
+        d.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / WEIGHTS))
+        (d / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        model.eval()
+        acc, loss = accuracy(model, held_out)
+        acc_random, _ = accuracy(model, held_out_random)
+        model.train()
+        log["checkpoints"] = [c for c in log["checkpoints"] if c["step"] != step]
+        log["checkpoints"].append({"step": step, "dir": d.name, "accuracy": acc, "random_label_accuracy": acc_random,
+                                   "eval_loss": loss, "seconds": before + time.perf_counter() - t0})
+        log["seconds"] = before + time.perf_counter() - t0
+
+    model.train()
+    if start == 0:
+        checkpoint(0)
+    for step in range(start + 1, cfg.steps + 1):
+        b = data.batch(cfg.batch, gen)
+        loss = torch.nn.functional.cross_entropy(model(b.x, b.labels), b.target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log["train_loss"].append([step, loss.item()])
+        if progress:
+            progress(step, loss.item())
+        if step in sched:
+            checkpoint(step)
+            _save_state(model, opt, gen, step, last, out, log)
+    log["seconds"] = before + time.perf_counter() - t0
+    log["done"] = True
+    tj.write_text(json.dumps(log))
+    shutil.rmtree(last, ignore_errors=True)
+    return out
+
+
+def _save_state(model: MetaModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, last: Path, out: Path,
+                log: dict) -> None:
+    from safetensors.torch import save_file
+
+    last.mkdir(exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
+    tensors["gen"] = gen.get_state()
+    tmp = last / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step), "param_groups": json.dumps(sd["param_groups"])})
+    tmp.replace(last / STATE_FILE)
+    (out / "train.json").write_text(json.dumps(log))
+
+
+def _load_state(model: MetaModel, opt: torch.optim.Optimizer, gen: torch.Generator, path: Path) -> int:
+    """Restore what ``_save_state`` wrote; returns the step."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as h:
+            meta = h.metadata() or {}
+        groups = json.loads(meta["param_groups"])
+        step = int(meta["step"])
+        model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        gen.set_state(t["gen"])
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
+    return step
