@@ -104,6 +104,8 @@ def meta_dynamics(run_dir: str | Path, cfg: MetaDynamicsConfig | None = None,
         raise MechscopeError(f"'{run}' is not a run of `mechscope train-toy --setting {SETTING}` (its train.json says otherwise).")
     settings = run_settings(run)
     try:
+        if settings is None:
+            raise ValueError("no settings")
         mc = MetaConfig.from_dict(settings)
     except (TypeError, ValueError, AttributeError):
         raise MechscopeError(f"The settings in '{run}/train.json' are damaged; train the run again with `mechscope train-toy --setting {SETTING}`.") from None
@@ -162,7 +164,8 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
     live = [r for r in rows if onset is not None and r["step"] >= onset]
     ls = [r["step"] for r in live]
     peaks = {k: peak_step(ls, [r[k] for r in live]) for k in METRICS}
-    in_order = None if None in peaks.values() else peaks["self"] < peaks["label"] < peaks["chunk"]
+    ps, pl, pc = peaks["self"], peaks["label"], peaks["chunk"]
+    in_order = None if ps is None or pl is None or pc is None else ps < pl < pc
     n_layers = len(live[0]["per_layer"]["self"]) if live and "per_layer" in live[0] else 0
     peaks_per_layer = {k: [peak_step(ls, [r["per_layer"][k][layer] for r in live]) for layer in range(n_layers)]
                        for k in METRICS}

@@ -36,6 +36,8 @@ class MetaModel(nn.Module):
         self.mlp = nn.ModuleList([nn.Linear(d, d) for _ in range(cfg.mlp_layers)])
         self.classifier = nn.Linear(d, c.n_labels)
         n = c.n_positions
+        self.pos: torch.Tensor
+        self.causal: torch.Tensor
         self.register_buffer("pos", torch.eye(d - c.dim)[:n], persistent=False)  # [pos, d_model - dim]
         self.register_buffer("causal", torch.ones(n, n).tril().bool(), persistent=False)  # [q, k]
 
