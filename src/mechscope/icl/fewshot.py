@@ -128,6 +128,17 @@ def load_task(task: str) -> FewShotTask:
     return FewShotTask(name, source, list(seen.items()), alternative)
 
 
+def check_task(task: str, shots: int, ambiguous: bool = False) -> FewShotTask:
+    """The task (``load_task``), refused in one sentence when it cannot fill ``shots`` examples
+    and a query, or has no second task for ``ambiguous`` prompts (no model needed)."""
+    t = load_task(task)
+    if ambiguous and not t.alternative:
+        raise MechscopeError(f"--ambiguous has no second task for '{t.name}'; ambiguous prompts are built in for: capital.")
+    if not ambiguous and len(t.pairs) < shots + 1:
+        raise MechscopeError(f"--shots {shots} needs {shots + 1} distinct inputs; the task '{t.name}' has {len(t.pairs)}.")
+    return t
+
+
 def make_prompt(tokenizer: Any, examples: list[tuple[str, str]], query: tuple[str, str],
                 alt_answer: str | None = None) -> FewShotPrompt:
     """The prompt of ``examples`` and ``query`` with its position groups (see the module doc)."""

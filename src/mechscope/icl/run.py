@@ -17,7 +17,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.icl.config import FewShotConfig
-from mechscope.icl.fewshot import FewShotPrompt, chance_level, fewshot_accuracy, load_task, sample_prompts
+from mechscope.icl.fewshot import FewShotPrompt, chance_level, check_task, fewshot_accuracy, sample_prompts
 from mechscope.icl.knockout import Edge, block_edges, random_edges, sweep_edges
 from mechscope.icl.result import FewShotResult
 from mechscope.recall.config import window_layers
@@ -71,7 +71,7 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
     cfg = cfg or FewShotConfig()
     t0 = time.time()
-    task = load_task(cfg.task)
+    task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
