@@ -13,7 +13,7 @@ from mechscope.errors import MechscopeError
 from mechscope.icl import FewShotConfig, fewshot_knockout, load_task, make_prompt, sample_prompts, task_names
 from mechscope.icl import run as icl_run
 from mechscope.icl.fewshot import DATA, fewshot_accuracy
-from mechscope.icl.knockout import block_edges, group_edges, group_positions, random_edges, sweep_edges
+from mechscope.icl.knockout import block_edges, group_edges, group_positions, matched_edges, random_edges, sweep_edges
 from mechscope.models.hooks import attn_scores
 
 EXAMPLES = [("hot", "cold"), ("big", "small"), ("<script>", "x\"y")]
@@ -60,6 +60,10 @@ def test_random_control_blocks_exactly_as_many_other_edges(tiny_gpt2):
         assert not set(c) & set(e)
         assert all(1 <= k < q < n for q, k in c)
         assert c == random_edges(n, len(e), e, seed=3) and c != random_edges(n, len(e), e, seed=4)
+        m = matched_edges(e, seed=3)
+        assert {q for q, _ in m} <= {q for q, _ in e} and not set(m) & set(e) and all(1 <= k < q for q, k in m)
+        pool = {(q, k) for q in {q for q, _ in e} for k in range(1, q)} - set(e)
+        assert len(m) == len(set(m)) == min(len(e), len(pool))
     with pytest.raises(MechscopeError, match="random control edges"):
         random_edges(4, 10)
 
@@ -190,7 +194,9 @@ def test_run_refuses_below_chance_then_runs_forced_and_resumes(tiny_gpt2, tmp_pa
     res = fewshot_knockout(tiny_gpt2, cfg, checkpoint=tmp_path / "run")
     d = res.to_dict()
     assert set(d["curves"]) == {"within", "cross", "aggregation"} and len(d["curves"]["cross"]["effect"]) == len(d["layers"])
-    assert set(d["headline"]["checks"]) == {"cross_lower_at_least_2x_control", "cross_upper_near_0", "aggregation_peak_in_upper_half"}
+    assert set(d["headline"]["checks"]) == {"cross_lower_at_least_2x_control", "cross_upper_near_0", "aggregation_peak_in_upper_half",
+                                            "cross_lower_at_least_2x_matched_control"}
+    assert len(d["curves"]["aggregation"]["matched"]) == len(d["layers"])
     json.dumps(d)
     monkeypatch.setattr(icl_run, "prompt_curves", lambda *a: pytest.fail("a finished prompt was run again"))
     again = fewshot_knockout(tiny_gpt2, cfg, checkpoint=tmp_path / "run")

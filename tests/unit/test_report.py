@@ -272,7 +272,7 @@ def sample_icl() -> dict:
     from mechscope.icl.result import headline
 
     layers = [0, 2, 4]
-    curves = {s: {"effect": [-0.3, -0.1, 0.0], "control": [-0.01, 0.0, 0.01], "effect_per_prompt": [[-0.3, -0.1, 0.0]],
+    curves = {s: {"effect": [-0.3, -0.1, 0.0], "control": [-0.01, 0.0, 0.01], "matched": [-0.1, 0.0, 0.0], "effect_per_prompt": [[-0.3, -0.1, 0.0]],
                   "control_per_prompt": [[-0.01, 0.0, 0.01]], "n_edges": [4]} for s in ("within", "cross", "aggregation")}
     prompt = {"text": f"\n{EVIL} -> {IMG}\nup ->", "query": "up", "answer": PWN, "alternative_answer": IMG, "target_id": 3,
               "prob": 0.4, "correct": True, "knocked_out": True, "groups": {"x1": [1]}}

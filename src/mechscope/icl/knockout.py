@@ -12,8 +12,11 @@ Sweeps over a ``FewShotPrompt`` (Bakalova et al. 2025):
 - ``cross``: Y_i <- X_j and Y_j for every earlier example j < i;
 - ``aggregation``: final <- Y_i (the last position from every example's output).
 
-Each is measured beside a control of as many random edges (seeded), drawn from every edge
-key < query of the prompt except those into position 0 (the attention sink) and the sweep's own.
+Each is measured beside two seeded controls of as many edges: ``control``, random edges drawn
+from every edge key < query of the prompt except those into position 0 (the attention sink) and
+the sweep's own (the issue's control); ``matched``, random edges from the sweep's own query
+positions to their other earlier keys (again never position 0), which asks whether it is these
+keys that matter or any perturbation of these queries' attention (fewer when the pool is smaller).
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ def random_edges(n_pos: int, count: int, exclude: list[Edge] | set[Edge] = (), s
     if count > len(pool):
         raise MechscopeError(f"Cannot draw {count} random control edges from the {len(pool)} left in a {n_pos}-token prompt.")
     return sorted(random.Random(seed).sample(pool, count))
+
+
+def matched_edges(edges: list[Edge], seed: int = 0) -> list[Edge]:
+    """As many random edges as ``edges`` (or all there are) from the same query positions to
+    other earlier keys, none into position 0 (seeded)."""
+    excl = set(edges)
+    pool = [(q, k) for q in sorted({q for q, _ in edges}) for k in range(1, q) if (q, k) not in excl]
+    return sorted(random.Random(seed).sample(pool, min(len(edges), len(pool))))
 
 
 def _index(rows: list[dict[int, list[Edge]]]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

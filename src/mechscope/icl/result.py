@@ -27,11 +27,13 @@ def headline(curves: dict[str, dict[str, Any]], layers: list[int], n_layers: int
     upper = [i for i, c in enumerate(layers) if c >= n_layers / 2]
     out: dict[str, Any] = {}
     for s, c in curves.items():
-        e, k = c["effect"], c["control"]
+        e, k, m = c["effect"], c["control"], c.get("matched")
         peak = max(range(len(e)), key=lambda i: abs(e[i]))
         h = {"lower_half": _mean([e[i] for i in lower]), "upper_half": _mean([e[i] for i in upper]),
              "control_lower_half": _mean([k[i] for i in lower]), "control_upper_half": _mean([k[i] for i in upper]),
              "peak_layer": layers[peak], "peak_effect": e[peak]}
+        if m is not None:
+            h["matched_lower_half"], h["matched_upper_half"] = _mean([m[i] for i in lower]), _mean([m[i] for i in upper])
         cl = h["control_lower_half"]
         h["lower_ratio_to_control"] = h["lower_half"] / cl if cl else None
         out[s] = h
@@ -40,6 +42,8 @@ def headline(curves: dict[str, dict[str, Any]], layers: list[int], n_layers: int
         c = out["cross"]
         checks["cross_lower_at_least_2x_control"] = abs(c["lower_half"] or 0) >= 2 * abs(c["control_lower_half"] or 0)
         checks["cross_upper_near_0"] = abs(c["upper_half"] or 0) < NEAR_ZERO
+        if "matched_lower_half" in c:
+            checks["cross_lower_at_least_2x_matched_control"] = abs(c["lower_half"] or 0) >= 2 * abs(c["matched_lower_half"] or 0)
     if "aggregation" in out:
         checks["aggregation_peak_in_upper_half"] = out["aggregation"]["peak_layer"] >= n_layers / 2
     out["checks"] = checks
@@ -51,9 +55,10 @@ def headline(curves: dict[str, dict[str, Any]], layers: list[int], n_layers: int
 class FewShotResult:
     """Few-shot accuracy of the drawn prompts and the knockout curves over the correct ones.
 
-    ``curves[sweep]``: ``effect`` / ``control`` [len(layers)] mean relative change of p(target)
-    (p_knockout - p_clean) / p_clean over the knocked-out prompts, ``effect_per_prompt`` /
-    ``control_per_prompt`` [prompt][window], ``n_edges`` [prompt]."""
+    ``curves[sweep]``: ``effect`` / ``control`` (random edges) / ``matched`` (random edges of the
+    same queries) [len(layers)] mean relative change of p(target) (p_knockout - p_clean) / p_clean
+    over the knocked-out prompts, ``*_per_prompt`` [prompt][window], ``n_edges`` / ``n_matched``
+    / ``clean_prob`` [prompt]."""
 
     model: dict[str, Any]
     settings: dict[str, Any]

@@ -18,7 +18,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.icl.config import FewShotConfig
 from mechscope.icl.fewshot import FewShotPrompt, chance_level, check_task, fewshot_accuracy, sample_prompts
-from mechscope.icl.knockout import Edge, block_edges, random_edges, sweep_edges
+from mechscope.icl.knockout import Edge, block_edges, matched_edges, random_edges, sweep_edges
 from mechscope.icl.result import FewShotResult
 from mechscope.recall.config import window_layers
 
@@ -26,7 +26,7 @@ PARTIAL = "icl-partial.json"
 
 
 def prompt_curves(model, prompt: FewShotPrompt, cfg: FewShotConfig, seed: int) -> dict[str, dict]:
-    """{sweep: {"effect": [windows], "control": [windows], "n_edges": int}} of one prompt."""
+    """{sweep: {"effect" | "control" | "matched": [windows], "n_edges": int, "n_matched": int}} of one prompt."""
     L = model.summary.n_layers
     width, centres = cfg.window_size(L), cfg.layers(L)
     sets: list[tuple[str, str, list[Edge]]] = []
@@ -34,6 +34,7 @@ def prompt_curves(model, prompt: FewShotPrompt, cfg: FewShotConfig, seed: int) -
         edges = sweep_edges(prompt, s)
         sets.append((s, "effect", edges))
         sets.append((s, "control", random_edges(len(prompt.ids), len(edges), edges, seed=seed * 1009 + s_i)))
+        sets.append((s, "matched", matched_edges(edges, seed=seed * 1009 + s_i)))
     rows: list[dict[int, list[Edge]]] = [{}]
     for _, _, edges in sets:
         rows += [{lay: edges for lay in window_layers(c, width, L)} for c in centres]
@@ -44,6 +45,8 @@ def prompt_curves(model, prompt: FewShotPrompt, cfg: FewShotConfig, seed: int) -
     for i, (s, part, edges) in enumerate(sets):
         d = out.setdefault(s, {"n_edges": len(edges), "clean_prob": clean})
         d[part] = rel[i].tolist()
+        if part == "matched":
+            d["n_matched"] = len(edges)
     return out
 
 
@@ -96,8 +99,11 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     for s in cfg.sweeps:
         eff = torch.tensor([done[str(i)][s]["effect"] for i in kept])  # [prompts, windows]
         ctl = torch.tensor([done[str(i)][s]["control"] for i in kept])
-        curves[s] = {"effect": eff.mean(0).tolist(), "control": ctl.mean(0).tolist(), "effect_per_prompt": eff.tolist(),
-                     "control_per_prompt": ctl.tolist(), "n_edges": [done[str(i)][s]["n_edges"] for i in kept]}
+        mat = torch.tensor([done[str(i)][s]["matched"] for i in kept])
+        curves[s] = {"effect": eff.mean(0).tolist(), "control": ctl.mean(0).tolist(), "matched": mat.mean(0).tolist(),
+                     "effect_per_prompt": eff.tolist(), "control_per_prompt": ctl.tolist(), "matched_per_prompt": mat.tolist(),
+                     "n_edges": [done[str(i)][s]["n_edges"] for i in kept], "n_matched": [done[str(i)][s]["n_matched"] for i in kept],
+                     "clean_prob": [done[str(i)][s]["clean_prob"] for i in kept]}
     rows = []
     for i, p in enumerate(prompts):
         row = {"text": p.text, "query": p.query, "answer": p.answer, "target_id": p.target_id, "prob": float(probs[i]),

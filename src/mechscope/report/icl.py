@@ -35,19 +35,22 @@ def render_icl(d: dict[str, Any]) -> str:
         parts.append(f"<p>Ambiguous prompts: {esc(t['ambiguous'])}.</p>")
     parts.append(f"<p>Prompt format: <code>{esc(d['prompt_format'])}</code>. Effect: mean relative change of p(target) at the "
                  "final position, (p_knockout - p_clean) / p_clean, when the sweep's edges are blocked in every layer of the "
-                 "window; control: as many random edges (never into position 0).</p>")
+                 "window; controls: as many random edges anywhere in the prompt, and as many random edges from the sweep's "
+                 "own query positions to their other keys (never into position 0).</p>")
     h = d.get("headline", {})
     if h:
-        rows = [[SWEEP_TITLE.get(s, s), _half(v["lower_half"]), _half(v["control_lower_half"]), _half(v["upper_half"]),
-                 _half(v["control_upper_half"]), v["peak_layer"], _half(v["peak_effect"])]
-                for s, v in h.items() if isinstance(v, dict) and "peak_layer" in v]
-        parts.append("<h2>Summary by half of the model</h2>"
-                     + table(["sweep", "lower half", "control", "upper half", "control", "peak window", "peak effect"], rows,
-                             numeric=[False, False, False, False, False, True, False])
+        rows = [[SWEEP_TITLE.get(s, s), _half(v["lower_half"]), _half(v["control_lower_half"]), _half(v.get("matched_lower_half")),
+                 _half(v["upper_half"]), _half(v["control_upper_half"]), _half(v.get("matched_upper_half")), v["peak_layer"],
+                 _half(v["peak_effect"])] for s, v in h.items() if isinstance(v, dict) and "peak_layer" in v]
+        parts.append("<h2>Summary by half of the model (mean over the windows centred there)</h2>"
+                     + table(["sweep", "lower half", "random", "same queries", "upper half", "random", "same queries",
+                              "peak window", "peak effect"], rows, numeric=[False] * 7 + [True, False])
                      + table(["check", "met"], [[k, "yes" if v else "no"] for k, v in h.get("checks", {}).items()]))
     parts.append("<h2>Knockout by layer window</h2><div class='grid'>")
     for s, c in d["curves"].items():
-        series = {"sweep": (d["layers"], c["effect"]), "random control": (d["layers"], c["control"])}
+        series = {"sweep": (d["layers"], c["effect"]), "random edges": (d["layers"], c["control"])}
+        if c.get("matched") is not None:
+            series["random edges, same queries"] = (d["layers"], c["matched"])
         n_edges = c.get("n_edges") or [0]
         parts.append(line_chart(series, title=SWEEP_TITLE.get(s, s), xlabel="window centre (layer)",
                                 ylabel="(p_ko - p) / p", hlines=[0.0], legend="top",
