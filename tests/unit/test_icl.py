@@ -223,6 +223,11 @@ def test_cli_icl_json_and_report(tiny_gpt2_dir, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["icl", "--task", "antonyms", "--shots", "2", "--n", "4", "--model", tiny_gpt2_dir,
                                  "--out", str(out)])
     assert r.exit_code == 2 and "above chance" in r.output and not (out / "icl.json").exists()
+    r = CliRunner().invoke(app, ["icl", "--task", "antonyms", "--shots", "2", "--n", "4", "--model", tiny_gpt2_dir,
+                                 "--out", str(tmp_path / "acc"), "--accuracy-only", "--json"])
+    assert r.exit_code == 0, r.output
+    acc = json.loads(r.stdout)
+    assert acc["curves"] == {} and acc["well_above_chance"] is False and acc["n_prompts"] == 4
     _first_prompt_right(monkeypatch)
     r = CliRunner().invoke(app, ["icl", "--task", "antonyms", "--shots", "2", "--n", "4", "--force", "--max-knockout", "1",
                                  "--model", tiny_gpt2_dir, "--out", str(out), "--json"])

@@ -39,6 +39,7 @@ def icl(
     sweeps: str = typer.Option(",".join(SWEEPS), "--sweeps", help="Comma-separated: within, cross, aggregation."),
     min_above_chance: float = typer.Option(FewShotConfig.min_above_chance, "--min-above-chance",
                                            help="Accuracy must be at least chance + this, or the run stops."),
+    accuracy_only: bool = typer.Option(False, "--accuracy-only", help="Measure the few-shot accuracy only (no knockout)."),
     force: bool = typer.Option(False, "--force", help="Knock out even when the task is not done well above chance."),
     seed: int = typer.Option(FewShotConfig.seed, "--seed"),
     model: Optional[str] = ModelOpt,
@@ -53,7 +54,8 @@ def icl(
 
     cfg = FewShotConfig(task=task, shots=shots, n=n, max_knockout=max_knockout, ambiguous=ambiguous, window=window,
                         layer_stride=layer_stride, sweeps=tuple(s.strip() for s in sweeps.split(",") if s.strip()),
-                        min_above_chance=min_above_chance, force=force, seed=seed)
+                        min_above_chance=min_above_chance, force=force, seed=seed,
+                        knockout=not accuracy_only)
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
     out_dir = Path(out or fresh_dir("icl"))
@@ -66,6 +68,9 @@ def icl(
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     console.print(f"{d['task']['name']}: accuracy {d['accuracy']:.2f} ({d['n_correct']}/{d['n_prompts']}), chance {d['chance']:.3f}",
                   highlight=False)
+    if not d["well_above_chance"]:
+        console.print(f"the model does not do '{d['task']['name']}' well above chance (accuracy below chance + {cfg.min_above_chance}).",
+                      highlight=False)
     for s, v in d["headline"].items():
         if isinstance(v, dict) and "peak_layer" in v:
             console.print(f"{s}: lower half {v['lower_half']:+.3f} (control {v['control_lower_half']:+.3f}), upper half "

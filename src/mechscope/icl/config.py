@@ -26,13 +26,15 @@ class FewShotConfig:
     """examples before the query"""
     n: int = 24
     """prompts drawn (seeded) for the accuracy; the knockout runs on those the model gets right"""
-    max_knockout: int = 16
+    max_knockout: int = 8
     """at most this many correct prompts go through the knockout sweeps"""
+    knockout: bool = True
+    """False: measure the accuracy only"""
     ambiguous: bool = False
     """prompts whose examples fit two tasks but one (built in for ``capital``: capital vs largest city)"""
     window: int | None = None
     """layers blocked together (None: Geva et al.'s 9 of 48 layers scaled by depth, 6 on SmolLM2's 30)"""
-    layer_stride: int = 2
+    layer_stride: int = 3
     """knock out windows centred on every ``layer_stride``-th layer"""
     sweeps: tuple[str, ...] = SWEEPS
     min_above_chance: float = 0.2

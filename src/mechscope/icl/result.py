@@ -81,6 +81,7 @@ class FewShotResult:
             "schema_version": SCHEMA_VERSION, "kind": "icl-fewshot", "model": self.model, "settings": self.settings,
             "task": self.task, "prompt_format": "\\n + 'x1 -> y1\\n' + ... + 'xq ->'; target: first token of ' yq'",
             "accuracy": self.accuracy, "chance": self.chance, "n_prompts": len(self.prompts),
+            "well_above_chance": self.accuracy >= self.chance + self.settings.get("min_above_chance", 0.0),
             "n_correct": sum(p["correct"] for p in self.prompts), "window": self.window, "layers": self.layers,
             "n_layers": self.n_layers, "curves": self.curves, "headline": self.headline, "seconds": self.seconds,
             "prompts": self.prompts,

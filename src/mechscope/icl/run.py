@@ -70,19 +70,19 @@ def _write_partial(where: Path, key: dict, done: dict) -> None:
 def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str | Path | None = None,
                      progress: Callable[[int, int], None] | None = None) -> FewShotResult:
     """Accuracy of ``cfg.n`` few-shot prompts of ``cfg.task``, then the knockout sweeps on up to
-    ``cfg.max_knockout`` prompts the model gets right. Refuses (one sentence) when accuracy is
-    not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
+    ``cfg.max_knockout`` prompts the model gets right. Refuses (one sentence) to knock out when
+    accuracy is not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
     cfg = cfg or FewShotConfig()
     t0 = time.time()
     task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
-    if acc < chance + cfg.min_above_chance and not cfg.force:
+    if acc < chance + cfg.min_above_chance and cfg.knockout and not cfg.force:
         raise MechscopeError(f"The model gets {int(top.sum())} of {len(prompts)} '{task.name}' prompts right ({acc:.2f}, chance "
                              f"{chance:.2f}), not {cfg.min_above_chance} above chance; try more --shots or another task, or pass --force.")
-    kept = [i for i in range(len(prompts)) if top[i]][:cfg.max_knockout]
-    if not kept:
+    kept = [i for i in range(len(prompts)) if top[i]][:cfg.max_knockout] if cfg.knockout else []
+    if not kept and cfg.knockout:
         raise MechscopeError(f"The model gets none of the {len(prompts)} '{task.name}' prompts right, so there is nothing to knock out.")
     L = model.summary.n_layers
     key = {"settings": cfg.to_dict(), "model": model.summary.name}
@@ -96,7 +96,7 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
         if progress:
             progress(n_i, len(kept))
     curves: dict[str, dict] = {}
-    for s in cfg.sweeps:
+    for s in cfg.sweeps if kept else ():
         eff = torch.tensor([done[str(i)][s]["effect"] for i in kept])  # [prompts, windows]
         ctl = torch.tensor([done[str(i)][s]["control"] for i in kept])
         mat = torch.tensor([done[str(i)][s]["matched"] for i in kept])

@@ -46,7 +46,8 @@ def render_icl(d: dict[str, Any]) -> str:
                      + table(["sweep", "lower half", "random", "same queries", "upper half", "random", "same queries",
                               "peak window", "peak effect"], rows, numeric=[False] * 7 + [True, False])
                      + table(["check", "met"], [[k, "yes" if v else "no"] for k, v in h.get("checks", {}).items()]))
-    parts.append("<h2>Knockout by layer window</h2><div class='grid'>")
+    if d["curves"]:
+        parts.append("<h2>Knockout by layer window</h2><div class='grid'>")
     for s, c in d["curves"].items():
         series = {"sweep": (d["layers"], c["effect"]), "random edges": (d["layers"], c["control"])}
         if c.get("matched") is not None:
@@ -55,7 +56,8 @@ def render_icl(d: dict[str, Any]) -> str:
         parts.append(line_chart(series, title=SWEEP_TITLE.get(s, s), xlabel="window centre (layer)",
                                 ylabel="(p_ko - p) / p", hlines=[0.0], legend="top",
                                 label=f"{s}: {min(n_edges)}-{max(n_edges)} edges per prompt"))
-    parts.append("</div>")
+    if d["curves"]:
+        parts.append("</div>")
     rows = [[p["text"].strip().replace("\n", " | "), p["answer"], p.get("alternative_answer", ""), p["prob"],
              "yes" if p["correct"] else "no", "yes" if p["knocked_out"] else ""] for p in d["prompts"]]
     parts.append("<h2>Prompts</h2>" + table(["prompt (lines joined by |)", "answer", "alternative", "p(answer)", "top-1", "knocked out"],
