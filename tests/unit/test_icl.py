@@ -14,7 +14,7 @@ from mechscope.icl import FewShotConfig, fewshot_knockout, load_task, make_promp
 from mechscope.icl import run as icl_run
 from mechscope.icl.fewshot import DATA, fewshot_accuracy
 from mechscope.icl.knockout import block_edges, group_edges, group_positions, matched_edges, random_edges, sweep_edges
-from mechscope.models.hooks import attn_scores
+from mechscope.models.hooks import attn_pattern
 
 EXAMPLES = [("hot", "cold"), ("big", "small"), ("<script>", "x\"y")]
 QUERY = ("up", "down")
@@ -85,10 +85,11 @@ def test_bad_groups_and_sweeps_are_one_sentence(tiny_gpt2):
 
 
 @torch.no_grad()
-def _last_probs(model, ids, target, hook=None):
-    """p(target) at the last position by a plain full forward pass (no stop hook)."""
+def _last_probs(model, ids, target, pattern_hook=None):
+    """p(target) at the last position by a plain full forward pass (no stop hook), with
+    ``pattern_hook`` on every layer's attention pattern (after the softmax)."""
     x = torch.tensor([ids])
-    fwd = [(attn_scores(lay), hook) for lay in range(model.summary.n_layers)] if hook else []
+    fwd = [(attn_pattern(lay), pattern_hook) for lay in range(model.summary.n_layers)] if pattern_hook else []
     logits = model.bridge.run_with_hooks(x, fwd_hooks=fwd)
     return logits[0, -1].float().softmax(-1)[target]
 
@@ -106,9 +107,8 @@ def test_knockout_of_everything_equals_a_self_only_attention_run(tiny_model):
     every = [(q, k) for q in range(n) for k in range(q)]
     got = block_edges(tiny_model, p.ids, p.target_id, [{lay: every for lay in range(L)}])
 
-    def self_only(s, hook):  # s [batch, heads, q, k]: keep the diagonal only
-        eye = torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
-        return s.masked_fill(~eye, float("-inf"))
+    def self_only(p, hook):  # pattern [batch, heads, q, k] replaced by the identity: each position reads itself
+        return torch.eye(p.shape[-1], dtype=p.dtype, device=p.device).expand_as(p).clone()
 
     want = _last_probs(tiny_model, p.ids, p.target_id, self_only)
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-4)

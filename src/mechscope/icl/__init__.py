@@ -15,12 +15,14 @@ from mechscope.icl.config import FewShotConfig
 
 __all__ = [
     "FewShotConfig", "FewShotPrompt", "FewShotResult", "FewShotTask", "block_edges", "fewshot_accuracy",
-    "fewshot_knockout", "group_edges", "load_task", "make_prompt", "random_edges", "sample_prompts", "task_names",
+    "fewshot_knockout", "group_edges", "load_task", "make_prompt", "matched_edges", "random_edges", "sample_prompts",
+    "sweep_edges", "task_names",
 ]
 
 lazy_exports(__name__, {
     "FewShotPrompt": "fewshot", "FewShotTask": "fewshot", "fewshot_accuracy": "fewshot", "load_task": "fewshot",
     "make_prompt": "fewshot", "sample_prompts": "fewshot", "task_names": "fewshot",
-    "block_edges": "knockout", "group_edges": "knockout", "random_edges": "knockout",
+    "block_edges": "knockout", "group_edges": "knockout", "matched_edges": "knockout", "random_edges": "knockout",
+    "sweep_edges": "knockout",
     "FewShotResult": "result", "fewshot_knockout": "run",
 })

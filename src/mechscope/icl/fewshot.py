@@ -117,6 +117,7 @@ def load_task(task: str) -> FewShotTask:
         seen.setdefault(x, y)
     alternative = {}
     if task == "capital":
+        source += " + icl/data/capital_largest_city.jsonl"
         rows = [json.loads(line) for line in AMBIGUOUS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
         alternative = {r["x"]: r["largest_city"] for r in rows}
         if not seen:  # pragma: no cover - the facts list always has capitals
