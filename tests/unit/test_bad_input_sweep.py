@@ -141,6 +141,28 @@ def test_vision_bad_concepts_sizes_and_folders(shape, k, concept, which, tmp_pat
         check(["vision", "circuit", "--model", str(bad), "--concept", "dot", "--k", "2", "--out", str(out)], out)
 
 
+@given(shots=st.integers(max_value=0), n=st.integers(max_value=1), task=words, which=st.sampled_from(["shots", "n", "task", "sweeps"]))
+def test_icl_bad_values(shots, n, task, which, tmp_path_factory):
+    if which == "task" and task in {"capital", "language", "continent", "currency", "city_country", "landmark_city",
+                                    "company_country", "birth_country", "sport", "antonyms", "uppercase"}:
+        return
+    if which == "sweeps" and task in {"within", "cross", "aggregation"}:
+        return
+    out = tmp_path_factory.mktemp("icl") / "run"
+    flag = {"shots": ["--shots", str(shots)], "n": ["--n", str(n)], "task": ["--task", task], "sweeps": ["--sweeps", task]}[which]
+    check(["icl", *flag, "--model", _TINY["gpt2"], "--out", str(out)], out)
+
+
+@SETTINGS
+@given(lines=st.lists(jsonl_line, min_size=1, max_size=4))
+def test_icl_malformed_task_files(lines, tmp_path_factory):
+    d = tmp_path_factory.mktemp("icltask")
+    f = d / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    out = d / "run"
+    check(["icl", "--task", str(f), "--model", _TINY["gpt2"], "--out", str(out)], out)
+
+
 _TINY: dict[str, str] = {}
 
 
@@ -160,8 +182,9 @@ def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, tiny_vision_dir, request):
     _TINY.update(gpt2=tiny_gpt2_dir, llama=tiny_llama_dir, vision=tiny_vision_dir)
     yield
     mine = [it for it in request.session.items if it.module is request.module]
-    if len(mine) == 6:  # the whole module ran (not a -k selection): six strategies x 50 examples
-        assert COUNT["cases"] >= 200, COUNT
+    strategies = [name for name in globals() if name.startswith("test_")]
+    if len(mine) == len(strategies):  # the whole module ran (not a -k selection): 50 examples per strategy
+        assert COUNT["cases"] >= 40 * len(strategies), COUNT
 
 
 @SETTINGS

@@ -268,6 +268,21 @@ def sample_recall_dataset() -> dict:
     }
 
 
+def sample_icl() -> dict:
+    from mechscope.icl.result import headline
+
+    layers = [0, 2, 4]
+    curves = {s: {"effect": [-0.3, -0.1, 0.0], "control": [-0.01, 0.0, 0.01], "matched": [-0.1, 0.0, 0.0], "effect_per_prompt": [[-0.3, -0.1, 0.0]],
+                  "control_per_prompt": [[-0.01, 0.0, 0.01]], "n_edges": [4]} for s in ("within", "cross", "aggregation")}
+    prompt = {"text": f"\n{EVIL} -> {IMG}\nup ->", "query": "up", "answer": PWN, "alternative_answer": IMG, "target_id": 3,
+              "prob": 0.4, "correct": True, "knocked_out": True, "groups": {"x1": [1]}}
+    return {"schema_version": 1, "kind": "icl-fewshot", "model": {"name": f"tiny {EVIL}"}, "settings": {"shots": 1, "layer_stride": 2, "task": EVIL},
+            "task": {"name": EVIL, "source": IMG, "n_pairs": 3, "ambiguous": PWN}, "prompt_format": f"x -> y {EVIL}",
+            "accuracy": 0.5, "chance": 0.1, "n_prompts": 2, "n_correct": 1, "window": 2, "layers": layers, "n_layers": 6,
+            "curves": curves, "headline": headline(curves, layers, 6), "seconds": 3.0,
+            "prompts": [prompt, {**prompt, "correct": False, "knocked_out": False}]}
+
+
 def sample_dashboard() -> dict:
     ctx = {"tokens": [" a", EVIL, IMG], "acts": [0.0, 2.5, 0.5], "centre": 1, "value": 2.5}
     bins = [[0.0, 0.0], [0.0, 0.001]] + [[10 ** (k / 2 - 3), 10 ** (k / 2 - 2.5)] for k in range(12)] + [[1000.0, None]]
@@ -311,6 +326,7 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("lens", "lens", sample_lens(), 0),
         ("recall", "recall", sample_recall(), 0),
         ("recall", "recall", sample_recall_dataset(), 0),
+        ("icl", "icl", sample_icl(), 0),
         ("dashboard", "dashboard", sample_dashboard(), 0),
         ("sae_eval", "sae_eval", sample_sae_eval(), 0),
         ("vision", "vision", sample_vision(), 0),

@@ -5,6 +5,7 @@
     tuned_lens.py tuned-lens train | eval | convert
     circuits.py   discover, evaluate            recall.py   recall
     corpus.py     corpus                        steer.py    steer
+    icl.py        icl (few-shot knockout)
     probe.py      probe
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
@@ -26,6 +27,7 @@ from mechscope.cli import (
     explain,
     features,
     heads,
+    icl,
     lens,
     model,
     probe,
@@ -55,7 +57,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, steer, sae, features, explain, vision, serve):
+for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, icl, steer, sae, features, explain, vision, serve):
     group.register(app)
 
 
