@@ -20,6 +20,7 @@ from mechscope.cli.common import (
     handles_errors,
     load,
 )
+from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
 
 
@@ -79,8 +80,19 @@ def heads(
     console.print(f"results: {out_dir / 'heads.json'}  report: {report}")
 
 
+_BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads", "steps": "steps", "batch": "batch",
+                   "lr": "lr", "checkpoints": "n_checkpoints", "linear": "linear_checkpoints", "seed": "seed"}
+"""Options of train-toy that --setting binding takes too (option name -> BindingConfig field)."""
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @handles_errors
 def train_toy(
+    ctx: typer.Context,
     layers: int = typer.Option(ToyConfig.layers, "--layers"),
     attn_only: bool = typer.Option(ToyConfig.attn_only, "--attn-only/--with-mlp", help="Attention-only (MLPs zeroed and frozen)."),
     d_model: int = typer.Option(ToyConfig.d_model, "--d-model"),
@@ -94,10 +106,29 @@ def train_toy(
     linear: int = typer.Option(ToyConfig.linear_checkpoints, "--linear-checkpoints", help="Extra, evenly spaced checkpoints."),
     seed: int = typer.Option(ToyConfig.seed, "--seed"),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
+    setting: str = typer.Option("induction", "--setting", help="induction (copied spans) or binding (variable-binding programs)."),
+    lines: Optional[int] = typer.Option(None, "--lines", help="--setting binding: assignment lines per program (default 8)."),
+    hops: Optional[int] = typer.Option(None, "--hops", help="--setting binding: longest chain of references (default 3)."),
     json: bool = JsonOpt,
 ) -> None:
-    """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
+    """Train a small transformer on CPU on data where induction pays off (or on variable-binding programs), saving log-spaced checkpoints."""
     from mechscope.heads.train import train_toy as run
+
+    if setting == "binding":
+        from mechscope.cli import binding
+
+        bad = [o for o in ("attn_only", "vocab", "seq_len") if _given(ctx, o)]
+        if bad:
+            raise MechscopeError(f"--{bad[0].replace('_', '-')} does not apply to --setting binding (programs have their own "
+                                 "vocabulary and length, and the model has MLPs); drop it.")
+        vals = {"layers": layers, "d_model": d_model, "n_heads": n_heads, "steps": steps, "batch": batch, "lr": lr,
+                "checkpoints": checkpoints, "linear": linear, "seed": seed}
+        given = {_BINDING_SHARED[o]: v for o, v in vals.items() if _given(ctx, o)}
+        return binding.train(given, lines, hops, json, out)
+    if setting != "induction":
+        raise MechscopeError(f"Unknown --setting '{setting}'; choose induction or binding.")
+    if lines is not None or hops is not None:
+        raise MechscopeError("--lines and --hops belong to --setting binding; drop them or add --setting binding.")
 
     cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
                     lr=lr, n_checkpoints=checkpoints, linear_checkpoints=linear, seed=seed,
@@ -124,6 +155,7 @@ def train_toy(
 
 @handles_errors
 def dynamics(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
     n: int = typer.Option(DynamicsConfig.n, "--n", help="Repeated random-token sequences per checkpoint."),
     seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
@@ -134,8 +166,13 @@ def dynamics(
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
     from mechscope.heads.dynamics import dynamics as run
     from mechscope.heads.dynamics import find_checkpoints
+    from mechscope.icl.binding_eval import is_binding_run
     from mechscope.report.dynamics import write_dynamics
 
+    if is_binding_run(run_dir):  # accuracy by hop depth and heuristic agreement; --n: programs per depth
+        from mechscope.cli import binding
+
+        return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
     n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     if json:
