@@ -108,6 +108,21 @@ def test_unknown_hook_names(hook):
     check(["hooks", "--model", _TINY["llama"], "--check", f"blocks.{hook}"])
 
 
+@SETTINGS
+@given(lines=st.integers(min_value=-3, max_value=40), hops=st.integers(min_value=-3, max_value=40),
+       content=st.one_of(st.text(max_size=30), st.builds(json.dumps, st.dictionaries(words, st.integers(), max_size=3)),
+                         st.builds(lambda n: json.dumps({"setting": "binding", "data": {"lines": n, "hops": n + 1}}),
+                                   st.integers(min_value=1, max_value=30))))
+def test_binding_settings_and_folders(lines, hops, content, tmp_path_factory):
+    if 1 <= hops <= lines <= 20:
+        hops = lines + 1  # the strategy is for settings with no solution
+    out = tmp_path_factory.mktemp("binding") / "run"
+    check(["train-toy", "--setting", "binding", "--lines", str(lines), "--hops", str(hops), "--out", str(out)], out)
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "binding.json").write_text(content)
+    check(["interchange", "--model", str(d), "--out", str(d / "ic")], d / "ic")
+
+
 _TINY: dict[str, str] = {}
 
 
@@ -116,5 +131,5 @@ def _tiny_paths(tiny_gpt2_dir, tiny_llama_dir, request):
     _TINY.update(gpt2=tiny_gpt2_dir, llama=tiny_llama_dir)
     yield
     mine = [it for it in request.session.items if it.module is request.module]
-    if len(mine) == 5:  # the whole module ran (not a -k selection): five strategies x 50 examples
-        assert COUNT["cases"] >= 200, COUNT
+    if len(mine) == 6:  # the whole module ran (not a -k selection): six strategies x 50 examples
+        assert COUNT["cases"] >= 250, COUNT
