@@ -22,6 +22,7 @@ from mechscope.cli.common import (
 )
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
+from mechscope.icl.binding_config import BindingConfig, BindingDataConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -107,8 +108,11 @@ def train_toy(
     seed: int = typer.Option(ToyConfig.seed, "--seed"),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
     setting: str = typer.Option("induction", "--setting", help="induction (copied spans) or binding (variable-binding programs)."),
-    lines: Optional[int] = typer.Option(None, "--lines", help="--setting binding: assignment lines per program (default 8)."),
-    hops: Optional[int] = typer.Option(None, "--hops", help="--setting binding: longest chain of references (default 3)."),
+    lines: Optional[int] = typer.Option(None, "--lines", help=f"--setting binding: assignment lines per program (default {BindingDataConfig.lines})."),
+    hops: Optional[int] = typer.Option(None, "--hops", help=f"--setting binding: longest chain of references (default {BindingDataConfig.hops}). With binding, the shared "
+                                                           f"options default to BindingConfig's ({BindingConfig.layers} layers, d_model "
+                                                           f"{BindingConfig.d_model}, {BindingConfig.steps} steps, batch {BindingConfig.batch}, "
+                                                           f"lr {BindingConfig.lr})."),
     json: bool = JsonOpt,
 ) -> None:
     """Train a small transformer on CPU on data where induction pays off (or on variable-binding programs), saving log-spaced checkpoints."""

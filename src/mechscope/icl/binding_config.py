@@ -27,15 +27,17 @@ class BindingDataConfig:
     other lines are distractor chains of 1..``hops`` lines each; chains are interleaved at
     random, each in its own order, so every variable is assigned once, before it is read."""
 
-    lines: int = 8
+    lines: int = 6
     hops: int = 3
-    n_vars: int = 20
-    """variable names (single letters a, b, ...); at least ``lines``"""
+    n_vars: int | None = None
+    """variable names (single letters a, b, ...); at least ``lines``; default max(8, lines)"""
     n_consts: int = 10
     """constants 0 .. n_consts - 1"""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.n_vars is None:
+            self.n_vars = max(8, self.lines)
         if self.hops < 1 or self.lines < self.hops:
             raise MechscopeError(f"--hops must be between 1 and --lines ({self.lines}); got {self.hops}.")
         if self.lines > 26 or self.n_vars > 26 or self.n_vars < self.lines:
@@ -50,10 +52,10 @@ class BindingConfig:
 
     layers: int = 4
     heads: int = 4
-    d_model: int = 128
+    d_model: int = 64
     steps: int = 6000
-    batch: int = 128
-    lr: float = 1e-3
+    batch: int = 64
+    lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.01
     n_checkpoints: int = 25
