@@ -22,7 +22,7 @@ from mechscope.cli.common import (
 )
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
-from mechscope.icl.binding_config import BindingConfig, BindingDataConfig
+from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -161,7 +161,7 @@ def train_toy(
 def dynamics(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
-    n: int = typer.Option(DynamicsConfig.n, "--n", help="Repeated random-token sequences per checkpoint."),
+    n: int = typer.Option(DynamicsConfig.n, "--n", help=f"Repeated random-token sequences per checkpoint (binding runs: held-out programs per hop depth, default {BindingEvalConfig.n_per_hop})."),
     seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
     text: Optional[str] = typer.Option(DynamicsConfig.text, "--text", help="Text source when the run has no train.json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),

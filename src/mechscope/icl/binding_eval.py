@@ -35,17 +35,19 @@ SYSTEMATIC = 0.95
 def data_config(path: str | Path) -> BindingDataConfig:
     """The data settings of a binding checkpoint (its ``binding.json``) or run (``train.json``)."""
     p = Path(path)
-    for f, key in ((p / "binding.json", "data"), (p / "train.json", "settings")):
-        if f.is_file():
-            try:
-                d = json.loads(f.read_text())
-                d = d[key]["data"] if key == "settings" else d["data"]
-                if key == "settings" and json.loads(f.read_text())["settings"].get("setting") != SETTING:
-                    continue
-                return BindingDataConfig(**d)
-            except (ValueError, KeyError, TypeError):
-                raise MechscopeError(f"{f} does not describe a binding run; pass a folder written by "
-                                     "`mechscope train-toy --setting binding`.") from None
+    for f in (p / "binding.json", p / "train.json"):
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+            if f.name == "train.json":
+                d = d["settings"]
+            if d.get("setting") != SETTING:
+                continue
+            return BindingDataConfig(**d["data"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise MechscopeError(f"{f} does not describe a binding run; pass a folder written by "
+                                 "`mechscope train-toy --setting binding`.") from None
     raise MechscopeError(f"'{path}' is not a binding checkpoint or run (no binding.json or binding train.json); pass a "
                          "folder written by `mechscope train-toy --setting binding`.")
 
