@@ -112,6 +112,8 @@ def test_resume_gives_the_same_model(tmp_path):
     b = load_file(str(broken / "ckpt_000010" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((whole / "train.json").read_text())["train_loss"] == json.loads((broken / "train.json").read_text())["train_loss"]
+    secs = [c["seconds"] for c in json.loads((broken / "train.json").read_text())["checkpoints"]]
+    assert secs == sorted(secs)  # training time adds up across the two sessions
     with pytest.raises(MechscopeError, match="other settings"):
         train_binding(tiny(11), broken)
 

@@ -81,6 +81,10 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
             log = prev
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
     t0 = time.perf_counter()
+    before = float(log.get("elapsed", 0.0))  # training seconds of earlier sessions of this run
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - t0
 
     def checkpoint(step: int) -> None:
         d = out / f"ckpt_{step:06d}"
@@ -92,8 +96,9 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
         loss, acc = _eval(model, eval_tokens, eval_answers)
         model.train()
         log["checkpoints"] = [c for c in log["checkpoints"] if c["step"] != step]
+        log["elapsed"] = elapsed()
         log["checkpoints"].append({"step": step, "dir": d.name, "eval_loss": loss, "eval_accuracy": acc,
-                                   "seconds": log.get("seconds", 0.0) + time.perf_counter() - t0})
+                                   "seconds": log["elapsed"]})
 
     model.train()
     if start == 0:
@@ -113,7 +118,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
         if step in sched:
             checkpoint(step)
             _save_state(model, opt, gen, step, last, out, log)
-    log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
+    log["seconds"] = log["elapsed"] = elapsed()
     log["done"] = True
     (out / "train.json").write_text(json.dumps(log))
     shutil.rmtree(last, ignore_errors=True)
