@@ -163,6 +163,21 @@ def test_icl_malformed_task_files(lines, tmp_path_factory):
     check(["icl", "--task", str(f), "--model", _TINY["gpt2"], "--out", str(out)], out)
 
 
+@SETTINGS
+@given(lines=st.integers(min_value=-3, max_value=40), hops=st.integers(min_value=-3, max_value=40),
+       content=st.one_of(st.text(max_size=30), st.builds(json.dumps, st.dictionaries(words, st.integers(), max_size=3)),
+                         st.builds(lambda n: json.dumps({"setting": "binding", "data": {"lines": n, "hops": n + 1}}),
+                                   st.integers(min_value=1, max_value=30))))
+def test_binding_settings_and_folders(lines, hops, content, tmp_path_factory):
+    if 1 <= hops <= lines <= 26:
+        hops = lines + 1  # the strategy is for settings with no solution
+    out = tmp_path_factory.mktemp("binding") / "run"
+    check(["train-toy", "--setting", "binding", "--lines", str(lines), "--hops", str(hops), "--out", str(out)], out)
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "binding.json").write_text(content)
+    check(["interchange", "--model", str(d), "--out", str(d / "ic")], d / "ic")
+
+
 _TINY: dict[str, str] = {}
 
 

@@ -317,6 +317,24 @@ def sample_vision() -> dict:
                                  "random": {"attack_success": 0.8, "clean_accuracy": 0.7}}}}
 
 
+def sample_binding_dynamics() -> dict:
+    rows = [{"step": s, "dir": f"ckpt_{s}", "accuracy_by_depth": {"1": a, "2": a / 2}, "heuristic_agreement": h,
+             "heuristic_agreement_discordant": h / 2} for s, a, h in ((0, 0.1, 0.1), (10, 0.4, 0.6), (100, 1.0, 0.2))]
+    return {"schema_version": 1, "setting": "binding", "run": EVIL, "settings": {"run": PWN},
+            "phases": {"chance": 0.1, "systematic_step": 100, "note": IMG}, "checkpoints": rows, "train_loss": [[1, 2.0], [50, 1.0]]}
+
+
+def sample_binding_interchange() -> dict:
+    words = ["<bos>", EVIL, "=", "3", ";", "?", IMG]
+    return {"schema_version": 1, "setting": "binding", "model": PWN, "settings": {"site": "resid", "depth": 1},
+            "interchange": {"sites": ["blocks.0.hook_resid_pre", EVIL], "positions": list(range(7)),
+                            "accuracy": [[0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1]], "n": 5, "answer_pos": -1, "base_accuracy": 0.0},
+            "roles": ["bos", "line 0 lhs", "line 0 =", "line 0 rhs", "line 0 ;", "?", IMG], "chain_positions": [3, 6], "example": words,
+            "summary": {"pairs": 5, "pairs_used": 5, "min_chain_accuracy": 1.0, "trace_moves_forward": True,
+                        "chain": [{"position": 3, "role": EVIL, "best_site": PWN, "accuracy": 1.0}],
+                        "trace": [{"site": IMG, "position": 3, "role": EVIL, "accuracy": 1.0}]}}
+
+
 def _pages() -> list[tuple[str, str, dict, int]]:
     """(page module, render/write suffix, sample data, script elements the page has of its own)."""
     return [
@@ -330,6 +348,8 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("dashboard", "dashboard", sample_dashboard(), 0),
         ("sae_eval", "sae_eval", sample_sae_eval(), 0),
         ("vision", "vision", sample_vision(), 0),
+        ("binding", "binding_dynamics", sample_binding_dynamics(), 0),
+        ("binding", "binding_interchange", sample_binding_interchange(), 1),  # tooltip.js
     ]
 
 

@@ -22,6 +22,7 @@ from mechscope.cli.common import (
 )
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
+from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig
 from mechscope.icl.meta_config import SETTING as META_SETTING
 from mechscope.icl.meta_config import MetaConfig, MetaDataConfig, MetaDynamicsConfig
 
@@ -82,11 +83,22 @@ def heads(
     console.print(f"results: {out_dir / 'heads.json'}  report: {report}")
 
 
+_BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads", "steps": "steps", "batch": "batch",
+                   "lr": "lr", "checkpoints": "n_checkpoints", "linear": "linear_checkpoints", "seed": "seed"}
+"""Options of train-toy that --setting binding takes too (option name -> BindingConfig field)."""
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 @handles_errors
 def train_toy(
     ctx: typer.Context,
-    setting: str = typer.Option("induction", "--setting", help="induction (Markov data with repeats, a GPT-2) or icml "
-                                "(in-context meta-learning, Minegishi et al. 2025)."),
+    setting: str = typer.Option("induction", "--setting", help="induction (Markov data with repeats, a GPT-2), icml "
+                                "(in-context meta-learning, Minegishi et al. 2025) or binding (variable-binding programs, Wu et al. 2025)."),
     tasks: Optional[int] = typer.Option(None, "--tasks", help=f"icml: hidden tasks T (default {MetaDataConfig.tasks})."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help=f"icml: adam or sgd (default {MetaConfig.optimizer})."),
     labels: Optional[int] = typer.Option(None, "--labels", help=f"icml: labels N (default {MetaDataConfig.n_labels})."),
@@ -105,19 +117,40 @@ def train_toy(
     linear: int = typer.Option(ToyConfig.linear_checkpoints, "--linear-checkpoints", help="Extra, evenly spaced checkpoints."),
     seed: int = typer.Option(ToyConfig.seed, "--seed"),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints (re-running resumes an unfinished run)."),
+    lines: Optional[int] = typer.Option(None, "--lines", help=f"--setting binding: assignment lines per program (default {BindingDataConfig.lines})."),
+    hops: Optional[int] = typer.Option(None, "--hops", help=f"--setting binding: longest chain of references (default {BindingDataConfig.hops}). With binding, the shared "
+                                                           f"options default to BindingConfig's ({BindingConfig.layers} layers, d_model "
+                                                           f"{BindingConfig.d_model}, {BindingConfig.steps} steps, batch {BindingConfig.batch}, "
+                                                           f"lr {BindingConfig.lr})."),
     json: bool = JsonOpt,
 ) -> None:
-    """Train a small transformer on CPU on data where induction pays off, saving log-spaced checkpoints."""
+    """Train a small transformer on CPU on data where induction pays off (or on variable-binding programs), saving log-spaced checkpoints."""
     from mechscope.heads.train import train_toy as run
 
     icml = {"tasks": tasks, "optimizer": optimizer, "labels": labels, "classes": classes, "context": context}
+    icml_given = [f"--{k}" for k, v in icml.items() if v is not None]
+    binding_given = [f"--{k}" for k, v in (("lines", lines), ("hops", hops)) if v is not None]
     if setting == META_SETTING:
+        if binding_given:
+            raise MechscopeError(f"{', '.join(binding_given)} belong to --setting binding; drop them with --setting {META_SETTING}.")
         return _train_meta(ctx, icml, out, json)
+    if icml_given:
+        raise MechscopeError(f"{', '.join(icml_given)} only apply to --setting {META_SETTING}; drop them or pass --setting {META_SETTING}.")
+    if setting == "binding":
+        from mechscope.cli import binding
+
+        bad = [o for o in ("attn_only", "vocab", "seq_len") if _given(ctx, o)]
+        if bad:
+            raise MechscopeError(f"--{bad[0].replace('_', '-')} does not apply to --setting binding (programs have their own "
+                                 "vocabulary and length, and the model has MLPs); drop it.")
+        vals = {"layers": layers, "d_model": d_model, "n_heads": n_heads, "steps": steps, "batch": batch, "lr": lr,
+                "checkpoints": checkpoints, "linear": linear, "seed": seed}
+        given = {_BINDING_SHARED[o]: v for o, v in vals.items() if _given(ctx, o)}
+        return binding.train(given, lines, hops, json, out)
     if setting != "induction":
-        raise MechscopeError(f"Unknown --setting '{setting}'; use induction or {META_SETTING}.")
-    given = [f"--{k}" for k, v in icml.items() if v is not None]
-    if given:
-        raise MechscopeError(f"{', '.join(given)} only apply to --setting {META_SETTING}; drop them or pass --setting {META_SETTING}.")
+        raise MechscopeError(f"Unknown --setting '{setting}'; use induction, {META_SETTING} or binding.")
+    if binding_given:
+        raise MechscopeError(f"{', '.join(binding_given)} belong to --setting binding; drop them or add --setting binding.")
 
     cfg = ToyConfig(layers=layers, heads=n_heads, d_model=d_model, attn_only=attn_only, steps=steps, batch=batch,
                     lr=lr, n_checkpoints=checkpoints, linear_checkpoints=linear, seed=seed,
@@ -140,12 +173,6 @@ def train_toy(
         return emit_json(summary)
     console.print(f"{summary['checkpoints']} checkpoints in {out} ({summary['seconds']:.0f} s); final held-out loss "
                   f"{summary['final_eval_loss']:.3f}. Next: mechscope dynamics {out}")
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the option ``name`` was given (not left at its default)."""
-    src = ctx.get_parameter_source(name)
-    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
@@ -197,7 +224,7 @@ def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
 def dynamics(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
-    n: int = typer.Option(DynamicsConfig.n, "--n", help="Repeated random-token sequences per checkpoint."),
+    n: int = typer.Option(DynamicsConfig.n, "--n", help=f"Repeated random-token sequences per checkpoint (binding runs: held-out programs per hop depth, default {BindingEvalConfig.n_per_hop})."),
     seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
     text: Optional[str] = typer.Option(DynamicsConfig.text, "--text", help="Text source when the run has no train.json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
@@ -206,11 +233,16 @@ def dynamics(
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
     from mechscope.heads.dynamics import dynamics as run
     from mechscope.heads.dynamics import find_checkpoints
+    from mechscope.icl.binding_eval import is_binding_run
     from mechscope.icl.meta_dynamics import is_meta_run
     from mechscope.report.dynamics import write_dynamics
 
     if is_meta_run(run_dir):
         return _meta_dynamics(ctx, run_dir, out, json)
+    if is_binding_run(run_dir):  # accuracy by hop depth and heuristic agreement; --n: programs per depth
+        from mechscope.cli import binding
+
+        return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
     n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     if json:

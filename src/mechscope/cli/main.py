@@ -1,6 +1,7 @@
 """`mechscope` entry point: registers the command groups, one module each.
 
     model.py      info, graph, hooks            heads.py    heads, train-toy, dynamics
+    binding.py    interchange (and train-toy / dynamics --setting binding)
     tasks.py      tasks, task-eval              lens.py     lens
     tuned_lens.py tuned-lens train | eval | convert
     circuits.py   discover, evaluate            recall.py   recall
@@ -22,6 +23,7 @@ from __future__ import annotations
 import typer
 
 from mechscope.cli import (
+    binding,
     circuits,
     corpus,
     explain,
@@ -57,7 +59,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, lens, tuned_lens, probe, recall, icl, steer, sae, features, explain, vision, serve):
+for group in (model, tasks, circuits, corpus, heads, binding, lens, tuned_lens, probe, recall, icl, steer, sae, features, explain, vision, serve):
     group.register(app)
 
 

@@ -6,7 +6,8 @@
   ``meta_model``, ``meta_train``, ``meta_metrics``, ``meta_dynamics``);
 - variable binding (Wu, Geiger, Milliere 2025: ``icl.binding_*``).
 
-Few-shot from a notebook:
+From a notebook (few-shot; ``train_meta(MetaConfig(), "run")`` + ``meta_dynamics("run")`` and
+``train_binding(BindingConfig(), "run")`` + ``binding_dynamics("run")`` for the two toy settings):
 
     from mechscope.icl import FewShotConfig, fewshot_knockout
     res = fewshot_knockout(model, FewShotConfig(task="antonyms", shots=6))
@@ -20,15 +21,21 @@ Configs (``icl.config``, no torch) are imported with the package; the rest loads
 from typing import TYPE_CHECKING
 
 from mechscope._lazy import lazy_exports
+from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 from mechscope.icl.config import FewShotConfig
+from mechscope.icl.meta_config import MetaConfig, MetaDataConfig, MetaDynamicsConfig
 
 __all__ = [
+    "BindingConfig", "BindingDataConfig", "BindingEvalConfig", "BindingInterchangeConfig", "MetaConfig", "MetaDataConfig",
+    "MetaDynamicsConfig", "binding_dynamics", "binding_interchange", "meta_dynamics", "train_binding", "train_meta",
     "FewShotConfig", "FewShotPrompt", "FewShotResult", "FewShotTask", "block_edges", "fewshot_accuracy",
     "fewshot_knockout", "group_edges", "load_task", "make_prompt", "matched_edges", "random_edges", "sample_prompts",
     "sweep_edges", "task_names",
 ]
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
+    from mechscope.icl.binding_eval import binding_dynamics, binding_interchange
+    from mechscope.icl.binding_train import train_binding
     from mechscope.icl.fewshot import (
         FewShotPrompt,
         FewShotTask,
@@ -39,6 +46,8 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/t
         task_names,
     )
     from mechscope.icl.knockout import block_edges, group_edges, matched_edges, random_edges, sweep_edges
+    from mechscope.icl.meta_dynamics import meta_dynamics
+    from mechscope.icl.meta_train import train_meta
     from mechscope.icl.result import FewShotResult
     from mechscope.icl.run import fewshot_knockout
 
@@ -48,4 +57,6 @@ lazy_exports(__name__, {
     "block_edges": "knockout", "group_edges": "knockout", "matched_edges": "knockout", "random_edges": "knockout",
     "sweep_edges": "knockout",
     "FewShotResult": "result", "fewshot_knockout": "run",
+    "train_binding": "binding_train", "binding_dynamics": "binding_eval", "binding_interchange": "binding_eval",
+    "train_meta": "meta_train", "meta_dynamics": "meta_dynamics",
 })

@@ -1,4 +1,5 @@
-"""Interventions: caching sender outputs and patching edges or nodes, batched over masks."""
+"""Interventions: caching sender outputs and patching edges or nodes, batched over masks;
+interchange interventions at (site, position) from a counterfactual input."""
 
 from mechscope.patching.engine import (
     Ablation,
@@ -10,10 +11,15 @@ from mechscope.patching.engine import (
     sender_hooks,
     source_activations,
 )
+from mechscope.patching.interchange import InterchangeResult, Site, interchange_accuracy, patched_logits
 from mechscope.patching.suffix import SuffixRunner
 
 __all__ = [
+    "InterchangeResult",
+    "Site",
     "SuffixRunner",
+    "interchange_accuracy",
+    "patched_logits",
     "Ablation",
     "receiver_hooks",
     "run_with_edge_mask",

@@ -1,0 +1,132 @@
+"""Settings of the variable-binding setting (Wu, Geiger and Milliere 2025): the program
+generator (``BindingDataConfig``), the training run (``BindingConfig``, saved in
+``train.json``), per-checkpoint evaluation (``BindingEvalConfig``) and the interchange
+sweep on a checkpoint (``BindingInterchangeConfig``), each checked when made.
+
+No torch here: the CLI reads the defaults when it starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from mechscope.errors import MechscopeError
+
+SETTING = "binding"
+"""The ``setting`` recorded in a binding run's ``train.json``."""
+
+Site = Literal["resid", "head"]
+
+
+@dataclass
+class BindingDataConfig:
+    """Programs of ``lines`` assignment lines (``a = 3 ;`` or ``b = a ;``) and a query ``? b``.
+
+    The query's chain has 1..``hops`` lines (1: the queried variable holds a constant); the
+    other lines are distractor chains of 1..``hops`` lines each; chains are interleaved at
+    random, each in its own order, so every variable is assigned once, before it is read."""
+
+    lines: int = 6
+    hops: int = 3
+    n_vars: int | None = None
+    """variable names (single letters a, b, ...); at least ``lines``; default max(8, lines)"""
+    n_consts: int = 10
+    """constants 0 .. n_consts - 1"""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_vars is None:
+            self.n_vars = max(8, self.lines)
+        if self.hops < 1 or self.lines < self.hops:
+            raise MechscopeError(f"--hops must be between 1 and --lines ({self.lines}); got {self.hops}.")
+        if self.lines > 26 or self.n_vars > 26 or self.n_vars < self.lines:
+            raise MechscopeError(f"--lines ({self.lines}) must be at most the number of variables ({self.n_vars}), at most 26.")
+        if not 2 <= self.n_consts <= 100:
+            raise MechscopeError(f"The number of constants must be between 2 and 100; got {self.n_consts}.")
+
+
+@dataclass
+class BindingConfig:
+    """A binding training run: a small GPT-2 (with MLPs) trained on the answer token only."""
+
+    layers: int = 4
+    heads: int = 4
+    d_model: int = 64
+    steps: int = 6000
+    batch: int = 64
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    n_checkpoints: int = 25
+    """checkpoints on a log-spaced schedule between step 1 and ``steps`` (plus step 0)"""
+    linear_checkpoints: int = 20
+    """extra, evenly spaced checkpoints"""
+    n_eval: int = 256
+    """held-out programs whose answer loss is logged at each checkpoint"""
+    seed: int = 0
+    data: BindingDataConfig = field(default_factory=BindingDataConfig)
+    setting: str = SETTING
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model % self.heads:
+            raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+        if self.batch < 1 or self.lr <= 0 or self.n_eval < 1:
+            raise MechscopeError("train-toy needs --batch >= 1, --lr > 0 and at least one evaluation program.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BindingConfig":
+        d = dict(d)
+        d["data"] = BindingDataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
+@dataclass
+class BindingEvalConfig:
+    """Per-checkpoint evaluation of a binding run (``mechscope dynamics`` on it)."""
+
+    n_per_hop: int = 200
+    """held-out programs per hop depth"""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_per_hop < 1:
+            raise MechscopeError(f"--n must be at least 1 program per hop depth; got {self.n_per_hop}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BindingInterchangeConfig:
+    """Interchange interventions on a binding checkpoint: pairs of programs with one layout
+    (which line holds which chain's assignment, drawn once from ``seed``), the query chain
+    ``depth`` lines long; the counterfactual changes the root constant of the query chain."""
+
+    n: int = 200
+    """program pairs"""
+    depth: int | None = None
+    """hop depth of the query chain (default: the run's --hops)"""
+    site: Site = "resid"
+    """'resid': the residual stream entering each layer (and the final one); 'head': one head's output"""
+    head: int | None = None
+    """the head patched when site is 'head' (every head, one at a time, when None)"""
+    correct_only: bool = True
+    """keep only pairs whose base and counterfactual the model answers correctly"""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise MechscopeError(f"--n must be at least 1 pair; got {self.n}.")
+        if self.site not in ("resid", "head"):
+            raise MechscopeError(f"--site must be 'resid' or 'head'; got '{self.site}'.")
+        if self.depth is not None and self.depth < 1:
+            raise MechscopeError(f"--depth must be at least 1; got {self.depth}.")
+        if self.head is not None and self.head < 0:
+            raise MechscopeError(f"--head must be a head index >= 0; got {self.head}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
