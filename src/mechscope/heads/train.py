@@ -118,7 +118,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
             return out  # already trained with these settings
     if (last / STATE_FILE).is_file() and (out / "train.json").is_file():
         prev = json.loads((out / "train.json").read_text())
-        start = _load_state(model, opt, gen, last / STATE_FILE)
+        start = load_state(model, opt, gen, last / STATE_FILE)
         log = prev
     sched = schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints)
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
             progress(step, loss.item())
         if step in sched:
             checkpoint(step)
-            _save_state(model, opt, gen, step, last, out, log)
+            save_state(model, opt, gen, step, last, out, log)
     log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
     log["done"] = True
     (out / "train.json").write_text(json.dumps(log))
@@ -183,7 +183,10 @@ state as safetensors, the optimiser's hyperparameters and the step in its JSON m
 pickle anywhere)."""
 
 
-def _save_state(model, opt, gen, step: int, last: Path, out: Path, log: dict) -> None:
+def save_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, last: Path, out: Path,
+               log: dict) -> None:
+    """Write the resume state to ``last/STATE_FILE`` (atomically) and the run log to ``out/train.json``.
+    Shared by every toy setting (induction, icml, binding)."""
     from safetensors.torch import save_file
 
     last.mkdir(exist_ok=True)
@@ -200,8 +203,9 @@ def _save_state(model, opt, gen, step: int, last: Path, out: Path, log: dict) ->
     (out / "train.json").write_text(json.dumps(log))
 
 
-def _load_state(model, opt, gen, path: Path) -> int:
-    """Restore what ``_save_state`` wrote; returns the step."""
+def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, path: Path) -> int:
+    """Restore what ``save_state`` wrote; returns the step. A damaged file, or one written for
+    another model or optimiser, is one sentence."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -211,14 +215,14 @@ def _load_state(model, opt, gen, path: Path) -> int:
             meta = h.metadata() or {}
         groups = json.loads(meta["param_groups"])
         step = int(meta["step"])
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        gen.set_state(t["gen"])
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
         raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
-    model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
-    state: dict[int, dict] = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    gen.set_state(t["gen"])
     return step

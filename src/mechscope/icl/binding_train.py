@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.train import STATE_FILE, _load_state, _no_progress_bars, _save_state, schedule
+from mechscope.heads.train import STATE_FILE, _no_progress_bars, load_state, save_state, schedule
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 
@@ -77,7 +77,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
         if prev.get("done"):
             return out
         if (last / STATE_FILE).is_file():
-            start = _load_state(model, opt, gen, last / STATE_FILE)
+            start = load_state(model, opt, gen, last / STATE_FILE)
             log = prev
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
             progress(step, loss.item())
         if step in sched:
             checkpoint(step)
-            _save_state(model, opt, gen, step, last, out, log)
+            save_state(model, opt, gen, step, last, out, log)
     log["seconds"] = log["elapsed"] = elapsed()
     log["done"] = True
     (out / "train.json").write_text(json.dumps(log))

@@ -23,12 +23,11 @@ from typing import Callable
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.train import schedule
+from mechscope.heads.train import STATE_FILE, load_state, save_state, schedule
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
 
-STATE_FILE = "state.safetensors"
 WEIGHTS = "model.safetensors"
 
 
@@ -92,7 +91,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
         if prev.get("done"):
             return out
         if (last / STATE_FILE).is_file():
-            start = _load_state(model, opt, gen, last / STATE_FILE)
+            start = load_state(model, opt, gen, last / STATE_FILE)
             log = prev
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
     t0, before = time.perf_counter(), log.get("seconds", 0.0)  # seconds of training before this resume
@@ -125,50 +124,9 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
             progress(step, loss.item())
         if step in sched:
             checkpoint(step)
-            _save_state(model, opt, gen, step, last, out, log)
+            save_state(model, opt, gen, step, last, out, log)
     log["seconds"] = before + time.perf_counter() - t0
     log["done"] = True
     tj.write_text(json.dumps(log))
     shutil.rmtree(last, ignore_errors=True)
     return out
-
-
-def _save_state(model: MetaModel, opt: torch.optim.Optimizer, gen: torch.Generator, step: int, last: Path, out: Path,
-                log: dict) -> None:
-    from safetensors.torch import save_file
-
-    last.mkdir(exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    sd = opt.state_dict()
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
-    tensors["gen"] = gen.get_state()
-    tmp = last / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "param_groups": json.dumps(sd["param_groups"])})
-    tmp.replace(last / STATE_FILE)
-    (out / "train.json").write_text(json.dumps(log))
-
-
-def _load_state(model: MetaModel, opt: torch.optim.Optimizer, gen: torch.Generator, path: Path) -> int:
-    """Restore what ``_save_state`` wrote; returns the step."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    try:
-        t = load_file(str(path))
-        with safe_open(str(path), "pt") as h:
-            meta = h.metadata() or {}
-        groups = json.loads(meta["param_groups"])
-        step = int(meta["step"])
-        model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for k, v in t.items():
-            if k.startswith("opt."):
-                _, idx, name = k.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": groups})
-        gen.set_state(t["gen"])
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
-    return step
