@@ -108,18 +108,10 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": [], "entropy_floor": data.entropy()}
-    start = 0
     last = out / "last"
-    if (out / "train.json").is_file():
-        prev = json.loads((out / "train.json").read_text())
-        if prev.get("settings") != cfg.to_dict():
-            raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
-        if prev.get("done"):
-            return out  # already trained with these settings
-    if (last / STATE_FILE).is_file() and (out / "train.json").is_file():
-        prev = json.loads((out / "train.json").read_text())
-        start = load_state(model, opt, gen, last / STATE_FILE)
-        log = prev
+    start, log, done = resume_run(out, cfg.to_dict(), model, opt, gen, log)
+    if done:
+        return out  # already trained with these settings
     sched = schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints)
     t0 = time.perf_counter()
 
@@ -226,3 +218,27 @@ def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
         raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
     return step
+
+
+def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+               log: dict) -> tuple[int, dict, bool]:
+    """Where a toy run in ``out`` stands: (first step to train, the run log, finished already).
+
+    A fresh folder gives (0, ``log``, False); a run with the same ``settings`` continues from
+    ``out/last`` (model, optimiser and data generator restored) with its saved log; other
+    settings or an unreadable ``train.json`` are one sentence. Shared by every toy setting.
+    """
+    tj, state = out / "train.json", out / "last" / STATE_FILE
+    if not tj.is_file():
+        return 0, log, False
+    try:
+        prev = json.loads(tj.read_text())
+    except ValueError:
+        raise MechscopeError(f"{tj} is not valid JSON; pass a new --out folder.") from None
+    if not isinstance(prev, dict) or prev.get("settings") != settings:
+        raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
+    if prev.get("done"):
+        return 0, prev, True
+    if state.is_file():
+        return load_state(model, opt, gen, state), prev, False
+    return 0, log, False

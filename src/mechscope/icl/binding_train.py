@@ -18,8 +18,7 @@ from typing import Callable
 
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.heads.train import STATE_FILE, _no_progress_bars, load_state, save_state, schedule
+from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 
@@ -65,20 +64,10 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": []}
-    start = 0
     last = out / "last"
-    if (out / "train.json").is_file():
-        try:
-            prev = json.loads((out / "train.json").read_text())
-        except ValueError:
-            raise MechscopeError(f"{out / 'train.json'} is not valid JSON; pass a new --out folder.") from None
-        if prev.get("settings") != cfg.to_dict():
-            raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
-        if prev.get("done"):
-            return out
-        if (last / STATE_FILE).is_file():
-            start = load_state(model, opt, gen, last / STATE_FILE)
-            log = prev
+    start, log, done = resume_run(out, cfg.to_dict(), model, opt, gen, log)
+    if done:
+        return out
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
     t0 = time.perf_counter()
     before = float(log.get("elapsed", 0.0))  # training seconds of earlier sessions of this run

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.train import STATE_FILE, load_state, save_state, schedule
+from mechscope.heads.train import resume_run, save_state, schedule
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
@@ -79,20 +79,10 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": [], "chance": 1 / cfg.data.n_labels,
                  "one_over_tasks": 1 / cfg.data.tasks}
-    start = 0
     tj, last = out / "train.json", out / "last"
-    if tj.is_file():
-        try:
-            prev = json.loads(tj.read_text())
-        except ValueError:
-            raise MechscopeError(f"{tj} is not valid JSON; delete {out} to start over.") from None
-        if prev.get("settings") != cfg.to_dict():
-            raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
-        if prev.get("done"):
-            return out
-        if (last / STATE_FILE).is_file():
-            start = load_state(model, opt, gen, last / STATE_FILE)
-            log = prev
+    start, log, done = resume_run(out, cfg.to_dict(), model, opt, gen, log)
+    if done:
+        return out
     sched = set(schedule(cfg.steps, cfg.n_checkpoints, cfg.linear_checkpoints))
     t0, before = time.perf_counter(), log.get("seconds", 0.0)  # seconds of training before this resume
 
