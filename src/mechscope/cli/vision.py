@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import JsonOpt, console, emit_json, fresh_dir, handles_errors
+from mechscope.cli.common import JsonOpt, console, emit_json, err_console, fresh_dir, handles_errors
 from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig, parse_pair
 
 vision_app = typer.Typer(help="Visual circuits (Rajaram et al. 2024) in small vision models trained here, offline.",
@@ -58,7 +58,7 @@ def train(
     from mechscope.vision.train import train_model
 
     out_dir = Path(out or fresh_dir("vision"))
-    vm = train_model(cfg, out=out_dir)
+    vm = train_model(cfg, out=out_dir, log=None if json else (lambda line: err_console.print(line, highlight=False)))
     if json:
         return emit_json({"out": str(out_dir), **vm.info()})
     console.print(f"{cfg.arch} on {cfg.data.dataset}: " + ", ".join(f"{k} {v:.4g}" for k, v in vm.metrics.items()), highlight=False)
