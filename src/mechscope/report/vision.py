@@ -72,7 +72,7 @@ def _edges(d: dict[str, Any]) -> str:
     return f'<svg {_SVG} class="vedges" width="{px(w)}" height="{px(h)}" viewBox="0 0 {px(w)} {px(h)}">{heads}{"".join(lines)}{"".join(labels)}</svg>'
 
 
-def pct(x: float | None) -> str:
+def _share(x: float | None) -> str:
     """A signed share as a percentage with one decimal (shares here can be negative or above 1)."""
     return "n/a" if x is None else f"{100 * float(x):.1f}%"
 
@@ -86,18 +86,18 @@ def _tests(t: dict[str, Any]) -> str:
     ratio = t["accuracy_drop"]["ratio"]
     head = cards([
         ("accuracy drop, circuit / random", "n/a" if ratio is None else f"{fmt(ratio, 2)}x",
-         f"{pct(t['accuracy_drop']['circuit'])} vs {pct(t['accuracy_drop']['random'])}", ""),
-        ("class logit kept by the circuit alone", pct(t["logit_share"]["circuit"]), f"random circuits: {pct(t['logit_share']['random'])}", ""),
+         f"{_share(t['accuracy_drop']['circuit'])} vs {_share(t['accuracy_drop']['random'])}", ""),
+        ("class logit kept by the circuit alone", _share(t["logit_share"]["circuit"]), f"random circuits: {_share(t['logit_share']['random'])}", ""),
     ])
     return (f"<h2>Causal tests ({esc(t['ablation'])} ablation, {esc(t['n_images'])} held-out images)</h2>{head}"
             + table(["condition", "class accuracy", "mean class logit"], rows, numeric=[False, True, True])
             + (f"<p>Edge pruning: cutting the circuit's {esc(t['edges']['n_edges'])} edges between chosen units "
                f"(senders' input to the receiver set to its reference mean) drops class accuracy by "
-               f"{esc(pct(t['edges']['accuracy_drop']['circuit']))} and the logit by {esc(fmt(t['edges']['logit_drop']['circuit']))}; "
-               f"as many random edges: {esc(pct(t['edges']['accuracy_drop']['random']))} and {esc(fmt(t['edges']['logit_drop']['random']))}.</p>"
+               f"{esc(_share(t['edges']['accuracy_drop']['circuit']))} and the logit by {esc(fmt(t['edges']['logit_drop']['circuit']))}; "
+               f"as many random edges: {esc(_share(t['edges']['accuracy_drop']['random']))} and {esc(fmt(t['edges']['logit_drop']['random']))}.</p>"
                if t.get("edges") else "")
             + ("<p>Class logit kept with one layer's other units ablated at a time: "
-               + esc(", ".join(f"{s} {pct(v)}" for s, v in (t.get("logit_share_per_layer") or {}).items())) + ".</p>"
+               + esc(", ".join(f"{s} {_share(v)}" for s, v in (t.get("logit_share_per_layer") or {}).items())) + ".</p>"
                if t.get("logit_share_per_layer") else "")
             + "<p class='muted small'>Ablated units output their mean over the reference images (mean) or 0 (zero). "
               "Logit kept = (kept - all ablated) / (full - all ablated).</p>")
