@@ -4,25 +4,16 @@ as a standalone ``.svg``) and the interchange-intervention grid (``interchange.h
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from mechscope.report.charts import heatmap, line_chart
-from mechscope.report.toolkit import esc, kv_table, page, table, write_page
+from mechscope.report.charts import heatmap, line_chart, stacked_svg
+from mechscope.report.toolkit import esc, kv_table, num_or_nan, page, table, write_page
 
 __all__ = ["render_binding_dynamics", "render_binding_dynamics_svg", "render_binding_interchange",
            "write_binding_dynamics", "write_binding_interchange"]
 
 _WIDTH, _HEIGHT = 700, 300
-
-
-def _num(x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-    return v if math.isfinite(v) else float("nan")
 
 
 def _charts(d: dict[str, Any]) -> list[str]:
@@ -31,9 +22,9 @@ def _charts(d: dict[str, Any]) -> list[str]:
     p = d.get("phases", {})
     marks = [(p["systematic_step"], "systematic")] if p.get("systematic_step") else []
     depths = list(rows[0]["accuracy_by_depth"]) if rows else []
-    acc = {f"depth {h}": (steps, [_num(r["accuracy_by_depth"][h]) for r in rows]) for h in depths}
-    acc["heuristic agreement (discordant)"] = (steps, [_num(r["heuristic_agreement_discordant"]) for r in rows])
-    acc["heuristic agreement (all)"] = (steps, [_num(r["heuristic_agreement"]) for r in rows])
+    acc = {f"depth {h}": (steps, [num_or_nan(r["accuracy_by_depth"][h]) for r in rows]) for h in depths}
+    acc["heuristic agreement (discordant)"] = (steps, [num_or_nan(r["heuristic_agreement_discordant"]) for r in rows])
+    acc["heuristic agreement (all)"] = (steps, [num_or_nan(r["heuristic_agreement"]) for r in rows])
     c1 = line_chart(acc, title="Accuracy by hop depth; agreement with the early-line heuristic", xlabel="training step",
                     logx=True, width=_WIDTH, height=_HEIGHT, ylim=(0, 1), vlines=marks,
                     hlines=[p["chance"]] if p.get("chance") else [])
@@ -47,10 +38,7 @@ def _charts(d: dict[str, Any]) -> list[str]:
 
 def render_binding_dynamics_svg(d: dict[str, Any]) -> str:
     """The charts stacked in one standalone SVG on a white background."""
-    inner = [c.replace("<svg ", f'<svg y="{i * (_HEIGHT + 10)}" ', 1) for i, c in enumerate(_charts(d))]
-    h = len(inner) * (_HEIGHT + 10)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{h}" style="background:#fff">'
-            f'<rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>')
+    return stacked_svg(_charts(d), _WIDTH, _HEIGHT)
 
 
 def render_binding_dynamics(d: dict[str, Any]) -> str:

@@ -334,3 +334,12 @@ def line_chart(
                    f'fill="#374151">{esc(ylabel)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def stacked_svg(charts: Sequence[str], width: float, height: float, gap: float = 10) -> str:
+    """Charts of one size (each an ``<svg>`` from this module) stacked top to bottom in one
+    standalone SVG on a white background, for the figures the README embeds."""
+    inner = [c.replace("<svg ", f'<svg y="{px(i * (height + gap))}" ', 1) for i, c in enumerate(charts)]
+    h = px(len(inner) * (height + gap))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{px(width)}" height="{h}" style="background:#fff">'
+            f'<rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>')

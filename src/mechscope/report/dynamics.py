@@ -3,20 +3,15 @@ charts stacked in one standalone SVG (``dynamics.svg``, for the README)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from mechscope.report.charts import line_chart
-from mechscope.report.toolkit import page, table, write_page
+from mechscope.report.charts import line_chart, stacked_svg
+from mechscope.report.toolkit import num_or_nan, page, table, write_page
 
 __all__ = ["render_dynamics", "render_dynamics_svg", "write_dynamics"]
 
 _WIDTH, _HEIGHT = 700, 300
-
-
-def _finite(xs: list[Any]) -> list[float]:
-    return [float("nan") if x is None or not math.isfinite(float(x)) else float(x) for x in xs]
 
 
 def _charts(d: dict[str, Any]) -> list[str]:
@@ -26,18 +21,18 @@ def _charts(d: dict[str, Any]) -> list[str]:
     steps = [r["step"] for r in rows]
     f = d.get("formation", {})
     marks = [(f["induction_step"], "induction head forms")] if f.get("induction_step") else []
-    series1 = {"held-out loss": (steps, _finite([r["loss"] for r in rows])),
-               "loss on repeated half": (steps, _finite([r["repeated_loss"] for r in rows]))}
+    series1 = {"held-out loss": (steps, [num_or_nan(r["loss"]) for r in rows]),
+               "loss on repeated half": (steps, [num_or_nan(r["repeated_loss"]) for r in rows])}
     tl = [x for x in d.get("train_loss", []) if x[0] > 0]
     if tl:
         series1 = {"train loss": ([x[0] for x in tl], [x[1] for x in tl]), **series1}
     c1 = line_chart(series1, title="Loss (nats)", xlabel="training step", width=_WIDTH, height=_HEIGHT, vlines=marks,
                     points=False)
     series2 = {
-        "induction (max)": (steps, _finite([r["max_induction"] for r in rows])),
-        "prev-token (max)": (steps, _finite([r["max_previous_token"] for r in rows])),
-        "ICL score": (steps, _finite([r["icl_score"] for r in rows])),
-        "K-comp. prev->ind": (steps, _finite([r.get("k_composition_prev_to_induction", float("nan")) for r in rows])),
+        "induction (max)": (steps, [num_or_nan(r["max_induction"]) for r in rows]),
+        "prev-token (max)": (steps, [num_or_nan(r["max_previous_token"]) for r in rows]),
+        "ICL score": (steps, [num_or_nan(r["icl_score"]) for r in rows]),
+        "K-comp. prev->ind": (steps, [num_or_nan(r.get("k_composition_prev_to_induction")) for r in rows]),
     }
     c2 = line_chart(series2, title="Head scores and ICL score (nats)", xlabel="training step", width=_WIDTH,
                     height=_HEIGHT, vlines=marks)
@@ -46,10 +41,7 @@ def _charts(d: dict[str, Any]) -> list[str]:
 
 def render_dynamics_svg(d: dict[str, Any]) -> str:
     """Both charts stacked in one standalone SVG on a white background."""
-    inner = [c.replace("<svg ", f'<svg y="{i * (_HEIGHT + 10)}" ', 1) for i, c in enumerate(_charts(d))]
-    h = len(inner) * (_HEIGHT + 10)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{h}" style="background:#fff">'
-            f'<rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>')
+    return stacked_svg(_charts(d), _WIDTH, _HEIGHT)
 
 
 def render_dynamics(d: dict[str, Any]) -> str:

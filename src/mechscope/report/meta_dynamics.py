@@ -5,25 +5,16 @@ charts stacked in one standalone SVG (``dynamics.svg``, for the README)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from mechscope.report.charts import heatmap, line_chart
-from mechscope.report.toolkit import fmt, page, table, write_page
+from mechscope.report.charts import heatmap, line_chart, stacked_svg
+from mechscope.report.toolkit import fmt, num_or_nan, page, table, write_page
 
 __all__ = ["render_meta_dynamics", "render_meta_dynamics_svg", "write_meta_dynamics"]
 
 _WIDTH, _HEIGHT = 700, 300
 _LABELS = {"self": "self", "label": "label", "chunk": "chunk"}
-
-
-def _num(x: Any) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return float("nan")
-    return v if math.isfinite(v) else float("nan")
 
 
 def _marks(d: dict[str, Any]) -> list[tuple]:
@@ -35,19 +26,19 @@ def _charts(d: dict[str, Any]) -> list[str]:
     rows = [r for r in d["checkpoints"] if r["step"] > 0]
     steps = [r["step"] for r in rows]
     ph = d.get("phases", {})
-    acc = {"accuracy": (steps, [_num(r["accuracy"]) for r in rows]),
-           "random labels": (steps, [_num(r["random_label_accuracy"]) for r in rows])}
-    hl = [v for v in (_num(ph.get("one_over_tasks")), _num(ph.get("chance"))) if v == v]
+    acc = {"accuracy": (steps, [num_or_nan(r["accuracy"]) for r in rows]),
+           "random labels": (steps, [num_or_nan(r["random_label_accuracy"]) for r in rows])}
+    hl = [v for v in (num_or_nan(ph.get("one_over_tasks")), num_or_nan(ph.get("chance"))) if v == v]
     c1 = line_chart(acc, title="Query accuracy (held out; reference lines at 1/T and chance)", xlabel="training step",
                     logx=True, width=_WIDTH, height=_HEIGHT, ylim=(0, 1), hlines=hl, vlines=_marks(d), points=False)
-    att = {_LABELS[k]: (steps, [_num(r[k]) for r in rows]) for k in ("self", "label", "chunk")}
+    att = {_LABELS[k]: (steps, [num_or_nan(r[k]) for r in rows]) for k in ("self", "label", "chunk")}
     c2 = line_chart(att, title="Layer-0 attention: self (query->query), label (query->labels), chunk (label->its example)",
                     xlabel="training step", logx=True, width=_WIDTH, height=_HEIGHT,
                     ylim=(0, 1), vlines=_marks(d), points=False)
     charts = [c1, c2]
     n_layers = len(rows[0].get("per_layer", {}).get("self", [])) if rows else 0
     if n_layers > 1:
-        last = {f"{k} (layer {n_layers - 1})": (steps, [_num(r["per_layer"][k][-1]) for r in rows]) for k in ("self", "label")}
+        last = {f"{k} (layer {n_layers - 1})": (steps, [num_or_nan(r["per_layer"][k][-1]) for r in rows]) for k in ("self", "label")}
         charts.append(line_chart(last, title="Last-layer attention of the query", xlabel="training step", logx=True,
                                  width=_WIDTH, height=_HEIGHT, ylim=(0, 1), vlines=_marks(d), points=False))
     return charts
@@ -55,10 +46,7 @@ def _charts(d: dict[str, Any]) -> list[str]:
 
 def render_meta_dynamics_svg(d: dict[str, Any]) -> str:
     """Both line charts stacked in one standalone SVG on a white background."""
-    inner = [c.replace("<svg ", f'<svg y="{i * (_HEIGHT + 10)}" ', 1) for i, c in enumerate(_charts(d))]
-    h = len(inner) * (_HEIGHT + 10)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{_WIDTH}" height="{h}" style="background:#fff">'
-            f'<rect width="100%" height="100%" fill="#fff"/>{"".join(inner)}</svg>')
+    return stacked_svg(_charts(d), _WIDTH, _HEIGHT)
 
 
 def _token_names(n_pos: int) -> list[str]:
@@ -74,7 +62,7 @@ def _patterns(d: dict[str, Any]) -> str:
             continue
         for layer, mat in enumerate(p["pattern"]):
             names = _token_names(len(mat))
-            cells = [[_num(v) if k <= q else None for k, v in enumerate(row)] for q, row in enumerate(mat)]
+            cells = [[num_or_nan(v) if k <= q else None for k, v in enumerate(row)] for q, row in enumerate(mat)]
             out.append("<figure>" + heatmap(cells, names, names, title=f"layer {layer}, step {p['step']} ({title})",
                                             vmin=0, vmax=1, cell=14, row_title="query position", col_title="key position")
                        + "</figure>")

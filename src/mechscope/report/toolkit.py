@@ -93,6 +93,15 @@ def finite(x: Any) -> float:
     return f if math.isfinite(f) else 0.0
 
 
+def num_or_nan(x: Any) -> float:
+    """A float, or NaN for a missing, non-numeric or non-finite value (a gap in a line chart)."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return f if math.isfinite(f) else math.nan
+
+
 # ---- colours --------------------------------------------------------------------------------
 def color(value: float | None, vmin: float, vmax: float, diverging: bool = False) -> str:
     """Hex colour of ``value`` on a sequential (white -> blue) or diverging (red <- white ->
