@@ -156,9 +156,13 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
 
     out = tmp_path / "g"
     r = run("When Mary and John went to the store", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,
-            "--out", str(out), "--json")
+            "--out", str(out), "--json", "--qk", "2:3:5:2")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
+    qk = json.loads((out / "qk.json").read_text())
+    assert s["qk"] == qk and qk[0]["layer"] == 2 and qk[0]["key_pos"] == 2
+    assert qk[0]["n_query_components"] <= 20  # all listed, so the shares add up to the score
+    assert abs(sum(c["value"] for c in qk[0]["query_side"]) - qk[0]["score"]) < 1e-3
     assert 0 <= s["replacement_score"] <= 1 and s["nodes_kept"] > 0
     doc = json.loads((out / "graph.json").read_text())
     ids = {n["node_id"] for n in doc["nodes"]}
@@ -174,6 +178,9 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
         (["--transcoders", str(tmp_path / "missing")], "not a folder"),
         (["--target", " Mary and John"], "one token"),
         (["--node-threshold", "1.5"], "between 0 and 1"),
+        (["--qk", "9:0:1:0"], "layer 9 does not exist"),
+        (["--qk", "1:0:1:3"], "key position <= query position"),
+        (["--qk", "1:0:x"], "LAYER:HEAD:QUERY_POS:KEY_POS"),
     ]
     for extra, needle in bad:
         args = ["When Mary went", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,
@@ -195,6 +202,12 @@ def test_report_escapes_tokens(tiny_llama, tmp_path):
     assert "<script>alert(1)" not in page and "<b>prompt</b>" not in page
     assert page.count("<script") == 2  # the data element and the drawing script, nothing injected
     assert "alert(1)" in page  # the hostile token is there, as escaped data
+    qk = [{"layer": 1, "head": 0, "query_pos": 3, "key_pos": 1, "score": 0.5, "weight": 0.2,
+           "top_pairs": [{"query_label": "token '<img src=x onerror=alert(2)>' @3", "key_label": "<i>k</i>", "value": 0.4}],
+           "query_side": [{"label": "<svg onload=alert(3)>", "value": 0.5}], "key_side": []}]
+    page = render_attribution(doc, qk=qk)
+    assert "<img src=x" not in page and "<svg onload" not in page and "<i>k</i>" not in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page and "QK attribution" in page
 
 
 def test_local_circuit_of_a_feature(tiny_llama):

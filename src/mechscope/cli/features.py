@@ -4,6 +4,7 @@ per batch for all layers), evaluate one."""
 
 from __future__ import annotations
 
+import json as _json
 import math
 import sys
 import time
@@ -44,6 +45,7 @@ def attribute(
     edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Cumulative influence kept by edge pruning."),
     batch_size: int = typer.Option(32, "--batch-size", help="Targets per backward pass."),
     max_links: int = typer.Option(50_000, "--max-links", help="Cap on links written to graph.json (strongest kept)."),
+    qk: Optional[list[str]] = typer.Option(None, "--qk", help="LAYER:HEAD:QUERY_POS:KEY_POS: split that attention score into query-side x key-side node pairs (repeatable; qk.json and the report)."),
     out: Path = typer.Option(..., "--out", help="Output folder (written complete or not at all)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -81,15 +83,22 @@ def attribute(
             fail(f"--target-feature {target_feature!r} is not LAYER:FEATURE:POS (three non-negative integers, e.g. 12:345:7).")
         if target:
             fail("give either --target (logits) or --target-feature (a local circuit), not both.")
+    from mechscope.features.qk import check_edge, parse_qk_spec, qk_attribution
+
+    qk_edges = [parse_qk_spec(s) for s in qk or []]
+    for edge in qk_edges:
+        check_edge(m, len(ids), *edge)
     g = run_attribute(m, tset, ids, targets=targets, max_features=max_features, batch_size=batch_size, target_feature=tf,
                       progress=not json)
+    qk_docs = [qk_attribution(m, tset, ids, *edge).to_dict() for edge in qk_edges]
     pr = prune(g, node_threshold, edge_threshold)
     doc = graph_json(g, pr, m.tokenizer, slug=out.name, prompt=prompt, scan=str(transcoders), node_threshold=node_threshold,
                      max_links=max_links)
     from mechscope.report.attribution import render_attribution
 
-    html = render_attribution(doc)
-    save_graph_folder(g, doc, out, {"report.html": html})
+    html = render_attribution(doc, qk=qk_docs)
+    extra = {"report.html": html} | ({"qk.json": _json.dumps(qk_docs, indent=1)} if qk_docs else {})
+    save_graph_folder(g, doc, out, extra)
     gen = doc["metadata"]["generator"]
     summary = {
         "out": str(out), "n_tokens": len(ids), "n_active_features": g.n_active, "n_features_with_rows": g.n_features,
@@ -98,6 +107,7 @@ def attribute(
         "pruned_replacement_score": gen["pruned_replacement_score"],
         "pruned_completeness_score": gen["pruned_completeness_score"], "seconds": g.settings["seconds"],
         "logits": [{"token": m.tokenizer.decode([int(t)]), "prob": float(p)} for t, p in zip(g.logit_tokens, g.logit_probs)],
+        "qk": qk_docs,
     }
     if json:
         return emit_json(summary)
@@ -110,6 +120,11 @@ def attribute(
     )
     if gen["links_written"] < gen["links_total"]:
         console.print(f"graph.json holds the {gen['links_written']:,} strongest of {gen['links_total']:,} links (--max-links).", highlight=False)
+    for d in qk_docs:
+        top = d["top_pairs"][0] if d["top_pairs"] else None
+        lead = f"; largest pair {top['query_label']} x {top['key_label']} {top['value']:+.3f}" if top else ""
+        console.print(f"QK L{d['layer']}.H{d['head']} {d['query_pos']}->{d['key_pos']}: score {d['score']:+.3f} "
+                      f"(weight {d['weight']:.3f}){lead}", highlight=False, markup=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
 
 

@@ -4,6 +4,7 @@
     tset = train_transcoders(model, TranscoderTrainConfig(tokens=300_000), "runs/tc")   # every layer, one harvest
     report = evaluate_transcoders_on_corpus(model, tset)     # per-layer FVU, L0, CE recovered; all layers spliced
     tset = load_transcoders("runs/tc")                        # mechscope or circuit-tracer layout
+    qk_attribution(model, tset, tokens, layer=5, head=3, query_pos=9, key_pos=4).top_pairs()   # why a head reads there
 
 The config (``features.config``, no torch) is imported with the package; the other names load
 on first use.
@@ -17,7 +18,8 @@ from mechscope.features.config import TranscoderTrainConfig
 __all__ = [
     "AttributionGraph", "TranscoderSet", "TranscoderTrainConfig", "attribute", "evaluate_transcoders",
     "evaluate_transcoders_on_corpus", "intervene", "load_graph", "load_transcoder_layers", "load_transcoders", "prune",
-    "random_transcoders", "save_transcoders", "scores", "train_transcoders", "virtual_weights",
+    "QKAttribution", "qk_attribution", "random_transcoders", "save_transcoders", "scores", "train_transcoders",
+    "virtual_weights",
 ]
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/t
     from mechscope.features.graph_files import load_graph
     from mechscope.features.intervene import intervene
     from mechscope.features.prune import prune, scores
+    from mechscope.features.qk import QKAttribution, qk_attribution
     from mechscope.features.train import train_transcoders
     from mechscope.features.transcoder_set import (
         TranscoderSet,
@@ -43,4 +46,5 @@ lazy_exports(__name__, {
     "random_transcoders": "transcoder_set", "save_transcoders": "transcoder_set",
     "AttributionGraph": "attribute", "attribute": "attribute", "prune": "prune", "scores": "prune",
     "intervene": "intervene", "load_graph": "graph_files", "virtual_weights": "weights",
+    "QKAttribution": "qk", "qk_attribution": "qk",
 })

@@ -14,11 +14,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechscope.report.toolkit import fmt, json_script, page, write_page
+from mechscope.report.toolkit import esc, fmt, json_script, page, table, write_page
 
 
-def render_attribution(doc: dict) -> str:
-    """The page for one ``graph.json`` document (module docstring)."""
+def _qk_section(qk: list[dict]) -> str:
+    """Tables of the QK attributions (``mechscope.features.qk``): per attention edge, the
+    largest query-side x key-side pairs and each side's largest components."""
+    if not qk:
+        return ""
+    parts = ['<section class="qk"><h2>Where the heads read from (QK attribution)</h2><p>Each attention score split '
+             "exactly into query-side node x key-side node pairs (norm scales frozen, as in the graph); the rows sum to "
+             "the score.</p>"]
+    for d in qk:
+        parts.append(f"<h3>Layer {esc(d['layer'])}, head {esc(d['head'])}: query position {esc(d['query_pos'])} "
+                     f"&rarr; key position {esc(d['key_pos'])}</h3><p>score {fmt(d['score'])}, attention weight "
+                     f"{fmt(d['weight'])}</p>")
+        parts.append(table(["query side", "key side", "contribution"],
+                           [[p["query_label"], p["key_label"], p["value"]] for p in d.get("top_pairs", [])[:12]]))
+        parts.append(table(["query-side component", "share"], [[c["label"], c["value"]] for c in d.get("query_side", [])[:8]]))
+        parts.append(table(["key-side component", "share"], [[c["label"], c["value"]] for c in d.get("key_side", [])[:8]]))
+    return "".join(parts) + "</section>"
+
+
+def render_attribution(doc: dict, qk: list[dict] | None = None) -> str:
+    """The page for one ``graph.json`` document (module docstring), with the QK attributions
+    of ``mechscope attribute --qk`` below the graph when given."""
     meta = doc.get("metadata", {})
     gen = meta.get("generator", {})
     capped = ""
@@ -29,10 +49,10 @@ def render_attribution(doc: dict) -> str:
             f"Replacement score {fmt(gen.get('replacement_score'), 2)} (pruned {fmt(gen.get('pruned_replacement_score'), 2)}), "
             f"completeness {fmt(gen.get('completeness_score'), 2)} (pruned {fmt(gen.get('pruned_completeness_score'), 2)}).{capped}")
     body = ('<div id="attr"><div id="graph"></div><aside id="side"><p>Click a node.</p></aside></div>'
-            + json_script("graph-data", doc))
+            + json_script("graph-data", doc) + _qk_section(qk or []))
     return page(f"Attribution graph: {meta.get('prompt', '')}", body, kind="attribution graph", subtitle=info,
                 css=("attribution.css",), js=("attribution.js",))
 
 
-def write_attribution(doc: dict, path: str | Path) -> Path:
-    return write_page(render_attribution(doc), path)
+def write_attribution(doc: dict, path: str | Path, qk: list[dict] | None = None) -> Path:
+    return write_page(render_attribution(doc, qk), path)
