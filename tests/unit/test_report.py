@@ -335,6 +335,16 @@ def sample_binding_interchange() -> dict:
                         "trace": [{"site": IMG, "position": 3, "role": EVIL, "accuracy": 1.0}]}}
 
 
+def sample_vision_eap() -> dict:
+    curve = [{"n_edges": k, "n_edges_after_pruning": k, "fraction": k / 110, "faithfulness": f, "random": 0.01}
+             for k, f in ((1, 0.0), (11, 0.3), (55, 0.9), (110, 1.0))]
+    return {"schema_version": 1, "kind": "vision-eap", "clean_class": EVIL, "corrupt_class": IMG, "method": "eap-ig",
+            "steps": 5, "n_edges": 110, "n_pairs": {"fit": 40, "held_out": 30}, "accuracy": {"clean": 0.9, "corrupt": 0.8},
+            "chosen": {"n_edges": 20, "fraction": 20 / 110, "faithfulness_fit": 0.81,
+                       "held_out": {"faithfulness": 0.8, "ci_low": 0.7, "ci_high": 0.9}},
+            "curve": curve, "top_edges": [{"sender": PWN, "receiver": EVIL, "score": -0.5}]}
+
+
 def _pages() -> list[tuple[str, str, dict, int]]:
     """(page module, render/write suffix, sample data, script elements the page has of its own)."""
     return [
@@ -348,6 +358,7 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("dashboard", "dashboard", sample_dashboard(), 0),
         ("sae_eval", "sae_eval", sample_sae_eval(), 0),
         ("vision", "vision", sample_vision(), 0),
+        ("vision_eap", "vision_eap", sample_vision_eap(), 0),
         ("binding", "binding_dynamics", sample_binding_dynamics(), 0),
         ("binding", "binding_interchange", sample_binding_interchange(), 1),  # tooltip.js
     ]

@@ -15,7 +15,7 @@ both by the trapezoid rule on the fraction axis from the smallest evaluated size
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,16 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class CircuitEvaluator(Protocol):
+    """What the curve, the random baseline and the selection need of an evaluator: the graph
+    and the faithfulness of a stack of circuits. ``Evaluator`` (language models) and
+    ``vision.eap.ViTEvaluator`` (the ViT) both provide it."""
+
+    graph: Graph
+
+    def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -110,7 +120,7 @@ def bootstrap_faithfulness(circ: torch.Tensor, clean: torch.Tensor, corrupt: tor
     boots = faith(torch.randint(0, n, (n_boot, n), generator=gen))
     boots = boots[~boots.isnan()]
     a = (1 - level) / 2
-    lo, hi = (torch.quantile(boots, torch.tensor([a, 1 - a])).tolist() if len(boots) else (float("nan"),) * 2)
+    lo, hi = (torch.quantile(boots, torch.tensor([a, 1 - a], dtype=boots.dtype)).tolist() if len(boots) else (float("nan"),) * 2)
     return {"faithfulness": point, "ci_low": float(lo), "ci_high": float(hi), "level": level, "n_pairs": n,
             "n_boot": n_boot}
 
@@ -120,7 +130,7 @@ def curve_sizes(graph: Graph, fractions=CURVE_FRACTIONS) -> list[int]:
 
 
 def faithfulness_curve(
-    ev: Evaluator, ranking: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
+    ev: CircuitEvaluator, ranking: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
 ) -> list[dict]:
     """Faithfulness of the top-k circuit (and of random circuits) for each k in ``sizes``.
 
@@ -142,7 +152,7 @@ def faithfulness_curve(
     ]
 
 
-def random_baseline(ev: Evaluator, sizes: list[int], seeds: int = 2) -> list[float]:
+def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2) -> list[float]:
     """Mean faithfulness of circuits of k uniformly random edges (no pruning)."""
     g = ev.graph
     out = []
@@ -168,7 +178,7 @@ def cpr_cmd(curve: list[dict]) -> tuple[float, float]:
 
 
 def smallest_faithful(
-    ev: Evaluator, ranking: torch.Tensor, target: float = 0.8, max_iters: int = 12
+    ev: CircuitEvaluator, ranking: torch.Tensor, target: float = 0.8, max_iters: int = 12
 ) -> tuple[int, float]:
     """Smallest top-k (pruned) circuit whose faithfulness on ``ev`` reaches ``target``.
 

@@ -164,3 +164,43 @@ def attack(
     console.print(f"attack success {b['attack_success']:.3f} -> {a['attack_success']:.3f}; clean accuracy "
                   f"{b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f} ({res['clean_accuracy_drop_points']:.1f} points)", highlight=False)
     console.print(f"report: {report}", highlight=False)
+
+
+@vision_app.command("eap")
+@handles_errors
+def eap(
+    model: Path = ModelDirOpt,
+    clean: str = typer.Option(..., "--clean", help="The clean images' class (index or name)."),
+    corrupt: str = typer.Option(..., "--corrupt", help="The corrupt images' class: each clean image is paired with one of it."),
+    n: int = typer.Option(64, "--n", help="Image pairs for scoring (training split) and for the test (held-out split)."),
+    method: str = typer.Option("eap-ig", "--method", help="eap or eap-ig."),
+    steps: int = typer.Option(5, "--steps", help="EAP-IG interpolation steps."),
+    target: float = typer.Option(0.8, "--target", help="Faithfulness the chosen circuit reaches on the scoring pairs."),
+    seed: int = SeedOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    json: bool = JsonOpt,
+) -> None:
+    """EAP / EAP-IG over a ViT's heads and MLPs with clean/corrupt image pairs: the language tools' graph, ranking and
+    faithfulness curve on images; writes eap.json and report.html."""
+    _threads()
+    from mechscope.report.vision_eap import write_vision_eap
+    from mechscope.vision.eap import vision_eap
+    from mechscope.vision.models import load_vision_model
+
+    res = vision_eap(load_vision_model(model), clean, corrupt, n=n, method=method, steps=steps,
+                     target=target, seed=seed)
+    d = res.to_dict()
+    out_dir = Path(out or fresh_dir("vision-eap"))
+    res.save(out_dir)
+    report = write_vision_eap(d, out_dir / "report.html")
+    if json:
+        return emit_json({"out": str(out_dir), "report": str(report), **d})
+    ch, held = d["chosen"], d["chosen"]["held_out"]
+    at = {round(c["fraction"], 3): c for c in d["curve"]}
+    five = at.get(0.05)
+    extra = f"; at 5% of edges {five['faithfulness']:.2f} (random {five['random']:.2f})" if five else ""
+    console.print(f"{d['clean_class']} vs {d['corrupt_class']}: {ch['n_edges']:,} of {d['n_edges']:,} edges "
+                  f"({100 * ch['fraction']:.1f}%), faithfulness {ch['faithfulness_fit']:.2f} on the scoring pairs, "
+                  f"{held['faithfulness']:.2f} (95% interval {held['ci_low']:.2f}-{held['ci_high']:.2f}) on "
+                  f"{d['n_pairs']['held_out']} held-out pairs{extra}", highlight=False)
+    console.print(f"report: {report}", highlight=False)

@@ -6,6 +6,7 @@
     circ.units, circ.tests["accuracy_drop"], circ.tests["logit_share"]
     run_composition(vm, CircuitConfig(k=5))            # overlay class vs the union of its parts
     run_attack(vm, CircuitConfig(k=5))                 # typographic analogue: prune the mark's circuit
+    vision_eap(vit, clean="3", corrupt="8")            # EAP-IG over a ViT's heads and MLPs (the language graph)
 
 Data: scikit-learn's bundled digits and procedural shapes (``vision.data``); models: a small
 CNN and ViT (``vision.models``), safetensors + JSON. The configs (``vision.config``, no torch)
@@ -20,7 +21,7 @@ from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig
 __all__ = [
     "CircuitConfig", "Concept", "DataConfig", "TrainConfig", "VisionCircuit", "VisionModel", "build_dataset",
     "edge_attributions", "find_circuit", "load_vision_model", "resolve_concept", "run_attack", "run_circuit",
-    "run_composition", "test_circuit", "train_model",
+    "run_composition", "test_circuit", "train_model", "vision_eap",
 ]
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/t
     from mechscope.vision.circuit import VisionCircuit, edge_attributions, find_circuit
     from mechscope.vision.concept import Concept, resolve_concept
     from mechscope.vision.data import build_dataset
+    from mechscope.vision.eap import vision_eap
     from mechscope.vision.models import VisionModel, load_vision_model
     from mechscope.vision.run import run_attack, run_circuit, run_composition
     from mechscope.vision.train import train_model
@@ -36,7 +38,7 @@ lazy_exports(__name__, {
     "Concept": "concept", "resolve_concept": "concept",
     "VisionCircuit": "circuit", "edge_attributions": "circuit", "find_circuit": "circuit",
     "VisionModel": "models", "load_vision_model": "models",
-    "build_dataset": "data",
+    "build_dataset": "data", "vision_eap": "eap",
     "test_circuit": "causal",
     "run_attack": "run", "run_circuit": "run", "run_composition": "run",
     "train_model": "train",
