@@ -109,8 +109,8 @@ class _Bar:
         self.owner, self.open = owner, True
         leave = owner.depth == 0  # a top-level phase stays on screen; nested ones go when done
         owner.depth += 1
-        self.bar: Any = tqdm(total=total, initial=initial, desc=name, unit=unit, leave=leave,
-                             file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        self.bar: Any = tqdm(total=total, initial=initial, desc=name, unit=unit, leave=leave, file=sys.stderr,
+                             unit_scale=unit == "tok", dynamic_ncols=True, smoothing=0.1)  # tokens as 1.2M
 
     def __enter__(self) -> _Bar:
         return self
@@ -186,6 +186,8 @@ class _RecPhase:
         if metrics:
             self.rec.metrics.append(dict(metrics))
         self.owner.events.append(Event("advance", self.rec.name, n, self.rec.total, self.rec.unit, dict(metrics)))
+        if n and self.owner.interrupt_at.get(self.rec.name) == self.rec.count:
+            raise KeyboardInterrupt(f"Recorder: interrupted at {self.rec.name} {self.rec.count}")
 
     def close(self) -> None:
         if not self.rec.closed:
@@ -197,11 +199,14 @@ class _RecPhase:
 
 
 class Recorder:
-    """Keeps every event in ``events`` and every phase, in the order opened, in ``phases``."""
+    """Keeps every event in ``events`` and every phase, in the order opened, in ``phases``.
+    ``interrupt_at={"training": 10}`` raises ``KeyboardInterrupt`` when that phase's count
+    reaches 10 (an interrupted run, for resume tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interrupt_at: dict[str, int] | None = None) -> None:
         self.events: list[Event] = []
         self.phases: list[PhaseRecord] = []
+        self.interrupt_at = dict(interrupt_at or {})
 
     def phase(self, name: str, total: int | None = None, unit: str = "it", initial: int = 0) -> PhaseHandle:
         return _RecPhase(self, PhaseRecord(name, total, unit, count=initial))
