@@ -127,6 +127,8 @@ class _Bar:
             self.bar.close()
 
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None:
+            self.bar.leave = False  # a failed phase clears its bar: the error is the line that stays
         self.close()
 
 

@@ -67,6 +67,11 @@ def test_bars_write_to_stderr_not_stdout(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "outer phase" in err and "4/4" in err and "loss=0.125" in err and "a status line" in err
+    with pytest.raises(KeyboardInterrupt):
+        with p.phase("failing phase", total=3):
+            raise KeyboardInterrupt
+    out, err = capsys.readouterr()
+    assert out == "" and "\n" not in err  # a failed phase leaves no line behind (the error message is the line)
 
 
 def _toy(tmp_path):
