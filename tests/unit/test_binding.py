@@ -12,6 +12,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
+from mechscope.progress import Recorder
 
 
 def resolve(text: str) -> tuple[str, int, str]:
@@ -100,12 +101,11 @@ def test_resume_gives_the_same_model(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train_binding(tiny(), whole)
 
-    def crash(step, loss):
-        if step == 8:
-            raise KeyboardInterrupt
+    def crash():  # interrupted after step 8, before its checkpoint
+        return Recorder(interrupt_at={"training": 8})
 
     with pytest.raises(KeyboardInterrupt):
-        train_binding(tiny(), broken, progress=crash)
+        train_binding(tiny(), broken, progress=crash())
     assert (broken / "last" / "state.safetensors").is_file() and not (broken / "ckpt_000010").exists()
     train_binding(tiny(), broken)
     a = load_file(str(whole / "ckpt_000010" / "model.safetensors"))

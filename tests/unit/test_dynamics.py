@@ -11,6 +11,7 @@ from mechscope.errors import MechscopeError
 from mechscope.heads.dynamics import DynamicsConfig, DynamicsResult, dynamics, find_checkpoints, formation_step
 from mechscope.heads.toydata import DataConfig, ToyData
 from mechscope.heads.train import ToyConfig, schedule, train_toy
+from mechscope.progress import Recorder
 
 
 def tiny_cfg(steps: int = 24) -> ToyConfig:
@@ -74,12 +75,11 @@ def test_resume_gives_the_same_model(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train_toy(tiny_cfg(12), whole)
 
-    def crash(step, loss):
-        if step == 10:
-            raise KeyboardInterrupt
+    def crash():  # interrupted after step 10, before its checkpoint
+        return Recorder(interrupt_at={"training": 10})
 
     with pytest.raises(KeyboardInterrupt):
-        train_toy(tiny_cfg(12), broken, progress=crash)
+        train_toy(tiny_cfg(12), broken, progress=crash())
     assert (broken / "last" / "state.safetensors").is_file()  # no pickle: safetensors + JSON metadata
     assert not list(broken.rglob("*.pt"))
     train_toy(tiny_cfg(12), broken)
@@ -91,7 +91,7 @@ def test_resume_gives_the_same_model(tmp_path):
     # a damaged resume state is one clear sentence, not a traceback
     bad = tmp_path / "bad"
     with pytest.raises(KeyboardInterrupt):
-        train_toy(tiny_cfg(12), bad, progress=crash)
+        train_toy(tiny_cfg(12), bad, progress=crash())
     (bad / "last" / "state.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MechscopeError, match="not a readable resume state"):
         train_toy(tiny_cfg(12), bad)

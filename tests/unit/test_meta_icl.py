@@ -14,6 +14,7 @@ from mechscope.errors import MechscopeError
 from mechscope.icl.meta_config import MetaConfig, MetaDataConfig, MetaDynamicsConfig
 from mechscope.icl.meta_data import MetaData, example_positions, label_positions, query_position
 from mechscope.icl.meta_metrics import attention_metrics, peak_step, plateaus
+from mechscope.progress import Recorder
 
 EVIL = "<script>alert(1)</script>"
 
@@ -123,12 +124,11 @@ def test_resume_is_exact(tmp_path, optimizer):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train_meta(cfg, whole)
 
-    def crash(step, loss):
-        if step == 9:
-            raise KeyboardInterrupt
+    def crash():  # interrupted after step 9, before its checkpoint
+        return Recorder(interrupt_at={"training": 9})
 
     with pytest.raises(KeyboardInterrupt):
-        train_meta(cfg, broken, progress=crash)
+        train_meta(cfg, broken, progress=crash())
     assert (broken / "last" / "state.safetensors").is_file() and not list(broken.rglob("*.pt"))
     assert "seconds" in json.loads((broken / "train.json").read_text())  # saved with the state, so a resume adds to it
     train_meta(cfg, broken)
@@ -143,7 +143,7 @@ def test_resume_is_exact(tmp_path, optimizer):
         train_meta(tiny(13, optimizer), broken)
     bad = tmp_path / "bad"
     with pytest.raises(KeyboardInterrupt):
-        train_meta(cfg, bad, progress=crash)
+        train_meta(cfg, bad, progress=crash())
     (bad / "last" / "state.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MechscopeError, match="not a readable resume state"):
         train_meta(cfg, bad)

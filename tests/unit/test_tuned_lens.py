@@ -22,6 +22,7 @@ from mechscope.lens.tuned_train import harvest_residuals, train_tuned_lens
 from mechscope.models.hooks import FINAL_NORM_IN, resid_post, resid_pre
 from mechscope.models.prompt import encode_prompt
 from mechscope.models.unembed import final_norm, project
+from mechscope.progress import Recorder
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 TEXT = (
@@ -154,13 +155,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_llama, corpus, tmp_pat
     cfg = TunedLensTrainConfig(**{**SMALL, "kl_steps": 7})
     straight = train_tuned_lens(tiny_llama, corpus, cfg, tmp_path / "straight")
 
-    def stop_at_5(p):
-        if p.get("step") == 5:
-            raise KeyboardInterrupt
-
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        train_tuned_lens(tiny_llama, corpus, cfg, out, progress=stop_at_5)
+        train_tuned_lens(tiny_llama, corpus, cfg, out, progress=Recorder(interrupt_at={"KL fine-tune": 5}))
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
     with pytest.raises(MechscopeError, match="add --resume"):
         train_tuned_lens(tiny_llama, corpus, cfg, out)

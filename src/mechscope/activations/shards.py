@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.activations.store import Harvester, StoreConfig, pack_contexts
 from mechscope.errors import MechscopeError
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -50,7 +51,7 @@ def harvest(
     n_tokens: int,
     shard_tokens: int = 32768,
     corpus_spec: str | None = None,
-    progress: bool = True,
+    progress: ProgressArg = True,
 ) -> dict[str, Any]:
     """Write at least ``n_tokens`` rows per hook to ``out_dir`` (resuming); returns the manifest."""
     out = Path(out_dir)
@@ -80,11 +81,7 @@ def harvest(
     done = {s["file"] for s in manifest["shards"]}
     _write_manifest(out, manifest)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_shards * cps * rpc, unit="tok", unit_scale=True, desc="harvest", smoothing=0.1)
+    bar = as_progress(progress).phase("harvest", total=n_shards * cps * rpc, unit="tok")
     contexts = pack_contexts(model.tokenizer, _cycle(corpus), cfg.context_len)
     try:
         for i in range(n_shards):
@@ -93,8 +90,7 @@ def harvest(
                 break
             name = _shard_name(i)
             if name in done:
-                if bar is not None:
-                    bar.update(len(block) * rpc)
+                bar.advance(len(block) * rpc)
                 continue
             parts: dict[str, list[torch.Tensor]] = {h: [] for h in cfg.hooks}
             for j in range(0, len(block), cfg.batch_size):
@@ -102,8 +98,7 @@ def harvest(
                 rows = harvester.run(tokens)
                 for h, t in rows.items():
                     parts[h].append(t.to("cpu"))
-                if bar is not None:
-                    bar.update(tokens.shape[0] * rpc)
+                bar.advance(tokens.shape[0] * rpc)
             tensors = {h: torch.cat(p).contiguous() for h, p in parts.items()}
             tensors[TOKENS_KEY] = torch.tensor(block, dtype=torch.int32)[:, cfg.skip_first :].reshape(-1).contiguous()
             tmp = out / (name + ".tmp")
@@ -113,8 +108,7 @@ def harvest(
             manifest["shards"].sort(key=lambda s: s["file"])
             _write_manifest(out, manifest)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     manifest["n_tokens"] = sum(s["rows"] for s in manifest["shards"])
     manifest["complete"] = manifest["n_tokens"] >= n_tokens
     _write_manifest(out, manifest)

@@ -27,6 +27,7 @@ from mechscope.activations.config import DTYPE_NAMES, StoreConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, needs_split_attention
 from mechscope.models.load import plain_attention
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -137,7 +138,7 @@ class Harvester:
 class ActivationStore:
     """Shuffled activations streamed from a corpus: ``next_batch(n) -> {hook: [n, d]}``."""
 
-    def __init__(self, model: Model, corpus: Iterable[str], cfg: StoreConfig, progress: bool = False):
+    def __init__(self, model: Model, corpus: Iterable[str], cfg: StoreConfig, progress: ProgressArg = False):
         self.cfg = cfg
         self.harvester = Harvester(model, cfg)
         self.corpus = corpus
@@ -149,11 +150,7 @@ class ActivationStore:
         self._n = 0  # valid rows in the buffer
         self._out: dict[str, torch.Tensor] | None = None
         self._out_pos = 0
-        self._bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(unit="tok", unit_scale=True, desc="harvesting", smoothing=0.1)
+        self._bar = as_progress(progress).phase("harvesting", unit="tok")
 
     def _documents(self) -> Iterator[str]:
         while True:
@@ -181,8 +178,7 @@ class ActivationStore:
             return None
         tokens = torch.tensor(ctx, dtype=torch.long)
         self.tokens_seen += tokens.numel()
-        if self._bar is not None:
-            self._bar.update(tokens.numel())
+        self._bar.advance(tokens.numel())
         return self.harvester.run(tokens)
 
     def _fill(self) -> bool:
@@ -258,5 +254,4 @@ class ActivationStore:
         return self.batches(4096)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._bar.close()

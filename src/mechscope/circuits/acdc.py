@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from mechscope.circuits.select import receiver_owner
 from mechscope.graph import Graph
@@ -51,6 +50,7 @@ from mechscope.patching.engine import (
     source_activations,
 )
 from mechscope.patching.suffix import SuffixRunner
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def acdc(
     ablation: Ablation = "patching",
     metric: Literal["kl", "task"] = "kl",
     k_batch: int | None = None,
-    progress: bool = False,
+    progress: ProgressArg = False,
     checkpoint: str | Path | None = None,
     max_seconds: float | None = None,
     suffix: bool = True,
@@ -148,7 +148,8 @@ def acdc(
         mask, scores, start, extra = _load_state(checkpoint, settings)
         score.n_forward += extra
     current = float(score(mask[None], graph.receiver_layer(start))[0])
-    bar = tqdm(total=graph.n_edges, desc="acdc", disable=not progress, leave=False)
+    done = int(graph.allowed[:, start + 1:].sum())  # edges of the receivers a resumed run already visited
+    bar = as_progress(progress).phase("acdc (edges tried)", total=graph.n_edges, unit="edge", initial=done)
     complete = True
     visited = 0
     for r in range(start, -1, -1):
@@ -156,7 +157,7 @@ def acdc(
         ow = owners[r]
         if ow and not any(((1 - mask[o]) * graph.allowed[o]).sum() > 0 for o in ow):
             mask[cands, r] = 1.0  # node cut off from the output: its inputs cannot matter
-            bar.update(len(cands))
+            bar.advance(len(cands))
             visited += len(cands)
             continue
         i, k = 0, 1
@@ -170,7 +171,7 @@ def acdc(
             for j, s in enumerate(chunk):
                 scores[s, r] = float(vals[j]) - prev
                 i += 1
-                bar.update(1)
+                bar.advance(1)
                 visited += 1
                 if vals[j] - prev < tau:
                     mask[s, r] = 1.0

@@ -47,7 +47,6 @@ import contextlib
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
@@ -63,6 +62,7 @@ from mechscope.patching.engine import (
     sender_hooks,
     source_activations,
 )
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def edge_scores(
     steps: int = 5,
     ablation: Ablation = "patching",
     batch_size: int = 16,
-    progress: bool = False,
+    progress: ProgressArg = False,
     qk: QKMode = "exact",
 ) -> torch.Tensor:
     """Attribution score of every edge: float [n_senders, n_receivers] (0 where no edge).
@@ -115,7 +115,7 @@ def edge_score_folds(
     steps: int = 5,
     ablation: Ablation = "patching",
     batch_size: int = 16,
-    progress: bool = False,
+    progress: ProgressArg = False,
     qk: QKMode = "exact",
 ) -> torch.Tensor:
     """Edge scores summed per fold of examples, divided by the number of examples:
@@ -142,12 +142,12 @@ def edge_score_folds(
     bounds = torch.tensor([0] + folds).cumsum(0).tolist()
     scores = torch.zeros(len(folds), graph.n_senders, graph.n_receivers, device=dev)
     chunks = range(0, n, batch_size)
-    it = tqdm(chunks, desc=f"{method} scores", disable=not progress, leave=False)
-    with frozen(model), plain_attention(model):
+    with as_progress(progress).phase(f"{method} scores", total=len(chunks), unit="batch") as bar, \
+            frozen(model), plain_attention(model):
         heads = [HeadInputGrads(model.bridge.blocks[l].ln1.original_component,
                                 {k: v.detach() for k, v in attn_weights(model, l).items()}) for l in range(graph.n_layers)]
         exact = QKExact(graph.n_layers) if qk == "exact" and method != "eap-ig-act" else None
-        for i in it:
+        for i in chunks:
             j = min(n, i + batch_size)
             sub = batch.subset(slice(i, j)).to(dev)
             # (fold, first, last example of the fold inside this sub-batch), sub-batch indices
@@ -159,6 +159,7 @@ def edge_score_folds(
                 _accumulate_activations(model, graph, sub, src, m, scores, heads, ablation, parts)
             else:
                 _accumulate(model, graph, sub, src, m, scores, heads, parts, exact)
+            bar.advance()
     return (scores / n) * graph.allowed.to(dev)
 
 

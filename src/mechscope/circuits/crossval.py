@@ -34,12 +34,12 @@ example-runs as evaluating the grid once on all scoring pairs.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from mechscope.circuits.evaluate import Evaluator
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import Graph
 from mechscope.patching.engine import Ablation
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
 CV_FRACTIONS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
@@ -63,7 +63,7 @@ def grid_sizes(graph: Graph, fractions=CV_FRACTIONS) -> list[int]:
 @torch.no_grad()
 def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, sizes: list[int],
              method: str, rank: str = "signed", ablation: Ablation = "patching", batch_size: int = 16,
-             progress: bool = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
+             progress: ProgressArg = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
              evaluators: list[Evaluator] | None = None) -> list[dict]:
     """Cross-validated faithfulness of the top-k circuit for each k in ``sizes``.
 
@@ -82,8 +82,8 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     den = 0.0
     per_fold = []
     circ_ex, clean_ex, corrupt_ex = [], [], []  # per scoring pair, judged by its fold's circuits
-    it = tqdm(range(F), desc="cross-validating the size", disable=not progress, leave=False)
-    for f in it:
+    bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F, unit="fold")
+    for f in range(F):
         ranking = importance(total - fold_scores[f], method, rank)
         circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
         ev = (evaluators[f] if evaluators is not None else
@@ -98,6 +98,8 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
         den += n * float(ev.clean - ev.corrupt)
         gap = float(ev.clean - ev.corrupt)
         per_fold.append(((vals - ev.corrupt) / (gap if abs(gap) > 1e-9 else 1e-9)).tolist())
+        bar.advance()
+    bar.close()
     faith = num / (den if abs(den) > 1e-9 else 1e-9)
     low = _lower_bounds(torch.cat(circ_ex, 1), torch.cat(clean_ex), torch.cat(corrupt_ex), confidence, n_boot, seed)
     return [{"n_edges": int(k), "fraction": k / graph.n_edges, "faithfulness": float(faith[i]),

@@ -45,6 +45,7 @@ from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -108,8 +109,10 @@ def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: 
     return prune(graph, top_k(graph, ranking, k_cv, absolute=False))
 
 
-def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: bool = True) -> CircuitResult:
-    """Run one circuit discovery (see module docstring) and return the result."""
+def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: ProgressArg = True) -> CircuitResult:
+    """Run one circuit discovery (see module docstring) and return the result. ``progress``
+    (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
+    random circuits of the same size, the faithfulness curve, attention patterns and head roles."""
     from mechscope.tasks import get_task
 
     t0 = time.perf_counter()
@@ -120,7 +123,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     perf = check_task_performance(model, batch)
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
-    say = _Phases(progress)
+    p = as_progress(progress)
+    say = p.note
     t_score = time.perf_counter()
     use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
     folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None
@@ -129,11 +133,11 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         from mechscope.circuits.acdc import acdc
 
         ac = acdc(model, graph, score_set, tau=cfg.threshold if cfg.threshold is not None else 0.01,
-                  ablation=cfg.ablation, metric=cfg.acdc_metric, progress=progress, checkpoint=cfg.checkpoint)
+                  ablation=cfg.ablation, metric=cfg.acdc_metric, progress=p, checkpoint=cfg.checkpoint)
         scores = ac.scores
     else:
         fold_scores = edge_score_folds(model, graph, score_set, folds, cfg.method, cfg.ig_steps, cfg.ablation,
-                                       cfg.batch_size, progress=progress, qk=cfg.qk).cpu()
+                                       cfg.batch_size, progress=p, qk=cfg.qk).cpu()
         scores = fold_scores.sum(0)
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
@@ -145,10 +149,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         found = {}
         evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)  # shared by both modes
         for mode in modes:
-            say(f"cross-validating the circuit size inside the scoring pairs ({mode} ranking)")
             assert fold_scores is not None  # folds are only used with per-fold scores (not ACDC)
             c = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, mode,
-                         cfg.ablation, cfg.batch_size, progress=progress, confidence=cfg.cv_confidence, seed=cfg.seed,
+                         cfg.ablation, cfg.batch_size, progress=p, confidence=cfg.cv_confidence, seed=cfg.seed,
                          evaluators=evs)
             found[mode] = (c, *choose_size(c, cfg.target))
         rank = pick_rank(found, cfg.target) if rank == "auto" else rank
@@ -168,10 +171,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
     held = ev.faithfulness_interval(circuit, n_boot=cfg.bootstrap, seed=cfg.seed)
     faith = held["faithfulness"]
-    say("random circuits of the same size")
-    rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds)[0]
-    say("held-out faithfulness curve over circuit sizes")
-    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds)
+    with p.phase("random circuits of the same size", total=ev.passes(cfg.random_seeds), unit="pass") as bar:
+        rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds, bar=bar)[0]
+    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds, progress=p)
     cpr, cmd = cpr_cmd(curve)
     metrics = {
         "clean": float(ev.clean),
@@ -208,7 +210,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
 
     res.example = attention_patterns(model, batch, circuit_heads(res), res.node_scores())
     if cfg.labels:
-        res.labels = label_heads(model, res, batch, progress=progress)
+        res.labels = label_heads(model, res, batch, progress=p)
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
@@ -229,16 +231,3 @@ def pick_rank(found: dict[str, tuple[list[dict], int, float]], target: float) ->
 
     return min(found, key=key)
 
-
-class _Phases:
-    """One line on stderr per long phase (off when ``progress`` is False)."""
-
-    def __init__(self, progress: bool):
-        self.progress = progress
-        self.t0 = time.perf_counter()
-
-    def __call__(self, what: str) -> None:
-        if self.progress:
-            import sys
-
-            print(f"[{time.perf_counter() - self.t0:6.1f} s] {what}", file=sys.stderr, flush=True)

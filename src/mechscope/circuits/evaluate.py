@@ -24,6 +24,7 @@ from mechscope.circuits.select import importance, prune, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.patching.engine import Ablation, run_with_edge_mask, source_activations
+from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -34,13 +35,16 @@ CURVE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class CircuitEvaluator(Protocol):
-    """What the curve, the random baseline and the selection need of an evaluator: the graph
-    and the faithfulness of a stack of circuits. ``Evaluator`` (language models) and
-    ``vision.eap.ViTEvaluator`` (the ViT) both provide it."""
+    """What the curve, the random baseline and the selection need of an evaluator: the graph,
+    the faithfulness of a stack of circuits (advancing ``bar`` once per pass) and how many
+    passes that takes. ``Evaluator`` (language models) and ``vision.eap.ViTEvaluator`` (the
+    ViT) both provide it."""
 
     graph: Graph
 
-    def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor: ...
+    def faithfulness(self, circuits: torch.Tensor, bar: PhaseHandle | None = None) -> torch.Tensor: ...
+
+    def passes(self, n_masks: int) -> int: ...
 
 
 @dataclass
@@ -66,24 +70,31 @@ class Evaluator:
         self.clean, self.corrupt = self.clean_ex.mean(), self.corrupt_ex.mean()
 
     @torch.no_grad()
-    def per_example(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
-        """Per-example metric [K, n] for K patch masks [K, S, R] (1 = patched)."""
+    def per_example(self, masks: torch.Tensor, k_batch: int = 4, bar: PhaseHandle | None = None) -> torch.Tensor:
+        """Per-example metric [K, n] for K patch masks [K, S, R] (1 = patched); ``bar`` advances
+        once per patched pass (``passes`` of them)."""
         out = torch.zeros(masks.shape[0], len(self.batch))
         i = 0
         for sub, src in self._chunks:
             for j in range(0, masks.shape[0], k_batch):
                 logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[j : j + k_batch])
                 out[j : j + k_batch, i : i + len(sub)] = torch.stack([sub.per_example_metric(lg) for lg in logits]).cpu()
+                if bar is not None:
+                    bar.advance()
             i += len(sub)
         return out
 
-    def metric(self, masks: torch.Tensor, k_batch: int = 4) -> torch.Tensor:
-        """Mean metric [K] for K patch masks [K, S, R] (1 = patched)."""
-        return self.per_example(masks, k_batch).mean(1)
+    def passes(self, n_masks: int, k_batch: int = 4) -> int:
+        """Patched passes ``per_example`` makes for ``n_masks`` masks (a progress total)."""
+        return len(self._chunks) * -(-n_masks // k_batch)
 
-    def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor:
+    def metric(self, masks: torch.Tensor, k_batch: int = 4, bar: PhaseHandle | None = None) -> torch.Tensor:
+        """Mean metric [K] for K patch masks [K, S, R] (1 = patched)."""
+        return self.per_example(masks, k_batch, bar).mean(1)
+
+    def faithfulness(self, circuits: torch.Tensor, bar: PhaseHandle | None = None) -> torch.Tensor:
         """Faithfulness [K] of K circuits [K, S, R] (bool, True = kept)."""
-        vals = self.metric(self.patch_masks(circuits))
+        vals = self.metric(self.patch_masks(circuits), bar=bar)
         denom = self.clean - self.corrupt
         return (vals - self.corrupt) / (denom if abs(denom) > 1e-9 else 1e-9)
 
@@ -130,7 +141,8 @@ def curve_sizes(graph: Graph, fractions=CURVE_FRACTIONS) -> list[int]:
 
 
 def faithfulness_curve(
-    ev: CircuitEvaluator, ranking: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True
+    ev: CircuitEvaluator, ranking: torch.Tensor, sizes: list[int], random_seeds: int = 2, do_prune: bool = True,
+    progress: ProgressArg = False,
 ) -> list[dict]:
     """Faithfulness of the top-k circuit (and of random circuits) for each k in ``sizes``.
 
@@ -138,8 +150,10 @@ def faithfulness_curve(
     """
     g = ev.graph
     circuits = [prune(g, top_k(g, ranking, k, False)) if do_prune else top_k(g, ranking, k, False) for k in sizes]
-    faith = ev.faithfulness(torch.stack(circuits))
-    rand = random_baseline(ev, sizes, random_seeds)
+    total = ev.passes(len(sizes)) + len(sizes) * ev.passes(random_seeds)
+    with as_progress(progress).phase("faithfulness curve (top-k and random circuits)", total=total, unit="pass") as bar:
+        faith = ev.faithfulness(torch.stack(circuits), bar)
+        rand = random_baseline(ev, sizes, random_seeds, bar=bar)
     return [
         {
             "n_edges": int(k),
@@ -152,8 +166,9 @@ def faithfulness_curve(
     ]
 
 
-def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2) -> list[float]:
-    """Mean faithfulness of circuits of k uniformly random edges (no pruning)."""
+def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2, bar: PhaseHandle | None = None) -> list[float]:
+    """Mean faithfulness of circuits of k uniformly random edges (no pruning); ``bar`` advances
+    ``len(sizes) * ev.passes(seeds)`` times."""
     g = ev.graph
     out = []
     for k in sizes:
@@ -162,7 +177,7 @@ def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2) -> l
             gen = torch.Generator().manual_seed(1000 + s)
             rnd = torch.rand(g.n_senders, g.n_receivers, generator=gen)
             cs.append(top_k(g, rnd, k, absolute=False))
-        out.append(float(ev.faithfulness(torch.stack(cs)).mean()))
+        out.append(float(ev.faithfulness(torch.stack(cs), bar).mean()))
     return out
 
 
@@ -218,7 +233,8 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, n: int | None = None) -> dict[str, Any]:
+def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, n: int | None = None,
+                   progress: ProgressArg = False) -> dict[str, Any]:
     """Re-evaluate a saved circuit on ``model``: the held-out half of the pairs drawn as the run
     drew them (its task, ``n``, seed and split), or of ``task``'s pairs, with its ablation.
 
@@ -236,8 +252,11 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     seed = st.get("seed", d.seed)
     batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n or st.get("n", d.n), seed=seed)
     _, test = batch.split(st.get("held_out", d.held_out), seed=seed)
+    p = as_progress(progress)
+    p.note(f"evaluating the circuit on {len(test)} held-out pairs")
     ev = Evaluator(model, g, test, st.get("ablation", d.ablation))
-    curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g))
+    curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g),
+                               progress=p)
     cpr, cmd = cpr_cmd(curve)
     return {"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
             "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve,

@@ -43,7 +43,7 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -52,6 +52,7 @@ from mechscope.graph.names import parse_node
 from mechscope.heads import HeadsConfig, HeadsResult, copying, patterns, sequences
 from mechscope.heads.result import CATEGORIES
 from mechscope.heads.weights import head_weights
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -94,13 +95,13 @@ def role_settings(cfg: HeadsConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def role_scores(model: Model, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
+def role_scores(model: Model, cfg: HeadsConfig | None = None, progress: ProgressArg = False) -> HeadsResult:
     """The head scores the roles read, computed as ``heads.head_scores`` computes them (steps 1
     and 3 of its docstring): previous-token, duplicate-token and induction shares and the BOS mass
     on ``cfg.n`` repeated random-token sequences, the eigenvalue and top-1 copying scores, and
     the example patterns. A ``HeadsResult`` without text, ICL, ablation or composition parts."""
     cfg = cfg or default_heads_config(model)
-    say = progress or (lambda _msg: None)
+    say = as_progress(progress).note
     patterns.check_heads_visible(model)
     if cfg.n < 1:
         raise MechscopeError("The number of repeated sequences for head scores must be at least 1.")
@@ -180,7 +181,7 @@ def _read_cached(folder: Path, ident: dict[str, Any]) -> HeadsResult | None:
 
 
 def cached_head_scores(model: Model, cfg: HeadsConfig | None = None, cache_dir: str | Path | None = None,
-                       progress: bool | Callable[[str], None] = False) -> tuple[HeadsResult, Path, bool]:
+                       progress: ProgressArg = False) -> tuple[HeadsResult, Path, bool]:
     """(head scores of ``model``, their cache folder, whether they came from the cache):
     read from the cache when its identity matches, else computed with ``role_scores`` and
     written there (atomically: a folder renamed into place)."""
@@ -190,9 +191,9 @@ def cached_head_scores(model: Model, cfg: HeadsConfig | None = None, cache_dir: 
     hit = _read_cached(folder, ident)
     if hit is not None:
         return hit, folder, True
-    say = _say(progress)
-    say(f"head scores of {model.summary.name} for the circuit labels (cached in {folder})")
-    res = role_scores(model, cfg, progress=lambda s: say(f"  {s}"))
+    p = as_progress(progress)
+    p.note(f"head scores of {model.summary.name} for the circuit labels (cached in {folder})")
+    res = role_scores(model, cfg, progress=p)
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -208,14 +209,6 @@ def cached_head_scores(model: Model, cfg: HeadsConfig | None = None, cache_dir: 
         print(f"warning: could not cache head scores in {folder} ({exc.strerror or exc}); set MECHSCOPE_CACHE "
               "to a writable folder", file=sys.stderr)
     return res, folder, False
-
-
-def _say(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
-    if callable(progress):
-        return progress
-    if progress:
-        return lambda s: print(f"{s}...", file=sys.stderr, flush=True)
-    return lambda _s: None
 
 
 def _explicit_heads(heads: str | Path | HeadsResult, model: Model) -> tuple[HeadsResult, str]:
@@ -340,7 +333,7 @@ def _text(name: str, role: dict[str, Any], scores: dict[str, float | None], atte
     return f"{name}: {what}"
 
 
-def label_heads(model: Model, res: Any, batch: Any, cache_dir: str | Path | None = None, progress: bool | Callable[[str], None] = True,
+def label_heads(model: Model, res: Any, batch: Any, cache_dir: str | Path | None = None, progress: ProgressArg = True,
                 heads: str | Path | HeadsResult | None = None, cfg: HeadsConfig | None = None,
                 thresholds: dict[str, float] | None = None, top_k: int = 2) -> dict[str, dict]:
     """Role and attention label of every head node of circuit ``res`` (see module docstring).

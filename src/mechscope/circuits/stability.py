@@ -24,6 +24,7 @@ from mechscope.circuits.discover import discover
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance
 from mechscope.graph import Graph
+from mechscope.progress import ProgressArg, as_progress
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,19 +75,17 @@ def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, 
     }
 
 
-def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: bool = True,
+def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: ProgressArg = True,
                    stable_threshold: float = 0.8) -> CircuitResult:
     """Run ``discover`` for seeds cfg.seed .. cfg.seed + n_seeds - 1; the first run, with
     ``stability`` filled in. Head roles are labelled on the first run only."""
     check_seeds(cfg, n_seeds)
+    p = as_progress(progress)
     runs = []
     for i in range(n_seeds):
         c = replace(cfg, seed=cfg.seed + i, labels=cfg.labels and i == 0)
-        if progress:
-            import sys
-
-            print(f"draw {i + 1} of {n_seeds} (seed {c.seed})", file=sys.stderr, flush=True)
-        runs.append(discover(model, c, progress=progress))
+        p.note(f"draw {i + 1} of {n_seeds} (seed {c.seed})")
+        runs.append(discover(model, c, progress=p))
     main = runs[0]
     main.stability = stability_summary(runs, stable_threshold)
     return main

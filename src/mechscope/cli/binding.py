@@ -26,14 +26,7 @@ def train(overrides: dict[str, Any], lines: int | None, hops: int | None, json: 
     data = {k: v for k, v in (("lines", lines), ("hops", hops), ("seed", overrides.get("seed"))) if v is not None}
     cfg = BindingConfig(**overrides, data=BindingDataConfig(**data))
     t0 = time.perf_counter()
-    if json:
-        train_binding(cfg, out)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="training", unit="step")
-        train_binding(cfg, out, progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-        bar.close()
+    train_binding(cfg, out, progress=not json)
     import json as _json
 
     log = _json.loads((Path(out) / "train.json").read_text())
@@ -54,15 +47,8 @@ def dynamics(run_dir: Path, n: int | None, out: Path | None, json: bool) -> None
     from mechscope.report.binding import write_binding_dynamics
 
     cfg = BindingEvalConfig() if n is None else BindingEvalConfig(n_per_hop=n)
-    n_ckpt = len(find_checkpoints(run_dir))
-    if json:
-        res = binding_dynamics(run_dir, cfg)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_ckpt, desc="checkpoints", unit="ckpt")
-        res = binding_dynamics(run_dir, cfg, progress=lambda i, k: bar.update(1))
-        bar.close()
+    find_checkpoints(run_dir)  # fail fast on an empty folder
+    res = binding_dynamics(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
     res.save(out_dir)
     html, svg = write_binding_dynamics(res.to_dict(), out_dir / "binding_dynamics.html")

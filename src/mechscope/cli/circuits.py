@@ -137,7 +137,7 @@ def evaluate(
     if reference:  # before loading any model, so a wrong reference fails fast
         out["reference"] = compare_with_reference(res, reference)
     m = load(model or res.model.get("source"), device)
-    figures = evaluate_saved(m, res, task=task, n=n)
+    figures = evaluate_saved(m, res, task=task, n=n, progress=not json)
     n_held_out = figures.pop("n_held_out")
     out.update(figures)
     curve, cpr, cmd = out["curve"], out["cpr"], out["cmd"]

@@ -64,19 +64,10 @@ def search(
         fail(f"--limit must be at least 1 and --layer non-negative (got {limit}, {layer}).")
     store = _open(db)
     if semantic:
-        import sys
-
         from mechscope.explain.semantic import embed_descriptions, get_embedder, semantic_search
 
         emb = get_embedder(embedder)
-
-        def progress(done: int, total: int) -> None:
-            if not json:
-                sys.stderr.write(f"\rembedding descriptions: {done:,}/{total:,}")
-                sys.stderr.flush()
-
-        if embed_descriptions(db, emb, progress=progress) and not json:
-            sys.stderr.write("\n")
+        embed_descriptions(db, emb, progress=not json)
         hits = semantic_search(store, query, emb, layer=layer, kind=kind, min_score=min_score, limit=limit)
     else:
         hits = store.search(query, layer=layer, kind=kind, min_score=min_score, limit=limit)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json as _json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -131,25 +130,6 @@ def attribute(
 transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)
 
 
-class _TrainProgress:
-    """One live line on stderr: step, tokens, tokens/s, mean and worst training-batch FVU, mean L0."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-
-    def __call__(self, s: dict) -> None:
-        if self.quiet:
-            return
-        rows = list(s["layers"].values())
-        fvu = [r["fvu"] for r in rows if not math.isnan(r["fvu"])]
-        sys.stderr.write(
-            f"\rstep {s['step']}/{s['steps']} | {s['tokens'] / 1e6:.2f}M tok | {s['tok_per_s']:,.0f} tok/s | "
-            f"FVU mean {sum(fvu) / max(1, len(fvu)):.3f} max {max(fvu, default=float('nan')):.3f} | "
-            f"L0 {sum(r['l0'] for r in rows) / len(rows):.1f}   "
-        )
-        sys.stderr.flush()
-
-
 @handles_errors
 def transcoders_train(
     out: Path = typer.Option(..., "--out", help="Folder for the set (both layouts), its training log and checkpoints."),
@@ -189,7 +169,7 @@ def transcoders_train(
         console.print(f"training {len(cfg.layers)} {cfg.arch_name} transcoders of {m.summary.name} on {tokens:,} tokens of "
                       f"{corpus or 'embedded'} (train split), one forward pass per batch for all layers -> {out}", highlight=False)
     t0 = time.perf_counter()
-    res = train_transcoders(m, cfg, out, resume=resume, model_path=model or m.summary.name, progress=_TrainProgress(json))
+    res = train_transcoders(m, cfg, out, resume=resume, model_path=model or m.summary.name, progress=not json)
     secs = time.perf_counter() - t0
     import json as _json
 
@@ -200,7 +180,6 @@ def transcoders_train(
                "tokens": log["harvest"]["tokens_trained_per_layer"], "harvest": log["harvest"], "final": final}
     if json:
         return emit_json(summary)
-    sys.stderr.write("\n")
     fvu = [r["fvu"] for r in final.values()]
     console.print(f"done in {secs:.0f} s: training-batch FVU mean {sum(fvu) / max(1, len(fvu)):.3f}, max {max(fvu, default=float('nan')):.3f}. "
                   f"Saved to {out}; evaluate with: mechscope transcoders eval {out}", highlight=False)
@@ -236,12 +215,8 @@ def transcoders_eval(
         tset.check_fits(m)
     elif max(found) >= n:
         fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
-    n_ctx = max(1, tokens // context_len)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=n_ctx, desc="evaluating", unit="ctx", file=sys.stderr, disable=json) as bar:
-        r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
-                                           progress=bar.update)
+    r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
+                                       progress=not json)
     dest = Path(out or set_dir)
     dest.mkdir(parents=True, exist_ok=True)
     html = render_transcoders_eval(r)

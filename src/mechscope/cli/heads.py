@@ -15,7 +15,6 @@ from mechscope.cli.common import (
     ModelOpt,
     console,
     emit_json,
-    err_console,
     fresh_dir,
     handles_errors,
     load,
@@ -56,7 +55,7 @@ def heads(
                       top_k=top_k, seed=seed)
     m = load(model, device)
     t0 = time.perf_counter()
-    res = head_scores(m, cfg, progress=None if json else (lambda s: err_console.print(f"[dim]{s}...[/dim]")))
+    res = head_scores(m, cfg, progress=not json)
     out_dir = Path(out or fresh_dir("heads"))
     res.save(out_dir)
     report = write_heads({**res.to_dict(), "example_patterns": res.example_patterns.tolist()}, out_dir / "heads.html")
@@ -156,14 +155,7 @@ def train_toy(
                     lr=lr, n_checkpoints=checkpoints, linear_checkpoints=linear, seed=seed,
                     data=DataConfig(vocab=vocab, seq_len=seq_len, seed=seed))
     t0 = time.perf_counter()
-    if json:
-        run(cfg, out)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="training", unit="step")
-        run(cfg, out, progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-        bar.close()
+    run(cfg, out, progress=not json)
     import json as _json
 
     log = _json.loads((Path(out) / "train.json").read_text())
@@ -198,14 +190,7 @@ def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
         data["seed"] = p["seed"]
     cfg = MetaConfig(**kw, data=MetaDataConfig(**data))
     t0 = time.perf_counter()
-    if json:
-        train_meta(cfg, out)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="training", unit="step")
-        train_meta(cfg, out, progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-        bar.close()
+    train_meta(cfg, out, progress=not json)
     import json as _json
 
     log = _json.loads((Path(out) / "train.json").read_text())
@@ -243,16 +228,9 @@ def dynamics(
         from mechscope.cli import binding
 
         return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
-    n_ckpt = len(find_checkpoints(run_dir))  # fail fast on an empty folder
+    find_checkpoints(run_dir)  # fail fast on an empty folder
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
-    if json:
-        res = run(run_dir, cfg)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_ckpt, desc="checkpoints", unit="ckpt")
-        res = run(run_dir, cfg, progress=lambda i, k: bar.update(1))
-        bar.close()
+    res = run(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
     res.save(out_dir)
     html, svg = write_dynamics(res.to_dict(), out_dir / "dynamics.html")
@@ -287,15 +265,8 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
     if wrong:
         raise MechscopeError(f"{', '.join(wrong)} do not apply to a --setting {META_SETTING} run; drop them.")
     cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if _given(ctx, "n") else {}))
-    n_ckpt = len(meta_checkpoints(run_dir))
-    if json:
-        res = meta_dynamics(run_dir, cfg)
-    else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_ckpt, desc="checkpoints", unit="ckpt")
-        res = meta_dynamics(run_dir, cfg, progress=lambda i, k: bar.update(1))
-        bar.close()
+    meta_checkpoints(run_dir)  # fail fast on an empty folder
+    res = meta_dynamics(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
     res.save(out_dir)
     html, svg = write_meta_dynamics(res.to_dict(), out_dir / "dynamics.html")

@@ -14,7 +14,6 @@ from mechscope.cli.common import (
     ModelOpt,
     console,
     emit_json,
-    err_console,
     fresh_dir,
     handles_errors,
     load,
@@ -59,8 +58,7 @@ def icl(
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
     out_dir = Path(out or fresh_dir("icl"))
-    res = fewshot_knockout(m, cfg, checkpoint=out_dir,
-                           progress=None if json else lambda i, k: err_console.print(f"[{i + 1}/{k}] prompts knocked out", highlight=False))
+    res = fewshot_knockout(m, cfg, checkpoint=out_dir, progress=not json)
     res.save(out_dir)
     d = res.to_dict()
     report = write_icl(d, out_dir / "report.html")

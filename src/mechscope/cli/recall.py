@@ -80,8 +80,7 @@ def recall(
     cfg.extra["enrichment_lens"] = "logit" if lens_t is None else f"tuned:{lens_t.info.get('path')}"
     res: RecallResult | RecallDatasetResult
     if dataset is not None:
-        res = recall_dataset(m, n=n, cfg=cfg, progress=lambda i, k, s: err_console.print(f"[{i + 1}/{k}] {s}", highlight=False),
-                             tuned=lens_t)
+        res = recall_dataset(m, n=n, cfg=cfg, progress=not json, tuned=lens_t)
     else:
         res = run_recall(m, prompt, subject, target, cfg, tuned=lens_t)
     out_dir = Path(out or fresh_dir("recall"))

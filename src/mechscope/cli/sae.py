@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -37,24 +35,6 @@ def register(app: typer.Typer) -> None:
 
 
 ContextLenOpt = typer.Option(StoreConfig.context_len, "--context-len")
-
-
-class _Progress:
-    """One live line: step, tokens, tokens/s, L0, FVU, dead fraction."""
-
-    def __init__(self, total_steps: int, quiet: bool):
-        self.total, self.quiet = total_steps, quiet
-
-    def __call__(self, s: dict) -> None:
-        if self.quiet:
-            return
-        dead = "-" if math.isnan(s.get("dead", float("nan"))) else f"{100 * s['dead']:.1f}%"
-        line = (
-            f"\rstep {s['step']}/{self.total} | {s['tokens'] / 1e6:.2f}M tok | {s['tok_per_s']:,.0f} tok/s | "
-            f"L0 {s['l0']:.1f} | FVU {s['fvu']:.3f} | dead {dead}   "
-        )
-        sys.stderr.write(line)
-        sys.stderr.flush()
 
 
 @handles_errors
@@ -116,7 +96,7 @@ def train(
                       batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed)  # checked when made
     m = load(model, device)
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
-                          metadata={"model_path": model or m.summary.name}, progress=_Progress(cfg.steps, json))
+                          metadata={"model_path": model or m.summary.name}, progress=not json)
     where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"
     if not json:
         console.print(f"training a {arch} {'transcoder' if tout else 'SAE'} with {trainer.sae_cfg.d_sae} features on {hook} from {where}; {tokens:,} tokens -> {out}")
@@ -127,7 +107,6 @@ def train(
     summary = {"out": str(out), "seconds": round(secs, 1), "tokens": trainer.tokens, "final": last, "sae": trainer.sae_cfg.to_dict()}
     if json:
         return emit_json(summary)
-    sys.stderr.write("\n")
     console.print(
         f"done in {secs:.0f} s: L0 {last.get('l0', float('nan')):.1f}, FVU {last.get('fvu', float('nan')):.3f} (training batches). "
         f"Saved to {out}; evaluate with: mechscope sae eval {out}"
@@ -152,7 +131,7 @@ def eval_(
     sae = load_sae(sae_dir)
     spec = model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None
     m = load(spec, device)
-    r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len)
+    r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len, progress=not json)
     dest = out or sae_dir
     r.save(Path(dest) / "eval.json")
     html = write_sae_eval(r.to_dict(), Path(dest) / "eval.html")

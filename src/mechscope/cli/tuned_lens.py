@@ -4,7 +4,6 @@ layer), evaluate it against the logit lens on held-out text, convert the tuned-l
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,20 +22,6 @@ def register(app: typer.Typer) -> None:
     tuned_app.command("eval")(evaluate)
     tuned_app.command("convert")(convert)
     app.add_typer(tuned_app, name="tuned-lens")
-
-
-def _progress(quiet: bool):
-    def show(p: dict) -> None:
-        if quiet:
-            return
-        if p["stage"] == "closed form":
-            msg = f"closed form: {p['tokens']:,}/{p['of']:,} tokens, {p['seconds']:.0f} s"
-        else:
-            msg = f"KL fine-tune: step {p['step']}/{p['steps']}, mean KL {p['kl_mean']:.4f} nats, {p['seconds']:.0f} s"
-        sys.stderr.write(f"\r{msg}   ")
-        sys.stderr.flush()
-
-    return show
 
 
 @handles_errors
@@ -68,7 +53,7 @@ def train(
         console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "
                       f"{tokens:,} tokens of {corpus or 'embedded'} (train split), {kl_steps} KL steps -> {out}", highlight=False)
     t0 = time.perf_counter()
-    lens = train_tuned_lens(m, corpus, cfg, out, resume=resume, progress=_progress(json))
+    lens = train_tuned_lens(m, corpus, cfg, out, resume=resume, progress=not json)
     secs = time.perf_counter() - t0
     tr = lens.info["training"]
     last = tr["kl_log"][-1]["kl_mean"] if tr["kl_log"] else None
@@ -76,7 +61,6 @@ def train(
                "n_layers": lens.n_layers, "reads": lens.reads}
     if json:
         return emit_json(summary)
-    sys.stderr.write("\n")
     console.print(f"done in {secs:.0f} s (closed form {tr['seconds']['closed_form']:.0f} s, KL {tr['seconds']['kl']:.0f} s). "
                   f"Saved to {out}; evaluate with: mechscope tuned-lens eval {out}", highlight=False)
 
@@ -103,7 +87,7 @@ def evaluate(
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or lens.model_info.get("name"), device)
-    res = evaluate_tuned_lens(m, lens, corpus, tokens)
+    res = evaluate_tuned_lens(m, lens, corpus, tokens, progress=not json)
     out_dir = Path(out or lens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(_json.dumps(res, indent=1))

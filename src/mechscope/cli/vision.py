@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import JsonOpt, console, emit_json, err_console, fresh_dir, handles_errors
+from mechscope.cli.common import JsonOpt, console, emit_json, fresh_dir, handles_errors
 from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig, parse_pair
 
 vision_app = typer.Typer(help="Visual circuits (Rajaram et al. 2024) in small vision models trained here, offline.",
@@ -58,7 +58,7 @@ def train(
     from mechscope.vision.train import train_model
 
     out_dir = Path(out or fresh_dir("vision"))
-    vm = train_model(cfg, out=out_dir, log=None if json else (lambda line: err_console.print(line, highlight=False)))
+    vm = train_model(cfg, out=out_dir, progress=not json)
     if json:
         return emit_json({"out": str(out_dir), **vm.info()})
     console.print(f"{cfg.arch} on {cfg.data.dataset}: " + ", ".join(f"{k} {v:.4g}" for k, v in vm.metrics.items()), highlight=False)
@@ -96,7 +96,7 @@ def circuit(
     from mechscope.vision.run import run_circuit
 
     vm = _load(model, k)
-    circ = run_circuit(vm, concept, cfg, target)
+    circ = run_circuit(vm, concept, cfg, target, progress=not json)
     out_dir = Path(out or fresh_dir("vision-circuit"))
     circ.save(out_dir)
     report = write_vision(circ.to_dict(), out_dir / "report.html")
@@ -127,7 +127,7 @@ def compose(
     _threads()
     from mechscope.vision.run import run_composition
 
-    res = run_composition(_load(model, k), cfg)
+    res = run_composition(_load(model, k), cfg, progress=not json)
     if json:
         return emit_json(res)
     console.print(f"Jaccard({res['overlay']}, union of parts) = {res['jaccard_union_of_parts']:.3f}; best other class "
@@ -154,7 +154,7 @@ def attack(
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack
 
-    circ, res = run_attack(_load(model, k), cfg)
+    circ, res = run_attack(_load(model, k), cfg, progress=not json)
     out_dir = Path(out or fresh_dir("vision-attack"))
     circ.save(out_dir)
     report = write_vision(circ.to_dict(), out_dir / "report.html")
@@ -188,7 +188,7 @@ def eap(
     from mechscope.vision.models import load_vision_model
 
     res = vision_eap(load_vision_model(model), clean, corrupt, n=n, method=method, steps=steps,
-                     target=target, seed=seed)
+                     target=target, seed=seed, progress=not json)
     d = res.to_dict()
     out_dir = Path(out or fresh_dir("vision-eap"))
     res.save(out_dir)

@@ -32,7 +32,6 @@ This module imports no torch: the CLI reads ``DescribeConfig``'s defaults when i
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import Description, Exemplar, UnitRef, UnitStore
+from mechscope.progress import SILENT, PhaseHandle, Progress, ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.explain.scoring import Simulator
@@ -113,10 +113,9 @@ def pick_heldout(exemplars: list[Exemplar], n: int) -> list[Exemplar]:
     return top + rest
 
 
-def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="unit", file=sys.stderr, disable=not progress or total == 0, leave=False)
+def _bar(total: int, desc: str, progress: Progress) -> PhaseHandle:
+    """A phase of ``total`` units; none when there is nothing to do."""
+    return progress.phase(desc, total=total, unit="unit") if total else SILENT.phase(desc)
 
 
 def _own_descriptions(store: UnitStore, units: Sequence[UnitRef], explainer: str, key: str) -> dict[UnitRef, Description]:
@@ -132,7 +131,7 @@ def _own_descriptions(store: UnitStore, units: Sequence[UnitRef], explainer: str
 
 
 def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulator: Simulator | None = None,
-             cfg: DescribeConfig | None = None, progress: bool = False,
+             cfg: DescribeConfig | None = None, progress: ProgressArg = False,
              on_chunk: Callable[[int], None] | None = None) -> DescribeResult:
     """Explain and score ``units`` (see the module docstring); ``simulator`` may be None only without scorers.
 
@@ -141,6 +140,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     from mechscope.explain.scoring import score, score_counts, shuffle_partners, simulation_score
 
     cfg = cfg or DescribeConfig()
+    p = as_progress(progress)
     if cfg.scorers and simulator is None:
         raise MechscopeError("Scoring needs a simulator model; pass one, or --scorer none.")
     selection = sorted(set(units))[: cfg.limit] if cfg.limit else sorted(set(units))
@@ -152,7 +152,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     # Pass 1: explain, a chunk at a time, each chunk stored when written.
     t0 = time.perf_counter()
     written = missing = 0
-    with _bar(len(todo), f"describe ({explainer.name})", progress) as bar:
+    with _bar(len(todo), f"describe ({explainer.name})", p) as bar:
         for i in range(0, len(todo), cfg.chunk):
             chunk = todo[i:i + cfg.chunk]
             items = []
@@ -184,7 +184,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                     unit=record.unit, text=texts[0], explainer=explainer.name, explainer_model=explainer.model_name,
                     settings=explainer.full_settings, provenance=provenance))
                 written += 1
-            bar.update(len(chunk))
+            bar.advance(len(chunk))
             if on_chunk is not None:
                 on_chunk(written)
     t_explain = time.perf_counter() - t0
@@ -201,7 +201,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                        for s in cfg.scorers)
 
         need = [u for u, d in mine.items() if lacking(u, d.scores)]
-        with _bar(len(need), f"score ({', '.join(cfg.scorers)})", progress) as bar:
+        with _bar(len(need), f"score ({', '.join(cfg.scorers)})", p) as bar:
             for n, u in enumerate(need):
                 d = mine[u]
                 record = store.unit(u)
@@ -215,7 +215,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                 store.update_scores(d.id, scores)  # type: ignore[arg-type]
                 d.scores.update(scores)
                 scored += 1
-                bar.update(1)
+                bar.advance()
                 if on_chunk is not None and (n + 1) % cfg.chunk == 0:
                     on_chunk(written + n + 1)
     t_score = time.perf_counter() - t0

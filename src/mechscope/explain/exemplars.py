@@ -59,6 +59,7 @@ from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -328,10 +329,11 @@ def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
 
 
 def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
-                      on_batch: Callable[[int], None] | None = None, progress: bool = False,
+                      on_batch: Callable[[int], None] | None = None, progress: ProgressArg = False,
                       source: UnitSource | None = None, contexts: list[list[int]] | None = None) -> HarvestState:
     """Run the pass (resuming from ``checkpoint`` when it holds one) and, with ``db``, write every
-    unit's record and exemplars. ``on_batch(batches_done)`` runs after each batch.
+    unit's record and exemplars. ``on_batch(batches_done)`` runs after each batch (a hook that
+    may stop the pass, not progress: ``progress`` is a ``mechscope.progress`` argument).
     ``contexts`` (token id lists) replaces the corpus (tests)."""
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
@@ -353,12 +355,8 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     stream = iter(contexts) if contexts is not None else _contexts(model, cfg)
     for _ in range(state.contexts_done):  # resume: skip what the checkpoint holds
         next(stream, None)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.n_contexts * cfg.context_len, initial=state.contexts_done * cfg.context_len,
-                   unit="tok", unit_scale=True, desc="exemplars")
+    bar = as_progress(progress).phase("exemplars", total=cfg.n_contexts * cfg.context_len, unit="tok",
+                                      initial=state.contexts_done * cfg.context_len)
     batches = state.contexts_done // cfg.batch_size
     T = cfg.context_len
     since_ckpt = 0
@@ -384,15 +382,13 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         state.n_tokens += int(valid.sum())
         batches += 1
         since_ckpt += len(ctx)
-        if bar is not None:
-            bar.update(tokens.numel())
+        bar.advance(tokens.numel())
         if checkpoint and cfg.checkpoint_every and since_ckpt >= cfg.checkpoint_every:
             state.save(checkpoint)
             since_ckpt = 0
         if on_batch is not None:
             on_batch(batches)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if state.contexts_done == 0:
         raise MechscopeError(f"the corpus gave fewer than {cfg.batch_size} contexts of {T} tokens; give a larger corpus or smaller --batch-size.")
     if checkpoint:

@@ -35,12 +35,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import SearchHit, UnitKind, UnitRef
+from mechscope.progress import SILENT, ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -145,7 +146,7 @@ def get_embedder(name: str = "minilm", **kw: Any) -> Embedder:
 
 
 def embed_descriptions(db_path: str | Path, embedder: Embedder, *, batch: int = 512,
-                       progress: Callable[[int, int], None] | None = None) -> int:
+                       progress: ProgressArg = False) -> int:
     """Embed every description of the database that has no vector from ``embedder`` yet and
     store the vectors (one transaction per batch, so an interrupted run keeps its batches).
     Returns how many were embedded."""
@@ -156,6 +157,7 @@ def embed_descriptions(db_path: str | Path, embedder: Embedder, *, batch: int = 
         todo = con.execute(
             f"SELECT d.id, d.text FROM descriptions d LEFT JOIN {TABLE} e ON e.description_id = d.id AND e.embedder = ?"
             " WHERE e.description_id IS NULL ORDER BY d.id", (embedder.name,)).fetchall()
+        bar = as_progress(progress).phase("embedding descriptions", total=len(todo), unit="desc") if todo else SILENT.phase("")
         for i in range(0, len(todo), batch):
             chunk = todo[i:i + batch]
             vecs = embedder.encode([t for _, t in chunk]).astype(np.float32)
@@ -167,8 +169,8 @@ def embed_descriptions(db_path: str | Path, embedder: Embedder, *, batch: int = 
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            if progress is not None:
-                progress(i + len(chunk), len(todo))
+            bar.advance(len(chunk))
+        bar.close()
         return len(todo)
     except sqlite3.DatabaseError as e:
         raise MechscopeError(f"cannot store embeddings in {db_path} ({e}); give a unit database you can write to.") from None

@@ -41,6 +41,7 @@ from mechscope.features.replacement import ReplacementRun, capture, freeze_hooks
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.load import plain_attention
 from mechscope.models.unembed import unembed_weights
+from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -136,7 +137,7 @@ def logit_targets(logits_last: Tensor, targets: list[int] | None, max_logits: in
 
 def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
               max_features: int = 4096, batch_size: int = 32, max_logits: int = 10,
-              target_feature: tuple[int, int, int] | None = None, progress: bool = False) -> AttributionGraph:
+              target_feature: tuple[int, int, int] | None = None, progress: ProgressArg = False) -> AttributionGraph:
     """The attribution graph of one prompt (module docstring). ``targets``: token ids of the
     logit nodes (default: the top logits up to 95% probability, at most ``max_logits``).
     ``target_feature`` = (layer, feature, position): attribute that active feature's
@@ -168,11 +169,8 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     dirs = (W_U[:, lt] - W_U.mean(1, keepdim=True)).T.float()  # [K, d]
     B = max(1, batch_size)
     engine = _Backward(model, tset, run, B)
-    if progress:
-        from tqdm.auto import tqdm
-
-        n_rows = (0 if target_feature else len(lt)) + min(n_act, max_features) + 1
-        engine.bar = tqdm(total=-(-n_rows // B), desc="attribution backward passes", unit="pass", leave=False)
+    n_rows = (0 if target_feature else len(lt)) + min(n_act, max_features) + 1
+    engine.bar = as_progress(progress).phase("attribution backward passes", total=-(-n_rows // B), unit="pass")
     dec = [tc.W_dec.detach().float() for tc in tset.layers]
     enc = [tc.W_enc.detach().float() for tc in tset.layers]
     # source vectors of the active features, by layer
@@ -304,7 +302,7 @@ class _Backward:
             model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
         self.P = run.n_pos
         self.calls = 0
-        self.bar = None  # a progress bar advanced once per backward pass (``attribute(progress=True)``)
+        self.bar: PhaseHandle | None = None  # advanced once per backward pass (``attribute(progress=...)``)
         self.depths: list[int] = []
         """Per backward pass, the highest layer a target was injected at (n_layers: the logits)."""
 
@@ -320,7 +318,7 @@ class _Backward:
         ins = [self.store["embed"]] + [m for m in self.store["mlp_out"]]
         self.calls += 1
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.advance()
         self.depths.append(max(len(self.store["x_in"]) if what == "final" else layer for what, layer in inj))
         with torch.enable_grad():
             got = torch.autograd.grad(outs, ins, grads, retain_graph=True, allow_unused=True)

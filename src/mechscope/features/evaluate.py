@@ -61,6 +61,7 @@ from mechscope.features.config import EVAL_TOKENS
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import parse_hook
 from mechscope.models.load import plain_attention
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -168,7 +169,7 @@ def evaluate_transcoders(
     *,
     batch_size: int = 8,
     skip_first: int = 1,
-    progress: Callable[[int], None] | None = None,
+    progress: ProgressArg = False,
     fast: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``tset`` (a ``TranscoderSet`` or ``{layer: transcoder}``) on ``tokens``
@@ -182,7 +183,7 @@ def evaluate_transcoders(
     ``mean_dead_frac``, ``min_ce_recovered``) and ``settings``; each ``ce_recovered`` has a
     ``ce_recovered_ci95`` beside it. ``fast`` starts each layer's runs at its block (module
     docstring); ``fast=False`` runs ``2 * n_layers + 3`` full forward passes per batch.
-    ``progress`` gets the number of contexts done after each batch.
+    ``progress`` (``mechscope.progress``) sees one phase counting the contexts done.
     """
     layers = _as_layers(tset)
     if tokens.dim() != 2 or tokens.shape[0] == 0 or not 0 <= skip_first < tokens.shape[1]:
@@ -222,7 +223,7 @@ def evaluate_transcoders(
         t[:, s:] = 0
         return t
 
-    with plain_attention(model):
+    with plain_attention(model), as_progress(progress).phase("evaluating", total=tokens.shape[0], unit="ctx") as bar:
         done = 0
         while done < tokens.shape[0]:
             toks = tokens[done : done + batch_size].to(dev)
@@ -276,8 +277,7 @@ def evaluate_transcoders(
                 tot[f"ce_{key}"] += total
                 tot[f"ctx_{key}"] += ctx
             done += toks.shape[0]
-            if progress is not None:
-                progress(toks.shape[0])
+            bar.advance(toks.shape[0])
     m = tot["ce_n"]
     ce_clean = tot["ce_clean"] / m
     rows = []
@@ -350,7 +350,7 @@ def _replay_matches(replay: _BlockReplay, clean: Tensor) -> bool:
 
 def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[int, SAE], corpus: str | None = None, *,
                                    n_tokens: int = EVAL_TOKENS, context_len: int = StoreConfig.context_len,
-                                   batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                                   batch_size: int = 8, progress: ProgressArg = False) -> dict[str, Any]:
     """``evaluate_transcoders`` on the held-out split of ``corpus`` (``activations.get_corpus``;
     default the embedded corpus, whose train split sets are trained on): ``n_tokens //
     context_len`` contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]``

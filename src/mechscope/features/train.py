@@ -39,12 +39,13 @@ their ``layer_<l>/`` folders and the log (circuit-tracer's layout needs every la
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, save_transcoders
 from mechscope.models.hooks import ln_normalized, mlp_out
+from mechscope.progress import Progress, ProgressArg, as_progress
 from mechscope.sae.io import save_sae
 from mechscope.sae.model import SAE
 from mechscope.sae.sources import StoreSource
@@ -200,7 +202,7 @@ class _Run:
     """The lockstep loop over one ``Trainer`` per layer, its checkpoints and its output."""
 
     def __init__(self, model: Model, cfg: TranscoderTrainConfig, out: Path, model_path: str | None,
-                 progress: Callable[[dict[str, Any]], None] | None):
+                 progress: Progress):
         self.model, self.cfg, self.out, self.progress = model, cfg, out, progress
         self.layers = check_layers(model, cfg)
         self.shared, sources = transcoder_sources(model, cfg)
@@ -282,16 +284,20 @@ class _Run:
         steps, every = cfg.steps, self.cfg.checkpoint_every
         next_ckpt = (self.trainers[0].tokens // every + 1) * every
         t0, tok0 = time.perf_counter(), self.trainers[0].tokens
+        bar = self.progress.phase(f"training {len(self.trainers)} transcoders", total=steps, unit="step",
+                                  initial=self.trainers[0].step)
         while self.trainers[0].step < steps:
             stats = [self._advance(tr, t0, tok0) for tr in self.trainers]
             step, tokens = self.trainers[0].step, self.trainers[0].tokens
-            if self.progress and (step % cfg.log_every == 0 or step == steps):
-                self.progress({"step": step, "steps": steps, "tokens": tokens,
-                               "tok_per_s": (tokens - tok0) / max(1e-9, time.perf_counter() - t0),
-                               "layers": {layer: s for layer, s in zip(self.layers, stats)}})
+            if step % cfg.log_every == 0 or step == steps:
+                fvu = [s["fvu"] for s in stats if not math.isnan(s["fvu"])]
+                bar.advance(0, fvu_mean=sum(fvu) / max(1, len(fvu)), fvu_max=max(fvu, default=float("nan")),
+                            l0=sum(s["l0"] for s in stats) / len(stats), tokens=tokens)
+            bar.advance()
             if tokens >= next_ckpt and step < steps and self.shared.at_boundary() and not any(tr.pending for tr in self.trainers):
                 self.save_checkpoint()
                 next_ckpt = (tokens // every + 1) * every
+        bar.close()
         return self.finish()
 
     def finish(self) -> TranscoderSet | dict[int, SAE]:
@@ -347,7 +353,7 @@ def train_transcoders(
     *,
     resume: bool = False,
     model_path: str | None = None,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    progress: ProgressArg = False,
 ) -> TranscoderSet | dict[int, SAE]:
     """Train one transcoder per layer of ``cfg.layers`` (default: all of ``model``'s) on
     ``model``'s activations, one forward pass per batch for all layers (module docstring),
@@ -358,8 +364,9 @@ def train_transcoders(
     model's device. ``resume=True`` continues the run checkpointed in ``out`` and ends with
     the same weights as an uninterrupted run (same settings and thread count). ``model_path``
     is recorded in each transcoder's metadata (what ``mechscope transcoders eval`` loads by
-    default; default the model's name). ``progress`` is called every ``log_every`` steps
-    with ``{step, steps, tokens, tok_per_s, layers: {layer: that step's stats}}``.
+    default; default the model's name). ``progress`` (``mechscope.progress``) sees one
+    "training" phase of ``steps`` steps, with the mean and worst training-batch FVU, the mean
+    L0 and the tokens read every ``log_every`` steps (each layer's rows are in its training log).
 
     Refuses (one sentence, nothing written): layers the model lacks; ``resume`` without a
     checkpoint in ``out``; a fresh run into a folder holding a checkpoint or transcoders.
@@ -380,6 +387,6 @@ def train_transcoders(
             raise MechscopeError(f"{out} holds a checkpoint of an earlier run; add --resume to continue it, or choose a new --out.")
         if holds_set(out):
             raise MechscopeError(f"{out} already holds transcoders; choose a new --out.")
-    run = _Run(model, cfg, out, model_path, progress)
+    run = _Run(model, cfg, out, model_path, as_progress(progress))
     out.mkdir(parents=True, exist_ok=True)
     return run.run(resume)

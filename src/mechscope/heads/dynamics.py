@@ -24,13 +24,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.graph.names import head_node
 from mechscope.heads.config import DynamicsConfig
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
@@ -120,7 +121,7 @@ def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Te
 
 
 def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
-             progress: Callable[[int, int], None] | None = None) -> DynamicsResult:
+             progress: ProgressArg = False) -> DynamicsResult:
     """Scores of every checkpoint under ``run_dir`` (see module docstring)."""
     from mechscope.heads import ablation, composition, icl, patterns, sequences
     from mechscope.heads.weights import head_weights
@@ -134,6 +135,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
     rep = evald = None
     prefix = 1
     source = ""
+    bar = as_progress(progress).phase("checkpoints", total=len(ckpts), unit="ckpt")
     for i, (step, d) in enumerate(ckpts):
         model = load_model(str(d), device="cpu")
         if rep is None:
@@ -159,8 +161,8 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             "max_k_composition": kc,
             "heads": {k: ps[k].tolist() for k in ("previous_token", "duplicate_token", "induction")},
         })
-        if progress:
-            progress(i + 1, len(ckpts))
+        bar.advance()
+    bar.close()
     steps = [r["step"] for r in rows]
     form: dict[str, Any] = {
         "previous_token_step": formation_step(steps, [r["max_previous_token"] for r in rows]),

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -21,12 +21,13 @@ from mechscope.heads import ablation, composition, copying, icl, patterns, seque
 from mechscope.heads.config import HeadsConfig
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
+from mechscope.progress import ProgressArg, as_progress
 
 
-def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: Callable[[str], None] | None = None) -> HeadsResult:
-    """Compute the head taxonomy of ``model`` (see module docstring)."""
+def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressArg = False) -> HeadsResult:
+    """Compute the head taxonomy of ``model`` (see module docstring); ``progress`` gets a note per step."""
     cfg = cfg or HeadsConfig()
-    say = progress or (lambda _msg: None)
+    say = as_progress(progress).note
     patterns.check_heads_visible(model)
     s = model.summary
     p = len(sequences.prefix_ids(model.tokenizer))

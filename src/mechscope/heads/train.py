@@ -26,13 +26,13 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
+from mechscope.progress import ProgressArg, as_progress
 
 BOS = "<bos>"
 
@@ -96,7 +96,7 @@ def eval_loss(model, tokens: torch.Tensor, batch: int = 64) -> float:
     return total / count
 
 
-def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
+def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) -> Path:
     """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,6 +132,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
     model.train()
     if start == 0:
         checkpoint(0)
+    bar = as_progress(progress).phase("training", total=cfg.steps, unit="step", initial=start)
     for step in range(start + 1, cfg.steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -143,11 +144,11 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: Callable[[int, float], 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         log["train_loss"].append([step, loss.item()])
-        if progress:
-            progress(step, loss.item())
+        bar.advance(loss=log["train_loss"][-1][1])
         if step in sched:
             checkpoint(step)
             save_state(model, opt, gen, step, last, out, log)
+    bar.close()
     log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
     log["done"] = True
     (out / "train.json").write_text(json.dumps(log))

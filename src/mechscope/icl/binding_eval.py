@@ -18,13 +18,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import SETTING, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
@@ -137,7 +138,7 @@ def phases(rows: list[dict[str, Any]], n_consts: int) -> dict[str, Any]:
 
 
 def binding_dynamics(run_dir: str | Path, cfg: BindingEvalConfig | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> BindingDynamicsResult:
+                     progress: ProgressArg = False) -> BindingDynamicsResult:
     """``evaluate`` on every checkpoint of a binding run, by step."""
     from mechscope.heads.dynamics import find_checkpoints
     from mechscope.models import load_model
@@ -148,11 +149,12 @@ def binding_dynamics(run_dir: str | Path, cfg: BindingEvalConfig | None = None,
     data = data_config(run)
     progs = eval_programs(data, cfg)
     rows = []
+    bar = as_progress(progress).phase("checkpoints", total=len(ckpts), unit="ckpt")
     for i, (step, d) in enumerate(ckpts):
         model = load_model(str(d), device="cpu")
         rows.append({"step": step, "dir": d.name, **evaluate(model, data, progs)})
-        if progress:
-            progress(i + 1, len(ckpts))
+        bar.advance()
+    bar.close()
     tl = json.loads((run / "train.json").read_text()).get("train_loss", [])
     stride = max(1, len(tl) // 400)
     return BindingDynamicsResult(str(run), {**cfg.to_dict(), "data": data.__dict__}, rows, phases(rows, data.n_consts),

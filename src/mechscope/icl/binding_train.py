@@ -14,13 +14,13 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
+from mechscope.progress import ProgressArg, as_progress
 
 DATA_FILE = "binding.json"
 
@@ -52,7 +52,7 @@ def _eval(model, tokens: torch.Tensor, answers: torch.Tensor) -> tuple[float, fl
     return loss, acc
 
 
-def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
+def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = False) -> Path:
     """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +92,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
     model.train()
     if start == 0:
         checkpoint(0)
+    bar = as_progress(progress).phase("training", total=cfg.steps, unit="step", initial=start)
     for step in range(start + 1, cfg.steps + 1):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
@@ -102,11 +103,11 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         log["train_loss"].append([step, loss.item()])
-        if progress:
-            progress(step, loss.item())
+        bar.advance(loss=log["train_loss"][-1][1])
         if step in sched:
             checkpoint(step)
             save_state(model, opt, gen, step, last, out, log)
+    bar.close()
     log["seconds"] = log["elapsed"] = elapsed()
     log["done"] = True
     (out / "train.json").write_text(json.dumps(log))

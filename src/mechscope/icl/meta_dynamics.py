@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,6 +28,7 @@ from mechscope.icl.meta_config import SETTING, MetaConfig, MetaDynamicsConfig
 from mechscope.icl.meta_data import MetaData
 from mechscope.icl.meta_metrics import METRICS, attention_metrics, peak_step, plateaus
 from mechscope.icl.meta_train import load_checkpoint
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import read_result_json
 
 SCHEMA_VERSION = 1
@@ -97,7 +98,7 @@ def _mean_pattern(patterns: torch.Tensor) -> list:
 
 
 def meta_dynamics(run_dir: str | Path, cfg: MetaDynamicsConfig | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> MetaDynamicsResult:
+                  progress: ProgressArg = False) -> MetaDynamicsResult:
     cfg = cfg or MetaDynamicsConfig()
     run = Path(run_dir)
     if not is_meta_run(run):
@@ -116,6 +117,7 @@ def meta_dynamics(run_dir: str | Path, cfg: MetaDynamicsConfig | None = None,
     random_batch = data.batch(cfg.n_eval, gen, random_labels=True)
     rows: list[dict[str, Any]] = []
     mean_patterns: list[list] = []
+    bar = as_progress(progress).phase("checkpoints", total=len(ckpts), unit="ckpt")
     for i, (step, d) in enumerate(ckpts):
         model = load_checkpoint(d)
         with torch.no_grad():
@@ -130,8 +132,8 @@ def meta_dynamics(run_dir: str | Path, cfg: MetaDynamicsConfig | None = None,
             **{k: m[k] for k in METRICS}, "per_layer": m["per_layer"],
         })
         mean_patterns.append(_mean_pattern(pats))
-        if progress:
-            progress(i + 1, len(ckpts))
+        bar.advance()
+    bar.close()
     phases = summarize(rows, mc.data.tasks, mc.data.n_labels, cfg)
     by_step = {r["step"]: j for j, r in enumerate(rows)}
     pats_out = {}

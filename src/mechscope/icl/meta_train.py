@@ -18,7 +18,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -27,6 +26,7 @@ from mechscope.heads.train import resume_run, save_state, schedule
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
+from mechscope.progress import ProgressArg, as_progress
 
 WEIGHTS = "model.safetensors"
 
@@ -63,7 +63,7 @@ def load_checkpoint(folder: str | Path) -> MetaModel:
     return model.eval()
 
 
-def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float], None] | None = None) -> Path:
+def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) -> Path:
     """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
     from safetensors.torch import save_file
 
@@ -103,6 +103,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
     model.train()
     if start == 0:
         checkpoint(0)
+    bar = as_progress(progress).phase("training", total=cfg.steps, unit="step", initial=start)
     for step in range(start + 1, cfg.steps + 1):
         b = data.batch(cfg.batch, gen)
         loss = torch.nn.functional.cross_entropy(model(b.x, b.labels), b.target)
@@ -110,11 +111,11 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: Callable[[int, float]
         loss.backward()
         opt.step()
         log["train_loss"].append([step, loss.item()])
-        if progress:
-            progress(step, loss.item())
+        bar.advance(loss=log["train_loss"][-1][1])
         if step in sched:
             checkpoint(step)
             save_state(model, opt, gen, step, last, out, log)
+    bar.close()
     log["seconds"] = before + time.perf_counter() - t0
     log["done"] = True
     tj.write_text(json.dumps(log))

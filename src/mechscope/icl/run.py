@@ -11,7 +11,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -20,6 +19,7 @@ from mechscope.icl.config import FewShotConfig
 from mechscope.icl.fewshot import FewShotPrompt, chance_level, check_task, fewshot_accuracy, sample_prompts
 from mechscope.icl.knockout import Edge, block_edges, matched_edges, random_edges, sweep_edges
 from mechscope.icl.result import FewShotResult
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.config import window_layers
 
 PARTIAL = "icl-partial.json"
@@ -68,7 +68,7 @@ def _write_partial(where: Path, key: dict, done: dict) -> None:
 
 
 def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str | Path | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> FewShotResult:
+                     progress: ProgressArg = False) -> FewShotResult:
     """Accuracy of ``cfg.n`` few-shot prompts of ``cfg.task``, then the knockout sweeps on up to
     ``cfg.max_knockout`` prompts the model gets right. Refuses (one sentence) to knock out when
     accuracy is not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
@@ -88,13 +88,15 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     key = {"settings": cfg.to_dict(), "model": model.summary.name}
     where = Path(checkpoint) if checkpoint is not None else None
     done = _read_partial(where, key)
-    for n_i, i in enumerate(kept):
+    bar = as_progress(progress).phase("knockout sweeps", total=len(kept), unit="prompt",
+                                      initial=sum(str(i) in done for i in kept))
+    for i in kept:
         if str(i) not in done:
             done[str(i)] = prompt_curves(model, prompts[i], cfg, cfg.seed + i)
             if where is not None:
                 _write_partial(where, key, done)
-        if progress:
-            progress(n_i, len(kept))
+            bar.advance()
+    bar.close()
     curves: dict[str, dict] = {}
     for s in cfg.sweeps if kept else ():
         eff = torch.tensor([done[str(i)][s]["effect"] for i in kept])  # [prompts, windows]

@@ -22,6 +22,7 @@ import torch
 from mechscope.lens.tuned import TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import final_norm, project
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import library_versions
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def lens_kl(model, lens: TunedLens, rows: dict[str, torch.Tensor], chunk: int = 
 
 
 def evaluate_tuned_lens(model: Model, lens: TunedLens, corpus=None, n_tokens: int = 1024, context_len: int = 128,
-                        forward_contexts: int = 8, progress=None) -> dict[str, Any]:
+                        forward_contexts: int = 8, progress: ProgressArg = False) -> dict[str, Any]:
     """Held-out KL to the final distribution per layer, tuned vs logit lens (module docstring),
     as a JSON-ready dict (``kind`` "tuned-lens-eval")."""
     from mechscope.lens.tuned_train import harvest_residuals
@@ -63,13 +64,14 @@ def evaluate_tuned_lens(model: Model, lens: TunedLens, corpus=None, n_tokens: in
     L = lens.n_layers
     tot = {k: torch.zeros(L, dtype=torch.float64) for k in ("kl_logit", "kl_tuned", "top1_logit", "top1_tuned")}
     n = 0
+    bar = as_progress(progress).phase("held-out KL", total=n_tokens, unit="tok")
     for rows, start in harvest_residuals(model, corpus, lens.hooks, n_tokens, "heldout", context_len, forward_contexts):
         part = lens_kl(model, lens, rows)
         for k in tot:
             tot[k] += part[k]
         n += rows[FINAL_NORM_IN].shape[0]
-        if progress:
-            progress({"tokens": n, "of": n_tokens, "seconds": time.perf_counter() - t0})
+        bar.advance(rows[FINAL_NORM_IN].shape[0])
+    bar.close()
     layers: list[dict[str, Any]] = []
     for l, hook in enumerate(lens.hooks):
         kl_l, kl_t = float(tot["kl_logit"][l] / n), float(tot["kl_tuned"][l] / n)

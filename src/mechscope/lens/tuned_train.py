@@ -55,7 +55,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -64,6 +64,7 @@ from mechscope.lens.config import TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import FinalNorm, final_norm, unembed_weights
+from mechscope.progress import Progress, ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.activations.corpus import Split
@@ -126,7 +127,7 @@ def harvest_residuals(model, corpus, hooks: list[str], n_rows: int, split: Split
             return
 
 
-def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progress=None) -> dict[str, torch.Tensor]:
+def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progress: ProgressArg = False) -> dict[str, torch.Tensor]:
     """Stage 1: fit ``lens``'s translators in closed form (module docstring) and return the
     KL cache {"inputs": [kl_tokens, n_layers, d_model], "final": [kl_tokens, d_model]}."""
     norm = final_norm(model)
@@ -139,7 +140,7 @@ def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progr
     cdt = _DTYPES[cfg.cache_dtype]
     cache_in = torch.empty(cfg.kl_tokens, L, D, dtype=cdt)
     cache_final = torch.empty(cfg.kl_tokens, D, dtype=cdt)
-    t0 = time.perf_counter()
+    bar = as_progress(progress).phase("closed form", total=cfg.tokens, unit="tok")
     for rows, start in harvest_residuals(model, corpus, hooks, cfg.tokens, "train", cfg.context_len, cfg.forward_contexts):
         y = rows[FINAL_NORM_IN].cpu()  # [n, D]
         n = y.shape[0]
@@ -156,8 +157,8 @@ def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progr
             j = torch.searchsorted(keep, sel)
             cache_in[j] = torch.stack([rows[h].cpu()[sel - start] for h in hooks], 1).to(cdt)
             cache_final[j] = y[sel - start].to(cdt)
-        if progress:
-            progress({"stage": "closed form", "tokens": start + n, "of": cfg.tokens, "seconds": time.perf_counter() - t0})
+        bar.advance(n)
+    bar.close()
     eye = torch.eye(D + 1, dtype=torch.float64)
     eye[D, D] = 1e-6  # the bias is (almost) unpenalised
     with torch.no_grad():
@@ -234,7 +235,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class _Run:
-    def __init__(self, model, corpus, cfg: TunedLensTrainConfig, out: Path | None, progress):
+    def __init__(self, model, corpus, cfg: TunedLensTrainConfig, out: Path | None, progress: Progress):
         self.model, self.corpus, self.cfg, self.out, self.progress = model, corpus, cfg, out, progress
         self.lens = TunedLens.identity(model, cfg.reads)
         self.opt = torch.optim.Adam(self.lens.parameters(), lr=cfg.lr)
@@ -333,6 +334,7 @@ class _Run:
         layers = self.trained_layers()
         cache = self.cache
         assert cache is not None  # loaded or computed by stage 1 above
+        bar = self.progress.phase("KL fine-tune", total=cfg.kl_steps, unit="step", initial=self.step)
         while self.step < cfg.kl_steps and layers:
             idx = _batch_indices(self.step, cfg.kl_batch, cfg.kl_tokens, cfg.seed)
             h = cache["inputs"][idx][:, layers].to(dev).float()
@@ -344,11 +346,10 @@ class _Run:
             self.seconds["kl"] = s0 + time.perf_counter() - t0
             row = {"step": self.step, "kl_mean": float(kl.mean()), "kl": [round(float(v), 5) for v in kl]}
             self.log.append(row)
-            if self.progress:
-                self.progress({"stage": "kl", "step": self.step, "steps": cfg.kl_steps, "kl_mean": row["kl_mean"],
-                               "seconds": self.seconds["kl"]})
+            bar.advance(kl=float(kl.mean()))
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.kl_steps:
                 self.save_state()
+        bar.close()
         self.lens.info = {"source": "mechscope tuned-lens train", "settings": cfg.to_dict(),
                           "training": {"seconds": self.seconds, "kl_log": self.log, "kl_layers": self.trained_layers(),
                                        "method": "closed-form ridge least squares on norm-scaled residuals, then "
@@ -360,7 +361,7 @@ class _Run:
 
 
 def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None, out: str | Path | None = None, *,
-                     resume: bool = False, progress: Callable[[dict[str, Any]], None] | None = None) -> TunedLens:
+                     resume: bool = False, progress: ProgressArg = False) -> TunedLens:
     """Train a tuned lens for ``model`` (module docstring) and, with ``out``, save it there.
 
     ``corpus``: a corpus spec (default ``cfg.corpus``, else the embedded corpus; its train
@@ -387,5 +388,5 @@ def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None
             raise MechscopeError(f"{out_p} already holds a tuned lens; choose a new --out.")
     elif resume:
         raise MechscopeError("--resume needs the --out folder of the run to continue.")
-    return _Run(model, corpus, cfg, out_p, progress).run(resume)
+    return _Run(model, corpus, cfg, out_p, as_progress(progress)).run(resume)
 

@@ -25,6 +25,7 @@ from mechscope.models.hooks import check_hook_name
 from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -169,7 +170,7 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
     return out
 
 
-def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, progress: bool = False) -> ProbeResult:
+def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, progress: ProgressArg = False) -> ProbeResult:
     """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``."""
     cfg = cfg or ProbeConfig()
     pairs = layer_hooks(model, cfg.hook, cfg.layers)
@@ -188,6 +189,8 @@ def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, prog
     ctrl_map = control_labels([data.word[i] for i in train], ytr.tolist(), k, cfg.seed + 1)
     rng = random.Random(cfg.seed + 2)
     yc = torch.tensor([ctrl_map[w] if w in ctrl_map else rng.randrange(k) for w in data.word])
+    p = as_progress(progress)
+    p.note(f"activations of {len(data.seq)} labelled tokens at {len(pairs)} hooks")
     acts = harvest(model, data, [h for _, h in pairs], cfg.batch_size)
     maj = int(torch.bincount(ytr, minlength=k).argmax())
     res = ProbeResult(
@@ -196,11 +199,7 @@ def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, prog
         majority=float((yte == maj).float().mean()), n_train=len(train), n_test=len(test),
         n_word_types=len(set(data.word)), config=cfg.to_dict(), model=model.summary.to_dict(),
     )
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(pairs), desc="probes", unit="layer")
+    bar = p.phase("probes", total=len(pairs), unit="layer")
     for _, h in pairs:
         x = acts[h]
         probe = fit_logistic(x[train], ytr, k, cfg.l2, cfg.max_iter)
@@ -211,8 +210,6 @@ def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, prog
             res.control_accuracy.append(cprobe.accuracy(x[test], yc[test]))
         else:
             res.control_accuracy.append(None)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.advance()
+    bar.close()
     return res

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.aggregate import aggregate
 from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
 from mechscope.recall.engine import last_logits
@@ -54,7 +55,7 @@ def known_facts(model: Model, facts: list[Fact]) -> list[Fact]:
 
 
 def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,
-                   progress: Callable[[int, int, str], None] | None = None,
+                   progress: ProgressArg = False,
                    facts: list[Fact] | None = None, tuned=None) -> RecallDatasetResult:
     """Recall analyses of ``n`` known facts (seeded draw) and their aggregate; ``facts``
     defaults to the whole shipped list; ``tuned``: a ``TunedLens`` for subject enrichment
@@ -73,15 +74,17 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     noise_std = facts_noise_std(model, cfg)
     rel = related_tokens(model, [f.subject for f in chosen], cfg.gen_tokens) if "enrichment" in parts else [None] * len(chosen)
     results: list[RecallResult] = []
+    bar = as_progress(progress).phase("facts", total=len(chosen), unit="fact")
     for i, f in enumerate(chosen):
-        if progress:
-            progress(i, len(chosen), f.subject)
+        bar.advance(0, fact=f.subject)  # names the fact in progress
         c = RecallConfig(**{**cfg.to_dict(), "kinds": tuple(cfg.kinds), "seed": cfg.seed + i})
         j = (i + 1) % len(chosen)
         r = recall(model, f.prompt, f.subject, f.attribute, c, parts=parts, noise_std=noise_std, related=rel[i],
                    control=rel[j], control_subject=chosen[j].subject, tuned=tuned)
         r.extras["relation"] = f.relation
         results.append(r)
+        bar.advance()
+    bar.close()
     agg = aggregate(results, model.summary.n_layers)
     return RecallDatasetResult(model=model.summary.to_dict(), settings={**cfg.to_dict(), "n": n, "parts": list(parts)},
                                n_facts=len(facts), n_known=len(known), facts=results, aggregate=agg,

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import read_result_json
 from mechscope.sae.config import DashboardConfig
 from mechscope.sae.feature_stats import FeatureStats
@@ -179,7 +180,7 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 # ------------------------------------------------------------------------ the pass
 @torch.no_grad()
 def feature_dashboards(model: Model, sae, cfg: DashboardConfig | None = None, tokens: Tensor | None = None,
-                       texts: Iterable[str] | None = None, progress: bool = False) -> DashboardResult:
+                       texts: Iterable[str] | None = None, progress: ProgressArg = False) -> DashboardResult:
     """Dashboards for ``cfg.features`` of ``sae`` on ``model``, from one pass over ``tokens``
     [n_contexts, ctx_len] (or the contexts cut from ``texts``, or from the corpus ``cfg.corpus``)."""
     cfg = cfg or DashboardConfig()
@@ -198,15 +199,15 @@ def feature_dashboards(model: Model, sae, cfg: DashboardConfig | None = None, to
     sel = torch.tensor(feats, device=sae.device)
     stats = FeatureStats(len(feats), cfg.stats_config(), device=sae.device)
     harvester = _harvester(model, hook, cfg.batch_size, cfg.ctx_len)
-    bar = _progress(progress, len(tokens))
+    bar = as_progress(progress).phase("dashboard pass", total=len(tokens), unit="ctx")
     for i in range(0, len(tokens), cfg.batch_size):
         tb = tokens[i: i + cfg.batch_size]
         x = acts_at_hook(model, hook, tb, harvester)  # [B, L, d_in]
         f = sae.encode(x.to(sae.device))[..., sel]  # [B, L, F]
         s = cfg.skip_first
         stats.update(tb[:, s:].to(sae.device), f[:, s:])
-        bar(len(tb))
-    bar(None)
+        bar.advance(len(tb))
+    bar.close()
     logits = _logits(model, sae, sel, cfg.n_logits)
     vocab = _decoder(model.tokenizer)
     out = []
@@ -275,21 +276,3 @@ def _corpus(spec: str, seed: int) -> Iterable[str]:
     from mechscope.activations.corpus import get_corpus
 
     return get_corpus(None if spec == "embedded" else spec, seed=seed)
-
-
-def _progress(on: bool, total: int):
-    if not on:
-        return lambda n: None
-    from rich.progress import Progress
-
-    p = Progress(transient=True)
-    task = p.add_task("dashboard pass", total=total)
-    p.start()
-
-    def step(n):
-        if n is None:
-            p.stop()
-        else:
-            p.advance(task, n)
-
-    return step

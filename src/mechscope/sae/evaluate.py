@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts
 from mechscope.errors import MechscopeError
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -74,7 +75,8 @@ def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1, progress: Any = None) -> SAEEval:
+def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1,
+                 progress: ProgressArg = False) -> SAEEval:
     """Evaluate ``sae`` on ``tokens`` [n_contexts, ctx_len] (held-out text)."""
     check_sae_fits(sae, model)
     cfg = sae.cfg
@@ -86,6 +88,7 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
     fired = torch.zeros(cfg.d_sae, dtype=torch.float64, device=dev)
     y_sum = torch.zeros(cfg.out_dim, dtype=torch.float64, device=dev)
     y_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    bar = as_progress(progress).phase("evaluating", total=tokens.shape[0], unit="ctx")
     for start in range(0, tokens.shape[0], batch_size):
         toks = tokens[start : start + batch_size].to(dev)
         store: dict[str, Tensor] = {}
@@ -134,8 +137,8 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
         yf = y.flatten(0, 1).double()
         y_sum += yf.sum(0)
         y_sq += yf.pow(2).sum()
-        if progress is not None:
-            progress(n)
+        bar.advance(toks.shape[0])
+    bar.close()
     n, m = int(sums["n"]), int(sums["ce_n"])
     var = float(y_sq / n - (y_sum / n).pow(2).sum())  # summed per-dimension variance
     density = (fired / n).cpu()
@@ -165,7 +168,7 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
 
 
 def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_tokens: int = 32_768,
-                       context_len: int = StoreConfig.context_len, batch_size: int = 8) -> SAEEval:
+                       context_len: int = StoreConfig.context_len, batch_size: int = 8, progress: ProgressArg = False) -> SAEEval:
     """Evaluate ``sae`` on the held-out split of ``corpus`` (``activations.get_corpus``; default
     the embedded corpus, whose train split SAEs are trained on): ``n_tokens // context_len``
     contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
@@ -173,6 +176,6 @@ def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_t
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
     if not ctx:
         raise MechscopeError("the held-out corpus yields no full context; use a larger corpus or a smaller --context-len.")
-    r = evaluate_sae(model, sae, torch.tensor(ctx), batch_size=batch_size)
+    r = evaluate_sae(model, sae, torch.tensor(ctx), batch_size=batch_size, progress=progress)
     r.settings["corpus"] = (corpus or "embedded") + " (held-out split)"
     return r

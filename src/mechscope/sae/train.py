@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +41,7 @@ from torch import Tensor
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.archs import StepState, get_architecture
 from mechscope.sae.config import TrainConfig
 from mechscope.sae.io import save_sae
@@ -99,10 +100,10 @@ class Trainer:
         d_out: int | None = None,
         hook_name_out: str | None = None,
         metadata: dict[str, Any] | None = None,
-        progress: Callable[[dict[str, float]], None] | None = None,
+        progress: ProgressArg = False,
     ):
         self.source, self.cfg, self.out = source, cfg, Path(out)
-        self.progress = progress
+        self.progress = as_progress(progress)
         d_sae = cfg.d_sae or cfg.expansion * d_in
         self.sae_cfg = SAEConfig(
             d_in=d_in, d_sae=d_sae, architecture=cfg.architecture,
@@ -315,6 +316,7 @@ class Trainer:
         next_ckpt = (self.tokens // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         t0, tok0 = time.perf_counter(), self.tokens
         done_here = 0
+        bar = self.progress.phase("training", total=cfg.steps, unit="step", initial=self.step)
         while self.step < cfg.steps:
             x, y = self._batch()
             stats = self._train_step(x, y)
@@ -325,13 +327,15 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 stats.update(step=self.step, tokens=self.tokens, tok_per_s=(self.tokens - tok0) / max(1e-9, time.perf_counter() - t0))
                 self.log.rows.append(stats)
-                if self.progress:
-                    self.progress(stats)
+                bar.advance(0, l0=stats["l0"], fvu=stats["fvu"], dead=stats["dead"], tokens=self.tokens)
+            bar.advance()
             if self.tokens >= next_ckpt and self.step < cfg.steps and not self.pending:
                 self.save_checkpoint()
                 next_ckpt += cfg.checkpoint_every
             if stop_after_steps is not None and done_here >= stop_after_steps:
+                bar.close()
                 return self.sae
+        bar.close()
         return self.finish()
 
     def folded(self) -> SAE:
@@ -373,7 +377,7 @@ def sae_trainer(
     shards: str | Path | None = None,
     context_len: int = StoreConfig.context_len,
     metadata: dict[str, Any] | None = None,
-    progress: Callable[[dict[str, float]], None] | None = None,
+    progress: ProgressArg = False,
 ) -> Trainer:
     """A ``Trainer`` of an SAE on ``model``'s activations at ``hook`` (of a transcoder from
     ``hook`` to ``hook_out`` when that is given; ``transcoder_output_hook`` names the usual one).

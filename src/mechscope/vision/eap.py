@@ -44,6 +44,7 @@ from mechscope.circuits.evaluate import bootstrap_faithfulness, curve_sizes, fai
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
+from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 from mechscope.vision.concept import class_index
 from mechscope.vision.data import Dataset, build_dataset
 from mechscope.vision.models import Block, SmallViT, VisionModel
@@ -153,7 +154,8 @@ def _metric(logits: torch.Tensor, pairs: ImagePairs) -> torch.Tensor:
     return logits[:, pairs.clean_label] - logits[:, pairs.corrupt_label]
 
 
-def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps: int = 5) -> torch.Tensor:
+def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps: int = 5,
+                progress: ProgressArg = False) -> torch.Tensor:
     """EAP / EAP-IG edge scores [S, R] (step 2 of the module docstring): the estimated change
     of the mean metric when the edge alone is patched to the corrupt image (0 where no edge)."""
     if method not in ("eap", "eap-ig"):
@@ -167,13 +169,15 @@ def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps
     B, T, d = clean_out.shape[1:]
     grads = torch.zeros(g.n_receivers, B, T, d, dtype=clean_out.dtype)
     alphas = [1.0] if method == "eap" else [(i + 1) / steps for i in range(steps)]
-    for a in alphas:
-        bump = torch.zeros(g.n_receivers, B, T, d, dtype=clean_out.dtype, requires_grad=True)
-        x0 = corrupt_out[0] + a * (clean_out[0] - corrupt_out[0])
-        logits, _ = ev.run(pairs.clean, bump=bump, x0=x0)
-        _metric(logits, pairs).mean().backward()
-        assert bump.grad is not None  # the backward pass just filled it
-        grads += bump.grad
+    with as_progress(progress).phase(f"{method} scores", total=len(alphas), unit="pass") as bar:
+        for a in alphas:
+            bump = torch.zeros(g.n_receivers, B, T, d, dtype=clean_out.dtype, requires_grad=True)
+            x0 = corrupt_out[0] + a * (clean_out[0] - corrupt_out[0])
+            logits, _ = ev.run(pairs.clean, bump=bump, x0=x0)
+            _metric(logits, pairs).mean().backward()
+            assert bump.grad is not None  # the backward pass just filled it
+            grads += bump.grad
+            bar.advance()
     grads /= len(alphas)
     delta = (corrupt_out - clean_out).reshape(g.n_senders, -1)
     scores = delta @ grads.reshape(g.n_receivers, -1).T
@@ -204,11 +208,20 @@ class ViTEvaluator:
         logits, _ = self.ev.run(self.pairs.clean, patch=patch, corrupt=self.corrupt_out)
         return _metric(logits, self.pairs)
 
-    def faithfulness(self, circuits: torch.Tensor) -> torch.Tensor:
-        """Faithfulness [K] of K circuits [K, S, R] (True = kept)."""
-        vals = torch.stack([self.per_example(c).mean() for c in circuits])
+    def passes(self, n_masks: int) -> int:
+        """Patched forward passes ``faithfulness`` makes for ``n_masks`` circuits (a progress total)."""
+        return n_masks
+
+    def faithfulness(self, circuits: torch.Tensor, bar: PhaseHandle | None = None) -> torch.Tensor:
+        """Faithfulness [K] of K circuits [K, S, R] (True = kept); ``bar`` advances once per circuit."""
+        vals = []
+        for c in circuits:
+            vals.append(self.per_example(c).mean())
+            if bar is not None:
+                bar.advance()
+        vals_t = torch.stack(vals)
         denom = self.clean - self.corrupt
-        return (vals - self.corrupt) / (denom if abs(denom) > 1e-9 else 1e-9)
+        return (vals_t - self.corrupt) / (denom if abs(denom) > 1e-9 else 1e-9)
 
     def faithfulness_interval(self, circuit: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
         return bootstrap_faithfulness(self.per_example(circuit), self.clean_ex, self.corrupt_ex, n_boot, seed=seed)
@@ -253,7 +266,7 @@ class VisionEAPResult:
 
 
 def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: Method = "eap-ig", steps: int = 5,
-               target: float = 0.8, seed: int = 0, ds: Dataset | None = None) -> VisionEAPResult:
+               target: float = 0.8, seed: int = 0, ds: Dataset | None = None, progress: ProgressArg = False) -> VisionEAPResult:
     """Score the ViT's edges on training-split pairs of (``clean``, ``corrupt``) images, choose
     the smallest top-k circuit reaching ``target`` faithfulness on them, and test it and the
     faithfulness curve (with random circuits) on held-out test-split pairs."""
@@ -265,15 +278,17 @@ def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: M
     ds = ds or build_dataset(vm.cfg.data)
     fit = image_pairs(vm, ds, clean, corrupt, n, "train", seed)
     held = image_pairs(vm, ds, clean, corrupt, n, "test", seed + 1)
-    scores = edge_scores(ev, fit, method, steps)
+    prog = as_progress(progress)
+    scores = edge_scores(ev, fit, method, steps, prog)
     ranking = importance(scores, method)
     g = ev.graph
+    prog.note(f"choosing the smallest circuit reaching {target:.2f} on {len(fit)} scoring pairs")
     k, f_fit = smallest_faithful(ViTEvaluator(ev, fit), ranking, target)
     circuit = prune(g, top_k(g, ranking, k, False))
     held_ev = ViTEvaluator(ev, held)
     chosen = {"n_edges": int(k), "n_edges_after_pruning": int(circuit.sum()), "fraction": k / g.n_edges,
               "faithfulness_fit": f_fit, "held_out": held_ev.faithfulness_interval(circuit, seed=seed)}
-    curve = faithfulness_curve(held_ev, ranking, curve_sizes(g))
+    curve = faithfulness_curve(held_ev, ranking, curve_sizes(g), progress=prog)
     with torch.no_grad():
         acc = {"clean": float((ev.run(held.clean)[0].argmax(-1) == held.clean_label).float().mean()),
                "corrupt": float((ev.run(held.corrupt)[0].argmax(-1) == held.corrupt_label).float().mean())}

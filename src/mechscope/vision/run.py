@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.causal import logits_with, random_units, site_means
 from mechscope.vision.circuit import VisionCircuit, check_k, find_circuit
 from mechscope.vision.concept import Concept, resolve_concept
@@ -28,33 +29,42 @@ def reference_images(ds: Dataset, n: int, seed: int) -> torch.Tensor:
     return ds.test.images[perm]
 
 
-def circuit_of(vm: VisionModel, concept: Concept, cfg: CircuitConfig, ds: Dataset, test: bool = True) -> VisionCircuit:
+def circuit_of(vm: VisionModel, concept: Concept, cfg: CircuitConfig, ds: Dataset, test: bool = True,
+               progress: ProgressArg = False) -> VisionCircuit:
+    """``find_circuit`` on ``cfg.n_reference`` reference images, then (``test``) the prune and
+    keep tests and, for a CNN, the edge test; ``progress`` sees one phase of these steps."""
     from mechscope.vision.causal import test_circuit
 
-    ref = reference_images(ds, cfg.n_reference, cfg.seed)
-    circ = find_circuit(vm, concept, cfg, reference=ref)
-    if test:
-        circ.tests = test_circuit(vm, circ.units, concept.eval_images, concept.target, ref, cfg.ablation,
-                                  cfg.random_draws, cfg.seed)
-        if vm.cfg.arch == "cnn":
+    edges = test and vm.cfg.arch == "cnn"
+    with as_progress(progress).phase(f"circuit of {concept.name}", total=1 + test + edges, unit="step") as bar:
+        ref = reference_images(ds, cfg.n_reference, cfg.seed)
+        circ = find_circuit(vm, concept, cfg, reference=ref)
+        bar.advance(done="attribution")
+        if test:
+            circ.tests = test_circuit(vm, circ.units, concept.eval_images, concept.target, ref, cfg.ablation,
+                                      cfg.random_draws, cfg.seed)
+            bar.advance(done="prune and keep tests")
+        if edges:
             from mechscope.vision.edges import edge_test
 
             circ.tests["edges"] = edge_test(vm, circ.units, concept.eval_images, concept.target, ref, cfg.random_draws, cfg.seed)
+            bar.advance(done="edge test")
     return circ
 
 
-def run_circuit(vm: VisionModel, spec: str, cfg: CircuitConfig, target: str | None = None) -> VisionCircuit:
+def run_circuit(vm: VisionModel, spec: str, cfg: CircuitConfig, target: str | None = None,
+                progress: ProgressArg = False) -> VisionCircuit:
     """The circuit of concept ``spec`` (``concept.resolve_concept``) with its causal tests."""
     check_k(vm, cfg.k)
     ds = build_dataset(vm.cfg.data)
-    return circuit_of(vm, resolve_concept(vm, spec, target, ds), cfg, ds)
+    return circuit_of(vm, resolve_concept(vm, spec, target, ds), cfg, ds, progress=progress)
 
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def run_composition(vm: VisionModel, cfg: CircuitConfig) -> dict[str, Any]:
+def run_composition(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = False) -> dict[str, Any]:
     """Circuits of every class; Jaccard of the overlay class's units with the union of its two
     parts' units, with every other class's, and with the union of every other pair's."""
     pair = vm.cfg.data.overlay
@@ -64,9 +74,11 @@ def run_composition(vm: VisionModel, cfg: CircuitConfig) -> dict[str, Any]:
     ds = build_dataset(vm.cfg.data)
     n_base = vm.cfg.data.n_base_classes
     sets = {}
-    for c in range(n_base + 1):
-        circ = circuit_of(vm, resolve_concept(vm, str(c), None, ds), cfg, ds, test=False)
-        sets[c] = circ.unit_set()
+    with as_progress(progress).phase("class circuits", total=n_base + 1, unit="class") as bar:
+        for c in range(n_base + 1):
+            circ = circuit_of(vm, resolve_concept(vm, str(c), None, ds), cfg, ds, test=False)
+            sets[c] = circ.unit_set()
+            bar.advance()
     ov = sets[n_base]
     union = jaccard(ov, sets[pair[0]] | sets[pair[1]])
     others = {vm.classes[c]: jaccard(ov, sets[c]) for c in range(n_base) if c not in pair}
@@ -82,7 +94,7 @@ def run_composition(vm: VisionModel, cfg: CircuitConfig) -> dict[str, Any]:
             "units": {vm.classes[c]: sorted(f"{s}:{u}" for s, u in v) for c, v in sets.items()}}
 
 
-def run_attack(vm: VisionModel, cfg: CircuitConfig) -> tuple[VisionCircuit, dict[str, Any]]:
+def run_attack(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = False) -> tuple[VisionCircuit, dict[str, Any]]:
     """The typographic analogue: the mark's circuit from mark-only images, then the attack
     success (marked images of other classes predicted as the mark's class) and the clean test
     accuracy with no ablation, with the mark's circuit ablated, and with k random units per
@@ -92,7 +104,8 @@ def run_attack(vm: VisionModel, cfg: CircuitConfig) -> tuple[VisionCircuit, dict
     check_k(vm, cfg.k)
     ds = build_dataset(vm.cfg.data)
     concept = resolve_concept(vm, "mark", None, ds)
-    circ = circuit_of(vm, concept, cfg, ds, test=False)
+    p = as_progress(progress)
+    circ = circuit_of(vm, concept, cfg, ds, test=False, progress=p)
     ref = reference_images(ds, cfg.n_reference, cfg.seed)
     means = site_means(vm, ref) if cfg.ablation == "mean" else None
     att, mc = ds.attack_images(), vm.cfg.data.mark_class
@@ -104,9 +117,17 @@ def run_attack(vm: VisionModel, cfg: CircuitConfig) -> tuple[VisionCircuit, dict
                 "clean_accuracy": float((clean == ds.test.labels).float().mean())}
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    rand = [measure(random_units(vm, cfg.k, gen)) for _ in range(cfg.random_draws)]
+    with p.phase("attack with random and circuit ablations", total=cfg.random_draws + 2, unit="ablation") as bar:
+        rand = []
+        for _ in range(cfg.random_draws):
+            rand.append(measure(random_units(vm, cfg.k, gen)))
+            bar.advance()
+        before = measure({})
+        bar.advance()
+        after = measure(circ.units)
+        bar.advance()
     res: dict[str, Any] = {"kind": "vision-attack", "mark_class": vm.classes[mc], "k": cfg.k, "ablation": cfg.ablation,
-           "n_attack": len(att), "n_clean": len(ds.test), "before": measure({}), "after": measure(circ.units),
+           "n_attack": len(att), "n_clean": len(ds.test), "before": before, "after": after,
            "random": {key: sum(r[key] for r in rand) / len(rand) for key in ("attack_success", "clean_accuracy")}}
     res["clean_accuracy_drop_points"] = 100 * (res["before"]["clean_accuracy"] - res["after"]["clean_accuracy"])
     circ.tests = {"attack": res}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.config import TrainConfig
 from mechscope.vision.data import Dataset, build_dataset, random_shift
 from mechscope.vision.models import VisionModel, build_model
@@ -39,8 +40,9 @@ def measure(vm: VisionModel, ds: Dataset) -> dict[str, float]:
     return m
 
 
-def train_model(cfg: TrainConfig, out: str | Path | None = None, log=None) -> VisionModel:
-    """Train a model on ``cfg.data`` and (with ``out``) save it there; returns it loaded in eval mode."""
+def train_model(cfg: TrainConfig, out: str | Path | None = None, progress: ProgressArg = False) -> VisionModel:
+    """Train a model on ``cfg.data`` and (with ``out``) save it there; returns it loaded in eval mode.
+    ``progress`` sees one "training" phase of ``cfg.epochs`` epochs with each epoch's mean loss."""
     t0 = time.perf_counter()
     ds = build_dataset(cfg.data)
     net = build_model(cfg, cfg.data.n_classes)
@@ -48,6 +50,7 @@ def train_model(cfg: TrainConfig, out: str | Path | None = None, log=None) -> Vi
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * (-(-len(ds.train) // cfg.batch)))
     gen = torch.Generator().manual_seed(cfg.seed)
     x, y = ds.train.images, ds.train.labels
+    bar = as_progress(progress).phase("training", total=cfg.epochs, unit="epoch")
     for epoch in range(cfg.epochs):
         net.train()
         perm = torch.randperm(len(y), generator=gen)
@@ -60,8 +63,8 @@ def train_model(cfg: TrainConfig, out: str | Path | None = None, log=None) -> Vi
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        if log is not None:
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {total / len(y):.4f}")
+        bar.advance(loss=total / len(y))
+    bar.close()
     net.eval()
     vm = VisionModel(net, cfg, ds.classes, {})
     vm.metrics = {**measure(vm, ds), "train_accuracy": accuracy(net, x, y), "train_seconds": round(time.perf_counter() - t0, 2),
