@@ -29,6 +29,7 @@ Checkpoint and test hooks that stop or save a run are not progress and stay sepa
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -230,12 +231,22 @@ class Recorder:
         return [m[metric] for p in self.phases if phase is None or p.name == phase for m in p.metrics if metric in m]
 
 
+QUIET_ENV = "MECHSCOPE_QUIET"
+"""When this environment variable is set (and not ``0``/``false``), ``True`` means silent:
+``mechscope --quiet`` sets it, and a script or notebook may too."""
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def as_progress(progress: ProgressArg) -> Progress:
-    """``True``: bars on stderr; ``False``/``None``: silent; a ``Progress``: itself."""
+    """``True``: bars on stderr (silent under ``MECHSCOPE_QUIET``); ``False``/``None``: silent;
+    a ``Progress``: itself."""
     if progress is None or progress is False:
         return SILENT
     if progress is True:
-        return Bars()
+        return SILENT if quiet() else Bars()
     if isinstance(progress, Progress):
         return progress
     raise MechscopeError(f"progress must be True, False, None or a mechscope.progress.Progress (Bars, Recorder, Silent), "

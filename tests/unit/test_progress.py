@@ -149,3 +149,20 @@ def test_toy_training_loss_history_matches_the_log(tmp_path):
     _finished(rec)
     log = json.loads((out / "train.json").read_text())
     assert rec.history("loss", "training") == [loss for _, loss in log["train_loss"]]
+
+
+def test_quiet_silences_bars_but_not_results(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.progress import QUIET_ENV, Silent, as_progress
+
+    monkeypatch.setenv(QUIET_ENV, "0")  # restored after the test, whatever --quiet sets in process
+    assert not isinstance(as_progress(True), Silent)
+    args = ["vision", "train", "--arch", "cnn", "--data", "shapes", "--epochs", "2", "--width", "8"]
+    loud = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    quiet = CliRunner().invoke(app, ["--quiet", *args, "--out", str(tmp_path / "b")])
+    assert loud.exit_code == 0 and quiet.exit_code == 0, (loud.output, quiet.output)
+    assert "epoch" in loud.stderr and quiet.stderr.strip() == ""
+    assert "model:" in quiet.stdout
+    assert isinstance(as_progress(True), Silent)

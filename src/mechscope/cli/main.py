@@ -53,9 +53,17 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines on stderr "
+                                     "(results and errors still print; --json implies it).")) -> None:
     if debug:
         STATE["debug"] = True
+    if quiet:
+        import os
+
+        from mechscope.progress import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
