@@ -4,11 +4,6 @@ run killed with SIGKILL and resumed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -82,18 +77,10 @@ def test_bad_input_is_one_sentence(tiny_gpt2_dir, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path):
+def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path, kill_when):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mechscope.cli.main", *_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 240
     state = out / "checkpoint" / "state.json"
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536), state)
     assert not (out / "cfg.json").exists()  # it really died before finishing
     at = json.loads(state.read_text())["tokens"]
     assert 0 < at < 65_536
