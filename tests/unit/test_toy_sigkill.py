@@ -47,6 +47,10 @@ def test_sigkilled_toy_run_resumes_to_the_uninterrupted_weights(setting, tmp_pat
     kill_when(_args(setting, killed), killed / "last" / "state.safetensors", settle=0.3)
     log = json.loads((killed / "train.json").read_text())
     assert not log.get("done")
+    # A kill between the state file and train.json leaves train.json a checkpoint behind: make it
+    # lag on purpose; the resume must take the log saved with the state, not this one.
+    log["train_loss"], log["checkpoints"] = log["train_loss"][:1], log["checkpoints"][:1]
+    (killed / "train.json").write_text(json.dumps(log))
     first = sorted(killed.glob("ckpt_*/*.safetensors"))[0]
     written = first.stat().st_mtime_ns
     _run(setting, killed)  # the same command again: resumes from killed/last
@@ -55,6 +59,12 @@ def test_sigkilled_toy_run_resumes_to_the_uninterrupted_weights(setting, tmp_pat
     _run(setting, straight)
     assert json.loads((killed / "train.json").read_text()).get("done")
     assert not (killed / "last").exists() and not list(killed.rglob("*.tmp*"))
+    logs = [json.loads((p / "train.json").read_text()) for p in (killed, straight)]
+    for lg in logs:  # wall-clock times differ between any two runs
+        lg.pop("seconds", None)
+        for c in lg["checkpoints"]:
+            c.pop("seconds", None)
+    assert logs[0] == logs[1]
     a, b = _final_weights(killed), _final_weights(straight)
     assert a.keys() == b.keys()
     for name in a:

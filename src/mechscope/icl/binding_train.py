@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule
+from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule, write_log
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 
@@ -109,6 +109,6 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: Callable[[int, 
             save_state(model, opt, gen, step, last, out, log)
     log["seconds"] = log["elapsed"] = elapsed()
     log["done"] = True
-    (out / "train.json").write_text(json.dumps(log))
+    write_log(out, log)
     shutil.rmtree(last, ignore_errors=True)
     return out
