@@ -230,7 +230,7 @@ def _save_state(path, mask, scores, next_r, n_forward, settings, current, visite
     # repr of a float reads back to the same float: the resumed run continues from the exact metric
     meta = {"next_receiver": str(next_r), "n_forward": str(n_forward), "settings": json.dumps(settings),
             "current": repr(current), "visited": str(visited)}
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # a fixed name: the next save overwrites what a kill mid-write left
     save_file({"mask": mask.contiguous(), "scores": scores.contiguous()}, tmp, metadata=meta)
     os.replace(tmp, path)  # atomic: a kill leaves the old or the new state, never half
 

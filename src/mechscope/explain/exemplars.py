@@ -289,11 +289,12 @@ class HarvestState:
                 "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers)}
         # One file is the checkpoint (its settings and counters ride in its metadata), so one
         # os.replace commits it: a kill leaves the old state or the new, never tensors of one
-        # and counters of the other. state.json is a copy for people to read.
-        tmp = folder / f"state.safetensors.tmp{os.getpid()}"
+        # and counters of the other. state.json is a copy for people to read. Fixed temporary
+        # names: the next save overwrites what a kill mid-write left.
+        tmp = folder / "state.safetensors.tmp"
         save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
         os.replace(tmp, folder / "state.safetensors")
-        tmp = folder / f"state.json.tmp{os.getpid()}"
+        tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, folder / "state.json")
 
