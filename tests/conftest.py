@@ -146,3 +146,56 @@ def embedded():
     from mechscope.models import load_model
 
     return load_model(device="cpu")
+
+
+# ------------------------------------------------------------------ SIGKILL-resume tests
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical runs need the same thread count in every process: this test's process runs
+    on one thread, like the subprocesses that ``kill_when`` starts."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def kill_when(tmp_path):
+    """``kill_when(args, ready, settle=0.0, timeout=300.0)``: start ``mechscope ARGS`` (or, when
+    ``args`` is ``["-c", CODE]``, that Python code) as a subprocess of this interpreter on one
+    thread, wait until
+    ``ready`` (a path that exists, or a callable that returns true) without sleeping blindly,
+    optionally let it run ``settle`` seconds more, then SIGKILL it wherever it is. Fails, with
+    the command's stderr, when it exits or times out before it is ready. Returns the stderr text."""
+    import signal
+    import sys
+    import time
+
+    def run(args: list[str], ready, settle: float = 0.0, timeout: float = 300.0) -> str:
+        check = ready if callable(ready) else Path(ready).exists
+        cmd = [sys.executable, *args] if args[0] == "-c" else [sys.executable, "-m", "mechscope.cli.main", *args]
+        err_path = tmp_path / f"killed-{time.monotonic_ns()}.stderr"
+        with open(err_path, "wb") as err:  # a file, not a pipe: a chatty process never blocks on it
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **ONE_THREAD_ENV})
+            deadline = time.monotonic() + timeout
+            try:
+                while not check() and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                ok = check()
+                if ok and settle:
+                    time.sleep(settle)
+                if ok and proc.poll() is not None:
+                    pytest.fail(f"{cmd[1:4]} finished before it could be killed; give it more work")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        text = err_path.read_text(errors="replace")
+        if not ok:
+            pytest.fail(f"no checkpoint {'in time' if proc.returncode == -signal.SIGKILL else 'before it exited'}: {text[-2000:]}")
+        return text
+
+    return run
+

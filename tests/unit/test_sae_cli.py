@@ -4,11 +4,6 @@ run killed with SIGKILL and resumed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -82,18 +77,10 @@ def test_bad_input_is_one_sentence(tiny_gpt2_dir, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path):
+def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path, kill_when):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mechscope.cli.main", *_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 240
     state = out / "checkpoint" / "state.json"
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert state.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536), state)
     assert not (out / "cfg.json").exists()  # it really died before finishing
     at = json.loads(state.read_text())["tokens"]
     assert 0 < at < 65_536
@@ -111,6 +98,68 @@ def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_pa
     # Equal in quality: the resumed SAE reconstructs held-out text as well as the uninterrupted one.
     assert abs(ev["killed"]["fvu"] - ev["straight"]["fvu"]) < 0.1 * ev["straight"]["fvu"] + 0.02, (ev["killed"]["fvu"], ev["straight"]["fvu"])
     assert straight["tokens"] == 65_536
+
+
+@pytest.mark.slow
+def test_sigkilled_harvest_and_shard_training_resume_exactly(tiny_gpt2_dir, corpus, tmp_path, kill_when, one_thread,
+                                                             monkeypatch):
+    """A harvest killed after its first shard, and an SAE trained from shards killed after its
+    first checkpoint, each end exactly as an uninterrupted run (from shards the data position is
+    restored exactly; from a streaming corpus see the test above)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mechscope.activations.store import Harvester
+
+    def harvest(out):  # 4 shards of 32768 rows (the default shard size)
+        return ["sae", "harvest", "--model", tiny_gpt2_dir, "--hook", HOOK, "--corpus", corpus, "--tokens", "131072",
+                "--context-len", "32", "--out", str(out), "--device", "cpu", "--json"]
+
+    def shards_done(out) -> int:
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["shards"])
+        except (OSError, ValueError):
+            return 0
+
+    acts = tmp_path / "acts"
+    kill_when(harvest(acts), lambda: shards_done(acts) > 0)
+    assert not json.loads((acts / "manifest.json").read_text())["complete"], "killed after the harvest had finished"
+    forwards = [0]
+    real_run = Harvester.run
+
+    def counted(self, *a, **kw):
+        forwards[0] += 1
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(Harvester, "run", counted)
+    r = CliRunner().invoke(app, harvest(acts))  # the same command again: resumes
+    assert r.exit_code == 0, r.output
+    resumed, forwards[0] = forwards[0], 0
+    r = CliRunner().invoke(app, harvest(tmp_path / "acts_straight"))
+    assert r.exit_code == 0, r.output
+    assert 0 < resumed < forwards[0], "the rerun harvested the finished shards again"
+    files = sorted(p.name for p in acts.glob("shard_*"))
+    assert len(files) == 4 and files == sorted(p.name for p in (tmp_path / "acts_straight").glob("shard_*"))
+    for name in files:
+        a, b = load_file(str(acts / name)), load_file(str(tmp_path / "acts_straight" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not list(acts.glob("*.tmp*"))
+
+    def train(out):
+        args = _train_args(tiny_gpt2_dir, corpus, out, tokens=65_536, extra=["--from-shards", str(acts), "--json"])
+        i = args.index("--corpus")
+        return args[:i] + args[i + 2:]
+
+    killed = tmp_path / "sae_killed"
+    kill_when(train(killed), killed / "checkpoint" / "state.json")
+    assert not (killed / "cfg.json").exists(), "killed after training had finished"
+    r = CliRunner().invoke(app, [*train(killed), "--resume"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, train(tmp_path / "sae_straight"))
+    assert r.exit_code == 0, r.output
+    a, b = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("sae_killed", "sae_straight"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (killed / "checkpoint").exists() and not list(killed.rglob("*.tmp*"))
 
 
 def test_harvest_json_and_bad_input(tiny_gpt2_dir, corpus, tmp_path):

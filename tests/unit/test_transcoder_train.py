@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -212,28 +207,12 @@ def _cli_train(model_dir, corpus, out, tokens, extra=()):
             "--out", str(out), "--device", "cpu", *extra]
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-identical runs need the same thread count in every process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
-def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpus, tmp_path, one_thread):
+def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpus, tmp_path, one_thread, kill_when):
     tokens = 12_000  # 96 steps, 24 chunks; checkpoints at chunk boundaries every ~1000 tokens
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "mechscope.cli.main", *_cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     latest = out / "checkpoint" / "latest.json"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert latest.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]), latest)
     assert not (out / "config.yaml").exists() and not (out / "training_log.json").exists()  # it died before finishing
     gen = out / "checkpoint" / json.loads(latest.read_text())["generation"]
     at = json.loads((gen / "set.json").read_text())["tokens"]

@@ -24,9 +24,13 @@ block l and runs only blocks l.. (``mechscope.patching.suffix``), with logits at
 positions only; the deltas of senders below l are the cached clean-minus-source outputs. The
 receivers near the logits, where ACDC spends most evaluations, cost a few blocks each.
 
-Long runs checkpoint: with ``checkpoint=PATH`` the state (mask, scores, next receiver) is
-written atomically to a safetensors file after each receiver, and a later call with the same
-path resumes from it (at most one receiver's work is lost to a kill, even SIGKILL).
+Long runs checkpoint: with ``checkpoint=PATH`` the state (mask, scores, next receiver, the
+running metric, edges visited) is written atomically to a safetensors file after each
+receiver, and a later call with the same path resumes from it (at most one receiver's work is
+lost to a kill, even SIGKILL) and ends with exactly the scores and circuit of an uninterrupted
+run: the running metric is restored, not re-evaluated (a fresh evaluation can differ in the last
+bits and flip a decision at ``tau``). The checkpoint is keyed by the settings and a digest of
+the batch's tokens, so a checkpoint of another task, draw of pairs or model is refused.
 """
 
 from __future__ import annotations
@@ -143,15 +147,16 @@ def acdc(
     scores = torch.zeros(S, R)
     owners = receiver_owner(graph)
     start = R - 1
-    settings = {"tau": tau, "metric": metric, "ablation": ablation, "S": S, "R": R}
+    settings = {"tau": tau, "metric": metric, "ablation": ablation, "S": S, "R": R,
+                "model": model.summary.name, "batch": _digest(batch)}
+    current, visited = None, 0
     if checkpoint is not None and Path(checkpoint).is_file():
-        mask, scores, start, extra = _load_state(checkpoint, settings)
+        mask, scores, start, extra, current, visited = _load_state(checkpoint, settings)
         score.n_forward += extra
-    current = float(score(mask[None], graph.receiver_layer(start))[0])
-    done = int(graph.allowed[:, start + 1:].sum())  # edges of the receivers a resumed run already visited
-    bar = as_progress(progress).phase("acdc (edges tried)", total=graph.n_edges, unit="edge", initial=done)
+    if current is None:
+        current = float(score(mask[None], graph.receiver_layer(start))[0])
+    bar = as_progress(progress).phase("acdc (edges tried)", total=graph.n_edges, unit="edge", initial=visited)
     complete = True
-    visited = 0
     for r in range(start, -1, -1):
         cands = [s for s in reversed(range(S)) if graph.allowed[s, r]]
         ow = owners[r]
@@ -183,7 +188,7 @@ def acdc(
                 k = min(2 * k, k_batch)  # every candidate removed: speculate further
             current = prev
         if checkpoint is not None:
-            _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings)
+            _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings, current, visited)
         if max_seconds is not None and r > 0 and time.perf_counter() - t0 > max_seconds:
             complete = False  # budget spent: receivers below r are unvisited (their edges kept)
             break
@@ -205,11 +210,27 @@ def default_k_batch(model: Model, n_examples: int) -> int:
     return max(1, 50 // max(1, n_examples))
 
 
-def _save_state(path, mask, scores, next_r, n_forward, settings) -> None:
+def _digest(batch: TaskBatch) -> str:
+    """Short digest of what the scores depend on in ``batch``: its tokens, scored positions and answers."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (batch.clean, batch.corrupt, batch.positions, batch.answers, batch.wrongs, batch.lengths,
+              batch.candidates, batch.signs):
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(batch.metric_name.encode())
+    return h.hexdigest()[:16]
+
+
+def _save_state(path, mask, scores, next_r, n_forward, settings, current, visited) -> None:
     from safetensors.torch import save_file
 
-    meta = {"next_receiver": str(next_r), "n_forward": str(n_forward), "settings": json.dumps(settings)}
-    tmp = f"{path}.tmp"
+    # repr of a float reads back to the same float: the resumed run continues from the exact metric
+    meta = {"next_receiver": str(next_r), "n_forward": str(n_forward), "settings": json.dumps(settings),
+            "current": repr(current), "visited": str(visited)}
+    tmp = f"{path}.tmp"  # a fixed name: the next save overwrites what a kill mid-write left
     save_file({"mask": mask.contiguous(), "scores": scores.contiguous()}, tmp, metadata=meta)
     os.replace(tmp, path)  # atomic: a kill leaves the old or the new state, never half
 
@@ -226,4 +247,6 @@ def _load_state(path, settings):
                 f"The ACDC checkpoint '{path}' was made with other settings ({meta['settings']}); "
                 "delete it or pass the same settings to resume."
             )
-        return f.get_tensor("mask"), f.get_tensor("scores"), int(meta["next_receiver"]), float(meta["n_forward"])
+        current = float(meta["current"]) if "current" in meta else None
+        return (f.get_tensor("mask"), f.get_tensor("scores"), int(meta["next_receiver"]), float(meta["n_forward"]),
+                current, int(meta.get("visited", 0)))

@@ -72,6 +72,8 @@ def discover(
     res = discover_seeds(m, cfg, seeds, progress=not json) if seeds > 1 else run(m, cfg, progress=not json)
     res.save(out_dir)
     report = write_circuit(res.to_dict(), Path(out_dir) / "report.html")
+    if cfg.checkpoint is not None:  # the result is saved: the ACDC state has done its job
+        Path(cfg.checkpoint).unlink(missing_ok=True)
     mt = res.metrics
     summary = {
         "task": res.task, "method": res.method, "model": m.summary.name,

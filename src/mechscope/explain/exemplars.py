@@ -35,8 +35,9 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
 
 Memory is the state, O(units x (k + k_bottom + samples) x window), plus the token ids of the pass
 (4 bytes a token, needed to write the windows' tokens); nothing grows with the tokens otherwise.
-Resumable: every ``checkpoint_every`` contexts the state is saved as ``state.safetensors`` +
-``state.json`` (never pickle); a run with the same config continues after the last checkpoint
+Resumable: every ``checkpoint_every`` contexts the state is saved as ``state.safetensors``, its
+settings and counters in the file's metadata, replaced atomically (never pickle; ``state.json``
+is a readable copy); a run with the same config continues after the last checkpoint
 and ends with exactly the state of an uninterrupted run (batches are the same, all updates are
 deterministic). Shardable by layers and unit ranges (disjoint units, idempotent DB writes);
 a token-range shard (``first_context``) harvests its own contexts: two token shards of the same
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, cast
@@ -284,23 +286,31 @@ class HarvestState:
         tensors = {f"{layer}.{name}": t.detach().cpu().contiguous() for layer, st in self.layers.items()
                    for name, t in st.tensors().items()}
         tensors["token_ids"] = self.token_ids.cpu().contiguous()
-        save_file(tensors, str(folder / "state.safetensors.tmp"))
         meta = {"schema_version": STATE_SCHEMA, "config": self.cfg.to_dict(), "contexts_done": self.contexts_done,
                 "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers)}
-        (folder / "state.json.tmp").write_text(json.dumps(meta, indent=1))
-        (folder / "state.safetensors.tmp").replace(folder / "state.safetensors")
-        (folder / "state.json.tmp").replace(folder / "state.json")
+        # One file is the checkpoint (its settings and counters ride in its metadata), so one
+        # os.replace commits it: a kill leaves the old state or the new, never tensors of one
+        # and counters of the other. state.json is a copy for people to read. Fixed temporary
+        # names: the next save overwrites what a kill mid-write left.
+        tmp = folder / "state.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        os.replace(tmp, folder / "state.safetensors")
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, folder / "state.json")
 
     @classmethod
     def load(cls, folder: str | Path, cfg: ExemplarsConfig, device) -> "HarvestState | None":
         """The checkpoint in ``folder`` if there is one for the same config, else None."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not (folder / "state.json").is_file():
+        if not (folder / "state.safetensors").is_file():
             return None
         try:
-            meta = json.loads((folder / "state.json").read_text())
+            with safe_open(str(folder / "state.safetensors"), "pt") as f:
+                meta = json.loads((f.metadata() or {})["state"])
             tensors = load_file(str(folder / "state.safetensors"), device=str(device))
         except Exception as e:  # noqa: BLE001 - any damage reads the same to the user
             raise MechscopeError(f"the checkpoint in {folder} is damaged ({type(e).__name__}); delete the folder to start again.") from None

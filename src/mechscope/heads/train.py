@@ -151,7 +151,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) ->
     bar.close()
     log["seconds"] = log.get("seconds", 0.0) + time.perf_counter() - t0
     log["done"] = True
-    (out / "train.json").write_text(json.dumps(log))
+    write_log(out, log)
     shutil.rmtree(last, ignore_errors=True)
     return out
 
@@ -189,16 +189,27 @@ def save_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
         for k, v in st.items():
             tensors[f"opt.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous()
     tensors["gen"] = gen.get_state()
-    meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"])}
+    # The run log rides in the state's metadata: one replace commits weights, step and log together
+    # (train.json, written next, can lag the state by one checkpoint after a kill; resume reads this one).
+    meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]), "log": json.dumps(log)}
     tmp = last / (STATE_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(last / STATE_FILE)
-    (out / "train.json").write_text(json.dumps(log))
+    write_log(out, log)
 
 
-def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, path: Path) -> int:
-    """Restore what ``save_state`` wrote; returns the step. A damaged file, or one written for
-    another model or optimiser, is one sentence."""
+def write_log(out: Path, log: dict) -> None:
+    """Write the run log to ``out/train.json`` atomically (a kill mid-write must not leave a
+    truncated file, which would stop the run from resuming)."""
+    tmp = out / "train.json.tmp"
+    tmp.write_text(json.dumps(log))
+    tmp.replace(out / "train.json")
+
+
+def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, path: Path) -> tuple[int, dict | None]:
+    """Restore what ``save_state`` wrote; returns the step and the run log saved with it (None in
+    a state written before the log was saved there). A damaged file, or one written for another
+    model or optimiser, is one sentence."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -208,6 +219,7 @@ def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
             meta = h.metadata() or {}
         groups = json.loads(meta["param_groups"])
         step = int(meta["step"])
+        log = json.loads(meta["log"]) if "log" in meta else None
         model.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
         state: dict[int, dict] = {}
         for k, v in t.items():
@@ -218,7 +230,7 @@ def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
         gen.set_state(t["gen"])
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
         raise MechscopeError(f"{path} is not a readable resume state ({exc}); delete {path.parent} to start over.") from None
-    return step
+    return step, log
 
 
 def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -241,5 +253,6 @@ def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.opt
     if prev.get("done"):
         return 0, prev, True
     if state.is_file():
-        return load_state(model, opt, gen, state), prev, False
+        step, saved = load_state(model, opt, gen, state)
+        return step, saved if saved is not None else prev, False
     return 0, log, False

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule
+from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule, write_log
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 from mechscope.progress import ProgressArg, as_progress
@@ -110,6 +110,6 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = F
     bar.close()
     log["seconds"] = log["elapsed"] = elapsed()
     log["done"] = True
-    (out / "train.json").write_text(json.dumps(log))
+    write_log(out, log)
     shutil.rmtree(last, ignore_errors=True)
     return out

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.train import resume_run, save_state, schedule
+from mechscope.heads.train import resume_run, save_state, schedule, write_log
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
@@ -79,7 +79,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     log: dict = {"settings": cfg.to_dict(), "checkpoints": [], "train_loss": [], "chance": 1 / cfg.data.n_labels,
                  "one_over_tasks": 1 / cfg.data.tasks}
-    tj, last = out / "train.json", out / "last"
+    last = out / "last"
     start, log, done = resume_run(out, cfg.to_dict(), model, opt, gen, log)
     if done:
         return out
@@ -118,6 +118,6 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
     bar.close()
     log["seconds"] = before + time.perf_counter() - t0
     log["done"] = True
-    tj.write_text(json.dumps(log))
+    write_log(out, log)
     shutil.rmtree(last, ignore_errors=True)
     return out

@@ -42,7 +42,8 @@ GPUs. Here:
 Checkpoints (safetensors + JSON, never pickle) live in ``out/checkpoint/``: ``stage1.safetensors``
 (the closed-form translators and the KL cache, written once) and ``state.safetensors`` +
 ``state.json`` (translators, Adam moments, the step, the settings), replaced atomically every
-``checkpoint_every`` steps. Batches are a pure function of (seed, step), so ``resume=True``
+``checkpoint_every`` steps (each ``.safetensors`` carries its JSON in its metadata, so one
+``os.replace`` commits both; the ``.json`` files are copies to read). Batches are a pure function of (seed, step), so ``resume=True``
 ends with exactly the weights of an uninterrupted run (a test compares them with
 ``torch.equal``). The finished lens is ``out/tuned_lens.{json,safetensors}`` with the training
 log in its JSON; the checkpoint folder is then removed.
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 CKPT_DIR = "checkpoint"
 STAGE1 = "stage1.safetensors"
 STATE = "state.safetensors"
-STATE_JSON = "state.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _STAGE1_KEYS = ("tokens", "reads", "corpus", "context_len", "ridge", "kl_tokens", "cache_dtype", "seed")
 """Settings a run resumed from the closed form must share with it."""
@@ -220,12 +220,24 @@ def kl_step(lens: TunedLens, dec: _Decoder, h: torch.Tensor, y: torch.Tensor, ch
 
 
 # ---------------------------------------------------------------------------------- the run
-def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, meta: dict[str, Any]) -> None:
+    """Commit ``tensors`` and ``meta`` (JSON, in the file's metadata) with one ``os.replace``, so a
+    kill leaves the old checkpoint or the new one, never one file's tensors with another's step;
+    ``path`` with ``.json`` for ``.safetensors`` is a copy for people to read."""
     from safetensors.torch import save_file
 
+    text = json.dumps(meta)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"json": text})
     os.replace(tmp, path)
+    _atomic_write(path.with_suffix(".json"), text)
+
+
+def _saved_meta(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {})["json"])
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -258,8 +270,8 @@ class _Run:
             return
         self.ckpt.mkdir(parents=True, exist_ok=True)
         assert self.cache is not None  # stage 1 saves after closed_form filled it
-        _atomic_save({"weight": self.lens.weight, "bias": self.lens.bias, **self.cache}, self.ckpt / STAGE1)
-        _atomic_write(self.ckpt / "stage1.json", json.dumps({"settings": self.fingerprint(_STAGE1_KEYS), "seconds": self.seconds}))
+        _atomic_save({"weight": self.lens.weight, "bias": self.lens.bias, **self.cache}, self.ckpt / STAGE1,
+                     {"settings": self.fingerprint(_STAGE1_KEYS), "seconds": self.seconds})
 
     def save_state(self) -> None:
         if self.out is None:
@@ -268,9 +280,8 @@ class _Run:
         for name, p in (("weight", self.lens.weight), ("bias", self.lens.bias)):
             for k, v in self.opt.state.get(p, {}).items():
                 t[f"opt.{name}.{k}"] = v if v.dim() else v.reshape(1)
-        _atomic_save(t, self.ckpt / STATE)
-        _atomic_write(self.ckpt / STATE_JSON, json.dumps({"step": self.step, "settings": self.fingerprint(), "log": self.log,
-                                                          "seconds": self.seconds}))
+        _atomic_save(t, self.ckpt / STATE, {"step": self.step, "settings": self.fingerprint(), "log": self.log,
+                                             "seconds": self.seconds})
 
     def _check_settings(self, saved: dict[str, Any]) -> None:
         want = self.fingerprint(tuple(k for k in saved if k != "model"))
@@ -285,7 +296,7 @@ class _Run:
 
         if not (self.ckpt / STAGE1).is_file():
             return "none"
-        meta = json.loads((self.ckpt / "stage1.json").read_text())
+        meta = _saved_meta(self.ckpt / STAGE1)
         self._check_settings(meta["settings"])
         t = load_file(str(self.ckpt / STAGE1))
         self.cache = {"inputs": t["inputs"], "final": t["final"]}
@@ -293,9 +304,9 @@ class _Run:
         with torch.no_grad():
             self.lens.weight.copy_(t["weight"])
             self.lens.bias.copy_(t["bias"])
-        if not (self.ckpt / STATE_JSON).is_file():
+        if not (self.ckpt / STATE).is_file():
             return "stage1"
-        st = json.loads((self.ckpt / STATE_JSON).read_text())
+        st = _saved_meta(self.ckpt / STATE)
         self._check_settings(st["settings"])
         t = load_file(str(self.ckpt / STATE))
         dev = self.lens.weight.device
