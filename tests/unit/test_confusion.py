@@ -235,3 +235,21 @@ def test_run_with_switches_edits_the_top_and_random_neurons(tiny_llama, monkeypa
     for x in res.top:
         assert x["score"] == pytest.approx(x["confused"] - x["control"], abs=1e-5)
     assert res.confused_scores.shape == (3, 128)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_result_and_the_report(tiny_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": p, "lang": "de"}) for p in ("Hallo", "Guten Tag")) + "\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["confusion", "--prompts", str(f), "--langs", "de", "--n-tokens", "4", "--top-n", "5",
+                                 "--model", tiny_llama_dir, "--facts-n", "10", "--ppl-contexts", "0", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["headline"]["baseline"]["lpr"] is None or 0 <= d["headline"]["baseline"]["lpr"] <= 1
+    assert any("IOI cost skipped" in n for n in d["notes"])  # the tiny tokenizer has too few single-token names
+    assert (out / "confusion.json").is_file() and (out / "confusion.safetensors").is_file() and (out / "report.html").is_file()

@@ -33,6 +33,9 @@ def confusion(
     max_per_lang: int = typer.Option(_D.max_per_lang, "--max-per-lang", help="Prompts kept per language (0: all)."),
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="Read the lens through tuned-lens translators (a `mechscope "
                                          "tuned-lens train` folder; default: the logit lens)."),
+    ioi_n: int = typer.Option(_D.ioi_n, "--ioi-n", help="IOI prompts for the edit's cost (0: skip)."),
+    facts_n: int = typer.Option(_D.facts_n, "--facts-n", help="Shipped facts for the edit's cost (0: all)."),
+    ppl_contexts: int = typer.Option(_D.ppl_contexts, "--ppl-contexts", help="Held-out corpus contexts for the perplexity cost (0: skip)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seeds the random-neuron control and the IOI draw."),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
@@ -47,7 +50,8 @@ def confusion(
     from mechscope.report.confusion import write_confusion
 
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
-                          last_layers=last_layers, max_per_lang=max_per_lang, seed=seed)
+                          last_layers=last_layers, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
+                          ppl_contexts=ppl_contexts, seed=seed)
     items = load_prompts(prompts, cfg.langs, cfg.max_per_lang)  # a bad file fails before the model loads
     lens_t = None
     if tuned is not None:

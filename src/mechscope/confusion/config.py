@@ -60,9 +60,11 @@ class ConfusionConfig:
     min_words: int = 5
     """Lines with fewer words are skipped by the line-level metric (the LCB: 5)."""
     ioi_n: int = 100
-    """IOI prompts for the cost of an edit."""
+    """IOI prompts for the cost of an edit (0: skip)."""
+    facts_n: int = 0
+    """Shipped facts (the first N) whose top-1 recall is the facts cost (0: all 301)."""
     ppl_contexts: int = 24
-    """Held-out corpus contexts for the perplexity cost."""
+    """Held-out corpus contexts for the perplexity cost (0: skip)."""
     ppl_len: int = 128
     """Tokens per perplexity context."""
     seed: int = 0
@@ -82,8 +84,8 @@ class ConfusionConfig:
             raise MechscopeError(f"threshold must be in [0, 1) (got {self.threshold}).")
         if self.min_words < 1:
             raise MechscopeError(f"min_words must be at least 1 (got {self.min_words}).")
-        if self.ioi_n < 0 or self.ppl_contexts < 0 or self.ppl_len < 8:
-            raise MechscopeError("ioi_n and ppl_contexts must be >= 0 (0 skips that cost) and ppl_len at least 8.")
+        if self.ioi_n < 0 or self.facts_n < 0 or self.ppl_contexts < 0 or self.ppl_len < 8:
+            raise MechscopeError("ioi_n, facts_n and ppl_contexts must be >= 0 and ppl_len at least 8.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

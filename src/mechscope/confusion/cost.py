@@ -17,13 +17,21 @@ if TYPE_CHECKING:
 class CostProbe:
     """The English checks, built once and run under any edit."""
 
-    def __init__(self, model: Model, ioi_n: int = 100, ppl_contexts: int = 24, ppl_len: int = 128, seed: int = 0):
+    def __init__(self, model: Model, ioi_n: int = 100, ppl_contexts: int = 24, ppl_len: int = 128, seed: int = 0,
+                 facts_n: int = 0):
+        from mechscope.errors import MechscopeError
         from mechscope.tasks import get_task
         from mechscope.tasks.facts import load_facts
 
         self.model = model
-        self.ioi = get_task("ioi").build(model.tokenizer, n=ioi_n, seed=seed) if ioi_n else None
-        self.facts = load_facts()
+        self.skipped: list[str] = []
+        self.ioi = None
+        if ioi_n:
+            try:
+                self.ioi = get_task("ioi").build(model.tokenizer, n=ioi_n, seed=seed)
+            except MechscopeError as exc:  # e.g. a tokenizer without single-token names
+                self.skipped.append(f"IOI cost skipped: {exc}")
+        self.facts = load_facts()[:facts_n or None]
         self.ppl: torch.Tensor | None = None
         if ppl_contexts:
             from mechscope.activations.corpus import get_corpus

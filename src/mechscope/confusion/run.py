@@ -172,8 +172,9 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
 
     t = time.time()
     costs: dict[str, Any] = {}
-    probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed)
+    probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed, cfg.facts_n)
     costs["baseline"] = probe.measure()
+    notes += probe.skipped
     conditions: dict[str, Any] = {"baseline": {"rates": _rates(checks, prompts), "heldout": _rates(checks, prompts, heldout),
                                                "texts": [tok.decode(g_, skip_special_tokens=True) for g_ in gens],
                                                "points": points, "checks": [c.to_dict() for c in checks]}}
