@@ -55,7 +55,7 @@ def render_confusion(d: dict[str, Any]) -> str:
     cost_rows = []
     for name, c in d["costs"].items():
         rel = c.get("relative_change", {})
-        cost_rows.append([name] + [f"{fmt(c.get(k))} ({'' if k not in rel else f'{100 * rel[k]:+.1f}%'})"
+        cost_rows.append([name] + [fmt(c.get(k)) + (f" ({100 * rel[k]:+.1f}%)" if k in rel else "")
                                    for k in ("ioi_accuracy", "facts_accuracy", "perplexity")])
     top = d["neurons"]["top"]
     by_layer = d["neurons"]["top_by_layer"]
