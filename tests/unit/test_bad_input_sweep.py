@@ -218,3 +218,33 @@ def test_corrupt_icml_runs(settings_, checkpoints, tmp_path_factory):
     d = tmp_path_factory.mktemp("icmlrun")
     (d / "train.json").write_text(json.dumps({"settings": {**settings_, "setting": "icml"}, "checkpoints": checkpoints}))
     check(["dynamics", str(d)])
+
+
+bad_prompt_line = st.one_of(
+    st.text(alphabet=string.ascii_letters + "{[", min_size=1, max_size=20),  # not JSON
+    st.builds(lambda w: json.dumps({"prompt": w}), words),  # no lang
+    st.builds(lambda w: json.dumps({"lang": "de", "text": w}), words),  # no prompt
+    st.builds(lambda s: json.dumps({"prompt": s, "lang": "de"}), st.text(alphabet=" \t", max_size=4)),  # empty prompt
+    st.builds(lambda w: json.dumps({"prompt": "Wie geht es dir?", "lang": "en" if w == "de" else w + "0"}), words),  # bad code
+)
+
+
+@SETTINGS
+@given(lines=st.lists(bad_prompt_line, min_size=1, max_size=3), which=st.sampled_from(["file", "langs", "n_tokens", "top_n"]),
+       code=words, n=st.integers(min_value=-10, max_value=10**6))
+def test_confusion_bad_prompts_and_values(lines, which, code, n, tmp_path_factory):
+    d = tmp_path_factory.mktemp("confusion")
+    out = d / "run"
+    if which == "file":
+        f = d / "prompts.jsonl"
+        f.write_text("\n".join(lines) + "\n")
+        args = ["--prompts", str(f)]
+    elif which == "langs":
+        args = ["--langs", "en" if code.lower() in ("de", "es", "fr", "it") else code + "0"]
+    elif which == "n_tokens":
+        args = ["--n-tokens", str(n if not 4 <= n <= 512 else 513)]
+    else:  # the tiny Llama has 3 layers x 128 neurons
+        f = d / "prompts.jsonl"
+        f.write_text(json.dumps({"prompt": "Hallo", "lang": "de"}) + "\n")
+        args = ["--prompts", str(f), "--top-n", str(max(n, 385)), "--model", _TINY["llama"]]
+    check(["confusion", *args, "--out", str(out)], out)

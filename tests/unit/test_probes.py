@@ -157,3 +157,17 @@ def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
     assert len(d["accuracy"]) == 2 and (tmp_path / "out" / "report.html").is_file()
     assert_clear_error(run("probe", "--labels", "nonsense", "--model", tiny_gpt2_dir), "neither a file nor a built-in")
     assert_clear_error(run("probe", "--labels", str(f), "--layers", "x", "--model", tiny_gpt2_dir), "--layers")
+
+
+def test_language_builtin_labels_word_starts_of_the_shipped_prompts(tiny_gpt2):
+    from mechscope.confusion import LANGS, load_prompts
+    from mechscope.probes import builtin_labels
+
+    data = builtin_labels(tiny_gpt2, "language")
+    assert sorted(data.classes) == sorted(LANGS) and len(data.sequences) == len(load_prompts())
+    counts = data.counts()
+    assert all(counts[lang] > 30 for lang in LANGS)  # several word starts per prompt
+    for i in range(0, len(data), 37):  # each item is a word-start token of a prompt in its language
+        tok = tiny_gpt2.tokenizer.decode([data.sequences[data.seq[i]][data.pos[i]]])
+        before = tiny_gpt2.tokenizer.decode(data.sequences[data.seq[i]][:data.pos[i]])
+        assert tok == data.word[i] and (tok.startswith(" ") or before.endswith(" "))

@@ -345,6 +345,29 @@ def sample_vision_eap() -> dict:
             "curve": curve, "top_edges": [{"sender": PWN, "receiver": EVIL, "score": -0.5}]}
 
 
+def sample_confusion() -> dict:
+    import torch
+
+    from mechscope.confusion.result import ConfusionResult
+
+    rates = {"all": {"n": 2, "scored": 2, "lpr": 0.5, "wpr": 1.0, "english_rate": 0.5},
+             "by_lang": {"de": {"n": 2, "scored": 2, "lpr": 0.5, "wpr": 1.0, "english_rate": 0.5}}}
+    cond = {"rates": rates, "heldout": rates, "texts": [EVIL, "Der Himmel " + IMG], "points": [0, None], "checks": []}
+    lens = {"lens": "logit", "n_confused": 1, "n_control": 1, "relative_position": 0.5,
+            "confused": {"mean_prob": [0.1, 0.5], "median_rank": [3.0, 0.0], "top1_share": [0.0, 1.0]},
+            "control": {"mean_prob": [0.2, 0.6], "median_rank": [2.0, 0.0], "top1_share": [0.0, 1.0]}}
+    cost = {"ioi_accuracy": 0.9, "facts_accuracy": 0.6, "perplexity": 30.0}
+    res = ConfusionResult(
+        model={"name": PWN}, settings={"langs": ["de"], "n_tokens": 8, "top_n": 1, "seed": 0, "ranking": EVIL, "min_words": 5,
+                                       "threshold": 0.3},
+        prompts=[{"prompt": PWN, "lang": "de", "split": "find"}, {"prompt": "Hallo", "lang": "de", "split": "heldout"}],
+        cp_tokens=[EVIL, None], conditions={"baseline": cond, "top": cond, "random": cond}, lens=lens,
+        top=[{"layer": 1, "neuron": 3, "score": 0.4, "confused": 0.5, "control": 0.1, "count": 1}], random=[[1, 5]],
+        costs={"baseline": cost, "top": {**cost, "relative_change": {"perplexity": 0.01}}},
+        confused_scores=torch.zeros(2, 4), control_scores=torch.zeros(2, 4), notes=[IMG])
+    return res.to_dict()
+
+
 def _pages() -> list[tuple[str, str, dict, int]]:
     """(page module, render/write suffix, sample data, script elements the page has of its own)."""
     return [
@@ -361,6 +384,7 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("vision_eap", "vision_eap", sample_vision_eap(), 0),
         ("binding", "binding_dynamics", sample_binding_dynamics(), 0),
         ("binding", "binding_interchange", sample_binding_interchange(), 1),  # tooltip.js
+        ("confusion", "confusion", sample_confusion(), 0),
     ]
 
 

@@ -7,6 +7,7 @@
     circuits.py   discover, evaluate            recall.py   recall
     corpus.py     corpus                        steer.py    steer
     icl.py        icl (few-shot knockout)
+    confusion.py  confusion (language confusion, Nie et al. 2025)
     probe.py      probe
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
@@ -25,6 +26,7 @@ import typer
 from mechscope.cli import (
     binding,
     circuits,
+    confusion,
     corpus,
     explain,
     features,
@@ -67,7 +69,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
-for group in (model, tasks, circuits, corpus, heads, binding, lens, tuned_lens, probe, recall, icl, steer, sae, features, explain, vision, serve):
+for group in (model, tasks, circuits, corpus, heads, binding, lens, tuned_lens, probe, recall, icl, confusion, steer, sae, features, explain, vision, serve):
     group.register(app)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from mechscope.errors import MechscopeError
 
-BUILTIN_LABELS = ("capitalised", "ioi-names")
+BUILTIN_LABELS = ("capitalised", "ioi-names", "language")
 """Label sets that need no download: see ``mechscope.probes.labels``."""
 
 

@@ -9,6 +9,10 @@ Sources:
 - built-in, on the embedded corpus (no download): ``capitalised`` (a token that starts a word:
   capitalised or not) and ``ioi-names`` (a word-start token: one of the IOI task's first names or
   not). The word type is the token itself.
+- built-in, from ``mechscope confusion``'s shipped prompts: ``language`` (the token starting each word of a
+  prompt labelled with the prompt's language: de, es, fr or it; 30 prompts each). The word type
+  is the token, so the control task exposes a probe that only knows which words belong to
+  which language.
 - a JSONL file, one object per line, either ``{"text": ..., "label": ...}`` (the item is the
   text's last token: sequence classification, e.g. the language of a prompt; the word type is
   the last token) or ``{"words": [...], "labels": [...]}`` (the words joined by spaces; each word's
@@ -82,9 +86,9 @@ def _word_start(tok: str) -> str | None:
 
 
 def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corpus: Any = None) -> LabelSet:
-    """A built-in label set (``capitalised`` or ``ioi-names``) from packed contexts of the corpus
+    """A built-in label set: ``capitalised`` or ``ioi-names`` from packed contexts of the corpus
     (default: the embedded one), collected until the rarest class has enough items for ``cfg.max_items``
-    after balancing, or 4,000 contexts were read."""
+    after balancing, or 4,000 contexts were read; ``language`` from the shipped multilingual prompts."""
     from mechscope.activations.corpus import get_corpus
     from mechscope.activations.store import pack_contexts
     from mechscope.tasks.ioi import NAMES
@@ -92,6 +96,8 @@ def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corp
     cfg = cfg or ProbeConfig()
     if name not in BUILTIN_LABELS:
         raise MechscopeError(f"Unknown built-in label set '{name}'; use one of {', '.join(BUILTIN_LABELS)} or a JSONL file.")
+    if name == "language":
+        return _language_labels(model)
     names = set(NAMES)
     classes = ["capitalised", "lowercase"] if name == "capitalised" else ["name", "other"]
     data = LabelSet(name, classes, [])
@@ -118,6 +124,26 @@ def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corp
             seen[y] += 1
         if min(seen) >= need or len(data.sequences) >= 4000:
             break
+    return data.check()
+
+
+def _language_labels(model: Model) -> LabelSet:
+    """The ``language`` set: word-start tokens of the shipped multilingual prompts, labelled by language."""
+    from mechscope.confusion.prompts import load_prompts
+
+    items = load_prompts()
+    data = LabelSet("language", sorted({p.lang for p in items}), [])
+    tok = model.tokenizer
+    for p in items:
+        ids = list(tok(p.prompt)["input_ids"])
+        s = len(data.sequences)
+        data.sequences.append(ids)
+        prev = tok.decode([ids[0]])
+        for pos in range(1, len(ids)):
+            t = tok.decode([ids[pos]])
+            if _word_start(t) is not None or (t[:1].isalpha() and prev.endswith(" ")):  # " word", or "word" after a lone space
+                data.add(s, pos, p.lang, t)
+            prev += t
     return data.check()
 
 

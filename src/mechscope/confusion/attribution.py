@@ -1,0 +1,182 @@
+"""Neuron attribution at confusion points (Nie et al. 2025, after Yu and Ananiadou's
+log-probability increase).
+
+For one prefix (the prompt and the generation up to the confusion point) and its next token t,
+at the last position: s is the final norm's scale of the final residual stream (frozen, as the
+paper does), and for layer l the residual stream after attention is r_l (``resid_mid``). A
+neuron n of layer l with activation a_n (``mlp_post``) writes a_n W_out[l, n]; its score is
+the gain in log-probability of t when that vector is added to r_l and read through the frozen
+norm and the unembedding:
+
+    gain(l, n) = log softmax(U(r_l + a_n W_out[l, n]))[t] - log softmax(U(r_l))[t],
+    U(x) = (w * centre(x) / s) W_U + (b_norm W_U + b_U)
+
+Per prefix the ``per_prompt`` (300) neurons of highest gain are kept and their gains summed
+over prefixes (``accumulate``). The gain is not additive (a log-softmax), so the identity test
+lives in ``logit_decomposition``: with the same frozen scale, every neuron's direct
+contribution to logit t, plus attention, embeddings and biases, sums exactly to the model's
+logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mechscope.models import plain_attention
+from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_out, mlp_out, mlp_post, resid_mid, resid_pre
+from mechscope.models.unembed import final_norm, unembed_weights
+from mechscope.progress import ProgressArg, as_progress
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
+_CHUNK = 256  # neurons per [chunk, d_vocab] block
+
+
+@dataclass
+class Prefix:
+    """Token ids of a prefix and the token t its last position predicts."""
+
+    ids: list[int]
+    target: int
+
+
+@torch.no_grad()
+def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.Tensor]:
+    """resid_mid and mlp_post of ``layers`` and the final residual, at the last position."""
+    wanted = {FINAL_NORM_IN} | {resid_mid(l) for l in layers} | {mlp_post(l) for l in layers}
+    with plain_attention(model):
+        _, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
+                                               names_filter=lambda n: n in wanted)
+    return {k: cache[k][0, -1].detach().float() for k in wanted}
+
+
+@torch.no_grad()
+def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
+                 progress: ProgressArg = False) -> torch.Tensor:
+    """The log-probability gains [n_prefixes, len(layers), d_mlp] (see the module docstring)."""
+    norm = final_norm(model)
+    W_U, b_U = unembed_weights(model)
+    const = torch.zeros(W_U.shape[1], device=W_U.device)
+    if norm.bias is not None:
+        const = const + norm.bias @ W_U
+    if b_U is not None:
+        const = const + b_U
+    states = [_states(model, p, layers) for p in prefixes]
+    d_mlp = model.summary.d_mlp
+    W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
+    out = torch.zeros(len(prefixes), len(layers), d_mlp)
+    ones = torch.ones(1, device=W_U.device)
+    bar = as_progress(progress).phase("neuron attribution", total=len(layers), unit="layer")
+    for j, l in enumerate(layers):
+        W_out = W_outs[l].to(W_U.device)  # [d_mlp, d_model]
+        M = norm.linear(W_out, ones) @ W_U  # [d_mlp, d_vocab]: each neuron's unit output, scale 1
+        for i, (p, st) in enumerate(zip(prefixes, states)):
+            s = norm.scale(st[FINAL_NORM_IN].to(W_U.device))  # [1], frozen
+            base = norm.linear(st[resid_mid(l)].to(W_U.device), s) @ W_U + const  # [d_vocab]
+            base_lp = base[p.target] - torch.logsumexp(base, -1)
+            coef = st[mlp_post(l)].to(W_U.device) / s  # [d_mlp]
+            for c in range(0, d_mlp, _CHUNK):
+                logits = base + coef[c:c + _CHUNK, None] * M[c:c + _CHUNK]  # [chunk, d_vocab]
+                lp = logits[:, p.target] - torch.logsumexp(logits, -1)
+                out[i, j, c:c + _CHUNK] = (lp - base_lp).cpu()
+        bar.advance()
+    bar.close()
+    return out
+
+
+def accumulate(gains: torch.Tensor, per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed gain, count) [layers, d_mlp] over prefixes, each prefix adding only its
+    ``per_prompt`` highest-gain neurons (the paper's top 300)."""
+    n, L, D = gains.shape
+    total = torch.zeros(L * D)
+    count = torch.zeros(L * D)
+    k = min(per_prompt, L * D)
+    for g in gains.reshape(n, L * D):
+        v, i = g.topk(k)
+        total[i] += v
+        count[i] += 1
+    return total.reshape(L, D), count.reshape(L, D)
+
+
+@dataclass
+class LogitDecomposition:
+    """Direct contributions to the frozen-scale logit of one token at the last position."""
+
+    neurons: torch.Tensor  # [n_layers, d_mlp]
+    attention: torch.Tensor  # [n_layers] (attention outputs with their biases)
+    mlp_bias: torch.Tensor  # [n_layers] (mlp_out minus the neurons' sum: the output bias)
+    embed: float
+    final_bias: float
+    actual: float  # the model's logit
+
+    @property
+    def total(self) -> float:
+        return float(self.neurons.sum() + self.attention.sum() + self.mlp_bias.sum()) + self.embed + self.final_bias
+
+
+@torch.no_grad()
+def logit_decomposition(model: Model, prefix: Prefix) -> LogitDecomposition:
+    """Every neuron's and every other component's direct contribution to logit ``prefix.target``
+    at the last position, through the final norm with its scale frozen (they sum to the logit)."""
+    L = model.summary.n_layers
+    wanted = {EMBED, POS_EMBED, resid_pre(0), FINAL_NORM_IN}
+    for l in range(L):
+        wanted |= {attn_out(l), mlp_out(l), mlp_post(l)}
+    with plain_attention(model):
+        logits, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
+                                                    names_filter=lambda n: n in wanted)
+    norm = final_norm(model)
+    W_U, b_U = unembed_weights(model)
+    u = W_U[:, prefix.target]
+    s = norm.scale(cache[FINAL_NORM_IN][0, -1])
+
+    def contrib(x: torch.Tensor) -> torch.Tensor:
+        return norm.linear(x.float().to(u.device), s) @ u
+
+    neurons = torch.zeros(L, model.summary.d_mlp)
+    attention = torch.zeros(L)
+    bias = torch.zeros(L)
+    W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
+    for l in range(L):
+        act = cache[mlp_post(l)][0, -1].float()  # [d_mlp]
+        W_out = W_outs[l]
+        neurons[l] = contrib(act[:, None] * W_out).cpu()
+        bias[l] = float(contrib(cache[mlp_out(l)][0, -1].float() - act @ W_out))
+        attention[l] = float(contrib(cache[attn_out(l)][0, -1]))
+    const = (float(norm.bias @ u) if norm.bias is not None else 0.0) + (float(b_U[prefix.target]) if b_U is not None else 0.0)
+    return LogitDecomposition(neurons=neurons, attention=attention, mlp_bias=bias,
+                              embed=float(contrib(cache[resid_pre(0)][0, -1])), final_bias=const,
+                              actual=float(logits[0, -1, prefix.target]))
+
+
+@torch.no_grad()
+def lens_readout(model: Model, prefixes: list[Prefix], tuned: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability, rank) [n_prefixes, n_layers] of each prefix's next token read at every
+    layer's ``resid_post`` (last position) through the logit lens, or through ``tuned`` (a
+    ``lens.TunedLens``) when given."""
+    from mechscope.models.hooks import resid_post
+
+    L = model.summary.n_layers
+    hooks = [resid_post(l) for l in range(L)] if tuned is None else tuned.hooks
+    wanted = set(hooks)
+    norm = final_norm(model)
+    W_U, b_U = unembed_weights(model)
+    probs = torch.zeros(len(prefixes), len(hooks))
+    ranks = torch.zeros(len(prefixes), len(hooks), dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        with plain_attention(model):
+            _, cache = model.bridge.run_with_cache(torch.tensor([p.ids], device=model.device),
+                                                   names_filter=lambda n: n in wanted)
+        h = torch.stack([cache[k][0, -1] for k in hooks]).float()  # [L, d_model]
+        if tuned is not None:
+            h = tuned.translate_all(h[None].to(tuned.weight.device))[0]
+        logits = norm(h.to(W_U.device)) @ W_U
+        lp = (logits + b_U if b_U is not None else logits).log_softmax(-1)  # [L, d_vocab]
+        t = lp[:, p.target]
+        probs[i] = t.exp().cpu()
+        ranks[i] = (lp > t[:, None]).sum(-1).cpu()
+    return probs, ranks
