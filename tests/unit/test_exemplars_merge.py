@@ -13,7 +13,7 @@ import torch
 
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplar_merge import INF, _Batch, merge_samples
-from mechscope.explain.exemplars import _new_state, update
+from mechscope.explain.exemplars import _best_first, _new_state, update
 
 
 def _old_merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
@@ -156,6 +156,7 @@ def test_update_equals_a_full_stable_sort(seed):
                 # Slots are unsorted: read them by (value, row), as the reference orders them.
                 got = sorted(zip(val[:, u].tolist(), row[:, u].tolist()), key=lambda t: (-t[0] if largest else t[0], t[1]))
                 assert [rw for _, rw in got] == want.tolist(), (step, u, largest)
+                assert row[:, u][_best_first(val, row, largest)[:, u]].tolist() == want.tolist()  # exemplars_of's order
                 for s_ in range(val.shape[0]):  # each slot's window is the unit's activations around its row
                     rw = int(row[s_, u])
                     p = rw % T

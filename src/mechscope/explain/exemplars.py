@@ -431,13 +431,18 @@ def _split_of(seed: int, unit: torch.Tensor, context: torch.Tensor, fractions) -
     return ["train" if x < tr else "valid" if x < va else "test" for x in u.tolist()]
 
 
+def _best_first(val: torch.Tensor, row: torch.Tensor, largest: bool) -> torch.Tensor:
+    """[k, U] slot order by value (largest first for the top list), ties by row: the merge's order."""
+    by_row = row.sort(dim=0, stable=True).indices
+    return by_row.gather(0, val.gather(0, by_row).sort(dim=0, descending=largest, stable=True).indices)
+
+
 def exemplars_of(state: HarvestState, layer: int, vocab: list[str]) -> list[list[Exemplar]]:
     """Each unit's exemplars (top sorted by value, bottom, quantile bins, random)."""
     cfg, st = state.cfg, state.layers[layer]
     T, W, U = cfg.context_len, cfg.before + cfg.after + 1, st.top_val.shape[1]
     out: list[list[Exemplar]] = [[] for _ in range(U)]
-    top_order = st.top_val.sort(0, descending=True).indices
-    bot_order = st.bot_val.sort(0).indices
+    top_order, bot_order = _best_first(st.top_val, st.top_row, True), _best_first(st.bot_val, st.bot_row, False)
     groups: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int | None]] = [
         ("top", st.top_val.gather(0, top_order).T, st.top_row.gather(0, top_order).T,
          st.top_win.gather(0, top_order[..., None].expand(-1, -1, W)).transpose(0, 1), None),
