@@ -171,8 +171,6 @@ def merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: 
     new_key = torch.where(filled, (c >> 32).int().view(torch.float32), INF)
     new_val = torch.where(filled, k_val[lists].gather(1, o), math.nan)
     new_row = torch.where(filled, k_row[lists].gather(1, o), -1)
-    o_win = k_win[lists]  # [A, m, W]
-    new_win = torch.where(filled[..., None], o_win.gather(1, o[..., None].expand_as(o_win)), math.nan)
     nz = is_new.nonzero()  # (a, r) of the entering tokens
     if nz.shape[0]:
         a, r = nz[:, 0], nz[:, 1]
@@ -181,5 +179,10 @@ def merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: 
         local = batch.rows[n]
         new_val[a, r] = x[n, u]
         new_row[a, r] = local + batch.first_row
-        new_win[a, r] = batch.windows(local, u)
-    k_key[lists], k_val[lists], k_row[lists], k_win[lists] = new_key, new_val, new_row, new_win
+    # Windows (the bulk of the state) move only where a position's entry changed.
+    a2, r2 = (is_new | (o != slots) | ~filled).nonzero().unbind(1)
+    w = torch.where(filled[a2, r2, None], k_win[lists[a2], o[a2, r2]], math.nan)  # [c, W] read before writing
+    if nz.shape[0]:
+        w[is_new[a2, r2]] = batch.windows(local, u)  # both in (a, r) order
+    k_key[lists], k_val[lists], k_row[lists] = new_key, new_val, new_row
+    k_win[lists[a2], r2] = w
