@@ -41,6 +41,7 @@ class _Batch:
         self.rows = rows  # [N] local row ids (b * T + p) of the valid tokens
         self.first_row, self.T, self.cfg = first_row, T, cfg
         self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=acts.device)  # [W]
+        self._flat1d: torch.Tensor | None = None  # flat as one contiguous row (made once, for take)
 
     def windows(self, local_rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]."""
@@ -49,7 +50,9 @@ class _Batch:
         ok = (pos >= 0) & (pos < self.T)
         U = self.flat.shape[1]
         flat_idx = ((local_rows - p)[:, None] + pos.clamp(0, self.T - 1)) * U + units[:, None]
-        vals = self.flat.reshape(-1).take(flat_idx)
+        if self._flat1d is None:
+            self._flat1d = self.flat.contiguous().view(-1)  # a copy only for a unit range (a strided slice)
+        vals = self._flat1d.take(flat_idx)
         return torch.where(ok, vals, math.nan)
 
 
