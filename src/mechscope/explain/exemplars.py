@@ -151,7 +151,7 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
     batch = _Batch(acts, rows, first_row, cfg)
     x = batch.flat.index_select(0, rows)  # [N, U]
-    N, dev = x.shape[0], x.device
+    dev = x.device
     state.positive += (x > 0).sum(0, dtype=torch.int32)
     nb = cfg.n_bins
     # Histogram bin of every token, 0 (below lo) .. nb + 1 (above hi), offset by unit: (x - lo) * inv + 1.
@@ -206,14 +206,12 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
         sel = k1[n_i] < tau_q[u_i, g_i]
         merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_i[sel], u_i[sel], g_i[sel]))
     if cfg.n_random:
-        # Uniform samples: unit u's candidates are the tokens of key below its m-th key, a prefix of
-        # the tokens sorted by key.
+        # Uniform samples: the keys are the same for every unit, so unit u's candidates are the
+        # first tokens in (key, token) order, those below its m-th key, and at most m of them.
         sk, order = torch.sort(k2, stable=True)
-        count = torch.searchsorted(sk, state.r_key[:, 0, -1].contiguous())  # [U] keys strictly below
+        count = torch.searchsorted(sk, state.r_key[:, 0, -1].contiguous()).clamp_(max=cfg.n_random)  # [U]
         n_cand = int(count.sum())
-        if n_cand > N * U // 4:
-            merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch, None)
-        elif n_cand:
+        if n_cand:
             u_r = torch.repeat_interleave(torch.arange(U, device=dev), count)
             j = torch.arange(n_cand, device=dev) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
             merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch,
