@@ -67,7 +67,7 @@ def _state(U, G, m, W):
             torch.full((U, G, m, W), math.nan))
 
 
-@pytest.mark.parametrize("candidates", [False, True])
+@pytest.mark.parametrize("candidates", ["exact", "all"])
 @pytest.mark.parametrize("G,m,grouped", [(4, 3, True), (1, 4, False), (3, 1, True), (2, 40, True)])
 def test_merge_samples_equals_sort_based_merge(G, m, grouped, candidates):
     cfg = ExemplarsConfig(context_len=16, batch_size=2, k=4, k_bottom=2, n_tokens=64, before=3, after=2, checkpoint_every=0)
@@ -86,13 +86,13 @@ def test_merge_samples_equals_sort_based_merge(G, m, grouped, candidates):
         if step % 2:  # coarse keys: many ties, within the batch and with the kept entries
             tok_key = (tok_key * 8).floor() / 8
         group = torch.randint(0, G, x.shape, generator=g) if grouped else None
-        if candidates:  # the (token, unit, bin) triples below their list's m-th key
-            grp = group if group is not None else torch.zeros(x.shape, dtype=torch.long)
+        grp = group if group is not None else torch.zeros(x.shape, dtype=torch.long)
+        if candidates == "exact":  # the (token, unit, bin) triples below their list's m-th key
             tau = new[0][torch.arange(U)[None, :].expand_as(grp), grp, -1]  # [N, U] the m-th key of each token's list
             n_i, u_i = (tok_key[:, None] < tau).nonzero().unbind(1)
-            merge_samples(*new, tok_key, x, batch, (n_i, u_i, grp[n_i, u_i]))
-        else:
-            merge_samples(*new, tok_key, x, batch, None, group)
+        else:  # every token: a superset changes nothing
+            n_i, u_i = torch.ones(x.shape, dtype=torch.bool).nonzero().unbind(1)
+        merge_samples(*new, tok_key, x, batch, (n_i, u_i, grp[n_i, u_i]))
         _old_merge_samples(*old, group, tok_key, x, batch)
         for a, b in zip(new, old):
             assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)), step

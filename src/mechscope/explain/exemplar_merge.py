@@ -130,38 +130,22 @@ def merge_best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch
 
 
 def merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, tok_key: torch.Tensor,
-                  x: torch.Tensor, batch: _Batch, cand: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                  group: torch.Tensor | None = None) -> None:
+                  x: torch.Tensor, batch: _Batch, cand: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """Keep per (unit, bin) the m entries of smallest key (in place). ``key`` [U, G, m] sorted
-    ascending (inf: empty); ``tok_key`` [N] the tokens' keys. ``cand``: the (token, unit, bin)
-    triples [C] whose key is below their list's m-th (the only ones that can enter), or None for
-    every token, each in its bin ``group`` [N, U] (None: one bin).
+    ascending (inf: empty); ``tok_key`` [N] the tokens' keys; ``cand``: (token, unit, bin) triples
+    [C] holding every token that can enter its list (those whose key is below the list's m-th; more
+    do no harm).
 
     A list that takes no token keeps its slots; one that does is rewritten in key order."""
     U, G, m = key.shape
-    if m == 0:
+    n_i, u_i, g_i = cand
+    if m == 0 or n_i.numel() == 0:
         return
     dev = x.device
     N = tok_key.shape[0]
     tok_c = (tok_key.view(torch.int32).long() << 32) | (torch.arange(N, device=dev) + m)  # [N] keys are >= 0
-    if cand is None:  # every token: per bin, the m smallest of the tokens below the bin's m-th key
-        tau = key[:, :, -1]  # [U, G]
-        k_m = min(m, N)
-        if group is None:
-            ok = tok_key[None, :] < tau[:, :1]  # [U, N]
-            new = tok_c.expand(U, N).masked_fill(~ok, MAX).topk(k_m, dim=1, largest=False).values  # [U, k_m]
-        else:
-            g_all = group.T  # [U, N] (bins 0..G-1)
-            masked = tok_c.expand(U, N).masked_fill(~(tok_key[None, :] < tau.gather(1, g_all)), MAX)
-            new = torch.stack([masked.masked_fill(g_all != g, MAX).topk(k_m, dim=1, largest=False).values
-                               for g in range(G)], 1).view(U * G, k_m)
-        lists = torch.arange(U * G, device=dev)
-    else:
-        n_i, u_i, g_i = cand
-        if n_i.numel() == 0:
-            return
-        lists, inverse, col, (n_i,) = _grouped(u_i * G + g_i, n_i)
-        new = _padded(lists.shape[0], inverse, col, tok_c[n_i])  # [A, widest]
+    lists, inverse, col, (n_i,) = _grouped(u_i * G + g_i, n_i)
+    new = _padded(lists.shape[0], inverse, col, tok_c[n_i])  # [A, widest]
     k_key, k_val, k_row, k_win = (t.view(U * G, m, *t.shape[3:]) for t in (key, val, row, win))
     o_key = k_key[lists]  # [A, m]
     slots = torch.arange(m, device=dev)

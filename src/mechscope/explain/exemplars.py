@@ -200,7 +200,17 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
             sel = xv < thr_bot[u_i]
             merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n_i[sel], u_i[sel]))
     if dense_q:
-        merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, None, state.q_table[idx])
+        # Lists filling: in each (unit, bin) only the bin's first m tokens in (key, token) order can enter.
+        _, by_key = torch.sort(k1, stable=True)
+        gs = state.q_table.take(idx.index_select(0, by_key))  # [N, U] bins, tokens in key order
+        first = torch.zeros_like(gs, dtype=torch.bool)
+        for g in range(G):
+            in_g = gs == g
+            first |= in_g & (in_g.cumsum(0, dtype=torch.int32) <= cfg.per_quantile)
+        pos, u_q = first.nonzero().unbind(1)
+        n_q, g_q = by_key[pos], gs[pos, u_q]
+        sel = k1[n_q] < tau_q[u_q, g_q]
+        merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_q[sel], u_q[sel], g_q[sel]))
     elif cfg.per_quantile:
         g_i = state.q_table.take(idx[n_i, u_i])
         sel = k1[n_i] < tau_q[u_i, g_i]
