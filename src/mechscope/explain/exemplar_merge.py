@@ -12,10 +12,10 @@ bits, the tie-break in the low bits), so a merge is a ``topk`` over unique integ
 exact whatever ``topk`` does with ties.
 
 Speed: once the lists are full almost no token can enter them, so only the candidates (tokens
-that beat their list's current last entry) are merged, grouped per list into a small padded
-matrix; the dense path (every token of every unit) runs while the lists fill (the first batch).
-A token that does not beat its list's last entry can never enter, so both paths keep exactly the
-same entries in the same slots.
+that beat their list's current last entry; the caller may pass a superset) are merged, grouped
+per list into a small padded matrix. While the lists fill (the first batch), the candidates are
+bounded by what can enter at all: the batch's k best values of a unit (ties included), the first
+m tokens of a bin in key order. Old entries are never re-sorted unless a list takes a token.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    edges for random sampling (its ``quantiles``, default 0.5/0.9/0.99). A first slice, not a
    streaming estimate: the edges must be fixed for the histogram counts and the samples of
    later batches to mean the same thing, and a resumed run reads them from the checkpoint.
-3. Top-k and bottom-k: ``topk`` over the batch's tokens [N, U] -> [k, U], merged with the
-   running [k, U] by a second ``topk`` over the 2k candidates. Entries are (value, context,
+3. Top-k and bottom-k: the k largest (smallest) activations of all tokens so far, ties to the
+   earlier token (what a stable sort in corpus order keeps). Entries are (value, context,
    position) plus the unit's activations over the window (``before`` tokens before, ``after``
    after, clipped to the context), gathered from the batch's activations at the moment an entry
    enters, only for the entries that enter (evicted slots are reused), so nothing else per token
@@ -22,9 +22,14 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
 4. Random samples: every token gets a key u ~ U[0, 1) from a generator seeded by (seed,
    context) (so keys do not depend on batching, sharding or resuming). A unit keeps, per quantile
    bin, the ``per_quantile`` tokens of smallest key in that bin (a uniform sample of the bin),
-   and ``n_random`` tokens of smallest second key among all tokens (a uniform sample). Only
-   tokens whose key beats the current m-th smallest of their bin are candidates, so after the
-   first batches the candidates are few.
+   and ``n_random`` tokens of smallest second key among all tokens (a uniform sample); ties to
+   the kept entry, then the earlier token.
+
+   Merging (``exemplar_merge.py``): only candidates are merged, the tokens that beat their
+   list's current last entry (a unit's k-th value, a bin's m-th key); one test per token against
+   a per-(unit, histogram bin) bound finds them, and after the first batches they are a small
+   fraction of the tokens. Each list's old entries and candidates are ordered by one int64 (the
+   value's or key's order-preserving bits, then the tie-break), so the merge is exact.
 5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
 6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
    where the rank falls inside the top-k or bottom-k lists, else linear inside the histogram
@@ -143,10 +148,11 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
            keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig) -> None:
     """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``.
 
-    Once the lists are full only the candidates are merged: tokens above a unit's k-th top value
-    or below its k-th bottom value, and tokens whose key is below their sample list's m-th key
-    (found by one ``nonzero`` over the OR of those tests; the uniform samples' candidates come
-    from the keys sorted once per batch, as the keys are shared by all units)."""
+    Only candidates are merged: tokens above a unit's k-th top value or below its k-th bottom
+    value, and tokens whose key is below their sample list's m-th key, found by one test per token
+    against a per-(unit, histogram bin) bound (a superset; each merge keeps its exact ones). The
+    uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
+    all units); while lists fill, the batch's k best values and each bin's first m keys bound them."""
     B, T, U = acts.shape
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
     batch = _Batch(acts, rows, first_row, cfg)
