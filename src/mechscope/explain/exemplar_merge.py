@@ -92,12 +92,12 @@ def merge_best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch
     Evicted slots (ascending) take the entering tokens best first, so the slots' layout does not
     depend on the path."""
     k = val.shape[0]
-    if k == 0:
-        return
     N, U = x.shape
+    if k == 0 or N == 0:
+        return
     dev = x.device
-    thr = val.min(0).values if largest else val.max(0).values  # [U] the k-th kept value
-    if cand is None:  # only the batch's k best values (ties included) can enter
+    if cand is None:  # only the batch's k best values (ties included) that beat the k-th kept can enter
+        thr = val.min(0).values if largest else val.max(0).values  # [U]
         kth = x.topk(min(k, N), dim=0, largest=largest).values[-1]  # [U]
         ok = (x >= kth) & (x > thr) if largest else (x <= kth) & (x < thr)
         nz = ok.nonzero()
