@@ -179,21 +179,18 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     dense_q = cfg.per_quantile > 0 and bool(tau_q.isinf().float().mean() > 0.25)
     sparse_q = cfg.per_quantile > 0 and not dense_q
     if not dense_best or sparse_q:
-        # One test per token finds a superset of the candidates: a per-(unit, histogram bin) bound on
-        # the token's key, the bin's sample list's m-th key, or 2 (any key) in the bins that can hold
-        # a top or bottom candidate (one bin of slack each side against rounding).
-        bound = torch.full((U, nb + 2), -1.0, device=dev)
+        # One pass finds a superset of the candidates: above the unit's k-th top value, below its
+        # k-th bottom value (exact compares: on heavy-tailed units most tokens share a histogram
+        # bin), or a key below the m-th key of the token's (unit, bin) sample list.
+        mask = torch.zeros_like(x, dtype=torch.bool)
         if sparse_q:
-            bound = tau_q.gather(1, state.q_table.view(U, nb + 2))
+            bound = tau_q.gather(1, state.q_table.view(U, nb + 2))  # [U, nb + 2]
+            mask = k1[:, None] < bound.view(-1).take(idx)
         if not dense_best:
-            bins = torch.arange(nb + 2, device=dev)
-            h_top = torch.addcmul(1 - state.lo * state.inv, thr_top, state.inv).floor_().clamp_(0, nb + 1)
-            near = bins >= h_top[:, None] - 1
+            mask |= x > thr_top
             if thr_bot is not None:
-                h_bot = torch.addcmul(1 - state.lo * state.inv, thr_bot, state.inv).floor_().clamp_(0, nb + 1)
-                near |= bins <= h_bot[:, None] + 1
-            bound = bound.masked_fill(near, 2.0)
-        nz = (k1[:, None] < bound.view(-1).take(idx)).nonzero()
+                mask |= x < thr_bot
+        nz = mask.nonzero()
         n_i, u_i = nz[:, 0], nz[:, 1]
     if dense_best:
         merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, None)
