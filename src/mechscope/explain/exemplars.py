@@ -26,9 +26,9 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    the kept entry, then the earlier token.
 
    Merging (``exemplar_merge.py``): only candidates are merged, the tokens that beat their
-   list's current last entry (a unit's k-th value, a bin's m-th key); one test per token against
-   a per-(unit, histogram bin) bound finds them, and after the first batches they are a small
-   fraction of the tokens. Each list's old entries and candidates are ordered by one int64 (the
+   list's current last entry (a unit's k-th value, a bin's m-th key); one pass over the batch
+   finds them (value compares, and the key against a per-(unit, histogram bin) table of m-th
+   keys), and after the first batches they are a small fraction of the tokens. Each list's old entries and candidates are ordered by one int64 (the
    value's or key's order-preserving bits, then the tie-break), so the merge is exact.
 5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
 6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
@@ -149,8 +149,8 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``.
 
     Only candidates are merged: tokens above a unit's k-th top value or below its k-th bottom
-    value, and tokens whose key is below their sample list's m-th key, found by one test per token
-    against a per-(unit, histogram bin) bound (a superset; each merge keeps its exact ones). The
+    value, and tokens whose key is below their sample list's m-th key (looked up per (unit,
+    histogram bin)), found in one pass and one ``nonzero`` (each merge keeps its exact ones). The
     uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
     all units); while lists fill, the batch's k best values and each bin's first m keys bound them."""
     B, T, U = acts.shape
