@@ -1,15 +1,19 @@
-"""The sample merge of the exemplars pass against the sort-based merge it replaced (kept here):
-the same winners in the same slots, bit for bit, over batches with ties, partly filled and full bins."""
+"""The merges of the exemplars pass: the sample merge against the sort-based merge it replaced
+(kept here), by both paths (every token, and only the candidates), bit for bit over batches with
+ties, partly filled and full bins; the whole ``update`` against an independent reference (a full
+stable sort in numpy of every token seen so far) on data with many ties and several bins."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.exemplars import INF, _Batch, _merge_samples
+from mechscope.explain.exemplar_merge import INF, _Batch, merge_samples
+from mechscope.explain.exemplars import _best_first, _new_state, update
 
 
 def _old_merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
@@ -63,8 +67,9 @@ def _state(U, G, m, W):
             torch.full((U, G, m, W), math.nan))
 
 
+@pytest.mark.parametrize("candidates", ["exact", "all"])
 @pytest.mark.parametrize("G,m,grouped", [(4, 3, True), (1, 4, False), (3, 1, True), (2, 40, True)])
-def test_merge_samples_equals_sort_based_merge(G, m, grouped):
+def test_merge_samples_equals_sort_based_merge(G, m, grouped, candidates):
     cfg = ExemplarsConfig(context_len=16, batch_size=2, k=4, k_bottom=2, n_tokens=64, before=3, after=2, checkpoint_every=0)
     g = torch.Generator().manual_seed(G * 100 + m)
     U, B, T = 7, 2, 16
@@ -81,8 +86,84 @@ def test_merge_samples_equals_sort_based_merge(G, m, grouped):
         if step % 2:  # coarse keys: many ties, within the batch and with the kept entries
             tok_key = (tok_key * 8).floor() / 8
         group = torch.randint(0, G, x.shape, generator=g) if grouped else None
-        _merge_samples(*new, group, tok_key, x, batch)
+        grp = group if group is not None else torch.zeros(x.shape, dtype=torch.long)
+        if candidates == "exact":  # the (token, unit, bin) triples below their list's m-th key
+            tau = new[0][torch.arange(U)[None, :].expand_as(grp), grp, -1]  # [N, U] the m-th key of each token's list
+            n_i, u_i = (tok_key[:, None] < tau).nonzero().unbind(1)
+        else:  # every token: a superset changes nothing
+            n_i, u_i = torch.ones(x.shape, dtype=torch.bool).nonzero().unbind(1)
+        merge_samples(*new, tok_key, x, batch, (n_i, u_i, grp[n_i, u_i]))
         _old_merge_samples(*old, group, tok_key, x, batch)
         for a, b in zip(new, old):
             assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)), step
     assert bool(new[0].isfinite().any())
+
+
+def _reference(acts_all, valid_all, k1_all, k2_all, state, cfg, U):
+    """Per unit, what a full stable sort of every valid token so far keeps (numpy): top-k by value
+    (largest first, ties to the earlier row), bottom-k, and per bin the m smallest keys (ties to the
+    earlier row), as lists of rows."""
+    rows = np.nonzero(valid_all.reshape(-1))[0]
+    x = acts_all.reshape(-1, U)[rows]  # [N, U]
+    k1, k2 = k1_all[rows], k2_all[rows]
+    nb = cfg.n_bins
+    h = torch.addcmul(1 - state.lo * state.inv, torch.from_numpy(x), state.inv).floor_().clamp_(0, nb + 1).long()
+    grp = state.q_table.view(U, nb + 2).gather(1, h.T).T.numpy()  # [N, U] bin of each token
+    out = []
+    for u in range(U):
+        top = rows[np.argsort(-x[:, u], kind="stable")[:cfg.k]]
+        bot = rows[np.argsort(x[:, u], kind="stable")[:cfg.k_bottom]]
+        q = []
+        for g in range(len(cfg.quantiles) + 1):
+            sel = np.nonzero(grp[:, u] == g)[0]
+            q.append(rows[sel[np.argsort(k1[sel], kind="stable")[:cfg.per_quantile]]])
+        r = rows[np.argsort(k2, kind="stable")[:cfg.n_random]]
+        out.append((top, bot, q, r))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_equals_a_full_stable_sort(seed):
+    """Activations on a coarse grid (many ties, within a batch and across batches), coarse keys,
+    invalid tokens, several bins: after every batch each list holds exactly the reference's rows,
+    in the reference's order once sorted the way ``exemplars_of`` reads them, with their windows."""
+    U, B, T = 9, 4, 16
+    cfg = ExemplarsConfig(context_len=T, batch_size=B, k=6, k_bottom=4, per_quantile=3, n_random=4, n_bins=8,
+                          quantiles=(0.3, 0.6, 0.9), n_tokens=8 * B * T, before=3, after=2, checkpoint_every=0)
+    g = torch.Generator().manual_seed(seed)
+    acts_all, valid_all, k1_all, k2_all = [], [], [], []
+    state = None
+    for step in range(8):
+        acts = (torch.randn(B, T, U, generator=g) * 2).round() / 4  # values on a grid of 0.25: ties everywhere
+        acts[..., 0] = 0.0  # a unit with every value tied
+        valid = torch.rand(B, T, generator=g) > 0.15
+        valid[:, 0] = False
+        k1 = (torch.rand(B * T, generator=g) * (4 if step % 2 else 64)).floor() / 64  # coarse keys: ties
+        k2 = (torch.rand(B * T, generator=g) * 16).floor() / 16
+        if state is None:
+            state = _new_state(cfg, acts.reshape(-1, U)[valid.reshape(-1)])
+        update(state, acts, valid, step * B * T, (k1, k2), cfg)
+        acts_all.append(acts)
+        valid_all.append(valid)
+        k1_all.append(k1)
+        k2_all.append(k2)
+        flat = torch.cat(acts_all).reshape(-1, U)
+        ref = _reference(torch.cat(acts_all).numpy(), torch.cat(valid_all).numpy(), torch.cat(k1_all).numpy(),
+                         torch.cat(k2_all).numpy(), state, cfg, U)
+        for u, (top, bot, q, r) in enumerate(ref):
+            for val, row, win, want, largest in ((state.top_val, state.top_row, state.top_win, top, True),
+                                                 (state.bot_val, state.bot_row, state.bot_win, bot, False)):
+                # Slots are unsorted: read them by (value, row), as the reference orders them.
+                got = sorted(zip(val[:, u].tolist(), row[:, u].tolist()), key=lambda t: (-t[0] if largest else t[0], t[1]))
+                assert [rw for _, rw in got] == want.tolist(), (step, u, largest)
+                assert row[:, u][_best_first(val, row, largest)[:, u]].tolist() == want.tolist()  # exemplars_of's order
+                for s_ in range(val.shape[0]):  # each slot's window is the unit's activations around its row
+                    rw = int(row[s_, u])
+                    p = rw % T
+                    for j, off in enumerate(range(-cfg.before, cfg.after + 1)):
+                        w = win[s_, u, j].item()
+                        assert (math.isnan(w) if not 0 <= p + off < T else w == flat[rw + off, u].item()), (step, u)
+            for gi in range(len(q)):  # samples: sorted slots, empty (-1) after the filled ones
+                got_q = state.q_row[u, gi].tolist()
+                assert got_q[:len(q[gi])] == q[gi].tolist() and all(v == -1 for v in got_q[len(q[gi]):]), (step, u, gi)
+            assert state.r_row[u, 0].tolist() == r.tolist(), (step, u)

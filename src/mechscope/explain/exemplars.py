@@ -13,8 +13,8 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    edges for random sampling (its ``quantiles``, default 0.5/0.9/0.99). A first slice, not a
    streaming estimate: the edges must be fixed for the histogram counts and the samples of
    later batches to mean the same thing, and a resumed run reads them from the checkpoint.
-3. Top-k and bottom-k: ``topk`` over the batch's tokens [N, U] -> [k, U], merged with the
-   running [k, U] by a second ``topk`` over the 2k candidates. Entries are (value, context,
+3. Top-k and bottom-k: the k largest (smallest) activations of all tokens so far, ties to the
+   earlier token (what a stable sort in corpus order keeps). Entries are (value, context,
    position) plus the unit's activations over the window (``before`` tokens before, ``after``
    after, clipped to the context), gathered from the batch's activations at the moment an entry
    enters, only for the entries that enter (evicted slots are reused), so nothing else per token
@@ -22,9 +22,14 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
 4. Random samples: every token gets a key u ~ U[0, 1) from a generator seeded by (seed,
    context) (so keys do not depend on batching, sharding or resuming). A unit keeps, per quantile
    bin, the ``per_quantile`` tokens of smallest key in that bin (a uniform sample of the bin),
-   and ``n_random`` tokens of smallest second key among all tokens (a uniform sample). Only
-   tokens whose key beats the current m-th smallest of their bin are candidates, so after the
-   first batches the candidates are few.
+   and ``n_random`` tokens of smallest second key among all tokens (a uniform sample); ties to
+   the kept entry, then the earlier token.
+
+   Merging (``exemplar_merge.py``): only candidates are merged, the tokens that beat their
+   list's current last entry (a unit's k-th value, a bin's m-th key); one pass over the batch
+   finds them (value compares, and the key against a per-(unit, histogram bin) table of m-th
+   keys), and after the first batches they are a small fraction of the tokens. Each list's old entries and candidates are ordered by one int64 (the
+   value's or key's order-preserving bits, then the tie-break), so the merge is exact.
 5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
 6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
    where the rank falls inside the top-k or bottom-k lists, else linear inside the histogram
@@ -59,6 +64,7 @@ from mechscope.activations.config import StoreConfig
 from mechscope.activations.store import Harvester, pack_contexts, separator_id
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
+from mechscope.explain.exemplar_merge import INF, _Batch, merge_best, merge_samples
 from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
 from mechscope.progress import ProgressArg, as_progress
@@ -67,7 +73,6 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 STATE_SCHEMA = 2
-INF = float("inf")
 
 
 @dataclass
@@ -130,103 +135,6 @@ def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor) -> LayerState:
     )
 
 
-class _Batch:
-    """One batch's activations of one layer and the maps between valid rows and windows."""
-
-    def __init__(self, acts: torch.Tensor, rows: torch.Tensor, first_row: int, cfg: ExemplarsConfig):
-        B, T, U = acts.shape
-        self.flat = acts.reshape(B * T, U)  # [B*T, U]
-        self.rows = rows  # [N] local row ids (b * T + p) of the valid tokens
-        self.first_row, self.T, self.cfg = first_row, T, cfg
-        self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=acts.device)  # [W]
-
-    def windows(self, local_rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]."""
-        pos = (local_rows % self.T)[:, None] + self.offsets  # [n, W]
-        ok = (pos >= 0) & (pos < self.T)
-        r = (local_rows - local_rows % self.T)[:, None] + pos.clamp(0, self.T - 1)
-        vals = self.flat[r, units[:, None].expand_as(r)]
-        return torch.where(ok, vals, torch.full_like(vals, math.nan))
-
-
-def _merge_topk(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch.Tensor, batch: _Batch,
-                largest: bool) -> None:
-    """Merge the batch's [N, U] activations ``x`` into the running top-k slots (in place)."""
-    k = val.shape[0]
-    if k == 0:
-        return
-    bv, bi = x.topk(min(k, x.shape[0]), dim=0, largest=largest)  # [k, U] batch candidates
-    both = torch.cat([val, bv])  # [2k, U]
-    _, sel = both.topk(k, dim=0, largest=largest)  # [k, U] indices into both
-    keep = torch.zeros_like(both, dtype=torch.bool).scatter_(0, sel, True)
-    evicted = (~keep[:k]).T.nonzero()  # (u, slot), grouped by u
-    entering = keep[k:].T.nonzero()  # (u, j): batch candidate j of unit u enters; same count per u
-    if entering.shape[0] == 0:
-        return
-    u, slot, j = evicted[:, 0], evicted[:, 1], entering[:, 1]
-    local = batch.rows[bi[j, u]]
-    val[slot, u] = bv[j, u]
-    row[slot, u] = local + batch.first_row
-    win[slot, u] = batch.windows(local, u)
-
-
-def _merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
-                   group: torch.Tensor | None, tok_key: torch.Tensor, x: torch.Tensor, batch: _Batch) -> None:
-    """Keep per (unit, group) the m tokens of smallest key (in place). ``key`` [U, G, m] sorted;
-    ``group`` [N, U] the group of each token (None: one group); ``tok_key`` [N] the tokens' keys.
-
-    No sort: each key becomes one int64, (float bits of the key) << 32 | tie-break, where the
-    tie-break is the old slot (0..m-1) or m + the token's batch index, so old entries win ties and
-    then earlier tokens (a stable sort's order). Keys are in [0, 1), so their bits order as their
-    values. Per group, ``topk`` of the m smallest over the batch's masked tokens, then over those
-    and the m old slots, gives exactly the first m of a stable sort by (key, slot/token)."""
-    U, G, m = key.shape
-    if m == 0:
-        return
-    dev = x.device
-    n_tok = tok_key.shape[0]
-    empty = torch.iinfo(torch.int64).max
-    tau = key[:, :, -1]  # [U, G] the m-th smallest so far
-    tok_c = (tok_key.view(torch.int32).long() << 32) | (torch.arange(n_tok, device=dev) + m)  # [N]
-    k_m = min(m, n_tok)
-    if group is None:
-        cand = tok_key[None, :] < tau[:, :1]  # [U, N]
-        if not bool(cand.any()):
-            return
-        new_c = tok_c.expand(U, n_tok).masked_fill(~cand, empty).topk(k_m, dim=1, largest=False).values[:, None]
-    else:
-        group_t = group.T.contiguous()  # [U, N] (group values are 0..G-1)
-        cand = tok_key[None, :] < tau.gather(1, group_t)
-        if not bool(cand.any()):
-            return
-        masked = tok_c.expand(U, n_tok).masked_fill(~cand, empty)  # [U, N]
-        new_c = torch.stack([masked.masked_fill(group_t != g, empty).topk(k_m, dim=1, largest=False).values
-                             for g in range(G)], 1)  # [U, G, k_m]
-    slots = torch.arange(m, device=dev)
-    old_c = torch.where(key.isfinite(), (key.view(torch.int32).long() << 32) | slots, empty)  # [U, G, m]
-    c = torch.cat([old_c, new_c], 2).topk(m, dim=2, largest=False).values  # [U, G, m] ascending
-    filled = c != empty
-    idx = c & 0xFFFFFFFF
-    is_new = filled & (idx >= m)
-    o = torch.where(filled & ~is_new, idx, 0)  # old slot (0 for empties and new ones, overwritten below)
-    new_key = torch.where(filled, (c >> 32).int().view(torch.float32), INF)
-    new_val = torch.where(filled, val.gather(2, o), math.nan)
-    new_row = torch.where(filled, row.gather(2, o), -1)
-    new_win = torch.where(filled[..., None], win.gather(2, o[..., None].expand(-1, -1, -1, win.shape[3])), math.nan)
-    nz = is_new.nonzero()  # (u, g, r) of the entering tokens
-    if nz.shape[0]:
-        u, g, r = nz[:, 0], nz[:, 1], nz[:, 2]
-        n = idx[u, g, r] - m
-        local = batch.rows[n]
-        new_val[u, g, r] = x[n, u]
-        new_row[u, g, r] = local + batch.first_row
-        new_win[u, g, r] = batch.windows(local, u)
-    key.copy_(new_key)
-    val.copy_(new_val)
-    row.copy_(new_row)
-    win.copy_(new_win)
-
-
 def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two keys in [0, 1) for every token of ``contexts`` [n_ctx * T], from per-context generators."""
     a, b = [], []
@@ -241,23 +149,89 @@ def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch
 @torch.no_grad()
 def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row: int,
            keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig) -> None:
-    """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``."""
+    """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``.
+
+    Only candidates are merged: tokens above a unit's k-th top value or below its k-th bottom
+    value, and tokens whose key is below their sample list's m-th key (looked up per (unit,
+    histogram bin)), found in one pass and one ``nonzero`` (each merge keeps its exact ones). The
+    uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
+    all units); while lists fill, the batch's k best values and each bin's first m keys bound them."""
     B, T, U = acts.shape
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
     batch = _Batch(acts, rows, first_row, cfg)
     x = batch.flat.index_select(0, rows)  # [N, U]
-    _merge_topk(state.top_val, state.top_row, state.top_win, x, batch, largest=True)
-    _merge_topk(state.bot_val, state.bot_row, state.bot_win, x, batch, largest=False)
-    state.positive += (x > 0).sum(0)
+    dev = x.device
+    state.positive += (x > 0).sum(0, dtype=torch.int32)
     nb = cfg.n_bins
     # Histogram bin of every token, 0 (below lo) .. nb + 1 (above hi), offset by unit: (x - lo) * inv + 1.
-    idx = torch.addcmul(1 - state.lo * state.inv, x, state.inv).floor_().clamp_(0, nb + 1).long()
-    idx += torch.arange(U, device=x.device) * (nb + 2)  # [N, U]
+    h = torch.addcmul(1 - state.lo * state.inv, x, state.inv).floor_().clamp_(0, nb + 1)  # [N, U]
+    offset = torch.arange(U, device=dev) * (nb + 2)
+    if U * (nb + 2) < 2**24:  # exact in float32: add the unit offset before the one conversion
+        idx = h.add_(offset.float()).long()
+    else:
+        idx = h.long().add_(offset)
+    del h
     state.hist += torch.bincount(idx.view(-1), minlength=U * (nb + 2)).view(U, nb + 2)
-    group = state.q_table[idx]  # [N, U] quantile bin
-    k1, k2 = (k.to(x.device)[rows] for k in keys)
-    _merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, group, k1, x, batch)
-    _merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, None, k2, x, batch)
+    k1, k2 = (k.to(dev)[rows] for k in keys)
+    G = state.q_key.shape[1]
+    # The thresholds, before any list changes: a token that does not beat them cannot enter.
+    thr_top = state.top_val.min(0).values  # [U]
+    thr_bot = state.bot_val.max(0).values if cfg.k_bottom else None
+    tau_q = state.q_key[:, :, -1] if cfg.per_quantile else torch.zeros(U, G, device=dev)  # [U, G] m-th keys
+    dense_best = bool((state.top_row < 0).any()) or bool((state.bot_row < 0).any())
+    dense_q = cfg.per_quantile > 0 and bool(tau_q.isinf().float().mean() > 0.25)
+    sparse_q = cfg.per_quantile > 0 and not dense_q
+    if not dense_best or sparse_q:
+        # One pass finds a superset of the candidates: above the unit's k-th top value, below its
+        # k-th bottom value (exact compares: on heavy-tailed units most tokens share a histogram
+        # bin), or a key below the m-th key of the token's (unit, bin) sample list.
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        if sparse_q:
+            bound = tau_q.gather(1, state.q_table.view(U, nb + 2))  # [U, nb + 2]
+            mask = k1[:, None] < bound.view(-1).take(idx)
+        if not dense_best:
+            mask |= x > thr_top
+            if thr_bot is not None:
+                mask |= x < thr_bot
+        nz = mask.nonzero()
+        n_i, u_i = nz[:, 0], nz[:, 1]
+    if dense_best:
+        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, None)
+        merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, None)
+    else:
+        xv = x[n_i, u_i]
+        sel = xv > thr_top[u_i]
+        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, (n_i[sel], u_i[sel]))
+        if thr_bot is not None:
+            sel = xv < thr_bot[u_i]
+            merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n_i[sel], u_i[sel]))
+    if dense_q:
+        # Lists filling: in each (unit, bin) only the bin's first m tokens in (key, token) order can enter.
+        _, by_key = torch.sort(k1, stable=True)
+        gs = state.q_table.take(idx.index_select(0, by_key))  # [N, U] bins, tokens in key order
+        first = torch.zeros_like(gs, dtype=torch.bool)
+        for g in range(G):
+            in_g = gs == g
+            first |= in_g & (in_g.cumsum(0, dtype=torch.int32) <= cfg.per_quantile)
+        pos, u_q = first.nonzero().unbind(1)
+        n_q, g_q = by_key[pos], gs[pos, u_q]
+        sel = k1[n_q] < tau_q[u_q, g_q]
+        merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_q[sel], u_q[sel], g_q[sel]))
+    elif cfg.per_quantile:
+        g_i = state.q_table.take(idx[n_i, u_i])
+        sel = k1[n_i] < tau_q[u_i, g_i]
+        merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_i[sel], u_i[sel], g_i[sel]))
+    if cfg.n_random:
+        # Uniform samples: the keys are the same for every unit, so unit u's candidates are the
+        # first tokens in (key, token) order, those below its m-th key, and at most m of them.
+        sk, order = torch.sort(k2, stable=True)
+        count = torch.searchsorted(sk, state.r_key[:, 0, -1].contiguous()).clamp_(max=cfg.n_random)  # [U]
+        n_cand = int(count.sum())
+        if n_cand:
+            u_r = torch.repeat_interleave(torch.arange(U, device=dev), count)
+            j = torch.arange(n_cand, device=dev) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+            merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch,
+                          (order[j], u_r, torch.zeros_like(u_r)))
 
 
 # ----------------------------------------------------------------------------------- the pass
@@ -474,13 +448,18 @@ def _split_of(seed: int, unit: torch.Tensor, context: torch.Tensor, fractions) -
     return ["train" if x < tr else "valid" if x < va else "test" for x in u.tolist()]
 
 
+def _best_first(val: torch.Tensor, row: torch.Tensor, largest: bool) -> torch.Tensor:
+    """[k, U] slot order by value (largest first for the top list), ties by row: the merge's order."""
+    by_row = row.sort(dim=0, stable=True).indices
+    return by_row.gather(0, val.gather(0, by_row).sort(dim=0, descending=largest, stable=True).indices)
+
+
 def exemplars_of(state: HarvestState, layer: int, vocab: list[str]) -> list[list[Exemplar]]:
     """Each unit's exemplars (top sorted by value, bottom, quantile bins, random)."""
     cfg, st = state.cfg, state.layers[layer]
     T, W, U = cfg.context_len, cfg.before + cfg.after + 1, st.top_val.shape[1]
     out: list[list[Exemplar]] = [[] for _ in range(U)]
-    top_order = st.top_val.sort(0, descending=True).indices
-    bot_order = st.bot_val.sort(0).indices
+    top_order, bot_order = _best_first(st.top_val, st.top_row, True), _best_first(st.bot_val, st.bot_row, False)
     groups: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int | None]] = [
         ("top", st.top_val.gather(0, top_order).T, st.top_row.gather(0, top_order).T,
          st.top_win.gather(0, top_order[..., None].expand(-1, -1, W)).transpose(0, 1), None),
