@@ -199,3 +199,23 @@ def kill_when(tmp_path):
 
     return run
 
+
+CORPUS_TEXT = (
+    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
+    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
+    "Bob gave a ball to Alice. 0123456789 "
+)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """A small JSONL corpus for training tests: 400 documents of CORPUS_TEXT's sentences shuffled,
+    so they differ."""
+    import json
+    import random
+
+    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
+    rng = random.Random(0)
+    sents = [s.strip() + "." for s in CORPUS_TEXT.split(".") if s.strip()]
+    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
+    return str(p)

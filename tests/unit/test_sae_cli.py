@@ -11,23 +11,6 @@ from typer.testing import CliRunner
 from mechscope.cli.main import app
 
 HOOK = "blocks.1.hook_resid_pre"
-TEXT = (
-    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
-    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
-    "Bob gave a ball to Alice. 0123456789 "
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
-    # Documents of shuffled sentences, so they differ.
-    import random
-
-    rng = random.Random(0)
-    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
-    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
-    return str(p)
 
 
 def _train_args(model_dir, corpus, out, tokens=24_576, extra=()):

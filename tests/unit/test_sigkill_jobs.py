@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import random
 import sqlite3
 from pathlib import Path
 
@@ -23,21 +22,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
-
-TEXT = (
-    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
-    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
-    "Bob gave a ball to Alice. 0123456789 "
-)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
-    rng = random.Random(0)
-    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
-    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
-    return str(p)
 
 
 def _ok(args: list[str]) -> dict:

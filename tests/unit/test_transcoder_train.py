@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 
 import pytest
 import torch
@@ -21,22 +20,9 @@ from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
 from mechscope.sae.sources import TensorSource
 from mechscope.sae.train import TrainConfig, Trainer
 
-TEXT = (
-    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
-    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
-    "Bob gave a ball to Alice. 0123456789 "
-)
 # Small everything: 31 rows per context, 124-row batches, 4 batches per shuffled chunk.
 SMALL = dict(context_len=32, batch_contexts=4, forward_contexts=8, shuffle_contexts=16, expansion=4, k=8, lr=1e-2)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
-    rng = random.Random(0)
-    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
-    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
-    return str(p)
 
 
 def _heldout(model, corpus, n_ctx=8, ctx_len=32):

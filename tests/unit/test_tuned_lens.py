@@ -7,7 +7,6 @@ params.pt converts (and a pickle that would run code is refused)."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -25,22 +24,9 @@ from mechscope.models.unembed import final_norm, project
 from mechscope.progress import Recorder
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
-TEXT = (
-    "When Mary and John went to the store, John gave a drink to Mary. The war lasted from the year "
-    "1732 to the year 1789. The Eiffel Tower is in Paris. Then, Alice and Bob went to the park. "
-    "Bob gave a ball to Alice. 0123456789 "
-)
 SMALL = dict(tokens=2500, context_len=32, kl_batch=32, kl_tokens=600, token_chunk=40, lr=3e-3, matmul_dtype="float32",
              cache_dtype="float32", checkpoint_every=2)
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("corpus") / "text.jsonl"
-    rng = random.Random(0)
-    sents = [s.strip() + "." for s in TEXT.split(".") if s.strip()]
-    p.write_text("\n".join(json.dumps({"text": " ".join(rng.sample(sents, len(sents)))}) for _ in range(400)))
-    return str(p)
 
 
 @pytest.fixture(scope="module")
