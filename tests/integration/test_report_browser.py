@@ -20,13 +20,18 @@ from mechscope.report.circuit import write_circuit
 pytestmark = pytest.mark.browser
 
 
-def _synthetic_circuit() -> dict:
-    """The hostile synthetic circuit of the unit tests (one definition, loaded by path)."""
+def _unit_tests():
+    """The report unit tests' module (hostile sample data for every page kind), loaded by path."""
     path = Path(__file__).resolve().parents[1] / "unit" / "test_report.py"
     spec = importlib.util.spec_from_file_location("_report_unit_tests", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.synthetic_circuit()
+    return module
+
+
+def _synthetic_circuit() -> dict:
+    """The hostile synthetic circuit of the unit tests (one definition)."""
+    return _unit_tests().synthetic_circuit()
 
 
 @pytest.fixture()
@@ -161,3 +166,30 @@ def test_vision_page_in_chromium(driver, tmp_path):
     assert sizes == [[16, 16]] * len(images)
     edges = driver.find_element(By.CSS_SELECTOR, "svg.vedges")
     assert len(edges.find_elements(By.TAG_NAME, "line")) > 0 and edges.size["width"] > 400
+
+
+def test_every_page_kind_keeps_hostile_tokens_inert_in_chromium(driver, tmp_path):
+    """Each page kind, rendered from the unit tests' sample data full of tokens that hold markup
+    and script, opened in Chromium: no script of a token ran, no element of a token exists, the
+    tokens are shown as text, and the console has no errors."""
+    import importlib
+
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    unit = _unit_tests()
+    pages = unit._pages()
+    assert len(pages) >= 14
+    for i, (module, name, data, _) in enumerate(pages):
+        html = getattr(importlib.import_module(f"mechscope.report.{module}"), f"render_{name}")(data)
+        path = tmp_path / f"{i}-{name}.html"
+        path.write_text(html, encoding="utf-8")
+        driver.get(path.resolve().as_uri())
+        with pytest.raises(NoAlertPresentException):
+            driver.switch_to.alert.text
+        assert driver.execute_script("return typeof window.__pwned") == "undefined", name
+        assert not driver.find_elements(By.CSS_SELECTOR, "img[src='x']"), name
+        body = driver.find_element(By.TAG_NAME, "body").get_attribute("textContent")
+        assert "<script>" in body, name  # the hostile tokens are there, as text
+        severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not severe, (name, severe)
