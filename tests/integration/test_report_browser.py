@@ -169,7 +169,7 @@ def test_vision_page_in_chromium(driver, tmp_path):
 
 
 def test_every_page_kind_keeps_hostile_tokens_inert_in_chromium(driver, tmp_path):
-    """Each page kind, rendered from the unit tests' sample data full of tokens that hold markup
+    """Each page of the unit tests' escaping test, rendered from their sample data full of tokens that hold markup
     and script, opened in Chromium: no script of a token ran, no element of a token exists, the
     tokens are shown as text, and the console has no errors."""
     import importlib
