@@ -89,7 +89,12 @@ def attribute(
         check_edge(m, len(ids), *edge)
     g = run_attribute(m, tset, ids, targets=targets, max_features=max_features, batch_size=batch_size, target_feature=tf,
                       progress=not json)
-    qk_docs = [qk_attribution(m, tset, ids, *edge).to_dict() for edge in qk_edges]
+    qk_docs = []
+    if qk_edges:
+        from mechscope.features.replacement import capture
+
+        run = capture(m, tset, ids)  # one clean pass for every edge
+        qk_docs = [qk_attribution(m, tset, ids, *edge, run=run).to_dict() for edge in qk_edges]
     pr = prune(g, node_threshold, edge_threshold)
     doc = graph_json(g, pr, m.tokenizer, slug=out.name, prompt=prompt, scan=str(transcoders), node_threshold=node_threshold,
                      max_links=max_links)

@@ -199,8 +199,8 @@ def eap(
     at = {round(c["fraction"], 3): c for c in d["curve"]}
     five = at.get(0.05)
     extra = f"; at 5% of edges {five['faithfulness']:.2f} (random {five['random']:.2f})" if five else ""
-    console.print(f"{d['clean_class']} vs {d['corrupt_class']}: {ch['n_edges']:,} of {d['n_edges']:,} edges "
-                  f"({100 * ch['fraction']:.1f}%), faithfulness {ch['faithfulness_fit']:.2f} on the scoring pairs, "
-                  f"{held['faithfulness']:.2f} (95% interval {held['ci_low']:.2f}-{held['ci_high']:.2f}) on "
-                  f"{d['n_pairs']['held_out']} held-out pairs{extra}", highlight=False)
+    console.print(f"{d['clean_class']} vs {d['corrupt_class']}: held-out faithfulness {held['faithfulness']:.2f} "
+                  f"(95% interval {held['ci_low']:.2f}-{held['ci_high']:.2f}, {d['n_pairs']['held_out']} pairs) with "
+                  f"{ch['n_edges']:,} of {d['n_edges']:,} edges ({100 * ch['fraction']:.1f}%; "
+                  f"{ch['faithfulness_fit']:.2f} on the scoring pairs it was chosen on){extra}", highlight=False)
     console.print(f"report: {report}", highlight=False)

@@ -123,10 +123,14 @@ class EdgeViT:
         outs = [x]
         resid = x
 
+        deltas: list[torch.Tensor] = []  # a_s - a*_s of every sender so far (patched runs only)
+
         def inputs(rs: slice, n_up: int) -> torch.Tensor:
             base = resid[None].expand(rs.stop - rs.start, -1, -1, -1)
             if patch is not None and corrupt is not None:
-                delta = torch.stack(outs[:n_up]) - corrupt[:n_up]
+                while len(deltas) < n_up:  # each sender's delta is formed once, when first read
+                    deltas.append(outs[len(deltas)] - corrupt[len(deltas)])
+                delta = torch.stack(deltas[:n_up])
                 base = base - torch.einsum("sr,sbtd->rbtd", patch[:n_up, rs].to(delta), delta)
             return base + bump[rs] if bump is not None else base
 
