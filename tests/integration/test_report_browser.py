@@ -179,7 +179,7 @@ def test_every_page_kind_keeps_hostile_tokens_inert_in_chromium(driver, tmp_path
 
     unit = _unit_tests()
     pages = unit._pages()
-    assert len(pages) >= 14
+    assert len(pages) >= 19
     for i, (module, name, data, _) in enumerate(pages):
         html = getattr(importlib.import_module(f"mechscope.report.{module}"), f"render_{name}")(data)
         path = tmp_path / f"{i}-{name}.html"

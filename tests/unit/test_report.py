@@ -368,6 +368,61 @@ def sample_confusion() -> dict:
     return res.to_dict()
 
 
+def sample_meta_dynamics() -> dict:
+    rows = []
+    for i, step in enumerate((0, 10, 100, 1000)):
+        m = {"self": 0.1 * i, "label": 0.2 * i, "chunk": 0.05 * i}
+        rows.append({"step": step, "accuracy": 0.2 * i, "random_label_accuracy": 0.1 * i, "loss": 3 - i, **m,
+                     "per_layer": {k: [v, v / 2] for k, v in m.items()}})
+    pat = {"step": 100, "pattern": [[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]]}
+    return {"run": f"runs/{EVIL}", "config": {"band": IMG, "min_span": 3}, "checkpoints": rows,
+            "phases": {"tasks": 4, "one_over_tasks": 0.25, "chance": 0.1, "peaks": {"self": 10, "label": 100, "chunk": 1000},
+                       "peaks_in_order": True, "final_accuracy": 0.6,
+                       "plateaus": [{"start": 10, "end": 100, "n": 2, "mean": 0.25}],
+                       "phase2": {"step": 100, "accuracy": 0.4, "random_label_accuracy": 0.2}},
+            "patterns": {"self_peak": pat, "final": {**pat, "step": 1000}}}
+
+
+def sample_probe() -> dict:
+    return {"layers": [0, 1], "hooks": [f"blocks.0.{EVIL}", "blocks.1.hook_resid_post"], "accuracy": [0.6, 0.8],
+            "train_accuracy": [0.7, 0.9], "control_accuracy": [0.5, None], "selectivity": [0.1, None], "majority": 0.4,
+            "label_set": EVIL, "class_counts": {IMG: 3, PWN: 5}, "n_train": 40, "n_test": 10, "n_word_types": 12,
+            "model": {"name": f"tiny {IMG}"}}
+
+
+def sample_tuned_lens_eval() -> dict:
+    rows = [{"layer": i, "hook": f"blocks.{i}.{EVIL}", "kl_logit": 2.0 - i, "kl_tuned": 1.0 - i / 2, "ratio": 2.0,
+             "top1_logit": 0.3, "top1_tuned": 0.5} for i in range(2)]
+    return {"model": {"name": IMG}, "lens": {"reads": "resid_pre", "path": PWN, "source": EVIL}, "tokens": 100,
+            "corpus": EVIL, "split": "held out", "context_len": 32, "layers": rows,
+            "summary": {"tuned_below_logit_every_layer": False, "layers_tuned_not_below": [IMG], "mean_kl_logit": 1.5}}
+
+
+def sample_transcoders_eval() -> dict:
+    row = {"layer": 0, "architecture": IMG, "d_sae": 8, "fvu": 0.2, "l0": 3.0, "dead_frac": 0.1, "ce_spliced": 2.0,
+           "ce_zero": 3.0, "ce_recovered": 0.9}
+    return {"model": EVIL, "tokens": 10, "layers": [row, {**row, "layer": 1}],
+            "all_layers": {"layers": [0, 1], "ce_recovered": 0.875, PWN: 1},
+            "summary": {"median_fvu": 0.2, "max_fvu": 0.2, "mean_l0": 3.0, "mean_dead_frac": 0.1},
+            "settings": {"corpus": PWN, "n_layers_model": 3}}
+
+
+def sample_attribution() -> dict:
+    toks = ["When", EVIL, IMG]
+    nodes = [{"node_id": f"E_{i}", "feature": None, "layer": "E", "ctx_idx": i, "feature_type": "embedding",
+              "clerp": "", "influence": 0.1, "activation": None} for i in range(3)]
+    nodes += [{"node_id": "0_5_2", "feature": 5, "layer": "0", "ctx_idx": 2, "feature_type": "cross layer transcoder",
+               "clerp": PWN, "influence": 0.5, "activation": 1.2},
+              {"node_id": "0_err_2", "feature": None, "layer": "0", "ctx_idx": 2, "feature_type": "mlp reconstruction error",
+               "clerp": "", "influence": 0.2, "activation": None},
+              {"node_id": "L_7_2", "feature": 7, "layer": "1", "ctx_idx": 2, "feature_type": "logit",
+               "clerp": f"output {EVIL} (p=0.5)", "influence": 1.0, "activation": None}]
+    links = [{"source": "E_1", "target": "0_5_2", "weight": 0.7}, {"source": "0_5_2", "target": "L_7_2", "weight": -0.4},
+             {"source": "0_err_2", "target": "L_7_2", "weight": 0.2}]
+    return {"metadata": {"prompt": "".join(toks), "prompt_tokens": toks, "generator": {"links_written": 3, "links_total": 9}},
+            "nodes": nodes, "links": links}
+
+
 def _pages() -> list[tuple[str, str, dict, int]]:
     """(page module, render/write suffix, sample data, script elements the page has of its own)."""
     return [
@@ -385,6 +440,11 @@ def _pages() -> list[tuple[str, str, dict, int]]:
         ("binding", "binding_dynamics", sample_binding_dynamics(), 0),
         ("binding", "binding_interchange", sample_binding_interchange(), 1),  # tooltip.js
         ("confusion", "confusion", sample_confusion(), 0),
+        ("meta_dynamics", "meta_dynamics", sample_meta_dynamics(), 0),
+        ("probe", "probe", sample_probe(), 0),
+        ("tuned_lens", "tuned_lens_eval", sample_tuned_lens_eval(), 0),
+        ("transcoders", "transcoders_eval", sample_transcoders_eval(), 0),
+        ("attribution", "attribution", sample_attribution(), 2),  # the graph's JSON block and attribution.js
     ]
 
 

@@ -27,8 +27,8 @@ def _qk_section(qk: list[dict]) -> str:
              "the score.</p>"]
     for d in qk:
         parts.append(f"<h3>Layer {esc(d['layer'])}, head {esc(d['head'])}: query position {esc(d['query_pos'])} "
-                     f"&rarr; key position {esc(d['key_pos'])}</h3><p>score {fmt(d['score'])}, attention weight "
-                     f"{fmt(d['weight'])}</p>")
+                     f"&rarr; key position {esc(d['key_pos'])}</h3><p>score {esc(fmt(d['score']))}, attention weight "
+                     f"{esc(fmt(d['weight']))}</p>")
         parts.append(table(["query side", "key side", "contribution"],
                            [[p["query_label"], p["key_label"], p["value"]] for p in d.get("top_pairs", [])[:12]]))
         parts.append(table(["query-side component", "share"], [[c["label"], c["value"]] for c in d.get("query_side", [])[:8]]))
