@@ -60,35 +60,36 @@ def test_bad_input_is_one_sentence(tiny_gpt2_dir, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path, kill_when):
+def test_sigkilled_run_resumes_from_its_checkpoint(tiny_gpt2_dir, corpus, tmp_path, kill_when, one_thread):
+    """Training from a streaming corpus, killed after a checkpoint, ends with exactly the weights
+    of an uninterrupted run: the rows waiting in the shuffle buffer come back from the checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
     out = tmp_path / "killed"
     state = out / "checkpoint" / "state.json"
     kill_when(_train_args(tiny_gpt2_dir, corpus, out, tokens=65_536), state)
     assert not (out / "cfg.json").exists()  # it really died before finishing
     at = json.loads(state.read_text())["tokens"]
     assert 0 < at < 65_536
+    saved = load_file(str(out / "checkpoint" / "state.safetensors"))
+    assert any(k.startswith("source.buffer.") for k in saved)  # the killed run had rows waiting
     r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, out, tokens=65_536, extra=["--resume", "--json"]))
     assert r.exit_code == 0, r.output
     resumed = json.loads(r.stdout)
     assert resumed["tokens"] == 65_536 and not (out / "checkpoint").exists()
     r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "straight", tokens=65_536, extra=["--json"]))
     straight = json.loads(r.stdout)
-    ev = {}
-    for name in ("killed", "straight"):
-        r = CliRunner().invoke(app, ["sae", "eval", str(tmp_path / name), "--corpus", corpus, "--tokens", "4096",
-                                     "--context-len", "32", "--device", "cpu", "--json"])
-        ev[name] = json.loads(r.stdout)
-    # Equal in quality: the resumed SAE reconstructs held-out text as well as the uninterrupted one.
-    assert abs(ev["killed"]["fvu"] - ev["straight"]["fvu"]) < 0.1 * ev["straight"]["fvu"] + 0.02, (ev["killed"]["fvu"], ev["straight"]["fvu"])
     assert straight["tokens"] == 65_536
+    a, b = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("killed", "straight"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 def test_sigkilled_harvest_and_shard_training_resume_exactly(tiny_gpt2_dir, corpus, tmp_path, kill_when, one_thread,
                                                              monkeypatch):
     """A harvest killed after its first shard, and an SAE trained from shards killed after its
-    first checkpoint, each end exactly as an uninterrupted run (from shards the data position is
-    restored exactly; from a streaming corpus see the test above)."""
+    first checkpoint, each end exactly as an uninterrupted run."""
     import torch
     from safetensors.torch import load_file
 

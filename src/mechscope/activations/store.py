@@ -242,6 +242,37 @@ class ActivationStore:
             raise StopIteration("the corpus is exhausted")
         return {h: torch.cat(p) if len(p) > 1 else p[0] for h, p in parts.items()}
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What, beside the number of contexts run (``tokens_seen``), fixes the stream's
+        position: the rows harvested but not yet served (the shuffle buffer and the rest of
+        the chunk being served, hooks by their index in ``cfg.hooks``) and the shuffle
+        generator's state. ``load_state_tensors`` on a store that has skipped the same contexts
+        then serves exactly the rows this one would have."""
+        out = {"generator": self._gen.get_state()}
+        for i, h in enumerate(self.cfg.hooks):
+            if self._buf is not None and self._n > 0:
+                out[f"buffer.{i}"] = self._buf[h][: self._n].cpu().contiguous()
+            if self._out is not None and self._out_pos < self._out[h].shape[0]:
+                out[f"serving.{i}"] = self._out[h][self._out_pos :].cpu().contiguous()
+        return out
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore ``state_tensors`` (see there); an empty dict changes nothing."""
+        if not state:
+            return
+        self._gen.set_state(state["generator"])
+        dev = self.harvester.device
+        if "buffer.0" in state:
+            rows = {h: state[f"buffer.{i}"] for i, h in enumerate(self.cfg.hooks)}
+            self._n = int(rows[self.cfg.hooks[0]].shape[0])
+            cap = max(self.cfg.buffer_tokens, self._n) + self.cfg.batch_size * self.cfg.rows_per_context
+            self._buf = {h: torch.empty(cap, t.shape[1], dtype=t.dtype, device=dev) for h, t in rows.items()}
+            for h, t in rows.items():
+                self._buf[h][: self._n] = t.to(dev)
+        if "serving.0" in state:
+            self._out = {h: state[f"serving.{i}"].to(dev) for i, h in enumerate(self.cfg.hooks)}
+            self._out_pos = 0
+
     def batches(self, n_tokens: int) -> Iterator[dict[str, torch.Tensor]]:
         """Iterate ``next_batch(n_tokens)`` until a non-repeating corpus runs out."""
         while True:

@@ -21,8 +21,9 @@ batches tile chunks exactly. Checkpoints are taken only at chunk boundaries, whe
 harvested row is waiting anywhere: the data position is then just the number of contexts run,
 which a resumed run skips by re-tokenising (no model), as ``StoreSource`` does. So after a
 SIGKILL, ``resume=True`` ends with the same weights as an uninterrupted run (a test compares
-them with ``torch.equal`` when both run with the same thread count), unlike a streaming
-single-SAE run, which loses the rows in its shuffle buffer.
+them with ``torch.equal`` when both run with the same thread count). (A single SAE from a
+streaming store saves its waiting rows in the checkpoint instead; chunk boundaries keep a set's
+checkpoints small, with nothing waiting.)
 
 A checkpoint is a generation folder ``out/checkpoint/step_<n>/`` holding every layer's
 ``Trainer.save_checkpoint`` (weights, Adam moments, counters, RNG, its reader position) and

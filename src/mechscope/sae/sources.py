@@ -55,8 +55,9 @@ class StoreSource:
 
     Resume: for shards, the position is restored exactly by replaying the same seeded order
     (reading only, no model); for a streaming store, the corpus is re-tokenised and the contexts
-    already run are skipped without the model, so only the rows then waiting in the shuffle
-    buffer (at most ``buffer_tokens``) are not seen again."""
+    already run are skipped without the model, and the rows then waiting in the shuffle buffer
+    come back from the checkpoint with the shuffle generator (``state_tensors``), so the
+    resumed run sees exactly the rows an uninterrupted one would."""
 
     def __init__(self, store: Any, hook_in: str, hook_out: str | None = None):
         self.store, self.hook_in, self.hook_out = store, hook_in, hook_out
@@ -79,6 +80,15 @@ class StoreSource:
         if self.streaming:
             st["contexts"] = self.store.tokens_seen // self.store.cfg.context_len
         return st
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The streaming store's waiting rows and generator (``ActivationStore.state_tensors``);
+        nothing for shards, whose position ``state_dict`` fixes."""
+        return self.store.state_tensors() if self.streaming else {}
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        if self.streaming:
+            self.store.load_state_tensors(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.streaming:

@@ -237,6 +237,8 @@ class Trainer:
                     tensors[f"opt.{names[id(p)]}.{key}"] = v.detach().cpu().contiguous().reshape(v.shape)
         tensors["last_fired"] = self.last_fired.cpu()
         tensors["rng_cpu"] = torch.get_rng_state()
+        if hasattr(self.source, "state_tensors"):  # rows a streaming source holds but has not served
+            tensors.update({f"source.{k}": v for k, v in self.source.state_tensors().items()})
         meta = {
             "step": self.step, "tokens": self.tokens, "scale_in": self.scale_in, "scale_out": self.scale_out,
             "train_config": asdict(self.cfg), "sae_config": self.sae_cfg.to_dict(),
@@ -296,6 +298,8 @@ class Trainer:
         self.log.rows = meta.get("log", [])
         if meta.get("source") is not None and hasattr(self.source, "load_state_dict"):
             self.source.load_state_dict(meta["source"])
+        if hasattr(self.source, "load_state_tensors"):
+            self.source.load_state_tensors({k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")})
         return True
 
     # ----------------------------------------------------------------- run
