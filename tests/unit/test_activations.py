@@ -113,6 +113,27 @@ def test_shuffled_store_serves_the_same_aligned_rows(tiny_gpt2):
     assert not torch.equal(first, a[:40, :64])  # the first batch is not simply the first tokens
 
 
+@pytest.mark.parametrize("served", [40, 64, 230])
+def test_a_store_restored_mid_stream_serves_what_the_original_would(tiny_gpt2, served):
+    """Skip the contexts run, restore the waiting rows and the generator: the next batches are
+    identical to an uninterrupted store's (positions inside a served chunk and at its end)."""
+    from mechscope.sae.sources import StoreSource
+
+    cfg = StoreConfig(hooks=PAIR, context_len=16, batch_size=2, buffer_tokens=64, shuffle=True, seed=5)
+    first = StoreSource(ActivationStore(tiny_gpt2, DOCS, cfg), PAIR[0], PAIR[1])
+    first.next_batch(served)
+    state, tensors = first.state_dict(), first.state_tensors()
+    again = StoreSource(ActivationStore(tiny_gpt2, DOCS, cfg), PAIR[0], PAIR[1])
+    again.load_state_dict(state)
+    again.load_state_tensors(tensors)
+    for _ in range(6):
+        a, b = first.next_batch(48), again.next_batch(48)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    lost = StoreSource(ActivationStore(tiny_gpt2, DOCS, cfg), PAIR[0], PAIR[1])
+    lost.load_state_dict(state)  # without the waiting rows the stream differs
+    assert not torch.equal(lost.next_batch(48)[0], StoreSource(ActivationStore(tiny_gpt2, DOCS, cfg), PAIR[0]).next_batch(served + 48)[-48:])
+
+
 def test_store_streams_with_a_fixed_buffer(tiny_gpt2):
     cfg = StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=16, batch_size=2, buffer_tokens=64)
     store = ActivationStore(tiny_gpt2, DOCS, cfg)
