@@ -32,7 +32,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
-from mechscope.progress import ProgressArg, as_progress
+from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 
 BOS = "<bos>"
 
@@ -139,12 +139,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) ->
         x = data.batch(cfg.batch, gen)  # [batch, 1 + seq_len]
         logits = model(x).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log["train_loss"].append([step, loss.item()])
-        bar.advance(loss=log["train_loss"][-1][1])
+        optimiser_step(opt, params, loss, step, log, bar)
         if step in sched:
             checkpoint(step)
             save_state(model, opt, gen, step, last, out, log)
@@ -154,6 +149,18 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) ->
     write_log(out, log)
     shutil.rmtree(last, ignore_errors=True)
     return out
+
+
+def optimiser_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, step: int, log: dict,
+                   bar: PhaseHandle) -> None:
+    """One step of a toy run: backpropagate ``loss``, clip the gradient norm to 1, step, and log
+    ``[step, loss]`` in ``log["train_loss"]`` and on ``bar`` (the toy trainers share it)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    log["train_loss"].append([step, loss.item()])
+    bar.advance(loss=log["train_loss"][-1][1])
 
 
 @contextlib.contextmanager

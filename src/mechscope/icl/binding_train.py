@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.heads.train import _no_progress_bars, resume_run, save_state, schedule, write_log
+from mechscope.heads.train import _no_progress_bars, optimiser_step, resume_run, save_state, schedule, write_log
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 from mechscope.progress import ProgressArg, as_progress
@@ -98,12 +98,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = F
             g["lr"] = cfg.lr * min(1.0, step / max(cfg.warmup, 1))
         x, y = data.batch(cfg.batch, gen)
         loss = answer_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log["train_loss"].append([step, loss.item()])
-        bar.advance(loss=log["train_loss"][-1][1])
+        optimiser_step(opt, params, loss, step, log, bar)
         if step in sched:
             checkpoint(step)
             save_state(model, opt, gen, step, last, out, log)
