@@ -95,7 +95,10 @@ def test_discover_reports_its_phases_in_order(tmp_path):
     assert names[1] == "cross-validating the size (signed ranking)"
     assert names[-2:] == ["random circuits of the same size", "faithfulness curve (top-k and random circuits)"]
     _finished(rec)
-    assert rec.phases[1].total == 2  # one step per fold
+    from mechscope.circuits.crossval import SIZE_CHUNK, grid_sizes
+    from mechscope.graph import build_graph
+
+    assert rec.phases[1].total == 2 * -(-len(grid_sizes(build_graph(m))) // SIZE_CHUNK)  # per fold, per chunk of sizes
     assert any("held-out" in n for n in rec.notes)
 
 

@@ -83,6 +83,42 @@ def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
         assert c["faithfulness_low"] <= c["faithfulness"] + 1e-6
 
 
+def test_cv_curve_stops_where_the_choice_is_made(tiny_gpt2, monkeypatch):
+    """With ``stop_at`` the curve is a prefix of the full one, ends with the chunk of sizes in
+    which a bound reaches the target, and gives the same choice; the all-edges circuit costs no
+    patched pass."""
+    import mechscope.circuits.evaluate as evaluate
+    from mechscope.circuits.crossval import SIZE_CHUNK
+
+    m, g, b = tiny_gpt2, build_graph(tiny_gpt2), _batch(B=6, seed=2)
+    fs = edge_score_folds(m, g, b, [3, 3], "eap", 1)
+    sizes = sorted({max(1, int(f * g.n_edges)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)} | {g.n_edges})
+    full = cv_curve(m, g, b, fs, sizes, "eap")
+    lows = [c["faithfulness_low"] for c in full]
+    target = max(lows[: 2 * SIZE_CHUNK])  # reached within the first two chunks
+    i = next(j for j, low in enumerate(lows) if low >= target)
+    passes = [0]
+    real = evaluate.run_with_edge_mask
+
+    def counted(*a, **kw):
+        passes[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "run_with_edge_mask", counted)
+    part = cv_curve(m, g, b, fs, sizes, "eap", stop_at=target)
+    assert len(part) == min(len(full), (i // SIZE_CHUNK + 1) * SIZE_CHUNK) < len(full)
+    for a, c in zip(part, full):
+        assert a["n_edges"] == c["n_edges"] and a["faithfulness"] == pytest.approx(c["faithfulness"], abs=1e-6)
+        assert a["faithfulness_low"] == pytest.approx(c["faithfulness_low"], abs=1e-6)
+    assert choose_size(part, target) == choose_size(full, target)
+    assert passes[0] == 2 + 2 * -(-len(part) // SIZE_CHUNK)  # two folds: baselines, then one pass per chunk of sizes
+    passes[0] = 0
+    ev = Evaluator(m, g, b)
+    assert passes[0] == 1  # clean and corrupt baselines
+    every = ev.per_example(ev.patch_masks(g.allowed[None]))
+    assert passes[0] == 1 and torch.equal(every[0], ev.clean_ex)
+
+
 @pytest.mark.slow
 def test_discover_never_looks_at_the_held_out_pairs(tmp_path):
     """Changing only the held-out pairs leaves the chosen circuit unchanged (and moves the

@@ -28,7 +28,11 @@ honest estimate of the curve at no extra attribution cost:
    (more data).
 
 Cost: every grid size is evaluated once per fold on that fold's pairs: as many patched
-example-runs as evaluating the grid once on all scoring pairs.
+example-runs as evaluating the grid once on all scoring pairs. Sizes are evaluated smallest
+first, four at a time, and stop once one reaches the target at its bound (``stop_at``): the
+larger ones cannot change the choice. After one rank mode has chosen a size that way, the next
+is evaluated only up to that size, the only sizes at which it could win (``discover``).
+The all-edges circuit is the clean run and costs no pass (``Evaluator.per_example``).
 """
 
 from __future__ import annotations
@@ -60,51 +64,66 @@ def grid_sizes(graph: Graph, fractions=CV_FRACTIONS) -> list[int]:
     return sorted({max(1, int(round(f * graph.n_edges))) for f in fractions})
 
 
+SIZE_CHUNK = 4
+"""Grid sizes evaluated together (one patched pass per fold holds this many circuits); with
+``stop_at``, the sizes after the first chunk that reaches it are not evaluated."""
+
+
 @torch.no_grad()
 def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, sizes: list[int],
              method: str, rank: str = "signed", ablation: Ablation = "patching", batch_size: int = 16,
              progress: ProgressArg = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
-             evaluators: list[Evaluator] | None = None) -> list[dict]:
-    """Cross-validated faithfulness of the top-k circuit for each k in ``sizes``.
+             evaluators: list[Evaluator] | None = None, stop_at: float | None = None) -> list[dict]:
+    """Cross-validated faithfulness of the top-k circuit for each k in ``sizes`` (ascending).
 
     ``fold_scores`` [F, S, R]: each fold's share of the scores (``edge_score_folds``) over
     ``batch``'s examples in order. Returns [{n_edges, fraction, faithfulness,
     faithfulness_low (the one-sided ``confidence`` bootstrap bound), per_fold}].
     ``evaluators``: the folds' ``Evaluator``s (``fold_evaluators``), to reuse across calls.
+    ``stop_at``: sizes are evaluated in chunks of ``SIZE_CHUNK``, smallest first, and the curve
+    ends with the first chunk in which some size's lower bound reaches ``stop_at``: larger sizes
+    cannot change what ``choose_size`` picks for that target (its rule 1 takes the smallest such
+    size), so they are not evaluated. Each size's figures do not depend on which other sizes
+    were evaluated (the bootstrap draws the same resamples for every size).
     """
     F = fold_scores.shape[0]
     n_f = fold_sizes(len(batch), F)
     if len(n_f) != F:
         raise ValueError(f"{F} fold scores for {len(n_f)} folds of {len(batch)} examples")
+    sizes = sorted(sizes)
     total = fold_scores.sum(0)
     bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
-    num = torch.zeros(len(sizes))
-    den = 0.0
-    per_fold = []
-    circ_ex, clean_ex, corrupt_ex = [], [], []  # per scoring pair, judged by its fold's circuits
-    bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F, unit="fold")
-    for f in range(F):
-        ranking = importance(total - fold_scores[f], method, rank)
-        circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
-        ev = (evaluators[f] if evaluators is not None else
-              Evaluator(model, graph, batch.subset(slice(bounds[f], bounds[f + 1])), ablation, batch_size))
-        per = ev.per_example(ev.patch_masks(circuits))  # [K, n_f]
-        circ_ex.append(per)
-        clean_ex.append(ev.clean_ex)
-        corrupt_ex.append(ev.corrupt_ex)
-        vals = per.mean(1)
-        n = bounds[f + 1] - bounds[f]
-        num += n * (vals - ev.corrupt)
-        den += n * float(ev.clean - ev.corrupt)
-        gap = float(ev.clean - ev.corrupt)
-        per_fold.append(((vals - ev.corrupt) / (gap if abs(gap) > 1e-9 else 1e-9)).tolist())
-        bar.advance()
+    evs = evaluators if evaluators is not None else [
+        Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
+    rankings = [importance(total - fold_scores[f], method, rank) for f in range(F)]
+    clean = torch.cat([ev.clean_ex for ev in evs])
+    corrupt = torch.cat([ev.corrupt_ex for ev in evs])
+    den = sum(n * float(ev.clean - ev.corrupt) for n, ev in zip(n_f, evs))
+    chunks = [sizes[i : i + SIZE_CHUNK] for i in range(0, len(sizes), SIZE_CHUNK)]
+    bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F * len(chunks), unit="fold x sizes")
+    rows: list[dict] = []
+    for ks in chunks:
+        per_ex, per_fold = [], []  # per scoring pair, judged by its fold's circuits [len(ks), n_f]
+        num = torch.zeros(len(ks))
+        for f, ev in enumerate(evs):
+            circuits = torch.stack([prune(graph, top_k(graph, rankings[f], k, False)) for k in ks])
+            per = ev.per_example(ev.patch_masks(circuits))  # [len(ks), n_f]
+            per_ex.append(per)
+            vals = per.mean(1)
+            num += n_f[f] * (vals - ev.corrupt)
+            gap = float(ev.clean - ev.corrupt)
+            per_fold.append((vals - ev.corrupt) / (gap if abs(gap) > 1e-9 else 1e-9))
+            bar.advance()
+        faith = num / (den if abs(den) > 1e-9 else 1e-9)
+        low = _lower_bounds(torch.cat(per_ex, 1), clean, corrupt, confidence, n_boot, seed)
+        rows += [{"n_edges": int(k), "fraction": k / graph.n_edges, "faithfulness": float(faith[i]),
+                  "faithfulness_low": float(low[i]), "confidence": confidence,
+                  "per_fold": [round(float(p[i]), 4) for p in per_fold]} for i, k in enumerate(ks)]
+        if stop_at is not None and any(float(x) >= stop_at for x in low):
+            bar.advance(F * (len(chunks) - len(rows) // SIZE_CHUNK - (len(rows) % SIZE_CHUNK > 0)))  # not needed
+            break
     bar.close()
-    faith = num / (den if abs(den) > 1e-9 else 1e-9)
-    low = _lower_bounds(torch.cat(circ_ex, 1), torch.cat(clean_ex), torch.cat(corrupt_ex), confidence, n_boot, seed)
-    return [{"n_edges": int(k), "fraction": k / graph.n_edges, "faithfulness": float(faith[i]),
-             "faithfulness_low": float(low[i]), "confidence": confidence,
-             "per_fold": [round(float(p[i]), 4) for p in per_fold]} for i, k in enumerate(sizes)]
+    return rows
 
 
 def _lower_bounds(circ: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor, confidence: float,

@@ -148,12 +148,17 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         modes = ("signed", "abs") if rank == "auto" else (rank,)
         found = {}
         evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)  # shared by both modes
+        sizes = grid_sizes(graph)
         for mode in modes:
             assert fold_scores is not None  # folds are only used with per-fold scores (not ACDC)
-            c = cv_curve(model, graph, score_set, fold_scores, grid_sizes(graph), cfg.method, mode,
+            c = cv_curve(model, graph, score_set, fold_scores, sizes, cfg.method, mode,
                          cfg.ablation, cfg.batch_size, progress=p, confidence=cfg.cv_confidence, seed=cfg.seed,
-                         evaluators=evs)
+                         evaluators=evs, stop_at=cfg.target)
             found[mode] = (c, *choose_size(c, cfg.target))
+            if size_rule(c, found[mode][1], cfg.target) == "confidence-bound":
+                # a later mode can only win by reaching the target with confidence at a size no
+                # larger (``pick_rank``), so larger sizes need no evaluation for it
+                sizes = [k for k in sizes if k <= found[mode][1]]
         rank = pick_rank(found, cfg.target) if rank == "auto" else rank
         cv, k_cv, f_cv = found[rank]
         rule = size_rule(cv, k_cv, cfg.target)

@@ -74,14 +74,22 @@ class Evaluator:
         """Per-example metric [K, n] for K patch masks [K, S, R] (1 = patched); ``bar`` advances
         once per patched pass (``passes`` of them)."""
         out = torch.zeros(masks.shape[0], len(self.batch))
+        todo = torch.arange(masks.shape[0])
+        if hasattr(self, "clean_ex"):  # a mask that patches nothing is the clean run: no pass needed
+            none = masks.flatten(1).abs().sum(1) == 0
+            out[none] = self.clean_ex
+            todo = todo[~none]
         i = 0
         for sub, src in self._chunks:
-            for j in range(0, masks.shape[0], k_batch):
-                logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[j : j + k_batch])
-                out[j : j + k_batch, i : i + len(sub)] = torch.stack([sub.per_example_metric(lg) for lg in logits]).cpu()
+            for j in range(0, len(todo), k_batch):
+                ix = todo[j : j + k_batch]
+                logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[ix])
+                out[ix, i : i + len(sub)] = torch.stack([sub.per_example_metric(lg) for lg in logits]).cpu()
                 if bar is not None:
                     bar.advance()
             i += len(sub)
+        if bar is not None and len(todo) < masks.shape[0]:  # count the passes not needed as done
+            bar.advance(self.passes(masks.shape[0], k_batch) - self.passes(len(todo), k_batch))
         return out
 
     def passes(self, n_masks: int, k_batch: int = 4) -> int:
