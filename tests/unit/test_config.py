@@ -85,7 +85,9 @@ def test_cli_option_defaults_are_the_config_defaults():
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands["discover"].params}
     d = DiscoverConfig()
-    assert (params["n"], params["method"], params["metric"], params["folds"]) == (d.n, d.method, d.acdc_metric, d.folds)
+    assert (params["n"], params["method"], params["metric"], params["folds"]) == (None, d.method, d.acdc_metric, d.folds)
+    # the number of pairs is resolved by the method: 100 by attribution, 50 for ACDC
+    assert (d.n, DiscoverConfig(method="acdc").n, DiscoverConfig(method="eap", n=30).n) == (100, 50, 30)
 
 
 def test_vision_cli_defaults_are_the_config_defaults():

@@ -178,7 +178,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     faith = held["faithfulness"]
     with p.phase("random circuits of the same size", total=ev.passes(cfg.random_seeds), unit="pass") as bar:
         rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds, bar=bar)[0]
-    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.random_seeds, progress=p)
+    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.curve_random_seeds, progress=p)
     cpr, cmd = cpr_cmd(curve)
     metrics = {
         "clean": float(ev.clean),

@@ -31,7 +31,7 @@ def discover(
     task: str = typer.Option(DiscoverConfig.task, "--task", "-t", help="Task name or .jsonl file of pairs."),
     method: str = typer.Option(DiscoverConfig.method, "--method", help="eap, eap-ig (IG on inputs), eap-ig-act (IG on each layer's activations; slower) or acdc."),
     model: Optional[str] = ModelOpt,
-    n: int = typer.Option(DiscoverConfig.n, "--n", help="Pairs in all; half score, half are held out."),
+    n: Optional[int] = typer.Option(DiscoverConfig.n, "--n", help="Pairs in all; half score, half are held out (default: 100; ACDC 50)."),
     ablation: str = typer.Option(DiscoverConfig.ablation, "--ablation", help="patching (from corrupt), mean or zero."),
     level: str = typer.Option(DiscoverConfig.level, "--level", help="edge or node (heads and MLPs as units)."),
     edges: Optional[int] = typer.Option(DiscoverConfig.edges, "--edges", help="Keep this many edges (nodes at node level)."),
