@@ -102,7 +102,7 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     chunks = [sizes[i : i + SIZE_CHUNK] for i in range(0, len(sizes), SIZE_CHUNK)]
     bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F * len(chunks), unit="fold x sizes")
     rows: list[dict] = []
-    for ks in chunks:
+    for c, ks in enumerate(chunks):
         per_ex, per_fold = [], []  # per scoring pair, judged by its fold's circuits [len(ks), n_f]
         num = torch.zeros(len(ks))
         for f, ev in enumerate(evs):
@@ -120,7 +120,7 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
                   "faithfulness_low": float(low[i]), "confidence": confidence,
                   "per_fold": [round(float(p[i]), 4) for p in per_fold]} for i, k in enumerate(ks)]
         if stop_at is not None and any(float(x) >= stop_at for x in low):
-            bar.advance(F * (len(chunks) - len(rows) // SIZE_CHUNK - (len(rows) % SIZE_CHUNK > 0)))  # not needed
+            bar.advance(F * (len(chunks) - c - 1))  # the chunks not needed count as done
             break
     bar.close()
     return rows
