@@ -1,14 +1,33 @@
-"""Reading saved result JSON files (circuit.json, heads.json, lens.json, dynamics.json,
-dashboard.json): one place for the folder-or-file lookup, the JSON check and the
-schema-version check, each failing with one sentence."""
+"""Saved result JSON files (circuit.json, heads.json, lens.json, dynamics.json,
+dashboard.json, ...): one place that writes them (atomically, so a killed job never leaves half a
+file) and one that reads them (the folder-or-file lookup, the JSON check and the schema-version
+check, each failing with one sentence)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from mechscope.errors import MechscopeError
+
+
+def write_json(path: str | Path, doc: Any, *, indent: int | None = 1) -> Path:
+    """Write ``doc`` as JSON to ``path`` through a temporary file in the same folder, then rename
+    it into place: a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=indent), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: int | None = 1) -> Path:
+    """Create ``out_dir`` if needed and write ``doc`` to ``out_dir/filename`` (see ``write_json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_json(out / filename, doc, indent=indent)
 
 
 def read_result_json(path: str | Path, filename: str, schema_version: int, made_by: str) -> tuple[dict[str, Any], Path]:
@@ -20,7 +39,7 @@ def read_result_json(path: str | Path, filename: str, schema_version: int, made_
     if not p.is_file():
         raise MechscopeError(f"No {filename} at '{path}'; pass the folder `{made_by}` wrote.")
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MechscopeError(f"'{p}' is not valid JSON (line {exc.lineno}).") from exc
     if not isinstance(d, dict) or d.get("schema_version") != schema_version:

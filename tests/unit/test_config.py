@@ -130,3 +130,14 @@ def test_top_level_names_resolve_and_complete():
     assert set(ms.__all__) <= set(dir(ms))
     for name in ms.__all__:
         assert getattr(ms, name) is not None
+
+
+def test_result_json_is_replaced_whole_or_not_at_all(tmp_path):
+    from mechscope.results import read_result_json, write_result_json
+
+    p = write_result_json(tmp_path / "run", "r.json", {"schema_version": 1, "x": [1, 2]})
+    assert read_result_json(tmp_path / "run", "r.json", 1, "test")[0]["x"] == [1, 2]
+    with pytest.raises(TypeError):  # not serialisable: the old file stays, no temporary left behind
+        write_result_json(tmp_path / "run", "r.json", {"schema_version": 1, "x": object()})
+    assert read_result_json(p, "r.json", 1, "test")[0]["x"] == [1, 2]
+    assert sorted(f.name for f in (tmp_path / "run").iterdir()) == ["r.json"]

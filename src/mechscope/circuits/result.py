@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, parse_node
-from mechscope.results import library_versions, read_result_json
+from mechscope.results import library_versions, read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 
@@ -94,8 +93,7 @@ class CircuitResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "circuit.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_result_json(out, "circuit.json", self.to_dict())
         save_file({"scores": self.scores.cpu().contiguous(), "circuit": self.circuit.cpu().to(torch.uint8)},
                   str(out / "scores.safetensors"))
         return out / "circuit.json"

@@ -3,14 +3,13 @@ and text, schema-versioned) + ``confusion.safetensors`` (the accumulated neuron 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mechscope.results import library_versions, read_result_json
+from mechscope.results import library_versions, read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 
@@ -74,8 +73,7 @@ class ConfusionResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "confusion.json").write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+        write_result_json(out, "confusion.json", self.to_dict())
         save_file({"confused_scores": self.confused_scores.contiguous(), "control_scores": self.control_scores.contiguous()},
                   str(out / "confusion.safetensors"))
         return out / "confusion.json"

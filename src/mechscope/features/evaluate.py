@@ -44,9 +44,7 @@ sums (contexts, not tokens, are the independent units), so a short run says how 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import statistics
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +60,7 @@ from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import parse_hook
 from mechscope.models.load import plain_attention
 from mechscope.progress import ProgressArg, as_progress
+from mechscope.results import write_json
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -368,8 +367,4 @@ def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[i
 
 def save_eval(d: dict[str, Any], path: str | Path) -> Path:
     """Write ``d`` as JSON to ``path`` atomically (a temporary file renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(d, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, d, indent=2)

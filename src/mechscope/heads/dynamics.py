@@ -32,7 +32,7 @@ from mechscope.errors import MechscopeError
 from mechscope.graph.names import head_node
 from mechscope.heads.config import DynamicsConfig
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import read_result_json
+from mechscope.results import read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 _STEP = re.compile(r"(\d+)$")
@@ -57,8 +57,7 @@ class DynamicsResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dynamics.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_result_json(out, "dynamics.json", self.to_dict())
         tensors = {}
         for i, r in enumerate(self.rows):
             for k in ("previous_token", "duplicate_token", "induction"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from mechscope.graph.names import head_node
-from mechscope.results import library_versions, read_result_json
+from mechscope.results import library_versions, read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 
@@ -88,8 +87,7 @@ class HeadsResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "heads.json").write_text(json.dumps(self.to_dict(), indent=1, allow_nan=True))
+        write_result_json(out, "heads.json", self.to_dict())
         tensors = {f"score.{k}": v.contiguous() for k, v in self.scores.items()}
         tensors |= {f"composition.{k}": v.contiguous() for k, v in self.composition.items()}
         tensors["example_patterns"] = self.example_patterns.contiguous()

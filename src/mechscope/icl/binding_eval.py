@@ -26,7 +26,7 @@ from mechscope.errors import MechscopeError
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import SETTING, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import read_result_json
+from mechscope.results import read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 SYSTEMATIC = 0.95
@@ -107,10 +107,7 @@ class BindingDynamicsResult:
                 "phases": self.phases, "checkpoints": self.rows, "train_loss": self.train_loss}
 
     def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "binding_dynamics.json").write_text(json.dumps(self.to_dict(), indent=1))
-        return out / "binding_dynamics.json"
+        return write_result_json(out, "binding_dynamics.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "BindingDynamicsResult":
@@ -216,10 +213,7 @@ class BindingInterchangeResult:
                 "summary": self.summary}
 
     def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "interchange.json").write_text(json.dumps(self.to_dict(), indent=1))
-        return out / "interchange.json"
+        return write_result_json(out, "interchange.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "BindingInterchangeResult":

@@ -29,7 +29,7 @@ from mechscope.icl.meta_data import MetaData
 from mechscope.icl.meta_metrics import METRICS, attention_metrics, peak_step, plateaus
 from mechscope.icl.meta_train import load_checkpoint
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import read_result_json
+from mechscope.results import read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 
@@ -50,11 +50,7 @@ class MetaDynamicsResult:
                 "train_loss": self.train_loss}
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "dynamics.json"
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return write_result_json(out_dir, "dynamics.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "MetaDynamicsResult":

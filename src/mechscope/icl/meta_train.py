@@ -27,6 +27,7 @@ from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
 from mechscope.progress import ProgressArg, as_progress
+from mechscope.results import write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -90,7 +91,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
         d = out / f"ckpt_{step:06d}"
         d.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / WEIGHTS))
-        (d / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_json(d / "config.json", cfg.to_dict())
         model.eval()
         acc, loss = accuracy(model, held_out)
         acc_random, _ = accuracy(model, held_out_random)

@@ -4,10 +4,11 @@ model."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mechscope.results import write_result_json
 
 SCHEMA_VERSION = 1
 FILE = "icl.json"
@@ -89,10 +90,7 @@ class FewShotResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / FILE).write_text(json.dumps(self.to_dict(), indent=1))
-        return out / FILE
+        return write_result_json(out_dir, FILE, self.to_dict())
 
 
 def load_result(path: str | Path) -> dict[str, Any]:

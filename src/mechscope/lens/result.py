@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from mechscope.lens.dla import DLA
-from mechscope.results import read_result_json
+from mechscope.results import read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
 
@@ -80,8 +79,7 @@ class LensResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "lens.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_result_json(out, "lens.json", self.to_dict())
         save_file({"rank": self.rank.contiguous(), "prob": self.prob.contiguous(), "top_ids": self.top_ids.contiguous(),
                    "top_probs": self.top_probs.contiguous(), "dla_heads": self.dla.heads.contiguous(),
                    "dla_mlps": self.dla.mlps.contiguous()}, str(out / "lens.safetensors"))

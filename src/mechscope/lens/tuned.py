@@ -47,6 +47,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import FINAL_NORM_IN, parse_hook, resid_post, resid_pre
 from mechscope.models.unembed import FinalNorm, final_norm, project
+from mechscope.results import write_result_json
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -169,7 +170,7 @@ class TunedLens(torch.nn.Module):
             tensors[f"layers.{l}.weight"] = self.weight[l].detach().float().cpu().contiguous()
             tensors[f"layers.{l}.bias"] = self.bias[l].detach().float().cpu().contiguous()
         save_file(tensors, str(out / WEIGHTS_FILE))
-        (out / JSON_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+        write_result_json(out, JSON_FILE, self.to_dict())
         return out
 
     @classmethod

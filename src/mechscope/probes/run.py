@@ -26,6 +26,7 @@ from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
 from mechscope.progress import ProgressArg, as_progress
+from mechscope.results import write_result_json
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -81,10 +82,7 @@ class ProbeResult:
         return {"schema_version": SCHEMA_VERSION, **asdict(self), "selectivity": self.selectivity}
 
     def save(self, out: str | Path) -> Path:
-        p = Path(out)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "probe.json").write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        return p / "probe.json"
+        return write_result_json(out, "probe.json", self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeResult":

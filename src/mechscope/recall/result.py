@@ -3,7 +3,6 @@ number, schema-versioned) + ``recall.safetensors`` (the tracing and knockout ten
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +12,7 @@ from mechscope.recall.enrichment import Enrichment
 from mechscope.recall.extraction import Extraction
 from mechscope.recall.knockout import Knockout
 from mechscope.recall.tracing import Trace
+from mechscope.results import write_result_json
 
 if TYPE_CHECKING:
     import torch
@@ -81,8 +81,7 @@ class RecallResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recall.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_result_json(out, "recall.json", self.to_dict())
         tensors: dict[str, torch.Tensor] = {}
         if self.trace is not None:
             tensors |= {f"trace_{k}": v.contiguous() for k, v in self.trace.restored.items()}
@@ -118,7 +117,4 @@ class RecallDatasetResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recall.json").write_text(json.dumps(self.to_dict(), indent=1))
-        return out / "recall.json"
+        return write_result_json(out_dir, "recall.json", self.to_dict())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mechscope.report.toolkit import esc, fmt, json_script, page, table, write_page
+from mechscope.report.toolkit import esc, fmt, html_num, json_script, page, table, write_page
 
 
 def _qk_section(qk: list[dict]) -> str:
@@ -27,8 +27,8 @@ def _qk_section(qk: list[dict]) -> str:
              "the score.</p>"]
     for d in qk:
         parts.append(f"<h3>Layer {esc(d['layer'])}, head {esc(d['head'])}: query position {esc(d['query_pos'])} "
-                     f"&rarr; key position {esc(d['key_pos'])}</h3><p>score {esc(fmt(d['score']))}, attention weight "
-                     f"{esc(fmt(d['weight']))}</p>")
+                     f"&rarr; key position {esc(d['key_pos'])}</h3><p>score {html_num(d['score'])}, attention weight "
+                     f"{html_num(d['weight'])}</p>")
         parts.append(table(["query side", "key side", "contribution"],
                            [[p["query_label"], p["key_label"], p["value"]] for p in d.get("top_pairs", [])[:12]]))
         parts.append(table(["query-side component", "share"], [[c["label"], c["value"]] for c in d.get("query_side", [])[:8]]))

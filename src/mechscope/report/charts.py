@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, TypeGuard
 
-from mechscope.report.toolkit import NEG, PALETTE, POS, color, esc, fmt, px, show_token, token_text
+from mechscope.report.toolkit import NEG, PALETTE, POS, color, esc, fmt, html_num, px, show_token, token_text
 
 _SVG = 'xmlns="http://www.w3.org/2000/svg"'
 
@@ -132,8 +132,8 @@ def heatmap(
             t = 1 - i / 19
             v = (-m + 2 * m * t) if diverging else lo + (hi - lo) * t
             out.append(f'<rect x="{px(bx)}" y="{px(top + i * 6)}" width="10" height="6" fill="{color(v, lo, hi, diverging)}"/>')
-        out.append(f'<text x="{px(bx + 13)}" y="{px(top + 8)}" font-size="10">{esc(fmt(m if diverging else hi))}</text>')
-        out.append(f'<text x="{px(bx + 13)}" y="{px(top + 120)}" font-size="10">{esc(fmt(-m if diverging else lo))}</text>')
+        out.append(f'<text x="{px(bx + 13)}" y="{px(top + 8)}" font-size="10">{html_num(m if diverging else hi)}</text>')
+        out.append(f'<text x="{px(bx + 13)}" y="{px(top + 120)}" font-size="10">{html_num(-m if diverging else lo)}</text>')
     if row_title or col_title:
         text = (f" rows: {row_title}" if row_title else "") + (f"  columns: {col_title}" if col_title else "")
         out.append(f'<text x="{px(left)}" y="{px(h - 6)}" font-size="11" fill="#6b7280">{esc(text)}</text>')
@@ -172,7 +172,7 @@ def bar_chart(
         out.append(f'<text x="{left - 4}" y="{px(y + bar * 0.75)}" font-size="11" text-anchor="end">{show_token(lab, 18)}</text>')
         out.append(f'<rect x="{px(min(x0, x1))}" y="{y}" width="{px(max(abs(x1 - x0), 0.5))}" height="{bar}" '
                    f'fill="{POS if v >= 0 else NEG}"><title>{esc(tip)}</title></rect>')
-        out.append(f'<text x="{px(max(x0, x1) + 3)}" y="{px(y + bar * 0.75)}" font-size="10" fill="#374151">{esc(fmt(v))}</text>')
+        out.append(f'<text x="{px(max(x0, x1) + 3)}" y="{px(y + bar * 0.75)}" font-size="10" fill="#374151">{html_num(v)}</text>')
     out.append(f'<line x1="{px(x0)}" x2="{px(x0)}" y1="{top - 2}" y2="{h - 20}" stroke="#9ca3af"/>')
     if value_label:
         out.append(f'<text x="{left}" y="{h - 6}" font-size="11" fill="#6b7280">{esc(value_label)}</text>')
@@ -201,7 +201,7 @@ def histogram(edges: Sequence[float], counts: Sequence[float], *, title: str = "
         out.append(f'<rect x="{px(L + i * bw)}" y="{px(top + ph - hh)}" width="{px(max(bw - 1, 0.5))}" height="{px(hh)}" '
                    f'fill="{POS}"><title>{esc(tip)}</title></rect>')
     for j, anchor in ((0, "start"), (n // 2, "middle"), (n, "end")):
-        out.append(f'<text x="{px(L + j * bw)}" y="{top + ph + 12}" font-size="10" text-anchor="{anchor}">{esc(fmt(edges[j]))}</text>')
+        out.append(f'<text x="{px(L + j * bw)}" y="{top + ph + 12}" font-size="10" text-anchor="{anchor}">{html_num(edges[j])}</text>')
     if xlabel:
         out.append(f'<text x="{px(L + pw / 2)}" y="{height - 4}" font-size="11" text-anchor="middle" fill="#374151">{esc(xlabel)}</text>')
     out.append("</svg>")
@@ -279,7 +279,7 @@ def line_chart(
     out.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>')
     for yt in ticks(y_lo, y_hi):
         out.append(f'<line x1="{L}" x2="{L + pw}" y1="{px(Y(yt))}" y2="{px(Y(yt))}" stroke="#f3f4f6"/>'
-                   f'<text x="{L - 4}" y="{px(Y(yt) + 3)}" font-size="10" text-anchor="end">{esc(fmt(yt))}</text>')
+                   f'<text x="{L - 4}" y="{px(Y(yt) + 3)}" font-size="10" text-anchor="end">{html_num(yt)}</text>')
     for yr in hlines:
         if y_lo <= yr <= y_hi:
             out.append(f'<line class="ref" x1="{L}" x2="{L + pw}" y1="{px(Y(yr))}" y2="{px(Y(yr))}" stroke="#cbd5e1"/>')

@@ -42,6 +42,7 @@ from mechscope.report.toolkit import (
     esc,
     finite,
     fmt,
+    html_num,
     kv_table,
     page,
     px,
@@ -284,9 +285,9 @@ def _stability_section(data: dict) -> str:
     more = f"<p class='note'>… and {len(stable) - 60:,} more.</p>" if len(stable) > 60 else ""
     return f"""<section id="stability"><h2>Stability across draws of pairs</h2>
 <p class="note">The same discovery on {esc(st.get("n_seeds"))} draws of pairs (seeds {esc(", ".join(str(x) for x in st.get("seeds") or []))}).
-Held-out faithfulness {esc(fmt(st.get("faithfulness_min")))}–{esc(fmt(st.get("faithfulness_max")))} (mean {esc(fmt(st.get("faithfulness_mean")))});
-Jaccard overlap of the chosen circuits {esc(fmt(st.get("jaccard_circuit_mean")))} (lowest pair {esc(fmt(st.get("jaccard_circuit_min")))}),
-of their top-{esc(st.get("top"))} edges {esc(fmt(st.get("jaccard_top100_mean")))}. Edges in at least
+Held-out faithfulness {html_num(st.get("faithfulness_min"))}–{html_num(st.get("faithfulness_max"))} (mean {html_num(st.get("faithfulness_mean"))});
+Jaccard overlap of the chosen circuits {html_num(st.get("jaccard_circuit_mean"))} (lowest pair {html_num(st.get("jaccard_circuit_min"))}),
+of their top-{esc(st.get("top"))} edges {html_num(st.get("jaccard_top100_mean"))}. Edges in at least
 {esc(f"{finite(st.get('stable_threshold')):.0%}")} of the circuits are <b>stable</b>: drawn with a dark outline above.</p>
 {seeds}
 <h3>{len(stable):,} stable edges</h3><ul class="stable-list">{listed}</ul>{more}</section>"""
@@ -596,7 +597,7 @@ def _attention_section(data: dict, node_info: dict[str, dict], labels: dict[str,
         lab = labels.get(str(name))
         role = f'<div class="hm-label">{_role_cell(str(name), lab)}</div>' if lab else ""
         out.append(f'<figure id="{esc(_att_id(str(name)))}"><figcaption><code>{esc(name)}</code><span class="muted"> score '
-                   f"{esc(fmt(score, 3))}</span>{role}</figcaption>{_attention_heatmap(str(name), matrix, tokens)}</figure>")
+                   f"{html_num(score, 3)}</span>{role}</figcaption>{_attention_heatmap(str(name), matrix, tokens)}</figure>")
     n_all, n_shown = ex.get("n_heads"), len(ex.get("attention") or {})
     more = (f" {n_shown} of the {n_all} heads, the largest |score| first." if isinstance(n_all, int) and n_all > n_shown
             else "")

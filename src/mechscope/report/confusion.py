@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import bar_chart, line_chart
-from mechscope.report.toolkit import cards, esc, fmt, page, table, write_page
+from mechscope.report.toolkit import cards, esc, fmt, html_num, page, table, write_page
 
 __all__ = ["render_confusion", "write_confusion"]
 
@@ -84,8 +84,8 @@ def render_confusion(d: dict[str, Any]) -> str:
         + _rates_table(d, "heldout")
         + "<h2>Cost on English</h2>"
         + table(["condition", "IOI accuracy", "facts top-1", "perplexity"], cost_rows)
-        + f"<h2>Where the English token takes over</h2><p class='muted small'>{esc(fmt(lens['n_confused']))} confusion points, "
-          f"{esc(fmt(lens['n_control']))} control positions (relative position {esc(fmt(lens['relative_position']))} of generations "
+        + f"<h2>Where the English token takes over</h2><p class='muted small'>{html_num(lens['n_confused'])} confusion points, "
+          f"{html_num(lens['n_control'])} control positions (relative position {html_num(lens['relative_position'])} of generations "
           f"without a switch).</p>{figs}"
         + f"<h2>Edited neurons</h2>{bars}"
         + table(["neuron", "score", "mean gain, confused", "mean gain, control", "prompts in top"], neuron_rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import bar_chart, histogram
-from mechscope.report.toolkit import esc, fmt, highlighted_tokens, page, pct, show_token, write_page
+from mechscope.report.toolkit import esc, fmt, highlighted_tokens, html_num, page, pct, show_token, write_page
 
 __all__ = ["render_dashboard", "write_dashboard"]
 
@@ -41,7 +41,7 @@ def _index(feats: list[dict]) -> str:
         top = f["top"][0] if f["top"] else None
         tok = top["tokens"][top["centre"]] if top else ""
         rows.append(f'<tr><td><a href="#f{int(f["feature"])}">{int(f["feature"])}</a></td>'
-                    f'<td class="num">{pct(f["density"])}</td><td class="num">{esc(fmt(f["max_act"]))}</td>'
+                    f'<td class="num">{pct(f["density"])}</td><td class="num">{html_num(f["max_act"])}</td>'
                     f'<td>{show_token(tok, 24)}</td><td>{esc(", ".join(t for t, _ in f["logits_pos"][:3]))}</td></tr>')
     head = "<tr><th>feature</th><th>density</th><th>max act</th><th>top token</th><th>top output logits</th></tr>"
     return f'<h2>Index</h2><table class="data"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
@@ -60,8 +60,8 @@ def _feature(f: dict, hist_bins: list) -> str:
     fid = int(f["feature"])
     head = (f'<div class="feat" id="f{fid}"><h2>Feature {fid}</h2>'
             f'<span class="stat">density <b>{pct(f["density"])}</b> ({f["n_firing"]:,} tokens)</span>'
-            f'<span class="stat">max <b>{esc(fmt(f["max_act"]))}</b></span>'
-            f'<span class="stat">mean when firing <b>{esc(fmt(f["mean_act"]))}</b></span>')
+            f'<span class="stat">max <b>{html_num(f["max_act"])}</b></span>'
+            f'<span class="stat">mean when firing <b>{html_num(f["mean_act"])}</b></span>')
     if not f["n_firing"]:
         return head + '<p class="muted">This feature never fired on the corpus read.</p></div>'
     figs = [_histogram(f, hist_bins)]
@@ -81,7 +81,7 @@ def _feature(f: dict, hist_bins: list) -> str:
 
 def _ctx(e: dict, vmax: float) -> str:
     line = highlighted_tokens(e["tokens"], e["acts"], vmax=vmax or None, mark=e["centre"])
-    return f'<div class="row"><span class="val">{esc(fmt(e["value"]))}</span>{line}</div>'
+    return f'<div class="row"><span class="val">{html_num(e["value"])}</span>{line}</div>'
 
 
 def _histogram(f: dict, hist_bins: list) -> str:

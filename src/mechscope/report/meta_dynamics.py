@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import heatmap, line_chart, stacked_svg
-from mechscope.report.toolkit import esc, fmt, num_or_nan, page, table, write_page
+from mechscope.report.toolkit import fmt, html_num, num_or_nan, page, table, write_page
 
 __all__ = ["render_meta_dynamics", "render_meta_dynamics_svg", "write_meta_dynamics"]
 
@@ -94,7 +94,7 @@ def render_meta_dynamics(d: dict[str, Any]) -> str:
         + "<h2>Accuracy plateaus</h2>" + table(["first step", "last step", "checkpoints", "mean accuracy"], plats,
                                                 numeric=[True] * 4)
         + f"<p class='small muted'>A plateau: consecutive checkpoints whose accuracy stays within "
-          f"{esc(fmt(d.get('config', {}).get('band')))} over at least a factor {esc(fmt(d.get('config', {}).get('min_span')))} "
+          f"{html_num(d.get('config', {}).get('band'))} over at least a factor {html_num(d.get('config', {}).get('min_span'))} "
           "of steps. Random-label accuracy: the same query with uniformly random context labels.</p>"
         + "<h2>Checkpoints</h2>"
         + table(["step", "accuracy", "random-label acc.", "loss", "self", "label", "chunk"], rows, numeric=[True] * 7)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import line_chart
-from mechscope.report.toolkit import esc, fmt, page, table, write_page
+from mechscope.report.toolkit import esc, html_num, page, table, write_page
 
 __all__ = ["render_probe", "write_probe"]
 
@@ -28,7 +28,7 @@ def render_probe(d: dict[str, Any]) -> str:
     body = (
         f"<p>Label set <code>{esc(d['label_set'])}</code>: classes {counts}; {d['n_train']} training and {d['n_test']} "
         f"held-out tokens (split by sequence), {d['n_word_types']} word types. Majority-class accuracy "
-        f"{esc(fmt(d['majority']))}. Model {esc(d['model'].get('name', ''))}.</p>"
+        f"{html_num(d['majority'])}. Model {esc(d['model'].get('name', ''))}.</p>"
         "<p class='muted small'>Control task (Hewitt and Liang 2019): each word type gets one random label; a probe that "
         "does as well there as on the real labels has memorised word types. Selectivity near zero means the accuracy "
         "says nothing about the property.</p>"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import heatmap, line_chart
-from mechscope.report.toolkit import esc, fmt, page, table, write_page
+from mechscope.report.toolkit import esc, html_num, page, table, write_page
 
 __all__ = ["render_recall", "write_recall"]
 
@@ -22,7 +22,7 @@ def _tracing_fact(t: dict[str, Any], tokens: list[str], subject_pos: list[int]) 
         rows = [[mat[i][p] for i in range(len(t["layers"]))] for p in range(len(tokens))]  # position x layer
         figs.append(heatmap(rows, cols, [str(l) for l in t["layers"]], title=f"restored p(target): {KIND_TITLE[kind]}",
                             vmin=0.0, row_title="position (* subject)", col_title="layer", cell=14))
-    return (f"<p>clean p = {esc(fmt(t['clean_prob']))}, corrupted p = {esc(fmt(t['corrupt_prob']))} (noise std {esc(fmt(t['noise_std']))}, "
+    return (f"<p>clean p = {html_num(t['clean_prob'])}, corrupted p = {html_num(t['corrupt_prob'])} (noise std {html_num(t['noise_std'])}, "
             f"window {esc(t['window'])} layers).</p><div class='grid'>" + "".join(figs) + "</div>")
 
 
@@ -65,11 +65,11 @@ def _dataset_page(d: dict[str, Any]) -> str:
     """The page for the facts list (``RecallDatasetResult.to_dict()``)."""
     a = d["aggregate"]
     parts = [f"<p>{esc(d['n_analysed'])} facts drawn from the {esc(d['n_known_top1'])} of {esc(d['n_facts_in_list'])} facts the model "
-             f"gets top-1; {esc(fmt(d['seconds']))} s.</p>"]
+             f"gets top-1; {html_num(d['seconds'])} s.</p>"]
     t = a.get("causal_tracing")
     if t:
-        parts.append(f"<h2>Causal tracing, averaged by position category</h2><p>mean clean p = {esc(fmt(t['clean_prob']))}, "
-                     f"mean corrupted p = {esc(fmt(t['corrupt_prob']))}.</p><div class='grid'>")
+        parts.append(f"<h2>Causal tracing, averaged by position category</h2><p>mean clean p = {html_num(t['clean_prob'])}, "
+                     f"mean corrupted p = {html_num(t['corrupt_prob'])}.</p><div class='grid'>")
         for kind, cats in t["by_category"].items():
             names = [c for c, v in cats.items() if v is not None]
             rows = [cats[c]["restored_prob"] for c in names]
@@ -91,7 +91,7 @@ def _dataset_page(d: dict[str, Any]) -> str:
         L = list(range(len(e["attn_rate"])))
         parts.append("<h2>Attribute extraction</h2>"
                      + _curves({"attention": e["attn_rate"], "MLP": e["mlp_rate"]}, L, "fraction of facts with the attribute top-1", "rate")
-                     + f"<p>facts with an extraction event: attention {esc(fmt(e['attn_any']))}, MLP {esc(fmt(e['mlp_any']))}.</p>")
+                     + f"<p>facts with an extraction event: attention {html_num(e['attn_any'])}, MLP {html_num(e['mlp_any'])}.</p>")
     n = a.get("subject_enrichment")
     if n:
         L = list(range(len(n["rate"])))

@@ -71,6 +71,11 @@ def fmt(x: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}".rstrip("0").rstrip(".")
 
 
+def html_num(x: Any, digits: int = 3) -> str:
+    """``fmt``, escaped for markup (for a number that goes straight into a page)."""
+    return esc(fmt(x, digits))
+
+
 def pct(x: float) -> str:
     """A fraction as a percentage (3 significant digits), tiny fractions in exponent form."""
     x = float(x)
@@ -171,7 +176,7 @@ def highlighted_tokens(tokens: Sequence[str], values: Sequence[float], vmax: flo
         style = f"background:{color(float(v), 0.0, m, diverging=float(v) < 0)}"
         if mark is not None and i == mark:
             style += ";outline:1px solid #111"
-        parts.append(f'<span class="tok" style="{style}" title="{esc(fmt(v))}">{show_token(t, 40)}</span>')
+        parts.append(f'<span class="tok" style="{style}" title="{html_num(v)}">{show_token(t, 40)}</span>')
     return '<div class="ctx">' + "".join(parts) + "</div>"
 
 

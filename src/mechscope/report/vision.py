@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from mechscope.report.toolkit import Html, cards, esc, fmt, page, px, table, write_page
+from mechscope.report.toolkit import Html, cards, esc, fmt, html_num, page, px, table, write_page
 
 __all__ = ["png_data_uri", "render_vision", "write_vision"]
 
@@ -42,7 +42,7 @@ def _layers(d: dict[str, Any]) -> str:
                            f'preserveAspectRatio="none" href="{png_data_uri(pool[i])}"></image></svg>' for i in (d.get("top_images", {}).get(site, {}).get(str(u), []))
                            if 0 <= i < len(pool))
             cards_.append(f'<div class="vunit"><div class="name">{esc(site)}:{esc(u)}</div>'
-                          f'<div class="score">{esc(kind)}, attribution {esc(fmt(sc[u]))}</div><div class="vimgs">{imgs}</div></div>')
+                          f'<div class="score">{esc(kind)}, attribution {html_num(sc[u])}</div><div class="vimgs">{imgs}</div></div>')
         cols.append(f'<div class="vlayer"><h3>{esc(site)}</h3>{"".join(cards_)}</div>')
     t = d["concept"]
     cols.append(f'<div class="vlayer"><h3>output</h3><div class="vunit"><div class="name">logit {esc(t.get("target_name"))}</div></div></div>')
@@ -65,7 +65,7 @@ def _edges(d: dict[str, Any]) -> str:
                 if (i + 1, jj) in pos and v > 0:
                     (x0, y0), (x1, y1) = pos[(i, j)], pos[(i + 1, jj)]
                     lines.append(f'<line x1="{px(x0)}" y1="{px(y0)}" x2="{px(x1)}" y2="{px(y1)}" stroke-width="{px(0.3 + 5 * v / vmax)}">'
-                                 f'<title>{esc(layers[i][j])} \u2192 {esc(layers[i + 1][jj])}: {esc(fmt(v))}</title></line>')
+                                 f'<title>{esc(layers[i][j])} \u2192 {esc(layers[i + 1][jj])}: {html_num(v)}</title></line>')
     labels = [f'<circle cx="{px(x)}" cy="{px(y)}" r="4" fill="#111"></circle><text x="{px(x + 6)}" y="{px(y - 6)}">{esc(layers[i][j])}</text>'
               for (i, j), (x, y) in pos.items()]
     heads = "".join(f'<text x="{px(30 + dx * i)}" y="14" font-weight="bold">{esc(n)}</text>' for i, n in enumerate(sites + ["output"]))
@@ -93,8 +93,8 @@ def _tests(t: dict[str, Any]) -> str:
             + table(["condition", "class accuracy", "mean class logit"], rows, numeric=[False, True, True])
             + (f"<p>Edge pruning: cutting the circuit's {esc(t['edges']['n_edges'])} edges between chosen units "
                f"(senders' input to the receiver set to its reference mean) drops class accuracy by "
-               f"{esc(_share(t['edges']['accuracy_drop']['circuit']))} and the logit by {esc(fmt(t['edges']['logit_drop']['circuit']))}; "
-               f"as many random edges: {esc(_share(t['edges']['accuracy_drop']['random']))} and {esc(fmt(t['edges']['logit_drop']['random']))}.</p>"
+               f"{esc(_share(t['edges']['accuracy_drop']['circuit']))} and the logit by {html_num(t['edges']['logit_drop']['circuit'])}; "
+               f"as many random edges: {esc(_share(t['edges']['accuracy_drop']['random']))} and {html_num(t['edges']['logit_drop']['random'])}.</p>"
                if t.get("edges") else "")
             + ("<p>Class logit kept with one layer's other units ablated at a time: "
                + esc(", ".join(f"{s} {_share(v)}" for s, v in (t.get("logit_share_per_layer") or {}).items())) + ".</p>"
@@ -110,7 +110,7 @@ def _attack(a: dict[str, Any] | None) -> str:
         ("no ablation", "before"), ("mark circuit ablated", "after"), (f"{a['k']} random units/layer ablated", "random"))]
     return (f"<h2>Typographic analogue: the mark of class {esc(a['mark_class'])}</h2>"
             + table(["condition", "attack success", "clean accuracy"], rows, numeric=[False, True, True])
-            + f"<p>Clean accuracy down {esc(fmt(a['clean_accuracy_drop_points'], 2))} points; {esc(a['n_attack'])} marked images of other classes.</p>")
+            + f"<p>Clean accuracy down {html_num(a['clean_accuracy_drop_points'], 2)} points; {esc(a['n_attack'])} marked images of other classes.</p>")
 
 
 def _composition(c: dict[str, Any] | None) -> str:

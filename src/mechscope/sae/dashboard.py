@@ -24,7 +24,6 @@ no left context and often an outlying residual norm (attention sink).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import read_result_json
+from mechscope.results import read_result_json, write_result_json
 from mechscope.sae.config import DashboardConfig
 from mechscope.sae.feature_stats import FeatureStats
 from mechscope.sae.io import check_sae_fits
@@ -87,11 +86,7 @@ class DashboardResult:
         return d
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "dashboard.json"
-        path.write_text(json.dumps(self.to_dict()))
-        return path
+        return write_result_json(out_dir, "dashboard.json", self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "DashboardResult":

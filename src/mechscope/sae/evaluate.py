@@ -16,7 +16,6 @@ an attention sink with an outlying norm):
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import Tensor
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
+from mechscope.results import write_json
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -64,8 +64,7 @@ class SAEEval:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        return write_json(path, self.to_dict(), indent=2)
 
 
 def _ce(logits: Tensor, tokens: Tensor) -> Tensor:

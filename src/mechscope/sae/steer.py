@@ -26,7 +26,6 @@ generator seeded identically, so a zero intervention reproduces the unsteered te
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from torch import Tensor
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import needs_split_attention, resid_pre
 from mechscope.models.load import plain_attention
+from mechscope.results import write_result_json
 from mechscope.sae.config import GenerationConfig
 from mechscope.sae.io import check_sae_fits
 
@@ -72,11 +72,7 @@ class SteerResult:
         return {"schema_version": SCHEMA_VERSION, **asdict(self)}
 
     def save(self, out_dir: str | Path) -> Path:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        p = out / "steer.json"
-        p.write_text(json.dumps(self.to_dict(), indent=1))
-        return p
+        return write_result_json(out_dir, "steer.json", self.to_dict())
 
 
 # ------------------------------------------------------------------------ hooks

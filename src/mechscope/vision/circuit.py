@@ -19,7 +19,6 @@ the circuit's edge view.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.results import write_result_json
 from mechscope.vision.concept import Concept
 from mechscope.vision.config import CircuitConfig
 from mechscope.vision.models import VisionModel
@@ -138,10 +138,7 @@ class VisionCircuit:
 
     def save(self, out: str | Path) -> Path:
         """``out/circuit.json``."""
-        p = Path(out)
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "circuit.json").write_text(json.dumps(self.to_dict()))
-        return p / "circuit.json"
+        return write_result_json(out, "circuit.json", self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "VisionCircuit":

@@ -30,9 +30,7 @@ test-split pairs.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -45,6 +43,7 @@ from mechscope.circuits.select import importance, prune, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress
+from mechscope.results import write_result_json
 from mechscope.vision.concept import class_index
 from mechscope.vision.data import Dataset, build_dataset
 from mechscope.vision.models import Block, SmallViT, VisionModel
@@ -261,12 +260,7 @@ class VisionEAPResult:
 
     def save(self, out: str | Path) -> Path:
         """``out/eap.json`` (written to a temporary file, then moved into place)."""
-        p = Path(out)
-        p.mkdir(parents=True, exist_ok=True)
-        tmp = p / ".eap.json.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, p / "eap.json")
-        return p / "eap.json"
+        return write_result_json(out, "eap.json", self.to_dict())
 
 
 def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: Method = "eap-ig", steps: int = 5,
