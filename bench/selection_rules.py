@@ -32,7 +32,7 @@ import torch
 
 from mechscope.circuits import DiscoverConfig
 from mechscope.circuits.attribution import edge_score_folds
-from mechscope.circuits.crossval import _lower_bounds, fold_evaluators, fold_sizes, grid_sizes
+from mechscope.circuits.crossval import _lower_bounds, cv_per_pair, fold_evaluators, fold_sizes, grid_sizes
 from mechscope.circuits.evaluate import Evaluator
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import build_graph
@@ -51,12 +51,7 @@ def one_seed(model, graph, cfg: DiscoverConfig) -> dict:
     total = fs.sum(0)
     sizes = [k for k in grid_sizes(graph) if k < graph.n_edges]
     evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)
-    per = []
-    for f, ev in enumerate(evs):
-        ranking = importance(total - fs[f], cfg.method, "signed")
-        circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
-        per.append(ev.per_example(ev.patch_masks(circuits)))
-    per_ex = torch.cat(per, 1)  # [K, n_scoring]
+    per_ex = cv_per_pair(graph, evs, fs, sizes, cfg.method, "signed")  # [K, n_scoring]
     clean = torch.cat([ev.clean_ex for ev in evs])
     corrupt = torch.cat([ev.corrupt_ex for ev in evs])
     cv = ((per_ex.mean(1) - corrupt.mean()) / (clean.mean() - corrupt.mean())).tolist()

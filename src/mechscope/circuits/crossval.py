@@ -37,6 +37,8 @@ The all-edges circuit is the clean run and costs no pass (``Evaluator.per_exampl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mechscope.circuits.evaluate import Evaluator
@@ -91,11 +93,9 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     if len(n_f) != F:
         raise ValueError(f"{F} fold scores for {len(n_f)} folds of {len(batch)} examples")
     sizes = sorted(sizes)
-    total = fold_scores.sum(0)
     bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
     evs = evaluators if evaluators is not None else [
         Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
-    rankings = [importance(total - fold_scores[f], method, rank) for f in range(F)]
     clean = torch.cat([ev.clean_ex for ev in evs])
     corrupt = torch.cat([ev.corrupt_ex for ev in evs])
     den = sum(n * float(ev.clean - ev.corrupt) for n, ev in zip(n_f, evs))
@@ -103,19 +103,16 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F * len(chunks), unit="fold x sizes")
     rows: list[dict] = []
     for c, ks in enumerate(chunks):
-        per_ex, per_fold = [], []  # per scoring pair, judged by its fold's circuits [len(ks), n_f]
+        per_ex = cv_per_pair(graph, evs, fold_scores, ks, method, rank, on_fold=bar.advance)  # [len(ks), n]
         num = torch.zeros(len(ks))
+        per_fold = []
         for f, ev in enumerate(evs):
-            circuits = torch.stack([prune(graph, top_k(graph, rankings[f], k, False)) for k in ks])
-            per = ev.per_example(ev.patch_masks(circuits))  # [len(ks), n_f]
-            per_ex.append(per)
-            vals = per.mean(1)
+            vals = per_ex[:, bounds[f] : bounds[f + 1]].mean(1)
             num += n_f[f] * (vals - ev.corrupt)
             gap = float(ev.clean - ev.corrupt)
             per_fold.append((vals - ev.corrupt) / (gap if abs(gap) > 1e-9 else 1e-9))
-            bar.advance()
         faith = num / (den if abs(den) > 1e-9 else 1e-9)
-        low = _lower_bounds(torch.cat(per_ex, 1), clean, corrupt, confidence, n_boot, seed)
+        low = _lower_bounds(per_ex, clean, corrupt, confidence, n_boot, seed)
         rows += [{"n_edges": int(k), "fraction": k / graph.n_edges, "faithfulness": float(faith[i]),
                   "faithfulness_low": float(low[i]), "confidence": confidence,
                   "per_fold": [round(float(p[i]), 4) for p in per_fold]} for i, k in enumerate(ks)]
@@ -124,6 +121,23 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
             break
     bar.close()
     return rows
+
+
+def cv_per_pair(graph: Graph, evaluators: list[Evaluator], fold_scores: torch.Tensor, sizes: list[int], method: str,
+                rank: str = "signed", on_fold: Callable[[], object] | None = None) -> torch.Tensor:
+    """Each scoring pair's metric [len(sizes), n] under the top-k circuit (k in ``sizes``) ranked
+    by the scores of the other folds: pair i of fold f is judged by the ranking of
+    ``fold_scores.sum(0) - fold_scores[f]``. Pairs in ``evaluators``' order; ``on_fold`` is
+    called after each fold."""
+    total = fold_scores.sum(0)
+    per = []
+    for f, ev in enumerate(evaluators):
+        ranking = importance(total - fold_scores[f], method, rank)
+        circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
+        per.append(ev.per_example(ev.patch_masks(circuits)))
+        if on_fold is not None:
+            on_fold()
+    return torch.cat(per, 1)
 
 
 def _lower_bounds(circ: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor, confidence: float,
