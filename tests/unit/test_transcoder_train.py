@@ -11,9 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mechscope.cli.common import parse_layers
 from mechscope.cli.main import app
 from mechscope.errors import MechscopeError
-from mechscope.features.config import TranscoderTrainConfig, parse_layers
+from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.evaluate import evaluate_transcoders
 from mechscope.features.transcoder_set import TranscoderSet, load_transcoders, random_transcoders, save_transcoders
 from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
@@ -306,6 +307,7 @@ def test_eval_page_escapes_model_text():
 # ------------------------------------------------------------------------------ bad input
 def test_layers_parse_and_config_checks():
     assert parse_layers("all", 4) == [0, 1, 2, 3] and parse_layers("0,2-3", 4) == [0, 2, 3]
+    assert parse_layers("all") is None and parse_layers(None) is None and parse_layers("7,2-3") == [2, 3, 7]
     for spec, msg in (("4", "layer 4 does not exist"), ("a", "not a layer number"), ("1,1", "names a layer twice"),
                       ("3-1", "runs backwards"), ("-1", "not a layer number")):
         with pytest.raises(MechscopeError, match=msg):

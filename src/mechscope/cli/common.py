@@ -100,19 +100,28 @@ def load_sae_and_model(sae_dir: Path, model: str | None, device: str | None):
     return sae, m
 
 
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``--layers``: ``0,5,10-12`` -> [0, 5, 10, 11, 12] (sorted, unique); None stays None."""
-    from mechscope.errors import MechscopeError
-
-    if spec is None:
-        return None
+def parse_layers(spec: str | None, n_layers: int | None = None) -> list[int] | None:
+    """Block indices of a ``--layers`` value: comma-separated layers and ranges (``0,3,5-7``),
+    sorted. ``all``, empty or None: every layer (``range(n_layers)``), or None when the model's
+    layer count is not known yet. With ``n_layers``, each layer must be in ``[0, n_layers)``."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None if n_layers is None else list(range(n_layers))
     out: list[int] = []
-    try:
-        for part in spec.split(","):
-            a, dash, b = part.strip().partition("-")
-            out += list(range(int(a), int(b) + 1)) if dash else [int(a)]
-    except ValueError:
-        raise MechscopeError(f"--layers {spec!r} is not a list of layers; write e.g. 0,5,10-12.") from None
-    if not out or min(out) < 0:
-        raise MechscopeError(f"--layers {spec!r} names no layer (layers count from 0).")
-    return sorted(set(out))
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise MechscopeError(f"--layers {spec!r}: {part!r} is not a layer number or range; give 'all' or e.g. 0,3,5-7.") from None
+        if b < a:
+            raise MechscopeError(f"--layers {spec!r}: the range {part!r} runs backwards; write it low-high.")
+        out.extend(range(a, b + 1))
+    bad = [x for x in out if x < 0 or (n_layers is not None and x >= n_layers)]
+    if bad:
+        have = f"the model has layers 0-{n_layers - 1}" if n_layers is not None else "layers count from 0"
+        raise MechscopeError(f"--layers {spec!r}: layer {bad[0]} does not exist; {have}.")
+    if len(set(out)) != len(out):
+        raise MechscopeError(f"--layers {spec!r} names a layer twice; give each layer once.")
+    return sorted(out)

@@ -12,7 +12,18 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fail, handles_errors, load
+from mechscope.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fail,
+    handles_errors,
+    load,
+    parse_layers,
+)
 from mechscope.features.config import EVAL_TOKENS, TranscoderTrainConfig
 
 
@@ -160,7 +171,6 @@ def transcoders_train(
     """Train one transcoder per layer (MLP input -> MLP output) from one forward pass per batch; resumable."""
     from dataclasses import replace
 
-    from mechscope.features.config import parse_layers
     from mechscope.features.train import train_transcoders
     from mechscope.features.transcoder_set import TranscoderSet
 

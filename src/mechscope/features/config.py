@@ -1,5 +1,5 @@
 """``TranscoderTrainConfig``: how ``train_transcoders`` trains a transcoder set, checked when
-made; ``parse_layers`` reads a ``--layers`` value; ``EVAL_TOKENS``, the evaluation's default length.
+made; ``EVAL_TOKENS``, the evaluation's default length.
 
 No torch at import: the CLI reads the defaults when it starts (making a config imports the
 architecture registry, which does).
@@ -139,28 +139,3 @@ class TranscoderTrainConfig:
         fill = forward_contexts * max(1, -(-2 // forward_contexts)) if forward_contexts > 0 else 1
         step = math.lcm(max(1, batch_contexts), fill)
         return step * max(1, round(target / step))
-
-
-def parse_layers(spec: str | None, n_layers: int) -> list[int]:
-    """``all`` (or empty/None) -> every layer; otherwise comma-separated layers and ranges
-    (``0,3,5-7``), each in ``[0, n_layers)``."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return list(range(n_layers))
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
-            raise MechscopeError(f"--layers {spec!r}: {part!r} is not a layer number or range; give 'all' or e.g. 0,3,5-7.") from None
-        if b < a:
-            raise MechscopeError(f"--layers {spec!r}: the range {part!r} runs backwards; write it low-high.")
-        out.extend(range(a, b + 1))
-    bad = [x for x in out if not 0 <= x < n_layers]
-    if bad:
-        raise MechscopeError(f"--layers {spec!r}: layer {bad[0]} does not exist; the model has layers 0-{n_layers - 1}.")
-    if len(set(out)) != len(out):
-        raise MechscopeError(f"--layers {spec!r} names a layer twice; give each layer once.")
-    return out
