@@ -19,6 +19,7 @@ Level = Literal["edge", "node"]
 Rank = Literal["auto", "signed", "abs"]
 AcdcMetric = Literal["kl", "task"]
 QKMode = Literal["exact", "linear"]
+Pool = Literal["sum", "median"]
 
 METHODS: tuple[str, ...] = get_args(Method)
 ABLATIONS: tuple[str, ...] = get_args(Ablation)
@@ -26,6 +27,7 @@ LEVELS: tuple[str, ...] = get_args(Level)
 RANKS: tuple[str, ...] = get_args(Rank)
 ACDC_METRICS: tuple[str, ...] = get_args(AcdcMetric)
 QK_MODES: tuple[str, ...] = get_args(QKMode)
+POOLS: tuple[str, ...] = get_args(Pool)
 MIN_PAIRS = 4
 """Fewest pairs a run accepts: half score, half are held out."""
 PAIRS = 100
@@ -74,6 +76,9 @@ class DiscoverConfig:
     distance of the task metric (e.g. logit difference) from its full-model value."""
     checkpoint: str | None = None
     """ACDC state file: written after every receiver, resumed from when it exists."""
+    pool: Pool = "sum"
+    """How the scoring pairs' attribution scores are pooled into one ranking (``circuits.pooling``):
+    their mean (sum) or, per edge, their median, which a few extreme pairs cannot move."""
     folds: int = 5
     """Cross-validation folds inside the scoring pairs for choosing the circuit's size."""
     cv_confidence: float = 0.9
@@ -108,6 +113,10 @@ class DiscoverConfig:
             raise MechscopeError(f"Unknown --qk '{self.qk}'; choose exact or linear.")
         if self.random_seeds < 1 or self.curve_random_seeds < 1:
             raise MechscopeError("random_seeds and curve_random_seeds must be at least 1 (random circuits per size).")
+        if self.pool not in POOLS:
+            raise MechscopeError(f"Unknown --pool '{self.pool}'; choose {' or '.join(POOLS)}.")
+        if self.pool != "sum" and self.method == "acdc":
+            raise MechscopeError("--pool applies to the attribution methods; ACDC does not score pairs one by one.")
         if self.folds < 1:
             raise MechscopeError(f"--folds must be at least 1, got {self.folds}.")
 

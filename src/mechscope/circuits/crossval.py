@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from mechscope.circuits.evaluate import Evaluator
+from mechscope.circuits.pooling import PairScores
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import Graph
 from mechscope.patching.engine import Ablation
@@ -72,14 +73,27 @@ SIZE_CHUNK = 4
 
 
 @torch.no_grad()
-def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, sizes: list[int],
+def as_pair_scores(fold_scores: torch.Tensor | PairScores, n: int) -> PairScores:
+    """``fold_scores`` as ``PairScores``: a tensor [F, S, R] is each of F folds' summed share of
+    the scores over n pairs (``edge_score_folds``)."""
+    if isinstance(fold_scores, PairScores):
+        if sum(fold_scores.folds) != n:
+            raise ValueError(f"scores over {sum(fold_scores.folds)} pairs for a batch of {n}")
+        return fold_scores
+    folds = fold_sizes(n, fold_scores.shape[0])
+    if len(folds) != fold_scores.shape[0]:
+        raise ValueError(f"{fold_scores.shape[0]} fold scores for {len(folds)} folds of {n} examples")
+    return PairScores(fold_scores, folds, "sum")
+
+
+def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor | PairScores, sizes: list[int],
              method: str, rank: str = "signed", ablation: Ablation = "patching", batch_size: int = 16,
              progress: ProgressArg = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
              evaluators: list[Evaluator] | None = None, stop_at: float | None = None) -> list[dict]:
     """Cross-validated faithfulness of the top-k circuit for each k in ``sizes`` (ascending).
 
     ``fold_scores`` [F, S, R]: each fold's share of the scores (``edge_score_folds``) over
-    ``batch``'s examples in order. Returns [{n_edges, fraction, faithfulness,
+    ``batch``'s examples in order, or ``PairScores`` (folds and pooling over pairs). Returns [{n_edges, fraction, faithfulness,
     faithfulness_low (the one-sided ``confidence`` bootstrap bound), per_fold}].
     ``evaluators``: the folds' ``Evaluator``s (``fold_evaluators``), to reuse across calls.
     ``stop_at``: sizes are evaluated in chunks of ``SIZE_CHUNK``, smallest first, and the curve
@@ -88,10 +102,8 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     size), so they are not evaluated. Each size's figures do not depend on which other sizes
     were evaluated (the bootstrap draws the same resamples for every size).
     """
-    F = fold_scores.shape[0]
-    n_f = fold_sizes(len(batch), F)
-    if len(n_f) != F:
-        raise ValueError(f"{F} fold scores for {len(n_f)} folds of {len(batch)} examples")
+    ps = as_pair_scores(fold_scores, len(batch))
+    F, n_f = ps.n_folds, ps.folds
     sizes = sorted(sizes)
     bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
     evs = evaluators if evaluators is not None else [
@@ -103,7 +115,7 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     bar = as_progress(progress).phase(f"cross-validating the size ({rank} ranking)", total=F * len(chunks), unit="fold x sizes")
     rows: list[dict] = []
     for c, ks in enumerate(chunks):
-        per_ex = cv_per_pair(graph, evs, fold_scores, ks, method, rank, on_fold=bar.advance)  # [len(ks), n]
+        per_ex = cv_per_pair(graph, evs, ps, ks, method, rank, on_fold=bar.advance)  # [len(ks), n]
         num = torch.zeros(len(ks))
         per_fold = []
         for f, ev in enumerate(evs):
@@ -123,16 +135,16 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor, s
     return rows
 
 
-def cv_per_pair(graph: Graph, evaluators: list[Evaluator], fold_scores: torch.Tensor, sizes: list[int], method: str,
-                rank: str = "signed", on_fold: Callable[[], object] | None = None) -> torch.Tensor:
+def cv_per_pair(graph: Graph, evaluators: list[Evaluator], fold_scores: torch.Tensor | PairScores, sizes: list[int],
+                method: str, rank: str = "signed", on_fold: Callable[[], object] | None = None) -> torch.Tensor:
     """Each scoring pair's metric [len(sizes), n] under the top-k circuit (k in ``sizes``) ranked
-    by the scores of the other folds: pair i of fold f is judged by the ranking of
-    ``fold_scores.sum(0) - fold_scores[f]``. Pairs in ``evaluators``' order; ``on_fold`` is
-    called after each fold."""
-    total = fold_scores.sum(0)
+    by the scores of the other folds: pair i of fold f is judged by the ranking of the scores
+    pooled without fold f (for summed fold scores [F, S, R], ``fold_scores.sum(0) -
+    fold_scores[f]``). Pairs in ``evaluators``' order; ``on_fold`` is called after each fold."""
+    ps = as_pair_scores(fold_scores, sum(len(ev.clean_ex) for ev in evaluators))
     per = []
     for f, ev in enumerate(evaluators):
-        ranking = importance(total - fold_scores[f], method, rank)
+        ranking = importance(ps.without(f), method, rank)
         circuits = torch.stack([prune(graph, top_k(graph, ranking, k, False)) for k in sizes])
         per.append(ev.per_example(ev.patch_masks(circuits)))
         if on_fold is not None:

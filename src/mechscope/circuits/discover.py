@@ -41,6 +41,7 @@ from mechscope.circuits.evaluate import (
     random_baseline,
     smallest_faithful,
 )
+from mechscope.circuits.pooling import PairScores
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
@@ -136,9 +137,11 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
                   ablation=cfg.ablation, metric=cfg.acdc_metric, progress=p, checkpoint=cfg.checkpoint)
         scores = ac.scores
     else:
-        fold_scores = edge_score_folds(model, graph, score_set, folds, cfg.method, cfg.ig_steps, cfg.ablation,
-                                       cfg.batch_size, progress=p, qk=cfg.qk).cpu()
-        scores = fold_scores.sum(0)
+        cv_folds = folds or [len(score_set)]
+        parts = edge_score_folds(model, graph, score_set, cv_folds if cfg.pool == "sum" else [1] * len(score_set),
+                                 cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk).cpu()
+        fold_scores = PairScores(parts, cv_folds, cfg.pool)
+        scores = fold_scores.total()
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
     rank: str = cfg.rank

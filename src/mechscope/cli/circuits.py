@@ -39,6 +39,8 @@ def discover(
     target: float = typer.Option(DiscoverConfig.target, "--target", help="Faithfulness the smallest circuit must reach."),
     rank: str = typer.Option(DiscoverConfig.rank, "--rank", help="Edge order: signed (edges that carry the behaviour first), abs, or "
                              "auto (whichever cross-validates better inside the scoring pairs)."),
+    pool: str = typer.Option(DiscoverConfig.pool, "--pool", help="Pool the scoring pairs' attribution by their sum (mean) or, "
+                             "per edge, their median (robust to a few extreme pairs)."),
     ig_steps: int = typer.Option(DiscoverConfig.ig_steps, "--ig-steps"),
     metric: str = typer.Option(DiscoverConfig.acdc_metric, "--metric", help="ACDC's pruning metric: kl (KL from the full model) or task "
                                "(distance of the task metric from its full-model value)."),
@@ -61,7 +63,7 @@ def discover(
 
     cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
-                         acdc_metric=metric, folds=folds, qk=qk, labels=labels)  # checks the settings
+                         acdc_metric=metric, folds=folds, qk=qk, labels=labels, pool=pool)  # checks the settings
     check_seeds(cfg, seeds)
     get_task(task)  # fail fast on an unknown task, before loading the model
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
