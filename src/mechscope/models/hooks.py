@@ -192,4 +192,3 @@ def check_hook_name(model: Model, name: str) -> str:
         f"The model has no hook named '{name}'.{near_matches(name, names)} "
         f"(Hook names look like '{resid_post(3)}'; there are {len(names)} in all.)"
     )
-
