@@ -23,19 +23,12 @@ import torch
 from mechscope.activations.config import StoreConfig
 from mechscope.activations.corpus import get_corpus
 from mechscope.activations.store import Harvester, pack_contexts
+from mechscope.cli.common import parse_layers
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplars import harvest_exemplars, write_db
 from mechscope.explain.units import MlpNeurons
 from mechscope.models import load_model
 from mechscope.models.hooks import mlp_post
-
-
-def _layers(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    return out
 
 
 def main() -> None:
@@ -49,7 +42,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     m = load_model(a.model)
-    layers = _layers(a.layers) if a.layers else list(range(m.summary.n_layers))
+    layers = parse_layers(a.layers, m.summary.n_layers) or []
     cfg = ExemplarsConfig(n_tokens=a.tokens, layers=layers, batch_size=a.batch, context_len=a.context, checkpoint_every=0)
     contexts = []
     for c in pack_contexts(m.tokenizer, iter(get_corpus(None)), a.context):
