@@ -11,7 +11,8 @@ fold per pair: the same passes as the default) and ranks edges by several poolin
 * ``normalised``: each valid pair's scores divided by its gap (floored at a quarter of the
   median gap), so each pair votes with the same weight;
 * ``trimmed``: per edge, the mean over pairs without the highest and lowest 10%;
-* ``median``: per edge, the median over pairs.
+* ``median``: per edge, the median over pairs (``discover --pool median``; the figures of
+  session 12 in docs/decisions.md were measured with the lower of the two middle pairs instead).
 
 For each seed (a draw of pairs as ``mechscope discover --task T --seed S`` makes it), it prints
 the held-out faithfulness of each ranking's top-k circuit at fixed sizes. The held-out pairs
@@ -32,6 +33,7 @@ import torch
 from mechscope.circuits import DiscoverConfig
 from mechscope.circuits.attribution import edge_score_folds
 from mechscope.circuits.evaluate import Evaluator
+from mechscope.circuits.pooling import PairScores
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import build_graph
 from mechscope.models import load_model
@@ -52,7 +54,7 @@ def poolings(per_pair: torch.Tensor, gap: torch.Tensor) -> dict[str, torch.Tenso
         "valid": per_pair[valid].sum(0),
         "normalised": (per_pair * w[:, None, None]).sum(0),
         "trimmed": srt[cut : per_pair.shape[0] - cut].mean(0),
-        "median": per_pair.median(0).values,
+        "median": PairScores(per_pair, [per_pair.shape[0]], "median").total(),  # as discover --pool median
     }
 
 

@@ -13,21 +13,32 @@ from typing import Any
 from mechscope.errors import MechscopeError
 
 
-def write_json(path: str | Path, doc: Any, *, indent: int | None = 1) -> Path:
+def write_json(path: str | Path, doc: Any, *, indent: int | None = 1, ensure_ascii: bool = True) -> Path:
     """Write ``doc`` as JSON to ``path`` through a temporary file in the same folder, then rename
-    it into place: a reader sees the old file or the new one, never a partial one."""
+    it into place: a reader sees the old file or the new one, never a partial one, and a write
+    that fails removes its temporary file. ``ensure_ascii=False`` keeps non-ASCII text as UTF-8
+    instead of ``\\uXXXX`` escapes (the multilingual confusion results)."""
     path = Path(path)
+    text = json.dumps(doc, indent=indent, ensure_ascii=ensure_ascii)  # a document that cannot be written fails here
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=indent), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: int | None = 1) -> Path:
+def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: int | None = 1,
+                      ensure_ascii: bool = True) -> Path:
     """Create ``out_dir`` if needed and write ``doc`` to ``out_dir/filename`` (see ``write_json``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return write_json(out / filename, doc, indent=indent)
+    return write_json(out / filename, doc, indent=indent, ensure_ascii=ensure_ascii)
 
 
 def read_result_json(path: str | Path, filename: str, schema_version: int, made_by: str) -> tuple[dict[str, Any], Path]:

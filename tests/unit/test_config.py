@@ -141,3 +141,22 @@ def test_result_json_is_replaced_whole_or_not_at_all(tmp_path):
         write_result_json(tmp_path / "run", "r.json", {"schema_version": 1, "x": object()})
     assert read_result_json(p, "r.json", 1, "test")[0]["x"] == [1, 2]
     assert sorted(f.name for f in (tmp_path / "run").iterdir()) == ["r.json"]
+
+
+def test_result_json_failing_rename_leaves_no_temporary(tmp_path, monkeypatch):
+    """A write that fails after the temporary file exists (here the rename) removes it and keeps
+    the old file; non-ASCII text stays UTF-8 when asked (the multilingual confusion results)."""
+    import mechscope.results as results
+
+    p = results.write_result_json(tmp_path, "r.json", {"t": "Größe"}, ensure_ascii=False)
+    assert "Größe" in p.read_text(encoding="utf-8")
+    assert "\\u00df" in results.write_json(tmp_path / "a.json", {"t": "ß"}).read_text(encoding="utf-8")
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", broken)
+    with pytest.raises(OSError):
+        results.write_result_json(tmp_path, "r.json", {"t": "new"})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.json", "r.json"]
+    assert "Größe" in p.read_text(encoding="utf-8")

@@ -78,6 +78,11 @@ def test_cv_curve_takes_fold_tensors_and_pair_scores_alike(tiny_gpt2):
     assert torch.allclose(per_pair[:3].sum(0), fs[0], atol=1e-6)  # the same passes, finer shares
     med = cv_curve(m, gr, b, PairScores(per_pair, [3, 3], "median"), sizes, "eap")
     assert len(med) == 2 and all(len(x["per_fold"]) == 2 for x in med)
+    from mechscope.circuits.crossval import cv_per_pair, fold_evaluators
+
+    evs = fold_evaluators(m, gr, b, 2)  # folds of 3 + 3 pairs
+    with pytest.raises(ValueError, match="folds"):  # scores cut into other folds than the evaluators'
+        cv_per_pair(gr, evs, PairScores(per_pair, [2, 4], "median"), sizes, "eap")
 
 
 @pytest.mark.slow

@@ -72,7 +72,6 @@ SIZE_CHUNK = 4
 ``stop_at``, the sizes after the first chunk that reaches it are not evaluated."""
 
 
-@torch.no_grad()
 def as_pair_scores(fold_scores: torch.Tensor | PairScores, n: int) -> PairScores:
     """``fold_scores`` as ``PairScores``: a tensor [F, S, R] is each of F folds' summed share of
     the scores over n pairs (``edge_score_folds``)."""
@@ -86,6 +85,7 @@ def as_pair_scores(fold_scores: torch.Tensor | PairScores, n: int) -> PairScores
     return PairScores(fold_scores, folds, "sum")
 
 
+@torch.no_grad()
 def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor | PairScores, sizes: list[int],
              method: str, rank: str = "signed", ablation: Ablation = "patching", batch_size: int = 16,
              progress: ProgressArg = False, confidence: float = 0.9, n_boot: int = 1000, seed: int = 0,
@@ -141,7 +141,10 @@ def cv_per_pair(graph: Graph, evaluators: list[Evaluator], fold_scores: torch.Te
     by the scores of the other folds: pair i of fold f is judged by the ranking of the scores
     pooled without fold f (for summed fold scores [F, S, R], ``fold_scores.sum(0) -
     fold_scores[f]``). Pairs in ``evaluators``' order; ``on_fold`` is called after each fold."""
-    ps = as_pair_scores(fold_scores, sum(len(ev.clean_ex) for ev in evaluators))
+    sizes_f = [len(ev.clean_ex) for ev in evaluators]
+    ps = as_pair_scores(fold_scores, sum(sizes_f))
+    if sizes_f != ps.folds:
+        raise ValueError(f"fold evaluators of {sizes_f} pairs for scores over folds {ps.folds}")
     per = []
     for f, ev in enumerate(evaluators):
         ranking = importance(ps.without(f), method, rank)

@@ -204,9 +204,9 @@ def _unit_selection(store, units: str, layers: Optional[str], unit_range: Option
         raise MechscopeError(f"--units {units!r}: write mlp, sae:DIR or transcoders:DIR.")
     source = Path(folder).name if folder else ""  # the exemplars pass names a set by its folder's name
     refs = store.units(kinds[kind], source=source)
-    if layers is not None:
-        chosen = set(parse_layers(layers) or [])
-        refs = [r for r in refs if r.layer in chosen]
+    chosen = parse_layers(layers)  # None: every layer ('all' or no --layers)
+    if chosen is not None:
+        refs = [r for r in refs if r.layer in set(chosen)]
     rng = parse_range(unit_range, "--unit-range")
     if rng is not None:
         refs = [r for r in refs if rng[0] <= r.index < rng[1]]

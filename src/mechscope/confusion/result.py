@@ -73,7 +73,7 @@ class ConfusionResult:
         from safetensors.torch import save_file
 
         out = Path(out_dir)
-        write_result_json(out, "confusion.json", self.to_dict())
+        write_result_json(out, "confusion.json", self.to_dict(), ensure_ascii=False)
         save_file({"confused_scores": self.confused_scores.contiguous(), "control_scores": self.control_scores.contiguous()},
                   str(out / "confusion.safetensors"))
         return out / "confusion.json"
