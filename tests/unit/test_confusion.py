@@ -4,6 +4,7 @@ attribution's identities and the neuron edit, on hand-made strings and the tiny 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,6 +102,11 @@ def test_config_and_top_n_checks():
     with pytest.raises(MechscopeError, match="more than the 384 neurons"):
         check_top_n(385, 384)
     check_top_n(384, 384)
+    assert ConfusionConfig(layers=(2, 0, 2)).layers == (0, 2)
+    with pytest.raises(MechscopeError, match="not both"):
+        ConfusionConfig(layers=(0,), last_layers=2)
+    with pytest.raises(MechscopeError, match="at least one layer"):
+        ConfusionConfig(layers=(-1,))
 
 
 # ---------------------------------------------------------------- attribution and editing
@@ -235,6 +241,13 @@ def test_run_with_switches_edits_the_top_and_random_neurons(tiny_llama, monkeypa
     for x in res.top:
         assert x["score"] == pytest.approx(x["confused"] - x["control"], abs=1e-5)
     assert res.confused_scores.shape == (3, 128)
+    # only the layers asked for are attributed and edited, by both the top and the random edit
+    calls["n"] = 0
+    some = run_confusion(tiny_llama, items, replace(cfg, layers=(0, 2)), english=frozenset())
+    assert some.settings["layers"] == [0, 2] and some.confused_scores.shape == (2, 128)
+    assert {x["layer"] for x in some.top} <= {0, 2} and {x[0] for x in some.random} <= {0, 2}
+    with pytest.raises(MechscopeError, match="layers 0-2"):
+        run_confusion(tiny_llama, items, replace(cfg, layers=(3,)), english=frozenset())
 
 
 @pytest.mark.slow

@@ -8,7 +8,17 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import DeviceOpt, JsonOpt, ModelOpt, console, emit_json, fresh_dir, handles_errors, load
+from mechscope.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    load,
+    parse_layers,
+)
 from mechscope.confusion.config import ConfusionConfig
 
 _D = ConfusionConfig()
@@ -30,6 +40,8 @@ def confusion(
     n_tokens: int = typer.Option(_D.n_tokens, "--n-tokens", help="Greedy new tokens per prompt (the paper: 100)."),
     top_n: int = typer.Option(_D.top_n, "--top-n", help="Neurons zeroed by the edit."),
     last_layers: int = typer.Option(_D.last_layers, "--last-layers", help="Attribute and edit only the last K layers (0: all)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Attribute and edit only these layers, e.g. 0-28 (every layer "
+                                         "but the last of a 30-layer model); default: --last-layers."),
     max_per_lang: int = typer.Option(_D.max_per_lang, "--max-per-lang", help="Prompts kept per language (0: all)."),
     tuned: Optional[Path] = typer.Option(None, "--tuned", help="Read the lens through tuned-lens translators (a `mechscope "
                                          "tuned-lens train` folder; default: the logit lens)."),
@@ -47,7 +59,7 @@ def confusion(
     from mechscope.report.confusion import write_confusion
 
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
-                          last_layers=last_layers, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
+                          last_layers=last_layers, layers=tuple(parse_layers(layers) or ()) or None, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
                           ppl_contexts=ppl_contexts, seed=seed)
     items = load_prompts(prompts, cfg.langs, cfg.max_per_lang)  # a bad file fails before the model loads
     lens_t = None

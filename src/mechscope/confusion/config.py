@@ -51,6 +51,9 @@ class ConfusionConfig:
     """Neurons kept per prompt when accumulating attribution scores (the paper: 300)."""
     last_layers: int = 0
     """Attribute and edit only the last K layers' neurons (0: all layers, as the paper)."""
+    layers: tuple[int, ...] | None = None
+    """Attribute and edit only these layers' neurons (None: ``last_layers``), e.g. every layer but
+    the last, whose neurons English text needs too (README, "Language confusion")."""
     max_per_lang: int = 0
     """Prompts kept per language (0: all)."""
     batch_size: int = 16
@@ -78,6 +81,12 @@ class ConfusionConfig:
             raise MechscopeError(f"top_n and per_prompt must be at least 1 (got {self.top_n}, {self.per_prompt}).")
         if self.last_layers < 0 or self.max_per_lang < 0:
             raise MechscopeError("last_layers and max_per_lang must be >= 0 (0 means all).")
+        if self.layers is not None:
+            self.layers = tuple(sorted(set(int(x) for x in self.layers)))
+            if not self.layers or self.layers[0] < 0:
+                raise MechscopeError("layers must name at least one layer, counted from 0.")
+            if self.last_layers:
+                raise MechscopeError("Give either --layers or --last-layers, not both.")
         if self.batch_size < 1:
             raise MechscopeError(f"batch_size must be at least 1 (got {self.batch_size}).")
         if not 0.0 <= self.threshold < 1.0:
@@ -90,6 +99,7 @@ class ConfusionConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["langs"] = list(self.langs)
+        d["layers"] = list(self.layers) if self.layers is not None else None
         return d
 
 

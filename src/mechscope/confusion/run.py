@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 def _layers(model: Model, cfg: ConfusionConfig) -> list[int]:
     L = model.summary.n_layers
+    if cfg.layers is not None:
+        if cfg.layers[-1] >= L:
+            raise MechscopeError(f"--layers names layer {cfg.layers[-1]}, but the model has layers 0-{L - 1}.")
+        return list(cfg.layers)
     return list(range(L - cfg.last_layers, L)) if cfg.last_layers and cfg.last_layers < L else list(range(L))
 
 
