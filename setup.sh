@@ -40,6 +40,17 @@ if [[ $want_test == 1 ]] && ! .venv-saelens/bin/python -c "import sae_lens, mech
   .venv-saelens/bin/python -c "import sae_lens, mechscope" || { echo "setup: SAELens failed to install in .venv-saelens" >&2; exit 1; }
 fi
 
+# circuit-tracer (the attribution-graph anchor) pins transformers <= 4.57.3: a third environment,
+# circuit-tracer only (no mechscope), for the test that compares its graphs with mechscope's.
+# nnsight < 0.7: circuit-tracer 0.5.0 imports nnsight.intervention.tracing, which 0.7 removed.
+CT_PROBE="import circuit_tracer.replacement_model.replacement_model_nnsight"
+if [[ $want_test == 1 ]] && ! .venv-ct/bin/python -c "$CT_PROBE" 2>/dev/null; then
+  [[ -x .venv-ct/bin/python ]] || "$PY" -m venv .venv-ct
+  .venv-ct/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC numpy 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv-ct/bin/python -m pip install -q --disable-pip-version-check circuit-tracer==0.5.0 "nnsight>=0.6,<0.7" 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv-ct/bin/python -c "$CT_PROBE" || { echo "setup: circuit-tracer failed to install in .venv-ct" >&2; exit 1; }
+fi
+
 if [[ $want_test == 1 ]] && ! command -v chromedriver >/dev/null; then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \

@@ -53,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     m = load_model(a.model)
-    tset = (load_transcoders(a.transcoders, m.device) if a.transcoders else
+    tset = (load_transcoders(a.transcoders, m.device, m) if a.transcoders else
             random_transcoders(m, d_sae=a.expansion * m.summary.d_model, k=a.k, seed=0))
     text = ("The capital city of France is Paris, and the capital city of Italy is Rome. When Mary and John "
             "went to the store, John gave a drink to Mary. The war lasted from the year 1732 to the year 1789. ") * 4

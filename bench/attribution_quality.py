@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--n-off", type=int, default=10)
     a = ap.parse_args()
     m = load_model(a.model)
-    tset = load_transcoders(a.transcoders, m.device)
+    tset = load_transcoders(a.transcoders, m.device, m)
     bos = m.tokenizer.bos_token_id
     g_rand = torch.Generator().manual_seed(0)
     rows = []

@@ -43,7 +43,7 @@ def main() -> None:
     from mechscope.models import load_model
 
     m = load_model(None)
-    tset = load_transcoders(args.set_dir)
+    tset = load_transcoders(args.set_dir, "cpu", m)
     toks = torch.tensor(list(itertools.islice(pack_contexts(m.tokenizer, get_corpus(None, split="heldout"), 128), args.contexts)))
     print(f"{len(tset.layers)} transcoders of {m.summary.name}; {args.contexts} held-out contexts of 128 tokens in one batch, "
           f"{torch.get_num_threads()} threads")

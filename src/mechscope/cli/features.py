@@ -33,7 +33,7 @@ def _model_set_prompt(model: str | None, device: str | None, transcoders: Path, 
     from mechscope.features.transcoder_set import load_transcoders
 
     m = load(model, device)
-    tset = load_transcoders(transcoders, m.device)
+    tset = load_transcoders(transcoders, m.device, m)
     tset.check_fits(m)
     ids = m.to_tokens(prompt)
     bos = getattr(m.tokenizer, "bos_token_id", None)
@@ -221,9 +221,10 @@ def transcoders_eval(
 
     if tokens <= 0 or batch_size <= 0 or context_len < 2:
         fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
-    found = load_transcoder_layers(set_dir)
+    given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load
+    found = load_transcoder_layers(set_dir, "cpu", given)
     first = next(iter(found.values())).cfg
-    m = load(model or first.metadata.get("model_path") or first.model_name or None, device)
+    m = given or load(first.metadata.get("model_path") or first.model_name or None, device)
     n = m.summary.n_layers
     tset = TranscoderSet([found[i] for i in range(n)], first.model_name) if sorted(found) == list(range(n)) else found
     if isinstance(tset, TranscoderSet):
@@ -288,7 +289,7 @@ def transcoders_weights(
     if top < 1:
         fail(f"--top must be at least 1, got {top}.")
     m = load(model, device)
-    tset = load_transcoders(folder, "cpu")
+    tset = load_transcoders(folder, "cpu", m)
     tset.check_fits(m)
     vw = virtual_weights(tset, layer, f, top, norm_weights(m))
     if json:

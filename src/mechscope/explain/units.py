@@ -122,7 +122,7 @@ class TranscoderFeatures(SaeFeatures):
     def __init__(self, model: Model, path: str | Path, device=None):
         from mechscope.features.transcoder_set import load_transcoder_layers
 
-        self.saes = {layer: tc.to(device or model.device) for layer, tc in load_transcoder_layers(path, "cpu").items()}
+        self.saes = {layer: tc.to(device or model.device) for layer, tc in load_transcoder_layers(path, "cpu", model).items()}
         s = model.summary
         for layer, tc in self.saes.items():
             if layer >= s.n_layers or tc.cfg.d_in != s.d_model:

@@ -309,7 +309,7 @@ class _Run:
         result: TranscoderSet | dict[int, SAE]
         if complete:
             result = TranscoderSet([saes[layer] for layer in self.layers], self.model.summary.name)
-            save_transcoders(result, tmp)
+            save_transcoders(result, tmp, self.model)
         else:
             result = saes
             for layer, sae in saes.items():

@@ -16,6 +16,21 @@ them, circuit-tracer's layout: ``config.yaml`` (``model_kind: transcoder_set``,
 ``activation_function.threshold``). A folder holding only circuit-tracer's files loads too;
 one whose files have ``W_skip`` loads as the ``skip_*`` form of its activation.
 
+The input hook of circuit-tracer's files. mechscope's transcoders read the *pure* normalised
+input (``ln2.hook_normalized``: the norm before its gain and bias), which circuit-tracer's
+TransformerLens backend knows but its nnsight backend (the one that loads models outside
+TransformerLens's list, such as SmolLM2) does not: for Llama it reads ``mlp.hook_in``, the
+norm's output with its gain (and bias) applied. So ``save_transcoders(..., model=m)`` writes
+circuit-tracer's files for ``mlp.hook_in`` with the norm folded into the encoder (and the skip):
+``W_enc' = W_enc / g``, ``b_enc' = b_enc - (b / g) W_enc``, ``W_skip' = W_skip / g``,
+``b_dec' = b_dec - W_skip (b / g)``, and loading such a folder unfolds them (it needs the
+model). Without a model the files read ``ln2.hook_normalized`` as before. Measured: a graph
+computed by circuit-tracer 0.5.0 (nnsight backend) from the folded files equals mechscope's to
+2e-6 of its largest edge, with identical replacement and completeness scores
+(``tests/integration/test_circuit_tracer_interop.py``). circuit-tracer 0.5.0 reads only ReLU
+and JumpReLU single-layer transcoders (``activation_function`` in ``config.yaml`` is ignored), so
+a TopK set loads there as ReLU: train with ``--arch relu`` or ``jumprelu`` for its use.
+
 ``mechscope.features.train.train_transcoders`` trains a set; a run over some layers only
 leaves a folder with those ``layer_<l>`` folders (``load_transcoder_layers`` reads it).
 """
@@ -36,6 +51,22 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 CONFIG = "config.yaml"
+PURE_INPUT = "ln2.hook_normalized"  # circuit-tracer's name (TransformerLens backend) for mechscope's input
+NORMED_INPUT = "mlp.hook_in"  # the norm's output, gain and bias applied (both circuit-tracer backends)
+OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+
+
+def mlp_input_norms(model: Model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each block's second norm's gain and bias ([d_model] each, float32 on the CPU; ones and
+    zeros where the norm has none): ``mlp.hook_in = ln2.hook_normalized * gain + bias``."""
+    out = []
+    d = model.summary.d_model
+    for block in model.bridge.blocks:
+        mod = getattr(block.ln2, "_original_component", block.ln2)
+        w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        out.append((torch.ones(d) if w is None else w.detach().float().cpu(),
+                    torch.zeros(d) if b is None else b.detach().float().cpu()))
+    return out
 
 
 @dataclass
@@ -121,24 +152,41 @@ def random_transcoders(model: Model, d_sae: int, architecture: str = "topk", k: 
 # ---------------------------------------------------------------------------------- disk
 
 
-def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
-    """Write the set in both layouts (module docstring); returns the folder."""
+def save_transcoders(tset: TranscoderSet, path: str | Path, model: Model | None = None) -> Path:
+    """Write the set in both layouts (module docstring); returns the folder. With ``model``,
+    circuit-tracer's files read ``mlp.hook_in`` (the norm folded in, what both its backends
+    load); without, ``ln2.hook_normalized``."""
     from safetensors.torch import save_file
 
     from mechscope.sae.io import save_sae
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    norms = None
+    if model is not None:
+        tset.check_fits(model)
+        norms = mlp_input_norms(model)
+        if any(bool((g.abs() < 1e-12).any()) for g, _ in norms):
+            norms = None  # a zero gain cannot be folded out again: keep the pure input
     files = []
     for i, tc in enumerate(tset.layers):
         save_sae(tc, path / f"layer_{i}")
-        t = {"W_enc": tc.W_enc.detach().T.contiguous(), "W_dec": tc.W_dec.detach().contiguous(),
-             "b_enc": tc.b_enc.detach().contiguous(), "b_dec": tc.b_dec.detach().contiguous()}
+        W_enc, b_enc, b_dec = tc.W_enc.detach().float().cpu(), tc.b_enc.detach().float().cpu(), tc.b_dec.detach().float().cpu()
+        W_skip = tc.W_skip.detach().float().cpu() if hasattr(tc, "W_skip") else None  # [d_out, d_in]
+        if norms is not None:
+            g, b = norms[i]
+            shift = b / g
+            b_enc = b_enc - shift @ W_enc
+            W_enc = W_enc / g[:, None]
+            if W_skip is not None:
+                b_dec = b_dec - W_skip @ shift
+                W_skip = W_skip / g[None, :]
+        t = {"W_enc": W_enc.T, "W_dec": tc.W_dec.detach().float().cpu(), "b_enc": b_enc, "b_dec": b_dec}
         if tc.arch.threshold_saved:
-            t["activation_function.threshold"] = tc.threshold.detach().contiguous()
-        if hasattr(tc, "W_skip"):
-            t["W_skip"] = tc.W_skip.detach().contiguous()  # [d_out, d_in] in memory and in circuit-tracer
-        save_file({k: v.float().cpu() for k, v in t.items()}, str(path / f"layer_{i}.safetensors"))
+            t["activation_function.threshold"] = tc.threshold.detach().float().cpu()
+        if W_skip is not None:
+            t["W_skip"] = W_skip
+        save_file({k: v.contiguous() for k, v in t.items()}, str(path / f"layer_{i}.safetensors"))
         files.append(f"layer_{i}.safetensors")
     from mechscope.sae.archs import without_skip
 
@@ -146,7 +194,7 @@ def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
     lines = [
         "model_kind: transcoder_set",
         f"model_name: {tset.model_name!r}",
-        "feature_input_hook: ln2.hook_normalized",
+        f"feature_input_hook: {PURE_INPUT if norms is None else NORMED_INPUT}",
         "feature_output_hook: hook_mlp_out",
         "scan: mechscope",
     ]
@@ -161,11 +209,12 @@ def save_transcoders(tset: TranscoderSet, path: str | Path) -> Path:
     return path
 
 
-def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> TranscoderSet:
+def load_transcoders(path: str | Path, device: str | torch.device = "cpu", model: Model | None = None) -> TranscoderSet:
     """A set from a folder written by ``save_transcoders`` (the per-layer SAELens folders) or
-    one in circuit-tracer's layout (``config.yaml`` + safetensors); never unpickles."""
+    one in circuit-tracer's layout (``config.yaml`` + safetensors); never unpickles. A
+    circuit-tracer set reading ``mlp.hook_in`` needs ``model`` (its norms are unfolded)."""
     path = Path(path)
-    found = load_transcoder_layers(path, device)
+    found = load_transcoder_layers(path, device, model)
     idx = sorted(found)
     if idx != list(range(len(idx))):
         missing = sorted(set(range(max(idx) + 1)) - set(idx))
@@ -174,7 +223,7 @@ def load_transcoders(path: str | Path, device: str | torch.device = "cpu") -> Tr
     return TranscoderSet(layers, layers[0].cfg.model_name)
 
 
-def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu") -> dict[int, SAE]:
+def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu", model: Model | None = None) -> dict[int, SAE]:
     """Every transcoder in a set folder, by layer, gaps allowed (what a training run over some
     layers leaves); each checked to read its layer's MLP input and predict its output."""
     from mechscope.sae.io import load_sae
@@ -186,7 +235,7 @@ def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu")
     if folders:
         found = {_layer_of(p.name): load_sae(p, device) for p in folders}
     elif (path / CONFIG).is_file():
-        found = dict(enumerate(_load_circuit_tracer(path, device).layers))
+        found = dict(enumerate(_load_circuit_tracer(path, device, model).layers))
     else:
         raise MechscopeError(f"{path} holds neither layer_<l> folders nor a {CONFIG}; it is not a transcoder set.")
     for i, tc in found.items():
@@ -206,7 +255,7 @@ def _layer_of(name: str) -> int:
         raise MechscopeError(f"cannot read a layer number from {name!r}; name per-layer files layer_<l>.") from None
 
 
-def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
+def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> TranscoderSet:
     import yaml
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -217,7 +266,27 @@ def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
         raise MechscopeError(f"{path / CONFIG} is not valid YAML ({exc}).") from None
     if cfg.get("model_kind") != "transcoder_set":
         raise MechscopeError(f"{path / CONFIG}: model_kind is {cfg.get('model_kind')!r}; only 'transcoder_set' is supported.")
-    files = cfg.get("transcoders") or sorted(p.name for p in path.glob("*.safetensors"))
+    in_hook, out_hook = str(cfg.get("feature_input_hook", PURE_INPUT)), str(cfg.get("feature_output_hook", "hook_mlp_out"))
+    if in_hook not in (PURE_INPUT, NORMED_INPUT) or out_hook not in OUTPUT_HOOKS:
+        raise MechscopeError(
+            f"{path / CONFIG}: the set reads {in_hook} -> {out_hook}, but mechscope's transcoders replace the MLP "
+            f"(input {PURE_INPUT} or {NORMED_INPUT}, output {' or '.join(OUTPUT_HOOKS)})."
+        )
+    norms, mname = None, ""
+    if in_hook == NORMED_INPUT:
+        if model is None:
+            raise MechscopeError(
+                f"{path / CONFIG} reads {NORMED_INPUT} (the norm's output); loading it needs the model whose norms "
+                "to unfold: pass model= (the CLI passes its --model)."
+            )
+        norms, mname = mlp_input_norms(model), model.summary.name
+    listed = [str(f) for f in cfg.get("transcoders") or []]
+    files = listed if listed and not any(f.startswith("hf://") for f in listed) else \
+        sorted((p.name for p in path.glob("layer_*.safetensors")), key=_layer_of)  # by number: layer_10 after layer_9
+    if not files:
+        raise MechscopeError(f"{path} has a {CONFIG} but no layer_<l>.safetensors files (hub paths are not fetched offline).")
+    if norms is not None and len(files) != len(norms):
+        raise MechscopeError(f"{path} holds {len(files)} layers but {mname} has {len(norms)}; use a set trained on this model.")
     from mechscope.sae.archs import skip_variant
 
     act = str(cfg.get("activation_function", "relu")).lower()
@@ -245,15 +314,26 @@ def _load_circuit_tracer(path: Path, device) -> TranscoderSet:
         sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k if plain == "topk" else None,
                        hook_name=ln_normalized(i, 2), hook_name_out=mlp_out(i), d_out=d_out,
                        model_name=str(cfg.get("model_name", "")), apply_b_dec_to_input=False)
+        W_enc, b_enc, b_dec = t["W_enc"].float().T, t["b_enc"].float(), t["b_dec"].float()
+        W_skip = t["W_skip"].float() if "W_skip" in t else None
+        if norms is not None:  # back from mlp.hook_in to the pure normalised input
+            g, b = norms[i]
+            if g.numel() != d_in:
+                raise MechscopeError(f"{fp}: W_enc reads width {d_in} but {mname}'s MLPs read {g.numel()}; use a set trained on this model.")
+            b_enc = b_enc + b @ W_enc
+            W_enc = W_enc * g[:, None]
+            if W_skip is not None:
+                b_dec = b_dec + W_skip @ b
+                W_skip = W_skip * g[None, :]
         tc = SAE(sc)
         with torch.no_grad():
-            tc.W_enc.copy_(t["W_enc"].T)
+            tc.W_enc.copy_(W_enc)
             tc.W_dec.copy_(t["W_dec"])
-            tc.b_enc.copy_(t["b_enc"])
-            tc.b_dec.copy_(t["b_dec"])
+            tc.b_enc.copy_(b_enc)
+            tc.b_dec.copy_(b_dec)
             if "activation_function.threshold" in t:
                 tc.threshold.copy_(t["activation_function.threshold"])
-            if "W_skip" in t:
-                tc.W_skip.copy_(t["W_skip"])
+            if W_skip is not None:
+                tc.W_skip.copy_(W_skip)
         layers.append(tc.to(device))
     return TranscoderSet(layers, str(cfg.get("model_name", "")))

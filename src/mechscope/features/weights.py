@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import MechscopeError
-from mechscope.features.transcoder_set import TranscoderSet
+from mechscope.features.transcoder_set import TranscoderSet, mlp_input_norms
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -29,12 +29,7 @@ if TYPE_CHECKING:
 
 def norm_weights(model: Model) -> list[Tensor]:
     """Each block's second norm's weight [d_model] (ones where the norm has none)."""
-    out = []
-    for block in model.bridge.blocks:
-        mod = getattr(block.ln2, "_original_component", block.ln2)
-        w = getattr(mod, "weight", None)
-        out.append(torch.ones(model.summary.d_model) if w is None else w.detach().float().cpu())
-    return out
+    return [g for g, _ in mlp_input_norms(model)]
 
 
 def virtual_weights(tset: TranscoderSet, layer: int, feature: int, top: int = 20,
