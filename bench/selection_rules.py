@@ -19,6 +19,7 @@ Signed ranking only (the mode IOI, greater-than and facts choose). The held-out 
 part in any choice; they are the judge here.
 
     python bench/selection_rules.py --task ioi --seeds 0,1,2,3,4
+    python bench/selection_rules.py --task ioi --seeds 2,4 --n 200 --held-out 0.25   # 150 score, 50 held out
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--task", default="ioi")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--held-out", type=float, default=0.5, help="fraction of the pairs held out (discover's held_out)")
     ap.add_argument("--json", default=None, help="also write every curve to this file")
     args = ap.parse_args()
     model = load_model()
@@ -81,7 +83,7 @@ def main() -> None:
     print(f"{platform.machine()} | {torch.get_num_threads()} threads | torch {torch.__version__} | task {args.task}")
     rows = []
     for s in (int(x) for x in args.seeds.split(",")):
-        r = one_seed(model, graph, DiscoverConfig(task=args.task, n=args.n, seed=s, labels=False))
+        r = one_seed(model, graph, DiscoverConfig(task=args.task, n=args.n, seed=s, labels=False, held_out=args.held_out))
         rows.append(r)
         cells = [f"{name} {p['fraction']:.2%} cv {p['cv']:.2f} held {p['held_out']:.2f}" if p else f"{name} none"
                  for name, p in r["picks"].items()]

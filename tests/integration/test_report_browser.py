@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mechscope.report.circuit import write_circuit
 
@@ -114,7 +115,14 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     g = attribute(tiny_llama, tset, toks, batch_size=16)
     g.token_text = ["<img src=x onerror=window.__pwned=1>"] + g.token_text[1:]
     doc = graph_json(g, prune(g), tiny_llama.tokenizer, "t", "<script>window.__pwned=1</script>", "scan", 0.8)
-    page = write_attribution(doc, tmp_path / "attribution.html")
+    from mechscope.features.cards import feature_cards
+
+    feats = sorted({(int(n["layer"]), int(n["feature"])) for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"})
+    cards = feature_cards(tiny_llama, tset, feats, torch.tensor([toks, toks[::-1]]))
+    for card in cards.values():
+        for ex in card["contexts"]:
+            ex["tokens"][0] = "<img src=x onerror=window.__pwned=2>"
+    page = write_attribution(doc, tmp_path / "attribution.html", cards=cards)
     driver.get(page.resolve().as_uri())
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text
@@ -128,6 +136,12 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     assert "Output" in side and "strongest inputs" in side
     assert "sel" in logit.get_attribute("class")
     assert "<img src=x onerror=window.__pwned=1>" in svg.text
+    feature = svg.find_element(By.CSS_SELECTOR, ".node.feature")
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", feature)
+    side = driver.find_element(By.ID, "side")
+    assert "output tokens it promotes" in side.text and "top-activating corpus contexts" in side.text
+    assert side.find_elements(By.CSS_SELECTOR, ".ctx span.at")  # an exemplar drawn, its token marked
+    assert "<img src=x onerror=window.__pwned=2>" in side.text
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors

@@ -26,6 +26,9 @@ from mechscope.cli.common import (
 )
 from mechscope.features.config import EVAL_TOKENS, TranscoderTrainConfig
 
+CARD_TOKENS = 4096
+"""Default held-out tokens searched for the graph page's feature contexts (about 10 s here)."""
+
 
 def _model_set_prompt(model: str | None, device: str | None, transcoders: Path, prompt: str):
     """The model, its transcoder set (checked against it) and the prompt's token ids with the
@@ -56,6 +59,8 @@ def attribute(
     batch_size: int = typer.Option(32, "--batch-size", help="Targets per backward pass."),
     max_links: int = typer.Option(50_000, "--max-links", help="Cap on links written to graph.json (strongest kept)."),
     qk: Optional[list[str]] = typer.Option(None, "--qk", help="LAYER:HEAD:QUERY_POS:KEY_POS: split that attention score into query-side x key-side node pairs (repeatable; qk.json and the report)."),
+    contexts: int = typer.Option(CARD_TOKENS, "--contexts", help="Held-out corpus tokens searched for each kept feature's top-activating contexts, shown on the report (0: none)."),
+    corpus: Optional[str] = CorpusOpt,
     out: Path = typer.Option(..., "--out", help="Output folder (written complete or not at all)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -66,8 +71,8 @@ def attribute(
     from mechscope.features.graph_files import graph_json, save_graph_folder
     from mechscope.features.prune import prune
 
-    if max_features < 0 or batch_size < 1 or max_links < 1:
-        fail("--max-features must be >= 0, --batch-size and --max-links >= 1.")
+    if max_features < 0 or batch_size < 1 or max_links < 1 or contexts < 0:
+        fail("--max-features and --contexts must be >= 0, --batch-size and --max-links >= 1.")
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             fail(f"{name} must lie between 0 and 1, got {v}.")
@@ -111,7 +116,8 @@ def attribute(
                      max_links=max_links)
     from mechscope.report.attribution import render_attribution
 
-    html = render_attribution(doc, qk=qk_docs)
+    cards, cards_note = _feature_cards(m, tset, doc, contexts, corpus, json)
+    html = render_attribution(doc, qk=qk_docs, cards=cards)
     extra = {"report.html": html} | ({"qk.json": _json.dumps(qk_docs, indent=1)} if qk_docs else {})
     save_graph_folder(g, doc, out, extra)
     gen = doc["metadata"]["generator"]
@@ -122,7 +128,7 @@ def attribute(
         "pruned_replacement_score": gen["pruned_replacement_score"],
         "pruned_completeness_score": gen["pruned_completeness_score"], "seconds": g.settings["seconds"],
         "logits": [{"token": m.tokenizer.decode([int(t)]), "prob": float(p)} for t, p in zip(g.logit_tokens, g.logit_probs)],
-        "qk": qk_docs,
+        "qk": qk_docs, "feature_cards": len(cards), "feature_cards_note": cards_note,
     }
     if json:
         return emit_json(summary)
@@ -140,7 +146,45 @@ def attribute(
         lead = f"; largest pair {top['query_label']} x {top['key_label']} {top['value']:+.3f}" if top else ""
         console.print(f"QK L{d['layer']}.H{d['head']} {d['query_pos']}->{d['key_pos']}: score {d['score']:+.3f} "
                       f"(weight {d['weight']:.3f}){lead}", highlight=False, markup=False)
+    if cards_note:
+        console.print(cards_note, highlight=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
+
+
+CARD_CONTEXT_LEN = 128
+
+
+def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus: str | None, quiet: bool) -> tuple[dict, str]:
+    """Cards of the kept feature nodes (``features.cards``): output tokens always, the top
+    corpus contexts from ``n_tokens`` held-out tokens; a missing default corpus only leaves
+    the contexts out (with a note), a named one that cannot be read is an error."""
+    import itertools
+
+    import torch
+
+    from mechscope.activations.corpus import get_corpus
+    from mechscope.activations.store import pack_contexts
+    from mechscope.errors import MechscopeError
+    from mechscope.features.cards import feature_cards
+
+    feats = sorted({(int(n["layer"]), int(n["feature"])) for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"})
+    ctx, note = None, ""
+    if feats and n_tokens > 0:
+        try:
+            ids = list(itertools.islice(pack_contexts(m.tokenizer, get_corpus(corpus, split="heldout"), CARD_CONTEXT_LEN),
+                                        max(1, n_tokens // CARD_CONTEXT_LEN)))
+        except MechscopeError as exc:
+            if corpus is not None:
+                raise
+            ids, note = [], f"feature contexts left out: {exc}"
+        if ids:
+            ctx = torch.tensor(ids)
+        elif not note:
+            note = "feature contexts left out: the corpus gave no full context of 128 tokens."
+    if not quiet and feats:
+        console.print(f"feature cards for {len(feats):,} kept features"
+                      + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
+    return (feature_cards(m, tset, feats, ctx) if feats else {}), note
 
 
 transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)

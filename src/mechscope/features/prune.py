@@ -47,9 +47,14 @@ def influence_from_rows(row_feats: Tensor, feat_rows: Tensor, logit_rows: Tensor
     (features ``row_feats`` with rows ``feat_rows`` over all active features, errors and
     tokens, plus the logits' rows): the series above restricted to those rows."""
     ncol = logit_rows.shape[1]
-    lr = normalise_rows(logit_rows)
     fr = normalise_rows(feat_rows) if len(feat_rows) else torch.zeros(0, ncol)
-    total = torch.zeros(ncol)
+    return influence_from_normalised(row_feats, fr, normalise_rows(logit_rows), lp, n_act)
+
+
+def influence_from_normalised(row_feats: Tensor, fr: Tensor, lr: Tensor, lp: Tensor, n_act: int) -> Tensor:
+    """``influence_from_rows`` with the rows already normalised (``normalise_rows`` works row by
+    row, so a caller adding rows batch by batch normalises each batch once)."""
+    total = torch.zeros(lr.shape[1])
     cur = lp @ lr
     for _ in range(10_000):
         total += cur

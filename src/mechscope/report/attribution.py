@@ -6,7 +6,9 @@ Self-contained and offline (the toolkit's page shell; ``assets/attribution.css``
 the script into SVG: one row per layer (token embeddings at the bottom, logits at the top),
 one column per prompt position, edge width by |weight| (blue positive, red negative).
 Clicking a node shows its facts, its strongest inputs and outputs, and highlights the paths
-from it to the logits; every model string reaches the page through ``textContent`` or the
+from it to the logits; for a feature, also its card when given (``features.cards``: the
+output tokens its decoder promotes and its top-activating corpus contexts, each token shaded
+by the feature's activation); every model string reaches the page through ``textContent`` or the
 toolkit's escaping, never as markup.
 """
 
@@ -36,9 +38,10 @@ def _qk_section(qk: list[dict]) -> str:
     return "".join(parts) + "</section>"
 
 
-def render_attribution(doc: dict, qk: list[dict] | None = None) -> str:
+def render_attribution(doc: dict, qk: list[dict] | None = None, cards: dict[str, dict] | None = None) -> str:
     """The page for one ``graph.json`` document (module docstring), with the QK attributions
-    of ``mechscope attribute --qk`` below the graph when given."""
+    of ``mechscope attribute --qk`` below the graph and the feature cards
+    (``features.cards.feature_cards``, keyed "layer:feature") when given."""
     meta = doc.get("metadata", {})
     gen = meta.get("generator", {})
     capped = ""
@@ -49,10 +52,12 @@ def render_attribution(doc: dict, qk: list[dict] | None = None) -> str:
             f"Replacement score {fmt(gen.get('replacement_score'), 2)} (pruned {fmt(gen.get('pruned_replacement_score'), 2)}), "
             f"completeness {fmt(gen.get('completeness_score'), 2)} (pruned {fmt(gen.get('pruned_completeness_score'), 2)}).{capped}")
     body = ('<div id="attr"><div id="graph"></div><aside id="side"><p>Click a node.</p></aside></div>'
-            + json_script("graph-data", doc) + _qk_section(qk or []))
+            + json_script("graph-data", doc) + (json_script("feature-cards", cards) if cards else "")
+            + _qk_section(qk or []))
     return page(f"Attribution graph: {meta.get('prompt', '')}", body, kind="attribution graph", subtitle=info,
                 css=("attribution.css",), js=("attribution.js",))
 
 
-def write_attribution(doc: dict, path: str | Path, qk: list[dict] | None = None) -> Path:
-    return write_page(render_attribution(doc, qk), path)
+def write_attribution(doc: dict, path: str | Path, qk: list[dict] | None = None,
+                      cards: dict[str, dict] | None = None) -> Path:
+    return write_page(render_attribution(doc, qk, cards), path)

@@ -1,4 +1,6 @@
 const doc = JSON.parse(document.getElementById('graph-data').textContent);
+const cardsEl = document.getElementById('feature-cards');
+const cards = cardsEl ? JSON.parse(cardsEl.textContent) : {};
 const nodes = doc.nodes, links = doc.links;
 const byId = new Map(nodes.map(n => [n.node_id, n]));
 const NS = 'http://www.w3.org/2000/svg';
@@ -109,8 +111,38 @@ function select(id) {
       .forEach(l => row(tb, label(byId.get(l[key])), l.weight.toFixed(3)));
     side.appendChild(t);
   }
+  const card = n.feature_type === 'cross layer transcoder' ? cards[n.layer + ':' + n.feature] : null;
+  if (card) showCard(side, card);
   const note = document.createElement('p'); note.textContent = 'Highlighted: every path from this node to the logits. Click the background to reset.';
   side.appendChild(note);
+}
+function showCard(side, card) {
+  if (card.logits && card.logits.length) {
+    const h4 = document.createElement('h4'); h4.textContent = 'output tokens it promotes (direct path)'; side.appendChild(h4);
+    const t = document.createElement('table'); const tb = document.createElement('tbody'); t.appendChild(tb);
+    card.logits.forEach(([tok, v]) => row(tb, JSON.stringify(tok), v.toFixed(3)));
+    side.appendChild(t);
+  }
+  const h4 = document.createElement('h4'); h4.textContent = 'top-activating corpus contexts'; side.appendChild(h4);
+  if (!card.contexts || !card.contexts.length) {
+    const p = document.createElement('p'); p.textContent = 'none in the corpus sample (or not computed: --contexts 0)'; side.appendChild(p);
+    return;
+  }
+  for (const ex of card.contexts) {
+    const div = document.createElement('div'); div.className = 'ctx';
+    ex.tokens.forEach((tok, i) => {
+      const sp = document.createElement('span');
+      sp.textContent = tok;
+      const a = Math.max(0, ex.acts[i]) / (ex.max || 1);
+      sp.style.background = 'rgba(244,162,54,' + Math.min(1, a).toFixed(3) + ')';
+      if (i === ex.at) sp.className = 'at';
+      sp.title = ex.acts[i].toFixed(3);
+      div.appendChild(sp);
+    });
+    const v = document.createElement('span'); v.className = 'ctxmax'; v.textContent = ' ' + ex.max.toFixed(2);
+    div.appendChild(v);
+    side.appendChild(div);
+  }
 }
 svg.addEventListener('click', e => { if (e.target === svg) { nodes.forEach(m => m._el.classList.remove('dim', 'sel')); links.forEach(l => l._el && l._el.classList.remove('dim')); } });
 document.body.setAttribute('data-ready', '1');

@@ -1,0 +1,124 @@
+"""What a graph's feature nodes stand for, on the graph page itself: each feature's
+top-activating corpus contexts and the output tokens its decoder direction promotes.
+
+``feature_contexts`` runs the model over corpus contexts once, reads every needed layer's
+transcoder input (``ln2.hook_normalized``), encodes it with that layer's transcoder (the whole
+layer, so TopK and BatchTopK activate as in the graph) and keeps the needed features'
+activations [contexts, positions, features] in memory (features x tokens x 4 bytes: 1.2 MB
+for 300 features over 4,096 tokens); the ``top`` largest activations per feature, position 0
+of each context left out (the attention sink, as in the SAE statistics), give the exemplars,
+each with a window of tokens and the feature's activation on each of them.
+
+``feature_logits`` is the direct path from a feature's decoder row to the logits through the
+final norm's linear part (scale left out: only the ranking is shown) and the unembedding,
+demeaned over the vocabulary as the graph's logit nodes are; it ignores every later layer,
+so it says what the feature writes, not what the model finally does with it.
+
+``feature_cards`` returns both for a list of (layer, feature) pairs, keyed ``"layer:feature"``
+(the key ``graph_json``'s descriptions use): ``{"logits": [[token, value]...],
+"contexts": [{"tokens": [...], "acts": [...], "at": i, "max": v}...]}``; token strings are
+plain text, escaped by the page (``report/assets/attribution.js`` sets ``textContent``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import MechscopeError
+from mechscope.features.transcoder_set import TranscoderSet
+from mechscope.models.hooks import ln_normalized
+
+if TYPE_CHECKING:
+    from mechscope.models import Model
+
+MAX_CELLS = 200_000_000
+"""Largest activation table (features x tokens) ``feature_contexts`` builds (800 MB)."""
+
+
+def _group(feats: list[tuple[int, int]], tset: TranscoderSet) -> dict[int, list[int]]:
+    by_layer: dict[int, list[int]] = {}
+    for layer, f in feats:
+        if not 0 <= layer < tset.n_layers or not 0 <= f < tset.layers[layer].cfg.d_sae:
+            raise MechscopeError(f"feature {layer}:{f} is not in the transcoder set (layers 0-{tset.n_layers - 1}).")
+        by_layer.setdefault(layer, [])
+        if f not in by_layer[layer]:
+            by_layer[layer].append(f)
+    return by_layer
+
+
+@torch.no_grad()
+def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], tokens: Tensor, top: int = 5,
+                     before: int = 8, after: int = 3, batch_size: int = 8) -> dict[str, list[dict]]:
+    """The ``top`` corpus positions of largest activation of each feature (module docstring).
+    ``tokens`` [contexts, ctx_len] (ctx_len >= 2)."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
+        raise MechscopeError(f"contexts must be [n, ctx_len >= 2] token ids, got shape {list(tokens.shape)}.")
+    if top < 1 or before < 0 or after < 0 or batch_size < 1:
+        raise MechscopeError("top and batch_size must be at least 1, before and after at least 0.")
+    by_layer = _group(feats, tset)
+    n_feats = sum(len(v) for v in by_layer.values())
+    if n_feats * tokens.numel() > MAX_CELLS:
+        raise MechscopeError(f"{n_feats} features x {tokens.numel():,} tokens is too large a table; use fewer tokens.")
+    names = {ln_normalized(layer, 2): layer for layer in by_layer}
+    N, T = tokens.shape
+    acts = {layer: torch.zeros(N, T, len(fs)) for layer, fs in by_layer.items()}
+    for i in range(0, N, batch_size):
+        toks = tokens[i:i + batch_size].to(model.device)
+        _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
+        for name, layer in names.items():
+            tc = tset.layers[layer]
+            a = tc.encode(cache[name].to(tc.W_enc.dtype))  # the whole layer: TopK picks as in the graph
+            acts[layer][i:i + len(toks)] = a[..., by_layer[layer]].float().cpu()
+        del cache
+    vocab = model.tokenizer
+    out: dict[str, list[dict]] = {}
+    for layer, fs in by_layer.items():
+        a = acts[layer].clone()
+        a[:, 0] = float("-inf")  # position 0 (attention sink) is not an exemplar
+        flat = a.reshape(N * T, len(fs))
+        vals, idx = flat.topk(min(top, N * (T - 1)), dim=0)  # [top, features]
+        for j, f in enumerate(fs):
+            rows = []
+            for v, k in zip(vals[:, j].tolist(), idx[:, j].tolist()):
+                if v <= 0:
+                    break
+                c, p = divmod(k, T)
+                lo, hi = max(0, p - before), min(T, p + after + 1)
+                ids = tokens[c, lo:hi].tolist()
+                rows.append({"tokens": [vocab.decode([t]) for t in ids], "acts": [round(x, 4) for x in acts[layer][c, lo:hi, j].tolist()],
+                             "at": p - lo, "max": round(v, 4)})
+            out[f"{layer}:{f}"] = rows
+    return out
+
+
+@torch.no_grad()
+def feature_logits(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], top: int = 8) -> dict[str, list]:
+    """The ``top`` output tokens each feature's decoder row promotes most (module docstring):
+    ``{"layer:feature": [[token, value], ...]}``."""
+    from mechscope.models.unembed import final_norm, unembed_weights
+
+    by_layer = _group(feats, tset)
+    norm = final_norm(model)
+    W_U, _ = unembed_weights(model)
+    out: dict[str, list] = {}
+    for layer, fs in by_layer.items():
+        d = tset.layers[layer].W_dec[fs].detach().float().to(W_U.device)  # [n, d_model]
+        if norm.kind == "layernorm":
+            d = d - d.mean(-1, keepdim=True)
+        logits = (d * norm.weight.to(W_U.device).float()) @ W_U  # [n, vocab]
+        logits = logits - logits.mean(-1, keepdim=True)
+        vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
+        for j, f in enumerate(fs):
+            out[f"{layer}:{f}"] = [[model.tokenizer.decode([int(t)]), round(float(v), 4)] for v, t in zip(vals[j], idx[j])]
+    return out
+
+
+def feature_cards(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], contexts: Tensor | None,
+                  top: int = 5) -> dict[str, dict]:
+    """Both views per feature (module docstring); ``contexts`` None leaves the exemplars out."""
+    logits = feature_logits(model, tset, feats)
+    ex = feature_contexts(model, tset, feats, contexts, top=top) if contexts is not None and feats else {}
+    return {key: {"logits": logits[key], "contexts": ex.get(key, [])} for key in logits}

@@ -1,0 +1,76 @@
+"""Feature cards of the graph page (``features.cards``): top-activating contexts and the output
+tokens a feature's decoder promotes, each checked against an independent computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.features.cards import feature_cards, feature_contexts, feature_logits
+from mechscope.features.replacement import capture
+from mechscope.features.transcoder_set import random_transcoders
+
+
+def _seqs(model, n=3, P=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, model.summary.d_vocab, (n, P), generator=g)
+    toks[:, 0] = model.tokenizer.bos_token_id
+    return toks
+
+
+@pytest.mark.parametrize("arch,k", [("relu", None), ("topk", 5)])
+def test_contexts_are_the_largest_activations_of_the_replacement_run(tiny_model, arch, k):
+    """Each feature's best exemplar is its largest activation over every context and position
+    >= 1, as the graph's own clean pass (``capture``, one prompt at a time) computes it; the
+    window shows that activation at its marked token; batching changes nothing."""
+    tset = random_transcoders(tiny_model, d_sae=24, architecture=arch, k=k, seed=3)
+    toks = _seqs(tiny_model)
+    runs = [capture(tiny_model, tset, t) for t in toks]
+    table = {}  # (layer, feature) -> [(value, context, pos)]
+    for c, run in enumerate(runs):
+        for (layer, pos, f), v in zip(run.active.tolist(), run.values.tolist()):
+            if pos >= 1:
+                table.setdefault((layer, f), []).append((v, c, pos))
+    feats = sorted(table)[:: max(1, len(table) // 12)]
+    assert len(feats) >= 6
+    got = feature_contexts(tiny_model, tset, feats, toks, top=2, before=3, after=1, batch_size=2)
+    again = feature_contexts(tiny_model, tset, feats, toks, top=2, before=3, after=1, batch_size=3)
+    for layer, f in feats:
+        best = sorted(table[(layer, f)], reverse=True)
+        ex = got[f"{layer}:{f}"]
+        assert abs(ex[0]["max"] - best[0][0]) < 1e-3 * max(1.0, best[0][0])
+        assert abs(ex[0]["acts"][ex[0]["at"]] - ex[0]["max"]) < 1e-3 * max(1.0, best[0][0])
+        _, c, pos = best[0]
+        lo = max(0, pos - 3)
+        assert ex[0]["tokens"] == [tiny_model.tokenizer.decode([t]) for t in toks[c, lo:pos + 2].tolist()]
+        if len(best) > 1:
+            assert abs(ex[1]["max"] - best[1][0]) < 1e-3 * max(1.0, best[1][0])
+        assert [e["max"] for e in again[f"{layer}:{f}"]] == pytest.approx([e["max"] for e in ex], rel=1e-4, abs=1e-5)
+
+
+def test_output_tokens_follow_the_final_norm_and_unembedding(tiny_model):
+    from mechscope.models.unembed import final_norm, unembed_weights
+
+    tset = random_transcoders(tiny_model, d_sae=16, architecture="relu", k=None, seed=4)
+    feats = [(0, 3), (tiny_model.summary.n_layers - 1, 7)]
+    got = feature_logits(tiny_model, tset, feats, top=5)
+    W_U, _ = unembed_weights(tiny_model)
+    norm = final_norm(tiny_model)
+    for layer, f in feats:
+        direct = norm.linear(tset.layers[layer].W_dec[f].detach()[None], torch.ones(1, 1))[0] @ W_U
+        direct = direct - direct.mean()
+        vals, idx = direct.topk(5)
+        rows = got[f"{layer}:{f}"]
+        assert [r[0] for r in rows] == [tiny_model.tokenizer.decode([int(i)]) for i in idx]
+        assert [r[1] for r in rows] == pytest.approx(vals.tolist(), abs=1e-3)
+
+
+def test_cards_refuse_features_outside_the_set_and_malformed_contexts(tiny_llama):
+    tset = random_transcoders(tiny_llama, d_sae=16, architecture="relu", k=None, seed=5)
+    with pytest.raises(MechscopeError, match="feature 0:16 is not in the transcoder set"):
+        feature_cards(tiny_llama, tset, [(0, 16)], None)
+    with pytest.raises(MechscopeError, match="contexts must be"):
+        feature_contexts(tiny_llama, tset, [(0, 1)], torch.tensor([1, 2, 3]))
+    cards = feature_cards(tiny_llama, tset, [(1, 2)], None)
+    assert cards["1:2"]["contexts"] == [] and len(cards["1:2"]["logits"]) == 8
