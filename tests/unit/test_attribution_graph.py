@@ -155,8 +155,11 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
         return subprocess.run(cli + list(args), capture_output=True, text=True, timeout=300)
 
     out = tmp_path / "g"
+    corpus = tmp_path / "corpus.txt"  # 60 paragraphs: enough documents for a held-out split of 1 in 20
+    corpus.write_text("\n\n".join(" ".join(f"Then, Alice and Bob went to the park number {i}{j}. Bob gave a ball to Alice."
+                                            for j in range(40)) for i in range(60)))
     r = run("When Mary and John went to the store", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,
-            "--out", str(out), "--json", "--qk", "2:3:5:2")
+            "--out", str(out), "--json", "--qk", "2:3:5:2", "--contexts", "512", "--corpus", str(corpus))
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     qk = json.loads((out / "qk.json").read_text())
@@ -173,6 +176,9 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
     assert back.adjacency.shape[0] == back.n_nodes and back.n_layers == 3
     page = (out / "report.html").read_text()
     assert 'id="graph-data"' in page and "attribution.js" not in page  # assets inlined, not linked
+    n_feat = len({(n["layer"], n["feature"]) for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"})
+    assert s["feature_cards"] == n_feat > 0 and not s["feature_cards_note"] and 'id="feature-cards"' in page
+    assert '"contexts": [{"tokens"' in page  # exemplars found in the corpus, not only the output tokens
     # bad inputs: one sentence, exit 2, nothing written
     bad = [
         (["--transcoders", str(tmp_path / "missing")], "not a folder"),
@@ -181,6 +187,8 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
         (["--qk", "9:0:1:0"], "layer 9 does not exist"),
         (["--qk", "1:0:1:3"], "key position <= query position"),
         (["--qk", "1:0:x"], "LAYER:HEAD:QUERY_POS:KEY_POS"),
+        (["--corpus", str(tmp_path / "no-such.txt")], "No corpus at"),
+        (["--contexts", "-1"], "--contexts must be >= 0"),
     ]
     for extra, needle in bad:
         args = ["When Mary went", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,

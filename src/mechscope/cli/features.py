@@ -77,6 +77,7 @@ def attribute(
         if not 0.0 <= v <= 1.0:
             fail(f"{name} must lie between 0 and 1, got {v}.")
     m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
+    card_corpus, cards_note = _card_corpus(contexts, corpus)  # before the graph: a bad --corpus fails at once
     bos = getattr(m.tokenizer, "bos_token_id", None)
     targets = None
     if target:
@@ -116,7 +117,8 @@ def attribute(
                      max_links=max_links)
     from mechscope.report.attribution import render_attribution
 
-    cards, cards_note = _feature_cards(m, tset, doc, contexts, corpus, json)
+    cards, more = _feature_cards(m, tset, doc, contexts, card_corpus, json)
+    cards_note = cards_note or more
     html = render_attribution(doc, qk=qk_docs, cards=cards)
     extra = {"report.html": html} | ({"qk.json": _json.dumps(qk_docs, indent=1)} if qk_docs else {})
     save_graph_folder(g, doc, out, extra)
@@ -154,33 +156,40 @@ def attribute(
 CARD_CONTEXT_LEN = 128
 
 
-def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus: str | None, quiet: bool) -> tuple[dict, str]:
+def _card_corpus(n_tokens: int, corpus: str | None):
+    """The held-out corpus for the feature contexts (None when off): a named corpus that cannot
+    be read is an error; a missing default corpus only leaves the contexts out, with a note."""
+    from mechscope.activations.corpus import get_corpus
+    from mechscope.errors import MechscopeError
+
+    if n_tokens <= 0:
+        return None, ""
+    try:
+        return get_corpus(corpus, split="heldout"), ""
+    except MechscopeError as exc:
+        if corpus is not None:
+            raise
+        return None, f"feature contexts left out: {exc}"
+
+
+def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool) -> tuple[dict, str]:
     """Cards of the kept feature nodes (``features.cards``): output tokens always, the top
-    corpus contexts from ``n_tokens`` held-out tokens; a missing default corpus only leaves
-    the contexts out (with a note), a named one that cannot be read is an error."""
+    contexts from ``n_tokens`` tokens of ``corpus`` (an opened corpus, or None: no contexts)."""
     import itertools
 
     import torch
 
-    from mechscope.activations.corpus import get_corpus
     from mechscope.activations.store import pack_contexts
-    from mechscope.errors import MechscopeError
     from mechscope.features.cards import feature_cards
 
     feats = sorted({(int(n["layer"]), int(n["feature"])) for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"})
     ctx, note = None, ""
-    if feats and n_tokens > 0:
-        try:
-            ids = list(itertools.islice(pack_contexts(m.tokenizer, get_corpus(corpus, split="heldout"), CARD_CONTEXT_LEN),
-                                        max(1, n_tokens // CARD_CONTEXT_LEN)))
-        except MechscopeError as exc:
-            if corpus is not None:
-                raise
-            ids, note = [], f"feature contexts left out: {exc}"
+    if feats and corpus is not None and n_tokens > 0:
+        ids = list(itertools.islice(pack_contexts(m.tokenizer, corpus, CARD_CONTEXT_LEN), max(1, n_tokens // CARD_CONTEXT_LEN)))
         if ids:
             ctx = torch.tensor(ids)
-        elif not note:
-            note = "feature contexts left out: the corpus gave no full context of 128 tokens."
+        else:
+            note = f"feature contexts left out: the corpus gave no full context of {CARD_CONTEXT_LEN} tokens."
     if not quiet and feats:
         console.print(f"feature cards for {len(feats):,} kept features"
                       + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
