@@ -122,7 +122,11 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     for card in cards.values():
         for ex in card["contexts"]:
             ex["tokens"][0] = "<img src=x onerror=window.__pwned=2>"
-    page = write_attribution(doc, tmp_path / "attribution.html", cards=cards)
+    from mechscope.features.qk import qk_attribution
+
+    qk = [qk_attribution(tiny_llama, tset, torch.tensor(toks), 1, 0, len(toks) - 1, 1).to_dict()]
+    qk[0]["top_pairs"][0]["query_label"] = "<img src=x onerror=window.__pwned=3>"
+    page = write_attribution(doc, tmp_path / "attribution.html", qk=qk, cards=cards)
     driver.get(page.resolve().as_uri())
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text
@@ -142,6 +146,14 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     assert "output tokens it promotes" in side.text and "top-activating corpus contexts" in side.text
     assert side.find_elements(By.CSS_SELECTOR, ".ctx span.at")  # an exemplar drawn, its token marked
     assert "<img src=x onerror=window.__pwned=2>" in side.text
+    arc = svg.find_element(By.CSS_SELECTOR, "path.qkarc")  # the QK edge drawn on the graph
+    driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", arc)
+    side = driver.find_element(By.ID, "side")
+    assert f"QK: layer 1, head 0, query @{len(toks) - 1} reads key @1" in side.text
+    assert "<img src=x onerror=window.__pwned=3>" in side.text
+    in_graph = {n["node_id"] for n in doc["nodes"]}
+    marked = svg.find_elements(By.CSS_SELECTOR, ".node.qkq, .node.qkk")
+    assert len(marked) == len(in_graph & {c["id"] for c in qk[0]["query_side"] + qk[0]["key_side"]}) > 0
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors

@@ -8,7 +8,9 @@ one column per prompt position, edge width by |weight| (blue positive, red negat
 Clicking a node shows its facts, its strongest inputs and outputs, and highlights the paths
 from it to the logits; for a feature, also its card when given (``features.cards``: the
 output tokens its decoder promotes and its top-activating corpus contexts, each token shaded
-by the feature's activation); every model string reaches the page through ``textContent`` or the
+by the feature's activation); each ``--qk`` attention edge is drawn as a dashed arc from the
+key position to the query position at its layer, and clicking it outlines the query-side
+and key-side nodes of the graph and lists the pairs (the tables below the graph hold the same); every model string reaches the page through ``textContent`` or the
 toolkit's escaping, never as markup.
 """
 
@@ -53,6 +55,7 @@ def render_attribution(doc: dict, qk: list[dict] | None = None, cards: dict[str,
             f"completeness {fmt(gen.get('completeness_score'), 2)} (pruned {fmt(gen.get('pruned_completeness_score'), 2)}).{capped}")
     body = ('<div id="attr"><div id="graph"></div><aside id="side"><p>Click a node.</p></aside></div>'
             + json_script("graph-data", doc) + (json_script("feature-cards", cards) if cards else "")
+            + (json_script("qk-data", qk) if qk else "")
             + _qk_section(qk or []))
     return page(f"Attribution graph: {meta.get('prompt', '')}", body, kind="attribution graph", subtitle=info,
                 css=("attribution.css",), js=("attribution.js",))

@@ -1,6 +1,8 @@
 const doc = JSON.parse(document.getElementById('graph-data').textContent);
 const cardsEl = document.getElementById('feature-cards');
 const cards = cardsEl ? JSON.parse(cardsEl.textContent) : {};
+const qkEl = document.getElementById('qk-data');
+const qks = qkEl ? JSON.parse(qkEl.textContent) : [];
 const nodes = doc.nodes, links = doc.links;
 const byId = new Map(nodes.map(n => [n.node_id, n]));
 const NS = 'http://www.w3.org/2000/svg';
@@ -70,6 +72,48 @@ for (let l = -1; l <= maxLayer; l++) {
   tx.setAttribute('x', 4); tx.setAttribute('y', padT + (maxLayer + 1 - l) * rowH + 3); tx.setAttribute('class', 'lay');
   tx.textContent = l < 0 ? 'emb' : (l === maxLayer && nodes.some(n => n.feature_type === 'logit' && layerKey(n) === l) ? 'logit' : 'L' + l);
   svg.appendChild(tx);
+}
+// QK attributions (--qk): an arc from the key position to the query position at the head's layer
+const gQk = document.createElementNS(NS, 'g'); svg.appendChild(gQk);
+qks.forEach((q, i) => {
+  const y = padT + (maxLayer + 1 - q.layer) * rowH - 6;
+  const xk = padL + q.key_pos * colW + colW / 2, xq = padL + q.query_pos * colW + colW / 2;
+  const lift = 10 + Math.min(rowH - 6, 4 * Math.abs(q.query_pos - q.key_pos)) + 3 * i;
+  const p = document.createElementNS(NS, 'path');
+  p.setAttribute('d', q.query_pos === q.key_pos ? `M${xk - 8},${y} a8,8 0 1,1 16,0` : `M${xk},${y} C${xk},${y - lift} ${xq},${y - lift} ${xq},${y}`);
+  p.setAttribute('class', 'qkarc');
+  p.setAttribute('data-qk', String(i));
+  const tip = document.createElementNS(NS, 'title');
+  tip.textContent = 'QK L' + q.layer + ' H' + q.head + ': query @' + q.query_pos + ' reads key @' + q.key_pos + ' (click)';
+  p.appendChild(tip);
+  p.addEventListener('click', e => { e.stopPropagation(); selectQk(q, p); });
+  gQk.appendChild(p);
+});
+function selectQk(q, arc) {
+  const qs = new Set(q.query_side.map(c => c.id)), ks = new Set(q.key_side.map(c => c.id));
+  nodes.forEach(m => {
+    m._el.classList.toggle('dim', !qs.has(m.node_id) && !ks.has(m.node_id));
+    m._el.classList.toggle('qkq', qs.has(m.node_id)); m._el.classList.toggle('qkk', ks.has(m.node_id));
+    m._el.classList.remove('sel');
+  });
+  links.forEach(l => l._el && l._el.classList.add('dim'));
+  gQk.querySelectorAll('.qkarc').forEach(a => a.classList.toggle('sel', a === arc));
+  const side = document.getElementById('side');
+  side.replaceChildren();
+  const h = document.createElement('h3');
+  h.textContent = 'QK: layer ' + q.layer + ', head ' + q.head + ', query @' + q.query_pos + ' reads key @' + q.key_pos;
+  side.appendChild(h);
+  const facts = document.createElement('table'); const fb = document.createElement('tbody'); facts.appendChild(fb);
+  row(fb, 'score', q.score.toFixed(3)); row(fb, 'attention weight', q.weight.toFixed(3));
+  side.appendChild(facts);
+  for (const [title, list] of [['largest query x key pairs', (q.top_pairs || []).map(p => [p.query_label + ' x ' + p.key_label, p.value])],
+                               ['query side (outlined blue in the graph)', q.query_side.map(c => [c.label, c.value])],
+                               ['key side (outlined purple)', q.key_side.map(c => [c.label, c.value])]]) {
+    const h4 = document.createElement('h4'); h4.textContent = title; side.appendChild(h4);
+    const t = document.createElement('table'); const tb = document.createElement('tbody'); t.appendChild(tb);
+    list.slice(0, 10).forEach(([name, v]) => row(tb, name, v.toFixed(3)));
+    side.appendChild(t);
+  }
 }
 document.getElementById('graph').appendChild(svg);
 function label(n) {
@@ -144,5 +188,10 @@ function showCard(side, card) {
     side.appendChild(div);
   }
 }
-svg.addEventListener('click', e => { if (e.target === svg) { nodes.forEach(m => m._el.classList.remove('dim', 'sel')); links.forEach(l => l._el && l._el.classList.remove('dim')); } });
+svg.addEventListener('click', e => {
+  if (e.target !== svg) return;
+  nodes.forEach(m => m._el.classList.remove('dim', 'sel', 'qkq', 'qkk'));
+  links.forEach(l => l._el && l._el.classList.remove('dim'));
+  gQk.querySelectorAll('.qkarc').forEach(a => a.classList.remove('sel'));
+});
 document.body.setAttribute('data-ready', '1');
