@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,9 @@ def main() -> None:
     ap.add_argument("--max-features", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ct-python", default=str(ROOT / ".venv-ct" / "bin" / "python"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     m = load_model(None, device="cpu")
     text = ("The capital city of France is Paris, and the capital city of Italy is Rome. When Mary and John "
@@ -85,11 +88,13 @@ def main() -> None:
     save_file({"tokens": ids, "logit_tokens": ours.logit_tokens}, str(work / "inputs.safetensors"))
     proc = subprocess.run([a.ct_python, str(ROOT / "tests" / "helpers" / "circuit_tracer_side.py"), str(work / "tc"),
                            str(work / "model"), str(work / "inputs.safetensors"), str(work / "ct.safetensors"),
-                           str(a.batch), str(a.max_features)], capture_output=True, text=True)
+                           str(a.batch), str(a.max_features), str(a.threads)], capture_output=True, text=True)
     if proc.returncode:
+        shutil.rmtree(work, ignore_errors=True)
         sys.exit(f"circuit-tracer failed:\n{proc.stderr[-3000:]}")
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     theirs = load_file(str(work / "ct.safetensors"))
+    shutil.rmtree(work, ignore_errors=True)  # the saved model is about 0.5 GB
 
     # compare on the nodes both kept
     from mechscope.features.prune import scores

@@ -3,7 +3,7 @@ folder as it is (config.yaml + layer_<l>.safetensors, the layout of its local ca
 nnsight backend loads the model folder, and ``attribute`` computes the graph for the given
 tokens and logit targets. Writes the graph's tensors as safetensors (never torch.save).
 
-usage: circuit_tracer_side.py TRANSCODERS_DIR MODEL_DIR INPUTS.safetensors OUT.safetensors [BATCH] [MAX_FEATURES]"""
+usage: circuit_tracer_side.py TRANSCODERS_DIR MODEL_DIR INPUTS.safetensors OUT.safetensors [BATCH] [MAX_FEATURES] [THREADS]"""
 
 import json
 import sys
@@ -40,7 +40,7 @@ tc_dir, model_dir, inputs, out = (Path(a) for a in sys.argv[1:5])
 written_by_transformers_5_for_4(model_dir)
 batch = int(sys.argv[5]) if len(sys.argv) > 5 else 64
 max_features = int(sys.argv[6]) if len(sys.argv) > 6 and int(sys.argv[6]) > 0 else None
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(int(sys.argv[7]) if len(sys.argv) > 7 else max(1, min(2, torch.get_num_threads())))
 t0 = time.perf_counter()
 transcoders, _ = load_transcoders_from_cache(tc_dir.name, cache_dir=tc_dir.parent, device=torch.device("cpu"),
                                              dtype=torch.float32, lazy_decoder=False)

@@ -96,6 +96,9 @@ def test_circuit_tracer_files_load_by_layer_number_and_refuse_other_hooks(tmp_pa
     (tmp_path / "config.yaml").write_text(cfg)
     tset = load_transcoders(tmp_path)
     assert isinstance(tset, TranscoderSet) and [int(tc.b_enc[0]) for tc in tset.layers] == list(range(12))
+    (tmp_path / "layer_5.safetensors").unlink()  # a gap: refused, not renumbered
+    with pytest.raises(MechscopeError, match="lacks layer_5.safetensors"):
+        load_transcoders(tmp_path)
     (tmp_path / "config.yaml").write_text(cfg.replace("ln2.hook_normalized", "hook_resid_mid"))
     with pytest.raises(MechscopeError, match="reads hook_resid_mid -> mlp.hook_out"):
         load_transcoders(tmp_path)

@@ -78,6 +78,19 @@ def attribute(
             fail(f"{name} must lie between 0 and 1, got {v}.")
     m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     card_corpus, cards_note = _card_corpus(contexts, corpus)  # before the graph: a bad --corpus fails at once
+    from mechscope.features.cards import MAX_CELLS
+
+    if contexts * max(1, max_features) > MAX_CELLS:
+        fail(f"--contexts {contexts} with --max-features {max_features} could need a {contexts * max_features:,}-cell "
+             f"activation table (limit {MAX_CELLS:,}); lower --contexts.")
+    from mechscope.errors import MechscopeError
+    from mechscope.models.unembed import final_norm
+
+    try:
+        final_norm(m)
+        card_logits = True
+    except MechscopeError as exc:  # the graph does not need it; only the cards' output tokens do
+        card_logits, cards_note = False, (cards_note + " " if cards_note else "") + f"feature output tokens left out: {exc}"
     bos = getattr(m.tokenizer, "bos_token_id", None)
     targets = None
     if target:
@@ -117,7 +130,7 @@ def attribute(
                      max_links=max_links)
     from mechscope.report.attribution import render_attribution
 
-    cards, more = _feature_cards(m, tset, doc, contexts, card_corpus, json)
+    cards, more = _feature_cards(m, tset, doc, contexts, card_corpus, json, card_logits)
     cards_note = cards_note or more
     html = render_attribution(doc, qk=qk_docs, cards=cards)
     extra = {"report.html": html} | ({"qk.json": _json.dumps(qk_docs, indent=1)} if qk_docs else {})
@@ -172,7 +185,7 @@ def _card_corpus(n_tokens: int, corpus: str | None):
         return None, f"feature contexts left out: {exc}"
 
 
-def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool) -> tuple[dict, str]:
+def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool, logits: bool = True) -> tuple[dict, str]:
     """Cards of the kept feature nodes (``features.cards``): output tokens always, the top
     contexts from ``n_tokens`` tokens of ``corpus`` (an opened corpus, or None: no contexts)."""
     import itertools
@@ -193,7 +206,7 @@ def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool) -> tu
     if not quiet and feats:
         console.print(f"feature cards for {len(feats):,} kept features"
                       + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
-    return (feature_cards(m, tset, feats, ctx) if feats else {}), note
+    return (feature_cards(m, tset, feats, ctx, logits=logits) if feats else {}), note
 
 
 transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)

@@ -61,7 +61,7 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
     by_layer = _group(feats, tset)
     n_feats = sum(len(v) for v in by_layer.values())
     if n_feats * tokens.numel() > MAX_CELLS:
-        raise MechscopeError(f"{n_feats} features x {tokens.numel():,} tokens is too large a table; use fewer tokens.")
+        raise MechscopeError(f"{n_feats} features x {tokens.numel():,} tokens is too large a table; search fewer tokens (--contexts).")
     names = {ln_normalized(layer, 2): layer for layer in by_layer}
     N, T = tokens.shape
     acts = {layer: torch.zeros(N, T, len(fs)) for layer, fs in by_layer.items()}
@@ -117,8 +117,11 @@ def feature_logits(model: Model, tset: TranscoderSet, feats: list[tuple[int, int
 
 
 def feature_cards(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], contexts: Tensor | None,
-                  top: int = 5) -> dict[str, dict]:
-    """Both views per feature (module docstring); ``contexts`` None leaves the exemplars out."""
-    logits = feature_logits(model, tset, feats)
+                  top: int = 5, logits: bool = True) -> dict[str, dict]:
+    """Both views per feature (module docstring); ``contexts`` None leaves the exemplars out,
+    ``logits=False`` the output tokens (for a final norm ``final_norm`` cannot read)."""
+    out_tokens = feature_logits(model, tset, feats) if logits else {}
     ex = feature_contexts(model, tset, feats, contexts, top=top) if contexts is not None and feats else {}
-    return {key: {"logits": logits[key], "contexts": ex.get(key, [])} for key in logits}
+    by_layer = _group(feats, tset)
+    return {f"{layer}:{f}": {"logits": out_tokens.get(f"{layer}:{f}", []), "contexts": ex.get(f"{layer}:{f}", [])}
+            for layer, fs in by_layer.items() for f in fs}

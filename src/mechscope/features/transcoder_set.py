@@ -24,7 +24,8 @@ norm's output with its gain (and bias) applied. So ``save_transcoders(..., model
 circuit-tracer's files for ``mlp.hook_in`` with the norm folded into the encoder (and the skip):
 ``W_enc' = W_enc / g``, ``b_enc' = b_enc - (b / g) W_enc``, ``W_skip' = W_skip / g``,
 ``b_dec' = b_dec - W_skip (b / g)``, and loading such a folder unfolds them (it needs the
-model). Without a model the files read ``ln2.hook_normalized`` as before. Measured: a graph
+model). Without a model (or with a norm gain of zero, which cannot be folded out again; a
+warning says so) the files read ``ln2.hook_normalized`` as before. Measured: a graph
 computed by circuit-tracer 0.5.0 (nnsight backend) from the folded files equals mechscope's to
 2e-6 of its largest edge, with identical replacement and completeness scores
 (``tests/integration/test_circuit_tracer_interop.py``). circuit-tracer 0.5.0 reads only ReLU
@@ -64,8 +65,10 @@ def mlp_input_norms(model: Model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for block in model.bridge.blocks:
         mod = getattr(block.ln2, "_original_component", block.ln2)
         w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
-        out.append((torch.ones(d) if w is None else w.detach().float().cpu(),
-                    torch.zeros(d) if b is None else b.detach().float().cpu()))
+        g = torch.ones(d) if w is None else w.detach().float().cpu()
+        if w is not None and "gemma" in type(mod).__name__.lower():
+            g = 1.0 + g  # Gemma's RMSNorm scales by (1 + weight)
+        out.append((g, torch.zeros(d) if b is None else b.detach().float().cpu()))
     return out
 
 
@@ -166,8 +169,13 @@ def save_transcoders(tset: TranscoderSet, path: str | Path, model: Model | None 
     if model is not None:
         tset.check_fits(model)
         norms = mlp_input_norms(model)
-        if any(bool((g.abs() < 1e-12).any()) for g, _ in norms):
-            norms = None  # a zero gain cannot be folded out again: keep the pure input
+        tiny = [i for i, (g, _) in enumerate(norms) if bool((g.abs() < 1e-6 * g.abs().max().clamp_min(1e-30)).any())]
+        if tiny:  # a (near-)zero gain cannot be folded out again without loss: keep the pure input
+            import warnings
+
+            warnings.warn(f"layer {tiny[0]}'s MLP norm has a (near-)zero gain, so circuit-tracer's files read "
+                          "ln2.hook_normalized (its TransformerLens backend only), not mlp.hook_in.", stacklevel=2)
+            norms = None
     files = []
     for i, tc in enumerate(tset.layers):
         save_sae(tc, path / f"layer_{i}")
@@ -277,7 +285,7 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
         if model is None:
             raise MechscopeError(
                 f"{path / CONFIG} reads {NORMED_INPUT} (the norm's output); loading it needs the model whose norms "
-                "to unfold: pass model= (the CLI passes its --model)."
+                "to unfold: pass --model on the command line (model= in Python)."
             )
         norms, mname = mlp_input_norms(model), model.summary.name
     listed = [str(f) for f in cfg.get("transcoders") or []]
@@ -285,6 +293,9 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
         sorted((p.name for p in path.glob("layer_*.safetensors")), key=_layer_of)  # by number: layer_10 after layer_9
     if not files:
         raise MechscopeError(f"{path} has a {CONFIG} but no layer_<l>.safetensors files (hub paths are not fetched offline).")
+    if files is not listed and [_layer_of(f) for f in files] != list(range(len(files))):
+        missing = sorted(set(range(_layer_of(files[-1]))) - {_layer_of(f) for f in files})
+        raise MechscopeError(f"{path} lacks layer_{missing[0]}.safetensors: circuit-tracer's layout needs every layer from 0.")
     if norms is not None and len(files) != len(norms):
         raise MechscopeError(f"{path} holds {len(files)} layers but {mname} has {len(norms)}; use a set trained on this model.")
     from mechscope.sae.archs import skip_variant

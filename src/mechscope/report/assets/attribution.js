@@ -139,7 +139,8 @@ function row(tbody, name, value) {
 function select(id) {
   const n = byId.get(id);
   const keep = downstream(id);
-  nodes.forEach(m => { m._el.classList.toggle('dim', !keep.has(m.node_id)); m._el.classList.toggle('sel', m.node_id === id); });
+  nodes.forEach(m => { m._el.classList.toggle('dim', !keep.has(m.node_id)); m._el.classList.toggle('sel', m.node_id === id); m._el.classList.remove('qkq', 'qkk'); });
+  document.querySelectorAll('.qkarc.sel').forEach(a => a.classList.remove('sel'));
   links.forEach(l => l._el && l._el.classList.toggle('dim', !(keep.has(l.source) && keep.has(l.target))));
   const side = document.getElementById('side');
   side.replaceChildren();
