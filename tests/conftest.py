@@ -30,24 +30,28 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _env_missing(python: Path, probe: str, what: str, env: str) -> str | None:
+    """Why a second environment cannot serve its tests (None when it can): missing, or its
+    ``probe`` import fails or hangs."""
+    if not python.exists():
+        return f"{python} is missing (./setup.sh --test installs {what} into {env})"
+    try:
+        failed = subprocess.run([str(python), "-c", probe], capture_output=True, timeout=300).returncode
+    except subprocess.TimeoutExpired:
+        failed = True
+    return f"{python} cannot import {what} (./setup.sh --test installs it)" if failed else None
+
+
 @functools.cache
 def _saelens_missing() -> str | None:
-    if not SAELENS_PY.exists():
-        return f"{SAELENS_PY} is missing (./setup.sh --test installs SAELens into .venv-saelens)"
     probe = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('sae_lens', 'mechscope')))"
-    if subprocess.run([str(SAELENS_PY), "-c", probe], capture_output=True, timeout=120).returncode:
-        return f"{SAELENS_PY} lacks sae_lens or mechscope (./setup.sh --test installs both)"
-    return None
+    return _env_missing(SAELENS_PY, probe, "SAELens with mechscope", ".venv-saelens")
 
 
 @functools.cache
 def _circuit_tracer_missing() -> str | None:
-    if not CIRCUIT_TRACER_PY.exists():
-        return f"{CIRCUIT_TRACER_PY} is missing (./setup.sh --test installs circuit-tracer into .venv-ct)"
-    probe = "import circuit_tracer.replacement_model.replacement_model_nnsight"
-    if subprocess.run([str(CIRCUIT_TRACER_PY), "-c", probe], capture_output=True, timeout=300).returncode:
-        return f"{CIRCUIT_TRACER_PY} cannot import circuit-tracer's nnsight backend (./setup.sh --test installs it)"
-    return None
+    return _env_missing(CIRCUIT_TRACER_PY, "import circuit_tracer.replacement_model.replacement_model_nnsight",
+                        "circuit-tracer's nnsight backend", ".venv-ct")
 
 
 @functools.cache
