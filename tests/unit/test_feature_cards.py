@@ -74,3 +74,13 @@ def test_cards_refuse_features_outside_the_set_and_malformed_contexts(tiny_llama
         feature_contexts(tiny_llama, tset, [(0, 1)], torch.tensor([1, 2, 3]))
     cards = feature_cards(tiny_llama, tset, [(1, 2)], None)
     assert cards["1:2"]["contexts"] == [] and len(cards["1:2"]["logits"]) == 8
+
+
+def test_context_search_reports_its_progress(tiny_llama):
+    from mechscope.progress import Recorder
+
+    tset = random_transcoders(tiny_llama, d_sae=16, architecture="relu", k=None, seed=6)
+    rec = Recorder()
+    feature_contexts(tiny_llama, tset, [(0, 1)], _seqs(tiny_llama, n=3, P=8), batch_size=2, progress=rec)
+    phase = next(p for p in rec.phases if p.name == "feature contexts")
+    assert phase.total == 24 and phase.count == 24 and phase.closed

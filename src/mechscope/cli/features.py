@@ -206,7 +206,7 @@ def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool, logit
     if not quiet and feats:
         console.print(f"feature cards for {len(feats):,} kept features"
                       + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
-    return (feature_cards(m, tset, feats, ctx, logits=logits) if feats else {}), note
+    return (feature_cards(m, tset, feats, ctx, logits=logits, progress=not quiet) if feats else {}), note
 
 
 transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per layer, evaluate a set.", no_args_is_help=True)

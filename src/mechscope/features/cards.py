@@ -30,6 +30,7 @@ from torch import Tensor
 from mechscope.errors import MechscopeError
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import ln_normalized
+from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -51,7 +52,8 @@ def _group(feats: list[tuple[int, int]], tset: TranscoderSet) -> dict[int, list[
 
 @torch.no_grad()
 def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], tokens: Tensor, top: int = 5,
-                     before: int = 8, after: int = 3, batch_size: int = 8) -> dict[str, list[dict]]:
+                     before: int = 8, after: int = 3, batch_size: int = 8,
+                     progress: ProgressArg = False) -> dict[str, list[dict]]:
     """The ``top`` corpus positions of largest activation of each feature (module docstring).
     ``tokens`` [contexts, ctx_len] (ctx_len >= 2)."""
     if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
@@ -65,6 +67,7 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
     names = {ln_normalized(layer, 2): layer for layer in by_layer}
     N, T = tokens.shape
     acts = {layer: torch.zeros(N, T, len(fs)) for layer, fs in by_layer.items()}
+    bar = as_progress(progress).phase("feature contexts", total=N * T, unit="tok")
     for i in range(0, N, batch_size):
         toks = tokens[i:i + batch_size].to(model.device)
         _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
@@ -73,6 +76,8 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
             a = tc.encode(cache[name].to(tc.W_enc.dtype))  # the whole layer: TopK picks as in the graph
             acts[layer][i:i + len(toks)] = a[..., by_layer[layer]].float().cpu()
         del cache
+        bar.advance(toks.numel())
+    bar.close()
     vocab = model.tokenizer
     out: dict[str, list[dict]] = {}
     for layer, fs in by_layer.items():
@@ -117,11 +122,11 @@ def feature_logits(model: Model, tset: TranscoderSet, feats: list[tuple[int, int
 
 
 def feature_cards(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], contexts: Tensor | None,
-                  top: int = 5, logits: bool = True) -> dict[str, dict]:
+                  top: int = 5, logits: bool = True, progress: ProgressArg = False) -> dict[str, dict]:
     """Both views per feature (module docstring); ``contexts`` None leaves the exemplars out,
     ``logits=False`` the output tokens (for a final norm ``final_norm`` cannot read)."""
     out_tokens = feature_logits(model, tset, feats) if logits else {}
-    ex = feature_contexts(model, tset, feats, contexts, top=top) if contexts is not None and feats else {}
+    ex = feature_contexts(model, tset, feats, contexts, top=top, progress=progress) if contexts is not None and feats else {}
     by_layer = _group(feats, tset)
     return {f"{layer}:{f}": {"logits": out_tokens.get(f"{layer}:{f}", []), "contexts": ex.get(f"{layer}:{f}", [])}
             for layer, fs in by_layer.items() for f in fs}
