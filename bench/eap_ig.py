@@ -1,8 +1,8 @@
 """EAP-IG cost against its floor, in one process.
 
 Floor: (m + 1) forward passes and m backward passes of the plain Hugging Face model (no
-hooks, parameters frozen, gradient taken with respect to the input embeddings), on the same
-batch. mechscope's EAP-IG does exactly that much model work plus its hooks and the final
+hooks, parameters frozen, gradient taken with respect to the input embeddings, logits at the
+scored positions only), on the same batch. mechscope's EAP-IG does exactly that much model work plus its hooks and the final
 score contraction, so the ratio is its overhead.
 
 Query and key edges are scored through the attention softmax exactly by default
@@ -27,15 +27,20 @@ from mechscope.tasks import get_task
 
 
 def floor(hf, batch, steps: int) -> None:
+    """The floor's logits are computed at the scored positions only (``logits_to_keep``), as
+    mechscope's passes do (``patching.logits_at``)."""
     emb = hf.get_input_embeddings()
     for p in hf.parameters():
         p.requires_grad_(False)
+    keep = torch.unique(batch.positions)
+    at = torch.searchsorted(keep, batch.positions)
+    rows = torch.arange(len(batch))[:, None]
     with torch.no_grad():
         hf(input_ids=batch.corrupt)  # the source run
     for _ in range(steps):
         x = emb(batch.clean).detach().requires_grad_(True)
-        logits = hf(inputs_embeds=x).logits
-        metric = batch.per_example_metric(logits).sum()
+        logits = hf(inputs_embeds=x, logits_to_keep=keep).logits
+        metric = batch.metric_at(logits[rows, at]).sum()
         torch.autograd.grad(metric, [x])
 
 

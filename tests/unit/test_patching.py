@@ -1,9 +1,11 @@
 """The patching engine: properties a wrong implementation would break, on GPT-2 and GQA Llama."""
 
+from types import SimpleNamespace
+
 import torch
 
 from mechscope.graph import build_graph
-from mechscope.patching import run_with_edge_mask, run_with_node_mask, source_activations
+from mechscope.patching import logits_at, run_with_edge_mask, run_with_node_mask, source_activations
 
 TOL = 1e-4  # float32 re-association across ~10 additions of O(1) activations
 
@@ -84,6 +86,30 @@ def test_batched_masks_equal_one_by_one(tiny_llama):
     stacked = run_with_edge_mask(m, g, clean, src, masks)
     for k in range(3):
         assert torch.allclose(stacked[k], run_with_edge_mask(m, g, clean, src, masks[k]), atol=TOL)
+
+
+@torch.no_grad()
+def test_logits_at_positions_equal_the_full_run_there(tiny_model):
+    """Stacked masks with per-example positions: the unembedding at those rows only gives the
+    full run's logits there; and so does a model without the unembedding hook (picked after)."""
+    m, g = tiny_model, build_graph(tiny_model)
+    clean, corrupt = _tokens(4)
+    src = source_activations(m, g, clean, corrupt, "patching")
+    gen = torch.Generator().manual_seed(1)
+    masks = (torch.rand(2, g.n_senders, g.n_receivers, generator=gen) > 0.5).float()
+    pos = torch.tensor([[8, 3], [0, 5], [7, 7]])
+    full = run_with_edge_mask(m, g, clean, src, masks)  # [2, B, P, V]
+    at = run_with_edge_mask(m, g, clean, src, masks, positions=pos)  # [2, B, 2, V]
+    rows = torch.arange(3)[:, None]
+    assert at.shape == (2, 3, 2, full.shape[-1])
+    for k in range(2):
+        assert torch.allclose(at[k], full[k][rows, pos], atol=TOL)
+    seen = []
+    out = logits_at(m, clean, pos, [("unembed.hook_in", lambda x, hook: seen.append(x.shape) or x)])
+    assert seen[0][1] == clean.shape[1] and out.shape[1] == 2  # the caller's hook sees every row; ours runs after
+    assert torch.allclose(out, m(clean)[rows, pos], atol=TOL)
+    no_hook = SimpleNamespace(bridge=SimpleNamespace(hook_dict={}, run_with_hooks=m.bridge.run_with_hooks))
+    assert torch.allclose(logits_at(no_hook, clean, pos, []), out, atol=TOL)
 
 
 @torch.no_grad()

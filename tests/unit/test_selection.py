@@ -85,8 +85,8 @@ def test_cv_curve_ranks_without_the_fold_and_judges_on_it(tiny_gpt2):
 
 def test_cv_curve_stops_where_the_choice_is_made(tiny_gpt2, monkeypatch):
     """With ``stop_at`` the curve is a prefix of the full one, ends with the chunk of sizes in
-    which a bound reaches the target, and gives the same choice; the all-edges circuit costs no
-    patched pass."""
+    which a bound reaches the target, and gives the same choice; the baselines and the
+    all-edges circuit cost no patched pass."""
     import mechscope.circuits.evaluate as evaluate
     from mechscope.circuits.crossval import SIZE_CHUNK
 
@@ -111,12 +111,12 @@ def test_cv_curve_stops_where_the_choice_is_made(tiny_gpt2, monkeypatch):
         assert a["n_edges"] == c["n_edges"] and a["faithfulness"] == pytest.approx(c["faithfulness"], abs=1e-6)
         assert a["faithfulness_low"] == pytest.approx(c["faithfulness_low"], abs=1e-6)
     assert choose_size(part, target) == choose_size(full, target)
-    assert passes[0] == 2 + 2 * -(-len(part) // SIZE_CHUNK)  # two folds: baselines, then one pass per chunk of sizes
+    assert passes[0] == 2 * -(-len(part) // SIZE_CHUNK)  # two folds: one pass per chunk of sizes
     passes[0] = 0
     ev = Evaluator(m, g, b)
-    assert passes[0] == 1  # clean and corrupt baselines
+    assert passes[0] == 0  # clean and corrupt baselines from the source and clean passes
     every = ev.per_example(ev.patch_masks(g.allowed[None]))
-    assert passes[0] == 1 and torch.equal(every[0], ev.clean_ex)
+    assert passes[0] == 0 and torch.equal(every[0], ev.clean_ex)
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ from mechscope.patching.engine import (
     Ablation,
     attn_weights,
     capture_hooks,
+    logits_at,
     mean_weights,
     sender_hooks,
     source_activations,
@@ -360,8 +361,7 @@ def _receiver_grads(model: Model, graph: Graph, sub: TaskBatch, heads: list[Head
         hooks.append((mlp_in(l), keep(("mlp", l), True)))
     hooks.append((LOGITS_HOOK, keep(("logits", L), True)))
     with torch.enable_grad():
-        logits = model.bridge.run_with_hooks(sub.clean, fwd_hooks=hooks)
-        metric = sub.per_example_metric(logits).sum()
+        metric = sub.metric_at(logits_at(model, sub.clean, sub.positions, hooks)).sum()
         keys = list(kept)
         grads = dict(zip(keys, torch.autograd.grad(metric, [kept[c] for c in keys])))
     with torch.no_grad():
@@ -450,10 +450,14 @@ def _accumulate(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m
                 acc[rs["q"].start : rs["k"].stop] = 0.0  # scored exactly below instead
                 exact_layers.append(l)
     _contract(graph, delta, acc, 1.0 / m, scores, parts)
+    if not exact_layers:
+        return
+    assert exact is not None  # exact_layers is only filled when it is given
+    positions_first = delta.permute(2, 1, 0, 3).contiguous()  # [P, B, S, D]: once for every layer
+    del delta, clean_acts
     for l in exact_layers:
-        assert exact is not None  # exact_layers is only filled when it is given
         rs, up = graph.receiver_slices(l), graph.sender_slice_before(l)
-        eq, ek = exact.effects(l, heads[l], resid[l], delta[:up], m)  # [S, B, H], [S, B, KV]
+        eq, ek = exact.effects(l, heads[l], resid[l], positions_first[:, :, :up], m, positions_first=True)  # [S, B, H], [S, B, KV]
         for f, e0, e1 in parts:
             scores[f, :up, rs["q"]] += eq[:, e0:e1].sum(1)
             scores[f, :up, rs["k"]] += ek[:, e0:e1].sum(1)

@@ -145,12 +145,12 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     t_score = time.perf_counter() - t_score
     scores = scores.cpu()
     rank: str = cfg.rank
-    ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
     cv, k_cv, f_cv, rule = None, None, None, None
     if folds is not None and len(folds) > 1:
         modes = ("signed", "abs") if rank == "auto" else (rank,)
         found = {}
         evs = fold_evaluators(model, graph, score_set, len(folds), cfg.ablation, cfg.batch_size)  # shared by both modes
+        ev_score = Evaluator.joined(score_set, evs)
         sizes = grid_sizes(graph)
         for mode in modes:
             assert fold_scores is not None  # folds are only used with per-fold scores (not ACDC)
@@ -165,8 +165,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         rank = pick_rank(found, cfg.target) if rank == "auto" else rank
         cv, k_cv, f_cv = found[rank]
         rule = size_rule(cv, k_cv, cfg.target)
-    elif rank == "auto":
-        rank = "signed"
+    else:
+        ev_score = Evaluator(model, graph, score_set, cfg.ablation, cfg.batch_size)
+        rank = "signed" if rank == "auto" else rank
     ranking = importance(scores, cfg.method, rank)
     if cfg.method == "acdc" and cfg.edges is None and cfg.level == "edge":
         circuit = prune(graph, ac.circuit)

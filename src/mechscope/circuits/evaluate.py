@@ -23,7 +23,14 @@ from mechscope.circuits.config import DiscoverConfig
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
-from mechscope.patching.engine import Ablation, run_with_edge_mask, source_activations
+from mechscope.patching.engine import (
+    Ablation,
+    check_pair,
+    logits_at,
+    run_with_edge_mask,
+    sender_activations_and_logits,
+    source_activations,
+)
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
@@ -60,16 +67,45 @@ class Evaluator:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        """Source run and baselines per chunk. With patching, every edge patched is the corrupt
+        run itself, so the corrupt baseline comes from the source pass and the clean one from a
+        plain clean pass (two passes a chunk; the mean and zero ablations need a patched pass
+        for the fully patched baseline: three)."""
         dev = self.model.device
         self._chunks = []
+        clean_ex, corrupt_ex = [], []
         for i in range(0, len(self.batch), self.batch_size):
             sub = self.batch.subset(slice(i, min(len(self.batch), i + self.batch_size))).to(dev)
             with torch.no_grad():
-                src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
+                if self.ablation == "patching":
+                    corrupt = check_pair(sub.clean, sub.corrupt)
+                    src, at = sender_activations_and_logits(self.model, self.graph, corrupt, sub.positions)
+                    corrupt_ex.append(sub.metric_at(at).cpu())
+                else:
+                    src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
+                clean_ex.append(sub.metric_at(logits_at(self.model, sub.clean, sub.positions, [])).cpu())
             self._chunks.append((sub, src))
-        base = self.per_example(torch.stack([self.graph.empty_mask(), self.graph.full_mask()]))
-        self.clean_ex, self.corrupt_ex = base[0], base[1]  # per-example metric [n]
+        self.clean_ex = torch.cat(clean_ex)  # per-example metric [n]
+        if self.ablation == "patching":
+            self.corrupt_ex = torch.cat(corrupt_ex)
+        else:
+            self.corrupt_ex = self.per_example(self.graph.full_mask()[None])[0]
         self.clean, self.corrupt = self.clean_ex.mean(), self.corrupt_ex.mean()
+
+    @classmethod
+    def joined(cls, batch: TaskBatch, parts: list["Evaluator"]) -> "Evaluator":
+        """The evaluator of ``batch`` from evaluators of its consecutive slices (the folds of
+        ``crossval.fold_evaluators``): their source runs and baselines, no new pass."""
+        if sum(len(ev.batch) for ev in parts) != len(batch) or len({(ev.ablation, ev.batch_size) for ev in parts}) > 1:
+            raise ValueError("joined evaluators must cover the batch in order, with one ablation and batch size")
+        ev = cls.__new__(cls)
+        ev.model, ev.graph, ev.batch = parts[0].model, parts[0].graph, batch
+        ev.ablation, ev.batch_size = parts[0].ablation, parts[0].batch_size
+        ev._chunks = [c for p in parts for c in p._chunks]
+        ev.clean_ex = torch.cat([p.clean_ex for p in parts])
+        ev.corrupt_ex = torch.cat([p.corrupt_ex for p in parts])
+        ev.clean, ev.corrupt = ev.clean_ex.mean(), ev.corrupt_ex.mean()
+        return ev
 
     @torch.no_grad()
     def per_example(self, masks: torch.Tensor, k_batch: int = 4, bar: PhaseHandle | None = None) -> torch.Tensor:
@@ -85,8 +121,8 @@ class Evaluator:
         for sub, src in self._chunks:
             for j in range(0, len(todo), k_batch):
                 ix = todo[j : j + k_batch]
-                logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[ix])
-                out[ix, i : i + len(sub)] = torch.stack([sub.per_example_metric(lg) for lg in logits]).cpu()
+                logits = run_with_edge_mask(self.model, self.graph, sub.clean, src, masks[ix], positions=sub.positions)
+                out[ix, i : i + len(sub)] = torch.stack([sub.metric_at(lg) for lg in logits]).cpu()
                 if bar is not None:
                     bar.advance()
             i += len(sub)

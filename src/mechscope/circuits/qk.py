@@ -25,9 +25,14 @@ query or key receiver:
    downstream (IG-averaged for EAP-IG). A key edge enters a KV head: its score sums over the
    query heads of the group.
 
-Cost: the products d_s . (W'_c rot^T k) are one batched GEMM per layer over (example,
-position) of [senders, d_model] x [d_model, heads * positions]; for short prompts (positions
-< d_head) that is cheaper than projecting every sender's delta through W_Q and W_K.
+Cost: the products d_s . (W'_c rot^T k) are batched GEMMs over (position, example) of
+[senders, d_model] x [d_model, heads * positions]; for short prompts (positions < d_head)
+that is cheaper than projecting every sender's delta through W_Q and W_K. A query row only
+sees the keys up to itself, so the rows go in about ``QK_BLOCKS`` blocks, each against the
+keys up to its end (about 9/16 of the square), and the softmax and readout work in
+place on the GEMM's output. The deltas come position first, [P, B, S, D], permuted once by
+the caller for all layers. Measured on 2 cores (session 14, 16 IOI prompts, 150 senders):
+1.34 s a layer before, about 0.5 s now, with the same effects to 5e-7.
 
 Nothing is assumed about the attention module: the rotary formula, the score scale and the
 pattern are checked against the model's own hooks on the first batch (pattern and z
@@ -50,6 +55,9 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 MAX_ELEMS = 48_000_000  # per chunk of examples: [examples, P, P, heads, d_model] readout tensors
+QK_BLOCKS = 8
+"""About this many blocks of query rows in the readout, each against the keys up to its end
+(2 cores, 150-290 senders: 8 beat 2, 4 and one row a block at 18 and 64 positions)."""
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -176,14 +184,19 @@ class QKExact:
         causal = torch.ones(P, P, dtype=torch.bool, device=s.device).triu(1)
         return s.masked_fill(causal, float("-inf"))
 
-    def effects(self, l: int, heads, x: torch.Tensor, delta: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def effects(self, l: int, heads, x: torch.Tensor, delta: torch.Tensor, steps: int,
+                positions_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact effects of every upstream sender's edge into layer ``l``'s queries and keys.
 
         x [B, P, D] the layer's residual input; delta [S, B, P, D] = src - clean of the S
-        upstream senders. Returns per-example effects (q [S, B, H], k [S, B, KV]).
+        upstream senders, or [P, B, S, D] with ``positions_first`` (the layout the products
+        use: a caller scoring every layer permutes once, not once per layer). Returns
+        per-example effects (q [S, B, H], k [S, B, KV]).
         """
         c = self.layers[l]
-        S, B, P, D = delta.shape
+        if not positions_first:
+            delta = delta.permute(2, 1, 0, 3)
+        P, B, S, D = delta.shape
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         G = H // KV
         scale = self.scale[l]
@@ -200,17 +213,23 @@ class QKExact:
         return eq, ek
 
     def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G):
-        S, B, P, D = d.shape
+        """Effects for the examples ``bs``; d [P, B, S, D] (position, example, sender, model).
+
+        Query position i only sees keys j <= i, so the products run over blocks of query
+        rows, each against the keys up to the block's end: about half the work of the square.
+        """
+        P, B, S, D = d.shape
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         if heads.kind == "ln":
             x = x - x.mean(-1, keepdim=True)
-            dc = d - d.mean(-1, keepdim=True)
+            dsq = torch.linalg.vector_norm(d, dim=-1).square() - d.sum(-1).square() / D  # |d_c|^2
         else:
-            dc = d
-        inv = torch.rsqrt(x.pow(2).mean(-1) + heads.eps)  # [B, P]
-        xd = torch.einsum("bpd,sbpd->sbp", x, d)  # x_c . d = x_c . d_c
-        inv2 = torch.rsqrt((x.pow(2).sum(-1)[None] + 2 * xd + dc.pow(2).sum(-1)) / D + heads.eps)  # [S, B, P]
-        dinv = inv2 - inv[None]
+            dsq = torch.linalg.vector_norm(d, dim=-1).square()
+        xt = x.transpose(0, 1)  # [P, B, D]
+        inv = torch.rsqrt(xt.pow(2).mean(-1) + heads.eps)  # [P, B]
+        xd = torch.matmul(d, xt[..., None])[..., 0]  # [P, B, S]: x_c . d = x_c . d_c
+        inv2 = torch.rsqrt((xt.pow(2).sum(-1)[..., None] + 2 * xd + dsq) / D + heads.eps)  # [P, B, S]
+        dinv = inv2 - inv[..., None]
         q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
         v = _need(c.v)[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
         ci: torch.Tensor | None
@@ -225,44 +244,63 @@ class QKExact:
         else:
             ci = si = None
         Wq, Wk = Wc[:H], Wc[H : H + KV]  # [H, D, e], [KV, D, e]
+        Wk_h = Wk.repeat_interleave(G, 0)  # [H, D, e]
         y0q = torch.einsum("bpd,hde->bphe", x, Wq)  # x_c W' (= x_c W'_c: x_c has zero mean)
         y0k = torch.einsum("bpd,gde->bpge", x, Wk)
         k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
         if ci is not None and si is not None:
             y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
-        # Query side. T[s,b,i,h,j] = d[s,b,i] . (Wq[h] rot_i^T k[b,j,h]).
-        u = k_h[:, None]  # [B, 1(i), P(j), H, e]
-        if ci is not None and si is not None:
-            u = rotate_t(u, ci[:, :, None], si[:, :, None])  # rot_i^T applied: [B, P(i), P(j), H, e]
-        else:
-            u = u.expand(-1, P, -1, -1, -1)
-        RQ = torch.einsum("bijhe,hde->bidjh", u, Wq).reshape(B * P, D, P * H)
-        T = torch.bmm(d.permute(1, 2, 0, 3).reshape(B * P, S, D), RQ).view(B, P, S, P, H)
-        T = T.permute(2, 0, 4, 1, 3)  # [S, B, H, i, j]
-        Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)  # [B, H, i, j]
-        dS_q = scale * (dinv[:, :, None, :, None] * Y[None]
-                        + inv2[:, :, None, :, None] * T)
-        # Key side. T[s,b,j,h,i] = d[s,b,j] . (Wk[g(h)] rot_j^T q[b,i,h]).
-        w = q_rot[:, None]  # [B, 1(j), P(i), H, e]
-        if ci is not None and si is not None:
-            w = rotate_t(w, ci[:, :, None], si[:, :, None])  # [B, P(j), P(i), H, e]
-        else:
-            w = w.expand(-1, P, -1, -1, -1)
-        Wk_h = Wk.repeat_interleave(G, 0)  # [H, D, e]
-        RK = torch.einsum("bjihe,hde->bjdih", w, Wk_h).reshape(B * P, D, P * H)
-        T = torch.bmm(d.permute(1, 2, 0, 3).reshape(B * P, S, D), RK).view(B, P, S, P, H)
-        T = T.permute(2, 0, 4, 3, 1)  # [S, B, H, i, j]
-        Yk = torch.einsum("bihe,bjhe->bhij", q_rot, y0k.repeat_interleave(G, 2))
-        dS_k = scale * (dinv[:, :, None, None, :] * Yk[None] + inv2[:, :, None, None, :] * T)
         S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j]
         A0 = torch.softmax(S0, -1)
         M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)  # [B, H, i, j]
-        out = []
-        for dS in (dS_q, dS_k):
-            dA = torch.softmax(S0[None] + dS, -1) - A0[None]
-            out.append(torch.einsum("sbhij,bhij->sbh", torch.nan_to_num(dA), M))
-        eq, ek_h = out
-        return eq, ek_h.view(S, B, KV, G).sum(-1)
+        Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)
+        Yk = torch.einsum("bihe,bjhe->bhij", q_rot, y0k.repeat_interleave(G, 2))
+        # Per-position rotation, position first: [P, B, 1, 1, e] (identity without rotary).
+        rc = ci.permute(1, 0, 2, 3)[:, :, :, None] if ci is not None else None
+        rs = si.permute(1, 0, 2, 3)[:, :, :, None] if si is not None else None
+        kt = k_h.permute(0, 2, 1, 3)  # [B, H, j, e]
+        qt = q_rot.permute(0, 2, 1, 3)  # [B, H, i, e]
+        # Pattern tensors as [i, b, 1, h, j] (query side) and [j, b, 1, h, i] (key side).
+        iq = [t.permute(2, 0, 1, 3)[:, :, None] for t in (Y, S0, A0, M)]
+        ik = [t.permute(3, 0, 1, 2)[:, :, None] for t in (Yk, S0, A0, M)]
+        eq = torch.zeros(B, S, H, device=x.device)
+        ek = torch.zeros(B, S, H, device=x.device)
+        rows = max(1, P // QK_BLOCKS)
+        for i0 in range(0, P, rows):
+            i1 = min(P, i0 + rows)
+            bi = i1 - i0
+            # Query rows i0:i1 against keys :i1. T[i, b, s, h, j] = d[i,b,s] . (Wq[h] rot_i^T k[b,j,h]).
+            u = kt[None, :, :, :i1]  # [1, B, H, j, e]
+            u = rotate_t(u, rc[i0:i1], rs[i0:i1]) if rc is not None and rs is not None else u.expand(bi, -1, -1, -1, -1)
+            T = self._readout(d[i0:i1], u, Wq)  # [bi, B, S, H, i1]
+            eq += self._side(T, inv2[i0:i1], dinv[i0:i1], *(t[i0:i1, ..., :i1] for t in iq), scale, dim=-1)
+            # Keys :i1 for the same rows. T[j, b, s, h, i] = d[j,b,s] . (Wk[g(h)] rot_j^T q[b,i,h]).
+            w = qt[None, :, :, i0:i1]  # [1, B, H, i, e]
+            w = rotate_t(w, rc[:i1], rs[:i1]) if rc is not None and rs is not None else w.expand(i1, -1, -1, -1, -1)
+            T = self._readout(d[:i1], w, Wk_h)  # [i1, B, S, H, bi]
+            ek += self._side(T, inv2[:i1], dinv[:i1], *(t[:i1, ..., i0:i1] for t in ik), scale, dim=0)
+        return eq.permute(1, 0, 2), ek.permute(1, 0, 2).reshape(S, B, KV, G).sum(-1)
+
+    @staticmethod
+    def _readout(d: torch.Tensor, u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """T[p, b, s, h, n] = d[p, b, s] . (W[h] u[p, b, h, n]): d [R, B, S, D], u [R, B, H, N, e], W [H, D, e]."""
+        R, B, S, D = d.shape
+        H, N, e = u.shape[2], u.shape[3], u.shape[4]
+        Rm = torch.matmul(u.permute(2, 0, 1, 3, 4).reshape(H, R * B * N, e), W.transpose(1, 2))  # [H, R B N, D]
+        Rm = Rm.view(H, R * B, N, D).transpose(0, 1).reshape(R * B, H * N, D)
+        return torch.bmm(d.reshape(R * B, S, D), Rm.transpose(1, 2)).view(R, B, S, H, N)
+
+    @staticmethod
+    def _side(T, inv2, dinv, Y, S0, A0, M, scale: float, dim: int) -> torch.Tensor:
+        """sum (softmax(S0 + dS) - A0) M over the pattern, dS = scale (dinv Y + inv2 T), in place on T.
+
+        T [P1, B, S, H, P2] with the changed position first; inv2, dinv [P1, B, S]; Y, S0,
+        A0, M broadcast to T; ``dim`` is the key axis of the softmax. Returns [B, S, H].
+        """
+        T.mul_(inv2[..., None, None]).addcmul_(dinv[..., None, None], Y).mul_(scale).add_(S0)
+        A = torch.softmax(T, dim)
+        A.sub_(A0).nan_to_num_().mul_(M)
+        return A.sum((0, 4))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:

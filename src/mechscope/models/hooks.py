@@ -8,8 +8,8 @@ Every hook name mechscope uses comes from a function or constant here, so the st
   hooks ``blocks.L.attn.hook_{site}`` (``q``, ``k``, ``v``, ``rot_q``, ``rot_k``, ``cos``,
   ``sin``, ``attn_scores``, ``pattern``, ``z``, ``result``), the norms'
   ``blocks.L.ln{1,2}.hook_normalized`` and the MLP neurons ``blocks.L.mlp.hook_post``;
-- outside the blocks: ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_in`` and
-  ``ln_final.hook_out``.
+- outside the blocks: ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_in``,
+  ``ln_final.hook_out`` and ``unembed.hook_in``.
 
 ``parse_hook`` is the inverse (layer and the rest of the name); ``check_hook_name`` is the
 user-facing check that a model has a hook of a given name.
@@ -37,6 +37,9 @@ FINAL_NORM_IN = "ln_final.hook_in"
 """The residual stream after the last block, before the final norm [batch, pos, d_model]."""
 FINAL_NORM_OUT = "ln_final.hook_out"
 """The final norm's output [batch, pos, d_model]."""
+UNEMBED_IN = "unembed.hook_in"
+"""The unembedding's input [batch, pos, d_model]; a hook that returns fewer positions makes the
+model compute logits at those only (``patching.logits_at``)."""
 
 _BLOCKS = "blocks."
 # Sites that exist only while the bridge's split q/k/v inputs or per-head results are on.

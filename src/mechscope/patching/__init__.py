@@ -3,6 +3,7 @@ interchange interventions at (site, position) from a counterfactual input."""
 
 from mechscope.patching.engine import (
     Ablation,
+    logits_at,
     receiver_hooks,
     run_suffix_with_edge_mask,
     run_with_edge_mask,
@@ -21,6 +22,7 @@ __all__ = [
     "interchange_accuracy",
     "patched_logits",
     "Ablation",
+    "logits_at",
     "receiver_hooks",
     "run_with_edge_mask",
     "run_suffix_with_edge_mask",

@@ -29,6 +29,7 @@ from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.models.hooks import (
     FINAL_NORM_IN,
+    UNEMBED_IN,
     attn_result,
     attn_z,
     k_input,
@@ -126,6 +127,16 @@ def sender_activations(model: Model, graph: Graph, tokens: torch.Tensor) -> torc
     return out
 
 
+def sender_activations_and_logits(model: Model, graph: Graph, tokens: torch.Tensor, positions: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sender_activations`` of ``tokens`` and, from the same pass, their logits at
+    ``positions`` [batch, k] -> ([n_senders, batch, pos, d_model], [batch, k, d_vocab])."""
+    B, P = tokens.shape
+    out = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=model.device)
+    logits = logits_at(model, tokens.to(model.device), positions, capture_hooks(model, graph, out))
+    return out, logits
+
+
 def mean_weights(shape: tuple[int, ...], lengths: torch.Tensor | None, device) -> torch.Tensor:
     """[B, P] weights of a per-position mean over the batch, padding (past ``lengths``) excluded."""
     B, P = shape
@@ -134,6 +145,19 @@ def mean_weights(shape: tuple[int, ...], lengths: torch.Tensor | None, device) -
     else:
         valid = (torch.arange(P, device=device)[None] < lengths.to(device)[:, None]).float()
     return valid / valid.sum(0, keepdim=True).clamp(min=1)
+
+
+def check_pair(clean: torch.Tensor, corrupt: torch.Tensor | None) -> torch.Tensor:
+    """The corrupt tokens of a patching run, refused in one sentence when missing or of
+    another shape than ``clean``."""
+    if corrupt is None:
+        raise MechscopeError("Patching ablation needs corrupted prompts; use --ablation mean or zero.")
+    if corrupt.shape != clean.shape:
+        raise MechscopeError(
+            f"Clean and corrupt tokens differ in shape ({tuple(clean.shape)} vs {tuple(corrupt.shape)}); "
+            "every corrupted prompt must have as many tokens as its clean prompt."
+        )
+    return corrupt
 
 
 def source_activations(
@@ -146,14 +170,7 @@ def source_activations(
     outputs over the batch (padding excluded when ``lengths`` is given); ``zero``: zeros.
     """
     if ablation == "patching":
-        if corrupt is None:
-            raise MechscopeError("Patching ablation needs corrupted prompts; use --ablation mean or zero.")
-        if corrupt.shape != clean.shape:
-            raise MechscopeError(
-                f"Clean and corrupt tokens differ in shape ({tuple(clean.shape)} vs {tuple(corrupt.shape)}); "
-                "every corrupted prompt must have as many tokens as its clean prompt."
-            )
-        return sender_activations(model, graph, corrupt)
+        return sender_activations(model, graph, check_pair(clean, corrupt))
     if ablation == "mean":
         acts = sender_activations(model, graph, clean)  # [S, B, P, D]
         w = mean_weights(clean.shape, lengths, acts.device)
@@ -338,6 +355,32 @@ def _patch_hooks(graph: Graph, state: "_EdgePatch", n_below: int = 0, first: int
     return hooks
 
 
+def logits_at(model: Model, tokens: torch.Tensor, positions: torch.Tensor, fwd_hooks: list) -> torch.Tensor:
+    """Logits [N, k, d_vocab] of ``tokens`` [N, pos] at ``positions`` [N or B, k] (repeated
+    when N is a multiple B), run under ``fwd_hooks``.
+
+    The unembedding, a fifth of a small model's forward FLOPs at vocabularies of 50k, runs at
+    those positions only: a hook at ``unembed.hook_in`` hands it just their rows. A model
+    without that hook computes every position and the rows are picked afterwards (same values).
+    """
+    N = tokens.shape[0]
+    pos = positions.to(tokens.device)
+    if pos.shape[0] != N:
+        pos = pos.repeat(N // pos.shape[0], 1)
+    rows = torch.arange(N, device=tokens.device)[:, None]
+    picked = []
+
+    def pick(x, hook):
+        picked.append(True)
+        return x[rows, pos]
+
+    hooks = list(fwd_hooks)
+    if UNEMBED_IN in model.bridge.hook_dict:
+        hooks.append((UNEMBED_IN, pick))
+    logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+    return logits if picked else logits[rows, pos]
+
+
 def run_with_edge_mask(
     model: Model,
     graph: Graph,
@@ -345,6 +388,7 @@ def run_with_edge_mask(
     source: torch.Tensor,
     mask: torch.Tensor,
     extra_hooks: list | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits with the masked edges patched from ``source``.
 
@@ -352,17 +396,22 @@ def run_with_edge_mask(
         tokens: [batch, pos] token ids.
         source: [n_senders, batch or 1, pos, d_model] patch values (``source_activations``).
         mask: [n_senders, n_receivers] or [K, n_senders, n_receivers]; 1 = patch the edge.
+        positions: [batch, k]: compute the logits at these positions only (``logits_at``).
     Returns:
-        logits [batch, pos, d_vocab], or [K, batch, pos, d_vocab] for a stacked mask.
+        logits [batch, pos, d_vocab], or [K, batch, pos, d_vocab] for a stacked mask (pos = k
+        with ``positions``).
     """
     single = mask.dim() == 2
     masks = _masks(model, graph, mask)
-    K, (B, P) = masks.shape[0], tokens.shape
+    K, B = masks.shape[0], tokens.shape[0]
     state = _EdgePatch(graph, masks, source.to(model.device), K, B)
-    hooks = _patch_hooks(graph, state)
+    hooks = _patch_hooks(graph, state) + list(extra_hooks or [])
     toks = tokens.to(model.device).repeat(K, 1)
-    logits = model.bridge.run_with_hooks(toks, fwd_hooks=hooks + list(extra_hooks or []))
-    logits = logits.view(K, B, P, -1)
+    if positions is None:
+        logits = model.bridge.run_with_hooks(toks, fwd_hooks=hooks)
+    else:
+        logits = logits_at(model, toks, positions, hooks)
+    logits = logits.view(K, B, logits.shape[1], -1)
     return logits[0] if single else logits
 
 

@@ -104,7 +104,11 @@ class TaskBatch:
     def per_example_metric(self, logits: torch.Tensor) -> torch.Tensor:
         """Metric per example [batch] from logits [batch, pos, d_vocab]."""
         b = torch.arange(logits.shape[0], device=logits.device)[:, None]
-        at = logits[b, self.positions]  # [batch, k, d_vocab]
+        return self.metric_at(logits[b, self.positions])
+
+    def metric_at(self, at: torch.Tensor) -> torch.Tensor:
+        """Metric per example [batch] from the logits at the scored positions only [batch, k,
+        d_vocab] (``patching.logits_at`` makes the model compute no others)."""
         if self.metric_name == "logit_diff":
             good = at.gather(-1, self.answers[..., None])[..., 0]
             bad = at.gather(-1, self.wrongs[..., None])[..., 0]
