@@ -273,12 +273,12 @@ class QKExact:
             u = kt[None, :, :, :i1]  # [1, B, H, j, e]
             u = rotate_t(u, rc[i0:i1], rs[i0:i1]) if rc is not None and rs is not None else u.expand(bi, -1, -1, -1, -1)
             T = self._readout(d[i0:i1], u, Wq)  # [bi, B, S, H, i1]
-            eq += self._side(T, inv2[i0:i1], dinv[i0:i1], *(t[i0:i1, ..., :i1] for t in iq), scale, dim=-1)
+            eq += self._side(T, inv2[i0:i1], dinv[i0:i1], tuple(t[i0:i1, ..., :i1] for t in iq), scale, dim=-1)
             # Keys :i1 for the same rows. T[j, b, s, h, i] = d[j,b,s] . (Wk[g(h)] rot_j^T q[b,i,h]).
             w = qt[None, :, :, i0:i1]  # [1, B, H, i, e]
             w = rotate_t(w, rc[:i1], rs[:i1]) if rc is not None and rs is not None else w.expand(i1, -1, -1, -1, -1)
             T = self._readout(d[:i1], w, Wk_h)  # [i1, B, S, H, bi]
-            ek += self._side(T, inv2[:i1], dinv[:i1], *(t[:i1, ..., i0:i1] for t in ik), scale, dim=0)
+            ek += self._side(T, inv2[:i1], dinv[:i1], tuple(t[:i1, ..., i0:i1] for t in ik), scale, dim=0)
         return eq.permute(1, 0, 2), ek.permute(1, 0, 2).reshape(S, B, KV, G).sum(-1)
 
     @staticmethod
@@ -291,12 +291,15 @@ class QKExact:
         return torch.bmm(d.reshape(R * B, S, D), Rm.transpose(1, 2)).view(R, B, S, H, N)
 
     @staticmethod
-    def _side(T, inv2, dinv, Y, S0, A0, M, scale: float, dim: int) -> torch.Tensor:
+    def _side(T: torch.Tensor, inv2: torch.Tensor, dinv: torch.Tensor, pattern: tuple[torch.Tensor, ...],
+              scale: float, dim: int) -> torch.Tensor:
         """sum (softmax(S0 + dS) - A0) M over the pattern, dS = scale (dinv Y + inv2 T), in place on T.
 
-        T [P1, B, S, H, P2] with the changed position first; inv2, dinv [P1, B, S]; Y, S0,
-        A0, M broadcast to T; ``dim`` is the key axis of the softmax. Returns [B, S, H].
+        T [P1, B, S, H, P2] with the changed position first; inv2, dinv [P1, B, S];
+        ``pattern`` = (Y, S0, A0, M), each broadcast to T; ``dim`` is the key axis of the
+        softmax. Returns [B, S, H].
         """
+        Y, S0, A0, M = pattern
         T.mul_(inv2[..., None, None]).addcmul_(dinv[..., None, None], Y).mul_(scale).add_(S0)
         A = torch.softmax(T, dim)
         A.sub_(A0).nan_to_num_().mul_(M)
