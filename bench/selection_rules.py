@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--task", default="ioi")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n", type=int, default=None)
-    ap.add_argument("--held-out", type=float, default=0.5, help="fraction of the pairs held out (discover's held_out)")
+    ap.add_argument("--held-out", type=float, default=None, help="fraction of the pairs held out (default: discover's)")
     ap.add_argument("--json", default=None, help="also write every curve to this file")
     args = ap.parse_args()
     model = load_model()

@@ -30,7 +30,9 @@ def _python(code: str) -> str:
     ({"rank": "up"}, "Unknown ranking 'up'; choose auto, signed or abs."),
     ({"method": "acdc", "acdc_metric": "kld"}, "Unknown ACDC metric 'kld'; choose kl or task."),
     ({"acdc_metric": "task"}, "--metric applies to ACDC only; eap-ig always attributes the task's own metric."),
-    ({"n": 3}, "--n 3 is too small: at least 4 pairs are needed (half are held out)."),
+    ({"n": 3}, "--n 3 is too small: at least 4 pairs are needed (some score, some are held out)."),
+    ({"held_out": 1.0}, "--held-out 1.0 is out of range: give the share of pairs held out, between 0 and 1 (e.g. 0.25)."),
+    ({"held_out": 0.0}, "--held-out 0.0 is out of range: give the share of pairs held out, between 0 and 1 (e.g. 0.25)."),
     ({"qk": "fast"}, "Unknown --qk 'fast'; choose exact or linear."),
     ({"folds": 0}, "--folds must be at least 1, got 0."),
 ])
@@ -85,9 +87,11 @@ def test_cli_option_defaults_are_the_config_defaults():
 
     params = {p.name: p.default for p in typer.main.get_command(app).commands["discover"].params}
     d = DiscoverConfig()
-    assert (params["n"], params["method"], params["metric"], params["folds"]) == (None, d.method, d.acdc_metric, d.folds)
-    # the number of pairs is resolved by the method: 100 by attribution, 50 for ACDC
-    assert (d.n, DiscoverConfig(method="acdc").n, DiscoverConfig(method="eap", n=30).n) == (100, 50, 30)
+    assert (params["n"], params["held_out"], params["method"], params["metric"], params["folds"]) == (
+        None, None, d.method, d.acdc_metric, d.folds)
+    # the number of pairs and the held-out share are resolved by the method
+    assert (d.n, DiscoverConfig(method="acdc").n, DiscoverConfig(method="eap", n=30).n) == (200, 50, 30)
+    assert (d.held_out, DiscoverConfig(method="acdc").held_out, DiscoverConfig(held_out=0.4).held_out) == (0.25, 0.5, 0.4)
 
 
 def test_vision_cli_defaults_are_the_config_defaults():

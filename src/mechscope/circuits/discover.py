@@ -123,6 +123,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     perf = check_task_performance(model, batch)
+    assert cfg.held_out is not None  # resolved by DiscoverConfig.__post_init__
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
     p = as_progress(progress)
     say = p.note

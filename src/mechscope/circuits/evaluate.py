@@ -196,7 +196,7 @@ def faithfulness_curve(
     """
     g = ev.graph
     circuits = [prune(g, top_k(g, ranking, k, False)) if do_prune else top_k(g, ranking, k, False) for k in sizes]
-    total = ev.passes(len(sizes)) + len(sizes) * ev.passes(random_seeds)
+    total = ev.passes(len(sizes)) + ev.passes(len(sizes) * random_seeds)
     with as_progress(progress).phase("faithfulness curve (top-k and random circuits)", total=total, unit="pass") as bar:
         faith = ev.faithfulness(torch.stack(circuits), bar)
         rand = random_baseline(ev, sizes, random_seeds, bar=bar)
@@ -213,18 +213,13 @@ def faithfulness_curve(
 
 
 def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2, bar: PhaseHandle | None = None) -> list[float]:
-    """Mean faithfulness of circuits of k uniformly random edges (no pruning); ``bar`` advances
-    ``len(sizes) * ev.passes(seeds)`` times."""
+    """Mean faithfulness of circuits of k uniformly random edges (no pruning), for each k in
+    ``sizes``; all sizes' circuits go in one stack, so the evaluator batches them across sizes
+    (``bar`` advances ``ev.passes(len(sizes) * seeds)`` times)."""
     g = ev.graph
-    out = []
-    for k in sizes:
-        cs = []
-        for s in range(seeds):
-            gen = torch.Generator().manual_seed(1000 + s)
-            rnd = torch.rand(g.n_senders, g.n_receivers, generator=gen)
-            cs.append(top_k(g, rnd, k, absolute=False))
-        out.append(float(ev.faithfulness(torch.stack(cs), bar).mean()))
-    return out
+    rnd = [torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1000 + s)) for s in range(seeds)]
+    cs = torch.stack([top_k(g, r, k, absolute=False) for k in sizes for r in rnd])
+    return ev.faithfulness(cs, bar).view(len(sizes), seeds).mean(1).tolist()
 
 
 def cpr_cmd(curve: list[dict]) -> tuple[float, float]:
@@ -297,7 +292,7 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     st, d = res.settings, DiscoverConfig
     seed = st.get("seed", d.seed)
     batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n or st.get("n", d.n), seed=seed)
-    _, test = batch.split(st.get("held_out", d.held_out), seed=seed)
+    _, test = batch.split(st.get("held_out") or 0.5, seed=seed)  # runs before session 14 held out half
     p = as_progress(progress)
     p.note(f"evaluating the circuit on {len(test)} held-out pairs")
     ev = Evaluator(model, g, test, st.get("ablation", d.ablation))

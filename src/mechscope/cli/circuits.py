@@ -31,7 +31,9 @@ def discover(
     task: str = typer.Option(DiscoverConfig.task, "--task", "-t", help="Task name or .jsonl file of pairs."),
     method: str = typer.Option(DiscoverConfig.method, "--method", help="eap, eap-ig (IG on inputs), eap-ig-act (IG on each layer's activations; slower) or acdc."),
     model: Optional[str] = ModelOpt,
-    n: Optional[int] = typer.Option(DiscoverConfig.n, "--n", help="Pairs in all; half score, half are held out (default: 100; ACDC 50)."),
+    n: Optional[int] = typer.Option(DiscoverConfig.n, "--n", help="Pairs in all (default: 200; ACDC 50)."),
+    held_out: Optional[float] = typer.Option(DiscoverConfig.held_out, "--held-out", help="Share of the pairs held out for the "
+                                             "reported figures (default: 0.25; ACDC 0.5)."),
     ablation: str = typer.Option(DiscoverConfig.ablation, "--ablation", help="patching (from corrupt), mean or zero."),
     level: str = typer.Option(DiscoverConfig.level, "--level", help="edge or node (heads and MLPs as units)."),
     edges: Optional[int] = typer.Option(DiscoverConfig.edges, "--edges", help="Keep this many edges (nodes at node level)."),
@@ -61,7 +63,7 @@ def discover(
     from mechscope.report.circuit import write_circuit
     from mechscope.tasks import get_task
 
-    cfg = DiscoverConfig(task=task, method=method, n=n, ablation=ablation, level=level, edges=edges,
+    cfg = DiscoverConfig(task=task, method=method, n=n, held_out=held_out, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
                          acdc_metric=metric, folds=folds, qk=qk, labels=labels, pool=pool)  # checks the settings
     check_seeds(cfg, seeds)
