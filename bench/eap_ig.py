@@ -27,20 +27,18 @@ from mechscope.tasks import get_task
 
 
 def floor(hf, batch, steps: int) -> None:
-    """The floor's logits are computed at the scored positions only (``logits_to_keep``), as
-    mechscope's passes do (``patching.logits_at``)."""
-    emb = hf.get_input_embeddings()
+    """The floor unembeds each example at its scored positions only, as mechscope's passes do
+    (``patching.logits_at``); its source run computes no logits at all."""
+    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
     for p in hf.parameters():
         p.requires_grad_(False)
-    keep = torch.unique(batch.positions)
-    at = torch.searchsorted(keep, batch.positions)
     rows = torch.arange(len(batch))[:, None]
     with torch.no_grad():
-        hf(input_ids=batch.corrupt)  # the source run
+        hf.base_model(input_ids=batch.corrupt)  # the source run
     for _ in range(steps):
         x = emb(batch.clean).detach().requires_grad_(True)
-        logits = hf(inputs_embeds=x, logits_to_keep=keep).logits
-        metric = batch.metric_at(logits[rows, at]).sum()
+        hidden = hf.base_model(inputs_embeds=x)[0]  # after the final norm
+        metric = batch.metric_at(head(hidden[rows, batch.positions])).sum()
         torch.autograd.grad(metric, [x])
 
 

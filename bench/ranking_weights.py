@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--task", default="ioi")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--n", type=int, default=None)
+    ap.add_argument("--held-out", type=float, default=None, help="share held out (default: discover's; the session-12 figures: --n 100 --held-out 0.5)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     model = load_model()
@@ -99,7 +100,7 @@ def main() -> None:
     )
     rows = []
     for s in (int(x) for x in args.seeds.split(",")):
-        r = one_seed(model, graph, DiscoverConfig(task=args.task, n=args.n, seed=s, labels=False))
+        r = one_seed(model, graph, DiscoverConfig(task=args.task, n=args.n, held_out=args.held_out, seed=s, labels=False))
         rows.append(r)
         print(
             f"seed {s} ({r['seconds']:.0f} s, {r['n_valid']} of {r['n']} scoring pairs with gap > 0): "

@@ -2,7 +2,7 @@
 
 For each seed (a new draw of pairs, as ``mechscope discover --task T --seed S`` makes it, with
 the discovery's defaults otherwise) this computes once: the per-fold EAP-IG scores of the
-scoring half, the whole cross-validated curve over the size grid (each scoring pair judged by
+scoring pairs, the whole cross-validated curve over the size grid (each scoring pair judged by
 the circuit ranked without its fold), and the held-out faithfulness of the top-k circuit at
 every grid size. Each size rule then picks a size from the cross-validated curve alone, and
 the script prints the held-out faithfulness at that size, so rules are compared on identical

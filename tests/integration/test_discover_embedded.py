@@ -13,7 +13,7 @@ pytestmark = pytest.mark.embedded
 
 @pytest.fixture(scope="module")
 def ioi_run(embedded):
-    cfg = DiscoverConfig(task="ioi", method="eap-ig", n=16, ig_steps=2, edges=4000, random_seeds=1)
+    cfg = DiscoverConfig(task="ioi", method="eap-ig", n=16, held_out=0.5, ig_steps=2, edges=4000, random_seeds=1)
     return discover(embedded, cfg, progress=False)
 
 

@@ -32,6 +32,7 @@ def _python(code: str) -> str:
     ({"acdc_metric": "task"}, "--metric applies to ACDC only; eap-ig always attributes the task's own metric."),
     ({"n": 3}, "--n 3 is too small: at least 4 pairs are needed (some score, some are held out)."),
     ({"held_out": 1.0}, "--held-out 1.0 is out of range: give the share of pairs held out, between 0 and 1 (e.g. 0.25)."),
+    ({"n": 4, "held_out": 0.9}, "--held-out 0.9 of --n 4 pairs leaves 0 to score the edges; hold out a smaller share or give more pairs."),
     ({"held_out": 0.0}, "--held-out 0.0 is out of range: give the share of pairs held out, between 0 and 1 (e.g. 0.25)."),
     ({"qk": "fast"}, "Unknown --qk 'fast'; choose exact or linear."),
     ({"folds": 0}, "--folds must be at least 1, got 0."),

@@ -71,7 +71,7 @@ def test_hook_builders_give_transformer_lens_names_and_parse_back(tiny_llama):
         hooks.attn_result(2): "blocks.2.attn.hook_result", hooks.attn_pattern(0): "blocks.0.attn.hook_pattern",
         hooks.attn_scores(0): "blocks.0.attn.hook_attn_scores", hooks.attn_hook(0, "rot_q"): "blocks.0.attn.hook_rot_q",
         hooks.ln_normalized(1, 2): "blocks.1.ln2.hook_normalized", hooks.EMBED: "hook_embed",
-        hooks.FINAL_NORM_IN: "ln_final.hook_in", hooks.FINAL_NORM_OUT: "ln_final.hook_out",
+        hooks.FINAL_NORM_IN: "ln_final.hook_in", hooks.FINAL_NORM_OUT: "ln_final.hook_out", hooks.UNEMBED_IN: "unembed.hook_in",
         hooks.resid_into(1, 3): "blocks.1.hook_resid_pre", hooks.resid_into(3, 3): "ln_final.hook_in",
     }
     for name, expected in built.items():

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from mechscope.graph import build_graph
+from mechscope.models.hooks import UNEMBED_IN
 from mechscope.patching import logits_at, run_with_edge_mask, run_with_node_mask, source_activations
 
 TOL = 1e-4  # float32 re-association across ~10 additions of O(1) activations
@@ -105,7 +106,7 @@ def test_logits_at_positions_equal_the_full_run_there(tiny_model):
     for k in range(2):
         assert torch.allclose(at[k], full[k][rows, pos], atol=TOL)
     seen = []
-    out = logits_at(m, clean, pos, [("unembed.hook_in", lambda x, hook: seen.append(x.shape) or x)])
+    out = logits_at(m, clean, pos, [(UNEMBED_IN, lambda x, hook: seen.append(x.shape) or x)])
     assert seen[0][1] == clean.shape[1] and out.shape[1] == 2  # the caller's hook sees every row; ours runs after
     assert torch.allclose(out, m(clean)[rows, pos], atol=TOL)
     no_hook = SimpleNamespace(bridge=SimpleNamespace(hook_dict={}, run_with_hooks=m.bridge.run_with_hooks))

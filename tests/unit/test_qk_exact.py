@@ -28,8 +28,18 @@ from mechscope.tasks.base import TaskBatch
 
 
 @pytest.mark.slow
-def test_exact_qk_effects_equal_patched_head_output(tiny_model):
-    m, g, b = tiny_model, build_graph(tiny_model), _batch(B=3, P=7)
+@pytest.mark.parametrize("layout", ["one row a block", "blocks, position first, one example a chunk"])
+def test_exact_qk_effects_equal_patched_head_output(tiny_model, layout, monkeypatch):
+    """Both layouts: [S, B, P, D] deltas with one query row a block (7 positions); and the
+    caller's position-first view sliced to the upstream senders, with 19 positions in blocks of
+    three rows (a short last block) and one example per chunk."""
+    import mechscope.circuits.qk as qk
+
+    P = 7 if layout == "one row a block" else 19
+    if P == 19:
+        monkeypatch.setattr(qk, "QK_BLOCKS", 7)  # ceil(19 / 7) = 3 rows a block, the last one short
+        monkeypatch.setattr(qk, "MAX_ELEMS", 1)  # chunks of one example
+    m, g, b = tiny_model, build_graph(tiny_model), _batch(B=3, P=P)
     l = g.n_layers - 1
     resid = {}
 
@@ -49,7 +59,11 @@ def test_exact_qk_effects_equal_patched_head_output(tiny_model):
         src = source_activations(m, g, b.clean, b.corrupt, "patching")
         delta = src - sender_activations(m, g, b.clean)
         up = g.sender_slice_before(l)
-        eq, ek = ex.effects(l, heads, resid["x"], delta[:up], steps=1)
+        if P == 7:
+            eq, ek = ex.effects(l, heads, resid["x"], delta[:up], steps=1)
+        else:  # as attribution._accumulate passes it: the whole [P, B, S, D] permuted once, then sliced
+            eq, ek = ex.effects(l, heads, resid["x"], delta.permute(2, 1, 0, 3).contiguous()[:, :, :up], steps=1,
+                                positions_first=True)
     rs = g.receiver_slices(l)
     H, KV = g.n_heads, g.n_kv_heads
     grab = {}

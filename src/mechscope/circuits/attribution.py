@@ -453,11 +453,12 @@ def _accumulate(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m
     if not exact_layers:
         return
     assert exact is not None  # exact_layers is only filled when it is given
-    positions_first = delta.permute(2, 1, 0, 3).contiguous()  # [P, B, S, D]: once for every layer
-    del delta, clean_acts
+    top = max(graph.sender_slice_before(l) for l in exact_layers)
+    pbsd = delta[:top].permute(2, 1, 0, 3).contiguous()  # [P, B, S, D]: once for every layer
+    del delta, clean_acts, acc
     for l in exact_layers:
         rs, up = graph.receiver_slices(l), graph.sender_slice_before(l)
-        eq, ek = exact.effects(l, heads[l], resid[l], positions_first[:, :, :up], m, positions_first=True)  # [S, B, H], [S, B, KV]
+        eq, ek = exact.effects(l, heads[l], resid[l], pbsd[:, :, :up], m, positions_first=True)  # [S, B, H], [S, B, KV]
         for f, e0, e1 in parts:
             scores[f, :up, rs["q"]] += eq[:, e0:e1].sum(1)
             scores[f, :up, rs["k"]] += ek[:, e0:e1].sum(1)

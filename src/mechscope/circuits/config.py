@@ -34,7 +34,7 @@ PAIRS = 200
 """Default pairs of a run by attribution: 150 score, 50 are held out (``HELD_OUT``). With 25 + 25
 (the default until session 10) the held-out figure of IOI's chosen circuit ranged 0.72-1.27 over
 five draws and two missed the target; with 50 + 50 (sessions 10-13) still two of five missed
-(0.72, 0.74); with 150 + 50 all five hold 0.82-1.26 at 1.3-2% of the edges (docs/decisions.md,
+(0.72, 0.74); with 150 + 50 all five hold 0.82-1.26 at 1.5-2% of the edges (docs/decisions.md,
 "150 scoring pairs")."""
 HELD_OUT = 0.25
 """Default share of the pairs held out by the attribution methods (ACDC: half)."""
@@ -120,6 +120,10 @@ class DiscoverConfig:
                                  "between 0 and 1 (e.g. 0.25).")
         if self.n < MIN_PAIRS:
             raise MechscopeError(f"--n {self.n} is too small: at least {MIN_PAIRS} pairs are needed (some score, some are held out).")
+        n_test = max(1, int(round(self.n * self.held_out)))  # as TaskBatch.split draws it
+        if self.n - n_test < 2:
+            raise MechscopeError(f"--held-out {self.held_out} of --n {self.n} pairs leaves {self.n - n_test} to score the "
+                                 "edges; hold out a smaller share or give more pairs.")
         if self.qk not in QK_MODES:
             raise MechscopeError(f"Unknown --qk '{self.qk}'; choose exact or linear.")
         if self.random_seeds < 1 or self.curve_random_seeds < 1:

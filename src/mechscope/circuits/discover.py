@@ -1,13 +1,14 @@
-"""The main job: score edges on one half of the pairs, choose a circuit, evaluate it on the other.
+"""The main job: score edges on most of the pairs, choose a circuit, evaluate it on the rest.
 
 1. Build the task's pairs and check the model actually does the task (a circuit for a
    behaviour the model lacks is meaningless).
-2. Split the pairs: the scoring half feeds the method, the held-out half every reported figure.
+2. Split the pairs (``held_out``: a quarter by default, half for ACDC): the scoring pairs feed
+   the method, the held-out pairs every reported figure.
 3. Score edges (EAP, EAP-IG) or prune them (ACDC); at node level, heads and MLPs are the units.
 4. Choose the circuit: top-K edges, a score threshold, or (the default) the smallest size
-   whose *cross-validated* faithfulness inside the scoring half reaches the target
+   whose *cross-validated* faithfulness inside the scoring pairs reaches the target
    (``circuits.crossval``: ranked without a fold, judged on it), then prune edges off
-   input -> logits paths. The held-out half is never looked at for any choice.
+   input -> logits paths. The held-out pairs are never looked at for any choice.
 5. Evaluate: faithfulness on the scoring pairs (in sample), the cross-validated estimate, and
    on the held-out pairs with a bootstrap interval over pairs; the held-out curve over sizes
    with a random baseline, CPR and CMD; attention patterns and roles of the circuit's heads.

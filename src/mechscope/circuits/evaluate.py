@@ -95,9 +95,11 @@ class Evaluator:
     @classmethod
     def joined(cls, batch: TaskBatch, parts: list["Evaluator"]) -> "Evaluator":
         """The evaluator of ``batch`` from evaluators of its consecutive slices (the folds of
-        ``crossval.fold_evaluators``): their source runs and baselines, no new pass."""
-        if sum(len(ev.batch) for ev in parts) != len(batch) or len({(ev.ablation, ev.batch_size) for ev in parts}) > 1:
-            raise ValueError("joined evaluators must cover the batch in order, with one ablation and batch size")
+        ``crossval.fold_evaluators``): their source runs and baselines, no new pass. With mean
+        ablation the means stay those of each part's chunks (as they are per chunk anyway)."""
+        same = len({(ev.ablation, ev.batch_size, id(ev.model), id(ev.graph)) for ev in parts}) == 1
+        if not parts or not same or sum(len(ev.batch) for ev in parts) != len(batch):
+            raise ValueError("joined evaluators must cover the batch in order, with one model, graph, ablation and batch size")
         ev = cls.__new__(cls)
         ev.model, ev.graph, ev.batch = parts[0].model, parts[0].graph, batch
         ev.ablation, ev.batch_size = parts[0].ablation, parts[0].batch_size
@@ -217,6 +219,8 @@ def random_baseline(ev: CircuitEvaluator, sizes: list[int], seeds: int = 2, bar:
     ``sizes``; all sizes' circuits go in one stack, so the evaluator batches them across sizes
     (``bar`` advances ``ev.passes(len(sizes) * seeds)`` times)."""
     g = ev.graph
+    if not sizes:
+        return []
     rnd = [torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(1000 + s)) for s in range(seeds)]
     cs = torch.stack([top_k(g, r, k, absolute=False) for k in sizes for r in rnd])
     return ev.faithfulness(cs, bar).view(len(sizes), seeds).mean(1).tolist()
@@ -276,7 +280,7 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
 
 def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, n: int | None = None,
                    progress: ProgressArg = False) -> dict[str, Any]:
-    """Re-evaluate a saved circuit on ``model``: the held-out half of the pairs drawn as the run
+    """Re-evaluate a saved circuit on ``model``: the held-out pairs drawn as the run
     drew them (its task, ``n``, seed and split), or of ``task``'s pairs, with its ablation.
 
     Returns ``faithfulness`` and ``edges_kept`` of the circuit, the ``clean`` and ``corrupt``

@@ -11,7 +11,7 @@ can be left out, and pooled over pairs one of two ways.
   multiplied back by n, so both poolings are on the scale of a mean over pairs. The median of
   an even number of pairs is the mean of the two middle ones.
 
-Measured with ``bench/ranking_weights.py`` (IOI, embedded model, 100 pairs, five draws; the
+Measured with ``bench/ranking_weights.py`` (IOI, embedded model, ``--n 100 --held-out 0.5``, five draws; the
 held-out faithfulness of the top-k circuit at 1/2/3/5% of edges, mean over the draws): sum
 0.66 / 0.86 / 0.91 / 0.89, median (lower middle) 0.65 / 0.87 / 0.96 / 1.01; docs/decisions.md, "Selection".
 """

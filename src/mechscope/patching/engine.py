@@ -127,6 +127,7 @@ def sender_activations(model: Model, graph: Graph, tokens: torch.Tensor) -> torc
     return out
 
 
+@torch.no_grad()
 def sender_activations_and_logits(model: Model, graph: Graph, tokens: torch.Tensor, positions: torch.Tensor
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sender_activations`` of ``tokens`` and, from the same pass, their logits at
@@ -365,6 +366,8 @@ def logits_at(model: Model, tokens: torch.Tensor, positions: torch.Tensor, fwd_h
     """
     N = tokens.shape[0]
     pos = positions.to(tokens.device)
+    if N % pos.shape[0]:
+        raise ValueError(f"positions for {pos.shape[0]} examples cannot be repeated over {N} token rows")
     if pos.shape[0] != N:
         pos = pos.repeat(N // pos.shape[0], 1)
     rows = torch.arange(N, device=tokens.device)[:, None]
@@ -378,7 +381,11 @@ def logits_at(model: Model, tokens: torch.Tensor, positions: torch.Tensor, fwd_h
     if UNEMBED_IN in model.bridge.hook_dict:
         hooks.append((UNEMBED_IN, pick))
     logits = model.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
-    return logits if picked else logits[rows, pos]
+    if not picked:
+        return logits[rows, pos]
+    if logits.shape[1] != pos.shape[1]:  # a bridge that did not use the hook's rows
+        raise RuntimeError(f"the unembedding ignored the picked positions (logits over {logits.shape[1]} positions)")
+    return logits
 
 
 def run_with_edge_mask(

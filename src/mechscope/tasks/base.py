@@ -92,7 +92,7 @@ class TaskBatch:
         return out
 
     def split(self, held_out: float = 0.5, seed: int = 0) -> tuple["TaskBatch", "TaskBatch"]:
-        """(scoring half, held-out half), shuffled with ``seed``."""
+        """(scoring pairs, held-out pairs: a ``held_out`` share of them), shuffled with ``seed``."""
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
         n_test = max(1, int(round(len(self) * held_out)))
