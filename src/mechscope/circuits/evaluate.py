@@ -27,6 +27,7 @@ from mechscope.patching.engine import (
     Ablation,
     check_pair,
     logits_at,
+    mean_source,
     run_with_edge_mask,
     sender_activations_and_logits,
     source_activations,
@@ -69,8 +70,8 @@ class Evaluator:
     def __post_init__(self) -> None:
         """Source run and baselines per chunk. With patching, every edge patched is the corrupt
         run itself, so the corrupt baseline comes from the source pass and the clean one from a
-        plain clean pass (two passes a chunk; the mean and zero ablations need a patched pass
-        for the fully patched baseline: three)."""
+        plain clean pass; with mean ablation the clean pass is the source pass. The mean and
+        zero ablations need a patched pass for the fully patched baseline."""
         dev = self.model.device
         self._chunks = []
         clean_ex, corrupt_ex = [], []
@@ -81,9 +82,14 @@ class Evaluator:
                     corrupt = check_pair(sub.clean, sub.corrupt)
                     src, at = sender_activations_and_logits(self.model, self.graph, corrupt, sub.positions)
                     corrupt_ex.append(sub.metric_at(at).cpu())
+                    at = logits_at(self.model, sub.clean, sub.positions, [])
+                elif self.ablation == "mean":  # the clean pass is the source pass
+                    acts, at = sender_activations_and_logits(self.model, self.graph, sub.clean, sub.positions)
+                    src = mean_source(acts, sub.lengths)
                 else:
                     src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
-                clean_ex.append(sub.metric_at(logits_at(self.model, sub.clean, sub.positions, [])).cpu())
+                    at = logits_at(self.model, sub.clean, sub.positions, [])
+                clean_ex.append(sub.metric_at(at).cpu())
             self._chunks.append((sub, src))
         self.clean_ex = torch.cat(clean_ex)  # per-example metric [n]
         if self.ablation == "patching":

@@ -120,11 +120,10 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
 
 @torch.no_grad()
 def sender_activations(model: Model, graph: Graph, tokens: torch.Tensor) -> torch.Tensor:
-    """Every sender's output on ``tokens`` [batch, pos] -> [n_senders, batch, pos, d_model]."""
-    B, P = tokens.shape
-    out = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=model.device)
-    model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=capture_hooks(model, graph, out))
-    return out
+    """Every sender's output on ``tokens`` [batch, pos] -> [n_senders, batch, pos, d_model]
+    (the pass unembeds the last position only: no logit is needed)."""
+    last = torch.full((tokens.shape[0], 1), tokens.shape[1] - 1, dtype=torch.long)
+    return sender_activations_and_logits(model, graph, tokens, last)[0]
 
 
 @torch.no_grad()
@@ -146,6 +145,13 @@ def mean_weights(shape: tuple[int, ...], lengths: torch.Tensor | None, device) -
     else:
         valid = (torch.arange(P, device=device)[None] < lengths.to(device)[:, None]).float()
     return valid / valid.sum(0, keepdim=True).clamp(min=1)
+
+
+def mean_source(acts: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean-ablation source [n_senders, 1, pos, d_model] from the clean sender outputs
+    ``acts`` [n_senders, batch, pos, d_model]: per position, over the batch, padding excluded."""
+    w = mean_weights(acts.shape[1:3], lengths, acts.device)
+    return torch.einsum("sbpd,bp->spd", acts, w)[:, None]
 
 
 def check_pair(clean: torch.Tensor, corrupt: torch.Tensor | None) -> torch.Tensor:
@@ -173,9 +179,7 @@ def source_activations(
     if ablation == "patching":
         return sender_activations(model, graph, check_pair(clean, corrupt))
     if ablation == "mean":
-        acts = sender_activations(model, graph, clean)  # [S, B, P, D]
-        w = mean_weights(clean.shape, lengths, acts.device)
-        return torch.einsum("sbpd,bp->spd", acts, w)[:, None]
+        return mean_source(sender_activations(model, graph, clean), lengths)
     if ablation == "zero":
         return torch.zeros(graph.n_senders, 1, clean.shape[1], model.summary.d_model, device=model.device)
     raise MechscopeError(f"Unknown ablation '{ablation}'; choose patching, mean or zero.")
