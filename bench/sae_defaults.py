@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--harvest-hooks", default=None, help="Harvest these hooks too (comma-separated), so later runs reuse the cache.")
     ap.add_argument("--harvest-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
+    ap.add_argument("--include-special", action="store_true",
+                    help="Keep special tokens' rows (document separators, BOS) in training and scoring; by default both "
+                         "leave them out, as mechscope's transcoder sets do (exclude_special).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,6 +155,15 @@ def main() -> None:
     held = harvest(m, hooks, "heldout", args.heldout, 128, args.cache)
     if args.harvest_only:
         return
+    if not args.include_special:
+        from mechscope.activations import special_token_ids
+
+        special = torch.tensor(special_token_ids(m.tokenizer))
+        for rows in (train, held):
+            keep = ~torch.isin(rows["tokens"].long(), special)
+            print(f"  leaving out {int((~keep).sum()):,} special-token rows of {keep.numel():,}", flush=True)
+            for h in list(rows):
+                rows[h] = rows[h][keep]
     overrides = {}
     for kv in args.set:
         key, _, val = kv.partition("=")

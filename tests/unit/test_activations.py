@@ -113,6 +113,40 @@ def test_shuffled_store_serves_the_same_aligned_rows(tiny_gpt2):
     assert not torch.equal(first, a[:40, :64])  # the first batch is not simply the first tokens
 
 
+def test_rows_carry_their_token_ids_when_asked(tiny_gpt2):
+    """``with_tokens``: every batch holds each row's token id, in the rows' (shuffled) order, and
+    the ids survive a mid-stream restore; the separator is among the special tokens."""
+    from mechscope.activations import special_token_ids
+    from mechscope.activations.config import TOKENS_KEY
+
+    base = dict(hooks=PAIR, context_len=16, batch_size=2, buffer_tokens=64, skip_first=1)
+    plain = ActivationStore(tiny_gpt2, DOCS, StoreConfig(**base, shuffle=False, with_tokens=True)).next_batch(15 * 6)
+    ctx = _contexts(tiny_gpt2, 6, 16)
+    assert torch.equal(plain[TOKENS_KEY], ctx[:, 1:].reshape(-1))
+    torch.testing.assert_close(plain[PAIR[0]], _reference(tiny_gpt2, ctx, PAIR[0], 1))
+    assert separator_id(tiny_gpt2.tokenizer) in special_token_ids(tiny_gpt2.tokenizer)
+    # Shuffled: the (row, token) pairs are those of the plain order.
+    cfg = StoreConfig(**base, shuffle=True, seed=2, with_tokens=True)
+    store = ActivationStore(tiny_gpt2, DOCS, cfg)
+    b = store.next_batch(40)
+    assert set(b) == {*PAIR, TOKENS_KEY} and b[TOKENS_KEY].shape == (40,)
+    rows = _reference(tiny_gpt2, _contexts(tiny_gpt2, 12, 16), PAIR[0], 1)
+    toks = _contexts(tiny_gpt2, 12, 16)[:, 1:].reshape(-1)
+    for r, t in zip(b[PAIR[0]], b[TOKENS_KEY]):
+        d = (rows - r).abs().amax(1)
+        assert float(d.min()) < 1e-4 and int(toks[int(d.argmin())]) == int(t)
+    again = ActivationStore(tiny_gpt2, DOCS, cfg)
+    again.tokens_seen = 0
+    for _ in range(store.tokens_seen // 16):
+        next(again._contexts)
+    again.tokens_seen = store.tokens_seen
+    again.load_state_tensors(store.state_tensors())
+    n1, n2 = store.next_batch(30), again.next_batch(30)
+    assert all(torch.equal(n1[k], n2[k]) for k in n1)
+    with pytest.raises(MechscopeError, match="not a hook name"):
+        StoreConfig(hooks=[TOKENS_KEY])
+
+
 @pytest.mark.parametrize("served", [40, 64, 230])
 def test_a_store_restored_mid_stream_serves_what_the_original_would(tiny_gpt2, served):
     """Skip the contexts run, restore the waiting rows and the generator: the next batches are

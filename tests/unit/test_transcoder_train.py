@@ -168,7 +168,12 @@ def test_a_set_trains_every_layer_from_one_forward_pass_per_batch(tiny_llama, co
         "layer_2.safetensors", "training_log.json"]
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["layer_1", "training_log.json"]
     log = json.loads((tmp_path / "all" / "training_log.json").read_text())
-    assert log["harvest"]["forward_passes"] == 16 and log["harvest"]["tokens_trained_per_layer"] == 32 * 124
+    from mechscope.activations import get_corpus, pack_contexts, special_token_ids
+
+    ctx = torch.tensor(list(itertools.islice(pack_contexts(tiny_llama.tokenizer, get_corpus(corpus, split="train"), 32), 128)))
+    n_special = int(torch.isin(ctx[:, 1:], torch.tensor(special_token_ids(tiny_llama.tokenizer))).sum())
+    assert n_special > 0  # special tokens' rows are left out (exclude_special)
+    assert log["harvest"]["forward_passes"] == 16 and log["harvest"]["tokens_trained_per_layer"] == 32 * 124 - n_special
     # The lockstep loop is Trainer.run: the reference trains layer 1 alone through Trainer.run.
     calls.clear()
     ref_cfg = TranscoderTrainConfig(layers=[1], tokens=4000, corpus=corpus, checkpoint_every=1000, **SMALL)
@@ -211,9 +216,11 @@ def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpu
     assert r.exit_code == 2 and "k=8, not 4" in r.stderr  # other settings: refused
     r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--resume", "--json"]))
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["tokens"] == 96 * 124 and not (out / "checkpoint").exists()
+    resumed_tokens = json.loads(r.stdout)["tokens"]
+    assert 0.9 * 96 * 124 < resumed_tokens < 96 * 124 and not (out / "checkpoint").exists()  # special tokens' rows left out
     r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, tmp_path / "straight", tokens, ["--skip", "--json"]))
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tokens"] == resumed_tokens
     killed, straight = load_transcoders(out), load_transcoders(tmp_path / "straight")
     assert killed.layers[0].cfg.architecture == "skip_topk"
     for a, b in zip(killed.layers, straight.layers):
@@ -240,6 +247,90 @@ def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpu
     assert "CE recovered, all spliced" in html and "<script" not in html
 
 
+# ------------------------------------------------------------------------------ special tokens
+def test_shared_batches_leave_out_exactly_the_special_tokens_rows(tiny_llama, corpus):
+    """With ``exclude_special`` each batch is the batch without it less the rows whose token is
+    special (recomputed here from the packed contexts and the chunk's seeded permutation); all
+    hooks keep the same rows; the trainers then see only text."""
+    from mechscope.activations import get_corpus, pack_contexts, special_token_ids
+    from mechscope.features.train import transcoder_sources
+
+    cfg_all = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, exclude_special=False, **SMALL)
+    cfg_ex = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, **SMALL)
+    shared_all, _ = transcoder_sources(tiny_llama, cfg_all)
+    shared_ex, _ = transcoder_sources(tiny_llama, cfg_ex)
+    assert cfg_ex.exclude_special and shared_ex.store.cfg.with_tokens and not shared_all.store.cfg.with_tokens
+    n_batches = 2 * shared_ex.per_chunk  # two chunks
+    ctx = torch.tensor(list(itertools.islice(pack_contexts(tiny_llama.tokenizer, get_corpus(corpus, split="train"), 32),
+                                             2 * cfg_ex.shuffle_contexts)))
+    special = torch.tensor(special_token_ids(tiny_llama.tokenizer))
+    left_out = 0
+    for i in range(n_batches):
+        chunk, m = divmod(i, shared_ex.per_chunk)
+        rows = ctx[chunk * cfg_ex.shuffle_contexts : (chunk + 1) * cfg_ex.shuffle_contexts, 1:].reshape(-1)
+        perm = torch.randperm(shared_ex.chunk_rows, generator=torch.Generator().manual_seed(cfg_ex.seed * 1_000_003 + chunk))
+        tok = rows[perm][m * cfg_ex.batch_rows : (m + 1) * cfg_ex.batch_rows]
+        keep = ~torch.isin(tok, special)
+        a = [shared_all.get(r, cfg_all.batch_rows) for r in range(2)][0]
+        b = [shared_ex.get(r, cfg_ex.batch_rows) for r in range(2)][0]
+        assert set(a) == set(b) and len(a) == 4
+        for h in a:
+            assert b[h].shape[0] == int(keep.sum())
+            assert torch.equal(b[h], a[h][keep]), (i, h)
+        left_out += int((~keep).sum())
+    assert left_out > 0  # the corpus's documents are packed with separators mid-context
+
+
+def test_eval_leaves_special_positions_alone(tiny_llama, corpus):
+    """``exclude_special``: special tokens' positions keep the model's own MLP output in every
+    spliced and zeroed run and are left out of FVU, L0 and dead features (checked against a
+    direct hooked computation); ``fvu_with_special`` equals the FVU of the run that counts them."""
+    from mechscope.activations import special_token_ids
+    from mechscope.features.evaluate import _ce
+
+    tset = random_transcoders(tiny_llama, d_sae=48, k=6, seed=7, scale=2.0)
+    toks = _heldout(tiny_llama, corpus, n_ctx=4)
+    sep = special_token_ids(tiny_llama.tokenizer)[0]
+    toks[:, 9] = sep  # a separator mid-context in every row, beside those packing put there
+    special = torch.isin(toks, torch.tensor(special_token_ids(tiny_llama.tokenizer)))
+    keep = ~special[:, 1:]
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4)
+    r_all = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)
+    assert r["tokens"] == int(keep.sum()) < r_all["tokens"] == 4 * 31
+    assert r["settings"]["special_positions"] == int((~keep).sum())
+    layer = 1
+    tc = tset.layers[layer]
+    cache = {}
+    with torch.no_grad():
+        tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(h, lambda t, hook, h=h: cache.__setitem__(h, t.clone()))
+                                                          for h in (tc.cfg.hook_name, tc.cfg.hook_name_out)])
+        x, y = cache[tc.cfg.hook_name][:, 1:], cache[tc.cfg.hook_name_out][:, 1:]
+        f = tc.encode(x)
+        y_hat = tc.decode(f, x)
+        yk = y[keep]
+        fvu = float((y_hat[keep] - yk).pow(2).sum(-1).mean() / (yk - yk.mean(0)).pow(2).sum(-1).mean())
+        row = r["layers"][layer]
+        assert abs(row["fvu"] - fvu) < 1e-4 * max(1, fvu)
+        assert abs(row["l0"] - float((f[keep] > 0).sum(-1).float().mean())) < 1e-5
+        assert abs(row["fvu_with_special"] - r_all["layers"][layer]["fvu"]) < 1e-6
+        assert row["fvu_with_special"] != pytest.approx(row["fvu"], rel=1e-3)
+
+        def spliced(t, hook):
+            t = t.clone()
+            t[:, 1:] = torch.where(keep[..., None], y_hat, t[:, 1:])
+            return t
+
+        def zeroed(t, hook):
+            t = t.clone()
+            t[:, 1:] = t[:, 1:].masked_fill(keep[..., None], 0)
+            return t
+
+        for fn, key in ((spliced, "ce_spliced"), (zeroed, "ce_zero")):
+            logits = tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, fn)])
+            assert abs(float(_ce(logits, toks).mean()) - row[key]) < 1e-4, key
+        assert abs(r_all["layers"][layer]["ce_spliced"] - row["ce_spliced"]) > 1e-6  # the mask changed the run
+
+
 # ------------------------------------------------------------------------------ evaluation
 def test_eval_equals_independent_computations(tiny_llama, corpus):
     """Each layer's numbers equal ``evaluate_sae`` of its transcoder (separate code); the
@@ -250,7 +341,7 @@ def test_eval_equals_independent_computations(tiny_llama, corpus):
 
     tset = random_transcoders(tiny_llama, d_sae=48, k=6, seed=5, skip=True, scale=2.0)
     toks = _heldout(tiny_llama, corpus, n_ctx=6)
-    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4)  # two batches, the second short
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)  # two batches, the second short
     assert r["tokens"] == 6 * 31
     for row in r["layers"]:
         e = evaluate_sae(tiny_llama, tset.layers[row["layer"]], toks, batch_size=4)
@@ -284,7 +375,7 @@ def test_eval_equals_independent_computations(tiny_llama, corpus):
     assert abs(a["ce_spliced"] - want_all) < 1e-4 and abs(a["ce_zero"] - want_zero) < 1e-4
     assert abs(a["ce_recovered"] - (want_zero - want_all) / (want_zero - r["ce_clean"])) < 1e-4
     assert abs(a["ce_spliced"] - r["ce_clean"]) > 1e-3  # the splice changed something
-    one = evaluate_transcoders(tiny_llama, {1: tset.layers[1]}, toks, batch_size=4)
+    one = evaluate_transcoders(tiny_llama, {1: tset.layers[1]}, toks, batch_size=4, exclude_special=False)
     assert one["all_layers"]["layers"] == [1]
     assert abs(one["all_layers"]["ce_spliced"] - r["layers"][1]["ce_spliced"]) < 1e-5
     assert abs(one["all_layers"]["ce_zero"] - r["layers"][1]["ce_zero"]) < 1e-5

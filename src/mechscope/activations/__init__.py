@@ -19,16 +19,17 @@ from mechscope.activations.config import StoreConfig
 
 __all__ = [
     "ActivationStore", "Corpus", "Harvester", "ShardStore", "StoreConfig", "describe_corpus", "get_corpus", "harvest",
-    "pack_contexts", "separator_id",
+    "pack_contexts", "separator_id", "special_token_ids",
 ]
 
 if TYPE_CHECKING:  # static checkers and IDEs see the lazy exports (tests/unit/test_lazy_exports.py keeps this in step)
     from mechscope.activations.corpus import Corpus, describe_corpus, get_corpus
     from mechscope.activations.shards import ShardStore, harvest
-    from mechscope.activations.store import ActivationStore, Harvester, pack_contexts, separator_id
+    from mechscope.activations.store import ActivationStore, Harvester, pack_contexts, separator_id, special_token_ids
 
 lazy_exports(__name__, {
     "Corpus": "corpus", "describe_corpus": "corpus", "get_corpus": "corpus",
     "ShardStore": "shards", "harvest": "shards",
     "ActivationStore": "store", "Harvester": "store", "pack_contexts": "store", "separator_id": "store",
+    "special_token_ids": "store",
 })

@@ -14,6 +14,10 @@ from mechscope.errors import MechscopeError
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 """Storage dtypes of activations (``activations.store.DTYPES`` maps them to torch's)."""
 
+TOKENS_KEY = "tokens"
+"""Key of each row's token id (int) beside the hooks' rows, in shards and, with
+``StoreConfig.with_tokens``, in the store's batches."""
+
 
 @dataclass
 class StoreConfig:
@@ -37,12 +41,17 @@ class StoreConfig:
     """Where served activations live (default: the model's device)."""
     repeat: bool = True
     """Start the corpus again when it runs out (``corpus_passes`` counts passes)."""
+    with_tokens: bool = False
+    """Serve each row's token id too, under ``TOKENS_KEY`` (``[n]`` int64), in the same order
+    as the rows (so a reader can drop, e.g., the rows of special tokens)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):
             self.hooks = [self.hooks]
         if not self.hooks:
             raise MechscopeError("StoreConfig needs at least one hook name, e.g. blocks.6.hook_resid_post.")
+        if TOKENS_KEY in self.hooks:
+            raise MechscopeError(f"'{TOKENS_KEY}' is not a hook name; it is the key of the rows' token ids.")
         if len(set(self.hooks)) != len(self.hooks):
             raise MechscopeError(f"Hook names repeat in {self.hooks}; give each once.")
         if self.context_len < 2 or self.batch_size < 1:
@@ -57,6 +66,11 @@ class StoreConfig:
     @property
     def rows_per_context(self) -> int:
         return self.context_len - self.skip_first
+
+    @property
+    def keys(self) -> list[str]:
+        """What each batch holds: the hooks, then ``TOKENS_KEY`` with ``with_tokens``."""
+        return [*self.hooks, TOKENS_KEY] if self.with_tokens else list(self.hooks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

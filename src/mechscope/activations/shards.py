@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from mechscope.activations.config import TOKENS_KEY
 from mechscope.activations.store import Harvester, StoreConfig, pack_contexts
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-TOKENS_KEY = "tokens"
 # Settings that must match for a resumed harvest to continue the same stream.
 _SAME = ("model", "hooks", "context_len", "skip_first", "dtype", "corpus")
 
@@ -96,8 +96,8 @@ def harvest(
             for j in range(0, len(block), cfg.batch_size):
                 tokens = torch.tensor(block[j : j + cfg.batch_size], dtype=torch.long)
                 rows = harvester.run(tokens)
-                for h, t in rows.items():
-                    parts[h].append(t.to("cpu"))
+                for h in cfg.hooks:
+                    parts[h].append(rows[h].to("cpu"))
                 bar.advance(tokens.shape[0] * rpc)
             tensors = {h: torch.cat(p).contiguous() for h, p in parts.items()}
             tensors[TOKENS_KEY] = torch.tensor(block, dtype=torch.int32)[:, cfg.skip_first :].reshape(-1).contiguous()

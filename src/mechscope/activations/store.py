@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 
-from mechscope.activations.config import DTYPE_NAMES, StoreConfig
+from mechscope.activations.config import DTYPE_NAMES, TOKENS_KEY, StoreConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, needs_split_attention
 from mechscope.models.load import plain_attention
@@ -45,6 +45,18 @@ def separator_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     raise MechscopeError("The tokenizer has no EOS or BOS token to separate documents with.")
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, pad, chat markers, ...) and of the
+    document separator: the tokens whose rows ``exclude_special`` options leave out. In packed
+    contexts the separator sits mid-context and, like position 0, acts as an attention sink
+    with outputs far larger than any text token's (the embedded model's layer-11 MLP: norm
+    ~15,800 against ~400 for text; SAELens's ``exclude_special_tokens`` is the same idea)."""
+    ids = {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None}
+    with contextlib.suppress(MechscopeError):
+        ids.add(separator_id(tokenizer))
+    return sorted(ids)
 
 
 def pack_contexts(tokenizer, documents: Iterable[str], context_len: int, docs_per_call: int = 16) -> Iterator[list[int]]:
@@ -125,13 +137,16 @@ class Harvester:
         for h in self.cfg.hooks:
             t = got[h][:, k:]  # [batch, pos - k, ...]
             out[h] = t.reshape(t.shape[0] * t.shape[1], -1).to(self.device, self.dtype)  # [rows, d]
+        if self.cfg.with_tokens:
+            out[TOKENS_KEY] = tokens[:, k:].reshape(-1).to(self.device)  # [rows]
         return out
 
     def dims(self) -> dict[str, int]:
         """Width of each hook's rows, from a two-token probe (run once)."""
         if self._dims is None:
             probe = torch.full((1, 2), separator_id(self.model.tokenizer), dtype=torch.long)
-            self._dims = {h: int(t.shape[1]) for h, t in self.run(probe, skip_first=0).items()}
+            got = self.run(probe, skip_first=0)
+            self._dims = {h: int(got[h].shape[1]) for h in self.cfg.hooks}
         return dict(self._dims)
 
 
@@ -191,7 +206,7 @@ class ActivationStore:
             m = next(iter(rows.values())).shape[0]
             if self._buf is None:
                 slack = self.cfg.batch_size * self.cfg.rows_per_context
-                self._buf = {h: torch.empty(cap + slack, t.shape[1], dtype=t.dtype, device=t.device) for h, t in rows.items()}
+                self._buf = {h: torch.empty(cap + slack, *t.shape[1:], dtype=t.dtype, device=t.device) for h, t in rows.items()}
             for h, t in rows.items():
                 self._buf[h][self._n : self._n + m] = t
             self._n += m
@@ -222,9 +237,11 @@ class ActivationStore:
         return True
 
     def next_batch(self, n_tokens: int) -> dict[str, torch.Tensor]:
-        """The next ``n_tokens`` rows of every hook, {hook: [n_tokens, d]} (fewer only at the
-        end of a non-repeating corpus; an exhausted one raises StopIteration)."""
-        parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.cfg.hooks}
+        """The next ``n_tokens`` rows of every hook, {hook: [n_tokens, d]} (and their token ids
+        under ``TOKENS_KEY`` with ``cfg.with_tokens``; fewer rows only at the end of a
+        non-repeating corpus; an exhausted one raises StopIteration)."""
+        keys = self.cfg.keys
+        parts: dict[str, list[torch.Tensor]] = {h: [] for h in keys}
         need = n_tokens
         while need > 0:
             if self._out is None or self._out_pos >= next(iter(self._out.values())).shape[0]:
@@ -234,7 +251,7 @@ class ActivationStore:
             assert out is not None  # _next_out returned True: a chunk is out
             avail = next(iter(out.values())).shape[0] - self._out_pos
             k = min(avail, need)
-            for h in self.cfg.hooks:
+            for h in keys:
                 parts[h].append(out[h][self._out_pos : self._out_pos + k])
             self._out_pos += k
             need -= k
@@ -249,7 +266,7 @@ class ActivationStore:
         generator's state. ``load_state_tensors`` on a store that has skipped the same contexts
         then serves exactly the rows this one would have."""
         out = {"generator": self._gen.get_state()}
-        for i, h in enumerate(self.cfg.hooks):
+        for i, h in enumerate(self.cfg.keys):
             if self._buf is not None and self._n > 0:
                 out[f"buffer.{i}"] = self._buf[h][: self._n].cpu().contiguous()
             if self._out is not None and self._out_pos < self._out[h].shape[0]:
@@ -263,14 +280,14 @@ class ActivationStore:
         self._gen.set_state(state["generator"])
         dev = self.harvester.device
         if "buffer.0" in state:
-            rows = {h: state[f"buffer.{i}"] for i, h in enumerate(self.cfg.hooks)}
+            rows = {h: state[f"buffer.{i}"] for i, h in enumerate(self.cfg.keys)}
             self._n = int(rows[self.cfg.hooks[0]].shape[0])
             cap = max(self.cfg.buffer_tokens, self._n) + self.cfg.batch_size * self.cfg.rows_per_context
-            self._buf = {h: torch.empty(cap, t.shape[1], dtype=t.dtype, device=dev) for h, t in rows.items()}
+            self._buf = {h: torch.empty(cap, *t.shape[1:], dtype=t.dtype, device=dev) for h, t in rows.items()}
             for h, t in rows.items():
                 self._buf[h][: self._n] = t.to(dev)
         if "serving.0" in state:
-            self._out = {h: state[f"serving.{i}"].to(dev) for i, h in enumerate(self.cfg.hooks)}
+            self._out = {h: state[f"serving.{i}"].to(dev) for i, h in enumerate(self.cfg.keys)}
             self._out_pos = 0
 
     def batches(self, n_tokens: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -229,6 +229,7 @@ def transcoders_train(
     shuffle_contexts: Optional[int] = typer.Option(None, "--shuffle-contexts", help="Contexts per shuffled chunk of activations, held in memory for all layers (default: the multiple of --batch-contexts nearest 256)."),
     checkpoint_every: int = typer.Option(TranscoderTrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
     seed: int = typer.Option(TranscoderTrainConfig.seed, "--seed"),
+    include_special: bool = typer.Option(False, "--include-special", help="Train on special tokens' rows too (document separators, BOS: attention sinks with huge MLP outputs; left out by default)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -243,7 +244,7 @@ def transcoders_train(
     cfg = TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
                                 corpus=corpus, lr=lr, context_len=context_len, batch_contexts=batch_contexts,
                                 shuffle_contexts=shuffle_contexts if shuffle_contexts is not None else TranscoderTrainConfig.chunk_for(batch_contexts, TranscoderTrainConfig.forward_contexts),
-                                checkpoint_every=checkpoint_every, seed=seed)  # checked when made
+                                checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special)  # checked when made
     m = load(model, device)
     cfg = replace(cfg, layers=parse_layers(layers, m.summary.n_layers))
     if not json:
@@ -273,6 +274,7 @@ def transcoders_eval(
     corpus: Optional[str] = CorpusOpt,
     context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
+    include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; FVU with them is reported either way)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the set's folder)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -298,7 +300,7 @@ def transcoders_eval(
     elif max(found) >= n:
         fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
     r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
-                                       progress=not json)
+                                       exclude_special=not include_special, progress=not json)
     dest = Path(out or set_dir)
     dest.mkdir(parents=True, exist_ok=True)
     html = render_transcoders_eval(r)
@@ -311,12 +313,14 @@ def transcoders_eval(
         return emit_json(r)
     from rich.table import Table
 
-    t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer")
-    for col in ("layer", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
+    left = r["settings"].get("special_positions", 0)
+    t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer"
+                    + (f" ({left:,} special-token positions left out)" if left else ""))
+    for col in ("layer", "FVU", "FVU with special", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
         t.add_column(col, justify="right")
     for row in r["layers"]:
-        t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "l0", "dead_frac", "ce_spliced", "ce_zero", "ce_recovered",
-                                                                      "ce_recovered_ci95")))
+        t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "fvu_with_special", "l0", "dead_frac", "ce_spliced", "ce_zero",
+                                                                      "ce_recovered", "ce_recovered_ci95")))
     console.print(t)
     a = r["all_layers"]
     console.print(f"all {len(a['layers'])} layers spliced at once: CE {a['ce_spliced']:.4g} (clean {r['ce_clean']:.4g}, all MLPs "

@@ -30,7 +30,8 @@ class TranscoderTrainConfig:
     Activations come in chunks of ``shuffle_contexts`` contexts (``context_len`` tokens each,
     the first position of each dropped as in every mechscope harvest), shuffled within the
     chunk and cut into training batches of ``batch_contexts`` contexts' rows
-    (``batch_contexts * (context_len - 1)`` rows); the chunks are what makes resume exact
+    (``batch_contexts * (context_len - 1)`` rows, less the special tokens' rows with
+    ``exclude_special``); the chunks are what makes resume exact
     (``mechscope.features.train``). Memory for the chunk: ``shuffle_contexts * (context_len - 1)
     * 2 * sum(d_model of the layers) * 4`` bytes.
     """
@@ -70,6 +71,12 @@ class TranscoderTrainConfig:
     """Tokens between checkpoints (taken at the first chunk boundary after each multiple)."""
     seed: int = 0
     """Seeds the chunk shuffles; layer ``l``'s trainer gets ``seed + l``."""
+    exclude_special: bool = True
+    """Leave out the rows of special tokens (``activations.special_token_ids``: the document
+    separator that packing puts mid-context, BOS, chat markers), as position 0 is left out:
+    they are attention sinks whose MLP outputs dwarf every text token's, so a few of them set
+    the output scale and most of the loss. Measured in ``bench/sae_defaults.py`` (docs/decisions.md,
+    "Transcoder sets: special tokens")."""
     train_options: dict[str, Any] = field(default_factory=dict)
     """Any other ``TrainConfig`` field (``l1``, ``l0``, ``aux_k``, ``dead_tokens``, ``log_every``, ...)."""
 

@@ -18,8 +18,14 @@ through the layers), against the baseline with every MLP's output zeroed:
 holding some layers only (``{layer: transcoder}``), "all" means the layers present.
 
 Conventions are those of ``mechscope.sae.evaluate`` (so a layer's numbers equal
-``evaluate_sae`` of its transcoder on the same tokens): positions before ``skip_first`` (the
-attention sink at position 0) are never spliced or zeroed and are left out of the statistics;
+``evaluate_sae`` of its transcoder on the same tokens when ``exclude_special`` is off):
+positions before ``skip_first`` (the attention sink at position 0) are never spliced or zeroed
+and are left out of the statistics; with ``exclude_special`` (the default, as in training) so
+are the positions of special tokens (``activations.special_token_ids``: the document separator
+that packing puts mid-context, BOS, chat markers), the other attention sinks, whose MLP outputs
+are tens of times larger than a text token's (the embedded model's layer 11: norm ~15,800
+against ~400) so that a handful of them would set the FVU; ``fvu_with_special`` reports it
+with them, for the record;
 cross-entropies are means over the predictions made from positions ``max(skip_first, 1) - 1``
 on. Forward passes run with split attention inputs off (``plain_attention``).
 
@@ -53,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from mechscope.activations import StoreConfig, get_corpus, pack_contexts
+from mechscope.activations import StoreConfig, get_corpus, pack_contexts, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.features.config import EVAL_TOKENS
 from mechscope.features.transcoder_set import TranscoderSet
@@ -168,6 +174,7 @@ def evaluate_transcoders(
     *,
     batch_size: int = 8,
     skip_first: int = 1,
+    exclude_special: bool = True,
     progress: ProgressArg = False,
     fast: bool = True,
 ) -> dict[str, Any]:
@@ -179,7 +186,8 @@ def evaluate_transcoders(
     ``d_sae``, ``k``, ``fvu``, ``mse``, ``l0``, ``dead_frac``, ``ce_spliced``, ``ce_zero``,
     ``ce_recovered``), ``all_layers`` (``layers``, ``ce_spliced``, ``ce_zero``,
     ``ce_recovered``), ``summary`` (``median_fvu``, ``max_fvu``, ``mean_l0``,
-    ``mean_dead_frac``, ``min_ce_recovered``) and ``settings``; each ``ce_recovered`` has a
+    ``mean_dead_frac``, ``min_ce_recovered``) and ``settings``; each layer also has
+    ``fvu_with_special`` (special tokens' positions counted); each ``ce_recovered`` has a
     ``ce_recovered_ci95`` beside it. ``fast`` starts each layer's runs at its block (module
     docstring); ``fast=False`` runs ``2 * n_layers + 3`` full forward passes per batch.
     ``progress`` (``mechscope.progress``) sees one phase counting the contexts done.
@@ -200,32 +208,38 @@ def evaluate_transcoders(
     bridge = model.bridge
     s = skip_first
     lo = max(s, 1) - 1
+    special = torch.tensor(special_token_ids(model.tokenizer) if exclude_special else [], dtype=torch.long, device=dev)
     acc: dict[int, dict[str, Any]] = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],
                    "fired": torch.zeros(tc.cfg.d_sae, dtype=torch.bool, device=dev),
                    "y_sum": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
-                   "y_sq": torch.zeros((), dtype=torch.float64, device=dev)} for layer, tc in layers.items()}
+                   "y_sq": torch.zeros((), dtype=torch.float64, device=dev),
+                   "n_all": 0, "mse_all": 0.0, "y_sum_all": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
+                   "y_sq_all": torch.zeros((), dtype=torch.float64, device=dev)} for layer, tc in layers.items()}
     tot: dict[str, Any] = {"ce_clean": 0.0, "ce_all": 0.0, "ce_all_zero": 0.0, "ce_n": 0,
                            "ctx_clean": [], "ctx_all": [], "ctx_all_zero": []}
     replay = _BlockReplay(bridge) if fast and _BlockReplay.available(bridge) else None
     starts = {layer: _start_block(out_hook[layer]) for layer in layers}
     start_all = min(_start_block(tc.cfg.hook_name, tc.cfg.hook_name_out) for tc in layers.values())
 
+    keep = torch.ones(0, dtype=torch.bool)  # [batch, pos - s]: positions spliced, zeroed and counted (set per batch)
+
     def replace(rows: Tensor) -> Callable:
         def hook(t: Tensor, hook: Any = None) -> Tensor:
             t = t.clone()
-            t[:, s:] = rows.to(t.dtype)
+            t[:, s:] = torch.where(keep[..., None], rows.to(t.dtype), t[:, s:])
             return t
         return hook
 
     def zero(t: Tensor, hook: Any = None) -> Tensor:
         t = t.clone()
-        t[:, s:] = 0
+        t[:, s:] = t[:, s:].masked_fill(keep[..., None], 0)
         return t
 
     with plain_attention(model), as_progress(progress).phase("evaluating", total=tokens.shape[0], unit="ctx") as bar:
         done = 0
         while done < tokens.shape[0]:
             toks = tokens[done : done + batch_size].to(dev)
+            keep = ~torch.isin(toks[:, s:], special)
             cache: dict[str, Tensor] = {}
 
             def grab(name: str) -> Callable:
@@ -260,18 +274,24 @@ def evaluate_transcoders(
                 x, y = cache[tc.cfg.hook_name][:, s:], cache[out_hook[layer]][:, s:]
                 f = tc.encode(x)
                 y_hat = tc.decode(f, x)
+                se = (y.float() - y_hat.float()).pow(2).sum(-1)  # [batch, pos - s]
                 yf = y.flatten(0, 1).double()
-                a["n"] += yf.shape[0]
-                a["l0"] += float((f > 0).sum())
-                a["mse"] += float((y.float() - y_hat.float()).pow(2).sum())
-                a["fired"] |= (f > 0).flatten(0, 1).any(0)
-                a["y_sum"] += yf.sum(0)
-                a["y_sq"] += yf.pow(2).sum()
+                a["n_all"] += yf.shape[0]
+                a["mse_all"] += float(se.sum())
+                a["y_sum_all"] += yf.sum(0)
+                a["y_sq_all"] += yf.pow(2).sum()
+                yk, fk = y[keep].double(), f[keep]
+                a["n"] += yk.shape[0]
+                a["l0"] += float((fk > 0).sum())
+                a["mse"] += float(se[keep].sum())
+                a["fired"] |= (fk > 0).any(0)
+                a["y_sum"] += yk.sum(0)
+                a["y_sq"] += yk.pow(2).sum()
                 for key, hook in (("spliced", replace(y_hat)), ("zero", zero)):
                     total, ctx = ce(run(starts[layer], [(out_hook[layer], hook)]))
                     a[f"ce_{key}"] += total
                     a[f"ctx_{key}"] += ctx
-            for key, hooks in (("all", _replaced_hooks(layers, s)), ("all_zero", [(tc.cfg.hook_name_out, zero) for tc in layers.values()])):
+            for key, hooks in (("all", _replaced_hooks(layers, s, keep)), ("all_zero", [(tc.cfg.hook_name_out, zero) for tc in layers.values()])):
                 total, ctx = ce(run(start_all, hooks))
                 tot[f"ce_{key}"] += total
                 tot[f"ctx_{key}"] += ctx
@@ -280,14 +300,20 @@ def evaluate_transcoders(
     m = tot["ce_n"]
     ce_clean = tot["ce_clean"] / m
     rows = []
+    if acc[next(iter(layers))]["n"] == 0:
+        raise MechscopeError("every evaluated position holds a special token; evaluate on text.")
     for layer, tc in layers.items():
         a = acc[layer]
         n = a["n"]
         var = float(a["y_sq"] / n - (a["y_sum"] / n).pow(2).sum())
+        n_all = a["n_all"]
+        var_all = float(a["y_sq_all"] / n_all - (a["y_sum_all"] / n_all).pow(2).sum())
         ce_s, ce_z = a["ce_spliced"] / m, a["ce_zero"] / m
         rows.append({
             "layer": layer, "architecture": tc.cfg.architecture, "d_sae": tc.cfg.d_sae, "k": tc.cfg.k,
-            "fvu": (a["mse"] / n) / var if var > 0 else math.nan, "mse": a["mse"] / n, "l0": a["l0"] / n,
+            "fvu": (a["mse"] / n) / var if var > 0 else math.nan,
+            "fvu_with_special": (a["mse_all"] / n_all) / var_all if var_all > 0 else math.nan,
+            "mse": a["mse"] / n, "l0": a["l0"] / n,
             "dead_frac": float((~a["fired"]).float().mean()), "ce_spliced": ce_s, "ce_zero": ce_z,
             "ce_recovered": _recovered(ce_z, ce_s, ce_clean),
             "ce_recovered_ci95": _recovered_ci95(a["ctx_zero"], a["ctx_spliced"], tot["ctx_clean"]),
@@ -308,15 +334,16 @@ def evaluate_transcoders(
                     "mean_l0": statistics.fmean(r["l0"] for r in rows),
                     "mean_dead_frac": statistics.fmean(r["dead_frac"] for r in rows),
                     "min_ce_recovered": min(r["ce_recovered"] for r in rows)},
-        "settings": {"skip_first": skip_first, "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1]),
+        "settings": {"skip_first": skip_first, "exclude_special": exclude_special,
+                     "special_positions": acc[rows[0]["layer"]]["n_all"] - acc[rows[0]["layer"]]["n"], "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1]),
                      "batch_size": batch_size, "n_layers_model": model.summary.n_layers, "fast": replay is not None,
                      "transcoders_model": first.model_name},
     }
 
 
-def _replaced_hooks(layers: Mapping[int, SAE], s: int) -> list:
+def _replaced_hooks(layers: Mapping[int, SAE], s: int, keep: Tensor) -> list:
     """Hooks that replace every MLP in ``layers`` by its transcoder reading the run's own
-    input (positions from ``s`` on)."""
+    input (positions from ``s`` on where ``keep [batch, pos - s]`` holds)."""
     seen: dict[int, Tensor] = {}
     hooks = []
     for layer, tc in layers.items():
@@ -326,7 +353,7 @@ def _replaced_hooks(layers: Mapping[int, SAE], s: int) -> list:
         def put(t: Tensor, hook: Any = None, layer: int = layer, tc: SAE = tc) -> Tensor:
             x = seen.pop(layer)
             t = t.clone()
-            t[:, s:] = tc.decode(tc.encode(x), x).to(t.dtype)
+            t[:, s:] = torch.where(keep[..., None], tc.decode(tc.encode(x), x).to(t.dtype), t[:, s:])
             return t
 
         hooks += [(tc.cfg.hook_name, grab), (tc.cfg.hook_name_out, put)]
@@ -349,7 +376,8 @@ def _replay_matches(replay: _BlockReplay, clean: Tensor) -> bool:
 
 def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[int, SAE], corpus: str | None = None, *,
                                    n_tokens: int = EVAL_TOKENS, context_len: int = StoreConfig.context_len,
-                                   batch_size: int = 8, progress: ProgressArg = False) -> dict[str, Any]:
+                                   batch_size: int = 8, exclude_special: bool = True,
+                                   progress: ProgressArg = False) -> dict[str, Any]:
     """``evaluate_transcoders`` on the held-out split of ``corpus`` (``activations.get_corpus``;
     default the embedded corpus, whose train split sets are trained on): ``n_tokens //
     context_len`` contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]``
@@ -360,7 +388,8 @@ def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[i
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
     if not ctx:
         raise MechscopeError("the held-out corpus yields no full context; use a larger corpus or a smaller --context-len.")
-    r = evaluate_transcoders(model, tset, torch.tensor(ctx), batch_size=batch_size, progress=progress)
+    r = evaluate_transcoders(model, tset, torch.tensor(ctx), batch_size=batch_size, exclude_special=exclude_special,
+                             progress=progress)
     r["settings"]["corpus"] = (corpus or "embedded") + " (held-out split)"
     return r
 

@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechscope.activations import ActivationStore, StoreConfig, get_corpus
+from mechscope.activations import ActivationStore, StoreConfig, get_corpus, special_token_ids
+from mechscope.activations.config import TOKENS_KEY
 from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, save_transcoders
@@ -70,7 +71,7 @@ LOG_FILE = "training_log.json"
 LATEST = "latest.json"
 SET_STATE = "set.json"
 _FINGERPRINT = ("layers", "architecture", "skip", "k", "expansion", "d_sae", "tokens", "lr", "corpus", "context_len",
-                "batch_contexts", "forward_contexts", "shuffle_contexts", "seed", "train_options")
+                "batch_contexts", "forward_contexts", "shuffle_contexts", "seed", "exclude_special", "train_options")
 """Settings a resumed run must share with the checkpoint (everything but ``checkpoint_every``)."""
 
 
@@ -87,13 +88,18 @@ class SharedBatches:
     hands over whole forward passes in corpus order and holds nothing between fills. Rows are
     read ``cfg.shuffle_contexts`` contexts at a time (a chunk, ``chunk_rows`` rows), permuted
     by a generator seeded with ``(cfg.seed, chunk index)`` and cut into ``batch_rows``-row
-    batches; batch ``i`` is ``{hook: [batch_rows, d_hook]}``, views into its chunk. Every
+    batches; batch ``i`` is ``{hook: [n, d_hook]}``, views into its chunk (``n = batch_rows``),
+    or, given ``exclude`` token ids, copies without those tokens' rows (``n <= batch_rows``,
+    the same rows for every hook). Every
     reader gets batch 0, 1, 2, ... in turn (``get``); a batch is dropped once every reader has
     had it. ``state_dict`` is only taken at a chunk boundary with every reader there.
     """
 
-    def __init__(self, store: ActivationStore, cfg: TranscoderTrainConfig, n_readers: int):
+    def __init__(self, store: ActivationStore, cfg: TranscoderTrainConfig, n_readers: int, exclude: list[int] | None = None):
+        if exclude and not store.cfg.with_tokens:
+            raise MechscopeError("leaving out tokens' rows needs a store made with with_tokens=True.")
         self.store, self.cfg = store, cfg
+        self.exclude = torch.tensor(sorted(exclude), dtype=torch.long) if exclude else None
         self.batch_rows = cfg.batch_rows
         self.fill_rows = store.cfg.buffer_tokens
         self.chunk_rows = cfg.shuffle_contexts * cfg.rows_per_context
@@ -127,16 +133,25 @@ class SharedBatches:
                 raise MechscopeError("the corpus ran out of text before training finished; use a larger corpus or fewer --tokens.") from None
             for h, t in part.items():
                 if h not in rows:
-                    rows[h] = torch.empty(self.chunk_rows, t.shape[1], dtype=t.dtype, device=t.device)
+                    rows[h] = torch.empty(self.chunk_rows, *t.shape[1:], dtype=t.dtype, device=t.device)
                 rows[h][start : start + t.shape[0]] = t
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.chunks)
         perm = torch.randperm(self.chunk_rows, generator=g)
         first = self.chunks * self.per_chunk
         for h in list(rows):
             rows[h] = rows[h][perm.to(rows[h].device)]
+        tokens = rows.pop(TOKENS_KEY, None)
         for m in range(self.per_chunk):
             sl = slice(m * self.batch_rows, (m + 1) * self.batch_rows)
-            self._batches[first + m] = {h: t[sl] for h, t in rows.items()}
+            batch = {h: t[sl] for h, t in rows.items()}
+            if self.exclude is not None and tokens is not None:
+                keep = ~torch.isin(tokens[sl], self.exclude.to(tokens.device))
+                if not keep.any():
+                    raise MechscopeError("a training batch holds special tokens only; the corpus has no text between its "
+                                         "separators, so use another corpus.")
+                if not keep.all():
+                    batch = {h: t[keep] for h, t in batch.items()}
+            self._batches[first + m] = batch
         self.chunks += 1
 
     def at_boundary(self) -> bool:
@@ -183,9 +198,11 @@ def transcoder_sources(model: Any, cfg: TranscoderTrainConfig) -> tuple[SharedBa
     layers = check_layers(model, cfg)
     hooks = [h for layer in layers for h in layer_hooks(layer)]
     scfg = StoreConfig(hooks=hooks, context_len=cfg.context_len, batch_size=cfg.forward_contexts,
-                       buffer_tokens=cfg.fill_contexts * cfg.rows_per_context, shuffle=False, seed=cfg.seed)
+                       buffer_tokens=cfg.fill_contexts * cfg.rows_per_context, shuffle=False, seed=cfg.seed,
+                       with_tokens=cfg.exclude_special)
     store = ActivationStore(model, get_corpus(cfg.corpus, split="train"), scfg)
-    shared = SharedBatches(store, cfg, len(layers))
+    exclude = special_token_ids(model.tokenizer) if cfg.exclude_special else None
+    shared = SharedBatches(store, cfg, len(layers), exclude)
     return shared, [LayerSource(shared, i, *layer_hooks(layer)) for i, layer in enumerate(layers)]
 
 
