@@ -220,7 +220,7 @@ def transcoders_train(
     k: int = typer.Option(TranscoderTrainConfig.k, "--k", help="Active features per token (topk, batchtopk)."),
     expansion: int = typer.Option(TranscoderTrainConfig.expansion, "--expansion", help="Features per model dimension."),
     d_sae: Optional[int] = typer.Option(None, "--d-sae", help="Features per layer (overrides --expansion)."),
-    skip: bool = typer.Option(False, "--skip", help="Add a linear skip from MLP input to output (circuit-tracer's W_skip)."),
+    skip: bool = typer.Option(TranscoderTrainConfig.skip, "--skip/--no-skip", help="A linear skip from MLP input to output (circuit-tracer's W_skip); on by default."),
     tokens: int = typer.Option(TranscoderTrainConfig.tokens, "--tokens", help="Training tokens per layer (all layers share them)."),
     corpus: Optional[str] = CorpusOpt,
     lr: float = typer.Option(TranscoderTrainConfig.lr, "--lr"),
