@@ -127,8 +127,9 @@ def main() -> None:
     ap.add_argument("--harvest-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     ap.add_argument("--include-special", action="store_true",
-                    help="Keep special tokens' rows (document separators, BOS) in training and scoring; by default both "
-                         "leave them out, as mechscope's transcoder sets do (exclude_special).")
+                    help="Transcoders: keep special tokens' rows (document separators, BOS) in training and held-out FVU; by "
+                         "default both leave them out, as mechscope's transcoder sets do (exclude_special). SAE jobs keep "
+                         "them (as `mechscope sae train` does), and --ce-contexts splices every position (evaluate_sae).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -155,15 +156,15 @@ def main() -> None:
     held = harvest(m, hooks, "heldout", args.heldout, 128, args.cache)
     if args.harvest_only:
         return
-    if not args.include_special:
+    keep_rows = {"train": None, "held": None}  # transcoders: special tokens' rows left out, as mechscope's sets do
+    if not args.include_special and args.transcoder_layers:
         from mechscope.activations import special_token_ids
 
         special = torch.tensor(special_token_ids(m.tokenizer))
-        for rows in (train, held):
-            keep = ~torch.isin(rows["tokens"].long(), special)
-            print(f"  leaving out {int((~keep).sum()):,} special-token rows of {keep.numel():,}", flush=True)
-            for h in list(rows):
-                rows[h] = rows[h][keep]
+        for name, rows in (("train", train), ("held", held)):
+            keep_rows[name] = ~torch.isin(rows["tokens"].long(), special)
+            print(f"  transcoders leave out {int((~keep_rows[name]).sum()):,} special-token rows of {keep_rows[name].numel():,} ({name})",
+                  flush=True)
     overrides = {}
     for kv in args.set:
         key, _, val = kv.partition("=")
@@ -186,6 +187,8 @@ def main() -> None:
     for hin, hout, layer in jobs:
         x, xh = train[hin], held[hin]
         y, yh = (train[hout], held[hout]) if hout else (x, xh)
+        if hout and keep_rows["train"] is not None:
+            x, y, xh, yh = x[keep_rows["train"]], y[keep_rows["train"]], xh[keep_rows["held"]], yh[keep_rows["held"]]
         d = x.shape[1]
         if layer is None:
             cfg = TrainConfig(architecture="topk", tokens=args.tokens)
@@ -194,7 +197,7 @@ def main() -> None:
         cfg = replace(cfg, **overrides, checkpoint_every=10**12)
         d_sae = cfg.d_sae or cfg.expansion * d
         name = f"{hin}" + (f" -> {hout}" if hout else "")
-        print(f"\n{name}: {args.tokens:,} training rows, {xh.shape[0]:,} held-out rows; TopK k={cfg.k}, d_sae={d_sae}", flush=True)
+        print(f"\n{name}: {args.tokens:,} training rows drawn from {x.shape[0]:,} harvested, {xh.shape[0]:,} held-out rows; TopK k={cfg.k}, d_sae={d_sae}", flush=True)
         row = {"hook": hin, "hook_out": hout, "tokens": args.tokens, "k": cfg.k, "d_sae": d_sae}
         sae_cfg = SAEConfig(d_in=d, d_sae=d_sae, architecture="topk", k=cfg.k, hook_name=hin, d_out=d if hout else None,
                             hook_name_out=hout, model_name=m.summary.name)

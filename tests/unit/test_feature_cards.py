@@ -22,15 +22,21 @@ def _seqs(model, n=3, P=10, seed=0):
 @pytest.mark.parametrize("arch,k", [("relu", None), ("topk", 5)])
 def test_contexts_are_the_largest_activations_of_the_replacement_run(tiny_model, arch, k):
     """Each feature's best exemplar is its largest activation over every context and position
-    >= 1, as the graph's own clean pass (``capture``, one prompt at a time) computes it; the
-    window shows that activation at its marked token; batching changes nothing."""
+    >= 1 that is not a special token, as the graph's own clean pass (``capture``, one prompt at
+    a time) computes it; the window shows that activation at its marked token; batching changes
+    nothing."""
+    from mechscope.activations import special_token_ids
+
     tset = random_transcoders(tiny_model, d_sae=24, architecture=arch, k=k, seed=3)
     toks = _seqs(tiny_model)
+    sep = special_token_ids(tiny_model.tokenizer)[0]
+    toks[0, 5] = toks[1, 9] = sep  # mid-context separators: never exemplars
+    special = set(special_token_ids(tiny_model.tokenizer))
     runs = [capture(tiny_model, tset, t) for t in toks]
     table = {}  # (layer, feature) -> [(value, context, pos)]
     for c, run in enumerate(runs):
         for (layer, pos, f), v in zip(run.active.tolist(), run.values.tolist()):
-            if pos >= 1:
+            if pos >= 1 and int(toks[c, pos]) not in special:
                 table.setdefault((layer, f), []).append((v, c, pos))
     feats = sorted(table)[:: max(1, len(table) // 12)]
     assert len(feats) >= 6

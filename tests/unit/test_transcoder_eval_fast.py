@@ -36,11 +36,15 @@ def _close(a, b, tol=1e-5):
 def test_fast_eval_equals_full_passes(tiny_model):
     """Every number, per layer and for all layers spliced, within 1e-5 of the full-pass path,
     for a whole (skip) set and for some layers only; the fast path was really taken."""
+    from mechscope.activations import special_token_ids
+
     tset = random_transcoders(tiny_model, d_sae=40, k=5, seed=3, skip=True, scale=2.0)
     toks = _tokens(tiny_model)
+    toks[:, 6] = special_token_ids(tiny_model.tokenizer)[0]  # mid-context separators: the masked path too
     fast = evaluate_transcoders(tiny_model, tset, toks, batch_size=2)  # three batches, the last short
     slow = evaluate_transcoders(tiny_model, tset, toks, batch_size=2, fast=False)
     assert fast["settings"]["fast"] is True and slow["settings"]["fast"] is False
+    assert fast["settings"]["special_positions"] >= toks.shape[0]
     _close(fast, slow)
     assert abs(fast["all_layers"]["ce_spliced"] - fast["ce_clean"]) > 1e-3  # the splice changed something
     some = {layer: tset.layers[layer] for layer in range(1, len(tset.layers))}
@@ -67,7 +71,7 @@ def test_ci95_is_the_delta_method_of_per_context_sums(tiny_llama):
     here from per-context losses of direct hooked runs; it is NaN for one context."""
     tset = random_transcoders(tiny_llama, d_sae=40, k=5, seed=4, scale=2.0)
     toks = _tokens(tiny_llama, n_ctx=6)
-    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4)
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)  # the hand runs splice everything
 
     def zero_all(t, hook):
         t = t.clone()
@@ -78,7 +82,7 @@ def test_ci95_is_the_delta_method_of_per_context_sums(tiny_llama):
         c = _ce(tiny_llama.bridge(toks), toks).sum(1).double()
         z = _ce(tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, zero_all) for tc in tset.layers]), toks).sum(1).double()
     # the spliced per-context losses: recovered from the evaluation's own mean is not enough, so use layer 0 alone
-    one = evaluate_transcoders(tiny_llama, {0: tset.layers[0]}, toks, batch_size=4)
+    one = evaluate_transcoders(tiny_llama, {0: tset.layers[0]}, toks, batch_size=4, exclude_special=False)
     with torch.no_grad():
         y_hat = {}
 

@@ -329,6 +329,25 @@ def test_eval_leaves_special_positions_alone(tiny_llama, corpus):
             logits = tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, fn)])
             assert abs(float(_ce(logits, toks).mean()) - row[key]) < 1e-4, key
         assert abs(r_all["layers"][layer]["ce_spliced"] - row["ce_spliced"]) > 1e-6  # the mask changed the run
+        # All layers at once: each transcoder reads the spliced run's input, special positions kept.
+        seen = {}
+        hooks = []
+        for lyr, t_c in enumerate(tset.layers):
+            def read(a, hook, lyr=lyr):
+                seen[lyr] = a[:, 1:]
+
+            def write(a, hook, lyr=lyr, t_c=t_c):
+                b = a.clone()
+                b[:, 1:] = torch.where(keep[..., None], t_c(seen[lyr]), b[:, 1:])
+                return b
+            hooks += [(t_c.cfg.hook_name, read), (t_c.cfg.hook_name_out, write)]
+        want = float(_ce(tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=hooks), toks).mean())
+        assert abs(r["all_layers"]["ce_spliced"] - want) < 1e-4
+        zero_all = [(t_c.cfg.hook_name_out, zeroed) for t_c in tset.layers]
+        want_zero = float(_ce(tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=zero_all), toks).mean())
+        assert abs(r["all_layers"]["ce_zero"] - want_zero) < 1e-4
+    slow = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, fast=False)
+    assert abs(slow["all_layers"]["ce_spliced"] - r["all_layers"]["ce_spliced"]) < 1e-5
 
 
 # ------------------------------------------------------------------------------ evaluation

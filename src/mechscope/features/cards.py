@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from mechscope.activations.store import special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import ln_normalized
@@ -79,10 +80,12 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
         bar.advance(toks.numel())
     bar.close()
     vocab = model.tokenizer
+    special = torch.isin(tokens.cpu(), torch.tensor(special_token_ids(vocab)))  # [N, T]
     out: dict[str, list[dict]] = {}
     for layer, fs in by_layer.items():
         a = acts[layer].clone()
         a[:, 0] = float("-inf")  # position 0 (attention sink) is not an exemplar
+        a[special] = float("-inf")  # nor are special tokens (mid-context sinks; the transcoders never trained on them)
         flat = a.reshape(N * T, len(fs))
         vals, idx = flat.topk(min(top, N * (T - 1)), dim=0)  # [top, features]
         for j, f in enumerate(fs):

@@ -56,7 +56,8 @@ class TranscoderTrainConfig:
     """Rows harvested per layer (every layer trains on the same ones), rounded down to whole
     batches; with ``exclude_special`` the special tokens' rows among them are not trained on."""
     lr: float = 1.2e-3
-    """Measured with ``batch_contexts`` 8 (``bench/sae_defaults.py``, embedded model, layer 10, TopK
+    """Measured with ``batch_contexts`` 8 and no skip, before both defaults changed, and not re-tuned
+    since (``bench/sae_defaults.py``, embedded model, layer 10, TopK
     k=32 x8, 100,000 rows, held-out FVU): old defaults (lr 4e-4, 2,032-row batches, dead window
     500k, uncentred start) 1.051; centred start and short dead window 0.951; lr 1.2e-3 0.755;
     and 1,016-row batches 0.411 (lr 2.5e-3 at 2,032 rows: 0.505, with 71% dead latents).

@@ -73,6 +73,8 @@ SET_STATE = "set.json"
 _FINGERPRINT = ("layers", "architecture", "skip", "k", "expansion", "d_sae", "tokens", "lr", "corpus", "context_len",
                 "batch_contexts", "forward_contexts", "shuffle_contexts", "seed", "exclude_special", "train_options")
 """Settings a resumed run must share with the checkpoint (everything but ``checkpoint_every``)."""
+_BEFORE = {"exclude_special": False}
+"""Values of fingerprint settings added later, for checkpoints written before they existed."""
 
 
 def layer_hooks(layer: int) -> tuple[str, str]:
@@ -109,7 +111,8 @@ class SharedBatches:
         self._batches: dict[int, dict[str, Tensor]] = {}
 
     def get(self, reader: int, n: int) -> dict[str, Tensor]:
-        """Reader ``reader``'s next batch ({hook: [n, d]}; ``n`` must be ``batch_rows``)."""
+        """Reader ``reader``'s next batch ({hook: [m, d]}; ``n`` must be ``batch_rows``, and ``m``
+        is ``n`` less the special tokens' rows left out)."""
         if n != self.batch_rows:
             raise MechscopeError(f"a shared batch has {self.batch_rows} rows; {n} were asked for.")
         i = self.cursors[reader]
@@ -227,7 +230,7 @@ class _Run:
         dims = self.shared.store.dims
         name = model.summary.name
         meta = {"model_path": model_path or name, "context_size": cfg.context_len, "dataset_path": cfg.corpus or "embedded",
-                "transcoder_set_layers": self.layers}
+                "transcoder_set_layers": self.layers, "exclude_special": cfg.exclude_special}
         self.trainers: list[Trainer] = []
         for layer, src in zip(self.layers, sources):
             hin, hout = layer_hooks(layer)
@@ -265,7 +268,9 @@ class _Run:
         gen = root / json.loads((root / LATEST).read_text())["generation"]
         state = json.loads((gen / SET_STATE).read_text())
         want = self.fingerprint()
-        for key, old in state["settings"].items():
+        saved = {**_BEFORE, **state["settings"]}  # a checkpoint older than a setting ran with its old value
+        for key in sorted(set(saved) | set(want)):
+            old = saved.get(key)
             if want.get(key) != old:
                 raise MechscopeError(
                     f"the checkpoint in {root} was made with {key}={old!r}, not {want.get(key)!r}; resume with the same "

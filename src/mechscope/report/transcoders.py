@@ -43,7 +43,9 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
     note = ('<p class="note">FVU: squared error of the MLP output over its variance. CE recovered: (CE with the MLP '
             "output zeroed - CE with the transcoder's output spliced in) / (zeroed - clean), that layer alone; the "
             "all-layers figure splices every layer at once, each transcoder reading the spliced run's own input. "
-            "The first position of each context (an attention sink) is left clean and unscored.</p>")
+            "The first position of each context (an attention sink) is left clean and unscored, and so are "
+            "special tokens' positions (document separators, BOS) unless the settings say exclude_special false; "
+            "FVU with them counted is in the table.</p>")
     other = kv_table("all layers spliced", ((k, v) for k, v in all_.items() if k != "layers"))
     body = (f"{head}<h2>Per layer</h2>{note}{plot}{tab}"
             f"<h2>Settings</h2>{other}{kv_table('settings', settings.items())}")
