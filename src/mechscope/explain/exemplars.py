@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, cast
 import torch
 
 from mechscope.activations.config import StoreConfig
-from mechscope.activations.store import Harvester, pack_contexts, separator_id
+from mechscope.activations.store import Harvester, pack_contexts, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplar_merge import INF, _Batch, merge_best, merge_samples
@@ -335,7 +335,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     state = HarvestState.load(checkpoint, cfg, dev) if checkpoint else None
     if state is None:
         state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0)
-    special = {separator_id(model.tokenizer)} | {t for t in (model.tokenizer.bos_token_id,) if t is not None}
+    special = torch.tensor(special_token_ids(model.tokenizer), dtype=torch.long)  # separator, BOS and other sinks
     stream = iter(contexts) if contexts is not None else _contexts(model, cfg)
     for _ in range(state.contexts_done):  # resume: skip what the checkpoint holds
         next(stream, None)
@@ -349,10 +349,8 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
             break
         tokens = torch.tensor(ctx, dtype=torch.long)  # [B, T]
-        valid = torch.ones_like(tokens, dtype=torch.bool)
+        valid = ~torch.isin(tokens, special)
         valid[:, 0] = False
-        for t in special:
-            valid &= tokens != t
         got = harvester.run(tokens, skip_first=0)  # {hook: [B*T, d]}
         first = cfg.first_context + state.contexts_done
         keys = _token_keys(cfg.seed, range(first, first + len(ctx)), T)

@@ -144,16 +144,15 @@ class SharedBatches:
         for h in list(rows):
             rows[h] = rows[h][perm.to(rows[h].device)]
         tokens = rows.pop(TOKENS_KEY, None)
+        keep = ~torch.isin(tokens, self.exclude.to(tokens.device)) if self.exclude is not None and tokens is not None else None
         for m in range(self.per_chunk):
             sl = slice(m * self.batch_rows, (m + 1) * self.batch_rows)
             batch = {h: t[sl] for h, t in rows.items()}
-            if self.exclude is not None and tokens is not None:
-                keep = ~torch.isin(tokens[sl], self.exclude.to(tokens.device))
-                if not keep.any():
+            if keep is not None and not keep[sl].all():
+                if not keep[sl].any():
                     raise MechscopeError("a training batch holds special tokens only; the corpus has no text between its "
                                          "separators, so use another corpus.")
-                if not keep.all():
-                    batch = {h: t[keep] for h, t in batch.items()}
+                batch = {h: t[keep[sl]] for h, t in batch.items()}
             self._batches[first + m] = batch
         self.chunks += 1
 
