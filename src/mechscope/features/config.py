@@ -71,7 +71,7 @@ class TranscoderTrainConfig:
     """Contexts whose rows make one training batch (508 rows at ``context_len`` 128; short
     runs need the steps, see ``lr``). 4 since session 15: with the skip, at 300,000 tokens,
     held-out FVU 0.357 -> 0.321 (layer 4), 0.370 -> 0.325 (layer 13), 0.216 -> 0.187 (layer
-    20) against 8 contexts, for about 1.3x the training time (``bench/sae_defaults.py``)."""
+    20) against 8 contexts, for roughly 1.1-1.7x the training time (shared box; ``bench/sae_defaults.py``)."""
     forward_contexts: int = 8
     """Contexts per forward pass of the model."""
     shuffle_contexts: int = 256
