@@ -147,6 +147,52 @@ def test_rows_carry_their_token_ids_when_asked(tiny_gpt2):
         StoreConfig(hooks=[TOKENS_KEY])
 
 
+def test_sink_positions_marks_massive_norms_in_any_block():
+    from mechscope.activations.store import sink_positions
+
+    a = torch.ones(2, 5)
+    b = torch.ones(2, 5)
+    a[0, 3] = 40.0  # a sink after the first block only
+    b[1, 1] = 31.0  # and one after the second only
+    b[1, 2] = 30.0  # exactly 30x the median: not more than it
+    got = sink_positions([a, b], 30.0)
+    want = torch.zeros(2, 5, dtype=torch.bool)
+    want[0, 3] = want[1, 1] = True
+    assert torch.equal(got, want)
+    assert not sink_positions([torch.zeros(2, 4)], 30.0).any()  # a zero median marks nothing
+    assert sink_positions([], 30.0).numel() == 0
+
+
+def test_harvester_marks_sinks_as_an_independent_computation_does(tiny_llama):
+    """With ``sink_ratio`` the served token id is ``SINK_TOKEN`` exactly where the residual norm
+    after one of the hooks' blocks (computed here from a full ``run_with_cache``) is more than
+    ``sink_ratio`` times that block's median over the batch (positions from ``skip_first``)."""
+    from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
+
+    hooks = ["blocks.0.ln2.hook_normalized", "blocks.2.hook_mlp_out"]
+    ratio = 1.2  # tiny random models have no massive activations; a low ratio still marks some positions
+    h = Harvester(tiny_llama, StoreConfig(hooks=hooks, context_len=16, with_tokens=True, sink_ratio=ratio))
+    assert h.sink_hooks == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    ctx = _contexts(tiny_llama, 6, 16)
+    got = h.run(ctx)
+    _, cache = tiny_llama.bridge.run_with_cache(ctx)
+    marked = torch.zeros(6, 15, dtype=torch.bool)
+    by_block = []
+    for layer in (0, 2):
+        n = cache[f"blocks.{layer}.hook_resid_post"][:, 1:].norm(dim=-1)
+        by_block.append(n > ratio * n.median())
+        marked |= by_block[-1]
+    assert 0 < int(marked.sum()) < marked.numel() and bool((by_block[0] & ~by_block[1]).any())  # both blocks count
+    assert torch.equal(got[TOKENS_KEY], torch.where(marked, SINK_TOKEN, ctx[:, 1:]).reshape(-1))
+    torch.testing.assert_close(got[hooks[1]], _reference(tiny_llama, ctx, hooks[1], 1))  # the rows are unchanged
+    plain = Harvester(tiny_llama, StoreConfig(hooks=hooks, context_len=16, with_tokens=True)).run(ctx)
+    assert torch.equal(plain[TOKENS_KEY], ctx[:, 1:].reshape(-1))
+    with pytest.raises(MechscopeError, match="sink_ratio must be above 1 and needs with_tokens"):
+        StoreConfig(hooks=hooks, sink_ratio=30.0)
+    with pytest.raises(MechscopeError, match="sink_ratio must be above 1"):
+        StoreConfig(hooks=hooks, with_tokens=True, sink_ratio=0.5)
+
+
 @pytest.mark.parametrize("served", [40, 64, 230])
 def test_a_store_restored_mid_stream_serves_what_the_original_would(tiny_gpt2, served):
     """Skip the contexts run, restore the waiting rows and the generator: the next batches are

@@ -161,7 +161,8 @@ def test_a_set_trains_every_layer_from_one_forward_pass_per_batch(tiny_llama, co
     one_calls = list(calls)
     # 32 steps of 4 contexts = 8 chunks of 16 contexts = 16 forward passes of 8 contexts (+ one width probe)
     assert len(all_calls) == len(one_calls) == 16 + 1
-    assert all_calls[1:] == [6] * 16 and one_calls[1:] == [2] * 16  # every layer's in and out hooks in each pass
+    # every layer's in and out hooks in each pass, and its residual's norm (the sink test, sink_ratio)
+    assert all_calls[1:] == [9] * 16 and one_calls[1:] == [3] * 16
     assert isinstance(full, TranscoderSet) and isinstance(one, dict) and list(one) == [1]
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
         "config.yaml", "layer_0", "layer_0.safetensors", "layer_1", "layer_1.safetensors", "layer_2",
@@ -255,8 +256,8 @@ def test_shared_batches_leave_out_exactly_the_special_tokens_rows(tiny_llama, co
     from mechscope.activations import get_corpus, pack_contexts, special_token_ids
     from mechscope.features.train import transcoder_sources
 
-    cfg_all = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, exclude_special=False, **SMALL)
-    cfg_ex = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, **SMALL)
+    cfg_all = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, exclude_special=False, sink_ratio=None, **SMALL)
+    cfg_ex = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, sink_ratio=None, **SMALL)
     shared_all, _ = transcoder_sources(tiny_llama, cfg_all)
     shared_ex, _ = transcoder_sources(tiny_llama, cfg_ex)
     assert cfg_ex.exclude_special and shared_ex.store.cfg.with_tokens and not shared_all.store.cfg.with_tokens
@@ -279,6 +280,83 @@ def test_shared_batches_leave_out_exactly_the_special_tokens_rows(tiny_llama, co
             assert torch.equal(b[h], a[h][keep]), (i, h)
         left_out += int((~keep).sum())
     assert left_out > 0  # the corpus's documents are packed with separators mid-context
+
+
+def _sinks(model, ctx, layers, ratio, batch):
+    """Sink positions [n, ctx_len - 1] by hand: residual norm after any of ``layers`` above
+    ``ratio`` times that layer's median over each batch of ``batch`` contexts (positions >= 1)."""
+    out = []
+    with torch.no_grad():
+        for t in ctx.split(batch):
+            _, cache = model.bridge.run_with_cache(t)
+            m = torch.zeros(t.shape[0], t.shape[1] - 1, dtype=torch.bool)
+            for layer in layers:
+                n = cache[f"blocks.{layer}.hook_resid_post"][:, 1:].norm(dim=-1)
+                m |= n > ratio * n.median()
+            out.append(m)
+    return torch.cat(out)
+
+
+def test_shared_batches_leave_out_the_sinks_rows(tiny_llama, corpus):
+    """With ``sink_ratio`` (special tokens kept here) each batch is the batch without it less
+    the rows of sink positions, found here by hand per forward pass of ``forward_contexts``."""
+    from mechscope.activations import get_corpus, pack_contexts
+    from mechscope.features.train import transcoder_sources
+
+    ratio = 1.2
+    cfg_all = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, exclude_special=False, sink_ratio=None, **SMALL)
+    cfg_sk = TranscoderTrainConfig(tokens=2_000, layers=[0, 1], corpus=corpus, exclude_special=False, sink_ratio=ratio, **SMALL)
+    shared_all, _ = transcoder_sources(tiny_llama, cfg_all)
+    shared_sk, _ = transcoder_sources(tiny_llama, cfg_sk)
+    ctx = torch.tensor(list(itertools.islice(pack_contexts(tiny_llama.tokenizer, get_corpus(corpus, split="train"), 32),
+                                             cfg_sk.shuffle_contexts)))
+    sinks = _sinks(tiny_llama, ctx, [0, 1], ratio, cfg_sk.forward_contexts).reshape(-1)
+    perm = torch.randperm(shared_sk.chunk_rows, generator=torch.Generator().manual_seed(cfg_sk.seed * 1_000_003))
+    left_out = 0
+    for m in range(shared_sk.per_chunk):
+        keep = ~sinks[perm][m * cfg_sk.batch_rows : (m + 1) * cfg_sk.batch_rows]
+        a = [shared_all.get(r, cfg_all.batch_rows) for r in range(2)][0]
+        b = [shared_sk.get(r, cfg_sk.batch_rows) for r in range(2)][0]
+        for h in a:
+            assert torch.equal(b[h], a[h][keep]), (m, h)
+        left_out += int((~keep).sum())
+    assert 0 < left_out < shared_sk.chunk_rows
+
+
+def test_eval_leaves_sink_positions_alone(tiny_llama, corpus):
+    """``sink_ratio``: positions whose residual norm after a layer of the set is above the
+    ratio times its median (by hand here) are left unspliced and out of the statistics."""
+    tset = random_transcoders(tiny_llama, d_sae=48, k=6, seed=7, scale=2.0)
+    toks = _heldout(tiny_llama, corpus, n_ctx=4)
+    ratio = 1.2
+    keep = ~_sinks(tiny_llama, toks, [0, 1, 2], ratio, 4)
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False, sink_ratio=ratio)
+    r_all = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False, sink_ratio=None)
+    assert r["tokens"] == int(keep.sum()) < r_all["tokens"] == 4 * 31
+    assert r["settings"]["sink_positions"] == int((~keep).sum()) and r["settings"]["special_positions"] == 0
+    tc = tset.layers[2]
+    cache = {}
+    with torch.no_grad():
+        tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(h, lambda t, hook, h=h: cache.__setitem__(h, t.clone()))
+                                                          for h in (tc.cfg.hook_name, tc.cfg.hook_name_out)])
+        x, y = cache[tc.cfg.hook_name][:, 1:], cache[tc.cfg.hook_name_out][:, 1:]
+        y_hat = tc.decode(tc.encode(x), x)
+        yk = y[keep]
+        fvu = float((y_hat[keep] - yk).pow(2).sum(-1).mean() / (yk - yk.mean(0)).pow(2).sum(-1).mean())
+        assert abs(r["layers"][2]["fvu"] - fvu) < 1e-4 * max(1, fvu)
+        assert abs(r["layers"][2]["fvu_with_special"] - r_all["layers"][2]["fvu"]) < 1e-6
+
+        def spliced(t, hook):
+            t = t.clone()
+            t[:, 1:] = torch.where(keep[..., None], y_hat, t[:, 1:])
+            return t
+
+        from mechscope.features.evaluate import _ce
+
+        logits = tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, spliced)])
+        assert abs(float(_ce(logits, toks).mean()) - r["layers"][2]["ce_spliced"]) < 1e-4
+    with pytest.raises(MechscopeError, match="--sink-ratio must be above 1"):
+        evaluate_transcoders(tiny_llama, tset, toks, sink_ratio=1.0)
 
 
 def test_eval_leaves_special_positions_alone(tiny_llama, corpus):
@@ -424,7 +502,8 @@ def test_layers_parse_and_config_checks():
             parse_layers(spec, 4)
     for kw, msg in ((dict(tokens=-5), "--tokens must be positive"), (dict(architecture="gated"), "unknown SAE architecture"),
                     (dict(shuffle_contexts=20, batch_contexts=8), "must be a multiple"), (dict(tokens=100), "less than one batch"),
-                    (dict(train_options={"lr": 1.0}), "may not set lr"), (dict(train_options={"nope": 1}), "does not know")):
+                    (dict(train_options={"lr": 1.0}), "may not set lr"), (dict(train_options={"nope": 1}), "does not know"),
+                    (dict(sink_ratio=0.5), "--sink-ratio must be above 1")):
         with pytest.raises(MechscopeError, match=msg):
             TranscoderTrainConfig(**kw)
     assert TranscoderTrainConfig(architecture="relu", skip=True).arch_name == "skip_relu"
@@ -449,6 +528,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny_llama_dir, corpus, tm
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--arch", "gated"]), "unknown SAE architecture")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--shuffle-contexts", "10"]), "must be a multiple of batch_contexts=4")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--resume"]), "does not exist")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--sink-ratio", "0.5"]), "--sink-ratio must be above 1")
     bad(_cli_train(tiny_llama_dir, str(tmp_path / "missing.jsonl"), out, 4000), "missing.jsonl")
     assert not out.exists()
     junk = tmp_path / "junk"

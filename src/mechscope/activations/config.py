@@ -18,6 +18,10 @@ TOKENS_KEY = "tokens"
 """Key of each row's token id (int) beside the hooks' rows, in shards and, with
 ``StoreConfig.with_tokens``, in the store's batches."""
 
+SINK_TOKEN = -1
+"""The token id served under ``TOKENS_KEY`` for a row that ``StoreConfig.sink_ratio`` marks as
+an attention sink (token ids are never negative)."""
+
 
 @dataclass
 class StoreConfig:
@@ -44,6 +48,11 @@ class StoreConfig:
     with_tokens: bool = False
     """Serve each row's token id too, under ``TOKENS_KEY`` (``[n]`` int64), in the same order
     as the rows (so a reader can drop, e.g., the rows of special tokens)."""
+    sink_ratio: float | None = None
+    """Mark attention-sink positions (needs ``with_tokens``): a position whose residual stream
+    after any hooked block (``blocks.l.hook_resid_post`` of each layer the hooks are in) has a
+    norm more than ``sink_ratio`` times that block's median over the forward batch is served with
+    token id ``SINK_TOKEN`` (``activations.store.sink_positions``). None marks nothing."""
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):
@@ -60,6 +69,8 @@ class StoreConfig:
             raise MechscopeError(f"skip_first must be in [0, context_len) = [0, {self.context_len}).")
         if self.dtype not in DTYPE_NAMES:
             raise MechscopeError(f"Unknown dtype '{self.dtype}'; use one of {', '.join(DTYPE_NAMES)}.")
+        if self.sink_ratio is not None and not (self.sink_ratio > 1 and self.with_tokens):
+            raise MechscopeError("sink_ratio must be above 1 and needs with_tokens=True (sinks are marked in the token ids).")
         if self.buffer_tokens < 2 * self.rows_per_context:
             raise MechscopeError(f"buffer_tokens must be at least two contexts' rows ({2 * self.rows_per_context}).")
 

@@ -24,7 +24,7 @@ from mechscope.cli.common import (
     load,
     parse_layers,
 )
-from mechscope.features.config import EVAL_TOKENS, TranscoderTrainConfig
+from mechscope.features.config import EVAL_TOKENS, SINK_RATIO, TranscoderTrainConfig
 
 CARD_TOKENS = 4096
 """Default held-out tokens searched for the graph page's feature contexts (about 10 s here)."""
@@ -230,6 +230,7 @@ def transcoders_train(
     checkpoint_every: int = typer.Option(TranscoderTrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
     seed: int = typer.Option(TranscoderTrainConfig.seed, "--seed"),
     include_special: bool = typer.Option(False, "--include-special", help="Train on special tokens' rows too (document separators, BOS: attention sinks with huge MLP outputs; left out by default)."),
+    sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out the rows of attention sinks: positions whose residual norm after a trained layer is more than this many times the layer's median (massive activations); 0 keeps them."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -244,7 +245,8 @@ def transcoders_train(
     cfg = TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
                                 corpus=corpus, lr=lr, context_len=context_len, batch_contexts=batch_contexts,
                                 shuffle_contexts=shuffle_contexts if shuffle_contexts is not None else TranscoderTrainConfig.chunk_for(batch_contexts, TranscoderTrainConfig.forward_contexts),
-                                checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special)  # checked when made
+                                checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special,
+                                sink_ratio=sink_ratio or None)  # checked when made
     m = load(model, device)
     cfg = replace(cfg, layers=parse_layers(layers, m.summary.n_layers))
     if not json:
@@ -275,6 +277,7 @@ def transcoders_eval(
     context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; FVU with them is reported either way)."),
+    sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out attention sinks as training does (residual norm after a layer of the set more than this many times its median); 0 splices and scores them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the set's folder)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -300,7 +303,7 @@ def transcoders_eval(
     elif max(found) >= n:
         fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
     r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
-                                       exclude_special=not include_special, progress=not json)
+                                       exclude_special=not include_special, sink_ratio=sink_ratio or None, progress=not json)
     dest = Path(out or set_dir)
     dest.mkdir(parents=True, exist_ok=True)
     html = render_transcoders_eval(r)
@@ -313,9 +316,10 @@ def transcoders_eval(
         return emit_json(r)
     from rich.table import Table
 
-    left = r["settings"].get("special_positions", 0)
+    left, sinks = r["settings"].get("special_positions", 0), r["settings"].get("sink_positions", 0)
+    parts = [f"{left:,} special-token"] * bool(left) + [f"{sinks:,} sink"] * bool(sinks)
     t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer"
-                    + (f" ({left:,} special-token positions left out)" if left else ""))
+                    + (f" ({' and '.join(parts)} positions left out)" if parts else ""))
     for col in ("layer", "FVU", "FVU with special", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
         t.add_column(col, justify="right")
     for row in r["layers"]:

@@ -17,6 +17,9 @@ EVAL_TOKENS = 4096
 """Default held-out tokens of ``mechscope transcoders eval`` (32 contexts of 128; each CE loss
 recovered comes with its 95% interval, so a longer run is a choice made knowing the width)."""
 
+SINK_RATIO = 30.0
+"""Default ``sink_ratio`` of training and evaluation (``TranscoderTrainConfig.sink_ratio``)."""
+
 _OWN = ("architecture", "d_sae", "expansion", "k", "tokens", "batch_tokens", "lr", "checkpoint_every", "seed", "device")
 """``TrainConfig`` fields this config sets itself (``train_options`` may not)."""
 
@@ -31,7 +34,7 @@ class TranscoderTrainConfig:
     the first position of each dropped as in every mechscope harvest), shuffled within the
     chunk and cut into training batches of ``batch_contexts`` contexts' rows
     (``batch_contexts * (context_len - 1)`` rows, less the special tokens' rows with
-    ``exclude_special``); the chunks are what makes resume exact
+    ``exclude_special`` and the sinks' rows with ``sink_ratio``); the chunks are what makes resume exact
     (``mechscope.features.train``). Memory for the chunk: ``shuffle_contexts * (context_len - 1)
     * 2 * sum(d_model of the layers) * 4`` bytes.
     """
@@ -86,6 +89,15 @@ class TranscoderTrainConfig:
     they are attention sinks whose MLP outputs dwarf every text token's, so a few of them set
     the output scale and most of the loss. Measured in ``bench/sae_defaults.py`` (docs/decisions.md,
     "Transcoder sets: special tokens")."""
+    sink_ratio: float | None = SINK_RATIO
+    """Leave out the rows of attention sinks that are not special tokens too: positions whose
+    residual stream after any trained layer has a norm more than ``sink_ratio`` times that
+    layer's median over the forward pass (``activations.store.sink_positions``; None: keep them).
+    On the embedded model these are mostly a newline at position 1 after a newline at position 0
+    (about 2% of contexts); their layer-11 MLP outputs are ~770x a text token's, so ~50 rows in
+    300,000 held most of the layer's squared error. 30 sits between the largest text ratio in
+    any layer (12.6x) and the smallest sink ratio after layers 11-28 (>= 65x at some layer);
+    measured in docs/decisions.md ("Transcoder sets: massive-activation sinks")."""
     train_options: dict[str, Any] = field(default_factory=dict)
     """Any other ``TrainConfig`` field (``l1``, ``l0``, ``aux_k``, ``dead_tokens``, ``log_every``, ...)."""
 
@@ -107,6 +119,8 @@ class TranscoderTrainConfig:
                 f"shuffle_contexts={self.shuffle_contexts} must be a multiple of batch_contexts={self.batch_contexts} "
                 f"and of the contexts per store fill ({self.fill_contexts})."
             )
+        if self.sink_ratio is not None and not self.sink_ratio > 1:
+            raise MechscopeError(f"--sink-ratio must be above 1 (or 0 to keep sink rows), got {self.sink_ratio}.")
         bad = sorted(set(self.train_options) & set(_OWN))
         if bad:
             raise MechscopeError(f"train_options may not set {', '.join(bad)}; they are fields of TranscoderTrainConfig.")

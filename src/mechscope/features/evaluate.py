@@ -24,8 +24,11 @@ and are left out of the statistics; with ``exclude_special`` (the default, as in
 are the positions of special tokens (``activations.special_token_ids``: the document separator
 that packing puts mid-context, BOS, chat markers), the other attention sinks, whose MLP outputs
 are tens of times larger than a text token's (the embedded model's layer 11: norm ~15,800
-against ~400) so that a handful of them would set the FVU; ``fvu_with_special`` reports it
-with them, for the record;
+against ~400) so that a handful of them would set the FVU; with ``sink_ratio`` (default 30,
+as in training) so are the other attention sinks, positions whose residual stream after one of
+the set's layers is more than 30x that layer's median in the clean pass
+(``activations.store.sink_positions``: massive activations, e.g. a newline at position 1);
+``fvu_with_special`` reports the FVU over every position from ``skip_first`` on, for the record;
 cross-entropies are means over the predictions made from positions ``max(skip_first, 1) - 1``
 on. Forward passes run with split attention inputs off (``plain_attention``).
 
@@ -60,10 +63,11 @@ import torch
 from torch import Tensor
 
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts, special_token_ids
+from mechscope.activations.store import sink_positions
 from mechscope.errors import MechscopeError
-from mechscope.features.config import EVAL_TOKENS
+from mechscope.features.config import EVAL_TOKENS, SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
-from mechscope.models.hooks import parse_hook
+from mechscope.models.hooks import parse_hook, resid_post
 from mechscope.models.load import plain_attention
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import write_json
@@ -175,6 +179,7 @@ def evaluate_transcoders(
     batch_size: int = 8,
     skip_first: int = 1,
     exclude_special: bool = True,
+    sink_ratio: float | None = SINK_RATIO,
     progress: ProgressArg = False,
     fast: bool = True,
 ) -> dict[str, Any]:
@@ -187,7 +192,10 @@ def evaluate_transcoders(
     ``ce_recovered``), ``all_layers`` (``layers``, ``ce_spliced``, ``ce_zero``,
     ``ce_recovered``), ``summary`` (``median_fvu``, ``max_fvu``, ``mean_l0``,
     ``mean_dead_frac``, ``min_ce_recovered``) and ``settings``; each layer also has
-    ``fvu_with_special`` (special tokens' positions counted); each ``ce_recovered`` has a
+    ``fvu_with_special`` (every position from ``skip_first`` on counted: special tokens' and
+    sinks'); ``sink_ratio`` leaves out the attention sinks as training does
+    (``activations.store.sink_positions`` over the residual stream after the set's layers in the
+    clean pass; None keeps them); each ``ce_recovered`` has a
     ``ce_recovered_ci95`` beside it. ``fast`` starts each layer's runs at its block (module
     docstring); ``fast=False`` runs ``2 * n_layers + 3`` full forward passes per batch.
     ``progress`` (``mechscope.progress``) sees one phase counting the contexts done.
@@ -209,13 +217,16 @@ def evaluate_transcoders(
     s = skip_first
     lo = max(s, 1) - 1
     special = torch.tensor(special_token_ids(model.tokenizer) if exclude_special else [], dtype=torch.long, device=dev)
+    if sink_ratio is not None and not sink_ratio > 1:
+        raise MechscopeError(f"--sink-ratio must be above 1 (or 0 to keep sink positions), got {sink_ratio}.")
+    sink_hooks = [resid_post(layer) for layer in sorted(layers)] if sink_ratio is not None else []
     acc: dict[int, dict[str, Any]] = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],
                    "fired": torch.zeros(tc.cfg.d_sae, dtype=torch.bool, device=dev),
                    "y_sum": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
                    "y_sq": torch.zeros((), dtype=torch.float64, device=dev),
                    "n_all": 0, "mse_all": 0.0, "y_sum_all": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
                    "y_sq_all": torch.zeros((), dtype=torch.float64, device=dev)} for layer, tc in layers.items()}
-    tot: dict[str, Any] = {"ce_clean": 0.0, "ce_all": 0.0, "ce_all_zero": 0.0, "ce_n": 0,
+    tot: dict[str, Any] = {"ce_clean": 0.0, "ce_all": 0.0, "ce_all_zero": 0.0, "ce_n": 0, "sinks": 0,
                            "ctx_clean": [], "ctx_all": [], "ctx_all_zero": []}
     replay = _BlockReplay(bridge) if fast and _BlockReplay.available(bridge) else None
     starts = {layer: _start_block(out_hook[layer]) for layer in layers}
@@ -248,8 +259,19 @@ def evaluate_transcoders(
                 return hook
 
             names = [h for layer, tc in layers.items() for h in (tc.cfg.hook_name, out_hook[layer])]
+            norms: dict[str, Tensor] = {}
+
+            def grab_norm(name: str) -> Callable:
+                def hook(t: Tensor, hook: Any = None) -> None:
+                    norms[name] = t[:, s:].detach().float().norm(dim=-1)
+                return hook
+
             with replay.record() if replay is not None else _nothing():
-                clean = bridge.run_with_hooks(toks, fwd_hooks=[(h, grab(h)) for h in names])
+                clean = bridge.run_with_hooks(toks, fwd_hooks=[(h, grab(h)) for h in names] + [(h, grab_norm(h)) for h in sink_hooks])
+            sinks = sink_positions([norms[h] for h in sink_hooks], sink_ratio) if sink_ratio is not None else None
+            if sinks is not None:
+                keep = keep & ~sinks
+                tot["sinks"] += int((sinks & torch.isin(toks[:, s:], special, invert=True)).sum())
             if replay is not None and done == 0 and not _replay_matches(replay, clean):
                 replay = None  # this model's blocks cannot be called on their own: full passes
 
@@ -301,7 +323,7 @@ def evaluate_transcoders(
     ce_clean = tot["ce_clean"] / m
     rows = []
     if acc[next(iter(layers))]["n"] == 0:
-        raise MechscopeError("every evaluated position holds a special token; evaluate on text.")
+        raise MechscopeError("every evaluated position holds a special token or an attention sink; evaluate on text.")
     for layer, tc in layers.items():
         a = acc[layer]
         n = a["n"]
@@ -334,8 +356,9 @@ def evaluate_transcoders(
                     "mean_l0": statistics.fmean(r["l0"] for r in rows),
                     "mean_dead_frac": statistics.fmean(r["dead_frac"] for r in rows),
                     "min_ce_recovered": min(r["ce_recovered"] for r in rows)},
-        "settings": {"skip_first": skip_first, "exclude_special": exclude_special,
-                     "special_positions": acc[rows[0]["layer"]]["n_all"] - acc[rows[0]["layer"]]["n"], "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1]),
+        "settings": {"skip_first": skip_first, "exclude_special": exclude_special, "sink_ratio": sink_ratio,
+                     "special_positions": acc[rows[0]["layer"]]["n_all"] - acc[rows[0]["layer"]]["n"] - tot["sinks"],
+                     "sink_positions": tot["sinks"], "contexts": int(tokens.shape[0]), "ctx_len": int(tokens.shape[1]),
                      "batch_size": batch_size, "n_layers_model": model.summary.n_layers, "fast": replay is not None,
                      "transcoders_model": first.model_name},
     }
@@ -377,7 +400,7 @@ def _replay_matches(replay: _BlockReplay, clean: Tensor) -> bool:
 def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[int, SAE], corpus: str | None = None, *,
                                    n_tokens: int = EVAL_TOKENS, context_len: int = StoreConfig.context_len,
                                    batch_size: int = 8, exclude_special: bool = True,
-                                   progress: ProgressArg = False) -> dict[str, Any]:
+                                   sink_ratio: float | None = SINK_RATIO, progress: ProgressArg = False) -> dict[str, Any]:
     """``evaluate_transcoders`` on the held-out split of ``corpus`` (``activations.get_corpus``;
     default the embedded corpus, whose train split sets are trained on): ``n_tokens //
     context_len`` contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]``
@@ -389,7 +412,7 @@ def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[i
     if not ctx:
         raise MechscopeError("the held-out corpus yields no full context; use a larger corpus or a smaller --context-len.")
     r = evaluate_transcoders(model, tset, torch.tensor(ctx), batch_size=batch_size, exclude_special=exclude_special,
-                             progress=progress)
+                             sink_ratio=sink_ratio, progress=progress)
     r["settings"]["corpus"] = (corpus or "embedded") + " (held-out split)"
     return r
 

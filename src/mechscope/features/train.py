@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from mechscope.activations import ActivationStore, StoreConfig, get_corpus, special_token_ids
-from mechscope.activations.config import TOKENS_KEY
+from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
 from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, save_transcoders
@@ -71,9 +71,9 @@ LOG_FILE = "training_log.json"
 LATEST = "latest.json"
 SET_STATE = "set.json"
 _FINGERPRINT = ("layers", "architecture", "skip", "k", "expansion", "d_sae", "tokens", "lr", "corpus", "context_len",
-                "batch_contexts", "forward_contexts", "shuffle_contexts", "seed", "exclude_special", "train_options")
+                "batch_contexts", "forward_contexts", "shuffle_contexts", "seed", "exclude_special", "sink_ratio", "train_options")
 """Settings a resumed run must share with the checkpoint (everything but ``checkpoint_every``)."""
-_BEFORE = {"exclude_special": False}
+_BEFORE: dict[str, Any] = {"exclude_special": False, "sink_ratio": None}
 """Values of fingerprint settings added later, for checkpoints written before they existed."""
 
 
@@ -91,8 +91,9 @@ class SharedBatches:
     read ``cfg.shuffle_contexts`` contexts at a time (a chunk, ``chunk_rows`` rows), permuted
     by a generator seeded with ``(cfg.seed, chunk index)`` and cut into ``batch_rows``-row
     batches; batch ``i`` is ``{hook: [n, d_hook]}``, views into its chunk (``n = batch_rows``),
-    or, given ``exclude`` token ids, copies without those tokens' rows (``n <= batch_rows``,
-    the same rows for every hook). Every
+    or, given ``exclude`` token ids (or a store that marks sinks, ``StoreConfig.sink_ratio``),
+    copies without those tokens' rows and the sinks' (``n <= batch_rows``, the same rows for
+    every hook). Every
     reader gets batch 0, 1, 2, ... in turn (``get``); a batch is dropped once every reader has
     had it. ``state_dict`` is only taken at a chunk boundary with every reader there.
     """
@@ -102,6 +103,9 @@ class SharedBatches:
             raise MechscopeError("leaving out tokens' rows needs a store made with with_tokens=True.")
         self.store, self.cfg = store, cfg
         self.exclude = torch.tensor(sorted(exclude), dtype=torch.long) if exclude else None
+        if store.cfg.sink_ratio is not None:  # sink rows come with token id SINK_TOKEN
+            self.exclude = torch.cat([self.exclude if self.exclude is not None else torch.zeros(0, dtype=torch.long),
+                                      torch.tensor([SINK_TOKEN])])
         self.batch_rows = cfg.batch_rows
         self.fill_rows = store.cfg.buffer_tokens
         self.chunk_rows = cfg.shuffle_contexts * cfg.rows_per_context
@@ -112,7 +116,7 @@ class SharedBatches:
 
     def get(self, reader: int, n: int) -> dict[str, Tensor]:
         """Reader ``reader``'s next batch ({hook: [m, d]}; ``n`` must be ``batch_rows``, and ``m``
-        is ``n`` less the special tokens' rows left out)."""
+        is ``n`` less the special tokens' and sinks' rows left out)."""
         if n != self.batch_rows:
             raise MechscopeError(f"a shared batch has {self.batch_rows} rows; {n} were asked for.")
         i = self.cursors[reader]
@@ -150,8 +154,8 @@ class SharedBatches:
             batch = {h: t[sl] for h, t in rows.items()}
             if keep is not None and not keep[sl].all():
                 if not keep[sl].any():
-                    raise MechscopeError("a training batch holds special tokens only; the corpus has no text between its "
-                                         "separators, so use another corpus.")
+                    raise MechscopeError("a training batch holds special tokens and attention sinks only; the corpus has no "
+                                         "text between its separators, so use another corpus (or a larger --sink-ratio).")
                 batch = {h: t[keep[sl]] for h, t in batch.items()}
             self._batches[first + m] = batch
         self.chunks += 1
@@ -201,7 +205,7 @@ def transcoder_sources(model: Any, cfg: TranscoderTrainConfig) -> tuple[SharedBa
     hooks = [h for layer in layers for h in layer_hooks(layer)]
     scfg = StoreConfig(hooks=hooks, context_len=cfg.context_len, batch_size=cfg.forward_contexts,
                        buffer_tokens=cfg.fill_contexts * cfg.rows_per_context, shuffle=False, seed=cfg.seed,
-                       with_tokens=cfg.exclude_special)
+                       with_tokens=cfg.exclude_special or cfg.sink_ratio is not None, sink_ratio=cfg.sink_ratio)
     store = ActivationStore(model, get_corpus(cfg.corpus, split="train"), scfg)
     exclude = special_token_ids(model.tokenizer) if cfg.exclude_special else None
     shared = SharedBatches(store, cfg, len(layers), exclude)
@@ -229,7 +233,8 @@ class _Run:
         dims = self.shared.store.dims
         name = model.summary.name
         meta = {"model_path": model_path or name, "context_size": cfg.context_len, "dataset_path": cfg.corpus or "embedded",
-                "transcoder_set_layers": self.layers, "exclude_special": cfg.exclude_special}
+                "transcoder_set_layers": self.layers, "exclude_special": cfg.exclude_special,
+                "sink_ratio": cfg.sink_ratio}
         self.trainers: list[Trainer] = []
         for layer, src in zip(self.layers, sources):
             hin, hout = layer_hooks(layer)
