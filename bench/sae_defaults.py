@@ -40,11 +40,13 @@ from safetensors.torch import load_file, save_file
 # --------------------------------------------------------------------------- data
 def harvest(model, hooks: list[str], split: str, n_tokens: int, context_len: int, cache: Path) -> dict[str, torch.Tensor]:
     """Rows {hook: [n, d]} (position 0 of each context dropped) and ``tokens`` [n] of the first
-    ``n_tokens`` rows of ``split``; read from ``cache`` when it holds them."""
+    ``n_tokens`` rows of ``split`` (``SINK_TOKEN`` where the harvester marks an attention sink
+    with the transcoder sets' default ``sink_ratio``); read from ``cache`` when it holds them."""
     from mechscope.activations import StoreConfig, get_corpus, pack_contexts
     from mechscope.activations.store import Harvester
+    from mechscope.features.config import SINK_RATIO
 
-    key = f"{split}_{context_len}_" + "_".join(sorted(h.replace(".", "-") for h in hooks))
+    key = f"{split}_{context_len}_sinks{SINK_RATIO:g}_" + "_".join(sorted(h.replace(".", "-") for h in hooks))
     path = cache / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}_{split}.safetensors"
     meta = cache / (path.stem + ".json")
     if path.is_file() and meta.is_file():
@@ -54,17 +56,16 @@ def harvest(model, hooks: list[str], split: str, n_tokens: int, context_len: int
     rows_per = context_len - 1
     n_ctx = -(-n_tokens // rows_per)
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(None, split=split), context_len), n_ctx))
-    hv = Harvester(model, StoreConfig(hooks=hooks, context_len=context_len))
-    out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    hv = Harvester(model, StoreConfig(hooks=hooks, context_len=context_len, with_tokens=True, sink_ratio=SINK_RATIO))
+    out: dict[str, list[torch.Tensor]] = {h: [] for h in [*hooks, "tokens"]}
     t0 = time.perf_counter()
     for i in range(0, len(ctx), 8):
         r = hv.run(torch.tensor(ctx[i : i + 8]))
-        for h in hooks:
+        for h in out:
             out[h].append(r[h])
         if i % 400 == 0:
             print(f"  harvest {split}: {i}/{len(ctx)} contexts, {time.perf_counter() - t0:.0f} s", flush=True)
     res = {h: torch.cat(v)[:n_tokens].contiguous() for h, v in out.items()}
-    res["tokens"] = torch.tensor(ctx)[:, 1:].reshape(-1)[:n_tokens].contiguous()
     cache.mkdir(parents=True, exist_ok=True)
     save_file(res, str(path))
     meta.write_text(json.dumps({"key": key, "rows": n_tokens}))
@@ -127,8 +128,9 @@ def main() -> None:
     ap.add_argument("--harvest-only", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     ap.add_argument("--include-special", action="store_true",
-                    help="Transcoders: keep special tokens' rows (document separators, BOS) in training and held-out FVU; by "
-                         "default both leave them out, as mechscope's transcoder sets do (exclude_special). SAE jobs keep "
+                    help="Transcoders: keep special tokens' rows (document separators, BOS) and attention sinks' rows in training "
+                         "and held-out FVU; by default both leave them out, as mechscope's transcoder sets do (exclude_special, "
+                         "sink_ratio). SAE jobs keep "
                          "them (as `mechscope sae train` does), and --ce-contexts splices every position (evaluate_sae).")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,15 +158,17 @@ def main() -> None:
     held = harvest(m, hooks, "heldout", args.heldout, 128, args.cache)
     if args.harvest_only:
         return
-    keep_rows = {"train": None, "held": None}  # transcoders: special tokens' rows left out, as mechscope's sets do
+    keep_rows = {"train": None, "held": None}  # transcoders: special tokens' and sinks' rows left out, as mechscope's sets do
     if not args.include_special and args.transcoder_layers:
         from mechscope.activations import special_token_ids
 
         special = torch.tensor(special_token_ids(m.tokenizer))
         for name, rows in (("train", train), ("held", held)):
-            keep_rows[name] = ~torch.isin(rows["tokens"].long(), special)
-            print(f"  transcoders leave out {int((~keep_rows[name]).sum()):,} special-token rows of {keep_rows[name].numel():,} ({name})",
-                  flush=True)
+            tok = rows["tokens"].long()
+            keep_rows[name] = ~torch.isin(tok, special) & (tok >= 0)
+            print(f"  transcoders leave out {int(torch.isin(tok, special).sum()):,} special-token rows (not sinks) and "
+                  f"{int((tok < 0).sum()):,} sink rows of {tok.numel():,} ({name}; sinks over the blocks up to the deepest "
+                  "harvested hook, as a set of those layers would)", flush=True)
     overrides = {}
     for kv in args.set:
         key, _, val = kv.partition("=")

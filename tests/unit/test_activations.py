@@ -160,7 +160,8 @@ def test_sink_positions_marks_massive_norms_in_any_block():
     want[0, 3] = want[1, 1] = True
     assert torch.equal(got, want)
     assert not sink_positions([torch.zeros(2, 4)], 30.0).any()  # a zero median marks nothing
-    assert sink_positions([], 30.0).numel() == 0
+    with pytest.raises(MechscopeError, match="at least one block"):
+        sink_positions([], 30.0)
 
 
 def test_harvester_marks_sinks_as_an_independent_computation_does(tiny_llama):
@@ -172,21 +173,28 @@ def test_harvester_marks_sinks_as_an_independent_computation_does(tiny_llama):
     hooks = ["blocks.0.ln2.hook_normalized", "blocks.2.hook_mlp_out"]
     ratio = 1.2  # tiny random models have no massive activations; a low ratio still marks some positions
     h = Harvester(tiny_llama, StoreConfig(hooks=hooks, context_len=16, with_tokens=True, sink_ratio=ratio))
-    assert h.sink_hooks == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert h.sink_hooks == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
     ctx = _contexts(tiny_llama, 6, 16)
     got = h.run(ctx)
     _, cache = tiny_llama.bridge.run_with_cache(ctx)
     marked = torch.zeros(6, 15, dtype=torch.bool)
     by_block = []
-    for layer in (0, 2):
+    for layer in (0, 1, 2):
         n = cache[f"blocks.{layer}.hook_resid_post"][:, 1:].norm(dim=-1)
         by_block.append(n > ratio * n.median())
         marked |= by_block[-1]
-    assert 0 < int(marked.sum()) < marked.numel() and bool((by_block[0] & ~by_block[1]).any())  # both blocks count
+    assert 0 < int(marked.sum()) < marked.numel() and bool((by_block[0] & ~by_block[2]).any())  # every block counts
     assert torch.equal(got[TOKENS_KEY], torch.where(marked, SINK_TOKEN, ctx[:, 1:]).reshape(-1))
     torch.testing.assert_close(got[hooks[1]], _reference(tiny_llama, ctx, hooks[1], 1))  # the rows are unchanged
     plain = Harvester(tiny_llama, StoreConfig(hooks=hooks, context_len=16, with_tokens=True)).run(ctx)
     assert torch.equal(plain[TOKENS_KEY], ctx[:, 1:].reshape(-1))
+    # A data hook that is itself a residual the sink test reads: rows unchanged, the same marks as blocks 0-1.
+    shared = Harvester(tiny_llama, StoreConfig(hooks=["blocks.1.hook_resid_post"], context_len=16, with_tokens=True, sink_ratio=ratio))
+    got = shared.run(ctx)
+    torch.testing.assert_close(got["blocks.1.hook_resid_post"], _reference(tiny_llama, ctx, "blocks.1.hook_resid_post", 1))
+    assert torch.equal(got[TOKENS_KEY], torch.where(by_block[0] | by_block[1], SINK_TOKEN, ctx[:, 1:]).reshape(-1))
+    with pytest.raises(MechscopeError, match="needs a hook inside a block"):
+        Harvester(tiny_llama, StoreConfig(hooks=["hook_embed"], context_len=16, with_tokens=True, sink_ratio=ratio))
     with pytest.raises(MechscopeError, match="sink_ratio must be above 1 and needs with_tokens"):
         StoreConfig(hooks=hooks, sink_ratio=30.0)
     with pytest.raises(MechscopeError, match="sink_ratio must be above 1"):

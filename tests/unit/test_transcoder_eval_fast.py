@@ -71,7 +71,7 @@ def test_ci95_is_the_delta_method_of_per_context_sums(tiny_llama):
     here from per-context losses of direct hooked runs; it is NaN for one context."""
     tset = random_transcoders(tiny_llama, d_sae=40, k=5, seed=4, scale=2.0)
     toks = _tokens(tiny_llama, n_ctx=6)
-    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)  # the hand runs splice everything
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False, sink_ratio=None)  # the hand runs splice everything
 
     def zero_all(t, hook):
         t = t.clone()
@@ -82,7 +82,7 @@ def test_ci95_is_the_delta_method_of_per_context_sums(tiny_llama):
         c = _ce(tiny_llama.bridge(toks), toks).sum(1).double()
         z = _ce(tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, zero_all) for tc in tset.layers]), toks).sum(1).double()
     # the spliced per-context losses: recovered from the evaluation's own mean is not enough, so use layer 0 alone
-    one = evaluate_transcoders(tiny_llama, {0: tset.layers[0]}, toks, batch_size=4, exclude_special=False)
+    one = evaluate_transcoders(tiny_llama, {0: tset.layers[0]}, toks, batch_size=4, exclude_special=False, sink_ratio=None)
     with torch.no_grad():
         y_hat = {}
 

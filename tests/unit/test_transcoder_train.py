@@ -203,23 +203,24 @@ def _cli_train(model_dir, corpus, out, tokens, extra=()):
 @pytest.mark.slow
 def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpus, tmp_path, one_thread, kill_when):
     tokens = 12_000  # 96 steps, 24 chunks; checkpoints at chunk boundaries every ~1000 tokens
+    extra = ["--skip", "--sink-ratio", "1.2"]  # a low ratio, so rows are dropped on this tiny model too
     out = tmp_path / "killed"
     latest = out / "checkpoint" / "latest.json"
-    kill_when(_cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]), latest)
+    kill_when(_cli_train(tiny_llama_dir, corpus, out, tokens, extra), latest)
     assert not (out / "config.yaml").exists() and not (out / "training_log.json").exists()  # it died before finishing
     gen = out / "checkpoint" / json.loads(latest.read_text())["generation"]
     at = json.loads((gen / "set.json").read_text())["tokens"]
     assert 0 < at < tokens
     runner = CliRunner()
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]))  # no --resume: refused
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, extra))  # no --resume: refused
     assert r.exit_code == 2 and "add --resume" in r.stderr
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--k", "4", "--resume"]))
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, [*extra, "--k", "4", "--resume"]))
     assert r.exit_code == 2 and "k=8, not 4" in r.stderr  # other settings: refused
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--resume", "--json"]))
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, [*extra, "--resume", "--json"]))
     assert r.exit_code == 0, r.output
     resumed_tokens = json.loads(r.stdout)["tokens"]
-    assert 0.9 * 96 * 124 < resumed_tokens < 96 * 124 and not (out / "checkpoint").exists()  # special tokens' rows left out
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, tmp_path / "straight", tokens, ["--skip", "--json"]))
+    assert 0.5 * 96 * 124 < resumed_tokens < 0.95 * 96 * 124 and not (out / "checkpoint").exists()  # special and sink rows left out
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, tmp_path / "straight", tokens, [*extra, "--json"]))
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["tokens"] == resumed_tokens
     killed, straight = load_transcoders(out), load_transcoders(tmp_path / "straight")
@@ -232,9 +233,9 @@ def test_sigkilled_set_resumes_to_the_uninterrupted_result(tiny_llama_dir, corpu
     assert all(strip(logs[0][k]) == strip(logs[1][k]) for k in logs[1])
     # A finished set: resuming or training into it again is refused, and it is left as it was.
     before = (out / "layer_0.safetensors").read_bytes()
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip", "--resume"]))
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, [*extra, "--resume"]))
     assert r.exit_code == 2 and "nothing to resume" in r.stderr
-    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, ["--skip"]))
+    r = runner.invoke(app, _cli_train(tiny_llama_dir, corpus, out, tokens, extra))
     assert r.exit_code == 2 and "already holds transcoders" in r.stderr
     assert (out / "layer_0.safetensors").read_bytes() == before
     # And it evaluates from the command line: eval.json, eval.html.
@@ -355,7 +356,36 @@ def test_eval_leaves_sink_positions_alone(tiny_llama, corpus):
 
         logits = tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=[(tc.cfg.hook_name_out, spliced)])
         assert abs(float(_ce(logits, toks).mean()) - r["layers"][2]["ce_spliced"]) < 1e-4
-    with pytest.raises(MechscopeError, match="--sink-ratio must be above 1"):
+    # With special tokens left out too: a position that is both is counted once, as special.
+    from mechscope.activations import special_token_ids
+
+    toks2 = toks.clone()
+    toks2[:, 9] = special_token_ids(tiny_llama.tokenizer)[0]
+    special = torch.isin(toks2[:, 1:], torch.tensor(special_token_ids(tiny_llama.tokenizer)))
+    sinks2 = _sinks(tiny_llama, toks2, [0, 1, 2], ratio, 4)
+    both = evaluate_transcoders(tiny_llama, tset, toks2, batch_size=4, sink_ratio=ratio)
+    assert both["tokens"] == int((~special & ~sinks2).sum())
+    assert both["settings"]["special_positions"] == int(special.sum())
+    assert both["settings"]["sink_positions"] == int((sinks2 & ~special).sum()) > 0
+    # A set of layer 0 alone reads block 0 only (not the deepest block of the model).
+    low_ratio = 1.1  # here blocks 1-2 mark positions that block 0 does not
+    part = evaluate_transcoders(tiny_llama, {0: tset.layers[0]}, toks, batch_size=4, exclude_special=False,
+                                sink_ratio=low_ratio)
+    low, full = _sinks(tiny_llama, toks, [0], low_ratio, 4), _sinks(tiny_llama, toks, [0, 1, 2], low_ratio, 4)
+    assert part["settings"]["sink_positions"] == int(low.sum()) and not torch.equal(low, full)
+    tc0 = tset.layers[0]
+    with torch.no_grad():
+        _, c0 = tiny_llama.bridge.run_with_cache(toks)
+        x0, y0 = c0[tc0.cfg.hook_name][:, 1:], c0[tc0.cfg.hook_name_out][:, 1:]
+        se = (tc0.decode(tc0.encode(x0), x0) - y0).pow(2).sum(-1)
+
+        def fvu_on(mask):
+            yk = y0[mask]
+            return float(se[mask].mean() / (yk - yk.mean(0)).pow(2).sum(-1).mean())
+
+        assert abs(part["layers"][0]["fvu"] - fvu_on(~low)) < 1e-4 * max(1, fvu_on(~low))
+        assert abs(fvu_on(~low) - fvu_on(~full)) > 1e-6  # block 0 and blocks 0-2 mark different positions
+    with pytest.raises(MechscopeError, match="sink_ratio must be above 1"):
         evaluate_transcoders(tiny_llama, tset, toks, sink_ratio=1.0)
 
 
@@ -372,8 +402,8 @@ def test_eval_leaves_special_positions_alone(tiny_llama, corpus):
     toks[:, 9] = sep  # a separator mid-context in every row, beside those packing put there
     special = torch.isin(toks, torch.tensor(special_token_ids(tiny_llama.tokenizer)))
     keep = ~special[:, 1:]
-    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4)
-    r_all = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, sink_ratio=None)
+    r_all = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False, sink_ratio=None)
     assert r["tokens"] == int(keep.sum()) < r_all["tokens"] == 4 * 31
     assert r["settings"]["special_positions"] == int((~keep).sum())
     layer = 1
@@ -424,7 +454,7 @@ def test_eval_leaves_special_positions_alone(tiny_llama, corpus):
         zero_all = [(t_c.cfg.hook_name_out, zeroed) for t_c in tset.layers]
         want_zero = float(_ce(tiny_llama.bridge.run_with_hooks(toks, fwd_hooks=zero_all), toks).mean())
         assert abs(r["all_layers"]["ce_zero"] - want_zero) < 1e-4
-    slow = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, fast=False)
+    slow = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, fast=False, sink_ratio=None)
     assert abs(slow["all_layers"]["ce_spliced"] - r["all_layers"]["ce_spliced"]) < 1e-5
 
 
@@ -438,7 +468,7 @@ def test_eval_equals_independent_computations(tiny_llama, corpus):
 
     tset = random_transcoders(tiny_llama, d_sae=48, k=6, seed=5, skip=True, scale=2.0)
     toks = _heldout(tiny_llama, corpus, n_ctx=6)
-    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False)  # two batches, the second short
+    r = evaluate_transcoders(tiny_llama, tset, toks, batch_size=4, exclude_special=False, sink_ratio=None)  # two batches, the second short
     assert r["tokens"] == 6 * 31
     for row in r["layers"]:
         e = evaluate_sae(tiny_llama, tset.layers[row["layer"]], toks, batch_size=4)
@@ -472,7 +502,7 @@ def test_eval_equals_independent_computations(tiny_llama, corpus):
     assert abs(a["ce_spliced"] - want_all) < 1e-4 and abs(a["ce_zero"] - want_zero) < 1e-4
     assert abs(a["ce_recovered"] - (want_zero - want_all) / (want_zero - r["ce_clean"])) < 1e-4
     assert abs(a["ce_spliced"] - r["ce_clean"]) > 1e-3  # the splice changed something
-    one = evaluate_transcoders(tiny_llama, {1: tset.layers[1]}, toks, batch_size=4, exclude_special=False)
+    one = evaluate_transcoders(tiny_llama, {1: tset.layers[1]}, toks, batch_size=4, exclude_special=False, sink_ratio=None)
     assert one["all_layers"]["layers"] == [1]
     assert abs(one["all_layers"]["ce_spliced"] - r["layers"][1]["ce_spliced"]) < 1e-5
     assert abs(one["all_layers"]["ce_zero"] - r["layers"][1]["ce_zero"]) < 1e-5
@@ -503,7 +533,7 @@ def test_layers_parse_and_config_checks():
     for kw, msg in ((dict(tokens=-5), "--tokens must be positive"), (dict(architecture="gated"), "unknown SAE architecture"),
                     (dict(shuffle_contexts=20, batch_contexts=8), "must be a multiple"), (dict(tokens=100), "less than one batch"),
                     (dict(train_options={"lr": 1.0}), "may not set lr"), (dict(train_options={"nope": 1}), "does not know"),
-                    (dict(sink_ratio=0.5), "--sink-ratio must be above 1")):
+                    (dict(sink_ratio=0.5), "sink_ratio must be above 1")):
         with pytest.raises(MechscopeError, match=msg):
             TranscoderTrainConfig(**kw)
     assert TranscoderTrainConfig(architecture="relu", skip=True).arch_name == "skip_relu"
@@ -528,7 +558,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny_llama_dir, corpus, tm
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--arch", "gated"]), "unknown SAE architecture")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--shuffle-contexts", "10"]), "must be a multiple of batch_contexts=4")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--resume"]), "does not exist")
-    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--sink-ratio", "0.5"]), "--sink-ratio must be above 1")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--sink-ratio", "0.5"]), "sink_ratio must be above 1")
     bad(_cli_train(tiny_llama_dir, str(tmp_path / "missing.jsonl"), out, 4000), "missing.jsonl")
     assert not out.exists()
     junk = tmp_path / "junk"

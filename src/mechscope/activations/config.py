@@ -49,10 +49,10 @@ class StoreConfig:
     """Serve each row's token id too, under ``TOKENS_KEY`` (``[n]`` int64), in the same order
     as the rows (so a reader can drop, e.g., the rows of special tokens)."""
     sink_ratio: float | None = None
-    """Mark attention-sink positions (needs ``with_tokens``): a position whose residual stream
-    after any hooked block (``blocks.l.hook_resid_post`` of each layer the hooks are in) has a
-    norm more than ``sink_ratio`` times that block's median over the forward batch is served with
-    token id ``SINK_TOKEN`` (``activations.store.sink_positions``). None marks nothing."""
+    """Mark attention-sink positions (needs ``with_tokens`` and a hook inside a block): a position
+    whose residual stream after any block up to the deepest hooked one (``blocks.l.hook_resid_post``)
+    has a norm more than ``sink_ratio`` times that block's median over the forward batch is served
+    with token id ``SINK_TOKEN`` (``activations.store.sink_positions``). None marks nothing."""
 
     def __post_init__(self) -> None:
         if isinstance(self.hooks, str):

@@ -55,6 +55,8 @@ def harvest(
 ) -> dict[str, Any]:
     """Write at least ``n_tokens`` rows per hook to ``out_dir`` (resuming); returns the manifest."""
     out = Path(out_dir)
+    if cfg.sink_ratio is not None:
+        raise MechscopeError("shards store the contexts' own token ids, not sink marks; harvest with sink_ratio None.")
     harvester = Harvester(model, cfg)  # checks the hook names before anything is written
     out.mkdir(parents=True, exist_ok=True)
     rpc = cfg.rows_per_context

@@ -84,21 +84,35 @@ def _chunks(documents: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def sink_hooks(model: Model, deepest: int) -> list[str]:
+    """The hooks ``sink_positions`` reads: the residual stream after blocks 0..``deepest``,
+    checked against ``model`` (one sentence, naming ``--sink-ratio 0``, where one is missing)."""
+    names = [resid_post(layer) for layer in range(deepest + 1)]
+    for h in names:
+        try:
+            check_hook_name(model, h)
+        except MechscopeError as e:
+            raise MechscopeError(f"{e.args[0].rstrip('.')}; the attention-sink test needs it (pass --sink-ratio 0 to skip that test).") from None
+    return names
+
+
 def sink_positions(norms: list[torch.Tensor], ratio: float) -> torch.Tensor:
     """Attention sinks among a batch's positions: ``norms`` holds, per block, the residual
-    stream's norm after it at every position, ``[batch, pos]``; a position is a sink where, in
-    any block, its norm is more than ``ratio`` times that block's median over the batch -> ``[batch, pos]`` bool.
+    stream's norm after it at every position, ``[batch, pos]`` (``sink_hooks``: every block up to
+    the deepest one read); a position is a sink where, in any block, its norm is more than
+    ``ratio`` times that block's median over the batch -> ``[batch, pos]`` bool.
 
     Why. Language models park attention on a few positions whose residual stream carries
     "massive activations" (Sun et al. 2024): position 0, document separators and, on the embedded
     model, a delimiter at position 1 when position 0 is one too. One MLP writes them (the embedded
     model's layer 11: ~770x a text token's output norm) and late ones remove them (layer 28:
     ~70x), so a few such rows outweigh all the text in a squared error. Measured on the embedded
-    model (400 held-out contexts, ``docs/decisions.md``): after blocks 11-28 sinks' residual norms
-    are 11-185x the median and no text position's exceeds 3x; the largest text ratio in any block
-    is 12.6x (blocks 3-7, where no sink stands out and none is marked)."""
+    model (400 held-out contexts, ``docs/decisions.md``): every sink's largest ratio over blocks
+    0-29 is at least 66x (reached from block 11 on), no text position's exceeds 3.1x after block 11,
+    and the largest text ratio in any block is 13.2x (block 2, where no sink stands out either); so
+    a set whose deepest layer is 10 or lower marks none, and its MLPs' sink outputs are ordinary."""
     if not norms:
-        return torch.zeros(0, 0, dtype=torch.bool)
+        raise MechscopeError("the sink test needs the residual norms of at least one block.")
     marked = torch.zeros_like(norms[0], dtype=torch.bool)
     for n in norms:
         marked |= n > ratio * n.float().median()
@@ -121,11 +135,15 @@ class Harvester:
         self.device = torch.device(cfg.device) if cfg.device else model.device
         self.hook_calls = 0  # capturing-hook calls, for tests
         self._dims: dict[str, int] | None = None
-        # With sink_ratio: the residual stream after every block the hooks are in, norms only.
-        blocks = sorted({layer for h in cfg.hooks if (layer := parse_hook(h).layer) is not None})
-        self.sink_hooks = [resid_post(layer) for layer in blocks] if cfg.sink_ratio is not None else []
-        for h in self.sink_hooks:
-            check_hook_name(model, h)
+        # With sink_ratio: the residual stream after every block up to the deepest hooked one
+        # (the forward runs through them anyway), norms only.
+        self.sink_hooks: list[str] = []
+        if cfg.sink_ratio is not None:
+            deepest = max((layer for h in cfg.hooks if (layer := parse_hook(h).layer) is not None), default=None)
+            if deepest is None:
+                raise MechscopeError("sink_ratio needs a hook inside a block (blocks.L....); the sink test reads the residual "
+                                     "stream after blocks 0..L. Leave sink_ratio at None for these hooks.")
+            self.sink_hooks = sink_hooks(model, deepest)
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, skip_first: int | None = None) -> dict[str, torch.Tensor]:

@@ -229,7 +229,7 @@ def transcoders_train(
     shuffle_contexts: Optional[int] = typer.Option(None, "--shuffle-contexts", help="Contexts per shuffled chunk of activations, held in memory for all layers (default: the multiple of --batch-contexts nearest 256)."),
     checkpoint_every: int = typer.Option(TranscoderTrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
     seed: int = typer.Option(TranscoderTrainConfig.seed, "--seed"),
-    include_special: bool = typer.Option(False, "--include-special", help="Train on special tokens' rows too (document separators, BOS: attention sinks with huge MLP outputs; left out by default)."),
+    include_special: bool = typer.Option(False, "--include-special", help="Train on special tokens' rows too (BOS, chat markers, document separators; left out by default). Separators are attention sinks too, so they stay out unless --sink-ratio 0 as well."),
     sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out the rows of attention sinks: positions whose residual norm after a trained layer is more than this many times the layer's median (massive activations); 0 keeps them."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
     model: Optional[str] = ModelOpt,
@@ -276,7 +276,7 @@ def transcoders_eval(
     corpus: Optional[str] = CorpusOpt,
     context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
-    include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; FVU with them is reported either way)."),
+    include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; separators are sinks too, see --sink-ratio; FVU over all positions is reported either way)."),
     sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out attention sinks as training does (residual norm after a layer of the set more than this many times its median); 0 splices and scores them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the set's folder)."),
     model: Optional[str] = ModelOpt,
@@ -290,6 +290,8 @@ def transcoders_eval(
     from mechscope.features.transcoder_set import TranscoderSet, load_transcoder_layers
     from mechscope.report.transcoders import render_transcoders_eval
 
+    if sink_ratio and not sink_ratio > 1:
+        fail(f"--sink-ratio must be above 1, or 0 to keep sink positions; got {sink_ratio}.")
     if tokens <= 0 or batch_size <= 0 or context_len < 2:
         fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
     given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load
@@ -318,9 +320,11 @@ def transcoders_eval(
 
     left, sinks = r["settings"].get("special_positions", 0), r["settings"].get("sink_positions", 0)
     parts = [f"{left:,} special-token"] * bool(left) + [f"{sinks:,} sink"] * bool(sinks)
+    ratio = r["settings"].get("sink_ratio")
     t = Table(title=f"transcoder set eval on {r['tokens']:,} held-out tokens per layer"
-                    + (f" ({' and '.join(parts)} positions left out)" if parts else ""))
-    for col in ("layer", "FVU", "FVU with special", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
+                    + (f" ({' and '.join(parts)} positions left out)" if parts else "")
+                    + (f"; sinks: residual norm > {ratio:g}x the median" if ratio else "; sink positions kept"))
+    for col in ("layer", "FVU", "FVU all positions", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"):
         t.add_column(col, justify="right")
     for row in r["layers"]:
         t.add_row(str(row["layer"]), *(f"{row[key]:.4g}" for key in ("fvu", "fvu_with_special", "l0", "dead_frac", "ce_spliced", "ce_zero",

@@ -57,7 +57,8 @@ class TranscoderTrainConfig:
     d_sae: int | None = None
     tokens: int = 300_000
     """Rows harvested per layer (every layer trains on the same ones), rounded down to whole
-    batches; with ``exclude_special`` the special tokens' rows among them are not trained on."""
+    batches; with ``exclude_special`` the special tokens' rows among them are not trained on, nor,
+    with ``sink_ratio``, the attention sinks' rows."""
     lr: float = 1.2e-3
     """Measured with ``batch_contexts`` 8 and no skip, before both defaults changed, and not re-tuned
     since (``bench/sae_defaults.py``, embedded model, layer 10, TopK
@@ -90,14 +91,15 @@ class TranscoderTrainConfig:
     the output scale and most of the loss. Measured in ``bench/sae_defaults.py`` (docs/decisions.md,
     "Transcoder sets: special tokens")."""
     sink_ratio: float | None = SINK_RATIO
-    """Leave out the rows of attention sinks that are not special tokens too: positions whose
-    residual stream after any trained layer has a norm more than ``sink_ratio`` times that
-    layer's median over the forward pass (``activations.store.sink_positions``; None: keep them).
-    On the embedded model these are mostly a newline at position 1 after a newline at position 0
-    (about 2% of contexts); their layer-11 MLP outputs are ~770x a text token's, so ~50 rows in
-    300,000 held most of the layer's squared error. 30 sits between the largest text ratio in
-    any layer (12.6x) and the smallest sink ratio after layers 11-28 (>= 65x at some layer);
-    measured in docs/decisions.md ("Transcoder sets: massive-activation sinks")."""
+    """Leave out the rows of attention sinks (massive activations): positions whose residual
+    stream after any block up to the deepest trained layer has a norm more than ``sink_ratio``
+    times that block's median over the forward pass (``activations.store.sink_positions``; None:
+    keep them). Separators are such sinks too, so they stay out even with ``exclude_special``
+    off unless this is None. On the embedded model the others are mostly a newline at position 1
+    after a newline at position 0 (about 2% of contexts); their layer-11 MLP outputs are ~770x a
+    text token's, so ~50 rows in 300,000 held most of the layer's squared error. 30 sits between
+    the largest text ratio in any block (13.2x) and every sink's largest (>= 66x); measured in
+    docs/decisions.md ("Transcoder sets: massive-activation sinks")."""
     train_options: dict[str, Any] = field(default_factory=dict)
     """Any other ``TrainConfig`` field (``l1``, ``l0``, ``aux_k``, ``dead_tokens``, ``log_every``, ...)."""
 
@@ -120,7 +122,7 @@ class TranscoderTrainConfig:
                 f"and of the contexts per store fill ({self.fill_contexts})."
             )
         if self.sink_ratio is not None and not self.sink_ratio > 1:
-            raise MechscopeError(f"--sink-ratio must be above 1 (or 0 to keep sink rows), got {self.sink_ratio}.")
+            raise MechscopeError(f"sink_ratio must be above 1 (None, or --sink-ratio 0, keeps sink rows), got {self.sink_ratio}.")
         bad = sorted(set(self.train_options) & set(_OWN))
         if bad:
             raise MechscopeError(f"train_options may not set {', '.join(bad)}; they are fields of TranscoderTrainConfig.")

@@ -18,15 +18,16 @@ through the layers), against the baseline with every MLP's output zeroed:
 holding some layers only (``{layer: transcoder}``), "all" means the layers present.
 
 Conventions are those of ``mechscope.sae.evaluate`` (so a layer's numbers equal
-``evaluate_sae`` of its transcoder on the same tokens when ``exclude_special`` is off):
+``evaluate_sae`` of its transcoder on the same tokens when ``exclude_special`` is off and
+``sink_ratio`` None):
 positions before ``skip_first`` (the attention sink at position 0) are never spliced or zeroed
 and are left out of the statistics; with ``exclude_special`` (the default, as in training) so
 are the positions of special tokens (``activations.special_token_ids``: the document separator
 that packing puts mid-context, BOS, chat markers), the other attention sinks, whose MLP outputs
 are tens of times larger than a text token's (the embedded model's layer 11: norm ~15,800
 against ~400) so that a handful of them would set the FVU; with ``sink_ratio`` (default 30,
-as in training) so are the other attention sinks, positions whose residual stream after one of
-the set's layers is more than 30x that layer's median in the clean pass
+as in training) so are the attention sinks, positions whose residual stream after one of
+blocks 0 to the set's deepest layer is more than 30x that block's median in the clean pass
 (``activations.store.sink_positions``: massive activations, e.g. a newline at position 1);
 ``fvu_with_special`` reports the FVU over every position from ``skip_first`` on, for the record;
 cross-entropies are means over the predictions made from positions ``max(skip_first, 1) - 1``
@@ -63,11 +64,11 @@ import torch
 from torch import Tensor
 
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts, special_token_ids
-from mechscope.activations.store import sink_positions
+from mechscope.activations.store import sink_hooks, sink_positions
 from mechscope.errors import MechscopeError
 from mechscope.features.config import EVAL_TOKENS, SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
-from mechscope.models.hooks import parse_hook, resid_post
+from mechscope.models.hooks import hook_layer, parse_hook
 from mechscope.models.load import plain_attention
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import write_json
@@ -194,8 +195,8 @@ def evaluate_transcoders(
     ``mean_dead_frac``, ``min_ce_recovered``) and ``settings``; each layer also has
     ``fvu_with_special`` (every position from ``skip_first`` on counted: special tokens' and
     sinks'); ``sink_ratio`` leaves out the attention sinks as training does
-    (``activations.store.sink_positions`` over the residual stream after the set's layers in the
-    clean pass; None keeps them); each ``ce_recovered`` has a
+    (``activations.store.sink_positions`` over the residual stream after blocks 0 to the set's
+    deepest layer in the clean pass; None keeps them); each ``ce_recovered`` has a
     ``ce_recovered_ci95`` beside it. ``fast`` starts each layer's runs at its block (module
     docstring); ``fast=False`` runs ``2 * n_layers + 3`` full forward passes per batch.
     ``progress`` (``mechscope.progress``) sees one phase counting the contexts done.
@@ -218,8 +219,9 @@ def evaluate_transcoders(
     lo = max(s, 1) - 1
     special = torch.tensor(special_token_ids(model.tokenizer) if exclude_special else [], dtype=torch.long, device=dev)
     if sink_ratio is not None and not sink_ratio > 1:
-        raise MechscopeError(f"--sink-ratio must be above 1 (or 0 to keep sink positions), got {sink_ratio}.")
-    sink_hooks = [resid_post(layer) for layer in sorted(layers)] if sink_ratio is not None else []
+        raise MechscopeError(f"sink_ratio must be above 1 (None, or --sink-ratio 0, keeps sink positions), got {sink_ratio}.")
+    deepest = max(hook_layer(h) for layer, tc in layers.items() for h in (tc.cfg.hook_name, out_hook[layer]))
+    sinks_read = sink_hooks(model, deepest) if sink_ratio is not None else []
     acc: dict[int, dict[str, Any]] = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],
                    "fired": torch.zeros(tc.cfg.d_sae, dtype=torch.bool, device=dev),
                    "y_sum": torch.zeros(tc.cfg.out_dim, dtype=torch.float64, device=dev),
@@ -267,8 +269,8 @@ def evaluate_transcoders(
                 return hook
 
             with replay.record() if replay is not None else _nothing():
-                clean = bridge.run_with_hooks(toks, fwd_hooks=[(h, grab(h)) for h in names] + [(h, grab_norm(h)) for h in sink_hooks])
-            sinks = sink_positions([norms[h] for h in sink_hooks], sink_ratio) if sink_ratio is not None else None
+                clean = bridge.run_with_hooks(toks, fwd_hooks=[(h, grab(h)) for h in names] + [(h, grab_norm(h)) for h in sinks_read])
+            sinks = sink_positions([norms[h] for h in sinks_read], sink_ratio) if sink_ratio is not None else None
             if sinks is not None:
                 keep = keep & ~sinks
                 tot["sinks"] += int((sinks & torch.isin(toks[:, s:], special, invert=True)).sum())

@@ -277,7 +277,8 @@ class _Run:
             old = saved.get(key)
             if want.get(key) != old:
                 raise MechscopeError(
-                    f"the checkpoint in {root} was made with {key}={old!r}, not {want.get(key)!r}; resume with the same "
+                    f"the checkpoint in {root} was made with {key}={old!r}, not {want.get(key)!r}"
+                    + (" (--sink-ratio 0 means None)" if key == "sink_ratio" else "") + "; resume with the same "
                     "settings or use a new --out."
                 )
         for layer, tr in zip(self.layers, self.trainers):

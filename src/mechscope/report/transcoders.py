@@ -32,10 +32,12 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
         ("mean dead", fmt(summ.get("mean_dead_frac")), "features never firing here", ""),
     ])
     tab = table(
-        ["layer", "architecture", "d_sae", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%"],
+        ["layer", "architecture", "d_sae", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%",
+         "FVU all positions"],
         [[r.get("layer"), r.get("architecture", ""), r.get("d_sae"), r.get("fvu"), r.get("l0"), r.get("dead_frac"),
-          r.get("ce_spliced"), r.get("ce_zero"), r.get("ce_recovered"), r.get("ce_recovered_ci95")] for r in rows],
-        numeric=[True, False, True, True, True, True, True, True, True, True],
+          r.get("ce_spliced"), r.get("ce_zero"), r.get("ce_recovered"), r.get("ce_recovered_ci95"), r.get("fvu_with_special")]
+         for r in rows],
+        numeric=[True, False, True, True, True, True, True, True, True, True, True],
     )
     xs = [r.get("layer", i) for i, r in enumerate(rows)]
     plot = line_chart({"FVU": (xs, [r.get("fvu") for r in rows]), "CE recovered": (xs, [r.get("ce_recovered") for r in rows])},
@@ -44,8 +46,9 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
             "output zeroed - CE with the transcoder's output spliced in) / (zeroed - clean), that layer alone; the "
             "all-layers figure splices every layer at once, each transcoder reading the spliced run's own input. "
             "The first position of each context (an attention sink) is left clean and unscored, and so are "
-            "special tokens' positions (document separators, BOS) unless the settings say exclude_special false; "
-            "FVU with them counted is in the table.</p>")
+            "special tokens' positions (document separators, BOS) unless the settings say exclude_special false, "
+            "and the other attention sinks (residual norm above sink_ratio times the median) unless sink_ratio is "
+            "null; the FVU over all positions is the table's last column.</p>")
     other = kv_table("all layers spliced", ((k, v) for k, v in all_.items() if k != "layers"))
     body = (f"{head}<h2>Per layer</h2>{note}{plot}{tab}"
             f"<h2>Settings</h2>{other}{kv_table('settings', settings.items())}")
