@@ -5,6 +5,10 @@ For each prompt (facts, IOI, greater-than), the graph's target is the model's to
 Causal check, in the replacement model (transcoders spliced, errors kept, everything else
 recomputed): turn off (set to 0) the 10 features of highest influence on the logits, and
 separately 10 features drawn at random from all the prompt's active features; report the drop of the target's logit (demeaned) for both.
+Influence (circuit-tracer's) is unsigned: it ranks features that push the target down as high as
+those that push it up, so a third set is the 10 features of largest *signed* total effect on the
+target in the graph (the same path sum over the raw, signed adjacency), the ones the graph says
+support it.
 
     python bench/attribution_quality.py --transcoders DIR [--max-features 1024] [--n-off 10]
 """
@@ -12,6 +16,7 @@ separately 10 features drawn at random from all the prompt's active features; re
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -58,6 +63,8 @@ def main() -> None:
         full, pruned = scores(g), scores(g, pr.node_mask, pr.edge_mask)
         infl = influence(normalise_rows(g.adjacency), g.logit_weights())[: g.n_features]
         top = infl.topk(min(a.n_off, g.n_features)).indices
+        signed = influence(g.adjacency, g.logit_weights())[: g.n_features]  # signed path sums to the target
+        sup = signed.topk(min(a.n_off, g.n_features)).indices
         run = capture(m, tset, ids)
         rand = run.active[torch.randperm(len(run.active), generator=g_rand)[: len(top)]]  # any active feature
         tok = int(g.logit_tokens[0])
@@ -69,16 +76,21 @@ def main() -> None:
         base = target_logit([])
         off = lambda rows: [(int(r[0]), int(r[2]), int(r[1]), 0.0) for r in rows.tolist()]  # noqa: E731  (layer, pos, f)
         d_top, d_rand = base - target_logit(off(g.features[top])), base - target_logit(off(rand))
-        rows.append((text, m.tokenizer.decode([tok]), full, pruned, d_top, d_rand, secs, g.n_active, int(pr.node_mask[: g.n_features].sum())))
+        d_sup = base - target_logit(off(g.features[sup]))
+        rows.append((text, m.tokenizer.decode([tok]), full, pruned, d_top, d_rand, secs, g.n_active, int(pr.node_mask[: g.n_features].sum()),
+                     d_sup))
         print(f"{text!r} -> {m.tokenizer.decode([tok])!r}: replacement {full['replacement']:.2f} (pruned {pruned['replacement']:.2f}), "
               f"completeness {full['completeness']:.2f} (pruned {pruned['completeness']:.2f}); top-{len(top)} off: "
-              f"-{d_top:.2f}, random {len(top)} off: -{d_rand:.2f}; {g.n_active} active, "
+              f"{-d_top:+.2f}, top-{len(sup)} by signed effect off: {-d_sup:+.2f}, random {len(top)} off: {-d_rand:+.2f}; "
+              f"{g.n_active} active, "
               f"{int(pr.node_mask[: g.n_features].sum())} features kept; {secs:.0f} s", flush=True)
     mean = lambda k: sum(k(r) for r in rows) / len(rows)  # noqa: E731
     print(f"mean over {len(rows)} prompts: replacement {mean(lambda r: r[2]['replacement']):.2f} "
           f"(pruned {mean(lambda r: r[3]['replacement']):.2f}), completeness {mean(lambda r: r[2]['completeness']):.2f} "
           f"(pruned {mean(lambda r: r[3]['completeness']):.2f}); target logit drop: top features "
-          f"{mean(lambda r: r[4]):.2f}, random features {mean(lambda r: r[5]):.2f}")
+          f"{mean(lambda r: r[4]):.2f} (median {statistics.median(r[4] for r in rows):.2f}), by signed effect "
+          f"{mean(lambda r: r[9]):.2f} (median {statistics.median(r[9] for r in rows):.2f}), random features "
+          f"{mean(lambda r: r[5]):.2f}")
 
 
 if __name__ == "__main__":
