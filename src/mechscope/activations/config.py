@@ -23,6 +23,12 @@ SINK_TOKEN = -1
 an attention sink (token ids are never negative)."""
 
 
+def check_sink_ratio(ratio: float | None) -> None:
+    """One sentence for a ``sink_ratio`` that is neither None nor above 1 (every place that takes one)."""
+    if ratio is not None and not ratio > 1:
+        raise MechscopeError(f"sink_ratio must be above 1 (None, or --sink-ratio 0, keeps the sinks), got {ratio}.")
+
+
 @dataclass
 class StoreConfig:
     """How activations are harvested. The same dataclass is saved in shard manifests."""
@@ -69,7 +75,8 @@ class StoreConfig:
             raise MechscopeError(f"skip_first must be in [0, context_len) = [0, {self.context_len}).")
         if self.dtype not in DTYPE_NAMES:
             raise MechscopeError(f"Unknown dtype '{self.dtype}'; use one of {', '.join(DTYPE_NAMES)}.")
-        if self.sink_ratio is not None and not (self.sink_ratio > 1 and self.with_tokens):
+        check_sink_ratio(self.sink_ratio)
+        if self.sink_ratio is not None and not self.with_tokens:
             raise MechscopeError("sink_ratio must be above 1 and needs with_tokens=True (sinks are marked in the token ids).")
         if self.buffer_tokens < 2 * self.rows_per_context:
             raise MechscopeError(f"buffer_tokens must be at least two contexts' rows ({2 * self.rows_per_context}).")

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from mechscope.activations.config import check_sink_ratio
 from mechscope.cli.common import (
     CorpusOpt,
     DeviceOpt,
@@ -290,8 +291,7 @@ def transcoders_eval(
     from mechscope.features.transcoder_set import TranscoderSet, load_transcoder_layers
     from mechscope.report.transcoders import render_transcoders_eval
 
-    if sink_ratio and not sink_ratio > 1:
-        fail(f"--sink-ratio must be above 1, or 0 to keep sink positions; got {sink_ratio}.")
+    check_sink_ratio(sink_ratio or None)  # before the model loads
     if tokens <= 0 or batch_size <= 0 or context_len < 2:
         fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
     given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load

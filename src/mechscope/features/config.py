@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mechscope.activations.config import check_sink_ratio
 from mechscope.errors import MechscopeError
 from mechscope.sae.config import TrainConfig
 
@@ -121,8 +122,7 @@ class TranscoderTrainConfig:
                 f"shuffle_contexts={self.shuffle_contexts} must be a multiple of batch_contexts={self.batch_contexts} "
                 f"and of the contexts per store fill ({self.fill_contexts})."
             )
-        if self.sink_ratio is not None and not self.sink_ratio > 1:
-            raise MechscopeError(f"sink_ratio must be above 1 (None, or --sink-ratio 0, keeps sink rows), got {self.sink_ratio}.")
+        check_sink_ratio(self.sink_ratio)
         bad = sorted(set(self.train_options) & set(_OWN))
         if bad:
             raise MechscopeError(f"train_options may not set {', '.join(bad)}; they are fields of TranscoderTrainConfig.")

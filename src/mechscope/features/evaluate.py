@@ -64,6 +64,7 @@ import torch
 from torch import Tensor
 
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts, special_token_ids
+from mechscope.activations.config import check_sink_ratio
 from mechscope.activations.store import sink_hooks, sink_positions
 from mechscope.errors import MechscopeError
 from mechscope.features.config import EVAL_TOKENS, SINK_RATIO
@@ -218,8 +219,7 @@ def evaluate_transcoders(
     s = skip_first
     lo = max(s, 1) - 1
     special = torch.tensor(special_token_ids(model.tokenizer) if exclude_special else [], dtype=torch.long, device=dev)
-    if sink_ratio is not None and not sink_ratio > 1:
-        raise MechscopeError(f"sink_ratio must be above 1 (None, or --sink-ratio 0, keeps sink positions), got {sink_ratio}.")
+    check_sink_ratio(sink_ratio)
     deepest = max(hook_layer(h) for layer, tc in layers.items() for h in (tc.cfg.hook_name, out_hook[layer]))
     sinks_read = sink_hooks(model, deepest) if sink_ratio is not None else []
     acc: dict[int, dict[str, Any]] = {layer: {"n": 0, "l0": 0.0, "mse": 0.0, "ce_spliced": 0.0, "ce_zero": 0.0, "ctx_spliced": [], "ctx_zero": [],

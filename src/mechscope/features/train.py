@@ -91,9 +91,9 @@ class SharedBatches:
     read ``cfg.shuffle_contexts`` contexts at a time (a chunk, ``chunk_rows`` rows), permuted
     by a generator seeded with ``(cfg.seed, chunk index)`` and cut into ``batch_rows``-row
     batches; batch ``i`` is ``{hook: [n, d_hook]}``, views into its chunk (``n = batch_rows``),
-    or, given ``exclude`` token ids (or a store that marks sinks, ``StoreConfig.sink_ratio``),
-    copies without those tokens' rows and the sinks' (``n <= batch_rows``, the same rows for
-    every hook). Every
+    or, given ``exclude`` token ids (``SINK_TOKEN`` among them for a store that marks sinks,
+    ``StoreConfig.sink_ratio``), copies without those tokens' rows (``n <= batch_rows``, the
+    same rows for every hook). Every
     reader gets batch 0, 1, 2, ... in turn (``get``); a batch is dropped once every reader has
     had it. ``state_dict`` is only taken at a chunk boundary with every reader there.
     """
@@ -103,9 +103,6 @@ class SharedBatches:
             raise MechscopeError("leaving out tokens' rows needs a store made with with_tokens=True.")
         self.store, self.cfg = store, cfg
         self.exclude = torch.tensor(sorted(exclude), dtype=torch.long) if exclude else None
-        if store.cfg.sink_ratio is not None:  # sink rows come with token id SINK_TOKEN
-            self.exclude = torch.cat([self.exclude if self.exclude is not None else torch.zeros(0, dtype=torch.long),
-                                      torch.tensor([SINK_TOKEN])])
         self.batch_rows = cfg.batch_rows
         self.fill_rows = store.cfg.buffer_tokens
         self.chunk_rows = cfg.shuffle_contexts * cfg.rows_per_context
@@ -207,8 +204,8 @@ def transcoder_sources(model: Any, cfg: TranscoderTrainConfig) -> tuple[SharedBa
                        buffer_tokens=cfg.fill_contexts * cfg.rows_per_context, shuffle=False, seed=cfg.seed,
                        with_tokens=cfg.exclude_special or cfg.sink_ratio is not None, sink_ratio=cfg.sink_ratio)
     store = ActivationStore(model, get_corpus(cfg.corpus, split="train"), scfg)
-    exclude = special_token_ids(model.tokenizer) if cfg.exclude_special else None
-    shared = SharedBatches(store, cfg, len(layers), exclude)
+    exclude = (special_token_ids(model.tokenizer) if cfg.exclude_special else []) + ([SINK_TOKEN] if cfg.sink_ratio is not None else [])
+    shared = SharedBatches(store, cfg, len(layers), exclude or None)
     return shared, [LayerSource(shared, i, *layer_hooks(layer)) for i, layer in enumerate(layers)]
 
 
