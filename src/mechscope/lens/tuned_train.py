@@ -142,21 +142,24 @@ def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progr
     cache_final = torch.empty(cfg.kl_tokens, D, dtype=cdt)
     bar = as_progress(progress).phase("closed form", total=cfg.tokens, unit="tok")
     for rows, start in harvest_residuals(model, corpus, hooks, cfg.tokens, "train", cfg.context_len, cfg.forward_contexts):
-        y = rows[FINAL_NORM_IN].cpu()  # [n, D]
+        # the batch's products run where the model does (a GPU's float32 GEMMs; on a GPU the same
+        # products on the CPU held the closed form to ~5k tokens/s) and are summed in float64 here
+        y = rows[FINAL_NORM_IN]  # [n, D]
         n = y.shape[0]
-        z = y / norm.scale(y).cpu()
+        z = y / norm.scale(y)
         for l, h in enumerate(hooks):
-            x_raw = rows[h].cpu()
-            r = norm.scale(x_raw).cpu()  # [n, 1]
+            x_raw = rows[h]
+            r = norm.scale(x_raw)  # [n, 1]
             x = x_raw / r
             X = torch.cat([x, 1.0 / r], 1)  # [n, D + 1]
-            gram[l] += (X.T @ X).double()
-            cross[l] += (X.T @ (z - x)).double()
+            gram[l] += (X.T @ X).double().cpu()
+            cross[l] += (X.T @ (z - x)).double().cpu()
         sel = keep[(keep >= start) & (keep < start + n)]
         if len(sel):
             j = torch.searchsorted(keep, sel)
-            cache_in[j] = torch.stack([rows[h].cpu()[sel - start] for h in hooks], 1).to(cdt)
-            cache_final[j] = y[sel - start].to(cdt)
+            idx = (sel - start).to(y.device)
+            cache_in[j] = torch.stack([rows[h][idx] for h in hooks], 1).to(cdt).cpu()
+            cache_final[j] = y[idx].to(cdt).cpu()
         bar.advance(n)
     bar.close()
     eye = torch.eye(D + 1, dtype=torch.float64)

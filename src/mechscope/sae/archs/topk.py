@@ -8,6 +8,7 @@ selected entries, and decoding gathers the k decoder rows.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +18,10 @@ from mechscope.sae.archs.base import Architecture, StepState, TrainCode, auxk_lo
 
 if TYPE_CHECKING:
     from mechscope.sae.model import SAE, SAEConfig
+
+# torch 2.11 on CUDA warns at the first sparse tensor built with check_invariants=False, which is
+# deliberate here: the indices come from topk and are in range by construction.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 def _sparse_weight_grad(idx: Tensor, g: Tensor, xc: Tensor, d_sae: int) -> Tensor:
