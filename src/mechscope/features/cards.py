@@ -6,8 +6,10 @@ transcoder input (``ln2.hook_normalized``), encodes it with that layer's transco
 layer, so TopK and BatchTopK activate as in the graph) and keeps the needed features'
 activations [contexts, positions, features] in memory (features x tokens x 4 bytes: 1.2 MB
 for 300 features over 4,096 tokens); the ``top`` largest activations per feature, position 0
-of each context left out (the attention sink, as in the SAE statistics), give the exemplars,
-each with a window of tokens and the feature's activation on each of them.
+of each context, special tokens and attention sinks left out (positions whose residual norm
+after some block up to the deepest layer read is more than ``sink_ratio`` times that block's
+median, the rule transcoder sets are trained with: ``activations.store.sink_positions``), give
+the exemplars, each with a window of tokens and the feature's activation on each of them.
 
 ``feature_logits`` is the direct path from a feature's decoder row to the logits through the
 final norm's linear part (scale left out: only the ranking is shown) and the unembedding,
@@ -27,8 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mechscope.activations.store import special_token_ids
+from mechscope.activations.config import check_sink_ratio
+from mechscope.activations.store import sink_hooks, sink_positions, special_token_ids
 from mechscope.errors import MechscopeError
+from mechscope.features.config import SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import ln_normalized
 from mechscope.progress import ProgressArg, as_progress
@@ -53,10 +57,11 @@ def _group(feats: list[tuple[int, int]], tset: TranscoderSet) -> dict[int, list[
 
 @torch.no_grad()
 def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, int]], tokens: Tensor, top: int = 5,
-                     before: int = 8, after: int = 3, batch_size: int = 8,
+                     before: int = 8, after: int = 3, batch_size: int = 8, sink_ratio: float | None = SINK_RATIO,
                      progress: ProgressArg = False) -> dict[str, list[dict]]:
     """The ``top`` corpus positions of largest activation of each feature (module docstring).
-    ``tokens`` [contexts, ctx_len] (ctx_len >= 2)."""
+    ``tokens`` [contexts, ctx_len] (ctx_len >= 2); ``sink_ratio`` None keeps attention sinks. The
+    sink test takes each context's own medians, so the exemplars do not depend on ``batch_size``."""
     if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.shape[0] == 0:
         raise MechscopeError(f"contexts must be [n, ctx_len >= 2] token ids, got shape {list(tokens.shape)}.")
     if top < 1 or before < 0 or after < 0 or batch_size < 1:
@@ -65,17 +70,25 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
     n_feats = sum(len(v) for v in by_layer.values())
     if n_feats * tokens.numel() > MAX_CELLS:
         raise MechscopeError(f"{n_feats} features x {tokens.numel():,} tokens is too large a table; search fewer tokens (--contexts).")
+    check_sink_ratio(sink_ratio)
     names = {ln_normalized(layer, 2): layer for layer in by_layer}
+    sinks_read = sink_hooks(model, max(by_layer)) if sink_ratio is not None else []
+    wanted = set(names) | set(sinks_read)
     N, T = tokens.shape
     acts = {layer: torch.zeros(N, T, len(fs)) for layer, fs in by_layer.items()}
+    sinks = torch.zeros(N, T, dtype=torch.bool)
     bar = as_progress(progress).phase("feature contexts", total=N * T, unit="tok")
     for i in range(0, N, batch_size):
         toks = tokens[i:i + batch_size].to(model.device)
-        _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n in names)
+        _, cache = model.bridge.run_with_cache(toks, names_filter=lambda n: n in wanted)
         for name, layer in names.items():
             tc = tset.layers[layer]
             a = tc.encode(cache[name].to(tc.W_enc.dtype))  # the whole layer: TopK picks as in the graph
             acts[layer][i:i + len(toks)] = a[..., by_layer[layer]].float().cpu()
+        if sink_ratio is not None:
+            norms = [cache[h].float().norm(dim=-1).cpu() for h in sinks_read]  # [batch, pos] per block
+            for c in range(len(toks)):
+                sinks[i + c] = sink_positions([n[c:c + 1] for n in norms], sink_ratio)[0]
         del cache
         bar.advance(toks.numel())
     bar.close()
@@ -85,7 +98,7 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
     for layer, fs in by_layer.items():
         a = acts[layer].clone()
         a[:, 0] = float("-inf")  # position 0 (attention sink) is not an exemplar
-        a[special] = float("-inf")  # nor are special tokens (mid-context sinks; the transcoders never trained on them)
+        a[special | sinks] = float("-inf")  # nor are special tokens and sinks (the transcoders never trained on them)
         flat = a.reshape(N * T, len(fs))
         vals, idx = flat.topk(min(top, N * (T - 1)), dim=0)  # [top, features]
         for j, f in enumerate(fs):
