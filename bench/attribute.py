@@ -94,7 +94,7 @@ def main() -> None:
     print(f"model {m.summary.name}, {len(ids)} tokens, {tset.n_layers} transcoders of {tset.d_sae[0]} features; "
           f"{g.n_active:,} active features, {g.n_features:,} with rows, {passes} backward passes of batch {a.batch}")
     print(f"mechscope attribute: {t_ms:.1f} s   floor: {t_floor:.1f} s   ratio {t_ms / max(t_floor, 1e-9):.2f}x   "
-          f"peak RSS {peak:.1f} GiB" + (f", peak GPU memory of the graph {gpu_peak:.2f} GiB ({torch.cuda.get_device_name()})" if cuda else ""))
+          f"peak RSS {peak:.1f} GiB" + (f", peak GPU memory {gpu_peak:.2f} GiB (model, transcoders and graph; {torch.cuda.get_device_name()})" if cuda else ""))
 
 
 if __name__ == "__main__":

@@ -94,40 +94,43 @@ def test_context_search_reports_its_progress(tiny_llama):
 
 def test_contexts_leave_out_attention_sinks_marked_per_context(tiny_llama):
     """With ``sink_ratio`` no exemplar sits where a context's residual norm after some block up to
-    the deepest layer read is above ``ratio`` times that block's median within the context
-    (computed here from a full ``run_with_cache``); each feature's best exemplar is its largest
-    activation elsewhere; the marks do not depend on batching; ``None`` lets sinks back in."""
-    ratio = 1.2  # tiny random models have no massive activations; a low ratio still marks some positions
-    tset = random_transcoders(tiny_llama, d_sae=16, architecture="relu", k=None, seed=7)
-    toks = _seqs(tiny_llama, n=4, P=12, seed=2)
-    feats = [(1, f) for f in range(16)]
+    the set's deepest layer is above ``ratio`` times that block's median over the context's
+    positions from 1 (computed here from a full ``run_with_cache``), even for features of the
+    first layer; each feature's best exemplar is its largest activation elsewhere; the marks do
+    not depend on batching; ``None`` lets sinks back in."""
+    ratio = 1.1  # tiny random models have no massive activations; a low ratio still marks some positions
+    tset = random_transcoders(tiny_llama, d_sae=32, architecture="relu", k=None, seed=7)
+    toks = _seqs(tiny_llama, n=12, P=16, seed=2)
+    feats = [(0, f) for f in range(32)]  # layer 0 of 3: the sink test still reads every block up to the set's last
     _, cache = tiny_llama.bridge.run_with_cache(toks)
-    sinks = torch.zeros(toks.shape, dtype=torch.bool)
-    for layer in (0, 1):
-        n = cache[f"blocks.{layer}.hook_resid_post"].norm(dim=-1)  # [contexts, pos]
-        sinks |= n > ratio * n.median(dim=1, keepdim=True).values
-    sinks[:, 0] = False
+    by_block = []
+    for layer in range(tiny_llama.summary.n_layers):
+        n = cache[f"blocks.{layer}.hook_resid_post"][:, 1:].norm(dim=-1)  # [contexts, pos - 1]
+        by_block.append(torch.cat([torch.zeros(len(toks), 1, dtype=torch.bool), n > ratio * n.median(dim=1, keepdim=True).values], 1))
+    sinks = torch.stack(by_block).any(0)
     assert 0 < int(sinks.sum()) < sinks.numel() - toks.shape[0]
-    got = feature_contexts(tiny_llama, tset, feats, toks, top=3, before=2, after=0, batch_size=3, sink_ratio=ratio)
+    got = feature_contexts(tiny_llama, tset, feats, toks, top=3, before=2, after=0, batch_size=4, sink_ratio=ratio)
     again = feature_contexts(tiny_llama, tset, feats, toks, top=3, before=2, after=0, batch_size=1, sink_ratio=ratio)
-    kept = feature_contexts(tiny_llama, tset, feats, toks, top=3, before=2, after=0, batch_size=3, sink_ratio=None)
+    kept = feature_contexts(tiny_llama, tset, feats, toks, top=3, before=2, after=0, batch_size=4, sink_ratio=None)
     runs = [capture(tiny_llama, tset, t) for t in toks]
-    on_sink = 0
+
+    def best(f: int, masked: torch.Tensor | None) -> float:
+        vals = [v for c, run in enumerate(runs) for (layer, pos, g), v in zip(run.active.tolist(), run.values.tolist())
+                if layer == 0 and g == f and pos >= 1 and (masked is None or not masked[c, pos])]
+        return max(vals, default=0.0)
+
+    deeper_matters = on_sink = 0
     for _, f in feats:
-        best, best_any = 0.0, 0.0
-        for c, run in enumerate(runs):
-            for (layer, pos, g), v in zip(run.active.tolist(), run.values.tolist()):
-                if layer == 1 and g == f and pos >= 1:
-                    best_any = max(best_any, v)
-                    if not sinks[c, pos]:
-                        best = max(best, v)
-        ex = got[f"1:{f}"]
-        assert [e["max"] for e in ex] == [e["max"] for e in again[f"1:{f}"]]
-        if best > 0:
-            assert ex[0]["max"] == pytest.approx(best, rel=1e-3, abs=1e-4)
-        if best_any > 0:
-            assert kept[f"1:{f}"][0]["max"] == pytest.approx(best_any, rel=1e-3, abs=1e-4)
-            on_sink += best_any > best + 1e-4
-    assert on_sink > 0  # the rule changed some feature's best exemplar
+        b, b_any, b_first = best(f, sinks), best(f, None), best(f, by_block[0])
+        ex = got[f"0:{f}"]
+        assert [e["max"] for e in ex] == [e["max"] for e in again[f"0:{f}"]]
+        if b > 0:
+            assert ex[0]["max"] == pytest.approx(b, rel=1e-3, abs=1e-4)
+        if b_any > 0:
+            assert kept[f"0:{f}"][0]["max"] == pytest.approx(b_any, rel=1e-3, abs=1e-4)
+        on_sink += b_any > b + 1e-4
+        deeper_matters += b_first > b + 1e-4
+    assert on_sink > 0 and deeper_matters > 0  # the rule, and its blocks above the features' layer, change some best exemplar
     with pytest.raises(MechscopeError, match="sink_ratio must be above 1"):
         feature_contexts(tiny_llama, tset, feats, toks, sink_ratio=0.5)
+    assert feature_contexts(tiny_llama, tset, [], toks) == {}

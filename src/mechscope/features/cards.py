@@ -7,9 +7,10 @@ layer, so TopK and BatchTopK activate as in the graph) and keeps the needed feat
 activations [contexts, positions, features] in memory (features x tokens x 4 bytes: 1.2 MB
 for 300 features over 4,096 tokens); the ``top`` largest activations per feature, position 0
 of each context, special tokens and attention sinks left out (positions whose residual norm
-after some block up to the deepest layer read is more than ``sink_ratio`` times that block's
-median, the rule transcoder sets are trained with: ``activations.store.sink_positions``), give
-the exemplars, each with a window of tokens and the feature's activation on each of them.
+after some block up to the set's deepest layer is more than ``sink_ratio`` times that block's
+median over the context's positions from 1: ``activations.store.sink_positions``, per context
+where training takes a forward batch), give the exemplars, each with a window of tokens and the
+feature's activation on each of them.
 
 ``feature_logits`` is the direct path from a feature's decoder row to the logits through the
 final norm's linear part (scale left out: only the ranking is shown) and the unembedding,
@@ -34,7 +35,7 @@ from mechscope.activations.store import sink_hooks, sink_positions, special_toke
 from mechscope.errors import MechscopeError
 from mechscope.features.config import SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
-from mechscope.models.hooks import ln_normalized
+from mechscope.models.hooks import hook_layer, ln_normalized
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -67,12 +68,16 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
     if top < 1 or before < 0 or after < 0 or batch_size < 1:
         raise MechscopeError("top and batch_size must be at least 1, before and after at least 0.")
     by_layer = _group(feats, tset)
+    if not by_layer:
+        return {}
     n_feats = sum(len(v) for v in by_layer.values())
     if n_feats * tokens.numel() > MAX_CELLS:
         raise MechscopeError(f"{n_feats} features x {tokens.numel():,} tokens is too large a table; search fewer tokens (--contexts).")
     check_sink_ratio(sink_ratio)
     names = {ln_normalized(layer, 2): layer for layer in by_layer}
-    sinks_read = sink_hooks(model, max(by_layer)) if sink_ratio is not None else []
+    # every block up to the set's deepest layer, as the set's training read them, whichever features are asked for
+    deepest = max(hook_layer(h) for tc in tset.layers for h in (tc.cfg.hook_name, tc.cfg.hook_name_out) if h)
+    sinks_read = sink_hooks(model, deepest) if sink_ratio is not None else []
     wanted = set(names) | set(sinks_read)
     N, T = tokens.shape
     acts = {layer: torch.zeros(N, T, len(fs)) for layer, fs in by_layer.items()}
@@ -87,8 +92,8 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
             acts[layer][i:i + len(toks)] = a[..., by_layer[layer]].float().cpu()
         if sink_ratio is not None:
             norms = [cache[h].float().norm(dim=-1).cpu() for h in sinks_read]  # [batch, pos] per block
-            for c in range(len(toks)):
-                sinks[i + c] = sink_positions([n[c:c + 1] for n in norms], sink_ratio)[0]
+            for c in range(len(toks)):  # position 0 (never an exemplar) stays out of the medians, as in training
+                sinks[i + c, 1:] = sink_positions([n[c:c + 1, 1:] for n in norms], sink_ratio)[0]
         del cache
         bar.advance(toks.numel())
     bar.close()

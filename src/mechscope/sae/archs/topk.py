@@ -19,10 +19,6 @@ from mechscope.sae.archs.base import Architecture, StepState, TrainCode, auxk_lo
 if TYPE_CHECKING:
     from mechscope.sae.model import SAE, SAEConfig
 
-# torch 2.11 on CUDA warns at the first sparse tensor built with check_invariants=False, which is
-# deliberate here: the indices come from topk and are in range by construction.
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 def _sparse_weight_grad(idx: Tensor, g: Tensor, xc: Tensor, d_sae: int) -> Tensor:
     """sum over tokens b and slots j of g[b, j] * xc[b], added into row idx[b, j]: [d_sae, d_in]
@@ -31,8 +27,10 @@ def _sparse_weight_grad(idx: Tensor, g: Tensor, xc: Tensor, d_sae: int) -> Tenso
     batch 4096, d_in 576, d_sae 4608, k 32; docs/decisions.md)."""
     b, k = idx.shape
     rows = torch.arange(b, device=idx.device).repeat_interleave(k)
-    gt = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (d_sae, b), check_invariants=False)
-    return torch.sparse.mm(gt, xc)
+    with warnings.catch_warnings():  # torch 2.11 on CUDA warns that invariant checks are off: deliberate, topk's indices are in range
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        gt = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (d_sae, b), check_invariants=False)
+        return torch.sparse.mm(gt, xc)
 
 
 class _TopKEncode(torch.autograd.Function):
