@@ -157,7 +157,7 @@ def test_output_logits_are_the_final_norms_linear_map(kind, request):
         cos = torch.nn.functional.cosine_similarity(jd, ol, dim=0)
         assert float(cos.detach()) > 0.9999
         unweighted = (dc @ b.W_U).detach()  # without gamma: clearly different
-        assert float(torch.nn.functional.cosine_similarity(jd, unweighted, dim=0)) < 0.99
+        assert float(torch.nn.functional.cosine_similarity(jd.detach(), unweighted, dim=0)) < 0.99
     finally:
         with torch.no_grad():
             norm.weight.copy_(saved)

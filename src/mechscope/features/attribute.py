@@ -176,10 +176,19 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     # source vectors of the active features, by layer, built once on the model's device: a row is
     # assembled there and copied to the CPU once per backward pass (on an H200, per-layer copies of
     # the gradients to the CPU made a 64-token graph 2.3x its floor)
+    # Each layer's features are grouped by position, so a row's entries are one small GEMM per
+    # position (gradient at p [n, d] x the sources at p [d, m_p]) instead of gathering the
+    # gradient once per feature ([n, m, d]: 5 of a 512-feature graph's 11 s on the 2-core CPU).
     dev = run.errors.device
     feats_cpu = feats.cpu()
-    by_layer = [torch.nonzero(feats_cpu[:, 0] == layer).flatten() for layer in range(L)]
-    src_pos = [feats_cpu[idx, 1].to(dev) for idx in by_layer]
+    by_layer, segs = [], []
+    for layer in range(L):
+        idx = torch.nonzero(feats_cpu[:, 0] == layer).flatten()
+        idx = idx[torch.argsort(feats_cpu[idx, 1], stable=True)]
+        pos, counts = torch.unique_consecutive(feats_cpu[idx, 1], return_counts=True)
+        ends = counts.cumsum(0)
+        by_layer.append(idx)
+        segs.append(list(zip(pos.tolist(), (ends - counts).tolist(), ends.tolist())))  # (position, start, end)
     src_vec = [(dec[layer][feats_cpu[idx, 2].to(dec[layer].device)] * vals[idx, None].to(dec[layer])).to(dev)
                for layer, idx in enumerate(by_layer)]  # [m, d] per layer
     cols = [idx.to(dev) for idx in by_layer]
@@ -204,7 +213,10 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
                     continue
                 g = g_mlp[layer][: len(chunk)].float()  # [n, P, d]
                 if len(by_layer[layer]):
-                    row[:, cols[layer]] = torch.einsum("nmd,md->nm", g[:, src_pos[layer]], src_vec[layer])
+                    part = torch.empty(len(chunk), len(by_layer[layer]), device=dev)
+                    for p, a, b in segs[layer]:
+                        part[:, a:b] = g[:, p] @ src_vec[layer][a:b].T
+                    row[:, cols[layer]] = part
                 row[:, n_act + layer * P: n_act + (layer + 1) * P] = (g * errors[layer][None]).sum(-1)
             if g_emb is not None:
                 row[:, n_act + L * P:] = (g_emb[: len(chunk)].float() * embed[None]).sum(-1)
