@@ -173,12 +173,11 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     engine.bar = as_progress(progress).phase("attribution backward passes", total=-(-n_rows // B), unit="pass")
     dec = [tc.W_dec.detach().float() for tc in tset.layers]
     enc = [tc.W_enc.detach().float() for tc in tset.layers]
-    # source vectors of the active features, by layer, built once on the model's device: a row is
-    # assembled there and copied to the CPU once per backward pass (on an H200, per-layer copies of
-    # the gradients to the CPU made a 64-token graph 2.3x its floor)
-    # Each layer's features are grouped by position, so a row's entries are one small GEMM per
-    # position (gradient at p [n, d] x the sources at p [d, m_p]) instead of gathering the
-    # gradient once per feature ([n, m, d]: 5 of a 512-feature graph's 11 s on the 2-core CPU).
+    # Source vectors of the active features, built once per graph on the model's device, each
+    # layer's grouped by position: a row's entries are one small GEMM per position (gradient at p
+    # [n, d] x the sources at p [d, m_p]), not a gather of the gradient per feature ([n, m, d]: half
+    # of a 512-feature graph's time on the 2-core CPU); the row is built on the device and copied
+    # to the CPU once per backward pass (per-layer copies made a 64-token graph 2.3x its floor on an H200).
     dev = run.errors.device
     feats_cpu = feats.cpu()
     by_layer, segs = [], []
@@ -192,7 +191,7 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     src_vec = [(dec[layer][feats_cpu[idx, 2].to(dec[layer].device)] * vals[idx, None].to(dec[layer])).to(dev)
                for layer, idx in enumerate(by_layer)]  # [m, d] per layer
     cols = [idx.to(dev) for idx in by_layer]
-    errors, embed = run.errors.float(), run.embed.float().to(dev)
+    errors, embed = run.errors, run.embed  # float32, on the model's device (capture)
 
     def rows_for(kind: str, items: Tensor) -> Tensor:
         """Rows [n, n_act + L*P + P] over all active features, errors, tokens."""
