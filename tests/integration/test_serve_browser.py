@@ -91,11 +91,23 @@ def _no_alert_no_errors(driver) -> None:
     assert not severe, severe
 
 
+def _gone(element) -> bool:
+    """The page that held ``element`` was replaced. ``ec.staleness_of`` misses one of Chromium's
+    answers for it: "Node with given id does not belong to the document" comes as a plain
+    WebDriverException, not a stale-element one (seen once in CI, session 17)."""
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        element.is_enabled()
+        return False
+    except WebDriverException:  # StaleElementReferenceException is one too
+        return True
+
+
 def _search(driver, query: str) -> float:
     """Type ``query`` in the search box, submit, wait for the answer; the server's answer time in
     seconds (request sent to last byte received, from the browser's navigation timing)."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     box = driver.find_element(By.ID, "q")
@@ -103,7 +115,7 @@ def _search(driver, query: str) -> float:
     box.send_keys(query)
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.ID, "go").click()
-    WebDriverWait(driver, 30).until(ec.staleness_of(old))
+    WebDriverWait(driver, 30).until(lambda d: _gone(old))
     WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "results") or d.find_elements(By.ID, "no-hits"))
     t = driver.execute_script("const n = performance.getEntriesByType('navigation')[0]; return [n.requestStart, n.responseEnd];")
     return (t[1] - t[0]) / 1000
