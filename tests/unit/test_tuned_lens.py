@@ -122,7 +122,7 @@ def test_save_load_round_trip(trained, tiny_llama, tmp_path):
     assert torch.equal(back.logits(tiny_llama, h, 1), lens.logits(tiny_llama, h, 1))
     d = json.loads((out / "tuned_lens.json").read_text())
     assert d["schema_version"] == 1 and d["reads"] == "resid_post" and d["model"]["n_layers"] == tiny_llama.summary.n_layers
-    assert not (out / "checkpoint").exists() and not list(out.glob("*.pt"))
+    assert (out / "checkpoint" / "state.safetensors").is_file() and not list(out.rglob("*.pt"))  # kept to extend the run
 
 
 def test_translators_of_another_model_are_refused_in_one_sentence(trained, tiny_gpt2, tiny_gpt2_dir):
@@ -152,8 +152,29 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny_llama, corpus, tmp_pat
     resumed = train_tuned_lens(tiny_llama, corpus, cfg, out, resume=True)
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
     assert resumed.info["training"]["kl_log"] == straight.info["training"]["kl_log"]
-    with pytest.raises(MechscopeError, match="nothing to resume"):
-        train_tuned_lens(tiny_llama, corpus, cfg, out, resume=True)
+    # the finished run keeps its checkpoint: a fresh run into it is refused, resuming it is a no-op
+    with pytest.raises(MechscopeError, match="larger --kl-steps to extend it"):
+        train_tuned_lens(tiny_llama, corpus, cfg, out)
+    again = train_tuned_lens(tiny_llama, corpus, cfg, out, resume=True)
+    assert torch.equal(again.weight, straight.weight) and again.info["training"]["kl_log"] == straight.info["training"]["kl_log"]
+    with pytest.raises(MechscopeError, match="beyond --kl-steps 5"):
+        train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 5}), out, resume=True)
+
+
+def test_a_finished_run_extends_to_exactly_a_longer_run(tiny_llama, corpus, tmp_path):
+    long = train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 9}), tmp_path / "long")
+    out = tmp_path / "short"
+    train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 4}), out)
+    extended = train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 9}), out, resume=True)
+    assert torch.equal(extended.weight, long.weight) and torch.equal(extended.bias, long.bias)
+    assert extended.info["training"]["kl_log"] == long.info["training"]["kl_log"]
+    assert torch.equal(load_tuned_lens(out, tiny_llama).weight, long.weight)
+
+    dropped = tmp_path / "dropped"
+    train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 4, "keep_checkpoint": False}), dropped)
+    assert not (dropped / "checkpoint").exists()
+    with pytest.raises(MechscopeError, match="without its checkpoint"):
+        train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 9}), dropped, resume=True)
 
 
 def _package_files(folder, L: int, D: int, name: str) -> dict[str, torch.Tensor]:

@@ -37,7 +37,9 @@ def train(
     matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="bfloat16 or float32 unembedding matmuls in the KL stage."),
     checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
     seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (or extend a finished one to a larger --kl-steps)."),
+    keep_checkpoint: bool = typer.Option(TunedLensTrainConfig.keep_checkpoint, "--keep-checkpoint/--drop-checkpoint",
+                                         help="Keep --out/checkpoint after the run so --resume can extend it (about 310 MB for the embedded model)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -47,7 +49,7 @@ def train(
 
     cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
                                reads=reads, matmul_dtype=matmul_dtype, cache_dtype=matmul_dtype,
-                               checkpoint_every=checkpoint_every, seed=seed)  # checked before the model loads
+                               checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed)  # checked before the model loads
     m = load(model, device)
     if not json:
         console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "

@@ -62,6 +62,12 @@ class TunedLensTrainConfig:
     """dtype of the residuals cached for the KL fine-tune."""
     checkpoint_every: int = 50
     """KL steps between checkpoints (the closed form is checkpointed when it is done)."""
+    keep_checkpoint: bool = True
+    """Keep ``out/checkpoint/`` (the KL cache and the final optimiser state) after the run, so
+    that ``resume`` with more ``kl_steps`` extends a finished run exactly; it holds
+    ``kl_tokens * (n_layers + 1) * d_model`` cached values and four copies of the translators
+    (the closed form's, the final ones, Adam's two moments): about 310 MB for SmolLM2-135M at
+    the defaults. False removes it when the lens is saved."""
     seed: int = 0
 
     def __post_init__(self) -> None:

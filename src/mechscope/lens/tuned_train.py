@@ -46,7 +46,10 @@ Checkpoints (safetensors + JSON, never pickle) live in ``out/checkpoint/``: ``st
 ``os.replace`` commits both; the ``.json`` files are copies to read). Batches are a pure function of (seed, step), so ``resume=True``
 ends with exactly the weights of an uninterrupted run (a test compares them with
 ``torch.equal``). The finished lens is ``out/tuned_lens.{json,safetensors}`` with the training
-log in its JSON; the checkpoint folder is then removed.
+log in its JSON. The checkpoint folder then holds the final state and stays (unless
+``keep_checkpoint=False``), so ``resume=True`` with a larger ``kl_steps`` extends a finished run
+to exactly the weights of one run of that many steps; extending without it would need the
+closed form again (session 17: a run could not be lengthened once it had finished).
 """
 
 from __future__ import annotations
@@ -369,8 +372,11 @@ class _Run:
                                        "method": "closed-form ridge least squares on norm-scaled residuals, then "
                                                  "Adam on KL(final || translated) over the full vocabulary"}}
         if self.out is not None:
+            if cfg.keep_checkpoint:
+                self.save_state()
             self.lens.save(self.out)
-            shutil.rmtree(self.ckpt, ignore_errors=True)
+            if not cfg.keep_checkpoint:
+                shutil.rmtree(self.ckpt, ignore_errors=True)
         return self.lens
 
 
@@ -393,13 +399,15 @@ def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None
         if out_p.exists() and not out_p.is_dir():
             raise MechscopeError(f"{out_p} is a file; --out must name a folder.")
         has_ckpt = (out_p / CKPT_DIR / STAGE1).is_file()
+        has_lens = (out_p / JSON_FILE).is_file()
         if resume and not has_ckpt:
-            what = "a finished tuned lens" if (out_p / JSON_FILE).is_file() else "no checkpoint"
+            what = "a finished tuned lens without its checkpoint" if has_lens else "no checkpoint"
             raise MechscopeError(f"--resume: {out_p} holds {what} and nothing to resume; use a new --out to train again.")
+        if not resume and has_lens:
+            hint = " add --resume with a larger --kl-steps to extend it, or" if has_ckpt else ""
+            raise MechscopeError(f"{out_p} already holds a tuned lens;{hint} choose a new --out.")
         if not resume and has_ckpt:
             raise MechscopeError(f"{out_p} holds a checkpoint of an earlier run; add --resume to continue it, or choose a new --out.")
-        if not resume and (out_p / JSON_FILE).is_file():
-            raise MechscopeError(f"{out_p} already holds a tuned lens; choose a new --out.")
     elif resume:
         raise MechscopeError("--resume needs the --out folder of the run to continue.")
     return _Run(model, corpus, cfg, out_p, as_progress(progress)).run(resume)
