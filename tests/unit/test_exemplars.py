@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mechscope.activations.store import separator_id
+from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.db import UnitDB
 from mechscope.explain.exemplars import Interrupted, harvest_exemplars, quantiles
@@ -222,3 +223,41 @@ def test_cli_exemplars_writes_db_and_refuses_bad_input(tiny_llama_dir, tmp_path)
                          (["--db", str(other)], "some/other-model")):
         r = CliRunner().invoke(app, [*common, *args])
         assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama):
+    """With a sink ratio, a position is no candidate where its residual norm after any block up to
+    the source's deepest layer (not the deepest harvested one) exceeds ratio x that block's median
+    over its own context's positions from 1; checked against an independent cached forward."""
+    from mechscope.models.hooks import resid_post
+
+    model = tiny_llama
+    ctxs = _contexts(model, seed=5)
+    ratio = 1.3  # a random tiny model has no massive activations: a low ratio marks some positions
+    state = harvest_exemplars(model, _cfg(layers=[0], sink_ratio=ratio), contexts=ctxs)
+    L = model.summary.n_layers
+    acts = _brute(model, ctxs, [mlp_post(0)] + [resid_post(layer) for layer in range(L)])
+    ids = torch.tensor(ctxs)
+    valid = ids != separator_id(model.tokenizer)
+    valid[:, 0] = False
+    sinks = torch.zeros_like(valid)
+    for layer in range(L):
+        norm = acts[resid_post(layer)].norm(dim=-1)[:, 1:]  # [C, T - 1]
+        sinks[:, 1:] |= norm > ratio * norm.median(dim=1, keepdim=True).values
+    assert 0 < int((sinks & valid).sum()) < int(valid.sum()) // 2  # the test bites: some sinks, mostly text
+    only0 = acts[resid_post(0)].norm(dim=-1)[:, 1:]
+    assert not torch.equal(sinks[:, 1:], only0 > ratio * only0.median(dim=1, keepdim=True).values)  # depth matters
+    keep = valid & ~sinks
+    flat = acts[mlp_post(0)][keep]
+    st = state.layers[0]
+    assert state.n_tokens == flat.shape[0]
+    assert torch.equal(st.positive, (flat > 0).sum(0))
+    torch.testing.assert_close(st.top_val.max(0).values, flat.max(0).values, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(st.bot_val.min(0).values, flat.min(0).values, atol=1e-6, rtol=1e-6)
+    assert set(st.top_row[st.top_row >= 0].tolist()) <= set(keep.reshape(-1).nonzero()[:, 0].tolist())
+    # defaults: on for transcoder features (the sets' training rule), off for neurons and SAEs; 0 is off
+    assert ExemplarsConfig(units="transcoders:/x").effective_sink_ratio == 30.0
+    assert ExemplarsConfig(units="mlp").effective_sink_ratio is None
+    assert ExemplarsConfig(units="transcoders:/x", sink_ratio=0).effective_sink_ratio is None
+    with pytest.raises(MechscopeError, match="--sink-ratio must be above 1"):
+        ExemplarsConfig(sink_ratio=0.5)

@@ -160,6 +160,7 @@ def exemplars(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: DB.exemplars/<settings>); a killed run resumes from it."),
     checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the database is written."),
+    sink_ratio: Optional[float] = typer.Option(None, "--sink-ratio", help="Leave out attention sinks (residual norm > R x the median); default 30 for transcoders:DIR, off otherwise; 0: off."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -177,7 +178,7 @@ def exemplars(
     cfg = ExemplarsConfig(units=units, layers=parse_layers(layers), unit_range=parse_range(unit_range, "--unit-range"),
                           corpus=corpus, n_tokens=tokens, first_context=first, context_len=context_len,
                           batch_size=batch_size, k=k, k_bottom=k_bottom, per_quantile=per_quantile, n_random=n_random,
-                          seed=seed, checkpoint_every=checkpoint_every)  # checked when made
+                          seed=seed, checkpoint_every=checkpoint_every, sink_ratio=sink_ratio)  # checked when made
     m = load(model, device)
     store = UnitDB(db, model_id=m.summary.name)  # refuses another model's database before the pass
     ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())

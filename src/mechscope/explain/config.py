@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mechscope.errors import MechscopeError
+from mechscope.features.config import SINK_RATIO
 
 
 @dataclass
@@ -52,6 +53,13 @@ class ExemplarsConfig:
     """Contexts between checkpoints (0: never)."""
     n_logits: int = 10
     """Top/bottom output tokens stored per unit."""
+    sink_ratio: float | None = None
+    """Attention sinks are not candidates: positions whose residual norm after some block up to
+    the source's deepest layer exceeds ``sink_ratio`` times that block's median over the
+    context's positions from 1 (``activations.store.sink_positions``, the transcoder sets'
+    training rule). None: the source's default, ``SINK_RATIO`` (30) for ``transcoders:DIR`` (their units never
+    saw a sink in training, so a sink's value says nothing about them) and off for ``mlp`` and
+    ``sae:DIR``; 0: off."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,8 +77,17 @@ class ExemplarsConfig:
             raise MechscopeError(f"quantile edges {self.quantiles} must be increasing and inside (0, 1).")
         if abs(sum(self.split) - 1) > 1e-6 or min(self.split) < 0:
             raise MechscopeError(f"split fractions {self.split} must be at least 0 and sum to 1.")
+        if self.sink_ratio is not None and self.sink_ratio != 0 and not self.sink_ratio > 1:
+            raise MechscopeError(f"--sink-ratio must be above 1 (or 0 to keep the attention sinks), got {self.sink_ratio}.")
         if self.unit_range is not None and not 0 <= self.unit_range[0] < self.unit_range[1]:
             raise MechscopeError(f"--units range {self.unit_range[0]}:{self.unit_range[1]} is empty; give a:b with a < b.")
+
+    @property
+    def effective_sink_ratio(self) -> float | None:
+        """The sink ratio this pass applies (None: sinks are kept); see ``sink_ratio``."""
+        if self.sink_ratio is None:
+            return SINK_RATIO if self.units.startswith("transcoders:") else None
+        return self.sink_ratio or None
 
     @property
     def n_contexts(self) -> int:
