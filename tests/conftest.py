@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random models saved to disk (the real loading path, no hub) and the
 embedded model, loaded once per test session. Also the rule for tests that need something
-outside .venv (markers ``saelens``, ``circuit_tracer`` and ``browser``): skipped with the reason when it is missing,
+outside .venv (markers ``saelens``, ``circuit_tracer``, ``llama_server`` and ``browser``): skipped with the reason when it is missing,
 but a failure when ``CI`` is set, since CI installs everything (``./setup.sh --test``)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ROOT = Path(__file__).resolve().parents[1]
 SAELENS_PY = Path(os.environ.get("MECHSCOPE_SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
 CIRCUIT_TRACER_PY = Path(os.environ.get("MECHSCOPE_CIRCUIT_TRACER_PYTHON", ROOT / ".venv-ct" / "bin" / "python"))
+LLAMA_PY = Path(os.environ.get("MECHSCOPE_LLAMA_PYTHON", ROOT / ".venv-llama" / "bin" / "python"))
 
 
 def in_ci() -> bool:
@@ -55,6 +56,11 @@ def _circuit_tracer_missing() -> str | None:
 
 
 @functools.cache
+def _llama_server_missing() -> str | None:
+    return _env_missing(LLAMA_PY, "import llama_cpp.server.app", "llama-cpp-python's server", ".venv-llama")
+
+
+@functools.cache
 def _browser_missing() -> str | None:
     try:
         import selenium  # noqa: F401
@@ -68,7 +74,7 @@ def _browser_missing() -> str | None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     for marker, missing in (("saelens", _saelens_missing), ("circuit_tracer", _circuit_tracer_missing),
-                            ("browser", _browser_missing)):
+                            ("llama_server", _llama_server_missing), ("browser", _browser_missing)):
         if item.get_closest_marker(marker) and (why := missing()):
             if in_ci():
                 pytest.fail(f"{why}; CI must have it", pytrace=False)

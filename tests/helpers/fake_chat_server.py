@@ -7,6 +7,8 @@ changed while it runs:
     slow      sleeps ``delay`` seconds before answering (past the client's timeout)
     garbage   answers HTTP 200 with a body that is not JSON
     empty     answers a well-formed completion whose content is ""
+    context   answers HTTP 400 ``context_length_exceeded`` (llama.cpp's server's body) when the
+              prompt shows more than ``max_excerpts`` exemplars, else as ``ok``
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeChatServer:
     def __init__(self, mode: str = "ok", text: str = "Explanation: the word \"Paris\"\nmore text", delay: float = 3.0):
         self.mode, self.text, self.delay = mode, text, delay
+        self.max_excerpts = 3
         self.requests: list[dict] = []
         owner = self
 
@@ -32,6 +35,17 @@ class FakeChatServer:
                 owner.requests.append(body)
                 if owner.mode == "slow":
                     time.sleep(owner.delay)
+                user = body.get("messages", [{}])[-1].get("content", "")
+                if owner.mode == "context" and user.count("Excerpt ") > owner.max_excerpts:
+                    payload = json.dumps({"error": {
+                        "message": "This model's maximum context length is 2048 tokens. However, you requested 3091 tokens.",
+                        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if owner.mode == "garbage":
                     payload = b"{this is not json"
                 else:

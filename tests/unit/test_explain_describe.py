@@ -332,6 +332,24 @@ def test_server_failures_are_one_sentence_and_keep_what_is_stored(tmp_path, mode
     assert len(kept) == 3 and all(db.descriptions(u)[0].text == 'the word "Paris"' for u in kept)
 
 
+def test_a_prompt_too_long_for_the_servers_context_is_resent_with_fewer_exemplars():
+    unit = UnitRecord(UnitRef("mlp", 0, 0), 2.0, 0.0, 0.1)
+    train = [e for i in range(4) for e in _unit_exemplars(0, seed=i) if e.split == "train"]  # 24 windows
+    with FakeChatServer("context") as srv:
+        ex = make_explainer("server", server=srv.url, server_model="fake", retries=0)
+        assert ex.explain(unit, train) == ['the word "Paris"']
+        sent = [r["messages"][1]["content"].count("Excerpt ") for r in srv.requests]
+        assert sent == [12, 6, 3]  # halved until it fits (the fake server takes at most 3)
+        srv.requests.clear()
+        assert ex.explain(unit, train) == ['the word "Paris"']
+        assert [r["messages"][1]["content"].count("Excerpt ") for r in srv.requests] == [12, 6, 3]  # nothing learned across calls
+        srv.max_excerpts = 0
+        with pytest.raises(MechscopeError, match=r"cannot fit even 1 exemplar\(s\) of unit mlp/0/0 .*maximum context length is 2048 tokens\)") as err:
+            ex.explain(unit, train)
+        ex.close()
+    assert _one_sentence(str(err.value))
+
+
 def test_server_that_is_not_there():
     ex = make_explainer("server", server="http://127.0.0.1:9/v1", server_model="fake", timeout=1.0, retries=0)
     with pytest.raises(MechscopeError, match="Could not connect") as err:

@@ -63,9 +63,9 @@ def choose_exemplars(train: list[Exemplar], n: int = MAX_EXEMPLARS) -> list[Exem
     return sorted(train, key=lambda e: (order.get(e.kind, 4), -e.act))[:n]
 
 
-def explain_prompt(unit: UnitRecord, train: list[Exemplar]) -> str:
-    """The user message: the chosen train exemplars, numbered, on the unit's 0-10 scale."""
-    shown = choose_exemplars(train)
+def explain_prompt(unit: UnitRecord, train: list[Exemplar], n: int = MAX_EXEMPLARS) -> str:
+    """The user message: the ``n`` chosen train exemplars, numbered, on the unit's 0-10 scale."""
+    shown = choose_exemplars(train, n)
     max_act = unit.max_act if unit.max_act > 0 else max((max(e.acts) for e in shown), default=0.0)
     body = "\n\n".join(f"Excerpt {i + 1}:\n{format_exemplar(e, max_act)}" for i, e in enumerate(shown))
     return f"{body}\n\nWhat does the neuron detect? One short phrase."

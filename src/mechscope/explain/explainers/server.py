@@ -8,9 +8,16 @@ Ollama and hosted APIs all speak this protocol). Design:
   timeouts and 5xx answers ``retries`` times with backoff, each attempt bounded by ``timeout``.
 - Samples after the first use ``temperature`` (the first is greedy, temperature 0), so one
   sample is reproducible and several differ; ``describe`` keeps the best one by score.
+- A prompt longer than the server's context (HTTP 400, code ``context_length_exceeded`` or a
+  message about the context length) is sent again with half the exemplars, down to one; each
+  unit starts from ``MAX_EXEMPLARS`` (no cap learned across units, so a unit's prompt, and its
+  greedy description, do not depend on which units came before). Found against llama.cpp's
+  server at its default 2,048-token context: 12 windows of a dense unit of the embedded model
+  make a 2,034-token prompt (session 18; ``tests/integration/test_llama_server.py``).
 - A server that does not answer, answers with malformed JSON, an error status or empty
-  content raises ``MechscopeError`` (one sentence, exit 2 at the CLI). ``describe`` stores each
-  chunk of descriptions as soon as it is done, so an error loses nothing already stored.
+  content raises ``MechscopeError`` (one sentence, exit 2 at the CLI, with the server's own
+  message where it gave one). ``describe`` stores each chunk of descriptions as soon as it is
+  done, so an error loses nothing already stored.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mechscope.errors import MechscopeError
-from mechscope.explain.explainers.base import SYSTEM_PROMPT, Explainer, explain_prompt, parse_description
+from mechscope.explain.explainers.base import MAX_EXEMPLARS, SYSTEM_PROMPT, Explainer, explain_prompt, parse_description
 from mechscope.explain.types import Exemplar, UnitRecord
 
 
@@ -50,6 +57,19 @@ class ServerExplainer(Explainer):
         # The URL is where the model runs, not what it writes: left out of the key on purpose.
         return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
 
+    def _ask_unit(self, unit: UnitRecord, train: list[Exemplar], sample: int) -> str:
+        """One sample for one unit, with fewer exemplars while the prompt overflows the server's context."""
+        n = MAX_EXEMPLARS
+        while True:
+            try:
+                return self._ask(explain_prompt(unit, train, n), sample)
+            except _ContextTooLong as e:
+                shown = min(n, len(train))
+                if shown <= 1:
+                    raise MechscopeError(f"The server at {self.url} cannot fit even {shown} exemplar(s) of unit {unit.unit.kind}/"
+                                         f"{unit.unit.layer}/{unit.unit.index} in its context ({e.args[0]}); start it with a larger context.") from None
+                n = shown // 2
+
     def _ask(self, user: str, sample: int) -> str:
         import openai
 
@@ -65,7 +85,11 @@ class ServerExplainer(Explainer):
         except openai.APIConnectionError:
             raise MechscopeError(f"Could not connect to the server at {self.url}; check the URL and that the server runs.") from None
         except openai.APIStatusError as exc:
-            raise MechscopeError(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}; check --model and the server's log.") from None
+            said = _server_message(exc)
+            if exc.status_code == 400 and (getattr(exc, "code", None) == "context_length_exceeded" or "context" in said.lower()):
+                raise _ContextTooLong(said) from None
+            detail = f" ({said})" if said else ""
+            raise MechscopeError(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}{detail}; check --model and the server's log.") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError):
             raise MechscopeError(f"The server at {self.url} answered something that is not a chat-completions JSON response; check that it is OpenAI-compatible.") from None
         choices = getattr(reply, "choices", None)
@@ -80,11 +104,10 @@ class ServerExplainer(Explainer):
         return self.explain_many([(unit, train)], n_samples)[0]
 
     def explain_many(self, items: list[tuple[UnitRecord, list[Exemplar]]], n_samples: int = 1) -> list[list[str]]:
-        prompts = [explain_prompt(u, ex) for u, ex in items]
         jobs = [(i, s) for i in range(len(items)) for s in range(max(1, n_samples))]
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs) or 1))
         try:
-            futures = [pool.submit(self._ask, prompts[i], s) for i, s in jobs]
+            futures = [pool.submit(self._ask_unit, items[i][0], items[i][1], s) for i, s in jobs]
             texts = [f.result() for f in futures]
         finally:  # on the first error, drop the requests not yet sent instead of waiting for them
             pool.shutdown(wait=True, cancel_futures=True)
@@ -96,3 +119,17 @@ class ServerExplainer(Explainer):
 
     def close(self) -> None:
         self.client.close()
+
+
+class _ContextTooLong(Exception):
+    """The server refused a prompt longer than its context (args[0]: what it said)."""
+
+
+def _server_message(exc: Exception) -> str:
+    """The error message an OpenAI-style error body carries, as one short line ('' if none)."""
+    body = getattr(exc, "body", None)
+    msg = body.get("message") if isinstance(body, dict) else None
+    if msg is None and isinstance(body, dict) and isinstance(body.get("error"), dict):
+        msg = body["error"].get("message")
+    text = " ".join(str(msg or "").split()).split(". ")[0].rstrip(".")  # its first sentence
+    return text[:160]
