@@ -274,3 +274,20 @@ def test_subject_enrichment_reads_through_the_tuned_lens(tiny_llama, trained):
     lens, _ = trained
     tuned = subject_projections(tiny_llama, tokens, 3, top_k=5, tuned=lens)
     assert tuned[-1] == plain[-1] and tuned[:-1] != plain[:-1]
+
+
+def test_auto_matmul_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatch, tiny_llama, corpus, tmp_path):
+    from mechscope.lens import tuned_train
+
+    monkeypatch.setattr(tuned_train, "_cpu_has_bf16", lambda: False)
+    assert tuned_train.resolve_matmul_dtype("auto", "cpu") == "float32"
+    assert tuned_train.resolve_matmul_dtype("auto", "cuda") == "bfloat16"
+    assert tuned_train.resolve_matmul_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(tuned_train, "_cpu_has_bf16", lambda: True)
+    assert tuned_train.resolve_matmul_dtype("auto", "cpu") == "bfloat16"
+    monkeypatch.setattr(tuned_train, "_cpu_has_bf16", lambda: False)
+    cfg = TunedLensTrainConfig(**{**SMALL, "matmul_dtype": "auto", "kl_steps": 2})
+    lens = train_tuned_lens(tiny_llama, corpus, cfg, tmp_path / "auto")
+    assert lens.info["settings"]["matmul_dtype"] == "float32"  # the dtype that ran, not "auto"
+    with pytest.raises(MechscopeError, match="matmul_dtype must be auto, bfloat16 or float32"):
+        TunedLensTrainConfig(matmul_dtype="float16")

@@ -34,7 +34,7 @@ def train(
     kl_tokens: int = typer.Option(TunedLensTrainConfig.kl_tokens, "--kl-tokens", help="Positions cached for the KL fine-tune."),
     lr: float = typer.Option(TunedLensTrainConfig.lr, "--lr"),
     reads: str = typer.Option(TunedLensTrainConfig.reads, "--reads", help="resid_post (after each block) or resid_pre (entering it)."),
-    matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="bfloat16 or float32 unembedding matmuls in the KL stage."),
+    matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="auto, bfloat16 or float32 unembedding matmuls in the KL stage (auto: bfloat16 on a GPU or a CPU with bfloat16 instructions)."),
     checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
     seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (or extend a finished one to a larger --kl-steps)."),
@@ -48,7 +48,8 @@ def train(
     from mechscope.lens.tuned_train import train_tuned_lens
 
     cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
-                               reads=reads, matmul_dtype=matmul_dtype, cache_dtype=matmul_dtype,
+                               reads=reads, matmul_dtype=matmul_dtype,
+                               cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
                                checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed)  # checked before the model loads
     m = load(model, device)
     if not json:

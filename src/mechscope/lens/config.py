@@ -15,7 +15,8 @@ from typing import Any, Literal
 from mechscope.errors import MechscopeError
 
 Reads = Literal["resid_post", "resid_pre"]
-MatmulDtype = Literal["bfloat16", "float32"]
+MatmulDtype = Literal["auto", "bfloat16", "float32"]
+CacheDtype = Literal["bfloat16", "float32"]
 
 
 @dataclass
@@ -55,10 +56,14 @@ class TunedLensTrainConfig:
     """Adam's learning rate of the KL fine-tune. Adam moves every entry of A_l by about lr per
     step, so an output moves by up to lr * d_model: at 1e-3 on SmolLM2 (d_model 576) the
     training-batch KL of layer 0 rose from 1.36 to ~4.2 nats in 40 steps of 16 positions."""
-    matmul_dtype: MatmulDtype = "bfloat16"
-    """dtype of the unembedding matmuls of the KL fine-tune (bfloat16 runs ~3.5x faster on
-    CPUs with AMX; logits, softmax and the loss stay float32). Evaluation always uses float32."""
-    cache_dtype: MatmulDtype = "bfloat16"
+    matmul_dtype: MatmulDtype = "auto"
+    """dtype of the unembedding matmuls of the KL fine-tune (logits, softmax and the loss stay
+    float32; evaluation always uses float32). ``auto``: bfloat16 on a GPU and on CPUs with
+    bfloat16 instructions (AMX or AVX512-BF16: ~3.5x faster than float32), float32 elsewhere:
+    on an AVX2-only CPU (session 18's AMD EPYC box) a [64, 576] x [576, 49152] bfloat16 matmul
+    took 17.6 s against 0.12 s in float32 (144x slower), so a bfloat16 default stalled training
+    there. ``train_tuned_lens`` records the resolved dtype in the settings."""
+    cache_dtype: CacheDtype = "bfloat16"
     """dtype of the residuals cached for the KL fine-tune."""
     checkpoint_every: int = 50
     """KL steps between checkpoints (the closed form is checkpointed when it is done)."""
@@ -81,9 +86,10 @@ class TunedLensTrainConfig:
             raise MechscopeError(f"--kl-tokens {self.kl_tokens} exceeds --tokens {self.tokens}; the KL set is drawn from those.")
         if self.ridge < 0 or self.lr <= 0:
             raise MechscopeError("ridge must be at least 0 and --lr positive.")
-        for name in ("matmul_dtype", "cache_dtype"):
-            if getattr(self, name) not in ("bfloat16", "float32"):
-                raise MechscopeError(f"{name} must be bfloat16 or float32, got '{getattr(self, name)}'.")
+        if self.matmul_dtype not in ("auto", "bfloat16", "float32"):
+            raise MechscopeError(f"matmul_dtype must be auto, bfloat16 or float32, got '{self.matmul_dtype}'.")
+        if self.cache_dtype not in ("bfloat16", "float32"):
+            raise MechscopeError(f"cache_dtype must be bfloat16 or float32, got '{self.cache_dtype}'.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,6 @@
 """Train a tuned lens on a CPU in minutes: a closed-form start, then a short KL fine-tune.
 
-    from mechscope.lens.config import TunedLensTrainConfig
+    from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
     from mechscope.lens.tuned_train import train_tuned_lens
     lens = train_tuned_lens(model, "embedded", TunedLensTrainConfig(tokens=24_000), out="tl-dir")
 
@@ -34,8 +34,8 @@ GPUs. Here:
    vocabulary, where p_final is the model's own distribution there and q_l the translated
    layer's. All layers train from the same cached batch; logits are made ``token_chunk`` rows
    at a time and their gradient flows back chunk by chunk, so memory stays bounded. The
-   unembedding matmuls run in ``matmul_dtype`` (bfloat16 by default: ~3.5x faster with AMX;
-   softmax and loss in float32); p_final goes through the same path, so a translator whose
+   unembedding matmuls run in ``matmul_dtype`` (``auto``: bfloat16 where the hardware has
+   bfloat16 instructions, ~3.5x faster with AMX, float32 elsewhere; softmax and loss in float32); p_final goes through the same path, so a translator whose
    input is the final residual (the last one with ``reads="resid_post"``) gets zero gradient
    and stays exactly the identity.
 
@@ -54,6 +54,7 @@ closed form again (session 17: a run could not be lengthened once it had finishe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -64,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.lens.config import TunedLensTrainConfig
+from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import FinalNorm, final_norm, unembed_weights
@@ -190,6 +191,25 @@ class _Decoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = (self.norm(x).to(self.dtype) @ self.W).float()
         return out + self.b if self.b is not None else out
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bfloat16 matmul instructions (Linux ``/proc/cpuinfo`` flags ``amx_bf16``
+    or ``avx512_bf16``); False where the flags cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def resolve_matmul_dtype(name: MatmulDtype, device) -> MatmulDtype:
+    """``auto`` -> bfloat16 on a GPU or a CPU with bfloat16 instructions, else float32 (see
+    ``TunedLensTrainConfig.matmul_dtype`` for the measurement); other names pass through."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch.device(device).type == "cuda" or _cpu_has_bf16() else "float32"
 
 
 def _batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
@@ -390,6 +410,8 @@ def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None
     without a checkpoint; a fresh run into a folder holding a checkpoint or a lens.
     """
     cfg = cfg or TunedLensTrainConfig()
+    if cfg.matmul_dtype == "auto":  # the settings (and a resume's fingerprint) name the dtype that ran
+        cfg = dataclasses.replace(cfg, matmul_dtype=resolve_matmul_dtype("auto", model.device))
     if corpus is None:
         corpus = cfg.corpus
     elif cfg.corpus is None and isinstance(corpus, (str, Path)):
