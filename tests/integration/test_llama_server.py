@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import pytest
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
+from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.db import UnitDB
 from mechscope.explain.describe import DescribeConfig, describe
 from mechscope.explain.exemplars import harvest_exemplars
 from mechscope.explain.explainers import make_explainer
+from mechscope.explain.explainers.base import SYSTEM_PROMPT, explain_prompt
 from mechscope.explain.types import Exemplar, UnitRecord, UnitRef
 from mechscope.models.load import embedded_gguf_path
 
@@ -40,10 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _start(log: Path) -> tuple[subprocess.Popen, str]:
+    """llama_cpp.server on the embedded GGUF at a free port of 127.0.0.1, once it answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(LLAMA_PY), "-m", "llama_cpp.server", "--model", str(embedded_gguf_path()),
                                  "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
@@ -61,12 +63,22 @@ def server(tmp_path_factory):
                 pytest.fail(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
             time.sleep(0.3)
     assert served == [ALIAS]
-    yield proc, url
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, url = _start(tmp_path_factory.mktemp("llama") / "server.log")
+    yield url
+    _stop(proc)
 
 
 def _word_unit(i: int, word: str) -> tuple[UnitRecord, list[Exemplar]]:
@@ -83,7 +95,7 @@ def _word_unit(i: int, word: str) -> tuple[UnitRecord, list[Exemplar]]:
 
 
 def test_real_server_describes_units_greedy_reproducibly(server):
-    _, url = server
+    url = server
     ex = make_explainer("server", server=url, server_model=ALIAS, concurrency=4, timeout=60.0)
     items = [_word_unit(i, w) for i, w in enumerate((" river", " castle", " doctor", " garden"))]
     first = ex.explain_many(items, n_samples=3)
@@ -95,15 +107,36 @@ def test_real_server_describes_units_greedy_reproducibly(server):
     assert len({d[0] for d in first}) > 1  # the prompt reaches the model: different units, different answers
 
 
-def test_describe_embedded_exemplars_then_the_server_goes_away(server, embedded, tmp_path):
-    proc, url = server
+def test_describe_embedded_exemplars_then_the_server_goes_away(embedded, tmp_path):
+    proc, url = _start(tmp_path / "server.log")  # its own server: this test stops it
+    try:
+        _describe_then_stop(proc, url, embedded, tmp_path)
+    finally:
+        _stop(proc)
+
+
+def _describe_then_stop(proc, url, embedded, tmp_path):
     db_path = tmp_path / "u.db"
     db = UnitDB(db_path, model_id=embedded.summary.name)
     harvest_exemplars(embedded, ExemplarsConfig(layers=[5], unit_range=(0, 4), n_tokens=2048, batch_size=8), db=db)
     units = db.units()
     assert len(units) == 4
+    # The real server refuses the full prompt of at least one of these neurons (2,048-token
+    # context), so describing them below goes through the explainer's shrinking path.
+    refused = 0
+    for u in units:
+        body = json.dumps({"model": ALIAS, "max_tokens": 60, "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": explain_prompt(db.unit(u), [e for e in db.exemplars(u) if e.split == "train"])}]})
+        req = urllib.request.Request(f"{url}/chat/completions", body.encode(), {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=120).close()
+        except urllib.error.HTTPError as e:
+            assert e.code == 400 and "context_length_exceeded" in e.read().decode()
+            refused += 1
+    assert refused >= 1
     ex = make_explainer("server", server=url, server_model=ALIAS, timeout=0.001, retries=0)
-    with pytest.raises(Exception, match="did not answer within 0.001 s"):
+    with pytest.raises(MechscopeError, match="did not answer within 0.001 s"):
         describe(db, units[:1], ex, None, DescribeConfig(scorers=()))
     ex.close()
     assert not db.described("server", ex.settings_key)
@@ -111,20 +144,20 @@ def test_describe_embedded_exemplars_then_the_server_goes_away(server, embedded,
 
     args = ["describe", "--db", str(db_path), "--explainer", "server", "--server", url, "--model", ALIAS,
             "--scorer", "none", "--timeout", "60"]
-    r = CliRunner().invoke(app, [*args, "--limit", "3", "--json"])
+    r = CliRunner().invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["described"] == 3
+    assert json.loads(r.stdout)["described"] == 4
     store = UnitDB(db_path)
     ex_key = make_explainer("server", server=url, server_model=ALIAS).settings_key
     done = store.described("server", ex_key)
-    assert len(done) == 3
+    assert done == set(units)
     texts = [store.descriptions(u)[0] for u in sorted(done)]
     assert all(d.text.strip() and d.explainer == "server" for d in texts)
     store.close()
 
-    proc.terminate()
-    proc.wait(10)
-    r = CliRunner().invoke(app, [*args, "--timeout", "5"])
+    _stop(proc)
+    # another explainer setting (the model name), so every unit is still to do: the run must reach the server
+    r = CliRunner().invoke(app, [*args, "--timeout", "5", "--model", "another-alias"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "Could not connect to the server" in r.output, r.output
     store = UnitDB(db_path)
     assert store.described("server", ex_key) == done  # nothing stored was lost

@@ -225,7 +225,7 @@ def test_cli_exemplars_writes_db_and_refuses_bad_input(tiny_llama_dir, tmp_path)
         assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output
 
 
-def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama):
+def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama, tmp_path):
     """With a sink ratio, a position is no candidate where its residual norm after any block up to
     the source's deepest layer (not the deepest harvested one) exceeds ratio x that block's median
     over its own context's positions from 1; checked against an independent cached forward."""
@@ -256,7 +256,11 @@ def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama):
     torch.testing.assert_close(st.bot_val.min(0).values, flat.min(0).values, atol=1e-6, rtol=1e-6)
     assert set(st.top_row[st.top_row >= 0].tolist()) <= set(keep.reshape(-1).nonzero()[:, 0].tolist())
     # defaults: on for transcoder features (the sets' training rule), off for neurons and SAEs; 0 is off
-    assert ExemplarsConfig(units="transcoders:/x").effective_sink_ratio == 30.0
+    assert ExemplarsConfig(units="transcoders:/x").effective_sink_ratio == 30.0  # a set that records no ratio
+    import json
+    for trained_with, expected in ((None, None), (50.0, 50.0)):  # else the ratio the set was trained with
+        (tmp_path / "set.json").write_text(json.dumps({"settings": {"sink_ratio": trained_with}}))
+        assert ExemplarsConfig(units=f"transcoders:{tmp_path}").effective_sink_ratio == expected
     assert ExemplarsConfig(units="mlp").effective_sink_ratio is None
     assert ExemplarsConfig(units="transcoders:/x", sink_ratio=0).effective_sink_ratio is None
     with pytest.raises(MechscopeError, match="--sink-ratio must be above 1"):

@@ -289,5 +289,11 @@ def test_auto_matmul_dtype_is_bfloat16_only_where_the_hardware_has_it(monkeypatc
     cfg = TunedLensTrainConfig(**{**SMALL, "matmul_dtype": "auto", "kl_steps": 2})
     lens = train_tuned_lens(tiny_llama, corpus, cfg, tmp_path / "auto")
     assert lens.info["settings"]["matmul_dtype"] == "float32"  # the dtype that ran, not "auto"
+    # resuming with auto keeps the dtype the checkpoint ran with, whatever this hardware would pick
+    bf = TunedLensTrainConfig(**{**SMALL, "matmul_dtype": "bfloat16", "kl_steps": 2})
+    train_tuned_lens(tiny_llama, corpus, bf, tmp_path / "bf16")
+    more = train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "matmul_dtype": "auto", "kl_steps": 3}),
+                            tmp_path / "bf16", resume=True)
+    assert more.info["settings"]["matmul_dtype"] == "bfloat16" and len(more.info["training"]["kl_log"]) == 3
     with pytest.raises(MechscopeError, match="matmul_dtype must be auto, bfloat16 or float32"):
         TunedLensTrainConfig(matmul_dtype="float16")

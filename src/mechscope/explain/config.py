@@ -57,9 +57,10 @@ class ExemplarsConfig:
     """Attention sinks are not candidates: positions whose residual norm after some block up to
     the source's deepest layer exceeds ``sink_ratio`` times that block's median over the
     context's positions from 1 (``activations.store.sink_positions``, the transcoder sets'
-    training rule). None: the source's default, ``SINK_RATIO`` (30) for ``transcoders:DIR`` (their units never
-    saw a sink in training, so a sink's value says nothing about them) and off for ``mlp`` and
-    ``sae:DIR``; 0: off."""
+    training rule, with per-context medians). None: the source's default: for ``transcoders:DIR``
+    the ratio the set was trained with (its ``set.json``; ``SINK_RATIO``, 30, when the set does
+    not record one), since its units never saw a sink in training and a sink's value says nothing
+    about them; off for ``mlp`` and ``sae:DIR``; 0: off."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,7 +87,7 @@ class ExemplarsConfig:
     def effective_sink_ratio(self) -> float | None:
         """The sink ratio this pass applies (None: sinks are kept); see ``sink_ratio``."""
         if self.sink_ratio is None:
-            return SINK_RATIO if self.units.startswith("transcoders:") else None
+            return _set_sink_ratio(self.units.split(":", 1)[1]) if self.units.startswith("transcoders:") else None
         return self.sink_ratio or None
 
     @property
@@ -99,3 +100,19 @@ class ExemplarsConfig:
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
+
+
+def _set_sink_ratio(folder: str) -> float | None:
+    """The ``sink_ratio`` a transcoder set in ``folder`` was trained with (``set.json``'s settings;
+    None: it kept the sinks), or ``SINK_RATIO`` where the set does not record one."""
+    import json
+    from pathlib import Path
+
+    try:
+        settings = json.loads((Path(folder) / "set.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return SINK_RATIO
+    if not isinstance(settings, dict) or "sink_ratio" not in settings:
+        return SINK_RATIO
+    r = settings["sink_ratio"]
+    return float(r) if isinstance(r, (int, float)) and r > 1 else None

@@ -212,6 +212,18 @@ def resolve_matmul_dtype(name: MatmulDtype, device) -> MatmulDtype:
     return "bfloat16" if torch.device(device).type == "cuda" or _cpu_has_bf16() else "float32"
 
 
+def _checkpoint_matmul_dtype(out: Path) -> MatmulDtype | None:
+    """The matmul dtype a checkpointed KL stage in ``out`` ran with (None: no KL state yet), so that
+    ``auto`` resumes with it whatever hardware resumes."""
+    path = out / CKPT_DIR / STATE
+    if not path.is_file():
+        return None
+    try:
+        return _saved_meta(path)["settings"]["matmul_dtype"]
+    except Exception:  # noqa: BLE001 - a damaged state is reported by the resume itself
+        return None
+
+
 def _batch_indices(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     """Rows of the KL cache for ``step``: consecutive slices of seeded per-epoch permutations."""
     out, perms = [], {}
@@ -411,7 +423,8 @@ def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None
     """
     cfg = cfg or TunedLensTrainConfig()
     if cfg.matmul_dtype == "auto":  # the settings (and a resume's fingerprint) name the dtype that ran
-        cfg = dataclasses.replace(cfg, matmul_dtype=resolve_matmul_dtype("auto", model.device))
+        ran = _checkpoint_matmul_dtype(Path(out)) if resume and out is not None else None
+        cfg = dataclasses.replace(cfg, matmul_dtype=ran or resolve_matmul_dtype("auto", model.device))
     if corpus is None:
         corpus = cfg.corpus
     elif cfg.corpus is None and isinstance(corpus, (str, Path)):

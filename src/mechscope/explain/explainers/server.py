@@ -23,6 +23,7 @@ Ollama and hosted APIs all speak this protocol). Design:
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,7 +66,10 @@ class ServerExplainer(Explainer):
                 return self._ask(explain_prompt(unit, train, n), sample)
             except _ContextTooLong as e:
                 shown = min(n, len(train))
-                if shown <= 1:
+                if shown == 0:
+                    raise MechscopeError(f"The server at {self.url} cannot fit the prompt of unit {unit.unit.kind}/{unit.unit.layer}/"
+                                         f"{unit.unit.index} in its context even without exemplars ({e.args[0]}); start it with a larger context.") from None
+                if shown == 1:
                     raise MechscopeError(f"The server at {self.url} cannot fit even {shown} exemplar(s) of unit {unit.unit.kind}/"
                                          f"{unit.unit.layer}/{unit.unit.index} in its context ({e.args[0]}); start it with a larger context.") from None
                 n = shown // 2
@@ -86,7 +90,7 @@ class ServerExplainer(Explainer):
             raise MechscopeError(f"Could not connect to the server at {self.url}; check the URL and that the server runs.") from None
         except openai.APIStatusError as exc:
             said = _server_message(exc)
-            if exc.status_code == 400 and (getattr(exc, "code", None) == "context_length_exceeded" or "context" in said.lower()):
+            if exc.status_code == 400 and (getattr(exc, "code", None) == "context_length_exceeded" or _CONTEXT.search(said)):
                 raise _ContextTooLong(said) from None
             detail = f" ({said})" if said else ""
             raise MechscopeError(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}{detail}; check --model and the server's log.") from None
@@ -119,6 +123,10 @@ class ServerExplainer(Explainer):
 
     def close(self) -> None:
         self.client.close()
+
+
+_CONTEXT = re.compile(r"context (length|window|size)|exceeds? (the )?(available )?context|context_length_exceeded", re.I)
+"""What servers say when a prompt does not fit their context (OpenAI, llama.cpp, vLLM wordings)."""
 
 
 class _ContextTooLong(Exception):
