@@ -119,6 +119,16 @@ def sink_positions(norms: list[torch.Tensor], ratio: float) -> torch.Tensor:
     return marked
 
 
+def context_sinks(norms: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """``sink_positions`` per context: ``norms`` [batch, pos] per block -> [batch, pos] bool, each
+    context judged against its own medians over positions 1.. (position 0, never a candidate,
+    stays out of them and unmarked), so the result does not depend on how contexts are batched."""
+    marked = torch.zeros_like(norms[0], dtype=torch.bool)
+    for c in range(marked.shape[0]):
+        marked[c, 1:] = sink_positions([n[c:c + 1, 1:] for n in norms], ratio)[0]
+    return marked
+
+
 class _Stop(Exception):
     """Raised by the last capturing hook to end the forward pass early."""
 

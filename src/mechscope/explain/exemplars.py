@@ -9,7 +9,7 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    separator token) and run the bridge only up to the last hooked layer (``Harvester``).
    Position 0 of a context (the attention sink) and separator/BOS tokens are not candidates;
    nor, for transcoder features (``cfg.sink_ratio``), are the other attention sinks the sets
-   leave out of training (``activations.store.sink_positions``, per context).
+   leave out of training (``activations.store.context_sinks``, per context).
 2. Calibration: the first batch of the pass sets, per unit, the histogram range (its min and
    max; ``n_bins`` equal bins between them and one overflow bin each side) and the quantile-bin
    edges for random sampling (its ``quantiles``, default 0.5/0.9/0.99). A first slice, not a
@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, cast
 import torch
 
 from mechscope.activations.config import StoreConfig
-from mechscope.activations.store import Harvester, pack_contexts, sink_hooks, sink_positions, special_token_ids
+from mechscope.activations.store import Harvester, context_sinks, pack_contexts, sink_hooks, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplar_merge import INF, _Batch, merge_best, merge_samples
@@ -357,10 +357,9 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         valid = ~torch.isin(tokens, special)
         valid[:, 0] = False
         got = harvester.run(tokens, skip_first=0)  # {hook: [B*T, d]}
-        if sinks_read:  # each context's own medians, so the result does not depend on the batch
+        if sinks_read:
             norms = [got[h].view(len(ctx), T, -1).float().norm(dim=-1).cpu() for h in sinks_read]  # [B, T] per block
-            for c in range(len(ctx)):
-                valid[c, 1:] &= ~sink_positions([n[c:c + 1, 1:] for n in norms], cast(float, ratio))[0]
+            valid &= ~context_sinks(norms, cast(float, ratio))
         first = cfg.first_context + state.contexts_done
         keys = _token_keys(cfg.seed, range(first, first + len(ctx)), T)
         for layer in layers:

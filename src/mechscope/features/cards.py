@@ -8,7 +8,7 @@ activations [contexts, positions, features] in memory (features x tokens x 4 byt
 for 300 features over 4,096 tokens); the ``top`` largest activations per feature, position 0
 of each context, special tokens and attention sinks left out (positions whose residual norm
 after some block up to the set's deepest layer is more than ``sink_ratio`` times that block's
-median over the context's positions from 1: ``activations.store.sink_positions``, per context
+median over the context's positions from 1: ``activations.store.context_sinks``, per context
 where training takes a forward batch), give the exemplars, each with a window of tokens and the
 feature's activation on each of them.
 
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mechscope.activations.config import check_sink_ratio
-from mechscope.activations.store import sink_hooks, sink_positions, special_token_ids
+from mechscope.activations.store import context_sinks, sink_hooks, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.features.config import SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
@@ -92,8 +92,7 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
             acts[layer][i:i + len(toks)] = a[..., by_layer[layer]].float().cpu()
         if sink_ratio is not None:
             norms = [cache[h].float().norm(dim=-1).cpu() for h in sinks_read]  # [batch, pos] per block
-            for c in range(len(toks)):  # position 0 (never an exemplar) stays out of the medians, as in training
-                sinks[i + c, 1:] = sink_positions([n[c:c + 1, 1:] for n in norms], sink_ratio)[0]
+            sinks[i:i + len(toks)] = context_sinks(norms, sink_ratio)  # position 0 out of the medians, as in training
         del cache
         bar.advance(toks.numel())
     bar.close()

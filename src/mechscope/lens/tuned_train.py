@@ -1,6 +1,6 @@
 """Train a tuned lens on a CPU in minutes: a closed-form start, then a short KL fine-tune.
 
-    from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
+    from mechscope.lens.config import TunedLensTrainConfig
     from mechscope.lens.tuned_train import train_tuned_lens
     lens = train_tuned_lens(model, "embedded", TunedLensTrainConfig(tokens=24_000), out="tl-dir")
 

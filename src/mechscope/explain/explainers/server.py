@@ -66,12 +66,9 @@ class ServerExplainer(Explainer):
                 return self._ask(explain_prompt(unit, train, n), sample)
             except _ContextTooLong as e:
                 shown = min(n, len(train))
-                if shown == 0:
-                    raise MechscopeError(f"The server at {self.url} cannot fit the prompt of unit {unit.unit.kind}/{unit.unit.layer}/"
-                                         f"{unit.unit.index} in its context even without exemplars ({e.args[0]}); start it with a larger context.") from None
-                if shown == 1:
-                    raise MechscopeError(f"The server at {self.url} cannot fit even {shown} exemplar(s) of unit {unit.unit.kind}/"
-                                         f"{unit.unit.layer}/{unit.unit.index} in its context ({e.args[0]}); start it with a larger context.") from None
+                if shown <= 1:
+                    what = f"even 1 exemplar(s) of unit {unit.unit.key}" if shown else f"the prompt of unit {unit.unit.key} even without exemplars"
+                    raise MechscopeError(f"The server at {self.url} cannot fit {what} in its context ({e.args[0]}); start it with a larger context.") from None
                 n = shown // 2
 
     def _ask(self, user: str, sample: int) -> str:
