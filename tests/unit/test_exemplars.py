@@ -265,3 +265,101 @@ def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama, t
     assert ExemplarsConfig(units="transcoders:/x", sink_ratio=0).effective_sink_ratio is None
     with pytest.raises(MechscopeError, match="--sink-ratio must be above 1"):
         ExemplarsConfig(sink_ratio=0.5)
+
+
+def _same_state(a, b) -> None:
+    """Two harvest states hold the same lists (top/bottom in the readers' order), counts and calibration."""
+    from mechscope.explain.exemplars import _best_first
+
+    assert a.n_tokens == b.n_tokens and a.contexts_done == b.contexts_done and torch.equal(a.token_ids, b.token_ids)
+    assert sorted(a.layers) == sorted(b.layers)
+    for layer, sa in a.layers.items():
+        sb = b.layers[layer]
+        for p, largest in (("top_", True), ("bot_", False)):
+            oa = _best_first(getattr(sa, p + "val"), getattr(sa, p + "row"), largest)
+            ob = _best_first(getattr(sb, p + "val"), getattr(sb, p + "row"), largest)
+            for f in ("val", "row"):
+                assert torch.equal(getattr(sa, p + f).gather(0, oa), getattr(sb, p + f).gather(0, ob)), (layer, p + f)
+            W = sa.top_win.shape[-1]
+            wa = getattr(sa, p + "win").gather(0, oa[..., None].expand(-1, -1, W))
+            wb = getattr(sb, p + "win").gather(0, ob[..., None].expand(-1, -1, W))
+            assert torch.equal(wa.nan_to_num(-7.0), wb.nan_to_num(-7.0)), (layer, p + "win")
+        for name in ("q_key", "q_val", "q_row", "q_win", "r_key", "r_val", "r_row", "r_win", "positive", "hist", "lo", "inv", "q_table"):
+            assert torch.equal(getattr(sa, name).nan_to_num(-7.0), getattr(sb, name).nan_to_num(-7.0)), (layer, name)
+
+
+def test_token_shards_merge_to_the_single_pass(tiny_llama, tmp_path):
+    """Three token shards (run in any order, merged in any order) give exactly the state of one pass
+    over their contexts; each later shard calibrates on the pass's first batch, not its own."""
+    from mechscope.explain.exemplar_shards import merge_states
+    from mechscope.explain.exemplars import HarvestState
+
+    model = tiny_llama
+    ctxs = _contexts(model, seed=11)
+    cfg = _cfg(layers=[0, 2], sink_ratio=1.3)  # sinks too: the mask is per context
+    full = harvest_exemplars(model, cfg, contexts=ctxs)
+    bounds = [(0, 2 * B), (2 * B, 3 * B), (3 * B, 4 * B)]
+    shards = []
+    for i, (c0, c1) in reversed(list(enumerate(bounds))):
+        part = _cfg(layers=[0, 2], sink_ratio=1.3, first_context=c0, n_tokens=(c1 - c0) * T, checkpoint_every=B)
+        st = harvest_exemplars(model, part, contexts=ctxs, checkpoint=tmp_path / f"s{i}")
+        assert st.token_ids.shape[0] == c1 - c0
+        shards.append(HarvestState.read(tmp_path / f"s{i}"))
+    for layer in (0, 2):  # the test bites: a later shard's own first batch calibrates otherwise
+        own = harvest_exemplars(model, _cfg(layers=[layer], n_tokens=B * T), contexts=ctxs[2 * B:])
+        assert not torch.equal(own.layers[layer].lo, shards[1].layers[layer].lo)
+    merged = merge_states(shards, ["s2", "s1", "s0"])
+    _same_state(merged, full)
+    assert merged.cfg.first_context == 0 and merged.cfg.n_tokens == C * T
+    # A merged state merges further (a fourth shard later): two then one gives the same.
+    _same_state(merge_states([merge_states(shards[1:]), shards[0]]), full)
+    # Bad sets of shards: one sentence each.
+    with pytest.raises(MechscopeError, match="leave a gap"):
+        merge_states([shards[0], shards[2]])
+    with pytest.raises(MechscopeError, match="overlap"):
+        merge_states([shards[2], shards[2]])
+    other = harvest_exemplars(model, _cfg(layers=[0, 2], sink_ratio=1.3, k=4, first_context=2 * B, n_tokens=B * T), contexts=ctxs)
+    with pytest.raises(MechscopeError, match="k differ"):
+        merge_states([shards[2], other])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(MechscopeError, match="damaged"):
+        HarvestState.read(tmp_path / "broken")
+    with pytest.raises(MechscopeError, match="no exemplars checkpoint"):
+        HarvestState.read(tmp_path / "nothing")
+
+
+def test_cli_token_shards_merge_into_the_units_of_one_pass(tiny_llama_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"Line {i}: the cat number {i * 7 % 13} sat on mat {i % 5} in town {i % 3}.\n\n" for i in range(400)))
+    common = ["exemplars", "--model", tiny_llama_dir, "--corpus", str(corpus), "--context-len", "32", "--batch-size", "4",
+              "--k", "4", "--k-bottom", "2", "--layers", "1", "--unit-range", "0:12"]
+    run = CliRunner().invoke
+    r = run(app, [*common, "--tokens", "768", "--db", str(tmp_path / "one.db"), "--json"])
+    assert r.exit_code == 0, r.output
+    for name, rng in (("a", "0:256"), ("b", "256:768")):
+        r = run(app, [*common, "--token-range", rng, "--db", str(tmp_path / f"{name}.db"), "--checkpoint", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    r = run(app, ["exemplars-merge", str(tmp_path / "b"), str(tmp_path / "a"), "--model", tiny_llama_dir,
+                  "--db", str(tmp_path / "merged.db"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["contexts"] == 24
+    one, merged = UnitDB(tmp_path / "one.db"), UnitDB(tmp_path / "merged.db")
+    for u in range(12):
+        ref = UnitRef("mlp", 1, u)
+        assert merged.unit(ref) == one.unit(ref)
+        for kind in ("top", "bottom", "quantile", "random"):
+            assert merged.exemplars(ref, kind=kind) == one.exemplars(ref, kind=kind), (u, kind)
+    # one shard, a gap, a folder with no checkpoint: one sentence and exit code 2
+    r = run(app, [*common, "--token-range", "512:768", "--db", str(tmp_path / "c.db"), "--checkpoint", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    for args, needle in (([str(tmp_path / "a")], "at least two"), ([str(tmp_path / "a"), str(tmp_path / "c")], "leave a gap"),
+                         ([str(tmp_path / "a"), str(tmp_path / "nope")], "no exemplars checkpoint")):
+        r = run(app, ["exemplars-merge", *args, "--model", tiny_llama_dir, "--db", str(tmp_path / "x.db")])
+        assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output

@@ -1,5 +1,5 @@
 """The unit-description commands: `mechscope exemplars` (the exemplars pass into a unit
-database), `mechscope describe` (explain and score the units of a database), `mechscope search` (full-text or semantic search of a unit database) and
+database), `mechscope exemplars-merge` (token shards of one pass into one), `mechscope describe` (explain and score the units of a database), `mechscope search` (full-text or semantic search of a unit database) and
 `mechscope export` (units as JSON lines, with Neuronpedia's explanation fields)."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ DbOpt = typer.Option(..., "--db", help="Unit database file (mechscope exemplars 
 
 def register(app: typer.Typer) -> None:
     app.command("exemplars")(exemplars)
+    app.command("exemplars-merge")(exemplars_merge)
     app.command("describe")(describe)
     app.command("search")(search)
     app.command("export")(export)
@@ -148,7 +149,7 @@ def exemplars(
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers, e.g. 0,5,10-12 (default: all of the source's)."),
     unit_range: Optional[str] = typer.Option(None, "--unit-range", help="Units a:b of each layer (a shard; default: all)."),
     tokens: int = typer.Option(ExemplarsConfig.n_tokens, "--tokens", help="Tokens of the pass."),
-    token_range: Optional[str] = typer.Option(None, "--token-range", help="Tokens a:b of the packed corpus (a token shard; overrides --tokens)."),
+    token_range: Optional[str] = typer.Option(None, "--token-range", help="Tokens a:b of the packed corpus (a token shard; overrides --tokens); merge shards' --checkpoint folders with mechscope exemplars-merge."),
     corpus: Optional[str] = CorpusOpt,
     k: int = typer.Option(ExemplarsConfig.k, "--k", help="Top-activating exemplars per unit."),
     k_bottom: int = typer.Option(ExemplarsConfig.k_bottom, "--k-bottom", help="Most negative exemplars per unit."),
@@ -195,6 +196,47 @@ def exemplars(
     if json:
         return emit_json(info)
     console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")
+
+
+@handles_errors
+def exemplars_merge(
+    shards: list[Path] = typer.Argument(..., help="Checkpoint folders of the token shards (each made by mechscope exemplars --token-range a:b --checkpoint DIR)."),
+    db: Path = typer.Option(..., "--db", help="Unit database file to write the merged units into (created when missing)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also save the merged state here, a checkpoint that later shards can be merged with."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Merge the checkpoints of token-range shards of one exemplars pass into the units of one pass over their union."""
+    from mechscope.explain.db import UnitDB
+    from mechscope.explain.exemplar_shards import merge_states
+    from mechscope.explain.exemplars import HarvestState, write_db
+    from mechscope.explain.units import unit_source
+
+    if len(shards) < 2:
+        raise MechscopeError("give at least two shard checkpoint folders to merge.")
+    states = [HarvestState.read(folder) for folder in shards]  # refuses a missing or damaged checkpoint first
+    merged = merge_states(states, [str(f) for f in shards])
+    m = load(model, device)
+    source = unit_source(m, merged.cfg.units)
+    for layer, st in merged.layers.items():
+        n = st.top_val.shape[1]
+        if layer not in source.layers or merged.unit_offset + n > source.n_units(layer):
+            raise MechscopeError(f"the shards hold {n} units of layer {layer} from unit {merged.unit_offset}, which {m.summary.name} "
+                                 f"does not have for --units {merged.cfg.units}; merge with the --model the shards were made with.")
+    if merged.token_ids.numel() and int(merged.token_ids.max()) >= int(m.summary.d_vocab):
+        raise MechscopeError(f"the shards hold token ids beyond {m.summary.name}'s vocabulary; merge with the --model the shards were made with.")
+    store = UnitDB(db, model_id=m.summary.name)
+    if out is not None:
+        merged.save(out)
+    write_db(m, source, merged, store)
+    n_units = sum(st.top_val.shape[1] for st in merged.layers.values())
+    info = {"db": str(db), "shards": len(shards), "layers": sorted(merged.layers), "n_units": n_units, "tokens": merged.n_tokens,
+            "contexts": merged.contexts_done, "first_context": merged.cfg.first_context, "model": m.summary.name}
+    if json:
+        return emit_json(info)
+    console.print(f"{len(shards)} shards ({merged.contexts_done:,} contexts, {merged.n_tokens:,} tokens): {n_units:,} units of "
+                  f"{len(merged.layers)} layers written to {db}", highlight=False)
 
 
 def _unit_selection(store, units: str, layers: Optional[str], unit_range: Optional[str]) -> list:

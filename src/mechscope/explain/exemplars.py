@@ -46,9 +46,14 @@ Resumable: every ``checkpoint_every`` contexts the state is saved as ``state.saf
 settings and counters in the file's metadata, replaced atomically (never pickle; ``state.json``
 is a readable copy); a run with the same config continues after the last checkpoint
 and ends with exactly the state of an uninterrupted run (batches are the same, all updates are
-deterministic). Shardable by layers and unit ranges (disjoint units, idempotent DB writes);
-a token-range shard (``first_context``) harvests its own contexts: two token shards of the same
-units are not merged (the later write replaces the unit), merging states is not implemented.
+deterministic). Shardable by layers and unit ranges (disjoint units, idempotent DB writes)
+and by token ranges (``first_context``): every shard of a pass calibrates on the pass's first
+batch (contexts 0 .. batch_size - 1 of the corpus, one extra forward for a shard that starts
+later), so the shards' histogram bins and sample bins mean the same thing, and ``merge_states``
+folds the checkpoints of contiguous token shards into the state of one pass over their union:
+top/bottom lists and samples keep the best entries of both under the pass's own orders (ties to
+the earlier token), counts add. Shards that start on a batch boundary give exactly the state of
+the uninterrupted pass (the same batches, so the same activations bit for bit).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, cast
 
@@ -278,26 +283,40 @@ class HarvestState:
     @classmethod
     def load(cls, folder: str | Path, cfg: ExemplarsConfig, device) -> "HarvestState | None":
         """The checkpoint in ``folder`` if there is one for the same config, else None."""
+        if not (Path(folder) / "state.safetensors").is_file():
+            return None
+        state = cls.read(folder, device)
+        if state.cfg.to_dict() != cfg.to_dict():
+            raise MechscopeError(f"the checkpoint in {folder} was made with other settings; use the same options to resume or another --checkpoint folder.")
+        state.cfg = cfg
+        return state
+
+    @classmethod
+    def read(cls, folder: str | Path, device="cpu") -> "HarvestState":
+        """The checkpoint in ``folder`` with the settings it was made with (a token shard to merge)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         folder = Path(folder)
         if not (folder / "state.safetensors").is_file():
-            return None
+            raise MechscopeError(f"{folder} holds no exemplars checkpoint (state.safetensors); give the --checkpoint folder of a mechscope exemplars run.")
         try:
             with safe_open(str(folder / "state.safetensors"), "pt") as f:
                 meta = json.loads((f.metadata() or {})["state"])
             tensors = load_file(str(folder / "state.safetensors"), device=str(device))
+            cfg = ExemplarsConfig(**meta["config"]) if meta.get("schema_version") == STATE_SCHEMA else None
+            layers = {}
+            for layer in meta["layers"]:
+                fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
+                layers[int(layer)] = LayerState(**fields)
+            counters = int(meta["contexts_done"]), int(meta["unit_offset"]), int(meta["n_tokens"])
+            token_ids = tensors["token_ids"].cpu()
         except Exception as e:  # noqa: BLE001 - any damage reads the same to the user
             raise MechscopeError(f"the checkpoint in {folder} is damaged ({type(e).__name__}); delete the folder to start again.") from None
-        if meta.get("schema_version") != STATE_SCHEMA or meta.get("config") != cfg.to_dict():
-            raise MechscopeError(f"the checkpoint in {folder} was made with other settings; use the same options to resume or another --checkpoint folder.")
-        layers = {}
-        for layer in meta["layers"]:
-            fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
-            layers[int(layer)] = LayerState(**fields)
-        return cls(cfg, layers, tensors["token_ids"].cpu(), int(meta["contexts_done"]), int(meta["unit_offset"]),
-                   int(meta["n_tokens"]))
+        if cfg is None:
+            raise MechscopeError(f"the checkpoint in {folder} was made by another version of mechscope (schema {meta.get('schema_version')}, "
+                                 f"this one reads {STATE_SCHEMA}); run the pass again.")
+        return cls(cfg, layers, token_ids, *counters)
 
 
 def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
@@ -320,7 +339,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     """Run the pass (resuming from ``checkpoint`` when it holds one) and, with ``db``, write every
     unit's record and exemplars. ``on_batch(batches_done)`` runs after each batch (a hook that
     may stop the pass, not progress: ``progress`` is a ``mechscope.progress`` argument).
-    ``contexts`` (token id lists) replaces the corpus (tests)."""
+    ``contexts`` (token id lists, from the corpus's first context) replaces the corpus (tests)."""
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
     bad = [layer for layer in layers if layer not in source.layers]
@@ -341,18 +360,10 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     if state is None:
         state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0)
     special = torch.tensor(special_token_ids(model.tokenizer), dtype=torch.long)  # separator, BOS and other sinks
-    stream = iter(contexts) if contexts is not None else _contexts(model, cfg)
-    for _ in range(state.contexts_done):  # resume: skip what the checkpoint holds
-        next(stream, None)
-    bar = as_progress(progress).phase("exemplars", total=cfg.n_contexts * cfg.context_len, unit="tok",
-                                      initial=state.contexts_done * cfg.context_len)
-    batches = state.contexts_done // cfg.batch_size
     T = cfg.context_len
-    since_ckpt = 0
-    while True:
-        ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
-        if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
-            break
+
+    def batch_acts(ctx: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """(tokens [B, T], candidate mask [B, T], {layer: activations [B, T, U]}) of one batch."""
         tokens = torch.tensor(ctx, dtype=torch.long)  # [B, T]
         valid = ~torch.isin(tokens, special)
         valid[:, 0] = False
@@ -360,10 +371,32 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         if sinks_read:
             norms = [got[h].view(len(ctx), T, -1).float().norm(dim=-1).cpu() for h in sinks_read]  # [B, T] per block
             valid &= ~context_sinks(norms, cast(float, ratio))
+        acts = {layer: source.acts(layer, got[source.hook(layer)].view(len(ctx), T, -1))[..., a:b].float() for layer in layers}
+        return tokens, valid, acts
+
+    if not state.layers and cfg.first_context > 0:
+        # A later token shard calibrates on the pass's first batch, as the shard that starts at 0 does.
+        head = list(contexts[:cfg.batch_size]) if contexts is not None else \
+            [c for _, c in zip(range(cfg.batch_size), _contexts(model, replace(cfg, first_context=0)))]
+        if len(head) == cfg.batch_size:
+            _, valid0, acts0 = batch_acts(head)
+            for layer, x in acts0.items():
+                state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid0.reshape(-1).to(x.device)])
+    stream = iter(contexts[cfg.first_context:cfg.first_context + cfg.n_contexts]) if contexts is not None else _contexts(model, cfg)
+    for _ in range(state.contexts_done):  # resume: skip what the checkpoint holds
+        next(stream, None)
+    bar = as_progress(progress).phase("exemplars", total=cfg.n_contexts * cfg.context_len, unit="tok",
+                                      initial=state.contexts_done * cfg.context_len)
+    batches = state.contexts_done // cfg.batch_size
+    since_ckpt = 0
+    while True:
+        ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
+        if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
+            break
+        tokens, valid, acts = batch_acts(ctx)
         first = cfg.first_context + state.contexts_done
         keys = _token_keys(cfg.seed, range(first, first + len(ctx)), T)
-        for layer in layers:
-            x = source.acts(layer, got[source.hook(layer)].view(len(ctx), T, -1))[..., a:b].float()  # [B, T, U]
+        for layer, x in acts.items():  # x [B, T, U]
             if layer not in state.layers:
                 state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)])
             update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg)
