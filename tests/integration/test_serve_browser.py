@@ -166,12 +166,18 @@ def test_serve_in_chromium(driver, tmp_path):
         # Runs: listed with their kinds; the graph's nodes link to the transcoder feature's page.
         driver.find_element(By.ID, "nav-runs").click()
         rows = driver.find_elements(By.CSS_SELECTOR, "#runs tbody tr")
-        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["circuit", "attribution graph", "heads"]
-        rows[1].find_element(By.CSS_SELECTOR, "a.nodes-link").click()
+        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["circuit", "SAE dashboards", "attribution graph", "heads"]
+        rows[2].find_element(By.CSS_SELECTOR, "a.nodes-link").click()
         assert "French cities" in driver.find_element(By.ID, "nodes").text
         assert "<script>alert(1)</script>" in driver.find_element(By.ID, "nodes").text
         driver.find_element(By.CSS_SELECTOR, "#nodes a.unit-link").click()
         assert driver.find_element(By.TAG_NAME, "h1").text == "transcoder:tc-set/1/2"
+        _no_alert_no_errors(driver)
+
+        # The SAE dashboard's features link to their unit pages.
+        driver.get(srv.url + "/run/dash/nodes")
+        driver.find_element(By.CSS_SELECTOR, "#nodes a.unit-link").click()
+        assert driver.find_element(By.TAG_NAME, "h1").text == "sae:sae-l1/1/0"
         _no_alert_no_errors(driver)
 
         # The circuit's MLP node links to its layer; the report page opens from the run page.

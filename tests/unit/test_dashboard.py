@@ -208,5 +208,8 @@ def test_cli_dashboard(tiny_gpt2, tiny_gpt2_dir, tmp_path):
     html = (out / "dashboard.html").read_text()
     assert "<script" not in html and "&lt;" in html
     assert DashboardResult.load(out).settings["features"] == [0, 1, 2, 3, 4, 9]
+    from mechscope.server.runs import sae_source  # serve links the features to their unit pages by the SAE's folder
+    assert DashboardResult.load(out).settings["sae_dir"] == str((tmp_path / "sae").resolve())
+    assert sae_source(json.loads((out / "dashboard.json").read_text()), ["other", "sae"]) == "sae"
     bad = CliRunner().invoke(app, ["sae", "dashboard", str(tmp_path / "sae"), "--features", "0-40", "--corpus", str(corpus)])
     assert bad.exit_code == 2 and "0..31" in bad.output

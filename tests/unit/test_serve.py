@@ -20,7 +20,7 @@ starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
 from mechscope.server.app import bind, create_app  # noqa: E402
-from mechscope.server.runs import find_runs, safe_path  # noqa: E402
+from mechscope.server.runs import dashboard_nodes, find_runs, sae_source, safe_path  # noqa: E402
 from mechscope.server.store import ReadOnlyUnitDB  # noqa: E402
 
 HOSTILE = ["<script>alert(1)</script>", "\"&'", "</textarea>", "<img src=x onerror=window.__pwned=1>"]
@@ -97,6 +97,12 @@ def synthetic_runs(root: Path) -> Path:
                "clerp": "Output \"<script>alert(1)</script>\" (p=0.5)"}]
     (g / "graph.json").write_text(json.dumps({"metadata": {"scan": "/somewhere/tc-set", "slug": "paris"}, "nodes": gnodes, "links": []}))
     (g / "report.html").write_text("<!DOCTYPE html><title>graph</title><h1>graph page</h1>")
+    d = root / "dash"
+    d.mkdir()
+    feats = [{"feature": 5, "density": 0.01, "max_act": 2.0}, {"feature": 0, "density": 0.25, "max_act": 7.5}]
+    (d / "dashboard.json").write_text(json.dumps({"schema_version": 1, "sae": {"hook_name": "blocks.1.hook_resid_post"},
+                                                  "settings": {"sae_dir": "/elsewhere/sae-l1"}, "features": feats}))
+    (d / "dashboard.html").write_text("<!DOCTYPE html><title>dashboards</title><h1>dashboards</h1>")
     h = root / "heads-run"
     h.mkdir()
     (h / "heads.json").write_text("{}")
@@ -245,12 +251,12 @@ def test_units_paging(served, monkeypatch):
 def test_runs_listed_with_kinds(served):
     client, _, root = served
     runs = client.get("/api/runs").json()["runs"]
-    assert [(r["name"], r["kind"]) for r in runs] == [("circuits/ioi", "circuit"), ("graphs/paris", "attribution graph"),
-                                                      ("heads-run", "heads")]
+    assert [(r["name"], r["kind"]) for r in runs] == [("circuits/ioi", "circuit"), ("dash", "SAE dashboards"),
+                                                      ("graphs/paris", "attribution graph"), ("heads-run", "heads")]
     html = client.get("/runs").text
     for r in runs:
         assert f'href="/run/{r["name"]}"' in html and f'href="/files/{r["page"]}"' in html
-    assert client.get("/").text.count('class="run-link"') == 3  # the search page lists them too
+    assert client.get("/").text.count('class="run-link"') == 4  # the search page lists them too
     assert [r.name for r in find_runs(root)] == [r["name"] for r in runs]
 
 
@@ -293,6 +299,24 @@ def test_graph_nodes_link_units(served):
     assert "French cities" in html and "transcoder:tc-set/1/7" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert client.get(f"/unit/{TC.key}").status_code == 200
+
+
+def test_dashboard_features_link_units(served):
+    client, _, root = served
+    html = client.get("/run/dash/nodes").text
+    assert re.findall(r"<tr><td><code>([^<]+)</code>", html) == ["feature 5", "feature 0"]  # the dashboard's order
+    assert _keys(html) == ["sae:sae-l1/1/0"]  # feature 0 is in the database, feature 5 is not
+    assert "closing brackets" in html and "sae:sae-l1/1/5" in html and "max activation" in html
+    assert client.get("/unit/sae:sae-l1/1/0").status_code == 200
+    assert 'href="/run/dash/nodes"' in client.get("/runs").text
+    # The SAE's name: its folder's or its parent's (exemplars --units sae:DIR over one SAE per layer), as the database knows it.
+    doc = {"settings": {"sae_dir": "/x/saes/sae-l1/blocks.1.hook_resid_post"}}
+    assert sae_source(doc, ["other", "sae-l1"]) == "sae-l1"
+    assert sae_source({"settings": {"sae_dir": "/x/mine"}}, ["other"]) == "mine"  # not known: no link, never another SAE
+    assert sae_source({"settings": {}}, ["only"]) == "only" and sae_source({}, ["a", "b"]) == ""
+    nodes = dashboard_nodes({"sae": {"hook_name": "blocks.3.hook_resid_pre"}, "features": [{"feature": 9}]}, "s")
+    assert nodes[0].unit_key == "sae:s/3/9" and nodes[0].layer == 3
+    assert dashboard_nodes({"sae": {"hook_name": "hook_embed"}, "features": [{"feature": 9}]}, "s")[0].unit_key is None
 
 
 # ---- opening, refusals -----------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def dashboard(
     sae, m = load_sae_and_model(sae_dir, model, device)
     cfg.features = feats = parse_features(features, sae.cfg.d_sae)
     res = feature_dashboards(m, sae, cfg, progress=not json)
+    res.settings["sae_dir"] = str(Path(sae_dir).resolve())  # mechscope serve links the features to their unit pages by it
     out_dir = Path(out or fresh_dir("dashboard"))
     data_path = res.save(out_dir)
     page = write_dashboard(res.to_dict(), out_dir / "dashboard.html")

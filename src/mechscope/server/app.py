@@ -17,7 +17,8 @@ Routes (all GET; the app is read-only):
                             logits, density, exemplars shaded by activation
     /runs                   run folders under DIR (``runs.find_runs``) with their kind
     /run/<name>             one run: its files and its report page
-    /run/<name>/nodes       a circuit's or attribution graph's nodes, linked to unit pages
+    /run/<name>/nodes       a circuit's or attribution graph's nodes, or an SAE dashboard's
+                            features, linked to unit pages
     /files/<path>           a file under DIR (the runs' self-contained report pages), traversal-safe
     /api/search?q=          JSON: the hits, as ``UnitDB.search`` ranks them
     /api/unit/<key>         JSON: the unit record, descriptions and exemplars
@@ -403,8 +404,12 @@ def nodes_page(request: Request) -> Response:
         if db is not None:
             layer_counts = db.layer_counts("mlp")
     else:
-        source = runs_mod.transcoder_source(doc, db.sources("transcoder") if db is not None else [])
-        nodes = runs_mod.graph_nodes(doc, source)
+        if run.kind == "SAE dashboards":
+            source = runs_mod.sae_source(doc, db.sources("sae") if db is not None else [])
+            nodes = runs_mod.dashboard_nodes(doc, source)
+        else:
+            source = runs_mod.transcoder_source(doc, db.sources("transcoder") if db is not None else [])
+            nodes = runs_mod.graph_nodes(doc, source)
         if db is not None:
             for n in nodes:
                 if n.unit_key and n.unit_key not in known:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class Run:
 
     @property
     def has_nodes(self) -> bool:
-        return self.kind in ("circuit", "attribution graph")
+        return self.kind in ("circuit", "attribution graph", "SAE dashboards")
 
 
 def _kind(folder: Path) -> tuple[str, str, str] | None:
@@ -132,9 +133,10 @@ def find_run(root: str | Path, name: str) -> Run | None:
 # ---- nodes ----------------------------------------------------------------------------------
 @dataclass
 class RunNode:
-    """A node of a circuit or attribution graph, with what it maps to in the unit database.
+    """A node of a circuit, attribution graph or SAE dashboard, with what it maps to in the unit database.
 
-    ``unit_key``: the unit page of an attribution-graph feature (``transcoder:<set>/<layer>/<f>``);
+    ``unit_key``: the unit page of an attribution-graph feature (``transcoder:<set>/<layer>/<f>``)
+    or of a dashboard's SAE feature (``sae:<sae>/<layer>/<f>``);
     ``layer_kind``: for a circuit's MLP node, the unit kind of its layer listing (``mlp``)."""
 
     name: str
@@ -190,3 +192,36 @@ def graph_nodes(doc: dict[str, Any], source: str) -> list[RunNode]:
         out.append(RunNode(name=str(n.get("node_id")), node_type=ftype, layer=int(layer) if str(layer).isdigit() else None,
                            score=n.get("influence"), unit_key=key, position=n.get("ctx_idx"), note=str(n.get("clerp") or "")))
     return sorted(out, key=lambda r: (r.score is None, r.score if r.score is not None else 0.0))
+
+
+def sae_source(doc: dict[str, Any], known: list[str]) -> str:
+    """The SAE name a dashboard's feature keys use. ``mechscope exemplars --units sae:DIR`` names
+    the SAE by DIR's folder name, DIR being the SAE's folder or the folder holding one SAE per
+    layer, so: the dashboard's SAE folder name (``settings.sae_dir``, which ``mechscope sae
+    dashboard`` records) or its parent's, whichever the database knows; for a dashboard that
+    records no folder, the one SAE the database has; else the folder name anyway (no links)."""
+    folder = str(doc.get("settings", {}).get("sae_dir") or "")
+    if folder:
+        path = Path(folder.rstrip("/"))
+        for name in (path.name, path.parent.name):
+            if name and name in known:
+                return name
+        return path.name
+    return known[0] if len(known) == 1 else ""
+
+
+def dashboard_nodes(doc: dict[str, Any], source: str) -> list[RunNode]:
+    """A dashboard's features in its order, each carrying the key of its SAE-feature unit (the
+    layer read from the SAE's hook, ``blocks.<L>.``); the score is the feature's largest activation."""
+    hook = str(doc.get("sae", {}).get("hook_name", ""))
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    layer = int(m.group(1)) if m else None
+    out = []
+    for f in doc.get("features", []):
+        feat = int(f.get("feature", -1))
+        key = UnitRef("sae", layer, feat, source).key if layer is not None and feat >= 0 and source else None
+        density = f.get("density")
+        note = f"fires on {100 * density:.3g}% of tokens" if isinstance(density, (int, float)) else ""
+        out.append(RunNode(name=f"feature {feat}", node_type="SAE feature", layer=layer, score=f.get("max_act"),
+                           unit_key=key, note=note))
+    return out
