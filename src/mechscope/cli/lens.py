@@ -60,7 +60,7 @@ def lens(
         console.print("target rank at the last position, tuned lens (logit lens): " + ", ".join(
             f"{s} {t} ({g})" for s, t, g in zip(res.sites, rank_last, logit)), highlight=False)
     console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
-                  f"first top-1 at {res.first_top1_site()}", highlight=False)
+                  + (f"first top-1 at {first}" if (first := res.first_top1_site()) else "never top-1 at any site"), highlight=False)
     dd = res.dla
     console.print(f"DLA logit({res.target!r}) - logit({res.distractor!r}) = {dd.actual:.3f}; sum of contributions "
                   f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)

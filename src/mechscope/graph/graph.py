@@ -185,7 +185,60 @@ class Graph:
         }
 
 
-def build_graph(model: Model) -> Graph:
-    """The computational graph of a loaded ``mechscope.models.Model``."""
+def build_graph(model: Model, check: bool = True) -> Graph:
+    """The computational graph of a loaded ``mechscope.models.Model``; with ``check`` (the
+    default) refused, in one sentence, for a model whose blocks do not have the graph's shape
+    (``check_sequential_blocks``)."""
     s = model.summary
+    if check:
+        check_sequential_blocks(model)
     return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads)
+
+
+_CHECKED = "_mechscope_graph_checked"
+
+
+@torch.no_grad()
+def check_sequential_blocks(model: Model) -> None:
+    """Refuse, in one sentence, a model whose blocks are not what the graph assumes: in every
+    block the heads' outputs (``attn.hook_result``, plus a constant bias) are what attention adds
+    to the residual stream, the MLP reads that sum (``hook_mlp_in`` = block input + attention)
+    and adds its output (``hook_mlp_out``) to give the block's output. Measured on one short
+    random input (once per model). Fails, among others, for parallel attention and MLP
+    (GPT-NeoX/Pythia, GPT-J, Phi: the MLP reads the block's input) and for a norm after the
+    attention (Gemma 2): on those, patching an edge would not do what its name says."""
+    if getattr(model, _CHECKED, False):
+        return
+    from mechscope.models.hooks import attn_result, mlp_in, mlp_out, resid_post, resid_pre
+
+    L, arch = model.summary.n_layers, model.summary.architecture
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, max(2, min(int(model.summary.d_vocab), 1000)), (1, 8), generator=g)
+    names = {f(layer) for layer in range(L) for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
+    _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    half = model.summary.dtype in ("float16", "bfloat16")
+    why = None
+    for layer in range(L):
+        got = {f.__name__: cache[f(layer)].float() if f(layer) in cache else None
+               for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
+        if got["resid_pre"] is None or got["resid_post"] is None or got["attn_result"] is None or got["mlp_out"] is None:
+            missing = next(f(layer) for f in (resid_pre, attn_result, mlp_out, resid_post) if got[f.__name__] is None)
+            why = f"its hook {missing} never fires"
+            break
+        scale = max(1.0, float(got["resid_post"].abs().max()))
+        tol = (2e-2 if half else 1e-4) * scale
+        attn = got["resid_post"] - got["resid_pre"] - got["mlp_out"]  # what attention added [1, pos, d]
+        bias = attn - got["attn_result"].sum(2)  # must be one constant vector (the output bias)
+        if float((bias - bias[:, :1]).abs().max()) > tol:
+            why = f"the heads' outputs in block {layer} do not add up to what its attention adds to the residual stream (a norm after the attention?)"
+            break
+        if got["mlp_in"] is None:
+            why = f"block {layer}'s MLP has no input hook ({mlp_in(layer)} never fires: the MLP shares the attention's input)"
+            break
+        if float((got["mlp_in"] - got["resid_pre"] - attn).abs().max()) > tol:
+            why = f"block {layer}'s MLP does not read the attention's output (attention and MLP run in parallel)"
+            break
+    if why is not None:
+        raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and then the MLP add their outputs "
+                             f"to the residual stream in turn, and {arch} does not: {why}; use another model for the circuit commands.")
+    setattr(model, _CHECKED, True)

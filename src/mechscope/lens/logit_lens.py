@@ -11,7 +11,7 @@ last one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,6 +36,12 @@ def site_hooks(n_layers: int) -> list[str]:
     return [_SITE_HOOK[s](l) for l in range(n_layers) for s in SITES]
 
 
+def site_name(hook: str) -> str:
+    """``blocks.3.hook_resid_mid`` -> ``L3.mid``."""
+    layer, site = hook.split(".")[1], hook.rsplit("_", 1)[-1]
+    return f"L{layer}.{site}"
+
+
 @dataclass
 class LensTable:
     """Logit-lens readout. ``rank``/``prob`` [site, pos] for the target; ``top_ids``/
@@ -47,6 +53,8 @@ class LensTable:
     top_probs: torch.Tensor
     logits: torch.Tensor
     resid_final: torch.Tensor  # [pos, d_model], input of the final norm
+    hooks: list[str] = field(default_factory=list)
+    """The hook of every row (``site_hooks`` less the sites the model does not have)."""
 
 
 @torch.no_grad()
@@ -58,6 +66,7 @@ def logit_lens(model: Model, tokens: torch.Tensor, target_id: int, k: int = 5, t
     hooks = site_hooks(L) if tuned is None else tuned.hooks
     wanted = set(hooks) | {FINAL_NORM_IN, FINAL_NORM_OUT}
     logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
+    hooks = [h for h in hooks if h in cache]  # a block with attention and MLP in parallel has no resid_mid
     norm = final_norm(model)
     check_matches(norm, cache[FINAL_NORM_IN][0], cache[FINAL_NORM_OUT][0])
     ranks, probs, tids, tps = [], [], [], []
@@ -73,5 +82,5 @@ def logit_lens(model: Model, tokens: torch.Tensor, target_id: int, k: int = 5, t
     return LensTable(
         rank=torch.stack(ranks).cpu(), prob=torch.stack(probs).cpu(), top_ids=torch.stack(tids).cpu(),
         top_probs=torch.stack(tps).cpu(), logits=logits[0].detach().float().cpu(),
-        resid_final=cache[FINAL_NORM_IN][0].detach().float().cpu(),
+        resid_final=cache[FINAL_NORM_IN][0].detach().float().cpu(), hooks=list(hooks),
     )

@@ -8,7 +8,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.lens.dla import direct_logit_attribution
-from mechscope.lens.logit_lens import logit_lens, site_hooks, site_names
+from mechscope.lens.logit_lens import logit_lens, site_name
 from mechscope.lens.result import LensResult
 from mechscope.models.prompt import encode_prompt, single_token
 
@@ -48,11 +48,11 @@ def run_lens(model: Model, prompt: str, target: str | None = None, distractor: s
         tuned.check_fits(model)
         tuned = tuned.to(model.device)
         plain = logit_lens(model, tokens, tid, k=1)
-        rows = {h: i for i, h in enumerate(site_hooks(model.summary.n_layers))}
+        rows = {h: i for i, h in enumerate(plain.hooks)}
         extra = {"lens": "tuned", "tuned_lens": tuned.info.get("path"), "tuned_reads": tuned.reads,
                  "logit_rank_last_position": [int(plain.rank[rows[h], -1]) for h in tuned.hooks]}
     table = logit_lens(model, tokens, tid, k=k, tuned=tuned)
-    sites = site_names(model.summary.n_layers) if tuned is None else [f"L{l}.{tuned.reads[6:]}" for l in range(tuned.n_layers)]
+    sites = [site_name(h) for h in table.hooks] if tuned is None else [f"L{l}.{tuned.reads[6:]}" for l in range(tuned.n_layers)]
     dla = direct_logit_attribution(model, tokens, tid, did)
     dec = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
     top_tokens = [[[dec(i) for i in pos] for pos in site] for site in table.top_ids.tolist()]

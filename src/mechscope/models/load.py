@@ -12,11 +12,12 @@ Sources, tried in this order:
 Weights are read only from safetensors or GGUF (``use_safetensors=True``): a directory holding
 only pickled ``.bin`` weights is refused, never unpickled.
 
-The bridge is switched to the three hook modes every method here relies on: split q/k/v inputs
+The bridge is switched to the three hook modes the methods here rely on: split q/k/v inputs
 (``blocks.L.hook_q_input`` [batch, pos, n_heads, d_model], ``hook_k_input``/``hook_v_input``
 [batch, pos, n_kv_heads, d_model]: one per KV head, so GQA needs no ungrouping), per-head
 attention results (``blocks.L.attn.hook_result`` [batch, pos, n_heads, d_model]) and
-``blocks.L.hook_mlp_in``.
+``blocks.L.hook_mlp_in``. A model whose bridge cannot give them (OPT, GPT-J: no per-head
+attention hooks) is refused in one sentence.
 """
 
 from __future__ import annotations
@@ -144,10 +145,14 @@ def _default_device() -> str:
 @contextlib.contextmanager
 def _quiet():
     """Silence library chatter (deprecation notes, config warnings) while loading."""
+    from transformers.utils import logging as hf_logging
+
     loggers = [logging.getLogger(n) for n in ("transformers", "transformer_lens", "accelerate")]
     levels = [lg.level for lg in loggers]
+    bars = hf_logging.is_progress_bar_enabled()  # the "Loading weights" bar: mechscope shows its own status
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,6 +160,8 @@ def _quiet():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
@@ -267,9 +274,16 @@ def _bridge(hf_model, tokenizer, target: str):
                 f"TransformerLens's bridge does not support this architecture ({arch}): "
                 f"{str(exc).splitlines()[0]}"
             ) from exc
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_attn_result(True)
-    bridge.set_use_hook_mlp_in(True)
+    try:
+        bridge.set_use_split_qkv_input(True)
+        bridge.set_use_attn_result(True)
+        bridge.set_use_hook_mlp_in(True)
+    except NotImplementedError as exc:  # OPT, GPT-J: the bridge's attention has no per-head hooks
+        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        raise MechscopeError(
+            f"TransformerLens's bridge gives {arch} no per-head attention hooks ({str(exc).split(':')[0]} is unavailable), "
+            "which mechscope's methods read; use a model of another architecture (Llama, Qwen2, Mistral, Gemma, GPT-2 ...)."
+        ) from exc
     bridge.eval()
     return bridge
 

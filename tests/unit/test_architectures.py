@@ -1,0 +1,108 @@
+"""Architectures beyond the suite's tiny GPT-2 and Llama, built here from configs: the bridge
+serves them with plain transformers' logits; the circuit graph refuses, in one sentence, the
+ones whose blocks it does not describe (parallel attention and MLP, a norm after attention);
+the logit lens reads them; a model with no per-head hooks is refused when it loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+from mechscope.graph import build_graph
+from mechscope.graph.graph import check_sequential_blocks
+from mechscope.models import load_model
+
+COMMON = dict(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _configs():
+    import transformers as T
+
+    return {
+        "qwen2": (T.Qwen2ForCausalLM, lambda: T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **COMMON)),
+        "neox": (T.GPTNeoXForCausalLM, lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                               max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True, **COMMON)),
+        "phi": (T.PhiForCausalLM, lambda: T.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                      max_position_embeddings=64, partial_rotary_factor=0.5, **COMMON)),
+        "gemma2": (T.Gemma2ForCausalLM, lambda: T.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16, **COMMON)),
+        "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                      max_position_embeddings=64, word_embed_proj_dim=64, **COMMON)),
+    }
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory) -> dict[str, str]:
+    from conftest import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    out = {}
+    for name, (cls, make) in _configs().items():
+        torch.manual_seed(0)
+        model = cls(make())
+        with torch.no_grad():  # non-trivial weights, biases and norm gains, so every term shows
+            for pname, p in model.named_parameters():
+                if p.dim() > 1:
+                    p.mul_(3.0)
+                elif "bias" in pname:
+                    p.normal_(0, 0.1)
+                else:
+                    p.add_(torch.randn_like(p) * 0.1)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+        out[name] = str(path)
+    return out
+
+
+def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
+    ok = load_model(arch_dirs["qwen2"], device="cpu")
+    check_sequential_blocks(ok)
+    assert build_graph(ok).n_layers == 2
+    for name, reason in (("neox", "run in parallel"), ("phi", "never fires"), ("gemma2", "do not add up")):
+        m = load_model(arch_dirs[name], device="cpu")
+        ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(arch_dirs[name], attn_implementation="eager").eval()
+        with torch.no_grad():
+            torch.testing.assert_close(m(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)  # the bridge serves it right
+        with pytest.raises(MechscopeError, match=reason) as e:
+            build_graph(m)
+        assert "\n" not in str(e.value) and "Circuit discovery needs" in str(e.value)
+
+
+def test_circuit_command_refuses_a_parallel_model_in_one_sentence(arch_dirs):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    r = CliRunner().invoke(app, ["discover", "--model", arch_dirs["neox"], "--task", "induction", "--n", "4", "--method", "eap"])
+    assert r.exit_code == 2 and "run in parallel" in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_logit_lens_reads_a_parallel_model(arch_dirs):
+    from mechscope.lens import run_lens
+
+    m = load_model(arch_dirs["neox"], device="cpu")
+    res = run_lens(m, "When Mary and John went to the store, John gave a drink to", target=" Mary")
+    assert res.sites == ["L0.pre", "L0.post", "L1.pre", "L1.post"]  # no resid_mid in a parallel block
+    ids = m.tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = m(ids)[0, -1]
+    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
+    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())  # the last site is the model's own output
+    assert abs(res.dla.error) < 1e-4  # head and MLP contributions still add up in a parallel block
+
+
+def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    with pytest.raises(MechscopeError, match="no per-head attention hooks"):
+        load_model(arch_dirs["opt"], device="cpu")
+    r = CliRunner().invoke(app, ["info", "--model", arch_dirs["opt"]])
+    assert r.exit_code == 2 and "OPTForCausalLM" in r.stderr and "Traceback" not in r.output, r.output
