@@ -1,7 +1,8 @@
 """Architectures beyond the suite's tiny GPT-2 and Llama, built here from configs: the bridge
 serves them with plain transformers' logits; the circuit graph refuses, in one sentence, the
 ones whose blocks it does not describe (parallel attention and MLP, a norm after attention);
-the logit lens reads them; a model with no per-head hooks is refused when it loads."""
+the logit lens reads them; a model with no per-head hooks, or of an architecture the bridge
+does not know, is refused when it loads."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def _configs():
                                                       max_position_embeddings=64, partial_rotary_factor=0.5, **COMMON)),
         "gemma2": (T.Gemma2ForCausalLM, lambda: T.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16, **COMMON)),
+        "gemma": (T.GemmaForCausalLM, lambda: T.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **COMMON)),
+        "persimmon": (T.PersimmonForCausalLM, lambda: T.PersimmonConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                        num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                                       max_position_embeddings=64, word_embed_proj_dim=64, **COMMON)),
     }
@@ -58,9 +63,10 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
-    ok = load_model(arch_dirs["qwen2"], device="cpu")
-    check_sequential_blocks(ok)
-    assert build_graph(ok).n_layers == 2
+    for name in ("qwen2", "gemma"):
+        ok = load_model(arch_dirs[name], device="cpu")
+        check_sequential_blocks(ok)
+        assert build_graph(ok).n_layers == 2
     for name, reason in (("neox", "run in parallel"), ("phi", "never fires"), ("gemma2", "do not add up")):
         m = load_model(arch_dirs[name], device="cpu")
         ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -97,6 +103,23 @@ def test_logit_lens_reads_a_parallel_model(arch_dirs):
     assert abs(res.dla.error) < 1e-4  # head and MLP contributions still add up in a parallel block
 
 
+def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
+    from mechscope.lens import run_lens
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    m = load_model(arch_dirs["gemma"], device="cpu")
+    check_sequential_blocks(m)
+    res = run_lens(m, prompt, target=" Mary")
+    ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = m(ids)[0, -1]
+    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
+    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())
+    assert abs(res.dla.error) < 1e-4 and abs(res.dla.actual) > 1e-3  # (1 + weight) read right: contributions add up
+    with pytest.raises(MechscopeError, match="caps its logits"):
+        run_lens(load_model(arch_dirs["gemma2"], device="cpu"), prompt, target=" Mary")
+
+
 def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):
     from typer.testing import CliRunner
 
@@ -106,3 +129,6 @@ def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):
         load_model(arch_dirs["opt"], device="cpu")
     r = CliRunner().invoke(app, ["info", "--model", arch_dirs["opt"]])
     assert r.exit_code == 2 and "OPTForCausalLM" in r.stderr and "Traceback" not in r.output, r.output
+    # An architecture the bridge does not know: one short sentence, not the bridge's list of every architecture.
+    r = CliRunner().invoke(app, ["info", "--model", arch_dirs["persimmon"]])
+    assert r.exit_code == 2 and "does not support PersimmonForCausalLM" in r.stderr and len(r.stderr) < 400, r.stderr

@@ -269,10 +269,11 @@ def _bridge(hf_model, tokenizer, target: str):
         try:
             bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model, tokenizer=tokenizer)
         except (ValueError, KeyError, NotImplementedError) as exc:
-            arch = getattr(hf_model.config, "architectures", None)
+            arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+            why = str(exc).splitlines()[0].split(". Available architectures")[0]  # not the bridge's list of ~170
             raise MechscopeError(
-                f"TransformerLens's bridge does not support this architecture ({arch}): "
-                f"{str(exc).splitlines()[0]}"
+                f"TransformerLens's bridge does not support {arch} ({why[:200]}); use a model of a supported "
+                "architecture (Llama, Qwen2, Mistral, Gemma, GPT-2 ...)."
             ) from exc
     try:
         bridge.set_use_split_qkv_input(True)

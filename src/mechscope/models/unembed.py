@@ -6,7 +6,8 @@ which makes the map from residual stream to logits linear, so component contribu
 exactly to the logits).
 
 Supported final norms: LayerNorm (GPT-2: ``w * (x - mean(x)) / s + b``, ``s = sqrt(var(x) +
-eps)``) and RMSNorm (Llama/SmolLM2: ``w * x / s``, ``s = sqrt(mean(x^2) + eps)``).
+eps)``) and RMSNorm (Llama/SmolLM2: ``w * x / s``, ``s = sqrt(mean(x^2) + eps)``; Gemma's with
+``1 + w``). Logit soft-capping (Gemma 2) is refused.
 ``final_norm(model)`` reads the weights from the bridge and ``check_matches`` compares against
 the model's own ``ln_final.hook_out``, so an unsupported variant fails loudly, never silently.
 """
@@ -63,11 +64,16 @@ def final_norm(model: Model) -> FinalNorm:
     if weight is None:
         raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
     eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", None) or 1e-5
-    if "Gemma" in name:
-        raise MechscopeError(f"The final norm {name} (scaled by 1 + weight) is not supported by the lens; use a LayerNorm or RMSNorm model.")
+    cap = float(getattr(model.bridge.cfg, "output_logits_soft_cap", -1.0) or -1.0)
+    if cap > 0:
+        raise MechscopeError(f"{model.summary.architecture} caps its logits (tanh at {cap:g}) after the unembedding, which the lens and "
+                             "direct logit attribution do not model; use a model without logit soft-capping.")
+    w = weight.detach().float()
+    if "Gemma" in name:  # Gemma's RMSNorm scales by 1 + weight
+        w = 1.0 + w
     kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if "RMS" in name.upper() or "bias" not in params else "layernorm"
     bias = params.get("bias")
-    return FinalNorm(kind=kind, weight=weight.detach().float(), bias=None if bias is None else bias.detach().float(), eps=float(eps))
+    return FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps))
 
 
 def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor, tol: float = 1e-3) -> None:
