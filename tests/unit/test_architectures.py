@@ -116,8 +116,17 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
     target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
     assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())
     assert abs(res.dla.error) < 1e-4 and abs(res.dla.actual) > 1e-3  # (1 + weight) read right: contributions add up
+    g2 = load_model(arch_dirs["gemma2"], device="cpu")
     with pytest.raises(MechscopeError, match="caps its logits"):
-        run_lens(load_model(arch_dirs["gemma2"], device="cpu"), prompt, target=" Mary")
+        run_lens(g2, prompt, target=" Mary")
+    # A unit's top output tokens only need the logits' order, which the (monotonic) soft-cap keeps.
+    from mechscope.explain.units import output_logits
+
+    d = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    top, _ = output_logits(g2, d, k=3, vocab=[str(i) for i in range(512)])
+    w = 1 + g2.bridge.ln_final._original_component.weight.detach()  # Gemma's RMSNorm: 1 + weight
+    want = ((d * w) @ g2.bridge.W_U.detach()).topk(3, dim=-1).indices
+    assert [[int(t) for t, _ in row] for row in top] == want.tolist()
 
 
 def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):

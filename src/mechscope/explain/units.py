@@ -149,7 +149,7 @@ def output_logits(model: Model, directions: torch.Tensor, k: int = 10, vocab: li
     """Top and bottom ``k`` tokens each direction [n, d_model] promotes, read through the final
     norm's linear part with unit scale (the per-token scale only rescales) and the unembedding
     (its bias left out: it does not depend on the unit)."""
-    norm = final_norm(model)
+    norm = final_norm(model, ranks_only=True)
     W_U, _ = unembed_weights(model)
     vocab = vocab or token_strings(model.tokenizer, W_U.shape[1])
     top, bottom = [], []

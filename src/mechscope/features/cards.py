@@ -126,7 +126,7 @@ def feature_logits(model: Model, tset: TranscoderSet, feats: list[tuple[int, int
     from mechscope.models.unembed import final_norm, unembed_weights
 
     by_layer = _group(feats, tset)
-    norm = final_norm(model)
+    norm = final_norm(model, ranks_only=True)
     W_U, _ = unembed_weights(model)
     out: dict[str, list] = {}
     for layer, fs in by_layer.items():

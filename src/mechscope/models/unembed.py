@@ -54,8 +54,10 @@ class FinalNorm:
         return out + self.bias if self.bias is not None else out
 
 
-def final_norm(model: Model) -> FinalNorm:
-    """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms."""
+def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
+    """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms.
+    ``ranks_only``: the caller reads only the order of the logits (top tokens), which a
+    monotonic logit soft-cap does not change, so a soft-capped model is not refused."""
     mod = model.bridge.ln_final
     orig = getattr(mod, "_original_component", mod)
     name = type(orig).__name__
@@ -65,7 +67,7 @@ def final_norm(model: Model) -> FinalNorm:
         raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
     eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", None) or 1e-5
     cap = float(getattr(model.bridge.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-    if cap > 0:
+    if cap > 0 and not ranks_only:
         raise MechscopeError(f"{model.summary.architecture} caps its logits (tanh at {cap:g}) after the unembedding, which the lens and "
                              "direct logit attribution do not model; use a model without logit soft-capping.")
     w = weight.detach().float()

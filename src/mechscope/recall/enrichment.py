@@ -72,7 +72,7 @@ def subject_projections(model: Model, tokens: torch.Tensor, subject_last: int, t
     x = torch.stack([st[h][subject_last] for h in hooks])  # [L, d_model]
     if tuned is not None:
         x = torch.stack([tuned.translate(x[l], tuned.layer_of(h)) for l, h in enumerate(hooks)])
-    ids = project(model, x, final_norm(model)).topk(top_k, dim=-1).indices  # [L, k]
+    ids = project(model, x, final_norm(model, ranks_only=True)).topk(top_k, dim=-1).indices  # [L, k]
     return [[model.tokenizer.decode([i]) for i in row] for row in ids.tolist()]
 
 
