@@ -80,6 +80,15 @@ def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_
         assert "\n" not in str(e.value) and "Circuit discovery needs" in str(e.value)
 
 
+def test_transcoders_refuse_a_model_whose_mlp_has_no_norm_of_its_own(arch_dirs):
+    from mechscope.features.config import TranscoderTrainConfig
+    from mechscope.features.train import check_layers
+
+    with pytest.raises(MechscopeError, match="shares the attention's norm"):
+        check_layers(load_model(arch_dirs["phi"], device="cpu"), TranscoderTrainConfig(layers=[0]))
+    assert check_layers(load_model(arch_dirs["neox"], device="cpu"), TranscoderTrainConfig(layers=[1])) == [1]  # its MLP has ln2
+
+
 def test_circuit_command_refuses_a_parallel_model_in_one_sentence(arch_dirs):
     from typer.testing import CliRunner
 

@@ -216,6 +216,10 @@ def check_layers(model: Model, cfg: TranscoderTrainConfig) -> list[int]:
     bad = [x for x in layers if not 0 <= x < n]
     if bad:
         raise MechscopeError(f"layer {bad[0]} does not exist; {model.summary.name} has layers 0-{n - 1}.")
+    hook = layer_hooks(layers[0])[0] if layers else None
+    if hook is not None and hook not in model.bridge.hook_dict:
+        raise MechscopeError(f"transcoders read each MLP's own input norm ({hook}), which {model.summary.architecture} does not have "
+                             "(its MLP shares the attention's norm: attention and MLP in parallel); use a model with a norm before each MLP.")
     return layers
 
 
