@@ -18,3 +18,12 @@ def near_matches(name: str, candidates: list[str], n: int = 3) -> str:
 
     close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def check_lr(lr: float, option: str = "--lr") -> None:
+    """Refuse a learning rate that is not a positive finite number (NaN and inf included: they
+    train a model of NaN that reports nothing wrong)."""
+    import math
+
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise MechscopeError(f"{option} must be a positive finite number; got {lr}.")

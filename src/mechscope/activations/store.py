@@ -139,6 +139,10 @@ class Harvester:
     def __init__(self, model: Model, cfg: StoreConfig):
         for h in cfg.hooks:
             check_hook_name(model, h)
+        n_ctx = int(model.summary.n_ctx)
+        if n_ctx > 0 and cfg.context_len > n_ctx:
+            raise MechscopeError(f"contexts of {cfg.context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
+                                 f"give --context-len {n_ctx} or less.")
         self.model, self.cfg = model, cfg
         self.needs_split = any(needs_split_attention(h) for h in cfg.hooks)
         self.dtype = DTYPES[cfg.dtype]

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from mechscope.cli.common import JsonOpt, console, emit_json, err_console, fresh_dir, handles_errors
+from mechscope.errors import MechscopeError
 from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 
 
@@ -92,6 +93,10 @@ def interchange(
 
     cfg = BindingInterchangeConfig(n=n, depth=depth, site=site, head=head, correct_only=not all_pairs, seed=seed)
     data = data_config(model)
+    if not (Path(model) / "config.json").is_file():
+        ckpts = sorted(Path(model).glob("ckpt_*"))
+        raise MechscopeError(f"{model} is a training run, not one of its checkpoints; pass a checkpoint folder such as "
+                             f"{ckpts[-1] if ckpts else Path(model) / 'ckpt_006000'}.")
     m = load_model(str(model), device="cpu")
     t0 = time.perf_counter()
     if not json:

@@ -52,6 +52,24 @@ def handles_errors(fn: Callable) -> Callable:
             if STATE["debug"]:
                 traceback.print_exc()
             fail(f"{exc.strerror or exc}: {exc.filename}")
+        except FileExistsError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(f"cannot make the folder {exc.filename}: a file of that name is in the way; give another path.")
+        except NotADirectoryError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(f"{exc.filename}: part of this path is a file, not a folder; give another path.")
+        except UnicodeDecodeError as exc:
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and run again.")
+        except Exception as exc:  # noqa: BLE001 - only safetensors' own error type is turned into a sentence
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            if STATE["debug"]:
+                traceback.print_exc()
+            fail(f"a .safetensors file is damaged or not a safetensors file ({str(exc).splitlines()[0]}); write it again.")
 
     return wrapper
 

@@ -104,6 +104,11 @@ def export(
     """Units with their records, exemplars and descriptions as JSON lines (Neuronpedia's explanation fields included)."""
     from mechscope.explain.types import UnitRef
 
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file name, e.g. {out / 'units.jsonl'}.")
+    if out.exists() and (out.resolve() == Path(db).resolve() or _is_sqlite(out)):
+        fail(f"--out {out} is a SQLite database{' (the one read)' if out.resolve() == Path(db).resolve() else ''}; "
+             "write the JSON lines to another file.")
     store = _open(db)
     refs = None
     if unit:
@@ -126,6 +131,14 @@ def export(
     if json:
         return emit_json({"db": str(db), "out": str(out), "units": n})
     console.print(f"{n:,} unit(s) -> {out}", highlight=False)
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def parse_range(spec: str | None, what: str) -> tuple[int, int] | None:
@@ -175,15 +188,24 @@ def exemplars(
         a, b = parse_range(token_range, "--token-range")  # type: ignore[misc]
         if a % context_len:
             raise MechscopeError(f"--token-range must start at a multiple of --context-len ({context_len}); {a} is not.")
+        per_batch = context_len * batch_size
+        if (b - a) % per_batch:
+            raise MechscopeError(f"--token-range {token_range} is not a whole number of batches ({batch_size} contexts of {context_len} = "
+                                 f"{per_batch} tokens), so shards would not meet; give a range whose length is a multiple of {per_batch}.")
         first, tokens = a // context_len, b - a
     cfg = ExemplarsConfig(units=units, layers=parse_layers(layers), unit_range=parse_range(unit_range, "--unit-range"),
                           corpus=corpus, n_tokens=tokens, first_context=first, context_len=context_len,
                           batch_size=batch_size, k=k, k_bottom=k_bottom, per_quantile=per_quantile, n_random=n_random,
                           seed=seed, checkpoint_every=checkpoint_every, sink_ratio=sink_ratio)  # checked when made
     m = load(model, device)
-    store = UnitDB(db, model_id=m.summary.name)  # refuses another model's database before the pass
+    store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())  # refuses another model's database before the pass
     ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
+    ckpt.mkdir(parents=True, exist_ok=True)  # a file in the way is one sentence now, not after the pass
     state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json)
+    if token_range is not None and checkpoint is None:  # a token shard's state is what exemplars-merge reads
+        keep_checkpoint = True
+        if not json:
+            console.print(f"token shard kept in {ckpt}: merge the shards with mechscope exemplars-merge", highlight=False)
     if not keep_checkpoint and checkpoint is None:
         shutil.rmtree(ckpt, ignore_errors=True)
         try:
@@ -203,7 +225,7 @@ def exemplars_merge(
     shards: list[Path] = typer.Argument(..., help="Checkpoint folders of the token shards (each made by mechscope exemplars --token-range a:b --checkpoint DIR)."),
     db: Path = typer.Option(..., "--db", help="Unit database file to write the merged units into (created when missing)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also save the merged state here, a checkpoint that later shards can be merged with."),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="The model the shards were made with (default: the one they record)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
@@ -217,7 +239,13 @@ def exemplars_merge(
         raise MechscopeError("give at least two shard checkpoint folders to merge.")
     states = [HarvestState.read(folder) for folder in shards]  # refuses a missing or damaged checkpoint first
     merged = merge_states(states, [str(f) for f in shards])
-    m = load(model, device)
+    made_by = merged.model
+    if model is None and not made_by.get("source"):
+        raise MechscopeError("the shards do not record the model that made them (made by an older mechscope); pass it with --model.")
+    m = load(model or made_by["source"], device)
+    if made_by.get("fingerprint") and made_by["fingerprint"] != m.fingerprint():
+        raise MechscopeError(f"the shards were made with another model ({made_by.get('source')}), not {m.summary.name}; "
+                             "merge with that --model or leave --model out.")
     source = unit_source(m, merged.cfg.units)
     for layer, st in merged.layers.items():
         n = st.top_val.shape[1]
@@ -226,8 +254,9 @@ def exemplars_merge(
                                  f"does not have for --units {merged.cfg.units}; merge with the --model the shards were made with.")
     if merged.token_ids.numel() and int(merged.token_ids.max()) >= int(m.summary.d_vocab):
         raise MechscopeError(f"the shards hold token ids beyond {m.summary.name}'s vocabulary; merge with the --model the shards were made with.")
-    store = UnitDB(db, model_id=m.summary.name)
+    store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())
     if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
         merged.save(out)
     write_db(m, source, merged, store)
     n_units = sum(st.top_val.shape[1] for st in merged.layers.values())
@@ -302,7 +331,8 @@ def describe(
         from mechscope.explain.plain import plain_lm
         from mechscope.explain.scoring import ModelSimulator
 
-        m = plain_lm(simulator or store.model_id or None, device)  # no bridge: describing needs no hooks
+        # no bridge: describing needs no hooks; by default the database's model, from where it was loaded
+        m = plain_lm(simulator or store.model_summary.get("source") or store.model_id or None, device)
         sim = ModelSimulator(m) if cfg.scorers else None
     kw = {"timeout": timeout, "concurrency": concurrency, "api_key": api_key} if explainer == "server" else {}
     ex = make_explainer(explainer, server=server, server_model=server_model, model=m, **kw)

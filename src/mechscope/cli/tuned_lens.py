@@ -37,6 +37,7 @@ def train(
     matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="auto, bfloat16 or float32 unembedding matmuls in the KL stage (auto: bfloat16 on a GPU or a CPU with bfloat16 instructions)."),
     checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
     seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
+    context_len: int = typer.Option(TunedLensTrainConfig.context_len, "--context-len", help="Tokens per context (at most the model's context length)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (or extend a finished one to a larger --kl-steps)."),
     keep_checkpoint: bool = typer.Option(TunedLensTrainConfig.keep_checkpoint, "--keep-checkpoint/--drop-checkpoint",
                                          help="Keep --out/checkpoint after the run so --resume can extend it (about 310 MB for the embedded model)."),
@@ -50,7 +51,8 @@ def train(
     cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
                                reads=reads, matmul_dtype=matmul_dtype,
                                cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
-                               checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed)  # checked before the model loads
+                               checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed,
+                               context_len=context_len)  # checked before the model loads
     m = load(model, device)
     if not json:
         console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "
@@ -90,7 +92,7 @@ def evaluate(
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or lens.model_info.get("name"), device)
-    res = evaluate_tuned_lens(m, lens, corpus, tokens, progress=not json)
+    res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=min(128, int(m.summary.n_ctx)), progress=not json)
     out_dir = Path(out or lens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(_json.dumps(res, indent=1))

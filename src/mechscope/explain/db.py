@@ -189,7 +189,8 @@ def _now() -> str:
 class UnitDB:
     """A unit database file (created when missing); implements ``UnitStore``. See the module docstring."""
 
-    def __init__(self, path: str | os.PathLike, model_id: str | None = None, timeout_s: float = 60.0):
+    def __init__(self, path: str | os.PathLike, model_id: str | None = None, timeout_s: float = 60.0,
+                 fingerprint: str | None = None):
         self.path = Path(path)
         self.timeout_s = timeout_s
         self._counts: dict[tuple[str, str], dict[int, int]] | None = None
@@ -207,12 +208,31 @@ class UnitDB:
         self.fts = fts5_available()
         self._setup()
         stored = self.meta.get("model_id", "")
+        other = (model_id and stored and stored != model_id) or (
+            fingerprint and self.meta.get("model_fingerprint", fingerprint) != fingerprint)
+        if other and self._is_empty():  # a run that stored nothing tagged it
+            self._write(lambda c: c.execute("DELETE FROM meta WHERE key IN ('model_id', 'model_fingerprint', 'model_summary')"))
+            stored = ""
         if model_id and stored and stored != model_id:
             raise MechscopeError(
-                f"{self.path} holds units of model {stored!r}, not {model_id!r}; pass --model {stored} or use another --db file.")
+                f"{self.path} holds units of model {stored!r}, not {model_id!r}; pass --model "
+                f"{self.model_summary.get('source') or stored} or use another --db file.")
         if model_id and not stored:
             self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES ('model_id', ?)", (model_id,)))
+        # The weights' fingerprint (``Model.fingerprint``) tells apart two models that share a name.
+        stored_fp = self.meta.get("model_fingerprint", "")
+        if fingerprint and stored_fp and stored_fp != fingerprint:
+            source = self.model_summary.get("source", "")
+            raise MechscopeError(f"{self.path} holds units of another model also called {self.meta.get('model_id', '')!r} (its weights differ)"
+                                 + (f"; pass --model {source}" if source else "") + " or use another --db file.")
+        if fingerprint and not stored_fp:
+            self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES ('model_fingerprint', ?)", (fingerprint,)))
         self.model_id: str = model_id or stored
+
+    def _is_empty(self) -> bool:
+        """No units and no descriptions stored."""
+        with self._read() as c:
+            return not c.execute("SELECT 1 FROM units LIMIT 1").fetchone() and not c.execute("SELECT 1 FROM descriptions LIMIT 1").fetchone()
 
     # -- opening, schema ---------------------------------------------------------------------
 

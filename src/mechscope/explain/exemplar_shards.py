@@ -74,6 +74,10 @@ def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -
     if diff:
         raise MechscopeError(f"shards {names[0]} and {names[1]} were made with other settings ({', '.join(diff)} differ); "
                              "merge only token shards of one pass (the same options but --token-range).")
+    fa, fb = prev.model.get("fingerprint"), nxt.model.get("fingerprint")
+    if fa and fb and fa != fb:
+        raise MechscopeError(f"shards {names[0]} and {names[1]} were made with different models "
+                             f"({prev.model.get('source')} and {nxt.model.get('source')}); merge only shards of one model.")
     if sorted(prev.layers) != sorted(nxt.layers) or prev.unit_offset != nxt.unit_offset:
         raise MechscopeError(f"shards {names[0]} and {names[1]} hold other layers or units; merge only token shards of one pass.")
     end = prev.cfg.first_context + prev.contexts_done
@@ -89,12 +93,22 @@ def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -
                                  "run every shard with this version of mechscope, which calibrates all of them on the pass's first batch.")
 
 
+def expected_contexts(cfg) -> int:
+    """Contexts a finished pass of ``cfg`` has done (its tokens in whole batches)."""
+    return cfg.n_contexts // cfg.batch_size * cfg.batch_size
+
+
 def merge_states(states: list[HarvestState], names: list[str] | None = None) -> HarvestState:
-    """One state from contiguous token shards of one pass (any order; see the module docstring).
-    ``names`` (e.g. the checkpoint folders) are used in the error messages."""
+    """One state from contiguous, finished token shards of one pass (any order; see the module
+    docstring). ``names`` (e.g. the checkpoint folders) are used in the error messages."""
     if not states:
         raise MechscopeError("no shards to merge; give two or more checkpoint folders.")
     names = names or [f"#{i}" for i in range(len(states))]
+    for st, name in zip(states, names):
+        want = expected_contexts(st.cfg)
+        if st.contexts_done < want:
+            raise MechscopeError(f"shard {name} is unfinished ({st.contexts_done:,} of {want:,} contexts); run its "
+                                 "mechscope exemplars command again (it resumes), then merge.")
     pairs = sorted(zip(states, names), key=lambda p: p[0].cfg.first_context)
     out = pairs[0][0]
     for (prev, pn), (nxt, nn) in zip(pairs, pairs[1:]):
@@ -103,7 +117,7 @@ def merge_states(states: list[HarvestState], names: list[str] | None = None) -> 
         out = HarvestState(
             cfg=out.cfg, layers={layer: _merge_layer(st, nxt.layers[layer]) for layer, st in out.layers.items()},
             token_ids=torch.cat([out.token_ids, nxt.token_ids]), contexts_done=out.contexts_done + nxt.contexts_done,
-            unit_offset=out.unit_offset, n_tokens=out.n_tokens + nxt.n_tokens)
+            unit_offset=out.unit_offset, n_tokens=out.n_tokens + nxt.n_tokens, model=out.model or nxt.model)
     first = pairs[0][0].cfg
     out.cfg = replace(first, n_tokens=out.contexts_done * first.context_len)
     return out

@@ -61,7 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, cast
 
@@ -258,6 +258,8 @@ class HarvestState:
     contexts_done: int
     unit_offset: int  # the first unit index (unit_range[0])
     n_tokens: int  # valid tokens seen
+    model: dict = field(default_factory=dict)
+    """The model that made it: ``name``, ``source`` and ``fingerprint`` (``Model.fingerprint``)."""
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -268,7 +270,7 @@ class HarvestState:
                    for name, t in st.tensors().items()}
         tensors["token_ids"] = self.token_ids.cpu().contiguous()
         meta = {"schema_version": STATE_SCHEMA, "config": self.cfg.to_dict(), "contexts_done": self.contexts_done,
-                "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers)}
+                "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers), "model": self.model}
         # One file is the checkpoint (its settings and counters ride in its metadata), so one
         # os.replace commits it: a kill leaves the old state or the new, never tensors of one
         # and counters of the other. state.json is a copy for people to read. Fixed temporary
@@ -281,13 +283,18 @@ class HarvestState:
         os.replace(tmp, folder / "state.json")
 
     @classmethod
-    def load(cls, folder: str | Path, cfg: ExemplarsConfig, device) -> "HarvestState | None":
-        """The checkpoint in ``folder`` if there is one for the same config, else None."""
+    def load(cls, folder: str | Path, cfg: ExemplarsConfig, device, fingerprint: str | None = None) -> "HarvestState | None":
+        """The checkpoint in ``folder`` if there is one for the same config (and model, by its
+        ``fingerprint`` where both record one), else None."""
         if not (Path(folder) / "state.safetensors").is_file():
             return None
         state = cls.read(folder, device)
         if state.cfg.to_dict() != cfg.to_dict():
             raise MechscopeError(f"the checkpoint in {folder} was made with other settings; use the same options to resume or another --checkpoint folder.")
+        made = state.model.get("fingerprint")
+        if fingerprint and made and made != fingerprint:
+            raise MechscopeError(f"the checkpoint in {folder} was made with another model ({state.model.get('source') or state.model.get('name')}); "
+                                 "resume it with that --model or use another --checkpoint folder.")
         state.cfg = cfg
         return state
 
@@ -310,13 +317,16 @@ class HarvestState:
                 fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
                 layers[int(layer)] = LayerState(**fields)
             counters = int(meta["contexts_done"]), int(meta["unit_offset"]), int(meta["n_tokens"])
+            made_by = meta.get("model") or {}
+            if not isinstance(made_by, dict):
+                raise ValueError("model")
             token_ids = tensors["token_ids"].cpu()
         except Exception as e:  # noqa: BLE001 - any damage reads the same to the user
             raise MechscopeError(f"the checkpoint in {folder} is damaged ({type(e).__name__}); delete the folder to start again.") from None
         if cfg is None:
             raise MechscopeError(f"the checkpoint in {folder} was made by another version of mechscope (schema {meta.get('schema_version')}, "
                                  f"this one reads {STATE_SCHEMA}); run the pass again.")
-        return cls(cfg, layers, token_ids, *counters)
+        return cls(cfg, layers, token_ids, *counters, model=made_by)
 
 
 def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
@@ -356,9 +366,10 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     harvester = Harvester(model, StoreConfig(hooks=hooks, context_len=cfg.context_len, batch_size=cfg.batch_size,
                                              skip_first=0, shuffle=False, buffer_tokens=2 * cfg.context_len))
     dev = model.device
-    state = HarvestState.load(checkpoint, cfg, dev) if checkpoint else None
+    made_by = {"name": model.summary.name, "source": _model_spec(model), "fingerprint": model.fingerprint()}
+    state = HarvestState.load(checkpoint, cfg, dev, made_by["fingerprint"]) if checkpoint else None
     if state is None:
-        state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0)
+        state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0, model=made_by)
     special = torch.tensor(special_token_ids(model.tokenizer), dtype=torch.long)  # separator, BOS and other sinks
     T = cfg.context_len
 
@@ -419,6 +430,17 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     if db is not None:
         write_db(model, source, state, db)
     return state
+
+
+def _model_spec(model: Model) -> str:
+    """What ``--model`` loads this model again from anywhere: the embedded default's alias, an
+    absolute path, or the hub id."""
+    from mechscope.models.load import EMBEDDED_NAME
+
+    if model.summary.name == EMBEDDED_NAME:
+        return "default"
+    src = Path(model.summary.source).expanduser()
+    return str(src.resolve()) if src.exists() else model.summary.source
 
 
 def _ranges(layers: list[int]) -> str:
@@ -575,4 +597,6 @@ def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: i
 def _summary(model: Model) -> dict:
     from dataclasses import asdict
 
-    return {k: v for k, v in asdict(model.summary).items() if isinstance(v, (int, str, float))}
+    out = {k: v for k, v in asdict(model.summary).items() if isinstance(v, (int, str, float))}
+    out["source"] = _model_spec(model)  # what --model (and describe's default simulator) loads again from anywhere
+    return out

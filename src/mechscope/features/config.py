@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mechscope.activations.config import check_sink_ratio
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 from mechscope.sae.config import TrainConfig
 
 EVAL_TOKENS = 4096
@@ -105,6 +105,7 @@ class TranscoderTrainConfig:
     """Any other ``TrainConfig`` field (``l1``, ``l0``, ``aux_k``, ``dead_tokens``, ``log_every``, ...)."""
 
     def __post_init__(self) -> None:
+        check_lr(self.lr)
         if self.layers is not None:
             if not self.layers:
                 raise MechscopeError("--layers names no layer; give 'all' or layer numbers such as 0,3,5.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 DataKind = Literal["repeats"]
 
@@ -88,8 +88,9 @@ class ToyConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model % self.heads:
+        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model < self.heads or self.d_model % self.heads:
             raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+        check_lr(self.lr)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 SETTING = "binding"
 """The ``setting`` recorded in a binding run's ``train.json``."""
@@ -69,10 +69,11 @@ class BindingConfig:
     setting: str = SETTING
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model % self.heads:
+        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model < self.heads or self.d_model % self.heads:
             raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
-        if self.batch < 1 or self.lr <= 0 or self.n_eval < 1:
-            raise MechscopeError("train-toy needs --batch >= 1, --lr > 0 and at least one evaluation program.")
+        if self.batch < 1 or self.n_eval < 1:
+            raise MechscopeError("train-toy needs --batch >= 1 and at least one evaluation program.")
+        check_lr(self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +128,8 @@ class BindingInterchangeConfig:
             raise MechscopeError(f"--depth must be at least 1; got {self.depth}.")
         if self.head is not None and self.head < 0:
             raise MechscopeError(f"--head must be a head index >= 0; got {self.head}.")
+        if self.head is not None and self.site != "head":
+            raise MechscopeError(f"--head {self.head} picks a head's output, which only --site head patches; add --site head.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 SETTING = "icml"
 """The value of ``mechscope train-toy --setting`` (and of ``settings.setting`` in train.json)."""
@@ -108,8 +108,7 @@ class MetaConfig:
                 f"--d-model ({self.d_model}) must leave room for a one-hot position of {self.data.n_positions} entries "
                 f"after the {self.data.dim}-dimensional class vector; raise --d-model to at least {self.data.dim + self.data.n_positions}."
             )
-        if not (self.lr > 0):
-            raise MechscopeError(f"--lr must be positive (got {self.lr}).")
+        check_lr(self.lr)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 Reads = Literal["resid_post", "resid_pre"]
 MatmulDtype = Literal["auto", "bfloat16", "float32"]
@@ -84,8 +84,9 @@ class TunedLensTrainConfig:
             raise MechscopeError("context_len must be at least 2, forward_contexts and checkpoint_every at least 1.")
         if self.kl_tokens > self.tokens:
             raise MechscopeError(f"--kl-tokens {self.kl_tokens} exceeds --tokens {self.tokens}; the KL set is drawn from those.")
-        if self.ridge < 0 or self.lr <= 0:
-            raise MechscopeError("ridge must be at least 0 and --lr positive.")
+        if self.ridge < 0:
+            raise MechscopeError("ridge must be at least 0.")
+        check_lr(self.lr)
         if self.matmul_dtype not in ("auto", "bfloat16", "float32"):
             raise MechscopeError(f"matmul_dtype must be auto, bfloat16 or float32, got '{self.matmul_dtype}'.")
         if self.cache_dtype not in ("bfloat16", "float32"):

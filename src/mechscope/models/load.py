@@ -89,6 +89,19 @@ class Model:
         """Logits [batch, pos, d_vocab] for token ids [batch, pos]."""
         return self.bridge(tokens.to(self.device))
 
+    def fingerprint(self) -> str:
+        """A short hash of the model's weights (a few token embeddings, rounded to bfloat16 so a
+        float32 and a bfloat16 load of the same weights agree): tells two models apart that
+        share a folder name, in unit databases and checkpoints."""
+        got = self.__dict__.get("_fingerprint")
+        if got is None:
+            import hashlib
+
+            W = self.bridge.original_model.get_input_embeddings().weight.detach()
+            rows = torch.cat([W[:4], W[-4:]]).to(torch.bfloat16).float().cpu()
+            got = self.__dict__["_fingerprint"] = hashlib.sha1(rows.numpy().tobytes()).hexdigest()[:16]
+        return got
+
     def to_tokens(self, text: str) -> list[int]:
         """Token ids of one string, as the tokenizer encodes it by default."""
         return self.tokenizer(text)["input_ids"]
@@ -237,7 +250,12 @@ def load_model(
             hf_model, tokenizer = _load_hf(target, dtype, gguf_file, local)
     except MechscopeError:
         raise
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors' error type is not an OSError
+        if type(exc).__name__ == "SafetensorError":
+            raise MechscopeError(f"The weights at '{target}' are damaged or not safetensors ({str(exc).splitlines()[0]}); "
+                                 "save the model again.") from exc
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         if local:
             raise MechscopeError(f"Could not load the model at '{target}': {str(exc).splitlines()[0]}") from exc
         raise MechscopeError(

@@ -157,6 +157,9 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
             p_idx = torch.tensor([data.pos[i] for i in items])
             for h in hooks:
                 a = got[h]
+                if a.dim() < 3 or tuple(a.shape[:2]) != tuple(toks.shape):
+                    raise MechscopeError(f"the hook {h} gives activations of shape {list(a.shape)}, not [batch, position, ...]; "
+                                         "probe a per-position site (resid_post, mlp_out, attn.hook_z ...), not attention patterns.")
                 a = a.reshape(*a.shape[:2], -1)  # per-head sites flatten to [batch, pos, heads * d]
                 rows[h].append((items, a[r_idx, p_idx].float().cpu()))
     for h in hooks:

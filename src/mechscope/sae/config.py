@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 
 @dataclass
@@ -56,6 +56,7 @@ class TrainConfig:
             raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
         if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
             raise MechscopeError("batch size and checkpoint interval must be positive.")
+        check_lr(self.lr)
 
     @property
     def steps(self) -> int:

@@ -68,6 +68,8 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
         if a.ndim != 4 or a.shape[1:] != (1, size, size):
             raise MechscopeError(f"{f} holds images of shape {tuple(a.shape)}, but the model takes {size}x{size} grey "
                                  f"images; resize them to {size}x{size} first.")
+        if not np.isfinite(a).all():
+            raise MechscopeError(f"{f} holds NaN or infinite pixels; give images with finite values (0-1 or 0-255).")
         arrays.append(a / 255.0 if a.max(initial=0) > 1 else a)
     if not arrays or sum(len(a) for a in arrays) == 0:
         raise MechscopeError(f"the concept {path} holds no images; put .npy images of the concept in it.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_lr
 
 Dataset = Literal["digits", "shapes"]
 Arch = Literal["cnn", "vit"]
@@ -118,8 +118,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("cnn", "vit"):
             raise MechscopeError(f"--arch {self.arch!r} is not a model; use cnn or vit.")
-        if self.epochs < 1 or self.batch < 1 or self.lr <= 0:
-            raise MechscopeError("--epochs and --batch must be at least 1 and --lr positive.")
+        if self.epochs < 1 or self.batch < 1:
+            raise MechscopeError("--epochs and --batch must be at least 1.")
+        check_lr(self.lr)
         if self.width < 4 or self.depth < 1 or self.heads < 1:
             raise MechscopeError("--width must be at least 4, --depth and --heads at least 1.")
         if self.arch == "vit" and self.width % self.heads:

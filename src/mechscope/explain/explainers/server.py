@@ -45,6 +45,12 @@ class ServerExplainer(Explainer):
             raise MechscopeError(f"--server {url!r} is not an http(s) URL; give e.g. http://127.0.0.1:8080/v1.")
         if not model:
             raise MechscopeError("The server explainer needs --model NAME (the model name the server serves).")
+        import math
+
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise MechscopeError(f"--timeout must be a positive number of seconds; got {timeout}.")
+        if concurrency < 1:
+            raise MechscopeError(f"--concurrency must be at least 1 request in flight; got {concurrency}.")
         self.url, self.model, self.temperature, self.max_tokens = url, model, temperature, max_tokens
         self.timeout, self.retries, self.concurrency = timeout, retries, max(1, concurrency)
         self.client = openai.OpenAI(base_url=url, api_key=api_key or "not-needed", timeout=timeout, max_retries=retries)
