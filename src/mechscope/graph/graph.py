@@ -215,7 +215,13 @@ def check_sequential_blocks(model: Model) -> None:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, max(2, min(int(model.summary.d_vocab), 1000)), (1, 8), generator=g)
     names = {f(layer) for layer in range(L) for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
-    _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    bridge = model.bridge
+    was = bool(getattr(bridge.cfg, "use_attn_result", True))  # the per-head results, even inside plain_attention
+    bridge.set_use_attn_result(True)
+    try:
+        _, cache = bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in names)
+    finally:
+        bridge.set_use_attn_result(was)
     half = model.summary.dtype in ("float16", "bfloat16")
     why = None
     for layer in range(L):
