@@ -392,7 +392,9 @@ def test_bad_store_settings(tiny_gpt2):
     with pytest.raises(MechscopeError, match="dtype"):
         StoreConfig(hooks=["blocks.0.hook_resid_post"], dtype="int8")
     with pytest.raises(MechscopeError, match="no documents"):
-        ActivationStore(tiny_gpt2, [], StoreConfig(hooks=["blocks.0.hook_resid_post"], buffer_tokens=300)).next_batch(4)
+        ActivationStore(tiny_gpt2, [], StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=32, buffer_tokens=300)).next_batch(4)
+    with pytest.raises(MechscopeError, match="give --context-len 64 or less"):  # learned positions end at n_ctx
+        ActivationStore(tiny_gpt2, DOCS, StoreConfig(hooks=["blocks.0.hook_resid_post"], context_len=65))
     with pytest.raises(MechscopeError, match="no manifest.json|No activation shards"):
         ShardStore("/nonexistent/shards")
 
