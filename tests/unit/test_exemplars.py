@@ -216,7 +216,11 @@ def test_cli_exemplars_writes_db_and_refuses_bad_input(tiny_llama_dir, tmp_path)
     assert len(store.units()) == 32 and len(store.exemplars(UnitRef("mlp", 2, 15), kind="top")) == 4
     assert not (tmp_path / "u.db.exemplars").exists()  # checkpoint removed after the write
     other = tmp_path / "other.db"
-    UnitDB(other, model_id="some/other-model").close()
+    from mechscope.explain.types import Description
+
+    held = UnitDB(other, model_id="some/other-model")  # holds a unit of another model (an empty one would take this model)
+    held.put_description(Description(UnitRef("mlp", 0, 0), "a description", "baseline"))
+    held.close()
     for args, needle in ((["--db", str(db), "--layers", "7"], "layer 7"), (["--db", str(db), "--layers", "x"], "--layers"),
                          (["--db", str(db), "--unit-range", "5:2"], "--unit-range"),
                          (["--db", str(db), "--units", "nope"], "unknown --units"),

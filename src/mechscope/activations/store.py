@@ -25,7 +25,7 @@ import torch
 
 from mechscope.activations.config import DTYPE_NAMES, SINK_TOKEN, TOKENS_KEY, StoreConfig
 from mechscope.errors import MechscopeError
-from mechscope.models.hooks import POS_EMBED, check_hook_name, needs_split_attention, parse_hook, resid_post
+from mechscope.models.hooks import check_hook_name, needs_split_attention, parse_hook, resid_post
 from mechscope.models.load import plain_attention
 from mechscope.progress import ProgressArg, as_progress
 
@@ -133,6 +133,12 @@ class _Stop(Exception):
     """Raised by the last capturing hook to end the forward pass early."""
 
 
+def _learned_positions(model: Model) -> bool:
+    """Whether the model looks its positions up in a table of n_ctx rows (the bridge's
+    ``positional_embedding_type`` "standard", GPT-2's), not rotary or other computed positions."""
+    return getattr(model.bridge.cfg, "positional_embedding_type", "standard") == "standard"
+
+
 class Harvester:
     """Runs the model on token contexts and returns the hooked activations as rows."""
 
@@ -141,7 +147,7 @@ class Harvester:
             check_hook_name(model, h)
         n_ctx = int(model.summary.n_ctx)
         # Learned position embeddings (GPT-2) have no row past n_ctx; rotary models run on, as transformers lets them.
-        if n_ctx > 0 and cfg.context_len > n_ctx and POS_EMBED in model.bridge.hook_dict:
+        if n_ctx > 0 and cfg.context_len > n_ctx and _learned_positions(model):
             raise MechscopeError(f"contexts of {cfg.context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
                                  f"give --context-len {n_ctx} or less.")
         self.model, self.cfg = model, cfg
