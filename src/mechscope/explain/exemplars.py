@@ -192,14 +192,24 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
         # One pass finds a superset of the candidates: above the unit's k-th top value, below its
         # k-th bottom value (exact compares: on heavy-tailed units most tokens share a histogram
         # bin), or a key below the m-th key of the token's (unit, bin) sample list.
+        # The sample lists: below the top quantile bin one key bound per unit (the bins' largest
+        # m-th key; those bins are common, so their bounds are small); the top bin is rare, so its
+        # tokens are all candidates, found by value: above its edge less one histogram bin (a
+        # superset whatever the rounding of the bin index), which also covers the top-k compare
+        # wherever the edge is below the k-th value. Exact selection follows per candidate.
         mask = torch.zeros_like(x, dtype=torch.bool)
+        val_thr = thr_top if not dense_best else None
         if sparse_q:
-            bound = tau_q.gather(1, state.q_table.view(U, nb + 2))  # [U, nb + 2]
-            mask = k1[:, None] < bound.view(-1).take(idx)
-        if not dense_best:
-            mask |= x > thr_top
-            if thr_bot is not None:
-                mask |= x < thr_bot
+            if G == 1:
+                mask = k1[:, None] < tau_q[:, 0]
+            else:
+                mask = k1[:, None] < tau_q[:, :-1].max(1).values
+                edge = state.q_edges[:, -1] - 1.0 / state.inv  # [U]
+                val_thr = edge if val_thr is None else torch.minimum(val_thr, edge)
+        if val_thr is not None:
+            mask |= x > val_thr
+        if not dense_best and thr_bot is not None:
+            mask |= x < thr_bot
         nz = mask.nonzero()
         n_i, u_i = nz[:, 0], nz[:, 1]
     if dense_best:
