@@ -23,6 +23,8 @@ def _configs():
     return {
         "qwen2": (T.Qwen2ForCausalLM, lambda: T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **COMMON)),
+        "mistral": (T.MistralForCausalLM, lambda: T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **COMMON)),
         "neox": (T.GPTNeoXForCausalLM, lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                                max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True, **COMMON)),
         "phi": (T.PhiForCausalLM, lambda: T.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -63,7 +65,7 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
-    for name in ("qwen2", "gemma"):
+    for name in ("qwen2", "mistral", "gemma"):
         ok = load_model(arch_dirs[name], device="cpu")
         check_sequential_blocks(ok)
         assert build_graph(ok).n_layers == 2
@@ -87,6 +89,25 @@ def test_transcoders_refuse_a_model_whose_mlp_has_no_norm_of_its_own(arch_dirs):
     with pytest.raises(MechscopeError, match="shares the attention's norm"):
         check_layers(load_model(arch_dirs["phi"], device="cpu"), TranscoderTrainConfig(layers=[0]))
     assert check_layers(load_model(arch_dirs["neox"], device="cpu"), TranscoderTrainConfig(layers=[1])) == [1]  # its MLP has ln2
+
+
+@pytest.mark.parametrize("name", ["neox", "phi", "gemma2"])
+def test_heads_and_exemplars_run_on_the_models_circuits_refuse(name, arch_dirs, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("When Mary and John went to the store, John gave a drink to Mary.\n\n" * 40)
+    r = CliRunner().invoke(app, ["heads", "--model", arch_dirs[name], "--out", str(tmp_path / "heads"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "heads" / "heads.json").is_file()
+    r = CliRunner().invoke(app, ["exemplars", "--model", arch_dirs[name], "--db", str(tmp_path / "u.db"), "--corpus", str(corpus),
+                                 "--tokens", "256", "--context-len", "32", "--batch-size", "4", "--k", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_units"] == 2 * 128
 
 
 def test_circuit_command_refuses_a_parallel_model_in_one_sentence(arch_dirs):

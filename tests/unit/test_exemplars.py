@@ -325,6 +325,28 @@ def test_token_shards_merge_to_the_single_pass(tiny_llama, tmp_path):
     other = harvest_exemplars(model, _cfg(layers=[0, 2], sink_ratio=1.3, k=4, first_context=2 * B, n_tokens=B * T), contexts=ctxs)
     with pytest.raises(MechscopeError, match="k differ"):
         merge_states([shards[2], other])
+    # A shard may take its bins from another shard's checkpoint (shards made on other machines):
+    # taken as given, not recomputed; bins that differ are refused by the merge.
+    fake = HarvestState.read(tmp_path / "s0")
+    for st in fake.layers.values():
+        st.lo = st.lo - 0.01
+    part = _cfg(layers=[0, 2], sink_ratio=1.3, first_context=2 * B, n_tokens=B * T)
+    taken = harvest_exemplars(model, part, contexts=ctxs, calibration=fake)
+    assert torch.equal(taken.layers[0].lo, fake.layers[0].lo) and not torch.equal(taken.layers[0].lo, shards[2].layers[0].lo)
+    with pytest.raises(MechscopeError, match="different histogram bins"):
+        merge_states([shards[2], taken])
+    _same_state(merge_states([shards[2], harvest_exemplars(model, part, contexts=ctxs, calibration=shards[2]), shards[0]]), full)
+    with pytest.raises(MechscopeError, match="other settings"):
+        harvest_exemplars(model, _cfg(layers=[0, 2], sink_ratio=1.3, k=4, first_context=2 * B, n_tokens=B * T), contexts=ctxs,
+                          calibration=shards[2])
+    # The last shard may end with the corpus (it asked for more): merged; any other short shard is refused.
+    tail = harvest_exemplars(model, _cfg(layers=[0, 2], sink_ratio=1.3, first_context=3 * B, n_tokens=3 * B * T), contexts=ctxs)
+    assert tail.exhausted and tail.contexts_done == B
+    _same_state(merge_states([shards[2], shards[1], tail]), full)
+    early = harvest_exemplars(model, _cfg(layers=[0, 2], sink_ratio=1.3, first_context=2 * B, n_tokens=2 * B * T), contexts=ctxs[:3 * B])
+    assert early.exhausted
+    with pytest.raises(MechscopeError, match="not the last shard"):
+        merge_states([shards[2], early, tail])
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "state.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(MechscopeError, match="damaged"):

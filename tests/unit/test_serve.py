@@ -313,7 +313,7 @@ def test_dashboard_features_link_units(served):
     doc = {"settings": {"sae_dir": "/x/saes/sae-l1/blocks.1.hook_resid_post"}}
     assert sae_source(doc, ["other", "sae-l1"]) == "sae-l1"
     assert sae_source({"settings": {"sae_dir": "/x/mine"}}, ["other"]) == "mine"  # not known: no link, never another SAE
-    assert sae_source({"settings": {}}, ["only"]) == "only" and sae_source({}, ["a", "b"]) == ""
+    assert sae_source({"settings": {}}, ["only"]) == "" and sae_source({}, ["a", "b"]) == ""  # no folder recorded: no links
     nodes = dashboard_nodes({"sae": {"hook_name": "blocks.3.hook_resid_pre"}, "features": [{"feature": 9}]}, "s")
     assert nodes[0].unit_key == "sae:s/3/9" and nodes[0].layer == 3
     assert dashboard_nodes({"sae": {"hook_name": "hook_embed"}, "features": [{"feature": 9}]}, "s")[0].unit_key is None

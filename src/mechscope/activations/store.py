@@ -134,9 +134,10 @@ class _Stop(Exception):
 
 
 def _learned_positions(model: Model) -> bool:
-    """Whether the model looks its positions up in a table of n_ctx rows (the bridge's
-    ``positional_embedding_type`` "standard", GPT-2's), not rotary or other computed positions."""
-    return getattr(model.bridge.cfg, "positional_embedding_type", "standard") == "standard"
+    """Whether the model looks its positions up in a table (GPT-2's ``wpe``): an embedding
+    module whose rows are not the vocabulary's; rotary and other computed positions have none."""
+    vocab = int(model.summary.d_vocab)
+    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in model.bridge.original_model.modules())
 
 
 class Harvester:

@@ -55,7 +55,7 @@ def handles_errors(fn: Callable) -> Callable:
         except FileExistsError as exc:
             if STATE["debug"]:
                 traceback.print_exc()
-            fail(f"cannot make the folder {exc.filename}: a file of that name is in the way; give another path.")
+            fail(f"cannot make {exc.filename}: something of that name is in the way (a file where a folder goes?); give another path.")
         except NotADirectoryError as exc:
             if STATE["debug"]:
                 traceback.print_exc()

@@ -174,6 +174,7 @@ def exemplars(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: DB.exemplars/<settings>); a killed run resumes from it."),
     checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the database is written."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="A token shard's checkpoint of this pass to take the histogram bins from (shards on other machines)."),
     sink_ratio: Optional[float] = typer.Option(None, "--sink-ratio", help="Leave out attention sinks (residual norm > R x the median); default 30 for transcoders:DIR, off otherwise; 0: off."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -201,7 +202,12 @@ def exemplars(
     store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())  # refuses another model's database before the pass
     ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
     ckpt.mkdir(parents=True, exist_ok=True)  # a file in the way is one sentence now, not after the pass
-    state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json)
+    cal = None
+    if calibration is not None:
+        from mechscope.explain.exemplars import HarvestState
+
+        cal = HarvestState.read(calibration)
+    state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json, calibration=cal)
     if token_range is not None and checkpoint is None:  # a token shard's state is what exemplars-merge reads
         keep_checkpoint = True
         if not json:
@@ -214,7 +220,8 @@ def exemplars(
             pass
     n_units = sum(st.top_val.shape[1] for st in state.layers.values())
     info = {"db": str(db), "units": units, "layers": sorted(state.layers), "n_units": n_units,
-            "tokens": state.n_tokens, "contexts": state.contexts_done, "model": m.summary.name}
+            "tokens": state.n_tokens, "contexts": state.contexts_done, "model": m.summary.name,
+            "checkpoint": str(ckpt) if keep_checkpoint or checkpoint is not None else None}
     if json:
         return emit_json(info)
     console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")

@@ -92,7 +92,7 @@ def evaluate(
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or lens.model_info.get("name"), device)
-    res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=min(128, int(m.summary.n_ctx)), progress=not json)
+    res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=max(2, min(128, int(m.summary.n_ctx) or 128)), progress=not json)
     out_dir = Path(out or lens_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(_json.dumps(res, indent=1))

@@ -26,8 +26,8 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.explain.exemplars import HarvestState, LayerState
 
-# Settings that may differ between the shards of one pass.
-_FREE = ("first_context", "n_tokens", "checkpoint_every")
+FREE_SETTINGS = ("first_context", "n_tokens", "checkpoint_every")
+"""Settings that may differ between the shards of one pass."""
 
 
 def _best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, dim: int, k: int, largest: bool
@@ -69,7 +69,7 @@ def _merge_layer(a: LayerState, b: LayerState) -> LayerState:
 
 
 def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -> None:
-    pa, pb = ({k: v for k, v in s.cfg.to_dict().items() if k not in _FREE} for s in (prev, nxt))
+    pa, pb = ({k: v for k, v in s.cfg.to_dict().items() if k not in FREE_SETTINGS} for s in (prev, nxt))
     diff = [k for k in pa if pa[k] != pb.get(k)]
     if diff:
         raise MechscopeError(f"shards {names[0]} and {names[1]} were made with other settings ({', '.join(diff)} differ); "
@@ -89,8 +89,9 @@ def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -
     for layer, st in prev.layers.items():
         o = nxt.layers[layer]
         if not (torch.equal(st.lo, o.lo) and torch.equal(st.inv, o.inv) and torch.equal(st.q_table, o.q_table)):
-            raise MechscopeError(f"shards {names[0]} and {names[1]} were calibrated on different first batches (layer {layer}); "
-                                 "run every shard with this version of mechscope, which calibrates all of them on the pass's first batch.")
+            raise MechscopeError(f"shards {names[0]} and {names[1]} have different histogram bins (layer {layer}): the pass's first "
+                                 "batch came out differently (another machine or device, or an older mechscope); run the later shards "
+                                 f"with --calibration {names[0]} to take its bins.")
 
 
 def expected_contexts(cfg) -> int:
@@ -104,12 +105,13 @@ def merge_states(states: list[HarvestState], names: list[str] | None = None) -> 
     if not states:
         raise MechscopeError("no shards to merge; give two or more checkpoint folders.")
     names = names or [f"#{i}" for i in range(len(states))]
-    for st, name in zip(states, names):
-        want = expected_contexts(st.cfg)
-        if st.contexts_done < want:
-            raise MechscopeError(f"shard {name} is unfinished ({st.contexts_done:,} of {want:,} contexts); run its "
-                                 "mechscope exemplars command again (it resumes), then merge.")
     pairs = sorted(zip(states, names), key=lambda p: p[0].cfg.first_context)
+    for i, (st, name) in enumerate(pairs):
+        want = expected_contexts(st.cfg)
+        if st.contexts_done < want and not (st.exhausted and i == len(pairs) - 1):  # the last may end with the corpus
+            what = "ends where the corpus ends but is not the last shard" if st.exhausted else "is unfinished"
+            raise MechscopeError(f"shard {name} {what} ({st.contexts_done:,} of {want:,} contexts); run its "
+                                 "mechscope exemplars command again (it resumes), then merge.")
     out = pairs[0][0]
     for (prev, pn), (nxt, nn) in zip(pairs, pairs[1:]):
         _check_pair(prev, nxt, (pn, nn))
@@ -117,7 +119,8 @@ def merge_states(states: list[HarvestState], names: list[str] | None = None) -> 
         out = HarvestState(
             cfg=out.cfg, layers={layer: _merge_layer(st, nxt.layers[layer]) for layer, st in out.layers.items()},
             token_ids=torch.cat([out.token_ids, nxt.token_ids]), contexts_done=out.contexts_done + nxt.contexts_done,
-            unit_offset=out.unit_offset, n_tokens=out.n_tokens + nxt.n_tokens, model=out.model or nxt.model)
+            unit_offset=out.unit_offset, n_tokens=out.n_tokens + nxt.n_tokens, model=out.model or nxt.model,
+            exhausted=nxt.exhausted)
     first = pairs[0][0].cfg
     out.cfg = replace(first, n_tokens=out.contexts_done * first.context_len)
     return out

@@ -111,12 +111,17 @@ class LayerState:
         return dict(self.__dict__)
 
 
-def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor) -> LayerState:
-    """Empty state calibrated on the first batch's valid activations ``acts`` [N, U]."""
+def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor, like: LayerState | None = None) -> LayerState:
+    """Empty state calibrated on the first batch's valid activations ``acts`` [N, U], or with
+    the calibration of ``like`` (another shard's state of the same pass)."""
     n, U = acts.shape
     dev = acts.device
     W = cfg.before + cfg.after + 1
     nb, m, mr = len(cfg.quantiles) + 1, cfg.per_quantile, cfg.n_random
+    if like is not None:
+        st = _new_state(cfg, acts)
+        st.lo, st.inv, st.q_edges, st.q_table = (t.to(dev).clone() for t in (like.lo, like.inv, like.q_edges, like.q_table))
+        return st
     lo, hi = acts.min(0).values, acts.max(0).values
     inv = cfg.n_bins / (hi - lo).clamp_min(1e-12)
     q_raw = torch.quantile(acts, torch.tensor(cfg.quantiles, device=dev), dim=0).T  # [U, nq]
@@ -270,6 +275,8 @@ class HarvestState:
     n_tokens: int  # valid tokens seen
     model: dict = field(default_factory=dict)
     """The model that made it: ``name``, ``source`` and ``fingerprint`` (``Model.fingerprint``)."""
+    exhausted: bool = False
+    """The corpus ended before the pass had its tokens (a last token shard may be short)."""
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -280,7 +287,8 @@ class HarvestState:
                    for name, t in st.tensors().items()}
         tensors["token_ids"] = self.token_ids.cpu().contiguous()
         meta = {"schema_version": STATE_SCHEMA, "config": self.cfg.to_dict(), "contexts_done": self.contexts_done,
-                "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers), "model": self.model}
+                "unit_offset": self.unit_offset, "n_tokens": self.n_tokens, "layers": sorted(self.layers), "model": self.model,
+                "exhausted": self.exhausted}
         # One file is the checkpoint (its settings and counters ride in its metadata), so one
         # os.replace commits it: a kill leaves the old state or the new, never tensors of one
         # and counters of the other. state.json is a copy for people to read. Fixed temporary
@@ -320,8 +328,11 @@ class HarvestState:
         try:
             with safe_open(str(folder / "state.safetensors"), "pt") as f:
                 meta = json.loads((f.metadata() or {})["state"])
+            if meta.get("schema_version") != STATE_SCHEMA:
+                raise MechscopeError(f"the checkpoint in {folder} was made by another version of mechscope (schema "
+                                     f"{meta.get('schema_version')}, this one reads {STATE_SCHEMA}); run the pass again.")
             tensors = load_file(str(folder / "state.safetensors"), device=str(device))
-            cfg = ExemplarsConfig(**meta["config"]) if meta.get("schema_version") == STATE_SCHEMA else None
+            cfg = ExemplarsConfig(**meta["config"])
             layers = {}
             for layer in meta["layers"]:
                 fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
@@ -331,12 +342,11 @@ class HarvestState:
             if not isinstance(made_by, dict):
                 raise ValueError("model")
             token_ids = tensors["token_ids"].cpu()
+        except MechscopeError:
+            raise
         except Exception as e:  # noqa: BLE001 - any damage reads the same to the user
             raise MechscopeError(f"the checkpoint in {folder} is damaged ({type(e).__name__}); delete the folder to start again.") from None
-        if cfg is None:
-            raise MechscopeError(f"the checkpoint in {folder} was made by another version of mechscope (schema {meta.get('schema_version')}, "
-                                 f"this one reads {STATE_SCHEMA}); run the pass again.")
-        return cls(cfg, layers, token_ids, *counters, model=made_by)
+        return cls(cfg, layers, token_ids, *counters, model=made_by, exhausted=bool(meta.get("exhausted", False)))
 
 
 def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
@@ -355,11 +365,16 @@ def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
 
 def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
                       on_batch: Callable[[int], None] | None = None, progress: ProgressArg = False,
-                      source: UnitSource | None = None, contexts: list[list[int]] | None = None) -> HarvestState:
+                      source: UnitSource | None = None, contexts: list[list[int]] | None = None,
+                      calibration: HarvestState | None = None) -> HarvestState:
     """Run the pass (resuming from ``checkpoint`` when it holds one) and, with ``db``, write every
     unit's record and exemplars. ``on_batch(batches_done)`` runs after each batch (a hook that
     may stop the pass, not progress: ``progress`` is a ``mechscope.progress`` argument).
-    ``contexts`` (token id lists, from the corpus's first context) replaces the corpus (tests)."""
+    ``contexts`` (token id lists, from the corpus's first context) replaces the corpus (tests).
+    ``calibration``: another token shard of the same pass (its checkpoint, ``HarvestState.read``),
+    whose histogram and sample bins this shard takes instead of recomputing them from the
+    pass's first batch: bit-identical bins even where that batch would come out a little
+    differently (another machine, device or maths library)."""
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
     bad = [layer for layer in layers if layer not in source.layers]
@@ -395,7 +410,12 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         acts = {layer: source.acts(layer, got[source.hook(layer)].view(len(ctx), T, -1))[..., a:b].float() for layer in layers}
         return tokens, valid, acts
 
-    if not state.layers and cfg.first_context > 0:
+    if calibration is not None and not state.layers:
+        _check_calibration(calibration, cfg, made_by, layers, a, b, source)
+        cal_layers = calibration.layers
+    else:
+        cal_layers = {}
+    if not state.layers and cfg.first_context > 0 and not cal_layers:
         # A later token shard calibrates on the pass's first batch, as the shard that starts at 0 does.
         head = list(contexts[:cfg.batch_size]) if contexts is not None else \
             [c for _, c in zip(range(cfg.batch_size), _contexts(model, replace(cfg, first_context=0)))]
@@ -413,13 +433,15 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     while True:
         ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
         if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
+            state.exhausted = state.contexts_done + len(ctx) < cfg.n_contexts  # the corpus ran out first
             break
         tokens, valid, acts = batch_acts(ctx)
         first = cfg.first_context + state.contexts_done
         keys = _token_keys(cfg.seed, range(first, first + len(ctx)), T)
         for layer, x in acts.items():  # x [B, T, U]
             if layer not in state.layers:
-                state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)])
+                state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)],
+                                                 cal_layers.get(layer))
             update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg)
         state.token_ids = torch.cat([state.token_ids, tokens.to(torch.int32)])
         state.contexts_done += len(ctx)
@@ -440,6 +462,23 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     if db is not None:
         write_db(model, source, state, db)
     return state
+
+
+def _check_calibration(cal: HarvestState, cfg: ExemplarsConfig, made_by: dict, layers: list[int], a: int, b: int | None,
+                       source: UnitSource) -> None:
+    """One sentence unless ``cal`` is a shard of the same pass (settings, model, layers, units)."""
+    from mechscope.explain.exemplar_shards import FREE_SETTINGS
+
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in FREE_SETTINGS}
+    theirs = {k: v for k, v in cal.cfg.to_dict().items() if k not in FREE_SETTINGS}
+    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        raise MechscopeError(f"--calibration was made with other settings ({', '.join(diff)} differ); give a shard of this pass.")
+    if cal.model.get("fingerprint") and cal.model["fingerprint"] != made_by["fingerprint"]:
+        raise MechscopeError(f"--calibration was made with another model ({cal.model.get('source')}); give a shard of this pass.")
+    n = (b if b is not None else source.n_units(layers[0])) - a
+    if sorted(cal.layers) != sorted(layers) or cal.unit_offset != a or any(st.lo.shape[0] != n for st in cal.layers.values()):
+        raise MechscopeError("--calibration holds other layers or units; give a shard of this pass.")
 
 
 def _model_spec(model: Model) -> str:

@@ -90,16 +90,26 @@ class Model:
         return self.bridge(tokens.to(self.device))
 
     def fingerprint(self) -> str:
-        """A short hash of the model's weights (a few token embeddings, rounded to bfloat16 so a
-        float32 and a bfloat16 load of the same weights agree): tells two models apart that
-        share a folder name, in unit databases and checkpoints."""
+        """A short hash of the model's weights: a few rows of the token embeddings, of the output
+        head and of every weight matrix of the last block (so a fine-tune with frozen embeddings
+        differs from its base), rounded to bfloat16 so a float32 and a bfloat16 load of the same
+        weights agree. Tells two models apart that share a folder name, in unit databases and
+        checkpoints. ``v1:`` names this recipe; a later one must keep reading it."""
         got = self.__dict__.get("_fingerprint")
         if got is None:
             import hashlib
 
-            W = self.bridge.original_model.get_input_embeddings().weight.detach()
-            rows = torch.cat([W[:4], W[-4:]]).to(torch.bfloat16).float().cpu()
-            got = self.__dict__["_fingerprint"] = hashlib.sha1(rows.numpy().tobytes()).hexdigest()[:16]
+            hf = self.bridge.original_model
+            mats = [hf.get_input_embeddings().weight]
+            out = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+            if out is not None and getattr(out, "weight", None) is not None:
+                mats.append(out.weight)
+            last = f".{self.summary.n_layers - 1}."
+            mats += [p for name, p in hf.named_parameters() if last in name and p.dim() == 2]
+            h = hashlib.sha1()
+            for W in mats:
+                h.update(torch.cat([W[:4], W[-4:]]).detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
+            got = self.__dict__["_fingerprint"] = "v1:" + h.hexdigest()[:16]
         return got
 
     def to_tokens(self, text: str) -> list[int]:

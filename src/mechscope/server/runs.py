@@ -198,16 +198,17 @@ def sae_source(doc: dict[str, Any], known: list[str]) -> str:
     """The SAE name a dashboard's feature keys use. ``mechscope exemplars --units sae:DIR`` names
     the SAE by DIR's folder name, DIR being the SAE's folder or the folder holding one SAE per
     layer, so: the dashboard's SAE folder name (``settings.sae_dir``, which ``mechscope sae
-    dashboard`` records) or its parent's, whichever the database knows; for a dashboard that
-    records no folder, the one SAE the database has; else the folder name anyway (no links)."""
+    dashboard`` records) or its parent's, whichever the database knows, else the folder name
+    anyway (no links). A dashboard that records no folder (made before it did) gets no links:
+    the database's SAE at that layer might be another one."""
     folder = str(doc.get("settings", {}).get("sae_dir") or "")
-    if folder:
-        path = Path(folder.rstrip("/"))
-        for name in (path.name, path.parent.name):
-            if name and name in known:
-                return name
-        return path.name
-    return known[0] if len(known) == 1 else ""
+    if not folder:
+        return ""
+    path = Path(folder.rstrip("/"))
+    for name in (path.name, path.parent.name):
+        if name and name in known:
+            return name
+    return path.name
 
 
 def dashboard_nodes(doc: dict[str, Any], source: str) -> list[RunNode]:
