@@ -42,36 +42,35 @@ def handles_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except MechscopeError as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            fail(str(exc))
         except KeyboardInterrupt:
             fail("interrupted.")
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            fail(f"{exc.strerror or exc}: {exc.filename}")
-        except FileExistsError as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            fail(f"cannot make {exc.filename}: something of that name is in the way (a file where a folder goes?); give another path.")
-        except NotADirectoryError as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            fail(f"{exc.filename}: part of this path is a file, not a folder; give another path.")
-        except UnicodeDecodeError as exc:
-            if STATE["debug"]:
-                traceback.print_exc()
-            fail(f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and run again.")
-        except Exception as exc:  # noqa: BLE001 - only safetensors' own error type is turned into a sentence
-            if type(exc).__name__ != "SafetensorError":
+        except Exception as exc:  # noqa: BLE001 - only the errors _sentence knows become a sentence
+            message = _sentence(exc)
+            if message is None:
                 raise
             if STATE["debug"]:
                 traceback.print_exc()
-            fail(f"a .safetensors file is damaged or not a safetensors file ({str(exc).splitlines()[0]}); write it again.")
+            fail(message)
 
     return wrapper
+
+
+def _sentence(exc: Exception) -> str | None:
+    """The one sentence for a user's error (ours, or a predictable OS, encoding or safetensors
+    error), or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, MechscopeError):
+        return str(exc)
+    if isinstance(exc, FileExistsError):
+        return f"cannot make {exc.filename}: something of that name is in the way (a file where a folder goes?); give another path."
+    if isinstance(exc, NotADirectoryError):
+        return f"{exc.filename}: part of this path is a file, not a folder; give another path."
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return f"{exc.strerror or exc}: {exc.filename}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file given is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 and run again."
+    if type(exc).__name__ == "SafetensorError":
+        return f"a .safetensors file is damaged or not a safetensors file ({str(exc).splitlines()[0]}); write it again."
+    return None
 
 
 def fresh_dir(stem: str) -> Path:
