@@ -400,10 +400,12 @@ def test_cli_refusals_are_one_sentence_exit_2(tmp_path):
         for args, words in (([str(tmp_path), "--db", str(good), "--port", str(port)], "already in use"),
                             ([str(tmp_path), "--db", str(bad)], "not a readable SQLite"),
                             ([str(tmp_path / "nope")], "does not exist"),
-                            ([str(tmp_path), "--port", "70000"], "--port must be")):
+                            ([str(tmp_path), "--port", "70000"], "--port must be"),
+                            ([str(tmp_path), "--host", "999.1.1.1"], "not an address of this machine")):
             r = runner.invoke(app, ["serve", *args])
             err = r.stderr if hasattr(r, "stderr") else r.output
             assert r.exit_code == 2, (args, r.output)
             assert words in err and err.count("\n") == 1 and "Traceback" not in err
+            assert "other machines" not in r.output  # the network warning only once the socket listens
     finally:
         busy.close()

@@ -38,10 +38,9 @@ def serve(
         from mechscope.explain.semantic import get_embedder
 
         emb = get_embedder(embedder)
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        console.print(f"[yellow]listening on {host}: other machines on the network can read this database and these runs.[/]")
-
-    def announce(url: str) -> None:
+    def announce(url: str) -> None:  # called once the socket listens, so a bad --host is refused without the warning
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            console.print(f"[yellow]listening on {host}: other machines on the network can read this database and these runs.[/]")
         console.print(f"mechscope serve: {url}  (runs under {root.resolve()}{f', units from {db}' if db else ''}; Ctrl-C stops)",
                       highlight=False, markup=False, soft_wrap=True)
 
