@@ -8,6 +8,9 @@ from typing import Any
 from mechscope.errors import MechscopeError
 from mechscope.features.config import SINK_RATIO
 
+SHARD_FREE = ("first_context", "n_tokens", "checkpoint_every")
+"""Settings that may differ between the token shards of one exemplars pass."""
+
 
 @dataclass
 class ExemplarsConfig:
@@ -93,6 +96,12 @@ class ExemplarsConfig:
     @property
     def n_contexts(self) -> int:
         return self.n_tokens // self.context_len
+
+    def shard_differences(self, other: "ExemplarsConfig") -> list[str]:
+        """The settings in which ``other`` differs from this config, apart from those the token
+        shards of one pass may differ in (``SHARD_FREE``)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if k not in SHARD_FREE and mine[k] != theirs.get(k)]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -26,9 +26,6 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.explain.exemplars import HarvestState, LayerState
 
-FREE_SETTINGS = ("first_context", "n_tokens", "checkpoint_every")
-"""Settings that may differ between the shards of one pass."""
-
 
 def _best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, dim: int, k: int, largest: bool
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,8 +66,7 @@ def _merge_layer(a: LayerState, b: LayerState) -> LayerState:
 
 
 def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -> None:
-    pa, pb = ({k: v for k, v in s.cfg.to_dict().items() if k not in FREE_SETTINGS} for s in (prev, nxt))
-    diff = [k for k in pa if pa[k] != pb.get(k)]
+    diff = prev.cfg.shard_differences(nxt.cfg)
     if diff:
         raise MechscopeError(f"shards {names[0]} and {names[1]} were made with other settings ({', '.join(diff)} differ); "
                              "merge only token shards of one pass (the same options but --token-range).")

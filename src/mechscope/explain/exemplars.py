@@ -467,11 +467,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
 def _check_calibration(cal: HarvestState, cfg: ExemplarsConfig, made_by: dict, layers: list[int], a: int, b: int | None,
                        source: UnitSource) -> None:
     """One sentence unless ``cal`` is a shard of the same pass (settings, model, layers, units)."""
-    from mechscope.explain.exemplar_shards import FREE_SETTINGS
-
-    mine = {k: v for k, v in cfg.to_dict().items() if k not in FREE_SETTINGS}
-    theirs = {k: v for k, v in cal.cfg.to_dict().items() if k not in FREE_SETTINGS}
-    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    diff = cfg.shard_differences(cal.cfg)
     if diff:
         raise MechscopeError(f"--calibration was made with other settings ({', '.join(diff)} differ); give a shard of this pass.")
     if cal.model.get("fingerprint") and cal.model["fingerprint"] != made_by["fingerprint"]:
