@@ -20,7 +20,7 @@ def _train_args(model_dir, corpus, out, tokens=24_576, extra=()):
 
 
 @pytest.mark.slow
-def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, corpus, tmp_path):
+def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, tiny_llama_dir, corpus, tmp_path):
     r = CliRunner().invoke(app, _train_args(tiny_gpt2_dir, corpus, tmp_path / "sae", extra=["--json"]))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
@@ -34,6 +34,11 @@ def test_train_then_eval_writes_an_saelens_folder_and_a_report(tiny_gpt2_dir, co
     assert ev["l0"] <= 8 and 0 <= ev["fvu"] < 0.8 and ev["ce_recovered"] > 0.3
     html = (tmp_path / "sae" / "eval.html").read_text()
     assert "feature density" in html and "<script" not in html
+    # Another model of the same width and hook names is refused by the recorded weights fingerprint.
+    assert cfg["metadata"]["model_fingerprint"].startswith("v1:")
+    r = CliRunner().invoke(app, ["sae", "eval", str(tmp_path / "sae"), "--model", tiny_llama_dir, "--corpus", corpus,
+                                 "--tokens", "2048", "--context-len", "32", "--device", "cpu"])
+    assert r.exit_code == 2 and "weights differ" in r.stderr and "Traceback" not in r.output
 
 
 @pytest.mark.slow

@@ -69,3 +69,18 @@ def test_sae_for_another_model_or_hook_is_refused(tiny_gpt2):
         check_sae_fits(SAE(SAEConfig(d_in=d + 1, d_sae=8, architecture="relu", hook_name=HOOK)), tiny_gpt2)
     with pytest.raises(MechscopeError, match="no hook named"):
         check_sae_fits(SAE(SAEConfig(d_in=d, d_sae=8, architecture="relu", hook_name="blocks.1.hook_resid_prex")), tiny_gpt2)
+
+
+def test_sae_of_other_weights_is_refused_by_its_fingerprint(tiny_gpt2, tmp_path):
+    from mechscope.sae import load_sae, save_sae
+
+    d = tiny_gpt2.summary.d_model
+
+    def sae(meta):
+        return SAE(SAEConfig(d_in=d, d_sae=8, architecture="relu", hook_name=HOOK, model_name="other", metadata=meta))
+
+    check_sae_fits(sae({"model_fingerprint": tiny_gpt2.fingerprint()}), tiny_gpt2)
+    check_sae_fits(sae({}), tiny_gpt2)  # nothing recorded (SAELens's SAEs): width and hook only
+    wrong = save_sae(sae({"model_fingerprint": "v1:0123456789abcdef"}), tmp_path / "wrong")
+    with pytest.raises(MechscopeError, match="weights differ.*v1:0123456789abcdef"):
+        check_sae_fits(load_sae(wrong), tiny_gpt2)

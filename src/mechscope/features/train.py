@@ -235,7 +235,7 @@ class _Run:
         name = model.summary.name
         meta = {"model_path": model_path or name, "context_size": cfg.context_len, "dataset_path": cfg.corpus or "embedded",
                 "transcoder_set_layers": self.layers, "exclude_special": cfg.exclude_special,
-                "sink_ratio": cfg.sink_ratio}
+                "sink_ratio": cfg.sink_ratio, "model_fingerprint": model.fingerprint()}
         self.trainers: list[Trainer] = []
         for layer, src in zip(self.layers, sources):
             hin, hout = layer_hooks(layer)

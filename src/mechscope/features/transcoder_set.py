@@ -46,6 +46,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import ln_normalized, mlp_out, parse_hook
+from mechscope.sae.io import check_same_weights
 from mechscope.sae.model import SAE, SAEConfig
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class TranscoderSet:
                     f"layer {i}'s transcoder maps width {tc.cfg.d_in} -> {tc.cfg.out_dim} but {s.name}'s MLPs "
                     f"read and write width {s.d_model}; use a set trained on this model."
                 )
+            check_same_weights(tc.cfg.metadata.get("model_fingerprint"), model, f"layer {i}'s transcoder", tc.cfg.model_name)
 
     def to(self, device) -> "TranscoderSet":
         self.layers = [tc.to(device) for tc in self.layers]

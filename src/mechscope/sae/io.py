@@ -158,7 +158,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def check_sae_fits(sae: SAE, model: Model) -> None:
-    """Clear error when the SAE's hook is not in the model or has another width."""
+    """Clear error when the SAE's hook is not in the model or has another width, or when the SAE
+    records the weights fingerprint of another model (``metadata.model_fingerprint``, written at
+    training: an SAE of another model of the same width would otherwise be read as this one's)."""
     from mechscope.models.hooks import check_hook_name
 
     cfg = sae.cfg
@@ -172,6 +174,20 @@ def check_sae_fits(sae: SAE, model: Model) -> None:
                 f"the SAE expects width {width} at {hook}, but {model.summary.name} has width {d} there; "
                 "use an SAE trained on this model and hook."
             )
+    check_same_weights(cfg.metadata.get("model_fingerprint"), model, "the SAE", cfg.model_name)
+
+
+def check_same_weights(recorded: object, model: Model, what: str, trained_on: str = "") -> None:
+    """One sentence when ``recorded`` (a ``Model.fingerprint`` saved with a trained artefact) is
+    not ``model``'s. Nothing recorded (SAELens's SAEs, older mechscope ones): nothing to check."""
+    if not isinstance(recorded, str) or not recorded or recorded == model.fingerprint():
+        return
+    on = f" ({trained_on})" if trained_on else ""
+    raise MechscopeError(
+        f"{what} was trained on a model{on} whose weights differ from {model.summary.name}'s (fingerprint {recorded} vs "
+        f"{model.fingerprint()}); pass the model it was trained on with --model, or, to apply it to these weights on "
+        "purpose (e.g. a fine-tune), delete metadata.model_fingerprint from its cfg.json."
+    )
 
 
 def _hook_width(model: Model, hook: str) -> int | None:
