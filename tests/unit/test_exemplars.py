@@ -14,6 +14,7 @@ from mechscope.explain.exemplars import Interrupted, harvest_exemplars, quantile
 from mechscope.explain.types import UnitRef
 from mechscope.explain.units import SaeFeatures, output_logits
 from mechscope.models.hooks import mlp_out, mlp_post
+from mechscope.progress import Recorder
 
 C, T, B = 16, 32, 4
 
@@ -106,7 +107,11 @@ def test_exemplars_windows_splits_and_samples(tiny_gpt2, tmp_path):
     ctxs = _contexts(model, seed=3)
     cfg = _cfg(unit_range=(10, 40), layers=[1])
     db = UnitDB(tmp_path / "u.db", model_id="tiny")
-    state = harvest_exemplars(model, cfg, db=db, contexts=ctxs)
+    rec = Recorder()
+    state = harvest_exemplars(model, cfg, db=db, contexts=ctxs, progress=rec)
+    # The pass and the database write each show a bar that ends at its total (30 units written).
+    assert rec.names == ["exemplars", "database"] and all(p.closed and p.count == p.total for p in rec.phases)
+    assert rec.phases[1].total == 30
     a = _brute(model, ctxs, [mlp_post(1)])[mlp_post(1)]  # [C, T, U]
     st = state.layers[1]
     assert sorted(db.units()) == [UnitRef("mlp", 1, i) for i in range(10, 40)]

@@ -265,7 +265,7 @@ def exemplars_merge(
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         merged.save(out)
-    write_db(m, source, merged, store)
+    write_db(m, source, merged, store, progress=not json)
     n_units = sum(st.top_val.shape[1] for st in merged.layers.values())
     info = {"db": str(db), "shards": len(shards), "layers": sorted(merged.layers), "n_units": n_units, "tokens": merged.n_tokens,
             "contexts": merged.contexts_done, "first_context": merged.cfg.first_context, "model": m.summary.name}

@@ -460,7 +460,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     if checkpoint:
         state.save(checkpoint)
     if db is not None:
-        write_db(model, source, state, db)
+        write_db(model, source, state, db, progress=progress)
     return state
 
 
@@ -626,10 +626,12 @@ def records_of(model, source: UnitSource, state: HarvestState, layer: int, vocab
     return recs
 
 
-def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: int = 512) -> None:
+def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: int = 512,
+             progress: ProgressArg = False) -> None:
     """Every harvested unit's record and exemplars into ``db`` (idempotent: replaces)."""
     vocab = token_strings(model.tokenizer, int(model.summary.d_vocab))
     db.set_model_summary(_summary(model))
+    bar = as_progress(progress).phase("database", total=sum(st.top_val.shape[1] for st in state.layers.values()), unit="unit")
     for layer in sorted(state.layers):
         db.set_unit_count(source.kind, source.source, layer, source.n_units(layer))
         recs = records_of(model, source, state, layer, vocab)
@@ -637,6 +639,8 @@ def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: i
         for i in range(0, len(recs), chunk):
             db.put_units(recs[i:i + chunk])
             db.put_exemplars_many([(r.unit, e) for r, e in zip(recs[i:i + chunk], exs[i:i + chunk])])
+            bar.advance(len(recs[i:i + chunk]))
+    bar.close()
 
 
 def _summary(model: Model) -> dict:
