@@ -247,24 +247,62 @@ def _inactive(g, layer, pos) -> int:
     return next(f for f in range(40) if f not in on)
 
 
-def test_virtual_weights_match_the_direct_path(tiny_llama):
-    """A feature's strongest input is the earlier feature whose decoder row the encoder reads
-    most; the weight equals the dot product computed independently, and outputs mirror inputs."""
-    from mechscope.features.weights import norm_weights, virtual_weights
+@pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")  # the bridge's notice for the frozen scale
+def test_virtual_weights_match_the_direct_path(tiny_model):
+    """Each virtual weight equals the measured direct-path effect: add eps x d_f to the residual
+    stream entering the later block's second norm (its scale frozen) and read the change of
+    feature g's pre-activation, times the scale (the weights are at scale 1). With norm gains far
+    from 1 (a weight that multiplies by the gain fails), on LayerNorm (GPT-2: centring) and
+    RMSNorm (Llama). Outputs mirror inputs."""
+    from mechscope.features.weights import centred_norms, virtual_weights
+    from mechscope.models.hooks import ln_normalized, ln_scale
 
-    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=12)
-    gam = norm_weights(tiny_llama)
-    vw = virtual_weights(tset, 2, 5, top=3, gammas=gam)
-    assert len(vw["inputs"]) == 3 and all(r["layer"] < 2 for r in vw["inputs"])
-    want = max(((li, f, float((tset.layers[li].W_dec[f].detach() * gam[2]) @ tset.layers[2].W_enc[:, 5].detach()))
-                for li in range(2) for f in range(40)), key=lambda t: abs(t[2]))
-    got = vw["inputs"][0]
-    assert (got["layer"], got["feature"]) == want[:2] and abs(got["weight"] - want[2]) < 1e-5
+    m = tiny_model
+    tset = random_transcoders(m, d_sae=40, k=6, seed=12)
+    lns = [getattr(b.ln2, "_original_component", b.ln2) for b in m.bridge.blocks]
+    saved = [ln.weight.detach().clone() for ln in lns]
+    try:
+        with torch.no_grad():
+            for i, ln in enumerate(lns):
+                ln.weight.copy_(torch.rand(ln.weight.shape, generator=torch.Generator().manual_seed(i)) * 2.8 + 0.2)
+        tgt, g = m.summary.n_layers - 1, 5
+        vw = virtual_weights(tset, tgt, g, top=3, centred=centred_norms(m))
+        assert len(vw["inputs"]) == 3 and all(r["layer"] < tgt for r in vw["inputs"])
+        ids, p, eps = torch.tensor([[5, 17, 33, 9, 100, 42]]), 4, 1e-2
+        _, cache = m.bridge.run_with_cache(ids, names_filter=lambda n: n == ln_scale(tgt, 2))
+        scale = cache[ln_scale(tgt, 2)]
+
+        def pre_act(delta: torch.Tensor) -> float:
+            got = {}
+
+            def add(t, hook):
+                t = t.clone()
+                t[0, p] += delta
+                return t
+
+            def grab(t, hook):
+                got["x"] = t.detach()
+
+            m.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{tgt}.hook_resid_mid", add),
+                                                    (ln_scale(tgt, 2), lambda t, hook: scale.to(t.dtype)),
+                                                    (ln_normalized(tgt, 2), grab)])
+            with torch.no_grad():
+                return float(tset.layers[tgt].pre_acts(got["x"][0, p])[g])
+
+        s = float(scale[0, p])
+        for r in vw["inputs"]:
+            d = tset.layers[r["layer"]].W_dec[r["feature"]].detach()
+            measured = (pre_act(eps * d) - pre_act(0 * d)) / eps * s
+            assert abs(measured - r["weight"]) < 1e-3 * max(1.0, abs(r["weight"])), (r, measured)
+    finally:
+        with torch.no_grad():
+            for ln, w in zip(lns, saved):
+                ln.weight.copy_(w)
     src = vw["inputs"][0]
-    back = virtual_weights(tset, src["layer"], src["feature"], top=40 * 3, gammas=gam)["outputs"]
-    assert any(r["layer"] == 2 and r["feature"] == 5 and abs(r["weight"] - src["weight"]) < 1e-5 for r in back)
+    back = virtual_weights(tset, src["layer"], src["feature"], top=40 * 3, centred=centred_norms(m))["outputs"]
+    assert any(r["layer"] == tgt and r["feature"] == g and abs(r["weight"] - src["weight"]) < 1e-5 for r in back)
     with pytest.raises(Exception, match="out of range"):
-        virtual_weights(tset, 3, 0)
+        virtual_weights(tset, m.summary.n_layers, 0)
 
 
 def test_interventions_in_the_replacement_model(tiny_model):

@@ -359,9 +359,9 @@ def transcoders_weights(
     json: bool = JsonOpt,
 ) -> None:
     """Global virtual weights of a feature: its strongest inputs from earlier layers' features and
-    outputs to later ones along the residual stream (second norm's weight included)."""
+    outputs to later ones along the residual stream (through the second norm's centring, at scale 1)."""
     from mechscope.features.transcoder_set import load_transcoders
-    from mechscope.features.weights import norm_weights, virtual_weights
+    from mechscope.features.weights import centred_norms, virtual_weights
 
     layer, f = _layer_feature(feature, "--feature", 2)
     if top < 1:
@@ -369,7 +369,7 @@ def transcoders_weights(
     m = load(model, device)
     tset = load_transcoders(folder, "cpu", m)
     tset.check_fits(m)
-    vw = virtual_weights(tset, layer, f, top, norm_weights(m))
+    vw = virtual_weights(tset, layer, f, top, centred_norms(m))
     if json:
         return emit_json({"layer": layer, "feature": f, **vw})
     for title, rows in (("inputs", vw["inputs"]), ("outputs", vw["outputs"])):
