@@ -171,3 +171,17 @@ def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):
     # An architecture the bridge does not know: one short sentence, not the bridge's list of every architecture.
     r = CliRunner().invoke(app, ["info", "--model", arch_dirs["persimmon"]])
     assert r.exit_code == 2 and "does not support PersimmonForCausalLM" in r.stderr and len(r.stderr) < 400, r.stderr
+
+
+def test_causal_tracing_noise_is_measured_where_it_is_added(arch_dirs):
+    """ROME's noise is 3 x the std of the subject's embeddings as the model adds them: Gemma
+    scales its embedding table by sqrt(d_model) before hook_embed, so the table alone would give
+    noise sqrt(64) = 8x too small."""
+    from mechscope.recall.tracing import embedding_std
+
+    for name, factor in (("gemma", 64 ** 0.5), ("qwen2", 1.0)):
+        m = load_model(arch_dirs[name], device="cpu")
+        subjects = ["The Eiffel Tower", "Mary", "the store"]
+        ids = [i for s in subjects for i in m.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
+        table = float(m.bridge.W_E.detach()[torch.tensor(ids)].float().std())
+        assert embedding_std(m, subjects) == pytest.approx(factor * table, rel=1e-2), name

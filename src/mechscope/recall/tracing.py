@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mechscope.models.hooks import attn_out, mlp_out, resid_post
+from mechscope.models.hooks import EMBED, attn_out, mlp_out, resid_post
 from mechscope.recall.config import RecallConfig, window_layers
 from mechscope.recall.engine import Row, clean_states, run_rows
 
@@ -50,11 +50,22 @@ class Trace:
         return self.restored[kind] - self.corrupt_prob
 
 
+@torch.no_grad()
 def embedding_std(model: Model, subjects: list[str]) -> float:
-    """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME."""
-    W_E = model.bridge.W_E.detach()
+    """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME, read
+    where the noise is added (``hook_embed``): models that scale their embeddings (Gemma by
+    sqrt(d_model)) are measured after the scaling, not on the unscaled table."""
     ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
-    return float(W_E[torch.tensor(ids, device=W_E.device)].float().std())
+    seen: list[torch.Tensor] = []
+
+    def grab(x, hook):  # noqa: ANN001
+        seen.append(x.detach().float().reshape(-1, x.shape[-1]))
+
+    n_ctx = int(model.summary.n_ctx or 64)
+    step = max(1, min(64, n_ctx))
+    for a in range(0, len(ids), step):  # short runs: within any model's context
+        model.bridge.run_with_hooks(torch.tensor([ids[a:a + step]], device=model.device), fwd_hooks=[(EMBED, grab)])
+    return float(torch.cat(seen).std())
 
 
 def noise_bank(n: int, n_pos: int, d_model: int, std: float, seed: int) -> torch.Tensor:
