@@ -398,3 +398,16 @@ def test_cli_describe_baseline_then_bad_server_and_bad_units(tmp_path, tiny_llam
         assert r.exit_code == 2 and match in r.output, (args, r.output)
     r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "missing.db")])
     assert r.exit_code == 2 and "run mechscope exemplars" in r.output and not (tmp_path / "missing.db").exists()
+
+
+def test_cli_describe_refuses_a_simulator_whose_position_table_is_too_short(tmp_path, tiny_gpt2_dir):
+    """GPT-2's learned positions end at n_positions (64 here); the simulation prompt is longer:
+    one sentence and exit 2, not an IndexError from the position table."""
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    _db(tmp_path / "u.db").close()
+    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), "--limit", "1", "--layers", "0",
+                                 "--simulator", tiny_gpt2_dir])
+    assert r.exit_code == 2 and "reads at most 64 positions" in r.output and "Traceback" not in r.output, r.output

@@ -297,6 +297,11 @@ class ModelSimulator:
             raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
         self._cache: dict[str, list[int]] = {}
         self._share_head = share_head
+        # Learned position tables (GPT-2's wpe) have no row past their length; rotary models run on.
+        vocab = int(getattr(self.hf.config, "vocab_size", 0) or 0)
+        learned = any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in self.hf.modules())
+        n_pos = getattr(self.hf.config, "n_positions", None) or getattr(self.hf.config, "max_position_embeddings", None)
+        self.max_positions: int | None = int(n_pos) if learned and n_pos else None
         # transformers 5.x renames the forward's past_key_values to cache (the old name goes in 5.40).
         self._cache_arg = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 
@@ -344,6 +349,12 @@ class ModelSimulator:
         once and its key/value cache is shared by every batch of right-padded tails, which
         halves the cost; where the model's cache cannot be shared that way, whole sequences run."""
         torch = self.torch
+        longest = len(head) + max((len(t) for t in tails), default=0)
+        if self.max_positions is not None and longest > self.max_positions:
+            raise MechscopeError(
+                f"the simulator {self.model.name} reads at most {self.max_positions} positions, but a scoring prompt here is "
+                f"{longest} tokens long; pass a simulator with a longer context (--simulator MODEL)."
+            )
         out: list[Any] = []
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         dev = self.model.device
