@@ -4,6 +4,7 @@ its prune/keep tests, the composition test and the typographic attack (plain sel
 ``contrast=True`` and ``baseline="mean"``). Prints one JSON object (also written to ``--out``) with the wall times.
 
     python bench/vision_figures.py [--ks 3,5] [--threads 1] [--out /tmp/vision-figures.json]
+        [--archs cnn,vit] [--cnn-width 32] [--variants plain,contrast,baseline=mean]
 
 Not a speed benchmark: the times say how long the experiments take on the machine it ran on.
 """
@@ -61,6 +62,9 @@ def main() -> None:
     ap.add_argument("--ks", default="3,5")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/vision-figures.json")
+    ap.add_argument("--archs", default="cnn,vit", help="which models to train and measure")
+    ap.add_argument("--cnn-width", type=int, default=TrainConfig.width, help="the CNN's --width (channels of its last two conv layers)")
+    ap.add_argument("--variants", default="plain,contrast,baseline=mean", help="selections to measure at each k")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
@@ -68,13 +72,15 @@ def main() -> None:
                              "torch": torch.__version__, "load_avg_start": os.getloadavg()}, "models": {}}
     data = DataConfig(overlay=(3, 7), mark_class=0)
     with tempfile.TemporaryDirectory() as tmp:
-        for arch, cfg in (("cnn", TrainConfig(arch="cnn", epochs=20, data=data)),
+        for arch, cfg in (("cnn", TrainConfig(arch="cnn", epochs=20, width=args.cnn_width, data=data)),
                           ("vit", TrainConfig(arch="vit", epochs=30, heads=8, data=data))):
+            if arch not in args.archs.split(","):
+                continue
             t0 = time.perf_counter()
             vm = train_model(cfg, out=f"{tmp}/{arch}")
             m = {"train": vm.metrics, "train_wall_s": time.perf_counter() - t0, "sites": {n: s.n_units for n, s in vm.sites.items()}, "k": {}}
             for k in ks:
-                for variant in ("plain", "contrast", "baseline=mean"):
+                for variant in args.variants.split(","):
                     key = f"k={k} {variant}"
                     ccfg = CircuitConfig(k=k, contrast=variant == "contrast", baseline="mean" if variant == "baseline=mean" else "zero")
                     t0 = time.perf_counter()

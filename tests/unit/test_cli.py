@@ -138,11 +138,26 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     """The main job end to end on the hand-built induction model, through the CLI."""
     task = _toy_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
-    r = run("discover", "--task", task, "--model", toy_dir, "--n", "8", "--method", "eap", "--out", str(out), "--json")
+    # The task file named relative to the working folder, as a user types it.
+    r = run("discover", "--task", "pairs.jsonl", "--model", toy_dir, "--n", "8", "--method", "eap", "--out", str(out), "--json",
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["faithfulness_held_out"] > 0.8 and d["edges_kept"] < d["edges_total"] / 4
     assert (out / "circuit.json").is_file() and (out / "report.html").is_file()
+    # ... and evaluated from another folder without --task: the run recorded the file's absolute path.
+    (tmp_path / "elsewhere").mkdir()
+    r = run("evaluate", str(out), "--model", toy_dir, "--json", cwd=tmp_path / "elsewhere")
+    assert r.returncode == 0, r.stderr
+    # A task file with fewer usable pairs than a run needs is refused, whatever --n says.
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join((tmp_path / "pairs.jsonl").read_text().splitlines(keepends=True)[:3]))
+    assert_clear_error(run("discover", "--task", str(short), "--model", toy_dir, "--method", "eap"), "has only 3 usable pairs")
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({**p, "corrupt": p["clean"]}) + "\n"
+                            for p in map(json.loads, (tmp_path / "pairs.jsonl").read_text().splitlines())))
+    assert_clear_error(run("discover", "--task", str(same), "--model", toy_dir, "--method", "eap"),
+                       "corrupt prompts of task 'same' do not change")
     r = run("evaluate", str(out), "--task", task, "--model", toy_dir, "--json")
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)

@@ -161,3 +161,21 @@ def test_nan_concept_images_are_refused(tmp_path):
     a[0, 3, 3] = 0.5
     np.save(tmp_path / "imgs" / "a.npy", a)
     assert read_image_folder(tmp_path / "imgs", 16).shape == (2, 1, 16, 16)
+
+
+def test_options_beyond_what_the_model_or_method_has_are_refused(tiny_gpt2_dir, tiny_llama_dir, tmp_path):
+    """Found by trying commands on other inputs (session 20): each was a traceback, a NaN result
+    or a silent clamp before."""
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    _refused(RUN(app, ["lens", prompt, "--model", tiny_gpt2_dir, "--k", "100000"]), "--k 100000 must be from 1 to 100")
+    _refused(RUN(app, ["lens", prompt, "--model", tiny_gpt2_dir, "--target", " Mary", "--distractor", " Mary"]),
+             "is the target token itself")
+    _refused(RUN(app, ["heads", "--model", tiny_gpt2_dir, "--n", "2", "--seq-len", "1"]), "--seq-len of at least 2")
+    _refused(RUN(app, ["icl", "--task", "antonyms", "--shots", "2", "--n", "4", "--window", "100", "--model", tiny_gpt2_dir,
+                       "--out", str(tmp_path / "icl")]), "--window 100 is wider than the model (2 layers)")
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Hallo", "lang": "de"}) + "\n")
+    _refused(RUN(app, ["confusion", "--prompts", str(f), "--langs", "de", "--last-layers", "31", "--model", tiny_llama_dir,
+                       "--out", str(tmp_path / "conf")]), "--last-layers 31 is more than the model's 3 layers")
+    _refused(RUN(app, ["recall", "The Eiffel Tower is in Paris", "--subject", "in Paris", "--model", tiny_gpt2_dir,
+                       "--out", str(tmp_path / "rec")]), "runs to the prompt's last token")

@@ -149,6 +149,13 @@ def test_bootstrap_interval():
     assert r["ci_low"] < point < r["ci_high"] and r["ci_high"] - r["ci_low"] < 0.5
     small = bootstrap_faithfulness(circ[:8], clean[:8], corrupt[:8])
     assert small["ci_high"] - small["ci_low"] > r["ci_high"] - r["ci_low"]  # fewer pairs, wider
+    assert r["dropped"] == 0.0
+    # Three pairs whose gaps nearly cancel in some resamples: those are dropped (and counted),
+    # not allowed to put the interval's end at thousands.
+    cl, co = torch.tensor([3.0, 2.9, -2.0]), torch.zeros(3)
+    ci = co + 0.9 * (cl - co) + torch.tensor([0.05, -0.05, 0.3])
+    mixed = bootstrap_faithfulness(ci, cl, co)
+    assert 0 < mixed["dropped"] < 1 and -5 < mixed["ci_low"] <= mixed["ci_high"] < 5
 
 
 def test_stability_summary():

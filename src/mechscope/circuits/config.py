@@ -44,6 +44,20 @@ MAX_SEEDS = 50
 """Most draws of pairs ``discover_seeds`` repeats a run over."""
 
 
+def check_pair_count(n: int, held_out: float, what: str = "the task") -> None:
+    """Refuse fewer than ``MIN_PAIRS`` pairs, or a held-out share that leaves fewer than 2 to
+    score: for ``--n`` when the settings are made, and again for the pairs a task file really
+    gives (a short file, or one short after its unusable pairs are dropped)."""
+    if n < MIN_PAIRS:
+        head = f"--n {n} is too small" if what == "--n" else f"{what} has only {n} usable pairs"
+        raise MechscopeError(f"{head}: at least {MIN_PAIRS} pairs are needed (some score, some are held out).")
+    n_test = max(1, int(round(n * held_out)))  # as TaskBatch.split draws it
+    if n - n_test < 2:
+        of = f"--n {n} pairs" if what == "--n" else f"the {n} usable pairs of {what}"
+        raise MechscopeError(f"--held-out {held_out} of {of} leaves {n - n_test} to score the edges; hold out a "
+                             "smaller share or give more pairs.")
+
+
 @dataclass
 class DiscoverConfig:
     """Settings of one circuit-discovery run (also the saved ``settings``)."""
@@ -118,12 +132,7 @@ class DiscoverConfig:
         if not 0.0 < self.held_out < 1.0:
             raise MechscopeError(f"--held-out {self.held_out} is out of range: give the share of pairs held out, "
                                  "between 0 and 1 (e.g. 0.25).")
-        if self.n < MIN_PAIRS:
-            raise MechscopeError(f"--n {self.n} is too small: at least {MIN_PAIRS} pairs are needed (some score, some are held out).")
-        n_test = max(1, int(round(self.n * self.held_out)))  # as TaskBatch.split draws it
-        if self.n - n_test < 2:
-            raise MechscopeError(f"--held-out {self.held_out} of --n {self.n} pairs leaves {self.n - n_test} to score the "
-                                 "edges; hold out a smaller share or give more pairs.")
+        check_pair_count(self.n, self.held_out, "--n")
         if self.qk not in QK_MODES:
             raise MechscopeError(f"Unknown --qk '{self.qk}'; choose exact or linear.")
         if self.random_seeds < 1 or self.curve_random_seeds < 1:

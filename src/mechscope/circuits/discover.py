@@ -24,7 +24,7 @@ import torch
 
 from mechscope.circuits.attribution import edge_score_folds, node_scores
 from mechscope.circuits.config import METHODS as METHODS  # re-exported
-from mechscope.circuits.config import DiscoverConfig
+from mechscope.circuits.config import DiscoverConfig, check_pair_count
 from mechscope.circuits.crossval import (
     PLATEAU,
     choose_size,
@@ -61,6 +61,12 @@ def check_task_performance(model: Model, batch: TaskBatch) -> dict:
     res = evaluate_task(model, batch)
     gap = res["clean_metric"] - res["corrupt_metric"]
     at_chance = res["clean_accuracy"] <= res["chance_accuracy"] + 0.1 if batch.metric_name != "logprob" else False
+    if abs(gap) < 1e-3 and not at_chance:
+        raise MechscopeError(
+            f"the corrupt prompts of task '{batch.task}' do not change {model.summary.name}'s answer (clean-corrupt metric "
+            f"gap {gap:.3g}, clean accuracy {res['clean_accuracy']:.0%}); make each corrupt prompt differ from its clean "
+            "prompt where the answer is decided."
+        )
     if at_chance or abs(gap) < 1e-3:
         raise MechscopeError(
             f"{model.summary.name} performs task '{batch.task}' at chance (clean accuracy "
@@ -115,7 +121,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     """Run one circuit discovery (see module docstring) and return the result. ``progress``
     (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
     random circuits of the same size, the faithfulness curve, attention patterns and head roles."""
-    from mechscope.tasks import get_task
+    from mechscope.tasks import get_task, task_spec
 
     t0 = time.perf_counter()
     graph = build_graph(model)  # the settings were checked when cfg was made (circuits.config)
@@ -123,8 +129,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
-    perf = check_task_performance(model, batch)
     assert cfg.held_out is not None  # resolved by DiscoverConfig.__post_init__
+    check_pair_count(len(batch), cfg.held_out, f"task '{batch.task}'")
+    perf = check_task_performance(model, batch)
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
     p = as_progress(progress)
     say = p.note
@@ -193,6 +200,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "faithfulness": faith,
         "faithfulness_ci": [held["ci_low"], held["ci_high"]],
         "faithfulness_ci_level": held["level"],
+        "faithfulness_ci_dropped": held["dropped"],
         "faithfulness_scoring": in_sample,
         "faithfulness_cv": f_cv,
         "rank": rank,
@@ -214,7 +222,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "scoring_seconds": round(t_score, 2),
     }
     res = CircuitResult(model=model.summary.to_dict(), task=batch.task, method=cfg.method,
-                        settings={**asdict(cfg), "rank": rank}, graph=graph, scores=scores, circuit=circuit,
+                        settings={**asdict(cfg), "task": task_spec(cfg.task), "rank": rank}, graph=graph, scores=scores, circuit=circuit,
                         metrics=metrics, curve=curve, cpr=cpr, cmd=cmd, cv_curve=cv)
     say("attention patterns and head roles")
     from mechscope.circuits.labels import attention_patterns, circuit_heads, label_heads

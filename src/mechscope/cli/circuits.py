@@ -94,6 +94,11 @@ def discover(
     if json:
         return emit_json(summary)
     lo, hi = mt["faithfulness_ci"]
+    if (mt.get("faithfulness_ci_dropped") or 0) > 0.01:
+        hi_note = (f" ({mt['faithfulness_ci_dropped']:.0%} of the bootstrap resamples had almost no clean-corrupt gap and were "
+                   "left out: the held-out pairs are too few or too varied for a reliable interval)")
+    else:
+        hi_note = ""
     cv = f", cross-validated {mt['faithfulness_cv']:.2f}" if mt.get("faithfulness_cv") is not None else ""
     console.print(
         f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "
@@ -101,7 +106,7 @@ def discover(
         f"faithfulness {mt['faithfulness']:.2f} on {mt['n_held_out_pairs']} held-out pairs "
         f"({mt['faithfulness_ci_level']:.0%} interval {lo:.2f}-{hi:.2f}; {mt['faithfulness_scoring']:.2f} on the "
         f"{mt['n_scoring_pairs']} scoring pairs{cv}; random circuits of that size: {mt['random_same_size']:.2f}); "
-        f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.",
+        f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.{hi_note}",
         highlight=False,
     )
     if mt.get("size_rule") == "plateau":

@@ -59,9 +59,12 @@ def lens(
         logit = res.settings["logit_rank_last_position"]
         console.print("target rank at the last position, tuned lens (logit lens): " + ", ".join(
             f"{s} {t} ({g})" for s, t, g in zip(res.sites, rank_last, logit)), highlight=False)
-    console.print(f"{res.prompt!r} -> target {res.target!r} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
+    # Partial UTF-8 byte tokens all decode to U+FFFD: name them by id too, so two of them differ.
+    tgt, dis = (f"{t!r}" + (f" (id {i})" if "\ufffd" in t or res.target == res.distractor else "")
+                for t, i in ((res.target, res.target_id), (res.distractor, res.distractor_id)))
+    console.print(f"{res.prompt!r} -> target {tgt} (final rank {rank_last[-1]}, p = {float(res.prob[-1, -1]):.3f}); "
                   + (f"first top-1 at {first}" if (first := res.first_top1_site()) else "never top-1 at any site"), highlight=False)
     dd = res.dla
-    console.print(f"DLA logit({res.target!r}) - logit({res.distractor!r}) = {dd.actual:.3f}; sum of contributions "
+    console.print(f"DLA logit({tgt}) - logit({dis}) = {dd.actual:.3f}; sum of contributions "
                   f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
     console.print(f"report: {report}", highlight=False)

@@ -125,6 +125,10 @@ def _print_summary(d: dict) -> None:
             console.print(f"knockout ({subset}): mean relative change, upper-half windows: {row}", highlight=False)
         return
     console.print(f"{d['prompt']!r} -> {d['target']!r}, subject {d['subject']!r} at positions {d['subject_positions']}", highlight=False)
+    if 0 in d["subject_positions"] and d.get("attention_knockout"):
+        err_console.print("note: the subject starts at the first token, where the model parks attention (the sink), so the "
+                          "subject knockout also blocks the sink and there is no separate 'first' group; a prompt with a word "
+                          "before the subject separates the two.", highlight=False)
     t = d.get("causal_tracing")
     if t:
         console.print(f"tracing: clean p {t['clean_prob']:.3f}, corrupted p {t['corrupt_prob']:.3f}", highlight=False)

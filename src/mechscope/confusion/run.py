@@ -49,6 +49,8 @@ def _layers(model: Model, cfg: ConfusionConfig) -> list[int]:
         if cfg.layers[-1] >= L:
             raise MechscopeError(f"--layers names layer {cfg.layers[-1]}, but the model has layers 0-{L - 1}.")
         return list(cfg.layers)
+    if cfg.last_layers > L:
+        raise MechscopeError(f"--last-layers {cfg.last_layers} is more than the model's {L} layers; give at most {L} (0: all).")
     return list(range(L - cfg.last_layers, L)) if cfg.last_layers and cfg.last_layers < L else list(range(L))
 
 

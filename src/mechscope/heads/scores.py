@@ -33,7 +33,7 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
     p = len(sequences.prefix_ids(model.tokenizer))
     rep = sequences.repeated_random(model, cfg.n, cfg.seq_len, cfg.seed)  # [n, p + 2L]
     text_len = cfg.text_len if cfg.text_len is not None else min(520, s.n_ctx - p)
-    sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})", "--text-len")
+    sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})", "--text-len", length=text_len)
 
     say("attention patterns on repeated random tokens")
     scores: dict[str, torch.Tensor] = dict(patterns.pattern_scores(model, rep))

@@ -27,13 +27,15 @@ def prefix_ids(tokenizer: Any) -> torch.Tensor:
     return torch.tensor([bos] if bos is not None else [], dtype=torch.long)
 
 
-def check_length(model: Any, total: int, what: str, option: str = "--seq-len") -> None:
+def check_length(model: Any, total: int, what: str, option: str = "--seq-len", length: int | None = None) -> None:
+    """Refuse a sequence beyond the model's context, or one whose ``length`` (the option's
+    value: the repeated span or the text window) is below 2 tokens."""
     n_ctx = model.summary.n_ctx
     if total > n_ctx:
         raise MechscopeError(
             f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller {option}."
         )
-    if total < 3:
+    if total < 3 or (length is not None and length < 2):
         raise MechscopeError(f"{what} would be only {total} tokens; pass a {option} of at least 2.")
 
 
@@ -52,7 +54,7 @@ def repeated_random(model: Any, n: int, length: int, seed: int = 0) -> torch.Ten
     """[n, p + 2 * length] token ids ``prefix + R + R`` (p = 1 with a BOS token, else 0)."""
     tok = model.tokenizer
     prefix = prefix_ids(tok)
-    check_length(model, len(prefix) + 2 * length, f"A repeated sequence (prefix + 2 x {length})")
+    check_length(model, len(prefix) + 2 * length, f"A repeated sequence (prefix + 2 x {length})", length=length)
     vocab = sampling_vocab(tok, model.summary.d_vocab, 2 * length)
     return repeated_tokens_batch(tok, vocab, prefix, n, length, seed, task="heads").clean
 
@@ -84,7 +86,7 @@ def text_windows(model: Any, docs: list[str], n: int, length: int) -> torch.Tens
     documents joined in order."""
     tok = model.tokenizer
     prefix = prefix_ids(tok).tolist()
-    check_length(model, len(prefix) + length, f"A text window (prefix + {length})", "--text-len")
+    check_length(model, len(prefix) + length, f"A text window (prefix + {length})", "--text-len", length=length)
     ids: list[int] = []
     for doc in docs:
         t = tok(doc)["input_ids"]

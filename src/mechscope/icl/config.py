@@ -67,6 +67,9 @@ class FewShotConfig:
             raise MechscopeError("--ambiguous needs --shots 2 or more (ambiguous examples plus one that disambiguates).")
 
     def window_size(self, n_layers: int) -> int:
+        """Layers per knockout window: ``--window``, at most the model's layers (refused above)."""
+        if self.window is not None and self.window > n_layers:
+            raise MechscopeError(f"--window {self.window} is wider than the model ({n_layers} layers); give at most {n_layers}.")
         return self.window or max(1, round(9 * n_layers / 48))
 
     def layers(self, n_layers: int) -> list[int]:

@@ -74,6 +74,7 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     accuracy is not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
     cfg = cfg or FewShotConfig()
     t0 = time.time()
+    cfg.window_size(model.summary.n_layers)  # refuses a window wider than the model before any work
     task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)

@@ -16,10 +16,14 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 
+MAX_K = 100
+"""Top tokens kept per (site, position): each is decoded and written to the report."""
+
+
 def check_k(k: int) -> None:
-    """Refuse a number of top tokens below 1."""
-    if k < 1:
-        raise MechscopeError(f"--k {k} must be at least 1.")
+    """Refuse a number of top tokens below 1 or above ``MAX_K``."""
+    if not 1 <= k <= MAX_K:
+        raise MechscopeError(f"--k {k} must be from 1 to {MAX_K} (the top tokens shown per site and position).")
 
 
 def run_lens(model: Model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5,
@@ -39,6 +43,8 @@ def run_lens(model: Model, prompt: str, target: str | None = None, distractor: s
     tid = single_token(model, target) if target is not None else int(logits.argmax())
     if distractor is not None:
         did = single_token(model, distractor, "distractor")
+        if did == tid:
+            raise MechscopeError(f"--distractor {distractor!r} is the target token itself; give another token to contrast with.")
     else:
         masked = logits.clone()
         masked[tid] = float("-inf")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.models.prompt import encode_prompt, single_token, subject_positions
 from mechscope.recall.config import RecallConfig
 from mechscope.recall.enrichment import subject_enrichment
@@ -36,6 +37,9 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
     cfg = cfg or RecallConfig()
     tokens = encode_prompt(model, prompt)
     spos = subject_positions(model, prompt, subject)
+    if spos[-1] >= tokens.shape[-1] - 1:
+        raise MechscopeError(f"the subject {subject!r} runs to the prompt's last token, where the answer is read; end the prompt "
+                             "with words after the subject (e.g. 'The Eiffel Tower is in the city of').")
     if target is not None:
         tid = single_token(model, target)
     else:

@@ -18,7 +18,7 @@ from mechscope.tasks import docstring, facts, greater_than, induction, ioi, json
 from mechscope.tasks.base import MetricName, Pair, TaskBatch, single_token, tokenize_pairs
 
 __all__ = [
-    "Pair", "Task", "TaskBatch", "TaskInfo", "evaluate_task", "get_task", "list_tasks",
+    "Pair", "Task", "TaskBatch", "TaskInfo", "evaluate_task", "get_task", "list_tasks", "task_spec",
     "single_token", "tokenize_pairs",
 ]
 
@@ -82,6 +82,14 @@ def get_task(name: str) -> Task:
         f"Unknown task '{name}' (built-in: {', '.join(_TASKS)}; or a path to a .jsonl file)."
         + near_matches(name, list(_TASKS))
     )
+
+
+def task_spec(name: str) -> str:
+    """What a saved run records of its ``--task``: a built-in name as it is, a task file by its
+    absolute path (so ``mechscope evaluate RUN`` reopens it from any folder)."""
+    if name not in _TASKS and name.endswith(".jsonl") and Path(name).is_file():
+        return str(Path(name).resolve())
+    return name
 
 
 def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[str, Any]:
