@@ -66,6 +66,10 @@ def main() -> None:
     ap.add_argument("--cnn-width", type=int, default=TrainConfig.width, help="the CNN's --width (channels of its last two conv layers)")
     ap.add_argument("--variants", default="plain,contrast,baseline=mean", help="selections to measure at each k")
     args = ap.parse_args()
+    bad = [a for a in args.archs.split(",") if a not in ("cnn", "vit")] + \
+        [v for v in args.variants.split(",") if v not in ("plain", "contrast", "baseline=mean")]
+    if bad:
+        ap.error(f"unknown --archs or --variants value {bad[0]!r}; archs: cnn, vit; variants: plain, contrast, baseline=mean")
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     res: dict = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),

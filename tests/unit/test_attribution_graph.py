@@ -302,7 +302,7 @@ def test_virtual_weights_match_the_direct_path(tiny_model):
     back = virtual_weights(tset, src["layer"], src["feature"], top=40 * 3, centred=centred_norms(m))["outputs"]
     assert any(r["layer"] == tgt and r["feature"] == g and abs(r["weight"] - src["weight"]) < 1e-5 for r in back)
     with pytest.raises(Exception, match="out of range"):
-        virtual_weights(tset, m.summary.n_layers, 0)
+        virtual_weights(tset, m.summary.n_layers, 0, centred=centred_norms(m))
 
 
 def test_interventions_in_the_replacement_model(tiny_model):

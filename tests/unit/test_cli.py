@@ -157,7 +157,7 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     same.write_text("".join(json.dumps({**p, "corrupt": p["clean"]}) + "\n"
                             for p in map(json.loads, (tmp_path / "pairs.jsonl").read_text().splitlines())))
     assert_clear_error(run("discover", "--task", str(same), "--model", toy_dir, "--method", "eap"),
-                       "corrupt prompts of task 'same' do not change")
+                       "corrupt prompts of task 'same' are the clean prompts themselves")
     r = run("evaluate", str(out), "--task", task, "--model", toy_dir, "--json")
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)

@@ -61,11 +61,11 @@ def check_task_performance(model: Model, batch: TaskBatch) -> dict:
     res = evaluate_task(model, batch)
     gap = res["clean_metric"] - res["corrupt_metric"]
     at_chance = res["clean_accuracy"] <= res["chance_accuracy"] + 0.1 if batch.metric_name != "logprob" else False
-    if abs(gap) < 1e-3 and not at_chance:
+    if abs(gap) < 1e-3 and torch.equal(batch.clean, batch.corrupt):
         raise MechscopeError(
-            f"the corrupt prompts of task '{batch.task}' do not change {model.summary.name}'s answer (clean-corrupt metric "
-            f"gap {gap:.3g}, clean accuracy {res['clean_accuracy']:.0%}); make each corrupt prompt differ from its clean "
-            "prompt where the answer is decided."
+            f"the corrupt prompts of task '{batch.task}' are the clean prompts themselves, so there is nothing to patch "
+            f"(clean-corrupt metric gap {gap:.3g}); make each corrupt prompt differ from its clean prompt where the answer "
+            "is decided."
         )
     if at_chance or abs(gap) < 1e-3:
         raise MechscopeError(

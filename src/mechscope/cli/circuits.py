@@ -95,8 +95,8 @@ def discover(
         return emit_json(summary)
     lo, hi = mt["faithfulness_ci"]
     if (mt.get("faithfulness_ci_dropped") or 0) > 0.01:
-        hi_note = (f" ({mt['faithfulness_ci_dropped']:.0%} of the bootstrap resamples had almost no clean-corrupt gap and were "
-                   "left out: the held-out pairs are too few or too varied for a reliable interval)")
+        hi_note = (f" ({mt['faithfulness_ci_dropped']:.0%} of the bootstrap resamples had a clean-corrupt gap under a tenth of the "
+                   "full sample's, or of the other sign, and were left out: the held-out pairs are too few or too varied for a reliable interval)")
     else:
         hi_note = ""
     cv = f", cross-validated {mt['faithfulness_cv']:.2f}" if mt.get("faithfulness_cv") is not None else ""

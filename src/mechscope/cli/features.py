@@ -369,7 +369,7 @@ def transcoders_weights(
     m = load(model, device)
     tset = load_transcoders(folder, "cpu", m)
     tset.check_fits(m)
-    vw = virtual_weights(tset, layer, f, top, centred_norms(m))
+    vw = virtual_weights(tset, layer, f, top, centred=centred_norms(m))
     if json:
         return emit_json({"layer": layer, "feature": f, **vw})
     for title, rows in (("inputs", vw["inputs"]), ("outputs", vw["outputs"])):

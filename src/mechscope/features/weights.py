@@ -41,13 +41,15 @@ def centred_norms(model: Model) -> list[bool]:
     return out
 
 
-def virtual_weights(tset: TranscoderSet, layer: int, feature: int, top: int = 20,
-                    centred: list[bool] | None = None) -> dict[str, list[dict]]:
+def virtual_weights(tset: TranscoderSet, layer: int, feature: int, top: int = 20, *,
+                    centred: list[bool]) -> dict[str, list[dict]]:
     """The ``top`` strongest direct-path inputs and outputs of one feature (module docstring):
     ``{"inputs": [{layer, feature, weight}], "outputs": [...]}``, strongest |weight| first.
-    ``centred``: per layer, whether its second norm centres (``centred_norms(model)``); without
-    it, no layer does (RMSNorm)."""
+    ``centred``: per layer, whether its second norm centres (``centred_norms(model)``; required,
+    so a LayerNorm model is never read as RMSNorm by omission)."""
     L = tset.n_layers
+    if len(centred) != L:
+        raise MechscopeError(f"centred has {len(centred)} entries but the set has {L} layers; pass centred_norms(model).")
     if not 0 <= layer < L:
         raise MechscopeError(f"layer {layer} is out of range: the set has layers 0-{L - 1}.")
     d_sae = tset.layers[layer].cfg.d_sae
@@ -58,7 +60,7 @@ def virtual_weights(tset: TranscoderSet, layer: int, feature: int, top: int = 20
 
     def read(i: int, v: Tensor) -> Tensor:
         """What layer ``i``'s norm passes on of a residual direction ``v`` [..., d] (at scale 1)."""
-        return v - v.mean(-1, keepdim=True) if centred is not None and centred[i] else v
+        return v - v.mean(-1, keepdim=True) if centred[i] else v
 
     def best(per_layer: list[tuple[int, Tensor]]) -> list[dict]:
         rows = [(float(v), li, int(f)) for li, w in per_layer for v, f in zip(*w.abs().topk(min(top, len(w))))]

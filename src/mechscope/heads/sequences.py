@@ -35,7 +35,7 @@ def check_length(model: Any, total: int, what: str, option: str = "--seq-len", l
         raise MechscopeError(
             f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller {option}."
         )
-    if total < 3 or (length is not None and length < 2):
+    if (length < 2) if length is not None else total < 3:
         raise MechscopeError(f"{what} would be only {total} tokens; pass a {option} of at least 2.")
 
 

@@ -58,13 +58,20 @@ def embedding_std(model: Model, subjects: list[str]) -> float:
     ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
     seen: list[torch.Tensor] = []
 
+    class _Seen(Exception):
+        pass
+
     def grab(x, hook):  # noqa: ANN001
         seen.append(x.detach().float().reshape(-1, x.shape[-1]))
+        raise _Seen  # nothing past the embedding is needed
 
     n_ctx = int(model.summary.n_ctx or 64)
     step = max(1, min(64, n_ctx))
     for a in range(0, len(ids), step):  # short runs: within any model's context
-        model.bridge.run_with_hooks(torch.tensor([ids[a:a + step]], device=model.device), fwd_hooks=[(EMBED, grab)])
+        try:
+            model.bridge.run_with_hooks(torch.tensor([ids[a:a + step]], device=model.device), fwd_hooks=[(EMBED, grab)])
+        except _Seen:
+            pass
     return float(torch.cat(seen).std())
 
 

@@ -185,8 +185,9 @@ def check_same_weights(recorded: object, model: Model, what: str, trained_on: st
     on = f" ({trained_on})" if trained_on else ""
     raise MechscopeError(
         f"{what} was trained on a model{on} whose weights differ from {model.summary.name}'s (fingerprint {recorded} vs "
-        f"{model.fingerprint()}); pass the model it was trained on with --model, or, to apply it to these weights on "
-        "purpose (e.g. a fine-tune), delete metadata.model_fingerprint from its cfg.json."
+        f"{model.fingerprint()}; a float16 load of the same weights differs too, load float32 or bfloat16); pass the "
+        "model it was trained on with --model, or, to apply it to these weights on purpose (e.g. a fine-tune), delete "
+        "metadata.model_fingerprint from its cfg.json."
     )
 
 
