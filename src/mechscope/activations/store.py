@@ -26,7 +26,7 @@ import torch
 from mechscope.activations.config import DTYPE_NAMES, SINK_TOKEN, TOKENS_KEY, StoreConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, needs_split_attention, parse_hook, resid_post
-from mechscope.models.load import plain_attention
+from mechscope.models.load import learned_positions, plain_attention
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -133,13 +133,6 @@ class _Stop(Exception):
     """Raised by the last capturing hook to end the forward pass early."""
 
 
-def _learned_positions(model: Model) -> bool:
-    """Whether the model looks its positions up in a table (GPT-2's ``wpe``): an embedding
-    module whose rows are not the vocabulary's; rotary and other computed positions have none."""
-    vocab = int(model.summary.d_vocab)
-    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in model.bridge.original_model.modules())
-
-
 class Harvester:
     """Runs the model on token contexts and returns the hooked activations as rows."""
 
@@ -148,7 +141,7 @@ class Harvester:
             check_hook_name(model, h)
         n_ctx = int(model.summary.n_ctx)
         # Learned position embeddings (GPT-2) have no row past n_ctx; rotary models run on, as transformers lets them.
-        if n_ctx > 0 and cfg.context_len > n_ctx and _learned_positions(model):
+        if n_ctx > 0 and cfg.context_len > n_ctx and learned_positions(model.bridge.original_model, int(model.summary.d_vocab)):
             raise MechscopeError(f"contexts of {cfg.context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
                                  f"give --context-len {n_ctx} or less.")
         self.model, self.cfg = model, cfg

@@ -297,9 +297,9 @@ class ModelSimulator:
             raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
         self._cache: dict[str, list[int]] = {}
         self._share_head = share_head
-        # Learned position tables (GPT-2's wpe) have no row past their length; rotary models run on.
-        vocab = int(getattr(self.hf.config, "vocab_size", 0) or 0)
-        learned = any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in self.hf.modules())
+        from mechscope.models.load import learned_positions
+
+        learned = learned_positions(self.hf, int(getattr(self.hf.config, "vocab_size", 0) or 0))
         n_pos = getattr(self.hf.config, "n_positions", None) or getattr(self.hf.config, "max_position_embeddings", None)
         self.max_positions: int | None = int(n_pos) if learned and n_pos else None
         # transformers 5.x renames the forward's past_key_values to cache (the old name goes in 5.40).

@@ -33,12 +33,9 @@ if TYPE_CHECKING:
 
 def centred_norms(model: Model) -> list[bool]:
     """Whether each block's second norm centres its input (LayerNorm) or not (RMSNorm)."""
-    out = []
-    for block in model.bridge.blocks:
-        mod = getattr(block.ln2, "_original_component", block.ln2)
-        name = type(mod).__name__
-        out.append(isinstance(mod, torch.nn.LayerNorm) or ("RMS" not in name.upper() and "LayerNorm" in name))
-    return out
+    from mechscope.models.unembed import norm_kind
+
+    return [norm_kind(getattr(b.ln2, "_original_component", b.ln2)) == "layernorm" for b in model.bridge.blocks]
 
 
 def virtual_weights(tset: TranscoderSet, layer: int, feature: int, top: int = 20, *,

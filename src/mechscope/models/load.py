@@ -125,6 +125,13 @@ class Model:
         return [self.tokenizer.decode([i]) for i in ids]
 
 
+def learned_positions(hf_model: torch.nn.Module, vocab: int) -> bool:
+    """Whether a Hugging Face model looks its positions up in a table (GPT-2's ``wpe``): an
+    embedding module whose rows are not the vocabulary's. Such a table has no row past its
+    length; rotary and other computed positions have none and run on."""
+    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in hf_model.modules())
+
+
 @contextlib.contextmanager
 def plain_attention(model: Model):
     """Switch off split q/k/v inputs and per-head results for the ``with`` block, then put

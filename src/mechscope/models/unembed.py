@@ -54,6 +54,16 @@ class FinalNorm:
         return out + self.bias if self.bias is not None else out
 
 
+def norm_kind(mod: torch.nn.Module) -> Literal["layernorm", "rmsnorm"]:
+    """Whether a Hugging Face norm module centres its input (LayerNorm) or not (RMSNorm):
+    ``nn.LayerNorm`` (with or without bias), or a class without "RMS" in its name that has a
+    bias, centres; anything else is read as RMSNorm. The final norm, and the transcoders' view
+    of each block's second norm (``features.weights``), both go by this."""
+    name = type(mod).__name__
+    centres = isinstance(mod, torch.nn.LayerNorm) or ("RMS" not in name.upper() and "bias" in dict(mod.named_parameters()))
+    return "layernorm" if centres else "rmsnorm"
+
+
 def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
     """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms.
     ``ranks_only``: the caller reads only the order of the logits (top tokens), which a
@@ -73,7 +83,7 @@ def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
     w = weight.detach().float()
     if "Gemma" in name:  # Gemma's RMSNorm scales by 1 + weight
         w = 1.0 + w
-    kind: Literal["layernorm", "rmsnorm"] = "rmsnorm" if "RMS" in name.upper() or "bias" not in params else "layernorm"
+    kind = norm_kind(orig)
     bias = params.get("bias")
     return FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps))
 

@@ -23,7 +23,7 @@ import torch
 
 from mechscope.models.hooks import EMBED, attn_out, mlp_out, resid_post
 from mechscope.recall.config import RecallConfig, window_layers
-from mechscope.recall.engine import Row, clean_states, run_rows
+from mechscope.recall.engine import Row, _Stop, clean_states, run_rows
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -58,19 +58,16 @@ def embedding_std(model: Model, subjects: list[str]) -> float:
     ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
     seen: list[torch.Tensor] = []
 
-    class _Seen(Exception):
-        pass
-
     def grab(x, hook):  # noqa: ANN001
         seen.append(x.detach().float().reshape(-1, x.shape[-1]))
-        raise _Seen  # nothing past the embedding is needed
+        raise _Stop  # nothing past the embedding is needed
 
     n_ctx = int(model.summary.n_ctx or 64)
     step = max(1, min(64, n_ctx))
     for a in range(0, len(ids), step):  # short runs: within any model's context
         try:
             model.bridge.run_with_hooks(torch.tensor([ids[a:a + step]], device=model.device), fwd_hooks=[(EMBED, grab)])
-        except _Seen:
+        except _Stop:
             pass
     return float(torch.cat(seen).std())
 
