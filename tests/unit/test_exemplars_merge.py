@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.exemplar_merge import INF, _Batch, merge_samples
-from mechscope.explain.exemplars import _best_first, _new_state, update
+from mechscope.explain.exemplar_merge import INF, Scratch, _Batch, merge_samples, merge_shared_samples
+from mechscope.explain.exemplars import _best_first, _new_state, _outside, update
 
 
 def _old_merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
@@ -167,3 +167,100 @@ def test_update_equals_a_full_stable_sort(seed):
                 got_q = state.q_row[u, gi].tolist()
                 assert got_q[:len(q[gi])] == q[gi].tolist() and all(v == -1 for v in got_q[len(q[gi]):]), (step, u, gi)
             assert state.r_row[u, 0].tolist() == r.tolist(), (step, u)
+
+
+@pytest.mark.parametrize("case", ["both", "lo", "hi", "crossed", "zero", "tiny", "odd"])
+def test_outside_finds_exactly_the_entries_beyond_the_bounds(case):
+    """The clamp-and-subtract search against plain compares: bounds on one side or both, crossed
+    bounds (a lower bound above the upper one), bounds at 0 (with -0.0 and 0.0 entries), bounds
+    near the smallest normal float, an odd number of entries (the 64-bit words' last one is half)."""
+    g = torch.Generator().manual_seed(len(case))
+    N, U = (7, 5) if case == "odd" else (64, 12)
+    x = (torch.randn(N, U, generator=g) * 2).round() / 4  # ties with the bounds
+    x[0, :3] = torch.tensor([-0.0, 0.0, 1e-35])
+    lo, hi = torch.quantile(x, 0.2, dim=0), torch.quantile(x, 0.8, dim=0)
+    if case == "lo":
+        hi = None
+    elif case == "hi":
+        lo = None
+    elif case == "crossed":
+        lo, hi = hi, lo
+        lo[0] = hi[0] + 1.0
+    elif case == "zero":
+        lo, hi = torch.zeros(U), torch.zeros(U)
+    elif case == "tiny":
+        lo, hi = torch.full((U,), -3e-35), torch.full((U,), 2e-35)
+        x[1, :4] = torch.tensor([2.5e-35, -3.5e-35, 2e-35, 1e-36])
+    n, u = _outside(x, lo, hi, torch.empty_like(x) if case != "odd" else None)
+    want = torch.zeros_like(x, dtype=torch.bool)
+    if lo is not None:
+        want |= x < lo
+    if hi is not None:
+        want |= x > hi
+    got = torch.zeros_like(want)
+    got[n, u] = True
+    # A superset is allowed (more candidates do no harm) but these bounds leave none extra except
+    # -0.0 against a bound of 0.0 (it clamps to +0.0); every true candidate must be there.
+    assert bool((got >= want).all())
+    extra = got & ~want
+    assert bool((x[extra] == 0).all()), x[extra]
+    assert torch.equal(n * U + u, (n * U + u).sort().values)  # row-major order
+
+
+def test_shared_sample_merge_equals_per_unit_merges():
+    """The uniform samples merged once for every unit hold, slot for slot, what U separate merges
+    hold (keys with ties, empty and full lists); lists that differ between units are refused."""
+    cfg = ExemplarsConfig(context_len=16, batch_size=2, k=4, k_bottom=2, n_tokens=64, before=3, after=2, checkpoint_every=0)
+    g = torch.Generator().manual_seed(5)
+    U, B, T, m = 6, 2, 16, 5
+    W = cfg.before + cfg.after + 1
+    shared, each = _state(U, 1, m, W), _state(U, 1, m, W)
+    for step in range(7):
+        acts = torch.randn(B, T, U, generator=g)
+        valid = torch.rand(B, T, generator=g) > 0.2
+        valid[:, 0] = False
+        rows = valid.reshape(-1).nonzero()[:, 0]
+        batch = _Batch(acts, rows, step * B * T, cfg)
+        x = batch.flat.index_select(0, rows)
+        tok_key = (torch.rand(rows.shape[0], generator=g) * (4 if step % 2 else 64)).floor() / 64
+        assert merge_shared_samples(*shared, tok_key, x, batch)
+        n_i, u_i = torch.ones(x.shape, dtype=torch.bool).nonzero().unbind(1)  # every token a candidate
+        merge_samples(*each, tok_key, x, batch, (n_i, u_i, torch.zeros_like(u_i)))
+        for a, b in zip(shared, each):
+            assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)), step
+    shared[0][2, 0, 0] = 0.5  # one unit's list differs: refused, nothing changed
+    before = [t.clone() for t in shared]
+    assert not merge_shared_samples(*shared, torch.rand(rows.shape[0], generator=g), x, batch)
+    for a, b in zip(shared, before):
+        assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0))
+
+
+def test_update_same_with_rows_past_2_31_and_reused_buffers():
+    """``update`` keys old and new entries by their global row while rows fit in 31 bits and by
+    their rank otherwise: a pass placed 2^31 rows further on keeps the same entries (rows shifted).
+    One ``Scratch`` reused across layers of other widths and batch sizes changes nothing."""
+    U, B, T = 7, 3, 16
+    cfg = ExemplarsConfig(context_len=T, batch_size=B, k=4, k_bottom=3, per_quantile=2, n_random=3, n_bins=8,
+                          n_tokens=6 * B * T, before=3, after=2, checkpoint_every=0)
+    g = torch.Generator().manual_seed(11)
+    near, far, fresh = None, None, None
+    scratch = Scratch()
+    for step in range(6):
+        acts = (torch.randn(B, T, U, generator=g) * 2).round() / 4
+        valid = torch.rand(B, T, generator=g) > 0.1
+        valid[:, 0] = False
+        keys = (torch.rand(B * T, generator=g), torch.rand(B * T, generator=g))
+        if near is None:
+            near, far, fresh = (_new_state(cfg, acts.reshape(-1, U)[valid.reshape(-1)]) for _ in range(3))
+        update(near, acts, valid, step * B * T, keys, cfg, scratch)
+        update(far, acts, valid, 2**31 + step * B * T, keys, cfg)
+        update(fresh, acts, valid, step * B * T, keys, cfg)
+        other = torch.randn(2 * B, T, U + 5, generator=g)  # another layer through the same buffers
+        ov = torch.ones(2 * B, T, dtype=torch.bool)
+        update(_new_state(cfg, other.reshape(-1, U + 5)), other, ov, 0, (torch.rand(2 * B * T), torch.rand(2 * B * T)), cfg, scratch)
+    for name, a in near.tensors().items():
+        b, c = far.tensors()[name], fresh.tensors()[name]
+        if name.endswith("_row"):
+            b = torch.where(b >= 0, b - 2**31, b)
+        assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)), name
+        assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(c, nan=-7.0)), name

@@ -16,6 +16,9 @@ that beat their list's current last entry; the caller may pass a superset) are m
 per list into a small padded matrix. While the lists fill (the first batch), the candidates are
 bounded by what can enter at all: the batch's k best values of a unit (ties included), the first
 m tokens of a bin in key order. Old entries are never re-sorted unless a list takes a token.
+Windows are read from one unit-major copy of the batch (``_Batch``), large temporaries reuse
+buffers (``Scratch``). Measured on 6 layers of the embedded model, batches 4-11 of 8 x 128
+tokens, 1 thread (2026-12-05): 35.7 ms a layer before these three and the clamp search, 29 ms after.
 """
 
 from __future__ import annotations
@@ -32,28 +35,65 @@ LOW31 = (1 << 31) - 1
 LOW32 = (1 << 32) - 1
 
 
+class Scratch:
+    """Buffers that the pass's large per-layer temporaries reuse, batch after batch.
+
+    A fresh tensor of a few MB is new memory from the system, and its first write faults in
+    every page; measured on the 2-core box (2026-12-05), that made one elementwise pass over a
+    [1016, 1536] batch cost 3-4 ms instead of 0.4-0.7 ms. Reusing buffers keeps those pages."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised contiguous tensor of ``shape`` that the next ``get(name, ...)`` reuses."""
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 class _Batch:
     """One batch's activations of one layer and the maps between valid rows and windows."""
 
-    def __init__(self, acts: torch.Tensor, rows: torch.Tensor, first_row: int, cfg: ExemplarsConfig):
+    def __init__(self, acts: torch.Tensor, rows: torch.Tensor, first_row: int, cfg: ExemplarsConfig,
+                 scratch: Scratch | None = None):
         B, T, U = acts.shape
         self.flat = acts.reshape(B * T, U)  # [B*T, U]
         self.rows = rows  # [N] local row ids (b * T + p) of the valid tokens
-        self.first_row, self.T, self.cfg = first_row, T, cfg
-        self.offsets = torch.arange(-cfg.before, cfg.after + 1, device=acts.device)  # [W]
-        self._flat1d: torch.Tensor | None = None  # flat as one contiguous row (made once, for take)
+        self.first_row, self.B, self.T, self.cfg = first_row, B, T, cfg
+        self.scratch = scratch if scratch is not None else Scratch()
+        self._padded: torch.Tensor | None = None  # [U, B, before + T + after], made once, on first use
 
     def windows(self, local_rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]."""
-        p = local_rows % self.T
-        pos = p[:, None] + self.offsets  # [n, W]
-        ok = (pos >= 0) & (pos < self.T)
-        U = self.flat.shape[1]
-        flat_idx = ((local_rows - p)[:, None] + pos.clamp(0, self.T - 1)) * U + units[:, None]
-        if self._flat1d is None:
-            self._flat1d = self.flat.contiguous().view(-1)  # a copy only for a unit range (a strided slice)
-        vals = self._flat1d.take(flat_idx)
-        return torch.where(ok, vals, math.nan)
+        """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]
+        (NaN outside the context).
+
+        Read from one unit-major copy of the batch padded with NaN on both sides of every context,
+        so each window is one contiguous run (a gather from the token-major activations touches a
+        cache line per window token; the copy costs about what 2,000 such windows do)."""
+        # Padded position p + j holds the token at p + j - before: the window's first token at j = 0.
+        return self._padded_windows()[units, local_rows // self.T, local_rows % self.T]
+
+    def windows_all(self, local_rows: torch.Tensor) -> torch.Tensor:
+        """Every unit's activations over the windows around ``local_rows`` [n] -> [U, n, W]."""
+        return self._padded_windows()[:, local_rows // self.T, local_rows % self.T]
+
+    def _padded_windows(self) -> torch.Tensor:
+        """[U, B, T, W] view: the window around every token of every unit."""
+        cfg = self.cfg
+        if self._padded is None:
+            U = self.flat.shape[1]
+            dt, dev = self.flat.dtype, self.flat.device
+            pad = self.scratch.get("padded", (U, self.B, cfg.before + self.T + cfg.after), dt, dev)
+            pad[:, :, :cfg.before] = math.nan
+            pad[:, :, cfg.before + self.T:] = math.nan
+            flat_t = self.scratch.get("flat_t", (U, self.B * self.T), dt, dev)
+            flat_t.copy_(self.flat.T)  # one transposing copy, then a contiguous one
+            pad[:, :, cfg.before:cfg.before + self.T] = flat_t.view(U, self.B, self.T)
+            self._padded = pad
+        return self._padded.unfold(2, cfg.before + cfg.after + 1, 1)
 
 
 def ordered_bits(v: torch.Tensor) -> torch.Tensor:
@@ -107,13 +147,21 @@ def merge_best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch
         return
     units, inverse, col, (n_i, u_i) = _grouped(u_i, n_i, u_i)
     hi = ordered_bits(x[n_i, u_i])
-    new = _padded(units.shape[0], inverse, col, ((LOW32 - hi if largest else hi) << 31) | (n_i + k))
-    # Old entries: tie-break by their row's rank among the unit's slots (empty slots, row -1, first).
     old_row = row[:, units].T  # [A, k]
-    rank = torch.empty_like(old_row).scatter_(1, torch.argsort(old_row, dim=1, stable=True),
-                                              torch.arange(k, device=dev).expand_as(old_row))
     hi_old = ordered_bits(val[:, units].T)
-    old = ((LOW32 - hi_old if largest else hi_old) << 31) | rank  # [A, k]
+    if batch.first_row + batch.flat.shape[0] + k < LOW31:
+        # Tie-break by global row (+ 1), so old and new entries compare by their rows directly: every
+        # old row is earlier than the batch's; empty slots (value -inf or +inf, which no candidate
+        # has) by slot number.
+        slots = torch.arange(k, device=dev).expand_as(old_row)
+        old_tie = torch.where(old_row >= 0, old_row + 1, slots)
+        new_tie = batch.rows[n_i] + (batch.first_row + 1)
+    else:  # rows past 2^31: the old entries' rank by row (empty slots, row -1, first), new after them
+        old_tie = torch.empty_like(old_row).scatter_(1, torch.argsort(old_row, dim=1, stable=True),
+                                                     torch.arange(k, device=dev).expand_as(old_row))
+        new_tie = n_i + k
+    new = _padded(units.shape[0], inverse, col, ((LOW32 - hi if largest else hi) << 31) | new_tie)
+    old = ((LOW32 - hi_old if largest else hi_old) << 31) | old_tie  # [A, k]
     sel_key, sel = torch.cat([old, new], 1).topk(k, dim=1, largest=False)  # [A, k], best first
     kept = torch.zeros(units.shape[0], k + 1, dtype=torch.bool, device=dev)
     kept.scatter_(1, sel.clamp(max=k), True)
@@ -122,11 +170,12 @@ def merge_best(val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, x: torch
     if entering.shape[0] == 0:
         return
     u, slot = units[evicted[:, 0]], evicted[:, 1]
-    n = (sel_key[entering[:, 0], entering[:, 1]] & LOW31) - k
-    local = batch.rows[n]
-    val[slot, u] = x[n, u]
+    tie = sel_key[entering[:, 0], entering[:, 1]] & LOW31
+    local = tie - (batch.first_row + 1) if batch.first_row + batch.flat.shape[0] + k < LOW31 else batch.rows[tie - k]
+    val[slot, u] = batch.flat[local, u]
     row[slot, u] = local + batch.first_row
-    win[slot, u] = batch.windows(local, u)
+    W = win.shape[-1]
+    win.view(-1, W).index_copy_(0, slot * win.shape[1] + u, batch.windows(local, u))  # win[slot, u] = ...
 
 
 def merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, tok_key: torch.Tensor,
@@ -168,8 +217,56 @@ def merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: 
         new_row[a, r] = local + batch.first_row
     # Windows (the bulk of the state) move only where a position's entry changed.
     a2, r2 = (is_new | (o != slots) | ~filled).nonzero().unbind(1)
-    w = torch.where(filled[a2, r2, None], k_win[lists[a2], o[a2, r2]], math.nan)  # [c, W] read before writing
+    W = win.shape[-1]
+    flat_win = k_win.view(-1, W)  # [U * G * m, W]
+    w = flat_win.index_select(0, lists[a2] * m + o[a2, r2])  # [c, W], read before writing
+    if not bool(filled.all()):
+        w[~filled[a2, r2]] = math.nan
     if nz.shape[0]:
         w[is_new[a2, r2]] = batch.windows(local, u)  # both in (a, r) order
     k_key[lists], k_val[lists], k_row[lists] = new_key, new_val, new_row
-    k_win[lists[a2], r2] = w
+    flat_win.index_copy_(0, lists[a2] * m + r2, w)
+
+
+def merge_shared_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor, tok_key: torch.Tensor,
+                         x: torch.Tensor, batch: _Batch) -> bool:
+    """``merge_samples`` for lists ``key`` [U, 1, m] that every unit holds alike (the uniform samples:
+    one key per token, the same candidate tokens for every unit), done once and copied to every
+    unit: the same entries in the same slots as U separate merges. Returns False, changing
+    nothing, where the units' lists differ (the caller then merges them one by one)."""
+    U, G, m = key.shape
+    if m == 0 or G != 1 or U == 0:
+        return True
+    k0, r0 = key[0, 0], row[0, 0]
+    if not (bool((key[:, 0] == k0).all()) and bool((row[:, 0] == r0).all())):
+        return False
+    dev = x.device
+    sk, order = torch.sort(tok_key, stable=True)
+    c = min(int(torch.searchsorted(sk, k0[-1:]).item()), m)  # tokens below the m-th key, in (key, token) order
+    if c == 0:
+        return True
+    n_c = order[:c]
+    slots = torch.arange(m, device=dev)
+    new = (tok_key[n_c].view(torch.int32).long() << 32) | (n_c + m)
+    old = torch.where(k0.isfinite(), (k0.view(torch.int32).long() << 32) | slots, MAX)
+    codes = torch.cat([old, new]).topk(m, largest=False).values  # [m] ascending
+    filled = codes != MAX
+    idx = codes & LOW32
+    is_new = filled & (idx >= m)
+    o = torch.where(filled & ~is_new, idx, 0)
+    key[:, 0] = torch.where(filled, (codes >> 32).int().view(torch.float32), INF)
+    changed = (is_new | (o != slots) | ~filled).nonzero()[:, 0]  # positions whose entry changes
+    r_new = is_new.nonzero()[:, 0]
+    n = idx[r_new] - m
+    local = batch.rows[n]
+    vals = val[:, 0].gather(1, o.expand(U, m))  # [U, m]
+    vals[:, ~filled] = math.nan
+    vals[:, r_new] = x[n].T
+    rows = torch.where(filled, r0.gather(0, o), -1)
+    rows[r_new] = local + batch.first_row
+    w = win[:, 0, o[changed]]  # [U, c, W], read before writing
+    w[:, ~filled[changed]] = math.nan
+    w[:, is_new[changed]] = batch.windows_all(local)
+    val[:, 0], win[:, 0, changed] = vals, w
+    row[:, 0] = rows
+    return True

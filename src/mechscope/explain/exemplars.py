@@ -28,10 +28,13 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    the kept entry, then the earlier token.
 
    Merging (``exemplar_merge.py``): only candidates are merged, the tokens that beat their
-   list's current last entry (a unit's k-th value, a bin's m-th key); one pass over the batch
-   finds them (value compares, and the key against a per-(unit, histogram bin) table of m-th
-   keys), and after the first batches they are a small fraction of the tokens. Each list's old entries and candidates are ordered by one int64 (the
-   value's or key's order-preserving bits, then the tie-break), so the merge is exact.
+   list's current last entry (a unit's k-th value, a bin's m-th key), and after the first
+   batches they are a small fraction of the tokens. By value, one clamp of the batch to each
+   unit's bounds finds them (``_outside``); by key, no pass at all: the keys are the same for
+   every unit, so a unit's candidates are the first tokens in key order (``_key_prefix``), and
+   the uniform samples, the same tokens for every unit, are merged once for all units. Each
+   list's old entries and candidates are ordered by one int64 (the value's or key's
+   order-preserving bits, then the tie-break), so the merge is exact.
 5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
 6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
    where the rank falls inside the top-k or bottom-k lists, else linear inside the histogram
@@ -71,7 +74,7 @@ from mechscope.activations.config import StoreConfig
 from mechscope.activations.store import Harvester, context_sinks, pack_contexts, sink_hooks, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.exemplar_merge import INF, _Batch, merge_best, merge_samples
+from mechscope.explain.exemplar_merge import INF, Scratch, _Batch, merge_best, merge_samples, merge_shared_samples
 from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
 from mechscope.progress import ProgressArg, as_progress
@@ -80,6 +83,7 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 STATE_SCHEMA = 2
+TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -160,29 +164,36 @@ def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row: int,
-           keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig) -> None:
+           keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig, scratch: Scratch | None = None) -> None:
     """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``.
 
     Only candidates are merged: tokens above a unit's k-th top value or below its k-th bottom
     value, and tokens whose key is below their sample list's m-th key (looked up per (unit,
     histogram bin)), found in one pass and one ``nonzero`` (each merge keeps its exact ones). The
     uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
-    all units); while lists fill, the batch's k best values and each bin's first m keys bound them."""
+    all units); while lists fill, the batch's k best values and each bin's first m keys bound them.
+    ``scratch``: buffers to reuse across calls (``exemplar_merge.Scratch``; the pass keeps one)."""
     B, T, U = acts.shape
+    scratch = scratch if scratch is not None else Scratch()
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
-    batch = _Batch(acts, rows, first_row, cfg)
-    x = batch.flat.index_select(0, rows)  # [N, U]
-    dev = x.device
-    state.positive += (x > 0).sum(0, dtype=torch.int32)
+    batch = _Batch(acts, rows, first_row, cfg, scratch)
+    N, dev = rows.shape[0], acts.device
+    x = torch.index_select(batch.flat, 0, rows, out=scratch.get("x", (N, U), batch.flat.dtype, dev))  # [N, U]
+    work = scratch.get("work", (N, U), x.dtype, dev)
+    # Tokens > 0: clamping to [0, the smallest normal float] and rounding up gives exactly 1.0 for
+    # x > 0 and 0.0 otherwise (two float passes and a matrix-vector sum; a bool compare and its
+    # column sum cost 4x as much on a CPU).
+    pos = torch.clamp(x, 0.0, TINY, out=work).ceil_()
+    ones = x.new_ones(1, N, dtype=torch.float32 if N < 2**24 else torch.float64)  # exact counts
+    state.positive += (ones @ pos.to(ones.dtype))[0].long()
     nb = cfg.n_bins
     # Histogram bin of every token, 0 (below lo) .. nb + 1 (above hi), offset by unit: (x - lo) * inv + 1.
-    h = torch.addcmul(1 - state.lo * state.inv, x, state.inv).floor_().clamp_(0, nb + 1)  # [N, U]
+    h = torch.addcmul(1 - state.lo * state.inv, x, state.inv, out=work).floor_().clamp_(0, nb + 1)  # [N, U]
     offset = torch.arange(U, device=dev) * (nb + 2)
-    if U * (nb + 2) < 2**24:  # exact in float32: add the unit offset before the one conversion
-        idx = h.add_(offset.float()).long()
+    if U * (nb + 2) < 2**24:  # exact in float32: add the unit offset before the one conversion (int32 bins count faster)
+        idx = scratch.get("bins", (N, U), torch.int32, dev).copy_(h.add_(offset.float()))
     else:
         idx = h.long().add_(offset)
-    del h
     state.hist += torch.bincount(idx.view(-1), minlength=U * (nb + 2)).view(U, nb + 2)
     k1, k2 = (k.to(dev)[rows] for k in keys)
     G = state.q_key.shape[1]
@@ -194,29 +205,29 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     dense_q = cfg.per_quantile > 0 and bool(tau_q.isinf().float().mean() > 0.25)
     sparse_q = cfg.per_quantile > 0 and not dense_q
     if not dense_best or sparse_q:
-        # One pass finds a superset of the candidates: above the unit's k-th top value, below its
-        # k-th bottom value (exact compares: on heavy-tailed units most tokens share a histogram
-        # bin), or a key below the m-th key of the token's (unit, bin) sample list.
+        # A superset of the candidates: above the unit's k-th top value, below its k-th bottom value
+        # (exact compares: on heavy-tailed units most tokens share a histogram bin), or a key below
+        # the m-th key of the token's (unit, bin) sample list.
         # The sample lists: below the top quantile bin one key bound per unit (the bins' largest
         # m-th key; those bins are common, so their bounds are small); the top bin is rare, so its
         # tokens are all candidates, found by value: above its edge less one histogram bin (a
         # superset whatever the rounding of the bin index), which also covers the top-k compare
         # wherever the edge is below the k-th value. Exact selection follows per candidate.
-        mask = torch.zeros_like(x, dtype=torch.bool)
         val_thr = thr_top if not dense_best else None
+        bot = thr_bot if not dense_best else None
+        key_bound = None
         if sparse_q:
-            if G == 1:
-                mask = k1[:, None] < tau_q[:, 0]
-            else:
-                mask = k1[:, None] < tau_q[:, :-1].max(1).values
+            key_bound = tau_q[:, 0] if G == 1 else tau_q[:, :-1].max(1).values  # [U]
+            if G > 1:
                 edge = state.q_edges[:, -1] - 1.0 / state.inv  # [U]
                 val_thr = edge if val_thr is None else torch.minimum(val_thr, edge)
-        if val_thr is not None:
-            mask |= x > val_thr
-        if not dense_best and thr_bot is not None:
-            mask |= x < thr_bot
-        nz = mask.nonzero()
-        n_i, u_i = nz[:, 0], nz[:, 1]
+        n_i, u_i = _outside(x, bot, val_thr, work)
+        if key_bound is not None:
+            # By key: the keys are the same for every unit, so unit u's candidates are the first
+            # tokens in key order, those below its bound (a few per unit), found without a pass.
+            n_k, u_k = _key_prefix(k1, key_bound)
+            keep = k1[n_i] >= key_bound[u_i]  # the value candidates not found by key
+            n_i, u_i = torch.cat([n_i[keep], n_k]), torch.cat([u_i[keep], u_k])
     if dense_best:
         merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, None)
         merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, None)
@@ -230,7 +241,7 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     if dense_q:
         # Lists filling: in each (unit, bin) only the bin's first m tokens in (key, token) order can enter.
         _, by_key = torch.sort(k1, stable=True)
-        gs = state.q_table.take(idx.index_select(0, by_key))  # [N, U] bins, tokens in key order
+        gs = state.q_table.take(idx.index_select(0, by_key).long())  # [N, U] bins, tokens in key order
         first = torch.zeros_like(gs, dtype=torch.bool)
         for g in range(G):
             in_g = gs == g
@@ -240,20 +251,65 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
         sel = k1[n_q] < tau_q[u_q, g_q]
         merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_q[sel], u_q[sel], g_q[sel]))
     elif cfg.per_quantile:
-        g_i = state.q_table.take(idx[n_i, u_i])
+        g_i = state.q_table.take(idx[n_i, u_i].long())
         sel = k1[n_i] < tau_q[u_i, g_i]
         merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_i[sel], u_i[sel], g_i[sel]))
     if cfg.n_random:
         # Uniform samples: the keys are the same for every unit, so unit u's candidates are the
         # first tokens in (key, token) order, those below its m-th key, and at most m of them.
-        sk, order = torch.sort(k2, stable=True)
-        count = torch.searchsorted(sk, state.r_key[:, 0, -1].contiguous()).clamp_(max=cfg.n_random)  # [U]
-        n_cand = int(count.sum())
-        if n_cand:
-            u_r = torch.repeat_interleave(torch.arange(U, device=dev), count)
-            j = torch.arange(n_cand, device=dev) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-            merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch,
-                          (order[j], u_r, torch.zeros_like(u_r)))
+        # Every unit holds the same tokens (one key per token), so the merge is done once where it can.
+        if merge_shared_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch):
+            return
+        n_r, u_r = _key_prefix(k2, state.r_key[:, 0, -1].contiguous(), cfg.n_random)
+        if n_r.numel():
+            merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch, (n_r, u_r, torch.zeros_like(u_r)))
+
+
+def _outside(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None, work: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, unit) pairs [C] of ``x`` [N, U] below ``lo`` [U] or above ``hi`` [U] (None: no bound),
+    in row-major order, or a superset of them (more do no harm). ``work``: a buffer like ``x`` to use.
+
+    Clamping to [lo, hi] changes exactly the entries outside it, so the candidates are where
+    ``x - clamp(x)`` is not zero (exact for floats that differ, with gradual underflow; bounds near
+    zero, where a flush-to-zero mode could lose a difference, are compared plainly); the nonzero
+    search runs over 64-bit words first (half the elements) and then inside the few words that
+    hold one."""
+    N, U = x.shape
+    if lo is None and hi is None:
+        e = x.new_empty(0, dtype=torch.long)
+        return e, e
+    bounds = [t for t in (lo, hi) if t is not None]
+    if (lo is not None and hi is not None and bool((lo > hi).any())) or any(bool(((t.abs() < 1e-30) & (t != 0)).any()) for t in bounds):
+        nz = torch.zeros_like(x, dtype=torch.bool)
+        if lo is not None:
+            nz |= x < lo
+        if hi is not None:
+            nz |= x > hi
+        nz = nz.nonzero()
+        return nz[:, 0], nz[:, 1]
+    diff = torch.clamp(x, lo, hi, out=work if work is not None else torch.empty_like(x))
+    diff = torch.sub(x, diff, out=diff).view(-1)  # [N * U], 0 inside the bounds
+    if diff.numel() % 2:
+        diff = torch.cat([diff, diff.new_zeros(1)])
+    words = diff.view(torch.int64).nonzero()[:, 0]  # words holding a candidate (-0.0 is never a difference)
+    j = diff.view(-1, 2)[words].nonzero()
+    flat = words[j[:, 0]] * 2 + j[:, 1]
+    return flat // U, flat % U
+
+
+def _key_prefix(keys: torch.Tensor, bound: torch.Tensor, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, unit) pairs [C] with ``keys[token] < bound[unit]`` (``keys`` [N] shared by all units,
+    ``bound`` [U]): each unit's first tokens in (key, token) order, at most ``cap`` of them."""
+    sk, order = torch.sort(keys, stable=True)
+    count = torch.searchsorted(sk, bound.contiguous())  # [U] keys below the bound
+    if cap is not None:
+        count = count.clamp_(max=cap)
+    n = int(count.sum())
+    U = bound.shape[0]
+    units = torch.repeat_interleave(torch.arange(U, device=keys.device), count)
+    j = torch.arange(n, device=keys.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    return order[j], units
 
 
 # ----------------------------------------------------------------------------------- the pass
@@ -430,6 +486,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
                                       initial=state.contexts_done * cfg.context_len)
     batches = state.contexts_done // cfg.batch_size
     since_ckpt = 0
+    scratch = Scratch()
     while True:
         ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
         if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
@@ -442,7 +499,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
             if layer not in state.layers:
                 state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)],
                                                  cal_layers.get(layer))
-            update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg)
+            update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg, scratch)
         state.token_ids = torch.cat([state.token_ids, tokens.to(torch.int32)])
         state.contexts_done += len(ctx)
         state.n_tokens += int(valid.sum())
