@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.exemplar_merge import INF, Scratch, _Batch, merge_samples, merge_shared_samples
-from mechscope.explain.exemplars import _best_first, _new_state, _outside, update
+from mechscope.explain.exemplar_merge import (
+    INF,
+    Scratch,
+    _Batch,
+    column_order_stat,
+    merge_samples,
+    merge_shared_samples,
+)
+from mechscope.explain.exemplars import _best_first, _column_stats, _new_state, _outside, update
 
 
 def _old_merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, win: torch.Tensor,
@@ -264,3 +271,25 @@ def test_update_same_with_rows_past_2_31_and_reused_buffers():
             b = torch.where(b >= 0, b - 2**31, b)
         assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0)), name
         assert torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(c, nan=-7.0)), name
+
+
+@pytest.mark.parametrize("shape", [(1016, 40), (7, 5), (2, 3), (100, 1)])
+def test_selected_order_statistics_equal_torch_sorting(shape):
+    """The calibration's min, max and quantiles (selected by numpy's partition) equal torch's
+    min, max and ``quantile`` bit for bit, on continuous values and on a grid full of ties; the
+    k-th best equals ``topk``'s; a column with NaN gives torch's answer (NaN propagates)."""
+    g = torch.Generator().manual_seed(shape[0])
+    for grid in (False, True):
+        x = torch.randn(*shape, generator=g)
+        if grid:
+            x = (x * 4).round() / 4
+        for qs in [(0.5, 0.9, 0.99), (0.1,), (0.001, 0.25, 0.75)]:
+            lo, hi, q = _column_stats(x, qs)
+            assert torch.equal(q, torch.quantile(x, torch.tensor(qs), dim=0)), qs
+            assert torch.equal(lo, x.min(0).values) and torch.equal(hi, x.max(0).values)
+        for k in {1, 2, shape[0]}:
+            assert torch.equal(column_order_stat(x, shape[0] - k), x.topk(k, dim=0).values[-1])
+            assert torch.equal(column_order_stat(x, k - 1), x.topk(k, dim=0, largest=False).values[-1])
+    x[0, 0] = math.nan
+    lo, hi, q = _column_stats(x, (0.5,))
+    assert math.isnan(hi[0]) and math.isnan(q[0, 0]) and math.isnan(lo[0])

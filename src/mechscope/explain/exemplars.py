@@ -74,7 +74,15 @@ from mechscope.activations.config import StoreConfig
 from mechscope.activations.store import Harvester, context_sinks, pack_contexts, sink_hooks, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
-from mechscope.explain.exemplar_merge import INF, Scratch, _Batch, merge_best, merge_samples, merge_shared_samples
+from mechscope.explain.exemplar_merge import (
+    INF,
+    Scratch,
+    _Batch,
+    column_order_stat,
+    merge_best,
+    merge_samples,
+    merge_shared_samples,
+)
 from mechscope.explain.types import Exemplar, ExemplarKind, ExemplarSplit, UnitRecord, UnitRef
 from mechscope.explain.units import UnitSource, output_logits, token_strings, unit_source
 from mechscope.progress import ProgressArg, as_progress
@@ -126,9 +134,9 @@ def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor, like: LayerState | None
         st = _new_state(cfg, acts)
         st.lo, st.inv, st.q_edges, st.q_table = (t.to(dev).clone() for t in (like.lo, like.inv, like.q_edges, like.q_table))
         return st
-    lo, hi = acts.min(0).values, acts.max(0).values
+    lo, hi, q_raw = _column_stats(acts, cfg.quantiles)  # [U], [U], [nq, U]
     inv = cfg.n_bins / (hi - lo).clamp_min(1e-12)
-    q_raw = torch.quantile(acts, torch.tensor(cfg.quantiles, device=dev), dim=0).T  # [U, nq]
+    q_raw = q_raw.T  # [U, nq]
     # Quantile-bin edges on histogram bin edges, so one index gives a token's histogram bin and sample bin.
     j = ((q_raw - lo[:, None]) * inv[:, None]).round().clamp(0, cfg.n_bins)  # [U, nq] edge numbers
     q_edges = lo[:, None] + j / inv[:, None]
@@ -149,6 +157,22 @@ def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor, like: LayerState | None
         positive=torch.zeros(U, dtype=torch.long, device=dev), hist=torch.zeros(U, cfg.n_bins + 2, dtype=torch.long, device=dev),
         lo=lo.float(), inv=inv.float(), q_edges=q_edges.float(), q_table=q_table.long(),
     )
+
+
+def _column_stats(x: torch.Tensor, qs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each column's min, max and ``torch.quantile(x, qs, dim=0)`` [len(qs), U] (linear
+    interpolation, bit for bit), from order statistics selected in one go, not sorted
+    (``column_order_stat``); with NaN, torch's own reductions (NaN propagates)."""
+    N = x.shape[0]
+    q = torch.tensor(qs, dtype=x.dtype, device=x.device)
+    if N < 2 or bool(torch.isnan(x).any()):
+        return x.min(0).values, x.max(0).values, torch.quantile(x, q, dim=0)
+    ranks = q * (N - 1)
+    below, above = ranks.long(), ranks.ceil().long()
+    stats = column_order_stat(x, 0, N - 1, *below.tolist(), *above.tolist())  # [2 + 2 * nq, U]
+    nq = len(qs)
+    quant = torch.lerp(stats[2:2 + nq], stats[2 + nq:], (ranks - below)[:, None].expand(nq, x.shape[1]))
+    return stats[0], stats[1], quant
 
 
 def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +253,19 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
             keep = k1[n_i] >= key_bound[u_i]  # the value candidates not found by key
             n_i, u_i = torch.cat([n_i[keep], n_k]), torch.cat([u_i[keep], u_k])
     if dense_best:
-        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, None)
-        merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, None)
+        # Lists filling: only the batch's k best values of a unit (ties included) that beat its
+        # k-th kept can enter: x >= the k-th best, i.e. above the float just below it.
+        k, kb = state.top_val.shape[0], state.bot_val.shape[0]
+        kth = column_order_stat(x, N - min(k, N), *([min(kb, N) - 1] if kb else [])).view(-1, U)
+        hi = torch.maximum(torch.nextafter(kth[0], torch.tensor(-INF)), thr_top)
+        lo = torch.minimum(torch.nextafter(kth[1], torch.tensor(INF)), cast(torch.Tensor, thr_bot)) if kb else None
+        n_d, u_d = _outside(x, lo, hi, work)
+        xv = x[n_d, u_d]
+        sel = xv > hi[u_d]
+        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, (n_d[sel], u_d[sel]))
+        if lo is not None:
+            sel = xv < lo[u_d]
+            merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n_d[sel], u_d[sel]))
     else:
         xv = x[n_i, u_i]
         sel = xv > thr_top[u_i]
@@ -241,13 +276,15 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     if dense_q:
         # Lists filling: in each (unit, bin) only the bin's first m tokens in (key, token) order can enter.
         _, by_key = torch.sort(k1, stable=True)
-        gs = state.q_table.take(idx.index_select(0, by_key).long())  # [N, U] bins, tokens in key order
-        first = torch.zeros_like(gs, dtype=torch.bool)
-        for g in range(G):
-            in_g = gs == g
-            first |= in_g & (in_g.cumsum(0, dtype=torch.int32) <= cfg.per_quantile)
-        pos, u_q = first.nonzero().unbind(1)
-        n_q, g_q = by_key[pos], gs[pos, u_q]
+        table = state.q_table.to(torch.int8) if G < 128 else state.q_table
+        g_t = table.take(idx.index_select(0, by_key).long()).T.contiguous()  # [U, N] bins, tokens in key order
+        ctype = torch.int16 if g_t.shape[1] < 2**15 else torch.int32
+        first = torch.zeros_like(g_t, dtype=torch.bool)
+        for g in range(G):  # unit-major, so each running count is along contiguous memory
+            in_g = g_t == g
+            first |= in_g & (in_g.cumsum(1, dtype=ctype) <= cfg.per_quantile)
+        u_q, pos = first.nonzero().unbind(1)
+        n_q, g_q = by_key[pos], g_t[u_q, pos].long()
         sel = k1[n_q] < tau_q[u_q, g_q]
         merge_samples(state.q_key, state.q_val, state.q_row, state.q_win, k1, x, batch, (n_q[sel], u_q[sel], g_q[sel]))
     elif cfg.per_quantile:
