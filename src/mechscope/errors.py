@@ -27,3 +27,5 @@ def check_lr(lr: float, option: str = "--lr") -> None:
 
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise MechscopeError(f"{option} must be a positive finite number; got {lr}.")
+    if lr > 3.4e38:  # float32's largest: the optimisers' float32 arithmetic overflows on the first step
+        raise MechscopeError(f"{option} {lr} is beyond float32's range (3.4e38); give a learning rate such as 1e-3.")

@@ -139,3 +139,32 @@ def test_cli_train_toy_bad_input_is_one_sentence(tmp_path):
     r = CliRunner().invoke(app, ["train-toy", "--layers", "2", "--attn-only", "--d-model", "30", "--heads", "4",
                                  "--steps", "4", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 2 and "divisible by the number of heads" in r.output and "Traceback" not in r.output
+
+
+def test_a_diverging_run_stops_in_one_sentence_and_saves_no_nan(tmp_path):
+    """A learning rate that makes the weights non-finite: the trainers (induction, icml, binding)
+    stop with one sentence and write no checkpoint of NaN; one beyond float32 is refused first."""
+    import dataclasses
+
+    from mechscope.errors import MechscopeError
+    from mechscope.heads.train import train_toy
+    from mechscope.icl.binding_config import BindingConfig, BindingDataConfig
+    from mechscope.icl.binding_train import train_binding
+    from mechscope.icl.meta_config import MetaConfig, MetaDataConfig
+    from mechscope.icl.meta_train import train_meta
+
+    with pytest.raises(MechscopeError, match="float32"):
+        dataclasses.replace(tiny_cfg(), lr=1e39)
+    runs = [(train_toy, dataclasses.replace(tiny_cfg(6), lr=1e30)),
+            (train_meta, MetaConfig(d_model=16, steps=6, batch=8, n_checkpoints=3, linear_checkpoints=2, n_eval=32, lr=1e30,
+                                    data=MetaDataConfig(tasks=2, n_labels=5, n_classes=12, dim=7, n_context=4))),
+            (train_binding, BindingConfig(layers=2, heads=2, d_model=16, steps=6, batch=8, warmup=2, n_checkpoints=3, lr=1e30,
+                                          linear_checkpoints=2, n_eval=8, data=BindingDataConfig(lines=3, hops=2, n_vars=4, n_consts=4)))]
+    for i, (train, cfg) in enumerate(runs):
+        out = tmp_path / f"run{i}"
+        with pytest.raises(MechscopeError, match="diverged"):
+            train(cfg, out)
+        from safetensors.torch import load_file
+
+        for f in out.rglob("*.safetensors"):
+            assert all(bool(t.isfinite().all()) for t in load_file(f).values() if t.is_floating_point()), f

@@ -201,6 +201,18 @@ def test_run_refuses_below_chance_then_runs_forced_and_resumes(tiny_gpt2, tmp_pa
     monkeypatch.setattr(icl_run, "prompt_curves", lambda *a: pytest.fail("a finished prompt was run again"))
     again = fewshot_knockout(tiny_gpt2, cfg, checkpoint=tmp_path / "run")
     assert again.curves == res.curves
+    # The same settings over an edited task file are other prompts: nothing is resumed.
+    f.write_text("".join(json.dumps({"x": x, "y": y}) + "\n" for x, y in [("k", "l"), ("m", "n"), ("o", "p"), ("q", "r")]))
+    with pytest.raises(pytest.fail.Exception, match="run again"):
+        fewshot_knockout(tiny_gpt2, cfg, checkpoint=tmp_path / "run")
+
+
+def test_prompts_longer_than_the_context_are_one_sentence(tiny_gpt2, tmp_path):
+    f = tmp_path / "long.jsonl"
+    word = " word" * (tiny_gpt2.summary.n_ctx // 2)
+    f.write_text("".join(json.dumps({"x": f"{x}{word}", "y": y}) + "\n" for x, y in [("a", "b"), ("c", "d"), ("e", "f")]))
+    with pytest.raises(MechscopeError, match="more than the model's context"):
+        fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2, knockout=False))
 
 
 def test_cli_errors_before_loading_a_model(tmp_path):

@@ -116,6 +116,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) ->
     t0 = time.perf_counter()
 
     def checkpoint(step: int) -> None:
+        check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
         with _no_progress_bars():
             model.save_pretrained(d, safe_serialization=True)
@@ -159,8 +160,24 @@ def optimiser_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor,
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    log["train_loss"].append([step, loss.item()])
+    log["train_loss"].append([step, check_loss(loss, step)])
     bar.advance(loss=log["train_loss"][-1][1])
+
+
+def check_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float, or one sentence when it is not finite (the run diverged: a NaN loss
+    trains a model of NaN that nothing downstream would notice)."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise MechscopeError(f"Training diverged at step {step} (loss {value}); lower --lr and start again in a new --out folder.")
+    return value
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """One sentence instead of saving a model with a non-finite weight (checked before every save)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise MechscopeError(f"Training diverged by step {step} ({name} is not finite); lower --lr and start again in a new --out folder.")
 
 
 @contextlib.contextmanager
@@ -189,6 +206,7 @@ def save_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
     Shared by every toy setting (induction, icml, binding)."""
     from safetensors.torch import save_file
 
+    check_finite(model, step)
     last.mkdir(exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     sd = opt.state_dict()

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from mechscope.heads.train import _no_progress_bars, optimiser_step, resume_run, save_state, schedule, write_log
+from mechscope.heads.train import (
+    _no_progress_bars,
+    check_finite,
+    optimiser_step,
+    resume_run,
+    save_state,
+    schedule,
+    write_log,
+)
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
 from mechscope.progress import ProgressArg, as_progress
@@ -76,6 +84,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = F
         return before + time.perf_counter() - t0
 
     def checkpoint(step: int) -> None:
+        check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
         with _no_progress_bars():
             model.save_pretrained(d, safe_serialization=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.heads.train import resume_run, save_state, schedule, write_log
+from mechscope.heads.train import check_finite, check_loss, resume_run, save_state, schedule, write_log
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
@@ -88,6 +88,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
     t0, before = time.perf_counter(), log.get("seconds", 0.0)  # seconds of training before this resume
 
     def checkpoint(step: int) -> None:
+        check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
         d.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / WEIGHTS))
@@ -111,7 +112,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log["train_loss"].append([step, loss.item()])
+        log["train_loss"].append([step, check_loss(loss, step)])
         bar.advance(loss=log["train_loss"][-1][1])
         if step in sched:
             checkpoint(step)

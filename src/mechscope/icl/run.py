@@ -2,11 +2,13 @@
 random controls) over every window of layers, on the prompts the model gets right.
 
 With ``checkpoint`` (a folder), each finished prompt's curves go to ``icl-partial.json`` there,
-and a rerun with the same settings and model resumes after the last one.
+and a rerun with the same settings, model weights and prompts (a hash of their tokens: an
+edited task file starts afresh) resumes after the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -77,6 +79,10 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     cfg.window_size(model.summary.n_layers)  # refuses a window wider than the model before any work
     task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
+    longest = max(len(p.ids) for p in prompts)
+    if longest > model.summary.n_ctx:
+        raise MechscopeError(f"The longest '{task.name}' prompt has {longest} tokens, more than the model's context of "
+                             f"{model.summary.n_ctx}; use fewer --shots or shorter examples.")
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
     if acc < chance + cfg.min_above_chance and cfg.knockout and not cfg.force:
@@ -86,7 +92,9 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     if not kept and cfg.knockout:
         raise MechscopeError(f"The model gets none of the {len(prompts)} '{task.name}' prompts right, so there is nothing to knock out.")
     L = model.summary.n_layers
-    key = {"settings": cfg.to_dict(), "model": model.summary.name}
+    # The prompts themselves (so an edited task file is not resumed) and the weights' fingerprint.
+    made_of = hashlib.sha1(json.dumps([[p.ids, p.target_id, p.groups] for p in prompts]).encode()).hexdigest()[:16]
+    key = {"settings": cfg.to_dict(), "model": model.summary.name, "fingerprint": model.fingerprint(), "prompts": made_of}
     where = Path(checkpoint) if checkpoint is not None else None
     done = _read_partial(where, key)
     bar = as_progress(progress).phase("knockout sweeps", total=len(kept), unit="prompt",
