@@ -185,7 +185,8 @@ def test_malformed_task_files_are_one_sentence(tmp_path, text, needle):
 
 def test_run_refuses_below_chance_then_runs_forced_and_resumes(tiny_gpt2, tmp_path, monkeypatch):
     f = tmp_path / "pairs.jsonl"
-    f.write_text("".join(json.dumps({"x": x, "y": y}) + "\n" for x, y in [("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")]))
+    # Answers the tiny tokenizer starts with different tokens (" b" would be "Ġ" + "b" for all).
+    f.write_text("".join(json.dumps({"x": x, "y": y}) + "\n" for x, y in [("a", "Mary"), ("c", "John"), ("e", "Alice"), ("g", "Bob")]))
     cfg = FewShotConfig(task=str(f), shots=2, n=6, min_above_chance=0.9)
     with pytest.raises(MechscopeError, match="above chance"):
         fewshot_knockout(tiny_gpt2, cfg)
@@ -247,3 +248,23 @@ def test_cli_icl_json_and_report(tiny_gpt2_dir, tmp_path, monkeypatch):
     d = json.loads(r.stdout)
     assert d["kind"] == "icl-fewshot" and (out / "report.html").is_file() and (out / "icl.json").is_file()
     assert sum(p["knocked_out"] for p in d["prompts"]) == 1 and len(d["curves"]["within"]["n_edges"]) == 1
+
+
+def test_task_files_with_a_bom_are_read_and_other_encodings_refused(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"x": x, "y": y}) + "\n" for x, y in [("a", "b"), ("c", "d")]).encode())
+    assert load_task(str(f)).pairs == [("a", "b"), ("c", "d")]
+    f.write_bytes('{"x": "caf\xe9", "y": "b"}\n{"x": "c", "y": "d"}\n'.encode("latin-1"))
+    with pytest.raises(MechscopeError, match="not UTF-8"):
+        load_task(str(f))
+
+
+def test_answers_sharing_their_first_token_are_refused(tiny_gpt2, tmp_path):
+    f = tmp_path / "same.jsonl"
+    first = tiny_gpt2.tokenizer.decode([tiny_gpt2.tokenizer(" a")["input_ids"][0]]).strip()
+    f.write_text("".join(json.dumps({"x": x, "y": first + y}) + "\n" for x, y in [("k", "bc"), ("m", "de"), ("o", "fg")]))
+    prompts_share = len({tiny_gpt2.tokenizer(" " + first + y)["input_ids"][0] for y in ("bc", "de", "fg")}) == 1
+    assert prompts_share  # the test's premise: one first token for every answer
+    with pytest.raises(MechscopeError, match="starts with the same token"):
+        fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2))
+    assert fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2, knockout=False)).to_dict()["chance"] == 1.0

@@ -82,8 +82,12 @@ def _read_xy(path: Path) -> list[tuple[str, str]]:
     """The (x, y) pairs of a JSONL file, each line checked."""
     if not path.is_file():
         raise MechscopeError(f"No task file at '{path}'; pass a built-in task ({', '.join(task_names())}) or a JSONL file.")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as exc:
+        raise MechscopeError(f"{path} is not UTF-8 text (byte {exc.start}); save the task file as UTF-8.") from None
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -85,6 +85,10 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
                              f"{model.summary.n_ctx}; use fewer --shots or shorter examples.")
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
+    if chance >= 1.0 and cfg.knockout and not cfg.force:
+        raise MechscopeError(f"Every answer of '{task.name}' starts with the same token "
+                             f"({model.tokenizer.decode([prompts[0].target_id])!r}), so the first token tells none apart; "
+                             "use answers that differ in their first token, or pass --force.")
     if acc < chance + cfg.min_above_chance and cfg.knockout and not cfg.force:
         raise MechscopeError(f"The model gets {int(top.sum())} of {len(prompts)} '{task.name}' prompts right ({acc:.2f}, chance "
                              f"{chance:.2f}), not {cfg.min_above_chance} above chance; try more --shots or another task, or pass --force.")
