@@ -88,3 +88,14 @@ def test_bad_input_is_one_sentence(tiny_gpt2):
         patched_logits(tiny_gpt2, base, src, Site(resid_pre(0)), [50])
     with pytest.raises(MechscopeError, match="one expected answer"):
         interchange_accuracy(tiny_gpt2, base, src, base[:2, 0])
+    with pytest.raises(MechscopeError, match="answer_pos"):
+        interchange_accuracy(tiny_gpt2, base, src, base[:, 0], answer_pos=999)
+    V = tiny_gpt2.summary.d_vocab
+    with pytest.raises(MechscopeError, match="vocabulary"):
+        interchange_accuracy(tiny_gpt2, base, src + V, base[:, 0])
+    with pytest.raises(MechscopeError, match="expected token ids"):
+        interchange_accuracy(tiny_gpt2, base, src, base[:, 0] + V)
+    with pytest.raises(MechscopeError, match="integer token ids"):
+        interchange_accuracy(tiny_gpt2, base.float(), src.float(), base[:, 0])
+    with pytest.raises(MechscopeError, match="torch tensors"):
+        interchange_accuracy(tiny_gpt2, base.tolist(), src.tolist(), base[:, 0])

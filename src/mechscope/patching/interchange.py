@@ -61,6 +61,11 @@ def sites_for(model, site: InterchangeSite, head: int | None = None) -> list[Sit
 
 
 def _check_pair(base: torch.Tensor, source: torch.Tensor) -> None:
+    if not isinstance(base, torch.Tensor) or not isinstance(source, torch.Tensor):
+        raise MechscopeError(f"Base and source inputs must be torch tensors of token ids [n, pos]; got {type(base).__name__} and "
+                             f"{type(source).__name__} (wrap lists in torch.tensor).")
+    if base.dtype.is_floating_point or source.dtype.is_floating_point or base.dtype == torch.bool:
+        raise MechscopeError(f"Base and source inputs must be integer token ids; got {base.dtype} and {source.dtype}.")
     if base.dim() != 2 or base.shape != source.shape:
         raise MechscopeError(
             f"Base and source inputs must be token tensors of one shape [n, pos]; got {tuple(base.shape)} and "
@@ -169,8 +174,16 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     n, n_pos = base.shape
     if n == 0:
         raise MechscopeError("No input pairs to patch; pass at least one base/source pair.")
-    if expected.shape != (n,):
-        raise MechscopeError(f"Need one expected answer per pair: {n} pairs but expected has shape {tuple(expected.shape)}.")
+    if not isinstance(expected, torch.Tensor) or expected.shape != (n,):
+        raise MechscopeError(f"Need one expected answer per pair: {n} pairs but expected has shape "
+                             f"{tuple(getattr(expected, 'shape', ()))}.")
+    vocab = model.summary.d_vocab
+    for name, t in (("base", base), ("source", source), ("expected", expected)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+            raise MechscopeError(f"The {name} token ids must lie in [0, {vocab}) for this model's vocabulary; "
+                                 f"got ids from {int(t.min())} to {int(t.max())}.")
+    if not -n_pos <= answer_pos < n_pos:
+        raise MechscopeError(f"answer_pos must be between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; got {answer_pos}.")
     sites = list(sites) if sites is not None else sites_for(model, site, head)
     ps = _check_positions(positions if positions is not None else range(n_pos), n_pos)
     dev = model.device
