@@ -69,7 +69,8 @@ def dynamics(run_dir: Path, n: int | None, out: Path | None, json: bool) -> None
                   f"{r['heuristic_agreement_discordant']:.3f}")
     console.print(t)
     p = res.phases
-    console.print(f"systematic (accuracy >= 0.95 at every depth) from step {p['systematic_step']}; heuristic agreement on "
+    when = f"from step {p['systematic_step']}" if p["systematic_step"] is not None else "not reached in this run"
+    console.print(f"systematic (accuracy >= 0.95 at every depth): {when}; heuristic agreement on "
                   f"discordant programs peaks at {p['heuristic_peak_agreement']:.3f} (step {p['heuristic_peak_step']}).")
     console.print(f"report: {html}  plot: {svg}")
 

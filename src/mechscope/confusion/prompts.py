@@ -40,7 +40,9 @@ def parse_prompts(text: str, where: str) -> list[LangPrompt]:
         if not isinstance(obj, dict) or "prompt" not in obj or "lang" not in obj:
             raise MechscopeError(f"{where}:{n} lacks a \"prompt\" or a \"lang\" field; write {{\"prompt\": ..., \"lang\": ...}}.")
         prompt, lang = obj["prompt"], obj["lang"]
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str):
+            raise MechscopeError(f"{where}:{n} has a \"prompt\" that is not a string ({type(prompt).__name__}); give the text to answer.")
+        if not prompt.strip():
             raise MechscopeError(f"{where}:{n} has an empty prompt; give the text to answer.")
         if not isinstance(lang, str):
             raise MechscopeError(f"{where}:{n} has a \"lang\" that is not a string; give a code such as \"de\".")

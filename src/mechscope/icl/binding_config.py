@@ -40,8 +40,11 @@ class BindingDataConfig:
             self.n_vars = max(8, self.lines)
         if self.hops < 1 or self.lines < self.hops:
             raise MechscopeError(f"--hops must be between 1 and --lines ({self.lines}); got {self.hops}.")
-        if self.lines > 26 or self.n_vars > 26 or self.n_vars < self.lines:
-            raise MechscopeError(f"--lines ({self.lines}) must be at most the number of variables ({self.n_vars}), at most 26.")
+        if self.lines > 26 or self.n_vars > 26:
+            raise MechscopeError(f"Programs name variables a-z: --lines ({self.lines}) and the number of variables ({self.n_vars}) "
+                                 "must be at most 26.")
+        if self.n_vars < self.lines:
+            raise MechscopeError(f"--lines ({self.lines}) must be at most the number of variables ({self.n_vars}).")
         if not 2 <= self.n_consts <= 100:
             raise MechscopeError(f"The number of constants must be between 2 and 100; got {self.n_consts}.")
 
