@@ -42,7 +42,7 @@ def _threads() -> None:
 def train(
     arch: str = typer.Option(TrainConfig.arch, "--arch", help="cnn or vit."),
     data: str = typer.Option(DataConfig.dataset, "--data", help="digits (scikit-learn's 8x8 digits) or shapes (procedural)."),
-    overlay: Optional[str] = typer.Option(None, "--overlay", help="Add a class that overlays two classes, e.g. 3,7."),
+    overlay: Optional[str] = typer.Option(None, "--overlay", help="Add a class that overlays two classes, e.g. 3,7 (digits) or 1,2 (shapes: 0-4)."),
     mark_class: Optional[int] = typer.Option(None, "--mark-class", help="Train with a small mark that names this class."),
     epochs: int = typer.Option(TrainConfig.epochs, "--epochs"),
     width: int = typer.Option(TrainConfig.width, "--width"),
@@ -53,7 +53,7 @@ def train(
 ) -> None:
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
-                      data=DataConfig(dataset=data, overlay=parse_pair(overlay), mark_class=mark_class, seed=seed))
+                      data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
     _threads()
     from mechscope.vision.train import train_model
 

@@ -48,19 +48,52 @@ def class_index(vm: VisionModel, name: str) -> int:
                          + near_matches(name, vm.classes))
 
 
+def _pixel_range(f: Path, a: np.ndarray) -> str:
+    """``unit`` (every value in [0, 1]) or ``byte`` (whole numbers in [0, 255], some above 1),
+    or one sentence naming ``f`` and the range it holds."""
+    if a.size == 0:
+        return "unit"
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and hi <= 1:
+        return "unit"
+    if lo >= 0 and hi <= 255 and bool((a == np.round(a)).all()):
+        return "byte"
+    if lo < 0 or hi > 255:
+        raise MechscopeError(f"{f} holds pixel values from {lo:.6g} to {hi:.6g}, outside what an image holds; rescale "
+                             "them into [0, 1] (or whole numbers in [0, 255]).")
+    raise MechscopeError(f"{f} holds pixel values from {lo:.6g} to {hi:.6g} that are not whole numbers, so neither in "
+                         "[0, 1] nor 8-bit [0, 255]; rescale them into [0, 1] or round them to whole numbers in [0, 255].")
+
+
 def read_image_folder(path: Path, size: int) -> torch.Tensor:
     """The images in ``path`` (a folder of ``.npy`` files, or one): each file (s, s), (n, s, s)
-    or (n, 1, s, s), in [0, 1] (values above 1 are read as 0-255)."""
+    or (n, 1, s, s) of real numbers (float, integer or bool), returned in [0, 1].
+
+    Pixel scale, decided once for all the files together: if every value of every file lies in
+    [0, 1], the images are read as they are; otherwise every file must hold whole numbers in
+    [0, 255] (8-bit images, saved with any dtype), and all are divided by 255. Anything else is
+    refused with the file and the range it holds: negative values, values above 255, fractions
+    above 1 (``1.01`` is neither scale), a file in [0, 1] (other than all zeros) beside a 0-255
+    one, and files that are empty, damaged, pickled, ``.npz`` archives, or hold strings, complex
+    numbers or records.
+    """
     files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
     if path.is_file() and path.suffix != ".npy":
         raise MechscopeError(f"{path} is not a .npy file; give a folder of .npy images or one .npy array.")
-    arrays = []
+    arrays: list[np.ndarray] = []
+    ranges: list[str] = []
     for f in files:
         try:
             a = np.load(f, allow_pickle=False)
-        except (ValueError, OSError):
-            raise MechscopeError(f"{f} is not a readable .npy array (pickled arrays are refused); save it with numpy.save.") from None
-        a = np.asarray(a, dtype=np.float32)
+        except (ValueError, OSError, EOFError):
+            a = None
+        if not isinstance(a, np.ndarray):
+            raise MechscopeError(f"{f} is not a readable .npy array (it is empty, damaged, pickled or an .npz archive); "
+                                 "save each image array with numpy.save.")
+        if a.dtype.kind not in "biuf":
+            what = {"U": "text", "S": "text", "c": "complex", "V": "record", "M": "date", "m": "time"}.get(a.dtype.kind, "other")
+            raise MechscopeError(f"{f} holds {what} values ({a.dtype}), not real numbers; save the images as a float or "
+                                 "integer array.")
         if a.ndim == 2:
             a = a[None]
         if a.ndim == 3:
@@ -68,12 +101,22 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
         if a.ndim != 4 or a.shape[1:] != (1, size, size):
             raise MechscopeError(f"{f} holds images of shape {tuple(a.shape)}, but the model takes {size}x{size} grey "
                                  f"images; resize them to {size}x{size} first.")
+        a = a.astype(np.float64)
         if not np.isfinite(a).all():
             raise MechscopeError(f"{f} holds NaN or infinite pixels; give images with finite values (0-1 or 0-255).")
-        arrays.append(a / 255.0 if a.max(initial=0) > 1 else a)
+        ranges.append(_pixel_range(f, a))
+        arrays.append(a)
     if not arrays or sum(len(a) for a in arrays) == 0:
         raise MechscopeError(f"the concept {path} holds no images; put .npy images of the concept in it.")
-    return check_images(torch.from_numpy(np.concatenate(arrays)), size, f"the images in {path}")
+    scale = 255.0 if "byte" in ranges else 1.0
+    if scale > 1:
+        b = ranges.index("byte")
+        for f, a, r in zip(files, arrays, ranges):
+            if r == "unit" and a.max(initial=0) > 0:
+                raise MechscopeError(f"{f} holds values in [0, 1] but {files[b].name} holds values up to {arrays[b].max():.6g} "
+                                     "(0-255); save every image of the concept in one range, [0, 1] or [0, 255].")
+    imgs = np.concatenate(arrays) / scale
+    return check_images(torch.from_numpy(imgs.astype(np.float32)), size, f"the images in {path}")
 
 
 def resolve_concept(vm: VisionModel, spec: str, target: str | None = None, ds: Dataset | None = None) -> Concept:

@@ -56,7 +56,8 @@ class DataConfig:
         if self.overlay is not None:
             pair = tuple(int(c) for c in self.overlay)
             if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= c < n for c in pair):
-                raise MechscopeError(f"--overlay {self.overlay} must name two different classes from 0 to {n - 1}, e.g. 3,7.")
+                raise MechscopeError(f"--overlay {','.join(map(str, self.overlay))} must name two different classes from 0 "
+                                     f"to {n - 1}, e.g. {pair_example(self.dataset)}.")
             self.overlay = (pair[0], pair[1])
         if self.mark_class is not None and not 0 <= self.mark_class < n:
             raise MechscopeError(f"--mark-class {self.mark_class} is not a class; use 0 to {n - 1}.")
@@ -178,12 +179,17 @@ class CircuitConfig:
         return asdict(self)
 
 
-def parse_pair(spec: str | None) -> tuple[int, int] | None:
-    """``--overlay 3,7`` -> (3, 7); None stays None."""
+def pair_example(dataset: str) -> str:
+    """An ``--overlay`` pair that ``dataset`` has: 3,7 for the digits, 1,2 for the five shapes."""
+    return "1,2" if dataset == "shapes" else "3,7"
+
+
+def parse_pair(spec: str | None, dataset: str = "digits") -> tuple[int, int] | None:
+    """``--overlay 3,7`` -> (3, 7); None stays None. ``dataset`` picks the example a refusal gives."""
     if spec is None or spec == "":
         return None
     try:
         a, b = (int(x) for x in spec.split(","))
     except ValueError:
-        raise MechscopeError(f"--overlay {spec!r} is not a pair of classes; write e.g. 3,7.") from None
+        raise MechscopeError(f"--overlay {spec!r} is not a pair of classes; write e.g. {pair_example(dataset)}.") from None
     return a, b

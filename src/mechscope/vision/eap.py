@@ -48,7 +48,8 @@ from mechscope.vision.concept import class_index
 from mechscope.vision.data import Dataset, build_dataset
 from mechscope.vision.models import Block, SmallViT, VisionModel
 
-__all__ = ["EdgeViT", "ImagePairs", "ViTEvaluator", "VisionEAPResult", "edge_scores", "image_pairs", "vision_eap"]
+__all__ = ["EdgeViT", "ImagePairs", "ViTEvaluator", "VisionEAPResult", "check_clean_accuracy", "edge_scores", "image_pairs",
+           "vision_eap"]
 
 Method = Literal["eap", "eap-ig"]
 
@@ -157,14 +158,18 @@ def _metric(logits: torch.Tensor, pairs: ImagePairs) -> torch.Tensor:
     return logits[:, pairs.clean_label] - logits[:, pairs.corrupt_label]
 
 
-def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps: int = 5,
-                progress: ProgressArg = False) -> torch.Tensor:
-    """EAP / EAP-IG edge scores [S, R] (step 2 of the module docstring): the estimated change
-    of the mean metric when the edge alone is patched to the corrupt image (0 where no edge)."""
+def _check_method(method: str, steps: int) -> None:
     if method not in ("eap", "eap-ig"):
         raise MechscopeError(f"unknown method {method!r}; use eap or eap-ig.")
     if steps < 1:
         raise MechscopeError(f"--steps must be at least 1; got {steps}.")
+
+
+def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps: int = 5,
+                progress: ProgressArg = False) -> torch.Tensor:
+    """EAP / EAP-IG edge scores [S, R] (step 2 of the module docstring): the estimated change
+    of the mean metric when the edge alone is patched to the corrupt image (0 where no edge)."""
+    _check_method(method, steps)
     g = ev.graph
     with torch.no_grad():
         _, clean_out = ev.run(pairs.clean)
@@ -263,19 +268,45 @@ class VisionEAPResult:
         return write_result_json(out, "eap.json", self.to_dict())
 
 
+def check_clean_accuracy(vm: VisionModel, ev: EdgeViT, fit: ImagePairs, held: ImagePairs) -> dict[str, float]:
+    """Top-1 accuracy on the held-out clean and corrupt images, or one sentence when the model
+    classifies the clean class at or below chance (1 / classes), or its logit difference does
+    not tell the clean images from the corrupt ones: a circuit for a behaviour the model lacks
+    is meaningless (``circuits.discover.check_task_performance`` on images)."""
+    with torch.no_grad():
+        acc = {"clean": float((ev.run(held.clean)[0].argmax(-1) == held.clean_label).float().mean()),
+               "corrupt": float((ev.run(held.corrupt)[0].argmax(-1) == held.corrupt_label).float().mean())}
+        gap = float((_metric(ev.run(fit.clean)[0], fit) - _metric(ev.run(fit.corrupt)[0], fit)).mean())
+    chance = 1 / len(vm.classes)
+    a, b = vm.classes[held.clean_label], vm.classes[held.corrupt_label]
+    if acc["clean"] <= chance:
+        raise MechscopeError(
+            f"the model classifies {a!r} at or below chance (held-out accuracy {acc['clean']:.0%} on {len(held)} images, "
+            f"chance {chance:.0%}), so a circuit for it would explain a behaviour the model lacks; train longer (more "
+            "--epochs) or pick a class it gets right as --clean.")
+    if abs(gap) < 1e-3:
+        raise MechscopeError(
+            f"the model's logit difference {a!r} - {b!r} is the same on {a!r} and {b!r} images (gap {gap:.3g}), so there "
+            "is nothing for a circuit to explain; train longer (more --epochs) or pick other classes.")
+    return acc
+
+
 def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: Method = "eap-ig", steps: int = 5,
                target: float = 0.8, seed: int = 0, ds: Dataset | None = None, progress: ProgressArg = False) -> VisionEAPResult:
-    """Score the ViT's edges on training-split pairs of (``clean``, ``corrupt``) images, choose
+    """Refuse a clean class the model classifies at chance (``check_clean_accuracy``); score the
+    ViT's edges on training-split pairs of (``clean``, ``corrupt``) images, choose
     the smallest top-k circuit reaching ``target`` faithfulness on them, and test it and the
     faithfulness curve (with random circuits) on held-out test-split pairs."""
     if n < 2:
         raise MechscopeError(f"--n must be at least 2 pairs; got {n}.")
     if not 0 < target <= 1:
         raise MechscopeError(f"--target must lie in (0, 1]; got {target}.")
+    _check_method(method, steps)
     ev = EdgeViT(vm)
     ds = ds or build_dataset(vm.cfg.data)
     fit = image_pairs(vm, ds, clean, corrupt, n, "train", seed)
     held = image_pairs(vm, ds, clean, corrupt, n, "test", seed + 1)
+    acc = check_clean_accuracy(vm, ev, fit, held)
     prog = as_progress(progress)
     scores = edge_scores(ev, fit, method, steps, prog)
     ranking = importance(scores, method)
@@ -287,9 +318,6 @@ def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: M
     chosen = {"n_edges": int(k), "n_edges_after_pruning": int(circuit.sum()), "fraction": k / g.n_edges,
               "faithfulness_fit": f_fit, "held_out": held_ev.faithfulness_interval(circuit, seed=seed)}
     curve = faithfulness_curve(held_ev, ranking, curve_sizes(g), progress=prog)
-    with torch.no_grad():
-        acc = {"clean": float((ev.run(held.clean)[0].argmax(-1) == held.clean_label).float().mean()),
-               "corrupt": float((ev.run(held.corrupt)[0].argmax(-1) == held.corrupt_label).float().mean())}
     return VisionEAPResult(classes=(vm.classes[fit.clean_label], vm.classes[fit.corrupt_label]), method=method, steps=steps,
                            graph=g, scores=scores, circuit=circuit, curve=curve, chosen=chosen,
                            n_pairs={"fit": len(fit), "held_out": len(held)}, accuracy=acc)
