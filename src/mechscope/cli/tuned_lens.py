@@ -37,7 +37,8 @@ def train(
     matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="auto, bfloat16 or float32 unembedding matmuls in the KL stage (auto: bfloat16 on a GPU or a CPU with bfloat16 instructions)."),
     checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
     seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
-    context_len: int = typer.Option(TunedLensTrainConfig.context_len, "--context-len", help="Tokens per context (at most the model's context length)."),
+    context_len: Optional[int] = typer.Option(None, "--context-len", show_default=False,
+                                              help=f"Tokens per context (default {TunedLensTrainConfig.context_len}; at most the model's context length)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (or extend a finished one to a larger --kl-steps)."),
     keep_checkpoint: bool = typer.Option(TunedLensTrainConfig.keep_checkpoint, "--keep-checkpoint/--drop-checkpoint",
                                          help="Keep --out/checkpoint after the run so --resume can extend it (about 310 MB for the embedded model)."),
@@ -46,14 +47,20 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a tuned lens: a closed-form start streamed over the corpus, then a KL fine-tune; resumable."""
+    from mechscope.errors import MechscopeError
     from mechscope.lens.tuned_train import train_tuned_lens
 
     cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
                                reads=reads, matmul_dtype=matmul_dtype,
                                cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
                                checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed,
-                               context_len=context_len)  # checked before the model loads
+                               context_len=TunedLensTrainConfig.context_len if context_len is None else context_len)
+    # the settings are checked before the model loads, a --context-len given beyond its context window after
     m = load(model, device)
+    n_ctx = int(m.summary.n_ctx or 0)
+    if context_len is not None and 0 < n_ctx < context_len:
+        raise MechscopeError(f"--context-len {context_len} is longer than {m.summary.name} reads ({n_ctx} positions); "
+                             f"give --context-len {n_ctx} or less.")
     if not json:
         console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "
                       f"{tokens:,} tokens of {corpus or 'embedded'} (train split), {kl_steps} KL steps -> {out}", highlight=False)
@@ -81,12 +88,11 @@ def evaluate(
     json: bool = JsonOpt,
 ) -> None:
     """Held-out KL to the final distribution per layer, tuned lens vs logit lens (JSON + HTML report)."""
-    import json as _json
-
     from mechscope.errors import MechscopeError
     from mechscope.lens.tuned import TunedLens
     from mechscope.lens.tuned_eval import evaluate_tuned_lens
     from mechscope.report.tuned_lens import write_tuned_lens_eval
+    from mechscope.results import write_result_json
 
     if tokens < 1:
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
@@ -94,14 +100,14 @@ def evaluate(
     m = load(model or lens.model_info.get("name"), device)
     res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=max(2, min(128, int(m.summary.n_ctx) or 128)), progress=not json)
     out_dir = Path(out or lens_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(_json.dumps(res, indent=1))
+    write_result_json(out_dir, "eval.json", res)
     report = write_tuned_lens_eval(res, out_dir / "eval.html")
     if json:
         return emit_json({**res, "report": str(report)})
     for r in res["layers"]:
-        console.print(f"layer {r['layer']:>3}  KL logit {r['kl_logit']:8.4f}  tuned {r['kl_tuned']:8.4f}  "
-                      f"ratio {(r['ratio'] or float('nan')):7.2f}", highlight=False)
+        ratio = "    n/a" if r["ratio"] is None else f"{r['ratio']:7.2f}"  # n/a: both KLs are 0 (the final residual)
+        console.print(f"layer {r['layer']:>3}  KL logit {r['kl_logit']:8.4f}  tuned {r['kl_tuned']:8.4f}  ratio {ratio}",
+                      highlight=False)
     s = res["summary"]
     console.print(f"tuned below the logit lens at every layer: {s['tuned_below_logit_every_layer']}; smallest ratio at layers "
                   f"10-20: {s['min_ratio_layers_10_20']}; {res['seconds']:.0f} s. report: {report}", highlight=False)

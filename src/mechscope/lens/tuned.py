@@ -39,6 +39,7 @@ any other means) loads directly.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,6 +154,10 @@ class TunedLens(torch.nn.Module):
                 "with `mechscope tuned-lens train` (or pass the model they were trained for with --model)."
             )
 
+    def is_finite(self) -> bool:
+        """Whether every weight and bias is a finite number (no NaN, no inf)."""
+        return bool(torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all())
+
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "kind": "tuned-lens", "model": self.model_info, "reads": self.reads,
@@ -164,6 +169,9 @@ class TunedLens(torch.nn.Module):
         from safetensors.torch import save_file
 
         out = Path(out_dir)
+        if not self.is_finite():
+            raise MechscopeError(f"these translators hold NaN or inf values, so nothing was saved to {out}; train them again "
+                                 "with a lower --lr.")
         out.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for l in range(self.n_layers):
@@ -190,9 +198,9 @@ class TunedLens(torch.nn.Module):
             raise MechscopeError(f"'{p}' holds no {JSON_FILE}{hint}; pass the folder `mechscope tuned-lens train` wrote.")
         from mechscope.results import read_result_json
 
-        d, _ = read_result_json(p, JSON_FILE, SCHEMA_VERSION, "mechscope tuned-lens train")
-        mi = d.get("model") or {}
-        L, D = int(mi.get("n_layers", 0)), int(mi.get("d_model", 0))
+        d, where = read_result_json(p, JSON_FILE, SCHEMA_VERSION, "mechscope tuned-lens train")
+        mi: dict[str, Any] = d["model"] if isinstance(d.get("model"), dict) else {}
+        L, D = _count(mi, "n_layers", where), _count(mi, "d_model", where)
         t = _read_safetensors(p / WEIGHTS_FILE)
         weight, bias = _stack(t, L, D, "layers.", p / WEIGHTS_FILE)
         info = {k: v for k, v in d.items() if k not in ("schema_version", "kind", "model", "reads", "hooks", "translator")}
@@ -219,17 +227,26 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _stack(t: dict[str, torch.Tensor], L: int, D: int, prefix: str, where: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [L, D, D] and bias [L, D] from ``{prefix}{l}.weight`` / ``.bias`` (a missing bias is 0)."""
+    """weight [L, D, D] and bias [L, D] from ``{prefix}{l}.weight`` / ``.bias`` (a missing bias is 0);
+    one sentence for a tensor of the wrong shape or with NaN or inf in it."""
     ws, bs = [], []
     for l in range(L):
-        w = t.get(f"{prefix}{l}.weight")
-        if w is None or tuple(w.shape) != (D, D):
-            got = None if w is None else tuple(w.shape)
-            raise MechscopeError(f"'{where}' has no {prefix}{l}.weight of shape ({D}, {D}) (found {got}); it is not a "
-                                 f"tuned lens of {L} layers of width {D}.")
-        b = t.get(f"{prefix}{l}.bias")
+        w, b = t.get(f"{prefix}{l}.weight"), t.get(f"{prefix}{l}.bias")
+        if w is None:
+            raise MechscopeError(f"'{where}' has no {prefix}{l}.weight; it is not a tuned lens of {L} layers of width {D}.")
+        for key, x, want in ((f"{prefix}{l}.weight", w, (D, D)), (f"{prefix}{l}.bias", b, (D,))):
+            if x is None:
+                continue
+            if tuple(x.shape) != want:
+                raise MechscopeError(f"'{where}' holds {key} of shape {tuple(x.shape)}, but a translator for a model of width "
+                                     f"{D} needs {want}; it does not belong to this config, so convert or train the lens again.")
+            if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+                what = f"{x.dtype} values" if not x.is_floating_point() else "NaN or inf values"
+                raise MechscopeError(f"'{where}' holds {what} in {key}, so its translators are unusable; train the lens again "
+                                     "(with a lower --lr if its fit diverged) or convert a sound params.pt.")
         ws.append(w.float())
-        bs.append(torch.zeros(D) if b is None else b.float().reshape(D))
+        bs.append(torch.zeros(D) if b is None else b.float())
+
     def index(k: str) -> int:
         head = k[len(prefix):].split(".")[0] if k.startswith(prefix) else ""
         return int(head) if head.isdigit() else L
@@ -240,12 +257,24 @@ def _stack(t: dict[str, torch.Tensor], L: int, D: int, prefix: str, where: Path)
     return torch.stack(ws), torch.stack(bs)
 
 
+def _count(cfg: dict[str, Any], key: str, where: Path) -> int:
+    """``cfg[key]`` as a whole number of at least 1 (a layer count or a width), else one sentence."""
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v) or v < 1:
+        raise MechscopeError(f"'{where}' gives {key} = {json.dumps(v)}, which is not a whole number of at least 1; fix it "
+                             "to the model's value.")
+    return int(v)
+
+
 def _package_config(path: Path, model_name: str | None = None) -> tuple[dict[str, Any], int, int]:
     try:
         cfg = json.loads(path.read_text())
-        L, D = int(cfg["num_hidden_layers"]), int(cfg["d_model"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise MechscopeError(f"'{path}' is not a tuned-lens config.json with num_hidden_layers and d_model ({exc}).") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MechscopeError(f"'{path}' is not a readable tuned-lens config.json ({exc}).") from exc
+    if not isinstance(cfg, dict) or "num_hidden_layers" not in cfg or "d_model" not in cfg:
+        raise MechscopeError(f"'{path}' is not a tuned-lens config.json with num_hidden_layers and d_model; pass the "
+                             "config.json the tuned-lens package saved with --config.")
+    L, D = _count(cfg, "num_hidden_layers", path), _count(cfg, "d_model", path)
     return {"name": model_name or cfg.get("base_model_name_or_path"), "d_vocab": None}, L, D
 
 

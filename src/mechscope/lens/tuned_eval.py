@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.lens.tuned import TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
 from mechscope.models.unembed import final_norm, project
@@ -72,11 +74,15 @@ def evaluate_tuned_lens(model: Model, lens: TunedLens, corpus=None, n_tokens: in
         n += rows[FINAL_NORM_IN].shape[0]
         bar.advance(rows[FINAL_NORM_IN].shape[0])
     bar.close()
+    bad = sorted({l for k in tot for l in range(L) if not torch.isfinite(tot[k][l])})
+    if bad:
+        raise MechscopeError(f"the held-out KL is NaN or inf at layers {bad}, so there is no result to report; the model or "
+                             "the translators give non-finite logits on this corpus, so check them or train the lens again.")
     layers: list[dict[str, Any]] = []
     for l, hook in enumerate(lens.hooks):
         kl_l, kl_t = float(tot["kl_logit"][l] / n), float(tot["kl_tuned"][l] / n)
         layers.append({"layer": l, "hook": hook, "kl_logit": kl_l, "kl_tuned": kl_t,
-                       "ratio": kl_l / kl_t if kl_t > 0 else None,
+                       "ratio": kl_l / kl_t if kl_t > 0 and math.isfinite(kl_l / kl_t) else None,
                        "top1_logit": float(tot["top1_logit"][l] / n), "top1_tuned": float(tot["top1_tuned"][l] / n)})
     mid = [r for r in layers if 10 <= r["layer"] <= 20 and r["ratio"] is not None]
     nonfinal = [r for r in layers if r["kl_logit"] > 1e-6]  # a translator reading the final residual has KL 0 both ways

@@ -357,10 +357,18 @@ class _Run:
                 s = {k: (v.reshape(()) if k == "step" else v.to(dev)) for k, v in s.items()}
                 self.opt.state[p] = s
         self.step, self.log, self.seconds = st["step"], st["log"], st["seconds"]
+        if not self.lens.is_finite():
+            raise MechscopeError(f"the checkpoint in {self.ckpt} holds NaN or inf translators (its run diverged); train "
+                                 "again with a lower --lr and a new --out.")
         if self.step > self.cfg.kl_steps:
             raise MechscopeError(f"the checkpoint in {self.ckpt} is at KL step {self.step}, beyond --kl-steps {self.cfg.kl_steps}; "
                                  "resume with at least that many steps.")
         return "state"
+
+    def diverged(self) -> MechscopeError:
+        """The one sentence for a KL step that left non-finite translators (or could not be taken)."""
+        return MechscopeError(f"the KL fine-tune diverged at step {self.step + 1} (the translators became NaN or inf), so no "
+                              f"tuned lens was saved; lower --lr (it was {self.cfg.lr:g}) and train again with a new --out.")
 
     def trained_layers(self) -> list[int]:
         """Translators the KL stage trains: all but one whose input is the final residual (it is
@@ -376,6 +384,9 @@ class _Run:
             t0 = time.perf_counter()
             self.cache = closed_form(self.model, self.corpus, cfg, self.lens, self.progress)
             self.seconds["closed_form"] = time.perf_counter() - t0
+            if not self.lens.is_finite():
+                raise MechscopeError("the closed-form fit gave NaN or inf translators (the model's residual streams on this "
+                                     "corpus are not finite); check the model on a few prompts or pass another --corpus.")
             self.save_stage1()
         dev = self.model.device
         dec = _Decoder(self.model, _DTYPES[cfg.matmul_dtype], dev)
@@ -390,7 +401,14 @@ class _Run:
             y = cache["final"][idx].to(dev).float()
             self.opt.zero_grad(set_to_none=True)
             kl = kl_step(self.lens, dec, h, y, cfg.token_chunk, layers)
-            self.opt.step()
+            try:
+                self.opt.step()
+            except RuntimeError as exc:  # Adam's lr / (1 - beta1^t) past float32's range
+                if "overflow" not in str(exc):
+                    raise
+                raise self.diverged() from exc
+            if not (self.lens.is_finite() and bool(torch.isfinite(kl).all())):
+                raise self.diverged()
             self.step += 1
             self.seconds["kl"] = s0 + time.perf_counter() - t0
             row = {"step": self.step, "kl_mean": float(kl.mean()), "kl": [round(float(v), 5) for v in kl]}
