@@ -69,6 +69,17 @@ def _old_merge_samples(key: torch.Tensor, val: torch.Tensor, row: torch.Tensor, 
     key[ku, kg, kr], val[ku, kg, kr], row[ku, kg, kr], win[ku, kg, kr] = new
 
 
+def _random_batch(g: torch.Generator, cfg: ExemplarsConfig, step: int, U: int, B: int, T: int):
+    """(batch, its valid tokens' activations [N, U], their rows [N]) of random activations, about
+    a fifth of the tokens (and every context's first) not candidates."""
+    acts = torch.randn(B, T, U, generator=g)
+    valid = torch.rand(B, T, generator=g) > 0.2
+    valid[:, 0] = False
+    rows = valid.reshape(-1).nonzero()[:, 0]
+    batch = _Batch(acts, rows, step * B * T, cfg)
+    return batch, batch.flat.index_select(0, rows), rows
+
+
 def _state(U, G, m, W):
     return (torch.full((U, G, m), INF), torch.full((U, G, m), math.nan), torch.full((U, G, m), -1, dtype=torch.long),
             torch.full((U, G, m, W), math.nan))
@@ -83,12 +94,7 @@ def test_merge_samples_equals_sort_based_merge(G, m, grouped, candidates):
     W = cfg.before + cfg.after + 1
     new, old = _state(U, G, m, W), _state(U, G, m, W)
     for step in range(6):
-        acts = torch.randn(B, T, U, generator=g)
-        valid = torch.rand(B, T, generator=g) > 0.2
-        valid[:, 0] = False
-        rows = valid.reshape(-1).nonzero()[:, 0]
-        batch = _Batch(acts, rows, step * B * T, cfg)
-        x = batch.flat.index_select(0, rows)
+        batch, x, rows = _random_batch(g, cfg, step, U, B, T)
         tok_key = torch.rand(rows.shape[0], generator=g)
         if step % 2:  # coarse keys: many ties, within the batch and with the kept entries
             tok_key = (tok_key * 8).floor() / 8
@@ -223,12 +229,7 @@ def test_shared_sample_merge_equals_per_unit_merges():
     W = cfg.before + cfg.after + 1
     shared, each = _state(U, 1, m, W), _state(U, 1, m, W)
     for step in range(7):
-        acts = torch.randn(B, T, U, generator=g)
-        valid = torch.rand(B, T, generator=g) > 0.2
-        valid[:, 0] = False
-        rows = valid.reshape(-1).nonzero()[:, 0]
-        batch = _Batch(acts, rows, step * B * T, cfg)
-        x = batch.flat.index_select(0, rows)
+        batch, x, rows = _random_batch(g, cfg, step, U, B, T)
         tok_key = (torch.rand(rows.shape[0], generator=g) * (4 if step % 2 else 64)).floor() / 64
         assert merge_shared_samples(*shared, tok_key, x, batch)
         n_i, u_i = torch.ones(x.shape, dtype=torch.bool).nonzero().unbind(1)  # every token a candidate

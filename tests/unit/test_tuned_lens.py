@@ -7,6 +7,8 @@ params.pt converts (and a pickle that would run code is refused)."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from mechscope.models.hooks import FINAL_NORM_IN, resid_post, resid_pre
 from mechscope.models.prompt import encode_prompt
 from mechscope.models.unembed import final_norm, project
 from mechscope.progress import Recorder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from tuned_lens_package import write_package  # noqa: E402
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 SMALL = dict(tokens=2500, context_len=32, kl_batch=32, kl_tokens=600, token_chunk=40, lr=3e-3, matmul_dtype="float32",
@@ -177,20 +182,6 @@ def test_a_finished_run_extends_to_exactly_a_longer_run(tiny_llama, corpus, tmp_
         train_tuned_lens(tiny_llama, corpus, TunedLensTrainConfig(**{**SMALL, "kl_steps": 9}), dropped, resume=True)
 
 
-def _package_files(folder, L: int, D: int, name: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for i in range(L):
-        state[f"{i}.weight"] = torch.randn(D, D, generator=g) * 0.01
-        state[f"{i}.bias"] = torch.randn(D, generator=g) * 0.01
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({
-        "base_model_name_or_path": name, "d_model": D, "num_hidden_layers": L, "bias": True,
-        "base_model_revision": None, "unembed_hash": None, "lens_type": "linear_tuned_lens"}))
-    torch.save(state, folder / "params.pt")  # the package's own format (a pickle), written here as a fixture
-    return state
-
-
 class _Evil:
     def __reduce__(self):
         return (print, ("this ran",))
@@ -198,7 +189,7 @@ class _Evil:
 
 def test_tuned_lens_package_params_convert_and_load(tiny_llama, tmp_path, capsys):
     L, D = tiny_llama.summary.n_layers, tiny_llama.summary.d_model
-    state = _package_files(tmp_path / "pkg", L, D, f"someone/{tiny_llama.summary.name}")
+    state = write_package(tmp_path / "pkg", L, D, f"someone/{tiny_llama.summary.name}")
     r = CliRunner().invoke(app, ["tuned-lens", "convert", str(tmp_path / "pkg" / "params.pt"), "--out", str(tmp_path / "conv"), "--json"])
     assert r.exit_code == 0, r.output
     lens = load_tuned_lens(tmp_path / "conv", tiny_llama)

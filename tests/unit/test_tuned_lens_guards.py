@@ -6,6 +6,8 @@ whole numbers are named, and a context longer than the model reads is refused be
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,9 @@ from mechscope.lens import TunedLens
 from mechscope.lens.tuned import WEIGHTS_FILE, convert_tuned_lens
 from mechscope.lens.tuned_eval import evaluate_tuned_lens
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from tuned_lens_package import write_package  # noqa: E402
+
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
@@ -27,19 +32,6 @@ def _refused(r, msg: str) -> str:
     said = r.stderr.rsplit("error: ", 1)[1]
     assert said.count("\n") == 1 and msg in said and "Traceback" not in r.output, r.output
     return said
-
-
-def _package(folder, L: int, D: int, **config) -> dict[str, torch.Tensor]:
-    """A tuned-lens package folder: config.json + params.pt (the package's own pickle, written here)."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for i in range(L):
-        state[f"{i}.weight"] = torch.randn(D, D, generator=g) * 0.01
-        state[f"{i}.bias"] = torch.randn(D, generator=g) * 0.01
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"base_model_name_or_path": "llama", "d_model": D, "num_hidden_layers": L,
-                                                    "bias": True, "lens_type": "linear_tuned_lens", **config}))
-    return state
 
 
 def _nan_lens_dir(model, path):
@@ -106,7 +98,7 @@ def test_eval_json_is_strict_json(tiny_llama, tiny_llama_dir, corpus, tmp_path):
 
 def test_convert_refuses_non_finite_params(tiny_llama, tmp_path):
     L, D = tiny_llama.summary.n_layers, tiny_llama.summary.d_model
-    state = _package(tmp_path / "pkg", L, D)
+    state = write_package(tmp_path / "pkg", L, D)
     state["2.bias"][3] = float("nan")
     torch.save(state, tmp_path / "pkg" / "params.pt")
     r = CliRunner().invoke(app, ["tuned-lens", "convert", str(tmp_path / "pkg" / "params.pt"), "--out", str(tmp_path / "o")])
@@ -119,7 +111,7 @@ def test_convert_refuses_non_finite_params(tiny_llama, tmp_path):
 def test_convert_names_a_tensor_of_the_wrong_shape(tiny_llama, tmp_path, key, shape):
     L, D = tiny_llama.summary.n_layers, tiny_llama.summary.d_model
     assert D == 64
-    state = _package(tmp_path / "pkg", L, D)
+    state = write_package(tmp_path / "pkg", L, D)
     state[key] = torch.zeros(shape)
     torch.save(state, tmp_path / "pkg" / "params.pt")
     r = CliRunner().invoke(app, ["tuned-lens", "convert", str(tmp_path / "pkg" / "params.pt"), "--out", str(tmp_path / "o")])
@@ -130,7 +122,7 @@ def test_convert_names_a_tensor_of_the_wrong_shape(tiny_llama, tmp_path, key, sh
 @pytest.mark.parametrize("value", [-3, 0, 3.7, "3", True, None])
 def test_convert_refuses_a_layer_count_that_is_not_a_whole_number(tiny_llama, tmp_path, value):
     L, D = tiny_llama.summary.n_layers, tiny_llama.summary.d_model
-    state = _package(tmp_path / "pkg", L, D, num_hidden_layers=value)
+    state = write_package(tmp_path / "pkg", L, D, num_hidden_layers=value)
     torch.save(state, tmp_path / "pkg" / "params.pt")
     with pytest.raises(MechscopeError, match=f"num_hidden_layers = {json.dumps(value)}, which is not a whole number"):
         convert_tuned_lens(tmp_path / "pkg" / "params.pt", tmp_path / "o")

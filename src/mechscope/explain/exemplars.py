@@ -259,20 +259,9 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
         kth = column_order_stat(x, N - min(k, N), *([min(kb, N) - 1] if kb else [])).view(-1, U)
         hi = torch.maximum(torch.nextafter(kth[0], torch.tensor(-INF)), thr_top)
         lo = torch.minimum(torch.nextafter(kth[1], torch.tensor(INF)), cast(torch.Tensor, thr_bot)) if kb else None
-        n_d, u_d = _outside(x, lo, hi, work)
-        xv = x[n_d, u_d]
-        sel = xv > hi[u_d]
-        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, (n_d[sel], u_d[sel]))
-        if lo is not None:
-            sel = xv < lo[u_d]
-            merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n_d[sel], u_d[sel]))
+        _merge_top_bottom(state, x, batch, _outside(x, lo, hi, work), hi, lo)
     else:
-        xv = x[n_i, u_i]
-        sel = xv > thr_top[u_i]
-        merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, (n_i[sel], u_i[sel]))
-        if thr_bot is not None:
-            sel = xv < thr_bot[u_i]
-            merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n_i[sel], u_i[sel]))
+        _merge_top_bottom(state, x, batch, (n_i, u_i), thr_top, thr_bot)
     if dense_q:
         # Lists filling: in each (unit, bin) only the bin's first m tokens in (key, token) order can enter.
         _, by_key = torch.sort(k1, stable=True)
@@ -300,6 +289,19 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
         n_r, u_r = _key_prefix(k2, state.r_key[:, 0, -1].contiguous(), cfg.n_random)
         if n_r.numel():
             merge_samples(state.r_key, state.r_val, state.r_row, state.r_win, k2, x, batch, (n_r, u_r, torch.zeros_like(u_r)))
+
+
+def _merge_top_bottom(state: LayerState, x: torch.Tensor, batch: _Batch, cand: tuple[torch.Tensor, torch.Tensor],
+                      hi: torch.Tensor, lo: torch.Tensor | None) -> None:
+    """Merge the candidates (token, unit) [C] above ``hi`` [U] into the top lists and those below
+    ``lo`` [U] (None: no bottom lists) into the bottom lists."""
+    n, u = cand
+    xv = x[n, u]
+    sel = xv > hi[u]
+    merge_best(state.top_val, state.top_row, state.top_win, x, batch, True, (n[sel], u[sel]))
+    if lo is not None:
+        sel = xv < lo[u]
+        merge_best(state.bot_val, state.bot_row, state.bot_win, x, batch, False, (n[sel], u[sel]))
 
 
 def _outside(x: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None, work: torch.Tensor | None = None

@@ -101,8 +101,8 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     key = {"settings": cfg.to_dict(), "model": model.summary.name, "fingerprint": model.fingerprint(), "prompts": made_of}
     where = Path(checkpoint) if checkpoint is not None else None
     done = _read_partial(where, key)
-    bar = as_progress(progress).phase("knockout sweeps", total=len(kept), unit="prompt",
-                                      initial=sum(str(i) in done for i in kept))
+    bar = as_progress(progress if kept else False).phase("knockout sweeps", total=len(kept), unit="prompt",
+                                                         initial=sum(str(i) in done for i in kept))
     for i in kept:
         if str(i) not in done:
             done[str(i)] = prompt_curves(model, prompts[i], cfg, cfg.seed + i)
