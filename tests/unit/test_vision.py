@@ -277,8 +277,10 @@ def test_cli_train_circuit_attack_and_bad_input(tmp_path):
     res = r.invoke(app, ["vision", "attack", "--model", str(out), "--k", "2", "--random-draws", "1", "--contrast", "--out", str(tmp_path / "a"), "--json"])
     assert res.exit_code == 0, res.output
     assert set(json.loads(res.stdout)["before"]) == {"attack_success", "clean_accuracy"}
-    res = r.invoke(app, ["vision", "compose", "--model", str(out), "--k", "2", "--json"])
+    res = r.invoke(app, ["vision", "compose", "--model", str(out), "--k", "2", "--out", str(tmp_path / "j"), "--json"])
     assert res.exit_code == 0 and "jaccard_union_of_parts" in json.loads(res.stdout)
+    saved = json.loads((tmp_path / "j" / "compose.json").read_text())
+    assert saved["jaccard_union_of_parts"] == json.loads(res.stdout)["jaccard_union_of_parts"]
     for args, needle in ((["circuit", "--model", str(out), "--concept", "hbar", "--k", "5"], "larger than layer"),
                          (["circuit", "--model", str(tmp_path), "--concept", "hbar"], "not a vision model folder"),
                          (["circuit", "--model", str(out), "--concept", str(tmp_path / "a" / "circuit.json"), "--k", "2"], ".npy"),

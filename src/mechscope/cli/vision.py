@@ -120,19 +120,23 @@ def compose(
     contrast: bool = ContrastOpt,
     baseline: str = BaselineOpt,
     seed: int = SeedOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder for compose.json (default: a fresh one here)."),
     json: bool = JsonOpt,
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
     cfg = CircuitConfig(k=k, contrast=contrast, baseline=baseline, seed=seed)
     _threads()
+    from mechscope.results import write_result_json
     from mechscope.vision.run import run_composition
 
     res = run_composition(_load(model, k), cfg, progress=not json)
+    saved = write_result_json(Path(out or fresh_dir("vision-compose")), "compose.json", res)
     if json:
-        return emit_json(res)
+        return emit_json({"out": str(saved.parent), **res})
     console.print(f"Jaccard({res['overlay']}, union of parts) = {res['jaccard_union_of_parts']:.3f}; best other class "
                   f"{max(res['jaccard_other_classes'].values()):.3f}; best other pair {res['jaccard_other_pairs_max']['value']:.3f} "
                   f"({res['jaccard_other_pairs_max']['pair']})", highlight=False)
+    console.print(f"saved: {saved}", highlight=False)
 
 
 @vision_app.command("attack")
