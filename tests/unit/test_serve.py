@@ -409,3 +409,19 @@ def test_cli_refusals_are_one_sentence_exit_2(tmp_path):
             assert "other machines" not in r.output  # the network warning only once the socket listens
     finally:
         busy.close()
+
+
+def test_every_command_that_writes_a_run_folder_is_listed(tmp_path):
+    """The run folders of icl, confusion, binding dynamics and interchange, vision eap and compose,
+    and a tuned lens (whose eval.json is not an SAE evaluation) are found with their kinds."""
+    made = {"icl": "icl.json", "conf": "confusion.json", "bd": "binding_dynamics.json", "ix": "interchange.json",
+            "veap": "eap.json", "vcomp": "compose.json", "lens": "tuned_lens.json"}
+    for folder, data in made.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / data).write_text("{}")
+    (tmp_path / "lens" / "eval.json").write_text("{}")
+    (tmp_path / "lens" / "eval.html").write_text("<p>eval</p>")
+    kinds = {r.name: r.kind for r in find_runs(tmp_path)}
+    assert kinds == {"icl": "few-shot ICL knockout", "conf": "language confusion", "bd": "binding dynamics",
+                     "ix": "interchange interventions", "veap": "vision EAP", "vcomp": "vision composition", "lens": "tuned lens"}
+    assert next(r for r in find_runs(tmp_path) if r.name == "lens").page == "lens/eval.html"

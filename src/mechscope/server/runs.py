@@ -44,7 +44,14 @@ _MARKERS: list[tuple[str, str, str]] = [
     ("lens.json", "lens", "report.html"),
     ("recall.json", "recall", "report.html"),
     ("dashboard.json", "SAE dashboards", "dashboard.html"),
+    ("tuned_lens.json", "tuned lens", "eval.html"),  # before eval.json: a lens folder holds its evaluation
     ("eval.json", "SAE evaluation", "eval.html"),
+    ("icl.json", "few-shot ICL knockout", "report.html"),
+    ("confusion.json", "language confusion", "report.html"),
+    ("binding_dynamics.json", "binding dynamics", "binding_dynamics.html"),
+    ("interchange.json", "interchange interventions", "interchange.html"),
+    ("eap.json", "vision EAP", "report.html"),
+    ("compose.json", "vision composition", "report.html"),
 ]
 
 
