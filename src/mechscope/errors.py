@@ -7,6 +7,8 @@ notebook users see the same sentence as the exception message.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 
 class MechscopeError(Exception):
     """A problem with the user's input or environment, explained in one sentence."""
@@ -29,3 +31,15 @@ def check_lr(lr: float, option: str = "--lr") -> None:
         raise MechscopeError(f"{option} must be a positive finite number; got {lr}.")
     if lr > 3.4e38:  # float32's largest: the optimisers' float32 arithmetic overflows on the first step
         raise MechscopeError(f"{option} {lr} is beyond float32's range (3.4e38); give a learning rate such as 1e-3.")
+
+
+def step_or_diverge(opt: Any, diverged: Callable[[], Exception]) -> None:
+    """``opt.step()``, with the float32 overflow a huge learning rate causes (Adam's step size
+    lr / (1 - beta1^t) past 3.4e38 is a RuntimeError) raised as ``diverged()`` instead: the one
+    sentence every trainer gives for a run whose weights left the finite numbers."""
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        raise diverged() from exc

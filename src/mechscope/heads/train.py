@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, step_or_diverge
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress
@@ -159,7 +159,7 @@ def optimiser_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor,
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    step_or_diverge(opt, lambda: diverged(step, "the optimiser's step overflowed float32"))
     log["train_loss"].append([step, check_loss(loss, step)])
     bar.advance(loss=log["train_loss"][-1][1])
 
@@ -169,15 +169,20 @@ def check_loss(loss: torch.Tensor, step: int) -> float:
     trains a model of NaN that nothing downstream would notice)."""
     value = loss.item()
     if not math.isfinite(value):
-        raise MechscopeError(f"Training diverged at step {step} (loss {value}); lower --lr and start again in a new --out folder.")
+        raise diverged(step, f"loss {value}")
     return value
+
+
+def diverged(step: int, why: str) -> MechscopeError:
+    """The toy trainers' one sentence for a run that left the finite numbers."""
+    return MechscopeError(f"Training diverged at step {step} ({why}); lower --lr and start again in a new --out folder.")
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:
     """One sentence instead of saving a model with a non-finite weight (checked before every save)."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise MechscopeError(f"Training diverged by step {step} ({name} is not finite); lower --lr and start again in a new --out folder.")
+            raise diverged(step, f"{name} is not finite")
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError
-from mechscope.heads.train import check_finite, check_loss, resume_run, save_state, schedule, write_log
+from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.heads.train import check_finite, check_loss, diverged, resume_run, save_state, schedule, write_log
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
@@ -111,7 +111,7 @@ def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) 
         loss = torch.nn.functional.cross_entropy(model(b.x, b.labels), b.target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        step_or_diverge(opt, lambda: diverged(step, "the optimiser's step overflowed float32"))
         log["train_loss"].append([step, check_loss(loss, step)])
         bar.advance(loss=log["train_loss"][-1][1])
         if step in sched:

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, step_or_diverge
 from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
@@ -401,12 +401,7 @@ class _Run:
             y = cache["final"][idx].to(dev).float()
             self.opt.zero_grad(set_to_none=True)
             kl = kl_step(self.lens, dec, h, y, cfg.token_chunk, layers)
-            try:
-                self.opt.step()
-            except RuntimeError as exc:  # Adam's lr / (1 - beta1^t) past float32's range
-                if "overflow" not in str(exc):
-                    raise
-                raise self.diverged() from exc
+            step_or_diverge(self.opt, self.diverged)
             if not (self.lens.is_finite() and bool(torch.isfinite(kl).all())):
                 raise self.diverged()
             self.step += 1
