@@ -90,6 +90,13 @@ def _save_tiny(kind: str, path) -> str:
             vocab_size=512, bos_token_id=0, eos_token_id=0, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128
         )
         model = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "neox":  # Pythia's shape: attention and MLP in parallel, partial rotary, biases
+        cfg = transformers.GPTNeoXConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.GPTNeoXForCausalLM(cfg)
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -155,6 +162,18 @@ def tiny_llama(tiny_llama_dir):
     from mechscope.models import load_model
 
     return load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tmp_path_factory) -> str:
+    return _save_tiny("neox", tmp_path_factory.mktemp("tiny_neox"))
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(tiny_neox_dir):
+    from mechscope.models import load_model
+
+    return load_model(tiny_neox_dir, device="cpu")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

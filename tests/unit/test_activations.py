@@ -366,7 +366,7 @@ def test_bad_corpus_specs(tmp_path):
     (tmp_path / "e.txt").write_text("\n\n  \n")
     with pytest.raises(MechscopeError, match="holds no documents"):
         get_corpus(tmp_path / "e.txt")
-    with pytest.raises(MechscopeError, match="too few documents"):
+    with pytest.raises(MechscopeError, match="too few to hold 1 in 20 out"):
         (tmp_path / "one.jsonl").write_text('{"text": "a"}\n')
         get_corpus(tmp_path / "one.jsonl", split="heldout")
 

@@ -1,6 +1,7 @@
 """Architectures beyond the suite's tiny GPT-2 and Llama, built here from configs: the bridge
-serves them with plain transformers' logits; the circuit graph refuses, in one sentence, the
-ones whose blocks it does not describe (parallel attention and MLP, a norm after attention);
+serves them with plain transformers' logits; the circuit graph describes parallel blocks
+(GPT-NeoX) and refuses, in one sentence, the ones whose blocks it does not describe (an MLP
+sharing the attention's norm, a norm after attention);
 the logit lens reads them; a model with no per-head hooks, or of an architecture the bridge
 does not know, is refused when it loads."""
 
@@ -67,9 +68,11 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
     for name in ("qwen2", "mistral", "gemma"):
         ok = load_model(arch_dirs[name], device="cpu")
-        check_sequential_blocks(ok)
-        assert build_graph(ok).n_layers == 2
-    for name, reason in (("neox", "run in parallel"), ("phi", "never fires"), ("gemma2", "do not add up")):
+        assert check_sequential_blocks(ok) == "sequential"
+        assert build_graph(ok).n_layers == 2 and not build_graph(ok).parallel
+    neox = load_model(arch_dirs["neox"], device="cpu")
+    assert check_sequential_blocks(neox) == "parallel" and build_graph(neox).parallel
+    for name, reason in (("phi", "never fires"), ("gemma2", "do not add up")):
         m = load_model(arch_dirs[name], device="cpu")
         ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
         from transformers import AutoModelForCausalLM
@@ -92,7 +95,7 @@ def test_transcoders_refuse_a_model_whose_mlp_has_no_norm_of_its_own(arch_dirs):
 
 
 @pytest.mark.parametrize("name", ["neox", "phi", "gemma2"])
-def test_heads_and_exemplars_run_on_the_models_circuits_refuse(name, arch_dirs, tmp_path):
+def test_heads_and_exemplars_run_on_the_models_beyond_the_sequential_shape(name, arch_dirs, tmp_path):
     import json
 
     from typer.testing import CliRunner
@@ -110,13 +113,13 @@ def test_heads_and_exemplars_run_on_the_models_circuits_refuse(name, arch_dirs, 
     assert json.loads(r.stdout)["n_units"] == 2 * 128
 
 
-def test_circuit_command_refuses_a_parallel_model_in_one_sentence(arch_dirs):
+def test_circuit_command_refuses_a_shared_norm_model_in_one_sentence(arch_dirs):
     from typer.testing import CliRunner
 
     from mechscope.cli.main import app
 
-    r = CliRunner().invoke(app, ["discover", "--model", arch_dirs["neox"], "--task", "induction", "--n", "4", "--method", "eap"])
-    assert r.exit_code == 2 and "run in parallel" in r.stderr and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(app, ["discover", "--model", arch_dirs["phi"], "--task", "induction", "--n", "4", "--method", "eap"])
+    assert r.exit_code == 2 and "never fires" in r.stderr and "Traceback" not in r.output, r.output
 
 
 def test_logit_lens_reads_a_parallel_model(arch_dirs):

@@ -114,12 +114,15 @@ def get_corpus(
     if split != "all":
         if heldout_every < 2:
             raise MechscopeError("heldout_every must be at least 2.")
+        n_docs = len(refs)
         held = [r for i, r in enumerate(refs) if i % heldout_every == heldout_every - 1]
         refs = held if split == "heldout" else [r for i, r in enumerate(refs) if i % heldout_every != heldout_every - 1]
         if not refs:
             raise MechscopeError(
-                f"The corpus '{spec}' has too few documents ({len(held)}) for a held-out split of 1 in "
-                f"{heldout_every}; add text or use split='all'."
+                f"The corpus '{spec}' has {n_docs} document{'s' if n_docs != 1 else ''}, too few to hold 1 in "
+                f"{heldout_every} out: give it at least {heldout_every} (a .txt file is cut into passages of about "
+                f"{passage_chars:,} characters at blank lines, a .jsonl file holds one document per line), "
+                "or, from Python, use split='all'."
             )
     if seed is not None:
         refs = list(refs)

@@ -221,7 +221,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "clean_accuracy": perf["clean_accuracy"],
         "scoring_seconds": round(t_score, 2),
     }
-    res = CircuitResult(model=model.summary.to_dict(), task=batch.task, method=cfg.method,
+    model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {})
+    res = CircuitResult(model=model_info, task=batch.task, method=cfg.method,
                         settings={**asdict(cfg), "task": task_spec(cfg.task), "rank": rank}, graph=graph, scores=scores, circuit=circuit,
                         metrics=metrics, curve=curve, cpr=cpr, cmd=cmd, cv_curve=cv)
     say("attention patterns and head roles")

@@ -102,7 +102,8 @@ class CircuitResult:
     def load(cls, path: str | Path) -> "CircuitResult":
         d, p = read_result_json(path, "circuit.json", SCHEMA_VERSION, "mechscope discover")
         m = d["model"]
-        g = Graph(n_layers=m["n_layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"])
+        g = Graph(n_layers=m["n_layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"],
+                  parallel=bool(m.get("parallel_blocks", False)))
         st = p.parent / "scores.safetensors"
         if st.is_file():
             from safetensors.torch import load_file

@@ -17,7 +17,9 @@ g(h); naming it that way keeps the graph exact and spares the n_heads/n_kv_heads
 ungrouping other tools pay. For multi-head models (n_kv_heads == n_heads) ``kv{g}`` is head g.
 
 An edge is (sender, receiver) with the sender strictly upstream of the receiver: a layer-l
-head feeds layer l's MLP and everything in later layers.
+head feeds layer l's MLP and everything in later layers. In a *parallel* block (GPT-NeoX /
+Pythia: attention and MLP both read the block's input, ``parallel=True``) the MLP reads only
+what was written before its layer, so the same-layer head -> MLP edges do not exist.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Graph:
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    parallel: bool = False
+    """Attention and MLP of a block both read the block's input (GPT-NeoX, Pythia)."""
     senders: list[str] = field(init=False)
     receivers: list[str] = field(init=False)
 
@@ -73,9 +77,10 @@ class Graph:
         return len(self.receivers)
 
     def sender_slice_before(self, layer: int, mlp: bool = False) -> int:
-        """Number of senders upstream of layer ``layer``'s attention (or MLP if ``mlp``)."""
+        """Number of senders upstream of layer ``layer``'s attention (or MLP if ``mlp``: the
+        same layer's heads too, unless the block is parallel)."""
         n = 1 + layer * (self.n_heads + 1)
-        return n + self.n_heads if mlp else n
+        return n + self.n_heads if mlp and not self.parallel else n
 
     def head_senders(self, layer: int) -> slice:
         start = 1 + layer * (self.n_heads + 1)
@@ -162,7 +167,10 @@ class Graph:
         for s, r in edges:
             si, ri = self.sender_index(s), self.receiver_index(r)
             if not self.allowed[si, ri]:
-                raise MechscopeError(f"There is no edge {s} -> {r}: the sender is not upstream of the receiver.")
+                rl = self.receiver_layer(ri)
+                same = self.parallel and rl < self.n_layers and si in range(*self.head_senders(rl).indices(self.n_senders))
+                why = " (this model's attention and MLP run in parallel: an MLP does not read its own layer's heads)" if same else ""
+                raise MechscopeError(f"There is no edge {s} -> {r}: the sender is not upstream of the receiver{why}.")
             m[si, ri] = 1.0
         return m
 
@@ -178,6 +186,7 @@ class Graph:
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,
+            "parallel_blocks": int(self.parallel),
             "n_nodes": self.n_senders + 1,  # + logits
             "n_senders": self.n_senders,
             "n_receivers": self.n_receivers,
@@ -187,28 +196,33 @@ class Graph:
 
 def build_graph(model: Model, check: bool = True) -> Graph:
     """The computational graph of a loaded ``mechscope.models.Model``; with ``check`` (the
-    default) refused, in one sentence, for a model whose blocks do not have the graph's shape
-    (``check_sequential_blocks``)."""
+    default) its blocks are measured first (``check_sequential_blocks``): a model whose
+    attention and MLP run in parallel gets the parallel graph, and one whose blocks fit
+    neither shape is refused in one sentence."""
     s = model.summary
-    if check:
-        check_sequential_blocks(model)
-    return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads)
+    parallel = check_sequential_blocks(model) == "parallel" if check else False
+    return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, parallel=parallel)
 
 
 _CHECKED = "_mechscope_graph_checked"
 
 
 @torch.no_grad()
-def check_sequential_blocks(model: Model) -> None:
-    """Refuse, in one sentence, a model whose blocks are not what the graph assumes: in every
-    block the heads' outputs (``attn.hook_result``, plus a constant bias) are what attention adds
-    to the residual stream, the MLP reads that sum (``hook_mlp_in`` = block input + attention)
-    and adds its output (``hook_mlp_out``) to give the block's output. Measured on one short
-    random input (once per model). Fails, among others, for parallel attention and MLP
-    (GPT-NeoX/Pythia, GPT-J, Phi: the MLP reads the block's input) and for a norm after the
-    attention (Gemma 2): on those, patching an edge would not do what its name says."""
-    if getattr(model, _CHECKED, False):
-        return
+def check_sequential_blocks(model: Model) -> str:
+    """The layout of the model's blocks, "sequential" or "parallel", measured on one short
+    random input (once per model); any other shape refused in one sentence.
+
+    Sequential: in every block the heads' outputs (``attn.hook_result``, plus a constant bias)
+    are what attention adds to the residual stream, the MLP reads that sum (``hook_mlp_in`` =
+    block input + attention) and adds its output (``hook_mlp_out``). Parallel (GPT-NeoX,
+    Pythia): the same, except that the MLP reads the block's input (``hook_mlp_in`` =
+    ``hook_resid_pre``), in every block. Refused: an MLP that shares the attention's norm (Phi:
+    ``hook_mlp_in`` never fires, so no edge into the MLP could be patched) and a norm after the
+    attention (Gemma 2: the heads' outputs are not what the block adds); on those, patching an
+    edge would not do what its name says."""
+    done = getattr(model, _CHECKED, None)
+    if isinstance(done, str):
+        return done
     from mechscope.models.hooks import attn_result, mlp_in, mlp_out, resid_post, resid_pre
 
     L, arch = model.summary.n_layers, model.summary.architecture
@@ -224,6 +238,7 @@ def check_sequential_blocks(model: Model) -> None:
         bridge.set_use_attn_result(was)
     half = model.summary.dtype in ("float16", "bfloat16")
     why = None
+    layouts = {"sequential", "parallel"}  # the layouts every block so far fits (both where attention added ~0)
     for layer in range(L):
         got = {f.__name__: cache[f(layer)].float() if f(layer) in cache else None
                for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
@@ -241,10 +256,19 @@ def check_sequential_blocks(model: Model) -> None:
         if got["mlp_in"] is None:
             why = f"block {layer}'s MLP has no input hook ({mlp_in(layer)} never fires: the MLP shares the attention's input)"
             break
-        if float((got["mlp_in"] - got["resid_pre"] - attn).abs().max()) > tol:
-            why = f"block {layer}'s MLP does not read the attention's output (attention and MLP run in parallel)"
+        reads = {kind for kind, x in (("sequential", got["resid_pre"] + attn), ("parallel", got["resid_pre"]))
+                 if float((got["mlp_in"] - x).abs().max()) <= tol}
+        if not reads:
+            why = f"block {layer}'s MLP reads neither the block's input nor the input plus the attention's output"
             break
+        if not layouts & reads:
+            why = f"block {layer} runs attention and MLP {'in parallel' if 'parallel' in reads else 'in turn'} and an earlier block does not"
+            break
+        layouts &= reads
     if why is not None:
-        raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and then the MLP add their outputs "
-                             f"to the residual stream in turn, and {arch} does not: {why}; use another model for the circuit commands.")
-    setattr(model, _CHECKED, True)
+        raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and the MLP add their outputs "
+                             f"to the residual stream, the MLP reading the block's input (parallel) or that plus the "
+                             f"attention's output (in turn), and {arch} does not: {why}; use another model for the circuit commands.")
+    layout = "sequential" if "sequential" in layouts else "parallel"
+    setattr(model, _CHECKED, layout)
+    return layout
