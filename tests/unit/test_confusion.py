@@ -87,6 +87,12 @@ def test_prompt_file_errors_are_one_sentence(tmp_path, line, needle):
     assert ":2" in str(e.value)
 
 
+def test_a_prompt_files_language_codes_are_normalised(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Wie spät ist es?", "lang": "DE"}\n{"prompt": "¿Qué hora es?", "lang": "es-MX"}\n')
+    assert [p.lang for p in load_prompts(f)] == ["de", "es"]
+
+
 def test_missing_file_and_absent_language(tmp_path):
     with pytest.raises(MechscopeError, match="does not exist"):
         load_prompts(tmp_path / "nope.jsonl")
@@ -99,6 +105,11 @@ def test_config_and_top_n_checks():
         ConfusionConfig(n_tokens=2)
     with pytest.raises(MechscopeError):
         ConfusionConfig(langs=("de", "zz"))
+    assert ConfusionConfig(langs=("DE", " es", "fr-CA", "it_IT")).langs == ("de", "es", "fr", "it")  # as people write them
+    with pytest.raises(MechscopeError, match="cannot be an expected language"):
+        ConfusionConfig(langs=("EN-gb",))
+    with pytest.raises(MechscopeError, match="list of code strings"):
+        ConfusionConfig(langs="de")  # type: ignore[arg-type]
     with pytest.raises(MechscopeError, match="more than the 384 neurons"):
         check_top_n(385, 384)
     check_top_n(384, 384)

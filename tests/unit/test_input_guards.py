@@ -129,6 +129,7 @@ def test_contexts_longer_than_the_model_takes_are_refused(tiny_gpt2_dir, corpus,
     lambda: __import__("mechscope.vision.config", fromlist=["x"]).TrainConfig(lr=math.inf),
     lambda: __import__("mechscope.features.config", fromlist=["x"]).TranscoderTrainConfig(lr=math.nan),
     lambda: __import__("mechscope.icl.binding_config", fromlist=["x"]).BindingInterchangeConfig(head=1),
+    lambda: __import__("mechscope.icl.binding_config", fromlist=["x"]).BindingInterchangeConfig(n=10**9),
 ])
 def test_settings_that_cannot_train_or_run_are_refused(make):
     with pytest.raises(MechscopeError):

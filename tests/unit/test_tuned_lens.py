@@ -209,9 +209,10 @@ def test_tuned_lens_package_params_convert_and_load(tiny_llama, tmp_path, capsys
         assert torch.allclose(lens.logits(tiny_llama, h, 1), project(tiny_llama, h + lin(h)), atol=1e-5)
     # a pickle that would run code is refused by weights_only, and nothing runs
     torch.save({"0.weight": _Evil()}, tmp_path / "pkg" / "evil.pt")
-    with pytest.raises(MechscopeError, match="weights_only=True"):
+    with pytest.raises(MechscopeError, match="weights_only=True") as e:
         convert_tuned_lens(tmp_path / "pkg" / "evil.pt", tmp_path / "evil", tmp_path / "pkg" / "config.json")
     assert "this ran" not in capsys.readouterr().out
+    assert "weights_only` set to `False`" not in str(e.value) and "could run code" in str(e.value)  # not torch's advice to unpickle it
     # a pickle folder without conversion: the error says how
     (tmp_path / "pkg" / "params.safetensors").unlink()
     with pytest.raises(MechscopeError, match="tuned-lens convert"):

@@ -26,14 +26,19 @@ one of them and not English (there is nothing to confuse it with)."""
 
 
 def check_langs(langs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The codes as a tuple, or one sentence naming the first that cannot be an expected language."""
+    """The codes as a tuple, normalised (case, spaces and a region subtag dropped: "DE", " de ",
+    "de-AT" and "de_DE" are all "de"), or one sentence naming the first that cannot be an
+    expected language."""
     if not langs:
         raise MechscopeError("No languages given; pass codes such as de,es,fr,it.")
-    for code in langs:
+    if isinstance(langs, str) or not all(isinstance(c, str) for c in langs):
+        raise MechscopeError(f"Languages must be a list of code strings such as ['de', 'es']; got {langs!r}.")
+    given, langs = list(langs), [c.strip().lower().replace("_", "-").split("-")[0] for c in langs]
+    for code, raw in zip(langs, given):
         if code == "en":
             raise MechscopeError("'en' cannot be an expected language: confusion is answering in English; pass other codes.")
         if code not in LID_LANGS:
-            raise MechscopeError(f"Unknown language code '{code}'; use ISO 639-1 codes the identifier knows, e.g. {', '.join(LANGS)}.")
+            raise MechscopeError(f"Unknown language code '{raw}'; use ISO 639-1 codes the identifier knows, e.g. {', '.join(LANGS)}.")
     return tuple(langs)
 
 
@@ -74,7 +79,7 @@ class ConfusionConfig:
     """Seeds the random-neuron control and the IOI draw."""
 
     def __post_init__(self) -> None:
-        self.langs = check_langs(tuple(self.langs))
+        self.langs = check_langs(self.langs)
         if not 4 <= self.n_tokens <= 512:
             raise MechscopeError(f"n_tokens must be between 4 and 512 (got {self.n_tokens}).")
         if self.top_n < 1 or self.per_prompt < 1:

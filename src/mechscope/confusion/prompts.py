@@ -47,7 +47,7 @@ def parse_prompts(text: str, where: str) -> list[LangPrompt]:
         if not isinstance(lang, str):
             raise MechscopeError(f"{where}:{n} has a \"lang\" that is not a string; give a code such as \"de\".")
         try:
-            check_langs((lang,))
+            (lang,) = check_langs((lang,))
         except MechscopeError as exc:
             raise MechscopeError(f"{where}:{n}: {exc}") from None
         out.append(LangPrompt(prompt.strip(), lang))

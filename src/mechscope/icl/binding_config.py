@@ -19,6 +19,10 @@ SETTING = "binding"
 Site = Literal["resid", "head"]
 
 
+MAX_PAIRS = 100_000
+"""The most program pairs one interchange sweep takes."""
+
+
 @dataclass
 class BindingDataConfig:
     """Programs of ``lines`` assignment lines (``a = 3 ;`` or ``b = a ;``) and a query ``? b``.
@@ -123,8 +127,9 @@ class BindingInterchangeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise MechscopeError(f"--n must be at least 1 pair; got {self.n}.")
+        if not 1 <= self.n <= MAX_PAIRS:
+            raise MechscopeError(f"--n must be 1 to {MAX_PAIRS:,} pairs (every pair is held in memory at once; at "
+                                 f"{MAX_PAIRS:,} an accuracy's standard error is below 0.002); got {self.n:,}.")
         if self.site not in ("resid", "head"):
             raise MechscopeError(f"--site must be 'resid' or 'head'; got '{self.site}'.")
         if self.depth is not None and self.depth < 1:

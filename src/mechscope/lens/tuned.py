@@ -297,9 +297,20 @@ def convert_tuned_lens(params: str | Path, out: str | Path, config: str | Path |
     if not cfg_path.is_file():
         raise MechscopeError(f"No {PKG_CONFIG} at '{cfg_path}'; pass the tuned-lens config with --config.")
     mi, L, D = _package_config(cfg_path, model_name)
+    import pickle
+    import warnings
+
     try:
-        state = torch.load(str(params), map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refusals, truncated files, non-pickles: one sentence
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is not the user's business
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(params), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused it: torch's own advice is to unpickle it anyway
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        why = f" ({detail[0].strip().rstrip('.')})" if "WeightsUnpickler error:" in str(exc) and detail else ""
+        raise MechscopeError(f"'{params}' is not a file of tensors that torch.load(weights_only=True) reads{why}: it holds "
+                             "other pickled objects, which could run code, or it is damaged, so mechscope does not load "
+                             "it; pass the params.pt the tuned-lens package saved (tensors only).") from exc
+    except Exception as exc:  # truncated files, non-pickles: one sentence
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MechscopeError(f"'{params}' could not be read as tensors with torch.load(weights_only=True): {first}.") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
