@@ -165,15 +165,11 @@ def tiny_llama(tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_neox_dir(tmp_path_factory) -> str:
-    return _save_tiny("neox", tmp_path_factory.mktemp("tiny_neox"))
-
-
-@pytest.fixture(scope="session")
-def tiny_neox(tiny_neox_dir):
+def tiny_neox(tmp_path_factory):
+    """A tiny GPT-NeoX (Pythia's parallel blocks); its folder is ``summary.source``."""
     from mechscope.models import load_model
 
-    return load_model(tiny_neox_dir, device="cpu")
+    return load_model(_save_tiny("neox", tmp_path_factory.mktemp("tiny_neox")), device="cpu")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

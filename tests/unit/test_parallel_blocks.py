@@ -91,13 +91,13 @@ def test_eap_equals_finite_differences_on_the_parallel_graph(tiny_neox):
             assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), g.edge_name(s, r)
 
 
-def test_discover_and_evaluate_run_on_a_parallel_model(tiny_neox_dir, tmp_path):
+def test_discover_and_evaluate_run_on_a_parallel_model(tiny_neox, tmp_path):
     from typer.testing import CliRunner
 
     from mechscope.circuits.result import CircuitResult
     from mechscope.cli.main import app
 
-    out = tmp_path / "run"
+    out, tiny_neox_dir = tmp_path / "run", tiny_neox.summary.source
     r = CliRunner().invoke(app, ["discover", "--model", tiny_neox_dir, "--task", "induction", "--n", "8", "--method", "eap",
                                  "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
