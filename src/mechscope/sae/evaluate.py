@@ -115,7 +115,8 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
 
         sae_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, splice)])
         zero_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, zero)])
-        # Statistics over positions >= skip_first; losses over the predictions made there.
+        # Statistics over positions >= skip_first; losses over the predictions *of* the tokens there,
+        # made from position skip_first - 1 on (the transcoder evaluation's convention too).
         lo = max(skip_first, 1) - 1
         ce_c, ce_s, ce_z = (_ce(l, toks)[:, lo:] for l in (clean_logits, sae_logits, zero_logits))
         lp_c = clean_logits[:, skip_first:].float().log_softmax(-1)
