@@ -16,8 +16,11 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Head-role caches (circuit labels) of this session's models go to a fresh folder, not ~/.cache.
-os.environ.setdefault("MECHSCOPE_CACHE", tempfile.mkdtemp(prefix="mechscope-cache-"))
+# Head-role caches (circuit labels) of this session's models go to a fresh folder, not ~/.cache,
+# removed when the session ends (pytest_sessionfinish).
+_OWN_CACHE = None if "MECHSCOPE_CACHE" in os.environ else tempfile.mkdtemp(prefix="mechscope-cache-")
+if _OWN_CACHE is not None:
+    os.environ["MECHSCOPE_CACHE"] = _OWN_CACHE
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -69,6 +72,11 @@ def _browser_missing() -> str | None:
     if not any(map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))) or not shutil.which("chromedriver"):
         return "chromium and chromedriver are not both on PATH (Debian: apt-get install chromium chromium-driver)"
     return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)
