@@ -12,7 +12,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.graph import build_graph
-from mechscope.graph.graph import check_sequential_blocks
+from mechscope.graph.graph import block_layout
 from mechscope.models import load_model
 
 COMMON = dict(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -68,10 +68,10 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
     for name in ("qwen2", "mistral", "gemma"):
         ok = load_model(arch_dirs[name], device="cpu")
-        assert check_sequential_blocks(ok) == "sequential"
+        assert block_layout(ok) == "sequential"
         assert build_graph(ok).n_layers == 2 and not build_graph(ok).parallel
     neox = load_model(arch_dirs["neox"], device="cpu")
-    assert check_sequential_blocks(neox) == "parallel" and build_graph(neox).parallel
+    assert block_layout(neox) == "parallel" and build_graph(neox).parallel
     for name, reason in (("phi", "never fires"), ("gemma2", "do not add up")):
         m = load_model(arch_dirs[name], device="cpu")
         ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -141,7 +141,7 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
 
     prompt = "When Mary and John went to the store, John gave a drink to"
     m = load_model(arch_dirs["gemma"], device="cpu")
-    check_sequential_blocks(m)
+    block_layout(m)
     res = run_lens(m, prompt, target=" Mary")
     ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 from mechscope.circuits import edge_scores
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
-from mechscope.graph.graph import check_sequential_blocks
+from mechscope.graph.graph import block_layout
 from mechscope.patching import run_with_edge_mask, run_with_node_mask, source_activations
 from mechscope.tasks.base import TaskBatch
 
@@ -27,7 +27,7 @@ def _batch(B=4, P=9, seed=0) -> TaskBatch:
 
 
 def test_the_graph_of_a_parallel_model_has_no_same_layer_head_to_mlp_edges(tiny_neox):
-    assert check_sequential_blocks(tiny_neox) == "parallel"
+    assert block_layout(tiny_neox) == "parallel"
     g = build_graph(tiny_neox)
     s = tiny_neox.summary
     seq = Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads)

@@ -196,11 +196,11 @@ class Graph:
 
 def build_graph(model: Model, check: bool = True) -> Graph:
     """The computational graph of a loaded ``mechscope.models.Model``; with ``check`` (the
-    default) its blocks are measured first (``check_sequential_blocks``): a model whose
+    default) its blocks are measured first (``block_layout``): a model whose
     attention and MLP run in parallel gets the parallel graph, and one whose blocks fit
     neither shape is refused in one sentence."""
     s = model.summary
-    parallel = check_sequential_blocks(model) == "parallel" if check else False
+    parallel = block_layout(model) == "parallel" if check else False
     return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, parallel=parallel)
 
 
@@ -208,7 +208,7 @@ _CHECKED = "_mechscope_graph_checked"
 
 
 @torch.no_grad()
-def check_sequential_blocks(model: Model) -> str:
+def block_layout(model: Model) -> str:
     """The layout of the model's blocks, "sequential" or "parallel", measured on one short
     random input (once per model); any other shape refused in one sentence.
 
