@@ -197,6 +197,22 @@ def test_discover_refuses_task_at_chance(tiny_gpt2_dir, tmp_path):
     assert_clear_error(run("discover", "--task", str(f), "--model", tiny_gpt2_dir, "--n", "6"), "at chance")
 
 
+def test_a_task_whose_corrupt_prompts_score_better_is_at_chance(tiny_gpt2, tiny_gpt2_dir, tmp_path):
+    """Induction (scored by log-probability, so no accuracy check) on a random model: the
+    corrupt prompts score better; that used to pass (only |gap| < 1e-3 was refused) and gave
+    faithfulness 74 on the scoring pairs. --force runs it, flagged."""
+    from mechscope.tasks import evaluate_task, get_task
+
+    res = evaluate_task(tiny_gpt2, get_task("induction").build(tiny_gpt2.tokenizer, n=8, seed=0))
+    assert res["clean_metric"] - res["corrupt_metric"] < -1e-3  # the situation under test
+    args = ["discover", "--task", "induction", "--model", tiny_gpt2_dir, "--n", "8", "--method", "eap", "--no-labels"]
+    assert_clear_error(run(*args, "--out", str(tmp_path / "a")), "at chance", "score as well as or better")
+    r = run(*args, "--force", "--out", str(tmp_path / "b"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["at_chance"] is True
+    assert json.loads((tmp_path / "b" / "circuit.json").read_text())["metrics"]["at_chance"] is True
+
+
 @pytest.mark.slow
 def test_discover_seeds_json_on_toy(toy_dir, tmp_path):
     """--seeds: per-draw figures, overlaps and stable edges in --json and in circuit.json."""

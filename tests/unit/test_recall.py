@@ -133,6 +133,26 @@ def test_enrichment_measure():
     assert rate.tolist() == [0.5, 0.0]
 
 
+def test_greedy_continuations_stop_at_the_models_context(tiny_gpt2):
+    """The subject-enrichment generations of a short-context model stop where its learned
+    positions end (they ran past them: an IndexError), and match step-by-step argmax before."""
+    from mechscope.recall.engine import greedy_continuations
+
+    n_ctx = tiny_gpt2.summary.n_ctx  # 64 learned positions
+    long = " ".join(["Mary"] * (n_ctx - 3))
+    n_long = len(tiny_gpt2.to_tokens(long))
+    assert n_long < n_ctx
+    short, near = greedy_continuations(tiny_gpt2, ["When Mary and John", long], 24)
+    assert len(short) == 24 and len(near) == n_ctx - n_long
+    ids = tiny_gpt2.to_tokens("When Mary and John")
+    with torch.no_grad():
+        for t in short[:3]:
+            nxt = int(tiny_gpt2(torch.tensor([ids]))[0, -1].argmax())
+            assert nxt == t
+            ids.append(nxt)
+    assert greedy_continuations(tiny_gpt2, [" ".join(["Mary"] * (n_ctx + 5))], 4) == [[]]  # no room: nothing, no crash
+
+
 def test_recall_one_fact_and_aggregate(tiny_llama):
     cfg = RecallConfig(samples=1, gen_tokens=4)
     r = recall(tiny_llama, PROMPT, SUBJECT, cfg=cfg)

@@ -125,7 +125,8 @@ def test_discover_never_looks_at_the_held_out_pairs(tmp_path):
     held-out figures)."""
     m = load_model(save_induction_toy(tmp_path / "toy"), device="cpu")
     b = induction_task(m.tokenizer, n=12, seq_len=8, seed=0)
-    cfg = DiscoverConfig(task="toy", n=12, method="eap", ablation="zero", labels=False, random_seeds=1)
+    # force: the garbled held-out prompts below make the whole batch look like a task the toy fails
+    cfg = DiscoverConfig(task="toy", n=12, method="eap", ablation="zero", labels=False, random_seeds=1, force=True)
     a = discover(m, cfg, batch=b, progress=False)
     held = torch.randperm(12, generator=torch.Generator().manual_seed(0))[:6]  # the split's held-out rows
     b2 = b.subset(list(range(12)))

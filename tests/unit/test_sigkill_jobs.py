@@ -62,7 +62,7 @@ def test_sigkilled_acdc_resumes_to_the_uninterrupted_circuit(tiny_llama_dir, tmp
     acdc_mod = importlib.import_module("mechscope.circuits.acdc")  # the module (the package exports the function)
 
     def args(out: Path) -> list[str]:
-        return ["discover", "--task", "induction", "--method", "acdc", "--n", "200", "--threshold", "0.002", "--no-labels",
+        return ["discover", "--task", "induction", "--method", "acdc", "--n", "200", "--threshold", "0.002", "--no-labels", "--force",
                 "--model", tiny_llama_dir, "--device", "cpu", "--out", str(out), "--json"]
 
     killed = tmp_path / "killed"

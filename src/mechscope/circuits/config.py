@@ -111,6 +111,9 @@ class DiscoverConfig:
     """Bootstrap resamples of the held-out pairs for the faithfulness interval."""
     labels: bool = True
     """Label the circuit's heads with their roles from ``mechscope heads`` (cached per model)."""
+    force: bool = False
+    """Run even where the model does not do the task (at chance, or the corrupt prompts score
+    as well as the clean ones): the figures then mean nothing, which the result says."""
 
     def __post_init__(self) -> None:
         if self.n is None:

@@ -54,8 +54,12 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 
-def check_task_performance(model: Model, batch: TaskBatch) -> dict:
-    """Evaluate the task and refuse when the model performs at chance."""
+def check_task_performance(model: Model, batch: TaskBatch, force: bool = False) -> dict:
+    """Evaluate the task and refuse (unless ``force``) when the model does not do it: accuracy
+    at chance (tasks scored by a logit or probability difference), or a clean-corrupt metric
+    gap that is not positive (every metric is larger where the model does the task: a negative
+    gap would turn the normalised faithfulness upside down). With ``force`` the figures are
+    returned with ``at_chance`` set, and the run goes on."""
     from mechscope.tasks import evaluate_task
 
     res = evaluate_task(model, batch)
@@ -67,11 +71,13 @@ def check_task_performance(model: Model, batch: TaskBatch) -> dict:
             f"(clean-corrupt metric gap {gap:.3g}); make each corrupt prompt differ from its clean prompt where the answer "
             "is decided."
         )
-    if at_chance or abs(gap) < 1e-3:
+    res["at_chance"] = bool(at_chance or gap < 1e-3)
+    if res["at_chance"] and not force:
+        why = (" (the corrupt prompts score as well as or better than the clean ones)" if gap < 1e-3 else "")
         raise MechscopeError(
             f"{model.summary.name} performs task '{batch.task}' at chance (clean accuracy "
             f"{res['clean_accuracy']:.0%}, chance {res['chance_accuracy']:.0%}, clean-corrupt metric gap "
-            f"{gap:.3g}); a circuit for a behaviour the model lacks is meaningless."
+            f"{gap:.3g}{why}); a circuit for a behaviour the model lacks is meaningless (--force runs it anyway)."
         )
     return res
 
@@ -131,7 +137,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     assert cfg.held_out is not None  # resolved by DiscoverConfig.__post_init__
     check_pair_count(len(batch), cfg.held_out, f"task '{batch.task}'")
-    perf = check_task_performance(model, batch)
+    perf = check_task_performance(model, batch, cfg.force)
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
     p = as_progress(progress)
     say = p.note
@@ -219,6 +225,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "n_held_out_pairs": len(test_set),
         "n_folds": len(folds) if folds else 1,
         "clean_accuracy": perf["clean_accuracy"],
+        **({"at_chance": True} if perf["at_chance"] else {}),
         "scoring_seconds": round(t_score, 2),
     }
     model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {})

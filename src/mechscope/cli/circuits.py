@@ -52,6 +52,7 @@ def discover(
     folds: int = typer.Option(DiscoverConfig.folds, "--folds", help="Cross-validation folds inside the scoring pairs that choose the size."),
     qk: str = typer.Option(DiscoverConfig.qk, "--qk", help="Query/key edges: exact (through the attention softmax) or linear (gradient)."),
     labels: bool = typer.Option(DiscoverConfig.labels, "--labels/--no-labels", help="Label heads with their roles (mechscope heads; cached per model)."),
+    force: bool = typer.Option(False, "--force", help="Run even where the model does the task at chance (the figures then mean nothing)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -65,7 +66,7 @@ def discover(
 
     cfg = DiscoverConfig(task=task, method=method, n=n, held_out=held_out, ablation=ablation, level=level, edges=edges,
                          threshold=threshold, target=target, ig_steps=ig_steps, seed=seed, rank=rank,
-                         acdc_metric=metric, folds=folds, qk=qk, labels=labels, pool=pool)  # checks the settings
+                         acdc_metric=metric, folds=folds, qk=qk, labels=labels, pool=pool, force=force)  # checks the settings
     check_seeds(cfg, seeds)
     get_task(task)  # fail fast on an unknown task, before loading the model
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
@@ -85,7 +86,7 @@ def discover(
         "faithfulness_held_out": mt["faithfulness"], "faithfulness_ci": mt["faithfulness_ci"],
         "faithfulness_scoring": mt["faithfulness_scoring"], "faithfulness_cv": mt["faithfulness_cv"],
         "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
-        "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"],
+        "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"], "at_chance": bool(mt.get("at_chance")),
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
     if res.stability:
@@ -109,6 +110,14 @@ def discover(
         f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.{hi_note}",
         highlight=False,
     )
+    if mt.get("at_chance"):
+        console.print("[yellow]--force: the model does this task at chance[/], so these figures describe no behaviour.",
+                      highlight=False)
+    if mt["n_edges_kept"] == 0:
+        more = ("a larger --edges" if cfg.edges is not None else
+                "a smaller --threshold" if res.method == "acdc" or cfg.threshold is not None else "a higher --target")
+        console.print(f"[yellow]the circuit is empty[/]: none of the kept edges lies on a path from the input to the logits, "
+                      f"so pruning the dangling ones removed them all; ask for more ({more}).", highlight=False)
     if mt.get("size_rule") == "plateau":
         console.print(
             f"[yellow]no circuit below the full model reached faithfulness {mt['target']:.2f} in cross-validation"

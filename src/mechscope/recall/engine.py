@@ -140,8 +140,11 @@ def last_logits(model: Model, tokens: torch.Tensor, hooks: list | None = None, n
 @torch.no_grad()
 def greedy_continuations(model: Model, prompts: list[str], n_tokens: int, max_rows: int = 64) -> list[list[int]]:
     """Greedy continuations (token ids) of ``prompts``, batched over prompts of equal token
-    length (so no padding is needed; no KV cache: each step reruns the prefix)."""
+    length (so no padding is needed; no KV cache: each step reruns the prefix). A continuation
+    stops at the model's context (``summary.n_ctx``): a short-context model gives fewer tokens,
+    and a prompt that fills the context none."""
     enc = [model.to_tokens(p) for p in prompts]
+    n_ctx = int(model.summary.n_ctx or 0)
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(enc):
@@ -151,7 +154,8 @@ def greedy_continuations(model: Model, prompts: list[str], n_tokens: int, max_ro
         for s in range(0, len(idx), max_rows):
             part = idx[s:s + max_rows]
             x = torch.tensor([enc[i] for i in part], device=model.device)
-            for _ in range(n_tokens):
+            room = n_tokens if n_ctx <= 0 else max(0, min(n_tokens, n_ctx - x.shape[1]))
+            for _ in range(room):
                 nxt = last_logits(model, x, norm=norm).argmax(-1)  # [rows]
                 x = torch.cat([x, nxt[:, None].to(x.device)], 1)
             for j, i in enumerate(part):
