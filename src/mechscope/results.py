@@ -6,11 +6,24 @@ check, each failing with one sentence)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from mechscope.errors import MechscopeError
+
+
+def json_safe(doc: Any) -> Any:
+    """``doc`` with every non-finite float (NaN, an undefined figure; infinities) replaced by
+    ``None``, so that it is strict JSON (``null``) that browsers and other tools read."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: json_safe(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [json_safe(v) for v in doc]
+    return doc
 
 
 def write_json(path: str | Path, doc: Any, *, indent: int | None = 1, ensure_ascii: bool = True) -> Path:

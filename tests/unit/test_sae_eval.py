@@ -84,3 +84,23 @@ def test_sae_of_other_weights_is_refused_by_its_fingerprint(tiny_gpt2, tmp_path)
     wrong = save_sae(sae({"model_fingerprint": "v1:0123456789abcdef"}), tmp_path / "wrong")
     with pytest.raises(MechscopeError, match="weights differ.*v1:0123456789abcdef"):
         check_sae_fits(load_sae(wrong), tiny_gpt2)
+
+
+def test_ce_recovered_is_null_in_json_where_undefined():
+    """(zero - sae) / (zero - clean) is where the spliced loss lies between the zeroed (0) and
+    the clean (1) loss, also when zeroing lowers the loss; undefined (NaN) when they coincide,
+    and NaN, which is not JSON, is written as null."""
+    import json
+    import math
+
+    from mechscope.results import json_safe
+    from mechscope.sae.evaluate import SAEEval, recovered
+
+    assert recovered(6.0, 3.0, 2.0) == pytest.approx(0.75)
+    assert recovered(6.22, 6.357, 6.357) == pytest.approx(1.0)  # zeroing helps a random model: still the position
+    assert math.isnan(recovered(6.0, 6.0, 6.0)) and math.isnan(recovered(6.0, 5.0, 6.0))
+    r = SAEEval(tokens=10, l0=1.0, mse=1.0, fvu=math.nan, cos=1.0, ce_clean=6.0, ce_sae=6.0, ce_zero=6.0,
+                ce_recovered=recovered(6.0, 6.0, 6.0), kl=0.0, dead_frac=0.0, dense_frac=0.0)
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["ce_recovered"] is None and d["fvu"] is None and d["ce_zero"] == 6.0
+    assert json_safe({"a": [1.0, math.inf, {"b": -math.inf}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}

@@ -72,7 +72,7 @@ from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import hook_layer, parse_hook
 from mechscope.models.load import plain_attention
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import write_json
+from mechscope.results import json_safe, write_json
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -99,7 +99,9 @@ def _as_layers(tset: TranscoderSet | Mapping[int, SAE]) -> dict[int, SAE]:
 
 
 def _recovered(zero: float, spliced: float, clean: float) -> float:
-    return (zero - spliced) / (zero - clean) if zero != clean else math.nan
+    from mechscope.sae.evaluate import recovered
+
+    return recovered(zero, spliced, clean)
 
 
 def _recovered_ci95(zero: list[float], spliced: list[float], clean: list[float]) -> float:
@@ -420,5 +422,6 @@ def evaluate_transcoders_on_corpus(model: Model, tset: TranscoderSet | Mapping[i
 
 
 def save_eval(d: dict[str, Any], path: str | Path) -> Path:
-    """Write ``d`` as JSON to ``path`` atomically (a temporary file renamed)."""
-    return write_json(path, d, indent=2)
+    """Write ``d`` as JSON to ``path`` atomically (a temporary file renamed); an undefined
+    figure (NaN) is written as null."""
+    return write_json(path, json_safe(d), indent=2)

@@ -7,7 +7,8 @@ an attention sink with an outlying norm):
 - ``mse``: mean over tokens of the summed squared error; ``fvu``: that over the summed
   variance of the activations (1 - explained variance); ``cos``: mean cosine similarity;
 - ``ce_clean``, ``ce_sae`` (reconstruction spliced in at the hook), ``ce_zero`` (the hook's
-  activation replaced by zeros) and ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``;
+  activation replaced by zeros) and ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``
+  (undefined, NaN in Python and null in JSON, when zeroing leaves the loss unchanged);
 - ``kl``: mean KL(clean || spliced) of the next-token distributions;
 - feature density (fraction of tokens a feature fires on): ``dead`` (never fired here) and
   ``dense`` (> 10%) fractions, and a log10-density histogram.
@@ -27,7 +28,7 @@ from torch import Tensor
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import write_json
+from mechscope.results import json_safe, write_json
 from mechscope.sae.io import check_sae_fits
 from mechscope.sae.model import SAE
 
@@ -59,12 +60,20 @@ class SAEEval:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        """The figures as JSON-ready values: an undefined one (NaN) is ``None`` (null)."""
+        return json_safe({"schema_version": SCHEMA_VERSION, **asdict(self)})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_json(path, self.to_dict(), indent=2)
+
+
+def recovered(zero: float, spliced: float, clean: float) -> float:
+    """CE loss recovered, (zero - spliced) / (zero - clean): where the spliced loss lies on the
+    line from the zero-ablated loss (0) to the clean one (1), also when zeroing lowers the loss
+    (a random model); NaN (undefined) when the two ends coincide."""
+    return (zero - spliced) / (zero - clean) if abs(zero - clean) > 1e-9 * max(1.0, abs(clean)) else math.nan
 
 
 def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -156,7 +165,7 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
         ce_clean=ce_clean,
         ce_sae=ce_sae,
         ce_zero=ce_zero,
-        ce_recovered=(ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
+        ce_recovered=recovered(ce_zero, ce_sae, ce_clean),
         kl=sums["kl"] / n,
         dead_frac=float((density == 0).float().mean()),
         dense_frac=float((density > DENSE).float().mean()),
