@@ -154,3 +154,19 @@ def test_suffix_run_equals_full_run(tiny_model):
 
     with pytest.raises(MechscopeError, match="below"):
         run_suffix_with_edge_mask(m, g, runner, src, clean_delta, masks, 1)
+
+
+def test_patching_runs_outside_no_grad(tiny_llama):
+    """The README calls the engine without torch.no_grad(); its in-place corrections used to
+    fail there ("functions with out=... arguments don't support automatic differentiation")."""
+    m, g = tiny_llama, build_graph(tiny_llama)
+    clean, corrupt = _tokens(5)
+    assert torch.is_grad_enabled()
+    src = source_activations(m, g, clean, corrupt, "patching")
+    out = run_with_edge_mask(m, g, clean, src, g.mask_from_edges([("a0.h1", "logits")]))
+    nm = torch.zeros(g.n_senders)
+    nm[g.sender_index("m0")] = 1
+    node = run_with_node_mask(m, g, clean, src, nm)
+    with torch.no_grad():
+        assert torch.allclose(out, run_with_edge_mask(m, g, clean, src, g.mask_from_edges([("a0.h1", "logits")])), atol=TOL)
+        assert torch.allclose(node, run_with_node_mask(m, g, clean, src, nm), atol=TOL)

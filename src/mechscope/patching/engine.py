@@ -392,6 +392,7 @@ def logits_at(model: Model, tokens: torch.Tensor, positions: torch.Tensor, fwd_h
     return logits
 
 
+@torch.no_grad()  # an evaluation: its in-place corrections have no gradient (callers in grad mode crashed)
 def run_with_edge_mask(
     model: Model,
     graph: Graph,
@@ -426,6 +427,7 @@ def run_with_edge_mask(
     return logits[0] if single else logits
 
 
+@torch.no_grad()
 def run_with_node_mask(
     model: Model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, nodes: torch.Tensor
 ) -> torch.Tensor:
@@ -451,6 +453,7 @@ def run_with_node_mask(
     return model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
 
 
+@torch.no_grad()
 def run_suffix_with_edge_mask(
     model: Model, graph: Graph, runner, source: torch.Tensor, clean_delta: torch.Tensor, mask: torch.Tensor, start: int
 ) -> torch.Tensor:
