@@ -34,6 +34,8 @@ def _configs():
                                                                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16, **COMMON)),
         "gemma": (T.GemmaForCausalLM, lambda: T.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                             num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **COMMON)),
+        "olmo2": (T.Olmo2ForCausalLM, lambda: T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "persimmon": (T.PersimmonForCausalLM, lambda: T.PersimmonConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                                         num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -160,6 +162,22 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
     w = 1 + g2.bridge.ln_final._original_component.weight.detach()  # Gemma's RMSNorm: 1 + weight
     want = ((d * w) @ g2.bridge.W_U.detach()).topk(3, dim=-1).indices
     assert [[int(t) for t, _ in row] for row in top] == want.tolist()
+
+
+def test_direct_logit_attribution_says_when_a_norm_after_the_block_breaks_the_sum(arch_dirs):
+    """OLMo-2 normalises attention's and the MLP's output before adding them: the components'
+    outputs read through the final norm do not add up to the logit difference (the circuit
+    commands refuse it for that reason); the lens used to print them as if they did."""
+    from mechscope.lens import run_lens
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    olmo = run_lens(load_model(arch_dirs["olmo2"], device="cpu"), prompt, target=" Mary", distractor=" John")
+    assert not olmo.dla.exact and "do not add up" in olmo.dla.note()
+    assert olmo.to_dict()["dla"]["exact"] is False and olmo.to_dict()["dla"]["note"]
+    qwen = run_lens(load_model(arch_dirs["qwen2"], device="cpu"), prompt, target=" Mary", distractor=" John")
+    assert qwen.dla.exact and qwen.dla.note() == "" and abs(qwen.dla.actual) > 1e-3
+    with pytest.raises(MechscopeError, match="do not add up"):
+        build_graph(load_model(arch_dirs["olmo2"], device="cpu"))
 
 
 def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):

@@ -57,6 +57,22 @@ class DLA:
         out += list(self.other.items())
         return out
 
+    @property
+    def exact(self) -> bool:
+        """Whether the contributions add up to the model's logit difference (float error only).
+        They do not where a norm sits after attention or the MLP (OLMo-2, Gemma 2): what a block
+        adds is then its output normalised, not the output itself."""
+        return self.error <= 1e-3 * max(1.0, abs(self.actual))
+
+    def note(self) -> str:
+        """'' where exact; else one sentence saying why the contributions do not add up."""
+        if self.exact:
+            return ""
+        return (f"The contributions do not add up to the logit difference (error {self.error:.2g} of {self.actual:.3g}): "
+                "this model normalises what attention or an MLP writes before adding it to the residual stream (a norm "
+                "after the block's attention or MLP), so a component's output is not its direct effect; read these "
+                "shares as approximate.")
+
     def top(self, k: int = 20) -> list[tuple[str, float]]:
         """The k components with the largest |contribution|."""
         return sorted(self.components(), key=lambda c: -abs(c[1]))[:k]

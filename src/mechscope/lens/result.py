@@ -71,6 +71,8 @@ class LensResult:
                 "total": d.total,
                 "actual": d.actual,
                 "error": d.error,
+                "exact": d.exact,
+                "note": d.note(),
                 "top": [{"name": n, "value": v} for n, v in d.top(20)],
             },
         }

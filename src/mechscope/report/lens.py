@@ -29,7 +29,7 @@ def render_lens(d: dict[str, Any]) -> str:
                      title=f"Direct contribution to logit({d['target']!r}) - logit({d['distractor']!r})",
                      value_label="frozen final-norm scale; contributions sum to the logit difference")
     check = (f"Sum of all contributions {fmt(dla['total'], 6)} vs the model's logit difference {fmt(dla['actual'], 6)} "
-             f"(|error| {fmt(dla['error'], 2)}).")
+             f"(|error| {fmt(dla['error'], 2)}).") + (f" <strong>{esc(dla['note'])}</strong>" if dla.get("note") else "")
     body = (
         f"<p>Prompt: <code>{esc(d['prompt'])}</code> &rarr; target <code>{esc(d['target'])}</code>, "
         f"distractor <code>{esc(d['distractor'])}</code>. Model {esc(d['model'].get('name', ''))}.</p>"
