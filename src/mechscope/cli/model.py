@@ -47,7 +47,7 @@ def graph(model: Optional[str] = ModelOpt, device: Optional[str] = DeviceOpt, js
         return emit_json(s)
     t = Table(title="computational graph", show_header=False)
     for k, v in s.items():
-        t.add_row(k, f"{v:,}")
+        t.add_row(k, ("yes" if v else "no") if isinstance(v, bool) else f"{v:,}")
     console.print(t)
 
 

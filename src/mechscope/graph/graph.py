@@ -181,12 +181,12 @@ class Graph:
             m[self.sender_index(n)] = 1.0
         return m * self.allowed
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, int | bool]:
         return {
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,
-            "parallel_blocks": int(self.parallel),
+            "parallel_blocks": self.parallel,
             "n_nodes": self.n_senders + 1,  # + logits
             "n_senders": self.n_senders,
             "n_receivers": self.n_receivers,

@@ -193,5 +193,6 @@ def check_hook_name(model: Model, name: str) -> str:
         return name
     raise MechscopeError(
         f"The model has no hook named '{name}'.{near_matches(name, names)} "
-        f"(Hook names look like '{resid_post(3)}'; there are {len(names)} in all.)"
+        f"(Hook names look like '{resid_post(max(0, model.summary.n_layers - 1))}'; there are {len(names)} in all: "
+        "`mechscope hooks` lists them.)"
     )
