@@ -234,6 +234,42 @@ def test_cli_exemplars_writes_db_and_refuses_bad_input(tiny_llama_dir, tmp_path)
         assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output
 
 
+def test_cli_exemplars_default_context_fits_a_short_model(tmp_path):
+    """A hand-built GPT-2 of 32 learned positions: with --context-len left out the pass reads
+    contexts of 32 tokens (the default 128 would not fit, nor would 4 of them in --tokens 256), a
+    --token-range counts in them, and a --context-len given beyond 32 is refused in one sentence."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from short_context import save_short
+
+    short = save_short("gpt2", tmp_path / "short")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The Eiffel Tower is in Paris. When Mary and John went to the store, John gave a drink to Mary.\n\n" * 40)
+    common = ["exemplars", "--model", short, "--corpus", str(corpus), "--batch-size", "4", "--k", "4", "--k-bottom", "2",
+              "--layers", "1", "--unit-range", "0:8", "--json"]
+    r = CliRunner().invoke(app, [*common, "--tokens", "256", "--db", str(tmp_path / "u.db")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["contexts"] == 8  # 256 tokens in contexts of 32
+    r = CliRunner().invoke(app, [*common, "--token-range", "64:192", "--db", str(tmp_path / "s.db"), "--checkpoint", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["contexts"] == 4
+    r = CliRunner().invoke(app, [*common, "--tokens", "256", "--context-len", "33", "--db", str(tmp_path / "x.db")])
+    assert r.exit_code == 2 and "give --context-len 32 or less" in r.stderr and r.stderr.count("\n") == 1, r.output
+    assert not (tmp_path / "x.db").exists()
+    # Settings no context length would fix are still refused before the model loads (none here).
+    nowhere = ["--model", str(tmp_path / "no-model"), "--db", str(tmp_path / "x.db")]
+    for args, needle in ((["--layers", "x"], "--layers"), (["--k", "100000"], "--k")):
+        r = CliRunner().invoke(app, ["exemplars", "--corpus", str(corpus), *args, "--tokens", "256", *nowhere])
+        assert r.exit_code == 2 and needle in r.stderr and "Could not load" not in r.stderr, r.output
+
+
 def test_attention_sinks_are_left_out_by_the_sources_deepest_layer(tiny_llama, tmp_path):
     """With a sink ratio, a position is no candidate where its residual norm after any block up to
     the source's deepest layer (not the deepest harvested one) exceeds ratio x that block's median

@@ -36,6 +36,7 @@ from mechscope.explain.types import Description, Exemplar, UnitRecord, UnitRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from fake_chat_server import FakeChatServer  # noqa: E402
+from short_context import save_short  # noqa: E402
 
 WORDS = [" Paris", " river", " seven", " blue", " dog", " run", " king", " salt"]
 FILLER = [" the", " a", " of", " and", " in", " to", " it", " was", " on", " for"]
@@ -401,13 +402,22 @@ def test_cli_describe_baseline_then_bad_server_and_bad_units(tmp_path, tiny_llam
 
 
 def test_cli_describe_refuses_a_simulator_whose_position_table_is_too_short(tmp_path, tiny_gpt2_dir):
-    """GPT-2's learned positions end at n_positions (64 here); the simulation prompt is longer:
-    one sentence and exit 2, not an IndexError from the position table."""
+    """GPT-2's learned positions end at n_positions; the simulation prompt is longer: one sentence
+    and exit 2, not an IndexError from the position table, and before any unit is described. At
+    64 positions the instructions alone do not fit; at 400 they do (339 tokens here) but the
+    database's windows do not (over 430 with an empty description)."""
     from typer.testing import CliRunner
 
     from mechscope.cli.main import app
 
-    _db(tmp_path / "u.db").close()
-    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u.db"), "--limit", "1", "--layers", "0",
-                                 "--simulator", tiny_gpt2_dir])
-    assert r.exit_code == 2 and "reads at most 64 positions" in r.output and "Traceback" not in r.output, r.output
+    for n, simulator in ((64, tiny_gpt2_dir), (400, save_short("gpt2", tmp_path / "g400", n_ctx=400))):
+        db = tmp_path / f"u{n}.db"
+        _db(db).close()
+        r = CliRunner().invoke(app, ["describe", "--db", str(db), "--layers", "0", "--simulator", simulator])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.output, r.output
+        need = re.search(r"reads at most (\d+) positions, but the scoring prompts here are at least (\d+) tokens", r.stderr)
+        assert need and int(need[1]) == n and int(need[2]) > 430 and "--simulator" in r.stderr, r.stderr
+        assert not UnitDB(db).described("baseline", BaselineExplainer().settings_key)  # nothing described first
+    # Without scorers no simulator is read: the units are described.
+    r = CliRunner().invoke(app, ["describe", "--db", str(tmp_path / "u64.db"), "--scorer", "none", "--simulator", tiny_gpt2_dir])
+    assert r.exit_code == 0, r.output

@@ -134,3 +134,24 @@ def test_contexts_leave_out_attention_sinks_marked_per_context(tiny_llama):
     with pytest.raises(MechscopeError, match="sink_ratio must be above 1"):
         feature_contexts(tiny_llama, tset, feats, toks, sink_ratio=0.5)
     assert feature_contexts(tiny_llama, tset, [], toks) == {}
+
+
+def test_graph_page_cards_read_contexts_a_short_model_takes(tmp_path):
+    """The attribution page's feature contexts are min(128, the model's context) tokens long: a
+    hand-built GPT-2 of 32 learned positions gets cards, not an IndexError from its position table."""
+    import sys
+    from pathlib import Path
+
+    from mechscope.cli.features import _feature_cards
+    from mechscope.models import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from short_context import save_short
+
+    m = load_model(save_short("gpt2", tmp_path / "short"), device="cpu")
+    tset = random_transcoders(m, d_sae=16, architecture="topk", k=4, seed=0)
+    doc = {"nodes": [{"layer": 0, "feature": f, "feature_type": "cross layer transcoder"} for f in range(16)]}
+    corpus = ["The Eiffel Tower is in Paris. When Mary and John went to the store, John gave a drink to Mary."] * 20
+    cards, note = _feature_cards(m, tset, doc, 256, corpus, quiet=True)
+    assert not note and set(cards) == {f"0:{f}" for f in range(16)}
+    assert any(card["contexts"] for card in cards.values())

@@ -230,6 +230,31 @@ def test_cli_heads_json(tiny_gpt2_dir, tmp_path):
     assert (tmp_path / "heads.html").is_file() and (tmp_path / "heads.safetensors").is_file()
 
 
+def test_cli_heads_context_rule_is_the_activation_stores(tiny_gpt2_dir, tmp_path):
+    """One rule for every length (README): learned positions (GPT-2, 64 here) refuse a longer text
+    window or repeated sequence; a rotary Llama of max_position_embeddings 32 runs on past it, as
+    `sae train` and `exemplars` let it, and its default text window fits its context."""
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from short_context import save_short
+
+    small = ["--n", "2", "--n-text", "2", "--ablate", "1", "--top-k", "1", "--text", "pydoc", "--json"]
+    for opts in (["--text-len", "64"], ["--seq-len", "32"]):
+        r = CliRunner().invoke(app, ["heads", "--model", tiny_gpt2_dir, *opts, *small, "--out", str(tmp_path / "g")])
+        assert r.exit_code == 2 and "beyond the model's context of 64" in r.stderr and "Traceback" not in r.output, r.output
+    llama = save_short("llama", tmp_path / "llama")
+    r = CliRunner().invoke(app, ["heads", "--model", llama, "--seq-len", "20", "--text-len", "40", *small, "--out", str(tmp_path / "l")])
+    assert r.exit_code == 0, r.output  # 41 tokens of text and of repeated sequence, past 32: rotary
+    r = CliRunner().invoke(app, ["heads", "--model", llama, "--seq-len", "4", *small, "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+
+
 def test_head_weights_are_copies(tiny_gpt2):
     """Editing the returned weights (as the copying test does) must not change the model."""
     before = tiny_gpt2.bridge(torch.tensor([[1, 2, 3, 4]])).detach()

@@ -116,7 +116,14 @@ def test_contexts_longer_than_the_model_takes_are_refused(tiny_gpt2_dir, corpus,
     _refused(RUN(app, ["exemplars", "--model", tiny_gpt2_dir, "--corpus", str(corpus), "--context-len", "128", "--tokens", "1024",
                        "--db", str(tmp_path / "u.db")]), "give --context-len 64 or less")
     _refused(RUN(app, ["tuned-lens", "train", "--model", tiny_gpt2_dir, "--corpus", str(corpus), "--tokens", "200",
-                       "--kl-steps", "0", "--kl-tokens", "100", "--out", str(tmp_path / "tl")]), "give --context-len 64 or less")
+                       "--kl-steps", "0", "--kl-tokens", "100", "--context-len", "128", "--out", str(tmp_path / "tl")]),
+             "give --context-len 64 or less")
+    for args in (["sae", "harvest", "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "acts")],
+                 ["sae", "train", "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "sae")],
+                 ["transcoders", "train", "--out", str(tmp_path / "tc")]):
+        _refused(RUN(app, [*args, "--model", tiny_gpt2_dir, "--corpus", str(corpus), "--context-len", "65"]), "give --context-len 64 or less")
+    assert not any((tmp_path / d).exists() for d in ("tl", "acts", "sae", "tc"))
+
 
 
 @pytest.mark.parametrize("make", [

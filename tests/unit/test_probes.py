@@ -171,3 +171,20 @@ def test_language_builtin_labels_word_starts_of_the_shipped_prompts(tiny_gpt2):
         tok = tiny_gpt2.tokenizer.decode([data.sequences[data.seq[i]][data.pos[i]]])
         before = tiny_gpt2.tokenizer.decode(data.sequences[data.seq[i]][:data.pos[i]])
         assert tok == data.word[i] and (tok.startswith(" ") or before.endswith(" "))
+
+
+def test_builtin_labels_pack_contexts_a_short_model_takes(tmp_path):
+    """Corpus-based built-in labels read contexts of min(64, the model's context) tokens: a
+    hand-built GPT-2 of 32 learned positions can be probed."""
+    from pathlib import Path
+
+    from mechscope.models import load_model
+    from mechscope.probes import builtin_labels
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from short_context import save_short
+
+    m = load_model(save_short("gpt2", tmp_path / "short"), device="cpu")
+    docs = ["Then, Alice and Bob went to the park. Bob gave a ball to Alice. The Eiffel Tower is in Paris."] * 60
+    data = builtin_labels(m, "capitalised", ProbeConfig(max_items=200), corpus=docs)
+    assert data.sequences and {len(s) for s in data.sequences} == {32}

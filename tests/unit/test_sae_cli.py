@@ -4,11 +4,16 @@ run killed with SIGKILL and resumed."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from mechscope.cli.main import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from short_context import save_short  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_pre"
 
@@ -163,3 +168,42 @@ def test_harvest_json_and_bad_input(tiny_gpt2_dir, corpus, tmp_path):
     assert ShardStore(tmp_path / "acts").next_batch(100)[HOOK].shape == (100, 64)
     r = CliRunner().invoke(app, [*args[:-4], "--out", str(tmp_path / "b"), "--dtype", "float8"])
     assert r.exit_code == 2 and "Unknown dtype" in r.stderr and "Traceback" not in r.output
+
+
+def test_context_len_defaults_to_a_short_models_context(corpus, tmp_path, monkeypatch):
+    """A hand-built GPT-2 of 32 learned positions: --context-len (--ctx-len) left out is 32, not
+    128 (64), in harvest, train, eval and dashboard; one given beyond 32 is refused in one sentence
+    before anything is written."""
+    from mechscope.errors import MechscopeError
+    from mechscope.sae import SAE, SAEConfig, save_sae
+    from mechscope.sae import train as sae_train
+
+    short = save_short("gpt2", tmp_path / "short")
+    run = CliRunner().invoke
+    r = run(app, ["sae", "harvest", "--model", short, "--hook", HOOK, "--corpus", corpus, "--tokens", "256",
+                  "--out", str(tmp_path / "acts"), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["context_len"] == 32
+    sae_dir = save_sae(SAE(SAEConfig(d_in=64, d_sae=16, k=4, hook_name=HOOK)), tmp_path / "sae")
+    r = run(app, ["sae", "eval", str(sae_dir), "--model", short, "--corpus", corpus, "--tokens", "256", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["ctx_len"] == 32
+    r = run(app, ["sae", "dashboard", str(sae_dir), "--features", "0-3", "--tokens", "256", "--corpus", corpus,
+                  "--model", short, "--out", str(tmp_path / "dash"), "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "dash" / "dashboard.json").read_text())["settings"]["ctx_len"] == 32
+    def started(model, hook, cfg, out, **kw):  # where the run would fill its activation buffer (seconds)
+        raise MechscopeError(f"training started with contexts of {kw['context_len']}")
+
+    monkeypatch.setattr(sae_train, "sae_trainer", started)
+    train = ["sae", "train", "--model", short, "--hook", HOOK, "--corpus", corpus, "--tokens", "1024", "--batch-tokens", "256",
+             "--out", str(tmp_path / "s"), "--device", "cpu"]
+    r = run(app, train)
+    assert r.exit_code == 2 and "training started with contexts of 32" in r.stderr, r.output
+    for args, option in ((["sae", "harvest", "--hook", HOOK, "--tokens", "256", "--out", str(tmp_path / "a2")], "--context-len"),
+                         ([*train[:-4], "--out", str(tmp_path / "s2")], "--context-len"),
+                         (["sae", "eval", str(sae_dir), "--tokens", "256", "--out", str(tmp_path / "e2")], "--context-len"),
+                         (["sae", "dashboard", str(sae_dir), "--out", str(tmp_path / "d2")], "--ctx-len")):
+        r = run(app, [*args, "--model", short, "--corpus", corpus, option, "33", "--device", "cpu"])
+        assert r.exit_code == 2 and f"give {option} 32 or less" in r.stderr and "Traceback" not in r.output, (args, r.output)
+        assert r.stderr.count("\n") == 1 and not (tmp_path / args[-1]).exists(), args

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from mechscope.features.transcoder_set import TranscoderSet, load_transcoders, r
 from mechscope.sae import SAE, SAEConfig, load_sae, save_sae
 from mechscope.sae.sources import TensorSource
 from mechscope.sae.train import TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from short_context import save_short  # noqa: E402
 
 # Small everything: 31 rows per context, 124-row batches, 4 batches per shuffled chunk.
 SMALL = dict(context_len=32, batch_contexts=4, forward_contexts=8, shuffle_contexts=16, expansion=4, k=8, lr=1e-2)
@@ -572,3 +577,29 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny_llama_dir, corpus, tm
     save_sae(SAE(SAEConfig(d_in=64, d_sae=16, k=4, hook_name="blocks.0.hook_resid_post")), sae_dir)
     bad(["transcoders", "eval", str(junk), "--model", tiny_llama_dir], "is an SAE, not a transcoder")
     assert sorted(p.name for p in junk.iterdir()) == ["layer_0", "notes.txt"]  # no eval.json / eval.html
+
+
+def test_a_short_context_model_trains_and_evaluates_with_the_default_context(corpus, tmp_path):
+    """A hand-built GPT-2 of 32 learned positions: with --context-len left out, train and eval read
+    contexts of 32 tokens (not 128); one given beyond 32 is refused in one sentence before the run is
+    announced and before anything is written."""
+    short = save_short("gpt2", tmp_path / "short")
+    out = tmp_path / "set"
+    train = ["transcoders", "train", "--model", short, "--corpus", corpus, "--tokens", "1000", "--batch-contexts", "4",
+             "--shuffle-contexts", "16", "--expansion", "2", "--k", "4", "--out", str(out), "--device", "cpu"]
+    runner = CliRunner()
+    for args in ([*train, "--context-len", "33"], [*train, "--context-len", "33", "--resume"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "give --context-len 32 or less" in r.stderr and r.stderr.count("\n") == 1, r.output
+        assert "training" not in r.stdout and not out.exists(), r.stdout  # nothing announced, nothing written
+    r = runner.invoke(app, [*train, "--resume"])
+    assert r.exit_code == 2 and "does not exist" in r.stderr and "training" not in r.stdout, r.output
+    r = runner.invoke(app, [*train, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "layer_0" / "cfg.json").read_text())["metadata"]["context_size"] == 32
+    ev = ["transcoders", "eval", str(out), "--model", short, "--corpus", corpus, "--tokens", "256", "--device", "cpu"]
+    r = runner.invoke(app, [*ev, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["settings"]["ctx_len"] == 32
+    r = runner.invoke(app, [*ev, "--context-len", "33", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 2 and "give --context-len 32 or less" in r.stderr and not (tmp_path / "ev").exists(), r.output

@@ -132,11 +132,45 @@ def test_convert_refuses_a_layer_count_that_is_not_a_whole_number(tiny_llama, tm
 
 
 # ---------------------------------------------------------------------------- bug 3: context length
-def test_a_context_longer_than_the_model_reads_is_refused(tiny_llama_dir, corpus, tmp_path, monkeypatch):
+def test_a_context_longer_than_the_model_reads_is_refused(tiny_gpt2_dir, corpus, tmp_path, monkeypatch):
+    """GPT-2's learned positions end at n_positions (64 here): a longer --context-len is refused
+    before any work (README: contexts longer than a model with learned positions takes)."""
     from mechscope.lens import tuned_train
 
     monkeypatch.setattr(tuned_train, "train_tuned_lens", lambda *a, **k: pytest.fail("training started"))
     r = CliRunner().invoke(app, ["tuned-lens", "train", "--out", str(tmp_path / "tl"), "--context-len", "100000",
-                                 "--corpus", corpus, "--model", tiny_llama_dir, "--device", "cpu"])
+                                 "--corpus", corpus, "--model", tiny_gpt2_dir, "--device", "cpu"])
     _refused(r, "give --context-len 64 or less")
+    assert not (tmp_path / "tl").exists()
+
+
+def _settings_reached(monkeypatch):
+    """Stop ``tuned-lens train`` where training would start, with a sentence naming the settings it got."""
+    from mechscope.lens import tuned_train
+
+    def stop(model, corpus, cfg, out, **kw):
+        raise MechscopeError(f"reached training: context_len {cfg.context_len}, kl_tokens {cfg.kl_tokens}")
+
+    monkeypatch.setattr(tuned_train, "train_tuned_lens", stop)
+
+
+def test_defaults_fit_a_short_model_and_the_tokens(corpus, tmp_path, monkeypatch):
+    """Left out, --context-len is min(128, the model's context) and --kl-tokens min(4096, --tokens);
+    given, a --kl-tokens above --tokens is still refused. A rotary model runs on past its
+    max_position_embeddings (as the activation store lets it), so a longer --context-len is kept."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from short_context import save_short
+
+    _settings_reached(monkeypatch)
+    gpt2, llama = save_short("gpt2", tmp_path / "gpt2"), save_short("llama", tmp_path / "llama")
+    base = ["tuned-lens", "train", "--out", str(tmp_path / "tl"), "--corpus", corpus, "--device", "cpu"]
+    _refused(CliRunner().invoke(app, [*base, "--model", gpt2, "--tokens", "1024"]), "context_len 32, kl_tokens 1024")
+    _refused(CliRunner().invoke(app, [*base, "--model", gpt2]), "context_len 32, kl_tokens 4096")
+    _refused(CliRunner().invoke(app, [*base, "--model", gpt2, "--tokens", "1024", "--kl-tokens", "512", "--context-len", "16"]),
+             "context_len 16, kl_tokens 512")
+    _refused(CliRunner().invoke(app, [*base, "--model", gpt2, "--tokens", "1024", "--kl-tokens", "2048"]),
+             "--kl-tokens 2048 exceeds --tokens 1024")
+    _refused(CliRunner().invoke(app, [*base, "--model", gpt2, "--context-len", "33"]), "give --context-len 32 or less")
+    _refused(CliRunner().invoke(app, [*base, "--model", llama, "--tokens", "1024"]), "context_len 32, kl_tokens 1024")
+    _refused(CliRunner().invoke(app, [*base, "--model", llama, "--tokens", "1024", "--context-len", "48"]), "context_len 48")
     assert not (tmp_path / "tl").exists()

@@ -26,7 +26,7 @@ import torch
 from mechscope.activations.config import DTYPE_NAMES, SINK_TOKEN, TOKENS_KEY, StoreConfig
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name, needs_split_attention, parse_hook, resid_post
-from mechscope.models.load import learned_positions, plain_attention
+from mechscope.models.load import plain_attention, position_limit
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -139,9 +139,9 @@ class Harvester:
     def __init__(self, model: Model, cfg: StoreConfig):
         for h in cfg.hooks:
             check_hook_name(model, h)
-        n_ctx = int(model.summary.n_ctx)
         # Learned position embeddings (GPT-2) have no row past n_ctx; rotary models run on, as transformers lets them.
-        if n_ctx > 0 and cfg.context_len > n_ctx and learned_positions(model.bridge.original_model, int(model.summary.d_vocab)):
+        n_ctx = position_limit(model)
+        if n_ctx is not None and cfg.context_len > n_ctx:
             raise MechscopeError(f"contexts of {cfg.context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
                                  f"give --context-len {n_ctx} or less.")
         self.model, self.cfg = model, cfg

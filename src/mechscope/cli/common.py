@@ -83,7 +83,10 @@ def fresh_dir(stem: str) -> Path:
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
+    """Print ``obj`` as strict JSON (an undefined figure, NaN, is null)."""
+    from mechscope.results import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=_default) + "\n")
     sys.stdout.flush()
 
 
@@ -115,6 +118,47 @@ def load_sae_and_model(sae_dir: Path, model: str | None, device: str | None):
     sae = sae.to(m.device)
     check_sae_fits(sae, m)
     return sae, m
+
+
+def context_len_for(model: Any, given: int | None, default: int, option: str = "--context-len") -> int:
+    """A context-length option's value on ``model``: ``given``, or ``min(default, the model's
+    context)`` when it was not given. A given length beyond what a model with learned positions
+    takes (``models.load.position_limit``) is refused in one sentence, before any work starts."""
+    from mechscope.models.load import default_length, position_limit
+
+    if given is None:
+        return default_length(model, default)
+    limit = position_limit(model)
+    if limit is not None and given > limit:
+        raise MechscopeError(f"{option} {given} is longer than {model.summary.name} reads ({limit} positions); "
+                             f"give {option} {limit} or less.")
+    return given
+
+
+def check_early(make: Callable[[int], Any], given: int | None, default: int) -> None:
+    """Build a command's settings (``make(context_len)``) before the model loads, so that a bad one
+    is refused before the wait: with the context length ``given``, or, where none was given, with
+    its ``default``. A refusal under the default that a shorter context (the model's, which
+    ``context_len_for`` takes) would lift waits for the build after the model loads; one that no
+    length from 2 to the default lifts is refused now, in the words of the shortest length (where
+    the limits that longer contexts tighten, such as tokens per batch, are met)."""
+    if given is not None:
+        make(given)
+        return
+    try:
+        make(default)
+        return
+    except MechscopeError:
+        pass
+    shortest: MechscopeError | None = None
+    for n in range(2, default):
+        try:
+            make(n)
+            return
+        except MechscopeError as exc:
+            shortest = shortest or exc
+    if shortest is not None:
+        raise shortest
 
 
 def parse_layers(spec: str | None, n_layers: int | None = None) -> list[int] | None:

@@ -16,7 +16,9 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_early,
     console,
+    context_len_for,
     emit_json,
     fail,
     handles_errors,
@@ -168,7 +170,8 @@ def exemplars(
     k_bottom: int = typer.Option(ExemplarsConfig.k_bottom, "--k-bottom", help="Most negative exemplars per unit."),
     per_quantile: int = typer.Option(ExemplarsConfig.per_quantile, "--per-quantile", help="Random exemplars per quantile bin."),
     n_random: int = typer.Option(ExemplarsConfig.n_random, "--random", help="Uniformly random exemplars per unit."),
-    context_len: int = typer.Option(ExemplarsConfig.context_len, "--context-len"),
+    context_len: Optional[int] = typer.Option(None, "--context-len", show_default=False,
+                                              help=f"Tokens per context (default min({ExemplarsConfig.context_len}, the model's context)); --token-range counts in them."),
     batch_size: int = typer.Option(ExemplarsConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
     seed: int = typer.Option(ExemplarsConfig.seed, "--seed", help="Seed of the samples and of the train/valid/test split."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: DB.exemplars/<settings>); a killed run resumes from it."),
@@ -184,21 +187,26 @@ def exemplars(
     from mechscope.explain.db import UnitDB, settings_key
     from mechscope.explain.exemplars import harvest_exemplars
 
-    first = 0
-    if token_range is not None:
-        a, b = parse_range(token_range, "--token-range")  # type: ignore[misc]
-        if a % context_len:
-            raise MechscopeError(f"--token-range must start at a multiple of --context-len ({context_len}); {a} is not.")
-        per_batch = context_len * batch_size
-        if (b - a) % per_batch:
-            raise MechscopeError(f"--token-range {token_range} is not a whole number of batches ({batch_size} contexts of {context_len} = "
-                                 f"{per_batch} tokens), so shards would not meet; give a range whose length is a multiple of {per_batch}.")
-        first, tokens = a // context_len, b - a
-    cfg = ExemplarsConfig(units=units, layers=parse_layers(layers), unit_range=parse_range(unit_range, "--unit-range"),
-                          corpus=corpus, n_tokens=tokens, first_context=first, context_len=context_len,
-                          batch_size=batch_size, k=k, k_bottom=k_bottom, per_quantile=per_quantile, n_random=n_random,
-                          seed=seed, checkpoint_every=checkpoint_every, sink_ratio=sink_ratio)  # checked when made
+    def settings(T: int) -> ExemplarsConfig:
+        """The pass's settings with contexts of T tokens (checked when made)."""
+        first, n_tokens = 0, tokens
+        if token_range is not None:
+            a, b = parse_range(token_range, "--token-range")  # type: ignore[misc]
+            if a % T:
+                raise MechscopeError(f"--token-range must start at a multiple of --context-len ({T}); {a} is not.")
+            per_batch = T * batch_size
+            if (b - a) % per_batch:
+                raise MechscopeError(f"--token-range {token_range} is not a whole number of batches ({batch_size} contexts of {T} = "
+                                     f"{per_batch} tokens), so shards would not meet; give a range whose length is a multiple of {per_batch}.")
+            first, n_tokens = a // T, b - a
+        return ExemplarsConfig(units=units, layers=parse_layers(layers), unit_range=parse_range(unit_range, "--unit-range"),
+                               corpus=corpus, n_tokens=n_tokens, first_context=first, context_len=T,
+                               batch_size=batch_size, k=k, k_bottom=k_bottom, per_quantile=per_quantile, n_random=n_random,
+                               seed=seed, checkpoint_every=checkpoint_every, sink_ratio=sink_ratio)
+
+    check_early(settings, context_len, ExemplarsConfig.context_len)
     m = load(model, device)
+    cfg = settings(context_len_for(m, context_len, ExemplarsConfig.context_len))
     store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())  # refuses another model's database before the pass
     ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
     ckpt.mkdir(parents=True, exist_ok=True)  # a file in the way is one sentence now, not after the pass

@@ -18,7 +18,9 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_early,
     console,
+    context_len_for,
     emit_json,
     fail,
     handles_errors,
@@ -195,15 +197,17 @@ def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool, logit
 
     from mechscope.activations.store import pack_contexts
     from mechscope.features.cards import feature_cards
+    from mechscope.models.load import default_length
 
     feats = sorted({(int(n["layer"]), int(n["feature"])) for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"})
     ctx, note = None, ""
     if feats and corpus is not None and n_tokens > 0:
-        ids = list(itertools.islice(pack_contexts(m.tokenizer, corpus, CARD_CONTEXT_LEN), max(1, n_tokens // CARD_CONTEXT_LEN)))
+        T = default_length(m, CARD_CONTEXT_LEN)  # a short-context model reads shorter contexts
+        ids = list(itertools.islice(pack_contexts(m.tokenizer, corpus, T), max(1, n_tokens // T)))
         if ids:
             ctx = torch.tensor(ids)
         else:
-            note = f"feature contexts left out: the corpus gave no full context of {CARD_CONTEXT_LEN} tokens."
+            note = f"feature contexts left out: the corpus gave no full context of {T} tokens."
     if not quiet and feats:
         console.print(f"feature cards for {len(feats):,} kept features"
                       + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
@@ -225,7 +229,8 @@ def transcoders_train(
     tokens: int = typer.Option(TranscoderTrainConfig.tokens, "--tokens", help="Training tokens per layer (all layers share them)."),
     corpus: Optional[str] = CorpusOpt,
     lr: float = typer.Option(TranscoderTrainConfig.lr, "--lr"),
-    context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
+    context_len: Optional[int] = typer.Option(None, "--context-len", show_default=False,
+                                              help=f"Tokens per context (default min({TranscoderTrainConfig.context_len}, the model's context))."),
     batch_contexts: int = typer.Option(TranscoderTrainConfig.batch_contexts, "--batch-contexts", help="Contexts whose tokens make one training batch."),
     shuffle_contexts: Optional[int] = typer.Option(None, "--shuffle-contexts", help="Contexts per shuffled chunk of activations, held in memory for all layers (default: the multiple of --batch-contexts nearest 256)."),
     checkpoint_every: int = typer.Option(TranscoderTrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
@@ -240,16 +245,22 @@ def transcoders_train(
     """Train one transcoder per layer (MLP input -> MLP output) from one forward pass per batch; resumable."""
     from dataclasses import replace
 
-    from mechscope.features.train import train_transcoders
+    from mechscope.features.train import check_start, train_transcoders
     from mechscope.features.transcoder_set import TranscoderSet
 
-    cfg = TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
-                                corpus=corpus, lr=lr, context_len=context_len, batch_contexts=batch_contexts,
-                                shuffle_contexts=shuffle_contexts if shuffle_contexts is not None else TranscoderTrainConfig.chunk_for(batch_contexts, TranscoderTrainConfig.forward_contexts),
-                                checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special,
-                                sink_ratio=sink_ratio or None)  # checked when made
+    def settings(n: int) -> TranscoderTrainConfig:
+        return TranscoderTrainConfig(architecture=arch, skip=skip, k=k, expansion=expansion, d_sae=d_sae, tokens=tokens,
+                                     corpus=corpus, lr=lr, context_len=n, batch_contexts=batch_contexts,
+                                     shuffle_contexts=shuffle_contexts if shuffle_contexts is not None else TranscoderTrainConfig.chunk_for(batch_contexts, TranscoderTrainConfig.forward_contexts),
+                                     checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special,
+                                     sink_ratio=sink_ratio or None)  # checked when made
+
+    check_early(settings, context_len, TranscoderTrainConfig.context_len)
     m = load(model, device)
-    cfg = replace(cfg, layers=parse_layers(layers, m.summary.n_layers))
+    # every setting is checked before the work is announced: the context against the model's, the layers against its depth
+    cfg = replace(settings(context_len_for(m, context_len, TranscoderTrainConfig.context_len)),
+                  layers=parse_layers(layers, m.summary.n_layers))
+    check_start(m, cfg, out, resume)
     if not json:
         console.print(f"training {len(cfg.layers)} {cfg.arch_name} transcoders of {m.summary.name} on {tokens:,} tokens of "
                       f"{corpus or 'embedded'} (train split), one forward pass per batch for all layers -> {out}", highlight=False)
@@ -275,7 +286,8 @@ def transcoders_eval(
     set_dir: Path = typer.Argument(..., help="Transcoder set folder (mechscope transcoders train, or circuit-tracer's layout)."),
     tokens: int = typer.Option(EVAL_TOKENS, "--tokens", help="Held-out tokens to evaluate on (CE loss recovered comes with a 95% interval)."),
     corpus: Optional[str] = CorpusOpt,
-    context_len: int = typer.Option(TranscoderTrainConfig.context_len, "--context-len"),
+    context_len: Optional[int] = typer.Option(None, "--context-len", show_default=False,
+                                              help=f"Tokens per context (default min({TranscoderTrainConfig.context_len}, the model's context))."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; separators are sinks too, see --sink-ratio; FVU over all positions is reported either way)."),
     sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out attention sinks as training does (residual norm after a layer of the set more than this many times its median); 0 splices and scores them."),
@@ -292,7 +304,7 @@ def transcoders_eval(
     from mechscope.report.transcoders import render_transcoders_eval
 
     check_sink_ratio(sink_ratio or None)  # before the model loads
-    if tokens <= 0 or batch_size <= 0 or context_len < 2:
+    if tokens <= 0 or batch_size <= 0 or (context_len is not None and context_len < 2):
         fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
     given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load
     found = load_transcoder_layers(set_dir, "cpu", given)
@@ -304,6 +316,7 @@ def transcoders_eval(
         tset.check_fits(m)
     elif max(found) >= n:
         fail(f"{set_dir} has a transcoder for layer {max(found)} but {m.summary.name} has layers 0-{n - 1}; use the model the set was trained on.")
+    context_len = context_len_for(m, context_len, TranscoderTrainConfig.context_len)
     r = evaluate_transcoders_on_corpus(m, tset, corpus, n_tokens=tokens, context_len=context_len, batch_size=batch_size,
                                        exclude_special=not include_special, sink_ratio=sink_ratio or None, progress=not json)
     dest = Path(out or set_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -14,7 +15,9 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_early,
     console,
+    context_len_for,
     emit_json,
     fresh_dir,
     handles_errors,
@@ -34,7 +37,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sae_app, name="sae")
 
 
-ContextLenOpt = typer.Option(StoreConfig.context_len, "--context-len")
+ContextLenOpt = typer.Option(None, "--context-len", show_default=False,
+                             help=f"Tokens per context (default min({StoreConfig.context_len}, the model's context)).")
 
 
 @handles_errors
@@ -44,7 +48,7 @@ def harvest(
     out: Path = typer.Option(..., "--out", help="Folder for the shards (a killed harvest resumes there)."),
     corpus: Optional[str] = CorpusOpt,
     model: Optional[str] = ModelOpt,
-    context_len: int = ContextLenOpt,
+    context_len: Optional[int] = ContextLenOpt,
     batch_size: int = typer.Option(StoreConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
     dtype: str = typer.Option(StoreConfig.dtype, "--dtype", help="float32, bfloat16 or float16 on disk."),
     device: Optional[str] = DeviceOpt,
@@ -54,8 +58,12 @@ def harvest(
     from mechscope.activations import get_corpus
     from mechscope.activations import harvest as do_harvest
 
-    cfg = StoreConfig(hooks=list(hook), context_len=context_len, batch_size=batch_size, dtype=dtype)  # checked when made
+    def settings(n: int) -> StoreConfig:
+        return StoreConfig(hooks=list(hook), context_len=n, batch_size=batch_size, dtype=dtype)  # checked when made
+
+    check_early(settings, context_len, StoreConfig.context_len)
     m = load(model, device)
+    cfg = settings(context_len_for(m, context_len, StoreConfig.context_len))
     manifest = do_harvest(m, get_corpus(corpus, split="train"), cfg, out, tokens, corpus_spec=corpus or "embedded", progress=not json)
     if json:
         return emit_json(manifest)
@@ -79,7 +87,7 @@ def train(
     shards: Optional[Path] = typer.Option(None, "--from-shards", help="Train from shards written by `mechscope sae harvest` instead of running the model."),
     transcoder: bool = typer.Option(False, "--transcoder", help="Train a transcoder: --hook (MLP input) -> --hook-out (default: that layer's hook_mlp_out)."),
     hook_out: Optional[str] = typer.Option(None, "--hook-out"),
-    context_len: int = ContextLenOpt,
+    context_len: Optional[int] = ContextLenOpt,
     checkpoint_every: int = typer.Option(TrainConfig.checkpoint_every, "--checkpoint-every", help="Tokens between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out."),
     seed: int = typer.Option(TrainConfig.seed, "--seed"),
@@ -95,6 +103,7 @@ def train(
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
                       batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed)  # checked when made
     m = load(model, device)
+    context_len = context_len_for(m, context_len, StoreConfig.context_len)
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
                           metadata={"model_path": model or m.summary.name}, progress=not json)
     where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"
@@ -118,7 +127,7 @@ def eval_(
     sae_dir: Path = typer.Argument(..., help="SAE folder (mechscope or SAELens layout)."),
     tokens: int = typer.Option(32_768, "--tokens", help="Held-out tokens to evaluate on."),
     corpus: Optional[str] = CorpusOpt,
-    context_len: int = ContextLenOpt,
+    context_len: Optional[int] = ContextLenOpt,
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the SAE folder)."),
     device: Optional[str] = DeviceOpt,
@@ -131,6 +140,7 @@ def eval_(
     sae = load_sae(sae_dir)
     spec = model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None
     m = load(spec, device)
+    context_len = context_len_for(m, context_len, StoreConfig.context_len)
     r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len, progress=not json)
     dest = out or sae_dir
     r.save(Path(dest) / "eval.json")
@@ -141,8 +151,13 @@ def eval_(
 
     t = Table(title=f"SAE eval on {r.tokens:,} held-out tokens", show_header=False)
     for key in ("l0", "mse", "fvu", "cos", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "kl", "dead_frac", "dense_frac"):
-        t.add_row(key, f"{getattr(r, key):.4g}")
+        v = getattr(r, key)
+        t.add_row(key, f"{v:.4g}" if math.isfinite(v) else "undefined")
     console.print(t)
+    if not math.isfinite(r.ce_recovered):
+        console.print(f"CE loss recovered is undefined: zeroing {r.sae.get('hook_name', 'the hook')} leaves the loss where it "
+                      f"was ({r.ce_zero:.4g} zeroed vs {r.ce_clean:.4g} clean), so there is nothing to recover; FVU and KL "
+                      "still measure the reconstruction.", highlight=False)
     console.print(f"report: {html}")
 
 
@@ -151,7 +166,8 @@ def dashboard(
     sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sae_weights.safetensors)."),
     features: str = typer.Option("0-99", "--features", "-f", help="Features: ranges and lists, e.g. 0-99 or 3,17,40-45."),
     tokens: int = typer.Option(DashboardConfig.n_tokens, "--tokens", help="Corpus tokens to read (one pass serves all features)."),
-    ctx_len: int = typer.Option(DashboardConfig.ctx_len, "--ctx-len", help="Tokens per context."),
+    ctx_len: Optional[int] = typer.Option(None, "--ctx-len", show_default=False,
+                                          help=f"Tokens per context (default min({DashboardConfig.ctx_len}, the model's context))."),
     n_top: int = typer.Option(DashboardConfig.n_top, "--top", help="Top activating contexts per feature."),
     batch_size: int = typer.Option(DashboardConfig.batch_size, "--batch-size"),
     corpus: str = typer.Option(DashboardConfig.corpus, "--corpus", help="embedded, a .txt/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."),
@@ -165,8 +181,12 @@ def dashboard(
     from mechscope.report.dashboard import write_dashboard
     from mechscope.sae.dashboard import feature_dashboards, parse_features
 
-    cfg = DashboardConfig(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, n_top=n_top, seed=seed, corpus=corpus)  # checked when made
+    def settings(n: int) -> DashboardConfig:
+        return DashboardConfig(n_tokens=tokens, ctx_len=n, batch_size=batch_size, n_top=n_top, seed=seed, corpus=corpus)  # checked when made
+
+    check_early(settings, ctx_len, DashboardConfig.ctx_len)
     sae, m = load_sae_and_model(sae_dir, model, device)
+    cfg = settings(context_len_for(m, ctx_len, DashboardConfig.ctx_len, "--ctx-len"))
     cfg.features = feats = parse_features(features, sae.cfg.d_sae)
     res = feature_dashboards(m, sae, cfg, progress=not json)
     res.settings["sae_dir"] = str(Path(sae_dir).resolve())  # mechscope serve links the features to their unit pages by it

@@ -10,7 +10,18 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    check_early,
+    console,
+    context_len_for,
+    emit_json,
+    handles_errors,
+    load,
+)
 from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
 
 tuned_app = typer.Typer(help="Tuned lens: train translators per layer, evaluate them against the logit lens, convert.",
@@ -31,14 +42,15 @@ def train(
     corpus: Optional[str] = CorpusOpt,
     kl_steps: int = typer.Option(TunedLensTrainConfig.kl_steps, "--kl-steps", help="Adam steps of the KL fine-tune (0: closed form only)."),
     kl_batch: int = typer.Option(TunedLensTrainConfig.kl_batch, "--kl-batch", help="Positions per KL step."),
-    kl_tokens: int = typer.Option(TunedLensTrainConfig.kl_tokens, "--kl-tokens", help="Positions cached for the KL fine-tune."),
+    kl_tokens: Optional[int] = typer.Option(None, "--kl-tokens", show_default=False,
+                                            help=f"Positions cached for the KL fine-tune (default min({TunedLensTrainConfig.kl_tokens}, --tokens))."),
     lr: float = typer.Option(TunedLensTrainConfig.lr, "--lr"),
     reads: str = typer.Option(TunedLensTrainConfig.reads, "--reads", help="resid_post (after each block) or resid_pre (entering it)."),
     matmul_dtype: str = typer.Option(TunedLensTrainConfig.matmul_dtype, "--matmul-dtype", help="auto, bfloat16 or float32 unembedding matmuls in the KL stage (auto: bfloat16 on a GPU or a CPU with bfloat16 instructions)."),
     checkpoint_every: int = typer.Option(TunedLensTrainConfig.checkpoint_every, "--checkpoint-every", help="KL steps between checkpoints."),
     seed: int = typer.Option(TunedLensTrainConfig.seed, "--seed"),
     context_len: Optional[int] = typer.Option(None, "--context-len", show_default=False,
-                                              help=f"Tokens per context (default {TunedLensTrainConfig.context_len}; at most the model's context length)."),
+                                              help=f"Tokens per context (default min({TunedLensTrainConfig.context_len}, the model's context))."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run checkpointed in --out (or extend a finished one to a larger --kl-steps)."),
     keep_checkpoint: bool = typer.Option(TunedLensTrainConfig.keep_checkpoint, "--keep-checkpoint/--drop-checkpoint",
                                          help="Keep --out/checkpoint after the run so --resume can extend it (about 310 MB for the embedded model)."),
@@ -47,20 +59,19 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a tuned lens: a closed-form start streamed over the corpus, then a KL fine-tune; resumable."""
-    from mechscope.errors import MechscopeError
     from mechscope.lens.tuned_train import train_tuned_lens
 
-    cfg = TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, kl_tokens=kl_tokens, lr=lr,
-                               reads=reads, matmul_dtype=matmul_dtype,
-                               cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
-                               checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed,
-                               context_len=TunedLensTrainConfig.context_len if context_len is None else context_len)
-    # the settings are checked before the model loads, a --context-len given beyond its context window after
+    def settings(n: int) -> TunedLensTrainConfig:
+        return TunedLensTrainConfig(tokens=tokens, corpus=corpus, kl_steps=kl_steps, kl_batch=kl_batch, lr=lr,
+                                    kl_tokens=min(TunedLensTrainConfig.kl_tokens, tokens) if kl_tokens is None else kl_tokens,
+                                    reads=reads, matmul_dtype=matmul_dtype,
+                                    cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
+                                    checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed, context_len=n)
+
+    # the settings are checked before the model loads, the context length against the model's after
+    check_early(settings, context_len, TunedLensTrainConfig.context_len)
     m = load(model, device)
-    n_ctx = int(m.summary.n_ctx or 0)
-    if context_len is not None and 0 < n_ctx < context_len:
-        raise MechscopeError(f"--context-len {context_len} is longer than {m.summary.name} reads ({n_ctx} positions); "
-                             f"give --context-len {n_ctx} or less.")
+    cfg = settings(context_len_for(m, context_len, TunedLensTrainConfig.context_len))
     if not json:
         console.print(f"tuned lens for {m.summary.name}: {m.summary.n_layers} translators reading {reads}, closed form on "
                       f"{tokens:,} tokens of {corpus or 'embedded'} (train split), {kl_steps} KL steps -> {out}", highlight=False)
@@ -98,7 +109,8 @@ def evaluate(
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or lens.model_info.get("name"), device)
-    res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=max(2, min(128, int(m.summary.n_ctx) or 128)), progress=not json)
+    res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=context_len_for(m, None, TunedLensTrainConfig.context_len),
+                              progress=not json)
     out_dir = Path(out or lens_dir)
     write_result_json(out_dir, "eval.json", res)
     report = write_tuned_lens_eval(res, out_dir / "eval.html")

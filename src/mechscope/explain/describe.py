@@ -130,6 +130,20 @@ def _own_descriptions(store: UnitStore, units: Sequence[UnitRef], explainer: str
     return out
 
 
+CHECK_UNITS = 8
+"""Units whose held-out windows ``describe`` checks against the simulator's context up front."""
+
+
+def _check_simulator(store: UnitStore, simulator: Simulator, todo: list[UnitRef], cfg: DescribeConfig) -> None:
+    """Refuse, before any unit is described, a simulator too short for the scoring prompts of the
+    first ``CHECK_UNITS`` units to describe (where it has a ``check_prompts``: the in-process
+    ``ModelSimulator``); the exemplar windows of one database all have one length. With nothing
+    to describe, the scoring pass refuses at its first prompt, before it stores anything."""
+    check = getattr(simulator, "check_prompts", None)
+    if check is not None and todo:
+        check([e.tokens for u in todo[:CHECK_UNITS] for e in pick_heldout(store.exemplars(u), cfg.max_heldout)], cfg.scorers)
+
+
 def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulator: Simulator | None = None,
              cfg: DescribeConfig | None = None, progress: ProgressArg = False,
              on_chunk: Callable[[int], None] | None = None) -> DescribeResult:
@@ -148,6 +162,8 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     done = store.described(explainer.name, key)
     todo = [u for u in selection if u not in done]
     sim_name = getattr(simulator, "name", type(simulator).__name__) if simulator is not None else ""
+    if cfg.scorers and simulator is not None:
+        _check_simulator(store, simulator, todo, cfg)
 
     # Pass 1: explain, a chunk at a time, each chunk stored when written.
     t0 = time.perf_counter()

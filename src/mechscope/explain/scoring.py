@@ -342,6 +342,28 @@ class ModelSimulator:
         head = f"{JUDGE_INSTRUCTIONS}\n\nExplanation: {description.strip()}\nText:"
         return list(self._head(head)), self.tok.encode(f" {text}\n{question} Answer:", add_special_tokens=False)
 
+    def check_prompts(self, windows: list[list[str]], scorers: Sequence[str] = SCORERS) -> None:
+        """Refuse (one sentence), before any unit is described, a simulator whose learned positions
+        end before the scoring prompts of ``windows`` do, even with an empty description (a
+        description only adds tokens): the simulation prompt of each window, the detection and
+        fuzzing prompts' fixed part. Each prompt is still checked when it runs."""
+        if self.max_positions is None:
+            return
+        need = 0
+        if "simulation" in scorers:
+            for w in windows:
+                head, tail, _ = self._sim_parts("", w)
+                need = max(need, len(head) + len(tail))
+        if any(s in scorers for s in ("detection", "fuzzing")):
+            head, tail = self._judge_parts("", "", "Does the neuron fire anywhere in this text?")
+            need = max(need, len(head) + len(tail))
+        if need > self.max_positions:
+            raise MechscopeError(
+                f"the simulator {self.model.name} reads at most {self.max_positions} positions, but the scoring prompts here "
+                f"are at least {need} tokens long before any description; pass a simulator with a context of more than "
+                f"{need} tokens (--simulator MODEL), or --scorer none."
+            )
+
     def _logits(self, head: list[int], tails: list[list[int]], reads: list[list[int]]) -> list[Any]:
         """Logits [len(read), d_vocab] at the read positions (within each tail) of ``head + tail``.
 

@@ -397,9 +397,21 @@ def train_transcoders(
     "training" phase of ``steps`` steps, with the mean and worst training-batch FVU, the mean
     L0 and the tokens read every ``log_every`` steps (each layer's rows are in its training log).
 
-    Refuses (one sentence, nothing written): layers the model lacks; ``resume`` without a
-    checkpoint in ``out``; a fresh run into a folder holding a checkpoint or transcoders.
+    Refuses (one sentence, nothing written; ``check_start``): layers the model lacks; ``resume``
+    without a checkpoint in ``out``; a fresh run into a folder holding a checkpoint or transcoders.
     """
+    out = Path(out)
+    check_start(model, cfg, out, resume)
+    run = _Run(model, cfg, out, model_path, as_progress(progress))
+    out.mkdir(parents=True, exist_ok=True)
+    return run.run(resume)
+
+
+def check_start(model: Any, cfg: TranscoderTrainConfig, out: str | Path, resume: bool = False) -> None:
+    """``train_transcoders``' refusals about the model and ``out`` (one sentence each): layers the
+    model lacks or that have no MLP input norm, ``resume`` without a checkpoint in ``out``, a fresh
+    run into a folder holding a checkpoint or transcoders. The CLI calls it before it announces the
+    run (the context length it has checked against the model already)."""
     out = Path(out)
     check_layers(model, cfg)
     if out.exists() and not out.is_dir():
@@ -416,6 +428,3 @@ def train_transcoders(
             raise MechscopeError(f"{out} holds a checkpoint of an earlier run; add --resume to continue it, or choose a new --out.")
         if holds_set(out):
             raise MechscopeError(f"{out} already holds transcoders; choose a new --out.")
-    run = _Run(model, cfg, out, model_path, as_progress(progress))
-    out.mkdir(parents=True, exist_ok=True)
-    return run.run(resume)

@@ -28,10 +28,13 @@ def prefix_ids(tokenizer: Any) -> torch.Tensor:
 
 
 def check_length(model: Any, total: int, what: str, option: str = "--seq-len", length: int | None = None) -> None:
-    """Refuse a sequence beyond the model's context, or one whose ``length`` (the option's
-    value: the repeated span or the text window) is below 2 tokens."""
-    n_ctx = model.summary.n_ctx
-    if total > n_ctx:
+    """Refuse a sequence beyond the model's context where its positions are learned (GPT-2's table
+    has no row past it; rotary models run on, ``models.load.position_limit``), or one whose
+    ``length`` (the option's value: the repeated span or the text window) is below 2 tokens."""
+    from mechscope.models.load import position_limit
+
+    n_ctx = position_limit(model)
+    if n_ctx is not None and total > n_ctx:
         raise MechscopeError(
             f"{what} would be {total} tokens, beyond the model's context of {n_ctx}; pass a smaller {option}."
         )

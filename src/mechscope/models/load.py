@@ -132,6 +132,29 @@ def learned_positions(hf_model: torch.nn.Module, vocab: int) -> bool:
     return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in hf_model.modules())
 
 
+def position_limit(model: Any) -> int | None:
+    """The longest sequence ``model`` takes: ``summary.n_ctx`` where positions come from a
+    learned table (``learned_positions``), None where they are computed (rotary and the like) and
+    run on past ``n_ctx``, as transformers lets them. The rule of the context-length checks
+    (README): a context (``--context-len``), text window or repeated sequence longer than a model
+    with learned positions takes is refused; on other models ``n_ctx`` only caps the defaults
+    (``default_length``). A model without a Hugging Face module to inspect keeps ``n_ctx``."""
+    n_ctx = int(getattr(model.summary, "n_ctx", 0) or 0)
+    if n_ctx <= 0:
+        return None
+    hf = getattr(getattr(model, "bridge", None), "original_model", None)
+    if isinstance(hf, torch.nn.Module) and not learned_positions(hf, int(model.summary.d_vocab)):
+        return None
+    return n_ctx
+
+
+def default_length(model: Any, default: int) -> int:
+    """A context length left at its default on ``model``: ``min(default, summary.n_ctx)`` (at
+    least 2; ``default`` where the context is not known)."""
+    n_ctx = int(getattr(model.summary, "n_ctx", 0) or 0)
+    return max(2, min(default, n_ctx)) if n_ctx > 0 else default
+
+
 @contextlib.contextmanager
 def plain_attention(model: Model):
     """Switch off split q/k/v inputs and per-head results for the ``with`` block, then put

@@ -33,7 +33,7 @@ class ProbeConfig:
     max_iter: int = 200
     """L-BFGS iterations per probe."""
     context_len: int = 64
-    """Tokens per context for corpus-based label sets."""
+    """Tokens per context for corpus-based label sets (at most the model's context)."""
     batch_size: int = 16
     seed: int = 0
 

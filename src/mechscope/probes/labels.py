@@ -106,7 +106,9 @@ def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corp
     need = cfg.max_items // len(classes) + 1
     docs = get_corpus(corpus, seed=cfg.seed) if not isinstance(corpus, list) else corpus
     seen = [0] * len(classes)  # items per class so far, counted as they come (not recounted per context)
-    for ids in pack_contexts(tok, docs, cfg.context_len):
+    from mechscope.models.load import default_length
+
+    for ids in pack_contexts(tok, docs, default_length(model, cfg.context_len)):  # no longer than the model's context
         s, first = len(data.sequences), len(data)
         data.sequences.append(ids)
         for p in range(1, len(ids)):  # position 0 has no context (and is an attention sink)
