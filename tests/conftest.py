@@ -112,7 +112,12 @@ def _save_tiny(kind: str, path) -> str:
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         model = transformers.LlamaForCausalLM(cfg)
-    # Scale weights up a little so random models have non-trivial, distinguishable outputs.
+    return save_scaled(model, path)
+
+
+def save_scaled(model, path) -> str:
+    """Scale a random model's weight matrices by 3 (so it has non-trivial, distinguishable
+    outputs) and save it with the suite's tiny tokenizer into ``path``; returns the folder."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

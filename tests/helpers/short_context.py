@@ -13,7 +13,7 @@ def save_short(kind: str, path, n_ctx: int = N_CTX) -> str:
     tokenizer into ``path``; returns the folder."""
     import torch
     import transformers
-    from conftest import _tiny_tokenizer
+    from conftest import save_scaled
 
     torch.manual_seed(0)
     common = dict(vocab_size=512, bos_token_id=0, eos_token_id=0)
@@ -26,10 +26,4 @@ def save_short(kind: str, path, n_ctx: int = N_CTX) -> str:
             max_position_embeddings=n_ctx, pad_token_id=0, **common))
     else:
         raise ValueError(kind)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(3.0)
-    model.save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_scaled(model, path)

@@ -10,18 +10,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import (
-    CorpusOpt,
-    DeviceOpt,
-    JsonOpt,
-    ModelOpt,
-    check_early,
-    console,
-    context_len_for,
-    emit_json,
-    handles_errors,
-    load,
-)
+from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
 from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
 
 tuned_app = typer.Typer(help="Tuned lens: train translators per layer, evaluate them against the logit lens, convert.",
@@ -59,6 +48,7 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a tuned lens: a closed-form start streamed over the corpus, then a KL fine-tune; resumable."""
+    from mechscope.cli.common import check_early, context_len_for
     from mechscope.lens.tuned_train import train_tuned_lens
 
     def settings(n: int) -> TunedLensTrainConfig:
@@ -99,6 +89,7 @@ def evaluate(
     json: bool = JsonOpt,
 ) -> None:
     """Held-out KL to the final distribution per layer, tuned lens vs logit lens (JSON + HTML report)."""
+    from mechscope.cli.common import context_len_for
     from mechscope.errors import MechscopeError
     from mechscope.lens.tuned import TunedLens
     from mechscope.lens.tuned_eval import evaluate_tuned_lens
