@@ -363,3 +363,12 @@ def test_evaluate_task_minibatches(tok, tiny):
         logits = tiny(batch.clean).logits
     assert a["clean_metric"] == pytest.approx(batch.metric(logits).item(), abs=1e-4)
     assert a["n"] == 10 and a["chance_accuracy"] == 0.5 and a["metric"] == "logit_diff"
+
+
+def test_chance_of_a_top1_task_is_one_over_the_vocabulary(tok, tiny):
+    """Induction is scored by top-1 accuracy: a model that knows nothing gets 1 / vocabulary
+    right, not 0 (task-eval printed chance 0% beside a corrupt accuracy of 0.7%)."""
+    res = evaluate_task(tiny, induction.build(tok, n=4, seed=0))
+    with torch.no_grad():
+        vocab = tiny(torch.tensor([[1, 2]])).logits.shape[-1]
+    assert res["metric"] == "logprob" and res["chance_accuracy"] == pytest.approx(1.0 / vocab)

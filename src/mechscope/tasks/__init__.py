@@ -101,19 +101,22 @@ def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[st
     net = getattr(model, "bridge", model)
     device = next(net.parameters()).device
     sums = {"clean_metric": 0.0, "corrupt_metric": 0.0, "clean_accuracy": 0.0, "corrupt_accuracy": 0.0}
+    vocab = 0
     with torch.no_grad():
         for start in range(0, len(batch), batch_size):
             part = batch.subset(slice(start, start + batch_size)).to(device)
             for kind in ("clean", "corrupt"):
                 out = net(getattr(part, kind))
                 logits = getattr(out, "logits", out)  # [b, pos, d_vocab]
+                vocab = logits.shape[-1]
                 sums[f"{kind}_metric"] += part.per_example_metric(logits).sum().item()
                 sums[f"{kind}_accuracy"] += part.accuracy(logits) * len(part)
     return {
         "task": batch.task,
         "n": len(batch),
         **{k: v / len(batch) for k, v in sums.items()},
-        "chance_accuracy": batch.chance_accuracy,
+        # top-1 accuracy (logprob tasks) of a model that knows nothing: 1 / vocabulary
+        "chance_accuracy": 1.0 / vocab if batch.metric_name == "logprob" and vocab else batch.chance_accuracy,
         "metric": batch.metric_name,
         "dropped": dict(batch.dropped),
     }
