@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import Description, Exemplar, UnitRef, UnitStore
 from mechscope.progress import SILENT, PhaseHandle, Progress, ProgressArg, as_progress
+from mechscope.results import json_safe
 
 if TYPE_CHECKING:
     from mechscope.explain.scoring import Simulator
@@ -195,7 +196,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                 if len(texts) > 1:
                     provenance["candidates"] = texts
                     if train_scores:
-                        provenance["candidates_train_simulation"] = [x if math.isfinite(x) else None for x in train_scores]
+                        provenance["candidates_train_simulation"] = json_safe(train_scores)
                 store.put_description(Description(
                     unit=record.unit, text=texts[0], explainer=explainer.name, explainer_model=explainer.model_name,
                     settings=explainer.full_settings, provenance=provenance))

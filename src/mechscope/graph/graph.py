@@ -168,7 +168,7 @@ class Graph:
             si, ri = self.sender_index(s), self.receiver_index(r)
             if not self.allowed[si, ri]:
                 rl = self.receiver_layer(ri)
-                same = self.parallel and rl < self.n_layers and si in range(*self.head_senders(rl).indices(self.n_senders))
+                same = self.parallel and rl < self.n_layers and self.head_senders(rl).start <= si < self.head_senders(rl).stop
                 why = " (this model's attention and MLP run in parallel: an MLP does not read its own layer's heads)" if same else ""
                 raise MechscopeError(f"There is no edge {s} -> {r}: the sender is not upstream of the receiver{why}.")
             m[si, ri] = 1.0

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import read_result_json, write_result_json
+from mechscope.results import json_safe, read_result_json, write_result_json
 from mechscope.sae.config import DashboardConfig
 from mechscope.sae.feature_stats import FeatureStats
 from mechscope.sae.io import check_sae_fits
@@ -82,7 +82,7 @@ class DashboardResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["schema_version"] = SCHEMA_VERSION
-        d["hist_bins"] = [[lo, hi if math.isfinite(hi) else None] for lo, hi in self.hist_bins]
+        d["hist_bins"] = json_safe(self.hist_bins)
         return d
 
     def save(self, out_dir: str | Path) -> Path:
