@@ -98,11 +98,12 @@ def test_result_round_trips(model, tmp_path):
     assert d["schema_version"] == 1 and d["model"]["n_layers"] == model.summary.n_layers
 
 
-def test_bad_inputs_raise_one_sentence(tiny_llama):
+def test_bad_inputs_raise_one_sentence(tiny_llama, tiny_gpt2):
     with pytest.raises(MechscopeError, match="not a single token: it splits into"):
         single_token(tiny_llama, " Maryxqz")
     with pytest.raises(MechscopeError, match="more than the model's context"):
-        encode_prompt(tiny_llama, "Mary " * 100)
+        encode_prompt(tiny_gpt2, "Mary " * 100)  # learned positions end at 64
+    assert encode_prompt(tiny_llama, "Mary " * 100).shape[1] > tiny_llama.summary.n_ctx  # rotary runs on
     with pytest.raises(MechscopeError, match="does not occur in the prompt"):
         subject_positions(tiny_llama, PROMPT, "Alice")
     assert single_token(tiny_llama, "Mary") == single_token(tiny_llama, " Mary")  # leading space added

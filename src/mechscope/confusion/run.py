@@ -36,6 +36,7 @@ from mechscope.confusion.points import confusion_point, matched_position
 from mechscope.confusion.prompts import LangPrompt
 from mechscope.confusion.result import ConfusionResult
 from mechscope.errors import MechscopeError
+from mechscope.models.load import context_overrun
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -106,9 +107,8 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
         tuned.check_fits(model)
     tok = model.tokenizer
     ids = [chat_ids(tok, p.prompt) for p in prompts]
-    n_ctx = model.summary.n_ctx
     for p, x in zip(prompts, ids):
-        if len(x) + cfg.n_tokens > n_ctx:
+        if (n_ctx := context_overrun(model, len(x) + cfg.n_tokens)) is not None:
             raise MechscopeError(f"The prompt {p.prompt[:40]!r} has {len(x)} tokens; with {cfg.n_tokens} new tokens that is more "
                                  f"than the model's context of {n_ctx}: shorten it or lower --n-tokens.")
     words = english if english is not None else english_words()

@@ -23,7 +23,7 @@ from torch import Tensor
 from mechscope.errors import MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture, frozen_forward
 from mechscope.features.transcoder_set import TranscoderSet
-from mechscope.models.load import plain_attention
+from mechscope.models.load import plain_attention, position_limit
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -111,9 +111,9 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
 
 def _greedy(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp], n: int) -> str:
     toks = run.tokens.clone()
-    limit = model.summary.n_ctx
+    limit = position_limit(model)
     for _ in range(n):
-        if toks.numel() >= limit:
+        if limit is not None and toks.numel() >= limit:
             break
         nxt = int(replacement_forward(model, tset, run, clamps, toks)[-1].argmax())
         toks = torch.cat([toks, torch.tensor([nxt])])

@@ -43,7 +43,7 @@ from mechscope.models.hooks import (
     attn_pattern,
     ln_scale,
 )
-from mechscope.models.load import plain_attention
+from mechscope.models.load import context_overrun, plain_attention
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -107,8 +107,7 @@ def capture(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]) -> Re
     tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if tokens.numel() == 0:
         raise MechscopeError("the prompt is empty; give at least one token.")
-    n_ctx = model.summary.n_ctx
-    if tokens.numel() > n_ctx:
+    if (n_ctx := context_overrun(model, tokens.numel())) is not None:
         raise MechscopeError(f"the prompt has {tokens.numel()} tokens but {model.summary.name} reads at most {n_ctx}; shorten it.")
     L = model.summary.n_layers
     ins, outs = _transcoder_hooks(tset)

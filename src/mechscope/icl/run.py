@@ -21,6 +21,7 @@ from mechscope.icl.config import FewShotConfig
 from mechscope.icl.fewshot import FewShotPrompt, chance_level, check_task, fewshot_accuracy, sample_prompts
 from mechscope.icl.knockout import Edge, block_edges, matched_edges, random_edges, sweep_edges
 from mechscope.icl.result import FewShotResult
+from mechscope.models.load import context_overrun
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.config import window_layers
 
@@ -80,9 +81,9 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
     longest = max(len(p.ids) for p in prompts)
-    if longest > model.summary.n_ctx:
+    if (n_ctx := context_overrun(model, longest)) is not None:
         raise MechscopeError(f"The longest '{task.name}' prompt has {longest} tokens, more than the model's context of "
-                             f"{model.summary.n_ctx}; use fewer --shots or shorter examples.")
+                             f"{n_ctx}; use fewer --shots or shorter examples.")
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
     if chance >= 1.0 and cfg.knockout and not cfg.force:

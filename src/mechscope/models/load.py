@@ -148,6 +148,13 @@ def position_limit(model: Any) -> int | None:
     return n_ctx
 
 
+def context_overrun(model: Any, n_tokens: int) -> int | None:
+    """The model's context where a sequence of ``n_tokens`` overruns it, else None: only a
+    model with learned positions has a hard limit (``position_limit``); rotary models run on."""
+    limit = position_limit(model)
+    return limit if limit is not None and n_tokens > limit else None
+
+
 def default_length(model: Any, default: int) -> int:
     """A context length left at its default on ``model``: ``min(default, summary.n_ctx)`` (at
     least 2; ``default`` where the context is not known)."""

@@ -22,8 +22,9 @@ def encode_prompt(model: Model, prompt: str) -> torch.Tensor:
     if not prompt:
         raise MechscopeError("The prompt is empty; pass the text whose next token you want to explain.")
     ids = model.to_tokens(prompt)
-    n_ctx = model.summary.n_ctx
-    if len(ids) > n_ctx:
+    from mechscope.models.load import context_overrun
+
+    if (n_ctx := context_overrun(model, len(ids))) is not None:
         raise MechscopeError(f"The prompt has {len(ids)} tokens, more than the model's context of {n_ctx}; shorten it.")
     if not ids:
         raise MechscopeError("The prompt encodes to no tokens; pass some text.")

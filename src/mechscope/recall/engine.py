@@ -20,6 +20,7 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, attn_scores
+from mechscope.models.load import position_limit
 from mechscope.models.unembed import final_norm, project
 
 if TYPE_CHECKING:
@@ -141,10 +142,10 @@ def last_logits(model: Model, tokens: torch.Tensor, hooks: list | None = None, n
 def greedy_continuations(model: Model, prompts: list[str], n_tokens: int, max_rows: int = 64) -> list[list[int]]:
     """Greedy continuations (token ids) of ``prompts``, batched over prompts of equal token
     length (so no padding is needed; no KV cache: each step reruns the prefix). A continuation
-    stops at the model's context (``summary.n_ctx``): a short-context model gives fewer tokens,
-    and a prompt that fills the context none."""
+    stops at the context of a model with learned positions (``models.load.position_limit``):
+    such a short-context model gives fewer tokens, and a prompt that fills its context none."""
     enc = [model.to_tokens(p) for p in prompts]
-    n_ctx = int(model.summary.n_ctx or 0)
+    n_ctx = position_limit(model) or 0
     out: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(enc):

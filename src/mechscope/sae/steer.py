@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import needs_split_attention, resid_pre
-from mechscope.models.load import plain_attention
+from mechscope.models.load import context_overrun, plain_attention
 from mechscope.results import write_result_json
 from mechscope.sae.config import GenerationConfig
 from mechscope.sae.io import check_sae_fits
@@ -165,8 +165,7 @@ def generate_pair(model: Model, prompt: str, hooks: list[Hook], gen: GenerationC
     ids = model.to_tokens(prompt)
     if not ids:
         raise MechscopeError("The prompt is empty; give some text to continue.")
-    n_ctx = model.summary.n_ctx
-    if len(ids) + gen.max_new_tokens > n_ctx:
+    if (n_ctx := context_overrun(model, len(ids) + gen.max_new_tokens)) is not None:
         raise MechscopeError(f"Prompt ({len(ids)} tokens) plus {gen.max_new_tokens} new tokens exceeds the model's context of {n_ctx}; shorten one.")
     gens = [torch.Generator().manual_seed(gen.seed) for _ in range(2)]
     seq = torch.tensor([ids, ids], device=model.device)
