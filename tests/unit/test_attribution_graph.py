@@ -366,3 +366,21 @@ def test_cli_intervene_and_weights(tiny_llama, tiny_llama_dir, tmp_path):
                          (["transcoders", "weights", str(tmp_path / "tc"), "--feature", "9:0", "--model", tiny_llama_dir], "out of range")):
         r = go(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_progress_bar_counts_every_backward_pass(tiny_llama):
+    """The bar's total is the number of backward passes, whatever the mix of logit and feature
+    batches (it once overran: '5/4 pass'), with and without the cap, and for a target feature."""
+    from mechscope.progress import Recorder
+
+    tset = random_transcoders(tiny_llama, d_sae=40, k=6, seed=2)
+    toks = _prompt(tiny_llama, seed=3)
+    full = attribute(tiny_llama, tset, toks, max_features=10_000, batch_size=16)
+    layer, pos = int(full.features[-1, 0]), int(full.features[-1, 1])
+    f = int(full.features[-1, 2])
+    for kw in (dict(max_features=10_000, batch_size=7), dict(max_features=20, batch_size=8),
+               dict(max_features=10_000, batch_size=5, target_feature=(layer, f, pos))):
+        rec = Recorder()
+        g = attribute(tiny_llama, tset, toks, progress=rec, **kw)
+        (bar,) = [p for p in rec.phases if p.name == "attribution backward passes"]
+        assert bar.count == bar.total == g.settings["backward_passes"], (kw, bar.count, bar.total)

@@ -169,8 +169,13 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     dirs = (W_U[:, lt] - W_U.mean(1, keepdim=True)).T.float()  # [K, d]
     B = max(1, batch_size)
     engine = _Backward(model, tset, run, B)
-    n_rows = (0 if target_feature else len(lt)) + min(n_act, max_features) + 1
-    engine.bar = as_progress(progress).phase("attribution backward passes", total=-(-n_rows // B), unit="pass")
+    if tgt_idx is None:
+        cand, n_sink = torch.ones(n_act, dtype=torch.bool), len(lt)
+    else:
+        cand, n_sink = (feats[:, 0] < feats[tgt_idx, 0]) & (feats[:, 1] <= feats[tgt_idx, 1]), 1  # can feed the target
+    # One pass per batch of sink rows (logits or the target), then per batch of feature rows.
+    n_passes = -(-n_sink // B) + -(-min(int(cand.sum()), max_features) // B)
+    engine.bar = as_progress(progress).phase("attribution backward passes", total=n_passes, unit="pass")
     dec = [tc.W_dec.detach().float() for tc in tset.layers]
     enc = [tc.W_enc.detach().float() for tc in tset.layers]
     # Source vectors of the active features, built once per graph on the model's device, each
@@ -225,11 +230,10 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     try:
         if tgt_idx is None:
             logit_rows = rows_for("logit", torch.arange(len(lt)))
-            sink_rows, sink_w, cand = logit_rows, lp, torch.ones(n_act, dtype=torch.bool)
+            sink_rows, sink_w = logit_rows, lp
         else:
             logit_rows = torch.zeros(0, n_act + L * P + P)
             sink_rows, sink_w = rows_for("feature", torch.tensor([tgt_idx])), torch.ones(1)
-            cand = (feats[:, 0] < feats[tgt_idx, 0]) & (feats[:, 1] <= feats[tgt_idx, 1])  # can feed the target
         n_cand = int(cand.sum())
         if n_cand <= max_features:
             chosen = torch.nonzero(cand).flatten()
