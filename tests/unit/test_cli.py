@@ -158,10 +158,16 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
                             for p in map(json.loads, (tmp_path / "pairs.jsonl").read_text().splitlines())))
     assert_clear_error(run("discover", "--task", str(same), "--model", toy_dir, "--method", "eap"),
                        "corrupt prompts of task 'same' are the clean prompts themselves")
+    # evaluate makes discover's checks: nothing to patch, too few pairs, --n below 1
+    assert_clear_error(run("evaluate", str(out), "--task", str(same), "--model", toy_dir),
+                       "corrupt prompts of task 'same' are the clean prompts themselves")
+    assert_clear_error(run("evaluate", str(out), "--task", str(short), "--model", toy_dir), "has only 3 usable pairs")
+    assert_clear_error(run("evaluate", str(out), "--n", "0", "--model", toy_dir), "--n must be at least 1 pair; got 0")
     r = run("evaluate", str(out), "--task", task, "--model", toy_dir, "--json")
     assert r.returncode == 0, r.stderr
     e = json.loads(r.stdout)
     assert abs(e["curve"][-1]["faithfulness"] - 1) < 1e-3 and e["edges_kept"] == d["edges_kept"]
+    assert e["n_held_out"] == 2 and d["empty"] is False  # a quarter of the 8 pairs held out
     # another run as the reference: ACDC's circuit against EAP's ranking (both patch from the
     # corrupted prompts, which change only the query token: the edges that see it are few)
     acdc_out = tmp_path / "acdc"

@@ -75,3 +75,22 @@ def test_steering_generation_past_context(short_models):
         generate_pair(gpt2, long_prompt(gpt2, N_CTX - 4), [], gen)
     plain, steered, _ = generate_pair(llama, long_prompt(llama, N_CTX - 4), [], gen)
     assert len(plain) == len(steered) == 8 and plain == steered  # no hooks: both rows alike
+
+
+def test_task_prompts_past_a_learned_context(short_models, tmp_path):
+    """A task file whose prompts run past GPT-2's position table is one sentence (it was an
+    IndexError from the embedding), for task-eval, discover and evaluate alike (all score the
+    batch through ``evaluate_task`` or ``check_fits``); a rotary model scores it."""
+    import json
+
+    from mechscope.tasks import evaluate_task, get_task
+
+    gpt2, llama = short_models["gpt2"], short_models["llama"]
+    path = tmp_path / "long.jsonl"
+    body = long_prompt(gpt2, N_CTX + 8)
+    path.write_text("".join(json.dumps({"clean": f"{body} Mary gave it to", "corrupt": f"{body} Alice gave it to",
+                                        "answer": " Mary", "wrong": " John"}) + "\n" for _ in range(1)))
+    with pytest.raises(MechscopeError, match=f"prompts of up to .* tokens, more than .* context of {N_CTX}"):
+        evaluate_task(gpt2, get_task(str(path)).build(gpt2.tokenizer))
+    res = evaluate_task(llama, get_task(str(path)).build(llama.tokenizer))
+    assert res["n"] == 1

@@ -288,6 +288,37 @@ def test_jsonl_dropped_counts(tmp_path, tok):
     assert batch.lengths.tolist() == [n_tokens(tok, json.loads(GOOD)["clean"]), 5]
 
 
+
+def test_jsonl_repeats_and_same_answer_dropped(tmp_path, tok):
+    """A pair repeated in the file is kept once (a copy in the held-out split would be a second
+    look at a scoring pair), and a pair whose answer and wrong token are one token (its logit
+    difference is 0 whatever the model does) is dropped; both are counted."""
+    same = json.dumps({"clean": "The cat sat on the", "corrupt": "The dog sat on the", "answer": " mat", "wrong": " mat"})
+    other = json.dumps({"clean": "The cat sat on the", "corrupt": "The dog sat on the", "answer": " mat", "wrong": " dog"})
+    batch = get_task(str(write(tmp_path, [GOOD, GOOD, other, same, GOOD]))).build(tok)
+    assert len(batch) == 2 and batch.clean_text == [json.loads(GOOD)["clean"], "The cat sat on the"]
+    assert batch.dropped == {"repeats an earlier pair": 2, "answer and wrong are the same token": 1}
+    with pytest.raises(MechscopeError, match="1 answer and wrong are the same token"):
+        get_task(str(write(tmp_path, [same]))).build(tok)
+
+
+def test_jsonl_bom_and_pretty_printed_file(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n").encode())
+    assert len(get_task(str(path)).build(tok)) == 1
+    path.write_text(json.dumps([json.loads(GOOD)], indent=2))
+    with pytest.raises(MechscopeError, match="line 1: not valid JSON.*one JSON object per line"):
+        get_task(str(path)).build(tok)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_non_positive_n_refused(tmp_path, tok, n):
+    with pytest.raises(MechscopeError, match=f"--n must be at least 1 pair; got {n}"):
+        get_task(str(write(tmp_path, [GOOD]))).build(tok, n=n)
+    with pytest.raises(MechscopeError, match="--n must be at least 1"):
+        get_task("ioi").build(tok, n=n)
+
+
 # ---- metrics --------------------------------------------------------------------------
 def random_batch(metric: str, b=3, pos=6, k=2, vocab=11, seed=0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)

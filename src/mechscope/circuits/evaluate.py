@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from mechscope.circuits.config import DiscoverConfig
+from mechscope.circuits.config import DiscoverConfig, check_pair_count
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
@@ -305,18 +305,29 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     ``n_held_out`` (pairs evaluated). Settings a run did not save take ``DiscoverConfig``'s
     defaults; a run saved without ``rank`` ranked its edges signed.
     """
-    from mechscope.tasks import get_task
+    from mechscope.tasks import check_fits, get_task
 
     g = build_graph(model)
     if g.summary() != res.graph.summary():
         raise MechscopeError(f"The model {model.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
     st, d = res.settings, DiscoverConfig
     seed = st.get("seed", d.seed)
-    batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n or st.get("n", d.n), seed=seed)
-    _, test = batch.split(st.get("held_out") or 0.5, seed=seed)  # runs before session 14 held out half
+    batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n if n is not None else st.get("n", d.n),
+                                                            seed=seed)
+    held_out = st.get("held_out") or 0.5  # runs before session 14 held out half
+    check_pair_count(len(batch), held_out, f"task '{batch.task}'")
+    check_fits(model, batch)
+    if torch.equal(batch.clean, batch.corrupt):
+        raise MechscopeError(f"the corrupt prompts of task '{batch.task}' are the clean prompts themselves, so patching "
+                             "changes nothing; give corrupt prompts that differ where the answer is decided.")
+    _, test = batch.split(held_out, seed=seed)
     p = as_progress(progress)
     p.note(f"evaluating the circuit on {len(test)} held-out pairs")
     ev = Evaluator(model, g, test, st.get("ablation", d.ablation))
+    if float(ev.clean) - float(ev.corrupt) < 1e-3 and not st.get("force"):
+        raise MechscopeError(f"on the {len(test)} held-out pairs of task '{batch.task}' the clean prompts score no better than "
+                             f"the corrupt ones (metric {float(ev.clean):.3g} vs {float(ev.corrupt):.3g}), so faithfulness, "
+                             "(circuit - corrupt) / (clean - corrupt), has no meaning; evaluate on a task the model does.")
     curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g),
                                progress=p)
     cpr, cmd = cpr_cmd(curve)

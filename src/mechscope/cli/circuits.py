@@ -87,6 +87,7 @@ def discover(
         "faithfulness_scoring": mt["faithfulness_scoring"], "faithfulness_cv": mt["faithfulness_cv"],
         "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"], "at_chance": bool(mt.get("at_chance")),
+        "empty": mt["n_edges_kept"] == 0,
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
     if res.stability:
@@ -158,7 +159,7 @@ def evaluate(
         out["reference"] = compare_with_reference(res, reference)
     m = load(model or res.model.get("source"), device)
     figures = evaluate_saved(m, res, task=task, n=n, progress=not json)
-    n_held_out = figures.pop("n_held_out")
+    n_held_out = figures["n_held_out"]
     out.update(figures)
     curve, cpr, cmd = out["curve"], out["cpr"], out["cmd"]
     if json:

@@ -18,7 +18,7 @@ from mechscope.tasks import docstring, facts, greater_than, induction, ioi, json
 from mechscope.tasks.base import MetricName, Pair, TaskBatch, single_token, tokenize_pairs
 
 __all__ = [
-    "Pair", "Task", "TaskBatch", "TaskInfo", "evaluate_task", "get_task", "list_tasks", "task_spec",
+    "Pair", "Task", "TaskBatch", "TaskInfo", "check_fits", "evaluate_task", "get_task", "list_tasks", "task_spec",
     "single_token", "tokenize_pairs",
 ]
 
@@ -43,6 +43,8 @@ class Task:
         return self.info.name
 
     def build(self, tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
+        if n is not None and n < 1:
+            raise MechscopeError(f"--n must be at least 1 pair; got {n}.")
         return self.builder(tokenizer, n=self.default_n if n is None else n, seed=seed)
 
 
@@ -92,12 +94,22 @@ def task_spec(name: str) -> str:
     return name
 
 
+def check_fits(model: Any, batch: TaskBatch) -> None:
+    """Refuse prompts longer than a model with learned positions takes (``models.load.context_overrun``)."""
+    from mechscope.models.load import context_overrun
+
+    if hasattr(model, "summary") and (n_ctx := context_overrun(model, batch.n_pos)) is not None:
+        raise MechscopeError(f"Task '{batch.task}' has prompts of up to {batch.n_pos} tokens, more than {model.summary.name}'s "
+                             f"context of {n_ctx}; shorten them.")
+
+
 def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[str, Any]:
     """Metric and accuracy of ``model`` on the clean and corrupt prompts of ``batch``.
 
     ``model``: a ``mechscope.models.Model`` (its ``bridge`` is run) or any module mapping
     tokens [batch, pos] to logits [batch, pos, d_vocab] (or to an output with ``.logits``).
     """
+    check_fits(model, batch)
     net = getattr(model, "bridge", model)
     device = next(net.parameters()).device
     sums = {"clean_metric": 0.0, "corrupt_metric": 0.0, "clean_accuracy": 0.0, "corrupt_accuracy": 0.0}

@@ -161,7 +161,7 @@ def tokenize_pairs(
     """Tokenise and validate pairs; drop invalid ones, counting why.
 
     A pair is kept when clean and corrupt have the same number of tokens and the answer (and
-    wrong token, if any) encodes to exactly one token. Raises when no pair survives.
+    wrong token, if any, a different one) encodes to exactly one token. Raises when no pair survives.
     """
     dropped: Counter[str] = Counter()
     kept: list[tuple[list[int], list[int], int, int, Pair]] = []
@@ -182,6 +182,9 @@ def tokenize_pairs(
                 dropped["wrong answer is not a single token"] += 1
                 continue
             w = found
+            if w == a:
+                dropped["answer and wrong are the same token"] += 1
+                continue
         kept.append((c, r, a, w, p))
     if not kept:
         reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"

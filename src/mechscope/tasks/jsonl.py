@@ -27,7 +27,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise MechscopeError(f"No task file at '{path}'; check the path.")
     pairs: list[Pair] = []
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -35,7 +35,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise MechscopeError(f"{where}: not valid JSON ({exc.msg}).") from exc
+            hint = ("; the file must hold one JSON object per line (JSONL), not one JSON document spread over lines"
+                    if line.strip() in ("[", "{") or line.lstrip().startswith("[") else "")
+            raise MechscopeError(f"{where}: not valid JSON ({exc.msg}){hint}.") from exc
         if not isinstance(row, dict):
             raise MechscopeError(f"{where}: expected an object with keys {', '.join(KEYS)}.")
         missing = [k for k in KEYS if k not in row]
@@ -51,8 +53,20 @@ def read_pairs(path: str | Path) -> list[Pair]:
 
 
 def build(tokenizer: Any, path: str | Path, n: int | None = None, seed: int = 0) -> TaskBatch:
-    """Batch of the file's pairs (the first ``n`` when given; ``seed`` is unused)."""
+    """Batch of the file's pairs (the first ``n`` when given; ``seed`` is unused). A pair that
+    repeats an earlier one is dropped and counted: a copy of a scoring pair in the held-out
+    split would make the held-out figures a second look at the scoring pairs."""
     pairs = read_pairs(path)
     if n is not None:
         pairs = pairs[:n]
-    return tokenize_pairs(tokenizer, pairs, Path(path).stem, "logit_diff")
+    seen: set[tuple[str, str, str, str | None]] = set()
+    unique = []
+    for p in pairs:
+        key = (p.clean, p.corrupt, p.answer, p.wrong)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    batch = tokenize_pairs(tokenizer, unique, Path(path).stem, "logit_diff")
+    if len(unique) < len(pairs):
+        batch.dropped["repeats an earlier pair"] = len(pairs) - len(unique)
+    return batch
