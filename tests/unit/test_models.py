@@ -103,3 +103,22 @@ def test_plain_attention_restores_the_modes_it_found(tiny_gpt2):
     with pytest.raises(RuntimeError), plain_attention(tiny_gpt2):
         raise RuntimeError
     assert modes() == (True, True)
+
+
+def test_quiet_loading_silences_the_gguf_bar(monkeypatch):
+    """--quiet: the GGUF de-quantising bar (a plain tqdm in transformers' GGUF module) and
+    transformers' own bars are off while loading, and both are back afterwards."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from mechscope.models.load import _quiet_loading
+    from mechscope.progress import QUIET_ENV
+
+    before = gguf_utils.tqdm
+    monkeypatch.setenv(QUIET_ENV, "1")
+    with _quiet_loading():
+        assert gguf_utils.tqdm([1, 2]).disable and not hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled()
+    monkeypatch.setenv(QUIET_ENV, "0")
+    with _quiet_loading():
+        assert gguf_utils.tqdm is before

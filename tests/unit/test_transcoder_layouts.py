@@ -102,3 +102,7 @@ def test_circuit_tracer_files_load_by_layer_number_and_refuse_other_hooks(tmp_pa
     (tmp_path / "config.yaml").write_text(cfg.replace("ln2.hook_normalized", "hook_resid_mid"))
     with pytest.raises(MechscopeError, match="reads hook_resid_mid -> mlp.hook_out"):
         load_transcoders(tmp_path)
+    (tmp_path / "config.yaml").write_text(cfg + "model_kind: [unclosed\n")
+    with pytest.raises(MechscopeError, match=r"config.yaml is not valid YAML \(.* at line \d+\); fix") as err:
+        load_transcoders(tmp_path)
+    assert "\n" not in str(err.value)

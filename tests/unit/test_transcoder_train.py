@@ -533,7 +533,7 @@ def test_layers_parse_and_config_checks():
     assert parse_layers("all", 4) == [0, 1, 2, 3] and parse_layers("0,2-3", 4) == [0, 2, 3]
     assert parse_layers("all") is None and parse_layers(None) is None and parse_layers("7,2-3") == [2, 3, 7]
     for spec, msg in (("4", "layer 4 does not exist"), ("a", "not a layer number"), ("1,1", "names a layer twice"),
-                      ("3-1", "runs backwards"), ("-1", "not a layer number")):
+                      ("3-1", "runs backwards"), ("-1", "is negative; layers count from 0")):
         with pytest.raises(MechscopeError, match=msg):
             parse_layers(spec, 4)
     for kw, msg in ((dict(tokens=-5), "--tokens must be positive"), (dict(architecture="gated"), "unknown SAE architecture"),

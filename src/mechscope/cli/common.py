@@ -170,6 +170,8 @@ def parse_layers(spec: str | None, n_layers: int | None = None) -> list[int] | N
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
+        if part.startswith("-"):
+            raise MechscopeError(f"--layers {spec!r}: {part!r} is negative; layers count from 0 (give 'all' or e.g. 0,3,5-7).")
         lo, sep, hi = part.partition("-")
         try:
             a = int(lo)

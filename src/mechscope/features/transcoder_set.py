@@ -273,7 +273,10 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
     try:
         cfg = yaml.safe_load((path / CONFIG).read_text()) or {}
     except yaml.YAMLError as exc:
-        raise MechscopeError(f"{path / CONFIG} is not valid YAML ({exc}).") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MechscopeError(f"{path / CONFIG} is not valid YAML ({what}{where}); fix or remove that file.") from None
     if cfg.get("model_kind") != "transcoder_set":
         raise MechscopeError(f"{path / CONFIG}: model_kind is {cfg.get('model_kind')!r}; only 'transcoder_set' is supported.")
     in_hook, out_hook = str(cfg.get("feature_input_hook", PURE_INPUT)), str(cfg.get("feature_output_hook", "hook_mlp_out"))

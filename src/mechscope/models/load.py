@@ -236,10 +236,40 @@ def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if gguf_file is None:
         kwargs["use_safetensors"] = True
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation="eager", **kwargs
-    )
+    with _quiet_loading():
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kwargs)
     return hf_model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Under ``--quiet`` (``progress.quiet``), no loading bars: transformers' own, and the GGUF
+    de-quantising bar, which transformers draws with a plain ``tqdm`` of its GGUF module."""
+    from mechscope.progress import quiet
+
+    if not quiet():
+        yield
+        return
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF support installed: nothing to silence there
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
