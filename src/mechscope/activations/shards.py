@@ -4,10 +4,10 @@
 unshuffled), runs the model only up to the last hooked layer, and writes every
 ``contexts_per_shard`` contexts' rows as ``shard_00000.safetensors`` ({hook: [rows, d]} plus
 ``tokens`` [rows], the token id at each row). Each shard is written to a temporary name and
-renamed, and ``manifest.json`` (model, hooks, widths, dtype, token counts, corpus spec, store
-settings, finished shards) is rewritten after each, so a killed harvest resumes: shards already
-on disk are skipped (their contexts are re-tokenised, never re-run). Asking the same folder for
-more tokens later extends the harvest with further shards.
+renamed, and ``manifest.json`` (model and its weights fingerprint, hooks, widths, dtype, token
+counts, corpus spec, store settings, finished shards) is rewritten after each, so a killed
+harvest resumes: shards already on disk are skipped (their contexts are re-tokenised, never
+re-run). Asking the same folder for more tokens later extends the harvest with further shards.
 
 ``ShardStore(out_dir)`` serves ``next_batch(n) -> {hook: [n, d]}`` like ``ActivationStore``:
 each epoch visits the shards in a new random order, ``buffer_shards`` at a time, and serves the
@@ -55,6 +55,8 @@ def harvest(
 ) -> dict[str, Any]:
     """Write at least ``n_tokens`` rows per hook to ``out_dir`` (resuming); returns the manifest."""
     out = Path(out_dir)
+    if n_tokens < 1:
+        raise MechscopeError(f"--tokens must be at least 1 (rows per hook to harvest); got {n_tokens}.")
     if cfg.sink_ratio is not None:
         raise MechscopeError("shards store the contexts' own token ids, not sink marks; harvest with sink_ratio None.")
     harvester = Harvester(model, cfg)  # checks the hook names before anything is written
@@ -68,13 +70,16 @@ def harvest(
     if hasattr(corpus, "split") and getattr(corpus, "split", "all") != "all":
         spec = f"{spec} [{corpus.split}]"
     manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "model": model.summary.name, "hooks": list(cfg.hooks),
+        "schema_version": SCHEMA_VERSION, "model": model.summary.name, "model_fingerprint": model.fingerprint(),
+        "hooks": list(cfg.hooks),
         "d": harvester.dims(), "dtype": cfg.dtype, "context_len": cfg.context_len, "skip_first": cfg.skip_first,
         "corpus": spec, "contexts_per_shard": cps, "rows_per_shard": cps * rpc, "n_tokens_requested": n_tokens,
         "store": cfg.to_dict(), "shards": [], "n_tokens": 0, "complete": False,
     }
     if old is not None:
         diff = [k for k in _SAME if old.get(k) != manifest.get(k)]
+        if old.get("model_fingerprint") not in (None, manifest["model_fingerprint"]):  # older harvests recorded none
+            diff.append("model_fingerprint")
         if diff:
             raise MechscopeError(
                 f"'{out}' holds a harvest with different settings ({', '.join(diff)}); use another --out folder."

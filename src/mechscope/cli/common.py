@@ -110,11 +110,12 @@ def load(model: str | None, device: str | None = None):
 
 
 def load_sae_and_model(sae_dir: Path, model: str | None, device: str | None):
-    """The SAE and its model (``--model``, else the SAE's own model_name), checked to fit."""
+    """The SAE and its model (``--model``, else where the SAE was trained from, ``metadata.model_path``
+    as ``sae train`` records it, else its model_name), checked to fit."""
     from mechscope.sae import check_sae_fits, load_sae
 
     sae = load_sae(sae_dir)
-    m = load(model or sae.cfg.model_name or None, device)
+    m = load(model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None, device)
     sae = sae.to(m.device)
     check_sae_fits(sae, m)
     return sae, m

@@ -24,6 +24,7 @@ from mechscope.cli.common import (
     load,
     load_sae_and_model,
 )
+from mechscope.errors import MechscopeError
 from mechscope.sae.config import DashboardConfig, TrainConfig
 
 sae_app = typer.Typer(help="Sparse autoencoders and transcoders: harvest, train, eval, dashboard.", no_args_is_help=True)
@@ -39,6 +40,24 @@ def register(app: typer.Typer) -> None:
 
 ContextLenOpt = typer.Option(None, "--context-len", show_default=False,
                              help=f"Tokens per context (default min({StoreConfig.context_len}, the model's context)).")
+
+
+def check_tokens(tokens: int) -> None:
+    """``--tokens`` of harvest and eval, before the model loads."""
+    if tokens < 1:
+        raise MechscopeError(f"--tokens must be at least 1; got {tokens}.")
+
+
+def model_path(model: str | None) -> str | None:
+    """``--model`` as the trained SAE records it (``metadata.model_path``, which ``sae eval``
+    loads): a local folder or file as an absolute path, so the SAE evaluates from any working
+    directory; a hub id or an alias as given."""
+    from mechscope.models.load import ALIASES
+
+    if model is None or model.lower() in ALIASES:
+        return model
+    p = Path(model).expanduser()
+    return str(p.resolve()) if p.exists() else model
 
 
 @handles_errors
@@ -57,12 +76,18 @@ def harvest(
     """Run the model over a corpus once and save activations as safetensors shards."""
     from mechscope.activations import get_corpus
     from mechscope.activations import harvest as do_harvest
+    from mechscope.models.hooks import check_hook_name
+    from mechscope.sae.io import check_vector_hook
 
     def settings(n: int) -> StoreConfig:
         return StoreConfig(hooks=list(hook), context_len=n, batch_size=batch_size, dtype=dtype)  # checked when made
 
     check_early(settings, context_len, StoreConfig.context_len)
+    check_tokens(tokens)
     m = load(model, device)
+    for h in hook:
+        check_hook_name(m, h)
+        check_vector_hook(m, h)  # shards hold one row per token; SAEs train on them
     cfg = settings(context_len_for(m, context_len, StoreConfig.context_len))
     manifest = do_harvest(m, get_corpus(corpus, split="train"), cfg, out, tokens, corpus_spec=corpus or "embedded", progress=not json)
     if json:
@@ -105,7 +130,7 @@ def train(
     m = load(model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
-                          metadata={"model_path": model or m.summary.name}, progress=not json)
+                          metadata={"model_path": model_path(model) or m.summary.name}, progress=not json)
     where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"
     if not json:
         console.print(f"training a {arch} {'transcoder' if tout else 'SAE'} with {trainer.sae_cfg.d_sae} features on {hook} from {where}; {tokens:,} tokens -> {out}")
@@ -137,6 +162,7 @@ def eval_(
     from mechscope.report.sae_eval import write_sae_eval
     from mechscope.sae import evaluate_on_corpus, load_sae
 
+    check_tokens(tokens)
     sae = load_sae(sae_dir)
     spec = model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None
     m = load(spec, device)

@@ -6,6 +6,7 @@ No torch here: the CLI reads the defaults when it starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mechscope.errors import MechscopeError, check_lr
@@ -52,11 +53,21 @@ class TrainConfig:
         from mechscope.sae.archs import get_architecture  # torch: only when a config is made
 
         get_architecture(self.architecture)  # a one-sentence error for an unknown name
-        if self.tokens < self.batch_tokens:
-            raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
         if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
             raise MechscopeError("batch size and checkpoint interval must be positive.")
+        if self.tokens < self.batch_tokens:
+            raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
+        if self.d_sae is not None and self.d_sae < 1:
+            raise MechscopeError(f"--d-sae must be at least 1 (or left out for --expansion x the input width); got {self.d_sae}.")
+        if self.expansion < 1:
+            raise MechscopeError(f"--expansion must be at least 1 (features per input dimension); got {self.expansion}.")
         check_lr(self.lr)
+        for option, value in (("--l1", self.l1), ("--l0", self.l0), ("aux_coef", self.aux_coef),
+                              ("jumprelu_init_threshold", self.jumprelu_init_threshold)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise MechscopeError(f"{option} must be a finite number of at least 0; got {value}.")
+        if not (math.isfinite(self.jumprelu_bandwidth) and self.jumprelu_bandwidth > 0):
+            raise MechscopeError(f"jumprelu_bandwidth must be a positive finite number; got {self.jumprelu_bandwidth}.")
 
     @property
     def steps(self) -> int:
@@ -125,5 +136,7 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.temperature < 0:
-            raise MechscopeError("--max-new-tokens must be positive and --temperature at least 0.")
+        if self.max_new_tokens < 1 or not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise MechscopeError("--max-new-tokens must be positive and --temperature a finite number of at least 0.")
+        if self.top_k is not None and self.top_k < 1:
+            raise MechscopeError(f"--top-k must be at least 1 (or left out to sample from all tokens); got {self.top_k}.")

@@ -181,6 +181,8 @@ def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_t
     """Evaluate ``sae`` on the held-out split of ``corpus`` (``activations.get_corpus``; default
     the embedded corpus, whose train split SAEs are trained on): ``n_tokens // context_len``
     contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
+    if n_tokens < 1:
+        raise MechscopeError(f"--tokens must be at least 1 (held-out tokens to evaluate on); got {n_tokens}.")
     n_ctx = max(1, n_tokens // context_len)
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
     if not ctx:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mechscope.errors import MechscopeError
-from mechscope.sae.archs import from_saelens, get_architecture, saelens_names
+from mechscope.sae.archs import Architecture, from_saelens, get_architecture, saelens_names
 from mechscope.sae.model import SAE, SAEConfig
 
 if TYPE_CHECKING:
@@ -87,12 +87,46 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _whole(raw: dict[str, Any], key: str, where: str, what: str) -> int:
+    """``raw[key]`` as an int: a JSON whole number, else one sentence naming the key."""
+    v = raw.get(key)
+    if isinstance(v, bool) or not (isinstance(v, int) or isinstance(v, float) and v.is_integer()):
+        raise MechscopeError(f"{where}: {key} must be a whole number ({what}), got {v!r}; fix it in the cfg.json.")
+    return int(v)
+
+
+def _activation_fn(raw: dict[str, Any], arch_cls: type[Architecture], where: str) -> tuple[type[Architecture], int | None]:
+    """SAELens before 6 saved TopK SAEs as ``"architecture": "standard"`` with
+    ``"activation_fn_str": "topk"`` and ``"activation_fn_kwargs": {"k": K}`` (SAELens 6 reads
+    them as ``topk``, ``handle_pre_6_0_config``): the architecture class and k such a config
+    means (k None where the config does not set it this way). ``"relu"`` or no key changes
+    nothing; any other activation is refused."""
+    key = "activation_fn_str" if "activation_fn_str" in raw else "activation_fn"
+    fn = raw.get(key)
+    if fn is None or fn == "relu":
+        return arch_cls, None
+    if fn != "topk":
+        raise MechscopeError(f"{where}: {key}={fn!r} is not supported; mechscope reads SAEs whose activation is 'relu' or 'topk'.")
+    if arch_cls.name not in ("relu", "topk"):
+        raise MechscopeError(f"{where}: {key}='topk' does not fit architecture {raw.get('architecture')!r}; "
+                             "a TopK SAE has architecture 'standard' or 'topk'.")
+    kwargs = raw.get("activation_fn_kwargs")
+    if not isinstance(kwargs, dict) or "k" not in kwargs:
+        raise MechscopeError(f"{where}: {key}='topk' needs activation_fn_kwargs.k (the number of active features per token).")
+    return get_architecture("topk"), _whole(kwargs, "k", where, "active features per token, in activation_fn_kwargs")
+
+
 def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
-    """An ``SAEConfig`` from a SAELens ``cfg.json`` dict (v6 layout, or older flat keys)."""
+    """An ``SAEConfig`` from a SAELens ``cfg.json`` dict (v6 layout, or older flat keys:
+    ``hook_point``, ``activation_fn_str``). A value of the wrong type is refused in one sentence
+    naming its key."""
     missing = [k for k in ("d_in", "d_sae") if k not in raw]
     if missing:
         raise MechscopeError(f"{where} lacks {', '.join(missing)}; an SAE config needs d_in, d_sae and architecture.")
-    meta = dict(raw.get("metadata") or {})
+    meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise MechscopeError(f"{where}: metadata must be a JSON object (with hook_name, model_name, ...), got {meta!r}.")
+    meta = dict(meta)
     arch_name = raw.get("architecture", "standard")
     found = from_saelens(arch_name, meta.get("mechscope_architecture")) if isinstance(arch_name, str) else None
     if found is None:
@@ -101,6 +135,7 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
             f"{', '.join(saelens_names())}."
         )
     arch_cls, transcoder = found
+    arch_cls, old_k = _activation_fn(raw, arch_cls, where)
     norm = raw.get("normalize_activations", "none") or "none"
     if norm != "none":
         raise MechscopeError(
@@ -109,19 +144,28 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
         )
     if raw.get("rescale_acts_by_decoder_norm"):
         raise MechscopeError(f"{where}: rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms and save again.")
+    b_dec_in = raw.get("apply_b_dec_to_input", True)
+    if not isinstance(b_dec_in, bool):
+        raise MechscopeError(f"{where}: apply_b_dec_to_input must be true or false (a JSON boolean), got {b_dec_in!r}.")
     known = {"model_name", "hook_name", "hook_name_out", "mechscope_architecture", "k", "sae_lens_version", "sae_lens_training_version"}
-    k = raw.get("k", meta.get("k"))
+    k: int | None = None
+    if arch_cls.uses_k:
+        if old_k is not None:
+            k = old_k
+        elif "k" in raw or "k" in meta:
+            k = _whole(raw if "k" in raw else meta, "k", where, "active features per token")
+    hook_name = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
     return SAEConfig(
-        d_in=int(raw["d_in"]),
-        d_sae=int(raw["d_sae"]),
+        d_in=_whole(raw, "d_in", where, "the input width"),
+        d_sae=_whole(raw, "d_sae", where, "the number of features"),
         architecture=arch_cls.name,
-        k=int(k) if k is not None and arch_cls.uses_k else None,
-        hook_name=str(meta.get("hook_name") or raw.get("hook_name") or ""),
+        k=k,
+        hook_name=str(hook_name),
         model_name=str(meta.get("model_name") or raw.get("model_name") or ""),
-        d_out=int(raw["d_out"]) if transcoder else None,
+        d_out=_whole(raw, "d_out", where, "a transcoder's output width") if transcoder else None,
         hook_name_out=str(meta.get("hook_name_out") or raw.get("hook_name_out") or "") if transcoder else None,
         dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)) and not transcoder,
+        apply_b_dec_to_input=b_dec_in and not transcoder,
         metadata={k2: v for k2, v in meta.items() if k2 not in known},
     )
 
@@ -158,23 +202,49 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def check_sae_fits(sae: SAE, model: Model) -> None:
-    """Clear error when the SAE's hook is not in the model or has another width, or when the SAE
-    records the weights fingerprint of another model (``metadata.model_fingerprint``, written at
-    training: an SAE of another model of the same width would otherwise be read as this one's)."""
+    """Clear error when the SAE names no hook, when its hook is not in the model, holds no single
+    vector per token (``check_vector_hook``) or has another width, or when the SAE records the
+    weights fingerprint of another model (``metadata.model_fingerprint``, written at training: an
+    SAE of another model of the same width would otherwise be read as this one's)."""
     from mechscope.models.hooks import check_hook_name
 
     cfg = sae.cfg
+    if not cfg.hook_name:
+        raise MechscopeError("the SAE names no hook (metadata.hook_name in its cfg.json is missing or empty); "
+                             "set it to the hook the SAE reads, e.g. blocks.6.hook_resid_post.")
+    if cfg.d_out is not None and not cfg.hook_name_out:
+        raise MechscopeError("the transcoder names no output hook (metadata.hook_name_out in its cfg.json is missing or empty); "
+                             "set it to the hook it writes, e.g. blocks.6.hook_mlp_out.")
     for hook, width in ((cfg.hook_name, cfg.d_in), (cfg.hook_name_out, cfg.out_dim)):
         if not hook:
             continue
         check_hook_name(model, hook)
-        d = _hook_width(model, hook)
+        check_vector_hook(model, hook)
+        d = hook_width(model, hook)
         if d is not None and d != width:
             raise MechscopeError(
                 f"the SAE expects width {width} at {hook}, but {model.summary.name} has width {d} there; "
                 "use an SAE trained on this model and hook."
             )
     check_same_weights(cfg.metadata.get("model_fingerprint"), model, "the SAE", cfg.model_name)
+
+
+def check_vector_hook(model: Model, hook: str) -> None:
+    """One sentence when ``hook``'s activation is not one vector per token ``[batch, pos, d]``:
+    attention patterns and scores (``[batch, head, query, key]``, no vector per token) and
+    per-head hooks (``attn.hook_z``, ``hook_q`` ... ``[batch, pos, head, d_head]``). SAEs here
+    read, reconstruct and splice one vector per token; per-head SAEs (SAELens's
+    ``reshape_activations: hook_z``) are not supported."""
+    shape = _hook_shape(model, hook)
+    if shape is None or len(shape) == 3:
+        return
+    kind = ("attention weights per head, [batch, head, query, key]" if hook.endswith(("hook_pattern", "hook_attn_scores"))
+            else f"one vector per head, [batch, pos, head, {shape[-1]}]" if len(shape) == 4
+            else f"activations of shape {list(shape)}")
+    raise MechscopeError(
+        f"{hook} holds {kind}, not one vector per token; SAEs read a hook such as blocks.L.hook_resid_post, "
+        "blocks.L.hook_attn_out, blocks.L.hook_mlp_out or blocks.L.ln2.hook_normalized."
+    )
 
 
 def check_same_weights(recorded: object, model: Model, what: str, trained_on: str = "") -> None:
@@ -191,17 +261,23 @@ def check_same_weights(recorded: object, model: Model, what: str, trained_on: st
     )
 
 
-def _hook_width(model: Model, hook: str) -> int | None:
-    """Width of a hook's activation, read off one tiny forward pass (cached per model)."""
-    cache = model.__dict__.setdefault("_hook_widths", {})
+def hook_width(model: Model, hook: str) -> int | None:
+    """Width (last dimension) of a hook's activation; None when it did not fire."""
+    shape = _hook_shape(model, hook)
+    return None if shape is None else shape[-1]
+
+
+def _hook_shape(model: Model, hook: str) -> tuple[int, ...] | None:
+    """Shape of a hook's activation on two tokens, read off one tiny forward pass (cached per model)."""
+    cache = model.__dict__.setdefault("_hook_shapes", {})
     if hook not in cache:
-        seen: dict[str, int] = {}
+        seen: dict[str, tuple[int, ...]] = {}
 
         def grab(t, hook):  # noqa: ANN001
-            seen["d"] = t.shape[-1]
+            seen["shape"] = tuple(t.shape)
 
         ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
         with torch.no_grad():
             model.bridge.run_with_hooks(ids, fwd_hooks=[(hook, grab)])
-        cache[hook] = seen.get("d")
+        cache[hook] = seen.get("shape")
     return cache[hook]

@@ -26,6 +26,7 @@ generator seeded identically, so a zero intervention reproduces the unsteered te
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,6 +240,13 @@ def check_feature_mode(scale: float | None, clamp: float | None) -> None:
     """Feature steering either adds the direction (``scale``) or clamps the feature (``clamp``)."""
     if (scale is None) == (clamp is None):
         raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
+    _check_finite("--scale" if scale is not None else "--clamp", scale if scale is not None else clamp)
+
+
+def _check_finite(option: str, value: float | None) -> None:
+    """NaN or infinity steers to NaN activations, whose text is empty: refused in one sentence."""
+    if value is not None and not math.isfinite(value):
+        raise MechscopeError(f"{option} must be a finite number; got {value}.")
 
 
 def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
@@ -246,6 +254,7 @@ def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, c
     """Generate with the ActAdd vector ``h(plus) - h(minus)`` at ``blocks.layer.hook_resid_pre``
     added ``coef`` times to the prompt's first positions, beside the unsteered text."""
     gen = gen or GenerationConfig()
+    _check_finite("--coef", coef)
     n_layers = model.summary.n_layers
     if not 0 <= layer < n_layers:
         raise MechscopeError(f"Layer {layer} is out of range; the model has layers 0..{n_layers - 1}.")

@@ -44,7 +44,7 @@ from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.archs import StepState, get_architecture
 from mechscope.sae.config import TrainConfig
-from mechscope.sae.io import save_sae
+from mechscope.sae.io import check_vector_hook, hook_width, save_sae
 from mechscope.sae.model import SAE, SAEConfig
 from mechscope.sae.sources import StoreSource
 
@@ -396,8 +396,10 @@ def sae_trainer(
     hooks = [hook] + ([hook_out] if hook_out else [])
     for h in hooks:
         check_hook_name(model, h)
+        check_vector_hook(model, h)
     if shards is not None:
         store: Any = ShardStore(shards, hooks=hooks, seed=cfg.seed, device=cfg.device)
+        check_shards_fit(store, model)
     else:
         store = ActivationStore(model, get_corpus(corpus, split="train"), StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
     dims = store.dims
@@ -406,6 +408,29 @@ def sae_trainer(
             "model_fingerprint": model.fingerprint(), **(metadata or {})}
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
                    hook_name=hook, hook_name_out=hook_out, model_name=name, metadata=meta, progress=progress)
+
+
+def check_shards_fit(store: ShardStore, model: Model) -> None:
+    """One sentence when ``store``'s shards were harvested from another model than ``model`` (by
+    the weights fingerprint their manifest records; a manifest written before it did so, by the
+    model's name) or hold another width at a hook than ``model`` has there."""
+    man, name = store.manifest, model.summary.name
+    fp = man.get("model_fingerprint")
+    if isinstance(fp, str) and fp:
+        if fp != model.fingerprint():
+            raise MechscopeError(
+                f"the shards in '{store.dir}' were harvested from {man.get('model')!r}, whose weights differ from {name}'s "
+                f"(fingerprint {fp} vs {model.fingerprint()}); pass the model they were harvested from with --model, or "
+                "harvest again from this one."
+            )
+    elif man.get("model") != name:
+        raise MechscopeError(f"the shards in '{store.dir}' were harvested from {man.get('model')!r}, not {name!r}; pass that "
+                             "model with --model, or harvest again from this one.")
+    for h, d in store.dims.items():
+        w = hook_width(model, h)
+        if w is not None and w != d:
+            raise MechscopeError(f"the shards in '{store.dir}' hold width {d} at {h}, but {name} has width {w} there; "
+                                 "harvest again from this model.")
 
 
 def train_sae(model: Any, hook: str, cfg: TrainConfig, out: str | Path, *, resume: bool = False, **kw: Any) -> SAE:
