@@ -186,8 +186,9 @@ def test_parse_features():
     assert parse_features("0-3, 7,5", 10) == [0, 1, 2, 3, 5, 7]
     from mechscope.errors import MechscopeError
 
-    for bad in ("3-1", "a", "0-10", ""):
-        with pytest.raises(MechscopeError):
+    for bad, why in (("3-1", "runs backwards"), ("a", "Cannot read 'a'"), ("0-10", "got 10 in"), ("", "names no feature"),
+                     (" , ", "names no feature"), ("-1", "is negative"), ("2,-3", "is negative"), ("1-x", "Cannot read '1-x'")):
+        with pytest.raises(MechscopeError, match=why):
             parse_features(bad, 10)
 
 

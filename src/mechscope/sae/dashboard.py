@@ -152,23 +152,25 @@ def output_logits(model: Model, directions: Tensor) -> Tensor:
 def parse_features(spec: str, d_sae: int) -> list[int]:
     """'0-99', '3,17,40-45' -> sorted unique indices, each checked against d_sae."""
     out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise ValueError
-                out.update(range(a, b + 1))
-            else:
-                out.add(int(part))
-    except ValueError:
-        raise MechscopeError(f"Cannot read the feature list '{spec}'; write indices and ranges like '0-99' or '3,17,40-45'.") from None
-    bad = [f for f in out if not 0 <= f < d_sae]
-    if bad or not out:
-        raise MechscopeError(f"Feature indices must lie in 0..{d_sae - 1} (got '{spec}').")
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("-"):
+            raise MechscopeError(f"Feature list '{spec}': {part!r} is negative; features count from 0 (0..{d_sae - 1}).")
+        try:
+            a, _, b = part.partition("-")
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise MechscopeError(f"Cannot read {part!r} in the feature list '{spec}'; write indices and ranges like "
+                                 "'0-99' or '3,17,40-45'.") from None
+        if hi < lo:
+            raise MechscopeError(f"Feature list '{spec}': the range {part!r} runs backwards; write it low-high.")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise MechscopeError(f"The feature list '{spec}' names no feature; give indices like '0-99' or '3,17,40-45'.")
+    if max(out) >= d_sae:
+        raise MechscopeError(f"Feature indices must lie in 0..{d_sae - 1} (got {max(out)} in '{spec}').")
     return sorted(out)
 
 
