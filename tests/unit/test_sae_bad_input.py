@@ -89,6 +89,9 @@ def test_trained_sae_records_an_absolute_model_path(shards, tiny_gpt2_dir, tmp_p
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
     assert meta["model_path"] == str(Path(tiny_gpt2_dir).resolve())
+    # trained from shards: the contexts and text are the shards' own, not the defaults of --context-len / --corpus
+    man = json.loads((shards / "manifest.json").read_text())
+    assert meta["context_size"] == man["context_len"] == 32 and meta["dataset_path"] == man["corpus"]
     from mechscope.cli.sae import model_path
 
     assert model_path("org/some-model") == "org/some-model" and model_path(None) is None and model_path("smollm2") == "smollm2"

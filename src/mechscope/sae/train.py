@@ -404,6 +404,8 @@ def sae_trainer(
         store = ActivationStore(model, get_corpus(corpus, split="train"), StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
     dims = store.dims
     name = model.summary.name
+    if shards is not None:  # the contexts and text the shards were harvested from
+        context_len, corpus = store.manifest.get("context_len", context_len), store.manifest.get("corpus", corpus)
     meta = {"model_path": name, "context_size": context_len, "dataset_path": corpus or "embedded",
             "model_fingerprint": model.fingerprint(), **(metadata or {})}
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
