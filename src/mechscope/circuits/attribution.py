@@ -118,9 +118,13 @@ def edge_score_folds(
     batch_size: int = 16,
     progress: ProgressArg = False,
     qk: QKMode = "exact",
+    info: dict | None = None,
 ) -> torch.Tensor:
     """Edge scores summed per fold of examples, divided by the number of examples:
     float [n_folds, n_senders, n_receivers], summing over folds to ``edge_scores``.
+    ``info`` (a dict, when given) receives ``qk_fallback_layers``: the layers whose attention
+    the exact q/k computation could not reproduce (``circuits.qk``), scored by the plain
+    gradient instead; the progress sees a note naming them.
 
     ``folds``: sizes of consecutive example ranges (None: one fold). Attribution scores are
     sums over examples, so the scores without fold f (cross-validation) are the total minus
@@ -161,6 +165,13 @@ def edge_score_folds(
             else:
                 _accumulate(model, graph, sub, src, m, scores, heads, parts, exact)
             bar.advance()
+    fallback = exact.fallback_layers if exact is not None else []
+    if info is not None:
+        info["qk_fallback_layers"] = fallback
+    if fallback:
+        as_progress(progress).note(
+            f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (a sliding window, "
+            "soft-capping, ALiBi or rotary it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
     return (scores / n) * graph.allowed.to(dev)
 
 

@@ -145,6 +145,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
     folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None
     fold_scores = None
+    score_info: dict = {}
     if cfg.method == "acdc":
         from mechscope.circuits.acdc import acdc
 
@@ -154,7 +155,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     else:
         cv_folds = folds or [len(score_set)]
         parts = edge_score_folds(model, graph, score_set, cv_folds if cfg.pool == "sum" else [1] * len(score_set),
-                                 cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk).cpu()
+                                 cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk,
+                                 info=score_info).cpu()
         fold_scores = PairScores(parts, cv_folds, cfg.pool)
         scores = fold_scores.total()
     t_score = time.perf_counter() - t_score
@@ -227,6 +229,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "clean_accuracy": perf["clean_accuracy"],
         **({"at_chance": True} if perf["at_chance"] else {}),
         "scoring_seconds": round(t_score, 2),
+        **({"qk_fallback_layers": score_info["qk_fallback_layers"]} if score_info.get("qk_fallback_layers") else {}),
     }
     model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {})
     res = CircuitResult(model=model_info, task=batch.task, method=cfg.method,

@@ -87,7 +87,7 @@ def discover(
         "faithfulness_scoring": mt["faithfulness_scoring"], "faithfulness_cv": mt["faithfulness_cv"],
         "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"], "at_chance": bool(mt.get("at_chance")),
-        "empty": mt["n_edges_kept"] == 0,
+        "empty": mt["n_edges_kept"] == 0, "qk_fallback_layers": mt.get("qk_fallback_layers", []),
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
     if res.stability:
