@@ -26,6 +26,12 @@ def _configs():
                                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **COMMON)),
         "mistral": (T.MistralForCausalLM, lambda: T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **COMMON)),
+        "mistral_window": (T.MistralForCausalLM, lambda: T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                         num_attention_heads=4, num_key_value_heads=2,
+                                                                         max_position_embeddings=64, sliding_window=4, **COMMON)),
+        "mixtral": (T.MixtralForCausalLM, lambda: T.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                                                  num_experts_per_tok=2, max_position_embeddings=64, **COMMON)),
         "neox": (T.GPTNeoXForCausalLM, lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                                max_position_embeddings=64, rotary_pct=0.25, use_parallel_residual=True, **COMMON)),
         "phi": (T.PhiForCausalLM, lambda: T.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -36,6 +42,11 @@ def _configs():
                                                             num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **COMMON)),
         "olmo2": (T.Olmo2ForCausalLM, lambda: T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                             num_attention_heads=4, max_position_embeddings=64, **COMMON)),
+        "cohere": (T.CohereForCausalLM, lambda: T.CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                               num_attention_heads=4, max_position_embeddings=64, logit_scale=1.0, **COMMON)),
+        "cohere_scaled": (T.CohereForCausalLM, lambda: T.CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                      num_attention_heads=4, max_position_embeddings=64, logit_scale=0.0625,
+                                                                      **COMMON)),
         "persimmon": (T.PersimmonForCausalLM, lambda: T.PersimmonConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                                         num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -164,6 +175,33 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
     assert [[int(t) for t, _ in row] for row in top] == want.tolist()
 
 
+def test_unembedding_is_checked_against_the_model_logits(arch_dirs):
+    """Cohere's final norm centres without a bias (read as a LayerNorm: the lens then equals the
+    model); its logit scale is not modelled, so with one every reader of the unembedding (lens,
+    recall, tuned lens ...) refuses in one sentence instead of reporting shifted logits."""
+    from mechscope.lens import run_lens
+    from mechscope.models.unembed import final_norm, norm_kind
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    m = load_model(arch_dirs["cohere"], device="cpu")
+    assert norm_kind(m.bridge.ln_final._original_component) == "layernorm"
+    res = run_lens(m, prompt, target=" Mary")
+    ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = m(ids)[0, -1]
+    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
+    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())
+    scaled = load_model(arch_dirs["cohere_scaled"], device="cpu")
+    with pytest.raises(MechscopeError, match="differs from the model's logits by .*a logit scale") as e:
+        final_norm(scaled)
+    assert "\n" not in str(e.value)
+    from mechscope.recall import recall
+
+    with pytest.raises(MechscopeError, match="a logit scale"):
+        recall(scaled, prompt, subject="Mary", target=" Mary")
+    final_norm(scaled, ranks_only=True)  # a positive scale keeps the logits' order: ranks may still be read
+
+
 def test_direct_logit_attribution_says_when_a_norm_after_the_block_breaks_the_sum(arch_dirs):
     """OLMo-2 normalises attention's and the MLP's output before adding them: the components'
     outputs read through the final norm do not add up to the logit difference (the circuit
@@ -206,3 +244,38 @@ def test_causal_tracing_noise_is_measured_where_it_is_added(arch_dirs):
         ids = [i for s in subjects for i in m.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
         table = float(m.bridge.W_E.detach()[torch.tensor(ids)].float().std())
         assert embedding_std(m, subjects) == pytest.approx(factor * table, rel=1e-2), name
+
+
+def test_exact_qk_scoring_says_which_layers_fall_back(arch_dirs):
+    """A sliding window shorter than the prompts is not what the exact q/k computation models:
+    those layers keep the plain gradient score, and the scoring says so (``info``, a note; discover
+    records ``qk_fallback_layers``), where before it said nothing."""
+    from mechscope.circuits.attribution import edge_score_folds
+    from mechscope.progress import Recorder
+    from mechscope.tasks.base import TaskBatch
+
+    g = torch.Generator().manual_seed(0)
+    B, P = 3, 9
+    r = lambda *s: torch.randint(1, 512, s, generator=g)  # noqa: E731
+    batch = TaskBatch(task="random", clean=r(B, P), corrupt=r(B, P), positions=torch.full((B, 1), P - 1),
+                      answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
+    for name, want in (("mistral", []), ("mistral_window", [0, 1])):
+        m = load_model(arch_dirs[name], device="cpu")
+        info: dict = {}
+        rec = Recorder()
+        exact = edge_score_folds(m, build_graph(m), batch, method="eap", progress=rec, info=info)
+        assert info["qk_fallback_layers"] == want
+        assert any("plain gradient" in n for n in rec.notes) == bool(want)
+        if want:  # the fallback is the plain gradient score: as --qk linear
+            linear = edge_score_folds(m, build_graph(m), batch, method="eap", qk="linear")
+            torch.testing.assert_close(exact, linear)
+
+
+def test_mlp_neurons_of_a_mixture_of_experts_are_refused_before_the_pass(arch_dirs):
+    """A mixture of experts has no single output matrix per MLP: --units mlp is refused when the
+    units are made (it was an AttributeError after the whole corpus pass)."""
+    from mechscope.explain.units import unit_source
+
+    with pytest.raises(MechscopeError, match="no single output matrix .*mixture of experts"):
+        unit_source(load_model(arch_dirs["mixtral"], device="cpu"), "mlp")
+    assert unit_source(load_model(arch_dirs["mistral"], device="cpu"), "mlp").n_units(0) == 128

@@ -112,8 +112,10 @@ def evaluate(
         console.print(f"layer {r['layer']:>3}  KL logit {r['kl_logit']:8.4f}  tuned {r['kl_tuned']:8.4f}  ratio {ratio}",
                       highlight=False)
     s = res["summary"]
-    console.print(f"tuned below the logit lens at every layer: {s['tuned_below_logit_every_layer']}; smallest ratio at layers "
-                  f"10-20: {s['min_ratio_layers_10_20']}; {res['seconds']:.0f} s. report: {report}", highlight=False)
+    mid = s["min_ratio_layers_10_20"]  # None where the model has no layers 10-20
+    mid_text = f"smallest ratio at layers 10-20: {mid:.2f}; " if mid is not None else ""
+    console.print(f"tuned below the logit lens at every layer: {s['tuned_below_logit_every_layer']}; {mid_text}"
+                  f"{res['seconds']:.0f} s. report: {report}", highlight=False)
 
 
 @handles_errors

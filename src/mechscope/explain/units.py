@@ -60,6 +60,11 @@ class MlpNeurons(UnitSource):
     def __init__(self, model: Model):
         self.model = model
         self.layers = list(range(model.summary.n_layers))
+        if not all(hasattr(model.bridge.blocks[layer].mlp, "W_out") for layer in self.layers):
+            # a mixture of experts: its neurons belong to experts, with no one output matrix per layer
+            raise MechscopeError(f"{model.summary.architecture}'s MLPs have no single output matrix (a mixture of experts?), so "
+                                 "--units mlp has no neurons to describe; describe SAE or transcoder features instead "
+                                 "(--units sae:DIR or transcoders:DIR).")
 
     def hook(self, layer: int) -> str:
         return mlp_post(layer)

@@ -254,7 +254,8 @@ def block_layout(model: Model) -> str:
             why = f"the heads' outputs in block {layer} do not add up to what its attention adds to the residual stream (a norm after the attention?)"
             break
         if got["mlp_in"] is None:
-            why = f"block {layer}'s MLP has no input hook ({mlp_in(layer)} never fires: the MLP shares the attention's input)"
+            why = (f"block {layer}'s MLP input hook {mlp_in(layer)} never fires, so no edge into the MLP can be patched (the MLP "
+                   "shares the attention's norm, as in Phi, Falcon and Cohere, or adds the residual stream inside itself, as in Bloom)")
             break
         reads = {kind for kind, x in (("sequential", got["resid_pre"] + attn), ("parallel", got["resid_pre"]))
                  if float((got["mlp_in"] - x).abs().max()) <= tol}
@@ -267,8 +268,9 @@ def block_layout(model: Model) -> str:
         layouts &= reads
     if why is not None:
         raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and the MLP add their outputs "
-                             f"to the residual stream, the MLP reading the block's input (parallel) or that plus the "
-                             f"attention's output (in turn), and {arch} does not: {why}; use another model for the circuit commands.")
+                             f"to the residual stream, the MLP having an input of its own that reads the block's input (parallel) "
+                             f"or that plus the attention's output (in turn), and {arch} does not: {why}; use another model for the "
+                             f"circuit commands.")
     layout = "sequential" if "sequential" in layouts else "parallel"
     setattr(model, _CHECKED, layout)
     return layout

@@ -57,10 +57,12 @@ class FinalNorm:
 def norm_kind(mod: torch.nn.Module) -> Literal["layernorm", "rmsnorm"]:
     """Whether a Hugging Face norm module centres its input (LayerNorm) or not (RMSNorm):
     ``nn.LayerNorm`` (with or without bias), or a class without "RMS" in its name that has a
-    bias, centres; anything else is read as RMSNorm. The final norm, and the transcoders' view
-    of each block's second norm (``features.weights``), both go by this."""
-    name = type(mod).__name__
-    centres = isinstance(mod, torch.nn.LayerNorm) or ("RMS" not in name.upper() and "bias" in dict(mod.named_parameters()))
+    bias or is named a LayerNorm (Cohere's bias-free ``CohereLayerNorm`` centres), centres;
+    anything else is read as RMSNorm. The final norm, and the transcoders' view of each block's
+    second norm (``features.weights``), both go by this."""
+    name = type(mod).__name__.upper()
+    centres = isinstance(mod, torch.nn.LayerNorm) or (
+        "RMS" not in name and ("bias" in dict(mod.named_parameters()) or "LAYERNORM" in name))
     return "layernorm" if centres else "rmsnorm"
 
 
@@ -85,7 +87,42 @@ def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
         w = 1.0 + w
     kind = norm_kind(orig)
     bias = params.get("bias")
-    return FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps))
+    norm = FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps))
+    _verify(model, norm, ranks_only or cap > 0)
+    return norm
+
+
+_VERIFIED = "_mechscope_unembed_checked"
+
+
+@torch.no_grad()
+def _verify(model: Model, norm: FinalNorm, ranks_only: bool) -> None:
+    """Once per model, on one short random input: ``norm`` must reproduce the model's own final
+    norm output and, unless only ranks are read, ``project`` the model's logits. Anything
+    between the final norm and the logits that mechscope does not model (a norm variant, a
+    logit scale as in Cohere) is then one sentence here, for the lens, DLA, recall, the tuned
+    lens and every other reader of the unembedding, never silently wrong figures."""
+    done = model.__dict__.setdefault(_VERIFIED, set())
+    if ranks_only in done or True in done:  # a full check covers a ranks-only one
+        return
+    from mechscope.models.hooks import FINAL_NORM_IN, FINAL_NORM_OUT
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, max(2, min(int(model.summary.d_vocab), 1000)), (1, 6), generator=g).to(model.device)
+    logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in (FINAL_NORM_IN, FINAL_NORM_OUT))
+    half = model.summary.dtype in ("float16", "bfloat16")
+    tol = 2e-2 if half else 1e-3
+    check_matches(norm, cache[FINAL_NORM_IN][0], cache[FINAL_NORM_OUT][0], tol)
+    if not ranks_only:
+        got, want = project(model, cache[FINAL_NORM_IN][0], norm), logits[0].float().to(norm.weight.device)
+        err = float((got - want).abs().max())
+        if err > tol * max(1.0, float(want.abs().max())):
+            raise MechscopeError(
+                f"mechscope's reading of {model.summary.architecture}'s unembedding (final norm, then W_U and its bias) differs "
+                f"from the model's logits by {err:.2g}: something between them is not modelled (a logit scale?), so the "
+                "lens, direct logit attribution and the methods reading logits through them do not support this model; use another model."
+            )
+    done.add(ranks_only)
 
 
 def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor, tol: float = 1e-3) -> None:
@@ -94,8 +131,8 @@ def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor
     ref = normalized.float().abs().max().item() or 1.0
     if err > tol * max(1.0, ref):
         raise MechscopeError(
-            f"mechscope's reading of the final norm ({norm.kind}) differs from the model's by {err:.2g}; "
-            "this norm variant is not supported by the lens."
+            f"mechscope's reading of the final norm (as a {norm.kind}) differs from the model's by {err:.2g}; "
+            "this norm variant is not supported by the lens and the methods that read logits through it; use another model."
         )
 
 
