@@ -78,6 +78,15 @@ def arch_dirs(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+def assert_last_site_is_the_model(m, res, prompt: str, target: str = " Mary") -> None:
+    """The lens's last site ranks ``target`` where the model's own logits do."""
+    ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = m(ids)[0, -1]
+    t = m.tokenizer(target, add_special_tokens=False)["input_ids"][0]
+    assert int(res.rank[-1, -1]) == int((logits > logits[t]).sum())
+
+
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
     for name in ("qwen2", "mistral", "gemma"):
         ok = load_model(arch_dirs[name], device="cpu")
@@ -139,13 +148,10 @@ def test_logit_lens_reads_a_parallel_model(arch_dirs):
     from mechscope.lens import run_lens
 
     m = load_model(arch_dirs["neox"], device="cpu")
-    res = run_lens(m, "When Mary and John went to the store, John gave a drink to", target=" Mary")
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    res = run_lens(m, prompt, target=" Mary")
     assert res.sites == ["L0.pre", "L0.post", "L1.pre", "L1.post"]  # no resid_mid in a parallel block
-    ids = m.tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = m(ids)[0, -1]
-    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
-    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())  # the last site is the model's own output
+    assert_last_site_is_the_model(m, res, prompt)
     assert abs(res.dla.error) < 1e-4  # head and MLP contributions still add up in a parallel block
 
 
@@ -156,11 +162,7 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
     m = load_model(arch_dirs["gemma"], device="cpu")
     block_layout(m)
     res = run_lens(m, prompt, target=" Mary")
-    ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = m(ids)[0, -1]
-    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
-    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())
+    assert_last_site_is_the_model(m, res, prompt)
     assert abs(res.dla.error) < 1e-4 and abs(res.dla.actual) > 1e-3  # (1 + weight) read right: contributions add up
     g2 = load_model(arch_dirs["gemma2"], device="cpu")
     with pytest.raises(MechscopeError, match="caps its logits"):
@@ -186,11 +188,7 @@ def test_unembedding_is_checked_against_the_model_logits(arch_dirs):
     m = load_model(arch_dirs["cohere"], device="cpu")
     assert norm_kind(m.bridge.ln_final._original_component) == "layernorm"
     res = run_lens(m, prompt, target=" Mary")
-    ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = m(ids)[0, -1]
-    target = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
-    assert int(res.rank[-1, -1]) == int((logits > logits[target]).sum())
+    assert_last_site_is_the_model(m, res, prompt)
     scaled = load_model(arch_dirs["cohere_scaled"], device="cpu")
     with pytest.raises(MechscopeError, match="differs from the model's logits by .*a logit scale") as e:
         final_norm(scaled)
