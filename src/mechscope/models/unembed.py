@@ -103,7 +103,7 @@ def _verify(model: Model, norm: FinalNorm, ranks_only: bool) -> None:
     logit scale as in Cohere) is then one sentence here, for the lens, DLA, recall, the tuned
     lens and every other reader of the unembedding, never silently wrong figures."""
     done = model.__dict__.setdefault(_VERIFIED, set())
-    if ranks_only in done or True in done:  # a full check covers a ranks-only one
+    if ranks_only in done or False in done:  # a full check (ranks_only False) covers a ranks-only one
         return
     from mechscope.models.hooks import FINAL_NORM_IN, FINAL_NORM_OUT
 
