@@ -160,12 +160,10 @@ def eval_(
 ) -> None:
     """L0, MSE, FVU, cosine, CE loss recovered, KL, dead/dense features on held-out text."""
     from mechscope.report.sae_eval import write_sae_eval
-    from mechscope.sae import evaluate_on_corpus, load_sae
+    from mechscope.sae import evaluate_on_corpus
 
     check_tokens(tokens)
-    sae = load_sae(sae_dir)
-    spec = model or sae.cfg.metadata.get("model_path") or sae.cfg.model_name or None
-    m = load(spec, device)
+    sae, m = load_sae_and_model(sae_dir, model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)
     r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len, progress=not json)
     dest = out or sae_dir
