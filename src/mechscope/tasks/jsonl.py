@@ -59,13 +59,7 @@ def build(tokenizer: Any, path: str | Path, n: int | None = None, seed: int = 0)
     pairs = read_pairs(path)
     if n is not None:
         pairs = pairs[:n]
-    seen: set[tuple[str, str, str, str | None]] = set()
-    unique = []
-    for p in pairs:
-        key = (p.clean, p.corrupt, p.answer, p.wrong)
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
+    unique = list({(p.clean, p.corrupt, p.answer, p.wrong): p for p in pairs}.values())  # first-seen order
     batch = tokenize_pairs(tokenizer, unique, Path(path).stem, "logit_diff")
     if len(unique) < len(pairs):
         batch.dropped["repeats an earlier pair"] = len(pairs) - len(unique)
