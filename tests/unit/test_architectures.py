@@ -37,7 +37,8 @@ def _configs():
         "phi": (T.PhiForCausalLM, lambda: T.PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                       max_position_embeddings=64, partial_rotary_factor=0.5, **COMMON)),
         "gemma2": (T.Gemma2ForCausalLM, lambda: T.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                                               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16, **COMMON)),
+                                                               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16,
+                                                               final_logit_softcapping=3.0, attn_logit_softcapping=2.0, **COMMON)),
         "gemma": (T.GemmaForCausalLM, lambda: T.GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                                             num_key_value_heads=1, head_dim=16, max_position_embeddings=64, **COMMON)),
         "olmo2": (T.Olmo2ForCausalLM, lambda: T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -155,7 +156,11 @@ def test_logit_lens_reads_a_parallel_model(arch_dirs):
     assert abs(res.dla.error) < 1e-4  # head and MLP contributions still add up in a parallel block
 
 
-def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
+def test_logit_lens_reads_gemma_norm_and_soft_capped_logits(arch_dirs):
+    """Gemma's RMSNorm scales by 1 + weight; Gemma 2 caps its logits (c * tanh(raw / c), c = 3
+    here so the cap bends them): the lens, recall's last-position logits, the tuned lens's
+    decoder and the confusion lens read probabilities through the cap, and DLA decomposes the
+    logits before it (recovered from the model's own logits by atanh) and says so."""
     from mechscope.lens import run_lens
 
     prompt = "When Mary and John went to the store, John gave a drink to"
@@ -164,9 +169,32 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
     res = run_lens(m, prompt, target=" Mary")
     assert_last_site_is_the_model(m, res, prompt)
     assert abs(res.dla.error) < 1e-4 and abs(res.dla.actual) > 1e-3  # (1 + weight) read right: contributions add up
+    assert res.dla.note() == ""
+
     g2 = load_model(arch_dirs["gemma2"], device="cpu")
-    with pytest.raises(MechscopeError, match="caps its logits"):
-        run_lens(g2, prompt, target=" Mary")
+    ids = g2.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    mary, john = (g2.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Mary", " John"))
+    with torch.no_grad():
+        logits = g2(ids)[0, -1]
+    raw = 3.0 * torch.atanh(logits / 3.0)  # the logits before the cap
+    assert float((raw - logits).abs().max()) > 0.05  # the cap bends this model's logits
+    res = run_lens(g2, prompt, target=" Mary", distractor=" John")
+    assert_last_site_is_the_model(g2, res, prompt)
+    torch.testing.assert_close(float(res.prob[-1, -1]), float(logits.softmax(-1)[mary]), atol=1e-5, rtol=1e-4)
+    assert abs(res.dla.actual - float(raw[mary] - raw[john])) < 1e-4
+    assert "soft-caps its logits" in res.dla.note() and "before the cap" in res.dla.note()
+
+    from mechscope.confusion.attribution import Prefix, lens_readout
+    from mechscope.lens.tuned_train import _Decoder
+    from mechscope.models.hooks import FINAL_NORM_IN
+    from mechscope.recall.engine import last_logits
+
+    torch.testing.assert_close(last_logits(g2, ids)[0], logits, atol=1e-5, rtol=1e-4)
+    _, cache = g2.bridge.run_with_cache(ids, names_filter=lambda n: n == FINAL_NORM_IN)
+    torch.testing.assert_close(_Decoder(g2, torch.float32, "cpu")(cache[FINAL_NORM_IN][0, -1:])[0], logits, atol=1e-5, rtol=1e-4)
+    probs, _ = lens_readout(g2, [Prefix(ids=ids[0].tolist(), target=mary)])
+    torch.testing.assert_close(float(probs[0, -1]), float(logits.softmax(-1)[mary]), atol=1e-5, rtol=1e-4)
+
     # A unit's top output tokens only need the logits' order, which the (monotonic) soft-cap keeps.
     from mechscope.explain.units import output_logits
 
@@ -179,10 +207,13 @@ def test_logit_lens_reads_gemma_norm_and_refuses_soft_capped_logits(arch_dirs):
 
 def test_unembedding_is_checked_against_the_model_logits(arch_dirs):
     """Cohere's final norm centres without a bias (read as a LayerNorm: the lens then equals the
-    model); its logit scale is not modelled, so with one every reader of the unembedding (lens,
-    recall, tuned lens ...) refuses in one sentence instead of reporting shifted logits."""
+    model) and its logits are the unembedding's times ``logit_scale``, folded into W_U: the lens,
+    DLA and recall read the scaled model exactly. A multiplier mechscope cannot read (here the
+    same scale as a tensor) makes every reader of the unembedding refuse in one sentence
+    instead of reporting shifted logits."""
     from mechscope.lens import run_lens
-    from mechscope.models.unembed import final_norm, norm_kind
+    from mechscope.models.unembed import final_norm, logit_scale, norm_kind
+    from mechscope.recall import recall
 
     prompt = "When Mary and John went to the store, John gave a drink to"
     m = load_model(arch_dirs["cohere"], device="cpu")
@@ -190,14 +221,24 @@ def test_unembedding_is_checked_against_the_model_logits(arch_dirs):
     res = run_lens(m, prompt, target=" Mary")
     assert_last_site_is_the_model(m, res, prompt)
     scaled = load_model(arch_dirs["cohere_scaled"], device="cpu")
-    final_norm(scaled, ranks_only=True)  # a positive scale keeps the logits' order: ranks may be read
-    with pytest.raises(MechscopeError, match="differs from the model's logits by .*a logit scale") as e:
-        final_norm(scaled)  # ... but a ranks-only check does not stand for the full one
-    assert "\n" not in str(e.value)
-    from mechscope.recall import recall
+    assert logit_scale(scaled) == 0.0625
+    ids = scaled.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    mary, john = (scaled.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in (" Mary", " John"))
+    with torch.no_grad():
+        logits = scaled(ids)[0, -1]
+    res = run_lens(scaled, prompt, target=" Mary", distractor=" John")
+    torch.testing.assert_close(float(res.prob[-1, -1]), float(logits.softmax(-1)[mary]), atol=1e-6, rtol=1e-4)
+    assert res.dla.exact and abs(res.dla.actual - float(logits[mary] - logits[john])) < 1e-5  # the scale is linear: DLA adds up
+    recall(scaled, prompt, subject="Mary", target=" Mary")
 
+    opaque = load_model(arch_dirs["cohere_scaled"], device="cpu")
+    opaque.bridge.original_model.logit_scale = torch.tensor(0.0625)  # the model still scales, mechscope cannot read it
+    final_norm(opaque, ranks_only=True)  # a positive scale keeps the logits' order: ranks may be read
+    with pytest.raises(MechscopeError, match="differs from the model's logits by .*a logit scale") as e:
+        final_norm(opaque)  # ... but a ranks-only check does not stand for the full one
+    assert "\n" not in str(e.value)
     with pytest.raises(MechscopeError, match="a logit scale"):
-        recall(scaled, prompt, subject="Mary", target=" Mary")
+        recall(opaque, prompt, subject="Mary", target=" Mary")
 
 
 def test_direct_logit_attribution_says_when_a_norm_after_the_block_breaks_the_sum(arch_dirs):

@@ -76,6 +76,6 @@ def lens(
     dd = res.dla
     console.print(f"DLA logit({tgt}) - logit({dis}) = {dd.actual:.3f}; sum of contributions "
                   f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
-    if not dd.exact:
+    if dd.note():
         console.print(f"[yellow]{dd.note()}[/]", highlight=False)
     console.print(f"report: {report}", highlight=False)

@@ -9,13 +9,13 @@ the gain in log-probability of t when that vector is added to r_l and read throu
 norm and the unembedding:
 
     gain(l, n) = log softmax(U(r_l + a_n W_out[l, n]))[t] - log softmax(U(r_l))[t],
-    U(x) = (w * centre(x) / s) W_U + (b_norm W_U + b_U)
+    U(x) = (w * centre(x) / s) W_U + (b_norm W_U + b_U)   (then the model's soft-cap, if any)
 
 Per prefix the ``per_prompt`` (300) neurons of highest gain are kept and their gains summed
 over prefixes (``accumulate``). The gain is not additive (a log-softmax), so the identity test
 lives in ``logit_decomposition``: with the same frozen scale, every neuron's direct
 contribution to logit t, plus attention, embeddings and biases, sums exactly to the model's
-logit.
+logit (before its soft-cap, where the model caps its logits).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from mechscope.models import plain_attention
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_out, mlp_out, mlp_post, resid_mid, resid_pre
-from mechscope.models.unembed import final_norm, unembed_weights
+from mechscope.models.unembed import final_norm, project, unembed_weights
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -76,11 +76,12 @@ def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
         M = norm.linear(W_out, ones) @ W_U  # [d_mlp, d_vocab]: each neuron's unit output, scale 1
         for i, (p, st) in enumerate(zip(prefixes, states)):
             s = norm.scale(st[FINAL_NORM_IN].to(W_U.device))  # [1], frozen
-            base = norm.linear(st[resid_mid(l)].to(W_U.device), s) @ W_U + const  # [d_vocab]
-            base_lp = base[p.target] - torch.logsumexp(base, -1)
+            base = norm.linear(st[resid_mid(l)].to(W_U.device), s) @ W_U + const  # [d_vocab], before any soft-cap
+            capped = norm.cap(base)
+            base_lp = capped[p.target] - torch.logsumexp(capped, -1)
             coef = st[mlp_post(l)].to(W_U.device) / s  # [d_mlp]
             for c in range(0, d_mlp, _CHUNK):
-                logits = base + coef[c:c + _CHUNK, None] * M[c:c + _CHUNK]  # [chunk, d_vocab]
+                logits = norm.cap(base + coef[c:c + _CHUNK, None] * M[c:c + _CHUNK])  # [chunk, d_vocab]
                 lp = logits[:, p.target] - torch.logsumexp(logits, -1)
                 out[i, j, c:c + _CHUNK] = (lp - base_lp).cpu()
         bar.advance()
@@ -111,7 +112,7 @@ class LogitDecomposition:
     mlp_bias: torch.Tensor  # [n_layers] (mlp_out minus the neurons' sum: the output bias)
     embed: float
     final_bias: float
-    actual: float  # the model's logit
+    actual: float  # the model's logit (before its soft-cap, if it has one)
 
     @property
     def total(self) -> float:
@@ -148,9 +149,10 @@ def logit_decomposition(model: Model, prefix: Prefix) -> LogitDecomposition:
         bias[l] = float(contrib(cache[mlp_out(l)][0, -1].float() - act @ W_out))
         attention[l] = float(contrib(cache[attn_out(l)][0, -1]))
     const = (float(norm.bias @ u) if norm.bias is not None else 0.0) + (float(b_U[prefix.target]) if b_U is not None else 0.0)
+    raw = logits[0, -1] if norm.soft_cap <= 0 else project(model, cache[FINAL_NORM_IN][0, -1], norm, capped=False)
     return LogitDecomposition(neurons=neurons, attention=attention, mlp_bias=bias,
                               embed=float(contrib(cache[resid_pre(0)][0, -1])), final_bias=const,
-                              actual=float(logits[0, -1, prefix.target]))
+                              actual=float(raw[prefix.target]))
 
 
 @torch.no_grad()
@@ -164,7 +166,6 @@ def lens_readout(model: Model, prefixes: list[Prefix], tuned: Any = None) -> tup
     hooks = [resid_post(l) for l in range(L)] if tuned is None else tuned.hooks
     wanted = set(hooks)
     norm = final_norm(model)
-    W_U, b_U = unembed_weights(model)
     probs = torch.zeros(len(prefixes), len(hooks))
     ranks = torch.zeros(len(prefixes), len(hooks), dtype=torch.long)
     for i, p in enumerate(prefixes):
@@ -174,8 +175,7 @@ def lens_readout(model: Model, prefixes: list[Prefix], tuned: Any = None) -> tup
         h = torch.stack([cache[k][0, -1] for k in hooks]).float()  # [L, d_model]
         if tuned is not None:
             h = tuned.translate_all(h[None].to(tuned.weight.device))[0]
-        logits = norm(h.to(W_U.device)) @ W_U
-        lp = (logits + b_U if b_U is not None else logits).log_softmax(-1)  # [L, d_vocab]
+        lp = project(model, h, norm).log_softmax(-1)  # [L, d_vocab]
         t = lp[:, p.target]
         probs[i] = t.exp().cpu()
         ranks[i] = (lp > t[:, None]).sum(-1).cpu()

@@ -15,6 +15,9 @@ map x -> logits linear:
 
 (``centre`` subtracts the mean for LayerNorm, is the identity for RMSNorm). The contributions
 therefore sum to the real logit difference; ``DLA.error`` records how closely (float error).
+A model that soft-caps its logits (Gemma 2: ``c * tanh(raw / c)``) is decomposed before the cap:
+``actual`` is then the raw logit difference (the cap is monotonic, so the order of the logits is
+the same) and ``soft_cap`` records c.
 Head outputs are z_h @ W_O[h] from ``attn.hook_z``, which needs no per-head result mode.
 """
 
@@ -27,7 +30,7 @@ import torch
 
 from mechscope.graph.names import head_node, mlp_node
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
-from mechscope.models.unembed import final_norm, unembed_weights
+from mechscope.models.unembed import final_norm, project, unembed_weights
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -46,8 +49,9 @@ class DLA:
     mlps: torch.Tensor
     other: dict[str, float] = field(default_factory=dict)
     total: float = 0.0  # sum of every contribution
-    actual: float = 0.0  # the model's own logit difference
+    actual: float = 0.0  # the model's own logit difference (before its soft-cap, if it has one)
     error: float = 0.0  # |total - actual|
+    soft_cap: float = 0.0  # the model's logit soft-cap c (0: none); then the logits are read before it
 
     def components(self) -> list[tuple[str, float]]:
         """Every component as (name, contribution): a{l}.h{h}, m{l} and the other terms."""
@@ -65,10 +69,12 @@ class DLA:
         return self.error <= 1e-3 * max(1.0, abs(self.actual))
 
     def note(self) -> str:
-        """'' where exact; else one sentence saying why the contributions do not add up."""
+        """'' where exact and uncapped; else why the contributions do not add up, and what a soft-cap means."""
+        capped = (f"The model soft-caps its logits (c * tanh(logit / c), c = {self.soft_cap:g}); the contributions "
+                  "decompose the logit difference before the cap, which keeps the logits' order." if self.soft_cap > 0 else "")
         if self.exact:
-            return ""
-        return (f"The contributions do not add up to the logit difference (error {self.error:.2g} of {self.actual:.3g}): "
+            return capped
+        return (capped + " " if capped else "") + (f"The contributions do not add up to the logit difference (error {self.error:.2g} of {self.actual:.3g}): "
                 "this model normalises what attention or an MLP writes before adding it to the residual stream (a norm "
                 "after the block's attention or MLP), so a component's output is not its direct effect; read these "
                 "shares as approximate.")
@@ -131,5 +137,7 @@ def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int,
     if const:
         other["final_biases"] = const
     total = float(heads.sum() + mlps.sum()) + sum(other.values())
-    actual = float(logits[0, p, target_id] - logits[0, p, distractor_id])
-    return DLA(position=p, heads=heads, mlps=mlps, other=other, total=total, actual=actual, error=abs(total - actual))
+    raw = logits[0, p] if norm.soft_cap <= 0 else project(model, cache[FINAL_NORM_IN][0, p], norm, capped=False)
+    actual = float(raw[target_id] - raw[distractor_id])
+    return DLA(position=p, heads=heads, mlps=mlps, other=other, total=total, actual=actual, error=abs(total - actual),
+               soft_cap=norm.soft_cap)

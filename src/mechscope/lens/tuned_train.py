@@ -179,7 +179,8 @@ def closed_form(model, corpus, cfg: TunedLensTrainConfig, lens: TunedLens, progr
 
 # ---------------------------------------------------------------------------------- stage 2
 class _Decoder:
-    """Final norm + unembedding with the unembedding in ``dtype``: logits [n, d_vocab] float32."""
+    """Final norm + unembedding (+ the model's logit soft-cap) with the unembedding in ``dtype``:
+    logits [n, d_vocab] float32."""
 
     def __init__(self, model, dtype: torch.dtype, device):
         W_U, b_U = unembed_weights(model)
@@ -190,7 +191,7 @@ class _Decoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = (self.norm(x).to(self.dtype) @ self.W).float()
-        return out + self.b if self.b is not None else out
+        return self.norm.cap(out + self.b if self.b is not None else out)
 
 
 def _cpu_has_bf16() -> bool:

@@ -7,7 +7,10 @@ exactly to the logits).
 
 Supported final norms: LayerNorm (GPT-2: ``w * (x - mean(x)) / s + b``, ``s = sqrt(var(x) +
 eps)``) and RMSNorm (Llama/SmolLM2: ``w * x / s``, ``s = sqrt(mean(x^2) + eps)``; Gemma's with
-``1 + w``). Logit soft-capping (Gemma 2) is refused.
+``1 + w``). A logit scale (Cohere) is folded into the unembedding (``unembed_weights``); logit
+soft-capping (Gemma 2: ``c * tanh(logits / c)`` after the unembedding) is
+applied by ``project``; readers that decompose logits linearly (direct logit attribution) read
+the logits *before* the cap, which keeps their order, and say so.
 ``final_norm(model)`` reads the weights from the bridge and ``check_matches`` compares against
 the model's own ``ln_final.hook_out``, so an unsupported variant fails loudly, never silently.
 """
@@ -33,6 +36,13 @@ class FinalNorm:
     weight: torch.Tensor
     bias: torch.Tensor | None
     eps: float
+    soft_cap: float = 0.0
+    """The model's logit soft-cap c (Gemma 2: logits = c * tanh(raw / c)); 0 where there is none."""
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the unembedding's raw output: ``soft_cap * tanh(raw / soft_cap)``
+        where the model caps them, else ``logits`` itself."""
+        return logits if self.soft_cap <= 0 else self.soft_cap * torch.tanh(logits / self.soft_cap)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """The norm's scale s of x [..., d_model] -> [..., 1]."""
@@ -67,9 +77,9 @@ def norm_kind(mod: torch.nn.Module) -> Literal["layernorm", "rmsnorm"]:
 
 
 def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
-    """The final norm of ``model`` as a ``FinalNorm``, or a clear error for other norms.
-    ``ranks_only``: the caller reads only the order of the logits (top tokens), which a
-    monotonic logit soft-cap does not change, so a soft-capped model is not refused."""
+    """The final norm of ``model`` as a ``FinalNorm`` (with the model's logit soft-cap, if any),
+    or a clear error for other norms. ``ranks_only``: the caller reads only the order of the
+    logits (top tokens), so the check against the model's logits is skipped."""
     mod = model.bridge.ln_final
     orig = getattr(mod, "_original_component", mod)
     name = type(orig).__name__
@@ -78,17 +88,15 @@ def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
     if weight is None:
         raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
     eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", None) or 1e-5
-    cap = float(getattr(model.bridge.cfg, "output_logits_soft_cap", -1.0) or -1.0)
-    if cap > 0 and not ranks_only:
-        raise MechscopeError(f"{model.summary.architecture} caps its logits (tanh at {cap:g}) after the unembedding, which the lens and "
-                             "direct logit attribution do not model; use a model without logit soft-capping.")
+    cap = float(getattr(model.bridge.cfg, "output_logits_soft_cap", 0.0) or 0.0)
     w = weight.detach().float()
     if "Gemma" in name:  # Gemma's RMSNorm scales by 1 + weight
         w = 1.0 + w
     kind = norm_kind(orig)
     bias = params.get("bias")
-    norm = FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps))
-    _verify(model, norm, ranks_only or cap > 0)
+    norm = FinalNorm(kind=kind, weight=w, bias=None if bias is None else bias.detach().float(), eps=float(eps),
+                     soft_cap=max(cap, 0.0))
+    _verify(model, norm, ranks_only)
     return norm
 
 
@@ -100,7 +108,7 @@ def _verify(model: Model, norm: FinalNorm, ranks_only: bool) -> None:
     """Once per model, on one short random input: ``norm`` must reproduce the model's own final
     norm output and, unless only ranks are read, ``project`` the model's logits. Anything
     between the final norm and the logits that mechscope does not model (a norm variant, a
-    logit scale as in Cohere) is then one sentence here, for the lens, DLA, recall, the tuned
+    multiplier that is not a plain number) is then one sentence here, for the lens, DLA, recall, the tuned
     lens and every other reader of the unembedding, never silently wrong figures."""
     done = model.__dict__.setdefault(_VERIFIED, set())
     if ranks_only in done or False in done:  # a full check (ranks_only False) covers a ranks-only one
@@ -119,7 +127,7 @@ def _verify(model: Model, norm: FinalNorm, ranks_only: bool) -> None:
         if err > tol * max(1.0, float(want.abs().max())):
             raise MechscopeError(
                 f"mechscope's reading of {model.summary.architecture}'s unembedding (final norm, then W_U and its bias) differs "
-                f"from the model's logits by {err:.2g}: something between them is not modelled (a logit scale?), so the "
+                f"from the model's logits by {err:.2g}: something between them is not modelled (a logit scale or offset?), so the "
                 "lens, direct logit attribution and the methods reading logits through them do not support this model; use another model."
             )
     done.add(ranks_only)
@@ -136,17 +144,31 @@ def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor
         )
 
 
+def logit_scale(model: Model) -> float:
+    """The number the model multiplies its unembedding's output by (Cohere's ``logit_scale``),
+    1.0 where there is none (or it is not a plain number)."""
+    s = getattr(getattr(model.bridge, "original_model", None), "logit_scale", None)
+    return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else 1.0
+
+
 def unembed_weights(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_U [d_model, d_vocab] and b_U [d_vocab] (None when the model has no unembedding bias)."""
+    """W_U [d_model, d_vocab] and b_U [d_vocab] (None when the model has no unembedding bias),
+    with the model's logit scale (``logit_scale``) folded in, so that they give its logits."""
     W_U = model.bridge.W_U.detach().float()
     b_U = getattr(model.bridge, "b_U", None)
-    return W_U, (None if b_U is None else b_U.detach().float())
+    b_U = None if b_U is None else b_U.detach().float()
+    s = logit_scale(model)
+    if s != 1.0:
+        W_U, b_U = W_U * s, (None if b_U is None else b_U * s)
+    return W_U, b_U
 
 
-def project(model, x: torch.Tensor, norm: FinalNorm | None = None) -> torch.Tensor:
+def project(model, x: torch.Tensor, norm: FinalNorm | None = None, capped: bool = True) -> torch.Tensor:
     """Logits [..., d_vocab] of hidden states x [..., d_model] through the final norm (own
-    scale) and the unembedding: the logit lens."""
+    scale), the unembedding and (unless ``capped`` is False) the model's logit soft-cap: the
+    logit lens."""
     norm = norm or final_norm(model)
     W_U, b_U = unembed_weights(model)
     out = norm(x.to(W_U.device)) @ W_U
-    return out + b_U if b_U is not None else out
+    out = out + b_U if b_U is not None else out
+    return norm.cap(out) if capped else out
