@@ -82,6 +82,19 @@ def test_mismatched_lengths_report_dropped(tmp_path, tiny_gpt2_dir):
     assert_clear_error(run("task-eval", "--task", str(f), "--model", tiny_gpt2_dir), "differ in token length")
 
 
+@pytest.mark.slow
+def test_task_eval_names_dropped_pairs_and_answers_without_their_space(tmp_path, tiny_gpt2_dir):
+    f = tmp_path / "pairs.jsonl"
+    good = {"clean": "When Mary and John went to the store, John gave a drink to", "corrupt":
+            "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary", "wrong": " John"}
+    f.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "Mary"}) + "\n")
+    r = run("task-eval", "--task", str(f), "--model", tiny_gpt2_dir)
+    assert r.returncode == 0, r.stderr
+    assert "dropped pairs: 1 (answer is not a single token (but is one with a leading space))" in " ".join(r.stdout.split())
+    r = run("task-eval", "--task", str(f), "--model", tiny_gpt2_dir, "--json")
+    assert json.loads(r.stdout)["dropped"] == {"answer is not a single token (but is one with a leading space)": 1}
+
+
 def test_debug_shows_traceback():
     r = run("--debug", "info", "--model", "./no/such/dir")
     assert r.returncode == 2 and "Traceback" in r.stderr
@@ -168,6 +181,7 @@ def test_discover_and_evaluate_json_on_toy(toy_dir, tmp_path):
     e = json.loads(r.stdout)
     assert abs(e["curve"][-1]["faithfulness"] - 1) < 1e-3 and e["edges_kept"] == d["edges_kept"]
     assert e["n_held_out"] == 2 and d["empty"] is False  # a quarter of the 8 pairs held out
+    assert d["dropped_pairs"] == e["dropped_pairs"] == {} and d["task_notes"] == e["task_notes"] == []
     # another run as the reference: ACDC's circuit against EAP's ranking (both patch from the
     # corrupted prompts, which change only the query token: the edges that see it are few)
     acdc_out = tmp_path / "acdc"

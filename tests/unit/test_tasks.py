@@ -302,6 +302,23 @@ def test_jsonl_repeats_and_same_answer_dropped(tmp_path, tok):
         get_task(str(write(tmp_path, [same]))).build(tok)
 
 
+def test_jsonl_answers_without_a_leading_space_are_named(tmp_path, tok):
+    """An answer written without its leading space: dropped with the hint when only the spaced
+    form is one token (' kitchen'), kept with a note when both are ('Mary' continues the
+    prompt's last word, which is not the token the model predicts for a new word)."""
+    glued = json.dumps({"clean": "John gave a drink to", "corrupt": "Mary gave a drink to", "answer": "Mary", "wrong": " John"})
+    split = json.dumps({"clean": "The cat sat in the", "corrupt": "The dog sat in the", "answer": "kitchen", "wrong": " garden"})
+    batch = get_task(str(write(tmp_path, [GOOD, glued, split]))).build(tok)
+    assert len(batch) == 2
+    assert batch.dropped == {"answer is not a single token (but is one with a leading space)": 1}
+    assert len(batch.notes) == 1 and batch.notes[0].startswith("1 of 2 pairs have an answer or wrong token")
+    assert "leading space" in batch.notes[0] and batch.summary()["notes"] == batch.notes
+    assert get_task(str(write(tmp_path, [GOOD]))).build(tok).notes == []  # spaced answers: no note
+    digits = json.dumps({"clean": "The war lasted from 1752 to 175", "corrupt": "The war lasted from 1751 to 175",
+                         "answer": "3", "wrong": "1"})
+    assert get_task(str(write(tmp_path, [digits]))).build(tok).notes == []  # digits continuing digits are meant
+
+
 def test_jsonl_bom_and_pretty_printed_file(tmp_path, tok):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\n").encode())
@@ -387,7 +404,7 @@ def test_evaluate_task_minibatches(tok, tiny):
     a = evaluate_task(tiny, batch, batch_size=3)
     b = evaluate_task(tiny, batch, batch_size=16)
     assert set(a) == {"task", "n", "clean_metric", "corrupt_metric", "clean_accuracy",
-                      "corrupt_accuracy", "chance_accuracy", "metric", "dropped"}
+                      "corrupt_accuracy", "chance_accuracy", "metric", "dropped", "notes"}
     for k in ("clean_metric", "corrupt_metric", "clean_accuracy", "corrupt_accuracy"):
         assert a[k] == pytest.approx(b[k], abs=1e-4)
     with torch.no_grad():

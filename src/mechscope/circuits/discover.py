@@ -228,6 +228,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "n_folds": len(folds) if folds else 1,
         "clean_accuracy": perf["clean_accuracy"],
         **({"at_chance": True} if perf["at_chance"] else {}),
+        "dropped_pairs": dict(batch.dropped),
+        "task_notes": list(batch.notes),
         "scoring_seconds": round(t_score, 2),
         **({"qk_fallback_layers": score_info["qk_fallback_layers"]} if score_info.get("qk_fallback_layers") else {}),
     }

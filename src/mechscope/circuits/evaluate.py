@@ -333,4 +333,4 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     cpr, cmd = cpr_cmd(curve)
     return {"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
             "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve,
-            "n_held_out": len(test)}
+            "n_held_out": len(test), "dropped_pairs": dict(batch.dropped), "task_notes": list(batch.notes)}

@@ -18,6 +18,7 @@ from mechscope.cli.common import (
     fresh_dir,
     handles_errors,
     load,
+    print_pair_notes,
 )
 
 
@@ -88,6 +89,7 @@ def discover(
         "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"], "at_chance": bool(mt.get("at_chance")),
         "empty": mt["n_edges_kept"] == 0, "qk_fallback_layers": mt.get("qk_fallback_layers", []),
+        "dropped_pairs": mt.get("dropped_pairs", {}), "task_notes": mt.get("task_notes", []),
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
     if res.stability:
@@ -111,6 +113,7 @@ def discover(
         f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.{hi_note}",
         highlight=False,
     )
+    print_pair_notes(mt.get("dropped_pairs"), mt.get("task_notes"))
     if mt.get("at_chance"):
         console.print("[yellow]--force: the model does this task at chance[/], so these figures describe no behaviour.",
                       highlight=False)
@@ -173,6 +176,7 @@ def evaluate(
         t.add_row(f"{c['n_edges']:,}", f"{c['fraction']:.3%}", f"{c['faithfulness']:.3f}", f"{c['random']:.3f}")
     console.print(t)
     console.print(f"chosen circuit: {out['edges_kept']:,} edges, faithfulness {out['faithfulness']:.3f}; CPR {cpr:.3f}, CMD {cmd:.3f}")
+    print_pair_notes(out.get("dropped_pairs"), out.get("task_notes"))
     if "reference" in out:
         r = out["reference"]
         console.print(f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"

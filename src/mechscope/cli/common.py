@@ -73,6 +73,14 @@ def _sentence(exc: Exception) -> str | None:
     return None
 
 
+def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) -> None:
+    """The task's dropped pairs (count and reason) and its notes on kept pairs, in yellow."""
+    if dropped:
+        console.print("[yellow]dropped pairs[/]: " + ", ".join(f"{v} ({k})" for k, v in dropped.items()), highlight=False)
+    for note in notes or []:
+        console.print(f"[yellow]note[/]: {note}", highlight=False)
+
+
 def fresh_dir(stem: str) -> Path:
     """A new folder name under the current directory: mechscope-STEM-YYYYmmdd-HHMMSS[-i]."""
     base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -15,6 +15,7 @@ from mechscope.cli.common import (
     emit_json,
     handles_errors,
     load,
+    print_pair_notes,
 )
 
 
@@ -65,5 +66,4 @@ def task_eval(
     tab.add_row("corrupt", f"{res['corrupt_metric']:.3f}", f"{res['corrupt_accuracy']:.1%}")
     tab.add_row("chance", "", f"{res['chance_accuracy']:.1%}")
     console.print(tab)
-    if res.get("dropped"):
-        console.print("dropped pairs: " + ", ".join(f"{v} ({k})" for k, v in res["dropped"].items()))
+    print_pair_notes(res.get("dropped"), res.get("notes"))

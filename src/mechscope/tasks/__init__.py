@@ -131,4 +131,5 @@ def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[st
         "chance_accuracy": 1.0 / vocab if batch.metric_name == "logprob" and vocab else batch.chance_accuracy,
         "metric": batch.metric_name,
         "dropped": dict(batch.dropped),
+        "notes": list(batch.notes),
     }

@@ -58,6 +58,9 @@ class TaskBatch:
     corrupt_text: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
     pad_id: int = 0
+    notes: list[str] = field(default_factory=list)
+    """One sentence each about kept pairs that may not measure what was meant (a task file's
+    answers without a leading space, ``jsonl.build``); shown beside the dropped pairs."""
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -149,6 +152,7 @@ class TaskBatch:
             "n_pos": self.n_pos,
             "metric": self.metric_name,
             "dropped": dict(self.dropped),
+            "notes": list(self.notes),
         }
 
 
@@ -173,13 +177,13 @@ def tokenize_pairs(
             continue
         a = single_token(tokenizer, p.answer)
         if a is None:
-            dropped["answer is not a single token"] += 1
+            dropped["answer is not a single token" + _with_space(tokenizer, p.answer)] += 1
             continue
         w = -1
         if p.wrong is not None:
             found = single_token(tokenizer, p.wrong)
             if found is None:
-                dropped["wrong answer is not a single token"] += 1
+                dropped["wrong answer is not a single token" + _with_space(tokenizer, p.wrong)] += 1
                 continue
             w = found
             if w == a:
@@ -189,7 +193,19 @@ def tokenize_pairs(
     if not kept:
         reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"
         raise MechscopeError(f"Task '{task}' has no valid clean/corrupt pair ({reasons}).")
-    return _pad(tokenizer, kept, task, metric_name, dict(dropped))
+    batch = _pad(tokenizer, kept, task, metric_name, dict(dropped))
+    glued = sum(_glued(p.clean, p.answer) or (p.wrong is not None and _glued(p.clean, p.wrong)) for *_, p in kept)
+    if glued:
+        batch.notes.append(
+            f"{glued} of {len(kept)} pairs have an answer or wrong token that starts with a letter right after a prompt "
+            "ending in one, so they score a token that continues the prompt's last word ('Mary' rather than ' Mary'); "
+            "if the answer is a new word, write it with a leading space.")
+    return batch
+
+
+def _glued(prompt: str, token: str) -> bool:
+    """Whether ``token`` would continue the last word of ``prompt`` (a letter on both sides, no space)."""
+    return prompt[-1:].isalpha() and token[:1].isalpha()
 
 
 def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
@@ -215,6 +231,13 @@ def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
         dropped=dropped,
         pad_id=int(pad),
     )
+
+
+def _with_space(tokenizer: Any, text: str) -> str:
+    """' (but is one with a leading space)' where ``text`` lacks one and gains a single token by it."""
+    if text[:1].isspace() or single_token(tokenizer, " " + text) is None:
+        return ""
+    return " (but is one with a leading space)"
 
 
 def single_token(tokenizer: Any, text: str) -> int | None:
