@@ -27,7 +27,7 @@ from mechscope.cli.common import (
 from mechscope.errors import MechscopeError
 from mechscope.sae.config import DashboardConfig, TrainConfig
 
-sae_app = typer.Typer(help="Sparse autoencoders and transcoders: harvest, train, eval, dashboard.", no_args_is_help=True)
+sae_app = typer.Typer(help="Sparse autoencoders and transcoders: harvest, train, eval, dashboard, convert.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
     sae_app.command("train")(train)
     sae_app.command("eval")(eval_)
     sae_app.command("dashboard")(dashboard)
+    sae_app.command("convert")(convert)
     app.add_typer(sae_app, name="sae")
 
 
@@ -228,3 +229,35 @@ def dashboard(
     console.print(f"{len(feats)} features of {sae.cfg.hook_name} on {res.n_tokens:,} tokens in {res.seconds:.1f} s "
                   f"({summary['dead']} never fired)")
     console.print(f"report: {page}\ndata:   {data_path}")
+
+
+@handles_errors
+def convert(
+    npz: Path = typer.Argument(..., help="A Gemma Scope SAE's params.npz (e.g. .../gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82/params.npz)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for cfg.json + sae_weights.safetensors."),
+    hook: Optional[str] = typer.Option(None, "--hook", help="The hook it reads (default: from the path: layer_N in a -res or -mlp repository folder)."),
+    model: Optional[str] = ModelOpt,
+    device: Optional[str] = DeviceOpt,
+    json: bool = JsonOpt,
+) -> None:
+    """Convert a Gemma Scope SAE (params.npz) into an SAE folder (SAELens layout, safetensors); with
+    --model, check it fits that model and record the model for `sae eval` and `sae dashboard`."""
+    from mechscope.sae.gemma_scope import gemma_scope_sae
+    from mechscope.sae.io import check_sae_fits, save_sae
+
+    out = out or fresh_dir("sae-gemma-scope")
+    if out.exists() and any(out.iterdir()):
+        raise MechscopeError(f"{out} is not empty; choose a new --out folder for the converted SAE.")
+    m = load(model, device) if model else None
+    sae = gemma_scope_sae(npz, hook=hook, model_name=m.summary.name if m else "",
+                          metadata={"model_path": model_path(model)} if m else None)
+    if m is not None:
+        check_sae_fits(sae, m)
+    save_sae(sae, out)
+    cfg = sae.cfg
+    summary = {"out": str(out), "hook": cfg.hook_name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "architecture": cfg.architecture,
+               "checked_against": m.summary.name if m else None}
+    if json:
+        return emit_json(summary)
+    fits = f"; it fits {m.summary.name}" if m else " (pass --model to check it fits a model)"
+    console.print(f"Gemma Scope SAE with {cfg.d_sae:,} features on {cfg.hook_name} (d_in {cfg.d_in}) -> {out}{fits}.", highlight=False)
