@@ -35,6 +35,21 @@ def _random(cfg: SAEConfig) -> SAE:
     return sae
 
 
+def _gemma_scope(work: Path) -> SAE:
+    """A Gemma Scope-shaped params.npz (some thresholds below 0) converted by ``sae convert``'s code."""
+    import numpy as np
+
+    from mechscope.sae.gemma_scope import gemma_scope_sae
+
+    g = np.random.default_rng(5)
+    arrays = {"W_enc": g.normal(0, 0.3, (D, 48)), "W_dec": g.normal(0, 0.3, (48, D)), "b_enc": g.normal(0, 0.3, 48),
+              "b_dec": g.normal(0, 0.3, D), "threshold": g.normal(0.1, 0.2, 48)}
+    npz = work / "gemma-scope-2b-pt-res" / "layer_1" / "params.npz"
+    npz.parent.mkdir(parents=True)
+    np.savez(npz, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    return gemma_scope_sae(npz)
+
+
 @pytest.fixture(scope="module")
 def saelens_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("saelens")
@@ -53,6 +68,8 @@ def saelens_run(tmp_path_factory):
         cfg.hook_name, cfg.model_name = "blocks.1.hook_resid_pre", "tiny"
         saes[name] = _random(cfg)
         save_sae(saes[name], work / f"mechscope_{name}")
+    saes["gemmascope"] = _gemma_scope(work)
+    save_sae(saes["gemmascope"], work / "mechscope_gemmascope")
     proc = subprocess.run([str(SAELENS_PY), str(ROOT / "tests" / "helpers" / "saelens_side.py"), str(work)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,6 +83,20 @@ def test_saelens_loads_mechscope_saes_and_reconstructs_the_same(saelens_run, nam
     with torch.no_grad():
         assert torch.allclose(theirs["feats"], saes[name].encode(x), atol=1e-5)
         assert torch.allclose(theirs["recon"], saes[name](x), atol=1e-5)
+
+
+def test_saelens_reads_a_converted_gemma_scope_sae_as_gemma_scopes_formula(saelens_run):
+    import numpy as np
+
+    work, x, _ = saelens_run
+    with np.load(work / "gemma-scope-2b-pt-res" / "layer_1" / "params.npz") as f:
+        p = {k: torch.from_numpy(f[k]) for k in f.files}
+    pre = x @ p["W_enc"] + p["b_enc"]
+    want = (pre > p["threshold"]) * torch.relu(pre)  # Gemma Scope's JumpReLU, no b_dec subtracted
+    assert (p["threshold"] < 0).any() and (want > 0).any()
+    theirs = load_file(str(work / "out_mechscope_gemmascope.safetensors"))
+    assert torch.allclose(theirs["feats"], want, atol=1e-5)
+    assert torch.allclose(theirs["recon"], want @ p["W_dec"] + p["b_dec"], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["standard", "topk", "jumprelu", "transcoder"])
