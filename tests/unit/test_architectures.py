@@ -52,6 +52,11 @@ def _configs():
                                                                         num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                                       max_position_embeddings=64, word_embed_proj_dim=64, **COMMON)),
+        "gptj": (T.GPTJForCausalLM, lambda: T.GPTJConfig(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
+                                                         **COMMON)),
+        "gptneo": (T.GPTNeoForCausalLM, lambda: T.GPTNeoConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                                               max_position_embeddings=64, window_size=8,
+                                                               attention_types=[[["global", "local"], 1]], **COMMON)),
     }
 
 
@@ -257,16 +262,50 @@ def test_direct_logit_attribution_says_when_a_norm_after_the_block_breaks_the_su
         build_graph(load_model(arch_dirs["olmo2"], device="cpu"))
 
 
-def test_a_model_without_per_head_hooks_is_refused_when_it_loads(arch_dirs):
+@pytest.mark.parametrize("name", ["opt", "gptj", "gptneo"])
+def test_a_model_without_per_head_hooks_runs_all_but_the_circuit_commands(name, arch_dirs, tmp_path):
+    """OPT, GPT-J and GPT-Neo: the bridge has no per-head q/k/v inputs or results for them, so
+    they load in plain mode; the lens reads them (DLA from hook_z and W_O adds up to the
+    logit difference), heads run, the circuit commands refuse in one sentence, and OPT's
+    transcoders too (its bridge gives ln2's output flattened over positions)."""
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.lens import run_lens
+    from mechscope.models.load import per_head_hooks, plain_attention
+
+    m = load_model(arch_dirs[name], device="cpu")
+    assert not per_head_hooks(m)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
+    hf = AutoModelForCausalLM.from_pretrained(arch_dirs[name], attn_implementation="eager").eval()
+    with torch.no_grad(), plain_attention(m):
+        torch.testing.assert_close(m(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    res = run_lens(m, prompt, target=" Mary", distractor=" John")
+    assert_last_site_is_the_model(m, res, prompt)
+    assert res.dla.exact and abs(res.dla.actual) > 1e-3
+    with pytest.raises(MechscopeError, match="Circuit discovery needs each head's own") as e:
+        build_graph(m)
+    assert "\n" not in str(e.value)
+    r = CliRunner().invoke(app, ["discover", "--model", arch_dirs[name], "--task", "ioi", "--n", "8", "--method", "eap"])
+    assert r.exit_code == 2 and "Circuit discovery needs" in r.stderr and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(app, ["heads", "--model", arch_dirs[name], "--out", str(tmp_path / "heads"), "--json"])
+    assert r.exit_code == 0, r.output
+    if name == "opt":
+        from mechscope.features.config import TranscoderTrainConfig
+        from mechscope.features.train import check_layers
+
+        with pytest.raises(MechscopeError, match="positions flattened"):
+            check_layers(m, TranscoderTrainConfig(layers=[0]))
+
+
+def test_an_architecture_the_bridge_does_not_know_is_one_sentence(arch_dirs):
     from typer.testing import CliRunner
 
     from mechscope.cli.main import app
 
-    with pytest.raises(MechscopeError, match="no per-head attention hooks"):
-        load_model(arch_dirs["opt"], device="cpu")
-    r = CliRunner().invoke(app, ["info", "--model", arch_dirs["opt"]])
-    assert r.exit_code == 2 and "OPTForCausalLM" in r.stderr and "Traceback" not in r.output, r.output
-    # An architecture the bridge does not know: one short sentence, not the bridge's list of every architecture.
     r = CliRunner().invoke(app, ["info", "--model", arch_dirs["persimmon"]])
     assert r.exit_code == 2 and "does not support PersimmonForCausalLM" in r.stderr and len(r.stderr) < 400, r.stderr
 

@@ -220,6 +220,12 @@ def check_layers(model: Model, cfg: TranscoderTrainConfig) -> list[int]:
     if hook is not None and hook not in model.bridge.hook_dict:
         raise MechscopeError(f"transcoders read each MLP's own input norm ({hook}), which {model.summary.architecture} does not have "
                              "(its MLP shares the attention's norm: attention and MLP in parallel); use a model with a norm before each MLP.")
+    from mechscope.sae.io import hook_shape
+
+    shape = hook_shape(model, hook) if hook is not None else None
+    if shape is not None and len(shape) != 3:  # OPT: the bridge gives ln2's output flattened over positions
+        raise MechscopeError(f"transcoders read one vector per token at {hook}, but the bridge gives {model.summary.architecture}'s "
+                             f"there as shape {list(shape)} (positions flattened); use a model of another architecture.")
     return layers
 
 

@@ -224,6 +224,13 @@ def block_layout(model: Model) -> str:
     if isinstance(done, str):
         return done
     from mechscope.models.hooks import attn_result, mlp_in, mlp_out, resid_post, resid_pre
+    from mechscope.models.load import no_per_head_reason, per_head_hooks
+
+    if not per_head_hooks(model):
+        raise MechscopeError(
+            f"Circuit discovery needs each head's own query, key and value inputs and outputs, which TransformerLens's bridge "
+            f"does not give {model.summary.architecture} ({no_per_head_reason(model)} is unavailable); the lens, recall, heads, "
+            "SAEs and descriptions run on it, but for circuits use a model of another architecture (Llama, Qwen2, GPT-2 ...).")
 
     L, arch = model.summary.n_layers, model.summary.architecture
     g = torch.Generator().manual_seed(0)

@@ -16,8 +16,10 @@ The bridge is switched to the three hook modes the methods here rely on: split q
 (``blocks.L.hook_q_input`` [batch, pos, n_heads, d_model], ``hook_k_input``/``hook_v_input``
 [batch, pos, n_kv_heads, d_model]: one per KV head, so GQA needs no ungrouping), per-head
 attention results (``blocks.L.attn.hook_result`` [batch, pos, n_heads, d_model]) and
-``blocks.L.hook_mlp_in``. A model whose bridge cannot give them (OPT, GPT-J: no per-head
-attention hooks) is refused in one sentence.
+``blocks.L.hook_mlp_in``. A model whose bridge cannot give the per-head modes (OPT, GPT-J,
+GPT-Neo) loads without them (``per_head_hooks`` is False): every method that reads the plain
+hooks (``hook_z``, patterns, residual stream, MLP) runs on it, and the circuit commands, which
+patch per-head inputs, refuse it in one sentence (``graph.block_layout``).
 """
 
 from __future__ import annotations
@@ -162,6 +164,20 @@ def default_length(model: Any, default: int) -> int:
     return max(2, min(default, n_ctx)) if n_ctx > 0 else default
 
 
+_NO_PER_HEAD = "_mechscope_no_per_head"
+
+
+def per_head_hooks(model: Any) -> bool:
+    """Whether the bridge gives ``model`` the per-head modes (split q/k/v inputs, per-head
+    results) that edge patching reads; False for OPT, GPT-J and GPT-Neo (``_bridge``)."""
+    return _NO_PER_HEAD not in getattr(getattr(model, "bridge", None), "__dict__", {})
+
+
+def no_per_head_reason(model: Any) -> str:
+    """The bridge's name for the mode it lacks (e.g. ``use_split_qkv_input``), '' where it has them."""
+    return str(getattr(getattr(model, "bridge", None), "__dict__", {}).get(_NO_PER_HEAD, ""))
+
+
 @contextlib.contextmanager
 def plain_attention(model: Model):
     """Switch off split q/k/v inputs and per-head results for the ``with`` block, then put
@@ -172,6 +188,9 @@ def plain_attention(model: Model):
     without them (see ``mechscope.circuits.attribution``).
     """
     b = model.bridge
+    if not per_head_hooks(model):  # the bridge runs plain attention only
+        yield model
+        return
     was_split = bool(getattr(b.cfg, "use_split_qkv_input", True))
     was_result = bool(getattr(b.cfg, "use_attn_result", True))
     b.set_use_split_qkv_input(False)
@@ -376,13 +395,10 @@ def _bridge(hf_model, tokenizer, target: str):
     try:
         bridge.set_use_split_qkv_input(True)
         bridge.set_use_attn_result(True)
+    except NotImplementedError as exc:  # OPT, GPT-J, GPT-Neo: the bridge's attention has no per-head modes
+        bridge.__dict__[_NO_PER_HEAD] = str(exc).split(":")[0]
+    with contextlib.suppress(NotImplementedError):
         bridge.set_use_hook_mlp_in(True)
-    except NotImplementedError as exc:  # OPT, GPT-J: the bridge's attention has no per-head hooks
-        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
-        raise MechscopeError(
-            f"TransformerLens's bridge gives {arch} no per-head attention hooks ({str(exc).split(':')[0]} is unavailable), "
-            "which mechscope's methods read; use a model of another architecture (Llama, Qwen2, Mistral, Gemma, GPT-2 ...)."
-        ) from exc
     bridge.eval()
     return bridge
 

@@ -235,7 +235,7 @@ def check_vector_hook(model: Model, hook: str) -> None:
     per-head hooks (``attn.hook_z``, ``hook_q`` ... ``[batch, pos, head, d_head]``). SAEs here
     read, reconstruct and splice one vector per token; per-head SAEs (SAELens's
     ``reshape_activations: hook_z``) are not supported."""
-    shape = _hook_shape(model, hook)
+    shape = hook_shape(model, hook)
     if shape is None or len(shape) == 3:
         return
     kind = ("attention weights per head, [batch, head, query, key]" if hook.endswith(("hook_pattern", "hook_attn_scores"))
@@ -263,11 +263,11 @@ def check_same_weights(recorded: object, model: Model, what: str, trained_on: st
 
 def hook_width(model: Model, hook: str) -> int | None:
     """Width (last dimension) of a hook's activation; None when it did not fire."""
-    shape = _hook_shape(model, hook)
+    shape = hook_shape(model, hook)
     return None if shape is None else shape[-1]
 
 
-def _hook_shape(model: Model, hook: str) -> tuple[int, ...] | None:
+def hook_shape(model: Model, hook: str) -> tuple[int, ...] | None:
     """Shape of a hook's activation on two tokens, read off one tiny forward pass (cached per model)."""
     cache = model.__dict__.setdefault("_hook_shapes", {})
     if hook not in cache:
