@@ -23,8 +23,9 @@ def _prompt(model, n=8, seed=0):
     return toks
 
 
-def _column_check(model, tset, g, run, pre0, lg0, kind, idx):
-    """Predicted (adjacency column) vs measured change of every target for one source."""
+def _column_check(model, tset, g, run, pre0, lg0, kind, idx, forward=frozen_forward):
+    """Predicted (adjacency column) vs measured change of every target for one source
+    (measured by ``forward``, ``frozen_forward`` unless given)."""
     mlp_delta = torch.zeros_like(run.mlp_out)
     emb_delta = torch.zeros_like(run.embed)
     if kind == "feature":
@@ -38,7 +39,7 @@ def _column_check(model, tset, g, run, pre0, lg0, kind, idx):
     else:
         emb_delta[idx] = run.embed[idx]
         col = g.token_start + idx
-    pre1, lg1 = frozen_forward(model, tset, run, mlp_delta, emb_delta)
+    pre1, lg1 = forward(model, tset, run, mlp_delta, emb_delta)
     fl, fp, ff = g.features.T
     got_feat = (pre1 - pre0)[fl, fp, ff]
     dm = lambda x: x[-1] - x[-1].mean()  # noqa: E731
@@ -76,6 +77,42 @@ def test_adjacency_columns_are_exact(tiny_model, arch, k):
         src_layers, src_pos = g.features[:, 0], g.features[:, 1]
         bad = (src_layers >= layer) | (src_pos > pos)
         assert not A[i, : g.n_features][bad].any()
+
+
+def test_columns_are_exact_with_norms_after_the_block_and_soft_capped_logits(tmp_path):
+    """Gemma 2 normalises attention's and the MLP's outputs before adding them (ln1_post,
+    ln2_post) and soft-caps its logits. The frozen model holds those norms' scales too (without
+    them a feature column was off by 3% here), and the logit nodes are the logits before the cap
+    (recovered from the frozen model's capped logits by atanh)."""
+    import transformers as T
+    from conftest import save_scaled
+
+    from mechscope.models import load_model
+
+    cap = 3.0
+    cfg = T.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, max_position_embeddings=64, sliding_window=16, final_logit_softcapping=cap,
+                         vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    m = load_model(save_scaled(T.Gemma2ForCausalLM(cfg), tmp_path / "g2"), device="cpu")
+    tset = random_transcoders(m, d_sae=40, architecture="topk", k=6, seed=1)
+    toks = _prompt(m)
+    g = attribute(m, tset, toks, max_features=10_000, batch_size=16)
+    run = capture(m, tset, toks)
+    assert any("ln1_post" in n for n in run.frozen) and any("ln2_post" in n for n in run.frozen)
+    raw = lambda x: cap * torch.atanh(x / cap)  # noqa: E731
+
+    def before_cap(*args):
+        pre, logits = frozen_forward(*args)
+        return pre, raw(logits)
+
+    pre0, lg0 = before_cap(m, tset, run)
+    moved = 0.0
+    for kind, idx in (("feature", int(torch.nonzero(g.features[:, 0] == 0)[0])), ("error", (0, 3)), ("token", 2)):
+        got, want = _column_check(m, tset, g, run, pre0, lg0, kind, idx, forward=before_cap)
+        assert (got - want).abs().max() < 1e-4 * max(1.0, float(want.abs().max())), (kind, idx)
+        moved = max(moved, float(want.abs().max()))
+    assert moved > 0.05
 
 
 def test_cap_folds_dropped_features_into_errors(tiny_llama):

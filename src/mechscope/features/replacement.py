@@ -8,7 +8,7 @@ activations a_l,p = act(x_l,p W_enc + b_enc). Then
     y_l,p = a_l,p W_dec + b_dec + skip_l(x_l,p) + e_l,p        (e: the error node's vector)
 
 holds exactly. The *frozen* replacement model keeps every attention pattern and every norm's
-scale (ln1, ln2, final) at its clean value and every MLP's output at its clean value except
+scale (ln1, ln2, the norms after attention and the MLP where a model has them, final) at its clean value and every MLP's output at its clean value except
 for the linear skip, which still reads its (now linear) input. With those frozen, the map
 from the nodes' output vectors (a_f W_dec[f] for a feature, e_l,p for an error, the token
 embedding for a token) to every feature's pre-activation and every logit is linear, so each
@@ -80,10 +80,15 @@ class ReplacementRun:
         return self.x_in.shape[1]
 
 
-def frozen_hook_names(n_layers: int) -> list[str]:
-    """Every pattern and norm scale the frozen model holds at its clean value."""
+def frozen_hook_names(model: Model) -> list[str]:
+    """Every pattern and norm scale the frozen model holds at its clean value: the patterns, the
+    norms before attention and the MLP, the norms after them where the model has them (Gemma 2's
+    ``ln1_post``/``ln2_post``: unfrozen, they would make the map from nodes to targets nonlinear)
+    and the final norm."""
+    n_layers, hooks = model.summary.n_layers, model.bridge.hook_dict
     names = [attn_pattern(layer) for layer in range(n_layers)]
     names += [ln_scale(layer, w) for layer in range(n_layers) for w in (1, 2)]
+    names += [h for layer in range(n_layers) for w in (1, 2) if (h := f"blocks.{layer}.ln{w}_post.hook_scale") in hooks]
     return names + [FINAL_NORM_SCALE]
 
 
@@ -109,9 +114,8 @@ def capture(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]) -> Re
         raise MechscopeError("the prompt is empty; give at least one token.")
     if (n_ctx := context_overrun(model, tokens.numel())) is not None:
         raise MechscopeError(f"the prompt has {tokens.numel()} tokens but {model.summary.name} reads at most {n_ctx}; shorten it.")
-    L = model.summary.n_layers
     ins, outs = _transcoder_hooks(tset)
-    names = set(frozen_hook_names(L)) | set(ins) | set(outs) | {EMBED}
+    names = set(frozen_hook_names(model)) | set(ins) | set(outs) | {EMBED}
     with plain_attention(model):
         logits, cache = model.bridge.run_with_cache(tokens[None].to(model.device), names_filter=lambda n: n in names)
     x_in = torch.stack([cache[h][0].float() for h in ins])  # [L, P, d]
@@ -130,7 +134,7 @@ def capture(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]) -> Re
         active.append(torch.cat([torch.full((len(idx), 1), layer, device=idx.device), idx], 1))
         values.append(a[idx[:, 0], idx[:, 1]])
     errors[:, :first] = 0.0
-    frozen = {n: cache[n].detach().clone() for n in frozen_hook_names(L)}
+    frozen = {n: cache[n].detach().clone() for n in frozen_hook_names(model)}
     return ReplacementRun(tokens=tokens.cpu(), x_in=x_in, mlp_out=mlp_out, errors=errors, embed=cache[EMBED][0].float(),
                           active=torch.cat(active).cpu(), values=torch.cat(values), logits=logits[0].float(),
                           frozen=frozen, first_pos=first)
@@ -175,7 +179,7 @@ def frozen_forward(model: Model, tset: TranscoderSet, run: ReplacementRun, mlp_d
     def add_embed(t, hook):
         return t + embed_delta[None].to(t) if embed_delta is not None else t
 
-    hooks = [(n, set_frozen) for n in frozen_hook_names(L)]
+    hooks = [(n, set_frozen) for n in frozen]
     hooks += [(ins[layer], take_in(layer)) for layer in range(L)]
     hooks += [(outs[layer], put_out(layer)) for layer in range(L)]
     hooks += [(EMBED, add_embed)]
@@ -230,7 +234,7 @@ def freeze_hooks(model, tset: TranscoderSet, run: ReplacementRun, batch: int, st
         store["final"] = t
         return t
 
-    hooks = [(n, detach) for n in frozen_hook_names(L)]
+    hooks = [(n, detach) for n in run.frozen]
     hooks += [(ins[layer], take_in(layer)) for layer in range(L)]
     hooks += [(outs[layer], put_out(layer)) for layer in range(L)]
     return hooks + [(EMBED, leaf), (FINAL_NORM_OUT, final)]
