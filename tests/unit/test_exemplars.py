@@ -95,9 +95,21 @@ def test_streaming_pass_equals_brute_force(tiny_llama):
             b1 = np.floor((srt[min(j0 + 1, n - 1)] - lo) * inv)
             same = (b0 == b1) & (b0 >= 0) & (b0 < cfg.n_bins)
             checked += same.sum()
-            assert np.all(np.abs(est[same, i] - ref[same, i]) <= width[same] + 1e-6), q
+            got = est[same, i]  # NaN where float32 binning put an edge value in a wide overflow bin (checked below)
+            assert np.all(np.isnan(got) | (np.abs(got - ref[same, i]) <= width[same] + 1e-6)), q
         assert checked > 2 * flat.shape[1]  # most units' central quantiles were checked
-        assert np.all(np.diff(est, axis=1) >= -1e-9)  # monotone everywhere, overflow bins included
+        # Every resolved quantile is within one bin width of numpy's (exact ones to 1e-6); a rank past
+        # the top/bottom lists in an overflow bin wider than one bin is not resolved (NaN).
+        resolved = ~np.isnan(est)
+        # Every resolved estimate lies within a bin width of the two order statistics around its rank
+        # (one bin width of numpy's value where they share a bin, checked above).
+        j0s = np.floor(np.array(qs) * (n - 1)).astype(int)
+        gap = srt[np.minimum(j0s + 1, n - 1)].T - srt[j0s].T  # [U, q]
+        bound = gap + width[:, None] + 1e-6
+        assert np.all((np.abs(est - ref) <= bound)[resolved])
+        assert resolved[:, 1:6].mean() > 0.5 and not resolved.all()  # this data does reach wide overflow bins
+        for u in range(est.shape[0]):
+            assert np.all(np.diff(est[u][resolved[u]]) >= -1e-9)  # monotone where resolved
         # Histogram counts every valid token once.
         assert torch.equal(st.hist.sum(1), torch.full_like(st.hist[:, 0], flat.shape[0]))
 

@@ -45,7 +45,7 @@ def _exemplars(ref: UnitRef, scale: float) -> list[Exemplar]:
 
 def _record(ref: UnitRef, scale: float) -> UnitRecord:
     return UnitRecord(unit=ref, max_act=scale, min_act=-0.3, density=0.05 + 0.01 * ref.index,
-                      quantiles=[(0.5, 0.0), (0.99, 0.8 * scale), (0.999, 0.95 * scale)],
+                      quantiles=[(0.001, None), (0.5, 0.0), (0.99, 0.8 * scale), (0.999, 0.95 * scale)],
                       histogram=([0.0, 0.25, 0.5, 0.75, 1.0], [50, 20, 5, 1]),
                       top_logits=[(" Paris", 2.5), ("<script>alert(1)</script>", 1.5)],
                       bottom_logits=[("</textarea>", -1.0)], n_tokens=4096)
@@ -177,6 +177,7 @@ def test_unit_page(served):
     for d in db.descriptions(CITY):
         assert d.explainer in html and str(d.scores["simulation"]) in html
     assert "capital cities" in html and "qwen-7b" in html and "simulation_shuffled" in html
+    assert "not resolved" in html  # a quantile past the exemplar lists, outside the histogram (stored as null)
     # Hostile tokens are text: escaped in the markup, never markup.
     assert "<script>" not in html and "</textarea>" not in html and "<img" not in html
     assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # exemplars, logits, description

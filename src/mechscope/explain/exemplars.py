@@ -38,7 +38,11 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
 5. Density (fraction of tokens > 0), counts of the histogram, number of tokens: sums.
 6. At the end, each unit's record: max/min (from the top/bottom lists), density, quantiles (exact
    where the rank falls inside the top-k or bottom-k lists, else linear inside the histogram
-   bin, so within one bin width of numpy's ``quantile``), the histogram (rebinned to at most 32
+   bin, so within one bin width of numpy's ``quantile`` where the two activations around the
+   rank share a bin, and of the gap between them otherwise; None where the rank falls past the
+   lists into an overflow bin wider than one bin, whose values only the list's last entry and the
+   calibrated range bound: on the embedded model a linear guess there was up to 56 bin widths
+   off), the histogram (rebinned to at most 32
    bins), the top/bottom output tokens of its direction; its exemplars with their split: each
    (unit, context) pair goes to train/valid/test by a hash of (seed, unit, context), so an
    explainer's train windows never overlap the windows a scorer reads.
@@ -593,14 +597,13 @@ def _ranges(layers: list[int]) -> str:
 
 def quantiles(st: LayerState, n_tokens: int, qs, cfg: ExemplarsConfig) -> torch.Tensor:
     """[U, len(qs)] activation quantiles (numpy's linear definition) from the top/bottom lists
-    and the histogram (see the module docstring)."""
+    and the histogram (see the module docstring); NaN where the rank lies in an overflow bin
+    beyond the top/bottom lists that spans more than one bin width (not resolved)."""
     U = st.hist.shape[0]
     top = st.top_val.sort(0, descending=True).values.double()  # [k, U]: sorted[n-1-i] = top[i]
     bot = st.bot_val.sort(0).values.double()  # [kb, U]: sorted[i] = bot[i]
     cum = st.hist.cumsum(1).double()  # [U, nb+2]
     width = 1.0 / st.inv.double()
-    max_v = top[0]
-    min_v = bot[0] if bot.shape[0] else st.lo.double()
     hi_edge = st.lo.double() + cfg.n_bins * width
     last = cum.shape[1] - 1
 
@@ -627,15 +630,19 @@ def quantiles(st: LayerState, n_tokens: int, qs, cfg: ExemplarsConfig) -> torch.
         left = st.lo.double() + (j - 1).double() * width
         right = left + width
         left_pos, right_pos = prev - 0.5, prev + cnt - 0.5
-        # Overflow bins: between the last exact value of the bottom (top) list and the range's edge.
+        # Overflow bins: between the last exact value of the bottom (top) list and the range's edge;
+        # a linear guess there is kept only where that span is at most one bin wide.
         kb, kt = bot.shape[0], top.shape[0]
         under, over = j == 0, j == last
-        left = torch.where(under, bot[-1] if kb else min_v, torch.where(over, hi_edge, left))
+        nan = torch.full_like(width, math.nan)
+        low_end, high_end = (bot[-1] if kb else nan), (top[-1] if kt else nan)
+        left = torch.where(under, low_end, torch.where(over, hi_edge, left))
         left_pos = torch.where(under, torch.full_like(prev, max(kb - 1, 0)), left_pos)
-        right = torch.where(under, st.lo.double(), torch.where(over, top[-1] if kt else max_v, right))
+        right = torch.where(under, st.lo.double(), torch.where(over, high_end, right))
         right_pos = torch.where(over, torch.full_like(prev, n_tokens - max(kt, 1)), right_pos)
         pos = ((t - left_pos) / (right_pos - left_pos).clamp(min=1e-9)).clamp(0, 1)
-        out[:, i] = left + (right - left) * pos
+        unresolved = (under | over) & ~((right - left).abs() <= width)  # NaN spans count as unresolved
+        out[:, i] = torch.where(unresolved, math.nan, left + (right - left) * pos)
     return out
 
 
@@ -716,7 +723,7 @@ def records_of(model, source: UnitSource, state: HarvestState, layer: int, vocab
         recs.append(UnitRecord(
             unit=UnitRef(source.kind, layer, off + u, source.source),  # type: ignore[arg-type]
             max_act=float(max_v[u]), min_act=float(min_v[u]), density=positive[u] / max(n, 1),
-            quantiles=[(q, round(v, 6)) for q, v in zip(cfg.report_quantiles, qv_l[u])],
+            quantiles=[(q, None if math.isnan(v) else round(v, 6)) for q, v in zip(cfg.report_quantiles, qv_l[u])],
             histogram=([round(e, 6) for e in edges_l[u]], counts_l[u]),
             top_logits=top_l[u], bottom_logits=bot_l[u], n_tokens=n))
     return recs

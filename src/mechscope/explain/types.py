@@ -77,8 +77,9 @@ class UnitRecord:
     min_act: float
     density: float
     """Fraction of tokens where the unit is > 0 (for MLP neurons: > 0 after the activation function)."""
-    quantiles: list[tuple[float, float]] = field(default_factory=list)
-    """(q, value) pairs, e.g. (0.5, 0.01), (0.99, 1.2), (0.999, 2.3)."""
+    quantiles: list[tuple[float, float | None]] = field(default_factory=list)
+    """(q, value) pairs, e.g. (0.5, 0.01), (0.99, 1.2), (0.999, 2.3); value None where not resolved
+    (``explain.exemplars.quantiles``: the rank lies past the exemplar lists in a wide overflow bin)."""
     histogram: tuple[list[float], list[int]] | None = None
     """Bin edges and counts of the activations over the pass."""
     top_logits: list[tuple[str, float]] = field(default_factory=list)
