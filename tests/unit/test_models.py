@@ -47,6 +47,31 @@ def test_pickle_only_dir_refused(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_folders_that_hold_no_language_model_are_named(tmp_path, tiny_gpt2_dir):
+    """A mechscope vision model, a config without model_type, unreadable JSON and a training
+    run's folder: one sentence each, not transformers' first error line."""
+    import json
+    import shutil
+
+    vision = tmp_path / "cnn"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"schema_version": 1, "kind": "mechscope-vision-model"}))
+    (vision / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MechscopeError, match="is a mechscope vision model"):
+        load_model(str(vision))
+    (vision / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(MechscopeError, match="names no model_type"):
+        load_model(str(vision))
+    (vision / "config.json").write_text("{oops")
+    with pytest.raises(MechscopeError, match="not readable JSON"):
+        load_model(str(vision))
+    run = tmp_path / "run"
+    for step in ("ckpt_000000", "ckpt_000060"):
+        shutil.copytree(tiny_gpt2_dir, run / step)
+    with pytest.raises(MechscopeError, match=r"training run folder.*ckpt_000060 \(the last\)"):
+        load_model(str(run))
+
+
 def test_unreachable_hub_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MechscopeError, match="Hugging Face Hub did not provide it"):

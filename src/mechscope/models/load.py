@@ -308,10 +308,15 @@ def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
                     f"The directory '{name}' has no .safetensors weights; mechscope never unpickles "
                     "weight files, so convert them to safetensors first."
                 )
+            _check_language_config(p, name)
             return p.name, str(p), None, True
         ggufs = sorted(p.glob("*.gguf"))
         if ggufs:
             return ggufs[0].stem, str(p), ggufs[0].name, True
+        ckpts = sorted(c.name for c in p.glob("ckpt_*") if (c / "config.json").is_file())
+        if ckpts:
+            raise MechscopeError(f"'{name}' is a training run folder, not a model; pass one of its checkpoints, "
+                                 f"e.g. {Path(name) / ckpts[-1]} (the last).")
         raise MechscopeError(
             f"The directory '{name}' is neither a Hugging Face model folder (no config.json) nor "
             "holds a .gguf file."
@@ -319,6 +324,24 @@ def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise MechscopeError(f"No model file or directory at '{name}'; check the path.")
     return name, name, None, False
+
+
+def _check_language_config(folder: Path, name: str) -> None:
+    """One sentence when ``folder``'s config.json is not a Hugging Face language model's (a
+    mechscope vision model, a run's settings, an unreadable file) rather than transformers'
+    first error line."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise MechscopeError(f"'{name}/config.json' is not readable JSON ({exc}); save the model again.") from None
+    if isinstance(cfg, dict) and cfg.get("kind") == "mechscope-vision-model":
+        raise MechscopeError(f"'{name}' is a mechscope vision model; this command needs a language model "
+                             "(vision models are read by `mechscope vision ...`).")
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise MechscopeError(f"'{name}/config.json' names no model_type, so '{name}' is not a Hugging Face model folder; "
+                             "pass a folder saved by transformers (save_pretrained) or a .gguf file.")
 
 
 def load_model(
