@@ -52,6 +52,9 @@ def _configs():
                                                                         num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "opt": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                                       max_position_embeddings=64, word_embed_proj_dim=64, **COMMON)),
+        "opt_post_ln": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                                              max_position_embeddings=64, word_embed_proj_dim=32,
+                                                              do_layer_norm_before=False, **COMMON)),
         "gptj": (T.GPTJForCausalLM, lambda: T.GPTJConfig(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
                                                          **COMMON)),
         "gptneo": (T.GPTNeoForCausalLM, lambda: T.GPTNeoConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -308,6 +311,9 @@ def test_an_architecture_the_bridge_does_not_know_is_one_sentence(arch_dirs):
 
     r = CliRunner().invoke(app, ["info", "--model", arch_dirs["persimmon"]])
     assert r.exit_code == 2 and "does not support PersimmonForCausalLM" in r.stderr and len(r.stderr) < 400, r.stderr
+    # One the bridge serves but cannot run with its hooks (OPT-350m's layout): refused when it loads.
+    r = CliRunner().invoke(app, ["info", "--model", arch_dirs["opt_post_ln"]])
+    assert r.exit_code == 2 and "cannot run OPTForCausalLM with its hooks" in r.stderr and "Traceback" not in r.output, r.output
 
 
 def test_causal_tracing_noise_is_measured_where_it_is_added(arch_dirs):

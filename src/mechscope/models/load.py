@@ -423,7 +423,23 @@ def _bridge(hf_model, tokenizer, target: str):
     with contextlib.suppress(NotImplementedError):
         bridge.set_use_hook_mlp_in(True)
     bridge.eval()
+    _check_hooks_run(bridge, hf_model)
     return bridge
+
+
+@torch.no_grad()
+def _check_hooks_run(bridge, hf_model) -> None:
+    """One forward pass of three tokens with every hook cached: a model the bridge serves but
+    cannot run with its hooks (OPT with ``do_layer_norm_before`` false, as OPT-350m: caching
+    ``hook_mlp_in`` raises inside transformers) is refused here in one sentence, not by a
+    traceback in the first command that reads a hook."""
+    try:
+        bridge.run_with_cache(torch.zeros(1, 3, dtype=torch.long, device=next(bridge.parameters()).device))
+    except Exception as exc:  # noqa: BLE001 - whatever the bridge or transformers raise
+        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        raise MechscopeError(f"TransformerLens's bridge cannot run {arch} with its hooks ({why}); use a model of a supported "
+                             "architecture and layout (Llama, Qwen2, Mistral, Gemma, GPT-2 ...).") from exc
 
 
 def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary:
