@@ -55,6 +55,12 @@ def _configs():
         "opt_post_ln": (T.OPTForCausalLM, lambda: T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                                               max_position_embeddings=64, word_embed_proj_dim=32,
                                                               do_layer_norm_before=False, **COMMON)),
+        "granite": (T.GraniteForCausalLM, lambda: T.GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                                                  logits_scaling=4.0, residual_multiplier=0.5, embedding_multiplier=2.0,
+                                                                  attention_multiplier=0.1, **COMMON)),
+        "olmo": (T.OlmoForCausalLM, lambda: T.OlmoConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=64, **COMMON)),
         "gptj": (T.GPTJForCausalLM, lambda: T.GPTJConfig(n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
                                                          **COMMON)),
         "gptneo": (T.GPTNeoForCausalLM, lambda: T.GPTNeoConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -363,3 +369,31 @@ def test_mlp_neurons_of_a_mixture_of_experts_are_refused_before_the_pass(arch_di
     with pytest.raises(MechscopeError, match="no single output matrix .*mixture of experts"):
         unit_source(load_model(arch_dirs["mixtral"], device="cpu"), "mlp")
     assert unit_source(load_model(arch_dirs["mistral"], device="cpu"), "mlp").n_units(0) == 128
+
+
+def test_granite_and_olmo_unembeddings_are_read_and_granite_circuits_refused(arch_dirs):
+    """Granite divides its logits by ``logits_scaling`` (folded into W_U like Cohere's scale) and
+    OLMo's final LayerNorm has no parameters: the lens reads both exactly, and OLMo's DLA adds
+    up. Granite's blocks pass the hook layout check, but patching every edge did not reproduce
+    the corrupt run (off by ~0.15), so the circuit commands refuse it rather than report
+    circuits that mean nothing."""
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+    from mechscope.lens import run_lens
+    from mechscope.models.unembed import logit_scale
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    granite, olmo = (load_model(arch_dirs[n], device="cpu") for n in ("granite", "olmo"))
+    assert logit_scale(granite) == 0.25
+    for m in (granite, olmo):
+        ids = m.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            p = m(ids)[0, -1].softmax(-1)
+        res = run_lens(m, prompt, target=" Mary", distractor=" John")
+        mary = m.tokenizer(" Mary", add_special_tokens=False)["input_ids"][0]
+        torch.testing.assert_close(float(res.prob[-1, -1]), float(p[mary]), atol=1e-6, rtol=1e-4)
+    assert res.dla.exact and abs(res.dla.actual) > 1e-3  # OLMo
+    assert build_graph(olmo).n_layers == 2
+    r = CliRunner().invoke(app, ["discover", "--model", arch_dirs["granite"], "--task", "ioi", "--n", "8", "--method", "eap"])
+    assert r.exit_code == 2 and "does not reproduce the corrupt run" in r.stderr and "Traceback" not in r.output, r.output

@@ -47,6 +47,7 @@ from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
+from mechscope.patching.engine import check_patching_exact
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
@@ -131,6 +132,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
 
     t0 = time.perf_counter()
     graph = build_graph(model)  # the settings were checked when cfg was made (circuits.config)
+    check_patching_exact(model, graph)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
     if batch is None:

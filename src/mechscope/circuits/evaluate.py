@@ -27,6 +27,7 @@ from mechscope.graph import Graph, build_graph
 from mechscope.patching.engine import (
     Ablation,
     check_pair,
+    check_patching_exact,
     logits_at,
     mean_source,
     run_with_edge_mask,
@@ -308,6 +309,7 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     from mechscope.tasks import check_fits, get_task
 
     g = build_graph(model)
+    check_patching_exact(model, g)
     if g.summary() != res.graph.summary():
         raise MechscopeError(f"The model {model.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
     st, d = res.settings, DiscoverConfig

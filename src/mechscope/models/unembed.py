@@ -85,6 +85,8 @@ def final_norm(model: Model, ranks_only: bool = False) -> FinalNorm:
     name = type(orig).__name__
     params = dict(orig.named_parameters())
     weight = params.get("weight")
+    if weight is None and "LAYERNORM" in name.upper() and not params:  # OLMo's LayerNorm has no parameters
+        weight = torch.ones(int(model.summary.d_model), device=model.device)
     if weight is None:
         raise MechscopeError(f"The model's final norm ({name}) has no weight; only LayerNorm and RMSNorm are supported.")
     eps = getattr(orig, "eps", None) or getattr(orig, "variance_epsilon", None) or getattr(model.bridge.cfg, "eps", None) or 1e-5
@@ -145,10 +147,17 @@ def check_matches(norm: FinalNorm, resid: torch.Tensor, normalized: torch.Tensor
 
 
 def logit_scale(model: Model) -> float:
-    """The number the model multiplies its unembedding's output by (Cohere's ``logit_scale``),
-    1.0 where there is none (or it is not a plain number)."""
-    s = getattr(getattr(model.bridge, "original_model", None), "logit_scale", None)
-    return float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else 1.0
+    """The number the model multiplies its unembedding's output by: Cohere's ``logit_scale``,
+    or 1 / Granite's ``config.logits_scaling``; 1.0 where there is none (or it is not a plain
+    number)."""
+    hf = getattr(model.bridge, "original_model", None)
+    s = getattr(hf, "logit_scale", None)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return float(s)
+    d = getattr(getattr(hf, "config", None), "logits_scaling", None)
+    if isinstance(d, (int, float)) and not isinstance(d, bool) and d:
+        return 1.0 / float(d)
+    return 1.0
 
 
 def unembed_weights(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
