@@ -4,6 +4,7 @@ database), `mechscope exemplars-merge` (token shards of one pass into one), `mec
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from mechscope.cli.common import (
     console,
     context_len_for,
     emit_json,
+    err_console,
     fail,
     handles_errors,
     load,
@@ -65,7 +67,14 @@ def search(
         fail(f"--kind must be mlp, sae or transcoder, got {kind!r}.")
     if limit < 1 or (layer is not None and layer < 0):
         fail(f"--limit must be at least 1 and --layer non-negative (got {limit}, {layer}).")
+    if min_score is not None and not math.isfinite(min_score):
+        fail(f"--min-score must be a finite number, e.g. 0.3, got {min_score}.")
     store = _open(db)
+    if layer is not None and not store.count(kind=kind, layer=layer):
+        held = [r[0] for r in store.con.execute("SELECT DISTINCT layer FROM units" + (" WHERE kind=?" if kind else "") + " ORDER BY layer",
+                                                 (kind,) if kind else ())]
+        fail(f"{db} has no {kind + ' ' if kind else ''}units in layer {layer}; "
+             + (f"it holds layers {', '.join(map(str, held))}." if held else "it holds none."))
     if semantic:
         from mechscope.explain.semantic import embed_descriptions, get_embedder, semantic_search
 
@@ -115,7 +124,7 @@ def export(
     refs = None
     if unit:
         refs = []
-        for key in unit:
+        for key in dict.fromkeys(unit):  # a unit named twice is written once
             try:
                 ref = UnitRef.parse(key)
             except ValueError:
@@ -207,15 +216,33 @@ def exemplars(
     check_early(settings, context_len, ExemplarsConfig.context_len)
     m = load(model, device)
     cfg = settings(context_len_for(m, context_len, ExemplarsConfig.context_len))
+    new_db = not db.exists()
     store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())  # refuses another model's database before the pass
     ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
+    new_ckpt = not ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)  # a file in the way is one sentence now, not after the pass
+    if token_range is not None and _held(store, units, cfg.layers):
+        err_console.print(f"warning: {db} already holds these units, and this token shard replaces their statistics and "
+                          "exemplars with its own tokens' only; combine token shards with mechscope exemplars-merge SHARDS --db DB.",
+                          highlight=False, markup=False)
     cal = None
-    if calibration is not None:
-        from mechscope.explain.exemplars import HarvestState
+    try:
+        if calibration is not None:
+            from mechscope.explain.exemplars import HarvestState
 
-        cal = HarvestState.read(calibration)
-    state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json, calibration=cal)
+            cal = HarvestState.read(calibration)
+        state = harvest_exemplars(m, cfg, db=store, checkpoint=ckpt, progress=not json, calibration=cal)
+    except BaseException:
+        # A pass that stopped before its first checkpoint (a bad --corpus) leaves no empty folder or database behind.
+        if new_ckpt and ckpt.is_dir() and not any(ckpt.iterdir()):
+            ckpt.rmdir()
+            if checkpoint is None and not any(ckpt.parent.iterdir()):
+                ckpt.parent.rmdir()
+        if new_db and store._is_empty():
+            store.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+        raise
     if token_range is not None and checkpoint is None:  # a token shard's state is what exemplars-merge reads
         keep_checkpoint = True
         if not json:
@@ -227,12 +254,31 @@ def exemplars(
         except OSError:
             pass
     n_units = sum(st.top_val.shape[1] for st in state.layers.values())
+    stale = store.stale_units()
+    notes = []
+    if state.exhausted:
+        notes.append(f"the corpus ran out after {state.contexts_done:,} contexts of {cfg.context_len} tokens "
+                     f"({cfg.n_tokens:,} tokens asked for); give a larger --corpus for more.")
+    if stale:
+        notes.append(f"{stale:,} unit(s) have descriptions made from other exemplars than they now hold; "
+                     f"mechscope describe --db {db} describes them again.")
     info = {"db": str(db), "units": units, "layers": sorted(state.layers), "n_units": n_units,
             "tokens": state.n_tokens, "contexts": state.contexts_done, "model": m.summary.name,
-            "checkpoint": str(ckpt) if keep_checkpoint or checkpoint is not None else None}
+            "checkpoint": str(ckpt) if keep_checkpoint or checkpoint is not None else None,
+            "corpus_exhausted": state.exhausted, "stale_described_units": stale, "notes": notes}
     if json:
         return emit_json(info)
     console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")
+    for note in notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def _held(store, units: str, layers: Optional[list[int]]) -> bool:
+    """Whether ``store`` already holds units of ``--units`` in ``layers`` (None: any layer)."""
+    kind, _, folder = units.partition(":")
+    kinds = {"mlp": "mlp", "sae": "sae", "transcoders": "transcoder", "transcoder": "transcoder"}
+    held = store.units(kinds.get(kind, kind), source=Path(folder).name if folder else "")
+    return any(layers is None or r.layer in layers for r in held)
 
 
 @handles_errors
@@ -347,7 +393,15 @@ def describe(
         from mechscope.explain.scoring import ModelSimulator
 
         # no bridge: describing needs no hooks; by default the database's model, from where it was loaded
-        m = plain_lm(simulator or store.model_summary.get("source") or store.model_id or None, device)
+        recorded = store.model_summary.get("source") or store.model_id or None
+        try:
+            m = plain_lm(simulator or recorded, device)
+        except MechscopeError as e:
+            if simulator is not None or recorded is None:
+                raise
+            what = "--simulator" + (" or --scorer none" if explainer != "local" else "")
+            raise MechscopeError(f"the model {db} records ({recorded}) does not load ({str(e).rstrip('.')}); "
+                                 f"give its new place with {what}.") from None
         sim = ModelSimulator(m) if cfg.scorers else None
     kw = {"timeout": timeout, "concurrency": concurrency, "api_key": api_key} if explainer == "server" else {}
     ex = make_explainer(explainer, server=server, server_model=server_model, model=m, **kw)
@@ -361,6 +415,8 @@ def describe(
     console.print(f"{res.described:,} unit(s) described ({res.already_described:,} already), {res.scored:,} scored, "
                   f"{res.no_exemplars:,} without train exemplars; explainer {res.explainer} [{res.settings_key}], "
                   f"{res.seconds_explain:.1f} s explaining, {res.seconds_score:.1f} s scoring -> {db}", highlight=False, markup=False)
+    if res.note:
+        console.print(f"note: {res.note}", highlight=False, markup=False)
     rows = [s for s in res.summary.values() if s.get("n")]
     if rows:
         from rich.table import Table

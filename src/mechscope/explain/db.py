@@ -35,11 +35,18 @@ Design, and why:
    falls back to LIKE over the terms, relevance = number of terms matched (``db.fts`` says which).
 5. Schema versioned in ``PRAGMA user_version``; ``_MIGRATIONS[v]`` upgrades version v to v+1
    inside one transaction, so an old file opens in place without loss. Version 1 (the first
-   layout) had no settings_key/polarity/version columns and no FTS index.
+   layout) had no settings_key/polarity/version columns and no FTS index; version 2 had no
+   ``exemplars_key`` columns (point 7).
 6. Refusals, each one sentence (``MechscopeError``): a file that is not SQLite or is damaged
    (checked read-only first, so the file is not modified), a SQLite file that is not a unit
    database, a database made for another model, a unit whose layer or index is outside the
    unit counts stored by ``set_unit_count``.
+7. Descriptions are tied to the exemplars they were made from: ``put_exemplars`` stores in the
+   unit's ``exemplars_key`` 16 hex digits of the SHA-256 of the exemplar rows it writes, and
+   ``put_description`` copies the unit's key into the description. A description whose key is
+   not its unit's (another exemplars pass replaced them) is ``stale``: ``described`` does not
+   list it, so ``describe`` makes it again; putting the same text again re-ties it and drops its
+   old scores. Rows from before version 3 have key '' on both sides, so they stay current.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from mechscope.explain.types import (
     UnitRef,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _DDL_V2 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -150,7 +157,13 @@ def _migrate_1_to_2(con: sqlite3.Connection, fts: bool) -> None:
     con.execute("DROP TABLE descriptions_v1")
 
 
-_MIGRATIONS = {1: _migrate_1_to_2}
+def _migrate_2_to_3(con: sqlite3.Connection, fts: bool) -> None:
+    """v2 -> v3: ``exemplars_key`` of units and descriptions (module docstring, point 7)."""
+    con.execute("ALTER TABLE units ADD COLUMN exemplars_key TEXT NOT NULL DEFAULT ''")
+    con.execute("ALTER TABLE descriptions ADD COLUMN exemplars_key TEXT NOT NULL DEFAULT ''")
+
+
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def _split(script: str) -> list[str]:
@@ -265,6 +278,7 @@ class UnitDB:
                 if self.fts:
                     for stmt in _split_triggers(_FTS_DDL):
                         c.execute(stmt)
+                _migrate_2_to_3(c, self.fts)
                 c.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (_now(),))
             else:
                 while v < SCHEMA_VERSION:
@@ -451,12 +465,14 @@ class UnitDB:
             for unit, exemplars in items:
                 uid = self._unit_id(c, unit, create=True)
                 c.execute("DELETE FROM exemplars WHERE unit_id=?", (uid,))
+                rows = [(uid, e.kind, e.split, e.quantile, e.context, e.position, e.focus,
+                         json.dumps(e.tokens, ensure_ascii=False), json.dumps([round(float(a), 5) for a in e.acts]))
+                        for e in exemplars]
                 c.executemany(
                     "INSERT INTO exemplars (unit_id, kind, split, quantile, context, position, focus, tokens, acts)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(uid, e.kind, e.split, e.quantile, e.context, e.position, e.focus,
-                      json.dumps(e.tokens, ensure_ascii=False), json.dumps([round(float(a), 5) for a in e.acts]))
-                     for e in exemplars])
+                    " VALUES (?,?,?,?,?,?,?,?,?)", rows)
+                key = hashlib.sha256(json.dumps([r[1:] for r in rows]).encode()).hexdigest()[:16]
+                c.execute("UPDATE units SET exemplars_key=? WHERE id=?", (key, uid))
 
         self._write(write)
 
@@ -490,23 +506,26 @@ class UnitDB:
 
         def write(c: sqlite3.Connection) -> int:
             uid = self._unit_id(c, d.unit, create=True)
+            ekey = c.execute("SELECT exemplars_key FROM units WHERE id=?", (uid,)).fetchone()[0]
             row = c.execute(
-                "SELECT id, scores FROM descriptions WHERE unit_id=? AND explainer=? AND settings_key=? AND polarity=? AND text=?",
+                "SELECT id, scores, exemplars_key FROM descriptions"
+                " WHERE unit_id=? AND explainer=? AND settings_key=? AND polarity=? AND text=?",
                 (uid, d.explainer, key, d.polarity, d.text)).fetchone()
             if row is not None:
-                if d.scores:
-                    merged = {**json.loads(row[1]), **{k: float(v) for k, v in d.scores.items()}}
-                    c.execute("UPDATE descriptions SET scores=? WHERE id=?", (json.dumps(merged), row[0]))
+                old = json.loads(row[1]) if row[2] == ekey else {}  # scores of other exemplars are dropped
+                if d.scores or row[2] != ekey:
+                    merged = {**old, **{k: float(v) for k, v in d.scores.items()}}
+                    c.execute("UPDATE descriptions SET scores=?, exemplars_key=? WHERE id=?", (json.dumps(merged), ekey, row[0]))
                 return row[0]
             version = 1 + c.execute(
                 "SELECT count(*) FROM descriptions WHERE unit_id=? AND explainer=? AND settings_key=? AND polarity=?",
                 (uid, d.explainer, key, d.polarity)).fetchone()[0]
             cur = c.execute(
                 "INSERT INTO descriptions (unit_id, text, explainer, explainer_model, settings, settings_key, scores,"
-                " provenance, polarity, version, created) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " provenance, polarity, version, created, exemplars_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (uid, d.text, d.explainer, d.explainer_model, json.dumps(d.settings, sort_keys=True, default=str), key,
                  json.dumps({k: float(v) for k, v in d.scores.items()}), json.dumps(d.provenance, default=str),
-                 d.polarity, version, _now()))
+                 d.polarity, version, _now(), ekey))
             assert cur.lastrowid is not None  # an INSERT always sets it
             return cur.lastrowid
 
@@ -525,14 +544,14 @@ class UnitDB:
         self._write(write)
 
     _DESC_COLS = ("d.id, d.text, d.explainer, d.explainer_model, d.settings, d.scores, d.provenance, d.polarity,"
-                  " u.kind, u.layer, u.idx, u.source")
+                  " u.kind, u.layer, u.idx, u.source, d.exemplars_key != u.exemplars_key")
 
     @staticmethod
     def _description(row) -> Description:
         return Description(
             unit=UnitRef(row[8], row[9], row[10], row[11]), text=row[1], explainer=row[2], explainer_model=row[3],
             settings=json.loads(row[4]), scores=json.loads(row[5]), provenance=json.loads(row[6]),
-            polarity=row[7], id=row[0])
+            polarity=row[7], id=row[0], stale=bool(row[12]))
 
     def descriptions(self, unit: UnitRef, explainer: str | None = None) -> list[Description]:
         self.check_unit(unit)
@@ -548,8 +567,15 @@ class UnitDB:
         with self._read() as c:
             rows = c.execute(
                 "SELECT DISTINCT u.kind, u.layer, u.idx, u.source FROM descriptions d JOIN units u ON u.id=d.unit_id"
-                " WHERE d.explainer=? AND d.settings_key=?", (explainer, settings_key)).fetchall()
+                " WHERE d.explainer=? AND d.settings_key=? AND d.exemplars_key = u.exemplars_key",
+                (explainer, settings_key)).fetchall()
         return {UnitRef(k, l, i, s) for k, l, i, s in rows}
+
+    def stale_units(self) -> int:
+        """How many units have a description made from other exemplars than they now hold (point 7)."""
+        with self._read() as c:
+            return c.execute("SELECT count(DISTINCT u.id) FROM descriptions d JOIN units u ON u.id=d.unit_id"
+                             " WHERE d.exemplars_key != u.exemplars_key").fetchone()[0]
 
     def description_version(self, description_id: int) -> int:
         """The stored version number of one description."""
@@ -601,7 +627,7 @@ class UnitDB:
             ") WHERE rn = 1 ORDER BY rank DESC, id LIMIT :limit")
         with self._read() as c:
             rows = c.execute(sql, args).fetchall()
-        return [SearchHit(unit=UnitRef(r[8], r[9], r[10], r[11]), description=self._description(r), relevance=float(r[12]))
+        return [SearchHit(unit=UnitRef(r[8], r[9], r[10], r[11]), description=self._description(r), relevance=float(r[13]))
                 for r in rows]
 
     # -- export ------------------------------------------------------------------------------------
@@ -618,7 +644,8 @@ class UnitDB:
         - ``index``: the unit index as a string;
         - ``description``: the text; ``explanationModelName``: the explainer's model (or the
           explainer's name when it has no model); ``typeName``: ``"mechscope-{explainer}"``;
-        - ``scores``: ``[{"explanationScoreTypeName": name, "value": v}, ...]``.
+        - ``scores``: ``[{"explanationScoreTypeName": name, "value": v}, ...]``, the real scores
+          only: the ``*_shuffled`` controls and ``*_n`` counts stay in ``descriptions[].scores``.
 
         Returns the number of lines written. ``units=None`` exports every unit.
         """
@@ -648,7 +675,8 @@ class UnitDB:
                             "index": str(ref.index), "description": d.text,
                             "explanationModelName": d.explainer_model or d.explainer,
                             "typeName": f"mechscope-{d.explainer}",
-                            "scores": [{"explanationScoreTypeName": k, "value": v} for k, v in d.scores.items()]},
+                            "scores": [{"explanationScoreTypeName": k, "value": v} for k, v in d.scores.items()
+                                       if not k.endswith(("_shuffled", "_n"))]},
                     } for d in descs],
                 }
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")

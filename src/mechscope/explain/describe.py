@@ -70,8 +70,10 @@ class DescribeConfig:
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad:
             raise MechscopeError(f"Unknown scorer {bad[0]!r}; choose among {', '.join(SCORERS)} (comma-separated) or none.")
-        if self.n_samples < 1 or self.chunk < 1:
-            raise MechscopeError("--samples and the chunk size must be at least 1.")
+        if self.n_samples < 1:
+            raise MechscopeError(f"--samples must be at least 1, got {self.n_samples}.")
+        if self.chunk < 1:
+            raise MechscopeError(f"chunk must be at least 1, got {self.chunk}.")
         if self.limit is not None and self.limit < 1:
             raise MechscopeError("--limit must be at least 1 (or left out for every unit).")
 
@@ -95,6 +97,8 @@ class DescribeResult:
     seconds_score: float
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Score name -> ``scoring.control_summary`` over the selection's descriptions."""
+    note: str = ""
+    """Why the summary is empty where that is not obvious (one sentence), else ''."""
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -120,12 +124,12 @@ def _bar(total: int, desc: str, progress: Progress) -> PhaseHandle:
 
 
 def _own_descriptions(store: UnitStore, units: Sequence[UnitRef], explainer: str, key: str) -> dict[UnitRef, Description]:
-    """Each unit's latest description by ``explainer`` with settings key ``key``."""
+    """Each unit's latest description by ``explainer`` with settings key ``key``, made from the unit's current exemplars."""
     from mechscope.explain.db import settings_key
 
     out: dict[UnitRef, Description] = {}
     for u in units:
-        mine = [d for d in store.descriptions(u, explainer) if settings_key(d.settings) == key]
+        mine = [d for d in store.descriptions(u, explainer) if settings_key(d.settings) == key and not d.stale]
         if mine:
             out[u] = max(mine, key=lambda d: d.id or 0)
     return out
@@ -243,6 +247,10 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     for s in cfg.scorers:
         for name in ([s] + ([f"{s}_auc"] if s != "simulation" else [])):
             summary[name] = control_summary(mine.values(), name)
+    note = ""
+    if cfg.scorers and len(mine) == 1:
+        note = ("the shuffled control needs at least 2 described units (each is scored with another's description), "
+                "so the summary is empty; describe more units, e.g. a whole layer.")
     return DescribeResult(explainer=explainer.name, settings_key=key, units=len(selection), described=written,
                           already_described=len(selection) - len(todo), scored=scored, no_exemplars=missing,
-                          seconds_explain=t_explain, seconds_score=t_score, summary=summary)
+                          seconds_explain=t_explain, seconds_score=t_score, summary=summary, note=note)

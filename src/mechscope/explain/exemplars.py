@@ -406,8 +406,11 @@ class HarvestState:
         if not (Path(folder) / "state.safetensors").is_file():
             return None
         state = cls.read(folder, device)
-        if state.cfg.to_dict() != cfg.to_dict():
-            raise MechscopeError(f"the checkpoint in {folder} was made with other settings; use the same options to resume or another --checkpoint folder.")
+        mine, theirs = cfg.to_dict(), state.cfg.to_dict()
+        diff = [k for k in mine if mine[k] != theirs.get(k)]
+        if diff:
+            raise MechscopeError(f"the checkpoint in {folder} was made with other settings ({', '.join(diff)} differ); "
+                                 "use the same options to resume or another --checkpoint folder.")
         made = state.model.get("fingerprint")
         if fingerprint and made and made != fingerprint:
             raise MechscopeError(f"the checkpoint in {folder} was made with another model ({state.model.get('source') or state.model.get('name')}); "

@@ -171,6 +171,9 @@ def embed_descriptions(db_path: str | Path, embedder: Embedder, *, batch: int = 
                 raise
             bar.advance(len(chunk))
         bar.close()
+        # A reader (the caller's read-only store) may keep the file open past this connection, and
+        # then closing it does not checkpoint: fold the log into the file here.
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return len(todo)
     except sqlite3.DatabaseError as e:
         raise MechscopeError(f"cannot store embeddings in {db_path} ({e}); give a unit database you can write to.") from None

@@ -105,6 +105,8 @@ class Description:
     polarity: Literal["positive", "negative"] = "positive"
     id: int | None = None
     """Row id once stored."""
+    stale: bool = False
+    """Made from exemplars the unit no longer holds (a later exemplars pass replaced them)."""
 
 
 @dataclass

@@ -20,7 +20,8 @@ Routes (all GET; the app is read-only):
     /run/<name>/nodes       a circuit's or attribution graph's nodes, or an SAE dashboard's
                             features, linked to unit pages
     /files/<path>           a file under DIR (the runs' self-contained report pages), traversal-safe
-    /api/search?q=          JSON: the hits, as ``UnitDB.search`` ranks them
+    /api/search?q=          JSON: the hits, as ``UnitDB.search`` ranks them (an empty q: every unit by score,
+                            as ``mechscope search ""``)
     /api/unit/<key>         JSON: the unit record, descriptions and exemplars
     /api/runs               JSON: the run folders
 
@@ -230,8 +231,10 @@ def _kind(request: Request) -> UnitKind | None:
     return cast(UnitKind, k) if k is not None else None
 
 
-def _search(request: Request) -> dict[str, Any]:
-    """Run the query in the request's parameters: a dict of the hits and the parameters used."""
+def _search(request: Request, empty_ranks: bool = False) -> dict[str, Any]:
+    """Run the query in the request's parameters: a dict of the hits and the parameters used.
+    An empty query finds nothing (the search page then lists the runs) unless ``empty_ranks``:
+    then every unit, by score, as ``UnitDB.search("")``."""
     st: _State = request.app.state.mechscope
     q = request.query_params.get("q", "").strip()
     kind, layer, min_score = _kind(request), _int(request, "layer"), _float(request, "min_score")
@@ -240,8 +243,8 @@ def _search(request: Request) -> dict[str, Any]:
     limit = min(_int(request, "limit", lo=1, default=SEARCH_LIMIT) or SEARCH_LIMIT, MAX_LIMIT)
     db = st.db()
     hits = []
-    if db is not None and q:
-        if params["semantic"]:
+    if db is not None and (q or empty_ranks):
+        if params["semantic"] and q:
             from mechscope.explain.semantic import semantic_search
 
             if st.embedder is None:
@@ -288,7 +291,7 @@ def search_page(request: Request) -> Response:
 
 
 def api_search(request: Request) -> Response:
-    res = _search(request)
+    res = _search(request, empty_ranks=True)
     return JSONResponse({
         "query": res["query"], "kind": res["kind"], "layer": res["layer"], "min_score": res["min_score"],
         "semantic": res["semantic"], "limit": res["limit"],

@@ -43,10 +43,13 @@ class ReadOnlyUnitDB(UnitDB):
         if not {"meta", "units", "descriptions", "exemplars"} <= tables:
             self.con.close()
             raise MechscopeError(f"{self.path} is a SQLite database but not a mechscope unit database; give the --db file that mechscope exemplars wrote.")
+        if version > SCHEMA_VERSION:
+            self.con.close()
+            raise MechscopeError(f"{self.path} has schema version {version}, newer than this mechscope's {SCHEMA_VERSION}; upgrade mechscope.")
         if version != SCHEMA_VERSION:
             self.con.close()
             raise MechscopeError(f"{self.path} has schema version {version} and this mechscope reads {SCHEMA_VERSION}; "
-                                 "open it once with mechscope exemplars or describe (which migrate it), then serve it.")
+                                 "open it once with mechscope exemplars or describe (which migrate it), then read it again.")
         try:
             self.con.execute("SELECT count(*) FROM units").fetchone()
             self.fts = "descriptions_fts" in tables
