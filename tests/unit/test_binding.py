@@ -168,10 +168,13 @@ def test_interchange_on_a_checkpoint(tiny_run):
     assert len(heads.grid["sites"]) == m.summary.n_layers
 
 
-def test_cli_train_dynamics_interchange_and_bad_input(tmp_path):
+def test_cli_train_dynamics_interchange_and_bad_input(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mechscope.cli.main import app
+    from mechscope.progress import QUIET_ENV
+
+    monkeypatch.setenv(QUIET_ENV, "0")  # restored after the test (--quiet below sets it for the process)
 
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["train-toy", "--setting", "binding", "--lines", "3", "--hops", "2", "--layers", "1",
@@ -197,10 +200,18 @@ def test_cli_train_dynamics_interchange_and_bad_input(tmp_path):
         (["interchange", "--model", str(tmp_path)], "not a binding checkpoint"),
         (["interchange", "--model", str(run / "ckpt_000004"), "--depth", "3"], "--depth"),
         (["interchange", "--model", str(run / "ckpt_000004"), "--site", "mlp"], "--site"),
+        (["dynamics", str(run), "--seq-len", "12"], "--seq-len does not apply to a --setting binding run; drop it."),
+        (["dynamics", str(run), "--seq-len", "12", "--text", "pydoc"], "--seq-len and --text do not apply"),
+        (["interchange", "--model", str(run / "ckpt_000004"), "--out", str(tmp_path / "run" / "train.json")], "is a file"),
     ):
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert msg in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["interchange", "--model", str(run / "ckpt_000004"), "--site", "head", "--head", "7"])
+    assert r.exit_code == 2 and "--head between 0 and 1" in r.output and "patching every" not in r.output, r.output
+    r = CliRunner().invoke(app, ["--quiet", "interchange", "--model", str(run / "ckpt_000004"), "--n", "4", "--all-pairs",
+                                 "--out", str(tmp_path / "ic2")])
+    assert r.exit_code == 0 and "patching every" not in r.output, r.output
 
 
 def test_pages_escape_strings():

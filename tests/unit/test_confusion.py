@@ -277,3 +277,17 @@ def test_cli_writes_the_result_and_the_report(tiny_llama_dir, tmp_path):
     assert d["headline"]["baseline"]["lpr"] is None or 0 <= d["headline"]["baseline"]["lpr"] <= 1
     assert any("IOI cost skipped" in n for n in d["notes"])  # the tiny tokenizer has too few single-token names
     assert (out / "confusion.json").is_file() and (out / "confusion.safetensors").is_file() and (out / "report.html").is_file()
+
+
+def test_a_prompt_file_with_a_byte_order_mark_is_read(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "Wie geht es?", "lang": "de"}\n'.encode())
+    assert [p.lang for p in load_prompts(f)] == ["de"]
+
+
+def test_perplexity_contexts_fit_a_model_with_64_learned_positions(tiny_gpt2):
+    from mechscope.confusion.cost import CostProbe
+
+    probe = CostProbe(tiny_gpt2, ioi_n=0, ppl_contexts=2, facts_n=3)
+    assert probe.ppl is not None and probe.ppl.shape == (2, 64)  # min(128, the model's 64 positions)
+    assert probe.measure()["perplexity"] > 1

@@ -100,6 +100,9 @@ def test_resume_gives_the_same_model(tmp_path):
 def test_formation_step():
     assert formation_step([0, 1, 2, 4, 8], [0.1, 0.1, 0.2, 0.6, 0.7]) == 4
     assert formation_step([0, 1], [0.3, 0.3]) is None
+    assert formation_step([0, 20, 40, 60], [0.12737, 0.12737, 0.12738, 0.12740]) is None  # noise, not formation
+    assert formation_step([0, 20, 40], [0.10, 0.12, 0.16]) == 40  # a rise of 0.06 counts
+    assert formation_step([0, 20, 40], [0.10, 0.12, 0.16], min_rise=0.1) is None
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

@@ -267,4 +267,7 @@ def test_answers_sharing_their_first_token_are_refused(tiny_gpt2, tmp_path):
     assert prompts_share  # the test's premise: one first token for every answer
     with pytest.raises(MechscopeError, match="starts with the same token"):
         fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2))
-    assert fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2, knockout=False)).to_dict()["chance"] == 1.0
+    with pytest.raises(MechscopeError, match="starts with the same token"):  # --accuracy-only would score every prompt right
+        fewshot_knockout(tiny_gpt2, FewShotConfig(task=str(f), shots=2, n=2, knockout=False))
+    forced = FewShotConfig(task=str(f), shots=2, n=2, knockout=False, force=True)
+    assert fewshot_knockout(tiny_gpt2, forced).to_dict()["chance"] == 1.0

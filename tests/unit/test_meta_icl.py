@@ -182,9 +182,27 @@ def test_summary_finds_the_phases():
     assert summarize(rows, 3, 32, MetaDynamicsConfig())["peaks_in_order"] is False
 
 
+def test_summary_needs_an_onset_and_checkpoints_after_it():
+    from mechscope.icl.meta_dynamics import summarize
+
+    def rows_of(acc):
+        return [{"step": 10 * i, "accuracy": a, "random_label_accuracy": a, "self": 0.1 * i, "label": 0.5, "chunk": 0.2,
+                 "per_layer": {"self": [0.1], "label": [0.5], "chunk": [0.2]}} for i, a in enumerate(acc)]
+
+    late = summarize(rows_of([0.03, 0.03, 0.03, 0.4]), 3, 32, MetaDynamicsConfig())  # onset at the last checkpoint
+    assert late["learning_onset"] == 30 and late["peaks"] == {"self": None, "label": None, "chunk": None}
+    assert late["phase2"] is None and "Only 1 checkpoint(s) from the learning onset (step 30)" in late["note"]
+    never = summarize(rows_of([0.03, 0.03, 0.03]), 3, 32, MetaDynamicsConfig())
+    assert never["learning_onset"] is None and never["phase2"] is None and "never reached" in never["note"]
+    ok = summarize(rows_of([0.03, 0.4, 0.5, 0.6]), 3, 32, MetaDynamicsConfig())
+    assert ok["note"] is None and ok["peaks"]["self"] == 30
+
+
 def test_bad_settings_are_one_sentence():
+    context = r"--context must be a positive multiple of 2 \(each context class appears 2 times; got 3\); pass e.g. --context 2\.$"
     for kw, msg in (({"tasks": 0}, "--tasks must be at least 1"), ({"n_labels": 1}, "--labels must be at least 2"),
-                    ({"tasks": 5, "n_labels": 4}, "cannot exceed --labels"), ({"n_context": 3, "ways": 2}, "multiple of --ways")):
+                    ({"tasks": 5, "n_labels": 4}, "cannot exceed --labels"), ({"n_context": 3, "ways": 2}, context),
+                    ({"dim": 0}, "dim and ways must be at least 1")):
         with pytest.raises(MechscopeError, match=msg):
             MetaDataConfig(**kw)
     with pytest.raises(MechscopeError, match="Unknown optimizer 'rmsprop'"):
@@ -209,6 +227,13 @@ def test_cli_train_and_dynamics(tmp_path):
     s = json.loads(r.stdout)
     assert s["setting"] == "icml" and s["settings"]["data"]["tasks"] == 2 and s["settings"]["heads"] == 1
     assert s["settings"]["batch"] == 8 and s["settings"]["optimizer"] == "adam"
+    r = _cli("dynamics", run, "--n", "16")  # 8 steps: no learning onset, said in a sentence (no "step None", "nan")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())  # rich wraps lines
+    assert "None" not in said and "nan" not in said
+    assert "too few to find the metric peaks" in said  # the onset is the last checkpoint (step 8)
+    r = _cli("dynamics", run, "--seq-len", "5")
+    assert r.exit_code == 2 and "--seq-len does not apply to a --setting icml run; drop it." in r.output, r.output
     r = _cli("dynamics", run, "--n", "16", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)

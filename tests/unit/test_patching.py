@@ -170,3 +170,29 @@ def test_patching_runs_outside_no_grad(tiny_llama):
     with torch.no_grad():
         assert torch.allclose(out, run_with_edge_mask(m, g, clean, src, g.mask_from_edges([("a0.h1", "logits")])), atol=TOL)
         assert torch.allclose(node, run_with_node_mask(m, g, clean, src, nm), atol=TOL)
+
+
+def test_interchange_bad_inputs_get_one_sentence(tiny_gpt2):
+    import pytest
+
+    from mechscope.errors import MechscopeError
+    from mechscope.patching import Site, interchange_accuracy, patched_logits
+
+    base, source = _tokens(B=2, P=6)
+    expected = torch.tensor([3, 4])
+    long_b, long_s = _tokens(B=2, P=70)  # tiny GPT-2 has 64 learned positions
+    with pytest.raises(MechscopeError, match="70 tokens, more than the model's context of 64"):
+        interchange_accuracy(tiny_gpt2, long_b, long_s, expected)
+    with pytest.raises(MechscopeError, match="70 tokens, more than the model's context of 64"):
+        patched_logits(tiny_gpt2, long_b, long_s, Site("blocks.0.hook_resid_pre"))
+    with pytest.raises(MechscopeError, match="not \\[batch, position, ...\\]"):
+        interchange_accuracy(tiny_gpt2, base, source, expected, sites=[Site("blocks.0.attn.hook_pattern")])
+    with pytest.raises(MechscopeError, match="not \\[batch, position, ...\\]"):
+        patched_logits(tiny_gpt2, base, source, Site("blocks.0.attn.hook_pattern"))
+    with pytest.raises(MechscopeError, match="Positions must be integers"):
+        interchange_accuracy(tiny_gpt2, base, source, expected, positions=[1.5])
+    with pytest.raises(MechscopeError, match="expected must be a torch tensor of 2 token ids.*got list"):
+        interchange_accuracy(tiny_gpt2, base, source, [3, 4])
+    ok = interchange_accuracy(tiny_gpt2, base, source, expected, positions=[torch.tensor(1), -1],
+                              sites=[Site("blocks.0.hook_resid_pre")])
+    assert ok.positions == [1, 5]

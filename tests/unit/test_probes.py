@@ -188,3 +188,52 @@ def test_builtin_labels_pack_contexts_a_short_model_takes(tmp_path):
     docs = ["Then, Alice and Bob went to the park. Bob gave a ball to Alice. The Eiffel Tower is in Paris."] * 60
     data = builtin_labels(m, "capitalised", ProbeConfig(max_items=200), corpus=docs)
     assert data.sequences and {len(s) for s in data.sequences} == {32}
+
+
+def test_texts_longer_than_the_learned_positions_are_refused_before_any_forward(tmp_path, tiny_gpt2):
+    f = tmp_path / "long.jsonl"
+    rng = random.Random(0)
+    f.write_text("".join(json.dumps({"text": " ".join(rng.choice(["red", "blue", "green"]) for _ in range(200)),
+                                     "label": lab}) + "\n" for lab in ["a", "b"] * 10))
+    data = labels_from_file(tiny_gpt2.tokenizer, f)
+    assert max(len(s) for s in data.sequences) > 64  # the premise: longer than tiny GPT-2's 64 positions
+    with pytest.raises(MechscopeError, match="more than the model's context of 64"):
+        run_probe(tiny_gpt2, data)
+
+
+def test_language_builtin_is_cut_to_the_learned_positions_and_probed(tiny_gpt2):
+    from mechscope.confusion import load_prompts
+    from mechscope.probes import builtin_labels
+
+    longest = max(len(tiny_gpt2.tokenizer(p.prompt)["input_ids"]) for p in load_prompts())
+    assert longest > 64  # the premise: some shipped prompts overrun tiny GPT-2
+    data = builtin_labels(tiny_gpt2, "language")
+    assert max(len(s) for s in data.sequences) == 64 and max(data.pos) < 64
+    res = run_probe(tiny_gpt2, data, ProbeConfig(layers=[0], max_items=200, control=False))
+    assert len(res.accuracy) == 1
+
+
+def test_label_file_with_a_byte_order_mark_is_read(tmp_path, tiny_gpt2):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    assert labels_from_file(tiny_gpt2.tokenizer, f).classes == ["x", "y"]
+
+
+def test_labels_must_be_strings_or_integers(tmp_path, tiny_gpt2):
+    f = tmp_path / "lab.jsonl"
+    f.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": null}\n')
+    with pytest.raises(MechscopeError, match="lab.jsonl:2: the label null is not"):
+        labels_from_file(tiny_gpt2.tokenizer, f)
+    f.write_text('{"words": ["a", "b"], "labels": ["x", [1]]}\n')
+    with pytest.raises(MechscopeError, match=r"the label \[1\] is not"):
+        labels_from_file(tiny_gpt2.tokenizer, f)
+    f.write_text('{"text": "a b", "label": 1}\n{"text": "c d", "label": "1"}\n{"text": "e f", "label": 2}\n')
+    assert labels_from_file(tiny_gpt2.tokenizer, f).label == [0, 0, 1]  # documented: 1 and "1" are one class
+
+
+def test_table_names_a_non_block_hook_instead_of_layer_minus_one(tiny_gpt2):
+    data = _planted(tiny_gpt2, 1)
+    res = run_probe(tiny_gpt2, data, ProbeConfig(hook="hook_embed", control=False, max_items=200))
+    assert res.layers == [-1]
+    table = res.table()
+    assert "hook_embed" in table and "-1" not in table.split("\n")[1].split()[0]

@@ -238,6 +238,8 @@ def test_bad_input_is_one_sentence(tmp_path):
     assert len(resolve_concept(vm, str(tmp_path / "ok.npy")).images) == 2
     with pytest.raises(MechscopeError, match="not a class of this model"):
         resolve_concept(vm, "circle")
+    with pytest.raises(MechscopeError, match=r"Class index 42 is out of range: this model's classes are 0 to \d+ \([^)]*\)\.$"):
+        resolve_concept(vm, "42")  # not "Did you mean: 4, 2?"
     with pytest.raises(MechscopeError, match="without a mark"):
         resolve_concept(vm, "mark")
     with pytest.raises(MechscopeError, match="not a vision model folder"):

@@ -102,8 +102,10 @@ def test_bad_input_is_one_sentence():
     pairs = ImagePairs(imgs(2, 0), imgs(2, 1), 0, 1)
     with pytest.raises(MechscopeError, match="unknown method"):
         edge_scores(ev, pairs, "acdc")  # type: ignore[arg-type]
-    with pytest.raises(MechscopeError, match="at least 1"):
+    with pytest.raises(MechscopeError, match="between 1 and 200"):
         edge_scores(ev, pairs, "eap-ig", steps=0)
+    with pytest.raises(MechscopeError, match="between 1 and 200.*got 1000000"):
+        edge_scores(ev, pairs, "eap-ig", steps=1_000_000)
 
 
 def test_cli_eap_writes_its_files_and_refuses_bad_input(tmp_path):

@@ -90,17 +90,22 @@ def interchange(
     """Interchange interventions on a variable-binding checkpoint: where does the query chain's constant travel?"""
     from mechscope.icl.binding_eval import binding_interchange, data_config
     from mechscope.models import load_model
+    from mechscope.patching.interchange import sites_for
+    from mechscope.progress import quiet
     from mechscope.report.binding import write_binding_interchange
 
     cfg = BindingInterchangeConfig(n=n, depth=depth, site=site, head=head, correct_only=not all_pairs, seed=seed)
+    if out is not None and out.is_file():
+        raise MechscopeError(f"{out} is a file; --out must name a folder.")
     data = data_config(model)
     if not (Path(model) / "config.json").is_file():
         ckpts = sorted(Path(model).glob("ckpt_*"))
         raise MechscopeError(f"{model} is a training run, not one of its checkpoints; pass a checkpoint folder such as "
                              f"{ckpts[-1] if ckpts else Path(model) / 'ckpt_006000'}.")
     m = load_model(str(model), device="cpu")
+    sites_for(m, cfg.site, cfg.head)  # a --head the model lacks fails before the status line and the work
     t0 = time.perf_counter()
-    if not json:
+    if not json and not quiet():
         err_console.print("[dim]patching every (site, position)...[/dim]")
     res = binding_interchange(m, data, cfg, name=str(model))
     out_dir = Path(out or fresh_dir("interchange"))

@@ -216,8 +216,8 @@ def dynamics(
     json: bool = JsonOpt,
 ) -> None:
     """Head scores, ICL score and loss of every checkpoint, and the phase-change plot."""
+    from mechscope.heads.dynamics import MIN_RISE, find_checkpoints
     from mechscope.heads.dynamics import dynamics as run
-    from mechscope.heads.dynamics import find_checkpoints
     from mechscope.icl.binding_eval import is_binding_run
     from mechscope.icl.meta_dynamics import is_meta_run
     from mechscope.report.dynamics import write_dynamics
@@ -226,6 +226,8 @@ def dynamics(
         return _meta_dynamics(ctx, run_dir, out, json)
     if is_binding_run(run_dir):  # accuracy by hop depth and heuristic agreement; --n: programs per depth
         from mechscope.cli import binding
+
+        _refuse_unused(ctx, "binding")
 
         return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
     find_checkpoints(run_dir)  # fail fast on an empty folder
@@ -248,10 +250,21 @@ def dynamics(
         t.add_row(str(r["step"]), f"{r['loss']:.3f}", f"{r['repeated_loss']:.3f}", f"{r['icl_score']:+.3f}",
                   f"{r['max_previous_token']:.3f}", f"{r['max_induction']:.3f}")
     console.print(t)
-    console.print(f"previous-token head formed at step {f['previous_token_step']}, induction head at step {f['induction_step']}, "
-                  f"ICL score at step {f['icl_step']} (final heads: {f.get('final_top_previous_token_head')}, "
-                  f"{f.get('final_top_induction_head')}).")
+    def at(step: int | None) -> str:
+        return "not formed" if step is None else f"formed at step {step}"
+
+    console.print(f"previous-token head {at(f['previous_token_step'])}, induction head {at(f['induction_step'])}, "
+                  f"ICL score {at(f['icl_step'])} (a rise under {MIN_RISE} is not formation; final heads: "
+                  f"{f.get('final_top_previous_token_head')}, {f.get('final_top_induction_head')}).")
     console.print(f"report: {html}  plot: {svg}")
+
+
+def _refuse_unused(ctx: typer.Context, setting: str) -> None:
+    """Refuse ``dynamics``' induction-only options (--seq-len, --text) on a run of another ``setting``."""
+    wrong = [f"--{n.replace('_', '-')}" for n in ("seq_len", "text") if _given(ctx, n)]
+    if wrong:
+        raise MechscopeError(f"{' and '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to a --setting {setting} "
+                             f"run; drop {'them' if len(wrong) > 1 else 'it'}.")
 
 
 def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json: bool) -> None:
@@ -261,9 +274,7 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
     from mechscope.report.meta_dynamics import write_meta_dynamics
 
     p = ctx.params
-    wrong = [f"--{n.replace('_', '-')}" for n in ("seq_len", "text") if _given(ctx, n)]
-    if wrong:
-        raise MechscopeError(f"{', '.join(wrong)} do not apply to a --setting {META_SETTING} run; drop them.")
+    _refuse_unused(ctx, META_SETTING)
     cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if _given(ctx, "n") else {}))
     meta_checkpoints(run_dir)  # fail fast on an empty folder
     res = meta_dynamics(run_dir, cfg, progress=not json)
@@ -285,8 +296,11 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
                   f"{r['label']:.3f}", f"{r['chunk']:.3f}")
     console.print(t)
     pk, p2 = ph["peaks"], ph["phase2"] or {}
-    console.print(f"peaks: self at step {pk['self']}, label at {pk['label']}, chunk at {pk['chunk']} "
-                  f"(in order: {ph['peaks_in_order']}); {len(ph['plateaus'])} accuracy plateaus, "
-                  f"{len(ph['middle_plateaus'])} in the middle; phase 2 (label peak, step {p2.get('step')}): accuracy "
-                  f"{p2.get('accuracy', float('nan')):.3f}, random labels {p2.get('random_label_accuracy', float('nan')):.3f}.")
+    plats = f"{len(ph['plateaus'])} accuracy plateaus, {len(ph['middle_plateaus'])} in the middle"
+    if ph.get("note") or not p2:
+        console.print(f"{plats}. {ph.get('note') or 'The label metric has no peak, so there is no phase 2.'}", highlight=False)
+    else:
+        console.print(f"peaks: self at step {pk['self']}, label at {pk['label']}, chunk at {pk['chunk']} "
+                      f"(in order: {ph['peaks_in_order']}); {plats}; phase 2 (label peak, step {p2['step']}): accuracy "
+                      f"{p2['accuracy']:.3f}, random labels {p2['random_label_accuracy']:.3f}.")
     console.print(f"report: {html}  plot: {svg}")

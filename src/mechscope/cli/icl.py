@@ -39,7 +39,8 @@ def icl(
     min_above_chance: float = typer.Option(FewShotConfig.min_above_chance, "--min-above-chance",
                                            help="Accuracy must be at least chance + this, or the run stops."),
     accuracy_only: bool = typer.Option(False, "--accuracy-only", help="Measure the few-shot accuracy only (no knockout)."),
-    force: bool = typer.Option(False, "--force", help="Knock out even when the task is not done well above chance."),
+    force: bool = typer.Option(False, "--force", help="Run even when the task is not done well above chance or every answer "
+                               "starts with the same token."),
     seed: int = typer.Option(FewShotConfig.seed, "--seed"),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun resumes in it."),
@@ -47,6 +48,7 @@ def icl(
     json: bool = JsonOpt,
 ) -> None:
     """Few-shot accuracy and position-group attention knockout (within-example, cross-example, aggregation)."""
+    from mechscope.errors import MechscopeError
     from mechscope.icl.fewshot import check_task
     from mechscope.icl.run import fewshot_knockout
     from mechscope.report.icl import write_icl
@@ -55,6 +57,8 @@ def icl(
                         layer_stride=layer_stride, sweeps=tuple(s.strip() for s in sweeps.split(",") if s.strip()),
                         min_above_chance=min_above_chance, force=force, seed=seed,
                         knockout=not accuracy_only)
+    if out is not None and out.is_file():
+        raise MechscopeError(f"{out} is a file; --out must name a folder.")
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
     out_dir = Path(out or fresh_dir("icl"))

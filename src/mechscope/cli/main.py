@@ -12,7 +12,7 @@
     sae.py        sae harvest | train | eval | dashboard
     features.py   attribute, transcoders train | eval
     explain.py    search, export (unit descriptions)
-    vision.py     vision train | circuit | compose | attack
+    vision.py     vision train | circuit | compose | attack | eap
     serve.py      serve (the local web UI)
 
 Option defaults come from the methods' config dataclasses (``DiscoverConfig.n``, ...), whose

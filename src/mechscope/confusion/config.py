@@ -74,7 +74,7 @@ class ConfusionConfig:
     ppl_contexts: int = 24
     """Held-out corpus contexts for the perplexity cost (0: skip)."""
     ppl_len: int = 128
-    """Tokens per perplexity context."""
+    """Tokens per perplexity context (at most the model's context)."""
     seed: int = 0
     """Seeds the random-neuron control and the IOI draw."""
 

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class CostProbe:
-    """The English checks, built once and run under any edit."""
+    """The English checks, built once (before any generation, so a check that cannot run fails
+    early) and run under any edit; perplexity contexts are ``ppl_len`` tokens, at most the model's context."""
 
     def __init__(self, model: Model, ioi_n: int = 100, ppl_contexts: int = 24, ppl_len: int = 128, seed: int = 0,
                  facts_n: int = 0):
@@ -36,9 +37,10 @@ class CostProbe:
         if ppl_contexts:
             from mechscope.activations.corpus import get_corpus
             from mechscope.activations.store import pack_contexts
+            from mechscope.models.load import default_length
 
-            ctx = []
-            for ids in pack_contexts(model.tokenizer, get_corpus(split="heldout"), ppl_len):
+            ctx = []  # contexts no longer than the model's (a 64-position GPT-2 gets 64 tokens, not 128)
+            for ids in pack_contexts(model.tokenizer, get_corpus(split="heldout"), default_length(model, ppl_len)):
                 ctx.append(ids)
                 if len(ctx) >= ppl_contexts:
                     break

@@ -81,9 +81,11 @@ def pass_rates(checks: Iterable[ResponseCheck]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def english_words(n: int = 3000, max_chars: int = 3_000_000) -> frozenset[str]:
-    """A list of English words for WPR: the ``n`` most frequent lowercase words longer than three
-    letters in the embedded English corpus (public-domain books), minus any word that occurs in
-    the shipped non-English prompts (a guard against shared words). The LCB uses a dictionary
+    """A list of English words for WPR: the ``n`` + F most frequent lowercase words longer than
+    three letters in the first ``max_chars`` characters of the embedded English corpus
+    (public-domain books), where F is the number of distinct words of the shipped non-English
+    prompts, minus any word that occurs in those prompts (a guard against shared words); so at
+    least ``n`` words, and usually more (3,618 with the defaults). The LCB uses a dictionary
     file; none ships offline, so this is the substitute."""
     from mechscope.activations.corpus import get_corpus
     from mechscope.confusion.prompts import load_prompts

@@ -66,7 +66,7 @@ def load_prompts(source: str | Path = BUILTIN, langs: tuple[str, ...] | None = N
         if not p.is_file():
             raise MechscopeError(f"Prompt file '{p}' does not exist; pass a JSONL file or 'builtin'.")
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed
         except UnicodeDecodeError:
             raise MechscopeError(f"Prompt file '{p}' is not UTF-8 text; save it as UTF-8 JSONL.") from None
         items = parse_prompts(text, str(p))

@@ -112,6 +112,7 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
             raise MechscopeError(f"The prompt {p.prompt[:40]!r} has {len(x)} tokens; with {cfg.n_tokens} new tokens that is more "
                                  f"than the model's context of {n_ctx}: shorten it or lower --n-tokens.")
     words = english if english is not None else english_words()
+    probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed, cfg.facts_n)  # built before any generation
     plain = plain_lm(model)
     split = _split(prompts)
     heldout = [i for i, s in enumerate(split) if s == "heldout"]
@@ -178,7 +179,6 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
 
     t = time.time()
     costs: dict[str, Any] = {}
-    probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed, cfg.facts_n)
     prog.note("cost on English (IOI, facts, perplexity) of the unedited model")
     costs["baseline"] = probe.measure()
     notes += probe.skipped

@@ -13,7 +13,9 @@ forms before the induction head.)
    highest K-composition score between heads and the K-composition of the pair (final
    previous-token head -> final induction head).
 4. Formation step of a score: the first checkpoint where the score has covered half of the
-   way from its first value to its highest value (steps are log-spaced, so this is coarse).
+   way from its first value to its highest value (steps are log-spaced, so this is coarse),
+   provided the highest value is at least ``MIN_RISE`` (0.05: 5% of an attention score's range,
+   or 0.05 nats of the ICL score) above the first; a smaller rise is "not formed" (None).
    The phase change is the formation step of the induction score.
 """
 
@@ -89,12 +91,18 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def formation_step(steps: list[int], values: list[float]) -> int | None:
-    """First step where ``values`` covers half the way from its first value to its maximum."""
+MIN_RISE = 0.05
+"""The least rise (maximum - first value) that counts as formation: 5% of an attention score's
+range [0, 1], or 0.05 nats of the ICL score; a smaller rise is reported as not formed."""
+
+
+def formation_step(steps: list[int], values: list[float], min_rise: float = MIN_RISE) -> int | None:
+    """First step where ``values`` covers half the way from its first value to its maximum;
+    None (not formed) when the maximum is less than ``min_rise`` above the first value."""
     if not values:
         return None
     lo, hi = values[0], max(values)
-    if not math.isfinite(hi) or hi - lo < 1e-6:
+    if not math.isfinite(hi) or hi - lo < min_rise:
         return None
     half = lo + 0.5 * (hi - lo)
     return next(s for s, v in zip(steps, values) if v >= half)

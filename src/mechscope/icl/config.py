@@ -40,7 +40,8 @@ class FewShotConfig:
     min_above_chance: float = 0.2
     """the task counts as done when accuracy >= chance + this; otherwise the run stops (unless forced)"""
     force: bool = False
-    """run the knockout even when the task is not done well above chance"""
+    """run (the knockout, or with ``knockout=False`` the accuracy) even when the task is not done well above
+    chance or every answer starts with the same token (chance 1.0: every prompt scores as right)"""
     seed: int = 0
     max_rows: int = 64
     """forward-pass batch size (rows) of the knockout runs"""

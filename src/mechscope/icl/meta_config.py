@@ -54,8 +54,12 @@ class MetaDataConfig:
             raise MechscopeError(f"--labels must be at least 2 (got {self.n_labels}); a single label leaves nothing to classify.")
         if self.tasks > self.n_labels:
             raise MechscopeError(f"--tasks ({self.tasks}) cannot exceed --labels ({self.n_labels}): tasks t and t + N shift labels alike.")
-        if self.dim < 1 or self.n_context < 1 or self.ways < 1 or self.n_context % self.ways:
-            raise MechscopeError("--context must be a positive multiple of --ways, and --dim at least 1.")
+        if self.dim < 1 or self.ways < 1:
+            raise MechscopeError(f"dim and ways must be at least 1 (got dim {self.dim}, ways {self.ways}).")
+        if self.n_context < 1 or self.n_context % self.ways:
+            near = max(self.ways, self.n_context - self.n_context % self.ways)
+            raise MechscopeError(f"--context must be a positive multiple of {self.ways} (each context class appears {self.ways} "
+                                 f"times; got {self.n_context}); pass e.g. --context {near}.")
         if self.n_classes < self.n_context // self.ways:
             raise MechscopeError(f"--classes ({self.n_classes}) must be at least --context / --ways ({self.n_context // self.ways}).")
         if not self.eps >= 0:

@@ -6,7 +6,8 @@ then the phases of Minegishi et al. 2025:
   1/T (the non-context circuit knows the base label but not the task) and the middle ones
   (above chance, below the final accuracy; with T = 1 there should be none);
 - the step where each metric peaks, from the learning onset (the first checkpoint half way from
-  chance to 1/T) on, and whether they come in the order self -> label -> chunk;
+  chance to 1/T) on, and whether they come in the order self -> label -> chunk; with no onset,
+  or fewer than ``MIN_AFTER_ONSET`` checkpoints from it on, no peaks and a one-sentence ``note``;
 - the phase-2 checkpoint: where the query's attention to the labels peaks (the semi-context
   circuit); its accuracy and random-label accuracy (the paper: equal, since that circuit does
   not use the example-label pairs).
@@ -32,6 +33,8 @@ from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import read_result_json, write_result_json
 
 SCHEMA_VERSION = 1
+MIN_AFTER_ONSET = 3
+"""Checkpoints needed from the learning onset on to look for the metric peaks (fewer: no peaks, and a note)."""
 
 
 @dataclass
@@ -158,8 +161,17 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
     # peaks are looked for from the learning onset, the first checkpoint half way from chance to
     # 1/T (the non-context circuit half formed): before it the patterns drift away from those of
     # the random initialisation (the query's attention to 8 of its 17 keys starts near 0.5)
-    onset = next((r["step"] for r in rows if r["step"] > 0 and r["accuracy"] >= (chance + target) / 2), None)
+    half = (chance + target) / 2
+    onset = next((r["step"] for r in rows if r["step"] > 0 and r["accuracy"] >= half), None)
     live = [r for r in rows if onset is not None and r["step"] >= onset]
+    note = None
+    if onset is None:
+        note = (f"The accuracy never reached {half:.3f}, half way from chance ({chance:.3f}) to 1/T ({target:.3f}), so the run "
+                "has no learning onset and no metric peaks or phase 2; train longer (more --steps).")
+    elif len(live) < MIN_AFTER_ONSET:
+        note = (f"Only {len(live)} checkpoint(s) from the learning onset (step {onset}) on, too few to find the metric peaks "
+                f"(at least {MIN_AFTER_ONSET} are needed); train with more --checkpoints or more --steps.")
+        live = []
     ls = [r["step"] for r in live]
     peaks = {k: peak_step(ls, [r[k] for r in live]) for k in METRICS}
     ps, pl, pc = peaks["self"], peaks["label"], peaks["chunk"]
@@ -178,5 +190,5 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
         "plateau_nearest_one_over_tasks": nearest,
         "distance_to_one_over_tasks": None if nearest is None else abs(nearest["mean"] - target),
         "learning_onset": onset, "peaks": peaks, "peaks_in_order": in_order, "peaks_per_layer": peaks_per_layer,
-        "phase2": phase2,
+        "phase2": phase2, "note": note,
     }

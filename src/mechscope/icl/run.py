@@ -86,7 +86,7 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
                              f"{n_ctx}; use fewer --shots or shorter examples.")
     probs, top = fewshot_accuracy(model, prompts, cfg.max_rows)
     acc, chance = float(top.float().mean()), chance_level(model.tokenizer, task, prompts)
-    if chance >= 1.0 and cfg.knockout and not cfg.force:
+    if chance >= 1.0 and not cfg.force:  # accuracy-only too: every prompt would count as right
         raise MechscopeError(f"Every answer of '{task.name}' starts with the same token "
                              f"({model.tokenizer.decode([prompts[0].target_id])!r}), so the first token tells none apart; "
                              "use answers that differ in their first token, or pass --force.")

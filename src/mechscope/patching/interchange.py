@@ -15,6 +15,7 @@ its ``W_O`` maps into the residual stream).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -73,8 +74,21 @@ def _check_pair(base: torch.Tensor, source: torch.Tensor) -> None:
         )
 
 
+def _check_fits(model, base: torch.Tensor) -> None:
+    """Refuse inputs longer than the model's learned positions (``context_overrun``)."""
+    from mechscope.models.load import context_overrun
+
+    if (n_ctx := context_overrun(model, base.shape[1])) is not None:
+        raise MechscopeError(f"The inputs have {base.shape[1]} tokens, more than the model's context of {n_ctx}; "
+                             "pass shorter base and source inputs.")
+
+
 def _check_positions(positions: Sequence[int], n_pos: int) -> list[int]:
-    out = [p + n_pos if p < 0 else p for p in positions]
+    try:
+        ints = [operator.index(p) for p in positions]
+    except TypeError:
+        raise MechscopeError(f"Positions must be integers (token indices); got {list(positions)}.") from None
+    out = [p + n_pos if p < 0 else p for p in ints]
     if not out or any(not 0 <= p < n_pos for p in out):
         raise MechscopeError(f"Positions must be between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; got {list(positions)}.")
     return out
@@ -110,7 +124,10 @@ def _replace(site: Site, src: torch.Tensor, pos: torch.Tensor):
     return hook
 
 
-def _check_head(model, site: Site, act: torch.Tensor) -> None:
+def _check_head(model, site: Site, act: torch.Tensor, n_pos: int) -> None:
+    if site.hook.endswith(("hook_pattern", "hook_attn_scores")) or act.dim() < 3 or act.shape[1] != n_pos:
+        raise MechscopeError(f"Hook '{site.hook}' gives activations of shape {tuple(act.shape)}, not [batch, position, ...]; "
+                             "patch a per-position hook such as blocks.0.hook_resid_pre or blocks.0.attn.hook_z.")
     if site.head is not None and (act.dim() != 4 or not 0 <= site.head < act.shape[2]):
         raise MechscopeError(f"Hook '{site.hook}' has no head {site.head} (its activation is {tuple(act.shape)}); "
                              "pass a per-head hook such as blocks.0.attn.hook_z and a head index below the number of heads.")
@@ -121,8 +138,9 @@ def patched_logits(model, base: torch.Tensor, source: torch.Tensor, site: Site,
     """Logits [n, pos, vocab] of ``base`` [n, pos] with ``site`` at ``positions`` (every
     position when None) taken from the run on ``source`` [n, pos]."""
     _check_pair(base, source)
+    _check_fits(model, base)
     cache = source_cache(model, source, [site])[site.hook]
-    _check_head(model, site, cache)
+    _check_head(model, site, cache, base.shape[1])
     ps = list(range(base.shape[1])) if positions is None else _check_positions(positions, base.shape[1])
     return _run_positions(model, base, cache, site, ps)
 
@@ -174,7 +192,10 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     n, n_pos = base.shape
     if n == 0:
         raise MechscopeError("No input pairs to patch; pass at least one base/source pair.")
-    if not isinstance(expected, torch.Tensor) or expected.shape != (n,):
+    if not isinstance(expected, torch.Tensor):
+        raise MechscopeError(f"expected must be a torch tensor of {n} token ids, one per pair; got {type(expected).__name__} "
+                             "(wrap lists in torch.tensor).")
+    if expected.shape != (n,):
         raise MechscopeError(f"Need one expected answer per pair: {n} pairs but expected has shape "
                              f"{tuple(getattr(expected, 'shape', ()))}.")
     vocab = model.summary.d_vocab
@@ -182,6 +203,7 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
             raise MechscopeError(f"The {name} token ids must lie in [0, {vocab}) for this model's vocabulary; "
                                  f"got ids from {int(t.min())} to {int(t.max())}.")
+    _check_fits(model, base)
     if not -n_pos <= answer_pos < n_pos:
         raise MechscopeError(f"answer_pos must be between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; got {answer_pos}.")
     sites = list(sites) if sites is not None else sites_for(model, site, head)
@@ -195,7 +217,7 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     per = max(1, batch // n)
     for si, s in enumerate(sites):
         src = cache[s.hook]
-        _check_head(model, s, src)
+        _check_head(model, s, src, n_pos)
         for c0 in range(0, len(ps), per):
             chunk = ps[c0 : c0 + per]
             k = len(chunk)

@@ -16,7 +16,10 @@ Sources:
 - a JSONL file, one object per line, either ``{"text": ..., "label": ...}`` (the item is the
   text's last token: sequence classification, e.g. the language of a prompt; the word type is
   the last token) or ``{"words": [...], "labels": [...]}`` (the words joined by spaces; each word's
-  item is its last token; the word type is the word).
+  item is its last token; the word type is the word). A label is a non-empty string or an
+  integer (read as its decimal string: 1 and "1" are one class); anything else is refused. A
+  file may start with a UTF-8 byte-order mark. A text longer than the model's learned positions
+  is refused by ``run_probe`` (the ``language`` set's prompts are cut to them instead).
 """
 
 from __future__ import annotations
@@ -132,12 +135,15 @@ def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corp
 def _language_labels(model: Model) -> LabelSet:
     """The ``language`` set: word-start tokens of the shipped multilingual prompts, labelled by language."""
     from mechscope.confusion.prompts import load_prompts
+    from mechscope.models.load import context_overrun
 
     items = load_prompts()
     data = LabelSet("language", sorted({p.lang for p in items}), [])
     tok = model.tokenizer
     for p in items:
         ids = list(tok(p.prompt)["input_ids"])
+        if (n_ctx := context_overrun(model, len(ids))) is not None:
+            ids = ids[:n_ctx]  # cut to the model's learned positions (a causal model's earlier tokens are unchanged)
         s = len(data.sequences)
         data.sequences.append(ids)
         prev = tok.decode([ids[0]])
@@ -155,7 +161,7 @@ def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
     if not p.is_file():
         raise MechscopeError(f"Label file '{p}' does not exist; give a JSONL file or one of {', '.join(BUILTIN_LABELS)}.")
     data = LabelSet(p.name, [], [])
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):  # a byte-order mark is allowed
         if not line.strip():
             continue
         where = f"{p}:{n}"
@@ -171,17 +177,27 @@ def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
                 raise MechscopeError(f"Line {where}: 'text' must be a non-empty string.")
             ids = tokenizer(text)["input_ids"]
             data.sequences.append(ids)
-            data.add(len(data.sequences) - 1, len(ids) - 1, str(label), tokenizer.decode([ids[-1]]))
+            data.add(len(data.sequences) - 1, len(ids) - 1, _label(label, where), tokenizer.decode([ids[-1]]))
         elif "words" in obj and "labels" in obj:
             words, labels = obj["words"], obj["labels"]
             if (not isinstance(words, list) or not isinstance(labels, list) or len(words) != len(labels) or not words
                     or not all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words)):
                 raise MechscopeError(f"Line {where}: 'words' and 'labels' must be lists of equal, non-zero length, "
                                      "the words non-empty strings without spaces.")
-            _add_words(tokenizer, data, words, [str(x) for x in labels], where)
+            _add_words(tokenizer, data, words, [_label(x, where) for x in labels], where)
         else:
             raise MechscopeError(f"Line {where} has neither 'text' + 'label' nor 'words' + 'labels'; see `mechscope probe --help`.")
     return data.check()
+
+
+def _label(label: Any, where: str) -> str:
+    """A label as its class name: a string, or an integer written in decimal (so 1 and "1" are one class)."""
+    if isinstance(label, str) and label:
+        return label
+    if isinstance(label, int) and not isinstance(label, bool):
+        return str(label)
+    raise MechscopeError(f"Line {where}: the label {json.dumps(label)} is not a non-empty string or an integer; "
+                         "write each label as a string (or an integer).")
 
 
 def _add_words(tokenizer: Any, data: LabelSet, words: list[str], labels: list[str], where: str) -> None:

@@ -93,9 +93,11 @@ class ProbeResult:
         return cls(**d)
 
     def table(self) -> str:
-        rows = [f"{'layer':>5}  {'acc':>6}  {'control':>7}  {'select.':>7}"]
-        for L, a, c, s in zip(self.layers, self.accuracy, self.control_accuracy, self.selectivity):
-            rows.append(f"{L:>5}  {a:6.3f}  {'-' if c is None else f'{c:7.3f}':>7}  {'-' if s is None else f'{s:+7.3f}':>7}")
+        names = [str(L) if L >= 0 else h for L, h in zip(self.layers, self.hooks)]  # a non-block hook by its name
+        w = max([5, *map(len, names)])
+        rows = [f"{'layer' if all(L >= 0 for L in self.layers) else 'hook':>{w}}  {'acc':>6}  {'control':>7}  {'select.':>7}"]
+        for name, a, c, s in zip(names, self.accuracy, self.control_accuracy, self.selectivity):
+            rows.append(f"{name:>{w}}  {a:6.3f}  {'-' if c is None else f'{c:7.3f}':>7}  {'-' if s is None else f'{s:+7.3f}':>7}")
         return "\n".join(rows)
 
 
@@ -173,8 +175,14 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
 
 def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, progress: ProgressArg = False) -> ProbeResult:
     """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``."""
+    from mechscope.models.load import context_overrun
+
     cfg = cfg or ProbeConfig()
     pairs = layer_hooks(model, cfg.hook, cfg.layers)
+    longest = max((len(s) for s in data.sequences), default=0)
+    if (n_ctx := context_overrun(model, longest)) is not None:
+        raise MechscopeError(f"The longest text of the label set '{data.name}' has {longest} tokens, more than the model's "
+                             f"context of {n_ctx}; shorten or split the texts.")
     data = select_items(data.check(), cfg)
     seqs = sorted(set(data.seq))
     random.Random(cfg.seed).shuffle(seqs)

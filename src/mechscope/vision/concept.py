@@ -42,8 +42,11 @@ def class_index(vm: VisionModel, name: str) -> int:
     """A class given by its index or its name, or one sentence listing the classes."""
     if name in vm.classes:
         return vm.classes.index(name)
-    if name.lstrip("-").isdigit() and 0 <= int(name) < len(vm.classes):
-        return int(name)
+    if name.lstrip("-").isdigit():
+        if 0 <= int(name) < len(vm.classes):
+            return int(name)
+        raise MechscopeError(f"Class index {name} is out of range: this model's classes are 0 to {len(vm.classes) - 1} "
+                             f"({', '.join(vm.classes)}).")  # no 'did you mean' of the digits in it
     raise MechscopeError(f"{name!r} is not a class of this model (classes: {', '.join(vm.classes)})."
                          + near_matches(name, vm.classes))
 

@@ -158,11 +158,15 @@ def _metric(logits: torch.Tensor, pairs: ImagePairs) -> torch.Tensor:
     return logits[:, pairs.clean_label] - logits[:, pairs.corrupt_label]
 
 
+MAX_STEPS = 200
+"""Most EAP-IG interpolation steps: past a few dozen the integral barely changes, and each costs a pass."""
+
+
 def _check_method(method: str, steps: int) -> None:
     if method not in ("eap", "eap-ig"):
         raise MechscopeError(f"unknown method {method!r}; use eap or eap-ig.")
-    if steps < 1:
-        raise MechscopeError(f"--steps must be at least 1; got {steps}.")
+    if not 1 <= steps <= MAX_STEPS:
+        raise MechscopeError(f"--steps must be between 1 and {MAX_STEPS} (each step is a forward and backward pass); got {steps}.")
 
 
 def edge_scores(ev: EdgeViT, pairs: ImagePairs, method: Method = "eap-ig", steps: int = 5,
