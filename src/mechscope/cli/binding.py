@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import JsonOpt, console, emit_json, err_console, fresh_dir, handles_errors
+from mechscope.cli.common import JsonOpt, check_out_folder, console, emit_json, err_console, fresh_dir, handles_errors
 from mechscope.errors import MechscopeError
 from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 
@@ -95,8 +95,7 @@ def interchange(
     from mechscope.report.binding import write_binding_interchange
 
     cfg = BindingInterchangeConfig(n=n, depth=depth, site=site, head=head, correct_only=not all_pairs, seed=seed)
-    if out is not None and out.is_file():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    check_out_folder(out)
     data = data_config(model)
     if not (Path(model) / "config.json").is_file():
         ckpts = sorted(Path(model).glob("ckpt_*"))

@@ -73,6 +73,12 @@ def _sentence(exc: Exception) -> str | None:
     return None
 
 
+def check_out_folder(out: Path | None) -> None:
+    """Refuse an ``--out`` that names an existing file, before any work."""
+    if out is not None and Path(out).is_file():
+        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+
+
 def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) -> None:
     """The task's dropped pairs (count and reason) and its notes on kept pairs, in yellow."""
     if dropped:

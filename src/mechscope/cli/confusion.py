@@ -12,6 +12,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     fresh_dir,
@@ -56,14 +57,12 @@ def confusion(
 ) -> None:
     """Generate in other languages, measure LPR, find the neurons pushing English at confusion points, zero them, measure again."""
     from mechscope.confusion import load_prompts, run_confusion
-    from mechscope.errors import MechscopeError
     from mechscope.report.confusion import write_confusion
 
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
                           last_layers=last_layers, layers=tuple(parse_layers(layers) or ()) or None, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
                           ppl_contexts=ppl_contexts, seed=seed)
-    if out is not None and out.is_file():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    check_out_folder(out)
     items = load_prompts(prompts, cfg.langs, cfg.max_per_lang)  # a bad file fails before the model loads
     lens_t = None
     if tuned is not None:

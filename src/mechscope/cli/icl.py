@@ -12,6 +12,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     fresh_dir,
@@ -48,7 +49,6 @@ def icl(
     json: bool = JsonOpt,
 ) -> None:
     """Few-shot accuracy and position-group attention knockout (within-example, cross-example, aggregation)."""
-    from mechscope.errors import MechscopeError
     from mechscope.icl.fewshot import check_task
     from mechscope.icl.run import fewshot_knockout
     from mechscope.report.icl import write_icl
@@ -57,8 +57,7 @@ def icl(
                         layer_stride=layer_stride, sweeps=tuple(s.strip() for s in sweeps.split(",") if s.strip()),
                         min_above_chance=min_above_chance, force=force, seed=seed,
                         knockout=not accuracy_only)
-    if out is not None and out.is_file():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    check_out_folder(out)
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
     out_dir = Path(out or fresh_dir("icl"))

@@ -12,6 +12,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     fresh_dir,
@@ -50,8 +51,7 @@ def probe(
     from mechscope.report.probe import write_probe
 
     cfg = ProbeConfig(hook=hook, layers=parse_layers(layers), control=control, max_items=max_items, balance=balance, seed=seed)
-    if out is not None and out.is_file():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    check_out_folder(out)
     if labels not in BUILTIN_LABELS and not Path(labels).is_file():
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
     m = load(model, device)

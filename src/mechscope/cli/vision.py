@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import JsonOpt, console, emit_json, fresh_dir, handles_errors
+from mechscope.cli.common import JsonOpt, check_out_folder, console, emit_json, fresh_dir, handles_errors
 from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig, parse_pair
 
 vision_app = typer.Typer(help="Visual circuits (Rajaram et al. 2024) in small vision models trained here, offline.",
@@ -27,14 +27,6 @@ ContrastOpt = typer.Option(CircuitConfig.contrast, "--contrast",
 
 def register(app: typer.Typer) -> None:
     app.add_typer(vision_app, name="vision")
-
-
-def _check_out(out: Optional[Path]) -> None:
-    """Refuse an --out that names a file, before any work."""
-    if out is not None and out.is_file():
-        from mechscope.errors import MechscopeError
-
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
 
 
 def _threads() -> None:
@@ -62,7 +54,7 @@ def train(
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
                       data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
-    _check_out(out)
+    check_out_folder(out)
     _threads()
     from mechscope.vision.train import train_model
 
@@ -100,7 +92,7 @@ def circuit(
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    _check_out(out)
+    check_out_folder(out)
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_circuit
@@ -135,7 +127,7 @@ def compose(
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
     cfg = CircuitConfig(k=k, contrast=contrast, baseline=baseline, seed=seed)
-    _check_out(out)
+    check_out_folder(out)
     _threads()
     from mechscope.results import write_result_json
     from mechscope.vision.run import run_composition
@@ -165,7 +157,7 @@ def attack(
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    _check_out(out)
+    check_out_folder(out)
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack
@@ -198,7 +190,7 @@ def eap(
 ) -> None:
     """EAP / EAP-IG over a ViT's heads and MLPs with clean/corrupt image pairs: the language tools' graph, ranking and
     faithfulness curve on images; writes eap.json and report.html."""
-    _check_out(out)
+    check_out_folder(out)
     _threads()
     from mechscope.report.vision_eap import write_vision_eap
     from mechscope.vision.eap import vision_eap
