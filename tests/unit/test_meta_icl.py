@@ -196,6 +196,11 @@ def test_summary_needs_an_onset_and_checkpoints_after_it():
     assert never["learning_onset"] is None and never["phase2"] is None and "never reached" in never["note"]
     ok = summarize(rows_of([0.03, 0.4, 0.5, 0.6]), 3, 32, MetaDynamicsConfig())
     assert ok["note"] is None and ok["peaks"]["self"] == 30
+    from mechscope.report.meta_dynamics import render_meta_dynamics
+
+    rows = [{k: v for k, v in r.items() if k != "per_layer"} | {"loss": 1.0} for r in rows_of([0.03, 0.03, 0.03, 0.4])]
+    page = render_meta_dynamics({"run": "r", "checkpoints": rows, "phases": late, "config": {}})
+    assert "Only 1 checkpoint(s) from the learning onset (step 30)" in page  # the page says it too
 
 
 def test_bad_settings_are_one_sentence():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import heatmap, line_chart, stacked_svg
-from mechscope.report.toolkit import fmt, html_num, num_or_nan, page, table, write_page
+from mechscope.report.toolkit import esc, fmt, html_num, num_or_nan, page, table, write_page
 
 __all__ = ["render_meta_dynamics", "render_meta_dynamics_svg", "write_meta_dynamics"]
 
@@ -87,9 +87,10 @@ def render_meta_dynamics(d: dict[str, Any]) -> str:
     plats = [[p["start"], p["end"], p["n"], p["mean"]] for p in ph.get("plateaus", [])]
     rows = [[r["step"], r["accuracy"], r["random_label_accuracy"], r["loss"], r["self"], r["label"], r["chunk"]]
             for r in d["checkpoints"]]
+    note = f"<p><strong>{esc(ph['note'])}</strong></p>" if ph.get("note") else ""
     body = (
         "<div class='grid'>" + "".join(f"<figure>{c}</figure>" for c in _charts(d)) + "</div>"
-        + "<h2>Phases</h2>" + table(["", "value"], [list(x) for x in summary], numeric=[False, False])
+        + "<h2>Phases</h2>" + note + table(["", "value"], [list(x) for x in summary], numeric=[False, False])
         + "<h2>Mean attention patterns</h2>" + _patterns(d)
         + "<h2>Accuracy plateaus</h2>" + table(["first step", "last step", "checkpoints", "mean accuracy"], plats,
                                                 numeric=[True] * 4)
