@@ -71,8 +71,7 @@ def search(
         fail(f"--min-score must be a finite number, e.g. 0.3, got {min_score}.")
     store = _open(db)
     if layer is not None and not store.count(kind=kind, layer=layer):
-        held = [r[0] for r in store.con.execute("SELECT DISTINCT layer FROM units" + (" WHERE kind=?" if kind else "") + " ORDER BY layer",
-                                                 (kind,) if kind else ())]
+        held = sorted({r.layer for r in store.units(kind)})
         fail(f"{db} has no {kind + ' ' if kind else ''}units in layer {layer}; "
              + (f"it holds layers {', '.join(map(str, held))}." if held else "it holds none."))
     if semantic:
@@ -238,7 +237,7 @@ def exemplars(
             ckpt.rmdir()
             if checkpoint is None and not any(ckpt.parent.iterdir()):
                 ckpt.parent.rmdir()
-        if new_db and store._is_empty():
+        if new_db and store.is_empty():
             store.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)

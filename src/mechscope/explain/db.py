@@ -223,7 +223,7 @@ class UnitDB:
         stored = self.meta.get("model_id", "")
         other = (model_id and stored and stored != model_id) or (
             fingerprint and self.meta.get("model_fingerprint", fingerprint) != fingerprint)
-        if other and self._is_empty():  # a run that stored nothing tagged it
+        if other and self.is_empty():  # a run that stored nothing tagged it
             self._write(lambda c: c.execute("DELETE FROM meta WHERE key IN ('model_id', 'model_fingerprint', 'model_summary')"))
             stored = ""
         if model_id and stored and stored != model_id:
@@ -242,7 +242,7 @@ class UnitDB:
             self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES ('model_fingerprint', ?)", (fingerprint,)))
         self.model_id: str = model_id or stored
 
-    def _is_empty(self) -> bool:
+    def is_empty(self) -> bool:
         """No units and no descriptions stored."""
         with self._read() as c:
             return not c.execute("SELECT 1 FROM units LIMIT 1").fetchone() and not c.execute("SELECT 1 FROM descriptions LIMIT 1").fetchone()

@@ -160,12 +160,16 @@ def logit_scale(model: Model) -> float:
     return 1.0
 
 
+def _raw_unembedding(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The bridge's W_U [d_model, d_vocab] and b_U [d_vocab] (or None), without the logit scale."""
+    b_U = getattr(model.bridge, "b_U", None)
+    return model.bridge.W_U.detach().float(), (None if b_U is None else b_U.detach().float())
+
+
 def unembed_weights(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W_U [d_model, d_vocab] and b_U [d_vocab] (None when the model has no unembedding bias),
     with the model's logit scale (``logit_scale``) folded in, so that they give its logits."""
-    W_U = model.bridge.W_U.detach().float()
-    b_U = getattr(model.bridge, "b_U", None)
-    b_U = None if b_U is None else b_U.detach().float()
+    W_U, b_U = _raw_unembedding(model)
     s = logit_scale(model)
     if s != 1.0:
         W_U, b_U = W_U * s, (None if b_U is None else b_U * s)
@@ -177,7 +181,9 @@ def project(model, x: torch.Tensor, norm: FinalNorm | None = None, capped: bool 
     scale), the unembedding and (unless ``capped`` is False) the model's logit soft-cap: the
     logit lens."""
     norm = norm or final_norm(model)
-    W_U, b_U = unembed_weights(model)
+    W_U, b_U = _raw_unembedding(model)  # the scale multiplies the [..., d_vocab] output, not a copy of W_U on every call
     out = norm(x.to(W_U.device)) @ W_U
     out = out + b_U if b_U is not None else out
+    s = logit_scale(model)
+    out = out * s if s != 1.0 else out
     return norm.cap(out) if capped else out
