@@ -55,7 +55,9 @@ def test_patching_identities_hold_on_the_parallel_graph_and_fail_on_the_sequenti
     assert torch.allclose(run_with_edge_mask(m, g, b.clean, src, g.full_mask()), corrupt, atol=TOL)
     same = source_activations(m, g, b.clean, b.clean, "patching")
     assert torch.allclose(run_with_edge_mask(m, g, b.clean, same, g.full_mask()), clean, atol=TOL)
-    for nodes in (["a0.h1", "m0"], ["a1.h3"], ["m1"], ["input"]):
+    # ["m0", "a1.h1"]: layer 1's MLP input hook runs after layer 1's heads; its correction
+    # taken as "everything patched so far" once counted a1.h1, which does not reach it.
+    for nodes in (["a0.h1", "m0"], ["a1.h3"], ["m1"], ["input"], ["m0", "a1.h1"], ["a0.h1", "a1.h1"], ["input", "a1.h0", "a1.h2"]):
         nm = torch.zeros(g.n_senders)
         nm[[g.sender_index(n) for n in nodes]] = 1
         a = run_with_node_mask(m, g, b.clean, src, nm)

@@ -195,6 +195,10 @@ class _EdgePatch:
     is sparser: directly over the senders with m != 0, or as T - sum_s (1 - m[s,r]) delta_s
     over the senders with m != 1. Evaluating a small circuit (almost every edge patched) thus
     costs little more than a plain forward pass: a small batched matmul per receiver.
+
+    In a parallel block (GPT-NeoX, GPT-J) the MLP's input hook runs after the same layer's
+    heads, which are not upstream of it; a complement-side MLP receiver there starts from T as it
+    stood before those heads (a snapshot taken in their hook), not from T.
     """
 
     graph: Graph
@@ -208,6 +212,8 @@ class _EdgePatch:
         self.active = active
         self.plans: dict[int, tuple] = {}  # receiver start -> (use_comp, sender ids, coef)
         needed = torch.zeros(self.graph.n_senders, dtype=torch.bool)
+        self.snap_at: set[int] = set()  # sender starts before whose hook T is snapshotted
+        self.snaps: dict[int, torch.Tensor] = {}
         for _, rs, n_up in receiver_hooks(self.graph):
             m = self.mask[:, :n_up, rs]  # [K, up, r]
             if not m.any():
@@ -219,6 +225,8 @@ class _EdgePatch:
             coef = ((1 - m) if use_comp else m)[:, ids.to(m.device)].transpose(1, 2).contiguous()  # [K, r, n]
             self.plans[rs.start] = (use_comp, ids, coef)
             needed[ids] = True
+            if use_comp and self.graph.parallel:
+                self.snap_at.add(n_up)
         self.slot = torch.full((self.graph.n_senders,), -1, dtype=torch.long)
         self.slot[needed] = torch.arange(int(needed.sum()))
         self.n_needed = int(needed.sum())
@@ -279,12 +287,15 @@ class _EdgePatch:
         slots = self.slot[idx[keep]]
         store = slots >= 0
         src_idx = idx[keep].to(self.source.device)
+        snap = sl.start in self.snap_at
 
         def hook(x, hook):
             K, B = self.K, self.B
             live = _as_heads(x)  # [K*B, P, h, D]
             _, P, _, D = live.shape
             self._alloc(x, B * P * D)
+            if snap:
+                self.snaps[sl.start] = self.total.clone()
             live = live[:, :, local].reshape(K, B, P, len(local), D).permute(0, 3, 1, 2, 4)
             d = (live - self.source[src_idx][None]).reshape(K, len(local), -1)  # [K, n, N]
             if store.any():
@@ -318,7 +329,9 @@ class _EdgePatch:
             self._alloc(x, B * P * D)
             c_s, rows_s, c_d, rows_d = parts
             # sum_n coef[k, r, n] delta[n]: static rows shared by all K, dynamic rows per mask
-            corr = self.total[:, None].expand(K, h, -1).clone() if use_comp else None
+            # T before any sender that is not upstream (a parallel block's same-layer heads)
+            base = self.snaps.get(n_up, self.total)
+            corr = base[:, None].expand(K, h, -1).clone() if use_comp else None
             if c_d.shape[-1]:
                 prod = torch.bmm(c_d, self.delta[:, rows_d])
                 corr = prod if corr is None else corr.sub_(prod)
