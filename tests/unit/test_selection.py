@@ -208,9 +208,10 @@ def test_evaluator_baselines_equal_the_patched_runs_and_joined_equals_fresh(tiny
     m, g, b = tiny_model, build_graph(tiny_model), _batch(B=7, seed=3)
     ev = Evaluator(m, g, b, ablation, batch_size=4)
     clean, full = [], []
+    whole = source_activations(m, g, b.clean, b.corrupt, ablation, b.lengths)  # mean: over all 7, not per chunk
     for i in range(0, 7, 4):
         sub = b.subset(slice(i, min(7, i + 4)))
-        src = source_activations(m, g, sub.clean, sub.corrupt, ablation, sub.lengths)
+        src = whole if ablation == "mean" else source_activations(m, g, sub.clean, sub.corrupt, ablation, sub.lengths)
         with torch.no_grad():
             clean.append(sub.per_example_metric(run_with_edge_mask(m, g, sub.clean, src, g.empty_mask())))
             full.append(sub.per_example_metric(run_with_edge_mask(m, g, sub.clean, src, g.full_mask())))
@@ -218,10 +219,10 @@ def test_evaluator_baselines_equal_the_patched_runs_and_joined_equals_fresh(tiny
     assert torch.allclose(ev.corrupt_ex, torch.cat(full), atol=1e-4)
     assert (torch.cat(clean) - torch.cat(full)).abs().max() > 1e-3  # the two baselines really differ
     assert abs(float(ev.faithfulness(g.empty_mask().bool()[None])[0])) < 1e-3  # empty circuit: no behaviour
-    if ablation == "patching":  # per-chunk sources: only resample ablation is independent of the slicing
-        joined = Evaluator.joined(b, fold_evaluators(m, g, b, 2, ablation, batch_size=4))
-        circuit = torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(0)) > 0.5
-        assert torch.allclose(joined.clean_ex, ev.clean_ex, atol=1e-4) and torch.allclose(joined.corrupt_ex, ev.corrupt_ex, atol=1e-4)
-        assert float(joined.faithfulness(circuit[None])[0]) == pytest.approx(float(ev.faithfulness(circuit[None])[0]), abs=1e-4)
+    # folds (with mean ablation: sharing the whole batch's mean) joined equal the whole batch
+    joined = Evaluator.joined(b, fold_evaluators(m, g, b, 2, ablation, batch_size=4))
+    circuit = torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.allclose(joined.clean_ex, ev.clean_ex, atol=1e-4) and torch.allclose(joined.corrupt_ex, ev.corrupt_ex, atol=1e-4)
+    assert float(joined.faithfulness(circuit[None])[0]) == pytest.approx(float(ev.faithfulness(circuit[None])[0]), abs=1e-4)
     with pytest.raises(ValueError, match="cover the batch"):
         Evaluator.joined(b, [ev, ev])

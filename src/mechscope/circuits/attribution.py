@@ -58,8 +58,8 @@ from mechscope.patching.engine import (
     Ablation,
     attn_weights,
     capture_hooks,
+    dataset_mean_source,
     logits_at,
-    mean_weights,
     sender_hooks,
     source_activations,
 )
@@ -152,16 +152,24 @@ def edge_score_folds(
         heads = [HeadInputGrads(model.bridge.blocks[l].ln1.original_component,
                                 {k: v.detach() for k, v in attn_weights(model, l).items()}) for l in range(graph.n_layers)]
         exact = QKExact(graph.n_layers) if qk == "exact" and method != "eap-ig-act" else None
+        # Mean ablation: the mean over every example, not over each chunk of ``batch_size``
+        means: dict[str, torch.Tensor] = {}
+        if ablation == "mean":
+            names = tuple(name for name, _ in _sender_groups(graph)) if method == "eap-ig-act" else ()
+            mean_src, means = dataset_mean_source(model, graph, batch, batch_size, names)
         for i in chunks:
             j = min(n, i + batch_size)
             sub = batch.subset(slice(i, j)).to(dev)
             # (fold, first, last example of the fold inside this sub-batch), sub-batch indices
             parts = [(f, max(a, i) - i, min(b, j) - i) for f, (a, b) in enumerate(zip(bounds, bounds[1:]))
                      if a < j and b > i]
-            with torch.no_grad():
-                src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
+            if ablation == "mean":
+                src = mean_src
+            else:
+                with torch.no_grad():
+                    src = source_activations(model, graph, sub.clean, sub.corrupt, ablation, sub.lengths)
             if method == "eap-ig-act":
-                _accumulate_activations(model, graph, sub, src, m, scores, heads, ablation, parts)
+                _accumulate_activations(model, graph, sub, src, m, scores, heads, ablation, parts, means)
             else:
                 _accumulate(model, graph, sub, src, m, scores, heads, parts, exact)
             bar.advance()
@@ -486,7 +494,8 @@ def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
 
 
 def _accumulate_activations(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m: int, scores: torch.Tensor,
-                            heads: list[HeadInputGrads], ablation: Ablation, parts: list[tuple[int, int, int]]) -> None:
+                            heads: list[HeadInputGrads], ablation: Ablation, parts: list[tuple[int, int, int]],
+                            means: dict[str, torch.Tensor]) -> None:
     """EAP-IG on activations: integrated gradients along each sender group's own path.
 
     For each group (the embeddings, one layer's heads, one MLP) and alpha in {1/m, ..., 1},
@@ -512,12 +521,10 @@ def _accumulate_activations(model: Model, graph: Graph, sub: TaskBatch, src: tor
                                     + capture_hooks(model, graph, clean_acts))
         if ablation == "patching":
             model.bridge.run_with_hooks(sub.corrupt, fwd_hooks=[(n, grab("src", n)) for n in names])
-        else:
-            w = mean_weights((B, P), sub.lengths, src.device)
+        else:  # ``means``: each hook's mean over the whole batch (``dataset_mean_source``)
             for n in names:
                 c = z["clean"][n]
-                mean = torch.einsum("bp...,bp->p...", c, w)[None].expand_as(c)
-                z["src"][n] = mean if ablation == "mean" else torch.zeros_like(c)
+                z["src"][n] = means[n].expand_as(c) if ablation == "mean" else torch.zeros_like(c)
     delta = src - clean_acts
     acc = torch.empty(graph.n_receivers, B * P * model.summary.d_model, device=src.device)
     for name, sl in _sender_groups(graph):

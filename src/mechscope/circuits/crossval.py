@@ -45,7 +45,7 @@ from mechscope.circuits.evaluate import Evaluator
 from mechscope.circuits.pooling import PairScores
 from mechscope.circuits.select import importance, prune, top_k
 from mechscope.graph import Graph
-from mechscope.patching.engine import Ablation
+from mechscope.patching.engine import Ablation, dataset_mean_source
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
 
@@ -106,8 +106,7 @@ def cv_curve(model, graph: Graph, batch: TaskBatch, fold_scores: torch.Tensor | 
     F, n_f = ps.n_folds, ps.folds
     sizes = sorted(sizes)
     bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
-    evs = evaluators if evaluators is not None else [
-        Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
+    evs = evaluators if evaluators is not None else _evaluators(model, graph, batch, n_f, ablation, batch_size)
     clean = torch.cat([ev.clean_ex for ev in evs])
     corrupt = torch.cat([ev.corrupt_ex for ev in evs])
     den = sum(n * float(ev.clean - ev.corrupt) for n, ev in zip(n_f, evs))
@@ -172,9 +171,17 @@ def fold_evaluators(model, graph: Graph, batch: TaskBatch, folds: int, ablation:
                     batch_size: int = 16) -> list[Evaluator]:
     """One ``Evaluator`` per fold (its source run and clean/corrupt baselines computed once), so
     several rankings can be cross-validated on the same folds."""
-    n_f = fold_sizes(len(batch), folds)
+    return _evaluators(model, graph, batch, fold_sizes(len(batch), folds), ablation, batch_size)
+
+
+def _evaluators(model, graph: Graph, batch: TaskBatch, n_f: list[int], ablation: Ablation,
+                batch_size: int) -> list[Evaluator]:
+    """Evaluators of consecutive folds of ``n_f`` pairs; with mean ablation all of them ablate
+    to the mean over the whole ``batch`` (a fold of two pairs is too few to be its own mean)."""
     bounds = torch.tensor([0] + n_f).cumsum(0).tolist()
-    return [Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size) for a, b in zip(bounds, bounds[1:])]
+    mean = dataset_mean_source(model, graph, batch, batch_size)[0] if ablation == "mean" else None
+    return [Evaluator(model, graph, batch.subset(slice(a, b)), ablation, batch_size, mean)
+            for a, b in zip(bounds, bounds[1:])]
 
 
 PLATEAU = 0.9

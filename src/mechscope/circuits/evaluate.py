@@ -26,10 +26,10 @@ from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.patching.engine import (
     Ablation,
+    RunningMean,
     check_pair,
     check_patching_exact,
     logits_at,
-    mean_source,
     run_with_edge_mask,
     sender_activations_and_logits,
     source_activations,
@@ -71,15 +71,20 @@ class Evaluator:
     batch: TaskBatch
     ablation: Ablation = "patching"
     batch_size: int = 16
+    mean: torch.Tensor | None = None
+    """mean ablation's source [n_senders, 1, pos, d_model] (``dataset_mean_source``); None: the
+    mean over this evaluator's whole batch (never per chunk of ``batch_size``)"""
 
     def __post_init__(self) -> None:
         """Source run and baselines per chunk. With patching, every edge patched is the corrupt
         run itself, so the corrupt baseline comes from the source pass and the clean one from a
-        plain clean pass; with mean ablation the clean pass is the source pass. The mean and
-        zero ablations need a patched pass for the fully patched baseline."""
+        plain clean pass; with mean ablation the clean pass is the source pass (its outputs
+        summed into the mean over the whole batch). The mean and zero ablations need a patched
+        pass for the fully patched baseline."""
         dev = self.model.device
-        self._chunks = []
+        chunks: list[tuple[TaskBatch, torch.Tensor | None]] = []
         clean_ex, corrupt_ex = [], []
+        running = RunningMean(batch_dim=1)
         for i in range(0, len(self.batch), self.batch_size):
             sub = self.batch.subset(slice(i, min(len(self.batch), i + self.batch_size))).to(dev)
             with torch.no_grad():
@@ -88,14 +93,25 @@ class Evaluator:
                     src, at = sender_activations_and_logits(self.model, self.graph, corrupt, sub.positions)
                     corrupt_ex.append(sub.metric_at(at).cpu())
                     at = logits_at(self.model, sub.clean, sub.positions, [])
+                elif self.ablation == "mean" and self.mean is not None:
+                    src = self.mean.to(dev)
+                    at = logits_at(self.model, sub.clean, sub.positions, [])
                 elif self.ablation == "mean":  # the clean pass is the source pass
                     acts, at = sender_activations_and_logits(self.model, self.graph, sub.clean, sub.positions)
-                    src = mean_source(acts, sub.lengths)
+                    running.add(acts, sub.lengths)
+                    src = None
                 else:
                     src = source_activations(self.model, self.graph, sub.clean, sub.corrupt, self.ablation, sub.lengths)
                     at = logits_at(self.model, sub.clean, sub.positions, [])
                 clean_ex.append(sub.metric_at(at).cpu())
-            self._chunks.append((sub, src))
+            chunks.append((sub, src))
+        if self.ablation == "mean":
+            if self.mean is None:
+                self.mean = running.value()
+            elif self.mean.shape[2] != self.batch.clean.shape[1]:
+                raise ValueError(f"a mean source over {self.mean.shape[2]} positions for prompts of {self.batch.clean.shape[1]}")
+            chunks = [(sub, self.mean.to(dev)) for sub, _ in chunks]
+        self._chunks: list[tuple[TaskBatch, torch.Tensor]] = [(sub, src) for sub, src in chunks if src is not None]
         self.clean_ex = torch.cat(clean_ex)  # per-example metric [n]
         if self.ablation == "patching":
             self.corrupt_ex = torch.cat(corrupt_ex)
@@ -107,13 +123,13 @@ class Evaluator:
     def joined(cls, batch: TaskBatch, parts: list["Evaluator"]) -> "Evaluator":
         """The evaluator of ``batch`` from evaluators of its consecutive slices (the folds of
         ``crossval.fold_evaluators``): their source runs and baselines, no new pass. With mean
-        ablation the means stay those of each part's chunks (as they are per chunk anyway)."""
-        same = len({(ev.ablation, ev.batch_size, id(ev.model), id(ev.graph)) for ev in parts}) == 1
+        ablation the parts must share one mean (``fold_evaluators`` gives them the whole batch's)."""
+        same = len({(ev.ablation, ev.batch_size, id(ev.model), id(ev.graph), id(ev.mean)) for ev in parts}) == 1
         if not parts or not same or sum(len(ev.batch) for ev in parts) != len(batch):
             raise ValueError("joined evaluators must cover the batch in order, with one model, graph, ablation and batch size")
         ev = cls.__new__(cls)
         ev.model, ev.graph, ev.batch = parts[0].model, parts[0].graph, batch
-        ev.ablation, ev.batch_size = parts[0].ablation, parts[0].batch_size
+        ev.ablation, ev.batch_size, ev.mean = parts[0].ablation, parts[0].batch_size, parts[0].mean
         ev._chunks = [c for p in parts for c in p._chunks]
         ev.clean_ex = torch.cat([p.clean_ex for p in parts])
         ev.corrupt_ex = torch.cat([p.corrupt_ex for p in parts])

@@ -154,6 +154,62 @@ def mean_source(acts: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tenso
     return torch.einsum("sbpd,bp->spd", acts, w)[:, None]
 
 
+class RunningMean:
+    """Per-position mean over the examples of several chunks, padding excluded: ``add`` each
+    chunk's activations (batch on dimension ``batch_dim``, positions right after it), then
+    ``value()`` has a batch dimension of 1 there. Mean ablation takes its mean over a whole
+    evaluation set this way: a mean per chunk of ``batch_size`` examples made the ablation
+    depend on the chunk size (a chunk of one example is its own mean: nothing ablated)."""
+
+    def __init__(self, batch_dim: int = 0):
+        self.batch_dim = batch_dim
+        self.sum: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None  # [P]
+
+    def add(self, acts: torch.Tensor, lengths: torch.Tensor | None) -> None:
+        d = self.batch_dim
+        B, P = acts.shape[d], acts.shape[d + 1]
+        valid = mean_weights((B, P), lengths, acts.device) > 0
+        w = valid.to(acts.dtype).reshape((1,) * d + (B, P) + (1,) * (acts.dim() - d - 2))
+        part = (acts * w).sum(d, keepdim=True)
+        n = valid.sum(0).to(acts.dtype)
+        self.sum = part if self.sum is None else self.sum + part
+        self.count = n if self.count is None else self.count + n
+
+    def value(self) -> torch.Tensor:
+        if self.sum is None or self.count is None:
+            raise ValueError("RunningMean has no examples")
+        d = self.batch_dim
+        shape = (1,) * (d + 1) + (-1,) + (1,) * (self.sum.dim() - d - 2)
+        return self.sum / self.count.clamp(min=1).reshape(shape)
+
+
+@torch.no_grad()
+def dataset_mean_source(model: Model, graph: Graph, batch, batch_size: int = 16,
+                        hook_names: tuple[str, ...] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean-ablation sources over all of ``batch``'s clean prompts (a ``TaskBatch``), run
+    ``batch_size`` at a time: sender outputs [n_senders, 1, pos, d_model] and the activations of
+    ``hook_names`` [1, pos, ...], per position, padding excluded."""
+    senders = RunningMean(batch_dim=1)
+    named = {n: RunningMean() for n in hook_names}
+    for i in range(0, len(batch), batch_size):
+        sub = batch.subset(slice(i, min(len(batch), i + batch_size))).to(model.device)
+        B, P = sub.clean.shape
+        out = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=model.device)
+
+        def grab(name: str):
+            def hook(x, hook):
+                named[name].add(x.detach(), sub.lengths)
+                return x
+
+            return hook
+
+        last = torch.full((B, 1), P - 1, dtype=torch.long)
+        logits_at(model, sub.clean, last, capture_hooks(model, graph, out) + [(n, grab(n)) for n in hook_names])
+        senders.add(out, sub.lengths)
+    return senders.value(), {n: acc.value() for n, acc in named.items()}
+
+
 def check_pair(clean: torch.Tensor, corrupt: torch.Tensor | None) -> torch.Tensor:
     """The corrupt tokens of a patching run, refused in one sentence when missing or of
     another shape than ``clean``."""
