@@ -102,6 +102,29 @@ def test_acdc_refuses_a_checkpoint_of_another_batch(tiny_llama, tmp_path):
         acdc(tiny_llama, g, task.build(tiny_llama.tokenizer, n=2, seed=1), tau=0.05, checkpoint=ck)
 
 
+def test_acdc_refuses_a_checkpoint_of_other_weights(tiny_llama, tiny_llama_dir, tmp_path):
+    """Same folder name, same pairs, other weights (a fine-tune saved under the same name):
+    refused, where it used to resume into a circuit of the other model."""
+    from mechscope.circuits.acdc import acdc
+    from mechscope.errors import MechscopeError
+    from mechscope.graph import build_graph
+    from mechscope.models import load_model
+    from mechscope.tasks import get_task
+
+    g = build_graph(tiny_llama)
+    ck = tmp_path / "acdc.safetensors"
+    batch = get_task("induction").build(tiny_llama.tokenizer, n=2, seed=0)
+    acdc(tiny_llama, g, batch, tau=0.05, checkpoint=ck, max_seconds=0.0)
+    other = load_model(tiny_llama_dir, device="cpu")
+    with torch.no_grad():
+        for p in other.bridge.parameters():
+            p.mul_(1.3)
+    assert other.summary.name == tiny_llama.summary.name and other.fingerprint() != tiny_llama.fingerprint()
+    with pytest.raises(MechscopeError, match="other weights"):
+        acdc(other, g, batch, tau=0.05, checkpoint=ck)
+    acdc(tiny_llama, g, batch, tau=0.05, checkpoint=ck)  # the model that made it resumes
+
+
 # ------------------------------------------------------------------------- exemplars pass
 def _exemplar_args(model_dir: str, corpus: str, db: Path) -> list[str]:
     return ["exemplars", "--db", str(db), "--units", "mlp", "--layers", "0,2", "--tokens", "8192", "--corpus", corpus,

@@ -148,7 +148,7 @@ def acdc(
     owners = receiver_owner(graph)
     start = R - 1
     settings = {"tau": tau, "metric": metric, "ablation": ablation, "S": S, "R": R,
-                "model": model.summary.name, "batch": _digest(batch)}
+                "model": model.summary.name, "weights": model.fingerprint(), "batch": _digest(batch)}
     current, visited = None, 0
     if checkpoint is not None and Path(checkpoint).is_file():
         mask, scores, start, extra, current, visited = _load_state(checkpoint, settings)
@@ -242,7 +242,14 @@ def _load_state(path, settings):
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        if json.loads(meta["settings"]) != settings:
+        saved = json.loads(meta["settings"])
+        if saved.get("weights") != settings["weights"] and {k: v for k, v in saved.items() if k != "weights"} == {
+                k: v for k, v in settings.items() if k != "weights"}:
+            raise MechscopeError(
+                f"The ACDC checkpoint '{path}' was made with other weights than this model's (same name, "
+                f"{settings['model']}, another fingerprint); delete it or resume with the model that made it."
+            )
+        if saved != settings:
             raise MechscopeError(
                 f"The ACDC checkpoint '{path}' was made with other settings ({meta['settings']}); "
                 "delete it or pass the same settings to resume."
