@@ -62,10 +62,16 @@ def read_result_json(path: str | Path, filename: str, schema_version: int, made_
         p = p / filename
     if not p.is_file():
         raise MechscopeError(f"No {filename} at '{path}'; pass the folder `{made_by}` wrote.")
+    other = p.name != filename  # a file the user named that is not ``filename``
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MechscopeError(f"'{p}' is not valid JSON (line {exc.lineno}).") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if other:
+            raise MechscopeError(f"'{p}' is not a {filename} (not JSON); pass the folder `{made_by}` wrote.") from exc
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else " (not UTF-8 text)"
+        raise MechscopeError(f"'{p}' is not valid JSON{where}.") from exc
+    if other and (not isinstance(d, dict) or "schema_version" not in d):
+        raise MechscopeError(f"'{p}' is not a {filename}; pass the folder `{made_by}` wrote.")
     if not isinstance(d, dict) or d.get("schema_version") != schema_version:
         got = d.get("schema_version") if isinstance(d, dict) else None
         raise MechscopeError(f"'{p}' has schema_version {got}, this mechscope reads {schema_version}.")

@@ -36,6 +36,10 @@ def _python(code: str) -> str:
     ({"held_out": 0.0}, "--held-out 0.0 is out of range: give the share of pairs held out, between 0 and 1 (e.g. 0.25)."),
     ({"qk": "fast"}, "Unknown --qk 'fast'; choose exact or linear."),
     ({"folds": 0}, "--folds must be at least 1, got 0."),
+    ({"target": float("nan")}, "--target must be a finite number, got nan."),
+    ({"threshold": float("nan")}, "--threshold must be a finite number, got nan."),
+    ({"threshold": float("-inf")}, "--threshold must be a finite number, got -inf."),
+    ({"cv_confidence": 1.0}, "cv_confidence 1.0 is out of range: give a confidence between 0 and 1 (e.g. 0.9)."),
 ])
 def test_discover_config_refuses_bad_settings(kw, needle):
     with pytest.raises(MechscopeError) as e:

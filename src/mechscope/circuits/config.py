@@ -8,6 +8,7 @@ range) wait for ``discover``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -76,7 +77,9 @@ class DiscoverConfig:
     edges: int | None = None
     """Keep this many edges (nodes at node level); default: smallest circuit reaching ``target``."""
     threshold: float | None = None
-    """Keep edges with |score| >= threshold (ACDC: its pruning threshold tau)."""
+    """Keep the edges whose importance is >= threshold, importance as ``rank`` orders them
+    (signed: how much patching the edge lowers the metric; abs: |score|); ACDC: its pruning
+    threshold tau."""
     target: float = 0.8
     ig_steps: int = 5
     seed: int = 0
@@ -144,6 +147,11 @@ class DiscoverConfig:
             raise MechscopeError(f"Unknown --pool '{self.pool}'; choose {' or '.join(POOLS)}.")
         if self.pool != "sum" and self.method == "acdc":
             raise MechscopeError("--pool applies to the attribution methods; ACDC does not score pairs one by one.")
+        for name, value in (("--target", self.target), ("--threshold", self.threshold), ("cv_confidence", self.cv_confidence)):
+            if value is not None and not math.isfinite(value):
+                raise MechscopeError(f"{name} must be a finite number, got {value}.")
+        if not 0.0 < self.cv_confidence < 1.0:
+            raise MechscopeError(f"cv_confidence {self.cv_confidence} is out of range: give a confidence between 0 and 1 (e.g. 0.9).")
         if self.folds < 1:
             raise MechscopeError(f"--folds must be at least 1, got {self.folds}.")
 

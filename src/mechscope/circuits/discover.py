@@ -146,6 +146,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     t_score = time.perf_counter()
     use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
     folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None
+    if folds is not None and len(folds) < cfg.folds:
+        say(f"--folds {cfg.folds} is more than {len(score_set)} scoring pairs allow (at least two a fold): "
+            f"cross-validating with {len(folds)} folds")
     fold_scores = None
     score_info: dict = {}
     if cfg.method == "acdc":

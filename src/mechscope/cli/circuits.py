@@ -38,7 +38,7 @@ def discover(
     ablation: str = typer.Option(DiscoverConfig.ablation, "--ablation", help="patching (from corrupt), mean or zero."),
     level: str = typer.Option(DiscoverConfig.level, "--level", help="edge or node (heads and MLPs as units)."),
     edges: Optional[int] = typer.Option(DiscoverConfig.edges, "--edges", help="Keep this many edges (nodes at node level)."),
-    threshold: Optional[float] = typer.Option(DiscoverConfig.threshold, "--threshold", help="Keep edges with |score| >= TAU (ACDC: tau)."),
+    threshold: Optional[float] = typer.Option(DiscoverConfig.threshold, "--threshold", help="Keep edges whose importance under --rank (signed: how much patching them lowers the metric; abs: |score|) is >= TAU (ACDC: tau)."),
     target: float = typer.Option(DiscoverConfig.target, "--target", help="Faithfulness the smallest circuit must reach."),
     rank: str = typer.Option(DiscoverConfig.rank, "--rank", help="Edge order: signed (edges that carry the behaviour first), abs, or "
                              "auto (whichever cross-validates better inside the scoring pairs)."),
