@@ -114,7 +114,7 @@ def test_resume_gives_the_same_model(tmp_path):
     assert json.loads((whole / "train.json").read_text())["train_loss"] == json.loads((broken / "train.json").read_text())["train_loss"]
     secs = [c["seconds"] for c in json.loads((broken / "train.json").read_text())["checkpoints"]]
     assert secs == sorted(secs)  # training time adds up across the two sessions
-    with pytest.raises(MechscopeError, match="other settings"):
+    with pytest.raises(MechscopeError, match="made with steps=10, not 11; pass a new --out"):
         train_binding(tiny(11), broken)
 
 

@@ -86,7 +86,7 @@ def test_resume_gives_the_same_model(tmp_path):
     a, b = load_file(str(whole / "ckpt_000012" / "model.safetensors")), load_file(str(broken / "ckpt_000012" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k])
-    with pytest.raises(MechscopeError, match="other settings"):
+    with pytest.raises(MechscopeError, match="made with steps=12, not 13; pass a new --out"):
         train_toy(tiny_cfg(13), broken)
     # a damaged resume state is one clear sentence, not a traceback
     bad = tmp_path / "bad"

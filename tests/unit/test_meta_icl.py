@@ -139,7 +139,7 @@ def test_resume_is_exact(tmp_path, optimizer):
     la, lb = (json.loads((d / "train.json").read_text()) for d in (whole, broken))
     assert [c["accuracy"] for c in la["checkpoints"]] == [c["accuracy"] for c in lb["checkpoints"]]
     assert la["train_loss"] == lb["train_loss"] and lb["done"] and not (broken / "last").exists()
-    with pytest.raises(MechscopeError, match="other settings"):
+    with pytest.raises(MechscopeError, match="made with steps=12, not 13; pass a new --out"):
         train_meta(tiny(13, optimizer), broken)
     bad = tmp_path / "bad"
     with pytest.raises(KeyboardInterrupt):
@@ -261,7 +261,7 @@ def test_cli_train_and_dynamics(tmp_path):
     (["--setting", "icml", "--optimizer", "rmsprop"], "Unknown optimizer 'rmsprop'"),
     (["--setting", "nope"], "Unknown --setting 'nope'"),
     (["--tasks", "3"], "only apply to --setting icml"),
-    (["--setting", "icml", "--vocab", "9"], "do not apply to --setting icml"),
+    (["--setting", "icml", "--vocab", "9"], "--vocab does not apply to --setting icml; drop it."),
 ])
 def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, args, needle):
     out = tmp_path / "run"

@@ -561,7 +561,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny_llama_dir, corpus, tm
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--layers", "7"]), "layer 7 does not exist", "0-2")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--layers", "one,two"]), "not a layer number")
     bad(_cli_train(tiny_llama_dir, corpus, out, -5), "--tokens must be positive")
-    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--arch", "gated"]), "unknown SAE architecture")
+    bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--arch", "gated"]), "unknown --arch 'gated'", "relu, topk, batchtopk, jumprelu")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--shuffle-contexts", "10"]), "must be a multiple of batch_contexts=4")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--resume"]), "does not exist")
     bad(_cli_train(tiny_llama_dir, corpus, out, 4000, ["--sink-ratio", "0.5"]), "sink_ratio must be above 1")

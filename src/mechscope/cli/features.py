@@ -255,17 +255,25 @@ def transcoders_train(
                                      checkpoint_every=checkpoint_every, seed=seed, exclude_special=not include_special,
                                      sink_ratio=sink_ratio or None)  # checked when made
 
-    check_early(settings, context_len, TranscoderTrainConfig.context_len)
+    _check_arch(arch, skip)
+    if not layers.strip():
+        fail("--layers is empty; give 'all' or layers and ranges such as 0,3,5-7.")
+    later = _check_early_or_later(settings, context_len)
     m = load(model, device)
     # every setting is checked before the work is announced: the context against the model's, the layers against its depth
-    cfg = replace(settings(context_len_for(m, context_len, TranscoderTrainConfig.context_len)),
-                  layers=parse_layers(layers, m.summary.n_layers))
+    n_ctx = context_len_for(m, context_len, TranscoderTrainConfig.context_len)
+    if later is not None:  # a refusal that a shorter --context-len lifts comes after the check of the length itself
+        raise later
+    cfg = replace(settings(n_ctx), layers=parse_layers(layers, m.summary.n_layers))
     check_start(m, cfg, out, resume)
     if not json:
         console.print(f"training {len(cfg.layers)} {cfg.arch_name} transcoders of {m.summary.name} on {tokens:,} tokens of "
                       f"{corpus or 'embedded'} (train split), one forward pass per batch for all layers -> {out}", highlight=False)
     t0 = time.perf_counter()
-    res = train_transcoders(m, cfg, out, resume=resume, model_path=model or m.summary.name, progress=not json)
+    from mechscope.cli.sae import model_path
+
+    # a local model folder recorded as its absolute path, so `transcoders eval` runs from any folder
+    res = train_transcoders(m, cfg, out, resume=resume, model_path=model_path(model) or m.summary.name, progress=not json)
     secs = time.perf_counter() - t0
     import json as _json
 
@@ -279,6 +287,39 @@ def transcoders_train(
     fvu = [r["fvu"] for r in final.values()]
     console.print(f"done in {secs:.0f} s: training-batch FVU mean {sum(fvu) / max(1, len(fvu)):.3f}, max {max(fvu, default=float('nan')):.3f}. "
                   f"Saved to {out}; evaluate with: mechscope transcoders eval {out}", highlight=False)
+
+
+def _check_arch(arch: str, skip: bool) -> None:
+    """``--arch`` against the names --help gives (the plain architectures; ``--skip/--no-skip``
+    chooses the skip), in one sentence; a ``skip_`` name still works, but not with ``--no-skip``."""
+    from mechscope.sae.archs.skip import SKIP_VARIANTS
+
+    plain = [c.plain.name for c in SKIP_VARIANTS]
+    skips = {c.name: c.plain.name for c in SKIP_VARIANTS}
+    if arch in skips and not skip:
+        fail(f"--arch {arch} has a linear skip but --no-skip asks for none; give --arch {skips[arch]} with --no-skip, "
+             "or drop --no-skip.")
+    if arch not in plain and arch not in skips:
+        fail(f"unknown --arch {arch!r}; choose one of {', '.join(plain)} (--skip/--no-skip sets the linear skip).")
+
+
+def _check_early_or_later(settings, context_len: int | None):
+    """``check_early`` of the settings; a refusal under a given ``--context-len`` that the shortest
+    context lifts (such as --tokens less than one batch) is returned, to be raised once the
+    length itself has been checked against the model's, which may be the real fault."""
+    from mechscope.errors import MechscopeError
+
+    try:
+        check_early(settings, context_len, TranscoderTrainConfig.context_len)
+    except MechscopeError as exc:
+        if context_len is None or context_len <= 2:
+            raise
+        try:
+            settings(2)
+        except MechscopeError:
+            raise exc from None
+        return exc
+    return None
 
 
 @handles_errors
@@ -427,7 +468,8 @@ def intervene(
              "delta_demeaned": float(delta[i])} for i in idx]
     out = {"frozen": frozen, "set": [list(c) for c in clamps], "logits": rows}
     if generate:
-        out.update(base_text=res["base_text"], changed_text=res["changed_text"])
+        out.update(base_text=res["base_text"], changed_text=res["changed_text"], generated_tokens=res["generated_tokens"],
+                   generate_note=res.get("generate_note"))
     if json:
         return emit_json(out)
     for r in rows:
@@ -435,6 +477,8 @@ def intervene(
     if generate:
         console.print(f"without: {res['base_text']!r}", highlight=False, markup=False)
         console.print(f"with:    {res['changed_text']!r}", highlight=False, markup=False)
+        if res.get("generate_note"):
+            console.print(f"note: {res['generate_note']}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -177,7 +177,8 @@ def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
 
     wrong = [f"--{n.replace('_', '-')}" for n in ("vocab", "seq_len", "attn_only") if given(n)]
     if wrong:
-        raise MechscopeError(f"{', '.join(wrong)} do not apply to --setting {META_SETTING}; drop them.")
+        raise MechscopeError(f"{', '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to --setting {META_SETTING}; "
+                             f"drop {'them' if len(wrong) > 1 else 'it'}.")
     p = ctx.params
     shared = {"attn_layers": "layers", "heads": "n_heads", "d_model": "d_model", "steps": "steps", "batch": "batch",
               "lr": "lr", "n_checkpoints": "checkpoints", "linear_checkpoints": "linear", "seed": "seed"}
@@ -253,9 +254,12 @@ def dynamics(
     def at(step: int | None) -> str:
         return "not formed" if step is None else f"formed at step {step}"
 
-    console.print(f"previous-token head {at(f['previous_token_step'])}, induction head {at(f['induction_step'])}, "
-                  f"ICL score {at(f['icl_step'])} (a rise under {MIN_RISE} is not formation; final heads: "
-                  f"{f.get('final_top_previous_token_head')}, {f.get('final_top_induction_head')}).")
+    if not f.get("too_few_checkpoints"):
+        console.print(f"previous-token head {at(f['previous_token_step'])}, induction head {at(f['induction_step'])}, "
+                      f"ICL score {at(f['icl_step'])} (a rise under {MIN_RISE} is not formation; final heads: "
+                      f"{f.get('final_top_previous_token_head')}, {f.get('final_top_induction_head')}).")
+    if f.get("note"):
+        console.print(f"note: {f['note']}", highlight=False)
     console.print(f"report: {html}  plot: {svg}")
 
 

@@ -132,6 +132,8 @@ def _print_summary(d: dict) -> None:
     t = d.get("causal_tracing")
     if t:
         console.print(f"tracing: clean p {t['clean_prob']:.3f}, corrupted p {t['corrupt_prob']:.3f}", highlight=False)
+        if t.get("note"):
+            err_console.print(f"note: {t['note']}", highlight=False)
     e = d.get("attribute_extraction")
     if e:
         console.print(f"extraction: attention at layers {e['attn_layers']}, MLP at layers {e['mlp_layers']}", highlight=False)

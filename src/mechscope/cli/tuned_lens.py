@@ -74,8 +74,10 @@ def train(
                "n_layers": lens.n_layers, "reads": lens.reads}
     if json:
         return emit_json(summary)
-    console.print(f"done in {secs:.0f} s (closed form {tr['seconds']['closed_form']:.0f} s, KL {tr['seconds']['kl']:.0f} s). "
-                  f"Saved to {out}; evaluate with: mechscope tuned-lens eval {out}", highlight=False)
+    # the stage times add up every run of a resumed lens; the total is this process's
+    stages = f"closed form {tr['seconds']['closed_form']:.0f} s, KL {tr['seconds']['kl']:.0f} s"
+    took = f"{secs:.0f} s this session ({stages} over all runs)" if resume else f"{secs:.0f} s ({stages})"
+    console.print(f"done in {took}. Saved to {out}; evaluate with: mechscope tuned-lens eval {out}", highlight=False)
 
 
 @handles_errors

@@ -88,7 +88,8 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
               generate: int = 0) -> dict:
     """Logits at the last position before and after setting ``clamps``: ``{"base", "changed"}``
     [V] (the replacement model's, equal to the model's before), ``"frozen"`` (bool) and, with
-    ``generate`` > 0, ``"base_text"``/``"changed_text"`` greedy continuations."""
+    ``generate`` > 0, ``"base_text"``/``"changed_text"`` greedy continuations, ``"generated_tokens"``
+    their length and, where the model's context limit cut them short, ``"generate_note"``."""
     run = capture(model, tset, tokens)
     check_clamps(tset, run.n_pos, clamps)
     base = run.logits[-1]
@@ -104,12 +105,18 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
         changed = replacement_forward(model, tset, run, clamps)[-1]
     out = {"base": base.cpu(), "changed": changed.cpu(), "frozen": frozen}
     if generate > 0:
-        out["base_text"] = _greedy(model, tset, run, [], generate)
-        out["changed_text"] = _greedy(model, tset, run, clamps, generate)
+        out["base_text"], made = _greedy(model, tset, run, [], generate)
+        out["changed_text"], _ = _greedy(model, tset, run, clamps, generate)
+        out["generated_tokens"] = made  # both continuations start at the prompt's end, so they stop alike
+        if made < generate:
+            out["generate_note"] = (f"generation stopped at the model's context limit ({position_limit(model)} positions) "
+                                    f"after {made} of {generate} tokens.")
     return out
 
 
-def _greedy(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp], n: int) -> str:
+def _greedy(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list[Clamp], n: int) -> tuple[str, int]:
+    """The greedy continuation's text and its length in tokens (short of ``n`` at the model's
+    context limit)."""
     toks = run.tokens.clone()
     limit = position_limit(model)
     for _ in range(n):
@@ -117,4 +124,4 @@ def _greedy(model: Model, tset: TranscoderSet, run: ReplacementRun, clamps: list
             break
         nxt = int(replacement_forward(model, tset, run, clamps, toks)[-1].argmax())
         toks = torch.cat([toks, torch.tensor([nxt])])
-    return model.tokenizer.decode(toks[run.n_pos:].tolist())
+    return model.tokenizer.decode(toks[run.n_pos:].tolist()), toks.numel() - run.n_pos

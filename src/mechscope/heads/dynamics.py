@@ -194,8 +194,32 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             r["k_composition_prev_to_induction"] = float(kcomp[l1, h1, l2, h2])
     train_loss = []
     tj = run / "train.json"
+    log = json.loads(tj.read_text()) if tj.is_file() else {}
     if tj.is_file():
-        tl = json.loads(tj.read_text()).get("train_loss", [])
+        tl = log.get("train_loss", [])
         stride = max(1, len(tl) // 400)
         train_loss = tl[::stride]
+    form.update(_run_notes(steps, log))
     return DynamicsResult(str(run), cfg.to_dict(), rows, form, train_loss)
+
+
+def _run_notes(steps: list[int], log: dict[str, Any]) -> dict[str, Any]:
+    """What the formation verdicts stand on: ``too_few_checkpoints`` (under 2: nothing can rise,
+    so "not formed" would mean nothing), and for a ``train-toy`` run (``log``: its train.json)
+    stopped before its last step, ``unfinished`` with ``steps_reached`` / ``steps_planned``;
+    ``note`` says it in a sentence (empty when there is nothing to say)."""
+    notes: list[str] = []
+    out: dict[str, Any] = {"too_few_checkpoints": len(steps) < 2}
+    if len(steps) < 2:
+        notes.append(f"only {len(steps)} checkpoint{'s' * (len(steps) != 1)}: too few checkpoints to judge formation "
+                     "(it needs at least 2).")
+    planned = (log.get("settings") or {}).get("steps") if isinstance(log, dict) else None
+    reached = max(steps, default=0)
+    if isinstance(planned, int) and log.get("done") is not True and reached < planned:  # the last step is always checkpointed
+        out.update(unfinished=True, steps_reached=reached, steps_planned=planned)
+        notes.append(f"the run is unfinished: checkpoints reach step {reached} of {planned} planned, so the verdicts cover "
+                     "only that far; rerun train-toy with the same settings and --out to finish it.")
+    else:
+        out["unfinished"] = False
+    out["note"] = " ".join(notes)
+    return out

@@ -26,6 +26,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -263,6 +264,18 @@ def load_state(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Ge
     return step, log
 
 
+def _setting_diff(saved: dict, want: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` of each setting that differs (nested settings as ``data.vocab``)."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(saved) | set(want)):
+        old, new = saved.get(key), want.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _setting_diff(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append((f"{prefix}{key}", old, new))
+    return out
+
+
 def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                log: dict) -> tuple[int, dict, bool]:
     """Where a toy run in ``out`` stands: (first step to train, the run log, finished already).
@@ -279,7 +292,15 @@ def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.opt
     except ValueError:
         raise MechscopeError(f"{tj} is not valid JSON; pass a new --out folder.") from None
     if not isinstance(prev, dict) or prev.get("settings") != settings:
-        raise MechscopeError(f"'{out}' holds a run with other settings; pass a new --out folder or the same settings to resume.")
+        saved = prev.get("settings") if isinstance(prev, dict) else None
+        diff = _setting_diff(saved, settings) if isinstance(saved, dict) else []
+        if len(diff) == 1:  # as `transcoders train` and `tuned-lens train` say it
+            made = "a run made with {}={!r}, not {!r}".format(*diff[0])
+        elif diff:
+            made = "a run made with " + ", ".join(f"{k}={o!r} (not {n!r})" for k, o, n in diff)
+        else:
+            made = "a run with other settings"
+        raise MechscopeError(f"'{out}' holds {made}; pass a new --out folder or the same settings to resume.")
     if prev.get("done"):
         return 0, prev, True
     if state.is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,6 +96,6 @@ def evaluate_tuned_lens(model: Model, lens: TunedLens, corpus=None, n_tokens: in
     }
     return {"schema_version": EVAL_SCHEMA_VERSION, "kind": "tuned-lens-eval", "model": model.summary.to_dict(),
             "lens": {"path": lens.info.get("path"), "reads": lens.reads, "source": lens.info.get("source")},
-            "corpus": str(corpus) if isinstance(corpus, str) or corpus is None else getattr(corpus, "spec", "?"),
+            "corpus": "embedded" if corpus is None else str(corpus) if isinstance(corpus, (str, Path)) else getattr(corpus, "spec", "?"),
             "split": "heldout", "tokens": n, "context_len": context_len, "layers": layers, "summary": summary,
             "seconds": time.perf_counter() - t0, "versions": library_versions()}

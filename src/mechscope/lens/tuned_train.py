@@ -326,6 +326,11 @@ class _Run:
         want = self.fingerprint(tuple(k for k in saved if k != "model"))
         for key, old in saved.items():
             if want.get(key) != old:
+                if key == "cache_dtype":  # no option of its own: the CLI sets it from --matmul-dtype
+                    flag = {"float32": "float32"}  # any other --matmul-dtype caches in bfloat16
+                    was, now = flag.get(str(old), "auto or bfloat16"), flag.get(str(want.get(key)), "auto or bfloat16")
+                    raise MechscopeError(f"the checkpoint in {self.ckpt} was made with --matmul-dtype {was}, not {now} (its "
+                                         f"activation cache is {old}); resume with --matmul-dtype {was} or use a new --out.")
                 raise MechscopeError(f"the checkpoint in {self.ckpt} was made with {key}={old!r}, not {want.get(key)!r}; "
                                      "resume with the same settings or use a new --out.")
 

@@ -55,6 +55,8 @@ class RecallResult:
                 "restored_prob": {k: v.tolist() for k, v in t.restored.items()},
                 "axes": "[layer index into layers][position]; resid: hook_resid_post of that layer; mlp/attn: outputs of the window around it",
             }
+            if t.note:
+                d["causal_tracing"]["note"] = t.note
         if self.knockout is not None:
             k = self.knockout
             d["attention_knockout"] = {

@@ -45,6 +45,15 @@ class Trace:
     window: int
     layers: list[int]
 
+    @property
+    def note(self) -> str:
+        """One sentence when the noise did not lower p(target), so no restoration can show anything."""
+        if self.corrupt_prob < self.clean_prob:
+            return ""
+        return (f"the noise on the subject did not lower p(target) (corrupted {self.corrupt_prob:.3g} >= clean "
+                f"{self.clean_prob:.3g}), so the trace carries no information; try another subject span or a model "
+                "that knows the fact.")
+
     def indirect_effect(self, kind: str) -> torch.Tensor:
         """Restored minus corrupted p(target) [len(layers), pos] (ROME's indirect effect)."""
         return self.restored[kind] - self.corrupt_prob
