@@ -120,3 +120,27 @@ def test_attribution_graphs_are_exact_on_a_parallel_model(tiny_neox):
 
     adjacency_exact(tiny_neox, "topk", 6)
     interventions(tiny_neox)
+
+
+def test_the_runtime_check_catches_an_engine_that_miscounts_same_layer_heads(tiny_neox, monkeypatch):
+    """``check_patching_exact`` patches a few nodes' out-edges against the nodes themselves:
+    with the parallel-block snapshot switched off (the engine before the fix) it refuses the
+    model in one sentence; with it, the model passes."""
+    from mechscope.patching import engine
+
+    g = build_graph(tiny_neox)
+    tiny_neox.__dict__.pop(engine._EXACT, None)
+    engine.check_patching_exact(tiny_neox, g)  # the engine as it is
+    tiny_neox.__dict__.pop(engine._EXACT, None)
+    init = engine._EdgePatch.__post_init__
+
+    def without_snapshots(self):
+        init(self)
+        self.snap_at = set()
+
+    monkeypatch.setattr(engine._EdgePatch, "__post_init__", without_snapshots)
+    try:
+        with pytest.raises(MechscopeError, match="does not equal patching those nodes"):
+            engine.check_patching_exact(tiny_neox, g)
+    finally:
+        tiny_neox.__dict__.pop(engine._EXACT, None)

@@ -567,10 +567,25 @@ def check_patching_exact(model: Model, graph: Graph) -> None:
     got = run_with_edge_mask(model, graph, clean, src, graph.full_mask()).float()
     want = model(corrupt.to(model.device)).float()
     half = model.summary.dtype in ("float16", "bfloat16")
+    tol = (5e-2 if half else 1e-3) * max(1.0, float(want.abs().max()))
     err = float((got - want).abs().max())
-    if err > (5e-2 if half else 1e-3) * max(1.0, float(want.abs().max())):
+    if err > tol:
         raise MechscopeError(
             f"Patching every edge of {model.summary.architecture}'s graph does not reproduce the corrupt run (off by {err:.2g}): "
             "something in its blocks is not a sum of the graph's senders, so edge patching would not mean what it says; "
             "use another model for the circuit commands.")
+    # A few nodes' out-edges patched must equal those nodes patched: an MLP with a head of the
+    # next layer (the order a parallel block runs its hooks in) and the last layer's first head.
+    # Every edge patched at once cannot see a receiver that counts a sender it does not read.
+    nodes = torch.zeros(graph.n_senders)
+    names = ["m0", f"a{graph.n_layers - 1}.h0"] + (["a1.h0"] if graph.n_layers > 1 else [])
+    nodes[[graph.sender_index(n) for n in names]] = 1
+    want = run_with_node_mask(model, graph, clean, src, nodes).float()
+    got = run_with_edge_mask(model, graph, clean, src, graph.node_mask(names)).float()
+    err = float((got - want).abs().max())
+    if err > tol:
+        raise MechscopeError(
+            f"Patching the out-edges of {', '.join(names)} in {model.summary.architecture}'s graph does not equal patching those "
+            f"nodes (off by {err:.2g}): its hooks run in an order the patching engine does not follow, so edge patching would not "
+            "mean what it says; use another model for the circuit commands.")
     model.__dict__[_EXACT] = True
