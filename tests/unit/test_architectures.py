@@ -397,3 +397,36 @@ def test_granite_and_olmo_unembeddings_are_read_and_granite_circuits_refused(arc
     assert build_graph(olmo).n_layers == 2
     r = CliRunner().invoke(app, ["discover", "--model", arch_dirs["granite"], "--task", "ioi", "--n", "8", "--method", "eap"])
     assert r.exit_code == 2 and "does not reproduce the corrupt run" in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_head_weights_fold_the_attention_output_norm_and_read_blocks_without_an_input_norm(arch_dirs):
+    """Gemma 2 normalises each attention output before the residual add: its ``diag(1 + w)``
+    belongs in W_O, so the OV copying score equals one computed here from the HF weights with it
+    (and differs without it). OLMo-2's blocks have no input norm: the heads read the residual."""
+    import transformers
+
+    from mechscope.heads import copying
+    from mechscope.heads.weights import head_weights
+
+    path = arch_dirs["gemma2"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    sd = {k: v.detach().double() for k, v in hf.state_dict().items()}
+    H, G, e, D = 4, 2, 16, 64
+    W_E = sd["model.embed_tokens.weight"]
+    W_U = torch.diag(1 + sd["model.norm.weight"]) @ hf.get_output_embeddings().weight.detach().double().T
+    lib = copying.eigen_copying(head_weights(load_model(path, device="cpu")))
+    for with_post in (True, False):
+        want = torch.zeros(2, H)
+        for l in range(2):
+            p = f"model.layers.{l}."
+            V = torch.diag(1 + sd[p + "input_layernorm.weight"]) @ sd[p + "self_attn.v_proj.weight"].reshape(G, e, D).transpose(1, 2)
+            O = sd[p + "self_attn.o_proj.weight"].T.reshape(H, e, D)
+            if with_post:
+                O = O @ torch.diag(1 + sd[p + "post_attention_layernorm.weight"])
+            for h in range(H):
+                ev = torch.linalg.eigvals(W_E @ V[h // (H // G)] @ O[h] @ W_U)
+                want[l, h] = float(ev.real.sum() / ev.abs().sum())
+        close = torch.allclose(lib.float(), want.float(), atol=1e-4)
+        assert close if with_post else not close, (with_post, lib, want)
+    w = head_weights(load_model(arch_dirs["olmo2"], device="cpu"))
+    assert all(torch.isfinite(t).all() for t in w.W_Q + w.W_O)
