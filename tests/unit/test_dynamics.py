@@ -103,6 +103,9 @@ def test_formation_step():
     assert formation_step([0, 20, 40, 60], [0.12737, 0.12737, 0.12738, 0.12740]) is None  # noise, not formation
     assert formation_step([0, 20, 40], [0.10, 0.12, 0.16]) == 40  # a rise of 0.06 counts
     assert formation_step([0, 20, 40], [0.10, 0.12, 0.16], min_rise=0.1) is None
+    # a score that first moves the other way forms where it turns (-ICL score of a toy run)
+    assert formation_step([0, 10, 20, 30, 40], [-0.01, -0.38, -0.30, -0.10, -0.04]) == 30
+    assert formation_step([0, 10, 20], [0.3, 0.0, 0.3]) == 20  # not at step 0, before the dip
 
 
 def test_empty_folder_is_a_clear_error(tmp_path):

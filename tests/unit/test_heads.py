@@ -262,3 +262,36 @@ def test_head_weights_are_copies(tiny_gpt2):
     w.W_O[0].mul_(0.0)
     w.W_E.mul_(0.0)
     assert torch.equal(tiny_gpt2.bridge(torch.tensor([[1, 2, 3, 4]])).detach(), before)
+
+
+def test_settings_that_would_make_ablation_meaningless_are_refused():
+    from mechscope.heads.config import HeadsConfig
+
+    for kw, needle in (({"n": 1}, "--n 1 leaves mean ablation nothing to average"), ({"top_k": -1}, "--top-k must be at least 1"),
+                       ({"top_k": 0}, "--top-k must be at least 1"), ({"ablate": -2}, r"at least 0 \(-1: every head\)")):
+        with pytest.raises(MechscopeError, match=needle):
+            HeadsConfig(**kw)
+    HeadsConfig(n=2, top_k=1, ablate=-1)
+
+
+def test_text_windows_of_unknown_tokens_are_refused(tiny_gpt2):
+    """A word-level vocabulary (a train-toy checkpoint's) reads English as <unk> throughout:
+    its text scores and ICL score would be scored on windows of one token, so it is refused."""
+    from mechscope.heads import sequences
+
+    class Tok:
+        unk_token_id = 7
+        bos_token_id = None
+
+        def __call__(self, text):
+            return {"input_ids": [7] * len(text.split())}
+
+        def __len__(self):
+            return 16
+
+    model = SimpleNamespace(tokenizer=Tok(), summary=tiny_gpt2.summary)
+    docs = ["the quick brown fox jumps over the lazy dog " * 20]
+    with pytest.raises(MechscopeError, match="100% of the text windows' tokens are unknown"):
+        sequences.text_windows(model, docs, 2, 16)
+    real = sequences.text_windows(tiny_gpt2, docs, 2, 16)  # a real vocabulary passes
+    assert real.shape[0] == 2

@@ -165,6 +165,7 @@ def test_dynamics_notes_an_unfinished_run_and_too_few_checkpoints(tmp_path):
     one = tmp_path / "one"
     one.mkdir()
     shutil.copytree(run / "ckpt_000000", one / "ckpt_000000")
+    shutil.copy(run / "train.json", one / "train.json")  # without it, English text: all unknown to the toy vocabulary
     r = runner.invoke(app, ["dynamics", str(one), "--n", "4", "--seq-len", "5"])
     assert r.exit_code == 0, r.output
     assert "too few checkpoints to judge formation" in r.stdout and "not formed" not in r.stdout, r.stdout

@@ -43,6 +43,12 @@ class HeadsConfig:
     def __post_init__(self) -> None:
         if self.n < 1 or self.n_text < 1:
             raise MechscopeError("--n and the number of text windows must be at least 1.")
+        if self.n < 2:
+            raise MechscopeError("--n 1 leaves mean ablation nothing to average (one sequence is its own mean, every "
+                                 "ablation effect 0); give --n 2 or more.")
+        if self.top_k < 1 or self.ablate < -1:
+            raise MechscopeError(f"--top-k must be at least 1 and --ablate at least 0 (-1: every head); "
+                                 f"got --top-k {self.top_k}, --ablate {self.ablate}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -97,15 +97,26 @@ range [0, 1], or 0.05 nats of the ICL score; a smaller rise is reported as not f
 
 
 def formation_step(steps: list[int], values: list[float], min_rise: float = MIN_RISE) -> int | None:
-    """First step where ``values`` covers half the way from its first value to its maximum;
-    None (not formed) when the maximum is less than ``min_rise`` above the first value."""
-    if not values:
+    """The step where ``values``' largest rise (from a value to a later, higher one) covers
+    half its way: the first checkpoint from the rise's start at or above half way; None (not
+    formed) when that rise is less than ``min_rise``. The largest rise, not the rise from the
+    first value: a score that first moves the other way (a toy run's ICL score rises from +0.01
+    to +0.38 while the bigrams are learnt, then falls to +0.04 as the induction head forms)
+    still forms where it turns."""
+    if not values or not all(math.isfinite(v) for v in values):
         return None
-    lo, hi = values[0], max(values)
-    if not math.isfinite(hi) or hi - lo < min_rise:
+    low, best = 0, (0, 0)  # running minimum; (start, end) of the largest rise so far
+    for j, v in enumerate(values):
+        if v < values[low]:
+            low = j
+        if v - values[low] > values[best[1]] - values[best[0]]:
+            best = (low, j)
+    lo, hi = values[best[0]], values[best[1]]
+    if hi - lo < min_rise:
         return None
     half = lo + 0.5 * (hi - lo)
-    return next(s for s, v in zip(steps, values) if v >= half)
+    low = best[0]
+    return next(s for s, v in zip(steps[low:], values[low:]) if v >= half)
 
 
 def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Tensor, int, str]:
@@ -124,7 +135,8 @@ def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Te
     name, docs = sequences.text_source(cfg.text)
     p = len(sequences.prefix_ids(model.tokenizer))
     length = min(520, model.summary.n_ctx - p)
-    return sequences.text_windows(model, docs, cfg.n_eval, length), p, f"text: {name}"
+    hint = "a train-toy run's folder holds train.json, which makes dynamics score the run's own data"
+    return sequences.text_windows(model, docs, cfg.n_eval, length, hint), p, f"text: {name}"
 
 
 def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
@@ -177,7 +189,8 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
         "icl_step": formation_step(steps, [-r["icl_score"] for r in rows]),
     }
     pt, ind = form["previous_token_step"], form["induction_step"]
-    form["previous_token_before_induction"] = None if pt is None or ind is None else pt <= ind
+    # strictly before: formed at the same checkpoint is not "before" (the checkpoints cannot order them)
+    form["previous_token_before_induction"] = None if pt is None or ind is None else pt < ind
     form["eval_data"] = source
     if rows:
         last = rows[-1]
@@ -189,9 +202,10 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             top[k] = (j // H, j % H)
             form[f"final_top_{k}_head"] = head_node(j // H, j % H)
         # K-composition of the final previous-token head into the final induction head, over time
+        # (null where the pair cannot compose: the induction head is not in a later layer)
         (l1, h1), (l2, h2) = top["previous_token"], top["induction"]
         for r, kcomp in zip(rows, kcomps):
-            r["k_composition_prev_to_induction"] = float(kcomp[l1, h1, l2, h2])
+            r["k_composition_prev_to_induction"] = float(kcomp[l1, h1, l2, h2]) if l1 < l2 else None
     train_loss = []
     tj = run / "train.json"
     log = json.loads(tj.read_text()) if tj.is_file() else {}

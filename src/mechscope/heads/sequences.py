@@ -84,9 +84,11 @@ def _corpus(spec: str) -> tuple[str, list[str]]:
     return corpus.spec, list(corpus)
 
 
-def text_windows(model: Any, docs: list[str], n: int, length: int) -> torch.Tensor:
+def text_windows(model: Any, docs: list[str], n: int, length: int,
+                 hint: str = "for a train-toy checkpoint, run `mechscope dynamics` on the run folder instead") -> torch.Tensor:
     """Up to ``n`` windows [n, p + length]: the prefix, then consecutive tokens of the
-    documents joined in order."""
+    documents joined in order. Refused when most of their tokens are unknown to the tokenizer
+    (``hint``: what else to do, in the refusal)."""
     tok = model.tokenizer
     prefix = prefix_ids(tok).tolist()
     check_length(model, len(prefix) + length, f"A text window (prefix + {length})", "--text-len", length=length)
@@ -100,4 +102,16 @@ def text_windows(model: Any, docs: list[str], n: int, length: int) -> torch.Tens
     if k == 0:
         raise MechscopeError(f"The text source holds fewer than {length} tokens; pass more text or a smaller length.")
     body = torch.tensor(ids[: k * length]).view(k, length)
+    unk = getattr(tok, "unk_token_id", None)
+    share = float((body == unk).float().mean()) if unk is not None else 0.0
+    if share > MAX_UNKNOWN:
+        raise MechscopeError(
+            f"{share:.0%} of the text windows' tokens are unknown to this model's tokenizer (a vocabulary of "
+            f"{len(tok):,}), so the text scores and the ICL score would mean nothing; pass --text with text in its "
+            f"vocabulary ({hint}).")
     return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(k, -1), body], dim=1)
+
+
+MAX_UNKNOWN = 0.5
+"""The largest share of unknown tokens text windows may hold (a word-level toy vocabulary reads
+English as ``<unk>`` throughout: every window then scored an ICL score of +0.56 nats)."""
