@@ -180,10 +180,25 @@ def eval_(
         t.add_row(key, f"{v:.4g}" if math.isfinite(v) else "undefined")
     console.print(t)
     if not math.isfinite(r.ce_recovered):
-        console.print(f"CE loss recovered is undefined: zeroing {r.sae.get('hook_name', 'the hook')} leaves the loss where it "
-                      f"was ({r.ce_zero:.4g} zeroed vs {r.ce_clean:.4g} clean), so there is nothing to recover; FVU and KL "
-                      "still measure the reconstruction.", highlight=False)
+        console.print(undefined_recovered_note(r.ce_clean, r.ce_sae, r.ce_zero, r.sae.get("hook_name", "the hook")), highlight=False)
     console.print(f"report: {html}")
+
+
+def undefined_recovered_note(ce_clean: float, ce_sae: float, ce_zero: float, hook: str) -> str:
+    """Why CE loss recovered, ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``, is undefined, from
+    the three losses: a loss that is itself undefined (NaN or infinite) is named; only where all
+    three are numbers and the zeroed loss equals the clean one does it say zeroing changes nothing."""
+    losses = {"ce_clean (the model alone)": ce_clean, "ce_sae (reconstruction spliced in)": ce_sae,
+              "ce_zero (hook zeroed)": ce_zero}
+    bad = [name for name, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        return (f"CE loss recovered is undefined because {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a number "
+                "(NaN or infinite); check the SAE's weights and the model's outputs on this text.")
+    if abs(ce_zero - ce_clean) > 1e-9 * max(1.0, abs(ce_clean)):  # not the case evaluate.recovered leaves undefined
+        return (f"CE loss recovered is undefined ({ce_zero:.4g} zeroed, {ce_sae:.4g} spliced, {ce_clean:.4g} clean); FVU and "
+                "KL still measure the reconstruction.")
+    return (f"CE loss recovered is undefined: zeroing {hook} leaves the loss where it was ({ce_zero:.4g} zeroed vs "
+            f"{ce_clean:.4g} clean), so there is nothing to recover; FVU and KL still measure the reconstruction.")
 
 
 @handles_errors

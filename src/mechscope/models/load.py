@@ -9,8 +9,10 @@ Sources, tried in this order:
 3. A local Hugging Face directory (``config.json`` + ``*.safetensors``).
 4. Anything else is treated as a hub id (works only where the hub is reachable).
 
-Weights are read only from safetensors or GGUF (``use_safetensors=True``): a directory holding
-only pickled ``.bin`` weights is refused, never unpickled.
+Weights are read only from safetensors or GGUF (``use_safetensors=True``): a directory whose
+weights transformers would read from a pickle (only a ``.bin``, or a safetensors index or
+``transformers_weights`` naming one) is refused before loading (``_check_weight_files``), and
+``torch.load`` refuses while transformers loads (``_no_unpickling``): nothing is unpickled.
 
 The bridge is switched to the three hook modes the methods here rely on: split q/k/v inputs
 (``blocks.L.hook_q_input`` [batch, pos, n_heads, d_model], ``hook_k_input``/``hook_v_input``
@@ -29,6 +31,7 @@ import importlib.util
 import io
 import logging
 import os
+import pickle
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -247,17 +250,30 @@ def _quiet():
 
 
 def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"local_files_only": local}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    tokenizer = _tokenizer(name, kwargs, gguf_file is None and local)
     if gguf_file is None:
         kwargs["use_safetensors"] = True
-    with _quiet_loading():
+    with _quiet_loading(), _no_unpickling():
         hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kwargs)
     return hf_model, tokenizer
+
+
+def _tokenizer(name: str, kwargs: dict[str, Any], local_folder: bool):
+    """``AutoTokenizer.from_pretrained(name, **kwargs)``; a local Hugging Face folder without
+    tokenizer files is refused in one sentence (``_check_tokenizer_files``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError):
+        if local_folder and Path(name).is_dir():
+            _check_tokenizer_files(Path(name), name)
+        raise
 
 
 @contextlib.contextmanager
@@ -303,11 +319,7 @@ def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
         return p.stem, str(p.parent), p.name, True
     if p.is_dir():
         if (p / "config.json").is_file():
-            if not any(p.glob("*.safetensors")):
-                raise MechscopeError(
-                    f"The directory '{name}' has no .safetensors weights; mechscope never unpickles "
-                    "weight files, so convert them to safetensors first."
-                )
+            _check_weight_files(p, name)
             _check_language_config(p, name)
             return p.name, str(p), None, True
         ggufs = sorted(p.glob("*.gguf"))
@@ -324,6 +336,94 @@ def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise MechscopeError(f"No model file or directory at '{name}'; check the path.")
     return name, name, None, False
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_CONVERT_HINT = ("load the model in transformers (`AutoModelForCausalLM.from_pretrained(dir)`) and save it with "
+                 "`save_pretrained(dir, safe_serialization=True)`")
+
+
+def _check_weight_files(folder: Path, name: str) -> None:
+    """Refuse a Hugging Face folder unless every weight file transformers will read there is
+    safetensors, in transformers' order: the file ``config.json`` names in ``transformers_weights``,
+    else ``model.safetensors``, else ``model.safetensors.index.json``, whose ``weight_map`` must
+    name only ``.safetensors`` files (transformers follows an index to whatever it names, a
+    pickled ``.bin`` included, even with ``use_safetensors=True``). A folder with none of them
+    (only pickled weights, or stray ``.safetensors`` files) is refused too, in one sentence."""
+    import json
+
+    explicit = None
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        explicit = cfg.get("transformers_weights") if isinstance(cfg, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass  # _check_language_config names an unreadable config.json
+    if explicit is not None:
+        if not isinstance(explicit, str) or not explicit.endswith((".safetensors", ".safetensors.index.json")):
+            raise MechscopeError(f"'{name}/config.json' sets transformers_weights to {explicit!r}, which is not a safetensors "
+                                 "file; mechscope reads only safetensors and never unpickles weight files, so remove the key "
+                                 f"or {_CONVERT_HINT}.")
+        if explicit.endswith(".safetensors"):
+            return
+        index = folder / explicit
+    elif (folder / "model.safetensors").is_file():
+        return
+    else:
+        index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in _PICKLE_SUFFIXES and f.is_file())
+        held = f"holds pickled weights ({', '.join(pickles[:3])}) and " if pickles else ""
+        stray = sorted(f.name for f in folder.glob("*.safetensors"))
+        other = f" (the .safetensors files there, {', '.join(stray[:3])}, are not the model's weights file)" if stray else ""
+        raise MechscopeError(
+            f"The directory '{name}' {held}has no model.safetensors or model.safetensors.index.json{other}; mechscope reads "
+            f"only safetensors and never unpickles weight files, so convert them: {_CONVERT_HINT}."
+        )
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise MechscopeError(f"'{index}' is not a readable safetensors index ({exc}); save the model again.") from None
+    files = set(weight_map.values()) if isinstance(weight_map, dict) else None
+    if not files or not all(isinstance(f, str) for f in files):
+        raise MechscopeError(f"'{index}' has no weight_map of tensor names to files; save the model again.")
+    bad = sorted(f for f in files if not f.endswith(".safetensors"))
+    if bad:
+        raise MechscopeError(
+            f"'{index}' points at {', '.join(bad[:3])}, which is not a safetensors file; mechscope reads only safetensors and "
+            f"never unpickles weight files, so convert the weights: {_CONVERT_HINT}."
+        )
+
+
+@contextlib.contextmanager
+def _no_unpickling():
+    """While transformers loads weights, ``torch.load`` (a pickle reader) refuses in one
+    sentence instead of running: a safety net behind ``_check_weight_files`` (a hub
+    repository's index is only seen once downloaded)."""
+    real = torch.load
+
+    def refuse(f: Any, *args: Any, **kwargs: Any) -> Any:
+        raise MechscopeError(f"transformers was about to unpickle '{f}'; mechscope reads only safetensors and never "
+                             f"unpickles weight files, so convert the weights: {_CONVERT_HINT}.")
+
+    torch.load = refuse
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer.tiktoken")
+
+
+def _check_tokenizer_files(folder: Path, name: str) -> None:
+    """One sentence when a local model folder holds no tokenizer files, rather than transformers'
+    cut-off 'Couldn't instantiate the backend tokenizer' line."""
+    if any((folder / f).is_file() for f in _TOKENIZER_FILES) or any(folder.glob("*.model")) or any(folder.glob("*.tiktoken")):
+        return
+    raise MechscopeError(
+        f"The model folder '{name}' has no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt); "
+        f"save the model's tokenizer there with `tokenizer.save_pretrained('{name}')`."
+    )
 
 
 def _check_language_config(folder: Path, name: str) -> None:
@@ -373,6 +473,9 @@ def load_model(
     except MechscopeError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors' error type is not an OSError
+        if isinstance(exc, pickle.UnpicklingError):  # a safety net: _resolve and _no_unpickling refuse pickles first
+            raise MechscopeError(f"The weights at '{target}' are a pickle that mechscope will not unpickle "
+                                 f"({str(exc).splitlines()[0][:120]}); {_CONVERT_HINT}.") from exc
         if type(exc).__name__ == "SafetensorError":
             raise MechscopeError(f"The weights at '{target}' are damaged or not safetensors ({str(exc).splitlines()[0]}); "
                                  "save the model again.") from exc
@@ -394,12 +497,10 @@ def load_model(
 
 def load_tokenizer(name: str | None = None):
     """The tokenizer of model ``name`` (as for ``load_model``) alone: no weights are loaded."""
-    from transformers import AutoTokenizer
-
     _, target, gguf, local = _resolve(name)
     kwargs = {"local_files_only": local} | ({"gguf_file": gguf} if gguf else {})
     with _quiet():
-        return AutoTokenizer.from_pretrained(target, **kwargs)
+        return _tokenizer(target, kwargs, local and not gguf)
 
 
 def _bridge(hf_model, tokenizer, target: str):

@@ -48,7 +48,7 @@ def infer_hook(path: Path) -> str | None:
 
 
 def read_params(path: Path) -> dict[str, np.ndarray]:
-    """The five arrays of a Gemma Scope ``params.npz`` (float), or one sentence on what is wrong."""
+    """The five arrays of a Gemma Scope ``params.npz`` (float, all finite), or one sentence on what is wrong."""
     if not path.is_file():
         raise MechscopeError(f"{path} does not exist; give the params.npz file of a Gemma Scope SAE.")
     if not zipfile.is_zipfile(path):  # numpy would try a non-zip file as a pickle
@@ -67,6 +67,10 @@ def read_params(path: Path) -> dict[str, np.ndarray]:
     bad = [a for a, v in out.items() if not np.issubdtype(v.dtype, np.floating)]
     if bad:
         raise MechscopeError(f"{path}: {', '.join(bad)} must be float arrays (got {', '.join(str(out[a].dtype) for a in bad)}).")
+    bad = [a for a, v in out.items() if not np.isfinite(v).all() or not np.isfinite(v.astype(np.float32)).all()]
+    if bad:
+        raise MechscopeError(f"{path}: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or infinite values (as float32), "
+                             "so the SAE would give undefined figures; download it again.")
     return out
 
 

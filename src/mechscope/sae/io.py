@@ -10,6 +10,11 @@ BatchTopK is at inference; SAELens stores it the same way), remembered as batcht
 ``metadata.mechscope_architecture``. A TopK transcoder has no SAELens class; it is saved as
 ``topk_transcoder`` (mechscope only).
 
+Loading refuses tensors the architecture does not hold and NaN or infinite weights, in one
+sentence each. A pre-6 SAELens ``scaling_factor`` (``"finetuning_scaling_factor": true``) is
+folded into ``W_dec``'s rows, so reconstructions are SAELens's and the features are the
+unscaled ones (``_scaling_factor``).
+
 Only safetensors is ever read: nothing is unpickled.
 """
 
@@ -116,6 +121,25 @@ def _activation_fn(raw: dict[str, Any], arch_cls: type[Architecture], where: str
     return get_architecture("topk"), _whole(kwargs, "k", where, "active features per token, in activation_fn_kwargs")
 
 
+def _missing_architecture(raw: dict[str, Any], meta: dict[str, Any], where: str) -> str:
+    """The SAELens ``architecture`` name a ``cfg.json`` without one means: the one
+    ``metadata.mechscope_architecture`` names (as a transcoder where ``d_out`` is set), else
+    SAELens's default ``standard``. A ``k`` with no architecture anywhere is refused (a TopK
+    SAE would otherwise load as ReLU); pre-6 ``activation_fn_str: topk`` is ``_activation_fn``'s."""
+    mech = meta.get("mechscope_architecture")
+    if mech is not None:
+        cls = get_architecture(mech) if isinstance(mech, str) else None
+        name = (cls.saelens_transcoder_name if "d_out" in raw else cls.saelens_name) if cls else None
+        if not name:
+            raise MechscopeError(f"{where} has no architecture key and metadata.mechscope_architecture={mech!r} names no "
+                                 f"architecture mechscope reads; add \"architecture\" ({', '.join(saelens_names())}) to it.")
+        return name
+    if "k" in raw or "k" in meta:
+        raise MechscopeError(f"{where} sets k but names no architecture, so it is unclear how k applies; add "
+                             "\"architecture\": \"topk\" (or the SAE's architecture) to it.")
+    return "standard"
+
+
 def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig:
     """An ``SAEConfig`` from a SAELens ``cfg.json`` dict (v6 layout, or older flat keys:
     ``hook_point``, ``activation_fn_str``). A value of the wrong type is refused in one sentence
@@ -127,7 +151,9 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
     if not isinstance(meta, dict):
         raise MechscopeError(f"{where}: metadata must be a JSON object (with hook_name, model_name, ...), got {meta!r}.")
     meta = dict(meta)
-    arch_name = raw.get("architecture", "standard")
+    arch_name = raw.get("architecture")
+    if arch_name is None:
+        arch_name = _missing_architecture(raw, meta, where)
     found = from_saelens(arch_name, meta.get("mechscope_architecture")) if isinstance(arch_name, str) else None
     if found is None:
         raise MechscopeError(
@@ -188,6 +214,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise MechscopeError(f"{wfile} is not a readable safetensors file ({exc}); re-save the SAE.") from None
     sae = SAE(cfg)
     want = sae.arch.tensor_shapes(cfg)
+    scale = _scaling_factor(raw, tensors, wfile, cfg.d_sae)
+    unknown = sorted(set(tensors) - set(want))
+    if unknown:
+        raise MechscopeError(f"{wfile} holds tensors mechscope does not know ({', '.join(unknown)}; a {cfg.architecture} SAE "
+                             f"holds {', '.join(want)}), so it cannot tell what they change; remove them or fold them into the weights.")
     for name, shape in want.items():
         if name not in tensors:
             raise MechscopeError(f"{wfile} lacks the tensor {name!r} (it has {', '.join(sorted(tensors)) or 'none'}); a {cfg.architecture} SAE needs {', '.join(want)}.")
@@ -198,7 +229,43 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     with torch.no_grad():
         for name in want:
             getattr(sae, name).copy_(tensors[name].to(getattr(sae, name).dtype))
+        if scale is not None:  # SAELens decodes (f * scaling_factor) @ W_dec: the same as f @ (scaling_factor[:, None] * W_dec)
+            sae.W_dec.copy_((tensors["W_dec"].double() * scale.double()[:, None]).to(sae.W_dec.dtype))
+    bad = [name for name in want if not torch.isfinite(getattr(sae, name)).all()]
+    if bad:
+        raise MechscopeError(f"{wfile}: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or infinite values (as {cfg.dtype}), "
+                             "so every figure computed from the SAE would be undefined; re-train, re-download or re-save it.")
     return sae.to(device)
+
+
+_SCALING_NAMES = ("scaling_factor", "finetuning_scaling_factor")
+
+
+def _scaling_factor(raw: dict[str, Any], tensors: dict[str, torch.Tensor], wfile: Path, d_sae: int) -> torch.Tensor | None:
+    """SAELens before 6 could store a per-feature ``scaling_factor [d_sae]`` (or, saved from the
+    module, ``finetuning_scaling_factor``) that, with ``"finetuning_scaling_factor": true``, it
+    multiplies into the feature activations before decoding. Returns the factor to fold into
+    ``W_dec``'s rows (removed from ``tensors``), or None: all ones means nothing (SAELens drops it
+    too) and a factor the config does not switch on is refused, as SAELens refuses it. After
+    folding, reconstructions are SAELens's exactly and the features (``encode``) are the
+    unscaled ones, SAELens's ``encode`` output."""
+    found = [n for n in _SCALING_NAMES if n in tensors]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise MechscopeError(f"{wfile} holds both scaling_factor and finetuning_scaling_factor; keep one of them.")
+    t = tensors.pop(found[0])
+    if tuple(t.shape) != (d_sae,):
+        raise MechscopeError(f"{wfile}: {found[0]} has shape {list(t.shape)} but d_sae={d_sae} implies [{d_sae}]; "
+                             "the weights and config do not belong together.")
+    if not torch.isfinite(t).all():
+        raise MechscopeError(f"{wfile}: {found[0]} holds NaN or infinite values; re-train, re-download or re-save the SAE.")
+    if torch.allclose(t.float(), torch.ones_like(t, dtype=torch.float32)):
+        return None
+    if raw.get("finetuning_scaling_factor") is not True:
+        raise MechscopeError(f"{wfile} holds a {found[0]} that is not all ones but cfg.json does not set "
+                             "\"finetuning_scaling_factor\": true; set it if the factor applies, or remove the tensor.")
+    return t
 
 
 def check_sae_fits(sae: SAE, model: Model) -> None:

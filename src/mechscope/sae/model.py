@@ -18,7 +18,7 @@ reconstruct the same):
 - ``batchtopk``: while training, the k * batch largest over the whole batch; at inference a
   JumpReLU whose threshold is the running mean of the smallest kept activation (Bussmann et
   al. 2024), which is also how SAELens stores it.
-- ``jumprelu``: pre * (pre > threshold), thresholds trained with a straight-through estimator.
+- ``jumprelu``: relu(pre) * (pre > threshold) (as SAELens), thresholds trained with a straight-through estimator.
 """
 
 from __future__ import annotations

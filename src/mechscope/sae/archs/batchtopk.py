@@ -4,7 +4,8 @@ While training, the code keeps the ``k * batch`` largest ReLU'd pre-activations 
 batch, so tokens share a budget of k per token on average; AuxK on dead latents as for TopK.
 At inference it is a JumpReLU whose ``threshold`` (one value for all latents) is the running
 mean of the smallest activation kept per batch, which is how SAELens stores a BatchTopK SAE
-too; ``metadata.mechscope_architecture`` and ``metadata.k`` tell mechscope it was BatchTopK.
+too (``relu(pre) * H(pre - threshold)``, as SAELens's JumpReLU); ``metadata.mechscope_architecture``
+and ``metadata.k`` tell mechscope it was BatchTopK.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class BatchTopK(Architecture):
     threshold_saved = True
 
     def activate(self, sae: SAE, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.threshold)
+        return pre.relu() * (pre > sae.threshold)
 
     def saelens_metadata(self, cfg: SAEConfig) -> dict[str, Any]:
         return {"k": cfg.k}

@@ -1,6 +1,9 @@
 """JumpReLU SAE (SAELens ``jumprelu``; ``jumprelu_transcoder`` as a transcoder).
 
-``f = pre * H(pre - threshold)`` with a trained per-latent ``threshold [d_sae]``. Trained with
+``f = relu(pre) * H(pre - threshold)`` with a trained per-latent ``threshold [d_sae]``, as
+SAELens computes it (``activate``): a threshold below 0 (a loaded SAELens SAE) lets no negative
+activation through; mechscope's own thresholds are at least 1e-4, where ``relu`` changes
+nothing, so training uses ``pre * H(pre - threshold)`` (``_JumpSTE``). Trained with
 an L0 penalty (warmed up linearly); the step function's gradient to the threshold goes through
 a straight-through estimator with a rectangle kernel of width ``jumprelu_bandwidth``
 (Rajamanoharan et al. 2024). Thresholds start at ``jumprelu_init_threshold`` and are kept at
@@ -64,7 +67,7 @@ class JumpReLU(Architecture):
     threshold_trained = True
 
     def activate(self, sae: SAE, pre: Tensor) -> Tensor:
-        return pre * (pre > sae.threshold)
+        return pre.relu() * (pre > sae.threshold)
 
     def init_training(self, sae: SAE, cfg: TrainConfig) -> None:
         sae.threshold.fill_(cfg.jumprelu_init_threshold)
