@@ -1,7 +1,8 @@
 """How much a circuit depends on the draw of pairs: the same discovery over several seeds.
 
 Each seed draws its own pairs (and its own scoring / held-out split), so the runs differ only
-in data. Reported:
+in data. A task file's pairs do not depend on the seed (``jsonl.build``): there the runs share
+their pairs and differ only in the split, and the summary says so (``same_pairs``). Reported:
 
 - held-out faithfulness per seed (with each run's bootstrap interval) and its spread;
 - the Jaccard overlap |A & B| / |A | B| of the chosen circuits, and of their top-100 edges
@@ -42,8 +43,10 @@ def top_edges(graph: Graph, ranking: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, top: int = 100) -> dict:
-    """Overlaps and spread over runs of one discovery with different seeds (see module docstring)."""
+def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, top: int = 100,
+                      same_pairs: bool = False) -> dict:
+    """Overlaps and spread over runs of one discovery with different seeds (see module docstring);
+    ``same_pairs``: the seeds drew the same pairs and only split them differently."""
     g = runs[0].graph
     circuits = [r.circuit.bool().cpu() for r in runs]
     tops = [top_edges(g, importance(r.scores, r.method, r.settings.get("rank", "signed")), top) for r in runs]
@@ -58,6 +61,7 @@ def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, 
     return {
         "n_seeds": len(runs),
         "seeds": [r.settings["seed"] for r in runs],
+        "same_pairs": same_pairs,
         "per_seed": [{"seed": r.settings["seed"], "n_edges_kept": r.metrics["n_edges_kept"],
                       "faithfulness": r.metrics["faithfulness"], "faithfulness_ci": r.metrics.get("faithfulness_ci"),
                       "faithfulness_scoring": r.metrics.get("faithfulness_scoring"),
@@ -79,13 +83,16 @@ def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: ProgressA
                    stable_threshold: float = 0.8) -> CircuitResult:
     """Run ``discover`` for seeds cfg.seed .. cfg.seed + n_seeds - 1; the first run, with
     ``stability`` filled in. Head roles are labelled on the first run only."""
+    from mechscope.tasks import get_task
+
     check_seeds(cfg, n_seeds)
+    same_pairs = not get_task(cfg.task).seeded
     p = as_progress(progress)
     runs = []
     for i in range(n_seeds):
         c = replace(cfg, seed=cfg.seed + i, labels=cfg.labels and i == 0)
-        p.note(f"draw {i + 1} of {n_seeds} (seed {c.seed})")
+        p.note(f"{'split' if same_pairs else 'draw'} {i + 1} of {n_seeds} (seed {c.seed})")
         runs.append(discover(model, c, progress=p))
     main = runs[0]
-    main.stability = stability_summary(runs, stable_threshold)
+    main.stability = stability_summary(runs, stable_threshold, same_pairs=same_pairs)
     return main

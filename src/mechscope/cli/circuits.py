@@ -49,7 +49,8 @@ def discover(
                                "(distance of the task metric from its full-model value)."),
     seed: int = typer.Option(DiscoverConfig.seed, "--seed"),
     seeds: int = typer.Option(1, "--seeds", help="Repeat with this many draws of pairs (seed, seed+1, ...): "
-                              "overlap of the circuits, spread of faithfulness, edges stable across draws."),
+                              "overlap of the circuits, spread of faithfulness, edges stable across draws. "
+                              "A .jsonl task has the same pairs for every seed: only the held-out split changes."),
     folds: int = typer.Option(DiscoverConfig.folds, "--folds", help="Cross-validation folds inside the scoring pairs that choose the size."),
     qk: str = typer.Option(DiscoverConfig.qk, "--qk", help="Query/key edges: exact (through the attention softmax) or linear (gradient)."),
     labels: bool = typer.Option(DiscoverConfig.labels, "--labels/--no-labels", help="Label heads with their roles (mechscope heads; cached per model)."),
@@ -130,17 +131,20 @@ def discover(
             highlight=False,
         )
     if res.stability:
-        st = res.stability
-        console.print(
-            f"across {st['n_seeds']} draws of pairs: held-out faithfulness {st['faithfulness_min']:.2f}-"
-            f"{st['faithfulness_max']:.2f} (mean {st['faithfulness_mean']:.2f}), circuit Jaccard "
-            f"{st['jaccard_circuit_mean']:.2f}, top-100 Jaccard {st['jaccard_top100_mean']:.2f}; "
-            f"{len(st['stable_edges'])} edges in >= {st['stable_threshold']:.0%} of the circuits (marked in the report).",
-            highlight=False,
-        )
+        console.print(stability_line(res.stability), highlight=False)
     top = ", ".join(c["name"] for c in res.top_components(8))
     console.print(f"top components: {top}", highlight=False)
     console.print(f"report: {report}", highlight=False)
+
+
+def stability_line(st: dict) -> str:
+    """The one-line summary of ``discover --seeds`` (``circuits.stability.stability_summary``)."""
+    what = (f"{st['n_seeds']} held-out splits of the same pairs (a task file's pairs do not change with the seed)"
+            if st.get("same_pairs") else f"{st['n_seeds']} draws of pairs")
+    return (f"across {what}: held-out faithfulness {st['faithfulness_min']:.2f}-"
+            f"{st['faithfulness_max']:.2f} (mean {st['faithfulness_mean']:.2f}), circuit Jaccard "
+            f"{st['jaccard_circuit_mean']:.2f}, top-100 Jaccard {st['jaccard_top100_mean']:.2f}; "
+            f"{len(st['stable_edges'])} edges in >= {st['stable_threshold']:.0%} of the circuits (marked in the report).")
 
 
 @handles_errors

@@ -37,6 +37,8 @@ class Task:
     info: TaskInfo
     builder: Callable[..., TaskBatch]  # (tokenizer, n=..., seed=...) -> TaskBatch
     default_n: int | None = 50
+    seeded: bool = True
+    """Whether ``seed`` draws the pairs; False for a task file (the same pairs for every seed)."""
 
     @property
     def name(self) -> str:
@@ -79,7 +81,7 @@ def get_task(name: str) -> Task:
         if not Path(name).is_file():
             raise MechscopeError(f"No task file at '{name}'; check the path.")
         info = TaskInfo(Path(name).stem, f"User task from {name}", "logit_diff")
-        return Task(info, partial(jsonl.build, path=name), None)
+        return Task(info, partial(jsonl.build, path=name), None, seeded=False)
     raise MechscopeError(
         f"Unknown task '{name}' (built-in: {', '.join(_TASKS)}; or a path to a .jsonl file)."
         + near_matches(name, list(_TASKS))

@@ -60,7 +60,8 @@ class TaskBatch:
     pad_id: int = 0
     notes: list[str] = field(default_factory=list)
     """One sentence each about kept pairs that may not measure what was meant (a task file's
-    answers without a leading space, ``jsonl.build``); shown beside the dropped pairs."""
+    answers without a leading space or prompts ending in a space, ``tokenize_pairs``) or about
+    fewer pairs than ``n`` asked for (``capped_note``); shown beside the dropped pairs."""
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -165,7 +166,8 @@ def tokenize_pairs(
     """Tokenise and validate pairs; drop invalid ones, counting why.
 
     A pair is kept when clean and corrupt have the same number of tokens and the answer (and
-    wrong token, if any, a different one) encodes to exactly one token. Raises when no pair survives.
+    wrong token, if any, a different one) is exactly one token after the clean prompt
+    (``single_token`` with the prompt). Raises when no pair survives.
     """
     dropped: Counter[str] = Counter()
     kept: list[tuple[list[int], list[int], int, int, Pair]] = []
@@ -175,15 +177,15 @@ def tokenize_pairs(
         if len(c) != len(r):
             dropped["clean and corrupt differ in token length"] += 1
             continue
-        a = single_token(tokenizer, p.answer)
+        a = single_token(tokenizer, p.answer, p.clean)
         if a is None:
-            dropped["answer is not a single token" + _with_space(tokenizer, p.answer)] += 1
+            dropped["answer is not a single token" + _with_space(tokenizer, p.clean, p.answer)] += 1
             continue
         w = -1
         if p.wrong is not None:
-            found = single_token(tokenizer, p.wrong)
+            found = single_token(tokenizer, p.wrong, p.clean)
             if found is None:
-                dropped["wrong answer is not a single token" + _with_space(tokenizer, p.wrong)] += 1
+                dropped["wrong answer is not a single token" + _with_space(tokenizer, p.clean, p.wrong)] += 1
                 continue
             w = found
             if w == a:
@@ -194,18 +196,43 @@ def tokenize_pairs(
         reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"
         raise MechscopeError(f"Task '{task}' has no valid clean/corrupt pair ({reasons}).")
     batch = _pad(tokenizer, kept, task, metric_name, dict(dropped))
-    glued = sum(_glued(p.clean, p.answer) or (p.wrong is not None and _glued(p.clean, p.wrong)) for *_, p in kept)
+    glued = sum(_glued(tokenizer, p.clean, a) or (w >= 0 and _glued(tokenizer, p.clean, w)) for _, _, a, w, p in kept)
     if glued:
         batch.notes.append(
             f"{glued} of {len(kept)} pairs have an answer or wrong token that starts with a letter right after a prompt "
             "ending in one, so they score a token that continues the prompt's last word ('Mary' rather than ' Mary'); "
             "if the answer is a new word, write it with a leading space.")
+    spaced = sum(_ends_in_space(p.clean) for *_, p in kept)
+    if spaced:
+        batch.notes.append(
+            f"{spaced} of {len(kept)} pairs have a prompt that ends in a space, so the answer is scored after a bare "
+            "space token, which tokenizers normally fold into the next word's token; move the space to the start of "
+            "the answer ('to' + ' Mary', not 'to ' + 'Mary').")
     return batch
 
 
-def _glued(prompt: str, token: str) -> bool:
-    """Whether ``token`` would continue the last word of ``prompt`` (a letter on both sides, no space)."""
-    return prompt[-1:].isalpha() and token[:1].isalpha()
+def capped_note(n: int, have: int, what: str, kept: int) -> str:
+    """The note for an ``n`` above what a task can supply: ``have`` ``what`` (e.g. "facts"),
+    ``kept`` of them valid pairs."""
+    valid = f" ({kept} valid with this tokenizer)" if kept != have else ""
+    return f"--n {n} asks for more pairs than the task can supply: {have} {what}{valid}, so the batch has {kept}."
+
+
+def _ends_in_space(prompt: str) -> bool:
+    """Whether ``prompt`` ends in a space or tab (a line break before the answer is ordinary text)."""
+    return prompt[-1:].isspace() and prompt[-1:] not in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _glued(tokenizer: Any, prompt: str, token: int) -> bool:
+    """Whether ``token`` after ``prompt`` continues the prompt's last word: the prompt ends in a
+    letter and the text the token adds there (decoded in context, so a SentencePiece "▁Mary"
+    adds " Mary") starts with one."""
+    if not prompt[-1:].isalpha():
+        return False
+    base = _ids(tokenizer, prompt)
+    before, after = tokenizer.decode(base), tokenizer.decode(base + [token])
+    added = after[len(before):] if after.startswith(before) else tokenizer.decode([token])
+    return added[:1].isalpha()
 
 
 def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
@@ -233,14 +260,41 @@ def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
     )
 
 
-def _with_space(tokenizer: Any, text: str) -> str:
-    """' (but is one with a leading space)' where ``text`` lacks one and gains a single token by it."""
-    if text[:1].isspace() or single_token(tokenizer, " " + text) is None:
+def _with_space(tokenizer: Any, prompt: str, text: str) -> str:
+    """' (but is one with a leading space)' where ``text`` lacks one and gains a single token
+    (after ``prompt``) by it."""
+    if text[:1].isspace() or single_token(tokenizer, " " + text, prompt) is None:
         return ""
     return " (but is one with a leading space)"
 
 
-def single_token(tokenizer: Any, text: str) -> int | None:
-    """The id of ``text`` if it encodes to exactly one token (no special tokens), else None."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+CONTEXT = "\n"
+"""What ``single_token`` puts before a text when given no prompt: a line break, which byte-level
+BPE tokenizers never merge with a following space or letter, so the text gets its own tokens."""
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def continuation(tokenizer: Any, prompt: str, text: str) -> list[int] | None:
+    """The ids ``text`` adds after ``prompt`` when the two are tokenised together, or None when
+    the prompt's own ids are not a prefix of theirs (the text merges into the prompt's last
+    token, e.g. "17" + "5" with a tokenizer that has a token "175")."""
+    base, full = _ids(tokenizer, prompt), _ids(tokenizer, prompt + text)
+    return full[len(base):] if full[: len(base)] == base else None
+
+
+def single_token(tokenizer: Any, text: str, prompt: str | None = None) -> int | None:
+    """The id of the one token ``text`` adds after ``prompt`` (default ``CONTEXT``), else None.
+
+    Decided in context because SentencePiece tokenizers that mark word starts with "▁"
+    (Llama-2, Mistral v0.1) give a text alone a dummy prefix: " Mary" alone is ['▁', '▁Mary'],
+    after "to" it is the one token '▁Mary'. Where the text merges into the prompt's last token
+    (``continuation`` is None), the text's tokens on their own decide. On byte-level BPE
+    tokenizers (GPT-2, SmolLM2) both ways give the same tokens.
+    """
+    ids = continuation(tokenizer, CONTEXT if prompt is None else prompt, text)
+    if ids is None:
+        ids = _ids(tokenizer, text)
     return ids[0] if len(ids) == 1 else None

@@ -28,9 +28,9 @@ Construction (one pair per example), Sphinx ("reST") docstring style::
   sets disjoint, none of them in the clean prompt), so neither says which argument comes next;
   method name, descriptions and the prefix/suffix arguments stay. The answer appears nowhere
   in the corrupt prompt, the ``wrong`` argument stays where it was.
-- Names come from a list of common Python identifiers; at build time only those that encode to
-  a single token with a leading space in the given tokenizer are kept, so clean and corrupt
-  prompts always have the same token length.
+- Names come from a list of common Python identifiers; at build time only those that are a
+  single token with a leading space after ``:param`` (``NAME_CONTEXT``) in the given tokenizer
+  are kept, so clean and corrupt prompts always have the same token length.
 
 Defaults (``prefix_args=0, match_args=3, suffix_args=1``) are the post's example layout: the
 docstring documents the first arguments in order. ACDC's dataset uses ``prefix_args=2`` (the
@@ -100,9 +100,13 @@ class DocstringExample:
     corrupt: str
 
 
-def single_token_names(tokenizer: Any, names: list[str] = NAMES) -> list[str]:
-    """The names that encode to one token with a leading space (order kept)."""
-    return [n for n in names if single_token(tokenizer, " " + n) is not None]
+NAME_CONTEXT = "    :param"
+"""A prompt the names are tried after (``single_token`` decides in context)."""
+
+
+def single_token_names(tokenizer: Any, names: list[str] = NAMES, prompt: str = NAME_CONTEXT) -> list[str]:
+    """The names that are one token with a leading space after ``prompt`` (order kept)."""
+    return [n for n in names if single_token(tokenizer, " " + n, prompt) is not None]
 
 
 def prompt(method: str, method_desc: str, def_args: list[str], doc_args: list[str],

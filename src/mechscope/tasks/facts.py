@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.errors import MechscopeError
-from mechscope.tasks.base import Pair, TaskBatch, tokenize_pairs
+from mechscope.tasks.base import Pair, TaskBatch, capped_note, tokenize_pairs
 
 DATA = Path(__file__).parent / "data" / "facts.jsonl"
 
@@ -79,7 +79,8 @@ def make_pairs(tokenizer: Any, facts: list[Fact], seed: int = 0) -> tuple[list[P
 
 
 def build(tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
-    """Facts batch: ``n`` facts drawn with ``seed`` (all facts, shuffled, when ``n`` is None)."""
+    """Facts batch: ``n`` facts drawn with ``seed`` (all facts, shuffled, when ``n`` is None or
+    above their number; then with a note saying how many the task can supply)."""
     facts = load_facts()
     rng = random.Random(seed)
     facts = rng.sample(facts, len(facts) if n is None else min(n, len(facts)))
@@ -89,4 +90,6 @@ def build(tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
     batch = tokenize_pairs(tokenizer, pairs, "facts", "logit_diff")
     for k, v in dropped.items():
         batch.dropped[k] = batch.dropped.get(k, 0) + v
+    if n is not None and n > len(facts):
+        batch.notes.append(capped_note(n, len(facts), "facts", len(batch)))
     return batch

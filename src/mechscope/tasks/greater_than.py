@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.tasks.base import Pair, TaskBatch, single_token, tokenize_pairs
+from mechscope.tasks.base import Pair, TaskBatch, capped_note, single_token, tokenize_pairs
 
 TEMPLATE = "The {noun} lasted from the year {century}{xx:02d} to the year {century}"
 
@@ -55,28 +55,60 @@ def digit_signs(xx: int) -> list[float]:
     return [1.0 if d > a else -1.0 if d < a else 0.0 for d in range(10)]
 
 
-def digit_ids(tokenizer: Any) -> list[int]:
-    """Token ids of the digits 0..9 (each must be a single token)."""
-    ids = [single_token(tokenizer, str(d)) for d in range(10)]
+def digit_ids(tokenizer: Any, prompt: str | None = None) -> list[int]:
+    """Token ids of the digits 0..9 as the next token after ``prompt`` (default: a prompt of this
+    task, so a SentencePiece tokenizer gives the digit pieces that continue "17", not "▁5");
+    each must be a single token."""
+    prompt = TEMPLATE.format(noun=NOUNS[0], century=CENTURIES[-1], xx=32) if prompt is None else prompt
+    ids = [single_token(tokenizer, str(d), prompt) for d in range(10)]
     if any(i is None for i in ids):
         raise MechscopeError("The greater-than task needs each digit 0-9 to be a single token.")
     return [int(i) for i in ids]  # type: ignore[arg-type]
 
 
-def build(tokenizer: Any, n: int = 50, seed: int = 0) -> TaskBatch:
-    """Greater-than batch: metric prob_diff over the 10 digit tokens at the last position."""
-    digits = digit_ids(tokenizer)
+def draw(n: int, seed: int) -> tuple[list[tuple[str, int, int]], int]:
+    """``n`` different (noun, century, XX) drawn with ``seed`` (all of them, shuffled, when ``n``
+    is at least their number) and how many draws repeated an earlier one and were drawn again."""
     rng = random.Random(seed)
+    every = [(noun, c, xx) for noun in NOUNS for c in CENTURIES for xx in XX_RANGE]
+    if n >= len(every):
+        rng.shuffle(every)
+        return every, 0
+    seen: set[tuple[str, int, int]] = set()
+    out: list[tuple[str, int, int]] = []
+    repeats = 0
+    while len(out) < n:
+        key = (rng.choice(NOUNS), rng.choice(CENTURIES), rng.choice(XX_RANGE))
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        out.append(key)
+    return out, repeats
+
+
+def build(tokenizer: Any, n: int = 50, seed: int = 0) -> TaskBatch:
+    """Greater-than batch: metric prob_diff over the 10 digit tokens at the last position.
+
+    The ``n`` pairs are all different: a draw that repeats an earlier one (a copy of a scoring
+    pair in the held-out split would be a second look at it) is drawn again and counted in
+    ``dropped``; above the number of different prompts the batch has them all, with a note.
+    """
+    digits = digit_ids(tokenizer)
+    drawn, repeats = draw(n, seed)
     pairs: list[Pair] = []
     xxs: dict[str, int] = {}
-    for _ in range(n):
-        noun, century, xx = rng.choice(NOUNS), rng.choice(CENTURIES), rng.choice(XX_RANGE)
+    for noun, century, xx in drawn:
         clean = TEMPLATE.format(noun=noun, century=century, xx=xx)
         corrupt = TEMPLATE.format(noun=noun, century=century, xx=1)
         a = xx // 10
         pairs.append(Pair(clean, corrupt, str(a + 1), str(a - 1)))
         xxs[clean] = xx
     batch = tokenize_pairs(tokenizer, pairs, "greater-than", "prob_diff")
+    if repeats:
+        batch.dropped["repeats an earlier pair"] = repeats
+    if n > len(drawn):
+        batch.notes.append(capped_note(n, len(drawn), "different prompts", len(batch)))
     # The prompt must end exactly before the first digit of YY: its last token is the
     # century's last digit (true for digit-splitting tokenizers; GPT-2-style would fail).
     last = batch.clean[torch.arange(len(batch)), batch.lengths - 1]  # [batch]

@@ -12,9 +12,9 @@ Construction (one pair per example):
 - Corrupt prompt: the paper's ABC distribution, i.e. the same template, place and object with
   three new names C, D, E (all different from each other and from A and B) in the three name
   slots, so no name is repeated and nothing says which name is the indirect object.
-- Names come from a list of common English first names; at build time only those that encode
-  to a single token with a leading space in the given tokenizer are kept, so clean and
-  corrupt prompts always have the same token length.
+- Names come from a list of common English first names; at build time only those that are a
+  single token with a leading space after a prompt's last word ("to", ``NAME_CONTEXT``) in the
+  given tokenizer are kept, so clean and corrupt prompts always have the same token length.
 
 The templates, places and objects below are our own, written in the style of the paper's.
 """
@@ -90,9 +90,13 @@ class IOIExample:
     corrupt: str
 
 
-def single_token_names(tokenizer: Any, names: list[str] = NAMES) -> list[str]:
-    """The names that encode to one token with a leading space (order kept)."""
-    return [n for n in names if single_token(tokenizer, " " + n) is not None]
+NAME_CONTEXT = "Mary gave a drink to"
+"""A prompt the names are tried after (``single_token`` decides in context)."""
+
+
+def single_token_names(tokenizer: Any, names: list[str] = NAMES, prompt: str = NAME_CONTEXT) -> list[str]:
+    """The names that are one token with a leading space after ``prompt`` (order kept)."""
+    return [n for n in names if single_token(tokenizer, " " + n, prompt) is not None]
 
 
 def make_examples(tokenizer: Any, n: int = 50, seed: int = 0) -> list[IOIExample]:

@@ -5,8 +5,8 @@ Each non-blank line is one object ``{"clean": str, "corrupt": str, "answer": str
 a leading space (" Mary"); the metric is ``logit_diff`` (answer minus wrong) at the last
 position of each prompt. ``wrong`` is required: logit_diff has no meaning without a contrast
 token. A malformed line raises ``MechscopeError`` naming the file, the line and the problem;
-valid lines whose prompts differ in token length, or whose answer/wrong is not one token, are
-dropped and counted in ``TaskBatch.dropped``.
+valid lines whose prompts differ in token length, or whose answer/wrong is not one token after
+the clean prompt, are dropped and counted in ``TaskBatch.dropped``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.errors import MechscopeError
-from mechscope.tasks.base import Pair, TaskBatch, tokenize_pairs
+from mechscope.tasks.base import Pair, TaskBatch, capped_note, tokenize_pairs
 
 KEYS = ("clean", "corrupt", "answer", "wrong")
 
@@ -53,14 +53,27 @@ def read_pairs(path: str | Path) -> list[Pair]:
 
 
 def build(tokenizer: Any, path: str | Path, n: int | None = None, seed: int = 0) -> TaskBatch:
-    """Batch of the file's pairs (the first ``n`` when given; ``seed`` is unused). A pair that
-    repeats an earlier one is dropped and counted: a copy of a scoring pair in the held-out
-    split would make the held-out figures a second look at the scoring pairs."""
+    """Batch of the file's pairs: the first ``n`` different ones when given, all otherwise.
+
+    A pair that repeats an earlier one is dropped and counted: a copy of a scoring pair in the
+    held-out split would make the held-out figures a second look at the scoring pairs. ``seed``
+    is unused: every seed gets the same pairs (``discover --seeds`` then varies only the
+    held-out split, and says so). An ``n`` above the file's different pairs gets a note.
+    """
     pairs = read_pairs(path)
-    if n is not None:
-        pairs = pairs[:n]
-    unique = list({(p.clean, p.corrupt, p.answer, p.wrong): p for p in pairs}.values())  # first-seen order
-    batch = tokenize_pairs(tokenizer, unique, Path(path).stem, "logit_diff")
-    if len(unique) < len(pairs):
-        batch.dropped["repeats an earlier pair"] = len(pairs) - len(unique)
+    seen: dict[tuple[str, str, str, str | None], Pair] = {}  # first-seen order
+    repeats = 0
+    for p in pairs:
+        if n is not None and len(seen) >= n:
+            break
+        key = (p.clean, p.corrupt, p.answer, p.wrong)
+        if key in seen:
+            repeats += 1
+        else:
+            seen[key] = p
+    batch = tokenize_pairs(tokenizer, list(seen.values()), Path(path).stem, "logit_diff")
+    if repeats:
+        batch.dropped["repeats an earlier pair"] = repeats
+    if n is not None and n > len(seen):
+        batch.notes.append(capped_note(n, len(seen), "different pairs in the file", len(batch)))
     return batch
