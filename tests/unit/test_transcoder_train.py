@@ -164,11 +164,13 @@ def test_a_set_trains_every_layer_from_one_forward_pass_per_batch(tiny_llama, co
     one = train_transcoders(tiny_llama, TranscoderTrainConfig(layers=[1], tokens=4000, corpus=corpus, checkpoint_every=1000, **SMALL),
                             tmp_path / "one")
     one_calls = list(calls)
-    # 32 steps of 4 contexts = 8 chunks of 16 contexts = 16 forward passes of 8 contexts (+ one width probe)
-    assert len(all_calls) == len(one_calls) == 16 + 1
+    # 32 steps of 4 contexts = 8 chunks of 16 contexts = 16 forward passes of 8 contexts (+ one width
+    # probe), or one chunk more where rows left out (special tokens, attention sinks) leave a step short
+    n = len(all_calls) - 1
+    assert len(one_calls) == len(all_calls) and n in (16, 17), (all_calls, one_calls)
     # every layer's in and out hooks in each pass, and the residual norms after blocks 0 to the
     # deepest one (the sink test, sink_ratio): 3 layers 6 + 3, layer 1 alone 2 + 2
-    assert all_calls[1:] == [9] * 16 and one_calls[1:] == [4] * 16
+    assert all_calls[1:] == [9] * n and one_calls[1:] == [4] * n
     assert isinstance(full, TranscoderSet) and isinstance(one, dict) and list(one) == [1]
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
         "config.yaml", "layer_0", "layer_0.safetensors", "layer_1", "layer_1.safetensors", "layer_2",
