@@ -193,3 +193,15 @@ def test_greater_than_n_above_supply(spm, monkeypatch):
     batch = greater_than.build(spm, n=100, seed=0)
     assert len(batch) == 80 and len(set(batch.clean_text)) == 80
     assert batch.notes == ["--n 100 asks for more pairs than the task can supply: 80 different prompts, so the batch has 80."]
+
+
+def test_the_report_names_held_out_splits_of_a_task_files_pairs():
+    from mechscope.report.circuit import _stability_section
+
+    st = {"n_seeds": 2, "seeds": [0, 1], "faithfulness_min": 0.5, "faithfulness_max": 0.7, "faithfulness_mean": 0.6,
+          "jaccard_circuit_mean": 0.4, "jaccard_circuit_min": 0.3, "top": 100, "jaccard_top100_mean": 0.5,
+          "stable_edges": [], "stable_threshold": 0.8, "per_seed": []}
+    drawn = _stability_section({"stability": st})
+    assert "Stability across draws of pairs" in drawn and "same pairs" not in drawn
+    split = _stability_section({"stability": {**st, "same_pairs": True}})
+    assert "Stability across held-out splits of the same pairs" in split and "draws of pairs" not in split

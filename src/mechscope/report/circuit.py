@@ -283,8 +283,10 @@ def _stability_section(data: dict) -> str:
     stable = _stable_edges(data)
     listed = "".join(f"<li><code>{esc(a)} → {esc(b)}</code> {f:.0%}</li>" for (a, b), f in list(stable.items())[:60])
     more = f"<p class='note'>… and {len(stable) - 60:,} more.</p>" if len(stable) > 60 else ""
-    return f"""<section id="stability"><h2>Stability across draws of pairs</h2>
-<p class="note">The same discovery on {esc(st.get("n_seeds"))} draws of pairs (seeds {esc(", ".join(str(x) for x in st.get("seeds") or []))}).
+    # a task file's pairs do not change with the seed: only their split into scoring and held-out pairs does
+    what = "held-out splits of the same pairs" if st.get("same_pairs") else "draws of pairs"
+    return f"""<section id="stability"><h2>Stability across {what}</h2>
+<p class="note">The same discovery on {esc(st.get("n_seeds"))} {what} (seeds {esc(", ".join(str(x) for x in st.get("seeds") or []))}).
 Held-out faithfulness {html_num(st.get("faithfulness_min"))}–{html_num(st.get("faithfulness_max"))} (mean {html_num(st.get("faithfulness_mean"))});
 Jaccard overlap of the chosen circuits {html_num(st.get("jaccard_circuit_mean"))} (lowest pair {html_num(st.get("jaccard_circuit_min"))}),
 of their top-{esc(st.get("top"))} edges {html_num(st.get("jaccard_top100_mean"))}. Edges in at least
