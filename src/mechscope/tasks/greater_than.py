@@ -91,11 +91,11 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0) -> TaskBatch:
     """Greater-than batch: metric prob_diff over the 10 digit tokens at the last position.
 
     The ``n`` pairs are all different: a draw that repeats an earlier one (a copy of a scoring
-    pair in the held-out split would be a second look at it) is drawn again and counted in
-    ``dropped``; above the number of different prompts the batch has them all, with a note.
+    pair in the held-out split would be a second look at it) is drawn again, so nothing is
+    dropped; above the number of different prompts the batch has them all, with a note.
     """
     digits = digit_ids(tokenizer)
-    drawn, repeats = draw(n, seed)
+    drawn, _ = draw(n, seed)  # repeats were drawn again: none is missing from the batch
     pairs: list[Pair] = []
     xxs: dict[str, int] = {}
     for noun, century, xx in drawn:
@@ -105,8 +105,6 @@ def build(tokenizer: Any, n: int = 50, seed: int = 0) -> TaskBatch:
         pairs.append(Pair(clean, corrupt, str(a + 1), str(a - 1)))
         xxs[clean] = xx
     batch = tokenize_pairs(tokenizer, pairs, "greater-than", "prob_diff")
-    if repeats:
-        batch.dropped["repeats an earlier pair"] = repeats
     if n > len(drawn):
         batch.notes.append(capped_note(n, len(drawn), "different prompts", len(batch)))
     # The prompt must end exactly before the first digit of YY: its last token is the
