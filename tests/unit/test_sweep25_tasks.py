@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mechscope.errors import MechscopeError
 from mechscope.tasks import docstring, facts, get_task, greater_than, ioi
 from mechscope.tasks.base import single_token
 
@@ -206,3 +207,21 @@ def test_the_report_names_held_out_splits_of_a_task_files_pairs():
     assert "Stability across draws of pairs" in drawn and "same pairs" not in drawn
     split = _stability_section({"stability": {**st, "same_pairs": True}})
     assert "Stability across held-out splits of the same pairs" in split and "draws of pairs" not in split
+
+
+def test_lens_and_recall_targets_are_read_in_context_on_spm(spm):
+    """`lens --target " Mary"` and the recall dataset's known facts use models.prompt.single_token:
+    on a "▁" tokenizer " Mary" alone is two pieces and used to be refused; after the prompt it
+    is the one piece '▁Mary'. A target that is one token alone keeps its old id."""
+    from mechscope.models.prompt import single_token as target_token
+    from mechscope.recall.dataset import _attribute_id
+    from mechscope.tasks.facts import Fact
+
+    model = SimpleNamespace(tokenizer=spm)
+    mary = spm.convert_tokens_to_ids("▁Mary")
+    with pytest.raises(MechscopeError, match="not a single token"):
+        target_token(model, " Mary")  # no prompt: as before
+    assert target_token(model, " Mary", prompt="a drink to") == mary
+    assert target_token(model, "Mary", prompt="a drink to") == mary  # alone, "Mary" is '▁Mary' already
+    fact = Fact(subject="x", relation="r", prompt="a drink to", attribute=" Mary")
+    assert _attribute_id(model, fact) == mary

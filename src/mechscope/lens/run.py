@@ -40,9 +40,9 @@ def run_lens(model: Model, prompt: str, target: str | None = None, distractor: s
     tokens = encode_prompt(model, prompt)
     with torch.no_grad():
         logits = model(tokens)[0, -1].float()
-    tid = single_token(model, target) if target is not None else int(logits.argmax())
+    tid = single_token(model, target, prompt=prompt) if target is not None else int(logits.argmax())
     if distractor is not None:
-        did = single_token(model, distractor, "distractor")
+        did = single_token(model, distractor, "distractor", prompt=prompt)
         if did == tid:
             raise MechscopeError(f"--distractor {distractor!r} is the target token itself; give another token to contrast with.")
     else:

@@ -31,11 +31,15 @@ def encode_prompt(model: Model, prompt: str) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def single_token(model: Model, text: str, what: str = "target") -> int:
+def single_token(model: Model, text: str, what: str = "target", prompt: str | None = None) -> int:
     """The id of ``text`` as one token.
 
     A word follows a prompt after a space, so when ``text`` has no leading space, " " + text
-    is tried first and text itself second. Raises, naming the pieces, when neither is one token.
+    is tried first and text itself second. Where neither is one token alone and ``prompt`` is
+    given, each is tried after the prompt (the ids prompt + text adds past the prompt's own):
+    a SentencePiece tokenizer that marks word starts with "▁" (Llama-2, Mistral v0.1) encodes
+    " Paris" alone as '▁', '▁Paris', after a prompt as '▁Paris'. Raises, naming the pieces,
+    when none is one token.
     """
     if not text:
         raise MechscopeError(f"The {what} is empty; pass one token, e.g. ' Paris'.")
@@ -44,6 +48,12 @@ def single_token(model: Model, text: str, what: str = "target") -> int:
         ids = model.tokenizer(c, add_special_tokens=False)["input_ids"]
         if len(ids) == 1:
             return ids[0]
+    if prompt is not None:
+        base = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for c in candidates:
+            full = model.tokenizer(prompt + c, add_special_tokens=False)["input_ids"]
+            if full[: len(base)] == base and len(full) == len(base) + 1:
+                return full[-1]
     ids = model.tokenizer(candidates[0], add_special_tokens=False)["input_ids"]
     pieces = ", ".join(repr(model.tokenizer.decode([i])) for i in ids)
     raise MechscopeError(f"The {what} {candidates[0]!r} is not a single token: it splits into {pieces}; pass one of those tokens instead.")

@@ -48,10 +48,20 @@ def known_facts(model: Model, facts: list[Fact]) -> list[Fact]:
             part = idx[s:s + 64]
             top = last_logits(model, torch.tensor([enc[i] for i in part])).argmax(-1).tolist()
             for i, t in zip(part, top):
-                ids = model.tokenizer(facts[i].attribute, add_special_tokens=False)["input_ids"]
-                if len(ids) == 1 and ids[0] == t:
+                if _attribute_id(model, facts[i]) == t:
                     keep.add(i)
     return [f for i, f in enumerate(facts) if i in keep]
+
+
+def _attribute_id(model: Model, fact: Fact) -> int | None:
+    """The fact's attribute as one token after its prompt, or None: alone first, then in context
+    (a SentencePiece "▁" tokenizer encodes " Paris" alone as two pieces, after the prompt as one)."""
+    from mechscope.models.prompt import single_token
+
+    try:
+        return single_token(model, fact.attribute, prompt=fact.prompt)
+    except MechscopeError:
+        return None
 
 
 def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = None, parts: tuple[str, ...] | None = None,

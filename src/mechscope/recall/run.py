@@ -41,7 +41,7 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
         raise MechscopeError(f"the subject {subject!r} runs to the prompt's last token, where the answer is read; end the prompt "
                              "with words after the subject (e.g. 'The Eiffel Tower is in the city of').")
     if target is not None:
-        tid = single_token(model, target)
+        tid = single_token(model, target, prompt=prompt)
     else:
         with torch.no_grad():
             tid = int(model(tokens)[0, -1].argmax())
