@@ -225,3 +225,14 @@ def test_lens_and_recall_targets_are_read_in_context_on_spm(spm):
     assert target_token(model, "Mary", prompt="a drink to") == mary  # alone, "Mary" is '▁Mary' already
     fact = Fact(subject="x", relation="r", prompt="a drink to", attribute=" Mary")
     assert _attribute_id(model, fact) == mary
+
+
+def test_token_texts_keep_word_starts_on_spm_and_equal_decode_on_byte_level(spm, bpe):
+    from mechscope.models.tokens import token_texts
+
+    ids = spm("a drink to Mary", add_special_tokens=False)["input_ids"]
+    texts = token_texts(spm, ids)
+    assert [spm.decode([i]) for i in ids][-1] == "Mary"  # decode alone drops the word start
+    assert texts[-1] == " Mary" and "".join(texts).strip() == "a drink to Mary"
+    ids = bpe("then Mary went", add_special_tokens=False)["input_ids"]
+    assert token_texts(bpe, ids) == [bpe.decode([i]) for i in ids]

@@ -1,0 +1,29 @@
+"""Token texts as they read inside running text.
+
+``tokenizer.decode([i])`` drops the leading space of a SentencePiece word-start piece
+(Llama-2, Mistral v0.1: '▁Mary' decodes alone as 'Mary'), so per-token texts joined, or checked
+for a leading space, lose every word boundary. ``token_texts`` decodes each token after a fixed
+anchor token and keeps what it adds: '▁Mary' -> ' Mary'; byte-level BPE ('ĠMary' -> ' Mary')
+gives what ``decode([i])`` gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_ANCHOR = "a"
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text each of ``ids`` adds after a plain word, its leading space included (one
+    ``batch_decode``); ``decode([i])`` where the anchor does not decode as a prefix."""
+    ids = [int(i) for i in ids]
+    anchor = list(tokenizer(_ANCHOR, add_special_tokens=False)["input_ids"])
+    if len(anchor) != 1:
+        return [tokenizer.decode([i]) for i in ids]
+    prefix = tokenizer.decode(anchor)
+    out = []
+    for i, full in zip(ids, tokenizer.batch_decode([anchor + [i] for i in ids])):
+        out.append(full[len(prefix):] if full.startswith(prefix) else tokenizer.decode([i]))
+    return out
