@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 SCORERS = ("simulation", "detection", "fuzzing")
 ACTIVE_FRAC = 0.2
 MARK_FRAC = 0.5
+NUMBER_CONTEXT = "The\t"
+"""What the simulation prompt puts before a number (``token<TAB>number``): number tokens are decided after it."""
+ANSWER_CONTEXT = "Answer:"
+"""What the detection and fuzzing prompts put before the answer: " Yes" / " No" are decided after it."""
 
 SIM_INSTRUCTIONS = (
     "We study neurons of a neural network. Each neuron looks for one particular thing in a text. "
@@ -279,23 +283,24 @@ class ModelSimulator:
         self.hf = self.model.hf
         self.tok = self.model.tokenizer
         self.torch = torch
+        self._cache: dict[tuple[str, str], list[int]] = {}
+        # Numbers and answers are decided where the prompt reads them (a number after a tab, an
+        # answer after "Answer:"): a SentencePiece tokenizer gives "0" alone a dummy prefix
+        # (['▁', '0']) that it does not give after the tab; byte-level BPE gives the same ids either way.
         numbers: list[int] = []
         for k in range(11):
-            ids = self.tok.encode(str(k), add_special_tokens=False)
+            ids = self._cont(NUMBER_CONTEXT, str(k))
             if len(ids) != 1:
                 break
             numbers.append(ids[0])
-        if len(numbers) < 2:
-            raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) has no single-token digits 0 and 1; use another simulator model.")
-        self.number_ids = numbers  # "0".."top", each one token
-        self.top = len(numbers) - 1
+        self.number_ids = numbers  # "0".."top", each one token (fewer than 2: no simulation scorer, see _need_numbers)
+        self.top = max(len(numbers) - 1, 0)
         for yes, no in ((" Yes", " No"), ("Yes", "No")):  # the first token of each answer must differ
-            self.yes, self.no = self.tok.encode(yes, add_special_tokens=False)[0], self.tok.encode(no, add_special_tokens=False)[0]
+            self.yes, self.no = self._cont(ANSWER_CONTEXT, yes)[0], self._cont(ANSWER_CONTEXT, no)[0]
             if self.yes != self.no:
                 break
         else:
             raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
-        self._cache: dict[str, list[int]] = {}
         self._share_head = share_head
         from mechscope.models.load import learned_positions
 
@@ -309,11 +314,25 @@ class ModelSimulator:
     def name(self) -> str:
         return self.model.name
 
-    def _enc(self, text: str) -> list[int]:
-        ids = self._cache.get(text)
+    def _cont(self, context: str, text: str) -> list[int]:
+        """The ids ``text`` adds after ``context`` (cached; ``continuation``), or its ids alone where it
+        merges into the context. Prompt pieces are encoded after what precedes them in the prompt, so
+        their concatenation is the prompt's own tokenisation: a SentencePiece tokenizer would give
+        each piece encoded alone a stray leading '▁'; byte-level BPE gives the same ids either way."""
+        from mechscope.tasks.base import continuation
+
+        key = (context, text)
+        ids = self._cache.get(key)
         if ids is None:
-            ids = self._cache[text] = self.tok.encode(text, add_special_tokens=False)
+            got = continuation(self.tok, context, text)
+            ids = self._cache[key] = got if got is not None else list(self.tok(text, add_special_tokens=False)["input_ids"])
         return ids
+
+    def _need_numbers(self) -> None:
+        """Refuse (one sentence) a simulation scorer whose tokenizer has no single-token numbers 0 and 1."""
+        if len(self.number_ids) < 2:
+            raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) has no single-token digits 0 and 1; "
+                                 "use another simulator model, or the detection and fuzzing scorers only.")
 
     def _head(self, text: str) -> list[int]:
         """The prompt's beginning, with the tokenizer's own special tokens (BOS where it adds one)."""
@@ -324,11 +343,12 @@ class ModelSimulator:
         head = (f"{SIM_INSTRUCTIONS.format(top=self.top)}\n\nExample.\nExplanation: the word \"cat\"\n"
                 f"Activations:\nThe\t0\n cat\t{self.top}\n sat\t0\n on\t0\n the\t0\n mat\t0\n\n"
                 f"Explanation: {description.strip()}\nActivations:\n")
-        tab, unknown = self._enc("\t"), self._enc("unknown\n")
+        self._need_numbers()
+        tab, unknown = self._cont("x", "\t"), self._cont("\t", "unknown\n")
         tail: list[int] = []
         slots = []
-        for t in tokens:
-            tail += self._enc(clean_token(t)) + tab
+        for t in tokens:  # each token's line after the previous line (the first after "Activations:\n")
+            tail += self._cont("unknown\n", clean_token(t)) + tab
             slots.append(len(tail) - 1)  # the logits here predict the number after the tab
             tail += unknown
         return list(self._head(head)), tail, slots
@@ -340,13 +360,19 @@ class ModelSimulator:
 
     def _judge_parts(self, description: str, text: str, question: str) -> tuple[list[int], list[int]]:
         head = f"{JUDGE_INSTRUCTIONS}\n\nExplanation: {description.strip()}\nText:"
-        return list(self._head(head)), self.tok.encode(f" {text}\n{question} Answer:", add_special_tokens=False)
+        from mechscope.tasks.base import continuation
+
+        tail = f" {text}\n{question} Answer:"  # encoded after the head, as in the whole prompt
+        ids = continuation(self.tok, head, tail)
+        return list(self._head(head)), ids if ids is not None else list(self.tok(tail, add_special_tokens=False)["input_ids"])
 
     def check_prompts(self, windows: list[list[str]], scorers: Sequence[str] = SCORERS) -> None:
         """Refuse (one sentence), before any unit is described, a simulator whose learned positions
         end before the scoring prompts of ``windows`` do, even with an empty description (a
         description only adds tokens): the simulation prompt of each window, the detection and
         fuzzing prompts' fixed part. Each prompt is still checked when it runs."""
+        if "simulation" in scorers:
+            self._need_numbers()
         if self.max_positions is None:
             return
         need = 0

@@ -169,7 +169,11 @@ def output_logits(model: Model, directions: torch.Tensor, k: int = 10, vocab: li
 
 
 def token_strings(tokenizer, n: int | None = None) -> list[str]:
-    """Every token id's text as the tokenizer decodes it alone (ids past the tokenizer: '')."""
+    """Every token id's text as it reads inside running text, its leading space included
+    (``token_texts``: SentencePiece '▁Mary' -> ' Mary', where ``decode([i])`` gives 'Mary'; on
+    byte-level BPE the same as ``decode([i])``), one batched call; ids past the tokenizer: ''."""
+    from mechscope.models.tokens import token_texts
+
     n = n or len(tokenizer)
     size = len(tokenizer)
-    return [tokenizer.decode([i]) if i < size else "" for i in range(n)]
+    return token_texts(tokenizer, range(min(n, size))) + [""] * max(n - size, 0)

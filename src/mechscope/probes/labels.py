@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mechscope.errors import MechscopeError
+from mechscope.models.tokens import token_texts
 from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ class LabelSet:
 
 
 def _word_start(tok: str) -> str | None:
-    """The word a token starts (leading space then a letter), else None."""
+    """The word a token starts (leading space then a letter), else None. ``tok`` is the token's
+    text from ``token_texts`` (a SentencePiece '▁Mary' is ' Mary'; ``decode([i])`` gives 'Mary')."""
     if len(tok) >= 2 and tok[0] == " " and tok[1].isalpha():
         return tok[1:]
     return None
@@ -114,10 +116,10 @@ def builtin_labels(model: Model, name: str, cfg: ProbeConfig | None = None, corp
     for ids in pack_contexts(tok, docs, default_length(model, cfg.context_len)):  # no longer than the model's context
         s, first = len(data.sequences), len(data)
         data.sequences.append(ids)
+        new = sorted({i for i in ids[1:] if i not in cache})
+        cache.update(zip(new, token_texts(tok, new)))  # each token's text with its leading space (SentencePiece too)
         for p in range(1, len(ids)):  # position 0 has no context (and is an attention sink)
-            t = cache.get(ids[p])
-            if t is None:
-                t = cache[ids[p]] = tok.decode([ids[p]])
+            t = cache[ids[p]]
             w = _word_start(t)
             if w is None:
                 continue
@@ -146,9 +148,10 @@ def _language_labels(model: Model) -> LabelSet:
             ids = ids[:n_ctx]  # cut to the model's learned positions (a causal model's earlier tokens are unchanged)
         s = len(data.sequences)
         data.sequences.append(ids)
-        prev = tok.decode([ids[0]])
+        texts = token_texts(tok, ids)  # each with its leading space (decode([i]) drops a SentencePiece one)
+        prev = texts[0]
         for pos in range(1, len(ids)):
-            t = tok.decode([ids[pos]])
+            t = texts[pos]
             if _word_start(t) is not None or (t[:1].isalpha() and prev.endswith(" ")):  # " word", or "word" after a lone space
                 data.add(s, pos, p.lang, t)
             prev += t
@@ -177,7 +180,7 @@ def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
                 raise MechscopeError(f"Line {where}: 'text' must be a non-empty string.")
             ids = tokenizer(text)["input_ids"]
             data.sequences.append(ids)
-            data.add(len(data.sequences) - 1, len(ids) - 1, _label(label, where), tokenizer.decode([ids[-1]]))
+            data.add(len(data.sequences) - 1, len(ids) - 1, _label(label, where), token_texts(tokenizer, ids[-1:])[0])
         elif "words" in obj and "labels" in obj:
             words, labels = obj["words"], obj["labels"]
             if (not isinstance(words, list) or not isinstance(labels, list) or len(words) != len(labels) or not words

@@ -254,11 +254,15 @@ def _example(e: dict, cfg: DashboardConfig, vocab) -> dict:
 
 
 def _decoder(tokenizer):
+    """Token id -> its text inside running text, leading space included (``token_texts``: a
+    SentencePiece '▁Mary' reads ' Mary', where ``decode([i])`` drops the space)."""
+    from mechscope.models.tokens import token_texts
+
     cache: dict[int, str] = {}
 
     def vocab(i: int) -> str:
         if i not in cache:
-            cache[i] = tokenizer.decode([i])
+            cache[i] = token_texts(tokenizer, [i])[0]
         return cache[i]
 
     return vocab
