@@ -219,7 +219,7 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
     # bad inputs: one sentence, exit 2, nothing written
     bad = [
         (["--transcoders", str(tmp_path / "missing")], "not a folder"),
-        (["--target", " Mary and John"], "one token"),
+        (["--target", " Mary and John"], "not a single token"),
         (["--node-threshold", "1.5"], "between 0 and 1"),
         (["--qk", "9:0:1:0"], "layer 9 does not exist"),
         (["--qk", "1:0:1:3"], "key position <= query position"),

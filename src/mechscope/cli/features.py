@@ -98,13 +98,15 @@ def attribute(
     targets = None
     if target:
         targets = []
+        from mechscope.models.prompt import single_token
+
         for t in target:
             tid = m.to_tokens(t)
             if bos is not None and tid and tid[0] == bos:
                 tid = tid[1:]
-            if len(tid) != 1:
-                fail(f"--target {t!r} is {len(tid)} tokens; give text that is one token (e.g. with its leading space).")
-            targets.append(tid[0])
+            # text that is one token as given keeps it; else one token alone or after the prompt
+            # (a SentencePiece "▁" tokenizer encodes " Paris" alone as '▁', '▁Paris')
+            targets.append(tid[0] if len(tid) == 1 else single_token(m, t, "--target", prompt=prompt))
     tf = None
     if target_feature is not None:
         try:

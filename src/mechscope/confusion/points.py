@@ -5,8 +5,9 @@ first segment of at least ``min_words`` (3) words that the identifier labels Eng
 (``langid.is_english``: English is its best guess) is the switch; the confusion point is the
 generated token that holds the first letter of that segment's first word (the paper's "first
 generated token that is English"; identifying single tokens is too noisy, so the decision is
-made on the run of words the token starts). Tokens are the decoded strings of the generated
-ids, in order; their concatenation is the generated text.
+made on the run of words the token starts). Tokens are the texts of the generated ids as they
+read in running text (``models.tokens.token_texts``: a SentencePiece word-start piece keeps its
+leading space, which ``decode([i])`` drops), in order; their concatenation is the generated text.
 """
 
 from __future__ import annotations

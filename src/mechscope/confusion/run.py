@@ -37,11 +37,20 @@ from mechscope.confusion.prompts import LangPrompt
 from mechscope.confusion.result import ConfusionResult
 from mechscope.errors import MechscopeError
 from mechscope.models.load import context_overrun
+from mechscope.models.tokens import token_texts
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
     from mechscope.models import Model
 
+
+
+def generation_points(tokenizer: Any, gens: list[list[int]]) -> list[int | None]:
+    """The confusion point of each generation (``points.confusion_point``) on its tokens' texts
+    as they read in running text (``token_texts``): ``decode([i])`` drops the leading space of a
+    SentencePiece word-start piece (Llama-2, Mistral v0.1), and the joined text, without its
+    spaces, would hold no English run of words."""
+    return [confusion_point(token_texts(tokenizer, g)) for g in gens]
 
 
 def _layers(model: Model, cfg: ConfusionConfig) -> list[int]:
@@ -124,7 +133,7 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
             gens = greedy_generate(plain.hf, plain.tokenizer, ids, cfg.n_tokens, cfg.batch_size, bar=bar)
         checks = [check_response(tok.decode(g, skip_special_tokens=True), p.lang, words, cfg.threshold, cfg.min_words)
                   for g, p in zip(gens, prompts)]
-        points = [confusion_point([tok.decode([t_]) for t_ in g]) for g in gens]
+        points = generation_points(tok, gens)
         timing[stage] = time.time() - t
         return gens, checks, points
 
@@ -202,7 +211,7 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
         model=model.summary.to_dict(), settings={**cfg.to_dict(), "layers": layers, "lens": lens_name,
                                                  "ranking": "confused minus non-confused mean accumulated gain"},
         prompts=[{"prompt": p.prompt, "lang": p.lang, "split": s} for p, s in zip(prompts, split)],
-        cp_tokens=[tok.decode([gens[i][points[i]]]) if points[i] is not None else None for i in range(len(prompts))],  # type: ignore[index]
+        cp_tokens=[token_texts(tok, [gens[i][points[i]]])[0] if points[i] is not None else None for i in range(len(prompts))],  # type: ignore[index]
         conditions=conditions, lens=lens, top=top, random=[list(x) for x in rand], costs=costs,
         confused_scores=conf_total, control_scores=ctrl_total, timing=timing, notes=notes,
     )

@@ -4,8 +4,8 @@ Prompt format (one example a line, position 0 a newline):
 
     "\\n" + "x1 -> y1\\n" + "x2 -> y2\\n" + ... + "xq ->"
 
-The model should continue with " yq"; the target is the first token of " yq". The leading
-newline gives every prompt a first position outside all groups: models without a BOS token
+The model should continue with " yq"; the target is the first token " yq" adds after the
+prompt (see ``first_token``). The leading newline gives every prompt a first position outside all groups: models without a BOS token
 (SmolLM2, GPT-2) park most attention on position 0 (an attention sink), and a knockout that
 blocked it would measure that instead of the flow between examples.
 
@@ -171,14 +171,21 @@ def make_prompt(tokenizer: Any, examples: list[tuple[str, str]], query: tuple[st
     empty = [k for k, v in groups.items() if not v and k != "aq"]
     if empty:
         raise MechscopeError(f"Group(s) {', '.join(empty)} of the prompt hold no token; check the task's x and y strings.")
-    target = first_token(tokenizer, query[1])
-    alt = first_token(tokenizer, alt_answer) if alt_answer is not None else None
+    target = first_token(tokenizer, query[1], text)
+    alt = first_token(tokenizer, alt_answer, text) if alt_answer is not None else None
     return FewShotPrompt(text, ids, list(examples), query[0], query[1], target, groups, alt_answer, alt)
 
 
-def first_token(tokenizer: Any, y: str) -> int:
-    """The first token of " y" (what the model must predict after " ->")."""
-    ids = tokenizer(" " + y)["input_ids"]
+def first_token(tokenizer: Any, y: str, prompt: str = ARROW) -> int:
+    """The first token " y" adds after ``prompt`` (what the model must predict after " ->";
+    the default stands for any prompt's end). Decided in context, without special tokens: a
+    SentencePiece tokenizer that marks word starts with "▁" (Llama-2, Mistral v0.1) adds a BOS
+    and a lone '▁' to " y" encoded alone; byte-level BPE gives the same token either way."""
+    from mechscope.tasks.base import continuation
+
+    ids = continuation(tokenizer, prompt, " " + y)
+    if ids is None:  # the answer merges into the prompt's last token: its own tokens decide
+        ids = list(tokenizer(" " + y, add_special_tokens=False)["input_ids"])
     if not ids:
         raise MechscopeError(f"The answer {y!r} tokenizes to nothing.")
     return int(ids[0])

@@ -25,6 +25,7 @@ import torch
 from mechscope.models.hooks import resid_post
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states, greedy_continuations
+from mechscope.recall.tracing import subject_ids
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -55,7 +56,7 @@ def related_tokens(model: Model, subjects: list[str], n_tokens: int = 24) -> lis
     conts = greedy_continuations(model, prompts, n_tokens)
     out = []
     for k, subject in enumerate(subjects):
-        own = {normalise(tok.decode([i])) for i in tok(" " + subject, add_special_tokens=False)["input_ids"]}
+        own = {normalise(tok.decode([i])) for i in subject_ids(tok, subject)}  # as in tracing's noise std
         own |= {normalise(w) for w in subject.split()}
         words = {normalise(tok.decode([i])) for c in conts[k * len(PROMPTS):(k + 1) * len(PROMPTS)] for i in c}
         out.append(words - own - {""})

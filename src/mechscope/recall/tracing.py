@@ -17,7 +17,7 @@ All runs are batched (one row per restoration x noise draw).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -59,12 +59,30 @@ class Trace:
         return self.restored[kind] - self.corrupt_prob
 
 
+SUBJECT_CONTEXT = "The"
+
+
+def subject_ids(tokenizer: Any, subject: str) -> list[int]:
+    """The ids of " " + ``subject`` as it reads after a word (``SUBJECT_CONTEXT``), no special
+    tokens. A SentencePiece tokenizer that marks word starts with "▁" (Llama-2, Mistral v0.1)
+    encodes " France" alone as '▁', '▁France', in context as '▁France'; byte-level BPE gives
+    the same ids either way. Where the subject merges into the context word, its own ids
+    without the pieces that decode to only whitespace."""
+    from mechscope.tasks.base import continuation
+
+    ids = continuation(tokenizer, SUBJECT_CONTEXT, " " + subject)
+    if ids is None:
+        ids = [i for i in tokenizer(" " + subject, add_special_tokens=False)["input_ids"] if tokenizer.decode([i]).strip()]
+    return [int(i) for i in ids]
+
+
 @torch.no_grad()
 def embedding_std(model: Model, subjects: list[str]) -> float:
-    """Std of the token embeddings of ``subjects`` (each encoded after a space), as ROME, read
-    where the noise is added (``hook_embed``): models that scale their embeddings (Gemma by
-    sqrt(d_model)) are measured after the scaling, not on the unscaled table."""
-    ids = [i for s in subjects for i in model.tokenizer(" " + s, add_special_tokens=False)["input_ids"]]
+    """Std of the token embeddings of ``subjects`` (each as it reads after a word, see
+    ``subject_ids``), as ROME, read where the noise is added (``hook_embed``): models that
+    scale their embeddings (Gemma by sqrt(d_model)) are measured after the scaling, not on the
+    unscaled table."""
+    ids = [i for s in subjects for i in subject_ids(model.tokenizer, s)]
     seen: list[torch.Tensor] = []
 
     def grab(x, hook):  # noqa: ANN001
