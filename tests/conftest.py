@@ -134,6 +134,27 @@ _CORPUS = (
 )
 
 
+def _spm_tokenizer(corpus: list[str]):
+    """A Llama-2-style tokenizer trained on ``corpus`` in a fraction of a second: the normalizer
+    puts "▁" before the text and for every space (so " Mary" alone is ['▁', '▁Mary'] and after
+    "to" the one token '▁Mary'), digits split one by one, BOS added, and ``decode([i])`` drops a
+    word start's space ('▁Mary' -> 'Mary')."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=5000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tk.train_from_iterator(corpus, trainer=trainer)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def _tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 512) trained here, so tiny models need no hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

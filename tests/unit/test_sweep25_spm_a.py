@@ -25,21 +25,10 @@ def _corpus() -> list[str]:
 
 @pytest.fixture(scope="module")
 def spm():
-    """As test_sweep25_tasks.spm: "▁" prepended and for every space, BOS added, BPE trained here."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """conftest._spm_tokenizer (Llama-2 style) trained on this file's words."""
+    from conftest import _spm_tokenizer
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=5000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tk.train_from_iterator(_corpus(), trainer=trainer)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return _spm_tokenizer(_corpus())
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,10 @@ def _corpus() -> list[str]:
 def spm():
     """A Llama-2-style tokenizer: the normalizer puts "▁" before the text and for every space
     (so " Mary" alone is ['▁', '▁Mary'] and after "to" the one token '▁Mary'), digits split,
-    BOS added (construction as in test_sweep25_tasks.py, trained on this file's words)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    BOS added (conftest._spm_tokenizer, trained on this file's words)."""
+    from conftest import _spm_tokenizer
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=5000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tk.train_from_iterator(_corpus(), trainer=trainer)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return _spm_tokenizer(_corpus())
 
 
 def test_fixture_is_sentencepiece_style(spm):

@@ -319,7 +319,7 @@ class ModelSimulator:
         merges into the context. Prompt pieces are encoded after what precedes them in the prompt, so
         their concatenation is the prompt's own tokenisation: a SentencePiece tokenizer would give
         each piece encoded alone a stray leading '▁'; byte-level BPE gives the same ids either way."""
-        from mechscope.tasks.base import continuation
+        from mechscope.models.tokens import continuation
 
         key = (context, text)
         ids = self._cache.get(key)
@@ -360,7 +360,7 @@ class ModelSimulator:
 
     def _judge_parts(self, description: str, text: str, question: str) -> tuple[list[int], list[int]]:
         head = f"{JUDGE_INSTRUCTIONS}\n\nExplanation: {description.strip()}\nText:"
-        from mechscope.tasks.base import continuation
+        from mechscope.models.tokens import continuation
 
         tail = f" {text}\n{question} Answer:"  # encoded after the head, as in the whole prompt
         ids = continuation(self.tok, head, tail)

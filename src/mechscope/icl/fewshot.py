@@ -181,7 +181,7 @@ def first_token(tokenizer: Any, y: str, prompt: str = ARROW) -> int:
     the default stands for any prompt's end). Decided in context, without special tokens: a
     SentencePiece tokenizer that marks word starts with "▁" (Llama-2, Mistral v0.1) adds a BOS
     and a lone '▁' to " y" encoded alone; byte-level BPE gives the same token either way."""
-    from mechscope.tasks.base import continuation
+    from mechscope.models.tokens import continuation
 
     ids = continuation(tokenizer, prompt, " " + y)
     if ids is None:  # the answer merges into the prompt's last token: its own tokens decide

@@ -49,11 +49,12 @@ def single_token(model: Model, text: str, what: str = "target", prompt: str | No
         if len(ids) == 1:
             return ids[0]
     if prompt is not None:
-        base = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        from mechscope.models.tokens import continuation
+
         for c in candidates:
-            full = model.tokenizer(prompt + c, add_special_tokens=False)["input_ids"]
-            if full[: len(base)] == base and len(full) == len(base) + 1:
-                return full[-1]
+            ids = continuation(model.tokenizer, prompt, c)
+            if ids is not None and len(ids) == 1:
+                return ids[0]
     ids = model.tokenizer(candidates[0], add_special_tokens=False)["input_ids"]
     pieces = ", ".join(repr(model.tokenizer.decode([i])) for i in ids)
     raise MechscopeError(f"The {what} {candidates[0]!r} is not a single token: it splits into {pieces}; pass one of those tokens instead.")

@@ -15,6 +15,15 @@ from typing import Any
 _ANCHOR = "a"
 
 
+def continuation(tokenizer: Any, prompt: str, text: str) -> list[int] | None:
+    """The ids ``text`` adds after ``prompt`` when the two are tokenised together (no special
+    tokens), or None when the prompt's own ids are not a prefix of theirs (the text merges into
+    the prompt's last token, e.g. "17" + "5" with a tokenizer that has a token "175")."""
+    base = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(prompt + text, add_special_tokens=False)["input_ids"])
+    return full[len(base):] if full[: len(base)] == base else None
+
+
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """The text each of ``ids`` adds after a plain word, its leading space included (one
     ``batch_decode``); ``decode([i])`` where the anchor does not decode as a prefix."""

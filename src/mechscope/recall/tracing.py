@@ -68,7 +68,7 @@ def subject_ids(tokenizer: Any, subject: str) -> list[int]:
     encodes " France" alone as '▁', '▁France', in context as '▁France'; byte-level BPE gives
     the same ids either way. Where the subject merges into the context word, its own ids
     without the pieces that decode to only whitespace."""
-    from mechscope.tasks.base import continuation
+    from mechscope.models.tokens import continuation
 
     ids = continuation(tokenizer, SUBJECT_CONTEXT, " " + subject)
     if ids is None:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.models.tokens import continuation
 
 MetricName = Literal["logit_diff", "logprob", "prob_diff"]
 
@@ -275,14 +276,6 @@ BPE tokenizers never merge with a following space or letter, so the text gets it
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def continuation(tokenizer: Any, prompt: str, text: str) -> list[int] | None:
-    """The ids ``text`` adds after ``prompt`` when the two are tokenised together, or None when
-    the prompt's own ids are not a prefix of theirs (the text merges into the prompt's last
-    token, e.g. "17" + "5" with a tokenizer that has a token "175")."""
-    base, full = _ids(tokenizer, prompt), _ids(tokenizer, prompt + text)
-    return full[len(base):] if full[: len(base)] == base else None
 
 
 def single_token(tokenizer: Any, text: str, prompt: str | None = None) -> int | None:
