@@ -137,3 +137,28 @@ def test_cli_lens_bad_input_exits_2(tiny_gpt2_dir, tmp_path, args, needle):
 def test_cli_lens_prompt_too_long_exits_2(tiny_gpt2_dir, tmp_path):
     r = CliRunner().invoke(app, ["lens", "Mary " * 100, "--model", tiny_gpt2_dir, "--out", str(tmp_path)])
     assert r.exit_code == 2 and "context" in r.output
+
+
+def test_padded_vocabulary_rows_are_named_not_shown_empty(tmp_path):
+    """A model whose unembedding has rows past the tokenizer (Pythia pads 50,277 tokens to
+    50,304) showed those rows as '' among the lens's top tokens; they are named now."""
+    import sys
+    from pathlib import Path
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import _tiny_tokenizer, save_scaled
+
+    n_tok = len(_tiny_tokenizer())
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=n_tok + 8, bos_token_id=0, eos_token_id=0, n_positions=32, n_embd=32,
+                                  n_layer=1, n_head=2, n_inner=64, tie_word_embeddings=False)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    save_scaled(hf, tmp_path / "padded")
+    m = load_model(str(tmp_path / "padded"), device="cpu")
+    res = run_lens(m, "When Mary and John went", target=" Mary", distractor=" John", k=100)
+    flat = [t for site in res.top_tokens for pos in site for t in pos]
+    padded = [int(i) for i in res.top_ids.flatten() if i >= n_tok]
+    assert padded and sorted(t for t in flat if t.startswith("<unused id ")) == sorted(f"<unused id {i}>" for i in padded)
+    assert "" not in flat

@@ -152,6 +152,7 @@ def test_pre_v6_saelens_topk_config_is_read_as_topk(tmp_path):
     ("k", "eight", "k must be a whole number"),
     ("metadata", "x", "metadata must be a JSON object"),
     ("apply_b_dec_to_input", "false", "apply_b_dec_to_input must be true or false"),
+    ("reshape_activations", "hook_z", "reshape_activations='hook_z' is not supported"),
 ])
 def test_malformed_cfg_values_name_the_key(tmp_path, key, value, msg):
     d = save_sae(SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=3, hook_name=HOOK)), tmp_path / "sae")

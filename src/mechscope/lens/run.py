@@ -11,6 +11,7 @@ from mechscope.lens.dla import direct_logit_attribution
 from mechscope.lens.logit_lens import logit_lens, site_name
 from mechscope.lens.result import LensResult
 from mechscope.models.prompt import encode_prompt, single_token
+from mechscope.models.tokens import token_texts
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -60,8 +61,12 @@ def run_lens(model: Model, prompt: str, target: str | None = None, distractor: s
     table = logit_lens(model, tokens, tid, k=k, tuned=tuned)
     sites = [site_name(h) for h in table.hooks] if tuned is None else [f"L{l}.{tuned.reads[6:]}" for l in range(tuned.n_layers)]
     dla = direct_logit_attribution(model, tokens, tid, did)
-    dec = lambda i: model.tokenizer.decode([int(i)])  # noqa: E731
-    top_tokens = [[[dec(i) for i in pos] for pos in site] for site in table.top_ids.tolist()]
+    dec = lambda i: token_texts(model.tokenizer, [int(i)])[0]  # noqa: E731
+    top = table.top_ids.tolist()  # [site][pos][k]
+    flat = token_texts(model.tokenizer, [i for site in top for pos in site for i in pos])
+    k_top = len(top[0][0]) if top and top[0] else 0
+    n_pos = len(top[0]) if top else 0
+    top_tokens = [[flat[(s * n_pos + p) * k_top:(s * n_pos + p + 1) * k_top] for p in range(n_pos)] for s in range(len(top))]
     return LensResult(
         model=model.summary.to_dict(), prompt=prompt, tokens=model.to_str_tokens(tokens[0]), target=dec(tid), target_id=tid,
         distractor=dec(did), distractor_id=did, sites=sites, rank=table.rank, prob=table.prob,

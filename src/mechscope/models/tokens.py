@@ -26,13 +26,27 @@ def continuation(tokenizer: Any, prompt: str, text: str) -> list[int] | None:
 
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """The text each of ``ids`` adds after a plain word, its leading space included (one
-    ``batch_decode``); ``decode([i])`` where the anchor does not decode as a prefix."""
+    ``batch_decode``); ``decode([i])`` where the anchor does not decode as a prefix; an id past
+    the tokenizer's vocabulary (a padded unembedding row) as ``unused_id``."""
     ids = [int(i) for i in ids]
+    try:
+        n_real = len(tokenizer)
+    except TypeError:
+        n_real = None
+    real = [i for i in ids if n_real is None or 0 <= i < n_real]
     anchor = list(tokenizer(_ANCHOR, add_special_tokens=False)["input_ids"])
     if len(anchor) != 1:
-        return [tokenizer.decode([i]) for i in ids]
-    prefix = tokenizer.decode(anchor)
-    out = []
-    for i, full in zip(ids, tokenizer.batch_decode([anchor + [i] for i in ids])):
-        out.append(full[len(prefix):] if full.startswith(prefix) else tokenizer.decode([i]))
-    return out
+        texts = [tokenizer.decode([i]) for i in real]
+    else:
+        prefix = tokenizer.decode(anchor)
+        texts = [full[len(prefix):] if full.startswith(prefix) else tokenizer.decode([i])
+                 for i, full in zip(real, tokenizer.batch_decode([anchor + [i] for i in real]))]
+    it = iter(texts)
+    return [next(it) if n_real is None or 0 <= i < n_real else unused_id(i) for i in ids]
+
+
+def unused_id(i: int) -> str:
+    """How an id past the tokenizer's vocabulary is shown: models pad their embedding and
+    unembedding beyond the tokenizer (Pythia: 50,304 rows for 50,277 tokens), and such a row
+    decodes to nothing, so it would read as an empty token."""
+    return f"<unused id {int(i)}>"

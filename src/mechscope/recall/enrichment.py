@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.models.hooks import resid_post
+from mechscope.models.tokens import token_texts
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states, greedy_continuations
 from mechscope.recall.tracing import subject_ids
@@ -74,7 +75,7 @@ def subject_projections(model: Model, tokens: torch.Tensor, subject_last: int, t
     if tuned is not None:
         x = torch.stack([tuned.translate(x[l], tuned.layer_of(h)) for l, h in enumerate(hooks)])
     ids = project(model, x, final_norm(model, ranks_only=True)).topk(top_k, dim=-1).indices  # [L, k]
-    return [[model.tokenizer.decode([i]) for i in row] for row in ids.tolist()]
+    return [token_texts(model.tokenizer, row) for row in ids.tolist()]
 
 
 def attribute_rate(top_tokens: list[list[str]], related: set[str]) -> torch.Tensor:

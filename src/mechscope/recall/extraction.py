@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechscope.models.hooks import attn_out, mlp_out
+from mechscope.models.tokens import token_texts
 from mechscope.models.unembed import final_norm, project
 from mechscope.recall.engine import clean_states
 
@@ -51,5 +52,5 @@ def attribute_extraction(model: Model, tokens: torch.Tensor, target_id: int) -> 
         logits = project(model, x, norm)  # [L, d_vocab]
         out[k + "_rank"] = (logits > logits[:, target_id : target_id + 1]).sum(-1).cpu()
         out[k + "_top"] = logits.argmax(-1).cpu()
-        out[k + "_top_tokens"] = [model.tokenizer.decode([i]) for i in out[k + "_top"].tolist()]
+        out[k + "_top_tokens"] = token_texts(model.tokenizer, out[k + "_top"].tolist())
     return Extraction(**out)

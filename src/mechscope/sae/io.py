@@ -168,6 +168,12 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
             f"{where}: normalize_activations={norm!r} is not supported; fold the scaling into the weights "
             "(SAELens: fold_activation_norm_scaling_factor) and save again."
         )
+    reshape = raw.get("reshape_activations", meta.get("reshape_activations", "none")) or "none"
+    if reshape != "none":
+        raise MechscopeError(
+            f"{where}: reshape_activations={reshape!r} is not supported; mechscope's SAEs read one vector per token at "
+            "their hook, not each head's output concatenated (hook_z SAEs); use an SAE of a residual, MLP or attention-out hook."
+        )
     if raw.get("rescale_acts_by_decoder_norm"):
         raise MechscopeError(f"{where}: rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms and save again.")
     b_dec_in = raw.get("apply_b_dec_to_input", True)
