@@ -140,13 +140,13 @@ def test_exemplars_windows_splits_and_samples(tiny_gpt2, tmp_path):
             # The stored window equals the unit's activations over that context, and its tokens too.
             p0 = e.position - e.focus
             np.testing.assert_allclose(e.acts, a[e.context, p0:p0 + len(e.acts), u].tolist(), atol=1e-5)
-            assert e.tokens == [model.tokenizer.decode([t]) for t in ctxs[e.context][p0:p0 + len(e.tokens)]]
+            assert e.tokens == model.to_str_tokens(ctxs[e.context][p0:p0 + len(e.tokens)])
             assert len(e.acts) == min(T, e.position + cfg.after + 1) - max(0, e.position - cfg.before)
             assert e.position > 0 and ctxs[e.context][e.position] != separator_id(model.tokenizer)
             splits_by_ctx.setdefault(e.context, set()).add(e.split)
             if e.kind == "quantile":  # in its bin, by the calibrated edges
                 edges = [-np.inf] + st.q_edges[u - 10].tolist() + [np.inf]
-                assert edges[e.quantile] - 1e-6 <= e.act < edges[e.quantile + 1] + 1e-6
+                assert edges[e.quantile] - 5e-5 <= e.act < edges[e.quantile + 1] + 5e-5  # acts are stored to 4 decimals
         assert all(len(s) == 1 for s in splits_by_ctx.values())  # no context feeds two splits of a unit
         rec = db.unit(ref)
         ids = torch.tensor(ctxs)
@@ -442,3 +442,16 @@ def test_cli_token_shards_merge_into_the_units_of_one_pass(tiny_llama_dir, tmp_p
                          ([str(tmp_path / "a"), str(tmp_path / "nope")], "no exemplars checkpoint")):
         r = run(app, ["exemplars-merge", *args, "--model", tiny_llama_dir, "--db", str(tmp_path / "x.db")])
         assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output, r.output
+
+
+def test_batch_size_changes_no_result(tiny_llama):
+    """The histogram and quantile bins are calibrated on the corpus's first contexts, not on the
+    first batch, and a final partial batch is read: batch sizes 1, 3 (16 contexts: a partial last
+    batch) and 8 give the same state. Before, batch size 1 against 8 changed the quantiles and the
+    per-quantile samples of most units, and batch size 3 dropped the last context."""
+    model = tiny_llama
+    ctxs = _contexts(model, seed=3)
+    states = [harvest_exemplars(model, _cfg(layers=[0, 2], batch_size=b), contexts=ctxs) for b in (8, 1, 3)]
+    assert states[0].contexts_done == C
+    for st in states[1:]:
+        _same_state(st, states[0])

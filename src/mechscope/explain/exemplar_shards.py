@@ -3,7 +3,8 @@
     merged = merge_states([HarvestState.read("s0"), HarvestState.read("s1")])
 
 Shards are runs of ``harvest_exemplars`` with the same settings but ``first_context`` (and the
-number of tokens); every shard calibrates on the pass's first batch (``exemplars.py``), so their
+number of tokens); every shard calibrates on the corpus's first contexts (``exemplars.py``,
+``CALIBRATION_CONTEXTS``), so their
 histogram and sample bins are the same. The merge needs them contiguous (each starts where the
 previous one stopped, ``first_context + contexts_done``) and then, per layer:
 
@@ -85,14 +86,14 @@ def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -
     for layer, st in prev.layers.items():
         o = nxt.layers[layer]
         if not (torch.equal(st.lo, o.lo) and torch.equal(st.inv, o.inv) and torch.equal(st.q_table, o.q_table)):
-            raise MechscopeError(f"shards {names[0]} and {names[1]} have different histogram bins (layer {layer}): the pass's first "
-                                 "batch came out differently (another machine or device, or an older mechscope); run the later shards "
+            raise MechscopeError(f"shards {names[0]} and {names[1]} have different histogram bins (layer {layer}): the pass's "
+                                 "calibration contexts came out differently (another machine or device, or an older mechscope); run the later shards "
                                  f"with --calibration {names[0]} to take its bins.")
 
 
 def expected_contexts(cfg) -> int:
-    """Contexts a finished pass of ``cfg`` has done (its tokens in whole batches)."""
-    return cfg.n_contexts // cfg.batch_size * cfg.batch_size
+    """Contexts a finished pass of ``cfg`` has done (all its contexts: a final partial batch is read too)."""
+    return cfg.n_contexts
 
 
 def merge_states(states: list[HarvestState], names: list[str] | None = None) -> HarvestState:

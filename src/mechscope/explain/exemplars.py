@@ -10,7 +10,8 @@ Algorithm (per batch of packed contexts, per layer; U units, N valid tokens):
    Position 0 of a context (the attention sink) and separator/BOS tokens are not candidates;
    nor, for transcoder features (``cfg.sink_ratio``), are the other attention sinks the sets
    leave out of training (``activations.store.context_sinks``, per context).
-2. Calibration: the first batch of the pass sets, per unit, the histogram range (its min and
+2. Calibration: the corpus's first ``CALIBRATION_CONTEXTS`` contexts (the default first batch)
+   set, per unit, the histogram range (its min and
    max; ``n_bins`` equal bins between them and one overflow bin each side) and the quantile-bin
    edges for random sampling (its ``quantiles``, default 0.5/0.9/0.99). A first slice, not a
    streaming estimate: the edges must be fixed for the histogram counts and the samples of
@@ -54,9 +55,9 @@ settings and counters in the file's metadata, replaced atomically (never pickle;
 is a readable copy); a run with the same config continues after the last checkpoint
 and ends with exactly the state of an uninterrupted run (batches are the same, all updates are
 deterministic). Shardable by layers and unit ranges (disjoint units, idempotent DB writes)
-and by token ranges (``first_context``): every shard of a pass calibrates on the pass's first
-batch (contexts 0 .. batch_size - 1 of the corpus, one extra forward for a shard that starts
-later), so the shards' histogram bins and sample bins mean the same thing, and ``merge_states``
+and by token ranges (``first_context``): every pass and shard calibrates on the corpus's first
+``CALIBRATION_CONTEXTS`` contexts (one extra forward for a shard that starts later or a batch
+size other than that), so the shards' histogram bins and sample bins mean the same thing, and ``merge_states``
 folds the checkpoints of contiguous token shards into the state of one pass over their union:
 top/bottom lists and samples keep the best entries of both under the pass's own orders (ties to
 the earlier token), counts add. Shards that start on a batch boundary give exactly the state of
@@ -65,6 +66,7 @@ the uninterrupted pass (the same batches, so the same activations bit for bit).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -95,6 +97,12 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 STATE_SCHEMA = 2
+CALIBRATION_CONTEXTS = 8
+"""The histogram range and quantile-bin edges come from the corpus's first 8 contexts (the
+default batch), whatever ``batch_size`` and ``first_context``: a pass's results do not depend on
+its batch size (a final partial batch is read too), and token shards share one calibration.
+Before session 26 the first batch calibrated, so ``--batch-size 1`` and ``8`` gave other
+quantiles and per-quantile samples (a sweep found 241 of 256 units' lists differed)."""
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -475,7 +483,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     ``contexts`` (token id lists, from the corpus's first context) replaces the corpus (tests).
     ``calibration``: another token shard of the same pass (its checkpoint, ``HarvestState.read``),
     whose histogram and sample bins this shard takes instead of recomputing them from the
-    pass's first batch: bit-identical bins even where that batch would come out a little
+    calibration contexts: bit-identical bins even where that batch would come out a little
     differently (another machine, device or maths library)."""
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
@@ -517,11 +525,13 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         cal_layers = calibration.layers
     else:
         cal_layers = {}
-    if not state.layers and cfg.first_context > 0 and not cal_layers:
-        # A later token shard calibrates on the pass's first batch, as the shard that starts at 0 does.
-        head = list(contexts[:cfg.batch_size]) if contexts is not None else \
-            [c for _, c in zip(range(cfg.batch_size), _contexts(model, replace(cfg, first_context=0)))]
-        if len(head) == cfg.batch_size:
+    if not state.layers and not cal_layers and (cfg.first_context > 0 or cfg.batch_size != CALIBRATION_CONTEXTS):
+        # Calibrate on the corpus's first CALIBRATION_CONTEXTS contexts whatever the batch size and
+        # wherever a token shard starts; with the default batch size that is the first batch itself.
+        C = CALIBRATION_CONTEXTS
+        head = list(contexts[:C]) if contexts is not None else \
+            list(itertools.islice(_contexts(model, replace(cfg, first_context=0, n_tokens=max(cfg.n_tokens, C * T))), C))
+        if head:
             _, valid0, acts0 = batch_acts(head)
             for layer, x in acts0.items():
                 state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid0.reshape(-1).to(x.device)])
@@ -534,9 +544,9 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     since_ckpt = 0
     scratch = Scratch()
     while True:
-        ctx = [c for _, c in zip(range(cfg.batch_size), stream)]
-        if len(ctx) < cfg.batch_size:  # a final partial batch is dropped (batches stay aligned on resume)
-            state.exhausted = state.contexts_done + len(ctx) < cfg.n_contexts  # the corpus ran out first
+        ctx = [c for _, c in zip(range(min(cfg.batch_size, cfg.n_contexts - state.contexts_done)), stream)]
+        if not ctx:  # a final partial batch is read too, so the batch size changes no result
+            state.exhausted = state.contexts_done < cfg.n_contexts  # the corpus ran out first
             break
         tokens, valid, acts = batch_acts(ctx)
         first = cfg.first_context + state.contexts_done
