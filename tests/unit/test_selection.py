@@ -226,3 +226,26 @@ def test_evaluator_baselines_equal_the_patched_runs_and_joined_equals_fresh(tiny
     assert float(joined.faithfulness(circuit[None])[0]) == pytest.approx(float(ev.faithfulness(circuit[None])[0]), abs=1e-4)
     with pytest.raises(ValueError, match="cover the batch"):
         Evaluator.joined(b, [ev, ev])
+
+
+def test_a_chosen_size_that_prunes_to_nothing_grows_to_the_smallest_connected_circuit(tiny_gpt2):
+    """Cross-validation picks a size k on each fold's own ranking; the whole scoring set's top k
+    may form no input -> logits path and prune to nothing (a sweep saw a 0-edge circuit reported
+    with cross-validated faithfulness 1.52). The circuit is then the smallest top-k' that keeps
+    an edge."""
+    from mechscope.circuits.discover import _smallest_connected
+
+    g = build_graph(tiny_gpt2)
+    rank = torch.zeros(g.n_senders, g.n_receivers)
+    s, r = g.sender_index, g.receiver_index
+    rank[s("input"), r("a0.h0<q>")] = 5.0  # two dead ends: a0.h0 and a0.h1 feed nothing
+    rank[s("input"), r("a0.h1<q>")] = 4.0
+    rank[s("m0"), r("logits")] = 3.0  # needs input -> m0, ranked fifth
+    rank[s("a1.h2"), r("logits")] = 2.5  # needs input -> a1.h2, ranked sixth
+    rank[s("input"), r("m0")] = 2.0
+    rank[s("input"), r("a1.kv2<v>")] = 1.0
+    assert not prune(g, top_k(g, rank, 2, absolute=False)).any()
+    k = _smallest_connected(g, rank, 2)
+    assert k == 5 and prune(g, top_k(g, rank, k, absolute=False)).sum() == 2
+    assert not prune(g, top_k(g, rank, k - 1, absolute=False)).any()
+    assert _smallest_connected(g, rank, 7) == 7  # already connected: unchanged

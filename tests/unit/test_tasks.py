@@ -420,3 +420,20 @@ def test_chance_of_a_top1_task_is_one_over_the_vocabulary(tok, tiny):
     with torch.no_grad():
         vocab = tiny(torch.tensor([[1, 2]])).logits.shape[-1]
     assert res["metric"] == "logprob" and res["chance_accuracy"] == pytest.approx(1.0 / vocab)
+
+
+def test_task_eval_accuracies_are_exact_fractions(tiny_gpt2):
+    """Accuracy is counted, not averaged in float32 per chunk and summed: 30 of 60 right is 0.5
+    exactly, whatever the chunking (a sweep saw 0.4999999980131785)."""
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randint(1, 300, s, generator=g)  # noqa: E731
+    n = 21
+    batch = TaskBatch(task="random", clean=r(n, 7), corrupt=r(n, 7), positions=torch.full((n, 1), 6),
+                      answers=r(n, 1), wrongs=r(n, 1), lengths=torch.full((n,), 7))
+    with torch.no_grad():
+        right = {kind: int((batch.per_example_metric(tiny_gpt2.bridge(getattr(batch, kind))) > 0).sum()) for kind in ("clean", "corrupt")}
+    assert 0 < right["clean"] < n
+    for bs in (1, 4, 7, 21):
+        out = evaluate_task(tiny_gpt2, batch, batch_size=bs)
+        for kind in ("clean", "corrupt"):
+            assert out[f"{kind}_accuracy"] == right[kind] / n, (bs, kind)

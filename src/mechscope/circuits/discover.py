@@ -124,6 +124,24 @@ def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: 
     return prune(graph, top_k(graph, ranking, k_cv, absolute=False))
 
 
+def _smallest_connected(graph: Graph, ranking: torch.Tensor, k: int) -> int:
+    """The smallest k' >= k whose pruned top-k' circuit keeps an edge (a path from the input to
+    the logits). Monotone in k' (top-k sets are nested and a complete path stays complete), so a
+    doubling then a bisection; the whole graph when no size does."""
+    def kept(n: int) -> bool:
+        return bool(prune(graph, top_k(graph, ranking, n, absolute=False)).any())
+
+    lo, hi = k, max(k, 1)
+    while not kept(hi):
+        if hi >= graph.n_edges:
+            return graph.n_edges
+        lo, hi = hi, min(graph.n_edges, 2 * hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if kept(mid) else (mid, hi)
+    return hi
+
+
 def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: ProgressArg = True) -> CircuitResult:
     """Run one circuit discovery (see module docstring) and return the result. ``progress``
     (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
@@ -197,6 +215,12 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         if cfg.level == "node" or k_cv is None:
             say("choosing the circuit on the scoring pairs")
         circuit = _choose(cfg, graph, ranking, ev_score, k_cv)
+    grown_from = None
+    if k_cv is not None and not bool(circuit.any()):
+        grown_from, k_cv = k_cv, _smallest_connected(graph, ranking, k_cv)
+        circuit = prune(graph, top_k(graph, ranking, k_cv, absolute=False))
+        say(f"the top {grown_from:,} edges of the whole scoring set's ranking form no path from the input to the logits "
+            f"(pruned to none), though each fold's did; the circuit is the smallest top-k that does: {k_cv:,} edges")
     say("evaluating the circuit on the scoring and held-out pairs")
     in_sample = float(ev_score.faithfulness(circuit[None])[0])
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
@@ -222,6 +246,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
                       "acdc" if cfg.method == "acdc" and cfg.edges is None else
                       "edges" if cfg.edges is not None else "threshold" if cfg.threshold is not None else "in-sample"),
         "size_rule": rule,
+        **({"size_grown_from": grown_from} if grown_from is not None else {}),
         "plateau": PLATEAU if rule == "plateau" else None,
         "target": cfg.target,
         "random_same_size": rand,

@@ -124,7 +124,7 @@ def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[st
                 logits = getattr(out, "logits", out)  # [b, pos, d_vocab]
                 vocab = logits.shape[-1]
                 sums[f"{kind}_metric"] += part.per_example_metric(logits).sum().item()
-                sums[f"{kind}_accuracy"] += part.accuracy(logits) * len(part)
+                sums[f"{kind}_accuracy"] += part.n_correct(logits)  # counts: 30 of 60 is 0.5 exactly
     return {
         "task": batch.task,
         "n": len(batch),
