@@ -430,3 +430,25 @@ def test_head_weights_fold_the_attention_output_norm_and_read_blocks_without_an_
         assert close if with_post else not close, (with_post, lib, want)
     w = head_weights(load_model(arch_dirs["olmo2"], device="cpu"))
     assert all(torch.isfinite(t).all() for t in w.W_Q + w.W_O)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "olmo2", "qwen2"])
+def test_neuron_directions_include_a_norm_after_the_mlp(name, arch_dirs):
+    """Gemma 2 and OLMo-2 scale the MLP's output by a norm before adding it to the residual
+    stream; a neuron's output direction (read by the exemplars' top and bottom tokens) folds that
+    norm's weight in (a sweep found 10% of the top-10 tokens wrong without it). Checked against
+    the Hugging Face module's own weights; Qwen2 has no such norm: the plain rows of W_out."""
+    from transformers import AutoModelForCausalLM
+
+    from mechscope.explain.units import MlpNeurons
+
+    m = load_model(arch_dirs[name], device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(arch_dirs[name]).eval()
+    for layer in range(m.summary.n_layers):
+        dec = hf.model.layers[layer]
+        want = dec.mlp.down_proj.weight.detach().float().T  # [d_mlp, d_model]
+        post = getattr(dec, "post_feedforward_layernorm", None)
+        assert (post is None) == (name == "qwen2")
+        if post is not None:
+            want = want * (post.weight.detach().float() + (1.0 if name == "gemma2" else 0.0))
+        torch.testing.assert_close(MlpNeurons(m).directions(layer), want, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,9 @@ direction in the residual stream (``directions(layer)``: [n_units, d_model]), wh
 
 - ``mlp``: MLP neurons. The activation is the one that multiplies the MLP's output matrix
   (``blocks.L.mlp.hook_post``: act(pre) for GPT-2, act(gate) * up for gated Llama MLPs), so
-  ``acts @ W_out[L] + b_out[L] == hook_mlp_out`` (tested); the direction is the row of W_out.
+  ``acts @ W_out[L] + b_out[L] == hook_mlp_out`` (tested); the direction is the row of W_out
+  (with a norm after the MLP, Gemma 2/3 and OLMo-2, that sum is the norm's input, and the
+  direction folds in the norm's weight).
 - ``sae:DIR``: the features of an SAE folder (or of every SAE folder directly inside DIR), read
   at the SAE's hook with ``encode``; the direction is the row of W_dec.
 - ``transcoders:DIR``: the features of a transcoder set (``layer_<l>`` folders or circuit-tracer's
@@ -25,6 +27,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import mlp_post, parse_hook
+from mechscope.models.norms import norm_matrix, norm_module
 from mechscope.models.unembed import final_norm, unembed_weights
 
 if TYPE_CHECKING:
@@ -76,7 +79,14 @@ class MlpNeurons(UnitSource):
         return x
 
     def directions(self, layer: int) -> torch.Tensor:
-        return self.model.bridge.W_out[layer].detach().float()  # [d_mlp, d_model]
+        """Rows of W_out [d_mlp, d_model]; where a norm follows the MLP (Gemma 2/3, OLMo-2:
+        ``ln2_post``) its linear part is folded in (``models.norms``; its per-token scale only
+        rescales), since that norm's output, not W_out's, is what the block adds."""
+        W = self.model.bridge.W_out[layer].detach().float()
+        post = getattr(self.model.bridge.blocks[layer], "ln2_post", None)
+        if post is None:
+            return W
+        return W @ norm_matrix(norm_module(post), W.shape[1]).to(W.device)
 
 
 class SaeFeatures(UnitSource):
@@ -171,9 +181,8 @@ def output_logits(model: Model, directions: torch.Tensor, k: int = 10, vocab: li
 def token_strings(tokenizer, n: int | None = None) -> list[str]:
     """Every token id's text as it reads inside running text, its leading space included
     (``token_texts``: SentencePiece '▁Mary' -> ' Mary', where ``decode([i])`` gives 'Mary'; on
-    byte-level BPE the same as ``decode([i])``), one batched call; ids past the tokenizer: ''."""
+    byte-level BPE the same as ``decode([i])``), one batched call; ids past the tokenizer (a
+    padded unembedding) as ``unused_id``."""
     from mechscope.models.tokens import token_texts
 
-    n = n or len(tokenizer)
-    size = len(tokenizer)
-    return token_texts(tokenizer, range(min(n, size))) + [""] * max(n - size, 0)
+    return token_texts(tokenizer, range(n or len(tokenizer)))

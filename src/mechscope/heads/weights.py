@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.models.norms import norm_matrix, norm_module
 
 
 @dataclass
@@ -49,29 +50,12 @@ class HeadWeights:
         return len(self.W_Q)
 
 
-def norm_matrix(norm: Any, d_model: int) -> torch.Tensor:
-    """The linear part of a norm module as a [d_model, d_model] matrix acting on row vectors."""
-    w = getattr(norm, "weight", None)
-    w = torch.ones(d_model) if w is None else w.detach().float().cpu()
-    if "gemma" in type(norm).__name__.lower():
-        w = 1.0 + w
-    mat = torch.diag(w)
-    if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
-        centre = torch.eye(d_model) - torch.full((d_model, d_model), 1.0 / d_model)
-        mat = centre @ mat
-    return mat
-
-
-def _norm_module(component: Any) -> Any:
-    return getattr(component, "original_component", component)
-
-
 @torch.no_grad()
 def head_weights(model: Any) -> HeadWeights:
     """Folded weights of ``model`` (a ``mechscope.models.Model``), on CPU in float32."""
     b, s = model.bridge, model.summary
     try:
-        ln_f = norm_matrix(_norm_module(b.ln_final), s.d_model)
+        ln_f = norm_matrix(norm_module(b.ln_final), s.d_model)
     except AttributeError as exc:
         raise MechscopeError(f"The bridge of '{s.name}' exposes no final norm (ln_final); weight-based head scores need one.") from exc
     Q, K, V, O = [], [], [], []
@@ -79,12 +63,12 @@ def head_weights(model: Any) -> HeadWeights:
         block = b.blocks[l]
         a = block.attn
         pre, post = getattr(block, "ln1", None), getattr(block, "ln1_post", None)
-        ln = torch.eye(s.d_model) if pre is None else norm_matrix(_norm_module(pre), s.d_model)  # [d_model, d_model]
+        ln = torch.eye(s.d_model) if pre is None else norm_matrix(norm_module(pre), s.d_model)  # [d_model, d_model]
         Q.append(torch.einsum("de,hef->hdf", ln, a.W_Q.detach().float().cpu()))
         K.append(torch.einsum("de,hef->hdf", ln, a.W_K.detach().float().cpu()))
         V.append(torch.einsum("de,hef->hdf", ln, a.W_V.detach().float().cpu()))
         W_O = a.W_O.detach().float().cpu()
         # a new tensor either way: callers may edit it, the model must not change
-        O.append(W_O.clone() if post is None else torch.einsum("hfd,de->hfe", W_O, norm_matrix(_norm_module(post), s.d_model)))
+        O.append(W_O.clone() if post is None else torch.einsum("hfd,de->hfe", W_O, norm_matrix(norm_module(post), s.d_model)))
     W_U = ln_f @ b.W_U.detach().float().cpu()
     return HeadWeights(Q, K, V, O, b.W_E.detach().float().cpu().clone(), W_U, s.n_heads, s.n_kv_heads)
