@@ -162,3 +162,14 @@ def test_padded_vocabulary_rows_are_named_not_shown_empty(tmp_path):
     padded = [int(i) for i in res.top_ids.flatten() if i >= n_tok]
     assert padded and sorted(t for t in flat if t.startswith("<unused id ")) == sorted(f"<unused id {i}>" for i in padded)
     assert "" not in flat
+
+
+def test_lens_runs_on_a_bfloat16_load_close_to_float32(tiny_gpt2_dir):
+    """A bfloat16 load rounds the model's own final-norm output (0.0076 off), which the norm
+    check refused as "this norm variant is not supported"; the check allows 16-bit rounding now,
+    and the lens's probabilities stay close to the float32 load's."""
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    half = run_lens(load_model(tiny_gpt2_dir, device="cpu", dtype="bfloat16"), prompt, target=" Mary", distractor=" John")
+    full = run_lens(load_model(tiny_gpt2_dir, device="cpu"), prompt, target=" Mary", distractor=" John")
+    assert float((half.prob - full.prob).abs().max()) < 1e-3
+    assert int((half.rank[-1] - full.rank[-1]).abs().max()) <= 2
