@@ -452,3 +452,20 @@ def test_neuron_directions_include_a_norm_after_the_mlp(name, arch_dirs):
         if post is not None:
             want = want * (post.weight.detach().float() + (1.0 if name == "gemma2" else 0.0))
         torch.testing.assert_close(MlpNeurons(m).directions(layer), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layout_the_bridge_misreads_is_one_sentence(tmp_path):
+    """Falcon's newer layout (Falcon-40B's: new_decoder_architecture, grouped KV heads) makes the
+    bridge's weight split raise a RuntimeError at load, which escaped as a traceback in every
+    command; it is refused in one sentence now."""
+    import transformers
+
+    from conftest import _tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                    new_decoder_architecture=True, bos_token_id=0, eos_token_id=0)
+    transformers.FalconForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(MechscopeError, match="FalconForCausalLM"):
+        load_model(str(tmp_path), device="cpu")

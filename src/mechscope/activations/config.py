@@ -69,8 +69,10 @@ class StoreConfig:
             raise MechscopeError(f"'{TOKENS_KEY}' is not a hook name; it is the key of the rows' token ids.")
         if len(set(self.hooks)) != len(self.hooks):
             raise MechscopeError(f"Hook names repeat in {self.hooks}; give each once.")
-        if self.context_len < 2 or self.batch_size < 1:
-            raise MechscopeError("context_len must be at least 2 and batch_size at least 1.")
+        if self.context_len < 2:
+            raise MechscopeError(f"--context-len must be at least 2 (tokens per context); got {self.context_len}.")
+        if self.batch_size < 1:
+            raise MechscopeError(f"--batch-size must be at least 1 (contexts per forward pass); got {self.batch_size}.")
         if not 0 <= self.skip_first < self.context_len:
             raise MechscopeError(f"skip_first must be in [0, context_len) = [0, {self.context_len}).")
         if self.dtype not in DTYPE_NAMES:

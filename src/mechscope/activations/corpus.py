@@ -121,8 +121,7 @@ def get_corpus(
             raise MechscopeError(
                 f"The corpus '{spec}' has {n_docs} document{'s' if n_docs != 1 else ''}, too few to hold 1 in "
                 f"{heldout_every} out: give it at least {heldout_every} (a .txt file is cut into passages of about "
-                f"{passage_chars:,} characters at blank lines, a .jsonl file holds one document per line), "
-                "or, from Python, use split='all'."
+                f"{passage_chars:,} characters at blank lines, a .jsonl file holds one document per line)."
             )
     if seed is not None:
         refs = list(refs)

@@ -86,12 +86,11 @@ def load_reference(path_or_name: str) -> Reference:
         text, where = p.read_text(), str(p)
     try:
         d = json.loads(text)
-        if isinstance(d, dict) and "schema_version" in d and "method" in d:
-            return _from_run(d, where)
-        edges = [tuple(e) for e in d.get("edges", [])]
-        nodes = list(d["nodes"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MechscopeError(f"'{where}' is not a reference circuit file (needs a JSON object with a 'nodes' list).") from exc
+    except json.JSONDecodeError as exc:
+        raise MechscopeError(f"'{where}' is not JSON ({exc.msg} at line {exc.lineno}); {_SHAPE}.") from exc
+    if isinstance(d, dict) and "schema_version" in d and "method" in d:
+        return _from_run(d, where)
+    nodes, edges = _nodes_and_edges(d, where)
     if d.get("connections"):
         edges += expand_connections(d.get("groups", {}), d["connections"], where, d.get("n_layers"))
     source = d.get("source", "")
@@ -99,6 +98,25 @@ def load_reference(path_or_name: str) -> Reference:
         source += " Edges: " + d["edge_source"]
     return Reference(model=d.get("model", "?"), task=d.get("task", "?"), source=source, nodes=nodes,
                      edges=list(dict.fromkeys(edges)))
+
+
+_SHAPE = ('a reference circuit file is a JSON object with a "nodes" list of node names (e.g. "a9.h6", "m3") and, '
+          'optionally, an "edges" list of [sender, receiver] name pairs')
+
+
+def _nodes_and_edges(d: Any, where: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The node names and edges of a reference file's JSON ``d``, checked against ``_SHAPE``: any
+    other JSON (an array, a node that is not a name, an edge that is not a pair) is refused in one
+    sentence instead of failing later, or being read as something else (a string as its letters)."""
+    if not isinstance(d, dict):
+        raise MechscopeError(f"'{where}' holds a JSON {type(d).__name__ if d is not None else 'null'}, not an object; {_SHAPE}.")
+    nodes, edges = d.get("nodes"), d.get("edges", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+        raise MechscopeError(f"'{where}' has no \"nodes\" list of names; {_SHAPE}.")
+    if not isinstance(edges, list) or not all(isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e)
+                                              for e in edges):
+        raise MechscopeError(f"'{where}' has an \"edges\" entry that is not a [sender, receiver] pair of names; {_SHAPE}.")
+    return nodes, [(e[0], e[1]) for e in edges]
 
 
 def _from_run(d: dict, where: str) -> Reference:

@@ -48,6 +48,7 @@ def dynamics(run_dir: Path, n: int | None, out: Path | None, json: bool) -> None
     from mechscope.report.binding import write_binding_dynamics
 
     cfg = BindingEvalConfig() if n is None else BindingEvalConfig(n_per_hop=n)
+    check_out_folder(out, "binding-dynamics", beside=("train-toy",))
     find_checkpoints(run_dir)  # fail fast on an empty folder
     res = binding_dynamics(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
@@ -95,7 +96,7 @@ def interchange(
     from mechscope.report.binding import write_binding_interchange
 
     cfg = BindingInterchangeConfig(n=n, depth=depth, site=site, head=head, correct_only=not all_pairs, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "interchange")
     data = data_config(model)
     if not (Path(model) / "config.json").is_file():
         ckpts = sorted(Path(model).glob("ckpt_*"))

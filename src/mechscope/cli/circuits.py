@@ -13,6 +13,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     fresh_dir,
@@ -71,6 +72,7 @@ def discover(
                          acdc_metric=metric, folds=folds, qk=qk, labels=labels, pool=pool, force=force)  # checks the settings
     check_seeds(cfg, seeds)
     get_task(task)  # fail fast on an unknown task, before loading the model
+    check_out_folder(out, "circuit")
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,10 +75,159 @@ def _sentence(exc: Exception) -> str | None:
     return None
 
 
-def check_out_folder(out: Path | None) -> None:
-    """Refuse an ``--out`` that names an existing file, before any work."""
-    if out is not None and Path(out).is_file():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+@dataclass(frozen=True)
+class _Artefact:
+    """One kind of folder a mechscope command writes, recognised by its marker files, so that no
+    command mixes its files into (or replaces) another command's results."""
+
+    kind: str
+    """The key a command passes to ``check_out_folder`` as ``writes``."""
+    what: str
+    """How a message names it ("an SAE")."""
+    markers: tuple[str, ...]
+    """Files (relative to the folder) that must all be there."""
+    test: Callable[[Any], bool] | None = None
+    """Where another artefact (or an ordinary file) shares the first marker's name: what its JSON
+    must satisfy to be this one."""
+    finished: bool = True
+    """A finished result, which a re-run of its command replaces, rather than a state it resumes."""
+
+
+def _kind_is(kind: str, same: bool = True) -> Callable[[Any], bool]:
+    """A ``_Artefact.test``: the JSON's ``kind`` is ``kind`` (``same=False``: is not)."""
+    return lambda doc: isinstance(doc, dict) and (doc.get("kind") == kind) == same
+
+
+def _has_keys(*keys: str) -> Callable[[Any], bool]:
+    """A ``_Artefact.test``: the JSON is an object with all of ``keys``."""
+    return lambda doc: isinstance(doc, dict) and all(k in doc for k in keys)
+
+
+_ARTEFACTS: tuple[_Artefact, ...] = (
+    # models, dictionaries and lenses: sae/io.py, features/transcoder_set.py, lens/tuned.py, vision/models.py
+    _Artefact("transcoders", "a transcoder set", ("config.yaml",)),
+    _Artefact("transcoders", "an unfinished transcoder training run", ("checkpoint/latest.json",), finished=False),
+    _Artefact("tuned-lens", "a tuned lens", ("tuned_lens.json",)),
+    _Artefact("tuned-lens", "an unfinished tuned-lens training run", ("checkpoint/stage1.safetensors",), finished=False),
+    _Artefact("sae", "an SAE", ("cfg.json", "sae_weights.safetensors")),
+    _Artefact("sae", "an unfinished SAE training run", ("checkpoint/state.json",), test=_has_keys("sae_config"), finished=False),
+    _Artefact("vision-model", "a vision model", ("config.json", "model.safetensors"), test=_kind_is("mechscope-vision-model")),
+    # resumable states: heads/train.py, explain/exemplars.py, activations/shards.py, icl/run.py
+    _Artefact("train-toy", "a training run", ("train.json",), finished=False),
+    _Artefact("exemplars", "an exemplars checkpoint", ("state.safetensors",)),
+    _Artefact("shards", "harvested activation shards", ("manifest.json",),
+              test=_has_keys("shards", "hooks"), finished=False),
+    _Artefact("icl", "an unfinished few-shot ICL run", ("icl-partial.json",), finished=False),
+    # results (the data files server/runs.py lists)
+    _Artefact("vision-circuit", "a vision circuit", ("circuit.json",), test=_kind_is("vision-circuit")),
+    _Artefact("circuit", "a circuit", ("circuit.json",), test=_kind_is("vision-circuit", same=False)),
+    _Artefact("graph", "an attribution graph", ("graph.json",)),
+    _Artefact("heads", "head results", ("heads.json",)),
+    _Artefact("dynamics", "training dynamics", ("dynamics.json",)),
+    _Artefact("binding-dynamics", "binding dynamics", ("binding_dynamics.json",)),
+    _Artefact("interchange", "interchange interventions", ("interchange.json",)),
+    _Artefact("lens", "a logit lens", ("lens.json",)),
+    _Artefact("recall", "recall results", ("recall.json",)),
+    _Artefact("probe", "probe results", ("probe.json",)),
+    _Artefact("icl", "a few-shot ICL run", ("icl.json",)),
+    _Artefact("confusion", "language-confusion results", ("confusion.json",)),
+    _Artefact("dashboard", "SAE dashboards", ("dashboard.json",)),
+    _Artefact("eval", "an evaluation", ("eval.json",)),
+    _Artefact("steer", "steering results", ("steer.json",)),
+    _Artefact("compose", "a vision composition", ("compose.json",)),
+    _Artefact("eap", "a vision EAP run", ("eap.json",)),
+)
+ARTEFACT_KINDS = frozenset(a.kind for a in _ARTEFACTS)
+
+
+def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tuple[str, ...] = (),
+                     replaces: bool = True, file: bool = False, option: str = "--out") -> None:
+    """Refuse a bad ``--out`` before any work, in one sentence: one that names an existing file
+    (``file``: one that names a folder), one that cannot be created (its OS reason: a temporary
+    file's name in a later error would say nothing), and, where the command says what it
+    ``writes`` (an ``_ARTEFACTS`` kind), a folder that holds another command's artefacts (those of
+    the kinds in ``beside`` are welcome: an evaluation written into its SAE's folder). A folder
+    holding the same command's earlier finished result gets one line on stderr saying that this
+    run replaces it (``replaces=False``: the command resumes there and says so itself)."""
+    if out is None:
+        return
+    out = Path(out)
+    if file:
+        if out.is_dir():
+            raise MechscopeError(f"{option} {out} is a folder; give a file name, e.g. {out / 'out.jsonl'}.")
+        _check_creatable(out.parent, option, out)
+        return
+    if out.is_file():
+        raise MechscopeError(f"{out} is a file; {option} must name a folder.")
+    _check_creatable(out, option, out)
+    if writes is None:
+        return
+    if writes not in ARTEFACT_KINDS:  # a caller's typo must not switch the check off
+        raise ValueError(f"unknown artefact kind {writes!r}")
+    held = _held_artefacts(out)
+    for art in held:
+        if art.kind != writes and art.kind not in beside:
+            raise MechscopeError(f"{option} {out} holds {art.what} ({', '.join(art.markers)}); choose another folder.")
+    for art in held:
+        if art.kind == writes and art.finished and replaces:
+            made_by = _recorded_model(out / art.markers[0])
+            of = f" (of {made_by})" if made_by else ""
+            err_console.print(f"note: {option} {out} holds an earlier result, {art.what}{of}; this run replaces it.",
+                              highlight=False, markup=False)
+            return
+
+
+def _check_creatable(folder: Path, option: str, out: Path) -> None:
+    """Make ``folder`` (and any missing parents) to see that it can be made, then remove what was
+    made: a command that is refused later leaves nothing behind."""
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        if p.exists() and not p.is_dir():
+            raise NotADirectoryError(20, "part of the path is a file", str(p))
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = "" if exc.filename in (None, str(out)) else f" at {exc.filename}"
+        raise MechscopeError(f"{option} {out} cannot be written ({reason}{where}); give a folder you can write to.") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _held_artefacts(folder: Path) -> list[_Artefact]:
+    """The ``_ARTEFACTS`` that ``folder`` holds, in table order."""
+    if not folder.is_dir():
+        return []
+    return [a for a in _ARTEFACTS if all((folder / m).is_file() for m in a.markers)
+            and (a.test is None or a.test(_read_json(folder / a.markers[0])))]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _recorded_model(path: Path) -> str | None:
+    """The model a result file records (its ``model``'s name or source, or ``model_name``), if any."""
+    doc = _read_json(path) if path.suffix == ".json" else None
+    if not isinstance(doc, dict):
+        return None
+    m = doc.get("model", doc.get("model_name"))
+    if isinstance(m, dict):
+        m = m.get("name") or m.get("source")
+    return str(m) if isinstance(m, str) and m else None
 
 
 def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) -> None:
@@ -176,6 +327,20 @@ def check_early(make: Callable[[int], Any], given: int | None, default: int) -> 
         raise shortest
 
 
+MAX_LAYERS = 10_000
+"""The bound on a ``--layers`` value read before the model (and its layer count) is known: far
+above any model's depth, far below a range whose list would not fit in memory."""
+
+
+def _check_layer_bound(spec: str, top: int, n_layers: int | None) -> None:
+    """Refuse a layer ``top`` (the highest of a ``--layers`` part) past the model's last layer, or
+    past ``MAX_LAYERS`` where the model is not known yet."""
+    limit = n_layers if n_layers is not None else MAX_LAYERS
+    if top >= limit:
+        have = f"the model has layers 0-{n_layers - 1}" if n_layers is not None else f"no model has {MAX_LAYERS:,} layers"
+        raise MechscopeError(f"--layers {spec!r}: layer {top} does not exist; {have}.")
+
+
 def parse_layers(spec: str | None, n_layers: int | None = None) -> list[int] | None:
     """Block indices of a ``--layers`` value: comma-separated layers and ranges (``0,3,5-7``),
     sorted. ``all``, empty or None: every layer (``range(n_layers)``), or None when the model's
@@ -195,11 +360,8 @@ def parse_layers(spec: str | None, n_layers: int | None = None) -> list[int] | N
             raise MechscopeError(f"--layers {spec!r}: {part!r} is not a layer number or range; give 'all' or e.g. 0,3,5-7.") from None
         if b < a:
             raise MechscopeError(f"--layers {spec!r}: the range {part!r} runs backwards; write it low-high.")
+        _check_layer_bound(spec, b, n_layers)  # before the range is expanded: 0-99999999999 would fill the memory
         out.extend(range(a, b + 1))
-    bad = [x for x in out if x < 0 or (n_layers is not None and x >= n_layers)]
-    if bad:
-        have = f"the model has layers 0-{n_layers - 1}" if n_layers is not None else "layers count from 0"
-        raise MechscopeError(f"--layers {spec!r}: layer {bad[0]} does not exist; {have}.")
     if len(set(out)) != len(out):
         raise MechscopeError(f"--layers {spec!r} names a layer twice; give each layer once.")
     return sorted(out)

@@ -62,7 +62,7 @@ def confusion(
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
                           last_layers=last_layers, layers=tuple(parse_layers(layers) or ()) or None, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
                           ppl_contexts=ppl_contexts, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "confusion")
     items = load_prompts(prompts, cfg.langs, cfg.max_per_lang)  # a bad file fails before the model loads
     lens_t = None
     if tuned is not None:

@@ -18,6 +18,7 @@ from mechscope.cli.common import (
     JsonOpt,
     ModelOpt,
     check_early,
+    check_out_folder,
     console,
     context_len_for,
     emit_json,
@@ -116,6 +117,7 @@ def export(
 
     if out.is_dir():
         fail(f"--out {out} is a folder; give a file name, e.g. {out / 'units.jsonl'}.")
+    check_out_folder(out, file=True)
     if out.exists() and (out.resolve() == Path(db).resolve() or _is_sqlite(out)):
         fail(f"--out {out} is a SQLite database{' (the one read)' if out.resolve() == Path(db).resolve() else ''}; "
              "write the JSON lines to another file.")
@@ -297,6 +299,7 @@ def exemplars_merge(
 
     if len(shards) < 2:
         raise MechscopeError("give at least two shard checkpoint folders to merge.")
+    check_out_folder(out, "exemplars")
     states = [HarvestState.read(folder) for folder in shards]  # refuses a missing or damaged checkpoint first
     merged = merge_states(states, [str(f) for f in shards])
     made_by = merged.model

@@ -13,6 +13,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     fresh_dir,
@@ -53,6 +54,7 @@ def heads(
 
     cfg = HeadsConfig(n=n, seq_len=seq_len, text=text, n_text=n_text, text_len=text_len, ablate=ablate,
                       top_k=top_k, seed=seed)
+    check_out_folder(out, "heads")
     m = load(model, device)
     t0 = time.perf_counter()
     res = head_scores(m, cfg, progress=not json)
@@ -126,6 +128,7 @@ def train_toy(
     """Train a small transformer on CPU on data where induction pays off (or on variable-binding programs), saving log-spaced checkpoints."""
     from mechscope.heads.train import train_toy as run
 
+    check_out_folder(out, "train-toy", replaces=False)  # a re-run resumes an unfinished run
     icml = {"tasks": tasks, "optimizer": optimizer, "labels": labels, "classes": classes, "context": context}
     icml_given = [f"--{k}" for k, v in icml.items() if v is not None]
     binding_given = [f"--{k}" for k, v in (("lines", lines), ("hops", hops)) if v is not None]
@@ -232,6 +235,7 @@ def dynamics(
 
         return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
     find_checkpoints(run_dir)  # fail fast on an empty folder
+    check_out_folder(out, "dynamics", beside=("train-toy",))
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     res = run(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
@@ -281,6 +285,7 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
     _refuse_unused(ctx, META_SETTING)
     cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if _given(ctx, "n") else {}))
     meta_checkpoints(run_dir)  # fail fast on an empty folder
+    check_out_folder(out, "dynamics", beside=("train-toy",))
     res = meta_dynamics(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)
     res.save(out_dir)

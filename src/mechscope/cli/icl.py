@@ -57,7 +57,7 @@ def icl(
                         layer_stride=layer_stride, sweeps=tuple(s.strip() for s in sweeps.split(",") if s.strip()),
                         min_above_chance=min_above_chance, force=force, seed=seed,
                         knockout=not accuracy_only)
-    check_out_folder(out)
+    check_out_folder(out, "icl")
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
     out_dir = Path(out or fresh_dir("icl"))

@@ -11,6 +11,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     err_console,
@@ -46,6 +47,7 @@ def lens(
     from mechscope.report.lens import write_lens
 
     check_k(k)  # before loading the model
+    check_out_folder(out, "lens")
     lens_t = None
     if tuned is not None:
         from mechscope.lens.tuned import TunedLens

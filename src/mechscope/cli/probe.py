@@ -51,7 +51,7 @@ def probe(
     from mechscope.report.probe import write_probe
 
     cfg = ProbeConfig(hook=hook, layers=parse_layers(layers), control=control, max_items=max_items, balance=balance, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "probe")
     if labels not in BUILTIN_LABELS and not Path(labels).is_file():
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
     m = load(model, device)

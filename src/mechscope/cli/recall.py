@@ -12,6 +12,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     err_console,
@@ -70,6 +71,7 @@ def recall(
     if tuned is not None and logit_lens:
         raise MechscopeError("Pass --tuned DIR or --logit-lens, not both.")
     cfg = dataset_config(**kw) if dataset is not None else RecallConfig(**kw)  # checks the settings
+    check_out_folder(out, "recall")
     lens_t = None
     if tuned is not None:
         from mechscope.lens.tuned import TunedLens

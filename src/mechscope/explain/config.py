@@ -67,8 +67,10 @@ class ExemplarsConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.context_len < 2 or self.batch_size < 1:
-            raise MechscopeError("context_len must be at least 2 and batch_size at least 1.")
+        if self.context_len < 2:
+            raise MechscopeError(f"--context-len must be at least 2 (a context's first token is never a candidate); got {self.context_len}.")
+        if self.batch_size < 1:
+            raise MechscopeError(f"--batch-size must be at least 1 (contexts per forward pass); got {self.batch_size}.")
         if self.n_tokens < self.context_len * self.batch_size:
             raise MechscopeError(f"--tokens {self.n_tokens} is less than one batch ({self.batch_size} contexts of {self.context_len}); give more tokens.")
         if self.k < 1 or self.k_bottom < 0 or self.per_quantile < 0 or self.n_random < 0:

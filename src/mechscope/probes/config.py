@@ -39,7 +39,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.max_items < 20:
-            raise MechscopeError(f"max_items must be at least 20 (got {self.max_items}): a probe needs data.")
+            raise MechscopeError(f"--max-items must be at least 20 (got {self.max_items}): a probe needs data.")
         if not 0.05 <= self.test_fraction <= 0.5:
             raise MechscopeError(f"test_fraction must be between 0.05 and 0.5 (got {self.test_fraction}).")
         if self.l2 < 0 or self.max_iter < 1:
