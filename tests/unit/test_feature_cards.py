@@ -49,7 +49,7 @@ def test_contexts_are_the_largest_activations_of_the_replacement_run(tiny_model,
         assert abs(ex[0]["acts"][ex[0]["at"]] - ex[0]["max"]) < 1e-3 * max(1.0, best[0][0])
         _, c, pos = best[0]
         lo = max(0, pos - 3)
-        assert ex[0]["tokens"] == [tiny_model.tokenizer.decode([t]) for t in toks[c, lo:pos + 2].tolist()]
+        assert ex[0]["tokens"] == tiny_model.to_str_tokens(toks[c, lo:pos + 2])
         if len(best) > 1:
             assert abs(ex[1]["max"] - best[1][0]) < 1e-3 * max(1.0, best[1][0])
         assert [e["max"] for e in again[f"{layer}:{f}"]] == pytest.approx([e["max"] for e in ex], rel=1e-4, abs=1e-5)
@@ -68,7 +68,7 @@ def test_output_tokens_follow_the_final_norm_and_unembedding(tiny_model):
         direct = direct - direct.mean()
         vals, idx = direct.topk(5)
         rows = got[f"{layer}:{f}"]
-        assert [r[0] for r in rows] == [tiny_model.tokenizer.decode([int(i)]) for i in idx]
+        assert [r[0] for r in rows] == tiny_model.to_str_tokens([int(i) for i in idx])
         assert [r[1] for r in rows] == pytest.approx(vals.tolist(), abs=1e-3)
 
 

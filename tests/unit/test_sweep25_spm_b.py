@@ -132,7 +132,7 @@ def test_spm_token_strings_keep_spaces(spm):
     from mechscope.explain.units import token_strings
 
     table = token_strings(spm, len(spm) + 2)
-    assert len(table) == len(spm) + 2 and table[-2:] == ["", ""]
+    assert len(table) == len(spm) + 2 and table[-2:] == [f"<unused id {len(spm)}>", f"<unused id {len(spm) + 1}>"]
     assert table[spm.convert_tokens_to_ids("▁Mary")] == " Mary"
     ids = spm(" cat sat on the mat", add_special_tokens=False)["input_ids"]
     assert "".join(table[i] for i in ids) == "  cat sat on the mat"  # the dummy '▁' then the words

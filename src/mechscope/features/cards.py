@@ -36,6 +36,7 @@ from mechscope.errors import MechscopeError
 from mechscope.features.config import SINK_RATIO
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import hook_layer, ln_normalized
+from mechscope.models.tokens import token_texts
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def feature_contexts(model: Model, tset: TranscoderSet, feats: list[tuple[int, i
                 c, p = divmod(k, T)
                 lo, hi = max(0, p - before), min(T, p + after + 1)
                 ids = tokens[c, lo:hi].tolist()
-                rows.append({"tokens": [vocab.decode([t]) for t in ids], "acts": [round(x, 4) for x in acts[layer][c, lo:hi, j].tolist()],
+                rows.append({"tokens": token_texts(vocab, ids), "acts": [round(x, 4) for x in acts[layer][c, lo:hi, j].tolist()],
                              "at": p - lo, "max": round(v, 4)})
             out[f"{layer}:{f}"] = rows
     return out
@@ -137,7 +138,7 @@ def feature_logits(model: Model, tset: TranscoderSet, feats: list[tuple[int, int
         logits = logits - logits.mean(-1, keepdim=True)
         vals, idx = logits.topk(min(top, logits.shape[-1]), dim=-1)
         for j, f in enumerate(fs):
-            out[f"{layer}:{f}"] = [[model.tokenizer.decode([int(t)]), round(float(v), 4)] for v, t in zip(vals[j], idx[j])]
+            out[f"{layer}:{f}"] = [[s, round(float(v), 4)] for v, s in zip(vals[j], token_texts(model.tokenizer, idx[j].tolist()))]
     return out
 
 

@@ -49,6 +49,7 @@ from mechscope.features.replacement import ReplacementRun, capture
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import POS_EMBED, attn_hook, attn_out, attn_scores, resid_pre
 from mechscope.models.load import plain_attention
+from mechscope.models.tokens import token_texts
 from mechscope.patching.engine import attn_weights
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
     with torch.no_grad(), plain_attention(model):
         _, cache = model.bridge.run_with_cache(tokens[None].to(model.device), names_filter=lambda n: n in names)
     x_all = cache[resid_pre(layer)][0].float()  # [P, d]
-    text = [model.tokenizer.decode([int(t)]) for t in tokens.tolist()]
+    text = token_texts(model.tokenizer, tokens.tolist())
     sides = []
     for pos in (query_pos, key_pos):
         ids, labels, U = components(run, tset, cache, layer, pos, text[pos])

@@ -9,6 +9,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.prompt import encode_prompt, single_token, subject_positions
+from mechscope.models.tokens import token_texts
 from mechscope.recall.config import RecallConfig
 from mechscope.recall.enrichment import subject_enrichment
 from mechscope.recall.extraction import attribute_extraction
@@ -46,7 +47,7 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
         with torch.no_grad():
             tid = int(model(tokens)[0, -1].argmax())
     res = RecallResult(model=model.summary.to_dict(), settings=cfg.to_dict(), prompt=prompt, subject=subject,
-                       tokens=model.to_str_tokens(tokens[0]), subject_pos=spos, target=model.tokenizer.decode([tid]),
+                       tokens=model.to_str_tokens(tokens[0]), subject_pos=spos, target=token_texts(model.tokenizer, [tid])[0],
                        target_id=tid)
     if "trace" in parts:
         res.trace = causal_trace(model, tokens, spos, tid, noise_std or facts_noise_std(model, cfg), cfg)
