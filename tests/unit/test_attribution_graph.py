@@ -225,7 +225,7 @@ def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_
         (["--qk", "1:0:1:3"], "key position <= query position"),
         (["--qk", "1:0:x"], "LAYER:HEAD:QUERY_POS:KEY_POS"),
         (["--corpus", str(tmp_path / "no-such.txt")], "No corpus at"),
-        (["--contexts", "-1"], "--contexts must be >= 0"),
+        (["--contexts", "-1"], "--contexts must be at least 0"),
     ]
     for extra, needle in bad:
         args = ["When Mary went", "--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir,

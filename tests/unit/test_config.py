@@ -59,8 +59,8 @@ def test_seed_counts_and_other_configs_are_checked():
     bad = [(HeadsConfig, {"n": 0}, "text windows"), (ToyConfig, {"d_model": 30, "heads": 4}, "divisible"),
            (RecallConfig, {"samples": 0}, "--samples and --layer-stride"), (dataset_config, {"layer_stride": 0}, "--layer-stride"),
            (TrainConfig, {"architecture": "gated"}, "unknown SAE architecture"), (TrainConfig, {"tokens": 10}, "less than one batch"),
-           (DashboardConfig, {"ctx_len": 1}, "--ctx-len at least 2"), (DashboardConfig, {"skip_first": 64}, "leaves nothing"),
-           (GenerationConfig, {"temperature": -1.0}, "--temperature a finite number of at least 0"), (StoreConfig, {"hooks": ["h"], "dtype": "int8"}, "Unknown dtype")]
+           (DashboardConfig, {"ctx_len": 1}, "--ctx-len must be at least 2"), (DashboardConfig, {"skip_first": 64}, "leaves nothing"),
+           (GenerationConfig, {"temperature": -1.0}, "--temperature must be a finite number of at least 0"), (StoreConfig, {"hooks": ["h"], "dtype": "int8"}, "Unknown dtype")]
     for make, kw, needle in bad:
         with pytest.raises(MechscopeError, match=needle):
             make(**kw)

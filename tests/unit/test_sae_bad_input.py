@@ -242,7 +242,7 @@ def test_steering_refuses_non_finite_values_and_top_k_below_one(tiny_gpt2, tiny_
     with pytest.raises(MechscopeError, match="--coef must be a finite number"):
         steer_actadd(tiny_gpt2, "a b", "a", "b", layer=0, coef=math.nan)
     for kw, msg in (({"top_k": -5}, "--top-k must be at least 1"), ({"top_k": 0}, "--top-k must be at least 1"),
-                    ({"temperature": math.nan}, "--temperature a finite number")):
+                    ({"temperature": math.nan}, "--temperature must be a finite number")):
         with pytest.raises(MechscopeError, match=msg):
             GenerationConfig(**kw)
     sae = SAE(SAEConfig(d_in=64, d_sae=16, architecture="relu", hook_name=HOOK, model_name=tiny_gpt2_dir))

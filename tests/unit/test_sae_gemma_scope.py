@@ -73,7 +73,7 @@ def test_bad_files_are_one_sentence(tmp_path):
         assert "\n" not in str(e.value)
 
     hook = "blocks.1.hook_resid_post"
-    refused(tmp_path / "params.npz", "pass it with --hook")
+    refused(write(tmp_path, "h/params.npz", params()), "pass it with --hook")  # a readable file whose path names no hook
     refused(tmp_path / "missing.npz", "does not exist", hook=hook)
     refused(write(tmp_path, "a/params.npz", {k: v for k, v in params().items() if k != "threshold"}), "lacks threshold", hook=hook)
     refused(write(tmp_path, "b/params.npz", {**params(), "b_dec": np.zeros(D + 1, np.float32)}), "b_dec has shape", hook=hook)

@@ -19,6 +19,7 @@ from mechscope.cli.common import (
     JsonOpt,
     ModelOpt,
     check_early,
+    check_out_folder,
     console,
     context_len_for,
     emit_json,
@@ -74,11 +75,14 @@ def attribute(
     from mechscope.features.graph_files import graph_json, save_graph_folder
     from mechscope.features.prune import prune
 
-    if max_features < 0 or batch_size < 1 or max_links < 1 or contexts < 0:
-        fail("--max-features and --contexts must be >= 0, --batch-size and --max-links >= 1.")
+    for name, count, least in (("--max-features", max_features, 0), ("--contexts", contexts, 0),
+                               ("--batch-size", batch_size, 1), ("--max-links", max_links, 1)):
+        if count < least:
+            fail(f"{name} must be at least {least}; got {count}.")
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             fail(f"{name} must lie between 0 and 1, got {v}.")
+    check_out_folder(out, "graph")
     m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     card_corpus, cards_note = _card_corpus(contexts, corpus)  # before the graph: a bad --corpus fails at once
     from mechscope.features.cards import MAX_CELLS
@@ -141,13 +145,15 @@ def attribute(
     extra = {"report.html": html} | ({"qk.json": _json.dumps(qk_docs, indent=1)} if qk_docs else {})
     save_graph_folder(g, doc, out, extra)
     gen = doc["metadata"]["generator"]
+    from mechscope.models.tokens import token_texts
+
     summary = {
         "out": str(out), "n_tokens": len(ids), "n_active_features": g.n_active, "n_features_with_rows": g.n_features,
         "nodes_kept": len(doc["nodes"]), "links_written": gen["links_written"], "links_total": gen["links_total"],
         "replacement_score": gen["replacement_score"], "completeness_score": gen["completeness_score"],
         "pruned_replacement_score": gen["pruned_replacement_score"],
         "pruned_completeness_score": gen["pruned_completeness_score"], "seconds": g.settings["seconds"],
-        "logits": [{"token": m.tokenizer.decode([int(t)]), "prob": float(p)} for t, p in zip(g.logit_tokens, g.logit_probs)],
+        "logits": [{"token": s, "prob": float(p)} for s, p in zip(token_texts(m.tokenizer, [int(t) for t in g.logit_tokens]), g.logit_probs)],
         "qk": qk_docs, "feature_cards": len(cards), "feature_cards_note": cards_note,
     }
     if json:
@@ -261,6 +267,7 @@ def transcoders_train(
     if not layers.strip():
         fail("--layers is empty; give 'all' or layers and ranges such as 0,3,5-7.")
     later = _check_early_or_later(settings, context_len)
+    check_out_folder(out, "transcoders", replaces=False)
     m = load(model, device)
     # every setting is checked before the work is announced: the context against the model's, the layers against its depth
     n_ctx = context_len_for(m, context_len, TranscoderTrainConfig.context_len)
@@ -346,9 +353,13 @@ def transcoders_eval(
     from mechscope.features.transcoder_set import TranscoderSet, load_transcoder_layers
     from mechscope.report.transcoders import render_transcoders_eval
 
-    check_sink_ratio(sink_ratio or None)  # before the model loads
-    if tokens <= 0 or batch_size <= 0 or (context_len is not None and context_len < 2):
-        fail(f"--tokens and --batch-size must be positive and --context-len at least 2 (got {tokens}, {batch_size}, {context_len}).")
+    if sink_ratio and not sink_ratio > 1:  # before the model loads, in the option's words
+        fail(f"--sink-ratio {sink_ratio}: sink_ratio must be above 1, or 0 to splice and score the sinks.")
+    check_sink_ratio(sink_ratio or None)
+    for name, v, least in (("--tokens", tokens, 1), ("--batch-size", batch_size, 1), ("--context-len", context_len, 2)):
+        if v is not None and v < least:
+            fail(f"{name} must be at least {least}; got {v}.")
+    check_out_folder(out, "eval", beside=("transcoders",))
     given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load
     found = load_transcoder_layers(set_dir, "cpu", given)
     first = next(iter(found.values())).cfg
@@ -446,6 +457,7 @@ def intervene(
     json: bool = JsonOpt,
 ) -> None:
     """Set feature activations in the replacement model (errors kept) and show the logit changes."""
+    from mechscope.features.intervene import check_clamp_values
     from mechscope.features.intervene import intervene as run_intervene
 
     clamps = []
@@ -459,14 +471,19 @@ def intervene(
         if not math.isfinite(v):
             fail(f"--set {spec!r}: the value must be a finite number.")
         clamps.append((layer, f, pos, v))
-    if generate < 0 or top < 1:
-        fail("--generate must be >= 0 and --top >= 1.")
+    check_clamp_values(clamps)  # before the model loads
+    if generate < 0:
+        fail(f"--generate must be at least 0 (greedy tokens to generate); got {generate}.")
+    if top < 1:
+        fail(f"--top must be at least 1 (logits to list); got {top}.")
     m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     res = run_intervene(m, tset, ids, clamps, frozen=frozen, generate=generate)
+    from mechscope.models.tokens import token_texts
+
     dm = lambda x: x - x.mean()  # noqa: E731
     delta = dm(res["changed"]) - dm(res["base"])
     idx = delta.abs().topk(top).indices.tolist()
-    rows = [{"token": m.tokenizer.decode([i]), "id": i, "base": float(res["base"][i]), "changed": float(res["changed"][i]),
+    rows = [{"token": token_texts(m.tokenizer, [i])[0], "id": i, "base": float(res["base"][i]), "changed": float(res["changed"][i]),
              "delta_demeaned": float(delta[i])} for i in idx]
     out = {"frozen": frozen, "set": [list(c) for c in clamps], "logits": rows}
     if generate:

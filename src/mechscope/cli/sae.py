@@ -16,6 +16,7 @@ from mechscope.cli.common import (
     JsonOpt,
     ModelOpt,
     check_early,
+    check_out_folder,
     console,
     context_len_for,
     emit_json,
@@ -78,13 +79,18 @@ def harvest(
     from mechscope.activations import get_corpus
     from mechscope.activations import harvest as do_harvest
     from mechscope.models.hooks import check_hook_name
+    from mechscope.sae.evaluate import check_context_len
     from mechscope.sae.io import check_vector_hook
 
     def settings(n: int) -> StoreConfig:
         return StoreConfig(hooks=list(hook), context_len=n, batch_size=batch_size, dtype=dtype)  # checked when made
 
+    check_context_len(context_len)  # in the option's words: StoreConfig names its fields
+    if batch_size < 1:
+        raise MechscopeError(f"--batch-size must be at least 1 (contexts per forward pass); got {batch_size}.")
     check_early(settings, context_len, StoreConfig.context_len)
     check_tokens(tokens)
+    check_out_folder(out, "shards", replaces=False)
     m = load(model, device)
     for h in hook:
         check_hook_name(m, h)
@@ -122,12 +128,16 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train an SAE (or transcoder) on a hook's activations; checkpoints, resumable."""
-    from mechscope.sae.train import sae_trainer, transcoder_output_hook
+    from mechscope.sae.evaluate import check_context_len
+    from mechscope.sae.train import check_out, sae_trainer, transcoder_output_hook
 
     out = out or fresh_dir("sae")
     tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
                       batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed)  # checked when made
+    check_out(out, resume)  # before the model loads: a finished SAE is never overwritten
+    check_out_folder(out, "sae", replaces=False)  # nor another command's folder written into
+    check_context_len(context_len)
     m = load(model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
@@ -136,7 +146,7 @@ def train(
     if not json:
         console.print(f"training a {arch} {'transcoder' if tout else 'SAE'} with {trainer.sae_cfg.d_sae} features on {hook} from {where}; {tokens:,} tokens -> {out}")
     t0 = time.perf_counter()
-    trainer.run(resume=resume)
+    run_or_explain_interrupt(trainer, out, resume)
     secs = time.perf_counter() - t0
     last = trainer.log.rows[-1] if trainer.log.rows else {}
     summary = {"out": str(out), "seconds": round(secs, 1), "tokens": trainer.tokens, "final": last, "sae": trainer.sae_cfg.to_dict()}
@@ -146,6 +156,20 @@ def train(
         f"done in {secs:.0f} s: L0 {last.get('l0', float('nan')):.1f}, FVU {last.get('fvu', float('nan')):.3f} (training batches). "
         f"Saved to {out}; evaluate with: mechscope sae eval {out}"
     )
+
+
+def run_or_explain_interrupt(trainer, out: Path, resume: bool) -> None:  # noqa: ANN001 - a sae.train.Trainer
+    """``trainer.run``; a Ctrl-C that leaves a checkpoint says how to continue from it (the
+    work up to that checkpoint is kept), rather than only that the run was interrupted."""
+    from mechscope.sae.train import has_checkpoint
+
+    try:
+        trainer.run(resume=resume)
+    except KeyboardInterrupt:
+        if not has_checkpoint(out):
+            raise
+        again = "rerun the same command" if resume else f"rerun the same command with --resume (and --out {out})"
+        raise MechscopeError(f"interrupted; {again} to continue from the last checkpoint.") from None
 
 
 @handles_errors
@@ -162,8 +186,11 @@ def eval_(
     """L0, MSE, FVU, cosine, CE loss recovered, KL, dead/dense features on held-out text."""
     from mechscope.report.sae_eval import write_sae_eval
     from mechscope.sae import evaluate_on_corpus
+    from mechscope.sae.evaluate import check_context_len
 
     check_tokens(tokens)
+    check_context_len(context_len)  # before the model loads
+    check_out_folder(out, "eval", beside=("sae",))
     sae, m = load_sae_and_model(sae_dir, model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)
     r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len, progress=not json)
@@ -225,6 +252,7 @@ def dashboard(
         return DashboardConfig(n_tokens=tokens, ctx_len=n, batch_size=batch_size, n_top=n_top, seed=seed, corpus=corpus)  # checked when made
 
     check_early(settings, ctx_len, DashboardConfig.ctx_len)
+    check_out_folder(out, "dashboard")
     sae, m = load_sae_and_model(sae_dir, model, device)
     cfg = settings(context_len_for(m, ctx_len, DashboardConfig.ctx_len, "--ctx-len"))
     cfg.features = feats = parse_features(features, sae.cfg.d_sae)
@@ -257,9 +285,10 @@ def convert(
 ) -> None:
     """Convert a Gemma Scope SAE (params.npz) into an SAE folder (SAELens layout, safetensors); with
     --model, check it fits that model and record the model for `sae eval` and `sae dashboard`."""
-    from mechscope.sae.gemma_scope import gemma_scope_sae
+    from mechscope.sae.gemma_scope import check_npz_file, gemma_scope_sae
     from mechscope.sae.io import check_sae_fits, save_sae
 
+    check_npz_file(npz)  # what is wrong with the file first, before the model loads
     out = out or fresh_dir("sae-gemma-scope")
     if out.exists() and any(out.iterdir()):
         raise MechscopeError(f"{out} is not empty; choose a new --out folder for the converted SAE.")

@@ -13,6 +13,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    check_out_folder,
     console,
     emit_json,
     handles_errors,
@@ -49,9 +50,11 @@ def steer(
     """Generate with an SAE feature added or clamped, or with an ActAdd vector, beside the
     unsteered text."""
     from mechscope.errors import MechscopeError
-    from mechscope.sae.steer import check_feature_mode, steer_actadd, steer_feature
+    from mechscope.sae.steer import check_feature_mode, check_steer_value, steer_actadd, steer_feature
 
+    check_steer_value("--coef", coef)  # before the model loads
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)  # checked when made
+    check_out_folder(out, "steer", beside=("sae",))
     actadd = plus is not None or minus is not None
     if actadd and sae_dir is not None:
         raise MechscopeError("Choose one kind of steering: --sae with --feature, or ActAdd with --plus/--minus/--layer.")

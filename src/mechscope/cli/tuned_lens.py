@@ -10,7 +10,17 @@ from typing import Optional
 
 import typer
 
-from mechscope.cli.common import CorpusOpt, DeviceOpt, JsonOpt, ModelOpt, console, emit_json, handles_errors, load
+from mechscope.cli.common import (
+    CorpusOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelOpt,
+    check_out_folder,
+    console,
+    emit_json,
+    handles_errors,
+    load,
+)
 from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
 
 tuned_app = typer.Typer(help="Tuned lens: train translators per layer, evaluate them against the logit lens, convert.",
@@ -22,6 +32,23 @@ def register(app: typer.Typer) -> None:
     tuned_app.command("eval")(evaluate)
     tuned_app.command("convert")(convert)
     app.add_typer(tuned_app, name="tuned-lens")
+
+
+def check_train_options(*, reads: str, matmul_dtype: str, tokens: int, kl_steps: int, kl_batch: int, kl_tokens: int | None,
+                        checkpoint_every: int, context_len: int | None) -> None:
+    """One sentence naming the option the user typed and its bad value (``TunedLensTrainConfig``
+    checks the same settings, in its fields' names, for Python callers)."""
+    from mechscope.errors import MechscopeError
+
+    if reads not in ("resid_post", "resid_pre"):
+        raise MechscopeError(f"--reads {reads!r} is not a translator input; use resid_post or resid_pre.")
+    if matmul_dtype not in ("auto", "bfloat16", "float32"):
+        raise MechscopeError(f"--matmul-dtype {matmul_dtype!r} is not one; use auto, bfloat16 or float32.")
+    for option, value, least in (("--tokens", tokens, 1), ("--kl-steps", kl_steps, 0), ("--kl-batch", kl_batch, 1),
+                                 ("--kl-tokens", kl_tokens, 1), ("--checkpoint-every", checkpoint_every, 1),
+                                 ("--context-len", context_len, 2)):
+        if value is not None and value < least:
+            raise MechscopeError(f"{option} must be at least {least}; got {value}.")
 
 
 @handles_errors
@@ -58,8 +85,11 @@ def train(
                                     cache_dtype="float32" if matmul_dtype == "float32" else "bfloat16",
                                     checkpoint_every=checkpoint_every, keep_checkpoint=keep_checkpoint, seed=seed, context_len=n)
 
+    check_train_options(reads=reads, matmul_dtype=matmul_dtype, tokens=tokens, kl_steps=kl_steps, kl_batch=kl_batch,
+                        kl_tokens=kl_tokens, checkpoint_every=checkpoint_every, context_len=context_len)
     # the settings are checked before the model loads, the context length against the model's after
     check_early(settings, context_len, TunedLensTrainConfig.context_len)
+    check_out_folder(out, "tuned-lens", replaces=False)
     m = load(model, device)
     cfg = settings(context_len_for(m, context_len, TunedLensTrainConfig.context_len))
     if not json:
@@ -100,6 +130,7 @@ def evaluate(
 
     if tokens < 1:
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
+    check_out_folder(out, "eval", beside=("tuned-lens",))
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or lens.model_info.get("name"), device)
     res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=context_len_for(m, None, TunedLensTrainConfig.context_len),
@@ -131,6 +162,7 @@ def convert(
     """Convert tuned-lens package translators to safetensors, reading the pickle with torch.load(weights_only=True) only."""
     from mechscope.lens.tuned import convert_tuned_lens
 
+    check_out_folder(out, "tuned-lens")
     lens = convert_tuned_lens(params, out, config, model_name)
     summary = {"out": str(out), "n_layers": lens.n_layers, "d_model": lens.d_model, "reads": lens.reads,
                "model": lens.model_info.get("name")}

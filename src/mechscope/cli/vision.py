@@ -54,7 +54,7 @@ def train(
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
                       data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
-    check_out_folder(out)
+    check_out_folder(out, "vision-model")
     _threads()
     from mechscope.vision.train import train_model
 
@@ -92,7 +92,7 @@ def circuit(
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "vision-circuit")
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_circuit
@@ -127,7 +127,7 @@ def compose(
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
     cfg = CircuitConfig(k=k, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "compose")
     _threads()
     from mechscope.results import write_result_json
     from mechscope.vision.run import run_composition
@@ -157,7 +157,7 @@ def attack(
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out)
+    check_out_folder(out, "vision-circuit")
     _threads()
     from mechscope.report.vision import write_vision
     from mechscope.vision.run import run_attack
@@ -190,7 +190,7 @@ def eap(
 ) -> None:
     """EAP / EAP-IG over a ViT's heads and MLPs with clean/corrupt image pairs: the language tools' graph, ranking and
     faithfulness curve on images; writes eap.json and report.html."""
-    check_out_folder(out)
+    check_out_folder(out, "eap")
     _threads()
     from mechscope.report.vision_eap import write_vision_eap
     from mechscope.vision.eap import vision_eap

@@ -114,10 +114,17 @@ class TranscoderTrainConfig:
             self.layers = sorted(self.layers)
         if self.tokens <= 0:
             raise MechscopeError(f"--tokens must be positive, got {self.tokens}.")
-        if self.k <= 0 or self.expansion <= 0 or (self.d_sae is not None and self.d_sae <= 0):
-            raise MechscopeError("--k, --expansion and --d-sae must be positive.")
-        if self.context_len < 2 or min(self.batch_contexts, self.forward_contexts, self.shuffle_contexts, self.checkpoint_every) <= 0:
-            raise MechscopeError("context length must be at least 2 and batch, forward, chunk sizes and checkpoint interval positive.")
+        for option, value, least in (("--k", self.k, 1), ("--expansion", self.expansion, 1), ("--d-sae", self.d_sae, 1),
+                                     ("--context-len (context_len)", self.context_len, 2),
+                                     ("--batch-contexts (batch_contexts)", self.batch_contexts, 1),
+                                     ("forward_contexts", self.forward_contexts, 1),
+                                     ("--shuffle-contexts (shuffle_contexts)", self.shuffle_contexts, 1),
+                                     ("--checkpoint-every (checkpoint_every)", self.checkpoint_every, 1)):
+            if value is not None and value < least:
+                raise MechscopeError(f"{option} must be at least {least}; got {value}.")
+        if self.sink_ratio is not None and not self.sink_ratio > 1:
+            raise MechscopeError(f"--sink-ratio (sink_ratio) {self.sink_ratio}: sink_ratio must be above 1, or --sink-ratio 0 "
+                                 "(None in Python) to keep the sinks.")
         if self.shuffle_contexts % self.batch_contexts or self.shuffle_contexts % self.fill_contexts:
             raise MechscopeError(
                 f"shuffle_contexts={self.shuffle_contexts} must be a multiple of batch_contexts={self.batch_contexts} "

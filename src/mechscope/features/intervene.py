@@ -15,6 +15,7 @@ positions run the real MLPs: they have no clean error vector).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,8 +33,28 @@ Clamp = tuple[int, int, int, float]
 """(layer, feature, position, value)."""
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_clamp_values(clamps: list[Clamp]) -> None:
+    """One sentence for a value the replacement model cannot hold (NaN, infinite, or beyond
+    float32's range, where its arithmetic overflows) and for two clamps of one feature at one
+    position (only one value could win; which one would be silent)."""
+    seen: dict[tuple[int, int, int], float] = {}
+    for layer, f, pos, v in clamps:
+        if not math.isfinite(v):
+            raise MechscopeError(f"--set {layer}:{f}:{pos}={v}: the value must be a finite number.")
+        if abs(v) > FLOAT32_MAX:
+            raise MechscopeError(f"--set {layer}:{f}:{pos}={v:g}: the value is beyond float32's range (3.4e38), where the "
+                                 "model computes; give a value such as 0 (off) or a few times the feature's activation.")
+        if (layer, f, pos) in seen:
+            raise MechscopeError(f"--set {layer}:{f}:{pos} is given twice (={seen[layer, f, pos]:g} and ={v:g}); keep one.")
+        seen[layer, f, pos] = v
+
+
 def check_clamps(tset: TranscoderSet, n_pos: int, clamps: list[Clamp]) -> None:
-    """One sentence for a clamp outside the set or the prompt."""
+    """One sentence for a clamp outside the set or the prompt, or with a value it cannot take."""
+    check_clamp_values(clamps)
     for layer, f, pos, _ in clamps:
         if not 0 <= layer < tset.n_layers:
             raise MechscopeError(f"--set {layer}:{f}:{pos}: layer {layer} is out of range (0-{tset.n_layers - 1}).")

@@ -336,6 +336,8 @@ class _Run:
         return self.finish()
 
     def finish(self) -> TranscoderSet | dict[int, SAE]:
+        for tr in self.trainers:  # a last step that left NaN weights: refused, nothing saved
+            tr.check_finite()
         saes = {layer: tr.folded() for layer, tr in zip(self.layers, self.trainers)}
         complete = self.layers == list(range(self.model.summary.n_layers))
         tmp = self.out / f".set.tmp{os.getpid()}"

@@ -243,6 +243,7 @@ def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu",
         raise MechscopeError(f"{path} is not a folder; pass a transcoder set folder (mechscope transcoders train --out DIR).")
     folders = sorted((p for p in path.glob("layer_*") if p.is_dir()), key=lambda p: _layer_of(p.name))
     if folders:
+        check_listed_layers(path, {_layer_of(p.name) for p in folders})
         found = {_layer_of(p.name): load_sae(p, device) for p in folders}
     elif (path / CONFIG).is_file():
         found = dict(enumerate(_load_circuit_tracer(path, device, model).layers))
@@ -256,6 +257,29 @@ def load_transcoder_layers(path: str | Path, device: str | torch.device = "cpu",
                 f"{path}/layer_{i} reads {tc.cfg.hook_name} -> {tc.cfg.hook_name_out}, not layer {i}'s MLP input and output."
             )
     return found
+
+
+def check_listed_layers(path: Path, have: set[int]) -> None:
+    """A folder with a ``config.yaml`` holds a whole set (training writes it last, only for a
+    complete one): refuse one whose config lists a layer that has no ``layer_<l>`` folder, which
+    would otherwise pass for a set trained on some layers and be evaluated without it."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((path / CONFIG).read_text()) if (path / CONFIG).is_file() else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return  # not ours to judge here: the per-layer folders are what loads
+    listed = cfg.get("transcoders") if isinstance(cfg, dict) else None
+    if not isinstance(listed, list):
+        return
+    try:
+        want = {_layer_of(Path(str(f)).name) for f in listed}
+    except MechscopeError:
+        return
+    missing = sorted(want - have)
+    if missing:
+        raise MechscopeError(f"{path} lacks layer_{missing[0]} (its {CONFIG} lists {len(want)} layers, a whole set, but only "
+                             f"{len(have)} have a layer_<l> folder); copy the set again or train it again.")
 
 
 def _layer_of(name: str) -> int:
@@ -317,6 +341,10 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
         for need in ("W_enc", "W_dec", "b_enc", "b_dec"):
             if need not in t:
                 raise MechscopeError(f"{fp} lacks {need!r}; circuit-tracer transcoders have W_enc, W_dec, b_enc, b_dec.")
+        ints = [n for n, v in t.items() if n != "k" and not v.is_floating_point()]
+        if ints:  # .float() would cast whole numbers silently
+            raise MechscopeError(f"{fp} holds {t[ints[0]].dtype} values in {ints[0]}, so the transcoder is unusable; its "
+                                 "weights must be floating point: re-save them as float32.")
         d_sae, d_in = t["W_enc"].shape
         if t["W_dec"].shape[0] != d_sae:
             raise MechscopeError(f"{fp}: W_dec has {t['W_dec'].shape[0]} rows but W_enc has {d_sae}; the file is inconsistent.")

@@ -53,8 +53,10 @@ class TrainConfig:
         from mechscope.sae.archs import get_architecture  # torch: only when a config is made
 
         get_architecture(self.architecture)  # a one-sentence error for an unknown name
-        if self.batch_tokens <= 0 or self.checkpoint_every <= 0:
-            raise MechscopeError("batch size and checkpoint interval must be positive.")
+        if self.batch_tokens <= 0:
+            raise MechscopeError(f"--batch-tokens must be at least 1 (tokens per training batch); got {self.batch_tokens}.")
+        if self.checkpoint_every <= 0:
+            raise MechscopeError(f"--checkpoint-every must be at least 1 (tokens between checkpoints); got {self.checkpoint_every}.")
         if self.tokens < self.batch_tokens:
             raise MechscopeError(f"--tokens {self.tokens} is less than one batch ({self.batch_tokens} tokens); train on more tokens.")
         if self.d_sae is not None and self.d_sae < 1:
@@ -109,8 +111,10 @@ class DashboardConfig:
     """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
 
     def __post_init__(self) -> None:
-        if self.n_tokens < 1 or self.ctx_len < 2 or self.batch_size < 1 or self.n_top < 1:
-            raise MechscopeError("--tokens, --top and --batch-size must be positive and --ctx-len at least 2.")
+        for option, value, least in (("--tokens", self.n_tokens, 1), ("--ctx-len", self.ctx_len, 2),
+                                     ("--batch-size", self.batch_size, 1), ("--top", self.n_top, 1)):
+            if value < least:
+                raise MechscopeError(f"{option} must be at least {least}; got {value}.")
         if self.skip_first >= self.ctx_len:
             raise MechscopeError(f"skip_first={self.skip_first} leaves nothing of a {self.ctx_len}-token context.")
 
@@ -136,7 +140,10 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise MechscopeError("--max-new-tokens must be positive and --temperature a finite number of at least 0.")
+        if self.max_new_tokens < 1:
+            raise MechscopeError(f"--max-new-tokens must be at least 1; got {self.max_new_tokens}.")
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 3.4e38):
+            raise MechscopeError(f"--temperature must be a finite number of at least 0 (0: greedy) within float32's range; "
+                                 f"got {self.temperature}.")
         if self.top_k is not None and self.top_k < 1:
             raise MechscopeError(f"--top-k must be at least 1 (or left out to sample from all tokens); got {self.top_k}.")

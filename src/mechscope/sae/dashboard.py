@@ -166,11 +166,11 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
                                  "'0-99' or '3,17,40-45'.") from None
         if hi < lo:
             raise MechscopeError(f"Feature list '{spec}': the range {part!r} runs backwards; write it low-high.")
+        if hi >= d_sae:  # checked before the range is built: a huge one would fill the memory first
+            raise MechscopeError(f"Feature indices must lie in 0..{d_sae - 1} (got {hi} in '{spec}').")
         out.update(range(lo, hi + 1))
     if not out:
         raise MechscopeError(f"The feature list '{spec}' names no feature; give indices like '0-99' or '3,17,40-45'.")
-    if max(out) >= d_sae:
-        raise MechscopeError(f"Feature indices must lie in 0..{d_sae - 1} (got {max(out)} in '{spec}').")
     return sorted(out)
 
 

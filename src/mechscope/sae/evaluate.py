@@ -82,10 +82,21 @@ def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
     return -lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+def check_context_len(context_len: int | None, option: str = "--context-len") -> None:
+    """Refuse contexts shorter than 2 tokens (None: the default, fine): the first position is
+    left out and a loss needs the token after, so nothing would be measured (a division by zero)."""
+    if context_len is not None and context_len < 2:
+        raise MechscopeError(f"{option} must be at least 2 (the first token is left out and a loss needs the next one); "
+                             f"got {context_len}.")
+
+
 @torch.no_grad()
 def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1,
                  progress: ProgressArg = False) -> SAEEval:
     """Evaluate ``sae`` on ``tokens`` [n_contexts, ctx_len] (held-out text)."""
+    if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < skip_first + 1 or tokens.shape[1] < 2:
+        raise MechscopeError(f"the tokens to evaluate on have shape {list(tokens.shape)}; give at least one context of "
+                             f"{max(2, skip_first + 1)} or more tokens.")
     check_sae_fits(sae, model)
     cfg = sae.cfg
     bridge = model.bridge
@@ -183,6 +194,7 @@ def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_t
     contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
     if n_tokens < 1:
         raise MechscopeError(f"--tokens must be at least 1 (held-out tokens to evaluate on); got {n_tokens}.")
+    check_context_len(context_len)
     n_ctx = max(1, n_tokens // context_len)
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
     if not ctx:

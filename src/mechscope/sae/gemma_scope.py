@@ -47,12 +47,20 @@ def infer_hook(path: Path) -> str | None:
     return _SITES[site].format(layer=layer)
 
 
-def read_params(path: Path) -> dict[str, np.ndarray]:
-    """The five arrays of a Gemma Scope ``params.npz`` (float, all finite), or one sentence on what is wrong."""
+def check_npz_file(path: Path) -> None:
+    """One sentence when ``path`` is not a file that can hold arrays (missing, a folder, not a zip
+    archive): said first, before anything read from its path (which hook it reads) is judged."""
+    if path.is_dir():
+        raise MechscopeError(f"{path} is a folder; give the params.npz file inside it (a Gemma Scope SAE).")
     if not path.is_file():
-        raise MechscopeError(f"{path} does not exist; give the params.npz file of a Gemma Scope SAE.")
+        raise MechscopeError(f"no such file: {path} does not exist; give the params.npz file of a Gemma Scope SAE.")
     if not zipfile.is_zipfile(path):  # numpy would try a non-zip file as a pickle
         raise MechscopeError(f"{path} is not a readable .npz file (not a zip archive of arrays); download it again.")
+
+
+def read_params(path: Path) -> dict[str, np.ndarray]:
+    """The five arrays of a Gemma Scope ``params.npz`` (float, all finite), or one sentence on what is wrong."""
+    check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [a for a in ARRAYS if a not in f.files]
@@ -79,6 +87,7 @@ def gemma_scope_sae(npz: str | Path, hook: str | None = None, model_name: str = 
     ``hook``: the hook it reads (default: from the path, ``infer_hook``); ``metadata`` is added
     to its config's (e.g. ``model_path``)."""
     npz = Path(npz)
+    check_npz_file(npz)
     hook = hook or infer_hook(npz)
     if not hook:
         raise MechscopeError(f"cannot tell which hook {npz} reads (no layer_N folder inside a gemma-scope-...-res or -mlp "

@@ -228,6 +228,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     for name, shape in want.items():
         if name not in tensors:
             raise MechscopeError(f"{wfile} lacks the tensor {name!r} (it has {', '.join(sorted(tensors)) or 'none'}); a {cfg.architecture} SAE needs {', '.join(want)}.")
+        if not tensors[name].is_floating_point():  # a copy_ would cast whole numbers silently: an SAE of nonsense
+            raise MechscopeError(f"{wfile} holds {tensors[name].dtype} values in {name}, so the SAE is unusable; its weights "
+                                 "must be floating point: re-train, re-download or re-save it as float32.")
         if tuple(tensors[name].shape) != shape:
             raise MechscopeError(
                 f"{wfile}: {name} has shape {list(tensors[name].shape)} but cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {list(shape)}; the weights and config do not belong together."
@@ -261,6 +264,8 @@ def _scaling_factor(raw: dict[str, Any], tensors: dict[str, torch.Tensor], wfile
     if len(found) > 1:
         raise MechscopeError(f"{wfile} holds both scaling_factor and finetuning_scaling_factor; keep one of them.")
     t = tensors.pop(found[0])
+    if not t.is_floating_point():
+        raise MechscopeError(f"{wfile} holds {t.dtype} values in {found[0]}, so the SAE is unusable; re-save it as float32.")
     if tuple(t.shape) != (d_sae,):
         raise MechscopeError(f"{wfile}: {found[0]} has shape {list(t.shape)} but d_sae={d_sae} implies [{d_sae}]; "
                              "the weights and config do not belong together.")

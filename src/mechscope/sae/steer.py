@@ -176,6 +176,9 @@ def generate_pair(model: Model, prompt: str, hooks: list[Hook], gen: GenerationC
     with ctx:
         for _ in range(gen.max_new_tokens):
             logits = model.bridge.run_with_hooks(seq, fwd_hooks=hooks)[:, -1].float()  # [2, V]
+            if not bool(torch.isfinite(logits[1]).all()) and bool(torch.isfinite(logits[0]).all()):
+                raise MechscopeError("the steering made the model's outputs NaN or infinite (its activations overflowed "
+                                     "float32), so the steered text would be empty; use a smaller --scale, --clamp or --coef.")
             if first is None:
                 first = logits.softmax(-1)
             nxt = torch.stack([_pick(logits[r], gen, gens[r]) for r in range(2)])
@@ -240,13 +243,21 @@ def check_feature_mode(scale: float | None, clamp: float | None) -> None:
     """Feature steering either adds the direction (``scale``) or clamps the feature (``clamp``)."""
     if (scale is None) == (clamp is None):
         raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
-    _check_finite("--scale" if scale is not None else "--clamp", scale if scale is not None else clamp)
+    check_steer_value("--scale" if scale is not None else "--clamp", scale if scale is not None else clamp)
 
 
-def _check_finite(option: str, value: float | None) -> None:
-    """NaN or infinity steers to NaN activations, whose text is empty: refused in one sentence."""
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_steer_value(option: str, value: float | None) -> None:
+    """NaN, infinity or a value beyond float32's range (the model's arithmetic: it becomes inf
+    there) steers to NaN activations, whose text is empty: refused in one sentence."""
     if value is not None and not math.isfinite(value):
         raise MechscopeError(f"{option} must be a finite number; got {value}.")
+    if value is not None and abs(value) > FLOAT32_MAX:
+        raise MechscopeError(f"{option} {value:g} is beyond float32's range (3.4e38), where the model computes; give a "
+                             "value such as 4 or 10.")
+
 
 
 def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, coef: float = 1.0,
@@ -254,7 +265,7 @@ def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, c
     """Generate with the ActAdd vector ``h(plus) - h(minus)`` at ``blocks.layer.hook_resid_pre``
     added ``coef`` times to the prompt's first positions, beside the unsteered text."""
     gen = gen or GenerationConfig()
-    _check_finite("--coef", coef)
+    check_steer_value("--coef", coef)
     n_layers = model.summary.n_layers
     if not 0 <= layer < n_layers:
         raise MechscopeError(f"Layer {layer} is out of range; the model has layers 0..{n_layers - 1}.")

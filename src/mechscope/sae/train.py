@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, step_or_diverge
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.archs import StepState, get_architecture
@@ -182,7 +182,9 @@ class Trainer:
         sae.remove_parallel_grad()
         for g in self.opt.param_groups:
             g["lr"] = self._lr()
-        self.opt.step()
+        step_or_diverge(self.opt, lambda: self.diverged("the optimiser's step overflowed float32"))
+        if not math.isfinite(float(loss.detach())):
+            raise self.diverged("the loss is not finite")
         sae.set_decoder_unit_norm()
         arch.after_step(sae, cfg)
         self.tokens += x.shape[0]
@@ -196,6 +198,19 @@ class Trainer:
                 "dead": float(self._dead_mask().float().mean()) if self.tokens >= cfg.dead_window else float("nan"),
                 "lr": self._lr(),
             }
+
+    def diverged(self, why: str) -> MechscopeError:
+        """The one sentence for a run whose weights left the finite numbers (a learning rate too
+        large): saving them would hand on an SAE of NaN that reports nothing wrong."""
+        what = "transcoder" if self.sae_cfg.is_transcoder else "SAE"
+        return MechscopeError(f"training the {what} on {self.sae_cfg.hook_name} diverged at step {self.step + 1} ({why}), so "
+                              f"nothing was saved; lower --lr (it was {self.cfg.lr:g}) and train again with a new --out.")
+
+    def check_finite(self) -> None:
+        """Refuse (``diverged``) weights that are not all finite, before they are saved."""
+        bad = [n for n, p in self.sae.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise self.diverged(f"{', '.join(bad)} became NaN or infinite")
 
     @torch.no_grad()
     def _resample(self, x: Tensor, y: Tensor) -> int:
@@ -248,7 +263,9 @@ class Trainer:
         return tensors, meta
 
     def save_checkpoint(self) -> Path:
-        """Atomically replace ``out/checkpoint`` with the current state."""
+        """Atomically replace ``out/checkpoint`` with the current state (refused when the weights
+        are not finite: the previous checkpoint stays the one to resume from)."""
+        self.check_finite()
         tensors, meta = self._ckpt_state()
         final = self.out / CKPT_DIR
         tmp = self.out / f".{CKPT_DIR}.tmp{os.getpid()}"
@@ -306,14 +323,11 @@ class Trainer:
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> SAE:
         """Train to the end (or ``stop_after_steps`` steps, for tests) and save the SAE."""
         cfg = self.cfg
-        if resume and not self.out.exists():
-            raise MechscopeError(f"--resume: {self.out} does not exist; pass the --out of the run to continue.")
+        check_out(self.out, resume)
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = resume and self.load_checkpoint()
-        if resume and not resumed and (self.out / "cfg.json").exists():
-            raise MechscopeError(f"{self.out} already holds a finished SAE and no checkpoint; nothing to resume (use a new --out to train again).")
-        if not resume and (self.out / CKPT_DIR).exists():
-            raise MechscopeError(f"{self.out} holds a checkpoint of an earlier run; add --resume to continue it, or choose a new --out.")
+        if resume and not resumed:  # check_out saw a checkpoint that has gone since
+            raise MechscopeError(f"nothing to resume in {self.out} (it holds no checkpoint); drop --resume to start a new run.")
         if not resumed:
             self._initialise()
         resample_every = cfg.resample_every or max(50, cfg.steps // 5)
@@ -353,11 +367,40 @@ class Trainer:
         return sae
 
     def finish(self) -> SAE:
+        self.check_finite()
         sae = self.folded()
         save_sae(sae, self.out)
         (self.out / "training_log.json").write_text(json.dumps(self.log.rows))
         shutil.rmtree(self.out / CKPT_DIR, ignore_errors=True)
         return sae
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    """Whether ``out`` holds a checkpoint ``Trainer.run(resume=True)`` can continue from (the
+    current one, or the previous one a kill during the swap left)."""
+    out = Path(out)
+    return any((out / name / "state.json").is_file() for name in (CKPT_DIR, f".{CKPT_DIR}.old"))
+
+
+def check_out(out: str | Path, resume: bool) -> None:
+    """Refuse (one sentence) an ``--out`` a run cannot use: a file; with ``resume``, a folder with
+    no checkpoint; without it, a folder holding a checkpoint or a finished SAE (training would
+    overwrite it). The CLI calls it before loading the model."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    finished = (out / "cfg.json").is_file()
+    if resume:
+        if not out.is_dir():
+            raise MechscopeError(f"--resume: {out} does not exist; pass the --out of the run to continue.")
+        if not has_checkpoint(out) and finished:
+            raise MechscopeError(f"nothing to resume in {out}: it holds a finished SAE and no checkpoint; use a new --out to train again.")
+        if not has_checkpoint(out):
+            raise MechscopeError(f"nothing to resume in {out} (it holds no checkpoint); drop --resume to start a new run.")
+    elif (out / CKPT_DIR).exists():
+        raise MechscopeError(f"{out} holds a checkpoint of an earlier run; add --resume to continue it, or choose a new --out.")
+    elif finished:
+        raise MechscopeError(f"{out} already holds a finished SAE; choose a new --out.")
 
 
 # --------------------------------------------------------------------- from a model
@@ -392,6 +435,9 @@ def sae_trainer(
     it); ``cfg.seed`` also seeds the data order. ``metadata`` is added to the saved SAE's
     metadata (``model_path``, ``context_size``, ``dataset_path``). Call ``.run()`` (with
     ``resume=True`` to continue a checkpointed run in ``out``)."""
+    from mechscope.sae.evaluate import check_context_len
+
+    check_context_len(context_len, "--context-len (context_len)")
     cfg = replace(cfg, device=str(model.device))
     hooks = [hook] + ([hook_out] if hook_out else [])
     for h in hooks:

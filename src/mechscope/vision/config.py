@@ -172,8 +172,10 @@ class CircuitConfig:
             raise MechscopeError(f"--ablation {self.ablation!r} is not an ablation; use mean or zero.")
         if self.baseline not in ("zero", "mean"):
             raise MechscopeError(f"--baseline {self.baseline!r} is not a baseline; use zero or mean.")
-        if self.n_concept < 1 or self.n_reference < 1 or self.random_draws < 1 or self.top_images < 1:
-            raise MechscopeError("n_concept, n_reference, --random-draws and top_images must be at least 1.")
+        for option, value in (("n_concept", self.n_concept), ("n_reference", self.n_reference),
+                              ("--random-draws", self.random_draws), ("top_images", self.top_images)):
+            if value < 1:
+                raise MechscopeError(f"{option} must be at least 1; got {value}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -189,8 +189,18 @@ def load_vision_model(path: str | Path) -> VisionModel:
     net = build_model(cfg, len(classes))
     try:
         state = load_file(str(p / "model.safetensors"))
+        check_float_state(state, net.state_dict(), p / "model.safetensors")
         net.load_state_dict(state, strict=True)
     except (RuntimeError, OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise MechscopeError(f"{p / 'model.safetensors'} does not fit its config.json ({msg}); retrain the model.") from None
     return VisionModel(net, cfg, classes, meta.get("metrics", {}), str(p))
+
+
+def check_float_state(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse (one sentence) a tensor of whole numbers where the model holds floats: ``load_state_dict``
+    would cast it silently (a model re-saved as int16 loads, then every figure it gives is NaN)."""
+    for key, t in state.items():
+        if key in want and want[key].is_floating_point() and not t.is_floating_point():
+            raise MechscopeError(f"{where} holds {t.dtype} values in {key}, so the model is unusable; its weights must be "
+                                 "floating point: retrain the model or re-save it as float32.")
