@@ -459,7 +459,6 @@ def test_a_layout_the_bridge_misreads_is_one_sentence(tmp_path):
     bridge's weight split raise a RuntimeError at load, which escaped as a traceback in every
     command; it is refused in one sentence now."""
     import transformers
-
     from conftest import _tiny_tokenizer
 
     torch.manual_seed(0)

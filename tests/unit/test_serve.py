@@ -426,3 +426,67 @@ def test_every_command_that_writes_a_run_folder_is_listed(tmp_path):
     assert kinds == {"icl": "few-shot ICL knockout", "conf": "language confusion", "bd": "binding dynamics",
                      "ix": "interchange interventions", "veap": "vision EAP", "vcomp": "vision composition", "lens": "tuned lens"}
     assert next(r for r in find_runs(tmp_path) if r.name == "lens").page == "lens/eval.html"
+
+
+# ---- session 26 sweep: files a run does not list, Host names, huge numbers, malformed data ----
+def test_files_serves_only_what_a_run_lists(served):
+    """``/files/`` gave any file under the root, dotfiles included (``cd ~ && mechscope serve``
+    would hand out ``.ssh`` keys); now only the files a run folder lists."""
+    client, _, root = served
+    (root / ".env").write_text("SECRET")
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_text("SECRET")
+    (root / "notes.txt").write_text("not a run's")
+    (root / "circuits" / "ioi" / ".hidden").write_text("SECRET")
+    hidden = root / ".cache" / "run"
+    hidden.mkdir(parents=True)
+    (hidden / "heads.json").write_text("{}")
+    for path in (".env", ".git/config", "notes.txt", "circuits/ioi/.hidden", ".cache/run/heads.json"):
+        r = client.get(f"/files/{path}")
+        assert r.status_code == 404 and "SECRET" not in r.text, path
+    assert client.get("/files/circuits/ioi/report.html").status_code == 200
+    assert client.get("/files/circuits/ioi/circuit.json").status_code == 200
+
+
+def test_requests_for_another_host_name_are_refused(tmp_path):
+    """DNS rebinding: a page on attacker.example resolving to 127.0.0.1 read the runs through the
+    browser; the server answers only to local names (or any, when put on the network)."""
+    root = synthetic_runs(tmp_path / "runs")
+    with TestClient(create_app(root, None)) as client:
+        assert client.get("/api/runs").status_code == 200
+        for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example"):
+            r = client.get("/api/runs", headers={"host": host})
+            assert r.status_code == 400 and "root" not in r.text, host
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert client.get("/api/runs", headers={"host": host}).status_code == 200, host
+    with TestClient(create_app(root, None, hosts=None)) as client:
+        assert client.get("/api/runs", headers={"host": "box.lan:8000"}).status_code == 200
+
+
+def test_huge_numbers_and_malformed_run_files_are_not_server_errors(served):
+    client, _, root = served
+    big = "9" * 25
+    for url in (f"/units?offset={big}", f"/units?layer={big}", f"/?q=x&layer={big}", f"/api/search?q=&layer={big}"):
+        r = client.get(url)
+        assert r.status_code == 400 and "too large" in r.text, url
+    for url in (f"/unit/mlp/1/{big}", f"/api/unit/mlp/{big}/1"):
+        assert client.get(url).status_code == 404, url
+    assert client.get(f"/api/unit/mlp/{big}/1").json()["error"]
+    bad = root / "bad"
+    bad.mkdir()
+    for doc in ([1, 2], {"nodes": [1, 2]}, {"nodes": [{"name": "m1", "score": "x", "in_circuit": True}]}):
+        (bad / "circuit.json").write_text(json.dumps(doc))
+        r = client.get("/run/bad/nodes")
+        assert r.status_code == 404 and "circuit.json" in r.text, doc
+
+
+def test_control_characters_are_shown_not_written_raw(served):
+    """A token holding NUL (or U+2028) was written raw into pages, where browsers drop it."""
+    from mechscope.report.toolkit import esc, show_token
+
+    assert esc("nul\x00byte\u2028") == "nul\u2400byte\u2424" and show_token("a\x00") == "a\u2400"
+    client, _, root = served
+    (root / "circuits" / "ioi" / "circuit.json").write_text(json.dumps({"schema_version": 1, "nodes": [
+        {"name": "m1\x00", "layer": 1, "head": None, "type": "mlp", "score": 1.0, "in_circuit": True}], "edges": []}))
+    html = client.get("/run/circuits/ioi/nodes").text
+    assert "\x00" not in html and "m1\u2400" in html

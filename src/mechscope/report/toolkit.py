@@ -27,9 +27,18 @@ class Html(str):
 
 
 # ---- text -----------------------------------------------------------------------------------
+VISIBLE_CONTROLS = {c: 0x2400 + c for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20))} | {
+    0x7F: 0x2421, 0x2028: 0x2424, 0x2029: 0x00B6}
+"""``str.translate`` table: control characters (a token may hold NUL) as their Unicode control
+pictures (U+2400 ...), the line and paragraph separators as a newline sign and a pilcrow; a
+browser drops or reflows the raw characters, so the token would not read as it is. Tab, newline
+and carriage return are left to the layout (``token_text`` shows them as arrows in tokens)."""
+
+
 def esc(value: Any) -> str:
-    """HTML-escape anything (quotes included), so it is safe in text and in attributes."""
-    return html.escape(str(value), quote=True)
+    """HTML-escape anything (quotes included), so it is safe in text and in attributes; control
+    characters shown as their pictures (``VISIBLE_CONTROLS``)."""
+    return html.escape(str(value).translate(VISIBLE_CONTROLS), quote=True)
 
 
 def token_text(tok: Any, limit: int | None = None, *, dots: bool = False) -> str:

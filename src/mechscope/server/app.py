@@ -19,7 +19,7 @@ Routes (all GET; the app is read-only):
     /run/<name>             one run: its files and its report page
     /run/<name>/nodes       a circuit's or attribution graph's nodes, or an SAE dashboard's
                             features, linked to unit pages
-    /files/<path>           a file under DIR (the runs' self-contained report pages), traversal-safe
+    /files/<path>           a file a run folder under DIR lists (its report page, data files; no dotfiles), traversal-safe
     /api/search?q=          JSON: the hits, as ``UnitDB.search`` ranks them (an empty q: every unit by score,
                             as ``mechscope search ""``)
     /api/unit/<key>         JSON: the unit record, descriptions and exemplars
@@ -117,8 +117,17 @@ def unit_url(u: UnitRef) -> str:
     return "/unit/" + quote(u.key, safe="/:")
 
 
+def _visible(value: Any) -> Any:
+    """Every string a template prints with its control characters shown as pictures (the report
+    toolkit's ``VISIBLE_CONTROLS``: a token holding NUL is not dropped by the browser)."""
+    from mechscope.report.toolkit import VISIBLE_CONTROLS
+
+    return value.translate(VISIBLE_CONTROLS) if isinstance(value, str) else value
+
+
 def _environment() -> Environment:
-    env = Environment(loader=PackageLoader("mechscope.server", "templates"), autoescape=True, trim_blocks=False)
+    env = Environment(loader=PackageLoader("mechscope.server", "templates"), autoescape=True, trim_blocks=False,
+                      finalize=_visible)
     env.filters.update(num=_num, pct=_pct, tok=_tok, shade=_shade, urlpath=lambda s: quote(str(s), safe="/:"))
     env.globals.update(zip=zip, unit_url=unit_url, best_score=best_score)
     return env
@@ -198,6 +207,10 @@ def _page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLRes
                                                             "Referrer-Policy": "no-referrer"})
 
 
+MAX_INT = 2**62
+"""The largest whole number a query parameter may hold (offsets, layers, unit indices)."""
+
+
 def _int(request: Request, name: str, lo: int | None = 0, default: int | None = None) -> int | None:
     v = request.query_params.get(name, "").strip()
     if v == "":
@@ -208,6 +221,8 @@ def _int(request: Request, name: str, lo: int | None = 0, default: int | None = 
         raise HTTPException(400, f"{name} must be a whole number, got {v!r}.") from None
     if lo is not None and n < lo:
         raise HTTPException(400, f"{name} must be at least {lo}, got {n}.")
+    if abs(n) > MAX_INT:  # SQLite integers are 64-bit: a larger one raised OverflowError (a 500)
+        raise HTTPException(400, f"{name} {n} is too large (at most {MAX_INT:,}).")
     return n
 
 
@@ -267,7 +282,7 @@ def _unit(request: Request) -> tuple[UnitRef, UnitRecord, ReadOnlyUnitDB]:
     try:
         ref = UnitRef.parse(key)
         rec = db.unit(ref)
-    except (ValueError, MechscopeError):
+    except (ValueError, OverflowError, MechscopeError):  # OverflowError: an index past SQLite's 64 bits
         rec = None
     if rec is None:
         raise HTTPException(404, f"No unit {key!r} in this database.")
@@ -402,17 +417,21 @@ def nodes_page(request: Request) -> Response:
     known: dict[str, Description | None] = {}
     layer_counts: dict[int, int] = {}
     source = ""
-    if run.kind == "circuit":
-        nodes = runs_mod.circuit_nodes(doc)
-        if db is not None:
-            layer_counts = db.layer_counts("mlp")
-    else:
-        if run.kind == "SAE dashboards":
+    try:  # a data file of the wrong shape (edited, truncated, another tool's) is a 404 that says so, not a 500
+        if run.kind == "circuit":
+            nodes = runs_mod.circuit_nodes(doc)
+        elif run.kind == "SAE dashboards":
             source = runs_mod.sae_source(doc, db.sources("sae") if db is not None else [])
             nodes = runs_mod.dashboard_nodes(doc, source)
         else:
             source = runs_mod.transcoder_source(doc, db.sources("transcoder") if db is not None else [])
             nodes = runs_mod.graph_nodes(doc, source)
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as e:
+        raise HTTPException(404, f"{run.data_file} is not a {run.kind} file mechscope can read ({type(e).__name__}).") from None
+    if run.kind == "circuit":
+        if db is not None:
+            layer_counts = db.layer_counts("mlp")
+    else:
         if db is not None:
             for n in nodes:
                 if n.unit_key and n.unit_key not in known:
@@ -421,23 +440,57 @@ def nodes_page(request: Request) -> Response:
                         if db.unit(ref) is None:
                             continue
                         descs = db.descriptions(ref)
-                    except (ValueError, MechscopeError):
+                    except (ValueError, OverflowError, MechscopeError):
                         continue
                     known[n.unit_key] = best_description(descs)
     return _page(request, "nodes.html", run=run, nodes=nodes, known=known, layer_counts=layer_counts, source=source)
 
 
 def file_response(request: Request) -> Response:
+    """A file of a run folder, as its run page lists it: not any file under the root (the root may
+    be a home folder, whose dotfiles and keys a URL must not reach)."""
     root = _root(request)
     p = runs_mod.safe_path(root, request.path_params["path"])
-    if p is None:
+    if p is None or not runs_mod.listed_file(root, p):
         raise HTTPException(404, "No such file under the served directory.")
     return FileResponse(p, headers={"X-Content-Type-Options": "nosniff"})
 
 
-def create_app(root: str | Path | None = None, db: str | Path | None = None, *, embedder: Any = None) -> Starlette:
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "testserver")
+"""Host names a server on this machine answers to (``testserver``: Starlette's test client). A
+web page the user visits could otherwise point a name it controls at 127.0.0.1 (DNS rebinding)
+and read the runs and the database through the browser."""
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header without its port: ``[::1]:8000`` -> ``::1``, ``a.b:80`` -> ``a.b``."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class _HostCheck:
+    """ASGI middleware: answer 400 to a request whose ``Host`` is not one of ``hosts``."""
+
+    def __init__(self, app: Any, hosts: tuple[str, ...]):
+        self.app, self.hosts = app, {h.lower() for h in hosts}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.hosts:
+                await Response("This server answers only to localhost.", status_code=400, media_type="text/plain")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(root: str | Path | None = None, db: str | Path | None = None, *, embedder: Any = None,
+               hosts: tuple[str, ...] | None = LOCAL_HOSTS) -> Starlette:
     """The web app over run folders under ``root`` and the unit database ``db`` (either may be
-    None). Raises ``MechscopeError`` (one sentence) for a missing ``root`` or a bad ``db``."""
+    None). Raises ``MechscopeError`` (one sentence) for a missing ``root`` or a bad ``db``.
+    ``hosts``: the ``Host`` names it answers to (None: any, for a server the user put on the
+    network with ``--host``)."""
     root_p = None
     if root is not None:
         root_p = Path(root)
@@ -453,6 +506,8 @@ def create_app(root: str | Path | None = None, db: str | Path | None = None, *, 
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found_or_bad})
     app.state.mechscope = state
+    if hosts is not None:
+        app.add_middleware(_HostCheck, hosts=hosts)
     return app
 
 
@@ -490,7 +545,9 @@ def serve(root: str | Path | None = None, db: str | Path | None = None, *, host:
     first). ``port=0`` takes a free port; ``announce(url)`` is called once the socket listens."""
     import uvicorn
 
-    app = create_app(root, db, embedder=embedder)
+    bound = host.strip("[]").lower()
+    local = bound in LOCAL_HOSTS or bound.startswith("127.")
+    app = create_app(root, db, embedder=embedder, hosts=(*LOCAL_HOSTS, bound) if local else None)
     sock = bind(host, port)
     if announce is not None:
         name = sock.getsockname()

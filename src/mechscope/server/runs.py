@@ -125,6 +125,21 @@ def safe_path(root: str | Path, rel: str, *, folder: bool = False) -> Path | Non
     return p if (p.is_dir() if folder else p.is_file()) else None
 
 
+def listed_file(root: str | Path, path: Path) -> bool:
+    """Whether ``path`` (resolved, inside ``root``: ``safe_path``'s answer) is a file that a run
+    folder lists (``Run.files``: its own files, no dotfiles), so ``/files/`` serves nothing else."""
+    base = Path(root).resolve()
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        return False
+    if any(part.startswith(".") for part in rel.parts):  # a run inside ~/.cache is not served either
+        return False
+    folder = rel.parent.as_posix()
+    run = find_run(root, ROOT_RUN if folder == "." else folder)
+    return run is not None and rel.as_posix() in run.files
+
+
 def find_run(root: str | Path, name: str) -> Run | None:
     """The run folder called ``name`` (as ``find_runs`` names it), or ``None``."""
     folder = safe_path(root, "." if name == ROOT_RUN else name, folder=True)
