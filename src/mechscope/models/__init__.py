@@ -1,5 +1,6 @@
 """Model layer: load any Hugging Face decoder (or the embedded default) behind a TransformerBridge."""
 
+from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name
 from mechscope.models.load import (
     ALIASES,
@@ -12,4 +13,4 @@ from mechscope.models.load import (
 )
 
 __all__ = ["ALIASES", "Model", "ModelSummary", "embedded_gguf_path", "load_model", "load_tokenizer", "check_hook_name",
-           "plain_attention"]
+           "plain_attention", "require_model"]
