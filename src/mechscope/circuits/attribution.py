@@ -44,7 +44,7 @@ are z_h @ W_O[h] from ``hook_z``.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
@@ -104,6 +104,9 @@ def edge_scores(
     ``exact`` (default for eap and eap-ig) computes query and key edges through the attention
     softmax exactly (``circuits.qk``); ``linear`` keeps the plain gradient for them.
     """
+    from mechscope.models import require_model
+
+    require_model(model, "edge_scores")
     return edge_score_folds(model, graph, batch, None, method, steps, ablation, batch_size, progress, qk)[0]
 
 
@@ -130,14 +133,25 @@ def edge_score_folds(
     sums over examples, so the scores without fold f (cross-validation) are the total minus
     fold f, at no extra forward or backward pass.
     """
+    from mechscope.errors import MechscopeError
+    from mechscope.graph import check_graph_fits
+    from mechscope.tasks import check_batch_size
+
+    if method not in get_args(Method):
+        hint = " (ACDC is not an attribution score: run discover with DiscoverConfig(method='acdc'))" if method == "acdc" else ""
+        raise MechscopeError(f"Unknown attribution method {method!r}; choose {', '.join(get_args(Method))}{hint}.")
+    if ablation not in ("patching", "mean", "zero"):
+        raise MechscopeError(f"Unknown ablation {ablation!r}; choose patching, mean or zero.")
+    check_batch_size(batch_size)
+    if not isinstance(batch, TaskBatch):
+        raise MechscopeError(f"edge_scores needs a TaskBatch, got a {type(batch).__name__}; build one with "
+                             "get_task(name).build(model.tokenizer).")
+    check_graph_fits(model, graph, "edge_scores")
+    batch.check(model.summary.d_vocab)
     m = 1 if method == "eap" else int(steps)
     if m < 1:
-        from mechscope.errors import MechscopeError
-
         raise MechscopeError(f"--ig-steps must be at least 1, got {steps}.")
     if qk not in ("exact", "linear"):
-        from mechscope.errors import MechscopeError
-
         raise MechscopeError(f"Unknown q/k edge mode '{qk}'; choose exact or linear.")
     dev = model.device
     n = len(batch)

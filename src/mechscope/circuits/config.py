@@ -119,6 +119,7 @@ class DiscoverConfig:
     as well as the clean ones): the figures then mean nothing, which the result says."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n is None:
             self.n = ACDC_PAIRS if self.method == "acdc" else PAIRS
         if self.method not in METHODS:
@@ -154,6 +155,39 @@ class DiscoverConfig:
             raise MechscopeError(f"cv_confidence {self.cv_confidence} is out of range: give a confidence between 0 and 1 (e.g. 0.9).")
         if self.folds < 1:
             raise MechscopeError(f"--folds must be at least 1, got {self.folds}.")
+        if not 0.0 < self.target <= 1.0:
+            raise MechscopeError(f"--target must lie in (0, 1] (the faithfulness the circuit must reach; the full model's is 1), "
+                                 f"got {self.target}.")
+        if self.edges is not None and self.edges < 1:
+            raise MechscopeError(f"--edges must be at least 1, got {self.edges}.")
+        if self.ig_steps < 1:
+            raise MechscopeError(f"--ig-steps must be at least 1, got {self.ig_steps}.")
+        if self.batch_size < 1:
+            raise MechscopeError(f"--batch-size must be at least 1 (pairs per forward pass), got {self.batch_size}.")
+        if self.bootstrap < 1:
+            raise MechscopeError(f"bootstrap must be at least 1 (resamples of the held-out pairs), got {self.bootstrap}.")
+
+    def _check_types(self) -> None:
+        """One sentence for a value of the wrong type (a string where a number belongs, 2.5 edges)."""
+        ints = ("n", "edges", "ig_steps", "seed", "batch_size", "random_seeds", "curve_random_seeds", "folds", "bootstrap")
+        floats = ("threshold", "target", "held_out", "cv_confidence")
+        optional = ("n", "edges", "threshold", "held_out", "checkpoint")
+        strs = ("task", "method", "ablation", "level", "rank", "acdc_metric", "qk", "pool", "checkpoint")
+        for name in ("task", "checkpoint"):
+            if hasattr(getattr(self, name), "__fspath__"):  # a Path: saved settings hold text
+                setattr(self, name, str(getattr(self, name)))
+        for name in ints + floats + strs:
+            v = getattr(self, name)
+            if v is None and name in optional:
+                continue
+            if name in ints:
+                ok, want = isinstance(v, int) and not isinstance(v, bool), "a whole number"
+            elif name in floats:
+                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+            else:
+                ok, want = isinstance(v, str), "a string"
+            if not ok:
+                raise MechscopeError(f"DiscoverConfig {name} must be {want}, got {v!r} ({type(v).__name__}).")
 
 
 def check_seeds(cfg: DiscoverConfig, n_seeds: int) -> None:

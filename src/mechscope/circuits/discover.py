@@ -146,8 +146,16 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     """Run one circuit discovery (see module docstring) and return the result. ``progress``
     (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
     random circuits of the same size, the faithfulness curve, attention patterns and head roles."""
+    from mechscope.models import require_model
     from mechscope.tasks import get_task, task_spec
 
+    require_model(model, "discover")
+    if not isinstance(cfg, DiscoverConfig):
+        raise MechscopeError(f"discover needs a DiscoverConfig, got a {type(cfg).__name__}; pass DiscoverConfig(...) "
+                             "(e.g. DiscoverConfig(**settings) for a dict).")
+    if batch is not None and not isinstance(batch, TaskBatch):
+        raise MechscopeError(f"discover's batch must be a TaskBatch, got a {type(batch).__name__}; build one with "
+                             "get_task(name).build(model.tokenizer), or leave it out to use cfg.task.")
     t0 = time.perf_counter()
     graph = build_graph(model)  # the settings were checked when cfg was made (circuits.config)
     check_patching_exact(model, graph)
@@ -155,6 +163,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
+    batch.check(model.summary.d_vocab)
     assert cfg.held_out is not None  # resolved by DiscoverConfig.__post_init__
     check_pair_count(len(batch), cfg.held_out, f"task '{batch.task}'")
     perf = check_task_performance(model, batch, cfg.force)

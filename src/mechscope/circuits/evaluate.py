@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -81,6 +82,17 @@ class Evaluator:
         plain clean pass; with mean ablation the clean pass is the source pass (its outputs
         summed into the mean over the whole batch). The mean and zero ablations need a patched
         pass for the fully patched baseline."""
+        from mechscope.graph import check_graph_fits
+        from mechscope.tasks import check_batch_size
+
+        check_batch_size(self.batch_size)
+        if self.ablation not in ("patching", "mean", "zero"):
+            raise MechscopeError(f"Unknown ablation {self.ablation!r}; choose patching, mean or zero.")
+        if not isinstance(self.batch, TaskBatch):
+            raise MechscopeError(f"Evaluator needs a TaskBatch, got a {type(self.batch).__name__}; build one with "
+                                 "get_task(name).build(model.tokenizer).")
+        check_graph_fits(self.model, self.graph, "Evaluator")
+        self.batch.check(self.model.summary.d_vocab)
         dev = self.model.device
         chunks: list[tuple[TaskBatch, torch.Tensor | None]] = []
         clean_ex, corrupt_ex = [], []
@@ -312,9 +324,9 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, n: int | None = None,
+def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | None = None, n: int | None = None,
                    progress: ProgressArg = False) -> dict[str, Any]:
-    """Re-evaluate a saved circuit on ``model``: the held-out pairs drawn as the run
+    """Re-evaluate a saved circuit (a ``CircuitResult`` or the folder it was saved to) on ``model``: the held-out pairs drawn as the run
     drew them (its task, ``n``, seed and split), or of ``task``'s pairs, with its ablation.
 
     Returns ``faithfulness`` and ``edges_kept`` of the circuit, the ``clean`` and ``corrupt``
@@ -322,8 +334,16 @@ def evaluate_saved(model: Model, res: "CircuitResult", task: str | None = None, 
     ``n_held_out`` (pairs evaluated). Settings a run did not save take ``DiscoverConfig``'s
     defaults; a run saved without ``rank`` ranked its edges signed.
     """
+    from mechscope.circuits.result import CircuitResult
+    from mechscope.models import require_model
     from mechscope.tasks import check_fits, get_task
 
+    require_model(model, "evaluate_saved")
+    if isinstance(res, (str, Path)):
+        res = CircuitResult.load(res)
+    if not isinstance(res, CircuitResult):
+        raise MechscopeError(f"evaluate_saved needs a CircuitResult, got a {type(res).__name__}; pass CircuitResult.load(path) "
+                             "or the folder `mechscope discover` wrote.")
     g = build_graph(model)
     check_patching_exact(model, g)
     if g.summary() != res.graph.summary():

@@ -146,7 +146,7 @@ def edge_overlap(ranking: torch.Tensor, reference: torch.Tensor, allowed: torch.
     return float((top & reference.flatten().bool()).sum()) / k
 
 
-def compare_with_reference(res: "CircuitResult", reference: Reference | str) -> dict[str, Any]:
+def compare_with_reference(res: "CircuitResult", reference: Reference | str | Path) -> dict[str, Any]:
     """How a discovered circuit ``res`` matches a reference (a ``Reference`` or anything
     ``load_reference`` takes): its source, node count and ``node_roc_auc`` (the run's node
     scores against the reference's nodes; the input is in every circuit, so it is not ranked).
@@ -154,12 +154,26 @@ def compare_with_reference(res: "CircuitResult", reference: Reference | str) -> 
     ``edge_overlap`` (share of the reference's edges among the run's top |reference| edges),
     ``chance_overlap`` (what a random ranking gets), ``in_this_circuit`` (share of the
     reference's edges in the run's circuit) and ``jaccard`` (of the two circuits' edge sets)."""
-    ref = load_reference(reference) if isinstance(reference, str) else reference
+    from mechscope.circuits.result import CircuitResult
+
+    if not isinstance(res, CircuitResult):
+        raise MechscopeError(f"compare_with_reference needs a CircuitResult (from discover or CircuitResult.load(path)), "
+                             f"got a {type(res).__name__}.")
+    if isinstance(reference, (str, Path)):
+        ref = load_reference(str(reference))
+    elif isinstance(reference, Reference):
+        ref = reference
+    else:
+        raise MechscopeError(f"compare_with_reference needs a reference circuit: a JSON file or run folder (str or Path), "
+                             f"one of {', '.join(SHIPPED)}, or a Reference; got a {type(reference).__name__}.")
     g = res.graph
     nodes = ref.node_mask(g)
     ns = (res.scores * g.allowed).sum(1)
     sel = torch.ones(g.n_senders, dtype=torch.bool)
     sel[0] = False  # the input is in every circuit: not ranked
+    if not bool((nodes & sel).any()):
+        raise MechscopeError("The reference circuit names no nodes besides the input, so there is "
+                             "nothing to compare against; list its heads and MLPs under \"nodes\".")
     out: dict[str, Any] = {"source": ref.source, "n_nodes": int(nodes.sum()), "node_roc_auc": roc_auc(ns, nodes, sel)}
     em = ref.edge_mask(g)
     if em is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, parse_node
 from mechscope.results import library_versions, read_result_json, write_result_json
@@ -100,25 +101,62 @@ class CircuitResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitResult":
+        if not isinstance(path, (str, Path)):
+            raise MechscopeError(f"CircuitResult.load needs the folder `mechscope discover` wrote (a str or Path), "
+                                 f"got a {type(path).__name__}.")
+        p0 = Path(path)
+        j = p0 / "circuit.json" if p0.is_dir() else p0
+        if j.is_file():  # a JSON file that is not an object: say so, not "schema_version None"
+            import json
+
+            try:
+                if not isinstance(json.loads(j.read_text(encoding="utf-8")), dict):
+                    raise _damaged(path, "circuit.json holds no JSON object")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass  # read_result_json says where
         d, p = read_result_json(path, "circuit.json", SCHEMA_VERSION, "mechscope discover")
-        m = d["model"]
-        g = Graph(n_layers=m["n_layers"], n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"],
-                  parallel=bool(m.get("parallel_blocks", False)))
+        try:
+            m = d["model"]
+            g = Graph(n_layers=int(m["n_layers"]), n_heads=int(m["n_heads"]), n_kv_heads=int(m["n_kv_heads"]),
+                      parallel=bool(m.get("parallel_blocks", False)))
+            task, method, settings = d["task"], d["method"], d["settings"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _damaged(path, f"circuit.json lacks or mangles {exc}") from exc
+        if not isinstance(settings, dict):
+            raise _damaged(path, "its settings are not a JSON object")
         st = p.parent / "scores.safetensors"
+        shape = (g.n_senders, g.n_receivers)
         if st.is_file():
             from safetensors.torch import load_file
 
-            t = load_file(str(st))
+            try:
+                t = load_file(str(st))
+            except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
+                raise _damaged(path, f"scores.safetensors cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+            if "scores" not in t or "circuit" not in t:
+                raise _damaged(path, f"scores.safetensors holds {sorted(t)}, not 'scores' and 'circuit'")
             scores, circuit = t["scores"], t["circuit"].bool()
+            if tuple(scores.shape) != shape or tuple(circuit.shape) != shape:
+                raise _damaged(path, f"scores.safetensors holds scores of shape {tuple(scores.shape)} but the graph circuit.json "
+                                     f"describes has {shape}")
         else:  # rebuild from the JSON edge list
-            scores, circuit = torch.zeros(g.n_senders, g.n_receivers), torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
-            for e in d["edges"]:
-                s, r = g.sender_index(e["src"]), g.receiver_index(e["dst"])
-                scores[s, r], circuit[s, r] = e["score"], e["in_circuit"]
-        return cls(model=m, task=d["task"], method=d["method"], settings=d["settings"], graph=g,
+            scores, circuit = torch.zeros(shape), torch.zeros(shape, dtype=torch.bool)
+            try:
+                for e in d["edges"]:
+                    s, r = g.sender_index(e["src"]), g.receiver_index(e["dst"])
+                    scores[s, r], circuit[s, r] = e["score"], e["in_circuit"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise _damaged(path, f"an edge of circuit.json lacks or mangles {exc}") from exc
+            except MechscopeError as exc:
+                raise _damaged(path, str(exc).rstrip(".")) from exc
+        return cls(model=m, task=task, method=method, settings=settings, graph=g,
                    scores=scores, circuit=circuit, metrics=d.get("metrics", {}), curve=d.get("curve", []),
                    cpr=d.get("cpr"), cmd=d.get("cmd"), example=d.get("example"), labels=d.get("labels"),
                    cv_curve=d.get("cv_curve"), stability=d.get("stability"))
+
+
+def _damaged(path: str | Path, what: str) -> MechscopeError:
+    return MechscopeError(f"'{path}' is damaged or not a mechscope circuit folder: {what}; run discover again.")
 
 
 def _node(name: str, g: Graph, score: float, in_circuit: bool) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Node names (``a3.h1``, ``a3.kv0<k>``, ``m3``, ...) are built and parsed by ``gra
 which needs no torch, so reports can read them without loading it.
 """
 
-__all__ = ["Graph", "build_graph"]
+__all__ = ["Graph", "build_graph", "check_graph_fits"]
 
 
 def __getattr__(name):  # lazy: importing mechscope.graph.names does not load torch

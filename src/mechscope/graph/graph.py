@@ -194,11 +194,27 @@ class Graph:
         }
 
 
+def check_graph_fits(model: Model, graph: Graph, who: str) -> None:
+    """Refuse (one sentence) a ``graph`` built for another model than ``model`` (its layer or
+    head counts differ): its hook names or sender indices would not exist there."""
+    if not isinstance(graph, Graph):
+        raise MechscopeError(f"{who} needs a Graph, got a {type(graph).__name__}; make one with build_graph(model).")
+    s = model.summary
+    have = (graph.n_layers, graph.n_heads, graph.n_kv_heads)
+    want = (s.n_layers, s.n_heads, s.n_kv_heads)
+    if have != want:
+        raise MechscopeError(f"{who}: the graph has {have[0]} layers of {have[1]} heads ({have[2]} key/value), but {s.name} has "
+                             f"{want[0]} of {want[1]} ({want[2]}); build the graph for this model with build_graph(model).")
+
+
 def build_graph(model: Model, check: bool = True) -> Graph:
     """The computational graph of a loaded ``mechscope.models.Model``; with ``check`` (the
     default) its blocks are measured first (``block_layout``): a model whose
     attention and MLP run in parallel gets the parallel graph, and one whose blocks fit
     neither shape is refused in one sentence."""
+    from mechscope.models import require_model
+
+    require_model(model, "build_graph")
     s = model.summary
     parallel = block_layout(model) == "parallel" if check else False
     return Graph(n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, parallel=parallel)

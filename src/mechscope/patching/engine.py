@@ -232,6 +232,11 @@ def source_activations(
     ``patching``: sender outputs on ``corrupt``; ``mean``: per-position mean of the clean
     outputs over the batch (padding excluded when ``lengths`` is given); ``zero``: zeros.
     """
+    from mechscope.graph import check_graph_fits
+    from mechscope.models import require_model
+
+    require_model(model, "source_activations")
+    check_graph_fits(model, graph, "source_activations")
     if ablation == "patching":
         return sender_activations(model, graph, check_pair(clean, corrupt))
     if ablation == "mean":
@@ -406,12 +411,59 @@ class _EdgePatch:
 
 def _masks(model: Model, graph: Graph, mask: torch.Tensor) -> torch.Tensor:
     """[K, S, R] float masks on the model's device, restricted to existing edges."""
+    if not isinstance(mask, torch.Tensor):
+        raise MechscopeError(f"The edge mask must be a tensor, got a {type(mask).__name__}; start from graph.empty_mask() "
+                             "or graph.full_mask().")
+    want = (graph.n_senders, graph.n_receivers)
+    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != want:
+        raise MechscopeError(f"Edge mask has shape {tuple(mask.shape)}, expected {want} or (K, {want[0]}, {want[1]}) "
+                             "(n_senders x n_receivers of this graph).")
     masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
-    if masks.shape[1:] != (graph.n_senders, graph.n_receivers):
-        raise MechscopeError(
-            f"Edge mask has shape {tuple(masks.shape[1:])}, expected ({graph.n_senders}, {graph.n_receivers})."
-        )
+    if not bool(torch.isfinite(masks).all()):
+        raise MechscopeError("The edge mask holds NaN or infinite values; give weights in [0, 1] (1 = patch the edge).")
     return masks * graph.allowed.to(masks.device)
+
+
+def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, who: str,
+               positions: torch.Tensor | None = None) -> None:
+    """Refuse (one sentence each) tokens, source and positions that do not fit ``model`` and
+    ``graph``: O(batch x pos) checks, no forward pass."""
+    from mechscope.graph import check_graph_fits
+    from mechscope.models import require_model
+    from mechscope.models.load import context_overrun
+
+    require_model(model, who)
+    check_graph_fits(model, graph, who)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
+        what = (f"a {type(tokens).__name__}" if not isinstance(tokens, torch.Tensor)
+                else f"shape {tuple(tokens.shape)} of {tokens.dtype}")
+        raise MechscopeError(f"{who} needs tokens as an integer tensor [batch, pos], got {what}; e.g. "
+                             "torch.tensor([model.to_tokens(prompt)]) for one prompt.")
+    B, P = tokens.shape
+    if B == 0 or P == 0:
+        raise MechscopeError(f"{who} got no tokens (shape {(B, P)}); give at least one prompt of one token.")
+    lo, hi, V = int(tokens.min()), int(tokens.max()), int(model.summary.d_vocab)
+    if lo < 0 or hi >= V:
+        raise MechscopeError(f"{who}: token ids {lo}..{hi} lie outside the model's vocabulary 0..{V - 1}.")
+    if (n_ctx := context_overrun(model, P)) is not None:
+        raise MechscopeError(f"{who}: prompts of {P} tokens are longer than {model.summary.name}'s context of {n_ctx}; shorten them.")
+    want = f"[{graph.n_senders}, {B} or 1, {P}, {model.summary.d_model}]"
+    if not isinstance(source, torch.Tensor) or source.dim() != 4:
+        what = f"a {type(source).__name__}" if not isinstance(source, torch.Tensor) else f"shape {tuple(source.shape)}"
+        raise MechscopeError(f"{who} needs source activations {want} (source_activations(...)), got {what}.")
+    S, SB, SP, D = source.shape
+    if S != graph.n_senders or SB not in (B, 1) or SP != P or D != model.summary.d_model:
+        raise MechscopeError(f"{who}: source has shape {tuple(source.shape)}, expected {want}; compute it with "
+                             "source_activations(model, graph, clean, corrupt, ablation) on prompts of the same shape as tokens.")
+    if positions is not None:
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[0] != B \
+                or positions.is_floating_point() or positions.dtype == torch.bool:
+            what = (f"a {type(positions).__name__}" if not isinstance(positions, torch.Tensor)
+                    else f"shape {tuple(positions.shape)} of {positions.dtype}")
+            raise MechscopeError(f"{who} needs positions as an integer tensor [{B}, k], got {what}.")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= P):
+            raise MechscopeError(f"{who}: positions {int(positions.min())}..{int(positions.max())} lie outside the prompts' "
+                                 f"0..{P - 1}.")
 
 
 def _patch_hooks(graph: Graph, state: "_EdgePatch", n_below: int = 0, first: int = 0) -> list:
@@ -482,8 +534,9 @@ def run_with_edge_mask(
         logits [batch, pos, d_vocab], or [K, batch, pos, d_vocab] for a stacked mask (pos = k
         with ``positions``).
     """
-    single = mask.dim() == 2
+    _check_run(model, graph, tokens, source, "run_with_edge_mask", positions)
     masks = _masks(model, graph, mask)
+    single = mask.dim() == 2
     K, B = masks.shape[0], tokens.shape[0]
     state = _EdgePatch(graph, masks, source.to(model.device), K, B)
     hooks = _patch_hooks(graph, state) + list(extra_hooks or [])
@@ -504,7 +557,14 @@ def run_with_node_mask(
 
     Fractional values interpolate: out <- out + nodes[s] * (src_s - out).
     """
+    _check_run(model, graph, tokens, source, "run_with_node_mask")
+    if not isinstance(nodes, torch.Tensor) or tuple(nodes.shape) != (graph.n_senders,):
+        what = f"a {type(nodes).__name__}" if not isinstance(nodes, torch.Tensor) else f"shape {tuple(nodes.shape)}"
+        raise MechscopeError(f"The node mask must be a tensor of shape ({graph.n_senders},), one weight per sender of this "
+                             f"graph, got {what}.")
     nodes = nodes.to(model.device, torch.float32)
+    if not bool(torch.isfinite(nodes).all()):
+        raise MechscopeError("The node mask holds NaN or infinite values; give weights in [0, 1] (1 = patch the node).")
     src = source.to(model.device)
     hooks = []
     for name, sl in sender_hooks(graph):

@@ -53,6 +53,9 @@ def head_sites(n_layers: int, n_heads: int, head: int | None = None) -> list[Sit
 def sites_for(model, site: InterchangeSite, head: int | None = None) -> list[Site]:
     L, H = model.summary.n_layers, model.summary.n_heads
     if site == "resid":
+        if head is not None:
+            raise MechscopeError(f"--head {head} applies to --site head only (a residual site has no heads); drop it or "
+                                 "pass --site head.")
         return residual_sites(L)
     if site == "head":
         if head is not None and not 0 <= head < H:
@@ -188,6 +191,22 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     all), the share of the n pairs (``base`` [n, pos], ``source`` [n, pos], ``expected`` [n]
     token ids) whose base run, patched there from the source run, predicts ``expected`` at
     ``answer_pos``. Positions are patched one at a time; runs are batched over positions."""
+    from mechscope.models import require_model
+
+    require_model(model, "interchange_accuracy")
+    if head is not None and (sites is not None or site != "head"):
+        where = "explicit sites (give Site(hook, head) instead)" if sites is not None else f"site '{site}' (a residual site has no heads)"
+        raise MechscopeError(f"head={head} applies to site='head' only, not to {where}; drop head or pass site='head'.")
+    if sites is not None:
+        if isinstance(sites, (str, Site)) or not isinstance(sites, Sequence):
+            raise MechscopeError(f"sites must be a list of Site(hook, head=None), got a {type(sites).__name__}; e.g. "
+                                 "sites=[Site('blocks.0.hook_resid_pre')].")
+        if not sites:
+            raise MechscopeError("sites is empty, so there is nothing to patch; pass at least one Site, or leave sites out "
+                                 "for every site of --site.")
+        if wrong := [x for x in sites if not isinstance(x, Site)]:
+            raise MechscopeError(f"sites must hold Site objects, got a {type(wrong[0]).__name__} ({wrong[0]!r}); wrap hook names "
+                                 f"as Site(hook), e.g. Site({str(wrong[0])!r}).")
     _check_pair(base, source)
     n, n_pos = base.shape
     if n == 0:

@@ -18,7 +18,7 @@ from mechscope.tasks import docstring, facts, greater_than, induction, ioi, json
 from mechscope.tasks.base import MetricName, Pair, TaskBatch, single_token, tokenize_pairs
 
 __all__ = [
-    "Pair", "Task", "TaskBatch", "TaskInfo", "check_fits", "evaluate_task", "get_task", "list_tasks", "task_spec",
+    "Pair", "Task", "TaskBatch", "TaskInfo", "check_batch_size", "check_fits", "evaluate_task", "get_task", "list_tasks", "task_spec",
     "single_token", "tokenize_pairs",
 ]
 
@@ -75,6 +75,11 @@ def list_tasks() -> list[TaskInfo]:
 
 def get_task(name: str) -> Task:
     """A built-in task by name, or a JSONL task from a path ending in ``.jsonl``."""
+    if isinstance(name, Path):
+        name = str(name)
+    if not isinstance(name, str):
+        raise MechscopeError(f"get_task needs a task name ({', '.join(_TASKS)}) or a path to a .jsonl file, "
+                             f"got a {type(name).__name__}.")
     if name in _TASKS:
         return _TASKS[name]
     if name.endswith(".jsonl"):
@@ -105,12 +110,29 @@ def check_fits(model: Any, batch: TaskBatch) -> None:
                              f"context of {n_ctx}; shorten them.")
 
 
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+    """Refuse a ``batch_size`` that is not a whole number of at least 1 (one sentence)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MechscopeError(f"{name} must be a whole number of at least 1 (pairs per forward pass), got {batch_size!r}.")
+
+
 def evaluate_task(model: Any, batch: TaskBatch, batch_size: int = 16) -> dict[str, Any]:
     """Metric and accuracy of ``model`` on the clean and corrupt prompts of ``batch``.
 
     ``model``: a ``mechscope.models.Model`` (its ``bridge`` is run) or any module mapping
     tokens [batch, pos] to logits [batch, pos, d_vocab] (or to an output with ``.logits``).
     """
+    check_batch_size(batch_size)
+    if not isinstance(batch, TaskBatch):
+        raise MechscopeError(f"evaluate_task needs a TaskBatch, got a {type(batch).__name__}; build one with "
+                             "get_task(name).build(model.tokenizer).")
+    if not isinstance(model, torch.nn.Module):
+        from mechscope.models import Model, require_model
+
+        if not isinstance(model, Model):
+            require_model(model, "evaluate_task")
+    summary = getattr(model, "summary", None)
+    batch.check(getattr(summary, "d_vocab", None))
     check_fits(model, batch)
     net = getattr(model, "bridge", model)
     device = next(net.parameters()).device

@@ -79,10 +79,69 @@ class TaskBatch:
                 setattr(out, k, v.to(device))
         return out
 
+    def check(self, d_vocab: int | None = None) -> "TaskBatch":
+        """Refuse (one sentence) a batch whose tensors do not fit together: clean and corrupt of
+        one shape [batch, pos], scored positions inside the prompts, answers and wrongs shaped
+        like the positions, lengths within 1..pos, integer ids (within ``d_vocab`` when given),
+        and at least one pair. O(batch x pos) tensor checks, no forward pass; returns the batch."""
+        fix = "build batches with get_task(...).build(tokenizer) or tokenize_pairs"
+
+        def bad(what: str) -> MechscopeError:
+            return MechscopeError(f"TaskBatch '{self.task}' is malformed: {what}; {fix}.")
+
+        names = ["clean", "corrupt", "positions", "answers", "wrongs", "lengths"]
+        if self.metric_name == "prob_diff" or self.candidates is not None:
+            names += ["candidates", "signs"]
+        for k in names:
+            v = getattr(self, k)
+            if not isinstance(v, torch.Tensor):
+                raise bad(f"{k} is a {type(v).__name__}, not a tensor")
+            if k != "signs" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+                raise bad(f"{k} has dtype {v.dtype}, not integer ids or indices")
+        if self.clean.dim() != 2:
+            raise bad(f"clean has shape {tuple(self.clean.shape)}, not [batch, pos]")
+        B, P = self.clean.shape
+        if B == 0 or P == 0:
+            raise MechscopeError(f"TaskBatch '{self.task}' is empty ({B} pairs of {P} tokens); give at least one pair.")
+        if self.corrupt.shape != self.clean.shape:
+            raise bad(f"corrupt has shape {tuple(self.corrupt.shape)}, clean {tuple(self.clean.shape)}: they must match")
+        pos = self.positions
+        if pos.dim() != 2 or pos.shape[0] != B or pos.shape[1] < 1:
+            raise bad(f"positions has shape {tuple(pos.shape)}, expected [{B}, k] with k >= 1")
+        for k in ("answers", "wrongs"):
+            if getattr(self, k).shape != pos.shape:
+                raise bad(f"{k} has shape {tuple(getattr(self, k).shape)}, expected {tuple(pos.shape)} like positions")
+        if self.lengths.shape != (B,):
+            raise bad(f"lengths has shape {tuple(self.lengths.shape)}, expected ({B},)")
+        if int(self.lengths.min()) < 1 or int(self.lengths.max()) > P:
+            raise bad(f"lengths range {int(self.lengths.min())}..{int(self.lengths.max())}, outside 1..{P} (the prompt width)")
+        if int(pos.min()) < 0 or int(pos.max()) >= P:
+            raise bad(f"positions range {int(pos.min())}..{int(pos.max())}, outside 0..{P - 1} (the prompt width)")
+        if self.candidates is not None or self.signs is not None:
+            c, sg = self.candidates, self.signs
+            if c is None or sg is None or c.dim() != 2 or c.shape[0] != B or sg.shape != c.shape:
+                raise bad(f"candidates {None if c is None else tuple(c.shape)} and signs {None if sg is None else tuple(sg.shape)} "
+                          f"must both be [{B}, c]")
+        ids = ["clean", "corrupt", "answers", "wrongs"] + (["candidates"] if self.candidates is not None else [])
+        for k in ids:
+            v = getattr(self, k)
+            if v.numel() == 0:
+                continue
+            lo, hi = int(v.min()), int(v.max())
+            if lo < 0 or (d_vocab is not None and hi >= d_vocab):
+                top = f"{d_vocab - 1} (the model's vocabulary)" if d_vocab is not None else "the vocabulary"
+                raise bad(f"{k} holds token ids {lo}..{hi}, outside 0..{top}")
+        return self
+
     def subset(self, idx: torch.Tensor | list[int] | slice) -> "TaskBatch":
         """The batch restricted to some examples (e.g. a held-out split)."""
         if isinstance(idx, list):
             idx = torch.tensor(idx, dtype=torch.long)
+        if isinstance(idx, torch.Tensor) and idx.numel() and not (idx.dtype == torch.bool):
+            n = len(self)
+            if int(idx.min()) < -n or int(idx.max()) >= n:
+                raise MechscopeError(f"subset indices {int(idx.min())}..{int(idx.max())} are out of range for a batch of {n} "
+                                     f"pairs; pick indices 0..{n - 1}.")
         out = TaskBatch(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         for k in ("clean", "corrupt", "positions", "answers", "wrongs", "lengths", "candidates", "signs"):
             v = getattr(out, k)
@@ -98,6 +157,9 @@ class TaskBatch:
 
     def split(self, held_out: float = 0.5, seed: int = 0) -> tuple["TaskBatch", "TaskBatch"]:
         """(scoring pairs, held-out pairs: a ``held_out`` share of them), shuffled with ``seed``."""
+        if not 0.0 < held_out < 1.0:
+            raise MechscopeError(f"held_out {held_out} is out of range: give the share of pairs held out, between 0 and 1 "
+                                 "(e.g. 0.25).")
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
         n_test = max(1, int(round(len(self) * held_out)))
