@@ -96,6 +96,9 @@ def get_corpus(
     if split not in ("all", "train", "heldout"):
         raise MechscopeError(f"Unknown split '{split}'; use all, train or heldout.")
     licence, description, hf = "unknown (user corpus)", "", None
+    if isinstance(spec, str) and not spec.strip():  # Path('') would be the current folder
+        raise MechscopeError("The corpus spec is empty; give a .txt/.jsonl file or folder, 'hf:NAME', or leave it out "
+                             "(None, or 'embedded') for the embedded corpus.")
     if spec is None or str(spec) == "embedded":
         from mechscope.activations import embedded
 

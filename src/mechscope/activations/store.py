@@ -133,17 +133,23 @@ class _Stop(Exception):
     """Raised by the last capturing hook to end the forward pass early."""
 
 
+def check_context_fits(model: Model, context_len: int, option: str = "--context-len") -> None:
+    """One sentence when contexts of ``context_len`` tokens are longer than ``model`` takes.
+    Learned position embeddings (GPT-2) have no row past n_ctx; rotary models run on, as
+    transformers lets them (``position_limit``)."""
+    n_ctx = position_limit(model)
+    if n_ctx is not None and context_len > n_ctx:
+        raise MechscopeError(f"contexts of {context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
+                             f"give {option} {n_ctx} or less.")
+
+
 class Harvester:
     """Runs the model on token contexts and returns the hooked activations as rows."""
 
     def __init__(self, model: Model, cfg: StoreConfig):
         for h in cfg.hooks:
             check_hook_name(model, h)
-        # Learned position embeddings (GPT-2) have no row past n_ctx; rotary models run on, as transformers lets them.
-        n_ctx = position_limit(model)
-        if n_ctx is not None and cfg.context_len > n_ctx:
-            raise MechscopeError(f"contexts of {cfg.context_len} tokens are longer than {model.summary.name} takes ({n_ctx} positions); "
-                                 f"give --context-len {n_ctx} or less.")
+        check_context_fits(model, cfg.context_len)
         self.model, self.cfg = model, cfg
         self.needs_split = any(needs_split_attention(h) for h in cfg.hooks)
         self.dtype = DTYPES[cfg.dtype]

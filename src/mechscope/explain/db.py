@@ -207,6 +207,12 @@ class UnitDB:
         self.path = Path(path)
         self.timeout_s = timeout_s
         self._counts: dict[tuple[str, str], dict[int, int]] | None = None
+        if self.path.is_dir():
+            raise MechscopeError(f"{self.path} is a folder, not a unit database file; give the database file's path "
+                                 f"(e.g. {self.path / 'units.db'}, created when missing).")
+        if not self.path.exists() and not self.path.parent.is_dir():
+            raise MechscopeError(f"the folder of {self.path} does not exist; create {self.path.parent} first or give a "
+                                 "path in an existing folder.")
         if self.path.exists() and self.path.stat().st_size > 0:
             self._check_readable()
         try:

@@ -485,6 +485,9 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     whose histogram and sample bins this shard takes instead of recomputing them from the
     calibration contexts: bit-identical bins even where that batch would come out a little
     differently (another machine, device or maths library)."""
+    from mechscope.models import require_model
+
+    require_model(model, "harvest_exemplars")
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
     bad = [layer for layer in layers if layer not in source.layers]

@@ -41,6 +41,16 @@ class HeadsConfig:
     """|R| of the example sequence whose attention patterns are stored"""
 
     def __post_init__(self) -> None:
+        from mechscope.sae.config import check_number_fields
+
+        check_number_fields(self)
+        if self.text is not None and not str(self.text).strip():
+            raise MechscopeError("HeadsConfig.text is empty; give a .txt/.jsonl file or folder, 'pydoc', or leave it out "
+                                 "(None) for the embedded corpus.")
+        for option, value in (("copy_tokens", self.copy_tokens), ("n_random", self.n_random), ("example_len", self.example_len),
+                              ("seq_len", self.seq_len), ("text_len", 1 if self.text_len is None else self.text_len)):
+            if value < 1:
+                raise MechscopeError(f"HeadsConfig.{option} must be at least 1; got {value}.")
         if self.n < 1 or self.n_text < 1:
             raise MechscopeError("--n and the number of text windows must be at least 1.")
         if self.n < 2:

@@ -26,6 +26,13 @@ from mechscope.progress import ProgressArg, as_progress
 
 def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressArg = False) -> HeadsResult:
     """Compute the head taxonomy of ``model`` (see module docstring); ``progress`` gets a note per step."""
+    from mechscope.errors import MechscopeError
+    from mechscope.models import require_model
+
+    if not (hasattr(model, "bridge") and hasattr(model, "summary")):  # duck-typed stand-ins (tests) pass
+        require_model(model, "head_scores")
+    if cfg is not None and not isinstance(cfg, HeadsConfig):
+        raise MechscopeError(f"head_scores takes a HeadsConfig (mechscope.heads.HeadsConfig(...)) as cfg, got a {type(cfg).__name__}.")
     cfg = cfg or HeadsConfig()
     say = as_progress(progress).note
     patterns.check_heads_visible(model)

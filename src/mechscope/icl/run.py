@@ -75,6 +75,9 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     """Accuracy of ``cfg.n`` few-shot prompts of ``cfg.task``, then the knockout sweeps on up to
     ``cfg.max_knockout`` prompts the model gets right. Refuses (one sentence) to knock out when
     accuracy is not ``cfg.min_above_chance`` above chance, unless ``cfg.force``."""
+    from mechscope.models import require_model
+
+    require_model(model, "fewshot_knockout")
     cfg = cfg or FewShotConfig()
     t0 = time.time()
     cfg.window_size(model.summary.n_layers)  # refuses a window wider than the model before any work

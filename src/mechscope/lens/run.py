@@ -27,6 +27,18 @@ def check_k(k: int) -> None:
         raise MechscopeError(f"--k {k} must be from 1 to {MAX_K} (the top tokens shown per site and position).")
 
 
+def check_text(value: object, name: str, who: str, optional: bool = False) -> None:
+    """One sentence when ``value`` (the argument ``name`` of ``who``) is not a string (None
+    too where ``optional``): a list of prompts, a tensor of ids or a token id fails deep in
+    the tokenizer otherwise."""
+    if isinstance(value, str) or (optional and value is None):
+        return
+    what = {"prompt": "one prompt as text, e.g. 'The Eiffel Tower is in the city of' (call it once per prompt)",
+            "subject": "words of the prompt, e.g. 'The Eiffel Tower'",
+            "control_subject": "another subject as text, e.g. 'Big Ben'"}.get(name, "a token as text, e.g. ' Paris'")
+    raise MechscopeError(f"{who}'s {name} must be a str, {what}; got a {type(value).__name__}.")
+
+
 def run_lens(model: Model, prompt: str, target: str | None = None, distractor: str | None = None, k: int = 5,
              tuned=None) -> LensResult:
     """Logit lens and DLA for ``prompt``.
@@ -37,7 +49,15 @@ def run_lens(model: Model, prompt: str, target: str | None = None, distractor: s
     sites are the translators' hooks, and ``settings["logit_rank_last_position"]`` keeps the
     logit lens's rank of the target at the same sites for comparison.
     """
+    from mechscope.lens.tuned import as_tuned_lens
+    from mechscope.models import require_model
+
+    require_model(model, "run_lens")
+    check_text(prompt, "prompt", "run_lens")
+    check_text(target, "target", "run_lens", optional=True)
+    check_text(distractor, "distractor", "run_lens", optional=True)
     check_k(k)
+    tuned = as_tuned_lens(tuned, model, "run_lens")
     tokens = encode_prompt(model, prompt)
     with torch.no_grad():
         logits = model(tokens)[0, -1].float()

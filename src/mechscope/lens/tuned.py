@@ -330,3 +330,14 @@ def load_tuned_lens(path: str | Path, model: Model | None = None) -> TunedLens:
         lens.check_fits(model)
         lens = lens.to(model.device)
     return lens
+
+
+def as_tuned_lens(tuned: Any, model: Model, who: str) -> TunedLens | None:
+    """``tuned`` as a ``TunedLens`` for ``who``: None stays None, a folder path is loaded (and
+    checked against ``model``), anything else is refused in one sentence."""
+    if tuned is None or isinstance(tuned, TunedLens):
+        return tuned
+    if isinstance(tuned, (str, Path)):
+        return load_tuned_lens(tuned, model)
+    raise MechscopeError(f"{who}'s tuned must be a TunedLens (mechscope.lens.load_tuned_lens(path)) or the folder it was "
+                         f"saved to; got a {type(tuned).__name__}.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,11 +174,26 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
     return out
 
 
-def run_probe(model: Model, data: LabelSet, cfg: ProbeConfig | None = None, progress: ProgressArg = False) -> ProbeResult:
-    """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``."""
+def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None, progress: ProgressArg = False) -> ProbeResult:
+    """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``.
+    ``data``: a ``LabelSet``, a built-in label set's name (``builtin_labels``) or a JSONL file
+    (``labels_from_file``)."""
+    from mechscope.models import require_model
     from mechscope.models.load import context_overrun
+    from mechscope.probes.config import BUILTIN_LABELS
+    from mechscope.probes.labels import builtin_labels, labels_from_file
 
+    require_model(model, "run_probe")
+    if cfg is not None and not isinstance(cfg, ProbeConfig):
+        raise MechscopeError(f"run_probe takes a ProbeConfig (mechscope.probes.ProbeConfig(...)) as cfg, got a {type(cfg).__name__}.")
     cfg = cfg or ProbeConfig()
+    if isinstance(data, (str, Path)) and str(data) in BUILTIN_LABELS:  # a built-in label set's name
+        data = builtin_labels(model, str(data), cfg)
+    elif isinstance(data, (str, Path)) and Path(data).is_file():  # a JSONL file of labelled texts
+        data = labels_from_file(model.tokenizer, data)
+    elif not isinstance(data, LabelSet):
+        raise MechscopeError(f"run_probe's data must be a LabelSet, the name of a built-in one ({', '.join(BUILTIN_LABELS)}) "
+                             f"or a JSONL file of labelled texts; got {reprlib.repr(data)} (a {type(data).__name__}).")
     pairs = layer_hooks(model, cfg.hook, cfg.layers)
     longest = max((len(s) for s in data.sequences), default=0)
     if (n_ctx := context_overrun(model, longest)) is not None:

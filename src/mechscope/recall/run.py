@@ -29,13 +29,53 @@ def facts_noise_std(model, cfg: RecallConfig) -> float:
     return cfg.noise * embedding_std(model, sorted({f.subject for f in load_facts()}))
 
 
+def check_parts(parts) -> tuple[str, ...]:
+    """``parts`` as a tuple, refused (one sentence naming the known parts) when it names an
+    unknown analysis or none at all: an unknown name would otherwise run nothing."""
+    if isinstance(parts, str):
+        parts = (parts,)
+    try:
+        parts = tuple(parts)
+    except TypeError:
+        raise MechscopeError(f"parts must be a tuple of analysis names from {', '.join(PARTS)}; got {parts!r}.") from None
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise MechscopeError(f"parts names unknown analyses {', '.join(map(repr, unknown))}; choose from {', '.join(PARTS)}."
+                             if unknown else f"parts is empty; choose one or more of {', '.join(PARTS)}.")
+    return parts
+
+
+def check_noise_std(noise_std) -> None:
+    """Refuse a ``noise_std`` that is not a finite non-negative number (NaN traces all-NaN)."""
+    import math
+
+    if noise_std is None:
+        return
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)):
+        raise MechscopeError(f"noise_std must be a number (or None for the default); got a {type(noise_std).__name__}.")
+    if not math.isfinite(noise_std) or noise_std < 0:
+        raise MechscopeError(f"noise_std must be a finite number >= 0 (or None for the default); got {noise_std}.")
+
+
 def recall(model: Model, prompt: str, subject: str, target: str | None = None, cfg: RecallConfig | None = None,
            parts: tuple[str, ...] = PARTS, noise_std: float | None = None, related=None, control=None,
            control_subject: str | None = None, tuned=None) -> RecallResult:
     """Dissect the recall of one fact. ``target`` defaults to the model's top prediction;
     ``tuned``: a ``TunedLens`` that subject enrichment reads the layers with (default: the
     logit lens)."""
+    from mechscope.lens.run import check_text
+    from mechscope.lens.tuned import as_tuned_lens
+    from mechscope.models import require_model
+
+    require_model(model, "recall")
+    check_text(prompt, "prompt", "recall")
+    check_text(subject, "subject", "recall")
+    check_text(target, "target", "recall", optional=True)
+    check_text(control_subject, "control_subject", "recall", optional=True)
+    tuned = as_tuned_lens(tuned, model, "recall")
     cfg = cfg or RecallConfig()
+    parts = check_parts(parts)
+    check_noise_std(noise_std)
     tokens = encode_prompt(model, prompt)
     spos = subject_positions(model, prompt, subject)
     if spos[-1] >= tokens.shape[-1] - 1:

@@ -7,9 +7,32 @@ No torch here: the CLI reads the defaults when it starts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from mechscope.errors import MechscopeError, check_lr
+
+_NUMBER_KINDS = {"int": (int,), "float": (int, float)}
+
+
+def check_number_fields(obj: Any, what: str | None = None) -> None:
+    """One sentence when a field of the dataclass ``obj`` annotated ``int`` or ``float`` (or
+    ``... | None``) holds something else, e.g. the string '64' (which would fail later with
+    "'<' not supported between ..."). Reads the annotation strings only: cheap."""
+    what = what or type(obj).__name__
+    for f in fields(obj):
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        optional = ann.endswith("| None")
+        base = ann.removesuffix("| None").strip()
+        if base not in _NUMBER_KINDS:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, _NUMBER_KINDS[base]):
+            kind = "an integer" if base == "int" else "a number"
+            raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
+                                 f"{value!r} (a {type(value).__name__}).")
 
 
 @dataclass
@@ -52,7 +75,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from mechscope.sae.archs import get_architecture  # torch: only when a config is made
 
+        check_number_fields(self)
         get_architecture(self.architecture)  # a one-sentence error for an unknown name
+        if self.device != "cpu":  # refused here when this machine cannot run it (sae_trainer: the model's device)
+            from mechscope.models.load import check_device
+
+            check_device(self.device)
+        for option, frac in (("lr_warmup", self.lr_warmup), ("lr_decay", self.lr_decay), ("l1_warmup", self.l1_warmup)):
+            if not (math.isfinite(frac) and 0 <= frac <= 1):
+                raise MechscopeError(f"{option} is a fraction of the training steps and must lie in [0, 1]; got {frac}.")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise MechscopeError(f"aux_k must be at least 1 (latents in the AuxK loss), or None for d_in // 2; got {self.aux_k}.")
+        if self.dead_tokens is not None and self.dead_tokens < 0:
+            raise MechscopeError(f"dead_tokens must be at least 0 (or None for the default); got {self.dead_tokens}.")
+        if self.resample_every is not None and self.resample_every < 0:
+            raise MechscopeError(f"resample_every must be at least 1 (or None for the default); got {self.resample_every}.")
+        if self.log_every < 1:
+            raise MechscopeError(f"log_every must be at least 1 (steps between log lines); got {self.log_every}.")
         if self.batch_tokens <= 0:
             raise MechscopeError(f"--batch-tokens must be at least 1 (tokens per training batch); got {self.batch_tokens}.")
         if self.checkpoint_every <= 0:

@@ -26,7 +26,10 @@ import torch
 from torch import Tensor
 
 from mechscope.activations import StoreConfig, get_corpus, pack_contexts
+from mechscope.activations.store import check_context_fits
 from mechscope.errors import MechscopeError
+from mechscope.models.check import require_model
+from mechscope.models.load import position_limit
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import json_safe, write_json
 from mechscope.sae.io import check_sae_fits
@@ -90,13 +93,37 @@ def check_context_len(context_len: int | None, option: str = "--context-len") ->
                              f"got {context_len}.")
 
 
+def check_token_ids(model: Model, tokens: Any) -> None:
+    """One sentence when ``tokens`` is not a tensor of integer token ids within ``model``'s
+    vocabulary (a float tensor or an id past the vocabulary fails deep in the embedding)."""
+    if not isinstance(tokens, Tensor):
+        raise MechscopeError(f"tokens must be a torch.Tensor of token ids [n_contexts, ctx_len]; got a {type(tokens).__name__}.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise MechscopeError(f"tokens must hold integer token ids (torch.long), not {tokens.dtype}; convert with tokens.long() "
+                             "or build them with the model's tokenizer.")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.summary.d_vocab):
+        raise MechscopeError(f"tokens hold ids from {int(tokens.min())} to {int(tokens.max())}, outside {model.summary.name}'s "
+                             f"vocabulary (0 to {model.summary.d_vocab - 1}); build them with this model's tokenizer.")
+
+
 @torch.no_grad()
 def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8, skip_first: int = 1,
                  progress: ProgressArg = False) -> SAEEval:
     """Evaluate ``sae`` on ``tokens`` [n_contexts, ctx_len] (held-out text)."""
+    require_model(model, "evaluate_sae")
+    if not isinstance(sae, SAE):
+        raise MechscopeError(f"evaluate_sae needs an SAE (mechscope.sae.load_sae(path)), got a {type(sae).__name__}.")
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise MechscopeError(f"skip_first must be a whole number of at least 0 (leading positions left out); got {skip_first!r}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MechscopeError(f"batch_size must be a whole number of at least 1; got {batch_size!r}.")
+    check_token_ids(model, tokens)
     if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < skip_first + 1 or tokens.shape[1] < 2:
         raise MechscopeError(f"the tokens to evaluate on have shape {list(tokens.shape)}; give at least one context of "
                              f"{max(2, skip_first + 1)} or more tokens.")
+    if (n_pos := position_limit(model)) is not None and tokens.shape[1] > n_pos:
+        raise MechscopeError(f"the tokens hold contexts of {tokens.shape[1]} tokens, longer than {model.summary.name} takes "
+                             f"({n_pos} positions); cut them to {n_pos} tokens or fewer.")
     check_sae_fits(sae, model)
     cfg = sae.cfg
     bridge = model.bridge
@@ -194,7 +221,9 @@ def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_t
     contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
     if n_tokens < 1:
         raise MechscopeError(f"--tokens must be at least 1 (held-out tokens to evaluate on); got {n_tokens}.")
+    require_model(model, "evaluate_on_corpus")
     check_context_len(context_len)
+    check_context_fits(model, context_len, "context_len")
     n_ctx = max(1, n_tokens // context_len)
     ctx = list(itertools.islice(pack_contexts(model.tokenizer, get_corpus(corpus, split="heldout"), context_len), n_ctx))
     if not ctx:

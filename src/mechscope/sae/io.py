@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from mechscope.errors import MechscopeError
 from mechscope.sae.archs import Architecture, from_saelens, get_architecture, saelens_names
-from mechscope.sae.model import SAE, SAEConfig
+from mechscope.sae.model import FLOAT_DTYPES, SAE, SAEConfig
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -187,6 +187,9 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
         elif "k" in raw or "k" in meta:
             k = _whole(raw if "k" in raw else meta, "k", where, "active features per token")
     hook_name = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
+    dtype = str(raw.get("dtype", "float32")).replace("torch.", "")
+    if dtype not in FLOAT_DTYPES:
+        raise MechscopeError(f"{where}: dtype {dtype!r} is not a float type mechscope can load.")
     return SAEConfig(
         d_in=_whole(raw, "d_in", where, "the input width"),
         d_sae=_whole(raw, "d_sae", where, "the number of features"),
@@ -196,7 +199,7 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
         model_name=str(meta.get("model_name") or raw.get("model_name") or ""),
         d_out=_whole(raw, "d_out", where, "a transcoder's output width") if transcoder else None,
         hook_name_out=str(meta.get("hook_name_out") or raw.get("hook_name_out") or "") if transcoder else None,
-        dtype=str(raw.get("dtype", "float32")).replace("torch.", ""),
+        dtype=dtype,
         apply_b_dec_to_input=b_dec_in and not transcoder,
         metadata={k2: v for k2, v in meta.items() if k2 not in known},
     )
@@ -204,6 +207,9 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by mechscope or SAELens (safetensors only)."""
+    from mechscope.models.load import check_device
+
+    device = check_device(device)
     path = Path(path)
     raw = _read_cfg(path)
     cfg = config_from_saelens(raw, str(path / CFG_FILE))
@@ -305,6 +311,36 @@ def check_sae_fits(sae: SAE, model: Model) -> None:
                 "use an SAE trained on this model and hook."
             )
     check_same_weights(cfg.metadata.get("model_fingerprint"), model, "the SAE", cfg.model_name)
+    if not cfg.metadata.get("model_fingerprint"):
+        check_same_family(cfg.model_name, model, "the SAE")
+
+
+# Model families a name can be told by without a doubt, and the class names (lower case, the
+# start of ModelSummary.architecture) of the models of each family.
+_FAMILIES = {"gpt2": ("gpt2",), "pythia": ("gptneox",), "llama": ("llama",), "gemma": ("gemma",),
+             "qwen": ("qwen",), "mistral": ("mistral",)}
+
+
+def check_same_family(model_name: str, model: Model, what: str) -> None:
+    """One sentence when ``model_name`` (an SAE's cfg ``model_name``, recorded without a weights
+    fingerprint, as SAELens's are) names a model family other than ``model``'s architecture:
+    'gpt2' on a Llama. Decided only where it is certain: the name holds exactly one family
+    marker (gpt2, pythia, llama, gemma, qwen, mistral) and the model's architecture class is
+    known; a name without one (a local folder, 'tiny-stories-1M') or equal to the model's own
+    name or source is accepted, so a hub id of the same model ('gpt2', 'gpt2-small') still fits a
+    local folder of it."""
+    if not model_name or model_name in (model.summary.name, model.summary.source):
+        return
+    flat = model_name.lower().replace("-", "").replace("_", "")
+    named = [fam for fam in _FAMILIES if fam in flat]
+    arch = str(getattr(model.summary, "architecture", "") or "").lower()
+    known = [fam for fam, prefixes in _FAMILIES.items() if arch.startswith(prefixes)]
+    if len(named) != 1 or len(known) != 1 or named == known:
+        return
+    raise MechscopeError(
+        f"{what} was trained on {model_name!r}, a {named[0]} model, but {model.summary.name} is a "
+        f"{model.summary.architecture}; pass the model it was trained on with --model, or use an SAE trained on this one."
+    )
 
 
 def check_vector_hook(model: Model, hook: str) -> None:

@@ -29,9 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mechscope.errors import MechscopeError
 from mechscope.sae.archs import ARCHITECTURES, Architecture, get_architecture
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig"]
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -51,14 +55,18 @@ class SAEConfig:
     metadata: dict[str, Any] = field(default_factory=dict)  # training provenance, free-form
 
     def __post_init__(self) -> None:
-        from mechscope.errors import MechscopeError
+        from mechscope.sae.config import check_number_fields
 
+        check_number_fields(self)
+        if self.d_in <= 0 or self.d_sae <= 0 or (self.d_out is not None and self.d_out <= 0):
+            out = f", d_out={self.d_out}" if self.d_out is not None else ""
+            raise MechscopeError(f"SAE widths must be positive (d_in={self.d_in}, d_sae={self.d_sae}{out}).")
+        if self.dtype not in FLOAT_DTYPES:
+            raise MechscopeError(f"SAEConfig.dtype must be a float type, one of {', '.join(FLOAT_DTYPES)}; got {self.dtype!r}.")
         if get_architecture(self.architecture).uses_k and not self.k:
             raise MechscopeError(f"a {self.architecture} SAE needs k (the number of active features per token).")
         if self.k is not None and not 0 < self.k <= self.d_sae:
             raise MechscopeError(f"k={self.k} must lie between 1 and d_sae={self.d_sae}.")
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise MechscopeError(f"SAE widths must be positive (d_in={self.d_in}, d_sae={self.d_sae}).")
 
     @property
     def is_transcoder(self) -> bool:
@@ -108,13 +116,26 @@ class SAE(nn.Module):
         """Inference activation of pre-activations [..., d_sae]."""
         return self.arch.activate(self, pre)
 
+    def _check_width(self, t: Tensor, width: int, what: str, shape: str) -> None:
+        """One sentence when ``t``'s last dimension is not ``width`` (else a shape RuntimeError
+        deep in a matmul)."""
+        if not isinstance(t, Tensor):
+            raise MechscopeError(f"the SAE's {what} must be a torch.Tensor of shape {shape}; got a {type(t).__name__}.")
+        if t.ndim == 0 or t.shape[-1] != width:
+            raise MechscopeError(f"the SAE's {what} must have shape {shape} (last dimension {width}); got shape "
+                                 f"{list(t.shape)}.")
+
     def encode(self, x: Tensor) -> Tensor:
         """Feature activations [..., d_sae] of inputs [..., d_in]."""
+        self._check_width(x, self.cfg.d_in, "input", "[..., d_in]")
         return self.activate(self.pre_acts(x))
 
     def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
         """[..., d_sae] -> [..., d_out]. ``x`` [..., d_in], the input ``f`` was encoded from, is
         read only by an architecture whose output also depends on the input directly."""
+        self._check_width(f, self.cfg.d_sae, "feature activations", "[..., d_sae]")
+        if x is not None:
+            self._check_width(x, self.cfg.d_in, "input", "[..., d_in]")
         return self.arch.decode(self, f, x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
 from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.sae.archs import StepState, get_architecture
@@ -437,7 +438,9 @@ def sae_trainer(
     ``resume=True`` to continue a checkpointed run in ``out``)."""
     from mechscope.sae.evaluate import check_context_len
 
+    require_model(model, "train_sae")
     check_context_len(context_len, "--context-len (context_len)")
+    check_train_device(cfg.device, model)
     cfg = replace(cfg, device=str(model.device))
     hooks = [hook] + ([hook_out] if hook_out else [])
     for h in hooks:
@@ -456,6 +459,19 @@ def sae_trainer(
             "model_fingerprint": model.fingerprint(), **(metadata or {})}
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
                    hook_name=hook, hook_name_out=hook_out, model_name=name, metadata=meta, progress=progress)
+
+
+def check_train_device(device: str, model: Model) -> None:
+    """Training runs on the model's device: one sentence when ``TrainConfig.device`` was set (left
+    at its default "cpu" it names nothing) to another device than the model is on, which would
+    otherwise be ignored without a word."""
+    if device == "cpu":
+        return
+    want, have = torch.device(device), model.device
+    if want.type != have.type or (want.index is not None and want.index != (have.index or 0)):
+        raise MechscopeError(f"TrainConfig.device is {device!r} but the model is on {have}; training runs on the model's "
+                             f"device, so load the model there (mechscope.load_model(..., device={device!r})) or leave "
+                             "TrainConfig.device out.")
 
 
 def check_shards_fit(store: ShardStore, model: Model) -> None:

@@ -164,6 +164,15 @@ class VisionModel:
         return out
 
 
+def require_vision_model(vm: Any, who: str) -> None:
+    """One sentence when ``vm`` is not a ``VisionModel`` (a path, or a language model)."""
+    if isinstance(vm, VisionModel):
+        return
+    hint = (f"load it first: vm = mechscope.vision.load_vision_model({str(vm)!r})" if isinstance(vm, (str, Path))
+            else "load one with mechscope.vision.load_vision_model(path) or train one with mechscope.vision.train_model(...)")
+    raise MechscopeError(f"{who} needs a vision model, got a {type(vm).__name__}; {hint}.")
+
+
 def load_vision_model(path: str | Path) -> VisionModel:
     """A model saved by ``VisionModel.save`` (safetensors only; nothing is unpickled)."""
     from safetensors.torch import load_file

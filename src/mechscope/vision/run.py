@@ -20,7 +20,7 @@ from mechscope.vision.circuit import VisionCircuit, check_k, find_circuit
 from mechscope.vision.concept import Concept, resolve_concept
 from mechscope.vision.config import CircuitConfig
 from mechscope.vision.data import Dataset, build_dataset
-from mechscope.vision.models import VisionModel
+from mechscope.vision.models import VisionModel, require_vision_model
 
 
 def reference_images(ds: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -55,6 +55,7 @@ def circuit_of(vm: VisionModel, concept: Concept, cfg: CircuitConfig, ds: Datase
 def run_circuit(vm: VisionModel, spec: str, cfg: CircuitConfig, target: str | None = None,
                 progress: ProgressArg = False) -> VisionCircuit:
     """The circuit of concept ``spec`` (``concept.resolve_concept``) with its causal tests."""
+    require_vision_model(vm, "run_circuit")
     check_k(vm, cfg.k)
     ds = build_dataset(vm.cfg.data)
     return circuit_of(vm, resolve_concept(vm, spec, target, ds), cfg, ds, progress=progress)
@@ -67,6 +68,7 @@ def jaccard(a: set, b: set) -> float:
 def run_composition(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = False) -> dict[str, Any]:
     """Circuits of every class; Jaccard of the overlay class's units with the union of its two
     parts' units, with every other class's, and with the union of every other pair's."""
+    require_vision_model(vm, "run_composition")
     pair = vm.cfg.data.overlay
     if pair is None:
         raise MechscopeError("this model was trained without an overlay class; retrain with --overlay A,B.")
@@ -99,6 +101,7 @@ def run_attack(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = Fals
     success (marked images of other classes predicted as the mark's class) and the clean test
     accuracy with no ablation, with the mark's circuit ablated, and with k random units per
     layer ablated (mean over ``random_draws``)."""
+    require_vision_model(vm, "run_attack")
     if vm.cfg.data.mark_class is None:
         raise MechscopeError("this model was trained without a mark; retrain with --mark-class C to run the attack.")
     check_k(vm, cfg.k)
