@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import FLOAT32_MAX, MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture, frozen_forward
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.load import plain_attention, position_limit
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 Clamp = tuple[int, int, int, float]
 """(layer, feature, position, value)."""
 
-
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_clamp_values(clamps: list[Clamp]) -> None:

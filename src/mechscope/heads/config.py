@@ -41,7 +41,7 @@ class HeadsConfig:
     """|R| of the example sequence whose attention patterns are stored"""
 
     def __post_init__(self) -> None:
-        from mechscope.sae.config import check_number_fields
+        from mechscope.errors import check_number_fields
 
         check_number_fields(self)
         if self.text is not None and not str(self.text).strip():

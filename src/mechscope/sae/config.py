@@ -7,32 +7,9 @@ No torch here: the CLI reads the defaults when it starts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-from mechscope.errors import MechscopeError, check_lr
-
-_NUMBER_KINDS = {"int": (int,), "float": (int, float)}
-
-
-def check_number_fields(obj: Any, what: str | None = None) -> None:
-    """One sentence when a field of the dataclass ``obj`` annotated ``int`` or ``float`` (or
-    ``... | None``) holds something else, e.g. the string '64' (which would fail later with
-    "'<' not supported between ..."). Reads the annotation strings only: cheap."""
-    what = what or type(obj).__name__
-    for f in fields(obj):
-        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        optional = ann.endswith("| None")
-        base = ann.removesuffix("| None").strip()
-        if base not in _NUMBER_KINDS:
-            continue
-        value = getattr(obj, f.name)
-        if value is None and optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, _NUMBER_KINDS[base]):
-            kind = "an integer" if base == "int" else "a number"
-            raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
-                                 f"{value!r} (a {type(value).__name__}).")
+from mechscope.errors import MechscopeError, check_lr, check_number_fields
 
 
 @dataclass

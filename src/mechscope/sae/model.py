@@ -55,7 +55,7 @@ class SAEConfig:
     metadata: dict[str, Any] = field(default_factory=dict)  # training provenance, free-form
 
     def __post_init__(self) -> None:
-        from mechscope.sae.config import check_number_fields
+        from mechscope.errors import check_number_fields
 
         check_number_fields(self)
         if self.d_in <= 0 or self.d_sae <= 0 or (self.d_out is not None and self.d_out <= 0):

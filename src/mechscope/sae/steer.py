@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import FLOAT32_MAX, MechscopeError
 from mechscope.models.hooks import needs_split_attention, resid_pre
 from mechscope.models.load import context_overrun, plain_attention
 from mechscope.results import write_result_json
@@ -245,8 +245,6 @@ def check_feature_mode(scale: float | None, clamp: float | None) -> None:
         raise MechscopeError("Give exactly one of --scale (add the feature's direction) or --clamp (set the feature's activation).")
     check_steer_value("--scale" if scale is not None else "--clamp", scale if scale is not None else clamp)
 
-
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_steer_value(option: str, value: float | None) -> None:
