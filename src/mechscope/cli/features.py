@@ -253,6 +253,7 @@ def transcoders_train(
     """Train one transcoder per layer (MLP input -> MLP output) from one forward pass per batch; resumable."""
     from dataclasses import replace
 
+    from mechscope.errors import MechscopeError
     from mechscope.features.train import check_start, train_transcoders
     from mechscope.features.transcoder_set import TranscoderSet
 
@@ -282,7 +283,13 @@ def transcoders_train(
     from mechscope.cli.sae import model_path
 
     # a local model folder recorded as its absolute path, so `transcoders eval` runs from any folder
-    res = train_transcoders(m, cfg, out, resume=resume, model_path=model_path(model) or m.summary.name, progress=not json)
+    try:
+        res = train_transcoders(m, cfg, out, resume=resume, model_path=model_path(model) or m.summary.name, progress=not json)
+    except KeyboardInterrupt:  # as `sae train`: a Ctrl-C that leaves a checkpoint says how to continue from it
+        if not _has_checkpoint(out):
+            raise
+        again = "rerun the same command" if resume else f"rerun the same command with --resume (and --out {out})"
+        raise MechscopeError(f"interrupted; {again} to continue from the last checkpoint.") from None
     secs = time.perf_counter() - t0
     import json as _json
 
@@ -296,6 +303,14 @@ def transcoders_train(
     fvu = [r["fvu"] for r in final.values()]
     console.print(f"done in {secs:.0f} s: training-batch FVU mean {sum(fvu) / max(1, len(fvu)):.3f}, max {max(fvu, default=float('nan')):.3f}. "
                   f"Saved to {out}; evaluate with: mechscope transcoders eval {out}", highlight=False)
+
+
+def _has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a transcoder-set checkpoint ``transcoders train --resume`` can continue."""
+    from mechscope.features.train import LATEST
+    from mechscope.sae.train import CKPT_DIR
+
+    return (out / CKPT_DIR / LATEST).is_file()
 
 
 def _check_arch(arch: str, skip: bool) -> None:

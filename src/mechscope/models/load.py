@@ -70,9 +70,15 @@ class ModelSummary:
     n_ctx: int
     dtype: str
     device: str
+    n_experts: int | None = None  # a mixture of experts: experts per MLP (``d_mlp`` is then one expert's width)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as a dict; ``n_experts`` only for a mixture of experts, so a dense model's
+        summary (and ``mechscope info``) reads as it always did."""
+        d = asdict(self)
+        if d["n_experts"] is None:
+            del d["n_experts"]
+        return d
 
 
 @dataclass
@@ -598,10 +604,39 @@ def _check_hooks_run(bridge, hf_model) -> None:
                              "architecture and layout (Llama, Qwen2, Mistral, Gemma, GPT-2 ...).") from exc
 
 
+def _experts(hf_config) -> tuple[int | None, int | None]:
+    """(experts per MLP, one expert's width) of a mixture-of-experts config, else (None, None).
+    Mixtral names the count ``num_local_experts``, Qwen2-MoE, Qwen3-MoE and OLMoE ``num_experts``,
+    DeepSeek ``n_routed_experts``; Qwen2/3-MoE and DeepSeek give an expert's width as
+    ``moe_intermediate_size`` (their ``intermediate_size`` is that of their dense layers), Mixtral
+    and OLMoE as ``intermediate_size``."""
+    def first(cfg, *keys: str) -> int | None:
+        for k in keys:
+            try:
+                v = getattr(cfg, k, None)
+            except Exception:  # noqa: BLE001 - a per-layer config refuses a global read
+                v = None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+        return None
+
+    try:
+        cfg = hf_config.get_text_config()
+    except Exception:  # noqa: BLE001 - an older or odd config: read the top level
+        cfg = hf_config
+    n = first(cfg, "num_local_experts", "num_experts", "n_routed_experts")
+    return (None, None) if n is None else (n, first(cfg, "moe_intermediate_size", "intermediate_size"))
+
+
 def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary:
     c = bridge.cfg
     n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
     arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    # A mixture of experts has no one MLP width (the bridge reports ``intermediate_size``, which
+    # Qwen2/3-MoE use for their dense layers only) and no neuron hook (its ``mlp.hook_post`` is the
+    # MoE's output, [.., d_model]), so d_mlp is one expert's width; every reader of d_mlp for
+    # neurons (explain's MlpNeurons, confusion) refuses a mixture of experts before using it.
+    n_experts, d_expert = _experts(hf_model.config)
     return ModelSummary(
         name=display,
         source=source,
@@ -611,9 +646,10 @@ def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary
         n_kv_heads=int(n_kv),
         d_model=int(c.d_model),
         d_head=int(c.d_head),
-        d_mlp=int(c.d_mlp),
+        d_mlp=int(d_expert if d_expert is not None else c.d_mlp),
         d_vocab=int(c.d_vocab),
         n_ctx=int(c.n_ctx),
         dtype=str(dtype).replace("torch.", ""),
         device=str(device),
+        n_experts=n_experts,
     )

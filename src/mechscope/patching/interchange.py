@@ -194,6 +194,8 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     from mechscope.models import require_model
 
     require_model(model, "interchange_accuracy")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise MechscopeError(f"batch must be a whole number of at least 1 (runs per forward pass, e.g. 2048); got {batch!r}.")
     if head is not None and (sites is not None or site != "head"):
         where = "explicit sites (give Site(hook, head) instead)" if sites is not None else f"site '{site}' (a residual site has no heads)"
         raise MechscopeError(f"head={head} applies to site='head' only, not to {where}; drop head or pass site='head'.")

@@ -90,7 +90,7 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
                        tokens=model.to_str_tokens(tokens[0]), subject_pos=spos, target=token_texts(model.tokenizer, [tid])[0],
                        target_id=tid)
     if "trace" in parts:
-        res.trace = causal_trace(model, tokens, spos, tid, noise_std or facts_noise_std(model, cfg), cfg)
+        res.trace = causal_trace(model, tokens, spos, tid, facts_noise_std(model, cfg) if noise_std is None else float(noise_std), cfg)
     if "knockout" in parts:
         res.knockout = attention_knockout(model, tokens, spos, tid, cfg)
     if "extraction" in parts:
