@@ -105,6 +105,18 @@ def _save_tiny(kind: str, path) -> str:
             bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         model = transformers.GPTNeoXForCausalLM(cfg)
+    elif kind == "gemma2":  # norms after attention and MLP, soft-capping, a sliding window, (1 + w) gains
+        cfg = transformers.Gemma2Config(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
+            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+        model = transformers.Gemma2ForCausalLM(cfg)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # non-trivial norm gains (they start at 0, i.e. a gain of 1)
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.normal_(0.0, 0.3, generator=gen)
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -204,6 +216,14 @@ def tiny_neox(tmp_path_factory):
     from mechscope.models import load_model
 
     return load_model(_save_tiny("neox", tmp_path_factory.mktemp("tiny_neox")), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tmp_path_factory):
+    """A tiny Gemma 2: a norm after the attention and after the MLP (``ln1_post``, ``ln2_post``)."""
+    from mechscope.models import load_model
+
+    return load_model(_save_tiny("gemma2", tmp_path_factory.mktemp("tiny_gemma2")), device="cpu")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -1,8 +1,8 @@
 """Architectures beyond the suite's tiny GPT-2 and Llama, built here from configs: the bridge
 serves them with plain transformers' logits; the circuit graph describes parallel blocks
 (GPT-NeoX) and refuses, in one sentence, the ones whose blocks it does not describe (an MLP
-sharing the attention's norm, a norm after attention);
-the logit lens reads them; a model with no per-head hooks, or of an architecture the bridge
+sharing the attention's norm, a query norm across heads);
+the logit lens reads them; Gemma 2's heads are their shares of the norm after attention; a model with no per-head hooks, or of an architecture the bridge
 does not know, is refused when it loads."""
 
 from __future__ import annotations
@@ -103,13 +103,13 @@ def assert_last_site_is_the_model(m, res, prompt: str, target: str = " Mary") ->
 
 
 def test_sequential_blocks_pass_and_the_others_are_refused_with_the_reason(arch_dirs):
-    for name in ("qwen2", "mistral", "gemma"):
+    for name in ("qwen2", "mistral", "gemma", "gemma2"):  # Gemma 2: heads as shares of the norm after attention
         ok = load_model(arch_dirs[name], device="cpu")
         assert block_layout(ok) == "sequential"
         assert build_graph(ok).n_layers == 2 and not build_graph(ok).parallel
     neox = load_model(arch_dirs["neox"], device="cpu")
     assert block_layout(neox) == "parallel" and build_graph(neox).parallel
-    for name, reason in (("phi", "never fires"), ("gemma2", "do not add up")):
+    for name, reason in (("phi", "never fires"), ("olmo2", "moves other heads' attention too")):
         m = load_model(arch_dirs[name], device="cpu")
         ids = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(1))
         from transformers import AutoModelForCausalLM
@@ -255,19 +255,25 @@ def test_unembedding_is_checked_against_the_model_logits(arch_dirs):
         recall(opaque, prompt, subject="Mary", target=" Mary")
 
 
-def test_direct_logit_attribution_says_when_a_norm_after_the_block_breaks_the_sum(arch_dirs):
-    """OLMo-2 normalises attention's and the MLP's output before adding them: the components'
-    outputs read through the final norm do not add up to the logit difference (the circuit
-    commands refuse it for that reason); the lens used to print them as if they did."""
+def test_direct_logit_attribution_adds_up_through_a_norm_after_attention_and_says_when_not(arch_dirs, monkeypatch):
+    """OLMo-2 and Gemma 2 normalise attention's and the MLP's output before adding them: read
+    as each head's share of that norm's output, the contributions add up to the logit
+    difference; read as the raw head outputs (the old reading, forced here) they do not, and
+    the lens says so instead of printing them as if they did."""
+    import mechscope.lens.dla as dla
     from mechscope.lens import run_lens
 
     prompt = "When Mary and John went to the store, John gave a drink to"
+    for name in ("olmo2", "gemma2"):
+        res = run_lens(load_model(arch_dirs[name], device="cpu"), prompt, target=" Mary", distractor=" John")
+        assert res.dla.exact and res.dla.error < 1e-3 and abs(res.dla.actual) > 1e-3, (name, res.dla.error)
+    monkeypatch.setattr(dla, "head_shares", lambda model: [None] * model.summary.n_layers)
     olmo = run_lens(load_model(arch_dirs["olmo2"], device="cpu"), prompt, target=" Mary", distractor=" John")
     assert not olmo.dla.exact and "do not add up" in olmo.dla.note()
     assert olmo.to_dict()["dla"]["exact"] is False and olmo.to_dict()["dla"]["note"]
     qwen = run_lens(load_model(arch_dirs["qwen2"], device="cpu"), prompt, target=" Mary", distractor=" John")
     assert qwen.dla.exact and qwen.dla.note() == "" and abs(qwen.dla.actual) > 1e-3
-    with pytest.raises(MechscopeError, match="do not add up"):
+    with pytest.raises(MechscopeError, match="moves other heads' attention too"):
         build_graph(load_model(arch_dirs["olmo2"], device="cpu"))
 
 

@@ -51,7 +51,8 @@ import torch
 from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
-from mechscope.models.hooks import attn_hook, attn_result, attn_z, mlp_in, parse_hook, resid_pre
+from mechscope.models.hooks import attn_hook, attn_out, attn_result, attn_z, mlp_in, parse_hook, resid_pre
+from mechscope.models.norms import head_shares
 from mechscope.patching.engine import (
     INPUT_HOOK,
     LOGITS_HOOK,
@@ -169,7 +170,7 @@ def edge_score_folds(
         # Mean ablation: the mean over every example, not over each chunk of ``batch_size``
         means: dict[str, torch.Tensor] = {}
         if ablation == "mean":
-            names = tuple(name for name, _ in _sender_groups(graph)) if method == "eap-ig-act" else ()
+            names = tuple(name for name, _ in _sender_groups(graph, head_shares(model))) if method == "eap-ig-act" else ()
             mean_src, means = dataset_mean_source(model, graph, batch, batch_size, names)
         for i in chunks:
             j = min(n, i + batch_size)
@@ -193,7 +194,7 @@ def edge_score_folds(
     if fallback:
         as_progress(progress).note(
             f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (a sliding window, "
-            "soft-capping, ALiBi or rotary it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
+            "soft-capping, ALiBi, rotary or query/key norm it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
     return (scores / n) * graph.allowed.to(dev)
 
 
@@ -497,13 +498,17 @@ def _accumulate(model: Model, graph: Graph, sub: TaskBatch, src: torch.Tensor, m
             scores[f, :up, rs["k"]] += ek[:, e0:e1].sum(1)
 
 
-def _sender_groups(graph: Graph) -> list[tuple[str, slice]]:
+def _sender_groups(graph: Graph, shares: list) -> list[tuple[str, slice]]:
     """(hook, sender range) of every group of senders one hook writes; heads through ``hook_z``
-    (their outputs are linear in z, and z exists in plain-attention mode)."""
+    (their outputs are linear in z, and z exists in plain-attention mode), or, where a norm
+    follows the attention (``shares[layer]``, Gemma 2 and 3), through that norm's output, the
+    sum of the heads' shares: a straight line there is a straight line of every share."""
     out = []
     for name, sl in sender_hooks(graph):
         layer = parse_hook(name).layer
-        out.append((attn_z(layer) if layer is not None and name == attn_result(layer) else name, sl))
+        if layer is not None and name == attn_result(layer):
+            name = attn_z(layer) if shares[layer] is None else attn_out(layer)
+        out.append((name, sl))
     return out
 
 
@@ -520,7 +525,7 @@ def _accumulate_activations(model: Model, graph: Graph, sub: TaskBatch, src: tor
     """
     B, P = sub.clean.shape
     clean_acts = torch.empty(graph.n_senders, B, P, model.summary.d_model, device=src.device)
-    names = [name for name, _ in _sender_groups(graph)]
+    names = [name for name, _ in _sender_groups(graph, head_shares(model))]
     z: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "src": {}}
 
     def grab(which: str, name: str):
@@ -541,7 +546,7 @@ def _accumulate_activations(model: Model, graph: Graph, sub: TaskBatch, src: tor
                 z["src"][n] = means[n].expand_as(c) if ablation == "mean" else torch.zeros_like(c)
     delta = src - clean_acts
     acc = torch.empty(graph.n_receivers, B * P * model.summary.d_model, device=src.device)
-    for name, sl in _sender_groups(graph):
+    for name, sl in _sender_groups(graph, head_shares(model)):
         clean, source = z["clean"][name], z["src"][name]
         acc.zero_()
         for k in range(1, m + 1):

@@ -3,7 +3,9 @@
 Node names are built and parsed by ``mechscope.graph.names``.
 
 Nodes (senders, in forward order): ``input`` (token + position embeddings), ``a{l}.h{h}``
-(each attention head's output, ``blocks.l.attn.hook_result``), ``m{l}`` (each MLP's output).
+(each attention head's output, ``blocks.l.attn.hook_result``; where a norm follows the attention,
+as in Gemma 2 and 3, the head's share of that norm's output, ``models.norms.HeadShares``),
+``m{l}`` (each MLP's output, after its own norm where it has one).
 
 Receivers (the places an edge ends, in forward order): per layer ``l`` the query input of
 every head ``a{l}.h{h}<q>`` (``blocks.l.hook_q_input``), the key and value inputs of every
@@ -232,15 +234,19 @@ def block_layout(model: Model) -> str:
     are what attention adds to the residual stream, the MLP reads that sum (``hook_mlp_in`` =
     block input + attention) and adds its output (``hook_mlp_out``). Parallel (GPT-NeoX,
     Pythia): the same, except that the MLP reads the block's input (``hook_mlp_in`` =
-    ``hook_resid_pre``), in every block. Refused: an MLP that shares the attention's norm (Phi:
-    ``hook_mlp_in`` never fires, so no edge into the MLP could be patched) and a norm after the
-    attention (Gemma 2: the heads' outputs are not what the block adds); on those, patching an
-    edge would not do what its name says."""
+    ``hook_resid_pre``), in every block. A norm after the attention (Gemma 2 and 3) is read
+    through each head's share of its output (``models.norms.HeadShares``), which must then add
+    up the same way. Refused: an MLP that shares the attention's norm (Phi: ``hook_mlp_in``
+    never fires, so no edge into the MLP could be patched), shares that do not add up (a bias
+    on the attention's output before such a norm), and heads whose q/k/v inputs are not their
+    own (``_cross_head_inputs``; OLMo-2 normalises all heads' queries together); on those,
+    patching an edge would not do what its name says."""
     done = getattr(model, _CHECKED, None)
     if isinstance(done, str):
         return done
     from mechscope.models.hooks import attn_result, mlp_in, mlp_out, resid_post, resid_pre
     from mechscope.models.load import no_per_head_reason, per_head_hooks
+    from mechscope.models.norms import head_shares
 
     if not per_head_hooks(model):
         raise MechscopeError(
@@ -262,7 +268,11 @@ def block_layout(model: Model) -> str:
     half = model.summary.dtype in ("float16", "bfloat16")
     why = None
     layouts = {"sequential", "parallel"}  # the layouts every block so far fits (both where attention added ~0)
-    for layer in range(L):
+    try:
+        shares = head_shares(model)
+    except ValueError as exc:
+        shares, why = [None] * L, f"the norm after its attention is of a kind the graph does not split into heads ({exc})"
+    for layer in range(L if why is None else 0):
         got = {f.__name__: cache[f(layer)].float() if f(layer) in cache else None
                for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
         if got["resid_pre"] is None or got["resid_post"] is None or got["attn_result"] is None or got["mlp_out"] is None:
@@ -272,9 +282,13 @@ def block_layout(model: Model) -> str:
         scale = max(1.0, float(got["resid_post"].abs().max()))
         tol = (2e-2 if half else 1e-4) * scale
         attn = got["resid_post"] - got["resid_pre"] - got["mlp_out"]  # what attention added [1, pos, d]
-        bias = attn - got["attn_result"].sum(2)  # must be one constant vector (the output bias)
+        share = shares[layer]
+        heads = got["attn_result"] if share is None else share(got["attn_result"])  # a norm after attention: each head's share
+        bias = attn - heads.sum(2)  # must be one constant vector (the output bias, or the norm's)
         if float((bias - bias[:, :1]).abs().max()) > tol:
-            why = f"the heads' outputs in block {layer} do not add up to what its attention adds to the residual stream (a norm after the attention?)"
+            why = (f"the heads' outputs in block {layer} do not add up to what its attention adds to the residual stream"
+                   + (" (a norm after the attention?)" if share is None else
+                      " through the norm after its attention (a bias on the attention's output?)"))
             break
         if got["mlp_in"] is None:
             why = (f"block {layer}'s MLP input hook {mlp_in(layer)} never fires, so no edge into the MLP can be patched (the MLP "
@@ -289,6 +303,8 @@ def block_layout(model: Model) -> str:
             why = f"block {layer} runs attention and MLP {'in parallel' if 'parallel' in reads else 'in turn'} and an earlier block does not"
             break
         layouts &= reads
+    if why is None:
+        why = _cross_head_inputs(model, tokens.to(model.device))
     if why is not None:
         raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and the MLP add their outputs "
                              f"to the residual stream, the MLP having an input of its own that reads the block's input (parallel) "
@@ -297,3 +313,49 @@ def block_layout(model: Model) -> str:
     layout = "sequential" if "sequential" in layouts else "parallel"
     setattr(model, _CHECKED, layout)
     return layout
+
+
+@torch.no_grad()
+def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
+    """Why an edge into one head's query, key or value could not be patched alone, or None.
+    Measured in block 0: other inputs to the first head's query (or the first key/value head's
+    key, value) may move only the attention scores (z) of the heads that read them (OLMo-2
+    normalises all heads' queries and keys together, so one head's query input moves every
+    head's scores)."""
+    from mechscope.models.hooks import attn_hook, attn_scores, k_input, q_input, v_input
+
+    s = model.summary
+    group = s.n_heads // max(1, s.n_kv_heads)  # query heads per key/value head
+    half = model.summary.dtype in ("float16", "bfloat16")
+    g = torch.Generator().manual_seed(1)
+
+    def bump(x, hook):
+        x = x.clone()
+        noise = torch.randn(x[:, :, 0].shape, generator=g).to(x.device, x.dtype)
+        x[:, :, 0] = x[:, :, 0] * 3.0 + noise * float(x.detach().float().std().clamp(min=1e-3))
+        return x
+
+    for t, into, read, first in (("query", q_input(0), attn_scores(0), 1), ("key", k_input(0), attn_scores(0), group),
+                                 ("value", v_input(0), attn_hook(0, "z"), group)):
+        if first >= s.n_heads:
+            continue  # every head reads it
+        got: list[torch.Tensor] = []
+
+        def grab(x, hook):
+            got.append(x.detach().float())
+            return x
+
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[(read, grab)])
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[(into, bump), (read, grab)])  # (run_with_cache ignores fwd_hooks)
+        x, y = got
+        if read == attn_scores(0):  # [b, h, q, k] -> [b, q, h, k]
+            x, y = x.transpose(1, 2), y.transpose(1, 2)
+        x, y = (torch.where(v.abs() < 1e30, v, torch.zeros_like(v)) for v in (x, y))  # masked: -inf or float's minimum
+        tol = (2e-2 if half else 1e-5) * max(1.0, float(x.abs().max()))
+        if float((x[:, :, :first] - y[:, :, :first]).abs().max()) <= tol:
+            return (f"another {t} input to the first head in block 0 does not change its attention (the bridge computes "
+                    f"{s.architecture}'s {t.replace('y', 'ie')}s without their per-head input hooks), so an edge into a head would patch nothing")
+        if float((x[:, :, first:] - y[:, :, first:]).abs().max()) > tol:
+            return (f"another {t} input to the first head in block 0 moves other heads' attention too (a norm across all "
+                    f"heads' {t.replace('y', 'ie')}s?), so an edge into one head could not be patched alone")
+    return None

@@ -18,7 +18,9 @@ therefore sum to the real logit difference; ``DLA.error`` records how closely (f
 A model that soft-caps its logits (Gemma 2: ``c * tanh(raw / c)``) is decomposed before the cap:
 ``actual`` is then the raw logit difference (the cap is monotonic, so the order of the logits is
 the same) and ``soft_cap`` records c.
-Head outputs are z_h @ W_O[h] from ``attn.hook_z``, which needs no per-head result mode.
+Head outputs are z_h @ W_O[h] from ``attn.hook_z``, which needs no per-head result mode; where
+a norm follows the attention (Gemma 2 and 3, OLMo-2), each head's share of that norm's output at
+this run's scale (``models.norms.HeadShares``), which adds up to what the attention adds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from mechscope.graph.names import head_node, mlp_node
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
+from mechscope.models.norms import head_shares
 from mechscope.models.unembed import final_norm, project, unembed_weights
 
 if TYPE_CHECKING:
@@ -64,8 +67,9 @@ class DLA:
     @property
     def exact(self) -> bool:
         """Whether the contributions add up to the model's logit difference (float error only).
-        They do not where a norm sits after attention or the MLP (OLMo-2, Gemma 2): what a block
-        adds is then its output normalised, not the output itself."""
+        Measured, not assumed: heads are read as their shares of a norm after the attention
+        (Gemma 2 and 3, OLMo-2) and MLPs after theirs, so those add up; something else between a
+        component's output and the residual stream would not."""
         return self.error <= 1e-3 * max(1.0, abs(self.actual))
 
     def note(self) -> str:
@@ -75,9 +79,8 @@ class DLA:
         if self.exact:
             return capped
         return (capped + " " if capped else "") + (f"The contributions do not add up to the logit difference (error {self.error:.2g} of {self.actual:.3g}): "
-                "this model normalises what attention or an MLP writes before adding it to the residual stream (a norm "
-                "after the block's attention or MLP), so a component's output is not its direct effect; read these "
-                "shares as approximate.")
+                "something in this model transforms what attention or an MLP writes before adding it to the residual "
+                "stream, so a component's output is not its direct effect; read these shares as approximate.")
 
     def top(self, k: int = 20) -> list[tuple[str, float]]:
         """The k components with the largest |contribution|."""
@@ -117,11 +120,15 @@ def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int,
         other["embed"] = float(contrib(resid0))
     heads = torch.zeros(L, model.summary.n_heads)
     mlps = torch.zeros(L)
+    shares = head_shares(model)
     bias_total = 0.0
     for l in range(L):
         attn = model.bridge.blocks[l].attn
         z = cache[attn_z(l)][0, p]  # [n_heads, d_head]
         out = torch.einsum("he,hed->hd", z.float(), attn.W_O.detach().float())  # [n_heads, d_model]
+        share = shares[l]
+        if share is not None:  # a norm after the attention: each head's share of its output
+            out = share(out)
         heads[l] = contrib(out).cpu()
         b_O = getattr(attn, "b_O", None)
         if b_O is not None:

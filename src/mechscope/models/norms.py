@@ -21,12 +21,69 @@ def norm_module(component: Any) -> Any:
 def norm_matrix(norm: Any, d_model: int) -> torch.Tensor:
     """The linear part of a norm module as a [d_model, d_model] matrix acting on row vectors
     (Gemma's norms scale by ``1 + w``), on CPU in float32."""
-    w = getattr(norm, "weight", None)
-    w = torch.ones(d_model) if w is None else w.detach().float().cpu()
-    if "gemma" in type(norm).__name__.lower():
-        w = 1.0 + w
-    mat = torch.diag(w)
+    mat = torch.diag(norm_gain(norm, d_model))
     if isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None:
         centre = torch.eye(d_model) - torch.full((d_model, d_model), 1.0 / d_model)
         mat = centre @ mat
     return mat
+
+
+def norm_gain(norm: Any, d_model: int) -> torch.Tensor:
+    """The per-dimension gain of a norm module [d_model] (Gemma's norms scale by ``1 + w``), on
+    CPU in float32."""
+    w = getattr(norm, "weight", None)
+    w = torch.ones(d_model) if w is None else w.detach().float().cpu()
+    return 1.0 + w if "gemma" in type(norm).__name__.lower() else w
+
+
+def norm_eps(norm: Any) -> float | None:
+    """The epsilon a norm module adds to the mean square (or variance), or None if it has none
+    under a known name."""
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(norm, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+class HeadShares:
+    """Each head's share of a norm that acts on the sum of the heads' outputs (Gemma 2 and 3,
+    OLMo-2: ``ln1_post`` normalises the attention output before the residual add).
+
+    The norm ``y = g * (o - centre(o)) / s(o) (+ b)`` of ``o = sum_h r_h`` is linear in the heads'
+    outputs ``r_h`` once its per-token scale ``s(o)`` is fixed, so with the scale of the run
+    itself each head contributes ``c_h = g * (r_h - centre(r_h)) / s(o)`` and ``sum_h c_h + b``
+    is exactly what the block adds. The circuit graph's head senders are these shares: patching
+    an edge swaps one head's share for its share in the source run, where every share carries
+    the scale of the run it came from, so patching every edge gives the source run's sum exactly.
+    (The norm's bias, if any, is the same constant in every run.)
+    """
+
+    def __init__(self, norm: Any, d_model: int, device: Any = None):
+        eps = norm_eps(norm)
+        if eps is None:
+            raise ValueError(f"{type(norm).__name__} has no epsilon under a known name")
+        self.eps = eps
+        self.centred = isinstance(norm, torch.nn.LayerNorm) or getattr(norm, "bias", None) is not None
+        self.gain = norm_gain(norm, d_model).to(device)
+
+    def __call__(self, result: torch.Tensor) -> torch.Tensor:
+        """Shares [..., h, d_model] of per-head outputs ``result`` [..., h, d_model] (any device,
+        float32 arithmetic, returned in ``result``'s dtype)."""
+        r = result.float()
+        if self.centred:
+            r = r - r.mean(-1, keepdim=True)
+        o = r.sum(-2, keepdim=True)
+        inv = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)  # centred: the mean square is the variance
+        gain = self.gain if self.gain.device == r.device else self.gain.to(r.device)
+        return (r * inv * gain).to(result.dtype)
+
+
+def head_shares(model: Any) -> list[HeadShares | None]:
+    """Per layer, the ``HeadShares`` of a norm after its attention (None where the heads'
+    outputs are added as they are). Whether they add up is measured by ``graph.block_layout``."""
+    out: list[HeadShares | None] = []
+    for block in model.bridge.blocks:
+        post = getattr(block, "ln1_post", None)
+        out.append(None if post is None else HeadShares(norm_module(post), model.summary.d_model, model.device))
+    return out

@@ -30,6 +30,7 @@ from mechscope.graph import Graph
 from mechscope.models.hooks import (
     FINAL_NORM_IN,
     UNEMBED_IN,
+    attn_out,
     attn_result,
     attn_z,
     k_input,
@@ -39,6 +40,7 @@ from mechscope.models.hooks import (
     resid_pre,
     v_input,
 )
+from mechscope.models.norms import head_shares
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -59,6 +61,11 @@ def sender_hooks(graph: Graph) -> list[tuple[str, slice]]:
         m = graph.mlp_sender(l)
         out.append((mlp_out(l), slice(m, m + 1)))
     return out
+
+
+def heads_layer(graph: Graph, hook_name: str) -> int | None:
+    """The layer whose heads the sender hook ``hook_name`` writes, None for other senders."""
+    return next((l for l in range(graph.n_layers) if hook_name == attn_result(l)), None)
 
 
 def receiver_hooks(graph: Graph) -> list[tuple[str, slice, int]]:
@@ -90,9 +97,11 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
 
     Head outputs are computed from ``hook_z`` as z_h @ W_O[h] (the per-head result without
     the layer's output bias, exactly what ``attn.hook_result`` holds), so capture works with
-    the bridge's per-head result mode on or off.
+    the bridge's per-head result mode on or off. Where a norm follows the attention (Gemma 2
+    and 3), each head's output is its share of that norm's output (``models.norms.HeadShares``).
     """
     W_O = [attn_weights(model, l)["W_O"].detach() for l in range(graph.n_layers)]
+    shares = head_shares(model)
 
     def store(sl: slice) -> Callable:
         def hook(x, hook):
@@ -105,7 +114,9 @@ def capture_hooks(model, graph: Graph, out: torch.Tensor) -> list[tuple[str, Cal
         def hook(z, hook):  # z [b, p, h, d_head]
             b, p, h, e = z.shape
             zh = z.detach().permute(2, 0, 1, 3).reshape(h, b * p, e)
-            out[sl] = torch.bmm(zh, W_O[l]).view(h, b, p, -1)  # [h, b, p, d_model]
+            r = torch.bmm(zh, W_O[l]).view(h, b, p, -1)  # [h, b, p, d_model]
+            share = shares[l]
+            out[sl] = r if share is None else share(r.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
             return z
 
         return hook
@@ -267,6 +278,7 @@ class _EdgePatch:
     source: torch.Tensor  # [S, B or 1, P, D]
     K: int
     B: int
+    shares: list | None = None  # per layer, ``HeadShares`` where a norm follows the attention
 
     def __post_init__(self) -> None:
         active = (self.mask.abs().sum((0, 2)) > 0).cpu()  # [S]
@@ -339,7 +351,8 @@ class _EdgePatch:
             if self.static_total is not None:
                 self.total += self.static_total
 
-    def sender(self, sl: slice) -> Callable | None:
+    def sender(self, sl: slice, layer: int | None = None) -> Callable | None:
+        """The hook of the senders ``sl``; ``layer``: they are that layer's heads."""
         idx = torch.arange(sl.start, sl.stop)
         keep = self.active[idx]
         if not keep.any():
@@ -349,10 +362,13 @@ class _EdgePatch:
         store = slots >= 0
         src_idx = idx[keep].to(self.source.device)
         snap = sl.start in self.snap_at
+        share = self.shares[layer] if self.shares is not None and layer is not None else None
 
         def hook(x, hook):
             K, B = self.K, self.B
             live = _as_heads(x)  # [K*B, P, h, D]
+            if share is not None:
+                live = share(live)  # each head's share of the norm after the attention, at this run's scale
             _, P, _, D = live.shape
             self._alloc(x, B * P * D)
             if snap:
@@ -471,7 +487,7 @@ def _patch_hooks(graph: Graph, state: "_EdgePatch", n_below: int = 0, first: int
     receivers below ``first`` (blocks a suffix run does not execute)."""
     hooks = []
     for name, sl in sender_hooks(graph):
-        h = state.sender(sl) if sl.start >= n_below else None
+        h = state.sender(sl, heads_layer(graph, name)) if sl.start >= n_below else None
         if h is not None:
             hooks.append((name, h))
     for name, rs, n_up in receiver_hooks(graph):
@@ -538,7 +554,7 @@ def run_with_edge_mask(
     masks = _masks(model, graph, mask)
     single = mask.dim() == 2
     K, B = masks.shape[0], tokens.shape[0]
-    state = _EdgePatch(graph, masks, source.to(model.device), K, B)
+    state = _EdgePatch(graph, masks, source.to(model.device), K, B, head_shares(model))
     hooks = _patch_hooks(graph, state) + list(extra_hooks or [])
     toks = tokens.to(model.device).repeat(K, 1)
     if positions is None:
@@ -566,10 +582,15 @@ def run_with_node_mask(
     if not bool(torch.isfinite(nodes).all()):
         raise MechscopeError("The node mask holds NaN or infinite values; give weights in [0, 1] (1 = patch the node).")
     src = source.to(model.device)
+    shares = head_shares(model)
     hooks = []
     for name, sl in sender_hooks(graph):
         w = nodes[sl]
         if not w.any():
+            continue
+        layer = heads_layer(graph, name)
+        if layer is not None and shares[layer] is not None:
+            hooks += _shares_node_hooks(layer, shares[layer], src[sl].permute(1, 2, 0, 3), w)
             continue
 
         def hook(x, hook, sl=sl, w=w):
@@ -580,6 +601,24 @@ def run_with_node_mask(
 
         hooks.append((name, hook))
     return model.bridge.run_with_hooks(tokens.to(model.device), fwd_hooks=hooks)
+
+
+def _shares_node_hooks(layer: int, share, src: torch.Tensor, w: torch.Tensor) -> list:
+    """Node patching of heads whose outputs pass a norm together (``HeadShares``): the heads'
+    own outputs run unchanged, and the norm's output (what the attention adds) swaps each
+    patched head's share for its source share ``src`` [B|1, P, h, D], as patching all its
+    out-edges does."""
+    live: list[torch.Tensor] = []
+
+    def read(x, hook):
+        live.append(share(x))  # [B, P, h, D]
+        return x
+
+    def swap(x, hook):
+        c = live.pop()
+        return x + torch.einsum("h,bphd->bpd", w.to(x.dtype), (src - c).to(x.dtype))
+
+    return [(attn_result(layer), read), (attn_out(layer), swap)]
 
 
 @torch.no_grad()
@@ -599,7 +638,7 @@ def run_suffix_with_edge_mask(
     if masks[:, :, :first].any():
         raise MechscopeError(f"The mask patches edges into layers below {start}; run the suffix from a lower layer.")
     K, B = masks.shape[0], runner.tokens.shape[0]
-    state = _EdgePatch(graph, masks, source.to(model.device), K, B)
+    state = _EdgePatch(graph, masks, source.to(model.device), K, B, head_shares(model))
     n_below = graph.sender_slice_before(start)  # all senders when start == n_layers
     state.prefill(n_below, clean_delta, runner.cache)
     hooks = _patch_hooks(graph, state, n_below, first)  # lower blocks do not run: prefilled

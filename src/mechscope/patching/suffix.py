@@ -11,7 +11,8 @@ How: the Hugging Face model's decoder-layer list *is* the bridge's block list (t
 the modules in place), so the list is swapped for its suffix for the duration of one call and
 the cached residual is written into ``blocks.{l}.hook_resid_pre`` (or ``ln_final.hook_in``
 when no block runs). Embeddings are recomputed (cheap) and overwritten; positions, masks and
-rotary tables are the model's own. ``SuffixRunner.check`` compares a suffix run against the
+rotary tables are the model's own, and so is the per-layer attention kind (``config.layer_types``,
+cut to the suffix with the list). ``SuffixRunner.check`` compares a suffix run against the
 full model; callers fall back to full runs when it fails (an architecture whose forward does
 something this trick misses).
 """
@@ -85,11 +86,20 @@ class SuffixRunner:
         assert self.layers is not None  # suffix runs happen only when self.ok
         parent, attr = self.layers
         full = getattr(parent, attr)
+        # A model that picks each layer's mask by its index in the list (Gemma 2 and 3, Qwen2:
+        # ``config.layer_types[i]``, sliding or full attention) must see the suffix of that list too.
+        configs = {id(c): c for c in (getattr(parent, "config", None), getattr(self.hf, "config", None)) if c is not None}
+        types = {k: c.layer_types for k, c in configs.items()
+                 if isinstance(getattr(c, "layer_types", None), list) and len(c.layer_types) == len(full)}
         setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+        for k, t in types.items():
+            configs[k].layer_types = t[start:]
         try:
             yield
         finally:
             setattr(parent, attr, full)
+            for k, t in types.items():
+                configs[k].layer_types = t
 
     @torch.no_grad()
     def run(self, start: int, copies: int, hooks: list[Hook]) -> torch.Tensor:
