@@ -109,7 +109,7 @@ def _save_tiny(kind: str, path) -> str:
         cfg = transformers.Gemma2Config(
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=8,
-            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+            final_logit_softcapping=30.0, attn_logit_softcapping=2.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )
         model = transformers.Gemma2ForCausalLM(cfg)
         gen = torch.Generator().manual_seed(0)

@@ -180,3 +180,40 @@ def test_gemma3_text_model_gets_the_same_graph(tmp_path):
     assert SuffixRunner(m, b.clean, torch.tensor([8])).check(m.bridge(b.clean))
     res = run_lens(m, "When Mary and John went to the store, John gave a drink to", target=" Mary", distractor=" John")
     assert res.dla.exact and abs(res.dla.actual) > 1e-3
+
+
+@pytest.mark.parametrize("cap", [True, False])
+def test_gemma2_exact_qk_effects_through_the_soft_cap(tiny_gemma2, cap, monkeypatch):
+    """Gemma 2 soft-caps its attention scores (c * tanh(s / c), c = 2 here, tight enough to
+    matter): exact q/k scoring reads the cap and its effects equal the patched head's output
+    change; without the cap (the scorer made blind to it) the reconstruction fails its check
+    and the layer falls back, rather than scoring wrongly."""
+    import test_qk_exact
+
+    if not cap:
+        import mechscope.circuits.qk as qk
+
+        monkeypatch.setattr(qk, "soft_cap", lambda s, c: s)
+        with pytest.raises(AssertionError):  # the test's own "assert ex.verify(...)"
+            test_qk_exact.test_exact_qk_effects_equal_patched_head_output(tiny_gemma2, "one row a block", monkeypatch)
+        return
+    test_qk_exact.test_exact_qk_effects_equal_patched_head_output(tiny_gemma2, "one row a block", monkeypatch)
+
+
+def test_discover_runs_on_gemma2_and_records_the_reading(tiny_gemma2, tmp_path):
+    """The main job on a Gemma 2 folder: exit 0, a circuit, and circuit.json says its heads are
+    read as shares of the norm after attention; the saved result loads back."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechscope.circuits import CircuitResult
+    from mechscope.cli.main import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["discover", "--model", tiny_gemma2.summary.source, "--task", "induction", "--n", "8",
+                                 "--method", "eap", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "circuit.json").read_text())
+    assert saved["model"]["heads_as_norm_shares"] is True and "parallel_blocks" not in saved["model"]
+    assert CircuitResult.load(out).graph.n_edges == build_graph(tiny_gemma2).n_edges

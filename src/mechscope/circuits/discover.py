@@ -47,6 +47,7 @@ from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance, prune, receiver_owner, threshold, top_k
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
+from mechscope.models.norms import head_shares
 from mechscope.patching.engine import check_patching_exact
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
@@ -272,7 +273,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         "scoring_seconds": round(t_score, 2),
         **({"qk_fallback_layers": score_info["qk_fallback_layers"]} if score_info.get("qk_fallback_layers") else {}),
     }
-    model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {})
+    model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {}) \
+        | ({"heads_as_norm_shares": True} if any(s is not None for s in head_shares(model)) else {})
     res = CircuitResult(model=model_info, task=batch.task, method=cfg.method,
                         settings={**asdict(cfg), "task": task_spec(cfg.task), "rank": rank}, graph=graph, scores=scores, circuit=circuit,
                         metrics=metrics, curve=curve, cpr=cpr, cmd=cmd, cv_curve=cv)

@@ -36,9 +36,10 @@ the caller for all layers. Measured on 2 cores (session 14, 25 IOI prompts x 18 
 
 Nothing is assumed about the attention module: the rotary formula, the score scale and the
 pattern are checked against the model's own hooks on the first batch (pattern and z
-reconstructed to 1e-4); a layer that does not match (sliding windows, soft-capping, ALiBi,
-partial rotary, a norm of unknown form) keeps the plain gradient score for its q/k edges, and
-``QKExact.fallback_layers`` says which.
+reconstructed to 1e-4); Gemma 2's soft-capped scores (``c * tanh(s / c)``, before the mask) are
+read when the module names its cap. A layer that does not match (a sliding window shorter than
+the prompts, ALiBi, partial rotary, a query/key norm, a norm of unknown form) keeps the plain
+gradient score for its q/k edges, and ``QKExact.fallback_layers`` says which.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class QKExact:
 
     n_layers: int
     scale: list[float] = field(default_factory=list)
+    cap: list[float] = field(default_factory=list)  # per layer, the scores' soft-cap c (0: none)
     checked: dict[int, bool] = field(default_factory=dict)  # layer -> reconstruction matched
 
     def __post_init__(self) -> None:
@@ -160,15 +162,21 @@ class QKExact:
             attn = model.bridge.blocks[l].attn.original_component
             e = q_rot.shape[-1]
             cands = [getattr(attn, "scaling", None), getattr(attn, "scale", None), 1 / math.sqrt(e)]
+            cap = getattr(attn, "attn_logit_softcapping", None) or getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
+            caps = [0.0] + ([float(cap)] if isinstance(cap, (int, float)) and cap > 0 else [])  # Gemma 2: c * tanh(s / c)
             ok = False
             for sc in cands:
                 if not isinstance(sc, (int, float)):
                     continue
-                A = torch.softmax(self._scores(c, float(sc)), -1)
-                if _close(A, pattern) and _close(_attend(A, v), z):
-                    self.scale += [0.0] * (self.n_layers - len(self.scale))
-                    self.scale[l] = float(sc)
-                    ok = True
+                for cp in caps:
+                    A = torch.softmax(soft_cap(self._scores(c, float(sc)), cp), -1)
+                    if _close(A, pattern) and _close(_attend(A, v), z):
+                        self.scale += [0.0] * (self.n_layers - len(self.scale))
+                        self.cap += [0.0] * (self.n_layers - len(self.cap))
+                        self.scale[l], self.cap[l] = float(sc), cp
+                        ok = True
+                        break
+                if ok:
                     break
         self.checked[l] = ok
         return ok
@@ -200,6 +208,7 @@ class QKExact:
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         G = H // KV
         scale = self.scale[l]
+        cap = self.cap[l] if l < len(self.cap) else 0.0
         W = heads.W  # [H + 2KV, D, e], norm scale folded in
         Wc = W - W.mean(1, keepdim=True) if heads.kind == "ln" else W
         eq = torch.zeros(S, B, H, device=x.device)
@@ -210,10 +219,10 @@ class QKExact:
         for b0 in range(0, B, step):
             bs = slice(b0, min(B, b0 + step))
             d = delta[:, bs].float() if step >= B else delta[:, bs].float().contiguous()  # per chunk: one copy, not one per block
-            eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G)
+            eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap)
         return eq, ek
 
-    def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G):
+    def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float = 0.0):
         """Effects for the examples ``bs``; d [P, B, S, D] (position, example, sender, model).
 
         Query position i only sees keys j <= i, so the products run over blocks of query
@@ -251,8 +260,8 @@ class QKExact:
         k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
         if ci is not None and si is not None:
             y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
-        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j]
-        A0 = torch.softmax(S0, -1)
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j], before any soft-cap
+        A0 = torch.softmax(soft_cap(S0, cap), -1)
         M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)  # [B, H, i, j]
         Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)
         Yk = torch.einsum("bihe,bjhe->bhij", q_rot, y0k.repeat_interleave(G, 2))
@@ -274,12 +283,12 @@ class QKExact:
             u = kt[None, :, :, :i1]  # [1, B, H, j, e]
             u = rotate_t(u, rc[i0:i1], rs[i0:i1]) if rc is not None and rs is not None else u.expand(bi, -1, -1, -1, -1)
             T = self._readout(d[i0:i1], u, Wq)  # [bi, B, S, H, i1]
-            eq += self._side(T, inv2[i0:i1], dinv[i0:i1], tuple(t[i0:i1, ..., :i1] for t in iq), scale, dim=-1)
+            eq += self._side(T, inv2[i0:i1], dinv[i0:i1], tuple(t[i0:i1, ..., :i1] for t in iq), scale, dim=-1, cap=cap)
             # Keys :i1 for the same rows. T[j, b, s, h, i] = d[j,b,s] . (Wk[g(h)] rot_j^T q[b,i,h]).
             w = qt[None, :, :, i0:i1]  # [1, B, H, i, e]
             w = rotate_t(w, rc[:i1], rs[:i1]) if rc is not None and rs is not None else w.expand(i1, -1, -1, -1, -1)
             T = self._readout(d[:i1], w, Wk_h)  # [i1, B, S, H, bi]
-            ek += self._side(T, inv2[:i1], dinv[:i1], tuple(t[:i1, ..., i0:i1] for t in ik), scale, dim=0)
+            ek += self._side(T, inv2[:i1], dinv[:i1], tuple(t[:i1, ..., i0:i1] for t in ik), scale, dim=0, cap=cap)
         return eq.permute(1, 0, 2), ek.permute(1, 0, 2).reshape(S, B, KV, G).sum(-1)
 
     @staticmethod
@@ -293,18 +302,28 @@ class QKExact:
 
     @staticmethod
     def _side(T: torch.Tensor, inv2: torch.Tensor, dinv: torch.Tensor, pattern: tuple[torch.Tensor, ...],
-              scale: float, dim: int) -> torch.Tensor:
-        """sum (softmax(S0 + dS) - A0) M over the pattern, dS = scale (dinv Y + inv2 T), in place on T.
+              scale: float, dim: int, cap: float = 0.0) -> torch.Tensor:
+        """sum (softmax(cap(S0 + dS)) - A0) M over the pattern, dS = scale (dinv Y + inv2 T), in place on T.
 
         T [P1, B, S, H, P2] with the changed position first; inv2, dinv [P1, B, S];
-        ``pattern`` = (Y, S0, A0, M), each broadcast to T; ``dim`` is the key axis of the
-        softmax. Returns [B, S, H].
+        ``pattern`` = (Y, S0, A0, M), each broadcast to T, S0 the scores before the soft-cap
+        ``cap`` (0: none); ``dim`` is the key axis of the softmax. Returns [B, S, H].
         """
         Y, S0, A0, M = pattern
         T.mul_(inv2[..., None, None]).addcmul_(dinv[..., None, None], Y).mul_(scale).add_(S0)
+        if cap > 0:  # c * tanh(s / c) turns the mask's -inf into -c: mask again
+            T.div_(cap).tanh_().mul_(cap).masked_fill_(torch.isneginf(S0), float("-inf"))
         A = torch.softmax(T, dim)
         A.sub_(A0).nan_to_num_().mul_(M)
         return A.sum((0, 4))
+
+
+def soft_cap(s: torch.Tensor, cap: float) -> torch.Tensor:
+    """Attention scores soft-capped as Gemma 2 does, ``cap * tanh(s / cap)`` (masked -inf kept);
+    ``cap`` 0: unchanged."""
+    if cap <= 0:
+        return s
+    return torch.where(torch.isneginf(s), s, torch.tanh(s / cap) * cap)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
