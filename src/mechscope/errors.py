@@ -8,6 +8,7 @@ notebook users see the same sentence as the exception message.
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -71,3 +72,15 @@ def check_number_fields(obj: Any, what: str | None = None) -> None:
             kind = "an integer" if base == "int" else "a number"
             raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
                                  f"{value!r} (a {type(value).__name__}).")
+
+
+def refuse_file_as_folder(path: str | Path, option: str = "--out") -> None:
+    """One sentence when ``path`` (a folder a command writes into) is an existing file or lies
+    under one; nothing otherwise. The one check ``--out`` options and library ``out`` arguments share."""
+    p = Path(path).expanduser()
+    q = p
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if q.exists() and not q.is_dir():
+        where = "is a file" if q == p else f"lies under {q}, which is a file"
+        raise MechscopeError(f"{path} {where}; {option} must name a folder.")

@@ -113,7 +113,7 @@ def test_out_that_cannot_be_made_names_out_and_the_reason(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _refused(RUN(app, ["discover", "--model", str(tmp_path / "no-model"), "--out", str(blocker / "sub")]),
-             f"--out {blocker / 'sub'} cannot be written")
+             f"{blocker / 'sub'} lies under {blocker}, which is a file; --out must name a folder")
     r = RUN(app, ["export", "--db", str(tmp_path / "u.db"), "--out", "/proc/x/units.jsonl"])
     _refused(r, "--out /proc/x/units.jsonl cannot be written (No such file or directory")
     assert ".tmp" not in r.stderr

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import typer
 from rich.console import Console
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, refuse_file_as_folder
 
 console = Console()
 err_console = Console(stderr=True)
@@ -157,8 +157,7 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
             raise MechscopeError(f"{option} {out} is a folder; give a file name, e.g. {out / 'out.jsonl'}.")
         _check_creatable(out.parent, option, out)
         return
-    if out.is_file():
-        raise MechscopeError(f"{out} is a file; {option} must name a folder.")
+    refuse_file_as_folder(out, option)
     _check_creatable(out, option, out)
     if writes is None:
         return

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
-from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.errors import MechscopeError, refuse_file_as_folder, step_or_diverge
 from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.progress import ProgressArg, as_progress
@@ -388,8 +388,7 @@ def check_out(out: str | Path, resume: bool) -> None:
     no checkpoint; without it, a folder holding a checkpoint or a finished SAE (training would
     overwrite it). The CLI calls it before loading the model."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MechscopeError(f"{out} is a file; --out must name a folder.")
+    refuse_file_as_folder(out)
     finished = (out / "cfg.json").is_file()
     if resume:
         if not out.is_dir():

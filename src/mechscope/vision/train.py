@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import refuse_file_as_folder
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.config import TrainConfig
 from mechscope.vision.data import Dataset, build_dataset, random_shift
@@ -44,13 +44,7 @@ def measure(vm: VisionModel, ds: Dataset) -> dict[str, float]:
 def check_out_folder(out: str | Path) -> None:
     """One sentence, before any training, when ``out`` (the folder the model is saved to) is an
     existing file or lies under one."""
-    p = Path(out).expanduser()
-    q = p
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    if q.exists() and not q.is_dir():
-        where = "is a file" if q == p else f"lies under {q}, which is a file"
-        raise MechscopeError(f"out '{out}' {where}; give a folder to save the model in (a new or existing folder).")
+    refuse_file_as_folder(out, "out")
 
 
 def train_model(cfg: TrainConfig, out: str | Path | None = None, progress: ProgressArg = False) -> VisionModel:
