@@ -229,3 +229,16 @@ def test_eap_ig_activations_completeness_per_sender_group(tiny_model):
     eap = edge_scores(m, g, b, method="eap", qk="linear")  # eap-ig-act keeps gradients for q/k edges
     one = edge_scores(m, g, b, method="eap-ig-act", steps=1)
     assert torch.allclose(one, eap, atol=1e-4)  # alpha = 1 only: the clean run's gradient for every group
+
+
+def test_edge_scores_of_a_float64_model_equal_float32(tiny_llama_dir, tiny_llama):
+    """A model loaded in float64 is scored (the per-head input gradients mixed float32 and
+    float64 weights and crashed) and agrees with the float32 model's scores."""
+    from mechscope.models import load_model
+
+    m64 = load_model(tiny_llama_dir, device="cpu", dtype=torch.float64)
+    b = _batch(B=3, P=8)
+    for method in ("eap", "eap-ig"):
+        s64 = edge_scores(m64, build_graph(m64), b, method=method, steps=2)
+        s32 = edge_scores(tiny_llama, build_graph(tiny_llama), b, method=method, steps=2)
+        assert torch.allclose(s64.float(), s32, atol=1e-4, rtol=1e-3), (method, (s64.float() - s32).abs().max())

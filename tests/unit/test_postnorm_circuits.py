@@ -120,8 +120,19 @@ def test_olmo2_is_refused_for_its_cross_head_query_norm(tmp_path):
     cfg = T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=64, vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     m = load_model(save_scaled(T.Olmo2ForCausalLM(cfg), tmp_path / "olmo2"), device="cpu")
-    with pytest.raises(MechscopeError, match="moves other heads' attention too"):
+    with pytest.raises(MechscopeError, match="moves the other heads' attention too"):
         build_graph(m)
+    # The CLI says the same in one sentence, and an ACDC run (which makes its folder early, for
+    # its checkpoint) leaves no empty folder behind.
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    out = tmp_path / "acdc-run"
+    r = CliRunner().invoke(app, ["discover", "--model", str(tmp_path / "olmo2"), "--task", "induction", "--n", "8",
+                                 "--method", "acdc", "--out", str(out)])
+    assert r.exit_code == 2 and "each head to read its own query" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()
 
 
 @torch.no_grad()

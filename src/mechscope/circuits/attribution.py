@@ -193,8 +193,8 @@ def edge_score_folds(
         info["qk_fallback_layers"] = fallback
     if fallback:
         as_progress(progress).note(
-            f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (a sliding window, "
-            "soft-capping, ALiBi, rotary or query/key norm it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
+            f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (a sliding window "
+            "shorter than the prompts, ALiBi, a rotary variant or a query/key norm it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
     return (scores / n) * graph.allowed.to(dev)
 
 
@@ -226,7 +226,7 @@ class HeadInputGrads:
 
     def __init__(self, norm, weights: dict[str, torch.Tensor]):
         self.norm = norm
-        W = torch.cat([weights["W_Q"], weights["W_K"], weights["W_V"]])  # [H + 2KV, d, e], receiver order
+        W = torch.cat([weights["W_Q"], weights["W_K"], weights["W_V"]]).float()  # [H + 2KV, d, e], receiver order (float32 as the gradients)
         self.kind, scale, self.eps = fit_norm(norm, W.shape[1], W.device)
         Ws = W * scale[None, :, None] if self.kind != "other" else W
         self.W = Ws.contiguous()  # [n, d, e]

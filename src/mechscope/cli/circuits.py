@@ -74,11 +74,17 @@ def discover(
     get_task(task)  # fail fast on an unknown task, before loading the model
     check_out_folder(out, "circuit")
     out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
+    made = not out_dir.exists()
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
-    m = load(model, device)
-    res = discover_seeds(m, cfg, seeds, progress=not json) if seeds > 1 else run(m, cfg, progress=not json)
+    try:
+        m = load(model, device)
+        res = discover_seeds(m, cfg, seeds, progress=not json) if seeds > 1 else run(m, cfg, progress=not json)
+    except BaseException:  # a refusal or an interruption before any checkpoint: leave no empty folder behind
+        if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     res.save(out_dir)
     report = write_circuit(res.to_dict(), Path(out_dir) / "report.html")
     if cfg.checkpoint is not None:  # the result is saved: the ACDC state has done its job
@@ -111,7 +117,7 @@ def discover(
         f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "
         f"{mt['n_edges_kept']:,} of {mt['n_edges']:,} edges ({mt['fraction_kept']:.2%}), "
         f"faithfulness {mt['faithfulness']:.2f} on {mt['n_held_out_pairs']} held-out pairs "
-        f"({mt['faithfulness_ci_level']:.0%} interval {lo:.2f}-{hi:.2f}; {mt['faithfulness_scoring']:.2f} on the "
+        f"({mt['faithfulness_ci_level']:.0%} interval {lo:.2f} to {hi:.2f}; {mt['faithfulness_scoring']:.2f} on the "
         f"{mt['n_scoring_pairs']} scoring pairs{cv}; random circuits of that size: {mt['random_same_size']:.2f}); "
         f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.{hi_note}",
         highlight=False,
@@ -174,12 +180,15 @@ def evaluate(
     if json:
         return emit_json(out)
     t = Table(title=f"{out['task']} circuit ({res.method}), {n_held_out} held-out pairs")
-    t.add_column("edges kept", justify="right")
+    t.add_column("top k edges", justify="right")
+    t.add_column("kept after pruning", justify="right")  # the top k less edges on no path from input to logits
     t.add_column("fraction", justify="right")
     t.add_column("faithfulness", justify="right")
     t.add_column("random", justify="right")
     for c in curve:
-        t.add_row(f"{c['n_edges']:,}", f"{c['fraction']:.3%}", f"{c['faithfulness']:.3f}", f"{c['random']:.3f}")
+        kept = c.get("n_edges_after_pruning")
+        t.add_row(f"{c['n_edges']:,}", "" if kept is None else f"{kept:,}", f"{c['fraction']:.3%}", f"{c['faithfulness']:.3f}",
+                  f"{c['random']:.3f}")
     console.print(t)
     console.print(f"chosen circuit: {out['edges_kept']:,} edges, faithfulness {out['faithfulness']:.3f}; CPR {cpr:.3f}, CMD {cmd:.3f}")
     print_pair_notes(out.get("dropped_pairs"), out.get("task_notes"))

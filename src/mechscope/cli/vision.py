@@ -209,7 +209,7 @@ def eap(
     five = at.get(0.05)
     extra = f"; at 5% of edges {five['faithfulness']:.2f} (random {five['random']:.2f})" if five else ""
     console.print(f"{d['clean_class']} vs {d['corrupt_class']}: held-out faithfulness {held['faithfulness']:.2f} "
-                  f"(95% interval {held['ci_low']:.2f}-{held['ci_high']:.2f}, {d['n_pairs']['held_out']} pairs) with "
+                  f"(95% interval {held['ci_low']:.2f} to {held['ci_high']:.2f}, {d['n_pairs']['held_out']} pairs) with "
                   f"{ch['n_edges']:,} of {d['n_edges']:,} edges ({100 * ch['fraction']:.1f}%; "
                   f"{ch['faithfulness_fit']:.2f} on the scoring pairs it was chosen on){extra}", highlight=False)
     console.print(f"report: {report}", highlight=False)

@@ -247,8 +247,9 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
         else:
             want = clean[pos]
         if not _close(V.sum(0), want, 1e-3):
-            raise MechscopeError(f"QK attribution: the rotary embedding of layer {layer} does not match the model's own rotated "
-                                 f"{hook} (partial rotary or another position scheme), so the split would be wrong.")
+            raise MechscopeError(f"QK attribution: the {hook} of layer {layer} rebuilt from the residual stream does not match the "
+                                 f"model's own (a query/key norm as in Gemma 3, partial rotary or another position scheme), so "
+                                 "the split would be wrong.")
         vecs.append(V)
         ids.append(CONST)
         labels.append(f"constant ({hook} biases)")

@@ -303,8 +303,9 @@ def block_layout(model: Model) -> str:
             why = f"block {layer} runs attention and MLP {'in parallel' if 'parallel' in reads else 'in turn'} and an earlier block does not"
             break
         layouts &= reads
-    if why is None:
-        why = _cross_head_inputs(model, tokens.to(model.device))
+    if why is None and (cross := _cross_head_inputs(model, tokens.to(model.device))) is not None:
+        raise MechscopeError(f"Circuit discovery needs each head to read its own query, key and value inputs, and {arch} "
+                             f"does not: {cross}; use another model for the circuit commands.")
     if why is not None:
         raise MechscopeError(f"Circuit discovery needs blocks in which the attention heads and the MLP add their outputs "
                              f"to the residual stream, the MLP having an input of its own that reads the block's input (parallel) "
@@ -354,8 +355,8 @@ def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
         tol = (2e-2 if half else 1e-5) * max(1.0, float(x.abs().max()))
         if float((x[:, :, :first] - y[:, :, :first]).abs().max()) <= tol:
             return (f"another {t} input to the first head in block 0 does not change its attention (the bridge computes "
-                    f"{s.architecture}'s {t.replace('y', 'ie')}s without their per-head input hooks), so an edge into a head would patch nothing")
+                    f"{t.replace('y', 'ie')}s without their per-head input hooks), so an edge into a head would patch nothing")
         if float((x[:, :, first:] - y[:, :, first:]).abs().max()) > tol:
-            return (f"another {t} input to the first head in block 0 moves other heads' attention too (a norm across all "
-                    f"heads' {t.replace('y', 'ie')}s?), so an edge into one head could not be patched alone")
+            return (f"another {t} input to the first head in block 0 moves the other heads' attention too (as a {t} norm "
+                    f"across all heads does), so an edge into one head could not be patched alone")
     return None

@@ -486,7 +486,7 @@ def _stats(data: dict) -> str:
     ci = m.get("faithfulness_ci")
     held = f"on {fmt(m.get('n_held_out_pairs'))} held-out pairs"
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
-        held += f", {finite(m.get('faithfulness_ci_level') or 0.95):.0%} interval {fmt(ci[0], 2)}–{fmt(ci[1], 2)}"
+        held += f", {finite(m.get('faithfulness_ci_level') or 0.95):.0%} interval {fmt(ci[0], 2)} to {fmt(ci[1], 2)}"
     return cards([
         ("faithfulness", fmt(m.get("faithfulness")), held, "primary"),
         ("on scoring pairs", fmt(m.get("faithfulness_scoring")),
