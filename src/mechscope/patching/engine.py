@@ -20,6 +20,7 @@ mean over the clean batch (mean ablation), or zeros (zero ablation).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Literal
 
@@ -65,7 +66,12 @@ def sender_hooks(graph: Graph) -> list[tuple[str, slice]]:
 
 def heads_layer(graph: Graph, hook_name: str) -> int | None:
     """The layer whose heads the sender hook ``hook_name`` writes, None for other senders."""
-    return next((l for l in range(graph.n_layers) if hook_name == attn_result(l)), None)
+    return _result_layers(graph.n_layers).get(hook_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _result_layers(n_layers: int) -> dict[str, int]:
+    return {attn_result(l): l for l in range(n_layers)}
 
 
 def receiver_hooks(graph: Graph) -> list[tuple[str, slice, int]]:
