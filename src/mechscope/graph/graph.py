@@ -353,9 +353,8 @@ def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
             x, y = x.transpose(1, 2), y.transpose(1, 2)
         x, y = (torch.where(v.abs() < 1e30, v, torch.zeros_like(v)) for v in (x, y))  # masked: -inf or float's minimum
         tol = (2e-2 if half else 1e-5) * max(1.0, float(x.abs().max()))
-        if float((x[:, :, :first] - y[:, :, :first]).abs().max()) <= tol:
-            return (f"another {t} input to the first head in block 0 does not change its attention (the bridge computes "
-                    f"{t.replace('y', 'ie')}s without their per-head input hooks), so an edge into a head would patch nothing")
+        # (Whether the first head's own input reaches it is left to ``check_patching_exact``: a
+        # hand-built head with zero query weights legitimately ignores it.)
         if float((x[:, :, first:] - y[:, :, first:]).abs().max()) > tol:
             return (f"another {t} input to the first head in block 0 moves the other heads' attention too (as a {t} norm "
                     f"across all heads does), so an edge into one head could not be patched alone")

@@ -14,6 +14,11 @@ fractional (0..1), which gradient-based methods use.
 Node patching replaces a sender's output itself (every outgoing edge at once); it is
 implemented independently of (1), so tests can check the two agree.
 
+Where a norm follows the attention (Gemma 2 and 3), ``out_s`` of a head is its share of that
+norm's output at the scale of the run it is read in (``models.norms.HeadShares``): the shares of
+the live run sum to what its attention adds, which is all (1) needs; a head's node patch swaps its
+share at the norm's output.
+
 Sources: ``src`` is a cached run on corrupted prompts (resample / interchange ablation), the
 mean over the clean batch (mean ablation), or zeros (zero ablation).
 """
