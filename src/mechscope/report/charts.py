@@ -41,6 +41,29 @@ def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(start + i * step, 12) for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
+def tick_labels(values: Sequence[float], digits: int = 3) -> list[str]:
+    """``fmt`` of each tick with the fewest digits (from ``digits``, up to 12) that tell them all
+    apart, so close ticks (0.00514, 0.00515) do not all read the same (0.005)."""
+    out = [fmt(v, digits) for v in values]
+    while len(set(out)) < len(out) and digits < 12:
+        digits += 1
+        out = [fmt(v, digits) for v in values]
+    return out
+
+
+def value_range(values: Sequence[float], rel: float = 0.01, floor: float = 1e-12) -> tuple[float, float]:
+    """(lo, hi) of ``values`` for an axis, widened about its middle to at least ``rel`` of the
+    largest magnitude (or ``floor``), so values that differ only in their last digits (0.0051547
+    and 0.0051546) draw as the flat line they are, not as a drop across the whole plot. A range
+    that wide already is kept as it is, and so are all-equal values (the caller's rule)."""
+    lo, hi = min(values), max(values)
+    need = max(floor, rel * max(abs(lo), abs(hi)))
+    if 0 < hi - lo < need:
+        mid = (lo + hi) / 2
+        lo, hi = mid - need / 2, mid + need / 2
+    return lo, hi
+
+
 def log_ticks(lo: float, hi: float) -> tuple[list[float], list[float]]:
     """(labelled, unlabelled) ticks of a log axis over [lo, hi] (both > 0): the powers of ten,
     plus 2x and 5x when the axis spans under 2.5 decades; every other m x 10^k unlabelled."""
@@ -257,7 +280,7 @@ def line_chart(
     xs_all, ys_all = [x for p in ok for x, _ in p], [y for p in ok for _, y in p]
     x_lo, x_hi = (tx(xlim[0]), tx(xlim[1])) if xlim else (tx(min(xs_all)), tx(max(xs_all)))
     x_hi = x_hi if x_hi > x_lo else x_lo + 1
-    y_lo, y_hi = ylim if ylim else (min(ys_all), max(ys_all))
+    y_lo, y_hi = ylim if ylim else value_range(ys_all)
     y_hi = y_hi if y_hi > y_lo else y_lo + 1
     if not ylim:
         pad = 0.05 * (y_hi - y_lo)
@@ -277,9 +300,10 @@ def line_chart(
     if title:
         out.append(f'<text x="{L}" y="15" font-size="13" font-weight="600">{esc(title)}</text>')
     out.append(f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>')
-    for yt in ticks(y_lo, y_hi):
+    y_ticks = ticks(y_lo, y_hi)
+    for yt, text in zip(y_ticks, tick_labels(y_ticks)):
         out.append(f'<line x1="{L}" x2="{L + pw}" y1="{px(Y(yt))}" y2="{px(Y(yt))}" stroke="#f3f4f6"/>'
-                   f'<text x="{L - 4}" y="{px(Y(yt) + 3)}" font-size="10" text-anchor="end">{html_num(yt)}</text>')
+                   f'<text x="{L - 4}" y="{px(Y(yt) + 3)}" font-size="10" text-anchor="end">{esc(text)}</text>')
     for yr in hlines:
         if y_lo <= yr <= y_hi:
             out.append(f'<line class="ref" x1="{L}" x2="{L + pw}" y1="{px(Y(yr))}" y2="{px(Y(yr))}" stroke="#cbd5e1"/>')
@@ -289,10 +313,10 @@ def line_chart(
             out.append(f'<line x1="{px(X(xt))}" x2="{px(X(xt))}" y1="{T + ph}" y2="{T + ph + 4}" stroke="#cbd5e1"/>')
     else:
         major = ticks(x_lo, x_hi)
-    for xt in major:
+    for xt, text in zip(major, [si(v) for v in major] if logx else tick_labels(major)):
         out.append(f'<line x1="{px(X(xt))}" x2="{px(X(xt))}" y1="{T}" y2="{T + ph}" stroke="#f3f4f6"/>'
                    f'<text x="{px(X(xt))}" y="{T + ph + 14}" font-size="10" text-anchor="middle">'
-                   f"{esc(si(xt) if logx else fmt(xt))}</text>")
+                   f"{esc(text)}</text>")
     for xv, text, *col in vlines:
         if (logx and xv <= 0) or not x_lo <= tx(xv) <= x_hi:
             continue

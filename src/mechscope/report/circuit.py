@@ -487,6 +487,9 @@ def _stats(data: dict) -> str:
     held = f"on {fmt(m.get('n_held_out_pairs'))} held-out pairs"
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         held += f", {finite(m.get('faithfulness_ci_level') or 0.95):.0%} interval {fmt(ci[0], 2)} to {fmt(ci[1], 2)}"
+    dropped = _ci_dropped_text(m)
+    if dropped:
+        held += "; the interval is unreliable (see below)"
     return cards([
         ("faithfulness", fmt(m.get("faithfulness")), held, "primary"),
         ("on scoring pairs", fmt(m.get("faithfulness_scoring")),
@@ -496,7 +499,18 @@ def _stats(data: dict) -> str:
         ("CMD", fmt(data.get("cmd")), "area between curve and 1 (lower is better)", ""),
         ("metric", f"{fmt(m.get('clean'))} / {fmt(m.get('corrupt'))}", "clean / corrupted", ""),
         ("circuit metric", fmt(m.get("circuit")), "with only the circuit's edges", ""),
-    ])
+    ]) + (f'<p class="note warn">Held-out faithfulness interval: {esc(dropped)}</p>' if dropped else "")
+
+
+def _ci_dropped_text(m: dict) -> str:
+    """The terminal's sentence on the held-out bootstrap's left-out resamples (``faithfulness_ci_dropped``,
+    a share), as plain text; empty when none were left out."""
+    share = m.get("faithfulness_ci_dropped")
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not share > 0:
+        return ""
+    how = f"{share:.0%}" if share >= 0.01 else f"{100 * share:.2g}%"
+    return (f"{how} of the bootstrap resamples had a clean-corrupt gap under a tenth of the full sample's, or of the "
+            "other sign, and were left out: the held-out pairs are too few or too varied for a reliable interval.")
 
 
 def _selection_text(m: dict) -> str:

@@ -48,6 +48,15 @@ def _pattern_viewer(d: dict[str, Any], patterns: list) -> str:
             + json_script("patterns", {"patterns": flat}))
 
 
+def _setting(key: str, value: Any, settings: dict[str, Any]) -> str:
+    """``key=value`` for the settings line; the example's length as drawn: the example is
+    BOS + R + R with |R| = min(example_len, seq_len)."""
+    seq = settings.get("seq_len")
+    if key == "example_len" and isinstance(value, int) and isinstance(seq, int) and seq < value:
+        return f"example_len={seq} ({value} asked, capped at seq_len)"
+    return f"{key}={value}"
+
+
 def render_heads(d: dict[str, Any]) -> str:
     """The page for a ``heads.json`` dict; with ``example_patterns`` ([L][H][pos][pos], from
     ``heads.safetensors``) it also shows the attention patterns on the example."""
@@ -87,9 +96,12 @@ def render_heads(d: dict[str, Any]) -> str:
                      "norms folded into the weights; a previous-token head feeding an induction head shows as a high K-composition pair.</p>")
     patterns = d.get("example_patterns")
     if patterns:
-        parts.append("<h2>Attention pattern on an example (BOS + R + R)</h2>" + _pattern_viewer(d, patterns))
+        ex_len, seq = d.get("settings", {}).get("example_len"), d.get("settings", {}).get("seq_len")
+        r_len = f", |R| = {min(ex_len, seq)}" if isinstance(ex_len, int) and isinstance(seq, int) else ""
+        parts.append(f"<h2>Attention pattern on an example (BOS + R + R{r_len})</h2>" + _pattern_viewer(d, patterns))
+    settings = d.get("settings", {})
     sub = f"{m.get('name')} · {m.get('n_layers')} layers × {m.get('n_heads')} heads ({m.get('n_kv_heads')} KV heads) · settings: " + ", ".join(
-        f"{k}={v}" for k, v in d.get("settings", {}).items())
+        _setting(k, v, settings) for k, v in settings.items())
     return page(f"Attention heads of {m.get('name')}", "".join(parts), kind="attention heads", subtitle=sub,
                 js=["patterns.js"] if patterns else [])
 

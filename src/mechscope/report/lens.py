@@ -28,8 +28,9 @@ def render_lens(d: dict[str, Any]) -> str:
     bars = bar_chart([c["name"] for c in top], [c["value"] for c in top], width=620,
                      title=f"Direct contribution to logit({d['target']!r}) - logit({d['distractor']!r})",
                      value_label="frozen final-norm scale; contributions sum to the logit difference")
-    check = (f"Sum of all contributions {fmt(dla['total'], 6)} vs the model's logit difference {fmt(dla['actual'], 6)} "
-             f"(|error| {fmt(dla['error'], 2)}).") + (f" <strong>{esc(dla['note'])}</strong>" if dla.get("note") else "")
+    # escaped once, then wrapped in markup: the note is text (the model soft-caps its logits ...)
+    check = esc(f"Sum of all contributions {fmt(dla['total'], 6)} vs the model's logit difference {fmt(dla['actual'], 6)} "
+                f"(|error| {fmt(dla['error'], 2)}).") + (f" <strong>{esc(dla['note'])}</strong>" if dla.get("note") else "")
     body = (
         f"<p>Prompt: <code>{esc(d['prompt'])}</code> &rarr; target <code>{esc(d['target'])}</code>, "
         f"distractor <code>{esc(d['distractor'])}</code>. Model {esc(d['model'].get('name', ''))}.</p>"
@@ -38,7 +39,7 @@ def render_lens(d: dict[str, Any]) -> str:
         f"top tokens.</p><figure>{hm}</figure>"
         f"<p class='muted small'>First site where the target is top-1 at the last position: "
         f"{esc(lens['first_top1_site_last_position'])}.</p>"
-        f"<h2>Direct logit attribution (last position)</h2><figure>{bars}</figure><p>{esc(check)}</p>"
+        f"<h2>Direct logit attribution (last position)</h2><figure>{bars}</figure><p>{check}</p>"
         f"<h2>Logit lens at the last position</h2>"
         + table(["site", "target rank", "target p", "top tokens"], last_rows, numeric=[False, True, True, False])
     )

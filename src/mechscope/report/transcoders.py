@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mechscope.report.charts import line_chart
-from mechscope.report.toolkit import cards, fmt, kv_table, page, table, write_page
+from mechscope.report.sae_eval import ce_gap_note
+from mechscope.report.toolkit import cards, esc, fmt, kv_table, page, table, write_page
 
 __all__ = ["render_transcoders_eval", "write_transcoders_eval"]
 
@@ -24,15 +25,25 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
     sub = (f"{d.get('model', '')} | {len(rows)} layer{'s' * (len(rows) != 1)}"
            + (f" of {n_model}" if partial else "")
            + f" | {fmt(d.get('tokens', 0))} tokens of {settings.get('corpus', 'held-out text')}")
+    ce_clean = d.get("ce_clean")
+    all_gap = ce_gap_note(all_.get("ce_zero"), ce_clean, "all layers zeroed: ")
+    unread = [str(r.get("layer", i)) for i, r in enumerate(rows) if ce_gap_note(r.get("ce_zero"), ce_clean)]
     head = cards([
-        ("CE recovered, all spliced", fmt(all_.get("ce_recovered")),
-         f"± {fmt(all_.get('ce_recovered_ci95'))} (95%); every layer's MLP replaced at once; baseline: all zeroed", "primary"),
+        ("CE recovered, all spliced", fmt(all_.get("ce_recovered")) + (" (cannot be read)" if all_gap else ""),
+         f"± {fmt(all_.get('ce_recovered_ci95'))} (95%); every layer's MLP replaced at once; baseline: all zeroed"
+         + ("; zeroing is no worse than clean, see below" if all_gap else ""), "primary"),
+        ("CE loss, clean", fmt(ce_clean), "nats per token, nothing spliced", ""),
         ("median FVU", fmt(summ.get("median_fvu")), f"max {fmt(summ.get('max_fvu'))}", ""),
         ("mean L0", fmt(summ.get("mean_l0")), "active features per token", ""),
-        ("mean dead", fmt(summ.get("mean_dead_frac")), "features never firing here", ""),
+        ("mean dead share", fmt(summ.get("mean_dead_frac")), "share of features never firing here, mean over layers", ""),
     ])
+    gaps = [all_gap] if all_gap else []
+    if unread:
+        gaps.append(f"layer{'s' * (len(unread) != 1)} {', '.join(unread)} alone zeroed: the zero-ablated model is no worse "
+                    "than the clean one, so that layer's CE recovered, which divides by the gap, cannot be read.")
+    gap_note = "".join(f'<p class="note">CE recovered: {esc(g)}</p>' for g in gaps)
     tab = table(
-        ["layer", "architecture", "d_sae", "FVU", "L0", "dead", "CE spliced", "CE zeroed", "CE recovered", "± 95%",
+        ["layer", "architecture", "d_sae", "FVU", "L0", "dead share", "CE spliced", "CE zeroed", "CE recovered", "± 95%",
          "FVU all positions"],
         [[r.get("layer"), r.get("architecture", ""), r.get("d_sae"), r.get("fvu"), r.get("l0"), r.get("dead_frac"),
           r.get("ce_spliced"), r.get("ce_zero"), r.get("ce_recovered"), r.get("ce_recovered_ci95"), r.get("fvu_with_special")]
@@ -50,7 +61,7 @@ def render_transcoders_eval(d: dict[str, Any]) -> str:
             "and the other attention sinks (residual norm above sink_ratio times the median) unless sink_ratio is "
             "null; the FVU over all positions is the table's last column.</p>")
     other = kv_table("all layers spliced", ((k, v) for k, v in all_.items() if k != "layers"))
-    body = (f"{head}<h2>Per layer</h2>{note}{plot}{tab}"
+    body = (f"{head}{gap_note}<h2>Per layer</h2>{note}{plot}{tab}"
             f"<h2>Settings</h2>{other}{kv_table('settings', settings.items())}")
     return page("Transcoder set evaluation", body, kind="transcoder set", subtitle=sub)
 

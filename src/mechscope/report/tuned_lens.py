@@ -18,6 +18,56 @@ def _log10(v: Any) -> float | None:
     return math.log10(v) if isinstance(v, (int, float)) and v > 0 else None
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _span(layers: list[Any]) -> str:
+    """Layer numbers as "layer 3", "layers 0-1" (consecutive) or "layers 0, 2, 5"."""
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if all(isinstance(x, int) for x in layers) and layers == list(range(layers[0], layers[0] + len(layers))):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def _below_card(rows: list[dict[str, Any]], s: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Whether the tuned lens is below the logit lens, over the layers where that can be decided:
+    a layer whose logit-lens KL is 0 (the last, where the translator is the identity and both KLs
+    are 0) decides nothing; the evaluation leaves out the same layers (``kl_logit`` <= 1e-6)."""
+    every = bool(s.get("tuned_below_logit_every_layer"))
+    not_below = "layers where not: " + (", ".join(map(str, s.get("layers_tuned_not_below") or [])) or "none")
+    undecided = [r.get("layer") for r in rows if _num(r.get("kl_logit")) and r["kl_logit"] <= 1e-6]
+    if not rows or not undecided:
+        return ("below the logit lens", "every layer" if every else "not everywhere", not_below, "primary")
+    n_decided = len(rows) - len(undecided)
+    last = [r.get("layer") for r in rows[len(rows) - len(undecided):]]
+    if n_decided == 0:
+        scope = "no layer"
+    elif undecided == last:
+        scope = "every layer before the last" if len(undecided) == 1 else f"every layer before {_span(undecided)}"
+    else:
+        scope = f"every layer but {_span(undecided)}"
+    value = scope if every or n_decided == 0 else "not everywhere"
+    why = (f"; {_span(undecided)}: KL 0 both ways ({'the translator is the identity' if undecided == last else 'undecidable'}),"
+           " left out")
+    return ("below the logit lens", value, not_below + why, "primary")
+
+
+def _ratio_card(rows: list[dict[str, Any]], s: dict[str, Any]) -> tuple[str, str, str, str]:
+    """The smallest KL ratio over layers 10-20 (the evaluation's range, ``min_ratio_layers_10_20``),
+    labelled with the layers of that range the lens has; over every layer with a ratio where it
+    has none of them."""
+    rated = [r for r in rows if _num(r.get("ratio"))]
+    mid = [r["layer"] for r in rated if _num(r.get("layer")) and 10 <= r["layer"] <= 20]
+    if mid or s.get("min_ratio_layers_10_20") is not None or not rated:
+        where = _span(mid) if mid else "layers 10-20"
+        return (f"min KL ratio, {where}", fmt(s.get("min_ratio_layers_10_20")), "logit-lens KL / tuned-lens KL", "")
+    everywhere = [r.get("layer") for r in rated]
+    return (f"min KL ratio, {_span(everywhere)}", fmt(min(r["ratio"] for r in rated)),
+            "logit-lens KL / tuned-lens KL; the model has no layers 10-20 (the range of the usual figure)", "")
+
+
 def render_tuned_lens_eval(d: dict[str, Any]) -> str:
     """The page for an ``eval.json`` dict of a tuned lens."""
     rows = d.get("layers") or []
@@ -26,9 +76,8 @@ def render_tuned_lens_eval(d: dict[str, Any]) -> str:
     lens = d.get("lens") or {}
     sub = f"{model} | translators read {lens.get('reads', '?')} | {fmt(d.get('tokens', 0))} held-out tokens of {d.get('corpus', '?')}"
     head = cards([
-        ("below the logit lens", "every layer" if s.get("tuned_below_logit_every_layer") else "not everywhere",
-         "layers where not: " + (", ".join(map(str, s.get("layers_tuned_not_below") or [])) or "none"), "primary"),
-        ("min KL ratio, layers 10-20", fmt(s.get("min_ratio_layers_10_20")), "logit-lens KL / tuned-lens KL", ""),
+        _below_card(rows, s),
+        _ratio_card(rows, s),
         ("mean KL, logit lens", fmt(s.get("mean_kl_logit")), "nats", ""),
         ("mean KL, tuned lens", fmt(s.get("mean_kl_tuned")), "nats", ""),
     ])
@@ -42,7 +91,8 @@ def render_tuned_lens_eval(d: dict[str, Any]) -> str:
                      title="top-1 agreement with the model's own prediction", xlabel="layer", width=640, height=260,
                      ylim=(0.0, 1.0))
     tab = table(["layer", "hook", "KL logit lens", "KL tuned lens", "ratio", "top-1 logit", "top-1 tuned"],
-                [[r.get("layer"), r.get("hook"), r.get("kl_logit"), r.get("kl_tuned"), r.get("ratio"), r.get("top1_logit"),
+                [[r.get("layer"), r.get("hook"), r.get("kl_logit"), r.get("kl_tuned"),
+                  "n/a" if r.get("ratio") is None else r.get("ratio"), r.get("top1_logit"),
                   r.get("top1_tuned")] for r in rows],
                 numeric=[True, False, True, True, True, True, True])
     note = ('<p class="note">KL(p_final || q) in nats over the full vocabulary at each held-out position, averaged; '
