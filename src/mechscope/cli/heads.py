@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -79,9 +80,25 @@ def heads(
     ic, ab = res.icl, res.ablation
     console.print(f"ICL score: {ic['icl_score']:+.3f} nats (loss at token {ic['late']} minus token {ic['early']}, "
                   f"{ic['n_contexts']} contexts of {res.text_source})")
-    console.print(f"Mean-ablating the top {ab['k']} induction heads raises the repeated-half loss by {ab['top_k_increase']:+.3f} "
-                  f"nats; {ab['k']} random heads: {ab['random_mean_increase']:+.3f} (mean of {len(ab['random_increases'])}).")
+    console.print(ablation_sentence(ab), highlight=False)
     console.print(f"results: {out_dir / 'heads.json'}  report: {report}")
+
+
+def _change(x: float, rises: str, falls: str) -> str:
+    """``rises``/``falls`` and the size of the change ``x`` by its sign: 'raises ... by 0.012'."""
+    x = float(x)
+    if not math.isfinite(x):
+        return f"{rises} by {x}"
+    return f"{rises if x >= 0 else falls} by {abs(x):.3f}"
+
+
+def ablation_sentence(ab: dict) -> str:
+    """The terminal line on the top-k ablation (``HeadResults.ablation``), worded by the sign
+    of each change: ablating heads can lower the loss as well as raise it."""
+    top = _change(ab["top_k_increase"], "raises the repeated-half loss", "lowers the repeated-half loss")
+    rnd = _change(ab["random_mean_increase"], "raise it", "lower it")
+    return (f"Mean-ablating the top {ab['k']} induction heads {top} nats; {ab['k']} random heads {rnd} "
+            f"(mean of {len(ab['random_increases'])}).")
 
 
 _BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads", "steps": "steps", "batch": "batch",

@@ -25,10 +25,17 @@ import torch
 
 from mechscope.features.attribute import AttributionGraph
 from mechscope.features.prune import Pruned, scores
+from mechscope.models.tokens import token_texts
 
 
 def _tok(text: str) -> str:
     return text.replace("\n", "⏎").replace("\t", "→")
+
+
+def logit_label(text: str, p: float) -> str:
+    """A logit node's ``clerp``: its token's text (from ``token_texts``, so a padded
+    unembedding row reads ``<unused id N>`` rather than an empty string) and its probability."""
+    return f'Output "{_tok(text)}" (p={p:.3f})'
 
 
 def node_ids(g: AttributionGraph) -> list[str]:
@@ -47,6 +54,7 @@ def graph_json(g: AttributionGraph, pr: Pruned, tokenizer, slug: str, prompt: st
     nodes = []
     F, L, P = g.n_features, g.n_layers, g.n_pos
     keep = pr.node_mask
+    logit_text = token_texts(tokenizer, g.logit_tokens.tolist()) if g.n_logits else []
     for i in torch.nonzero(keep).flatten().tolist():
         base = {"node_id": ids[i], "jsNodeId": ids[i], "influence": float(pr.cumulative[i]), "run_idx": 0,
                 "reverse_ctx_idx": 0, "token_prob": 0.0, "is_target_logit": False, "clerp": ""}
@@ -69,9 +77,8 @@ def graph_json(g: AttributionGraph, pr: Pruned, tokenizer, slug: str, prompt: st
         else:
             j = i - g.logit_start
             tid, p = int(g.logit_tokens[j]), float(g.logit_probs[j])
-            text = _tok(tokenizer.decode([tid]))
             base.update(feature=tid, layer=str(L + 1), ctx_idx=P - 1, feature_type="logit", token_prob=p,
-                        is_target_logit=j == 0, clerp=f'Output "{text}" (p={p:.3f})', activation=None)
+                        is_target_logit=j == 0, clerp=logit_label(logit_text[j], p), activation=None)
             base["jsNodeId"] = f"L_{tid}-{P - 1}"
         nodes.append(base)
     tgt, src = torch.nonzero(pr.edge_mask, as_tuple=True)

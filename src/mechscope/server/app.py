@@ -18,7 +18,7 @@ Routes (all GET; the app is read-only):
     /runs                   run folders under DIR (``runs.find_runs``) with their kind
     /run/<name>             one run: its files and its report page
     /run/<name>/nodes       a circuit's or attribution graph's nodes, or an SAE dashboard's
-                            features, linked to unit pages
+                            features, linked to unit pages; a vision circuit's units
     /files/<path>           a file a run folder under DIR lists (its report page, data files; no dotfiles), traversal-safe
     /api/search?q=          JSON: the hits, as ``UnitDB.search`` ranks them (an empty q: every unit by score,
                             as ``mechscope search ""``)
@@ -420,6 +420,8 @@ def nodes_page(request: Request) -> Response:
     try:  # a data file of the wrong shape (edited, truncated, another tool's) is a 404 that says so, not a 500
         if run.kind == "circuit":
             nodes = runs_mod.circuit_nodes(doc)
+        elif run.kind == runs_mod.VISION_CIRCUIT:
+            nodes = runs_mod.vision_circuit_nodes(doc)
         elif run.kind == "SAE dashboards":
             source = runs_mod.sae_source(doc, db.sources("sae") if db is not None else [])
             nodes = runs_mod.dashboard_nodes(doc, source)
@@ -431,7 +433,7 @@ def nodes_page(request: Request) -> Response:
     if run.kind == "circuit":
         if db is not None:
             layer_counts = db.layer_counts("mlp")
-    else:
+    elif run.kind != runs_mod.VISION_CIRCUIT:  # a vision unit has no unit page
         if db is not None:
             for n in nodes:
                 if n.unit_key and n.unit_key not in known:

@@ -4,6 +4,7 @@ A run folder is recognised by the result file its command writes (no torch, noth
 from the method packages, so ``mechscope serve`` starts fast):
 
     circuit.json        mechscope discover             page report.html
+    circuit.json        mechscope vision circuit       page report.html   (``"kind": "vision-circuit"``)
     graph.json          mechscope attribute            page report.html
     heads.json          mechscope heads                page heads.html
     dynamics.json       mechscope dynamics             page dynamics.html
@@ -13,7 +14,9 @@ from the method packages, so ``mechscope serve`` starts fast):
     eval.json           mechscope sae eval / transcoders eval (a ``layers`` list)   page eval.html
 
 A folder that holds several of them (a transcoder set evaluated in place) is listed once, under
-the first match in this order. The walk skips hidden folders and stops ``MAX_DEPTH`` levels
+the first match in this order. A ``circuit.json`` whose ``kind`` is ``vision-circuit`` is a
+vision circuit (kind ``vision circuit``): its nodes are the chosen units of each site
+(``vision_circuit_nodes``), not a language circuit's heads and MLPs. The walk skips hidden folders and stops ``MAX_DEPTH`` levels
 below the root, so pointing ``serve`` at a home folder stays quick.
 
 ``safe_path`` is the one gate between a URL and the file system: the requested path is resolved
@@ -69,7 +72,16 @@ class Run:
 
     @property
     def has_nodes(self) -> bool:
-        return self.kind in ("circuit", "attribution graph", "SAE dashboards")
+        return self.kind in ("circuit", VISION_CIRCUIT, "attribution graph", "SAE dashboards")
+
+
+VISION_CIRCUIT = "vision circuit"
+"""The kind of a ``circuit.json`` that ``mechscope vision circuit`` wrote."""
+_PARSE_BYTES = 1 << 20
+"""A ``circuit.json`` up to this size is parsed to read its ``kind``; a larger one (a vision
+circuit's reference images) is judged by its first ``_HEAD_BYTES``, where ``kind`` is written."""
+_HEAD_BYTES = 1 << 16
+_VISION_KIND = re.compile(r'"kind"\s*:\s*"vision-circuit"')
 
 
 def _kind(folder: Path) -> tuple[str, str, str] | None:
@@ -77,8 +89,24 @@ def _kind(folder: Path) -> tuple[str, str, str] | None:
         if (folder / data).is_file():
             if data == "eval.json" and _is_transcoder_eval(folder / data):
                 kind = "transcoder evaluation"
+            elif data == "circuit.json" and _is_vision_circuit(folder / data):
+                kind = VISION_CIRCUIT
             return data, kind, page
     return None
+
+
+def _is_vision_circuit(path: Path) -> bool:
+    """Whether the ``circuit.json`` at ``path`` is a vision circuit (top-level ``"kind":
+    "vision-circuit"``, which ``VisionCircuit.to_dict`` writes right after ``schema_version``)."""
+    try:
+        if path.stat().st_size <= _PARSE_BYTES:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(doc, dict) and doc.get("kind") == "vision-circuit"
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES).decode("utf-8", errors="replace")
+        return _VISION_KIND.search(head) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def _is_transcoder_eval(path: Path) -> bool:
@@ -189,6 +217,26 @@ def circuit_nodes(doc: dict[str, Any]) -> list[RunNode]:
         out.append(RunNode(name=str(n.get("name")), node_type=str(n.get("type")), layer=layer, score=n.get("score"),
                            layer_kind="mlp" if n.get("type") == "mlp" else None))
     return sorted(out, key=lambda r: -abs(r.score or 0.0))
+
+
+def vision_circuit_nodes(doc: dict[str, Any]) -> list[RunNode]:
+    """A vision circuit's chosen units (``units``: site -> unit indices, best first), site by
+    site from the input up; the layer is the site's place among the model's sites, the score the
+    unit's attribution score (``scores[site][unit]``). Vision units have no unit pages."""
+    units = doc.get("units") or {}
+    scores = doc.get("scores") or {}
+    sites = (doc.get("model") or {}).get("sites") or {}
+    order = list(sites) + [s for s in units if s not in sites]
+    out = []
+    for site in sorted(units, key=order.index):
+        row = scores.get(site) or []
+        kind = (sites.get(site) or {}).get("kind")
+        for u in units[site]:
+            u = int(u)
+            score = row[u] if 0 <= u < len(row) else None
+            out.append(RunNode(name=f"{site}:{u}", node_type=f"{kind} unit" if kind else "unit", layer=order.index(site),
+                               score=float(score) if isinstance(score, (int, float)) else None))
+    return out
 
 
 def transcoder_source(doc: dict[str, Any], known: list[str]) -> str:
