@@ -17,6 +17,42 @@ def _batch(B=6, P=10, seed=0):
                      answers=r(B, 1), wrongs=r(B, 1), lengths=torch.full((B,), P))
 
 
+def check_eap_against_finite_differences(m, g, b: TaskBatch, picks: list[int]) -> None:
+    """EAP's scores (pure gradient, q/k edges included) of the edges ``picks`` (indices into
+    ``g.edge_index``) equal d metric / d mask[s, r] at mask = 0, by finite differences."""
+    sc = edge_scores(m, g, b, method="eap", qk="linear")
+    assert (sc[~g.allowed] == 0).all()
+    src = source_activations(m, g, b.clean, b.corrupt, "patching")
+    eps = 1e-3
+    with torch.no_grad():
+        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
+        for j in picks:
+            s, r = g.edge_index[j].tolist()
+            mk = g.empty_mask()
+            mk[s, r] = eps
+            fd = (b.metric(run_with_edge_mask(m, g, b.clean, src, mk)) - base) / eps
+            assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), (g.edge_name(s, r), float(fd), float(sc[s, r]))
+
+
+def check_activation_ig_completeness(m, g, b: TaskBatch, steps: int = 40):
+    """EAP-IG on activations: each sender group's summed edge scores approach the effect of
+    patching the whole group (integrated gradients' completeness). Returns the scores."""
+    from mechscope.patching import run_with_node_mask
+    from mechscope.patching.engine import sender_hooks
+
+    sc = edge_scores(m, g, b, method="eap-ig-act", steps=steps)
+    src = source_activations(m, g, b.clean, b.corrupt, "patching")
+    with torch.no_grad():
+        base = b.metric(run_with_node_mask(m, g, b.clean, src, torch.zeros(g.n_senders)))
+        for _, sl in sender_hooks(g):
+            nodes = torch.zeros(g.n_senders)
+            nodes[sl] = 1.0
+            effect = float(b.metric(run_with_node_mask(m, g, b.clean, src, nodes)) - base)
+            total = float(sc[sl].sum())
+            assert abs(total - effect) < 0.02 + 0.03 * abs(effect), (sl, total, effect)
+    return sc
+
+
 def test_eap_equals_finite_difference_of_edge_mask(tiny_model):
     """EAP's score is exactly d metric / d mask[s, r] at mask = 0 (the patching engine's (1)).
 
@@ -24,17 +60,7 @@ def test_eap_equals_finite_difference_of_edge_mask(tiny_model):
     hook_q/k/v gradients through W and the norm's Jacobian, the patching runs use split inputs.
     """
     m, g, b = tiny_model, build_graph(tiny_model), _batch()
-    sc = edge_scores(m, g, b, method="eap", qk="linear")  # the pure gradient, q/k edges included
-    src = source_activations(m, g, b.clean, b.corrupt, "patching")
-    eps = 1e-3
-    with torch.no_grad():
-        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
-        for j in torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:12].tolist():
-            s, r = g.edge_index[j].tolist()
-            mk = g.empty_mask()
-            mk[s, r] = eps
-            fd = (b.metric(run_with_edge_mask(m, g, b.clean, src, mk)) - base) / eps
-            assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), g.edge_name(s, r)
+    check_eap_against_finite_differences(m, g, b, torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:12].tolist())
 
 
 def test_eap_ig_one_step_is_eap_and_batches_sum(tiny_gpt2):
@@ -212,20 +238,9 @@ def test_eap_ig_activations_completeness_per_sender_group(tiny_model):
     """IG on activations integrates along each sender group's own path, so a group's summed
     edge scores approach the effect of patching that whole group (integrated gradients'
     completeness); one step is EAP's gradient restricted to the group's edges."""
-    from mechscope.patching import run_with_node_mask
-    from mechscope.patching.engine import sender_hooks
 
     m, g, b = tiny_model, build_graph(tiny_model), _batch(B=4, P=8)
-    sc = edge_scores(m, g, b, method="eap-ig-act", steps=40)
-    src = source_activations(m, g, b.clean, b.corrupt, "patching")
-    with torch.no_grad():
-        base = b.metric(run_with_node_mask(m, g, b.clean, src, torch.zeros(g.n_senders)))
-        for _, sl in sender_hooks(g):
-            nodes = torch.zeros(g.n_senders)
-            nodes[sl] = 1.0
-            effect = float(b.metric(run_with_node_mask(m, g, b.clean, src, nodes)) - base)
-            total = float(sc[sl].sum())
-            assert abs(total - effect) < 0.02 + 0.03 * abs(effect), (sl, total, effect)
+    check_activation_ig_completeness(m, g, b)
     eap = edge_scores(m, g, b, method="eap", qk="linear")  # eap-ig-act keeps gradients for q/k edges
     one = edge_scores(m, g, b, method="eap-ig-act", steps=1)
     assert torch.allclose(one, eap, atol=1e-4)  # alpha = 1 only: the clean run's gradient for every group

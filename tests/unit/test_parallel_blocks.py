@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
+from test_attribution import check_eap_against_finite_differences
 
-from mechscope.circuits import edge_scores
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.graph.graph import block_layout
@@ -77,20 +77,9 @@ def test_patching_identities_hold_on_the_parallel_graph_and_fail_on_the_sequenti
 
 def test_eap_equals_finite_differences_on_the_parallel_graph(tiny_neox):
     m, g, b = tiny_neox, build_graph(tiny_neox), _batch(B=5, P=10, seed=1)
-    sc = edge_scores(m, g, b, method="eap", qk="linear")
-    assert (sc[~g.allowed] == 0).all()
-    src = source_activations(m, g, b.clean, b.corrupt, "patching")
-    eps = 1e-3
     mlp_edges = [j for j, (s, r) in enumerate(g.edge_index.tolist()) if g.receivers[r].startswith("m")]
     picks = torch.randperm(g.n_edges, generator=torch.Generator().manual_seed(0))[:10].tolist() + mlp_edges[-4:]
-    with torch.no_grad():
-        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
-        for j in picks:
-            s, r = g.edge_index[j].tolist()
-            mk = g.empty_mask()
-            mk[s, r] = eps
-            fd = (b.metric(run_with_edge_mask(m, g, b.clean, src, mk)) - base) / eps
-            assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), g.edge_name(s, r)
+    check_eap_against_finite_differences(m, g, b, picks)
 
 
 def test_discover_and_evaluate_run_on_a_parallel_model(tiny_neox, tmp_path):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attribution import check_activation_ig_completeness, check_eap_against_finite_differences
 
-from mechscope.circuits import edge_scores
 from mechscope.errors import MechscopeError
 from mechscope.graph import build_graph
 from mechscope.models.hooks import attn_out, attn_result
 from mechscope.models.norms import HeadShares, head_shares
 from mechscope.patching import run_with_edge_mask, run_with_node_mask, source_activations
-from mechscope.patching.engine import check_patching_exact, sender_hooks
+from mechscope.patching.engine import check_patching_exact
 from mechscope.tasks.base import TaskBatch
 
 
@@ -73,39 +73,17 @@ def test_gemma2_eap_equals_finite_difference_of_edge_mask(tiny_gemma2):
     """EAP's score is d metric / d mask[s, r] at mask = 0 also through the norm after attention."""
     m = tiny_gemma2
     g, b = build_graph(m), _batch()
-    sc = edge_scores(m, g, b, method="eap", qk="linear")
-    src = source_activations(m, g, b.clean, b.corrupt, "patching")
-    eps = 1e-3
     gen = torch.Generator().manual_seed(0)
     heads_out = [j for j in range(g.n_edges) if g.senders[int(g.edge_index[j][0])].startswith("a")]
     picks = [heads_out[i] for i in torch.randperm(len(heads_out), generator=gen)[:10].tolist()]
-    picks += torch.randperm(g.n_edges, generator=gen)[:6].tolist()
-    with torch.no_grad():
-        base = b.metric(run_with_edge_mask(m, g, b.clean, src, g.empty_mask()))
-        for j in picks:
-            s, r = g.edge_index[j].tolist()
-            mk = g.empty_mask()
-            mk[s, r] = eps
-            fd = (b.metric(run_with_edge_mask(m, g, b.clean, src, mk)) - base) / eps
-            assert abs(fd - sc[s, r]) < 2e-3 + 0.02 * abs(fd), (g.edge_name(s, r), float(fd), float(sc[s, r]))
+    check_eap_against_finite_differences(m, g, b, picks + torch.randperm(g.n_edges, generator=gen)[:6].tolist())
 
 
 @pytest.mark.slow
 def test_gemma2_eap_ig_activations_completeness(tiny_gemma2):
     """EAP-IG on activations interpolates the heads' shares along a straight line (through the
     norm's output), so each group's summed scores approach the effect of patching the group."""
-    m = tiny_gemma2
-    g, b = build_graph(m), _batch(B=4, P=8)
-    sc = edge_scores(m, g, b, method="eap-ig-act", steps=40)
-    src = source_activations(m, g, b.clean, b.corrupt, "patching")
-    with torch.no_grad():
-        base = b.metric(run_with_node_mask(m, g, b.clean, src, torch.zeros(g.n_senders)))
-        for _, sl in sender_hooks(g):
-            nodes = torch.zeros(g.n_senders)
-            nodes[sl] = 1.0
-            effect = float(b.metric(run_with_node_mask(m, g, b.clean, src, nodes)) - base)
-            total = float(sc[sl].sum())
-            assert abs(total - effect) < 0.02 + 0.03 * abs(effect), (sl, total, effect)
+    check_activation_ig_completeness(tiny_gemma2, build_graph(tiny_gemma2), _batch(B=4, P=8))
 
 
 def test_olmo2_is_refused_for_its_cross_head_query_norm(tmp_path):
