@@ -206,3 +206,22 @@ def test_discover_runs_on_gemma2_and_records_the_reading(tiny_gemma2, tmp_path):
     saved = json.loads((out / "circuit.json").read_text())
     assert saved["model"]["heads_as_norm_shares"] is True and "parallel_blocks" not in saved["model"]
     assert CircuitResult.load(out).graph.n_edges == build_graph(tiny_gemma2).n_edges
+
+
+def test_a_post_norm_of_unknown_form_is_refused_not_raised(tmp_path, monkeypatch):
+    """A norm after attention whose epsilon mechscope cannot find: no shares (the heads read
+    raw), so the graph is refused in one sentence and DLA says it does not add up, instead of a
+    ValueError from inside the engine."""
+    from conftest import _save_tiny
+
+    import mechscope.models.norms as norms
+    from mechscope.lens import run_lens
+    from mechscope.models import load_model
+
+    monkeypatch.setattr(norms, "norm_eps", lambda norm: None)
+    m = load_model(_save_tiny("gemma2", tmp_path / "g2"), device="cpu")
+    assert head_shares(m) == [None] * m.summary.n_layers
+    with pytest.raises(MechscopeError, match="a norm after the attention"):
+        build_graph(m)
+    res = run_lens(m, "When Mary and John went to the store", target=" Mary", distractor=" John")
+    assert not res.dla.exact and "do not add up" in res.dla.note()

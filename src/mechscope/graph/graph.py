@@ -268,11 +268,8 @@ def block_layout(model: Model) -> str:
     half = model.summary.dtype in ("float16", "bfloat16")
     why = None
     layouts = {"sequential", "parallel"}  # the layouts every block so far fits (both where attention added ~0)
-    try:
-        shares = head_shares(model)
-    except ValueError as exc:
-        shares, why = [None] * L, f"the norm after its attention is of a kind the graph does not split into heads ({exc})"
-    for layer in range(L if why is None else 0):
+    shares = head_shares(model)
+    for layer in range(L):
         got = {f.__name__: cache[f(layer)].float() if f(layer) in cache else None
                for f in (resid_pre, attn_result, mlp_in, mlp_out, resid_post)}
         if got["resid_pre"] is None or got["resid_post"] is None or got["attn_result"] is None or got["mlp_out"] is None:

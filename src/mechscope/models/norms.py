@@ -81,9 +81,14 @@ class HeadShares:
 
 def head_shares(model: Any) -> list[HeadShares | None]:
     """Per layer, the ``HeadShares`` of a norm after its attention (None where the heads'
-    outputs are added as they are). Whether they add up is measured by ``graph.block_layout``."""
+    outputs are added as they are, or where that norm names no epsilon: its heads are then read
+    raw, which ``graph.block_layout`` refuses and DLA reports as not adding up). Whether the
+    shares add up is measured by ``graph.block_layout``."""
     out: list[HeadShares | None] = []
     for block in model.bridge.blocks:
         post = getattr(block, "ln1_post", None)
-        out.append(None if post is None else HeadShares(norm_module(post), model.summary.d_model, model.device))
+        try:
+            out.append(None if post is None else HeadShares(norm_module(post), model.summary.d_model, model.device))
+        except ValueError:
+            out.append(None)
     return out
