@@ -51,7 +51,7 @@ import torch
 from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
-from mechscope.models.hooks import attn_hook, attn_out, attn_result, attn_z, mlp_in, parse_hook, resid_pre
+from mechscope.models.hooks import attn_hook, attn_out, attn_z, mlp_in, resid_pre
 from mechscope.models.norms import head_shares
 from mechscope.patching.engine import (
     INPUT_HOOK,
@@ -60,6 +60,7 @@ from mechscope.patching.engine import (
     attn_weights,
     capture_hooks,
     dataset_mean_source,
+    heads_layer,
     logits_at,
     sender_hooks,
     source_activations,
@@ -505,8 +506,8 @@ def _sender_groups(graph: Graph, shares: list) -> list[tuple[str, slice]]:
     sum of the heads' shares: a straight line there is a straight line of every share."""
     out = []
     for name, sl in sender_hooks(graph):
-        layer = parse_hook(name).layer
-        if layer is not None and name == attn_result(layer):
+        layer = heads_layer(graph, name)
+        if layer is not None:
             name = attn_z(layer) if shares[layer] is None else attn_out(layer)
         out.append((name, sl))
     return out

@@ -44,6 +44,7 @@ gradient score for its q/k edges, and ``QKExact.fallback_layers`` says which.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -165,18 +166,13 @@ class QKExact:
             cap = getattr(attn, "attn_logit_softcapping", None) or getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
             caps = [0.0] + ([float(cap)] if isinstance(cap, (int, float)) and cap > 0 else [])  # Gemma 2: c * tanh(s / c)
             ok = False
-            for sc in cands:
-                if not isinstance(sc, (int, float)):
-                    continue
-                for cp in caps:
-                    A = torch.softmax(soft_cap(self._scores(c, float(sc)), cp), -1)
-                    if _close(A, pattern) and _close(_attend(A, v), z):
-                        self.scale += [0.0] * (self.n_layers - len(self.scale))
-                        self.cap += [0.0] * (self.n_layers - len(self.cap))
-                        self.scale[l], self.cap[l] = float(sc), cp
-                        ok = True
-                        break
-                if ok:
+            for sc, cp in itertools.product([float(x) for x in cands if isinstance(x, (int, float))], caps):
+                A = torch.softmax(soft_cap(self._scores(c, sc), cp), -1)
+                if _close(A, pattern) and _close(_attend(A, v), z):
+                    self.scale += [0.0] * (self.n_layers - len(self.scale))
+                    self.cap += [0.0] * (self.n_layers - len(self.cap))
+                    self.scale[l], self.cap[l] = sc, cp
+                    ok = True
                     break
         self.checked[l] = ok
         return ok

@@ -649,7 +649,9 @@ def run_suffix_with_edge_mask(
     if masks[:, :, :first].any():
         raise MechscopeError(f"The mask patches edges into layers below {start}; run the suffix from a lower layer.")
     K, B = masks.shape[0], runner.tokens.shape[0]
-    state = _EdgePatch(graph, masks, source.to(model.device), K, B, head_shares(model))
+    if "shares" not in runner.cache:  # the same model for every run of an ACDC pass: looked up once
+        runner.cache["shares"] = head_shares(model)
+    state = _EdgePatch(graph, masks, source.to(model.device), K, B, runner.cache["shares"])
     n_below = graph.sender_slice_before(start)  # all senders when start == n_layers
     state.prefill(n_below, clean_delta, runner.cache)
     hooks = _patch_hooks(graph, state, n_below, first)  # lower blocks do not run: prefilled

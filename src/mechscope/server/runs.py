@@ -77,10 +77,9 @@ class Run:
 
 VISION_CIRCUIT = "vision circuit"
 """The kind of a ``circuit.json`` that ``mechscope vision circuit`` wrote."""
-_PARSE_BYTES = 1 << 20
-"""A ``circuit.json`` up to this size is parsed to read its ``kind``; a larger one (a vision
-circuit's reference images) is judged by its first ``_HEAD_BYTES``, where ``kind`` is written."""
 _HEAD_BYTES = 1 << 16
+"""How much of a ``circuit.json`` is read to find its ``kind`` (a vision circuit's file holds
+reference images and runs to megabytes; ``kind`` is written near its start)."""
 _VISION_KIND = re.compile(r'"kind"\s*:\s*"vision-circuit"')
 
 
@@ -99,14 +98,11 @@ def _is_vision_circuit(path: Path) -> bool:
     """Whether the ``circuit.json`` at ``path`` is a vision circuit (top-level ``"kind":
     "vision-circuit"``, which ``VisionCircuit.to_dict`` writes right after ``schema_version``)."""
     try:
-        if path.stat().st_size <= _PARSE_BYTES:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            return isinstance(doc, dict) and doc.get("kind") == "vision-circuit"
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES).decode("utf-8", errors="replace")
-        return _VISION_KIND.search(head) is not None
-    except (OSError, ValueError):
+    except OSError:
         return False
+    return _VISION_KIND.search(head) is not None
 
 
 def _is_transcoder_eval(path: Path) -> bool:
