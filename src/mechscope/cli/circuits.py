@@ -64,7 +64,7 @@ def discover(
     from mechscope.circuits import discover as run
     from mechscope.circuits.config import check_seeds
     from mechscope.circuits.stability import discover_seeds
-    from mechscope.report.circuit import write_circuit
+    from mechscope.report.circuit import ci_dropped_sentence, write_circuit
     from mechscope.tasks import get_task
 
     cfg = DiscoverConfig(task=task, method=method, n=n, held_out=held_out, ablation=ablation, level=level, edges=edges,
@@ -107,11 +107,7 @@ def discover(
     if json:
         return emit_json(summary)
     lo, hi = mt["faithfulness_ci"]
-    if (mt.get("faithfulness_ci_dropped") or 0) > 0.01:
-        hi_note = (f" ({mt['faithfulness_ci_dropped']:.0%} of the bootstrap resamples had a clean-corrupt gap under a tenth of the "
-                   "full sample's, or of the other sign, and were left out: the held-out pairs are too few or too varied for a reliable interval)")
-    else:
-        hi_note = ""
+    hi_note = f" ({ci_dropped_sentence(mt).rstrip('.')})" if (mt.get("faithfulness_ci_dropped") or 0) > 0.01 else ""
     cv = f", cross-validated {mt['faithfulness_cv']:.2f}" if mt.get("faithfulness_cv") is not None else ""
     console.print(
         f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "

@@ -487,7 +487,7 @@ def _stats(data: dict) -> str:
     held = f"on {fmt(m.get('n_held_out_pairs'))} held-out pairs"
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         held += f", {finite(m.get('faithfulness_ci_level') or 0.95):.0%} interval {fmt(ci[0], 2)} to {fmt(ci[1], 2)}"
-    dropped = _ci_dropped_text(m)
+    dropped = ci_dropped_sentence(m)
     if dropped:
         held += "; the interval is unreliable (see below)"
     return cards([
@@ -502,9 +502,10 @@ def _stats(data: dict) -> str:
     ]) + (f'<p class="note warn">Held-out faithfulness interval: {esc(dropped)}</p>' if dropped else "")
 
 
-def _ci_dropped_text(m: dict) -> str:
-    """The terminal's sentence on the held-out bootstrap's left-out resamples (``faithfulness_ci_dropped``,
-    a share), as plain text; empty when none were left out."""
+def ci_dropped_sentence(m: dict) -> str:
+    """The sentence on the held-out bootstrap's left-out resamples (``faithfulness_ci_dropped``, a
+    share), as plain text, for the page and for ``discover``'s terminal line; empty when none were
+    left out."""
     share = m.get("faithfulness_ci_dropped")
     if not isinstance(share, (int, float)) or isinstance(share, bool) or not share > 0:
         return ""
