@@ -308,9 +308,11 @@ def smallest_faithful(
     return best
 
 
-def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor) -> float:
-    """ROC AUC of |scores| for recovering ``positives`` among ``allowed`` entries (ties: half)."""
-    s = scores.detach().cpu().float().abs()[allowed]
+def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor, absolute: bool = True) -> float:
+    """ROC AUC of |scores| (of ``scores`` as they are when ``absolute`` is False: a ranking,
+    higher = more likely positive) for recovering ``positives`` among ``allowed`` entries (ties: half)."""
+    s = scores.detach().cpu().double()  # a ranking of > 2**24 edges stays exact
+    s = (s.abs() if absolute else s)[allowed]
     y = positives.bool().cpu()[allowed]
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
@@ -319,7 +321,7 @@ def roc_auc(scores: torch.Tensor, positives: torch.Tensor, allowed: torch.Tensor
     ranks = torch.empty_like(s)
     # tied scores share their average rank
     _, inv, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
-    avg = torch.cumsum(counts, 0).float() - (counts.float() - 1) / 2
+    avg = torch.cumsum(counts, 0).to(s.dtype) - (counts.to(s.dtype) - 1) / 2
     ranks[order] = avg[inv]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

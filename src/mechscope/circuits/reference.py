@@ -15,9 +15,15 @@ file's groups, ``input`` (the embeddings), ``logits`` and ``mlps`` (every MLP) c
 Receivers are written as in the graph (``a9.h6<q>``, ``a9.kv6<k>``: for GPT-2, KV head g is
 head g).
 
-Node-level AUC ranks heads and MLPs by their node score (sum of their edge scores); edge-level
-AUC (when the file has edges) ranks edges by their score. ``compare_with_reference`` gives
-every figure ``mechscope evaluate --reference`` reports.
+Both AUCs, and the top-k overlap, rank by the run's circuits (``circuit_ranking``): the run's
+own circuit first, then every other edge in the order it joins the run's pruned top-k circuits
+as k grows (how ``discover`` builds them, by the importance its rank mode chose: signed or
+|score|), ties by that importance. Ranking by the raw scores instead put edges the circuit
+prunes (on no input -> logits path) above its own, and took |score| whatever the rank mode: a
+circuit compared with itself got edge ROC AUC 0.71 and 40% of its edges in its "top 15"
+(sweep 28). Nodes (heads and MLPs) rank by the first edge of theirs in that order, so a
+circuit compared with itself gets 1.0 on every figure. ``compare_with_reference`` gives every
+figure ``mechscope evaluate --reference`` reports.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechscope.circuits.evaluate import roc_auc
-from mechscope.circuits.select import importance
+from mechscope.circuits.select import entry_sizes, importance, receiver_owner
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, attn_receiver, mlp_node, node_layer, parse_node
@@ -140,18 +146,49 @@ def edge_overlap(ranking: torch.Tensor, reference: torch.Tensor, allowed: torch.
     k = int(reference.sum())
     if k == 0:
         return float("nan")
-    r = ranking.float().masked_fill(~allowed.bool(), float("-inf")).flatten()
+    r = ranking.double().masked_fill(~allowed.bool(), float("-inf")).flatten()
     top = torch.zeros_like(r, dtype=torch.bool)
     top[r.topk(k).indices] = True
     return float((top & reference.flatten().bool()).sum()) / k
 
 
+def circuit_ranking(res: "CircuitResult") -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's ranking of edges [n_senders, n_receivers] and of nodes [n_senders] that the
+    reference figures use, higher = earlier: the run's circuit first, then the edges in the
+    order they join its pruned top-k circuits (``select.entry_sizes`` of the importance under the
+    run's rank mode), ties by that importance; a node ranks with its first edge (as sender, or
+    into one of its inputs). For a circuit ``discover`` chose (a pruned top-k) the circuit-first
+    rule changes nothing; it keeps the order consistent with other circuits (ACDC's, a node-level
+    circuit, one built by hand)."""
+    g = res.graph
+    imp = importance(res.scores.detach().cpu().float(), res.method, res.settings.get("rank") or "signed")
+    entry = entry_sizes(g, imp)
+    kept = res.circuit.bool().cpu() & g.allowed
+    n = g.allowed.numel()
+    # sort by importance, then (stable) by entry size, then by being outside the circuit
+    order = torch.argsort(imp.double().masked_fill(~g.allowed, float("-inf")).flatten(), descending=True, stable=True)
+    order = order[torch.argsort(entry.flatten()[order], stable=True)]
+    order = order[torch.argsort((~kept).flatten()[order].to(torch.uint8), stable=True)]
+    pos = torch.empty(n, dtype=torch.float64)
+    pos[order] = torch.arange(n, dtype=torch.float64)
+    pos = pos.view_as(entry).masked_fill(~g.allowed, float("inf"))
+    edge_rank = (n - pos).masked_fill(~g.allowed, float("-inf"))  # n .. 1 on the allowed edges
+    own = torch.zeros(g.n_receivers, g.n_senders, dtype=torch.bool)
+    for r, ss in enumerate(receiver_owner(g)):
+        own[r, ss] = True
+    first_in = torch.where(own, pos.min(0).values[:, None], torch.tensor(float("inf"), dtype=torch.float64)).min(0).values
+    node_rank = n - torch.minimum(pos.min(1).values, first_in)
+    return edge_rank, node_rank
+
+
 def compare_with_reference(res: "CircuitResult", reference: Reference | str | Path) -> dict[str, Any]:
     """How a discovered circuit ``res`` matches a reference (a ``Reference`` or anything
     ``load_reference`` takes): its source, node count and ``node_roc_auc`` (the run's node
-    scores against the reference's nodes; the input is in every circuit, so it is not ranked).
+    ranking against the reference's nodes; the input is in every circuit, so it is not ranked).
     When the reference lists edges, also ``n_edges``, ``edge_roc_auc`` (the run's edge ranking),
-    ``edge_overlap`` (share of the reference's edges among the run's top |reference| edges),
+    ``edge_overlap`` (share of the reference's edges among the first |reference| edges of that
+    ranking), ranked by ``circuit_ranking`` (the run's circuit first, then the order edges join
+    its pruned top-k circuits), so the run's own circuit gets 1.0 on each,
     ``chance_overlap`` (what a random ranking gets), ``in_this_circuit`` (share of the
     reference's edges in the run's circuit) and ``jaccard`` (of the two circuits' edge sets)."""
     from mechscope.circuits.result import CircuitResult
@@ -168,20 +205,20 @@ def compare_with_reference(res: "CircuitResult", reference: Reference | str | Pa
                              f"one of {', '.join(SHIPPED)}, or a Reference; got a {type(reference).__name__}.")
     g = res.graph
     nodes = ref.node_mask(g)
-    ns = (res.scores * g.allowed).sum(1)
     sel = torch.ones(g.n_senders, dtype=torch.bool)
     sel[0] = False  # the input is in every circuit: not ranked
     if not bool((nodes & sel).any()):
         raise MechscopeError("The reference circuit names no nodes besides the input, so there is "
                              "nothing to compare against; list its heads and MLPs under \"nodes\".")
-    out: dict[str, Any] = {"source": ref.source, "n_nodes": int(nodes.sum()), "node_roc_auc": roc_auc(ns, nodes, sel)}
+    rk, ns = circuit_ranking(res)
+    out: dict[str, Any] = {"source": ref.source, "n_nodes": int(nodes.sum()),
+                           "node_roc_auc": roc_auc(ns, nodes, sel, absolute=False)}
     em = ref.edge_mask(g)
     if em is not None:
-        rk = importance(res.scores, res.method, res.settings.get("rank", "signed"))
         kept = res.circuit.bool()
         out.update({
             "n_edges": int(em.sum()),
-            "edge_roc_auc": roc_auc(rk, em, g.allowed),
+            "edge_roc_auc": roc_auc(rk, em, g.allowed, absolute=False),
             "edge_overlap": edge_overlap(rk, em, g.allowed),
             "chance_overlap": int(em.sum()) / g.n_edges,
             "in_this_circuit": float((kept & em).sum()) / max(1, int(em.sum())),

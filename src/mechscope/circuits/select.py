@@ -104,3 +104,44 @@ def edge_ranking(graph: Graph, scores: torch.Tensor) -> torch.Tensor:
     """Indices into ``graph.edge_index`` sorted by |score| descending."""
     s = scores.detach().cpu().float().abs()[graph.edge_index[:, 0], graph.edge_index[:, 1]]
     return torch.argsort(s, descending=True)
+
+
+def entry_sizes(graph: Graph, ranking: torch.Tensor) -> torch.Tensor:
+    """For each edge, the smallest k whose pruned top-k circuit (``prune(top_k(ranking, k))``,
+    how ``discover`` builds its circuits) keeps it; float [n_senders, n_receivers], inf off
+    ``graph.allowed``. Pruned top-k circuits are nested in k (a complete path stays complete),
+    so ``entry_sizes(...) <= k`` is exactly that circuit (ties in ``ranking`` broken by position).
+
+    An edge is kept once it is in the top k, its sender is reached from the input and its
+    receiver's node leads to the logits; each of those happens at a size given by a bottleneck
+    path (the largest rank on the path, minimised over paths), found by the same fixed point as
+    ``prune``'s, over sizes instead of booleans.
+    """
+    allowed = graph.allowed
+    S, R = allowed.shape
+    inf = torch.tensor(float("inf"))
+    s = ranking.detach().cpu().double().masked_fill(~allowed, float("-inf")).flatten()
+    pos = torch.empty(S * R, dtype=torch.float64)
+    pos[torch.argsort(s, descending=True, stable=True)] = torch.arange(1, S * R + 1, dtype=torch.float64)
+    size = pos.view(S, R).masked_fill(~allowed, float("inf"))  # top-k holds the edge from k = size on
+    own = torch.zeros(R, S, dtype=torch.bool)
+    for r, ss in enumerate(receiver_owner(graph)):
+        own[r, ss] = True
+    reach = torch.full((S,), float("inf"), dtype=torch.float64)
+    reach[0] = 0.0
+    for _ in range(S + 1):
+        fed = torch.maximum(size, reach[:, None]).min(0).values  # receiver fed from a reached sender [R]
+        new = torch.minimum(reach, torch.where(own, fed[:, None], inf.double()).min(0).values)
+        if torch.equal(new, reach):
+            break
+        reach = new
+    recv = torch.full((R,), float("inf"), dtype=torch.float64)
+    recv[graph.logits_receiver] = 0.0
+    for _ in range(S + 1):
+        useful = torch.maximum(size, recv[None]).min(1).values  # node with a kept path to the logits [S]
+        new = torch.where(own, useful[None], inf.double()).min(1).values
+        new[graph.logits_receiver] = 0.0
+        if torch.equal(new, recv):
+            break
+        recv = new
+    return torch.maximum(torch.maximum(size, reach[:, None]), recv[None]).masked_fill(~allowed, float("inf"))

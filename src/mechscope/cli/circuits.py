@@ -190,9 +190,20 @@ def evaluate(
     print_pair_notes(out.get("dropped_pairs"), out.get("task_notes"))
     if "reference" in out:
         r = out["reference"]
-        console.print(f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
-                      + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else ""))
-        if "edge_overlap" in r:
-            console.print(f"reference edges: {r['n_edges']:,}; of them {r['edge_overlap']:.1%} are among this run's top "
-                          f"{r['n_edges']:,} (chance {r['chance_overlap']:.1%}), {r['in_this_circuit']:.1%} are in this run's "
-                          f"circuit; Jaccard of the two circuits {r['jaccard']:.3f}")
+        for line in reference_lines(r, res.settings.get("rank") or "signed"):
+            console.print(line)
+
+
+def reference_lines(r: dict, rank: str) -> list[str]:
+    """What ``evaluate --reference`` prints of ``compare_with_reference``'s figures ``r``: they rank
+    by this run's circuits (its circuit, then the order edges join its pruned top-k), not by raw
+    scores, so a circuit compared with itself reads 1.0 throughout."""
+    lines = [f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
+             + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else "")
+             + f" (this run's ranking: its circuit, then edges in the order they join its pruned top-k circuits "
+               f"by {rank} importance)"]
+    if "edge_overlap" in r:
+        lines.append(f"reference edges: {r['n_edges']:,}; of them {r['edge_overlap']:.1%} are among the first "
+                     f"{r['n_edges']:,} of this run's ranking (chance {r['chance_overlap']:.1%}), {r['in_this_circuit']:.1%} "
+                     f"are in this run's circuit; Jaccard of the two circuits {r['jaccard']:.3f}")
+    return lines
