@@ -224,8 +224,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         tensors = load_file(str(wfile))
     except (SafetensorError, OSError) as exc:
         raise MechscopeError(f"{wfile} is not a readable safetensors file ({exc}); re-save the SAE.") from None
-    sae = SAE(cfg)
-    want = sae.arch.tensor_shapes(cfg)
+    # The shapes are checked before the module is built: a cfg.json whose widths disagree with its
+    # tensors (d_sae: 10**12) would otherwise allocate those widths first.
+    want = get_architecture(cfg.architecture)().tensor_shapes(cfg)
     scale = _scaling_factor(raw, tensors, wfile, cfg.d_sae)
     unknown = sorted(set(tensors) - set(want))
     if unknown:
@@ -241,6 +242,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             raise MechscopeError(
                 f"{wfile}: {name} has shape {list(tensors[name].shape)} but cfg.json (d_in={cfg.d_in}, d_sae={cfg.d_sae}) implies {list(shape)}; the weights and config do not belong together."
             )
+    sae = SAE(cfg)
     with torch.no_grad():
         for name in want:
             getattr(sae, name).copy_(tensors[name].to(getattr(sae, name).dtype))

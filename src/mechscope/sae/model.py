@@ -80,6 +80,22 @@ class SAEConfig:
         return asdict(self)
 
 
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def init_seed(metadata: dict[str, Any]) -> int:
+    """``metadata["seed"]`` (0 when absent), the seed of an SAE's initial weights: a whole number
+    torch can seed with, else one sentence (a cfg.json's ``metadata.seed`` of "abc", 2**70 or
+    [1] would otherwise fail inside torch)."""
+    v = metadata.get("seed", 0)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not _SEED_MIN <= v <= _SEED_MAX:
+        raise MechscopeError(f"the SAE's metadata.seed must be a whole number between {_SEED_MIN} and {_SEED_MAX} (it "
+                             f"seeds the initial weights); got {v!r}: fix it or remove it from the cfg.json.")
+    return v
+
+
 class SAE(nn.Module):
     """A sparse autoencoder or transcoder; ``sae(x)`` reconstructs, ``encode``/``decode`` split it.
     ``arch`` is its ``Architecture`` (``mechscope.sae.archs``)."""
@@ -94,7 +110,7 @@ class SAE(nn.Module):
         self.arch: Architecture = get_architecture(cfg.architecture)()
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.out_dim
         dtype = getattr(torch, cfg.dtype)
-        g = torch.Generator().manual_seed(int(cfg.metadata.get("seed", 0)))
+        g = torch.Generator().manual_seed(init_seed(cfg.metadata))
         w_dec = torch.randn(d_sae, d_out, generator=g, dtype=torch.float32)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec.to(dtype))

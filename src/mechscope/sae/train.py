@@ -30,11 +30,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 CKPT_DIR = "checkpoint"
+_RESUME_MAY_CHANGE = ("device", "checkpoint_every", "log_every")
+"""``TrainConfig`` fields a resumed run may set otherwise than its checkpoint: they change
+where it runs and what it writes along the way, not the weights it ends with."""
 
 
 class BatchSource(Protocol):
@@ -294,31 +298,109 @@ class Trainer:
                 ck = old
             else:
                 return False
-        meta = json.loads((ck / "state.json").read_text())
-        if meta["sae_config"]["d_sae"] != self.sae_cfg.d_sae or meta["sae_config"]["architecture"] != self.sae_cfg.architecture:
-            raise MechscopeError(
-                f"the checkpoint in {ck} is a {meta['sae_config']['architecture']} SAE with d_sae={meta['sae_config']['d_sae']}, "
-                f"not the {self.sae_cfg.architecture} with d_sae={self.sae_cfg.d_sae} asked for; resume with the same settings or use a new --out."
-            )
-        tensors = load_file(str(ck / "state.safetensors"))
-        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-        # Rebuild Adam state in the optimiser's own structure.
-        for n, p in self.sae.named_parameters():
-            st = {key.split(".", 2)[2]: v.to(p.device) for key, v in tensors.items() if key.startswith(f"opt.{n}.")}
-            if st:
-                if "step" in st:
-                    st["step"] = st["step"].cpu()
-                self.opt.state[p] = st
-        self.last_fired = tensors["last_fired"].to(self.cfg.device)
-        torch.set_rng_state(tensors["rng_cpu"])
+        meta = self._read_checkpoint_meta(ck)
+        self._check_same_settings(ck, meta)
+        damaged = self._damaged(ck)
+        try:
+            tensors = load_file(str(ck / "state.safetensors"))
+            self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+            # Rebuild Adam state in the optimiser's own structure.
+            for n, p in self.sae.named_parameters():
+                st = {key.split(".", 2)[2]: v.to(p.device) for key, v in tensors.items() if key.startswith(f"opt.{n}.")}
+                if st:
+                    if "step" in st:
+                        st["step"] = st["step"].cpu()
+                    self.opt.state[p] = st
+            last_fired, rng = tensors["last_fired"], tensors["rng_cpu"]
+            if tuple(last_fired.shape) != (self.sae_cfg.d_sae,):
+                raise ValueError(f"last_fired has shape {list(last_fired.shape)}")
+            torch.set_rng_state(rng)
+        except (SafetensorError, OSError, KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise MechscopeError(damaged.format(why=f"its tensors do not load: {type(exc).__name__} {first}".strip())) from None
+        self.last_fired = last_fired.to(self.cfg.device)
         self.step, self.tokens = meta["step"], meta["tokens"]
         self.scale_in, self.scale_out = meta["scale_in"], meta["scale_out"]
         self.log.rows = meta.get("log", [])
-        if meta.get("source") is not None and hasattr(self.source, "load_state_dict"):
-            self.source.load_state_dict(meta["source"])
-        if hasattr(self.source, "load_state_tensors"):
-            self.source.load_state_tensors({k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")})
+        try:
+            if meta.get("source") is not None and hasattr(self.source, "load_state_dict"):
+                self.source.load_state_dict(meta["source"])
+            if hasattr(self.source, "load_state_tensors"):
+                self.source.load_state_tensors({k[len("source."):]: v for k, v in tensors.items() if k.startswith("source.")})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise MechscopeError(damaged.format(why=f"its data position does not load ({type(exc).__name__}: {exc})")) from None
         return True
+
+    @staticmethod
+    def _damaged(ck: Path) -> str:
+        """The sentence for a checkpoint that cannot be read, with ``{why}`` to fill in."""
+        return (f"the checkpoint in {ck} is damaged ({{why}}), so it cannot be resumed; delete it and train again without "
+                "--resume, or use a new --out.")
+
+    def _read_checkpoint_meta(self, ck: Path) -> dict[str, Any]:
+        """``state.json`` of checkpoint ``ck``, checked for the keys a resume reads (one sentence
+        when it is not JSON or lacks one: a truncated write, an edit)."""
+        damaged = self._damaged(ck)
+        try:
+            meta = json.loads((ck / "state.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MechscopeError(damaged.format(why=f"state.json is not valid JSON: {exc}")) from None
+        except OSError as exc:
+            raise MechscopeError(damaged.format(why=f"state.json cannot be read: {exc.strerror or exc}")) from None
+        if not isinstance(meta, dict):
+            raise MechscopeError(damaged.format(why="state.json does not hold a JSON object"))
+        for key, kinds in (("step", int), ("tokens", int), ("scale_in", (int, float)), ("scale_out", (int, float)),
+                           ("sae_config", dict), ("train_config", dict)):
+            v = meta.get(key)
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                why = f"state.json lacks {key}" if key not in meta else f"state.json holds {key}={v!r}"
+                raise MechscopeError(damaged.format(why=why))
+        if meta["step"] < 0 or meta["tokens"] < 0 or not all(math.isfinite(meta[k]) and meta[k] > 0 for k in ("scale_in", "scale_out")):
+            raise MechscopeError(damaged.format(why="state.json holds a negative count or a scale that is not a positive number"))
+        for key in ("d_sae", "architecture"):
+            if key not in meta["sae_config"]:
+                raise MechscopeError(damaged.format(why=f"state.json's sae_config lacks {key}"))
+        if not isinstance(meta["sae_config"].get("metadata", {}), dict):
+            raise MechscopeError(damaged.format(why="state.json's sae_config.metadata is not a JSON object"))
+        if not isinstance(meta.get("log", []), list):
+            raise MechscopeError(damaged.format(why="state.json's log is not a list"))
+        return meta
+
+    def _check_same_settings(self, ck: Path, meta: dict[str, Any]) -> None:
+        """Refuse (one sentence, naming the first setting that differs) to continue a checkpoint
+        made with other settings than this run's: another model (by weights fingerprint, else by
+        name), hook, corpus, context length, or training setting (``TrainConfig``, all but where
+        the run is and how often it logs and checkpoints), or a module of another shape. Continuing
+        it would write an SAE whose cfg.json names this run's settings while its weights were
+        trained partly with the checkpoint's."""
+        saved_cfg, saved_meta = meta["sae_config"], meta["sae_config"].get("metadata") or {}
+        now, now_meta = self.sae_cfg.to_dict(), self.sae_cfg.metadata
+        fp_old, fp_new = saved_meta.get("model_fingerprint"), now_meta.get("model_fingerprint")
+        if fp_old and fp_new and fp_old != fp_new:  # the weights decide: a moved or renamed folder of the same model still resumes
+            raise MechscopeError(
+                f"the checkpoint in {ck} was made with model {saved_cfg.get('model_name')!r} (weights fingerprint {fp_old}), "
+                f"not {now['model_name']!r} (weights fingerprint {fp_new}); resume with the same settings or use a new --out."
+            )
+        pairs: list[tuple[str, Any, Any]] = []
+        if not (fp_old and fp_new):
+            pairs.append(("model", saved_cfg.get("model_name"), now["model_name"]))
+        pairs += [(k, saved_cfg.get(k), now[k]) for k in ("hook_name", "hook_name_out")]
+        for label, key in (("corpus", "dataset_path"), ("context_len", "context_size")):
+            if key in saved_meta or key in now_meta:
+                pairs.append((label, saved_meta.get(key), now_meta.get(key)))
+        saved_train, now_train = meta["train_config"], asdict(self.cfg)
+        for f in fields(TrainConfig):
+            if f.name in _RESUME_MAY_CHANGE:
+                continue
+            default = f.default if f.default is not MISSING else None
+            pairs.append((f.name, saved_train.get(f.name, default), now_train[f.name]))
+        pairs += [(k, saved_cfg.get(k), now[k]) for k in ("architecture", "d_in", "d_out", "d_sae", "k")]
+        for key, old, new in pairs:
+            if old != new:
+                raise MechscopeError(
+                    f"the checkpoint in {ck} was made with {key}={old!r}, not {new!r}; resume with the same "
+                    "settings or use a new --out."
+                )
 
     # ----------------------------------------------------------------- run
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> SAE:
