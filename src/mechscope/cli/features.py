@@ -466,7 +466,7 @@ def intervene(
     set_: list[str] = typer.Option(..., "--set", help="LAYER:FEATURE:POS=VALUE (repeatable): set that feature's activation."),
     frozen: bool = typer.Option(False, "--frozen", help="Keep attention patterns, norm scales and all other features at their clean values (the graph's linear model)."),
     generate: int = typer.Option(0, "--generate", help="Greedy tokens to generate with the change held."),
-    top: int = typer.Option(10, "--top", help="Logits to list (largest changes)."),
+    top: int = typer.Option(10, "--top", help="Logits to list, at most (largest changes; the whole vocabulary when it is smaller)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -497,7 +497,7 @@ def intervene(
 
     dm = lambda x: x - x.mean()  # noqa: E731
     delta = dm(res["changed"]) - dm(res["base"])
-    idx = delta.abs().topk(top).indices.tolist()
+    idx = delta.abs().topk(min(top, delta.numel())).indices.tolist()  # --top is at most: a vocabulary smaller than it lists all
     rows = [{"token": token_texts(m.tokenizer, [i])[0], "id": i, "base": float(res["base"][i]), "changed": float(res["changed"][i]),
              "delta_demeaned": float(delta[i])} for i in idx]
     out = {"frozen": frozen, "set": [list(c) for c in clamps], "logits": rows}

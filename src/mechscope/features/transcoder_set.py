@@ -14,7 +14,10 @@ them, circuit-tracer's layout: ``config.yaml`` (``model_kind: transcoder_set``,
 ``layer_{l}.safetensors`` with its tensor names (``W_enc`` [d_sae, d_in], ``W_dec``
 [d_sae, d_out], ``b_enc``, ``b_dec``, optional ``W_skip`` [d_out, d_in] and
 ``activation_function.threshold``). A folder holding only circuit-tracer's files loads too;
-one whose files have ``W_skip`` loads as the ``skip_*`` form of its activation.
+one whose files have ``W_skip`` loads as the ``skip_*`` form of its activation, and files with
+thresholds but no ``activation_function`` in ``config.yaml`` load as JumpReLU (as circuit-tracer
+reads them). Like ``load_sae``, loading refuses in one sentence other tensors, tensors of
+other shapes, NaN or infinite values, and a ``jump_relu`` set without its thresholds.
 
 The input hook of circuit-tracer's files. mechscope's transcoders read the *pure* normalised
 input (``ln2.hook_normalized``: the norm before its gain and bias), which circuit-tracer's
@@ -56,6 +59,9 @@ CONFIG = "config.yaml"
 PURE_INPUT = "ln2.hook_normalized"  # circuit-tracer's name (TransformerLens backend) for mechscope's input
 NORMED_INPUT = "mlp.hook_in"  # the norm's output, gain and bias applied (both circuit-tracer backends)
 OUTPUT_HOOKS = ("hook_mlp_out", "mlp.hook_out")
+THRESHOLD = "activation_function.threshold"  # a JumpReLU's thresholds in circuit-tracer's files
+CT_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip", THRESHOLD, "k")  # what circuit-tracer's layer files hold
+_ACTIVATIONS = {"relu": "relu", "topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}
 
 
 def mlp_input_norms(model: Model) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -193,7 +199,7 @@ def save_transcoders(tset: TranscoderSet, path: str | Path, model: Model | None 
                 W_skip = W_skip / g[None, :]
         t = {"W_enc": W_enc.T, "W_dec": tc.W_dec.detach().float().cpu(), "b_enc": b_enc, "b_dec": b_dec}
         if tc.arch.threshold_saved:
-            t["activation_function.threshold"] = tc.threshold.detach().float().cpu()
+            t[THRESHOLD] = tc.threshold.detach().float().cpu()
         if W_skip is not None:
             t["W_skip"] = W_skip
         save_file({k: v.contiguous() for k, v in t.items()}, str(path / f"layer_{i}.safetensors"))
@@ -301,6 +307,11 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
         where = f" at line {mark.line + 1}" if mark is not None else ""
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise MechscopeError(f"{path / CONFIG} is not valid YAML ({what}{where}); fix or remove that file.") from None
+    if not isinstance(cfg, dict):
+        raise MechscopeError(
+            f"{path / CONFIG} holds a YAML {_yaml_kind(cfg)}, not a mapping of settings (model_kind: transcoder_set, "
+            "feature_input_hook, feature_output_hook, transcoders: a list of layer files); fix or remove that file."
+        )
     if cfg.get("model_kind") != "transcoder_set":
         raise MechscopeError(f"{path / CONFIG}: model_kind is {cfg.get('model_kind')!r}; only 'transcoder_set' is supported.")
     in_hook, out_hook = str(cfg.get("feature_input_hook", PURE_INPUT)), str(cfg.get("feature_output_hook", "hook_mlp_out"))
@@ -317,7 +328,13 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
                 "to unfold: pass --model on the command line (model= in Python)."
             )
         norms, mname = mlp_input_norms(model), model.summary.name
-    listed = [str(f) for f in cfg.get("transcoders") or []]
+    raw_listed = cfg.get("transcoders") or []
+    if not isinstance(raw_listed, list) or not all(isinstance(f, str) for f in raw_listed):
+        raise MechscopeError(
+            f"{path / CONFIG}: transcoders must be a YAML list of per-layer file names (  - layer_0.safetensors), "
+            f"got {raw_listed!r:.80}; fix it, or remove the key to read every layer_<l>.safetensors in {path}."
+        )
+    listed = [str(f) for f in raw_listed]
     files = listed if listed and not any(f.startswith("hf://") for f in listed) else \
         sorted((p.name for p in path.glob("layer_*.safetensors")), key=_layer_of)  # by number: layer_10 after layer_9
     if not files:
@@ -329,8 +346,13 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
         raise MechscopeError(f"{path} holds {len(files)} layers but {mname} has {len(norms)}; use a set trained on this model.")
     from mechscope.sae.archs import skip_variant
 
-    act = str(cfg.get("activation_function", "relu")).lower()
-    plain = {"topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}.get(act, "relu")
+    act_given = cfg.get("activation_function") is not None
+    act = str(cfg.get("activation_function") or "relu").lower()
+    if act not in _ACTIVATIONS:
+        raise MechscopeError(
+            f"{path / CONFIG}: activation_function {cfg.get('activation_function')!r} is not one mechscope reads "
+            f"({', '.join(_ACTIVATIONS)}); fix it (or remove it for ReLU)."
+        )
     layers = []
     for i, f in enumerate(files):
         fp = path / str(f)
@@ -338,24 +360,11 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
             t = load_file(str(fp))
         except (SafetensorError, OSError, FileNotFoundError) as exc:
             raise MechscopeError(f"{fp} is not a readable safetensors file ({exc}).") from None
-        for need in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            if need not in t:
-                raise MechscopeError(f"{fp} lacks {need!r}; circuit-tracer transcoders have W_enc, W_dec, b_enc, b_dec.")
-        ints = [n for n, v in t.items() if n != "k" and not v.is_floating_point()]
-        if ints:  # .float() would cast whole numbers silently
-            raise MechscopeError(f"{fp} holds {t[ints[0]].dtype} values in {ints[0]}, so the transcoder is unusable; its "
-                                 "weights must be floating point: re-save them as float32.")
-        d_sae, d_in = t["W_enc"].shape
-        if t["W_dec"].shape[0] != d_sae:
-            raise MechscopeError(f"{fp}: W_dec has {t['W_dec'].shape[0]} rows but W_enc has {d_sae}; the file is inconsistent.")
-        d_out = int(t["W_dec"].shape[1])
+        d_sae, d_in, d_out = _check_ct_tensors(fp, t)
+        plain = _ct_activation(fp, t, act, act_given)
         arch = skip_variant(plain) if "W_skip" in t else plain
-        if "W_skip" in t and tuple(t["W_skip"].shape) != (d_out, d_in):
-            raise MechscopeError(
-                f"{fp}: W_skip has shape {list(t['W_skip'].shape)} but W_enc and W_dec imply [{d_out}, {d_in}] (circuit-tracer's [d_out, d_in])."
-            )
-        k = cfg.get("k", int(t["k"]) if "k" in t and t["k"].numel() == 1 else None)  # circuit-tracer may store k as a tensor
-        sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k if plain == "topk" else None,
+        k = _ct_k(fp, cfg, t) if plain == "topk" else None
+        sc = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k,
                        hook_name=ln_normalized(i, 2), hook_name_out=mlp_out(i), d_out=d_out,
                        model_name=str(cfg.get("model_name", "")), apply_b_dec_to_input=False)
         W_enc, b_enc, b_dec = t["W_enc"].float().T, t["b_enc"].float(), t["b_dec"].float()
@@ -375,9 +384,84 @@ def _load_circuit_tracer(path: Path, device, model: Model | None = None) -> Tran
             tc.W_dec.copy_(t["W_dec"])
             tc.b_enc.copy_(b_enc)
             tc.b_dec.copy_(b_dec)
-            if "activation_function.threshold" in t:
-                tc.threshold.copy_(t["activation_function.threshold"])
+            if plain == "jumprelu":
+                tc.threshold.copy_(t[THRESHOLD])
             if W_skip is not None:
                 tc.W_skip.copy_(W_skip)
         layers.append(tc.to(device))
     return TranscoderSet(layers, str(cfg.get("model_name", "")))
+
+
+def _yaml_kind(v: object) -> str:
+    return "list" if isinstance(v, list) else "mapping" if isinstance(v, dict) else f"scalar ({v!r:.40})"
+
+
+def _check_ct_tensors(fp: Path, t: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """One sentence when a circuit-tracer layer file holds a tensor mechscope does not know, lacks
+    one, holds whole numbers, a tensor of the wrong shape or NaN / infinite values (the checks
+    ``load_sae`` makes of SAELens files); returns ``(d_sae, d_in, d_out)``."""
+    unknown = sorted(set(t) - set(CT_TENSORS))
+    if unknown:
+        raise MechscopeError(f"{fp} holds tensors mechscope does not know ({', '.join(unknown)}; a circuit-tracer transcoder "
+                             f"holds {', '.join(CT_TENSORS[:-1])}), so it cannot tell what they change; remove them or fold "
+                             "them into the weights.")
+    for need in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        if need not in t:
+            raise MechscopeError(f"{fp} lacks {need!r}; circuit-tracer transcoders have W_enc, W_dec, b_enc, b_dec.")
+    ints = [n for n, v in t.items() if n != "k" and not v.is_floating_point()]
+    if ints:  # .float() would cast whole numbers silently
+        raise MechscopeError(f"{fp} holds {t[ints[0]].dtype} values in {ints[0]}, so the transcoder is unusable; its "
+                             "weights must be floating point: re-save them as float32.")
+    for name, form in (("W_enc", "[d_sae, d_in]"), ("W_dec", "[d_sae, d_out]")):
+        if t[name].dim() != 2:
+            raise MechscopeError(f"{fp}: {name} has shape {list(t[name].shape)} but circuit-tracer's {name} is a matrix "
+                                 f"{form}; the file is damaged or not a transcoder: re-save it.")
+    d_sae, d_in = (int(n) for n in t["W_enc"].shape)
+    d_out = int(t["W_dec"].shape[1])
+    want = {"W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,), "W_skip": (d_out, d_in), THRESHOLD: (d_sae,)}
+    for name, shape in want.items():
+        if name in t and tuple(t[name].shape) != shape:
+            raise MechscopeError(f"{fp}: {name} has shape {list(t[name].shape)} but W_enc {list(t['W_enc'].shape)} and W_dec "
+                                 f"{list(t['W_dec'].shape)} imply {list(shape)} (circuit-tracer's W_enc [d_sae, d_in], W_dec "
+                                 "[d_sae, d_out]); the file is inconsistent: re-save it.")
+    bad = [n for n in CT_TENSORS[:-1] if n in t and not bool(torch.isfinite(t[n]).all())]
+    if bad:
+        raise MechscopeError(f"{fp}: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or infinite values, so every "
+                             "figure computed from the transcoder would be undefined; re-train, re-download or re-save it.")
+    return d_sae, d_in, d_out
+
+
+def _ct_k(fp: Path, cfg: dict, t: dict[str, torch.Tensor]) -> int:
+    """A TopK set's k: config.yaml's ``k``, else a one-value ``k`` tensor in the layer file
+    (circuit-tracer may store it so); one sentence when neither is a whole number >= 1."""
+    if "k" in cfg:
+        k, where = cfg["k"], f"{fp.parent / CONFIG}: k"
+    elif "k" in t:
+        k, where = (t["k"].item() if t["k"].numel() == 1 else t["k"].tolist()), f"{fp}: the k tensor"
+    else:
+        raise MechscopeError(f"{fp.parent / CONFIG} sets activation_function: topk but no k; add k: N, the active "
+                             "features per token the set was trained with.")
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MechscopeError(f"{where} must be one whole number of at least 1 (the active features per token); got {k!r:.40}.")
+    return k
+
+
+def _ct_activation(fp: Path, t: dict[str, torch.Tensor], act: str, act_given: bool) -> str:
+    """mechscope's architecture (without a skip) of a circuit-tracer layer file: config.yaml's
+    ``activation_function``; a file with thresholds and no activation_function is a JumpReLU
+    (circuit-tracer reads it so). A JumpReLU without thresholds, or thresholds that another
+    activation would ignore, are refused rather than read as thresholds 0 or dropped."""
+    plain = _ACTIVATIONS[act]
+    has_thr = THRESHOLD in t
+    if plain == "jumprelu" and not has_thr:
+        raise MechscopeError(f"{fp} lacks {THRESHOLD!r}, the thresholds of the jump_relu activation that {CONFIG} sets; "
+                             "add them to the file, or set activation_function: relu if the set has none.")
+    if has_thr and plain != "jumprelu":
+        if not act_given:
+            return "jumprelu"  # circuit-tracer: a file with thresholds is a JumpReLU
+        if bool((t[THRESHOLD] != 0).any()):
+            raise MechscopeError(f"{fp} holds {THRESHOLD} (nonzero), which the {act} activation that {CONFIG} sets would "
+                                 "ignore; set activation_function: jump_relu if the set is a JumpReLU, or remove the tensor.")
+    return plain
