@@ -24,7 +24,8 @@ def test_evaluate_names_a_file_that_is_not_a_circuit(tmp_path, tiny_llama_dir):
 
 def test_more_folds_than_pairs_allow_is_said(tiny_llama):
     rec = Recorder()
-    res = discover(tiny_llama, DiscoverConfig(task="induction", n=12, method="eap", folds=100, bootstrap=50, labels=False),
+    res = discover(tiny_llama, DiscoverConfig(task="induction", n=12, method="eap", folds=100, bootstrap=50, labels=False,
+                                                  force=True),
                    progress=rec)
     n_folds = res.metrics["n_folds"]
     notes = [n for n in rec.notes if "--folds 100" in n]

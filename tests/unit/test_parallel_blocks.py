@@ -90,7 +90,7 @@ def test_discover_and_evaluate_run_on_a_parallel_model(tiny_neox, tmp_path):
 
     out, tiny_neox_dir = tmp_path / "run", tiny_neox.summary.source
     r = CliRunner().invoke(app, ["discover", "--model", tiny_neox_dir, "--task", "induction", "--n", "8", "--method", "eap",
-                                 "--out", str(out), "--json"])
+                                 "--force", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     res = CircuitResult.load(out)
     assert res.graph.parallel and res.model["parallel_blocks"] is True

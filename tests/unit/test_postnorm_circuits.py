@@ -201,7 +201,7 @@ def test_discover_runs_on_gemma2_and_records_the_reading(tiny_gemma2, tmp_path):
 
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["discover", "--model", tiny_gemma2.summary.source, "--task", "induction", "--n", "8",
-                                 "--method", "eap", "--out", str(out), "--json"])
+                                 "--method", "eap", "--force", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     saved = json.loads((out / "circuit.json").read_text())
     assert saved["model"]["heads_as_norm_shares"] is True and "parallel_blocks" not in saved["model"]

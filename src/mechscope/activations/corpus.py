@@ -16,7 +16,9 @@ Documents are indexed in a first pass (file, byte range), so a corpus holds offs
 texts: memory stays small for big corpora and any order can be read back. The order is
 deterministic; ``seed`` shuffles documents. ``split="train"`` / ``"heldout"`` partitions them:
 every ``heldout_every``-th document (5% by default) is held out, spread over the whole corpus,
-so SAE evaluation can use text the SAE was not trained on. ``describe_corpus`` counts what a
+so SAE evaluation can use text the SAE was not trained on. A corpus with fewer than
+``heldout_every`` documents is refused for either split: one it trained on whole could never
+be evaluated. ``describe_corpus`` counts what a
 corpus holds (``mechscope corpus``).
 """
 
@@ -77,7 +79,8 @@ class Corpus:
         if f is None:
             f = handles[ref.path] = open(ref.path, "rb")
         f.seek(ref.start)
-        raw = f.read(ref.end - ref.start).decode("utf-8", errors="replace")
+        # checked strictly at indexing; "-sig": a file's byte-order mark is not text (json.loads refuses it in a str)
+        raw = f.read(ref.end - ref.start).decode("utf-8-sig", errors="replace")
         return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
 
     def info(self) -> dict[str, Any]:
@@ -120,7 +123,7 @@ def get_corpus(
         n_docs = len(refs)
         held = [r for i, r in enumerate(refs) if i % heldout_every == heldout_every - 1]
         refs = held if split == "heldout" else [r for i, r in enumerate(refs) if i % heldout_every != heldout_every - 1]
-        if not refs:
+        if not refs or not held:  # refused for the train split too: a model trained on it could never be evaluated
             raise MechscopeError(
                 f"The corpus '{spec}' has {n_docs} document{'s' if n_docs != 1 else ''}, too few to hold 1 in "
                 f"{heldout_every} out: give it at least {heldout_every} (a .txt file is cut into passages of about "
@@ -202,7 +205,12 @@ def _index_txt(path: Path, passage_chars: int) -> list[_Ref]:
     """Passages of about ``passage_chars`` characters (bytes, for UTF-8 text), cut at blank lines."""
     refs, start, pos, size = [], 0, 0, 0
     with open(path, "rb") as f:
-        for line in f:
+        for i, line in enumerate(f, 1):
+            try:  # strict: a binary or Latin-1 file would otherwise become text of U+FFFD
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MechscopeError(f"{path}, line {i}: not UTF-8 text (byte {exc.start + 1} of the line); convert the file "
+                                     "to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of the corpus.") from exc
             pos += len(line)
             size += len(line)
             if size >= passage_chars and not line.strip():

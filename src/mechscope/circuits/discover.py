@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -56,9 +57,15 @@ if TYPE_CHECKING:
     from mechscope.models import Model
 
 
+LOGPROB_CHANCE_FACTOR = 10.0
+"""A logprob task is at chance when the answer's mean log-probability on the clean prompts is
+at most log(10 / vocabulary): the answer is no more than 10 times as likely as a uniform guess."""
+
+
 def check_task_performance(model: Model, batch: TaskBatch, force: bool = False) -> dict:
     """Evaluate the task and refuse (unless ``force``) when the model does not do it: accuracy
-    at chance (tasks scored by a logit or probability difference), or a clean-corrupt metric
+    at chance (tasks scored by a logit or probability difference), the answer hardly likelier
+    than a uniform guess (``logprob`` tasks, ``LOGPROB_CHANCE_FACTOR``), or a clean-corrupt metric
     gap that is not positive (every metric is larger where the model does the task: a negative
     gap would turn the normalised faithfulness upside down). With ``force`` the figures are
     returned with ``at_chance`` set, and the run goes on."""
@@ -66,7 +73,12 @@ def check_task_performance(model: Model, batch: TaskBatch, force: bool = False) 
 
     res = evaluate_task(model, batch)
     gap = res["clean_metric"] - res["corrupt_metric"]
-    at_chance = res["clean_accuracy"] <= res["chance_accuracy"] + 0.1 if batch.metric_name != "logprob" else False
+    if batch.metric_name == "logprob":
+        # top-1 accuracy over a whole vocabulary is no test; the answer no more than
+        # LOGPROB_CHANCE_FACTOR times as likely as a uniform guess (geometric mean) is
+        at_chance = res["clean_metric"] <= math.log(LOGPROB_CHANCE_FACTOR * res["chance_accuracy"])
+    else:
+        at_chance = res["clean_accuracy"] <= res["chance_accuracy"] + 0.1
     if abs(gap) < 1e-3 and torch.equal(batch.clean, batch.corrupt):
         raise MechscopeError(
             f"the corrupt prompts of task '{batch.task}' are the clean prompts themselves, so there is nothing to patch "
@@ -76,9 +88,13 @@ def check_task_performance(model: Model, batch: TaskBatch, force: bool = False) 
     res["at_chance"] = bool(at_chance or gap < 1e-3)
     if res["at_chance"] and not force:
         why = (" (the corrupt prompts score as well as or better than the clean ones)" if gap < 1e-3 else "")
+        if batch.metric_name == "logprob":
+            figures = (f"mean clean log-probability of the answer {res['clean_metric']:.3g}, a uniform guess's "
+                       f"{math.log(res['chance_accuracy']):.3g}")
+        else:
+            figures = f"clean accuracy {res['clean_accuracy']:.0%}, chance {res['chance_accuracy']:.0%}"
         raise MechscopeError(
-            f"{model.summary.name} performs task '{batch.task}' at chance (clean accuracy "
-            f"{res['clean_accuracy']:.0%}, chance {res['chance_accuracy']:.0%}, clean-corrupt metric gap "
+            f"{model.summary.name} performs task '{batch.task}' at chance ({figures}, clean-corrupt metric gap "
             f"{gap:.3g}{why}); a circuit for a behaviour the model lacks is meaningless (--force runs it anyway)."
         )
     return res

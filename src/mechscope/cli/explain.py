@@ -299,6 +299,11 @@ def exemplars_merge(
 
     if len(shards) < 2:
         raise MechscopeError("give at least two shard checkpoint folders to merge.")
+    if out is not None:
+        for f in shards:  # the merged state would replace a shard, which could then not be merged again
+            if Path(out).expanduser().resolve() == Path(f).expanduser().resolve():
+                raise MechscopeError(f"--out {out} is one of the shards being merged, and the merged state would replace it; "
+                                     "give --out a new folder.")
     check_out_folder(out, "exemplars")
     states = [HarvestState.read(folder) for folder in shards]  # refuses a missing or damaged checkpoint first
     merged = merge_states(states, [str(f) for f in shards])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError, check_lr
+from mechscope.errors import MechscopeError, check_lr, check_number_fields
 
 DataKind = Literal["repeats"]
 
@@ -81,6 +81,17 @@ class DataConfig:
     seed: int = 0
     """seed of the Markov chains (the data's 'world'); batches have their own generator"""
 
+    def __post_init__(self) -> None:
+        check_number_fields(self, "train-toy data")
+        if self.vocab < 2:
+            raise MechscopeError(f"--vocab {self.vocab} leaves nothing to predict; give at least 2 content tokens.")
+        if not 1 <= self.min_span <= self.max_span or self.n_repeats < 0 or not self.alpha > 0:
+            raise MechscopeError("train-toy data needs 1 <= min_span <= max_span, n_repeats >= 0 and alpha > 0; got "
+                                 f"min_span {self.min_span}, max_span {self.max_span}, n_repeats {self.n_repeats}, alpha {self.alpha}.")
+        if self.seq_len < 2 * self.min_span + 1:  # toydata places a span and its repeat after the first half
+            raise MechscopeError(f"--seq-len {self.seq_len} is too short for a repeated span of {self.min_span} tokens, so there "
+                                 f"would be no induction to learn; give --seq-len {2 * self.min_span + 1} or more.")
+
 
 @dataclass
 class ToyConfig:
@@ -106,6 +117,9 @@ class ToyConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model < self.heads or self.d_model % self.heads:
             raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+        if self.n_checkpoints < 0 or self.linear_checkpoints < 0:
+            raise MechscopeError(f"--checkpoints and --linear-checkpoints count checkpoints, so they cannot be negative; got "
+                                 f"{self.n_checkpoints} and {self.linear_checkpoints}.")
         check_lr(self.lr)
 
     def to_dict(self) -> dict:

@@ -119,6 +119,20 @@ def formation_step(steps: list[int], values: list[float], min_rise: float = MIN_
     return next(s for s, v in zip(steps[low:], values[low:]) if v >= half)
 
 
+def _train_log(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/train.json`` (a train-toy run's log), or one sentence when it is damaged."""
+    tj = run_dir / "train.json"
+    try:
+        log = json.loads(tj.read_text(encoding="utf-8"))
+        ok = isinstance(log, dict) and isinstance(log.get("settings"), dict) and isinstance(log["settings"].get("data"), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise MechscopeError(f"{tj} is damaged (not the JSON log `mechscope train-toy` writes, with its settings); restore it, "
+                             "or move it away to score the checkpoints on text instead of the run's own data.")
+    return log
+
+
 def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Tensor, int, str]:
     """Held-out sequences [n, pos], their prefix length and a description."""
     from mechscope.heads import sequences
@@ -127,7 +141,7 @@ def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Te
     if tj.is_file():
         from mechscope.heads.toydata import DataConfig, ToyData
 
-        settings = json.loads(tj.read_text())["settings"]
+        settings = _train_log(run_dir)["settings"]
         fields = DataConfig.__dataclass_fields__
         data = ToyData(DataConfig(**{k: v for k, v in settings["data"].items() if k in fields}))
         toks = data.batch(cfg.n_eval, torch.Generator().manual_seed(20_000 + cfg.seed))
@@ -208,7 +222,7 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
             r["k_composition_prev_to_induction"] = float(kcomp[l1, h1, l2, h2]) if l1 < l2 else None
     train_loss = []
     tj = run / "train.json"
-    log = json.loads(tj.read_text()) if tj.is_file() else {}
+    log = _train_log(run) if tj.is_file() else {}
     if tj.is_file():
         tl = log.get("train_loss", [])
         stride = max(1, len(tl) // 400)

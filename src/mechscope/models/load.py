@@ -30,8 +30,10 @@ import contextlib
 import importlib.util
 import io
 import logging
+import math
 import os
 import pickle
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,6 +179,7 @@ def default_length(model: Any, default: int) -> int:
 
 
 _NO_PER_HEAD = "_mechscope_no_per_head"
+_MLP_WIDTH = "_mechscope_mlp_width"  # block 0's mlp.hook_post width, measured at load
 
 
 def per_head_hooks(model: Any) -> bool:
@@ -302,8 +305,43 @@ def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
     if gguf_file is None:
         kwargs["use_safetensors"] = True
     with _quiet_loading(), _no_unpickling():
-        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager", **kwargs)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager",
+                                                           output_loading_info=True, **kwargs)
+    hf_model, info = loaded  # (model, {"missing_keys": ..., "mismatched_keys": ...})
+    _check_loading_info(info, name if gguf_file is None else str(Path(name) / gguf_file))
+    _check_tokenizer_size(tokenizer, hf_model, name)
     return hf_model, tokenizer
+
+
+def _check_loading_info(info: Any, where: str) -> None:
+    """One sentence when transformers left weights of the model at their random initialisation
+    (``missing_keys``: a file without some layers, or another model's weights under this config)
+    or could not fit some (``mismatched_keys``); it only logs that, and every figure would then
+    describe random weights. Unexpected extra keys are harmless (old buffers) and pass."""
+    if not isinstance(info, dict):
+        return
+    missing = sorted(str(k) for k in info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what, keys = ("has no weights for", missing) if missing else ("has weights of the wrong shape for", mismatched)
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        raise MechscopeError(f"The model at '{where}' {what} {len(keys)} tensor{'s' if len(keys) != 1 else ''} its config "
+                             f"needs ({shown}), which transformers would leave random; save the whole model again with its "
+                             "own config.json.")
+
+
+def _check_tokenizer_size(tokenizer: Any, hf_model: Any, where: str) -> None:
+    """A tokenizer of a handful of entries for a model of thousands (transformers builds an
+    empty one from a folder with a bare tokenizer_config.json) encodes text to nothing; refused
+    here, not blamed on the prompt later."""
+    try:
+        n_tok, n_vocab = len(tokenizer), int(hf_model.get_input_embeddings().num_embeddings)
+    except Exception:  # noqa: BLE001 - nothing to compare
+        return
+    if n_tok < min(16, n_vocab):
+        raise MechscopeError(f"The tokenizer at '{where}' holds {n_tok} token{'s' if n_tok != 1 else ''} for a model of "
+                             f"{n_vocab:,}, so it cannot encode text; save the model's own tokenizer there with "
+                             "`tokenizer.save_pretrained(folder)`.")
 
 
 def _tokenizer(name: str, kwargs: dict[str, Any], local_folder: bool):
@@ -311,6 +349,8 @@ def _tokenizer(name: str, kwargs: dict[str, Any], local_folder: bool):
     tokenizer files is refused in one sentence (``_check_tokenizer_files``)."""
     from transformers import AutoTokenizer
 
+    if local_folder and Path(name).is_dir():
+        _check_tokenizer_files(Path(name), name)  # transformers may build an empty tokenizer rather than fail
     try:
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError):
@@ -532,10 +572,14 @@ def load_model(
         if type(exc).__name__ == "SafetensorError":
             raise MechscopeError(f"The weights at '{target}' are damaged or not safetensors ({str(exc).splitlines()[0]}); "
                                  "save the model again.") from exc
-        if not isinstance(exc, (OSError, ValueError)):
+        where = str(Path(target) / gguf_file) if gguf_file is not None else target
+        if gguf_file is not None and not isinstance(exc, (ImportError, MemoryError)):  # struct.error, EOFError, ...
+            raise MechscopeError(f"Could not read the GGUF file '{where}' ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]}); "
+                                 "it is damaged or not a GGUF model file.") from exc
+        if not isinstance(exc, (OSError, ValueError, RuntimeError)):
             raise
         if local:
-            raise MechscopeError(f"Could not load the model at '{target}': {str(exc).splitlines()[0]}") from exc
+            raise MechscopeError(f"Could not load the model at '{where}': {(str(exc).splitlines() or [''])[0][:300]}") from exc
         raise MechscopeError(
             f"Could not load '{name}': it is not a local path or a known alias "
             f"({', '.join(sorted(set(ALIASES)))}), and the Hugging Face Hub did not provide it "
@@ -544,7 +588,10 @@ def load_model(
     hf_model.eval()
     hf_model.to(device)
     bridge = _bridge(hf_model, tokenizer, _bridge_name(target, local))
-    summary = _summarise(display, target if gguf_file is None else str(Path(target) / gguf_file), hf_model, bridge, dtype, device)
+    source = target if gguf_file is None else str(Path(target) / gguf_file)
+    if local:  # saved results name the model by it: an absolute path reloads from any folder (evaluate, serve)
+        source = str(Path(source).expanduser().resolve())
+    summary = _summarise(display, source, hf_model, bridge, dtype, device)
     return Model(bridge=bridge, tokenizer=tokenizer, summary=summary)
 
 
@@ -564,17 +611,30 @@ def _bridge_name(target: str, local: bool) -> str:
     return str(Path(target).expanduser().resolve()) if local else target
 
 
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """``text`` up to the end of its first sentence, cut at a word (not mid-word) past ``limit``
+    characters: a bridge's reason can go on to instructions for TransformerLens's developers."""
+    text = text.strip()
+    m = re.search(r"[.!?](\s|$)", text)
+    first = text[: m.start()] if m else text
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return first
+
+
 def _bridge(hf_model, tokenizer, target: str):
     from transformer_lens.model_bridge import TransformerBridge
 
+    ref = _reference_logits(hf_model)  # before the bridge wraps (and replaces) the model's modules
     with _quiet(), contextlib.redirect_stdout(io.StringIO()):
         try:
             bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model, tokenizer=tokenizer)
-        except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: a layout it misreads
+        except (ValueError, KeyError, NotImplementedError, RuntimeError, AssertionError) as exc:
+            # RuntimeError: a layout it misreads; AssertionError: an adapter's own check (GPT-BigCode without multi-query)
             arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
-            why = str(exc).splitlines()[0].split(". Available architectures")[0]  # not the bridge's list of ~170
+            why = _first_sentence(str(exc).splitlines()[0].split(". Available architectures")[0])  # not the bridge's list of ~170
             raise MechscopeError(
-                f"TransformerLens's bridge does not support {arch} ({why[:200]}); use a model of a supported "
+                f"TransformerLens's bridge does not support {arch} ({why}); use a model of a supported "
                 "architecture (Llama, Qwen2, Mistral, Gemma, GPT-2 ...)."
             ) from exc
     try:
@@ -585,23 +645,100 @@ def _bridge(hf_model, tokenizer, target: str):
     with contextlib.suppress(NotImplementedError):
         bridge.set_use_hook_mlp_in(True)
     bridge.eval()
-    _check_hooks_run(bridge, hf_model)
+    _check_hooks_run(bridge, hf_model, ref)
+    _check_final_norm(bridge, hf_model)
     return bridge
 
 
+def _check_final_norm(bridge, hf_model) -> None:
+    """Every reader of the residual stream through the unembedding (the graph's logits node,
+    the lens, DLA, recall, interchange) starts at ``ln_final.hook_in``: a model whose bridge has
+    no final norm there (OPT with ``word_embed_proj_dim`` unlike ``hidden_size`` projects after
+    its final norm) is refused at load in one sentence, not by a traceback in the lens."""
+    if "ln_final.hook_in" not in bridge.hook_dict:
+        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        raise MechscopeError(
+            f"TransformerLens's bridge exposes no final norm (ln_final) for this {arch}, e.g. because a projection follows "
+            "it (OPT with word_embed_proj_dim unlike hidden_size), and mechscope reads the residual stream into the "
+            "unembedding there; use a model whose final norm feeds the unembedding directly."
+        )
+
+
+CHECK_TOKENS = 3
+"""Token ids 0 .. CHECK_TOKENS - 1 (modulo the vocabulary): the prompt of the load-time checks
+(hooks run, same logits)."""
+
+
+def _check_tokens(hf_model, device) -> torch.Tensor:
+    try:
+        n = int(hf_model.get_input_embeddings().num_embeddings)
+    except Exception:  # noqa: BLE001 - no embedding module to ask: token 0 only
+        n = 1
+    cfg = getattr(hf_model, "config", None)
+    n_ctx = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    length = min(CHECK_TOKENS, n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else CHECK_TOKENS  # a toy's context can be 2
+    return (torch.arange(length, dtype=torch.long, device=device) % max(n, 1))[None]
+
+
 @torch.no_grad()
-def _check_hooks_run(bridge, hf_model) -> None:
+def _reference_logits(hf_model) -> torch.Tensor | None:
+    """The Hugging Face model's own logits on the check tokens, taken before the bridge boots:
+    the bridge swaps some of the model's modules for its own (GPT-2's attention), so afterwards
+    ``hf_model`` runs the bridge's code too. None when it cannot run alone."""
+    try:
+        was = hf_model.training
+        hf_model.eval()
+        out = hf_model(_check_tokens(hf_model, next(hf_model.parameters()).device)).logits
+        hf_model.train(was)
+        return out.detach()
+    except Exception:  # noqa: BLE001 - nothing to compare with; the bridge's checks still run
+        return None
+
+
+@torch.no_grad()
+def _check_hooks_run(bridge, hf_model, ref: torch.Tensor | None = None) -> None:
     """One forward pass of three tokens with every hook cached: a model the bridge serves but
     cannot run with its hooks (OPT with ``do_layer_norm_before`` false, as OPT-350m: caching
     ``hook_mlp_in`` raises inside transformers) is refused here in one sentence, not by a
     traceback in the first command that reads a hook."""
+    arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    tokens = _check_tokens(hf_model, next(bridge.parameters()).device)
     try:
-        bridge.run_with_cache(torch.zeros(1, 3, dtype=torch.long, device=next(bridge.parameters()).device))
+        logits, cache = bridge.run_with_cache(tokens)
     except Exception as exc:  # noqa: BLE001 - whatever the bridge or transformers raise
-        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
         why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
         raise MechscopeError(f"TransformerLens's bridge cannot run {arch} with its hooks ({why}); use a model of a supported "
                              "architecture and layout (Llama, Qwen2, Mistral, Gemma, GPT-2 ...).") from exc
+    if ref is not None:
+        _check_same_logits(hf_model, ref, logits, arch)
+    post = cache["blocks.0.mlp.hook_post"] if "blocks.0.mlp.hook_post" in cache else None
+    if isinstance(post, torch.Tensor):  # the neurons' real width (OPT's bridge config says 4 x d_model, not ffn_dim)
+        bridge.__dict__[_MLP_WIDTH] = int(post.shape[-1])
+
+
+def _check_same_logits(hf_model, ref: torch.Tensor, logits: Any, arch: str) -> None:
+    """The bridge must compute the model it wraps: its logits on the check tokens against the
+    Hugging Face model's own (``ref``, taken before the bridge booted). A bridge that drops a
+    config option computes another model and every figure would describe that one (session
+    28: GPT-2 with ``scale_attn_weights=False``, whose scores the bridge always divides by
+    sqrt(d_head), was 0.22 off on logits of ~1.6)."""
+    got = getattr(logits, "logits", logits)
+    if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
+        return
+    halves = (torch.float16, torch.bfloat16)
+    half = ref.dtype in halves or next(hf_model.parameters()).dtype in halves
+    got, ref = got.double(), ref.double()
+    if not bool(torch.isfinite(ref).all()):
+        return
+    tol = (3e-2 if half else 1e-3) * max(1.0, float(ref.abs().max()))
+    diff = float((got - ref).abs().max()) if bool(torch.isfinite(got).all()) else math.inf
+    if diff > tol:
+        raise MechscopeError(
+            f"TransformerLens's bridge computes {arch} differently from transformers (logits differ by up to {diff:.3g} on "
+            f"{ref.shape[1]} tokens; allowed {tol:.2g}), so it would not be this model that mechscope dissects; a config option "
+            f"the bridge ignores is the usual cause (e.g. GPT-2's scale_attn_weights=False); use the model's usual settings "
+            "or a supported architecture."
+        )
 
 
 def _experts(hf_config) -> tuple[int | None, int | None]:
@@ -646,7 +783,7 @@ def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary
         n_kv_heads=int(n_kv),
         d_model=int(c.d_model),
         d_head=int(c.d_head),
-        d_mlp=int(d_expert if d_expert is not None else c.d_mlp),
+        d_mlp=int(d_expert if d_expert is not None else bridge.__dict__.get(_MLP_WIDTH, c.d_mlp)),
         d_vocab=int(c.d_vocab),
         n_ctx=int(c.n_ctx),
         dtype=str(dtype).replace("torch.", ""),

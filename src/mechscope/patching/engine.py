@@ -416,6 +416,8 @@ class _EdgePatch:
             K, B = self.K, self.B
             self._alloc(x, B * P * D)
             c_s, rows_s, c_d, rows_d = parts
+            if c_d.dtype != x.dtype:  # a float32 mask on a float64 (or half) model
+                c_s, c_d = c_s.to(x.dtype), c_d.to(x.dtype)
             # sum_n coef[k, r, n] delta[n]: static rows shared by all K, dynamic rows per mask
             # T before any sender that is not upstream (a parallel block's same-layer heads)
             base = self.snaps.get(n_up, self.total)
