@@ -151,8 +151,8 @@ def test_damaged_weights_and_non_utf8_files_are_one_sentence(tiny_llama_dir, tmp
     labels = tmp_path / "labels.jsonl"
     labels.write_bytes(b'{"text": "caf\xe9", "label": "a"}\n')
     _refused(RUN(app, ["probe", "--model", tiny_llama_dir, "--labels", str(labels)]), "not UTF-8")
-    _refused(RUN(app, ["probe", "--model", tiny_llama_dir, "--labels", "capitalised", "--hook", "blocks.0.attn.hook_pattern",
-                       "--layers", "0"]), "not [batch, position, ...]")
+    _refused(RUN(app, ["probe", "--model", tiny_llama_dir, "--labels", "capitalised", "--hook", "blocks.0.attn.hook_pattern"]),
+             "not [batch, position, ...]")
 
 
 def test_nan_concept_images_are_refused(tmp_path):

@@ -57,8 +57,12 @@ def test_discover_refuses_another_commands_folder_and_notes_a_replaced_circuit(t
     run = tmp_path / "run"
     run.mkdir()
     (run / "circuit.json").write_text(json.dumps({"schema_version": 1, "model": {"name": "other-model"}}))
+    before = (run / "circuit.json").read_bytes()
     r = RUN(app, ["discover", "--model", str(tmp_path / "no-model"), "--out", str(run)])
-    assert f"--out {run} holds an earlier result, a circuit (of other-model); this run replaces it." in " ".join(r.stderr.split())
+    # refused before it wrote: the earlier circuit is kept, and no note says it was replaced (session 28);
+    # the note a run that does replace it prints is tested in test_sweep28_cli.py
+    assert r.exit_code == 2 and "No model file or directory" in r.stderr and "earlier result" not in r.stderr, r.stderr
+    assert (run / "circuit.json").read_bytes() == before
 
 
 def test_train_toy_refuses_a_circuit_folder(tmp_path):

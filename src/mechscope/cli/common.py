@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import json
 import os
@@ -36,15 +37,25 @@ def fail(message: str) -> None:
 
 
 def handles_errors(fn: Callable) -> Callable:
-    """Turn MechscopeError (and a few predictable OS errors) into one sentence + exit 2."""
+    """Turn MechscopeError (and a few predictable OS errors) into one sentence + exit 2. The
+    outermost wrapped command also holds back ``check_out_folder``'s replace notes until it ends,
+    and prints those whose result it really rewrote (``_flush_replace_notes``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _REPLACE_NOTES.set([]) if _REPLACE_NOTES.get() is None else None  # None: an inner call
+
+        def flush() -> None:
+            nonlocal token
+            _flush_replace_notes(token)
+            token = None
+
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
+            flush()
             fail("interrupted.")
         except Exception as exc:  # noqa: BLE001 - only the errors _sentence knows become a sentence
             message = _sentence(exc)
@@ -52,9 +63,54 @@ def handles_errors(fn: Callable) -> Callable:
                 raise
             if STATE["debug"]:
                 traceback.print_exc()
+            flush()  # before the error: a run that wrote, then failed, did replace it
             fail(message)
+        finally:
+            flush()
 
     return wrapper
+
+
+@dataclass
+class _ReplaceNote:
+    """A note ``check_out_folder`` holds back: the line, and the state of the earlier result's
+    marker files when the run began (``_marker_state``)."""
+
+    line: str
+    markers: tuple[Path, ...]
+    state: tuple[tuple[int, int, int] | None, ...]
+
+
+_REPLACE_NOTES: contextvars.ContextVar[list[_ReplaceNote] | None] = contextvars.ContextVar("_REPLACE_NOTES", default=None)
+"""The replace notes of the command running now (None outside ``handles_errors``: printed at once)."""
+
+
+def _marker_state(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    """Each file's (inode, mtime in ns, size), None where it is missing: a result written again
+    (``results.write_json`` renames a new file into place) or removed changes it."""
+    out: list[tuple[int, int, int] | None] = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _flush_replace_notes(token: contextvars.Token | None) -> None:
+    """End the outermost command's deferral (``token`` from ``handles_errors``; None: an inner
+    call, which leaves it to the outer one) and print, once, the note of each earlier result the
+    run really rewrote or removed: a run refused before it wrote keeps the old result, so saying
+    that it replaced it would be false."""
+    if token is None:
+        return
+    notes = _REPLACE_NOTES.get() or []
+    _REPLACE_NOTES.reset(token)
+    for note in notes:
+        if _marker_state(note.markers) != note.state:
+            err_console.print(note.line, highlight=False, markup=False)
 
 
 def _sentence(exc: Exception) -> str | None:
@@ -148,7 +204,10 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
     ``writes`` (an ``_ARTEFACTS`` kind), a folder that holds another command's artefacts (those of
     the kinds in ``beside`` are welcome: an evaluation written into its SAE's folder). A folder
     holding the same command's earlier finished result gets one line on stderr saying that this
-    run replaces it (``replaces=False``: the command resumes there and says so itself)."""
+    run replaced it, printed when the command (``handles_errors``) ends and only where the run
+    did rewrite or remove that result: a run refused before it wrote keeps it, and says nothing
+    of it; called outside a command, the line comes at once (``replaces=False``: the command
+    resumes there and says so itself)."""
     if out is None:
         return
     out = Path(out)
@@ -171,8 +230,14 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
         if art.kind == writes and art.finished and replaces:
             made_by = _recorded_model(out / art.markers[0])
             of = f" (of {made_by})" if made_by else ""
-            err_console.print(f"note: {option} {out} holds an earlier result, {art.what}{of}; this run replaces it.",
-                              highlight=False, markup=False)
+            pending = _REPLACE_NOTES.get()
+            if pending is None:  # called outside a command: say it now
+                err_console.print(f"note: {option} {out} holds an earlier result, {art.what}{of}; this run replaces it.",
+                                  highlight=False, markup=False)
+                return
+            markers = tuple(out / m for m in art.markers)
+            pending.append(_ReplaceNote(f"note: {option} {out} held an earlier result, {art.what}{of}; this run replaced it.",
+                                        markers, _marker_state(markers)))
             return
 
 

@@ -80,16 +80,22 @@ class ConfusionConfig:
 
     def __post_init__(self) -> None:
         self.langs = check_langs(self.langs)
+        # One sentence per value, naming the CLI option (cli/confusion.py) where there is one,
+        # else the field (per_prompt, batch_size, threshold, min_words, ppl_len: Python only).
         if not 4 <= self.n_tokens <= 512:
-            raise MechscopeError(f"n_tokens must be between 4 and 512 (got {self.n_tokens}).")
-        if self.top_n < 1 or self.per_prompt < 1:
-            raise MechscopeError(f"top_n and per_prompt must be at least 1 (got {self.top_n}, {self.per_prompt}).")
-        if self.last_layers < 0 or self.max_per_lang < 0:
-            raise MechscopeError("last_layers and max_per_lang must be >= 0 (0 means all).")
+            raise MechscopeError(f"--n-tokens must be between 4 and 512 (got {self.n_tokens}); give e.g. --n-tokens 64.")
+        if self.top_n < 1:
+            raise MechscopeError(f"--top-n must be at least 1 (got {self.top_n}); give the number of neurons to zero, e.g. --top-n 100.")
+        if self.per_prompt < 1:
+            raise MechscopeError(f"per_prompt must be at least 1 (got {self.per_prompt}); keep e.g. 300 neurons per prompt.")
+        if self.last_layers < 0:
+            raise MechscopeError(f"--last-layers must be 0 or more (got {self.last_layers}); 0 means all layers.")
+        if self.max_per_lang < 0:
+            raise MechscopeError(f"--max-per-lang must be 0 or more (got {self.max_per_lang}); 0 keeps all prompts.")
         if self.layers is not None:
             self.layers = tuple(sorted(set(int(x) for x in self.layers)))
             if not self.layers or self.layers[0] < 0:
-                raise MechscopeError("layers must name at least one layer, counted from 0.")
+                raise MechscopeError("--layers must name at least one layer, counted from 0 (e.g. --layers 0-28).")
             if self.last_layers:
                 raise MechscopeError("Give either --layers or --last-layers, not both.")
         if self.batch_size < 1:
@@ -98,8 +104,14 @@ class ConfusionConfig:
             raise MechscopeError(f"threshold must be in [0, 1) (got {self.threshold}).")
         if self.min_words < 1:
             raise MechscopeError(f"min_words must be at least 1 (got {self.min_words}).")
-        if self.ioi_n < 0 or self.facts_n < 0 or self.ppl_contexts < 0 or self.ppl_len < 8:
-            raise MechscopeError("ioi_n, facts_n and ppl_contexts must be >= 0 and ppl_len at least 8.")
+        if self.ioi_n < 0:
+            raise MechscopeError(f"--ioi-n must be 0 or more (got {self.ioi_n}); 0 skips the IOI cost.")
+        if self.facts_n < 0:
+            raise MechscopeError(f"--facts-n must be 0 or more (got {self.facts_n}); 0 uses all shipped facts.")
+        if self.ppl_contexts < 0:
+            raise MechscopeError(f"--ppl-contexts must be 0 or more (got {self.ppl_contexts}); 0 skips the perplexity cost.")
+        if self.ppl_len < 8:
+            raise MechscopeError(f"ppl_len must be at least 8 (got {self.ppl_len}).")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

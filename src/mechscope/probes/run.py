@@ -37,7 +37,8 @@ _SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_in", "mlp_out
 
 
 def layer_hooks(model: Model, hook: str, layers: list[int] | None) -> list[tuple[int, str]]:
-    """(layer, hook name) pairs for a site name, a ``{L}`` template or one full hook name."""
+    """(layer, hook name) pairs for a site name, a ``{L}`` template or one full hook name (which
+    takes no ``layers``: refused rather than ignored)."""
     n = model.summary.n_layers
     if hook in _SITES or "{L}" in hook:
         template = f"blocks.{{L}}.hook_{hook}" if hook in _SITES else hook
@@ -49,6 +50,11 @@ def layer_hooks(model: Model, hook: str, layers: list[int] | None) -> list[tuple
     else:
         parts = hook.split(".")
         layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else -1
+        if layers is not None:  # one full hook name is one hook: --layers would be silently ignored
+            template = ".".join(["blocks", "{L}", *parts[2:]]) if layer >= 0 else "blocks.{L}.hook_resid_post"
+            raise MechscopeError(f"--layers does not apply to the full hook name '{hook}', which names one hook; give --hook "
+                                 f"a site (e.g. {_SITES[2]}) or a template with {{L}} (e.g. {template}) to probe the layers "
+                                 "you choose, or leave --layers out.")
         out = [(layer, hook)]
     for _, h in out:
         check_hook_name(model, h)

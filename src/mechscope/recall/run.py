@@ -72,6 +72,9 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
     check_text(subject, "subject", "recall")
     check_text(target, "target", "recall", optional=True)
     check_text(control_subject, "control_subject", "recall", optional=True)
+    if not subject.strip():  # else "the subject '' does not occur in the prompt", which it does, everywhere
+        raise MechscopeError(f"--subject is empty{'' if not subject else ' (only spaces)'}; give the subject's words as "
+                             "written in the prompt, e.g. --subject 'The Eiffel Tower'.")
     tuned = as_tuned_lens(tuned, model, "recall")
     cfg = cfg or RecallConfig()
     parts = check_parts(parts)

@@ -14,7 +14,8 @@ Three interventions, each a forward hook at one hook point:
 3. **Activation addition** (Turner et al. 2023, "ActAdd"): the steering vector is
    ``h_l(plus) - h_l(minus)``, the two prompts' activations at ``blocks.l.hook_resid_pre``
    (the shorter prompt right-padded with space tokens to equal length), added times ``coef``
-   to the first positions of the prompt being continued.
+   to the first positions of the prompt being continued (a --plus or --minus longer than that
+   prompt is refused: its last positions would fall on the generated tokens).
 
 Generation recomputes the whole sequence each step (no KV cache), so the hooks act on the
 prompt and on every generated token alike. The unsteered and the steered continuation run as the
@@ -141,15 +142,44 @@ def actadd_vector(model: Model, plus: str, minus: str, hook_name: str) -> Tensor
     ``hook_name``, the shorter prompt right-padded with space tokens (Turner et al. 2023)."""
     from mechscope.sae.dashboard import acts_at_hook
 
-    a, b = model.to_tokens(plus), model.to_tokens(minus)
-    if not a or not b:
-        raise MechscopeError("ActAdd needs two non-empty prompts (--plus and --minus).")
+    a, b = _actadd_tokens(model, plus, minus)
+    n = max(len(a), len(b))
+    if (n_ctx := context_overrun(model, n)) is not None:  # before the forward pass, whose own check names --context-len
+        raise MechscopeError(f"{_longer(a, b)} is {n} tokens long, more than {model.summary.name} reads ({n_ctx} "
+                             f"positions); shorten {_longer(a, b)}.")
     space = model.tokenizer(" ", add_special_tokens=False)["input_ids"]
     pad = space[-1] if space else (model.tokenizer.pad_token_id or 0)
-    n = max(len(a), len(b))
     a, b = a + [pad] * (n - len(a)), b + [pad] * (n - len(b))
     acts = acts_at_hook(model, hook_name, torch.tensor([a, b]))  # [2, n, d]
     return acts[0] - acts[1]
+
+
+def _actadd_tokens(model: Model, plus: str, minus: str) -> tuple[list[int], list[int]]:
+    """The token ids of ActAdd's two prompts, refused in one sentence where one is empty."""
+    a, b = model.to_tokens(plus), model.to_tokens(minus)
+    if not a or not b:
+        raise MechscopeError("ActAdd needs two non-empty prompts (--plus and --minus).")
+    return a, b
+
+
+def _longer(a: list[int], b: list[int]) -> str:
+    """The option naming the longer of ActAdd's prompts (``a``: --plus, ``b``: --minus)."""
+    return "--plus" if len(a) > len(b) else "--minus" if len(b) > len(a) else "--plus/--minus"
+
+
+def check_actadd_fits(model: Model, prompt: str, plus: str, minus: str) -> None:
+    """ActAdd adds its vector to the prompt's first positions (Turner et al. 2023, whose code
+    asserts the same): a --plus or --minus with more tokens than the prompt would spill its last
+    positions onto the generated tokens, one more each step, so it is refused in one sentence."""
+    ids = model.to_tokens(prompt)
+    if not ids:
+        raise MechscopeError("The prompt is empty; give some text to continue.")
+    a, b = _actadd_tokens(model, plus, minus)
+    n = max(len(a), len(b))
+    if n > len(ids):
+        raise MechscopeError(f"{_longer(a, b)} is {n} tokens long but the prompt is only {len(ids)}, and ActAdd adds "
+                             f"the steering vector to the prompt's first positions; shorten {_longer(a, b)} to at most "
+                             f"{len(ids)} tokens or give a longer prompt.")
 
 
 def actadd_hooks(vector: Tensor, hook_name: str, coef: float) -> list[Hook]:
@@ -268,6 +298,7 @@ def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, c
     if not 0 <= layer < n_layers:
         raise MechscopeError(f"Layer {layer} is out of range; the model has layers 0..{n_layers - 1}.")
     hook = resid_pre(layer)
+    check_actadd_fits(model, prompt, plus, minus)
     vec = actadd_vector(model, plus, minus, hook)
     settings = {"plus": plus, "minus": minus, "layer": layer, "hook": hook, "coef": coef, "n_positions": len(vec)}
     return _run(model, prompt, actadd_hooks(vec, hook, coef), hook, "actadd", settings, gen)
