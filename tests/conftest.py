@@ -299,6 +299,16 @@ CORPUS_TEXT = (
 
 
 @pytest.fixture(scope="session")
+def tset_dir(tiny_gpt2, tmp_path_factory):
+    """A whole random transcoder set (16 features a layer) of the tiny GPT-2, in both layouts."""
+    from mechscope.features.transcoder_set import random_transcoders, save_transcoders
+
+    out = tmp_path_factory.mktemp("tset") / "set"
+    save_transcoders(random_transcoders(tiny_gpt2, 16), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> str:
     """A small JSONL corpus for training tests: 400 documents of CORPUS_TEXT's sentences shuffled,
     so they differ."""

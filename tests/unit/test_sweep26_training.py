@@ -45,16 +45,6 @@ def _train_args(model_dir, corpus, out, extra=()):
             "--checkpoint-every", "512", "--out", str(out), "--device", "cpu", *extra]
 
 
-@pytest.fixture(scope="module")
-def tset_dir(tiny_gpt2, tmp_path_factory) -> Path:
-    """A whole random transcoder set of the tiny GPT-2, in both layouts."""
-    from mechscope.features.transcoder_set import random_transcoders, save_transcoders
-
-    out = tmp_path_factory.mktemp("tset") / "set"
-    save_transcoders(random_transcoders(tiny_gpt2, 16), out)
-    return out
-
-
 # ------------------------------------------------------------------ 1: --out of a finished SAE, --resume of nothing
 def test_sae_train_refuses_an_out_holding_a_finished_sae_and_a_resume_without_checkpoint(tiny_gpt2, tiny_gpt2_dir, corpus, tmp_path):
     done = _tiny_sae(tiny_gpt2, tmp_path / "done")

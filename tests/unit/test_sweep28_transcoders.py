@@ -139,13 +139,6 @@ def test_valid_circuit_tracer_sets_still_load_exactly(tiny_gpt2, tmp_path, arch,
 
 
 # ------------------------------------------------------------------ the CLI: one line, exit 2; intervene --top
-@pytest.fixture(scope="module")
-def tset_dir(tiny_gpt2, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tset28") / "set"
-    save_transcoders(random_transcoders(tiny_gpt2, 16), out)
-    return out
-
-
 def test_transcoders_eval_of_a_damaged_set_is_one_line(tset_dir, tiny_gpt2_dir, corpus, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
