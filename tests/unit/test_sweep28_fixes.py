@@ -55,10 +55,6 @@ def test_a_corpus_too_small_to_hold_documents_out_is_refused_for_training_too(tm
 
 
 def _save(tmp_path, name: str, model) -> str:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from conftest import save_scaled
 
     return save_scaled(model, tmp_path / name)

@@ -611,6 +611,11 @@ def _bridge_name(target: str, local: bool) -> str:
     return str(Path(target).expanduser().resolve()) if local else target
 
 
+def _arch_name(hf_model) -> str:
+    """The architecture class a Hugging Face model's config names (``LlamaForCausalLM``), else its own class."""
+    return (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+
+
 def _first_sentence(text: str, limit: int = 200) -> str:
     """``text`` up to the end of its first sentence, cut at a word (not mid-word) past ``limit``
     characters: a bridge's reason can go on to instructions for TransformerLens's developers."""
@@ -631,7 +636,7 @@ def _bridge(hf_model, tokenizer, target: str):
             bridge = TransformerBridge.boot_transformers(target, hf_model=hf_model, tokenizer=tokenizer)
         except (ValueError, KeyError, NotImplementedError, RuntimeError, AssertionError) as exc:
             # RuntimeError: a layout it misreads; AssertionError: an adapter's own check (GPT-BigCode without multi-query)
-            arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+            arch = _arch_name(hf_model)
             why = _first_sentence(str(exc).splitlines()[0].split(". Available architectures")[0])  # not the bridge's list of ~170
             raise MechscopeError(
                 f"TransformerLens's bridge does not support {arch} ({why}); use a model of a supported "
@@ -656,7 +661,7 @@ def _check_final_norm(bridge, hf_model) -> None:
     no final norm there (OPT with ``word_embed_proj_dim`` unlike ``hidden_size`` projects after
     its final norm) is refused at load in one sentence, not by a traceback in the lens."""
     if "ln_final.hook_in" not in bridge.hook_dict:
-        arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+        arch = _arch_name(hf_model)
         raise MechscopeError(
             f"TransformerLens's bridge exposes no final norm (ln_final) for this {arch}, e.g. because a projection follows "
             "it (OPT with word_embed_proj_dim unlike hidden_size), and mechscope reads the residual stream into the "
@@ -701,7 +706,7 @@ def _check_hooks_run(bridge, hf_model, ref: torch.Tensor | None = None) -> None:
     cannot run with its hooks (OPT with ``do_layer_norm_before`` false, as OPT-350m: caching
     ``hook_mlp_in`` raises inside transformers) is refused here in one sentence, not by a
     traceback in the first command that reads a hook."""
-    arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    arch = _arch_name(hf_model)
     tokens = _check_tokens(hf_model, next(bridge.parameters()).device)
     try:
         logits, cache = bridge.run_with_cache(tokens)
@@ -768,7 +773,7 @@ def _experts(hf_config) -> tuple[int | None, int | None]:
 def _summarise(display, source, hf_model, bridge, dtype, device) -> ModelSummary:
     c = bridge.cfg
     n_kv = getattr(c, "n_key_value_heads", None) or c.n_heads
-    arch = (getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])[0]
+    arch = _arch_name(hf_model)
     # A mixture of experts has no one MLP width (the bridge reports ``intermediate_size``, which
     # Qwen2/3-MoE use for their dense layers only) and no neuron hook (its ``mlp.hook_post`` is the
     # MoE's output, [.., d_model]), so d_mlp is one expert's width; every reader of d_mlp for
