@@ -117,6 +117,19 @@ def _save_tiny(kind: str, path) -> str:
             for p in model.parameters():
                 if p.dim() == 1:
                     p.normal_(0.0, 0.3, generator=gen)
+    elif kind in ("qwen3", "gemma3"):  # per-head query/key norms; Gemma 3's window longer than the tests' prompts
+        common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=0)
+        if kind == "qwen3":
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+        else:
+            model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(sliding_window=32, **common))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # distinct query and key norm gains (Qwen3's start at 1, Gemma 3's at 0)
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     else:
         cfg = transformers.LlamaConfig(
             vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

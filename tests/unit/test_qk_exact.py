@@ -4,6 +4,8 @@
    sum g_z . (z_patched - z_clean) with z_patched from the *real* patched model run (the
    patching engine, split inputs), for any cotangent g_z: LayerNorm + learned positions
    (GPT-2) and RMSNorm + rotary + GQA (Llama).
+   Per-head query/key norms (Qwen3, Gemma 3) take the formed-and-normed path: the same
+   equality holds there, where the layers used to fall back to plain gradients.
 2. A sharp-attention model (the hand-built induction toy with its attention sharpened): the
    previous-token -> induction K-composition edge, which gradients score with the wrong
    sign, gets its true patching effect, and the default EAP-IG recovers the circuit (edge
@@ -88,6 +90,54 @@ def test_exact_qk_effects_equal_patched_head_output(tiny_model, layout, monkeypa
                 assert torch.allclose(got, true, atol=1e-4, rtol=1e-3), (g.senders[s], g.receivers[r], got, true)
                 checked += 1
     assert checked == up * (H + KV)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_exact_qk_effects_through_per_head_query_key_norms(kind, tmp_path, monkeypatch):
+    """Qwen3 and Gemma 3 norm each head's query and key over d_head before rotary: the score
+    change is not linear in a sender's delta, so those layers form every moved query and key.
+    Their effects equal the patched head's output change (both layouts, chunks of one example
+    included), and no layer falls back where every layer used to."""
+    from conftest import _save_tiny
+
+    from mechscope.circuits.attribution import edge_score_folds
+    from mechscope.tasks.base import TaskBatch
+
+    m = load_model(_save_tiny(kind, tmp_path / kind), device="cpu")
+    for layout in ("one row a block", "blocks, position first, one example a chunk"):
+        with monkeypatch.context() as mp:
+            test_exact_qk_effects_equal_patched_head_output(m, layout, mp)
+    g, b = build_graph(m), _batch(B=3, P=9)
+    batch = TaskBatch(task="random", clean=b.clean, corrupt=b.corrupt, positions=torch.full((3, 1), 8),
+                      answers=b.clean[:, :1], wrongs=b.corrupt[:, :1], lengths=torch.full((3,), 9))
+    info: dict = {}
+    exact = edge_score_folds(m, g, batch, method="eap", info=info)
+    assert info["qk_fallback_layers"] == []
+    linear = edge_score_folds(m, g, batch, method="eap", qk="linear")
+    qk_rows = torch.cat([torch.arange(g.receiver_slices(l)[x].start, g.receiver_slices(l)[x].stop)
+                         for l in range(g.n_layers) for x in ("q", "k")])
+    assert not torch.allclose(exact[..., qk_rows], linear[..., qk_rows])  # the q/k edges were rescored
+
+
+def test_a_query_norm_over_all_heads_is_not_read_as_a_per_head_one():
+    """OLMo-2 normalises the concatenated queries of all heads: its gain is longer than d_head,
+    so it is not a per-head norm (the layer then falls back rather than scoring wrongly)."""
+    from mechscope.circuits.qk import HeadNorm
+
+    class AllHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(64))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    assert HeadNorm.fit(AllHeads(), 16, "cpu") is None
+    norm = HeadNorm.fit(torch.nn.RMSNorm(16, eps=1e-6), 16, "cpu")
+    assert norm is not None and norm.kind == "rms"
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(norm(x), torch.nn.RMSNorm(16, eps=1e-6)(x))
 
 
 def _sharp_toy(tmp_path, monkeypatch):

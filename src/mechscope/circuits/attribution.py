@@ -52,7 +52,7 @@ from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
 from mechscope.models.hooks import attn_hook, attn_out, attn_z, mlp_in, resid_pre
-from mechscope.models.norms import head_shares
+from mechscope.models.norms import fit_norm, head_shares
 from mechscope.patching.engine import (
     INPUT_HOOK,
     LOGITS_HOOK,
@@ -310,29 +310,6 @@ class HeadInputGrads:
             corr = torch.bmm(torch.stack(self.C, -1).transpose(0, 1), torch.stack(self.X, 1))  # [bp, n, d]
             a.sub_(corr.transpose(0, 1))
         self._reset()
-
-
-def fit_norm(norm, d: int, device) -> tuple[str, torch.Tensor, float]:
-    """("rms" | "ln" | "other", per-dimension scale [d], eps) of a norm module, by fitting it."""
-    found = getattr(norm, "variance_epsilon", None)
-    eps = float(getattr(norm, "eps", 1e-5) if found is None else found)
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(64, d, generator=gen) * 3 + torch.randn(64, 1, generator=gen)).to(device)
-    with torch.no_grad():
-        y = norm(x).float()
-        for kind in ("rms", "ln"):
-            if kind == "rms":
-                base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            else:
-                c = x - x.mean(-1, keepdim=True)
-                base = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
-            bc = base - base.mean(0)
-            scale = (bc * (y - y.mean(0))).sum(0) / bc.pow(2).sum(0).clamp(min=1e-12)
-            bias = y.mean(0) - scale * base.mean(0)
-            err = (scale * base + bias - y).abs().max()
-            if err <= 1e-4 * y.abs().max().clamp(min=1.0):
-                return kind, scale, float(eps)
-    return "other", torch.ones(d, device=device), float(eps)
 
 
 def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,21 @@ place on the GEMM's output. The deltas come position first, [P, B, S, D], permut
 the caller for all layers. Measured on 2 cores (session 14, 25 IOI prompts x 18 tokens, 150 senders):
 1.34 s a layer before, about 0.4 s now, with the same effects to 5e-7.
 
-Nothing is assumed about the attention module: the rotary formula, the score scale and the
-pattern are checked against the model's own hooks on the first batch (pattern and z
-reconstructed to 1e-4); Gemma 2's soft-capped scores (``c * tanh(s / c)``, before the mask) are
-read when the module names its cap. A layer that does not match (a sliding window shorter than
-the prompts, ALiBi, partial rotary, a query/key norm, a norm of unknown form) keeps the plain
-gradient score for its q/k edges, and ``QKExact.fallback_layers`` says which.
+Per-head query/key norms (Qwen3, Gemma 3: an RMS norm over each head's d_head after the
+projection and before rotary) make the score change nonlinear in d_s, so the readout trick
+above does not apply. Those layers take ``_chunk_normed``: every sender's moved pre-norm query
+(and key) is formed, [H, P, B, S, e], and dotted with the clean keys (queries) rotated back and
+scaled by the norm's gain; its 1 / rms multiplies the scores. The projection of every delta
+costs about d_head / positions times the readout's products (measured below); the effects are
+exact in the same sense (tested against the patched head's output on a tiny Qwen3 and Gemma 3).
+
+Nothing is assumed about the attention module: the rotary formula, the head norms' form, the
+score scale and the pattern are checked against the model's own hooks on the first batch
+(pattern and z reconstructed to 1e-4); Gemma 2's soft-capped scores (``c * tanh(s / c)``,
+before the mask) are read when the module names its cap. A layer that does not match (a
+sliding window shorter than the prompts, ALiBi, partial rotary, a query/key norm over all heads
+(OLMo-2) or of unknown form, a residual norm of unknown form) keeps the plain gradient score
+for its q/k edges, and ``QKExact.fallback_layers`` says which.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.models.hooks import attn_hook, attn_pattern, attn_z
+from mechscope.models.norms import fit_norm
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -89,7 +99,8 @@ def _need(t: torch.Tensor | None) -> torch.Tensor:
 class LayerCapture:
     """What the clean pass leaves for one layer (filled by hooks, ``None`` until then)."""
 
-    q: torch.Tensor | None = None  # [B, P, H, e] before rotary
+    q: torch.Tensor | None = None  # [B, P, H, e] before rotary (and before a per-head query norm)
+    k: torch.Tensor | None = None  # [B, P, KV, e] before rotary and the key norm; captured only with head norms
     q_rot: torch.Tensor | None = None  # [B, P, H, e]
     k_rot: torch.Tensor | None = None  # [B, P, KV, e]
     v: torch.Tensor | None = None  # [B, P, KV, e]
@@ -108,6 +119,7 @@ class QKExact:
     scale: list[float] = field(default_factory=list)
     cap: list[float] = field(default_factory=list)  # per layer, the scores' soft-cap c (0: none)
     checked: dict[int, bool] = field(default_factory=dict)  # layer -> reconstruction matched
+    head_norms: dict[int, tuple[HeadNorm | None, HeadNorm | None]] = field(default_factory=dict)  # layer -> (query, key) norms read
 
     def __post_init__(self) -> None:
         self.layers = [LayerCapture() for _ in range(self.n_layers)]
@@ -132,6 +144,8 @@ class QKExact:
                     "pattern": attn_pattern(l), "z": attn_z(l)}
             if rot:
                 want |= {"cos": attn_hook(l, "cos"), "sin": attn_hook(l, "sin")}
+            if any(m is not None for m in head_norm_modules(model, l)):
+                want["k"] = attn_hook(l, "k")
             for attr, name in want.items():
                 hooks.append((name, self._grab(l, attr)))
         return hooks
@@ -156,6 +170,16 @@ class QKExact:
         ok = heads.kind in ("rms", "ln") and c.k_rot is not None and all(t is not None for t in got)
         if ok:
             q, q_rot, v, pattern, z = (_need(t) for t in got)
+        norms = head_norm_modules(model, l)
+        if ok and any(m is not None for m in norms):  # per-head query/key norms: read them, then check with them
+            e = q.shape[-1]
+            qn, kn = (HeadNorm.fit(m, e, q.device) if m is not None else None for m in norms)
+            ok = (c.cos is not None and c.k is not None and all((m is None) == (n is None) for m, n in zip(norms, (qn, kn)))
+                  and _close(rotate(_norm(_need(c.k).float(), kn), c.cos.float()[:, :, None], _need(c.sin).float()[:, :, None]),
+                             _need(c.k_rot)))
+            if ok:
+                self.head_norms[l] = (qn, kn)
+                q = _norm(q.float(), qn)
         if ok and c.cos is not None:
             e = q.shape[-1]
             ok = c.cos.shape[-1] == e and _close(rotate(q.float(), c.cos.float()[:, :, None], _need(c.sin).float()[:, :, None]), q_rot)
@@ -209,13 +233,18 @@ class QKExact:
         Wc = W - W.mean(1, keepdim=True) if heads.kind == "ln" else W
         eq = torch.zeros(S, B, H, device=x.device)
         ek = torch.zeros(S, B, KV, device=x.device)
-        per_ex = P * -(-P // QK_BLOCKS) * H * (D + S)  # the largest block's Rm and T
+        normed = l in self.head_norms
+        e = W.shape[-1]
+        per_ex = P * S * H * 2 * (e + P) if normed else P * -(-P // QK_BLOCKS) * H * (D + S)  # the largest temporaries
         step = max(1, MAX_ELEMS // max(per_ex, 1))
         gz = _need(c.gz) / steps
         for b0 in range(0, B, step):
             bs = slice(b0, min(B, b0 + step))
             d = delta[:, bs].float() if step >= B else delta[:, bs].float().contiguous()  # per chunk: one copy, not one per block
-            eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap)
+            if normed:
+                eq[:, bs], ek[:, bs] = self._chunk_normed(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap, self.head_norms[l])
+            else:
+                eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap)
         return eq, ek
 
     def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float = 0.0):
@@ -226,29 +255,10 @@ class QKExact:
         """
         P, B, S, D = d.shape
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
-        if heads.kind == "ln":
-            x = x - x.mean(-1, keepdim=True)
-            dsq = torch.linalg.vector_norm(d, dim=-1).square() - d.sum(-1).square() / D  # |d_c|^2
-        else:
-            dsq = torch.linalg.vector_norm(d, dim=-1).square()
-        xt = x.transpose(0, 1)  # [P, B, D]
-        inv = torch.rsqrt(xt.pow(2).mean(-1) + heads.eps)  # [P, B]
-        xd = torch.matmul(d, xt[..., None])[..., 0]  # [P, B, S]: x_c . d = x_c . d_c
-        inv2 = torch.rsqrt((xt.pow(2).sum(-1)[..., None] + 2 * xd + dsq) / D + heads.eps)  # [P, B, S]
-        dinv = inv2 - inv[..., None]
+        x, inv2, dinv = _moved_scale(heads, x, d)
         q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
         v = _need(c.v)[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
-        ci: torch.Tensor | None
-        si: torch.Tensor | None
-        if c.cos is not None:
-            c_sin = _need(c.sin)
-            cos = c.cos.float().expand(B if c.cos.shape[0] == 1 else -1, -1, -1)
-            cos = cos[bs] if c.cos.shape[0] != 1 else cos
-            sin = c_sin.float().expand(B if c_sin.shape[0] == 1 else -1, -1, -1)
-            sin = sin[bs] if c_sin.shape[0] != 1 else sin
-            ci, si = cos[:, :, None], sin[:, :, None]  # [B, P, 1, e]
-        else:
-            ci = si = None
+        ci, si = _rotary(c, bs, B)
         Wq, Wk = Wc[:H], Wc[H : H + KV]  # [H, D, e], [KV, D, e]
         Wk_h = Wk.repeat_interleave(G, 0)  # [H, D, e]
         y0q = torch.einsum("bpd,hde->bphe", x, Wq)  # x_c W' (= x_c W'_c: x_c has zero mean)
@@ -307,11 +317,138 @@ class QKExact:
         """
         Y, S0, A0, M = pattern
         T.mul_(inv2[..., None, None]).addcmul_(dinv[..., None, None], Y).mul_(scale).add_(S0)
-        if cap > 0:  # c * tanh(s / c) turns the mask's -inf into -c: mask again
-            T.div_(cap).tanh_().mul_(cap).masked_fill_(torch.isneginf(S0), float("-inf"))
-        A = torch.softmax(T, dim)
-        A.sub_(A0).nan_to_num_().mul_(M)
-        return A.sum((0, 4))
+        return _settle(T, S0, A0, M, dim, cap)
+
+    def _chunk_normed(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float,
+                      norms: tuple[HeadNorm | None, HeadNorm | None]):
+        """``_chunk`` for a layer with per-head query/key norms (same returns). The norm is not
+        linear in d, so every sender's moved pre-norm query (key) is formed, head first,
+        [n, P, B, S, e]; its norm's gain and the rotation go onto the other side of the dot
+        product (rot(g x) . k = x . (g rot^T k)), so the large tensor is read once by the scores."""
+        P, B, S, D = d.shape
+        H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
+        x, inv2, dinv = _moved_scale(heads, x, d)
+        q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
+        v = _need(c.v)[bs].float().repeat_interleave(G, 2)
+        ci, si = _rotary(c, bs, B)
+        cos, sin = _need(ci).permute(1, 0, 2, 3)[None], _need(si).permute(1, 0, 2, 3)[None]  # [1, P, B, 1, e]
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j]
+        A0 = torch.softmax(soft_cap(S0, cap), -1)
+        M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)
+        Wq, Wk = Wc[:H], Wc[H : H + KV]
+        qn, kn = norms
+        # Query side, [H, i, B, S, j]: row i's new scores when sender s moves every query.
+        u = rotate_t(k_rot.repeat_interleave(G, 2).permute(2, 0, 1, 3)[:, None], cos, sin)  # [H, i, B, j, e]
+        T = _moved_scores(x, d, inv2, dinv, Wq, _need(c.q)[bs].float(), qn, u)
+        s0, a0, m = (t.permute(1, 2, 0, 3)[:, :, :, None] for t in (S0, A0, M))  # [H, i, B, 1, j]
+        eq = _settle(T.mul_(scale).add_(s0), s0, a0, m, dim=4, cap=cap, over=(1, 4))  # [H, B, S]
+        del T
+        # Key side, [KV, j, B, S, G, i]: every row's new scores when sender s moves every key.
+        w = rotate_t(q_rot.view(B, P, KV, G, -1).permute(2, 3, 0, 1, 4)[:, None], cos[:, :, None], sin[:, :, None])  # [KV, j, G, B, i, e]
+        w = w.permute(0, 1, 3, 2, 4, 5).reshape(KV, P, B, G * P, -1)  # [KV, j, B, (G, i), e]
+        T = _moved_scores(x, d, inv2, dinv, Wk, _need(c.k)[bs].float(), kn, w).view(KV, P, B, S, G, P)
+        s0, a0, m = (t.view(B, KV, G, P, P).permute(1, 4, 0, 2, 3)[:, :, :, None] for t in (S0, A0, M))  # [KV, j, B, 1, G, i]
+        ek = _settle(T.mul_(scale).add_(s0), s0, a0, m, dim=1, cap=cap, over=(1, 5))  # [KV, B, S, G]
+        return eq.permute(2, 1, 0), ek.sum(-1).permute(2, 1, 0)
+
+
+@dataclass
+class HeadNorm:
+    """A per-head query or key norm in its fitted form, y = scale * base(x) (base: RMS or layer
+    normalisation over d_head), as ``attribution.fit_norm`` reads residual norms."""
+
+    kind: str
+    scale: torch.Tensor  # [e]
+    eps: float
+
+    @staticmethod
+    def fit(module, e: int, device) -> HeadNorm | None:
+        """The module's form over one head's e dimensions; None where it is not one of those
+        (a norm spanning all heads, as OLMo-2's, has a weight longer than e)."""
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.shape != (e,):
+            return None
+        try:
+            kind, scale, eps = fit_norm(module, e, device)
+        except (RuntimeError, ValueError):
+            return None
+        return HeadNorm(kind, scale.float(), eps) if kind in ("rms", "ln") else None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ln":
+            t = t - t.mean(-1, keepdim=True)
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+
+
+def head_norm_modules(model: Model, l: int) -> tuple[object | None, object | None]:
+    """Layer ``l``'s per-head query and key norm modules (HF's ``q_norm``/``k_norm``), or None."""
+    attn = model.bridge.blocks[l].attn.original_component
+    return tuple(getattr(getattr(attn, n, None), "original_component", getattr(attn, n, None)) for n in ("q_norm", "k_norm"))  # type: ignore[return-value]
+
+
+def _norm(t: torch.Tensor, norm: HeadNorm | None) -> torch.Tensor:
+    return t if norm is None else norm(t)
+
+
+def _moved_scale(heads, x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_c [B, P, D] (centred for layer norm), 1 / rms of every moved input inv' [P, B, S] and
+    inv' - inv, from x [B, P, D] and the deltas d [P, B, S, D]."""
+    D = d.shape[-1]
+    if heads.kind == "ln":
+        x = x - x.mean(-1, keepdim=True)
+        dsq = torch.linalg.vector_norm(d, dim=-1).square() - d.sum(-1).square() / D  # |d_c|^2
+    else:
+        dsq = torch.linalg.vector_norm(d, dim=-1).square()
+    xt = x.transpose(0, 1)  # [P, B, D]
+    inv = torch.rsqrt(xt.pow(2).mean(-1) + heads.eps)  # [P, B]
+    xd = torch.matmul(d, xt[..., None])[..., 0]  # [P, B, S]: x_c . d = x_c . d_c
+    inv2 = torch.rsqrt((xt.pow(2).sum(-1)[..., None] + 2 * xd + dsq) / D + heads.eps)  # [P, B, S]
+    return x, inv2, inv2 - inv[..., None]
+
+
+def _rotary(c: LayerCapture, bs: slice, B: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """cos and sin of the examples ``bs`` as [B, P, 1, e] (None without rotary)."""
+    if c.cos is None:
+        return None, None
+    cos, sin = (t.float().expand(B, -1, -1) if t.shape[0] == 1 else t.float()[bs] for t in (c.cos, _need(c.sin)))
+    return cos[:, :, None], sin[:, :, None]
+
+
+def _moved_scores(x, d, inv2, dinv, W, pre, norm: HeadNorm | None, u) -> torch.Tensor:
+    """Score changes when each sender's delta moves every query (key): [n, P, B, S, N] from x_c
+    [B, P, D], d [P, B, S, D], W [n, D, e], the clean pre-norm projections ``pre`` [B, P, n, e]
+    and ``u`` [n, P, B, N, e], the rotated other side for each moved position (N = the positions
+    it meets). Before the attention scale; the clean scores are subtracted, so no delta gives 0."""
+    n, e = W.shape[0], W.shape[-1]
+    P, B, S, D = d.shape
+    y0 = torch.einsum("bpd,nde->npbe", x, W)  # x_c W'
+    clean = pre.permute(2, 1, 0, 3)[:, :, :, None]  # [n, P, B, 1, e]
+    new = torch.matmul(d.reshape(1, P * B * S, D), W).view(n, P, B, S, e)  # d W', head first
+    new.mul_(inv2[..., None]).addcmul_(dinv[..., None], y0[:, :, :, None]).add_(clean)
+    if norm is not None:
+        u = u * norm.scale
+    if norm is not None and norm.kind == "ln":
+        new.sub_(new.mean(-1, keepdim=True))
+        clean = clean - clean.mean(-1, keepdim=True)
+    ut = u.transpose(-1, -2)  # [n, P, B, e, N]
+    T = torch.matmul(new.view(n * P * B, S, e), ut.reshape(n * P * B, e, -1)).view(n, P, B, S, -1)
+    base = torch.matmul(clean, ut)  # [n, P, B, 1, N]
+    if norm is not None:
+        T.mul_(torch.rsqrt(torch.linalg.vector_norm(new, dim=-1).square_().div_(e).add_(norm.eps))[..., None])
+        base.mul_(torch.rsqrt(clean.pow(2).mean(-1, keepdim=True) + norm.eps))
+    return T.sub_(base)
+
+
+def _settle(T: torch.Tensor, S0: torch.Tensor, A0: torch.Tensor, M: torch.Tensor, dim: int, cap: float,
+            over: tuple[int, int] = (0, 4)) -> torch.Tensor:
+    """(softmax(cap(T)) - A0) M summed over the two position axes ``over``, in place on the new
+    scores T (``dim`` the key axis; S0, A0, M broadcast to T, S0 the clean scores before the cap,
+    -inf where masked). ``_side``'s layout [P1, B, S, H, P2] gives [B, S, H]."""
+    if cap > 0:  # c * tanh(s / c) turns the mask's -inf into -c: mask again
+        T.div_(cap).tanh_().mul_(cap).masked_fill_(torch.isneginf(S0), float("-inf"))
+    A = torch.softmax(T, dim)
+    A.sub_(A0).nan_to_num_().mul_(M)
+    return A.sum(over)
 
 
 def soft_cap(s: torch.Tensor, cap: float) -> torch.Tensor:

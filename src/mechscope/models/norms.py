@@ -92,3 +92,26 @@ def head_shares(model: Any) -> list[HeadShares | None]:
         except ValueError:
             out.append(None)
     return out
+
+
+def fit_norm(norm, d: int, device) -> tuple[str, torch.Tensor, float]:
+    """("rms" | "ln" | "other", per-dimension scale [d], eps) of a norm module, by fitting it."""
+    found = getattr(norm, "variance_epsilon", None)
+    eps = float(getattr(norm, "eps", 1e-5) if found is None else found)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, d, generator=gen) * 3 + torch.randn(64, 1, generator=gen)).to(device)
+    with torch.no_grad():
+        y = norm(x).float()
+        for kind in ("rms", "ln"):
+            if kind == "rms":
+                base = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            else:
+                c = x - x.mean(-1, keepdim=True)
+                base = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+            bc = base - base.mean(0)
+            scale = (bc * (y - y.mean(0))).sum(0) / bc.pow(2).sum(0).clamp(min=1e-12)
+            bias = y.mean(0) - scale * base.mean(0)
+            err = (scale * base + bias - y).abs().max()
+            if err <= 1e-4 * y.abs().max().clamp(min=1.0):
+                return kind, scale, float(eps)
+    return "other", torch.ones(d, device=device), float(eps)
