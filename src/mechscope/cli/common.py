@@ -30,20 +30,38 @@ DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when
 
 
 def fail(message: str) -> None:
-    """Print one sentence to stderr and exit with code 2."""
+    """Print one sentence to stderr and exit with code 2; under a command given ``--json``, print
+    it on stdout too, as ``emit_error_json``'s object, so that a script reading stdout learns why."""
     sys.stderr.write(f"error: {message}\n")  # plain and unwrapped: one sentence, one line
     sys.stderr.flush()
+    if _JSON_ERRORS.get():
+        _JSON_ERRORS.set(False)  # one object: a second fail() in the same command prints none
+        emit_error_json(message, 2)
     raise typer.Exit(code=2)
+
+
+def emit_error_json(message: str, code: int) -> None:
+    """The one JSON object a refused ``--json`` run prints on stdout (the stderr sentence, without
+    its ``error:``, and the exit code), in place of the result a script would parse."""
+    sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
+    sys.stdout.flush()
+
+
+_JSON_ERRORS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("_JSON_ERRORS", default=None)
+"""Whether ``fail`` also prints its sentence as JSON: the outermost ``handles_errors`` command's
+``json`` keyword (None outside a command; an inner command leaves the outer one's value)."""
 
 
 def handles_errors(fn: Callable) -> Callable:
     """Turn MechscopeError (and a few predictable OS errors) into one sentence + exit 2. The
     outermost wrapped command also holds back ``check_out_folder``'s replace notes until it ends,
-    and prints those whose result it really rewrote (``_flush_replace_notes``)."""
+    and prints those whose result it really rewrote (``_flush_replace_notes``), and, given
+    ``json=True``, has ``fail`` print its refusal on stdout as JSON too (``_JSON_ERRORS``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         token = _REPLACE_NOTES.set([]) if _REPLACE_NOTES.get() is None else None  # None: an inner call
+        json_token = _JSON_ERRORS.set(kwargs.get("json") is True) if _JSON_ERRORS.get() is None else None
 
         def flush() -> None:
             nonlocal token
@@ -67,6 +85,8 @@ def handles_errors(fn: Callable) -> Callable:
             fail(message)
         finally:
             flush()
+            if json_token is not None:
+                _JSON_ERRORS.reset(json_token)
 
     return wrapper
 

@@ -21,7 +21,12 @@ modules import no torch, so the CLI starts without it; a command imports what it
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from mechscope.cli import (
     binding,
@@ -43,9 +48,45 @@ from mechscope.cli import (
     tuned_lens,
     vision,
 )
-from mechscope.cli.common import STATE
+from mechscope.cli.common import STATE, emit_error_json
+
+_USAGE_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+"""click's UsageError (an unknown option or command, a bad or missing value: exit 2), which typer,
+now carrying its own copy of click, names only as a base of ``BadParameter``."""
+
+
+@contextlib.contextmanager
+def _usage_errors_as_json(args: Sequence[str]) -> Iterator[None]:
+    """Where ``args`` ask for ``--json`` (before any ``--``), print a usage error on stdout as JSON
+    too (``emit_error_json``); typer still prints it on stderr and exits 2."""
+    try:
+        yield
+    except _USAGE_ERROR as exc:
+        given = list(args)
+        if "--json" in given[:given.index("--") if "--" in given else None]:
+            emit_error_json(exc.format_message(), exc.exit_code)
+        raise
+
+
+class _Mechscope(TyperGroup):
+    """The root command. Usage errors arise while the command line is parsed, before any command
+    (``handles_errors``) runs, so only the root sees them all, however typer is run (``main()``,
+    ``CliRunner``): errors in its own options in ``make_context``, in a subcommand's in ``invoke``."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        argv = list(args)  # parsing consumes ``args``
+        with _usage_errors_as_json(argv):
+            ctx = super().make_context(info_name, args, parent, **extra)
+        ctx.meta["mechscope.argv"] = argv
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_as_json(ctx.meta.get("mechscope.argv", ())):
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
+    cls=_Mechscope,
     name="mechscope",
     help="mechscope: find how a transformer computes something (circuits, heads, recall, SAEs).",
     no_args_is_help=True,
