@@ -54,24 +54,35 @@ scales, clamped feature values)."""
 _NUMBER_KINDS = {"int": (int,), "float": (int, float)}
 
 
-def check_number_fields(obj: Any, what: str | None = None) -> None:
+def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an integer",
+                        strings: tuple[str, ...] = ()) -> None:
     """One sentence when a field of the dataclass ``obj`` annotated ``int`` or ``float`` (or
     ``... | None``) holds something else, e.g. the string '64' (which would fail later with
-    "'<' not supported between ..."). Reads the annotation strings only: cheap."""
+    "'<' not supported between ..."), or a field named in ``strings`` holds no text. ``integer``
+    is how the sentence names an int ("an integer", "a whole number"). Reads the annotation
+    strings only: cheap."""
     what = what or type(obj).__name__
     for f in fields(obj):
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         optional = ann.endswith("| None")
         base = ann.removesuffix("| None").strip()
-        if base not in _NUMBER_KINDS:
+        kinds = (str,) if f.name in strings else _NUMBER_KINDS.get(base)
+        if kinds is None:
             continue
         value = getattr(obj, f.name)
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, _NUMBER_KINDS[base]):
-            kind = "an integer" if base == "int" else "a number"
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "a string" if f.name in strings else integer if base == "int" else "a number"
             raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
                                  f"{value!r} (a {type(value).__name__}).")
+
+
+def check_at_least(*options: tuple[str, float], least: float = 1) -> None:
+    """One sentence for the first ``(option, value)`` whose value is below ``least``."""
+    for option, value in options:
+        if value < least:
+            raise MechscopeError(f"{option} must be at least {least}; got {value}.")
 
 
 def refuse_file_as_folder(path: str | Path, option: str = "--out") -> None:

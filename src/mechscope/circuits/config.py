@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_number_fields
 
 Method = Literal["eap", "eap-ig", "eap-ig-act", "acdc"]
 Ablation = Literal["patching", "mean", "zero"]
@@ -43,6 +43,8 @@ ACDC_PAIRS = 50
 """Default pairs of an ACDC run (the issue's full-size setting)."""
 MAX_SEEDS = 50
 """Most draws of pairs ``discover_seeds`` repeats a run over."""
+_TEXT_FIELDS = ("task", "method", "ablation", "level", "rank", "acdc_metric", "qk", "pool", "checkpoint")
+"""``DiscoverConfig``'s fields that must hold text (the numbers' types are read from their annotations)."""
 
 
 def check_pair_count(n: int, held_out: float, what: str = "the task") -> None:
@@ -169,25 +171,10 @@ class DiscoverConfig:
 
     def _check_types(self) -> None:
         """One sentence for a value of the wrong type (a string where a number belongs, 2.5 edges)."""
-        ints = ("n", "edges", "ig_steps", "seed", "batch_size", "random_seeds", "curve_random_seeds", "folds", "bootstrap")
-        floats = ("threshold", "target", "held_out", "cv_confidence")
-        optional = ("n", "edges", "threshold", "held_out", "checkpoint")
-        strs = ("task", "method", "ablation", "level", "rank", "acdc_metric", "qk", "pool", "checkpoint")
         for name in ("task", "checkpoint"):
             if hasattr(getattr(self, name), "__fspath__"):  # a Path: saved settings hold text
                 setattr(self, name, str(getattr(self, name)))
-        for name in ints + floats + strs:
-            v = getattr(self, name)
-            if v is None and name in optional:
-                continue
-            if name in ints:
-                ok, want = isinstance(v, int) and not isinstance(v, bool), "a whole number"
-            elif name in floats:
-                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
-            else:
-                ok, want = isinstance(v, str), "a string"
-            if not ok:
-                raise MechscopeError(f"DiscoverConfig {name} must be {want}, got {v!r} ({type(v).__name__}).")
+        check_number_fields(self, integer="a whole number", strings=_TEXT_FIELDS)
 
 
 def check_seeds(cfg: DiscoverConfig, n_seeds: int) -> None:

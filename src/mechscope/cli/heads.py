@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -255,23 +256,16 @@ def dynamics(
     check_out_folder(out, "dynamics", beside=("train-toy",))
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     res = run(run_dir, cfg, progress=not json)
-    out_dir = Path(out or run_dir)
-    res.save(out_dir)
-    html, svg = write_dynamics(res.to_dict(), out_dir / "dynamics.html")
+    saved = _save_dynamics(res, Path(out or run_dir), write_dynamics,
+                           ("step", "loss", "repeated_loss", "icl_score", "max_previous_token", "max_induction"))
     f = res.formation
-    last = res.rows[-1]
-    summary = {"run": str(run_dir), "checkpoints": len(res.rows), "formation": f,
-               "final": {k: last[k] for k in ("step", "loss", "repeated_loss", "icl_score", "max_previous_token", "max_induction")},
-               "dynamics_json": str(out_dir / "dynamics.json"), "report": str(html), "plot": str(svg)}
+    summary = {"run": str(run_dir), "checkpoints": len(res.rows), "formation": f, **saved}
     if json:
         return emit_json(summary)
-    t = Table(title=f"Training dynamics of {run_dir}")
-    for c in ("step", "loss", "repeated-half loss", "ICL score", "max prev-token", "max induction"):
-        t.add_column(c, justify="right")
-    for r in res.rows:
-        t.add_row(str(r["step"]), f"{r['loss']:.3f}", f"{r['repeated_loss']:.3f}", f"{r['icl_score']:+.3f}",
-                  f"{r['max_previous_token']:.3f}", f"{r['max_induction']:.3f}")
-    console.print(t)
+    console.print(_right_table(f"Training dynamics of {run_dir}",
+                               ("step", "loss", "repeated-half loss", "ICL score", "max prev-token", "max induction"),
+                               ((str(r["step"]), f"{r['loss']:.3f}", f"{r['repeated_loss']:.3f}", f"{r['icl_score']:+.3f}",
+                                 f"{r['max_previous_token']:.3f}", f"{r['max_induction']:.3f}") for r in res.rows)))
     def at(step: int | None) -> str:
         return "not formed" if step is None else f"formed at step {step}"
 
@@ -281,7 +275,28 @@ def dynamics(
                       f"{f.get('final_top_previous_token_head')}, {f.get('final_top_induction_head')}).")
     if f.get("note"):
         console.print(f"note: {f['note']}", highlight=False)
-    console.print(f"report: {html}  plot: {svg}")
+    console.print(f"report: {saved['report']}  plot: {saved['plot']}")
+
+
+def _save_dynamics(res: Any, out_dir: Path, write: Callable[[dict[str, Any], Path], tuple[Path, Path]],
+                   final: Sequence[str]) -> dict[str, Any]:
+    """Save ``res`` in ``out_dir`` and write its page and plot with ``write``; the summary's tail:
+    the last checkpoint's ``final`` figures and the paths of dynamics.json, the page and the plot."""
+    res.save(out_dir)
+    html, svg = write(res.to_dict(), out_dir / "dynamics.html")
+    last = res.rows[-1]
+    return {"final": {k: last[k] for k in final}, "dynamics_json": str(out_dir / "dynamics.json"),
+            "report": str(html), "plot": str(svg)}
+
+
+def _right_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> Table:
+    """A table of right-aligned ``columns`` holding ``rows``."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 def _refuse_unused(ctx: typer.Context, setting: str) -> None:
@@ -304,23 +319,16 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
     meta_checkpoints(run_dir)  # fail fast on an empty folder
     check_out_folder(out, "dynamics", beside=("train-toy",))
     res = meta_dynamics(run_dir, cfg, progress=not json)
-    out_dir = Path(out or run_dir)
-    res.save(out_dir)
-    html, svg = write_meta_dynamics(res.to_dict(), out_dir / "dynamics.html")
+    saved = _save_dynamics(res, Path(out or run_dir), write_meta_dynamics,
+                           ("step", "accuracy", "random_label_accuracy", "loss", "self", "label", "chunk"))
     ph = res.phases
-    last = res.rows[-1]
-    summary = {"run": str(run_dir), "setting": META_SETTING, "checkpoints": len(res.rows), "phases": ph,
-               "final": {k: last[k] for k in ("step", "accuracy", "random_label_accuracy", "loss", "self", "label", "chunk")},
-               "dynamics_json": str(out_dir / "dynamics.json"), "report": str(html), "plot": str(svg)}
+    summary = {"run": str(run_dir), "setting": META_SETTING, "checkpoints": len(res.rows), "phases": ph, **saved}
     if json:
         return emit_json(summary)
-    t = Table(title=f"Training dynamics of {run_dir} (in-context meta-learning, T = {ph['tasks']})")
-    for c in ("step", "accuracy", "random-label acc.", "self", "label", "chunk"):
-        t.add_column(c, justify="right")
-    for r in res.rows:
-        t.add_row(str(r["step"]), f"{r['accuracy']:.3f}", f"{r['random_label_accuracy']:.3f}", f"{r['self']:.3f}",
-                  f"{r['label']:.3f}", f"{r['chunk']:.3f}")
-    console.print(t)
+    console.print(_right_table(f"Training dynamics of {run_dir} (in-context meta-learning, T = {ph['tasks']})",
+                               ("step", "accuracy", "random-label acc.", "self", "label", "chunk"),
+                               ((str(r["step"]), f"{r['accuracy']:.3f}", f"{r['random_label_accuracy']:.3f}",
+                                 f"{r['self']:.3f}", f"{r['label']:.3f}", f"{r['chunk']:.3f}") for r in res.rows)))
     pk, p2 = ph["peaks"], ph["phase2"] or {}
     plats = f"{len(ph['plateaus'])} accuracy plateaus, {len(ph['middle_plateaus'])} in the middle"
     if ph.get("note") or not p2:
@@ -329,4 +337,4 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
         console.print(f"peaks: self at step {pk['self']}, label at {pk['label']}, chunk at {pk['chunk']} "
                       f"(in order: {ph['peaks_in_order']}); {plats}; phase 2 (label peak, step {p2['step']}): accuracy "
                       f"{p2['accuracy']:.3f}, random labels {p2['random_label_accuracy']:.3f}.")
-    console.print(f"report: {html}  plot: {svg}")
+    console.print(f"report: {saved['report']}  plot: {saved['plot']}")

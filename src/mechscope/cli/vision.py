@@ -4,7 +4,7 @@ circuit, the composition (overlay) test and the typographic-attack analogue."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -29,12 +29,23 @@ def register(app: typer.Typer) -> None:
     app.add_typer(vision_app, name="vision")
 
 
-def _threads() -> None:
+def _start(out: Optional[Path], kind: str) -> None:
+    """Refuse an ``--out`` that cannot hold a ``kind`` result, then run torch on one thread."""
+    check_out_folder(out, kind)
     import torch
 
     # Tiny models gain nothing from threads and lose much on a shared CPU: 3 CNN epochs took 7 s
     # on one thread vs 43 s on the default threads, and 2 ViT epochs 47 s on two (load ~8).
     torch.set_num_threads(1)
+
+
+def _save_circuit(circ: Any, out: Optional[Path], default: str) -> tuple[Path, Path]:
+    """Save ``circ`` in ``out`` (default: a fresh ``default`` folder) with its report.html: (folder, page)."""
+    from mechscope.report.vision import write_vision
+
+    out_dir = Path(out or fresh_dir(default))
+    circ.save(out_dir)
+    return out_dir, write_vision(circ.to_dict(), out_dir / "report.html")
 
 
 @vision_app.command("train")
@@ -54,8 +65,7 @@ def train(
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
                       data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
-    check_out_folder(out, "vision-model")
-    _threads()
+    _start(out, "vision-model")
     from mechscope.vision.train import train_model
 
     out_dir = Path(out or fresh_dir("vision"))
@@ -92,16 +102,12 @@ def circuit(
 ) -> None:
     """The concept's k-per-layer attribution circuit, its edges, and the prune / keep tests; writes circuit.json and report.html."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out, "vision-circuit")
-    _threads()
-    from mechscope.report.vision import write_vision
+    _start(out, "vision-circuit")
     from mechscope.vision.run import run_circuit
 
     vm = _load(model, k)
     circ = run_circuit(vm, concept, cfg, target, progress=not json)
-    out_dir = Path(out or fresh_dir("vision-circuit"))
-    circ.save(out_dir)
-    report = write_vision(circ.to_dict(), out_dir / "report.html")
+    out_dir, report = _save_circuit(circ, out, "vision-circuit")
     t = circ.tests
     if json:
         return emit_json({"out": str(out_dir), "report": str(report), "concept": circ.concept, "units": circ.units, "tests": t})
@@ -127,8 +133,7 @@ def compose(
 ) -> None:
     """Circuits of every class; Jaccard of the overlay class's circuit with its parts' union and with every other class."""
     cfg = CircuitConfig(k=k, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out, "compose")
-    _threads()
+    _start(out, "compose")
     from mechscope.results import write_result_json
     from mechscope.vision.run import run_composition
 
@@ -157,15 +162,11 @@ def attack(
 ) -> None:
     """Typographic analogue: find the mark's circuit from mark-only images, ablate it, and measure the attack and clean accuracy."""
     cfg = CircuitConfig(k=k, ablation=ablation, random_draws=random_draws, contrast=contrast, baseline=baseline, seed=seed)
-    check_out_folder(out, "vision-circuit")
-    _threads()
-    from mechscope.report.vision import write_vision
+    _start(out, "vision-circuit")
     from mechscope.vision.run import run_attack
 
     circ, res = run_attack(_load(model, k), cfg, progress=not json)
-    out_dir = Path(out or fresh_dir("vision-attack"))
-    circ.save(out_dir)
-    report = write_vision(circ.to_dict(), out_dir / "report.html")
+    out_dir, report = _save_circuit(circ, out, "vision-attack")
     if json:
         return emit_json({"out": str(out_dir), "report": str(report), "units": circ.units, **res})
     b, a = res["before"], res["after"]
@@ -190,8 +191,7 @@ def eap(
 ) -> None:
     """EAP / EAP-IG over a ViT's heads and MLPs with clean/corrupt image pairs: the language tools' graph, ranking and
     faithfulness curve on images; writes eap.json and report.html."""
-    check_out_folder(out, "eap")
-    _threads()
+    _start(out, "eap")
     from mechscope.report.vision_eap import write_vision_eap
     from mechscope.vision.eap import vision_eap
     from mechscope.vision.models import load_vision_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError, check_lr, check_number_fields
+from mechscope.errors import MechscopeError, check_at_least, check_lr, check_number_fields
 
 DataKind = Literal["repeats"]
 
@@ -41,16 +41,13 @@ class HeadsConfig:
     """|R| of the example sequence whose attention patterns are stored"""
 
     def __post_init__(self) -> None:
-        from mechscope.errors import check_number_fields
-
         check_number_fields(self)
         if self.text is not None and not str(self.text).strip():
             raise MechscopeError("HeadsConfig.text is empty; give a .txt/.jsonl file or folder, 'pydoc', or leave it out "
                                  "(None) for the embedded corpus.")
-        for option, value in (("copy_tokens", self.copy_tokens), ("n_random", self.n_random), ("example_len", self.example_len),
-                              ("seq_len", self.seq_len), ("text_len", 1 if self.text_len is None else self.text_len)):
-            if value < 1:
-                raise MechscopeError(f"HeadsConfig.{option} must be at least 1; got {value}.")
+        check_at_least(("HeadsConfig.copy_tokens", self.copy_tokens), ("HeadsConfig.n_random", self.n_random),
+                       ("HeadsConfig.example_len", self.example_len), ("HeadsConfig.seq_len", self.seq_len),
+                       ("HeadsConfig.text_len", 1 if self.text_len is None else self.text_len))
         if self.n < 1 or self.n_text < 1:
             raise MechscopeError("--n and the number of text windows must be at least 1.")
         if self.n < 2:
@@ -93,6 +90,12 @@ class DataConfig:
                                  f"would be no induction to learn; give --seq-len {2 * self.min_span + 1} or more.")
 
 
+def check_toy_model(steps: int, layers: int, heads: int, d_model: int) -> None:
+    """Refuse a toy run without steps or layers, or whose width does not split into its heads."""
+    if steps < 1 or layers < 1 or heads < 1 or d_model < heads or d_model % heads:
+        raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+
+
 @dataclass
 class ToyConfig:
     """Settings of a toy training run (saved as ``train.json``)."""
@@ -115,8 +118,7 @@ class ToyConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model < self.heads or self.d_model % self.heads:
-            raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+        check_toy_model(self.steps, self.layers, self.heads, self.d_model)
         if self.n_checkpoints < 0 or self.linear_checkpoints < 0:
             raise MechscopeError(f"--checkpoints and --linear-checkpoints count checkpoints, so they cannot be negative; got "
                                  f"{self.n_checkpoints} and {self.linear_checkpoints}.")

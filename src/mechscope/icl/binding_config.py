@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from mechscope.errors import MechscopeError, check_lr
+from mechscope.heads.config import check_toy_model
 
 SETTING = "binding"
 """The ``setting`` recorded in a binding run's ``train.json``."""
@@ -76,8 +77,7 @@ class BindingConfig:
     setting: str = SETTING
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.layers < 1 or self.heads < 1 or self.d_model < self.heads or self.d_model % self.heads:
-            raise MechscopeError("train-toy needs steps >= 1, layers >= 1 and d_model divisible by the number of heads.")
+        check_toy_model(self.steps, self.layers, self.heads, self.d_model)
         if self.batch < 1 or self.n_eval < 1:
             raise MechscopeError("train-toy needs --batch >= 1 and at least one evaluation program.")
         check_lr(self.lr)

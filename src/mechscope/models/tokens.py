@@ -10,7 +10,10 @@ gives what ``decode([i])`` gives.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _ANCHOR = "a"
 
@@ -43,6 +46,15 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
                  for i, full in zip(real, tokenizer.batch_decode([anchor + [i] for i in real]))]
     it = iter(texts)
     return [next(it) if n_real is None or 0 <= i < n_real else unused_id(i) for i in ids]
+
+
+def ids_outside(ids: Tensor, vocab: int | None) -> tuple[int, int] | None:
+    """``(lowest, highest)`` of the token ids ``ids`` when one lies outside ``[0, vocab)`` (below
+    0 only, when ``vocab`` is None); None when every id fits or there are none."""
+    if not ids.numel():
+        return None
+    lo, hi = int(ids.min()), int(ids.max())
+    return (lo, hi) if lo < 0 or (vocab is not None and hi >= vocab) else None
 
 
 def unused_id(i: int) -> str:

@@ -47,6 +47,7 @@ from mechscope.models.hooks import (
     v_input,
 )
 from mechscope.models.norms import head_shares
+from mechscope.models.tokens import ids_outside
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -471,9 +472,9 @@ def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.T
     B, P = tokens.shape
     if B == 0 or P == 0:
         raise MechscopeError(f"{who} got no tokens (shape {(B, P)}); give at least one prompt of one token.")
-    lo, hi, V = int(tokens.min()), int(tokens.max()), int(model.summary.d_vocab)
-    if lo < 0 or hi >= V:
-        raise MechscopeError(f"{who}: token ids {lo}..{hi} lie outside the model's vocabulary 0..{V - 1}.")
+    V = int(model.summary.d_vocab)
+    if (span := ids_outside(tokens, V)) is not None:
+        raise MechscopeError(f"{who}: token ids {span[0]}..{span[1]} lie outside the model's vocabulary 0..{V - 1}.")
     if (n_ctx := context_overrun(model, P)) is not None:
         raise MechscopeError(f"{who}: prompts of {P} tokens are longer than {model.summary.name}'s context of {n_ctx}; shorten them.")
     want = f"[{graph.n_senders}, {B} or 1, {P}, {model.summary.d_model}]"

@@ -23,6 +23,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import attn_z, check_hook_name, resid_into
+from mechscope.models.tokens import ids_outside
 
 InterchangeSite = Literal["resid", "head"]
 
@@ -221,9 +222,9 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
                              f"{tuple(getattr(expected, 'shape', ()))}.")
     vocab = model.summary.d_vocab
     for name, t in (("base", base), ("source", source), ("expected", expected)):
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        if (span := ids_outside(t, vocab)) is not None:
             raise MechscopeError(f"The {name} token ids must lie in [0, {vocab}) for this model's vocabulary; "
-                                 f"got ids from {int(t.min())} to {int(t.max())}.")
+                                 f"got ids from {span[0]} to {span[1]}.")
     _check_fits(model, base)
     if not -n_pos <= answer_pos < n_pos:
         raise MechscopeError(f"answer_pos must be between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; got {answer_pos}.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mechscope.errors import MechscopeError, check_lr, check_number_fields
+from mechscope.errors import MechscopeError, check_at_least, check_lr, check_number_fields
 
 
 @dataclass
@@ -127,10 +127,9 @@ class DashboardConfig:
     """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
 
     def __post_init__(self) -> None:
-        for option, value, least in (("--tokens", self.n_tokens, 1), ("--ctx-len", self.ctx_len, 2),
-                                     ("--batch-size", self.batch_size, 1), ("--top", self.n_top, 1)):
-            if value < least:
-                raise MechscopeError(f"{option} must be at least {least}; got {value}.")
+        check_at_least(("--tokens", self.n_tokens))
+        check_at_least(("--ctx-len", self.ctx_len), least=2)
+        check_at_least(("--batch-size", self.batch_size), ("--top", self.n_top))
         if self.skip_first >= self.ctx_len:
             raise MechscopeError(f"skip_first={self.skip_first} leaves nothing of a {self.ctx_len}-token context.")
 

@@ -30,6 +30,7 @@ from mechscope.activations.store import check_context_fits
 from mechscope.errors import MechscopeError
 from mechscope.models.check import require_model
 from mechscope.models.load import position_limit
+from mechscope.models.tokens import ids_outside
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import json_safe, write_json
 from mechscope.sae.io import check_sae_fits
@@ -101,8 +102,8 @@ def check_token_ids(model: Model, tokens: Any) -> None:
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise MechscopeError(f"tokens must hold integer token ids (torch.long), not {tokens.dtype}; convert with tokens.long() "
                              "or build them with the model's tokenizer.")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.summary.d_vocab):
-        raise MechscopeError(f"tokens hold ids from {int(tokens.min())} to {int(tokens.max())}, outside {model.summary.name}'s "
+    if (span := ids_outside(tokens, model.summary.d_vocab)) is not None:
+        raise MechscopeError(f"tokens hold ids from {span[0]} to {span[1]}, outside {model.summary.name}'s "
                              f"vocabulary (0 to {model.summary.d_vocab - 1}); build them with this model's tokenizer.")
 
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.models.tokens import continuation
+from mechscope.models.tokens import continuation, ids_outside
 
 MetricName = Literal["logit_diff", "logprob", "prob_diff"]
 
@@ -124,11 +124,8 @@ class TaskBatch:
                           f"must both be [{B}, c]")
         ids = ["clean", "corrupt", "answers", "wrongs"] + (["candidates"] if self.candidates is not None else [])
         for k in ids:
-            v = getattr(self, k)
-            if v.numel() == 0:
-                continue
-            lo, hi = int(v.min()), int(v.max())
-            if lo < 0 or (d_vocab is not None and hi >= d_vocab):
+            if (span := ids_outside(getattr(self, k), d_vocab)) is not None:
+                lo, hi = span
                 top = f"{d_vocab - 1} (the model's vocabulary)" if d_vocab is not None else "the vocabulary"
                 raise bad(f"{k} holds token ids {lo}..{hi}, outside 0..{top}")
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError, check_lr
+from mechscope.errors import MechscopeError, check_at_least, check_lr
 
 Dataset = Literal["digits", "shapes"]
 Arch = Literal["cnn", "vit"]
@@ -172,10 +172,8 @@ class CircuitConfig:
             raise MechscopeError(f"--ablation {self.ablation!r} is not an ablation; use mean or zero.")
         if self.baseline not in ("zero", "mean"):
             raise MechscopeError(f"--baseline {self.baseline!r} is not a baseline; use zero or mean.")
-        for option, value in (("n_concept", self.n_concept), ("n_reference", self.n_reference),
-                              ("--random-draws", self.random_draws), ("top_images", self.top_images)):
-            if value < 1:
-                raise MechscopeError(f"{option} must be at least 1; got {value}.")
+        check_at_least(("n_concept", self.n_concept), ("n_reference", self.n_reference),
+                       ("--random-draws", self.random_draws), ("top_images", self.top_images))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
