@@ -86,29 +86,55 @@ def test_gemma2_eap_ig_activations_completeness(tiny_gemma2):
     check_activation_ig_completeness(tiny_gemma2, build_graph(tiny_gemma2), _batch(B=4, P=8))
 
 
-def test_olmo2_is_refused_for_its_cross_head_query_norm(tmp_path):
-    """OLMo-2's query and key norms span all heads: an edge into one head's query would move
-    every head's attention, so the graph is refused, saying why."""
+def test_olmo2_circuits_with_its_query_norm_across_heads(tmp_path, monkeypatch):
+    """OLMo-2 normalises all heads' projected queries (keys) together, and its blocks have no
+    input norm. An edge still changes one head's projection input alone; the joint norm spreads
+    it to the other heads as the model does. So: the patching identities hold, EAP equals
+    finite differences of the edge mask (the gradient at the pre-norm hook_q carries the joint
+    norm), exact q/k scoring falls back in every layer and says so, and a run succeeds. The
+    cross-head check itself still refuses coupling that no such norm explains (forced here)."""
     import transformers as T
     from conftest import save_scaled
+    from typer.testing import CliRunner
 
+    import mechscope.graph.graph as graph_mod
+    from mechscope.circuits.attribution import edge_score_folds
+    from mechscope.cli.main import app
     from mechscope.models import load_model
+    from mechscope.progress import Recorder
 
     torch.manual_seed(0)
     cfg = T.Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=64, vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    m = load_model(save_scaled(T.Olmo2ForCausalLM(cfg), tmp_path / "olmo2"), device="cpu")
+    hf = T.Olmo2ForCausalLM(cfg)
+    with torch.no_grad():  # distinct norm gains
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    path = save_scaled(hf, tmp_path / "olmo2")
+    m = load_model(path, device="cpu")
+    g, b = build_graph(m), _batch(B=3, P=7)
+    check_patching_exact(m, g)
+    picks = torch.randperm(len(g.edge_index), generator=torch.Generator().manual_seed(0))[:40].tolist()
+    check_eap_against_finite_differences(m, g, b, picks)
+    info: dict = {}
+    rec = Recorder()
+    exact = edge_score_folds(m, g, b, method="eap", progress=rec, info=info)
+    assert info["qk_fallback_layers"] == [0, 1] and any("plain gradient" in n for n in rec.notes)
+    torch.testing.assert_close(exact, edge_score_folds(m, g, b, method="eap", qk="linear"))
+    r = CliRunner().invoke(app, ["discover", "--model", path, "--task", "induction", "--n", "8", "--method", "eap",
+                                 "--force", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+
+    # Coupling no cross-head norm explains is still refused in one sentence, and an ACDC run
+    # (which makes its folder early, for its checkpoint) leaves no empty folder behind.
+    monkeypatch.setattr(graph_mod, "_norms_across_heads", lambda model: set())
+    m2 = load_model(path, device="cpu")
     with pytest.raises(MechscopeError, match="moves the other heads' attention too"):
-        build_graph(m)
-    # The CLI says the same in one sentence, and an ACDC run (which makes its folder early, for
-    # its checkpoint) leaves no empty folder behind.
-    from typer.testing import CliRunner
-
-    from mechscope.cli.main import app
-
+        build_graph(m2)
     out = tmp_path / "acdc-run"
-    r = CliRunner().invoke(app, ["discover", "--model", str(tmp_path / "olmo2"), "--task", "induction", "--n", "8",
-                                 "--method", "acdc", "--out", str(out)])
+    r = CliRunner().invoke(app, ["discover", "--model", path, "--task", "induction", "--n", "8", "--method", "acdc",
+                                 "--out", str(out)])
     assert r.exit_code == 2 and "each head to read its own query" in r.output and "Traceback" not in r.output, r.output
     assert not out.exists()
 

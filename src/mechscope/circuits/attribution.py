@@ -165,8 +165,8 @@ def edge_score_folds(
     chunks = range(0, n, batch_size)
     with as_progress(progress).phase(f"{method} scores", total=len(chunks), unit="batch") as bar, \
             frozen(model), plain_attention(model):
-        heads = [HeadInputGrads(model.bridge.blocks[l].ln1.original_component,
-                                {k: v.detach() for k, v in attn_weights(model, l).items()}) for l in range(graph.n_layers)]
+        heads = [HeadInputGrads(input_norm(model, l), {k: v.detach() for k, v in attn_weights(model, l).items()})
+                 for l in range(graph.n_layers)]
         exact = QKExact(graph.n_layers) if qk == "exact" and method != "eap-ig-act" else None
         # Mean ablation: the mean over every example, not over each chunk of ``batch_size``
         means: dict[str, torch.Tensor] = {}
@@ -228,7 +228,10 @@ class HeadInputGrads:
     def __init__(self, norm, weights: dict[str, torch.Tensor]):
         self.norm = norm
         W = torch.cat([weights["W_Q"], weights["W_K"], weights["W_V"]]).float()  # [H + 2KV, d, e], receiver order (float32 as the gradients)
-        self.kind, scale, self.eps = fit_norm(norm, W.shape[1], W.device)
+        if norm is None:  # a block without an input norm (OLMo-2): the heads read the residual stream itself
+            self.kind, scale, self.eps = "none", torch.ones(W.shape[1], device=W.device), 0.0
+        else:
+            self.kind, scale, self.eps = fit_norm(norm, W.shape[1], W.device)
         Ws = W * scale[None, :, None] if self.kind != "other" else W
         self.W = Ws.contiguous()  # [n, d, e]
         self.Wt = Ws.transpose(1, 2).contiguous()  # [n, e, d]
@@ -270,6 +273,9 @@ class HeadInputGrads:
             a = norm_vjp(self.norm, x, u.view(-1, b, p, d).permute(1, 2, 0, 3)).permute(2, 0, 1, 3).reshape(u.shape)
             self.A = a if self.A is None else self.A.add_(a)
             return
+        if self.kind == "none":  # J = I: the gradient is W g alone
+            self.G = g.clone() if self.G is None else self.G.add_(g)
+            return
         if self.kind == "rms":
             inv = torch.rsqrt(xx.pow(2).mean(-1, keepdim=True) + self.eps)  # [bp, 1]
             xhat = xx * inv
@@ -307,9 +313,16 @@ class HeadInputGrads:
             bp = self.G.shape[1]
             a = acc.view(n, bp, -1)
             a.baddbmm_(self.G, self.Wt_acc)
-            corr = torch.bmm(torch.stack(self.C, -1).transpose(0, 1), torch.stack(self.X, 1))  # [bp, n, d]
-            a.sub_(corr.transpose(0, 1))
+            if self.C:  # the norm's own Jacobian term (none without a norm)
+                corr = torch.bmm(torch.stack(self.C, -1).transpose(0, 1), torch.stack(self.X, 1))  # [bp, n, d]
+                a.sub_(corr.transpose(0, 1))
         self._reset()
+
+
+def input_norm(model: Model, l: int):
+    """Block ``l``'s norm before the attention (the HF module), or None where it has none (OLMo-2)."""
+    norm = getattr(model.bridge.blocks[l], "ln1", None)
+    return None if norm is None else norm.original_component
 
 
 def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -313,13 +313,29 @@ def block_layout(model: Model) -> str:
     return layout
 
 
+def _norms_across_heads(model: Model) -> set[str]:
+    """"query" and/or "key" where block 0 normalises the projections of all heads together
+    (OLMo-2's ``q_norm``/``k_norm`` over heads x d_head, after the per-head projections)."""
+    attn = model.bridge.blocks[0].attn.original_component
+    e = model.summary.d_head
+    out = set()
+    for t, name in (("query", "q_norm"), ("key", "k_norm")):
+        w = getattr(getattr(attn, name, None), "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > e and w.numel() % e == 0:
+            out.add(t)
+    return out
+
+
 @torch.no_grad()
 def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
     """Why an edge into one head's query, key or value could not be patched alone, or None.
     Measured in block 0: other inputs to the first head's query (or the first key/value head's
-    key, value) may move only the attention scores (z) of the heads that read them (OLMo-2
-    normalises all heads' queries and keys together, so one head's query input moves every
-    head's scores)."""
+    key, value) may move only the attention scores (z) of the heads that read them. Not checked
+    where the model itself normalises all heads' queries (keys) together after their per-head
+    projections (OLMo-2, session 29): an edge still changes one head's projection input alone
+    (the bridge's split inputs), and the norm spreads it to the other heads as it does in the
+    model; the patching identities, EAP against finite differences and the q/k fallback are
+    tested on a tiny OLMo-2."""
     from mechscope.models.hooks import attn_hook, attn_scores, k_input, q_input, v_input
 
     s = model.summary
@@ -333,10 +349,11 @@ def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
         x[:, :, 0] = x[:, :, 0] * 3.0 + noise * float(x.detach().float().std().clamp(min=1e-3))
         return x
 
+    joint = _norms_across_heads(model)
     for t, into, read, first in (("query", q_input(0), attn_scores(0), 1), ("key", k_input(0), attn_scores(0), group),
                                  ("value", v_input(0), attn_hook(0, "z"), group)):
-        if first >= s.n_heads:
-            continue  # every head reads it
+        if first >= s.n_heads or t in joint:
+            continue  # every head reads it, or the model's own norm over all heads' projections spreads it
         got: list[torch.Tensor] = []
 
         def grab(x, hook):
