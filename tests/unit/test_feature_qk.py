@@ -121,3 +121,47 @@ def test_bad_edges_say_what_is_wrong(tiny_gpt2, tsets):
     for bad in ("1:2:7", "a:b:c:d", "1:2:-7:3", ""):
         with pytest.raises(MechscopeError, match="LAYER:HEAD"):
             parse_qk_spec(bad)
+
+
+def test_per_head_query_key_norms_are_frozen_like_the_residual_norm(tmp_path):
+    """Qwen3 norms each head's query and key after the projection: QK attribution freezes that
+    norm's scale at its clean value too, so the matrix still sums to the model's score, and a
+    row (column) sum equals the score change when the node leaves the residual stream with the
+    residual norm's and the head norms' scales all held at their clean values."""
+    from conftest import _save_tiny
+
+    from mechscope.models import load_model
+
+    m = load_model(_save_tiny("qwen3", tmp_path / "qwen3"), device="cpu")
+    tset = random_transcoders(m, d_sae=40, architecture="topk", k=6, seed=1)
+    toks = _prompt(m, seed=3)
+    run = capture(m, tset, toks)
+    layer, head, q, k = m.summary.n_layers - 1, 1, 7, 3
+    r = qk_attribution(m, tset, toks, layer, head, q, k, run=run)
+    with torch.no_grad(), plain_attention(m):
+        _, cache = m.bridge.run_with_cache(toks[None])
+    assert abs(float(r.matrix.sum()) - r.score) < 1e-4 * max(1.0, abs(r.score))
+    assert r.score == pytest.approx(float(cache[attn_scores(layer)][0, head, q, k]), abs=1e-6)
+    frozen = [f"blocks.{layer}.attn.{n}_norm.hook_scale" for n in ("q", "k")] + [ln_scale(layer, 1)]
+    scales = {n: cache[n].clone() for n in frozen}
+    checked = 0
+    for ids, sums, pos in ((r.query_ids, r.query_side(), q), (r.key_ids, r.key_side(), k)):
+        for i in [i for i, n in enumerate(ids) if n.startswith("E_") or n.split("_")[0].isdigit()]:
+            vec, out = _vector(run, tset, ids[i]), {}
+
+            def edit(x, hook, pos=pos, vec=vec):
+                x = x.clone()
+                x[0, pos] -= vec.to(x)
+                return x
+
+            def grab(x, hook):
+                out["s"] = x.detach()
+                return x
+
+            hooks = [(resid_pre(layer), edit)] + [(n, lambda x, hook: scales[hook.name].to(x)) for n in frozen]
+            with torch.no_grad(), plain_attention(m), quiet_norm_edits():
+                m.bridge.run_with_hooks(toks[None], fwd_hooks=hooks + [(attn_scores(layer), grab)])
+            got = float(out["s"][0, head, q, k])
+            assert r.score - got == pytest.approx(float(sums[i]), abs=1e-4 * max(1.0, abs(r.score)))
+            checked += 1
+    assert checked >= 4

@@ -379,6 +379,13 @@ class HeadNorm:
             t = t - t.mean(-1, keepdim=True)
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
 
+    def frozen(self, parts: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        """The norm applied to each row of ``parts`` [n, e] at the scale of ``whole`` [e] (their
+        sum, the clean pre-norm vector): linear, so the rows still add up to ``self(whole)``."""
+        if self.kind == "ln":
+            parts, whole = parts - parts.mean(-1, keepdim=True), whole - whole.mean()
+        return parts * torch.rsqrt(whole.pow(2).mean() + self.eps) * self.scale
+
 
 def head_norm_modules(model: Model, l: int) -> tuple[object | None, object | None]:
     """Layer ``l``'s per-head query and key norm modules (HF's ``q_norm``/``k_norm``), or None."""

@@ -28,6 +28,9 @@ node outputs, x = sum_n u_n, makes every term exact:
    ``hook_attn_scores``); a row sum is the query-side component's share with the whole key, a
    column sum the key-side component's share.
 
+Per-head query/key norms (Qwen3, Gemma 3: over d_head, after the projection) are frozen at
+their clean scale the same way, so the split stays linear and exact (session 29).
+
 Nothing about the attention module is assumed: rotary, the score scale and the norm's form are
 measured against the model's hooks, and a layer that does not match (soft-capping, ALiBi, a
 norm of unknown form) is refused with one sentence rather than given wrong numbers.
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechscope.circuits.qk import rotate
+from mechscope.circuits.qk import HeadNorm, head_norm_modules, rotate
 from mechscope.errors import MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture
 from mechscope.features.transcoder_set import TranscoderSet
@@ -188,6 +191,19 @@ def _project(U: Tensor, x_all: Tensor, W: Tensor, kind: str, eps: float, pos: in
     return inv * (U @ W)
 
 
+def _head_norms(model: Model, layer: int, e: int, device) -> tuple[HeadNorm | None, HeadNorm | None]:
+    """Layer ``layer``'s per-head query and key norms (Qwen3, Gemma 3) in fitted form, None where
+    there is none; a norm of another form (over all heads: OLMo-2) is refused in one sentence."""
+    out = []
+    for module, side in zip(head_norm_modules(model, layer), ("query", "key")):
+        norm = HeadNorm.fit(module, e, device) if module is not None else None
+        if module is not None and norm is None:
+            raise MechscopeError(f"QK attribution: layer {layer}'s {side} norm is not a per-head RMS or layer norm (it spans "
+                                 f"all heads, or has another form), so its {side}s cannot be split exactly.")
+        out.append(norm)
+    return out[0], out[1]
+
+
 def _linear_all(x_all: Tensor, W: Tensor, kind: str, eps: float) -> Tensor:
     """[P, e] the linear part of the projection at every position."""
     x = x_all - x_all.mean(-1, keepdim=True) if kind == "ln" else x_all
@@ -227,6 +243,7 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
                              f"queries and keys are not linear in the residual stream at a frozen scale.")
     H, KV = w["W_Q"].shape[0], w["W_K"].shape[0]
     kv = head // (H // KV)
+    head_norms = _head_norms(model, layer, w["W_Q"].shape[-1], x_all.device)
     Wq = (w["W_Q"][head].detach().float() * scale[:, None])  # [d, e]
     Wk = (w["W_K"][kv].detach().float() * scale[:, None])
     vecs = []
@@ -239,6 +256,8 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
             raise MechscopeError(f"QK attribution: layer {layer}'s {hook} projection is not affine in the normalised residual "
                                  f"stream (a norm or projection this method does not model).")
         V = torch.cat([_project(U, x_all, W, kind, eps, pos), const[pos][None]])  # [n + 1, e]
+        if (hn := head_norms[0 if hook == "q" else 1]) is not None:  # its scale frozen too: linear in V
+            V = hn.frozen(V, clean[pos])
         if rot_name in cache:
             cos, sin = cache[attn_hook(layer, "cos")], cache[attn_hook(layer, "sin")]
             cos, sin = cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0, pos].float(), sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0, pos].float()
@@ -248,7 +267,7 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
             want = clean[pos]
         if not _close(V.sum(0), want, 1e-3):
             raise MechscopeError(f"QK attribution: the {hook} of layer {layer} rebuilt from the residual stream does not match the "
-                                 f"model's own (a query/key norm as in Gemma 3, partial rotary or another position scheme), so "
+                                 f"model's own (a query/key norm over all heads as in OLMo-2, partial rotary or another position scheme), so "
                                  "the split would be wrong.")
         vecs.append(V)
         ids.append(CONST)
