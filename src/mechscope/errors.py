@@ -75,7 +75,12 @@ def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an
         if isinstance(value, bool) or not isinstance(value, kinds):
             kind = "a string" if f.name in strings else integer if base == "int" else "a number"
             raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
-                                 f"{value!r} (a {type(value).__name__}).")
+                                 f"{value!r} ({_article(type(value).__name__)}).")
+
+
+def _article(noun: str) -> str:
+    """'a str', 'an int'."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def check_at_least(*options: tuple[str, float], least: float = 1) -> None:

@@ -126,6 +126,19 @@ def test_olmo2_circuits_with_its_query_norm_across_heads(tmp_path, monkeypatch):
                                  "--force", "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
 
+    # The check still runs on OLMo-2, one step earlier: a head's projection must not move when
+    # another head's input does (a leak from head 0's query projection into the others, forced
+    # by a hook, is refused).
+    m3 = load_model(path, device="cpu")
+
+    def leak(x, hook):
+        x = x.clone()
+        x[:, :, 1:] += x[:, :, :1]
+        return x
+
+    m3.bridge.hook_dict["blocks.0.attn.hook_q"].add_hook(leak)
+    assert "query" in graph_mod._norms_across_heads(m3)
+    assert "moves the other heads" in (graph_mod._cross_head_inputs(m3, b.clean[:1]) or "")
     # Coupling no cross-head norm explains is still refused in one sentence, and an ACDC run
     # (which makes its folder early, for its checkpoint) leaves no empty folder behind.
     monkeypatch.setattr(graph_mod, "_norms_across_heads", lambda model: set())
@@ -213,6 +226,8 @@ def test_gemma2_exact_qk_effects_through_the_soft_cap(tiny_gemma2, cap, monkeypa
             test_qk_exact.test_exact_qk_effects_equal_patched_head_output(tiny_gemma2, "one row a block", monkeypatch)
         return
     test_qk_exact.test_exact_qk_effects_equal_patched_head_output(tiny_gemma2, "one row a block", monkeypatch)
+    # 19 positions, longer than the sliding window of 8 (session 29: the window is read, not a fallback)
+    test_qk_exact.test_exact_qk_effects_equal_patched_head_output(tiny_gemma2, "blocks", monkeypatch, layer=0)
 
 
 def test_discover_runs_on_gemma2_and_records_the_reading(tiny_gemma2, tmp_path):

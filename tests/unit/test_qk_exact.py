@@ -31,10 +31,11 @@ from mechscope.tasks.base import TaskBatch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["one row a block", "blocks, position first, one example a chunk"])
-def test_exact_qk_effects_equal_patched_head_output(tiny_model, layout, monkeypatch):
+def test_exact_qk_effects_equal_patched_head_output(tiny_model, layout, monkeypatch, layer=None):
     """Both layouts: [S, B, P, D] deltas with one query row a block (7 positions); and the
     caller's position-first view sliced to the upstream senders, with 19 positions in blocks of
-    three rows (a short last block) and one example per chunk."""
+    three rows (a short last block) and one example per chunk. (``layer``: the last one unless
+    a caller names another.)"""
     import mechscope.circuits.qk as qk
 
     P = 7 if layout == "one row a block" else 19
@@ -42,7 +43,7 @@ def test_exact_qk_effects_equal_patched_head_output(tiny_model, layout, monkeypa
         monkeypatch.setattr(qk, "QK_BLOCKS", 7)  # ceil(19 / 7) = 3 rows a block, the last one short
         monkeypatch.setattr(qk, "MAX_ELEMS", 1)  # chunks of one example
     m, g, b = tiny_model, build_graph(tiny_model), _batch(B=3, P=P)
-    l = g.n_layers - 1
+    l = g.n_layers - 1 if layer is None else layer
     resid = {}
 
     def keep(x, hook):
@@ -101,6 +102,7 @@ def test_exact_qk_effects_through_per_head_query_key_norms(kind, tmp_path, monke
     included), and no layer falls back where every layer used to."""
     from conftest import _save_tiny
 
+    import mechscope.circuits.qk as qk
     from mechscope.circuits.attribution import edge_score_folds
     from mechscope.tasks.base import TaskBatch
 
@@ -108,6 +110,13 @@ def test_exact_qk_effects_through_per_head_query_key_norms(kind, tmp_path, monke
     for layout in ("one row a block", "blocks, position first, one example a chunk"):
         with monkeypatch.context() as mp:
             test_exact_qk_effects_equal_patched_head_output(m, layout, mp)
+    with monkeypatch.context() as mp:  # a layer below the last: its effects pass through later layers' norms too
+        test_exact_qk_effects_equal_patched_head_output(m, "one row a block", mp, layer=1)
+    with monkeypatch.context() as mp:  # the check is sharp: 1% off in the score changes fails it
+        moved = qk._moved_scores
+        mp.setattr(qk, "_moved_scores", lambda *a: moved(*a).mul_(1.01))
+        with pytest.raises(AssertionError):
+            test_exact_qk_effects_equal_patched_head_output(m, "one row a block", mp)
     g, b = build_graph(m), _batch(B=3, P=9)
     batch = TaskBatch(task="random", clean=b.clean, corrupt=b.corrupt, positions=torch.full((3, 1), 8),
                       answers=b.clean[:, :1], wrongs=b.corrupt[:, :1], lengths=torch.full((3,), 9))

@@ -28,7 +28,7 @@ class _Cfg:
     (dict(edges=2.5), {"integer": "a whole number"}, "_Cfg.edges must be a whole number (or None); got 2.5 (a float)."),
     (dict(share="0.5"), {}, "_Cfg.share must be a number; got '0.5' (a str)."),
     (dict(name=None), {"strings": ("name", "path")}, "_Cfg.name must be a string; got None (a NoneType)."),
-    (dict(path=3), {"strings": ("name", "path")}, "_Cfg.path must be a string (or None); got 3 (a int)."),
+    (dict(path=3), {"strings": ("name", "path")}, "_Cfg.path must be a string (or None); got 3 (an int)."),
 ])
 def test_check_number_fields_names_the_field_and_the_type(kw, kwargs, message):
     with pytest.raises(MechscopeError) as e:

@@ -52,7 +52,7 @@ from mechscope.circuits.qk import QKExact
 from mechscope.graph import Graph
 from mechscope.models import plain_attention
 from mechscope.models.hooks import attn_hook, attn_out, attn_z, mlp_in, resid_pre
-from mechscope.models.norms import fit_norm, head_shares
+from mechscope.models.norms import fit_norm, head_shares, input_norm
 from mechscope.patching.engine import (
     INPUT_HOOK,
     LOGITS_HOOK,
@@ -194,8 +194,8 @@ def edge_score_folds(
         info["qk_fallback_layers"] = fallback
     if fallback:
         as_progress(progress).note(
-            f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (a sliding window "
-            "shorter than the prompts, ALiBi, a rotary variant or a query/key norm it cannot read); their query and key edges have the plain gradient score (as --qk linear)")
+            f"exact q/k scoring does not reproduce the attention of layer(s) {', '.join(map(str, fallback))} (ALiBi, partial "
+            "rotary or another rotary variant, or a query/key norm over all heads); their query and key edges have the plain gradient score (as --qk linear)")
     return (scores / n) * graph.allowed.to(dev)
 
 
@@ -317,12 +317,6 @@ class HeadInputGrads:
                 corr = torch.bmm(torch.stack(self.C, -1).transpose(0, 1), torch.stack(self.X, 1))  # [bp, n, d]
                 a.sub_(corr.transpose(0, 1))
         self._reset()
-
-
-def input_norm(model: Model, l: int):
-    """Block ``l``'s norm before the attention (the HF module), or None where it has none (OLMo-2)."""
-    norm = getattr(model.bridge.blocks[l], "ln1", None)
-    return None if norm is None else norm.original_component
 
 
 def norm_vjp(norm, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ query or key receiver:
    metric at the head's output z, g_z [B, P, H, e].
 2. For an edge s -> q of head h, the query input becomes x + d_s (d_s = src_s - clean_s).
    With the layer's norm in its fitted form (y = scale * base(x) + bias; base = RMS or
-   layer normalisation, see ``attribution.fit_norm``) and W' the projection with the scale
+   layer normalisation, see ``models.norms.fit_norm``) and W' the projection with the scale
    folded in, the query moves *exactly* by
 
        dq_s = (inv'_s - inv) x_c W' + inv'_s d_s W'_c,   inv'_s = 1 / rms(x_c + d_{s,c})
@@ -39,16 +39,18 @@ projection and before rotary) make the score change nonlinear in d_s, so the rea
 above does not apply. Those layers take ``_chunk_normed``: every sender's moved pre-norm query
 (and key) is formed, [H, P, B, S, e], and dotted with the clean keys (queries) rotated back and
 scaled by the norm's gain; its 1 / rms multiplies the scores. The projection of every delta
-costs about d_head / positions times the readout's products (measured below); the effects are
+costs about d_head / positions times the readout's products (docs/decisions.md: 1.3 s against
+0.6 s a layer at SmolLM2's shape, 201 senders, 25 x 18 positions); the effects are
 exact in the same sense (tested against the patched head's output on a tiny Qwen3 and Gemma 3).
 
 Nothing is assumed about the attention module: the rotary formula, the head norms' form, the
 score scale and the pattern are checked against the model's own hooks on the first batch
 (pattern and z reconstructed to 1e-4); Gemma 2's soft-capped scores (``c * tanh(s / c)``,
-before the mask) are read when the module names its cap. A layer that does not match (a
-sliding window shorter than the prompts, ALiBi, partial rotary, a query/key norm over all heads
-(OLMo-2) or of unknown form, a residual norm of unknown form) keeps the plain gradient score
-for its q/k edges, and ``QKExact.fallback_layers`` says which.
+before the mask) are read when the module names its cap, and a sliding window shorter than the
+prompts when the module or its config names it (session 29). A layer that does not match
+(ALiBi, partial rotary, a query/key norm over all heads (OLMo-2) or of unknown form, a residual
+norm of unknown form) keeps the plain gradient score for its q/k edges, and
+``QKExact.fallback_layers`` says which.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from mechscope.models.norms import fit_norm
 if TYPE_CHECKING:
     from mechscope.models import Model
 
-MAX_ELEMS = 48_000_000  # per chunk of examples: one block's readout, [examples, rows, P, heads, d_model + senders]
+MAX_ELEMS = 48_000_000  # per chunk of examples: the largest temporaries (``effects`` counts them per layout)
 QK_BLOCKS = 8
 """About this many blocks of query rows in the readout, each against the keys up to its end
 (2 cores, 150-290 senders: 8 beat 2, 4 and one row a block at 18 and 64 positions)."""
@@ -118,6 +120,7 @@ class QKExact:
     n_layers: int
     scale: list[float] = field(default_factory=list)
     cap: list[float] = field(default_factory=list)  # per layer, the scores' soft-cap c (0: none)
+    window: list[int] = field(default_factory=list)  # per layer, the sliding window (0: none)
     checked: dict[int, bool] = field(default_factory=dict)  # layer -> reconstruction matched
     head_norms: dict[int, tuple[HeadNorm | None, HeadNorm | None]] = field(default_factory=dict)  # layer -> (query, key) norms read
 
@@ -174,7 +177,8 @@ class QKExact:
         if ok and any(m is not None for m in norms):  # per-head query/key norms: read them, then check with them
             e = q.shape[-1]
             qn, kn = (HeadNorm.fit(m, e, q.device) if m is not None else None for m in norms)
-            ok = (c.cos is not None and c.k is not None and all((m is None) == (n is None) for m, n in zip(norms, (qn, kn)))
+            ok = (c.cos is not None and c.cos.shape[-1] == e and c.k is not None
+                  and all((m is None) == (n is None) for m, n in zip(norms, (qn, kn)))
                   and _close(rotate(_norm(_need(c.k).float(), kn), c.cos.float()[:, :, None], _need(c.sin).float()[:, :, None]),
                              _need(c.k_rot)))
             if ok:
@@ -189,28 +193,37 @@ class QKExact:
             cands = [getattr(attn, "scaling", None), getattr(attn, "scale", None), 1 / math.sqrt(e)]
             cap = getattr(attn, "attn_logit_softcapping", None) or getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
             caps = [0.0] + ([float(cap)] if isinstance(cap, (int, float)) and cap > 0 else [])  # Gemma 2: c * tanh(s / c)
+            # A sliding window shorter than the prompts (Gemma 2/3's local layers, Mistral): the
+            # module's own, or its config's (the check below tells which layers use it).
+            wins = [getattr(attn, "sliding_window", None), getattr(getattr(attn, "config", None), "sliding_window", None)]
+            windows = [0] + sorted({int(w) for w in wins if isinstance(w, int) and not isinstance(w, bool) and 0 < w < q_rot.shape[1]})
             ok = False
-            for sc, cp in itertools.product([float(x) for x in cands if isinstance(x, (int, float))], caps):
-                A = torch.softmax(soft_cap(self._scores(c, sc), cp), -1)
+            for sc, cp, win in itertools.product([float(x) for x in cands if isinstance(x, (int, float))], caps, windows):
+                A = torch.softmax(soft_cap(self._scores(c, sc, win), cp), -1)
                 if _close(A, pattern) and _close(_attend(A, v), z):
-                    self.scale += [0.0] * (self.n_layers - len(self.scale))
-                    self.cap += [0.0] * (self.n_layers - len(self.cap))
-                    self.scale[l], self.cap[l] = sc, cp
+                    for name in ("scale", "cap", "window"):
+                        got = getattr(self, name)
+                        got += [0] * (self.n_layers - len(got))
+                    self.scale[l], self.cap[l], self.window[l] = sc, cp, win
                     ok = True
                     break
         self.checked[l] = ok
         return ok
 
     @staticmethod
-    def _scores(c: LayerCapture, scale: float) -> torch.Tensor:
-        """Masked clean attention scores [B, H, P, P] from the rotated q and k."""
+    def _scores(c: LayerCapture, scale: float, window: int = 0) -> torch.Tensor:
+        """Masked clean attention scores [B, H, P, P] from the rotated q and k: causal, and with
+        ``window`` > 0 a query sees only the ``window`` latest keys (itself included), as
+        Hugging Face's sliding-window masks do."""
         q_rot, k_rot = _need(c.q_rot), _need(c.k_rot)
         H, KV = q_rot.shape[2], k_rot.shape[2]
         k = k_rot.float().repeat_interleave(H // KV, 2)
         s = torch.einsum("bihe,bjhe->bhij", q_rot.float(), k) * scale
         P = s.shape[-1]
-        causal = torch.ones(P, P, dtype=torch.bool, device=s.device).triu(1)
-        return s.masked_fill(causal, float("-inf"))
+        mask = torch.ones(P, P, dtype=torch.bool, device=s.device).triu(1)
+        if window > 0:
+            mask |= torch.ones(P, P, dtype=torch.bool, device=s.device).tril(-window)
+        return s.masked_fill(mask, float("-inf"))
 
     def effects(self, l: int, heads, x: torch.Tensor, delta: torch.Tensor, steps: int,
                 positions_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,25 +242,27 @@ class QKExact:
         G = H // KV
         scale = self.scale[l]
         cap = self.cap[l] if l < len(self.cap) else 0.0
+        window = self.window[l] if l < len(self.window) else 0
         W = heads.W  # [H + 2KV, D, e], norm scale folded in
         Wc = W - W.mean(1, keepdim=True) if heads.kind == "ln" else W
         eq = torch.zeros(S, B, H, device=x.device)
         ek = torch.zeros(S, B, KV, device=x.device)
         normed = l in self.head_norms
         e = W.shape[-1]
-        per_ex = P * S * H * 2 * (e + P) if normed else P * -(-P // QK_BLOCKS) * H * (D + S)  # the largest temporaries
+        per_ex = H * P * (2 * S * (e + P) + 4 * P * e) if normed else P * -(-P // QK_BLOCKS) * H * (D + S)  # the largest temporaries (normed: the moved vectors and scores, and the rotated other side's copies)
         step = max(1, MAX_ELEMS // max(per_ex, 1))
         gz = _need(c.gz) / steps
         for b0 in range(0, B, step):
             bs = slice(b0, min(B, b0 + step))
             d = delta[:, bs].float() if step >= B else delta[:, bs].float().contiguous()  # per chunk: one copy, not one per block
             if normed:
-                eq[:, bs], ek[:, bs] = self._chunk_normed(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap, self.head_norms[l])
+                eq[:, bs], ek[:, bs] = self._chunk_normed(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap,
+                                                          self.head_norms[l], window)
             else:
-                eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap)
+                eq[:, bs], ek[:, bs] = self._chunk(c, bs, heads, Wc, x[bs].float(), d, gz[bs], scale, G, cap, window)
         return eq, ek
 
-    def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float = 0.0):
+    def _chunk(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float = 0.0, window: int = 0):
         """Effects for the examples ``bs``; d [P, B, S, D] (position, example, sender, model).
 
         Query position i only sees keys j <= i, so the products run over blocks of query
@@ -266,7 +281,7 @@ class QKExact:
         k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
         if ci is not None and si is not None:
             y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
-        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j], before any soft-cap
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale, window)  # [B, H, i, j], before any soft-cap
         A0 = torch.softmax(soft_cap(S0, cap), -1)
         M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)  # [B, H, i, j]
         Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)
@@ -320,7 +335,7 @@ class QKExact:
         return _settle(T, S0, A0, M, dim, cap)
 
     def _chunk_normed(self, c: LayerCapture, bs: slice, heads, Wc, x, d, gz, scale, G, cap: float,
-                      norms: tuple[HeadNorm | None, HeadNorm | None]):
+                      norms: tuple[HeadNorm | None, HeadNorm | None], window: int = 0):
         """``_chunk`` for a layer with per-head query/key norms (same returns). The norm is not
         linear in d, so every sender's moved pre-norm query (key) is formed, head first,
         [n, P, B, S, e]; its norm's gain and the rotation go onto the other side of the dot
@@ -332,7 +347,7 @@ class QKExact:
         v = _need(c.v)[bs].float().repeat_interleave(G, 2)
         ci, si = _rotary(c, bs, B)
         cos, sin = _need(ci).permute(1, 0, 2, 3)[None], _need(si).permute(1, 0, 2, 3)[None]  # [1, P, B, 1, e]
-        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale)  # [B, H, i, j]
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale, window)  # [B, H, i, j]
         A0 = torch.softmax(soft_cap(S0, cap), -1)
         M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)
         Wq, Wk = Wc[:H], Wc[H : H + KV]
@@ -355,7 +370,7 @@ class QKExact:
 @dataclass
 class HeadNorm:
     """A per-head query or key norm in its fitted form, y = scale * base(x) (base: RMS or layer
-    normalisation over d_head), as ``attribution.fit_norm`` reads residual norms."""
+    normalisation over d_head), as ``models.norms.fit_norm`` reads residual norms."""
 
     kind: str
     scale: torch.Tensor  # [e]

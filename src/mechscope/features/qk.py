@@ -51,7 +51,7 @@ from mechscope.features.replacement import ReplacementRun, capture
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import POS_EMBED, attn_hook, attn_out, attn_scores, resid_pre
 from mechscope.models.load import plain_attention
-from mechscope.models.norms import fit_norm
+from mechscope.models.norms import fit_norm, input_norm
 from mechscope.models.tokens import token_texts
 from mechscope.patching.engine import attn_weights
 
@@ -235,7 +235,10 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
         sides.append((ids, labels, U))
 
     attn = model.bridge.blocks[layer].attn
-    norm = model.bridge.blocks[layer].ln1.original_component
+    norm = input_norm(model, layer)
+    if norm is None:
+        raise MechscopeError(f"QK attribution: layer {layer} has no norm before its attention (as in OLMo-2), so its queries and "
+                             f"keys are not split at a frozen norm scale; use a model with one.")
     w = attn_weights(model, layer)
     kind, scale, eps = fit_norm(norm, x_all.shape[-1], x_all.device)
     if kind == "other":

@@ -239,8 +239,9 @@ def block_layout(model: Model) -> str:
     up the same way. Refused: an MLP that shares the attention's norm (Phi: ``hook_mlp_in``
     never fires, so no edge into the MLP could be patched), shares that do not add up (a bias
     on the attention's output before such a norm), and heads whose q/k/v inputs are not their
-    own (``_cross_head_inputs``; OLMo-2 normalises all heads' queries together); on those,
-    patching an edge would not do what its name says."""
+    own (``_cross_head_inputs``; OLMo-2's norm over all heads' projected queries passes, since
+    each head's projection still reads its own input); on those, patching an edge would not do
+    what its name says."""
     done = getattr(model, _CHECKED, None)
     if isinstance(done, str):
         return done
@@ -330,12 +331,12 @@ def _norms_across_heads(model: Model) -> set[str]:
 def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
     """Why an edge into one head's query, key or value could not be patched alone, or None.
     Measured in block 0: other inputs to the first head's query (or the first key/value head's
-    key, value) may move only the attention scores (z) of the heads that read them. Not checked
-    where the model itself normalises all heads' queries (keys) together after their per-head
-    projections (OLMo-2, session 29): an edge still changes one head's projection input alone
-    (the bridge's split inputs), and the norm spreads it to the other heads as it does in the
-    model; the patching identities, EAP against finite differences and the q/k fallback are
-    tested on a tiny OLMo-2."""
+    key, value) may move only the attention scores (z) of the heads that read them. Where the
+    model itself normalises all heads' queries (keys) together after their per-head projections
+    (OLMo-2, session 29), the other heads' *projections* (``hook_q``/``hook_k``, before that norm)
+    must not move: an edge then changes one head's projection input alone (the bridge's split
+    inputs), and the norm spreads it to the other heads as it does in the model; the patching
+    identities, EAP against finite differences and the q/k fallback are tested on a tiny OLMo-2."""
     from mechscope.models.hooks import attn_hook, attn_scores, k_input, q_input, v_input
 
     s = model.summary
@@ -350,10 +351,15 @@ def _cross_head_inputs(model: Model, tokens: torch.Tensor) -> str | None:
         return x
 
     joint = _norms_across_heads(model)
-    for t, into, read, first in (("query", q_input(0), attn_scores(0), 1), ("key", k_input(0), attn_scores(0), group),
-                                 ("value", v_input(0), attn_hook(0, "z"), group)):
-        if first >= s.n_heads or t in joint:
-            continue  # every head reads it, or the model's own norm over all heads' projections spreads it
+    plan = [("query", q_input(0), attn_scores(0), 1), ("key", k_input(0), attn_scores(0), group),
+            ("value", v_input(0), attn_hook(0, "z"), group)]
+    # Where the model normalises all heads' projections together, the scores of every head move
+    # by design; each head's own projection (before that norm) must still be the only one to move.
+    own = {"query": attn_hook(0, "q"), "key": attn_hook(0, "k")}
+    plan = [(t, into, own[t], 1) if t in joint else (t, into, read, first) for t, into, read, first in plan]
+    for t, into, read, first in plan:
+        if first >= (s.n_heads if read != attn_hook(0, "k") else max(1, s.n_kv_heads)):
+            continue  # every head reads it
         got: list[torch.Tensor] = []
 
         def grab(x, hook):

@@ -115,3 +115,9 @@ def fit_norm(norm, d: int, device) -> tuple[str, torch.Tensor, float]:
             if err <= 1e-4 * y.abs().max().clamp(min=1.0):
                 return kind, scale, float(eps)
     return "other", torch.ones(d, device=device), float(eps)
+
+
+def input_norm(model: Any, l: int) -> Any:
+    """Block ``l``'s norm before the attention (the HF module), or None where it has none (OLMo-2)."""
+    norm = getattr(model.bridge.blocks[l], "ln1", None)
+    return None if norm is None else norm.original_component
