@@ -193,10 +193,11 @@ class QKExact:
             cands = [getattr(attn, "scaling", None), getattr(attn, "scale", None), 1 / math.sqrt(e)]
             cap = getattr(attn, "attn_logit_softcapping", None) or getattr(getattr(attn, "config", None), "attn_logit_softcapping", None)
             caps = [0.0] + ([float(cap)] if isinstance(cap, (int, float)) and cap > 0 else [])  # Gemma 2: c * tanh(s / c)
-            # A sliding window shorter than the prompts (Gemma 2/3's local layers, Mistral): the
-            # module's own, or its config's (the check below tells which layers use it).
-            wins = [getattr(attn, "sliding_window", None), getattr(getattr(attn, "config", None), "sliding_window", None)]
-            windows = [0] + sorted({int(w) for w in wins if isinstance(w, int) and not isinstance(w, bool) and 0 < w < q_rot.shape[1]})
+            # The layer's declared sliding window, the only one tried: where every masked key's
+            # weight is tiny anyway, "no window" would pass the check too and then score keys
+            # the model never sees.
+            win = declared_window(attn, l)
+            windows = [win if win is not None and 0 < win < q_rot.shape[1] else 0]
             ok = False
             for sc, cp, win in itertools.product([float(x) for x in cands if isinstance(x, (int, float))], caps, windows):
                 A = torch.softmax(soft_cap(self._scores(c, sc, win), cp), -1)
@@ -471,6 +472,21 @@ def _settle(T: torch.Tensor, S0: torch.Tensor, A0: torch.Tensor, M: torch.Tensor
     A = torch.softmax(T, dim)
     A.sub_(A0).nan_to_num_().mul_(M)
     return A.sum(over)
+
+
+def declared_window(attn, l: int) -> int | None:
+    """Layer ``l``'s sliding window as its Hugging Face attention module declares it: the
+    module's ``sliding_window`` where it has the attribute (Gemma 2/3, Qwen2: None on full
+    layers), else the config's for a layer whose ``layer_types`` entry is sliding or that has
+    no ``layer_types`` (Mistral). None: no window."""
+    if hasattr(attn, "sliding_window"):
+        w = attn.sliding_window
+    else:
+        cfg = getattr(attn, "config", None)
+        types = getattr(cfg, "layer_types", None)
+        sliding = types is None or (l < len(types) and types[l] == "sliding_attention")
+        w = getattr(cfg, "sliding_window", None) if sliding else None
+    return int(w) if isinstance(w, int) and not isinstance(w, bool) and w > 0 else None
 
 
 def soft_cap(s: torch.Tensor, cap: float) -> torch.Tensor:

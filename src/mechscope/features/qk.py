@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechscope.circuits.qk import HeadNorm, head_norm_modules, rotate
+from mechscope.circuits.qk import HeadNorm, declared_window, head_norm_modules, rotate
 from mechscope.errors import MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture
 from mechscope.features.transcoder_set import TranscoderSet
@@ -276,6 +276,12 @@ def qk_attribution(model: Model, tset: TranscoderSet, tokens: Tensor | list[int]
         ids.append(CONST)
         labels.append(f"constant ({hook} biases)")
     score = float(cache[attn_scores(layer)][0, head, query_pos, key_pos])
+    if not math.isfinite(score) or score < -1e30:  # masked: the key is outside a sliding window
+        win = declared_window(attn.original_component, layer)
+        where = f"outside layer {layer}'s sliding window of {win} tokens" if win else f"masked in layer {layer}"
+        fix = f"pick a key at most {win - 1} positions before the query" if win else "pick another key"
+        raise MechscopeError(f"QK attribution: key position {key_pos} is {where} for query position {query_pos}, so the head "
+                             f"gives it no attention to split; {fix}.")
     raw = float(vecs[0].sum(0) @ vecs[1].sum(0))
     e = Wq.shape[-1]
     cands = [getattr(attn.original_component, "scaling", None), getattr(attn.original_component, "scale", None), 1 / math.sqrt(e)]

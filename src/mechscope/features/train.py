@@ -55,7 +55,7 @@ from mechscope.activations import ActivationStore, StoreConfig, get_corpus, spec
 from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
 from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
-from mechscope.features.transcoder_set import CONFIG, TranscoderSet, save_transcoders
+from mechscope.features.transcoder_set import CONFIG, TranscoderSet, check_mlp_input_norm, save_transcoders
 from mechscope.models.hooks import ln_normalized, mlp_out
 from mechscope.progress import Progress, ProgressArg, as_progress
 from mechscope.sae.io import save_sae
@@ -217,9 +217,8 @@ def check_layers(model: Model, cfg: TranscoderTrainConfig) -> list[int]:
     if bad:
         raise MechscopeError(f"layer {bad[0]} does not exist; {model.summary.name} has layers 0-{n - 1}.")
     hook = layer_hooks(layers[0])[0] if layers else None
-    if hook is not None and hook not in model.bridge.hook_dict:
-        raise MechscopeError(f"transcoders read each MLP's own input norm ({hook}), which {model.summary.architecture} does not have "
-                             "(its MLP shares the attention's norm: attention and MLP in parallel); use a model with a norm before each MLP.")
+    if hook is not None:
+        check_mlp_input_norm(model, hook)
     from mechscope.sae.io import hook_shape
 
     shape = hook_shape(model, hook) if hook is not None else None

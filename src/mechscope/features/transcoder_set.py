@@ -64,6 +64,15 @@ CT_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip", THRESHOLD, "k")  # w
 _ACTIVATIONS = {"relu": "relu", "topk": "topk", "jump_relu": "jumprelu", "jumprelu": "jumprelu"}
 
 
+def check_mlp_input_norm(model: Model, hook: str) -> None:
+    """One sentence when the model has no norm of its own before the MLP at ``hook`` (a
+    transcoder's input): Phi, Falcon and Cohere share the attention's, OLMo-2 has none."""
+    if hook not in model.bridge.hook_dict:
+        raise MechscopeError(f"transcoders read each MLP's own input norm ({hook}), which {model.summary.architecture} does not have "
+                             "(its MLP shares the attention's norm, or reads the residual stream with no norm before it); use a model "
+                             "with a norm before each MLP.")
+
+
 def mlp_input_norms(model: Model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each block's second norm's gain and bias ([d_model] each, float32 on the CPU; ones and
     zeros where the norm has none): ``mlp.hook_in = ln2.hook_normalized * gain + bias``."""
@@ -116,6 +125,7 @@ class TranscoderSet:
     def check_fits(self, model: Model) -> None:
         """One sentence when the set does not belong to ``model`` (layers, widths)."""
         s = model.summary
+        check_mlp_input_norm(model, ln_normalized(0, 2))
         if self.n_layers != s.n_layers:
             raise MechscopeError(
                 f"the transcoder set has {self.n_layers} layers but {s.name} has {s.n_layers}; "
