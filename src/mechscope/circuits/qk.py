@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.models.hooks import attn_hook, attn_pattern, attn_z
-from mechscope.models.norms import fit_norm
+from mechscope.models.norms import fit_norm, head_norm_modules
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -272,8 +272,7 @@ class QKExact:
         P, B, S, D = d.shape
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         x, inv2, dinv = _moved_scale(heads, x, d)
-        q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
-        v = _need(c.v)[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
+        q_rot, k_rot, S0, A0, M = self._clean(c, bs, gz, scale, G, cap, window)
         ci, si = _rotary(c, bs, B)
         Wq, Wk = Wc[:H], Wc[H : H + KV]  # [H, D, e], [KV, D, e]
         Wk_h = Wk.repeat_interleave(G, 0)  # [H, D, e]
@@ -282,9 +281,6 @@ class QKExact:
         k_h = k_rot.repeat_interleave(G, 2)  # [B, P, H, e]
         if ci is not None and si is not None:
             y0q, y0k = rotate(y0q, ci, si), rotate(y0k, ci, si)
-        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale, window)  # [B, H, i, j], before any soft-cap
-        A0 = torch.softmax(soft_cap(S0, cap), -1)
-        M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)  # [B, H, i, j]
         Y = torch.einsum("bihe,bjhe->bhij", y0q, k_h)
         Yk = torch.einsum("bihe,bjhe->bhij", q_rot, y0k.repeat_interleave(G, 2))
         # Per-position rotation, position first: [P, B, 1, 1, e] (identity without rotary).
@@ -312,6 +308,17 @@ class QKExact:
             T = self._readout(d[:i1], w, Wk_h)  # [i1, B, S, H, bi]
             ek += self._side(T, inv2[:i1], dinv[:i1], tuple(t[:i1, ..., i0:i1] for t in ik), scale, dim=0, cap=cap)
         return eq.permute(1, 0, 2), ek.permute(1, 0, 2).reshape(S, B, KV, G).sum(-1)
+
+    def _clean(self, c: LayerCapture, bs: slice, gz, scale: float, G: int, cap: float, window: int):
+        """The clean side of examples ``bs``, shared by both paths: rotated q [B, P, H, e] and k
+        [B, P, KV, e], scores S0 before any soft-cap, pattern A0 and readout M = g_z . v, each
+        [B, H, i, j]."""
+        q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()
+        v = _need(c.v)[bs].float().repeat_interleave(G, 2)  # [B, P, H, e]
+        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale, window)
+        A0 = torch.softmax(soft_cap(S0, cap), -1)
+        M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)
+        return q_rot, k_rot, S0, A0, M
 
     @staticmethod
     def _readout(d: torch.Tensor, u: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -344,13 +351,9 @@ class QKExact:
         P, B, S, D = d.shape
         H, KV = _need(c.q_rot).shape[2], _need(c.k_rot).shape[2]
         x, inv2, dinv = _moved_scale(heads, x, d)
-        q_rot, k_rot = _need(c.q_rot)[bs].float(), _need(c.k_rot)[bs].float()  # [B, P, H, e], [B, P, KV, e]
-        v = _need(c.v)[bs].float().repeat_interleave(G, 2)
+        q_rot, k_rot, S0, A0, M = self._clean(c, bs, gz, scale, G, cap, window)
         ci, si = _rotary(c, bs, B)
         cos, sin = _need(ci).permute(1, 0, 2, 3)[None], _need(si).permute(1, 0, 2, 3)[None]  # [1, P, B, 1, e]
-        S0 = self._scores(LayerCapture(q_rot=q_rot, k_rot=k_rot), scale, window)  # [B, H, i, j]
-        A0 = torch.softmax(soft_cap(S0, cap), -1)
-        M = torch.einsum("bihe,bjhe->bhij", gz.float(), v)
         Wq, Wk = Wc[:H], Wc[H : H + KV]
         qn, kn = norms
         # Query side, [H, i, B, S, j]: row i's new scores when sender s moves every query.
@@ -401,12 +404,6 @@ class HeadNorm:
         if self.kind == "ln":
             parts, whole = parts - parts.mean(-1, keepdim=True), whole - whole.mean()
         return parts * torch.rsqrt(whole.pow(2).mean() + self.eps) * self.scale
-
-
-def head_norm_modules(model: Model, l: int) -> tuple[object | None, object | None]:
-    """Layer ``l``'s per-head query and key norm modules (HF's ``q_norm``/``k_norm``), or None."""
-    attn = model.bridge.blocks[l].attn.original_component
-    return tuple(getattr(getattr(attn, n, None), "original_component", getattr(attn, n, None)) for n in ("q_norm", "k_norm"))  # type: ignore[return-value]
 
 
 def _norm(t: torch.Tensor, norm: HeadNorm | None) -> torch.Tensor:

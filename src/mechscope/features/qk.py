@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechscope.circuits.qk import HeadNorm, declared_window, head_norm_modules, rotate
+from mechscope.circuits.qk import HeadNorm, declared_window, rotate
 from mechscope.errors import MechscopeError
 from mechscope.features.replacement import ReplacementRun, capture
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.hooks import POS_EMBED, attn_hook, attn_out, attn_scores, resid_pre
 from mechscope.models.load import plain_attention
-from mechscope.models.norms import fit_norm, input_norm
+from mechscope.models.norms import fit_norm, head_norm_modules, input_norm
 from mechscope.models.tokens import token_texts
 from mechscope.patching.engine import attn_weights
 

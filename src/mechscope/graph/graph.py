@@ -317,11 +317,12 @@ def block_layout(model: Model) -> str:
 def _norms_across_heads(model: Model) -> set[str]:
     """"query" and/or "key" where block 0 normalises the projections of all heads together
     (OLMo-2's ``q_norm``/``k_norm`` over heads x d_head, after the per-head projections)."""
-    attn = model.bridge.blocks[0].attn.original_component
+    from mechscope.models.norms import head_norm_modules
+
     e = model.summary.d_head
     out = set()
-    for t, name in (("query", "q_norm"), ("key", "k_norm")):
-        w = getattr(getattr(attn, name, None), "weight", None)
+    for t, mod in zip(("query", "key"), head_norm_modules(model, 0)):
+        w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > e and w.numel() % e == 0:
             out.add(t)
     return out

@@ -121,3 +121,14 @@ def input_norm(model: Any, l: int) -> Any:
     """Block ``l``'s norm before the attention (the HF module), or None where it has none (OLMo-2)."""
     norm = getattr(model.bridge.blocks[l], "ln1", None)
     return None if norm is None else norm.original_component
+
+
+def head_norm_modules(model: Any, l: int) -> tuple[Any, Any]:
+    """Block ``l``'s query and key norm modules after the projections (Hugging Face's
+    ``q_norm``/``k_norm``: per head in Qwen3 and Gemma 3, over all heads in OLMo-2), or None."""
+    attn = model.bridge.blocks[l].attn.original_component
+    out = []
+    for name in ("q_norm", "k_norm"):
+        mod = getattr(attn, name, None)
+        out.append(getattr(mod, "original_component", mod))
+    return out[0], out[1]
