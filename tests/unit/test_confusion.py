@@ -291,3 +291,61 @@ def test_perplexity_contexts_fit_a_model_with_64_learned_positions(tiny_gpt2):
     probe = CostProbe(tiny_gpt2, ioi_n=0, ppl_contexts=2, facts_n=3)
     assert probe.ppl is not None and probe.ppl.shape == (2, 64)  # min(128, the model's 64 positions)
     assert probe.measure()["perplexity"] > 1
+
+
+def _switching(monkeypatch):
+    """The first two prompts of every four switch to English at their second token (a random model never does)."""
+    import mechscope.confusion.run as run_mod
+
+    calls = {"n": 0}
+
+    def fake_point(tokens, min_words=3):
+        i = calls["n"] % 4
+        calls["n"] += 1
+        return 1 if i < 2 and len(tokens) > 1 else None
+
+    monkeypatch.setattr(run_mod, "confusion_point", fake_point)
+    return calls
+
+
+def _comparable(res) -> dict:
+    d = res.to_dict()
+    return {k: v for k, v in d.items() if k not in ("timing", "notes")}
+
+
+@pytest.mark.slow
+def test_a_checkpointed_run_resumes_only_the_missing_stages(tiny_llama, tmp_path, monkeypatch):
+    import mechscope.confusion.attribution as attr_mod
+    import mechscope.confusion.run as run_mod
+
+    calls = _switching(monkeypatch)
+    items = [LangPrompt("Hallo Welt", "de"), LangPrompt("Hola amigo", "es"), LangPrompt("Guten Tag", "de"),
+             LangPrompt("Buenos dias", "es")]
+    cfg = ConfusionConfig(langs=("de", "es"), n_tokens=6, top_n=10, per_prompt=20, ioi_n=0, ppl_contexts=0, facts_n=20)
+    straight = run_confusion(tiny_llama, items, cfg, english=frozenset())
+    calls["n"] = 0
+    first = run_confusion(tiny_llama, items, cfg, english=frozenset(), checkpoint=tmp_path)
+    assert _comparable(first) == _comparable(straight)
+    pieces = tmp_path / "confusion-partial"
+    names = sorted(p.name for p in pieces.iterdir())
+    assert names == sorted(["key.json", "generate.json", "generate-top.json", "generate-random.json", "lens-confused.json",
+                            "lens-control.json", "cost-baseline.json", "cost-top.json", "cost-random.json",
+                            "gains-L0.safetensors", "gains-L1.safetensors", "gains-L2.safetensors"])
+    # a kill after the first generation and one layer's attribution: the rest is done again, the same
+    for name in names:
+        if name not in ("key.json", "generate.json", "gains-L1.safetensors"):
+            (pieces / name).unlink()
+    gens, states = [0], [0]
+    real_gen, real_states = run_mod.greedy_generate, attr_mod._states
+    monkeypatch.setattr(run_mod, "greedy_generate", lambda *a, **k: gens.__setitem__(0, gens[0] + 1) or real_gen(*a, **k))
+    monkeypatch.setattr(attr_mod, "_states", lambda m, p, layers: states.append(tuple(layers)) or real_states(m, p, layers))
+    calls["n"] = 0
+    resumed = run_confusion(tiny_llama, items, cfg, english=frozenset(), checkpoint=tmp_path)
+    assert gens[0] == 2  # the top and random edits' generations; the unedited one was read
+    assert set(states[1:]) == {(0, 2)}  # layer 1's gains were read
+    assert _comparable(resumed) == _comparable(straight)
+    assert any("Resumed: 2 finished stages" in n for n in resumed.notes)
+    # other settings: the stages are discarded, and the run says so
+    calls["n"] = 0
+    other = run_confusion(tiny_llama, items, replace(cfg, top_n=5), english=frozenset(), checkpoint=tmp_path)
+    assert any("discarded" in n for n in other.notes) and len(other.top) == 5

@@ -307,3 +307,36 @@ def test_sigkilled_fewshot_knockout_resumes_to_the_uninterrupted_curves(tiny_gpt
     assert _without_times(resumed.to_dict()) == _without_times(straight.to_dict())
     assert all(len(c["effect_per_prompt"]) == 10 for c in resumed.curves.values())
     _no_tmp(killed)
+
+
+# ------------------------------------------------------------------------ language confusion
+@pytest.mark.slow
+def test_sigkilled_confusion_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, kill_when, one_thread,
+                                                                     monkeypatch):
+    run_mod = importlib.import_module("mechscope.confusion.run")
+    prompts = tmp_path / "p.jsonl"
+    words = ["Hallo Welt", "Guten Tag", "Wie geht es dir", "Danke schön", "Bis bald", "Gute Nacht", "Ich bin hier",
+             "Das ist gut", "Wo ist der Bahnhof", "Es regnet heute", "Ich lese ein Buch", "Wir gehen nach Hause"]
+    prompts.write_text("".join(json.dumps({"prompt": w, "lang": "de"}) + "\n" for w in words))
+
+    def args(out: Path) -> list[str]:
+        return ["confusion", "--prompts", str(prompts), "--langs", "de", "--n-tokens", "8", "--top-n", "5",
+                "--model", tiny_llama_dir, "--facts-n", "0", "--ppl-contexts", "32", "--out", str(out), "--json"]
+
+    killed = tmp_path / "killed"
+    pieces = killed / "confusion-partial"
+    kill_when(args(killed), pieces / "generate.json")
+    assert (pieces / "generate.json").is_file() and not (killed / "confusion.json").exists()
+    gens = _count_calls(monkeypatch, run_mod, "greedy_generate")
+    resumed = _ok(args(killed))
+    assert gens[0] == 0  # the generation was read back (a random model never switches: no edits to generate)
+    assert any(n.startswith("Resumed:") for n in resumed["notes"])
+    assert not pieces.exists()  # the stages go once the result is saved
+    _ok(args(tmp_path / "straight"))
+
+    def result(folder: Path) -> dict:
+        d = json.loads((folder / "confusion.json").read_text())
+        return _without_times({k: v for k, v in d.items() if k not in ("timing", "notes")})
+
+    assert result(killed) == result(tmp_path / "straight")
+    _no_tmp(killed)

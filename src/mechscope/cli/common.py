@@ -188,12 +188,13 @@ _ARTEFACTS: tuple[_Artefact, ...] = (
     _Artefact("sae", "an SAE", ("cfg.json", "sae_weights.safetensors")),
     _Artefact("sae", "an unfinished SAE training run", ("checkpoint/state.json",), test=_has_keys("sae_config"), finished=False),
     _Artefact("vision-model", "a vision model", ("config.json", "model.safetensors"), test=_kind_is("mechscope-vision-model")),
-    # resumable states: heads/train.py, explain/exemplars.py, activations/shards.py, icl/run.py
+    # resumable states: heads/train.py, explain/exemplars.py, activations/shards.py, icl/run.py, partial.py
     _Artefact("train-toy", "a training run", ("train.json",), finished=False),
     _Artefact("exemplars", "an exemplars checkpoint", ("state.safetensors",)),
     _Artefact("shards", "harvested activation shards", ("manifest.json",),
               test=_has_keys("shards", "hooks"), finished=False),
     _Artefact("icl", "an unfinished few-shot ICL run", ("icl-partial.json",), finished=False),
+    _Artefact("confusion", "an unfinished language-confusion run", ("confusion-partial/key.json",), finished=False),
     # results (the data files server/runs.py lists)
     _Artefact("vision-circuit", "a vision circuit", ("circuit.json",), test=_kind_is("vision-circuit")),
     _Artefact("circuit", "a circuit", ("circuit.json",), test=_kind_is("vision-circuit", same=False)),

@@ -51,12 +51,14 @@ def confusion(
     ppl_contexts: int = typer.Option(_D.ppl_contexts, "--ppl-contexts", help="Held-out corpus contexts for the perplexity cost (0: skip)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seeds the random-neuron control and the IOI draw."),
     model: Optional[str] = ModelOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun with the "
+                                       "same settings resumes in it after a kill."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Generate in other languages, measure LPR, find the neurons pushing English at confusion points, zero them, measure again."""
     from mechscope.confusion import load_prompts, run_confusion
+    from mechscope.partial import clear as clear_partial
     from mechscope.report.confusion import write_confusion
 
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
@@ -73,10 +75,11 @@ def confusion(
     m = load(model, device)
     if lens_t is not None:
         lens_t = lens_t.to(m.device)
-    res = run_confusion(m, items, cfg, tuned=lens_t, progress=not json)
     out_dir = Path(out or fresh_dir("confusion"))
+    res = run_confusion(m, items, cfg, tuned=lens_t, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     report = write_confusion(res.to_dict(), out_dir / "report.html")
+    clear_partial(out_dir, "confusion")  # the result is saved: its stages are no longer needed
     if json:
         return emit_json({"headline": res.headline(), "lens": res.lens, "top": res.top[:20], "notes": res.notes,
                           "timing": res.timing, "report": str(report), "out": str(out_dir)})

@@ -28,6 +28,7 @@ import torch
 from mechscope.models import plain_attention
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_out, mlp_out, mlp_post, resid_mid, resid_pre
 from mechscope.models.unembed import final_norm, project, unembed_weights
+from mechscope.partial import Partial
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -56,8 +57,23 @@ def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.
 
 @torch.no_grad()
 def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
-                 progress: ProgressArg = False) -> torch.Tensor:
-    """The log-probability gains [n_prefixes, len(layers), d_mlp] (see the module docstring)."""
+                 progress: ProgressArg = False, partial: Partial | None = None) -> torch.Tensor:
+    """The log-probability gains [n_prefixes, len(layers), d_mlp] (see the module docstring).
+    ``partial``: each layer's gains are stored there as piece ``gains-L<layer>`` when done and
+    read back instead of recomputed (a resumed run; the caller's key covers the prefixes)."""
+    d_mlp = model.summary.d_mlp
+    out = torch.zeros(len(prefixes), len(layers), d_mlp)
+    todo = []
+    for j, l in enumerate(layers):
+        got = partial.get_tensors(f"gains-L{l}") if partial is not None else None
+        if got is not None and got.get("gains") is not None and tuple(got["gains"].shape) == (len(prefixes), d_mlp):
+            out[:, j] = got["gains"]
+        else:
+            todo.append(j)
+    bar = as_progress(progress).phase("neuron attribution", total=len(layers), unit="layer", initial=len(layers) - len(todo))
+    if not todo:
+        bar.close()
+        return out
     norm = final_norm(model)
     W_U, b_U = unembed_weights(model)
     const = torch.zeros(W_U.shape[1], device=W_U.device)
@@ -65,13 +81,11 @@ def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
         const = const + norm.bias @ W_U
     if b_U is not None:
         const = const + b_U
-    states = [_states(model, p, layers) for p in prefixes]
-    d_mlp = model.summary.d_mlp
+    states = [_states(model, p, [layers[j] for j in todo]) for p in prefixes]
     W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
-    out = torch.zeros(len(prefixes), len(layers), d_mlp)
     ones = torch.ones(1, device=W_U.device)
-    bar = as_progress(progress).phase("neuron attribution", total=len(layers), unit="layer")
-    for j, l in enumerate(layers):
+    for j in todo:
+        l = layers[j]
         W_out = W_outs[l].to(W_U.device)  # [d_mlp, d_model]
         M = norm.linear(W_out, ones) @ W_U  # [d_mlp, d_vocab]: each neuron's unit output, scale 1
         for i, (p, st) in enumerate(zip(prefixes, states)):
@@ -84,6 +98,8 @@ def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
                 logits = norm.cap(base + coef[c:c + _CHUNK, None] * M[c:c + _CHUNK])  # [chunk, d_vocab]
                 lp = logits[:, p.target] - torch.logsumexp(logits, -1)
                 out[i, j, c:c + _CHUNK] = (lp - base_lp).cpu()
+        if partial is not None:
+            partial.put_tensors(f"gains-L{l}", {"gains": out[:, j]})
         bar.advance()
     bar.close()
     return out

@@ -21,7 +21,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +41,7 @@ from mechscope.confusion.result import ConfusionResult
 from mechscope.errors import MechscopeError
 from mechscope.models.load import context_overrun
 from mechscope.models.tokens import token_texts
+from mechscope.partial import Partial
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -97,10 +101,22 @@ def random_like(top: list[Neuron], d_mlp: int, seed: int) -> list[Neuron]:
     return out
 
 
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig | None = None, tuned: Any = None,
-                  progress: ProgressArg = False, english: frozenset[str] | None = None) -> ConfusionResult:
+                  progress: ProgressArg = False, english: frozenset[str] | None = None,
+                  checkpoint: str | Path | None = None) -> ConfusionResult:
     """Generate, measure, attribute, edit and measure again (see the module docstring).
-    ``english``: the word list for WPR (default ``metrics.english_words()``)."""
+    ``english``: the word list for WPR (default ``metrics.english_words()``). ``checkpoint``: a
+    folder where each finished stage (each generation run, the lens, each layer's attribution,
+    each cost) is kept (``mechscope.partial``); a rerun with the same settings, weights, prompts
+    and lens resumes after them, and ``Partial.clear`` on the folder's ``confusion`` pieces
+    removes them (the CLI does once the result is saved)."""
     from mechscope.explain.plain import plain_lm
 
     cfg = cfg or ConfusionConfig()
@@ -121,6 +137,10 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
             raise MechscopeError(f"The prompt {p.prompt[:40]!r} has {len(x)} tokens; with {cfg.n_tokens} new tokens that is more "
                                  f"than the model's context of {n_ctx}: shorten it or lower --n-tokens.")
     words = english if english is not None else english_words()
+    made_of = hashlib.sha1(json.dumps([[p.lang, x] for p, x in zip(prompts, ids)]).encode()).hexdigest()[:16]
+    key = {"settings": cfg.to_dict(), "layers": layers, "model": model.summary.name, "fingerprint": model.fingerprint(),
+           "prompts": made_of, "tuned": _tensor_digest(tuned.weight, tuned.bias) if tuned is not None else None}
+    done = Partial(checkpoint, "confusion", key)
     probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed, cfg.facts_n)  # built before any generation
     plain = plain_lm(model)
     split = _split(prompts)
@@ -129,8 +149,11 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
 
     def generate(neurons: list[Neuron], stage: str) -> tuple[list[list[int]], list[ResponseCheck], list[int | None]]:
         t = time.time()
-        with zeroed_neurons([plain.hf], neurons), prog.phase(stage, total=len(ids), unit="prompt") as bar:
-            gens = greedy_generate(plain.hf, plain.tokenizer, ids, cfg.n_tokens, cfg.batch_size, bar=bar)
+        piece = stage.replace(" ", "-")
+        gens = done.get(piece)
+        if gens is None:
+            with zeroed_neurons([plain.hf], neurons), prog.phase(stage, total=len(ids), unit="prompt") as bar:
+                gens = done.put(piece, greedy_generate(plain.hf, plain.tokenizer, ids, cfg.n_tokens, cfg.batch_size, bar=bar))
         checks = [check_response(tok.decode(g, skip_special_tokens=True), p.lang, words, cfg.threshold, cfg.min_words)
                   for g, p in zip(gens, prompts)]
         points = generation_points(tok, gens)
@@ -153,9 +176,12 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
     lens: dict[str, Any] = {"lens": lens_name, "n_confused": len(confused), "n_control": len(steady), "relative_position": rel}
     for name, group in (("confused", confused), ("control", steady)):
         if group:
-            pr, rk = lens_readout(model, [prefix(i) for i in group], tuned)
-            lens[name] = {"mean_prob": pr.mean(0).tolist(), "median_rank": rk.float().median(0).values.tolist(),
-                          "top1_share": (rk == 0).float().mean(0).tolist()}
+            read = done.get(f"lens-{name}")
+            if read is None:
+                pr, rk = lens_readout(model, [prefix(i) for i in group], tuned)
+                read = done.put(f"lens-{name}", {"mean_prob": pr.mean(0).tolist(), "median_rank": rk.float().median(0).values.tolist(),
+                                                 "top1_share": (rk == 0).float().mean(0).tolist()})
+            lens[name] = read
     timing["lens"] = time.time() - t
 
     find_conf = [i for i in confused if split[i] == "find"]
@@ -170,7 +196,7 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
     else:
         t = time.time()
         g = neuron_gains(model, [prefix(i) for i in find_conf + find_ctrl], layers,  # one pass: each layer's map is built once
-                         progress=prog)
+                         progress=prog, partial=done)
         conf_total, conf_count = accumulate(g[:len(find_conf)], cfg.per_prompt)
         if find_ctrl:
             ctrl_total, _ = accumulate(g[len(find_conf):], cfg.per_prompt)
@@ -189,7 +215,7 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
     t = time.time()
     costs: dict[str, Any] = {}
     prog.note("cost on English (IOI, facts, perplexity) of the unedited model")
-    costs["baseline"] = probe.measure()
+    costs["baseline"] = done.get("cost-baseline") or done.put("cost-baseline", probe.measure())
     notes += probe.skipped
     conditions: dict[str, Any] = {"baseline": {"rates": _rates(checks, prompts), "heldout": _rates(checks, prompts, heldout),
                                                "texts": [tok.decode(g_, skip_special_tokens=True) for g_ in gens],
@@ -203,10 +229,14 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
                                 "checks": [c.to_dict() for c in c2]}
             t = time.time()
             prog.note(f"cost on English of the {name} edit")
-            costs[name] = probe.measure(neurons)
+            costs[name] = done.get(f"cost-{name}") or done.put(f"cost-{name}", probe.measure(neurons))
             costs[name]["relative_change"] = relative_change(costs[name], costs["baseline"])
             timing["cost"] += time.time() - t
     timing["total"] = time.time() - t0
+    if done.found:
+        notes.append(f"Resumed: {done.found} finished stages of an earlier run with the same settings were read from the checkpoint.")
+    if done.discarded:
+        notes.append("The checkpoint held stages of a run with other settings, weights, prompts or lens; they were discarded.")
     return ConfusionResult(
         model=model.summary.to_dict(), settings={**cfg.to_dict(), "layers": layers, "lens": lens_name,
                                                  "ranking": "confused minus non-confused mean accumulated gain"},

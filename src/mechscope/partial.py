@@ -1,0 +1,140 @@
+"""Finished pieces of a long job, kept in its output folder so that a rerun resumes after them.
+
+A job that runs for minutes as a sequence of independent pieces (the language-confusion run's
+generations, one layer's neuron attribution, one fact's recall analyses) stores each piece as it
+finishes. A rerun with the same ``key`` (the settings, the model's weights fingerprint, a digest
+of the inputs) finds them and redoes only the rest; a rerun with another key discards them and
+says so (``discarded``), since they describe another run.
+
+Layout: ``OUT/<job>-partial/key.json`` and one file per piece, ``<name>.json`` (any JSON value)
+or ``<name>.safetensors`` (named tensors), each committed by one ``os.replace``: a kill leaves a
+piece whole or absent, never half written. ``key.json`` is written before any piece, and the
+folder is emptied before a new key is written, so no piece outlives the key it was made under.
+``clear`` removes the folder once the job's result is saved.
+
+Pieces round-trip exactly: JSON floats are written by ``repr`` (Python's shortest round-trip
+form) and tensors bit for bit, so a resumed job's result equals an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+class Partial:
+    """The finished pieces of job ``job`` under ``folder`` (None: nothing is kept or found)."""
+
+    def __init__(self, folder: str | Path | None, job: str, key: dict[str, Any]):
+        if not _NAME.fullmatch(job):
+            raise ValueError(f"job name {job!r} must be letters, digits, '_', '.' or '-'")
+        self.key = json.loads(json.dumps(key))  # as it reads back from key.json
+        self.where = Path(folder) / f"{job}-partial" if folder is not None else None
+        self.discarded = False
+        """True when the folder held pieces of a run with another key (they are gone)."""
+        self.found = 0
+        """Pieces there at the start, made under this key."""
+        if self.where is None or not self.where.is_dir():
+            return
+        try:
+            old = json.loads((self.where / "key.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old == self.key:
+            self.found = sum(1 for p in self.where.iterdir() if p.suffix in (".json", ".safetensors") and p.name != "key.json")
+        else:
+            self.discarded = any(p.name != "key.json" for p in self.where.iterdir())
+            shutil.rmtree(self.where)
+
+    def _path(self, name: str, suffix: str) -> Path | None:
+        if not _NAME.fullmatch(name) or name == "key":
+            raise ValueError(f"piece name {name!r} must be letters, digits, '_', '.' or '-' (and not 'key')")
+        return None if self.where is None else self.where / f"{name}{suffix}"
+
+    def _ready(self) -> Path:
+        assert self.where is not None  # callers return early without a folder
+        if not (self.where / "key.json").is_file():
+            self.where.mkdir(parents=True, exist_ok=True)
+            _write_text(self.where / "key.json", json.dumps(self.key))
+        return self.where
+
+    def get(self, name: str) -> Any | None:
+        """The JSON piece ``name``, or None when it is not there."""
+        p = self._path(name, ".json")
+        if p is None or not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))["value"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable: done again
+
+    def put(self, name: str, value: Any) -> Any:
+        """Store ``value`` (JSON: dicts, lists, strings, numbers, None) as piece ``name``; returns it."""
+        p = self._path(name, ".json")
+        if p is not None:
+            text = json.dumps({"value": value})  # a value that is not JSON fails here, before any file
+            self._ready()
+            _write_text(p, text)
+        return value
+
+    def get_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The tensor piece ``name`` (on the CPU), or None when it is not there."""
+        p = self._path(name, ".safetensors")
+        if p is None or not p.is_file():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (OSError, SafetensorError):
+            return None
+
+    def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Store ``tensors`` as piece ``name``; returns them."""
+        p = self._path(name, ".safetensors")
+        if p is not None:
+            from safetensors.torch import save_file
+
+            data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            self._ready()
+            _atomic(p, lambda tmp: save_file(data, str(tmp)))
+        return tensors
+
+    def clear(self) -> None:
+        """Remove every piece (the job's result is saved)."""
+        if self.where is not None:
+            clear(self.where.parent, self.where.name[:-len("-partial")])
+
+
+def clear(folder: str | Path, job: str) -> None:
+    """Remove job ``job``'s pieces from ``folder`` (its result is saved there)."""
+    shutil.rmtree(Path(folder) / f"{job}-partial", ignore_errors=True)
