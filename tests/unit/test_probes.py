@@ -155,6 +155,7 @@ def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert len(d["accuracy"]) == 2 and (tmp_path / "out" / "report.html").is_file()
+    assert not (tmp_path / "out" / "probe-partial").exists()  # the per-hook pieces go once probe.json is written
     assert_clear_error(run("probe", "--labels", "nonsense", "--model", tiny_gpt2_dir), "neither a file nor a built-in")
     assert_clear_error(run("probe", "--labels", str(f), "--layers", "x", "--model", tiny_gpt2_dir), "--layers")
 
@@ -237,3 +238,30 @@ def test_table_names_a_non_block_hook_instead_of_layer_minus_one(tiny_gpt2):
     assert res.layers == [-1]
     table = res.table()
     assert "hook_embed" in table and "-1" not in table.split("\n")[1].split()[0]
+
+
+def test_a_checkpointed_probe_run_resumes_only_the_missing_hooks(tiny_gpt2, tmp_path, monkeypatch):
+    import mechscope.probes.run as run_mod
+
+    data = _planted(tiny_gpt2, 1)
+    cfg = ProbeConfig(hook="resid_post", max_items=600, seed=0)
+    straight = run_probe(tiny_gpt2, data, cfg)
+    first = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path)
+    assert first.to_dict() == straight.to_dict()
+    pieces = tmp_path / "probe-partial"
+    assert sorted(p.name for p in pieces.iterdir()) == ["hook-0.json", "hook-1.json", "key.json"]
+    (pieces / "hook-1.json").unlink()  # a kill before the last hook finished
+    harvested: list[list[str]] = []
+    fits = [0]
+    real_harvest, real_fit = run_mod.harvest, run_mod.fit_logistic
+    monkeypatch.setattr(run_mod, "harvest", lambda m, d, hooks, b: harvested.append(list(hooks)) or real_harvest(m, d, hooks, b))
+    monkeypatch.setattr(run_mod, "fit_logistic", lambda *a: fits.__setitem__(0, fits[0] + 1) or real_fit(*a))
+    resumed = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path)
+    assert harvested == [["blocks.1.hook_resid_post"]] and fits[0] == 2  # layer 1 only: its probe and its control
+    assert resumed.notes == ["Resumed: 1 of 2 hooks' probes were read from the checkpoint."]
+    assert {**resumed.to_dict(), "notes": []} == straight.to_dict()
+    # other labels: the pieces are another run's
+    data.label = [1 - y for y in data.label]
+    other = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path)
+    assert any("discarded" in n for n in other.notes) and len(harvested) == 2 and harvested[1] == ["blocks.0.hook_resid_post",
+                                                                                                   "blocks.1.hook_resid_post"]

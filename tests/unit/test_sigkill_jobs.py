@@ -340,3 +340,46 @@ def test_sigkilled_confusion_run_resumes_to_the_uninterrupted_result(tiny_llama_
 
     assert result(killed) == result(tmp_path / "straight")
     _no_tmp(killed)
+
+
+# ------------------------------------------------------------------------------------ probes
+# Each fit is slowed down in the killed process only, so the kill lands between hooks whatever the machine.
+PROBE_CODE = """
+import sys, time
+import mechscope.probes.run as run
+from mechscope.models import load_model
+from mechscope.probes import ProbeConfig, labels_from_file
+real = run.fit_logistic
+run.fit_logistic = lambda *a: time.sleep(0.5) or real(*a)
+model_dir, labels, out = sys.argv[1:4]
+m = load_model(model_dir, device="cpu")
+run.run_probe(m, labels_from_file(m.tokenizer, labels), ProbeConfig(hook="resid_pre", max_items=200), checkpoint=out)
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_probe_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, kill_when, one_thread, monkeypatch):
+    import random
+
+    run_mod = importlib.import_module("mechscope.probes.run")
+    from mechscope.models import load_model
+    from mechscope.probes import ProbeConfig, labels_from_file
+
+    rng = random.Random(0)
+    words = ["Mary", "John", "store", "drink", "park", "ball", "went", "gave"]
+    labels = tmp_path / "lab.jsonl"
+    labels.write_text("\n".join(json.dumps({"words": ws, "labels": ["cap" if w[0].isupper() else "low" for w in ws]})
+                                for ws in ([rng.choice(words) for _ in range(8)] for _ in range(60))) + "\n")
+    killed = tmp_path / "killed"
+    pieces = killed / "probe-partial"
+    kill_when(["-c", PROBE_CODE, tiny_llama_dir, str(labels), str(killed)], pieces / "hook-0.json")
+    done = sorted(p.name for p in pieces.glob("hook-*.json"))
+    assert 1 <= len(done) < 3, done  # resid_pre of 3 layers
+    fits = _count_calls(monkeypatch, run_mod, "fit_logistic")
+    m = load_model(tiny_llama_dir, device="cpu")
+    cfg = ProbeConfig(hook="resid_pre", max_items=200)
+    resumed = run_mod.run_probe(m, labels_from_file(m.tokenizer, labels), cfg, checkpoint=killed)
+    assert fits[0] == 2 * (3 - len(done))  # a probe and its control per hook not done
+    straight = run_mod.run_probe(m, labels_from_file(m.tokenizer, labels), cfg)
+    assert {**resumed.to_dict(), "notes": []} == straight.to_dict()
+    _no_tmp(killed)

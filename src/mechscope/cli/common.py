@@ -194,6 +194,7 @@ _ARTEFACTS: tuple[_Artefact, ...] = (
     _Artefact("shards", "harvested activation shards", ("manifest.json",),
               test=_has_keys("shards", "hooks"), finished=False),
     _Artefact("icl", "an unfinished few-shot ICL run", ("icl-partial.json",), finished=False),
+    _Artefact("probe", "an unfinished probe run", ("probe-partial/key.json",), finished=False),
     _Artefact("confusion", "an unfinished language-confusion run", ("confusion-partial/key.json",), finished=False),
     # results (the data files server/runs.py lists)
     _Artefact("vision-circuit", "a vision circuit", ("circuit.json",), test=_kind_is("vision-circuit")),

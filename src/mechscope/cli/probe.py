@@ -41,12 +41,14 @@ def probe(
     corpus: Optional[str] = CorpusOpt,
     seed: int = typer.Option(_D.seed, "--seed"),
     model: Optional[str] = ModelOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun with the "
+                                       "same settings resumes in it after a kill."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Linear probes per layer with Hewitt and Liang's control task: accuracy, control accuracy, selectivity."""
     from mechscope.errors import MechscopeError
+    from mechscope.partial import clear as clear_partial
     from mechscope.probes import builtin_labels, labels_from_file, run_probe
     from mechscope.report.probe import write_probe
 
@@ -56,13 +58,16 @@ def probe(
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
     m = load(model, device)
     data = builtin_labels(m, labels, cfg, corpus) if labels in BUILTIN_LABELS else labels_from_file(m.tokenizer, labels)
-    res = run_probe(m, data, cfg, progress=not json)
     out_dir = Path(out or fresh_dir("probe"))
+    res = run_probe(m, data, cfg, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     d = res.to_dict()
     report = write_probe(d, out_dir / "report.html")
+    clear_partial(out_dir, "probe")  # the result is saved: its per-hook pieces are no longer needed
     if json:
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     console.print(res.table(), highlight=False)
     console.print(f"majority baseline {res.majority:.3f}; {res.n_train} train / {res.n_test} held-out tokens; report: {report}",
                   highlight=False)
+    for n in res.notes:
+        console.print(n, highlight=False)

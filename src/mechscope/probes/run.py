@@ -11,6 +11,7 @@ accuracy is high but whose selectivity is near zero has found word identity, not
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import reprlib
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name
+from mechscope.partial import Partial
 from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
@@ -80,6 +82,8 @@ class ProbeResult:
     n_word_types: int
     config: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the run says beside its figures (a resumed run, a discarded checkpoint)."""
 
     @property
     def selectivity(self) -> list[float | None]:
@@ -180,10 +184,13 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
     return out
 
 
-def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None, progress: ProgressArg = False) -> ProbeResult:
+def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None, progress: ProgressArg = False,
+              checkpoint: str | Path | None = None) -> ProbeResult:
     """Fit and score a probe (and its control) at every hook of ``cfg.hook`` over ``cfg.layers``.
     ``data``: a ``LabelSet``, a built-in label set's name (``builtin_labels``) or a JSONL file
-    (``labels_from_file``)."""
+    (``labels_from_file``). ``checkpoint``: a folder where each hook's scores are kept as they
+    finish (``mechscope.partial``, job ``probe``); a rerun with the same settings, weights and
+    labelled tokens harvests and fits only the hooks not done yet."""
     from mechscope.models import require_model
     from mechscope.models.load import context_overrun
     from mechscope.probes.config import BUILTIN_LABELS
@@ -221,8 +228,16 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     rng = random.Random(cfg.seed + 2)
     yc = torch.tensor([ctrl_map[w] if w in ctrl_map else rng.randrange(k) for w in data.word])
     p = as_progress(progress)
-    p.note(f"activations of {len(data.seq)} labelled tokens at {len(pairs)} hooks")
-    acts = harvest(model, data, [h for _, h in pairs], cfg.batch_size)
+    made_of = hashlib.sha1(json.dumps([data.name, data.classes, data.sequences, data.seq, data.pos, data.label,
+                                       data.word]).encode()).hexdigest()[:16]
+    done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model.summary.name,
+                                         "fingerprint": model.fingerprint(), "labels": made_of})
+    scores = [done.get(f"hook-{j}") for j in range(len(pairs))]
+    todo = [h for (_, h), got in zip(pairs, scores) if got is None]
+    acts: dict[str, Tensor] = {}
+    if todo:
+        p.note(f"activations of {len(data.seq)} labelled tokens at {len(todo)} hooks")
+        acts = harvest(model, data, todo, cfg.batch_size)
     maj = int(torch.bincount(ytr, minlength=k).argmax())
     res = ProbeResult(
         label_set=data.name, classes=data.classes, class_counts=data.counts(), hooks=[h for _, h in pairs],
@@ -230,17 +245,24 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
         majority=float((yte == maj).float().mean()), n_train=len(train), n_test=len(test),
         n_word_types=len(set(data.word)), config=cfg.to_dict(), model=model.summary.to_dict(),
     )
-    bar = p.phase("probes", total=len(pairs), unit="layer")
-    for _, h in pairs:
-        x = acts[h]
-        probe = fit_logistic(x[train], ytr, k, cfg.l2, cfg.max_iter)
-        res.accuracy.append(probe.accuracy(x[test], yte))
-        res.train_accuracy.append(probe.accuracy(x[train], ytr))
-        if cfg.control:
-            cprobe = fit_logistic(x[train], yc[train], k, cfg.l2, cfg.max_iter)
-            res.control_accuracy.append(cprobe.accuracy(x[test], yc[test]))
-        else:
-            res.control_accuracy.append(None)
-        bar.advance()
+    bar = p.phase("probes", total=len(pairs), unit="layer", initial=len(pairs) - len(todo))
+    for j, (_, h) in enumerate(pairs):
+        got = scores[j]
+        if got is None:
+            x = acts.pop(h)
+            probe = fit_logistic(x[train], ytr, k, cfg.l2, cfg.max_iter)
+            got = {"accuracy": probe.accuracy(x[test], yte), "train_accuracy": probe.accuracy(x[train], ytr), "control_accuracy": None}
+            if cfg.control:
+                cprobe = fit_logistic(x[train], yc[train], k, cfg.l2, cfg.max_iter)
+                got["control_accuracy"] = cprobe.accuracy(x[test], yc[test])
+            done.put(f"hook-{j}", got)
+            bar.advance()
+        res.accuracy.append(got["accuracy"])
+        res.train_accuracy.append(got["train_accuracy"])
+        res.control_accuracy.append(got["control_accuracy"])
     bar.close()
+    if len(todo) < len(pairs):
+        res.notes.append(f"Resumed: {len(pairs) - len(todo)} of {len(pairs)} hooks' probes were read from the checkpoint.")
+    if done.discarded:
+        res.notes.append("The checkpoint held probes of a run with other settings, weights or labelled tokens; they were discarded.")
     return res
