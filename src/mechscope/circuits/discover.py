@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,6 +50,7 @@ from mechscope.circuits.select import importance, prune, receiver_owner, thresho
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.models.norms import head_shares
+from mechscope.partial import Partial
 from mechscope.patching.engine import check_patching_exact
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
@@ -159,10 +161,27 @@ def _smallest_connected(graph: Graph, ranking: torch.Tensor, k: int) -> int:
     return hi
 
 
-def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: ProgressArg = True) -> CircuitResult:
+def _stages(checkpoint: str | Path | None, model: Model, cfg: DiscoverConfig, batch: TaskBatch, graph: Graph) -> Partial:
+    """Where one discovery keeps its finished stages (``mechscope.partial``; job
+    ``discover-s<seed>``, so the draws of ``--seeds`` keep theirs side by side): keyed by the
+    settings, the weights, the pairs and the graph, so a rerun resumes only the same run."""
+    from mechscope.circuits.acdc import _digest
+
+    settings = {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}
+    key = {"settings": settings, "model": model.summary.name, "fingerprint": model.fingerprint(), "pairs": _digest(batch),
+           "graph": [graph.n_senders, graph.n_receivers, graph.n_edges]}
+    return Partial(checkpoint, f"discover-s{cfg.seed}", key)
+
+
+def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: ProgressArg = True,
+             checkpoint: str | Path | None = None) -> CircuitResult:
     """Run one circuit discovery (see module docstring) and return the result. ``progress``
     (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
-    random circuits of the same size, the faithfulness curve, attention patterns and head roles."""
+    random circuits of the same size, the faithfulness curve, attention patterns and head roles.
+    ``checkpoint``: a folder where the finished stages (the edge scores, each rank mode's
+    cross-validated curve, the held-out evaluation, the faithfulness curve) are kept; a rerun of
+    the same discovery reads them back instead of redoing them (``_stages``; every stage is
+    deterministic, so the result is the same). The CLI's ``--out`` is that folder."""
     from mechscope.models import require_model
     from mechscope.tasks import get_task, task_spec
 
@@ -187,6 +206,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     score_set, test_set = batch.split(cfg.held_out, seed=cfg.seed)
     p = as_progress(progress)
     say = p.note
+    done = _stages(checkpoint, model, cfg, batch, graph)
+    if done.found:
+        say(f"resuming: {done.found} finished stages of this discovery read from {checkpoint}")
     t_score = time.perf_counter()
     use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
     folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None
@@ -203,9 +225,15 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         scores = ac.scores
     else:
         cv_folds = folds or [len(score_set)]
-        parts = edge_score_folds(model, graph, score_set, cv_folds if cfg.pool == "sum" else [1] * len(score_set),
-                                 cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk,
-                                 info=score_info).cpu()
+        stored = done.get_tensors("scores")
+        if stored is not None and "parts" in stored:
+            parts, score_info = stored["parts"], done.get("score-info") or {}
+        else:
+            parts = edge_score_folds(model, graph, score_set, cv_folds if cfg.pool == "sum" else [1] * len(score_set),
+                                     cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk,
+                                     info=score_info).cpu()
+            done.put("score-info", score_info)
+            done.put_tensors("scores", {"parts": parts})
         fold_scores = PairScores(parts, cv_folds, cfg.pool)
         scores = fold_scores.total()
     t_score = time.perf_counter() - t_score
@@ -220,9 +248,11 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         sizes = grid_sizes(graph)
         for mode in modes:
             assert fold_scores is not None  # folds are only used with per-fold scores (not ACDC)
-            c = cv_curve(model, graph, score_set, fold_scores, sizes, cfg.method, mode,
-                         cfg.ablation, cfg.batch_size, progress=p, confidence=cfg.cv_confidence, seed=cfg.seed,
-                         evaluators=evs, stop_at=cfg.target)
+            c = done.get(f"cv-{mode}")
+            if c is None:
+                c = done.put(f"cv-{mode}", cv_curve(model, graph, score_set, fold_scores, sizes, cfg.method, mode,
+                                                    cfg.ablation, cfg.batch_size, progress=p, confidence=cfg.cv_confidence,
+                                                    seed=cfg.seed, evaluators=evs, stop_at=cfg.target))
             found[mode] = (c, *choose_size(c, cfg.target))
             if size_rule(c, found[mode][1], cfg.target) == "confidence-bound":
                 # a later mode can only win by reaching the target with confidence at a size no
@@ -248,13 +278,20 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         say(f"the top {grown_from:,} edges of the whole scoring set's ranking form no path from the input to the logits "
             f"(pruned to none), though each fold's did; the circuit is the smallest top-k that does: {k_cv:,} edges")
     say("evaluating the circuit on the scoring and held-out pairs")
-    in_sample = float(ev_score.faithfulness(circuit[None])[0])
     ev = Evaluator(model, graph, test_set, cfg.ablation, cfg.batch_size)
-    held = ev.faithfulness_interval(circuit, n_boot=cfg.bootstrap, seed=cfg.seed)
+    evaluated = done.get("evaluate")
+    if evaluated is None or evaluated.get("n_edges_kept") != int(circuit.sum()):
+        in_sample = float(ev_score.faithfulness(circuit[None])[0])
+        held = ev.faithfulness_interval(circuit, n_boot=cfg.bootstrap, seed=cfg.seed)
+        with p.phase("random circuits of the same size", total=ev.passes(cfg.random_seeds), unit="pass") as bar:
+            rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds, bar=bar)[0]
+        done.put("evaluate", {"in_sample": in_sample, "held": held, "random": rand, "n_edges_kept": int(circuit.sum())})
+    else:
+        in_sample, held, rand = evaluated["in_sample"], evaluated["held"], evaluated["random"]
     faith = held["faithfulness"]
-    with p.phase("random circuits of the same size", total=ev.passes(cfg.random_seeds), unit="pass") as bar:
-        rand = random_baseline(ev, [max(1, int(circuit.sum()))], cfg.random_seeds, bar=bar)[0]
-    curve = faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.curve_random_seeds, progress=p)
+    curve = done.get("curve")
+    if curve is None:
+        curve = done.put("curve", faithfulness_curve(ev, ranking, curve_sizes(graph), cfg.curve_random_seeds, progress=p))
     cpr, cmd = cpr_cmd(curve)
     metrics = {
         "clean": float(ev.clean),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from itertools import combinations
+from pathlib import Path
 
 import torch
 
@@ -80,9 +81,10 @@ def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, 
 
 
 def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: ProgressArg = True,
-                   stable_threshold: float = 0.8) -> CircuitResult:
+                   stable_threshold: float = 0.8, checkpoint: str | Path | None = None) -> CircuitResult:
     """Run ``discover`` for seeds cfg.seed .. cfg.seed + n_seeds - 1; the first run, with
-    ``stability`` filled in. Head roles are labelled on the first run only."""
+    ``stability`` filled in. Head roles are labelled on the first run only. ``checkpoint``: the
+    folder where each draw keeps its finished stages (``discover``'s), so a rerun resumes."""
     from mechscope.tasks import get_task
 
     check_seeds(cfg, n_seeds)
@@ -92,7 +94,7 @@ def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: ProgressA
     for i in range(n_seeds):
         c = replace(cfg, seed=cfg.seed + i, labels=cfg.labels and i == 0)
         p.note(f"{'split' if same_pairs else 'draw'} {i + 1} of {n_seeds} (seed {c.seed})")
-        runs.append(discover(model, c, progress=p))
+        runs.append(discover(model, c, progress=p, checkpoint=checkpoint))
     main = runs[0]
     main.stability = stability_summary(runs, stable_threshold, same_pairs=same_pairs)
     return main

@@ -64,6 +64,7 @@ def discover(
     from mechscope.circuits import discover as run
     from mechscope.circuits.config import check_seeds
     from mechscope.circuits.stability import discover_seeds
+    from mechscope.partial import clear as clear_partial
     from mechscope.report.circuit import ci_dropped_sentence, write_circuit
     from mechscope.tasks import get_task
 
@@ -80,7 +81,8 @@ def discover(
         cfg.checkpoint = str(out_dir / "acdc_checkpoint.safetensors")
     try:
         m = load(model, device)
-        res = discover_seeds(m, cfg, seeds, progress=not json) if seeds > 1 else run(m, cfg, progress=not json)
+        res = (discover_seeds(m, cfg, seeds, progress=not json, checkpoint=out_dir) if seeds > 1
+               else run(m, cfg, progress=not json, checkpoint=out_dir))
     except BaseException:  # a refusal or an interruption before any checkpoint: leave no empty folder behind
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
@@ -89,6 +91,8 @@ def discover(
     report = write_circuit(res.to_dict(), Path(out_dir) / "report.html")
     if cfg.checkpoint is not None:  # the result is saved: the ACDC state has done its job
         Path(cfg.checkpoint).unlink(missing_ok=True)
+    for stages in out_dir.glob("discover-s*-partial"):  # and so have the finished stages of each draw
+        clear_partial(out_dir, stages.name[:-len("-partial")])
     mt = res.metrics
     summary = {
         "task": res.task, "method": res.method, "model": m.summary.name,

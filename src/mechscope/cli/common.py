@@ -161,7 +161,7 @@ class _Artefact:
     what: str
     """How a message names it ("an SAE")."""
     markers: tuple[str, ...]
-    """Files (relative to the folder) that must all be there."""
+    """Files (relative to the folder) that must all be there; one with ``*`` matches any file of that pattern."""
     test: Callable[[Any], bool] | None = None
     """Where another artefact (or an ordinary file) shares the first marker's name: what its JSON
     must satisfy to be this one."""
@@ -195,7 +195,9 @@ _ARTEFACTS: tuple[_Artefact, ...] = (
               test=_has_keys("shards", "hooks"), finished=False),
     _Artefact("icl", "an unfinished few-shot ICL run", ("icl-partial.json",), finished=False),
     _Artefact("probe", "an unfinished probe run", ("probe-partial/key.json",), finished=False),
+    _Artefact("circuit", "an unfinished circuit discovery", ("discover-s*-partial/key.json",), finished=False),
     _Artefact("confusion", "an unfinished language-confusion run", ("confusion-partial/key.json",), finished=False),
+    _Artefact("recall", "an unfinished recall dataset run", ("recall-partial/key.json",), finished=False),
     # results (the data files server/runs.py lists)
     _Artefact("vision-circuit", "a vision circuit", ("circuit.json",), test=_kind_is("vision-circuit")),
     _Artefact("circuit", "a circuit", ("circuit.json",), test=_kind_is("vision-circuit", same=False)),
@@ -294,7 +296,10 @@ def _held_artefacts(folder: Path) -> list[_Artefact]:
     """The ``_ARTEFACTS`` that ``folder`` holds, in table order."""
     if not folder.is_dir():
         return []
-    return [a for a in _ARTEFACTS if all((folder / m).is_file() for m in a.markers)
+    def there(marker: str) -> bool:  # a marker with '*' matches any file of that pattern
+        return any(p.is_file() for p in folder.glob(marker)) if "*" in marker else (folder / marker).is_file()
+
+    return [a for a in _ARTEFACTS if all(there(m) for m in a.markers)
             and (a.test is None or a.test(_read_json(folder / a.markers[0])))]
 
 
