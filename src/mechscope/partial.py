@@ -124,7 +124,7 @@ class Partial:
         if p is not None:
             from safetensors.torch import save_file
 
-            data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            data = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}  # own storage each (safetensors refuses shared)
             self._ready()
             _atomic(p, lambda tmp: save_file(data, str(tmp)))
         return tensors

@@ -228,6 +228,7 @@ def test_cli_heads_json(tiny_gpt2_dir, tmp_path):
     d = json.loads(r.stdout)
     assert set(d["top_heads"]) >= {"previous-token", "induction", "copying"}
     assert (tmp_path / "heads.html").is_file() and (tmp_path / "heads.safetensors").is_file()
+    assert not (tmp_path / "heads-partial").exists()  # the steps go once heads.json is written
 
 
 def test_cli_heads_context_rule_is_the_activation_stores(tiny_gpt2_dir, tmp_path):
@@ -295,3 +296,37 @@ def test_text_windows_of_unknown_tokens_are_refused(tiny_gpt2):
         sequences.text_windows(model, docs, 2, 16)
     real = sequences.text_windows(tiny_gpt2, docs, 2, 16)  # a real vocabulary passes
     assert real.shape[0] == 2
+
+
+def test_a_checkpointed_head_scoring_resumes_only_the_missing_steps(tiny_llama, tmp_path, monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("mechscope.heads.scores")
+    cfg = HeadsConfig(n=6, seq_len=8, n_text=3, text_len=40, text="pydoc", copy_tokens=50, ablate=-1, top_k=2, n_random=2)
+    straight = head_scores(tiny_llama, cfg)
+    first = head_scores(tiny_llama, cfg, checkpoint=tmp_path)
+    steps = tmp_path / "heads-partial"
+    assert sorted(p.name for p in steps.iterdir()) == ["ablation.safetensors", "composition.safetensors", "copying.safetensors",
+                                                      "key.json", "patterns.safetensors", "text-patterns.safetensors",
+                                                      "topk-vs-random.json"]
+
+    def same(a, b) -> None:
+        assert a.to_dict() == b.to_dict() and a.icl == b.icl and a.ablation == b.ablation
+        assert set(a.scores) == set(b.scores) and set(a.composition) == set(b.composition)
+        for k in b.scores:  # bit for bit (NaN where a head was not ablated)
+            torch.testing.assert_close(a.scores[k], b.scores[k], rtol=0, atol=0, equal_nan=True)
+        for k in b.composition:
+            torch.testing.assert_close(a.composition[k], b.composition[k], rtol=0, atol=0, equal_nan=True)
+
+    same(first, straight)
+    for name in ("ablation.safetensors", "topk-vs-random.json", "composition.safetensors"):  # a kill during the ablations
+        (steps / name).unlink()
+    calls = {"pattern_scores": 0, "ablation_effects": 0}
+    for module, name in ((mod.patterns, "pattern_scores"), (mod.ablation, "ablation_effects")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+    resumed = head_scores(tiny_llama, cfg, checkpoint=tmp_path)
+    assert calls == {"pattern_scores": 0, "ablation_effects": 1}
+    same(resumed, straight)
+    other = head_scores(tiny_llama, HeadsConfig(**{**cfg.to_dict(), "seed": 1}), checkpoint=tmp_path)
+    assert calls["pattern_scores"] == 2 and not torch.equal(other.scores["induction"], straight.scores["induction"])

@@ -70,3 +70,11 @@ def test_damaged_pieces_are_done_again_and_bad_names_refused(tmp_path):
     with pytest.raises(TypeError):  # not JSON: nothing is written
         p.put("c", object())
     assert not (tmp_path / "job-partial" / "c.json").exists()
+
+
+def test_tensors_sharing_storage_are_stored(tmp_path):
+    base = torch.arange(12.0).view(3, 4)
+    p = Partial(tmp_path, "job", {})
+    p.put_tensors("t", {"a": base[0], "b": base[1:], "c": base.T})
+    back = Partial(tmp_path, "job", {}).get_tensors("t")
+    assert back is not None and torch.equal(back["a"], base[0]) and torch.equal(back["c"], base.T)

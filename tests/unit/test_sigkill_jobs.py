@@ -383,3 +383,44 @@ def test_sigkilled_probe_run_resumes_to_the_uninterrupted_result(tiny_llama_dir,
     straight = run_mod.run_probe(m, labels_from_file(m.tokenizer, labels), cfg)
     assert {**resumed.to_dict(), "notes": []} == straight.to_dict()
     _no_tmp(killed)
+
+
+# ------------------------------------------------------------------------------------ head scores
+# The killed process's one-at-a-time ablations are slowed, so the kill lands after the pattern
+# steps are kept and before the run ends, whatever the machine.
+HEADS_CODE = """
+import importlib, sys, time
+a = importlib.import_module("mechscope.heads.ablation")
+real = a.ablation_effects
+a.ablation_effects = lambda *x, **k: time.sleep(2.0) or real(*x, **k)
+from mechscope.cli.main import app
+app(sys.argv[1:], standalone_mode=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_head_scoring_resumes_to_the_uninterrupted_result(tiny_gpt2_dir, tmp_path, kill_when, one_thread, monkeypatch):
+    ablation = importlib.import_module("mechscope.heads.ablation")
+    patterns = importlib.import_module("mechscope.heads.patterns")
+
+    def args(out: Path) -> list[str]:
+        return ["heads", "--model", tiny_gpt2_dir, "--n", "4", "--seq-len", "6", "--n-text", "2", "--text-len", "30",
+                "--text", "pydoc", "--ablate", "2", "--top-k", "2", "--out", str(out), "--json"]
+
+    killed = tmp_path / "killed"
+    steps = killed / "heads-partial"
+    kill_when(["-c", HEADS_CODE, *args(killed)], steps / "copying.safetensors")
+    assert not (killed / "heads.json").exists() and not (steps / "ablation.safetensors").exists()
+    counts = _count_calls(monkeypatch, patterns, "pattern_scores")
+    abl = _count_calls(monkeypatch, ablation, "ablation_effects")
+    _ok(args(killed))
+    assert counts[0] == 0 and abl[0] == 1  # both pattern steps read back; the ablations run
+    assert not steps.exists()
+    _ok(args(tmp_path / "straight"))
+    assert _without_times(json.loads((killed / "heads.json").read_text())) == \
+        _without_times(json.loads((tmp_path / "straight" / "heads.json").read_text()))
+    a, b = load_file(str(killed / "heads.safetensors")), load_file(str(tmp_path / "straight" / "heads.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True)
+    _no_tmp(killed)

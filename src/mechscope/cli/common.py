@@ -195,6 +195,7 @@ _ARTEFACTS: tuple[_Artefact, ...] = (
               test=_has_keys("shards", "hooks"), finished=False),
     _Artefact("icl", "an unfinished few-shot ICL run", ("icl-partial.json",), finished=False),
     _Artefact("probe", "an unfinished probe run", ("probe-partial/key.json",), finished=False),
+    _Artefact("heads", "an unfinished head-scoring run", ("heads-partial/key.json",), finished=False),
     _Artefact("circuit", "an unfinished circuit discovery", ("discover-s*-partial/key.json",), finished=False),
     _Artefact("confusion", "an unfinished language-confusion run", ("confusion-partial/key.json",), finished=False),
     _Artefact("recall", "an unfinished recall dataset run", ("recall-partial/key.json",), finished=False),

@@ -46,12 +46,14 @@ def heads(
     ablate: int = typer.Option(HeadsConfig.ablate, "--ablate", help="Top induction heads mean-ablated one at a time (-1: all heads)."),
     top_k: int = typer.Option(HeadsConfig.top_k, "--top-k", help="k for top-k induction heads ablated together vs k random heads."),
     seed: int = typer.Option(HeadsConfig.seed, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun with the "
+                                       "same settings resumes in it after a kill."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Score every attention head: previous-token, duplicate, induction, copying, ablation, composition, ICL."""
     from mechscope.heads import head_scores
+    from mechscope.partial import clear as clear_partial
     from mechscope.report.heads import write_heads
 
     cfg = HeadsConfig(n=n, seq_len=seq_len, text=text, n_text=n_text, text_len=text_len, ablate=ablate,
@@ -59,10 +61,11 @@ def heads(
     check_out_folder(out, "heads")
     m = load(model, device)
     t0 = time.perf_counter()
-    res = head_scores(m, cfg, progress=not json)
     out_dir = Path(out or fresh_dir("heads"))
+    res = head_scores(m, cfg, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     report = write_heads({**res.to_dict(), "example_patterns": res.example_patterns.tolist()}, out_dir / "heads.html")
+    clear_partial(out_dir, "heads")  # the result is saved: its steps are no longer needed
     summary = {
         "model": m.summary.name, "top_heads": res.top_by_category(), "top_k_composition": res.top_pairs("k", 5) if res.composition else [],
         "icl": res.icl, "ablation": res.ablation, "seconds": time.perf_counter() - t0,

@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +24,24 @@ from mechscope.heads import ablation, composition, copying, icl, patterns, seque
 from mechscope.heads.config import HeadsConfig
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
+from mechscope.partial import Partial
 from mechscope.progress import ProgressArg, as_progress
 
 
-def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressArg = False) -> HeadsResult:
-    """Compute the head taxonomy of ``model`` (see module docstring); ``progress`` gets a note per step."""
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressArg = False,
+                checkpoint: str | Path | None = None) -> HeadsResult:
+    """Compute the head taxonomy of ``model`` (see module docstring); ``progress`` gets a note per step.
+    ``checkpoint``: a folder where each finished step's scores are kept (``mechscope.partial``,
+    job ``heads``, keyed by the settings, the weights and the token sequences); a rerun reads
+    them back instead of recomputing them (the CLI's ``--out``)."""
     from mechscope.errors import MechscopeError
     from mechscope.models import require_model
 
@@ -42,13 +58,21 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
     text_len = cfg.text_len if cfg.text_len is not None else min(520, s.n_ctx - p)
     sequences.check_length(model, p + text_len, f"A text window (prefix + {text_len})", "--text-len", length=text_len)
 
-    say("attention patterns on repeated random tokens")
-    scores: dict[str, torch.Tensor] = dict(patterns.pattern_scores(model, rep))
-
-    say("attention patterns and ICL score on real text")
     source, docs = sequences.text_source(cfg.text)
     text = sequences.text_windows(model, docs, cfg.n_text, text_len)
-    text_scores = patterns.pattern_scores(model, text, batch_size=2, with_loss=True)
+    key = {"settings": cfg.to_dict(), "model": s.name, "fingerprint": model.fingerprint() if hasattr(model, "fingerprint") else None,
+           "tokens": _digest(rep, text)}
+    done = Partial(checkpoint, "heads", key)
+
+    def stage(name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        got = done.get_tensors(name)
+        return got if got is not None else done.put_tensors(name, compute())
+
+    say("attention patterns on repeated random tokens")
+    scores: dict[str, torch.Tensor] = dict(stage("patterns", lambda: patterns.pattern_scores(model, rep)))
+
+    say("attention patterns and ICL score on real text")
+    text_scores = stage("text-patterns", lambda: patterns.pattern_scores(model, text, batch_size=2, with_loss=True))
     for k in patterns.KINDS:
         scores[f"text_{k}"] = text_scores[k]
     icl_res = icl.icl_from_loss(text_scores["token_loss"], p)
@@ -56,24 +80,31 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
 
     say("copying scores (OV circuits)")
     w = head_weights(model)
-    scores["copying_eigen"] = copying.eigen_copying(w)
-    scores["copying_top1"] = copying.top1_copying(w, copying.copying_tokens(model, cfg.copy_tokens, cfg.seed))
+    scores |= stage("copying", lambda: {
+        "copying_eigen": copying.eigen_copying(w),
+        "copying_top1": copying.top1_copying(w, copying.copying_tokens(model, cfg.copy_tokens, cfg.seed))})
 
     say("mean ablation of induction heads")
     ranking = _ranking(scores["induction"])
     n_abl = len(ranking) if cfg.ablate < 0 else min(cfg.ablate, len(ranking))
-    eff = ablation.ablation_effects(model, rep, cfg.seq_len, ranking[:n_abl])
-    abl = torch.full((s.n_layers, s.n_heads), float("nan"))
-    for l, h in ranking[:n_abl]:
-        abl[l, h] = eff[head_node(l, h)]
-    scores["ablation"] = abl
+
+    def one_at_a_time() -> dict[str, torch.Tensor]:
+        eff = ablation.ablation_effects(model, rep, cfg.seq_len, ranking[:n_abl])
+        abl = torch.full((s.n_layers, s.n_heads), float("nan"))
+        for l, h in ranking[:n_abl]:
+            abl[l, h] = eff[head_node(l, h)]
+        return {"ablation": abl}
+
+    scores |= stage("ablation", one_at_a_time)
     k_top = min(cfg.top_k, len(ranking))
-    abl_summary = ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k_top, cfg.n_random, cfg.seed)
+    abl_summary = done.get("topk-vs-random")
+    if abl_summary is None:
+        abl_summary = done.put("topk-vs-random", ablation.topk_vs_random(model, rep, cfg.seq_len, ranking, k_top, cfg.n_random, cfg.seed))
 
     comp: dict[str, torch.Tensor] = {}
     if cfg.composition and s.n_layers > 1:
         say("composition scores")
-        comp = composition.composition_scores(w)
+        comp = stage("composition", lambda: composition.composition_scores(w))
 
     ex = sequences.repeated_random(model, 1, min(cfg.example_len, cfg.seq_len), cfg.seed + 1)[0]
     pats = patterns.example_patterns(model, ex)
