@@ -48,11 +48,13 @@ def recall(
                                          "present, else the logit lens)."),
     logit_lens: bool = typer.Option(False, "--logit-lens", help="Read subject enrichment with the logit lens even when translators exist."),
     model: Optional[str] = ModelOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); with --dataset, a rerun "
+                                       "with the same settings resumes in it after a kill."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
     """Dissect the recall of a fact: causal tracing, attention knockout, attribute extraction, subject enrichment."""
+    from mechscope.partial import clear as clear_partial
     from mechscope.recall import recall as run_recall
     from mechscope.recall import recall_dataset
     from mechscope.report.recall import write_recall
@@ -82,13 +84,18 @@ def recall(
     cfg.extra["enrichment_lens"] = "logit" if lens_t is None else f"tuned:{lens_t.info.get('path')}"
     res: RecallResult | RecallDatasetResult
     if dataset is not None:
-        res = recall_dataset(m, n=n, cfg=cfg, progress=not json, tuned=lens_t)
+        out_dir = Path(out or fresh_dir("recall"))
+        res = recall_dataset(m, n=n, cfg=cfg, progress=not json, tuned=lens_t, checkpoint=out_dir)
+        for note in res.checkpoint_notes:  # on stderr: stdout stays the JSON with --json
+            err_console.print(f"note: {note}", highlight=False, markup=False)
     else:
         res = run_recall(m, prompt, subject, target, cfg, tuned=lens_t)
-    out_dir = Path(out or fresh_dir("recall"))
+        out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()
     report = write_recall(d, out_dir / "report.html")
+    if dataset is not None:
+        clear_partial(out_dir, "recall")  # the result is saved: its finished facts are no longer needed
     if json:
         return emit_json({**d, "report": str(report), "out": str(out_dir)})
     _print_summary(d)

@@ -18,7 +18,7 @@ representation of the subject's last token encodes at each layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -92,6 +92,19 @@ class Enrichment:
     related: list[str]
     control_subject: str
     top_tokens: list[list[str]]  # [n_layers][top_k]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number and token as plain JSON (``recall.json``'s ``subject_enrichment``)."""
+        return {"rate": self.rate.tolist(), "control_rate": self.control_rate.tolist(), "control_subject": self.control_subject,
+                "related_tokens": self.related, "top_tokens": self.top_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Enrichment:
+        """The enrichment ``to_dict`` wrote, exactly: the rates are float32, as ``attribute_rate``
+        makes them."""
+        return cls(rate=torch.tensor(d["rate"], dtype=torch.float32), control_rate=torch.tensor(d["control_rate"], dtype=torch.float32),
+                   related=list(d["related_tokens"]), control_subject=d["control_subject"],
+                   top_tokens=[list(row) for row in d["top_tokens"]])
 
 
 def subject_enrichment(model, tokens: torch.Tensor, subject: str, subject_last: int, control_subject: str,

@@ -37,6 +37,24 @@ class Extraction:
         r = self.attn_rank if which == "attn" else self.mlp_rank
         return (r == 0).nonzero()[:, 0].tolist()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every number as plain JSON (``recall.json``'s ``attribute_extraction``), the top tokens'
+        ids too: two ids can decode to the same text."""
+        return {
+            "attn_rank": self.attn_rank.tolist(), "mlp_rank": self.mlp_rank.tolist(),
+            "attn_top_token": self.attn_top_tokens, "mlp_top_token": self.mlp_top_tokens,
+            "attn_top_id": self.attn_top.tolist(), "mlp_top_id": self.mlp_top.tolist(),
+            "attn_layers": self.layers("attn"), "mlp_layers": self.layers("mlp"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Extraction:
+        """The extraction ``to_dict`` wrote, exactly: ranks and ids are int64, as
+        ``attribute_extraction`` counts and finds them."""
+        return cls(attn_rank=torch.tensor(d["attn_rank"], dtype=torch.int64), mlp_rank=torch.tensor(d["mlp_rank"], dtype=torch.int64),
+                   attn_top=torch.tensor(d["attn_top_id"], dtype=torch.int64), mlp_top=torch.tensor(d["mlp_top_id"], dtype=torch.int64),
+                   attn_top_tokens=list(d["attn_top_token"]), mlp_top_tokens=list(d["mlp_top_token"]))
+
 
 @torch.no_grad()
 def attribute_extraction(model: Model, tokens: torch.Tensor, target_id: int) -> Extraction:

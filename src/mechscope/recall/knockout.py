@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,22 @@ class Knockout:
     positions: dict[str, list[int]]
     window: int
     layers: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every number as plain JSON (``recall.json``'s ``attention_knockout``)."""
+        return {
+            "clean_prob": self.clean_prob, "window": self.window, "layers": self.layers, "key_positions": self.positions,
+            "relative_change": {g: v.tolist() for g, v in self.relative_change.items()},
+            "axes": "[window centre: index into layers]; (p_knockout - p_clean) / p_clean",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Knockout:
+        """The knockout ``to_dict`` wrote, exactly: the curves are float32, as ``attention_knockout``
+        makes them (probabilities from the float32 unembedding), and survive JSON unchanged."""
+        return cls(clean_prob=d["clean_prob"],
+                   relative_change={g: torch.tensor(v, dtype=torch.float32) for g, v in d["relative_change"].items()},
+                   positions={g: list(v) for g, v in d["key_positions"].items()}, window=d["window"], layers=list(d["layers"]))
 
 
 def key_groups(n_pos: int, subject_pos: list[int], seed: int = 0) -> dict[str, list[int]]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mechscope.errors import MechscopeError
 from mechscope.recall.categories import position_categories
 from mechscope.recall.enrichment import Enrichment
 from mechscope.recall.extraction import Extraction
@@ -18,6 +19,13 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+
+_PARTS: dict[str, Any] = {"causal_tracing": Trace, "attention_knockout": Knockout, "attribute_extraction": Extraction,
+                          "subject_enrichment": Enrichment}
+"""Each analysis's key in ``RecallResult.to_dict`` and the class that reads it back."""
+_OWN_KEYS = frozenset({"schema_version", "kind", "model", "settings", "prompt", "subject", "tokens", "subject_positions",
+                       "position_categories", "target", "target_id", *_PARTS})
+"""The keys ``RecallResult.to_dict`` writes itself; any other key is one of its ``extras``."""
 
 
 @dataclass
@@ -43,41 +51,35 @@ class RecallResult:
         return position_categories(len(self.tokens), self.subject_pos)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every number as plain JSON (``recall.json``), ``extras`` as top-level keys; ``from_dict``
+        reads it back."""
         d: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "kind": "recall", "model": self.model, "settings": self.settings,
             "prompt": self.prompt, "subject": self.subject, "tokens": self.tokens, "subject_positions": self.subject_pos,
             "position_categories": self.categories(), "target": self.target, "target_id": self.target_id, **self.extras,
         }
-        if self.trace is not None:
-            t = self.trace
-            d["causal_tracing"] = {
-                "clean_prob": t.clean_prob, "corrupt_prob": t.corrupt_prob, "noise_std": t.noise_std, "window": t.window, "layers": t.layers,
-                "restored_prob": {k: v.tolist() for k, v in t.restored.items()},
-                "axes": "[layer index into layers][position]; resid: hook_resid_post of that layer; mlp/attn: outputs of the window around it",
-            }
-            if t.note:
-                d["causal_tracing"]["note"] = t.note
-        if self.knockout is not None:
-            k = self.knockout
-            d["attention_knockout"] = {
-                "clean_prob": k.clean_prob, "window": k.window, "layers": k.layers, "key_positions": k.positions,
-                "relative_change": {g: v.tolist() for g, v in k.relative_change.items()},
-                "axes": "[window centre: index into layers]; (p_knockout - p_clean) / p_clean",
-            }
-        if self.extraction is not None:
-            e = self.extraction
-            d["attribute_extraction"] = {
-                "attn_rank": e.attn_rank.tolist(), "mlp_rank": e.mlp_rank.tolist(),
-                "attn_top_token": e.attn_top_tokens, "mlp_top_token": e.mlp_top_tokens,
-                "attn_layers": e.layers("attn"), "mlp_layers": e.layers("mlp"),
-            }
-        if self.enrichment is not None:
-            n = self.enrichment
-            d["subject_enrichment"] = {
-                "rate": n.rate.tolist(), "control_rate": n.control_rate.tolist(), "control_subject": n.control_subject,
-                "related_tokens": n.related, "top_tokens": n.top_tokens,
-            }
+        for key, part in (("causal_tracing", self.trace), ("attention_knockout", self.knockout),
+                          ("attribute_extraction", self.extraction), ("subject_enrichment", self.enrichment)):
+            if part is not None:
+                d[key] = part.to_dict()
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecallResult:
+        """The result ``to_dict`` wrote (also after a JSON round trip), exactly: every tensor with
+        the dtype, shape and values it had, and the same ``to_dict``. The dataset run reads its
+        finished facts back with it (``recall_dataset``'s checkpoint)."""
+        if not isinstance(d, dict) or d.get("kind") != "recall":
+            raise MechscopeError("This is not the JSON of one fact's recall result (kind 'recall'); pass what RecallResult.to_dict wrote.")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise MechscopeError(f"This recall result has schema version {d.get('schema_version')!r}; this mechscope reads "
+                                 f"version {SCHEMA_VERSION}.")
+        parts = {key: (kind.from_dict(d[key]) if key in d else None) for key, kind in _PARTS.items()}
+        return cls(model=d["model"], settings=d["settings"], prompt=d["prompt"], subject=d["subject"], tokens=list(d["tokens"]),
+                   subject_pos=list(d["subject_positions"]), target=d["target"], target_id=d["target_id"],
+                   trace=parts["causal_tracing"], knockout=parts["attention_knockout"],
+                   extraction=parts["attribute_extraction"], enrichment=parts["subject_enrichment"],
+                   extras={k: v for k, v in d.items() if k not in _OWN_KEYS})
 
     def save(self, out_dir: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -109,6 +111,9 @@ class RecallDatasetResult:
     facts: list[RecallResult]
     aggregate: dict[str, Any]
     seconds: float = 0.0
+    checkpoint_notes: list[str] = field(default_factory=list)
+    """One line each when the run read finished facts back from its checkpoint, or discarded the
+    pieces of a run with other settings; for the CLI to print, not saved: the result is the same."""
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -58,6 +58,25 @@ class Trace:
         """Restored minus corrupted p(target) [len(layers), pos] (ROME's indirect effect)."""
         return self.restored[kind] - self.corrupt_prob
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every number as plain JSON (``recall.json``'s ``causal_tracing``)."""
+        d: dict[str, Any] = {
+            "clean_prob": self.clean_prob, "corrupt_prob": self.corrupt_prob, "noise_std": self.noise_std, "window": self.window,
+            "layers": self.layers, "restored_prob": {k: v.tolist() for k, v in self.restored.items()},
+            "axes": "[layer index into layers][position]; resid: hook_resid_post of that layer; mlp/attn: outputs of the window around it",
+        }
+        if self.note:
+            d["note"] = self.note
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Trace:
+        """The trace ``to_dict`` wrote, exactly: the restored probabilities are float32, as
+        ``causal_trace`` makes them, and float32 values survive JSON's doubles unchanged."""
+        return cls(clean_prob=d["clean_prob"], corrupt_prob=d["corrupt_prob"],
+                   restored={k: torch.tensor(v, dtype=torch.float32) for k, v in d["restored_prob"].items()},
+                   noise_std=d["noise_std"], window=d["window"], layers=list(d["layers"]))
+
 
 SUBJECT_CONTEXT = "The"
 
