@@ -56,7 +56,7 @@ class Partial:
     def __init__(self, folder: str | Path | None, job: str, key: dict[str, Any]):
         if not _NAME.fullmatch(job):
             raise ValueError(f"job name {job!r} must be letters, digits, '_', '.' or '-'")
-        self.key = json.loads(json.dumps(key))  # as it reads back from key.json
+        self.key = json.loads(json.dumps(key, default=str))  # as it reads back from key.json (a Path as its text)
         self.where = Path(folder) / f"{job}-partial" if folder is not None else None
         self.discarded = False
         """True when the folder held pieces of a run with another key (they are gone)."""

@@ -78,3 +78,11 @@ def test_tensors_sharing_storage_are_stored(tmp_path):
     p.put_tensors("t", {"a": base[0], "b": base[1:], "c": base.T})
     back = Partial(tmp_path, "job", {}).get_tensors("t")
     assert back is not None and torch.equal(back["a"], base[0]) and torch.equal(back["c"], base.T)
+
+
+def test_a_key_holding_other_objects_is_read_by_their_text(tmp_path):
+    from pathlib import Path
+
+    Partial(tmp_path, "job", {"text": Path("a/b.txt")}).put("a", 1)
+    assert Partial(tmp_path, "job", {"text": "a/b.txt"}).get("a") == 1
+    assert Partial(None, "job", {"text": Path("x"), "dtype": torch.float32}).get("a") is None  # no folder: never refused
