@@ -18,6 +18,7 @@ form) and tensors bit for bit, so a resumed job's result equals an uninterrupted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mechscope.errors import MechscopeError
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -50,19 +53,54 @@ def _write_text(path: Path, text: str) -> None:
     _atomic(path, write)
 
 
+FORMAT = 1
+"""The pieces' layout; part of every key, so pieces of another layout are never read."""
+
+
+def _canon(obj: Any) -> Any:
+    """``obj`` as plain JSON for a key: dicts with text keys, lists for tuples, sorted lists for
+    sets, tensors and arrays by a digest of their bytes (their text elides the middle), numbers
+    and text as they are, anything else by its text (a ``Path``)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): _canon(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canon(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_canon(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().contiguous().numpy()
+    if hasattr(obj, "tobytes") and hasattr(obj, "shape") and hasattr(obj, "dtype"):  # numpy
+        return {"array": str(obj.dtype), "shape": list(obj.shape), "sha1": hashlib.sha1(obj.tobytes()).hexdigest()[:16]}
+    return str(obj)
+
+
+def model_key(model: Any) -> dict[str, Any]:
+    """What a piece computed with ``model`` depends on: its name, its weights' fingerprint, and the
+    dtype and device it ran in (a run killed on a GPU and resumed on the CPU, or in another
+    dtype, starts afresh: its figures would differ in the last bits and a choice could flip)."""
+    s = model.summary
+    return {"name": s.name, "fingerprint": model.fingerprint() if hasattr(model, "fingerprint") else None,
+            "dtype": str(getattr(s, "dtype", "")), "device": str(getattr(model, "device", getattr(s, "device", "")))}
+
+
 class Partial:
     """The finished pieces of job ``job`` under ``folder`` (None: nothing is kept or found)."""
 
     def __init__(self, folder: str | Path | None, job: str, key: dict[str, Any]):
         if not _NAME.fullmatch(job):
             raise ValueError(f"job name {job!r} must be letters, digits, '_', '.' or '-'")
-        self.key = json.loads(json.dumps(key, default=str))  # as it reads back from key.json (a Path as its text)
         self.where = Path(folder) / f"{job}-partial" if folder is not None else None
         self.discarded = False
         """True when the folder held pieces of a run with another key (they are gone)."""
         self.found = 0
         """Pieces there at the start, made under this key."""
-        if self.where is None or not self.where.is_dir():
+        if self.where is None:
+            self.key: Any = None
+            return
+        self.key = _canon({"format": FORMAT, "mechscope": _version(), **key})  # as it reads back from key.json
+        if not self.where.is_dir():
             return
         try:
             old = json.loads((self.where / "key.json").read_text(encoding="utf-8"))
@@ -80,10 +118,21 @@ class Partial:
         return None if self.where is None else self.where / f"{name}{suffix}"
 
     def _ready(self) -> Path:
+        """The folder, with this run's key in it; refused (one sentence) when another run has
+        since put its own key there: two runs writing to one folder would mix their pieces."""
         assert self.where is not None  # callers return early without a folder
-        if not (self.where / "key.json").is_file():
+        key_file = self.where / "key.json"
+        if not key_file.is_file():
             self.where.mkdir(parents=True, exist_ok=True)
-            _write_text(self.where / "key.json", json.dumps(self.key))
+            _write_text(key_file, json.dumps(self.key))
+        else:
+            try:
+                there = json.loads(key_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                there = None
+            if there != self.key:
+                raise MechscopeError(f"Another run with other settings is writing to {self.where.parent}; give each run "
+                                     "its own --out.")
         return self.where
 
     def get(self, name: str) -> Any | None:
@@ -138,3 +187,9 @@ class Partial:
 def clear(folder: str | Path, job: str) -> None:
     """Remove job ``job``'s pieces from ``folder`` (its result is saved there)."""
     shutil.rmtree(Path(folder) / f"{job}-partial", ignore_errors=True)
+
+
+def _version() -> str:
+    from mechscope import __version__
+
+    return __version__

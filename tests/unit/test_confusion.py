@@ -310,13 +310,14 @@ def _switching(monkeypatch):
 
 def _comparable(res) -> dict:
     d = res.to_dict()
-    return {k: v for k, v in d.items() if k not in ("timing", "notes")}
+    return {k: v for k, v in d.items() if k != "timing"}
 
 
 @pytest.mark.slow
 def test_a_checkpointed_run_resumes_only_the_missing_stages(tiny_llama, tmp_path, monkeypatch):
     import mechscope.confusion.attribution as attr_mod
     import mechscope.confusion.run as run_mod
+    from mechscope.progress import Recorder
 
     calls = _switching(monkeypatch)
     items = [LangPrompt("Hallo Welt", "de"), LangPrompt("Hola amigo", "es"), LangPrompt("Guten Tag", "de"),
@@ -340,12 +341,14 @@ def test_a_checkpointed_run_resumes_only_the_missing_stages(tiny_llama, tmp_path
     monkeypatch.setattr(run_mod, "greedy_generate", lambda *a, **k: gens.__setitem__(0, gens[0] + 1) or real_gen(*a, **k))
     monkeypatch.setattr(attr_mod, "_states", lambda m, p, layers: states.append(tuple(layers)) or real_states(m, p, layers))
     calls["n"] = 0
-    resumed = run_confusion(tiny_llama, items, cfg, english=frozenset(), checkpoint=tmp_path)
+    rec = Recorder()
+    resumed = run_confusion(tiny_llama, items, cfg, english=frozenset(), checkpoint=tmp_path, progress=rec)
     assert gens[0] == 2  # the top and random edits' generations; the unedited one was read
     assert set(states[1:]) == {(0, 2)}  # layer 1's gains were read
     assert _comparable(resumed) == _comparable(straight)
-    assert any("Resumed: 2 finished stages" in n for n in resumed.notes)
+    assert any("resuming: 2 finished stages" in n for n in rec.notes)  # said, not saved in the result
     # other settings: the stages are discarded, and the run says so
     calls["n"] = 0
-    other = run_confusion(tiny_llama, items, replace(cfg, top_n=5), english=frozenset(), checkpoint=tmp_path)
-    assert any("discarded" in n for n in other.notes) and len(other.top) == 5
+    rec = Recorder()
+    other = run_confusion(tiny_llama, items, replace(cfg, top_n=5), english=frozenset(), checkpoint=tmp_path, progress=rec)
+    assert any("discarded" in n for n in rec.notes) and len(other.top) == 5

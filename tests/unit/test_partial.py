@@ -86,3 +86,26 @@ def test_a_key_holding_other_objects_is_read_by_their_text(tmp_path):
     Partial(tmp_path, "job", {"text": Path("a/b.txt")}).put("a", 1)
     assert Partial(tmp_path, "job", {"text": "a/b.txt"}).get("a") == 1
     assert Partial(None, "job", {"text": Path("x"), "dtype": torch.float32}).get("a") is None  # no folder: never refused
+
+
+def test_two_runs_writing_to_one_folder_are_refused(tmp_path):
+    from mechscope.errors import MechscopeError
+
+    a = Partial(tmp_path, "job", {"n": 1})
+    a.put("x", 1)
+    b = Partial(tmp_path, "job", {"n": 2})  # started on the same folder while a runs: a's pieces go
+    b.put("y", 2)
+    with pytest.raises(MechscopeError, match="Another run with other settings is writing to"):
+        a.put("z", 3)
+    assert Partial(tmp_path, "job", {"n": 1}).get("y") is None  # b's piece is never read as a's
+
+
+def test_keys_read_tensors_sets_and_tuple_keys_by_content(tmp_path):
+    import numpy as np
+
+    t = torch.zeros(2000)
+    u = t.clone()
+    u[1000] = 1.0  # their text is the same ("...")
+    Partial(tmp_path, "job", {"w": t, "s": {3, 1, 2}, (1, 2): "tuple key", "a": np.arange(3)}).put("x", 1)
+    assert Partial(tmp_path, "job", {"w": t.clone(), "s": {2, 3, 1}, (1, 2): "tuple key", "a": np.arange(3)}).get("x") == 1
+    assert Partial(tmp_path, "job", {"w": u, "s": {3, 1, 2}, (1, 2): "tuple key", "a": np.arange(3)}).get("x") is None

@@ -242,6 +242,7 @@ def test_table_names_a_non_block_hook_instead_of_layer_minus_one(tiny_gpt2):
 
 def test_a_checkpointed_probe_run_resumes_only_the_missing_hooks(tiny_gpt2, tmp_path, monkeypatch):
     import mechscope.probes.run as run_mod
+    from mechscope.progress import Recorder
 
     data = _planted(tiny_gpt2, 1)
     cfg = ProbeConfig(hook="resid_post", max_items=600, seed=0)
@@ -256,12 +257,25 @@ def test_a_checkpointed_probe_run_resumes_only_the_missing_hooks(tiny_gpt2, tmp_
     real_harvest, real_fit = run_mod.harvest, run_mod.fit_logistic
     monkeypatch.setattr(run_mod, "harvest", lambda m, d, hooks, b: harvested.append(list(hooks)) or real_harvest(m, d, hooks, b))
     monkeypatch.setattr(run_mod, "fit_logistic", lambda *a: fits.__setitem__(0, fits[0] + 1) or real_fit(*a))
-    resumed = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path)
+    rec = Recorder()
+    resumed = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path, progress=rec)
     assert harvested == [["blocks.1.hook_resid_post"]] and fits[0] == 2  # layer 1 only: its probe and its control
-    assert resumed.notes == ["Resumed: 1 of 2 hooks' probes were read from the checkpoint."]
-    assert {**resumed.to_dict(), "notes": []} == straight.to_dict()
+    assert any("resuming: 1 of 2 hooks" in n for n in rec.notes)  # said, not saved in the result
+    assert resumed.to_dict() == straight.to_dict()
     # other labels: the pieces are another run's
     data.label = [1 - y for y in data.label]
-    other = run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path)
-    assert any("discarded" in n for n in other.notes) and len(harvested) == 2 and harvested[1] == ["blocks.0.hook_resid_post",
+    rec = Recorder()
+    run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path, progress=rec)
+    assert any("discarded" in n for n in rec.notes) and len(harvested) == 2 and harvested[1] == ["blocks.0.hook_resid_post",
                                                                                                    "blocks.1.hook_resid_post"]
+
+
+def test_a_label_set_built_from_tensors_is_probed(tiny_gpt2, tmp_path):
+    """Library callers may build a LabelSet from tensors and numpy ints; the checkpoint's digest reads them as ints."""
+    import numpy as np
+
+    data = _planted(tiny_gpt2, 1)
+    data.sequences = [torch.tensor(s) for s in data.sequences]
+    data.pos = [np.int64(x) for x in data.pos]
+    cfg = ProbeConfig(hook="resid_post", layers=[1], max_items=300)
+    assert run_probe(tiny_gpt2, data, cfg).accuracy == run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path).accuracy

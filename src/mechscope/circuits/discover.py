@@ -50,7 +50,7 @@ from mechscope.circuits.select import importance, prune, receiver_owner, thresho
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph, build_graph
 from mechscope.models.norms import head_shares
-from mechscope.partial import Partial
+from mechscope.partial import Partial, model_key
 from mechscope.patching.engine import check_patching_exact
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.tasks.base import TaskBatch
@@ -168,7 +168,7 @@ def _stages(checkpoint: str | Path | None, model: Model, cfg: DiscoverConfig, ba
     from mechscope.circuits.acdc import _digest
 
     settings = {k: v for k, v in asdict(cfg).items() if k != "checkpoint"}
-    key = {"settings": settings, "model": model.summary.name, "fingerprint": model.fingerprint(), "pairs": _digest(batch),
+    key = {"settings": settings, "model": model_key(model), "pairs": _digest(batch) if checkpoint is not None else None,
            "graph": [graph.n_senders, graph.n_receivers, graph.n_edges]}
     return Partial(checkpoint, f"discover-s{cfg.seed}", key)
 
@@ -209,6 +209,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     done = _stages(checkpoint, model, cfg, batch, graph)
     if done.found:
         say(f"resuming: {done.found} finished stages of this discovery read from {checkpoint}")
+    if done.discarded:
+        say(f"{checkpoint} held stages of a discovery with other settings, weights or pairs (seed {cfg.seed}); they were discarded")
     t_score = time.perf_counter()
     use_cv = cfg.method != "acdc" and cfg.level == "edge" and cfg.edges is None and cfg.threshold is None
     folds = fold_sizes(len(score_set), cfg.folds) if use_cv and cfg.folds > 1 else None

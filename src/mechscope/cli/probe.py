@@ -69,5 +69,3 @@ def probe(
     console.print(res.table(), highlight=False)
     console.print(f"majority baseline {res.majority:.3f}; {res.n_train} train / {res.n_test} held-out tokens; report: {report}",
                   highlight=False)
-    for n in res.notes:
-        console.print(n, highlight=False)

@@ -41,7 +41,7 @@ from mechscope.confusion.result import ConfusionResult
 from mechscope.errors import MechscopeError
 from mechscope.models.load import context_overrun
 from mechscope.models.tokens import token_texts
-from mechscope.partial import Partial
+from mechscope.partial import Partial, model_key
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -138,9 +138,13 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
                                  f"than the model's context of {n_ctx}: shorten it or lower --n-tokens.")
     words = english if english is not None else english_words()
     made_of = hashlib.sha1(json.dumps([[p.lang, x] for p, x in zip(prompts, ids)]).encode()).hexdigest()[:16]
-    key = {"settings": cfg.to_dict(), "layers": layers, "model": model.summary.name, "fingerprint": model.fingerprint(),
-           "prompts": made_of, "tuned": _tensor_digest(tuned.weight, tuned.bias) if tuned is not None else None}
+    key = {"settings": cfg.to_dict(), "layers": layers, "model": model_key(model), "prompts": made_of,
+           "tuned": [tuned.reads, _tensor_digest(tuned.weight, tuned.bias)] if tuned is not None else None}
     done = Partial(checkpoint, "confusion", key)
+    if done.found:  # said, not saved: a resumed run's result is the uninterrupted one's
+        prog.note(f"resuming: {done.found} finished stages of an earlier run with the same settings read from {checkpoint}")
+    if done.discarded:
+        prog.note(f"{checkpoint} held stages of a run with other settings, weights, prompts or lens; they were discarded")
     probe = CostProbe(model, cfg.ioi_n, cfg.ppl_contexts, cfg.ppl_len, cfg.seed, cfg.facts_n)  # built before any generation
     plain = plain_lm(model)
     split = _split(prompts)
@@ -233,10 +237,6 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
             costs[name]["relative_change"] = relative_change(costs[name], costs["baseline"])
             timing["cost"] += time.time() - t
     timing["total"] = time.time() - t0
-    if done.found:
-        notes.append(f"Resumed: {done.found} finished stages of an earlier run with the same settings were read from the checkpoint.")
-    if done.discarded:
-        notes.append("The checkpoint held stages of a run with other settings, weights, prompts or lens; they were discarded.")
     return ConfusionResult(
         model=model.summary.to_dict(), settings={**cfg.to_dict(), "layers": layers, "lens": lens_name,
                                                  "ranking": "confused minus non-confused mean accumulated gain"},

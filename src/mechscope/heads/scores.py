@@ -24,7 +24,7 @@ from mechscope.heads import ablation, composition, copying, icl, patterns, seque
 from mechscope.heads.config import HeadsConfig
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
-from mechscope.partial import Partial
+from mechscope.partial import Partial, model_key
 from mechscope.progress import ProgressArg, as_progress
 
 
@@ -60,9 +60,12 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
 
     source, docs = sequences.text_source(cfg.text)
     text = sequences.text_windows(model, docs, cfg.n_text, text_len)
-    key = {"settings": cfg.to_dict(), "model": s.name, "fingerprint": model.fingerprint() if hasattr(model, "fingerprint") else None,
-           "tokens": _digest(rep, text)}
+    key = {"settings": cfg.to_dict(), "model": model_key(model), "tokens": _digest(rep, text) if checkpoint is not None else None}
     done = Partial(checkpoint, "heads", key)
+    if done.found:
+        say(f"resuming: {done.found} finished steps read from {checkpoint}")
+    if done.discarded:
+        say(f"{checkpoint} held steps of a run with other settings, weights or texts; they were discarded")
 
     def stage(name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         got = done.get_tensors(name)

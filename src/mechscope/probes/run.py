@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name
-from mechscope.partial import Partial
+from mechscope.partial import Partial, model_key
 from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
@@ -82,8 +82,6 @@ class ProbeResult:
     n_word_types: int
     config: dict[str, Any]
     model: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    """What the run says beside its figures (a resumed run, a discarded checkpoint)."""
 
     @property
     def selectivity(self) -> list[float | None]:
@@ -156,7 +154,7 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
             width = max(len(data.sequences[s]) for s in seqs)
             toks = torch.full((len(seqs), width), pad, dtype=torch.long)
             for r, s in enumerate(seqs):
-                toks[r, : len(data.sequences[s])] = torch.tensor(data.sequences[s])
+                toks[r, : len(data.sequences[s])] = torch.as_tensor(data.sequences[s])
             got: dict[str, Tensor] = {}
 
             def grabber(name: str):
@@ -228,10 +226,12 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     rng = random.Random(cfg.seed + 2)
     yc = torch.tensor([ctrl_map[w] if w in ctrl_map else rng.randrange(k) for w in data.word])
     p = as_progress(progress)
-    made_of = hashlib.sha1(json.dumps([data.name, data.classes, data.sequences, data.seq, data.pos, data.label,
-                                       data.word]).encode()).hexdigest()[:16]
-    done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model.summary.name,
-                                         "fingerprint": model.fingerprint(), "labels": made_of})
+    done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model_key(model),
+                                         "labels": _labels_digest(data) if checkpoint is not None else None})
+    if done.found:  # said, not saved: a resumed run's result is the uninterrupted one's
+        p.note(f"resuming: {done.found} of {len(pairs)} hooks' probes read from {checkpoint}")
+    if done.discarded:
+        p.note(f"{checkpoint} held probes of a run with other settings, weights or labelled tokens; they were discarded")
     scores = [done.get(f"hook-{j}") for j in range(len(pairs))]
     todo = [h for (_, h), got in zip(pairs, scores) if got is None]
     acts: dict[str, Tensor] = {}
@@ -261,8 +261,12 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
         res.train_accuracy.append(got["train_accuracy"])
         res.control_accuracy.append(got["control_accuracy"])
     bar.close()
-    if len(todo) < len(pairs):
-        res.notes.append(f"Resumed: {len(pairs) - len(todo)} of {len(pairs)} hooks' probes were read from the checkpoint.")
-    if done.discarded:
-        res.notes.append("The checkpoint held probes of a run with other settings, weights or labelled tokens; they were discarded.")
     return res
+
+
+def _labels_digest(data: LabelSet) -> str:
+    """A short hash of the labelled tokens (sequences, positions, labels, word types, classes),
+    read as plain ints and text whatever a caller built the lists from (tensors, numpy ints)."""
+    doc = [str(data.name), [str(c) for c in data.classes], [[int(t) for t in s] for s in data.sequences],
+           [int(x) for x in data.seq], [int(x) for x in data.pos], [int(x) for x in data.label], [str(w) for w in data.word]]
+    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.partial import Partial
+from mechscope.partial import Partial, model_key
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.aggregate import aggregate
 from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
@@ -86,7 +86,8 @@ def tuned_digest(tuned: TunedLens | None) -> str | None:
     """A short hash of a tuned lens's translators (weights and biases), None for the logit lens."""
     if tuned is None:
         return None
-    return _digest(b"".join(t.detach().float().cpu().contiguous().numpy().tobytes() for t in (tuned.weight, tuned.bias)))
+    return _digest(tuned.reads.encode() + b"".join(t.detach().float().cpu().contiguous().numpy().tobytes()
+                                                    for t in (tuned.weight, tuned.bias)))
 
 
 def _related(model: Model, chosen: list[Fact], cfg: RecallConfig, parts: tuple[str, ...], done: Partial) -> list[set[str] | None]:
@@ -122,8 +123,8 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     t0 = time.time()
     facts = facts if facts is not None else load_facts()
     settings = {**cfg.to_dict(), "n": n, "parts": list(parts)}
-    done = Partial(checkpoint, "recall", {"settings": settings, "model": model.summary.name, "fingerprint": model.fingerprint(),
-                                          "facts": facts_digest(facts), "tuned": tuned_digest(tuned)})
+    done = Partial(checkpoint, "recall", {"settings": settings, "model": model_key(model), "facts": facts_digest(facts),
+                                          "tuned": tuned_digest(tuned)})
     known = known_facts(model, facts)
     if len(known) < 2:
         raise MechscopeError(f"The model knows only {len(known)} of the {len(facts)} facts (top-1); there is nothing to aggregate.")
