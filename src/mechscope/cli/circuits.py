@@ -159,7 +159,7 @@ def stability_line(st: dict) -> str:
 def evaluate(
     run_dir: Path = typer.Argument(..., help="Folder written by `mechscope discover`."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Evaluate on another task's pairs."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Reference circuit JSON (or gpt2-ioi, gpt2-greater-than)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference circuit: a JSON file, another run's folder, or gpt2-ioi, gpt2-greater-than."),
     model: Optional[str] = ModelOpt,
     n: Optional[int] = typer.Option(None, "--n"),
     device: Optional[str] = DeviceOpt,

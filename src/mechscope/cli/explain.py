@@ -188,7 +188,7 @@ def exemplars(
     checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the database is written."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A token shard's checkpoint of this pass to take the histogram bins from (shards on other machines)."),
-    sink_ratio: Optional[float] = typer.Option(None, "--sink-ratio", help="Leave out attention sinks (residual norm > R x the median); default 30 for transcoders:DIR, off otherwise; 0: off."),
+    sink_ratio: Optional[float] = typer.Option(None, "--sink-ratio", help="Leave out attention sinks (residual norm > R x the median); default for transcoders:DIR the ratio the set was trained with, off otherwise; 0: off."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
