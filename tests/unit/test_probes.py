@@ -279,3 +279,21 @@ def test_a_label_set_built_from_tensors_is_probed(tiny_gpt2, tmp_path):
     data.pos = [np.int64(x) for x in data.pos]
     cfg = ProbeConfig(hook="resid_post", layers=[1], max_items=300)
     assert run_probe(tiny_gpt2, data, cfg).accuracy == run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path).accuracy
+
+
+def test_a_run_without_out_names_its_folder_and_how_to_resume(tmp_path, tiny_gpt2_dir):
+    f = tmp_path / "lab.jsonl"
+    rng = random.Random(0)
+    words = ["Mary", "John", "store", "drink", "park", "ball", "went", "gave"]
+    f.write_text("\n".join(json.dumps({"words": ws, "labels": ["cap" if w[0].isupper() else "low" for w in ws]})
+                           for ws in ([rng.choice(words) for _ in range(8)] for _ in range(60))) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "mechscope.cli.main", "probe", "--labels", str(f), "--model", tiny_gpt2_dir,
+                        "--layers", "0", "--json"], capture_output=True, text=True, env=env, timeout=300, cwd=work)
+    assert r.returncode == 0, r.stderr
+    made = [p for p in work.iterdir() if p.name.startswith("mechscope-probe-")]
+    assert len(made) == 1 and (made[0] / "probe.json").is_file()
+    assert f"note: writing to {made[0].name}; if this run is stopped, the same command with --out {made[0].name} resumes it." in r.stderr
+    assert json.loads(r.stdout)["out"] == made[0].name  # stdout stays the JSON

@@ -16,10 +16,10 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
-    fresh_dir,
     handles_errors,
     load,
     print_pair_notes,
+    resumable_out,
 )
 
 
@@ -74,7 +74,7 @@ def discover(
     check_seeds(cfg, seeds)
     get_task(task)  # fail fast on an unknown task, before loading the model
     check_out_folder(out, "circuit")
-    out_dir = Path(out or fresh_dir(f"{Path(task).stem}-{method}"))
+    out_dir = resumable_out(out, f"{Path(task).stem}-{method}")
     made = not out_dir.exists()
     if method == "acdc":  # a long job: re-running with the same --out resumes it
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -330,6 +330,18 @@ def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) ->
         console.print(f"[yellow]note[/]: {note}", highlight=False)
 
 
+def resumable_out(out: Path | None, stem: str) -> Path:
+    """``out``, or a fresh folder (``fresh_dir``) named on stderr with how to resume in it: a
+    resumable job keeps its finished stages in its output folder, and a rerun without ``--out``
+    would start afresh elsewhere."""
+    if out is not None:
+        return Path(out)
+    d = fresh_dir(stem)
+    err_console.print(f"note: writing to {d}; if this run is stopped, the same command with --out {d} resumes it.",
+                      highlight=False, markup=False, soft_wrap=True)  # one line: the folder name stays whole to copy
+    return d
+
+
 def fresh_dir(stem: str) -> Path:
     """A new folder name under the current directory: mechscope-STEM-YYYYmmdd-HHMMSS[-i]."""
     base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -15,10 +15,10 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
-    fresh_dir,
     handles_errors,
     load,
     parse_layers,
+    resumable_out,
 )
 from mechscope.confusion.config import ConfusionConfig
 
@@ -75,7 +75,7 @@ def confusion(
     m = load(model, device)
     if lens_t is not None:
         lens_t = lens_t.to(m.device)
-    out_dir = Path(out or fresh_dir("confusion"))
+    out_dir = resumable_out(out, "confusion")
     res = run_confusion(m, items, cfg, tuned=lens_t, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     report = write_confusion(res.to_dict(), out_dir / "report.html")

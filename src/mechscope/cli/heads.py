@@ -18,9 +18,9 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
-    fresh_dir,
     handles_errors,
     load,
+    resumable_out,
 )
 from mechscope.errors import MechscopeError
 from mechscope.heads.config import DataConfig, DynamicsConfig, HeadsConfig, ToyConfig
@@ -61,7 +61,7 @@ def heads(
     check_out_folder(out, "heads")
     m = load(model, device)
     t0 = time.perf_counter()
-    out_dir = Path(out or fresh_dir("heads"))
+    out_dir = resumable_out(out, "heads")
     res = head_scores(m, cfg, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     report = write_heads({**res.to_dict(), "example_patterns": res.example_patterns.tolist()}, out_dir / "heads.html")

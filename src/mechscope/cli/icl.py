@@ -15,9 +15,9 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
-    fresh_dir,
     handles_errors,
     load,
+    resumable_out,
 )
 from mechscope.icl.config import SWEEPS, FewShotConfig
 
@@ -60,7 +60,7 @@ def icl(
     check_out_folder(out, "icl")
     check_task(cfg.task, cfg.shots, cfg.ambiguous)  # an unknown task or a malformed file fails before the model loads
     m = load(model, device)
-    out_dir = Path(out or fresh_dir("icl"))
+    out_dir = resumable_out(out, "icl")
     res = fewshot_knockout(m, cfg, checkpoint=out_dir, progress=not json)
     res.save(out_dir)
     d = res.to_dict()

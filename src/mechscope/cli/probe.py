@@ -15,10 +15,10 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
-    fresh_dir,
     handles_errors,
     load,
     parse_layers,
+    resumable_out,
 )
 from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
 
@@ -58,7 +58,7 @@ def probe(
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
     m = load(model, device)
     data = builtin_labels(m, labels, cfg, corpus) if labels in BUILTIN_LABELS else labels_from_file(m.tokenizer, labels)
-    out_dir = Path(out or fresh_dir("probe"))
+    out_dir = resumable_out(out, "probe")
     res = run_probe(m, data, cfg, progress=not json, checkpoint=out_dir)
     res.save(out_dir)
     d = res.to_dict()

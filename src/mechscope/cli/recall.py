@@ -19,6 +19,7 @@ from mechscope.cli.common import (
     fresh_dir,
     handles_errors,
     load,
+    resumable_out,
 )
 from mechscope.errors import MechscopeError
 from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
@@ -84,7 +85,7 @@ def recall(
     cfg.extra["enrichment_lens"] = "logit" if lens_t is None else f"tuned:{lens_t.info.get('path')}"
     res: RecallResult | RecallDatasetResult
     if dataset is not None:
-        out_dir = Path(out or fresh_dir("recall"))
+        out_dir = resumable_out(out, "recall")
         res = recall_dataset(m, n=n, cfg=cfg, progress=not json, tuned=lens_t, checkpoint=out_dir)
         for note in res.checkpoint_notes:  # on stderr: stdout stays the JSON with --json
             err_console.print(f"note: {note}", highlight=False, markup=False)
