@@ -81,7 +81,7 @@ def model_key(model: Any) -> dict[str, Any]:
     dtype and device it ran in (a run killed on a GPU and resumed on the CPU, or in another
     dtype, starts afresh: its figures would differ in the last bits and a choice could flip)."""
     s = model.summary
-    return {"name": s.name, "fingerprint": model.fingerprint() if hasattr(model, "fingerprint") else None,
+    return {"name": getattr(s, "name", None), "fingerprint": model.fingerprint() if hasattr(model, "fingerprint") else None,
             "dtype": str(getattr(s, "dtype", "")), "device": str(getattr(model, "device", getattr(s, "device", "")))}
 
 
