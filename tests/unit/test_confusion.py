@@ -227,16 +227,7 @@ def test_run_saves_loads_and_renders(tiny_llama, tmp_path):
 def test_run_with_switches_edits_the_top_and_random_neurons(tiny_llama, monkeypatch):
     """A random model never switches to English, so the confusion points are set by hand: the
     first two prompts switch at their second token, the others never."""
-    import mechscope.confusion.run as run_mod
-
-    calls = {"n": 0}
-
-    def fake_point(tokens, min_words=3):
-        i = calls["n"] % 4
-        calls["n"] += 1
-        return 1 if i < 2 and len(tokens) > 1 else None
-
-    monkeypatch.setattr(run_mod, "confusion_point", fake_point)
+    calls = _switching(monkeypatch)
     items = [LangPrompt("Hallo Welt", "de"), LangPrompt("Hola amigo", "es"), LangPrompt("Guten Tag", "de"),
              LangPrompt("Buenos dias", "es")]
     cfg = ConfusionConfig(langs=("de", "es"), n_tokens=6, top_n=10, per_prompt=20, ioi_n=0, ppl_contexts=0)

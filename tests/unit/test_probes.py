@@ -144,13 +144,18 @@ def test_bad_hook_and_layer(tiny_gpt2):
         run_probe(tiny_gpt2, data, ProbeConfig(hook="blocks.{L}.hook_resid_psot"))
 
 
-@pytest.mark.slow
-def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
-    f = tmp_path / "lab.jsonl"
+def _capitals_file(f):
+    """A label file of 60 eight-word texts, each word labelled by whether it is capitalised."""
     rng = random.Random(0)
     words = ["Mary", "John", "store", "drink", "park", "ball", "went", "gave"]
     f.write_text("\n".join(json.dumps({"words": ws, "labels": ["cap" if w[0].isupper() else "low" for w in ws]})
                            for ws in ([rng.choice(words) for _ in range(8)] for _ in range(60))) + "\n")
+    return f
+
+
+@pytest.mark.slow
+def test_cli_probe_file_and_errors(tmp_path, tiny_gpt2_dir):
+    f = _capitals_file(tmp_path / "lab.jsonl")
     r = run("probe", "--labels", str(f), "--model", tiny_gpt2_dir, "--out", str(tmp_path / "out"), "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
@@ -282,11 +287,7 @@ def test_a_label_set_built_from_tensors_is_probed(tiny_gpt2, tmp_path):
 
 
 def test_a_run_without_out_names_its_folder_and_how_to_resume(tmp_path, tiny_gpt2_dir):
-    f = tmp_path / "lab.jsonl"
-    rng = random.Random(0)
-    words = ["Mary", "John", "store", "drink", "park", "ball", "went", "gave"]
-    f.write_text("\n".join(json.dumps({"words": ws, "labels": ["cap" if w[0].isupper() else "low" for w in ws]})
-                           for ws in ([rng.choice(words) for _ in range(8)] for _ in range(60))) + "\n")
+    f = _capitals_file(tmp_path / "lab.jsonl")
     work = tmp_path / "work"
     work.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
