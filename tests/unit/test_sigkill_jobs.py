@@ -310,6 +310,18 @@ def test_sigkilled_fewshot_knockout_resumes_to_the_uninterrupted_curves(tiny_gpt
 
 
 # ------------------------------------------------------------------------ language confusion
+# The killed process's cost checks are slowed, so the kill lands after the generation is kept and
+# before the run ends, whatever the machine.
+CONFUSION_CODE = """
+import sys, time
+from mechscope.confusion.cost import CostProbe
+real = CostProbe.measure
+CostProbe.measure = lambda self, *a, **k: time.sleep(2.0) or real(self, *a, **k)
+from mechscope.cli.main import app
+app(sys.argv[1:], standalone_mode=True)
+"""
+
+
 @pytest.mark.slow
 def test_sigkilled_confusion_run_resumes_to_the_uninterrupted_result(tiny_llama_dir, tmp_path, kill_when, one_thread,
                                                                      monkeypatch):
@@ -325,7 +337,7 @@ def test_sigkilled_confusion_run_resumes_to_the_uninterrupted_result(tiny_llama_
 
     killed = tmp_path / "killed"
     pieces = killed / "confusion-partial"
-    kill_when(args(killed), pieces / "generate.json")
+    kill_when(["-c", CONFUSION_CODE, *args(killed)], pieces / "generate.json")
     assert (pieces / "generate.json").is_file() and not (killed / "confusion.json").exists()
     gens = _count_calls(monkeypatch, run_mod, "greedy_generate")
     _ok(args(killed))
