@@ -152,7 +152,7 @@ def test_task_file_is_not_seeded_and_seeds_say_so(monkeypatch, tmp_path):
     path = write(tmp_path, [{"clean": "a b", "corrupt": "c d", "answer": " e", "wrong": " f"}])
     assert get_task("ioi").seeded and not get_task(path).seeded
     seen: dict = {}
-    monkeypatch.setattr(stability, "discover", lambda model, c, progress=None: SimpleNamespace(seed=c.seed))
+    monkeypatch.setattr(stability, "discover", lambda model, c, progress=None, checkpoint=None: SimpleNamespace(seed=c.seed))
     monkeypatch.setattr(stability, "stability_summary",
                         lambda runs, thr, same_pairs=False: seen.setdefault(len(seen), same_pairs))
     stability.discover_seeds(None, DiscoverConfig(task=path, method="eap"), 2, progress=False)
