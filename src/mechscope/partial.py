@@ -70,10 +70,17 @@ def _canon(obj: Any) -> Any:
     if isinstance(obj, (set, frozenset)):
         return sorted((_canon(v) for v in obj), key=lambda v: json.dumps(v, sort_keys=True))
     if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().contiguous().numpy()
+        t = obj.detach().cpu().contiguous()
+        obj = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16: its bits
     if hasattr(obj, "tobytes") and hasattr(obj, "shape") and hasattr(obj, "dtype"):  # numpy
         return {"array": str(obj.dtype), "shape": list(obj.shape), "sha1": hashlib.sha1(obj.tobytes()).hexdigest()[:16]}
     return str(obj)
+
+
+def digest(obj: Any) -> str:
+    """A short hash of ``obj`` read as a key reads it (``_canon``: tensors, arrays and numpy
+    numbers by their bytes): for inputs too large to keep in ``key.json`` whole."""
+    return hashlib.sha1(json.dumps(_canon(obj), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_key(model: Any) -> dict[str, Any]:

@@ -109,3 +109,11 @@ def test_keys_read_tensors_sets_and_tuple_keys_by_content(tmp_path):
     Partial(tmp_path, "job", {"w": t, "s": {3, 1, 2}, (1, 2): "tuple key", "a": np.arange(3)}).put("x", 1)
     assert Partial(tmp_path, "job", {"w": t.clone(), "s": {2, 3, 1}, (1, 2): "tuple key", "a": np.arange(3)}).get("x") == 1
     assert Partial(tmp_path, "job", {"w": u, "s": {3, 1, 2}, (1, 2): "tuple key", "a": np.arange(3)}).get("x") is None
+
+
+def test_digest_reads_tensors_of_any_dtype_by_content():
+    from mechscope.partial import digest
+
+    a = torch.arange(6, dtype=torch.bfloat16)
+    assert digest([a, "x"]) == digest([a.clone(), "x"]) != digest([a + 1, "x"])
+    assert digest(torch.zeros(3)) != digest(torch.zeros(3, dtype=torch.float64))

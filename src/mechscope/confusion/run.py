@@ -21,8 +21,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +39,7 @@ from mechscope.confusion.result import ConfusionResult
 from mechscope.errors import MechscopeError
 from mechscope.models.load import context_overrun
 from mechscope.models.tokens import token_texts
-from mechscope.partial import Partial, model_key
+from mechscope.partial import Partial, digest, model_key
 from mechscope.progress import ProgressArg, as_progress
 
 if TYPE_CHECKING:
@@ -101,13 +99,6 @@ def random_like(top: list[Neuron], d_mlp: int, seed: int) -> list[Neuron]:
     return out
 
 
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig | None = None, tuned: Any = None,
                   progress: ProgressArg = False, english: frozenset[str] | None = None,
                   checkpoint: str | Path | None = None) -> ConfusionResult:
@@ -137,9 +128,9 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
             raise MechscopeError(f"The prompt {p.prompt[:40]!r} has {len(x)} tokens; with {cfg.n_tokens} new tokens that is more "
                                  f"than the model's context of {n_ctx}: shorten it or lower --n-tokens.")
     words = english if english is not None else english_words()
-    made_of = hashlib.sha1(json.dumps([[p.lang, x] for p, x in zip(prompts, ids)]).encode()).hexdigest()[:16]
-    key = {"settings": cfg.to_dict(), "layers": layers, "model": model_key(model), "prompts": made_of,
-           "tuned": [tuned.reads, _tensor_digest(tuned.weight, tuned.bias)] if tuned is not None else None}
+    key = {"settings": cfg.to_dict(), "layers": layers, "model": model_key(model),
+           "prompts": digest([[p.lang, x] for p, x in zip(prompts, ids)]),
+           "tuned": digest([tuned.reads, tuned.weight, tuned.bias]) if tuned is not None else None}
     done = Partial(checkpoint, "confusion", key)
     if done.found:  # said, not saved: a resumed run's result is the uninterrupted one's
         prog.note(f"resuming: {done.found} finished stages of an earlier run with the same settings read from {checkpoint}")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,8 @@ from mechscope.heads import ablation, composition, copying, icl, patterns, seque
 from mechscope.heads.config import HeadsConfig
 from mechscope.heads.result import HeadsResult
 from mechscope.heads.weights import head_weights
-from mechscope.partial import Partial, model_key
+from mechscope.partial import Partial, digest, model_key
 from mechscope.progress import ProgressArg, as_progress
-
-
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressArg = False,
@@ -60,7 +51,7 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
 
     source, docs = sequences.text_source(cfg.text)
     text = sequences.text_windows(model, docs, cfg.n_text, text_len)
-    key = {"settings": cfg.to_dict(), "model": model_key(model), "tokens": _digest(rep, text) if checkpoint is not None else None}
+    key = {"settings": cfg.to_dict(), "model": model_key(model), "tokens": digest([rep, text]) if checkpoint is not None else None}
     done = Partial(checkpoint, "heads", key)
     if done.found:
         say(f"resuming: {done.found} finished steps read from {checkpoint}")

@@ -11,7 +11,6 @@ accuracy is high but whose selectivity is near zero has found word identity, not
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 import reprlib
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import check_hook_name
-from mechscope.partial import Partial, model_key
+from mechscope.partial import Partial, digest, model_key
 from mechscope.probes.config import ProbeConfig
 from mechscope.probes.fit import fit_logistic
 from mechscope.probes.labels import LabelSet
@@ -227,7 +226,8 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     yc = torch.tensor([ctrl_map[w] if w in ctrl_map else rng.randrange(k) for w in data.word])
     p = as_progress(progress)
     done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model_key(model),
-                                         "labels": _labels_digest(data) if checkpoint is not None else None})
+                                         "labels": digest([data.name, data.classes, data.sequences, data.seq, data.pos, data.label, data.word])
+                                         if checkpoint is not None else None})
     if done.found:  # said, not saved: a resumed run's result is the uninterrupted one's
         p.note(f"resuming: {done.found} of {len(pairs)} hooks' probes read from {checkpoint}")
     if done.discarded:
@@ -263,10 +263,3 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     bar.close()
     return res
 
-
-def _labels_digest(data: LabelSet) -> str:
-    """A short hash of the labelled tokens (sequences, positions, labels, word types, classes),
-    read as plain ints and text whatever a caller built the lists from (tensors, numpy ints)."""
-    doc = [str(data.name), [str(c) for c in data.classes], [[int(t) for t in s] for s in data.sequences],
-           [int(x) for x in data.seq], [int(x) for x in data.pos], [int(x) for x in data.label], [str(w) for w in data.word]]
-    return hashlib.sha1(json.dumps(doc).encode()).hexdigest()[:16]

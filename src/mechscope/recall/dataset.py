@@ -18,8 +18,6 @@ there as they finish (``mechscope.partial``), so a killed run resumes after them
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechscope.errors import MechscopeError
-from mechscope.partial import Partial, model_key
+from mechscope.partial import Partial, digest, model_key
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.aggregate import aggregate
 from mechscope.recall.config import DATASET_N, RecallConfig, check_dataset, dataset_config
@@ -39,7 +37,6 @@ from mechscope.recall.run import facts_noise_std, recall
 from mechscope.tasks.facts import Fact, load_facts
 
 if TYPE_CHECKING:
-    from mechscope.lens.tuned import TunedLens
     from mechscope.models import Model
 
 
@@ -70,24 +67,6 @@ def _attribute_id(model: Model, fact: Fact) -> int | None:
         return single_token(model, fact.attribute, prompt=fact.prompt)
     except MechscopeError:
         return None
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha1(data).hexdigest()[:16]
-
-
-def facts_digest(facts: list[Fact]) -> str:
-    """A short hash of every fact's prompt, subject, attribute and relation, in order: the draw
-    (and so each fact's place in a checkpoint) depends on all of them."""
-    return _digest(json.dumps([[f.prompt, f.subject, f.attribute, f.relation] for f in facts]).encode())
-
-
-def tuned_digest(tuned: TunedLens | None) -> str | None:
-    """A short hash of a tuned lens's translators (weights and biases), None for the logit lens."""
-    if tuned is None:
-        return None
-    return _digest(tuned.reads.encode() + b"".join(t.detach().float().cpu().contiguous().numpy().tobytes()
-                                                    for t in (tuned.weight, tuned.bias)))
 
 
 def _related(model: Model, chosen: list[Fact], cfg: RecallConfig, parts: tuple[str, ...], done: Partial) -> list[set[str] | None]:
@@ -123,8 +102,9 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     t0 = time.time()
     facts = facts if facts is not None else load_facts()
     settings = {**cfg.to_dict(), "n": n, "parts": list(parts)}
-    done = Partial(checkpoint, "recall", {"settings": settings, "model": model_key(model), "facts": facts_digest(facts),
-                                          "tuned": tuned_digest(tuned)})
+    done = Partial(checkpoint, "recall", {"settings": settings, "model": model_key(model),
+                                          "facts": digest([[f.prompt, f.subject, f.attribute, f.relation] for f in facts]),
+                                          "tuned": digest([tuned.reads, tuned.weight, tuned.bias]) if tuned is not None else None})
     known = known_facts(model, facts)
     if len(known) < 2:
         raise MechscopeError(f"The model knows only {len(known)} of the {len(facts)} facts (top-1); there is nothing to aggregate.")
