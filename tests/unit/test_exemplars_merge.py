@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechscope.explain import exemplar_merge
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplar_merge import (
     INF,
@@ -135,11 +136,15 @@ def _reference(acts_all, valid_all, k1_all, k2_all, state, cfg, U):
     return out
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_update_equals_a_full_stable_sort(seed):
+def test_update_equals_a_full_stable_sort(seed, direct, monkeypatch):
     """Activations on a coarse grid (many ties, within a batch and across batches), coarse keys,
     invalid tokens, several bins: after every batch each list holds exactly the reference's rows,
-    in the reference's order once sorted the way ``exemplars_of`` reads them, with their windows."""
+    in the reference's order once sorted the way ``exemplars_of`` reads them, with their windows
+    (read from the token-major batch, or every time from the unit-major padded copy)."""
+    if not direct:
+        monkeypatch.setattr(exemplar_merge, "DIRECT_WINDOWS", 0)
     U, B, T = 9, 4, 16
     cfg = ExemplarsConfig(context_len=T, batch_size=B, k=6, k_bottom=4, per_quantile=3, n_random=4, n_bins=8,
                           quantiles=(0.3, 0.6, 0.9), n_tokens=8 * B * T, before=3, after=2, checkpoint_every=0)
@@ -294,3 +299,29 @@ def test_selected_order_statistics_equal_torch_sorting(shape):
     x[0, 0] = math.nan
     lo, hi, q = _column_stats(x, (0.5,))
     assert math.isnan(hi[0]) and math.isnan(q[0, 0]) and math.isnan(lo[0])
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_windows_read_directly_equal_the_padded_copy(contiguous):
+    """A window read from the token-major batch equals the one read from the unit-major padded copy
+    (NaN where it runs outside its context), for single units and for every unit at once, also
+    when the batch is a slice of wider activations (``--unit-range``)."""
+    cfg = ExemplarsConfig(context_len=16, batch_size=3, n_tokens=48, before=5, after=3, checkpoint_every=0)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(3, 16, 11, generator=g)
+    acts = wide.clone()[..., :7] if contiguous else wide[..., 2:9]
+    rows = torch.arange(48)
+    local = torch.tensor([0, 1, 4, 15, 16, 20, 31, 32, 40, 47])
+    units = torch.randint(0, 7, (local.shape[0],), generator=g)
+    direct = _Batch(acts, rows, 0, cfg)
+    padded = _Batch(acts, rows, 0, cfg)
+    padded._padded_windows()  # the copy exists: every read goes through it
+    same = lambda a, b: torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0))  # noqa: E731
+    assert direct._padded is None
+    a, b = direct.windows(local, units), padded.windows(local, units)
+    assert a.shape == (10, 9) and same(a, b)
+    assert bool(a[0, :5].isnan().all()) and not bool(a[0, 5:].isnan().any())  # token 0: nothing before it
+    assert a[3, 5].item() == acts[0, 15, units[3]].item() and bool(a[3, 6:].isnan().all())
+    a, b = direct.windows_all(local), padded.windows_all(local)
+    assert a.shape == (7, 10, 9) and same(a, b)
+    assert direct._padded is None  # neither read needed the copy

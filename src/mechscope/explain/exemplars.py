@@ -130,9 +130,10 @@ class LayerState:
     inv: torch.Tensor  # [U] bins per unit of activation
     q_edges: torch.Tensor  # [U, nq] quantile-bin edges (rounded to histogram bin edges)
     q_table: torch.Tensor  # [U * (n_bins + 2)] int64: the quantile bin of each histogram bin
+    windows_read: int | None = None  # windows the last batch's merges read (not saved: a hint for the next batch)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.__dict__)
+        return {name: t for name, t in self.__dict__.items() if isinstance(t, torch.Tensor)}
 
 
 def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor, like: LayerState | None = None) -> LayerState:
@@ -209,10 +210,21 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
     all units); while lists fill, the batch's k best values and each bin's first m keys bound them.
     ``scratch``: buffers to reuse across calls (``exemplar_merge.Scratch``; the pass keeps one)."""
-    B, T, U = acts.shape
     scratch = scratch if scratch is not None else Scratch()
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
     batch = _Batch(acts, rows, first_row, cfg, scratch)
+    batch.expected = state.windows_read  # about as many as the last batch (they change slowly)
+    try:
+        _update(state, batch, keys, cfg, scratch)
+    finally:
+        state.windows_read = batch.windows_read
+
+
+def _update(state: LayerState, batch: _Batch, keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig,
+            scratch: Scratch) -> None:
+    """``update`` of one batch."""
+    rows, acts = batch.rows, batch.flat
+    U = acts.shape[1]
     N, dev = rows.shape[0], acts.device
     x = torch.index_select(batch.flat, 0, rows, out=scratch.get("x", (N, U), batch.flat.dtype, dev))  # [N, U]
     work = scratch.get("work", (N, U), x.dtype, dev)
@@ -445,8 +457,9 @@ class HarvestState:
             cfg = ExemplarsConfig(**meta["config"])
             layers = {}
             for layer in meta["layers"]:
-                fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
-                layers[int(layer)] = LayerState(**fields)
+                fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__
+                          if name != "windows_read"}
+                layers[int(layer)] = LayerState(**fields)  # type: ignore[arg-type]
             counters = int(meta["contexts_done"]), int(meta["unit_offset"]), int(meta["n_tokens"])
             made_by = meta.get("model") or {}
             if not isinstance(made_by, dict):
