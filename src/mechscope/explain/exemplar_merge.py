@@ -65,7 +65,7 @@ class _Batch:
     """One batch's activations of one layer and the maps between valid rows and windows."""
 
     def __init__(self, acts: torch.Tensor, rows: torch.Tensor, first_row: int, cfg: ExemplarsConfig,
-                 scratch: Scratch | None = None):
+                 scratch: Scratch | None = None, expected: int | None = None):
         B, T, U = acts.shape
         self.flat = acts.reshape(B * T, U)  # [B*T, U]
         self.rows = rows  # [N] local row ids (b * T + p) of the valid tokens
@@ -73,7 +73,7 @@ class _Batch:
         self.scratch = scratch if scratch is not None else Scratch()
         self._padded: torch.Tensor | None = None  # [U, B, before + T + after], made once, on first use
         self.windows_read = 0  # windows read so far (a row of ``windows_all`` counts once)
-        self.expected: int | None = None  # how many windows the merges will read, if known (a hint)
+        self.expected = expected  # about how many windows the merges will read, if known (a hint)
 
     def windows(self, local_rows: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Activations of unit ``units[i]`` over the window around local row ``local_rows[i]`` -> [n, W]

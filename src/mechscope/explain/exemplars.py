@@ -130,10 +130,9 @@ class LayerState:
     inv: torch.Tensor  # [U] bins per unit of activation
     q_edges: torch.Tensor  # [U, nq] quantile-bin edges (rounded to histogram bin edges)
     q_table: torch.Tensor  # [U * (n_bins + 2)] int64: the quantile bin of each histogram bin
-    windows_read: int | None = None  # windows the last batch's merges read (not saved: a hint for the next batch)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in self.__dict__.items() if isinstance(t, torch.Tensor)}
+        return dict(self.__dict__)
 
 
 def _new_state(cfg: ExemplarsConfig, acts: torch.Tensor, like: LayerState | None = None) -> LayerState:
@@ -201,7 +200,8 @@ def _token_keys(seed: int, contexts: range, T: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row: int,
-           keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig, scratch: Scratch | None = None) -> None:
+           keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig, scratch: Scratch | None = None,
+           expected_windows: int | None = None) -> int:
     """Fold one batch ``acts`` [B, T, U] (``valid`` [B, T] bool) into ``state``.
 
     Only candidates are merged: tokens above a unit's k-th top value or below its k-th bottom
@@ -209,15 +209,15 @@ def update(state: LayerState, acts: torch.Tensor, valid: torch.Tensor, first_row
     histogram bin)), found in one pass and one ``nonzero`` (each merge keeps its exact ones). The
     uniform samples' candidates come from the keys sorted once per batch (the keys are shared by
     all units); while lists fill, the batch's k best values and each bin's first m keys bound them.
-    ``scratch``: buffers to reuse across calls (``exemplar_merge.Scratch``; the pass keeps one)."""
+    ``scratch``: buffers to reuse across calls (``exemplar_merge.Scratch``; the pass keeps one).
+    ``expected_windows``: about how many windows the merges will read (the pass passes what this
+    layer's last batch read, which this returns; a hint for ``_Batch.windows``, results do not
+    depend on it)."""
     scratch = scratch if scratch is not None else Scratch()
     rows = valid.reshape(-1).nonzero()[:, 0]  # [N]
-    batch = _Batch(acts, rows, first_row, cfg, scratch)
-    batch.expected = state.windows_read  # about as many as the last batch (they change slowly)
-    try:
-        _update(state, batch, keys, cfg, scratch)
-    finally:
-        state.windows_read = batch.windows_read
+    batch = _Batch(acts, rows, first_row, cfg, scratch, expected_windows)
+    _update(state, batch, keys, cfg, scratch)
+    return batch.windows_read
 
 
 def _update(state: LayerState, batch: _Batch, keys: tuple[torch.Tensor, torch.Tensor], cfg: ExemplarsConfig,
@@ -457,9 +457,8 @@ class HarvestState:
             cfg = ExemplarsConfig(**meta["config"])
             layers = {}
             for layer in meta["layers"]:
-                fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__
-                          if name != "windows_read"}
-                layers[int(layer)] = LayerState(**fields)  # type: ignore[arg-type]
+                fields = {name: tensors[f"{layer}.{name}"] for name in LayerState.__dataclass_fields__}
+                layers[int(layer)] = LayerState(**fields)
             counters = int(meta["contexts_done"]), int(meta["unit_offset"]), int(meta["n_tokens"])
             made_by = meta.get("model") or {}
             if not isinstance(made_by, dict):
@@ -559,6 +558,7 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     batches = state.contexts_done // cfg.batch_size
     since_ckpt = 0
     scratch = Scratch()
+    windows_read: dict[int, int] = {}  # per layer, by the last batch: a hint for the next one
     while True:
         ctx = [c for _, c in zip(range(min(cfg.batch_size, cfg.n_contexts - state.contexts_done)), stream)]
         if not ctx:  # a final partial batch is read too, so the batch size changes no result
@@ -571,7 +571,8 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
             if layer not in state.layers:
                 state.layers[layer] = _new_state(cfg, x.reshape(-1, x.shape[-1])[valid.reshape(-1).to(x.device)],
                                                  cal_layers.get(layer))
-            update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg, scratch)
+            windows_read[layer] = update(state.layers[layer], x, valid.to(x.device), first * T, keys, cfg, scratch,
+                                         windows_read.get(layer))
         state.token_ids = torch.cat([state.token_ids, tokens.to(torch.int32)])
         state.contexts_done += len(ctx)
         state.n_tokens += int(valid.sum())
