@@ -118,6 +118,23 @@ def test_config_and_top_n_checks():
         ConfusionConfig(layers=(0,), last_layers=2)
     with pytest.raises(MechscopeError, match="at least one layer"):
         ConfusionConfig(layers=(-1,))
+    for bad in (0.0, -0.02, float("nan"), float("inf"), 10.0):
+        with pytest.raises(MechscopeError, match="--english-budget must be"):
+            ConfusionConfig(english_budget=bad)
+    assert ConfusionConfig(english_budget=0.02).max_tries == 1000 and ConfusionConfig(top_n=5, english_tries=7).max_tries == 7
+    with pytest.raises(MechscopeError, match="english_tries"):
+        ConfusionConfig(english_tries=-1)
+    with pytest.raises(MechscopeError, match="english_contexts"):
+        ConfusionConfig(english_contexts=0)
+
+
+def test_cli_refuses_a_bad_english_budget_before_loading_anything():
+    from typer.testing import CliRunner
+
+    from mechscope.cli.main import app
+
+    r = CliRunner().invoke(app, ["confusion", "--english-budget", "-1", "--model", "/nonexistent"])
+    assert r.exit_code == 2 and "--english-budget must be" in r.output and "Traceback" not in r.output
 
 
 # ---------------------------------------------------------------- attribution and editing
@@ -230,7 +247,7 @@ def test_run_with_switches_edits_the_top_and_random_neurons(tiny_llama, monkeypa
     calls = _switching(monkeypatch)
     items = [LangPrompt("Hallo Welt", "de"), LangPrompt("Hola amigo", "es"), LangPrompt("Guten Tag", "de"),
              LangPrompt("Buenos dias", "es")]
-    cfg = ConfusionConfig(langs=("de", "es"), n_tokens=6, top_n=10, per_prompt=20, ioi_n=0, ppl_contexts=0)
+    cfg = ConfusionConfig(langs=("de", "es"), n_tokens=6, top_n=10, per_prompt=20, ioi_n=0, ppl_contexts=0, facts_n=3)
     res = run_confusion(tiny_llama, items, cfg, english=frozenset())
     assert [p["split"] for p in res.prompts] == ["find", "find", "heldout", "heldout"]
     assert res.lens["n_confused"] == 2 and res.lens["n_control"] == 2
@@ -250,7 +267,38 @@ def test_run_with_switches_edits_the_top_and_random_neurons(tiny_llama, monkeypa
     assert {x["layer"] for x in some.top} <= {0, 2} and {x[0] for x in some.random} <= {0, 2}
     with pytest.raises(MechscopeError, match="layers 0-2"):
         run_confusion(tiny_llama, items, replace(cfg, layers=(3,)), english=frozenset())
+    # sparing English: the plain ranking walked down, a neuron passed over when zeroing it alone
+    # costs English text more than its share, by an independent computation of that cost
+    import math
 
+    from mechscope.confusion.english import english_contexts
+
+    every = run_confusion(tiny_llama, items, replace(cfg, top_n=384), english=frozenset()).top  # the whole plain ranking
+    ctx = english_contexts(tiny_llama, cfg.english_contexts, cfg.ppl_len)
+    base = _bridge_loss(tiny_llama, ctx)
+    budget = 0.02
+    cap = math.log1p(budget) / cfg.top_n
+    spared = run_confusion(tiny_llama, items, replace(cfg, english_budget=budget), english=frozenset())
+    assert "English budget" in spared.settings["ranking"]
+    from mechscope.report.confusion import render_confusion
+
+    assert "English loss when zeroed alone" in render_confusion(spared.to_dict())
+    assert "English loss when zeroed alone" not in render_confusion(res.to_dict())
+    eligible = []
+    for x in every[:len(spared.top) + 40]:
+        c = _bridge_loss(tiny_llama, ctx, (x["layer"], x["neuron"])) - base
+        if c <= cap:
+            eligible.append(((x["layer"], x["neuron"]), c))
+    assert [(x["layer"], x["neuron"]) for x in spared.top] == [nrn for nrn, _ in eligible][:len(spared.top)]
+    assert len(spared.top) == 10 or any("not 10" in n for n in spared.notes)
+    for x, (_, c) in zip(spared.top, eligible):
+        assert x["english_cost"] == pytest.approx(c, abs=1e-5) and x["english_cost"] <= cap
+    passed_over = {(x["layer"], x["neuron"]) for x in res.top} - {(x["layer"], x["neuron"]) for x in spared.top}
+    assert passed_over  # the plain top held neurons English needs
+    # almost nothing fits: the edit zeroes only what fits among the neurons measured, and says so
+    few = run_confusion(tiny_llama, items, replace(cfg, english_budget=1e-9, english_tries=15), english=frozenset())
+    assert len(few.top) < 10 and any("not 10" in n for n in few.notes)
+    assert all(x["english_cost"] <= math.log1p(1e-9) / 10 for x in few.top)
 
 @pytest.mark.slow
 def test_cli_writes_the_result_and_the_report(tiny_llama_dir, tmp_path):
@@ -343,3 +391,67 @@ def test_a_checkpointed_run_resumes_only_the_missing_stages(tiny_llama, tmp_path
     rec = Recorder()
     other = run_confusion(tiny_llama, items, replace(cfg, top_n=5), english=frozenset(), checkpoint=tmp_path, progress=rec)
     assert any("discarded" in n for n in rec.notes) and len(other.top) == 5
+
+
+# ---------------------------------------------------------------- what neurons are worth to English
+def _bridge_loss(model, ctx, zero=None) -> float:
+    """Mean next-token loss through the bridge, with one neuron's activation set to 0 by a hook
+    (an independent route: the spare measures on the plain copy with its weight column zeroed)."""
+    from mechscope.models.hooks import mlp_post
+
+    hooks = []
+    if zero is not None:
+        def hook(x, hook):
+            x = x.clone()
+            x[..., zero[1]] = 0
+            return x
+        hooks = [(mlp_post(zero[0]), hook)]
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(ctx, fwd_hooks=hooks)
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ctx[:, 1:].flatten()))
+
+
+def test_sparing_english_measures_each_neurons_zeroing_and_keeps_the_first_within_their_share(tiny_model):
+    import math
+
+    from mechscope.confusion.english import mean_loss, spare_english
+    from mechscope.explain.plain import plain_lm
+
+    m = tiny_model
+    hf = plain_lm(m).hf
+    ctx = torch.randint(1, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    assert mean_loss(hf, ctx, batch_size=2) == pytest.approx(_bridge_loss(m, ctx), rel=1e-5)
+    L = m.summary.n_layers
+    ranking = [(l, n) for n in range(6) for l in range(L)]
+    budget, top_n = 0.5, 4
+    kept, costs = spare_english(hf, ranking, ctx, top_n, budget, max_tries=len(ranking))
+    base = _bridge_loss(m, ctx)
+    for neuron, c in costs.items():
+        assert c == pytest.approx(_bridge_loss(m, ctx, neuron) - base, abs=1e-5)
+    cap = math.log1p(budget) / top_n
+    measured = list(costs)
+    assert measured == ranking[:len(measured)]  # walked in ranking order
+    assert kept == [x for x in measured if costs[x] <= cap][:top_n]
+    if len(kept) == top_n:
+        assert measured[-1] == kept[-1]  # it stops once top_n are kept
+    assert mean_loss(hf, ctx) == pytest.approx(base, rel=1e-5)  # every zeroed column restored
+    few, c2 = spare_english(hf, ranking, ctx, top_n, budget, max_tries=3)
+    assert len(c2) == 3 and few == [x for x in ranking[:3] if costs[x] <= cap]
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(MechscopeError, match="budget must be a relative perplexity"):
+            spare_english(hf, ranking, ctx, top_n, bad, 5)
+    with pytest.raises(MechscopeError, match=r"\[n, pos\]"):
+        mean_loss(hf, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_english_contexts_come_from_the_training_split_and_fit_the_model(tiny_gpt2):
+    from mechscope.activations.corpus import get_corpus
+    from mechscope.activations.store import pack_contexts
+    from mechscope.confusion.english import english_contexts
+
+    ctx = english_contexts(tiny_gpt2, n=3, length=500)
+    assert ctx.shape == (3, 64)  # the tiny GPT-2 has 64 learned positions
+    held = pack_contexts(tiny_gpt2.tokenizer, get_corpus(split="heldout"), 64)
+    assert ctx[0].tolist() != next(iter(held))  # not the cost probe's held-out text
+    train = pack_contexts(tiny_gpt2.tokenizer, get_corpus(split="train"), 64)
+    assert next(iter(train)) == ctx[0].tolist()

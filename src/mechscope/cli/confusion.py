@@ -50,6 +50,9 @@ def confusion(
     facts_n: int = typer.Option(_D.facts_n, "--facts-n", help="Shipped facts for the edit's cost (0: all)."),
     ppl_contexts: int = typer.Option(_D.ppl_contexts, "--ppl-contexts", help="Held-out corpus contexts for the perplexity cost (0: skip)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seeds the random-neuron control and the IOI draw."),
+    english_budget: Optional[float] = typer.Option(None, "--english-budget", help="Spare the neurons English needs: edit only "
+                                                   "neurons whose estimated cost on English text is within their share of "
+                                                   "this relative perplexity increase, e.g. 0.02 (default: rank all)."),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun with the "
                                        "same settings resumes in it after a kill."),
@@ -63,7 +66,7 @@ def confusion(
 
     cfg = ConfusionConfig(langs=tuple(x.strip() for x in langs.split(",") if x.strip()), n_tokens=n_tokens, top_n=top_n,
                           last_layers=last_layers, layers=tuple(parse_layers(layers) or ()) or None, max_per_lang=max_per_lang, ioi_n=ioi_n, facts_n=facts_n,
-                          ppl_contexts=ppl_contexts, seed=seed)
+                          ppl_contexts=ppl_contexts, seed=seed, english_budget=english_budget)
     check_out_folder(out, "confusion")
     items = load_prompts(prompts, cfg.langs, cfg.max_per_lang)  # a bad file fails before the model loads
     lens_t = None

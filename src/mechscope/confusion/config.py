@@ -77,6 +77,19 @@ class ConfusionConfig:
     """Tokens per perplexity context (at most the model's context)."""
     seed: int = 0
     """Seeds the random-neuron control and the IOI draw."""
+    english_budget: float | None = None
+    """Spare the neurons English needs: walking down the ranking, a neuron is edited only if
+    zeroing it alone raises the mean loss on English text (training split of the embedded corpus)
+    by at most ``log(1 + budget) / top_n`` nats, its share of the budget; e.g. 0.02 for 2%
+    perplexity (None: the plain top ``top_n``, as the paper). ``confusion.english``."""
+    english_contexts: int = 4
+    """Training-split corpus contexts (``ppl_len`` tokens) on which each neuron's zeroing is measured."""
+    english_tries: int = 0
+    """Neurons measured at most while sparing English (0: ten times ``top_n``)."""
+
+    @property
+    def max_tries(self) -> int:
+        return self.english_tries or 10 * self.top_n
 
     def __post_init__(self) -> None:
         self.langs = check_langs(self.langs)
@@ -110,6 +123,13 @@ class ConfusionConfig:
             raise MechscopeError(f"--facts-n must be 0 or more (got {self.facts_n}); 0 uses all shipped facts.")
         if self.ppl_contexts < 0:
             raise MechscopeError(f"--ppl-contexts must be 0 or more (got {self.ppl_contexts}); 0 skips the perplexity cost.")
+        if self.english_budget is not None and not (0 < self.english_budget < 10):  # NaN fails too
+            raise MechscopeError(f"--english-budget must be a relative perplexity increase above 0 and below 10 "
+                                 f"(got {self.english_budget}); give e.g. --english-budget 0.02 for 2%.")
+        if self.english_contexts < 1:
+            raise MechscopeError(f"english_contexts must be at least 1 (got {self.english_contexts}).")
+        if self.english_tries < 0:
+            raise MechscopeError(f"english_tries must be 0 or more (got {self.english_tries}); 0 measures up to ten times --top-n.")
         if self.ppl_len < 8:
             raise MechscopeError(f"ppl_len must be at least 8 (got {self.ppl_len}).")
 

@@ -14,6 +14,8 @@
    accumulated gain over confused prefixes minus the same over non-confused prefixes: neurons
    that push the English token at a switch more than they push whatever comes next in a
    generation that stays in the language.
+   With ``cfg.english_budget``, the ranking is walked down and neurons whose zeroing alone costs
+   English text more than their share of the budget are passed over (``english.spare_english``).
 5. Edit: zero the top ``cfg.top_n`` neurons, and as the control as many random neurons with the
    same count per layer (seeded); regenerate everything and measure again, with the cost on
    English (``cost.CostProbe``).
@@ -31,6 +33,7 @@ from mechscope.confusion.attribution import Prefix, accumulate, lens_readout, ne
 from mechscope.confusion.config import ConfusionConfig, check_top_n
 from mechscope.confusion.cost import CostProbe, relative_change
 from mechscope.confusion.edit import Neuron, down_projections, zeroed_neurons
+from mechscope.confusion.english import english_contexts, spare_english
 from mechscope.confusion.generate import chat_ids, greedy_generate
 from mechscope.confusion.metrics import ResponseCheck, check_response, english_words, pass_rates
 from mechscope.confusion.points import confusion_point, matched_position
@@ -198,12 +201,31 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
         else:
             notes.append("Every generation of the find split switched to English: the ranking has no non-confused contrast.")
         score = conf_total / len(find_conf) - (ctrl_total / len(find_ctrl) if find_ctrl else 0)
-        v, flat = score.flatten().topk(cfg.top_n)
+        eng_costs: dict[Neuron, float] = {}
+        if cfg.english_budget is None:
+            v, flat = score.flatten().topk(cfg.top_n)
+        else:
+            ranking = [divmod(f, d_mlp) for f in score.flatten().argsort(descending=True)[:cfg.max_tries].tolist()]
+            got = done.get("english-spare")
+            if got is None:
+                with prog.phase("sparing English (zeroing cost per neuron)", total=len(ranking), unit="neuron") as bar:
+                    kept, spent = spare_english(plain.hf, [(layers[j], n) for j, n in ranking],
+                                                english_contexts(model, cfg.english_contexts, cfg.ppl_len),
+                                                cfg.top_n, cfg.english_budget, cfg.max_tries, bar=bar)
+                got = done.put("english-spare", {"kept": kept, "costs": [[l, n, c] for (l, n), c in spent.items()]})
+            eng_costs = {(int(l), int(n)): float(c) for l, n, c in got["costs"]}
+            row = {l: j for j, l in enumerate(layers)}
+            flat = torch.tensor([row[l] * d_mlp + n for l, n in got["kept"]], dtype=torch.long)
+            v = score.flatten()[flat]
+            if len(flat) < cfg.top_n:
+                notes.append(f"Only {len(flat)} of the {len(eng_costs)} best-ranked neurons cost English at most their share of "
+                             f"the {cfg.english_budget:g} budget each; the edit zeroes those {len(flat)}, not {cfg.top_n}.")
         for s_, f in zip(v.tolist(), flat.tolist()):
             j, n = divmod(f, d_mlp)
             top.append({"layer": layers[j], "neuron": n, "score": s_, "confused": float(conf_total[j, n]) / len(find_conf),
                         "control": float(ctrl_total[j, n]) / len(find_ctrl) if find_ctrl else 0.0,
-                        "count": int(conf_count[j, n])})
+                        "count": int(conf_count[j, n]),
+                        **({"english_cost": eng_costs[(layers[j], n)]} if eng_costs else {})})
         rand = random_like([(x["layer"], x["neuron"]) for x in top], d_mlp, cfg.seed)
         timing["attribute"] = time.time() - t
 
@@ -230,7 +252,9 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
     timing["total"] = time.time() - t0
     return ConfusionResult(
         model=model.summary.to_dict(), settings={**cfg.to_dict(), "layers": layers, "lens": lens_name,
-                                                 "ranking": "confused minus non-confused mean accumulated gain"},
+                                                 "ranking": "confused minus non-confused mean accumulated gain"
+                                                 + ("" if cfg.english_budget is None else
+                                                    f", sparing neurons over their share of a {cfg.english_budget:g} English budget")},
         prompts=[{"prompt": p.prompt, "lang": p.lang, "split": s} for p, s in zip(prompts, split)],
         cp_tokens=[token_texts(tok, [gens[i][points[i]]])[0] if points[i] is not None else None for i in range(len(prompts))],  # type: ignore[index]
         conditions=conditions, lens=lens, top=top, random=[list(x) for x in rand], costs=costs,

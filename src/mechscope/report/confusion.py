@@ -60,8 +60,9 @@ def render_confusion(d: dict[str, Any]) -> str:
     top = d["neurons"]["top"]
     by_layer = d["neurons"]["top_by_layer"]
     bars = bar_chart([f"L{k}" for k in by_layer], list(by_layer.values()), title="Edited neurons per layer") if by_layer else ""
+    spared = any("english_cost" in x for x in top)  # --english-budget: each neuron's zeroing cost on English text
     neuron_rows = [[f"L{x['layer']}.n{x['neuron']}", fmt(x["score"]), fmt(x["confused"]), fmt(x["control"]), x["count"]]
-                   for x in top[:30]]
+                   + ([fmt(x.get("english_cost"))] if spared else []) for x in top[:30]]
     samples = []
     texts = {c: d["conditions"][c]["texts"] for c in d["conditions"]}
     for i, p in enumerate(d["prompts"]):
@@ -88,7 +89,8 @@ def render_confusion(d: dict[str, Any]) -> str:
           f"{html_num(lens['n_control'])} control positions (relative position {html_num(lens['relative_position'])} of generations "
           f"without a switch).</p>{figs}"
         + f"<h2>Edited neurons</h2>{bars}"
-        + table(["neuron", "score", "mean gain, confused", "mean gain, control", "prompts in top"], neuron_rows)
+        + table(["neuron", "score", "mean gain, confused", "mean gain, control", "prompts in top"]
+                + (["English loss when zeroed alone (nats)"] if spared else []), neuron_rows)
         + "<h2>Generations that switched</h2>"
         + table(["lang", "prompt", "confusion token", *[f"{c} text" for c in texts]], samples)
     )
