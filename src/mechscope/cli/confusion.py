@@ -50,9 +50,10 @@ def confusion(
     facts_n: int = typer.Option(_D.facts_n, "--facts-n", help="Shipped facts for the edit's cost (0: all)."),
     ppl_contexts: int = typer.Option(_D.ppl_contexts, "--ppl-contexts", help="Held-out corpus contexts for the perplexity cost (0: skip)."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seeds the random-neuron control and the IOI draw."),
-    english_budget: Optional[float] = typer.Option(None, "--english-budget", help="Spare the neurons English needs: edit only "
-                                                   "neurons whose estimated cost on English text is within their share of "
-                                                   "this relative perplexity increase, e.g. 0.02 (default: rank all)."),
+    english_budget: Optional[float] = typer.Option(None, "--english-budget", help="Spare the neurons English needs: pass over "
+                                                   "neurons whose zeroing alone raises the loss on English text by more than "
+                                                   "their share of this relative perplexity increase, e.g. 0.02 (default: "
+                                                   "rank all)."),
     model: Optional[str] = ModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here); a rerun with the "
                                        "same settings resumes in it after a kill."),
