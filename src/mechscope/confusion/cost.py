@@ -11,7 +11,23 @@ import torch
 from mechscope.confusion.edit import Neuron, zeroed_neurons
 
 if TYPE_CHECKING:
+    from mechscope.activations.corpus import Split
     from mechscope.models import Model
+
+
+def corpus_contexts(model: Model, split: Split, n: int, length: int) -> list[list[int]]:
+    """Up to ``n`` consecutive contexts of ``length`` tokens of the embedded corpus's ``split``,
+    no longer than the model's context (a 64-position GPT-2 gets 64 tokens, not 128)."""
+    from mechscope.activations.corpus import get_corpus
+    from mechscope.activations.store import pack_contexts
+    from mechscope.models.load import default_length
+
+    out: list[list[int]] = []
+    for ids in pack_contexts(model.tokenizer, get_corpus(split=split), default_length(model, length)):
+        out.append(ids)
+        if len(out) >= n:
+            break
+    return out
 
 
 class CostProbe:
@@ -35,15 +51,7 @@ class CostProbe:
         self.facts = load_facts()[:facts_n or None]
         self.ppl: torch.Tensor | None = None
         if ppl_contexts:
-            from mechscope.activations.corpus import get_corpus
-            from mechscope.activations.store import pack_contexts
-            from mechscope.models.load import default_length
-
-            ctx = []  # contexts no longer than the model's (a 64-position GPT-2 gets 64 tokens, not 128)
-            for ids in pack_contexts(model.tokenizer, get_corpus(split="heldout"), default_length(model, ppl_len)):
-                ctx.append(ids)
-                if len(ctx) >= ppl_contexts:
-                    break
+            ctx = corpus_contexts(model, "heldout", ppl_contexts, ppl_len)
             self.ppl = torch.tensor(ctx, dtype=torch.long) if ctx else None
 
     def measure(self, neurons: list[Neuron] | None = None) -> dict[str, Any]:

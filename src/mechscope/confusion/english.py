@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope.confusion.cost import corpus_contexts
 from mechscope.confusion.edit import Neuron, zeroed_neurons
 from mechscope.errors import MechscopeError
+from mechscope.heads.icl import per_token_loss
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -34,32 +36,18 @@ if TYPE_CHECKING:
 
 def english_contexts(model: Model, n: int = 4, length: int = 128) -> torch.Tensor:
     """``n`` contexts [n, length] of the embedded corpus's training split (at most the model's context)."""
-    from mechscope.activations.corpus import get_corpus
-    from mechscope.activations.store import pack_contexts
-    from mechscope.models.load import default_length
-
-    out = []
-    for ids in pack_contexts(model.tokenizer, get_corpus(split="train"), default_length(model, length)):
-        out.append(ids)
-        if len(out) >= n:
-            break
+    out = corpus_contexts(model, "train", n, length)
     if not out:
         raise MechscopeError("The corpus gave no context to measure what neurons are worth to English; check the corpus.")
     return torch.tensor(out, dtype=torch.long)
 
 
-@torch.no_grad()
 def mean_loss(hf: Any, contexts: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats) of a Hugging Face causal LM over ``contexts`` [n, pos]."""
     if contexts.dim() != 2 or contexts.shape[1] < 2 or len(contexts) == 0:
         raise MechscopeError(f"English contexts must be [n, pos] with n >= 1 and pos >= 2; got shape {tuple(contexts.shape)}.")
-    device = next(hf.parameters()).device
-    total = 0.0
-    for s in range(0, len(contexts), batch_size):
-        t = contexts[s:s + batch_size].to(device)
-        logits = hf(t).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), t[:, 1:].flatten(), reduction="sum"))
-    return total / (len(contexts) * (contexts.shape[1] - 1))
+    with torch.no_grad():
+        return float(per_token_loss(hf, contexts, batch_size).mean())  # every position has n contexts
 
 
 def spare_english(hf: Any, ranking: list[Neuron], contexts: torch.Tensor, top_n: int, budget: float,
