@@ -178,8 +178,18 @@ def test_summary_finds_the_phases():
     assert ph["phase2"]["step"] == 80 and ph["phase2"]["gap"] == pytest.approx(0.01)
     assert ph["plateau_nearest_one_over_tasks"]["start"] == 20 and ph["distance_to_one_over_tasks"] < 0.01
     assert [p["start"] for p in ph["middle_plateaus"]] == [20]
+    assert ph["unfinished"] is None  # it ends at 0.97
     rows[2]["self"], rows[5]["self"] = 0.1, 0.95  # self now peaks after label
     assert summarize(rows, 3, 32, MetaDynamicsConfig())["peaks_in_order"] is False
+    # a run that stops before the jump (ends at 0.6, under half way from 1/3 to 1) says so, page and all
+    stopped = summarize(rows[:6], 3, 32, MetaDynamicsConfig())
+    assert "ends at accuracy 0.600, less than half way from 1/T (0.333)" in stopped["unfinished"]
+    from mechscope.report.meta_dynamics import render_meta_dynamics
+
+    page = render_meta_dynamics({"run": "r", "checkpoints": [r | {"loss": 1.0} for r in rows[:6]], "phases": stopped, "config": {}})
+    assert "less than half way from 1/T" in page
+    assert summarize(rows[:7], 3, 32, MetaDynamicsConfig())["unfinished"] is None  # 0.95
+    assert summarize(rows[:6], 1, 32, MetaDynamicsConfig())["unfinished"] is None  # with T = 1 there is no jump to wait for
 
 
 def test_summary_needs_an_onset_and_checkpoints_after_it():
@@ -237,6 +247,7 @@ def test_cli_train_and_dynamics(tmp_path):
     said = " ".join(r.output.split())  # rich wraps lines
     assert "None" not in said and "nan" not in said
     assert "too few to find the metric peaks" in said  # the onset is the last checkpoint (step 8)
+    assert "less than half way from 1/T (0.500) to 1: the full-context circuit has not formed" in said  # and no jump
     r = _cli("dynamics", run, "--seq-len", "5")
     assert r.exit_code == 2 and "--seq-len does not apply to a --setting icml run; drop it." in r.output, r.output
     r = _cli("dynamics", run, "--n", "16", "--json")

@@ -340,4 +340,6 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
         console.print(f"peaks: self at step {pk['self']}, label at {pk['label']}, chunk at {pk['chunk']} "
                       f"(in order: {ph['peaks_in_order']}); {plats}; phase 2 (label peak, step {p2['step']}): accuracy "
                       f"{p2['accuracy']:.3f}, random labels {p2['random_label_accuracy']:.3f}.")
+    if ph.get("unfinished"):
+        console.print(ph["unfinished"], highlight=False)
     console.print(f"report: {saved['report']}  plot: {saved['plot']}")

@@ -8,6 +8,8 @@ then the phases of Minegishi et al. 2025:
 - the step where each metric peaks, from the learning onset (the first checkpoint half way from
   chance to 1/T) on, and whether they come in the order self -> label -> chunk; with no onset,
   or fewer than ``MIN_AFTER_ONSET`` checkpoints from it on, no peaks and a one-sentence ``note``;
+- ``unfinished``: a sentence when the run ends less than half way from 1/T to 1 (the
+  full-context circuit has not formed; when it forms depends on the seed), else None;
 - the phase-2 checkpoint: where the query's attention to the labels peaks (the semi-context
   circuit); its accuracy and random-label accuracy (the paper: equal, since that circuit does
   not use the example-label pairs).
@@ -184,8 +186,13 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
         r = next(r for r in rows if r["step"] == peaks["label"])
         phase2 = {"step": r["step"], "accuracy": r["accuracy"], "random_label_accuracy": r["random_label_accuracy"],
                   "gap": abs(r["accuracy"] - r["random_label_accuracy"])}
+    unfinished = None
+    if onset is not None and tasks > 1 and final < (target + 1) / 2:  # with T = 1, 1/T is already the end
+        unfinished = (f"The run ends at accuracy {final:.3f}, less than half way from 1/T ({target:.3f}) to 1: the full-context "
+                      f"circuit has not formed, so no jump follows the label peak and the chunk peak marks no phase; train "
+                      f"longer (more --steps) or with another --seed (when the jump comes depends on the seed).")
     return {
-        "tasks": tasks, "one_over_tasks": target, "chance": chance, "final_accuracy": final,
+        "tasks": tasks, "one_over_tasks": target, "chance": chance, "final_accuracy": final, "unfinished": unfinished,
         "plateaus": plats, "middle_plateaus": middle,
         "plateau_nearest_one_over_tasks": nearest,
         "distance_to_one_over_tasks": None if nearest is None else abs(nearest["mean"] - target),

@@ -87,7 +87,7 @@ def render_meta_dynamics(d: dict[str, Any]) -> str:
     plats = [[p["start"], p["end"], p["n"], p["mean"]] for p in ph.get("plateaus", [])]
     rows = [[r["step"], r["accuracy"], r["random_label_accuracy"], r["loss"], r["self"], r["label"], r["chunk"]]
             for r in d["checkpoints"]]
-    note = f"<p><strong>{esc(ph['note'])}</strong></p>" if ph.get("note") else ""
+    note = "".join(f"<p><strong>{esc(ph[k])}</strong></p>" for k in ("note", "unfinished") if ph.get(k))
     body = (
         "<div class='grid'>" + "".join(f"<figure>{c}</figure>" for c in _charts(d)) + "</div>"
         + "<h2>Phases</h2>" + note + table(["", "value"], [list(x) for x in summary], numeric=[False, False])
