@@ -189,7 +189,7 @@ def summarize(rows: list[dict[str, Any]], tasks: int, n_labels: int, cfg: MetaDy
     unfinished = None
     if onset is not None and tasks > 1 and final < (target + 1) / 2:  # with T = 1, 1/T is already the end
         unfinished = (f"The run ends at accuracy {final:.3f}, less than half way from 1/T ({target:.3f}) to 1: the full-context "
-                      f"circuit has not formed, so no jump follows the label peak and the chunk peak marks no phase; train "
+                      f"circuit has not formed, so the run shows no jump to it (a chunk peak marks no phase); train "
                       f"longer (more --steps) or with another --seed (when the jump comes depends on the seed).")
     return {
         "tasks": tasks, "one_over_tasks": target, "chance": chance, "final_accuracy": final, "unfinished": unfinished,
