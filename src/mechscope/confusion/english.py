@@ -46,8 +46,7 @@ def mean_loss(hf: Any, contexts: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats) of a Hugging Face causal LM over ``contexts`` [n, pos]."""
     if contexts.dim() != 2 or contexts.shape[1] < 2 or len(contexts) == 0:
         raise MechscopeError(f"English contexts must be [n, pos] with n >= 1 and pos >= 2; got shape {tuple(contexts.shape)}.")
-    with torch.no_grad():
-        return float(per_token_loss(hf, contexts, batch_size).mean())  # every position has n contexts
+    return float(per_token_loss(hf, contexts, batch_size).mean())  # no_grad inside; every position has n contexts
 
 
 def spare_english(hf: Any, ranking: list[Neuron], contexts: torch.Tensor, top_n: int, budget: float,
