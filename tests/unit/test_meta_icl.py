@@ -131,7 +131,16 @@ def test_resume_is_exact(tmp_path, optimizer):
         train_meta(cfg, broken, progress=crash())
     assert (broken / "last" / "state.safetensors").is_file() and not list(broken.rglob("*.pt"))
     assert "seconds" in json.loads((broken / "train.json").read_text())  # saved with the state, so a resume adds to it
+    # What a SIGKILL mid-write leaves (the writers' own cleanup never runs): the rerun sweeps it.
+    stale = [broken / "ckpt_000012" / ".config.json.tmp4242", broken / "last" / "state.safetensors.tmp",
+             broken / "train.json.tmp"]
+    for f in stale:
+        f.parent.mkdir(exist_ok=True)
+        f.write_text("half a file")
+    keep = broken / "notes.tmp"  # a user's file that only looks like one is left alone
+    keep.write_text("mine")
     train_meta(cfg, broken)
+    assert not any(f.exists() for f in stale) and keep.read_text() == "mine"
     a, b = (load_file(str(d / "ckpt_000012" / "model.safetensors")) for d in (whole, broken))
     assert a.keys() == b.keys()
     for k in a:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -276,6 +277,20 @@ def _setting_diff(saved: dict, want: dict, prefix: str = "") -> list[tuple[str, 
     return out
 
 
+_TEMPORARY = re.compile(r"^(\..+\.tmp\d+|state\.safetensors\.tmp|train\.json\.tmp)$")
+"""Names of the temporary files the toy runs' atomic writes use (``.config.json.tmp<pid>`` from
+``results.write_json``, ``state.safetensors.tmp``, ``train.json.tmp``)."""
+
+
+def _sweep_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed run left mid-write (a SIGKILL skips the writers' own
+    cleanup); the rerun writes those files again, so nothing is lost. A toy run folder has one
+    writer, so no live write can be caught here."""
+    for p in out.rglob("*.tmp*"):
+        if p.is_file() and _TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+
+
 def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                log: dict) -> tuple[int, dict, bool]:
     """Where a toy run in ``out`` stands: (first step to train, the run log, finished already).
@@ -303,6 +318,7 @@ def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.opt
         raise MechscopeError(f"'{out}' holds {made}; pass a new --out folder or the same settings to resume.")
     if prev.get("done"):
         return 0, prev, True
+    _sweep_temporaries(out)
     if state.is_file():
         step, saved = load_state(model, opt, gen, state)
         return step, saved if saved is not None else prev, False
