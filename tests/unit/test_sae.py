@@ -132,10 +132,15 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, arch):
     first = Trainer(TensorSource(x, seed=1), _cfg(arch, tokens=30_000), tmp_path / "b", **kw)
     first.run(stop_after_steps=35)  # dies after the checkpoint at 10,000 tokens (step 20) and 15 more steps
     assert (tmp_path / "b" / CKPT_DIR).exists()
+    # What a SIGKILL mid-save leaves behind (another process's half-written checkpoint): swept.
+    stale = tmp_path / "b" / f".{CKPT_DIR}.tmp99999"
+    stale.mkdir()
+    (stale / "state.json").write_text("{")
     second = Trainer(TensorSource(x, seed=1), _cfg(arch, tokens=30_000), tmp_path / "b", **kw)
     resumed = second.run(resume=True)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.allclose(getattr(full, name), getattr(resumed, name), atol=1e-5), name
+    assert not stale.exists() and not list((tmp_path / "b").glob(f".{CKPT_DIR}*"))
     with pytest.raises(MechscopeError, match="nothing to resume"):
         Trainer(TensorSource(x), _cfg(arch, tokens=30_000), tmp_path / "b", **kw).run(resume=True)
 

@@ -274,7 +274,7 @@ class Trainer:
         tensors, meta = self._ckpt_state()
         final = self.out / CKPT_DIR
         tmp = self.out / f".{CKPT_DIR}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        self._sweep_partial_checkpoints()
         tmp.mkdir(parents=True)
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta))
@@ -288,6 +288,12 @@ class Trainer:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _sweep_partial_checkpoints(self) -> None:
+        """Remove the half-written checkpoint folders of this or a killed earlier process (a
+        SIGKILL mid-save leaves ``.checkpoint.tmp<its pid>``; one run writes to an ``--out``)."""
+        for stale in self.out.glob(f".{CKPT_DIR}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def load_checkpoint(self) -> bool:
         """Restore from ``out/checkpoint`` (or the previous one if a kill hit the swap)."""
@@ -455,6 +461,8 @@ class Trainer:
         save_sae(sae, self.out)
         (self.out / "training_log.json").write_text(json.dumps(self.log.rows))
         shutil.rmtree(self.out / CKPT_DIR, ignore_errors=True)
+        shutil.rmtree(self.out / f".{CKPT_DIR}.old", ignore_errors=True)
+        self._sweep_partial_checkpoints()
         return sae
 
 
