@@ -99,8 +99,7 @@ app = typer.Typer(
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines on stderr "
                                      "(results and errors still print; --json implies it).")) -> None:
-    if debug:
-        STATE["debug"] = True
+    STATE["debug"] = debug  # set every time: one process may run several commands (a notebook, CliRunner)
     if quiet:
         import os
 
