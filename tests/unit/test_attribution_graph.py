@@ -7,6 +7,8 @@ unfrozen pattern, a wrong sign or a source read at the wrong layer or position b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -179,17 +181,18 @@ def test_transcoder_set_round_trip(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_path):
     import json
-    import subprocess
     import sys
 
     from mechscope.features.graph_files import load_graph
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from cli_inprocess import run_cli
+
     tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=7)
     save_transcoders(tset, tmp_path / "tc")
-    cli = [sys.executable, "-m", "mechscope.cli.main", "attribute"]
 
-    def run(*args):
-        return subprocess.run(cli + list(args), capture_output=True, text=True, timeout=300)
+    def run(*args):  # in this process: a subprocess would spend 8-12 s on imports per command
+        return run_cli("attribute", *args)
 
     out = tmp_path / "g"
     corpus = tmp_path / "corpus.txt"  # 60 paragraphs: enough documents for a held-out split of 1 in 20
@@ -375,19 +378,16 @@ def test_interventions_in_the_replacement_model(tiny_model):
 @pytest.mark.slow
 def test_cli_intervene_and_weights(tiny_llama, tiny_llama_dir, tmp_path):
     import json
-    import subprocess
     import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from cli_inprocess import run_cli as go  # in this process: a subprocess spends 8-12 s on imports
 
     tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=15)
     save_transcoders(tset, tmp_path / "tc")
     toks = [tiny_llama.tokenizer.bos_token_id] + tiny_llama.to_tokens("When Mary went")
     run = capture(tiny_llama, tset, toks)
     layer, pos, f = run.active[0].tolist()
-    cli = [sys.executable, "-m", "mechscope.cli.main"]
-
-    def go(*args):
-        return subprocess.run(cli + list(args), capture_output=True, text=True, timeout=300)
-
     common = ["--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir]
     r = go("intervene", "When Mary went", "--set", f"{layer}:{f}:{pos}=0", "--frozen", "--json", *common)
     assert r.returncode == 0, r.stderr

@@ -1,18 +1,28 @@
-"""CLI: --json output and one-sentence errors with exit code 2 (no traceback)."""
+"""CLI: --json output and one-sentence errors with exit code 2 (no traceback).
+
+Commands run in this process (``helpers/cli_inprocess.py``: the console script's ``app``, without
+a subprocess's 8-12 s of imports each); those given a working folder (``cwd=``) run as real
+``python -m mechscope.cli.main`` processes, which also keeps the entry point itself tested."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from cli_inprocess import run_cli  # noqa: E402
 
 CLI = [sys.executable, "-m", "mechscope.cli.main"]
 
 
-def run(*args, **kw):
+def run(*args, cwd=None):
+    if cwd is None:
+        return run_cli(*args)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=300, **kw)
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def assert_clear_error(r, *needles):
@@ -98,6 +108,9 @@ def test_task_eval_names_dropped_pairs_and_answers_without_their_space(tmp_path,
 def test_debug_shows_traceback():
     r = run("--debug", "info", "--model", "./no/such/dir")
     assert r.returncode == 2 and "Traceback" in r.stderr
+    # --debug holds for its own command only, also when one process runs several (a notebook)
+    r = run("info", "--model", "./no/such/dir")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

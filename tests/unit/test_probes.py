@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ from mechscope.probes import LabelSet, ProbeConfig, fit_logistic, labels_from_fi
 from mechscope.probes.run import control_labels, harvest
 
 
-def run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "mechscope.cli.main", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def run(*args):  # in this process (a subprocess spends 8-12 s on imports); the working-folder test runs a real one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from cli_inprocess import run_cli
+
+    return run_cli(*args)
 
 
 def assert_clear_error(r, needle):
