@@ -262,8 +262,14 @@ def test_cli_train_circuit_attack_and_bad_input(tmp_path):
 
     r = CliRunner()
     out = tmp_path / "m"
-    res = r.invoke(app, ["vision", "train", "--arch", "cnn", "--data", "shapes", "--mark-class", "0", "--overlay", "1,2",
-                         "--epochs", "1", "--width", "8", "--out", str(out), "--json"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # a count the command's own (one thread) is not
+    try:
+        res = r.invoke(app, ["vision", "train", "--arch", "cnn", "--data", "shapes", "--mark-class", "0", "--overlay", "1,2",
+                             "--epochs", "1", "--width", "8", "--out", str(out), "--json"])
+        assert torch.get_num_threads() == 3  # the command ran on one thread and gave the caller's count back
+    finally:
+        torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["sites"]["conv0"]["n_units"] == 4
     res = r.invoke(app, ["vision", "circuit", "--model", str(out), "--concept", "hbar", "--k", "2", "--random-draws", "2",

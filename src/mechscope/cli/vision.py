@@ -3,6 +3,8 @@ circuit, the composition (overlay) test and the typographic-attack analogue."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,14 +31,29 @@ def register(app: typer.Typer) -> None:
     app.add_typer(vision_app, name="vision")
 
 
-def _start(out: Optional[Path], kind: str) -> None:
-    """Refuse an ``--out`` that cannot hold a ``kind`` result, then run torch on one thread."""
-    check_out_folder(out, kind)
-    import torch
+def _one_torch_thread(fn: Callable) -> Callable:
+    """Run the command with torch on one thread and restore the caller's count afterwards (a
+    notebook or a test runs several commands in one process). Tiny models gain nothing from
+    threads and lose much on a shared CPU: 3 CNN epochs took 7 s on one thread vs 43 s on the
+    default threads, and 2 ViT epochs 47 s on two (load ~8)."""
 
-    # Tiny models gain nothing from threads and lose much on a shared CPU: 3 CNN epochs took 7 s
-    # on one thread vs 43 s on the default threads, and 2 ViT epochs 47 s on two (load ~8).
-    torch.set_num_threads(1)
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+def _start(out: Optional[Path], kind: str) -> None:
+    """Refuse an ``--out`` that cannot hold a ``kind`` result."""
+    check_out_folder(out, kind)
 
 
 def _save_circuit(circ: Any, out: Optional[Path], default: str) -> tuple[Path, Path]:
@@ -50,6 +67,7 @@ def _save_circuit(circ: Any, out: Optional[Path], default: str) -> tuple[Path, P
 
 @vision_app.command("train")
 @handles_errors
+@_one_torch_thread
 def train(
     arch: str = typer.Option(TrainConfig.arch, "--arch", help="cnn or vit."),
     data: str = typer.Option(DataConfig.dataset, "--data", help="digits (scikit-learn's 8x8 digits) or shapes (procedural)."),
@@ -87,6 +105,7 @@ def _load(model: Path, k: int):
 
 @vision_app.command("circuit")
 @handles_errors
+@_one_torch_thread
 def circuit(
     model: Path = ModelDirOpt,
     concept: str = typer.Option(..., "--concept", help="A class (3, hbar, 3+7), 'mark', or a folder of .npy images."),
@@ -122,6 +141,7 @@ def circuit(
 
 @vision_app.command("compose")
 @handles_errors
+@_one_torch_thread
 def compose(
     model: Path = ModelDirOpt,
     k: int = KOpt,
@@ -149,6 +169,7 @@ def compose(
 
 @vision_app.command("attack")
 @handles_errors
+@_one_torch_thread
 def attack(
     model: Path = ModelDirOpt,
     k: int = KOpt,
@@ -177,6 +198,7 @@ def attack(
 
 @vision_app.command("eap")
 @handles_errors
+@_one_torch_thread
 def eap(
     model: Path = ModelDirOpt,
     clean: str = typer.Option(..., "--clean", help="The clean images' class (index or name)."),
