@@ -174,7 +174,7 @@ def test_cli_train_dynamics_interchange_and_bad_input(tmp_path, monkeypatch):
     from mechscope.cli.main import app
     from mechscope.progress import QUIET_ENV
 
-    monkeypatch.setenv(QUIET_ENV, "0")  # restored after the test (--quiet below sets it for the process)
+    monkeypatch.setenv(QUIET_ENV, "0")  # bars on, whatever the environment says
 
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["train-toy", "--setting", "binding", "--lines", "3", "--hops", "2", "--layers", "1",

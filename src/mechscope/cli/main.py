@@ -96,16 +96,27 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or status lines on stderr "
                                      "(results and errors still print; --json implies it).")) -> None:
-    STATE["debug"] = debug  # set every time: one process may run several commands (a notebook, CliRunner)
+    # Both hold for this command only: one process may run several (a notebook, CliRunner).
+    STATE["debug"] = debug
     if quiet:
         import os
 
         from mechscope.progress import QUIET_ENV
 
+        before = os.environ.get(QUIET_ENV)
         os.environ[QUIET_ENV] = "1"
+
+        def restore() -> None:
+            if before is None:
+                os.environ.pop(QUIET_ENV, None)
+            else:
+                os.environ[QUIET_ENV] = before
+
+        ctx.call_on_close(restore)
 
 
 # One module per command group, named after it; `mechscope --help` lists the commands in this order.
