@@ -168,6 +168,7 @@ def test_icl_malformed_task_files(lines, tmp_path_factory):
        content=st.one_of(st.text(max_size=30), st.builds(json.dumps, st.dictionaries(words, st.integers(), max_size=3)),
                          st.builds(lambda n: json.dumps({"setting": "binding", "data": {"lines": n, "hops": n + 1}}),
                                    st.integers(min_value=1, max_value=30))))
+@pytest.mark.slow
 def test_binding_settings_and_folders(lines, hops, content, tmp_path_factory):
     if 1 <= hops <= lines <= 26:
         hops = lines + 1  # the strategy is for settings with no solution
@@ -232,6 +233,7 @@ bad_prompt_line = st.one_of(
 @SETTINGS
 @given(lines=st.lists(bad_prompt_line, min_size=1, max_size=3), which=st.sampled_from(["file", "langs", "n_tokens", "top_n"]),
        code=words, n=st.integers(min_value=-10, max_value=10**6))
+@pytest.mark.slow
 def test_confusion_bad_prompts_and_values(lines, which, code, n, tmp_path_factory):
     d = tmp_path_factory.mktemp("confusion")
     out = d / "run"

@@ -288,6 +288,7 @@ def test_a_label_set_built_from_tensors_is_probed(tiny_gpt2, tmp_path):
     assert run_probe(tiny_gpt2, data, cfg).accuracy == run_probe(tiny_gpt2, data, cfg, checkpoint=tmp_path).accuracy
 
 
+@pytest.mark.slow  # a real subprocess (its own working folder): 10 s
 def test_a_run_without_out_names_its_folder_and_how_to_resume(tmp_path, tiny_gpt2_dir):
     f = _capitals_file(tmp_path / "lab.jsonl")
     work = tmp_path / "work"
