@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from mechscope.errors import MechscopeError
+from mechscope.results import temporary_path
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -29,9 +29,11 @@ Checkpoint and test hooks that stop or save a run are not progress and stay sepa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union, runtime_checkable
 
@@ -238,6 +240,21 @@ QUIET_ENV = "MECHSCOPE_QUIET"
 
 def quiet() -> bool:
     return os.environ.get(QUIET_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Silence transformers' own progress bars (loading, saving) for the block only: the caller's
+    setting comes back on exit, since one process may run many commands (a notebook, the tests)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def as_progress(progress: ProgressArg) -> Progress:

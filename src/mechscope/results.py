@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,24 @@ def json_safe(doc: Any) -> Any:
     return doc
 
 
+def temporary_path(path: Path) -> Path:
+    """Where an atomic write of ``path`` puts its bytes before the rename: a hidden name in the
+    same folder, tagged with this process's pid (two writers never share one)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
+
+
+def sweep_temporaries(folder: Path) -> None:
+    """Delete, anywhere under ``folder``, the temporary files of atomic writes (``temporary_path``)
+    that a killed process left: a SIGKILL skips the writer's own cleanup. Only for a folder that
+    one job writes, which the caller is about to write again, so no live write is caught."""
+    for p in folder.rglob(".*.tmp*"):
+        if p.is_file() and _TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, doc: Any, *, indent: int | None = 1, ensure_ascii: bool = True) -> Path:
     """Write ``doc`` as JSON to ``path`` through a temporary file in the same folder, then rename
     it into place: a reader sees the old file or the new one, never a partial one, and a write
@@ -33,7 +52,7 @@ def write_json(path: str | Path, doc: Any, *, indent: int | None = 1, ensure_asc
     instead of ``\\uXXXX`` escapes (the multilingual confusion results)."""
     path = Path(path)
     text = json.dumps(doc, indent=indent, ensure_ascii=ensure_ascii)  # a document that cannot be written fails here
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

@@ -7,6 +7,7 @@ unfrozen pattern, a wrong sign or a source read at the wrong layer or position b
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from mechscope.features.attribute import attribute
 from mechscope.features.prune import influence, normalise_rows, prune, scores
 from mechscope.features.replacement import capture, frozen_forward
 from mechscope.features.transcoder_set import load_transcoders, random_transcoders, save_transcoders
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from cli_inprocess import run_cli  # noqa: E402
 
 
 def _prompt(model, n=8, seed=0):
@@ -181,12 +185,8 @@ def test_transcoder_set_round_trip(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_cli_attribute_writes_a_complete_folder(tiny_llama, tiny_llama_dir, tmp_path):
     import json
-    import sys
 
     from mechscope.features.graph_files import load_graph
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-    from cli_inprocess import run_cli
 
     tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=7)
     save_transcoders(tset, tmp_path / "tc")
@@ -378,16 +378,13 @@ def test_interventions_in_the_replacement_model(tiny_model):
 @pytest.mark.slow
 def test_cli_intervene_and_weights(tiny_llama, tiny_llama_dir, tmp_path):
     import json
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-    from cli_inprocess import run_cli as go  # in this process: a subprocess spends 8-12 s on imports
 
     tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=15)
     save_transcoders(tset, tmp_path / "tc")
     toks = [tiny_llama.tokenizer.bos_token_id] + tiny_llama.to_tokens("When Mary went")
     run = capture(tiny_llama, tset, toks)
     layer, pos, f = run.active[0].tolist()
+    go = run_cli  # in this process: a subprocess would spend 8-12 s on imports per command
     common = ["--transcoders", str(tmp_path / "tc"), "--model", tiny_llama_dir]
     r = go("intervene", "When Mary went", "--set", f"{layer}:{f}:{pos}=0", "--frozen", "--json", *common)
     assert r.returncode == 0, r.stderr

@@ -17,11 +17,11 @@ from mechscope.errors import MechscopeError
 from mechscope.probes import LabelSet, ProbeConfig, fit_logistic, labels_from_file, run_probe
 from mechscope.probes.run import control_labels, harvest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+from cli_inprocess import run_cli  # noqa: E402
+
 
 def run(*args):  # in this process (a subprocess spends 8-12 s on imports); the working-folder test runs a real one
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
-    from cli_inprocess import run_cli
-
     return run_cli(*args)
 
 

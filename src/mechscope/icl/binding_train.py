@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from mechscope.heads.train import (
-    _no_progress_bars,
     check_finite,
     optimiser_step,
     resume_run,
@@ -28,7 +27,7 @@ from mechscope.heads.train import (
 )
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
-from mechscope.progress import ProgressArg, as_progress
+from mechscope.progress import ProgressArg, as_progress, transformers_bars_off
 
 DATA_FILE = "binding.json"
 
@@ -86,7 +85,7 @@ def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = F
     def checkpoint(step: int) -> None:
         check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
-        with _no_progress_bars():
+        with transformers_bars_off():
             model.save_pretrained(d, safe_serialization=True)
             tok.save_pretrained(d)
         (d / DATA_FILE).write_text(json.dumps({"setting": cfg.setting, "data": cfg.to_dict()["data"]}))

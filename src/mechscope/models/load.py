@@ -276,23 +276,19 @@ def check_device(device: str | torch.device) -> str:
 @contextlib.contextmanager
 def _quiet():
     """Silence library chatter (deprecation notes, config warnings) while loading."""
-    from transformers.utils import logging as hf_logging
-
     loggers = [logging.getLogger(n) for n in ("transformers", "transformer_lens", "accelerate")]
     levels = [lg.level for lg in loggers]
-    bars = hf_logging.is_progress_bar_enabled()  # the "Loading weights" bar: mechscope shows its own status
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
+    from mechscope.progress import transformers_bars_off
+
+    try:  # transformers' "Loading weights" bar off too: mechscope shows its own status
+        with warnings.catch_warnings(), transformers_bars_off():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _load_hf(name: str, dtype: torch.dtype, gguf_file: str | None, local: bool):
@@ -363,17 +359,13 @@ def _tokenizer(name: str, kwargs: dict[str, Any], local_folder: bool):
 def _quiet_loading():
     """Under ``--quiet`` (``progress.quiet``), no loading bars: transformers' own, and the GGUF
     de-quantising bar, which transformers draws with a plain ``tqdm`` of its GGUF module."""
-    from mechscope.progress import quiet
+    from mechscope.progress import quiet, transformers_bars_off
 
     if not quiet():
         yield
         return
     import functools
 
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:  # no GGUF support installed: nothing to silence there
@@ -382,12 +374,11 @@ def _quiet_loading():
     if bar is not None:
         gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        yield
+        with transformers_bars_off():
+            yield
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
