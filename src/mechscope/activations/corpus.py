@@ -135,6 +135,18 @@ def get_corpus(
     return Corpus(str(spec), refs, licence, description, split, seed, hf)
 
 
+def same_corpus(a: Any, b: Any) -> bool:
+    """Whether two ``--corpus`` values name the same corpus: equal, or two spellings (relative,
+    absolute, ``~``) of one existing file or folder. A checkpoint records the value its run was
+    given, and a resume from another folder, or with the absolute path, must still match it."""
+    if a == b:
+        return True
+    if not isinstance(a, (str, Path)) or not isinstance(b, (str, Path)) or not str(a) or not str(b):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def describe_corpus(spec: str | Path | None = None, split: Split = "all", tokenizer: Any = None) -> dict[str, Any]:
     """What a corpus holds: ``Corpus.info()`` plus its ``characters`` (and, for the embedded
     corpus, its ``path`` and ``sources``). With a Hugging Face ``tokenizer``, also ``tokens``:

@@ -266,6 +266,12 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
             return
 
 
+def holds_finished(out: Path | None, kind: str) -> bool:
+    """Whether ``out`` holds a finished ``kind`` artefact (an ``_ARTEFACTS`` kind): what a training
+    command that never overwrites its result refuses."""
+    return out is not None and any(a.kind == kind and a.finished for a in _held_artefacts(Path(out)))
+
+
 def _check_creatable(folder: Path, option: str, out: Path) -> None:
     """Make ``folder`` (and any missing parents) to see that it can be made, then remove what was
     made: a command that is refused later leaves nothing behind."""
@@ -409,26 +415,30 @@ def check_early(make: Callable[[int], Any], given: int | None, default: int) -> 
     """Build a command's settings (``make(context_len)``) before the model loads, so that a bad one
     is refused before the wait: with the context length ``given``, or, where none was given, with
     its ``default``. A refusal under the default that a shorter context (the model's, which
-    ``context_len_for`` takes) would lift waits for the build after the model loads; one that no
-    length from 2 to the default lifts is refused now, in the words of the shortest length (where
-    the limits that longer contexts tighten, such as tokens per batch, are met)."""
+    ``context_len_for`` takes) would lift waits for the build after the model loads. One that no
+    length from 2 to the default lifts is refused now, with the refusal that most lengths give
+    (ties: the default's): an option wrong at any length (``--sink-ratio 0.5``, ``--k 100000``)
+    says the same sentence at most of them, while a limit that depends on the length (tokens per
+    batch, k against a batch of 2-token contexts) names each length differently or holds at a few."""
     if given is not None:
         make(given)
         return
     try:
         make(default)
         return
-    except MechscopeError:
-        pass
-    shortest: MechscopeError | None = None
+    except MechscopeError as exc:
+        at_default = exc
+    refusals: dict[str, list[MechscopeError]] = {str(at_default): [at_default]}
     for n in range(2, default):
         try:
             make(n)
             return
         except MechscopeError as exc:
-            shortest = shortest or exc
-    if shortest is not None:
-        raise shortest
+            refusals.setdefault(str(exc), []).append(exc)
+    most = max(len(v) for v in refusals.values())
+    if len(refusals[str(at_default)]) == most:
+        raise at_default
+    raise next(v[0] for v in refusals.values() if len(v) == most)
 
 
 MAX_LAYERS = 10_000

@@ -227,6 +227,7 @@ transcoders_app = typer.Typer(help="Transcoder sets: train one transcoder per la
 
 @handles_errors
 def transcoders_train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Folder for the set (both layouts), its training log and checkpoints."),
     layers: str = typer.Option("all", "--layers", help="all, or layers and ranges such as 0,3,5-7."),
     arch: str = typer.Option(TranscoderTrainConfig.architecture, "--arch", help="relu, topk, batchtopk or jumprelu."),
@@ -265,6 +266,9 @@ def transcoders_train(
                                      sink_ratio=sink_ratio or None)  # checked when made
 
     _check_arch(arch, skip)
+    from mechscope.cli.sae import refuse_unused_sparsity
+
+    refuse_unused_sparsity(ctx, arch, ("k",))
     if not layers.strip():
         fail("--layers is empty; give 'all' or layers and ranges such as 0,3,5-7.")
     later = _check_early_or_later(settings, context_len)

@@ -102,8 +102,27 @@ def harvest(
     console.print(f"harvested {manifest.get('n_tokens', tokens):,} tokens of {', '.join(hook)} into {out}")
 
 
+def refuse_unused_sparsity(ctx: typer.Context, arch: str, options: tuple[str, ...] = ("k", "l1", "l0")) -> None:
+    """One sentence when a sparsity option that ``--arch`` does not read was given: --k (topk and
+    batchtopk), --l1 (relu), --l0 (jumprelu); a skip variant reads what its plain form reads.
+    Left at their defaults they are not an error. An unknown ``--arch`` is refused elsewhere."""
+    from mechscope.sae.archs import architecture_names, get_architecture
+
+    if arch not in architecture_names():
+        return
+    cls = get_architecture(arch)
+    plain = arch.removeprefix("skip_")
+    reads = {"k": cls.uses_k, "l1": plain == "relu", "l0": plain == "jumprelu"}
+    for name in options:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and not reads[name]:
+            users = {"k": "topk and batchtopk", "l1": "relu", "l0": "jumprelu"}[name]
+            raise MechscopeError(f"--{name} applies to --arch {users} only; --arch {arch} does not read it, so drop --{name}.")
+
+
 @handles_errors
 def train(
+    ctx: typer.Context,
     hook: str = typer.Option(..., "--hook", help="TransformerLens hook, e.g. blocks.15.hook_resid_post (transcoder: the MLP input, e.g. blocks.6.ln2.hook_normalized)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the SAE (cfg.json + sae_weights.safetensors) and checkpoints."),
     arch: str = typer.Option(TrainConfig.architecture, "--arch", help="relu, topk, batchtopk or jumprelu."),
@@ -131,6 +150,7 @@ def train(
     from mechscope.sae.evaluate import check_context_len
     from mechscope.sae.train import check_out, sae_trainer, transcoder_output_hook
 
+    refuse_unused_sparsity(ctx, arch)
     out = out or fresh_dir("sae")
     tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,

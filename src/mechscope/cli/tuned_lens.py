@@ -18,6 +18,7 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
+    err_console,
     handles_errors,
     load,
 )
@@ -89,7 +90,10 @@ def train(
                         kl_tokens=kl_tokens, checkpoint_every=checkpoint_every, context_len=context_len)
     # the settings are checked before the model loads, the context length against the model's after
     check_early(settings, context_len, TunedLensTrainConfig.context_len)
-    check_out_folder(out, "tuned-lens", replaces=False)
+    # a lens's own evaluation (`tuned-lens eval` writes into the lens folder by default) does not
+    # block extending that lens with --resume; it describes the lens this run replaces, so it goes
+    own_eval = [out / f for f in ("eval.json", "eval.html")] if (out / "tuned_lens.json").is_file() else []
+    check_out_folder(out, "tuned-lens", beside=("eval",) if own_eval else (), replaces=False)
     m = load(model, device)
     cfg = settings(context_len_for(m, context_len, TunedLensTrainConfig.context_len))
     if not json:
@@ -98,6 +102,12 @@ def train(
     t0 = time.perf_counter()
     lens = train_tuned_lens(m, corpus, cfg, out, resume=resume, progress=not json)
     secs = time.perf_counter() - t0
+    stale = [p for p in own_eval if p.is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        err_console.print(f"note: removed {', '.join(p.name for p in stale)} from {out}: it evaluated the lens this run "
+                          f"extended; run `mechscope tuned-lens eval {out}` again.", highlight=False, markup=False)
     tr = lens.info["training"]
     last = tr["kl_log"][-1]["kl_mean"] if tr["kl_log"] else None
     summary = {"out": str(out), "seconds": round(secs, 1), "stage_seconds": tr["seconds"], "final_train_kl_mean": last,

@@ -10,7 +10,16 @@ from typing import Any, Optional
 
 import typer
 
-from mechscope.cli.common import JsonOpt, check_out_folder, console, emit_json, fresh_dir, handles_errors
+from mechscope.cli.common import (
+    JsonOpt,
+    check_out_folder,
+    console,
+    emit_json,
+    fresh_dir,
+    handles_errors,
+    holds_finished,
+)
+from mechscope.errors import MechscopeError
 from mechscope.vision.config import CircuitConfig, DataConfig, TrainConfig, parse_pair
 
 vision_app = typer.Typer(help="Visual circuits (Rajaram et al. 2024) in small vision models trained here, offline.",
@@ -83,7 +92,10 @@ def train(
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
                       data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
-    _start(out, "vision-model")
+    check_out_folder(out, "vision-model", replaces=False)
+    if holds_finished(out, "vision-model"):  # circuits and reports made from it would no longer match it
+        raise MechscopeError(f"--out {out} already holds a trained vision model; choose a new --out (or delete that "
+                             "folder to train again).")
     from mechscope.vision.train import train_model
 
     out_dir = Path(out or fresh_dir("vision"))

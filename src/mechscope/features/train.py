@@ -53,6 +53,7 @@ from torch import Tensor
 
 from mechscope.activations import ActivationStore, StoreConfig, get_corpus, special_token_ids
 from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
+from mechscope.activations.corpus import same_corpus
 from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, check_mlp_input_norm, save_transcoders
@@ -281,7 +282,7 @@ class _Run:
         saved = {**_BEFORE, **state["settings"]}  # a checkpoint older than a setting ran with its old value
         for key in sorted(set(saved) | set(want)):
             old = saved.get(key)
-            if want.get(key) != old:
+            if want.get(key) != old and not (key == "corpus" and same_corpus(old, want.get(key))):
                 raise MechscopeError(
                     f"the checkpoint in {root} was made with {key}={old!r}, not {want.get(key)!r}"
                     + (" (--sink-ratio 0 means None)" if key == "sink_ratio" else "") + "; resume with the same "

@@ -118,7 +118,10 @@ class ToyConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        check_number_fields(self, "train-toy")
         check_toy_model(self.steps, self.layers, self.heads, self.d_model)
+        check_at_least(("--batch", self.batch), ("train-toy's n_eval", self.n_eval))
+        check_at_least(("train-toy's warmup", self.warmup), ("train-toy's weight_decay", self.weight_decay), least=0)
         if self.n_checkpoints < 0 or self.linear_checkpoints < 0:
             raise MechscopeError(f"--checkpoints and --linear-checkpoints count checkpoints, so they cannot be negative; got "
                                  f"{self.n_checkpoints} and {self.linear_checkpoints}.")
@@ -147,6 +150,10 @@ class DynamicsConfig:
     text: str | None = None
     """text source when the run has no train.json (see heads.sequences.text_source)"""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_number_fields(self, "dynamics")
+        check_at_least(("--n", self.n), ("--seq-len", self.seq_len), ("dynamics' n_eval", self.n_eval))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

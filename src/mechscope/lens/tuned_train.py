@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from mechscope.activations.corpus import same_corpus
 from mechscope.errors import MechscopeError, step_or_diverge
 from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
@@ -325,7 +326,7 @@ class _Run:
     def _check_settings(self, saved: dict[str, Any]) -> None:
         want = self.fingerprint(tuple(k for k in saved if k != "model"))
         for key, old in saved.items():
-            if want.get(key) != old:
+            if want.get(key) != old and not (key == "corpus" and same_corpus(old, want.get(key))):
                 if key == "cache_dtype":  # no option of its own: the CLI sets it from --matmul-dtype
                     flag = {"float32": "float32"}  # any other --matmul-dtype caches in bfloat16
                     was, now = flag.get(str(old), "auto or bfloat16"), flag.get(str(want.get(key)), "auto or bfloat16")

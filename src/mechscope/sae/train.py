@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
+from mechscope.activations.corpus import same_corpus
 from mechscope.errors import MechscopeError, refuse_file_as_folder, step_or_diverge
 from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
@@ -402,7 +403,7 @@ class Trainer:
             pairs.append((f.name, saved_train.get(f.name, default), now_train[f.name]))
         pairs += [(k, saved_cfg.get(k), now[k]) for k in ("architecture", "d_in", "d_out", "d_sae", "k")]
         for key, old, new in pairs:
-            if old != new:
+            if old != new and not (key == "corpus" and same_corpus(old, new)):
                 raise MechscopeError(
                     f"the checkpoint in {ck} was made with {key}={old!r}, not {new!r}; resume with the same "
                     "settings or use a new --out."
