@@ -386,6 +386,8 @@ def describe(
 
     if not db.is_file():
         raise MechscopeError(f"No unit database at {db}; run mechscope exemplars --db {db} first.")
+    if db.stat().st_size == 0:  # UnitDB would make it a database before the refusal that it holds no units
+        raise MechscopeError(f"{db} is empty, not a mechscope unit database; run mechscope exemplars --db {db} first.")
     scorers = () if scorer.strip().lower() == "none" else tuple(s.strip() for s in scorer.split(",") if s.strip())
     # The in-process explainer writes one unit at a time: store each description as soon as it is written.
     cfg = DescribeConfig(scorers=scorers, n_samples=samples, limit=limit, seed=seed,

@@ -365,6 +365,21 @@ class UnitDB:
         """Store a JSON summary of the model (n_layers, d_mlp, d_model, ...)."""
         self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES ('model_summary', ?)", (json.dumps(summary),)))
 
+    def check_source_weights(self, kind: str, source: str, layer: int, fingerprint: str, record: bool = False) -> None:
+        """One sentence when this database holds ``kind`` units named ``source`` at ``layer`` from a
+        dictionary whose weights had another ``fingerprint`` (``UnitSource.weights_fingerprint``):
+        two SAE folders of one name must not mix into one set of units. ``record``: store it."""
+        if not fingerprint:
+            return
+        key = f"weights:{kind}:{source}:{layer}"
+        stored = self.meta.get(key)  # None also for units written before mechscope recorded it: nothing to compare
+        if stored is not None and stored != fingerprint:
+            raise MechscopeError(
+                f"{self.path} already holds {kind} units named '{source}' at layer {layer} from a dictionary with other weights "
+                f"(a folder of the same name holding another {kind}); write these into another --db, or give the folder another name.")
+        if record and stored is None:
+            self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, fingerprint)))
+
     @property
     def model_summary(self) -> dict[str, Any]:
         return json.loads(self.meta.get("model_summary", "{}"))

@@ -507,6 +507,8 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
         raise MechscopeError(f"layer {bad[0]} is not among the layers of --units {cfg.units} ({_ranges(source.layers)}).")
     a, b = cfg.unit_range or (0, None)
     for layer in layers:
+        if db is not None:  # before the pass: another dictionary of the same folder name is refused now
+            db.check_source_weights(source.kind, source.source, layer, source.weights_fingerprint(layer))
         if a >= source.n_units(layer):
             raise MechscopeError(f"--units range starts at {a} but layer {layer} has {source.n_units(layer)} units.")
     hooks = list(dict.fromkeys(source.hook(layer) for layer in layers))
@@ -766,6 +768,7 @@ def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: i
     db.set_model_summary(_summary(model))
     bar = as_progress(progress).phase("database", total=sum(st.top_val.shape[1] for st in state.layers.values()), unit="unit")
     for layer in sorted(state.layers):
+        db.check_source_weights(source.kind, source.source, layer, source.weights_fingerprint(layer), record=True)
         db.set_unit_count(source.kind, source.source, layer, source.n_units(layer))
         recs = records_of(model, source, state, layer, vocab)
         exs = exemplars_of(state, layer, vocab)

@@ -56,6 +56,12 @@ class UnitSource:
         """[n_units, d_model]: what each unit adds to the residual stream per unit of activation."""
         raise NotImplementedError
 
+    def weights_fingerprint(self, layer: int) -> str:
+        """A digest of the weights that define ``layer``'s units beyond the model's own ("" for the
+        model's neurons, which the database's model fingerprint covers): a unit database names a
+        dictionary by its folder's name, and this tells apart two dictionaries of one name."""
+        return ""
+
 
 class MlpNeurons(UnitSource):
     kind = "mlp"
@@ -130,18 +136,29 @@ class SaeFeatures(UnitSource):
     def directions(self, layer: int) -> torch.Tensor:
         return self.saes[layer].W_dec.detach().float()
 
+    def weights_fingerprint(self, layer: int) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.saes[layer].state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
 
 class TranscoderFeatures(SaeFeatures):
     kind = "transcoder"
 
     def __init__(self, model: Model, path: str | Path, device=None):
         from mechscope.features.transcoder_set import load_transcoder_layers
+        from mechscope.sae.io import check_same_weights
 
         self.saes = {layer: tc.to(device or model.device) for layer, tc in load_transcoder_layers(path, "cpu", model).items()}
         s = model.summary
         for layer, tc in self.saes.items():
             if layer >= s.n_layers or tc.cfg.d_in != s.d_model:
                 raise MechscopeError(f"{path}/layer_{layer} does not fit {s.name} (layers 0-{s.n_layers - 1}, width {s.d_model}); use a set trained on this model.")
+            check_same_weights(tc.cfg.metadata.get("model_fingerprint"), model, f"layer {layer}'s transcoder", tc.cfg.model_name)
         self.source = Path(path).name
         self.layers = sorted(self.saes)
 

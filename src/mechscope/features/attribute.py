@@ -173,6 +173,10 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     tokens = check_prompt_ids(model, tokens, "attribute")
     if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 0:
         raise MechscopeError(f"max_features must be a whole number of at least 0 (features attributed); got {max_features!r}.")
+    if targets and len(set(targets)) < len(targets):  # one logit node per token: graph.json node ids must be unique
+        twice = next(t for t in targets if targets.count(t) > 1)
+        raise MechscopeError(f"the target token {twice} ({model.tokenizer.decode([twice])!r}) is given twice; give each logit "
+                             "target once.")
     run = capture(model, tset, tokens)
     L, P = run.n_layers, run.n_pos
     V = run.logits.shape[-1]
