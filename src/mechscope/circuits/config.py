@@ -80,8 +80,9 @@ class DiscoverConfig:
     """Keep this many edges (nodes at node level); default: smallest circuit reaching ``target``."""
     threshold: float | None = None
     """Keep the edges whose importance is >= threshold, importance as ``rank`` orders them
-    (signed: how much patching the edge lowers the metric; abs: |score|); ACDC: its pruning
-    threshold tau."""
+    (signed: how much patching the edge lowers the metric; abs: |score|); at node level the
+    nodes whose score (``circuits.attribution.node_scores``) is >= threshold; ACDC: its pruning threshold tau.
+    Not with ``edges`` (each chooses the circuit) except for ACDC."""
     target: float = 0.8
     ig_steps: int = 5
     seed: int = 0
@@ -162,6 +163,9 @@ class DiscoverConfig:
                                  f"got {self.target}.")
         if self.edges is not None and self.edges < 1:
             raise MechscopeError(f"--edges must be at least 1, got {self.edges}.")
+        if self.edges is not None and self.threshold is not None and self.method != "acdc":
+            raise MechscopeError("--edges and --threshold each choose the circuit; give one of them (or neither, for the "
+                                 "smallest circuit reaching --target).")
         if self.ig_steps < 1:
             raise MechscopeError(f"--ig-steps must be at least 1, got {self.ig_steps}.")
         if self.batch_size < 1:

@@ -121,6 +121,8 @@ def _choose(cfg: DiscoverConfig, graph: Graph, ranking: torch.Tensor, ev_score: 
             if cfg.edges > n_nodes:
                 raise MechscopeError(f"Cannot keep {cfg.edges} nodes: the graph has {n_nodes} heads and MLPs.")
             k = cfg.edges
+        elif cfg.threshold is not None and cfg.method != "acdc":  # (ACDC's threshold is its tau)
+            return node_circuit(graph, ns >= cfg.threshold)  # the input's score is inf: always kept
         else:
             k = n_nodes
             for cand in range(1, n_nodes + 1):  # node counts are small: scan in steps

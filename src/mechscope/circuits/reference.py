@@ -213,6 +213,10 @@ def compare_with_reference(res: "CircuitResult", reference: Reference | str | Pa
     rk, ns = circuit_ranking(res)
     out: dict[str, Any] = {"source": ref.source, "n_nodes": int(nodes.sum()),
                            "node_roc_auc": roc_auc(ns, nodes, sel, absolute=False)}
+    mine = res.model.get("name") if isinstance(res.model, dict) else None
+    if ref.source.startswith("mechscope ") and mine and ref.model not in ("?", mine):  # another run, another model
+        out["note"] = (f"the reference circuit was found on {ref.model}, this one on {mine}: the graphs share node names, "
+                       "so the figures compare circuits across models")
     em = ref.edge_mask(g)
     if em is not None:
         kept = res.circuit.bool()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -202,10 +202,17 @@ def reference_lines(r: dict, rank: str) -> list[str]:
     """What ``evaluate --reference`` prints of ``compare_with_reference``'s figures ``r``: they rank
     by this run's circuits (its circuit, then the order edges join its pruned top-k), not by raw
     scores, so a circuit compared with itself reads 1.0 throughout."""
-    lines = [f"reference ({r['n_nodes']} nodes): node ROC AUC {r['node_roc_auc']:.3f}"
-             + (f", edge ROC AUC {r['edge_roc_auc']:.3f}" if "edge_roc_auc" in r else "")
+    def auc(v: Any, what: str) -> str:  # None (JSON) or NaN: one class only, e.g. a reference holding every node
+        if v is None or v != v:
+            return f"undefined (the reference holds every {what} or none, so there is nothing to rank against)"
+        return f"{v:.3f}"
+
+    lines = [f"reference ({r['n_nodes']} nodes): node ROC AUC {auc(r['node_roc_auc'], 'node')}"
+             + (f", edge ROC AUC {auc(r['edge_roc_auc'], 'edge')}" if "edge_roc_auc" in r else "")
              + f" (this run's ranking: its circuit, then edges in the order they join its pruned top-k circuits "
                f"by {rank} importance)"]
+    if r.get("note"):
+        lines.append(f"note: {r['note']}")
     if "edge_overlap" in r:
         lines.append(f"reference edges: {r['n_edges']:,}; of them {r['edge_overlap']:.1%} are among the first "
                      f"{r['n_edges']:,} of this run's ranking (chance {r['chance_overlap']:.1%}), {r['in_this_circuit']:.1%} "

@@ -23,6 +23,11 @@ __all__ = [
 ]
 
 
+MAX_PAIRS = 100_000
+"""The most pairs ``Task.build`` makes (--n): far above any run here (200 by default), far below a
+request that would exhaust memory before the first forward pass."""
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     name: str
@@ -47,6 +52,9 @@ class Task:
     def build(self, tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
         if n is not None and n < 1:
             raise MechscopeError(f"--n must be at least 1 pair; got {n}.")
+        if n is not None and n > MAX_PAIRS:  # a generated task would build them all before running out of memory
+            raise MechscopeError(f"--n {n:,} is more pairs than a task builds (at most {MAX_PAIRS:,}: every pair's tokens are "
+                                 "held in memory and each patched pass runs over all of them); give a smaller --n.")
         return self.builder(tokenizer, n=self.default_n if n is None else n, seed=seed)
 
 
