@@ -138,7 +138,8 @@ def get_corpus(
 def same_corpus(a: Any, b: Any) -> bool:
     """Whether two ``--corpus`` values name the same corpus: equal, or two spellings (relative,
     absolute, ``~``) of one existing file or folder. A checkpoint records the value its run was
-    given, and a resume from another folder, or with the absolute path, must still match it."""
+    given, and a resume that spells the same path otherwise must still match it (a relative value
+    recorded in another working folder no longer resolves here, so the strings decide)."""
     if a == b:
         return True
     if not isinstance(a, (str, Path)) or not isinstance(b, (str, Path)) or not str(a) or not str(b):
