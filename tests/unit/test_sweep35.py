@@ -285,3 +285,21 @@ def test_a_task_refuses_more_pairs_than_it_can_hold(tiny_gpt2):
     with pytest.raises(MechscopeError, match="more pairs than a task builds"):
         get_task("induction").build(tiny_gpt2.tokenizer, n=MAX_PAIRS + 1)
     assert len(get_task("induction").build(tiny_gpt2.tokenizer, n=3).clean) == 3
+
+
+def test_a_circuit_found_on_callers_pairs_is_not_evaluated_on_cfg_tasks_pairs(tiny_llama, tmp_path):
+    """discover(batch=...) saved settings.task = cfg.task ('ioi' by default), so evaluate_saved drew
+    that task's pairs for a circuit found on others; now the settings name the batch's task and
+    evaluation asks which task to use."""
+    from mechscope.circuits import DiscoverConfig, discover, evaluate_saved
+    from mechscope.tasks import get_task
+
+    batch = get_task("induction").build(tiny_llama.tokenizer, n=12, seed=3)
+    res = discover(tiny_llama, DiscoverConfig(task="ioi", n=12, method="eap", edges=20, labels=False, force=True,
+                                              bootstrap=20), batch=batch, progress=False)
+    assert res.task == res.settings["task"] == batch.task and res.settings["pairs_from_caller"] is True
+    res.save(tmp_path / "run")
+    with pytest.raises(MechscopeError, match="passed to discover"):
+        evaluate_saved(tiny_llama, tmp_path / "run")
+    out = evaluate_saved(tiny_llama, tmp_path / "run", task="induction", n=12)
+    assert out["edges_kept"] == int(res.circuit.sum())

@@ -183,7 +183,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     ``checkpoint``: a folder where the finished stages (the edge scores, each rank mode's
     cross-validated curve, the held-out evaluation, the faithfulness curve) are kept; a rerun of
     the same discovery reads them back instead of redoing them (``_stages``; every stage is
-    deterministic, so the result is the same). The CLI's ``--out`` is that folder."""
+    deterministic, so the result is the same). The CLI's ``--out`` is that folder. ``batch``:
+    the pairs instead of ``cfg.task``'s; the saved settings then name the batch's task and say
+    so (``pairs_from_caller``), and ``evaluate_saved`` asks for the task to evaluate it on."""
     from mechscope.models import require_model
     from mechscope.tasks import get_task, task_spec
 
@@ -199,6 +201,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     check_patching_exact(model, graph)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
+    from_caller = batch is not None  # pairs a saved run cannot draw again from its settings
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
     batch.check(model.summary.d_vocab)
@@ -333,7 +336,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     model_info = model.summary.to_dict() | ({"parallel_blocks": True} if graph.parallel else {}) \
         | ({"heads_as_norm_shares": True} if any(s is not None for s in head_shares(model)) else {})
     res = CircuitResult(model=model_info, task=batch.task, method=cfg.method,
-                        settings={**asdict(cfg), "task": task_spec(cfg.task), "rank": rank}, graph=graph, scores=scores, circuit=circuit,
+                        settings={**asdict(cfg), "task": batch.task if from_caller else task_spec(cfg.task), "rank": rank,
+                                  **({"pairs_from_caller": True} if from_caller else {})},
+                        graph=graph, scores=scores, circuit=circuit,
                         metrics=metrics, curve=curve, cpr=cpr, cmd=cmd, cv_curve=cv)
     say("attention patterns and head roles")
     from mechscope.circuits.labels import attention_patterns, circuit_heads, label_heads

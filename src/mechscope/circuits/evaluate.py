@@ -351,6 +351,10 @@ def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | 
     if g.summary() != res.graph.summary():
         raise MechscopeError(f"The model {model.summary.name} has a different graph than the one the circuit was found on ({res.model.get('name')}).")
     st, d = res.settings, DiscoverConfig
+    if task is None and st.get("pairs_from_caller"):  # its settings would draw other pairs (those of cfg.task)
+        raise MechscopeError(f"this circuit was found on pairs passed to discover(batch=...) (task '{res.task}'), which a "
+                             "saved run cannot draw again; give the task to evaluate it on (task= here, --task for "
+                             "mechscope evaluate): a built-in task or a .jsonl file of pairs.")
     seed = st.get("seed", d.seed)
     batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n if n is not None else st.get("n", d.n),
                                                             seed=seed)
