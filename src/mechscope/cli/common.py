@@ -266,6 +266,12 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
             return
 
 
+def given(ctx: Any, name: str) -> bool:
+    """Whether the option ``name`` (a ``typer.Context`` parameter) was given, not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def holds_finished(out: Path | None, kind: str) -> bool:
     """Whether ``out`` holds a finished ``kind`` artefact (an ``_ARTEFACTS`` kind): what a training
     command that never overwrites its result refuses."""

@@ -18,6 +18,7 @@ from mechscope.cli.common import (
     check_out_folder,
     console,
     emit_json,
+    given,
     handles_errors,
     load,
     resumable_out,
@@ -112,8 +113,7 @@ _BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads",
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """Whether the option ``name`` was given (not left at its default)."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    return given(ctx, name)
 
 
 @handles_errors

@@ -21,6 +21,7 @@ from mechscope.cli.common import (
     context_len_for,
     emit_json,
     fresh_dir,
+    given,
     handles_errors,
     load,
     load_sae_and_model,
@@ -114,8 +115,7 @@ def refuse_unused_sparsity(ctx: typer.Context, arch: str, options: tuple[str, ..
     plain = arch.removeprefix("skip_")
     reads = {"k": cls.uses_k, "l1": plain == "relu", "l0": plain == "jumprelu"}
     for name in options:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP") and not reads[name]:
+        if given(ctx, name) and not reads[name]:
             users = {"k": "topk and batchtopk", "l1": "relu", "l0": "jumprelu"}[name]
             raise MechscopeError(f"--{name} applies to --arch {users} only; --arch {arch} does not read it, so drop --{name}.")
 

@@ -139,11 +139,15 @@ class SaeFeatures(UnitSource):
     def weights_fingerprint(self, layer: int) -> str:
         import hashlib
 
+        done = self.__dict__.setdefault("_weights_fp", {})  # asked before the pass and again when writing
+        if layer in done:
+            return done[layer]
         h = hashlib.sha256()
         for name, t in sorted(self.saes[layer].state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        done[layer] = h.hexdigest()[:16]
+        return done[layer]
 
 
 class TranscoderFeatures(SaeFeatures):
