@@ -130,6 +130,12 @@ def test_cli_eap_writes_its_files_and_refuses_bad_input(tmp_path):
     assert d["curve"][-1]["faithfulness"] == pytest.approx(1.0, abs=1e-5)  # every edge kept
     assert d["n_edges"] == d["curve"][-1]["n_edges"] and d["n_pairs"]["fit"] == 12
     assert d["top_edges"] and all(e["sender"] and e["receiver"] for e in d["top_edges"])
+    assert ("note" in d) == (min(d["n_pairs"].values()) < 12)
+    res = r.invoke(app, ["vision", "eap", "--model", str(vit), "--clean", "dot", "--corrupt", "vbar", "--n", "100000",
+                         "--steps", "1", "--out", str(tmp_path / "e2"), "--json"])
+    assert res.exit_code == 0, res.output
+    many = json.loads(res.stdout)  # more pairs asked for than the images give: every one used, and said
+    assert max(many["n_pairs"].values()) < 100000 and f"{many['n_pairs']['held_out']} held-out" in many["note"]
     page = (tmp_path / "e" / "report.html").read_text()
     assert "Faithfulness by circuit size" in page and "<svg" in page
     d["clean_class"] = "<script>alert(1)</script>"

@@ -185,7 +185,7 @@ def exemplars(
     batch_size: int = typer.Option(ExemplarsConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
     seed: int = typer.Option(ExemplarsConfig.seed, "--seed", help="Seed of the samples and of the train/valid/test split."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: DB.exemplars/<settings>); a killed run resumes from it."),
-    checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints."),
+    checkpoint_every: int = typer.Option(ExemplarsConfig.checkpoint_every, "--checkpoint-every", help="Contexts between checkpoints (0: only when the pass ends; a killed pass then starts again)."),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="Keep the checkpoint after the database is written."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="A token shard's checkpoint of this pass to take the histogram bins from (shards on other machines)."),
     sink_ratio: Optional[float] = typer.Option(None, "--sink-ratio", help="Leave out attention sinks (residual norm > R x the median); default for transcoders:DIR the ratio the set was trained with, off otherwise; 0: off."),

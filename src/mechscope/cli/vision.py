@@ -233,6 +233,10 @@ def eap(
     res = vision_eap(load_vision_model(model), clean, corrupt, n=n, method=method, steps=steps,
                      target=target, seed=seed, progress=not json)
     d = res.to_dict()
+    fewer = [f"{d['n_pairs'][k]} {what}" for k, what in (("fit", "scoring"), ("held_out", "held-out")) if d["n_pairs"][k] < n]
+    if fewer:  # a split holds fewer clean images than --n: every one is used, and the run says so
+        d["note"] = (f"--n {n} is more pairs than the images give: {' and '.join(fewer)} pairs were used "
+                     f"(each split gives as many pairs as its rarer class of the two has images).")
     out_dir = Path(out or fresh_dir("vision-eap"))
     res.save(out_dir)
     report = write_vision_eap(d, out_dir / "report.html")
@@ -246,4 +250,6 @@ def eap(
                   f"(95% interval {held['ci_low']:.2f} to {held['ci_high']:.2f}, {d['n_pairs']['held_out']} pairs) with "
                   f"{ch['n_edges']:,} of {d['n_edges']:,} edges ({100 * ch['fraction']:.1f}%; "
                   f"{ch['faithfulness_fit']:.2f} on the scoring pairs it was chosen on){extra}", highlight=False)
+    if "note" in d:
+        console.print(f"note: {d['note']}", highlight=False)
     console.print(f"report: {report}", highlight=False)

@@ -53,7 +53,7 @@ class ExemplarsConfig:
     """Fractions of contexts whose exemplars go to train / valid / test (per unit, by seed)."""
     seed: int = 0
     checkpoint_every: int = 256
-    """Contexts between checkpoints (0: never)."""
+    """Contexts between checkpoints (0: only when the pass ends; a killed pass then starts again)."""
     n_logits: int = 10
     """Top/bottom output tokens stored per unit."""
     sink_ratio: float | None = None
@@ -77,6 +77,8 @@ class ExemplarsConfig:
             raise MechscopeError("k must be at least 1 and k_bottom, per_quantile, n_random at least 0.")
         if self.k > self.context_len * self.batch_size // 2:
             raise MechscopeError(f"k={self.k} is more than half a batch's tokens; use a smaller --k or larger batches.")
+        if self.checkpoint_every < 0:
+            raise MechscopeError(f"--checkpoint-every counts contexts between checkpoints (0: only when the pass ends); got {self.checkpoint_every}.")
         if self.before < 0 or self.after < 0:
             raise MechscopeError("before and after must be at least 0.")
         if any(not 0 < q < 1 for q in self.quantiles) or list(self.quantiles) != sorted(self.quantiles):

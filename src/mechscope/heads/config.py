@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from mechscope.errors import MechscopeError, check_at_least, check_lr, check_number_fields
+from mechscope.resources import check_fits_memory, gpt_training_bytes
 
 DataKind = Literal["repeats"]
 
@@ -126,6 +127,10 @@ class ToyConfig:
             raise MechscopeError(f"--checkpoints and --linear-checkpoints count checkpoints, so they cannot be negative; got "
                                  f"{self.n_checkpoints} and {self.linear_checkpoints}.")
         check_lr(self.lr)
+        check_fits_memory("train-toy with these sizes", gpt_training_bytes(
+            vocab=self.data.vocab + 1, positions=self.data.seq_len + 1, d_model=self.d_model, layers=self.layers,
+            heads=self.heads, mlp=not self.attn_only, batch=self.batch, seq=self.data.seq_len + 1),
+            "give a smaller --seq-len, --batch, --d-model, --layers or --vocab")
 
     def to_dict(self) -> dict:
         return asdict(self)

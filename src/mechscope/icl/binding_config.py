@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from mechscope.errors import MechscopeError, check_lr
 from mechscope.heads.config import check_toy_model
+from mechscope.resources import check_fits_memory, gpt_training_bytes
 
 SETTING = "binding"
 """The ``setting`` recorded in a binding run's ``train.json``."""
@@ -81,6 +82,10 @@ class BindingConfig:
         if self.batch < 1 or self.n_eval < 1:
             raise MechscopeError("train-toy needs --batch >= 1 and at least one evaluation program.")
         check_lr(self.lr)
+        seq, d = 3 + 4 * self.data.lines, self.data  # BOS, 4 tokens a line, '?' and the query (binding_data.seq_len)
+        check_fits_memory("train-toy --setting binding with these sizes", gpt_training_bytes(
+            vocab=4 + (d.n_vars or d.lines) + d.n_consts, positions=seq, d_model=self.d_model, layers=self.layers,
+            heads=self.heads, mlp=True, batch=self.batch, seq=seq), "give a smaller --batch, --d-model or --layers")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from mechscope.errors import MechscopeError, check_lr
+from mechscope.resources import check_fits_memory
 
 SETTING = "icml"
 """The value of ``mechscope train-toy --setting`` (and of ``settings.setting`` in train.json)."""
@@ -113,6 +114,11 @@ class MetaConfig:
                 f"after the {self.data.dim}-dimensional class vector; raise --d-model to at least {self.data.dim + self.data.n_positions}."
             )
         check_lr(self.lr)
+        d, P, dm = self.data, self.data.n_positions, self.d_model  # the class means, the model, a batch's activations kept
+        need = 4 * (d.n_classes * d.dim + 4 * (self.attn_layers * 3 * dm * dm + self.mlp_layers * dm * dm + dm * d.n_labels)
+                    + max(self.batch, self.n_eval) * P * (self.attn_layers * (4 * dm + 2 * self.heads * P) + self.mlp_layers * dm))
+        check_fits_memory("train-toy --setting icml with these sizes", need,
+                          "give a smaller --classes, --d-model, --batch or --context")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
