@@ -56,8 +56,8 @@ _NUMBER_KINDS = {"int": (int,), "float": (int, float)}
 
 def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an integer",
                         strings: tuple[str, ...] = ()) -> None:
-    """One sentence when a field of the dataclass ``obj`` annotated ``int`` or ``float`` (or
-    ``... | None``) holds something else, e.g. the string '64' (which would fail later with
+    """One sentence when a field of the dataclass ``obj`` annotated ``int``, ``float`` or ``bool``
+    (or ``... | None``) holds something else, e.g. the string '64' (which would fail later with
     "'<' not supported between ..."), or a field named in ``strings`` holds no text. ``integer``
     is how the sentence names an int ("an integer", "a whole number"). Reads the annotation
     strings only: cheap."""
@@ -66,6 +66,11 @@ def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
         optional = ann.endswith("| None")
         base = ann.removesuffix("| None").strip()
+        if base == "bool":  # "no" or 0 would pass as a truth value without a word
+            flag = getattr(obj, f.name)
+            if not isinstance(flag, bool) and not (flag is None and optional):
+                raise MechscopeError(f"{what}.{f.name} must be True or False; got {flag!r} ({_article(type(flag).__name__)}).")
+            continue
         kinds = (str,) if f.name in strings else _NUMBER_KINDS.get(base)
         if kinds is None:
             continue
@@ -100,3 +105,12 @@ def refuse_file_as_folder(path: str | Path, option: str = "--out") -> None:
     if q.exists() and not q.is_dir():
         where = "is a file" if q == p else f"lies under {q}, which is a file"
         raise MechscopeError(f"{path} {where}; {option} must name a folder.")
+
+
+def check_config(cfg: Any, cls: type, who: str) -> None:
+    """One sentence when ``cfg`` (given to ``who``) is neither None nor a ``cls``: a dict or a
+    string there failed later as an AttributeError deep inside the run."""
+    if cfg is not None and not isinstance(cfg, cls):
+        hint = f" ({cls.__name__}(**d) for a dict d)" if isinstance(cfg, dict) else ""
+        raise MechscopeError(f"{who} takes a {cls.__name__} ({cls.__module__}.{cls.__name__}(...)) as cfg, got "
+                             f"{_article(type(cfg).__name__)}{hint}.")

@@ -69,7 +69,12 @@ def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: i
                       ensure_ascii: bool = True) -> Path:
     """Create ``out_dir`` if needed and write ``doc`` to ``out_dir/filename`` (see ``write_json``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise MechscopeError(f"'{out}' is a file; results are saved into a folder, so give a folder's path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MechscopeError(f"Cannot create the folder '{out}' ({exc.strerror or exc}); give a folder you can write to.") from None
     return write_json(out / filename, doc, indent=indent, ensure_ascii=ensure_ascii)
 
 

@@ -122,7 +122,7 @@ def test_facts_n_above_supply_gets_a_note(spm):
     total = len(facts.load_facts())
     batch = get_task("facts").build(spm, n=total + 500, seed=0)
     assert len(batch) <= total
-    assert len(batch.notes) == 1 and batch.notes[0].startswith(f"--n {total + 500} asks for more pairs")
+    assert len(batch.notes) == 1 and batch.notes[0].startswith(f"{total + 500} pairs were asked for")
     assert f"{total} facts" in batch.notes[0] and f"the batch has {len(batch)}" in batch.notes[0]
     assert get_task("facts").build(spm, n=total, seed=0).notes == []
 
@@ -139,7 +139,7 @@ def test_jsonl_n_counts_different_pairs(spm, tmp_path):
     assert len(batch) == 2 and batch.dropped == {"repeats an earlier pair": 1}
     batch = get_task(path).build(spm, n=100)
     assert len(batch) == 3
-    assert batch.notes == ["--n 100 asks for more pairs than the task can supply: 3 different pairs in the file, "
+    assert batch.notes == ["100 pairs were asked for (--n, or its default) but the task can supply 3 different pairs in the file, "
                            "so the batch has 3."]
 
 
@@ -183,7 +183,7 @@ def test_greater_than_n_above_supply(spm, monkeypatch):
     monkeypatch.setattr(greater_than, "CENTURIES", [17])
     batch = greater_than.build(spm, n=100, seed=0)
     assert len(batch) == 80 and len(set(batch.clean_text)) == 80
-    assert batch.notes == ["--n 100 asks for more pairs than the task can supply: 80 different prompts, so the batch has 80."]
+    assert batch.notes == ["100 pairs were asked for (--n, or its default) but the task can supply 80 different prompts, so the batch has 80."]
 
 
 def test_the_report_names_held_out_splits_of_a_task_files_pairs():

@@ -66,6 +66,7 @@ from mechscope.patching.engine import (
     source_activations,
 )
 from mechscope.progress import ProgressArg, as_progress
+from mechscope.tasks import check_fits
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -150,9 +151,10 @@ def edge_score_folds(
                              "get_task(name).build(model.tokenizer).")
     check_graph_fits(model, graph, "edge_scores")
     batch.check(model.summary.d_vocab)
-    m = 1 if method == "eap" else int(steps)
-    if m < 1:
-        raise MechscopeError(f"--ig-steps must be at least 1, got {steps}.")
+    check_fits(model, batch)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise MechscopeError(f"--ig-steps must be a whole number of at least 1, got {steps!r}.")
+    m = 1 if method == "eap" else steps
     if qk not in ("exact", "linear"):
         raise MechscopeError(f"Unknown q/k edge mode '{qk}'; choose exact or linear.")
     dev = model.device

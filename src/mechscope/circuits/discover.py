@@ -201,6 +201,8 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     check_patching_exact(model, graph)
     if cfg.edges is not None and cfg.level == "edge" and not 0 < cfg.edges <= graph.n_edges:
         raise MechscopeError(f"--edges {cfg.edges} is out of range: the graph has {graph.n_edges:,} edges.")
+    if cfg.edges is not None and cfg.level == "node" and cfg.edges > graph.n_senders - 1:
+        raise MechscopeError(f"Cannot keep {cfg.edges} nodes: the graph has {graph.n_senders - 1} heads and MLPs.")
     from_caller = batch is not None  # pairs a saved run cannot draw again from its settings
     if batch is None:
         batch = get_task(cfg.task).build(model.tokenizer, n=cfg.n, seed=cfg.seed)
@@ -278,6 +280,11 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         if cfg.level == "node" or k_cv is None:
             say("choosing the circuit on the scoring pairs")
         circuit = _choose(cfg, graph, ranking, ev_score, k_cv)
+    selected = None  # edges a count or threshold chose, before pruning to input -> logits paths
+    if cfg.level == "edge" and k_cv is None and (cfg.edges is not None or cfg.method != "acdc"):
+        chosen = (top_k(graph, ranking, cfg.edges, absolute=False) if cfg.edges is not None else
+                  threshold(graph, ranking, cfg.threshold, absolute=False) if cfg.threshold is not None else None)
+        selected = None if chosen is None else int(chosen.sum())
     grown_from = None
     if k_cv is not None and not bool(circuit.any()):
         grown_from, k_cv = k_cv, _smallest_connected(graph, ranking, k_cv)
@@ -317,6 +324,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
                       "edges" if cfg.edges is not None else "threshold" if cfg.threshold is not None else "in-sample"),
         "size_rule": rule,
         **({"size_grown_from": grown_from} if grown_from is not None else {}),
+        **({"n_edges_selected": selected} if selected is not None else {}),
         "plateau": PLATEAU if rule == "plateau" else None,
         "target": cfg.target,
         "random_same_size": rand,

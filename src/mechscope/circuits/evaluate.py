@@ -36,6 +36,7 @@ from mechscope.patching.engine import (
     source_activations,
 )
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress
+from mechscope.tasks import check_fits
 from mechscope.tasks.base import TaskBatch
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Evaluator:
                                  "get_task(name).build(model.tokenizer).")
         check_graph_fits(self.model, self.graph, "Evaluator")
         self.batch.check(self.model.summary.d_vocab)
+        check_fits(self.model, self.batch)
         dev = self.model.device
         chunks: list[tuple[TaskBatch, torch.Tensor | None]] = []
         clean_ex, corrupt_ex = [], []
@@ -338,7 +340,7 @@ def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | 
     """
     from mechscope.circuits.result import CircuitResult
     from mechscope.models import require_model
-    from mechscope.tasks import check_fits, get_task
+    from mechscope.tasks import get_task
 
     require_model(model, "evaluate_saved")
     if isinstance(res, (str, Path)):

@@ -102,6 +102,7 @@ def discover(
         "selection": mt["selection"], "size_rule": mt.get("size_rule"), "random_same_size": mt["random_same_size"],
         "cpr": res.cpr, "cmd": res.cmd, "seconds": mt["seconds"], "at_chance": bool(mt.get("at_chance")),
         "empty": mt["n_edges_kept"] == 0, "qk_fallback_layers": mt.get("qk_fallback_layers", []),
+        **({"edges_selected": mt["n_edges_selected"]} if "n_edges_selected" in mt else {}),
         "dropped_pairs": mt.get("dropped_pairs", {}), "task_notes": mt.get("task_notes", []),
         "circuit_json": str(Path(out_dir) / "circuit.json"), "report": str(report),
     }
@@ -123,6 +124,10 @@ def discover(
         highlight=False,
     )
     print_pair_notes(mt.get("dropped_pairs"), mt.get("task_notes"))
+    if (sel := mt.get("n_edges_selected")) is not None and sel > mt["n_edges_kept"]:
+        by = f"--edges {cfg.edges}" if cfg.edges is not None else f"--threshold {cfg.threshold:g}"
+        console.print(f"note: {by} selected {sel:,} edges; {sel - mt['n_edges_kept']:,} of them lie on no path from the input "
+                      "to the logits and were pruned.", highlight=False)
     if mt.get("at_chance"):
         console.print("[yellow]--force: the model does this task at chance[/], so these figures describe no behaviour.",
                       highlight=False)

@@ -71,6 +71,7 @@ def heads(
         "model": m.summary.name, "top_heads": res.top_by_category(), "top_k_composition": res.top_pairs("k", 5) if res.composition else [],
         "icl": res.icl, "ablation": res.ablation, "seconds": time.perf_counter() - t0,
         "heads_json": str(out_dir / "heads.json"), "report": str(report),
+        **({"note": res.extra["note"]} if res.extra.get("note") else {}),
     }
     if json:
         return emit_json(summary)
@@ -86,6 +87,8 @@ def heads(
     console.print(f"ICL score: {ic['icl_score']:+.3f} nats (loss at token {ic['late']} minus token {ic['early']}, "
                   f"{ic['n_contexts']} contexts of {res.text_source})")
     console.print(ablation_sentence(ab), highlight=False)
+    if summary.get("note"):
+        console.print(f"note: {summary['note']}", highlight=False)
     console.print(f"results: {out_dir / 'heads.json'}  report: {report}")
 
 
@@ -102,7 +105,7 @@ def ablation_sentence(ab: dict) -> str:
     of each change: ablating heads can lower the loss as well as raise it."""
     top = _change(ab["top_k_increase"], "raises the repeated-half loss", "lowers the repeated-half loss")
     rnd = _change(ab["random_mean_increase"], "raise it", "lower it")
-    return (f"Mean-ablating the top {ab['k']} induction heads {top} nats; {ab['k']} random heads {rnd} "
+    return (f"Mean-ablating the top {ab['k']} induction heads {top} nats; {ab['k']} random {'other ' if ab.get('random_from') == 'other heads' else ''}heads {rnd} "
             f"(mean of {len(ab['random_increases'])}).")
 
 

@@ -305,7 +305,7 @@ def convert(
 ) -> None:
     """Convert a Gemma Scope SAE (params.npz) into an SAE folder (SAELens layout, safetensors); with
     --model, check it fits that model and record the model for `sae eval` and `sae dashboard`."""
-    from mechscope.sae.gemma_scope import check_npz_file, gemma_scope_sae
+    from mechscope.sae.gemma_scope import check_npz_file, gemma_scope_sae, infer_hook
     from mechscope.sae.io import check_sae_fits, save_sae
 
     check_npz_file(npz)  # what is wrong with the file first, before the model loads
@@ -321,7 +321,16 @@ def convert(
     cfg = sae.cfg
     summary = {"out": str(out), "hook": cfg.hook_name, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "architecture": cfg.architecture,
                "checked_against": m.summary.name if m else None}
+    try:
+        from_path = infer_hook(npz) if hook else None
+    except MechscopeError:  # an attention or transcoder path: --hook overrode it on purpose
+        from_path = None
+    if from_path and from_path != hook:
+        summary["note"] = (f"--hook {hook} is not the hook the file's path names ({from_path}); the SAE was saved for --hook "
+                           "as given.")
     if json:
         return emit_json(summary)
     fits = f"; it fits {m.summary.name}" if m else " (pass --model to check it fits a model)"
     console.print(f"Gemma Scope SAE with {cfg.d_sae:,} features on {cfg.hook_name} (d_in {cfg.d_in}) -> {out}{fits}.", highlight=False)
+    if "note" in summary:
+        console.print(f"note: {summary['note']}", highlight=False)

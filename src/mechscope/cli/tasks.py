@@ -43,7 +43,7 @@ def tasks(json: bool = JsonOpt) -> None:
 def task_eval(
     task: str = typer.Option(..., "--task", "-t", help="Task name or path to a .jsonl file."),
     model: Optional[str] = ModelOpt,
-    n: int = typer.Option(50, "--n", help="Number of clean/corrupt pairs."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of clean/corrupt pairs (default: 50 for a generated task, all pairs of a .jsonl file and of facts)."),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,

@@ -11,6 +11,12 @@ norm and the unembedding:
     gain(l, n) = log softmax(U(r_l + a_n W_out[l, n]))[t] - log softmax(U(r_l))[t],
     U(x) = (w * centre(x) / s) W_U + (b_norm W_U + b_U)   (then the model's soft-cap, if any)
 
+Where a norm follows the MLP (Gemma 2/3's ``post_feedforward_layernorm``), a neuron's write is
+its share of that norm with the run's own scale frozen, ``g * centre(a_n W_out[l, n]) / s(o)``
+for the MLP's raw output o (``models.norms.HeadShares`` for neurons): adding the raw vector
+would score each layer on the scale of its output before the norm, which differs by an order
+of magnitude from layer to layer (measured on a tiny Gemma 2: 6.7-18x).
+
 Per prefix the ``per_prompt`` (300) neurons of highest gain are kept and their gains summed
 over prefixes (``accumulate``). The gain is not additive (a log-softmax), so the identity test
 lives in ``logit_decomposition``: with the same frozen scale, every neuron's direct
@@ -26,7 +32,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechscope.models import plain_attention
-from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_out, mlp_out, mlp_post, resid_mid, resid_pre
+from mechscope.models.hooks import (
+    EMBED,
+    FINAL_NORM_IN,
+    POS_EMBED,
+    attn_out,
+    mlp_norm_in,
+    mlp_out,
+    mlp_post,
+    resid_mid,
+    resid_pre,
+)
+from mechscope.models.norms import HeadShares, norm_module
 from mechscope.models.unembed import final_norm, project, unembed_weights
 from mechscope.partial import Partial
 from mechscope.progress import ProgressArg, as_progress
@@ -45,10 +62,43 @@ class Prefix:
     target: int
 
 
+def _post_mlp_norm(model: Model, l: int) -> HeadShares | None:
+    """The norm after block ``l``'s MLP as shares (``models.norms.HeadShares``), or None where
+    the MLP's output is added as it is."""
+    post = getattr(model.bridge.blocks[l], "ln2_post", None)
+    if post is None:
+        return None
+    try:
+        return HeadShares(norm_module(post), model.summary.d_model, model.device)
+    except ValueError:
+        return None
+
+
+def _write_rows(share: HeadShares | None, W_out: torch.Tensor) -> torch.Tensor:
+    """Each neuron's output row [d_mlp, d_model] as the residual stream receives it, but for the
+    per-token factor ``_write_factor``: ``W_out`` without a post-MLP norm; with one, centred (a
+    LayerNorm) and scaled by the norm's gain."""
+    if share is None:
+        return W_out
+    rows = W_out - W_out.mean(-1, keepdim=True) if share.centred else W_out
+    return rows * share.gain.to(W_out.device)
+
+
+def _write_factor(share: HeadShares | None, mlp_in: torch.Tensor | None) -> torch.Tensor:
+    """[1]: 1 without a post-MLP norm; with one, 1 / s(o) for the MLP's raw output ``mlp_in``
+    [d_model] (the norm's scale in this run, frozen)."""
+    if share is None or mlp_in is None:
+        return torch.ones(1)
+    o = mlp_in.float() - mlp_in.float().mean() if share.centred else mlp_in.float()
+    return torch.rsqrt(o.pow(2).mean() + share.eps).reshape(1).cpu()
+
+
 @torch.no_grad()
 def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.Tensor]:
-    """resid_mid and mlp_post of ``layers`` and the final residual, at the last position."""
+    """resid_mid and mlp_post of ``layers`` (and the input of a norm after the MLP, where one
+    is) and the final residual, at the last position."""
     wanted = {FINAL_NORM_IN} | {resid_mid(l) for l in layers} | {mlp_post(l) for l in layers}
+    wanted |= {mlp_norm_in(l) for l in layers if _post_mlp_norm(model, l) is not None}
     with plain_attention(model):
         _, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
                                                names_filter=lambda n: n in wanted)
@@ -86,14 +136,15 @@ def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
     ones = torch.ones(1, device=W_U.device)
     for j in todo:
         l = layers[j]
-        W_out = W_outs[l].to(W_U.device)  # [d_mlp, d_model]
-        M = norm.linear(W_out, ones) @ W_U  # [d_mlp, d_vocab]: each neuron's unit output, scale 1
+        share = _post_mlp_norm(model, l)
+        M = norm.linear(_write_rows(share, W_outs[l].to(W_U.device)), ones) @ W_U  # [d_mlp, d_vocab]: each neuron's unit output, scale 1
         for i, (p, st) in enumerate(zip(prefixes, states)):
             s = norm.scale(st[FINAL_NORM_IN].to(W_U.device))  # [1], frozen
             base = norm.linear(st[resid_mid(l)].to(W_U.device), s) @ W_U + const  # [d_vocab], before any soft-cap
             capped = norm.cap(base)
             base_lp = capped[p.target] - torch.logsumexp(capped, -1)
-            coef = st[mlp_post(l)].to(W_U.device) / s  # [d_mlp]
+            factor = _write_factor(share, st.get(mlp_norm_in(l))).to(W_U.device)
+            coef = st[mlp_post(l)].to(W_U.device) * factor / s  # [d_mlp]
             for c in range(0, d_mlp, _CHUNK):
                 logits = norm.cap(base + coef[c:c + _CHUNK, None] * M[c:c + _CHUNK])  # [chunk, d_vocab]
                 lp = logits[:, p.target] - torch.logsumexp(logits, -1)
@@ -141,8 +192,9 @@ def logit_decomposition(model: Model, prefix: Prefix) -> LogitDecomposition:
     at the last position, through the final norm with its scale frozen (they sum to the logit)."""
     L = model.summary.n_layers
     wanted = {EMBED, POS_EMBED, resid_pre(0), FINAL_NORM_IN}
+    shares = [_post_mlp_norm(model, l) for l in range(L)]
     for l in range(L):
-        wanted |= {attn_out(l), mlp_out(l), mlp_post(l)}
+        wanted |= {attn_out(l), mlp_out(l), mlp_post(l)} | ({mlp_norm_in(l)} if shares[l] is not None else set())
     with plain_attention(model):
         logits, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
                                                     names_filter=lambda n: n in wanted)
@@ -160,9 +212,11 @@ def logit_decomposition(model: Model, prefix: Prefix) -> LogitDecomposition:
     W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
     for l in range(L):
         act = cache[mlp_post(l)][0, -1].float()  # [d_mlp]
-        W_out = W_outs[l]
-        neurons[l] = contrib(act[:, None] * W_out).cpu()
-        bias[l] = float(contrib(cache[mlp_out(l)][0, -1].float() - act @ W_out))
+        o = cache[mlp_norm_in(l)][0, -1] if shares[l] is not None else None
+        rows, factor = _write_rows(shares[l], W_outs[l].to(act.device)), _write_factor(shares[l], o).to(act.device)
+        writes = (act * factor)[:, None] * rows  # [d_mlp, d_model]: what each neuron adds to the residual stream
+        neurons[l] = contrib(writes).cpu()
+        bias[l] = float(contrib(cache[mlp_out(l)][0, -1].float() - writes.sum(0)))
         attention[l] = float(contrib(cache[attn_out(l)][0, -1]))
     const = (float(norm.bias @ u) if norm.bias is not None else 0.0) + (float(b_U[prefix.target]) if b_U is not None else 0.0)
     raw = logits[0, -1] if norm.soft_cap <= 0 else project(model, cache[FINAL_NORM_IN][0, -1], norm, capped=False)

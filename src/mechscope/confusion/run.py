@@ -39,7 +39,7 @@ from mechscope.confusion.metrics import ResponseCheck, check_response, english_w
 from mechscope.confusion.points import confusion_point, matched_position
 from mechscope.confusion.prompts import LangPrompt
 from mechscope.confusion.result import ConfusionResult
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.models.load import context_overrun
 from mechscope.models.tokens import token_texts
 from mechscope.partial import Partial, digest, model_key
@@ -88,7 +88,8 @@ def _split(prompts: list[LangPrompt]) -> list[str]:
 
 
 def random_like(top: list[Neuron], d_mlp: int, seed: int) -> list[Neuron]:
-    """As many random neurons per layer as ``top`` has there, none of them in ``top`` (seeded)."""
+    """As many random neurons per layer as ``top`` has there, none of them in ``top`` (seeded);
+    fewer where a layer has fewer neurons outside ``top`` (``run_confusion`` notes it)."""
     g = torch.Generator().manual_seed(seed)
     chosen = set(top)
     out: list[Neuron] = []
@@ -113,10 +114,14 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
     removes them (the CLI does once the result is saved)."""
     from mechscope.explain.plain import plain_lm
 
+    check_config(cfg, ConfusionConfig, "run_confusion")
     cfg = cfg or ConfusionConfig()
     prog = as_progress(progress)
     if not prompts:
         raise MechscopeError("No prompts to run; pass a prompt file with at least one prompt.")
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, LangPrompt) for p in prompts):
+        raise MechscopeError("run_confusion takes its prompts as LangPrompt(prompt, lang) objects (mechscope.confusion.prompts), "
+                             "e.g. [LangPrompt('Wie geht es dir?', 'de')], or read them with load_prompts(FILE).")
     t0 = time.time()
     layers = _layers(model, cfg)
     d_mlp = model.summary.d_mlp
@@ -226,7 +231,15 @@ def run_confusion(model: Model, prompts: list[LangPrompt], cfg: ConfusionConfig 
                         "control": float(ctrl_total[j, n]) / len(find_ctrl) if find_ctrl else 0.0,
                         "count": int(conf_count[j, n]),
                         **({"english_cost": eng_costs[(layers[j], n)]} if eng_costs else {})})
+        if top and (n_pos := sum(x["score"] > 0 for x in top)) < len(top):
+            notes.append(f"Only {n_pos} of the {len(top)} neurons zeroed have a positive score (more for the English token at "
+                         f"confused points than at non-confused ones); the other {len(top) - n_pos} were taken by rank alone, "
+                         "so a smaller --top-n edits only neurons with evidence.")
         rand = random_like([(x["layer"], x["neuron"]) for x in top], d_mlp, cfg.seed)
+        if len(rand) < len(top):
+            notes.append(f"The random control has {len(rand)} neurons, not {len(top)}: some layers hold fewer neurons outside the "
+                         f"top {len(top)} than the top has there, so its effects and costs are not of the same size; give a "
+                         "smaller --top-n or more layers.")
         timing["attribute"] = time.time() - t
 
     t = time.time()

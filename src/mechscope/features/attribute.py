@@ -191,6 +191,9 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
             raise MechscopeError(f"target feature {tl}:{tf}:{tp} is out of range ({L} layers, "
                                  f"{tset.layers[min(max(tl, 0), L - 1)].cfg.d_sae} features, {P} positions).")
         hit = ((feats[:, 0] == tl) & (feats[:, 1] == tp) & (feats[:, 2] == tf)).nonzero().flatten()
+        if tp < run.first_pos:
+            raise MechscopeError(f"position {tp} is the BOS token, whose features are not graph nodes (its MLP output is held "
+                                 "fixed, as the attention sink it is); give a feature at a later position.")
         if len(hit) == 0:
             raise MechscopeError(f"feature {tf} of layer {tl} is not active at position {tp} of this prompt; "
                                  "attribute an active one (see graph.json's nodes).")

@@ -7,7 +7,10 @@ nothing changed it reproduces the model exactly; set features are clamped at the
 at their positions while every other feature is recomputed from its (changed) input. With
 ``frozen=True`` the attention patterns, norm scales and all other features stay at their clean
 values (``replacement.frozen_forward``), and the logit change is then exactly the graph's
-linear prediction: sum over set features of (new / old - 1) x their adjacency column.
+linear prediction: sum over set features of (new / old - 1) x their adjacency column (for a
+model that soft-caps its logits, as Gemma 2 does, the graph's logits are before the cap and
+the logits returned here after it, so the two agree only where the cap is nearly linear). A
+feature at the BOS position, which is no graph node, moves from its real value.
 
 ``generate``: greedy continuation with the clamps held at the prompt's positions (new
 positions run the real MLPs: they have no clean error vector).
@@ -116,7 +119,11 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
         delta = torch.zeros_like(run.mlp_out)
         acts = {(int(layer), int(pos), int(f)): float(v) for (layer, pos, f), v in zip(run.active.tolist(), run.values)}
         for layer, f, pos, v in clamps:
-            old = acts.get((layer, pos, f), 0.0)
+            if pos < run.first_pos:  # BOS: not a graph node, so not in run.active; its real value is the one to move from
+                tc = tset.layers[layer]
+                old = float(tc.encode(run.x_in[layer][pos:pos + 1].to(tc.W_enc.dtype))[0, f].detach())
+            else:
+                old = acts.get((layer, pos, f), 0.0)
             delta[layer, pos] += (v - old) * tset.layers[layer].W_dec[f].detach().float().to(delta.device)
         _, lg = frozen_forward(model, tset, run, delta)
         changed = lg[-1]

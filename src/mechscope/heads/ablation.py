@@ -84,17 +84,24 @@ def ablation_effects(model: Any, tokens: torch.Tensor, length: int, heads: list[
 
 def topk_vs_random(model: Any, tokens: torch.Tensor, length: int, ranking: list[Head], k: int,
                    n_random: int = 5, seed: int = 0) -> dict[str, Any]:
-    """Loss increase from ablating the first ``k`` heads of ``ranking`` together vs random k-sets."""
+    """Loss increase from ablating the first ``k`` heads of ``ranking`` together vs random k-sets
+    drawn from the other heads (from every head only where fewer than ``k`` others exist, which
+    ``random_from`` records): a random set that holds a top head would measure part of the top
+    set's own effect."""
     means = head_means(model, tokens)
     clean = ablated_loss(model, tokens, length, [], means)
     top = ranking[:k]
     top_inc = ablated_loss(model, tokens, length, top, means) - clean
     L, H = model.summary.n_layers, model.summary.n_heads
     g = torch.Generator().manual_seed(seed)
+    chosen = {(int(l), int(h)) for l, h in top}
+    others = [(i // H, i % H) for i in range(L * H) if (i // H, i % H) not in chosen]
+    pool = others if len(others) >= k else [(i // H, i % H) for i in range(L * H)]
     rand = []
     for _ in range(n_random):
-        pick = torch.randperm(L * H, generator=g)[:k].tolist()
-        rand.append(ablated_loss(model, tokens, length, [(i // H, i % H) for i in pick], means) - clean)
+        pick = torch.randperm(len(pool), generator=g)[:k].tolist()
+        rand.append(ablated_loss(model, tokens, length, [pool[i] for i in pick], means) - clean)
     return {"k": k, "clean_loss": clean, "top_heads": [head_node(l, h) for l, h in top],
             "top_k_increase": top_inc, "random_increases": rand,
-            "random_mean_increase": sum(rand) / max(len(rand), 1)}
+            "random_mean_increase": sum(rand) / max(len(rand), 1),
+            "random_from": "other heads" if pool is others else "all heads"}

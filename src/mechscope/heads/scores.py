@@ -102,11 +102,36 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
 
     ex = sequences.repeated_random(model, 1, min(cfg.example_len, cfg.seq_len), cfg.seed + 1)[0]
     pats = patterns.example_patterns(model, ex)
+    extra: dict = {"text_windows": {"n": len(text), "tokens": int(text.shape[1])}}
+    if note := _window_note(model, cfg.seq_len):
+        extra["note"] = note
+        say(note)
     return HeadsResult(
         model=s.to_dict(), settings=cfg.to_dict(), scores=scores, composition=comp, icl=icl_res,
         ablation=abl_summary, example_tokens=model.to_str_tokens(ex), example_patterns=pats,
-        text_source=source, extra={"text_windows": {"n": len(text), "tokens": int(text.shape[1])}},
+        text_source=source, extra=extra,
     )
+
+
+def _window_note(model: Any, seq_len: int) -> str | None:
+    """A sentence when some layers' sliding window cannot reach back ``seq_len`` tokens, the
+    distance from a token's repeat to its first copy: their duplicate and induction scores are 0
+    by construction, not a finding."""
+    from mechscope.circuits.qk import declared_window
+
+    short: dict[int, int] = {}
+    for layer in range(model.summary.n_layers):
+        attn = getattr(model.bridge.blocks[layer].attn, "original_component", None)
+        win = declared_window(attn, layer) if attn is not None else None
+        if win is not None and win <= seq_len:
+            short[layer] = win
+    if not short:
+        return None
+    layers = ", ".join(str(layer) for layer in short)
+    return (f"layer{'s' if len(short) > 1 else ''} {layers} attend{'' if len(short) > 1 else 's'} over a sliding window of "
+            f"{min(short.values())} tokens, no more than the repeat distance (--seq-len {seq_len}): their heads cannot see the "
+            f"first copy, so their duplicate and induction scores are 0 by construction; give --seq-len below "
+            f"{min(short.values())} to measure them.")
 
 
 def _ranking(score: torch.Tensor) -> list[tuple[int, int]]:

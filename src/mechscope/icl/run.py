@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.icl.config import FewShotConfig
 from mechscope.icl.fewshot import FewShotPrompt, chance_level, check_task, fewshot_accuracy, sample_prompts
 from mechscope.icl.knockout import Edge, block_edges, matched_edges, random_edges, sweep_edges
@@ -78,6 +78,7 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     from mechscope.models import require_model
 
     require_model(model, "fewshot_knockout")
+    check_config(cfg, FewShotConfig, "fewshot_knockout")
     cfg = cfg or FewShotConfig()
     t0 = time.time()
     cfg.window_size(model.summary.n_layers)  # refuses a window wider than the model before any work

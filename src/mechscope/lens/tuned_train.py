@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from mechscope.activations.corpus import same_corpus
-from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.errors import MechscopeError, check_config, step_or_diverge
 from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
 from mechscope.models.hooks import FINAL_NORM_IN
@@ -441,6 +441,7 @@ def train_tuned_lens(model, corpus=None, cfg: TunedLensTrainConfig | None = None
     with the weights an uninterrupted run would have. Refuses (one sentence): ``resume``
     without a checkpoint; a fresh run into a folder holding a checkpoint or a lens.
     """
+    check_config(cfg, TunedLensTrainConfig, "train_tuned_lens")
     cfg = cfg or TunedLensTrainConfig()
     if cfg.matmul_dtype == "auto":  # the settings (and a resume's fingerprint) name the dtype that ran
         ran = _checkpoint_matmul_dtype(Path(out)) if resume and out is not None else None

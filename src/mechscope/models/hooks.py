@@ -91,6 +91,12 @@ def mlp_out(layer: int) -> str:
     return block_hook(layer, "mlp_out")
 
 
+def mlp_norm_in(layer: int) -> str:
+    """The input of block ``layer``'s norm after its MLP (Gemma 2/3: ``post_feedforward_layernorm``),
+    i.e. ``mlp_post @ W_out + b_out`` before that norm; only models with such a norm have it."""
+    return f"blocks.{layer}.ln2_post.hook_in"
+
+
 def mlp_post(layer: int) -> str:
     """Block ``layer``'s MLP neurons [batch, pos, d_mlp]: the activation that multiplies the output
     matrix W_out (``act(pre)``; ``act(gate) * up`` for gated MLPs), so ``mlp_post @ W_out + b_out``

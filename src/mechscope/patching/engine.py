@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
@@ -260,8 +260,11 @@ def source_activations(
 
     require_model(model, "source_activations")
     check_graph_fits(model, graph, "source_activations")
+    check_tokens(model, clean, "source_activations")
     if ablation == "patching":
-        return sender_activations(model, graph, check_pair(clean, corrupt))
+        corrupt_ids = check_pair(clean, corrupt)
+        check_tokens(model, corrupt_ids, "source_activations (corrupt)")
+        return sender_activations(model, graph, corrupt_ids)
     if ablation == "mean":
         return mean_source(sender_activations(model, graph, clean), lengths)
     if ablation == "zero":
@@ -448,22 +451,38 @@ def _masks(model: Model, graph: Graph, mask: torch.Tensor) -> torch.Tensor:
     if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != want:
         raise MechscopeError(f"Edge mask has shape {tuple(mask.shape)}, expected {want} or (K, {want[0]}, {want[1]}) "
                              "(n_senders x n_receivers of this graph).")
+    if mask.shape[0] == 0 and mask.dim() == 3:
+        raise MechscopeError("The stack of edge masks is empty (K = 0); give at least one mask [n_senders, n_receivers].")
     masks = (mask[None] if mask.dim() == 2 else mask).to(model.device, torch.float32)
     if not bool(torch.isfinite(masks).all()):
         raise MechscopeError("The edge mask holds NaN or infinite values; give weights in [0, 1] (1 = patch the edge).")
+    if bool((masks < 0).any() or (masks > 1).any()):
+        raise MechscopeError(f"The edge mask holds values from {masks.min().item():g} to {masks.max().item():g}; give weights "
+                             "in [0, 1] (1 = patch the edge, fractions interpolate).")
     return masks * graph.allowed.to(masks.device)
 
 
-def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, who: str,
-               positions: torch.Tensor | None = None) -> None:
-    """Refuse (one sentence each) tokens, source and positions that do not fit ``model`` and
-    ``graph``: O(batch x pos) checks, no forward pass."""
-    from mechscope.graph import check_graph_fits
-    from mechscope.models import require_model
+def _checked_hooks(model: Model, hooks: Any, who: str) -> list:
+    """``hooks`` (None or a list of (hook name, function) pairs), each name checked against the
+    model's hook points: one sentence, with near matches, instead of TransformerLens's KeyError."""
+    from mechscope.models.hooks import check_hook_name
+
+    if hooks is None:
+        return []
+    if not isinstance(hooks, (list, tuple)) or not all(isinstance(h, (list, tuple)) and len(h) == 2 and isinstance(h[0], str)
+                                                      and callable(h[1]) for h in hooks):
+        raise MechscopeError(f"{who}'s extra_hooks must be a list of (hook name, function) pairs, e.g. "
+                             "[('blocks.0.hook_resid_post', fn)]; got " + repr(hooks)[:80] + ".")
+    for name, _ in hooks:
+        check_hook_name(model, name)
+    return list(hooks)
+
+
+def check_tokens(model: Model, tokens: Any, who: str) -> None:
+    """Refuse (one sentence) ``tokens`` that are not an integer tensor [batch, pos] of at least
+    one token, hold ids outside the vocabulary, or run past a learned-position model's context."""
     from mechscope.models.load import context_overrun
 
-    require_model(model, who)
-    check_graph_fits(model, graph, who)
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool:
         what = (f"a {type(tokens).__name__}" if not isinstance(tokens, torch.Tensor)
                 else f"shape {tuple(tokens.shape)} of {tokens.dtype}")
@@ -477,6 +496,19 @@ def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.T
         raise MechscopeError(f"{who}: token ids {span[0]}..{span[1]} lie outside the model's vocabulary 0..{V - 1}.")
     if (n_ctx := context_overrun(model, P)) is not None:
         raise MechscopeError(f"{who}: prompts of {P} tokens are longer than {model.summary.name}'s context of {n_ctx}; shorten them.")
+
+
+def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.Tensor, who: str,
+               positions: torch.Tensor | None = None) -> None:
+    """Refuse (one sentence each) tokens, source and positions that do not fit ``model`` and
+    ``graph``: O(batch x pos) checks, no forward pass."""
+    from mechscope.graph import check_graph_fits
+    from mechscope.models import require_model
+
+    require_model(model, who)
+    check_graph_fits(model, graph, who)
+    check_tokens(model, tokens, who)
+    B, P = tokens.shape
     want = f"[{graph.n_senders}, {B} or 1, {P}, {model.summary.d_model}]"
     if not isinstance(source, torch.Tensor) or source.dim() != 4:
         what = f"a {type(source).__name__}" if not isinstance(source, torch.Tensor) else f"shape {tuple(source.shape)}"
@@ -569,7 +601,7 @@ def run_with_edge_mask(
     single = mask.dim() == 2
     K, B = masks.shape[0], tokens.shape[0]
     state = _EdgePatch(graph, masks, source.to(model.device), K, B, head_shares(model))
-    hooks = _patch_hooks(graph, state) + list(extra_hooks or [])
+    hooks = _patch_hooks(graph, state) + _checked_hooks(model, extra_hooks, "run_with_edge_mask")
     toks = tokens.to(model.device).repeat(K, 1)
     if positions is None:
         logits = model.bridge.run_with_hooks(toks, fwd_hooks=hooks)

@@ -141,6 +141,9 @@ def patched_logits(model, base: torch.Tensor, source: torch.Tensor, site: Site,
                    positions: Sequence[int] | None = None) -> torch.Tensor:
     """Logits [n, pos, vocab] of ``base`` [n, pos] with ``site`` at ``positions`` (every
     position when None) taken from the run on ``source`` [n, pos]."""
+    if not isinstance(site, Site):
+        raise MechscopeError(f"site must be a Site, got a {type(site).__name__} ({site!r}); wrap a hook name as "
+                             f"Site({str(site)!r}) (with head=H for one head).")
     _check_pair(base, source)
     _check_fits(model, base)
     cache = source_cache(model, source, [site])[site.hook]
@@ -217,6 +220,8 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
     if not isinstance(expected, torch.Tensor):
         raise MechscopeError(f"expected must be a torch tensor of {n} token ids, one per pair; got {type(expected).__name__} "
                              "(wrap lists in torch.tensor).")
+    if expected.dtype.is_floating_point or expected.dtype == torch.bool or expected.is_complex():
+        raise MechscopeError(f"expected must hold integer token ids, got {expected.dtype}; e.g. torch.tensor(ids).")
     if expected.shape != (n,):
         raise MechscopeError(f"Need one expected answer per pair: {n} pairs but expected has shape "
                              f"{tuple(getattr(expected, 'shape', ()))}.")
@@ -226,8 +231,14 @@ def interchange_accuracy(model, base: torch.Tensor, source: torch.Tensor, expect
             raise MechscopeError(f"The {name} token ids must lie in [0, {vocab}) for this model's vocabulary; "
                                  f"got ids from {span[0]} to {span[1]}.")
     _check_fits(model, base)
-    if not -n_pos <= answer_pos < n_pos:
-        raise MechscopeError(f"answer_pos must be between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; got {answer_pos}.")
+    given = answer_pos
+    try:
+        answer_pos = operator.index(answer_pos)
+    except TypeError:
+        answer_pos = n_pos  # out of range: refused below with what was given
+    if isinstance(given, bool) or not -n_pos <= answer_pos < n_pos:
+        raise MechscopeError(f"answer_pos must be an integer between {-n_pos} and {n_pos - 1} for inputs of {n_pos} tokens; "
+                             f"got {given!r}.")
     sites = list(sites) if sites is not None else sites_for(model, site, head)
     ps = _check_positions(positions if positions is not None else range(n_pos), n_pos)
     dev = model.device

@@ -167,7 +167,8 @@ def harvest(model: Model, data: LabelSet, hooks: list[str], batch_size: int) -> 
             p_idx = torch.tensor([data.pos[i] for i in items])
             for h in hooks:
                 a = got[h]
-                if a.dim() < 3 or tuple(a.shape[:2]) != tuple(toks.shape):
+                if a.dim() < 3 or tuple(a.shape[:2]) != tuple(toks.shape) or h.endswith(("hook_pattern", "hook_attn_scores")):
+                    # (a pattern is [batch, heads, query, key]: its first two sizes match the tokens' when heads = positions)
                     raise MechscopeError(f"the hook {h} gives activations of shape {list(a.shape)}, not [batch, position, ...]; "
                                          "probe a per-position site (resid_post, mlp_out, attn.hook_z ...), not attention patterns.")
                 a = a.reshape(*a.shape[:2], -1)  # per-head sites flatten to [batch, pos, heads * d]
@@ -222,8 +223,9 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     ytr, yte = y[train], y[test]
     k = len(data.classes)
     ctrl_map = control_labels([data.word[i] for i in train], ytr.tolist(), k, cfg.seed + 1)
-    rng = random.Random(cfg.seed + 2)
-    yc = torch.tensor([ctrl_map[w] if w in ctrl_map else rng.randrange(k) for w in data.word])
+    # word types seen only in the test split: one label per type too, from the same distribution
+    ctrl_map |= control_labels([w for w in data.word if w not in ctrl_map], ytr.tolist(), k, cfg.seed + 2)
+    yc = torch.tensor([ctrl_map[w] for w in data.word])
     p = as_progress(progress)
     done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model_key(model),
                                          "labels": digest([data.name, data.classes, data.sequences, data.seq, data.pos, data.label, data.word])

@@ -7,7 +7,7 @@ No torch here: the CLI reads the defaults when it starts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mechscope.errors import MechscopeError
 
@@ -48,6 +48,16 @@ class RecallConfig:
     def __post_init__(self) -> None:
         if self.samples < 1 or self.layer_stride < 1:
             raise MechscopeError("--samples and --layer-stride must be at least 1.")
+        for name in ("trace_window", "knockout_window"):  # 0 or less restored or blocked nothing, without a word
+            w = getattr(self, name)
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise MechscopeError(f"RecallConfig.{name} must be a whole number of layers, at least 1 (None: the papers' "
+                                     f"depth-scaled default); got {w!r}.")
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        if not kinds or (bad := [k for k in kinds if k not in get_args(TraceKind)]):
+            raise MechscopeError(f"RecallConfig.kinds holds {', '.join(map(repr, bad)) if kinds else 'nothing'}; choose among "
+                                 f"{', '.join(get_args(TraceKind))}.")
+        self.kinds = kinds
 
     def windows(self, n_layers: int) -> tuple[int, int]:
         tw = self.trace_window or max(1, round(10 * n_layers / 48))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.partial import Partial, digest, model_key
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.recall.aggregate import aggregate
@@ -96,6 +96,7 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     from mechscope.recall.run import PARTS
 
     check_dataset("facts", n)
+    check_config(cfg, RecallConfig, "recall_dataset")
     cfg = cfg or dataset_config()
     parts = parts or PARTS
     tuned = as_tuned_lens(tuned, model, "recall_dataset")  # a folder is loaded once, not once per fact

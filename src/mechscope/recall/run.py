@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.models.prompt import encode_prompt, single_token, subject_positions
 from mechscope.models.tokens import token_texts
 from mechscope.recall.config import RecallConfig
@@ -76,6 +76,7 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
         raise MechscopeError(f"--subject is empty{'' if not subject else ' (only spaces)'}; give the subject's words as "
                              "written in the prompt, e.g. --subject 'The Eiffel Tower'.")
     tuned = as_tuned_lens(tuned, model, "recall")
+    check_config(cfg, RecallConfig, "recall")
     cfg = cfg or RecallConfig()
     parts = check_parts(parts)
     check_noise_std(noise_std)

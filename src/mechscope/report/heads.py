@@ -74,7 +74,7 @@ def render_heads(d: dict[str, Any]) -> str:
                 icl.get("late"), icl.get("early"), icl.get("n_contexts"), d.get("text_source", "")), icl.get("icl_score")],
             ["repeated-half loss, clean", abl.get("clean_loss")],
             [f"loss increase, top-{abl.get('k')} induction heads mean-ablated ({', '.join(abl.get('top_heads', []))})", abl.get("top_k_increase")],
-            [f"loss increase, {abl.get('k')} random heads (mean of {len(abl.get('random_increases', []))} draws)", abl.get("random_mean_increase")],
+            [f"loss increase, {abl.get('k')} random {'other ' if abl.get('random_from') == 'other heads' else ''}heads (mean of {len(abl.get('random_increases', []))} draws)", abl.get("random_mean_increase")],
         ], numeric=[False, True])
     )
     parts.append("<h2>Scores per head (layer x head)</h2><div class='grid'>")

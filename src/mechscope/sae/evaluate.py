@@ -216,13 +216,18 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
 
 
 def evaluate_on_corpus(model: Model, sae: SAE, corpus: str | None = None, *, n_tokens: int = 32_768,
-                       context_len: int = StoreConfig.context_len, batch_size: int = 8, progress: ProgressArg = False) -> SAEEval:
+                       context_len: int | None = None, batch_size: int = 8, progress: ProgressArg = False) -> SAEEval:
     """Evaluate ``sae`` on the held-out split of ``corpus`` (``activations.get_corpus``; default
     the embedded corpus, whose train split SAEs are trained on): ``n_tokens // context_len``
-    contexts (at least one) of ``context_len`` tokens. ``settings["corpus"]`` names the text."""
+    contexts (at least one) of ``context_len`` tokens (default: min(128, the model's context), as
+    the CLI's). ``settings["corpus"]`` names the text."""
+    from mechscope.models.load import default_length
+
     if n_tokens < 1:
         raise MechscopeError(f"--tokens must be at least 1 (held-out tokens to evaluate on); got {n_tokens}.")
     require_model(model, "evaluate_on_corpus")
+    if context_len is None:
+        context_len = default_length(model, StoreConfig.context_len)
     check_context_len(context_len)
     check_context_fits(model, context_len, "context_len")
     n_ctx = max(1, n_tokens // context_len)

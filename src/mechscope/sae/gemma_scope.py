@@ -75,7 +75,8 @@ def read_params(path: Path) -> dict[str, np.ndarray]:
     bad = [a for a, v in out.items() if not np.issubdtype(v.dtype, np.floating)]
     if bad:
         raise MechscopeError(f"{path}: {', '.join(bad)} must be float arrays (got {', '.join(str(out[a].dtype) for a in bad)}).")
-    bad = [a for a, v in out.items() if not np.isfinite(v).all() or not np.isfinite(v.astype(np.float32)).all()]
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 is refused below, without numpy's warning
+        bad = [a for a, v in out.items() if not np.isfinite(v).all() or not np.isfinite(v.astype(np.float32)).all()]
     if bad:
         raise MechscopeError(f"{path}: {', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or infinite values (as float32), "
                              "so the SAE would give undefined figures; download it again.")
@@ -93,10 +94,16 @@ def gemma_scope_sae(npz: str | Path, hook: str | None = None, model_name: str = 
         raise MechscopeError(f"cannot tell which hook {npz} reads (no layer_N folder inside a gemma-scope-...-res or -mlp "
                              "folder in its path); pass it with --hook, e.g. blocks.12.hook_resid_post.")
     p = read_params(npz)
-    d_in, d_sae = p["W_enc"].shape if p["W_enc"].ndim == 2 else (0, 0)
+    if p["W_enc"].ndim != 2:
+        raise MechscopeError(f"{npz}: W_enc has shape {list(p['W_enc'].shape)}, but an encoder is a matrix [d_in, d_sae]; "
+                             "the file is not a Gemma Scope SAE.")
+    d_in, d_sae = p["W_enc"].shape
+    if not d_in or not d_sae:
+        raise MechscopeError(f"{npz}: W_enc has shape {list(p['W_enc'].shape)}, an SAE with "
+                             f"{'no features (d_sae 0)' if not d_sae else 'no input dimensions (d_in 0)'}; the file is empty.")
     want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
     for name, shape in want.items():
-        if p[name].shape != shape or not d_in or not d_sae:
+        if p[name].shape != shape:
             raise MechscopeError(f"{npz}: {name} has shape {list(p[name].shape)}, but W_enc {list(p['W_enc'].shape)} implies "
                                  f"{list(shape)}; the arrays do not belong to one SAE.")
     cfg = SAEConfig(d_in=int(d_in), d_sae=int(d_sae), architecture="jumprelu", hook_name=hook, model_name=model_name,

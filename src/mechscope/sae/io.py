@@ -187,6 +187,10 @@ def config_from_saelens(raw: dict[str, Any], where: str = CFG_FILE) -> SAEConfig
         elif "k" in raw or "k" in meta:
             k = _whole(raw if "k" in raw else meta, "k", where, "active features per token")
     hook_name = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or ""
+    for key, value in (("hook_name", hook_name), ("hook_name_out", meta.get("hook_name_out") or raw.get("hook_name_out"))):
+        if value and not isinstance(value, str):  # 5 would be read as the hook '5'
+            raise MechscopeError(f"{where}: {key} must be a hook name (a string such as 'blocks.6.hook_resid_post'), "
+                                 f"got {value!r}.")
     dtype = str(raw.get("dtype", "float32")).replace("torch.", "")
     if dtype not in FLOAT_DTYPES:
         raise MechscopeError(f"{where}: dtype {dtype!r} is not a float type mechscope can load.")
@@ -304,7 +308,11 @@ def check_sae_fits(sae: SAE, model: Model) -> None:
     for hook, width in ((cfg.hook_name, cfg.d_in), (cfg.hook_name_out, cfg.out_dim)):
         if not hook:
             continue
-        check_hook_name(model, hook)
+        try:
+            check_hook_name(model, hook)
+        except MechscopeError as exc:  # the SAE's own record, not a name the user typed
+            raise MechscopeError(f"The SAE reads or writes hook '{hook}' (its cfg.json), which {model.summary.name} lacks, so it "
+                                 f"belongs to another model or layout; use an SAE trained on this model. ({exc})") from None
         check_vector_hook(model, hook)
         d = hook_width(model, hook)
         if d is not None and d != width:

@@ -305,5 +305,7 @@ def steer_actadd(model: Model, prompt: str, plus: str, minus: str, layer: int, c
 
 
 def _check_feature(sae, feature: int) -> None:
+    if isinstance(feature, bool) or not hasattr(feature, "__index__"):
+        raise MechscopeError(f"The feature must be a whole-number index from 0 to {sae.cfg.d_sae - 1}; got {feature!r}.")
     if not 0 <= feature < sae.cfg.d_sae:
         raise MechscopeError(f"Feature {feature} is out of range; this SAE has features 0..{sae.cfg.d_sae - 1}.")

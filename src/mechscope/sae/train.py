@@ -513,7 +513,7 @@ def sae_trainer(
     hook_out: str | None = None,
     corpus: str | None = None,
     shards: str | Path | None = None,
-    context_len: int = StoreConfig.context_len,
+    context_len: int | None = None,
     metadata: dict[str, Any] | None = None,
     progress: ProgressArg = False,
 ) -> Trainer:
@@ -521,14 +521,18 @@ def sae_trainer(
     ``hook`` to ``hook_out`` when that is given; ``transcoder_output_hook`` names the usual one).
 
     Activations stream from the train split of ``corpus`` (``activations.get_corpus``; default
-    the embedded corpus) in contexts of ``context_len`` tokens, or come from ``shards`` written
+    the embedded corpus) in contexts of ``context_len`` tokens (default: min(128, the model's
+    context), as the CLI's), or come from ``shards`` written
     by ``activations.harvest``. Training runs on the model's device (``cfg.device`` is set to
     it); ``cfg.seed`` also seeds the data order. ``metadata`` is added to the saved SAE's
     metadata (``model_path``, ``context_size``, ``dataset_path``). Call ``.run()`` (with
     ``resume=True`` to continue a checkpointed run in ``out``)."""
+    from mechscope.models.load import default_length
     from mechscope.sae.evaluate import check_context_len
 
     require_model(model, "train_sae")
+    if context_len is None:
+        context_len = default_length(model, StoreConfig.context_len)
     check_context_len(context_len, "--context-len (context_len)")
     check_train_device(cfg.device, model)
     cfg = replace(cfg, device=str(model.device))

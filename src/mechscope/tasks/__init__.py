@@ -6,6 +6,7 @@ deterministic given ``seed``. ``evaluate_task(model, batch)`` scores clean and c
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,15 @@ class Task:
         return self.info.name
 
     def build(self, tokenizer: Any, n: int | None = None, seed: int = 0) -> TaskBatch:
+        if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer, "summary"):
+            raise MechscopeError(f"Task '{self.name}' is built with a tokenizer, not a model; pass model.tokenizer.")
+        if not callable(tokenizer) or not hasattr(tokenizer, "encode"):
+            raise MechscopeError(f"Task '{self.name}' needs a Hugging Face tokenizer (e.g. model.tokenizer), got a "
+                                 f"{type(tokenizer).__name__}.")
+        for name, value in (("n", n), ("seed", seed)):
+            if value is not None and (isinstance(value, bool) or not hasattr(value, "__index__")):
+                raise MechscopeError(f"Task '{self.name}': {name} must be a whole number, got {value!r}.")
+        n, seed = (None if n is None else operator.index(n)), operator.index(seed)
         if n is not None and n < 1:
             raise MechscopeError(f"--n must be at least 1 pair; got {n}.")
         if n is not None and n > MAX_PAIRS:  # a generated task would build them all before running out of memory
@@ -90,7 +100,10 @@ def get_task(name: str) -> Task:
                              f"got a {type(name).__name__}.")
     if name in _TASKS:
         return _TASKS[name]
-    if name.endswith(".jsonl"):
+    if Path(name).suffix.lower() in (".json", ".txt", ".csv") and Path(name).is_file():
+        raise MechscopeError(f"'{name}' is not a .jsonl file; a task file holds one JSON object per line and its name ends "
+                             "in .jsonl (rename it, or convert a JSON list to one object per line).")
+    if name.lower().endswith(".jsonl"):
         if not Path(name).is_file():
             raise MechscopeError(f"No task file at '{name}'; check the path.")
         info = TaskInfo(Path(name).stem, f"User task from {name}", "logit_diff")
@@ -104,7 +117,7 @@ def get_task(name: str) -> Task:
 def task_spec(name: str) -> str:
     """What a saved run records of its ``--task``: a built-in name as it is, a task file by its
     absolute path (so ``mechscope evaluate RUN`` reopens it from any folder)."""
-    if name not in _TASKS and name.endswith(".jsonl") and Path(name).is_file():
+    if name not in _TASKS and name.lower().endswith(".jsonl") and Path(name).is_file():
         return str(Path(name).resolve())
     return name
 

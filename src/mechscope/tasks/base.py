@@ -281,7 +281,7 @@ def capped_note(n: int, have: int, what: str, kept: int) -> str:
     """The note for an ``n`` above what a task can supply: ``have`` ``what`` (e.g. "facts"),
     ``kept`` of them valid pairs."""
     valid = f" ({kept} valid with this tokenizer)" if kept != have else ""
-    return f"--n {n} asks for more pairs than the task can supply: {have} {what}{valid}, so the batch has {kept}."
+    return f"{n} pairs were asked for (--n, or its default) but the task can supply {have} {what}{valid}, so the batch has {kept}."
 
 
 def _ends_in_space(prompt: str) -> bool:

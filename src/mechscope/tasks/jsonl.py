@@ -27,7 +27,12 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise MechscopeError(f"No task file at '{path}'; check the path.")
     pairs: list[Pair] = []
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first line
+    except UnicodeDecodeError as exc:
+        raise MechscopeError(f"The task file '{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8.") from None
+    except OSError as exc:
+        raise MechscopeError(f"Cannot read the task file '{path}': {exc.strerror or exc}.") from None
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.vision.models import VisionModel
 
 Units = dict[str, list[int]]
@@ -91,6 +92,13 @@ def keep_share(full: float, kept: float, none: float) -> float:
 def test_circuit(vm: VisionModel, units: Units, images: torch.Tensor, target: int, reference: torch.Tensor,
                  ablation: str = "mean", random_draws: int = 10, seed: int = 0) -> dict[str, Any]:
     """The prune and keep tests (module docstring) of ``units`` on ``images`` for class ``target``."""
+    from mechscope.vision.circuit import check_inputs, check_units
+
+    images = check_inputs(vm, images, target)
+    reference = check_inputs(vm, reference, target, "reference images")
+    check_units(vm, units)
+    if ablation not in ("mean", "zero"):
+        raise MechscopeError(f"ablation must be 'mean' or 'zero', got {ablation!r}.")
     means = site_means(vm, reference) if ablation == "mean" else None
     k = max(len(us) for us in units.values())
     gen = torch.Generator().manual_seed(seed)

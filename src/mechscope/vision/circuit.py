@@ -56,6 +56,42 @@ def check_k(vm: VisionModel, k: int) -> None:
                              f"use --k {narrow[1].n_units} or less.")
 
 
+def check_inputs(vm: VisionModel, images: Any, target: Any, what: str = "images") -> torch.Tensor:
+    """``images`` as float (n, 1, s, s) with pixels in [0, 1], and ``target`` a class index of the
+    model, or one sentence saying what is wrong (shape, NaN, pixel scale, class)."""
+    from mechscope.vision.data import check_images
+
+    if not isinstance(images, torch.Tensor):
+        raise MechscopeError(f"{what} must be a torch tensor (n, 1, s, s) of pixels in [0, 1], got a {type(images).__name__}.")
+    check_images(images, vm.cfg.data.size, what)
+    x = images if images.ndim == 4 else images[:, None]  # the caller's dtype kept (float64 in exactness tests)
+    if not x.is_floating_point():
+        raise MechscopeError(f"{what} must hold float pixels in [0, 1], got {x.dtype}; divide 8-bit images by 255.")
+    if not bool(torch.isfinite(x).all()):
+        raise MechscopeError(f"{what} hold NaN or infinite pixels; give finite values in [0, 1].")
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise MechscopeError(f"{what} hold pixels from {float(x.min()):g} to {float(x.max()):g}, but the model was trained on "
+                             "[0, 1]; divide 8-bit images by 255.")
+    n = len(vm.classes)
+    if isinstance(target, bool) or not hasattr(target, "__index__") or not 0 <= int(target) < n:
+        raise MechscopeError(f"target must be a class index from 0 to {n - 1} ({', '.join(vm.classes[:12])}"
+                             f"{', ...' if n > 12 else ''}); got {target!r}.")
+    return x
+
+
+def check_units(vm: VisionModel, units: Any) -> None:
+    """``units`` maps sites of the model to unit indices inside each site, or one sentence."""
+    if not isinstance(units, dict):
+        raise MechscopeError(f"units must be a dict of site -> unit indices (sites: {', '.join(vm.sites)}), got a "
+                             f"{type(units).__name__}.")
+    for site, us in units.items():
+        if site not in vm.sites:
+            raise MechscopeError(f"units name a site {site!r} the model lacks; its sites are {', '.join(vm.sites)}.")
+        n = vm.sites[site].n_units
+        if not all(hasattr(u, "__index__") and not isinstance(u, bool) and 0 <= int(u) < n for u in us):
+            raise MechscopeError(f"units of site {site} must be indices from 0 to {n - 1}; got {list(us)[:8]}.")
+
+
 def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int,
                       contrast: torch.Tensor | None = None, baseline: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Select k units per site from the output down; returns ``units`` (site -> chosen units,
@@ -66,7 +102,12 @@ def edge_attributions(vm: VisionModel, images: torch.Tensor, target: int, k: int
     contrast does not. With ``baseline`` (site -> (1, ...) values, e.g. ``causal.site_means``),
     the activation is taken relative to it, (a - baseline) * grad: the first-order effect of
     replacing the unit by the baseline, i.e. of the mean ablation the tests make."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MechscopeError(f"k must be a whole number of units per layer, at least 1; got {k!r}.")
     check_k(vm, k)
+    images = check_inputs(vm, images, target)
+    if contrast is not None:
+        contrast = check_inputs(vm, contrast, target, "contrast images")
     names = list(vm.sites)
     runs = []
     for x in (images, contrast) if contrast is not None else (images,):

@@ -191,6 +191,9 @@ def check_images(x: torch.Tensor, size: int, what: str) -> torch.Tensor:
     """``x`` as float (n, 1, size, size), or a ``MechscopeError`` naming the shape it has."""
     if x.ndim == 3:
         x = x[:, None]
+    if x.ndim == 4 and x.shape[1] != 1 and tuple(x.shape[-2:]) == (size, size):
+        raise MechscopeError(f"{what} have {x.shape[1]} channels (shape {tuple(x.shape)}), but the model takes grey images "
+                             f"(n, {size}, {size}) or (n, 1, {size}, {size}); convert them to one channel first.")
     if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != (size, size):
         raise MechscopeError(f"{what} have shape {tuple(x.shape)}, but the model takes {size}x{size} grey images "
                              f"(n, {size}, {size}); resize them first.")
