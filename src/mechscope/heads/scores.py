@@ -33,13 +33,12 @@ def head_scores(model: Any, cfg: HeadsConfig | None = None, progress: ProgressAr
     ``checkpoint``: a folder where each finished step's scores are kept (``mechscope.partial``,
     job ``heads``, keyed by the settings, the weights and the token sequences); a rerun reads
     them back instead of recomputing them (the CLI's ``--out``)."""
-    from mechscope.errors import MechscopeError
+    from mechscope.errors import check_config
     from mechscope.models import require_model
 
     if not (hasattr(model, "bridge") and hasattr(model, "summary")):  # duck-typed stand-ins (tests) pass
         require_model(model, "head_scores")
-    if cfg is not None and not isinstance(cfg, HeadsConfig):
-        raise MechscopeError(f"head_scores takes a HeadsConfig (mechscope.heads.HeadsConfig(...)) as cfg, got a {type(cfg).__name__}.")
+    check_config(cfg, HeadsConfig, "head_scores")
     cfg = cfg or HeadsConfig()
     say = as_progress(progress).note
     patterns.check_heads_visible(model)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.models.hooks import check_hook_name
 from mechscope.partial import Partial, digest, model_key
 from mechscope.probes.config import ProbeConfig
@@ -195,8 +195,7 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     from mechscope.probes.labels import builtin_labels, labels_from_file
 
     require_model(model, "run_probe")
-    if cfg is not None and not isinstance(cfg, ProbeConfig):
-        raise MechscopeError(f"run_probe takes a ProbeConfig (mechscope.probes.ProbeConfig(...)) as cfg, got a {type(cfg).__name__}.")
+    check_config(cfg, ProbeConfig, "run_probe")
     cfg = cfg or ProbeConfig()
     if isinstance(data, (str, Path)) and str(data) in BUILTIN_LABELS:  # a built-in label set's name
         data = builtin_labels(model, str(data), cfg)
