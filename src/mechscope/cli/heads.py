@@ -114,11 +114,6 @@ _BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads",
 """Options of train-toy that --setting binding takes too (option name -> BindingConfig field)."""
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the option ``name`` was given (not left at its default)."""
-    return given(ctx, name)
-
-
 @handles_errors
 def train_toy(
     ctx: typer.Context,
@@ -165,14 +160,14 @@ def train_toy(
     if setting == "binding":
         from mechscope.cli import binding
 
-        bad = [o for o in ("attn_only", "vocab", "seq_len") if _given(ctx, o)]
+        bad = [o for o in ("attn_only", "vocab", "seq_len") if given(ctx, o)]
         if bad:
             raise MechscopeError(f"--{bad[0].replace('_', '-')} does not apply to --setting binding (programs have their own "
                                  "vocabulary and length, and the model has MLPs); drop it.")
         vals = {"layers": layers, "d_model": d_model, "n_heads": n_heads, "steps": steps, "batch": batch, "lr": lr,
                 "checkpoints": checkpoints, "linear": linear, "seed": seed}
-        given = {_BINDING_SHARED[o]: v for o, v in vals.items() if _given(ctx, o)}
-        return binding.train(given, lines, hops, json, out)
+        shared = {_BINDING_SHARED[o]: v for o, v in vals.items() if given(ctx, o)}
+        return binding.train(shared, lines, hops, json, out)
     if setting != "induction":
         raise MechscopeError(f"Unknown --setting '{setting}'; use induction, {META_SETTING} or binding.")
     if binding_given:
@@ -199,22 +194,22 @@ def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
     when not given; the induction data options do not apply."""
     from mechscope.icl.meta_train import train_meta
 
-    def given(name: str) -> bool:
-        return _given(ctx, name)
+    def was_given(name: str) -> bool:
+        return given(ctx, name)
 
-    wrong = [f"--{n.replace('_', '-')}" for n in ("vocab", "seq_len", "attn_only") if given(n)]
+    wrong = [f"--{n.replace('_', '-')}" for n in ("vocab", "seq_len", "attn_only") if was_given(n)]
     if wrong:
         raise MechscopeError(f"{', '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to --setting {META_SETTING}; "
                              f"drop {'them' if len(wrong) > 1 else 'it'}.")
     p = ctx.params
     shared = {"attn_layers": "layers", "heads": "n_heads", "d_model": "d_model", "steps": "steps", "batch": "batch",
               "lr": "lr", "n_checkpoints": "checkpoints", "linear_checkpoints": "linear", "seed": "seed"}
-    kw = {field: p[name] for field, name in shared.items() if given(name)}
+    kw = {field: p[name] for field, name in shared.items() if was_given(name)}
     if icml["optimizer"] is not None:
         kw["optimizer"] = icml["optimizer"]
     data = {f: icml[k] for f, k in (("tasks", "tasks"), ("n_labels", "labels"), ("n_classes", "classes"),
                                     ("n_context", "context")) if icml[k] is not None}
-    if given("seed"):
+    if was_given("seed"):
         data["seed"] = p["seed"]
     cfg = MetaConfig(**kw, data=MetaDataConfig(**data))
     t0 = time.perf_counter()
@@ -257,7 +252,7 @@ def dynamics(
 
         _refuse_unused(ctx, "binding")
 
-        return binding.dynamics(run_dir, n if _given(ctx, "n") else None, out, json)
+        return binding.dynamics(run_dir, n if given(ctx, "n") else None, out, json)
     find_checkpoints(run_dir)  # fail fast on an empty folder
     check_out_folder(out, "dynamics", beside=("train-toy",))
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
@@ -307,7 +302,7 @@ def _right_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str
 
 def _refuse_unused(ctx: typer.Context, setting: str) -> None:
     """Refuse ``dynamics``' induction-only options (--seq-len, --text) on a run of another ``setting``."""
-    wrong = [f"--{n.replace('_', '-')}" for n in ("seq_len", "text") if _given(ctx, n)]
+    wrong = [f"--{n.replace('_', '-')}" for n in ("seq_len", "text") if given(ctx, n)]
     if wrong:
         raise MechscopeError(f"{' and '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to a --setting {setting} "
                              f"run; drop {'them' if len(wrong) > 1 else 'it'}.")
@@ -321,7 +316,7 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
 
     p = ctx.params
     _refuse_unused(ctx, META_SETTING)
-    cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if _given(ctx, "n") else {}))
+    cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if given(ctx, "n") else {}))
     meta_checkpoints(run_dir)  # fail fast on an empty folder
     check_out_folder(out, "dynamics", beside=("train-toy",))
     res = meta_dynamics(run_dir, cfg, progress=not json)

@@ -76,21 +76,16 @@ def _post_mlp_norm(model: Model, l: int) -> HeadShares | None:
 
 def _write_rows(share: HeadShares | None, W_out: torch.Tensor) -> torch.Tensor:
     """Each neuron's output row [d_mlp, d_model] as the residual stream receives it, but for the
-    per-token factor ``_write_factor``: ``W_out`` without a post-MLP norm; with one, centred (a
-    LayerNorm) and scaled by the norm's gain."""
-    if share is None:
-        return W_out
-    rows = W_out - W_out.mean(-1, keepdim=True) if share.centred else W_out
-    return rows * share.gain.to(W_out.device)
+    per-token factor ``_write_factor`` (``HeadShares.directions``; ``W_out`` without a norm)."""
+    return W_out if share is None else share.directions(W_out)
 
 
 def _write_factor(share: HeadShares | None, mlp_in: torch.Tensor | None) -> torch.Tensor:
     """[1]: 1 without a post-MLP norm; with one, 1 / s(o) for the MLP's raw output ``mlp_in``
-    [d_model] (the norm's scale in this run, frozen)."""
+    [d_model] (the norm's scale in this run, frozen; ``HeadShares.inv_scale``)."""
     if share is None or mlp_in is None:
         return torch.ones(1)
-    o = mlp_in.float() - mlp_in.float().mean() if share.centred else mlp_in.float()
-    return torch.rsqrt(o.pow(2).mean() + share.eps).reshape(1).cpu()
+    return share.inv_scale(mlp_in).reshape(1).cpu()
 
 
 @torch.no_grad()
@@ -98,7 +93,7 @@ def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.
     """resid_mid and mlp_post of ``layers`` (and the input of a norm after the MLP, where one
     is) and the final residual, at the last position."""
     wanted = {FINAL_NORM_IN} | {resid_mid(l) for l in layers} | {mlp_post(l) for l in layers}
-    wanted |= {mlp_norm_in(l) for l in layers if _post_mlp_norm(model, l) is not None}
+    wanted |= {mlp_norm_in(l) for l in layers if getattr(model.bridge.blocks[l], "ln2_post", None) is not None}
     with plain_attention(model):
         _, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
                                                names_filter=lambda n: n in wanted)

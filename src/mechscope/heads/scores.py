@@ -126,11 +126,10 @@ def _window_note(model: Any, seq_len: int) -> str | None:
             short[layer] = win
     if not short:
         return None
-    layers = ", ".join(str(layer) for layer in short)
+    layers, win = ", ".join(str(layer) for layer in short), min(short.values())
     return (f"layer{'s' if len(short) > 1 else ''} {layers} attend{'' if len(short) > 1 else 's'} over a sliding window of "
-            f"{min(short.values())} tokens, no more than the repeat distance (--seq-len {seq_len}): their heads cannot see the "
-            f"first copy, so their duplicate and induction scores are 0 by construction; give --seq-len below "
-            f"{min(short.values())} to measure them.")
+            f"{win} tokens, no more than the repeat distance (--seq-len {seq_len}): their heads cannot see the "
+            f"first copy, so their duplicate and induction scores are 0 by construction; give --seq-len below {win} to measure them.")
 
 
 def _ranking(score: torch.Tensor) -> list[tuple[int, int]]:

@@ -73,10 +73,22 @@ class HeadShares:
         r = result.float()
         if self.centred:
             r = r - r.mean(-1, keepdim=True)
-        o = r.sum(-2, keepdim=True)
-        inv = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)  # centred: the mean square is the variance
+        inv = self.inv_scale(r.sum(-2, keepdim=True))
         gain = self.gain if self.gain.device == r.device else self.gain.to(r.device)
         return (r * inv * gain).to(result.dtype)
+
+    def inv_scale(self, total: torch.Tensor) -> torch.Tensor:
+        """1 / s(o) [..., 1] of the norm's input ``total`` [..., d_model] (the summed outputs)."""
+        o = total.float()
+        if self.centred:
+            o = o - o.mean(-1, keepdim=True)
+        return torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.eps)  # centred: the mean square is the variance
+
+    def directions(self, rows: torch.Tensor) -> torch.Tensor:
+        """Output rows [..., d_model] as the norm passes them on but for the scale ``inv_scale``:
+        centred (a LayerNorm) and multiplied by the gain (a neuron's W_out row, a head's output)."""
+        r = rows - rows.mean(-1, keepdim=True) if self.centred else rows
+        return r * self.gain.to(r.device)
 
 
 def head_shares(model: Any) -> list[HeadShares | None]:
