@@ -136,6 +136,7 @@ def test_cli_eap_writes_its_files_and_refuses_bad_input(tmp_path):
     assert res.exit_code == 0, res.output
     many = json.loads(res.stdout)  # more pairs asked for than the images give: every one used, and said
     assert max(many["n_pairs"].values()) < 100000 and f"{many['n_pairs']['held_out']} held-out" in many["note"]
+    assert json.loads((tmp_path / "e2" / "eap.json").read_text())["note"] == many["note"]  # the saved result says it too
     page = (tmp_path / "e" / "report.html").read_text()
     assert "Faithfulness by circuit size" in page and "<svg" in page
     d["clean_class"] = "<script>alert(1)</script>"

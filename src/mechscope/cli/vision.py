@@ -232,11 +232,7 @@ def eap(
 
     res = vision_eap(load_vision_model(model), clean, corrupt, n=n, method=method, steps=steps,
                      target=target, seed=seed, progress=not json)
-    d = res.to_dict()
-    fewer = [f"{d['n_pairs'][k]} {what}" for k, what in (("fit", "scoring"), ("held_out", "held-out")) if d["n_pairs"][k] < n]
-    if fewer:  # a split holds fewer clean images than --n: every one is used, and the run says so
-        d["note"] = (f"--n {n} is more pairs than the images give: {' and '.join(fewer)} pairs were used "
-                     f"(each split gives as many pairs as its rarer class of the two has images).")
+    d = res.to_dict()  # with a "note" where a split holds fewer pairs than --n (every image is then used)
     out_dir = Path(out or fresh_dir("vision-eap"))
     res.save(out_dir)
     report = write_vision_eap(d, out_dir / "report.html")

@@ -253,6 +253,19 @@ class VisionEAPResult:
     chosen: dict[str, Any]
     n_pairs: dict[str, int]
     accuracy: dict[str, float]
+    n_asked: int | None = None
+    """The pairs asked for per split (``n``); where a split gave fewer, ``note`` says so."""
+
+    @property
+    def note(self) -> str | None:
+        """One sentence when a split holds fewer pairs than ``n_asked`` (every image was used)."""
+        n = self.n_asked
+        fewer = [f"{self.n_pairs[k]} {what}" for k, what in (("fit", "scoring"), ("held_out", "held-out"))
+                 if n is not None and self.n_pairs[k] < n]
+        if not fewer:
+            return None
+        return (f"--n {n} is more pairs than the images give: {' and '.join(fewer)} pairs were used "
+                f"(each split gives as many pairs as its rarer class of the two has images).")
 
     def top_edges(self, k: int = 25) -> list[dict[str, Any]]:
         g = self.graph
@@ -265,7 +278,8 @@ class VisionEAPResult:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": 1, "kind": "vision-eap", "clean_class": self.classes[0], "corrupt_class": self.classes[1],
                 "method": self.method, "steps": self.steps, "n_edges": self.graph.n_edges, "n_pairs": self.n_pairs,
-                "accuracy": self.accuracy, "chosen": self.chosen, "curve": self.curve, "top_edges": self.top_edges()}
+                "accuracy": self.accuracy, "chosen": self.chosen, "curve": self.curve, "top_edges": self.top_edges(),
+                **({"note": self.note} if self.note else {})}
 
     def save(self, out: str | Path) -> Path:
         """``out/eap.json`` (written to a temporary file, then moved into place)."""
@@ -324,4 +338,4 @@ def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: M
     curve = faithfulness_curve(held_ev, ranking, curve_sizes(g), progress=prog)
     return VisionEAPResult(classes=(vm.classes[fit.clean_label], vm.classes[fit.corrupt_label]), method=method, steps=steps,
                            graph=g, scores=scores, circuit=circuit, curve=curve, chosen=chosen,
-                           n_pairs={"fit": len(fit), "held_out": len(held)}, accuracy=acc)
+                           n_pairs={"fit": len(fit), "held_out": len(held)}, accuracy=acc, n_asked=n)
