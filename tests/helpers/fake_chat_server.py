@@ -9,6 +9,8 @@ changed while it runs:
     empty     answers a well-formed completion whose content is ""
     context   answers HTTP 400 ``context_length_exceeded`` (llama.cpp's server's body) when the
               prompt shows more than ``max_excerpts`` exemplars, else as ``ok``
+    poison    answers HTTP 500 to a prompt that contains ``poison``, else as ``ok``
+    number    answers a completion whose content is the number 7, not text
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class FakeChatServer:
     def __init__(self, mode: str = "ok", text: str = "Explanation: the word \"Paris\"\nmore text", delay: float = 3.0):
         self.mode, self.text, self.delay = mode, text, delay
         self.max_excerpts = 3
+        self.poison = "<< seven>>"
         self.requests: list[dict] = []
         owner = self
 
@@ -46,10 +49,18 @@ class FakeChatServer:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                if owner.mode == "poison" and owner.poison in user:
+                    payload = json.dumps({"error": {"message": "poisoned prompt", "type": "server_error"}}).encode()
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 if owner.mode == "garbage":
                     payload = b"{this is not json"
                 else:
-                    content = "" if owner.mode == "empty" else owner.text
+                    content: object = "" if owner.mode == "empty" else 7 if owner.mode == "number" else owner.text
                     payload = json.dumps({
                         "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
                         "choices": [{"index": 0, "finish_reason": "stop",

@@ -66,8 +66,9 @@ def search(
         fail(f"--embedder must be minilm or embedded, got {embedder!r}.")
     if kind is not None and kind not in ("mlp", "sae", "transcoder"):
         fail(f"--kind must be mlp, sae or transcoder, got {kind!r}.")
-    if limit < 1 or (layer is not None and layer < 0):
-        fail(f"--limit must be at least 1 and --layer non-negative (got {limit}, {layer}).")
+    if limit < 1 or (layer is not None and not 0 <= layer < 2**62):
+        fail(f"--limit must be at least 1 and --layer a layer number from 0 (got {limit}, {layer}).")
+    limit = min(limit, 2**62)  # "all of them": SQLite's integers end at 2**63
     if min_score is not None and not math.isfinite(min_score):
         fail(f"--min-score must be a finite number, e.g. 0.3, got {min_score}.")
     store = _open(db)
@@ -86,7 +87,7 @@ def search(
     rows = [{"unit": h.unit.key, "kind": h.unit.kind, "source": h.unit.source, "layer": h.unit.layer, "index": h.unit.index,
              "relevance": h.relevance, "score": h.description.scores.get("simulation"), "description": h.description.text,
              "explainer": h.description.explainer, "explainer_model": h.description.explainer_model,
-             "scores": h.description.scores} for h in hits]
+             "scores": h.description.scores, "stale": h.description.stale} for h in hits]
     if json:
         return emit_json({"query": query, "db": str(db), "semantic": semantic, "embedder": embedder if semantic else None, "hits": rows})
     if not rows:
@@ -101,8 +102,12 @@ def search(
         # Descriptions and tokens are data: rich markup in them must print as text.
         from rich.text import Text
 
-        t.add_row(Text(r["unit"]), str(r["layer"]), "" if r["score"] is None else f"{r['score']:.2f}", Text(r["description"]))
+        text = Text(r["description"]) + (Text(" (stale: made from earlier exemplars)", style="dim") if r["stale"] else "")
+        t.add_row(Text(r["unit"]), str(r["layer"]), "" if r["score"] is None else f"{r['score']:.2f}", text)
     console.print(t)
+    if any(r["stale"] for r in rows):
+        console.print("note: a stale description was made from exemplars an exemplars pass has since replaced; "
+                      "rerun mechscope describe on this database to describe those units again.", highlight=False)
 
 
 @handles_errors
@@ -420,7 +425,10 @@ def describe(
         ex.close()
         store.close()
     if json:
-        return emit_json({"db": str(db), **res.to_dict()})
+        emit_json({"db": str(db), **res.to_dict()})
+        if res.failed:  # some units were left undescribed: a script must see it
+            raise typer.Exit(1)
+        return
     console.print(f"{res.described:,} unit(s) described ({res.already_described:,} already), {res.scored:,} scored, "
                   f"{res.no_exemplars:,} without train exemplars; explainer {res.explainer} [{res.settings_key}], "
                   f"{res.seconds_explain:.1f} s explaining, {res.seconds_score:.1f} s scoring -> {db}", highlight=False, markup=False)
@@ -437,3 +445,5 @@ def describe(
             t.add_row(s["score"], str(s["n"]), f"{s['mean']:.3f}", f"{s['median']:.3f}", f"{s['mean_shuffled']:.3f}",
                       f"{s['median_shuffled']:.3f}", f"{100 * s['above_control']:.0f}%")
         console.print(t)
+    if res.failed:  # exit 1: some units were left undescribed (the note says which; a rerun retries them)
+        raise typer.Exit(1)

@@ -30,7 +30,8 @@ Design, and why:
 
    (SQLite's bm25 is negative, lower is better; ``score`` is ``scores[score_name]``, 0 when
    absent). Relevance decides; among equally relevant descriptions a perfectly scored one
-   counts twice a score-0 one. Each unit appears once, with its best-ranked description. An
+   counts twice a score-0 one. Each unit appears once, with its best-ranked current description
+   (a stale one, point 7, only where none of its current ones matches; ``Description.stale`` says so). An
    empty query (after sanitising) ranks by score alone. Where SQLite lacks FTS5 the search
    falls back to LIKE over the terms, relevance = number of terms matched (``db.fts`` says which).
 5. Schema versioned in ``PRAGMA user_version``; ``_MIGRATIONS[v]`` upgrades version v to v+1
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -193,6 +195,23 @@ def _terms(query: str) -> list[str]:
         if t not in seen:
             seen.append(t)
     return seen
+
+
+def _finite_scores(scores: dict[str, Any]) -> dict[str, float]:
+    """``scores`` as floats, or one sentence naming a score that is not a finite number: a NaN
+    stored in the JSON column would make every later search of the file fail (SQLite's JSON
+    functions before 3.42 reject it) and the export invalid JSON."""
+    out: dict[str, float] = {}
+    for k, v in scores.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = math.nan
+        if isinstance(v, bool) or not math.isfinite(f):
+            raise MechscopeError(f"score {k!r} is {v!r}, not a finite number; leave a score out where it is undefined "
+                                 "(e.g. a unit that never fires) instead of storing NaN or infinity.")
+        out[str(k)] = f
+    return out
 
 
 def _now() -> str:
@@ -390,12 +409,16 @@ class UnitDB:
         self._counts = None
 
     def unit_counts(self) -> dict[tuple[str, str], dict[int, int]]:
-        """(kind, source) -> {layer: number of units}, as recorded by ``set_unit_count``."""
-        if self._counts is None:
+        """(kind, source) -> {layer: number of units}, as recorded by ``set_unit_count``.
+
+        Cached until another connection commits (SQLite's ``PRAGMA data_version`` changes), so a
+        long-lived reader (``mechscope serve``) sees the layers an exemplars pass adds later."""
+        version = self.con.execute("PRAGMA data_version").fetchone()[0]
+        if self._counts is None or getattr(self, "_counts_version", None) != version:
             counts: dict[tuple[str, str], dict[int, int]] = {}
             for kind, source, layer, n in self.con.execute("SELECT kind, source, layer, n_units FROM unit_counts"):
                 counts.setdefault((kind, source), {})[layer] = n
-            self._counts = counts
+            self._counts, self._counts_version = counts, version
         return self._counts
 
     def check_unit(self, unit: UnitRef) -> None:
@@ -524,6 +547,7 @@ class UnitDB:
         d = description
         self.check_unit(d.unit)
         key = settings_key(d.settings)
+        scores = _finite_scores(d.scores)
 
         def write(c: sqlite3.Connection) -> int:
             uid = self._unit_id(c, d.unit, create=True)
@@ -534,8 +558,8 @@ class UnitDB:
                 (uid, d.explainer, key, d.polarity, d.text)).fetchone()
             if row is not None:
                 old = json.loads(row[1]) if row[2] == ekey else {}  # scores of other exemplars are dropped
-                if d.scores or row[2] != ekey:
-                    merged = {**old, **{k: float(v) for k, v in d.scores.items()}}
+                if scores or row[2] != ekey:
+                    merged = {**old, **scores}
                     c.execute("UPDATE descriptions SET scores=?, exemplars_key=? WHERE id=?", (json.dumps(merged), ekey, row[0]))
                 return row[0]
             version = 1 + c.execute(
@@ -545,7 +569,7 @@ class UnitDB:
                 "INSERT INTO descriptions (unit_id, text, explainer, explainer_model, settings, settings_key, scores,"
                 " provenance, polarity, version, created, exemplars_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (uid, d.text, d.explainer, d.explainer_model, json.dumps(d.settings, sort_keys=True, default=str), key,
-                 json.dumps({k: float(v) for k, v in d.scores.items()}), json.dumps(d.provenance, default=str),
+                 json.dumps(scores), json.dumps(d.provenance, default=str),
                  d.polarity, version, _now(), ekey))
             assert cur.lastrowid is not None  # an INSERT always sets it
             return cur.lastrowid
@@ -555,11 +579,13 @@ class UnitDB:
 
     def update_scores(self, description_id: int, scores: dict[str, float]) -> None:
         """Merge ``scores`` into the stored scores of one description (other names are kept)."""
+        checked = _finite_scores(scores)
+
         def write(c: sqlite3.Connection) -> None:
             row = c.execute("SELECT scores FROM descriptions WHERE id=?", (description_id,)).fetchone()
             if row is None:
                 raise MechscopeError(f"no description with id {description_id} in {self.path}; list them with db.descriptions(unit).")
-            merged = {**json.loads(row[0]), **{k: float(v) for k, v in scores.items()}}
+            merged = {**json.loads(row[0]), **checked}
             c.execute("UPDATE descriptions SET scores=? WHERE id=?", (json.dumps(merged), description_id))
 
         self._write(write)
@@ -643,7 +669,7 @@ class UnitDB:
                    + (" WHERE " + " AND ".join(where) if where else ""))
         sql = (
             f"SELECT * FROM (SELECT {self._DESC_COLS}, {rank} AS rank,"
-            f" row_number() OVER (PARTITION BY d.unit_id ORDER BY {rank} DESC, d.id) AS rn"
+            f" row_number() OVER (PARTITION BY d.unit_id ORDER BY d.exemplars_key != u.exemplars_key, {rank} DESC, d.id) AS rn"
             f" FROM ({matches}) d JOIN units u ON u.id = d.unit_id"
             ") WHERE rn = 1 ORDER BY rank DESC, id LIMIT :limit")
         with self._read() as c:

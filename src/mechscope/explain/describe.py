@@ -98,7 +98,9 @@ class DescribeResult:
     summary: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Score name -> ``scoring.control_summary`` over the selection's descriptions."""
     note: str = ""
-    """Why the summary is empty where that is not obvious (one sentence), else ''."""
+    """Why the summary is empty where that is not obvious, or which units failed (one sentence), else ''."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Unit key -> why it could not be described (``explainers.base.UnitFailed``); a rerun retries them."""
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -173,6 +175,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     # Pass 1: explain, a chunk at a time, each chunk stored when written.
     t0 = time.perf_counter()
     written = missing = 0
+    failed: dict[str, str] = {}
     with _bar(len(todo), f"describe ({explainer.name})", p) as bar:
         for i in range(0, len(todo), cfg.chunk):
             chunk = todo[i:i + cfg.chunk]
@@ -184,8 +187,14 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
                     missing += 1
                     continue
                 items.append((record, train))
-            candidates = explainer.explain_many(items, cfg.n_samples) if items else []
+            candidates = _explain_each(explainer, items, cfg.n_samples) if items else []
+            errors = [c for c in candidates if isinstance(c, Exception)]
+            if errors and len(errors) == len(candidates):  # every unit failed: the setup, not a unit
+                raise errors[0]
             for (record, train), texts in zip(items, candidates):
+                if isinstance(texts, Exception):
+                    failed[record.unit.key] = str(texts)
+                    continue
                 texts = [t for t in texts if t] or ["(no description)"]
                 train_scores: list[float] = []
                 if len(texts) > 1 and simulator is not None:
@@ -251,6 +260,24 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     if cfg.scorers and len(mine) == 1:
         note = ("the shuffled control needs at least 2 described units (each is scored with another's description), "
                 "so the summary is empty; describe more units, e.g. a whole layer.")
+    made = sorted({(str(d.provenance.get("simulator", "")), str(d.provenance.get("seed", ""))) for d in mine.values()
+                   if d.scores and d.provenance.get("simulator")})
+    if cfg.scorers and len(made) > 1:  # an earlier run scored part of the selection with another simulator or seed
+        mixed = ("the selection's scores come from " + ", ".join(f"simulator {m} seed {sd}" for m, sd in made)
+                 + ", which are not comparable; score every unit with one setting (describe into a new --db).")
+        note = f"{note} {mixed}".strip()
+    if failed:
+        first, why = next(iter(failed.items()))
+        note = (f"{len(failed):,} unit(s) could not be described and were left undescribed (first: {first}: {why.rstrip('.')}); "
+                "the others are stored, and running the same command again retries only the failed ones."
+                + (f" {note}" if note else ""))
     return DescribeResult(explainer=explainer.name, settings_key=key, units=len(selection), described=written,
                           already_described=len(selection) - len(todo), scored=scored, no_exemplars=missing,
-                          seconds_explain=t_explain, seconds_score=t_score, summary=summary, note=note)
+                          seconds_explain=t_explain, seconds_score=t_score, summary=summary, note=note, failed=failed)
+
+
+def _explain_each(explainer: Any, items: list, n_samples: int) -> list:
+    """``explainer.explain_each`` (each unit's descriptions or its ``UnitFailed``), or
+    ``explain_many`` for an explainer written against the older interface (no per-unit failures)."""
+    each = getattr(explainer, "explain_each", None)
+    return each(items, n_samples) if each is not None else explainer.explain_many(items, n_samples)

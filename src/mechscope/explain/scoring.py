@@ -91,7 +91,10 @@ class Simulator(Protocol):
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation; 0.0 when either side is constant, NaN when empty."""
+    """Pearson correlation; 0.0 when either side is constant, NaN when empty. "Constant" is
+    relative to the values' own magnitude (spread below 1e-9 of the largest value), so the
+    score does not depend on the activations' scale (an absolute floor turned a perfect
+    correlation of activations around 1e-7 into 0)."""
     n = len(x)
     if n != len(y):
         raise ValueError(f"pearson: {n} values against {len(y)}")
@@ -100,7 +103,12 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     mx, my = sum(x) / n, sum(y) / n
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
-    if sxx <= 1e-12 * n or syy <= 1e-12 * n:
+
+    def flat(ss: float, vals: Sequence[float]) -> bool:
+        scale = max((abs(v) for v in vals), default=0.0)
+        return scale == 0.0 or ss <= (1e-9 * scale) ** 2 * n
+
+    if flat(sxx, x) or flat(syy, y):
         return 0.0
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
 

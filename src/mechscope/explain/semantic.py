@@ -195,7 +195,8 @@ class _Matrix:
         self.units = [UnitRef(r[3], r[4], r[5], r[6]) for r in rows]
         self.kinds = np.array([r[3] for r in rows], dtype=object)
         self.layers = np.array([r[4] for r in rows], dtype=np.int64)
-        self.scores = np.array([np.nan if r[7] is None else float(r[7]) for r in rows], dtype=np.float64)
+        self.embedder_name = embedder.name
+        self.refresh_scores(con, score_name)
         if embedder.center and len(rows):
             self.mean = self.vecs.mean(0)
             v = self.vecs - self.mean
@@ -203,6 +204,25 @@ class _Matrix:
             self.mean = None
             v = self.vecs
         self.normed = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    def refresh_scores(self, con: sqlite3.Connection, score_name: str) -> None:
+        """Re-read each description's score and staleness: ``describe``'s scoring pass and a new
+        exemplars pass change them without touching the vectors, and a running ``serve`` must
+        rank by the current ones (one light query per search)."""
+        rows = con.execute(
+            f"SELECT e.description_id, json_extract(d.scores, ?), d.exemplars_key != u.exemplars_key FROM {TABLE} e"
+            " JOIN descriptions d ON d.id = e.description_id JOIN units u ON u.id = d.unit_id"
+            " WHERE e.embedder = ? ORDER BY e.description_id",
+            ('$."' + score_name.replace('"', "") + '"', self.embedder_name)).fetchall()
+        scores = np.full(len(self.ids), np.nan)
+        stale = np.zeros(len(self.ids), dtype=bool)
+        pos = {int(i): n for n, i in enumerate(self.ids)}
+        for did, sc, st in rows:
+            n = pos.get(int(did))
+            if n is not None:
+                scores[n] = np.nan if sc is None else float(sc)
+                stale[n] = bool(st)
+        self.scores, self.stale = scores, stale
 
 
 _CACHE: dict[tuple[str, str, str], tuple[tuple[int, int], _Matrix]] = {}
@@ -224,6 +244,8 @@ def _matrix(con: sqlite3.Connection, key_path: str, embedder: Embedder, score_na
         if hit is None or hit[0] != tuple(stamp):
             hit = (tuple(stamp), _Matrix(con, embedder, score_name))
             _CACHE[key] = hit
+        else:
+            hit[1].refresh_scores(con, score_name)
     return hit[1]
 
 
@@ -245,12 +267,12 @@ def semantic_search(store: Any, query: str, embedder: Embedder, layer: int | Non
     if min_score is not None:
         keep &= np.nan_to_num(mat.scores, nan=-np.inf) >= min_score
     rank = np.maximum(cos, 0.0) * (1.0 + np.clip(np.nan_to_num(mat.scores, nan=0.0), 0.0, 1.0))
-    order = np.flatnonzero(keep)[np.lexsort((mat.ids[keep], -rank[keep]))]
-    hits, seen = [], set()
-    for i in order:
-        if mat.unit_ids[i] in seen:
-            continue
-        seen.add(mat.unit_ids[i])
+    idx = np.flatnonzero(keep)
+    chosen: dict[int, int] = {}  # unit -> its current description ranked best (a stale one only where it has no current one)
+    for i in idx[np.lexsort((mat.ids[idx], -rank[idx], mat.stale[idx]))]:
+        chosen.setdefault(int(mat.unit_ids[i]), int(i))
+    hits = []
+    for i in sorted(chosen.values(), key=lambda j: (-rank[j], mat.ids[j])):
         ref = mat.units[i]
         d = next((x for x in store.descriptions(ref) if x.id == int(mat.ids[i])), None)
         if d is None:  # deleted since the matrix was loaded

@@ -42,7 +42,10 @@ class UnitRef:
         kind, _, source = head.partition(":")
         if kind not in ("mlp", "sae", "transcoder"):
             raise ValueError(f"unknown unit kind {kind!r} in {key!r}")
-        return cls(kind, int(layer), int(index), source)  # type: ignore[arg-type]
+        lay, idx = int(layer), int(index)
+        if not (0 <= lay < 2**62 and 0 <= idx < 2**62):  # SQLite's integers end at 2**63
+            raise ValueError(f"layer and index must be whole numbers from 0 to 2**62 in {key!r}")
+        return cls(kind, lay, idx, source)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -105,10 +105,11 @@ def best_score(d: Description | None) -> float | None:
 
 
 def best_description(descs: list[Description]) -> Description | None:
-    """The unit's description with the highest ``best_score`` (unscored ones last); None if none."""
-    def key(d: Description) -> float:
+    """The unit's current description with the highest ``best_score`` (unscored ones last; stale
+    ones, made from exemplars since replaced, only where no current one exists); None if none."""
+    def key(d: Description) -> tuple[bool, float]:
         s = best_score(d)
-        return s if s is not None else -math.inf
+        return (not d.stale, s if s is not None else -math.inf)
 
     return max(descs, key=key) if descs else None
 
@@ -295,6 +296,15 @@ async def _not_found_or_bad(request: Request, exc: Exception) -> Response:
     if request.url.path.startswith("/api/"):
         return JSONResponse({"error": detail}, status_code=status)
     return _page(request, "404.html", status=status, message=detail)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """An unexpected error: JSON under ``/api/`` (a client parses it), the error page elsewhere;
+    the traceback still goes to the server's log."""
+    detail = f"Internal error ({type(exc).__name__}); the server's log has the details."
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": detail}, status_code=500)
+    return _page(request, "404.html", status=500, message=detail)
 
 
 # ---- routes ------------------------------------------------------------------------------------
@@ -506,7 +516,7 @@ def create_app(root: str | Path | None = None, db: str | Path | None = None, *, 
         Route("/files/{path:path}", file_response),
         Route("/api/search", api_search), Route("/api/unit/{key:path}", api_unit), Route("/api/runs", api_runs),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found_or_bad})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found_or_bad, Exception: _server_error})
     app.state.mechscope = state
     if hosts is not None:
         app.add_middleware(_HostCheck, hosts=hosts)

@@ -108,7 +108,7 @@ def _is_vision_circuit(path: Path) -> bool:
 def _is_transcoder_eval(path: Path) -> bool:
     try:
         return isinstance(json.loads(path.read_text()).get("layers"), list)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past Python's limit
         return False
 
 
@@ -165,7 +165,10 @@ def listed_file(root: str | Path, path: Path) -> bool:
 
 
 def find_run(root: str | Path, name: str) -> Run | None:
-    """The run folder called ``name`` (as ``find_runs`` names it), or ``None``."""
+    """The run folder called ``name`` (as ``find_runs`` names it), or ``None``; a hidden folder
+    (a part starting with '.', which ``find_runs`` does not list) is ``None`` too."""
+    if name != ROOT_RUN and any(part.startswith(".") for part in Path(name).parts):
+        return None
     folder = safe_path(root, "." if name == ROOT_RUN else name, folder=True)
     found = _kind(folder) if folder is not None else None
     if folder is None or found is None:
@@ -199,7 +202,10 @@ def load_data(root: str | Path, run: Run) -> dict[str, Any]:
     p = safe_path(root, run.data_file)
     if p is None:
         raise FileNotFoundError(run.data_file)
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except RecursionError:
+        raise ValueError("its JSON is nested deeper than a mechscope file is") from None
 
 
 def circuit_nodes(doc: dict[str, Any]) -> list[RunNode]:
@@ -210,6 +216,8 @@ def circuit_nodes(doc: dict[str, Any]) -> list[RunNode]:
         if not n.get("in_circuit") or n.get("type") in ("input", "logits"):
             continue
         layer = n.get("layer")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise TypeError(f"node {n.get('name')!r} has layer {layer!r}, not a whole number")
         out.append(RunNode(name=str(n.get("name")), node_type=str(n.get("type")), layer=layer, score=n.get("score"),
                            layer_kind="mlp" if n.get("type") == "mlp" else None))
     return sorted(out, key=lambda r: -abs(r.score or 0.0))

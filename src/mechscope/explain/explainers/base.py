@@ -21,6 +21,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any, Iterable
 
+from mechscope.errors import MechscopeError
 from mechscope.explain.db import settings_key
 from mechscope.explain.types import Exemplar, UnitRecord
 
@@ -86,6 +87,11 @@ def parse_description(text: str | None) -> str:
     return ""
 
 
+class UnitFailed(MechscopeError):
+    """One unit could not be described (its prompt does not fit, the server refused or garbled
+    that answer); the message is one sentence. Other units go on."""
+
+
 class Explainer(ABC):
     """Writes candidate descriptions of a unit from its train exemplars."""
 
@@ -116,8 +122,27 @@ class Explainer(ABC):
         """Up to ``n_samples`` candidate descriptions (at least one), best guess first."""
 
     def explain_many(self, items: list[tuple[UnitRecord, list[Exemplar]]], n_samples: int = 1) -> list[list[str]]:
-        """``explain`` for several units; backends that can work concurrently override it."""
-        return [self.explain(u, ex, n_samples) for u, ex in items]
+        """``explain`` for several units (raising the first unit's ``UnitFailed``)."""
+        out: list[list[str]] = []
+        for got in self.explain_each(items, n_samples):
+            if isinstance(got, Exception):
+                raise got
+            out.append(got)
+        return out
+
+    def explain_each(self, items: list[tuple[UnitRecord, list[Exemplar]]],
+                     n_samples: int = 1) -> list[list[str] | UnitFailed]:
+        """``explain`` for several units, a unit whose own description failed (``UnitFailed``)
+        in its place, so one unit cannot block the others (``describe`` stores the rest and
+        says which failed; a rerun retries them). An error that is not about one unit (a
+        server that does not answer) is raised. Backends that work concurrently override it."""
+        out: list[list[str] | UnitFailed] = []
+        for u, ex in items:
+            try:
+                out.append(self.explain(u, ex, n_samples))
+            except UnitFailed as e:
+                out.append(e)
+        return out
 
     def close(self) -> None:
         """Release what the explainer holds (connections, models)."""

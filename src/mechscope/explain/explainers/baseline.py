@@ -65,7 +65,7 @@ class BaselineExplainer(Explainer):
     def phrase(self, train: list[Exemplar]) -> str:
         top = [e for e in train if e.kind == "top"] or list(train)
         top = sorted(top, key=lambda e: -e.act)[: self.n_top]
-        top = [e for e in top if e.act > 0] or top
+        top = [e for e in top if e.act > 0]  # a unit that never fires is not a detector of whatever token it sat on
         if not top:
             return "no activating tokens seen"
         focus, f_total = _weights([(e.tokens[e.focus], max(e.act, 0.0) or 1.0) for e in top])

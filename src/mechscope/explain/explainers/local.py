@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mechscope.explain.explainers.base import SYSTEM_PROMPT, Explainer, explain_prompt, parse_description
+from mechscope.explain.explainers.base import (
+    MAX_EXEMPLARS,
+    SYSTEM_PROMPT,
+    Explainer,
+    UnitFailed,
+    explain_prompt,
+    parse_description,
+)
 from mechscope.explain.types import Exemplar, UnitRecord
 
 
@@ -39,9 +46,9 @@ class LocalExplainer(Explainer):
         return {"model": self.model.name, "temperature": self.temperature,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed}
 
-    def prompt_ids(self, unit: UnitRecord, train: list[Exemplar]) -> list[int]:
+    def prompt_ids(self, unit: UnitRecord, train: list[Exemplar], n: int = MAX_EXEMPLARS) -> list[int]:
         tok = self.model.tokenizer
-        user = explain_prompt(unit, train)
+        user = explain_prompt(unit, train, n)
         if getattr(tok, "chat_template", None):
             messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -50,12 +57,38 @@ class LocalExplainer(Explainer):
             return list(ids)
         return tok(f"{SYSTEM_PROMPT}\n\n{user}\nExplanation:", add_special_tokens=True)["input_ids"]
 
+    def max_positions(self) -> int | None:
+        """Positions a model with learned position embeddings reads (GPT-2: n_positions), None
+        for rotary models, which run past their training length as transformers lets them."""
+        from mechscope.models.load import learned_positions
+
+        hf = self.model.hf
+        n_pos = getattr(hf.config, "n_positions", None) or getattr(hf.config, "max_position_embeddings", None)
+        return int(n_pos) if n_pos and learned_positions(hf, int(getattr(hf.config, "vocab_size", 0) or 0)) else None
+
+    def fitting_prompt(self, unit: UnitRecord, train: list[Exemplar]) -> list[int]:
+        """The prompt's token ids with as many exemplars as fit the model's positions together with
+        the tokens to generate: ``MAX_EXEMPLARS``, halved while it overflows (as the server
+        explainer does), or ``UnitFailed`` when even one does not fit (a sweep found a GPT-2-style
+        model's generation failing with an IndexError past its last position)."""
+        limit, n = self.max_positions(), MAX_EXEMPLARS
+        while True:
+            ids = self.prompt_ids(unit, train, n)
+            if limit is None or len(ids) + self.max_new_tokens <= limit:
+                return ids
+            shown = min(n, len(train))
+            if shown <= 1:
+                raise UnitFailed(f"the local explainer's model {self.model.name} reads at most {limit} positions, but the prompt of "
+                                 f"unit {unit.unit.key} with {'one exemplar' if shown else 'no exemplar'} takes {len(ids)} tokens and "
+                                 f"{self.max_new_tokens} more are generated; use a model with a longer context or the server explainer.")
+            n = shown // 2
+
     def explain(self, unit: UnitRecord, train: list[Exemplar], n_samples: int = 1) -> list[str]:
         import torch
 
         hf = self.model.hf
         tok = self.model.tokenizer
-        ids = torch.tensor([self.prompt_ids(unit, train)], device=self.model.device)  # [1, pos]
+        ids = torch.tensor([self.fitting_prompt(unit, train)], device=self.model.device)  # [1, pos]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         out: list[str] = []
         with torch.no_grad():

@@ -14,10 +14,15 @@ Ollama and hosted APIs all speak this protocol). Design:
   greedy description, do not depend on which units came before). Found against llama.cpp's
   server at its default 2,048-token context: 12 windows of a dense unit of the embedded model
   make a 2,034-token prompt (session 18; ``tests/integration/test_llama_server.py``).
-- A server that does not answer, answers with malformed JSON, an error status or empty
-  content raises ``MechscopeError`` (one sentence, exit 2 at the CLI, with the server's own
-  message where it gave one). ``describe`` stores each chunk of descriptions as soon as it is
-  done, so an error loses nothing already stored.
+- A server that does not answer, refuses the model or the key (401/403/404) or keeps limiting
+  the rate (429) raises ``MechscopeError`` (one sentence, exit 2 at the CLI, with the server's
+  own message where it gave one). A failure of one unit's request (another error status,
+  malformed JSON, no choice, content that is not text or is empty, a prompt that does not fit)
+  is that unit's ``UnitFailed``: ``describe`` stores the other units' descriptions, says which
+  failed, and a rerun retries them (a sweep found one always-refused unit blocking every run:
+  its chunk's 31 good answers were dropped and the units after it never tried). A chunk whose
+  every unit fails stops the run (a setup that fails everything). ``describe`` stores each
+  chunk as soon as it is done, so an error loses nothing already stored.
 """
 
 from __future__ import annotations
@@ -28,7 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mechscope.errors import MechscopeError
-from mechscope.explain.explainers.base import MAX_EXEMPLARS, SYSTEM_PROMPT, Explainer, explain_prompt, parse_description
+from mechscope.explain.explainers.base import (
+    MAX_EXEMPLARS,
+    SYSTEM_PROMPT,
+    Explainer,
+    UnitFailed,
+    explain_prompt,
+    parse_description,
+)
 from mechscope.explain.types import Exemplar, UnitRecord
 
 
@@ -74,7 +86,7 @@ class ServerExplainer(Explainer):
                 shown = min(n, len(train))
                 if shown <= 1:
                     what = f"even 1 exemplar(s) of unit {unit.unit.key}" if shown else f"the prompt of unit {unit.unit.key} even without exemplars"
-                    raise MechscopeError(f"The server at {self.url} cannot fit {what} in its context ({e.args[0]}); start it with a larger context.") from None
+                    raise UnitFailed(f"The server at {self.url} cannot fit {what} in its context ({e.args[0]}); start it with a larger context.") from None
                 n = shown // 2
 
     def _ask(self, user: str, sample: int) -> str:
@@ -96,33 +108,54 @@ class ServerExplainer(Explainer):
             if exc.status_code == 400 and (getattr(exc, "code", None) == "context_length_exceeded" or _CONTEXT.search(said)):
                 raise _ContextTooLong(said) from None
             detail = f" ({said})" if said else ""
-            raise MechscopeError(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}{detail}; check --model and the server's log.") from None
+            if exc.status_code == 429:
+                advice = f"it is limiting the request rate even after {self.retries} retries; lower --concurrency or try again later"
+            elif exc.status_code >= 500:
+                advice = f"the server failed (after {self.retries} retries); check its log"
+            else:
+                advice = "check --model and the server's log"
+            failed = MechscopeError if exc.status_code in (401, 403, 404, 429) else UnitFailed  # these fail every unit alike
+            raise failed(f"The server at {self.url} answered HTTP {exc.status_code} for model {self.model!r}{detail}; {advice}.") from None
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError):
-            raise MechscopeError(f"The server at {self.url} answered something that is not a chat-completions JSON response; check that it is OpenAI-compatible.") from None
+            raise UnitFailed(f"The server at {self.url} answered something that is not a chat-completions JSON response; check that it is OpenAI-compatible.") from None
         choices = getattr(reply, "choices", None)
         if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
-            raise MechscopeError(f"The server at {self.url} answered without any choice; check that it is OpenAI-compatible.")
-        text = parse_description(choices[0].message.content)
+            raise UnitFailed(f"The server at {self.url} answered without any choice; check that it is OpenAI-compatible.")
+        content = getattr(choices[0].message, "content", None)
+        if content is not None and not isinstance(content, str):
+            raise UnitFailed(f"The server at {self.url} answered a message whose content is a {type(content).__name__}, "
+                                 "not text; check that it is an OpenAI-compatible chat-completions endpoint.")
+        text = parse_description(content)
         if not text:
-            raise MechscopeError(f"The server at {self.url} answered with empty content for model {self.model!r}; check the model and max_tokens.")
+            raise UnitFailed(f"The server at {self.url} answered with empty content for model {self.model!r}; check the model and max_tokens.")
         return text
 
     def explain(self, unit: UnitRecord, train: list[Exemplar], n_samples: int = 1) -> list[str]:
         return self.explain_many([(unit, train)], n_samples)[0]
 
-    def explain_many(self, items: list[tuple[UnitRecord, list[Exemplar]]], n_samples: int = 1) -> list[list[str]]:
+    def explain_each(self, items: list[tuple[UnitRecord, list[Exemplar]]],
+                     n_samples: int = 1) -> list[list[str] | UnitFailed]:
         jobs = [(i, s) for i in range(len(items)) for s in range(max(1, n_samples))]
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(jobs) or 1))
+        texts: list[str | UnitFailed] = []
         try:
             futures = [pool.submit(self._ask_unit, items[i][0], items[i][1], s) for i, s in jobs]
-            texts = [f.result() for f in futures]
-        finally:  # on the first error, drop the requests not yet sent instead of waiting for them
+            for f in futures:
+                try:
+                    texts.append(f.result())
+                except UnitFailed as e:  # this unit's answer only: the others go on
+                    texts.append(e)
+        finally:  # on an error about the server itself, drop the requests not yet sent instead of waiting for them
             pool.shutdown(wait=True, cancel_futures=True)
         out: list[list[str]] = [[] for _ in items]
+        errors: dict[int, UnitFailed] = {}
         for (i, _), text in zip(jobs, texts):
-            if text not in out[i]:
+            if isinstance(text, UnitFailed):
+                errors.setdefault(i, text)
+            elif text not in out[i]:
                 out[i].append(text)
-        return out
+        # A unit with at least one sample is described; one whose every sample failed carries the first error.
+        return [got if got or i not in errors else errors[i] for i, got in enumerate(out)]
 
     def close(self) -> None:
         self.client.close()
