@@ -293,7 +293,8 @@ def test_shared_batches_leave_out_exactly_the_special_tokens_rows(tiny_llama, co
 
 def _sinks(model, ctx, layers, ratio, batch):
     """Sink positions [n, ctx_len - 1] by hand: residual norm after any of ``layers`` above
-    ``ratio`` times that layer's median over each batch of ``batch`` contexts (positions >= 1)."""
+    ``ratio`` times that layer's median over the position's own context (positions >= 1), run
+    in batches of ``batch`` contexts (which must not matter)."""
     out = []
     with torch.no_grad():
         for t in ctx.split(batch):
@@ -301,7 +302,7 @@ def _sinks(model, ctx, layers, ratio, batch):
             m = torch.zeros(t.shape[0], t.shape[1] - 1, dtype=torch.bool)
             for layer in layers:
                 n = cache[f"blocks.{layer}.hook_resid_post"][:, 1:].norm(dim=-1)
-                m |= n > ratio * n.median()
+                m |= n > ratio * n.median(dim=1, keepdim=True).values
             out.append(m)
     return torch.cat(out)
 

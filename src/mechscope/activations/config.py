@@ -38,7 +38,9 @@ class StoreConfig:
     context_len: int = 128
     """Tokens per packed context."""
     batch_size: int = 8
-    """Contexts per forward pass."""
+    """Contexts per forward pass. With ``shuffle`` it also sets how far the buffer overfills, so
+    the order of the shuffled rows (not their set over a whole run) depends on it: compare
+    trainings at one batch size."""
     buffer_tokens: int = 32768
     """Rows held in the shuffling buffer (per hook)."""
     shuffle: bool = True

@@ -146,6 +146,9 @@ def edge_score_folds(
     if ablation not in ("patching", "mean", "zero"):
         raise MechscopeError(f"Unknown ablation {ablation!r}; choose patching, mean or zero.")
     check_batch_size(batch_size)
+    from mechscope.models.check import require_float32
+
+    require_float32(model, "gradient attribution (EAP, EAP-IG)")
     if not isinstance(batch, TaskBatch):
         raise MechscopeError(f"edge_scores needs a TaskBatch, got a {type(batch).__name__}; build one with "
                              "get_task(name).build(model.tokenizer).")

@@ -60,7 +60,7 @@ def attribute(
     max_features: int = typer.Option(4096, "--max-features", help="Features that get rows; beyond it, the most influential are visited first and the rest fold into the error nodes."),
     node_threshold: float = typer.Option(0.8, "--node-threshold", help="Cumulative influence kept by node pruning."),
     edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Cumulative influence kept by edge pruning."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Targets per backward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Targets per backward pass. Where more features are active than --max-features, it is also how many are visited between re-estimates of influence, so the kept features can differ slightly with it."),
     max_links: int = typer.Option(50_000, "--max-links", help="Cap on links written to graph.json (strongest kept)."),
     qk: Optional[list[str]] = typer.Option(None, "--qk", help="LAYER:HEAD:QUERY_POS:KEY_POS: split that attention score into query-side x key-side node pairs (repeatable; qk.json and the report)."),
     contexts: int = typer.Option(CARD_TOKENS, "--contexts", help="Held-out corpus tokens searched for each kept feature's top-activating contexts, shown on the report (0: none)."),

@@ -27,3 +27,15 @@ def require_model(model: Any, who: str) -> None:
     else:
         hint = "get one from mechscope.load_model(...)"
     raise MechscopeError(f"{who} needs a model loaded by mechscope.load_model, got a {what}; {hint}.")
+
+
+def require_float32(model: Any, who: str) -> None:
+    """Refuse (one sentence) a model loaded in half precision (float16, bfloat16) for a method that keeps float32
+    sums and buffers beside it (gradient attribution: EAP, EAP-IG). Found by a helper's sweep:
+    ``load_model(path, dtype="float16")`` then ``edge_scores`` died in a dtype mismatch inside
+    torch. ``load_model``'s default upcasts half-precision weights to float32 (logits within
+    the weights' rounding, 4e-4 to 6e-3 relative on tiny models)."""
+    dtype = str(getattr(getattr(model, "summary", None), "dtype", "float32")).replace("torch.", "")
+    if dtype in ("float16", "bfloat16", "half"):  # float64 runs (tests compare it with float32)
+        raise MechscopeError(f"{who} computes in float32 but this model was loaded in {dtype}; load it with "
+                             "mechscope.load_model(..., dtype='float32') (the default, which upcasts half-precision weights).")

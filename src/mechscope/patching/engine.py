@@ -504,8 +504,10 @@ def _check_run(model: Model, graph: Graph, tokens: torch.Tensor, source: torch.T
     ``graph``: O(batch x pos) checks, no forward pass."""
     from mechscope.graph import check_graph_fits
     from mechscope.models import require_model
+    from mechscope.models.check import require_float32
 
     require_model(model, who)
+    require_float32(model, who)
     check_graph_fits(model, graph, who)
     check_tokens(model, tokens, who)
     B, P = tokens.shape

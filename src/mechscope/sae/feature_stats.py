@@ -132,7 +132,9 @@ class FeatureStats:
         mx, arg = acts.max(dim=1)  # [B, F] per-context maximum and its position
         self.max_act = torch.maximum(self.max_act, mx.max(0).values.double())
         vals = torch.cat([self.top_val, mx.T.float()], dim=1)  # [F, k + B]
-        new_val, sel = vals.topk(k, dim=1)  # [F, k]
+        # A stable sort, not topk: equal values keep the earlier context (the buffer holds earlier
+        # contexts, and the batch follows in order), so the kept contexts do not depend on the batch size.
+        new_val, sel = (t[:, :k] for t in vals.sort(dim=1, descending=True, stable=True))  # [F, k]
         from_batch = sel >= k
         # candidate windows only for the selected batch entries
         fb, kb = from_batch.nonzero(as_tuple=True)  # feature, slot
