@@ -84,7 +84,7 @@ def harvest(
             raise MechscopeError(
                 f"'{out}' holds a harvest with different settings ({', '.join(diff)}); use another --out folder."
             )
-        manifest["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
+        manifest["shards"] = [s for s in old["shards"] if _shard_ok(out / s["file"], s.get("rows"), cfg.hooks)]
     done = {s["file"] for s in manifest["shards"]}
     _write_manifest(out, manifest)
 
@@ -203,7 +203,7 @@ class ShardStore:
             idx = torch.randperm(len(self.files), generator=self._gen).tolist() if self.shuffle else range(len(self.files))
             self._order = [self.files[i] for i in idx]
         group, self._order = self._order[: self.buffer_shards], self._order[self.buffer_shards :]
-        loaded = [load_file(str(self.dir / f)) for f in group]
+        loaded = [_load_shard(self.dir / f) for f in group]
         out = {h: torch.cat([t[h] for t in loaded]) for h in self.hooks + [TOKENS_KEY]}
         if self.shuffle:
             perm = torch.randperm(out[TOKENS_KEY].shape[0], generator=self._gen)
@@ -237,3 +237,47 @@ class ShardStore:
         return {k: self.manifest[k] for k in ("model", "hooks", "d", "dtype", "context_len", "corpus", "n_tokens")} | {
             "shards": len(self.files)
         }
+
+
+def _shard_ok(path: Path, rows: Any, hooks: list[str]) -> bool:
+    """Whether a listed shard is whole: a readable safetensors file holding every hook and the
+    token ids with the rows the manifest records. A resumed harvest writes the others again (a
+    sweep found a truncated shard counted as done, and training then failed on it)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            if not {*hooks, TOKENS_KEY} <= keys:
+                return False
+            n = f.get_slice(TOKENS_KEY).get_shape()[0]
+            return all(f.get_slice(h).get_shape()[0] == n for h in hooks) and (rows is None or n == rows) \
+                and path.stat().st_size >= _data_end(f, keys)
+    except Exception:  # safetensors raises its own error type for a damaged header
+        return False
+
+
+def _data_end(f: Any, keys: set[str]) -> int:
+    """A lower bound on the file size the header promises (the tensors' bytes), so a file cut
+    after its header counts as damaged."""
+    total = 0
+    for k in keys:
+        sl = f.get_slice(k)
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}.get(sl.get_dtype(), 1)
+    return total
+
+
+def _load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard's tensors, or one sentence naming the damaged file."""
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise MechscopeError(f"the activation shard {path} is damaged ({str(e).splitlines()[0]}); run the same "
+                             "mechscope sae harvest again, which writes it again.") from None

@@ -190,6 +190,9 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     from mechscope.tasks import get_task, task_spec
 
     require_model(model, "discover")
+    from mechscope.models.check import require_float32
+
+    require_float32(model, "discover (its edge patching and attribution)")
     if not isinstance(cfg, DiscoverConfig):
         raise MechscopeError(f"discover needs a DiscoverConfig, got a {type(cfg).__name__}; pass DiscoverConfig(...) "
                              "(e.g. DiscoverConfig(**settings) for a dict).")
@@ -226,6 +229,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
             f"cross-validating with {len(folds)} folds")
     fold_scores = None
     score_info: dict = {}
+    earlier = 0.0  # scoring seconds of the run whose stored scores this one resumes (its timing is the real one)
     if cfg.method == "acdc":
         from mechscope.circuits.acdc import acdc
 
@@ -237,15 +241,16 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         stored = done.get_tensors("scores")
         if stored is not None and "parts" in stored:
             parts, score_info = stored["parts"], done.get("score-info") or {}
+            earlier = float(score_info.get("seconds", 0.0))
         else:
             parts = edge_score_folds(model, graph, score_set, cv_folds if cfg.pool == "sum" else [1] * len(score_set),
                                      cfg.method, cfg.ig_steps, cfg.ablation, cfg.batch_size, progress=p, qk=cfg.qk,
                                      info=score_info).cpu()
-            done.put("score-info", score_info)
+            done.put("score-info", {**score_info, "seconds": time.perf_counter() - t_score})
             done.put_tensors("scores", {"parts": parts})
         fold_scores = PairScores(parts, cv_folds, cfg.pool)
         scores = fold_scores.total()
-    t_score = time.perf_counter() - t_score
+    t_score = time.perf_counter() - t_score + earlier
     scores = scores.cpu()
     rank: str = cfg.rank
     cv, k_cv, f_cv, rule = None, None, None, None

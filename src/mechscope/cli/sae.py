@@ -71,7 +71,7 @@ def harvest(
     corpus: Optional[str] = CorpusOpt,
     model: Optional[str] = ModelOpt,
     context_len: Optional[int] = ContextLenOpt,
-    batch_size: int = typer.Option(StoreConfig.batch_size, "--batch-size", help="Contexts per forward pass."),
+    batch_size: int = typer.Option(StoreConfig.batch_size, "--batch-size", help="Contexts per forward pass (the shuffled rows' order depends on it; compare trainings at one batch size)."),
     dtype: str = typer.Option(StoreConfig.dtype, "--dtype", help="float32, bfloat16 or float16 on disk."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -155,8 +155,8 @@ def train(
     tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
                       batch_tokens=batch_tokens, lr=lr, checkpoint_every=checkpoint_every, seed=seed)  # checked when made
-    check_out(out, resume)  # before the model loads: a finished SAE is never overwritten
-    check_out_folder(out, "sae", replaces=False)  # nor another command's folder written into
+    check_out_folder(out, "sae", replaces=False)  # before the model loads: no other command's folder is written into
+    check_out(out, resume)  # nor a finished SAE overwritten
     check_context_len(context_len)
     m = load(model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)

@@ -420,9 +420,13 @@ class HarvestState:
         os.replace(tmp, folder / "state.json")
 
     @classmethod
-    def load(cls, folder: str | Path, cfg: ExemplarsConfig, device, fingerprint: str | None = None) -> "HarvestState | None":
+    def load(cls, folder: str | Path, cfg: ExemplarsConfig, device, fingerprint: str | None = None,
+             unit_weights: dict[str, str] | None = None) -> "HarvestState | None":
         """The checkpoint in ``folder`` if there is one for the same config (and model, by its
-        ``fingerprint`` where both record one), else None."""
+        ``fingerprint``, and SAE or transcoder weights, by ``unit_weights``: layer -> the unit
+        source's ``weights_fingerprint``, where both record them), else None. The units' folder
+        is named in the config, so a dictionary retrained in place would otherwise resume into
+        the old one's statistics (found by a sweep)."""
         if not (Path(folder) / "state.safetensors").is_file():
             return None
         state = cls.read(folder, device)
@@ -435,6 +439,11 @@ class HarvestState:
         if fingerprint and made and made != fingerprint:
             raise MechscopeError(f"the checkpoint in {folder} was made with another model ({state.model.get('source') or state.model.get('name')}); "
                                  "resume it with that --model or use another --checkpoint folder.")
+        was = state.model.get("unit_weights") or {}
+        changed = [layer for layer, fp in (unit_weights or {}).items() if was.get(layer) not in (None, fp)]
+        if changed:
+            raise MechscopeError(f"the checkpoint in {folder} was made with other weights of --units {cfg.units} (layer "
+                                 f"{changed[0]} differs: the folder was written again since); use another --checkpoint folder.")
         state.cfg = cfg
         return state
 
@@ -518,8 +527,10 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     harvester = Harvester(model, StoreConfig(hooks=hooks, context_len=cfg.context_len, batch_size=cfg.batch_size,
                                              skip_first=0, shuffle=False, buffer_tokens=2 * cfg.context_len))
     dev = model.device
-    made_by = {"name": model.summary.name, "source": _model_spec(model), "fingerprint": model.fingerprint()}
-    state = HarvestState.load(checkpoint, cfg, dev, made_by["fingerprint"]) if checkpoint else None
+    fingerprint = model.fingerprint()
+    unit_weights = {str(layer): source.weights_fingerprint(layer) for layer in layers}
+    made_by = {"name": model.summary.name, "source": _model_spec(model), "fingerprint": fingerprint, "unit_weights": unit_weights}
+    state = HarvestState.load(checkpoint, cfg, dev, fingerprint, unit_weights) if checkpoint else None
     if state is None:
         state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0, model=made_by)
     special = torch.tensor(special_token_ids(model.tokenizer), dtype=torch.long)  # separator, BOS and other sinks

@@ -276,10 +276,18 @@ class _Run:
         root = self.out / CKPT_DIR
         if not (root / LATEST).is_file():
             return False
-        gen = root / json.loads((root / LATEST).read_text())["generation"]
-        state = json.loads((gen / SET_STATE).read_text())
+        try:
+            gen = root / str(json.loads((root / LATEST).read_text())["generation"])
+            state = json.loads((gen / SET_STATE).read_text())
+            settings, shared = state["settings"], state["shared"]
+            if not isinstance(settings, dict) or not isinstance(shared, dict):
+                raise TypeError("settings and shared state must be objects")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            why = "a file is missing" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            raise MechscopeError(f"the checkpoint in {root} is damaged ({why}); train again with a new --out, or delete "
+                                 f"{root} to start this one over.") from None
         want = self.fingerprint()
-        saved = {**_BEFORE, **state["settings"]}  # a checkpoint older than a setting ran with its old value
+        saved = {**_BEFORE, **settings}  # a checkpoint older than a setting ran with its old value
         for key in sorted(set(saved) | set(want)):
             old = saved.get(key)
             if want.get(key) != old and not (key == "corpus" and same_corpus(old, want.get(key))):
@@ -292,7 +300,7 @@ class _Run:
             tr.out = gen / f"layer_{layer}"
             if not tr.load_checkpoint():
                 raise MechscopeError(f"the checkpoint {gen} lacks layer {layer}; it is damaged, so train again with a new --out.")
-        self.shared.load_state_dict(state["shared"])
+        self.shared.load_state_dict(shared)
         return True
 
     # ------------------------------------------------------------------ training

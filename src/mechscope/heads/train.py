@@ -272,6 +272,12 @@ def resume_run(out: Path, settings: dict, model: torch.nn.Module, opt: torch.opt
     """
     tj, state = out / "train.json", out / "last" / STATE_FILE
     if not tj.is_file():
+        # Checkpoints without the run log that names their settings: another run's, which a new
+        # run would mix into one folder (``dynamics`` reads every ckpt_*); a sweep found it silent.
+        left = state.is_file() or (out.is_dir() and any(p.is_dir() and p.name.startswith("ckpt_") for p in out.iterdir()))
+        if left:
+            raise MechscopeError(f"'{out}' holds checkpoints of an earlier run but no train.json to say how it was made; "
+                                 "pass a new --out folder (or delete that one to start over).")
         return 0, log, False
     try:
         prev = json.loads(tj.read_text())

@@ -71,6 +71,8 @@ class TunedLens(torch.nn.Module):
         if reads not in ("resid_post", "resid_pre"):
             raise MechscopeError(f"reads='{reads}' is not a translator input; use resid_post or resid_pre.")
         self.model_info = {"name": model.get("name"), "d_model": d_model, "n_layers": n_layers, "d_vocab": model.get("d_vocab")}
+        if model.get("fingerprint"):  # the weights' hash (``Model.fingerprint``): tells apart two models of one name
+            self.model_info["fingerprint"] = model["fingerprint"]
         self.reads = reads
         self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model) if weight is None else weight.float().clone())
         self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model) if bias is None else bias.float().clone())
@@ -83,7 +85,7 @@ class TunedLens(torch.nn.Module):
     def identity(cls, model: Model, reads: str = "resid_post") -> "TunedLens":
         """Zero translators for ``model`` (the logit lens)."""
         s = model.summary
-        return cls(s.to_dict(), s.n_layers, s.d_model, reads).to(model.device)
+        return cls({**s.to_dict(), "fingerprint": model.fingerprint()}, s.n_layers, s.d_model, reads).to(model.device)
 
     @property
     def n_layers(self) -> int:
@@ -152,6 +154,11 @@ class TunedLens(torch.nn.Module):
             raise MechscopeError(
                 f"these translators{where} were trained for {mi['name']}, not {s.name}; train a tuned lens for this model "
                 "with `mechscope tuned-lens train` (or pass the model they were trained for with --model)."
+            )
+        if mi.get("fingerprint") and mi["fingerprint"] != model.fingerprint():
+            raise MechscopeError(
+                f"these translators{where} were trained for another model also called {s.name} (its weights differ); train a "
+                "tuned lens for this model with `mechscope tuned-lens train` (or pass the model they were trained for with --model)."
             )
 
     def is_finite(self) -> bool:

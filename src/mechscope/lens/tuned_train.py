@@ -303,7 +303,7 @@ class _Run:
 
     def fingerprint(self, keys: tuple[str, ...] = _FINGERPRINT) -> dict[str, Any]:
         d = self.cfg.to_dict()
-        return {"model": self.model.summary.name, **{k: d[k] for k in keys}}
+        return {"model": self.model.summary.name, "model_fingerprint": self.model.fingerprint(), **{k: d[k] for k in keys}}
 
     def save_stage1(self) -> None:
         if self.out is None:
@@ -324,8 +324,11 @@ class _Run:
                                              "seconds": self.seconds})
 
     def _check_settings(self, saved: dict[str, Any]) -> None:
-        want = self.fingerprint(tuple(k for k in saved if k != "model"))
+        want = self.fingerprint(tuple(k for k in saved if k not in ("model", "model_fingerprint")))
         for key, old in saved.items():
+            if key == "model_fingerprint" and old != want[key]:  # a checkpoint from before it was recorded has none
+                raise MechscopeError(f"the checkpoint in {self.ckpt} was made with another model also called "
+                                     f"{self.model.summary.name} (its weights differ); resume with that model or use a new --out.")
             if want.get(key) != old and not (key == "corpus" and same_corpus(old, want.get(key))):
                 if key == "cache_dtype":  # no option of its own: the CLI sets it from --matmul-dtype
                     flag = {"float32": "float32"}  # any other --matmul-dtype caches in bfloat16
