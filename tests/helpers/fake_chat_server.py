@@ -33,6 +33,16 @@ class FakeChatServer:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
+            def _send(self, status: int, payload: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 owner.requests.append(body)
@@ -40,41 +50,20 @@ class FakeChatServer:
                     time.sleep(owner.delay)
                 user = body.get("messages", [{}])[-1].get("content", "")
                 if owner.mode == "context" and user.count("Excerpt ") > owner.max_excerpts:
-                    payload = json.dumps({"error": {
+                    return self._send(400, json.dumps({"error": {
                         "message": "This model's maximum context length is 2048 tokens. However, you requested 3091 tokens.",
-                        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}).encode()
-                    self.send_response(400)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}).encode())
                 if owner.mode == "poison" and owner.poison in user:
-                    payload = json.dumps({"error": {"message": "poisoned prompt", "type": "server_error"}}).encode()
-                    self.send_response(500)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    return self._send(500, json.dumps({"error": {"message": "poisoned prompt", "type": "server_error"}}).encode())
                 if owner.mode == "garbage":
-                    payload = b"{this is not json"
-                else:
-                    content: object = "" if owner.mode == "empty" else 7 if owner.mode == "number" else owner.text
-                    payload = json.dumps({
-                        "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": content}}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                    }).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                    pass
+                    return self._send(200, b"{this is not json")
+                content: object = "" if owner.mode == "empty" else 7 if owner.mode == "number" else owner.text
+                self._send(200, json.dumps({
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", ""),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
