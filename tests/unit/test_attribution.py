@@ -145,9 +145,14 @@ def test_acdc_resumes_from_checkpoint(tiny_llama, tmp_path):
     full = acdc(m, g, b, tau=0.02)
     ck = tmp_path / "acdc.safetensors"
     part = acdc(m, g, b, tau=0.02, checkpoint=ck, max_seconds=0.0)
-    assert not part.complete and ck.is_file()
+    assert not part.complete and ck.is_file() and part.seconds_before == 0.0
+    from safetensors import safe_open
+
+    with safe_open(str(ck), "pt") as f:
+        spent = float(f.metadata()["seconds"])
     resumed = acdc(m, g, b, tau=0.02, checkpoint=ck)
     assert resumed.complete and torch.equal(resumed.circuit, full.circuit)
+    assert resumed.seconds_before == spent > 0  # the earlier run's pruning time, for discover's total
     import pytest
 
     from mechscope.errors import MechscopeError

@@ -68,6 +68,7 @@ class ACDCResult:
     n_forward: float  # forward work in whole-batch, whole-model passes (a suffix run counts its share)
     complete: bool = True  # False when max_seconds stopped it early (unvisited edges kept)
     visited: int = 0  # edges decided (removed or kept)
+    seconds_before: float = 0.0  # pruning time of the earlier runs this one resumed (from the checkpoint)
 
 
 class _Scorer:
@@ -149,9 +150,9 @@ def acdc(
     start = R - 1
     settings = {"tau": tau, "metric": metric, "ablation": ablation, "S": S, "R": R,
                 "model": model.summary.name, "weights": model.fingerprint(), "batch": _digest(batch)}
-    current, visited = None, 0
+    current, visited, before = None, 0, 0.0
     if checkpoint is not None and Path(checkpoint).is_file():
-        mask, scores, start, extra, current, visited = _load_state(checkpoint, settings)
+        mask, scores, start, extra, current, visited, before = _load_state(checkpoint, settings)
         score.n_forward += extra
     if current is None:
         current = float(score(mask[None], graph.receiver_layer(start))[0])
@@ -188,7 +189,8 @@ def acdc(
                 k = min(2 * k, k_batch)  # every candidate removed: speculate further
             current = prev
         if checkpoint is not None:
-            _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings, current, visited)
+            _save_state(checkpoint, mask, scores, r - 1, score.n_forward, settings, current, visited,
+                        before + time.perf_counter() - t0)
         if max_seconds is not None and r > 0 and time.perf_counter() - t0 > max_seconds:
             complete = False  # budget spent: receivers below r are unvisited (their edges kept)
             break
@@ -198,7 +200,7 @@ def acdc(
     # Ranking for curves: kept edges score >= tau; a removal that lowered the metric is not
     # "important", so negative increases rank as zero.
     return ACDCResult(circuit=keep, scores=scores.clamp(min=0) * graph.allowed, n_forward=score.n_forward,
-                      complete=complete, visited=visited)
+                      complete=complete, visited=visited, seconds_before=before)
 
 
 def default_k_batch(model: Model, n_examples: int) -> int:
@@ -224,12 +226,13 @@ def _digest(batch: TaskBatch) -> str:
     return h.hexdigest()[:16]
 
 
-def _save_state(path, mask, scores, next_r, n_forward, settings, current, visited) -> None:
+def _save_state(path, mask, scores, next_r, n_forward, settings, current, visited, seconds=0.0) -> None:
     from safetensors.torch import save_file
 
-    # repr of a float reads back to the same float: the resumed run continues from the exact metric
+    # repr of a float reads back to the same float: the resumed run continues from the exact metric.
+    # seconds: pruning time so far, over every run of this checkpoint (a resumed run reports the total).
     meta = {"next_receiver": str(next_r), "n_forward": str(n_forward), "settings": json.dumps(settings),
-            "current": repr(current), "visited": str(visited)}
+            "current": repr(current), "visited": str(visited), "seconds": repr(float(seconds))}
     tmp = f"{path}.tmp"  # a fixed name: the next save overwrites what a kill mid-write left
     save_file({"mask": mask.contiguous(), "scores": scores.contiguous()}, tmp, metadata=meta)
     os.replace(tmp, path)  # atomic: a kill leaves the old or the new state, never half
@@ -256,4 +259,4 @@ def _load_state(path, settings):
             )
         current = float(meta["current"]) if "current" in meta else None
         return (f.get_tensor("mask"), f.get_tensor("scores"), int(meta["next_receiver"]), float(meta["n_forward"]),
-                current, int(meta.get("visited", 0)))
+                current, int(meta.get("visited", 0)), float(meta.get("seconds", 0.0)))

@@ -236,6 +236,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
         ac = acdc(model, graph, score_set, tau=cfg.threshold if cfg.threshold is not None else 0.01,
                   ablation=cfg.ablation, metric=cfg.acdc_metric, progress=p, checkpoint=cfg.checkpoint)
         scores = ac.scores
+        earlier = ac.seconds_before
     else:
         cv_folds = folds or [len(score_set)]
         stored = done.get_tensors("scores")
