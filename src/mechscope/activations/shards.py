@@ -240,9 +240,10 @@ class ShardStore:
 
 
 def _shard_ok(path: Path, rows: Any, hooks: list[str]) -> bool:
-    """Whether a listed shard is whole: a readable safetensors file holding every hook and the
-    token ids with the rows the manifest records. A resumed harvest writes the others again (a
-    sweep found a truncated shard counted as done, and training then failed on it)."""
+    """Whether a listed shard is whole: a readable safetensors file (``safe_open`` refuses one
+    cut short of what its header promises) holding every hook and the token ids with the rows
+    the manifest records. A resumed harvest writes the others again (a sweep found a truncated
+    shard counted as done, and training then failed on it)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -253,23 +254,9 @@ def _shard_ok(path: Path, rows: Any, hooks: list[str]) -> bool:
             if not {*hooks, TOKENS_KEY} <= keys:
                 return False
             n = f.get_slice(TOKENS_KEY).get_shape()[0]
-            return all(f.get_slice(h).get_shape()[0] == n for h in hooks) and (rows is None or n == rows) \
-                and path.stat().st_size >= _data_end(f, keys)
-    except Exception:  # safetensors raises its own error type for a damaged header
+            return all(f.get_slice(h).get_shape()[0] == n for h in hooks) and (rows is None or n == rows)
+    except Exception:  # safetensors raises its own error type for a damaged or truncated file
         return False
-
-
-def _data_end(f: Any, keys: set[str]) -> int:
-    """A lower bound on the file size the header promises (the tensors' bytes), so a file cut
-    after its header counts as damaged."""
-    total = 0
-    for k in keys:
-        sl = f.get_slice(k)
-        n = 1
-        for d in sl.get_shape():
-            n *= d
-        total += n * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8}.get(sl.get_dtype(), 1)
-    return total
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:

@@ -310,11 +310,9 @@ class ModelSimulator:
         else:
             raise MechscopeError(f"The simulator's tokenizer ({self.model.name}) cannot tell 'Yes' from 'No' by their first token; use another simulator model.")
         self._share_head = share_head
-        from mechscope.models.load import learned_positions
+        from mechscope.models.load import hf_position_limit
 
-        learned = learned_positions(self.hf, int(getattr(self.hf.config, "vocab_size", 0) or 0))
-        n_pos = getattr(self.hf.config, "n_positions", None) or getattr(self.hf.config, "max_position_embeddings", None)
-        self.max_positions: int | None = int(n_pos) if learned and n_pos else None
+        self.max_positions: int | None = hf_position_limit(self.hf)
         # transformers 5.x renames the forward's past_key_values to cache (the old name goes in 5.40).
         self._cache_arg = "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
 

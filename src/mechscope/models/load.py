@@ -148,6 +148,16 @@ def learned_positions(hf_model: torch.nn.Module, vocab: int) -> bool:
     return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings != vocab for m in hf_model.modules())
 
 
+def hf_position_limit(hf_model: torch.nn.Module) -> int | None:
+    """``position_limit`` of a plain Hugging Face model (no ``Model`` around it, as the
+    simulator and the local explainer hold): its config's ``n_positions`` or
+    ``max_position_embeddings`` where positions come from a learned table, else None."""
+    cfg = getattr(hf_model, "config", None)
+    n_pos = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    learned = learned_positions(hf_model, int(getattr(cfg, "vocab_size", 0) or 0))
+    return int(n_pos) if n_pos and learned else None
+
+
 def position_limit(model: Any) -> int | None:
     """The longest sequence ``model`` takes: ``summary.n_ctx`` where positions come from a
     learned table (``learned_positions``), None where they are computed (rotary and the like) and

@@ -392,8 +392,11 @@ class Trainer:
         if not (fp_old and fp_new):
             pairs.append(("model", saved_cfg.get("model_name"), now["model_name"]))
         pairs += [(k, saved_cfg.get(k), now[k]) for k in ("hook_name", "hook_name_out")]
-        for label, key in (("corpus", "dataset_path"), ("context_len", "context_size"), ("activation shards", "shards_digest")):
-            if key in saved_meta or (key in now_meta and key != "shards_digest"):  # checkpoints before the digest: unchecked
+        if "shards_digest" in saved_meta and saved_meta["shards_digest"] != now_meta.get("shards_digest"):  # none before it was recorded
+            raise MechscopeError(f"the checkpoint in {ck} was trained on other activation shards (another harvest, or a "
+                                 "corpus); resume with the same --from-shards folder or use a new --out.")
+        for label, key in (("corpus", "dataset_path"), ("context_len", "context_size")):
+            if key in saved_meta or key in now_meta:
                 pairs.append((label, saved_meta.get(key), now_meta.get(key)))
         saved_train, now_train = meta["train_config"], asdict(self.cfg)
         for f in fields(TrainConfig):
@@ -403,9 +406,6 @@ class Trainer:
             pairs.append((f.name, saved_train.get(f.name, default), now_train[f.name]))
         pairs += [(k, saved_cfg.get(k), now[k]) for k in ("architecture", "d_in", "d_out", "d_sae", "k")]
         for key, old, new in pairs:
-            if key == "activation shards" and old != new:
-                raise MechscopeError(f"the checkpoint in {ck} was trained on other activation shards (another harvest, or a "
-                                     "corpus); resume with the same --from-shards folder or use a new --out.")
             if old != new and not (key == "corpus" and same_corpus(old, new)):
                 raise MechscopeError(
                     f"the checkpoint in {ck} was made with {key}={old!r}, not {new!r}; resume with the same "
@@ -550,16 +550,16 @@ def sae_trainer(
         store = ActivationStore(model, get_corpus(corpus, split="train"), StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
     dims = store.dims
     name = model.summary.name
-    if shards is not None:  # the contexts and text the shards were harvested from
-        context_len, corpus = store.manifest.get("context_len", context_len), store.manifest.get("corpus", corpus)
     meta = {"model_path": name, "context_size": context_len, "dataset_path": corpus or "embedded",
-            "model_fingerprint": model.fingerprint(), **(metadata or {})}
-    if shards is not None:  # which harvest: two of one corpus differ in their shards (a resume must not switch)
+            "model_fingerprint": model.fingerprint()}
+    if shards is not None:  # the contexts and text the shards were harvested from, and which harvest (a resume must not switch)
         import hashlib
-        import json
 
         listing = [(sh["file"], sh["rows"]) for sh in store.manifest["shards"]]
-        meta["shards_digest"] = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        meta.update(context_size=store.manifest.get("context_len", context_len),
+                    dataset_path=store.manifest.get("corpus", corpus) or "embedded",
+                    shards_digest=hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16])
+    meta.update(metadata or {})  # the caller's entries win
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
                    hook_name=hook, hook_name_out=hook_out, model_name=name, metadata=meta, progress=progress)
 

@@ -57,21 +57,14 @@ class LocalExplainer(Explainer):
             return list(ids)
         return tok(f"{SYSTEM_PROMPT}\n\n{user}\nExplanation:", add_special_tokens=True)["input_ids"]
 
-    def max_positions(self) -> int | None:
-        """Positions a model with learned position embeddings reads (GPT-2: n_positions), None
-        for rotary models, which run past their training length as transformers lets them."""
-        from mechscope.models.load import learned_positions
-
-        hf = self.model.hf
-        n_pos = getattr(hf.config, "n_positions", None) or getattr(hf.config, "max_position_embeddings", None)
-        return int(n_pos) if n_pos and learned_positions(hf, int(getattr(hf.config, "vocab_size", 0) or 0)) else None
-
     def fitting_prompt(self, unit: UnitRecord, train: list[Exemplar]) -> list[int]:
         """The prompt's token ids with as many exemplars as fit the model's positions together with
         the tokens to generate: ``MAX_EXEMPLARS``, halved while it overflows (as the server
         explainer does), or ``UnitFailed`` when even one does not fit (a sweep found a GPT-2-style
         model's generation failing with an IndexError past its last position)."""
-        limit, n = self.max_positions(), MAX_EXEMPLARS
+        from mechscope.models.load import hf_position_limit
+
+        limit, n = hf_position_limit(self.model.hf), MAX_EXEMPLARS
         while True:
             ids = self.prompt_ids(unit, train, n)
             if limit is None or len(ids) + self.max_new_tokens <= limit:
