@@ -24,6 +24,7 @@ corpus holds (``mechscope corpus``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Corpus:
     split: Split = "all"
     seed: int | None = None
     _hf: Any = field(default=None, repr=False)
+    _digest: str | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -82,6 +84,37 @@ class Corpus:
         # checked strictly at indexing; "-sig": a file's byte-order mark is not text (json.loads refuses it in a str)
         raw = f.read(ref.end - ref.start).decode("utf-8-sig", errors="replace")
         return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
+
+    def digest(self) -> str | None:
+        """A digest of the documents this corpus serves, in its order (their bytes, each with its
+        length), so that a checkpoint can tell an edited corpus file from the one it was made on
+        (the spec string names a path, not what is in it). Moving or renaming the files keeps it;
+        ``split`` and ``seed`` change it. Reads the corpus once (the embedded one: 5 MB, ~15 ms).
+        A Hugging Face dataset gives its own fingerprint; None when it has none."""
+        if self._digest is None:
+            if self._hf is not None:
+                fp = getattr(self._hf, "_fingerprint", None)
+                self._digest = f"hf:{fp}:{len(self.refs)}" if fp else ""
+            else:
+                h = hashlib.blake2b(digest_size=16)
+                handles: dict[str, Any] = {}
+                try:
+                    for ref in self.refs:
+                        f = handles.get(ref.path)
+                        if f is None:
+                            f = handles[ref.path] = open(ref.path, "rb")
+                        f.seek(ref.start)
+                        raw = f.read(ref.end - ref.start)
+                        h.update(len(raw).to_bytes(8, "little"))
+                        h.update(raw)
+                except OSError as exc:
+                    raise MechscopeError(f"cannot read the corpus '{self.spec}' ({exc.strerror or exc}); it was moved or "
+                                         "removed while in use.") from None
+                finally:
+                    for fh in handles.values():
+                        fh.close()
+                self._digest = h.hexdigest()
+        return self._digest or None
 
     def info(self) -> dict[str, Any]:
         return {"spec": self.spec, "split": self.split, "seed": self.seed, "documents": len(self),
@@ -133,6 +166,18 @@ def get_corpus(
         refs = list(refs)
         random.Random(seed).shuffle(refs)
     return Corpus(str(spec), refs, licence, description, split, seed, hf)
+
+
+def corpus_digest(corpus: Any) -> str | None:
+    """``Corpus.digest()`` for a ``Corpus``; None for any other iterable of texts (nothing to
+    check a resume against)."""
+    return corpus.digest() if isinstance(corpus, Corpus) else None
+
+
+def changed_corpus(where: str, spec: Any) -> MechscopeError:
+    """The one sentence for a resume whose corpus has other contents than its checkpoint's."""
+    return MechscopeError(f"the checkpoint in {where} was made on other contents of the corpus {spec!r} (the file was "
+                          "edited, or the path now holds other text); restore that text, or start over with a new --out.")
 
 
 def same_corpus(a: Any, b: Any) -> bool:

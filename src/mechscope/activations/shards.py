@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechscope.activations.config import TOKENS_KEY
+from mechscope.activations.corpus import changed_corpus, corpus_digest
 from mechscope.activations.store import Harvester, StoreConfig, pack_contexts
 from mechscope.errors import MechscopeError
 from mechscope.progress import ProgressArg, as_progress
@@ -73,13 +74,16 @@ def harvest(
         "schema_version": SCHEMA_VERSION, "model": model.summary.name, "model_fingerprint": model.fingerprint(),
         "hooks": list(cfg.hooks),
         "d": harvester.dims(), "dtype": cfg.dtype, "context_len": cfg.context_len, "skip_first": cfg.skip_first,
-        "corpus": spec, "contexts_per_shard": cps, "rows_per_shard": cps * rpc, "n_tokens_requested": n_tokens,
+        "corpus": spec, "corpus_digest": corpus_digest(corpus), "contexts_per_shard": cps, "rows_per_shard": cps * rpc, "n_tokens_requested": n_tokens,
         "store": cfg.to_dict(), "shards": [], "n_tokens": 0, "complete": False,
     }
     if old is not None:
         diff = [k for k in _SAME if old.get(k) != manifest.get(k)]
         if old.get("model_fingerprint") not in (None, manifest["model_fingerprint"]):  # older harvests recorded none
             diff.append("model_fingerprint")
+        if not diff and None not in (old.get("corpus_digest"), manifest["corpus_digest"]) \
+                and old.get("corpus_digest") != manifest["corpus_digest"]:  # older harvests recorded none
+            raise changed_corpus(str(out), spec)
         if diff:
             raise MechscopeError(
                 f"'{out}' holds a harvest with different settings ({', '.join(diff)}); use another --out folder."

@@ -75,6 +75,10 @@ def _check_pair(prev: HarvestState, nxt: HarvestState, names: tuple[str, str]) -
     if fa and fb and fa != fb:
         raise MechscopeError(f"shards {names[0]} and {names[1]} were made with different models "
                              f"({prev.model.get('source')} and {nxt.model.get('source')}); merge only shards of one model.")
+    da, db = prev.model.get("corpus_digest"), nxt.model.get("corpus_digest")
+    if da and db and da != db:
+        raise MechscopeError(f"shards {names[0]} and {names[1]} were made on different contents of the corpus "
+                             f"{prev.cfg.corpus or 'embedded'!r} (the file differs between the machines); run every shard over the same text.")
     if sorted(prev.layers) != sorted(nxt.layers) or prev.unit_offset != nxt.unit_offset:
         raise MechscopeError(f"shards {names[0]} and {names[1]} hold other layers or units; merge only token shards of one pass.")
     end = prev.cfg.first_context + prev.contexts_done

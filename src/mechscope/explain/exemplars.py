@@ -72,11 +72,12 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast
 
 import torch
 
 from mechscope.activations.config import StoreConfig
+from mechscope.activations.corpus import changed_corpus
 from mechscope.activations.store import Harvester, context_sinks, pack_contexts, sink_hooks, special_token_ids
 from mechscope.errors import MechscopeError
 from mechscope.explain.config import ExemplarsConfig
@@ -421,10 +422,11 @@ class HarvestState:
 
     @classmethod
     def load(cls, folder: str | Path, cfg: ExemplarsConfig, device, fingerprint: str | None = None,
-             unit_weights: dict[str, str] | None = None) -> "HarvestState | None":
+             unit_weights: dict[str, str] | None = None, corpus_digest: str | None = None) -> "HarvestState | None":
         """The checkpoint in ``folder`` if there is one for the same config (and model, by its
         ``fingerprint``, and SAE or transcoder weights, by ``unit_weights``: layer -> the unit
-        source's ``weights_fingerprint``, where both record them), else None. The units' folder
+        source's ``weights_fingerprint``, and the corpus's contents by ``corpus_digest``, where both
+        record them), else None. The units' folder
         is named in the config, so a dictionary retrained in place would otherwise resume into
         the old one's statistics (found by a sweep)."""
         if not (Path(folder) / "state.safetensors").is_file():
@@ -444,6 +446,8 @@ class HarvestState:
         if changed:
             raise MechscopeError(f"the checkpoint in {folder} was made with other weights of --units {cfg.units} (layer "
                                  f"{changed[0]} differs: the folder was written again since); use another --checkpoint folder.")
+        if corpus_digest and state.model.get("corpus_digest") not in (None, corpus_digest):
+            raise changed_corpus(str(folder), cfg.corpus or "embedded")
         state.cfg = cfg
         return state
 
@@ -529,8 +533,13 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     dev = model.device
     fingerprint = model.fingerprint()
     unit_weights = {str(layer): source.weights_fingerprint(layer) for layer in layers}
-    made_by = {"name": model.summary.name, "source": _model_spec(model), "fingerprint": fingerprint, "unit_weights": unit_weights}
-    state = HarvestState.load(checkpoint, cfg, dev, fingerprint, unit_weights) if checkpoint else None
+    made_by: dict[str, Any] = {"name": model.summary.name, "source": _model_spec(model), "fingerprint": fingerprint,
+                               "unit_weights": unit_weights}
+    if contexts is None:  # what the corpus holds: a resume, a calibration shard and a merge must share it
+        from mechscope.activations.corpus import get_corpus
+
+        made_by["corpus_digest"] = get_corpus(cfg.corpus).digest()
+    state = HarvestState.load(checkpoint, cfg, dev, fingerprint, unit_weights, made_by.get("corpus_digest")) if checkpoint else None
     if state is None:
         state = HarvestState(cfg, {}, torch.zeros(0, cfg.context_len, dtype=torch.int32), 0, a, 0, model=made_by)
     special = torch.tensor(special_token_ids(model.tokenizer), dtype=torch.long)  # separator, BOS and other sinks
@@ -615,6 +624,9 @@ def _check_calibration(cal: HarvestState, cfg: ExemplarsConfig, made_by: dict, l
         raise MechscopeError(f"--calibration was made with other settings ({', '.join(diff)} differ); give a shard of this pass.")
     if cal.model.get("fingerprint") and cal.model["fingerprint"] != made_by["fingerprint"]:
         raise MechscopeError(f"--calibration was made with another model ({cal.model.get('source')}); give a shard of this pass.")
+    if None not in (cal.model.get("corpus_digest"), made_by.get("corpus_digest")) and cal.model["corpus_digest"] != made_by["corpus_digest"]:
+        raise MechscopeError("--calibration was made on other contents of the corpus (the file differs on that machine); "
+                             "give a shard of this pass over the same text.")
     n = (b if b is not None else source.n_units(layers[0])) - a
     if sorted(cal.layers) != sorted(layers) or cal.unit_offset != a or any(st.lo.shape[0] != n for st in cal.layers.values()):
         raise MechscopeError("--calibration holds other layers or units; give a shard of this pass.")

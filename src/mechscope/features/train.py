@@ -53,7 +53,7 @@ from torch import Tensor
 
 from mechscope.activations import ActivationStore, StoreConfig, get_corpus, special_token_ids
 from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
-from mechscope.activations.corpus import same_corpus
+from mechscope.activations.corpus import changed_corpus, corpus_digest, same_corpus
 from mechscope.errors import MechscopeError
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, check_mlp_input_norm, save_transcoders
@@ -241,7 +241,8 @@ class _Run:
         name = model.summary.name
         meta = {"model_path": model_path or name, "context_size": cfg.context_len, "dataset_path": cfg.corpus or "embedded",
                 "transcoder_set_layers": self.layers, "exclude_special": cfg.exclude_special,
-                "sink_ratio": cfg.sink_ratio, "model_fingerprint": model.fingerprint()}
+                "sink_ratio": cfg.sink_ratio, "model_fingerprint": model.fingerprint(),
+                "corpus_digest": corpus_digest(self.shared.store.corpus)}
         self.trainers: list[Trainer] = []
         for layer, src in zip(self.layers, sources):
             hin, hout = layer_hooks(layer)
@@ -254,7 +255,8 @@ class _Run:
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self) -> dict[str, Any]:
         d = self.cfg.to_dict()
-        return {"model": self.model.summary.name, **{k: d[k] for k in _FINGERPRINT}, "layers": self.layers}
+        return {"model": self.model.summary.name, **{k: d[k] for k in _FINGERPRINT}, "layers": self.layers,
+                "corpus_digest": corpus_digest(self.shared.store.corpus)}
 
     def save_checkpoint(self) -> None:
         root = self.out / CKPT_DIR
@@ -290,12 +292,16 @@ class _Run:
         saved = {**_BEFORE, **settings}  # a checkpoint older than a setting ran with its old value
         for key in sorted(set(saved) | set(want)):
             old = saved.get(key)
+            if key == "corpus_digest":  # checked last (a checkpoint from before it was recorded has none)
+                continue
             if want.get(key) != old and not (key == "corpus" and same_corpus(old, want.get(key))):
                 raise MechscopeError(
                     f"the checkpoint in {root} was made with {key}={old!r}, not {want.get(key)!r}"
                     + (" (--sink-ratio 0 means None)" if key == "sink_ratio" else "") + "; resume with the same "
                     "settings or use a new --out."
                 )
+        if None not in (saved.get("corpus_digest"), want["corpus_digest"]) and saved["corpus_digest"] != want["corpus_digest"]:
+            raise changed_corpus(str(root), self.cfg.corpus or "embedded")
         for layer, tr in zip(self.layers, self.trainers):
             tr.out = gen / f"layer_{layer}"
             if not tr.load_checkpoint():

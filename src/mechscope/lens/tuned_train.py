@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from mechscope.activations.corpus import same_corpus
+from mechscope.activations.corpus import changed_corpus, corpus_digest, same_corpus
 from mechscope.errors import MechscopeError, check_config, step_or_diverge
 from mechscope.lens.config import MatmulDtype, TunedLensTrainConfig
 from mechscope.lens.tuned import JSON_FILE, TunedLens
@@ -295,6 +295,16 @@ class _Run:
         self.log: list[dict[str, Any]] = []
         self.seconds = {"closed_form": 0.0, "kl": 0.0}
         self.cache: dict[str, torch.Tensor] | None = None
+        self._digest: tuple[str | None] | None = None
+
+    def corpus_digest(self) -> str | None:
+        """What the corpus's train split holds (``Corpus.digest``), so a resume notices an edited file."""
+        if self._digest is None:
+            from mechscope.activations import get_corpus
+
+            docs = get_corpus(self.corpus, split="train") if self.corpus is None or isinstance(self.corpus, (str, Path)) else self.corpus
+            self._digest = (corpus_digest(docs),)
+        return self._digest[0]
 
     @property
     def ckpt(self) -> Path:
@@ -303,7 +313,10 @@ class _Run:
 
     def fingerprint(self, keys: tuple[str, ...] = _FINGERPRINT) -> dict[str, Any]:
         d = self.cfg.to_dict()
-        return {"model": self.model.summary.name, "model_fingerprint": self.model.fingerprint(), **{k: d[k] for k in keys}}
+        out = {"model": self.model.summary.name, "model_fingerprint": self.model.fingerprint(), **{k: d[k] for k in keys}}
+        if "corpus" in keys:
+            out["corpus_digest"] = self.corpus_digest()
+        return out
 
     def save_stage1(self) -> None:
         if self.out is None:
@@ -324,8 +337,12 @@ class _Run:
                                              "seconds": self.seconds})
 
     def _check_settings(self, saved: dict[str, Any]) -> None:
-        want = self.fingerprint(tuple(k for k in saved if k not in ("model", "model_fingerprint")))
+        want = self.fingerprint(tuple(k for k in saved if k not in ("model", "model_fingerprint", "corpus_digest")))
         for key, old in saved.items():
+            if key == "corpus_digest":  # recorded after the corpus's name, so a renamed corpus is named first
+                if old and want.get(key) and old != want[key]:  # a checkpoint from before it was recorded has none
+                    raise changed_corpus(str(self.ckpt), self.cfg.corpus or "embedded")
+                continue
             if key == "model_fingerprint" and old != want[key]:  # a checkpoint from before it was recorded has none
                 raise MechscopeError(f"the checkpoint in {self.ckpt} was made with another model also called "
                                      f"{self.model.summary.name} (its weights differ); resume with that model or use a new --out.")

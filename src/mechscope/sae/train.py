@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
-from mechscope.activations.corpus import same_corpus
+from mechscope.activations.corpus import changed_corpus, same_corpus
 from mechscope.errors import MechscopeError, refuse_file_as_folder, step_or_diverge
 from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
@@ -411,6 +411,9 @@ class Trainer:
                     f"the checkpoint in {ck} was made with {key}={old!r}, not {new!r}; resume with the same "
                     "settings or use a new --out."
                 )
+        d_old, d_new = saved_meta.get("corpus_digest"), now_meta.get("corpus_digest")
+        if d_old and d_new and d_old != d_new:  # none before it was recorded
+            raise changed_corpus(str(ck), now_meta.get("dataset_path"))
 
     # ----------------------------------------------------------------- run
     def run(self, resume: bool = False, stop_after_steps: int | None = None) -> SAE:
@@ -547,17 +550,20 @@ def sae_trainer(
         store: Any = ShardStore(shards, hooks=hooks, seed=cfg.seed, device=cfg.device)
         check_shards_fit(store, model)
     else:
-        store = ActivationStore(model, get_corpus(corpus, split="train"), StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
+        docs = get_corpus(corpus, split="train")
+        store = ActivationStore(model, docs, StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
     dims = store.dims
     name = model.summary.name
-    meta = {"model_path": name, "context_size": context_len, "dataset_path": corpus or "embedded",
+    meta = {"model_path": name, "context_size": context_len, "dataset_path": str(corpus) if corpus else "embedded",
             "model_fingerprint": model.fingerprint()}
+    if shards is None:  # what the corpus held, so a resume notices an edited file (shards have their own digest)
+        meta["corpus_digest"] = docs.digest()
     if shards is not None:  # the contexts and text the shards were harvested from, and which harvest (a resume must not switch)
         import hashlib
 
         listing = [(sh["file"], sh["rows"]) for sh in store.manifest["shards"]]
         meta.update(context_size=store.manifest.get("context_len", context_len),
-                    dataset_path=store.manifest.get("corpus", corpus) or "embedded",
+                    dataset_path=str(store.manifest.get("corpus") or corpus or "embedded"),
                     shards_digest=hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16])
     meta.update(metadata or {})  # the caller's entries win
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
