@@ -134,6 +134,9 @@ def test_attribution_page_in_chromium(driver, tmp_path, tiny_llama):
     svg = driver.find_element(By.CSS_SELECTOR, "#graph svg")
     nodes = svg.find_elements(By.CSS_SELECTOR, ".node")
     assert len(nodes) == len(doc["nodes"]) and len(svg.find_elements(By.CSS_SELECTOR, "path.edge")) == len(doc["links"])
+    # one row per layer and the logits right above the last (the schema stores them at n_layers + 1)
+    rows = [t.text for t in svg.find_elements(By.CSS_SELECTOR, "text.lay")]
+    assert rows == ["emb", *[f"L{layer}" for layer in range(tiny_llama.summary.n_layers)], "logit"], rows
     logit = svg.find_element(By.CSS_SELECTOR, ".node.logit")
     driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", logit)
     side = driver.find_element(By.ID, "side").text

@@ -186,7 +186,7 @@ def test_dynamics_charts_draw_step_zero_on_the_linear_axis():
     from mechscope.report.dynamics import render_dynamics_svg
 
     svg = render_dynamics_svg(_dynamics())
-    assert "induction (max): x=0, y=0.05" in svg  # the score at step 0, as a point's hover text
+    assert "induction (max, attention share): x=0, y=0.05" in svg  # the score at step 0, as a point's hover text
     assert svg.count("<circle") == 4 * 3  # 4 checkpoints x 3 series with data
 
 

@@ -50,7 +50,7 @@ def render_binding_dynamics(d: dict[str, Any]) -> str:
             r["heuristic_agreement_discordant"]] for r in rows]
     body = (
         "<div class='grid'>" + "".join(f"<figure>{c}</figure>" for c in _charts(d)) + "</div>"
-        + kv_table("Phases", [(k, "" if v is None else v) for k, v in p.items()])
+        + kv_table("Phases", list(p.items()))  # a phase not reached is a dash
         + "<p class='small muted'>Heuristic: answer the constant on the first line. 'Discordant': programs where that "
           "constant is not the answer. Systematic: accuracy at least 0.95 at every hop depth.</p>"
         + "<h2>Checkpoints</h2>"

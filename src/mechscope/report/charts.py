@@ -118,6 +118,13 @@ def heatmap(
     flat = [float(v) for r in matrix for v in r if _finite(v)]
     lo = vmin if vmin is not None else (min(flat) if flat else 0.0)
     hi = vmax if vmax is not None else (max(flat) if flat else 1.0)
+    if lo >= hi:  # one value everywhere: a bound the caller gave keeps its end of the scale; else 0 is the light end
+        if vmax is not None and vmin is None:
+            lo = hi - 1.0
+        elif vmin is None:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if lo >= hi:
+            hi = lo + 1.0
     if cell is None:
         cell = max(5.0, min(18.0, 300.0 / max(1, rows, cols)))
     show = cell >= 8
@@ -270,7 +277,7 @@ def line_chart(
     """Lines on shared axes: ``series`` as ``{name: (xs, ys)}`` (palette colours, ``points``)
     or ``Series``. Optional log x axis, fixed axis ranges, reference lines at the y values
     ``hlines``, dashed vertical markers ``vlines`` as (x, label) or (x, label, colour), and a
-    legend on the right or on top."""
+    legend on the right or on top (naming only the series that draw something)."""
     items = list(series) if not isinstance(series, Mapping) else [
         Series(str(k), xs, ys, points=points) for k, (xs, ys) in series.items()]
     ok = [[(float(x), float(y)) for x, y in zip(s.xs, s.ys) if _finite(y) and (not logx or float(x) > 0)] for s in items]
@@ -326,6 +333,7 @@ def line_chart(
         if text:
             out.append(f'<text x="{px(X(xv) + 3)}" y="{T + 10}" font-size="10" fill="#6b7280">{esc(text)}</text>')
     legend_x: float = L
+    shown = 0  # legend entries so far: a series with nothing to draw has none
     for i, (s, pts) in enumerate(zip(items, ok)):
         colour = s.color or PALETTE[i % len(PALETTE)]
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
@@ -344,11 +352,14 @@ def line_chart(
             if len(seg) > 1:
                 out.append(f'<polyline class="line{cls}" fill="none" stroke="{colour}" stroke-width="{s.width}"{dash} '
                            f'points="{" ".join(seg)}"/>')
+        if not pts:
+            continue
         if top_legend:
             x0, y0 = legend_x, (24 if title else 10) + 8
             legend_x += 46 + 6.4 * len(s.name)
         else:
-            x0, y0 = L + pw + 8, T + 8 + i * 16
+            x0, y0 = L + pw + 8, T + 8 + shown * 16
+        shown += 1
         out.append(f'<line x1="{px(x0)}" x2="{px(x0 + 16)}" y1="{y0}" y2="{y0}" stroke="{colour}" stroke-width="2"{dash}/>'
                    f'<text x="{px(x0 + 20)}" y="{y0 + 4}" font-size="11">{esc(s.name)}</text>')
     if xlabel:

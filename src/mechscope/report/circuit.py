@@ -44,11 +44,15 @@ from mechscope.report.toolkit import (
     fmt,
     html_num,
     kv_table,
+    num_or_nan,
     page,
     px,
     table,
     token_text,
     write_page,
+)
+from mechscope.report.toolkit import (
+    pct as pct_text,
 )
 
 __all__ = ["render_circuit", "write_circuit"]
@@ -422,21 +426,22 @@ def _curve_svg(curve: list[dict], kept: Any, faith: Any) -> str:
         return '<p class="muted">no curve recorded</p>'
     x_lo, x_hi = math.log10(pts[0][0]), math.log10(pts[-1][0])
     pad = max(0.5 - (x_hi - x_lo) / 2, 0.03 * (x_hi - x_lo))
-    vals = [finite(p["faithfulness"]) for _, p in pts] + [finite(p["random"]) for _, p in pts if p.get("random") is not None]
+    # NaN (a pair set whose clean and corrupt metrics tie) is a gap, never a point drawn at 0
+    ys = [num_or_nan(p["faithfulness"]) for _, p in pts]
+    rand = [None if p.get("random") is None else num_or_nan(p["random"]) for _, p in pts]
+    vals = [v for v in ys + rand if v is not None and math.isfinite(v)]
     y_lo, y_hi = min(0.0, *vals), max(1.0, *vals)
     pad_y = 0.05 * (y_hi - y_lo)
     ns = [n for n, _ in pts]
     tips = [f"{fmt(int(n))} edges ({fmt(p.get('fraction'), 3)} of all)\nfaithfulness {fmt(p.get('faithfulness'), 4)}\n"
             f"random {fmt(p.get('random'), 4)}" for n, p in pts]
-    series = [Series("circuit (top edges by score)", ns, [finite(p["faithfulness"]) for _, p in pts], color=POS,
-                     width=2.4, cls="faith", tips=tips),
-              Series("random edges", ns, [None if p.get("random") is None else finite(p["random"]) for _, p in pts],
-                     color="#9ca3af", dash="6 4", width=2, points=False, cls="random")]
+    series = [Series("circuit (top edges by score)", ns, ys, color=POS, width=2.4, cls="faith", tips=tips),
+              Series("random edges", ns, rand, color="#9ca3af", dash="6 4", width=2, points=False, cls="random")]
     vlines = []
     if kept is not None and finite(kept) > 0:
         k = min(max(finite(kept), 10 ** (x_lo - pad)), 10 ** (x_hi + pad))
         vlines.append((k, "", "#f59e0b"))
-        if faith is not None:
+        if faith is not None and math.isfinite(num_or_nan(faith)):
             series.append(Series("chosen circuit", [k], [finite(faith)], color="#f59e0b", dash="3 3", cls="kept",
                                  tips=[f"circuit: {fmt(kept)} edges, faithfulness {fmt(faith, 4)}"]))
     return line_chart(series, xlabel="edges kept (log scale)", ylabel="faithfulness", logx=True, width=820, height=380,
@@ -482,7 +487,7 @@ def _stats(data: dict) -> str:
     kept, total = m.get("n_edges_kept"), m.get("n_edges")
     pct = ""
     if isinstance(kept, (int, float)) and isinstance(total, (int, float)) and total:
-        pct = f"{100 * kept / total:.2g}% of {fmt(total)}"
+        pct = f"{pct_text(kept / total)} of {fmt(total)}"
     ci = m.get("faithfulness_ci")
     held = f"on {fmt(m.get('n_held_out_pairs'))} held-out pairs"
     if isinstance(ci, (list, tuple)) and len(ci) == 2:

@@ -13,8 +13,9 @@ from mechscope.report.toolkit import cards, esc, fmt, html_num, page, table, wri
 __all__ = ["render_confusion", "write_confusion"]
 
 
-def _pct(x: Any) -> str:
-    return "-" if x is None else f"{100 * float(x):.1f}"
+def _pct(x: Any, unit: str = "") -> str:
+    """A rate in percent, one decimal (the tables' headers carry the %; cards pass ``unit="%"``)."""
+    return "-" if x is None else f"{100 * float(x):.1f}{unit}"
 
 
 def _rates_table(d: dict[str, Any], key: str) -> str:
@@ -36,10 +37,10 @@ def render_confusion(d: dict[str, Any]) -> str:
     """The page for a ``confusion.json`` dict (``ConfusionResult.to_dict()``)."""
     h = d["headline"]
     base = h["baseline"]
-    items = [("LPR before", _pct(base["lpr"]), f"held-out {_pct(base['lpr_heldout'])}", "")]
+    items = [("LPR before", _pct(base["lpr"], "%"), f"held-out {_pct(base['lpr_heldout'], '%')}", "")]
     for name, label in (("top", "after zeroing the top neurons"), ("random", "after zeroing random neurons")):
         if name in h:
-            items.append((f"LPR {label}", _pct(h[name]["lpr"]), f"held-out {_pct(h[name]['lpr_heldout'])}", ""))
+            items.append((f"LPR {label}", _pct(h[name]["lpr"], "%"), f"held-out {_pct(h[name]['lpr_heldout'], '%')}", ""))
     s = d["settings"]
     lens = d["lens"]
     figs = ""

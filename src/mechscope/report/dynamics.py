@@ -31,14 +31,14 @@ def _charts(d: dict[str, Any]) -> list[str]:
     c1 = line_chart(series1, title="Loss (nats)", xlabel="training step", width=_WIDTH, height=_HEIGHT, vlines=marks,
                     points=False)
     series2 = {
-        "induction (max)": (steps, [num_or_nan(r["max_induction"]) for r in rows]),
-        "prev-token (max)": (steps, [num_or_nan(r["max_previous_token"]) for r in rows]),
-        "ICL score": (steps, [num_or_nan(r["icl_score"]) for r in rows]),
-        "K-comp. prev->ind": (steps, [num_or_nan(r.get("k_composition_prev_to_induction")) for r in rows]),
+        "induction (max, attention share)": (steps, [num_or_nan(r["max_induction"]) for r in rows]),
+        "prev-token (max, attention share)": (steps, [num_or_nan(r["max_previous_token"]) for r in rows]),
+        "ICL score (nats)": (steps, [num_or_nan(r["icl_score"]) for r in rows]),
+        "K-comp. prev->ind (ratio)": (steps, [num_or_nan(r.get("k_composition_prev_to_induction")) for r in rows]),
     }
     # a series with no value at any checkpoint draws nothing: leave it out of the legend too
     series2 = {k: v for k, v in series2.items() if any(math.isfinite(y) for y in v[1])}
-    c2 = line_chart(series2, title="Head scores and ICL score (nats)", xlabel="training step", width=_WIDTH,
+    c2 = line_chart(series2, title="Head scores and ICL score", xlabel="training step", width=_WIDTH,
                     height=_HEIGHT, vlines=marks)
     return [c1, c2]
 

@@ -9,12 +9,13 @@ json_script``) and ``assets/patterns.js`` recolours the same cells when another 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from mechscope.graph.names import head_node
 from mechscope.report.charts import bar_chart, heatmap
-from mechscope.report.toolkit import esc, fmt, json_script, page, table, write_page
+from mechscope.report.toolkit import esc, fmt, json_script, num_or_nan, page, table, write_page
 
 __all__ = ["render_heads", "write_heads"]
 
@@ -33,7 +34,11 @@ def _pattern_viewer(d: dict[str, Any], patterns: list) -> str:
     ind = d["scores"].get("induction")
     best = 0
     if ind:
-        best = max(range(L * H), key=lambda i: ind[i // H][i % H] or 0)
+        def score(i: int) -> float:  # a missing or NaN score never wins
+            v = num_or_nan(ind[i // H][i % H])
+            return v if math.isfinite(v) else -math.inf
+
+        best = max(range(L * H), key=score)
     opts = "".join(f'<option value="{i}"{" selected" if i == best else ""}>{head_node(i // H, i % H)}</option>'
                    for i in range(L * H))
     tokens = [str(t) for t in d.get("example_tokens", [])]

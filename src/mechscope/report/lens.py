@@ -21,6 +21,7 @@ def render_lens(d: dict[str, Any]) -> str:
     tips = [[f"{s}, position {p} {toks[p]!r}: rank {r}, p = {fmt(pr)}; top: {', '.join(map(repr, lens['top_tokens'][i][p][:3]))}"
              for p, (r, pr) in enumerate(zip(lens["target_rank"][i], lens["target_prob"][i]))] for i, s in enumerate(sites)]
     hm = heatmap(score, sites, [f"{p}:{t}" for p, t in enumerate(toks)], title="target rank", tips=tips, vmax=0.0,
+                 vmin=min([-1.0] + [v for row in score for v in row]),  # at least ranks 1-10: all top-1 is dark, not blank
                  row_title="site", col_title="position", cell=16)
     last_rows = [[s, lens["target_rank"][i][-1], lens["target_prob"][i][-1], "  ".join(repr(t) for t in lens["top_tokens"][i][-1])]
                  for i, s in enumerate(sites)]
@@ -38,7 +39,7 @@ def render_lens(d: dict[str, Any]) -> str:
         f"residual-stream site (rows) and position (columns); darkest = top-1. Hover a cell for the rank, probability and "
         f"top tokens.</p><figure>{hm}</figure>"
         f"<p class='muted small'>First site where the target is top-1 at the last position: "
-        f"{esc(lens['first_top1_site_last_position'])}.</p>"
+        f"{esc(lens['first_top1_site_last_position'] or 'none (not top-1 at any site)')}.</p>"
         f"<h2>Direct logit attribution (last position)</h2><figure>{bars}</figure><p>{check}</p>"
         f"<h2>Logit lens at the last position</h2>"
         + table(["site", "target rank", "target p", "top tokens"], last_rows, numeric=[False, True, True, False])

@@ -13,14 +13,16 @@ __all__ = ["render_probe", "write_probe"]
 
 def render_probe(d: dict[str, Any]) -> str:
     """The page for a ``probe.json`` dict (``ProbeResult.to_dict()``)."""
-    xs = list(range(len(d["layers"])))
     labels = [str(L) for L in d["layers"]]
+    by_layer = all(isinstance(L, int) for L in d["layers"]) and len(set(d["layers"])) == len(d["layers"])
+    xs = list(d["layers"]) if by_layer else list(range(len(d["layers"])))  # else: several hooks of one layer
+    xlabel = "layer" if by_layer else "probed hook (index into the table)"
     series = {"accuracy": (xs, d["accuracy"]), "control accuracy": (xs, d["control_accuracy"]),
               "majority baseline": (xs, [d["majority"]] * len(xs))}
-    acc = line_chart(series, title="Held-out accuracy by layer", xlabel="probed hook (index into the table)", ylabel="accuracy",
+    acc = line_chart(series, title="Held-out accuracy by layer", xlabel=xlabel, ylabel="accuracy",
                      ylim=(0.0, 1.0))
     sel = line_chart({"selectivity": (xs, d["selectivity"])}, title="Selectivity = accuracy - control accuracy",
-                     xlabel="probed hook (index into the table)", hlines=[0.0])
+                     xlabel=xlabel, hlines=[0.0])
     rows = [[lab, h, a, t, c if c is not None else "-", s if s is not None else "-"]
             for lab, h, a, t, c, s in zip(labels, d["hooks"], d["accuracy"], d["train_accuracy"], d["control_accuracy"],
                                           d["selectivity"])]

@@ -16,7 +16,7 @@ KIND_TITLE = {"resid": "residual stream", "mlp": "MLP outputs (window)", "attn":
 
 
 def _tracing_fact(t: dict[str, Any], tokens: list[str], subject_pos: list[int]) -> str:
-    cols = [f"{p}:{tok}{' *' if p in subject_pos else ''}" for p, tok in enumerate(tokens)]
+    cols = [f"{'* ' if p in subject_pos else ''}{p}:{tok}" for p, tok in enumerate(tokens)]  # first: long tokens are cut
     figs = []
     for kind, mat in t["restored_prob"].items():
         rows = [[mat[i][p] for i in range(len(t["layers"]))] for p in range(len(tokens))]  # position x layer

@@ -60,8 +60,9 @@ def show_token(tok: Any, limit: int = 16, *, dots: bool = False) -> str:
 def fmt(x: Any, digits: int = 3) -> str:
     """A short number as plain text: integers (and whole floats below 1e7) in full with
     thousands separators (3,000), other values with ``digits`` decimals, trailing zeros cut
-    (0.928), and in exponent notation below 1e-3 or from 1e4 (1.23e-05). None is a dash,
-    anything else its ``str``."""
+    (0.928), more decimals where those would round a fraction to a whole number (0.996 at 2
+    digits, not 1), and in exponent notation below 1e-3 or from 1e4 (1.23e-05). None is a
+    dash, anything else its ``str``."""
     if x is None:
         return "\u2014"
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -77,7 +78,11 @@ def fmt(x: Any, digits: int = 3) -> str:
         return f"{int(v):,}"
     if abs(v) < 1e-3 or abs(v) >= 1e4:
         return f"{v:.{digits}g}"
-    return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    for more in range(7):  # a value that is not whole never reads as one (0.996 at 2 digits is 0.996, not 1)
+        text = f"{v:.{digits + more}f}".rstrip("0").rstrip(".")
+        if "." in text:
+            break
+    return text
 
 
 def html_num(x: Any, digits: int = 3) -> str:
@@ -86,11 +91,12 @@ def html_num(x: Any, digits: int = 3) -> str:
 
 
 def pct(x: float) -> str:
-    """A fraction as a percentage (3 significant digits), tiny fractions in exponent form."""
+    """A fraction as a percentage (3 significant digits; 1 is 100%), below 0.01% in exponent
+    form (9.0e-03%), always with the sign."""
     x = float(x)
     if x == 0:
         return "0%"
-    return f"{100 * x:.3g}%" if x >= 1e-4 else f"{x:.1e}"
+    return f"{100 * x:.3g}%" if abs(x) >= 1e-4 else f"{100 * x:.1e}%"
 
 
 def px(x: float) -> str:
@@ -149,16 +155,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric: Seq
         for j, c in enumerate(r):
             is_num = j < len(numeric) and numeric[j] and isinstance(c, (int, float))
             td_cls = col_classes[j] if col_classes and j < len(col_classes) else "num" if is_num else ""
-            text = c if isinstance(c, Html) else fmt(c) if is_num else esc(c)
+            text = c if isinstance(c, Html) else fmt(c) if is_num or c is None else esc(c)  # None: a dash
             cells.append(f'<td class="{td_cls}">{text}</td>' if td_cls else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def kv_table(title: str, items: Iterable[tuple[Any, Any]]) -> str:
-    """A collapsed key/value table (numbers formatted, other values as JSON); empty without items."""
+    """A collapsed key/value table (numbers formatted, None a dash, other values as JSON); empty without items."""
     rows = "".join(
-        f"<tr><th>{esc(k)}</th><td>{esc(fmt(v, 4) if isinstance(v, (int, float)) else json.dumps(v, default=str))}</td></tr>"
+        f"<tr><th>{esc(k)}</th><td>{esc(fmt(v, 4) if v is None or isinstance(v, (int, float)) else json.dumps(v, default=str))}</td></tr>"
         for k, v in items
     )
     return f'<details><summary>{esc(title)}</summary><table class="kv">{rows}</table></details>' if rows else ""

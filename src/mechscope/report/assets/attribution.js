@@ -8,7 +8,13 @@ const byId = new Map(nodes.map(n => [n.node_id, n]));
 const NS = 'http://www.w3.org/2000/svg';
 const toks = doc.metadata.prompt_tokens;
 const P = toks.length;
-const layerKey = n => n.layer === 'E' ? -1 : parseInt(n.layer, 10);
+// Rows: embeddings, then layers, then the logits one row above the deepest other node (the
+// schema stores logits at layer n_layers + 1, which would leave an empty row for layer n_layers).
+const rawLayer = n => n.layer === 'E' ? -1 : parseInt(n.layer, 10);
+const isLogit = n => n.feature_type === 'logit';
+const logitRow = Math.max(Math.max(-1, ...nodes.filter(n => !isLogit(n)).map(rawLayer)) + 1,
+                          ...nodes.filter(isLogit).map(n => rawLayer(n) - 1));
+const layerKey = n => isLogit(n) ? logitRow : rawLayer(n);
 const maxLayer = Math.max(0, ...nodes.map(layerKey));
 const colW = 92, rowH = 34, padL = 46, padB = 60, padT = 20;
 const W = padL + P * colW + 20, H = padT + (maxLayer + 2) * rowH + padB;
@@ -70,7 +76,7 @@ toks.forEach((t, i) => {
 for (let l = -1; l <= maxLayer; l++) {
   const tx = document.createElementNS(NS, 'text');
   tx.setAttribute('x', 4); tx.setAttribute('y', padT + (maxLayer + 1 - l) * rowH + 3); tx.setAttribute('class', 'lay');
-  tx.textContent = l < 0 ? 'emb' : (l === maxLayer && nodes.some(n => n.feature_type === 'logit' && layerKey(n) === l) ? 'logit' : 'L' + l);
+  tx.textContent = l < 0 ? 'emb' : (l === logitRow && nodes.some(isLogit) ? 'logit' : 'L' + l);
   svg.appendChild(tx);
 }
 // QK attributions (--qk): an arc from the key position to the query position at the head's layer
