@@ -150,8 +150,9 @@ def test_discover_config_checks_values_and_types(kw, match):
 
 
 def test_discover_config_valid_values_unchanged():
-    cfg = DiscoverConfig(target=1.0, edges=5, ig_steps=1, bootstrap=1, batch_size=1, task=Path("x.jsonl"))
-    assert cfg.target == 1.0 and cfg.edges == 5 and cfg.task == "x.jsonl"
+    cfg = DiscoverConfig(target=1.0, ig_steps=1, bootstrap=1, batch_size=1, task=Path("x.jsonl"))
+    assert cfg.target == 1.0 and cfg.task == "x.jsonl"
+    assert DiscoverConfig(edges=5).edges == 5  # (with a --target too it is refused: --edges chooses the circuit)
 
 
 # ---- (A6) CircuitResult.load ------------------------------------------------------------------

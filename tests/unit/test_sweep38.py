@@ -1,12 +1,18 @@
 """Defects found by session 38's sweeps, each fixed and tested here (every test fails on the
-code before the fix). Report pages: what a page shows must agree with the JSON it was made from."""
+code before the fix). Report pages: what a page shows must agree with the JSON it was made from.
+Command line: an option the run would not read is refused in one sentence, never accepted and
+recorded as if it had been used."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from html.parser import HTMLParser
 
+import pytest
+
+from mechscope.errors import MechscopeError
 from mechscope.report.toolkit import fmt, pct
 
 
@@ -156,3 +162,167 @@ def test_confusion_cards_carry_the_percent_sign():
     d = sample_confusion()
     d["headline"]["baseline"].update(lpr=0.5, lpr_heldout=0.25)
     assert "LPR before 50.0% held-out 25.0%" in _text(render_confusion(d))
+
+
+# ------------------------------------------------------------------ options accepted but never read (sweep: CLI help vs behaviour)
+def _refused(res, *fragments: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stdout[-500:], res.stderr[-1500:])
+    err = " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr and all(f in err for f in fragments), err
+
+
+TINY = "{tiny}"  # the tiny GPT-2's folder: should a refusal regress, the command runs on it, not on the embedded model
+
+
+@pytest.mark.parametrize("args, says", [
+    (["steer", "When Mary", "--plus", "John", "--minus", "Mary", "--layer", "1", "--feature", "5", "--scale", "3", "-m", TINY],
+     "--feature is for SAE feature steering"),
+    (["steer", "When Mary", "--sae", "nowhere", "--feature", "3", "--scale", "5", "--coef", "9", "-m", TINY], "--coef for ActAdd"),
+    (["probe", "--labels", "language", "--corpus", "x.txt", "-m", TINY], "--corpus is read only by --labels capitalised"),
+    (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--hook-out", "blocks.0.hook_mlp_out", "--tokens", "64", "-m", TINY],
+     "add --transcoder"),
+    (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--from-shards", "s", "--corpus", "c.txt", "-m", TINY],
+     "--corpus does not apply with --from-shards"),
+    (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--from-shards", "s", "--context-len", "7", "-m", TINY],
+     "--context-len does not apply with --from-shards"),
+    (["recall", "The Eiffel Tower is in", "--subject", "Eiffel Tower", "--n", "-5", "-m", TINY], "drop --n"),
+    (["discover", "--method", "eap", "--ig-steps", "9", "--n", "8", "-m", TINY], "--ig-steps applies to eap-ig"),
+    (["discover", "--method", "eap-ig-act", "--qk", "linear", "--n", "8", "-m", TINY], "--qk applies to eap and eap-ig"),
+    (["discover", "--edges", "20", "--target", "0.3", "--n", "8", "-m", TINY], "--edges chooses the circuit instead"),
+    (["discover", "--edges", "20", "--folds", "3", "--n", "8", "-m", TINY], "--folds sets the cross-validation"),
+    (["discover", "--method", "acdc", "--folds", "3", "--n", "8", "-m", TINY], "ACDC prunes by its own threshold"),
+    (["vision", "train", "--arch", "cnn", "--heads", "3", "--epochs", "1"], "the CNN has none"),
+    (["corpus", "--model", "nowhere"], "add --tokens"),
+])
+def test_an_option_the_run_would_not_read_is_refused(args, says, tiny_gpt2_dir, tmp_path, monkeypatch):
+    from tests.helpers.cli_inprocess import run_cli
+
+    monkeypatch.chdir(tmp_path)  # where a command that should have been refused would write its results
+    _refused(run_cli(*[tiny_gpt2_dir if a == TINY else a for a in args]), says)
+
+
+def test_icl_accuracy_only_takes_one_shot():
+    from mechscope.icl.config import FewShotConfig
+
+    assert FewShotConfig(shots=1, knockout=False).shots == 1  # --accuracy-only runs no sweep
+    with pytest.raises(MechscopeError, match="cross-example sweep needs --shots 2"):
+        FewShotConfig(shots=1)
+
+
+def test_vision_eap_refuses_steps_for_eap():
+    from mechscope.vision.eap import vision_eap
+
+    with pytest.raises(MechscopeError, match="--steps applies to eap-ig"):
+        vision_eap(None, "0", "1", method="eap", steps=3)  # refused before the model is touched
+
+
+def test_describe_refuses_server_options_without_the_server(tmp_path, monkeypatch):
+    from mechscope.explain.db import UnitDB
+    from tests.helpers.cli_inprocess import run_cli
+
+    UnitDB(tmp_path / "u.db").close()
+    for extra, says in ((["--server", "http://127.0.0.1:9/v1"], "--server applies to --explainer server"),
+                        (["--timeout", "-5"], "--timeout applies to --explainer server"),
+                        (["--scorer", "none", "--simulator", "nowhere"], "nothing reads it, so drop --simulator")):
+        _refused(run_cli("describe", "--db", str(tmp_path / "u.db"), *extra), says)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")  # an environment key is not an option given
+    res = run_cli("describe", "--db", str(tmp_path / "u.db"), "--scorer", "none")
+    assert "--api-key" not in res.stderr
+
+
+def test_heads_refuses_a_top_k_that_leaves_no_random_control(tiny_gpt2_dir):
+    from tests.helpers.cli_inprocess import run_cli
+
+    _refused(run_cli("heads", "--model", tiny_gpt2_dir, "--top-k", "100", "--n", "2"), "leaves none of", "for the random control")
+
+
+def test_attribute_refuses_a_corpus_it_would_not_read(tset_dir, tmp_path):
+    from tests.helpers.cli_inprocess import run_cli
+
+    _refused(run_cli("attribute", "When Mary", "--transcoders", str(tset_dir), "--contexts", "0", "--corpus", "nowhere.txt",
+                     "--out", str(tmp_path / "g")), "--contexts 0 leaves them out")
+
+
+def test_sae_dashboard_default_features_fit_a_small_sae(tiny_gpt2, tiny_gpt2_dir, tmp_path):
+    from mechscope.sae.io import save_sae
+    from mechscope.sae.model import SAE, SAEConfig
+    from tests.helpers.cli_inprocess import run_cli
+
+    d = tiny_gpt2.summary.d_model
+    save_sae(SAE(SAEConfig(d_in=d, d_sae=16, architecture="relu", hook_name="blocks.0.hook_resid_post",
+                           model_name=tiny_gpt2.summary.name)), tmp_path / "sae")
+    res = run_cli("sae", "dashboard", str(tmp_path / "sae"), "--model", tiny_gpt2_dir, "--tokens", "256", "--ctx-len", "16",
+                  "--out", str(tmp_path / "dash"), "--json")
+    assert res.returncode == 0, res.stderr[-1500:]
+    assert json.loads(res.stdout)["features"] == 16
+
+
+def test_evaluate_refuses_another_pair_count_on_the_runs_own_task(tiny_llama, tmp_path):
+    from mechscope.circuits import DiscoverConfig, discover, evaluate_saved
+
+    res = discover(tiny_llama, DiscoverConfig(task="induction", n=12, method="eap", edges=20, labels=False, force=True,
+                                              bootstrap=20), progress=False)
+    res.save(tmp_path / "run")
+    with pytest.raises(MechscopeError, match="held-out share would hold pairs the circuit was scored on"):
+        evaluate_saved(tiny_llama, tmp_path / "run", n=16)
+    assert evaluate_saved(tiny_llama, tmp_path / "run", n=12)["edges_kept"] == int(res.circuit.sum())
+
+
+def test_the_library_never_trains_over_a_saved_vision_model(tmp_path):
+    from mechscope.vision.config import DataConfig, TrainConfig
+    from mechscope.vision.train import train_model
+
+    cfg = TrainConfig(arch="cnn", width=4, epochs=1, data=DataConfig(dataset="shapes", size=16, per_class=10))
+    train_model(cfg, out=tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(MechscopeError, match="already holds a trained vision model"):
+        train_model(cfg, out=tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------ terminal output: text the program did not write stays text
+def test_the_terminal_console_prints_markup_and_control_characters_as_text():
+    import io
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from mechscope.terminal import TerminalConsole
+
+    buf = io.StringIO()
+    c = TerminalConsole(file=buf, width=120, force_terminal=True, highlight=False)
+    c.print("a [/] b [bold red]x \x1b[2J done")  # rich with markup would raise MarkupError on "[/]"
+    t = Table(title="corpus co[/]d.jsonl")
+    t.add_column("token")
+    t.add_row("tok \x1b[31mEVIL")
+    t.add_row(Text("Tower\x1b[2J"))
+    c.print(t)
+    c.print("[yellow]note[/]: ours", markup=True)  # the program's own markup, opted into per call
+    out = buf.getvalue()
+    assert "a [/] b [bold red]x \\x1b[2J done" in out and "co[/]d.jsonl" in out
+    assert "tok \\x1b[31mEVIL" in out and "Tower\\x1b[2J" in out
+    assert "\x1b[2J" not in out and "\x1b[31m" not in out  # no ESC of the content reaches the terminal
+    assert "\x1b[33mnote\x1b[0m: ours" in out
+
+
+def test_tokens_prompts_and_paths_with_markup_or_escapes_do_not_break_a_command(tiny_gpt2_dir, tmp_path):
+    from tests.helpers.cli_inprocess import run_cli
+
+    out = tmp_path / "x[" / "]y"  # the path x[/]y
+    res = run_cli("lens", "Mary went [/] to the [bold red]store \x1b[2J", "--model", tiny_gpt2_dir, "--out", str(out))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"report: {out}" in " ".join(res.stdout.split()) or str(out / "report.html") in res.stdout.replace("\n", "")
+    assert "\x1b" not in res.stdout
+    res = run_cli("info", "--model", str(tmp_path / "gone\x1b[2J[/]"))
+    assert res.returncode == 2 and "\x1b" not in res.stderr and "gone\\x1b[2J[/]" in res.stderr, res.stderr
+
+
+def test_json_output_is_strict_even_for_tensors_and_numpy_values(capsys):
+    import numpy as np
+    import torch
+
+    from mechscope.cli.common import emit_json
+
+    emit_json({"t": torch.tensor([1.0, float("nan"), float("inf")]), "n": np.float32("nan"), "a": np.array([2.5, np.nan])})
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert doc == {"t": [1.0, None, None], "n": None, "a": [2.5, None]}

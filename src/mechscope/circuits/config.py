@@ -121,6 +121,26 @@ class DiscoverConfig:
     """Run even where the model does not do the task (at chance, or the corrupt prompts score
     as well as the clean ones): the figures then mean nothing, which the result says."""
 
+    def _refuse_unread(self) -> None:
+        """An option moved from its default where this run never reads it is refused, not
+        recorded as if it had been used (found by a sweep: ``--method eap --ig-steps 9``)."""
+        d = DiscoverConfig.__dataclass_fields__
+        if self.ig_steps != d["ig_steps"].default and self.method in ("eap", "acdc"):
+            raise MechscopeError(f"--ig-steps applies to eap-ig and eap-ig-act; {self.method} takes no integration steps, "
+                                 "so drop --ig-steps.")
+        if self.qk != d["qk"].default and self.method in ("eap-ig-act", "acdc"):
+            why = "integrates its own path through queries and keys" if self.method == "eap-ig-act" else "patches every edge exactly"
+            raise MechscopeError(f"--qk applies to eap and eap-ig; {self.method} {why}, so drop --qk.")
+        chosen = "--edges" if self.edges is not None else "--threshold" if self.threshold is not None and self.method != "acdc" else None
+        if chosen and self.target != d["target"].default:
+            raise MechscopeError(f"--target sets the faithfulness the smallest circuit must reach; {chosen} chooses the circuit "
+                                 "instead, so give one of them.")
+        cv = self.method != "acdc" and self.level == "edge" and chosen is None
+        if self.folds != d["folds"].default and not cv:
+            why = (f"{chosen} chooses the circuit" if chosen else "ACDC prunes by its own threshold" if self.method == "acdc"
+                   else "node-level circuits are sized on the scoring pairs directly")
+            raise MechscopeError(f"--folds sets the cross-validation that sizes an edge circuit; {why}, so drop --folds.")
+
     def __post_init__(self) -> None:
         self._check_types()
         if self.n is None:
@@ -168,6 +188,7 @@ class DiscoverConfig:
                                  "smallest circuit reaching --target).")
         if self.ig_steps < 1:
             raise MechscopeError(f"--ig-steps must be at least 1, got {self.ig_steps}.")
+        self._refuse_unread()
         if self.batch_size < 1:
             raise MechscopeError(f"--batch-size must be at least 1 (pairs per forward pass), got {self.batch_size}.")
         if self.bootstrap < 1:

@@ -358,6 +358,11 @@ def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | 
                              "saved run cannot draw again; give the task to evaluate it on (task= here, --task for "
                              "mechscope evaluate): a built-in task or a .jsonl file of pairs.")
     seed = st.get("seed", d.seed)
+    same_task = task is None or task == st.get("task", res.task)
+    if same_task and n is not None and st.get("n") is not None and n != st["n"]:  # its held-out split would hold scoring pairs
+        raise MechscopeError(f"n={n} draws other pairs than the run's {st['n']}, so its held-out share would hold pairs the "
+                             "circuit was scored on; leave n out to use the run's own held-out pairs (--n for mechscope "
+                             "evaluate), or evaluate on another task.")
     batch = get_task(task or st.get("task", res.task)).build(model.tokenizer, n=n if n is not None else st.get("n", d.n),
                                                             seed=seed)
     held_out = st.get("held_out") or 0.5  # runs before session 14 held out half

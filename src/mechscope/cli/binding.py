@@ -106,7 +106,7 @@ def interchange(
     sites_for(m, cfg.site, cfg.head)  # a --head the model lacks fails before the status line and the work
     t0 = time.perf_counter()
     if not json and not quiet():
-        err_console.print("[dim]patching every (site, position)...[/dim]")
+        err_console.print("[dim]patching every (site, position)...[/dim]", markup=True)
     res = binding_interchange(m, data, cfg, name=str(model))
     out_dir = Path(out or fresh_dir("interchange"))
     res.save(out_dir)

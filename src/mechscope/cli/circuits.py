@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mechscope.circuits.config import DiscoverConfig
@@ -13,6 +14,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    RecordedModelOpt,
     check_out_folder,
     console,
     emit_json,
@@ -115,13 +117,13 @@ def discover(
     hi_note = f" ({ci_dropped_sentence(mt).rstrip('.')})" if (mt.get("faithfulness_ci_dropped") or 0) > 0.01 else ""
     cv = f", cross-validated {mt['faithfulness_cv']:.2f}" if mt.get("faithfulness_cv") is not None else ""
     console.print(
-        f"[bold]{res.task}[/] circuit on {m.summary.name} by {res.method}: "
+        f"[bold]{escape(res.task)}[/] circuit on {escape(m.summary.name)} by {res.method}: "
         f"{mt['n_edges_kept']:,} of {mt['n_edges']:,} edges ({mt['fraction_kept']:.2%}), "
         f"faithfulness {mt['faithfulness']:.2f} on {mt['n_held_out_pairs']} held-out pairs "
         f"({mt['faithfulness_ci_level']:.0%} interval {lo:.2f} to {hi:.2f}; {mt['faithfulness_scoring']:.2f} on the "
         f"{mt['n_scoring_pairs']} scoring pairs{cv}; random circuits of that size: {mt['random_same_size']:.2f}); "
         f"CPR {res.cpr:.2f}, CMD {res.cmd:.2f}; {mt['seconds']:.0f} s.{hi_note}",
-        highlight=False,
+        highlight=False, markup=True,
     )
     print_pair_notes(mt.get("dropped_pairs"), mt.get("task_notes"))
     if (sel := mt.get("n_edges_selected")) is not None and sel > mt["n_edges_kept"]:
@@ -130,23 +132,24 @@ def discover(
                       "to the logits and were pruned.", highlight=False)
     if mt.get("at_chance"):
         console.print("[yellow]--force: the model does this task at chance[/], so these figures describe no behaviour.",
-                      highlight=False)
+                      highlight=False, markup=True)
     if mt["n_edges_kept"] == 0:
         more = ("a larger --edges" if cfg.edges is not None else
                 "a smaller --threshold" if res.method == "acdc" or cfg.threshold is not None else "a higher --target")
         console.print(f"[yellow]the circuit is empty[/]: none of the kept edges lies on a path from the input to the logits, "
-                      f"so pruning the dangling ones removed them all; ask for more ({more}).", highlight=False)
+                      f"so pruning the dangling ones removed them all; ask for more ({more}).", highlight=False, markup=True)
     if mt.get("size_rule") == "plateau":
         console.print(
             f"[yellow]no circuit below the full model reached faithfulness {mt['target']:.2f} in cross-validation"
             f"[/]: this is the smallest circuit holding at least {mt.get('plateau') or 0.9:.0%} of the best partial circuit's "
             f"cross-validated faithfulness (the knee of the curve in the report).",
-            highlight=False,
+            highlight=False, markup=True,
         )
     if res.stability:
         console.print(stability_line(res.stability), highlight=False)
     top = ", ".join(c["name"] for c in res.top_components(8))
     console.print(f"top components: {top}", highlight=False)
+    console.print(f"circuit: {summary['circuit_json']}", highlight=False)
     console.print(f"report: {report}", highlight=False)
 
 
@@ -165,8 +168,9 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="Folder written by `mechscope discover`."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Evaluate on another task's pairs."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference circuit: a JSON file, another run's folder, or gpt2-ioi, gpt2-greater-than."),
-    model: Optional[str] = ModelOpt,
-    n: Optional[int] = typer.Option(None, "--n"),
+    model: Optional[str] = RecordedModelOpt,
+    n: Optional[int] = typer.Option(None, "--n", help="Pairs drawn with --task (default: the run's count); on the run's own "
+                                    "task its pairs are used, so another count is refused."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:

@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
 from mechscope.errors import MechscopeError, refuse_file_as_folder
+from mechscope.terminal import TerminalConsole, visible
 
-console = Console()
-err_console = Console(stderr=True)
+console = TerminalConsole()  # markup off, control characters escaped: what is printed is text (mechscope.terminal)
+err_console = TerminalConsole(stderr=True)
 STATE = {"debug": bool(os.environ.get("MECHSCOPE_DEBUG"))}
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Alias, local HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct).")
+RecordedModelOpt = typer.Option(None, "--model", "-m", help="Alias, local HF directory, .gguf file or hub id (default: the "
+                                "model the folder records).")
+"""``--model`` of a command that reads a saved result: it defaults to the model that made it."""
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
 CorpusOpt = typer.Option(None, "--corpus", help="Text corpus: 'embedded' (default), a .txt/.jsonl file, a folder, or hf:NAME[:split].")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
@@ -32,7 +36,7 @@ DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when
 def fail(message: str) -> None:
     """Print one sentence to stderr and exit with code 2; under a command given ``--json``, print
     it on stdout too, as ``emit_error_json``'s object, so that a script reading stdout learns why."""
-    sys.stderr.write(f"error: {message}\n")  # plain and unwrapped: one sentence, one line
+    sys.stderr.write(f"error: {visible(message)}\n")  # plain and unwrapped: one sentence, one line (a path's ESC shown, not run)
     sys.stderr.flush()
     if _JSON_ERRORS.get():
         _JSON_ERRORS.set(False)  # one object: a second fail() in the same command prints none
@@ -337,9 +341,10 @@ def _recorded_model(path: Path) -> str | None:
 def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) -> None:
     """The task's dropped pairs (count and reason) and its notes on kept pairs, in yellow."""
     if dropped:
-        console.print("[yellow]dropped pairs[/]: " + ", ".join(f"{v} ({k})" for k, v in dropped.items()), highlight=False)
+        console.print("[yellow]dropped pairs[/]: " + escape(", ".join(f"{v} ({k})" for k, v in dropped.items())), highlight=False,
+                      markup=True)
     for note in notes or []:
-        console.print(f"[yellow]note[/]: {note}", highlight=False)
+        console.print(f"[yellow]note[/]: {escape(note)}", highlight=False, markup=True)
 
 
 def resumable_out(out: Path | None, stem: str) -> Path:
@@ -367,20 +372,20 @@ def emit_json(obj: Any) -> None:
     """Print ``obj`` as strict JSON (an undefined figure, NaN, is null)."""
     from mechscope.results import json_safe
 
-    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=_default) + "\n")
+    # allow_nan=False: a non-finite value that got past json_safe is an error here, never a NaN literal on stdout
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2, default=_default, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def _default(o: Any) -> Any:
-    try:
-        import torch
+    """What ``json`` cannot write itself, made JSON: tensors and numpy values as lists and numbers,
+    objects with ``to_dict``; each passed through ``json_safe`` (a NaN in a tensor is null)."""
+    from mechscope.results import json_safe
 
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
+    if hasattr(o, "tolist") and callable(o.tolist):  # torch tensors, numpy arrays and numpy scalars
+        return json_safe(o.tolist())
     if hasattr(o, "to_dict"):
-        return o.to_dict()
+        return json_safe(o.to_dict())
     return str(o)
 
 

@@ -26,6 +26,10 @@ def corpus(
     from mechscope.activations import describe_corpus
 
     tok = None
+    if model is not None and not tokens:
+        from mechscope.errors import MechscopeError
+
+        raise MechscopeError("--model names the tokenizer that --tokens counts with; add --tokens, or drop --model.")
     if tokens:  # the tokenizer alone (no weights); torch only loads here
         from mechscope.models import load_tokenizer
 

@@ -363,8 +363,28 @@ def _unit_selection(store, units: str, layers: Optional[str], unit_range: Option
     return refs
 
 
+def _refuse_unread_describe(ctx: typer.Context, explainer: str, scorers: tuple[str, ...]) -> None:
+    """One sentence for an option this describe run never reads (server options without
+    ``--explainer server``; ``--simulator`` with neither a scorer nor the local explainer),
+    rather than accepting it, even with a value that would be refused where it is read.
+    ``--api-key`` from the environment (OPENAI_API_KEY) is not an option given."""
+    def typed(name: str) -> bool:
+        src = ctx.get_parameter_source(name)
+        return src is not None and src.name == "COMMANDLINE"
+
+    if explainer != "server":
+        for name, flag in (("server", "--server"), ("server_model", "--model"), ("api_key", "--api-key"),
+                           ("timeout", "--timeout"), ("concurrency", "--concurrency")):
+            if typed(name):
+                raise MechscopeError(f"{flag} applies to --explainer server; --explainer {explainer} does not read it, so drop {flag}.")
+    if explainer != "local" and not scorers and typed("simulator"):
+        raise MechscopeError(f"--simulator is the model that scores (and the local explainer); with --scorer none and "
+                             f"--explainer {explainer} nothing reads it, so drop --simulator.")
+
+
 @handles_errors
 def describe(
+    ctx: typer.Context,
     db: Path = typer.Option(..., "--db", help="Unit database written by mechscope exemplars."),
     units: str = typer.Option("mlp", "--units", help="mlp, sae:DIR or transcoders:DIR."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Layers, e.g. 0,5,10-12 (default: all in the database)."),
@@ -394,6 +414,7 @@ def describe(
     if db.stat().st_size == 0:  # UnitDB would make it a database before the refusal that it holds no units
         raise MechscopeError(f"{db} is empty, not a mechscope unit database; run mechscope exemplars --db {db} first.")
     scorers = () if scorer.strip().lower() == "none" else tuple(s.strip() for s in scorer.split(",") if s.strip())
+    _refuse_unread_describe(ctx, explainer, scorers)
     # The in-process explainer writes one unit at a time: store each description as soon as it is written.
     cfg = DescribeConfig(scorers=scorers, n_samples=samples, limit=limit, seed=seed,
                          chunk=1 if explainer == "local" else DescribeConfig.chunk)  # checked when made

@@ -18,17 +18,20 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    RecordedModelOpt,
     check_early,
     check_out_folder,
     console,
     context_len_for,
     emit_json,
+    err_console,
     fail,
     handles_errors,
     load,
     parse_layers,
 )
 from mechscope.features.config import EVAL_TOKENS, SINK_RATIO, TranscoderTrainConfig
+from mechscope.progress import quiet as progress_quiet
 
 CARD_TOKENS = 4096
 """Default held-out tokens searched for the graph page's feature contexts (about 10 s here)."""
@@ -82,6 +85,8 @@ def attribute(
     for name, v in (("--node-threshold", node_threshold), ("--edge-threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             fail(f"{name} must lie between 0 and 1, got {v}.")
+    if contexts == 0 and corpus is not None:  # before the model loads
+        _card_corpus(contexts, corpus)
     check_out_folder(out, "graph")
     m, tset, ids = _model_set_prompt(model, device, transcoders, prompt)
     card_corpus, cards_note = _card_corpus(contexts, corpus)  # before the graph: a bad --corpus fails at once
@@ -187,6 +192,9 @@ def _card_corpus(n_tokens: int, corpus: str | None):
     from mechscope.errors import MechscopeError
 
     if n_tokens <= 0:
+        if corpus is not None:
+            raise MechscopeError("--corpus is where the feature cards' contexts come from; --contexts 0 leaves them out, so "
+                                 "drop --corpus (or give --contexts).")
         return None, ""
     try:
         return get_corpus(corpus, split="heldout"), ""
@@ -216,8 +224,8 @@ def _feature_cards(m, tset, doc: dict, n_tokens: int, corpus, quiet: bool, logit
             ctx = torch.tensor(ids)
         else:
             note = f"feature contexts left out: the corpus gave no full context of {T} tokens."
-    if not quiet and feats:
-        console.print(f"feature cards for {len(feats):,} kept features"
+    if not quiet and feats and not progress_quiet():  # a status line: stderr, and silent under --quiet
+        err_console.print(f"feature cards for {len(feats):,} kept features"
                       + (f" (top contexts in {ctx.numel():,} held-out tokens)" if ctx is not None else ""), highlight=False)
     return (feature_cards(m, tset, feats, ctx, logits=logits, progress=not quiet) if feats else {}), note
 
@@ -361,7 +369,7 @@ def transcoders_eval(
     include_special: bool = typer.Option(False, "--include-special", help="Splice and score special tokens' positions too (left out by default, like position 0; separators are sinks too, see --sink-ratio; FVU over all positions is reported either way)."),
     sink_ratio: float = typer.Option(SINK_RATIO, "--sink-ratio", help="Leave out attention sinks as training does (residual norm after a layer of the set more than this many times its median); 0 splices and scores them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the set's folder)."),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = RecordedModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
@@ -460,7 +468,7 @@ def transcoders_weights(
         return emit_json({"layer": layer, "feature": f, **vw})
     for title, rows in (("inputs", vw["inputs"]), ("outputs", vw["outputs"])):
         console.print(f"[bold]{title}[/] of L{layer}:{f}: " + (", ".join(f"L{r['layer']}:{r['feature']} {r['weight']:+.3f}" for r in rows) or "none"),
-                      highlight=False)
+                      highlight=False, markup=True)
 
 
 @handles_errors
@@ -469,7 +477,8 @@ def intervene(
     transcoders: Path = typer.Option(..., "--transcoders", help="Transcoder set folder."),
     set_: list[str] = typer.Option(..., "--set", help="LAYER:FEATURE:POS=VALUE (repeatable): set that feature's activation."),
     frozen: bool = typer.Option(False, "--frozen", help="Keep attention patterns, norm scales and all other features at their clean values (the graph's linear model)."),
-    generate: int = typer.Option(0, "--generate", help="Greedy tokens to generate with the change held."),
+    generate: int = typer.Option(0, "--generate", help="Greedy tokens to generate with the change held (in the replacement "
+                                 "model, even with --frozen: new positions need their own attention)."),
     top: int = typer.Option(10, "--top", help="Logits to list, at most (largest changes; the whole vocabulary when it is smaller)."),
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -507,12 +516,15 @@ def intervene(
     out = {"frozen": frozen, "set": [list(c) for c in clamps], "logits": rows}
     if generate:
         out.update(base_text=res["base_text"], changed_text=res["changed_text"], generated_tokens=res["generated_tokens"],
-                   generate_note=res.get("generate_note"))
+                   generate_note=res.get("generate_note"), generate_mode=res.get("generate_mode", "replacement model"))
     if json:
         return emit_json(out)
     for r in rows:
         console.print(f"{r['token']!r:>16} {r['base']:8.3f} -> {r['changed']:8.3f} ({r['delta_demeaned']:+.3f})", highlight=False, markup=False)
     if generate:
+        if frozen:
+            console.print("generated in the replacement model (the clamps held; --frozen applies to the logits above only)",
+                          highlight=False, markup=False)
         console.print(f"without: {res['base_text']!r}", highlight=False, markup=False)
         console.print(f"with:    {res['changed_text']!r}", highlight=False, markup=False)
         if res.get("generate_note"):

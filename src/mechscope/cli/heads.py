@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def heads(
+    ctx: typer.Context,
     model: Optional[str] = ModelOpt,
     n: int = typer.Option(HeadsConfig.n, "--n", help="Repeated random-token sequences."),
     seq_len: int = typer.Option(HeadsConfig.seq_len, "--seq-len", help="Length of the random segment R (sequences are BOS + R + R)."),
@@ -61,6 +62,10 @@ def heads(
                       top_k=top_k, seed=seed)
     check_out_folder(out, "heads")
     m = load(model, device)
+    n_heads = m.summary.n_layers * m.summary.n_heads
+    if given(ctx, "top_k") and top_k >= n_heads:  # left at its default it is cut to the heads there are, and says so
+        raise MechscopeError(f"--top-k {top_k} leaves none of {m.summary.name}'s {n_heads} heads for the random control "
+                             f"(k other heads ablated together); give at most {n_heads - 1}.")
     t0 = time.perf_counter()
     out_dir = resumable_out(out, "heads")
     res = head_scores(m, cfg, progress=not json, checkpoint=out_dir)
@@ -105,8 +110,10 @@ def ablation_sentence(ab: dict) -> str:
     of each change: ablating heads can lower the loss as well as raise it."""
     top = _change(ab["top_k_increase"], "raises the repeated-half loss", "lowers the repeated-half loss")
     rnd = _change(ab["random_mean_increase"], "raise it", "lower it")
-    return (f"Mean-ablating the top {ab['k']} induction heads {top} nats; {ab['k']} random {'other ' if ab.get('random_from') == 'other heads' else ''}heads {rnd} "
-            f"(mean of {len(ab['random_increases'])}).")
+    overlap = "" if ab.get("random_from") == "other heads" else \
+        f" (drawn from all heads, since fewer than {ab['k']} others exist: the control overlaps the top set)"
+    return (f"Mean-ablating the top {ab['k']} induction heads {top} nats; {ab['k']} random {'other ' if not overlap else ''}heads {rnd} "
+            f"(mean of {len(ab['random_increases'])}){overlap}.")
 
 
 _BINDING_SHARED = {"layers": "layers", "d_model": "d_model", "n_heads": "heads", "steps": "steps", "batch": "batch",
@@ -232,7 +239,7 @@ def _train_meta(ctx: typer.Context, icml: dict, out: Path, json: bool) -> None:
 def dynamics(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Folder of checkpoints (the --out of train-toy)."),
-    n: int = typer.Option(DynamicsConfig.n, "--n", help=f"Repeated random-token sequences per checkpoint (binding runs: held-out programs per hop depth, default {BindingEvalConfig.n_per_hop})."),
+    n: int = typer.Option(DynamicsConfig.n, "--n", help=f"Repeated random-token sequences per checkpoint (binding runs: held-out programs per hop depth, default {BindingEvalConfig.n_per_hop}; icml runs: evaluation sequences, default {MetaDynamicsConfig.n_eval})."),
     seq_len: int = typer.Option(DynamicsConfig.seq_len, "--seq-len", help="Length of the random segment R."),
     text: Optional[str] = typer.Option(DynamicsConfig.text, "--text", help="Text source when the run has no train.json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from mechscope.cli.common import (
     DeviceOpt,
@@ -79,5 +80,5 @@ def lens(
     console.print(f"DLA logit({tgt}) - logit({dis}) = {dd.actual:.3f}; sum of contributions "
                   f"{dd.total:.3f} (error {dd.error:.1e}); top: " + ", ".join(f"{n} {v:+.2f}" for n, v in dd.top(6)), highlight=False)
     if dd.note():
-        console.print(f"[yellow]{dd.note()}[/]", highlight=False)
+        console.print(f"[yellow]{escape(dd.note())}[/]", highlight=False, markup=True)
     console.print(f"report: {report}", highlight=False)

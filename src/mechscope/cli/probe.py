@@ -56,6 +56,10 @@ def probe(
     check_out_folder(out, "probe")
     if labels not in BUILTIN_LABELS and not Path(labels).is_file():
         raise MechscopeError(f"--labels '{labels}' is neither a file nor a built-in set ({', '.join(BUILTIN_LABELS)}).")
+    if corpus is not None and (labels not in BUILTIN_LABELS or labels == "language"):
+        where = "the label file's own sequences" if labels not in BUILTIN_LABELS else "the shipped multilingual prompts"
+        raise MechscopeError(f"--corpus is read only by --labels capitalised and ioi-names; --labels {labels} probes "
+                             f"{where}, so leave --corpus out.")
     m = load(model, device)
     data = builtin_labels(m, labels, cfg, corpus) if labels in BUILTIN_LABELS else labels_from_file(m.tokenizer, labels)
     out_dir = resumable_out(out, "probe")

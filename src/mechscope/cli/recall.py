@@ -17,6 +17,7 @@ from mechscope.cli.common import (
     emit_json,
     err_console,
     fresh_dir,
+    given,
     handles_errors,
     load,
     resumable_out,
@@ -34,6 +35,7 @@ def register(app: typer.Typer) -> None:
 
 @handles_errors
 def recall(
+    ctx: typer.Context,
     prompt: Optional[str] = typer.Argument(None, help="A prompt stating a fact up to its attribute (omit with --dataset)."),
     subject: Optional[str] = typer.Option(None, "--subject", help="The subject, exactly as written in the prompt."),
     target: Optional[str] = typer.Option(None, "--target", help="The attribute token (default: the model's top prediction)."),
@@ -66,6 +68,8 @@ def recall(
             raise MechscopeError("Pass either a PROMPT with --subject or --dataset facts, not both.")
     elif prompt is None or subject is None:
         raise MechscopeError("Pass a PROMPT and its --subject (or --dataset facts).")
+    elif given(ctx, "n"):
+        raise MechscopeError("--n counts the facts drawn with --dataset; one PROMPT is one fact, so drop --n.")
     kw = {"seed": seed}  # --samples and --layer-stride left out take the config's defaults
     if samples is not None:
         kw["samples"] = samples

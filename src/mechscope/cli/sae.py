@@ -15,6 +15,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    RecordedModelOpt,
     check_early,
     check_out_folder,
     console,
@@ -151,6 +152,13 @@ def train(
     from mechscope.sae.train import check_out, sae_trainer, transcoder_output_hook
 
     refuse_unused_sparsity(ctx, arch)
+    if hook_out is not None and not transcoder:
+        raise MechscopeError("--hook-out names a transcoder's output; add --transcoder to train one, or drop --hook-out for an SAE.")
+    if shards is not None:  # the shards hold their own text and contexts
+        for name, value in (("--corpus", corpus), ("--context-len", context_len)):
+            if value is not None:
+                raise MechscopeError(f"{name} does not apply with --from-shards (the shards were harvested from their own "
+                                     f"corpus and contexts, recorded in their manifest); drop {name}.")
     out = out or fresh_dir("sae")
     tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
@@ -159,7 +167,7 @@ def train(
     check_out(out, resume)  # nor a finished SAE overwritten
     check_context_len(context_len)
     m = load(model, device)
-    context_len = context_len_for(m, context_len, StoreConfig.context_len)
+    context_len = context_len_for(m, context_len, StoreConfig.context_len) if shards is None else None
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
                           metadata={"model_path": model_path(model) or m.summary.name}, progress=not json)
     where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"
@@ -198,7 +206,7 @@ def eval_(
     tokens: int = typer.Option(32_768, "--tokens", help="Held-out tokens to evaluate on."),
     corpus: Optional[str] = CorpusOpt,
     context_len: Optional[int] = ContextLenOpt,
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = RecordedModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: the SAE folder)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -251,7 +259,8 @@ def undefined_recovered_note(ce_clean: float, ce_sae: float, ce_zero: float, hoo
 @handles_errors
 def dashboard(
     sae_dir: Path = typer.Argument(..., help="SAE folder (cfg.json + sae_weights.safetensors)."),
-    features: str = typer.Option("0-99", "--features", "-f", help="Features: ranges and lists, e.g. 0-99 or 3,17,40-45."),
+    features: Optional[str] = typer.Option(None, "--features", "-f", help="Features: ranges and lists, e.g. 0-99 or 3,17,40-45 "
+                                           "(default: the first 100, or all of a smaller SAE)."),
     tokens: int = typer.Option(DashboardConfig.n_tokens, "--tokens", help="Corpus tokens to read (one pass serves all features)."),
     ctx_len: Optional[int] = typer.Option(None, "--ctx-len", show_default=False,
                                           help=f"Tokens per context (default min({DashboardConfig.ctx_len}, the model's context))."),
@@ -259,7 +268,7 @@ def dashboard(
     batch_size: int = typer.Option(DashboardConfig.batch_size, "--batch-size"),
     corpus: str = typer.Option(DashboardConfig.corpus, "--corpus", help="embedded, a .txt/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."),
     seed: int = typer.Option(DashboardConfig.seed, "--seed"),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = RecordedModelOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -275,7 +284,7 @@ def dashboard(
     check_out_folder(out, "dashboard")
     sae, m = load_sae_and_model(sae_dir, model, device)
     cfg = settings(context_len_for(m, ctx_len, DashboardConfig.ctx_len, "--ctx-len"))
-    cfg.features = feats = parse_features(features, sae.cfg.d_sae)
+    cfg.features = feats = parse_features(features or f"0-{min(100, sae.cfg.d_sae) - 1}", sae.cfg.d_sae)
     res = feature_dashboards(m, sae, cfg, progress=not json)
     res.settings["sae_dir"] = str(Path(sae_dir).resolve())  # mechscope serve links the features to their unit pages by it
     out_dir = Path(out or fresh_dir("dashboard"))

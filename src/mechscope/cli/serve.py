@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from mechscope.cli.common import console, fail, handles_errors
 
@@ -40,7 +41,8 @@ def serve(
         emb = get_embedder(embedder)
     def announce(url: str) -> None:  # called once the socket listens, so a bad --host is refused without the warning
         if host not in ("127.0.0.1", "::1", "localhost"):
-            console.print(f"[yellow]listening on {host}: other machines on the network can read this database and these runs.[/]")
+            console.print(f"[yellow]listening on {escape(host)}: other machines on the network can read this database and these runs.[/]",
+                          markup=True)
         console.print(f"mechscope serve: {url}  (runs under {root.resolve()}{f', units from {db}' if db else ''}; Ctrl-C stops)",
                       highlight=False, markup=False, soft_wrap=True)
 

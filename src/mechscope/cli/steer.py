@@ -12,7 +12,6 @@ from rich.text import Text
 from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
-    ModelOpt,
     check_out_folder,
     console,
     emit_json,
@@ -37,12 +36,13 @@ def steer(
     plus: Optional[str] = typer.Option(None, "--plus", help="ActAdd: the prompt to steer towards."),
     minus: Optional[str] = typer.Option(None, "--minus", help="ActAdd: the prompt to steer away from."),
     layer: Optional[int] = typer.Option(None, "--layer", help="ActAdd: add at blocks.LAYER.hook_resid_pre."),
-    coef: float = typer.Option(4.0, "--coef", help="ActAdd: coefficient of the steering vector."),
+    coef: Optional[float] = typer.Option(None, "--coef", help="ActAdd: coefficient of the steering vector (default 4)."),
     max_new_tokens: int = typer.Option(GenerationConfig.max_new_tokens, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(GenerationConfig.temperature, "--temperature", help="0 = greedy; both texts use the same seed."),
     top_k: Optional[int] = typer.Option(GenerationConfig.top_k, "--top-k"),
     seed: int = typer.Option(GenerationConfig.seed, "--seed"),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Alias, local HF directory, .gguf file or hub id "
+                                        "(default: with --sae, the model the SAE records; else embedded SmolLM2-135M-Instruct)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write steer.json to this folder."),
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
@@ -52,17 +52,21 @@ def steer(
     from mechscope.errors import MechscopeError
     from mechscope.sae.steer import check_feature_mode, check_steer_value, steer_actadd, steer_feature
 
-    check_steer_value("--coef", coef)  # before the model loads
+    if coef is not None:
+        check_steer_value("--coef", coef)  # before the model loads
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)  # checked when made
     check_out_folder(out, "steer", beside=("sae",))
-    actadd = plus is not None or minus is not None
-    if actadd and sae_dir is not None:
-        raise MechscopeError("Choose one kind of steering: --sae with --feature, or ActAdd with --plus/--minus/--layer.")
-    if actadd:
+    # each option belongs to one kind of steering: one of the other kind is refused, never ignored
+    given_actadd = [k for k, v in (("--plus", plus), ("--minus", minus), ("--layer", layer), ("--coef", coef)) if v is not None]
+    given_feature = [k for k, v in (("--sae", sae_dir), ("--feature", feature), ("--scale", scale), ("--clamp", clamp)) if v is not None]
+    if given_actadd and given_feature:
+        raise MechscopeError(f"Choose one kind of steering: {given_feature[0]} is for SAE feature steering (--sae, --feature, "
+                             f"--scale or --clamp) and {given_actadd[0]} for ActAdd (--plus, --minus, --layer, --coef).")
+    if given_actadd:
         if plus is None or minus is None or layer is None:
             raise MechscopeError("ActAdd needs --plus, --minus and --layer.")
         m = load(model, device)
-        res = steer_actadd(m, prompt, plus, minus, layer, coef, gen)
+        res = steer_actadd(m, prompt, plus, minus, layer, 4.0 if coef is None else coef, gen)
     else:
         if sae_dir is None or feature is None:
             raise MechscopeError("Give --sae DIR --feature F with --scale S or --clamp V (or ActAdd: --plus, --minus, --layer).")

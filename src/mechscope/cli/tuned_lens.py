@@ -15,6 +15,7 @@ from mechscope.cli.common import (
     DeviceOpt,
     JsonOpt,
     ModelOpt,
+    RecordedModelOpt,
     check_out_folder,
     console,
     emit_json,
@@ -137,7 +138,7 @@ def evaluate(
     tokens: int = typer.Option(HELDOUT_TOKENS, "--tokens", help="Held-out positions scored."),
     corpus: Optional[str] = CorpusOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and eval.html (default: LENS_DIR)."),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = RecordedModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:

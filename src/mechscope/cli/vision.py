@@ -90,6 +90,8 @@ def train(
     json: bool = JsonOpt,
 ) -> None:
     """Train a small CNN or ViT (seconds to a minute on a CPU); saves model.safetensors + config.json."""
+    if arch == "cnn" and heads != TrainConfig.heads:
+        raise MechscopeError("--heads sets a ViT's attention heads; the CNN has none, so drop --heads (or use --arch vit).")
     cfg = TrainConfig(arch=arch, epochs=epochs, width=width, heads=heads, seed=seed,
                       data=DataConfig(dataset=data, overlay=parse_pair(overlay, data), mark_class=mark_class, seed=seed))
     check_out_folder(out, "vision-model", replaces=False)
@@ -217,7 +219,7 @@ def eap(
     corrupt: str = typer.Option(..., "--corrupt", help="The corrupt images' class: each clean image is paired with one of it."),
     n: int = typer.Option(64, "--n", help="Image pairs for scoring (training split) and for the test (held-out split)."),
     method: str = typer.Option("eap-ig", "--method", help="eap or eap-ig."),
-    steps: int = typer.Option(5, "--steps", help="EAP-IG interpolation steps."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="EAP-IG interpolation steps (default 5; not with --method eap)."),
     target: float = typer.Option(0.8, "--target", help="Faithfulness the chosen circuit reaches on the scoring pairs."),
     seed: int = SeedOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a fresh one here)."),

@@ -134,6 +134,8 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
         out["base_text"], made = _greedy(model, tset, run, [], generate)
         out["changed_text"], _ = _greedy(model, tset, run, clamps, generate)
         out["generated_tokens"] = made  # both continuations start at the prompt's end, so they stop alike
+        if frozen:  # generation needs fresh attention at every new position: there is no frozen model to run
+            out["generate_mode"] = "replacement model (not frozen: the clamps held, attention and norms recomputed)"
         if made < generate:
             out["generate_note"] = (f"generation stopped at the model's context limit ({position_limit(model)} positions) "
                                     f"after {made} of {generate} tokens.")

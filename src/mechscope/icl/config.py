@@ -62,7 +62,7 @@ class FewShotConfig:
         bad = [s for s in self.sweeps if s not in SWEEPS]
         if bad or not self.sweeps:
             raise MechscopeError(f"Unknown or no sweep {bad or ''}; choose from {', '.join(SWEEPS)}.")
-        if "cross" in self.sweeps and self.shots < 2:
+        if "cross" in self.sweeps and self.shots < 2 and self.knockout:  # --accuracy-only runs no sweep
             raise MechscopeError("The cross-example sweep needs --shots 2 or more (with 1 example no Y_i has an earlier example).")
         if self.ambiguous and self.shots < 2:
             raise MechscopeError("--ambiguous needs --shots 2 or more (ambiguous examples plus one that disambiguates).")

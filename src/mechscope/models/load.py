@@ -558,9 +558,9 @@ def load_model(
         dtype = found
     device = check_device(device) if device is not None else _default_device()
     display, target, gguf_file, local = _resolve(name)
-    from rich.console import Console
+    from mechscope.terminal import TerminalConsole
 
-    console = Console(stderr=True)
+    console = TerminalConsole(stderr=True)  # the name is text: markup off, control characters escaped
     try:
         with console.status(f"Loading {display}...", spinner="dots"), _quiet():
             hf_model, tokenizer = _load_hf(target, dtype, gguf_file, local)

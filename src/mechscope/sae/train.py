@@ -537,6 +537,8 @@ def sae_trainer(
     from mechscope.sae.evaluate import check_context_len
 
     require_model(model, "train_sae")
+    if shards is not None and corpus is not None:
+        raise MechscopeError("give corpus or shards, not both: shards were harvested from their own corpus (their manifest names it).")
     if context_len is None:
         context_len = default_length(model, StoreConfig.context_len)
     check_context_len(context_len, "--context-len (context_len)")

@@ -309,12 +309,16 @@ def check_clean_accuracy(vm: VisionModel, ev: EdgeViT, fit: ImagePairs, held: Im
     return acc
 
 
-def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: Method = "eap-ig", steps: int = 5,
+def vision_eap(vm: VisionModel, clean: str, corrupt: str, n: int = 64, method: Method = "eap-ig", steps: int | None = None,
                target: float = 0.8, seed: int = 0, ds: Dataset | None = None, progress: ProgressArg = False) -> VisionEAPResult:
     """Refuse a clean class the model classifies at chance (``check_clean_accuracy``); score the
     ViT's edges on training-split pairs of (``clean``, ``corrupt``) images, choose
     the smallest top-k circuit reaching ``target`` faithfulness on them, and test it and the
-    faithfulness curve (with random circuits) on held-out test-split pairs."""
+    faithfulness curve (with random circuits) on held-out test-split pairs. ``steps``: EAP-IG's
+    interpolation steps (default 5); EAP takes one gradient and refuses them (recorded as 1)."""
+    if method == "eap" and steps is not None:
+        raise MechscopeError("--steps applies to eap-ig; eap takes one gradient at the clean images, so drop --steps.")
+    steps = 1 if method == "eap" else 5 if steps is None else steps
     if n < 2:
         raise MechscopeError(f"--n must be at least 2 pairs; got {n}.")
     if not 0 < target <= 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import refuse_file_as_folder
+from mechscope.errors import MechscopeError, refuse_file_as_folder
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.config import TrainConfig
 from mechscope.vision.data import Dataset, build_dataset, random_shift
@@ -43,8 +43,12 @@ def measure(vm: VisionModel, ds: Dataset) -> dict[str, float]:
 
 def check_out_folder(out: str | Path) -> None:
     """One sentence, before any training, when ``out`` (the folder the model is saved to) is an
-    existing file or lies under one."""
+    existing file or lies under one, or already holds a trained model (circuits and reports made
+    from that model would no longer match it)."""
     refuse_file_as_folder(out, "out")
+    if (Path(out) / "model.safetensors").is_file():
+        raise MechscopeError(f"{out} already holds a trained vision model; save to a new folder (or delete that one to "
+                             "train again).")
 
 
 def train_model(cfg: TrainConfig, out: str | Path | None = None, progress: ProgressArg = False) -> VisionModel:
