@@ -265,7 +265,23 @@ def test_evaluate_refuses_another_pair_count_on_the_runs_own_task(tiny_llama, tm
     res.save(tmp_path / "run")
     with pytest.raises(MechscopeError, match="held-out share would hold pairs the circuit was scored on"):
         evaluate_saved(tiny_llama, tmp_path / "run", n=16)
-    assert evaluate_saved(tiny_llama, tmp_path / "run", n=12)["edges_kept"] == int(res.circuit.sum())
+    again = evaluate_saved(tiny_llama, tmp_path / "run", n=12)
+    assert again["edges_kept"] == int(res.circuit.sum())
+    # the run's own random circuits per size: evaluate repeats the run's curve, random column too
+    assert [(c["n_edges"], round(c["faithfulness"], 5), round(c["random"], 5)) for c in again["curve"]] == \
+        [(c["n_edges"], round(c["faithfulness"], 5), round(c["random"], 5)) for c in res.curve]
+
+
+def test_the_exemplars_pass_records_its_settings_and_seed(tiny_llama, tmp_path):
+    from mechscope.explain.config import ExemplarsConfig
+    from mechscope.explain.db import UnitDB
+    from mechscope.explain.exemplars import harvest_exemplars
+
+    db = UnitDB(tmp_path / "u.db", model_id=tiny_llama.summary.name)
+    harvest_exemplars(tiny_llama, ExemplarsConfig(units="mlp", layers=[1], n_tokens=128, context_len=16, seed=7), db=db)
+    rec = db.exemplars_settings("mlp", "", 1)
+    assert rec is not None and rec["seed"] == 7 and rec["n_tokens"] == 128 and rec["corpus_digest"]
+    assert db.exemplars_settings("mlp", "", 0) is None  # a layer this pass did not write
 
 
 def test_the_library_never_trains_over_a_saved_vision_model(tmp_path):

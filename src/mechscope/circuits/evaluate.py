@@ -379,8 +379,9 @@ def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | 
         raise MechscopeError(f"on the {len(test)} held-out pairs of task '{batch.task}' the clean prompts score no better than "
                              f"the corrupt ones (metric {float(ev.clean):.3g} vs {float(ev.corrupt):.3g}), so faithfulness, "
                              "(circuit - corrupt) / (clean - corrupt), has no meaning; evaluate on a task the model does.")
+    # the run's own random circuits per size (its curve's), so the random column repeats the run's
     curve = faithfulness_curve(ev, importance(res.scores, res.method, st.get("rank", "signed")), curve_sizes(g),
-                               progress=p)
+                               random_seeds=int(st.get("curve_random_seeds", d.curve_random_seeds)), progress=p)
     cpr, cmd = cpr_cmd(curve)
     return {"faithfulness": float(ev.faithfulness(res.circuit[None])[0]), "edges_kept": int(res.circuit.sum()),
             "clean": float(ev.clean), "corrupt": float(ev.corrupt), "cpr": cpr, "cmd": cmd, "curve": curve,

@@ -271,7 +271,8 @@ def exemplars(
     info = {"db": str(db), "units": units, "layers": sorted(state.layers), "n_units": n_units,
             "tokens": state.n_tokens, "contexts": state.contexts_done, "model": m.summary.name,
             "checkpoint": str(ckpt) if keep_checkpoint or checkpoint is not None else None,
-            "corpus_exhausted": state.exhausted, "stale_described_units": stale, "notes": notes}
+            "corpus_exhausted": state.exhausted, "stale_described_units": stale, "notes": notes,
+            "settings": cfg.to_dict()}  # the seed that drew the samples and splits among them (also in the database's meta)
     if json:
         return emit_json(info)
     console.print(f"{n_units:,} units of {len(state.layers)} layers over {state.n_tokens:,} tokens written to {db}")

@@ -399,6 +399,18 @@ class UnitDB:
         if record and stored is None:
             self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, fingerprint)))
 
+    def set_exemplars_settings(self, kind: str, source: str, layer: int, settings: dict[str, Any]) -> None:
+        """Record the exemplars pass that wrote this layer's units (its ``ExemplarsConfig`` with the
+        seed that drew the samples and splits, the corpus digest, the tokens seen); replaces the
+        previous pass's entry, as the pass replaces its units."""
+        text = json.dumps(settings, sort_keys=True, default=str)
+        self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"exemplars:{kind}:{source}:{layer}", text)))
+
+    def exemplars_settings(self, kind: str, source: str, layer: int) -> dict[str, Any] | None:
+        """What ``set_exemplars_settings`` recorded for this layer's units (None before it was recorded)."""
+        text = self.meta.get(f"exemplars:{kind}:{source}:{layer}")
+        return None if text is None else json.loads(text)
+
     @property
     def model_summary(self) -> dict[str, Any]:
         return json.loads(self.meta.get("model_summary", "{}"))

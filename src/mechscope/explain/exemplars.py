@@ -793,6 +793,10 @@ def write_db(model: Model, source: UnitSource, state: HarvestState, db, chunk: i
     for layer in sorted(state.layers):
         db.check_source_weights(source.kind, source.source, layer, source.weights_fingerprint(layer), record=True)
         db.set_unit_count(source.kind, source.source, layer, source.n_units(layer))
+        # the pass that made these units (its seed chose the samples and splits): recorded, so it can be told and repeated
+        db.set_exemplars_settings(source.kind, source.source, layer, {
+            **state.cfg.to_dict(), "contexts_done": state.contexts_done, "n_tokens_seen": state.n_tokens,
+            "corpus_digest": state.model.get("corpus_digest")})
         recs = records_of(model, source, state, layer, vocab)
         exs = exemplars_of(state, layer, vocab)
         for i in range(0, len(recs), chunk):
