@@ -558,14 +558,14 @@ def sae_trainer(
     name = model.summary.name
     meta = {"model_path": name, "context_size": context_len, "dataset_path": str(corpus) if corpus else "embedded",
             "model_fingerprint": model.fingerprint()}
-    if shards is None:  # what the corpus held, so a resume notices an edited file (shards have their own digest)
+    if shards is None:  # what the corpus held, so a resume notices an edited file
         meta["corpus_digest"] = docs.digest()
-    if shards is not None:  # the contexts and text the shards were harvested from, and which harvest (a resume must not switch)
+    else:  # the contexts and text the shards were harvested from, and which harvest (a resume must not switch)
         import hashlib
 
         listing = [(sh["file"], sh["rows"]) for sh in store.manifest["shards"]]
         meta.update(context_size=store.manifest.get("context_len", context_len),
-                    dataset_path=str(store.manifest.get("corpus") or corpus or "embedded"),
+                    dataset_path=str(store.manifest.get("corpus") or "embedded"),
                     shards_digest=hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16])
     meta.update(metadata or {})  # the caller's entries win
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
