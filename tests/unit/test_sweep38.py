@@ -181,10 +181,6 @@ TINY = "{tiny}"  # the tiny GPT-2's folder: should a refusal regress, the comman
     (["probe", "--labels", "language", "--corpus", "x.txt", "-m", TINY], "--corpus is read only by --labels capitalised"),
     (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--hook-out", "blocks.0.hook_mlp_out", "--tokens", "64", "-m", TINY],
      "add --transcoder"),
-    (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--from-shards", "s", "--corpus", "c.txt", "-m", TINY],
-     "--corpus does not apply with --from-shards"),
-    (["sae", "train", "--hook", "blocks.0.hook_resid_post", "--from-shards", "s", "--context-len", "7", "-m", TINY],
-     "--context-len does not apply with --from-shards"),
     (["recall", "The Eiffel Tower is in", "--subject", "Eiffel Tower", "--n", "-5", "-m", TINY], "drop --n"),
     (["discover", "--method", "eap", "--ig-steps", "9", "--n", "8", "-m", TINY], "--ig-steps applies to eap-ig"),
     (["discover", "--method", "eap-ig-act", "--qk", "linear", "--n", "8", "-m", TINY], "--qk applies to eap and eap-ig"),
@@ -199,6 +195,24 @@ def test_an_option_the_run_would_not_read_is_refused(args, says, tiny_gpt2_dir, 
 
     monkeypatch.chdir(tmp_path)  # where a command that should have been refused would write its results
     _refused(run_cli(*[tiny_gpt2_dir if a == TINY else a for a in args]), says)
+
+
+def test_sae_training_from_shards_refuses_another_corpus_or_context_length(tiny_gpt2, corpus, tmp_path):
+    from mechscope.activations import StoreConfig, get_corpus
+    from mechscope.activations.shards import harvest
+    from mechscope.sae import TrainConfig
+    from mechscope.sae.train import sae_trainer
+
+    hook = "blocks.0.hook_resid_post"
+    harvest(tiny_gpt2, get_corpus(corpus, split="train"), StoreConfig(hooks=[hook], context_len=16), tmp_path / "h", 1000,
+            shard_tokens=1000, corpus_spec=corpus, progress=False)
+    cfg = TrainConfig(k=4, expansion=2, tokens=400, batch_tokens=200)
+    with pytest.raises(MechscopeError, match="harvested from the corpus"):
+        sae_trainer(tiny_gpt2, hook, cfg, tmp_path / "a", shards=tmp_path / "h", corpus=str(tmp_path / "other.txt"))
+    with pytest.raises(MechscopeError, match="hold contexts of 16 tokens, not 7"):
+        sae_trainer(tiny_gpt2, hook, cfg, tmp_path / "b", shards=tmp_path / "h", context_len=7)
+    # the harvest's own options beside the shards are fine (a script passes the same ones to both)
+    sae_trainer(tiny_gpt2, hook, cfg, tmp_path / "c", shards=tmp_path / "h", corpus=corpus, context_len=16)
 
 
 def test_icl_accuracy_only_takes_one_shot():

@@ -359,6 +359,8 @@ def evaluate_saved(model: Model, res: "CircuitResult | str | Path", task: str | 
                              "mechscope evaluate): a built-in task or a .jsonl file of pairs.")
     seed = st.get("seed", d.seed)
     same_task = task is None or task == st.get("task", res.task)
+    if n is not None and n < 1:
+        raise MechscopeError(f"--n must be at least 1 pair; got {n}.")
     if same_task and n is not None and st.get("n") is not None and n != st["n"]:  # its held-out split would hold scoring pairs
         raise MechscopeError(f"n={n} draws other pairs than the run's {st['n']}, so its held-out share would hold pairs the "
                              "circuit was scored on; leave n out to use the run's own held-out pairs (--n for mechscope "

@@ -154,11 +154,6 @@ def train(
     refuse_unused_sparsity(ctx, arch)
     if hook_out is not None and not transcoder:
         raise MechscopeError("--hook-out names a transcoder's output; add --transcoder to train one, or drop --hook-out for an SAE.")
-    if shards is not None:  # the shards hold their own text and contexts
-        for name, value in (("--corpus", corpus), ("--context-len", context_len)):
-            if value is not None:
-                raise MechscopeError(f"{name} does not apply with --from-shards (the shards were harvested from their own "
-                                     f"corpus and contexts, recorded in their manifest); drop {name}.")
     out = out or fresh_dir("sae")
     tout = (hook_out or transcoder_output_hook(hook)) if transcoder else None
     cfg = TrainConfig(architecture=arch, d_sae=d_sae, expansion=expansion, k=k, l1=l1, l0=l0, tokens=tokens,
@@ -167,7 +162,8 @@ def train(
     check_out(out, resume)  # nor a finished SAE overwritten
     check_context_len(context_len)
     m = load(model, device)
-    context_len = context_len_for(m, context_len, StoreConfig.context_len) if shards is None else None
+    if shards is None:  # shards have their own contexts: a --context-len given beside them must be theirs (sae_trainer)
+        context_len = context_len_for(m, context_len, StoreConfig.context_len)
     trainer = sae_trainer(m, hook, cfg, out, hook_out=tout, corpus=corpus, shards=shards, context_len=context_len,
                           metadata={"model_path": model_path(model) or m.summary.name}, progress=not json)
     where = f"shards {shards}" if shards is not None else f"corpus {corpus or 'embedded'} (train split)"

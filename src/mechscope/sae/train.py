@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -537,11 +538,10 @@ def sae_trainer(
     from mechscope.sae.evaluate import check_context_len
 
     require_model(model, "train_sae")
-    if shards is not None and corpus is not None:
-        raise MechscopeError("give corpus or shards, not both: shards were harvested from their own corpus (their manifest names it).")
-    if context_len is None:
+    if context_len is None and shards is None:
         context_len = default_length(model, StoreConfig.context_len)
-    check_context_len(context_len, "--context-len (context_len)")
+    if context_len is not None:
+        check_context_len(context_len, "--context-len (context_len)")
     check_train_device(cfg.device, model)
     cfg = replace(cfg, device=str(model.device))
     hooks = [hook] + ([hook_out] if hook_out else [])
@@ -551,7 +551,9 @@ def sae_trainer(
     if shards is not None:
         store: Any = ShardStore(shards, hooks=hooks, seed=cfg.seed, device=cfg.device)
         check_shards_fit(store, model)
+        _check_shards_text(store.manifest, shards, corpus, context_len)
     else:
+        assert context_len is not None  # defaulted above without shards
         docs = get_corpus(corpus, split="train")
         store = ActivationStore(model, docs, StoreConfig(hooks=hooks, context_len=context_len, seed=cfg.seed))
     dims = store.dims
@@ -570,6 +572,19 @@ def sae_trainer(
     meta.update(metadata or {})  # the caller's entries win
     return Trainer(StoreSource(store, hook, hook_out), cfg, out, d_in=dims[hook], d_out=dims[hook_out] if hook_out else None,
                    hook_name=hook, hook_name_out=hook_out, model_name=name, metadata=meta, progress=progress)
+
+
+def _check_shards_text(manifest: dict[str, Any], shards: Any, corpus: Any, context_len: int | None) -> None:
+    """Shards hold their own text and contexts: a corpus or context length given beside them
+    must be theirs (the same options as the harvest are fine), never silently ignored."""
+    have_corpus = re.sub(r" \[(train|heldout|all)\]$", "", str(manifest.get("corpus") or "embedded"))
+    if corpus is not None and not same_corpus(str(corpus), have_corpus):
+        raise MechscopeError(f"the shards in {shards} were harvested from the corpus {have_corpus!r}, not {str(corpus)!r}; "
+                             "drop --corpus (shards train on their own text) or harvest that corpus.")
+    have_len = manifest.get("context_len")
+    if context_len is not None and have_len is not None and context_len != have_len:
+        raise MechscopeError(f"the shards in {shards} hold contexts of {have_len} tokens, not {context_len}; drop "
+                             "--context-len (shards train on their own contexts) or harvest again with it.")
 
 
 def check_train_device(device: str, model: Model) -> None:
