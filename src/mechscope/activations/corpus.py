@@ -77,13 +77,18 @@ class Corpus:
     def _read(self, ref: _Ref, handles: dict[str, Any]) -> str:
         if ref.kind == "hf":
             return self._hf[ref.start]["text"]
+        # checked strictly at indexing; "-sig": a file's byte-order mark is not text (json.loads refuses it in a str)
+        raw = self._bytes(ref, handles).decode("utf-8-sig", errors="replace")
+        return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
+
+    @staticmethod
+    def _bytes(ref: _Ref, handles: dict[str, Any]) -> bytes:
+        """A file document's bytes, through ``handles`` (path -> open file, one per file)."""
         f = handles.get(ref.path)
         if f is None:
             f = handles[ref.path] = open(ref.path, "rb")
         f.seek(ref.start)
-        # checked strictly at indexing; "-sig": a file's byte-order mark is not text (json.loads refuses it in a str)
-        raw = f.read(ref.end - ref.start).decode("utf-8-sig", errors="replace")
-        return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
+        return f.read(ref.end - ref.start)
 
     def digest(self) -> str | None:
         """A digest of the documents this corpus serves, in its order (their bytes, each with its
@@ -100,11 +105,7 @@ class Corpus:
                 handles: dict[str, Any] = {}
                 try:
                     for ref in self.refs:
-                        f = handles.get(ref.path)
-                        if f is None:
-                            f = handles[ref.path] = open(ref.path, "rb")
-                        f.seek(ref.start)
-                        raw = f.read(ref.end - ref.start)
+                        raw = self._bytes(ref, handles)
                         h.update(len(raw).to_bytes(8, "little"))
                         h.update(raw)
                 except OSError as exc:
