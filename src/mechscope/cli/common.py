@@ -270,10 +270,16 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
             return
 
 
-def given(ctx: Any, name: str) -> bool:
-    """Whether the option ``name`` (a ``typer.Context`` parameter) was given, not left at its default."""
+def given(ctx: Any, name: str, *, env: bool = True) -> bool:
+    """Whether the option ``name`` (a ``typer.Context`` parameter) was given, not left at its default;
+    with ``env=False`` only a value typed on the command line counts, not one from an environment
+    variable (``--api-key`` from OPENAI_API_KEY)."""
     source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    if source is None:
+        return False
+    if not env:
+        return source.name == "COMMANDLINE"
+    return source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def holds_finished(out: Path | None, kind: str) -> bool:

@@ -24,6 +24,7 @@ from mechscope.cli.common import (
     emit_json,
     err_console,
     fail,
+    given,
     handles_errors,
     load,
     parse_layers,
@@ -370,8 +371,7 @@ def _refuse_unread_describe(ctx: typer.Context, explainer: str, scorers: tuple[s
     rather than accepting it, even with a value that would be refused where it is read.
     ``--api-key`` from the environment (OPENAI_API_KEY) is not an option given."""
     def typed(name: str) -> bool:
-        src = ctx.get_parameter_source(name)
-        return src is not None and src.name == "COMMANDLINE"
+        return given(ctx, name, env=False)
 
     if explainer != "server":
         for name, flag in (("server", "--server"), ("server_model", "--model"), ("api_key", "--api-key"),
