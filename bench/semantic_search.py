@@ -79,10 +79,14 @@ def main() -> None:
 
         full = timed(lambda: semantic_search(db, "query", emb, limit=20))
         base = timed(floor)
-        reread = timed(lambda: mat.refresh_scores(db.con, "simulation"))
+        def reread() -> None:  # forced: a search skips it while nothing was committed
+            mat._seen = None
+            mat.refresh_scores(db.con, "simulation")
+
+        reread_s = timed(reread)
         db.close()
     print(f"{args.units:,} descriptions: semantic_search {1000 * full:.1f} ms per query (median of {args.repeats}), "
-          f"of which re-reading scores {1000 * reread:.1f} ms; floor (cosine + rank over the cached matrix) "
+          f"of which re-reading scores {1000 * reread_s:.1f} ms; floor (cosine + rank over the cached matrix) "
           f"{1000 * base:.1f} ms; ratio {full / base:.1f}x")
 
 

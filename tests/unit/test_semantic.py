@@ -155,3 +155,42 @@ def test_residual_embedder_ignores_right_padding(tiny_llama, tmp_path):
     embed_descriptions(p, emb)
     hits = semantic_search(db, "French cities", emb, limit=3)
     assert hits[0].description.text == "French cities" and hits[0].relevance == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cached_matrix_follows_every_commit_and_skips_the_reread_otherwise(tmp_path, monkeypatch):
+    """A search re-reads scores only after a commit: one by this connection (``total_changes``),
+    by another connection (``PRAGMA data_version``), or a new embedding; the ranking always
+    equals the independent one."""
+    from mechscope.explain import semantic
+
+    p = tmp_path / "u.db"
+    db = _synthetic_db(p)
+    emb = HashEmbedder()
+    embed_descriptions(p, emb)
+    reads = []
+    real = semantic._Matrix.refresh_scores
+    monkeypatch.setattr(semantic._Matrix, "refresh_scores", lambda self, con, name: (reads.append(1), real(self, con, name)))
+
+    def check(query="cities"):
+        got = [(h.unit.key, h.description.id) for h in semantic_search(db, query, emb)]
+        assert got == _brute_force(db, query, emb) and got
+        return got
+
+    first = check()
+    n = len(reads)
+    assert check() == first and len(reads) == n  # nothing committed: no re-read
+    # this connection changes the score of the top unit's best description to 0 and the last's to 1
+    top, last = first[0][1], first[-1][1]
+    db.update_scores(top, {"simulation": -1.0})
+    db.update_scores(last, {"simulation": 1.0})
+    after = check()
+    assert after != first and len(reads) > n
+    # another connection (a describe process) commits: seen through data_version
+    other = UnitDB(p)
+    other.update_scores(last, {"simulation": 0.0})
+    other.update_scores(top, {"simulation": 1.0})
+    other.close()
+    assert check() != after
+    n = len(reads)
+    check()
+    assert len(reads) == n

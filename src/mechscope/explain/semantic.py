@@ -23,7 +23,8 @@ Design, and why:
 3. Search is brute force: one matrix-vector product over all stored vectors in numpy. At
    46,080 descriptions x 384 dimensions that is 71 MB of float32 and a few milliseconds per query
    (``bench/search_quality.py`` measures it); the matrix is loaded once per process and reloaded
-   when the table's row count or last id changes. An approximate index (sqlite-vec, FAISS) pays
+   when the table's row count or last id changes; scores are re-read after any commit
+   (``_Matrix.current``), and nothing is re-read while nothing was committed. An approximate index (sqlite-vec, FAISS) pays
    off only well beyond this size.
 4. Ranking mirrors ``UnitDB.search``: ``rank = max(0, cosine) * (1 + clamp(score, 0, 1))``, one
    hit per unit (its best description), the same ``layer``/``kind``/``min_score`` filters;
@@ -184,6 +185,7 @@ class _Matrix:
     """The stored vectors of one embedder, with what the filters need, in numpy arrays."""
 
     def __init__(self, con: sqlite3.Connection, embedder: Embedder, score_name: str):
+        before = self._stamp(con, score_name)  # taken before any read: a commit during them makes the next search look again
         rows = con.execute(
             f"SELECT e.description_id, e.vec, d.unit_id, u.kind, u.layer, u.idx, u.source,"
             f" json_extract(d.scores, ?) FROM {TABLE} e JOIN descriptions d ON d.id = e.description_id"
@@ -196,7 +198,9 @@ class _Matrix:
         self.kinds = np.array([r[3] for r in rows], dtype=object)
         self.layers = np.array([r[4] for r in rows], dtype=np.int64)
         self.embedder_name = embedder.name
+        self._seen: tuple[Any, ...] | None = None
         self.refresh_scores(con, score_name)
+        self._seen = before
         if embedder.center and len(rows):
             self.mean = self.vecs.mean(0)
             v = self.vecs - self.mean
@@ -205,10 +209,27 @@ class _Matrix:
             v = self.vecs
         self.normed = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
+    @staticmethod
+    def _stamp(con: sqlite3.Connection, score_name: str) -> tuple[Any, ...]:
+        # The connection itself is kept (not its id, which a later connection may reuse).
+        return (con, con.execute("PRAGMA data_version").fetchone()[0], con.total_changes, score_name)
+
+    def current(self, con: sqlite3.Connection, score_name: str) -> bool:
+        """Whether nothing was committed, by any connection, since this matrix last read the
+        database through ``con``."""
+        seen = self._stamp(con, score_name)
+        return self._seen is not None and self._seen[0] is con and self._seen[1:] == seen[1:]
+
     def refresh_scores(self, con: sqlite3.Connection, score_name: str) -> None:
         """Re-read each description's score and staleness: ``describe``'s scoring pass and a new
         exemplars pass change them without touching the vectors, and a running ``serve`` must
-        rank by the current ones (one light query per search)."""
+        rank by the current ones. The read is skipped when nothing was committed since the last
+        one on this connection: ``PRAGMA data_version`` changes with every commit by another
+        connection and ``total_changes`` with every change by this one (a query then costs the
+        cosine and ranking alone; the read is ~60 ms at 46,080 descriptions)."""
+        if self.current(con, score_name):
+            return
+        seen = self._stamp(con, score_name)
         rows = con.execute(
             f"SELECT e.description_id, json_extract(d.scores, ?), d.exemplars_key != u.exemplars_key FROM {TABLE} e"
             " JOIN descriptions d ON d.id = e.description_id JOIN units u ON u.id = d.unit_id"
@@ -223,6 +244,7 @@ class _Matrix:
                 scores[n] = np.nan if sc is None else float(sc)
                 stale[n] = bool(st)
         self.scores, self.stale = scores, stale
+        self._seen = seen
 
 
 _CACHE: dict[tuple[str, str, str], tuple[tuple[int, int], _Matrix]] = {}
@@ -230,6 +252,11 @@ _LOCK = threading.Lock()
 
 
 def _matrix(con: sqlite3.Connection, key_path: str, embedder: Embedder, score_name: str) -> _Matrix:
+    key = (key_path, embedder.name, score_name)
+    with _LOCK:  # nothing committed since this connection's last look: the cached matrix is current
+        hit = _CACHE.get(key)
+        if hit is not None and hit[1].current(con, score_name):
+            return hit[1]
     try:
         stamp = con.execute(f"SELECT count(*), coalesce(max(description_id), 0) FROM {TABLE} WHERE embedder = ?",
                             (embedder.name,)).fetchone()
@@ -238,7 +265,6 @@ def _matrix(con: sqlite3.Connection, key_path: str, embedder: Embedder, score_na
     if stamp[0] == 0:
         raise MechscopeError(f"{key_path} holds no {embedder.name} embeddings; compute them once with "
                              f"mechscope search QUERY --db {key_path} --semantic (it writes them to the database).")
-    key = (key_path, embedder.name, score_name)
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is None or hit[0] != tuple(stamp):
@@ -268,11 +294,13 @@ def semantic_search(store: Any, query: str, embedder: Embedder, layer: int | Non
         keep &= np.nan_to_num(mat.scores, nan=-np.inf) >= min_score
     rank = np.maximum(cos, 0.0) * (1.0 + np.clip(np.nan_to_num(mat.scores, nan=0.0), 0.0, 1.0))
     idx = np.flatnonzero(keep)
-    chosen: dict[int, int] = {}  # unit -> its current description ranked best (a stale one only where it has no current one)
-    for i in idx[np.lexsort((mat.ids[idx], -rank[idx], mat.stale[idx]))]:
-        chosen.setdefault(int(mat.unit_ids[i]), int(i))
+    # Each unit's current description ranked best (a stale one only where it has no current one):
+    # the first row of each unit in this order.
+    order = idx[np.lexsort((mat.ids[idx], -rank[idx], mat.stale[idx]))]
+    _, first = np.unique(mat.unit_ids[order], return_index=True)
+    chosen = order[first]
     hits = []
-    for i in sorted(chosen.values(), key=lambda j: (-rank[j], mat.ids[j])):
+    for i in chosen[np.lexsort((mat.ids[chosen], -rank[chosen]))]:
         ref = mat.units[i]
         d = next((x for x in store.descriptions(ref) if x.id == int(mat.ids[i])), None)
         if d is None:  # deleted since the matrix was loaded
