@@ -77,10 +77,28 @@ def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an
         value = getattr(obj, f.name)
         if value is None and optional:
             continue
+        if f.name not in strings and not isinstance(value, (bool, int, float)):
+            value = _plain_number(value, base)  # numpy's np.int64(8) from a sweep over np.arange
+            if value is not None:
+                object.__setattr__(obj, f.name, value)  # the plain number, so JSON and comparisons see one
+                continue
+            value = getattr(obj, f.name)
         if isinstance(value, bool) or not isinstance(value, kinds):
             kind = "a string" if f.name in strings else integer if base == "int" else "a number"
             raise MechscopeError(f"{what}.{f.name} must be {kind}{' (or None)' if optional else ''}; got "
                                  f"{value!r} ({_article(type(value).__name__)}).")
+
+
+def _plain_number(value: Any, base: str) -> int | float | None:
+    """``value`` as a Python int (an ``int`` field) or float (a ``float`` field) where it is a
+    numpy (or other ``numbers``) integer or real that equals one, else None."""
+    import numbers
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value) if base == "int" else float(int(value))
+    if base == "float" and isinstance(value, numbers.Real):
+        return float(value)
+    return None
 
 
 def _article(noun: str) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 
 Split = Literal["all", "train", "heldout"]
@@ -58,6 +59,9 @@ class Corpus:
     seed: int | None = None
     _hf: Any = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def __len__(self) -> int:
         return len(self.refs)

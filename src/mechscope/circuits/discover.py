@@ -175,7 +175,7 @@ def _stages(checkpoint: str | Path | None, model: Model, cfg: DiscoverConfig, ba
     return Partial(checkpoint, f"discover-s{cfg.seed}", key)
 
 
-def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, progress: ProgressArg = True,
+def discover(model: Model, cfg: DiscoverConfig | None = None, batch: TaskBatch | None = None, progress: ProgressArg = True,
              checkpoint: str | Path | None = None) -> CircuitResult:
     """Run one circuit discovery (see module docstring) and return the result. ``progress``
     (``mechscope.progress``) sees the phases: scoring, cross-validating the size, evaluating,
@@ -193,6 +193,7 @@ def discover(model: Model, cfg: DiscoverConfig, batch: TaskBatch | None = None, 
     from mechscope.models.check import require_float32
 
     require_float32(model, "discover (its edge patching and attribution)")
+    cfg = DiscoverConfig() if cfg is None else cfg  # the CLI's defaults: IOI by EAP-IG
     if not isinstance(cfg, DiscoverConfig):
         raise MechscopeError(f"discover needs a DiscoverConfig, got a {type(cfg).__name__}; pass DiscoverConfig(...) "
                              "(e.g. DiscoverConfig(**settings) for a dict).")

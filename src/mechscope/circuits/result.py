@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, parse_node
@@ -38,6 +39,9 @@ class CircuitResult:
     """Cross-validated faithfulness by size inside the scoring pairs (``circuits.crossval``)."""
     stability: dict[str, Any] | None = None
     """Across-seed stability (``circuits.stability``): per-seed figures, overlaps, edge frequency."""
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def node_scores(self) -> dict[str, float]:
         s = (self.scores.cpu() * self.graph.allowed).sum(1)

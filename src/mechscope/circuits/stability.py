@@ -25,6 +25,7 @@ from mechscope.circuits.config import DiscoverConfig, check_seeds
 from mechscope.circuits.discover import discover
 from mechscope.circuits.result import CircuitResult
 from mechscope.circuits.select import importance
+from mechscope.errors import MechscopeError, check_config
 from mechscope.graph import Graph
 from mechscope.progress import ProgressArg, as_progress
 
@@ -80,13 +81,17 @@ def stability_summary(runs: list[CircuitResult], stable_threshold: float = 0.8, 
     }
 
 
-def discover_seeds(model, cfg: DiscoverConfig, n_seeds: int, progress: ProgressArg = True,
+def discover_seeds(model, cfg: DiscoverConfig | None, n_seeds: int, progress: ProgressArg = True,
                    stable_threshold: float = 0.8, checkpoint: str | Path | None = None) -> CircuitResult:
     """Run ``discover`` for seeds cfg.seed .. cfg.seed + n_seeds - 1; the first run, with
     ``stability`` filled in. Head roles are labelled on the first run only. ``checkpoint``: the
     folder where each draw keeps its finished stages (``discover``'s), so a rerun resumes."""
     from mechscope.tasks import get_task
 
+    check_config(cfg, DiscoverConfig, "discover_seeds")
+    cfg = DiscoverConfig() if cfg is None else cfg
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int):
+        raise MechscopeError(f"discover_seeds: n_seeds is a whole number of draws, not {n_seeds!r}.")
     check_seeds(cfg, n_seeds)
     same_pairs = not get_task(cfg.task).seeded
     p = as_progress(progress)

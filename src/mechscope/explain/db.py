@@ -63,7 +63,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, get_args
 
 from mechscope.errors import MechscopeError
 from mechscope.explain.types import (
@@ -434,7 +434,11 @@ class UnitDB:
         return self._counts
 
     def check_unit(self, unit: UnitRef) -> None:
-        """Raise ``MechscopeError`` when ``unit`` lies outside the stored unit counts (when known)."""
+        """Raise ``MechscopeError`` when ``unit`` is not a ``UnitRef`` or lies outside the stored
+        unit counts (when known)."""
+        if not isinstance(unit, UnitRef):
+            hint = f" (UnitRef.parse({unit!r}) reads a key)" if isinstance(unit, str) else ""
+            raise MechscopeError(f"a unit is a UnitRef such as UnitRef('mlp', 5, 3), not {type(unit).__name__}{hint}.")
         layers = self.unit_counts().get((unit.kind, unit.source))
         if not layers:
             return
@@ -496,6 +500,8 @@ class UnitDB:
             n_tokens=row[7] or 0)
 
     def units(self, kind: UnitKind | None = None, layer: int | None = None, source: str | None = None) -> list[UnitRef]:
+        if kind is not None and kind not in get_args(UnitKind):
+            raise MechscopeError(f"unit kind {kind!r} is not one of {', '.join(get_args(UnitKind))}.")
         where, args = [], []
         for col, val in (("kind", kind), ("layer", layer), ("source", source)):
             if val is not None:

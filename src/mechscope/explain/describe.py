@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.explain.types import Description, Exemplar, UnitRef, UnitStore
 from mechscope.progress import SILENT, PhaseHandle, Progress, ProgressArg, as_progress
 from mechscope.results import json_safe
@@ -160,6 +160,7 @@ def describe(store: UnitStore, units: Sequence[UnitRef], explainer: Any, simulat
     import mechscope
     from mechscope.explain.scoring import score, score_counts, shuffle_partners, simulation_score
 
+    check_config(cfg, DescribeConfig, "describe")
     cfg = cfg or DescribeConfig()
     p = as_progress(progress)
     if cfg.scorers and simulator is None:

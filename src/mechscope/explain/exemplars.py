@@ -79,7 +79,7 @@ import torch
 from mechscope.activations.config import StoreConfig
 from mechscope.activations.corpus import changed_corpus
 from mechscope.activations.store import Harvester, context_sinks, pack_contexts, sink_hooks, special_token_ids
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.explain.config import ExemplarsConfig
 from mechscope.explain.exemplar_merge import (
     INF,
@@ -498,7 +498,7 @@ def _contexts(model: Model, cfg: ExemplarsConfig) -> Iterator[list[int]]:
             return
 
 
-def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: str | Path | None = None,
+def harvest_exemplars(model: Model, cfg: ExemplarsConfig | None, db=None, checkpoint: str | Path | None = None,
                       on_batch: Callable[[int], None] | None = None, progress: ProgressArg = False,
                       source: UnitSource | None = None, contexts: list[list[int]] | None = None,
                       calibration: HarvestState | None = None) -> HarvestState:
@@ -513,6 +513,8 @@ def harvest_exemplars(model: Model, cfg: ExemplarsConfig, db=None, checkpoint: s
     from mechscope.models import require_model
 
     require_model(model, "harvest_exemplars")
+    check_config(cfg, ExemplarsConfig, "harvest_exemplars")
+    cfg = cfg or ExemplarsConfig()
     source = source or unit_source(model, cfg.units)
     layers = cfg.layers if cfg.layers is not None else source.layers
     bad = [layer for layer in layers if layer not in source.layers]

@@ -173,6 +173,18 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     tokens = check_prompt_ids(model, tokens, "attribute")
     if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 0:
         raise MechscopeError(f"max_features must be a whole number of at least 0 (features attributed); got {max_features!r}.")
+    if targets is not None:
+        import numbers
+
+        if isinstance(targets, (str, int)) or not hasattr(targets, "__iter__"):
+            raise MechscopeError(f"targets is a list of token ids, not {type(targets).__name__}; e.g. "
+                                 "[model.tokenizer(' Paris', add_special_tokens=False).input_ids[0]] for one logit.")
+        targets = list(targets)
+        bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise MechscopeError(f"targets holds {bad[0]!r}, not a token id; take ids from model.tokenizer(text, "
+                                 "add_special_tokens=False).input_ids (the CLI's --target takes text).")
+        targets = [int(t) for t in targets]
     if targets and len(set(targets)) < len(targets):  # one logit node per token: graph.json node ids must be unique
         twice = next(t for t in targets if targets.count(t) > 1)
         raise MechscopeError(f"the target token {twice} ({model.tokenizer.decode([twice])!r}) is given twice; give each logit "

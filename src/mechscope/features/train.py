@@ -54,7 +54,7 @@ from torch import Tensor
 from mechscope.activations import ActivationStore, StoreConfig, get_corpus, special_token_ids
 from mechscope.activations.config import SINK_TOKEN, TOKENS_KEY
 from mechscope.activations.corpus import changed_corpus, corpus_digest, same_corpus
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.features.config import TranscoderTrainConfig
 from mechscope.features.transcoder_set import CONFIG, TranscoderSet, check_mlp_input_norm, save_transcoders
 from mechscope.models.hooks import ln_normalized, mlp_out
@@ -399,7 +399,7 @@ def holds_set(path: Path) -> bool:
 
 def train_transcoders(
     model: Any,
-    cfg: TranscoderTrainConfig,
+    cfg: TranscoderTrainConfig | None,
     out: str | Path,
     *,
     resume: bool = False,
@@ -422,6 +422,8 @@ def train_transcoders(
     Refuses (one sentence, nothing written; ``check_start``): layers the model lacks; ``resume``
     without a checkpoint in ``out``; a fresh run into a folder holding a checkpoint or transcoders.
     """
+    check_config(cfg, TranscoderTrainConfig, "train_transcoders")
+    cfg = cfg or TranscoderTrainConfig()
     out = Path(out)
     check_start(model, cfg, out, resume)
     run = _Run(model, cfg, out, model_path, as_progress(progress))

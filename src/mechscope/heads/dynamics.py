@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.graph.names import head_node
 from mechscope.heads.config import DynamicsConfig
 from mechscope.progress import ProgressArg, as_progress
@@ -153,6 +153,19 @@ def _eval_data(run_dir: Path, model: Any, cfg: DynamicsConfig) -> tuple[torch.Te
     return sequences.text_windows(model, docs, cfg.n_eval, length, hint), p, f"text: {name}"
 
 
+_OTHER_SETTINGS = {"binding": "mechscope.icl.binding_dynamics", "icml": "mechscope.icl.meta_dynamics"}
+
+
+def _run_setting(run: Path) -> str | None:
+    """The ``setting`` a train-toy run's ``train.json`` records (None for an induction run or
+    a folder without one)."""
+    try:
+        s = json.loads((run / "train.json").read_text())["settings"].get("setting")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+    return s if isinstance(s, str) else None
+
+
 def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
              progress: ProgressArg = False) -> DynamicsResult:
     """Scores of every checkpoint under ``run_dir`` (see module docstring)."""
@@ -160,8 +173,13 @@ def dynamics(run_dir: str | Path, cfg: DynamicsConfig | None = None,
     from mechscope.heads.weights import head_weights
     from mechscope.models import load_model
 
+    check_config(cfg, DynamicsConfig, "dynamics")
     cfg = cfg or DynamicsConfig()
     run = Path(run_dir)
+    setting = _run_setting(run)
+    if setting in _OTHER_SETTINGS:  # train.json's own field: no import of the icl package here
+        raise MechscopeError(f"{run} is a train-toy --setting {setting} run; read it with {_OTHER_SETTINGS[setting]} "
+                             "(or mechscope dynamics, which picks it), not heads.dynamics.")
     ckpts = find_checkpoints(run)
     rows: list[dict[str, Any]] = []
     kcomps: list[torch.Tensor] = []

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.errors import MechscopeError, check_config, step_or_diverge
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress, transformers_bars_off
@@ -97,8 +97,11 @@ def eval_loss(model, tokens: torch.Tensor, batch: int = 64) -> float:
     return total / count
 
 
-def train_toy(cfg: ToyConfig, out: str | Path, progress: ProgressArg = False) -> Path:
-    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
+def train_toy(cfg: ToyConfig | None, out: str | Path, progress: ProgressArg = False) -> Path:
+    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``.
+    ``cfg=None`` trains with ``ToyConfig()``'s defaults."""
+    check_config(cfg, ToyConfig, "train_toy")
+    cfg = cfg or ToyConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = ToyData(cfg.data)

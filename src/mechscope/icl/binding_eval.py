@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import SETTING, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 from mechscope.progress import ProgressArg, as_progress
@@ -140,6 +140,7 @@ def binding_dynamics(run_dir: str | Path, cfg: BindingEvalConfig | None = None,
     from mechscope.heads.dynamics import find_checkpoints
     from mechscope.models import load_model
 
+    check_config(cfg, BindingEvalConfig, "binding_dynamics")
     cfg = cfg or BindingEvalConfig()
     run = Path(run_dir)
     ckpts = find_checkpoints(run)
@@ -245,6 +246,10 @@ def binding_interchange(model, data: BindingDataConfig, cfg: BindingInterchangeC
     """Interchange-intervention accuracy of every (site, position) on a binding model."""
     from mechscope.patching.interchange import interchange_accuracy
 
+    check_config(cfg, BindingInterchangeConfig, "binding_interchange")
+    if not isinstance(data, BindingDataConfig):
+        raise MechscopeError(f"binding_interchange takes the run's BindingDataConfig as data (BindingConfig(...).data, or "
+                             f"read from a checkpoint's binding.json), got {type(data).__name__}.")
     cfg = cfg or BindingInterchangeConfig()
     if model.summary.d_vocab < len(bd.vocabulary(data)):
         raise MechscopeError("The model's vocabulary is smaller than the binding programs'; pass a checkpoint of "

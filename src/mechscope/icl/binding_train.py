@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mechscope.errors import check_config
 from mechscope.heads.train import (
     check_finite,
     optimiser_step,
@@ -59,8 +60,11 @@ def _eval(model, tokens: torch.Tensor, answers: torch.Tensor) -> tuple[float, fl
     return loss, acc
 
 
-def train_binding(cfg: BindingConfig, out: str | Path, progress: ProgressArg = False) -> Path:
-    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
+def train_binding(cfg: BindingConfig | None, out: str | Path, progress: ProgressArg = False) -> Path:
+    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``.
+    ``cfg=None`` trains with ``BindingConfig()``'s defaults."""
+    check_config(cfg, BindingConfig, "train_binding")
+    cfg = cfg or BindingConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = bd.BindingData(cfg.data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, _article
 
 SWEEPS = ("within", "cross", "aggregation")
 """The knockout sweeps: ``within`` blocks Y_i <- X_i, ``cross`` Y_i <- X_j and Y_j (j < i),
@@ -49,7 +49,12 @@ class FewShotConfig:
 
     def __post_init__(self) -> None:
         self.sweeps = tuple(self.sweeps)
-        if not isinstance(self.task, str) or not self.task.strip():
+        if hasattr(self.task, "__fspath__"):  # a Path: saved settings hold text
+            self.task = str(self.task)
+        if not isinstance(self.task, str):
+            raise MechscopeError(f"--task is a built-in task name or a JSONL file of {{\"x\", \"y\"}} pairs, "
+                                 f"not {_article(type(self.task).__name__)}.")
+        if not self.task.strip():
             raise MechscopeError("--task is empty; pass a built-in task name or a JSONL file of {\"x\", \"y\"} pairs.")
         if self.shots < 1:
             raise MechscopeError(f"--shots {self.shots} is too small: a few-shot prompt needs at least 1 example.")

@@ -231,8 +231,18 @@ def chance_level(tokenizer: Any, task: FewShotTask, prompts: list[FewShotPrompt]
 def fewshot_accuracy(model, prompts: list[FewShotPrompt], max_rows: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """p(target) [n] and whether the target is the top-1 token [n] at each prompt's last
     position. Prompts are batched right-padded (a causal model's positions before the padding
-    are unaffected by it); the pass stops at the final norm's input."""
+    are unaffected by it); the pass stops at the final norm's input. One ``FewShotPrompt`` is
+    read as a list of one."""
     from mechscope.models import plain_attention
+
+    if isinstance(prompts, FewShotPrompt):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, FewShotPrompt) for p in prompts):
+        raise MechscopeError("fewshot_accuracy takes a list of FewShotPrompt (sample_prompts(...) makes them)"
+                             + ("; the list is empty." if not prompts else "; the list holds something else."))
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise MechscopeError(f"fewshot_accuracy: max_rows must be a whole number of at least 1; got {max_rows!r}.")
     from mechscope.models.hooks import FINAL_NORM_IN
     from mechscope.models.unembed import final_norm, project
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError, step_or_diverge
+from mechscope.errors import MechscopeError, check_config, step_or_diverge
 from mechscope.heads.train import check_finite, check_loss, diverged, resume_run, save_state, schedule, write_log
 from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
@@ -64,8 +64,11 @@ def load_checkpoint(folder: str | Path) -> MetaModel:
     return model.eval()
 
 
-def train_meta(cfg: MetaConfig, out: str | Path, progress: ProgressArg = False) -> Path:
-    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``."""
+def train_meta(cfg: MetaConfig | None, out: str | Path, progress: ProgressArg = False) -> Path:
+    """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``.
+    ``cfg=None`` trains with ``MetaConfig()``'s defaults."""
+    check_config(cfg, MetaConfig, "train_meta")
+    cfg = cfg or MetaConfig()
     from safetensors.torch import save_file
 
     out = Path(out)

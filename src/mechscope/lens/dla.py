@@ -33,6 +33,7 @@ import torch
 from mechscope.graph.names import head_node, mlp_node
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
 from mechscope.models.norms import head_shares
+from mechscope.models.tokens import check_position, check_token_id, one_prompt
 from mechscope.models.unembed import final_norm, project, unembed_weights
 
 if TYPE_CHECKING:
@@ -96,11 +97,14 @@ def _component_hooks(L: int) -> set[str]:
 
 @torch.no_grad()
 def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int, distractor_id: int, position: int = -1) -> DLA:
-    """DLA of one prompt, tokens [1, pos], at ``position`` (default the last)."""
+    """DLA of one prompt, tokens [1, pos] (or its list of ids), at ``position`` (default the last)."""
+    tokens = one_prompt(model, tokens, "direct_logit_attribution")
+    target_id = check_token_id(model, target_id, "direct_logit_attribution")
+    distractor_id = check_token_id(model, distractor_id, "direct_logit_attribution", "distractor_id")
     L = model.summary.n_layers
     wanted = _component_hooks(L)
     logits, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=lambda n: n in wanted)
-    p = position % tokens.shape[1]
+    p = check_position(position, tokens.shape[1], "direct_logit_attribution")
     norm = final_norm(model)
     W_U, b_U = unembed_weights(model)
     direction = W_U[:, target_id] - W_U[:, distractor_id]  # [d_model]

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.models.hooks import FINAL_NORM_IN, FINAL_NORM_OUT, resid_mid, resid_post, resid_pre
+from mechscope.models.tokens import check_token_id, one_prompt
 from mechscope.models.unembed import check_matches, final_norm, project
 
 if TYPE_CHECKING:
@@ -61,7 +63,12 @@ class LensTable:
 def logit_lens(model: Model, tokens: torch.Tensor, target_id: int, k: int = 5, tuned=None) -> LensTable:
     """Logit lens of one prompt, tokens [1, pos], for the token ``target_id``. With ``tuned``
     (a ``lens.tuned.TunedLens``), the tuned lens instead: the sites are the translators' hooks
-    (``tuned.hooks``) and each state goes through its layer's translator before the decoding."""
+    (``tuned.hooks``) and each state goes through its layer's translator before the decoding.
+    ``tokens`` may also be the prompt's list of ids (``model.to_tokens``)."""
+    tokens = one_prompt(model, tokens, "logit_lens")
+    target_id = check_token_id(model, target_id, "logit_lens")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= model.summary.d_vocab:
+        raise MechscopeError(f"logit_lens: k is the number of top tokens kept per site, 1..{model.summary.d_vocab}; got {k!r}.")
     L = model.summary.n_layers
     hooks = site_hooks(L) if tuned is None else tuned.hooks
     wanted = set(hooks) | {FINAL_NORM_IN, FINAL_NORM_OUT}

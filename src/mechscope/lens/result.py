@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mechscope.brief import brief_repr
 from mechscope.lens.dla import DLA
 from mechscope.results import read_result_json, write_result_json
 
@@ -34,6 +35,9 @@ class LensResult:
     top_tokens: list[list[list[str]]]  # [site][pos][k] decoded top_ids
     dla: DLA
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def first_top1_site(self, position: int = -1) -> str | None:
         """The first site at which the target is the top token at ``position``."""

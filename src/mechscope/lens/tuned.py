@@ -121,6 +121,10 @@ class TunedLens(torch.nn.Module):
             return layer
         return None if layer == L - 1 else layer + 1
 
+    def extra_repr(self) -> str:  # printed inside TunedLens(...), as torch modules do
+        return (f"model={self.model_info.get('name')!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+                f"reads={self.reads!r}")
+
     def translate(self, h: torch.Tensor, layer: int | None) -> torch.Tensor:
         """``h + A_l h + b_l`` for h [..., d_model] (float32); ``layer`` None: h unchanged."""
         h = h.float()

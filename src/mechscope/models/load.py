@@ -91,6 +91,11 @@ class Model:
     tokenizer: Any
     summary: ModelSummary
 
+    def __repr__(self) -> str:  # not the bridge's module tree (~100 lines a layer)
+        s = self.summary
+        return (f"Model({s.name!r}: {s.architecture}, {s.n_layers} layers, {s.n_heads} heads, d_model {s.d_model}, "
+                f"d_mlp {s.d_mlp}, vocab {s.d_vocab}, {s.device} {s.dtype})")
+
     @property
     def cfg(self) -> ModelSummary:
         return self.summary
@@ -391,8 +396,19 @@ def _quiet_loading():
             gguf_utils.tqdm = bar
 
 
-def _resolve(name: str | None) -> tuple[str, str, str | None, bool]:
+def _article_of(value: object) -> str:
+    noun = type(value).__name__
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _resolve(name: str | os.PathLike[str] | None) -> tuple[str, str, str | None, bool]:
     """Return (display name, path or hub id, gguf file name or None, is_local)."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if name is not None and not isinstance(name, str):
+        hint = "; this one is loaded already, so use it as it is" if hasattr(name, "bridge") else ""
+        raise MechscopeError(f"A model is named by a string or a path (a local folder, a .gguf file, an alias or a hub id), "
+                             f"not {_article_of(name)}{hint}.")
     if name is None or name.lower() in ALIASES:
         path = embedded_gguf_path()
         return EMBEDDED_NAME, str(path.parent), path.name, True
@@ -539,7 +555,7 @@ def _check_language_config(folder: Path, name: str) -> None:
 
 
 def load_model(
-    name: str | None = None,
+    name: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str = torch.float32,
 ) -> Model:
@@ -596,7 +612,7 @@ def load_model(
     return Model(bridge=bridge, tokenizer=tokenizer, summary=summary)
 
 
-def load_tokenizer(name: str | None = None):
+def load_tokenizer(name: str | os.PathLike[str] | None = None):
     """The tokenizer of model ``name`` (as for ``load_model``) alone: no weights are loaded."""
     _, target, gguf, local = _resolve(name)
     kwargs = {"local_files_only": local} | ({"gguf_file": gguf} if gguf else {})

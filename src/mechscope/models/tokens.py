@@ -62,3 +62,75 @@ def unused_id(i: int) -> str:
     unembedding beyond the tokenizer (Pythia: 50,304 rows for 50,277 tokens), and such a row
     decodes to nothing, so it would read as an empty token."""
     return f"<unused id {int(i)}>"
+
+
+def one_prompt(model: Any, tokens: Any, who: str) -> Tensor:
+    """``tokens`` of one prompt as a long tensor [1, pos]: a list of ids (what
+    ``Model.to_tokens`` returns), a 1-D tensor or a [1, pos] tensor. One sentence for anything
+    else: several prompts, no tokens, non-integer values, ids outside the vocabulary, or more
+    tokens than a learned-position model's context."""
+    import torch
+
+    from mechscope.errors import MechscopeError
+    from mechscope.models.load import context_overrun
+
+    if isinstance(tokens, (list, tuple)):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise MechscopeError(f"{who} takes one prompt's token ids (a list of ints or a tensor [1, pos]); the list holds "
+                                 "something else; build it with model.to_tokens(prompt).")
+        tokens = torch.tensor([list(tokens)], dtype=torch.long)
+    if not isinstance(tokens, torch.Tensor):
+        raise MechscopeError(f"{who} takes one prompt's token ids (a list of ints or a tensor [1, pos]), not a "
+                             f"{type(tokens).__name__}; build them with model.to_tokens(prompt).")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise MechscopeError(f"{who} takes integer token ids, not {tokens.dtype}; build them with model.to_tokens(prompt).")
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    if tokens.dim() != 2 or tokens.shape[0] != 1:
+        raise MechscopeError(f"{who} reads one prompt, tokens [1, pos]; got shape {tuple(tokens.shape)}; "
+                             "call it once per prompt.")
+    if tokens.shape[1] == 0:
+        raise MechscopeError(f"{who} got a prompt of no tokens; give at least one.")
+    V = int(model.summary.d_vocab)
+    if (span := ids_outside(tokens, V)) is not None:
+        raise MechscopeError(f"{who}: token ids {span[0]}..{span[1]} lie outside the model's vocabulary 0..{V - 1}; "
+                             "build the tokens with this model's tokenizer.")
+    if (n_ctx := context_overrun(model, tokens.shape[1])) is not None:
+        raise MechscopeError(f"{who}: a prompt of {tokens.shape[1]} tokens is longer than {model.summary.name}'s "
+                             f"context of {n_ctx}; shorten it.")
+    return tokens.long()
+
+
+def check_token_id(model: Any, token_id: Any, who: str, what: str = "target_id") -> int:
+    """``token_id`` as an int within ``model``'s vocabulary, else one sentence (a string there
+    is a token's text: say how to get its id)."""
+    import numbers
+
+    from mechscope.errors import MechscopeError
+
+    V = int(model.summary.d_vocab)
+    if isinstance(token_id, str):
+        raise MechscopeError(f"{who}: {what} is a token id, not text ({token_id!r}); take it from "
+                             f"model.tokenizer({token_id!r}, add_special_tokens=False).input_ids[0], or use the call that "
+                             "takes text (run_lens, recall).")
+    if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+        raise MechscopeError(f"{who}: {what} must be a token id (an int), not {type(token_id).__name__}.")
+    if not 0 <= int(token_id) < V:
+        raise MechscopeError(f"{who}: {what} {int(token_id)} is outside the model's vocabulary 0..{V - 1}.")
+    return int(token_id)
+
+
+def check_position(position: Any, n_tokens: int, who: str, what: str = "position") -> int:
+    """``position`` (negative counts from the end, as in Python) as an index into a prompt of
+    ``n_tokens`` tokens, else one sentence: an index past the prompt must not wrap around."""
+    import numbers
+
+    from mechscope.errors import MechscopeError
+
+    if isinstance(position, bool) or not isinstance(position, numbers.Integral):
+        raise MechscopeError(f"{who}: {what} must be a whole number, not {type(position).__name__}.")
+    p = int(position)
+    if not -n_tokens <= p < n_tokens:
+        raise MechscopeError(f"{who}: {what} {p} is outside the prompt of {n_tokens} tokens "
+                             f"(0..{n_tokens - 1}, or -{n_tokens}..-1 from the end).")
+    return p % n_tokens

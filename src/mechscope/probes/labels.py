@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 from mechscope.models.tokens import token_texts
 from mechscope.probes.config import BUILTIN_LABELS, ProbeConfig
@@ -48,6 +49,9 @@ class LabelSet:
     pos: list[int] = field(default_factory=list)
     label: list[int] = field(default_factory=list)
     word: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def __len__(self) -> int:
         return len(self.seq)

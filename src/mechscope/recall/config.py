@@ -98,3 +98,20 @@ def window_layers(center: int, width: int, n_layers: int) -> range:
     """Layers of a window of ``width`` around ``center``, clipped to the model (ROME's
     convention: [center - width // 2, center + ceil(width / 2)))."""
     return range(max(0, center - width // 2), min(n_layers, center - (-width // 2)))
+
+
+def check_subject_positions(subject_pos: Any, n_tokens: int, who: str) -> list[int]:
+    """``subject_pos`` as sorted distinct token positions inside a prompt of ``n_tokens``
+    tokens, else one sentence (``models.prompt.subject_positions`` finds them from the text)."""
+    import numbers
+
+    if isinstance(subject_pos, (str, bytes)) or not hasattr(subject_pos, "__iter__"):
+        raise MechscopeError(f"{who}: subject_pos is a list of the subject's token positions, not {type(subject_pos).__name__}; "
+                             "mechscope.models.prompt.subject_positions(model, prompt, subject) finds them.")
+    pos = list(subject_pos)
+    if not pos:
+        raise MechscopeError(f"{who}: subject_pos is empty; give the subject's token positions (at least one).")
+    bad = [p for p in pos if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= int(p) < n_tokens]
+    if bad:
+        raise MechscopeError(f"{who}: subject position {bad[0]!r} is not a token position of the prompt (0..{n_tokens - 1}).")
+    return sorted({int(p) for p in pos})

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechscope.recall.config import RecallConfig, window_layers
+from mechscope.errors import check_config
+from mechscope.models.tokens import check_token_id, one_prompt
+from mechscope.recall.config import RecallConfig, check_subject_positions, window_layers
 from mechscope.recall.engine import Row, run_rows
 
 if TYPE_CHECKING:
@@ -78,7 +80,11 @@ def key_groups(n_pos: int, subject_pos: list[int], seed: int = 0) -> dict[str, l
 def attention_knockout(model: Model, tokens: torch.Tensor, subject_pos: list[int], target_id: int,
                        cfg: RecallConfig | None = None) -> Knockout:
     """Knockout curves of one prompt, tokens [1, pos]."""
+    check_config(cfg, RecallConfig, "attention_knockout")
     cfg = cfg or RecallConfig()
+    tokens = one_prompt(model, tokens, "attention_knockout")
+    target_id = check_token_id(model, target_id, "attention_knockout")
+    subject_pos = check_subject_positions(subject_pos, tokens.shape[1], "attention_knockout")
     L = model.summary.n_layers
     _, window = cfg.windows(L)
     groups = key_groups(tokens.shape[1], subject_pos, cfg.seed)

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope.errors import check_config
 from mechscope.models.hooks import EMBED, attn_out, mlp_out, resid_post
-from mechscope.recall.config import RecallConfig, window_layers
+from mechscope.models.tokens import check_token_id, one_prompt
+from mechscope.recall.config import RecallConfig, check_subject_positions, window_layers
 from mechscope.recall.engine import Row, _Stop, clean_states, run_rows
 
 if TYPE_CHECKING:
@@ -128,7 +130,11 @@ def noise_bank(n: int, n_pos: int, d_model: int, std: float, seed: int) -> torch
 def causal_trace(model: Model, tokens: torch.Tensor, subject_pos: list[int], target_id: int, noise_std: float,
                  cfg: RecallConfig | None = None) -> Trace:
     """Causal trace of one prompt, tokens [1, pos]; ``noise_std`` = noise * embedding std."""
+    check_config(cfg, RecallConfig, "causal_trace")
     cfg = cfg or RecallConfig()
+    tokens = one_prompt(model, tokens, "causal_trace")
+    target_id = check_token_id(model, target_id, "causal_trace")
+    subject_pos = check_subject_positions(subject_pos, tokens.shape[1], "causal_trace")
     L, P = model.summary.n_layers, tokens.shape[1]
     window, _ = cfg.windows(L)
     hooks = [KIND_HOOK[k](l) for k in cfg.kinds for l in range(L)]

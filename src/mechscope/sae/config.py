@@ -127,6 +127,20 @@ class DashboardConfig:
     """Corpus spec for ``mechscope.activations.get_corpus`` (documents shuffled with ``seed``)."""
 
     def __post_init__(self) -> None:
+        check_number_fields(self, integer="a whole number", strings=("corpus",))
+        if self.features is not None:  # one index, a range or a numpy array read as a list of ints
+            import numbers
+
+            feats = [self.features] if isinstance(self.features, numbers.Integral) else self.features
+            if isinstance(feats, (str, bytes)) or not hasattr(feats, "__iter__"):
+                raise MechscopeError(f"features is a list of feature indices, not {type(self.features).__name__}.")
+            feats = list(feats)
+            bad = [f for f in feats if isinstance(f, bool) or not isinstance(f, numbers.Integral) or f < 0]
+            if bad:
+                raise MechscopeError(f"features holds {bad[0]!r}, which is not a feature index (a whole number from 0).")
+            if not feats:
+                raise MechscopeError("features is empty; give at least one feature index, or None for the first 100.")
+            self.features = [int(f) for f in feats]
         check_at_least(("--tokens", self.n_tokens))
         check_at_least(("--ctx-len", self.ctx_len), least=2)
         check_at_least(("--batch-size", self.batch_size), ("--top", self.n_top))

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import Tensor
 
-from mechscope.errors import MechscopeError
+from mechscope.brief import brief_repr
+from mechscope.errors import MechscopeError, check_config
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import json_safe, read_result_json, write_result_json
 from mechscope.sae.config import DashboardConfig
@@ -78,6 +79,9 @@ class DashboardResult:
     """(lo, hi) of every histogram bin; bin 0 counts activations <= 0."""
     features: list[FeatureDashboard]
     seconds: float = 0.0
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,6 +184,7 @@ def feature_dashboards(model: Model, sae, cfg: DashboardConfig | None = None, to
                        texts: Iterable[str] | None = None, progress: ProgressArg = False) -> DashboardResult:
     """Dashboards for ``cfg.features`` of ``sae`` on ``model``, from one pass over ``tokens``
     [n_contexts, ctx_len] (or the contexts cut from ``texts``, or from the corpus ``cfg.corpus``)."""
+    check_config(cfg, DashboardConfig, "feature_dashboards")
     cfg = cfg or DashboardConfig()
     t0 = time.perf_counter()
     sc = sae.cfg

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from mechscope.errors import FLOAT32_MAX, MechscopeError
+from mechscope.errors import FLOAT32_MAX, MechscopeError, check_config
 from mechscope.models.hooks import needs_split_attention, resid_pre
 from mechscope.models.load import context_overrun, plain_attention
 from mechscope.results import write_result_json
@@ -255,6 +255,7 @@ def steer_feature(model, sae, prompt: str, feature: int, scale: float | None = N
                   gen: GenerationConfig | None = None) -> SteerResult:
     """Generate with SAE feature ``feature`` added (``scale``) or clamped (``clamp``), beside the
     unsteered text."""
+    check_config(gen, GenerationConfig, "steer_feature")
     gen = gen or GenerationConfig()
     check_feature_mode(scale, clamp)
     c = sae.cfg

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mechscope.activations import ActivationStore, ShardStore, StoreConfig, get_corpus
 from mechscope.activations.corpus import changed_corpus, same_corpus
-from mechscope.errors import MechscopeError, refuse_file_as_folder, step_or_diverge
+from mechscope.errors import MechscopeError, check_config, refuse_file_as_folder, step_or_diverge
 from mechscope.models.check import require_model
 from mechscope.models.hooks import check_hook_name, mlp_out, parse_hook
 from mechscope.progress import ProgressArg, as_progress
@@ -514,7 +514,7 @@ def transcoder_output_hook(hook: str) -> str:
 def sae_trainer(
     model: Model,
     hook: str,
-    cfg: TrainConfig,
+    cfg: TrainConfig | None,
     out: str | Path,
     *,
     hook_out: str | None = None,
@@ -538,6 +538,8 @@ def sae_trainer(
     from mechscope.sae.evaluate import check_context_len
 
     require_model(model, "train_sae")
+    check_config(cfg, TrainConfig, "train_sae")
+    cfg = cfg or TrainConfig()
     if context_len is None and shards is None:
         context_len = default_length(model, StoreConfig.context_len)
     if context_len is not None:
@@ -623,8 +625,8 @@ def check_shards_fit(store: ShardStore, model: Model) -> None:
                                  "harvest again from this model.")
 
 
-def train_sae(model: Any, hook: str, cfg: TrainConfig, out: str | Path, *, resume: bool = False, **kw: Any) -> SAE:
+def train_sae(model: Any, hook: str, cfg: TrainConfig | None, out: str | Path, *, resume: bool = False, **kw: Any) -> SAE:
     """Harvest ``model``'s activations at ``hook`` and train an SAE on them into ``out``
     (``sae_trainer``'s keywords: ``hook_out``, ``corpus``, ``shards``, ``context_len``, ...);
-    returns the trained SAE, saved in SAELens layout."""
+    returns the trained SAE, saved in SAELens layout. ``cfg=None``: ``TrainConfig()``'s defaults."""
     return sae_trainer(model, hook, cfg, out, **kw).run(resume=resume)

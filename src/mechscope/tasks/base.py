@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 from mechscope.models.tokens import continuation, ids_outside
 
@@ -63,6 +64,9 @@ class TaskBatch:
     """One sentence each about kept pairs that may not measure what was meant (a task file's
     answers without a leading space or prompts ending in a space, ``tokenize_pairs``) or about
     fewer pairs than ``n`` asked for (``capped_note``); shown beside the dropped pairs."""
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def __len__(self) -> int:
         return self.clean.shape[0]

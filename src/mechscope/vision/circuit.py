@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 from mechscope.results import write_result_json
 from mechscope.vision.concept import Concept
@@ -168,6 +169,9 @@ class VisionCircuit:
     pool: list[list[list[int]]] = field(default_factory=list)
     """Reference images (size x size, 0-255) the top images point into."""
     tests: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
+        return brief_repr(self)
 
     def unit_set(self) -> set[tuple[str, int]]:
         return {(s, u) for s, us in self.units.items() for u in us}

@@ -8,6 +8,7 @@ class the model predicts most often for them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechscope.errors import MechscopeError, near_matches
+from mechscope.errors import MechscopeError, _article, near_matches
 from mechscope.vision.data import Dataset, build_dataset, check_images
 from mechscope.vision.models import VisionModel
 
@@ -122,8 +123,17 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
     return check_images(torch.from_numpy(imgs.astype(np.float32)), size, f"the images in {path}")
 
 
-def resolve_concept(vm: VisionModel, spec: str, target: str | None = None, ds: Dataset | None = None) -> Concept:
-    """The concept ``spec`` names for model ``vm`` (see the module docstring)."""
+def resolve_concept(vm: VisionModel, spec: str | int | os.PathLike[str], target: str | int | None = None, ds: Dataset | None = None) -> Concept:
+    """The concept ``spec`` names for model ``vm`` (see the module docstring); a class may be
+    given as its index (3 or "3") and a folder as a ``Path``."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = str(spec)
+    elif isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise MechscopeError(f"a concept is a class (e.g. 3), 'mark' or a folder of .npy images, not {_article(type(spec).__name__)}.")
+    if isinstance(target, int):  # a class index (bool is refused by class_index as no class)
+        target = str(target)
     if not spec:
         raise MechscopeError("--concept is empty; give a class (e.g. 3), 'mark' or a folder of .npy images.")
     p = Path(spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from mechscope.errors import MechscopeError, check_at_least, check_lr
+from mechscope.errors import MechscopeError, check_at_least, check_lr, check_number_fields
 
 Dataset = Literal["digits", "shapes"]
 Arch = Literal["cnn", "vit"]
@@ -48,6 +48,7 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_number_fields(self, integer="a whole number")
         if self.dataset not in ("digits", "shapes"):
             raise MechscopeError(f"--data {self.dataset!r} is not a dataset; use digits or shapes.")
         if self.size < 8 or self.size > 64 or self.size % 8:
@@ -117,6 +118,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
+        check_number_fields(self, integer="a whole number")
         if self.arch not in ("cnn", "vit"):
             raise MechscopeError(f"--arch {self.arch!r} is not a model; use cnn or vit.")
         if self.epochs < 1 or self.batch < 1:
@@ -166,6 +168,7 @@ class CircuitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_number_fields(self, integer="a whole number")
         if self.k < 1:
             raise MechscopeError(f"--k {self.k} must be at least 1.")
         if self.ablation not in ("mean", "zero"):

@@ -139,6 +139,11 @@ class VisionModel:
                  path: str = "") -> None:
         self.net, self.cfg, self.classes, self.metrics, self.path = net.eval(), cfg, classes, metrics, path
 
+    def __repr__(self) -> str:
+        acc = self.metrics.get("test_accuracy")
+        return (f"VisionModel({self.cfg.arch} on {self.cfg.data.dataset} {self.size}x{self.size}, {len(self.classes)} classes"
+                + (f", test accuracy {acc:.3f}" if isinstance(acc, float) else "") + (f", {self.path!r}" if self.path else "") + ")")
+
     @property
     def size(self) -> int:
         return self.cfg.data.size

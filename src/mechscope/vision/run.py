@@ -9,11 +9,12 @@ typographic analogue: prune the mark's circuit, measure the attack and clean acc
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, check_config
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.causal import logits_with, random_units, site_means
 from mechscope.vision.circuit import VisionCircuit, check_k, find_circuit
@@ -52,10 +53,13 @@ def circuit_of(vm: VisionModel, concept: Concept, cfg: CircuitConfig, ds: Datase
     return circ
 
 
-def run_circuit(vm: VisionModel, spec: str, cfg: CircuitConfig, target: str | None = None,
+def run_circuit(vm: VisionModel, spec: str | int | os.PathLike[str], cfg: CircuitConfig | None = None, target: str | None = None,
                 progress: ProgressArg = False) -> VisionCircuit:
-    """The circuit of concept ``spec`` (``concept.resolve_concept``) with its causal tests."""
+    """The circuit of concept ``spec`` (``concept.resolve_concept``) with its causal tests
+    (``cfg=None``: ``CircuitConfig()``'s defaults)."""
     require_vision_model(vm, "run_circuit")
+    check_config(cfg, CircuitConfig, "run_circuit")
+    cfg = cfg or CircuitConfig()
     check_k(vm, cfg.k)
     ds = build_dataset(vm.cfg.data)
     return circuit_of(vm, resolve_concept(vm, spec, target, ds), cfg, ds, progress=progress)
@@ -65,10 +69,12 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def run_composition(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = False) -> dict[str, Any]:
+def run_composition(vm: VisionModel, cfg: CircuitConfig | None = None, progress: ProgressArg = False) -> dict[str, Any]:
     """Circuits of every class; Jaccard of the overlay class's units with the union of its two
     parts' units, with every other class's, and with the union of every other pair's."""
     require_vision_model(vm, "run_composition")
+    check_config(cfg, CircuitConfig, "run_composition")
+    cfg = cfg or CircuitConfig()
     pair = vm.cfg.data.overlay
     if pair is None:
         raise MechscopeError("this model was trained without an overlay class; retrain with --overlay A,B.")
@@ -96,12 +102,14 @@ def run_composition(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg =
             "units": {vm.classes[c]: sorted(f"{s}:{u}" for s, u in v) for c, v in sets.items()}}
 
 
-def run_attack(vm: VisionModel, cfg: CircuitConfig, progress: ProgressArg = False) -> tuple[VisionCircuit, dict[str, Any]]:
+def run_attack(vm: VisionModel, cfg: CircuitConfig | None = None, progress: ProgressArg = False) -> tuple[VisionCircuit, dict[str, Any]]:
     """The typographic analogue: the mark's circuit from mark-only images, then the attack
     success (marked images of other classes predicted as the mark's class) and the clean test
     accuracy with no ablation, with the mark's circuit ablated, and with k random units per
     layer ablated (mean over ``random_draws``)."""
     require_vision_model(vm, "run_attack")
+    check_config(cfg, CircuitConfig, "run_attack")
+    cfg = cfg or CircuitConfig()
     if vm.cfg.data.mark_class is None:
         raise MechscopeError("this model was trained without a mark; retrain with --mark-class C to run the attack.")
     check_k(vm, cfg.k)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mechscope.errors import MechscopeError, refuse_file_as_folder
+from mechscope.errors import MechscopeError, check_config, refuse_file_as_folder
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.vision.config import TrainConfig
 from mechscope.vision.data import Dataset, build_dataset, random_shift
@@ -51,9 +51,12 @@ def check_out_folder(out: str | Path) -> None:
                              "train again).")
 
 
-def train_model(cfg: TrainConfig, out: str | Path | None = None, progress: ProgressArg = False) -> VisionModel:
+def train_model(cfg: TrainConfig | None = None, out: str | Path | None = None, progress: ProgressArg = False) -> VisionModel:
     """Train a model on ``cfg.data`` and (with ``out``) save it there; returns it loaded in eval mode.
-    ``progress`` sees one "training" phase of ``cfg.epochs`` epochs with each epoch's mean loss."""
+    ``progress`` sees one "training" phase of ``cfg.epochs`` epochs with each epoch's mean loss.
+    ``cfg=None`` trains ``TrainConfig()``'s default (a CNN on the digits)."""
+    check_config(cfg, TrainConfig, "train_model")
+    cfg = cfg or TrainConfig()
     if out is not None:
         check_out_folder(out)
     t0 = time.perf_counter()

@@ -1,0 +1,264 @@
+"""Session 39's notebook-API sweep: what a researcher types in a notebook (a config of the wrong
+kind, numpy scalars from a sweep, a Path, a list of ids, one prompt instead of a list) works
+or is one sentence, low-level calls never wrap an index around, and results print short."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mechscope.errors import MechscopeError
+
+
+# ------------------------------------------------------------------ configs of the wrong kind
+
+
+def _calls(tiny_gpt2, tmp_path):
+    import mechscope.circuits.stability
+    from mechscope import circuits, features, heads, icl, sae, vision
+    from mechscope.explain.describe import describe
+    from mechscope.explain.exemplars import harvest_exemplars
+
+    out = tmp_path / "out"
+    return {
+        "train_sae": lambda c: sae.train_sae(tiny_gpt2, "blocks.0.hook_resid_post", c, out),
+        "train_transcoders": lambda c: features.train_transcoders(tiny_gpt2, c, out),
+        "feature_dashboards": lambda c: sae.feature_dashboards(tiny_gpt2, None, c),
+        "train_toy": lambda c: heads.train_toy(c, out),
+        "dynamics": lambda c: heads.dynamics(out, c),
+        "train_binding": lambda c: icl.train_binding(c, out),
+        "train_meta": lambda c: icl.train_meta(c, out),
+        "binding_dynamics": lambda c: icl.binding_dynamics(out, c),
+        "train_model": lambda c: vision.train_model(c, out),
+        "discover_seeds": lambda c: circuits.stability.discover_seeds(tiny_gpt2, c, 2),
+        "harvest_exemplars": lambda c: harvest_exemplars(tiny_gpt2, c),
+        "describe": lambda c: describe(None, [], None, None, c),
+    }
+
+
+@pytest.mark.parametrize("who", ["train_sae", "train_transcoders", "feature_dashboards", "train_toy", "dynamics",
+                                 "train_binding", "train_meta", "binding_dynamics", "train_model", "discover_seeds",
+                                 "harvest_exemplars", "describe"])
+@pytest.mark.parametrize("bad", [{"k": 4}, "defaults", 3])
+def test_a_config_of_the_wrong_kind_is_one_sentence(tiny_gpt2, tmp_path, who, bad):
+    with pytest.raises(MechscopeError, match=rf"{who} takes a \w+Config"):
+        _calls(tiny_gpt2, tmp_path)[who](bad)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_another_packages_config_of_the_same_name_is_refused(tiny_gpt2, tmp_path):
+    from mechscope import vision
+    from mechscope.sae import TrainConfig as SAETrain, train_sae
+
+    with pytest.raises(MechscopeError, match="train_sae takes a TrainConfig .*mechscope.sae"):
+        train_sae(tiny_gpt2, "blocks.0.hook_resid_post", vision.TrainConfig(), tmp_path / "o")
+    with pytest.raises(MechscopeError, match="train_model takes a TrainConfig .*mechscope.vision"):
+        vision.train_model(SAETrain(), tmp_path / "o")
+
+
+def test_steer_and_vision_runs_check_their_config(tiny_gpt2):
+    from mechscope.sae import steer_feature
+    from mechscope.vision import run_attack, run_circuit, run_composition
+    from mechscope.vision.config import DataConfig, TrainConfig
+    from mechscope.vision.train import train_model
+
+    with pytest.raises(MechscopeError, match="steer_feature takes a GenerationConfig"):
+        steer_feature(tiny_gpt2, None, "Hi", 0, scale=1.0, gen={"max_new_tokens": 3})
+    vm = train_model(TrainConfig(arch="cnn", epochs=1, width=8, data=DataConfig(dataset="shapes", size=8, per_class=10)))
+    for fn, args in ((run_circuit, (vm, "1")), (run_attack, (vm,)), (run_composition, (vm,))):
+        with pytest.raises(MechscopeError, match=f"{fn.__name__} takes a CircuitConfig"):
+            fn(*args, {"k": 2})
+
+
+# ------------------------------------------------------------------ numbers and paths from a notebook
+
+
+def test_numpy_scalars_are_plain_numbers_in_every_config():
+    from mechscope.circuits import DiscoverConfig
+    from mechscope.heads import HeadsConfig
+    from mechscope.sae import DashboardConfig, TrainConfig
+    from mechscope.vision import CircuitConfig
+
+    c = DiscoverConfig(n=np.int64(40), target=np.float32(0.75))
+    assert type(c.n) is int and c.n == 40 and type(c.target) is float and abs(c.target - 0.75) < 1e-7
+    json.dumps(dataclasses.asdict(c))  # what result files hold: plain JSON numbers
+    assert type(HeadsConfig(n=np.int32(5)).n) is int and type(TrainConfig(k=np.int64(8)).k) is int
+    assert type(CircuitConfig(k=np.int64(3)).k) is int
+    assert DashboardConfig(features=np.arange(3)).features == [0, 1, 2] and DashboardConfig(features=7).features == [7]
+    for bad in (dict(n=np.float64(8.5)), dict(n="8")):
+        with pytest.raises(MechscopeError, match="DiscoverConfig.n must be a whole number"):
+            DiscoverConfig(**bad)
+    with pytest.raises(MechscopeError, match="CircuitConfig.k must be a whole number"):
+        CircuitConfig(k="3")
+    with pytest.raises(MechscopeError, match="not a feature index"):
+        DashboardConfig(features=[1, -2])
+
+
+def test_a_path_names_a_model_and_a_fewshot_task(tiny_gpt2_dir, tmp_path):
+    from mechscope.icl import FewShotConfig
+    from mechscope.models import load_model, load_tokenizer
+
+    m = load_model(Path(tiny_gpt2_dir), device="cpu")
+    assert m.summary.source == str(Path(tiny_gpt2_dir).resolve())
+    assert load_tokenizer(Path(tiny_gpt2_dir))("a b")["input_ids"]
+    with pytest.raises(MechscopeError, match="named by a string or a path.*not a Model; this one is loaded already"):
+        load_model(m)
+    with pytest.raises(MechscopeError, match="not an int"):
+        load_model(3)
+    assert FewShotConfig(task=tmp_path / "pairs.jsonl").task == str(tmp_path / "pairs.jsonl")
+    with pytest.raises(MechscopeError, match="--task is a built-in task name .* not an int"):
+        FewShotConfig(task=3)
+
+
+# ------------------------------------------------------------------ low-level lens and recall calls
+
+
+def test_dla_never_wraps_a_position_past_the_prompt(tiny_gpt2):
+    from mechscope.lens import direct_logit_attribution
+
+    ids = tiny_gpt2.to_tokens("When Mary and John went")
+    P = len(ids)
+    last = direct_logit_attribution(tiny_gpt2, torch.tensor([ids]), 5, 7, position=P - 1)
+    assert direct_logit_attribution(tiny_gpt2, ids, 5, 7).actual == pytest.approx(last.actual)  # a list of ids, -1
+    assert direct_logit_attribution(tiny_gpt2, torch.tensor(ids), 5, 7, position=-P).actual == pytest.approx(
+        direct_logit_attribution(tiny_gpt2, ids, 5, 7, position=0).actual)
+    for pos in (P, P + 3, -P - 1):
+        with pytest.raises(MechscopeError, match=f"position {pos} is outside the prompt of {P} tokens"):
+            direct_logit_attribution(tiny_gpt2, ids, 5, 7, position=pos)
+
+
+def test_logit_lens_takes_one_prompt_and_token_ids(tiny_gpt2):
+    from mechscope.lens import logit_lens
+
+    ids = tiny_gpt2.to_tokens("When Mary and John went")
+    a, b = logit_lens(tiny_gpt2, ids, 5), logit_lens(tiny_gpt2, torch.tensor([ids]), 5)
+    assert torch.equal(a.rank, b.rank) and torch.equal(a.prob, b.prob)
+    two = torch.tensor([ids, ids])
+    for args, needle in (((two, 5), r"one prompt, tokens \[1, pos\]; got shape \(2, "),
+                         ((ids, " went"), "target_id is a token id, not text"),
+                         ((ids, 10_000), "target_id 10000 is outside the model's vocabulary"),
+                         (([1.5, 2.0], 5), "the list holds something else"),
+                         ((torch.tensor([[3, 99_999]]), 5), "outside the model's vocabulary")):
+        with pytest.raises(MechscopeError, match=needle):
+            logit_lens(tiny_gpt2, *args)
+    with pytest.raises(MechscopeError, match="k is the number of top tokens"):
+        logit_lens(tiny_gpt2, ids, 5, k=0)
+
+
+def test_trace_and_knockout_check_the_subject_positions(tiny_gpt2):
+    from mechscope.recall import RecallConfig
+    from mechscope.recall.knockout import attention_knockout
+    from mechscope.recall.tracing import causal_trace
+
+    ids = tiny_gpt2.to_tokens("When Mary and John went to the store")
+    cfg = RecallConfig(samples=2)
+    for fn, extra in ((causal_trace, (0.1,)), (attention_knockout, ())):
+        with pytest.raises(MechscopeError, match=f"{fn.__name__}: subject position 40 is not a token position"):
+            fn(tiny_gpt2, ids, [1, 40], 5, *extra, cfg)
+        with pytest.raises(MechscopeError, match="subject_pos is empty"):
+            fn(tiny_gpt2, ids, [], 5, *extra, cfg)
+        with pytest.raises(MechscopeError, match=f"{fn.__name__} takes a RecallConfig"):
+            fn(tiny_gpt2, ids, [1], 5, *extra, {"samples": 2})
+    k1 = attention_knockout(tiny_gpt2, ids, [2, 1], 5, cfg)  # any order: read as sorted
+    k2 = attention_knockout(tiny_gpt2, torch.tensor([ids]), [1, 2], 5, cfg)
+    assert k1.positions == k2.positions and all(torch.equal(k1.relative_change[g], k2.relative_change[g])
+                                                for g in k1.relative_change)
+
+
+def test_fewshot_accuracy_reads_one_prompt_as_a_list_of_one(tiny_gpt2):
+    from mechscope.icl.fewshot import fewshot_accuracy, load_task, sample_prompts
+
+    prompts = sample_prompts(tiny_gpt2.tokenizer, load_task("uppercase"), 2, 3)
+    p_all, top_all = fewshot_accuracy(tiny_gpt2, prompts)
+    p_one, top_one = fewshot_accuracy(tiny_gpt2, prompts[1])
+    assert p_one.shape == (1,) and torch.allclose(p_one[0], p_all[1], atol=1e-6) and top_one[0] == top_all[1]
+    for bad in ([], ["x ->"]):
+        with pytest.raises(MechscopeError, match="takes a list of FewShotPrompt"):
+            fewshot_accuracy(tiny_gpt2, bad)
+
+
+def test_attribute_targets_are_token_ids(tiny_gpt2, tset_dir):
+    from mechscope.features import attribute, load_transcoders
+
+    tset = load_transcoders(tset_dir)
+    ids = tiny_gpt2.to_tokens("When Mary and John went")
+    for bad, needle in (([" Paris"], "targets holds ' Paris', not a token id"), (5, "targets is a list of token ids")):
+        with pytest.raises(MechscopeError, match=needle):
+            attribute(tiny_gpt2, tset, ids, targets=bad, max_features=4)
+    g = attribute(tiny_gpt2, tset, ids, targets=(np.int64(5),), max_features=4)
+    assert g.logit_tokens.tolist() == [5]  # a numpy id is read as the plain int
+
+
+def test_vision_concepts_by_class_index_or_path(tmp_path):
+    from mechscope.vision import CircuitConfig, run_circuit
+    from mechscope.vision.config import DataConfig, TrainConfig
+    from mechscope.vision.train import train_model
+
+    vm = train_model(TrainConfig(arch="cnn", epochs=1, width=8, data=DataConfig(dataset="shapes", size=8, per_class=10)))
+    cfg = CircuitConfig(k=1, n_concept=8, n_reference=16, random_draws=1, top_images=1)
+    a, b = run_circuit(vm, 1, cfg), run_circuit(vm, "1", cfg)
+    assert a.units == b.units
+    with pytest.raises(MechscopeError, match="a concept is a class .* not a float"):
+        run_circuit(vm, 1.0, cfg)
+    assert "VisionModel(cnn on shapes 8x8" in repr(vm)
+
+
+def test_unit_db_refuses_keys_and_unknown_kinds(tmp_path):
+    from mechscope.explain.db import UnitDB
+
+    db = UnitDB(tmp_path / "u.db", model_id="m")
+    with pytest.raises(MechscopeError, match=r"UnitRef.parse\('mlp/5/3'\) reads a key"):
+        db.exemplars("mlp/5/3")
+    with pytest.raises(MechscopeError, match="unit kind 'neuron' is not one of mlp, sae, transcoder"):
+        db.units("neuron")
+    assert db.units("mlp") == []
+
+
+def test_heads_dynamics_points_a_toy_setting_run_to_its_own_reader(tmp_path):
+    from mechscope.heads import dynamics
+
+    for setting, reader in (("binding", "icl.binding_dynamics"), ("icml", "icl.meta_dynamics")):
+        run = tmp_path / setting
+        run.mkdir()
+        (run / "train.json").write_text(json.dumps({"settings": {"setting": setting}}))
+        with pytest.raises(MechscopeError, match=f"--setting {setting} run; read it with mechscope.{reader}"):
+            dynamics(run)
+
+
+# ------------------------------------------------------------------ how results print
+
+
+def test_results_print_one_short_line(tiny_gpt2):
+    from mechscope.activations import get_corpus
+    from mechscope.lens import run_lens
+    from mechscope.lens.tuned import TunedLens
+    from mechscope.tasks import get_task
+
+    objs = [tiny_gpt2, run_lens(tiny_gpt2, "When Mary and John went"), get_task("induction").build(tiny_gpt2.tokenizer, n=20),
+            get_corpus("embedded"), TunedLens.identity(tiny_gpt2)]
+    for o in objs:
+        text = repr(o)
+        assert len(text) <= 500 and "\n" not in text and text.startswith(type(o).__name__ + "("), text[:200]
+    assert "2 layers, 4 heads, d_model 64" in repr(tiny_gpt2)
+    assert "rank=Tensor[" in repr(objs[1])  # tensors by shape, not by value
+
+
+def test_brief_shortens_what_it_is_given():
+    from mechscope.brief import brief, brief_repr
+
+    @dataclasses.dataclass
+    class R:
+        a: torch.Tensor
+        b: list
+        c: str
+        d: dict
+
+    r = R(torch.zeros(3, 4), list(range(1000)), "x" * 500, {i: i for i in range(50)})
+    text = brief_repr(r)
+    assert text.startswith("R(a=Tensor[3, 4] float32, b=[0, 1, 2, 3, ... (1000 items)], c='xxx") and "(50 keys)" in text
+    assert brief(np.zeros((2, 5), np.float32)) == "ndarray[2, 5] float32" and brief(0.1234567891) == "0.123457"
