@@ -68,6 +68,12 @@ def write_json(path: str | Path, doc: Any, *, indent: int | None = 1, ensure_asc
 def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: int | None = 1,
                       ensure_ascii: bool = True) -> Path:
     """Create ``out_dir`` if needed and write ``doc`` to ``out_dir/filename`` (see ``write_json``)."""
+    out = _result_folder(out_dir)
+    return write_json(out / filename, doc, indent=indent, ensure_ascii=ensure_ascii)
+
+
+def _result_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, created if needed; one sentence where it is a file or cannot be made."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MechscopeError(f"'{out}' is a file; results are saved into a folder, so give a folder's path.")
@@ -75,7 +81,62 @@ def write_result_json(out_dir: str | Path, filename: str, doc: Any, *, indent: i
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MechscopeError(f"Cannot create the folder '{out}' ({exc.strerror or exc}); give a folder you can write to.") from None
-    return write_json(out / filename, doc, indent=indent, ensure_ascii=ensure_ascii)
+    return out
+
+
+def tensors_digest(tensors: dict[str, Any]) -> str:
+    """A 16-hex digest of ``tensors`` (names, dtypes, shapes and bytes): what a result's JSON and
+    its safetensors file both record, so a pair from two saves is told apart (``save_with_json``).
+    Derived from the content, so an equal result writes equal files."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_with_json(out_dir: str | Path, json_name: str, doc: dict[str, Any], tensors_name: str,
+                   tensors: dict[str, Any]) -> Path:
+    """Save a result that is a JSON document and a safetensors file as one: the tensors first
+    (through a temporary file, renamed into place), then the JSON (``write_result_json``), each
+    recording ``tensors_digest``. A run killed between the two leaves new tensors beside the old
+    JSON, which ``check_tensors_match`` refuses instead of mixing two results (session 39:
+    ``evaluate`` read a new run's JSON with an old run's circuit mask)."""
+    from safetensors.torch import save_file
+
+    out = _result_folder(out_dir)
+    digest = tensors_digest(tensors)
+    target = out / tensors_name
+    tmp = temporary_path(target)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"digest": digest})
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return write_result_json(out, json_name, {**doc, "tensors_digest": digest})
+
+
+def check_tensors_match(doc: dict[str, Any], tensors_path: Path, where: str) -> None:
+    """Refuse (one sentence) a safetensors file that records another save's digest than the JSON
+    ``doc`` beside it (``save_with_json``); files written before digests were recorded pass."""
+    want = doc.get("tensors_digest")
+    if not want or not tensors_path.is_file():
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(tensors_path), framework="pt") as f:
+            got = (f.metadata() or {}).get("digest")
+    except Exception:  # noqa: BLE001 - a damaged file: the reader that loads it says so
+        return
+    if got is not None and got != want:
+        raise MechscopeError(f"{where} holds {tensors_path.name} from another save than its JSON (a run was stopped "
+                             "between writing the two, or two runs wrote the folder); run the command again to rewrite it.")
 
 
 def read_result_json(path: str | Path, filename: str, schema_version: int, made_by: str) -> tuple[dict[str, Any], Path]:

@@ -12,7 +12,7 @@ from mechscope.brief import brief_repr
 from mechscope.errors import MechscopeError
 from mechscope.graph import Graph
 from mechscope.graph.names import INPUT, LOGITS, parse_node
-from mechscope.results import library_versions, read_result_json, write_result_json
+from mechscope.results import check_tensors_match, library_versions, read_result_json, save_with_json
 
 SCHEMA_VERSION = 1
 
@@ -95,13 +95,9 @@ class CircuitResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        write_result_json(out, "circuit.json", self.to_dict())
-        save_file({"scores": self.scores.cpu().contiguous(), "circuit": self.circuit.cpu().to(torch.uint8)},
-                  str(out / "scores.safetensors"))
-        return out / "circuit.json"
+        """``circuit.json`` and ``scores.safetensors``, saved as one (``results.save_with_json``)."""
+        return save_with_json(out_dir, "circuit.json", self.to_dict(), "scores.safetensors",
+                              {"scores": self.scores, "circuit": self.circuit.to(torch.uint8)})
 
     @classmethod
     def load(cls, path: str | Path) -> "CircuitResult":
@@ -133,6 +129,7 @@ class CircuitResult:
         if st.is_file():
             from safetensors.torch import load_file
 
+            check_tensors_match(d, st, str(path))
             try:
                 t = load_file(str(st))
             except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)

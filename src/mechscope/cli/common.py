@@ -17,6 +17,7 @@ from typing import Any, Callable
 import typer
 from rich.markup import escape
 
+from mechscope import lock
 from mechscope.errors import MechscopeError, refuse_file_as_folder
 from mechscope.terminal import TerminalConsole, visible
 
@@ -64,6 +65,7 @@ def handles_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        locks_before = lock.held() if _REPLACE_NOTES.get() is None else None  # the outermost command releases its locks
         token = _REPLACE_NOTES.set([]) if _REPLACE_NOTES.get() is None else None  # None: an inner call
         json_token = _JSON_ERRORS.set(kwargs.get("json") is True) if _JSON_ERRORS.get() is None else None
 
@@ -91,6 +93,8 @@ def handles_errors(fn: Callable) -> Callable:
             flush()
             if json_token is not None:
                 _JSON_ERRORS.reset(json_token)
+            if locks_before is not None:
+                lock.release(lock.held() - locks_before)
 
     return wrapper
 
@@ -244,9 +248,11 @@ def check_out_folder(out: Path | None, writes: str | None = None, *, beside: tup
         if out.is_dir():
             raise MechscopeError(f"{option} {out} is a folder; give a file name, e.g. {out / 'out.jsonl'}.")
         _check_creatable(out.parent, option, out)
+        hold_out(out, option)
         return
     refuse_file_as_folder(out, option)
     _check_creatable(out, option, out)
+    hold_out(out, option)
     if writes is None:
         return
     if writes not in ARTEFACT_KINDS:  # a caller's typo must not switch the check off
@@ -353,6 +359,21 @@ def print_pair_notes(dropped: dict[str, int] | None, notes: list[str] | None) ->
         console.print(f"[yellow]note[/]: {escape(note)}", highlight=False, markup=True)
 
 
+def hold_out(path: Path, option: str = "--out") -> None:
+    """Inside a command (``handles_errors``), hold the lock on ``path`` (``mechscope.lock``) until
+    the command ends: a second command writing there at the same time is refused in one sentence.
+    Outside one (a notebook calling a CLI helper) nothing is locked."""
+    if _REPLACE_NOTES.get() is not None:
+        lock.hold(path, option)
+
+
+def hold_shared(path: Path) -> None:
+    """Inside a command, hold a shared lock on ``path`` (a unit database several passes write at
+    once) until the command ends; ``lock.sole_holder`` then tells whether another holds it too."""
+    if _REPLACE_NOTES.get() is not None:
+        lock.try_lock(path, shared=True)
+
+
 def resumable_out(out: Path | None, stem: str) -> Path:
     """``out``, or a fresh folder (``fresh_dir``) named on stderr with how to resume in it: a
     resumable job keeps its finished stages in its output folder, and a rerun without ``--out``
@@ -369,7 +390,8 @@ def fresh_dir(stem: str) -> Path:
     """A new folder name under the current directory: mechscope-STEM-YYYYmmdd-HHMMSS[-i]."""
     base = f"mechscope-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     p, i = Path(base), 1
-    while p.exists():
+    # a name another run took this second (its lock; it may not have made the folder yet) is skipped too
+    while p.exists() or (_REPLACE_NOTES.get() is not None and lock.try_lock(p) is not None):
         p, i = Path(f"{base}-{i}"), i + 1
     return p
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from mechscope import lock
 from mechscope.cli.common import (
     CorpusOpt,
     DeviceOpt,
@@ -26,6 +27,8 @@ from mechscope.cli.common import (
     fail,
     given,
     handles_errors,
+    hold_out,
+    hold_shared,
     load,
     parse_layers,
 )
@@ -223,9 +226,11 @@ def exemplars(
     check_early(settings, context_len, ExemplarsConfig.context_len)
     m = load(model, device)
     cfg = settings(context_len_for(m, context_len, ExemplarsConfig.context_len))
+    ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
+    hold_out(ckpt, "--checkpoint")  # one pass per checkpoint: the same pass twice at once is refused
+    hold_shared(db)  # passes of other layers or settings share the database; the last one out may remove it
     new_db = not db.exists()
     store = UnitDB(db, model_id=m.summary.name, fingerprint=m.fingerprint())  # refuses another model's database before the pass
-    ckpt = checkpoint or Path(f"{db}.exemplars") / settings_key(cfg.to_dict())
     new_ckpt = not ckpt.exists()
     ckpt.mkdir(parents=True, exist_ok=True)  # a file in the way is one sentence now, not after the pass
     if token_range is not None and _held(store, units, cfg.layers):
@@ -245,7 +250,7 @@ def exemplars(
             ckpt.rmdir()
             if checkpoint is None and not any(ckpt.parent.iterdir()):
                 ckpt.parent.rmdir()
-        if new_db and store.is_empty():
+        if new_db and store.is_empty() and lock.sole_holder(db):  # never a database another pass is writing
             store.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{db}{suffix}").unlink(missing_ok=True)

@@ -95,6 +95,8 @@ def recall(
             err_console.print(f"note: {note}", highlight=False, markup=False)
     else:
         res = run_recall(m, prompt, subject, target, cfg, tuned=lens_t)
+        if res.extras.get("attention_knockout_skipped"):
+            err_console.print(f"note: {res.extras['attention_knockout_skipped']}", highlight=False, markup=False)
         out_dir = Path(out or fresh_dir("recall"))
     res.save(out_dir)
     d = res.to_dict()

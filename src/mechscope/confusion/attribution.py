@@ -43,7 +43,7 @@ from mechscope.models.hooks import (
     resid_mid,
     resid_pre,
 )
-from mechscope.models.norms import HeadShares, norm_module
+from mechscope.models.norms import HeadShares, norm_module, residual_multiplier
 from mechscope.models.unembed import final_norm, project, unembed_weights
 from mechscope.partial import Partial
 from mechscope.progress import ProgressArg, as_progress
@@ -127,7 +127,7 @@ def neuron_gains(model: Model, prefixes: list[Prefix], layers: list[int],
     if b_U is not None:
         const = const + b_U
     states = [_states(model, p, [layers[j] for j in todo]) for p in prefixes]
-    W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
+    W_outs = model.bridge.W_out.detach().float() * residual_multiplier(model)  # [n_layers, d_mlp, d_model], read once
     ones = torch.ones(1, device=W_U.device)
     for j in todo:
         l = layers[j]
@@ -204,7 +204,7 @@ def logit_decomposition(model: Model, prefix: Prefix) -> LogitDecomposition:
     neurons = torch.zeros(L, model.summary.d_mlp)
     attention = torch.zeros(L)
     bias = torch.zeros(L)
-    W_outs = model.bridge.W_out.detach().float()  # [n_layers, d_mlp, d_model], read once
+    W_outs = model.bridge.W_out.detach().float() * residual_multiplier(model)  # [n_layers, d_mlp, d_model], read once
     for l in range(L):
         act = cache[mlp_post(l)][0, -1].float()  # [d_mlp]
         o = cache[mlp_norm_in(l)][0, -1] if shares[l] is not None else None

@@ -27,7 +27,7 @@ import torch
 
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import mlp_post, parse_hook
-from mechscope.models.norms import norm_matrix, norm_module
+from mechscope.models.norms import norm_matrix, norm_module, residual_multiplier
 from mechscope.models.unembed import final_norm, unembed_weights
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class MlpNeurons(UnitSource):
         """Rows of W_out [d_mlp, d_model]; where a norm follows the MLP (Gemma 2/3, OLMo-2:
         ``ln2_post``) its linear part is folded in (``models.norms``; its per-token scale only
         rescales), since that norm's output, not W_out's, is what the block adds."""
-        W = self.model.bridge.W_out[layer].detach().float()
+        W = self.model.bridge.W_out[layer].detach().float() * residual_multiplier(self.model)  # Granite: 1 elsewhere
         post = getattr(self.model.bridge.blocks[layer], "ln2_post", None)
         if post is None:
             return W

@@ -189,6 +189,9 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
         twice = next(t for t in targets if targets.count(t) > 1)
         raise MechscopeError(f"the target token {twice} ({model.tokenizer.decode([twice])!r}) is given twice; give each logit "
                              "target once.")
+    from mechscope.models.check import require_attention_edits
+
+    require_attention_edits(model, "attribute (its replacement model freezes the attention patterns)")
     run = capture(model, tset, tokens)
     L, P = run.n_layers, run.n_pos
     V = run.logits.shape[-1]

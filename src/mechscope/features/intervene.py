@@ -112,6 +112,10 @@ def intervene(model, tset: TranscoderSet, tokens: Tensor | list[int], clamps: li
     [V] (the replacement model's, equal to the model's before), ``"frozen"`` (bool) and, with
     ``generate`` > 0, ``"base_text"``/``"changed_text"`` greedy continuations, ``"generated_tokens"``
     their length and, where the model's context limit cut them short, ``"generate_note"``."""
+    if frozen:
+        from mechscope.models.check import require_attention_edits
+
+        require_attention_edits(model, "intervene --frozen (the frozen replacement model holds its attention patterns)")
     run = capture(model, tset, tokens)
     check_clamps(tset, run.n_pos, clamps)
     base = run.logits[-1]

@@ -261,10 +261,14 @@ def _run_notes(steps: list[int], log: dict[str, Any]) -> dict[str, Any]:
                      "(it needs at least 2).")
     planned = (log.get("settings") or {}).get("steps") if isinstance(log, dict) else None
     reached = max(steps, default=0)
-    if isinstance(planned, int) and log.get("done") is not True and reached < planned:  # the last step is always checkpointed
+    if isinstance(planned, int) and reached < planned:  # the last step is always checkpointed
         out.update(unfinished=True, steps_reached=reached, steps_planned=planned)
-        notes.append(f"the run is unfinished: checkpoints reach step {reached} of {planned} planned, so the verdicts cover "
-                     "only that far; rerun train-toy with the same settings and --out to finish it.")
+        if log.get("done") is True:  # it finished while its checkpoints were being read (dynamics beside a live run)
+            notes.append(f"the run was still training when its checkpoints were listed: they reach step {reached} of "
+                         f"{planned}, so the verdicts cover only that far; run dynamics again now that it has finished.")
+        else:
+            notes.append(f"the run is unfinished: checkpoints reach step {reached} of {planned} planned, so the verdicts cover "
+                         "only that far; rerun train-toy with the same settings and --out to finish it.")
     else:
         out["unfinished"] = False
     out["note"] = " ".join(notes)

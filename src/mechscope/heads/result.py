@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mechscope.graph.names import head_node
-from mechscope.results import library_versions, read_result_json, write_result_json
+from mechscope.results import check_tensors_match, library_versions, read_result_json, save_with_json
 
 SCHEMA_VERSION = 1
 
@@ -84,26 +84,23 @@ class HeadsResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        write_result_json(out, "heads.json", self.to_dict())
-        tensors = {f"score.{k}": v.contiguous() for k, v in self.scores.items()}
-        tensors |= {f"composition.{k}": v.contiguous() for k, v in self.composition.items()}
-        tensors["example_patterns"] = self.example_patterns.contiguous()
-        save_file(tensors, str(out / "heads.safetensors"))
-        return out / "heads.json"
+        """``heads.json`` and ``heads.safetensors``, saved as one (``results.save_with_json``)."""
+        tensors = {f"score.{k}": v for k, v in self.scores.items()}
+        tensors |= {f"composition.{k}": v for k, v in self.composition.items()}
+        tensors["example_patterns"] = self.example_patterns
+        return save_with_json(out_dir, "heads.json", self.to_dict(), "heads.safetensors", tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadsResult":
         d, p = read_result_json(path, "heads.json", SCHEMA_VERSION, "mechscope heads")
         from safetensors.torch import load_file
 
+        check_tensors_match(d, p.parent / "heads.safetensors", str(path))
         t = load_file(str(p.parent / "heads.safetensors"))
         scores = {k[6:]: v for k, v in t.items() if k.startswith("score.")}
         comp = {k[12:]: v for k, v in t.items() if k.startswith("composition.")}
         known = {"schema_version", "model", "settings", "versions", "text_source", "score_definitions", "scores",
-                 "top_heads", "top_composition_pairs", "icl", "ablation", "example_tokens"}
+                 "top_heads", "top_composition_pairs", "icl", "ablation", "example_tokens", "tensors_digest"}
         return cls(model=d["model"], settings=d["settings"], scores=scores, composition=comp, icl=d["icl"],
                    ablation=d["ablation"], example_tokens=d["example_tokens"],
                    example_patterns=t["example_patterns"], text_source=d.get("text_source", ""),

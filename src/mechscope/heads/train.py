@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -97,6 +98,24 @@ def eval_loss(model, tokens: torch.Tensor, batch: int = 64) -> float:
     return total / count
 
 
+def save_checkpoint_dir(d: Path, model: Any, tok: Any, extra: dict[str, str] | None = None) -> Path:
+    """Save ``model`` and ``tok`` (and ``extra`` text files) as the checkpoint folder ``d``, all at
+    once: into a hidden temporary folder beside it, renamed into place when complete (a run
+    killed mid-save left a ``ckpt_*`` without its tokenizer, which ``dynamics`` then blamed on a
+    missing ``save_pretrained``; session 39). A leftover temporary folder is removed first."""
+    tmp = d.with_name(f".{d.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with transformers_bars_off():
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    if d.exists():  # a resumed run saving the step it stopped at again
+        shutil.rmtree(d)
+    os.replace(tmp, d)
+    return d
+
+
 def train_toy(cfg: ToyConfig | None, out: str | Path, progress: ProgressArg = False) -> Path:
     """Train, saving checkpoints into ``out``; returns ``out``. Resumes from ``out/last``.
     ``cfg=None`` trains with ``ToyConfig()``'s defaults."""
@@ -121,10 +140,7 @@ def train_toy(cfg: ToyConfig | None, out: str | Path, progress: ProgressArg = Fa
 
     def checkpoint(step: int) -> None:
         check_finite(model, step)
-        d = out / f"ckpt_{step:06d}"
-        with transformers_bars_off():
-            model.save_pretrained(d, safe_serialization=True)
-            tok.save_pretrained(d)
+        d = save_checkpoint_dir(out / f"ckpt_{step:06d}", model, tok)
         model.eval()
         ev = eval_loss(model, eval_tokens)
         model.train()

@@ -22,13 +22,14 @@ from mechscope.heads.train import (
     check_finite,
     optimiser_step,
     resume_run,
+    save_checkpoint_dir,
     save_state,
     schedule,
     write_log,
 )
 from mechscope.icl import binding_data as bd
 from mechscope.icl.binding_config import BindingConfig
-from mechscope.progress import ProgressArg, as_progress, transformers_bars_off
+from mechscope.progress import ProgressArg, as_progress
 
 DATA_FILE = "binding.json"
 
@@ -88,11 +89,8 @@ def train_binding(cfg: BindingConfig | None, out: str | Path, progress: Progress
 
     def checkpoint(step: int) -> None:
         check_finite(model, step)
-        d = out / f"ckpt_{step:06d}"
-        with transformers_bars_off():
-            model.save_pretrained(d, safe_serialization=True)
-            tok.save_pretrained(d)
-        (d / DATA_FILE).write_text(json.dumps({"setting": cfg.setting, "data": cfg.to_dict()["data"]}))
+        d = save_checkpoint_dir(out / f"ckpt_{step:06d}", model, tok,
+                                {DATA_FILE: json.dumps({"setting": cfg.setting, "data": cfg.to_dict()["data"]})})
         model.eval()
         loss, acc = _eval(model, eval_tokens, eval_answers)
         model.train()

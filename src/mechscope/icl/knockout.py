@@ -115,10 +115,12 @@ def block_edges(model, ids: list[int] | torch.Tensor, target_id: int, rows: list
                 max_rows: int = 64) -> torch.Tensor:
     """p(target) at the last position [len(rows)] of one prompt ``ids`` [pos], each row with its
     own blocked edges {layer: [(query, key), ...]} (an empty row is the clean run)."""
+    from mechscope.models.check import require_attention_edits
     from mechscope.models.hooks import attn_scores
     from mechscope.models.unembed import final_norm
     from mechscope.recall.engine import last_logits
 
+    require_attention_edits(model, "block_edges (the position-group knockout)")
     tokens = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
     n_layers = model.summary.n_layers
     bad = [lay for row in rows for lay in row if not 0 <= lay < n_layers]

@@ -82,6 +82,10 @@ def fewshot_knockout(model, cfg: FewShotConfig | None = None, *, checkpoint: str
     cfg = cfg or FewShotConfig()
     t0 = time.time()
     cfg.window_size(model.summary.n_layers)  # refuses a window wider than the model before any work
+    if cfg.knockout:
+        from mechscope.models.check import require_attention_edits
+
+        require_attention_edits(model, "icl's position-group knockout (--accuracy-only runs without it)")
     task = check_task(cfg.task, cfg.shots, cfg.ambiguous)
     prompts = sample_prompts(model.tokenizer, task, cfg.shots, cfg.n, cfg.seed, cfg.ambiguous)
     longest = max(len(p.ids) for p in prompts)

@@ -32,7 +32,7 @@ import torch
 
 from mechscope.graph.names import head_node, mlp_node
 from mechscope.models.hooks import EMBED, FINAL_NORM_IN, POS_EMBED, attn_z, mlp_out, resid_pre
-from mechscope.models.norms import head_shares
+from mechscope.models.norms import head_shares, residual_multiplier
 from mechscope.models.tokens import check_position, check_token_id, one_prompt
 from mechscope.models.unembed import final_norm, project, unembed_weights
 
@@ -125,6 +125,7 @@ def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int,
     heads = torch.zeros(L, model.summary.n_heads)
     mlps = torch.zeros(L)
     shares = head_shares(model)
+    mult = residual_multiplier(model)  # Granite scales what attention writes; hook_mlp_out already holds it
     bias_total = 0.0
     for l in range(L):
         attn = model.bridge.blocks[l].attn
@@ -133,10 +134,10 @@ def direct_logit_attribution(model: Model, tokens: torch.Tensor, target_id: int,
         share = shares[l]
         if share is not None:  # a norm after the attention: each head's share of its output
             out = share(out)
-        heads[l] = contrib(out).cpu()
+        heads[l] = contrib(out * mult).cpu()
         b_O = getattr(attn, "b_O", None)
         if b_O is not None:
-            bias_total += float(contrib(b_O.detach().float()))
+            bias_total += float(contrib(b_O.detach().float() * mult))
         mlps[l] = float(contrib(cache[mlp_out(l)][0, p]))
     if bias_total:
         other["attn_biases"] = bias_total

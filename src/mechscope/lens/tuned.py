@@ -48,7 +48,6 @@ import torch
 from mechscope.errors import MechscopeError
 from mechscope.models.hooks import FINAL_NORM_IN, parse_hook, resid_post, resid_pre
 from mechscope.models.unembed import FinalNorm, final_norm, project
-from mechscope.results import write_result_json
 
 if TYPE_CHECKING:
     from mechscope.models import Model
@@ -176,20 +175,19 @@ class TunedLens(torch.nn.Module):
                 **{k: v for k, v in self.info.items() if k != "path"}}
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``tuned_lens.json`` + ``tuned_lens.safetensors`` into ``out_dir``."""
-        from safetensors.torch import save_file
+        """Write ``tuned_lens.json`` + ``tuned_lens.safetensors`` into ``out_dir``, as one
+        (``results.save_with_json``: a run killed between them is refused on load)."""
+        from mechscope.results import save_with_json
 
         out = Path(out_dir)
         if not self.is_finite():
             raise MechscopeError(f"these translators hold NaN or inf values, so nothing was saved to {out}; train them again "
                                  "with a lower --lr.")
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for l in range(self.n_layers):
             tensors[f"layers.{l}.weight"] = self.weight[l].detach().float().cpu().contiguous()
             tensors[f"layers.{l}.bias"] = self.bias[l].detach().float().cpu().contiguous()
-        save_file(tensors, str(out / WEIGHTS_FILE))
-        write_result_json(out, JSON_FILE, self.to_dict())
+        save_with_json(out, JSON_FILE, self.to_dict(), WEIGHTS_FILE, tensors)
         return out
 
     @classmethod
@@ -212,6 +210,9 @@ class TunedLens(torch.nn.Module):
         d, where = read_result_json(p, JSON_FILE, SCHEMA_VERSION, "mechscope tuned-lens train")
         mi: dict[str, Any] = d["model"] if isinstance(d.get("model"), dict) else {}
         L, D = _count(mi, "n_layers", where), _count(mi, "d_model", where)
+        from mechscope.results import check_tensors_match
+
+        check_tensors_match(d, p / WEIGHTS_FILE, str(path))
         t = _read_safetensors(p / WEIGHTS_FILE)
         weight, bias = _stack(t, L, D, "layers.", p / WEIGHTS_FILE)
         info = {k: v for k, v in d.items() if k not in ("schema_version", "kind", "model", "reads", "hooks", "translator")}

@@ -144,3 +144,14 @@ def head_norm_modules(model: Any, l: int) -> tuple[Any, Any]:
         mod = getattr(attn, name, None)
         out.append(getattr(mod, "original_component", mod))
     return out[0], out[1]
+
+
+def residual_multiplier(model: Any) -> float:
+    """The factor a block applies to what its attention and its MLP write before adding it to
+    the residual stream (Granite's ``residual_multiplier``; 1 elsewhere). The bridge's
+    ``hook_attn_out`` and ``hook_mlp_out`` include it; a head's ``z @ W_O`` and a neuron's row of
+    ``W_out`` do not, so readers of those multiply by it (session 39: Granite's head DLA was
+    1/multiplier too large)."""
+    cfg = getattr(getattr(getattr(model, "bridge", None), "original_model", None), "config", None)
+    m = getattr(cfg, "residual_multiplier", None)
+    return float(m) if isinstance(m, (int, float)) and not isinstance(m, bool) else 1.0

@@ -99,6 +99,11 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     check_config(cfg, RecallConfig, "recall_dataset")
     cfg = cfg or dataset_config()
     parts = parts or PARTS
+    from mechscope.recall.run import knockout_unavailable
+
+    skipped = knockout_unavailable(model, parts)
+    if skipped:
+        parts = tuple(p for p in parts if p != "knockout")
     tuned = as_tuned_lens(tuned, model, "recall_dataset")  # a folder is loaded once, not once per fact
     t0 = time.time()
     facts = facts if facts is not None else load_facts()
@@ -133,7 +138,7 @@ def recall_dataset(model: Model, n: int = DATASET_N, cfg: RecallConfig | None = 
     bar.close()
     agg = aggregate(results, model.summary.n_layers)
     return RecallDatasetResult(model=model.summary.to_dict(), settings=settings, n_facts=len(facts), n_known=len(known),
-                               facts=results, aggregate=agg, seconds=time.time() - t0, checkpoint_notes=_notes(done, read, len(chosen)))
+                               facts=results, aggregate=agg, seconds=time.time() - t0, checkpoint_notes=_notes(done, read, len(chosen)) + ([skipped] if skipped else []))
 
 
 def _notes(done: Partial, read: int, n: int) -> list[str]:

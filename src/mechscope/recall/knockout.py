@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechscope.errors import check_config
+from mechscope.models.check import require_attention_edits
 from mechscope.models.tokens import check_token_id, one_prompt
 from mechscope.recall.config import RecallConfig, check_subject_positions, window_layers
 from mechscope.recall.engine import Row, run_rows
@@ -81,6 +82,7 @@ def attention_knockout(model: Model, tokens: torch.Tensor, subject_pos: list[int
                        cfg: RecallConfig | None = None) -> Knockout:
     """Knockout curves of one prompt, tokens [1, pos]."""
     check_config(cfg, RecallConfig, "attention_knockout")
+    require_attention_edits(model, "attention_knockout")
     cfg = cfg or RecallConfig()
     tokens = one_prompt(model, tokens, "attention_knockout")
     target_id = check_token_id(model, target_id, "attention_knockout")

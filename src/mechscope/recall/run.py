@@ -57,6 +57,20 @@ def check_noise_std(noise_std) -> None:
         raise MechscopeError(f"noise_std must be a finite number >= 0 (or None for the default); got {noise_std}.")
 
 
+def knockout_unavailable(model: Model, parts: tuple[str, ...]) -> str:
+    """Why attention knockout cannot run on ``model`` ('' where it can, or is not asked for):
+    its bridge discards attention edits (``models.check.attention_edits_reach_output``). Asked
+    for alone (``parts`` other than every part), it is refused instead."""
+    from mechscope.models.check import attention_edits_reach_output, require_attention_edits
+
+    if "knockout" not in parts or attention_edits_reach_output(model):
+        return ""
+    if tuple(parts) != tuple(PARTS):
+        require_attention_edits(model, "recall's attention knockout")
+    return (f"attention knockout was left out: TransformerLens's bridge for {model.summary.architecture} fires the "
+            "attention-score hooks after the attention has used them, so blocking edges would change nothing.")
+
+
 def recall(model: Model, prompt: str, subject: str, target: str | None = None, cfg: RecallConfig | None = None,
            parts: tuple[str, ...] = PARTS, noise_std: float | None = None, related=None, control=None,
            control_subject: str | None = None, tuned=None) -> RecallResult:
@@ -79,6 +93,9 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
     check_config(cfg, RecallConfig, "recall")
     cfg = cfg or RecallConfig()
     parts = check_parts(parts)
+    skipped = knockout_unavailable(model, parts)
+    if skipped:  # every part by default: the others run, and the result says why this one did not
+        parts = tuple(p for p in parts if p != "knockout")
     check_noise_std(noise_std)
     tokens = encode_prompt(model, prompt)
     spos = subject_positions(model, prompt, subject)
@@ -93,6 +110,8 @@ def recall(model: Model, prompt: str, subject: str, target: str | None = None, c
     res = RecallResult(model=model.summary.to_dict(), settings=cfg.to_dict(), prompt=prompt, subject=subject,
                        tokens=model.to_str_tokens(tokens[0]), subject_pos=spos, target=token_texts(model.tokenizer, [tid])[0],
                        target_id=tid)
+    if skipped:
+        res.extras["attention_knockout_skipped"] = skipped
     if "trace" in parts:
         res.trace = causal_trace(model, tokens, spos, tid, facts_noise_std(model, cfg) if noise_std is None else float(noise_std), cfg)
     if "knockout" in parts:
