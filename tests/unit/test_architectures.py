@@ -476,3 +476,51 @@ def test_a_layout_the_bridge_misreads_is_one_sentence(tmp_path):
     _tiny_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(MechscopeError, match="FalconForCausalLM"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_attention_edits_that_the_bridge_discards_are_refused_not_reported_as_zero(arch_dirs, tiny_gpt2):
+    """OPT, GPT-J and GPT-Neo: the bridge fires the score and pattern hooks after the attention
+    used them, so knockout reported exactly 0 and frozen patterns did not hold (session 39).
+    recall leaves its knockout out with a note; the knockout alone, icl's sweep and attribution
+    graphs are refused. GPT-2 and Llama-style models edit as before."""
+    from mechscope.icl.knockout import block_edges
+    from mechscope.models.check import attention_edits_reach_output
+    from mechscope.recall import RecallConfig, recall
+    from mechscope.recall.knockout import attention_knockout
+
+    assert attention_edits_reach_output(tiny_gpt2)
+    assert attention_edits_reach_output(load_model(arch_dirs["qwen2"], device="cpu"))
+    for name in ("opt", "gptj", "gptneo"):
+        m = load_model(arch_dirs[name], device="cpu")
+        assert not attention_edits_reach_output(m), name
+        ids = m.tokenizer("When Mary and John went to the store")["input_ids"]
+        with pytest.raises(MechscopeError, match="attention_knockout edits attention scores or patterns.*change nothing"):
+            attention_knockout(m, ids, [1, 2], 5, RecallConfig(samples=2))
+        with pytest.raises(MechscopeError, match="block_edges .* change nothing"):
+            block_edges(m, ids, 5, [{}])
+        res = recall(m, "When Mary and John went to the", "Mary and John", cfg=RecallConfig(samples=2))
+        assert res.knockout is None and "attention knockout was left out" in res.extras["attention_knockout_skipped"]
+        assert res.trace is not None  # the other parts still run
+        with pytest.raises(MechscopeError, match="recall's attention knockout edits"):
+            recall(m, "When Mary and John went to the", "Mary and John", cfg=RecallConfig(samples=2), parts=("knockout",))
+
+
+def test_granite_heads_are_scaled_by_the_residual_multiplier(arch_dirs):
+    """Granite adds residual_multiplier x what attention writes; a head's z @ W_O does not hold
+    it, so DLA's heads were 1/multiplier too large and did not add up (session 39)."""
+    from mechscope.explain.units import MlpNeurons
+    from mechscope.lens import direct_logit_attribution
+    from mechscope.models.hooks import mlp_out, mlp_post
+    from mechscope.models.norms import residual_multiplier
+
+    m = load_model(arch_dirs["granite"], device="cpu")
+    assert residual_multiplier(m) == 0.5
+    ids = m.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
+    d = direct_logit_attribution(m, ids, 5, 9)
+    assert d.exact and abs(d.total - d.actual) < 1e-4 * max(1.0, abs(d.actual))
+    # a neuron's direction times its activation is what the block adds: summed, the MLP's output
+    _, cache = m.bridge.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n in (mlp_post(1), mlp_out(1)))
+    dirs = MlpNeurons(m).directions(1)
+    b = getattr(m.bridge.blocks[1].mlp, "b_out", None)
+    got = cache[mlp_post(1)][0] @ dirs + (0 if b is None else b.detach() * 0.5)
+    assert torch.allclose(got, cache[mlp_out(1)][0], atol=1e-4)

@@ -79,8 +79,8 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         raise MechscopeError(f"No folder at '{run_dir}'; pass the --out folder of `mechscope train-toy`.")
     found: list[tuple[int, Path]] = []
-    for d in sorted(root.iterdir()):
-        if d.is_dir() and (d / "config.json").is_file() and any(d.glob("*.safetensors")):
+    for d in sorted(root.iterdir()):  # a hidden folder is a checkpoint being written (``save_checkpoint_dir``)
+        if d.is_dir() and not d.name.startswith(".") and (d / "config.json").is_file() and any(d.glob("*.safetensors")):
             m = _STEP.search(d.name)
             found.append((int(m.group(1)) if m else len(found), d))
     if not found:
