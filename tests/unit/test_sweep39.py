@@ -14,12 +14,10 @@ import torch
 
 from mechscope.errors import MechscopeError
 
-
 # ------------------------------------------------------------------ configs of the wrong kind
 
 
 def _calls(tiny_gpt2, tmp_path):
-    import mechscope.circuits.stability
     from mechscope import circuits, features, heads, icl, sae, vision
     from mechscope.explain.describe import describe
     from mechscope.explain.exemplars import harvest_exemplars
@@ -53,7 +51,8 @@ def test_a_config_of_the_wrong_kind_is_one_sentence(tiny_gpt2, tmp_path, who, ba
 
 def test_another_packages_config_of_the_same_name_is_refused(tiny_gpt2, tmp_path):
     from mechscope import vision
-    from mechscope.sae import TrainConfig as SAETrain, train_sae
+    from mechscope.sae import TrainConfig as SAETrain
+    from mechscope.sae import train_sae
 
     with pytest.raises(MechscopeError, match="train_sae takes a TrainConfig .*mechscope.sae"):
         train_sae(tiny_gpt2, "blocks.0.hook_resid_post", vision.TrainConfig(), tmp_path / "o")
