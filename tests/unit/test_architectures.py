@@ -14,6 +14,7 @@ from mechscope.errors import MechscopeError
 from mechscope.graph import build_graph
 from mechscope.graph.graph import block_layout
 from mechscope.models import load_model
+from tests.helpers.cli_inprocess import run_cli
 
 COMMON = dict(vocab_size=512, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
@@ -524,3 +525,105 @@ def test_granite_heads_are_scaled_by_the_residual_multiplier(arch_dirs):
     b = getattr(m.bridge.blocks[1].mlp, "b_out", None)
     got = cache[mlp_post(1)][0] @ dirs + (0 if b is None else b.detach() * 0.5)
     assert torch.allclose(got, cache[mlp_out(1)][0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["neox", "phi", "gemma2", "cohere", "opt", "granite", "gptj", "gptneo", "olmo2", "persimmon"])
+def test_zeroing_a_neurons_weights_equals_zeroing_its_activation(arch_dirs, name):
+    """confusion's edits found the output projection by two names (Llama's ``down_proj``,
+    GPT-2's ``c_proj``) and crashed on every other layout (session 39); by structure now."""
+    from mechscope.confusion.edit import zeroed_neurons
+    from mechscope.models.hooks import mlp_post
+
+    try:
+        m = load_model(arch_dirs[name], device="cpu")
+    except MechscopeError:
+        pytest.skip(f"{name} does not load here")
+    ids = torch.tensor([m.tokenizer("When Mary and John went to the store")["input_ids"]])
+
+    def zero(x, hook):
+        x = x.clone()
+        x[..., 3] = 0
+        return x
+
+    with torch.no_grad():
+        clean = m.bridge(ids)
+        with zeroed_neurons([m.bridge.original_model], [(1, 3)]):
+            edited = m.bridge(ids)
+        hooked = m.bridge.run_with_hooks(ids, fwd_hooks=[(mlp_post(1), zero)])
+        assert torch.equal(m.bridge(ids), clean)  # undone
+    assert torch.allclose(edited, hooked, atol=1e-5) and not torch.allclose(edited, clean)
+
+
+def test_a_mixture_of_experts_is_refused_by_neuron_editing(arch_dirs):
+    from mechscope.confusion.edit import down_projections
+
+    m = load_model(arch_dirs["mixtral"], device="cpu")
+    with pytest.raises(MechscopeError, match="no single MLP output projection .*mixture of experts"):
+        down_projections(m.bridge.original_model)
+
+
+@pytest.mark.parametrize("name", ["neox", "cohere", "phi"])
+def test_neuron_gains_on_parallel_blocks_read_the_residual_without_the_mlp(arch_dirs, name):
+    """Parallel blocks have no resid_mid (a KeyError before session 39): a neuron's gain adds its
+    vector to everything but the MLP, resid_post - mlp_out, checked by hand here."""
+    from mechscope.confusion.attribution import Prefix, neuron_gains
+    from mechscope.models.hooks import FINAL_NORM_IN, mlp_out, mlp_post, resid_post
+    from mechscope.models.norms import residual_multiplier
+    from mechscope.models.unembed import final_norm, unembed_weights
+
+    m = load_model(arch_dirs[name], device="cpu")
+    ids = m.tokenizer("When Mary and John went to the store, John gave a drink to")["input_ids"]
+    p = Prefix(ids=ids, target=5)
+    L = m.summary.n_layers
+    g = neuron_gains(m, [p], list(range(L)))
+    l = L - 1
+    n = int(g[0, l].abs().argmax())
+    want = {FINAL_NORM_IN, resid_post(l), mlp_out(l), mlp_post(l)}
+    _, cache = m.bridge.run_with_cache(torch.tensor([ids]), names_filter=lambda h: h in want)
+    norm = final_norm(m)
+    W_U, b_U = unembed_weights(m)
+    s = norm.scale(cache[FINAL_NORM_IN][0, -1])
+    r = (cache[resid_post(l)] - cache[mlp_out(l)])[0, -1].float()
+    vec = cache[mlp_post(l)][0, -1, n].float() * m.bridge.W_out[l, n].detach().float() * residual_multiplier(m)
+
+    def lp(x):
+        z = norm(x, s) @ W_U + (b_U if b_U is not None else 0)
+        return z.log_softmax(-1)[5]
+
+    assert float(g[0, l, n]) == pytest.approx(float(lp(r + vec) - lp(r)), abs=1e-4) and float(g[0, l, n]) != 0.0
+
+
+def test_a_hook_the_bridge_lists_but_never_feeds_is_refused_by_check_and_probe(arch_dirs, tiny_gpt2_dir, tmp_path):
+    """Cohere's blocks compute attention and MLP from one norm: blocks.L.hook_mlp_in is listed
+    but never fires. `hooks --check` said ok and `probe` died in a KeyError (session 39)."""
+    import json
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(json.dumps({"text": f"Mary and John went to the store {i}", "label": i % 2}) for i in range(8)))
+    r = run_cli("hooks", "--check", "blocks.0.hook_mlp_in", "--model", arch_dirs["cohere"])
+    assert r.returncode == 2 and "never fires on this model" in r.stderr, r.stderr
+    r = run_cli("probe", "--hook", "blocks.0.hook_mlp_in", "--labels", str(labels), "--model", arch_dirs["cohere"],
+                "--out", str(tmp_path / "p"))
+    assert r.returncode == 2 and "never fires on this model, so the probe would read nothing" in r.stderr, r.stderr
+    assert run_cli("hooks", "--check", "blocks.0.hook_mlp_in", "--model", tiny_gpt2_dir).returncode == 0
+
+
+def test_an_sae_on_bloom_attention_output_evaluates_in_the_mode_it_was_trained_in(tmp_path):
+    """BLOOM feeds blocks.L.hook_attn_out only with plain attention: the store trained on it, and
+    `sae eval` (split attention) died in a KeyError (session 39). Every reader now runs a hook
+    in one mode (models.load.reading_mode)."""
+    import transformers
+
+    from mechscope.models.load import fired_shape
+    from tests.conftest import save_scaled
+
+    cfg = transformers.BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=4, **{k: v for k, v in COMMON.items() if k != "vocab_size"})
+    path = save_scaled(transformers.BloomForCausalLM(cfg), tmp_path / "bloom")
+    m = load_model(path, device="cpu")
+    assert fired_shape(m, "blocks.1.hook_attn_out") == (1, 2, 64)
+    out = tmp_path / "sae"
+    r = run_cli("--quiet", "sae", "train", "--hook", "blocks.1.hook_attn_out", "--arch", "topk", "--k", "4", "--tokens", "2048",
+                "--context-len", "16", "--d-sae", "32", "--model", path, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("--quiet", "sae", "eval", str(out), "--tokens", "128", "--context-len", "16", "--json")
+    assert r.returncode == 0, r.stderr

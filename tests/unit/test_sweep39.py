@@ -261,3 +261,34 @@ def test_brief_shortens_what_it_is_given():
     text = brief_repr(r)
     assert text.startswith("R(a=Tensor[3, 4] float32, b=[0, 1, 2, 3, ... (1000 items)], c='xxx") and "(50 keys)" in text
     assert brief(np.zeros((2, 5), np.float32)) == "ndarray[2, 5] float32" and brief(0.1234567891) == "0.123457"
+
+
+# ------------------------------------------------------------------ commands that read a result's recorded model
+
+
+def test_tuned_lens_eval_reloads_a_local_model_it_recorded(tiny_gpt2_dir, corpus, tmp_path):
+    """A tuned lens recorded only its model's name; for a local folder that name does not load
+    (session 39). It records the folder, which eval loads without --model."""
+    from tests.helpers.cli_inprocess import run_cli
+
+    out = tmp_path / "tl"
+    r = run_cli("--quiet", "tuned-lens", "train", "--model", tiny_gpt2_dir, "--corpus", corpus, "--tokens", "256", "--kl-steps", "0",
+                "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "tuned_lens.json").read_text())["model"]["source"] == str(Path(tiny_gpt2_dir).resolve())
+    r = run_cli("--quiet", "tuned-lens", "eval", str(out), "--corpus", corpus, "--tokens", "64", "--device", "cpu")
+    assert r.returncode == 0 and (out / "eval.json").is_file(), r.stderr
+
+
+def test_transcoders_weights_loads_the_model_its_set_records(tiny_llama, tiny_llama_dir, tmp_path):
+    from mechscope.features.transcoder_set import random_transcoders, save_transcoders
+    from tests.helpers.cli_inprocess import run_cli
+
+    tset = random_transcoders(tiny_llama, d_sae=32, k=4, seed=15)
+    for tc in tset.layers:
+        tc.cfg.metadata["model_path"] = tiny_llama_dir
+    save_transcoders(tset, tmp_path / "tc")
+    args = ("transcoders", "weights", str(tmp_path / "tc"), "--feature", "2:3", "--top", "4", "--json")
+    recorded, given = run_cli(*args), run_cli(*args, "--model", tiny_llama_dir)
+    assert recorded.returncode == 0 and given.returncode == 0, recorded.stderr
+    assert json.loads(recorded.stdout) == json.loads(given.stdout)

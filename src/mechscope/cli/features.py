@@ -448,7 +448,7 @@ def transcoders_weights(
     folder: Path = typer.Argument(..., help="Transcoder set folder."),
     feature: str = typer.Option(..., "--feature", help="LAYER:FEATURE whose strongest input-independent inputs and outputs to list."),
     top: int = typer.Option(20, "--top", help="How many inputs and outputs."),
-    model: Optional[str] = ModelOpt,
+    model: Optional[str] = RecordedModelOpt,
     device: Optional[str] = DeviceOpt,
     json: bool = JsonOpt,
 ) -> None:
@@ -460,7 +460,13 @@ def transcoders_weights(
     layer, f = _layer_feature(feature, "--feature", 2)
     if top < 1:
         fail(f"--top must be at least 1, got {top}.")
-    m = load(model, device)
+    from mechscope.features.transcoder_set import load_transcoder_layers
+
+    given = load(model, device) if model else None  # as transcoders eval: the model the set records by default
+    if given is None:
+        first = next(iter(load_transcoder_layers(folder, "cpu", None).values())).cfg
+        given = load(first.metadata.get("model_path") or first.model_name or None, device)
+    m = given
     tset = load_transcoders(folder, "cpu", m)
     tset.check_fits(m)
     vw = virtual_weights(tset, layer, f, top, centred=centred_norms(m))

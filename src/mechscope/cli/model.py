@@ -63,7 +63,10 @@ def hooks(
 
     m = load(model, device)
     if check is not None:
+        from mechscope.models.load import check_hook_fires
+
         name = check_hook_name(m, check)
+        check_hook_fires(m, name, "a reader of it")  # listed is not enough: some bridges never feed a hook
         return emit_json({"hook": name, "ok": True}) if json else console.print(f"{name}: ok")
     names = sorted(m.bridge.hook_dict.keys())
     if json:

@@ -53,6 +53,16 @@ def check_train_options(*, reads: str, matmul_dtype: str, tokens: int, kl_steps:
             raise MechscopeError(f"{option} must be at least {least}; got {value}.")
 
 
+def recorded_model(info: dict) -> str | None:
+    """The model a tuned lens records: the folder it was loaded from where that still exists
+    (a local model's name alone is not loadable: session 39), else its name (an alias, a hub id)."""
+    source = info.get("source")
+    if isinstance(source, str) and source and Path(source).exists():
+        return source
+    name = info.get("name")
+    return name if isinstance(name, str) else None
+
+
 @handles_errors
 def train(
     out: Path = typer.Option(..., "--out", help="Folder for the translators (tuned_lens.json + .safetensors) and checkpoints."),
@@ -154,7 +164,7 @@ def evaluate(
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     check_out_folder(out, "eval", beside=("tuned-lens",))
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
-    m = load(model or lens.model_info.get("name"), device)
+    m = load(model or recorded_model(lens.model_info), device)
     res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=context_len_for(m, None, TunedLensTrainConfig.context_len),
                               progress=not json)
     out_dir = Path(out or lens_dir)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mechscope.errors import MechscopeError
 from mechscope.models import plain_attention
 from mechscope.models.hooks import (
     EMBED,
@@ -41,6 +42,7 @@ from mechscope.models.hooks import (
     mlp_out,
     mlp_post,
     resid_mid,
+    resid_post,
     resid_pre,
 )
 from mechscope.models.norms import HeadShares, norm_module, residual_multiplier
@@ -91,13 +93,29 @@ def _write_factor(share: HeadShares | None, mlp_in: torch.Tensor | None) -> torc
 @torch.no_grad()
 def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.Tensor]:
     """resid_mid and mlp_post of ``layers`` (and the input of a norm after the MLP, where one
-    is) and the final residual, at the last position."""
+    is) and the final residual, at the last position. A block with attention and MLP in
+    parallel (Cohere, GPT-NeoX, StableLM's parallel form) has no ``resid_mid``: the residual the
+    MLP writes into is then everything but the MLP, ``resid_post - mlp_out`` (the same
+    quantity a sequential block's ``resid_mid`` is)."""
     wanted = {FINAL_NORM_IN} | {resid_mid(l) for l in layers} | {mlp_post(l) for l in layers}
+    wanted |= {resid_post(l) for l in layers} | {mlp_out(l) for l in layers}
     wanted |= {mlp_norm_in(l) for l in layers if getattr(model.bridge.blocks[l], "ln2_post", None) is not None}
     with plain_attention(model):
         _, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
                                                names_filter=lambda n: n in wanted)
-    return {k: cache[k][0, -1].detach().float() for k in wanted}
+    got = {k: cache[k][0, -1].detach().float() for k in wanted if k in cache}
+    for l in layers:
+        if resid_mid(l) not in got:
+            if resid_post(l) not in got or mlp_out(l) not in got:
+                raise MechscopeError(f"{model.summary.architecture}'s bridge gives neither the residual after attention nor "
+                                     f"the MLP's output at layer {l}, so its neurons' gains cannot be read; use a model of "
+                                     "another architecture.")
+            got[resid_mid(l)] = got[resid_post(l)] - got[mlp_out(l)]
+    missing = [k for k in wanted if k not in got and not k.endswith(("hook_resid_post", "hook_mlp_out"))]
+    if missing:
+        raise MechscopeError(f"{model.summary.architecture}'s bridge does not give {missing[0]}, which the neuron "
+                             "attribution reads; use a model of another architecture.")
+    return got
 
 
 @torch.no_grad()

@@ -20,15 +20,61 @@ Neuron = tuple[int, int]
 """(layer, neuron index)."""
 
 
+def _decoder_layers(hf: Any) -> Any:
+    """The Hugging Face model's list of decoder layers (``layers``, ``h``, ``decoder.layers``,
+    ``blocks`` of its base model), or None."""
+    base = getattr(hf, "base_model", hf)
+    for path in ("layers", "h", "decoder.layers", "blocks"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList) and len(obj):
+            return obj
+    return None
+
+
+def _unwrapped(module: Any) -> Any:
+    """The Hugging Face module itself where the TransformerBridge wrapped it in place."""
+    while getattr(module, "original_component", None) is not None and module.original_component is not module:
+        module = module.original_component
+    return module
+
+
+def _out_dim(module: Any) -> int | None:
+    """Output width of a linear layer (``nn.Linear``, or GPT-2's ``Conv1D`` with its weight [in, out])."""
+    module = _unwrapped(module)
+    w = getattr(module, "weight", None)
+    if isinstance(module, torch.nn.Linear):
+        return module.out_features
+    if type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[1])
+    return None
+
+
 def down_projections(hf: Any) -> list[tuple[torch.nn.Parameter, int]]:
-    """Per layer, the down projection's weight and the dimension that indexes neurons."""
-    inner = getattr(hf, "model", None)
-    if inner is not None and hasattr(inner, "layers"):
-        return [(layer.mlp.down_proj.weight, 1) for layer in inner.layers]
-    tr = getattr(hf, "transformer", None)
-    if tr is not None and hasattr(tr, "h"):
-        return [(block.mlp.c_proj.weight, 0) for block in tr.h]
-    raise MechscopeError(f"Neuron editing supports Llama-like and GPT-2 models, not {type(hf).__name__}; use one of those.")
+    """Per layer, the MLP's output projection weight and the dimension that indexes neurons.
+
+    Found by structure, not by name: in each decoder layer's ``mlp`` (the layer itself for OPT,
+    whose ``fc1``/``fc2`` sit there), the last linear child that writes ``d_model`` values
+    (``down_proj``, ``c_proj``, ``fc_out``, ``fc2``, ``dense_4h_to_h`` ...). A layer whose MLP is a
+    mixture of experts has no such one layer, and is refused."""
+    layers = _decoder_layers(hf)
+    emb = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
+    d_model = getattr(emb, "embedding_dim", None)
+    if layers is None or d_model is None:
+        raise MechscopeError(f"mechscope cannot find the decoder layers of {type(hf).__name__}, so it cannot edit its neurons; "
+                             "use a Llama-like or GPT-2-like model.")
+    out: list[tuple[torch.nn.Parameter, int]] = []
+    for i, layer in enumerate(layers):
+        layer = _unwrapped(layer)
+        mlp = _unwrapped(getattr(layer, "mlp", None) or layer)
+        found = [_unwrapped(m) for _, m in mlp.named_children() if _out_dim(m) == d_model]
+        if not found or hasattr(mlp, "experts") or any(hasattr(_unwrapped(m), "experts") for m in layer.children()):
+            raise MechscopeError(f"layer {i} of {type(hf).__name__} has no single MLP output projection (a mixture of "
+                                 "experts?), so its neurons cannot be edited one by one; use a model with dense MLPs.")
+        proj = found[-1]
+        out.append((proj.weight, 0 if type(proj).__name__ == "Conv1D" else 1))
+    return out
 
 
 @contextlib.contextmanager

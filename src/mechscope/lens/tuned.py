@@ -72,6 +72,8 @@ class TunedLens(torch.nn.Module):
         self.model_info = {"name": model.get("name"), "d_model": d_model, "n_layers": n_layers, "d_vocab": model.get("d_vocab")}
         if model.get("fingerprint"):  # the weights' hash (``Model.fingerprint``): tells apart two models of one name
             self.model_info["fingerprint"] = model["fingerprint"]
+        if model.get("source"):  # where it was loaded from (an absolute folder for a local model): what eval reloads
+            self.model_info["source"] = model["source"]
         self.reads = reads
         self.weight = torch.nn.Parameter(torch.zeros(n_layers, d_model, d_model) if weight is None else weight.float().clone())
         self.bias = torch.nn.Parameter(torch.zeros(n_layers, d_model) if bias is None else bias.float().clone())

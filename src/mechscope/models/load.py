@@ -232,6 +232,42 @@ def plain_attention(model: Model):
         b.set_use_attn_result(was_result)
 
 
+def reading_mode(model: Model, *hooks: str):
+    """The attention mode in which mechscope's readers of ``hooks`` run (activation store, probes,
+    SAE evaluation): split q/k/v inputs and per-head results only where a hook exists only then
+    (``needs_split_attention``), plain attention otherwise. Some bridges feed a hook in one mode
+    only (BLOOM's ``hook_attn_out``: plain attention), so a check and a reader must agree on it."""
+    from mechscope.models.hooks import needs_split_attention
+
+    return contextlib.nullcontext(model) if any(needs_split_attention(h) for h in hooks) else plain_attention(model)
+
+
+def fired_shape(model: Model, hook: str) -> tuple[int, ...] | None:
+    """The shape of ``hook``'s activation on two tokens in its ``reading_mode``, or None when it
+    does not fire there (a name the bridge lists but never feeds, e.g. ``hook_mlp_in`` on blocks
+    that compute attention and MLP from one norm). One tiny forward pass, cached per model."""
+    cache = model.__dict__.setdefault("_hook_shapes", {})
+    if hook not in cache:
+        seen: dict[str, tuple[int, ...]] = {}
+
+        def grab(t: torch.Tensor, hook: Any = None) -> None:
+            seen["shape"] = tuple(t.shape)
+
+        ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
+        with torch.no_grad(), reading_mode(model, hook):
+            model.bridge.run_with_hooks(ids, fwd_hooks=[(hook, grab)])
+        cache[hook] = seen.get("shape")
+    return cache[hook]
+
+
+def check_hook_fires(model: Model, hook: str, who: str) -> None:
+    """One sentence when ``hook`` (a name the model has) never fires (``fired_shape``)."""
+    if fired_shape(model, hook) is None:
+        raise MechscopeError(f"{hook} is listed by {model.summary.architecture}'s bridge but never fires on this model, so "
+                             f"{who} would read nothing there; pick another hook (for the MLP's input, "
+                             "blocks.L.ln2.hook_normalized; `mechscope hooks` lists the names).")
+
+
 def embedded_gguf_path() -> Path:
     """Path of the embedded SmolLM2 GGUF file, or a clear error saying how to install it."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

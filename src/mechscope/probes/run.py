@@ -57,8 +57,11 @@ def layer_hooks(model: Model, hook: str, layers: list[int] | None) -> list[tuple
                                  f"a site (e.g. {_SITES[2]}) or a template with {{L}} (e.g. {template}) to probe the layers "
                                  "you choose, or leave --layers out.")
         out = [(layer, hook)]
+    from mechscope.models.load import check_hook_fires
+
     for _, h in out:
         check_hook_name(model, h)
+        check_hook_fires(model, h, "the probe")
     return out
 
 

@@ -29,7 +29,7 @@ from mechscope.activations import StoreConfig, get_corpus, pack_contexts
 from mechscope.activations.store import check_context_fits
 from mechscope.errors import MechscopeError
 from mechscope.models.check import require_model
-from mechscope.models.load import position_limit
+from mechscope.models.load import position_limit, reading_mode
 from mechscope.models.tokens import ids_outside
 from mechscope.progress import ProgressArg, as_progress
 from mechscope.results import json_safe, write_json
@@ -136,56 +136,58 @@ def evaluate_sae(model: Model, sae: SAE, tokens: Tensor, *, batch_size: int = 8,
     y_sum = torch.zeros(cfg.out_dim, dtype=torch.float64, device=dev)
     y_sq = torch.zeros((), dtype=torch.float64, device=dev)
     bar = as_progress(progress).phase("evaluating", total=tokens.shape[0], unit="ctx")
-    for start in range(0, tokens.shape[0], batch_size):
-        toks = tokens[start : start + batch_size].to(dev)
-        store: dict[str, Tensor] = {}
+    with reading_mode(model, *(h for h in (hook_in, hook_out) if h)):  # the mode the activation store trained it in: BLOOM feeds
+        # hook_attn_out only with plain attention (session 39: sae eval found nothing there)
+        for start in range(0, tokens.shape[0], batch_size):
+            toks = tokens[start : start + batch_size].to(dev)
+            store: dict[str, Tensor] = {}
 
-        def grab_in(t, hook):  # noqa: ANN001
-            store["x"] = t.detach()
+            def grab_in(t, hook):  # noqa: ANN001
+                store["x"] = t.detach()
 
-        def grab_out(t, hook):  # noqa: ANN001
-            store["y"] = t.detach()
+            def grab_out(t, hook):  # noqa: ANN001
+                store["y"] = t.detach()
 
-        clean_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_in, grab_in), (hook_out, grab_out)])
-        x, y = store["x"][:, skip_first:], store["y"][:, skip_first:]
-        f = sae.encode(x)
-        y_hat = sae.decode(f, x)
+            clean_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_in, grab_in), (hook_out, grab_out)])
+            x, y = store["x"][:, skip_first:], store["y"][:, skip_first:]
+            f = sae.encode(x)
+            y_hat = sae.decode(f, x)
 
-        def splice(t, hook):  # noqa: ANN001
-            t = t.clone()
-            t[:, skip_first:] = y_hat.to(t.dtype)
-            return t
+            def splice(t, hook):  # noqa: ANN001
+                t = t.clone()
+                t[:, skip_first:] = y_hat.to(t.dtype)
+                return t
 
-        def zero(t, hook):  # noqa: ANN001
-            t = t.clone()
-            t[:, skip_first:] = 0
-            return t
+            def zero(t, hook):  # noqa: ANN001
+                t = t.clone()
+                t[:, skip_first:] = 0
+                return t
 
-        sae_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, splice)])
-        zero_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, zero)])
-        # Statistics over positions >= skip_first; losses over the predictions *of* the tokens there,
-        # made from position skip_first - 1 on (the transcoder evaluation's convention too).
-        lo = max(skip_first, 1) - 1
-        ce_c, ce_s, ce_z = (_ce(l, toks)[:, lo:] for l in (clean_logits, sae_logits, zero_logits))
-        lp_c = clean_logits[:, skip_first:].float().log_softmax(-1)
-        lp_s = sae_logits[:, skip_first:].float().log_softmax(-1)
-        kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)
-        err = (y - y_hat).float()
-        n = x.shape[0] * x.shape[1]
-        sums["n"] += n
-        sums["l0"] += float((f > 0).sum())
-        sums["mse"] += float(err.pow(2).sum())
-        sums["cos"] += float(torch.nn.functional.cosine_similarity(y_hat.float(), y.float(), dim=-1).sum())
-        sums["ce_clean"] += float(ce_c.sum())
-        sums["ce_sae"] += float(ce_s.sum())
-        sums["ce_zero"] += float(ce_z.sum())
-        sums["ce_n"] += ce_c.numel()
-        sums["kl"] += float(kl.sum())
-        fired += (f > 0).flatten(0, 1).sum(0).double()
-        yf = y.flatten(0, 1).double()
-        y_sum += yf.sum(0)
-        y_sq += yf.pow(2).sum()
-        bar.advance(toks.shape[0])
+            sae_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, splice)])
+            zero_logits = bridge.run_with_hooks(toks, fwd_hooks=[(hook_out, zero)])
+            # Statistics over positions >= skip_first; losses over the predictions *of* the tokens there,
+            # made from position skip_first - 1 on (the transcoder evaluation's convention too).
+            lo = max(skip_first, 1) - 1
+            ce_c, ce_s, ce_z = (_ce(l, toks)[:, lo:] for l in (clean_logits, sae_logits, zero_logits))
+            lp_c = clean_logits[:, skip_first:].float().log_softmax(-1)
+            lp_s = sae_logits[:, skip_first:].float().log_softmax(-1)
+            kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)
+            err = (y - y_hat).float()
+            n = x.shape[0] * x.shape[1]
+            sums["n"] += n
+            sums["l0"] += float((f > 0).sum())
+            sums["mse"] += float(err.pow(2).sum())
+            sums["cos"] += float(torch.nn.functional.cosine_similarity(y_hat.float(), y.float(), dim=-1).sum())
+            sums["ce_clean"] += float(ce_c.sum())
+            sums["ce_sae"] += float(ce_s.sum())
+            sums["ce_zero"] += float(ce_z.sum())
+            sums["ce_n"] += ce_c.numel()
+            sums["kl"] += float(kl.sum())
+            fired += (f > 0).flatten(0, 1).sum(0).double()
+            yf = y.flatten(0, 1).double()
+            y_sum += yf.sum(0)
+            y_sq += yf.pow(2).sum()
+            bar.advance(toks.shape[0])
     bar.close()
     n, m = int(sums["n"]), int(sums["ce_n"])
     var = float(y_sq / n - (y_sum / n).pow(2).sum())  # summed per-dimension variance

@@ -392,16 +392,8 @@ def hook_width(model: Model, hook: str) -> int | None:
 
 
 def hook_shape(model: Model, hook: str) -> tuple[int, ...] | None:
-    """Shape of a hook's activation on two tokens, read off one tiny forward pass (cached per model)."""
-    cache = model.__dict__.setdefault("_hook_shapes", {})
-    if hook not in cache:
-        seen: dict[str, tuple[int, ...]] = {}
+    """Shape of a hook's activation on two tokens, in the attention mode its readers use
+    (``models.load.fired_shape``); None when it does not fire."""
+    from mechscope.models.load import fired_shape
 
-        def grab(t, hook):  # noqa: ANN001
-            seen["shape"] = tuple(t.shape)
-
-        ids = torch.tensor([[model.tokenizer.eos_token_id or 0] * 2], device=model.device)
-        with torch.no_grad():
-            model.bridge.run_with_hooks(ids, fwd_hooks=[(hook, grab)])
-        cache[hook] = seen.get("shape")
-    return cache[hook]
+    return fired_shape(model, hook)
