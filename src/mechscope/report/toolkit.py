@@ -233,8 +233,19 @@ def page(title: str, body: str, *, kind: str, heading: str | None = None, subtit
 
 
 def write_page(text: str, path: str | Path) -> Path:
-    """Write a rendered page (UTF-8), making the parent folder; returns the path."""
+    """Write a rendered page (UTF-8), making the parent folder; returns the path. Through a
+    temporary file renamed into place, as the results' JSON: a browser (``serve``) or a killed
+    run never sees half a page."""
+    import os
+
+    from mechscope.results import temporary_path
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text, encoding="utf-8")
+    tmp = temporary_path(p)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p
