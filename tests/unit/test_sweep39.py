@@ -292,3 +292,15 @@ def test_transcoders_weights_loads_the_model_its_set_records(tiny_llama, tiny_ll
     recorded, given = run_cli(*args), run_cli(*args, "--model", tiny_llama_dir)
     assert recorded.returncode == 0 and given.returncode == 0, recorded.stderr
     assert json.loads(recorded.stdout) == json.loads(given.stdout)
+
+
+def test_a_saved_recall_loads_back_exactly(tiny_gpt2, tmp_path):
+    from mechscope.recall import RecallConfig, recall
+    from mechscope.recall.result import RecallResult
+
+    res = recall(tiny_gpt2, "When Mary and John went to the", "Mary and John", cfg=RecallConfig(samples=2), parts=("trace", "knockout"))
+    res.save(tmp_path / "r")
+    back = RecallResult.load(tmp_path / "r")
+    assert back.to_dict() == res.to_dict() and torch.equal(back.knockout.relative_change["subject"], res.knockout.relative_change["subject"])
+    with pytest.raises(MechscopeError, match="No recall.json"):
+        RecallResult.load(tmp_path)

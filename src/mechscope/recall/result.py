@@ -81,6 +81,18 @@ class RecallResult:
                    extraction=parts["attribute_extraction"], enrichment=parts["subject_enrichment"],
                    extras={k: v for k, v in d.items() if k not in _OWN_KEYS})
 
+    @classmethod
+    def load(cls, path: str | Path) -> RecallResult:
+        """The result ``save`` wrote into the folder ``path`` (or its ``recall.json``), exactly
+        (``from_dict``); a dataset run's folder is ``RecallDatasetResult``'s, and says so."""
+        from mechscope.results import read_result_json
+
+        d, _ = read_result_json(path, "recall.json", SCHEMA_VERSION, "mechscope recall")
+        if d.get("kind") == "recall-dataset":
+            raise MechscopeError(f"{path} holds a recall run over the facts list (recall --dataset); read its JSON "
+                                 "(recall.json: every fact under 'facts'), or load one fact with RecallResult.from_dict.")
+        return cls.from_dict(d)
+
     def save(self, out_dir: str | Path) -> Path:
         from safetensors.torch import save_file
 
