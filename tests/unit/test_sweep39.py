@@ -304,3 +304,102 @@ def test_a_saved_recall_loads_back_exactly(tiny_gpt2, tmp_path):
     assert back.to_dict() == res.to_dict() and torch.equal(back.knockout.relative_change["subject"], res.knockout.relative_change["subject"])
     with pytest.raises(MechscopeError, match="No recall.json"):
         RecallResult.load(tmp_path)
+
+
+# ------------------------------------------------------------------ user data files
+
+
+def _jsonl(path: Path, rows: list, sep: str = "\n") -> Path:
+    path.write_text(sep.join(json.dumps(r, ensure_ascii=False) for r in rows) + sep, encoding="utf-8")
+    return path
+
+
+def test_probe_labels_read_a_repeated_text_once_and_refuse_two_labels_for_it(tiny_gpt2, tmp_path):
+    """Copies of one line sat in both the train and the test split: random labels scored 1.0
+    held out (session 39)."""
+    from mechscope.probes.labels import labels_from_file
+
+    rows = [{"text": f"Mary went to the store number {i}", "label": i % 2} for i in range(10)]
+    once = labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "a.jsonl", rows))
+    four = labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "b.jsonl", rows * 4))
+    assert len(four) == len(once) == 10 and four.sequences == once.sequences
+    assert "30 lines of b.jsonl repeated an earlier line" in four.notes[0]
+    clash = rows + [{"text": rows[0]["text"], "label": 1}]
+    with pytest.raises(MechscopeError, match=r"c.jsonl:11 repeats the text of line .*c.jsonl:1 with other labels"):
+        labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "c.jsonl", clash))
+
+
+def test_probe_labels_read_the_texts_last_token_and_one_class_per_label(tiny_gpt2, tmp_path):
+    from mechscope.probes.labels import labels_from_file
+
+    rows = [{"text": f"Mary went to the store number {i}", "label": ["pos", "neg"][i % 2]} for i in range(6)]
+    plain = labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "a.jsonl", rows))
+    padded = labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "b.jsonl", [
+        {"text": r["text"] + "  ", "label": r["label"] + " " if i % 3 else " " + r["label"]} for i, r in enumerate(rows)]))
+    assert padded.sequences == plain.sequences and padded.word == plain.word  # not the trailing space's token
+    assert sorted(padded.classes) == ["neg", "pos"] and padded.label == plain.label
+    assert "6 texts of b.jsonl ended in whitespace" in padded.notes[0]
+
+
+def test_jsonl_readers_keep_a_line_separator_inside_a_string(tiny_gpt2, tmp_path):
+    """U+2028 and U+0085 are valid inside JSON strings (json.dumps writes them with
+    ensure_ascii=False); str.splitlines() broke the line there."""
+    from mechscope.confusion.prompts import parse_prompts
+    from mechscope.icl.fewshot import _read_xy
+    from mechscope.probes.labels import labels_from_file
+
+    xy = _read_xy(_jsonl(tmp_path / "xy.jsonl", [{"x": "hot\u2028day", "y": "cold"}, {"x": "big", "y": "small"}]))
+    assert xy == [("hot\u2028day", "cold"), ("big", "small")]
+    lab = labels_from_file(tiny_gpt2.tokenizer, _jsonl(tmp_path / "l.jsonl", [
+        {"text": "Mary\u0085went home", "label": 0}, {"text": "John went home", "label": 1}], sep="\r\n"))
+    assert len(lab) == 2
+    got = parse_prompts(json.dumps({"prompt": "Wie geht\u2028es dir?", "lang": "de"}, ensure_ascii=False), "p.jsonl")
+    assert len(got) == 1 and "\u2028" in got[0].prompt
+
+
+def test_fewshot_file_refuses_one_input_with_two_answers(tmp_path):
+    from mechscope.icl.fewshot import load_task
+
+    rows = [{"x": "hot", "y": "cold"}, {"x": "big", "y": "small"}, {"x": "up", "y": "down"}, {"x": "hot", "y": "cold"},
+            {"x": " big ", "y": "large"}]
+    with pytest.raises(MechscopeError, match=r"line 5: x 'big' is on line 2 with another y \('small' vs 'large'\)"):
+        load_task(str(_jsonl(tmp_path / "t.jsonl", rows)))
+    assert load_task(str(_jsonl(tmp_path / "u.jsonl", rows[:4]))).pairs == [("hot", "cold"), ("big", "small"), ("up", "down")]
+
+
+def test_files_that_are_not_utf8_are_named_and_a_bom_is_read(tiny_gpt2, tmp_path):
+    from mechscope.probes.labels import labels_from_file
+    from mechscope.sae.io import _read_cfg
+
+    f = tmp_path / "l.jsonl"
+    f.write_text('{"text": "a b", "label": 0}\n', encoding="utf-16")
+    with pytest.raises(MechscopeError, match=f"Label file '{f}' is not UTF-8"):
+        labels_from_file(tiny_gpt2.tokenizer, f)
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    (sae / "cfg.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"d_in": 4, "d_sae": 8}).encode())
+    assert _read_cfg(sae)["d_sae"] == 8
+    (sae / "cfg.json").write_bytes(json.dumps({"d_in": 4}).encode("utf-16"))
+    with pytest.raises(MechscopeError, match="cfg.json is not UTF-8"):
+        _read_cfg(sae)
+
+
+def test_concept_folders_read_npy_in_any_case_and_name_a_channel_last_array(tmp_path):
+    from mechscope.vision.concept import read_image_folder
+
+    d = tmp_path / "c"
+    d.mkdir()
+    np.save(d / "a.npy", np.random.rand(2, 8, 8))
+    np.save(d / "b.npy", np.random.rand(8, 8))
+    (d / "b.npy").rename(d / "b.NPY")
+    assert read_image_folder(d, 8).shape == (3, 1, 8, 8)
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    np.save(rgb / "x.npy", np.random.rand(8, 8, 3))
+    with pytest.raises(MechscopeError, match=r"shape \(8, 8, 3\).*channel-last"):
+        read_image_folder(rgb, 8)
+    other = tmp_path / "other"
+    other.mkdir()
+    np.savez(other / "x.npz", a=np.zeros((8, 8)))
+    with pytest.raises(MechscopeError, match="holds no .npy images, only x.npz"):
+        read_image_folder(other, 8)

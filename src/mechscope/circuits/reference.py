@@ -89,7 +89,10 @@ def load_reference(path_or_name: str) -> Reference:
             raise MechscopeError(
                 f"No reference circuit at '{path_or_name}'; pass a JSON file or one of {', '.join(SHIPPED)}."
             )
-        text, where = p.read_text(), str(p)
+        try:
+            text, where = p.read_bytes().decode("utf-8-sig"), str(p)  # a byte-order mark is allowed
+        except UnicodeDecodeError as exc:
+            raise MechscopeError(f"'{p}' is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -30,7 +30,9 @@ def builtin_text() -> str:
 def parse_prompts(text: str, where: str) -> list[LangPrompt]:
     """Prompts from JSONL text; one sentence naming the line for a bad one."""
     out: list[LangPrompt] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: JSON strings may hold U+2028 / U+0085, which str.splitlines() also breaks at
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

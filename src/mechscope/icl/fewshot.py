@@ -87,7 +87,10 @@ def _read_xy(path: Path) -> list[tuple[str, str]]:
     except UnicodeDecodeError as exc:
         raise MechscopeError(f"{path} is not UTF-8 text (byte {exc.start}); save the task file as UTF-8.") from None
     out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    first: dict[str, tuple[str, int]] = {}  # x -> (y, line)
+    # lines end at "\n" only: JSON strings may hold U+2028 / U+0085, which str.splitlines() also breaks at
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
@@ -99,6 +102,10 @@ def _read_xy(path: Path) -> list[tuple[str, str]]:
         x, y = row["x"].strip(), row["y"].strip()
         if "\n" in x + y or ARROW in x + y:
             raise MechscopeError(f"{path}, line {i}: x and y may not contain a newline or '{ARROW.strip()}' (the prompt's separators).")
+        if x in first and first[x][0] != y:  # which answer would count? (one was dropped without a word)
+            raise MechscopeError(f"{path}, line {i}: x {x!r} is on line {first[x][1]} with another y ({first[x][0]!r} vs {y!r}); "
+                                 "give each input one answer.")
+        first.setdefault(x, (y, i))
         out.append((x, y))
     return out
 

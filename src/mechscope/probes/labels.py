@@ -49,6 +49,8 @@ class LabelSet:
     pos: list[int] = field(default_factory=list)
     label: list[int] = field(default_factory=list)
     word: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """What reading the labels left out or changed (repeated lines, trailing whitespace), one line each."""
 
     def __repr__(self) -> str:  # a notebook's last line: one short line, not every tensor
         return brief_repr(self)
@@ -83,7 +85,8 @@ class LabelSet:
     def subset(self, keep: list[int]) -> "LabelSet":
         """The items at indices ``keep`` (sequences are shared)."""
         return LabelSet(self.name, list(self.classes), self.sequences, [self.seq[i] for i in keep],
-                        [self.pos[i] for i in keep], [self.label[i] for i in keep], [self.word[i] for i in keep])
+                        [self.pos[i] for i in keep], [self.label[i] for i in keep], [self.word[i] for i in keep],
+                        list(self.notes))
 
 
 def _word_start(tok: str) -> str | None:
@@ -168,7 +171,15 @@ def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
     if not p.is_file():
         raise MechscopeError(f"Label file '{p}' does not exist; give a JSONL file or one of {', '.join(BUILTIN_LABELS)}.")
     data = LabelSet(p.name, [], [])
-    for n, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):  # a byte-order mark is allowed
+    try:
+        text_all = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as e:
+        raise MechscopeError(f"Label file '{p}' is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8.") from None
+    seen: dict[Any, tuple[Any, str]] = {}  # a repeated text would sit in both the train and the test split
+    repeats = trailing = 0
+    # lines end at "\n" only: JSON strings may hold U+2028 / U+0085, which str.splitlines() also breaks at
+    for n, line in enumerate(text_all.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         where = f"{p}:{n}"
@@ -182,25 +193,55 @@ def labels_from_file(tokenizer: Any, path: str | Path) -> LabelSet:
             text, label = obj["text"], obj["label"]
             if not isinstance(text, str) or not text.strip():
                 raise MechscopeError(f"Line {where}: 'text' must be a non-empty string.")
+            if text != text.rstrip():  # the label is read at the last token: the text's, not a trailing space's
+                text, trailing = text.rstrip(), trailing + 1
+            key: Any = ("text", text)
+            lab = _label(label, where)
+            if _repeated(seen, key, lab, where):
+                repeats += 1
+                continue
             ids = tokenizer(text)["input_ids"]
             data.sequences.append(ids)
-            data.add(len(data.sequences) - 1, len(ids) - 1, _label(label, where), token_texts(tokenizer, ids[-1:])[0])
+            data.add(len(data.sequences) - 1, len(ids) - 1, lab, token_texts(tokenizer, ids[-1:])[0])
         elif "words" in obj and "labels" in obj:
             words, labels = obj["words"], obj["labels"]
             if (not isinstance(words, list) or not isinstance(labels, list) or len(words) != len(labels) or not words
                     or not all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words)):
                 raise MechscopeError(f"Line {where}: 'words' and 'labels' must be lists of equal, non-zero length, "
                                      "the words non-empty strings without spaces.")
-            _add_words(tokenizer, data, words, [_label(x, where) for x in labels], where)
+            labs = [_label(x, where) for x in labels]
+            if _repeated(seen, ("words", tuple(words)), tuple(labs), where):
+                repeats += 1
+                continue
+            _add_words(tokenizer, data, words, labs, where)
         else:
             raise MechscopeError(f"Line {where} has neither 'text' + 'label' nor 'words' + 'labels'; see `mechscope probe --help`.")
+    if repeats:
+        data.notes.append(f"{repeats} line{'s' * (repeats != 1)} of {p.name} repeated an earlier line and "
+                          f"{'were' if repeats != 1 else 'was'} read once (a copy would sit in both the train and the test split).")
+    if trailing:
+        data.notes.append(f"{trailing} text{'s' * (trailing != 1)} of {p.name} ended in whitespace, left out: the label is read "
+                          "at the text's last token.")
     return data.check()
+
+
+def _repeated(seen: dict[Any, tuple[Any, str]], key: Any, label: Any, where: str) -> bool:
+    """Whether ``key`` (a text or a word list) was read before with the same ``label``; one
+    sentence when it was read with another."""
+    if key not in seen:
+        seen[key] = (label, where)
+        return False
+    first_label, first = seen[key]
+    if first_label != label:
+        raise MechscopeError(f"Line {where} repeats the {key[0]} of line {first} with other labels ({label!r} vs "
+                             f"{first_label!r}); give each text one label.")
+    return True
 
 
 def _label(label: Any, where: str) -> str:
     """A label as its class name: a string, or an integer written in decimal (so 1 and "1" are one class)."""
-    if isinstance(label, str) and label:
-        return label
+    if isinstance(label, str) and label.strip():
+        return label.strip()  # "pos " and "pos" are one class
     if isinstance(label, int) and not isinstance(label, bool):
         return str(label)
     raise MechscopeError(f"Line {where}: the label {json.dumps(label)} is not a non-empty string or an integer; "

@@ -229,6 +229,8 @@ def run_probe(model: Model, data: LabelSet | str, cfg: ProbeConfig | None = None
     ctrl_map |= control_labels([w for w in data.word if w not in ctrl_map], ytr.tolist(), k, cfg.seed + 2)
     yc = torch.tensor([ctrl_map[w] for w in data.word])
     p = as_progress(progress)
+    for line in data.notes:  # what reading the labels left out
+        p.note(line)
     done = Partial(checkpoint, "probe", {"settings": cfg.to_dict(), "hooks": [h for _, h in pairs], "model": model_key(model),
                                          "labels": digest([data.name, data.classes, data.sequences, data.seq, data.pos, data.label, data.word])
                                          if checkpoint is not None else None})

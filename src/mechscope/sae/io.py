@@ -84,7 +84,9 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     if not f.is_file():
         raise MechscopeError(f"{path} has no {CFG_FILE}; an SAE folder (SAELens layout) holds {CFG_FILE} and {WEIGHTS_FILE}.")
     try:
-        raw = json.loads(f.read_text())
+        raw = json.loads(f.read_bytes().decode("utf-8-sig"))  # a byte-order mark (a Windows editor's) is allowed
+    except UnicodeDecodeError as exc:
+        raise MechscopeError(f"{f} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8.") from None
     except json.JSONDecodeError as exc:
         raise MechscopeError(f"{f} is not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-save the SAE.") from None
     if not isinstance(raw, dict):

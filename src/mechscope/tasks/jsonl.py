@@ -33,7 +33,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
         raise MechscopeError(f"The task file '{path}' is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8.") from None
     except OSError as exc:
         raise MechscopeError(f"Cannot read the task file '{path}': {exc.strerror or exc}.") from None
-    for i, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only: JSON strings may hold U+2028 / U+0085, which str.splitlines() also breaks at
+    for i, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         where = f"{path}, line {i}"

@@ -81,8 +81,15 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
     one, and files that are empty, damaged, pickled, ``.npz`` archives, or hold strings, complex
     numbers or records.
     """
-    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
-    if path.is_file() and path.suffix != ".npy":
+    if path.is_dir():  # .npy in any case (a.NPY from another system); hidden files (AppleDouble ._x.npy) left out
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() == ".npy" and not f.name.startswith("."))
+        others = sorted(f.name for f in path.iterdir() if not f.name.startswith(".") and f not in files)
+        if others and not files:
+            raise MechscopeError(f"the concept folder {path} holds no .npy images, only {', '.join(others[:4])}"
+                                 f"{' ...' if len(others) > 4 else ''}; save each image array with numpy.save.")
+    else:
+        files = [path]
+    if path.is_file() and path.suffix.lower() != ".npy":
         raise MechscopeError(f"{path} is not a .npy file; give a folder of .npy images or one .npy array.")
     arrays: list[np.ndarray] = []
     ranges: list[str] = []
@@ -98,13 +105,19 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
             what = {"U": "text", "S": "text", "c": "complex", "V": "record", "M": "date", "m": "time"}.get(a.dtype.kind, "other")
             raise MechscopeError(f"{f} holds {what} values ({a.dtype}), not real numbers; save the images as a float or "
                                  "integer array.")
+        shape = tuple(a.shape)  # as saved: a message names this, not the reshape below
         if a.ndim == 2:
             a = a[None]
         if a.ndim == 3:
             a = a[:, None]
         if a.ndim != 4 or a.shape[1:] != (1, size, size):
-            raise MechscopeError(f"{f} holds images of shape {tuple(a.shape)}, but the model takes {size}x{size} grey "
-                                 f"images; resize them to {size}x{size} first.")
+            if shape[-1] in (1, 3, 4) and len(shape) in (3, 4) and shape[-3:-1] == (size, size):
+                fix = ("it is channel-last (height, width, channels); save it as (n, 1, height, width) grey images, "
+                       "averaging colour channels if it is RGB")
+            else:
+                fix = f"resize them to {size}x{size} first"
+            raise MechscopeError(f"{f} holds an array of shape {shape}, but the model takes {size}x{size} grey images, "
+                                 f"as (s, s), (n, s, s) or (n, 1, s, s); {fix}.")
         a = a.astype(np.float64)
         if not np.isfinite(a).all():
             raise MechscopeError(f"{f} holds NaN or infinite pixels; give images with finite values (0-1 or 0-255).")
