@@ -403,3 +403,12 @@ def test_concept_folders_read_npy_in_any_case_and_name_a_channel_last_array(tmp_
     np.savez(other / "x.npz", a=np.zeros((8, 8)))
     with pytest.raises(MechscopeError, match="holds no .npy images, only x.npz"):
         read_image_folder(other, 8)
+
+
+def test_a_text_corpus_reads_the_same_whichever_line_ends_it_was_saved_with(tmp_path):
+    from mechscope.activations import get_corpus
+
+    text = "Mary went home.\nJohn stayed.\n\nThe end of a passage.\n"
+    (tmp_path / "unix.txt").write_bytes(text.encode())
+    (tmp_path / "win.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    assert list(get_corpus(str(tmp_path / "win.txt"))) == list(get_corpus(str(tmp_path / "unix.txt")))

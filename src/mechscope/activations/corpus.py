@@ -83,7 +83,8 @@ class Corpus:
             return self._hf[ref.start]["text"]
         # checked strictly at indexing; "-sig": a file's byte-order mark is not text (json.loads refuses it in a str)
         raw = self._bytes(ref, handles).decode("utf-8-sig", errors="replace")
-        return json.loads(raw)["text"] if ref.kind == "jsonl" else raw
+        # a text file's Windows line ends read as "\n": the same text tokenises the same, whichever system saved it
+        return json.loads(raw)["text"] if ref.kind == "jsonl" else raw.replace("\r\n", "\n")
 
     @staticmethod
     def _bytes(ref: _Ref, handles: dict[str, Any]) -> bytes:
