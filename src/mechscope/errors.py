@@ -68,6 +68,9 @@ def check_number_fields(obj: Any, what: str | None = None, *, integer: str = "an
         base = ann.removesuffix("| None").strip()
         if base == "bool":  # "no" or 0 would pass as a truth value without a word
             flag = getattr(obj, f.name)
+            if type(flag).__name__ == "bool_":  # numpy's np.True_: the plain bool
+                flag = bool(flag)
+                object.__setattr__(obj, f.name, flag)
             if not isinstance(flag, bool) and not (flag is None and optional):
                 raise MechscopeError(f"{what}.{f.name} must be True or False; got {flag!r} ({_article(type(flag).__name__)}).")
             continue

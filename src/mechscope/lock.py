@@ -19,6 +19,7 @@ run unlocked, as before. POSIX only (``fcntl``); elsewhere locking is a no-op.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ except ImportError:  # Windows: no advisory locks here
     fcntl = None  # type: ignore[assignment]
 
 _HELD: dict[str, Any] = {}  # absolute path -> open lock file, in this process
+_UNLOCKED: set[str] = set()  # paths this process runs unlocked on (no lock file could be made, or no flock)
 
 
 def lock_dir() -> Path:
@@ -45,7 +47,8 @@ def lock_dir() -> Path:
 
 
 def _key(path: Path) -> str:
-    return str(Path(os.path.abspath(Path(path).expanduser())).resolve())
+    # resolve() follows symlinks before folding "..", as the OS does when it writes there
+    return str(Path(path).expanduser().resolve())
 
 
 def _holder(f: Any) -> str:
@@ -71,11 +74,16 @@ def try_lock(path: str | Path, shared: bool = False) -> str | None:
         d = lock_dir()
         d.mkdir(parents=True, exist_ok=True)
         f = open(d / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"), "a+", encoding="utf-8")
-    except OSError:
-        return None  # no place for lock files: run unlocked
+    except (OSError, RuntimeError):  # no place for lock files (RuntimeError: no home folder): run unlocked
+        _UNLOCKED.add(key)
+        return None
     try:
         fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without flock: run unlocked
+            f.close()
+            _UNLOCKED.add(key)
+            return None
         who = _holder(f)
         f.close()
         return who
@@ -86,19 +94,29 @@ def try_lock(path: str | Path, shared: bool = False) -> str | None:
                             "path": key}))
         f.flush()
     _HELD[key] = f
+    _UNLOCKED.discard(key)
     return None
 
 
 def sole_holder(path: str | Path) -> bool:
     """Whether this process, holding a shared lock on ``path``, is the only process holding
-    any: the lock is turned exclusive (and stays so) when it is. True where locks are
-    unavailable or this process holds none on ``path`` (nothing is known of others)."""
-    f = _HELD.get(_key(Path(path)))
-    if fcntl is None or f is None:
+    any: the lock is turned exclusive (and stays so) when it is; when it is not, the shared lock
+    is taken again (Linux drops it on a failed conversion) where it can be. True where locks are
+    unavailable (nothing is known of others); False where this process holds none on ``path``."""
+    key = _key(Path(path))
+    f = _HELD.get(key)
+    if fcntl is None or key in _UNLOCKED:
         return True
+    if f is None:
+        return False
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            _HELD.pop(key, None)
+            f.close()
         return False
     return True
 
@@ -121,6 +139,7 @@ def held() -> set[str]:
 def release(keys: set[str] | None = None) -> None:
     """Drop this process's locks (those in ``keys``; all when None)."""
     for key in list(_HELD if keys is None else keys):
+        _UNLOCKED.discard(key)
         f = _HELD.pop(key, None)
         if f is not None:
             try:

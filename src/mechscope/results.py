@@ -125,7 +125,7 @@ def check_tensors_match(doc: dict[str, Any], tensors_path: Path, where: str) -> 
     """Refuse (one sentence) a safetensors file that records another save's digest than the JSON
     ``doc`` beside it (``save_with_json``); files written before digests were recorded pass."""
     want = doc.get("tensors_digest")
-    if not want or not tensors_path.is_file():
+    if not tensors_path.is_file():
         return
     try:
         from safetensors import safe_open
@@ -134,7 +134,7 @@ def check_tensors_match(doc: dict[str, Any], tensors_path: Path, where: str) -> 
             got = (f.metadata() or {}).get("digest")
     except Exception:  # noqa: BLE001 - a damaged file: the reader that loads it says so
         return
-    if got is not None and got != want:
+    if got is not None and got != want:  # also new tensors beside a JSON from before digests (a killed first re-save)
         raise MechscopeError(f"{where} holds {tensors_path.name} from another save than its JSON (a run was stopped "
                              "between writing the two, or two runs wrote the folder); run the command again to rewrite it.")
 

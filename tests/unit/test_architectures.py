@@ -504,6 +504,9 @@ def test_attention_edits_that_the_bridge_discards_are_refused_not_reported_as_ze
         assert res.trace is not None  # the other parts still run
         with pytest.raises(MechscopeError, match="recall's attention knockout edits"):
             recall(m, "When Mary and John went to the", "Mary and John", cfg=RecallConfig(samples=2), parts=("knockout",))
+        every = recall(m, "When Mary and John went to the", "Mary and John", cfg=RecallConfig(samples=2),
+                       parts=("enrichment", "extraction", "knockout", "trace"))  # every part, in any order
+        assert every.knockout is None and every.extraction is not None
 
 
 def test_granite_heads_are_scaled_by_the_residual_multiplier(arch_dirs):

@@ -115,7 +115,12 @@ def test_a_circuit_json_beside_another_saves_mask_is_refused(tmp_path):
     save_with_json(tmp_path / "s", "x.json", {"k": 2}, "x.safetensors", {"t": torch.arange(5)})
     with pytest.raises(MechscopeError, match="r holds x.safetensors from another save"):
         check_tensors_match(doc, tmp_path / "s" / "x.safetensors", "r")
-    check_tensors_match({"k": 1}, tmp_path / "s" / "x.safetensors", "r")  # written before digests: read as before
+    from safetensors.torch import save_file
+
+    save_file({"t": torch.arange(3)}, str(tmp_path / "old.safetensors"))  # both written before digests: read as before
+    check_tensors_match({"k": 1}, tmp_path / "old.safetensors", "r")
+    with pytest.raises(MechscopeError, match="from another save"):  # new tensors beside a JSON from before digests
+        check_tensors_match({"k": 1}, tmp_path / "s" / "x.safetensors", "r")
 
 
 def test_a_checkpoint_folder_appears_only_when_whole(tmp_path, monkeypatch):
@@ -177,3 +182,53 @@ def test_exemplars_refuses_a_pass_already_running_and_keeps_a_database_another_p
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch):
+    """ENOLCK (NFS without lockd, Lustre noflock) is not "another run holds it": commands ran
+    refused, and an auto-named folder was never found (session 39 review)."""
+    import errno
+
+    from mechscope.cli import common
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    assert lock.try_lock(tmp_path / "x") is None and lock.held() == set()
+    assert lock.sole_holder(tmp_path / "x")  # nothing is known of others: as before locks
+    monkeypatch.chdir(tmp_path)
+    assert common.handles_errors(lambda: common.fresh_dir("y"))().name.startswith("mechscope-y-")
+    lock.release()
+
+
+def test_commands_that_write_into_their_input_folder_lock_it(tmp_path, tiny_gpt2, corpus):
+    from mechscope.lens.tuned import TunedLens
+
+    folder = tmp_path / "tl"
+    TunedLens.identity(tiny_gpt2).save(folder)
+    holder = _holder(tmp_path, folder)
+    try:
+        r = run_cli("--quiet", "tuned-lens", "eval", str(folder), "--corpus", corpus, "--tokens", "64", "--device", "cpu")
+        assert r.returncode == 2 and "another mechscope run" in r.stderr, r.stderr
+        assert not (folder / "eval.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_database_another_pass_is_removing_is_refused(tmp_path):
+    from mechscope.cli import common
+
+    db = tmp_path / "u.db"
+    holder = _holder(tmp_path, db)  # exclusive: a failed pass removing the database it created
+    try:
+        import typer
+
+        with pytest.raises(typer.Exit) as exc:
+            common.handles_errors(lambda: common.hold_shared(db))()
+        assert exc.value.exit_code == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.held() == set()

@@ -18,7 +18,8 @@ from mechscope.errors import MechscopeError
 
 
 def _calls(tiny_gpt2, tmp_path):
-    from mechscope import circuits, features, heads, icl, sae, vision
+    from mechscope import features, heads, icl, sae, vision
+    from mechscope.circuits.stability import discover_seeds
     from mechscope.explain.describe import describe
     from mechscope.explain.exemplars import harvest_exemplars
 
@@ -33,7 +34,7 @@ def _calls(tiny_gpt2, tmp_path):
         "train_meta": lambda c: icl.train_meta(c, out),
         "binding_dynamics": lambda c: icl.binding_dynamics(out, c),
         "train_model": lambda c: vision.train_model(c, out),
-        "discover_seeds": lambda c: circuits.stability.discover_seeds(tiny_gpt2, c, 2),
+        "discover_seeds": lambda c: discover_seeds(tiny_gpt2, c, 2),
         "harvest_exemplars": lambda c: harvest_exemplars(tiny_gpt2, c),
         "describe": lambda c: describe(None, [], None, None, c),
     }
@@ -412,3 +413,16 @@ def test_a_text_corpus_reads_the_same_whichever_line_ends_it_was_saved_with(tmp_
     (tmp_path / "unix.txt").write_bytes(text.encode())
     (tmp_path / "win.txt").write_bytes(text.replace("\n", "\r\n").encode())
     assert list(get_corpus(str(tmp_path / "win.txt"))) == list(get_corpus(str(tmp_path / "unix.txt")))
+
+
+def test_a_pair_whose_prompts_are_equal_is_dropped_and_a_trailing_space_is_named():
+    from mechscope.tasks.base import Pair, tokenize_pairs
+    from tests.conftest import _tiny_tokenizer
+
+    clean = "When Mary and John went to the store, John gave a drink to"
+    other = "When Alice and Bob went to the store, Bob gave a drink to"
+    b = tokenize_pairs(_tiny_tokenizer(), [Pair(clean, clean, " Mary", " John"), Pair(clean, other, " Mary ", " John"),
+                                           Pair(clean, other, " Mary", " John")], "t")
+    assert len(b) == 1
+    assert b.dropped == {"clean and corrupt are the same prompt": 1,
+                         "answer is not a single token (it ends in whitespace; without it, it is one)": 1}

@@ -10,7 +10,16 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from mechscope.cli.common import JsonOpt, check_out_folder, console, emit_json, err_console, fresh_dir, handles_errors
+from mechscope.cli.common import (
+    JsonOpt,
+    check_out_folder,
+    console,
+    emit_json,
+    err_console,
+    fresh_dir,
+    handles_errors,
+    hold_out,
+)
 from mechscope.errors import MechscopeError
 from mechscope.icl.binding_config import BindingConfig, BindingDataConfig, BindingEvalConfig, BindingInterchangeConfig
 
@@ -49,6 +58,7 @@ def dynamics(run_dir: Path, n: int | None, out: Path | None, json: bool) -> None
 
     cfg = BindingEvalConfig() if n is None else BindingEvalConfig(n_per_hop=n)
     check_out_folder(out, "binding-dynamics", beside=("train-toy",))
+    hold_out(Path(out or run_dir))  # written into the run by default: not while train-toy writes it
     find_checkpoints(run_dir)  # fail fast on an empty folder
     res = binding_dynamics(run_dir, cfg, progress=not json)
     out_dir = Path(out or run_dir)

@@ -370,8 +370,8 @@ def hold_out(path: Path, option: str = "--out") -> None:
 def hold_shared(path: Path) -> None:
     """Inside a command, hold a shared lock on ``path`` (a unit database several passes write at
     once) until the command ends; ``lock.sole_holder`` then tells whether another holds it too."""
-    if _REPLACE_NOTES.get() is not None:
-        lock.try_lock(path, shared=True)
+    if _REPLACE_NOTES.get() is not None and (who := lock.try_lock(path, shared=True)) is not None:
+        raise MechscopeError(f"another mechscope run ({who}) is removing {path}; run this one again when it has finished.")
 
 
 def resumable_out(out: Path | None, stem: str) -> Path:

@@ -27,6 +27,7 @@ from mechscope.cli.common import (
     err_console,
     fail,
     handles_errors,
+    hold_out,
     load,
     parse_layers,
 )
@@ -387,6 +388,7 @@ def transcoders_eval(
         if v is not None and v < least:
             fail(f"{name} must be at least {least}; got {v}.")
     check_out_folder(out, "eval", beside=("transcoders",))
+    hold_out(Path(out or set_dir))  # written into the set's folder by default
     given = load(model, device) if model else None  # a circuit-tracer set reading mlp.hook_in needs it to load
     found = load_transcoder_layers(set_dir, "cpu", given)
     first = next(iter(found.values())).cfg

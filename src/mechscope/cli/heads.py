@@ -20,6 +20,7 @@ from mechscope.cli.common import (
     emit_json,
     given,
     handles_errors,
+    hold_out,
     load,
     resumable_out,
 )
@@ -262,6 +263,7 @@ def dynamics(
         return binding.dynamics(run_dir, n if given(ctx, "n") else None, out, json)
     find_checkpoints(run_dir)  # fail fast on an empty folder
     check_out_folder(out, "dynamics", beside=("train-toy",))
+    hold_out(Path(out or run_dir))  # written into the run by default: not while train-toy writes it
     cfg = DynamicsConfig(n=n, seq_len=seq_len, text=text)
     res = run(run_dir, cfg, progress=not json)
     saved = _save_dynamics(res, Path(out or run_dir), write_dynamics,
@@ -326,6 +328,7 @@ def _meta_dynamics(ctx: typer.Context, run_dir: Path, out: Optional[Path], json:
     cfg = MetaDynamicsConfig(**({"n_eval": p["n"]} if given(ctx, "n") else {}))
     meta_checkpoints(run_dir)  # fail fast on an empty folder
     check_out_folder(out, "dynamics", beside=("train-toy",))
+    hold_out(Path(out or run_dir))  # written into the run by default: not while train-toy writes it
     res = meta_dynamics(run_dir, cfg, progress=not json)
     saved = _save_dynamics(res, Path(out or run_dir), write_meta_dynamics,
                            ("step", "accuracy", "random_label_accuracy", "loss", "self", "label", "chunk"))

@@ -24,6 +24,7 @@ from mechscope.cli.common import (
     fresh_dir,
     given,
     handles_errors,
+    hold_out,
     load,
     load_sae_and_model,
 )
@@ -215,6 +216,7 @@ def eval_(
     check_tokens(tokens)
     check_context_len(context_len)  # before the model loads
     check_out_folder(out, "eval", beside=("sae",))
+    hold_out(Path(out or sae_dir))  # written into the SAE's folder by default
     sae, m = load_sae_and_model(sae_dir, model, device)
     context_len = context_len_for(m, context_len, StoreConfig.context_len)
     r = evaluate_on_corpus(m, sae, corpus, n_tokens=tokens, context_len=context_len, progress=not json)

@@ -21,6 +21,7 @@ from mechscope.cli.common import (
     emit_json,
     err_console,
     handles_errors,
+    hold_out,
     load,
 )
 from mechscope.lens.config import HELDOUT_TOKENS, TunedLensTrainConfig
@@ -163,6 +164,7 @@ def evaluate(
     if tokens < 1:
         raise MechscopeError(f"--tokens {tokens} must be at least 1.")
     check_out_folder(out, "eval", beside=("tuned-lens",))
+    hold_out(Path(out or lens_dir))  # written into the lens's folder by default
     lens = TunedLens.load(lens_dir)  # before the model: a bad folder fails fast
     m = load(model or recorded_model(lens.model_info), device)
     res = evaluate_tuned_lens(m, lens, corpus, tokens, context_len=context_len_for(m, None, TunedLensTrainConfig.context_len),

@@ -60,7 +60,8 @@ def down_projections(hf: Any) -> list[tuple[torch.nn.Parameter, int]]:
     mixture of experts has no such one layer, and is refused."""
     layers = _decoder_layers(hf)
     emb = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
-    d_model = getattr(emb, "embedding_dim", None)
+    hidden = getattr(getattr(hf, "config", None), "hidden_size", None)  # the residual width (OPT may embed narrower)
+    d_model = hidden if isinstance(hidden, int) else getattr(emb, "embedding_dim", None)
     if layers is None or d_model is None:
         raise MechscopeError(f"mechscope cannot find the decoder layers of {type(hf).__name__}, so it cannot edit its neurons; "
                              "use a Llama-like or GPT-2-like model.")

@@ -65,7 +65,7 @@ def knockout_unavailable(model: Model, parts: tuple[str, ...]) -> str:
 
     if "knockout" not in parts or attention_edits_reach_output(model):
         return ""
-    if tuple(parts) != tuple(PARTS):
+    if set(parts) != set(PARTS):
         require_attention_edits(model, "recall's attention knockout")
     return (f"attention knockout was left out: TransformerLens's bridge for {model.summary.architecture} fires the "
             "attention-score hooks after the attention has used them, so blocking edges would change nothing.")

@@ -247,6 +247,9 @@ def tokenize_pairs(
         if len(c) != len(r):
             dropped["clean and corrupt differ in token length"] += 1
             continue
+        if c == r:  # nothing differs, so nothing can be attributed to the difference
+            dropped["clean and corrupt are the same prompt"] += 1
+            continue
         a = single_token(tokenizer, p.answer, p.clean)
         if a is None:
             dropped["answer is not a single token" + _with_space(tokenizer, p.clean, p.answer)] += 1
@@ -333,6 +336,8 @@ def _pad(tokenizer, kept, task, metric_name, dropped) -> TaskBatch:
 def _with_space(tokenizer: Any, prompt: str, text: str) -> str:
     """' (but is one with a leading space)' where ``text`` lacks one and gains a single token
     (after ``prompt``) by it."""
+    if text != text.rstrip() and text.strip() and single_token(tokenizer, text.rstrip(), prompt) is not None:
+        return " (it ends in whitespace; without it, it is one)"
     if text[:1].isspace() or single_token(tokenizer, " " + text, prompt) is None:
         return ""
     return " (but is one with a leading space)"

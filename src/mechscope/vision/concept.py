@@ -139,21 +139,27 @@ def read_image_folder(path: Path, size: int) -> torch.Tensor:
 def resolve_concept(vm: VisionModel, spec: str | int | os.PathLike[str], target: str | int | None = None, ds: Dataset | None = None) -> Concept:
     """The concept ``spec`` names for model ``vm`` (see the module docstring); a class may be
     given as its index (3 or "3") and a folder as a ``Path``."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        spec = str(spec)
+    import numbers
+
+    if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):  # a class index, never a folder name
+        if not 0 <= int(spec) < len(vm.classes):
+            raise MechscopeError(f"class {int(spec)} is not one of the model's {len(vm.classes)} classes (0..{len(vm.classes) - 1}).")
+        spec = vm.classes[int(spec)]
     elif isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     if not isinstance(spec, str):
         raise MechscopeError(f"a concept is a class (e.g. 3), 'mark' or a folder of .npy images, not {_article(type(spec).__name__)}.")
-    if isinstance(target, int):  # a class index (bool is refused by class_index as no class)
-        target = str(target)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # a class index (numpy's too)
+        if not 0 <= int(target) < len(vm.classes):
+            raise MechscopeError(f"--target class {int(target)} is not one of the model's {len(vm.classes)} classes.")
+        target = vm.classes[int(target)]
     if not spec:
         raise MechscopeError("--concept is empty; give a class (e.g. 3), 'mark' or a folder of .npy images.")
     p = Path(spec)
     if p.exists() and spec not in vm.classes:
         imgs = read_image_folder(p, vm.size)
         if target is not None:
-            t = class_index(vm, target)
+            t = class_index(vm, str(target))
         else:
             with torch.no_grad():
                 t = int(torch.bincount(vm.net(imgs).argmax(-1), minlength=len(vm.classes)).argmax())
@@ -165,7 +171,7 @@ def resolve_concept(vm: VisionModel, spec: str | int | os.PathLike[str], target:
             raise MechscopeError("this model was trained without a mark, so 'mark' has no images; retrain with --mark-class.")
         att = ds.attack_images()
         return Concept("mark", ds.mark_only(MARK_IMAGES), mc, vm.classes[mc], att.images, "mark-only images")
-    t = class_index(vm, spec) if target is None else class_index(vm, target)
+    t = class_index(vm, spec) if target is None else class_index(vm, str(target))
     c = class_index(vm, spec)
     imgs, held = ds.train.of_class(c), ds.test.of_class(c)
     if len(imgs) == 0 or len(held) == 0:
