@@ -265,6 +265,9 @@ def tokenize_pairs(
                 dropped["answer and wrong are the same token"] += 1
                 continue
         kept.append((c, r, a, w, p))
+    if not kept and set(dropped) == {"clean and corrupt are the same prompt"}:
+        raise MechscopeError(f"the corrupt prompts of task '{task}' are the clean prompts themselves, so there is nothing to "
+                             "patch; make each corrupt prompt differ from its clean prompt where the answer is decided.")
     if not kept:
         reasons = "; ".join(f"{n} {why}" for why, n in dropped.items()) or "no pairs given"
         raise MechscopeError(f"Task '{task}' has no valid clean/corrupt pair ({reasons}).")
