@@ -530,17 +530,14 @@ def test_granite_heads_are_scaled_by_the_residual_multiplier(arch_dirs):
     assert torch.allclose(got, cache[mlp_out(1)][0], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["neox", "phi", "gemma2", "cohere", "opt", "granite", "gptj", "gptneo", "olmo2", "persimmon"])
+@pytest.mark.parametrize("name", ["neox", "phi", "gemma2", "cohere", "opt", "granite", "gptj", "gptneo", "olmo2", "qwen2"])
 def test_zeroing_a_neurons_weights_equals_zeroing_its_activation(arch_dirs, name):
     """confusion's edits found the output projection by two names (Llama's ``down_proj``,
     GPT-2's ``c_proj``) and crashed on every other layout (session 39); by structure now."""
     from mechscope.confusion.edit import zeroed_neurons
     from mechscope.models.hooks import mlp_post
 
-    try:
-        m = load_model(arch_dirs[name], device="cpu")
-    except MechscopeError:
-        pytest.skip(f"{name} does not load here")
+    m = load_model(arch_dirs[name], device="cpu")
     ids = torch.tensor([m.tokenizer("When Mary and John went to the store")["input_ids"]])
 
     def zero(x, hook):
