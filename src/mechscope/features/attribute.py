@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ from mechscope.features.replacement import ReplacementRun, capture, freeze_hooks
 from mechscope.features.transcoder_set import TranscoderSet
 from mechscope.models.check import require_model
 from mechscope.models.load import plain_attention
+from mechscope.models.tokens import prompt_ids
 from mechscope.models.unembed import unembed_weights
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress
 
@@ -136,30 +137,6 @@ def logit_targets(logits_last: Tensor, targets: list[int] | None, max_logits: in
     return ids[:k].cpu(), p[:k].cpu()
 
 
-def check_prompt_ids(model: Model, tokens: Any, who: str) -> Tensor:
-    """``tokens`` (one prompt's token ids: a list of ints or a tensor [P] or [1, P]) as a long
-    tensor, refused in one sentence when it is text, not whole numbers, several prompts, or
-    holds an id outside ``model``'s vocabulary."""
-    if isinstance(tokens, (str, bytes)):
-        raise MechscopeError(f"{who} takes the prompt's token ids, not its text; pass "
-                             f"model.tokenizer({str(tokens)[:30]!r}).input_ids (a list of ints).")
-    try:
-        t = torch.as_tensor(tokens)
-    except (TypeError, ValueError, RuntimeError):
-        raise MechscopeError(f"{who} takes one prompt's token ids as a list of ints or a tensor; got a {type(tokens).__name__}.") from None
-    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise MechscopeError(f"{who} takes token ids (whole numbers), got {t.dtype} values; pass model.tokenizer(text).input_ids.")
-    if t.ndim > 1 and sum(d > 1 for d in t.shape) > 1:
-        raise MechscopeError(f"{who} attributes one prompt, got token ids of shape {list(t.shape)}; pass one prompt's ids "
-                             "(a list of ints, or a tensor [P] or [1, P]) and call it once per prompt.")
-    t = t.long().flatten()
-    V = model.summary.d_vocab
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
-        raise MechscopeError(f"the prompt holds token ids from {int(t.min())} to {int(t.max())}, outside {model.summary.name}'s "
-                             f"vocabulary (0 to {V - 1}); build them with this model's tokenizer.")
-    return t
-
-
 def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], targets: list[int] | None = None,
               max_features: int = 4096, batch_size: int = 32, max_logits: int = 10,
               target_feature: tuple[int, int, int] | None = None, progress: ProgressArg = False) -> AttributionGraph:
@@ -170,7 +147,7 @@ def attribute(model: Model, tset: TranscoderSet, tokens: Tensor | list[int], tar
     below it in layer and not after it in position can feed it)."""
     t0 = time.perf_counter()
     require_model(model, "attribute")
-    tokens = check_prompt_ids(model, tokens, "attribute")
+    tokens = prompt_ids(model, tokens, "attribute", verb="attributes")
     if isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 0:
         raise MechscopeError(f"max_features must be a whole number of at least 0 (features attributed); got {max_features!r}.")
     if targets is not None:

@@ -64,41 +64,55 @@ def unused_id(i: int) -> str:
     return f"<unused id {int(i)}>"
 
 
-def one_prompt(model: Any, tokens: Any, who: str) -> Tensor:
-    """``tokens`` of one prompt as a long tensor [1, pos]: a list of ids (what
-    ``Model.to_tokens`` returns), a 1-D tensor or a [1, pos] tensor. One sentence for anything
-    else: several prompts, no tokens, non-integer values, ids outside the vocabulary, or more
-    tokens than a learned-position model's context."""
+def prompt_ids(model: Any, tokens: Any, who: str, verb: str = "reads") -> Tensor:
+    """One prompt's token ids as a long tensor [P]: from a list of ids (what ``Model.to_tokens``
+    returns), an array, or a tensor [P], [1, P] or [P, 1]. One sentence for text, values that
+    are not whole numbers, several prompts ("``who`` ``verb`` one prompt") or ids outside the
+    vocabulary. ``one_prompt`` adds the length checks; ``features.attribute`` reads through this."""
+    import numbers
+
     import torch
 
     from mechscope.errors import MechscopeError
-    from mechscope.models.load import context_overrun
 
-    if isinstance(tokens, (list, tuple)):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise MechscopeError(f"{who} takes one prompt's token ids (a list of ints or a tensor [1, pos]); the list holds "
-                                 "something else; build it with model.to_tokens(prompt).")
-        tokens = torch.tensor([list(tokens)], dtype=torch.long)
-    if not isinstance(tokens, torch.Tensor):
-        raise MechscopeError(f"{who} takes one prompt's token ids (a list of ints or a tensor [1, pos]), not a "
-                             f"{type(tokens).__name__}; build them with model.to_tokens(prompt).")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise MechscopeError(f"{who} takes integer token ids, not {tokens.dtype}; build them with model.to_tokens(prompt).")
-    if tokens.dim() == 1:
-        tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.shape[0] != 1:
-        raise MechscopeError(f"{who} reads one prompt, tokens [1, pos]; got shape {tuple(tokens.shape)}; "
-                             "call it once per prompt.")
-    if tokens.shape[1] == 0:
-        raise MechscopeError(f"{who} got a prompt of no tokens; give at least one.")
+    if isinstance(tokens, (str, bytes)):
+        raise MechscopeError(f"{who} takes the prompt's token ids, not its text; pass "
+                             f"model.tokenizer({str(tokens)[:30]!r}).input_ids (a list of ints).")
+    if isinstance(tokens, (list, tuple)) and not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                     for t in tokens):
+        raise MechscopeError(f"{who} takes one prompt's token ids (a list of ints or a tensor [1, pos]); the list holds "
+                             "something else; build it with model.to_tokens(prompt).")
+    try:
+        t = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        raise MechscopeError(f"{who} takes one prompt's token ids as a list of ints or a tensor; got a "
+                             f"{type(tokens).__name__}.") from None
+    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise MechscopeError(f"{who} takes token ids (whole numbers), got {t.dtype} values; build them with "
+                             "model.to_tokens(prompt).")
+    if t.ndim > 1 and sum(d > 1 for d in t.shape) > 1:
+        raise MechscopeError(f"{who} {verb} one prompt, tokens [1, pos]; got shape {tuple(t.shape)}; call it once per prompt.")
+    t = t.long().flatten()
     V = int(model.summary.d_vocab)
-    if (span := ids_outside(tokens, V)) is not None:
+    if (span := ids_outside(t, V)) is not None:
         raise MechscopeError(f"{who}: token ids {span[0]}..{span[1]} lie outside the model's vocabulary 0..{V - 1}; "
                              "build the tokens with this model's tokenizer.")
-    if (n_ctx := context_overrun(model, tokens.shape[1])) is not None:
-        raise MechscopeError(f"{who}: a prompt of {tokens.shape[1]} tokens is longer than {model.summary.name}'s "
+    return t
+
+
+def one_prompt(model: Any, tokens: Any, who: str) -> Tensor:
+    """``prompt_ids`` as [1, P] for the forward-pass readers (lens, DLA, tracing, knockout), also
+    refusing a prompt of no tokens or of more tokens than a learned-position model's context."""
+    from mechscope.errors import MechscopeError
+    from mechscope.models.load import context_overrun
+
+    t = prompt_ids(model, tokens, who)
+    if not t.numel():
+        raise MechscopeError(f"{who} got a prompt of no tokens; give at least one.")
+    if (n_ctx := context_overrun(model, t.numel())) is not None:
+        raise MechscopeError(f"{who}: a prompt of {t.numel()} tokens is longer than {model.summary.name}'s "
                              f"context of {n_ctx}; shorten it.")
-    return tokens.long()
+    return t[None]
 
 
 def check_token_id(model: Any, token_id: Any, who: str, what: str = "target_id") -> int:
