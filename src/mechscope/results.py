@@ -5,12 +5,13 @@ check, each failing with one sentence)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from mechscope.errors import MechscopeError
 
@@ -82,6 +83,25 @@ def _result_folder(out_dir: str | Path) -> Path:
     except OSError as exc:
         raise MechscopeError(f"Cannot create the folder '{out}' ({exc.strerror or exc}); give a folder you can write to.") from None
     return out
+
+
+@contextlib.contextmanager
+def whole_folder(folder: str | Path) -> Iterator[Path]:
+    """Write ``folder`` whole: the block writes into a hidden temporary folder beside it, which
+    replaces ``folder`` when the block ends without an error, so a reader (``dynamics`` beside a
+    training run) or a killed run never sees half of it. A leftover temporary folder of a killed
+    run is removed first; an existing ``folder`` (a resumed run saving its last step again) is
+    replaced."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
 
 
 def tensors_digest(tensors: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from mechscope.errors import MechscopeError, check_config, step_or_diverge
 from mechscope.heads.config import ToyConfig
 from mechscope.heads.toydata import ToyData
 from mechscope.progress import PhaseHandle, ProgressArg, as_progress, transformers_bars_off
-from mechscope.results import sweep_temporaries
+from mechscope.results import sweep_temporaries, whole_folder
 
 BOS = "<bos>"
 
@@ -102,17 +101,12 @@ def save_checkpoint_dir(d: Path, model: Any, tok: Any, extra: dict[str, str] | N
     """Save ``model`` and ``tok`` (and ``extra`` text files) as the checkpoint folder ``d``, all at
     once: into a hidden temporary folder beside it, renamed into place when complete (a run
     killed mid-save left a ``ckpt_*`` without its tokenizer, which ``dynamics`` then blamed on a
-    missing ``save_pretrained``; session 39). A leftover temporary folder is removed first."""
-    tmp = d.with_name(f".{d.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with transformers_bars_off():
+    missing ``save_pretrained``; session 39): ``results.whole_folder``."""
+    with whole_folder(d) as tmp, transformers_bars_off():
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    for name, text in (extra or {}).items():
-        (tmp / name).write_text(text)
-    if d.exists():  # a resumed run saving the step it stopped at again
-        shutil.rmtree(d)
-    os.replace(tmp, d)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return d
 
 

