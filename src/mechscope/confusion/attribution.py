@@ -97,24 +97,22 @@ def _states(model: Model, prefix: Prefix, layers: list[int]) -> dict[str, torch.
     parallel (Cohere, GPT-NeoX, StableLM's parallel form) has no ``resid_mid``: the residual the
     MLP writes into is then everything but the MLP, ``resid_post - mlp_out`` (the same
     quantity a sequential block's ``resid_mid`` is)."""
-    wanted = {FINAL_NORM_IN} | {resid_mid(l) for l in layers} | {mlp_post(l) for l in layers}
-    wanted |= {resid_post(l) for l in layers} | {mlp_out(l) for l in layers}
+    from mechscope.models.load import fired_shape
+
+    parallel = [l for l in layers if fired_shape(model, resid_mid(l)) is None]  # measured once per model, cached
+    wanted = {FINAL_NORM_IN} | {mlp_post(l) for l in layers} | {resid_mid(l) for l in layers if l not in parallel}
+    wanted |= {resid_post(l) for l in parallel} | {mlp_out(l) for l in parallel}
     wanted |= {mlp_norm_in(l) for l in layers if getattr(model.bridge.blocks[l], "ln2_post", None) is not None}
     with plain_attention(model):
         _, cache = model.bridge.run_with_cache(torch.tensor([prefix.ids], device=model.device),
                                                names_filter=lambda n: n in wanted)
-    got = {k: cache[k][0, -1].detach().float() for k in wanted if k in cache}
-    for l in layers:
-        if resid_mid(l) not in got:
-            if resid_post(l) not in got or mlp_out(l) not in got:
-                raise MechscopeError(f"{model.summary.architecture}'s bridge gives neither the residual after attention nor "
-                                     f"the MLP's output at layer {l}, so its neurons' gains cannot be read; use a model of "
-                                     "another architecture.")
-            got[resid_mid(l)] = got[resid_post(l)] - got[mlp_out(l)]
-    missing = [k for k in wanted if k not in got and not k.endswith(("hook_resid_post", "hook_mlp_out"))]
+    missing = sorted(wanted - set(cache.keys()))
     if missing:
         raise MechscopeError(f"{model.summary.architecture}'s bridge does not give {missing[0]}, which the neuron "
                              "attribution reads; use a model of another architecture.")
+    got = {k: cache[k][0, -1].detach().float() for k in wanted}
+    for l in parallel:
+        got[resid_mid(l)] = got[resid_post(l)] - got[mlp_out(l)]
     return got
 
 

@@ -247,6 +247,8 @@ def fired_shape(model: Model, hook: str) -> tuple[int, ...] | None:
     does not fire there (a name the bridge lists but never feeds, e.g. ``hook_mlp_in`` on blocks
     that compute attention and MLP from one norm). One tiny forward pass, cached per model."""
     cache = model.__dict__.setdefault("_hook_shapes", {})
+    if hook not in model.bridge.hook_dict:  # a name the bridge does not have does not fire either
+        return None
     if hook not in cache:
         seen: dict[str, tuple[int, ...]] = {}
 
